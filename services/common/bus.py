@@ -1,0 +1,107 @@
+"""NATS JetStream: connection, the streams of the suite, created idempotently at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from services.common.config import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+# One stream per producing service; subjects <svc>.<noun>.<verb>.
+STREAMS: dict[str, list[str]] = {
+    "WALLET": ["wallet.>"],
+    "GIFTING": ["gifting.>"],
+    "PAYOUT": ["payout.>"],
+}
+STREAM_MAX_AGE_S = 30 * 24 * 3600  # a month of replay for consumers that were down
+
+
+class Bus:
+    """A NATS connection with JetStream; reconnects forever once connected."""
+
+    def __init__(self, settings: ServiceSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.connected = asyncio.Event()
+
+    async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
+        """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                self.nc = await nats.connect(
+                    servers=self.settings.nats_url.split(","),
+                    name=self.name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                )
+                self.js = self.nc.jetstream(timeout=5)
+                for stream in streams:
+                    await self.ensure_stream(stream)
+                self.connected.set()
+                log.info("connected to NATS", extra={"streams": ",".join(streams)})
+                return
+            except Exception as exc:  # noqa: BLE001 - keep trying; the outbox holds events meanwhile
+                log.warning("NATS not reachable, retrying", extra={"error": repr(exc), "retry_in_s": delay})
+                if self.nc is not None:
+                    await self._close_quietly()
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+
+    async def ensure_stream(self, name: str) -> None:
+        """Create the stream, or update it to this configuration (idempotent)."""
+        assert self.js is not None
+        config = StreamConfig(
+            name=name,
+            subjects=STREAMS[name],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=self.settings.nats_duplicate_window_s,
+            num_replicas=self.settings.nats_stream_replicas,
+            max_age=STREAM_MAX_AGE_S,
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            await self.js.update_stream(config)
+
+    async def close(self) -> None:
+        """Flush and close the connection."""
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
+        try:
+            if self.nc is not None:
+                await self.nc.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error", extra={"error": repr(exc)})
+
+    async def _on_disconnect(self) -> None:
+        log.warning("NATS disconnected")
+
+    async def _on_reconnect(self) -> None:
+        log.info("NATS reconnected")

@@ -1,0 +1,71 @@
+"""Settings every service reads once, from the environment, at start-up."""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs; each service subclasses it with its own env prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_", extra="ignore", frozen=True)
+
+    # Required: no default, so a missing value stops start-up with its name.
+    database_url: str = Field(description="SQLAlchemy URL: sqlite+aiosqlite:///path or postgresql+asyncpg://")
+    nats_url: str = Field(description="NATS server URL(s), comma separated")
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the /metrics endpoint")
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
+    otel_file: str = ""  # for otel_exporter=file: JSON lines, one span a line
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    migrate_on_start: bool = True
+
+    # Graceful shutdown: how long health reports NOT_SERVING before the server stops taking calls,
+    # then how long in-flight calls may finish. Their sum must stay below the pod's grace period.
+    drain_delay_s: float = Field(default=0.0, ge=0, le=60)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=120)
+
+    # Outbox relay and consumers: explicit limits.
+    relay_batch_size_max: int = Field(default=256, ge=1, le=10_000)
+    relay_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    relay_backoff_max_s: float = Field(default=5.0, gt=0, le=300)
+    consumer_batch_size_max: int = Field(default=256, ge=1, le=10_000)
+    consumer_fetch_timeout_s: float = Field(default=0.5, gt=0, le=60)
+    consumer_max_deliver: int = Field(default=20, ge=1, le=1000)
+    nats_duplicate_window_s: float = Field(default=120.0, gt=0)
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    outgoing_deadline_s: float = Field(default=5.0, gt=0, le=120)
+
+    # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
+    faults: str = ""
+
+
+T = TypeVar("T", bound=ServiceSettings)
+
+
+def load_settings(cls: type[T]) -> T:
+    """Read settings once; on a missing or bad value print which variable and exit(2)."""
+    try:
+        return cls()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        lines = []
+        for err in exc.errors():
+            name = (prefix + str(err["loc"][0])).upper() if err["loc"] else prefix
+            lines.append(f"  {name}: {err['msg']}")
+        sys.stderr.write(f"{cls.__name__}: invalid configuration\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None

@@ -1,0 +1,146 @@
+"""The database of one service: an async engine with durable settings, and a unit of work.
+
+SQLite (embedded default) runs in WAL mode with synchronous=FULL; write transactions begin
+IMMEDIATE and are serialized in-process by an asyncio lock, so writers queue fairly instead of
+spinning in SQLite's busy handler. PostgreSQL runs with synchronous_commit=on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+
+def normalize_url(url: str) -> str:
+    """Pick the async driver for a plain URL (postgresql:// -> asyncpg, sqlite:// -> aiosqlite)."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
+        u = u.set(drivername="postgresql+asyncpg")
+    elif u.drivername == "sqlite":
+        u = u.set(drivername="sqlite+aiosqlite")
+    return u.render_as_string(hide_password=False)
+
+
+def is_sqlite(url: str) -> bool:
+    """True for a SQLite URL."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def ensure_sqlite_dir(url: str) -> None:
+    """Create the folder of a SQLite file so a fresh checkout starts without a manual step."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's begin event emit BEGIN itself (IMMEDIATE for writers).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # durable: fsync on every commit
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    readonly = conn.get_execution_options().get("livegifts_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, application_name: str) -> AsyncEngine:
+    """An async engine for the service's own database, with durability settings applied."""
+    url = normalize_url(url)
+    if is_sqlite(url):
+        ensure_sqlite_dir(url)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=pool_timeout_s,
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {"synchronous_commit": "on", "application_name": application_name},
+            "timeout": 10,
+        },
+    )
+
+
+class UnitOfWork:
+    """One transaction. It rolls back unless the use case calls `commit()`."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.committed = False
+        self._after_commit: list[Callable[[], None]] = []
+
+    async def commit(self) -> None:
+        """Commit the transaction and run the after-commit hooks (e.g. wake the outbox relay)."""
+        await self.conn.commit()
+        self.committed = True
+        for hook in self._after_commit:
+            hook()
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Run `hook` once this transaction has committed (never if it rolls back)."""
+        self._after_commit.append(hook)
+
+
+class Database:
+    """A service's database: engine plus units of work."""
+
+    def __init__(self, url: str, *, pool_size: int, pool_timeout_s: float, application_name: str) -> None:
+        self.url = normalize_url(url)
+        self.sqlite = is_sqlite(self.url)
+        self.engine = create_engine(
+            self.url, pool_size=pool_size, pool_timeout_s=pool_timeout_s, application_name=application_name
+        )
+        self._write_lock = asyncio.Lock() if self.sqlite else None
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self.engine.dialect.name
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work(self, *, readonly: bool = False) -> AsyncIterator[UnitOfWork]:
+        """Open a transaction; roll it back on exit unless committed."""
+        lock = self._write_lock if (self._write_lock is not None and not readonly) else contextlib.nullcontext()
+        async with lock:
+            async with self.engine.connect() as conn:
+                if readonly:
+                    await conn.execution_options(livegifts_readonly=True)
+                await conn.begin()
+                uow = UnitOfWork(conn)
+                try:
+                    yield uow
+                finally:
+                    if not uow.committed and conn.in_transaction():
+                        await conn.rollback()
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def insert_ignore(dialect: str, table: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for the service's dialect (SQLite or PostgreSQL)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()

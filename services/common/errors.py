@@ -1,0 +1,143 @@
+"""Typed domain errors and the one table that maps them to gRPC status codes.
+
+Every error carries a stable reason (google.rpc.ErrorInfo.reason) that callers may branch on;
+the message is for humans and never holds SQL, stack traces or secrets.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DomainError(Exception):
+    """Base of every error a use case may raise on purpose."""
+
+    default_reason = "ERROR"
+
+    def __init__(self, message: str, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed: a field is missing, out of range or of the wrong shape."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(DomainError):
+    """The named user, stream, gift, purchase or record does not exist."""
+
+    default_reason = "NOT_FOUND"
+
+
+class FailedPrecondition(DomainError):
+    """The request is well formed but the state forbids it (INSUFFICIENT_COINS, STREAM_NOT_LIVE...)."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(DomainError):
+    """A limit was reached (SPENDING_LIMIT_EXCEEDED, DAILY_WITHDRAWAL_LIMIT)."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class AlreadyExists(DomainError):
+    """The idempotency key was used before with a different request."""
+
+    default_reason = "ALREADY_EXISTS"
+
+
+class Aborted(DomainError):
+    """A conflict the caller may retry (or, for a cancelled spend, must not)."""
+
+    default_reason = "ABORTED"
+
+
+class Unavailable(DomainError):
+    """A dependency is down; retry with the same idempotency key."""
+
+    default_reason = "UNAVAILABLE"
+
+
+class Unauthenticated(DomainError):
+    """No or bad credentials (e.g. a payment callback with a forged signature)."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The caller may not do this."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+# The one table: error class -> status code.
+STATUS_BY_ERROR: dict[type[DomainError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_for(error: DomainError) -> grpc.StatusCode:
+    """The status code of a domain error, by its class (nearest listed ancestor)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+class InvariantViolation(AssertionError):
+    """A check that must never fail did; unlike `assert`, `python -O` cannot strip it."""
+
+
+def check(condition: object, message: str) -> None:
+    """Assert an invariant in a way `python -O` keeps."""
+    if not condition:
+        raise InvariantViolation(message)
+
+
+IDEMPOTENCY_KEY_MAX = 128
+ID_MAX = 128
+INT64_MAX = 2**63 - 1
+
+
+def require_key(key: str, field: str = "idempotency_key") -> str:
+    """Validate an idempotency key: 1..128 printable characters."""
+    if not key:
+        raise InvalidArgument(f"{field} is required", "MISSING_IDEMPOTENCY_KEY", field=field)
+    if len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise InvalidArgument(
+            f"{field} must be 1..{IDEMPOTENCY_KEY_MAX} printable characters",
+            "INVALID_IDEMPOTENCY_KEY",
+            field=field,
+        )
+    return key
+
+
+def require_id(value: str, field: str) -> str:
+    """Validate an identifier field: 1..128 printable characters without spaces."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", "MISSING_FIELD", field=field)
+    if len(value) > ID_MAX or not value.isprintable() or " " in value:
+        raise InvalidArgument(f"{field} must be 1..{ID_MAX} printable characters, no spaces", "INVALID_ID", field=field)
+    return value
+
+
+def require_positive(value: int, field: str, maximum: int = INT64_MAX) -> int:
+    """Validate an amount: an integer in 1..maximum."""
+    if value <= 0:
+        raise InvalidArgument(f"{field} must be > 0", "AMOUNT_NOT_POSITIVE", field=field)
+    if value > maximum:
+        raise InvalidArgument(f"{field} must be <= {maximum}", "AMOUNT_TOO_LARGE", field=field)
+    return value

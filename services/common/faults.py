@@ -1,0 +1,44 @@
+"""Named fault points that kill the process on the spot; armed only by a test setting.
+
+`LIVEGIFTS_<SVC>_FAULTS="gifting.after_spend,relay.after_puback@3"` arms two points: the first
+fires the first time it is reached, the second on its third hit. Unarmed points cost a set lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+# Every point the code defines, so a typo in the setting is an error, not a silent no-op.
+KNOWN_POINTS = frozenset(
+    {
+        "gifting.after_spend_before_commit",
+        "relay.after_puback_before_mark",
+        "consumer.after_commit_before_ack",
+    }
+)
+
+_armed: dict[str, int] = {}
+
+
+def arm(spec: str) -> None:
+    """Arm the points named in `spec` (comma separated, each `name` or `name@N`)."""
+    _armed.clear()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, nth = item.partition("@")
+        if name not in KNOWN_POINTS:
+            raise ValueError(f"unknown fault point {name!r}; known: {sorted(KNOWN_POINTS)}")
+        _armed[name] = int(nth or "1")
+
+
+def point(name: str) -> None:
+    """Kill this process with SIGKILL if `name` is armed and its hit count is reached."""
+    if name not in _armed:
+        return
+    _armed[name] -= 1
+    if _armed[name] <= 0:
+        log.warning("fault point fired, killing the process", extra={"fault_point": name})
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,191 @@
+"""gRPC server bootstrap: interceptors (traces, errors -> status, metrics), health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from sqlalchemy import exc as sa_exc
+
+from services.common.errors import DomainError, status_for
+from services.common.metrics import RPC_SECONDS
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+CONCURRENT_RPCS_MAX = 2048
+
+# Errors from below the domain that mean "a dependency is down, retry": never a wrong answer.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # connection pool exhausted
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: dict[str, str]) -> Any:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+
+
+def _is_serialization_failure(exc: BaseException) -> bool:
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
+    return code in ("40001", "40P01")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps typed domain errors to status codes with google.rpc.ErrorInfo; times every call."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    def _status_of(self, exc: BaseException) -> Any:
+        if isinstance(exc, DomainError):
+            return _rich_status(status_for(exc), exc.message, exc.reason, self.domain, exc.metadata)
+        if isinstance(exc, sa_exc.DBAPIError) and _is_serialization_failure(exc):
+            return _rich_status(
+                grpc.StatusCode.ABORTED, "conflict, retry with the same key", "CONFLICT", self.domain, {}
+            )
+        if isinstance(exc, _UNAVAILABLE_ERRORS):
+            log.warning("dependency unavailable", extra={"error": type(exc).__name__})
+            return _rich_status(
+                grpc.StatusCode.UNAVAILABLE,
+                "a dependency is unavailable, retry with the same key",
+                "DEPENDENCY_UNAVAILABLE",
+                self.domain,
+                {},
+            )
+        ctx = trace.get_current_span().get_span_context()
+        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        log.exception("unexpected error")
+        return _rich_status(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (trace {trace_id})",
+            "INTERNAL",
+            self.domain,
+            {"trace_id": trace_id},
+        )
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        """Wrap unary-unary and unary-stream handlers."""
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                code = "OK"
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
+                    status = self._status_of(exc)
+                    code = status.code.name
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+                finally:
+                    RPC_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    status = self._status_of(exc)
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+@dataclass
+class ServiceRegistration:
+    """A servicer and the generated function that adds it to a server."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str  # e.g. livegifts.wallet.v1.WalletService
+
+
+@dataclass
+class RunningServer:
+    """A started server, the port it bound and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip every service's health status."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+async def create_server(
+    registrations: Sequence[ServiceRegistration], host: str, port: int, domain: str
+) -> RunningServer:
+    """Build and start a server on host:port (port 0 picks a free one); returns it with its port."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), ErrorInterceptor(domain)],
+        options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
+        ],
+        maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
+    )
+    for reg in registrations:
+        reg.add_to_server(reg.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [r.full_name for r in registrations]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    running = RunningServer(server, bound, health_servicer, names)
+    await running.set_serving(True)
+    return running
+
+
+assert code_pb2.OK == 0  # google.rpc codes line up with grpc.StatusCode values

@@ -1,0 +1,95 @@
+"""Idempotent commands: same key + same request -> the stored answer; different request -> ALREADY_EXISTS.
+
+The record is written in the command's own transaction and rests on the primary key
+(scope, key): two racing first calls cannot both commit. The look-up before the work is only a
+fast path for retries; correctness comes from the constraint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from sqlalchemy import Table, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from services.common.db import Database, UnitOfWork
+from services.common.errors import AlreadyExists, require_key
+from services.common.timeutil import now_us
+
+R = TypeVar("R", bound=Message)
+
+
+def request_hash(request: Message, key_field: str = "idempotency_key") -> str:
+    """A stable hash of the request without its idempotency key."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if key_field in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField(key_field)  # type: ignore[arg-type]
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _reused(scope: str) -> AlreadyExists:
+    return AlreadyExists(
+        "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED", scope=scope
+    )
+
+
+async def lookup(uow: UnitOfWork, table: Table, scope: str, key: str, digest: str, response_type: type[R]) -> R | None:
+    """The stored answer for (scope, key), or None; ALREADY_EXISTS if the request differs."""
+    row = (
+        await uow.conn.execute(
+            select(table.c.request_hash, table.c.response).where(table.c.scope == scope, table.c.key == key)
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.request_hash != digest:
+        raise _reused(scope)
+    return response_type.FromString(row.response)
+
+
+async def record(uow: UnitOfWork, table: Table, scope: str, key: str, digest: str, response: Message) -> None:
+    """Store the answer in the command's transaction (fails on commit race via the primary key)."""
+    await uow.conn.execute(
+        insert(table).values(
+            scope=scope,
+            key=key,
+            request_hash=digest,
+            response=response.SerializeToString(),
+            created_at_us=now_us(),
+        )
+    )
+
+
+async def run_idempotent(
+    db: Database,
+    table: Table,
+    scope: str,
+    request: Message,
+    response_type: type[R],
+    work: Callable[[UnitOfWork], Awaitable[R]],
+    *,
+    key_field: str = "idempotency_key",
+) -> R:
+    """Run `work` once per key in one transaction with its idempotency record."""
+    key = require_key(getattr(request, key_field), key_field)
+    digest = request_hash(request, key_field)
+    try:
+        async with db.unit_of_work() as uow:
+            stored = await lookup(uow, table, scope, key, digest, response_type)
+            if stored is not None:
+                return stored
+            response = await work(uow)
+            await record(uow, table, scope, key, digest, response)
+            await uow.commit()
+            return response
+    except IntegrityError:
+        # A concurrent first call with this key won the race; answer as it did.
+        async with db.unit_of_work(readonly=True) as uow:
+            stored = await lookup(uow, table, scope, key, digest, response_type)
+        if stored is None:
+            raise
+        return stored

@@ -1,0 +1,213 @@
+"""Durable pull consumers with an inbox: each event id takes effect once, in the effect's transaction.
+
+A batch of messages is handled in one transaction: the new event ids go into the inbox table
+and the handler applies all their effects (e.g. one diamond update per creator per batch);
+only after the commit are the messages acked. A crash before the ack redelivers the batch,
+and the inbox makes it a no-op. A batch that fails is retried one message at a time so one
+bad event cannot hold up the rest; an event that keeps failing or cannot be decoded is
+parked in the dead_letters table for an operator and terminated, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import nats.errors
+from google.protobuf.message import DecodeError, Message
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from sqlalchemy import insert, select
+
+from services.common import faults
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
+from services.common.db import Database, UnitOfWork
+from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
+from services.common.tables import CommonTables
+from services.common.telemetry import extract_context
+from services.common.timeutil import now_us
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+E = TypeVar("E", bound=Message)
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[E]):
+    """What a consumer reads and how it applies a batch of new events in one transaction."""
+
+    durable: str  # durable consumer name; also the inbox scope
+    stream: str
+    subject: str
+    event_type: type[E]
+    handle: Callable[[UnitOfWork, list[E]], Awaitable[None]]
+
+
+class Consumer(Generic[E]):
+    """Runs one subscription: fetch a batch, dedupe by inbox, apply, commit, ack."""
+
+    def __init__(self, db: Database, bus: Bus, tables: CommonTables, sub: Subscription[E], settings: ServiceSettings):
+        self.db = db
+        self.bus = bus
+        self.tables = tables
+        self.sub = sub
+        self.batch_size_max = settings.consumer_batch_size_max
+        self.fetch_timeout_s = settings.consumer_fetch_timeout_s
+        self.max_deliver = settings.consumer_max_deliver
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; survives NATS restarts."""
+        await self.bus.connected.wait()
+        psub = None
+        backoff_s = 0.1
+        while not stop.is_set():
+            try:
+                if psub is None:
+                    assert self.bus.js is not None
+                    psub = await self.bus.js.pull_subscribe(
+                        self.sub.subject,
+                        durable=self.sub.durable,
+                        stream=self.sub.stream,
+                        config=ConsumerConfig(
+                            ack_policy=AckPolicy.EXPLICIT,
+                            deliver_policy=DeliverPolicy.ALL,
+                            ack_wait=30,
+                            max_deliver=self.max_deliver + 1,  # we park it ourselves at max_deliver
+                            max_ack_pending=self.batch_size_max * 8,
+                        ),
+                    )
+                try:
+                    msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
+                except nats.errors.TimeoutError:
+                    continue
+                await self.process(msgs)
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered
+                log.warning(
+                    "consumer loop failed, retrying",
+                    extra={"consumer": self.sub.durable, "error": repr(exc), "retry_in_s": backoff_s},
+                )
+                psub = None
+                try:
+                    await asyncio.wait_for(stop.wait(), backoff_s)
+                except TimeoutError:
+                    pass
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        """Apply a fetched batch; falls back to one message at a time when the batch fails."""
+        CONSUMER_BATCH.labels(self.sub.durable).observe(len(msgs))
+        decoded: list[tuple[Msg, E]] = []
+        for msg in msgs:
+            try:
+                event = self.sub.event_type.FromString(msg.data)
+                if not getattr(event, "event_id", ""):
+                    raise DecodeError("event has no event_id")
+                decoded.append((msg, event))
+            except DecodeError as exc:
+                await self._park(msg, None, f"undecodable: {exc}")
+        if not decoded:
+            return
+        try:
+            await self._apply(decoded)
+        except Exception as exc:  # noqa: BLE001
+            if len(decoded) == 1:
+                await self._failed(decoded[0], exc)
+                return
+            log.warning("batch failed, retrying one by one", extra={"consumer": self.sub.durable, "error": repr(exc)})
+            for item in decoded:
+                try:
+                    await self._apply([item])
+                except Exception as one_exc:  # noqa: BLE001
+                    await self._failed(item, one_exc)
+
+    async def _apply(self, items: list[tuple[Msg, E]]) -> None:
+        spans = [
+            tracer.start_span(
+                f"consume {msg.subject}",
+                context=extract_context(dict(msg.headers or {})),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.consumer": self.sub.durable,
+                    "batch": len(items),
+                },
+            )
+            for msg, _ in items
+        ]
+        try:
+            inbox = self.tables.inbox
+            ids = list(dict.fromkeys(e.event_id for _, e in items))  # type: ignore[attr-defined]
+            async with self.db.unit_of_work() as uow:
+                seen = set(
+                    (
+                        await uow.conn.execute(
+                            select(inbox.c.event_id).where(
+                                inbox.c.consumer == self.sub.durable, inbox.c.event_id.in_(ids)
+                            )
+                        )
+                    ).scalars()
+                )
+                fresh: dict[str, E] = {}
+                for _, e in items:
+                    eid = e.event_id  # type: ignore[attr-defined]
+                    if eid not in seen and eid not in fresh:
+                        fresh[eid] = e
+                if fresh:
+                    received = now_us()
+                    await uow.conn.execute(
+                        insert(inbox),
+                        [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in fresh],
+                    )
+                    with trace.use_span(spans[0]):
+                        await self.sub.handle(uow, list(fresh.values()))
+                await uow.commit()
+            faults.point("consumer.after_commit_before_ack")
+            for msg, _ in items:
+                await msg.ack()
+            CONSUMED.labels(self.sub.durable, "applied").inc(len(fresh))
+            CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _failed(self, item: tuple[Msg, E], exc: Exception) -> None:
+        msg, event = item
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if delivered >= self.max_deliver:
+            await self._park(msg, event.event_id, f"failed {delivered} times: {exc!r}")  # type: ignore[attr-defined]
+            return
+        CONSUMED.labels(self.sub.durable, "retry").inc()
+        log.warning(
+            "event failed, will be redelivered",
+            extra={"consumer": self.sub.durable, "event_id": event.event_id, "error": repr(exc)},  # type: ignore[attr-defined]
+        )
+        await msg.nak(delay=min(0.1 * 2**delivered, 10.0))
+
+    async def _park(self, msg: Msg, event_id: str | None, error: str) -> None:
+        async with self.db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(self.tables.dead_letters).values(
+                    consumer=self.sub.durable,
+                    subject=msg.subject,
+                    event_id=event_id,
+                    payload=msg.data,
+                    error=error[:2000],
+                    received_at_us=now_us(),
+                )
+            )
+            await uow.commit()
+        await msg.term()
+        DEAD_LETTERS.labels(self.sub.durable).inc()
+        log.error(
+            "event parked in dead_letters",
+            extra={"consumer": self.sub.durable, "event_id": event_id, "error": error},
+        )

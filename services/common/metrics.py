@@ -1,0 +1,21 @@
+"""The Prometheus metrics every service exports (one registry per process)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RPC_SECONDS = Histogram(
+    "livegifts_rpc_seconds",
+    "Server-side gRPC handling time",
+    ["method", "code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+OUTBOX_PUBLISHED = Counter("livegifts_outbox_published_total", "Outbox events published and acked", ["subject"])
+OUTBOX_PUBLISH_ERRORS = Counter("livegifts_outbox_publish_errors_total", "Failed publish attempts")
+OUTBOX_PENDING = Gauge("livegifts_outbox_pending", "Outbox rows not yet acked by JetStream (last relay pass)")
+CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
+CONSUMER_BATCH = Histogram(
+    "livegifts_consumer_batch_size",
+    "Messages per consumer batch",
+    ["consumer"],
+    buckets=(1, 4, 16, 64, 256, 1024),
+)
+DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])

@@ -1,0 +1,63 @@
+"""Alembic, one history per service, run at start (or by `python -m services.<svc> migrate`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from alembic import command, context
+from alembic.config import Config
+from sqlalchemy import MetaData, pool, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import async_engine_from_config
+
+from services.common.db import ensure_sqlite_dir, normalize_url
+
+log = logging.getLogger(__name__)
+
+
+def alembic_config(migrations_dir: Path, url: str) -> Config:
+    """An Alembic config for one service's migrations folder and database."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+async def upgrade_head(migrations_dir: Path, url: str) -> None:
+    """Bring the database to the newest revision (Alembic runs its own loop in a thread)."""
+    ensure_sqlite_dir(url)
+    cfg = alembic_config(migrations_dir, url)
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    log.info("migrations applied", extra={"migrations": str(migrations_dir)})
+
+
+def _run_sync(connection: Connection, metadata: MetaData) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=sqlite,  # SQLite can only ALTER through table copies
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together: one migrates, the others wait and then find nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7301163)"))
+        context.run_migrations()
+
+
+async def _run_async(metadata: MetaData) -> None:
+    cfg = context.config
+    engine = async_engine_from_config(
+        cfg.get_section(cfg.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+    )
+    async with engine.connect() as conn:
+        await conn.run_sync(_run_sync, metadata)
+    await engine.dispose()
+
+
+def run_env(metadata: MetaData) -> None:
+    """Body of every service's migrations/env.py (online mode only: we always have the database)."""
+    asyncio.run(_run_async(metadata))

@@ -1,0 +1,161 @@
+"""Transactional outbox: events are rows written with the state change; a relay publishes them.
+
+Choices for when to publish: A) inside the request, before commit (an event for a change that
+may roll back); B) after commit from the request (lost if the process dies in between);
+C) a row in the same transaction and a relay that publishes after commit. We take C: the relay
+marks a row sent only after JetStream's PubAck, so a crash republishes, and the Nats-Msg-Id
+(= event id) plus the consumers' inbox make the republish harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from google.protobuf.message import Message
+from sqlalchemy import Table, func, insert, select, update
+
+from services.common import faults
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
+from services.common.db import Database, UnitOfWork
+from services.common.metrics import OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
+from services.common.telemetry import inject_headers
+from services.common.timeutil import now_us
+
+log = logging.getLogger(__name__)
+
+
+def new_event_id() -> str:
+    """A fresh, globally unique event id."""
+    return uuid.uuid4().hex
+
+
+class Outbox:
+    """Adds events to the outbox table inside a unit of work, and wakes the relay after commit."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.wakeup = asyncio.Event()
+
+    async def add(self, uow: UnitOfWork, subject: str, event_id: str, event: Message) -> None:
+        """Write one event in the caller's transaction (published after commit)."""
+        await self.add_many(uow, [(subject, event_id, event)])
+
+    async def add_many(self, uow: UnitOfWork, events: list[tuple[str, str, Message]]) -> None:
+        """Write several events in the caller's transaction with one statement."""
+        if not events:
+            return
+        headers = json.dumps(inject_headers())
+        created = now_us()
+        await uow.conn.execute(
+            insert(self.table),
+            [
+                {
+                    "event_id": event_id,
+                    "subject": subject,
+                    "payload": event.SerializeToString(),
+                    "headers": headers,
+                    "created_at_us": created,
+                }
+                for subject, event_id, event in events
+            ],
+        )
+        uow.after_commit(self.wakeup.set)
+
+    async def pending(self, uow: UnitOfWork) -> int:
+        """How many events are written but not yet acked by JetStream."""
+        return int(
+            (
+                await uow.conn.execute(
+                    select(func.count()).select_from(self.table).where(self.table.c.published_at_us.is_(None))
+                )
+            ).scalar_one()
+        )
+
+
+class OutboxRelay:
+    """Publishes unsent outbox rows to JetStream in order, pipelined, with backoff on failure."""
+
+    def __init__(self, db: Database, bus: Bus, outbox: Outbox, settings: ServiceSettings) -> None:
+        self.db = db
+        self.bus = bus
+        self.outbox = outbox
+        self.table = outbox.table
+        self.batch_size_max = settings.relay_batch_size_max
+        self.poll_interval_s = settings.relay_poll_interval_s
+        self.backoff_max_s = settings.relay_backoff_max_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set."""
+        await self.bus.connected.wait()
+        backoff_s = 0.05
+        while not stop.is_set():
+            try:
+                sent = await self.relay_once()
+                backoff_s = 0.05
+                if sent >= self.batch_size_max:
+                    continue  # more waiting: go again at once
+                self.outbox.wakeup.clear()
+                waiters = [
+                    asyncio.ensure_future(self.outbox.wakeup.wait()),
+                    asyncio.ensure_future(stop.wait()),
+                ]
+                _done, rest = await asyncio.wait(waiters, timeout=self.poll_interval_s, return_when="FIRST_COMPLETED")
+                for w in rest:
+                    w.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the rows stay unsent; retry with backoff
+                OUTBOX_PUBLISH_ERRORS.inc()
+                log.warning("outbox relay failed, retrying", extra={"error": repr(exc), "retry_in_s": backoff_s})
+                try:
+                    await asyncio.wait_for(stop.wait(), backoff_s)
+                except TimeoutError:
+                    pass
+                backoff_s = min(backoff_s * 2, self.backoff_max_s)
+
+    async def relay_once(self) -> int:
+        """Publish one batch of unsent rows; returns how many were acked and marked."""
+        t = self.table
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (
+                await uow.conn.execute(
+                    select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
+                    .where(t.c.published_at_us.is_(None))
+                    .order_by(t.c.id)
+                    .limit(self.batch_size_max)
+                )
+            ).all()
+        if not rows:
+            OUTBOX_PENDING.set(0)
+            return 0
+        js = self.bus.js
+        assert js is not None
+        # Pipelined: all publishes go out on the one connection in id order, then we await the acks.
+        results = await asyncio.gather(
+            *(
+                js.publish(r.subject, r.payload, headers={**json.loads(r.headers), "Nats-Msg-Id": r.event_id})
+                for r in rows
+            ),
+            return_exceptions=True,
+        )
+        acked = [r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
+        faults.point("relay.after_puback_before_mark")
+        if acked:
+            async with self.db.unit_of_work() as uow:
+                await uow.conn.execute(
+                    update(t).where(t.c.id.in_(acked)).values(published_at_us=now_us(), attempts=t.c.attempts + 1)
+                )
+                await uow.commit()
+            for r, res in zip(rows, results, strict=True):
+                if not isinstance(res, BaseException):
+                    OUTBOX_PUBLISHED.labels(r.subject).inc()
+        failed = len(rows) - len(acked)
+        OUTBOX_PENDING.set(failed)
+        if failed:
+            first = next(res for res in results if isinstance(res, BaseException))
+            raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {first!r}")
+        return len(acked)

@@ -1,0 +1,45 @@
+"""Provider callback signatures: HMAC-SHA256 over "<timestamp>.<raw payload>", header "t=<unix>,v1=<hex>".
+
+The timestamp bounds replay (tolerance window); the comparison is constant-time. The same
+scheme signs payment callbacks (wallet) and payout callbacks (payout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+from services.common.errors import Unauthenticated
+
+SIGNATURE_HEADER_MAX = 1024
+
+
+def sign(secret: bytes, payload: bytes, timestamp_s: int | None = None) -> str:
+    """The signature header for `payload` at `timestamp_s` (now by default)."""
+    ts = int(time.time()) if timestamp_s is None else timestamp_s
+    mac = hmac.new(secret, f"{ts}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: float | None = None) -> int:
+    """Check a signature header; returns its timestamp or raises UNAUTHENTICATED with a reason."""
+    if not header or len(header) > SIGNATURE_HEADER_MAX:
+        raise Unauthenticated("missing or oversized signature", "SIGNATURE_MISSING")
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        key, sep, value = item.strip().partition("=")
+        if sep:
+            parts.setdefault(key, []).append(value)
+    try:
+        ts = int(parts["t"][0])
+    except (KeyError, ValueError):
+        raise Unauthenticated("signature has no valid timestamp", "SIGNATURE_MALFORMED") from None
+    now = time.time() if now_s is None else now_s
+    if abs(now - ts) > tolerance_s:
+        raise Unauthenticated("signature timestamp outside the tolerance window", "SIGNATURE_EXPIRED")
+    expected = hmac.new(secret, f"{ts}.".encode() + payload, hashlib.sha256).hexdigest()
+    # Any of the v1 values may match (a provider rotating its secret sends two).
+    if not any(hmac.compare_digest(expected, candidate) for candidate in parts.get("v1", [])):
+        raise Unauthenticated("signature does not match", "SIGNATURE_INVALID")
+    return ts

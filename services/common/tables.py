@@ -1,0 +1,74 @@
+"""Tables every service has in its own database: idempotency records, outbox, inbox, dead letters.
+
+Each service declares them on its own MetaData with `add_common_tables`, so they live in its
+own migration history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text, text
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+@dataclass(frozen=True)
+class CommonTables:
+    """The shared tables of one service's metadata."""
+
+    idempotency: Table
+    outbox: Table
+    inbox: Table
+    dead_letters: Table
+
+
+def add_common_tables(metadata: MetaData) -> CommonTables:
+    """Declare the shared tables on a service's metadata."""
+    idempotency = Table(
+        "idempotency_keys",
+        metadata,
+        Column("scope", String(64), primary_key=True),
+        Column("key", String(128), primary_key=True),
+        Column("request_hash", String(64), nullable=False),
+        Column("response", LargeBinary, nullable=False),
+        Column("created_at_us", BigInteger, nullable=False),
+    )
+    outbox = Table(
+        "outbox",
+        metadata,
+        Column("id", BigId, primary_key=True, autoincrement=True),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("subject", String(200), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("headers", Text, nullable=False),  # JSON: trace context captured at write time
+        Column("created_at_us", BigInteger, nullable=False),
+        Column("published_at_us", BigInteger, nullable=True),
+        Column("attempts", Integer, nullable=False, server_default="0"),
+    )
+    Index(
+        "ix_outbox_unpublished",
+        outbox.c.id,
+        sqlite_where=text("published_at_us IS NULL"),
+        postgresql_where=text("published_at_us IS NULL"),
+    )
+    inbox = Table(
+        "inbox",
+        metadata,
+        Column("consumer", String(100), primary_key=True),
+        Column("event_id", String(64), primary_key=True),
+        Column("received_at_us", BigInteger, nullable=False),
+    )
+    dead_letters = Table(
+        "dead_letters",
+        metadata,
+        Column("id", BigId, primary_key=True, autoincrement=True),
+        Column("consumer", String(100), nullable=False),
+        Column("subject", String(200), nullable=False),
+        Column("event_id", String(64), nullable=True),
+        Column("payload", LargeBinary, nullable=False),
+        Column("error", Text, nullable=False),
+        Column("received_at_us", BigInteger, nullable=False),
+    )
+    return CommonTables(idempotency, outbox, inbox, dead_letters)

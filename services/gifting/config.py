@@ -1,0 +1,21 @@
+"""Gifting settings, read once from LIVEGIFTS_GIFTING_* variables."""
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceSettings
+
+
+class GiftingSettings(ServiceSettings):
+    """Configuration of the gifting service."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_GIFTING_", extra="ignore", frozen=True)
+
+    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    wallet_addr: str = Field(description="host:port of the wallet service")
+    quantity_max: int = Field(default=9_999, ge=1, le=1_000_000)
+    # A gift still PENDING after this long is settled by the sweeper through wallet.CancelSpend.
+    # It must exceed the outgoing deadline, so a call still in flight is never swept.
+    pending_timeout_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    sweep_batch_size_max: int = Field(default=100, ge=1, le=10_000)

@@ -1,0 +1,43 @@
+"""`python -m services.wallet [serve|migrate]`: the wallet service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+from services.common.app import Runtime, ServiceSpec, Wiring, main
+from services.common.grpcserver import ServiceRegistration
+from services.wallet.config import WalletSettings
+from services.wallet.payments import DevProvider
+from services.wallet.server import WalletServicer
+from services.wallet.storage import common
+from services.wallet.usecases import Wallet
+
+
+async def wire(rt: Runtime) -> Wiring:
+    """Build the wallet's use cases and servicer."""
+    settings: WalletSettings = rt.settings
+    if settings.payment_provider != "dev":
+        raise SystemExit(f"LIVEGIFTS_WALLET_PAYMENT_PROVIDER: unknown provider {settings.payment_provider!r}")
+    provider = DevProvider(
+        settings.payment_webhook_secret.get_secret_value().encode(), settings.payment_signature_tolerance_s
+    )
+    wallet = Wallet(rt.db, rt.outbox, provider, settings)
+    name = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
+    return Wiring(
+        [ServiceRegistration(wallet_pb2_grpc.add_WalletServiceServicer_to_server, WalletServicer(wallet), name)]
+    )
+
+
+SPEC = ServiceSpec(
+    name="wallet",
+    settings_cls=WalletSettings,
+    migrations_dir=Path(__file__).parent / "migrations",
+    tables=common,
+    streams=["WALLET"],
+    wire=wire,
+)
+
+if __name__ == "__main__":
+    main(SPEC)

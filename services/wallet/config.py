@@ -1,0 +1,23 @@
+"""Wallet settings, read once from LIVEGIFTS_WALLET_* variables."""
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.common.config import ServiceSettings
+
+
+class WalletSettings(ServiceSettings):
+    """Configuration of the wallet service."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_WALLET_", extra="ignore", frozen=True)
+
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # Shared secret the payment provider signs its callbacks with (HMAC-SHA256). Required.
+    payment_webhook_secret: SecretStr
+    payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
+    payment_provider: str = "dev"
+    default_region: str = "US"
+    adult_age_years: int = Field(default=18, ge=0, le=30)
+    # Regions whose adult age differs, e.g. "KR=19,XX=21".
+    adult_age_by_region: str = "KR=19"
+    spend_amount_max: int = Field(default=10_000_000, ge=1)

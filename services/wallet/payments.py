@@ -1,0 +1,111 @@
+"""Payment-provider adapters: checkout sessions out, signed callbacks in.
+
+The development provider behaves like a real one: CreatePurchase gets a checkout session from
+it, and the provider later calls HandlePaymentEvent with a signed JSON body. `livegifts pay`
+plays that provider's part in development and tests, signing with the shared webhook secret.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common import signing
+from services.common.errors import InvalidArgument
+from services.wallet.domain import PurchaseStatus
+
+PAYLOAD_BYTES_MAX = 64 * 1024
+
+# Provider event types -> the purchase status they lead to.
+EVENT_TYPES: dict[str, PurchaseStatus] = {
+    "payment.succeeded": PurchaseStatus.SUCCEEDED,
+    "payment.failed": PurchaseStatus.FAILED,
+    "charge.refunded": PurchaseStatus.REFUNDED,
+    "charge.dispute.lost": PurchaseStatus.CHARGED_BACK,
+}
+
+
+@dataclass(frozen=True)
+class CheckoutSession:
+    """Where the payer completes the payment."""
+
+    provider: str
+    session_id: str
+    redirect_url: str
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A verified, parsed provider callback."""
+
+    provider_event_id: str
+    event_type: str
+    target: PurchaseStatus
+    purchase_id: str
+    amount_minor: int
+    currency_code: str
+
+
+class PaymentProvider(Protocol):
+    """What the wallet needs of a payment provider."""
+
+    name: str
+
+    def create_checkout(self, purchase_id: str, amount_minor: int, currency_code: str, method: str) -> CheckoutSession:
+        """Open a checkout session for a purchase."""
+        ...
+
+    def parse_callback(self, payload: bytes, signature: str) -> ProviderEvent:
+        """Verify and parse a callback, or raise UNAUTHENTICATED / INVALID_ARGUMENT."""
+        ...
+
+
+class DevProvider:
+    """A development provider with real signatures (HMAC-SHA256, timestamp tolerance)."""
+
+    name = "dev"
+
+    def __init__(self, secret: bytes, tolerance_s: int) -> None:
+        self.secret = secret
+        self.tolerance_s = tolerance_s
+
+    def create_checkout(self, purchase_id: str, amount_minor: int, currency_code: str, method: str) -> CheckoutSession:
+        """A session id derived from the purchase, so a retried CreatePurchase gets the same one."""
+        sid = f"cs_dev_{purchase_id}"
+        return CheckoutSession(self.name, sid, f"https://checkout.dev.invalid/pay/{sid}?method={method}")
+
+    def parse_callback(self, payload: bytes, signature: str) -> ProviderEvent:
+        """Verify the signature first, then the body's shape."""
+        if len(payload) > PAYLOAD_BYTES_MAX:
+            raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
+        signing.verify(self.secret, payload, signature, self.tolerance_s)
+        try:
+            body = json.loads(payload)
+            event = ProviderEvent(
+                provider_event_id=str(body["id"]),
+                event_type=str(body["type"]),
+                target=EVENT_TYPES[body["type"]],
+                purchase_id=str(body["purchase_id"]),
+                amount_minor=int(body["amount_minor"]),
+                currency_code=str(body["currency_code"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument("callback body is not a valid payment event", "MALFORMED_PAYLOAD") from None
+        if not event.provider_event_id or len(event.provider_event_id) > 128:
+            raise InvalidArgument("callback event id missing or too long", "MALFORMED_PAYLOAD")
+        return event
+
+
+def dev_event_payload(event_id: str, event_type: str, purchase_id: str, amount_minor: int, currency_code: str) -> bytes:
+    """The body the development provider sends (used by `livegifts pay` and tests)."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": event_type,
+            "purchase_id": purchase_id,
+            "amount_minor": amount_minor,
+            "currency_code": currency_code,
+        },
+        separators=(",", ":"),
+    ).encode()

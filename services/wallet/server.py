@@ -1,0 +1,60 @@
+"""WalletService servicer: proto in, use case, proto out. No SQL, no rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+from services.wallet.usecases import Wallet
+
+
+class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
+    """Thin adapter over the wallet use cases."""
+
+    def __init__(self, wallet: Wallet) -> None:
+        self.w = wallet
+
+    async def ListCoinPackages(self, request: wallet_pb2.ListCoinPackagesRequest, context: Any) -> Any:
+        """Packages a user in a region can buy."""
+        return await self.w.list_packages(request)
+
+    async def CreatePurchase(self, request: wallet_pb2.CreatePurchaseRequest, context: Any) -> Any:
+        """Start a purchase (PENDING) and return its checkout session."""
+        return await self.w.create_purchase(request)
+
+    async def GetPurchase(self, request: wallet_pb2.GetPurchaseRequest, context: Any) -> Any:
+        """One purchase."""
+        return await self.w.get_purchase(request.purchase_id)
+
+    async def HandlePaymentEvent(self, request: wallet_pb2.HandlePaymentEventRequest, context: Any) -> Any:
+        """A signed payment-provider callback."""
+        return await self.w.handle_payment_event(request)
+
+    async def GetBalance(self, request: wallet_pb2.GetBalanceRequest, context: Any) -> Any:
+        """A user's coins."""
+        return await self.w.get_balance(request.user_id)
+
+    async def ListTransactions(self, request: wallet_pb2.ListTransactionsRequest, context: Any) -> Any:
+        """A user's history, newest first."""
+        return await self.w.list_transactions(request)
+
+    async def Spend(self, request: wallet_pb2.SpendRequest, context: Any) -> Any:
+        """Debit coins once per idempotency key."""
+        return await self.w.spend(request)
+
+    async def CancelSpend(self, request: wallet_pb2.CancelSpendRequest, context: Any) -> Any:
+        """Settle an unresolved spend for good."""
+        return await self.w.cancel_spend(request)
+
+    async def SetAccountRestrictions(self, request: wallet_pb2.SetAccountRestrictionsRequest, context: Any) -> Any:
+        """Age and block status of a user."""
+        return await self.w.set_restrictions(request)
+
+    async def GetAccountRestrictions(self, request: wallet_pb2.GetAccountRestrictionsRequest, context: Any) -> Any:
+        """Whether a user may buy and spend."""
+        return await self.w.get_restrictions(request.user_id)
+
+    async def GetAudit(self, request: wallet_pb2.GetAuditRequest, context: Any) -> Any:
+        """Totals for reconciliation."""
+        return await self.w.audit()

@@ -1,0 +1,106 @@
+"""Wallet tables (SQLAlchemy Core). The domain never sees these."""
+
+from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table
+
+from services.common.tables import BigId, add_common_tables
+
+metadata = MetaData()
+common = add_common_tables(metadata)
+
+# O(1) balance reads: one row per user account, changed only together with its postings.
+# System accounts (issued, spent:<reason>, reversed) have no row: their balance is the sum of
+# their postings, so no hot row is written by every spend.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(160), primary_key=True),
+    Column("user_id", String(128), nullable=False, unique=True),
+    Column("balance", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("birth_date", String(10), nullable=True),
+    Column("is_minor", Boolean, nullable=False),
+    Column("blocked", Boolean, nullable=False),
+    Column("region", String(8), nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+journal_entries = Table(
+    "journal_entries",
+    metadata,
+    Column("entry_id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("reference_id", String(128), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+postings = Table(
+    "postings",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("entry_id", String(64), nullable=False, index=True),
+    Column("account_id", String(160), nullable=False),
+    Column("amount", BigInteger, nullable=False),  # signed; the postings of an entry sum to zero
+    Column("balance_after", BigInteger, nullable=True),  # for user accounts
+    Column("created_at_us", BigInteger, nullable=False),
+)
+Index("ix_postings_account", postings.c.account_id, postings.c.id)
+
+coin_packages = Table(
+    "coin_packages",
+    metadata,
+    Column("package_id", String(64), primary_key=True),
+    Column("region", String(8), nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("price_minor", BigInteger, nullable=False),
+    Column("active", Boolean, nullable=False),
+)
+
+purchases = Table(
+    "purchases",
+    metadata,
+    Column("purchase_id", String(64), primary_key=True),
+    Column("user_id", String(128), nullable=False, index=True),
+    Column("package_id", String(64), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),  # price frozen at creation
+    Column("payment_method", String(32), nullable=False),
+    Column("provider", String(32), nullable=False),
+    Column("checkout_session_id", String(128), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+payment_events = Table(
+    "payment_events",
+    metadata,
+    Column("provider", String(32), primary_key=True),
+    Column("provider_event_id", String(128), primary_key=True),
+    Column("purchase_id", String(64), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("received_at_us", BigInteger, nullable=False),
+)
+
+# The arbiter of every spend: one row per idempotency key, SPENT or CANCELLED, never both.
+spends = Table(
+    "spends",
+    metadata,
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("entry_id", String(64), nullable=True),
+    Column("user_id", String(128), nullable=True),
+    Column("amount", BigInteger, nullable=True),
+    Column("reason", String(16), nullable=True),
+    Column("reference_id", String(128), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("balance_after", BigInteger, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+)

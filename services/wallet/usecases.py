@@ -1,0 +1,607 @@
+"""Wallet use cases: one transaction each (state change + idempotency record + outbox row)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from livegifts.common.v1 import common_pb2
+from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from services.common.db import Database, UnitOfWork
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    check,
+    require_id,
+    require_key,
+    require_positive,
+)
+from services.common.idempotency import run_idempotent
+from services.common.outbox import Outbox, new_event_id
+from services.common.timeutil import now_us, to_timestamp
+from services.wallet import domain
+from services.wallet.config import WalletSettings
+from services.wallet.domain import Posting, PurchaseStatus, SpendReason
+from services.wallet.payments import PaymentProvider
+from services.wallet.storage import (
+    accounts,
+    coin_packages,
+    common,
+    journal_entries,
+    payment_events,
+    postings,
+    purchases,
+    spends,
+    users,
+)
+
+PAGE_SIZE_DEFAULT = 50
+PAGE_SIZE_MAX = 500
+SPENT = "SPENT"
+CANCELLED = "CANCELLED"
+
+_METHODS = {
+    wallet_pb2.PAYMENT_METHOD_CARD: "CARD",
+    wallet_pb2.PAYMENT_METHOD_PAYPAL: "PAYPAL",
+    wallet_pb2.PAYMENT_METHOD_APPLE_PAY: "APPLE_PAY",
+    wallet_pb2.PAYMENT_METHOD_GOOGLE_PAY: "GOOGLE_PAY",
+}
+_METHOD_ENUM = {v: k for k, v in _METHODS.items()}
+_REASONS = {
+    wallet_pb2.SPEND_REASON_GIFT: SpendReason.GIFT,
+    wallet_pb2.SPEND_REASON_TIP: SpendReason.TIP,
+    wallet_pb2.SPEND_REASON_UNLOCK: SpendReason.UNLOCK,
+}
+_STATUS_ENUM = {s: getattr(wallet_pb2, f"PURCHASE_STATUS_{s.value}") for s in PurchaseStatus}
+
+
+@dataclass
+class Wallet:
+    """The wallet's use cases over its database, outbox and payment provider."""
+
+    db: Database
+    outbox: Outbox
+    provider: PaymentProvider
+    settings: WalletSettings
+
+    def __post_init__(self) -> None:
+        self.region_ages = domain.parse_region_ages(self.settings.adult_age_by_region)
+
+    # ---- shared steps ------------------------------------------------------------------
+
+    async def _post(self, uow: UnitOfWork, kind: str, reference_id: str, legs: list[Posting]) -> tuple[str, int]:
+        """Write a balanced journal entry; apply the user leg to the user's balance row.
+
+        Returns (entry_id, user balance after). A debit that would overdraw is refused by the
+        conditional update itself (balance >= amount), so concurrent spends cannot overdraw.
+        """
+        check(domain.balanced(legs), f"unbalanced entry {kind}: {legs}")
+        entry_id = uuid.uuid4().hex
+        ts = now_us()
+        balance_after = 0
+        rows = []
+        for leg in legs:
+            after = None
+            if leg.account_id.startswith("user:"):
+                after = await self._apply_user_leg(uow, leg, kind, ts)
+                balance_after = after
+            rows.append(
+                {
+                    "entry_id": entry_id,
+                    "account_id": leg.account_id,
+                    "amount": leg.amount,
+                    "balance_after": after,
+                    "created_at_us": ts,
+                }
+            )
+        await uow.conn.execute(
+            insert(journal_entries).values(entry_id=entry_id, kind=kind, reference_id=reference_id, created_at_us=ts)
+        )
+        await uow.conn.execute(insert(postings), rows)
+        return entry_id, balance_after
+
+    async def _apply_user_leg(self, uow: UnitOfWork, leg: Posting, kind: str, ts: int) -> int:
+        a = accounts.c
+        if leg.amount < 0 and kind.startswith("SPEND"):
+            row = (
+                await uow.conn.execute(
+                    update(accounts)
+                    .where(a.account_id == leg.account_id, a.balance >= -leg.amount)
+                    .values(balance=a.balance + leg.amount, updated_at_us=ts)
+                    .returning(a.balance)
+                )
+            ).first()
+            if row is None:
+                have = (
+                    await uow.conn.execute(select(a.balance).where(a.account_id == leg.account_id))
+                ).scalar_one_or_none()
+                if have is None:
+                    raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
+                raise FailedPrecondition("not enough coins", "INSUFFICIENT_COINS", balance=have, required=-leg.amount)
+            return int(row.balance)
+        row = (
+            await uow.conn.execute(
+                update(accounts)
+                .where(a.account_id == leg.account_id)
+                .values(balance=a.balance + leg.amount, updated_at_us=ts)
+                .returning(a.balance)
+            )
+        ).first()
+        check(row is not None, f"account {leg.account_id} must exist before a {kind} posting")
+        return int(row.balance)  # type: ignore[union-attr]
+
+    async def _ensure_account(self, uow: UnitOfWork, user_id: str) -> None:
+        """Create the user's coin account on first use (the unique key makes races harmless)."""
+        acc = domain.user_account(user_id)
+        exists = (await uow.conn.execute(select(accounts.c.account_id).where(accounts.c.account_id == acc))).first()
+        if exists is None:
+            await uow.conn.execute(
+                insert(accounts).values(account_id=acc, user_id=user_id, balance=0, updated_at_us=now_us())
+            )
+
+    async def _restrictions(self, uow: UnitOfWork, user_id: str) -> domain.Restrictions | None:
+        row = (await uow.conn.execute(select(users).where(users.c.user_id == user_id))).first()
+        if row is None:
+            return None
+        return domain.Restrictions(
+            birth_date=dt.date.fromisoformat(row.birth_date) if row.birth_date else None,
+            is_minor=row.is_minor,
+            blocked=row.blocked,
+            region=row.region,
+        )
+
+    async def _check_may_transact(self, uow: UnitOfWork, user_id: str) -> None:
+        r = await self._restrictions(uow, user_id)
+        domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, dt.date.today())
+
+    # ---- packages and purchases --------------------------------------------------------
+
+    async def list_packages(self, req: wallet_pb2.ListCoinPackagesRequest) -> wallet_pb2.ListCoinPackagesResponse:
+        """Active packages of a region (and currency), cheapest first."""
+        region = (req.region or self.settings.default_region).upper()
+        q = select(coin_packages).where(coin_packages.c.region == region, coin_packages.c.active.is_(True))
+        if req.currency_code:
+            q = q.where(coin_packages.c.currency_code == req.currency_code.upper())
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(q.order_by(coin_packages.c.coins))).all()
+        return wallet_pb2.ListCoinPackagesResponse(packages=[_package_pb(r) for r in rows])
+
+    async def create_purchase(self, req: wallet_pb2.CreatePurchaseRequest) -> wallet_pb2.Purchase:
+        """A PENDING purchase with the price frozen now and a checkout session from the provider."""
+        require_id(req.user_id, "user_id")
+        require_id(req.package_id, "package_id")
+        require_key(req.idempotency_key)
+        method = _METHODS.get(req.payment_method)
+        if method is None:
+            raise InvalidArgument("payment_method is required", "INVALID_PAYMENT_METHOD")
+        if not req.currency_code:
+            raise InvalidArgument("currency_code is required", "MISSING_FIELD", field="currency_code")
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
+            pkg = (
+                await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
+            ).first()
+            if pkg is None or not pkg.active:
+                raise NotFound("unknown coin package", "UNKNOWN_PACKAGE", package_id=req.package_id)
+            if pkg.currency_code != req.currency_code.upper():
+                raise InvalidArgument(f"package {pkg.package_id} is sold in {pkg.currency_code}", "CURRENCY_MISMATCH")
+            if req.region and req.region.upper() != pkg.region:
+                raise InvalidArgument(f"package {pkg.package_id} is sold in {pkg.region}", "REGION_MISMATCH")
+            await self._check_may_transact(uow, req.user_id)
+            purchase_id = uuid.uuid4().hex
+            session = self.provider.create_checkout(purchase_id, pkg.price_minor, pkg.currency_code, method)
+            ts = now_us()
+            row = {
+                "purchase_id": purchase_id,
+                "user_id": req.user_id,
+                "package_id": pkg.package_id,
+                "coins": pkg.coins,
+                "currency_code": pkg.currency_code,
+                "amount_minor": pkg.price_minor,
+                "payment_method": method,
+                "provider": session.provider,
+                "checkout_session_id": session.session_id,
+                "status": PurchaseStatus.PENDING.value,
+                "created_at_us": ts,
+                "updated_at_us": ts,
+            }
+            await uow.conn.execute(insert(purchases).values(**row))
+            await self._ensure_account(uow, req.user_id)
+            out = _purchase_pb(row)
+            out.checkout.redirect_url = session.redirect_url
+            return out
+
+        return await run_idempotent(self.db, common.idempotency, "CreatePurchase", req, wallet_pb2.Purchase, work)
+
+    async def get_purchase(self, purchase_id: str) -> wallet_pb2.Purchase:
+        """One purchase by id."""
+        require_id(purchase_id, "purchase_id")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            row = (await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == purchase_id))).first()
+        if row is None:
+            raise NotFound("unknown purchase", "UNKNOWN_PURCHASE")
+        return _purchase_pb(row._asdict())
+
+    async def handle_payment_event(
+        self, req: wallet_pb2.HandlePaymentEventRequest
+    ) -> wallet_pb2.HandlePaymentEventResponse:
+        """Verify a provider callback and apply it once: credit, fail, or reverse the purchase."""
+        if req.provider != self.provider.name:
+            raise InvalidArgument("unknown payment provider", "UNKNOWN_PROVIDER", provider=req.provider)
+        event = self.provider.parse_callback(req.payload, req.signature)
+        try:
+            return await self._apply_payment_event(event)
+        except IntegrityError:
+            # A concurrent delivery of the same provider event committed first.
+            return wallet_pb2.HandlePaymentEventResponse(
+                provider_event_id=event.provider_event_id,
+                purchase=await self.get_purchase(event.purchase_id),
+                duplicate=True,
+            )
+
+    async def _apply_payment_event(self, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
+        async with self.db.unit_of_work() as uow:
+            seen = (
+                await uow.conn.execute(
+                    select(payment_events.c.purchase_id).where(
+                        payment_events.c.provider == self.provider.name,
+                        payment_events.c.provider_event_id == event.provider_event_id,
+                    )
+                )
+            ).first()
+            row = (
+                await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+            ).first()
+            if row is None:
+                raise NotFound("callback for an unknown purchase", "UNKNOWN_PURCHASE")
+            if seen is not None:
+                return wallet_pb2.HandlePaymentEventResponse(
+                    provider_event_id=event.provider_event_id,
+                    purchase=_purchase_pb(row._asdict()),
+                    duplicate=True,
+                )
+            if event.amount_minor != row.amount_minor or event.currency_code != row.currency_code:
+                raise InvalidArgument("callback amount or currency differs from the purchase", "AMOUNT_MISMATCH")
+            current = PurchaseStatus(row.status)
+            domain.check_transition(current, event.target)
+            ts = now_us()
+            await uow.conn.execute(
+                insert(payment_events).values(
+                    provider=self.provider.name,
+                    provider_event_id=event.provider_event_id,
+                    purchase_id=row.purchase_id,
+                    event_type=event.event_type,
+                    received_at_us=ts,
+                )
+            )
+            # Compare-and-set on the status: a concurrent callback for the same purchase loses.
+            changed = await uow.conn.execute(
+                update(purchases)
+                .where(purchases.c.purchase_id == row.purchase_id, purchases.c.status == current.value)
+                .values(status=event.target.value, updated_at_us=ts)
+            )
+            if changed.rowcount != 1:
+                raise Aborted("the purchase changed concurrently, retry", "CONFLICT")
+            if event.target is PurchaseStatus.SUCCEEDED:
+                await self._ensure_account(uow, row.user_id)
+                await self._post(uow, "PURCHASE", row.purchase_id, domain.purchase_postings(row.user_id, row.coins))
+                eid = new_event_id()
+                await self.outbox.add(
+                    uow,
+                    "wallet.purchase.completed",
+                    eid,
+                    events_pb2.PurchaseCompleted(
+                        event_id=eid,
+                        purchase_id=row.purchase_id,
+                        user_id=row.user_id,
+                        coins=row.coins,
+                        price=common_pb2.Money(currency_code=row.currency_code, amount_minor=row.amount_minor),
+                        occurred_at=to_timestamp(ts),
+                    ),
+                )
+            elif event.target in (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK):
+                await self._post(
+                    uow,
+                    f"REVERSAL_{event.target.value}",
+                    row.purchase_id,
+                    domain.reversal_postings(row.user_id, row.coins),
+                )
+                eid = new_event_id()
+                await self.outbox.add(
+                    uow,
+                    "wallet.purchase.reversed",
+                    eid,
+                    events_pb2.PurchaseReversed(
+                        event_id=eid,
+                        purchase_id=row.purchase_id,
+                        user_id=row.user_id,
+                        coins=row.coins,
+                        kind=event.target.value,
+                        occurred_at=to_timestamp(ts),
+                    ),
+                )
+            await uow.commit()
+            out = {**row._asdict(), "status": event.target.value, "updated_at_us": ts}
+            return wallet_pb2.HandlePaymentEventResponse(
+                provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
+            )
+
+    # ---- balances and spending ---------------------------------------------------------
+
+    async def get_balance(self, user_id: str) -> wallet_pb2.Balance:
+        """O(1): one row."""
+        require_id(user_id, "user_id")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            bal = (
+                await uow.conn.execute(select(accounts.c.balance).where(accounts.c.user_id == user_id))
+            ).scalar_one_or_none()
+        if bal is None:
+            raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
+        return wallet_pb2.Balance(user_id=user_id, coins=int(bal))
+
+    async def list_transactions(self, req: wallet_pb2.ListTransactionsRequest) -> wallet_pb2.ListTransactionsResponse:
+        """A user's postings, newest first, with an opaque cursor."""
+        require_id(req.user_id, "user_id")
+        size = req.page_size or PAGE_SIZE_DEFAULT
+        if not 1 <= size <= PAGE_SIZE_MAX:
+            raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
+        before = None
+        if req.page_token:
+            try:
+                before = int(req.page_token)
+            except ValueError:
+                raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
+        p, j = postings.c, journal_entries.c
+        q = (
+            select(p.id, p.entry_id, p.amount, p.balance_after, p.created_at_us, j.kind, j.reference_id)
+            .join(journal_entries, j.entry_id == p.entry_id)
+            .where(p.account_id == domain.user_account(req.user_id))
+        )
+        if before is not None:
+            q = q.where(p.id < before)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(q.order_by(p.id.desc()).limit(size + 1))).all()
+        out = wallet_pb2.ListTransactionsResponse(
+            transactions=[
+                wallet_pb2.Transaction(
+                    entry_id=r.entry_id,
+                    kind=r.kind,
+                    amount=r.amount,
+                    balance_after=r.balance_after or 0,
+                    reference_id=r.reference_id,
+                    created_at=to_timestamp(r.created_at_us),
+                )
+                for r in rows[:size]
+            ]
+        )
+        if len(rows) > size:
+            out.next_page_token = str(rows[size - 1].id)
+        return out
+
+    async def spend(self, req: wallet_pb2.SpendRequest) -> wallet_pb2.SpendResponse:
+        """Debit coins once per key; never overdraws; a cancelled key is refused with ABORTED."""
+        require_id(req.user_id, "user_id")
+        require_positive(req.amount, "amount", self.settings.spend_amount_max)
+        key = require_key(req.idempotency_key)
+        reason = _REASONS.get(req.reason)
+        if reason is None:
+            raise InvalidArgument("reason must be GIFT, TIP or UNLOCK", "INVALID_REASON")
+        if len(req.reference_id) > 128:
+            raise InvalidArgument("reference_id is at most 128 characters", "INVALID_ID", field="reference_id")
+        digest = hashlib.sha256(f"{req.user_id}|{req.amount}|{reason.value}|{req.reference_id}".encode()).hexdigest()
+        try:
+            async with self.db.unit_of_work() as uow:
+                existing = await self._spend_record(uow, key, digest)
+                if existing is not None:
+                    return existing
+                await self._check_may_transact(uow, req.user_id)
+                # Claim the key first: a concurrent duplicate blocks here (PostgreSQL) and then fails.
+                ts = now_us()
+                await uow.conn.execute(
+                    insert(spends).values(
+                        idempotency_key=key,
+                        status=SPENT,
+                        user_id=req.user_id,
+                        amount=req.amount,
+                        reason=reason.value,
+                        reference_id=req.reference_id,
+                        request_hash=digest,
+                        created_at_us=ts,
+                    )
+                )
+                entry_id, after = await self._post(
+                    uow,
+                    f"SPEND_{reason.value}",
+                    req.reference_id or key,
+                    domain.spend_postings(req.user_id, req.amount, reason),
+                )
+                await uow.conn.execute(
+                    update(spends).where(spends.c.idempotency_key == key).values(entry_id=entry_id, balance_after=after)
+                )
+                await uow.commit()
+                return wallet_pb2.SpendResponse(spend_id=entry_id, amount=req.amount, balance_after=after)
+        except IntegrityError:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                existing = await self._spend_record(uow, key, digest)
+            if existing is None:
+                raise
+            return existing
+
+    async def _spend_record(self, uow: UnitOfWork, key: str, digest: str) -> wallet_pb2.SpendResponse | None:
+        row = (await uow.conn.execute(select(spends).where(spends.c.idempotency_key == key))).first()
+        if row is None:
+            return None
+        if row.status == CANCELLED:
+            raise Aborted("this spend was cancelled and may never happen", "SPEND_CANCELLED")
+        if row.request_hash != digest:
+            raise AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
+        return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
+
+    async def cancel_spend(self, req: wallet_pb2.CancelSpendRequest) -> wallet_pb2.CancelSpendResponse:
+        """Settle a spend for good: report it if it happened, else record that it never may."""
+        key = require_key(req.idempotency_key)
+        for _ in range(2):
+            try:
+                async with self.db.unit_of_work() as uow:
+                    row = (await uow.conn.execute(select(spends).where(spends.c.idempotency_key == key))).first()
+                    if row is not None:
+                        if row.status == SPENT:
+                            return wallet_pb2.CancelSpendResponse(
+                                outcome=wallet_pb2.CancelSpendResponse.OUTCOME_SPENT,
+                                spend=wallet_pb2.SpendResponse(
+                                    spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after
+                                ),
+                            )
+                        return wallet_pb2.CancelSpendResponse(outcome=wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+                    await uow.conn.execute(
+                        insert(spends).values(idempotency_key=key, status=CANCELLED, created_at_us=now_us())
+                    )
+                    await uow.commit()
+                    return wallet_pb2.CancelSpendResponse(outcome=wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+            except IntegrityError:
+                continue  # a concurrent Spend or CancelSpend claimed the key: read what it decided
+        raise Aborted("the spend is being settled concurrently, retry", "CONFLICT")
+
+    # ---- restrictions ------------------------------------------------------------------
+
+    async def set_restrictions(self, req: wallet_pb2.SetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
+        """Record age and block status (an operator's or the identity service's word)."""
+        require_id(req.user_id, "user_id")
+        born = domain.parse_birth_date(req.birth_date)
+        region = (req.region or self.settings.default_region).upper()
+        if not (2 <= len(region) <= 8 and region.isalnum()):
+            raise InvalidArgument("region must be a 2..8 letter code", "INVALID_REGION")
+        values = {
+            "birth_date": born.isoformat() if born else None,
+            "is_minor": req.is_minor,
+            "blocked": req.blocked,
+            "region": region,
+            "updated_at_us": now_us(),
+        }
+        async with self.db.unit_of_work() as uow:
+            changed = await uow.conn.execute(update(users).where(users.c.user_id == req.user_id).values(**values))
+            if changed.rowcount == 0:
+                await uow.conn.execute(insert(users).values(user_id=req.user_id, **values))
+            await self._ensure_account(uow, req.user_id)
+            await uow.commit()
+        return await self.get_restrictions(req.user_id)
+
+    async def get_restrictions(self, user_id: str) -> wallet_pb2.AccountRestrictions:
+        """A user's restrictions and whether they may spend now."""
+        require_id(user_id, "user_id")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            r = await self._restrictions(uow, user_id)
+        out = wallet_pb2.AccountRestrictions(user_id=user_id, region=self.settings.default_region, may_spend=True)
+        if r is not None:
+            out.birth_date = r.birth_date.isoformat() if r.birth_date else ""
+            out.is_minor = r.is_minor
+            out.blocked = r.blocked
+            out.region = r.region
+            try:
+                domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, dt.date.today())
+            except FailedPrecondition:
+                out.may_spend = False
+        return out
+
+    # ---- audit -------------------------------------------------------------------------
+
+    async def audit(self) -> wallet_pb2.WalletAudit:
+        """The totals the suite's invariants need, computed from the ledger itself."""
+        p = postings.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            c = uow.conn
+            by_account = dict(
+                (
+                    await c.execute(
+                        select(p.account_id, func.sum(p.amount))
+                        .where(~p.account_id.like("user:%"))
+                        .group_by(p.account_id)
+                    )
+                ).all()
+            )
+            user_sum = (await c.execute(select(func.coalesce(func.sum(accounts.c.balance), 0)))).scalar_one()
+            ledger_sum = (await c.execute(select(func.coalesce(func.sum(p.amount), 0)))).scalar_one()
+            unbalanced = (
+                await c.execute(
+                    select(func.count()).select_from(
+                        select(p.entry_id).group_by(p.entry_id).having(func.sum(p.amount) != 0).subquery()
+                    )
+                )
+            ).scalar_one()
+            sums = select(p.account_id, func.sum(p.amount).label("s")).group_by(p.account_id).subquery()
+            mismatch = (
+                await c.execute(
+                    select(func.count())
+                    .select_from(accounts.outerjoin(sums, sums.c.account_id == accounts.c.account_id))
+                    .where(accounts.c.balance != func.coalesce(sums.c.s, 0))
+                )
+            ).scalar_one()
+            reversed_users = select(purchases.c.user_id).where(
+                purchases.c.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value])
+            )
+            negative = (
+                await c.execute(
+                    select(func.count()).where(and_(accounts.c.balance < 0, accounts.c.user_id.not_in(reversed_users)))
+                )
+            ).scalar_one()
+            spend_counts = (
+                await c.execute(
+                    select(
+                        func.coalesce(func.sum(case((spends.c.status == SPENT, 1), else_=0)), 0),
+                        func.coalesce(func.sum(case((spends.c.status == CANCELLED, 1), else_=0)), 0),
+                    )
+                )
+            ).one()
+            pending = await self.outbox.pending(uow)
+        spent_by_reason = {
+            acc.removeprefix("system:spent:"): int(v)
+            for acc, v in by_account.items()
+            if acc.startswith("system:spent:")
+        }
+        return wallet_pb2.WalletAudit(
+            coins_issued=-int(by_account.get(domain.ISSUED, 0)),
+            coins_in_user_balances=int(user_sum),
+            coins_spent=sum(spent_by_reason.values()),
+            coins_reversed=int(by_account.get(domain.REVERSED, 0)),
+            ledger_sum=int(ledger_sum),
+            unbalanced_entries=int(unbalanced),
+            negative_balances_without_reversal=int(negative),
+            spends=int(spend_counts[0]),
+            spends_cancelled=int(spend_counts[1]),
+            postings_mismatch=int(mismatch),
+            outbox_pending=pending,
+            coins_spent_by_reason=spent_by_reason,
+        )
+
+
+def _package_pb(r) -> wallet_pb2.CoinPackage:  # type: ignore[no-untyped-def]
+    return wallet_pb2.CoinPackage(
+        package_id=r.package_id,
+        region=r.region,
+        coins=r.coins,
+        price=common_pb2.Money(currency_code=r.currency_code, amount_minor=r.price_minor),
+        active=r.active,
+    )
+
+
+def _purchase_pb(r: dict) -> wallet_pb2.Purchase:  # type: ignore[type-arg]
+    return wallet_pb2.Purchase(
+        purchase_id=r["purchase_id"],
+        user_id=r["user_id"],
+        package_id=r["package_id"],
+        coins=r["coins"],
+        price=common_pb2.Money(currency_code=r["currency_code"], amount_minor=r["amount_minor"]),
+        payment_method=_METHOD_ENUM.get(r["payment_method"], wallet_pb2.PAYMENT_METHOD_UNSPECIFIED),
+        status=_STATUS_ENUM[PurchaseStatus(r["status"])],
+        checkout=wallet_pb2.CheckoutSession(provider=r["provider"], session_id=r["checkout_session_id"]),
+        created_at=to_timestamp(r["created_at_us"]),
+        updated_at=to_timestamp(r["updated_at_us"]),
+    )
