@@ -1,0 +1,154 @@
+"""Integration fixtures: the whole suite as real processes (nats-server + three services).
+
+Every test here runs once on SQLite files and once on PostgreSQL. The PostgreSQL leg needs
+LIVEGIFTS_TEST_POSTGRES_URL (e.g. postgresql://postgres@127.0.0.1:5432/postgres); each test
+run creates its own databases there and drops them afterwards. Without it, or when that server
+cannot be reached, the leg is skipped with a message saying so.
+
+LIVEGIFTS_TEST_TARGET_WALLET / _GIFTING / _PAYOUT (host:port) point the suite at an already
+running deployment (docker-compose) instead of starting processes; tests that need to kill
+processes or read their files skip there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from livegifts.gifting.v1 import gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2_grpc
+from services.cli.suite import Suite, SuiteConfig, free_port
+from tests.integration import pg
+
+WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
+BACKENDS = ["sqlite", "postgres"]
+
+
+@dataclass
+class Deployment:
+    """How tests reach one running suite."""
+
+    backend: str
+    wallet_addr: str
+    gifting_addr: str
+    payout_addr: str
+    nats_url: str | None
+    suite: Suite | None  # None for an external deployment
+    var_dir: Path | None
+    webhook_secret: str
+
+
+def _external() -> Deployment | None:
+    w, g, p = (os.environ.get(f"LIVEGIFTS_TEST_TARGET_{s}") for s in ("WALLET", "GIFTING", "PAYOUT"))
+    if not (w and g and p):
+        return None
+    return Deployment(
+        "external",
+        w,
+        g,
+        p,
+        os.environ.get("LIVEGIFTS_TEST_TARGET_NATS_URL"),
+        None,
+        None,
+        os.environ.get("LIVEGIFTS_TEST_WEBHOOK_SECRET", ""),
+    )
+
+
+def suite_config(var_dir: Path, database_urls: dict[str, str], extra: dict[str, dict[str, str]] | None = None) -> SuiteConfig:
+    """A suite on free ports with file-exported traces, for tests."""
+    services = ("wallet", "gifting", "payout")
+    extra_env = {
+        s: {
+            f"LIVEGIFTS_{s.upper()}_OTEL_EXPORTER": "file",
+            f"LIVEGIFTS_{s.upper()}_OTEL_FILE": str(var_dir / f"{s}.spans.jsonl"),
+            f"LIVEGIFTS_{s.upper()}_LOG_LEVEL": "INFO",
+            **((extra or {}).get(s, {})),
+        }
+        for s in services
+    }
+    return SuiteConfig(
+        var_dir=var_dir,
+        nats_port=free_port(),
+        grpc_ports={s: 0 for s in services},
+        metrics_ports={s: 0 for s in services},
+        database_urls=database_urls,
+        webhook_secret=WEBHOOK_SECRET,
+        extra_env=extra_env,
+    )
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """The suite under test: started once per backend for the whole session."""
+    external = _external()
+    if external is not None:
+        if request.param != "sqlite":
+            pytest.skip("external deployment: its backend is whatever it was deployed with; run once")
+        yield external
+        return
+    var_dir = tmp_path_factory.mktemp(f"suite-{request.param}")
+    urls: dict[str, str] = {}
+    created: list[str] = []
+    if request.param == "postgres":
+        admin_url = pg.admin_url_or_skip()
+        for svc in ("wallet", "gifting", "payout"):
+            name = f"lgtest_{uuid.uuid4().hex[:10]}_{svc}"
+            pg.create_database(admin_url, name)
+            created.append(name)
+            urls[svc] = pg.database_url(admin_url, name)
+    config = suite_config(var_dir, urls)
+    suite = Suite(config)
+    try:
+        suite.start()
+        yield Deployment(
+            request.param,
+            suite.addr("wallet"),
+            suite.addr("gifting"),
+            suite.addr("payout"),
+            config.nats_url,
+            suite,
+            var_dir,
+            WEBHOOK_SECRET,
+        )
+    finally:
+        suite.stop()
+        for name in created:
+            pg.drop_database(pg.admin_url_or_skip(), name)
+
+
+@dataclass
+class Clients:
+    """Async stubs of the three services."""
+
+    wallet: wallet_pb2_grpc.WalletServiceStub
+    gifting: gifting_pb2_grpc.GiftingServiceStub
+    payout: payout_pb2_grpc.PayoutServiceStub
+    channels: list[grpc.aio.Channel]
+
+
+@pytest.fixture
+async def clients(deployment: Deployment) -> AsyncIterator[Clients]:
+    """Fresh channels per test (channels belong to the test's event loop)."""
+    chans = [grpc.aio.insecure_channel(a) for a in (deployment.wallet_addr, deployment.gifting_addr, deployment.payout_addr)]
+    yield Clients(
+        wallet_pb2_grpc.WalletServiceStub(chans[0]),
+        gifting_pb2_grpc.GiftingServiceStub(chans[1]),
+        payout_pb2_grpc.PayoutServiceStub(chans[2]),
+        chans,
+    )
+    await asyncio.gather(*(c.close() for c in chans))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark everything here as integration."""
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,97 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.common import signing
+from services.wallet.payments import dev_event_payload
+
+T = TypeVar("T")
+
+
+def uid(prefix: str) -> str:
+    """A unique id for this test's users, creators and keys."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def reason_of(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed call."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for d in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if d.Unpack(info):
+                    return info.reason
+    return ""
+
+
+async def expect_error(call: Awaitable[object], code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+    """Await `call`, assert it fails with `code` (and `reason`), return the error."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == code, f"expected {code}, got {exc.code()}: {exc.details()}"
+        if reason is not None:
+            assert reason_of(exc) == reason, f"expected reason {reason}, got {reason_of(exc)!r}: {exc.details()}"
+        return exc
+    raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded")
+
+
+def signed_callback(
+    secret: str, event_type: str, purchase: wallet_pb2.Purchase, event_id: str | None = None, ts: int | None = None
+) -> wallet_pb2.HandlePaymentEventRequest:
+    """A payment callback as the development provider sends it."""
+    payload = dev_event_payload(
+        event_id or uid("evt"), event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
+    )
+    return wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=payload, signature=signing.sign(secret.encode(), payload, ts)
+    )
+
+
+async def buy_coins(wallet, secret: str, user_id: str, package_id: str = "us-usd-700") -> wallet_pb2.Purchase:  # type: ignore[no-untyped-def]
+    """Create a purchase and complete it with a signed success callback."""
+    purchase = await wallet.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user_id,
+            package_id=package_id,
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uid("buy"),
+        )
+    )
+    answer = await wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", purchase))
+    assert answer.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    return answer.purchase
+
+
+async def live_stream(gifting, creator_id: str) -> gifting_pb2.Stream:  # type: ignore[no-untyped-def]
+    """Start a stream for `creator_id`."""
+    return await gifting.StartStream(
+        gifting_pb2.StartStreamRequest(creator_id=creator_id, title="test", idempotency_key=uid("start"))
+    )
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout_s: float = 20.0) -> T:
+    """Poll `probe` until `done(result)` or the timeout; returns the last result."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = await probe()
+            if done(result) or time.monotonic() > deadline:
+                return result
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)

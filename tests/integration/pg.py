@@ -1,0 +1,68 @@
+"""Create and drop PostgreSQL test databases on the server named by LIVEGIFTS_TEST_POSTGRES_URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from sqlalchemy.engine import make_url
+
+ENV = "LIVEGIFTS_TEST_POSTGRES_URL"
+_reachable: bool | None = None
+
+
+async def _execute(admin_url: str, sql: str) -> None:
+    import asyncpg
+
+    u = make_url(admin_url)
+    conn = await asyncpg.connect(
+        host=u.host or "127.0.0.1",
+        port=u.port or 5432,
+        user=u.username or "postgres",
+        password=u.password,
+        database=u.database or "postgres",
+        timeout=5,
+    )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def admin_url_or_skip() -> str:
+    """The admin URL, or skip the PostgreSQL leg saying why."""
+    global _reachable
+    url = os.environ.get(ENV)
+    if not url:
+        pytest.skip(f"PostgreSQL leg skipped: {ENV} is not set (.ci/run sets it)")
+    if _reachable is None:
+        try:
+            _run(_execute(url, "SELECT 1"))
+            _reachable = True
+        except Exception as exc:  # noqa: BLE001 - any failure means: cannot run this leg here
+            _reachable = False
+            pytest.skip(f"PostgreSQL leg skipped: {ENV}={url} is not reachable ({exc!r})")
+    if not _reachable:
+        pytest.skip(f"PostgreSQL leg skipped: {ENV}={url} is not reachable")
+    return url
+
+
+def create_database(admin_url: str, name: str) -> None:
+    """CREATE DATABASE name."""
+    _run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """DROP DATABASE name, disconnecting whoever is still connected."""
+    _run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def database_url(admin_url: str, name: str) -> str:
+    """The asyncpg URL of database `name` on the admin URL's server."""
+    u = make_url(admin_url).set(drivername="postgresql+asyncpg", database=name)
+    return u.render_as_string(hide_password=False)

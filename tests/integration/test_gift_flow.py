@@ -1,0 +1,250 @@
+"""The walking skeleton: coins bought, a gift sent, the creator's exact share credited."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import nats
+import pytest
+
+from livegifts.gifting.v1 import events_pb2 as gifting_events
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
+
+
+async def earnings_of(clients, creator: str, lifetime: int) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
+    """Wait until the creator's lifetime diamonds reach `lifetime`."""
+    return await eventually(
+        lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
+        lambda e: e.diamonds_lifetime >= lifetime,
+    )
+
+
+async def test_a_gift_flows_from_purchase_to_creator_diamonds(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-700")
+    stream = await live_stream(clients.gifting, creator)
+
+    receipt = await clients.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id=viewer, gift_id="panda", quantity=3, idempotency_key=uid("gift")
+        )
+    )
+    assert receipt.coins == 15
+    assert receipt.sender_balance == 700 - 15
+    assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
+    # An odd coin count: 7 coins at 50% is 3.5 diamonds -> 3 whole, 5000/10000 kept.
+    await clients.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=7, idempotency_key=uid("gift")
+        )
+    )
+    balance = await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))
+    assert balance.coins == 700 - 15 - 7
+
+    earned = await earnings_of(clients, creator, 11)
+    assert earned.coins_received == 22
+    assert earned.diamonds_lifetime == 11  # 22 * 50% exactly
+    assert earned.diamonds_available == 11
+    assert earned.remainder_units == 0
+
+    await clients.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("gift")
+        )
+    )
+    earned = await eventually(
+        lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
+        lambda e: e.coins_received == 23,
+    )
+    assert (earned.diamonds_lifetime, earned.remainder_units) == (11, 5000)  # half a diamond kept, not lost
+
+
+async def test_send_gift_is_idempotent_per_key(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    req = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="lollipop", quantity=2, idempotency_key=uid("gift")
+    )
+    first, second = await asyncio.gather(clients.gifting.SendGift(req), clients.gifting.SendGift(req))
+    third = await clients.gifting.SendGift(req)
+    assert first.gift_event_id == second.gift_event_id == third.gift_event_id
+    balance = await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))
+    assert balance.coins == 700 - 20  # charged once
+
+    other = gifting_pb2.SendGiftRequest()
+    other.CopyFrom(req)
+    other.quantity = 3
+    await expect_error(clients.gifting.SendGift(other), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "reason"),
+    [
+        ({"stream_id": "no-such-stream"}, grpc.StatusCode.NOT_FOUND, "UNKNOWN_STREAM"),
+        ({"gift_id": "no-such-gift"}, grpc.StatusCode.NOT_FOUND, "UNKNOWN_GIFT"),
+        ({"quantity": 0}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUANTITY"),
+        ({"quantity": -5}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUANTITY"),
+        ({"quantity": 10_000_000}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUANTITY"),
+        ({"idempotency_key": ""}, grpc.StatusCode.INVALID_ARGUMENT, "MISSING_IDEMPOTENCY_KEY"),
+        ({"idempotency_key": "k" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY"),
+        ({"sender_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD"),
+        ({"sender_id": "SELF"}, grpc.StatusCode.FAILED_PRECONDITION, "SELF_GIFT"),
+        ({"gift_id": "universe", "quantity": 9}, grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS"),
+    ],
+)
+async def test_bad_gifts_are_refused_with_a_stable_reason_and_charge_nothing(  # type: ignore[no-untyped-def]
+    clients, deployment, change, code, reason
+) -> None:
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    fields = {"stream_id": stream.stream_id, "sender_id": viewer, "gift_id": "rose", "quantity": 1, "idempotency_key": uid("g")}
+    fields.update(change)
+    if fields["sender_id"] == "SELF":
+        fields["sender_id"] = creator
+    before = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
+    await expect_error(clients.gifting.SendGift(gifting_pb2.SendGiftRequest(**fields)), code, reason)
+    balance = await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))
+    assert balance.coins == 700
+    after = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
+    assert after.coins_sent == before.coins_sent or deployment.suite is None
+
+
+async def test_a_gift_to_an_ended_stream_is_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    ended = await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    assert ended.status == gifting_pb2.STREAM_STATUS_ENDED
+    await expect_error(
+        clients.gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("g")
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "STREAM_NOT_LIVE",
+    )
+    assert (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))).coins == 700
+
+
+async def test_a_gift_refused_for_coins_frees_its_key_for_a_later_retry(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-70")
+    stream = await live_stream(clients.gifting, creator)
+    req = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="rainbow-puke", quantity=1, idempotency_key=uid("g")
+    )
+    await expect_error(clients.gifting.SendGift(req), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-70")
+    receipt = await clients.gifting.SendGift(req)
+    assert receipt.coins == 100 and receipt.sender_balance == 40
+
+
+async def test_concurrent_spends_never_overdraw_an_account(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("spender")
+    await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-700")
+
+    async def spend(i: int) -> int:
+        try:
+            r = await clients.wallet.Spend(
+                wallet_pb2.SpendRequest(
+                    user_id=user, amount=30, reason=wallet_pb2.SPEND_REASON_TIP, reference_id=f"r{i}", idempotency_key=uid("s")
+                )
+            )
+            assert r.balance_after >= 0
+            return 1
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+            return 0
+
+    results = await asyncio.gather(*(spend(i) for i in range(40)))
+    assert sum(results) == 700 // 30  # 23 succeed, the rest are refused
+    balance = await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))
+    assert balance.coins == 700 - 23 * 30
+
+
+async def test_a_gift_event_delivered_twice_credits_diamonds_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    if deployment.nats_url is None:
+        pytest.skip("needs the deployment's NATS URL (LIVEGIFTS_TEST_TARGET_NATS_URL)")
+    creator = uid("creator")
+    event = gifting_events.GiftSent(
+        event_id=uuid.uuid4().hex,
+        kind=gifting_events.GIFT_KIND_GIFT,
+        stream_id="s-dup",
+        creator_id=creator,
+        sender_id=uid("viewer"),
+        gift_id="rose",
+        quantity=11,
+        coins=11,
+    )
+    nc = await nats.connect(deployment.nats_url)
+    try:
+        js = nc.jetstream()
+        # Different Nats-Msg-Ids get past JetStream's own de-duplication: only the inbox stops them.
+        for _ in range(2):
+            await js.publish("gifting.gift.sent", event.SerializeToString(), headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        marker = gifting_events.GiftSent()
+        marker.CopyFrom(event)
+        marker.event_id, marker.coins, marker.quantity = uuid.uuid4().hex, 2, 2
+        await js.publish("gifting.gift.sent", marker.SerializeToString(), headers={"Nats-Msg-Id": marker.event_id})
+    finally:
+        await nc.close()
+    # Once the later marker event is in, both copies of the first have been consumed too.
+    earned = await eventually(
+        lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
+        lambda e: e.coins_received >= 13,
+    )
+    await asyncio.sleep(0.5)
+    earned = await clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator))
+    assert earned.coins_received == 13
+    assert (earned.diamonds_lifetime, earned.remainder_units) == (6, 5000)
+
+
+async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    if deployment.var_dir is None:
+        pytest.skip("reads the services' span files; only for suites the tests start")
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    receipt = await clients.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("g")
+        )
+    )
+    await eventually(
+        lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
+        lambda e: e.coins_received == 1,
+    )
+
+    def spans_by_service() -> dict[str, list[dict]]:  # type: ignore[type-arg]
+        out = {}
+        for svc in ("gifting", "wallet", "payout"):
+            path = deployment.var_dir / f"{svc}.spans.jsonl"
+            out[svc] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return out
+
+    trace_id = None
+    for _ in range(50):  # spans are exported in batches every 200 ms
+        spans = spans_by_service()
+        send = [s for s in spans["gifting"] if s["name"].endswith("SendGift")]
+        trace_ids = {s["context"]["trace_id"] for s in send}
+        for tid in trace_ids:
+            if all(any(s["context"]["trace_id"] == tid for s in spans[svc]) for svc in ("wallet", "payout")):
+                payout_spans = [s for s in spans["payout"] if s["context"]["trace_id"] == tid]
+                if any(receipt.gift_event_id and s["name"].startswith("consume gifting.gift.sent") for s in payout_spans):
+                    trace_id = tid
+        if trace_id:
+            break
+        await asyncio.sleep(0.2)
+    assert trace_id is not None, "no trace spans gifting, wallet and payout"
+    names = {svc: sorted({s["name"] for s in spans[svc] if s["context"]["trace_id"] == trace_id}) for svc in spans}
+    assert any(n.endswith("WalletService/Spend") for n in names["wallet"]), names
+    assert any(n.startswith("consume gifting.gift.sent") for n in names["payout"]), names

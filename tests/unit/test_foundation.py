@@ -1,0 +1,67 @@
+"""services/common: error table, settings, fault points, gift rules."""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from services.common import errors, faults
+from services.gifting import domain as gifting
+
+
+def test_every_domain_error_class_has_a_status_code() -> None:
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.DomainError)]
+    for cls in classes:
+        if cls is errors.DomainError:
+            continue
+        assert errors.status_for(cls("x")) != grpc.StatusCode.INTERNAL, cls
+    assert errors.status_for(errors.FailedPrecondition("x", "INSUFFICIENT_COINS")) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_checks_survive_python_dash_O() -> None:
+    code = "from services.common.errors import check\ntry:\n    check(False, 'x')\nexcept AssertionError:\n    print('ok')"
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_a_missing_required_setting_stops_start_up_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEGIFTS_")}
+    env["LIVEGIFTS_WALLET_NATS_URL"] = "nats://127.0.0.1:1"
+    out = subprocess.run([sys.executable, "-m", "services.wallet"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2
+    assert "LIVEGIFTS_WALLET_DATABASE_URL" in out.stderr
+    assert "LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET" in out.stderr
+    assert "LIVEGIFTS_WALLET_NATS_URL" not in out.stderr
+
+
+def test_every_service_command_has_help() -> None:
+    for svc in ("wallet", "gifting", "payout"):
+        out = subprocess.run([sys.executable, "-m", f"services.{svc}", "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "migrate" in out.stdout
+
+
+def test_an_unknown_fault_point_is_an_error_not_a_silent_no_op() -> None:
+    with pytest.raises(ValueError, match="unknown fault point"):
+        faults.arm("gifting.no_such_point")
+    faults.arm("relay.after_puback_before_mark@3")
+    faults.point("relay.after_puback_before_mark")  # 1st and 2nd hits do nothing
+    faults.point("relay.after_puback_before_mark")
+    faults.arm("")
+
+
+def test_gift_cost_is_price_times_quantity_within_limits() -> None:
+    assert gifting.gift_cost(5, 3, 100) == 15
+    for q in (0, -1, 101):
+        with pytest.raises(errors.InvalidArgument):
+            gifting.gift_cost(5, q, 100)
+
+
+def test_self_gifts_and_ended_streams_are_refused() -> None:
+    with pytest.raises(errors.FailedPrecondition) as err:
+        gifting.check_can_gift("LIVE", "c", "c")
+    assert err.value.reason == "SELF_GIFT"
+    with pytest.raises(errors.FailedPrecondition) as err:
+        gifting.check_can_gift("ENDED", "c", "v")
+    assert err.value.reason == "STREAM_NOT_LIVE"
