@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -56,7 +57,8 @@ def check_invariants(t: Totals) -> list[Check]:
             "1. wallet ledger balances",
             w.ledger_sum == 0 and w.unbalanced_entries == 0 and w.postings_mismatch == 0,
             False,
-            f"sum {w.ledger_sum}, unbalanced entries {w.unbalanced_entries}, balance/postings mismatches {w.postings_mismatch}",
+            f"sum {w.ledger_sum}, unbalanced entries {w.unbalanced_entries},"
+            f" balance/postings mismatches {w.postings_mismatch}",
         ),
         _verdict(
             "2. coins issued = balances + spent + reversed",

@@ -13,12 +13,12 @@ from typing import Annotated
 
 import grpc
 import typer
-from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
-from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
-from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite, SuiteConfig
 from services.common import signing
 from services.wallet.payments import dev_event_payload
@@ -40,8 +40,8 @@ Secret = Annotated[
 ]
 
 
-def _dev_secret(var_dir: Path) -> str:
-    path = var_dir / "dev-webhook-secret"
+def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
+    path = var_dir / name
     if not path.exists():
         var_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
@@ -57,7 +57,11 @@ def _fail(exc: grpc.RpcError) -> None:
 @app.command()
 def run(var: VarDir = Path("var")) -> None:
     """Start nats-server and the three services on SQLite under var/ until Ctrl-C."""
-    config = SuiteConfig(var_dir=var.resolve(), webhook_secret=_dev_secret(var))
+    config = SuiteConfig(
+        var_dir=var.resolve(),
+        webhook_secret=_dev_secret(var),
+        operator_token=_dev_secret(var, "dev-operator-token"),
+    )
     suite = Suite(config)
     console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
     suite.start()

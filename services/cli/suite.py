@@ -65,6 +65,7 @@ class SuiteConfig:
     metrics_ports: dict[str, int] = field(default_factory=lambda: {"wallet": 9101, "gifting": 9102, "payout": 9103})
     database_urls: dict[str, str] = field(default_factory=dict)  # default: SQLite files under var_dir
     webhook_secret: str = "dev-webhook-secret"
+    operator_token: str = "dev-operator-token"
     external_nats_url: str | None = None  # use a running NATS instead of starting one
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per service
 
@@ -86,6 +87,7 @@ class SuiteConfig:
             p + "GRPC_HOST": "127.0.0.1",
             p + "GRPC_PORT": str(self.grpc_ports[svc]),
             p + "METRICS_PORT": str(self.metrics_ports[svc]),
+            p + "OPERATOR_TOKEN": self.operator_token,
         }
         if svc == "wallet":
             env[p + "PAYMENT_WEBHOOK_SECRET"] = self.webhook_secret

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
     consumer_max_deliver: int = Field(default=20, ge=1, le=1000)
     nats_duplicate_window_s: float = Field(default=120.0, gt=0)
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    # Bearer token for operator RPCs (services/common/auth.py); unset = operator RPCs refused.
+    operator_token: SecretStr | None = None
 
     outgoing_deadline_s: float = Field(default=5.0, gt=0, le=120)
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
-
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration

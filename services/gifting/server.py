@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
-
 from services.gifting.usecases import Gifting
 
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from livegifts.gifting.v1 import events_pb2, gifting_pb2
-from livegifts.wallet.v1 import wallet_pb2
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from livegifts.gifting.v1 import events_pb2, gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults
 from services.common.clients import error_reason
 from services.common.db import Database, UnitOfWork

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
-
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.grpcserver import ServiceRegistration
 from services.common.inbox import Subscription

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
-
 from services.payout.usecases import Payout
 
 

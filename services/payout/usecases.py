@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from livegifts.gifting.v1 import events_pb2 as gifting_events
-from livegifts.payout.v1 import events_pb2, payout_pb2
 from sqlalchemy import func, insert, select, update
 
+from livegifts.gifting.v1 import events_pb2 as gifting_events
+from livegifts.payout.v1 import events_pb2, payout_pb2
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import NotFound, check, require_id
 from services.common.outbox import Outbox, new_event_id

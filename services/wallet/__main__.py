@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.grpcserver import ServiceRegistration
 from services.wallet.config import WalletSettings

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-
 from services.wallet.usecases import Wallet
 
 

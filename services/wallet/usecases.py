@@ -7,11 +7,11 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from livegifts.common.v1 import common_pb2
-from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from livegifts.common.v1 import common_pb2
+from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common.db import Database, UnitOfWork
 from services.common.errors import (
     Aborted,

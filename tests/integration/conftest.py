@@ -29,6 +29,7 @@ from services.cli.suite import Suite, SuiteConfig, free_port
 from tests.integration import pg
 
 WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
+OPERATOR_TOKEN = "test-operator-token-" + uuid.uuid4().hex
 BACKENDS = ["sqlite", "postgres"]
 
 
@@ -44,6 +45,12 @@ class Deployment:
     suite: Suite | None  # None for an external deployment
     var_dir: Path | None
     webhook_secret: str
+    operator_token: str = OPERATOR_TOKEN
+
+    @property
+    def operator_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata of an operator (pass as `metadata=` to operator RPCs)."""
+        return (("authorization", f"Bearer {self.operator_token}"), ("x-operator", "integration-test"))
 
 
 def _external() -> Deployment | None:
@@ -59,10 +66,13 @@ def _external() -> Deployment | None:
         None,
         None,
         os.environ.get("LIVEGIFTS_TEST_WEBHOOK_SECRET", ""),
+        os.environ.get("LIVEGIFTS_TEST_OPERATOR_TOKEN", ""),
     )
 
 
-def suite_config(var_dir: Path, database_urls: dict[str, str], extra: dict[str, dict[str, str]] | None = None) -> SuiteConfig:
+def suite_config(
+    var_dir: Path, database_urls: dict[str, str], extra: dict[str, dict[str, str]] | None = None
+) -> SuiteConfig:
     """A suite on free ports with file-exported traces, for tests."""
     services = ("wallet", "gifting", "payout")
     extra_env = {
@@ -81,6 +91,7 @@ def suite_config(var_dir: Path, database_urls: dict[str, str], extra: dict[str, 
         metrics_ports={s: 0 for s in services},
         database_urls=database_urls,
         webhook_secret=WEBHOOK_SECRET,
+        operator_token=OPERATOR_TOKEN,
         extra_env=extra_env,
     )
 
@@ -137,7 +148,9 @@ class Clients:
 @pytest.fixture
 async def clients(deployment: Deployment) -> AsyncIterator[Clients]:
     """Fresh channels per test (channels belong to the test's event loop)."""
-    chans = [grpc.aio.insecure_channel(a) for a in (deployment.wallet_addr, deployment.gifting_addr, deployment.payout_addr)]
+    chans = [
+        grpc.aio.insecure_channel(a) for a in (deployment.wallet_addr, deployment.gifting_addr, deployment.payout_addr)
+    ]
     yield Clients(
         wallet_pb2_grpc.WalletServiceStub(chans[0]),
         gifting_pb2_grpc.GiftingServiceStub(chans[1]),

@@ -36,7 +36,9 @@ def reason_of(exc: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-async def expect_error(call: Awaitable[object], code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+async def expect_error(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str | None = None
+) -> grpc.aio.AioRpcError:
     """Await `call`, assert it fails with `code` (and `reason`), return the error."""
     try:
         await call
@@ -53,7 +55,11 @@ def signed_callback(
 ) -> wallet_pb2.HandlePaymentEventRequest:
     """A payment callback as the development provider sends it."""
     payload = dev_event_payload(
-        event_id or uid("evt"), event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
+        event_id or uid("evt"),
+        event_type,
+        purchase.purchase_id,
+        purchase.price.amount_minor,
+        purchase.price.currency_code,
     )
     return wallet_pb2.HandlePaymentEventRequest(
         provider="dev", payload=payload, signature=signing.sign(secret.encode(), payload, ts)

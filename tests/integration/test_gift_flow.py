@@ -105,7 +105,13 @@ async def test_bad_gifts_are_refused_with_a_stable_reason_and_charge_nothing(  #
     viewer, creator = uid("viewer"), uid("creator")
     await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
     stream = await live_stream(clients.gifting, creator)
-    fields = {"stream_id": stream.stream_id, "sender_id": viewer, "gift_id": "rose", "quantity": 1, "idempotency_key": uid("g")}
+    fields = {
+        "stream_id": stream.stream_id,
+        "sender_id": viewer,
+        "gift_id": "rose",
+        "quantity": 1,
+        "idempotency_key": uid("g"),
+    }
     fields.update(change)
     if fields["sender_id"] == "SELF":
         fields["sender_id"] = creator
@@ -156,7 +162,11 @@ async def test_concurrent_spends_never_overdraw_an_account(clients, deployment) 
         try:
             r = await clients.wallet.Spend(
                 wallet_pb2.SpendRequest(
-                    user_id=user, amount=30, reason=wallet_pb2.SPEND_REASON_TIP, reference_id=f"r{i}", idempotency_key=uid("s")
+                    user_id=user,
+                    amount=30,
+                    reason=wallet_pb2.SPEND_REASON_TIP,
+                    reference_id=f"r{i}",
+                    idempotency_key=uid("s"),
                 )
             )
             assert r.balance_after >= 0
@@ -228,7 +238,9 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
         out = {}
         for svc in ("gifting", "wallet", "payout"):
             path = deployment.var_dir / f"{svc}.spans.jsonl"
-            out[svc] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            out[svc] = (
+                [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            )
         return out
 
     trace_id = None
@@ -239,7 +251,9 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
         for tid in trace_ids:
             if all(any(s["context"]["trace_id"] == tid for s in spans[svc]) for svc in ("wallet", "payout")):
                 payout_spans = [s for s in spans["payout"] if s["context"]["trace_id"] == tid]
-                if any(receipt.gift_event_id and s["name"].startswith("consume gifting.gift.sent") for s in payout_spans):
+                if any(
+                    receipt.gift_event_id and s["name"].startswith("consume gifting.gift.sent") for s in payout_spans
+                ):
                     trace_id = tid
         if trace_id:
             break

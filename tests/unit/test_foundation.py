@@ -17,11 +17,15 @@ def test_every_domain_error_class_has_a_status_code() -> None:
         if cls is errors.DomainError:
             continue
         assert errors.status_for(cls("x")) != grpc.StatusCode.INTERNAL, cls
-    assert errors.status_for(errors.FailedPrecondition("x", "INSUFFICIENT_COINS")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        errors.status_for(errors.FailedPrecondition("x", "INSUFFICIENT_COINS")) == grpc.StatusCode.FAILED_PRECONDITION
+    )
 
 
 def test_checks_survive_python_dash_O() -> None:
-    code = "from services.common.errors import check\ntry:\n    check(False, 'x')\nexcept AssertionError:\n    print('ok')"
+    code = (
+        "from services.common.errors import check\ntry:\n    check(False, 'x')\nexcept AssertionError:\n    print('ok')"
+    )
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
 
@@ -38,7 +42,9 @@ def test_a_missing_required_setting_stops_start_up_naming_the_variable() -> None
 
 def test_every_service_command_has_help() -> None:
     for svc in ("wallet", "gifting", "payout"):
-        out = subprocess.run([sys.executable, "-m", f"services.{svc}", "--help"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", f"services.{svc}", "--help"], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0 and "migrate" in out.stdout
 
 
@@ -65,3 +71,28 @@ def test_self_gifts_and_ended_streams_are_refused() -> None:
     with pytest.raises(errors.FailedPrecondition) as err:
         gifting.check_can_gift("ENDED", "c", "v")
     assert err.value.reason == "STREAM_NOT_LIVE"
+
+
+class _Ctx:
+    def __init__(self, md: tuple[tuple[str, str], ...]) -> None:
+        self.md = md
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.md
+
+
+def test_operator_rpcs_need_the_configured_token() -> None:
+    from pydantic import SecretStr
+
+    from services.common.auth import OperatorAuth
+
+    auth = OperatorAuth(SecretStr("t0k"))
+    assert auth.require(_Ctx((("authorization", "Bearer t0k"), ("x-operator", "alice")))) == "alice"
+    with pytest.raises(errors.Unauthenticated):
+        auth.require(_Ctx(()))
+    with pytest.raises(errors.PermissionDenied) as err:
+        auth.require(_Ctx((("authorization", "Bearer nope"),)))
+    assert err.value.reason == "NOT_AN_OPERATOR"
+    with pytest.raises(errors.PermissionDenied) as err:
+        OperatorAuth(None).require(_Ctx((("authorization", "Bearer t0k"),)))
+    assert err.value.reason == "OPERATOR_DISABLED"

@@ -1,0 +1,38 @@
+"""Operator RPCs (catalog, prices, policy, approvals) need the operator token.
+
+Callers send metadata `authorization: Bearer <token>` and `x-operator: <who>` (recorded where
+changes are audited). The token is LIVEGIFTS_<SVC>_OPERATOR_TOKEN; when it is unset, operator
+RPCs are refused, never open. In production the mesh authenticates the calling workload; this
+token is the second lock, not the only one.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from pydantic import SecretStr
+
+from services.common.errors import PermissionDenied, Unauthenticated
+
+OPERATOR_NAME_MAX = 128
+
+
+class OperatorAuth:
+    """Checks the operator token on a call's metadata."""
+
+    def __init__(self, token: SecretStr | None) -> None:
+        self._token = token.get_secret_value().encode() if token else None
+
+    def require(self, context: Any) -> str:
+        """Return who the operator is, or raise UNAUTHENTICATED / PERMISSION_DENIED."""
+        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        header = md.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise Unauthenticated("operator RPCs need 'authorization: Bearer <token>'", "OPERATOR_TOKEN_MISSING")
+        if self._token is None:
+            raise PermissionDenied("operator RPCs are disabled: no operator token is configured", "OPERATOR_DISABLED")
+        if not hmac.compare_digest(header[len("Bearer ") :].encode(), self._token):
+            raise PermissionDenied("the operator token is not valid", "NOT_AN_OPERATOR")
+        who = md.get("x-operator", "operator")[:OPERATOR_NAME_MAX]
+        return who or "operator"
