@@ -1,0 +1,530 @@
+"""Kubernetes manifests: every overlay builds, validates against the API schemas and keeps the policy.
+
+No cluster is needed: `kubectl kustomize` renders each overlay, kubernetes-validate checks every
+object against the schemas of K8S_VERSION, and the rest is read from the rendered objects.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.deploy.manifests import (
+    K8S,
+    OVERLAYS,
+    REPO,
+    SERVICES,
+    Obj,
+    Pod,
+    by_kind,
+    connection_allowed,
+    find,
+    known_env_names,
+    load_settings_from,
+    missing_tool,
+    render,
+    required_env_names,
+    resolve_env,
+    selects,
+    service_of,
+    workloads,
+)
+
+# The oldest Kubernetes the manifests promise to work on; kubernetes-validate ships its schemas.
+K8S_VERSION = "1.33"
+
+# Custom resources: kubernetes-validate has no schema for them, so they are skipped there on
+# purpose (and only these) and checked structurally in test_prod_has_a_cloudnativepg_cluster_per_service.
+CRD_KINDS = {("postgresql.cnpg.io/v1", "Cluster")}
+
+GRPC_PORTS = {"wallet": 50051, "gifting": 50052, "payout": 50053}
+METRICS_PORTS = {"wallet": 9101, "gifting": 9102, "payout": 9103}
+NAMESPACES = {"dev": "livegifts-dev", "prod": "livegifts"}
+# Extra connections per pod beyond the pool: the migrate init container (Alembic, NullPool).
+CONNECTIONS_PER_POD_EXTRA = 1
+CONNECTIONS_RESERVED = 10  # superuser_reserved_connections and the operator's own
+BATCH_KINDS = ("Job", "CronJob")
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    """Each overlay in turn."""
+    return str(request.param)
+
+
+def objects(overlay: str) -> tuple[Obj, ...]:
+    """The rendered objects of an overlay."""
+    return render(overlay)
+
+
+def test_every_overlay_builds_with_kubectl_kustomize(overlay: str) -> None:
+    objs = objects(overlay)
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "ServiceAccount", "ConfigMap", "NetworkPolicy"} <= kinds
+    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "StatefulSet", "Namespace"} <= kinds
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    try:
+        import kubernetes_validate
+        from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+    except ImportError:
+        missing_tool("kubernetes-validate is not installed: install the dev extras, e.g. make venv")
+    errors, validated, skipped = [], 0, []
+    for obj in objects(overlay):
+        key = (obj["apiVersion"], obj["kind"])
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key in CRD_KINDS:
+            skipped.append(name)
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            validated += 1
+        except ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            errors.append(f"{name}: {path}: {exc.message}")
+        except SchemaNotFoundError as exc:
+            errors.append(f"{name}: {exc.message} (a CRD? add it to CRD_KINDS and check it structurally)")
+    assert not errors, "\n".join(errors)
+    assert validated > 0
+    if overlay == "prod":
+        assert len(skipped) == len(SERVICES), skipped
+
+
+def test_no_secret_is_stored_in_the_manifests(overlay: str) -> None:
+    """Secrets are referenced, never embedded: SREs create them (docs/sre.md)."""
+    assert not by_kind(objects(overlay), "Secret")
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            assert "kind: Secret" not in path.read_text(), path
+
+
+def test_every_referenced_secret_is_documented_for_sres(overlay: str) -> None:
+    docs = (REPO / "docs" / "sre.md").read_text()
+    for w in workloads(objects(overlay)):
+        for c, _ in w.containers():
+            for item in c.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] in docs, f"Secret {ref['name']} (used by {w.name}) is not in docs/sre.md"
+    for cluster in by_kind(objects(overlay), "Cluster"):
+        assert cluster["spec"]["bootstrap"]["initdb"]["secret"]["name"] in docs
+
+
+def test_every_container_is_restricted_non_root_read_only_and_bounded(overlay: str) -> None:
+    problems = []
+    for w in workloads(objects(overlay)):
+        pod = w.pod
+        psc = pod.get("securityContext", {})
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{w.name}: automountServiceAccountToken is not false")
+        for c, is_init in w.containers():
+            where = f"{w.kind}/{w.name} container {c['name']}"
+            sc = c.get("securityContext", {})
+            if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+                problems.append(f"{where}: runAsNonRoot is not true")
+            if sc.get("runAsUser", psc.get("runAsUser", 1)) == 0:
+                problems.append(f"{where}: runs as uid 0")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allowPrivilegeEscalation is not false")
+            if "ALL" not in (sc.get("capabilities", {}).get("drop") or []):
+                problems.append(f"{where}: capabilities do not drop ALL")
+            seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {}))
+            if seccomp.get("type") != "RuntimeDefault":
+                problems.append(f"{where}: seccompProfile is not RuntimeDefault")
+            res = c.get("resources", {})
+            for part in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    if resource not in res.get(part, {}):
+                        problems.append(f"{where}: no {part}.{resource}")
+            if not is_init and w.kind not in BATCH_KINDS:  # a run-to-completion pod serves nothing
+                for probe in ("readinessProbe", "livenessProbe"):
+                    if probe not in c:
+                        problems.append(f"{where}: no {probe}")
+            if c["image"].endswith(":latest") or ":" not in c["image"].rsplit("/", 1)[-1]:
+                problems.append(f"{where}: image {c['image']} has no pinned tag")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_services_use_native_grpc_probes_and_an_empty_dir_tmp(overlay: str) -> None:
+    seen = set()
+    for w in workloads(objects(overlay)):
+        for c, is_init in w.containers():
+            ran = service_of(c)
+            if ran is None:
+                continue
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{w.name}/{c['name']}: no writable /tmp"
+            volume = next(v for v in w.pod["volumes"] if v["name"] == mounts["/tmp"])
+            assert "emptyDir" in volume and volume["emptyDir"].get("sizeLimit"), volume
+            if is_init:
+                continue
+            seen.add(ran[0])
+            grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe].get("grpc", {}).get("port") == grpc_port, f"{w.name}: {probe} is not a gRPC probe"
+    assert seen == set(SERVICES)
+
+
+def test_every_service_port_targets_a_container_port_of_its_pods(overlay: str) -> None:
+    objs = objects(overlay)
+    wls = workloads(objs)
+    for svc in by_kind(objs, "Service"):
+        selector = svc["spec"].get("selector")
+        assert selector, f"Service {svc['metadata']['name']} has no selector"
+        matched = [w for w in wls if selects({"matchLabels": selector}, w.labels)]
+        assert matched, f"Service {svc['metadata']['name']} selects no pods"
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for w in matched:
+                cports = [p for c, init in w.containers() if not init for p in c.get("ports", [])]
+                ok = any(p.get("name") == target or p["containerPort"] == target for p in cports)
+                assert ok, (
+                    f"Service {svc['metadata']['name']} port {port['name']} -> {target}: no such port in {w.name}"
+                )
+        if svc["metadata"]["name"].startswith("livegifts-"):
+            assert "grpc" in {p["name"] for p in svc["spec"]["ports"]}, "a livegifts Service needs a port named grpc"
+
+
+def _service_containers(objs: tuple[Obj, ...]) -> list[tuple[Any, Obj, str, str]]:
+    out = []
+    for w in workloads(objs):
+        for c, _ in w.containers():
+            ran = service_of(c)
+            if ran is not None:
+                out.append((w, c, ran[0], ran[1]))
+    return out
+
+
+def test_every_setting_a_service_requires_is_set_and_every_name_is_one_it_reads(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objs = objects(overlay)
+    found = _service_containers(objs)
+    assert {(svc, cmd) for _, _, svc, cmd in found} == {(s, c) for s in SERVICES for c in ("serve", "migrate")}
+    for w, c, svc, _ in found:
+        env = resolve_env(c, objs)
+        where = f"{w.name}/{c['name']}"
+        assert not env.missing_config, f"{where}: {env.missing_config}"
+        ours = {k for k in env.values if k.startswith("LIVEGIFTS_")}
+        unknown = ours - known_env_names(svc)
+        assert not unknown, f"{where}: the service does not read {sorted(unknown)} (typo?)"
+        missing = required_env_names(svc) - ours
+        assert not missing, f"{where}: required settings not set: {sorted(missing)}"
+        unexpanded = {k: v for k, v in env.values.items() if "$(" in v}
+        assert not unexpanded, f"{where}: unresolved $(VAR) references: {unexpanded}"
+        # The service's own validation accepts the values (types, ranges, choices).
+        load_settings_from(svc, {k: env.values[k] for k in ours}, monkeypatch)
+
+
+def test_the_settings_match_the_ports_probes_peers_and_grace_period(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objs = objects(overlay)
+    nats = find(objs, "StatefulSet", "nats")
+    assert nats is not None
+    nats_replicas = nats["spec"]["replicas"]
+    for w, c, svc, cmd in _service_containers(objs):
+        env = resolve_env(c, objs)
+        s = load_settings_from(svc, {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}, monkeypatch)
+        where = f"{w.name}/{c['name']}"
+        assert s.migrate_on_start is False, f"{where}: migrations run in the init container, not at start"
+        url = make_url(s.database_url)
+        assert url.drivername == "postgresql+asyncpg", where
+        _assert_database_exists(objs, overlay, svc, url.host, url.port, url.database)
+        for nats_url in s.nats_url.split(","):
+            host_port = nats_url.removeprefix("nats://")
+            host, port = host_port.rsplit(":", 1)
+            assert port == "4222", where
+            m = re.fullmatch(r"nats-(\d+)\.nats-headless", host)
+            assert host == "nats" or (m and int(m.group(1)) < nats_replicas), f"{where}: no NATS at {host}"
+        assert s.nats_stream_replicas <= nats_replicas, f"{where}: more stream replicas than NATS servers"
+        if overlay == "prod":
+            assert s.nats_stream_replicas == 3 == nats_replicas
+        if svc == "gifting":
+            host, port = s.wallet_addr.rsplit(":", 1)
+            wallet_service = find(objs, "Service", host)
+            assert wallet_service is not None, f"{where}: no Service {host}"
+            assert int(port) in {p["port"] for p in wallet_service["spec"]["ports"]}
+        if cmd != "serve":
+            continue
+        assert s.grpc_host == "0.0.0.0" and s.metrics_host == "0.0.0.0", f"{where}: must listen on all interfaces"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": s.grpc_port, "metrics": s.metrics_port}, where
+        assert s.grpc_port == GRPC_PORTS[svc] and s.metrics_port == METRICS_PORTS[svc]
+        grace = w.pod["terminationGracePeriodSeconds"]
+        assert s.drain_delay_s + s.shutdown_grace_s < grace, (
+            f"{where}: drain {s.drain_delay_s}s + grace {s.shutdown_grace_s}s must stay below "
+            f"terminationGracePeriodSeconds {grace}"
+        )
+        readiness = c["readinessProbe"]
+        window = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3)
+        assert s.drain_delay_s >= window, f"{where}: readiness must fail within the drain delay"
+        # The migrate init container runs before the service, in the same pod.
+        inits = [service_of(i) for i in w.pod.get("initContainers", [])]
+        assert (svc, "migrate") in inits, f"{where}: no migrate init container"
+
+
+def _assert_database_exists(
+    objs: tuple[Obj, ...], overlay: str, svc: str, host: str | None, port: int | None, database: str | None
+) -> None:
+    assert port == 5432 and database == svc, (host, port, database)
+    if overlay == "dev":
+        service = find(objs, "Service", str(host))
+        assert service is not None, f"{svc}: no Service {host}"
+        init = (K8S / "overlays" / "dev" / "postgres-init.sh").read_text()
+        assert "for svc in WALLET GIFTING PAYOUT" in init
+    else:
+        assert host == f"livegifts-{svc}-db-rw", host  # the read-write Service CloudNativePG creates
+        cluster = find(objs, "Cluster", f"livegifts-{svc}-db")
+        assert cluster is not None
+        assert cluster["spec"]["bootstrap"]["initdb"]["database"] == database
+
+
+def test_every_deployment_has_an_autoscaler_and_a_disruption_budget(overlay: str) -> None:
+    objs = objects(overlay)
+    for dep in by_kind(objs, "Deployment"):
+        name = dep["metadata"]["name"]
+        assert "replicas" not in dep["spec"], f"{name}: replicas belongs to the HPA"
+        hpas = [h for h in by_kind(objs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+        assert len(hpas) == 1, name
+        hpa = hpas[0]["spec"]
+        assert hpa["scaleTargetRef"]["kind"] == "Deployment"
+        assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+        if overlay == "prod":
+            assert hpa["minReplicas"] >= 3, f"{name}: prod runs at least three replicas"
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        pdbs = [p for p in by_kind(objs, "PodDisruptionBudget") if selects(p["spec"]["selector"], labels)]
+        assert len(pdbs) == 1, name
+    for sts in by_kind(objs, "StatefulSet"):
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        if sts["spec"]["replicas"] > 1:
+            assert any(selects(p["spec"]["selector"], labels) for p in by_kind(objs, "PodDisruptionBudget"))
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard(overlay: str) -> None:
+    objs = objects(overlay)
+    (ns,) = by_kind(objs, "Namespace")
+    assert ns["metadata"]["name"] == NAMESPACES[overlay]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for o in objs:
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == NAMESPACES[overlay], o["metadata"]["name"]
+
+
+def _nats_conf(objs: tuple[Obj, ...]) -> str:
+    nats = find(objs, "StatefulSet", "nats")
+    assert nats is not None
+    cm_name = next(v["configMap"]["name"] for v in nats["spec"]["template"]["spec"]["volumes"] if "configMap" in v)
+    cm = find(objs, "ConfigMap", cm_name)
+    assert cm is not None
+    return str(cm["data"]["nats.conf"])
+
+
+def test_nats_is_jetstream_on_a_file_store_that_syncs_every_write(overlay: str) -> None:
+    objs = objects(overlay)
+    conf = _nats_conf(objs)
+    assert re.search(r"jetstream\s*\{[^}]*store_dir:\s*/data/jetstream", conf)
+    assert re.search(r"sync_interval:\s*always", conf)
+    nats = find(objs, "StatefulSet", "nats")
+    assert nats is not None
+    mounts = {m["mountPath"]: m["name"] for m in nats["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/data"] in {t["metadata"]["name"] for t in nats["spec"]["volumeClaimTemplates"]}
+    replicas = nats["spec"]["replicas"]
+    if overlay == "dev":
+        assert replicas == 1
+        assert "cluster {" not in conf
+        (pg,) = [s for s in by_kind(objs, "StatefulSet") if s["metadata"]["name"] == "postgres"]
+        assert pg["spec"]["replicas"] == 1
+    else:
+        assert replicas == 3
+        routes = re.findall(r"nats-route://(nats-\d+)\.nats-headless:6222", conf)
+        assert sorted(routes) == [f"nats-{i}" for i in range(replicas)]
+        assert nats["spec"]["serviceName"] == "nats-headless"
+
+
+def test_prod_spreads_every_workload_over_zones() -> None:
+    objs = objects("prod")
+    for w in workloads(objs):
+        if w.kind in BATCH_KINDS:
+            continue
+        spread = w.pod.get("topologySpreadConstraints", [])
+        zone = [t for t in spread if t["topologyKey"] == "topology.kubernetes.io/zone"]
+        assert zone, f"{w.name}: no zone spread"
+        assert selects(zone[0]["labelSelector"], w.labels), f"{w.name}: the spread selects other pods"
+
+
+def test_prod_has_a_cloudnativepg_cluster_per_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structural check of the CRD objects that kubernetes-validate cannot validate."""
+    objs = objects("prod")
+    clusters = {c["metadata"]["name"]: c for c in by_kind(objs, "Cluster")}
+    assert set(clusters) == {f"livegifts-{s}-db" for s in SERVICES}
+    for svc in SERVICES:
+        cluster = clusters[f"livegifts-{svc}-db"]
+        assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+        spec = cluster["spec"]
+        assert set(spec) <= {
+            "instances",
+            "imageName",
+            "primaryUpdateStrategy",
+            "enableSuperuserAccess",
+            "inheritedMetadata",
+            "bootstrap",
+            "postgresql",
+            "storage",
+            "walStorage",
+            "affinity",
+            "resources",
+            "backup",
+            "monitoring",
+        }, sorted(spec)
+        assert spec["instances"] >= 3
+        assert spec["postgresql"]["synchronous"]["number"] >= 1, "a commit must reach a standby"
+        assert spec["inheritedMetadata"]["labels"][f"livegifts.io/db-{svc}"] == "true"
+        assert re.fullmatch(r"\d+Gi", spec["storage"]["size"])
+        initdb = spec["bootstrap"]["initdb"]
+        assert initdb["database"] == svc and initdb["owner"] == svc
+        assert initdb["secret"]["name"] == f"livegifts-{svc}-db"
+        assert spec["affinity"]["enablePodAntiAffinity"] is True
+        # The service's credentials come from the same Secret that bootstraps the owner role.
+        dep = find(objs, "Deployment", f"livegifts-{svc}")
+        assert dep is not None
+        env = resolve_env(dep["spec"]["template"]["spec"]["containers"][0], objs)
+        assert (f"livegifts-{svc}-db", "username") in env.secret_refs
+        assert (f"livegifts-{svc}-db", "password") in env.secret_refs
+        # Capacity: every pod the HPA may start, with its full pool, fits in max_connections.
+        hpa = find(objs, "HorizontalPodAutoscaler", f"livegifts-{svc}")
+        assert hpa is not None
+        ours = {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}
+        pool = load_settings_from(svc, ours, monkeypatch).db_pool_size
+        needed = hpa["spec"]["maxReplicas"] * (pool + CONNECTIONS_PER_POD_EXTRA) + CONNECTIONS_RESERVED
+        assert int(spec["postgresql"]["parameters"]["max_connections"]) >= needed
+
+
+# --- network policies: only the calls the architecture has ----------------------------------
+
+
+def _pods(overlay: str) -> dict[str, Pod]:
+    objs = objects(overlay)
+    ns = NAMESPACES[overlay]
+    ns_labels = {"kubernetes.io/metadata.name": ns}
+    pods: dict[str, Pod] = {}
+    for w in workloads(objs):
+        ports = {p["name"]: p["containerPort"] for c, init in w.containers() if not init for p in c.get("ports", [])}
+        pods[w.name] = Pod(ns, ns_labels, w.labels, ports)
+    for c in by_kind(objs, "Cluster"):
+        labels = {**c["spec"]["inheritedMetadata"]["labels"], "cnpg.io/cluster": c["metadata"]["name"]}
+        pods[c["metadata"]["name"]] = Pod(ns, ns_labels, labels, {"postgresql": 5432, "status": 8000})
+    pods["prometheus"] = Pod("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, {"app": "prometheus"})
+    pods["api-gateway"] = Pod("api", {"kubernetes.io/metadata.name": "api"}, {"livegifts.io/grpc-client": "true"})
+    pods["unlabelled-client"] = Pod("api", {"kubernetes.io/metadata.name": "api"}, {"app": "other"})
+    pods["stranger"] = Pod(ns, ns_labels, {"app": "debug"})
+    pods["kube-dns"] = Pod("kube-system", {"kubernetes.io/metadata.name": "kube-system"}, {"k8s-app": "kube-dns"})
+    pods["internet"] = Pod("elsewhere", {"kubernetes.io/metadata.name": "elsewhere"}, {})
+    return pods
+
+
+def _db(overlay: str, svc: str) -> str:
+    return "postgres" if overlay == "dev" else f"livegifts-{svc}-db"
+
+
+def test_network_policies_deny_by_default(overlay: str) -> None:
+    policies = by_kind(objects(overlay), "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    deny = [p for p in deny if set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not p["spec"].get("egress")]
+    assert len(deny) == 1, "one default-deny policy for ingress and egress"
+    pods = _pods(overlay)
+    for name, pod in pods.items():
+        if pod.namespace == NAMESPACES[overlay]:
+            assert any(selects(p["spec"]["podSelector"], pod.labels) for p in policies if p is not deny[0]) or (
+                name == "stranger"
+            ), f"{name} has no policy of its own"
+
+
+def _allowed_flows(overlay: str) -> set[tuple[str, str, int]]:
+    flows = {("livegifts-gifting", "livegifts-wallet", GRPC_PORTS["wallet"])}
+    for svc in SERVICES:
+        me = f"livegifts-{svc}"
+        flows |= {
+            (me, "nats", 4222),
+            (me, _db(overlay, svc), 5432),
+            ("api-gateway", me, GRPC_PORTS[svc]),
+            ("prometheus", me, METRICS_PORTS[svc]),
+            ("livegifts-audit", me, GRPC_PORTS[svc]),
+            (me, "kube-dns", 53),
+        }
+    flows |= {("prometheus", "nats", 8222)}  # /healthz, /varz, /jsz
+    if overlay == "prod":
+        flows |= {("nats", "nats", 6222)}
+    return flows
+
+
+def test_network_policies_allow_the_calls_the_architecture_has(overlay: str) -> None:
+    policies = by_kind(objects(overlay), "NetworkPolicy")
+    pods = _pods(overlay)
+    for src, dst, port in sorted(_allowed_flows(overlay)):
+        assert connection_allowed(policies, pods[src], pods[dst], port), f"{src} -> {dst}:{port} is blocked"
+
+
+def test_network_policies_block_every_other_call_between_our_pods(overlay: str) -> None:
+    policies = by_kind(objects(overlay), "NetworkPolicy")
+    pods = _pods(overlay)
+    allowed = _allowed_flows(overlay)
+    ours = [f"livegifts-{s}" for s in SERVICES]
+    ports = sorted({*GRPC_PORTS.values(), *METRICS_PORTS.values(), 4222, 6222, 8222, 5432, 8000, 443})
+    candidates = [
+        *ours,
+        "livegifts-audit",
+        "nats",
+        "stranger",
+        "unlabelled-client",
+        "prometheus",
+        "api-gateway",
+        "internet",
+    ]
+    candidates += sorted({_db(overlay, s) for s in SERVICES})
+    leaks = []
+    for src in candidates:
+        for dst in candidates:
+            if src == dst:
+                continue  # a pod reaching itself is never subject to policy
+            if NAMESPACES[overlay] not in (pods[src].namespace, pods[dst].namespace):
+                continue  # neither end is ours: other namespaces' policies decide
+            for port in ports:
+                if (src, dst, port) in allowed:
+                    continue
+                if _is_database_internal(overlay, src, dst, port):
+                    continue
+                if connection_allowed(policies, pods[src], pods[dst], port):
+                    leaks.append(f"{src} -> {dst}:{port}")
+    assert not leaks, "calls the architecture does not have are allowed:\n" + "\n".join(leaks)
+
+
+def _is_database_internal(overlay: str, src: str, dst: str, port: int) -> bool:
+    """The one documented exception: CloudNativePG instances reach the API server on 443 anywhere.
+
+    Its address depends on the cluster, so overlays/prod/network-policies.yaml cannot name it.
+    """
+    return overlay == "prod" and src.endswith("-db") and port == 443
+
+
+def test_the_audit_cronjob_calls_every_service_where_it_listens(overlay: str) -> None:
+    objs = objects(overlay)
+    cron = find(objs, "CronJob", "livegifts-audit")
+    assert cron is not None
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["livegifts", "audit"]
+    cli = (REPO / "services" / "cli" / "main.py").read_text()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for svc in SERVICES:
+        name = f"LIVEGIFTS_{svc.upper()}_ADDR"
+        assert f'envvar="{name}"' in cli, f"the CLI no longer reads {name}"
+        host, port = env[name].rsplit(":", 1)
+        service = find(objs, "Service", host)
+        assert service is not None and int(port) in {p["port"] for p in service["spec"]["ports"]}
+    assert container["image"].rsplit(":", 1)[0].endswith("livegifts-wallet"), "an image that has the CLI"
