@@ -67,8 +67,12 @@ class ServiceSpec:
     wire: Callable[[Runtime], Awaitable[Wiring]]
 
 
-async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
-    """Run the service until SIGTERM/SIGINT, then drain and stop gracefully."""
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
+    """Run the service until SIGTERM/SIGINT, then drain and stop gracefully; returns the exit code.
+
+    A background loop (relay, consumer, sweeper) that dies stops the process with exit code 1,
+    so the supervisor (Kubernetes, `livegifts run`) restarts it instead of it serving half-alive.
+    """
     faults.arm(settings.faults)
     provider = setup_tracing(spec.name, settings)
     metrics_port = start_metrics(settings)
@@ -113,8 +117,10 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     stop_wait = asyncio.create_task(stop.wait())
     crashed = asyncio.create_task(_first_crash(tasks))
     await asyncio.wait([stop_wait, crashed], return_when=asyncio.FIRST_COMPLETED)
-    if crashed.done() and crashed.exception() is not None:
+    exit_code = 0
+    if crashed.done() and not crashed.cancelled() and crashed.exception() is not None:
         log.error("background task crashed; stopping", exc_info=crashed.exception())
+        exit_code = 1
     stop.set()
 
     log.info("draining", extra={"drain_delay_s": settings.drain_delay_s, "grace_s": settings.shutdown_grace_s})
@@ -130,7 +136,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     await bus.close()
     await db.dispose()
     provider.shutdown()
-    log.info("stopped")
+    log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
 
 
 async def _first_crash(tasks: list[asyncio.Task[Any]]) -> None:
@@ -164,6 +171,7 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
         runner: Callable[..., Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         runner = asyncio.run
+    exit_code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(spec, settings))
-    sys.exit(0)
+        exit_code = runner(serve(spec, settings))
+    sys.exit(exit_code)

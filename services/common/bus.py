@@ -84,11 +84,15 @@ class Bus:
 
     async def close(self) -> None:
         """Flush and close the connection."""
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), 5)
-            except Exception:  # noqa: BLE001 - closing anyway
-                await self._close_quietly()
+        if self.nc is None or self.nc.is_closed:
+            return
+        if not self.nc.is_connected:
+            await self._close_quietly()  # nothing to drain through: the server is gone
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), 5)
+        except Exception:  # noqa: BLE001 - closing anyway
+            await self._close_quietly()
 
     async def _close_quietly(self) -> None:
         try:

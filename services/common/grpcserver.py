@@ -28,14 +28,33 @@ MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 CONCURRENT_RPCS_MAX = 2048
 
 # Errors from below the domain that mean "a dependency is down, retry": never a wrong answer.
+# Reporting them as UNAVAILABLE is safe because every command is idempotent by its key: if the
+# transaction did commit after all, the retry returns the stored answer.
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
+    sa_exc.InternalError,  # e.g. asyncpg's client state after its connection was killed
     sa_exc.TimeoutError,  # connection pool exhausted
     ConnectionError,
     OSError,
     TimeoutError,
 )
+# Errors that are our bugs, not outages: they stay INTERNAL.
+_BUG_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.IntegrityError,
+    sa_exc.DataError,
+    sa_exc.ProgrammingError,
+    sa_exc.NotSupportedError,
+)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, _BUG_ERRORS):
+        return False
+    if isinstance(exc, _UNAVAILABLE_ERRORS):
+        return True
+    # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover).
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: dict[str, str]) -> Any:
@@ -63,7 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return _rich_status(
                 grpc.StatusCode.ABORTED, "conflict, retry with the same key", "CONFLICT", self.domain, {}
             )
-        if isinstance(exc, _UNAVAILABLE_ERRORS):
+        if _is_unavailable(exc):
             log.warning("dependency unavailable", extra={"error": type(exc).__name__})
             return _rich_status(
                 grpc.StatusCode.UNAVAILABLE,

@@ -31,7 +31,6 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import (
     Aborted,
     AlreadyExists,
-    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -328,7 +327,9 @@ class Gifting:
                 n = await self.sweep_once()
                 if n:
                     log.info("settled pending gifts", extra={"gifts": n})
-            except (grpc.aio.AioRpcError, DomainError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - wallet or database down: the gifts stay PENDING
                 log.warning("sweep failed, retrying next round", extra={"error": repr(exc)})
             try:
                 await asyncio.wait_for(stop.wait(), self.settings.sweep_interval_s)

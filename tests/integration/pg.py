@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 
 import pytest
@@ -31,7 +32,9 @@ async def _execute(admin_url: str, sql: str) -> None:
 
 
 def _run(coro: object) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
+    # A thread of its own: callers may be sync fixtures or async tests with a loop running.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
 
 
 def admin_url_or_skip() -> str:
