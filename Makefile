@@ -9,7 +9,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos run demo test unit integration lint fmt clean
+.PHONY: help venv protos run demo test unit integration faults lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ run: $(GEN_STAMP) ## start nats-server and the three services on SQLite under va
 
 demo: $(GEN_STAMP) ## against a running suite: buy coins, stream, send gifts, show diamonds
 	$(BIN)/livegifts demo
+
+faults: $(GEN_STAMP) ## fault suite with a bigger load, printing faults and audit totals (LIVEGIFTS_FAULT_SEED to repeat)
+	LIVEGIFTS_FAULT_GIFTS=$${LIVEGIFTS_FAULT_GIFTS:-400} $(BIN)/pytest tests/faults -s -p no:randomly
 
 lint: $(GEN_STAMP) ## format check and lint
 	$(BIN)/ruff format --check services tests bench

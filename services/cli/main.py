@@ -253,11 +253,24 @@ def audit(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    detail: Annotated[bool, typer.Option(help="also compare spends, gifts and credits id by id")] = False,
+    wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for in-flight work to drain")] = 0.0,
 ) -> None:
-    """Read every service's audit totals and check the suite's invariants; exit 1 if one fails."""
-    from services.cli.audit import check_invariants, collect
+    """Check the suite's invariants across the three services; exit 1 if one fails (2 if still in flight)."""
+    from services.cli.audit import FAILED, OK, collect, wait_until_settled
 
-    report = check_invariants(collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S))
+    def fetch():  # type: ignore[no-untyped-def]
+        return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail)
+
+    def progress(report) -> None:  # type: ignore[no-untyped-def]
+        busy = [c.name for c in report if c.status != OK]
+        if busy and wait_s > 0:
+            console.print(f"[yellow]waiting:[/yellow] {'; '.join(busy)}")
+
+    try:
+        report = wait_until_settled(fetch, wait_s, progress)
+    except grpc.RpcError as exc:
+        _fail(exc)
     table = Table(title="livegifts audit")
     for col in ("invariant", "status", "detail"):
         table.add_column(col)
@@ -265,8 +278,10 @@ def audit(
         colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
         table.add_row(row.name, f"[{colour}]{row.status}[/{colour}]", row.detail)
     console.print(table)
-    if any(r.status == "FAILED" for r in report):
+    if any(r.status == FAILED for r in report):
         raise typer.Exit(1)
+    if any(r.status != OK for r in report):
+        raise typer.Exit(2)
 
 
 def main() -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
+from services.common.audit import audit_registration, table_query
 from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration
 from services.gifting.config import GiftingSettings
 from services.gifting.server import GiftingServicer
-from services.gifting.storage import common
+from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
 
 
@@ -26,7 +27,21 @@ async def wire(rt: Runtime) -> Wiring:
         await channel.close()
 
     return Wiring(
-        [ServiceRegistration(gifting_pb2_grpc.add_GiftingServiceServicer_to_server, GiftingServicer(gifting), name)],
+        [
+            ServiceRegistration(gifting_pb2_grpc.add_GiftingServiceServicer_to_server, GiftingServicer(gifting), name),
+            audit_registration(
+                {
+                    "gifts": table_query(
+                        rt.db,
+                        gift_events,
+                        id_col="event_id",
+                        amount_col="coins",
+                        party_col="creator_id",
+                        status_col="status",
+                    )
+                }
+            ),
+        ],
         background=[gifting.sweeper],
         close=close,
     )

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
+from services.common.audit import audit_registration, table_query
 from services.common.grpcserver import ServiceRegistration
 from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider
 from services.wallet.server import WalletServicer
-from services.wallet.storage import common
+from services.wallet.storage import common, spends
 from services.wallet.usecases import Wallet
 
 
@@ -25,7 +26,21 @@ async def wire(rt: Runtime) -> Wiring:
     wallet = Wallet(rt.db, rt.outbox, provider, settings)
     name = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
     return Wiring(
-        [ServiceRegistration(wallet_pb2_grpc.add_WalletServiceServicer_to_server, WalletServicer(wallet), name)]
+        [
+            ServiceRegistration(wallet_pb2_grpc.add_WalletServiceServicer_to_server, WalletServicer(wallet), name),
+            audit_registration(
+                {
+                    "spends": table_query(
+                        rt.db,
+                        spends,
+                        id_col="idempotency_key",
+                        amount_col="amount",
+                        party_col="user_id",
+                        status_col="status",
+                    )
+                }
+            ),
+        ]
     )
 
 

@@ -1,0 +1,193 @@
+"""Nothing lost, nothing doubled: a mixed load while processes die at named fault points.
+
+Each scenario starts its own suite (nats-server + three services; SQLite, or PostgreSQL with
+its own databases), runs a bounded seeded load with retrying clients, injects its faults
+during the load, waits for in-flight work to drain, and then requires every invariant of the
+cross-service audit to hold, id by id, and every viewer's balance to be what the clients saw.
+
+LIVEGIFTS_FAULT_SEED makes a run repeatable (printed at the start of each scenario);
+LIVEGIFTS_FAULT_GIFTS sets the gifts per scenario (default 120; `make faults` uses more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from services.cli.audit import OK, collect, wait_until_settled
+from services.cli.suite import Suite
+from tests.faults.load import balances, run_load
+from tests.integration import pg
+from tests.integration.conftest import WEBHOOK_SECRET, suite_config
+
+SEED = int(os.environ.get("LIVEGIFTS_FAULT_SEED", str(random.SystemRandom().randint(1, 10**6))))
+GIFTS = int(os.environ.get("LIVEGIFTS_FAULT_GIFTS", "120"))
+DRAIN_TIMEOUT_S = 90.0
+LOAD_TIMEOUT_S = 240.0
+FAST_SWEEP = {"LIVEGIFTS_GIFTING_PENDING_TIMEOUT_S": "3", "LIVEGIFTS_GIFTING_SWEEP_INTERVAL_S": "0.5"}
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@dataclass
+class Scenario:
+    """A named set of faults: fault points armed at start, and actions run during the load."""
+
+    name: str
+    armed: dict[str, str]  # service -> fault spec (LIVEGIFTS_<SVC>_FAULTS)
+    action: Callable[[Suite, list[str]], Awaitable[None]] | None = None
+    postgres_only: bool = False
+
+
+async def _restart_when_dead(suite: Suite, svc: str, log: list[str], timeout_s: float = 60.0) -> None:
+    """Wait for an armed fault point to kill `svc`, then restart it disarmed."""
+    proc = suite.procs[svc]
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            log.append(f"{svc}: fault point never fired")
+            return
+        await asyncio.sleep(0.05)
+    log.append(f"{svc} died at its fault point (exit {proc.returncode})")
+    suite.config.extra_env[svc].pop(f"LIVEGIFTS_{svc.upper()}_FAULTS", None)
+    await asyncio.to_thread(suite.restart, svc)
+    log.append(f"{svc} restarted")
+
+
+def _kill_and_restart(name: str, after_s: float, down_s: float) -> Callable[[Suite, list[str]], Awaitable[None]]:
+    async def action(suite: Suite, log: list[str]) -> None:
+        await asyncio.sleep(after_s)
+        await asyncio.to_thread(suite.kill, name, signal.SIGKILL)
+        log.append(f"{name} SIGKILLed")
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(suite.restart, name)
+        log.append(f"{name} restarted")
+
+    return action
+
+
+def _dies_at(svc: str) -> Callable[[Suite, list[str]], Awaitable[None]]:
+    async def action(suite: Suite, log: list[str]) -> None:
+        await _restart_when_dead(suite, svc, log)
+
+    return action
+
+
+async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
+    import asyncpg
+
+    admin = pg.admin_url_or_skip()
+    names = [u.rsplit("/", 1)[1] for u in suite.config.database_urls.values()]
+    for round_ in range(3):
+        await asyncio.sleep(1.0)
+        conn = await asyncpg.connect(pg.database_url(admin, "postgres").replace("+asyncpg", ""))
+        try:
+            n = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = ANY($1::text[])", names
+            )
+        finally:
+            await conn.close()
+        log.append(f"round {round_ + 1}: terminated {n} PostgreSQL connections")
+
+
+SCENARIOS = [
+    Scenario(
+        "gifting dies between the spend and its commit",
+        {"gifting": "gifting.after_spend_before_commit@15"},
+        _dies_at("gifting"),
+    ),
+    Scenario(
+        "gifting's relay dies after the PubAck, before marking sent",
+        {"gifting": "relay.after_puback_before_mark@8"},
+        _dies_at("gifting"),
+    ),
+    Scenario(
+        "payout dies after its commit, before the ack",
+        {"payout": "consumer.after_commit_before_ack@4"},
+        _dies_at("payout"),
+    ),
+    Scenario("wallet is SIGKILLed mid-load", {}, _kill_and_restart("wallet", after_s=1.5, down_s=1.0)),
+    Scenario("nats-server is SIGKILLed mid-load", {}, _kill_and_restart("nats", after_s=1.5, down_s=2.0)),
+    Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each scenario on SQLite and on PostgreSQL."""
+    return str(request.param)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name.replace(" ", "-"))
+async def test_every_coin_and_diamond_is_accounted_for_after_faults(
+    scenario: Scenario, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    if scenario.postgres_only and backend != "postgres":
+        pytest.skip("drops PostgreSQL connections; SQLite has none to drop")
+    urls: dict[str, str] = {}
+    created: list[str] = []
+    if backend == "postgres":
+        admin = pg.admin_url_or_skip()
+        for svc in ("wallet", "gifting", "payout"):
+            name = f"lgfault_{uuid.uuid4().hex[:10]}_{svc}"
+            pg.create_database(admin, name)
+            created.append(name)
+            urls[svc] = pg.database_url(admin, name)
+    extra = {"gifting": dict(FAST_SWEEP)}
+    for svc, spec in scenario.armed.items():
+        extra.setdefault(svc, {})[f"LIVEGIFTS_{svc.upper()}_FAULTS"] = spec
+    suite = Suite(suite_config(tmp_path_factory.mktemp("faults"), urls, extra))
+    log: list[str] = []
+    print(f"\n== scenario: {scenario.name} [{backend}] seed={SEED} gifts={GIFTS}")
+    try:
+        await asyncio.to_thread(suite.start)
+        load = asyncio.create_task(
+            run_load(
+                suite.addr("wallet"),
+                suite.addr("gifting"),
+                WEBHOOK_SECRET,
+                seed=SEED,
+                viewers=8,
+                creators=3,
+                gifts=GIFTS,
+                concurrency=8,
+            )
+        )
+        if scenario.action is not None:
+            await scenario.action(suite, log)
+        report = await asyncio.wait_for(load, LOAD_TIMEOUT_S)
+        print(f"   faults: {'; '.join(log) or 'none'}")
+        print(
+            f"   load: {report.purchases} purchases ({report.callbacks_replayed} callbacks replayed),"
+            f" {report.gifts_sent} gifts / {report.coins_gifted} coins, {report.reversals} chargeback,"
+            f" retries {dict(report.retries)}"
+        )
+        assert not report.wrong_answers, report.wrong_answers
+        assert report.gifts_sent == GIFTS
+
+        def fetch():  # type: ignore[no-untyped-def]
+            return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 10.0, detail=True)
+
+        audit = await asyncio.to_thread(wait_until_settled, fetch, DRAIN_TIMEOUT_S)
+        for check in audit:
+            print(f"   audit {check.status:>9}  {check.name}: {check.detail}")
+        assert all(c.status == OK for c in audit), [c for c in audit if c.status != OK]
+
+        totals = await asyncio.to_thread(fetch)
+        sent_ids = {k for k, r in totals.gifts.items() if r.status == "SENT"}
+        assert report.gift_ids <= sent_ids, "a gift a client saw succeed is not SENT"
+        assert totals.gifting.coins_sent == report.coins_gifted, "coins sent differ from what clients were charged"
+        seen = await balances(suite.addr("wallet"), list(report.coins_by_viewer))
+        assert seen == report.coins_by_viewer, "a balance differs from what the clients saw happen"
+    finally:
+        await asyncio.to_thread(suite.stop)
+        for name in created:
+            pg.drop_database(pg.admin_url_or_skip(), name)
