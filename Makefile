@@ -41,7 +41,7 @@ demo: $(GEN_STAMP) ## against a running suite: buy coins, stream, send gifts, sh
 	$(BIN)/livegifts demo
 
 faults: $(GEN_STAMP) ## fault suite with a bigger load, printing faults and audit totals (LIVEGIFTS_FAULT_SEED to repeat)
-	LIVEGIFTS_FAULT_GIFTS=$${LIVEGIFTS_FAULT_GIFTS:-400} $(BIN)/pytest tests/faults -s -p no:randomly
+	LIVEGIFTS_FAULT_GIFTS=$${LIVEGIFTS_FAULT_GIFTS:-400} $(BIN)/pytest tests/faults -s
 
 lint: $(GEN_STAMP) ## format check and lint
 	$(BIN)/ruff format --check services tests bench
