@@ -15,6 +15,7 @@ import pytest
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.payout.providers import dev_payout_payload
 from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, signed_callback, uid
@@ -483,3 +484,25 @@ async def test_a_chargeback_claws_back_the_diamonds_and_holds_withdrawals(client
     listed = await clients.payout.ListEarnings(W.ListEarningsRequest(creator_id=creator, page_size=10))
     assert sum(e.coins_clawed_back for e in listed.entries) == 700
     assert_books_balance(await clients.payout.GetAudit(W.GetAuditRequest()))
+
+
+@pytest.mark.parametrize(
+    ("restriction", "reason"), [({"birth_date": "2015-01-01"}, "UNDERAGE"), ({"blocked": True}, "ACCOUNT_BLOCKED")]
+)
+async def test_a_minor_or_blocked_creator_cannot_withdraw_in_the_wallets_word(  # type: ignore[no-untyped-def]
+    clients, deployment, restriction, reason
+) -> None:
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 60_000)
+    method_id = await verified_method(clients, deployment, creator)
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, **restriction),
+        metadata=deployment.operator_metadata,
+    )
+    await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 20_000, method_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        reason,
+    )
+    e = await earnings(clients, creator)
+    assert (e.diamonds_available, e.diamonds_held) == (30_000, 0)
