@@ -91,6 +91,9 @@ class SuiteConfig:
         }
         if svc == "wallet":
             env[p + "PAYMENT_WEBHOOK_SECRET"] = self.webhook_secret
+        if svc == "payout":
+            env[p + "PAYOUT_WEBHOOK_SECRET"] = self.webhook_secret
+            env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"
         if svc == "gifting":
             env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"
         env.update(self.extra_env.get(svc, {}))

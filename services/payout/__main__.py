@@ -6,23 +6,42 @@ from pathlib import Path
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
+from livegifts.wallet.v1 import events_pb2 as wallet_events
+from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.audit import audit_registration, table_query
+from services.common.auth import OperatorAuth
+from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration
 from services.common.inbox import Subscription
 from services.payout.config import PayoutSettings
+from services.payout.providers import DevPayoutProvider
 from services.payout.server import PayoutServicer
 from services.payout.storage import common, earnings
 from services.payout.usecases import Payout
 
 
 async def wire(rt: Runtime) -> Wiring:
-    """Build the payout use cases, servicer and its gift-event consumer."""
-    payout = Payout(rt.db, rt.outbox)
+    """Build the payout use cases, servicer, consumers (gifts, reversals) and the provider dispatcher."""
+    settings: PayoutSettings = rt.settings
+    provider = DevPayoutProvider(
+        settings.payout_webhook_secret.get_secret_value().encode(),
+        settings.payout_signature_tolerance_s,
+        settings.dev_provider_auto_callback,
+    )
+    # Eligibility (18+, not blocked) asks the wallet, which holds ages, once per RequestWithdrawal
+    # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.
+    channel = make_channel(settings.wallet_addr, settings.outgoing_deadline_s)
+    payout = Payout(rt.db, rt.outbox, provider, wallet_pb2_grpc.WalletServiceStub(channel), settings)
+    servicer = PayoutServicer(payout, OperatorAuth(settings.operator_token))
     name = payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name
+
+    async def close() -> None:
+        await channel.close()
+
     return Wiring(
         [
-            ServiceRegistration(payout_pb2_grpc.add_PayoutServiceServicer_to_server, PayoutServicer(payout), name),
+            ServiceRegistration(payout_pb2_grpc.add_PayoutServiceServicer_to_server, servicer, name),
             audit_registration(
                 {
                     "earnings": table_query(
@@ -36,6 +55,8 @@ async def wire(rt: Runtime) -> Wiring:
                 }
             ),
         ],
+        background=[payout.dispatcher],
+        close=close,
         subscriptions=[
             Subscription(
                 durable="payout-gift-sent",
@@ -43,7 +64,14 @@ async def wire(rt: Runtime) -> Wiring:
                 subject="gifting.gift.sent",
                 event_type=gifting_events.GiftSent,
                 handle=payout.credit_gifts,
-            )
+            ),
+            Subscription(
+                durable="payout-purchase-reversed",
+                stream="WALLET",
+                subject="wallet.purchase.reversed",
+                event_type=wallet_events.PurchaseReversed,
+                handle=payout.claw_back,
+            ),
         ],
     )
 
@@ -53,7 +81,7 @@ SPEC = ServiceSpec(
     settings_cls=PayoutSettings,
     migrations_dir=Path(__file__).parent / "migrations",
     tables=common,
-    streams=["PAYOUT", "GIFTING"],
+    streams=["PAYOUT", "GIFTING", "WALLET"],
     wire=wire,
 )
 

@@ -1,6 +1,6 @@
 """Payout settings, read once from LIVEGIFTS_PAYOUT_* variables."""
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
@@ -12,3 +12,13 @@ class PayoutSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_PAYOUT_", extra="ignore", frozen=True)
 
     grpc_port: int = Field(default=50053, ge=0, le=65535)
+    # The wallet holds ages and blocks; RequestWithdrawal asks it (with the outgoing deadline).
+    wallet_addr: str = Field(description="host:port of the wallet service (eligibility: age, blocked)")
+    payout_webhook_secret: SecretStr = Field(description="HMAC secret of payout-provider callbacks")
+    payout_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
+    # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
+    # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).
+    dev_provider_auto_callback: bool = True
+    dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
+    dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)
+    clawback_rows_max: int = Field(default=10_000, ge=1, le=1_000_000)  # earnings rows scanned per reversal

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument, check
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, check
 
 BP_DENOMINATOR = 10_000  # basis points: 5000 = 50%
 DEFAULT_CREATOR_SHARE_BP = 5_000
@@ -51,3 +53,235 @@ def per_creator(items: Iterable[Earning]) -> dict[str, tuple[int, int]]:
         out[e.creator_id][0] += e.coins
         out[e.creator_id][1] += e.units
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+# ---- policy -------------------------------------------------------------------------------
+
+FEE_BP_MAX = 5_000  # a fee above half of the gross is certainly a typo
+CURRENCIES_MAX = 32
+AMOUNT_MINOR_MAX = 10**12
+
+
+@dataclass(frozen=True)
+class CurrencyTerms:
+    """One payout currency: cash value of diamonds, limits and fixed fee, all in minor units."""
+
+    currency_code: str
+    diamonds: int
+    amount_minor: int
+    withdrawal_min_minor: int
+    daily_max_minor: int
+    fee_fixed_minor: int
+    auto_approve_below_minor: int
+
+
+# DOMAIN.md: 200 diamonds = $1, $100 minimum, $1,000 a day; no fee by default; up to $500 auto-approved.
+DEFAULT_TERMS = CurrencyTerms("USD", 200, 100, 10_000, 100_000, 0, 50_000)
+
+
+def check_currency_code(code: str) -> str:
+    """An ISO 4217 code: three capital letters."""
+    if len(code) != 3 or not code.isascii() or not code.isalpha() or not code.isupper():
+        raise InvalidArgument("currency_code must be three capital letters (ISO 4217)", "INVALID_CURRENCY")
+    return code
+
+
+def check_policy(share_bp: int, fee_bp: int, terms: list[CurrencyTerms]) -> None:
+    """Reject a policy with a share outside 0..100%, a negative fee or a nonsensical currency."""
+    check_share(share_bp)
+    if not 0 <= fee_bp <= FEE_BP_MAX:
+        raise InvalidArgument(f"fee_bp must be 0..{FEE_BP_MAX}", "INVALID_FEE")
+    if not 1 <= len(terms) <= CURRENCIES_MAX:
+        raise InvalidArgument(f"a policy needs 1..{CURRENCIES_MAX} currencies", "INVALID_CURRENCIES")
+    if len({t.currency_code for t in terms}) != len(terms):
+        raise InvalidArgument("a currency appears twice", "INVALID_CURRENCIES")
+    for t in terms:
+        check_currency_code(t.currency_code)
+        if not (0 < t.diamonds <= AMOUNT_MINOR_MAX and 0 < t.amount_minor <= AMOUNT_MINOR_MAX):
+            raise InvalidArgument("diamond cash value needs diamonds > 0 and amount_minor > 0", "INVALID_CASH_VALUE")
+        if t.fee_fixed_minor < 0:
+            raise InvalidArgument("fee_fixed_minor must be >= 0", "INVALID_FEE")
+        for name in ("withdrawal_min_minor", "daily_max_minor", "auto_approve_below_minor"):
+            if not 0 <= getattr(t, name) <= AMOUNT_MINOR_MAX:
+                raise InvalidArgument(f"{name} must be 0..{AMOUNT_MINOR_MAX}", "INVALID_LIMIT")
+        if t.withdrawal_min_minor > t.daily_max_minor:
+            raise InvalidArgument("the minimum withdrawal exceeds the daily maximum", "INVALID_LIMIT")
+        if t.withdrawal_min_minor <= t.fee_fixed_minor:
+            raise InvalidArgument("the minimum withdrawal must exceed the fixed fee", "INVALID_LIMIT")
+
+
+# ---- withdrawal amounts -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Amounts:
+    """Gross, fee and net of a withdrawal in minor units."""
+
+    gross_minor: int
+    fee_minor: int
+    net_minor: int
+
+
+def withdrawal_amounts(diamonds: int, terms: CurrencyTerms, fee_bp: int) -> Amounts:
+    """Gross = diamonds at the cash value (must be whole minor units); fee = fixed + gross*fee_bp, rounded down.
+
+    Rounding: a withdrawal whose diamonds are not worth a whole number of minor units is refused
+    (INVALID_ARGUMENT, DIAMONDS_NOT_WHOLE_CASH) instead of rounding, so no diamond is ever paid out
+    short; the percentage fee rounds down (in the creator's favour); net = gross - fee exactly.
+    """
+    check(diamonds > 0, "diamonds > 0")
+    value = diamonds * terms.amount_minor
+    if value % terms.diamonds:
+        step = terms.diamonds // _gcd(terms.diamonds, terms.amount_minor)
+        raise InvalidArgument(
+            f"withdraw a multiple of {step} diamonds (whole {terms.currency_code} minor units)",
+            "DIAMONDS_NOT_WHOLE_CASH",
+            step=step,
+        )
+    gross = value // terms.diamonds
+    fee = terms.fee_fixed_minor + gross * fee_bp // BP_DENOMINATOR
+    check(0 <= fee, "fee >= 0")
+    return Amounts(gross, fee, gross - fee)
+
+
+def cash_value_minor(diamonds: int, terms: CurrencyTerms) -> int:
+    """What `diamonds` are worth in minor units, rounded down (0 for a negative balance)."""
+    return max(diamonds, 0) * terms.amount_minor // terms.diamonds
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def check_withdrawal_limits(amounts: Amounts, terms: CurrencyTerms) -> None:
+    """Minimum and a positive net, before any state is read."""
+    if amounts.gross_minor < terms.withdrawal_min_minor:
+        raise FailedPrecondition(
+            f"the minimum withdrawal is {terms.withdrawal_min_minor} {terms.currency_code} minor units",
+            "BELOW_MINIMUM_WITHDRAWAL",
+        )
+    if amounts.net_minor <= 0:
+        raise FailedPrecondition("the fee would take the whole withdrawal", "BELOW_MINIMUM_WITHDRAWAL")
+    if amounts.gross_minor > terms.daily_max_minor:
+        raise ResourceExhausted("above the daily withdrawal maximum", "DAILY_WITHDRAWAL_LIMIT")
+
+
+class WithdrawalStatus(enum.StrEnum):
+    """Where a withdrawal is; PAID, FAILED and REJECTED are final."""
+
+    PENDING_REVIEW = "PENDING_REVIEW"
+    APPROVED = "APPROVED"
+    PROCESSING = "PROCESSING"
+    PAID = "PAID"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+OPEN_STATUSES = (WithdrawalStatus.PENDING_REVIEW, WithdrawalStatus.APPROVED, WithdrawalStatus.PROCESSING)
+_TRANSITIONS = {
+    WithdrawalStatus.PENDING_REVIEW: {WithdrawalStatus.APPROVED, WithdrawalStatus.REJECTED},
+    WithdrawalStatus.APPROVED: {WithdrawalStatus.PROCESSING, WithdrawalStatus.PAID, WithdrawalStatus.FAILED},
+    WithdrawalStatus.PROCESSING: {WithdrawalStatus.PAID, WithdrawalStatus.FAILED},
+}
+
+
+def check_transition(current: WithdrawalStatus, target: WithdrawalStatus) -> None:
+    """Refuse a move the withdrawal state machine does not have."""
+    if target not in _TRANSITIONS.get(current, set()):
+        raise FailedPrecondition(
+            f"a {current.value} withdrawal cannot become {target.value}", "INVALID_WITHDRAWAL_TRANSITION"
+        )
+
+
+# ---- payout methods -----------------------------------------------------------------------
+
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,185}\.[A-Za-z]{2,24}$")
+_IBAN = re.compile(r"^[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}$")
+
+
+def mask(value: str, keep: int = 4) -> str:
+    """All but the last `keep` characters hidden."""
+    return "•" * min(max(len(value) - keep, 0), 8) + value[-keep:]
+
+
+def normalize_paypal(email: str) -> tuple[str, str]:
+    """(normalized email, masked) or INVALID_ARGUMENT."""
+    email = email.strip()
+    if not _EMAIL.match(email):
+        raise InvalidArgument("paypal_email is not a valid e-mail address", "INVALID_PAYOUT_METHOD")
+    local, _, host = email.partition("@")
+    return email.lower(), f"{local[0]}•••@{host.lower()}"
+
+
+def iban_valid(iban: str) -> bool:
+    """ISO 13616 mod-97 check of an IBAN without spaces."""
+    if not _IBAN.match(iban):
+        return False
+    digits = "".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4])
+    return int(digits) % 97 == 1
+
+
+def normalize_bank(iban: str, account_number: str, routing_number: str, holder_name: str) -> tuple[str, str]:
+    """(normalized account string, masked) for an IBAN or an account + routing number."""
+    if not holder_name.strip() or len(holder_name) > 140:
+        raise InvalidArgument("holder_name is required (1..140 characters)", "INVALID_PAYOUT_METHOD")
+    if iban:
+        iban = iban.replace(" ", "").upper()
+        if not iban_valid(iban):
+            raise InvalidArgument("iban is not a valid IBAN", "INVALID_PAYOUT_METHOD")
+        return iban, f"{iban[:2]} {mask(iban)}"
+    if not (account_number.isdigit() and 4 <= len(account_number) <= 17):
+        raise InvalidArgument("account_number must be 4..17 digits", "INVALID_PAYOUT_METHOD")
+    if not (routing_number.isdigit() and len(routing_number) == 9 and _aba_valid(routing_number)):
+        raise InvalidArgument("routing_number must be a valid 9-digit ABA number", "INVALID_PAYOUT_METHOD")
+    return f"{routing_number}:{account_number}", f"{mask(account_number)} (routing {routing_number[-4:]})"
+
+
+def _aba_valid(r: str) -> bool:
+    d = [int(c) for c in r]
+    return (3 * (d[0] + d[3] + d[6]) + 7 * (d[1] + d[4] + d[7]) + (d[2] + d[5] + d[8])) % 10 == 0
+
+
+# ---- clawback -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EarningRow:
+    """An earning a reversal may take coins back from (newest first)."""
+
+    event_id: str
+    creator_id: str
+    coins_open: int  # coins not yet clawed back
+    share_bp: int
+
+
+@dataclass(frozen=True)
+class Take:
+    """Coins taken back from one earning, at the share it was credited at."""
+
+    event_id: str
+    creator_id: str
+    coins: int
+    units: int
+
+
+def attribute_reversal(coins_reversed: int, newest_first: Iterable[EarningRow]) -> list[Take]:
+    """Which earnings a reversal of `coins_reversed` takes back: the sender's newest first, up to the coins.
+
+    We cannot know which purchase funded which gift (coins are fungible), so the reversal is
+    charged to the newest gifts the user sent, as many coins as the purchase bought; coins the
+    user never gifted (still in, or overdrawn from, their wallet) take nothing from creators.
+    """
+    check(coins_reversed > 0, "coins_reversed > 0")
+    left = coins_reversed
+    out: list[Take] = []
+    for row in newest_first:
+        if left == 0:
+            break
+        take = min(left, row.coins_open)
+        if take > 0:
+            out.append(Take(row.event_id, row.creator_id, take, take * row.share_bp))
+            left -= take
+    return out

@@ -1,6 +1,6 @@
 """Payout tables (SQLAlchemy Core)."""
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 
 from services.common.tables import add_common_tables
 
@@ -15,6 +15,9 @@ policies = Table(
     Column("creator_share_bp", Integer, nullable=False),
     Column("changed_by", String(128), nullable=False),
     Column("changed_at_us", BigInteger, nullable=False),
+    Column("fee_bp", Integer, nullable=False, server_default="0"),
+    # JSON list of CurrencyTerms (cash value, limits, fixed fee, auto-approve threshold per currency).
+    Column("terms_json", Text, nullable=False),
 )
 
 # One row per creator, written once per consumed batch (not once per gift).
@@ -33,6 +36,9 @@ creators = Table(
     Column("diamonds_withdrawn", BigInteger, nullable=False),
     Column("diamonds_clawed_back", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    # Clawbacks accumulate like credits: clawed_units = sum of coins * share_bp taken back;
+    # diamonds_clawed_back = clawed_units // 10000, the remainder kept for the next whole diamond.
+    Column("clawed_units", BigInteger, nullable=False, server_default="0"),
 )
 
 # One row per consumed gift/tip/unlock event: the creator's earnings history.
@@ -49,4 +55,86 @@ earnings = Table(
     Column("units", BigInteger, nullable=False),
     Column("occurred_at_us", BigInteger, nullable=False),
     Column("credited_at_us", BigInteger, nullable=False),
+    # Coins of this event already taken back by purchase reversals (never more than `coins`).
+    Column("coins_clawed_back", BigInteger, nullable=False, server_default="0"),
+    Index("ix_earnings_sender_newest", "sender_id", "occurred_at_us"),
+    Index("ix_earnings_creator_credited", "creator_id", "credited_at_us"),
+)
+
+# Payout methods: only a mask for display, a keyed fingerprint and the provider's token are
+# stored; the full account number or e-mail is handed to the provider and never kept or logged.
+payout_methods = Table(
+    "payout_methods",
+    metadata,
+    Column("method_id", String(64), primary_key=True),
+    Column("creator_id", String(128), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("masked", String(64), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("provider_token", String(128), nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("verification", String(16), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+withdrawals = Table(
+    "withdrawals",
+    metadata,
+    Column("withdrawal_id", String(64), primary_key=True),
+    Column("creator_id", String(128), nullable=False),
+    Column("method_id", String(64), nullable=False),
+    Column("diamonds", BigInteger, nullable=False),
+    Column("currency_code", String(3), nullable=False),
+    Column("gross_minor", BigInteger, nullable=False),
+    Column("fee_minor", BigInteger, nullable=False),
+    Column("net_minor", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("policy_version", Integer, nullable=False),
+    Column("day", String(10), nullable=False),  # UTC date the daily maximum was counted on
+    Column("reviewed_by", String(128), nullable=False, server_default=""),
+    Column("failure_reason", String(200), nullable=False, server_default=""),
+    Column("provider_ref", String(128), nullable=False, server_default=""),
+    Column("requested_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    Column("paid_at_us", BigInteger, nullable=True),
+    Index("ix_withdrawals_creator_newest", "creator_id", "requested_at_us"),
+)
+
+# Gross requested per creator per UTC day and currency: the daily maximum is enforced by one
+# conditional UPDATE on this row, so concurrent requests cannot together exceed it.
+daily_withdrawals = Table(
+    "daily_withdrawals",
+    metadata,
+    Column("creator_id", String(128), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("currency_code", String(3), primary_key=True),
+    Column("gross_minor", BigInteger, nullable=False),
+)
+
+# Payout-provider callbacks seen: the primary key makes a re-sent callback a no-op.
+payout_events = Table(
+    "payout_events",
+    metadata,
+    Column("provider", String(32), primary_key=True),
+    Column("provider_event_id", String(128), primary_key=True),
+    Column("withdrawal_id", String(64), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("received_at_us", BigInteger, nullable=False),
+)
+
+# One entry per reversal per creator: the diamonds a wallet.purchase.reversed took back.
+clawbacks = Table(
+    "clawbacks",
+    metadata,
+    Column("reversal_event_id", String(64), primary_key=True),
+    Column("creator_id", String(128), primary_key=True),
+    Column("purchase_id", String(64), nullable=False),
+    Column("sender_id", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("coins", BigInteger, nullable=False),
+    Column("units", BigInteger, nullable=False),
+    Column("diamonds", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Index("ix_clawbacks_creator", "creator_id", "created_at_us"),
 )

@@ -1,27 +1,159 @@
-"""Payout use cases: diamonds credited from gift events in batches, earnings, policy, audit."""
+"""Payout use cases: diamonds credited from gift events in batches, policy, payout methods,
+withdrawals with provider callbacks, clawbacks of reversed purchases, statements, audit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+import grpc
+from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
 
+from livegifts.common.v1 import common_pb2
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import events_pb2, payout_pb2
+from livegifts.wallet.v1 import events_pb2 as wallet_events
+from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database, UnitOfWork, insert_ignore
-from services.common.errors import NotFound, check, require_id
+from services.common.errors import (
+    Aborted,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    check,
+    require_id,
+    require_positive,
+)
+from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
-from services.payout.domain import BP_DENOMINATOR, Earning
-from services.payout.storage import creators, earnings, policies
+from services.payout.config import PayoutSettings
+from services.payout.domain import BP_DENOMINATOR, OPEN_STATUSES, CurrencyTerms, Earning, WithdrawalStatus
+from services.payout.providers import PayoutEvent, PayoutProvider
+from services.payout.storage import (
+    clawbacks,
+    common,
+    creators,
+    daily_withdrawals,
+    earnings,
+    payout_events,
+    payout_methods,
+    policies,
+    withdrawals,
+)
+
+log = logging.getLogger(__name__)
 
 _KIND = {
     gifting_events.GIFT_KIND_GIFT: "GIFT",
     gifting_events.GIFT_KIND_TIP: "TIP",
     gifting_events.GIFT_KIND_UNLOCK: "UNLOCK",
 }
+PAGE_SIZE_DEFAULT = 50
+PAGE_SIZE_MAX = 500
+DIAMONDS_MAX = 10**12
+_METHOD_KIND = {payout_pb2.PAYOUT_METHOD_KIND_PAYPAL: "PAYPAL", payout_pb2.PAYOUT_METHOD_KIND_BANK: "BANK"}
+_METHOD_KIND_PB = {v: k for k, v in _METHOD_KIND.items()}
+_VERIFICATION_PB = {
+    "PENDING": payout_pb2.VERIFICATION_STATUS_PENDING,
+    "VERIFIED": payout_pb2.VERIFICATION_STATUS_VERIFIED,
+    "FAILED": payout_pb2.VERIFICATION_STATUS_FAILED,
+}
+_STATUS_PB = {s: payout_pb2.WithdrawalStatus.Value(f"WITHDRAWAL_STATUS_{s.value}") for s in WithdrawalStatus}
+_SUBJECT = {
+    WithdrawalStatus.PAID: "payout.withdrawal.paid",
+    WithdrawalStatus.FAILED: "payout.withdrawal.failed",
+    WithdrawalStatus.REJECTED: "payout.withdrawal.failed",
+}
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    """The policy in force, decoded."""
+
+    version: int
+    creator_share_bp: int
+    fee_bp: int
+    terms: list[CurrencyTerms]
+    changed_by: str
+    changed_at_us: int
+
+    def terms_for(self, currency_code: str) -> CurrencyTerms:
+        """The terms of one payout currency, or FAILED_PRECONDITION."""
+        for t in self.terms:
+            if t.currency_code == currency_code:
+                return t
+        raise FailedPrecondition(f"payouts in {currency_code} are not offered", "CURRENCY_NOT_SUPPORTED")
+
+
+def _page_size(size: int) -> int:
+    if size < 0 or size > PAGE_SIZE_MAX:
+        raise InvalidArgument(f"page_size must be 0..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
+    return size or PAGE_SIZE_DEFAULT
+
+
+def _encode_token(ts_us: int, key: str) -> str:
+    return base64.urlsafe_b64encode(f"{ts_us}:{key}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[int, str]:
+    try:
+        ts, _, key = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        return int(ts), key
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
+
+
+def _money(currency_code: str, amount_minor: int) -> common_pb2.Money:
+    return common_pb2.Money(currency_code=currency_code, amount_minor=amount_minor)
+
+
+def _withdrawal_pb(r: Any) -> payout_pb2.Withdrawal:
+    return payout_pb2.Withdrawal(
+        withdrawal_id=r.withdrawal_id,
+        creator_id=r.creator_id,
+        method_id=r.method_id,
+        diamonds=r.diamonds,
+        gross=_money(r.currency_code, r.gross_minor),
+        fee=_money(r.currency_code, r.fee_minor),
+        net=_money(r.currency_code, r.net_minor),
+        status=_STATUS_PB[WithdrawalStatus(r.status)],
+        policy_version=r.policy_version,
+        reviewed_by=r.reviewed_by,
+        failure_reason=r.failure_reason,
+        provider_ref=r.provider_ref,
+        requested_at=to_timestamp(r.requested_at_us),
+        updated_at=to_timestamp(r.updated_at_us),
+    )
+
+
+def _method_pb(r: Any) -> payout_pb2.PayoutMethod:
+    return payout_pb2.PayoutMethod(
+        method_id=r.method_id,
+        creator_id=r.creator_id,
+        kind=_METHOD_KIND_PB[r.kind],
+        masked=r.masked,
+        currency_code=r.currency_code,
+        verification=_VERIFICATION_PB[r.verification],
+        created_at=to_timestamp(r.created_at_us),
+    )
+
+
+def _utc_day(ts_us: int) -> str:
+    return dt.datetime.fromtimestamp(ts_us / 1_000_000, dt.UTC).date().isoformat()
 
 
 @dataclass
@@ -30,11 +162,19 @@ class Payout:
 
     db: Database
     outbox: Outbox
+    provider: PayoutProvider | None = None
+    wallet: Any = None  # WalletServiceStub: eligibility (age, blocked) at RequestWithdrawal
+    settings: PayoutSettings | None = None
 
     async def _policy(self, uow: UnitOfWork) -> Any:
         row = (await uow.conn.execute(select(policies).order_by(policies.c.version.desc()).limit(1))).first()
         check(row is not None, "a policy row is seeded by migration 0002")
         return row
+
+    async def _policy_row(self, uow: UnitOfWork) -> PolicyRow:
+        row = await self._policy(uow)
+        terms = [CurrencyTerms(**t) for t in json.loads(row.terms_json)]
+        return PolicyRow(row.version, row.creator_share_bp, row.fee_bp, terms, row.changed_by, row.changed_at_us)
 
     async def credit_gifts(self, uow: UnitOfWork, events: list[gifting_events.GiftSent]) -> None:
         """Consumer of gifting.gift.sent: credit each creator once per event, one write per creator."""
@@ -115,11 +255,14 @@ class Payout:
             )
         await self.outbox.add_many(uow, credited_events)
 
+    # ---- earnings ------------------------------------------------------------------------
+
     async def get_earnings(self, creator_id: str) -> payout_pb2.Earnings:
-        """A creator's diamonds."""
+        """A creator's diamonds, with their cash value in each payout currency."""
         require_id(creator_id, "creator_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             row = (await uow.conn.execute(select(creators).where(creators.c.creator_id == creator_id))).first()
+            policy = await self._policy_row(uow)
         if row is None:
             raise NotFound("the creator has no earnings yet", "CREATOR_NOT_FOUND")
         return payout_pb2.Earnings(
@@ -130,18 +273,703 @@ class Payout:
             diamonds_lifetime=row.diamonds_credited,
             coins_received=row.coins_received,
             remainder_units=row.earned_units % BP_DENOMINATOR,
+            diamonds_clawed_back=row.diamonds_clawed_back,
+            clawback_remainder_units=row.clawed_units % BP_DENOMINATOR,
+            cash_available=[
+                _money(t.currency_code, domain.cash_value_minor(row.diamonds_available, t)) for t in policy.terms
+            ],
+            withdrawals_held=row.diamonds_available < 0,
+        )
+
+    async def list_earnings(self, req: payout_pb2.ListEarningsRequest) -> payout_pb2.ListEarningsResponse:
+        """A creator's credited events, newest first, keyset-paginated."""
+        require_id(req.creator_id, "creator_id")
+        size = _page_size(req.page_size)
+        e = earnings.c
+        q = select(earnings).where(e.creator_id == req.creator_id)
+        if req.page_token:
+            ts, key = _decode_token(req.page_token)
+            q = q.where(or_(e.credited_at_us < ts, and_(e.credited_at_us == ts, e.event_id < key)))
+        q = q.order_by(e.credited_at_us.desc(), e.event_id.desc()).limit(size + 1)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(q)).all()
+        out = payout_pb2.ListEarningsResponse(
+            entries=[
+                payout_pb2.EarningEntry(
+                    event_id=r.event_id,
+                    kind=r.kind,
+                    sender_id=r.sender_id,
+                    stream_id=r.stream_id,
+                    coins=r.coins,
+                    share_bp=r.share_bp,
+                    units=r.units,
+                    coins_clawed_back=r.coins_clawed_back,
+                    occurred_at=to_timestamp(r.occurred_at_us),
+                    credited_at=to_timestamp(r.credited_at_us),
+                )
+                for r in rows[:size]
+            ]
+        )
+        if len(rows) > size:
+            out.next_page_token = _encode_token(rows[size - 1].credited_at_us, rows[size - 1].event_id)
+        return out
+
+    # ---- policy --------------------------------------------------------------------------
+
+    @staticmethod
+    def _policy_pb(p: PolicyRow) -> payout_pb2.Policy:
+        return payout_pb2.Policy(
+            version=p.version,
+            creator_share_bp=p.creator_share_bp,
+            fee_bp=p.fee_bp,
+            currencies=[payout_pb2.CurrencyTerms(**asdict(t)) for t in p.terms],
+            changed_by=p.changed_by,
+            changed_at=to_timestamp(p.changed_at_us),
         )
 
     async def get_policy(self) -> payout_pb2.Policy:
         """The policy in force."""
         async with self.db.unit_of_work(readonly=True) as uow:
-            row = await self._policy(uow)
-        return payout_pb2.Policy(version=row.version, creator_share_bp=row.creator_share_bp)
+            return self._policy_pb(await self._policy_row(uow))
+
+    async def set_policy(self, req: payout_pb2.SetPolicyRequest, operator: str) -> payout_pb2.Policy:
+        """A new policy version (operator); the old versions stay as the record of who changed what."""
+        terms = [
+            CurrencyTerms(
+                t.currency_code,
+                t.diamonds,
+                t.amount_minor,
+                t.withdrawal_min_minor,
+                t.daily_max_minor,
+                t.fee_fixed_minor,
+                t.auto_approve_below_minor,
+            )
+            for t in req.currencies
+        ]
+        domain.check_policy(req.creator_share_bp, req.fee_bp, terms)
+
+        async def work(uow: UnitOfWork) -> payout_pb2.Policy:
+            current = await self._policy(uow)
+            ts = now_us()
+            # The primary key on version: two concurrent changes cannot both become version n+1.
+            row = PolicyRow(current.version + 1, req.creator_share_bp, req.fee_bp, terms, operator, ts)
+            await uow.conn.execute(
+                insert(policies).values(
+                    version=row.version,
+                    creator_share_bp=row.creator_share_bp,
+                    fee_bp=row.fee_bp,
+                    terms_json=json.dumps([asdict(t) for t in terms]),
+                    changed_by=operator,
+                    changed_at_us=ts,
+                )
+            )
+            log.info("policy changed", extra={"version": row.version, "operator": operator})
+            return self._policy_pb(row)
+
+        return await run_idempotent(self.db, common.idempotency, "SetPolicy", req, payout_pb2.Policy, work)
+
+    # ---- payout methods --------------------------------------------------------------------
+
+    async def add_payout_method(self, req: payout_pb2.AddPayoutMethodRequest) -> payout_pb2.PayoutMethod:
+        """Validate a PayPal or bank account, vault it with the provider, keep only a mask (PENDING)."""
+        require_id(req.creator_id, "creator_id")
+        currency = domain.check_currency_code(req.currency_code or "USD")
+        kind = _METHOD_KIND.get(req.kind)
+        if kind == "PAYPAL":
+            account, masked = domain.normalize_paypal(req.paypal_email)
+        elif kind == "BANK":
+            account, masked = domain.normalize_bank(req.iban, req.account_number, req.routing_number, req.holder_name)
+        else:
+            raise InvalidArgument("kind must be PAYPAL or BANK", "INVALID_PAYOUT_METHOD")
+        assert self.provider is not None and self.settings is not None
+        token = self.provider.tokenize(kind, account)
+        fingerprint = self._fingerprint(kind, account)
+        # The request itself holds the full account: the idempotency record keeps only its hash
+        # and the (masked) answer, never the request.
+
+        async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
+            ts = now_us()
+            values = {
+                "method_id": "pm_" + uuid.uuid4().hex,
+                "creator_id": req.creator_id,
+                "kind": kind,
+                "masked": masked,
+                "fingerprint": fingerprint,
+                "provider_token": token,
+                "currency_code": currency,
+                "verification": "PENDING",
+                "created_at_us": ts,
+                "updated_at_us": ts,
+            }
+            await uow.conn.execute(insert(payout_methods).values(**values))
+            return _method_pb(_Row(values))
+
+        return await run_idempotent(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work)
+
+    def _fingerprint(self, kind: str, account: str) -> str:
+        assert self.settings is not None
+        key = self.settings.payout_webhook_secret.get_secret_value().encode()
+        return hmac.new(key, f"fp:{kind}:{account}".encode(), hashlib.sha256).hexdigest()
+
+    async def list_payout_methods(self, creator_id: str) -> payout_pb2.ListPayoutMethodsResponse:
+        """A creator's payout methods (masked)."""
+        require_id(creator_id, "creator_id")
+        m = payout_methods.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (
+                await uow.conn.execute(
+                    select(payout_methods).where(m.creator_id == creator_id).order_by(m.created_at_us).limit(100)
+                )
+            ).all()
+        return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows])
+
+    async def verify_payout_method(self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str) -> Any:
+        """Record the outcome of a method's verification (operator / KYC)."""
+        require_id(req.method_id, "method_id")
+
+        async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
+            m = payout_methods.c
+            row = (await uow.conn.execute(select(payout_methods).where(m.method_id == req.method_id))).first()
+            if row is None:
+                raise NotFound("unknown payout method", "UNKNOWN_PAYOUT_METHOD")
+            status = "VERIFIED" if req.verified else "FAILED"
+            ts = now_us()
+            await uow.conn.execute(
+                update(payout_methods).where(m.method_id == req.method_id).values(verification=status, updated_at_us=ts)
+            )
+            log.info(
+                "payout method verified", extra={"method_id": req.method_id, "status": status, "operator": operator}
+            )
+            return _method_pb(_Row({**row._asdict(), "verification": status}))
+
+        return await run_idempotent(
+            self.db, common.idempotency, "VerifyPayoutMethod", req, payout_pb2.PayoutMethod, work
+        )
+
+    # ---- withdrawals -----------------------------------------------------------------------
+
+    async def _check_eligible(self, creator_id: str) -> None:
+        """18+ and not blocked, in the wallet's word (it holds ages); UNAVAILABLE if it cannot say."""
+        if self.wallet is None:
+            return
+        try:
+            r = await self.wallet.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=creator_id))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("wallet unavailable for eligibility", extra={"code": exc.code().name})
+            raise Unavailable("cannot check eligibility now, retry with the same key", "WALLET_UNAVAILABLE") from None
+        if r.blocked:
+            raise FailedPrecondition("the account is blocked", "ACCOUNT_BLOCKED")
+        if r.is_minor or not r.may_spend:
+            raise FailedPrecondition("withdrawals need an adult account", "UNDERAGE")
+
+    async def request_withdrawal(self, req: payout_pb2.RequestWithdrawalRequest) -> payout_pb2.Withdrawal:
+        """Hold diamonds for a payout: one transaction of conditional UPDATEs, so concurrent requests
+        can never together exceed the balance or the daily maximum."""
+        require_id(req.creator_id, "creator_id")
+        require_positive(req.diamonds, "diamonds", DIAMONDS_MAX)
+        require_id(req.method_id, "method_id")
+        await self._check_eligible(req.creator_id)
+
+        async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
+            policy = await self._policy_row(uow)
+            m = payout_methods.c
+            method = (await uow.conn.execute(select(payout_methods).where(m.method_id == req.method_id))).first()
+            if method is None or method.creator_id != req.creator_id:
+                # Someone else's method answers like a missing one: no probing of other accounts.
+                raise NotFound("unknown payout method", "UNKNOWN_PAYOUT_METHOD")
+            if method.verification != "VERIFIED":
+                raise FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
+            terms = policy.terms_for(method.currency_code)
+            amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
+            domain.check_withdrawal_limits(amounts, terms)
+            c = creators.c
+            balance = (
+                await uow.conn.execute(select(c.diamonds_available).where(c.creator_id == req.creator_id))
+            ).scalar_one_or_none()
+            if balance is not None and balance < 0:
+                raise FailedPrecondition(
+                    "withdrawals are held while the balance is negative (clawback)", "BALANCE_NEGATIVE"
+                )
+            held = await uow.conn.execute(
+                update(creators)
+                .where(c.creator_id == req.creator_id, c.diamonds_available >= req.diamonds)
+                .values(
+                    diamonds_available=c.diamonds_available - req.diamonds,
+                    diamonds_held=c.diamonds_held + req.diamonds,
+                    updated_at_us=now_us(),
+                )
+            )
+            if held.rowcount != 1:
+                raise FailedPrecondition("not enough diamonds available", "INSUFFICIENT_DIAMONDS")
+            ts = now_us()
+            day = _utc_day(ts)
+            d = daily_withdrawals.c
+            await uow.conn.execute(
+                insert_ignore(self.db.dialect, daily_withdrawals).values(
+                    creator_id=req.creator_id, day=day, currency_code=terms.currency_code, gross_minor=0
+                )
+            )
+            counted = await uow.conn.execute(
+                update(daily_withdrawals)
+                .where(
+                    d.creator_id == req.creator_id,
+                    d.day == day,
+                    d.currency_code == terms.currency_code,
+                    d.gross_minor + amounts.gross_minor <= terms.daily_max_minor,
+                )
+                .values(gross_minor=d.gross_minor + amounts.gross_minor)
+            )
+            if counted.rowcount != 1:
+                raise ResourceExhausted("the daily withdrawal maximum is reached", "DAILY_WITHDRAWAL_LIMIT")
+            auto = amounts.gross_minor < terms.auto_approve_below_minor
+            status = WithdrawalStatus.APPROVED if auto else WithdrawalStatus.PENDING_REVIEW
+            values = {
+                "withdrawal_id": "wd_" + uuid.uuid4().hex,
+                "creator_id": req.creator_id,
+                "method_id": req.method_id,
+                "diamonds": req.diamonds,
+                "currency_code": terms.currency_code,
+                "gross_minor": amounts.gross_minor,
+                "fee_minor": amounts.fee_minor,
+                "net_minor": amounts.net_minor,
+                "status": status.value,
+                "policy_version": policy.version,
+                "day": day,
+                "reviewed_by": "auto" if auto else "",
+                "failure_reason": "",
+                "provider_ref": "",
+                "requested_at_us": ts,
+                "updated_at_us": ts,
+                "paid_at_us": None,
+            }
+            await uow.conn.execute(insert(withdrawals).values(**values))
+            row = _Row(values)
+            await self._withdrawal_event(uow, "payout.withdrawal.requested", row, "")
+            return _withdrawal_pb(row)
+
+        return await run_idempotent(self.db, common.idempotency, "RequestWithdrawal", req, payout_pb2.Withdrawal, work)
+
+    async def _withdrawal_event(self, uow: UnitOfWork, subject: str, r: Any, reason: str) -> None:
+        eid = new_event_id()
+        await self.outbox.add(
+            uow,
+            subject,
+            eid,
+            events_pb2.WithdrawalChanged(
+                event_id=eid,
+                withdrawal_id=r.withdrawal_id,
+                creator_id=r.creator_id,
+                diamonds=r.diamonds,
+                gross=_money(r.currency_code, r.gross_minor),
+                fee=_money(r.currency_code, r.fee_minor),
+                net=_money(r.currency_code, r.net_minor),
+                status=r.status,
+                reason=reason,
+                occurred_at=to_timestamp(r.updated_at_us),
+            ),
+        )
+
+    async def _load_withdrawal(self, uow: UnitOfWork, withdrawal_id: str) -> Any:
+        row = (await uow.conn.execute(select(withdrawals).where(withdrawals.c.withdrawal_id == withdrawal_id))).first()
+        if row is None:
+            raise NotFound("unknown withdrawal", "UNKNOWN_WITHDRAWAL")
+        return row
+
+    async def _move(self, uow: UnitOfWork, row: Any, target: WithdrawalStatus, **values: Any) -> Any:
+        """Compare-and-set the status; a concurrent change makes this one ABORTED (retryable)."""
+        domain.check_transition(WithdrawalStatus(row.status), target)
+        ts = now_us()
+        w = withdrawals.c
+        changed = await uow.conn.execute(
+            update(withdrawals)
+            .where(w.withdrawal_id == row.withdrawal_id, w.status == row.status)
+            .values(status=target.value, updated_at_us=ts, **values)
+        )
+        if changed.rowcount != 1:
+            raise Aborted("the withdrawal changed concurrently, retry", "CONFLICT")
+        return _Row({**row._asdict(), "status": target.value, "updated_at_us": ts, **values})
+
+    async def _release(self, uow: UnitOfWork, row: Any) -> None:
+        """Diamonds back to available and the day's gross back under the maximum (FAILED / REJECTED)."""
+        c = creators.c
+        await uow.conn.execute(
+            update(creators)
+            .where(c.creator_id == row.creator_id)
+            .values(
+                diamonds_held=c.diamonds_held - row.diamonds,
+                diamonds_available=c.diamonds_available + row.diamonds,
+                updated_at_us=now_us(),
+            )
+        )
+        d = daily_withdrawals.c
+        await uow.conn.execute(
+            update(daily_withdrawals)
+            .where(d.creator_id == row.creator_id, d.day == row.day, d.currency_code == row.currency_code)
+            .values(gross_minor=d.gross_minor - row.gross_minor)
+        )
+
+    async def approve_withdrawal(self, req: payout_pb2.ApproveWithdrawalRequest, operator: str) -> Any:
+        """An operator approves a reviewed withdrawal; refused while the creator's balance is negative."""
+        require_id(req.withdrawal_id, "withdrawal_id")
+
+        async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
+            row = await self._load_withdrawal(uow, req.withdrawal_id)
+            balance = (
+                await uow.conn.execute(
+                    select(creators.c.diamonds_available).where(creators.c.creator_id == row.creator_id)
+                )
+            ).scalar_one()
+            if balance < 0:
+                raise FailedPrecondition(
+                    "withdrawals are held while the balance is negative (clawback)", "BALANCE_NEGATIVE"
+                )
+            moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
+            return _withdrawal_pb(moved)
+
+        return await run_idempotent(self.db, common.idempotency, "ApproveWithdrawal", req, payout_pb2.Withdrawal, work)
+
+    async def reject_withdrawal(self, req: payout_pb2.RejectWithdrawalRequest, operator: str) -> Any:
+        """An operator rejects a reviewed withdrawal: the diamonds are released."""
+        require_id(req.withdrawal_id, "withdrawal_id")
+        if len(req.reason) > 200:
+            raise InvalidArgument("reason must be at most 200 characters", "INVALID_REASON")
+
+        async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
+            row = await self._load_withdrawal(uow, req.withdrawal_id)
+            moved = await self._move(
+                uow, row, WithdrawalStatus.REJECTED, reviewed_by=operator, failure_reason=req.reason or "rejected"
+            )
+            await self._release(uow, moved)
+            await self._withdrawal_event(uow, _SUBJECT[WithdrawalStatus.REJECTED], moved, moved.failure_reason)
+            return _withdrawal_pb(moved)
+
+        return await run_idempotent(self.db, common.idempotency, "RejectWithdrawal", req, payout_pb2.Withdrawal, work)
+
+    async def get_withdrawal(self, withdrawal_id: str) -> payout_pb2.Withdrawal:
+        """One withdrawal."""
+        require_id(withdrawal_id, "withdrawal_id")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            return _withdrawal_pb(await self._load_withdrawal(uow, withdrawal_id))
+
+    async def list_withdrawals(self, req: payout_pb2.ListWithdrawalsRequest) -> payout_pb2.ListWithdrawalsResponse:
+        """A creator's withdrawals, newest first, keyset-paginated."""
+        require_id(req.creator_id, "creator_id")
+        size = _page_size(req.page_size)
+        w = withdrawals.c
+        q = select(withdrawals).where(w.creator_id == req.creator_id)
+        if req.page_token:
+            ts, key = _decode_token(req.page_token)
+            q = q.where(or_(w.requested_at_us < ts, and_(w.requested_at_us == ts, w.withdrawal_id < key)))
+        q = q.order_by(w.requested_at_us.desc(), w.withdrawal_id.desc()).limit(size + 1)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(q)).all()
+        out = payout_pb2.ListWithdrawalsResponse(withdrawals=[_withdrawal_pb(r) for r in rows[:size]])
+        if len(rows) > size:
+            out.next_page_token = _encode_token(rows[size - 1].requested_at_us, rows[size - 1].withdrawal_id)
+        return out
+
+    # ---- payout provider -------------------------------------------------------------------
+
+    async def dispatcher(self, stop: Any) -> None:
+        """Background loop: hand APPROVED withdrawals to the provider, outside any transaction."""
+        assert self.settings is not None
+        while not stop.is_set():
+            try:
+                await self.dispatch_once()
+            except Exception as exc:  # noqa: BLE001 - the next round retries; submissions are idempotent
+                log.warning("payout dispatch failed, retrying", extra={"error": repr(exc)})
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.dispatch_interval_s)
+            except TimeoutError:
+                pass
+
+    async def dispatch_once(self) -> int:
+        """Submit up to a batch of APPROVED withdrawals; returns how many were submitted."""
+        assert self.provider is not None and self.settings is not None
+        w, m = withdrawals.c, payout_methods.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (
+                await uow.conn.execute(
+                    select(withdrawals, m.provider_token)
+                    .join(payout_methods, m.method_id == w.method_id)
+                    .where(w.status == WithdrawalStatus.APPROVED.value)
+                    .order_by(w.requested_at_us)
+                    .limit(self.settings.dispatch_batch_size_max)
+                )
+            ).all()
+        for row in rows:
+            sub = self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code)
+            async with self.db.unit_of_work() as uow:
+                # Only if still APPROVED: a callback may already have settled it.
+                await uow.conn.execute(
+                    update(withdrawals)
+                    .where(w.withdrawal_id == row.withdrawal_id, w.status == WithdrawalStatus.APPROVED.value)
+                    .values(
+                        status=WithdrawalStatus.PROCESSING.value, provider_ref=sub.provider_ref, updated_at_us=now_us()
+                    )
+                )
+                await uow.commit()
+            if sub.callback is not None:
+                payload, signature = sub.callback
+                try:
+                    await self.handle_payout_event(
+                        payout_pb2.HandlePayoutEventRequest(
+                            provider=self.provider.name, payload=payload, signature=signature
+                        )
+                    )
+                except DomainError as exc:
+                    log.warning("dev payout callback refused", extra={"reason": exc.reason})
+        return len(rows)
+
+    async def handle_payout_event(self, req: payout_pb2.HandlePayoutEventRequest) -> Any:
+        """Verify a payout callback and apply it once: PAID (diamonds gone) or FAILED (diamonds back)."""
+        assert self.provider is not None
+        if req.provider != self.provider.name:
+            raise InvalidArgument("unknown payout provider", "UNKNOWN_PROVIDER", provider=req.provider)
+        event = self.provider.parse_callback(req.payload, req.signature)
+        try:
+            return await self._apply_payout_event(event)
+        except IntegrityError:
+            # A concurrent delivery of the same provider event committed first.
+            return payout_pb2.HandlePayoutEventResponse(
+                provider_event_id=event.provider_event_id,
+                withdrawal=await self.get_withdrawal(event.withdrawal_id),
+                duplicate=True,
+            )
+
+    async def _apply_payout_event(self, event: PayoutEvent) -> payout_pb2.HandlePayoutEventResponse:
+        assert self.provider is not None
+        async with self.db.unit_of_work() as uow:
+            row = await self._load_withdrawal(uow, event.withdrawal_id)
+            pe = payout_events.c
+            seen = (
+                await uow.conn.execute(
+                    select(pe.withdrawal_id).where(
+                        pe.provider == self.provider.name, pe.provider_event_id == event.provider_event_id
+                    )
+                )
+            ).first()
+            if seen is not None or row.status == event.target.value:
+                return payout_pb2.HandlePayoutEventResponse(
+                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
+                )
+            if event.amount_minor != row.net_minor or event.currency_code != row.currency_code:
+                raise InvalidArgument("callback amount or currency differs from the withdrawal", "AMOUNT_MISMATCH")
+            ts = now_us()
+            await uow.conn.execute(
+                insert(payout_events).values(
+                    provider=self.provider.name,
+                    provider_event_id=event.provider_event_id,
+                    withdrawal_id=row.withdrawal_id,
+                    event_type=event.event_type,
+                    received_at_us=ts,
+                )
+            )
+            c = creators.c
+            if event.target is WithdrawalStatus.PAID:
+                moved = await self._move(uow, row, WithdrawalStatus.PAID, paid_at_us=ts)
+                await uow.conn.execute(
+                    update(creators)
+                    .where(c.creator_id == row.creator_id)
+                    .values(
+                        diamonds_held=c.diamonds_held - row.diamonds,
+                        diamonds_withdrawn=c.diamonds_withdrawn + row.diamonds,
+                        updated_at_us=ts,
+                    )
+                )
+            else:
+                moved = await self._move(
+                    uow, row, WithdrawalStatus.FAILED, failure_reason=event.failure_reason or "payout failed"
+                )
+                await self._release(uow, moved)
+            await self._withdrawal_event(uow, _SUBJECT[event.target], moved, moved.failure_reason)
+            await uow.commit()
+        return payout_pb2.HandlePayoutEventResponse(
+            provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(moved), duplicate=False
+        )
+
+    # ---- clawback ------------------------------------------------------------------------
+
+    async def claw_back(self, uow: UnitOfWork, events: list[wallet_events.PurchaseReversed]) -> None:
+        """Consumer of wallet.purchase.reversed: take back the diamonds the reversed coins earned.
+
+        Attribution (domain.attribute_reversal): the sender's newest earnings first, up to the
+        reversed coins, at the share each was credited at. The balance may go negative; one
+        clawback entry per reversal per creator records it.
+        """
+        assert self.settings is not None
+        e = earnings.c
+        for ev in events:
+            check(ev.coins > 0 and bool(ev.user_id), f"reversal {ev.event_id} has coins and a user")
+            rows = (
+                await uow.conn.execute(
+                    select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp)
+                    .where(e.sender_id == ev.user_id, e.coins_clawed_back < e.coins)
+                    .order_by(e.occurred_at_us.desc(), e.event_id.desc())
+                    .limit(self.settings.clawback_rows_max)
+                )
+            ).all()
+            takes = domain.attribute_reversal(
+                ev.coins,
+                [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
+            )
+            by_creator: dict[str, list[int]] = {}
+            for t in takes:
+                changed = await uow.conn.execute(
+                    update(earnings)
+                    .where(e.event_id == t.event_id, e.coins_clawed_back + t.coins <= e.coins)
+                    .values(coins_clawed_back=e.coins_clawed_back + t.coins)
+                )
+                if changed.rowcount != 1:
+                    raise Aborted("an earning was clawed back concurrently, retry", "CONFLICT")
+                acc = by_creator.setdefault(t.creator_id, [0, 0])
+                acc[0] += t.coins
+                acc[1] += t.units
+            ts = now_us()
+            out = []
+            c = creators.c
+            for creator_id, (coins, units) in sorted(by_creator.items()):
+                # Same exact arithmetic as credits: whole diamonds of the accumulated units, remainder kept.
+                whole_after = (c.clawed_units + units) // BP_DENOMINATOR
+                whole_before = c.clawed_units // BP_DENOMINATOR
+                row = (
+                    await uow.conn.execute(
+                        update(creators)
+                        .where(c.creator_id == creator_id)
+                        .values(
+                            clawed_units=c.clawed_units + units,
+                            diamonds_clawed_back=c.diamonds_clawed_back + (whole_after - whole_before),
+                            diamonds_available=c.diamonds_available - (whole_after - whole_before),
+                            updated_at_us=ts,
+                        )
+                        .returning(c.clawed_units)
+                    )
+                ).one()
+                diamonds = domain.credit_delta(row.clawed_units - units, units)
+                await uow.conn.execute(
+                    insert(clawbacks).values(
+                        reversal_event_id=ev.event_id,
+                        creator_id=creator_id,
+                        purchase_id=ev.purchase_id,
+                        sender_id=ev.user_id,
+                        kind=ev.kind or "REVERSED",
+                        coins=coins,
+                        units=units,
+                        diamonds=diamonds,
+                        created_at_us=ts,
+                    )
+                )
+                eid = new_event_id()
+                out.append(
+                    (
+                        "payout.diamonds.clawed_back",
+                        eid,
+                        events_pb2.DiamondsClawedBack(
+                            event_id=eid,
+                            creator_id=creator_id,
+                            purchase_id=ev.purchase_id,
+                            coins=coins,
+                            diamonds=diamonds,
+                            occurred_at=to_timestamp(ts),
+                        ),
+                    )
+                )
+            await self.outbox.add_many(uow, out)
+            log.info(
+                "purchase reversal clawed back",
+                extra={"purchase_id": ev.purchase_id, "creators": len(by_creator), "coins": ev.coins},
+            )
+
+    # ---- statement -----------------------------------------------------------------------
+
+    async def get_statement(self, creator_id: str, year: int) -> payout_pb2.Statement:
+        """Earnings, clawbacks and paid withdrawals by UTC month, for tax records."""
+        require_id(creator_id, "creator_id")
+        if not 2000 <= year <= 2200:
+            raise InvalidArgument("year must be 2000..2200", "INVALID_YEAR")
+        bounds = [
+            int(dt.datetime(year + (m - 1) // 12, (m - 1) % 12 + 1, 1, tzinfo=dt.UTC).timestamp() * 1_000_000)
+            for m in range(1, 14)
+        ]
+        e, cb, w = earnings.c, clawbacks.c, withdrawals.c
+        out = payout_pb2.Statement(creator_id=creator_id, year=year)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            conn = uow.conn
+            cum = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(e.units), 0)).where(
+                        e.creator_id == creator_id, e.credited_at_us < bounds[0]
+                    )
+                )
+            ).scalar_one()
+            cum = int(cum)
+            for month in range(12):
+                lo, hi = bounds[month], bounds[month + 1]
+                coins, units = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(e.coins), 0), func.coalesce(func.sum(e.units), 0)).where(
+                            e.creator_id == creator_id, e.credited_at_us >= lo, e.credited_at_us < hi
+                        )
+                    )
+                ).one()
+                clawed = (
+                    await conn.execute(
+                        select(func.coalesce(func.sum(cb.diamonds), 0)).where(
+                            cb.creator_id == creator_id, cb.created_at_us >= lo, cb.created_at_us < hi
+                        )
+                    )
+                ).scalar_one()
+                paid = (
+                    await conn.execute(
+                        select(
+                            w.currency_code,
+                            func.sum(w.diamonds),
+                            func.sum(w.gross_minor),
+                            func.sum(w.fee_minor),
+                            func.sum(w.net_minor),
+                        )
+                        .where(
+                            w.creator_id == creator_id,
+                            w.status == WithdrawalStatus.PAID.value,
+                            w.paid_at_us >= lo,
+                            w.paid_at_us < hi,
+                        )
+                        .group_by(w.currency_code)
+                        .order_by(w.currency_code)
+                    )
+                ).all()
+                before, cum = cum, cum + int(units)
+                out.months.append(
+                    payout_pb2.StatementMonth(
+                        month=month + 1,
+                        coins_received=int(coins),
+                        earned_units=int(units),
+                        diamonds_earned=cum // BP_DENOMINATOR - before // BP_DENOMINATOR,
+                        diamonds_clawed_back=int(clawed),
+                        paid=[
+                            payout_pb2.StatementPayout(
+                                currency_code=p[0],
+                                diamonds=int(p[1]),
+                                gross_minor=int(p[2]),
+                                fee_minor=int(p[3]),
+                                net_minor=int(p[4]),
+                            )
+                            for p in paid
+                        ],
+                    )
+                )
+        return out
+
+    # ---- audit ---------------------------------------------------------------------------
 
     async def audit(self) -> payout_pb2.PayoutAudit:
-        """Totals for invariants 4 and 5."""
+        """Totals for invariants 4 and 5, and the entries behind held, withdrawn and clawed-back diamonds."""
         c = creators.c
+        w = withdrawals.c
         async with self.db.unit_of_work(readonly=True) as uow:
+            if self.db.dialect == "postgresql":
+                # One snapshot for every total, so a payout settling mid-audit cannot skew them.
+                await uow.conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
             totals = (
                 await uow.conn.execute(
                     select(
@@ -153,6 +981,8 @@ class Payout:
                         func.coalesce(func.sum(c.diamonds_held), 0),
                         func.coalesce(func.sum(c.diamonds_withdrawn), 0),
                         func.coalesce(func.sum(c.diamonds_clawed_back), 0),
+                        func.coalesce(func.sum(c.clawed_units), 0),
+                        func.coalesce(func.sum(c.clawed_units % BP_DENOMINATOR), 0),
                     )
                 )
             ).one()
@@ -165,6 +995,19 @@ class Payout:
                     )
                 )
             ).one()
+            open_ = (
+                await uow.conn.execute(
+                    select(func.count(), func.coalesce(func.sum(w.diamonds), 0)).where(
+                        w.status.in_([s.value for s in OPEN_STATUSES])
+                    )
+                )
+            ).one()
+            paid = (
+                await uow.conn.execute(
+                    select(func.coalesce(func.sum(w.diamonds), 0)).where(w.status == WithdrawalStatus.PAID.value)
+                )
+            ).scalar_one()
+            clawed = (await uow.conn.execute(select(func.coalesce(func.sum(clawbacks.c.diamonds), 0)))).scalar_one()
             pending = await self.outbox.pending(uow)
         events, units_by_event, coins_by_event = ledger
         return payout_pb2.PayoutAudit(
@@ -180,4 +1023,20 @@ class Payout:
             outbox_pending=pending,
             # Creator rows vs the per-event record: 0 when they agree on units and coins.
             ledger_sum=int(totals[1]) - int(units_by_event) + int(totals[0]) - int(coins_by_event),
+            clawed_units=int(totals[8]),
+            clawback_remainder_units=int(totals[9]),
+            withdrawals_pending=int(open_[0]),
+            diamonds_in_open_withdrawals=int(open_[1]),
+            diamonds_in_paid_withdrawals=int(paid),
+            diamonds_in_clawback_entries=int(clawed),
         )
+
+
+class _Row:
+    """A row built in Python that reads like a SQLAlchemy row (attributes and _asdict)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def _asdict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

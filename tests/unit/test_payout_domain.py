@@ -1,8 +1,10 @@
 """Diamond arithmetic: exact, order-independent, nothing lost to rounding."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.payout import domain
 
 coins = st.integers(min_value=1, max_value=35_000 * 9_999)
@@ -34,3 +36,71 @@ def test_half_of_an_odd_coin_is_kept_as_a_remainder() -> None:
 def test_a_batch_is_summed_into_one_write_per_creator() -> None:
     batch = [domain.Earning("a", 1, 5_000), domain.Earning("b", 2, 10_000), domain.Earning("a", 3, 15_000)]
     assert domain.per_creator(batch) == {"a": (4, 20_000), "b": (2, 10_000)}
+
+
+# ---- withdrawals, methods, clawback attribution ------------------------------------------
+
+USD = domain.DEFAULT_TERMS
+
+
+def test_gross_fee_and_net_are_exact_and_the_percentage_fee_rounds_down() -> None:
+    a = domain.withdrawal_amounts(20_002, domain.CurrencyTerms("USD", 200, 100, 0, 10**9, 30, 0), fee_bp=250)
+    assert a.gross_minor == 10_001
+    assert a.fee_minor == 30 + 10_001 * 250 // 10_000  # 250.025 cents rounds down to 250
+    assert a.net_minor == a.gross_minor - a.fee_minor
+
+
+def test_diamonds_not_worth_whole_cents_are_refused_instead_of_rounded() -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        domain.withdrawal_amounts(20_001, USD, 0)
+    assert exc.value.reason == "DIAMONDS_NOT_WHOLE_CASH"
+
+
+@given(st.integers(min_value=1, max_value=10**9).map(lambda n: n * 2), st.integers(0, 5_000), st.integers(0, 500))
+def test_net_plus_fee_is_always_the_gross(diamonds, fee_bp, fixed) -> None:  # type: ignore[no-untyped-def]
+    terms = domain.CurrencyTerms("USD", 200, 100, 0, 10**15, fixed, 0)
+    a = domain.withdrawal_amounts(diamonds, terms, fee_bp)
+    assert a.gross_minor * 200 == diamonds * 100
+    assert a.net_minor + a.fee_minor == a.gross_minor
+    assert a.fee_minor <= fixed + a.gross_minor * fee_bp / 10_000
+
+
+def test_limits_name_their_reason() -> None:
+    with pytest.raises(FailedPrecondition) as low:
+        domain.check_withdrawal_limits(domain.withdrawal_amounts(19_998, USD, 0), USD)
+    assert low.value.reason == "BELOW_MINIMUM_WITHDRAWAL"
+    with pytest.raises(ResourceExhausted) as high:
+        domain.check_withdrawal_limits(domain.withdrawal_amounts(200_002, USD, 0), USD)
+    assert high.value.reason == "DAILY_WITHDRAWAL_LIMIT"
+
+
+@pytest.mark.parametrize(
+    ("share", "fee", "reason"), [(-1, 0, "INVALID_SHARE"), (10_001, 0, "INVALID_SHARE"), (5_000, -1, "INVALID_FEE")]
+)
+def test_a_policy_outside_its_ranges_is_refused(share: int, fee: int, reason: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        domain.check_policy(share, fee, [USD])
+    assert exc.value.reason == reason
+
+
+def test_masks_keep_only_the_last_four_characters() -> None:
+    iban, masked = domain.normalize_bank("de89 3704 0044 0532 0130 00", "", "", "A")
+    assert iban == "DE89370400440532013000"
+    assert "0532013" not in masked and masked.endswith("3000")
+    email, masked_email = domain.normalize_paypal("Jane.Doe@Example.com")
+    assert email == "jane.doe@example.com" and "Jane" not in masked_email and "ane.Doe" not in masked_email
+
+
+def test_a_reversal_takes_the_senders_newest_earnings_first_up_to_its_coins() -> None:
+    rows = [
+        domain.EarningRow("new", "a", 300, 5_000),
+        domain.EarningRow("mid", "b", 500, 6_000),
+        domain.EarningRow("old", "a", 900, 5_000),
+    ]
+    takes = domain.attribute_reversal(700, rows)
+    assert [(t.event_id, t.coins, t.units) for t in takes] == [("new", 300, 1_500_000), ("mid", 400, 2_400_000)]
+
+
+def test_a_reversal_larger_than_what_was_gifted_takes_only_what_was_gifted() -> None:
+    takes = domain.attribute_reversal(700, [domain.EarningRow("only", "a", 100, 5_000)])
+    assert sum(t.coins for t in takes) == 100

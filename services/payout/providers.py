@@ -1,0 +1,140 @@
+"""Payout-provider adapters: account tokens and transfers out, signed callbacks in.
+
+Mirrors the wallet's payment provider. The development provider behaves like a real one: it
+tokenizes an account (the full number never reaches our database), accepts a transfer keyed by
+the withdrawal id (so a repeated submission is harmless) and reports the outcome with a signed
+callback (PAID, or FAILED for accounts made to fail: an e-mail at `fail.invalid`, or a bank
+account ending in 0000).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common import signing
+from services.common.errors import InvalidArgument
+from services.payout.domain import WithdrawalStatus
+
+PAYLOAD_BYTES_MAX = 64 * 1024
+
+# Provider event types -> the withdrawal status they lead to.
+EVENT_TYPES: dict[str, WithdrawalStatus] = {
+    "payout.paid": WithdrawalStatus.PAID,
+    "payout.failed": WithdrawalStatus.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The provider's answer to a transfer, and (dev only) the callback it will send."""
+
+    provider_ref: str
+    callback: tuple[bytes, str] | None  # (payload, signature)
+
+
+@dataclass(frozen=True)
+class PayoutEvent:
+    """A verified, parsed payout callback."""
+
+    provider_event_id: str
+    event_type: str
+    target: WithdrawalStatus
+    withdrawal_id: str
+    amount_minor: int
+    currency_code: str
+    failure_reason: str
+
+
+class PayoutProvider(Protocol):
+    """What payout needs of a payout provider."""
+
+    name: str
+
+    def tokenize(self, kind: str, account: str) -> str:
+        """Vault an account and return the token transfers are made to."""
+        ...
+
+    def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+        """Start a transfer, idempotent by withdrawal id."""
+        ...
+
+    def parse_callback(self, payload: bytes, signature: str) -> PayoutEvent:
+        """Verify and parse a callback, or raise UNAUTHENTICATED / INVALID_ARGUMENT."""
+        ...
+
+
+class DevPayoutProvider:
+    """A development provider with real signatures and deterministic outcomes."""
+
+    name = "dev"
+
+    def __init__(self, secret: bytes, tolerance_s: int, auto_callback: bool) -> None:
+        self.secret = secret
+        self.tolerance_s = tolerance_s
+        self.auto_callback = auto_callback
+
+    def tokenize(self, kind: str, account: str) -> str:
+        """A keyed digest stands in for the provider's vault; `_fail` marks accounts made to fail."""
+        digest = hmac.new(self.secret, f"{kind}:{account}".encode(), hashlib.sha256).hexdigest()[:32]
+        fails = account.endswith("@fail.invalid") or account.endswith("0000")
+        return f"tok_dev_{'fail_' if fails else ''}{digest}"
+
+    def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+        """The transfer reference derives from the withdrawal, so a retried submission is the same one."""
+        ref = f"po_dev_{withdrawal_id}"
+        if not self.auto_callback:
+            return Submission(ref, None)
+        fails = token.startswith("tok_dev_fail_")
+        payload = dev_payout_payload(
+            f"evt_{ref}",
+            "payout.failed" if fails else "payout.paid",
+            withdrawal_id,
+            amount_minor,
+            currency_code,
+            "account closed" if fails else "",
+        )
+        return Submission(ref, (payload, signing.sign(self.secret, payload)))
+
+    def parse_callback(self, payload: bytes, signature: str) -> PayoutEvent:
+        """Verify the signature first, then the body's shape."""
+        if len(payload) > PAYLOAD_BYTES_MAX:
+            raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
+        signing.verify(self.secret, payload, signature, self.tolerance_s)
+        try:
+            body = json.loads(payload)
+            event = PayoutEvent(
+                provider_event_id=str(body["id"]),
+                event_type=str(body["type"]),
+                target=EVENT_TYPES[body["type"]],
+                withdrawal_id=str(body["withdrawal_id"]),
+                amount_minor=int(body["amount_minor"]),
+                currency_code=str(body["currency_code"]),
+                failure_reason=str(body.get("failure_reason", ""))[:200],
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument("callback body is not a valid payout event", "MALFORMED_PAYLOAD") from None
+        if not event.provider_event_id or len(event.provider_event_id) > 128:
+            raise InvalidArgument("callback event id missing or too long", "MALFORMED_PAYLOAD")
+        return event
+
+
+def dev_payout_payload(
+    event_id: str, event_type: str, withdrawal_id: str, amount_minor: int, currency_code: str, failure_reason: str = ""
+) -> bytes:
+    """The body the development payout provider sends (used by the provider itself and tests)."""
+    return json.dumps(
+        {
+            "id": event_id or uuid.uuid4().hex,
+            "type": event_type,
+            "withdrawal_id": withdrawal_id,
+            "amount_minor": amount_minor,
+            "currency_code": currency_code,
+            "failure_reason": failure_reason,
+        },
+        separators=(",", ":"),
+    ).encode()
