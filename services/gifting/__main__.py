@@ -8,19 +8,25 @@ from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.audit import audit_registration, table_query
+from services.common.auth import OperatorAuth
 from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration
 from services.gifting.config import GiftingSettings
+from services.gifting.feed import FeedHub
+from services.gifting.readmodels import ReadModels
 from services.gifting.server import GiftingServicer
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
 
 
 async def wire(rt: Runtime) -> Wiring:
-    """Build the gifting use cases, the wallet client and the sweeper."""
+    """Build the use cases, the wallet client, the sweeper, the read-model consumer and the live feed."""
     settings: GiftingSettings = rt.settings
     channel = make_channel(settings.wallet_addr, settings.outgoing_deadline_s)
-    gifting = Gifting(rt.db, rt.outbox, wallet_pb2_grpc.WalletServiceStub(channel), settings)
+    feed = FeedHub(rt.bus, settings.watchers_max, settings.watch_queue_size_max)
+    gifting = Gifting(rt.db, rt.outbox, wallet_pb2_grpc.WalletServiceStub(channel), settings, feed)
+    read_models = ReadModels(rt.db)
+    servicer = GiftingServicer(gifting, read_models, OperatorAuth(settings.operator_token))
     name = gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name
 
     async def close() -> None:
@@ -28,7 +34,7 @@ async def wire(rt: Runtime) -> Wiring:
 
     return Wiring(
         [
-            ServiceRegistration(gifting_pb2_grpc.add_GiftingServiceServicer_to_server, GiftingServicer(gifting), name),
+            ServiceRegistration(gifting_pb2_grpc.add_GiftingServiceServicer_to_server, servicer, name),
             audit_registration(
                 {
                     "gifts": table_query(
@@ -42,7 +48,8 @@ async def wire(rt: Runtime) -> Wiring:
                 }
             ),
         ],
-        background=[gifting.sweeper],
+        subscriptions=[read_models.subscription()],
+        background=[gifting.sweeper, feed.run],
         close=close,
     )
 

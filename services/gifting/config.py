@@ -19,3 +19,12 @@ class GiftingSettings(ServiceSettings):
     pending_timeout_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     sweep_batch_size_max: int = Field(default=100, ge=1, le=10_000)
+    # Tips: a free coin amount up to this, with an optional message of at most this many characters.
+    tip_coins_max: int = Field(default=100_000, ge=1, le=10_000_000)
+    tip_message_chars_max: int = Field(default=150, ge=0, le=500)
+    content_price_coins_max: int = Field(default=1_000_000, ge=1, le=10_000_000)
+    # WatchStream: how many feeds one replica serves, how many items may wait for a slow client
+    # before its feed is ended (it re-watches), and the gap that ends a combo streak.
+    watchers_max: int = Field(default=10_000, ge=1, le=1_000_000)
+    watch_queue_size_max: int = Field(default=1_000, ge=1, le=100_000)
+    combo_window_s: float = Field(default=10.0, gt=0, le=3600)

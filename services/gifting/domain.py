@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from services.common.errors import FailedPrecondition, InvalidArgument, check
@@ -73,3 +74,132 @@ def check_can_gift(stream_status: str, creator_id: str, sender_id: str) -> None:
         raise FailedPrecondition("the stream is not live", "STREAM_NOT_LIVE")
     if creator_id == sender_id:
         raise FailedPrecondition("creators cannot send gifts to themselves", "SELF_GIFT")
+
+
+GIFT_ID_MAX = 64
+GIFT_NAME_MAX = 100
+GIFT_PRICE_COINS_MAX = 1_000_000
+LEADERBOARD_LIMIT_DEFAULT = 10
+LEADERBOARD_LIMIT_MAX = 100
+LEADERBOARD_WINDOW_DAYS = 7
+STATS_WINDOW_DAYS_DEFAULT = 7
+STATS_WINDOW_DAYS_MAX = 92  # a quarter of hourly rows at most per query
+STATS_ROWS_MAX = 1_000  # rows per section of GetCreatorStats
+US_PER_HOUR = 3_600_000_000
+US_PER_DAY = 24 * US_PER_HOUR
+
+
+class Scope(StrEnum):
+    """Whose leaderboard: one stream's, or a creator's across streams, tips and unlocks."""
+
+    STREAM = "STREAM"
+    CREATOR = "CREATOR"
+
+
+def tip_coins(coins: int, tip_coins_max: int) -> int:
+    """A tip's coins; INVALID_TIP_AMOUNT outside 1..tip_coins_max."""
+    if coins < 1 or coins > tip_coins_max:
+        raise InvalidArgument(f"a tip is 1..{tip_coins_max} coins", "INVALID_TIP_AMOUNT", tip_coins_max=tip_coins_max)
+    return coins
+
+
+def tip_message(message: str, chars_max: int) -> str:
+    """A tip's message; MESSAGE_TOO_LONG above chars_max, INVALID_MESSAGE with control characters."""
+    if len(message) > chars_max:
+        raise InvalidArgument(f"a tip message is at most {chars_max} characters", "MESSAGE_TOO_LONG")
+    if not message.isprintable():
+        raise InvalidArgument("a tip message must be printable text", "INVALID_MESSAGE")
+    return message
+
+
+def leaderboard_limit(limit: int) -> int:
+    """The page size: default when 0, INVALID_LIMIT outside 1..LEADERBOARD_LIMIT_MAX."""
+    if limit == 0:
+        return LEADERBOARD_LIMIT_DEFAULT
+    if limit < 0 or limit > LEADERBOARD_LIMIT_MAX:
+        raise InvalidArgument(f"limit must be 1..{LEADERBOARD_LIMIT_MAX}", "INVALID_LIMIT")
+    return limit
+
+
+def check_eligible(role: str, may_spend: bool, blocked: bool) -> None:
+    """ACCOUNT_BLOCKED or UNDERAGE unless the wallet says this sender or creator may take part."""
+    if blocked:
+        raise FailedPrecondition(f"the {role}'s account is blocked", "ACCOUNT_BLOCKED", role=role)
+    if not may_spend:
+        # The wallet's may_spend is "adult and not blocked"; not blocked here, so the age failed.
+        raise FailedPrecondition(f"the {role} is under the required age", "UNDERAGE", role=role)
+
+
+def stats_window_us(from_us: int | None, to_us: int | None, now: int) -> tuple[int, int]:
+    """[from, to) of a stats query: defaults to the last 7 days, at most 92 days."""
+    to = to_us if to_us is not None else now
+    start = from_us if from_us is not None else to - STATS_WINDOW_DAYS_DEFAULT * US_PER_DAY
+    if start >= to:
+        raise InvalidArgument("from must be before to", "INVALID_WINDOW")
+    if to - start > STATS_WINDOW_DAYS_MAX * US_PER_DAY:
+        raise InvalidArgument(f"the window is at most {STATS_WINDOW_DAYS_MAX} days", "INVALID_WINDOW")
+    return start, to
+
+
+@dataclass(frozen=True)
+class SentCoins:
+    """What the read models need of one gifting.gift.sent event."""
+
+    kind: str
+    stream_id: str
+    creator_id: str
+    sender_id: str
+    gift_id: str
+    coins: int
+    occurred_at_us: int
+
+
+@dataclass
+class BatchTotals:
+    """A batch of sent coins folded to one delta per read-model key."""
+
+    all_time: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (scope, id, sender)
+    daily: dict[tuple[str, str, int, str], int] = field(default_factory=dict)  # (scope, id, day, sender)
+    hourly: dict[tuple[str, int, str, str, str], list[int]] = field(default_factory=dict)  # -> [coins, events]
+
+
+def fold(events: list[SentCoins]) -> BatchTotals:
+    """Fold a batch so the consumer writes once per key, not once per gift."""
+    out = BatchTotals()
+    for e in events:
+        check(e.coins > 0, "sent coins are positive")
+        day = e.occurred_at_us // US_PER_DAY
+        scopes = [(Scope.CREATOR.value, e.creator_id)]
+        if e.stream_id:
+            scopes.append((Scope.STREAM.value, e.stream_id))
+        for scope, scope_id in scopes:
+            k = (scope, scope_id, e.sender_id)
+            out.all_time[k] = out.all_time.get(k, 0) + e.coins
+            d = (scope, scope_id, day, e.sender_id)
+            out.daily[d] = out.daily.get(d, 0) + e.coins
+        h = (e.creator_id, e.occurred_at_us // US_PER_HOUR, e.stream_id, e.kind, e.gift_id)
+        acc = out.hourly.setdefault(h, [0, 0])
+        acc[0] += e.coins
+        acc[1] += 1
+    return out
+
+
+class ComboTracker:
+    """Counts a sender's streak of one gift: the streak ends after a gap or another gift."""
+
+    STREAKS_MAX = 10_000  # bounded memory per feed
+
+    def __init__(self, window_us: int) -> None:
+        self.window_us = window_us
+        self._last: dict[str, tuple[str, int, int]] = {}  # sender -> (gift_id, last_at_us, count)
+
+    def add(self, sender_id: str, gift_id: str, quantity: int, at_us: int) -> int:
+        """Record a gift and return the streak's quantity so far, this gift included."""
+        prev = self._last.get(sender_id)
+        count = quantity
+        if prev is not None and prev[0] == gift_id and 0 <= at_us - prev[1] <= self.window_us:
+            count += prev[2]
+        if sender_id not in self._last and len(self._last) >= self.STREAKS_MAX:
+            self._last.pop(next(iter(self._last)))
+        self._last[sender_id] = (gift_id, at_us, count)
+        return count

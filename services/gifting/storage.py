@@ -1,5 +1,7 @@
 """Gifting tables (SQLAlchemy Core)."""
 
+from typing import Any
+
 from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, text
 
 from services.common.tables import add_common_tables
@@ -15,6 +17,7 @@ gifts = Table(
     Column("price_coins", BigInteger, nullable=False),
     Column("active", Boolean, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    Column("updated_by", String(128), nullable=True),  # the operator of the last change
 )
 
 streams = Table(
@@ -57,7 +60,82 @@ gift_events = Table(
     Column("status", String(16), nullable=False),
     Column("cancel_reason", String(64), nullable=True),
     Column("sender_balance_after", BigInteger, nullable=True),
+    Column("message", String(500), nullable=True),  # a tip's message
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
 )
 Index("ix_gift_events_status_updated", gift_events.c.status, gift_events.c.updated_at_us)
+
+# Exclusive content and paid features a creator sells for coins.
+contents = Table(
+    "contents",
+    metadata,
+    Column("content_id", String(64), primary_key=True),
+    Column("creator_id", String(128), nullable=False, index=True),
+    Column("title", String(200), nullable=False),
+    Column("price_coins", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+# One unlock per (content, user), claimed when the unlock is recorded PENDING: two concurrent
+# unlocks with different keys cannot both charge. A cancelled unlock deletes its claim.
+content_unlocks = Table(
+    "content_unlocks",
+    metadata,
+    Column("content_id", String(64), primary_key=True),
+    Column("user_id", String(128), primary_key=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("created_at_us", BigInteger, nullable=False),
+)
+
+# Read models fed by the gifting.gift.sent consumer, one row per key, added to once per batch.
+# scope is STREAM or CREATOR.
+leaderboard_all_time = Table(
+    "leaderboard_all_time",
+    metadata,
+    Column("scope", String(16), primary_key=True),
+    Column("scope_id", String(128), primary_key=True),
+    Column("sender_id", String(128), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+)
+Index(
+    "ix_leaderboard_all_time_rank",
+    leaderboard_all_time.c.scope,
+    leaderboard_all_time.c.scope_id,
+    leaderboard_all_time.c.coins,
+)
+
+leaderboard_daily = Table(
+    "leaderboard_daily",
+    metadata,
+    Column("scope", String(16), primary_key=True),
+    Column("scope_id", String(128), primary_key=True),
+    Column("day", BigInteger, primary_key=True),  # days since the epoch, UTC
+    Column("sender_id", String(128), primary_key=True),
+    Column("coins", BigInteger, nullable=False),
+)
+
+creator_stats_hourly = Table(
+    "creator_stats_hourly",
+    metadata,
+    Column("creator_id", String(128), primary_key=True),
+    Column("hour", BigInteger, primary_key=True),  # hours since the epoch, UTC
+    Column("stream_id", String(64), primary_key=True),  # "" for unlocks
+    Column("kind", String(16), primary_key=True),
+    Column("gift_id", String(64), primary_key=True),  # content id for unlocks, "" for tips
+    Column("coins", BigInteger, nullable=False),
+    Column("events", BigInteger, nullable=False),
+)
+
+
+def upsert_add(dialect: str, table: Table, rows: list[dict[str, Any]], keys: list[str], add: list[str]) -> Any:
+    """INSERT rows, or add their `add` columns to the existing row with the same `keys`."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(table).values(rows)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c[k] for k in keys],
+        set_={c: table.c[c] + stmt.excluded[c] for c in add},
+    )

@@ -16,11 +16,12 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
@@ -36,20 +37,34 @@ from services.common.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    check,
     require_id,
     require_key,
+    require_positive,
 )
 from services.common.idempotency import run_idempotent
-from services.common.outbox import Outbox
+from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
-from services.gifting.storage import common, gift_events, gifts, streams
+from services.gifting.feed import Ended, FeedHub, ShuttingDown
+from services.gifting.storage import (
+    common,
+    content_unlocks,
+    contents,
+    gift_events,
+    gifts,
+    leaderboard_all_time,
+    streams,
+)
 
 log = logging.getLogger(__name__)
 
 TITLE_MAX = 200
+GIFT_SENT_SUBJECT = "gifting.gift.sent"
+STREAM_ENDED_SUBJECT = "gifting.stream.ended"
+FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
 _KIND_PB = {
     GiftKind.GIFT: events_pb2.GIFT_KIND_GIFT,
     GiftKind.TIP: events_pb2.GIFT_KIND_TIP,
@@ -75,6 +90,25 @@ _DEFINITE = {
 }
 
 
+@dataclass(frozen=True)
+class _Party:
+    """Where coins go: a stream ("" for unlocks) and its creator."""
+
+    stream_id: str
+    creator_id: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A new gift row to record, or the gift an earlier unlock of the same content already holds."""
+
+    row: dict[str, Any]
+    existing: bool = False
+
+
+Plan = Callable[[UnitOfWork], Awaitable[_Plan]]
+
+
 @dataclass
 class Gifting:
     """Gifting use cases over its database, outbox and the wallet client."""
@@ -83,6 +117,7 @@ class Gifting:
     outbox: Outbox
     wallet: Any  # WalletServiceStub
     settings: GiftingSettings
+    feed: FeedHub | None = None
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -144,6 +179,11 @@ class Gifting:
                 .where(streams.c.stream_id == req.stream_id)
                 .values(status=StreamStatus.ENDED.value, ended_at_us=ts)
             )
+            event_id = new_event_id()
+            ended = events_pb2.StreamEnded(
+                event_id=event_id, stream_id=row.stream_id, creator_id=row.creator_id, ended_at=to_timestamp(ts)
+            )
+            await self.outbox.add(uow, STREAM_ENDED_SUBJECT, event_id, ended)  # closes live feeds
             await uow.commit()
         return _stream_pb({**row._asdict(), "status": StreamStatus.ENDED.value, "ended_at_us": ts})
 
@@ -156,6 +196,81 @@ class Gifting:
             raise NotFound("unknown stream", "UNKNOWN_STREAM")
         return _stream_pb(row._asdict())
 
+    async def upsert_gift(self, req: gifting_pb2.UpsertGiftRequest, operator: str) -> gifting_pb2.Gift:
+        """Add a gift, reprice it or retire it; gifts already sent keep the price they were sent at."""
+        require_id(req.gift_id, "gift_id")
+        if len(req.gift_id) > domain.GIFT_ID_MAX:
+            raise InvalidArgument(f"gift_id is at most {domain.GIFT_ID_MAX} characters", "INVALID_ID", field="gift_id")
+        if len(req.name) > domain.GIFT_NAME_MAX or not req.name.isprintable():
+            raise InvalidArgument(f"name is 1..{domain.GIFT_NAME_MAX} printable characters", "INVALID_NAME")
+        if req.price_coins != 0:
+            require_positive(req.price_coins, "price_coins", domain.GIFT_PRICE_COINS_MAX)
+
+        async def work(uow: UnitOfWork) -> gifting_pb2.Gift:
+            row = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+            values = {"active": not req.retired, "updated_at_us": now_us(), "updated_by": operator}
+            if req.name:
+                values["name"] = req.name
+            if req.price_coins:
+                values["price_coins"] = req.price_coins
+            if row is None:
+                if not req.name or not req.price_coins:
+                    raise InvalidArgument("a new gift needs a name and a price", "MISSING_FIELD")
+                await uow.conn.execute(insert(gifts).values(gift_id=req.gift_id, **values))
+            else:
+                await uow.conn.execute(update(gifts).where(gifts.c.gift_id == req.gift_id).values(**values))
+            g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).one()
+            log.info("gift catalog changed", extra={"gift_id": g.gift_id, "operator": operator})
+            return gifting_pb2.Gift(gift_id=g.gift_id, name=g.name, price_coins=g.price_coins, active=g.active)
+
+        return await run_idempotent(self.db, common.idempotency, "UpsertGift", req, gifting_pb2.Gift, work)
+
+    # ---- exclusive content ---------------------------------------------------------------
+
+    async def create_content(self, req: gifting_pb2.CreateContentRequest) -> gifting_pb2.Content:
+        """Publish content (or a paid feature) that users unlock for coins."""
+        require_id(req.creator_id, "creator_id")
+        if not req.title or len(req.title) > TITLE_MAX:
+            raise InvalidArgument(f"title is 1..{TITLE_MAX} characters", "INVALID_TITLE")
+        require_positive(req.price_coins, "price_coins", self.settings.content_price_coins_max)
+
+        async def work(uow: UnitOfWork) -> gifting_pb2.Content:
+            row = {
+                "content_id": uuid.uuid4().hex,
+                "creator_id": req.creator_id,
+                "title": req.title,
+                "price_coins": req.price_coins,
+                "created_at_us": now_us(),
+            }
+            await uow.conn.execute(insert(contents).values(**row))
+            return _content_pb(row)
+
+        return await run_idempotent(self.db, common.idempotency, "CreateContent", req, gifting_pb2.Content, work)
+
+    async def check_access(self, user_id: str, content_id: str) -> gifting_pb2.Access:
+        """Whether the user has unlocked the content (an unlock still in flight does not count)."""
+        require_id(user_id, "user_id")
+        require_id(content_id, "content_id")
+        u, g = content_unlocks.c, gift_events.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            if (
+                await uow.conn.execute(select(contents.c.content_id).where(contents.c.content_id == content_id))
+            ).first() is None:
+                raise NotFound("unknown content", "UNKNOWN_CONTENT")
+            row = (
+                await uow.conn.execute(
+                    select(g.updated_at_us)
+                    .select_from(content_unlocks.join(gift_events, u.event_id == g.event_id))
+                    .where(u.content_id == content_id, u.user_id == user_id, g.status == GiftStatus.SENT.value)
+                )
+            ).first()
+        return gifting_pb2.Access(
+            user_id=user_id,
+            content_id=content_id,
+            has_access=row is not None,
+            unlocked_at=to_timestamp(row.updated_at_us) if row is not None else None,
+        )
+
     # ---- the gift saga ---------------------------------------------------------------------
 
     async def send_gift(self, req: gifting_pb2.SendGiftRequest) -> gifting_pb2.GiftReceipt:
@@ -165,56 +280,150 @@ class Gifting:
         require_id(req.gift_id, "gift_id")
         key = require_key(req.idempotency_key)
         digest = hashlib.sha256(f"{req.stream_id}|{req.sender_id}|{req.gift_id}|{req.quantity}".encode()).hexdigest()
-        gift = await self._begin(key, digest, req)
-        if gift["status"] == GiftStatus.SENT.value:
-            return _receipt(gift)
-        return await self._settle(gift)
 
-    async def _begin(self, key: str, digest: str, req: gifting_pb2.SendGiftRequest) -> dict[str, Any]:
-        """Step 1: record the gift PENDING, or find the one this key already started."""
-        for _ in range(2):
+        async def plan(uow: UnitOfWork) -> _Plan:
+            stream = await self._live_stream(uow, req.stream_id, req.sender_id)
+            g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+            if g is None:
+                raise NotFound("unknown gift", "UNKNOWN_GIFT")
+            if not g.active:
+                raise FailedPrecondition("this gift is retired", "GIFT_RETIRED")
+            coins = domain.gift_cost(g.price_coins, req.quantity, self.settings.quantity_max)
+            # The price at send time is kept with the gift: a later reprice does not change it.
+            return _Plan(
+                _new_gift(
+                    key, digest, GiftKind.GIFT, stream, req.sender_id, g.gift_id, req.quantity, g.price_coins, coins
+                )
+            )
+
+        gift, _own = await self._begin(key, digest, plan)
+        return _receipt(await self._settle(gift))
+
+    async def send_tip(self, req: gifting_pb2.SendTipRequest) -> gifting_pb2.GiftReceipt:
+        """Tip a live stream a free amount of coins with an optional short message, once per key."""
+        require_id(req.stream_id, "stream_id")
+        require_id(req.sender_id, "sender_id")
+        key = require_key(req.idempotency_key)
+        coins = domain.tip_coins(req.coins, self.settings.tip_coins_max)
+        message = domain.tip_message(req.message, self.settings.tip_message_chars_max)
+        digest = hashlib.sha256(f"TIP|{req.stream_id}|{req.sender_id}|{coins}|{message}".encode()).hexdigest()
+
+        async def plan(uow: UnitOfWork) -> _Plan:
+            stream = await self._live_stream(uow, req.stream_id, req.sender_id)
+            row = _new_gift(key, digest, GiftKind.TIP, stream, req.sender_id, "", 1, coins, coins)
+            row["message"] = message or None
+            return _Plan(row)
+
+        gift, _own = await self._begin(key, digest, plan)
+        return _receipt(await self._settle(gift))
+
+    async def unlock_content(self, req: gifting_pb2.UnlockContentRequest) -> gifting_pb2.UnlockReceipt:
+        """Unlock content for coins; charged once per user, a second unlock returns the existing access."""
+        require_id(req.user_id, "user_id")
+        require_id(req.content_id, "content_id")
+        key = require_key(req.idempotency_key)
+        digest = hashlib.sha256(f"UNLOCK|{req.content_id}|{req.user_id}".encode()).hexdigest()
+
+        async def plan(uow: UnitOfWork) -> _Plan:
+            content = (await uow.conn.execute(select(contents).where(contents.c.content_id == req.content_id))).first()
+            if content is None:
+                raise NotFound("unknown content", "UNKNOWN_CONTENT")
+            if content.creator_id == req.user_id:
+                raise FailedPrecondition("creators cannot unlock their own content", "SELF_GIFT")
+            claim = (
+                await uow.conn.execute(
+                    select(content_unlocks.c.event_id).where(
+                        content_unlocks.c.content_id == req.content_id, content_unlocks.c.user_id == req.user_id
+                    )
+                )
+            ).first()
+            if claim is not None:
+                existing = (
+                    await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == claim.event_id))
+                ).one()
+                return _Plan(existing._asdict(), existing=True)
+            stream = _Party(stream_id="", creator_id=content.creator_id)
+            price = content.price_coins
+            return _Plan(
+                _new_gift(key, digest, GiftKind.UNLOCK, stream, req.user_id, content.content_id, 1, price, price)
+            )
+
+        gift, own = await self._begin(key, digest, plan)
+        settled = await self._settle(gift)
+        return gifting_pb2.UnlockReceipt(
+            content_id=req.content_id,
+            user_id=req.user_id,
+            gift_event_id=settled["event_id"],
+            coins=settled["coins"],
+            sender_balance=(settled["sender_balance_after"] or 0) if own else 0,
+            status=_STATUS_PB[GiftStatus(settled["status"])],
+            already_unlocked=not own,
+        )
+
+    async def _live_stream(self, uow: UnitOfWork, stream_id: str, sender_id: str) -> _Party:
+        stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == stream_id))).first()
+        if stream is None:
+            raise NotFound("unknown stream", "UNKNOWN_STREAM")
+        domain.check_can_gift(stream.status, stream.creator_id, sender_id)
+        return _Party(stream_id=stream.stream_id, creator_id=stream.creator_id)
+
+    async def _check_eligible(self, sender_id: str, creator_id: str) -> None:
+        """UNDERAGE or ACCOUNT_BLOCKED unless the wallet says both sender and creator may take part."""
+        try:
+            answers = await asyncio.gather(
+                *(
+                    self.wallet.GetAccountRestrictions(
+                        wallet_pb2.GetAccountRestrictionsRequest(user_id=user_id),
+                        timeout=self.settings.outgoing_deadline_s,
+                    )
+                    for user_id in (sender_id, creator_id)
+                )
+            )
+        except grpc.aio.AioRpcError:
+            raise Unavailable(
+                "the wallet did not answer the eligibility check; retry with the same key", "WALLET_UNAVAILABLE"
+            ) from None
+        for role, r in zip(("sender", "creator"), answers, strict=True):
+            domain.check_eligible(role, r.may_spend, r.blocked)
+
+    async def _begin(self, key: str, digest: str, plan: Plan) -> tuple[dict[str, Any], bool]:
+        """Step 1: record the gift PENDING, or find the one this key (or this unlock) already started.
+
+        Returns the gift and whether it is this key's own. Every check runs first without
+        writing, then the eligibility check asks the wallet (no transaction is held open across
+        that call), then the checks run again in the transaction that records the gift.
+        """
+        async with self.db.unit_of_work(readonly=True) as uow:
+            existing = await self._by_key(uow, key, digest)
+            if existing is not None:
+                return existing, True
+            probe = await plan(uow)
+        if probe.existing:
+            return probe.row, False
+        await self._check_eligible(probe.row["sender_id"], probe.row["creator_id"])
+        for _ in range(3):
             try:
                 async with self.db.unit_of_work() as uow:
                     existing = await self._by_key(uow, key, digest)
                     if existing is not None:
-                        return existing
-                    stream = (
-                        await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))
-                    ).first()
-                    if stream is None:
-                        raise NotFound("unknown stream", "UNKNOWN_STREAM")
-                    domain.check_can_gift(stream.status, stream.creator_id, req.sender_id)
-                    g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
-                    if g is None:
-                        raise NotFound("unknown gift", "UNKNOWN_GIFT")
-                    if not g.active:
-                        raise FailedPrecondition("this gift is retired", "GIFT_RETIRED")
-                    coins = domain.gift_cost(g.price_coins, req.quantity, self.settings.quantity_max)
-                    ts = now_us()
-                    row = {
-                        "event_id": uuid.uuid4().hex,
-                        "idempotency_key": key,
-                        "client_key": key,
-                        "request_hash": digest,
-                        "kind": GiftKind.GIFT.value,
-                        "stream_id": stream.stream_id,
-                        "creator_id": stream.creator_id,
-                        "sender_id": req.sender_id,
-                        "gift_id": g.gift_id,
-                        "quantity": req.quantity,
-                        "unit_price_coins": g.price_coins,  # the price at send time
-                        "coins": coins,
-                        "status": GiftStatus.PENDING.value,
-                        "cancel_reason": None,
-                        "sender_balance_after": None,
-                        "created_at_us": ts,
-                        "updated_at_us": ts,
-                    }
-                    await uow.conn.execute(insert(gift_events).values(**row))
+                        return existing, True
+                    p = await plan(uow)
+                    if p.existing:
+                        return p.row, False
+                    await uow.conn.execute(insert(gift_events).values(**p.row))
+                    if p.row["kind"] == GiftKind.UNLOCK.value:
+                        await uow.conn.execute(
+                            insert(content_unlocks).values(
+                                content_id=p.row["gift_id"],
+                                user_id=p.row["sender_id"],
+                                event_id=p.row["event_id"],
+                                created_at_us=p.row["created_at_us"],
+                            )
+                        )
                     await uow.commit()
-                    return row
+                    return p.row, True
             except IntegrityError:
-                continue  # a concurrent call with this key inserted first: resume its gift
+                continue  # a concurrent call with this key (or this unlock) inserted first: resume it
         raise Aborted("the gift is being created concurrently, retry", "CONFLICT")
 
     async def _by_key(self, uow: UnitOfWork, key: str, digest: str) -> dict[str, Any] | None:
@@ -225,8 +434,10 @@ class Gifting:
             raise AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
         return row._asdict()
 
-    async def _settle(self, gift: dict[str, Any]) -> gifting_pb2.GiftReceipt:
-        """Steps 2 and 3: spend the coins, then mark the gift sent with its event."""
+    async def _settle(self, gift: dict[str, Any]) -> dict[str, Any]:
+        """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks)."""
+        if gift["status"] == GiftStatus.SENT.value:
+            return gift
         kind = GiftKind(gift["kind"])
         try:
             spent = await self.wallet.Spend(
@@ -252,9 +463,10 @@ class Gifting:
                 "the wallet did not answer; retry with the same key",
                 "WALLET_UNAVAILABLE",
                 gift_event_id=gift["event_id"],
+                wallet_code=exc.code().name,
             ) from None
         faults.point("gifting.after_spend_before_commit")
-        return _receipt(await self._mark_sent(gift["event_id"], spent.balance_after))
+        return await self._mark_sent(gift["event_id"], spent.balance_after)
 
     async def _mark_sent(self, event_id: str, balance_after: int | None) -> dict[str, Any]:
         """PENDING -> SENT and the gift.sent event, in one transaction; exactly one caller wins."""
@@ -267,16 +479,16 @@ class Gifting:
             )
             row = (await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == event_id))).one()
             if changed.rowcount == 1:
-                await self.outbox.add(uow, "gifting.gift.sent", event_id, _gift_sent_event(row._asdict()))
+                await self.outbox.add(uow, GIFT_SENT_SUBJECT, event_id, _gift_sent_event(row._asdict()))
                 await uow.commit()
             elif row.status != GiftStatus.SENT.value:
                 raise FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
         return row._asdict()
 
     async def _cancel(self, event_id: str, reason: str) -> None:
-        """PENDING -> CANCELLED; frees the client's key so a retry may start a new gift."""
+        """PENDING -> CANCELLED; frees the client's key (and an unlock's claim) so a retry may start anew."""
         async with self.db.unit_of_work() as uow:
-            await uow.conn.execute(
+            changed = await uow.conn.execute(
                 update(gift_events)
                 .where(gift_events.c.event_id == event_id, gift_events.c.status == GiftStatus.PENDING.value)
                 .values(
@@ -286,6 +498,8 @@ class Gifting:
                     updated_at_us=now_us(),
                 )
             )
+            if changed.rowcount == 1:
+                await uow.conn.execute(delete(content_unlocks).where(content_unlocks.c.event_id == event_id))
             await uow.commit()
 
     async def sweep_once(self) -> int:
@@ -336,28 +550,91 @@ class Gifting:
             except TimeoutError:
                 pass
 
+    # ---- live feed ---------------------------------------------------------------------------
+
+    async def watch_stream(
+        self, stream_id: str, on_ready: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[gifting_pb2.StreamFeedItem]:
+        """Each gift and tip of a stream as it lands; a last item when the stream ends."""
+        require_id(stream_id, "stream_id")
+        check(self.feed is not None, "the live feed is wired")
+        assert self.feed is not None
+        ended = gifting_pb2.StreamFeedItem(stream_ended=True)
+        with self.feed.watch(stream_id) as watcher:  # registered before the status read: no gap
+            stream = await self.get_stream(stream_id)
+            await on_ready()
+            if stream.status == gifting_pb2.STREAM_STATUS_ENDED:
+                yield ended
+                return
+            combos = domain.ComboTracker(int(self.settings.combo_window_s * 1_000_000))
+            while True:
+                item = await watcher.next(FEED_STATUS_CHECK_S)
+                if item is None:
+                    if (await self.get_stream(stream_id)).status == gifting_pb2.STREAM_STATUS_ENDED:
+                        yield ended  # the end event was missed (core NATS is at most once)
+                        return
+                    continue
+                if item is Ended:
+                    yield ended
+                    return
+                if item is ShuttingDown:
+                    raise Unavailable("this replica is stopping; watch again", "SHUTTING_DOWN")
+                assert isinstance(item, events_pb2.GiftSent)
+                at_us = item.occurred_at.ToMicroseconds()
+                combo = (
+                    combos.add(item.sender_id, item.gift_id, item.quantity, at_us)
+                    if item.kind == events_pb2.GIFT_KIND_GIFT
+                    else item.quantity
+                )
+                yield gifting_pb2.StreamFeedItem(
+                    gift_event_id=item.event_id,
+                    kind=item.kind,
+                    sender_id=item.sender_id,
+                    gift_id=item.gift_id,
+                    quantity=item.quantity,
+                    combo_count=combo,
+                    coins=item.coins,
+                    message=item.message,
+                    occurred_at=item.occurred_at,
+                )
+
     # ---- audit -------------------------------------------------------------------------------
 
     async def audit(self) -> gifting_pb2.GiftingAudit:
-        """Gifts by status and coins by kind."""
+        """Gifts by status, sent coins and counts by kind, pending coins, what the leaderboards counted."""
         g = gift_events.c
+        lb = leaderboard_all_time.c
         async with self.db.unit_of_work(readonly=True) as uow:
             counts = dict((await uow.conn.execute(select(g.status, func.count()).group_by(g.status))).all())
-            by_kind = dict(
-                (
-                    await uow.conn.execute(
-                        select(g.kind, func.sum(g.coins)).where(g.status == GiftStatus.SENT.value).group_by(g.kind)
-                    )
-                ).all()
-            )
+            by_kind = {
+                r.kind: (int(r.coins), int(r.n))
+                for r in await uow.conn.execute(
+                    select(g.kind, func.sum(g.coins).label("coins"), func.count().label("n"))
+                    .where(g.status == GiftStatus.SENT.value)
+                    .group_by(g.kind)
+                )
+            }
+            coins_pending = (
+                await uow.conn.execute(
+                    select(func.coalesce(func.sum(g.coins), 0)).where(g.status == GiftStatus.PENDING.value)
+                )
+            ).scalar_one()
+            leaderboard_coins = (
+                await uow.conn.execute(
+                    select(func.coalesce(func.sum(lb.coins), 0)).where(lb.scope == domain.Scope.CREATOR.value)
+                )
+            ).scalar_one()
             pending = await self.outbox.pending(uow)
         return gifting_pb2.GiftingAudit(
             gifts_sent=int(counts.get(GiftStatus.SENT.value, 0)),
             gifts_pending=int(counts.get(GiftStatus.PENDING.value, 0)),
             gifts_cancelled=int(counts.get(GiftStatus.CANCELLED.value, 0)),
-            coins_sent=int(sum(by_kind.values())),
-            coins_by_kind={k: int(v) for k, v in by_kind.items()},
+            coins_sent=sum(c for c, _ in by_kind.values()),
+            coins_by_kind={k: c for k, (c, _) in by_kind.items()},
             outbox_pending=pending,
+            sent_by_kind={k: n for k, (_, n) in by_kind.items()},
+            coins_pending=int(coins_pending),
+            leaderboard_coins=int(leaderboard_coins),
         )
 
 
@@ -397,4 +674,49 @@ def _gift_sent_event(r: dict[str, Any]) -> events_pb2.GiftSent:
         quantity=r["quantity"],
         coins=r["coins"],
         occurred_at=to_timestamp(r["updated_at_us"]),
+        message=r.get("message") or "",
+    )
+
+
+def _new_gift(
+    key: str,
+    digest: str,
+    kind: GiftKind,
+    to: _Party,
+    sender_id: str,
+    gift_id: str,
+    quantity: int,
+    unit_price_coins: int,
+    coins: int,
+) -> dict[str, Any]:
+    ts = now_us()
+    return {
+        "event_id": uuid.uuid4().hex,
+        "idempotency_key": key,
+        "client_key": key,
+        "request_hash": digest,
+        "kind": kind.value,
+        "stream_id": to.stream_id,
+        "creator_id": to.creator_id,
+        "sender_id": sender_id,
+        "gift_id": gift_id,
+        "quantity": quantity,
+        "unit_price_coins": unit_price_coins,
+        "coins": coins,
+        "status": GiftStatus.PENDING.value,
+        "cancel_reason": None,
+        "sender_balance_after": None,
+        "message": None,
+        "created_at_us": ts,
+        "updated_at_us": ts,
+    }
+
+
+def _content_pb(r: dict[str, Any]) -> gifting_pb2.Content:
+    return gifting_pb2.Content(
+        content_id=r["content_id"],
+        creator_id=r["creator_id"],
+        title=r["title"],
+        price_coins=r["price_coins"],
+        created_at=to_timestamp(r["created_at_us"]),
     )

@@ -1,0 +1,198 @@
+"""Leaderboards and creator stats: read models fed from gifting.gift.sent events in batches.
+
+Choices: A) update the totals in the gift's own transaction (one hot row per stream written by
+every gift, contending with the saga); B) recompute on read from gift_events (cheap writes, a
+scan of a hot stream per read); C) a durable consumer folds each batch to one delta per key and
+writes it with the batch's inbox records. We take C: a hot stream costs one write per sender
+per batch, reads are index look-ups, and a redelivered event is a no-op through the inbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, desc, func, select
+
+from livegifts.gifting.v1 import events_pb2, gifting_pb2
+from services.common.db import Database, UnitOfWork
+from services.common.errors import InvalidArgument, require_id
+from services.common.inbox import Subscription
+from services.common.timeutil import now_us, to_timestamp
+from services.gifting import domain
+from services.gifting.domain import GiftKind, Scope
+from services.gifting.storage import creator_stats_hourly, leaderboard_all_time, leaderboard_daily, upsert_add
+
+ROWS_PER_STATEMENT_MAX = 500  # keeps every statement well under SQLite's and asyncpg's parameter limits
+
+_KIND = {
+    events_pb2.GIFT_KIND_GIFT: GiftKind.GIFT.value,
+    events_pb2.GIFT_KIND_TIP: GiftKind.TIP.value,
+    events_pb2.GIFT_KIND_UNLOCK: GiftKind.UNLOCK.value,
+}
+
+
+@dataclass
+class ReadModels:
+    """Applies batches of sent gifts to the read models and answers leaderboard and stats queries."""
+
+    db: Database
+
+    def subscription(self) -> Subscription[events_pb2.GiftSent]:
+        """The durable consumer that keeps the read models up to date."""
+        return Subscription(
+            durable="gifting-leaderboards",
+            stream="GIFTING",
+            subject="gifting.gift.sent",
+            event_type=events_pb2.GiftSent,
+            handle=self.apply,
+        )
+
+    async def apply(self, uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        """Fold a batch of new events and write one delta per key (in a stable order: no deadlocks)."""
+        totals = domain.fold(
+            [
+                domain.SentCoins(
+                    kind=_KIND.get(e.kind, GiftKind.GIFT.value),
+                    stream_id=e.stream_id,
+                    creator_id=e.creator_id,
+                    sender_id=e.sender_id,
+                    gift_id=e.gift_id,
+                    coins=e.coins,
+                    occurred_at_us=e.occurred_at.ToMicroseconds() if e.HasField("occurred_at") else now_us(),
+                )
+                for e in events
+            ]
+        )
+        dialect = self.db.dialect
+        all_time = [
+            {"scope": s, "scope_id": i, "sender_id": u, "coins": c} for (s, i, u), c in sorted(totals.all_time.items())
+        ]
+        daily = [
+            {"scope": s, "scope_id": i, "day": d, "sender_id": u, "coins": c}
+            for (s, i, d, u), c in sorted(totals.daily.items())
+        ]
+        hourly = [
+            {"creator_id": cr, "hour": h, "stream_id": st, "kind": k, "gift_id": g, "coins": v[0], "events": v[1]}
+            for (cr, h, st, k, g), v in sorted(totals.hourly.items())
+        ]
+        for table, rows, keys, add in (
+            (leaderboard_all_time, all_time, ["scope", "scope_id", "sender_id"], ["coins"]),
+            (leaderboard_daily, daily, ["scope", "scope_id", "day", "sender_id"], ["coins"]),
+            (creator_stats_hourly, hourly, ["creator_id", "hour", "stream_id", "kind", "gift_id"], ["coins", "events"]),
+        ):
+            for i in range(0, len(rows), ROWS_PER_STATEMENT_MAX):
+                await uow.conn.execute(upsert_add(dialect, table, rows[i : i + ROWS_PER_STATEMENT_MAX], keys, add))
+
+    async def leaderboard(self, req: gifting_pb2.GetLeaderboardRequest) -> gifting_pb2.Leaderboard:
+        """Top senders of a stream or a creator, all time or the last 7 days, and the sender's own rank."""
+        which = req.WhichOneof("scope")
+        if which is None:
+            raise InvalidArgument("stream_id or creator_id is required", "MISSING_FIELD", field="scope")
+        scope = Scope.STREAM if which == "stream_id" else Scope.CREATOR
+        scope_id = require_id(getattr(req, which), which)
+        limit = domain.leaderboard_limit(req.limit)
+        if req.sender_id:
+            require_id(req.sender_id, "sender_id")
+        ranked = self._ranked(scope, scope_id, req.window)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            top = (
+                await uow.conn.execute(
+                    select(ranked.c.sender_id, ranked.c.coins)
+                    .order_by(desc(ranked.c.coins), ranked.c.sender_id)
+                    .limit(limit)
+                )
+            ).all()
+            senders, coins_total = (
+                await uow.conn.execute(select(func.count(), func.coalesce(func.sum(ranked.c.coins), 0)))
+            ).one()
+            own = None
+            if req.sender_id:
+                mine = (
+                    await uow.conn.execute(select(ranked.c.coins).where(ranked.c.sender_id == req.sender_id))
+                ).scalar_one_or_none()
+                if mine is not None:
+                    above = (await uow.conn.execute(select(func.count()).where(ranked.c.coins > mine))).scalar_one()
+                    own = gifting_pb2.LeaderboardEntry(rank=int(above) + 1, sender_id=req.sender_id, coins=int(mine))
+        entries: list[gifting_pb2.LeaderboardEntry] = []
+        for i, r in enumerate(top):
+            # Competition ranking: equal coins share a rank (1, 2, 2, 4).
+            rank = entries[-1].rank if entries and entries[-1].coins == r.coins else i + 1
+            entries.append(gifting_pb2.LeaderboardEntry(rank=rank, sender_id=r.sender_id, coins=int(r.coins)))
+        return gifting_pb2.Leaderboard(entries=entries, own=own, senders=int(senders), coins_total=int(coins_total))
+
+    def _ranked(self, scope: Scope, scope_id: str, window: int) -> Any:
+        """A subquery of (sender_id, coins) for the scope and window."""
+        if window in (gifting_pb2.LEADERBOARD_WINDOW_UNSPECIFIED, gifting_pb2.LEADERBOARD_WINDOW_ALL_TIME):
+            t = leaderboard_all_time.c
+            q: Select[Any] = select(t.sender_id, t.coins).where(t.scope == scope.value, t.scope_id == scope_id)
+            return q.subquery()
+        if window != gifting_pb2.LEADERBOARD_WINDOW_LAST_7_DAYS:
+            raise InvalidArgument("unknown leaderboard window", "INVALID_WINDOW")
+        d = leaderboard_daily.c
+        first_day = now_us() // domain.US_PER_DAY - (domain.LEADERBOARD_WINDOW_DAYS - 1)
+        return (
+            select(d.sender_id, func.sum(d.coins).label("coins"))
+            .where(d.scope == scope.value, d.scope_id == scope_id, d.day >= first_day)
+            .group_by(d.sender_id)
+            .subquery()
+        )
+
+    async def creator_stats(self, req: gifting_pb2.GetCreatorStatsRequest) -> gifting_pb2.CreatorStats:
+        """Coins a creator received in [from, to), by gift, by stream and by hour (hour granularity)."""
+        require_id(req.creator_id, "creator_id")
+        start_us, end_us = domain.stats_window_us(
+            getattr(req, "from").ToMicroseconds() if req.HasField("from") else None,
+            req.to.ToMicroseconds() if req.HasField("to") else None,
+            now_us(),
+        )
+        h = creator_stats_hourly.c
+        first_hour = start_us // domain.US_PER_HOUR
+        end_hour = -(-end_us // domain.US_PER_HOUR)  # the hour holding `to`, included
+        where = (h.creator_id == req.creator_id, h.hour >= first_hour, h.hour < end_hour)
+        coins, events = func.sum(h.coins).label("coins"), func.sum(h.events).label("events")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            by_gift = (
+                await uow.conn.execute(
+                    select(h.kind, h.gift_id, coins, events)
+                    .where(*where)
+                    .group_by(h.kind, h.gift_id)
+                    .order_by(desc("coins"), h.kind, h.gift_id)
+                    .limit(domain.STATS_ROWS_MAX)
+                )
+            ).all()
+            by_stream = (
+                await uow.conn.execute(
+                    select(h.stream_id, coins, events)
+                    .where(*where, h.stream_id != "")
+                    .group_by(h.stream_id)
+                    .order_by(desc("coins"), h.stream_id)
+                    .limit(domain.STATS_ROWS_MAX)
+                )
+            ).all()
+            by_hour = (
+                await uow.conn.execute(
+                    select(h.hour, coins, events)
+                    .where(*where)
+                    .group_by(h.hour)
+                    .order_by(h.hour)
+                    .limit(domain.STATS_WINDOW_DAYS_MAX * 24 + 1)
+                )
+            ).all()
+        return gifting_pb2.CreatorStats(
+            creator_id=req.creator_id,
+            coins_total=sum(int(r.coins) for r in by_hour),
+            by_gift=[
+                gifting_pb2.StatsRow(key=r.gift_id, kind=r.kind, coins=int(r.coins), count=int(r.events))
+                for r in by_gift
+            ],
+            by_stream=[
+                gifting_pb2.StatsRow(key=r.stream_id, coins=int(r.coins), count=int(r.events)) for r in by_stream
+            ],
+            by_hour=[
+                gifting_pb2.HourStats(
+                    hour_start=to_timestamp(int(r.hour) * domain.US_PER_HOUR), coins=int(r.coins), count=int(r.events)
+                )
+                for r in by_hour
+            ],
+        )

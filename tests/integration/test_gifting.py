@@ -1,0 +1,376 @@
+"""Gifting on real processes: catalog, tips, unlocks, eligibility, leaderboards, stats, the live feed."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from livegifts.gifting.v1 import events_pb2, gifting_pb2
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
+
+
+async def coins_of(clients, user: str) -> int:  # type: ignore[no-untyped-def]
+    """A user's coin balance."""
+    return (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins
+
+
+async def received_by(clients, creator: str, coins: int) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
+    """Wait until payout has credited `coins` received by the creator."""
+    return await eventually(
+        lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
+        lambda e: e.coins_received >= coins,
+    )
+
+
+def gift(stream_id: str, sender: str, gift_id: str = "rose", quantity: int = 1) -> gifting_pb2.SendGiftRequest:
+    """A SendGift request with a fresh key."""
+    return gifting_pb2.SendGiftRequest(
+        stream_id=stream_id, sender_id=sender, gift_id=gift_id, quantity=quantity, idempotency_key=uid("g")
+    )
+
+
+async def test_a_tip_flows_to_the_creators_diamonds_and_carries_its_message(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    req = gifting_pb2.SendTipRequest(
+        stream_id=stream.stream_id, sender_id=viewer, coins=42, message="great set!", idempotency_key=uid("tip")
+    )
+    receipt = await clients.gifting.SendTip(req)
+    again = await clients.gifting.SendTip(req)
+    assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
+    assert (receipt.coins, receipt.sender_balance) == (42, 700 - 42)
+    assert again.gift_event_id == receipt.gift_event_id  # same key: the same tip, charged once
+    assert await coins_of(clients, viewer) == 700 - 42
+
+    earned = await received_by(clients, creator, 42)
+    assert (earned.coins_received, earned.diamonds_lifetime) == (42, 21)
+    audit = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
+    assert audit.coins_by_kind["TIP"] >= 42 and audit.sent_by_kind["TIP"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "reason"),
+    [
+        ({"coins": 0}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIP_AMOUNT"),
+        ({"coins": 100_001}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIP_AMOUNT"),
+        ({"message": "x" * 151}, grpc.StatusCode.INVALID_ARGUMENT, "MESSAGE_TOO_LONG"),
+        ({"message": "bell\a"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MESSAGE"),
+        ({"sender_id": "SELF"}, grpc.StatusCode.FAILED_PRECONDITION, "SELF_GIFT"),
+        ({"stream_id": "no-such-stream"}, grpc.StatusCode.NOT_FOUND, "UNKNOWN_STREAM"),
+        ({"coins": 701}, grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS"),
+    ],
+)
+async def test_bad_tips_are_refused_with_a_stable_reason_and_charge_nothing(  # type: ignore[no-untyped-def]
+    clients, deployment, change, code, reason
+) -> None:
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    fields = {"stream_id": stream.stream_id, "sender_id": viewer, "coins": 5, "idempotency_key": uid("tip")}
+    fields.update(change)
+    if fields["sender_id"] == "SELF":
+        fields["sender_id"] = creator
+    await expect_error(clients.gifting.SendTip(gifting_pb2.SendTipRequest(**fields)), code, reason)
+    assert await coins_of(clients, viewer) == 700
+
+
+async def test_an_unlock_charges_once_and_a_second_unlock_returns_the_existing_access(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    content = await clients.gifting.CreateContent(
+        gifting_pb2.CreateContentRequest(
+            creator_id=creator, title="backstage", price_coins=120, idempotency_key=uid("c")
+        )
+    )
+    access = await clients.gifting.CheckAccess(
+        gifting_pb2.CheckAccessRequest(user_id=viewer, content_id=content.content_id)
+    )
+    assert not access.has_access
+
+    unlock = gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=content.content_id)
+    # Two unlocks with different keys at once: one charge, both answers name the same unlock.
+    a, b = await asyncio.gather(
+        clients.gifting.UnlockContent(gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))),
+        clients.gifting.UnlockContent(gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))),
+    )
+    assert a.gift_event_id == b.gift_event_id
+    assert {a.already_unlocked, b.already_unlocked} == {False, True}
+    first = a if not a.already_unlocked else b
+    assert (first.coins, first.sender_balance, first.status) == (120, 580, gifting_pb2.GIFT_STATUS_SENT)
+    later = await clients.gifting.UnlockContent(
+        gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))
+    )
+    assert later.already_unlocked and later.gift_event_id == first.gift_event_id
+    assert await coins_of(clients, viewer) == 700 - 120
+
+    access = await clients.gifting.CheckAccess(
+        gifting_pb2.CheckAccessRequest(user_id=viewer, content_id=content.content_id)
+    )
+    assert access.has_access and access.unlocked_at.seconds > 0
+    earned = await received_by(clients, creator, 120)
+    assert (earned.coins_received, earned.diamonds_lifetime) == (120, 60)
+
+
+async def test_an_unlock_refused_for_coins_grants_no_access_and_can_be_retried(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-70")
+    content = await clients.gifting.CreateContent(
+        gifting_pb2.CreateContentRequest(creator_id=creator, title="dm", price_coins=100, idempotency_key=uid("c"))
+    )
+    req = gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=content.content_id, idempotency_key=uid("u"))
+    await expect_error(clients.gifting.UnlockContent(req), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    check = gifting_pb2.CheckAccessRequest(user_id=viewer, content_id=content.content_id)
+    assert not (await clients.gifting.CheckAccess(check)).has_access
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-70")
+    receipt = await clients.gifting.UnlockContent(req)
+    assert (receipt.already_unlocked, receipt.sender_balance) == (False, 40)
+    assert (await clients.gifting.CheckAccess(check)).has_access
+    await expect_error(
+        clients.gifting.UnlockContent(
+            gifting_pb2.UnlockContentRequest(user_id=creator, content_id=content.content_id, idempotency_key=uid("u"))
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SELF_GIFT",
+    )
+
+
+def _fields(req: gifting_pb2.UnlockContentRequest) -> dict[str, str]:
+    return {"user_id": req.user_id, "content_id": req.content_id}
+
+
+async def test_operators_add_reprice_and_retire_gifts_and_the_price_charged_is_the_price_at_send_time(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    md = deployment.operator_metadata
+    viewer, creator = uid("viewer"), uid("creator")
+    gift_id = uid("comet")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+
+    add = gifting_pb2.UpsertGiftRequest(gift_id=gift_id, name="Comet", price_coins=7, idempotency_key=uid("op"))
+    await expect_error(clients.gifting.UpsertGift(add), grpc.StatusCode.UNAUTHENTICATED, "OPERATOR_TOKEN_MISSING")
+    await expect_error(
+        clients.gifting.UpsertGift(add, metadata=(("authorization", "Bearer wrong"),)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NOT_AN_OPERATOR",
+    )
+    added = await clients.gifting.UpsertGift(add, metadata=md)
+    assert (added.name, added.price_coins, added.active) == ("Comet", 7, True)
+    first = await clients.gifting.SendGift(gift(stream.stream_id, viewer, gift_id, 2))
+    assert first.coins == 14
+
+    repriced = await clients.gifting.UpsertGift(
+        gifting_pb2.UpsertGiftRequest(gift_id=gift_id, price_coins=11, idempotency_key=uid("op")), metadata=md
+    )
+    assert (repriced.name, repriced.price_coins) == ("Comet", 11)
+    second = await clients.gifting.SendGift(gift(stream.stream_id, viewer, gift_id, 2))
+    assert second.coins == 22
+
+    await clients.gifting.UpsertGift(
+        gifting_pb2.UpsertGiftRequest(gift_id=gift_id, retired=True, idempotency_key=uid("op")), metadata=md
+    )
+    await expect_error(
+        clients.gifting.SendGift(gift(stream.stream_id, viewer, gift_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "GIFT_RETIRED",
+    )
+    listed = await clients.gifting.ListGifts(gifting_pb2.ListGiftsRequest())
+    assert gift_id not in {g.gift_id for g in listed.gifts}
+    assert await coins_of(clients, viewer) == 700 - 14 - 22
+    await expect_error(
+        clients.gifting.UpsertGift(
+            gifting_pb2.UpsertGiftRequest(gift_id=uid("new"), name="No price", idempotency_key=uid("op")), metadata=md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MISSING_FIELD",
+    )
+
+
+@pytest.mark.parametrize(
+    ("who", "restriction", "reason"),
+    [
+        ("sender", {"is_minor": True}, "UNDERAGE"),
+        ("sender", {"blocked": True}, "ACCOUNT_BLOCKED"),
+        ("creator", {"birth_date": "2015-01-01"}, "UNDERAGE"),
+        ("creator", {"blocked": True}, "ACCOUNT_BLOCKED"),
+    ],
+)
+async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves(  # type: ignore[no-untyped-def]
+    clients, deployment, who, restriction, reason
+) -> None:
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    content = await clients.gifting.CreateContent(
+        gifting_pb2.CreateContentRequest(creator_id=creator, title="x", price_coins=5, idempotency_key=uid("c"))
+    )
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, **restriction),
+        metadata=deployment.operator_metadata,
+    )
+    before = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    await expect_error(clients.gifting.SendGift(gift(stream.stream_id, viewer)), code, reason)
+    await expect_error(
+        clients.gifting.SendTip(
+            gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id=viewer, coins=3, idempotency_key=uid("t"))
+        ),
+        code,
+        reason,
+    )
+    await expect_error(
+        clients.gifting.UnlockContent(
+            gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=content.content_id, idempotency_key=uid("u"))
+        ),
+        code,
+        reason,
+    )
+    assert await coins_of(clients, viewer) == 700
+    after = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
+    if deployment.suite is not None:  # nobody else uses this suite's gifting at the same time
+        assert after.gifts_cancelled == before.gifts_cancelled  # refused before a gift was even recorded
+
+
+async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_and_ends_with_the_stream(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    alice, bob, creator = uid("alice"), uid("bob"), uid("creator")
+    await asyncio.gather(*(buy_coins(clients.wallet, deployment.webhook_secret, u) for u in (alice, bob)))
+    stream = await live_stream(clients.gifting, creator)
+    call = clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id))
+    await asyncio.wait_for(call.initial_metadata(), 10)  # the feed is listening from here on
+
+    sent: dict[str, list[str]] = {alice: [], bob: []}
+    sent_at: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+
+    async def send(sender: str, gift_id: str, n: int) -> None:
+        for _ in range(n):
+            receipt = await clients.gifting.SendGift(gift(stream.stream_id, sender, gift_id))
+            sent[sender].append(receipt.gift_event_id)
+            sent_at[receipt.gift_event_id] = loop.time()
+
+    received: list[tuple[gifting_pb2.StreamFeedItem, float]] = []
+
+    async def read(n: int) -> None:
+        while len(received) < n:
+            item = await call.read()
+            assert item is not grpc.aio.EOF
+            received.append((item, loop.time()))
+
+    reader = asyncio.create_task(read(17))
+    await asyncio.gather(send(alice, "rose", 8), send(bob, "panda", 8))
+    tip = await clients.gifting.SendTip(
+        gifting_pb2.SendTipRequest(
+            stream_id=stream.stream_id, sender_id=bob, coins=9, message="hi", idempotency_key=uid("t")
+        )
+    )
+    sent[bob].append(tip.gift_event_id)
+    sent_at[tip.gift_event_id] = loop.time()
+    await asyncio.wait_for(reader, 15)
+    # Each gift reached the watcher within a second of the sender's receipt.
+    delays = [at - sent_at[item.gift_event_id] for item, at in received]
+    assert max(delays) < 1.0, delays
+    received_items = [item for item, _ in received]
+    for sender in (alice, bob):
+        assert [i.gift_event_id for i in received_items if i.sender_id == sender] == sent[sender]
+    alice_items = [i for i in received_items if i.sender_id == alice]
+    assert [i.combo_count for i in alice_items] == list(range(1, 9))  # one streak of roses
+    assert all((i.gift_id, i.quantity, i.coins) == ("rose", 1, 1) for i in alice_items)
+    assert received_items[-1].kind == events_pb2.GIFT_KIND_TIP and received_items[-1].message == "hi"
+
+    await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    async with asyncio.timeout(10):
+        last = await call.read()
+        assert last.stream_ended
+        assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_watching_an_unknown_stream_fails_and_an_ended_one_ends_at_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    call = clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id="no-such-stream"))
+    await expect_error(call.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_STREAM")
+    stream = await live_stream(clients.gifting, uid("creator"))
+    await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    items = [i async for i in clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id))]
+    assert [i.stream_ended for i in items] == [True]
+
+
+async def test_a_thousand_gifts_from_a_hundred_senders_add_up_on_the_leaderboards(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    creator = uid("creator")
+    senders = [uid(f"fan{i:03d}") for i in range(100)]
+    sem = asyncio.Semaphore(20)
+
+    async def bounded(start):  # type: ignore[no-untyped-def]
+        async with sem:  # a gRPC call starts when it is created: create it inside the semaphore
+            return await start()
+
+    await asyncio.gather(
+        *(bounded(lambda s=s: buy_coins(clients.wallet, deployment.webhook_secret, s)) for s in senders)
+    )
+    stream = await live_stream(clients.gifting, creator)
+    rng = random.Random(4)
+    plan = [
+        (senders[i % 100], rng.choice(["rose", "finger-heart", "hand-wave"]), rng.randint(1, 3)) for i in range(1000)
+    ]
+    receipts = await asyncio.gather(
+        *(bounded(lambda r=gift(stream.stream_id, s, g, q): clients.gifting.SendGift(r)) for s, g, q in plan)
+    )
+    spent: dict[str, int] = {}
+    for (sender, _, _), r in zip(plan, receipts, strict=True):
+        assert r.status == gifting_pb2.GIFT_STATUS_SENT
+        spent[sender] = spent.get(sender, 0) + r.coins
+    total = sum(spent.values())
+    for sender in senders[:5]:
+        assert await coins_of(clients, sender) == 700 - spent[sender]
+
+    by_stream = gifting_pb2.GetLeaderboardRequest(stream_id=stream.stream_id, limit=100, sender_id=senders[7])
+    board = await eventually(lambda: clients.gifting.GetLeaderboard(by_stream), lambda b: b.coins_total >= total, 60)
+    assert (board.coins_total, board.senders) == (total, 100)
+    assert {e.sender_id: e.coins for e in board.entries} == spent
+    assert [e.coins for e in board.entries] == sorted(spent.values(), reverse=True)
+    assert board.entries[0].rank == 1
+    ahead = sum(1 for c in spent.values() if c > spent[senders[7]])
+    assert (board.own.sender_id, board.own.coins, board.own.rank) == (senders[7], spent[senders[7]], ahead + 1)
+
+    for req in (
+        gifting_pb2.GetLeaderboardRequest(creator_id=creator, limit=3),
+        gifting_pb2.GetLeaderboardRequest(
+            stream_id=stream.stream_id, window=gifting_pb2.LEADERBOARD_WINDOW_LAST_7_DAYS, limit=3
+        ),
+    ):
+        top = await clients.gifting.GetLeaderboard(req)
+        assert (top.coins_total, top.senders, len(top.entries)) == (total, 100, 3)
+        assert [e.coins for e in top.entries] == sorted(spent.values(), reverse=True)[:3]
+
+    stats = await clients.gifting.GetCreatorStats(gifting_pb2.GetCreatorStatsRequest(creator_id=creator))
+    assert stats.coins_total == total
+    assert [(s.key, s.coins, s.count) for s in stats.by_stream] == [(stream.stream_id, total, 1000)]
+    by_gift: dict[str, int] = {}
+    for (_, g, _), r in zip(plan, receipts, strict=True):
+        by_gift[g] = by_gift.get(g, 0) + r.coins
+    assert {s.key: s.coins for s in stats.by_gift} == by_gift
+    assert sum(h.coins for h in stats.by_hour) == total and sum(h.count for h in stats.by_hour) == 1000
+    earned = await received_by(clients, creator, total)
+    assert earned.coins_received == total
+
+
+async def test_leaderboard_and_stats_requests_are_bounded(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    await expect_error(clients.gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest()), code, "MISSING_FIELD")
+    await expect_error(
+        clients.gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(creator_id="c", limit=101)),
+        code,
+        "INVALID_LIMIT",
+    )
+    wide = gifting_pb2.GetCreatorStatsRequest(creator_id="c")
+    getattr(wide, "from").FromSeconds(0)
+    await expect_error(clients.gifting.GetCreatorStats(wide), code, "INVALID_WINDOW")
+    empty = await clients.gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(stream_id=uid("s"), sender_id="x"))
+    assert (empty.coins_total, empty.senders, len(empty.entries), empty.HasField("own")) == (0, 0, 0, False)

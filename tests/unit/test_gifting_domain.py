@@ -1,0 +1,99 @@
+"""Gifting rules: tip limits, eligibility, leaderboard folding, combos, stats windows."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.gifting import domain
+
+DAY = domain.US_PER_DAY
+
+
+def sent(sender: str, coins: int, at_us: int = 0, stream: str = "s1", gift: str = "rose") -> domain.SentCoins:
+    return domain.SentCoins("GIFT", stream, "c1", sender, gift, coins, at_us)
+
+
+def test_a_tip_must_be_between_one_coin_and_the_maximum() -> None:
+    assert domain.tip_coins(1, 100) == 1
+    assert domain.tip_coins(100, 100) == 100
+    for bad in (0, -1, 101):
+        with pytest.raises(InvalidArgument) as exc:
+            domain.tip_coins(bad, 100)
+        assert exc.value.reason == "INVALID_TIP_AMOUNT"
+
+
+def test_a_tip_message_is_short_printable_text() -> None:
+    assert domain.tip_message("", 5) == ""
+    assert domain.tip_message("héllo", 5) == "héllo"
+    with pytest.raises(InvalidArgument, match="at most 5") as exc:
+        domain.tip_message("toolong", 5)
+    assert exc.value.reason == "MESSAGE_TOO_LONG"
+    with pytest.raises(InvalidArgument) as exc:
+        domain.tip_message("a\nb", 5)
+    assert exc.value.reason == "INVALID_MESSAGE"
+
+
+def test_a_blocked_account_is_reported_before_its_age() -> None:
+    domain.check_eligible("sender", may_spend=True, blocked=False)
+    with pytest.raises(FailedPrecondition) as exc:
+        domain.check_eligible("creator", may_spend=False, blocked=True)
+    assert (exc.value.reason, exc.value.metadata["role"]) == ("ACCOUNT_BLOCKED", "creator")
+    with pytest.raises(FailedPrecondition) as exc:
+        domain.check_eligible("sender", may_spend=False, blocked=False)
+    assert exc.value.reason == "UNDERAGE"
+
+
+def test_the_leaderboard_limit_defaults_to_ten_and_is_capped() -> None:
+    assert domain.leaderboard_limit(0) == 10
+    assert domain.leaderboard_limit(100) == 100
+    for bad in (-1, 101):
+        with pytest.raises(InvalidArgument):
+            domain.leaderboard_limit(bad)
+
+
+def test_a_batch_folds_to_one_delta_per_sender_per_scope() -> None:
+    totals = domain.fold([sent("a", 5), sent("a", 7), sent("b", 1), sent("a", 2, at_us=DAY + 1)])
+    assert totals.all_time == {
+        ("CREATOR", "c1", "a"): 14,
+        ("CREATOR", "c1", "b"): 1,
+        ("STREAM", "s1", "a"): 14,
+        ("STREAM", "s1", "b"): 1,
+    }
+    assert totals.daily[("STREAM", "s1", 0, "a")] == 12
+    assert totals.daily[("STREAM", "s1", 1, "a")] == 2
+    assert totals.hourly[("c1", 0, "s1", "GIFT", "rose")] == [13, 3]
+
+
+def test_an_unlock_counts_for_the_creator_but_for_no_stream() -> None:
+    totals = domain.fold([domain.SentCoins("UNLOCK", "", "c1", "a", "content-1", 9, 0)])
+    assert totals.all_time == {("CREATOR", "c1", "a"): 9}
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcde"), st.integers(1, 10_000), st.integers(0, 30 * DAY)), max_size=200))
+def test_folding_loses_and_invents_no_coins(items: list[tuple[str, int, int]]) -> None:
+    totals = domain.fold([sent(s, c, at) for s, c, at in items])
+    coins = sum(c for _, c, _ in items)
+    for scope in ("CREATOR", "STREAM"):
+        assert sum(v for k, v in totals.all_time.items() if k[0] == scope) == coins
+        assert sum(v for k, v in totals.daily.items() if k[0] == scope) == coins
+    assert sum(v[0] for v in totals.hourly.values()) == coins
+    assert sum(v[1] for v in totals.hourly.values()) == len(items)
+
+
+def test_a_combo_streak_counts_one_senders_same_gift_until_a_gap_or_another_gift() -> None:
+    combos = domain.ComboTracker(window_us=10)
+    assert [combos.add("a", "rose", 1, t) for t in (0, 5, 9)] == [1, 2, 3]
+    assert combos.add("b", "rose", 2, 9) == 2  # another sender has a streak of their own
+    assert combos.add("a", "rose", 5, 15) == 8
+    assert combos.add("a", "rose", 1, 100) == 1  # the gap ended the streak
+    assert combos.add("a", "panda", 1, 101) == 1  # another gift too
+
+
+def test_a_stats_window_defaults_to_seven_days_and_is_at_most_a_quarter() -> None:
+    assert domain.stats_window_us(None, None, 100 * DAY) == (93 * DAY, 100 * DAY)
+    assert domain.stats_window_us(5, 10, 0) == (5, 10)
+    for start, end in ((10, 10), (0, 93 * DAY)):
+        with pytest.raises(InvalidArgument) as exc:
+            domain.stats_window_us(start, end, 0)
+        assert exc.value.reason == "INVALID_WINDOW"
