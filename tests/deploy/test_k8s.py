@@ -447,7 +447,10 @@ def test_network_policies_deny_by_default(overlay: str) -> None:
 
 
 def _allowed_flows(overlay: str) -> set[tuple[str, str, int]]:
-    flows = {("livegifts-gifting", "livegifts-wallet", GRPC_PORTS["wallet"])}
+    flows = {
+        ("livegifts-gifting", "livegifts-wallet", GRPC_PORTS["wallet"]),
+        ("livegifts-payout", "livegifts-wallet", GRPC_PORTS["wallet"]),
+    }
     for svc in SERVICES:
         me = f"livegifts-{svc}"
         flows |= {
