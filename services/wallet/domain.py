@@ -144,6 +144,7 @@ PACKAGE_COINS_MAX = 1_000_000_000  # explicit cap so no package can overflow a b
 PRICE_MINOR_MAX = 100_000_000_000
 DISCOUNT_BPS_MAX = 9_000  # at most 90% off: a promotion never gives coins away
 BPS = 10_000
+TIME_US_MAX = 253_402_300_799_000_000  # 9999-12-31T23:59:59Z
 
 
 def check_currency(code: str) -> str:
@@ -215,6 +216,8 @@ def check_promotion(bonus_coins: int, discount_bps: int, starts_at_us: int, ends
         raise InvalidArgument(f"discount_bps must be 0..{DISCOUNT_BPS_MAX}", "INVALID_PROMOTION", field="discount_bps")
     if bonus_coins == 0 and discount_bps == 0:
         raise InvalidArgument("a promotion needs bonus coins or a discount", "INVALID_PROMOTION")
+    if not (0 <= starts_at_us <= TIME_US_MAX and 0 <= ends_at_us <= TIME_US_MAX):
+        raise InvalidArgument("starts_at and ends_at must lie in years 1970..9999", "INVALID_PROMOTION")
     if ends_at_us <= starts_at_us:
         raise InvalidArgument("ends_at must be after starts_at", "INVALID_PROMOTION", field="ends_at")
 

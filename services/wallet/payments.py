@@ -90,7 +90,7 @@ class DevProvider:
                 amount_minor=int(body["amount_minor"]),
                 currency_code=str(body["currency_code"]),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             raise InvalidArgument("callback body is not a valid payment event", "MALFORMED_PAYLOAD") from None
         if not event.provider_event_id or len(event.provider_event_id) > 128:
             raise InvalidArgument("callback event id missing or too long", "MALFORMED_PAYLOAD")

@@ -8,13 +8,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
+    INT64_MAX,
     Aborted,
     AlreadyExists,
     FailedPrecondition,
@@ -299,6 +300,12 @@ class Wallet:
 
     async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:
+            # The purchase is read before the event look-up: PostgreSQL (READ COMMITTED) takes a
+            # snapshot per statement, and the other order could see a concurrent delivery's new
+            # status but not its event row, and refuse a duplicate as INVALID_TRANSITION.
+            row = (
+                await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+            ).first()
             seen = (
                 await uow.conn.execute(
                     select(payment_events.c.purchase_id).where(
@@ -307,15 +314,16 @@ class Wallet:
                     )
                 )
             ).first()
-            row = (
-                await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
-            ).first()
             if row is None:
                 raise NotFound("callback for an unknown purchase", "UNKNOWN_PURCHASE")
             if seen is not None:
+                # Read again: `row` may predate the delivery that recorded this event.
+                now_row = (
+                    await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+                ).one()
                 return wallet_pb2.HandlePaymentEventResponse(
                     provider_event_id=event.provider_event_id,
-                    purchase=_purchase_pb(row._asdict()),
+                    purchase=_purchase_pb(now_row._asdict()),
                     duplicate=True,
                 )
             if row.provider != provider.name:
@@ -415,6 +423,8 @@ class Wallet:
                 before = int(req.page_token)
             except ValueError:
                 raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
+            if not 0 < before <= INT64_MAX:  # a bigint column: anything else is not a token we gave
+                raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
         p, j = postings.c, journal_entries.c
         q = (
             select(p.id, p.entry_id, p.amount, p.balance_after, p.created_at_us, j.kind, j.reference_id)
@@ -551,6 +561,12 @@ class Wallet:
             if (await uow.conn.execute(stmt)).rowcount == 1:
                 continue
             # First spend of the period (or over the cap): make sure the row exists, then try again.
+            # Past periods' rows are never read again; dropping them here keeps one row per period.
+            await uow.conn.execute(
+                delete(spend_counters).where(
+                    c.user_id == user_id, c.period == period.value, c.period_key != keys[period]
+                )
+            )
             await uow.conn.execute(
                 insert_ignore(self.db.dialect, spend_counters).values(
                     user_id=user_id, period=period.value, period_key=keys[period], spent_coins=0
@@ -702,7 +718,10 @@ class Wallet:
         _require_short_id(p.package_id, "promotion.package_id")
         if not (p.HasField("starts_at") and p.HasField("ends_at")):
             raise InvalidArgument("starts_at and ends_at are required", "MISSING_FIELD", field="promotion.ends_at")
-        starts_us, ends_us = p.starts_at.ToMicroseconds(), p.ends_at.ToMicroseconds()
+        # Not Timestamp.ToMicroseconds(): it raises ValueError on out-of-range input; the domain
+        # check below turns any such value into INVALID_PROMOTION instead.
+        starts_us = p.starts_at.seconds * 1_000_000 + p.starts_at.nanos // 1000
+        ends_us = p.ends_at.seconds * 1_000_000 + p.ends_at.nanos // 1000
         domain.check_promotion(p.bonus_coins, p.discount_bps, starts_us, ends_us)
         values = {
             "package_id": p.package_id,

@@ -93,6 +93,14 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
         provider="dev", payload=body, signature=signing.sign(deployment.webhook_secret.encode(), body)
     )
     await expect_error(clients.wallet.HandlePaymentEvent(malformed), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
+    huge = (
+        b'{"id":"y","type":"payment.succeeded","purchase_id":"%s","amount_minor":1e400,"currency_code":"USD"}'
+        % purchase.purchase_id.encode()
+    )
+    overflow = wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=huge, signature=signing.sign(deployment.webhook_secret.encode(), huge)
+    )
+    await expect_error(clients.wallet.HandlePaymentEvent(overflow), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
     other = wallet_pb2.HandlePaymentEventRequest()
     other.CopyFrom(signed_callback(deployment.webhook_secret, "payment.succeeded", purchase))
     other.provider = "stripe"
@@ -324,6 +332,9 @@ async def test_operator_input_that_makes_no_sense_is_refused(clients, deployment
     )
     req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
     await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.INVALID_ARGUMENT, "INVALID_PROMOTION")
+    promo.ends_at.seconds = 10**15  # beyond year 9999
+    req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
+    await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.INVALID_ARGUMENT, "INVALID_PROMOTION")
     promo.ends_at.CopyFrom(ts(60))
     promo.package_id = "no-such-package"
     req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
@@ -428,6 +439,11 @@ async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operator
         (lambda w: w.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id="nope")), OK.NOT_FOUND, "UNKNOWN_PURCHASE"),
         (
             lambda w: w.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id="u", page_token="x")),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            lambda w: w.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id="u", page_token="9" * 30)),
             OK.INVALID_ARGUMENT,
             "INVALID_PAGE_TOKEN",
         ),
