@@ -1,8 +1,9 @@
 """Payment-provider adapters: checkout sessions out, signed callbacks in.
 
 The development provider behaves like a real one: CreatePurchase gets a checkout session from
-it, and the provider later calls HandlePaymentEvent with a signed JSON body. `livegifts pay`
-plays that provider's part in development and tests, signing with the shared webhook secret.
+it, and the provider later calls HandlePaymentEvent with a signed JSON body. The CLI
+(`livegifts buy`) and the tests play that provider's part, signing with the shared webhook secret.
+Each payment method is routed to an adapter by PaymentRouter (LIVEGIFTS_WALLET_PAYMENT_ROUTES).
 """
 
 from __future__ import annotations

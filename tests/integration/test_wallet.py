@@ -517,3 +517,23 @@ async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operator
 )
 async def test_bad_input_is_refused_with_a_stable_reason_and_never_internal(clients, call, code, reason) -> None:  # type: ignore[no-untyped-def]
     await expect_error(call(clients.wallet), code, reason)
+
+
+async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+    adult, minor, korean = uid("adult"), uid("minor"), uid("kr")
+    await buy_coins(w, deployment.webhook_secret, adult)
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US"))
+    await expect_error(new_purchase(w, minor), OK.FAILED_PRECONDITION, "UNDERAGE")
+    eighteen = f"{time.gmtime().tm_year - 18}-01-01"
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=korean, birth_date=eighteen, region="KR")
+    )
+    assert not (await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=korean))).may_spend
+    await expect_error(new_purchase(w, korean), OK.FAILED_PRECONDITION, "UNDERAGE")  # 19+ in South Korea
+
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True))
+    await expect_error(w.Spend(spend_req(adult, 1)), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    await expect_error(new_purchase(w, adult), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False))
+    assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
