@@ -164,6 +164,17 @@ def check_region(code: str) -> str:
     return code.upper()
 
 
+CHANNELS = ("APP", "WEB")  # in-app (the store takes a cut) or web checkout
+
+
+def check_channel(channel: str) -> str:
+    """APP (the default) or WEB, or INVALID_ARGUMENT/INVALID_CHANNEL."""
+    upper = (channel or "APP").upper()
+    if upper not in CHANNELS:
+        raise InvalidArgument("channel must be APP or WEB", "INVALID_CHANNEL")
+    return upper
+
+
 @dataclass(frozen=True)
 class Offer:
     """What a buyer gets and pays for a package right now."""

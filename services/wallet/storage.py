@@ -60,6 +60,7 @@ coin_packages = Table(
     Column("coins", BigInteger, nullable=False),
     Column("price_minor", BigInteger, nullable=False),
     Column("active", Boolean, nullable=False),
+    Column("channel", String(8), nullable=False, server_default="APP"),  # APP or WEB
 )
 
 purchases = Table(

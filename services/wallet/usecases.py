@@ -184,7 +184,10 @@ class Wallet:
     async def list_packages(self, req: wallet_pb2.ListCoinPackagesRequest) -> wallet_pb2.ListCoinPackagesResponse:
         """Active packages of a region (and currency), fewest coins first, at the price paid now."""
         region = domain.check_region(req.region or self.settings.default_region)
-        q = select(coin_packages).where(coin_packages.c.region == region, coin_packages.c.active.is_(True))
+        channel = domain.check_channel(req.channel)
+        q = select(coin_packages).where(
+            coin_packages.c.region == region, coin_packages.c.channel == channel, coin_packages.c.active.is_(True)
+        )
         if req.currency_code:
             q = q.where(coin_packages.c.currency_code == domain.check_currency(req.currency_code))
         now = self.clock()
@@ -694,6 +697,7 @@ class Wallet:
             "coins": req.coins,
             "price_minor": req.price_minor,
             "active": req.active,
+            "channel": domain.check_channel(req.channel),
         }
 
         async def work(uow: UnitOfWork) -> wallet_pb2.CoinPackage:
@@ -902,6 +906,7 @@ def _package_pb(r, deal: domain.Offer | None = None, promos: dict | None = None)
         total_coins=deal.coins + deal.bonus_coins,
         promotion_id=deal.promotion_id,
         currency_minor_units=domain.CURRENCY_MINOR_UNITS.get(r.currency_code, 2),
+        channel=r.channel,
     )
     if deal.promotion_id and promos:
         ends = next(p.ends_at_us for p in promos[r.package_id] if p.promotion_id == deal.promotion_id)

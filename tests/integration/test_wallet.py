@@ -215,6 +215,22 @@ async def test_each_region_lists_its_own_currency_with_its_minor_units(clients) 
         await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="jp", currency_code="JPY"))
     ).packages
     assert [(p.coins, p.price.amount_minor, p.currency_minor_units) for p in jp][:2] == [(70, 160, 0), (350, 800, 0)]
+    web = (
+        await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US", channel="web"))
+    ).packages
+    assert (web[0].package_id, web[0].coins, web[0].price.amount_minor, web[0].channel) == (
+        "us-usd-web-70",
+        70,
+        74,
+        "WEB",
+    )
+    app = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US"))).packages
+    assert (app[0].coins, app[0].price.amount_minor, app[0].channel) == (70, 99, "APP")
+    await expect_error(
+        clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US", channel="TV")),
+        OK.INVALID_ARGUMENT,
+        "INVALID_CHANNEL",
+    )
     de = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="DE"))).packages
     assert {p.price.currency_code for p in de} == {"EUR"}
     assert (

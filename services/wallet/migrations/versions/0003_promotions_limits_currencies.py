@@ -1,4 +1,4 @@
-"""Promotions, spending limits with per-period counters, and price lists in GBP, EUR and JPY.
+"""Promotions, spending limits with per-period counters, price lists in GBP, EUR, JPY and a US web list.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +22,8 @@ PRICE_LISTS = [
     ("FR", "EUR", [(70, 109), (350, 549), (700, 1099), (1400, 2199), (3500, 5499), (7000, 10999), (17500, 27499)]),
     ("JP", "JPY", [(70, 160), (350, 800), (700, 1600), (1400, 3200), (3500, 8000), (7000, 16000), (17500, 40000)]),
 ]
+# Web purchases skip the app store's cut (DOMAIN.md: 70 coins $0.74); the rest scale alike.
+US_WEB = [(70, 74), (350, 370), (700, 740), (1400, 1480), (3500, 3700), (7000, 7400), (17500, 18500)]
 
 
 def upgrade() -> None:
@@ -60,6 +62,8 @@ def upgrade() -> None:
         sa.Column("spent_coins", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("user_id", "period", "period_key"),
     )
+    with op.batch_alter_table("coin_packages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("channel", sa.String(length=8), server_default="APP", nullable=False))
     with op.batch_alter_table("purchases", schema=None) as batch_op:
         batch_op.add_column(sa.Column("bonus_coins", sa.BigInteger(), server_default="0", nullable=False))
         batch_op.add_column(sa.Column("promotion_id", sa.String(length=64), server_default="", nullable=False))
@@ -73,6 +77,7 @@ def upgrade() -> None:
         sa.column("coins", sa.BigInteger),
         sa.column("price_minor", sa.BigInteger),
         sa.column("active", sa.Boolean),
+        sa.column("channel", sa.String),
     )
     op.bulk_insert(
         table,
@@ -84,15 +89,31 @@ def upgrade() -> None:
                 "coins": coins,
                 "price_minor": minor,
                 "active": True,
+                "channel": "APP",
             }
             for region, currency, rows in PRICE_LISTS
             for coins, minor in rows
+        ]
+        + [
+            {
+                "package_id": f"us-usd-web-{coins}",
+                "region": "US",
+                "currency_code": "USD",
+                "coins": coins,
+                "price_minor": cents,
+                "active": True,
+                "channel": "WEB",
+            }
+            for coins, cents in US_WEB
         ],
     )
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    op.execute("DELETE FROM coin_packages WHERE package_id LIKE 'us-usd-web-%'")
+    with op.batch_alter_table("coin_packages", schema=None) as batch_op:
+        batch_op.drop_column("channel")
     for region, currency, _rows in PRICE_LISTS:
         op.execute(f"DELETE FROM coin_packages WHERE package_id LIKE '{region.lower()}-{currency.lower()}-%'")
     with op.batch_alter_table("purchases", schema=None) as batch_op:
