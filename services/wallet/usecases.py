@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from services.wallet.storage import (
     spends,
     users,
 )
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE_DEFAULT = 50
 PAGE_SIZE_MAX = 500
@@ -711,6 +714,10 @@ class Wallet:
             row = (
                 await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
             ).one()
+            # Who changed a price is part of the audit trail (the token's x-operator header).
+            uow.after_commit(
+                lambda: log.info("coin package upserted", extra={"operator": operator, "package_id": req.package_id})
+            )
             return _package_pb(row)
 
         return await run_idempotent(self.db, common.idempotency, "UpsertCoinPackage", req, wallet_pb2.CoinPackage, work)
@@ -755,6 +762,9 @@ class Wallet:
                 update(promotions).where(promotions.c.promotion_id == p.promotion_id).values(**values, updated_at_us=ts)
             )
             row = (await uow.conn.execute(select(promotions).where(promotions.c.promotion_id == p.promotion_id))).one()
+            uow.after_commit(
+                lambda: log.info("promotion upserted", extra={"operator": operator, "promotion_id": p.promotion_id})
+            )
             return _promotion_pb(row)
 
         return await run_idempotent(self.db, common.idempotency, "UpsertPromotion", req, wallet_pb2.Promotion, work)
