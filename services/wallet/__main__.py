@@ -7,9 +7,10 @@ from pathlib import Path
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.audit import audit_registration, table_query
+from services.common.auth import OperatorAuth
 from services.common.grpcserver import ServiceRegistration
 from services.wallet.config import WalletSettings
-from services.wallet.payments import DevProvider
+from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
 from services.wallet.server import WalletServicer
 from services.wallet.storage import common, spends
 from services.wallet.usecases import Wallet
@@ -23,11 +24,19 @@ async def wire(rt: Runtime) -> Wiring:
     provider = DevProvider(
         settings.payment_webhook_secret.get_secret_value().encode(), settings.payment_signature_tolerance_s
     )
-    wallet = Wallet(rt.db, rt.outbox, provider, settings)
+    try:
+        router = PaymentRouter([provider], parse_routes(settings.payment_routes))
+    except ValueError as exc:
+        raise SystemExit(f"LIVEGIFTS_WALLET_PAYMENT_ROUTES: {exc}") from None
+    wallet = Wallet(rt.db, rt.outbox, router, settings)
     name = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
     return Wiring(
         [
-            ServiceRegistration(wallet_pb2_grpc.add_WalletServiceServicer_to_server, WalletServicer(wallet), name),
+            ServiceRegistration(
+                wallet_pb2_grpc.add_WalletServiceServicer_to_server,
+                WalletServicer(wallet, OperatorAuth(settings.operator_token)),
+                name,
+            ),
             audit_registration(
                 {
                     "spends": table_query(

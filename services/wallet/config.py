@@ -16,8 +16,12 @@ class WalletSettings(ServiceSettings):
     payment_webhook_secret: SecretStr
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     payment_provider: str = "dev"
+    # Which provider adapter takes each payment method; a method left out is not offered.
+    payment_routes: str = "CARD=dev,PAYPAL=dev,APPLE_PAY=dev,GOOGLE_PAY=dev"
     default_region: str = "US"
     adult_age_years: int = Field(default=18, ge=0, le=30)
     # Regions whose adult age differs, e.g. "KR=19,XX=21".
     adult_age_by_region: str = "KR=19"
     spend_amount_max: int = Field(default=10_000_000, ge=1)
+    # How long a raised (or removed) spending limit waits before it applies; lowering is immediate.
+    spending_limit_cooloff_s: int = Field(default=86_400, ge=0, le=90 * 86_400)

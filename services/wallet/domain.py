@@ -134,3 +134,181 @@ def check_may_transact(r: Restrictions | None, adult_age: int, region_ages: dict
     required = region_ages.get(r.region.upper(), adult_age)
     if r.is_minor or (r.birth_date is not None and age_years(r.birth_date, today) < required):
         raise FailedPrecondition(f"users under {required} may not buy or spend coins", "UNDERAGE")
+
+
+# ---- currencies, packages and promotions -------------------------------------------------
+
+# ISO 4217 currencies the wallet sells in -> digits of their minor unit (JPY has none).
+CURRENCY_MINOR_UNITS: dict[str, int] = {"USD": 2, "GBP": 2, "EUR": 2, "JPY": 0}
+PACKAGE_COINS_MAX = 1_000_000_000  # explicit cap so no package can overflow a balance
+PRICE_MINOR_MAX = 100_000_000_000
+DISCOUNT_BPS_MAX = 9_000  # at most 90% off: a promotion never gives coins away
+BPS = 10_000
+TIME_US_MAX = 253_402_300_799_000_000  # 9999-12-31T23:59:59Z
+
+
+def check_currency(code: str) -> str:
+    """The upper-cased currency code, or INVALID_ARGUMENT/UNKNOWN_CURRENCY."""
+    upper = code.upper()
+    if upper not in CURRENCY_MINOR_UNITS:
+        raise InvalidArgument(
+            f"currency must be one of {', '.join(sorted(CURRENCY_MINOR_UNITS))}", "UNKNOWN_CURRENCY", currency=code[:8]
+        )
+    return upper
+
+
+def check_region(code: str) -> str:
+    """The upper-cased region code, or INVALID_ARGUMENT/INVALID_REGION."""
+    if not (2 <= len(code) <= 8 and code.isascii() and code.isalnum()):
+        raise InvalidArgument("region must be a 2..8 letter code", "INVALID_REGION")
+    return code.upper()
+
+
+CHANNELS = ("APP", "WEB")  # in-app (the store takes a cut) or web checkout
+
+
+def check_channel(channel: str) -> str:
+    """APP (the default) or WEB, or INVALID_ARGUMENT/INVALID_CHANNEL."""
+    upper = (channel or "APP").upper()
+    if upper not in CHANNELS:
+        raise InvalidArgument("channel must be APP or WEB", "INVALID_CHANNEL")
+    return upper
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a buyer gets and pays for a package right now."""
+
+    coins: int
+    bonus_coins: int
+    list_price_minor: int
+    price_minor: int
+    promotion_id: str
+
+
+@dataclass(frozen=True)
+class PromotionTerms:
+    """A promotion's effect and validity window ([starts_at_us, ends_at_us))."""
+
+    promotion_id: str
+    bonus_coins: int
+    discount_bps: int
+    starts_at_us: int
+    ends_at_us: int
+    active: bool
+
+    def running(self, now_us: int) -> bool:
+        """Active and inside its window."""
+        return self.active and self.starts_at_us <= now_us < self.ends_at_us
+
+
+def discounted_price(list_price_minor: int, discount_bps: int) -> int:
+    """The price after a discount, rounded up to a whole minor unit (never below 1)."""
+    off = list_price_minor * discount_bps // BPS  # the discount rounds down, so the price rounds up
+    return max(1, list_price_minor - off)
+
+
+def offer(coins: int, list_price_minor: int, promotions: list[PromotionTerms], now_us: int) -> Offer:
+    """Apply the running promotion that started last (ties: the lowest id); none -> list terms."""
+    running = sorted((p for p in promotions if p.running(now_us)), key=lambda p: (-p.starts_at_us, p.promotion_id))
+    if not running:
+        return Offer(coins, 0, list_price_minor, list_price_minor, "")
+    p = running[0]
+    return Offer(
+        coins, p.bonus_coins, list_price_minor, discounted_price(list_price_minor, p.discount_bps), p.promotion_id
+    )
+
+
+def check_promotion(bonus_coins: int, discount_bps: int, starts_at_us: int, ends_at_us: int) -> None:
+    """INVALID_ARGUMENT unless the promotion gives something, within limits, for a real window."""
+    if not 0 <= bonus_coins <= PACKAGE_COINS_MAX:
+        raise InvalidArgument(f"bonus_coins must be 0..{PACKAGE_COINS_MAX}", "INVALID_PROMOTION", field="bonus_coins")
+    if not 0 <= discount_bps <= DISCOUNT_BPS_MAX:
+        raise InvalidArgument(f"discount_bps must be 0..{DISCOUNT_BPS_MAX}", "INVALID_PROMOTION", field="discount_bps")
+    if bonus_coins == 0 and discount_bps == 0:
+        raise InvalidArgument("a promotion needs bonus coins or a discount", "INVALID_PROMOTION")
+    if not (0 <= starts_at_us <= TIME_US_MAX and 0 <= ends_at_us <= TIME_US_MAX):
+        raise InvalidArgument("starts_at and ends_at must lie in years 1970..9999", "INVALID_PROMOTION")
+    if ends_at_us <= starts_at_us:
+        raise InvalidArgument("ends_at must be after starts_at", "INVALID_PROMOTION", field="ends_at")
+
+
+# ---- spending limits ----------------------------------------------------------------------
+
+
+class Period(StrEnum):
+    """Spending-limit periods, in UTC."""
+
+    DAY = "DAY"
+    WEEK = "WEEK"
+    MONTH = "MONTH"
+
+
+SPENDING_LIMIT_MAX = 1_000_000_000_000  # coins; bounds `spent + amount` far below int64
+
+
+def period_keys(at_us: int) -> dict[Period, str]:
+    """The UTC day, ISO week and month an instant falls in, as counter keys."""
+    day = dt.datetime.fromtimestamp(at_us / 1_000_000, tz=dt.UTC).date()
+    iso = day.isocalendar()
+    return {
+        Period.DAY: day.isoformat(),
+        Period.WEEK: f"{iso.year}-W{iso.week:02d}",
+        Period.MONTH: f"{day.year}-{day.month:02d}",
+    }
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One setter's cap for one period: None means no cap; a raise waits until pending_at_us."""
+
+    limit: int | None
+    pending_limit: int | None = None
+    pending_at_us: int | None = None
+
+    @property
+    def has_pending(self) -> bool:
+        """True while a raise is cooling off."""
+        return self.pending_at_us is not None
+
+    def resolved(self, now_us: int) -> LimitState:
+        """The state with a due raise applied."""
+        if self.pending_at_us is not None and self.pending_at_us <= now_us:
+            return LimitState(self.pending_limit)
+        return self
+
+
+def _looser(a: int | None, b: int | None) -> bool:
+    """True if cap `a` allows more than cap `b` (None = no cap)."""
+    if a is None:
+        return b is not None
+    return b is not None and a > b
+
+
+def change_limit(state: LimitState, requested: int | None, now_us: int, cooloff_us: int) -> LimitState:
+    """A lower (or equal) cap applies at once; a higher one, or none, after the cooling-off period."""
+    if requested is not None:
+        check_limit_value(requested)
+    current = state.resolved(now_us)
+    if _looser(requested, current.limit):
+        return LimitState(current.limit, requested, now_us + cooloff_us)
+    return LimitState(requested)
+
+
+def check_limit_value(value: int) -> None:
+    """INVALID_ARGUMENT unless 1..SPENDING_LIMIT_MAX."""
+    if not 1 <= value <= SPENDING_LIMIT_MAX:
+        raise InvalidArgument(f"a limit must be 0 (none) or 1..{SPENDING_LIMIT_MAX}", "INVALID_LIMIT")
+
+
+def effective_limit(states: list[LimitState], now_us: int) -> int | None:
+    """The tightest cap in force among the setters' caps (None = no cap)."""
+    caps = [s.resolved(now_us).limit for s in states]
+    present = [c for c in caps if c is not None]
+    return min(present) if present else None
+
+
+def reversal_split(balance_before: int, coins: int) -> tuple[int, int]:
+    """(coins taken from the balance, coins already spent) when a purchase of `coins` is reversed."""
+    from_balance = min(max(balance_before, 0), coins)
+    return from_balance, coins - from_balance

@@ -1,8 +1,9 @@
 """Payment-provider adapters: checkout sessions out, signed callbacks in.
 
 The development provider behaves like a real one: CreatePurchase gets a checkout session from
-it, and the provider later calls HandlePaymentEvent with a signed JSON body. `livegifts pay`
-plays that provider's part in development and tests, signing with the shared webhook secret.
+it, and the provider later calls HandlePaymentEvent with a signed JSON body. The CLI
+(`livegifts buy`) and the tests play that provider's part, signing with the shared webhook secret.
+Each payment method is routed to an adapter by PaymentRouter (LIVEGIFTS_WALLET_PAYMENT_ROUTES).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.common import signing
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.wallet.domain import PurchaseStatus
 
 PAYLOAD_BYTES_MAX = 64 * 1024
@@ -90,11 +91,51 @@ class DevProvider:
                 amount_minor=int(body["amount_minor"]),
                 currency_code=str(body["currency_code"]),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             raise InvalidArgument("callback body is not a valid payment event", "MALFORMED_PAYLOAD") from None
         if not event.provider_event_id or len(event.provider_event_id) > 128:
             raise InvalidArgument("callback event id missing or too long", "MALFORMED_PAYLOAD")
         return event
+
+
+PAYMENT_METHODS = ("CARD", "PAYPAL", "APPLE_PAY", "GOOGLE_PAY")
+
+
+def parse_routes(spec: str) -> dict[str, str]:
+    """'CARD=dev,PAYPAL=dev' -> {'CARD': 'dev', 'PAYPAL': 'dev'}; ValueError on an unknown method."""
+    routes: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        method, sep, provider = item.partition("=")
+        method = method.strip().upper()
+        if not sep or method not in PAYMENT_METHODS or not provider.strip():
+            raise ValueError(f"bad payment route {item!r}: want METHOD=provider, METHOD one of {PAYMENT_METHODS}")
+        routes[method] = provider.strip()
+    return routes
+
+
+class PaymentRouter:
+    """Routes each payment method to the provider adapter that takes it, and callbacks back by name."""
+
+    def __init__(self, providers: list[PaymentProvider], routes: dict[str, str]) -> None:
+        self.providers = {p.name: p for p in providers}
+        unknown = sorted(set(routes.values()) - set(self.providers))
+        if unknown:
+            raise ValueError(f"payment routes name unknown providers: {', '.join(unknown)}")
+        self.routes = dict(routes)
+
+    def for_method(self, method: str) -> PaymentProvider:
+        """The provider for a method, or FAILED_PRECONDITION/PAYMENT_METHOD_UNAVAILABLE."""
+        name = self.routes.get(method)
+        if name is None:
+            raise FailedPrecondition(f"payment method {method} is not offered", "PAYMENT_METHOD_UNAVAILABLE")
+        return self.providers[name]
+
+    def by_name(self, name: str) -> PaymentProvider:
+        """The provider that sent a callback, or INVALID_ARGUMENT/UNKNOWN_PROVIDER."""
+        provider = self.providers.get(name)
+        if provider is None:
+            raise InvalidArgument("unknown payment provider", "UNKNOWN_PROVIDER", provider=name[:32])
+        return provider
 
 
 def dev_event_payload(event_id: str, event_type: str, purchase_id: str, amount_minor: int, currency_code: str) -> bytes:

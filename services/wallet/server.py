@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.common.auth import OperatorAuth
 from services.wallet.usecases import Wallet
 
 
 class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
-    """Thin adapter over the wallet use cases."""
+    """Thin adapter over the wallet use cases; operator RPCs check the operator token first."""
 
-    def __init__(self, wallet: Wallet) -> None:
+    def __init__(self, wallet: Wallet, auth: OperatorAuth) -> None:
         self.w = wallet
+        self.auth = auth
 
     async def ListCoinPackages(self, request: wallet_pb2.ListCoinPackagesRequest, context: Any) -> Any:
         """Packages a user in a region can buy."""
@@ -57,3 +59,26 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
     async def GetAudit(self, request: wallet_pb2.GetAuditRequest, context: Any) -> Any:
         """Totals for reconciliation."""
         return await self.w.audit()
+
+    async def SetSpendingLimits(self, request: wallet_pb2.SetSpendingLimitsRequest, context: Any) -> Any:
+        """A user's own caps, or (with the operator token) an operator's caps on a user."""
+        if request.set_by == wallet_pb2.LIMIT_SETTER_OPERATOR:
+            self.auth.require(context)
+        return await self.w.set_spending_limits(request)
+
+    async def GetSpendingLimits(self, request: wallet_pb2.GetSpendingLimitsRequest, context: Any) -> Any:
+        """Caps in force and what was spent in each period."""
+        return await self.w.get_spending_limits(request.user_id)
+
+    async def UpsertCoinPackage(self, request: wallet_pb2.UpsertCoinPackageRequest, context: Any) -> Any:
+        """Operator: create or change a coin package."""
+        return await self.w.upsert_package(request, self.auth.require(context))
+
+    async def UpsertPromotion(self, request: wallet_pb2.UpsertPromotionRequest, context: Any) -> Any:
+        """Operator: create or change a promotion."""
+        return await self.w.upsert_promotion(request, self.auth.require(context))
+
+    async def ListPromotions(self, request: wallet_pb2.ListPromotionsRequest, context: Any) -> Any:
+        """Operator: every promotion, running or not."""
+        self.auth.require(context)
+        return await self.w.list_promotions(request)

@@ -1,6 +1,6 @@
 """Wallet tables (SQLAlchemy Core). The domain never sees these."""
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table
 
 from services.common.tables import BigId, add_common_tables
 
@@ -60,6 +60,7 @@ coin_packages = Table(
     Column("coins", BigInteger, nullable=False),
     Column("price_minor", BigInteger, nullable=False),
     Column("active", Boolean, nullable=False),
+    Column("channel", String(8), nullable=False, server_default="APP"),  # APP or WEB
 )
 
 purchases = Table(
@@ -77,6 +78,9 @@ purchases = Table(
     Column("status", String(16), nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    Column("bonus_coins", BigInteger, nullable=False, server_default="0"),  # part of `coins`
+    Column("promotion_id", String(64), nullable=False, server_default=""),
+    Column("region", String(8), nullable=False, server_default=""),
 )
 
 payment_events = Table(
@@ -103,4 +107,45 @@ spends = Table(
     Column("request_hash", String(64), nullable=True),
     Column("balance_after", BigInteger, nullable=True),
     Column("created_at_us", BigInteger, nullable=False),
+)
+
+# A promotion changes what a package gives (bonus coins) or costs (discount) inside a window.
+promotions = Table(
+    "promotions",
+    metadata,
+    Column("promotion_id", String(64), primary_key=True),
+    Column("package_id", String(64), nullable=False, index=True),
+    Column("bonus_coins", BigInteger, nullable=False),
+    Column("discount_bps", Integer, nullable=False),
+    Column("starts_at_us", BigInteger, nullable=False),
+    Column("ends_at_us", BigInteger, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("updated_by", String(128), nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+# One cap per user, setter (USER or OPERATOR) and period; NULL limit = no cap. A raise waits in
+# pending_* until pending_at_us (the cooling-off period).
+spending_limits = Table(
+    "spending_limits",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("setter", String(16), primary_key=True),
+    Column("period", String(8), primary_key=True),
+    Column("limit_coins", BigInteger, nullable=True),
+    Column("pending_limit_coins", BigInteger, nullable=True),
+    Column("pending_at_us", BigInteger, nullable=True),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+# Coins spent per user and period (UTC day, ISO week, month), written by every spend in its own
+# transaction with a conditional UPDATE (spent + amount <= cap): concurrent spends queue on the
+# row and cannot pass a cap together.
+spend_counters = Table(
+    "spend_counters",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("period", String(8), primary_key=True),
+    Column("period_key", String(16), primary_key=True),
+    Column("spent_coins", BigInteger, nullable=False),
 )

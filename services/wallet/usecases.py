@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
-from services.common.db import Database, UnitOfWork
+from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
+    INT64_MAX,
     Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     check,
     require_id,
     require_key,
@@ -29,8 +33,8 @@ from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
-from services.wallet.domain import Posting, PurchaseStatus, SpendReason
-from services.wallet.payments import PaymentProvider
+from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus, SpendReason
+from services.wallet.payments import PaymentProvider, PaymentRouter
 from services.wallet.storage import (
     accounts,
     coin_packages,
@@ -38,15 +42,29 @@ from services.wallet.storage import (
     journal_entries,
     payment_events,
     postings,
+    promotions,
     purchases,
+    spend_counters,
+    spending_limits,
     spends,
     users,
 )
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE_DEFAULT = 50
 PAGE_SIZE_MAX = 500
 SPENT = "SPENT"
 CANCELLED = "CANCELLED"
+PACKAGE_ID_MAX = 64
+PROMOTIONS_LIST_MAX = 500
+USER, OPERATOR = "USER", "OPERATOR"
+_SETTERS = {
+    wallet_pb2.LIMIT_SETTER_UNSPECIFIED: USER,
+    wallet_pb2.LIMIT_SETTER_USER: USER,
+    wallet_pb2.LIMIT_SETTER_OPERATOR: OPERATOR,
+}
+_PERIOD_FIELDS = {Period.DAY: "daily", Period.WEEK: "weekly", Period.MONTH: "monthly"}
 
 _METHODS = {
     wallet_pb2.PAYMENT_METHOD_CARD: "CARD",
@@ -65,12 +83,14 @@ _STATUS_ENUM = {s: getattr(wallet_pb2, f"PURCHASE_STATUS_{s.value}") for s in Pu
 
 @dataclass
 class Wallet:
-    """The wallet's use cases over its database, outbox and payment provider."""
+    """The wallet's use cases over its database, outbox and payment providers."""
 
     db: Database
     outbox: Outbox
-    provider: PaymentProvider
+    payments: PaymentRouter
     settings: WalletSettings
+    # Microseconds since the epoch; tests inject a clock to cross days and cooling-off periods.
+    clock: Callable[[], int] = field(default=now_us)
 
     def __post_init__(self) -> None:
         self.region_ages = domain.parse_region_ages(self.settings.adult_age_by_region)
@@ -165,14 +185,43 @@ class Wallet:
     # ---- packages and purchases --------------------------------------------------------
 
     async def list_packages(self, req: wallet_pb2.ListCoinPackagesRequest) -> wallet_pb2.ListCoinPackagesResponse:
-        """Active packages of a region (and currency), cheapest first."""
-        region = (req.region or self.settings.default_region).upper()
-        q = select(coin_packages).where(coin_packages.c.region == region, coin_packages.c.active.is_(True))
+        """Active packages of a region (and currency), fewest coins first, at the price paid now."""
+        region = domain.check_region(req.region or self.settings.default_region)
+        channel = domain.check_channel(req.channel)
+        q = select(coin_packages).where(
+            coin_packages.c.region == region, coin_packages.c.channel == channel, coin_packages.c.active.is_(True)
+        )
         if req.currency_code:
-            q = q.where(coin_packages.c.currency_code == req.currency_code.upper())
+            q = q.where(coin_packages.c.currency_code == domain.check_currency(req.currency_code))
+        now = self.clock()
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (await uow.conn.execute(q.order_by(coin_packages.c.coins))).all()
-        return wallet_pb2.ListCoinPackagesResponse(packages=[_package_pb(r) for r in rows])
+            rows = (await uow.conn.execute(q.order_by(coin_packages.c.coins, coin_packages.c.package_id))).all()
+            promos = await self._running_promotions(uow, [r.package_id for r in rows], now)
+        return wallet_pb2.ListCoinPackagesResponse(
+            packages=[
+                _package_pb(r, domain.offer(r.coins, r.price_minor, promos.get(r.package_id, []), now), promos)
+                for r in rows
+            ]
+        )
+
+    async def _running_promotions(
+        self, uow: UnitOfWork, package_ids: list[str], now: int
+    ) -> dict[str, list[PromotionTerms]]:
+        """Promotions of these packages whose window contains `now`."""
+        if not package_ids:
+            return {}
+        p = promotions.c
+        rows = (
+            await uow.conn.execute(
+                select(promotions).where(
+                    p.package_id.in_(package_ids), p.active.is_(True), p.starts_at_us <= now, p.ends_at_us > now
+                )
+            )
+        ).all()
+        out: dict[str, list[PromotionTerms]] = {}
+        for r in rows:
+            out.setdefault(r.package_id, []).append(_terms(r))
+        return out
 
     async def create_purchase(self, req: wallet_pb2.CreatePurchaseRequest) -> wallet_pb2.Purchase:
         """A PENDING purchase with the price frozen now and a checkout session from the provider."""
@@ -184,6 +233,9 @@ class Wallet:
             raise InvalidArgument("payment_method is required", "INVALID_PAYMENT_METHOD")
         if not req.currency_code:
             raise InvalidArgument("currency_code is required", "MISSING_FIELD", field="currency_code")
+        currency = domain.check_currency(req.currency_code)
+        region = domain.check_region(req.region) if req.region else ""
+        provider = self.payments.for_method(method)
 
         async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
             pkg = (
@@ -191,21 +243,27 @@ class Wallet:
             ).first()
             if pkg is None or not pkg.active:
                 raise NotFound("unknown coin package", "UNKNOWN_PACKAGE", package_id=req.package_id)
-            if pkg.currency_code != req.currency_code.upper():
+            if pkg.currency_code != currency:
                 raise InvalidArgument(f"package {pkg.package_id} is sold in {pkg.currency_code}", "CURRENCY_MISMATCH")
-            if req.region and req.region.upper() != pkg.region:
+            if region and region != pkg.region:
                 raise InvalidArgument(f"package {pkg.package_id} is sold in {pkg.region}", "REGION_MISMATCH")
             await self._check_may_transact(uow, req.user_id)
+            ts = self.clock()
+            # The price and coins are frozen here: a promotion ending later does not change them.
+            promos = await self._running_promotions(uow, [pkg.package_id], ts)
+            deal = domain.offer(pkg.coins, pkg.price_minor, promos.get(pkg.package_id, []), ts)
             purchase_id = uuid.uuid4().hex
-            session = self.provider.create_checkout(purchase_id, pkg.price_minor, pkg.currency_code, method)
-            ts = now_us()
+            session = provider.create_checkout(purchase_id, deal.price_minor, pkg.currency_code, method)
             row = {
                 "purchase_id": purchase_id,
                 "user_id": req.user_id,
                 "package_id": pkg.package_id,
-                "coins": pkg.coins,
+                "coins": deal.coins + deal.bonus_coins,
+                "bonus_coins": deal.bonus_coins,
+                "promotion_id": deal.promotion_id,
+                "region": pkg.region,
                 "currency_code": pkg.currency_code,
-                "amount_minor": pkg.price_minor,
+                "amount_minor": deal.price_minor,
                 "payment_method": method,
                 "provider": session.provider,
                 "checkout_session_id": session.session_id,
@@ -234,11 +292,10 @@ class Wallet:
         self, req: wallet_pb2.HandlePaymentEventRequest
     ) -> wallet_pb2.HandlePaymentEventResponse:
         """Verify a provider callback and apply it once: credit, fail, or reverse the purchase."""
-        if req.provider != self.provider.name:
-            raise InvalidArgument("unknown payment provider", "UNKNOWN_PROVIDER", provider=req.provider)
-        event = self.provider.parse_callback(req.payload, req.signature)
+        provider = self.payments.by_name(req.provider)
+        event = provider.parse_callback(req.payload, req.signature)
         try:
-            return await self._apply_payment_event(event)
+            return await self._apply_payment_event(provider, event)
         except IntegrityError:
             # A concurrent delivery of the same provider event committed first.
             return wallet_pb2.HandlePaymentEventResponse(
@@ -247,27 +304,36 @@ class Wallet:
                 duplicate=True,
             )
 
-    async def _apply_payment_event(self, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
+    async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:
+            # The purchase is read before the event look-up: PostgreSQL (READ COMMITTED) takes a
+            # snapshot per statement, and the other order could see a concurrent delivery's new
+            # status but not its event row, and refuse a duplicate as INVALID_TRANSITION.
+            row = (
+                await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+            ).first()
             seen = (
                 await uow.conn.execute(
                     select(payment_events.c.purchase_id).where(
-                        payment_events.c.provider == self.provider.name,
+                        payment_events.c.provider == provider.name,
                         payment_events.c.provider_event_id == event.provider_event_id,
                     )
                 )
             ).first()
-            row = (
-                await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
-            ).first()
             if row is None:
                 raise NotFound("callback for an unknown purchase", "UNKNOWN_PURCHASE")
             if seen is not None:
+                # Read again: `row` may predate the delivery that recorded this event.
+                now_row = (
+                    await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+                ).one()
                 return wallet_pb2.HandlePaymentEventResponse(
                     provider_event_id=event.provider_event_id,
-                    purchase=_purchase_pb(row._asdict()),
+                    purchase=_purchase_pb(now_row._asdict()),
                     duplicate=True,
                 )
+            if row.provider != provider.name:
+                raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
             if event.amount_minor != row.amount_minor or event.currency_code != row.currency_code:
                 raise InvalidArgument("callback amount or currency differs from the purchase", "AMOUNT_MISMATCH")
             current = PurchaseStatus(row.status)
@@ -275,7 +341,7 @@ class Wallet:
             ts = now_us()
             await uow.conn.execute(
                 insert(payment_events).values(
-                    provider=self.provider.name,
+                    provider=provider.name,
                     provider_event_id=event.provider_event_id,
                     purchase_id=row.purchase_id,
                     event_type=event.event_type,
@@ -308,12 +374,13 @@ class Wallet:
                     ),
                 )
             elif event.target in (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK):
-                await self._post(
+                _entry, after = await self._post(
                     uow,
                     f"REVERSAL_{event.target.value}",
                     row.purchase_id,
                     domain.reversal_postings(row.user_id, row.coins),
                 )
+                _from_balance, already_spent = domain.reversal_split(after + row.coins, row.coins)
                 eid = new_event_id()
                 await self.outbox.add(
                     uow,
@@ -326,6 +393,9 @@ class Wallet:
                         coins=row.coins,
                         kind=event.target.value,
                         occurred_at=to_timestamp(ts),
+                        price=common_pb2.Money(currency_code=row.currency_code, amount_minor=row.amount_minor),
+                        coins_already_spent=already_spent,
+                        balance_after=after,
                     ),
                 )
             await uow.commit()
@@ -345,7 +415,7 @@ class Wallet:
             ).scalar_one_or_none()
         if bal is None:
             raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
-        return wallet_pb2.Balance(user_id=user_id, coins=int(bal))
+        return wallet_pb2.Balance(user_id=user_id, coins=int(bal), debt_coins=max(0, -int(bal)))
 
     async def list_transactions(self, req: wallet_pb2.ListTransactionsRequest) -> wallet_pb2.ListTransactionsResponse:
         """A user's postings, newest first, with an opaque cursor."""
@@ -359,6 +429,8 @@ class Wallet:
                 before = int(req.page_token)
             except ValueError:
                 raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
+            if not 0 < before <= INT64_MAX:  # a bigint column: anything else is not a token we gave
+                raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
         p, j = postings.c, journal_entries.c
         q = (
             select(p.id, p.entry_id, p.amount, p.balance_after, p.created_at_us, j.kind, j.reference_id)
@@ -417,6 +489,7 @@ class Wallet:
                         created_at_us=ts,
                     )
                 )
+                await self._count_against_limits(uow, req.user_id, req.amount)
                 entry_id, after = await self._post(
                     uow,
                     f"SPEND_{reason.value}",
@@ -469,6 +542,242 @@ class Wallet:
             except IntegrityError:
                 continue  # a concurrent Spend or CancelSpend claimed the key: read what it decided
         raise Aborted("the spend is being settled concurrently, retry", "CONFLICT")
+
+    # ---- spending limits ---------------------------------------------------------------
+
+    async def _count_against_limits(self, uow: UnitOfWork, user_id: str, amount: int) -> None:
+        """Add `amount` to the user's day, week and month counters, refusing to pass a cap.
+
+        The cap is enforced by the UPDATE itself (spent + amount <= cap) in the spend's own
+        transaction: on PostgreSQL a concurrent spend waits for the row and re-checks the
+        condition against the committed value; on SQLite writers are serialized. Counters are
+        kept for every spend, capped or not, so a cap set mid-period counts what was spent before.
+        Periods are always taken in the same order, so concurrent spends cannot deadlock.
+        """
+        now = self.clock()
+        keys = domain.period_keys(now)
+        states = await self._limit_states(uow, user_id)
+        c = spend_counters.c
+        for period in Period:
+            cap = domain.effective_limit([st for (_setter, p), st in states.items() if p is period], now)
+            where = [c.user_id == user_id, c.period == period.value, c.period_key == keys[period]]
+            if cap is not None:
+                where.append(c.spent_coins + amount <= cap)
+            stmt = update(spend_counters).where(*where).values(spent_coins=c.spent_coins + amount)
+            if (await uow.conn.execute(stmt)).rowcount == 1:
+                continue
+            # First spend of the period (or over the cap): make sure the row exists, then try again.
+            # Past periods' rows are never read again; dropping them here keeps one row per period.
+            await uow.conn.execute(
+                delete(spend_counters).where(
+                    c.user_id == user_id, c.period == period.value, c.period_key != keys[period]
+                )
+            )
+            await uow.conn.execute(
+                insert_ignore(self.db.dialect, spend_counters).values(
+                    user_id=user_id, period=period.value, period_key=keys[period], spent_coins=0
+                )
+            )
+            if (await uow.conn.execute(stmt)).rowcount != 1:
+                raise ResourceExhausted(
+                    f"this spend would pass the {period.value.lower()} spending limit of {cap} coins",
+                    "SPENDING_LIMIT_EXCEEDED",
+                    period=period.value,
+                    limit_coins=cap,
+                )
+
+    async def _limit_states(self, uow: UnitOfWork, user_id: str) -> dict[tuple[str, Period], LimitState]:
+        rows = (await uow.conn.execute(select(spending_limits).where(spending_limits.c.user_id == user_id))).all()
+        return {
+            (r.setter, Period(r.period)): LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us)
+            for r in rows
+        }
+
+    async def set_spending_limits(self, req: wallet_pb2.SetSpendingLimitsRequest) -> wallet_pb2.SpendingLimits:
+        """Change a user's or an operator's caps: lower at once, higher after the cooling-off period."""
+        require_id(req.user_id, "user_id")
+        setter = _SETTERS.get(req.set_by)
+        if setter is None:
+            raise InvalidArgument("set_by must be USER or OPERATOR", "INVALID_SETTER")
+        requested: dict[Period, int | None] = {}
+        for period, name in _PERIOD_FIELDS.items():
+            if req.HasField(name):
+                value = getattr(req, name)
+                if value < 0:
+                    raise InvalidArgument(f"{name} must be 0 (no limit) or more", "INVALID_LIMIT", field=name)
+                if value > 0:
+                    domain.check_limit_value(value)
+                requested[period] = value or None
+        if not requested:
+            raise InvalidArgument("set at least one of daily, weekly, monthly", "MISSING_FIELD", field="daily")
+        cooloff_us = self.settings.spending_limit_cooloff_s * 1_000_000
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.SpendingLimits:
+            now = self.clock()
+            sl = spending_limits.c
+            for period, value in requested.items():
+                key = {"user_id": req.user_id, "setter": setter, "period": period.value}
+                await uow.conn.execute(
+                    insert_ignore(self.db.dialect, spending_limits).values(**key, limit_coins=None, updated_at_us=now)
+                )
+                row = (
+                    await uow.conn.execute(
+                        select(spending_limits)
+                        .where(sl.user_id == req.user_id, sl.setter == setter, sl.period == period.value)
+                        .with_for_update()
+                    )
+                ).one()
+                state = LimitState(row.limit_coins, row.pending_limit_coins, row.pending_at_us)
+                new = domain.change_limit(state, value, now, cooloff_us)
+                await uow.conn.execute(
+                    update(spending_limits)
+                    .where(sl.user_id == req.user_id, sl.setter == setter, sl.period == period.value)
+                    .values(
+                        limit_coins=new.limit,
+                        pending_limit_coins=new.pending_limit,
+                        pending_at_us=new.pending_at_us,
+                        updated_at_us=now,
+                    )
+                )
+            return await self._limits_pb(uow, req.user_id, now)
+
+        return await run_idempotent(
+            self.db, common.idempotency, "SetSpendingLimits", req, wallet_pb2.SpendingLimits, work
+        )
+
+    async def get_spending_limits(self, user_id: str) -> wallet_pb2.SpendingLimits:
+        """A user's caps in force, pending raises and what was spent in each current period."""
+        require_id(user_id, "user_id")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            return await self._limits_pb(uow, user_id, self.clock())
+
+    async def _limits_pb(self, uow: UnitOfWork, user_id: str, now: int) -> wallet_pb2.SpendingLimits:
+        states = await self._limit_states(uow, user_id)
+        keys = domain.period_keys(now)
+        c = spend_counters.c
+        spent = {
+            r.period: int(r.spent_coins)
+            for r in (
+                await uow.conn.execute(
+                    select(c.period, c.period_key, c.spent_coins).where(
+                        c.user_id == user_id, c.period_key.in_(list(keys.values()))
+                    )
+                )
+            ).all()
+            if keys.get(Period(r.period)) == r.period_key
+        }
+        out = wallet_pb2.SpendingLimits(user_id=user_id)
+        for period in Period:
+            user = states.get((USER, period), LimitState(None)).resolved(now)
+            oper = states.get((OPERATOR, period), LimitState(None)).resolved(now)
+            item = wallet_pb2.PeriodLimit(
+                period=period.value,
+                limit_coins=domain.effective_limit([user, oper], now) or 0,
+                spent_coins=spent.get(period.value, 0),
+                user_limit_coins=user.limit or 0,
+                operator_limit_coins=oper.limit or 0,
+            )
+            pending = next((st for st in (user, oper) if st.has_pending), None)
+            if pending is not None:
+                item.raise_pending = True
+                item.pending_limit_coins = pending.pending_limit or 0
+                item.pending_effective_at.CopyFrom(to_timestamp(pending.pending_at_us))
+            out.periods.append(item)
+        return out
+
+    # ---- operator: packages and promotions ---------------------------------------------
+
+    async def upsert_package(self, req: wallet_pb2.UpsertCoinPackageRequest, operator: str) -> wallet_pb2.CoinPackage:
+        """Create or change a coin package (operator); purchases already made keep their frozen price."""
+        _require_short_id(req.package_id, "package_id")
+        region = domain.check_region(req.region)
+        currency = domain.check_currency(req.currency_code)
+        require_positive(req.coins, "coins", domain.PACKAGE_COINS_MAX)
+        require_positive(req.price_minor, "price_minor", domain.PRICE_MINOR_MAX)
+        values = {
+            "region": region,
+            "currency_code": currency,
+            "coins": req.coins,
+            "price_minor": req.price_minor,
+            "active": req.active,
+            "channel": domain.check_channel(req.channel),
+        }
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.CoinPackage:
+            # Insert-or-nothing, then update: two racing upserts of one package cannot collide.
+            await uow.conn.execute(
+                insert_ignore(self.db.dialect, coin_packages).values(package_id=req.package_id, **values)
+            )
+            await uow.conn.execute(
+                update(coin_packages).where(coin_packages.c.package_id == req.package_id).values(**values)
+            )
+            row = (
+                await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
+            ).one()
+            # Who changed a price is part of the audit trail (the token's x-operator header).
+            uow.after_commit(
+                lambda: log.info("coin package upserted", extra={"operator": operator, "package_id": req.package_id})
+            )
+            return _package_pb(row)
+
+        return await run_idempotent(self.db, common.idempotency, "UpsertCoinPackage", req, wallet_pb2.CoinPackage, work)
+
+    async def upsert_promotion(self, req: wallet_pb2.UpsertPromotionRequest, operator: str) -> wallet_pb2.Promotion:
+        """Create or change a promotion of one package (operator)."""
+        p = req.promotion
+        _require_short_id(p.promotion_id, "promotion.promotion_id")
+        _require_short_id(p.package_id, "promotion.package_id")
+        if not (p.HasField("starts_at") and p.HasField("ends_at")):
+            raise InvalidArgument("starts_at and ends_at are required", "MISSING_FIELD", field="promotion.ends_at")
+        # Not Timestamp.ToMicroseconds(): it raises ValueError on out-of-range input; the domain
+        # check below turns any such value into INVALID_PROMOTION instead.
+        starts_us = p.starts_at.seconds * 1_000_000 + p.starts_at.nanos // 1000
+        ends_us = p.ends_at.seconds * 1_000_000 + p.ends_at.nanos // 1000
+        domain.check_promotion(p.bonus_coins, p.discount_bps, starts_us, ends_us)
+        values = {
+            "package_id": p.package_id,
+            "bonus_coins": p.bonus_coins,
+            "discount_bps": p.discount_bps,
+            "starts_at_us": starts_us,
+            "ends_at_us": ends_us,
+            "active": p.active,
+            "updated_by": operator[:128],
+        }
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.Promotion:
+            pkg = (
+                await uow.conn.execute(
+                    select(coin_packages.c.package_id).where(coin_packages.c.package_id == p.package_id)
+                )
+            ).first()
+            if pkg is None:
+                raise NotFound("unknown coin package", "UNKNOWN_PACKAGE", package_id=p.package_id)
+            ts = now_us()
+            await uow.conn.execute(
+                insert_ignore(self.db.dialect, promotions).values(
+                    promotion_id=p.promotion_id, **values, updated_at_us=ts
+                )
+            )
+            await uow.conn.execute(
+                update(promotions).where(promotions.c.promotion_id == p.promotion_id).values(**values, updated_at_us=ts)
+            )
+            row = (await uow.conn.execute(select(promotions).where(promotions.c.promotion_id == p.promotion_id))).one()
+            uow.after_commit(
+                lambda: log.info("promotion upserted", extra={"operator": operator, "promotion_id": p.promotion_id})
+            )
+            return _promotion_pb(row)
+
+        return await run_idempotent(self.db, common.idempotency, "UpsertPromotion", req, wallet_pb2.Promotion, work)
+
+    async def list_promotions(self, req: wallet_pb2.ListPromotionsRequest) -> wallet_pb2.ListPromotionsResponse:
+        """Promotions (of one package, or all), newest start first, at most PROMOTIONS_LIST_MAX."""
+        q = select(promotions)
+        if req.package_id:
+            q = q.where(promotions.c.package_id == _require_short_id(req.package_id, "package_id"))
+        q = q.order_by(promotions.c.starts_at_us.desc(), promotions.c.promotion_id).limit(PROMOTIONS_LIST_MAX)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(q)).all()
+        return wallet_pb2.ListPromotionsResponse(promotions=[_promotion_pb(r) for r in rows])
 
     # ---- restrictions ------------------------------------------------------------------
 
@@ -582,12 +891,47 @@ class Wallet:
         )
 
 
-def _package_pb(r) -> wallet_pb2.CoinPackage:  # type: ignore[no-untyped-def]
-    return wallet_pb2.CoinPackage(
+def _require_short_id(value: str, field: str) -> str:
+    """An id that fits the 64-character package and promotion columns."""
+    require_id(value, field)
+    if len(value) > PACKAGE_ID_MAX:
+        raise InvalidArgument(f"{field} is at most {PACKAGE_ID_MAX} characters", "INVALID_ID", field=field)
+    return value
+
+
+def _terms(r) -> PromotionTerms:  # type: ignore[no-untyped-def]
+    return PromotionTerms(r.promotion_id, r.bonus_coins, r.discount_bps, r.starts_at_us, r.ends_at_us, r.active)
+
+
+def _package_pb(r, deal: domain.Offer | None = None, promos: dict | None = None) -> wallet_pb2.CoinPackage:  # type: ignore[no-untyped-def,type-arg]
+    deal = deal or domain.Offer(r.coins, 0, r.price_minor, r.price_minor, "")
+    out = wallet_pb2.CoinPackage(
         package_id=r.package_id,
         region=r.region,
         coins=r.coins,
-        price=common_pb2.Money(currency_code=r.currency_code, amount_minor=r.price_minor),
+        price=common_pb2.Money(currency_code=r.currency_code, amount_minor=deal.price_minor),
+        active=r.active,
+        list_price=common_pb2.Money(currency_code=r.currency_code, amount_minor=deal.list_price_minor),
+        bonus_coins=deal.bonus_coins,
+        total_coins=deal.coins + deal.bonus_coins,
+        promotion_id=deal.promotion_id,
+        currency_minor_units=domain.CURRENCY_MINOR_UNITS.get(r.currency_code, 2),
+        channel=r.channel,
+    )
+    if deal.promotion_id and promos:
+        ends = next(p.ends_at_us for p in promos[r.package_id] if p.promotion_id == deal.promotion_id)
+        out.promotion_ends_at.CopyFrom(to_timestamp(ends))
+    return out
+
+
+def _promotion_pb(r) -> wallet_pb2.Promotion:  # type: ignore[no-untyped-def]
+    return wallet_pb2.Promotion(
+        promotion_id=r.promotion_id,
+        package_id=r.package_id,
+        bonus_coins=r.bonus_coins,
+        discount_bps=r.discount_bps,
+        starts_at=to_timestamp(r.starts_at_us),
+        ends_at=to_timestamp(r.ends_at_us),
         active=r.active,
     )
 
@@ -604,4 +948,7 @@ def _purchase_pb(r: dict) -> wallet_pb2.Purchase:  # type: ignore[type-arg]
         checkout=wallet_pb2.CheckoutSession(provider=r["provider"], session_id=r["checkout_session_id"]),
         created_at=to_timestamp(r["created_at_us"]),
         updated_at=to_timestamp(r["updated_at_us"]),
+        bonus_coins=r.get("bonus_coins") or 0,
+        promotion_id=r.get("promotion_id") or "",
+        region=r.get("region") or "",
     )

@@ -74,3 +74,111 @@ def test_birth_dates_are_validated() -> None:
     for bad in ("22/11/2000", "2000-13-01", "2999-01-01"):
         with pytest.raises(InvalidArgument):
             domain.parse_birth_date(bad)
+
+
+# ---- currencies, promotions, limits, payment routing ---------------------------------------
+
+H_US = 3_600_000_000
+
+
+def test_only_known_currencies_and_well_formed_regions_are_accepted() -> None:
+    assert domain.check_currency("jpy") == "JPY"
+    assert domain.CURRENCY_MINOR_UNITS["JPY"] == 0 and domain.CURRENCY_MINOR_UNITS["GBP"] == 2
+    for bad in ("", "XXX", "US$", "dollars"):
+        with pytest.raises(InvalidArgument) as err:
+            domain.check_currency(bad)
+        assert err.value.reason == "UNKNOWN_CURRENCY"
+    assert domain.check_region("gb") == "GB"
+    for bad in ("", "U", "U S", "ÜS", "X" * 9):
+        with pytest.raises(InvalidArgument):
+            domain.check_region(bad)
+
+
+def test_a_discount_never_rounds_the_price_down_to_nothing() -> None:
+    assert domain.discounted_price(99, 1000) == 90  # 9.9 cents off rounds down to 9: the buyer pays 90
+    assert domain.discounted_price(160, 2500) == 120
+    assert domain.discounted_price(1, 9000) == 1
+
+
+def test_the_promotion_that_started_last_applies_only_inside_its_window() -> None:
+    old = domain.PromotionTerms("old", 10, 0, 0, 10 * H_US, True)
+    new = domain.PromotionTerms("new", 0, 2000, 2 * H_US, 5 * H_US, True)
+    off = domain.PromotionTerms("off", 999, 0, 0, 10 * H_US, False)
+    assert domain.offer(700, 999, [old, new, off], H_US) == domain.Offer(700, 10, 999, 999, "old")
+    assert domain.offer(700, 999, [old, new, off], 2 * H_US) == domain.Offer(700, 0, 999, 800, "new")
+    assert domain.offer(700, 999, [old, new, off], 5 * H_US).promotion_id == "old"  # ends_at is exclusive
+    assert domain.offer(700, 999, [old, new, off], 10 * H_US) == domain.Offer(700, 0, 999, 999, "")
+
+
+@pytest.mark.parametrize(
+    ("bonus", "bps", "start", "end"),
+    [(0, 0, 0, 1), (-1, 0, 0, 1), (0, 9001, 0, 1), (5, 0, 2, 2), (domain.PACKAGE_COINS_MAX + 1, 0, 0, 1)],
+)
+def test_promotions_that_give_nothing_too_much_or_no_window_are_refused(bonus, bps, start, end) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArgument) as err:
+        domain.check_promotion(bonus, bps, start, end)
+    assert err.value.reason == "INVALID_PROMOTION"
+
+
+def test_period_keys_follow_utc_days_iso_weeks_and_months() -> None:
+    sunday_late = int(dt.datetime(2026, 11, 29, 23, 59, tzinfo=dt.UTC).timestamp() * 1_000_000)
+    monday = sunday_late + 60_000_000
+    assert domain.period_keys(sunday_late) == {
+        domain.Period.DAY: "2026-11-29",
+        domain.Period.WEEK: "2026-W48",
+        domain.Period.MONTH: "2026-11",
+    }
+    assert domain.period_keys(monday) == {
+        domain.Period.DAY: "2026-11-30",
+        domain.Period.WEEK: "2026-W49",
+        domain.Period.MONTH: "2026-11",
+    }
+
+
+def test_a_lower_limit_applies_at_once_and_a_higher_one_after_the_cooling_off_period() -> None:
+    cool = 24 * H_US
+    state = domain.change_limit(domain.LimitState(None), 500, 0, cool)
+    assert state == domain.LimitState(500)  # first cap: lower than "none", at once
+    lowered = domain.change_limit(state, 100, H_US, cool)
+    assert lowered == domain.LimitState(100)
+    raised = domain.change_limit(lowered, 1000, 2 * H_US, cool)
+    assert raised.limit == 100 and raised.pending_limit == 1000 and raised.pending_at_us == 26 * H_US
+    assert domain.effective_limit([raised], 26 * H_US - 1) == 100
+    assert domain.effective_limit([raised], 26 * H_US) == 1000
+    removed = domain.change_limit(lowered, None, 0, cool)  # removing a cap is a raise too
+    assert removed.limit == 100 and removed.has_pending and removed.pending_limit is None
+    assert domain.effective_limit([removed], cool) is None
+    # Lowering while a raise is pending cancels the raise.
+    assert domain.change_limit(raised, 50, 3 * H_US, cool) == domain.LimitState(50)
+
+
+def test_the_tightest_of_the_user_and_operator_caps_binds() -> None:
+    assert domain.effective_limit([domain.LimitState(300), domain.LimitState(200)], 0) == 200
+    assert domain.effective_limit([domain.LimitState(None), domain.LimitState(200)], 0) == 200
+    assert domain.effective_limit([], 0) is None
+    with pytest.raises(InvalidArgument):
+        domain.change_limit(domain.LimitState(None), domain.SPENDING_LIMIT_MAX + 1, 0, 0)
+
+
+def test_a_reversal_says_how_many_of_its_coins_were_already_spent() -> None:
+    assert domain.reversal_split(700, 700) == (700, 0)
+    assert domain.reversal_split(200, 700) == (200, 500)
+    assert domain.reversal_split(-50, 700) == (0, 700)
+    assert domain.reversal_split(1000, 700) == (700, 0)
+
+
+def test_payment_methods_are_routed_to_their_provider_and_unrouted_ones_are_refused() -> None:
+    from services.common.errors import FailedPrecondition as FP
+    from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
+
+    router = PaymentRouter([DevProvider(b"s", 300)], parse_routes("CARD=dev, paypal=dev"))
+    assert router.for_method("PAYPAL").name == "dev"
+    with pytest.raises(FP) as err:
+        router.for_method("APPLE_PAY")
+    assert err.value.reason == "PAYMENT_METHOD_UNAVAILABLE"
+    with pytest.raises(InvalidArgument):
+        router.by_name("stripe")
+    with pytest.raises(ValueError):
+        parse_routes("CASH=dev")
+    with pytest.raises(ValueError):
+        PaymentRouter([DevProvider(b"s", 300)], {"CARD": "stripe"})

@@ -1,0 +1,555 @@
+"""The wallet over gRPC on SQLite and PostgreSQL: purchases and callbacks, price lists and
+promotions, operator RPCs, spending limits under concurrency, reversals and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import nats
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from services.common import signing
+from tests.integration.helpers import buy_coins, expect_error, live_stream, reason_of, signed_callback, uid
+
+OK = grpc.StatusCode
+
+
+async def new_purchase(wallet, user: str, package_id: str = "us-usd-700", currency: str = "USD"):  # type: ignore[no-untyped-def]
+    """A PENDING purchase."""
+    return await wallet.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user,
+            package_id=package_id,
+            currency_code=currency,
+            payment_method=wallet_pb2.PAYMENT_METHOD_APPLE_PAY,
+            idempotency_key=uid("buy"),
+        )
+    )
+
+
+async def balance_of(wallet, user: str) -> int:  # type: ignore[no-untyped-def]
+    """A user's coins."""
+    return (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins
+
+
+def spend_req(user: str, amount: int, key: str | None = None) -> wallet_pb2.SpendRequest:
+    """A GIFT spend."""
+    return wallet_pb2.SpendRequest(
+        user_id=user,
+        amount=amount,
+        reason=wallet_pb2.SPEND_REASON_GIFT,
+        reference_id="r",
+        idempotency_key=uid("k") if key is None else key,
+    )
+
+
+def ts(offset_s: int) -> Timestamp:
+    """Now plus `offset_s`, as a Timestamp."""
+    out = Timestamp()
+    out.FromSeconds(int(time.time()) + offset_s)
+    return out
+
+
+# ---- the purchase flow -------------------------------------------------------------------
+
+
+async def test_a_signed_success_callback_credits_the_coins_once_however_often_it_arrives(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("viewer")
+    purchase = await new_purchase(clients.wallet, user)
+    assert purchase.status == wallet_pb2.PURCHASE_STATUS_PENDING
+    assert purchase.checkout.session_id and purchase.checkout.redirect_url
+    assert (purchase.coins, purchase.price.amount_minor, purchase.region) == (700, 999, "US")
+    callback = signed_callback(deployment.webhook_secret, "payment.succeeded", purchase, event_id=uid("evt"))
+    answers = await asyncio.gather(*(clients.wallet.HandlePaymentEvent(callback) for _ in range(5)))
+    assert sum(not a.duplicate for a in answers) == 1
+    assert all(a.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED for a in answers)
+    assert await balance_of(clients.wallet, user) == 700
+    history = await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=user))
+    assert [(t.kind, t.amount, t.balance_after, t.reference_id) for t in history.transactions] == [
+        ("PURCHASE", 700, 700, purchase.purchase_id)
+    ]
+
+
+async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothing(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("viewer")
+    purchase = await new_purchase(clients.wallet, user)
+    forged = signed_callback("not-the-secret", "payment.succeeded", purchase)
+    await expect_error(clients.wallet.HandlePaymentEvent(forged), OK.UNAUTHENTICATED, "SIGNATURE_INVALID")
+    stale = signed_callback(deployment.webhook_secret, "payment.succeeded", purchase, ts=int(time.time()) - 3600)
+    await expect_error(clients.wallet.HandlePaymentEvent(stale), OK.UNAUTHENTICATED, "SIGNATURE_EXPIRED")
+    unsigned = signed_callback(deployment.webhook_secret, "payment.succeeded", purchase)
+    unsigned.signature = ""
+    await expect_error(clients.wallet.HandlePaymentEvent(unsigned), OK.UNAUTHENTICATED, "SIGNATURE_MISSING")
+    tampered = signed_callback(deployment.webhook_secret, "payment.succeeded", purchase)
+    tampered.payload = tampered.payload.replace(b'"amount_minor":999', b'"amount_minor":1')
+    await expect_error(clients.wallet.HandlePaymentEvent(tampered), OK.UNAUTHENTICATED, "SIGNATURE_INVALID")
+    body = b'{"id": "x", "type": "payment.succeeded"}'
+    malformed = wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=body, signature=signing.sign(deployment.webhook_secret.encode(), body)
+    )
+    await expect_error(clients.wallet.HandlePaymentEvent(malformed), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
+    huge = (
+        b'{"id":"y","type":"payment.succeeded","purchase_id":"%s","amount_minor":1e400,"currency_code":"USD"}'
+        % purchase.purchase_id.encode()
+    )
+    overflow = wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=huge, signature=signing.sign(deployment.webhook_secret.encode(), huge)
+    )
+    await expect_error(clients.wallet.HandlePaymentEvent(overflow), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
+    other = wallet_pb2.HandlePaymentEventRequest()
+    other.CopyFrom(signed_callback(deployment.webhook_secret, "payment.succeeded", purchase))
+    other.provider = "stripe"
+    await expect_error(clients.wallet.HandlePaymentEvent(other), OK.INVALID_ARGUMENT, "UNKNOWN_PROVIDER")
+    ghost = wallet_pb2.Purchase()
+    ghost.CopyFrom(purchase)
+    ghost.purchase_id = "no-such-purchase"
+    unknown = signed_callback(deployment.webhook_secret, "payment.succeeded", ghost)
+    await expect_error(clients.wallet.HandlePaymentEvent(unknown), OK.NOT_FOUND, "UNKNOWN_PURCHASE")
+    cheap = wallet_pb2.Purchase()
+    cheap.CopyFrom(purchase)
+    cheap.price.amount_minor = 1
+    underpaid = signed_callback(deployment.webhook_secret, "payment.succeeded", cheap)
+    await expect_error(clients.wallet.HandlePaymentEvent(underpaid), OK.INVALID_ARGUMENT, "AMOUNT_MISMATCH")
+
+    still = await clients.wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id))
+    assert still.status == wallet_pb2.PURCHASE_STATUS_PENDING
+    assert await balance_of(clients.wallet, user) == 0
+
+
+async def test_transitions_a_purchase_cannot_make_are_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    secret = deployment.webhook_secret
+    failed = await new_purchase(clients.wallet, uid("viewer"))
+    await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", failed))
+    for late in ("charge.refunded", "payment.succeeded", "charge.dispute.lost"):
+        await expect_error(
+            clients.wallet.HandlePaymentEvent(signed_callback(secret, late, failed)),
+            OK.FAILED_PRECONDITION,
+            "INVALID_TRANSITION",
+        )
+    pending = await new_purchase(clients.wallet, uid("viewer"))
+    early = signed_callback(secret, "charge.refunded", pending)
+    await expect_error(clients.wallet.HandlePaymentEvent(early), OK.FAILED_PRECONDITION, "INVALID_TRANSITION")
+
+
+async def test_a_chargeback_after_the_coins_were_gifted_leaves_a_debt_that_a_later_purchase_repays(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    viewer, creator = uid("viewer"), uid("creator")
+    purchase = await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-700")
+    stream = await live_stream(clients.gifting, creator)
+    gift = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="panda", quantity=100, idempotency_key=uid("gift")
+    )
+    assert (await clients.gifting.SendGift(gift)).coins == 500
+
+    received: list[events_pb2.PurchaseReversed] = []
+    nc = await nats.connect(deployment.nats_url) if deployment.nats_url else None
+    if nc is not None:
+
+        async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+            event = events_pb2.PurchaseReversed.FromString(msg.data)
+            if event.purchase_id == purchase.purchase_id:
+                received.append(event)
+
+        await nc.subscribe("wallet.purchase.reversed", cb=on_msg)
+        await nc.flush()
+    try:
+        answer = await clients.wallet.HandlePaymentEvent(
+            signed_callback(deployment.webhook_secret, "charge.dispute.lost", purchase)
+        )
+        assert answer.purchase.status == wallet_pb2.PURCHASE_STATUS_CHARGED_BACK
+        balance = await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))
+        assert (balance.coins, balance.debt_coins) == (200 - 700, 500)
+        if nc is not None:
+            for _ in range(100):
+                if received:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(received) == 1
+            assert (received[0].coins, received[0].coins_already_spent, received[0].balance_after) == (700, 500, -500)
+            assert received[0].kind == "CHARGED_BACK" and received[0].user_id == viewer
+    finally:
+        if nc is not None:
+            await nc.close()
+
+    # The debt blocks spending, whether through gifting or directly.
+    again = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("gift")
+    )
+    await expect_error(clients.gifting.SendGift(again), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    await expect_error(clients.wallet.Spend(spend_req(viewer, 1)), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    # The next purchase repays the debt first; only the rest can be spent.
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-700")
+    assert await balance_of(clients.wallet, viewer) == 200
+    await expect_error(clients.wallet.Spend(spend_req(viewer, 201)), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    assert (await clients.wallet.Spend(spend_req(viewer, 200))).balance_after == 0
+
+    history = await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=viewer))
+    assert [(t.kind, t.balance_after) for t in history.transactions] == [
+        ("SPEND_GIFT", 0),
+        ("PURCHASE", 200),
+        ("REVERSAL_CHARGED_BACK", -500),
+        ("SPEND_GIFT", 200),
+        ("PURCHASE", 700),
+    ]
+    audit = await clients.wallet.GetAudit(wallet_pb2.GetAuditRequest())
+    assert (audit.ledger_sum, audit.unbalanced_entries, audit.postings_mismatch) == (0, 0, 0)
+    assert audit.negative_balances_without_reversal == 0
+    assert audit.coins_issued == audit.coins_in_user_balances + audit.coins_spent + audit.coins_reversed
+
+
+# ---- packages, promotions, operator RPCs -------------------------------------------------
+
+
+async def test_each_region_lists_its_own_currency_with_its_minor_units(clients) -> None:  # type: ignore[no-untyped-def]
+    gb = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="GB"))).packages
+    assert [(p.coins, p.price.currency_code, p.price.amount_minor) for p in gb][0] == (65, "GBP", 89)
+    assert gb[-1].coins == 16500 and gb[-1].price.amount_minor == 21999
+    assert {p.currency_minor_units for p in gb} == {2}
+    jp = (
+        await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="jp", currency_code="JPY"))
+    ).packages
+    assert [(p.coins, p.price.amount_minor, p.currency_minor_units) for p in jp][:2] == [(70, 160, 0), (350, 800, 0)]
+    web = (
+        await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US", channel="web"))
+    ).packages
+    assert (web[0].package_id, web[0].coins, web[0].price.amount_minor, web[0].channel) == (
+        "us-usd-web-70",
+        70,
+        74,
+        "WEB",
+    )
+    app = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US"))).packages
+    assert (app[0].coins, app[0].price.amount_minor, app[0].channel) == (70, 99, "APP")
+    await expect_error(
+        clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US", channel="TV")),
+        OK.INVALID_ARGUMENT,
+        "INVALID_CHANNEL",
+    )
+    de = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="DE"))).packages
+    assert {p.price.currency_code for p in de} == {"EUR"}
+    assert (
+        await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="GB", currency_code="USD"))
+    ).packages == []
+    await expect_error(
+        clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="GB", currency_code="XYZ")),
+        OK.INVALID_ARGUMENT,
+        "UNKNOWN_CURRENCY",
+    )
+    user = uid("viewer")
+    await expect_error(new_purchase(clients.wallet, user, "gb-gbp-65", "USD"), OK.INVALID_ARGUMENT, "CURRENCY_MISMATCH")
+    await expect_error(new_purchase(clients.wallet, user, "gb-gbp-65", "XYZ"), OK.INVALID_ARGUMENT, "UNKNOWN_CURRENCY")
+    await expect_error(new_purchase(clients.wallet, user, "no-such-pack", "GBP"), OK.NOT_FOUND, "UNKNOWN_PACKAGE")
+    bought = await new_purchase(clients.wallet, user, "jp-jpy-700", "JPY")
+    assert (bought.price.currency_code, bought.price.amount_minor, bought.coins) == ("JPY", 1600, 700)
+
+
+async def test_operator_rpcs_refuse_callers_without_the_operator_token(clients) -> None:  # type: ignore[no-untyped-def]
+    req = wallet_pb2.UpsertCoinPackageRequest(
+        package_id=uid("pk"),
+        region="US",
+        currency_code="USD",
+        coins=10,
+        price_minor=15,
+        active=True,
+        idempotency_key=uid("k"),
+    )
+    await expect_error(clients.wallet.UpsertCoinPackage(req), OK.UNAUTHENTICATED, "OPERATOR_TOKEN_MISSING")
+    bad = (("authorization", "Bearer wrong"),)
+    await expect_error(clients.wallet.UpsertCoinPackage(req, metadata=bad), OK.PERMISSION_DENIED, "NOT_AN_OPERATOR")
+    await expect_error(
+        clients.wallet.ListPromotions(wallet_pb2.ListPromotionsRequest()), OK.UNAUTHENTICATED, "OPERATOR_TOKEN_MISSING"
+    )
+
+
+async def test_a_running_promotion_sets_the_price_paid_and_a_purchase_keeps_what_it_was_offered(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    md = deployment.operator_metadata
+    region = "T" + uid("r")[-6:].upper()
+    pkg = await clients.wallet.UpsertCoinPackage(
+        wallet_pb2.UpsertCoinPackageRequest(
+            package_id=uid("pk"),
+            region=region,
+            currency_code="eur",
+            coins=1000,
+            price_minor=1299,
+            active=True,
+            idempotency_key=uid("k"),
+        ),
+        metadata=md,
+    )
+    assert (pkg.region, pkg.price.currency_code, pkg.price.amount_minor) == (region, "EUR", 1299)
+
+    def promotion(pid: str, bonus: int, bps: int, start: int, end: int) -> wallet_pb2.UpsertPromotionRequest:
+        return wallet_pb2.UpsertPromotionRequest(
+            promotion=wallet_pb2.Promotion(
+                promotion_id=pid,
+                package_id=pkg.package_id,
+                bonus_coins=bonus,
+                discount_bps=bps,
+                starts_at=ts(start),
+                ends_at=ts(end),
+                active=True,
+            ),
+            idempotency_key=uid("k"),
+        )
+
+    running = await clients.wallet.UpsertPromotion(promotion(uid("promo"), 100, 2000, -3600, 3600), metadata=md)
+    await clients.wallet.UpsertPromotion(promotion(uid("future"), 5000, 9000, 3600, 7200), metadata=md)
+    listed = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region=region))).packages
+    assert len(listed) == 1
+    shown = listed[0]
+    assert (shown.price.amount_minor, shown.list_price.amount_minor) == (1040, 1299)  # 20% off, rounded up
+    assert (shown.coins, shown.bonus_coins, shown.total_coins) == (1000, 100, 1100)
+    assert shown.promotion_id == running.promotion_id and shown.promotion_ends_at.seconds > 0
+    promos = await clients.wallet.ListPromotions(
+        wallet_pb2.ListPromotionsRequest(package_id=pkg.package_id), metadata=md
+    )
+    assert len(promos.promotions) == 2
+
+    user = uid("viewer")
+    purchase = await new_purchase(clients.wallet, user, pkg.package_id, "EUR")
+    assert (purchase.coins, purchase.bonus_coins, purchase.price.amount_minor) == (1100, 100, 1040)
+    assert purchase.promotion_id == running.promotion_id
+    # The operator ends the promotion; the purchase already made keeps its price and coins.
+    ended = promotion(running.promotion_id, 100, 2000, -3600, -1)
+    await clients.wallet.UpsertPromotion(ended, metadata=md)
+    listed = (await clients.wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region=region))).packages
+    assert (listed[0].price.amount_minor, listed[0].bonus_coins, listed[0].promotion_id) == (1299, 0, "")
+    await clients.wallet.HandlePaymentEvent(signed_callback(deployment.webhook_secret, "payment.succeeded", purchase))
+    assert await balance_of(clients.wallet, user) == 1100
+
+
+async def test_operator_input_that_makes_no_sense_is_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    md = deployment.operator_metadata
+
+    def pkg(**kw) -> wallet_pb2.UpsertCoinPackageRequest:  # type: ignore[no-untyped-def]
+        fields = {"package_id": uid("pk"), "region": "US", "currency_code": "USD", "coins": 10, "price_minor": 15}
+        return wallet_pb2.UpsertCoinPackageRequest(**{**fields, **kw}, active=True, idempotency_key=uid("k"))
+
+    cases = [
+        (pkg(package_id="p" * 65), "INVALID_ID"),
+        (pkg(region="U S"), "INVALID_REGION"),
+        (pkg(currency_code="DOGE"), "UNKNOWN_CURRENCY"),
+        (pkg(coins=0), "AMOUNT_NOT_POSITIVE"),
+        (pkg(price_minor=-5), "AMOUNT_NOT_POSITIVE"),
+        (pkg(coins=2**63 - 1), "AMOUNT_TOO_LARGE"),
+    ]
+    for req, reason in cases:
+        await expect_error(clients.wallet.UpsertCoinPackage(req, metadata=md), OK.INVALID_ARGUMENT, reason)
+    promo = wallet_pb2.Promotion(
+        promotion_id=uid("p"), package_id="us-usd-70", bonus_coins=5, starts_at=ts(0), ends_at=ts(-10), active=True
+    )
+    req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
+    await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.INVALID_ARGUMENT, "INVALID_PROMOTION")
+    promo.ends_at.seconds = 10**15  # beyond year 9999
+    req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
+    await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.INVALID_ARGUMENT, "INVALID_PROMOTION")
+    promo.ends_at.CopyFrom(ts(60))
+    promo.package_id = "no-such-package"
+    req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
+    await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.NOT_FOUND, "UNKNOWN_PACKAGE")
+    promo.ClearField("starts_at")
+    req = wallet_pb2.UpsertPromotionRequest(promotion=promo, idempotency_key=uid("k"))
+    await expect_error(clients.wallet.UpsertPromotion(req, metadata=md), OK.INVALID_ARGUMENT, "MISSING_FIELD")
+
+
+# ---- spending, limits and concurrency ------------------------------------------------------
+
+
+async def test_parallel_spends_never_pass_a_daily_limit_and_each_key_is_charged_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("viewer")
+    await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-7000")
+    limits = await clients.wallet.SetSpendingLimits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=500, idempotency_key=uid("lim"))
+    )
+    assert next(p for p in limits.periods if p.period == "DAY").limit_coins == 500
+    keys = [uid("k") for _ in range(80)]
+    # Every key is sent twice at once: 160 concurrent calls for 80 spends of 10 against a cap of 500.
+    calls = [clients.wallet.Spend(spend_req(user, 10, k)) for k in keys for _ in range(2)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    charged: dict[str, set[str]] = {}
+    for (key, _), res in zip(((k, i) for k in keys for i in range(2)), results, strict=True):
+        if isinstance(res, grpc.aio.AioRpcError):
+            assert (res.code(), reason_of(res)) == (OK.RESOURCE_EXHAUSTED, "SPENDING_LIMIT_EXCEEDED"), res
+        else:
+            charged.setdefault(key, set()).add(res.spend_id)
+    assert len(charged) == 50
+    assert all(len(ids) == 1 for ids in charged.values()), "a key charged twice"
+    assert await balance_of(clients.wallet, user) == 7000 - 500
+    now = await clients.wallet.GetSpendingLimits(wallet_pb2.GetSpendingLimitsRequest(user_id=user))
+    assert {p.period: p.spent_coins for p in now.periods} == {"DAY": 500, "WEEK": 500, "MONTH": 500}
+    await expect_error(clients.wallet.Spend(spend_req(user, 1)), OK.RESOURCE_EXHAUSTED, "SPENDING_LIMIT_EXCEEDED")
+
+
+async def test_parallel_spends_never_overdraw_an_account(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("viewer")
+    await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-700")
+    results = await asyncio.gather(
+        *(clients.wallet.Spend(spend_req(user, 10)) for _ in range(100)), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert {(f.code(), reason_of(f)) for f in failures} == {(OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")}
+    assert len(results) - len(failures) == 70
+    assert sorted(r.balance_after for r in results if not isinstance(r, BaseException)) == list(range(0, 700, 10))
+    assert await balance_of(clients.wallet, user) == 0
+
+
+async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operators_cap_binds_too(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    user = uid("viewer")
+    await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-700")
+    w = clients.wallet
+
+    def day(limits: wallet_pb2.SpendingLimits) -> wallet_pb2.PeriodLimit:
+        return next(p for p in limits.periods if p.period == "DAY")
+
+    await w.Spend(spend_req(user, 80))
+    lowered = await w.SetSpendingLimits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, weekly=300, idempotency_key=uid("l"))
+    )
+    assert (day(lowered).limit_coins, day(lowered).spent_coins) == (100, 80)  # what was spent today counts
+    await expect_error(w.Spend(spend_req(user, 21)), OK.RESOURCE_EXHAUSTED, "SPENDING_LIMIT_EXCEEDED")
+    raised = await w.SetSpendingLimits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=1000, idempotency_key=uid("l"))
+    )
+    assert (day(raised).limit_coins, day(raised).raise_pending, day(raised).pending_limit_coins) == (100, True, 1000)
+    assert day(raised).pending_effective_at.seconds > time.time() + 3600
+    await expect_error(w.Spend(spend_req(user, 21)), OK.RESOURCE_EXHAUSTED, "SPENDING_LIMIT_EXCEEDED")
+    removed = await w.SetSpendingLimits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=0, idempotency_key=uid("l"))
+    )
+    assert (day(removed).limit_coins, day(removed).pending_limit_coins) == (100, 0)  # removal waits too
+
+    by_operator = wallet_pb2.SetSpendingLimitsRequest(
+        user_id=user, daily=90, set_by=wallet_pb2.LIMIT_SETTER_OPERATOR, idempotency_key=uid("l")
+    )
+    await expect_error(w.SetSpendingLimits(by_operator), OK.UNAUTHENTICATED, "OPERATOR_TOKEN_MISSING")
+    capped = await w.SetSpendingLimits(by_operator, metadata=deployment.operator_metadata)
+    assert (day(capped).limit_coins, day(capped).operator_limit_coins, day(capped).user_limit_coins) == (90, 90, 100)
+    assert (await w.Spend(spend_req(user, 10))).balance_after == 700 - 90
+    await expect_error(w.Spend(spend_req(user, 1)), OK.RESOURCE_EXHAUSTED, "SPENDING_LIMIT_EXCEEDED")
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "reason"),
+    [
+        (lambda w: w.Spend(spend_req("u", 0)), OK.INVALID_ARGUMENT, "AMOUNT_NOT_POSITIVE"),
+        (lambda w: w.Spend(spend_req("u", -3)), OK.INVALID_ARGUMENT, "AMOUNT_NOT_POSITIVE"),
+        (lambda w: w.Spend(spend_req("u", 2**63 - 1)), OK.INVALID_ARGUMENT, "AMOUNT_TOO_LARGE"),
+        (
+            lambda w: w.Spend(wallet_pb2.SpendRequest(user_id="u", amount=1, idempotency_key="k")),
+            OK.INVALID_ARGUMENT,
+            "INVALID_REASON",
+        ),
+        (lambda w: w.Spend(spend_req("u", 1, "")), OK.INVALID_ARGUMENT, "MISSING_IDEMPOTENCY_KEY"),
+        (lambda w: w.Spend(spend_req("no-such-user-xyz", 1)), OK.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+        (lambda w: w.GetBalance(wallet_pb2.GetBalanceRequest(user_id="")), OK.INVALID_ARGUMENT, "MISSING_FIELD"),
+        (lambda w: w.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id="nope")), OK.NOT_FOUND, "UNKNOWN_PURCHASE"),
+        (
+            lambda w: w.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id="u", page_token="x")),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            lambda w: w.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id="u", page_token="9" * 30)),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            lambda w: w.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id="u", page_size=-1)),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAGE_SIZE",
+        ),
+        (
+            lambda w: w.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="??")),
+            OK.INVALID_ARGUMENT,
+            "INVALID_REGION",
+        ),
+        (
+            lambda w: w.SetSpendingLimits(
+                wallet_pb2.SetSpendingLimitsRequest(user_id="u", daily=-1, idempotency_key="k")
+            ),
+            OK.INVALID_ARGUMENT,
+            "INVALID_LIMIT",
+        ),
+        (
+            lambda w: w.SetSpendingLimits(
+                wallet_pb2.SetSpendingLimitsRequest(user_id="u", weekly=10**15, idempotency_key="k")
+            ),
+            OK.INVALID_ARGUMENT,
+            "INVALID_LIMIT",
+        ),
+        (
+            lambda w: w.SetSpendingLimits(wallet_pb2.SetSpendingLimitsRequest(user_id="u", idempotency_key="k")),
+            OK.INVALID_ARGUMENT,
+            "MISSING_FIELD",
+        ),
+        (
+            lambda w: w.SetSpendingLimits(wallet_pb2.SetSpendingLimitsRequest(user_id="u", daily=5)),
+            OK.INVALID_ARGUMENT,
+            "MISSING_IDEMPOTENCY_KEY",
+        ),
+        (
+            lambda w: w.CreatePurchase(
+                wallet_pb2.CreatePurchaseRequest(
+                    user_id="u", package_id="us-usd-70", currency_code="USD", idempotency_key="k"
+                )
+            ),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAYMENT_METHOD",
+        ),
+        (
+            lambda w: w.CreatePurchase(
+                wallet_pb2.CreatePurchaseRequest(
+                    user_id="u",
+                    package_id="us-usd-70",
+                    currency_code="USD",
+                    region="GB",
+                    payment_method=1,
+                    idempotency_key="k",
+                )
+            ),
+            OK.INVALID_ARGUMENT,
+            "REGION_MISMATCH",
+        ),
+        (
+            lambda w: w.CreatePurchase(
+                wallet_pb2.CreatePurchaseRequest(
+                    user_id="u", package_id="us-usd-70", currency_code="USD", payment_method=99, idempotency_key="k"
+                )
+            ),
+            OK.INVALID_ARGUMENT,
+            "INVALID_PAYMENT_METHOD",
+        ),
+    ],
+)
+async def test_bad_input_is_refused_with_a_stable_reason_and_never_internal(clients, call, code, reason) -> None:  # type: ignore[no-untyped-def]
+    await expect_error(call(clients.wallet), code, reason)
+
+
+async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+    adult, minor, korean = uid("adult"), uid("minor"), uid("kr")
+    await buy_coins(w, deployment.webhook_secret, adult)
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US"))
+    await expect_error(new_purchase(w, minor), OK.FAILED_PRECONDITION, "UNDERAGE")
+    eighteen = f"{time.gmtime().tm_year - 18}-01-01"
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=korean, birth_date=eighteen, region="KR")
+    )
+    assert not (await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=korean))).may_spend
+    await expect_error(new_purchase(w, korean), OK.FAILED_PRECONDITION, "UNDERAGE")  # 19+ in South Korea
+
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True))
+    await expect_error(w.Spend(spend_req(adult, 1)), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    await expect_error(new_purchase(w, adult), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False))
+    assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
