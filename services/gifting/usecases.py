@@ -454,7 +454,12 @@ class Gifting:
             reason = error_reason(exc)
             definite = _DEFINITE.get(exc.code())
             if definite is not None or reason == "SPEND_CANCELLED":
-                await self._cancel(gift["event_id"], reason or exc.code().name)
+                # The wallet refused this attempt, but a concurrent retry with the same key may have
+                # spent since (e.g. after a top-up). Only the wallet's arbiter may decide: settle
+                # through CancelSpend as the sweeper does, never cancel on our own word.
+                settled = await self._settle_by_arbiter(gift["event_id"], reason or exc.code().name)
+                if settled is not None:
+                    return settled
                 if definite is None:
                     raise Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED") from None
                 raise definite(exc.details() or "wallet refused the spend", reason or exc.code().name) from None
@@ -467,6 +472,27 @@ class Gifting:
             ) from None
         faults.point("gifting.after_spend_before_commit")
         return await self._mark_sent(gift["event_id"], spent.balance_after)
+
+    async def _settle_by_arbiter(self, event_id: str, cancel_reason: str) -> dict[str, Any] | None:
+        """Ask wallet.CancelSpend: SENT if the spend happened (returns the gift), else CANCELLED (None).
+
+        If the wallet cannot answer, the gift stays PENDING for a retry or the sweeper.
+        """
+        try:
+            answer = await self.wallet.CancelSpend(
+                wallet_pb2.CancelSpendRequest(idempotency_key=event_id), timeout=self.settings.outgoing_deadline_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                "the wallet did not answer; retry with the same key",
+                "WALLET_UNAVAILABLE",
+                gift_event_id=event_id,
+                wallet_code=exc.code().name,
+            ) from None
+        if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+            return await self._mark_sent(event_id, answer.spend.balance_after)
+        await self._cancel(event_id, cancel_reason)
+        return None
 
     async def _mark_sent(self, event_id: str, balance_after: int | None) -> dict[str, Any]:
         """PENDING -> SENT and the gift.sent event, in one transaction; exactly one caller wins."""
@@ -481,8 +507,10 @@ class Gifting:
             if changed.rowcount == 1:
                 await self.outbox.add(uow, GIFT_SENT_SUBJECT, event_id, _gift_sent_event(row._asdict()))
                 await uow.commit()
-            elif row.status != GiftStatus.SENT.value:
-                raise FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+            else:
+                # Only a spend the wallet confirmed leads here, and a gift is cancelled only after the
+                # wallet forbade its spend: a cancelled gift with a spend means coins were lost.
+                check(row.status == GiftStatus.SENT.value, f"gift {event_id} was cancelled but its spend happened")
         return row._asdict()
 
     async def _cancel(self, event_id: str, reason: str) -> None:
@@ -523,14 +551,7 @@ class Gifting:
             )
         settled = 0
         for event_id in ids:
-            answer = await self.wallet.CancelSpend(
-                wallet_pb2.CancelSpendRequest(idempotency_key=event_id),
-                timeout=self.settings.outgoing_deadline_s,
-            )
-            if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
-                await self._mark_sent(event_id, answer.spend.balance_after)
-            else:
-                await self._cancel(event_id, "SWEPT")
+            await self._settle_by_arbiter(event_id, "SWEPT")
             settled += 1
         return settled
 

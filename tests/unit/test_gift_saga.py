@@ -1,0 +1,95 @@
+"""The gift saga settles refused spends through the wallet's arbiter, never on its own word.
+
+In-process: the gifting use cases on a migrated SQLite file, with a scripted wallet stub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.common.db import Database
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.gifting.config import GiftingSettings
+from services.gifting.storage import common, gift_events
+from services.gifting.usecases import Gifting
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+
+
+class ScriptedWallet:
+    """Spend refuses with INSUFFICIENT_COINS; CancelSpend answers what the script says."""
+
+    def __init__(self, arbiter_outcome: int) -> None:
+        self.arbiter_outcome = arbiter_outcome
+        self.cancel_calls: list[str] = []
+
+    async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        return wallet_pb2.AccountRestrictions(user_id=req.user_id, may_spend=True)
+
+    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), "not enough coins"
+        )
+
+    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.cancel_calls.append(req.idempotency_key)
+        spend = wallet_pb2.SpendResponse(spend_id="s1", amount=5, balance_after=95)
+        return wallet_pb2.CancelSpendResponse(outcome=self.arbiter_outcome, spend=spend)
+
+
+async def _gifting(tmp_path: Path, wallet: ScriptedWallet) -> tuple[Gifting, Database]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gifting.db'}"
+    await upgrade_head(MIGRATIONS, url)
+    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    return Gifting(db, Outbox(common.outbox), wallet, settings), db
+
+
+async def _send(g: Gifting) -> Any:
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+    return g.send_gift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key="k1"
+        )
+    )
+
+
+async def _count(db: Database, table: Any, *where: Any) -> int:
+    async with db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.count()).select_from(table).where(*where))).scalar_one())
+
+
+async def test_a_refused_spend_that_a_concurrent_retry_completed_ends_sent_not_cancelled(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)
+    g, db = await _gifting(tmp_path, wallet)
+    try:
+        receipt = await (await _send(g))
+        assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
+        assert receipt.sender_balance == 95
+        assert wallet.cancel_calls == [receipt.gift_event_id]
+        assert await _count(db, common.outbox) == 1  # exactly one gift.sent event
+        assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_refused_spend_the_arbiter_forbids_is_cancelled_and_reports_the_refusal(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+    g, db = await _gifting(tmp_path, wallet)
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "FAILED_PRECONDITION"
+        assert len(wallet.cancel_calls) == 1
+        assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
+        assert await _count(db, common.outbox) == 0
+    finally:
+        await db.dispose()
