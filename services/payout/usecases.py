@@ -692,7 +692,10 @@ class Payout:
                 await uow.conn.execute(
                     select(withdrawals, m.provider_token)
                     .join(payout_methods, m.method_id == w.method_id)
-                    .where(w.status == WithdrawalStatus.APPROVED.value)
+                    .join(creators, creators.c.creator_id == w.creator_id)
+                    # Held while the creator owes diamonds after a clawback: an approved (or
+                    # auto-approved) withdrawal waits here instead of paying out cash owed back.
+                    .where(w.status == WithdrawalStatus.APPROVED.value, creators.c.diamonds_available >= 0)
                     .order_by(w.requested_at_us)
                     .limit(self.settings.dispatch_batch_size_max)
                 )
@@ -794,7 +797,8 @@ class Payout:
         """Consumer of wallet.purchase.reversed: take back the diamonds the reversed coins earned.
 
         Attribution (domain.attribute_reversal): the sender's newest earnings first, up to the
-        reversed coins, at the share each was credited at. The balance may go negative; one
+        coins the wallet reports as already spent (coins still in the balance it took back
+        itself), at the share each was credited at. The balance may go negative; one
         clawback entry per reversal per creator records it.
         """
         assert self.settings is not None
@@ -809,8 +813,11 @@ class Payout:
                     .limit(self.settings.clawback_rows_max)
                 )
             ).all()
+            # Only the coins the wallet could not take back from the balance had gone to creators.
+            if ev.coins_already_spent <= 0:
+                continue
             takes = domain.attribute_reversal(
-                ev.coins,
+                min(ev.coins_already_spent, ev.coins),
                 [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
             )
             by_creator: dict[str, list[int]] = {}
