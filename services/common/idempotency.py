@@ -16,7 +16,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from services.common.db import Database, UnitOfWork
-from services.common.errors import AlreadyExists, require_key
+from services.common.errors import Aborted, AlreadyExists, require_key
 from services.common.timeutil import now_us
 
 R = TypeVar("R", bound=Message)
@@ -86,10 +86,12 @@ async def run_idempotent(
             await record(uow, table, scope, key, digest, response)
             await uow.commit()
             return response
-    except IntegrityError:
+    except IntegrityError as exc:
         # A concurrent first call with this key won the race; answer as it did.
         async with db.unit_of_work(readonly=True) as uow:
             stored = await lookup(uow, table, scope, key, digest, response_type)
         if stored is None:
-            raise
+            # Another unique rule lost a race (PostgreSQL; SQLite serializes writers), e.g. two
+            # StartStream calls for one creator: a retry sees the winner and answers precisely.
+            raise Aborted("a concurrent request conflicted, retry with the same key", "CONFLICT") from exc
         return stored
