@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+import nats
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.integration.helpers import signed_callback, uid
 
@@ -42,6 +45,8 @@ class LoadReport:
     wrong_answers: list[str] = field(default_factory=list)
     coins_by_viewer: dict[str, int] = field(default_factory=dict)  # what each viewer should hold now
     gift_ids: set[str] = field(default_factory=set)
+    ops_done: int = 0
+    withdrawals: int = 0
     purchases_by_viewer: dict[str, list[wallet_pb2.Purchase]] = field(default_factory=dict)
 
 
@@ -65,7 +70,9 @@ async def with_retries(report: LoadReport, op: Callable[[int], Awaitable[T]]) ->
 async def run_load(
     wallet_addr: str,
     gifting_addr: str,
+    payout_addr: str,
     webhook_secret: str,
+    operator_md: tuple[tuple[str, str], ...],
     *,
     seed: int,
     viewers: int,
@@ -73,67 +80,208 @@ async def run_load(
     gifts: int,
     concurrency: int,
 ) -> LoadReport:
-    """Purchases (with replayed callbacks), streams, gifts (some with deadlines too short), one chargeback."""
+    """Purchases (with replayed callbacks), streams, gifts, tips and unlocks (some with deadlines too short),
+    one chargeback halfway, then a withdrawal per creator."""
     rnd = random.Random(seed)
     report = LoadReport(seed=seed)
-    w_ch, g_ch = grpc.aio.insecure_channel(wallet_addr), grpc.aio.insecure_channel(gifting_addr)
-    wallet, gifting = wallet_pb2_grpc.WalletServiceStub(w_ch), gifting_pb2_grpc.GiftingServiceStub(g_ch)
+    chans = [grpc.aio.insecure_channel(a) for a in (wallet_addr, gifting_addr, payout_addr)]
+    wallet = wallet_pb2_grpc.WalletServiceStub(chans[0])
+    gifting = gifting_pb2_grpc.GiftingServiceStub(chans[1])
+    payout = payout_pb2_grpc.PayoutServiceStub(chans[2])
     try:
+        await _low_minimum_policy(report, payout, operator_md)
         viewer_ids = [uid(f"v{seed}") for _ in range(viewers)]
         creator_ids = [uid(f"c{seed}") for _ in range(creators)]
         for v in viewer_ids:
             report.coins_by_viewer[v] = 0
             for package_id in ("us-usd-700", "us-usd-350"):
                 await _buy(report, wallet, webhook_secret, v, package_id, replay=rnd.random() < 0.5)
-        streams = []
+        streams, contents = [], []
         for c in creator_ids:
-            key = uid("start")
+            key, ckey = uid("start"), uid("content")
             s = await with_retries(
                 report,
                 lambda _a, c=c, key=key: gifting.StartStream(
                     gifting_pb2.StartStreamRequest(creator_id=c, title="fault load", idempotency_key=key), timeout=5
                 ),
             )
-            assert s is not None, report.wrong_answers
+            content = await with_retries(
+                report,
+                lambda _a, c=c, ckey=ckey: gifting.CreateContent(
+                    gifting_pb2.CreateContentRequest(creator_id=c, title="extra", price_coins=15, idempotency_key=ckey),
+                    timeout=5,
+                ),
+            )
+            assert s is not None and content is not None, report.wrong_answers
             streams.append(s.stream_id)
+            contents.append(content.content_id)
 
-        # The chargeback victim gifts only in the first half; then its first purchase is reversed.
+        # The chargeback victim acts only in the first half; then its first purchase is reversed.
         victim = viewer_ids[0]
         plan = [
-            (rnd.choice(viewer_ids), rnd.choice(streams), *rnd.choice(CHEAP_GIFTS), rnd.randint(1, 3))
+            (rnd.random(), rnd.choice(viewer_ids), rnd.randrange(creators), rnd.choice(CHEAP_GIFTS))
             for _ in range(gifts)
         ]
         half = len(plan) // 2
-        second = [(viewer_ids[1] if p[0] == victim else p[0], *p[1:]) for p in plan[half:]]
+        second = [(p[0], viewer_ids[1] if p[1] == victim else p[1], *p[2:]) for p in plan[half:]]
         sem = asyncio.Semaphore(concurrency)
+        unlocked: set[tuple[str, str]] = set()
 
-        async def one_gift(viewer: str, stream: str, gift_id: str, price: int, qty: int) -> None:
-            key = uid("gift")
+        async def one_op(dice: float, viewer: str, creator: int, gift: tuple[str, int]) -> None:
+            key = uid("op")
             tight = rnd.random() < 0.1  # a first attempt whose deadline is too short: the client retries
-            async with sem:
-                receipt = await with_retries(
-                    report,
-                    lambda attempt: gifting.SendGift(
-                        gifting_pb2.SendGiftRequest(
-                            stream_id=stream, sender_id=viewer, gift_id=gift_id, quantity=qty, idempotency_key=key
-                        ),
-                        timeout=0.002 if (tight and attempt == 0) else 10,
-                    ),
-                )
-            if receipt is not None:
-                report.gifts_sent += 1
-                report.coins_gifted += receipt.coins
-                report.coins_by_viewer[viewer] -= receipt.coins
-                report.gift_ids.add(receipt.gift_event_id)
-                if receipt.coins != price * qty:
-                    report.wrong_answers.append(f"gift {key} charged {receipt.coins}, expected {price * qty}")
 
-        await asyncio.gather(*(one_gift(*p) for p in plan[:half]))
+            def deadline(attempt: int) -> float:
+                return 0.002 if (tight and attempt == 0) else 10.0
+
+            async with sem:
+                if dice < 0.1:  # a tip
+                    coins = 1 + int(dice * 100)
+                    r = await with_retries(
+                        report,
+                        lambda a: gifting.SendTip(
+                            gifting_pb2.SendTipRequest(
+                                stream_id=streams[creator],
+                                sender_id=viewer,
+                                coins=coins,
+                                message="gg",
+                                idempotency_key=key,
+                            ),
+                            timeout=deadline(a),
+                        ),
+                    )
+                    charged, expected, event_id = (r.coins, coins, r.gift_event_id) if r else (0, 0, "")
+                elif dice < 0.2:  # an unlock: charged once per (viewer, content)
+                    r = await with_retries(
+                        report,
+                        lambda a: gifting.UnlockContent(
+                            gifting_pb2.UnlockContentRequest(
+                                user_id=viewer, content_id=contents[creator], idempotency_key=key
+                            ),
+                            timeout=deadline(a),
+                        ),
+                    )
+                    pair = (viewer, contents[creator])
+                    charged = 0 if (r is None or r.already_unlocked) else r.coins
+                    if charged:
+                        if pair in unlocked:
+                            report.wrong_answers.append(f"unlock {pair} charged twice")
+                        unlocked.add(pair)
+                    expected, event_id = (charged if charged in (0, 15) else 15), (r.gift_event_id if r else "")
+                else:  # a gift
+                    gift_id, price = gift
+                    qty = 1 + int(dice * 10) % 3
+                    r = await with_retries(
+                        report,
+                        lambda a: gifting.SendGift(
+                            gifting_pb2.SendGiftRequest(
+                                stream_id=streams[creator],
+                                sender_id=viewer,
+                                gift_id=gift_id,
+                                quantity=qty,
+                                idempotency_key=key,
+                            ),
+                            timeout=deadline(a),
+                        ),
+                    )
+                    charged, expected, event_id = (r.coins, price * qty, r.gift_event_id) if r else (0, 0, "")
+            if r is None:
+                return
+            report.ops_done += 1
+            report.gifts_sent += 1 if charged else 0
+            report.coins_gifted += charged
+            report.coins_by_viewer[viewer] -= charged
+            if charged:
+                report.gift_ids.add(event_id)
+            if charged != expected:
+                report.wrong_answers.append(f"{key} charged {charged}, expected {expected}")
+
+        await asyncio.gather(*(one_op(*p) for p in plan[:half]))
         await _chargeback(report, wallet, webhook_secret, victim)
-        await asyncio.gather(*(one_gift(*p) for p in second))
+        await asyncio.gather(*(one_op(*p) for p in second))
+        for c in creator_ids:
+            await _withdraw(report, payout, operator_md, c)
         return report
     finally:
-        await asyncio.gather(w_ch.close(), g_ch.close())
+        await asyncio.gather(*(c.close() for c in chans))
+
+
+async def _low_minimum_policy(report: LoadReport, payout, operator_md) -> None:  # type: ignore[no-untyped-def]
+    """$1 minimum so a small load's creators can withdraw (200 diamonds = $1, as DOMAIN.md)."""
+    key = uid("policy")
+    terms = payout_pb2.CurrencyTerms(
+        currency_code="USD",
+        diamonds=200,
+        amount_minor=100,
+        withdrawal_min_minor=100,
+        daily_max_minor=100_000,
+        fee_fixed_minor=0,
+        auto_approve_below_minor=50_000,
+    )
+    r = await with_retries(
+        report,
+        lambda _a: payout.SetPolicy(
+            payout_pb2.SetPolicyRequest(creator_share_bp=5000, fee_bp=0, currencies=[terms], idempotency_key=key),
+            metadata=operator_md,
+            timeout=5,
+        ),
+    )
+    assert r is not None, report.wrong_answers
+
+
+async def _withdraw(report: LoadReport, payout, operator_md, creator: str) -> None:  # type: ignore[no-untyped-def]
+    """A PayPal method, verified, then 200 diamonds withdrawn if the creator has earned them."""
+    e = await _earnings_at_least(payout, creator, 400)
+    if e is None:
+        return
+    mkey, vkey, wkey = uid("method"), uid("verify"), uid("withdraw")
+    method = await with_retries(
+        report,
+        lambda _a: payout.AddPayoutMethod(
+            payout_pb2.AddPayoutMethodRequest(
+                creator_id=creator,
+                kind=payout_pb2.PAYOUT_METHOD_KIND_PAYPAL,
+                paypal_email=f"{creator}@example.com",
+                currency_code="USD",
+                idempotency_key=mkey,
+            ),
+            timeout=5,
+        ),
+    )
+    if method is None:
+        return
+    await with_retries(
+        report,
+        lambda _a: payout.VerifyPayoutMethod(
+            payout_pb2.VerifyPayoutMethodRequest(method_id=method.method_id, verified=True, idempotency_key=vkey),
+            metadata=operator_md,
+            timeout=5,
+        ),
+    )
+    w = await with_retries(
+        report,
+        lambda _a: payout.RequestWithdrawal(
+            payout_pb2.RequestWithdrawalRequest(
+                creator_id=creator, diamonds=200, method_id=method.method_id, idempotency_key=wkey
+            ),
+            timeout=5,
+        ),
+    )
+    if w is not None:
+        report.withdrawals += 1
+
+
+async def _earnings_at_least(payout, creator: str, diamonds: int, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            e = await payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator), timeout=5)
+            if e.diamonds_available >= diamonds:
+                return e
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+    return None
 
 
 async def _buy(report: LoadReport, wallet, secret: str, viewer: str, package_id: str, replay: bool) -> None:  # type: ignore[no-untyped-def]
@@ -189,3 +337,21 @@ async def balances(wallet_addr: str, viewers: list[str]) -> dict[str, int]:
     async with grpc.aio.insecure_channel(wallet_addr) as ch:
         stub = wallet_pb2_grpc.WalletServiceStub(ch)
         return {v: (await stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=v), timeout=5)).coins for v in viewers}
+
+
+async def replay_events(nats_url: str, stream: str, count_max: int) -> int:
+    """Republish up to `count_max` stored events of `stream` with fresh Nats-Msg-Ids (past JetStream's dedup)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        replayed = 0
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if replayed >= count_max:
+                break
+            msg = await js.get_msg(stream, seq)
+            await js.publish(msg.subject, msg.data, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+            replayed += 1
+        return replayed
+    finally:
+        await nc.close()
