@@ -195,7 +195,11 @@ def _check_by_id(
 def wait_until_settled(
     fetch: Callable[[], Totals], timeout_s: float, progress: Callable[[list[Check]], None] | None = None
 ) -> list[Check]:
-    """Re-check until nothing is in flight (or a failure, or the timeout); returns the last report."""
+    """Re-check until nothing is in flight (or a failure, or the timeout); returns the last report.
+
+    With a timeout, work still "in flight" when it runs out is reported FAILED: an event a
+    consumer lost looks exactly like one not yet consumed, until it never arrives.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         report = check_invariants(fetch())
@@ -204,5 +208,10 @@ def wait_until_settled(
         if all(c.status == OK for c in report) or any(c.status == FAILED for c in report):
             return report
         if time.monotonic() > deadline:
-            return report
+            if timeout_s <= 0:
+                return report
+            return [
+                Check(c.name, FAILED, f"{c.detail} (not drained after {timeout_s:g}s)") if c.status == IN_FLIGHT else c
+                for c in report
+            ]
         time.sleep(0.5)

@@ -256,7 +256,10 @@ def audit(
     detail: Annotated[bool, typer.Option(help="also compare spends, gifts and credits id by id")] = False,
     wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for in-flight work to drain")] = 0.0,
 ) -> None:
-    """Check the suite's invariants across the three services; exit 1 if one fails (2 if still in flight)."""
+    """Check the suite's invariants across the three services; exit 1 if one fails (2 if still in flight).
+
+    With --wait, work still in flight when the wait runs out counts as failed.
+    """
     from services.cli.audit import FAILED, OK, collect, wait_until_settled
 
     def fetch():  # type: ignore[no-untyped-def]

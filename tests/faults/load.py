@@ -207,13 +207,13 @@ async def run_load(
 
 
 async def _low_minimum_policy(report: LoadReport, payout, operator_md) -> None:  # type: ignore[no-untyped-def]
-    """$1 minimum so a small load's creators can withdraw (200 diamonds = $1, as DOMAIN.md)."""
+    """A 50-cent minimum so a small load's creators can withdraw (200 diamonds = $1, as DOMAIN.md)."""
     key = uid("policy")
     terms = payout_pb2.CurrencyTerms(
         currency_code="USD",
         diamonds=200,
         amount_minor=100,
-        withdrawal_min_minor=100,
+        withdrawal_min_minor=50,
         daily_max_minor=100_000,
         fee_fixed_minor=0,
         auto_approve_below_minor=50_000,
@@ -230,8 +230,8 @@ async def _low_minimum_policy(report: LoadReport, payout, operator_md) -> None: 
 
 
 async def _withdraw(report: LoadReport, payout, operator_md, creator: str) -> None:  # type: ignore[no-untyped-def]
-    """A PayPal method, verified, then 200 diamonds withdrawn if the creator has earned them."""
-    e = await _earnings_at_least(payout, creator, 400)
+    """A PayPal method, verified, then 100 diamonds (50 cents) withdrawn if the creator has earned them."""
+    e = await _earnings_at_least(payout, creator, 100)
     if e is None:
         return
     mkey, vkey, wkey = uid("method"), uid("verify"), uid("withdraw")
@@ -262,7 +262,7 @@ async def _withdraw(report: LoadReport, payout, operator_md, creator: str) -> No
         report,
         lambda _a: payout.RequestWithdrawal(
             payout_pb2.RequestWithdrawalRequest(
-                creator_id=creator, diamonds=200, method_id=method.method_id, idempotency_key=wkey
+                creator_id=creator, diamonds=100, method_id=method.method_id, idempotency_key=wkey
             ),
             timeout=5,
         ),
@@ -271,7 +271,7 @@ async def _withdraw(report: LoadReport, payout, operator_md, creator: str) -> No
         report.withdrawals += 1
 
 
-async def _earnings_at_least(payout, creator: str, diamonds: int, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+async def _earnings_at_least(payout, creator: str, diamonds: int, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

@@ -32,6 +32,7 @@ SEED = int(os.environ.get("LIVEGIFTS_FAULT_SEED", str(random.SystemRandom().rand
 GIFTS = int(os.environ.get("LIVEGIFTS_FAULT_GIFTS", "120"))
 DRAIN_TIMEOUT_S = 90.0
 LOAD_TIMEOUT_S = 240.0
+REPLAY_SETTLE_S = 2.0
 OPERATOR_METADATA = (("authorization", f"Bearer {OPERATOR_TOKEN}"), ("x-operator", "fault-suite"))
 FAST_SWEEP = {"LIVEGIFTS_GIFTING_PENDING_TIMEOUT_S": "3", "LIVEGIFTS_GIFTING_SWEEP_INTERVAL_S": "0.5"}
 
@@ -174,9 +175,6 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
             f" {report.reversals} chargeback, {report.withdrawals} withdrawals,"
             f" retries {dict(report.retries)}"
         )
-        # The broker redelivers: replay stored events past JetStream's de-duplication; the inboxes stop them.
-        replayed = {stream: await replay_events(suite.config.nats_url, stream, 60) for stream in ("GIFTING", "WALLET")}
-        print(f"   replayed events: {replayed}")
         assert not report.wrong_answers, report.wrong_answers
         assert report.ops_done == GIFTS
 
@@ -187,8 +185,19 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
         for check in audit:
             print(f"   audit {check.status:>9}  {check.name}: {check.detail}")
         assert all(c.status == OK for c in audit), [c for c in audit if c.status != OK]
+        before = await asyncio.to_thread(fetch)
 
+        # Only after the books balanced on their own: the broker redelivers. Replay stored events
+        # past JetStream's de-duplication; the inboxes must make them no-ops (a replay first
+        # would re-deliver events a broken consumer had lost and hide the loss).
+        replayed = {stream: await replay_events(suite.config.nats_url, stream, 60) for stream in ("GIFTING", "WALLET")}
+        await asyncio.sleep(REPLAY_SETTLE_S)
+        audit = await asyncio.to_thread(wait_until_settled, fetch, DRAIN_TIMEOUT_S)
         totals = await asyncio.to_thread(fetch)
+        print(f"   replayed events: {replayed}; audit after replay: {sorted({c.status for c in audit})}")
+        assert all(c.status == OK for c in audit), [c for c in audit if c.status != OK]
+        assert totals.payout == before.payout and totals.wallet == before.wallet, "a replayed event took effect"
+
         sent_ids = {k for k, r in totals.gifts.items() if r.status == "SENT"}
         assert report.gift_ids <= sent_ids, "a gift a client saw succeed is not SENT"
         assert totals.gifting.coins_sent == report.coins_gifted, "coins sent differ from what clients were charged"
