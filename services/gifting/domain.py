@@ -31,33 +31,6 @@ class GiftKind(StrEnum):
     UNLOCK = "UNLOCK"
 
 
-# The public catalog (DOMAIN.md), prices in coins.
-SEED_CATALOG: list[tuple[str, str, int]] = [
-    ("rose", "Rose", 1),
-    ("gg", "GG", 1),
-    ("ice-cream-cone", "Ice Cream Cone", 1),
-    ("finger-heart", "Finger Heart", 5),
-    ("panda", "Panda", 5),
-    ("hand-wave", "Hand Wave", 9),
-    ("lollipop", "Lollipop", 10),
-    ("love-bang", "Love Bang", 25),
-    ("sun-cream", "Sun Cream", 50),
-    ("rainbow-puke", "Rainbow Puke", 100),
-    ("musical-notes", "Musical Notes", 169),
-    ("drama-queen", "Drama Queen", 199),
-    ("corgi", "Corgi", 299),
-    ("concert", "Concert", 500),
-    ("galaxy", "Galaxy", 1000),
-    ("gold-mine", "Gold Mine", 1000),
-    ("private-jet", "Private Jet", 4888),
-    ("interstellar", "Interstellar", 10000),
-    ("planet", "Planet", 15000),
-    ("rocket", "Rocket", 20000),
-    ("lion", "Lion", 29999),
-    ("universe", "Universe", 34999),
-]
-
-
 def gift_cost(unit_price_coins: int, quantity: int, quantity_max: int) -> int:
     """Coins for `quantity` of a gift; INVALID_ARGUMENT outside 1..quantity_max."""
     if quantity < 1:

@@ -117,6 +117,26 @@ def _decode_token(token: str) -> tuple[int, str]:
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
 
 
+async def _newest_first(
+    db: Database, table: Any, owner: Any, ts_col: Any, id_col: Any, page_token: str, page_size: int
+) -> tuple[list[Any], str]:
+    """One keyset page of `table` rows where owner matches, newest first; returns (rows, next token)."""
+    size = _page_size(page_size)
+    q = select(table).where(owner)
+    if page_token:
+        ts, key = _decode_token(page_token)
+        q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
+    q = q.order_by(ts_col.desc(), id_col.desc()).limit(size + 1)
+    async with db.unit_of_work(readonly=True) as uow:
+        rows = (await uow.conn.execute(q)).all()
+    token = (
+        _encode_token(getattr(rows[size - 1], ts_col.key), getattr(rows[size - 1], id_col.key))
+        if len(rows) > size
+        else ""
+    )
+    return rows[:size], token
+
+
 def _money(currency_code: str, amount_minor: int) -> common_pb2.Money:
     return common_pb2.Money(currency_code=currency_code, amount_minor=amount_minor)
 
@@ -284,15 +304,16 @@ class Payout:
     async def list_earnings(self, req: payout_pb2.ListEarningsRequest) -> payout_pb2.ListEarningsResponse:
         """A creator's credited events, newest first, keyset-paginated."""
         require_id(req.creator_id, "creator_id")
-        size = _page_size(req.page_size)
         e = earnings.c
-        q = select(earnings).where(e.creator_id == req.creator_id)
-        if req.page_token:
-            ts, key = _decode_token(req.page_token)
-            q = q.where(or_(e.credited_at_us < ts, and_(e.credited_at_us == ts, e.event_id < key)))
-        q = q.order_by(e.credited_at_us.desc(), e.event_id.desc()).limit(size + 1)
-        async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (await uow.conn.execute(q)).all()
+        rows, token = await _newest_first(
+            self.db,
+            earnings,
+            e.creator_id == req.creator_id,
+            e.credited_at_us,
+            e.event_id,
+            req.page_token,
+            req.page_size,
+        )
         out = payout_pb2.ListEarningsResponse(
             entries=[
                 payout_pb2.EarningEntry(
@@ -307,11 +328,10 @@ class Payout:
                     occurred_at=to_timestamp(r.occurred_at_us),
                     credited_at=to_timestamp(r.credited_at_us),
                 )
-                for r in rows[:size]
-            ]
+                for r in rows
+            ],
+            next_page_token=token,
         )
-        if len(rows) > size:
-            out.next_page_token = _encode_token(rows[size - 1].credited_at_us, rows[size - 1].event_id)
         return out
 
     # ---- policy --------------------------------------------------------------------------
@@ -654,19 +674,17 @@ class Payout:
     async def list_withdrawals(self, req: payout_pb2.ListWithdrawalsRequest) -> payout_pb2.ListWithdrawalsResponse:
         """A creator's withdrawals, newest first, keyset-paginated."""
         require_id(req.creator_id, "creator_id")
-        size = _page_size(req.page_size)
         w = withdrawals.c
-        q = select(withdrawals).where(w.creator_id == req.creator_id)
-        if req.page_token:
-            ts, key = _decode_token(req.page_token)
-            q = q.where(or_(w.requested_at_us < ts, and_(w.requested_at_us == ts, w.withdrawal_id < key)))
-        q = q.order_by(w.requested_at_us.desc(), w.withdrawal_id.desc()).limit(size + 1)
-        async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (await uow.conn.execute(q)).all()
-        out = payout_pb2.ListWithdrawalsResponse(withdrawals=[_withdrawal_pb(r) for r in rows[:size]])
-        if len(rows) > size:
-            out.next_page_token = _encode_token(rows[size - 1].requested_at_us, rows[size - 1].withdrawal_id)
-        return out
+        rows, token = await _newest_first(
+            self.db,
+            withdrawals,
+            w.creator_id == req.creator_id,
+            w.requested_at_us,
+            w.withdrawal_id,
+            req.page_token,
+            req.page_size,
+        )
+        return payout_pb2.ListWithdrawalsResponse(withdrawals=[_withdrawal_pb(r) for r in rows], next_page_token=token)
 
     # ---- payout provider -------------------------------------------------------------------
 
