@@ -48,6 +48,7 @@ from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
+from services.gifting.batching import MicroBatcher
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
 from services.gifting.feed import Ended, FeedHub, ShuttingDown
@@ -66,11 +67,10 @@ log = logging.getLogger(__name__)
 TITLE_MAX = 200
 GIFT_SENT_SUBJECT = "gifting.gift.sent"
 STREAM_ENDED_SUBJECT = "gifting.stream.ended"
-FEED_STATUS_CHECK_S = 5.0
+FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
-WALLET_CALLS_CONCURRENT_MAX = (
-    32  # wallet calls one SendGifts call has in flight at once  # an idle feed re-reads its stream's status this often
-)
+GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
+WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 _KIND_PB = {
     GiftKind.GIFT: events_pb2.GIFT_KIND_GIFT,
     GiftKind.TIP: events_pb2.GIFT_KIND_TIP,
@@ -124,6 +124,15 @@ class Gifting:
     wallet: Any  # WalletServiceStub
     settings: GiftingSettings
     feed: FeedHub | None = None
+
+    def __post_init__(self) -> None:
+        # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
+        self._begin_batcher: MicroBatcher[gifting_pb2.SendGiftRequest, dict[str, Any]] = MicroBatcher(
+            self._begin_batch, GROUP_COMMIT_SIZE_MAX
+        )
+        self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
+            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX
+        )
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -286,8 +295,44 @@ class Gifting:
         require_id(req.gift_id, "gift_id")
         key = require_key(req.idempotency_key)
         digest = _gift_digest(req)
-        gift, _own = await self._begin(key, digest, self._gift_planner(req, key, digest))
+        if self.settings.group_commit:
+            gift = await self._begin_batcher.submit(req)
+        else:
+            gift, _own = await self._begin(key, digest, self._gift_planner(req, key, digest))
         return _receipt(await self._settle(gift))
+
+    async def _begin_batch(self, reqs: list[gifting_pb2.SendGiftRequest]) -> list[Any]:
+        """Step 1 of concurrent SendGift calls together; a key repeated in the batch goes alone after."""
+        seen: set[str] = set()
+        first: list[int] = []
+        again: list[int] = []
+        for i, r in enumerate(reqs):
+            (again if r.idempotency_key in seen else first).append(i)
+            seen.add(r.idempotency_key)
+        out: list[Any] = [None] * len(reqs)
+        begun = await self._begin_many([reqs[i] for i in first], [_gift_digest(reqs[i]) for i in first])
+        for i, r in zip(first, begun, strict=True):
+            out[i] = r
+        for i in again:
+            key, digest = reqs[i].idempotency_key, _gift_digest(reqs[i])
+            try:
+                out[i] = (await self._begin(key, digest, self._gift_planner(reqs[i], key, digest)))[0]
+            except DomainError as exc:
+                out[i] = exc
+        return out
+
+    async def _mark_sent_batch(self, items: list[tuple[str, int | None]]) -> list[Any]:
+        """Step 3 of concurrent calls together: each gift's SENT row, or GIFT_CANCELLED for its caller."""
+        balances: dict[str, int | None] = {}
+        for event_id, balance in items:
+            balances.setdefault(event_id, balance)
+        rows = await self._mark_sent_many(balances)
+        return [
+            rows[event_id]
+            if rows[event_id]["status"] == GiftStatus.SENT.value
+            else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+            for event_id, _ in items
+        ]
 
     def _gift_planner(self, req: gifting_pb2.SendGiftRequest, key: str, digest: str) -> Plan:
         """The plan of one gift: read its stream and catalog rows, then `_plan_gift`."""
@@ -344,6 +389,47 @@ class Gifting:
             except DomainError as exc:
                 out[i] = exc
         todo = [i for i in range(len(items)) if out[i] is None]
+        if todo:
+            begun = await self._begin_many([items[i] for i in todo], [digests[i] for i in todo])
+            for i, r in zip(todo, begun, strict=True):
+                out[i] = r
+        # Steps 2 and 3 for the batch.
+        pending = [i for i, r in enumerate(out) if isinstance(r, dict) and r["status"] == GiftStatus.PENDING.value]
+        spent = await self._spend_many([out[i] for i in pending])  # type: ignore[misc]
+        to_mark: dict[str, int | None] = {}
+        for i, outcome in zip(pending, spent, strict=True):
+            if isinstance(outcome, DomainError):
+                out[i] = outcome
+            else:
+                to_mark[out[i]["event_id"]] = outcome  # type: ignore[index]
+        marked = await self._mark_sent_many(to_mark)
+        for i in pending:
+            row = out[i]
+            if isinstance(row, dict):
+                m = marked[row["event_id"]]
+                # Cancelled meanwhile (the sweeper settled it as never spent): this item fails alone.
+                ok = m["status"] == GiftStatus.SENT.value
+                out[i] = m if ok else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+        results = []
+        for r in out:
+            if isinstance(r, DomainError):
+                results.append(
+                    gifting_pb2.SendGiftResult(
+                        error=gifting_pb2.ItemError(code=status_for(r).value[0], reason=r.reason, message=r.message)
+                    )
+                )
+            else:
+                check(isinstance(r, dict), "every item has a gift or an error")
+                results.append(gifting_pb2.SendGiftResult(receipt=_receipt(r)))  # type: ignore[arg-type]
+        return gifting_pb2.SendGiftsResponse(results=results)
+
+    async def _begin_many(self, items: list[gifting_pb2.SendGiftRequest], digests: list[str]) -> list[Any]:
+        """Step 1 for many gifts (validated, keys distinct): each one's gift row or its DomainError.
+
+        Like `_begin`, batched: one read-only transaction plans every item, the wallet is asked
+        about each distinct user once, one transaction re-plans and inserts every new gift.
+        """
+        out: list[dict[str, Any] | DomainError | None] = [None] * len(items)
 
         async def plan_all(uow: UnitOfWork, indexes: list[int]) -> dict[int, _Plan]:
             """Existing gifts by key, else a checked plan, per item; failures land in `out`."""
@@ -383,7 +469,8 @@ class Gifting:
                     out[i] = exc
             return plans
 
-        # Step 1, read-only first (no transaction is held across the eligibility calls).
+        # Read-only first (no transaction is held across the eligibility calls).
+        todo = list(range(len(items)))
         if todo:
             async with self.db.unit_of_work(readonly=True) as uow:
                 probes = await plan_all(uow, todo)
@@ -415,35 +502,8 @@ class Gifting:
                             )[0]
                         except DomainError as exc:
                             out[i] = exc
-        # Steps 2 and 3 for the batch.
-        pending = [i for i, r in enumerate(out) if isinstance(r, dict) and r["status"] == GiftStatus.PENDING.value]
-        spent = await self._spend_many([out[i] for i in pending])  # type: ignore[misc]
-        to_mark: dict[str, int | None] = {}
-        for i, outcome in zip(pending, spent, strict=True):
-            if isinstance(outcome, DomainError):
-                out[i] = outcome
-            else:
-                to_mark[out[i]["event_id"]] = outcome  # type: ignore[index]
-        marked = await self._mark_sent_many(to_mark)
-        for i in pending:
-            row = out[i]
-            if isinstance(row, dict):
-                m = marked[row["event_id"]]
-                # Cancelled meanwhile (the sweeper settled it as never spent): this item fails alone.
-                ok = m["status"] == GiftStatus.SENT.value
-                out[i] = m if ok else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
-        results = []
-        for r in out:
-            if isinstance(r, DomainError):
-                results.append(
-                    gifting_pb2.SendGiftResult(
-                        error=gifting_pb2.ItemError(code=status_for(r).value[0], reason=r.reason, message=r.message)
-                    )
-                )
-            else:
-                check(isinstance(r, dict), "every item has a gift or an error")
-                results.append(gifting_pb2.SendGiftResult(receipt=_receipt(r)))  # type: ignore[arg-type]
-        return gifting_pb2.SendGiftsResponse(results=results)
+        check(all(r is not None for r in out), "every item has a gift or an error")
+        return out
 
     async def _check_eligible_many(self, indexes: list[int], parties: list[tuple[str, str]], out: list[Any]) -> None:
         """Ask the wallet once per distinct user of the batch; an ineligible party fails its items only."""
@@ -665,6 +725,8 @@ class Gifting:
             return gift
         spent = await self._spend(gift)
         faults.point("gifting.after_spend_before_commit")
+        if self.settings.group_commit:
+            return await self._sent_batcher.submit((gift["event_id"], spent.balance_after))
         return await self._mark_sent(gift["event_id"], spent.balance_after)
 
     async def _spend(self, gift: dict[str, Any]) -> Any:
