@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import subprocess
 import time
@@ -51,6 +52,23 @@ EARNINGS_PAGE_SIZE = 500
 
 def _uid(prefix: str, rnd: random.Random) -> str:
     return f"{prefix}-{uuid.UUID(int=rnd.getrandbits(128)).hex[:16]}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = parts[3] + parts[4]  # idle + iowait
+    return (sum(parts) - idle) / tick, sum(parts) / tick
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float | None]:
@@ -94,6 +112,8 @@ class PhaseResult:
     answered: list[tuple[str, str, int]] = field(default_factory=list)  # (gift event id, creator, answer wall us)
     lag_ms: list[float] = field(default_factory=list)
     lag_missing: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process used in the phase
+    machine_busy_fraction: float = 0.0  # of all CPUs, everyone's processes included
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -110,6 +130,11 @@ class PhaseResult:
             "errors": dict(self.errors),
             "latency_ms": {k: percentiles(v) | {"n": len(v)} for k, v in self.latencies_ms.items()},
             "lag_ms": percentiles(self.lag_ms) | {"n": len(self.lag_ms), "missing": self.lag_missing},
+            "cpu_s": {k: round(v, 3) for k, v in self.cpu_s.items()},
+            "cpu_ms_per_gift": {k: round(1000 * v / self.gifts_ok, 3) for k, v in self.cpu_s.items()}
+            if self.gifts_ok
+            else {},
+            "machine_busy_fraction": round(self.machine_busy_fraction, 3),
         }
 
 
@@ -316,9 +341,15 @@ class Load:
                 await one_call()
 
         profilers = self._start_profilers(spec)
+        pids = {**self.plan.get("cpu_pids", {}), "loadgen": os.getpid()}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        busy0, total0 = machine_busy()
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
         result.duration_s = time.monotonic() - t0
+        busy1, total1 = machine_busy()
+        result.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        result.machine_busy_fraction = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         for proc in profilers:
             proc.wait(timeout=120)
         return result

@@ -97,7 +97,7 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 def table(results: dict[str, Any], console: Console | None = None) -> None:
     """Print every figure beside its ceiling, per backend, then the targets."""
-    console = console or Console(width=160)
+    console = console or Console(width=200)
     m = results["machine"]
     console.print(
         f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']},"

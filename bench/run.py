@@ -124,6 +124,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "viewers": args.viewers,
             "creators": args.creators,
             "phases": phases(args.quick),
+            "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
         }
         if args.profile:
             plan["profile"] = {
