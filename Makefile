@@ -9,7 +9,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos run demo test unit integration faults lint fmt clean
+.PHONY: help venv protos run demo test unit integration faults bench lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,14 @@ demo: $(GEN_STAMP) ## against a running suite: buy coins, stream, send gifts, sh
 
 faults: $(GEN_STAMP) ## fault suite with a bigger load, printing faults and audit totals (LIVEGIFTS_FAULT_SEED to repeat)
 	LIVEGIFTS_FAULT_GIFTS=$${LIVEGIFTS_FAULT_GIFTS:-400} $(BIN)/pytest tests/faults -s
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+bench: $(GEN_STAMP) $(BENCH_STAMP) ## benchmark on SQLite and PostgreSQL (LIVEGIFTS_BENCH_POSTGRES_URL) with ceilings and audit (< 15 min)
+	timeout 900 $(PY) -m bench.run $(BENCH_ARGS)
 
 lint: $(GEN_STAMP) ## format check and lint
 	$(BIN)/ruff format --check services tests bench

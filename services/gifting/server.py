@@ -43,6 +43,10 @@ class GiftingServicer(gifting_pb2_grpc.GiftingServiceServicer):
         """Send a gift during a live stream."""
         return await self.g.send_gift(request)
 
+    async def SendGifts(self, request: gifting_pb2.SendGiftsRequest, context: Any) -> Any:
+        """Many gifts in one call, each with its own key and result."""
+        return await self.g.send_gifts(request)
+
     async def SendTip(self, request: gifting_pb2.SendTipRequest, context: Any) -> Any:
         """Tip a live stream."""
         return await self.g.send_tip(request)

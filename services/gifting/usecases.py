@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
@@ -32,6 +32,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -41,11 +42,13 @@ from services.common.errors import (
     require_id,
     require_key,
     require_positive,
+    status_for,
 )
 from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
+from services.gifting.batching import MicroBatcher
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
 from services.gifting.feed import Ended, FeedHub, ShuttingDown
@@ -65,6 +68,9 @@ TITLE_MAX = 200
 GIFT_SENT_SUBJECT = "gifting.gift.sent"
 STREAM_ENDED_SUBJECT = "gifting.stream.ended"
 FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
+SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
+GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
+WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 _KIND_PB = {
     GiftKind.GIFT: events_pb2.GIFT_KIND_GIFT,
     GiftKind.TIP: events_pb2.GIFT_KIND_TIP,
@@ -118,6 +124,15 @@ class Gifting:
     wallet: Any  # WalletServiceStub
     settings: GiftingSettings
     feed: FeedHub | None = None
+
+    def __post_init__(self) -> None:
+        # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
+        self._begin_batcher: MicroBatcher[gifting_pb2.SendGiftRequest, dict[str, Any]] = MicroBatcher(
+            self._begin_batch, GROUP_COMMIT_SIZE_MAX
+        )
+        self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
+            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX
+        )
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -279,25 +294,295 @@ class Gifting:
         require_id(req.sender_id, "sender_id")
         require_id(req.gift_id, "gift_id")
         key = require_key(req.idempotency_key)
-        digest = hashlib.sha256(f"{req.stream_id}|{req.sender_id}|{req.gift_id}|{req.quantity}".encode()).hexdigest()
+        digest = _gift_digest(req)
+        if self.settings.group_commit:
+            gift = await self._begin_batcher.submit(req)
+        else:
+            gift, _own = await self._begin(key, digest, self._gift_planner(req, key, digest))
+        return _receipt(await self._settle(gift))
+
+    async def _begin_batch(self, reqs: list[gifting_pb2.SendGiftRequest]) -> list[Any]:
+        """Step 1 of concurrent SendGift calls together; a key repeated in the batch goes alone after."""
+        seen: set[str] = set()
+        first: list[int] = []
+        again: list[int] = []
+        for i, r in enumerate(reqs):
+            (again if r.idempotency_key in seen else first).append(i)
+            seen.add(r.idempotency_key)
+        out: list[Any] = [None] * len(reqs)
+        begun = await self._begin_many([reqs[i] for i in first], [_gift_digest(reqs[i]) for i in first])
+        for i, r in zip(first, begun, strict=True):
+            out[i] = r
+        for i in again:
+            key, digest = reqs[i].idempotency_key, _gift_digest(reqs[i])
+            try:
+                out[i] = (await self._begin(key, digest, self._gift_planner(reqs[i], key, digest)))[0]
+            except DomainError as exc:
+                out[i] = exc
+        return out
+
+    async def _mark_sent_batch(self, items: list[tuple[str, int | None]]) -> list[Any]:
+        """Step 3 of concurrent calls together: each gift's SENT row, or GIFT_CANCELLED for its caller."""
+        balances: dict[str, int | None] = {}
+        for event_id, balance in items:
+            balances.setdefault(event_id, balance)
+        rows = await self._mark_sent_many(balances)
+        return [
+            rows[event_id]
+            if rows[event_id]["status"] == GiftStatus.SENT.value
+            else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+            for event_id, _ in items
+        ]
+
+    def _gift_planner(self, req: gifting_pb2.SendGiftRequest, key: str, digest: str) -> Plan:
+        """The plan of one gift: read its stream and catalog rows, then `_plan_gift`."""
 
         async def plan(uow: UnitOfWork) -> _Plan:
-            stream = await self._live_stream(uow, req.stream_id, req.sender_id)
+            stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
             g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
-            if g is None:
-                raise NotFound("unknown gift", "UNKNOWN_GIFT")
-            if not g.active:
-                raise FailedPrecondition("this gift is retired", "GIFT_RETIRED")
-            coins = domain.gift_cost(g.price_coins, req.quantity, self.settings.quantity_max)
-            # The price at send time is kept with the gift: a later reprice does not change it.
-            return _Plan(
-                _new_gift(
-                    key, digest, GiftKind.GIFT, stream, req.sender_id, g.gift_id, req.quantity, g.price_coins, coins
-                )
-            )
+            return self._plan_gift(req, key, digest, stream, g)
 
-        gift, _own = await self._begin(key, digest, plan)
-        return _receipt(await self._settle(gift))
+        return plan
+
+    def _plan_gift(self, req: gifting_pb2.SendGiftRequest, key: str, digest: str, stream: Any, g: Any) -> _Plan:
+        """The checks of a gift against its stream and catalog rows, and the PENDING row to record."""
+        if stream is None:
+            raise NotFound("unknown stream", "UNKNOWN_STREAM")
+        domain.check_can_gift(stream.status, stream.creator_id, req.sender_id)
+        if g is None:
+            raise NotFound("unknown gift", "UNKNOWN_GIFT")
+        if not g.active:
+            raise FailedPrecondition("this gift is retired", "GIFT_RETIRED")
+        coins = domain.gift_cost(g.price_coins, req.quantity, self.settings.quantity_max)
+        to = _Party(stream_id=stream.stream_id, creator_id=stream.creator_id)
+        # The price at send time is kept with the gift: a later reprice does not change it.
+        return _Plan(
+            _new_gift(key, digest, GiftKind.GIFT, to, req.sender_id, g.gift_id, req.quantity, g.price_coins, coins)
+        )
+
+    async def send_gifts(self, req: gifting_pb2.SendGiftsRequest) -> gifting_pb2.SendGiftsResponse:
+        """Many gifts in one call, each with its own key and result; the work is batched, the outcome is not.
+
+        The same saga as SendGift, three steps for the whole batch: one transaction records every
+        new gift PENDING, the wallet spends run concurrently (each keyed by its gift id, as one
+        SendGift would), one transaction marks every spent gift SENT with its outbox event. An
+        item that fails (a check, the wallet's refusal, a reused key) fails alone; an item whose
+        spend has no answer stays PENDING for the sweeper, exactly like a single gift. An item
+        uses the same key space and request hash as SendGift, so either call may retry the other.
+        """
+        items = list(req.gifts)
+        if not 1 <= len(items) <= SEND_GIFTS_ITEMS_MAX:
+            raise InvalidArgument(f"gifts must hold 1..{SEND_GIFTS_ITEMS_MAX} items", "INVALID_BATCH_SIZE")
+        out: list[dict[str, Any] | DomainError | None] = [None] * len(items)
+        keys: dict[str, int] = {}  # key -> index of the item that owns it in this call
+        digests: list[str] = [""] * len(items)
+        for i, it in enumerate(items):
+            try:
+                require_id(it.stream_id, "stream_id")
+                require_id(it.sender_id, "sender_id")
+                require_id(it.gift_id, "gift_id")
+                key = require_key(it.idempotency_key)
+                if key in keys:
+                    raise InvalidArgument("idempotency_key is repeated within the batch", "DUPLICATE_KEY_IN_BATCH")
+                keys[key] = i
+                digests[i] = _gift_digest(it)
+            except DomainError as exc:
+                out[i] = exc
+        todo = [i for i in range(len(items)) if out[i] is None]
+        if todo:
+            begun = await self._begin_many([items[i] for i in todo], [digests[i] for i in todo])
+            for i, r in zip(todo, begun, strict=True):
+                out[i] = r
+        # Steps 2 and 3 for the batch.
+        pending = [i for i, r in enumerate(out) if isinstance(r, dict) and r["status"] == GiftStatus.PENDING.value]
+        spent = await self._spend_many([out[i] for i in pending])  # type: ignore[misc]
+        to_mark: dict[str, int | None] = {}
+        for i, outcome in zip(pending, spent, strict=True):
+            if isinstance(outcome, DomainError):
+                out[i] = outcome
+            else:
+                to_mark[out[i]["event_id"]] = outcome  # type: ignore[index]
+        marked = await self._mark_sent_many(to_mark)
+        for i in pending:
+            row = out[i]
+            if isinstance(row, dict):
+                m = marked[row["event_id"]]
+                # Cancelled meanwhile (the sweeper settled it as never spent): this item fails alone.
+                ok = m["status"] == GiftStatus.SENT.value
+                out[i] = m if ok else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+        results = []
+        for r in out:
+            if isinstance(r, DomainError):
+                results.append(
+                    gifting_pb2.SendGiftResult(
+                        error=gifting_pb2.ItemError(code=status_for(r).value[0], reason=r.reason, message=r.message)
+                    )
+                )
+            else:
+                check(isinstance(r, dict), "every item has a gift or an error")
+                results.append(gifting_pb2.SendGiftResult(receipt=_receipt(r)))  # type: ignore[arg-type]
+        return gifting_pb2.SendGiftsResponse(results=results)
+
+    async def _begin_many(self, items: list[gifting_pb2.SendGiftRequest], digests: list[str]) -> list[Any]:
+        """Step 1 for many gifts (validated, keys distinct): each one's gift row or its DomainError.
+
+        Like `_begin`, batched: one read-only transaction plans every item, the wallet is asked
+        about each distinct user once, one transaction re-plans and inserts every new gift.
+        """
+        out: list[dict[str, Any] | DomainError | None] = [None] * len(items)
+
+        async def plan_all(uow: UnitOfWork, indexes: list[int]) -> dict[int, _Plan]:
+            """Existing gifts by key, else a checked plan, per item; failures land in `out`."""
+            ks = [items[i].idempotency_key for i in indexes]
+            existing = {
+                r.idempotency_key: r._asdict()
+                for r in await uow.conn.execute(select(gift_events).where(gift_events.c.idempotency_key.in_(ks)))
+            }
+            stream_rows = {
+                r.stream_id: r
+                for r in await uow.conn.execute(
+                    select(streams).where(streams.c.stream_id.in_({items[i].stream_id for i in indexes}))
+                )
+            }
+            gift_rows = {
+                r.gift_id: r
+                for r in await uow.conn.execute(
+                    select(gifts).where(gifts.c.gift_id.in_({items[i].gift_id for i in indexes}))
+                )
+            }
+            plans: dict[int, _Plan] = {}
+            for i in indexes:
+                it = items[i]
+                try:
+                    row = existing.get(it.idempotency_key)
+                    if row is not None:
+                        if row["request_hash"] != digests[i]:
+                            raise AlreadyExists(
+                                "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED"
+                            )
+                        plans[i] = _Plan(row, existing=True)
+                    else:
+                        plans[i] = self._plan_gift(
+                            it, it.idempotency_key, digests[i], stream_rows.get(it.stream_id), gift_rows.get(it.gift_id)
+                        )
+                except DomainError as exc:
+                    out[i] = exc
+            return plans
+
+        # Read-only first (no transaction is held across the eligibility calls).
+        todo = list(range(len(items)))
+        if todo:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                probes = await plan_all(uow, todo)
+            for i, p in probes.items():
+                if p.existing:
+                    out[i] = p.row
+            fresh = [i for i, p in probes.items() if not p.existing]
+            await self._check_eligible_many(
+                fresh, [(probes[i].row["sender_id"], probes[i].row["creator_id"]) for i in fresh], out
+            )
+            fresh = [i for i in fresh if out[i] is None]
+            if fresh:
+                try:
+                    async with self.db.unit_of_work() as uow:
+                        plans = await plan_all(uow, fresh)
+                        new_rows = [p.row for p in plans.values() if not p.existing]
+                        if new_rows:
+                            await uow.conn.execute(insert(gift_events), new_rows)
+                        await uow.commit()
+                    for i, p in plans.items():
+                        out[i] = p.row
+                except IntegrityError:
+                    # A concurrent call inserted one of these keys first: resume item by item.
+                    for i in fresh:
+                        try:
+                            key = items[i].idempotency_key
+                            out[i] = (
+                                await self._begin(key, digests[i], self._gift_planner(items[i], key, digests[i]))
+                            )[0]
+                        except DomainError as exc:
+                            out[i] = exc
+        check(all(r is not None for r in out), "every item has a gift or an error")
+        return out
+
+    async def _check_eligible_many(self, indexes: list[int], parties: list[tuple[str, str]], out: list[Any]) -> None:
+        """Ask the wallet once per distinct user of the batch; an ineligible party fails its items only."""
+        users = sorted({u for pair in parties for u in pair})
+        sem = asyncio.Semaphore(WALLET_CALLS_CONCURRENT_MAX)
+
+        async def ask(user_id: str) -> Any:
+            async with sem:
+                try:
+                    return await self.wallet.GetAccountRestrictions(
+                        wallet_pb2.GetAccountRestrictionsRequest(user_id=user_id),
+                        timeout=self.settings.outgoing_deadline_s,
+                    )
+                except grpc.aio.AioRpcError:
+                    return None
+
+        answers = dict(zip(users, await asyncio.gather(*(ask(u) for u in users)), strict=True))
+        for i, pair in zip(indexes, parties, strict=True):
+            try:
+                for role, user_id in zip(("sender", "creator"), pair, strict=True):
+                    a = answers[user_id]
+                    if a is None:
+                        raise Unavailable(
+                            "the wallet did not answer the eligibility check; retry with the same key",
+                            "WALLET_UNAVAILABLE",
+                        )
+                    domain.check_eligible(role, a.may_spend, a.blocked)
+            except DomainError as exc:
+                out[i] = exc
+
+    async def _spend_many(self, gifts_: list[dict[str, Any]]) -> list[int | None | DomainError]:
+        """Step 2 for many gifts at once: each spend's balance after, or the error its item fails with."""
+        sem = asyncio.Semaphore(WALLET_CALLS_CONCURRENT_MAX)
+
+        async def one(gift: dict[str, Any]) -> int | None | DomainError:
+            async with sem:
+                try:
+                    spent = await self._spend(gift)
+                except DomainError as exc:
+                    return exc
+                return spent.balance_after
+
+        return list(await asyncio.gather(*(one(g) for g in gifts_)))
+
+    async def _mark_sent_many(self, balances: dict[str, int | None]) -> dict[str, dict[str, Any]]:
+        """Step 3 for many gifts: PENDING -> SENT and their events in one transaction and one UPDATE.
+
+        UPDATE ... RETURNING names exactly the rows this transaction flipped, so each gets one
+        event even when a retry or the sweeper settles the same gift concurrently.
+        """
+        if not balances:
+            return {}
+        ids = list(balances)
+        g = gift_events.c
+        async with self.db.unit_of_work() as uow:
+            ts = now_us()
+            flipped = [
+                r._asdict()
+                for r in await uow.conn.execute(
+                    update(gift_events)
+                    .where(g.event_id.in_(ids), g.status == GiftStatus.PENDING.value)
+                    .values(
+                        status=GiftStatus.SENT.value,
+                        sender_balance_after=case(balances, value=g.event_id),
+                        updated_at_us=ts,
+                    )
+                    .returning(*gift_events.c)
+                )
+            ]
+            await self.outbox.add_many(uow, [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped])
+            others = [i for i in ids if i not in {r["event_id"] for r in flipped}]
+            rows = {r["event_id"]: r for r in flipped}
+            if others:
+                rows |= {
+                    r.event_id: r._asdict()
+                    for r in await uow.conn.execute(select(gift_events).where(g.event_id.in_(others)))
+                }
+            await uow.commit()
+        return rows
 
     async def send_tip(self, req: gifting_pb2.SendTipRequest) -> gifting_pb2.GiftReceipt:
         """Tip a live stream a free amount of coins with an optional short message, once per key."""
@@ -438,6 +723,14 @@ class Gifting:
         """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks)."""
         if gift["status"] == GiftStatus.SENT.value:
             return gift
+        spent = await self._spend(gift)
+        faults.point("gifting.after_spend_before_commit")
+        if self.settings.group_commit:
+            return await self._sent_batcher.submit((gift["event_id"], spent.balance_after))
+        return await self._mark_sent(gift["event_id"], spent.balance_after)
+
+    async def _spend(self, gift: dict[str, Any]) -> Any:
+        """Step 2: wallet.Spend keyed by the gift id; a definite refusal cancels the gift."""
         kind = GiftKind(gift["kind"])
         try:
             spent = await self.wallet.Spend(
@@ -470,8 +763,7 @@ class Gifting:
                 gift_event_id=gift["event_id"],
                 wallet_code=exc.code().name,
             ) from None
-        faults.point("gifting.after_spend_before_commit")
-        return await self._mark_sent(gift["event_id"], spent.balance_after)
+        return spent
 
     async def _settle_by_arbiter(self, event_id: str, cancel_reason: str) -> dict[str, Any] | None:
         """Ask wallet.CancelSpend: SENT if the spend happened (returns the gift), else CANCELLED (None).
@@ -657,6 +949,10 @@ class Gifting:
             coins_pending=int(coins_pending),
             leaderboard_coins=int(leaderboard_coins),
         )
+
+
+def _gift_digest(req: gifting_pb2.SendGiftRequest) -> str:
+    return hashlib.sha256(f"{req.stream_id}|{req.sender_id}|{req.gift_id}|{req.quantity}".encode()).hexdigest()
 
 
 def _stream_pb(r: dict[str, Any]) -> gifting_pb2.Stream:

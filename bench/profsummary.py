@@ -1,0 +1,69 @@
+"""Summarize py-spy raw (collapsed) profiles: where a service's busy samples go.
+
+`python -m bench.profsummary bench/profiles/*.txt` prints, per file, the busy share (samples
+not parked in the event loop's select or an idle thread) and the inclusive share of busy
+samples of the frames that matter for the gift saga. Used for bench/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+IDLE_LEAVES = ("Runner.run (asyncio/runners.py", "Thread.run (threading.py", "select (selectors.py")
+WATCH = (
+    "OpenTelemetryAioServerInterceptor",
+    "ErrorInterceptor.intercept_service",
+    "Gifting.send_gift",
+    "Gifting._begin",
+    "Gifting._begin_batch",
+    "Gifting._begin_many",
+    "Gifting._check_eligible",
+    "Gifting._spend",
+    "Gifting._mark_sent",
+    "Gifting._mark_sent_batch",
+    "ReadModels.apply",
+    "OutboxRelay.relay_once",
+    "Consumer.process",
+    "Wallet.spend",
+    "Wallet.get_restrictions",
+    "Database.unit_of_work",
+    "_async_ping",
+    "_compile_w_cache",
+    "_generate_cache_key",
+    "PreparedStatement.__bind_execute",
+    "UnaryUnaryAioClientInterceptor",
+    "JsonFormatter",
+)
+
+
+def summarize(path: Path) -> str:
+    """Busy share and the watched frames' inclusive share of busy samples."""
+    total = busy = 0
+    incl: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(n_text)
+        total += n
+        frames = stack.split(";")
+        if not frames[-1].strip() or frames[-1].startswith(IDLE_LEAVES):
+            continue
+        busy += n
+        for w in {w for w in WATCH for f in frames if w in f}:
+            incl[w] += n
+    lines = [f"{path.name}: {total} samples, busy {100 * busy / max(total, 1):.0f}%"]
+    lines += [f"  {100 * incl[w] / max(busy, 1):5.1f}% of busy  {w}" for w in WATCH if incl[w]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Print a summary of every file named on the command line."""
+    for arg in sys.argv[1:]:
+        print(summarize(Path(arg)))
+
+
+if __name__ == "__main__":
+    main()

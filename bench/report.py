@@ -1,0 +1,188 @@
+"""Turn the raw measurements into ratios against the ceilings, a rich table and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# issue 8's targets, checked on PostgreSQL (the figures for SQLite are shown beside them).
+TARGET_C64_VS_NOOP = 0.4
+TARGET_P99_MS = 100.0
+TARGET_HOT_VS_SPREAD = 0.9
+TARGET_LAG_P99_MS = 1000.0
+TARGET_BATCH_VS_SINGLE = 5.0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def derive(results: dict[str, Any]) -> None:
+    """Add, per backend, `figures` (each beside its ceiling) and `targets` (met or not)."""
+    for r in results["backends"].values():
+        by = {p["name"]: p for p in r["load"]["phases"]}
+        noop = {c: by[f"noop-c{c}"]["calls_per_s"] for c in (1, 16, 64)}
+        db = {int(k): v for k, v in r["db_ceiling_tx_per_s"].items()}
+        rows = []
+        for name, p in by.items():
+            if p["op"] == "noop":
+                continue
+            c = p["concurrency"]
+            lat = p["latency_ms"].get({"gift": "gift", "mix": "gift", "batch": "batch"}[p["op"]], {})
+            noop_c = noop.get(c) or noop[min(noop, key=lambda k: abs(k - c))]
+            db_c = db.get(c) or db[min(db, key=lambda k: abs(k - c))]
+            rows.append(
+                {
+                    "phase": name,
+                    "concurrency": c,
+                    "gifts_per_s": p["gifts_per_s"],
+                    "calls_per_s": p["calls_per_s"],
+                    "noop_calls_per_s": noop_c,
+                    "vs_noop": _ratio(p["calls_per_s"], noop_c),
+                    "db_tx_per_s": db_c,
+                    "gifts_vs_db_tx": _ratio(p["gifts_per_s"], db_c),
+                    "p50_ms": lat.get("p50"),
+                    "p99_ms": lat.get("p99"),
+                    "p999_ms": lat.get("p999"),
+                    "lag_p50_ms": p["lag_ms"]["p50"],
+                    "lag_p99_ms": p["lag_ms"]["p99"],
+                    "lag_missing": p["lag_ms"]["missing"],
+                    "errors": sum(p["errors"].values()),
+                }
+            )
+        r["figures"] = rows
+        f = {x["phase"]: x for x in rows}
+        single = f["spread-c64"]["gifts_per_s"]
+        batch_best = max(x["gifts_per_s"] for x in rows if x["phase"].startswith("batch"))
+        lag_p99 = [f[n]["lag_p99_ms"] for n in ("spread-c64", "hot-c64")]
+        r["targets"] = {
+            "c64_vs_noop": {
+                "value": f["spread-c64"]["vs_noop"],
+                "target": f">= {TARGET_C64_VS_NOOP}",
+                "met": (f["spread-c64"]["vs_noop"] or 0) >= TARGET_C64_VS_NOOP,
+            },
+            "c64_p99_ms": {
+                "value": f["spread-c64"]["p99_ms"],
+                "target": f"<= {TARGET_P99_MS}",
+                "met": (f["spread-c64"]["p99_ms"] or 1e9) <= TARGET_P99_MS,
+            },
+            "hot_vs_spread": {
+                "value": _ratio(f["hot-c64"]["gifts_per_s"], single),
+                "target": f">= {TARGET_HOT_VS_SPREAD}",
+                "met": (_ratio(f["hot-c64"]["gifts_per_s"], single) or 0) >= TARGET_HOT_VS_SPREAD,
+            },
+            "lag_p99_ms_spread_hot": {
+                "value": lag_p99,
+                "target": f"<= {TARGET_LAG_P99_MS} both",
+                "met": all(x is not None and x <= TARGET_LAG_P99_MS for x in lag_p99),
+            },
+            "batch100_vs_single": {
+                "value": _ratio(batch_best, single),
+                "target": f">= {TARGET_BATCH_VS_SINGLE}",
+                "met": (_ratio(batch_best, single) or 0) >= TARGET_BATCH_VS_SINGLE,
+            },
+        }
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(results: dict[str, Any], console: Console | None = None) -> None:
+    """Print every figure beside its ceiling, per backend, then the targets."""
+    console = console or Console(width=200)
+    m = results["machine"]
+    console.print(
+        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']},"
+        f" load average at start {tuple(round(x, 2) for x in m['loadavg_at_start'])}"
+    )
+    for backend, r in results["backends"].items():
+        t = Table(title=f"{backend}: SendGift saga vs this machine's ceilings (same run)")
+        for col in (
+            "phase",
+            "conc",
+            "gifts/s",
+            "calls/s",
+            "no-op gRPC/s",
+            "x no-op",
+            "DB tx/s",
+            "gifts / DB tx",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "lag p50 ms",
+            "lag p99 ms",
+            "errors",
+        ):
+            t.add_column(col, justify="right" if col != "phase" else "left")
+        for x in r["figures"]:
+            t.add_row(
+                x["phase"],
+                str(x["concurrency"]),
+                _fmt(x["gifts_per_s"]),
+                _fmt(x["calls_per_s"]),
+                _fmt(x["noop_calls_per_s"], 0),
+                _fmt(x["vs_noop"], 3),
+                _fmt(x["db_tx_per_s"], 0),
+                _fmt(x["gifts_vs_db_tx"], 2),
+                _fmt(x["p50_ms"]),
+                _fmt(x["p99_ms"]),
+                _fmt(x["p999_ms"]),
+                _fmt(x["lag_p50_ms"], 0),
+                _fmt(x["lag_p99_ms"], 0),
+                str(x["errors"]),
+            )
+        console.print(t)
+        tt = Table(title=f"{backend}: issue 8 targets (they are set for PostgreSQL)")
+        for col in ("target", "measured", "wanted", "met"):
+            tt.add_column(col)
+        for name, v in r["targets"].items():
+            val = v["value"]
+            shown = ", ".join(_fmt(x, 2) for x in val) if isinstance(val, list) else _fmt(val, 3)
+            tt.add_row(name, shown, v["target"], "yes" if v["met"] else "NO")
+        console.print(tt)
+        a = r["audit"]
+        console.print(f"{backend} audit after the load: {'PASSED' if a['passed'] else 'FAILED'} ({a['settle_s']:.1f}s)")
+        for c in a["checks"]:
+            console.print(f"  {c['status']:>9}  {c['name']}: {c['detail']}")
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Throughput beside the no-op ceiling, and p50/p99 latency, per phase and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(results["backends"])
+    fig, axes = plt.subplots(len(backends), 2, figsize=(14, 4.5 * len(backends)), squeeze=False)
+    for row, backend in enumerate(backends):
+        figs = results["backends"][backend]["figures"]
+        names = [x["phase"] for x in figs]
+        xs = range(len(names))
+        ax = axes[row][0]
+        ax.bar([i - 0.2 for i in xs], [x["gifts_per_s"] for x in figs], width=0.4, label="gifts/s")
+        ax.bar([i + 0.2 for i in xs], [x["noop_calls_per_s"] for x in figs], width=0.4, label="no-op gRPC calls/s")
+        ax.plot(list(xs), [x["db_tx_per_s"] for x in figs], "k_", markersize=18, label="DB update tx/s")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right")
+        ax.set_title(f"{backend}: throughput vs ceilings")
+        ax.legend(fontsize=8)
+        ax = axes[row][1]
+        ax.bar([i - 0.2 for i in xs], [x["p50_ms"] or 0 for x in figs], width=0.4, label="p50 ms")
+        ax.bar([i + 0.2 for i in xs], [x["p99_ms"] or 0 for x in figs], width=0.4, label="p99 ms")
+        ax.plot(list(xs), [x["lag_p99_ms"] or 0 for x in figs], "rx", label="diamonds lag p99 ms")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right")
+        ax.set_title(f"{backend}: call latency and diamonds lag")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

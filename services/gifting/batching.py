@@ -1,0 +1,64 @@
+"""Group commit for the gift saga: concurrent callers of one step share one transaction.
+
+A `MicroBatcher` runs one batch at a time. The first caller starts a batch at once (no timer, so
+a lone caller waits for nothing); callers that arrive while that batch is being written queue up
+and go together in the next one, at most `size_max` per batch. Under load the batch grows to
+what arrived during one commit; without load it is one item. Each caller gets its own result or
+its own exception: batching shares the transaction, never the outcome.
+
+Choices: A) a fixed delay to gather a batch (adds latency even when idle); B) one batch in flight,
+the next gathering meanwhile (this); C) several in flight (more concurrency on the database, but
+on SQLite writers are serialized anyway and on PostgreSQL the wallet is the narrower step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from services.common.errors import check
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """Queue items; one task at a time hands them to `run` in batches and answers each caller."""
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int) -> None:
+        check(size_max >= 1, "a batch holds at least one item")
+        self._run = run
+        self.size_max = size_max
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        """The result of `item` once the batch it joined is done (or its exception)."""
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._queue[: self.size_max]
+            del self._queue[: self.size_max]
+            try:
+                results = await self._run([item for item, _ in batch])
+                check(len(results) == len(batch), "one result per item")
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if fut.done():
+                    continue  # the caller went away (its deadline); the work stands, like a lost answer
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
