@@ -730,7 +730,7 @@ class Gifting:
         return await self._mark_sent(gift["event_id"], spent.balance_after)
 
     async def _spend(self, gift: dict[str, Any]) -> Any:
-        """Step 2: wallet.Spend keyed by the gift id; a definite refusal cancels the gift."""
+        """Step 2: wallet.Spend keyed by the gift id; a definite refusal is settled by the wallet's arbiter."""
         kind = GiftKind(gift["kind"])
         try:
             spent = await self.wallet.Spend(
@@ -750,9 +750,10 @@ class Gifting:
                 # The wallet refused this attempt, but a concurrent retry with the same key may have
                 # spent since (e.g. after a top-up). Only the wallet's arbiter may decide: settle
                 # through CancelSpend as the sweeper does, never cancel on our own word.
-                settled = await self._settle_by_arbiter(gift["event_id"], reason or exc.code().name)
-                if settled is not None:
-                    return settled
+                answer = await self._arbiter(gift["event_id"])
+                if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+                    return answer.spend  # it happened after all: the caller marks the gift sent
+                await self._cancel(gift["event_id"], reason or exc.code().name)
                 if definite is None:
                     raise Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED") from None
                 raise definite(exc.details() or "wallet refused the spend", reason or exc.code().name) from None
@@ -765,13 +766,13 @@ class Gifting:
             ) from None
         return spent
 
-    async def _settle_by_arbiter(self, event_id: str, cancel_reason: str) -> dict[str, Any] | None:
-        """Ask wallet.CancelSpend: SENT if the spend happened (returns the gift), else CANCELLED (None).
+    async def _arbiter(self, event_id: str) -> wallet_pb2.CancelSpendResponse:
+        """wallet.CancelSpend: whether the spend happened (it stands) or never may; UNAVAILABLE if no answer.
 
         If the wallet cannot answer, the gift stays PENDING for a retry or the sweeper.
         """
         try:
-            answer = await self.wallet.CancelSpend(
+            return await self.wallet.CancelSpend(
                 wallet_pb2.CancelSpendRequest(idempotency_key=event_id), timeout=self.settings.outgoing_deadline_s
             )
         except grpc.aio.AioRpcError as exc:
@@ -781,10 +782,6 @@ class Gifting:
                 gift_event_id=event_id,
                 wallet_code=exc.code().name,
             ) from None
-        if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
-            return await self._mark_sent(event_id, answer.spend.balance_after)
-        await self._cancel(event_id, cancel_reason)
-        return None
 
     async def _mark_sent(self, event_id: str, balance_after: int | None) -> dict[str, Any]:
         """PENDING -> SENT and the gift.sent event, in one transaction; exactly one caller wins."""
@@ -843,7 +840,11 @@ class Gifting:
             )
         settled = 0
         for event_id in ids:
-            await self._settle_by_arbiter(event_id, "SWEPT")
+            answer = await self._arbiter(event_id)
+            if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+                await self._mark_sent(event_id, answer.spend.balance_after)
+            else:
+                await self._cancel(event_id, "SWEPT")
             settled += 1
         return settled
 
