@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -53,6 +54,13 @@ from services.wallet.storage import (
 log = logging.getLogger(__name__)
 
 PAGE_SIZE_DEFAULT = 50
+
+
+def _utc_today() -> dt.date:
+    """Today in UTC (ages and periods must not depend on the pod's time zone)."""
+    return dt.datetime.now(dt.UTC).date()
+
+
 PAGE_SIZE_MAX = 500
 SPENT = "SPENT"
 CANCELLED = "CANCELLED"
@@ -161,11 +169,11 @@ class Wallet:
     async def _ensure_account(self, uow: UnitOfWork, user_id: str) -> None:
         """Create the user's coin account on first use (the unique key makes races harmless)."""
         acc = domain.user_account(user_id)
-        exists = (await uow.conn.execute(select(accounts.c.account_id).where(accounts.c.account_id == acc))).first()
-        if exists is None:
-            await uow.conn.execute(
-                insert(accounts).values(account_id=acc, user_id=user_id, balance=0, updated_at_us=now_us())
+        await uow.conn.execute(
+            insert_ignore(self.db.dialect, accounts).values(
+                account_id=acc, user_id=user_id, balance=0, updated_at_us=now_us()
             )
+        )
 
     async def _restrictions(self, uow: UnitOfWork, user_id: str) -> domain.Restrictions | None:
         row = (await uow.conn.execute(select(users).where(users.c.user_id == user_id))).first()
@@ -180,7 +188,7 @@ class Wallet:
 
     async def _check_may_transact(self, uow: UnitOfWork, user_id: str) -> None:
         r = await self._restrictions(uow, user_id)
-        domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, dt.date.today())
+        domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, _utc_today())
 
     # ---- packages and purchases --------------------------------------------------------
 
@@ -466,9 +474,14 @@ class Wallet:
         reason = _REASONS.get(req.reason)
         if reason is None:
             raise InvalidArgument("reason must be GIFT, TIP or UNLOCK", "INVALID_REASON")
-        if len(req.reference_id) > 128:
-            raise InvalidArgument("reference_id is at most 128 characters", "INVALID_ID", field="reference_id")
-        digest = hashlib.sha256(f"{req.user_id}|{req.amount}|{reason.value}|{req.reference_id}".encode()).hexdigest()
+        if len(req.reference_id) > 128 or not req.reference_id.isprintable():
+            raise InvalidArgument(
+                "reference_id is at most 128 printable characters", "INVALID_ID", field="reference_id"
+            )
+        # JSON, not a joined string: ids may contain any separator we could pick.
+        digest = hashlib.sha256(
+            json.dumps([req.user_id, req.amount, reason.value, req.reference_id]).encode()
+        ).hexdigest()
         try:
             async with self.db.unit_of_work() as uow:
                 existing = await self._spend_record(uow, key, digest)
@@ -570,7 +583,10 @@ class Wallet:
             # Past periods' rows are never read again; dropping them here keeps one row per period.
             await uow.conn.execute(
                 delete(spend_counters).where(
-                    c.user_id == user_id, c.period == period.value, c.period_key != keys[period]
+                    # Only older periods: a replica whose clock runs behind must not erase a newer one.
+                    c.user_id == user_id,
+                    c.period == period.value,
+                    c.period_key < keys[period],
                 )
             )
             await uow.conn.execute(
@@ -796,9 +812,9 @@ class Wallet:
             "updated_at_us": now_us(),
         }
         async with self.db.unit_of_work() as uow:
-            changed = await uow.conn.execute(update(users).where(users.c.user_id == req.user_id).values(**values))
-            if changed.rowcount == 0:
-                await uow.conn.execute(insert(users).values(user_id=req.user_id, **values))
+            # Insert-if-missing then update: two first calls for a new user cannot both insert.
+            await uow.conn.execute(insert_ignore(self.db.dialect, users).values(user_id=req.user_id, **values))
+            await uow.conn.execute(update(users).where(users.c.user_id == req.user_id).values(**values))
             await self._ensure_account(uow, req.user_id)
             await uow.commit()
         return await self.get_restrictions(req.user_id)
@@ -815,7 +831,7 @@ class Wallet:
             out.blocked = r.blocked
             out.region = r.region
             try:
-                domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, dt.date.today())
+                domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, _utc_today())
             except FailedPrecondition:
                 out.may_spend = False
         return out
@@ -825,7 +841,7 @@ class Wallet:
     async def audit(self) -> wallet_pb2.WalletAudit:
         """The totals the suite's invariants need, computed from the ledger itself."""
         p = postings.c
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             c = uow.conn
             by_account = dict(
                 (

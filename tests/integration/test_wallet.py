@@ -553,3 +553,36 @@ async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, de
     await expect_error(new_purchase(w, adult), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False))
     assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
+
+
+async def test_concurrent_first_calls_for_a_new_user_all_succeed(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("newcomer")
+    answers = await asyncio.gather(
+        *(
+            clients.wallet.SetAccountRestrictions(
+                wallet_pb2.SetAccountRestrictionsRequest(user_id=user, birth_date="1990-01-01", region="US")
+            )
+            for _ in range(10)
+        )
+    )
+    assert all(a.may_spend for a in answers)
+    assert (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins == 0
+
+
+async def test_a_reference_id_with_control_characters_is_refused_on_every_backend(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    user = uid("spender")
+    await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-70")
+    await expect_error(
+        clients.wallet.Spend(
+            wallet_pb2.SpendRequest(
+                user_id=user,
+                amount=1,
+                reason=wallet_pb2.SPEND_REASON_TIP,
+                reference_id="a\x00b",
+                idempotency_key=uid("k"),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ID",
+    )
+    assert (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins == 70
