@@ -115,13 +115,19 @@ class Database:
         return self.engine.dialect.name
 
     @contextlib.asynccontextmanager
-    async def unit_of_work(self, *, readonly: bool = False) -> AsyncIterator[UnitOfWork]:
-        """Open a transaction; roll it back on exit unless committed."""
+    async def unit_of_work(self, *, readonly: bool = False, snapshot: bool = False) -> AsyncIterator[UnitOfWork]:
+        """Open a transaction; roll it back on exit unless committed.
+
+        `snapshot`: every statement sees the same moment (audits that sum several tables while
+        traffic runs). SQLite's read transaction already does; PostgreSQL needs REPEATABLE READ.
+        """
         lock = self._write_lock if (self._write_lock is not None and not readonly) else contextlib.nullcontext()
         async with lock:
             async with self.engine.connect() as conn:
                 if readonly:
                     await conn.execution_options(livegifts_readonly=True)
+                if snapshot and not self.sqlite:
+                    await conn.execution_options(isolation_level="REPEATABLE READ")
                 await conn.begin()
                 uow = UnitOfWork(conn)
                 try:

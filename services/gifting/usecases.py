@@ -918,7 +918,7 @@ class Gifting:
         """Gifts by status, sent coins and counts by kind, pending coins, what the leaderboards counted."""
         g = gift_events.c
         lb = leaderboard_all_time.c
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             counts = dict((await uow.conn.execute(select(g.status, func.count()).group_by(g.status))).all())
             by_kind = {
                 r.kind: (int(r.coins), int(r.n))

@@ -991,7 +991,7 @@ class Payout:
         """Totals for invariants 4 and 5, and the entries behind held, withdrawn and clawed-back diamonds."""
         c = creators.c
         w = withdrawals.c
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             if self.db.dialect == "postgresql":
                 # One snapshot for every total, so a payout settling mid-audit cannot skew them.
                 await uow.conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
