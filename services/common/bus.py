@@ -12,6 +12,8 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from services.common.config import ServiceSettings
+from services.common.errors import check
+from services.common.loops import sleep_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,12 @@ class Bus:
                 log.warning("NATS not reachable, retrying", extra={"error": repr(exc), "retry_in_s": delay})
                 if self.nc is not None:
                     await self._close_quietly()
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
+                await sleep_unless_stopped(stop, delay)
                 delay = min(delay * 2, 5.0)
 
     async def ensure_stream(self, name: str) -> None:
         """Create the stream, or update it to this configuration (idempotent)."""
-        assert self.js is not None
+        check(self.js is not None, "self.js is not None")
         config = StreamConfig(
             name=name,
             subjects=STREAMS[name],

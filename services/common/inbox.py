@@ -27,6 +27,8 @@ from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
+from services.common.errors import check
+from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context
@@ -69,7 +71,7 @@ class Consumer(Generic[E]):
         while not stop.is_set():
             try:
                 if psub is None:
-                    assert self.bus.js is not None
+                    check(self.bus.js is not None, "self.bus.js is not None")
                     psub = await self.bus.js.pull_subscribe(
                         self.sub.subject,
                         durable=self.sub.durable,
@@ -96,10 +98,7 @@ class Consumer(Generic[E]):
                     extra={"consumer": self.sub.durable, "error": repr(exc), "retry_in_s": backoff_s},
                 )
                 psub = None
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff_s)
-                except TimeoutError:
-                    pass
+                await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
     async def process(self, msgs: list[Msg]) -> None:

@@ -21,6 +21,8 @@ from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
+from services.common.errors import check
+from services.common.loops import sleep_unless_stopped
 from services.common.metrics import OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
 from services.common.telemetry import inject_headers
 from services.common.timeutil import now_us
@@ -111,10 +113,7 @@ class OutboxRelay:
             except Exception as exc:  # noqa: BLE001 - the rows stay unsent; retry with backoff
                 OUTBOX_PUBLISH_ERRORS.inc()
                 log.warning("outbox relay failed, retrying", extra={"error": repr(exc), "retry_in_s": backoff_s})
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff_s)
-                except TimeoutError:
-                    pass
+                await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, self.backoff_max_s)
 
     async def relay_once(self) -> int:
@@ -133,7 +132,7 @@ class OutboxRelay:
             OUTBOX_PENDING.set(0)
             return 0
         js = self.bus.js
-        assert js is not None
+        check(js is not None, "js is not None")
         # Pipelined: all publishes go out on the one connection in id order, then we await the acks.
         results = await asyncio.gather(
             *(

@@ -45,6 +45,7 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import run_idempotent
+from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
@@ -850,19 +851,8 @@ class Gifting:
 
     async def sweeper(self, stop: asyncio.Event) -> None:
         """Background loop around `sweep_once` (errors are logged and retried next round)."""
-        while not stop.is_set():
-            try:
-                n = await self.sweep_once()
-                if n:
-                    log.info("settled pending gifts", extra={"gifts": n})
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - wallet or database down: the gifts stay PENDING
-                log.warning("sweep failed, retrying next round", extra={"error": repr(exc)})
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.sweep_interval_s)
-            except TimeoutError:
-                pass
+        # Wallet or database down: the gifts stay PENDING until a later round.
+        await run_every(stop, self.settings.sweep_interval_s, self.sweep_once, "settled pending gifts")
 
     # ---- live feed ---------------------------------------------------------------------------
 
@@ -872,7 +862,7 @@ class Gifting:
         """Each gift and tip of a stream as it lands; a last item when the stream ends."""
         require_id(stream_id, "stream_id")
         check(self.feed is not None, "the live feed is wired")
-        assert self.feed is not None
+        check(self.feed is not None, "self.feed is not None")
         ended = gifting_pb2.StreamFeedItem(stream_ended=True)
         with self.feed.watch(stream_id) as watcher:  # registered before the status read: no gap
             stream = await self.get_stream(stream_id)
@@ -893,7 +883,7 @@ class Gifting:
                     return
                 if item is ShuttingDown:
                     raise Unavailable("this replica is stopping; watch again", "SHUTTING_DOWN")
-                assert isinstance(item, events_pb2.GiftSent)
+                check(isinstance(item, events_pb2.GiftSent), "isinstance(item, events_pb2.GiftSent)")
                 at_us = item.occurred_at.ToMicroseconds()
                 combo = (
                     combos.add(item.sender_id, item.gift_id, item.quantity, at_us)

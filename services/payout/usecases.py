@@ -3,7 +3,6 @@ withdrawals with provider callbacks, clawbacks of reversed purchases, statements
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -37,6 +36,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import run_idempotent
+from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
@@ -401,7 +401,10 @@ class Payout:
             account, masked = domain.normalize_bank(req.iban, req.account_number, req.routing_number, req.holder_name)
         else:
             raise InvalidArgument("kind must be PAYPAL or BANK", "INVALID_PAYOUT_METHOD")
-        assert self.provider is not None and self.settings is not None
+        check(
+            self.provider is not None and self.settings is not None,
+            "self.provider is not None and self.settings is not None",
+        )
         token = self.provider.tokenize(kind, account)
         fingerprint = self._fingerprint(kind, account)
         # The request itself holds the full account: the idempotency record keeps only its hash
@@ -427,7 +430,7 @@ class Payout:
         return await run_idempotent(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work)
 
     def _fingerprint(self, kind: str, account: str) -> str:
-        assert self.settings is not None
+        check(self.settings is not None, "self.settings is not None")
         key = self.settings.payout_webhook_secret.get_secret_value().encode()
         return hmac.new(key, f"fp:{kind}:{account}".encode(), hashlib.sha256).hexdigest()
 
@@ -690,20 +693,16 @@ class Payout:
 
     async def dispatcher(self, stop: Any) -> None:
         """Background loop: hand APPROVED withdrawals to the provider, outside any transaction."""
-        assert self.settings is not None
-        while not stop.is_set():
-            try:
-                await self.dispatch_once()
-            except Exception as exc:  # noqa: BLE001 - the next round retries; submissions are idempotent
-                log.warning("payout dispatch failed, retrying", extra={"error": repr(exc)})
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.dispatch_interval_s)
-            except TimeoutError:
-                pass
+        check(self.settings is not None, "the dispatcher needs settings")
+        # Submissions are idempotent by withdrawal id, so a failed round is simply retried.
+        await run_every(stop, self.settings.dispatch_interval_s, self.dispatch_once, "submitted withdrawals")
 
     async def dispatch_once(self) -> int:
         """Submit up to a batch of APPROVED withdrawals; returns how many were submitted."""
-        assert self.provider is not None and self.settings is not None
+        check(
+            self.provider is not None and self.settings is not None,
+            "self.provider is not None and self.settings is not None",
+        )
         w, m = withdrawals.c, payout_methods.c
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (
@@ -744,7 +743,7 @@ class Payout:
 
     async def handle_payout_event(self, req: payout_pb2.HandlePayoutEventRequest) -> Any:
         """Verify a payout callback and apply it once: PAID (diamonds gone) or FAILED (diamonds back)."""
-        assert self.provider is not None
+        check(self.provider is not None, "self.provider is not None")
         if req.provider != self.provider.name:
             raise InvalidArgument("unknown payout provider", "UNKNOWN_PROVIDER", provider=req.provider)
         event = self.provider.parse_callback(req.payload, req.signature)
@@ -759,7 +758,7 @@ class Payout:
             )
 
     async def _apply_payout_event(self, event: PayoutEvent) -> payout_pb2.HandlePayoutEventResponse:
-        assert self.provider is not None
+        check(self.provider is not None, "self.provider is not None")
         async with self.db.unit_of_work() as uow:
             row = await self._load_withdrawal(uow, event.withdrawal_id)
             pe = payout_events.c
@@ -819,7 +818,7 @@ class Payout:
         itself), at the share each was credited at. The balance may go negative; one
         clawback entry per reversal per creator records it.
         """
-        assert self.settings is not None
+        check(self.settings is not None, "self.settings is not None")
         e = earnings.c
         for ev in events:
             check(ev.coins > 0 and bool(ev.user_id), f"reversal {ev.event_id} has coins and a user")

@@ -1,0 +1,35 @@
+"""Background loops that stop promptly and survive any error but cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less if `stop` is set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], Awaitable[int]], what: str) -> None:
+    """Call `once` every `interval_s` until `stop`; an error is logged and the next round retries.
+
+    Every error is caught (a database or wallet outage must not end the loop, which would stop
+    the service); only cancellation ends it. `once` returns how many items it handled.
+    """
+    while not stop.is_set():
+        try:
+            handled = await once()
+            if handled:
+                log.info(what, extra={"items": handled})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the work stays where it was; the next round retries
+            log.warning(f"{what} failed, retrying next round", extra={"error": repr(exc)})
+        await sleep_unless_stopped(stop, interval_s)
