@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -205,6 +205,3 @@ async def create_server(
     running = RunningServer(server, bound, health_servicer, names)
     await running.set_serving(True)
     return running
-
-
-assert code_pb2.OK == 0  # google.rpc codes line up with grpc.StatusCode values

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from livegifts.gifting.v1 import events_pb2
 from services.common.bus import Bus
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import ResourceExhausted, Unavailable, check
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FeedHub:
         subs = []
         try:
             if not stop.is_set():
-                assert self.bus.nc is not None
+                check(self.bus.nc is not None, "self.bus.nc is not None")
                 subs.append(await self.bus.nc.subscribe(GIFT_SENT_SUBJECT, cb=self._on_gift))
                 subs.append(await self.bus.nc.subscribe(STREAM_ENDED_SUBJECT, cb=self._on_ended))
                 self.ready.set()

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
+from services.common.clients import error_reason
 from services.wallet.payments import dev_event_payload
 
 T = TypeVar("T")
@@ -24,16 +24,8 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def reason_of(exc: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of a failed call."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for d in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if d.Unpack(info):
-                    return info.reason
-    return ""
+# The ErrorInfo reason of a failed call: the same parser the services use on each other.
+reason_of = error_reason
 
 
 async def expect_error(
