@@ -63,6 +63,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used so far by every PostgreSQL process on this machine (its backends serve the suite).
+
+    Backends that exit during a phase take their CPU with them, so this is a lower bound; the
+    services keep pooled connections, so in practice their backends live through a phase.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text[:64]:
+            fields = text.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -343,12 +361,15 @@ class Load:
         profilers = self._start_profilers(spec)
         pids = {**self.plan.get("cpu_pids", {}), "loadgen": os.getpid()}
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        pg0 = postgres_cpu_seconds()
         busy0, total0 = machine_busy()
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
         result.duration_s = time.monotonic() - t0
         busy1, total1 = machine_busy()
         result.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        if self.plan.get("backend") == "postgres":
+            result.cpu_s["postgres"] = postgres_cpu_seconds() - pg0
         result.machine_busy_fraction = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         for proc in profilers:
             proc.wait(timeout=120)

@@ -114,6 +114,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         if ready[:1] != ["READY"]:
             raise RuntimeError(f"noop server did not start: {ready}")
         plan: dict[str, Any] = {
+            "backend": backend,
             "seed": args.seed,
             "wallet": suite.addr("wallet"),
             "gifting": suite.addr("gifting"),
@@ -123,7 +124,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "secret": config.webhook_secret,
             "viewers": args.viewers,
             "creators": args.creators,
-            "phases": phases(args.quick),
+            "phases": [p for p in phases(args.quick) if not args.phases or p["name"] in args.phases.split(",")],
             "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
         }
         if args.profile:
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=300)
     parser.add_argument("--creators", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="shorter phases (a smoke run, not for RESULTS.md)")
+    parser.add_argument("--phases", default="", help="comma-separated phase names to run (default: all)")
     parser.add_argument("--db-ceiling-s", type=float, default=4.0)
     parser.add_argument("--load-timeout-s", type=float, default=420.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")

@@ -31,3 +31,7 @@ class GiftingSettings(ServiceSettings):
     # Group commit: concurrent SendGift calls share the transaction that records them PENDING, and
     # concurrent gifts, tips and unlocks share the one that marks them SENT (bench/README.md).
     group_commit: bool = True
+    # The eligibility pre-check (age, blocked) caches each user's wallet restrictions this long;
+    # the wallet checks sender and creator again inside every spend, so this only decides whether
+    # an ineligible gift is refused before it is recorded or cancelled right after. 0 = no cache.
+    eligibility_cache_s: float = Field(default=60.0, ge=0, le=3600)

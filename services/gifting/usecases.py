@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults
+from services.common.batching import MicroBatcher
 from services.common.clients import error_reason
 from services.common.db import Database, UnitOfWork
 from services.common.errors import (
@@ -49,7 +51,6 @@ from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
-from services.gifting.batching import MicroBatcher
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
 from services.gifting.feed import Ended, FeedHub, ShuttingDown
@@ -72,6 +73,9 @@ FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this ofte
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
+WALLET_SPEND_MANY_MAX = 200  # spends of one wallet.SpendMany call (the wallet takes up to 500)
+STREAMS_CACHED_MAX = 100_000  # stream -> creator pairs gifting remembers (cleared when full)
+ELIGIBILITY_CACHE_ENTRIES_MAX = 100_000  # users whose restrictions gifting remembers (cleared when full)
 _KIND_PB = {
     GiftKind.GIFT: events_pb2.GIFT_KIND_GIFT,
     GiftKind.TIP: events_pb2.GIFT_KIND_TIP,
@@ -88,6 +92,7 @@ _STATUS_PB = {
     GiftStatus.CANCELLED: gifting_pb2.GIFT_STATUS_CANCELLED,
 }
 # Wallet answers that mean "this spend did not and will not happen": the gift is cancelled.
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DEFINITE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -131,9 +136,15 @@ class Gifting:
         self._begin_batcher: MicroBatcher[gifting_pb2.SendGiftRequest, dict[str, Any]] = MicroBatcher(
             self._begin_batch, GROUP_COMMIT_SIZE_MAX
         )
+        self._spend_batcher: MicroBatcher[dict[str, Any], int | None] = MicroBatcher(
+            self._spend_many,
+            WALLET_SPEND_MANY_MAX,  # type: ignore[arg-type]
+        )
         self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
             self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX
         )
+        self._eligibility_cache: dict[str, tuple[float, Any]] = {}
+        self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -445,6 +456,9 @@ class Gifting:
                     select(streams).where(streams.c.stream_id.in_({items[i].stream_id for i in indexes}))
                 )
             }
+            if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
+                self._stream_creators.clear()
+            self._stream_creators |= {sid: r.creator_id for sid, r in stream_rows.items()}
             gift_rows = {
                 r.gift_id: r
                 for r in await uow.conn.execute(
@@ -470,45 +484,60 @@ class Gifting:
                     out[i] = exc
             return plans
 
-        # Read-only first (no transaction is held across the eligibility calls).
+        # No transaction is held across a wallet call: the eligibility answers are gathered first
+        # (a stream's creator never changes, so known streams need no read for that), then one
+        # transaction re-plans every item against the current rows and inserts the new gifts.
         todo = list(range(len(items)))
-        if todo:
+        if any(items[i].stream_id not in self._stream_creators for i in todo):
             async with self.db.unit_of_work(readonly=True) as uow:
-                probes = await plan_all(uow, todo)
-            for i, p in probes.items():
-                if p.existing:
-                    out[i] = p.row
-            fresh = [i for i, p in probes.items() if not p.existing]
-            await self._check_eligible_many(
-                fresh, [(probes[i].row["sender_id"], probes[i].row["creator_id"]) for i in fresh], out
-            )
-            fresh = [i for i in fresh if out[i] is None]
-            if fresh:
-                try:
-                    async with self.db.unit_of_work() as uow:
-                        plans = await plan_all(uow, fresh)
-                        new_rows = [p.row for p in plans.values() if not p.existing]
-                        if new_rows:
-                            await uow.conn.execute(insert(gift_events), new_rows)
-                        await uow.commit()
-                    for i, p in plans.items():
+                for i, p in (await plan_all(uow, todo)).items():
+                    if p.existing:
                         out[i] = p.row
-                except IntegrityError:
-                    # A concurrent call inserted one of these keys first: resume item by item.
-                    for i in fresh:
+            todo = [i for i in todo if out[i] is None]
+        if todo:
+            parties = {items[i].sender_id for i in todo}
+            parties |= {
+                self._stream_creators[items[i].stream_id] for i in todo if items[i].stream_id in self._stream_creators
+            }
+            answers = await self._restrictions(parties)
+            try:
+                async with self.db.unit_of_work() as uow:
+                    plans = await plan_all(uow, todo)
+                    new_rows = []
+                    for i, p in plans.items():
+                        if p.existing:
+                            continue
                         try:
-                            key = items[i].idempotency_key
-                            out[i] = (
-                                await self._begin(key, digests[i], self._gift_planner(items[i], key, digests[i]))
-                            )[0]
+                            _check_parties(p.row, answers)
                         except DomainError as exc:
                             out[i] = exc
+                            continue
+                        new_rows.append(p.row)
+                    if new_rows:
+                        await uow.conn.execute(insert(gift_events), new_rows)
+                    await uow.commit()
+                for i, p in plans.items():
+                    if out[i] is None:
+                        out[i] = p.row
+            except IntegrityError:
+                # A concurrent call inserted one of these keys first: resume item by item.
+                for i in todo:
+                    try:
+                        key = items[i].idempotency_key
+                        out[i] = (await self._begin(key, digests[i], self._gift_planner(items[i], key, digests[i])))[0]
+                    except DomainError as exc:
+                        out[i] = exc
         check(all(r is not None for r in out), "every item has a gift or an error")
         return out
 
-    async def _check_eligible_many(self, indexes: list[int], parties: list[tuple[str, str]], out: list[Any]) -> None:
-        """Ask the wallet once per distinct user of the batch; an ineligible party fails its items only."""
-        users = sorted({u for pair in parties for u in pair})
+    async def _restrictions(self, user_ids: set[str]) -> dict[str, Any]:
+        """Each user's wallet restrictions (None if the wallet did not answer), from the cache when fresh."""
+        now = time.monotonic()
+        answers: dict[str, Any] = {}
+        for u in user_ids:
+            hit = self._eligibility_cache.get(u)
+            if hit is not None and hit[0] > now:
+                answers[u] = hit[1]
         sem = asyncio.Semaphore(WALLET_CALLS_CONCURRENT_MAX)
 
         async def ask(user_id: str) -> Any:
@@ -521,33 +550,70 @@ class Gifting:
                 except grpc.aio.AioRpcError:
                     return None
 
-        answers = dict(zip(users, await asyncio.gather(*(ask(u) for u in users)), strict=True))
-        for i, pair in zip(indexes, parties, strict=True):
-            try:
-                for role, user_id in zip(("sender", "creator"), pair, strict=True):
-                    a = answers[user_id]
-                    if a is None:
-                        raise Unavailable(
-                            "the wallet did not answer the eligibility check; retry with the same key",
-                            "WALLET_UNAVAILABLE",
-                        )
-                    domain.check_eligible(role, a.may_spend, a.blocked)
-            except DomainError as exc:
-                out[i] = exc
+        missing = sorted(user_ids - answers.keys())
+        fetched = await asyncio.gather(*(ask(u) for u in missing))
+        ttl = self.settings.eligibility_cache_s
+        for u, a in zip(missing, fetched, strict=True):
+            answers[u] = a
+            if a is not None and ttl > 0:
+                if len(self._eligibility_cache) >= ELIGIBILITY_CACHE_ENTRIES_MAX:
+                    self._eligibility_cache.clear()
+                self._eligibility_cache[u] = (now + ttl, a)
+        return answers
 
     async def _spend_many(self, gifts_: list[dict[str, Any]]) -> list[int | None | DomainError]:
-        """Step 2 for many gifts at once: each spend's balance after, or the error its item fails with."""
-        sem = asyncio.Semaphore(WALLET_CALLS_CONCURRENT_MAX)
+        """Step 2 for many gifts: wallet.SpendMany, each keyed by its gift id; a balance or the item's error.
 
-        async def one(gift: dict[str, Any]) -> int | None | DomainError:
-            async with sem:
-                try:
-                    spent = await self._spend(gift)
-                except DomainError as exc:
-                    return exc
-                return spent.balance_after
+        The wallet settles a refusal in the same transaction (`settle_refusals`), so a refused
+        gift is cancelled here at once; a refusal it could not settle goes through the arbiter
+        like a single spend's. No answer at all leaves every gift PENDING (retry or sweeper).
+        """
+        out: list[int | None | DomainError] = []
+        for start in range(0, len(gifts_), WALLET_SPEND_MANY_MAX):
+            out += await self._spend_chunk(gifts_[start : start + WALLET_SPEND_MANY_MAX])
+        return out
 
-        return list(await asyncio.gather(*(one(g) for g in gifts_)))
+    async def _spend_chunk(self, chunk: list[dict[str, Any]]) -> list[int | None | DomainError]:
+        try:
+            resp = await self.wallet.SpendMany(
+                wallet_pb2.SpendManyRequest(spends=[_spend_request(g) for g in chunk], settle_refusals=True),
+                timeout=self.settings.outgoing_deadline_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return [
+                Unavailable(
+                    "the wallet did not answer; retry with the same key",
+                    "WALLET_UNAVAILABLE",
+                    gift_event_id=g["event_id"],
+                    wallet_code=exc.code().name,
+                )
+                for g in chunk
+            ]
+        check(len(resp.results) == len(chunk), "the wallet answers every item")
+        out: list[int | None | DomainError] = [None] * len(chunk)
+        cancel: dict[str, str] = {}
+        unsettled: list[int] = []
+        for i, (g, r) in enumerate(zip(chunk, resp.results, strict=True)):
+            if r.WhichOneof("outcome") == "spent":
+                out[i] = r.spent.balance_after
+            elif r.error.settled:
+                cancel[g["event_id"]] = r.error.reason
+                out[i] = _refusal(r.error.code, r.error.reason, r.error.message)
+            else:
+                unsettled.append(i)
+        if cancel:
+            await self._cancel_many(cancel)
+
+        async def arbitrate(i: int) -> int | None | DomainError:
+            e = resp.results[i].error
+            try:
+                return (await self._refused(chunk[i], _CODES.get(e.code), e.reason, e.message)).balance_after
+            except DomainError as exc:
+                return exc
+
+        for i, res in zip(unsettled, await asyncio.gather(*(arbitrate(i) for i in unsettled)), strict=True):
+            out[i] = res
+        return out
 
     async def _mark_sent_many(self, balances: dict[str, int | None]) -> dict[str, dict[str, Any]]:
         """Step 3 for many gifts: PENDING -> SENT and their events in one transaction and one UPDATE.
@@ -655,22 +721,9 @@ class Gifting:
 
     async def _check_eligible(self, sender_id: str, creator_id: str) -> None:
         """UNDERAGE or ACCOUNT_BLOCKED unless the wallet says both sender and creator may take part."""
-        try:
-            answers = await asyncio.gather(
-                *(
-                    self.wallet.GetAccountRestrictions(
-                        wallet_pb2.GetAccountRestrictionsRequest(user_id=user_id),
-                        timeout=self.settings.outgoing_deadline_s,
-                    )
-                    for user_id in (sender_id, creator_id)
-                )
-            )
-        except grpc.aio.AioRpcError:
-            raise Unavailable(
-                "the wallet did not answer the eligibility check; retry with the same key", "WALLET_UNAVAILABLE"
-            ) from None
-        for role, r in zip(("sender", "creator"), answers, strict=True):
-            domain.check_eligible(role, r.may_spend, r.blocked)
+        _check_parties(
+            {"sender_id": sender_id, "creator_id": creator_id}, await self._restrictions({sender_id, creator_id})
+        )
 
     async def _begin(self, key: str, digest: str, plan: Plan) -> tuple[dict[str, Any], bool]:
         """Step 1: record the gift PENDING, or find the one this key (or this unlock) already started.
@@ -724,48 +777,43 @@ class Gifting:
         """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks)."""
         if gift["status"] == GiftStatus.SENT.value:
             return gift
-        spent = await self._spend(gift)
+        if self.settings.group_commit:
+            balance = await self._spend_batcher.submit(gift)
+        else:
+            balance = (await self._spend(gift)).balance_after
         faults.point("gifting.after_spend_before_commit")
         if self.settings.group_commit:
-            return await self._sent_batcher.submit((gift["event_id"], spent.balance_after))
-        return await self._mark_sent(gift["event_id"], spent.balance_after)
+            return await self._sent_batcher.submit((gift["event_id"], balance))
+        return await self._mark_sent(gift["event_id"], balance)
 
     async def _spend(self, gift: dict[str, Any]) -> Any:
-        """Step 2: wallet.Spend keyed by the gift id; a definite refusal is settled by the wallet's arbiter."""
-        kind = GiftKind(gift["kind"])
+        """Step 2 of one gift: wallet.Spend keyed by the gift id; a definite refusal is settled by the arbiter."""
         try:
-            spent = await self.wallet.Spend(
-                wallet_pb2.SpendRequest(
-                    user_id=gift["sender_id"],
-                    amount=gift["coins"],
-                    reason=_SPEND_REASON[kind],
-                    reference_id=gift["event_id"],
-                    idempotency_key=gift["event_id"],
-                ),
-                timeout=self.settings.outgoing_deadline_s,
-            )
+            return await self.wallet.Spend(_spend_request(gift), timeout=self.settings.outgoing_deadline_s)
         except grpc.aio.AioRpcError as exc:
-            reason = error_reason(exc)
-            definite = _DEFINITE.get(exc.code())
-            if definite is not None or reason == "SPEND_CANCELLED":
-                # The wallet refused this attempt, but a concurrent retry with the same key may have
-                # spent since (e.g. after a top-up). Only the wallet's arbiter may decide: settle
-                # through CancelSpend as the sweeper does, never cancel on our own word.
-                answer = await self._arbiter(gift["event_id"])
-                if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
-                    return answer.spend  # it happened after all: the caller marks the gift sent
-                await self._cancel(gift["event_id"], reason or exc.code().name)
-                if definite is None:
-                    raise Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED") from None
-                raise definite(exc.details() or "wallet refused the spend", reason or exc.code().name) from None
-            # UNAVAILABLE, DEADLINE_EXCEEDED, ...: the outcome is unknown; the gift stays PENDING.
-            raise Unavailable(
-                "the wallet did not answer; retry with the same key",
-                "WALLET_UNAVAILABLE",
-                gift_event_id=gift["event_id"],
-                wallet_code=exc.code().name,
-            ) from None
-        return spent
+            return await self._refused(gift, exc.code(), error_reason(exc), exc.details() or "")
+
+    async def _refused(self, gift: dict[str, Any], code: grpc.StatusCode | None, reason: str, message: str) -> Any:
+        """The wallet did not spend: settle through its arbiter, or leave the gift PENDING if unsure."""
+        definite = _DEFINITE.get(code) if code is not None else None
+        if definite is not None or reason == "SPEND_CANCELLED":
+            # The wallet refused this attempt, but a concurrent retry with the same key may have
+            # spent since (e.g. after a top-up). Only the wallet's arbiter may decide: settle
+            # through CancelSpend as the sweeper does, never cancel on our own word.
+            answer = await self._arbiter(gift["event_id"])
+            if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+                return answer.spend  # it happened after all: the caller marks the gift sent
+            await self._cancel(gift["event_id"], reason or (code.name if code else "REFUSED"))
+            if definite is None:
+                raise Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED")
+            raise definite(message or "wallet refused the spend", reason or (code.name if code else "REFUSED"))
+        # UNAVAILABLE, DEADLINE_EXCEEDED, ...: the outcome is unknown; the gift stays PENDING.
+        raise Unavailable(
+            "the wallet did not answer; retry with the same key",
+            "WALLET_UNAVAILABLE",
+            gift_event_id=gift["event_id"],
+            wallet_code=code.name if code else "UNKNOWN",
+        )
 
     async def _arbiter(self, event_id: str) -> wallet_pb2.CancelSpendResponse:
         """wallet.CancelSpend: whether the spend happened (it stands) or never may; UNAVAILABLE if no answer.
@@ -805,19 +853,31 @@ class Gifting:
 
     async def _cancel(self, event_id: str, reason: str) -> None:
         """PENDING -> CANCELLED; frees the client's key (and an unlock's claim) so a retry may start anew."""
+        await self._cancel_many({event_id: reason})
+
+    async def _cancel_many(self, reasons: dict[str, str]) -> None:
+        """`_cancel` for many gifts in one transaction."""
+        g = gift_events.c
         async with self.db.unit_of_work() as uow:
-            changed = await uow.conn.execute(
-                update(gift_events)
-                .where(gift_events.c.event_id == event_id, gift_events.c.status == GiftStatus.PENDING.value)
-                .values(
-                    status=GiftStatus.CANCELLED.value,
-                    cancel_reason=reason[:64],
-                    idempotency_key=None,
-                    updated_at_us=now_us(),
+            cancelled = (
+                (
+                    await uow.conn.execute(
+                        update(gift_events)
+                        .where(g.event_id.in_(list(reasons)), g.status == GiftStatus.PENDING.value)
+                        .values(
+                            status=GiftStatus.CANCELLED.value,
+                            cancel_reason=case({k: v[:64] for k, v in reasons.items()}, value=g.event_id),
+                            idempotency_key=None,
+                            updated_at_us=now_us(),
+                        )
+                        .returning(g.event_id)
+                    )
                 )
+                .scalars()
+                .all()
             )
-            if changed.rowcount == 1:
-                await uow.conn.execute(delete(content_unlocks).where(content_unlocks.c.event_id == event_id))
+            if cancelled:
+                await uow.conn.execute(delete(content_unlocks).where(content_unlocks.c.event_id.in_(cancelled)))
             await uow.commit()
 
     async def sweep_once(self) -> int:
@@ -1028,3 +1088,38 @@ def _content_pb(r: dict[str, Any]) -> gifting_pb2.Content:
         price_coins=r["price_coins"],
         created_at=to_timestamp(r["created_at_us"]),
     )
+
+
+def _spend_request(gift: dict[str, Any]) -> wallet_pb2.SpendRequest:
+    """The wallet spend of a gift, keyed by its id; the creator must be allowed to receive it too."""
+    return wallet_pb2.SpendRequest(
+        user_id=gift["sender_id"],
+        amount=gift["coins"],
+        reason=_SPEND_REASON[GiftKind(gift["kind"])],
+        reference_id=gift["event_id"],
+        idempotency_key=gift["event_id"],
+        recipient_user_id=gift["creator_id"],
+    )
+
+
+def _refusal(code: int, reason: str, message: str) -> DomainError:
+    """The error a gift fails with after the wallet refused (and settled) its spend."""
+    definite = _DEFINITE.get(_CODES.get(code))  # type: ignore[arg-type]
+    if definite is None:
+        return Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED")
+    return definite(message or "wallet refused the spend", reason)
+
+
+def _check_parties(row: dict[str, Any], answers: dict[str, Any]) -> None:
+    """The eligibility pre-check of one gift: UNDERAGE or ACCOUNT_BLOCKED, or UNAVAILABLE without an answer.
+
+    Answers come from `_restrictions` (cached for `eligibility_cache_s`); the wallet checks both
+    parties again inside the spend itself.
+    """
+    for role, user_id in (("sender", row["sender_id"]), ("creator", row["creator_id"])):
+        a = answers.get(user_id)
+        if a is None:
+            raise Unavailable(
+                "the wallet did not answer the eligibility check; retry with the same key", "WALLET_UNAVAILABLE"
+            )
+        domain.check_eligible(role, a.may_spend, a.blocked)

@@ -25,3 +25,6 @@ class WalletSettings(ServiceSettings):
     spend_amount_max: int = Field(default=10_000_000, ge=1)
     # How long a raised (or removed) spending limit waits before it applies; lowering is immediate.
     spending_limit_cooloff_s: int = Field(default=86_400, ge=0, le=90 * 86_400)
+    # Group commit: concurrent Spend calls share one transaction (each keeps its own key and
+    # answer); SpendMany is the same path for callers that batch themselves (bench/README.md).
+    group_commit: bool = True

@@ -44,6 +44,10 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         """Debit coins once per idempotency key."""
         return await self.w.spend(request)
 
+    async def SpendMany(self, request: wallet_pb2.SpendManyRequest, context: Any) -> Any:
+        """Many spends in one transaction, each with its own key and result."""
+        return await self.w.spend_many(request)
+
     async def CancelSpend(self, request: wallet_pb2.CancelSpendRequest, context: Any) -> Any:
         """Settle an unresolved spend for good."""
         return await self.w.cancel_spend(request)

@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from services.common.batching import MicroBatcher
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     INT64_MAX,
     Aborted,
-    AlreadyExists,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     check,
     require_id,
     require_key,
     require_positive,
+    status_for,
 )
 from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
@@ -36,6 +36,7 @@ from services.wallet import domain
 from services.wallet.config import WalletSettings
 from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus, SpendReason
 from services.wallet.payments import PaymentProvider, PaymentRouter
+from services.wallet.spending import CANCELLED, SPENT, SpendBatch
 from services.wallet.storage import (
     accounts,
     coin_packages,
@@ -62,8 +63,8 @@ def _utc_today() -> dt.date:
 
 
 PAGE_SIZE_MAX = 500
-SPENT = "SPENT"
-CANCELLED = "CANCELLED"
+SPEND_MANY_ITEMS_MAX = 500  # items of one SpendMany call
+GROUP_COMMIT_SIZE_MAX = 200  # concurrent Spend calls one group-committed transaction takes at most
 PACKAGE_ID_MAX = 64
 PROMOTIONS_LIST_MAX = 500
 USER, OPERATOR = "USER", "OPERATOR"
@@ -102,6 +103,12 @@ class Wallet:
 
     def __post_init__(self) -> None:
         self.region_ages = domain.parse_region_ages(self.settings.adult_age_by_region)
+        self.spending = SpendBatch(
+            self.db, self.settings.spend_amount_max, self.settings.adult_age_years, self.region_ages, self.clock
+        )
+        self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
+            lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX
+        )
 
     # ---- shared steps ------------------------------------------------------------------
 
@@ -137,24 +144,8 @@ class Wallet:
         return entry_id, balance_after
 
     async def _apply_user_leg(self, uow: UnitOfWork, leg: Posting, kind: str, ts: int) -> int:
+        # Purchases and reversals only: spends are written in batches by services/wallet/spending.py.
         a = accounts.c
-        if leg.amount < 0 and kind.startswith("SPEND"):
-            row = (
-                await uow.conn.execute(
-                    update(accounts)
-                    .where(a.account_id == leg.account_id, a.balance >= -leg.amount)
-                    .values(balance=a.balance + leg.amount, updated_at_us=ts)
-                    .returning(a.balance)
-                )
-            ).first()
-            if row is None:
-                have = (
-                    await uow.conn.execute(select(a.balance).where(a.account_id == leg.account_id))
-                ).scalar_one_or_none()
-                if have is None:
-                    raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
-                raise FailedPrecondition("not enough coins", "INSUFFICIENT_COINS", balance=have, required=-leg.amount)
-            return int(row.balance)
         row = (
             await uow.conn.execute(
                 update(accounts)
@@ -467,69 +458,38 @@ class Wallet:
         return out
 
     async def spend(self, req: wallet_pb2.SpendRequest) -> wallet_pb2.SpendResponse:
-        """Debit coins once per key; never overdraws; a cancelled key is refused with ABORTED."""
-        require_id(req.user_id, "user_id")
-        require_positive(req.amount, "amount", self.settings.spend_amount_max)
-        key = require_key(req.idempotency_key)
-        reason = _REASONS.get(req.reason)
-        if reason is None:
-            raise InvalidArgument("reason must be GIFT, TIP or UNLOCK", "INVALID_REASON")
-        if len(req.reference_id) > 128 or not req.reference_id.isprintable():
-            raise InvalidArgument(
-                "reference_id is at most 128 printable characters", "INVALID_ID", field="reference_id"
-            )
-        # JSON, not a joined string: ids may contain any separator we could pick.
-        digest = hashlib.sha256(
-            json.dumps([req.user_id, req.amount, reason.value, req.reference_id]).encode()
-        ).hexdigest()
-        try:
-            async with self.db.unit_of_work() as uow:
-                existing = await self._spend_record(uow, key, digest)
-                if existing is not None:
-                    return existing
-                await self._check_may_transact(uow, req.user_id)
-                # Claim the key first: a concurrent duplicate blocks here (PostgreSQL) and then fails.
-                ts = now_us()
-                await uow.conn.execute(
-                    insert(spends).values(
-                        idempotency_key=key,
-                        status=SPENT,
-                        user_id=req.user_id,
-                        amount=req.amount,
-                        reason=reason.value,
-                        reference_id=req.reference_id,
-                        request_hash=digest,
-                        created_at_us=ts,
+        """Debit coins once per key; never overdraws; a cancelled key is refused with ABORTED.
+
+        With group commit, concurrent calls share one transaction (services/wallet/spending.py);
+        each still gets its own answer.
+        """
+        if self.settings.group_commit:
+            outcome = await self._spend_batcher.submit(req)
+        else:
+            outcome = (await self.spending.run([req], settle_refusals=False))[0]
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    async def spend_many(self, req: wallet_pb2.SpendManyRequest) -> wallet_pb2.SpendManyResponse:
+        """Many spends in one transaction, each with its own key and result (see SpendMany in wallet.proto)."""
+        if not 1 <= len(req.spends) <= SPEND_MANY_ITEMS_MAX:
+            raise InvalidArgument(f"spends must hold 1..{SPEND_MANY_ITEMS_MAX} items", "INVALID_BATCH_SIZE")
+        outcomes = await self.spending.run(list(req.spends), settle_refusals=req.settle_refusals)
+        results = []
+        for o in outcomes:
+            if isinstance(o, DomainError):
+                settled = o.metadata.get("settled") == "true"
+                results.append(
+                    wallet_pb2.SpendManyResult(
+                        error=wallet_pb2.SpendItemError(
+                            code=status_for(o).value[0], reason=o.reason, message=o.message, settled=settled
+                        )
                     )
                 )
-                await self._count_against_limits(uow, req.user_id, req.amount)
-                entry_id, after = await self._post(
-                    uow,
-                    f"SPEND_{reason.value}",
-                    req.reference_id or key,
-                    domain.spend_postings(req.user_id, req.amount, reason),
-                )
-                await uow.conn.execute(
-                    update(spends).where(spends.c.idempotency_key == key).values(entry_id=entry_id, balance_after=after)
-                )
-                await uow.commit()
-                return wallet_pb2.SpendResponse(spend_id=entry_id, amount=req.amount, balance_after=after)
-        except IntegrityError:
-            async with self.db.unit_of_work(readonly=True) as uow:
-                existing = await self._spend_record(uow, key, digest)
-            if existing is None:
-                raise
-            return existing
-
-    async def _spend_record(self, uow: UnitOfWork, key: str, digest: str) -> wallet_pb2.SpendResponse | None:
-        row = (await uow.conn.execute(select(spends).where(spends.c.idempotency_key == key))).first()
-        if row is None:
-            return None
-        if row.status == CANCELLED:
-            raise Aborted("this spend was cancelled and may never happen", "SPEND_CANCELLED")
-        if row.request_hash != digest:
-            raise AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
-        return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
+            else:
+                results.append(wallet_pb2.SpendManyResult(spent=o))
+        return wallet_pb2.SpendManyResponse(results=results)
 
     async def cancel_spend(self, req: wallet_pb2.CancelSpendRequest) -> wallet_pb2.CancelSpendResponse:
         """Settle a spend for good: report it if it happened, else record that it never may."""
@@ -557,50 +517,6 @@ class Wallet:
         raise Aborted("the spend is being settled concurrently, retry", "CONFLICT")
 
     # ---- spending limits ---------------------------------------------------------------
-
-    async def _count_against_limits(self, uow: UnitOfWork, user_id: str, amount: int) -> None:
-        """Add `amount` to the user's day, week and month counters, refusing to pass a cap.
-
-        The cap is enforced by the UPDATE itself (spent + amount <= cap) in the spend's own
-        transaction: on PostgreSQL a concurrent spend waits for the row and re-checks the
-        condition against the committed value; on SQLite writers are serialized. Counters are
-        kept for every spend, capped or not, so a cap set mid-period counts what was spent before.
-        Periods are always taken in the same order, so concurrent spends cannot deadlock.
-        """
-        now = self.clock()
-        keys = domain.period_keys(now)
-        states = await self._limit_states(uow, user_id)
-        c = spend_counters.c
-        for period in Period:
-            cap = domain.effective_limit([st for (_setter, p), st in states.items() if p is period], now)
-            where = [c.user_id == user_id, c.period == period.value, c.period_key == keys[period]]
-            if cap is not None:
-                where.append(c.spent_coins + amount <= cap)
-            stmt = update(spend_counters).where(*where).values(spent_coins=c.spent_coins + amount)
-            if (await uow.conn.execute(stmt)).rowcount == 1:
-                continue
-            # First spend of the period (or over the cap): make sure the row exists, then try again.
-            # Past periods' rows are never read again; dropping them here keeps one row per period.
-            await uow.conn.execute(
-                delete(spend_counters).where(
-                    # Only older periods: a replica whose clock runs behind must not erase a newer one.
-                    c.user_id == user_id,
-                    c.period == period.value,
-                    c.period_key < keys[period],
-                )
-            )
-            await uow.conn.execute(
-                insert_ignore(self.db.dialect, spend_counters).values(
-                    user_id=user_id, period=period.value, period_key=keys[period], spent_coins=0
-                )
-            )
-            if (await uow.conn.execute(stmt)).rowcount != 1:
-                raise ResourceExhausted(
-                    f"this spend would pass the {period.value.lower()} spending limit of {cap} coins",
-                    "SPENDING_LIMIT_EXCEEDED",
-                    period=period.value,
-                    limit_coins=cap,
-                )
 
     async def _limit_states(self, uow: UnitOfWork, user_id: str) -> dict[tuple[str, Period], LimitState]:
         rows = (await uow.conn.execute(select(spending_limits).where(spending_limits.c.user_id == user_id))).all()

@@ -25,11 +25,13 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "mig
 
 
 class ScriptedWallet:
-    """Spend refuses with INSUFFICIENT_COINS; CancelSpend answers what the script says."""
+    """Spend and SpendMany refuse with INSUFFICIENT_COINS; CancelSpend answers what the script says."""
 
-    def __init__(self, arbiter_outcome: int) -> None:
+    def __init__(self, arbiter_outcome: int, *, settles: bool = False) -> None:
         self.arbiter_outcome = arbiter_outcome
+        self.settles = settles  # SpendMany reports its refusals as settled (settle_refusals)
         self.cancel_calls: list[str] = []
+        self.spend_many_calls = 0
 
     async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         return wallet_pb2.AccountRestrictions(user_id=req.user_id, may_spend=True)
@@ -38,6 +40,16 @@ class ScriptedWallet:
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), "not enough coins"
         )
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.spend_many_calls += 1
+        error = wallet_pb2.SpendItemError(
+            code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+            reason="INSUFFICIENT_COINS",
+            message="not enough coins",
+            settled=self.settles,
+        )
+        return wallet_pb2.SpendManyResponse(results=[wallet_pb2.SpendManyResult(error=error) for _ in req.spends])
 
     async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         self.cancel_calls.append(req.idempotency_key)
@@ -81,15 +93,36 @@ async def test_a_refused_spend_that_a_concurrent_retry_completed_ends_sent_not_c
         await db.dispose()
 
 
-async def test_a_refused_spend_the_arbiter_forbids_is_cancelled_and_reports_the_refusal(tmp_path: Path) -> None:
-    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+async def test_a_refusal_the_wallet_settled_cancels_the_gift_without_asking_the_arbiter(tmp_path: Path) -> None:
+    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT, settles=True)
     g, db = await _gifting(tmp_path, wallet)
     try:
         with pytest.raises(Exception) as err:
             await (await _send(g))
-        assert getattr(err.value, "reason", "") == "FAILED_PRECONDITION"
-        assert len(wallet.cancel_calls) == 1
+        assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"
+        assert wallet.spend_many_calls == 1
+        assert wallet.cancel_calls == []  # the refusal was final in the wallet's own transaction
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
         assert await _count(db, common.outbox) == 0
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
+    tmp_path: Path, group_commit: bool
+) -> None:
+    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        # SpendMany carries the item's reason; the scripted Spend error has no ErrorInfo, only its code.
+        assert getattr(err.value, "reason", "") == ("INSUFFICIENT_COINS" if group_commit else "FAILED_PRECONDITION")
+        assert await _count(db, common.outbox) == 0
+        assert wallet.spend_many_calls == (1 if group_commit else 0)
+        assert len(wallet.cancel_calls) == 1
+        assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
     finally:
         await db.dispose()

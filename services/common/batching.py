@@ -4,7 +4,8 @@ A `MicroBatcher` runs one batch at a time. The first caller starts a batch at on
 a lone caller waits for nothing); callers that arrive while that batch is being written queue up
 and go together in the next one, at most `size_max` per batch. Under load the batch grows to
 what arrived during one commit; without load it is one item. Each caller gets its own result or
-its own exception: batching shares the transaction, never the outcome.
+its own exception: batching shares the transaction, never the outcome. The shared work runs in
+the context (trace) of the batch's first caller.
 
 Choices: A) a fixed delay to gather a batch (adds latency even when idle); B) one batch in flight,
 the next gathering meanwhile (this); C) several in flight (more concurrency on the database, but
@@ -14,6 +15,7 @@ on SQLite writers are serialized anyway and on PostgreSQL the wallet is the narr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -30,13 +32,13 @@ class MicroBatcher(Generic[T, R]):
         check(size_max >= 1, "a batch holds at least one item")
         self._run = run
         self.size_max = size_max
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._queue: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         """The result of `item` once the batch it joined is done (or its exception)."""
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
+        self._queue.append((item, fut, contextvars.copy_context()))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await fut
@@ -46,16 +48,17 @@ class MicroBatcher(Generic[T, R]):
             batch = self._queue[: self.size_max]
             del self._queue[: self.size_max]
             try:
-                results = await self._run([item for item, _ in batch])
+                # In the context of the batch's first caller: its trace carries the shared work.
+                results = await asyncio.create_task(self._run([item for item, _, _ in batch]), context=batch[0][2])
                 check(len(results) == len(batch), "one result per item")
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for (_, fut), res in zip(batch, results, strict=True):
+            for (_, fut, _), res in zip(batch, results, strict=True):
                 if fut.done():
                     continue  # the caller went away (its deadline); the work stands, like a lost answer
                 if isinstance(res, BaseException):

@@ -1,0 +1,412 @@
+"""Spends in batches: many debits, each with its own key and answer, in one transaction.
+
+Every Spend goes through here: a single Spend is a batch of one (or joins concurrent ones by
+group commit), SpendMany is a batch its caller gathered. The work per batch is a fixed number
+of statements, whatever its size:
+
+1. read the keys already recorded (a retry gets its stored answer);
+2. claim the new keys (INSERT ... ON CONFLICT DO NOTHING): a key a concurrent call claimed first
+   is answered from its record once that call has finished;
+3. lock the spend counters, then the coin accounts, of every sender, in sorted order (the lock
+   order of every writer, so batches cannot deadlock; PostgreSQL; SQLite serializes writers);
+4. decide each item in request order against running counters and balances, in the order a
+   single spend always checked: restrictions of sender and recipient, spending limits, the
+   account, enough coins;
+5. write the outcome: balances and counters (one executemany each), journal entries and
+   postings (multi-row inserts), the claims' answers; refused claims are dropped or, with
+   `settle_refusals`, recorded CANCELLED (the key may never spend, as CancelSpend would say).
+
+Nothing is shared between items but the transaction: an item that fails fails alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError
+
+from livegifts.wallet.v1 import wallet_pb2
+from services.common.db import Database, UnitOfWork, insert_ignore
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    check,
+    require_id,
+    require_key,
+    require_positive,
+)
+from services.common.timeutil import now_us
+from services.wallet import domain
+from services.wallet.domain import LimitState, Period, SpendReason
+from services.wallet.storage import accounts, journal_entries, postings, spend_counters, spending_limits, spends, users
+
+SPENT = "SPENT"
+CANCELLED = "CANCELLED"
+REFERENCE_ID_MAX = 128
+DEADLOCK_RETRIES = 3  # PostgreSQL aborts one side of a deadlock (first spend of a period); it is retried whole
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
+_REASONS = {
+    wallet_pb2.SPEND_REASON_GIFT: SpendReason.GIFT,
+    wallet_pb2.SPEND_REASON_TIP: SpendReason.TIP,
+    wallet_pb2.SPEND_REASON_UNLOCK: SpendReason.UNLOCK,
+}
+
+Outcome = wallet_pb2.SpendResponse | DomainError
+
+
+@dataclass
+class _Item:
+    """One request of a batch, validated."""
+
+    req: wallet_pb2.SpendRequest
+    key: str
+    digest: str
+    reason: SpendReason
+    entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def spend_digest(req: wallet_pb2.SpendRequest, reason: SpendReason) -> str:
+    """What a key stands for: user, amount, reason, reference (the recipient is a check, not the effect).
+
+    JSON, not a joined string: ids may contain any separator we could pick.
+    """
+    return hashlib.sha256(json.dumps([req.user_id, req.amount, reason.value, req.reference_id]).encode()).hexdigest()
+
+
+def validate(req: wallet_pb2.SpendRequest, amount_max: int) -> _Item:
+    """The checks a spend needs before any read, or INVALID_ARGUMENT."""
+    require_id(req.user_id, "user_id")
+    require_positive(req.amount, "amount", amount_max)
+    key = require_key(req.idempotency_key)
+    reason = _REASONS.get(req.reason)
+    if reason is None:
+        raise InvalidArgument("reason must be GIFT, TIP or UNLOCK", "INVALID_REASON")
+    if len(req.reference_id) > REFERENCE_ID_MAX or not req.reference_id.isprintable():
+        raise InvalidArgument(
+            f"reference_id is at most {REFERENCE_ID_MAX} printable characters", "INVALID_ID", field="reference_id"
+        )
+    if req.recipient_user_id:
+        require_id(req.recipient_user_id, "recipient_user_id")
+    return _Item(req, key, spend_digest(req, reason), reason)
+
+
+def answer_of(row: Any, digest: str) -> Outcome:
+    """The answer a recorded key gives to a request with `digest`."""
+    if row.status == CANCELLED:
+        return Aborted("this spend was cancelled and may never happen", "SPEND_CANCELLED", settled="true")
+    if row.request_hash != digest:
+        return AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
+    return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code in _RETRYABLE_SQLSTATES
+
+
+@dataclass
+class SpendBatch:
+    """Runs batches of spends against the wallet's database."""
+
+    db: Database
+    amount_max: int
+    adult_age: int
+    region_ages: dict[str, int]
+    clock: Callable[[], int]
+
+    async def run(self, reqs: list[wallet_pb2.SpendRequest], *, settle_refusals: bool) -> list[Outcome]:
+        """One outcome per request, in order: the spend, or the error this item fails with.
+
+        An error whose key is now cancelled for good (settled here, or before) has `settled`
+        in its metadata ("true"): the caller may cancel what it spent for.
+        """
+        out: list[Outcome | None] = [None] * len(reqs)
+        items: list[tuple[int, _Item]] = []
+        first_of: dict[str, int] = {}
+        repeats: list[tuple[int, int, str]] = []  # (index, index of the key's first item, digest)
+        for i, req in enumerate(reqs):
+            try:
+                it = validate(req, self.amount_max)
+            except DomainError as exc:
+                out[i] = exc
+                continue
+            if it.key in first_of:
+                repeats.append((i, first_of[it.key], it.digest))
+                continue
+            first_of[it.key] = i
+            items.append((i, it))
+        if items:
+            for attempt in range(DEADLOCK_RETRIES):
+                try:
+                    decided = await self._transaction([it for _, it in items], settle_refusals)
+                    break
+                except DBAPIError as exc:
+                    if not _retryable(exc) or attempt == DEADLOCK_RETRIES - 1:
+                        raise
+            for (i, _), outcome in zip(items, decided, strict=True):
+                out[i] = outcome
+        digests = {it.key: it.digest for _, it in items}
+        for i, j, digest in repeats:
+            # The same key twice in one batch: the second is a retry of the first.
+            if digest == digests[reqs[j].idempotency_key]:
+                out[i] = out[j]
+            else:
+                out[i] = AlreadyExists(
+                    "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED"
+                )
+        check(all(o is not None for o in out), "every spend has an outcome")
+        return out  # type: ignore[return-value]
+
+    async def _transaction(self, items: list[_Item], settle: bool) -> list[Outcome]:
+        out: dict[str, Outcome] = {}
+        s = spends.c
+        async with self.db.unit_of_work() as uow:
+            conn = uow.conn
+            keys = sorted(it.key for it in items)
+            recorded = {
+                r.idempotency_key: r for r in await conn.execute(select(spends).where(s.idempotency_key.in_(keys)))
+            }
+            by_key = {it.key: it for it in items}
+            for key, row in recorded.items():
+                out[key] = answer_of(row, by_key[key].digest)
+            new = [by_key[k] for k in keys if k not in recorded]
+            ts = now_us()
+            claimed: set[str] = set()
+            if new:
+                claimed = set(
+                    (
+                        await conn.execute(
+                            insert_ignore(self.db.dialect, spends).returning(s.idempotency_key),
+                            [
+                                {
+                                    "idempotency_key": it.key,
+                                    "status": SPENT,
+                                    "entry_id": it.entry_id,
+                                    "user_id": it.req.user_id,
+                                    "amount": it.req.amount,
+                                    "reason": it.reason.value,
+                                    "reference_id": it.req.reference_id,
+                                    "request_hash": it.digest,
+                                    "balance_after": None,
+                                    "created_at_us": ts,
+                                }
+                                for it in new
+                            ],
+                        )
+                    ).scalars()
+                )
+                lost = [it.key for it in new if it.key not in claimed]
+                if lost:
+                    # Claimed by a concurrent call that has finished by now (the insert waited for it).
+                    for r in await conn.execute(select(spends).where(s.idempotency_key.in_(lost))):
+                        out[r.idempotency_key] = answer_of(r, by_key[r.idempotency_key].digest)
+                    for k in lost:
+                        out.setdefault(k, Aborted("the spend is being settled concurrently, retry", "CONFLICT"))
+            mine = [it for it in items if it.key in claimed]  # request order
+            if mine:
+                out |= await self._decide_and_write(uow, mine, settle, ts)
+            await uow.commit()
+        return [out[it.key] for it in items]
+
+    async def _decide_and_write(self, uow: UnitOfWork, items: list[_Item], settle: bool, ts: int) -> dict[str, Outcome]:
+        conn = uow.conn
+        now = self.clock()
+        periods = domain.period_keys(now)
+        senders = sorted({it.req.user_id for it in items})
+        parties = sorted(set(senders) | {it.req.recipient_user_id for it in items if it.req.recipient_user_id})
+        counters = await self._lock_counters(uow, senders, periods)
+        acc_ids = [domain.user_account(u) for u in senders]
+        a = accounts.c
+        balances = {
+            r.account_id: int(r.balance)
+            for r in await conn.execute(
+                select(a.account_id, a.balance)
+                .where(a.account_id.in_(acc_ids))
+                .order_by(a.account_id)
+                .with_for_update()
+            )
+        }
+        restrictions = {
+            r.user_id: domain.Restrictions(
+                birth_date=dt.date.fromisoformat(r.birth_date) if r.birth_date else None,
+                is_minor=r.is_minor,
+                blocked=r.blocked,
+                region=r.region,
+            )
+            for r in await conn.execute(select(users).where(users.c.user_id.in_(parties)))
+        }
+        states: dict[str, list[tuple[Period, LimitState]]] = {}
+        for r in await conn.execute(select(spending_limits).where(spending_limits.c.user_id.in_(senders))):
+            states.setdefault(r.user_id, []).append(
+                (Period(r.period), LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us))
+            )
+        caps = {
+            u: {p: domain.effective_limit([st for q, st in states.get(u, []) if q is p], now) for p in Period}
+            for u in senders
+        }
+        today = dt.datetime.fromtimestamp(now / 1_000_000, tz=dt.UTC).date()
+        out: dict[str, Outcome] = {}
+        done: list[tuple[_Item, int]] = []
+        for it in items:
+            user, amount = it.req.user_id, it.req.amount
+            acc = domain.user_account(user)
+            try:
+                domain.check_may_transact(restrictions.get(user), self.adult_age, self.region_ages, today)
+                if it.req.recipient_user_id:
+                    self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
+                for period in Period:
+                    cap = caps[user][period]
+                    if cap is not None and counters[(user, period)] + amount > cap:
+                        raise ResourceExhausted(
+                            f"this spend would pass the {period.value.lower()} spending limit of {cap} coins",
+                            "SPENDING_LIMIT_EXCEEDED",
+                            period=period.value,
+                            limit_coins=cap,
+                        )
+                if acc not in balances:
+                    raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
+                if balances[acc] < amount:
+                    raise FailedPrecondition(
+                        "not enough coins", "INSUFFICIENT_COINS", balance=balances[acc], required=amount
+                    )
+            except DomainError as exc:
+                out[it.key] = exc
+                continue
+            balances[acc] -= amount
+            for period in Period:
+                counters[(user, period)] += amount
+            done.append((it, balances[acc]))
+            out[it.key] = wallet_pb2.SpendResponse(spend_id=it.entry_id, amount=amount, balance_after=balances[acc])
+        refused = [it.key for it in items if isinstance(out[it.key], DomainError)]
+        if refused:
+            s = spends.c
+            if settle:
+                for k in refused:
+                    out[k].metadata["settled"] = "true"  # type: ignore[union-attr]
+                await conn.execute(
+                    update(spends)
+                    .where(s.idempotency_key.in_(refused))
+                    .values(status=CANCELLED, entry_id=None, balance_after=None)
+                )
+            else:
+                await conn.execute(delete(spends).where(s.idempotency_key.in_(refused)))
+        if done:
+            await self._write(uow, done, balances, counters, periods, ts)
+        return out
+
+    def _check_recipient(self, r: domain.Restrictions | None, today: dt.date) -> None:
+        try:
+            domain.check_may_transact(r, self.adult_age, self.region_ages, today)
+        except FailedPrecondition as exc:
+            text = (
+                "the recipient's account is blocked"
+                if exc.reason == "ACCOUNT_BLOCKED"
+                else "the recipient is under age"
+            )
+            raise FailedPrecondition(text, exc.reason, role="recipient") from None
+
+    async def _lock_counters(
+        self, uow: UnitOfWork, senders: list[str], periods: dict[Period, str]
+    ) -> dict[tuple[str, Period], int]:
+        """Each sender's counter of the current day, week and month, locked; created on first use."""
+        c = spend_counters.c
+        current = list(periods.values())
+
+        async def read(who: list[str]) -> dict[tuple[str, Period], int]:
+            rows = await uow.conn.execute(
+                select(c.user_id, c.period, c.period_key, c.spent_coins)
+                .where(c.user_id.in_(who), c.period_key.in_(current))
+                .order_by(c.user_id, c.period)
+                .with_for_update()
+            )
+            return {
+                (r.user_id, Period(r.period)): int(r.spent_coins)
+                for r in rows
+                if periods[Period(r.period)] == r.period_key
+            }
+
+        counters = await read(senders)
+        missing = [(u, p) for u in senders for p in Period if (u, p) not in counters]
+        if missing:
+            # First spend of a period: past periods' rows are never read again, so drop them (only
+            # older ones: a replica whose clock runs behind must not erase a newer one).
+            await uow.conn.execute(
+                delete(spend_counters).where(
+                    c.user_id.in_(sorted({u for u, _ in missing})),
+                    or_(*(and_(c.period == p.value, c.period_key < periods[p]) for p in Period)),
+                )
+            )
+            await uow.conn.execute(
+                insert_ignore(self.db.dialect, spend_counters),
+                [{"user_id": u, "period": p.value, "period_key": periods[p], "spent_coins": 0} for u, p in missing],
+            )
+            counters |= await read(sorted({u for u, _ in missing}))
+        check(all((u, p) in counters for u in senders for p in Period), "every sender has its period counters")
+        return counters
+
+    async def _write(
+        self,
+        uow: UnitOfWork,
+        done: list[tuple[_Item, int]],
+        balances: dict[str, int],
+        counters: dict[tuple[str, Period], int],
+        periods: dict[Period, str],
+        ts: int,
+    ) -> None:
+        conn = uow.conn
+        users_done = sorted({it.req.user_id for it, _ in done})
+        a, c, s = accounts.c, spend_counters.c, spends.c
+        await conn.execute(
+            update(accounts)
+            .where(a.account_id == bindparam("acc"))
+            .values(balance=bindparam("bal"), updated_at_us=bindparam("ts")),
+            [{"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done],
+        )
+        await conn.execute(
+            update(spend_counters)
+            .where(c.user_id == bindparam("u"), c.period == bindparam("p"), c.period_key == bindparam("k"))
+            .values(spent_coins=bindparam("v")),
+            [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in Period],
+        )
+        entries, legs = [], []
+        for it, after in done:
+            postings_ = domain.spend_postings(it.req.user_id, it.req.amount, it.reason)
+            check(domain.balanced(postings_), f"unbalanced spend entry {it.key}")
+            entries.append(
+                {
+                    "entry_id": it.entry_id,
+                    "kind": f"SPEND_{it.reason.value}",
+                    "reference_id": it.req.reference_id or it.key,
+                    "created_at_us": ts,
+                }
+            )
+            for leg in postings_:
+                user_leg = leg.account_id.startswith("user:")
+                legs.append(
+                    {
+                        "entry_id": it.entry_id,
+                        "account_id": leg.account_id,
+                        "amount": leg.amount,
+                        "balance_after": after if user_leg else None,
+                        "created_at_us": ts,
+                    }
+                )
+        await conn.execute(insert(journal_entries), entries)
+        await conn.execute(insert(postings), legs)
+        await conn.execute(
+            update(spends).where(s.idempotency_key == bindparam("k")).values(balance_after=bindparam("b")),
+            [{"k": it.key, "b": after} for it, after in done],
+        )
