@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
@@ -49,6 +49,7 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
+from services.common.sql import one_of
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -448,12 +449,16 @@ class Gifting:
             ks = [items[i].idempotency_key for i in indexes]
             existing = {
                 r.idempotency_key: r._asdict()
-                for r in await uow.conn.execute(select(gift_events).where(gift_events.c.idempotency_key.in_(ks)))
+                for r in await uow.conn.execute(
+                    select(gift_events).where(one_of(self.db.dialect, gift_events.c.idempotency_key, ks))
+                )
             }
             stream_rows = {
                 r.stream_id: r
                 for r in await uow.conn.execute(
-                    select(streams).where(streams.c.stream_id.in_({items[i].stream_id for i in indexes}))
+                    select(streams).where(
+                        one_of(self.db.dialect, streams.c.stream_id, {items[i].stream_id for i in indexes})
+                    )
                 )
             }
             if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
@@ -462,7 +467,7 @@ class Gifting:
             gift_rows = {
                 r.gift_id: r
                 for r in await uow.conn.execute(
-                    select(gifts).where(gifts.c.gift_id.in_({items[i].gift_id for i in indexes}))
+                    select(gifts).where(one_of(self.db.dialect, gifts.c.gift_id, {items[i].gift_id for i in indexes}))
                 )
             }
             plans: dict[int, _Plan] = {}
@@ -631,22 +636,31 @@ class Gifting:
                 r._asdict()
                 for r in await uow.conn.execute(
                     update(gift_events)
-                    .where(g.event_id.in_(ids), g.status == GiftStatus.PENDING.value)
-                    .values(
-                        status=GiftStatus.SENT.value,
-                        sender_balance_after=case(balances, value=g.event_id),
-                        updated_at_us=ts,
-                    )
+                    .where(one_of(self.db.dialect, g.event_id, ids), g.status == GiftStatus.PENDING.value)
+                    .values(status=GiftStatus.SENT.value, updated_at_us=ts)
                     .returning(*gift_events.c)
                 )
             ]
+            # Each balance by itself (one prepared statement for any batch, unlike a CASE per batch).
+            for r in flipped:
+                r["sender_balance_after"] = balances[r["event_id"]]
+            known = [{"eid": r["event_id"], "bal": r["sender_balance_after"]} for r in flipped]
+            if known:
+                await uow.conn.execute(
+                    update(gift_events)
+                    .where(g.event_id == bindparam("eid"))
+                    .values(sender_balance_after=bindparam("bal")),
+                    known,
+                )
             await self.outbox.add_many(uow, [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped])
             others = [i for i in ids if i not in {r["event_id"] for r in flipped}]
             rows = {r["event_id"]: r for r in flipped}
             if others:
                 rows |= {
                     r.event_id: r._asdict()
-                    for r in await uow.conn.execute(select(gift_events).where(g.event_id.in_(others)))
+                    for r in await uow.conn.execute(
+                        select(gift_events).where(one_of(self.db.dialect, g.event_id, others))
+                    )
                 }
             await uow.commit()
         return rows
@@ -863,7 +877,7 @@ class Gifting:
                 (
                     await uow.conn.execute(
                         update(gift_events)
-                        .where(g.event_id.in_(list(reasons)), g.status == GiftStatus.PENDING.value)
+                        .where(one_of(self.db.dialect, g.event_id, list(reasons)), g.status == GiftStatus.PENDING.value)
                         .values(
                             status=GiftStatus.CANCELLED.value,
                             cancel_reason=case({k: v[:64] for k, v in reasons.items()}, value=g.event_id),
@@ -877,7 +891,9 @@ class Gifting:
                 .all()
             )
             if cancelled:
-                await uow.conn.execute(delete(content_unlocks).where(content_unlocks.c.event_id.in_(cancelled)))
+                await uow.conn.execute(
+                    delete(content_unlocks).where(one_of(self.db.dialect, content_unlocks.c.event_id, cancelled))
+                )
             await uow.commit()
 
     async def sweep_once(self) -> int:

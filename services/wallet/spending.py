@@ -5,8 +5,8 @@ group commit), SpendMany is a batch its caller gathered. The work per batch is a
 of statements, whatever its size:
 
 1. read the keys already recorded (a retry gets its stored answer);
-2. claim the new keys (INSERT ... ON CONFLICT DO NOTHING): a key a concurrent call claimed first
-   is answered from its record once that call has finished;
+2. claim the new keys (INSERT ... ON CONFLICT DO NOTHING, then read them back): a key a
+   concurrent call claimed first is answered from its record once that call has finished;
 3. lock the spend counters, then the coin accounts, of every sender, in sorted order (the lock
    order of every writer, so batches cannot deadlock; PostgreSQL; SQLite serializes writers);
 4. decide each item in request order against running counters and balances, in the order a
@@ -47,6 +47,7 @@ from services.common.errors import (
     require_key,
     require_positive,
 )
+from services.common.sql import one_of
 from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
@@ -177,7 +178,8 @@ class SpendBatch:
             conn = uow.conn
             keys = sorted(it.key for it in items)
             recorded = {
-                r.idempotency_key: r for r in await conn.execute(select(spends).where(s.idempotency_key.in_(keys)))
+                r.idempotency_key: r
+                for r in await conn.execute(select(spends).where(one_of(self.db.dialect, s.idempotency_key, keys)))
             }
             by_key = {it.key: it for it in items}
             for key, row in recorded.items():
@@ -186,35 +188,39 @@ class SpendBatch:
             ts = now_us()
             claimed: set[str] = set()
             if new:
-                claimed = set(
-                    (
-                        await conn.execute(
-                            insert_ignore(self.db.dialect, spends).returning(s.idempotency_key),
-                            [
-                                {
-                                    "idempotency_key": it.key,
-                                    "status": SPENT,
-                                    "entry_id": it.entry_id,
-                                    "user_id": it.req.user_id,
-                                    "amount": it.req.amount,
-                                    "reason": it.reason.value,
-                                    "reference_id": it.req.reference_id,
-                                    "request_hash": it.digest,
-                                    "balance_after": None,
-                                    "created_at_us": ts,
-                                }
-                                for it in new
-                            ],
-                        )
-                    ).scalars()
+                # No RETURNING: a plain executemany is one prepared statement for any batch size.
+                # A key is ours when its row carries the entry id we generated; otherwise a
+                # concurrent call claimed it first and has finished by now (the insert waited).
+                await conn.execute(
+                    insert_ignore(self.db.dialect, spends),
+                    [
+                        {
+                            "idempotency_key": it.key,
+                            "status": SPENT,
+                            "entry_id": it.entry_id,
+                            "user_id": it.req.user_id,
+                            "amount": it.req.amount,
+                            "reason": it.reason.value,
+                            "reference_id": it.req.reference_id,
+                            "request_hash": it.digest,
+                            "balance_after": None,
+                            "created_at_us": ts,
+                        }
+                        for it in new
+                    ],
                 )
-                lost = [it.key for it in new if it.key not in claimed]
-                if lost:
-                    # Claimed by a concurrent call that has finished by now (the insert waited for it).
-                    for r in await conn.execute(select(spends).where(s.idempotency_key.in_(lost))):
-                        out[r.idempotency_key] = answer_of(r, by_key[r.idempotency_key].digest)
-                    for k in lost:
-                        out.setdefault(k, Aborted("the spend is being settled concurrently, retry", "CONFLICT"))
+                rows = await conn.execute(
+                    select(spends).where(one_of(self.db.dialect, s.idempotency_key, [it.key for it in new]))
+                )
+                for r in rows:
+                    it = by_key[r.idempotency_key]
+                    if r.entry_id == it.entry_id:
+                        claimed.add(it.key)
+                    else:
+                        out[it.key] = answer_of(r, it.digest)
+                for it in new:
+                    if it.key not in claimed:
+                        out.setdefault(it.key, Aborted("the spend is being settled concurrently, retry", "CONFLICT"))
             mine = [it for it in items if it.key in claimed]  # request order
             if mine:
                 out |= await self._decide_and_write(uow, mine, settle, ts)
@@ -234,7 +240,7 @@ class SpendBatch:
             r.account_id: int(r.balance)
             for r in await conn.execute(
                 select(a.account_id, a.balance)
-                .where(a.account_id.in_(acc_ids))
+                .where(one_of(self.db.dialect, a.account_id, acc_ids))
                 .order_by(a.account_id)
                 .with_for_update()
             )
@@ -246,10 +252,12 @@ class SpendBatch:
                 blocked=r.blocked,
                 region=r.region,
             )
-            for r in await conn.execute(select(users).where(users.c.user_id.in_(parties)))
+            for r in await conn.execute(select(users).where(one_of(self.db.dialect, users.c.user_id, parties)))
         }
         states: dict[str, list[tuple[Period, LimitState]]] = {}
-        for r in await conn.execute(select(spending_limits).where(spending_limits.c.user_id.in_(senders))):
+        for r in await conn.execute(
+            select(spending_limits).where(one_of(self.db.dialect, spending_limits.c.user_id, senders))
+        ):
             states.setdefault(r.user_id, []).append(
                 (Period(r.period), LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us))
             )
@@ -298,11 +306,11 @@ class SpendBatch:
                     out[k].metadata["settled"] = "true"  # type: ignore[union-attr]
                 await conn.execute(
                     update(spends)
-                    .where(s.idempotency_key.in_(refused))
+                    .where(one_of(self.db.dialect, s.idempotency_key, refused))
                     .values(status=CANCELLED, entry_id=None, balance_after=None)
                 )
             else:
-                await conn.execute(delete(spends).where(s.idempotency_key.in_(refused)))
+                await conn.execute(delete(spends).where(one_of(self.db.dialect, s.idempotency_key, refused)))
         if done:
             await self._write(uow, done, balances, counters, periods, ts)
         return out
@@ -328,7 +336,7 @@ class SpendBatch:
         async def read(who: list[str]) -> dict[tuple[str, Period], int]:
             rows = await uow.conn.execute(
                 select(c.user_id, c.period, c.period_key, c.spent_coins)
-                .where(c.user_id.in_(who), c.period_key.in_(current))
+                .where(one_of(self.db.dialect, c.user_id, who), one_of(self.db.dialect, c.period_key, current))
                 .order_by(c.user_id, c.period)
                 .with_for_update()
             )
@@ -345,7 +353,7 @@ class SpendBatch:
             # older ones: a replica whose clock runs behind must not erase a newer one).
             await uow.conn.execute(
                 delete(spend_counters).where(
-                    c.user_id.in_(sorted({u for u, _ in missing})),
+                    one_of(self.db.dialect, c.user_id, sorted({u for u, _ in missing})),
                     or_(*(and_(c.period == p.value, c.period_key < periods[p]) for p in Period)),
                 )
             )
