@@ -123,7 +123,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "secret": config.webhook_secret,
             "viewers": args.viewers,
             "creators": args.creators,
-            "phases": phases(args.quick),
+            "phases": [p for p in phases(args.quick) if not args.phases or p["name"] in args.phases.split(",")],
             "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
         }
         if args.profile:
@@ -132,7 +132,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
                 "label": f"{args.profile}-{backend}",
                 "dir": str(ROOT / "bench" / "profiles"),
                 "py_spy": str(Path(sys.executable).parent / "py-spy"),
-                "pids": {s: suite.procs[s].pid for s in ("gifting", "wallet")},
+                "pids": {s: suite.procs[s].pid for s in ("gifting", "wallet", "payout")},
             }
         (var_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         t0 = time.monotonic()
@@ -210,10 +210,13 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=300)
     parser.add_argument("--creators", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="shorter phases (a smoke run, not for RESULTS.md)")
+    parser.add_argument("--phases", default="", help="comma-separated phase names to run (default: all)")
     parser.add_argument("--db-ceiling-s", type=float, default=4.0)
     parser.add_argument("--load-timeout-s", type=float, default=420.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
-    parser.add_argument("--profile", default="", help="label: py-spy record gifting and wallet in --profile-phase")
+    parser.add_argument(
+        "--profile", default="", help="label: py-spy record gifting, wallet and payout in --profile-phase"
+    )
     parser.add_argument("--profile-phase", default="spread-c64")
     parser.add_argument(
         "--service-env", default="", help="KEY=VALUE,... set on every service as LIVEGIFTS_<SVC>_KEY=VALUE"
