@@ -31,7 +31,7 @@ from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
 from services.common.tables import CommonTables
-from services.common.telemetry import extract_context
+from services.common.telemetry import extract_context, recording
 from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,9 @@ class Consumer(Generic[E]):
                     await self._failed(item, one_exc)
 
     async def _apply(self, items: list[tuple[Msg, E]]) -> None:
+        # A span per message when spans are recorded. Otherwise only the first message's trace
+        # context matters: the handler runs in it (as below), so its events carry that trace on;
+        # the no-op tracer hands back that context as a non-recording span.
         spans = [
             tracer.start_span(
                 f"consume {msg.subject}",
@@ -140,7 +143,7 @@ class Consumer(Generic[E]):
                     "batch": len(items),
                 },
             )
-            for msg, _ in items
+            for msg, _ in (items if recording() else items[:1])
         ]
         try:
             inbox = self.tables.inbox
