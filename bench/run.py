@@ -133,7 +133,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
                 "label": f"{args.profile}-{backend}",
                 "dir": str(ROOT / "bench" / "profiles"),
                 "py_spy": str(Path(sys.executable).parent / "py-spy"),
-                "pids": {s: suite.procs[s].pid for s in ("gifting", "wallet")},
+                "pids": {s: suite.procs[s].pid for s in ("gifting", "wallet", "payout")},
             }
         (var_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         t0 = time.monotonic()
@@ -215,7 +215,9 @@ def main() -> None:
     parser.add_argument("--db-ceiling-s", type=float, default=4.0)
     parser.add_argument("--load-timeout-s", type=float, default=420.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
-    parser.add_argument("--profile", default="", help="label: py-spy record gifting and wallet in --profile-phase")
+    parser.add_argument(
+        "--profile", default="", help="label: py-spy record gifting, wallet and payout in --profile-phase"
+    )
     parser.add_argument("--profile-phase", default="spread-c64")
     parser.add_argument(
         "--service-env", default="", help="KEY=VALUE,... set on every service as LIVEGIFTS_<SVC>_KEY=VALUE"

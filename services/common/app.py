@@ -74,7 +74,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     so the supervisor (Kubernetes, `livegifts run`) restarts it instead of it serving half-alive.
     """
     faults.arm(settings.faults)
-    provider = setup_tracing(spec.name, settings)
+    tracing = setup_tracing(spec.name, settings)
     metrics_port = start_metrics(settings)
     if settings.migrate_on_start:
         await upgrade_head(spec.migrations_dir, settings.database_url)
@@ -95,7 +95,11 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
     wiring = await spec.wire(runtime)
     running = await create_server(
-        wiring.registrations, settings.grpc_host, settings.grpc_port, f"livegifts.{spec.name}"
+        wiring.registrations,
+        settings.grpc_host,
+        settings.grpc_port,
+        f"livegifts.{spec.name}",
+        trace_spans=tracing.recording,
     )
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
@@ -135,7 +139,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         await wiring.close()
     await bus.close()
     await db.dispose()
-    provider.shutdown()
+    tracing.shutdown()
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
 

@@ -9,19 +9,36 @@ import json
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from services.common.telemetry import recording
 
 
 class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
-    """Sets a deadline on every unary call that has none."""
+    """Sets a deadline on every unary call that has none; optionally carries the trace context on.
 
-    def __init__(self, deadline_s: float) -> None:
+    `propagate_trace` is for when spans are not recorded (no OpenTelemetry client interceptor):
+    the current W3C trace context, e.g. a caller's traceparent made current by the server's
+    ErrorInterceptor, goes into the call's metadata so the callee continues the same trace.
+    """
+
+    def __init__(self, deadline_s: float, *, propagate_trace: bool = False) -> None:
         self.deadline_s = deadline_s
+        self.propagate_trace = propagate_trace
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        """Add the default timeout when the caller gave none."""
+        """Add the default timeout when the caller gave none, and the trace context if any."""
         if client_call_details.timeout is None:
             client_call_details = client_call_details._replace(timeout=self.deadline_s)
+        if self.propagate_trace:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # nothing when no trace context is current
+            if carrier:
+                metadata = grpc.aio.Metadata(*tuple(client_call_details.metadata or ()))
+                for key, value in carrier.items():
+                    metadata.add(key, value)
+                client_call_details = client_call_details._replace(metadata=metadata)
         return await continuation(client_call_details, request)
 
 
@@ -45,10 +62,18 @@ def _service_config(retry_attempts_max: int) -> str:
 
 
 def make_channel(target: str, deadline_s: float, retry_attempts_max: int = 3) -> grpc.aio.Channel:
-    """An insecure channel (the mesh encrypts) with default deadline, retries and tracing."""
+    """An insecure channel (the mesh encrypts) with default deadline, retries and tracing.
+
+    Client spans only when telemetry records them (an exporter is set); otherwise the trace
+    context is still propagated, at the cost of one dict and a contextvar read per call.
+    """
+    spans = recording()
+    interceptors: list[Any] = [DefaultDeadline(deadline_s, propagate_trace=not spans)]
+    if spans:
+        interceptors += aio_client_interceptors()
     return grpc.aio.insecure_channel(
         target,
-        interceptors=[DefaultDeadline(deadline_s), *aio_client_interceptors()],
+        interceptors=interceptors,
         options=[
             ("grpc.service_config", _service_config(retry_attempts_max)),
             ("grpc.enable_retries", 1),

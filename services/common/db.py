@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -56,6 +56,25 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+def _drop_closed_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out no connection the server already closed, without a round trip.
+
+    Choices for a pooled connection PostgreSQL dropped (restart, failover, pg_terminate_backend):
+    A) `pool_pre_ping`: BEGIN; ";"; ROLLBACK on every checkout, three round trips that were
+    7-10% of a busy service's samples; B) nothing: the first statement fails and the request
+    answers UNAVAILABLE, a retry for every pooled connection; C) ask asyncpg, which reads the
+    server's FATAL and EOF as soon as they arrive, whether the connection is closed - the same
+    test the dialect's is_disconnect() uses - and let the pool replace it (raising
+    DisconnectionError here makes the pool invalidate the connection and check out another, up
+    to three times). We take C. A connection that dies after checkout, or whose EOF has not been
+    read yet, fails its statement; SQLAlchemy invalidates it (is_disconnect) and ErrorInterceptor
+    answers UNAVAILABLE, which callers retry with the same idempotency key.
+    """
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise exc.DisconnectionError("connection was closed by the server while pooled")
+
+
 def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, application_name: str) -> AsyncEngine:
     """An async engine for the service's own database, with durability settings applied."""
     url = normalize_url(url)
@@ -65,17 +84,18 @@ def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, applicatio
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout_s,
-        pool_pre_ping=True,
         connect_args={
             "server_settings": {"synchronous_commit": "on", "application_name": application_name},
             "timeout": 10,
         },
     )
+    event.listen(engine.sync_engine.pool, "checkout", _drop_closed_on_checkout)
+    return engine
 
 
 class UnitOfWork:

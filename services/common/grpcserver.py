@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 
 from services.common.errors import DomainError, status_for
 from services.common.metrics import RPC_SECONDS
+from services.common.telemetry import TRACE_HEADERS, attach_remote_context, detach_context, recording
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,16 @@ def _is_serialization_failure(exc: BaseException) -> bool:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps typed domain errors to status codes with google.rpc.ErrorInfo; times every call."""
+    """Maps typed domain errors to status codes with google.rpc.ErrorInfo; times every call.
 
-    def __init__(self, domain: str) -> None:
+    With `propagate_trace` (no span recording, so no OpenTelemetry interceptor in front), it also
+    makes an incoming W3C trace context current for the handler, so outgoing calls and outbox
+    events carry the caller's trace on.
+    """
+
+    def __init__(self, domain: str, *, propagate_trace: bool = False) -> None:
         self.domain = domain
+        self.propagate_trace = propagate_trace
 
     def _status_of(self, exc: BaseException) -> Any:
         if isinstance(exc, DomainError):
@@ -108,12 +115,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
+        remote = None
+        if self.propagate_trace:
+            remote = [(k, v) for k, v in details.invocation_metadata or () if k in TRACE_HEADERS] or None
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 code = "OK"
+                token = attach_remote_context(remote) if remote else None
                 try:
                     return await inner(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -125,6 +136,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(status.code, status.details, status.trailing_metadata)
                 finally:
                     RPC_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+                    detach_context(token)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -135,6 +147,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                token = attach_remote_context(remote) if remote else None
                 try:
                     async for item in inner_stream(request, context):
                         yield item
@@ -143,6 +156,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001
                     status = self._status_of(exc)
                     await context.abort(status.code, status.details, status.trailing_metadata)
+                finally:
+                    detach_context(token)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -178,11 +193,25 @@ class RunningServer:
 
 
 async def create_server(
-    registrations: Sequence[ServiceRegistration], host: str, port: int, domain: str
+    registrations: Sequence[ServiceRegistration],
+    host: str,
+    port: int,
+    domain: str,
+    *,
+    trace_spans: bool | None = None,
 ) -> RunningServer:
-    """Build and start a server on host:port (port 0 picks a free one); returns it with its port."""
+    """Build and start a server on host:port (port 0 picks a free one); returns it with its port.
+
+    `trace_spans` (default: whether telemetry records spans) puts the OpenTelemetry interceptor
+    in front; without it ErrorInterceptor only carries an incoming trace context on.
+    """
+    if trace_spans is None:
+        trace_spans = recording()
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(domain, propagate_trace=not trace_spans)]
+    if trace_spans:
+        interceptors.insert(0, aio_server_interceptor())
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorInterceptor(domain)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 
 from services.common import faults
 from services.common.bus import Bus
@@ -31,7 +31,7 @@ from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
 from services.common.tables import CommonTables
-from services.common.telemetry import extract_context
+from services.common.telemetry import extract_context, recording
 from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ class Consumer(Generic[E]):
         self.batch_size_max = settings.consumer_batch_size_max
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
+        inbox = tables.inbox
+        # Built once (one cache key); `IN` with an expanding parameter compiles once for any count.
+        self._seen = select(inbox.c.event_id).where(
+            inbox.c.consumer == sub.durable, inbox.c.event_id.in_(bindparam("ids", expanding=True))
+        )
+        self._record = insert(inbox)  # executemany
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
@@ -129,6 +135,9 @@ class Consumer(Generic[E]):
                     await self._failed(item, one_exc)
 
     async def _apply(self, items: list[tuple[Msg, E]]) -> None:
+        # A span per message when spans are recorded. Otherwise only the first message's trace
+        # context matters: the handler runs in it (as below), so its events carry that trace on;
+        # the no-op tracer hands back that context as a non-recording span.
         spans = [
             tracer.start_span(
                 f"consume {msg.subject}",
@@ -140,21 +149,12 @@ class Consumer(Generic[E]):
                     "batch": len(items),
                 },
             )
-            for msg, _ in items
+            for msg, _ in (items if recording() else items[:1])
         ]
         try:
-            inbox = self.tables.inbox
             ids = list(dict.fromkeys(e.event_id for _, e in items))  # type: ignore[attr-defined]
             async with self.db.unit_of_work() as uow:
-                seen = set(
-                    (
-                        await uow.conn.execute(
-                            select(inbox.c.event_id).where(
-                                inbox.c.consumer == self.sub.durable, inbox.c.event_id.in_(ids)
-                            )
-                        )
-                    ).scalars()
-                )
+                seen = set((await uow.conn.execute(self._seen, {"ids": ids})).scalars())
                 fresh: dict[str, E] = {}
                 for _, e in items:
                     eid = e.event_id  # type: ignore[attr-defined]
@@ -163,7 +163,7 @@ class Consumer(Generic[E]):
                 if fresh:
                     received = now_us()
                     await uow.conn.execute(
-                        insert(inbox),
+                        self._record,
                         [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in fresh],
                     )
                     with trace.use_span(spans[0]):

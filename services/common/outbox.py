@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter
 
 from google.protobuf.message import Message
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 
 from services.common import faults
 from services.common.bus import Bus
@@ -89,6 +90,21 @@ class OutboxRelay:
         self.batch_size_max = settings.relay_batch_size_max
         self.poll_interval_s = settings.relay_poll_interval_s
         self.backoff_max_s = settings.relay_backoff_max_s
+        t = self.table
+        # Built once: one cache key and one compiled form whatever the batch. The mark is an
+        # executemany by primary key (asyncpg pipelines it in one round trip) rather than
+        # `id IN (...)`, whose text changes with the number of ids.
+        self._unsent = (
+            select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
+            .where(t.c.published_at_us.is_(None))
+            .order_by(t.c.id)
+            .limit(self.batch_size_max)
+        )
+        self._mark_sent = (
+            update(t)
+            .where(t.c.id == bindparam("b_id"))
+            .values(published_at_us=bindparam("b_at"), attempts=t.c.attempts + 1)
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
@@ -118,16 +134,8 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of unsent rows; returns how many were acked and marked."""
-        t = self.table
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (
-                await uow.conn.execute(
-                    select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
-                    .where(t.c.published_at_us.is_(None))
-                    .order_by(t.c.id)
-                    .limit(self.batch_size_max)
-                )
-            ).all()
+            rows = (await uow.conn.execute(self._unsent)).all()
         if not rows:
             OUTBOX_PENDING.set(0)
             return 0
@@ -135,26 +143,28 @@ class OutboxRelay:
         check(js is not None, "js is not None")
         # Pipelined: all publishes go out on the one connection in id order, then we await the acks.
         results = await asyncio.gather(
-            *(
-                js.publish(r.subject, r.payload, headers={**json.loads(r.headers), "Nats-Msg-Id": r.event_id})
-                for r in rows
-            ),
+            *(js.publish(r.subject, r.payload, headers=_headers(r.headers, r.event_id)) for r in rows),
             return_exceptions=True,
         )
-        acked = [r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
+        acked = [r for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
         faults.point("relay.after_puback_before_mark")
         if acked:
+            at = now_us()
             async with self.db.unit_of_work() as uow:
-                await uow.conn.execute(
-                    update(t).where(t.c.id.in_(acked)).values(published_at_us=now_us(), attempts=t.c.attempts + 1)
-                )
+                await uow.conn.execute(self._mark_sent, [{"b_id": r.id, "b_at": at} for r in acked])
                 await uow.commit()
-            for r, res in zip(rows, results, strict=True):
-                if not isinstance(res, BaseException):
-                    OUTBOX_PUBLISHED.labels(r.subject).inc()
+            for subject, n in Counter(r.subject for r in acked).items():
+                OUTBOX_PUBLISHED.labels(subject).inc(n)
         failed = len(rows) - len(acked)
         OUTBOX_PENDING.set(failed)
         if failed:
             first = next(res for res in results if isinstance(res, BaseException))
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {first!r}")
         return len(acked)
+
+
+def _headers(stored: str, event_id: str) -> dict[str, str]:
+    """The stored trace headers plus Nats-Msg-Id (JetStream de-duplicates republishes by it)."""
+    out: dict[str, str] = json.loads(stored) if stored != "{}" else {}
+    out["Nats-Msg-Id"] = event_id
+    return out

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -75,14 +76,54 @@ def _exporter(settings: ServiceSettings) -> SpanExporter | None:
     return None
 
 
-def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
-    """Install the global tracer provider with the configured exporter."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"livegifts-{service}"}))
+class Tracing:
+    """What setup_tracing installed: whether spans are recorded, and how to flush them at exit."""
+
+    def __init__(self, provider: TracerProvider | None) -> None:
+        self.provider = provider
+
+    @property
+    def recording(self) -> bool:
+        """True when an exporter is configured and spans are recorded (the SDK is installed)."""
+        return self.provider is not None
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter, if any."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+_tracing = Tracing(None)
+
+
+def setup_tracing(service: str, settings: ServiceSettings) -> Tracing:
+    """Install the SDK tracer provider when an exporter is configured; with none, only propagate.
+
+    Choices with `OTEL_EXPORTER=none`: A) the SDK provider with no processor (every call still
+    builds, samples and ends SDK spans through the OpenTelemetry gRPC interceptors, ~5% of a
+    service's busy samples, to throw them away); B) the SDK with ParentBased(ALWAYS_OFF) (no
+    recording, but the interceptors still run and every span still gets ids and a sampling
+    decision); C) no SDK at all: the API's no-op tracer returns the parent's context as a
+    non-recording span (`NoOpTracer.start_span`), so a caller's W3C traceparent still reaches
+    outgoing calls and NATS headers, if the incoming context is attached - which the small
+    propagation-only interceptors do (`grpcserver.ErrorInterceptor`, `clients.CallDefaults`)
+    instead of the OpenTelemetry ones. We take C; logs keep the caller's trace id.
+    """
+    global _tracing
     exporter = _exporter(settings)
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+    if exporter is None:
+        _tracing = Tracing(None)
+        return _tracing
+    provider = TracerProvider(resource=Resource.create({"service.name": f"livegifts-{service}"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
     trace.set_tracer_provider(provider)
-    return provider
+    _tracing = Tracing(provider)
+    return _tracing
+
+
+def recording() -> bool:
+    """True when spans are recorded (an exporter is configured); False when tracing only propagates."""
+    return _tracing.recording
 
 
 def start_metrics(settings: ServiceSettings) -> int:
@@ -103,3 +144,24 @@ def inject_headers() -> dict[str, str]:
 def extract_context(headers: dict[str, str] | None) -> Any:
     """A trace context from message headers."""
     return propagate.extract(headers or {})
+
+
+TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
+
+
+def attach_remote_context(metadata: Any) -> object | None:
+    """Make an incoming call's trace context current (propagation only); returns the token to detach.
+
+    None, and nothing attached, when the call carries no trace headers (the common case costs a
+    scan of a few metadata keys).
+    """
+    carrier = {k: v for k, v in metadata or () if k in TRACE_HEADERS}
+    if not carrier:
+        return None
+    return otel_context.attach(propagate.extract(carrier))
+
+
+def detach_context(token: object | None) -> None:
+    """Undo attach_remote_context."""
+    if token is not None:
+        otel_context.detach(token)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ per batch, reads are index look-ups, and a redelivered event is a no-op through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, desc, func, select
@@ -23,8 +23,6 @@ from services.gifting import domain
 from services.gifting.domain import GiftKind, Scope
 from services.gifting.storage import creator_stats_hourly, leaderboard_all_time, leaderboard_daily, upsert_add
 
-ROWS_PER_STATEMENT_MAX = 500  # keeps every statement well under SQLite's and asyncpg's parameter limits
-
 _KIND = {
     events_pb2.GIFT_KIND_GIFT: GiftKind.GIFT.value,
     events_pb2.GIFT_KIND_TIP: GiftKind.TIP.value,
@@ -37,6 +35,21 @@ class ReadModels:
     """Applies batches of sent gifts to the read models and answers leaderboard and stats queries."""
 
     db: Database
+    # The upserts of all time, daily and hourly totals, built once (their cache keys are computed once).
+    _upserts: list[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        dialect = self.db.dialect
+        self._upserts = [
+            upsert_add(dialect, leaderboard_all_time, ["scope", "scope_id", "sender_id"], ["coins"]),
+            upsert_add(dialect, leaderboard_daily, ["scope", "scope_id", "day", "sender_id"], ["coins"]),
+            upsert_add(
+                dialect,
+                creator_stats_hourly,
+                ["creator_id", "hour", "stream_id", "kind", "gift_id"],
+                ["coins", "events"],
+            ),
+        ]
 
     def subscription(self) -> Subscription[events_pb2.GiftSent]:
         """The durable consumer that keeps the read models up to date."""
@@ -64,7 +77,6 @@ class ReadModels:
                 for e in events
             ]
         )
-        dialect = self.db.dialect
         all_time = [
             {"scope": s, "scope_id": i, "sender_id": u, "coins": c} for (s, i, u), c in sorted(totals.all_time.items())
         ]
@@ -76,13 +88,11 @@ class ReadModels:
             {"creator_id": cr, "hour": h, "stream_id": st, "kind": k, "gift_id": g, "coins": v[0], "events": v[1]}
             for (cr, h, st, k, g), v in sorted(totals.hourly.items())
         ]
-        for table, rows, keys, add in (
-            (leaderboard_all_time, all_time, ["scope", "scope_id", "sender_id"], ["coins"]),
-            (leaderboard_daily, daily, ["scope", "scope_id", "day", "sender_id"], ["coins"]),
-            (creator_stats_hourly, hourly, ["creator_id", "hour", "stream_id", "kind", "gift_id"], ["coins", "events"]),
-        ):
-            for i in range(0, len(rows), ROWS_PER_STATEMENT_MAX):
-                await uow.conn.execute(upsert_add(dialect, table, rows[i : i + ROWS_PER_STATEMENT_MAX], keys, add))
+        # One executemany per table (asyncpg pipelines the rows in one round trip), rows sorted
+        # by key so concurrent consumers lock rows in the same order.
+        for stmt, rows in zip(self._upserts, (all_time, daily, hourly), strict=True):
+            if rows:
+                await uow.conn.execute(stmt, rows)
 
     async def leaderboard(self, req: gifting_pb2.GetLeaderboardRequest) -> gifting_pb2.Leaderboard:
         """Top senders of a stream or a creator, all time or the last 7 days, and the sender's own rank."""

@@ -128,13 +128,18 @@ creator_stats_hourly = Table(
 )
 
 
-def upsert_add(dialect: str, table: Table, rows: list[dict[str, Any]], keys: list[str], add: list[str]) -> Any:
-    """INSERT rows, or add their `add` columns to the existing row with the same `keys`."""
+def upsert_add(dialect: str, table: Table, keys: list[str], add: list[str]) -> Any:
+    """INSERT a row, or add its `add` columns to the existing row with the same `keys`.
+
+    Built without rows, to be executed with a list of rows (executemany): one statement text
+    whatever the batch size, so SQLAlchemy compiles it once and asyncpg prepares it once per
+    connection. A multi-row VALUES list compiled anew for every distinct row count.
+    """
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(table).values(rows)
+    stmt = insert(table)
     return stmt.on_conflict_do_update(
         index_elements=[table.c[k] for k in keys],
         set_={c: table.c[c] + stmt.excluded[c] for c in add},

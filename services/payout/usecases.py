@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -176,6 +178,40 @@ def _utc_day(ts_us: int) -> str:
     return dt.datetime.fromtimestamp(ts_us / 1_000_000, dt.UTC).date().isoformat()
 
 
+@dataclass(frozen=True)
+class _CreditStatements:
+    """The statements credit_gifts runs, built once per dialect (their cache keys computed once)."""
+
+    earnings: Any
+    creator_row: Any
+    credit: Any
+    credited: Any
+
+
+@functools.cache
+def _credit_statements(dialect: str) -> _CreditStatements:
+    c = creators.c
+    units = bindparam("b_units", type_=c.earned_units.type)
+    whole_after = (c.earned_units + units) // BP_DENOMINATOR
+    whole_before = c.earned_units // BP_DENOMINATOR
+    return _CreditStatements(
+        earnings=insert(earnings),
+        creator_row=insert_ignore(dialect, creators),
+        credit=update(creators)
+        .where(c.creator_id == bindparam("b_creator"))
+        .values(
+            coins_received=c.coins_received + bindparam("b_coins", type_=c.coins_received.type),
+            earned_units=c.earned_units + units,
+            diamonds_credited=c.diamonds_credited + (whole_after - whole_before),
+            diamonds_available=c.diamonds_available + (whole_after - whole_before),
+            updated_at_us=bindparam("b_at", type_=c.updated_at_us.type),
+        ),
+        credited=select(c.creator_id, c.earned_units, c.diamonds_credited).where(
+            c.creator_id.in_(bindparam("ids", expanding=True))
+        ),
+    )
+
+
 @dataclass
 class Payout:
     """Payout use cases over its database and outbox."""
@@ -197,7 +233,14 @@ class Payout:
         return PolicyRow(row.version, row.creator_share_bp, row.fee_bp, terms, row.changed_by, row.changed_at_us)
 
     async def credit_gifts(self, uow: UnitOfWork, events: list[gifting_events.GiftSent]) -> None:
-        """Consumer of gifting.gift.sent: credit each creator once per event, one write per creator."""
+        """Consumer of gifting.gift.sent: credit each creator once per event, one write per creator.
+
+        A fixed number of statements per batch, whatever its size or number of creators: the
+        earnings rows, the missing creator rows and the per-creator updates each go as one
+        executemany (asyncpg pipelines the rows in one round trip; one statement text, so one
+        compiled form and one prepared statement), then one read of the updated creators.
+        """
+        stmts = _credit_statements(self.db.dialect)
         policy = await self._policy(uow)
         share_bp = int(policy.creator_share_bp)
         ts = now_us()
@@ -221,41 +264,43 @@ class Payout:
                     "credited_at_us": ts,
                 }
             )
-        await uow.conn.execute(insert(earnings), rows)
-        c = creators.c
+        await uow.conn.execute(stmts.earnings, rows)
+        totals = sorted(domain.per_creator(batch).items())  # a stable order: concurrent consumers cannot deadlock
+        events_by_creator = Counter(b.creator_id for b in batch)
+        await uow.conn.execute(
+            stmts.creator_row,
+            [
+                {
+                    "creator_id": creator_id,
+                    "coins_received": 0,
+                    "earned_units": 0,
+                    "diamonds_credited": 0,
+                    "diamonds_available": 0,
+                    "diamonds_held": 0,
+                    "diamonds_withdrawn": 0,
+                    "diamonds_clawed_back": 0,
+                    "updated_at_us": ts,
+                }
+                for creator_id, _ in totals
+            ],
+        )
+        # Each UPDATE is one atomic statement whose right-hand sides read the old row, so
+        # concurrent consumers (several replicas) cannot lose an update; it also locks the row
+        # until commit, so the read below sees exactly this batch's result.
+        await uow.conn.execute(
+            stmts.credit,
+            [
+                {"b_creator": creator_id, "b_coins": coins, "b_units": units, "b_at": ts}
+                for creator_id, (coins, units) in totals
+            ],
+        )
+        after = {
+            r.creator_id: r
+            for r in await uow.conn.execute(stmts.credited, {"ids": [creator_id for creator_id, _ in totals]})
+        }
         credited_events = []
-        for creator_id, (coins, units) in sorted(domain.per_creator(batch).items()):
-            await uow.conn.execute(
-                insert_ignore(self.db.dialect, creators).values(
-                    creator_id=creator_id,
-                    coins_received=0,
-                    earned_units=0,
-                    diamonds_credited=0,
-                    diamonds_available=0,
-                    diamonds_held=0,
-                    diamonds_withdrawn=0,
-                    diamonds_clawed_back=0,
-                    updated_at_us=ts,
-                )
-            )
-            # One atomic statement: the right-hand sides read the old row, so concurrent
-            # consumers (several replicas) cannot lose an update.
-            whole_after = (c.earned_units + units) // BP_DENOMINATOR
-            whole_before = c.earned_units // BP_DENOMINATOR
-            row = (
-                await uow.conn.execute(
-                    update(creators)
-                    .where(c.creator_id == creator_id)
-                    .values(
-                        coins_received=c.coins_received + coins,
-                        earned_units=c.earned_units + units,
-                        diamonds_credited=c.diamonds_credited + (whole_after - whole_before),
-                        diamonds_available=c.diamonds_available + (whole_after - whole_before),
-                        updated_at_us=ts,
-                    )
-                    .returning(c.earned_units, c.diamonds_credited)
-                )
-            ).one()
+        for creator_id, (coins, units) in totals:
+            row = after[creator_id]
             check(row.diamonds_credited == row.earned_units // BP_DENOMINATOR, "diamonds = floor(units / 10000)")
             delta = domain.credit_delta(row.earned_units - units, units)
             eid = new_event_id()
@@ -268,7 +313,7 @@ class Payout:
                         creator_id=creator_id,
                         diamonds=delta,
                         coins=coins,
-                        events=sum(1 for b in batch if b.creator_id == creator_id),
+                        events=events_by_creator[creator_id],
                         occurred_at=to_timestamp(ts),
                     ),
                 )
