@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert, select
 
 from services.common import faults
 from services.common.bus import Bus
@@ -30,6 +30,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
+from services.common.sql import one_of_param
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
 from services.common.timeutil import now_us
@@ -63,9 +64,9 @@ class Consumer(Generic[E]):
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
         inbox = tables.inbox
-        # Built once (one cache key); `IN` with an expanding parameter compiles once for any count.
+        # Built once (one cache key), one statement text for any count (= ANY on PostgreSQL).
         self._seen = select(inbox.c.event_id).where(
-            inbox.c.consumer == sub.durable, inbox.c.event_id.in_(bindparam("ids", expanding=True))
+            inbox.c.consumer == sub.durable, one_of_param(db.dialect, inbox.c.event_id, "ids")
         )
         self._record = insert(inbox)  # executemany
 

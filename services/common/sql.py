@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import any_, literal
+from sqlalchemy import any_, bindparam, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -22,3 +22,10 @@ def one_of(dialect: str, column: Any, values: Iterable[Any]) -> ColumnElement[bo
     if dialect == "postgresql":
         return column == any_(literal(vals, ARRAY(column.type)))  # type: ignore[no-any-return]
     return column.in_(vals)  # type: ignore[no-any-return]
+
+
+def one_of_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
+    """`one_of` for a statement built once: the values are passed at execution as `{name: [...]}`."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
+    return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]

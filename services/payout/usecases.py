@@ -40,6 +40,7 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
+from services.common.sql import one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
@@ -207,7 +208,7 @@ def _credit_statements(dialect: str) -> _CreditStatements:
             updated_at_us=bindparam("b_at", type_=c.updated_at_us.type),
         ),
         credited=select(c.creator_id, c.earned_units, c.diamonds_credited).where(
-            c.creator_id.in_(bindparam("ids", expanding=True))
+            one_of_param(dialect, c.creator_id, "ids")
         ),
     )
 
