@@ -2,7 +2,8 @@
 
 `python -m bench.profsummary bench/profiles/*.txt` prints, per file, the busy share (samples
 not parked in the event loop's select or an idle thread) and the inclusive share of busy
-samples of the frames that matter for the gift saga. Used for bench/README.md.
+samples of the frames that matter for the gift saga (matched by exact function name, so
+`Gifting._spend` does not count `Gifting._spend_many`). Used for bench/README.md.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from pathlib import Path
 IDLE_LEAVES = ("Runner.run (asyncio/runners.py", "Thread.run (threading.py", "select (selectors.py")
 WATCH = (
     "OpenTelemetryAioServerInterceptor",
-    "ErrorInterceptor.intercept_service",
+    "ErrorInterceptor.intercept_service.<locals>.unary",
     "Gifting.send_gift",
     "Gifting._begin",
-    "Gifting._begin_batch",
     "Gifting._begin_many",
     "Gifting._check_eligible",
+    "Gifting._check_eligible_many",
     "Gifting._spend",
+    "Gifting._spend_many",
     "Gifting._mark_sent",
-    "Gifting._mark_sent_batch",
+    "Gifting._mark_sent_many",
     "ReadModels.apply",
     "OutboxRelay.relay_once",
     "Consumer.process",
+    "Payout.credit_gifts",
     "Wallet.spend",
+    "Wallet.spend_many",
+    "SpendBatch.run",
     "Wallet.get_restrictions",
     "Database.unit_of_work",
     "_async_ping",
@@ -52,7 +57,8 @@ def summarize(path: Path) -> str:
         if not frames[-1].strip() or frames[-1].startswith(IDLE_LEAVES):
             continue
         busy += n
-        for w in {w for w in WATCH for f in frames if w in f}:
+        names = {f.split(" (")[0] for f in frames}
+        for w in {w for w in WATCH for name in names if name == w or name.endswith("." + w)}:
             incl[w] += n
     lines = [f"{path.name}: {total} samples, busy {100 * busy / max(total, 1):.0f}%"]
     lines += [f"  {100 * incl[w] / max(busy, 1):5.1f}% of busy  {w}" for w in WATCH if incl[w]]

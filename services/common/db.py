@@ -90,7 +90,15 @@ def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, applicatio
         max_overflow=0,
         pool_timeout=pool_timeout_s,
         connect_args={
-            "server_settings": {"synchronous_commit": "on", "application_name": application_name},
+            "server_settings": {
+                "synchronous_commit": "on",
+                "application_name": application_name,
+                # asyncpg prepares every statement; after five runs PostgreSQL may keep one generic
+                # plan for it. A plan made while a table was empty (a fresh database) is a
+                # sequential scan it would then keep as the table grows, until autovacuum's next
+                # ANALYZE. Our statements are short key look-ups: planning each run costs less.
+                "plan_cache_mode": "force_custom_plan",
+            },
             "timeout": 10,
         },
     )
