@@ -237,6 +237,27 @@ async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves
         assert after.gifts_cancelled == before.gifts_cancelled  # refused before a gift was even recorded
 
 
+@pytest.mark.parametrize("who", ["sender", "creator"])
+async def test_a_restriction_set_after_gifting_started_stops_the_coins_at_once(clients, deployment, who) -> None:  # type: ignore[no-untyped-def]
+    """Gifting's pre-check remembers a user's restrictions (ELIGIBILITY_CACHE_S); the wallet does not."""
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+    first = await clients.gifting.SendGift(gift(stream.stream_id, viewer))  # both now cached as eligible
+    assert first.status == gifting_pb2.GIFT_STATUS_SENT
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=True),
+        metadata=deployment.operator_metadata,
+    )
+    before = await coins_of(clients, viewer)
+    refused = gift(stream.stream_id, viewer)
+    await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    assert await coins_of(clients, viewer) == before
+    # The refusal was settled in the spend's transaction: the same key now starts a new gift.
+    await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    assert await coins_of(clients, viewer) == before
+
+
 async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_and_ends_with_the_stream(  # type: ignore[no-untyped-def]
     clients, deployment
 ) -> None:
