@@ -15,7 +15,7 @@ from pathlib import Path
 IDLE_LEAVES = ("Runner.run (asyncio/runners.py", "Thread.run (threading.py", "select (selectors.py")
 WATCH = (
     "OpenTelemetryAioServerInterceptor",
-    "ErrorInterceptor.intercept_service.<locals>.unary",
+    "ErrorInterceptor.intercept_service",
     "Gifting.send_gift",
     "Gifting._begin",
     "Gifting._begin_many",
@@ -58,7 +58,9 @@ def summarize(path: Path) -> str:
             continue
         busy += n
         names = {f.split(" (")[0] for f in frames}
-        for w in {w for w in WATCH for name in names if name == w or name.endswith("." + w)}:
+        for w in {
+            w for w in WATCH for name in names if name == w or name.endswith("." + w) or name.startswith(w + ".")
+        }:
             incl[w] += n
     lines = [f"{path.name}: {total} samples, busy {100 * busy / max(total, 1):.0f}%"]
     lines += [f"  {100 * incl[w] / max(busy, 1):5.1f}% of busy  {w}" for w in WATCH if incl[w]]
