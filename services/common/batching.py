@@ -56,6 +56,12 @@ class MicroBatcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
+                    # Stopping: callers still queued get the same answer instead of waiting for
+                    # their deadlines (their work never started).
+                    for _, fut, _ in self._queue:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    self._queue.clear()
                     raise
                 continue
             for (_, fut, _), res in zip(batch, results, strict=True):

@@ -560,7 +560,9 @@ class Gifting:
         ttl = self.settings.eligibility_cache_s
         for u, a in zip(missing, fetched, strict=True):
             answers[u] = a
-            if a is not None and ttl > 0:
+            # Only "may take part" is remembered: the wallet re-checks that inside the spend. A
+            # refusal is asked again next time, so an unblock or an age fix applies at once.
+            if a is not None and ttl > 0 and a.may_spend and not a.blocked:
                 if len(self._eligibility_cache) >= ELIGIBILITY_CACHE_ENTRIES_MAX:
                     self._eligibility_cache.clear()
                 self._eligibility_cache[u] = (now + ttl, a)
@@ -603,7 +605,7 @@ class Gifting:
                 out[i] = r.spent.balance_after
             elif r.error.settled:
                 cancel[g["event_id"]] = r.error.reason
-                out[i] = _refusal(r.error.code, r.error.reason, r.error.message)
+                out[i] = _refusal(r.error)
             else:
                 unsettled.append(i)
         if cancel:
@@ -1118,12 +1120,24 @@ def _spend_request(gift: dict[str, Any]) -> wallet_pb2.SpendRequest:
     )
 
 
-def _refusal(code: int, reason: str, message: str) -> DomainError:
-    """The error a gift fails with after the wallet refused (and settled) its spend."""
-    definite = _DEFINITE.get(_CODES.get(code))  # type: ignore[arg-type]
+def _refusal(error: wallet_pb2.SpendItemError) -> DomainError:
+    """The error a gift fails with after the wallet refused (and settled) its spend.
+
+    A refused party is named as gifting's pre-check names it: the wallet's recipient is the creator.
+    """
+    definite = _DEFINITE.get(_CODES.get(error.code))  # type: ignore[arg-type]
     if definite is None:
         return Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED")
-    return definite(message or "wallet refused the spend", reason)
+    meta = dict(error.metadata)
+    if meta.get("role") == "recipient":
+        meta["role"] = "creator"
+        text = (
+            "the creator's account is blocked"
+            if error.reason == "ACCOUNT_BLOCKED"
+            else "the creator is under the required age"
+        )
+        return definite(text, error.reason, **meta)
+    return definite(error.message or "wallet refused the spend", error.reason, **meta)
 
 
 def _check_parties(row: dict[str, Any], answers: dict[str, Any]) -> None:

@@ -272,7 +272,7 @@ class SpendBatch:
             user, amount = it.req.user_id, it.req.amount
             acc = domain.user_account(user)
             try:
-                domain.check_may_transact(restrictions.get(user), self.adult_age, self.region_ages, today)
+                self._check_sender(restrictions.get(user), today, named=bool(it.req.recipient_user_id))
                 if it.req.recipient_user_id:
                     self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
                 for period in Period:
@@ -314,6 +314,15 @@ class SpendBatch:
         if done:
             await self._write(uow, done, balances, counters, periods, ts)
         return out
+
+    def _check_sender(self, r: domain.Restrictions | None, today: dt.date, *, named: bool) -> None:
+        """The sender may buy and spend; `named` adds role=sender when a recipient is checked too."""
+        try:
+            domain.check_may_transact(r, self.adult_age, self.region_ages, today)
+        except FailedPrecondition as exc:
+            if named:
+                exc.metadata["role"] = "sender"
+            raise
 
     def _check_recipient(self, r: domain.Restrictions | None, today: dt.date) -> None:
         try:

@@ -34,7 +34,7 @@ from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
-from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus, SpendReason
+from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus
 from services.wallet.payments import PaymentProvider, PaymentRouter
 from services.wallet.spending import CANCELLED, SPENT, SpendBatch
 from services.wallet.storage import (
@@ -82,11 +82,6 @@ _METHODS = {
     wallet_pb2.PAYMENT_METHOD_GOOGLE_PAY: "GOOGLE_PAY",
 }
 _METHOD_ENUM = {v: k for k, v in _METHODS.items()}
-_REASONS = {
-    wallet_pb2.SPEND_REASON_GIFT: SpendReason.GIFT,
-    wallet_pb2.SPEND_REASON_TIP: SpendReason.TIP,
-    wallet_pb2.SPEND_REASON_UNLOCK: SpendReason.UNLOCK,
-}
 _STATUS_ENUM = {s: getattr(wallet_pb2, f"PURCHASE_STATUS_{s.value}") for s in PurchaseStatus}
 
 
@@ -115,8 +110,8 @@ class Wallet:
     async def _post(self, uow: UnitOfWork, kind: str, reference_id: str, legs: list[Posting]) -> tuple[str, int]:
         """Write a balanced journal entry; apply the user leg to the user's balance row.
 
-        Returns (entry_id, user balance after). A debit that would overdraw is refused by the
-        conditional update itself (balance >= amount), so concurrent spends cannot overdraw.
+        Returns (entry_id, user balance after). Purchases and reversals only: spends are written
+        in batches by services/wallet/spending.py under row locks.
         """
         check(domain.balanced(legs), f"unbalanced entry {kind}: {legs}")
         entry_id = uuid.uuid4().hex
@@ -483,7 +478,11 @@ class Wallet:
                 results.append(
                     wallet_pb2.SpendManyResult(
                         error=wallet_pb2.SpendItemError(
-                            code=status_for(o).value[0], reason=o.reason, message=o.message, settled=settled
+                            code=status_for(o).value[0],
+                            reason=o.reason,
+                            message=o.message,
+                            settled=settled,
+                            metadata={k: v for k, v in o.metadata.items() if k != "settled"},
                         )
                     )
                 )

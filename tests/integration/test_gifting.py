@@ -11,6 +11,7 @@ import pytest
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
+from services.common.clients import error_info
 from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
 
 
@@ -235,6 +236,14 @@ async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves
     after = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
     if deployment.suite is not None:  # nobody else uses this suite's gifting at the same time
         assert after.gifts_cancelled == before.gifts_cancelled  # refused before a gift was even recorded
+    if restriction == {"blocked": True}:
+        # A refusal is not remembered by gifting's cache: lifted, the next gift goes through at once.
+        await clients.wallet.SetAccountRestrictions(
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=False),
+            metadata=deployment.operator_metadata,
+        )
+        sent = await clients.gifting.SendGift(gift(stream.stream_id, viewer))
+        assert sent.status == gifting_pb2.GIFT_STATUS_SENT
 
 
 @pytest.mark.parametrize("who", ["sender", "creator"])
@@ -254,8 +263,15 @@ async def test_a_restriction_set_after_gifting_started_stops_the_coins_at_once(c
     await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     assert await coins_of(clients, viewer) == before
     # The refusal was settled in the spend's transaction: the same key now starts a new gift.
-    await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
+    err = await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     assert await coins_of(clients, viewer) == before
+    assert error_info(err).metadata["role"] == who  # named as the pre-check names it
+    # Unblocked: gifting does not remember a refusal, so the very next gift goes through.
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=False),
+        metadata=deployment.operator_metadata,
+    )
+    assert (await clients.gifting.SendGift(gift(stream.stream_id, viewer))).status == gifting_pb2.GIFT_STATUS_SENT
 
 
 async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_and_ends_with_the_stream(  # type: ignore[no-untyped-def]
