@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, text
+from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, bindparam, func, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from services.common.tables import add_common_tables
 
@@ -143,4 +144,25 @@ def upsert_add(dialect: str, table: Table, keys: list[str], add: list[str]) -> A
     return stmt.on_conflict_do_update(
         index_elements=[table.c[k] for k in keys],
         set_={c: table.c[c] + stmt.excluded[c] for c in add},
+    )
+
+
+def sent_flip_statement() -> Any:
+    """PostgreSQL: PENDING -> SENT with each gift's balance, one UPDATE for a batch, RETURNING the rows flipped.
+
+    Executed with `{"eids": [...], "bals": [...], "ts": ...}`: unnest pairs each event id with its
+    balance, so the text never changes with the batch size and each gift gets one new row version
+    (a second UPDATE for the balances would write every row twice).
+    """
+    g = gift_events.c
+    v = (
+        func.unnest(bindparam("eids", type_=ARRAY(String)), bindparam("bals", type_=ARRAY(BigInteger)))
+        .table_valued("eid", "bal")
+        .render_derived()
+    )
+    return (
+        update(gift_events)
+        .where(g.event_id == v.c.eid, g.status == "PENDING")
+        .values(status="SENT", updated_at_us=bindparam("ts"), sender_balance_after=v.c.bal)
+        .returning(*gift_events.c)
     )

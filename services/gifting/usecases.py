@@ -49,7 +49,7 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
-from services.common.sql import one_of
+from services.common.sql import one_of, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -62,6 +62,7 @@ from services.gifting.storage import (
     gift_events,
     gifts,
     leaderboard_all_time,
+    sent_flip_statement,
     streams,
 )
 
@@ -144,6 +145,12 @@ class Gifting:
         self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
             self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX
         )
+        self._flip_sent = sent_flip_statement() if self.db.dialect == "postgresql" else None
+        # Step 1's reads, built once (one cache key, one prepared statement for any batch size).
+        d = self.db.dialect
+        self._by_keys = select(gift_events).where(one_of_param(d, gift_events.c.idempotency_key, "ids"))
+        self._streams_of = select(streams).where(one_of_param(d, streams.c.stream_id, "ids"))
+        self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
         self._eligibility_cache: dict[str, tuple[float, Any]] = {}
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
 
@@ -447,28 +454,17 @@ class Gifting:
         async def plan_all(uow: UnitOfWork, indexes: list[int]) -> dict[int, _Plan]:
             """Existing gifts by key, else a checked plan, per item; failures land in `out`."""
             ks = [items[i].idempotency_key for i in indexes]
-            existing = {
-                r.idempotency_key: r._asdict()
-                for r in await uow.conn.execute(
-                    select(gift_events).where(one_of(self.db.dialect, gift_events.c.idempotency_key, ks))
-                )
-            }
+            existing = {r.idempotency_key: r._asdict() for r in await uow.conn.execute(self._by_keys, {"ids": ks})}
             stream_rows = {
                 r.stream_id: r
-                for r in await uow.conn.execute(
-                    select(streams).where(
-                        one_of(self.db.dialect, streams.c.stream_id, {items[i].stream_id for i in indexes})
-                    )
-                )
+                for r in await uow.conn.execute(self._streams_of, {"ids": list({items[i].stream_id for i in indexes})})
             }
             if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
                 self._stream_creators.clear()
             self._stream_creators |= {sid: r.creator_id for sid, r in stream_rows.items()}
             gift_rows = {
                 r.gift_id: r
-                for r in await uow.conn.execute(
-                    select(gifts).where(one_of(self.db.dialect, gifts.c.gift_id, {items[i].gift_id for i in indexes}))
-                )
+                for r in await uow.conn.execute(self._gifts_of, {"ids": list({items[i].gift_id for i in indexes})})
             }
             plans: dict[int, _Plan] = {}
             for i in indexes:
@@ -634,26 +630,36 @@ class Gifting:
         g = gift_events.c
         async with self.db.unit_of_work() as uow:
             ts = now_us()
-            flipped = [
-                r._asdict()
-                for r in await uow.conn.execute(
-                    update(gift_events)
-                    .where(one_of(self.db.dialect, g.event_id, ids), g.status == GiftStatus.PENDING.value)
-                    .values(status=GiftStatus.SENT.value, updated_at_us=ts)
-                    .returning(*gift_events.c)
-                )
-            ]
-            # Each balance by itself (one prepared statement for any batch, unlike a CASE per batch).
-            for r in flipped:
-                r["sender_balance_after"] = balances[r["event_id"]]
-            known = [{"eid": r["event_id"], "bal": r["sender_balance_after"]} for r in flipped]
-            if known:
-                await uow.conn.execute(
-                    update(gift_events)
-                    .where(g.event_id == bindparam("eid"))
-                    .values(sender_balance_after=bindparam("bal")),
-                    known,
-                )
+            if self._flip_sent is not None:
+                # PostgreSQL: status and balance in one UPDATE (one new row version per gift,
+                # one statement text for any batch), the balances paired by unnest.
+                flipped = [
+                    r._asdict()
+                    for r in await uow.conn.execute(
+                        self._flip_sent, {"eids": ids, "bals": [balances[i] for i in ids], "ts": ts}
+                    )
+                ]
+            else:
+                flipped = [
+                    r._asdict()
+                    for r in await uow.conn.execute(
+                        update(gift_events)
+                        .where(one_of(self.db.dialect, g.event_id, ids), g.status == GiftStatus.PENDING.value)
+                        .values(status=GiftStatus.SENT.value, updated_at_us=ts)
+                        .returning(*gift_events.c)
+                    )
+                ]
+                # SQLite: each balance by itself (an executemany by key).
+                for r in flipped:
+                    r["sender_balance_after"] = balances[r["event_id"]]
+                known = [{"eid": r["event_id"], "bal": r["sender_balance_after"]} for r in flipped]
+                if known:
+                    await uow.conn.execute(
+                        update(gift_events)
+                        .where(g.event_id == bindparam("eid"))
+                        .values(sender_balance_after=bindparam("bal")),
+                        known,
+                    )
             await self.outbox.add_many(uow, [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped])
             others = [i for i in ids if i not in {r["event_id"] for r in flipped}]
             rows = {r["event_id"]: r for r in flipped}

@@ -22,6 +22,7 @@ Nothing is shared between items but the transaction: an item that fails fails al
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import uuid
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from livegifts.wallet.v1 import wallet_pb2
@@ -47,7 +48,7 @@ from services.common.errors import (
     require_key,
     require_positive,
 )
-from services.common.sql import one_of
+from services.common.sql import one_of, one_of_param
 from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
@@ -112,10 +113,64 @@ def answer_of(row: Any, digest: str) -> Outcome:
     return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
 
 
+@functools.cache
+def recorded_spends(dialect: str) -> Any:
+    """The spends rows of the keys passed as `{"keys": [...]}`, each with the balance its spend left.
+
+    The balance is the spend's user posting's `balance_after`: the spend row is claimed before
+    the batch is decided, and reading the balance from the posting spares rewriting every
+    claimed row once it is known. Rows written before that carry it themselves (coalesce).
+    Built once per dialect (one cache key, one prepared statement for any number of keys).
+    """
+    s, p = spends.c, postings.c
+    return (
+        select(
+            *(c for c in spends.c if c.name != "balance_after"),
+            func.coalesce(s.balance_after, p.balance_after).label("balance_after"),
+        )
+        .select_from(spends.outerjoin(postings, and_(p.entry_id == s.entry_id, p.balance_after.is_not(None))))
+        .where(one_of_param(dialect, s.idempotency_key, "keys"))
+    )
+
+
 def _retryable(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code in _RETRYABLE_SQLSTATES
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The batch's reads, built once: one cache key and one prepared statement whatever the batch size."""
+
+    lock_accounts: Any
+    users: Any
+    limits: Any
+    lock_counters: Any
+    set_balance: Any  # executemany
+    set_counter: Any  # executemany
+
+    @classmethod
+    def build(cls, dialect: str) -> _Statements:
+        a, c = accounts.c, spend_counters.c
+        return cls(
+            lock_accounts=select(a.account_id, a.balance)
+            .where(one_of_param(dialect, a.account_id, "ids"))
+            .order_by(a.account_id)
+            .with_for_update(),
+            users=select(users).where(one_of_param(dialect, users.c.user_id, "ids")),
+            limits=select(spending_limits).where(one_of_param(dialect, spending_limits.c.user_id, "ids")),
+            lock_counters=select(c.user_id, c.period, c.period_key, c.spent_coins)
+            .where(one_of_param(dialect, c.user_id, "ids"), one_of_param(dialect, c.period_key, "keys"))
+            .order_by(c.user_id, c.period)
+            .with_for_update(),
+            set_balance=update(accounts)
+            .where(a.account_id == bindparam("acc"))
+            .values(balance=bindparam("bal"), updated_at_us=bindparam("ts")),
+            set_counter=update(spend_counters)
+            .where(c.user_id == bindparam("u"), c.period == bindparam("p"), c.period_key == bindparam("k"))
+            .values(spent_coins=bindparam("v")),
+        )
 
 
 @dataclass
@@ -127,6 +182,10 @@ class SpendBatch:
     adult_age: int
     region_ages: dict[str, int]
     clock: Callable[[], int]
+    _stmts: _Statements = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stmts = _Statements.build(self.db.dialect)
 
     async def run(self, reqs: list[wallet_pb2.SpendRequest], *, settle_refusals: bool) -> list[Outcome]:
         """One outcome per request, in order: the spend, or the error this item fails with.
@@ -173,13 +232,11 @@ class SpendBatch:
 
     async def _transaction(self, items: list[_Item], settle: bool) -> list[Outcome]:
         out: dict[str, Outcome] = {}
-        s = spends.c
         async with self.db.unit_of_work() as uow:
             conn = uow.conn
             keys = sorted(it.key for it in items)
             recorded = {
-                r.idempotency_key: r
-                for r in await conn.execute(select(spends).where(one_of(self.db.dialect, s.idempotency_key, keys)))
+                r.idempotency_key: r for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": keys})
             }
             by_key = {it.key: it for it in items}
             for key, row in recorded.items():
@@ -209,9 +266,7 @@ class SpendBatch:
                         for it in new
                     ],
                 )
-                rows = await conn.execute(
-                    select(spends).where(one_of(self.db.dialect, s.idempotency_key, [it.key for it in new]))
-                )
+                rows = await conn.execute(recorded_spends(self.db.dialect), {"keys": [it.key for it in new]})
                 for r in rows:
                     it = by_key[r.idempotency_key]
                     if r.entry_id == it.entry_id:
@@ -235,15 +290,8 @@ class SpendBatch:
         parties = sorted(set(senders) | {it.req.recipient_user_id for it in items if it.req.recipient_user_id})
         counters = await self._lock_counters(uow, senders, periods)
         acc_ids = [domain.user_account(u) for u in senders]
-        a = accounts.c
         balances = {
-            r.account_id: int(r.balance)
-            for r in await conn.execute(
-                select(a.account_id, a.balance)
-                .where(one_of(self.db.dialect, a.account_id, acc_ids))
-                .order_by(a.account_id)
-                .with_for_update()
-            )
+            r.account_id: int(r.balance) for r in await conn.execute(self._stmts.lock_accounts, {"ids": acc_ids})
         }
         restrictions = {
             r.user_id: domain.Restrictions(
@@ -252,12 +300,10 @@ class SpendBatch:
                 blocked=r.blocked,
                 region=r.region,
             )
-            for r in await conn.execute(select(users).where(one_of(self.db.dialect, users.c.user_id, parties)))
+            for r in await conn.execute(self._stmts.users, {"ids": parties})
         }
         states: dict[str, list[tuple[Period, LimitState]]] = {}
-        for r in await conn.execute(
-            select(spending_limits).where(one_of(self.db.dialect, spending_limits.c.user_id, senders))
-        ):
+        for r in await conn.execute(self._stmts.limits, {"ids": senders}):
             states.setdefault(r.user_id, []).append(
                 (Period(r.period), LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us))
             )
@@ -343,12 +389,7 @@ class SpendBatch:
         current = list(periods.values())
 
         async def read(who: list[str]) -> dict[tuple[str, Period], int]:
-            rows = await uow.conn.execute(
-                select(c.user_id, c.period, c.period_key, c.spent_coins)
-                .where(one_of(self.db.dialect, c.user_id, who), one_of(self.db.dialect, c.period_key, current))
-                .order_by(c.user_id, c.period)
-                .with_for_update()
-            )
+            rows = await uow.conn.execute(self._stmts.lock_counters, {"ids": who, "keys": current})
             return {
                 (r.user_id, Period(r.period)): int(r.spent_coins)
                 for r in rows
@@ -385,17 +426,12 @@ class SpendBatch:
     ) -> None:
         conn = uow.conn
         users_done = sorted({it.req.user_id for it, _ in done})
-        a, c, s = accounts.c, spend_counters.c, spends.c
         await conn.execute(
-            update(accounts)
-            .where(a.account_id == bindparam("acc"))
-            .values(balance=bindparam("bal"), updated_at_us=bindparam("ts")),
+            self._stmts.set_balance,
             [{"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done],
         )
         await conn.execute(
-            update(spend_counters)
-            .where(c.user_id == bindparam("u"), c.period == bindparam("p"), c.period_key == bindparam("k"))
-            .values(spent_coins=bindparam("v")),
+            self._stmts.set_counter,
             [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in Period],
         )
         entries, legs = [], []
@@ -423,7 +459,4 @@ class SpendBatch:
                 )
         await conn.execute(insert(journal_entries), entries)
         await conn.execute(insert(postings), legs)
-        await conn.execute(
-            update(spends).where(s.idempotency_key == bindparam("k")).values(balance_after=bindparam("b")),
-            [{"k": it.key, "b": after} for it, after in done],
-        )
+        # The claimed spends rows are not rewritten: their balance is the user posting's (recorded_spends).

@@ -36,7 +36,7 @@ from services.wallet import domain
 from services.wallet.config import WalletSettings
 from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus
 from services.wallet.payments import PaymentProvider, PaymentRouter
-from services.wallet.spending import CANCELLED, SPENT, SpendBatch
+from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends
 from services.wallet.storage import (
     accounts,
     coin_packages,
@@ -496,7 +496,7 @@ class Wallet:
         for _ in range(2):
             try:
                 async with self.db.unit_of_work() as uow:
-                    row = (await uow.conn.execute(select(spends).where(spends.c.idempotency_key == key))).first()
+                    row = (await uow.conn.execute(recorded_spends(self.db.dialect), {"keys": [key]})).first()
                     if row is not None:
                         if row.status == SPENT:
                             return wallet_pb2.CancelSpendResponse(
