@@ -30,7 +30,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
-from services.common.sql import one_of_param
+from services.common.sql import bulk_insert, one_of_param
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
 from services.common.timeutil import now_us
@@ -68,7 +68,7 @@ class Consumer(Generic[E]):
         self._seen = select(inbox.c.event_id).where(
             inbox.c.consumer == sub.durable, one_of_param(db.dialect, inbox.c.event_id, "ids")
         )
-        self._record = insert(inbox)  # executemany
+        self._record = bulk_insert(db.dialect, inbox, ["consumer", "event_id", "received_at_us"])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
@@ -164,8 +164,13 @@ class Consumer(Generic[E]):
                 if fresh:
                     received = now_us()
                     await uow.conn.execute(
-                        self._record,
-                        [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in fresh],
+                        self._record.stmt,
+                        self._record.params(
+                            [
+                                {"consumer": self.sub.durable, "event_id": eid, "received_at_us": received}
+                                for eid in fresh
+                            ]
+                        ),
                     )
                     with trace.use_span(spans[0]):
                         await self.sub.handle(uow, list(fresh.values()))

@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 
 from google.protobuf.message import Message
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, func, select
 
 from services.common import faults
 from services.common.bus import Bus
@@ -25,6 +25,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
+from services.common.sql import Bulk, bulk_insert, bulk_update
 from services.common.telemetry import inject_headers
 from services.common.timeutil import now_us
 
@@ -42,6 +43,14 @@ class Outbox:
     def __init__(self, table: Table) -> None:
         self.table = table
         self.wakeup = asyncio.Event()
+        self._insert: dict[str, Bulk] = {}  # by dialect, built on first use
+
+    def _bulk_insert(self, dialect: str) -> Bulk:
+        bulk = self._insert.get(dialect)
+        if bulk is None:
+            names = ["event_id", "subject", "payload", "headers", "created_at_us"]
+            bulk = self._insert[dialect] = bulk_insert(dialect, self.table, names)
+        return bulk
 
     async def add(self, uow: UnitOfWork, subject: str, event_id: str, event: Message) -> None:
         """Write one event in the caller's transaction (published after commit)."""
@@ -53,18 +62,21 @@ class Outbox:
             return
         headers = json.dumps(inject_headers())
         created = now_us()
+        bulk = self._bulk_insert(uow.conn.dialect.name)
         await uow.conn.execute(
-            insert(self.table),
-            [
-                {
-                    "event_id": event_id,
-                    "subject": subject,
-                    "payload": event.SerializeToString(),
-                    "headers": headers,
-                    "created_at_us": created,
-                }
-                for subject, event_id, event in events
-            ],
+            bulk.stmt,
+            bulk.params(
+                [
+                    {
+                        "event_id": event_id,
+                        "subject": subject,
+                        "payload": event.SerializeToString(),
+                        "headers": headers,
+                        "created_at_us": created,
+                    }
+                    for subject, event_id, event in events
+                ]
+            ),
         )
         uow.after_commit(self.wakeup.set)
 
@@ -91,8 +103,8 @@ class OutboxRelay:
         self.poll_interval_s = settings.relay_poll_interval_s
         self.backoff_max_s = settings.relay_backoff_max_s
         t = self.table
-        # Built once: one cache key and one compiled form whatever the batch. The mark is an
-        # executemany by primary key (asyncpg pipelines it in one round trip) rather than
+        # Built once: one cache key and one compiled form whatever the batch. The mark is a
+        # bulk UPDATE by primary key (one execution per batch on PostgreSQL) rather than
         # `id IN (...)`, whose text changes with the number of ids.
         self._unsent = (
             select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
@@ -100,10 +112,12 @@ class OutboxRelay:
             .order_by(t.c.id)
             .limit(self.batch_size_max)
         )
-        self._mark_sent = (
-            update(t)
-            .where(t.c.id == bindparam("b_id"))
-            .values(published_at_us=bindparam("b_at"), attempts=t.c.attempts + 1)
+        self._mark_sent = bulk_update(
+            db.dialect,
+            t,
+            {"id": t.c.id.type, "at": t.c.published_at_us.type},
+            lambda row: [t.c.id == row["id"]],
+            lambda row: {"published_at_us": row["at"], "attempts": t.c.attempts + 1},
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -151,7 +165,9 @@ class OutboxRelay:
         if acked:
             at = now_us()
             async with self.db.unit_of_work() as uow:
-                await uow.conn.execute(self._mark_sent, [{"b_id": r.id, "b_at": at} for r in acked])
+                await uow.conn.execute(
+                    self._mark_sent.stmt, self._mark_sent.params([{"id": r.id, "at": at} for r in acked])
+                )
                 await uow.commit()
             for subject, n in Counter(r.subject for r in acked).items():
                 OUTBOX_PUBLISHED.labels(subject).inc(n)

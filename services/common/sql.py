@@ -8,10 +8,11 @@ size. SQLite prepares statements cheaply and has no arrays: there it stays `IN`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import any_, bindparam, literal
+from sqlalchemy import Table, any_, bindparam, column, func, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -29,3 +30,68 @@ def one_of_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     if dialect == "postgresql":
         return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
     return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """A statement for many rows: one execution on PostgreSQL (arrays, unnest), executemany on SQLite.
+
+    Run it as `await conn.execute(bulk.stmt, bulk.params(rows))` with rows as dicts by name.
+    With executemany PostgreSQL binds, plans (the services plan each statement for its
+    parameters) and executes the statement once per row; with one array per column it does so
+    once per batch, and SQLAlchemy processes one parameter set instead of one per row.
+    """
+
+    stmt: Any
+    names: tuple[str, ...]
+    arrays: bool
+
+    def params(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]] | list[dict[str, Any]]:
+        """The rows as this dialect's parameters."""
+        if self.arrays:
+            return {f"b_{n}": [r[n] for r in rows] for n in self.names}
+        return [{f"b_{n}": r[n] for n in self.names} for r in rows]
+
+
+def _rows_source(dialect: str, types: dict[str, Any]) -> tuple[Any | None, dict[str, Any]]:
+    """Each row's value by name: a column of unnest(one array per name) on PostgreSQL, else a bind parameter."""
+    if dialect == "postgresql":
+        rows = (
+            func.unnest(*(bindparam(f"b_{n}", type_=ARRAY(t)) for n, t in types.items()))
+            .table_valued(*(column(n, t) for n, t in types.items()))
+            .render_derived()
+        )
+        return rows, {n: rows.c[n] for n in types}
+    return None, {n: bindparam(f"b_{n}", type_=t) for n, t in types.items()}
+
+
+def bulk_insert(
+    dialect: str, table: Table, names: Iterable[str], on_conflict: Callable[[Any], Any] | None = None
+) -> Bulk:
+    """INSERT of many rows into `names` of `table`; `on_conflict` adds an ON CONFLICT clause."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+    cols = list(names)
+    rows, src = _rows_source(dialect, {n: table.c[n].type for n in cols})
+    stmt = dialect_insert(table)
+    stmt = stmt.from_select(cols, select(*src.values())) if rows is not None else stmt.values(src)
+    return Bulk(on_conflict(stmt) if on_conflict else stmt, tuple(cols), rows is not None)
+
+
+def bulk_update(
+    dialect: str,
+    table: Table,
+    types: dict[str, Any],
+    where: Callable[[dict[str, Any]], list[Any]],
+    values: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Bulk:
+    """UPDATE of many rows, each matched and set from its own values (`types` names them).
+
+    `where` and `values` receive each row's values by name (unnest columns or bind parameters).
+    On PostgreSQL this is `UPDATE ... FROM unnest(...)`: the keys of one batch must be distinct.
+    """
+    rows, src = _rows_source(dialect, types)
+    stmt = update(table).where(*where(src)).values(values(src))
+    return Bulk(stmt, tuple(types), rows is not None)

@@ -88,11 +88,11 @@ class ReadModels:
             {"creator_id": cr, "hour": h, "stream_id": st, "kind": k, "gift_id": g, "coins": v[0], "events": v[1]}
             for (cr, h, st, k, g), v in sorted(totals.hourly.items())
         ]
-        # One executemany per table (asyncpg pipelines the rows in one round trip), rows sorted
-        # by key so concurrent consumers lock rows in the same order.
-        for stmt, rows in zip(self._upserts, (all_time, daily, hourly), strict=True):
+        # One statement per table (one execution on PostgreSQL), rows sorted by key so
+        # concurrent consumers lock rows in the same order.
+        for bulk, rows in zip(self._upserts, (all_time, daily, hourly), strict=True):
             if rows:
-                await uow.conn.execute(stmt, rows)
+                await uow.conn.execute(bulk.stmt, bulk.params(rows))
 
     async def leaderboard(self, req: gifting_pb2.GetLeaderboardRequest) -> gifting_pb2.Leaderboard:
         """Top senders of a stream or a creator, all time or the last 7 days, and the sender's own rank."""

@@ -5,6 +5,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, bindparam, func, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from services.common.sql import Bulk, bulk_insert
 from services.common.tables import add_common_tables
 
 metadata = MetaData()
@@ -129,22 +130,21 @@ creator_stats_hourly = Table(
 )
 
 
-def upsert_add(dialect: str, table: Table, keys: list[str], add: list[str]) -> Any:
-    """INSERT a row, or add its `add` columns to the existing row with the same `keys`.
+def upsert_add(dialect: str, table: Table, keys: list[str], add: list[str]) -> Bulk:
+    """INSERT rows, or add their `add` columns to the existing rows with the same `keys`.
 
-    Built without rows, to be executed with a list of rows (executemany): one statement text
-    whatever the batch size, so SQLAlchemy compiles it once and asyncpg prepares it once per
-    connection. A multi-row VALUES list compiled anew for every distinct row count.
+    One statement for a batch of rows (`Bulk`: one execution on PostgreSQL, executemany on
+    SQLite) and one statement text whatever the batch size. The keys of one batch must be
+    distinct (the read models fold a batch to one row per key first).
     """
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(table)
-    return stmt.on_conflict_do_update(
-        index_elements=[table.c[k] for k in keys],
-        set_={c: table.c[c] + stmt.excluded[c] for c in add},
-    )
+
+    def add_on_conflict(stmt: Any) -> Any:
+        return stmt.on_conflict_do_update(
+            index_elements=[table.c[k] for k in keys],
+            set_={c: table.c[c] + stmt.excluded[c] for c in add},
+        )
+
+    return bulk_insert(dialect, table, keys + add, on_conflict=add_on_conflict)
 
 
 def sent_flip_statement() -> Any:

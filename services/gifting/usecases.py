@@ -49,7 +49,7 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
-from services.common.sql import one_of, one_of_param
+from services.common.sql import bulk_insert, one_of, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -151,6 +151,7 @@ class Gifting:
         self._by_keys = select(gift_events).where(one_of_param(d, gift_events.c.idempotency_key, "ids"))
         self._streams_of = select(streams).where(one_of_param(d, streams.c.stream_id, "ids"))
         self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
+        self._insert_gifts = bulk_insert(d, gift_events, [c.name for c in gift_events.c])
         self._eligibility_cache: dict[str, tuple[float, Any]] = {}
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
 
@@ -515,7 +516,7 @@ class Gifting:
                             continue
                         new_rows.append(p.row)
                     if new_rows:
-                        await uow.conn.execute(insert(gift_events), new_rows)
+                        await uow.conn.execute(self._insert_gifts.stmt, self._insert_gifts.params(new_rows))
                     await uow.commit()
                 for i, p in plans.items():
                     if out[i] is None:

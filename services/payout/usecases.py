@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -40,7 +40,7 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
-from services.common.sql import one_of_param
+from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
@@ -183,29 +183,71 @@ def _utc_day(ts_us: int) -> str:
 class _CreditStatements:
     """The statements credit_gifts runs, built once per dialect (their cache keys computed once)."""
 
-    earnings: Any
-    creator_row: Any
-    credit: Any
+    earnings: Bulk
+    creator_row: Bulk
+    credit: Bulk
     credited: Any
 
 
 @functools.cache
 def _credit_statements(dialect: str) -> _CreditStatements:
     c = creators.c
-    units = bindparam("b_units", type_=c.earned_units.type)
-    whole_after = (c.earned_units + units) // BP_DENOMINATOR
-    whole_before = c.earned_units // BP_DENOMINATOR
+
+    def credit(row: dict[str, Any]) -> dict[str, Any]:
+        whole_after = (c.earned_units + row["units"]) // BP_DENOMINATOR
+        whole_before = c.earned_units // BP_DENOMINATOR
+        return {
+            "coins_received": c.coins_received + row["coins"],
+            "earned_units": c.earned_units + row["units"],
+            "diamonds_credited": c.diamonds_credited + (whole_after - whole_before),
+            "diamonds_available": c.diamonds_available + (whole_after - whole_before),
+            "updated_at_us": row["at"],
+        }
+
     return _CreditStatements(
-        earnings=insert(earnings),
-        creator_row=insert_ignore(dialect, creators),
-        credit=update(creators)
-        .where(c.creator_id == bindparam("b_creator"))
-        .values(
-            coins_received=c.coins_received + bindparam("b_coins", type_=c.coins_received.type),
-            earned_units=c.earned_units + units,
-            diamonds_credited=c.diamonds_credited + (whole_after - whole_before),
-            diamonds_available=c.diamonds_available + (whole_after - whole_before),
-            updated_at_us=bindparam("b_at", type_=c.updated_at_us.type),
+        earnings=bulk_insert(
+            dialect,
+            earnings,
+            [
+                "event_id",
+                "creator_id",
+                "kind",
+                "sender_id",
+                "stream_id",
+                "coins",
+                "share_bp",
+                "units",
+                "occurred_at_us",
+                "credited_at_us",
+            ],
+        ),
+        creator_row=bulk_insert(
+            dialect,
+            creators,
+            [
+                "creator_id",
+                "coins_received",
+                "earned_units",
+                "diamonds_credited",
+                "diamonds_available",
+                "diamonds_held",
+                "diamonds_withdrawn",
+                "diamonds_clawed_back",
+                "updated_at_us",
+            ],
+            on_conflict=lambda stmt: stmt.on_conflict_do_nothing(),
+        ),
+        credit=bulk_update(
+            dialect,
+            creators,
+            {
+                "creator": c.creator_id.type,
+                "coins": c.coins_received.type,
+                "units": c.earned_units.type,
+                "at": c.updated_at_us.type,
+            },
+            lambda row: [c.creator_id == row["creator"]],
+            credit,
         ),
         credited=select(c.creator_id, c.earned_units, c.diamonds_credited).where(
             one_of_param(dialect, c.creator_id, "ids")
@@ -237,9 +279,10 @@ class Payout:
         """Consumer of gifting.gift.sent: credit each creator once per event, one write per creator.
 
         A fixed number of statements per batch, whatever its size or number of creators: the
-        earnings rows, the missing creator rows and the per-creator updates each go as one
-        executemany (asyncpg pipelines the rows in one round trip; one statement text, so one
-        compiled form and one prepared statement), then one read of the updated creators.
+        earnings rows, the missing creator rows and the per-creator updates each go as one bulk
+        statement (`services.common.sql.Bulk`: one execution with arrays on PostgreSQL; one
+        statement text, so one compiled form and one prepared statement), then one read of the
+        updated creators.
         """
         stmts = _credit_statements(self.db.dialect)
         policy = await self._policy(uow)
@@ -265,35 +308,39 @@ class Payout:
                     "credited_at_us": ts,
                 }
             )
-        await uow.conn.execute(stmts.earnings, rows)
+        await uow.conn.execute(stmts.earnings.stmt, stmts.earnings.params(rows))
         totals = sorted(domain.per_creator(batch).items())  # a stable order: concurrent consumers cannot deadlock
         events_by_creator = Counter(b.creator_id for b in batch)
         await uow.conn.execute(
-            stmts.creator_row,
-            [
-                {
-                    "creator_id": creator_id,
-                    "coins_received": 0,
-                    "earned_units": 0,
-                    "diamonds_credited": 0,
-                    "diamonds_available": 0,
-                    "diamonds_held": 0,
-                    "diamonds_withdrawn": 0,
-                    "diamonds_clawed_back": 0,
-                    "updated_at_us": ts,
-                }
-                for creator_id, _ in totals
-            ],
+            stmts.creator_row.stmt,
+            stmts.creator_row.params(
+                [
+                    {
+                        "creator_id": creator_id,
+                        "coins_received": 0,
+                        "earned_units": 0,
+                        "diamonds_credited": 0,
+                        "diamonds_available": 0,
+                        "diamonds_held": 0,
+                        "diamonds_withdrawn": 0,
+                        "diamonds_clawed_back": 0,
+                        "updated_at_us": ts,
+                    }
+                    for creator_id, _ in totals
+                ]
+            ),
         )
         # Each UPDATE is one atomic statement whose right-hand sides read the old row, so
         # concurrent consumers (several replicas) cannot lose an update; it also locks the row
         # until commit, so the read below sees exactly this batch's result.
         await uow.conn.execute(
-            stmts.credit,
-            [
-                {"b_creator": creator_id, "b_coins": coins, "b_units": units, "b_at": ts}
-                for creator_id, (coins, units) in totals
-            ],
+            stmts.credit.stmt,
+            stmts.credit.params(
+                [
+                    {"creator": creator_id, "coins": coins, "units": units, "at": ts}
+                    for creator_id, (coins, units) in totals
+                ]
+            ),
         )
         after = {
             r.creator_id: r

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from livegifts.wallet.v1 import wallet_pb2
@@ -48,7 +48,7 @@ from services.common.errors import (
     require_key,
     require_positive,
 )
-from services.common.sql import one_of, one_of_param
+from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
 from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
@@ -147,8 +147,11 @@ class _Statements:
     users: Any
     limits: Any
     lock_counters: Any
-    set_balance: Any  # executemany
-    set_counter: Any  # executemany
+    claim: Bulk
+    set_balance: Bulk
+    set_counter: Bulk
+    entries: Bulk
+    postings: Bulk
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
@@ -164,12 +167,40 @@ class _Statements:
             .where(one_of_param(dialect, c.user_id, "ids"), one_of_param(dialect, c.period_key, "keys"))
             .order_by(c.user_id, c.period)
             .with_for_update(),
-            set_balance=update(accounts)
-            .where(a.account_id == bindparam("acc"))
-            .values(balance=bindparam("bal"), updated_at_us=bindparam("ts")),
-            set_counter=update(spend_counters)
-            .where(c.user_id == bindparam("u"), c.period == bindparam("p"), c.period_key == bindparam("k"))
-            .values(spent_coins=bindparam("v")),
+            claim=bulk_insert(
+                dialect,
+                spends,
+                [
+                    "idempotency_key",
+                    "status",
+                    "entry_id",
+                    "user_id",
+                    "amount",
+                    "reason",
+                    "reference_id",
+                    "request_hash",
+                    "created_at_us",
+                ],
+                on_conflict=lambda stmt: stmt.on_conflict_do_nothing(),
+            ),
+            set_balance=bulk_update(
+                dialect,
+                accounts,
+                {"acc": a.account_id.type, "bal": a.balance.type, "ts": a.updated_at_us.type},
+                lambda row: [a.account_id == row["acc"]],
+                lambda row: {"balance": row["bal"], "updated_at_us": row["ts"]},
+            ),
+            set_counter=bulk_update(
+                dialect,
+                spend_counters,
+                {"u": c.user_id.type, "p": c.period.type, "k": c.period_key.type, "v": c.spent_coins.type},
+                lambda row: [c.user_id == row["u"], c.period == row["p"], c.period_key == row["k"]],
+                lambda row: {"spent_coins": row["v"]},
+            ),
+            entries=bulk_insert(dialect, journal_entries, ["entry_id", "kind", "reference_id", "created_at_us"]),
+            postings=bulk_insert(
+                dialect, postings, ["entry_id", "account_id", "amount", "balance_after", "created_at_us"]
+            ),
         )
 
 
@@ -248,23 +279,25 @@ class SpendBatch:
                 # No RETURNING: a plain executemany is one prepared statement for any batch size.
                 # A key is ours when its row carries the entry id we generated; otherwise a
                 # concurrent call claimed it first and has finished by now (the insert waited).
+                claim = self._stmts.claim
                 await conn.execute(
-                    insert_ignore(self.db.dialect, spends),
-                    [
-                        {
-                            "idempotency_key": it.key,
-                            "status": SPENT,
-                            "entry_id": it.entry_id,
-                            "user_id": it.req.user_id,
-                            "amount": it.req.amount,
-                            "reason": it.reason.value,
-                            "reference_id": it.req.reference_id,
-                            "request_hash": it.digest,
-                            "balance_after": None,
-                            "created_at_us": ts,
-                        }
-                        for it in new
-                    ],
+                    claim.stmt,
+                    claim.params(
+                        [
+                            {
+                                "idempotency_key": it.key,
+                                "status": SPENT,
+                                "entry_id": it.entry_id,
+                                "user_id": it.req.user_id,
+                                "amount": it.req.amount,
+                                "reason": it.reason.value,
+                                "reference_id": it.req.reference_id,
+                                "request_hash": it.digest,
+                                "created_at_us": ts,
+                            }
+                            for it in new
+                        ]
+                    ),
                 )
                 rows = await conn.execute(recorded_spends(self.db.dialect), {"keys": [it.key for it in new]})
                 for r in rows:
@@ -426,13 +459,18 @@ class SpendBatch:
     ) -> None:
         conn = uow.conn
         users_done = sorted({it.req.user_id for it, _ in done})
+        set_balance, set_counter = self._stmts.set_balance, self._stmts.set_counter
         await conn.execute(
-            self._stmts.set_balance,
-            [{"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done],
+            set_balance.stmt,
+            set_balance.params(
+                [{"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done]
+            ),
         )
         await conn.execute(
-            self._stmts.set_counter,
-            [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in Period],
+            set_counter.stmt,
+            set_counter.params(
+                [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in Period]
+            ),
         )
         entries, legs = [], []
         for it, after in done:
@@ -457,6 +495,6 @@ class SpendBatch:
                         "created_at_us": ts,
                     }
                 )
-        await conn.execute(insert(journal_entries), entries)
-        await conn.execute(insert(postings), legs)
+        await conn.execute(self._stmts.entries.stmt, self._stmts.entries.params(entries))
+        await conn.execute(self._stmts.postings.stmt, self._stmts.postings.params(legs))
         # The claimed spends rows are not rewritten: their balance is the user posting's (recorded_spends).
