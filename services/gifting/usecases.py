@@ -121,6 +121,7 @@ class _Plan:
 
 
 Plan = Callable[[UnitOfWork], Awaitable[_Plan]]
+_Begin = gifting_pb2.SendGiftRequest | gifting_pb2.SendTipRequest  # what step 1 batches
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Gifting:
 
     def __post_init__(self) -> None:
         # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
-        self._begin_batcher: MicroBatcher[gifting_pb2.SendGiftRequest, dict[str, Any]] = MicroBatcher(
+        self._begin_batcher: MicroBatcher[_Begin, dict[str, Any]] = MicroBatcher(
             self._begin_batch, GROUP_COMMIT_SIZE_MAX
         )
         self._spend_batcher: MicroBatcher[dict[str, Any], int | None] = MicroBatcher(
@@ -319,11 +320,11 @@ class Gifting:
         if self.settings.group_commit:
             gift = await self._begin_batcher.submit(req)
         else:
-            gift, _own = await self._begin(key, digest, self._gift_planner(req, key, digest))
+            gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
         return _receipt(await self._settle(gift))
 
-    async def _begin_batch(self, reqs: list[gifting_pb2.SendGiftRequest]) -> list[Any]:
-        """Step 1 of concurrent SendGift calls together; a key repeated in the batch goes alone after."""
+    async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
+        """Step 1 of concurrent SendGift and SendTip calls together; a key repeated in the batch goes alone after."""
         seen: set[str] = set()
         first: list[int] = []
         again: list[int] = []
@@ -331,13 +332,13 @@ class Gifting:
             (again if r.idempotency_key in seen else first).append(i)
             seen.add(r.idempotency_key)
         out: list[Any] = [None] * len(reqs)
-        begun = await self._begin_many([reqs[i] for i in first], [_gift_digest(reqs[i]) for i in first])
+        begun = await self._begin_many([reqs[i] for i in first], [_digest(reqs[i]) for i in first])
         for i, r in zip(first, begun, strict=True):
             out[i] = r
         for i in again:
-            key, digest = reqs[i].idempotency_key, _gift_digest(reqs[i])
+            key, digest = reqs[i].idempotency_key, _digest(reqs[i])
             try:
-                out[i] = (await self._begin(key, digest, self._gift_planner(reqs[i], key, digest)))[0]
+                out[i] = (await self._begin(key, digest, self._planner(reqs[i], key, digest)))[0]
             except DomainError as exc:
                 out[i] = exc
         return out
@@ -355,15 +356,34 @@ class Gifting:
             for event_id, _ in items
         ]
 
-    def _gift_planner(self, req: gifting_pb2.SendGiftRequest, key: str, digest: str) -> Plan:
-        """The plan of one gift: read its stream and catalog rows, then `_plan_gift`."""
+    def _planner(self, req: _Begin, key: str, digest: str) -> Plan:
+        """The plan of one gift or tip: read its stream (and catalog) row, then `_plan`."""
 
         async def plan(uow: UnitOfWork) -> _Plan:
             stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
-            g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
-            return self._plan_gift(req, key, digest, stream, g)
+            g = None
+            if isinstance(req, gifting_pb2.SendGiftRequest):
+                g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+            return self._plan(req, key, digest, stream, g)
 
         return plan
+
+    def _plan(self, req: _Begin, key: str, digest: str, stream: Any, g: Any) -> _Plan:
+        if isinstance(req, gifting_pb2.SendTipRequest):
+            return self._plan_tip(req, key, digest, stream)
+        return self._plan_gift(req, key, digest, stream, g)
+
+    def _plan_tip(self, req: gifting_pb2.SendTipRequest, key: str, digest: str, stream: Any) -> _Plan:
+        """The checks of a tip against its stream row, and the PENDING row to record."""
+        if stream is None:
+            raise NotFound("unknown stream", "UNKNOWN_STREAM")
+        domain.check_can_gift(stream.status, stream.creator_id, req.sender_id)
+        coins = domain.tip_coins(req.coins, self.settings.tip_coins_max)
+        message = domain.tip_message(req.message, self.settings.tip_message_chars_max)
+        to = _Party(stream_id=stream.stream_id, creator_id=stream.creator_id)
+        row = _new_gift(key, digest, GiftKind.TIP, to, req.sender_id, "", 1, coins, coins)
+        row["message"] = message or None
+        return _Plan(row)
 
     def _plan_gift(self, req: gifting_pb2.SendGiftRequest, key: str, digest: str, stream: Any, g: Any) -> _Plan:
         """The checks of a gift against its stream and catalog rows, and the PENDING row to record."""
@@ -444,7 +464,7 @@ class Gifting:
                 results.append(gifting_pb2.SendGiftResult(receipt=_receipt(r)))  # type: ignore[arg-type]
         return gifting_pb2.SendGiftsResponse(results=results)
 
-    async def _begin_many(self, items: list[gifting_pb2.SendGiftRequest], digests: list[str]) -> list[Any]:
+    async def _begin_many(self, items: list[_Begin], digests: list[str]) -> list[Any]:
         """Step 1 for many gifts (validated, keys distinct): each one's gift row or its DomainError.
 
         Like `_begin`, batched: one read-only transaction plans every item, the wallet is asked
@@ -463,10 +483,15 @@ class Gifting:
             if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
                 self._stream_creators.clear()
             self._stream_creators |= {sid: r.creator_id for sid, r in stream_rows.items()}
-            gift_rows = {
-                r.gift_id: r
-                for r in await uow.conn.execute(self._gifts_of, {"ids": list({items[i].gift_id for i in indexes})})
-            }
+            gift_items = [it for i in indexes if isinstance(it := items[i], gifting_pb2.SendGiftRequest)]
+            gift_rows = (
+                {
+                    r.gift_id: r
+                    for r in await uow.conn.execute(self._gifts_of, {"ids": list({g.gift_id for g in gift_items})})
+                }
+                if gift_items
+                else {}
+            )
             plans: dict[int, _Plan] = {}
             for i in indexes:
                 it = items[i]
@@ -479,9 +504,8 @@ class Gifting:
                             )
                         plans[i] = _Plan(row, existing=True)
                     else:
-                        plans[i] = self._plan_gift(
-                            it, it.idempotency_key, digests[i], stream_rows.get(it.stream_id), gift_rows.get(it.gift_id)
-                        )
+                        g = gift_rows.get(it.gift_id) if isinstance(it, gifting_pb2.SendGiftRequest) else None
+                        plans[i] = self._plan(it, it.idempotency_key, digests[i], stream_rows.get(it.stream_id), g)
                 except DomainError as exc:
                     out[i] = exc
             return plans
@@ -526,7 +550,7 @@ class Gifting:
                 for i in todo:
                     try:
                         key = items[i].idempotency_key
-                        out[i] = (await self._begin(key, digests[i], self._gift_planner(items[i], key, digests[i])))[0]
+                        out[i] = (await self._begin(key, digests[i], self._planner(items[i], key, digests[i])))[0]
                     except DomainError as exc:
                         out[i] = exc
         check(all(r is not None for r in out), "every item has a gift or an error")
@@ -679,17 +703,14 @@ class Gifting:
         require_id(req.stream_id, "stream_id")
         require_id(req.sender_id, "sender_id")
         key = require_key(req.idempotency_key)
-        coins = domain.tip_coins(req.coins, self.settings.tip_coins_max)
-        message = domain.tip_message(req.message, self.settings.tip_message_chars_max)
-        digest = hashlib.sha256(f"TIP|{req.stream_id}|{req.sender_id}|{coins}|{message}".encode()).hexdigest()
-
-        async def plan(uow: UnitOfWork) -> _Plan:
-            stream = await self._live_stream(uow, req.stream_id, req.sender_id)
-            row = _new_gift(key, digest, GiftKind.TIP, stream, req.sender_id, "", 1, coins, coins)
-            row["message"] = message or None
-            return _Plan(row)
-
-        gift, _own = await self._begin(key, digest, plan)
+        # Checked here so a bad tip fails before it joins a batch (and again when planned).
+        domain.tip_coins(req.coins, self.settings.tip_coins_max)
+        domain.tip_message(req.message, self.settings.tip_message_chars_max)
+        if self.settings.group_commit:
+            gift = await self._begin_batcher.submit(req)
+        else:
+            digest = _digest(req)
+            gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
         return _receipt(await self._settle(gift))
 
     async def unlock_content(self, req: gifting_pb2.UnlockContentRequest) -> gifting_pb2.UnlockReceipt:
@@ -734,13 +755,6 @@ class Gifting:
             status=_STATUS_PB[GiftStatus(settled["status"])],
             already_unlocked=not own,
         )
-
-    async def _live_stream(self, uow: UnitOfWork, stream_id: str, sender_id: str) -> _Party:
-        stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == stream_id))).first()
-        if stream is None:
-            raise NotFound("unknown stream", "UNKNOWN_STREAM")
-        domain.check_can_gift(stream.status, stream.creator_id, sender_id)
-        return _Party(stream_id=stream.stream_id, creator_id=stream.creator_id)
 
     async def _check_eligible(self, sender_id: str, creator_id: str) -> None:
         """UNDERAGE or ACCOUNT_BLOCKED unless the wallet says both sender and creator may take part."""
@@ -1029,6 +1043,14 @@ class Gifting:
 
 def _gift_digest(req: gifting_pb2.SendGiftRequest) -> str:
     return hashlib.sha256(f"{req.stream_id}|{req.sender_id}|{req.gift_id}|{req.quantity}".encode()).hexdigest()
+
+
+def _digest(req: _Begin) -> str:
+    """What an idempotency key stands for: a gift's or a tip's request (tips: amount and message as sent)."""
+    if isinstance(req, gifting_pb2.SendTipRequest):
+        text = f"TIP|{req.stream_id}|{req.sender_id}|{req.coins}|{req.message}"
+        return hashlib.sha256(text.encode()).hexdigest()
+    return _gift_digest(req)
 
 
 def _stream_pb(r: dict[str, Any]) -> gifting_pb2.Stream:

@@ -55,6 +55,50 @@ async def test_a_tip_flows_to_the_creators_diamonds_and_carries_its_message(clie
     assert audit.coins_by_kind["TIP"] >= 42 and audit.sent_by_kind["TIP"] >= 1
 
 
+async def test_tips_and_gifts_sent_together_each_charge_once_per_key(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    """Concurrent tips and gifts share step 1's batches: every key is its own tip or gift, charged once.
+
+    Each tip is sent twice at once with its key (a retry racing the first call, often in the
+    same batch); one tip reuses a gift's key with another request and must be refused.
+    """
+    viewers = [uid("viewer") for _ in range(6)]
+    creator = uid("creator")
+    for v in viewers:
+        await buy_coins(clients.wallet, deployment.webhook_secret, v)
+    stream = await live_stream(clients.gifting, creator)
+    tips = [
+        gifting_pb2.SendTipRequest(
+            stream_id=stream.stream_id, sender_id=v, coins=7 + i, message=f"tip {i}", idempotency_key=uid("tip")
+        )
+        for i, v in enumerate(viewers)
+    ]
+    gifts = [gift(stream.stream_id, v) for v in viewers]  # a rose is 1 coin
+    reused = gifting_pb2.SendTipRequest(
+        stream_id=stream.stream_id, sender_id=viewers[0], coins=5, idempotency_key=gifts[0].idempotency_key
+    )
+    calls = [clients.gifting.SendTip(t) for t in tips for _ in range(2)] + [clients.gifting.SendGift(g) for g in gifts]
+    answers = await asyncio.gather(*calls, clients.gifting.SendTip(reused), return_exceptions=True)
+    tip_answers, gift_answers, reused_answer = answers[: 2 * len(tips)], answers[2 * len(tips) : -1], answers[-1]
+    for i in range(len(tips)):
+        first, second = tip_answers[2 * i], tip_answers[2 * i + 1]
+        assert isinstance(first, gifting_pb2.GiftReceipt) and isinstance(second, gifting_pb2.GiftReceipt)
+        assert first.gift_event_id == second.gift_event_id and first.coins == 7 + i
+    assert all(isinstance(a, gifting_pb2.GiftReceipt) for a in gift_answers)
+    # The reused key belongs to a gift, or (if the tip came first) the gift is the one refused.
+    refused = [a for a in [reused_answer, gift_answers[0]] if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == 1, [reused_answer, gift_answers[0]]
+    assert error_info(refused[0]).reason == "IDEMPOTENCY_KEY_REUSED"
+    tip_coins_by_viewer = {v: 7 + i for i, v in enumerate(viewers)}
+    reused_spent = 5 if isinstance(reused_answer, gifting_pb2.GiftReceipt) else 0
+    for i, v in enumerate(viewers):
+        rose = 0 if (i == 0 and reused_spent) else 1
+        spent = tip_coins_by_viewer[v] + rose + (reused_spent if i == 0 else 0)
+        assert await coins_of(clients, v) == 700 - spent, v
+    total = sum(tip_coins_by_viewer.values()) + len(viewers) - (1 if reused_spent else 0) + reused_spent
+    earned = await received_by(clients, creator, total)
+    assert earned.coins_received == total
+
+
 @pytest.mark.parametrize(
     ("change", "code", "reason"),
     [
