@@ -41,6 +41,7 @@ from livegifts.payout.v1 import events_pb2 as payout_events_pb2
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common import signing
+from services.common.clients import error_reason
 from services.wallet.payments import dev_event_payload
 
 CALL_TIMEOUT_S = 10.0
@@ -347,7 +348,7 @@ class Load:
                 result.ops_ok[kind] += 1
                 record(kind, t0)
             except grpc.aio.AioRpcError as exc:
-                result.errors[f"{kind}:{exc.code().name}"] += 1
+                result.errors[f"{kind}:{exc.code().name}:{error_reason(exc) or '-'}"] += 1
 
         deadline = time.monotonic() + spec["duration_s"]
 

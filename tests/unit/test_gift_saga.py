@@ -5,6 +5,7 @@ In-process: the gifting use cases on a migrated SQLite file, with a scripted wal
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -124,5 +125,47 @@ async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
         assert wallet.spend_many_calls == (1 if group_commit else 0)
         assert len(wallet.cancel_calls) == 1
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
+    finally:
+        await db.dispose()
+
+
+class RestrictionsWallet(ScriptedWallet):
+    """GetAccountRestrictions answers from a dict the test changes; counts the calls."""
+
+    def __init__(self) -> None:
+        super().__init__(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+        self.blocked: set[str] = set()
+        self.asked: list[str] = []
+
+    async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.asked.append(req.user_id)
+        return wallet_pb2.AccountRestrictions(
+            user_id=req.user_id, may_spend=req.user_id not in self.blocked, blocked=req.user_id in self.blocked
+        )
+
+
+async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wallet = RestrictionsWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    clock = [1000.0]
+    monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+    ttl = g.settings.eligibility_cache_s
+    try:
+        assert (await g._restrictions({"v1"}))["v1"].may_spend
+        assert wallet.asked == ["v1"]
+        clock[0] += ttl * 0.5  # fresh: no call at all
+        await g._restrictions({"v1"})
+        assert wallet.asked == ["v1"]
+        # In the last quarter: the cached answer serves this batch at once, a refresh runs behind it.
+        wallet.blocked.add("v1")
+        clock[0] += ttl * 0.3
+        assert (await g._restrictions({"v1"}))["v1"].may_spend
+        await asyncio.gather(*g._background)
+        assert wallet.asked == ["v1", "v1"]
+        # The refresh said "blocked": nothing is remembered, so the next batch asks and is refused.
+        answer = (await g._restrictions({"v1"}))["v1"]
+        assert answer.blocked and wallet.asked == ["v1", "v1", "v1"]
     finally:
         await db.dispose()
