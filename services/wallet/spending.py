@@ -123,14 +123,15 @@ def recorded_spends(dialect: str) -> Any:
     Built once per dialect (one cache key, one prepared statement for any number of keys).
     """
     s, p = spends.c, postings.c
-    return (
-        select(
-            *(c for c in spends.c if c.name != "balance_after"),
-            func.coalesce(s.balance_after, p.balance_after).label("balance_after"),
-        )
-        .select_from(spends.outerjoin(postings, and_(p.entry_id == s.entry_id, p.balance_after.is_not(None))))
-        .where(one_of_param(dialect, s.idempotency_key, "keys"))
+    # A correlated subquery, not a join: one index probe (postings.entry_id) per row found,
+    # whatever the planner knows of the tables' sizes (a join was planned as a scan of postings).
+    user_leg = (
+        select(p.balance_after).where(p.entry_id == s.entry_id, p.balance_after.is_not(None)).limit(1).scalar_subquery()
     )
+    return select(
+        *(c for c in spends.c if c.name != "balance_after"),
+        func.coalesce(s.balance_after, user_leg).label("balance_after"),
+    ).where(one_of_param(dialect, s.idempotency_key, "keys"))
 
 
 def _retryable(exc: DBAPIError) -> bool:
