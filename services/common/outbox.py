@@ -33,6 +33,7 @@ from services.common.timeutil import now_us
 log = logging.getLogger(__name__)
 
 ATOMIC_BATCH_MAX = 1000  # nats-server's limit on the messages of one atomic batch
+ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains duplicate message id"
 
 
 def new_event_id() -> str:
@@ -224,10 +225,17 @@ class OutboxRelay:
             log.info("atomic batch not acked; publishing one by one", extra={"stream": stream, "error": repr(exc)})
             return False
         if "error" in answer or answer.get("count") != len(rows) or answer.get("stream") != stream:
-            log.info(
-                "atomic batch refused; publishing one by one",
-                extra={"stream": stream, "error": json.dumps(answer.get("error", answer))},
-            )
+            error = answer.get("error") or {}
+            if error.get("err_code") == ERR_BATCH_DUPLICATE_MSG_ID:
+                log.info("atomic batch holds events already stored; publishing one by one", extra={"stream": stream})
+            else:
+                # Not a republish: the server will not take our batches (a setting, a limit). Stop
+                # trying them on this stream rather than paying for two publishes of every event.
+                self.bus.atomic_streams.discard(stream)
+                log.warning(
+                    "atomic batch refused; this stream now gets single publishes",
+                    extra={"stream": stream, "error": json.dumps(answer)},
+                )
             return False
         return True
 

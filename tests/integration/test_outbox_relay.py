@@ -104,7 +104,8 @@ async def test_a_republish_after_a_crash_stores_each_event_once(
     fresh = await harness.add_events(5)  # new events in the same batch as the republished ones
     with caplog.at_level(logging.INFO, logger="services.common.outbox"):
         assert await harness.relay.relay_once() == EVENTS + len(fresh)
-    assert any("atomic batch refused" in r.message for r in caplog.records), "the server refused the batch whole"
+    assert any("already stored" in r.message for r in caplog.records), "the server refused the batch whole"
+    assert harness.bus.atomic_streams == {"GIFTING"}, "a republish does not turn atomic batches off"
     assert await harness.stored() == EVENTS + len(fresh)
     assert await harness.unpublished() == 0
 
@@ -115,3 +116,15 @@ async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) ->
     assert await harness.relay.relay_once() == EVENTS
     assert await harness.stored() == EVENTS
     assert await harness.unpublished() == 0
+
+
+async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(harness: _Harness) -> None:
+    assert harness.bus.js is not None
+    info = await harness.bus.js.stream_info("GIFTING")
+    info.config.allow_atomic = False  # changed behind the relay's back (an operator, a downgrade)
+    await harness.bus.js.update_stream(info.config)
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    assert await harness.stored() == EVENTS
+    assert await harness.unpublished() == 0
+    assert harness.bus.atomic_streams == set(), "refused for another reason than a republish: no more tries"
