@@ -17,6 +17,8 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from services.common.sql import dialect_insert
+
 
 def normalize_url(url: str) -> str:
     """Pick the async driver for a plain URL (postgresql:// -> asyncpg, sqlite:// -> aiosqlite)."""
@@ -171,10 +173,4 @@ class Database:
 
 def insert_ignore(dialect: str, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the service's dialect (SQLite or PostgreSQL)."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
+    return dialect_insert(dialect, table).on_conflict_do_nothing()

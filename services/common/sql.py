@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table, any_, bindparam, column, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -65,17 +66,20 @@ def _rows_source(dialect: str, types: dict[str, Any]) -> tuple[Any | None, dict[
     return None, {n: bindparam(f"b_{n}", type_=t) for n, t in types.items()}
 
 
+def dialect_insert(dialect: str, table: Table) -> Any:
+    """The dialect's own INSERT (PostgreSQL's or SQLite's), which has ON CONFLICT clauses."""
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
 def bulk_insert(
     dialect: str, table: Table, names: Iterable[str], on_conflict: Callable[[Any], Any] | None = None
 ) -> Bulk:
     """INSERT of many rows into `names` of `table`; `on_conflict` adds an ON CONFLICT clause."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
     cols = list(names)
     rows, src = _rows_source(dialect, {n: table.c[n].type for n in cols})
-    stmt = dialect_insert(table)
+    stmt = dialect_insert(dialect, table)
     stmt = stmt.from_select(cols, select(*src.values())) if rows is not None else stmt.values(src)
     return Bulk(on_conflict(stmt) if on_conflict else stmt, tuple(cols), rows is not None)
 

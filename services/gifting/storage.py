@@ -2,10 +2,9 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, bindparam, func, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, bindparam, text
 
-from services.common.sql import Bulk, bulk_insert
+from services.common.sql import Bulk, bulk_insert, bulk_update
 from services.common.tables import add_common_tables
 
 metadata = MetaData()
@@ -147,22 +146,19 @@ def upsert_add(dialect: str, table: Table, keys: list[str], add: list[str]) -> B
     return bulk_insert(dialect, table, keys + add, on_conflict=add_on_conflict)
 
 
-def sent_flip_statement() -> Any:
+def sent_flip_statement() -> Bulk:
     """PostgreSQL: PENDING -> SENT with each gift's balance, one UPDATE for a batch, RETURNING the rows flipped.
 
-    Executed with `{"eids": [...], "bals": [...], "ts": ...}`: unnest pairs each event id with its
-    balance, so the text never changes with the batch size and each gift gets one new row version
-    (a second UPDATE for the balances would write every row twice).
+    Rows `{"eid", "bal"}` plus `ts` as a parameter of its own: the bulk UPDATE pairs each event
+    id with its balance, so each gift gets one new row version (a second UPDATE for the balances
+    would write every row twice). PostgreSQL only: SQLite's executemany has no RETURNING.
     """
     g = gift_events.c
-    v = (
-        func.unnest(bindparam("eids", type_=ARRAY(String)), bindparam("bals", type_=ARRAY(BigInteger)))
-        .table_valued("eid", "bal")
-        .render_derived()
+    flip = bulk_update(
+        "postgresql",
+        gift_events,
+        {"eid": g.event_id.type, "bal": g.sender_balance_after.type},
+        lambda row: [g.event_id == row["eid"], g.status == "PENDING"],
+        lambda row: {"status": "SENT", "updated_at_us": bindparam("ts"), "sender_balance_after": row["bal"]},
     )
-    return (
-        update(gift_events)
-        .where(g.event_id == v.c.eid, g.status == "PENDING")
-        .values(status="SENT", updated_at_us=bindparam("ts"), sender_balance_after=v.c.bal)
-        .returning(*gift_events.c)
-    )
+    return Bulk(flip.stmt.returning(*gift_events.c), flip.names, flip.arrays)

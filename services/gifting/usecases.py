@@ -692,12 +692,9 @@ class Gifting:
             if self._flip_sent is not None:
                 # PostgreSQL: status and balance in one UPDATE (one new row version per gift,
                 # one statement text for any batch), the balances paired by unnest.
-                flipped = [
-                    r._asdict()
-                    for r in await uow.conn.execute(
-                        self._flip_sent, {"eids": ids, "bals": [balances[i] for i in ids], "ts": ts}
-                    )
-                ]
+                rows_in = [{"eid": i, "bal": balances[i]} for i in ids]
+                params = self._flip_sent.params(rows_in) | {"ts": ts}  # type: ignore[operator]
+                flipped = [r._asdict() for r in await uow.conn.execute(self._flip_sent.stmt, params)]
             else:
                 flipped = [
                     r._asdict()

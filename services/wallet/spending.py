@@ -142,7 +142,7 @@ def _retryable(exc: DBAPIError) -> bool:
 
 @dataclass(frozen=True)
 class _Statements:
-    """The batch's reads, built once: one cache key and one prepared statement whatever the batch size."""
+    """The batch's reads and writes, built once: one cache key and one prepared statement whatever the batch size."""
 
     lock_accounts: Any
     users: Any
