@@ -137,11 +137,13 @@ class OutboxRelay:
         backoff_s = 0.05
         while not stop.is_set():
             try:
+                # Cleared before the read, so a commit landing after it (and its wake-up) is
+                # seen by this read or wakes the wait below; cleared after, it could wait a poll.
+                self.outbox.wakeup.clear()
                 sent = await self.relay_once()
                 backoff_s = 0.05
                 if sent >= self.batch_size_max:
                     continue  # more waiting: go again at once
-                self.outbox.wakeup.clear()
                 waiters = [
                     asyncio.ensure_future(self.outbox.wakeup.wait()),
                     asyncio.ensure_future(stop.wait()),

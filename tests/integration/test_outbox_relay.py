@@ -1,9 +1,11 @@
-"""The outbox relay against a real nats-server (JetStream, file store, sync_interval always).
+"""The outbox relay (and a consumer behind it) against a real nats-server (JetStream, file
+store, sync_interval always).
 
 A batch of events is stored as one atomic batch publish; a republish of events the stream
 already holds (the relay died after the PubAck, before marking its rows) is refused whole by
 the server and then goes one by one, where JetStream drops each duplicate: every event is
 stored once and every row ends marked. A stream without atomic batches gets single publishes.
+A commit made while the relay reads wakes it at once.
 """
 
 from __future__ import annotations
@@ -22,14 +24,24 @@ from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.outbox import Outbox, OutboxRelay, new_event_id
-from services.common.tables import add_common_tables
+from services.common.tables import CommonTables, add_common_tables
+from tests.integration.helpers import eventually
 
 EVENTS = 120
 
 
 class _Harness:
-    def __init__(self, db: Database, bus: Bus, outbox: Outbox, relay: OutboxRelay) -> None:
-        self.db, self.bus, self.outbox, self.relay = db, bus, outbox, relay
+    def __init__(
+        self,
+        db: Database,
+        bus: Bus,
+        tables: CommonTables,
+        outbox: Outbox,
+        relay: OutboxRelay,
+        settings: ServiceSettings,
+    ) -> None:
+        self.db, self.bus, self.tables, self.outbox, self.relay = db, bus, tables, outbox, relay
+        self.settings = settings
 
     async def add_events(self, n: int) -> list[str]:
         ids = [new_event_id() for _ in range(n)]
@@ -70,7 +82,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
             await conn.run_sync(metadata.create_all)
         await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
         outbox = Outbox(tables.outbox)
-        yield _Harness(db, bus, outbox, OutboxRelay(db, bus, outbox, settings))
+        yield _Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
     finally:
         stop.set()
         await bus.close()
@@ -128,3 +140,38 @@ async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(h
     assert await harness.stored() == EVENTS
     assert await harness.unpublished() == 0
     assert harness.bus.atomic_streams == set(), "refused for another reason than a republish: no more tries"
+
+
+async def _running(relay: OutboxRelay, stop: asyncio.Event) -> asyncio.Task[None]:
+    task = asyncio.create_task(relay.run(stop))
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
+    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = harness.relay
+    relay.poll_interval_s = 30.0  # a lost wake-up would show as a 30 s wait
+    relay_once = relay.relay_once
+    calls = 0
+
+    async def commit_meanwhile() -> int:
+        nonlocal calls
+        calls += 1
+        sent = await relay_once()
+        if calls == 1:
+            assert sent == 0
+            await harness.add_events(1)  # lands after the read saw nothing; its wake-up must count
+        return sent
+
+    monkeypatch.setattr(relay, "relay_once", commit_meanwhile)
+    stop = asyncio.Event()
+    task = await _running(relay, stop)
+    try:
+        # Well within the 30 s poll: the wake-up was not lost.
+        assert await eventually(harness.stored, lambda n: n >= 1, 5) == 1
+    finally:
+        stop.set()
+        await task
+    assert await harness.unpublished() == 0
