@@ -63,6 +63,7 @@ class Consumer(Generic[E]):
         self.batch_size_max = settings.consumer_batch_size_max
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
+        self.linger_s = settings.consumer_linger_s
         inbox = tables.inbox
         # Built once (one cache key), one statement text for any count (= ANY on PostgreSQL).
         self._seen = select(inbox.c.event_id).where(
@@ -97,6 +98,9 @@ class Consumer(Generic[E]):
                     continue
                 await self.process(msgs)
                 backoff_s = 0.1
+                if len(msgs) < self.batch_size_max and self.linger_s:
+                    # Let more events arrive so the next fetch (and transaction) carries them all.
+                    await sleep_unless_stopped(stop, self.linger_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered

@@ -113,6 +113,7 @@ class OutboxRelay:
         self.publish_timeout_s = settings.outgoing_deadline_s
         self.poll_interval_s = settings.relay_poll_interval_s
         self.backoff_max_s = settings.relay_backoff_max_s
+        self.linger_s = settings.relay_linger_s
         t = self.table
         # Built once: one cache key and one compiled form whatever the batch. The mark is a
         # bulk UPDATE by primary key (one execution per batch on PostgreSQL) rather than
@@ -144,6 +145,10 @@ class OutboxRelay:
                 backoff_s = 0.05
                 if sent >= self.batch_size_max:
                     continue  # more waiting: go again at once
+                if sent and self.linger_s:
+                    # Let a few more commits land so the next batch carries them all.
+                    await sleep_unless_stopped(stop, self.linger_s)
+                    continue
                 waiters = [
                     asyncio.ensure_future(self.outbox.wakeup.wait()),
                     asyncio.ensure_future(stop.wait()),

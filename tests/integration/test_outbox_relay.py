@@ -5,7 +5,8 @@ A batch of events is stored as one atomic batch publish; a republish of events t
 already holds (the relay died after the PubAck, before marking its rows) is refused whole by
 the server and then goes one by one, where JetStream drops each duplicate: every event is
 stored once and every row ends marked. A stream without atomic batches gets single publishes.
-A commit made while the relay reads wakes it at once.
+After a partial batch the relay and a consumer linger, so their next batch carries several
+commits; a commit made while the relay reads wakes it at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
-from services.common.db import Database
+from services.common.db import Database, UnitOfWork
+from services.common.inbox import Consumer, Subscription
 from services.common.outbox import Outbox, OutboxRelay, new_event_id
 from services.common.tables import CommonTables, add_common_tables
 from tests.integration.helpers import eventually
@@ -148,6 +150,38 @@ async def _running(relay: OutboxRelay, stop: asyncio.Event) -> asyncio.Task[None
     return task
 
 
+async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_several_commits(
+    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = harness.relay
+    relay.linger_s, relay.poll_interval_s = 0.5, 30.0
+    batches: list[int] = []
+    first_sent = asyncio.Event()
+    relay_once = relay.relay_once
+
+    async def counted() -> int:
+        sent = await relay_once()
+        if sent:
+            batches.append(sent)
+            first_sent.set()
+        return sent
+
+    monkeypatch.setattr(relay, "relay_once", counted)
+    stop = asyncio.Event()
+    task = await _running(relay, stop)
+    try:
+        await harness.add_events(1)
+        await asyncio.wait_for(first_sent.wait(), 5)
+        for _ in range(3):  # three commits while the relay lingers
+            await harness.add_events(2)
+        assert await eventually(harness.unpublished, lambda n: n == 0, 5) == 0
+    finally:
+        stop.set()
+        await task
+    assert batches == [1, 6], "the three commits made during the linger went out as one batch"
+    assert await harness.stored() == 7
+
+
 async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
     harness: _Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,3 +209,32 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
         stop.set()
         await task
     assert await harness.unpublished() == 0
+
+
+async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_carries_more(
+    harness: _Harness,
+) -> None:
+    batches: list[int] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        batches.append(len(events))
+
+    async def applied() -> list[int]:
+        return list(batches)
+
+    sub = Subscription("linger-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    settings = harness.settings.model_copy(update={"consumer_linger_s": 0.5})
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
+    try:
+        await harness.add_events(1)
+        await harness.relay.relay_once()
+        assert await eventually(applied, lambda b: b == [1], 5) == [1]
+        for _ in range(3):  # three commits, each published at once, while the consumer lingers
+            await harness.add_events(2)
+            assert await harness.relay.relay_once() == 2
+        await eventually(applied, lambda b: sum(b) >= 7, 5)
+    finally:
+        stop.set()
+        await task
+    assert batches == [1, 6], "the events published during the linger were applied in one transaction"
