@@ -1,0 +1,54 @@
+"""MicroBatcher: concurrent callers share a batch; each keeps its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.batching import MicroBatcher
+
+
+class _Recorder:
+    """A batch function that records its batches and can be held at a gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def run(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_concurrent_callers_share_a_batch_and_keep_their_own_results() -> None:
+    rec = _Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+    assert rec.batches == [[0, 1, 2, 3]]
+    assert results[0] == 0 and results[2] == 20
+    assert isinstance(results[1], ValueError) and str(results[1]) == "odd 1"
+    assert isinstance(results[3], ValueError)
+
+
+async def test_callers_arriving_during_a_batch_go_together_in_the_next_within_size_max() -> None:
+    rec = _Recorder()
+    rec.gate.clear()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=2)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)
+    later = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 4, 6)]
+    await asyncio.sleep(0.01)
+    rec.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*later) == [20, 40, 60]
+    assert rec.batches == [[0], [2, 4], [6]]
+
+
+async def test_a_failed_batch_fails_each_of_its_callers() -> None:
+    async def broken(items: list[int]) -> list[int | BaseException]:
+        raise RuntimeError("database down")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(broken, size_max=10)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert [str(r) for r in results] == ["database down"] * 3
