@@ -3,8 +3,14 @@
 Choices for when to publish: A) inside the request, before commit (an event for a change that
 may roll back); B) after commit from the request (lost if the process dies in between);
 C) a row in the same transaction and a relay that publishes after commit. We take C: the relay
-marks a row sent only after JetStream's PubAck, so a crash republishes, and the Nats-Msg-Id
+deletes a row only after JetStream's PubAck, so a crash republishes, and the Nats-Msg-Id
 (= event id) plus the consumers' inbox make the republish harmless.
+
+A published row is deleted rather than marked: the event lives on in JetStream, the table stays
+as small as the backlog (it grew by every event ever published before), and PostgreSQL writes
+no new row version and no index entries for it. Rows marked by earlier versions
+(`published_at_us` set) are never read again; `DELETE FROM outbox WHERE published_at_us IS NOT
+NULL` removes them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, delete, func, select
 
 from services.common import faults
 from services.common.bus import Bus
@@ -26,7 +32,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
-from services.common.sql import Bulk, bulk_insert, bulk_update
+from services.common.sql import Bulk, bulk_insert, one_of_param
 from services.common.telemetry import inject_headers
 from services.common.timeutil import now_us
 
@@ -101,7 +107,7 @@ class OutboxRelay:
     A batch of rows goes as one atomic batch publish where the stream allows it (one request,
     one PubAck, one fsync for up to 1,000 events: with `sync_interval: always` a per-event
     publish waits for one fsync each); otherwise, or when the server refuses the batch, as
-    pipelined single publishes. Either way a row is marked sent only after its event is stored.
+    pipelined single publishes. Either way a row is deleted only after its event is stored.
     """
 
     def __init__(self, db: Database, bus: Bus, outbox: Outbox, settings: ServiceSettings) -> None:
@@ -115,22 +121,15 @@ class OutboxRelay:
         self.backoff_max_s = settings.relay_backoff_max_s
         self.linger_s = settings.relay_linger_s
         t = self.table
-        # Built once: one cache key and one compiled form whatever the batch. The mark is a
-        # bulk UPDATE by primary key (one execution per batch on PostgreSQL) rather than
-        # `id IN (...)`, whose text changes with the number of ids.
+        # Built once: one cache key and one compiled form whatever the batch (`= ANY(:ids)` on
+        # PostgreSQL; an expanding IN on SQLite).
         self._unsent = (
             select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
             .where(t.c.published_at_us.is_(None))
             .order_by(t.c.id)
             .limit(self.batch_size_max)
         )
-        self._mark_sent = bulk_update(
-            db.dialect,
-            t,
-            {"id": t.c.id.type, "at": t.c.published_at_us.type},
-            lambda row: [t.c.id == row["id"]],
-            lambda row: {"published_at_us": row["at"], "attempts": t.c.attempts + 1},
-        )
+        self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
@@ -165,7 +164,7 @@ class OutboxRelay:
                 backoff_s = min(backoff_s * 2, self.backoff_max_s)
 
     async def relay_once(self) -> int:
-        """Publish one batch of unsent rows; returns how many were acked and marked."""
+        """Publish one batch of unsent rows; returns how many were acked (and deleted)."""
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(self._unsent)).all()
         if not rows:
@@ -182,11 +181,8 @@ class OutboxRelay:
         acked = [r for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
         faults.point("relay.after_puback_before_mark")
         if acked:
-            at = now_us()
             async with self.db.unit_of_work() as uow:
-                await uow.conn.execute(
-                    self._mark_sent.stmt, self._mark_sent.params([{"id": r.id, "at": at} for r in acked])
-                )
+                await uow.conn.execute(self._delete_sent, {"ids": [r.id for r in acked]})
                 await uow.commit()
             for subject, n in Counter(r.subject for r in acked).items():
                 OUTBOX_PUBLISHED.labels(subject).inc(n)

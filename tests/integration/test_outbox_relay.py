@@ -2,9 +2,9 @@
 store, sync_interval always).
 
 A batch of events is stored as one atomic batch publish; a republish of events the stream
-already holds (the relay died after the PubAck, before marking its rows) is refused whole by
+already holds (the relay died after the PubAck, before deleting its rows) is refused whole by
 the server and then goes one by one, where JetStream drops each duplicate: every event is
-stored once and every row ends marked. A stream without atomic batches gets single publishes.
+stored once and every row ends deleted. A stream without atomic batches gets single publishes.
 After a partial batch the relay and a consumer linger, so their next batch carries several
 commits; a commit made while the relay reads wakes it at once.
 """
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import MetaData, func, select, update
+from sqlalchemy import MetaData, func, insert, select
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
@@ -58,7 +58,7 @@ class _Harness:
     async def unpublished(self) -> int:
         t = self.outbox.table
         async with self.db.unit_of_work(readonly=True) as uow:
-            q = select(func.count()).select_from(t).where(t.c.published_at_us.is_(None))
+            q = select(func.count()).select_from(t)  # published rows are deleted
             return int((await uow.conn.execute(q)).scalar_one())
 
     async def stored(self) -> int:
@@ -109,11 +109,14 @@ async def test_a_republish_after_a_crash_stores_each_event_once(
     harness: _Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     await harness.add_events(EVENTS)
-    assert await harness.relay.relay_once() == EVENTS
-    # The relay died after the PubAck, before its mark committed: the rows are unsent again.
     t = harness.outbox.table
+    async with harness.db.unit_of_work(readonly=True) as uow:
+        rows = [r._asdict() for r in await uow.conn.execute(select(t))]
+    assert await harness.relay.relay_once() == EVENTS
+    assert await harness.unpublished() == 0, "published rows are deleted"
+    # The relay died after the PubAck, before its delete committed: the rows are still there.
     async with harness.db.unit_of_work() as uow:
-        await uow.conn.execute(update(t).values(published_at_us=None))
+        await uow.conn.execute(insert(t), rows)
         await uow.commit()
     fresh = await harness.add_events(5)  # new events in the same batch as the republished ones
     with caplog.at_level(logging.INFO, logger="services.common.outbox"):
