@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 KNOWN_POINTS = frozenset(
     {
         "gifting.after_spend_before_commit",
-        "relay.after_puback_before_mark",
+        "relay.after_puback_before_mark",  # before the published rows are deleted (the name predates it)
         "consumer.after_commit_before_ack",
     }
 )
