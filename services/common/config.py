@@ -42,9 +42,10 @@ class ServiceSettings(BaseSettings):
     relay_batch_size_max: int = Field(default=256, ge=1, le=10_000)
     relay_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
     relay_backoff_max_s: float = Field(default=5.0, gt=0, le=300)
-    # Linger: after a partial batch, wait this long before the next, so that the next carries
-    # the events of several commits (fewer transactions, publishes and fetches per event) at the
-    # cost of at most this much more lag on the asynchronous path. 0 turns it off.
+    # Linger: after a partial batch of more than one event (load), wait this long before the
+    # next, so that it carries the events of several commits (fewer transactions, publishes and
+    # fetches per event) at the cost of at most this much more lag on the asynchronous path.
+    # A batch of one (a quiet system) never waits. 0 turns it off.
     relay_linger_s: float = Field(default=0.05, ge=0, le=1)
     consumer_batch_size_max: int = Field(default=256, ge=1, le=10_000)
     consumer_fetch_timeout_s: float = Field(default=0.5, gt=0, le=60)

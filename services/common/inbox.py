@@ -98,8 +98,9 @@ class Consumer(Generic[E]):
                     continue
                 await self.process(msgs)
                 backoff_s = 0.1
-                if len(msgs) < self.batch_size_max and self.linger_s:
-                    # Let more events arrive so the next fetch (and transaction) carries them all.
+                if 1 < len(msgs) < self.batch_size_max and self.linger_s:
+                    # Under load (more than one event came at once), let more arrive so the next
+                    # fetch (and transaction) carries them all. A lone event never waits.
                     await sleep_unless_stopped(stop, self.linger_s)
             except asyncio.CancelledError:
                 raise

@@ -144,8 +144,9 @@ class OutboxRelay:
                 backoff_s = 0.05
                 if sent >= self.batch_size_max:
                     continue  # more waiting: go again at once
-                if sent and self.linger_s:
-                    # Let a few more commits land so the next batch carries them all.
+                if sent > 1 and self.linger_s:
+                    # Under load (more than one event came at once), let a few more commits land
+                    # so the next batch carries them all. A lone event never waits.
                     await sleep_unless_stopped(stop, self.linger_s)
                     continue
                 waiters = [

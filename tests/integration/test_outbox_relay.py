@@ -5,8 +5,9 @@ A batch of events is stored as one atomic batch publish; a republish of events t
 already holds (the relay died after the PubAck, before deleting its rows) is refused whole by
 the server and then goes one by one, where JetStream drops each duplicate: every event is
 stored once and every row ends deleted. A stream without atomic batches gets single publishes.
-After a partial batch the relay and a consumer linger, so their next batch carries several
-commits; a commit made while the relay reads wakes it at once.
+After a partial batch of more than one event the relay and a consumer linger, so their next
+batch carries several commits; after a lone event they do not. A commit made while the relay
+reads wakes it at once.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
     stop = asyncio.Event()
     task = await _running(relay, stop)
     try:
-        await harness.add_events(1)
+        await harness.add_events(2)  # a batch of two: load
         await asyncio.wait_for(first_sent.wait(), 5)
         for _ in range(3):  # three commits while the relay lingers
             await harness.add_events(2)
@@ -181,8 +182,22 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
     finally:
         stop.set()
         await task
-    assert batches == [1, 6], "the three commits made during the linger went out as one batch"
-    assert await harness.stored() == 7
+    assert batches == [2, 6], "the three commits made during the linger went out as one batch"
+    assert await harness.stored() == 8
+
+
+async def test_a_lone_event_never_makes_the_relay_linger(harness: _Harness) -> None:
+    relay = harness.relay
+    relay.linger_s, relay.poll_interval_s = 30.0, 30.0  # a linger (or a lost wake-up) would show
+    stop = asyncio.Event()
+    task = await _running(relay, stop)
+    try:
+        for n in (1, 2):
+            await harness.add_events(1)
+            assert await eventually(harness.stored, lambda s, n=n: s >= n, 5) == n
+    finally:
+        stop.set()
+        await task
 
 
 async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
@@ -230,14 +245,37 @@ async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_
     stop = asyncio.Event()
     task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
     try:
-        await harness.add_events(1)
+        await harness.add_events(2)  # a batch of two: load
         await harness.relay.relay_once()
-        assert await eventually(applied, lambda b: b == [1], 5) == [1]
+        assert await eventually(applied, lambda b: b == [2], 5) == [2]
         for _ in range(3):  # three commits, each published at once, while the consumer lingers
             await harness.add_events(2)
             assert await harness.relay.relay_once() == 2
-        await eventually(applied, lambda b: sum(b) >= 7, 5)
+        await eventually(applied, lambda b: sum(b) >= 8, 5)
     finally:
         stop.set()
         await task
-    assert batches == [1, 6], "the events published during the linger were applied in one transaction"
+    assert batches == [2, 6], "the events published during the linger were applied in one transaction"
+
+
+async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> None:
+    batches: list[int] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        batches.append(len(events))
+
+    async def applied() -> list[int]:
+        return list(batches)
+
+    sub = Subscription("lone-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    settings = harness.settings.model_copy(update={"consumer_linger_s": 30.0})
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
+    try:
+        for n in (1, 2):
+            await harness.add_events(1)
+            assert await harness.relay.relay_once() == 1
+            assert await eventually(applied, lambda b, n=n: len(b) >= n, 5) == [1] * n
+    finally:
+        stop.set()
+        await task
