@@ -11,6 +11,7 @@ parked in the dead_letters table for an operator and terminated, never silently 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ class Consumer(Generic[E]):
                 psub = None
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
+        if psub is not None:
+            # Left subscribed, a pull subscription whose last fetch timed out held the
+            # connection's drain at close for its whole 5 s timeout.
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
 
     async def process(self, msgs: list[Msg]) -> None:
         """Apply a fetched batch; falls back to one message at a time when the batch fails."""
