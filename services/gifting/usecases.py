@@ -122,7 +122,7 @@ class _Plan:
 
 
 Plan = Callable[[UnitOfWork], Awaitable[_Plan]]
-_Begin = gifting_pb2.SendGiftRequest | gifting_pb2.SendTipRequest  # what step 1 batches
+_Begin = gifting_pb2.SendGiftRequest | gifting_pb2.SendTipRequest | gifting_pb2.UnlockContentRequest  # step 1 batches
 
 
 @dataclass
@@ -154,11 +154,19 @@ class Gifting:
         self._streams_of = select(streams).where(one_of_param(d, streams.c.stream_id, "ids"))
         self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
         self._insert_gifts = bulk_insert(d, gift_events, [c.name for c in gift_events.c])
+        self._contents_of = select(contents).where(one_of_param(d, contents.c.content_id, "ids"))
+        u = content_unlocks.c
+        self._claims_of = select(u.content_id, u.user_id, u.event_id).where(
+            one_of_param(d, u.content_id, "cids"), one_of_param(d, u.user_id, "uids")
+        )
+        self._gifts_by_id = select(gift_events).where(one_of_param(d, gift_events.c.event_id, "ids"))
+        self._insert_unlocks = bulk_insert(d, content_unlocks, ["content_id", "user_id", "event_id", "created_at_us"])
         # user id -> (expires at, refresh from, answer), monotonic seconds
         self._eligibility_cache: dict[str, tuple[float, float, Any]] = {}
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
+        self._content_creators: dict[str, str] = {}  # content id -> creator id (never changes)
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -328,13 +336,18 @@ class Gifting:
         return _receipt(await self._settle(gift))
 
     async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
-        """Step 1 of concurrent SendGift and SendTip calls together; a key repeated in the batch goes alone after."""
+        """Step 1 of concurrent SendGift, SendTip and UnlockContent calls together (repeats go alone after)."""
         seen: set[str] = set()
         first: list[int] = []
         again: list[int] = []
         for i, r in enumerate(reqs):
-            (again if r.idempotency_key in seen else first).append(i)
-            seen.add(r.idempotency_key)
+            # A key twice, or one user's unlock of one content twice: the second goes alone after
+            # (it finds the first's gift).
+            marks = [r.idempotency_key]
+            if isinstance(r, gifting_pb2.UnlockContentRequest):
+                marks.append(f"UNLOCK|{r.content_id}|{r.user_id}")
+            (again if any(m in seen for m in marks) else first).append(i)
+            seen.update(marks)
         out: list[Any] = [None] * len(reqs)
         begun = await self._begin_many([reqs[i] for i in first], [_digest(reqs[i]) for i in first])
         for i, r in zip(first, begun, strict=True):
@@ -361,7 +374,9 @@ class Gifting:
         ]
 
     def _planner(self, req: _Begin, key: str, digest: str) -> Plan:
-        """The plan of one gift or tip: read its stream (and catalog) row, then `_plan`."""
+        """The plan of one gift, tip or unlock: read its rows, then `_plan` (`_plan_unlock`)."""
+        if isinstance(req, gifting_pb2.UnlockContentRequest):
+            return self._unlock_planner(req, key, digest)
 
         async def plan(uow: UnitOfWork) -> _Plan:
             stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
@@ -372,10 +387,49 @@ class Gifting:
 
         return plan
 
+    def _unlock_planner(self, req: gifting_pb2.UnlockContentRequest, key: str, digest: str) -> Plan:
+        async def plan(uow: UnitOfWork) -> _Plan:
+            content = (await uow.conn.execute(select(contents).where(contents.c.content_id == req.content_id))).first()
+            u = content_unlocks.c
+            claim = (
+                await uow.conn.execute(
+                    select(u.event_id).where(u.content_id == req.content_id, u.user_id == req.user_id)
+                )
+            ).first()
+            claimed = None
+            if claim is not None:
+                row = (
+                    await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == claim.event_id))
+                ).one()
+                claimed = row._asdict()
+            return self._plan_unlock(req, key, digest, content, claimed)
+
+        return plan
+
+    def _plan_unlock(
+        self,
+        req: gifting_pb2.UnlockContentRequest,
+        key: str,
+        digest: str,
+        content: Any,
+        claimed: dict[str, Any] | None,
+    ) -> _Plan:
+        """The checks of an unlock, and the gift of the user's earlier unlock or the PENDING row to record."""
+        if content is None:
+            raise NotFound("unknown content", "UNKNOWN_CONTENT")
+        if content.creator_id == req.user_id:
+            raise FailedPrecondition("creators cannot unlock their own content", "SELF_GIFT")
+        if claimed is not None:
+            return _Plan(claimed, existing=True)
+        to = _Party(stream_id="", creator_id=content.creator_id)
+        price = content.price_coins
+        return _Plan(_new_gift(key, digest, GiftKind.UNLOCK, to, req.user_id, content.content_id, 1, price, price))
+
     def _plan(self, req: _Begin, key: str, digest: str, stream: Any, g: Any) -> _Plan:
         if isinstance(req, gifting_pb2.SendTipRequest):
             return self._plan_tip(req, key, digest, stream)
-        return self._plan_gift(req, key, digest, stream, g)
+        check(isinstance(req, gifting_pb2.SendGiftRequest), "unlocks are planned by _plan_unlock")
+        return self._plan_gift(req, key, digest, stream, g)  # type: ignore[arg-type]
 
     def _plan_tip(self, req: gifting_pb2.SendTipRequest, key: str, digest: str, stream: Any) -> _Plan:
         """The checks of a tip against its stream row, and the PENDING row to record."""
@@ -469,7 +523,8 @@ class Gifting:
         return gifting_pb2.SendGiftsResponse(results=results)
 
     async def _begin_many(self, items: list[_Begin], digests: list[str]) -> list[Any]:
-        """Step 1 for many gifts (validated, keys distinct): each one's gift row or its DomainError.
+        """Step 1 for many gifts, tips and unlocks (validated, keys distinct, one unlock per user and
+        content): each one's gift row (for an unlock, maybe the user's earlier one) or its DomainError.
 
         Like `_begin`, batched: one read-only transaction plans every item, the wallet is asked
         about each distinct user once, one transaction re-plans and inserts every new gift.
@@ -480,13 +535,33 @@ class Gifting:
             """Existing gifts by key, else a checked plan, per item; failures land in `out`."""
             ks = [items[i].idempotency_key for i in indexes]
             existing = {r.idempotency_key: r._asdict() for r in await uow.conn.execute(self._by_keys, {"ids": ks})}
-            stream_rows = {
-                r.stream_id: r
-                for r in await uow.conn.execute(self._streams_of, {"ids": list({items[i].stream_id for i in indexes})})
-            }
+            unlocks = [it for i in indexes if isinstance(it := items[i], gifting_pb2.UnlockContentRequest)]
+            stream_ids = list(
+                {it.stream_id for i in indexes if not isinstance(it := items[i], gifting_pb2.UnlockContentRequest)}
+            )
+            stream_rows = (
+                {r.stream_id: r for r in await uow.conn.execute(self._streams_of, {"ids": stream_ids})}
+                if stream_ids
+                else {}
+            )
             if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
                 self._stream_creators.clear()
             self._stream_creators |= {sid: r.creator_id for sid, r in stream_rows.items()}
+            content_rows: dict[str, Any] = {}
+            claimed: dict[tuple[str, str], dict[str, Any]] = {}
+            if unlocks:
+                cids, uids = list({u.content_id for u in unlocks}), list({u.user_id for u in unlocks})
+                content_rows = {r.content_id: r for r in await uow.conn.execute(self._contents_of, {"ids": cids})}
+                if len(self._content_creators) + len(content_rows) > STREAMS_CACHED_MAX:
+                    self._content_creators.clear()
+                self._content_creators |= {cid: r.creator_id for cid, r in content_rows.items()}
+                claims = {
+                    r.event_id: (r.content_id, r.user_id)
+                    for r in await uow.conn.execute(self._claims_of, {"cids": cids, "uids": uids})
+                }
+                if claims:
+                    rows = await uow.conn.execute(self._gifts_by_id, {"ids": list(claims)})
+                    claimed = {claims[r.event_id]: r._asdict() for r in rows}
             gift_items = [it for i in indexes if isinstance(it := items[i], gifting_pb2.SendGiftRequest)]
             gift_rows = (
                 {
@@ -507,6 +582,14 @@ class Gifting:
                                 "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED"
                             )
                         plans[i] = _Plan(row, existing=True)
+                    elif isinstance(it, gifting_pb2.UnlockContentRequest):
+                        plans[i] = self._plan_unlock(
+                            it,
+                            it.idempotency_key,
+                            digests[i],
+                            content_rows.get(it.content_id),
+                            claimed.get((it.content_id, it.user_id)),
+                        )
                     else:
                         g = gift_rows.get(it.gift_id) if isinstance(it, gifting_pb2.SendGiftRequest) else None
                         plans[i] = self._plan(it, it.idempotency_key, digests[i], stream_rows.get(it.stream_id), g)
@@ -518,17 +601,15 @@ class Gifting:
         # (a stream's creator never changes, so known streams need no read for that), then one
         # transaction re-plans every item against the current rows and inserts the new gifts.
         todo = list(range(len(items)))
-        if any(items[i].stream_id not in self._stream_creators for i in todo):
+        if any(self._creator_known(items[i]) is None for i in todo):
             async with self.db.unit_of_work(readonly=True) as uow:
                 for i, p in (await plan_all(uow, todo)).items():
                     if p.existing:
                         out[i] = p.row
             todo = [i for i in todo if out[i] is None]
         if todo:
-            parties = {items[i].sender_id for i in todo}
-            parties |= {
-                self._stream_creators[items[i].stream_id] for i in todo if items[i].stream_id in self._stream_creators
-            }
+            parties = {_sender(items[i]) for i in todo}
+            parties |= {c for i in todo if (c := self._creator_known(items[i])) is not None}
             answers = await self._restrictions(parties)
             try:
                 async with self.db.unit_of_work() as uow:
@@ -545,6 +626,19 @@ class Gifting:
                         new_rows.append(p.row)
                     if new_rows:
                         await uow.conn.execute(self._insert_gifts.stmt, self._insert_gifts.params(new_rows))
+                    claims_new = [
+                        {
+                            "content_id": r["gift_id"],
+                            "user_id": r["sender_id"],
+                            "event_id": r["event_id"],
+                            "created_at_us": r["created_at_us"],
+                        }
+                        for r in new_rows
+                        if r["kind"] == GiftKind.UNLOCK.value
+                    ]
+                    if claims_new:
+                        # A concurrent unlock of the same content by the same user: IntegrityError below.
+                        await uow.conn.execute(self._insert_unlocks.stmt, self._insert_unlocks.params(claims_new))
                     await uow.commit()
                 for i, p in plans.items():
                     if out[i] is None:
@@ -559,6 +653,12 @@ class Gifting:
                         out[i] = exc
         check(all(r is not None for r in out), "every item has a gift or an error")
         return out
+
+    def _creator_known(self, req: _Begin) -> str | None:
+        """The creator a gift, tip or unlock goes to, if its stream (content) was seen before."""
+        if isinstance(req, gifting_pb2.UnlockContentRequest):
+            return self._content_creators.get(req.content_id)
+        return self._stream_creators.get(req.stream_id)
 
     async def _restrictions(self, user_ids: set[str]) -> dict[str, Any]:
         """Each user's wallet restrictions (None if the wallet did not answer), from the cache when fresh.
@@ -749,33 +849,13 @@ class Gifting:
         require_id(req.user_id, "user_id")
         require_id(req.content_id, "content_id")
         key = require_key(req.idempotency_key)
-        digest = hashlib.sha256(f"UNLOCK|{req.content_id}|{req.user_id}".encode()).hexdigest()
-
-        async def plan(uow: UnitOfWork) -> _Plan:
-            content = (await uow.conn.execute(select(contents).where(contents.c.content_id == req.content_id))).first()
-            if content is None:
-                raise NotFound("unknown content", "UNKNOWN_CONTENT")
-            if content.creator_id == req.user_id:
-                raise FailedPrecondition("creators cannot unlock their own content", "SELF_GIFT")
-            claim = (
-                await uow.conn.execute(
-                    select(content_unlocks.c.event_id).where(
-                        content_unlocks.c.content_id == req.content_id, content_unlocks.c.user_id == req.user_id
-                    )
-                )
-            ).first()
-            if claim is not None:
-                existing = (
-                    await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == claim.event_id))
-                ).one()
-                return _Plan(existing._asdict(), existing=True)
-            stream = _Party(stream_id="", creator_id=content.creator_id)
-            price = content.price_coins
-            return _Plan(
-                _new_gift(key, digest, GiftKind.UNLOCK, stream, req.user_id, content.content_id, 1, price, price)
-            )
-
-        gift, own = await self._begin(key, digest, plan)
+        if self.settings.group_commit:
+            gift = await self._begin_batcher.submit(req)
+        else:
+            gift, _own = await self._begin(key, _digest(req), self._unlock_planner(req, key, _digest(req)))
+        # This call's own unlock (new, or a retry of its key), or the user's earlier unlock of this
+        # content under another key (not charged again).
+        own = gift["idempotency_key"] == key
         settled = await self._settle(gift)
         return gifting_pb2.UnlockReceipt(
             content_id=req.content_id,
@@ -1077,11 +1157,17 @@ def _gift_digest(req: gifting_pb2.SendGiftRequest) -> str:
 
 
 def _digest(req: _Begin) -> str:
-    """What an idempotency key stands for: a gift's or a tip's request (tips: amount and message as sent)."""
+    """What an idempotency key stands for: a gift's, a tip's (amount and message as sent) or an unlock's request."""
     if isinstance(req, gifting_pb2.SendTipRequest):
         text = f"TIP|{req.stream_id}|{req.sender_id}|{req.coins}|{req.message}"
         return hashlib.sha256(text.encode()).hexdigest()
+    if isinstance(req, gifting_pb2.UnlockContentRequest):
+        return hashlib.sha256(f"UNLOCK|{req.content_id}|{req.user_id}".encode()).hexdigest()
     return _gift_digest(req)
+
+
+def _sender(req: _Begin) -> str:
+    return req.user_id if isinstance(req, gifting_pb2.UnlockContentRequest) else req.sender_id
 
 
 def _stream_pb(r: dict[str, Any]) -> gifting_pb2.Stream:

@@ -162,6 +162,38 @@ async def test_an_unlock_charges_once_and_a_second_unlock_returns_the_existing_a
     assert (earned.coins_received, earned.diamonds_lifetime) == (120, 60)
 
 
+async def test_concurrent_unlocks_of_many_viewers_share_step_one_and_charge_each_viewer_once(
+    clients, deployment
+) -> None:  # type: ignore[no-untyped-def]
+    creator = uid("creator")
+    viewers = [uid("viewer") for _ in range(5)]
+    for v in viewers:
+        await buy_coins(clients.wallet, deployment.webhook_secret, v)
+    content = await clients.gifting.CreateContent(
+        gifting_pb2.CreateContentRequest(creator_id=creator, title="vlog", price_coins=50, idempotency_key=uid("c"))
+    )
+    # Every viewer twice (two keys) at once, with a retry of one key: one batch holds them all.
+    reqs = [
+        gifting_pb2.UnlockContentRequest(user_id=v, content_id=content.content_id, idempotency_key=uid("u"))
+        for v in viewers
+        for _ in range(2)
+    ]
+    receipts = await asyncio.gather(*(clients.gifting.UnlockContent(r) for r in [*reqs, reqs[0]]))
+    by_viewer: dict[str, list[gifting_pb2.UnlockReceipt]] = {}
+    for r in receipts:
+        by_viewer.setdefault(r.user_id, []).append(r)
+    for v in viewers:
+        mine = by_viewer[v]
+        assert len({r.gift_event_id for r in mine}) == 1, "one unlock per viewer, every answer names it"
+        fresh = [r for r in mine if not r.already_unlocked]
+        assert fresh and all(r.sender_balance == 650 for r in fresh)
+        assert await coins_of(clients, v) == 700 - 50
+    assert receipts[0].gift_event_id == receipts[-1].gift_event_id
+    assert receipts[0].already_unlocked == receipts[-1].already_unlocked, "a retry answers as its key did"
+    earned = await received_by(clients, creator, 50 * len(viewers))
+    assert earned.coins_received == 50 * len(viewers)
+
+
 async def test_an_unlock_refused_for_coins_grants_no_access_and_can_be_retried(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     viewer, creator = uid("viewer"), uid("creator")
     await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-70")
