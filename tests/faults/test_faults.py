@@ -112,7 +112,7 @@ SCENARIOS = [
         _dies_at("gifting"),
     ),
     Scenario(
-        "gifting's relay dies after the PubAck, before marking sent",
+        "gifting's relay dies after the PubAck, before deleting its rows",
         {"gifting": "relay.after_puback_before_mark@8"},
         _dies_at("gifting"),
     ),
