@@ -13,8 +13,9 @@ reads wakes it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -229,53 +230,49 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
     assert await harness.unpublished() == 0
 
 
-async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_carries_more(
-    harness: _Harness,
-) -> None:
+@contextlib.asynccontextmanager
+async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncIterator[list[int]]:
+    """A consumer of gifting.gift.sent with this linger, recording the size of each batch it applies."""
     batches: list[int] = []
 
     async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
         batches.append(len(events))
 
-    async def applied() -> list[int]:
-        return list(batches)
-
-    sub = Subscription("linger-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
-    settings = harness.settings.model_copy(update={"consumer_linger_s": 0.5})
+    sub = Subscription(durable, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    settings = harness.settings.model_copy(update={"consumer_linger_s": linger_s})
     stop = asyncio.Event()
     task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
     try:
-        await harness.add_events(2)  # a batch of two: load
-        await harness.relay.relay_once()
-        assert await eventually(applied, lambda b: b == [2], 5) == [2]
-        for _ in range(3):  # three commits, each published at once, while the consumer lingers
-            await harness.add_events(2)
-            assert await harness.relay.relay_once() == 2
-        await eventually(applied, lambda b: sum(b) >= 8, 5)
+        yield batches
     finally:
         stop.set()
         await task
+
+
+def _sizes(batches: list[int]) -> Callable[[], Awaitable[list[int]]]:
+    async def probe() -> list[int]:
+        return list(batches)
+
+    return probe
+
+
+async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_carries_more(
+    harness: _Harness,
+) -> None:
+    async with _consuming(harness, "linger-test", 0.5) as batches:
+        await harness.add_events(2)  # a batch of two: load
+        await harness.relay.relay_once()
+        assert await eventually(_sizes(batches), lambda b: b == [2], 5) == [2]
+        for _ in range(3):  # three commits, each published at once, while the consumer lingers
+            await harness.add_events(2)
+            assert await harness.relay.relay_once() == 2
+        await eventually(_sizes(batches), lambda b: sum(b) >= 8, 5)
     assert batches == [2, 6], "the events published during the linger were applied in one transaction"
 
 
 async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> None:
-    batches: list[int] = []
-
-    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
-        batches.append(len(events))
-
-    async def applied() -> list[int]:
-        return list(batches)
-
-    sub = Subscription("lone-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
-    settings = harness.settings.model_copy(update={"consumer_linger_s": 30.0})
-    stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
-    try:
+    async with _consuming(harness, "lone-test", 30.0) as batches:
         for n in (1, 2):
             await harness.add_events(1)
             assert await harness.relay.relay_once() == 1
-            assert await eventually(applied, lambda b, n=n: len(b) >= n, 5) == [1] * n
-    finally:
-        stop.set()
-        await task
+            assert await eventually(_sizes(batches), lambda b, n=n: len(b) >= n, 5) == [1] * n
