@@ -28,8 +28,9 @@ class GiftingSettings(ServiceSettings):
     watchers_max: int = Field(default=10_000, ge=1, le=1_000_000)
     watch_queue_size_max: int = Field(default=1_000, ge=1, le=100_000)
     combo_window_s: float = Field(default=10.0, gt=0, le=3600)
-    # Group commit: concurrent SendGift calls share the transaction that records them PENDING, and
-    # concurrent gifts, tips and unlocks share the one that marks them SENT (bench/README.md).
+    # Group commit: concurrent SendGift, SendTip and UnlockContent calls share the transaction that
+    # records them PENDING, one wallet.SpendMany call, and the one that marks them SENT
+    # (bench/README.md).
     group_commit: bool = True
     # The eligibility pre-check (age, blocked) caches each user's wallet restrictions this long;
     # the wallet checks sender and creator again inside every spend, so this only decides whether
