@@ -337,23 +337,24 @@ class Gifting:
 
     async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
         """Step 1 of concurrent SendGift, SendTip and UnlockContent calls together (repeats go alone after)."""
+        digests = [_digest(r) for r in reqs]
         seen: set[str] = set()
         first: list[int] = []
         again: list[int] = []
         for i, r in enumerate(reqs):
-            # A key twice, or one user's unlock of one content twice: the second goes alone after
-            # (it finds the first's gift).
+            # A key twice, or one user's unlock of one content twice (an unlock's digest names the
+            # content and the user): the second goes alone after (it finds the first's gift).
             marks = [r.idempotency_key]
             if isinstance(r, gifting_pb2.UnlockContentRequest):
-                marks.append(f"UNLOCK|{r.content_id}|{r.user_id}")
+                marks.append(digests[i])
             (again if any(m in seen for m in marks) else first).append(i)
             seen.update(marks)
         out: list[Any] = [None] * len(reqs)
-        begun = await self._begin_many([reqs[i] for i in first], [_digest(reqs[i]) for i in first])
+        begun = await self._begin_many([reqs[i] for i in first], [digests[i] for i in first])
         for i, r in zip(first, begun, strict=True):
             out[i] = r
         for i in again:
-            key, digest = reqs[i].idempotency_key, _digest(reqs[i])
+            key, digest = reqs[i].idempotency_key, digests[i]
             try:
                 out[i] = (await self._begin(key, digest, self._planner(reqs[i], key, digest)))[0]
             except DomainError as exc:
@@ -626,16 +627,7 @@ class Gifting:
                         new_rows.append(p.row)
                     if new_rows:
                         await uow.conn.execute(self._insert_gifts.stmt, self._insert_gifts.params(new_rows))
-                    claims_new = [
-                        {
-                            "content_id": r["gift_id"],
-                            "user_id": r["sender_id"],
-                            "event_id": r["event_id"],
-                            "created_at_us": r["created_at_us"],
-                        }
-                        for r in new_rows
-                        if r["kind"] == GiftKind.UNLOCK.value
-                    ]
+                    claims_new = [_claim(r) for r in new_rows if r["kind"] == GiftKind.UNLOCK.value]
                     if claims_new:
                         # A concurrent unlock of the same content by the same user: IntegrityError below.
                         await uow.conn.execute(self._insert_unlocks.stmt, self._insert_unlocks.params(claims_new))
@@ -852,7 +844,8 @@ class Gifting:
         if self.settings.group_commit:
             gift = await self._begin_batcher.submit(req)
         else:
-            gift, _own = await self._begin(key, _digest(req), self._unlock_planner(req, key, _digest(req)))
+            digest = _digest(req)
+            gift, _own = await self._begin(key, digest, self._unlock_planner(req, key, digest))
         # This call's own unlock (new, or a retry of its key), or the user's earlier unlock of this
         # content under another key (not charged again).
         own = gift["idempotency_key"] == key
@@ -899,14 +892,7 @@ class Gifting:
                         return p.row, False
                     await uow.conn.execute(insert(gift_events).values(**p.row))
                     if p.row["kind"] == GiftKind.UNLOCK.value:
-                        await uow.conn.execute(
-                            insert(content_unlocks).values(
-                                content_id=p.row["gift_id"],
-                                user_id=p.row["sender_id"],
-                                event_id=p.row["event_id"],
-                                created_at_us=p.row["created_at_us"],
-                            )
-                        )
+                        await uow.conn.execute(insert(content_unlocks).values(**_claim(p.row)))
                     await uow.commit()
                     return p.row, True
             except IntegrityError:
@@ -1168,6 +1154,16 @@ def _digest(req: _Begin) -> str:
 
 def _sender(req: _Begin) -> str:
     return req.user_id if isinstance(req, gifting_pb2.UnlockContentRequest) else req.sender_id
+
+
+def _claim(row: dict[str, Any]) -> dict[str, Any]:
+    """The content_unlocks row of an unlock's gift row: the user's one unlock of that content."""
+    return {
+        "content_id": row["gift_id"],
+        "user_id": row["sender_id"],
+        "event_id": row["event_id"],
+        "created_at_us": row["created_at_us"],
+    }
 
 
 def _stream_pb(r: dict[str, Any]) -> gifting_pb2.Stream:
