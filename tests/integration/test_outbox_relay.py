@@ -149,10 +149,17 @@ async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(h
     assert harness.bus.atomic_streams == set(), "refused for another reason than a republish: no more tries"
 
 
-async def _running(relay: OutboxRelay, stop: asyncio.Event) -> asyncio.Task[None]:
+@contextlib.asynccontextmanager
+async def _relaying(relay: OutboxRelay) -> AsyncIterator[None]:
+    """The relay's own loop running in the background until the block ends."""
+    stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
     await asyncio.sleep(0)
-    return task
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_several_commits(
@@ -172,17 +179,12 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
         return sent
 
     monkeypatch.setattr(relay, "relay_once", counted)
-    stop = asyncio.Event()
-    task = await _running(relay, stop)
-    try:
+    async with _relaying(relay):
         await harness.add_events(2)  # a batch of two: load
         await asyncio.wait_for(first_sent.wait(), 5)
         for _ in range(3):  # three commits while the relay lingers
             await harness.add_events(2)
         assert await eventually(harness.unpublished, lambda n: n == 0, 5) == 0
-    finally:
-        stop.set()
-        await task
     assert batches == [2, 6], "the three commits made during the linger went out as one batch"
     assert await harness.stored() == 8
 
@@ -190,15 +192,10 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
 async def test_a_lone_event_never_makes_the_relay_linger(harness: _Harness) -> None:
     relay = harness.relay
     relay.linger_s, relay.poll_interval_s = 30.0, 30.0  # a linger (or a lost wake-up) would show
-    stop = asyncio.Event()
-    task = await _running(relay, stop)
-    try:
+    async with _relaying(relay):
         for n in (1, 2):
             await harness.add_events(1)
             assert await eventually(harness.stored, lambda s, n=n: s >= n, 5) == n
-    finally:
-        stop.set()
-        await task
 
 
 async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
@@ -219,14 +216,9 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
         return sent
 
     monkeypatch.setattr(relay, "relay_once", commit_meanwhile)
-    stop = asyncio.Event()
-    task = await _running(relay, stop)
-    try:
+    async with _relaying(relay):
         # Well within the 30 s poll: the wake-up was not lost.
         assert await eventually(harness.stored, lambda n: n >= 1, 5) == 1
-    finally:
-        stop.set()
-        await task
     assert await harness.unpublished() == 0
 
 
