@@ -9,8 +9,8 @@ deletes a row only after JetStream's PubAck, so a crash republishes, and the Nat
 A published row is deleted rather than marked: the event lives on in JetStream, the table stays
 as small as the backlog (it grew by every event ever published before), and PostgreSQL writes
 no new row version and no index entries for it. Rows marked by earlier versions
-(`published_at_us` set) are never read again; `DELETE FROM outbox WHERE published_at_us IS NOT
-NULL` removes them.
+(`published_at_us` set) were deleted by each service's migration 0004, which also dropped the
+partial index on unpublished rows (every row is unpublished now: the primary key serves).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text, text
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -46,12 +46,6 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("created_at_us", BigInteger, nullable=False),
         Column("published_at_us", BigInteger, nullable=True),
         Column("attempts", Integer, nullable=False, server_default="0"),
-    )
-    Index(
-        "ix_outbox_unpublished",
-        outbox.c.id,
-        sqlite_where=text("published_at_us IS NULL"),
-        postgresql_where=text("published_at_us IS NULL"),
     )
     inbox = Table(
         "inbox",

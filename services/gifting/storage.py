@@ -51,7 +51,7 @@ gift_events = Table(
     Column("client_key", String(128), nullable=False),
     Column("request_hash", String(64), nullable=False),
     Column("kind", String(16), nullable=False),
-    Column("stream_id", String(64), nullable=False, index=True),
+    Column("stream_id", String(64), nullable=False),
     Column("creator_id", String(128), nullable=False),
     Column("sender_id", String(128), nullable=False),
     Column("gift_id", String(64), nullable=False),

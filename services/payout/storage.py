@@ -46,7 +46,7 @@ earnings = Table(
     "earnings",
     metadata,
     Column("event_id", String(64), primary_key=True),
-    Column("creator_id", String(128), nullable=False, index=True),
+    Column("creator_id", String(128), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("sender_id", String(128), nullable=False),
     Column("stream_id", String(64), nullable=False),
