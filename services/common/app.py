@@ -23,7 +23,7 @@ from services.common.bus import Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.grpcserver import ServiceRegistration, create_server
-from services.common.inbox import Consumer, Subscription
+from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox, OutboxRelay
 from services.common.tables import CommonTables
@@ -106,6 +106,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
     for sub in wiring.subscriptions:
         tasks.append(asyncio.create_task(Consumer(db, bus, spec.tables, sub, settings).run(stop), name=sub.durable))
+    if wiring.subscriptions:
+        tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
     for loop_fn in wiring.background:
         tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))
 

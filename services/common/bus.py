@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, BadRequestError
 
-from services.common.config import ServiceSettings
+from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
 
@@ -23,7 +23,7 @@ STREAMS: dict[str, list[str]] = {
     "GIFTING": ["gifting.>"],
     "PAYOUT": ["payout.>"],
 }
-STREAM_MAX_AGE_S = 30 * 24 * 3600  # a month of replay for consumers that were down
+# STREAM_MAX_AGE_S (config.py): a month of replay for consumers that were down.
 
 
 class Bus:

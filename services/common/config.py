@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
+# reset to replay, can receive an event this long after it was published.
+STREAM_MAX_AGE_S = 30 * 24 * 3600
 
 
 class ServiceSettings(BaseSettings):
@@ -52,6 +56,11 @@ class ServiceSettings(BaseSettings):
     consumer_max_deliver: int = Field(default=20, ge=1, le=1000)
     consumer_linger_s: float = Field(default=0.1, ge=0, le=1)
     nats_duplicate_window_s: float = Field(default=120.0, gt=0)
+    # An inbox row is what makes a redelivered event a no-op, so it is kept longer than the
+    # streams keep the event (STREAM_MAX_AGE_S, 30 days); older rows are deleted every
+    # INBOX_PRUNE_INTERVAL_S in short transactions. 0 keeps every row forever.
+    inbox_retention_days: float = Field(default=45.0, ge=0, le=3650)
+    inbox_prune_interval_s: float = Field(default=600.0, gt=0, le=86_400)
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
 
     # Bearer token for operator RPCs (services/common/auth.py); unset = operator RPCs refused.
@@ -61,6 +70,16 @@ class ServiceSettings(BaseSettings):
 
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""
+
+    @field_validator("inbox_retention_days")
+    @classmethod
+    def _inbox_outlives_the_streams(cls, days: float) -> float:
+        if 0 < days * 86_400 <= STREAM_MAX_AGE_S:
+            raise ValueError(
+                f"must be more than the {STREAM_MAX_AGE_S // 86_400} days the streams keep events "
+                "(a replayed event could be applied twice), or 0 to keep inbox rows forever"
+            )
+        return days
 
 
 T = TypeVar("T", bound=ServiceSettings)

@@ -6,6 +6,12 @@ only after the commit are the messages acked. A crash before the ack redelivers 
 and the inbox makes it a no-op. A batch that fails is retried one message at a time so one
 bad event cannot hold up the rest; an event that keeps failing or cannot be decoded is
 parked in the dead_letters table for an operator and terminated, never silently dropped.
+
+Inbox rows are kept `INBOX_RETENTION_DAYS` (45 by default), longer than JetStream keeps an
+event (30 days), so any redelivery or replay the streams can make still finds its row; the
+`InboxPruner` deletes older rows in short transactions. The outbox relay's republish after a
+crash (PubAck received, row not yet deleted) comes when the service restarts: a service down
+for longer than the retention should be restarted with pruning off (0) until its outbox is empty.
 """
 
 from __future__ import annotations
@@ -22,15 +28,15 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from sqlalchemy import insert, select
+from sqlalchemy import BigInteger, bindparam, delete, insert, select, tuple_
 
 from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
-from services.common.loops import sleep_unless_stopped
-from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS
+from services.common.loops import run_every, sleep_unless_stopped
+from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
 from services.common.sql import bulk_insert, one_of_param
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Message)
+
+INBOX_PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
+US_PER_DAY = 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
@@ -227,3 +236,37 @@ class Consumer(Generic[E]):
             "event parked in dead_letters",
             extra={"consumer": self.sub.durable, "event_id": event_id, "error": error},
         )
+
+
+class InboxPruner:
+    """Deletes inbox rows older than the retention, a chunk per transaction, every interval."""
+
+    def __init__(self, db: Database, tables: CommonTables, settings: ServiceSettings) -> None:
+        self.db = db
+        self.retention_us = int(settings.inbox_retention_days * US_PER_DAY)
+        self.interval_s = settings.inbox_prune_interval_s
+        inbox = tables.inbox
+        oldest = (
+            select(inbox.c.consumer, inbox.c.event_id)
+            .where(inbox.c.received_at_us < bindparam("before", type_=BigInteger))
+            .limit(INBOX_PRUNE_CHUNK)
+        )
+        self._delete = delete(inbox).where(tuple_(inbox.c.consumer, inbox.c.event_id).in_(oldest))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Prune every interval until `stop` (0 days of retention: never)."""
+        if self.retention_us > 0:
+            await run_every(stop, self.interval_s, self.prune_once, "inbox rows pruned")
+
+    async def prune_once(self, now: int | None = None) -> int:
+        """Delete every row received before now - retention; how many were deleted."""
+        before = (now_us() if now is None else now) - self.retention_us
+        total = 0
+        while True:
+            async with self.db.unit_of_work() as uow:
+                deleted = (await uow.conn.execute(self._delete, {"before": before})).rowcount
+                await uow.commit()
+            total += deleted
+            INBOX_PRUNED.inc(deleted)
+            if deleted < INBOX_PRUNE_CHUNK:
+                return total

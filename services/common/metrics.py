@@ -18,4 +18,5 @@ CONSUMER_BATCH = Histogram(
     ["consumer"],
     buckets=(1, 4, 16, 64, 256, 1024),
 )
+INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -53,6 +53,15 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("consumer", String(100), primary_key=True),
         Column("event_id", String(64), primary_key=True),
         Column("received_at_us", BigInteger, nullable=False),
+    )
+    # For pruning by age (services/common/inbox.py InboxPruner). Rows arrive in received order,
+    # so on PostgreSQL a BRIN index (a few pages, no entry per row) finds the old ones;
+    # autosummarize keeps it current between vacuums. SQLite has B-trees only.
+    Index(
+        "ix_inbox_received_at",
+        inbox.c.received_at_us,
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
     )
     dead_letters = Table(
         "dead_letters",

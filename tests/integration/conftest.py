@@ -145,6 +145,21 @@ class Clients:
     channels: list[grpc.aio.Channel]
 
 
+@pytest.fixture(params=BACKENDS)
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own, on each backend, for tests that bring their own schema."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    admin = pg.admin_url_or_skip()
+    name = f"lg_empty_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    try:
+        yield pg.database_url(admin, name)
+    finally:
+        pg.drop_database(admin, name)
+
+
 @pytest.fixture
 async def clients(deployment: Deployment) -> AsyncIterator[Clients]:
     """Fresh channels per test (channels belong to the test's event loop)."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,25 +21,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common.db import normalize_url
 from services.common.migrate import alembic_config, upgrade_head
-from tests.integration import pg
 
 SERVICES = ("wallet", "gifting", "payout")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database on each backend (the PostgreSQL leg skips when it has none)."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
-        return
-    admin = pg.admin_url_or_skip()
-    name = f"lg_migrations_{uuid.uuid4().hex[:12]}"
-    pg.create_database(admin, name)
-    try:
-        yield pg.database_url(admin, name)
-    finally:
-        pg.drop_database(admin, name)
 
 
 async def _execute(url: str, *statements: str) -> list[tuple[object, ...]]:
@@ -59,10 +41,10 @@ async def _execute(url: str, *statements: str) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-async def test_the_migrations_build_the_schema_the_code_declares(new_database: str, service: str) -> None:
-    await upgrade_head(ROOT / "services" / service / "migrations", new_database)
+async def test_the_migrations_build_the_schema_the_code_declares(empty_database: str, service: str) -> None:
+    await upgrade_head(ROOT / "services" / service / "migrations", empty_database)
     declared = importlib.import_module(f"services.{service}.storage").metadata
-    engine = create_async_engine(normalize_url(new_database))
+    engine = create_async_engine(normalize_url(empty_database))
     try:
         async with engine.connect() as conn:
             diff = await conn.run_sync(
@@ -74,16 +56,16 @@ async def test_the_migrations_build_the_schema_the_code_declares(new_database: s
 
 
 @pytest.mark.parametrize("service", SERVICES)
-async def test_migration_0004_deletes_the_outbox_rows_kept_after_publishing(new_database: str, service: str) -> None:
-    cfg = alembic_config(ROOT / "services" / service / "migrations", new_database)
+async def test_migration_0004_deletes_the_outbox_rows_kept_after_publishing(empty_database: str, service: str) -> None:
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
     await asyncio.to_thread(command.upgrade, cfg, "0003")
     insert = (
         "INSERT INTO outbox (event_id, subject, payload, headers, created_at_us, published_at_us, attempts) "
         "VALUES ('{}', 's.x.y', '', '{{}}', 1, {}, 0)"
     )
-    await _execute(new_database, insert.format("published", 2), insert.format("waiting", "NULL"))
+    await _execute(empty_database, insert.format("published", 2), insert.format("waiting", "NULL"))
     await asyncio.to_thread(command.upgrade, cfg, "head")
-    assert await _execute(new_database, "SELECT event_id FROM outbox") == [("waiting",)]
+    assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]
     # And back: the index comes back, the published row does not (it was sent).
     await asyncio.to_thread(command.downgrade, cfg, "0003")
-    assert await _execute(new_database, "SELECT event_id FROM outbox") == [("waiting",)]
+    assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]

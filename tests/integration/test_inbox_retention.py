@@ -1,0 +1,84 @@
+"""Inbox rows are deleted after the retention, in chunks, and never before (SQLite and PostgreSQL).
+
+An inbox row is what makes a redelivered event a no-op, so the pruner must keep every row
+younger than INBOX_RETENTION_DAYS, which must outlive the streams' 30 days.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from services.common import inbox as inbox_module
+from services.common.config import ServiceSettings
+from services.common.db import Database
+from services.common.inbox import InboxPruner
+from services.common.migrate import upgrade_head
+from services.gifting.storage import common
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY_US = 86_400 * 1_000_000
+NOW_US = 1_800_000_000 * 1_000_000
+
+
+def _settings(url: str, **kw: object) -> ServiceSettings:
+    return ServiceSettings(database_url=url, nats_url="nats://127.0.0.1:1", **kw)  # type: ignore[arg-type]
+
+
+async def _ids(db: Database) -> list[str]:
+    async with db.unit_of_work(readonly=True) as uow:
+        return sorted((await uow.conn.execute(select(common.inbox.c.event_id))).scalars())
+
+
+async def test_rows_past_the_retention_go_in_chunks_and_younger_ones_stay(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)  # the real table and index
+    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
+    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+    try:
+        ages_days = {f"old-{i}": 46 + i for i in range(7)} | {"edge": 45, "young": 44, "new": 0}
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(common.inbox),
+                [
+                    {"consumer": "c", "event_id": eid, "received_at_us": NOW_US - days * DAY_US}
+                    for eid, days in ages_days.items()
+                ],
+            )
+            await uow.commit()
+        pruner = InboxPruner(db, common, _settings(empty_database, inbox_retention_days=45))
+        # Seven rows past 45 days, three per transaction: 3 + 3 + 1. A row exactly 45 days old stays.
+        assert await pruner.prune_once(now=NOW_US) == 7
+        assert await _ids(db) == ["edge", "new", "young"]
+        assert await pruner.prune_once(now=NOW_US) == 0
+        async with db.unit_of_work(readonly=True) as uow:
+            assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
+    finally:
+        await db.dispose()
+
+
+async def test_a_retention_of_zero_keeps_every_row(empty_database: str) -> None:
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(common.inbox), [{"consumer": "c", "event_id": "ancient", "received_at_us": 0}]
+            )
+            await uow.commit()
+        pruner = InboxPruner(db, common, _settings(empty_database, inbox_retention_days=0))
+        stop = asyncio.Event()
+        await asyncio.wait_for(pruner.run(stop), 5)  # returns at once: nothing to do, ever
+        assert await _ids(db) == ["ancient"]
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("days", [1, 30])
+def test_a_retention_no_longer_than_the_streams_keep_events_is_refused(days: int) -> None:
+    with pytest.raises(ValueError, match="more than the 30 days the streams keep events"):
+        _settings("sqlite+aiosqlite:///x.db", inbox_retention_days=days)
