@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from collections import Counter
 from typing import Any
@@ -43,8 +44,12 @@ ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains 
 
 
 def new_event_id() -> str:
-    """A fresh, globally unique event id."""
-    return uuid.uuid4().hex
+    """A fresh, globally unique id: 128 random bits as 32 hex digits.
+
+    uuid4().hex's form without its version bits, at a fifth of its cost (no UUID object): a
+    batch of 100 gifts makes 100 of these in gifting and 100 entry ids in the wallet.
+    """
+    return os.urandom(16).hex()
 
 
 class Outbox:

@@ -809,8 +809,8 @@ class Gifting:
                         known,
                     )
             await self.outbox.add_many(uow, [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped])
-            others = [i for i in ids if i not in {r["event_id"] for r in flipped}]
             rows = {r["event_id"]: r for r in flipped}
+            others = [i for i in ids if i not in rows]
             if others:
                 rows |= {
                     r.event_id: r._asdict()
@@ -1219,7 +1219,7 @@ def _new_gift(
 ) -> dict[str, Any]:
     ts = now_us()
     return {
-        "event_id": uuid.uuid4().hex,
+        "event_id": new_event_id(),
         "idempotency_key": key,
         "client_key": key,
         "request_hash": digest,

@@ -4,9 +4,9 @@ Every Spend goes through here: a single Spend is a batch of one (or joins concur
 group commit), SpendMany is a batch its caller gathered. The work per batch is a fixed number
 of statements, whatever its size:
 
-1. read the keys already recorded (a retry gets its stored answer);
-2. claim the new keys (INSERT ... ON CONFLICT DO NOTHING, then read them back): a key a
-   concurrent call claimed first is answered from its record once that call has finished;
+1. claim every key (INSERT ... ON CONFLICT DO NOTHING, in key order);
+2. read them back: a key recorded before (a retry) or claimed first by a concurrent call gets
+   its stored answer, once that call has finished; the rest are this batch's;
 3. lock the spend counters, then the coin accounts, of every sender, in sorted order (the lock
    order of every writer, so batches cannot deadlock; PostgreSQL; SQLite serializes writers);
 4. decide each item in request order against running counters and balances, in the order a
@@ -25,7 +25,6 @@ import datetime as dt
 import functools
 import hashlib
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,7 @@ from services.common.errors import (
     require_key,
     require_positive,
 )
+from services.common.outbox import new_event_id
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
 from services.common.timeutil import now_us
 from services.wallet import domain
@@ -57,6 +57,10 @@ from services.wallet.storage import accounts, journal_entries, postings, spend_c
 SPENT = "SPENT"
 CANCELLED = "CANCELLED"
 REFERENCE_ID_MAX = 128
+# Iterating an Enum and calling it on a value are slow next to a tuple and a dict look-up, and the
+# batch does both per sender and per counter row.
+PERIODS = tuple(Period)
+PERIOD_OF = {p.value: p for p in Period}
 DEADLOCK_RETRIES = 3  # PostgreSQL aborts one side of a deadlock (first spend of a period); it is retried whole
 _RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
 _REASONS = {
@@ -76,7 +80,7 @@ class _Item:
     key: str
     digest: str
     reason: SpendReason
-    entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    entry_id: str = field(default_factory=new_event_id)
 
 
 def spend_digest(req: wallet_pb2.SpendRequest, reason: SpendReason) -> str:
@@ -267,49 +271,44 @@ class SpendBatch:
         async with self.db.unit_of_work() as uow:
             conn = uow.conn
             keys = sorted(it.key for it in items)
-            recorded = {
-                r.idempotency_key: r for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": keys})
-            }
             by_key = {it.key: it for it in items}
-            for key, row in recorded.items():
-                out[key] = answer_of(row, by_key[key].digest)
-            new = [by_key[k] for k in keys if k not in recorded]
             ts = now_us()
+            # Every key is claimed, then read back (no read before: a retried key's claim is a
+            # no-op and the read after answers it too). No RETURNING: a plain executemany is
+            # one prepared statement for any batch size. A key is ours when its row carries the
+            # entry id we generated; otherwise it was recorded before, or a concurrent call
+            # claimed it first and has finished by now (the insert waited for it).
+            claim = self._stmts.claim
+            await conn.execute(
+                claim.stmt,
+                claim.params(
+                    [
+                        {
+                            "idempotency_key": it.key,
+                            "status": SPENT,
+                            "entry_id": it.entry_id,
+                            "user_id": it.req.user_id,
+                            "amount": it.req.amount,
+                            "reason": it.reason.value,
+                            "reference_id": it.req.reference_id,
+                            "request_hash": it.digest,
+                            "created_at_us": ts,
+                        }
+                        for it in (by_key[k] for k in keys)  # in key order: concurrent batches lock alike
+                    ]
+                ),
+            )
             claimed: set[str] = set()
-            if new:
-                # No RETURNING: a plain executemany is one prepared statement for any batch size.
-                # A key is ours when its row carries the entry id we generated; otherwise a
-                # concurrent call claimed it first and has finished by now (the insert waited).
-                claim = self._stmts.claim
-                await conn.execute(
-                    claim.stmt,
-                    claim.params(
-                        [
-                            {
-                                "idempotency_key": it.key,
-                                "status": SPENT,
-                                "entry_id": it.entry_id,
-                                "user_id": it.req.user_id,
-                                "amount": it.req.amount,
-                                "reason": it.reason.value,
-                                "reference_id": it.req.reference_id,
-                                "request_hash": it.digest,
-                                "created_at_us": ts,
-                            }
-                            for it in new
-                        ]
-                    ),
-                )
-                rows = await conn.execute(recorded_spends(self.db.dialect), {"keys": [it.key for it in new]})
-                for r in rows:
-                    it = by_key[r.idempotency_key]
-                    if r.entry_id == it.entry_id:
-                        claimed.add(it.key)
-                    else:
-                        out[it.key] = answer_of(r, it.digest)
-                for it in new:
-                    if it.key not in claimed:
-                        out.setdefault(it.key, Aborted("the spend is being settled concurrently, retry", "CONFLICT"))
+            for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": keys}):
+                it = by_key[r.idempotency_key]
+                if r.entry_id == it.entry_id:
+                    claimed.add(it.key)
+                else:
+                    out[it.key] = answer_of(r, it.digest)
+            for it in items:
+                if it.key not in claimed:
+                    # Claimed by a concurrent call that then dropped it (a refusal): retry.
+                    out.setdefault(it.key, Aborted("the spend is being settled concurrently, retry", "CONFLICT"))
             mine = [it for it in items if it.key in claimed]  # request order
             if mine:
                 out |= await self._decide_and_write(uow, mine, settle, ts)
@@ -339,10 +338,10 @@ class SpendBatch:
         states: dict[str, list[tuple[Period, LimitState]]] = {}
         for r in await conn.execute(self._stmts.limits, {"ids": senders}):
             states.setdefault(r.user_id, []).append(
-                (Period(r.period), LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us))
+                (PERIOD_OF[r.period], LimitState(r.limit_coins, r.pending_limit_coins, r.pending_at_us))
             )
         caps = {
-            u: {p: domain.effective_limit([st for q, st in states.get(u, []) if q is p], now) for p in Period}
+            u: {p: domain.effective_limit([st for q, st in states.get(u, []) if q is p], now) for p in PERIODS}
             for u in senders
         }
         today = dt.datetime.fromtimestamp(now / 1_000_000, tz=dt.UTC).date()
@@ -355,7 +354,7 @@ class SpendBatch:
                 self._check_sender(restrictions.get(user), today, named=bool(it.req.recipient_user_id))
                 if it.req.recipient_user_id:
                     self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
-                for period in Period:
+                for period in PERIODS:
                     cap = caps[user][period]
                     if cap is not None and counters[(user, period)] + amount > cap:
                         raise ResourceExhausted(
@@ -374,7 +373,7 @@ class SpendBatch:
                 out[it.key] = exc
                 continue
             balances[acc] -= amount
-            for period in Period:
+            for period in PERIODS:
                 counters[(user, period)] += amount
             done.append((it, balances[acc]))
             out[it.key] = wallet_pb2.SpendResponse(spend_id=it.entry_id, amount=amount, balance_after=balances[acc])
@@ -425,20 +424,18 @@ class SpendBatch:
         async def read(who: list[str]) -> dict[tuple[str, Period], int]:
             rows = await uow.conn.execute(self._stmts.lock_counters, {"ids": who, "keys": current})
             return {
-                (r.user_id, Period(r.period)): int(r.spent_coins)
-                for r in rows
-                if periods[Period(r.period)] == r.period_key
+                (r.user_id, p): int(r.spent_coins) for r in rows if periods[p := PERIOD_OF[r.period]] == r.period_key
             }
 
         counters = await read(senders)
-        missing = [(u, p) for u in senders for p in Period if (u, p) not in counters]
+        missing = [(u, p) for u in senders for p in PERIODS if (u, p) not in counters]
         if missing:
             # First spend of a period: past periods' rows are never read again, so drop them (only
             # older ones: a replica whose clock runs behind must not erase a newer one).
             await uow.conn.execute(
                 delete(spend_counters).where(
                     one_of(self.db.dialect, c.user_id, sorted({u for u, _ in missing})),
-                    or_(*(and_(c.period == p.value, c.period_key < periods[p]) for p in Period)),
+                    or_(*(and_(c.period == p.value, c.period_key < periods[p]) for p in PERIODS)),
                 )
             )
             await uow.conn.execute(
@@ -446,7 +443,7 @@ class SpendBatch:
                 [{"user_id": u, "period": p.value, "period_key": periods[p], "spent_coins": 0} for u, p in missing],
             )
             counters |= await read(sorted({u for u, _ in missing}))
-        check(all((u, p) in counters for u in senders for p in Period), "every sender has its period counters")
+        check(all((u, p) in counters for u in senders for p in PERIODS), "every sender has its period counters")
         return counters
 
     async def _write(
@@ -470,7 +467,7 @@ class SpendBatch:
         await conn.execute(
             set_counter.stmt,
             set_counter.params(
-                [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in Period]
+                [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in PERIODS]
             ),
         )
         entries, legs = [], []
