@@ -8,6 +8,7 @@ consumed) is reported as "in flight", not as a failure.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+log = logging.getLogger(__name__)
+# Answers worth asking again while waiting for the books to settle.
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 OK, IN_FLIGHT, FAILED = "ok", "in flight", "FAILED"
 IDS_SHOWN_MAX = 10
@@ -202,7 +207,17 @@ def wait_until_settled(
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        report = check_invariants(fetch())
+        try:
+            totals = fetch()
+        except grpc.RpcError as exc:
+            # A service that lost its database connections answers UNAVAILABLE once per dead
+            # pooled connection (they are not pinged before use): retry while there is time.
+            if exc.code() not in TRANSIENT or time.monotonic() > deadline:
+                raise
+            log.warning("audit call failed, retrying", extra={"code": exc.code().name})
+            time.sleep(0.5)
+            continue
+        report = check_invariants(totals)
         if progress is not None:
             progress(report)
         if all(c.status == OK for c in report) or any(c.status == FAILED for c in report):

@@ -1,0 +1,53 @@
+"""`wait_until_settled` rides out a service's transient answers while it waits, and only those."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.cli.audit import OK, Totals, wait_until_settled
+
+
+class _Failed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def _fetch(failures: list[grpc.StatusCode]) -> tuple[list[int], object]:
+    calls = [0]
+
+    def fetch() -> Totals:
+        calls[0] += 1
+        if failures:
+            raise _Failed(failures.pop(0))
+        # Empty books: every invariant holds.
+        return Totals(wallet_pb2.WalletAudit(), gifting_pb2.GiftingAudit(), payout_pb2.PayoutAudit())
+
+    return calls, fetch
+
+
+def test_unavailable_and_deadline_answers_are_asked_again_until_the_books_settle() -> None:
+    calls, fetch = _fetch([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+    report = wait_until_settled(fetch, 10.0)  # type: ignore[arg-type]
+    assert calls == [3]
+    assert report and all(c.status == OK for c in report)
+
+
+def test_any_other_error_ends_the_wait_at_once() -> None:
+    calls, fetch = _fetch([grpc.StatusCode.INTERNAL])
+    with pytest.raises(grpc.RpcError):
+        wait_until_settled(fetch, 10.0)  # type: ignore[arg-type]
+    assert calls == [1]
+
+
+def test_without_time_left_a_transient_error_is_raised() -> None:
+    calls, fetch = _fetch([grpc.StatusCode.UNAVAILABLE])
+    with pytest.raises(grpc.RpcError):
+        wait_until_settled(fetch, -1.0)  # type: ignore[arg-type]
+    assert calls == [1]
