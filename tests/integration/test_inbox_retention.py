@@ -1,4 +1,5 @@
-"""Inbox rows are deleted after the retention, in chunks, and never before (SQLite and PostgreSQL).
+"""Inbox rows are deleted after the retention, in chunks, and never before (SQLite and PostgreSQL);
+each running service prunes its own inbox.
 
 An inbox row is what makes a redelivered event a no-op, so the pruner must keep every row
 younger than INBOX_RETENTION_DAYS, which must outlive the streams' 30 days.
@@ -7,17 +8,23 @@ younger than INBOX_RETENTION_DAYS, which must outlive the streams' 30 days.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select
 
+from services.cli.suite import Suite
 from services.common import inbox as inbox_module
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.inbox import InboxPruner
 from services.common.migrate import upgrade_head
 from services.gifting.storage import common
+from tests.integration.conftest import suite_config
+from tests.integration.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY_US = 86_400 * 1_000_000
@@ -82,3 +89,26 @@ async def test_a_retention_of_zero_keeps_every_row(empty_database: str) -> None:
 def test_a_retention_no_longer_than_the_streams_keep_events_is_refused(days: int) -> None:
     with pytest.raises(ValueError, match="more than the 30 days the streams keep events"):
         _settings("sqlite+aiosqlite:///x.db", inbox_retention_days=days)
+
+
+async def test_a_running_service_prunes_its_inbox_every_interval(tmp_path: Path) -> None:
+    """The wiring: each service runs the pruner; a row that turns old while it runs goes at the next round."""
+    suite = Suite(suite_config(tmp_path, {}, {"payout": {"LIVEGIFTS_PAYOUT_INBOX_PRUNE_INTERVAL_S": "0.2"}}))
+    db_file = tmp_path / "payout.db"
+    try:
+        await asyncio.to_thread(suite.start)  # migrates payout.db, then the first pruning round runs
+        now = time.time_ns() // 1000
+        with contextlib.closing(sqlite3.connect(db_file, timeout=10)) as conn, conn:
+            conn.executemany(
+                "INSERT INTO inbox (consumer, event_id, received_at_us) VALUES (?, ?, ?)",
+                [("payout-gift-sent", "ancient", now - 46 * DAY_US), ("payout-gift-sent", "recent", now - DAY_US)],
+            )
+
+        async def kept() -> list[str]:
+            with contextlib.closing(sqlite3.connect(db_file, timeout=10)) as conn:
+                return sorted(r[0] for r in conn.execute("SELECT event_id FROM inbox"))
+
+        assert await eventually(kept, lambda ids: "ancient" not in ids, 10) == ["recent"]
+        assert any("inbox rows pruned" in line for line in (suite.log_dir / "payout.log").read_text().splitlines())
+    finally:
+        await asyncio.to_thread(suite.stop)
