@@ -48,6 +48,7 @@ tracer = trace.get_tracer(__name__)
 E = TypeVar("E", bound=Message)
 
 INBOX_PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
+INBOX_PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long pruning round
 US_PER_DAY = 86_400 * 1_000_000
 
 
@@ -245,6 +246,7 @@ class InboxPruner:
         self.db = db
         self.retention_us = int(settings.inbox_retention_days * US_PER_DAY)
         self.interval_s = settings.inbox_prune_interval_s
+        self._stop: asyncio.Event | None = None
         inbox = tables.inbox
         oldest = (
             select(inbox.c.consumer, inbox.c.event_id)
@@ -256,10 +258,15 @@ class InboxPruner:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune every interval until `stop` (0 days of retention: never)."""
         if self.retention_us > 0:
+            self._stop = stop
             await run_every(stop, self.interval_s, self.prune_once, "inbox rows pruned")
 
     async def prune_once(self, now: int | None = None) -> int:
-        """Delete every row received before now - retention; how many were deleted."""
+        """Delete every row received before now - retention; how many were deleted.
+
+        A large backlog (the first round on a database from before pruning) goes chunk after
+        chunk, with a progress line every INBOX_PRUNE_PROGRESS_EVERY rows, until done or stopped.
+        """
         before = (now_us() if now is None else now) - self.retention_us
         total = 0
         while True:
@@ -268,5 +275,7 @@ class InboxPruner:
                 await uow.commit()
             total += deleted
             INBOX_PRUNED.inc(deleted)
-            if deleted < INBOX_PRUNE_CHUNK:
+            if deleted < INBOX_PRUNE_CHUNK or (self._stop is not None and self._stop.is_set()):
                 return total
+            if total % INBOX_PRUNE_PROGRESS_EVERY < INBOX_PRUNE_CHUNK:
+                log.info("pruning the inbox", extra={"rows_deleted": total})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -64,6 +65,39 @@ async def test_rows_past_the_retention_go_in_chunks_and_younger_ones_stay(
         assert await pruner.prune_once(now=NOW_US) == 0
         async with db.unit_of_work(readonly=True) as uow:
             assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
+    finally:
+        await db.dispose()
+
+
+async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
+    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_PROGRESS_EVERY", 6)
+    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(common.inbox),
+                [{"consumer": "c", "event_id": f"old-{i:02d}", "received_at_us": i} for i in range(20)],
+            )
+            await uow.commit()
+        pruner = InboxPruner(db, common, _settings(empty_database))
+        with caplog.at_level(logging.INFO, logger="services.common.inbox"):
+            assert await pruner.prune_once(now=NOW_US) == 20  # 3 + 3 + ... + 2
+        progress = [r.rows_deleted for r in caplog.records if r.getMessage() == "pruning the inbox"]  # type: ignore[attr-defined]
+        assert progress == [6, 12, 18]
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(common.inbox),
+                [{"consumer": "c", "event_id": f"again-{i}", "received_at_us": i} for i in range(9)],
+            )
+            await uow.commit()
+        pruner._stop = asyncio.Event()
+        pruner._stop.set()  # shutting down: the round ends after the chunk in hand
+        assert await pruner.prune_once(now=NOW_US) == 3
+        assert len(await _ids(db)) == 6
     finally:
         await db.dispose()
 
