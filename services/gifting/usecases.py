@@ -328,10 +328,10 @@ class Gifting:
         require_id(req.sender_id, "sender_id")
         require_id(req.gift_id, "gift_id")
         key = require_key(req.idempotency_key)
-        digest = _gift_digest(req)
         if self.settings.group_commit:
-            gift = await self._begin_batcher.submit(req)
+            gift = await self._begin_batcher.submit(req)  # the batch computes each digest once
         else:
+            digest = _gift_digest(req)
             gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
         return _receipt(await self._settle(gift))
 
