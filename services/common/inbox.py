@@ -246,7 +246,6 @@ class InboxPruner:
         self.db = db
         self.retention_us = int(settings.inbox_retention_days * US_PER_DAY)
         self.interval_s = settings.inbox_prune_interval_s
-        self._stop: asyncio.Event | None = None
         inbox = tables.inbox
         oldest = (
             select(inbox.c.consumer, inbox.c.event_id)
@@ -258,10 +257,9 @@ class InboxPruner:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune every interval until `stop` (0 days of retention: never)."""
         if self.retention_us > 0:
-            self._stop = stop
-            await run_every(stop, self.interval_s, self.prune_once, "inbox rows pruned")
+            await run_every(stop, self.interval_s, lambda: self.prune_once(stop=stop), "inbox rows pruned")
 
-    async def prune_once(self, now: int | None = None) -> int:
+    async def prune_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
         """Delete every row received before now - retention; how many were deleted.
 
         A large backlog (the first round on a database from before pruning) goes chunk after
@@ -275,7 +273,7 @@ class InboxPruner:
                 await uow.commit()
             total += deleted
             INBOX_PRUNED.inc(deleted)
-            if deleted < INBOX_PRUNE_CHUNK or (self._stop is not None and self._stop.is_set()):
+            if deleted < INBOX_PRUNE_CHUNK or (stop is not None and stop.is_set()):
                 return total
             if total % INBOX_PRUNE_PROGRESS_EVERY < INBOX_PRUNE_CHUNK:
                 log.info("pruning the inbox", extra={"rows_deleted": total})

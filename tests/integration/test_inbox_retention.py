@@ -94,9 +94,9 @@ async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
                 [{"consumer": "c", "event_id": f"again-{i}", "received_at_us": i} for i in range(9)],
             )
             await uow.commit()
-        pruner._stop = asyncio.Event()
-        pruner._stop.set()  # shutting down: the round ends after the chunk in hand
-        assert await pruner.prune_once(now=NOW_US) == 3
+        stopping = asyncio.Event()
+        stopping.set()  # shutting down: the round ends after the chunk in hand
+        assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
         assert len(await _ids(db)) == 6
     finally:
         await db.dispose()
