@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,87 +37,71 @@ def _settings(url: str, **kw: object) -> ServiceSettings:
     return ServiceSettings(database_url=url, nats_url="nats://127.0.0.1:1", **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+async def db(empty_database: str) -> AsyncIterator[Database]:
+    """An empty database with a service's real inbox table and index (gifting's migrations)."""
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    database = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+async def _received(db: Database, rows: dict[str, int]) -> None:
+    """Inbox rows of one consumer: event id -> received_at_us."""
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(common.inbox),
+            [{"consumer": "c", "event_id": eid, "received_at_us": at} for eid, at in rows.items()],
+        )
+        await uow.commit()
+
+
 async def _ids(db: Database) -> list[str]:
     async with db.unit_of_work(readonly=True) as uow:
         return sorted((await uow.conn.execute(select(common.inbox.c.event_id))).scalars())
 
 
 async def test_rows_past_the_retention_go_in_chunks_and_younger_ones_stay(
-    empty_database: str, monkeypatch: pytest.MonkeyPatch
+    db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)  # the real table and index
     monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
-    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
-    try:
-        ages_days = {f"old-{i}": 46 + i for i in range(7)} | {"edge": 45, "young": 44, "new": 0}
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(common.inbox),
-                [
-                    {"consumer": "c", "event_id": eid, "received_at_us": NOW_US - days * DAY_US}
-                    for eid, days in ages_days.items()
-                ],
-            )
-            await uow.commit()
-        pruner = InboxPruner(db, common, _settings(empty_database, inbox_retention_days=45))
-        # Seven rows past 45 days, three per transaction: 3 + 3 + 1. A row exactly 45 days old stays.
-        assert await pruner.prune_once(now=NOW_US) == 7
-        assert await _ids(db) == ["edge", "new", "young"]
-        assert await pruner.prune_once(now=NOW_US) == 0
-        async with db.unit_of_work(readonly=True) as uow:
-            assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
-    finally:
-        await db.dispose()
+    ages_days = {f"old-{i}": 46 + i for i in range(7)} | {"edge": 45, "young": 44, "new": 0}
+    await _received(db, {eid: NOW_US - days * DAY_US for eid, days in ages_days.items()})
+    pruner = InboxPruner(db, common, _settings(db.url, inbox_retention_days=45))
+    # Seven rows past 45 days, three per transaction: 3 + 3 + 1. A row exactly 45 days old stays.
+    assert await pruner.prune_once(now=NOW_US) == 7
+    assert await _ids(db) == ["edge", "new", "young"]
+    assert await pruner.prune_once(now=NOW_US) == 0
+    async with db.unit_of_work(readonly=True) as uow:
+        assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
 
 
 async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
-    empty_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
     monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
     monkeypatch.setattr(inbox_module, "INBOX_PRUNE_PROGRESS_EVERY", 6)
-    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
-    try:
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(common.inbox),
-                [{"consumer": "c", "event_id": f"old-{i:02d}", "received_at_us": i} for i in range(20)],
-            )
-            await uow.commit()
-        pruner = InboxPruner(db, common, _settings(empty_database))
-        with caplog.at_level(logging.INFO, logger="services.common.inbox"):
-            assert await pruner.prune_once(now=NOW_US) == 20  # 3 + 3 + ... + 2
-        progress = [r.rows_deleted for r in caplog.records if r.getMessage() == "pruning the inbox"]  # type: ignore[attr-defined]
-        assert progress == [6, 12, 18]
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(common.inbox),
-                [{"consumer": "c", "event_id": f"again-{i}", "received_at_us": i} for i in range(9)],
-            )
-            await uow.commit()
-        stopping = asyncio.Event()
-        stopping.set()  # shutting down: the round ends after the chunk in hand
-        assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
-        assert len(await _ids(db)) == 6
-    finally:
-        await db.dispose()
+    await _received(db, {f"old-{i:02d}": i for i in range(20)})
+    pruner = InboxPruner(db, common, _settings(db.url))
+    with caplog.at_level(logging.INFO, logger="services.common.inbox"):
+        assert await pruner.prune_once(now=NOW_US) == 20  # 3 + 3 + ... + 2
+    progress = [r.rows_deleted for r in caplog.records if r.getMessage() == "pruning the inbox"]  # type: ignore[attr-defined]
+    assert progress == [6, 12, 18]
+    await _received(db, {f"again-{i}": i for i in range(9)})
+    stopping = asyncio.Event()
+    stopping.set()  # shutting down: the round ends after the chunk in hand
+    assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
+    assert len(await _ids(db)) == 6
 
 
-async def test_a_retention_of_zero_keeps_every_row(empty_database: str) -> None:
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
-    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
-    try:
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(common.inbox), [{"consumer": "c", "event_id": "ancient", "received_at_us": 0}]
-            )
-            await uow.commit()
-        pruner = InboxPruner(db, common, _settings(empty_database, inbox_retention_days=0))
-        stop = asyncio.Event()
-        await asyncio.wait_for(pruner.run(stop), 5)  # returns at once: nothing to do, ever
-        assert await _ids(db) == ["ancient"]
-    finally:
-        await db.dispose()
+async def test_a_retention_of_zero_keeps_every_row(db: Database) -> None:
+    await _received(db, {"ancient": 0})
+    pruner = InboxPruner(db, common, _settings(db.url, inbox_retention_days=0))
+    stop = asyncio.Event()
+    await asyncio.wait_for(pruner.run(stop), 5)  # returns at once: nothing to do, ever
+    assert await _ids(db) == ["ancient"]
 
 
 @pytest.mark.parametrize("days", [1, 30])

@@ -66,6 +66,6 @@ async def test_migration_0004_deletes_the_outbox_rows_kept_after_publishing(empt
     await _execute(empty_database, insert.format("published", 2), insert.format("waiting", "NULL"))
     await asyncio.to_thread(command.upgrade, cfg, "head")
     assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]
-    # And back: the index comes back, the published row does not (it was sent).
+    # And back: the downgrade runs (it recreates the indexes); the published row stays gone (it was sent).
     await asyncio.to_thread(command.downgrade, cfg, "0003")
     assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]
