@@ -150,10 +150,10 @@ async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(h
 
 
 @contextlib.asynccontextmanager
-async def _relaying(relay: OutboxRelay) -> AsyncIterator[None]:
-    """The relay's own loop running in the background until the block ends."""
+async def _running(loop: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
+    """A background loop (the relay's, a consumer's) running until the block ends, then stopped."""
     stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
+    task = asyncio.create_task(loop(stop))
     await asyncio.sleep(0)
     try:
         yield
@@ -179,7 +179,7 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
         return sent
 
     monkeypatch.setattr(relay, "relay_once", counted)
-    async with _relaying(relay):
+    async with _running(relay.run):
         await harness.add_events(2)  # a batch of two: load
         await asyncio.wait_for(first_sent.wait(), 5)
         for _ in range(3):  # three commits while the relay lingers
@@ -192,7 +192,7 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
 async def test_a_lone_event_never_makes_the_relay_linger(harness: _Harness) -> None:
     relay = harness.relay
     relay.linger_s, relay.poll_interval_s = 30.0, 30.0  # a linger (or a lost wake-up) would show
-    async with _relaying(relay):
+    async with _running(relay.run):
         for n in (1, 2):
             await harness.add_events(1)
             assert await eventually(harness.stored, lambda s, n=n: s >= n, 5) == n
@@ -216,7 +216,7 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
         return sent
 
     monkeypatch.setattr(relay, "relay_once", commit_meanwhile)
-    async with _relaying(relay):
+    async with _running(relay.run):
         # Well within the 30 s poll: the wake-up was not lost.
         assert await eventually(harness.stored, lambda n: n >= 1, 5) == 1
     assert await harness.unpublished() == 0
@@ -232,13 +232,8 @@ async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncI
 
     sub = Subscription(durable, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
     settings = harness.settings.model_copy(update={"consumer_linger_s": linger_s})
-    stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run(stop))
-    try:
+    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run):
         yield batches
-    finally:
-        stop.set()
-        await task
 
 
 def _sizes(batches: list[int]) -> Callable[[], Awaitable[list[int]]]:
