@@ -390,19 +390,12 @@ class Gifting:
 
     def _unlock_planner(self, req: gifting_pb2.UnlockContentRequest, key: str, digest: str) -> Plan:
         async def plan(uow: UnitOfWork) -> _Plan:
-            content = (await uow.conn.execute(select(contents).where(contents.c.content_id == req.content_id))).first()
-            u = content_unlocks.c
-            claim = (
-                await uow.conn.execute(
-                    select(u.event_id).where(u.content_id == req.content_id, u.user_id == req.user_id)
-                )
-            ).first()
+            # The batched step's statements, for one content and one user.
+            content = (await uow.conn.execute(self._contents_of, {"ids": [req.content_id]})).first()
+            claim = (await uow.conn.execute(self._claims_of, {"cids": [req.content_id], "uids": [req.user_id]})).first()
             claimed = None
             if claim is not None:
-                row = (
-                    await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == claim.event_id))
-                ).one()
-                claimed = row._asdict()
+                claimed = (await uow.conn.execute(self._gifts_by_id, {"ids": [claim.event_id]})).one()._asdict()
             return self._plan_unlock(req, key, digest, content, claimed)
 
         return plan
