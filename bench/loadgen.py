@@ -25,6 +25,7 @@ import os
 import random
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 import grpc
 import nats
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.noop import METHOD as NOOP_METHOD
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
@@ -80,6 +82,40 @@ def postgres_cpu_seconds() -> float:
             fields = text.rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+# The services' batch histograms: group-commit batches (by batcher) and consumer batches (by consumer).
+BATCH_METRICS = {"livegifts_batch_items": "batcher", "livegifts_consumer_batch_size": "consumer"}
+
+
+def batch_totals(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(batches, items) so far of every batch histogram the services export, by "service/name"."""
+    out: dict[str, tuple[float, float]] = {}
+    for svc, url in urls.items():
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            label = BATCH_METRICS.get(family.name)
+            if label is None:
+                continue
+            for sample in family.samples:
+                key = f"{svc}/{sample.labels[label]}"
+                count, total = out.get(key, (0.0, 0.0))
+                if sample.name.endswith("_count"):
+                    out[key] = (sample.value, total)
+                elif sample.name.endswith("_sum"):
+                    out[key] = (count, sample.value)
+    return out
+
+
+def batch_sizes(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Batches in a phase and their mean size, by "service/name" (only those that ran)."""
+    out: dict[str, Any] = {}
+    for key, (count, total) in sorted(after.items()):
+        c0, t0 = before.get(key, (0.0, 0.0))
+        if count > c0:
+            out[key] = {"batches": int(count - c0), "mean_items": round((total - t0) / (count - c0), 2)}
+    return out
 
 
 def machine_busy() -> tuple[float, float]:
@@ -133,6 +169,7 @@ class PhaseResult:
     lag_missing: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process used in the phase
     machine_busy_fraction: float = 0.0  # of all CPUs, everyone's processes included
+    batches: dict[str, Any] = field(default_factory=dict)  # batch_sizes() of the phase
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -154,6 +191,7 @@ class PhaseResult:
             if self.gifts_ok
             else {},
             "machine_busy_fraction": round(self.machine_busy_fraction, 3),
+            "batches": self.batches,
         }
 
 
@@ -363,6 +401,8 @@ class Load:
         pids = {**self.plan.get("cpu_pids", {}), "loadgen": os.getpid()}
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         pg0 = postgres_cpu_seconds()
+        metrics = self.plan.get("metrics", {})
+        batches0 = await asyncio.to_thread(batch_totals, metrics)
         busy0, total0 = machine_busy()
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
@@ -372,6 +412,7 @@ class Load:
         if self.plan.get("backend") == "postgres":
             result.cpu_s["postgres"] = postgres_cpu_seconds() - pg0
         result.machine_busy_fraction = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        result.batches = batch_sizes(batches0, await asyncio.to_thread(batch_totals, metrics))
         for proc in profilers:
             proc.wait(timeout=120)
         return result

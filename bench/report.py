@@ -71,6 +71,7 @@ def derive(results: dict[str, Any]) -> None:
                     "lag_missing": p["lag_ms"]["missing"],
                     "errors": sum(p["errors"].values()),
                     "cpu_ms_per_gift": {s: cpu.get(s) for s in ("gifting", "wallet", "payout")},
+                    "batch_items": {k: v["mean_items"] for k, v in p.get("batches", {}).items()},
                 }
             )
         r["figures"] = rows
@@ -173,6 +174,7 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
                 "/".join(_fmt(v) for v in x.get("cpu_ms_per_gift", {}).values()) or "-",
             )
         console.print(t)
+        _batch_table(backend, r["figures"], console)
         for c, v in r.get("noop_measured", {}).items():
             if len(v) > 1:
                 console.print(
@@ -193,6 +195,29 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
         console.print(f"{backend} audit after the load: {'PASSED' if a['passed'] else 'FAILED'} ({a['settle_s']:.1f}s)")
         for c in a["checks"]:
             console.print(f"  {c['status']:>9}  {c['name']}: {c['detail']}")
+
+
+# The batches shown (service/name of livegifts_batch_items and livegifts_consumer_batch_size), in order.
+_BATCHES = {
+    "gifting/gifting_begin": "step 1 tx",
+    "gifting/gifting_spend": "SpendMany",
+    "gifting/gifting_sent": "step 3 tx",
+    "gifting/gifting-leaderboards": "read models",
+    "payout/payout-gift-sent": "payout credit",
+}
+
+
+def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) -> None:
+    """Mean calls per shared transaction (group commit) and events per consumer batch, per phase."""
+    if not any(x.get("batch_items") for x in figures):
+        return
+    t = Table(title=f"{backend}: mean items per batch (services' livegifts_batch_items / consumer batch histograms)")
+    t.add_column("phase")
+    for label in _BATCHES.values():
+        t.add_column(label, justify="right")
+    for x in figures:
+        t.add_row(x["phase"], *(_fmt(x.get("batch_items", {}).get(k)) for k in _BATCHES))
+    console.print(t)
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

@@ -98,7 +98,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         var_dir=var_dir,
         nats_port=free_port(),
         grpc_ports={s: 0 for s in services},
-        metrics_ports={s: 0 for s in services},
+        metrics_ports={s: free_port() for s in services},  # scraped for batch sizes per phase
         database_urls=urls,
         webhook_secret="bench-" + uuid.uuid4().hex,
         operator_token="bench-" + uuid.uuid4().hex,
@@ -129,6 +129,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "creators": args.creators,
             "phases": [p for p in phases(args.quick) if not args.phases or p["name"] in args.phases.split(",")],
             "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
+            "metrics": {s: f"http://127.0.0.1:{config.metrics_ports[s]}/metrics" for s in services},
         }
         if args.profile:
             plan["profile"] = {

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from services.common.errors import check
+from services.common.metrics import BATCH_ITEMS
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,10 +29,13 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     """Queue items; one task at a time hands them to `run` in batches and answers each caller."""
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int) -> None:
+    def __init__(
+        self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int, name: str
+    ) -> None:
         check(size_max >= 1, "a batch holds at least one item")
         self._run = run
         self.size_max = size_max
+        self._items = BATCH_ITEMS.labels(name)  # metric livegifts_batch_items{batcher=name}
         self._queue: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -47,6 +51,7 @@ class MicroBatcher(Generic[T, R]):
         while self._queue:
             batch = self._queue[: self.size_max]
             del self._queue[: self.size_max]
+            self._items.observe(len(batch))
             try:
                 # In the context of the batch's first caller: its trace carries the shared work.
                 results = await asyncio.create_task(self._run([item for item, _, _ in batch]), context=batch[0][2])

@@ -107,6 +107,8 @@ class Consumer(Generic[E]):
                     msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
                 except nats.errors.TimeoutError:
                     continue
+                if not msgs:
+                    continue  # nats-py may answer an empty fetch with [] rather than a timeout
                 await self.process(msgs)
                 backoff_s = 0.1
                 if 1 < len(msgs) < self.batch_size_max and self.linger_s:

@@ -18,5 +18,11 @@ CONSUMER_BATCH = Histogram(
     ["consumer"],
     buckets=(1, 4, 16, 64, 256, 1024),
 )
+BATCH_ITEMS = Histogram(
+    "livegifts_batch_items",
+    "Calls per group-commit batch (one transaction or one wallet call shared by this many)",
+    ["batcher"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])

@@ -138,14 +138,15 @@ class Gifting:
     def __post_init__(self) -> None:
         # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
         self._begin_batcher: MicroBatcher[_Begin, dict[str, Any]] = MicroBatcher(
-            self._begin_batch, GROUP_COMMIT_SIZE_MAX
+            self._begin_batch, GROUP_COMMIT_SIZE_MAX, "gifting_begin"
         )
         self._spend_batcher: MicroBatcher[dict[str, Any], int | None] = MicroBatcher(
             self._spend_many,
             WALLET_SPEND_MANY_MAX,  # type: ignore[arg-type]
+            "gifting_spend",
         )
         self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
-            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX
+            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX, "gifting_sent"
         )
         self._flip_sent = sent_flip_statement() if self.db.dialect == "postgresql" else None
         # Step 1's reads, built once (one cache key, one prepared statement for any batch size).

@@ -102,7 +102,7 @@ class Wallet:
             self.db, self.settings.spend_amount_max, self.settings.adult_age_years, self.region_ages, self.clock
         )
         self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
-            lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX
+            lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX, "wallet_spend"
         )
 
     # ---- shared steps ------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import REGISTRY
+
 from services.common.batching import MicroBatcher
 
 
@@ -23,7 +25,7 @@ class _Recorder:
 
 async def test_concurrent_callers_share_a_batch_and_keep_their_own_results() -> None:
     rec = _Recorder()
-    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10)
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10, name="test")
     results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
     assert rec.batches == [[0, 1, 2, 3]]
     assert results[0] == 0 and results[2] == 20
@@ -34,7 +36,7 @@ async def test_concurrent_callers_share_a_batch_and_keep_their_own_results() -> 
 async def test_callers_arriving_during_a_batch_go_together_in_the_next_within_size_max() -> None:
     rec = _Recorder()
     rec.gate.clear()
-    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=2)
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=2, name="test-sizes")
     first = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0.01)
     later = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 4, 6)]
@@ -43,12 +45,16 @@ async def test_callers_arriving_during_a_batch_go_together_in_the_next_within_si
     assert await first == 0
     assert await asyncio.gather(*later) == [20, 40, 60]
     assert rec.batches == [[0], [2, 4], [6]]
+    # The sizes an operator sees: three batches holding four calls.
+    labels = {"batcher": "test-sizes"}
+    assert REGISTRY.get_sample_value("livegifts_batch_items_count", labels) == 3
+    assert REGISTRY.get_sample_value("livegifts_batch_items_sum", labels) == 4
 
 
 async def test_a_failed_batch_fails_each_of_its_callers() -> None:
     async def broken(items: list[int]) -> list[int | BaseException]:
         raise RuntimeError("database down")
 
-    batcher: MicroBatcher[int, int] = MicroBatcher(broken, size_max=10)
+    batcher: MicroBatcher[int, int] = MicroBatcher(broken, size_max=10, name="test")
     results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert [str(r) for r in results] == ["database down"] * 3
