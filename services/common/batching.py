@@ -29,9 +29,7 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     """Queue items; one task at a time hands them to `run` in batches and answers each caller."""
 
-    def __init__(
-        self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int, name: str
-    ) -> None:
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int, name: str) -> None:
         check(size_max >= 1, "a batch holds at least one item")
         self._run = run
         self.size_max = size_max

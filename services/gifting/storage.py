@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, String, Table, bindparam, text
+from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, Select, String, Table, bindparam, select, text
 
 from services.common.sql import Bulk, bulk_insert, bulk_update
 from services.common.tables import add_common_tables
@@ -65,7 +65,27 @@ gift_events = Table(
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
 )
-Index("ix_gift_events_status_updated", gift_events.c.status, gift_events.c.updated_at_us)
+# The sweeper's look-up: only PENDING gifts are in this index, so it stays as small as the gifts
+# in flight, and a gift's SENT or CANCELLED row version adds no entry to it (migration 0006; it
+# was (status, updated_at_us) over every gift ever sent).
+Index(
+    "ix_gift_events_pending",
+    gift_events.c.updated_at_us,
+    sqlite_where=text("status = 'PENDING'"),
+    postgresql_where=text("status = 'PENDING'"),
+)
+
+
+def stale_pending(cutoff_us: int, limit: int) -> Select[tuple[str]]:
+    """Ids of the gifts PENDING since before `cutoff_us`, oldest first (the sweeper's query)."""
+    g = gift_events.c
+    return (
+        select(g.event_id)
+        .where(g.status == "PENDING", g.updated_at_us < cutoff_us)
+        .order_by(g.updated_at_us)
+        .limit(limit)
+    )
+
 
 # Exclusive content and paid features a creator sells for coins.
 contents = Table(

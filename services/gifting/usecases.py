@@ -63,6 +63,7 @@ from services.gifting.storage import (
     gifts,
     leaderboard_all_time,
     sent_flip_statement,
+    stale_pending,
     streams,
 )
 
@@ -1014,21 +1015,8 @@ class Gifting:
         """Settle gifts left PENDING past the timeout; returns how many were settled."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         async with self.db.unit_of_work(readonly=True) as uow:
-            ids = (
-                (
-                    await uow.conn.execute(
-                        select(gift_events.c.event_id)
-                        .where(
-                            gift_events.c.status == GiftStatus.PENDING.value,
-                            gift_events.c.updated_at_us < cutoff,
-                        )
-                        .order_by(gift_events.c.updated_at_us)
-                        .limit(self.settings.sweep_batch_size_max)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            stale = stale_pending(cutoff, self.settings.sweep_batch_size_max)
+            ids = (await uow.conn.execute(stale)).scalars().all()
         settled = 0
         for event_id in ids:
             answer = await self._arbiter(event_id)

@@ -69,3 +69,25 @@ async def test_migration_0004_deletes_the_outbox_rows_kept_after_publishing(empt
     # And back: the downgrade runs (it recreates the indexes); the published row stays gone (it was sent).
     await asyncio.to_thread(command.downgrade, cfg, "0003")
     assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]
+
+
+async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
+    from services.gifting.storage import stale_pending
+
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    engine = create_async_engine(normalize_url(empty_database))
+    try:
+        # The statement as the sweeper sends it, with bound parameters: the planner must still
+        # see that status = 'PENDING' is the index's predicate.
+        compiled = stale_pending(1_000, 10).compile(engine)
+        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # An empty table is cheaper to scan: forbid that, so the plan says whether the index can serve.
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = (await conn.exec_driver_sql(f"EXPLAIN {compiled}", params)).all()
+            else:
+                plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)).all()
+    finally:
+        await engine.dispose()
+    assert "ix_gift_events_pending" in " ".join(str(c) for row in plan for c in row), plan
