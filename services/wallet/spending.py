@@ -4,9 +4,10 @@ Every Spend goes through here: a single Spend is a batch of one (or joins concur
 group commit), SpendMany is a batch its caller gathered. The work per batch is a fixed number
 of statements, whatever its size:
 
-1. claim every key (INSERT ... ON CONFLICT DO NOTHING, in key order);
-2. read them back: a key recorded before (a retry) or claimed first by a concurrent call gets
-   its stored answer, once that call has finished; the rest are this batch's;
+1. claim every key (INSERT ... ON CONFLICT DO NOTHING RETURNING the keys inserted, in key
+   order): the keys it returns are this batch's;
+2. read the others back (none, unless some are retries): a key recorded before or claimed first
+   by a concurrent call gets its stored answer, once that call has finished;
 3. lock the spend counters, then the coin accounts, of every sender, in sorted order (the lock
    order of every writer, so batches cannot deadlock; PostgreSQL; SQLite serializes writers);
 4. decide each item in request order against running counters and balances, in the order a
@@ -186,7 +187,7 @@ class _Statements:
                     "request_hash",
                     "created_at_us",
                 ],
-                on_conflict=lambda stmt: stmt.on_conflict_do_nothing(),
+                on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(spends.c.idempotency_key),
             ),
             set_balance=bulk_update(
                 dialect,
@@ -273,13 +274,12 @@ class SpendBatch:
             keys = sorted(it.key for it in items)
             by_key = {it.key: it for it in items}
             ts = now_us()
-            # Every key is claimed, then read back (no read before: a retried key's claim is a
-            # no-op and the read after answers it too). No RETURNING: a plain executemany is
-            # one prepared statement for any batch size. A key is ours when its row carries the
-            # entry id we generated; otherwise it was recorded before, or a concurrent call
-            # claimed it first and has finished by now (the insert waited for it).
+            # Every key is claimed (no read before: a retried key's claim is a no-op). A key is
+            # ours when the insert returns it; otherwise it was recorded before, or a concurrent
+            # call claimed it first and has finished by now (the insert waited for it): only
+            # those are read back.
             claim = self._stmts.claim
-            await conn.execute(
+            inserted = await conn.execute(
                 claim.stmt,
                 claim.params(
                     [
@@ -298,13 +298,11 @@ class SpendBatch:
                     ]
                 ),
             )
-            claimed: set[str] = set()
-            for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": keys}):
-                it = by_key[r.idempotency_key]
-                if r.entry_id == it.entry_id:
-                    claimed.add(it.key)
-                else:
-                    out[it.key] = answer_of(r, it.digest)
+            claimed = set(inserted.scalars())
+            others = [k for k in keys if k not in claimed]
+            if others:
+                for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": others}):
+                    out[r.idempotency_key] = answer_of(r, by_key[r.idempotency_key].digest)
             for it in items:
                 if it.key not in claimed:
                     # Claimed by a concurrent call that then dropped it (a refusal): retry.
