@@ -126,10 +126,16 @@ async def test_bad_gifts_are_refused_with_a_stable_reason_and_charge_nothing(  #
     assert after.coins_sent == before.coins_sent or deployment.suite is None
 
 
-async def test_a_gift_to_an_ended_stream_is_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+async def test_a_gift_to_an_ended_stream_is_refused_but_a_retry_of_an_earlier_one_is_answered(
+    clients, deployment
+) -> None:  # type: ignore[no-untyped-def]
     viewer, creator = uid("viewer"), uid("creator")
     await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
     stream = await live_stream(clients.gifting, creator)
+    before = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("g")
+    )
+    sent = await clients.gifting.SendGift(before)
     ended = await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
     assert ended.status == gifting_pb2.STREAM_STATUS_ENDED
     await expect_error(
@@ -141,7 +147,14 @@ async def test_a_gift_to_an_ended_stream_is_refused(clients, deployment) -> None
         grpc.StatusCode.FAILED_PRECONDITION,
         "STREAM_NOT_LIVE",
     )
-    assert (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))).coins == 700
+    # A retry of the gift sent while live: its key answers first, with the same gift, charged once;
+    # the key with another request is a misuse of the key, whatever the stream's state.
+    assert (await clients.gifting.SendGift(before)).gift_event_id == sent.gift_event_id
+    other = gifting_pb2.SendGiftRequest()
+    other.CopyFrom(before)
+    other.quantity = 2
+    await expect_error(clients.gifting.SendGift(other), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    assert (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=viewer))).coins == 700 - 1
 
 
 async def test_a_gift_refused_for_coins_frees_its_key_for_a_later_retry(clients, deployment) -> None:  # type: ignore[no-untyped-def]
