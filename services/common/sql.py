@@ -17,6 +17,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
+from services.common.errors import check
+
 
 def one_of(dialect: str, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
     """`column` is one of `values`, as one statement text whatever their number."""
@@ -46,24 +48,63 @@ class Bulk:
     stmt: Any
     names: tuple[str, ...]
     arrays: bool
+    prefix: str = "b_"  # of its parameters' names: statements run together (BulkWrites) need their own
 
     def params(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]] | list[dict[str, Any]]:
         """The rows as this dialect's parameters."""
+        p = self.prefix
         if self.arrays:
-            return {f"b_{n}": [r[n] for r in rows] for n in self.names}
-        return [{f"b_{n}": r[n] for n in self.names} for r in rows]
+            return {f"{p}{n}": [r[n] for r in rows] for n in self.names}
+        return [{f"{p}{n}": r[n] for n in self.names} for r in rows]
 
 
-def _rows_source(dialect: str, types: dict[str, Any]) -> tuple[Any | None, dict[str, Any]]:
+@dataclass(frozen=True)
+class BulkWrites:
+    """Bulk writes without RETURNING that run together: one statement on PostgreSQL, one each elsewhere.
+
+    On PostgreSQL all but the last become data-modifying CTEs of the last (`WITH w0 AS (INSERT
+    ...), w1 AS (UPDATE ...) INSERT ...`): one round trip, one parse and plan, instead of one
+    per write. They run on one snapshot and in no defined order, so they must not depend on
+    each other's effects (write different tables, or different rows). Each part needs its own
+    parameter prefix. SQLite has no data-modifying CTEs: there they run one after the other.
+    """
+
+    parts: tuple[Bulk, ...]
+    together: Any | None  # the PostgreSQL statement
+
+    async def execute(self, conn: Any, rows: list[list[dict[str, Any]]]) -> None:
+        """Write `rows[i]` with `parts[i]`, in the connection's transaction (parts with no rows write nothing)."""
+        if self.together is not None:
+            params: dict[str, Any] = {}
+            for part, part_rows in zip(self.parts, rows, strict=True):
+                params |= part.params(part_rows)  # type: ignore[arg-type]
+            await conn.execute(self.together, params)
+            return
+        for part, part_rows in zip(self.parts, rows, strict=True):
+            if part_rows:
+                await conn.execute(part.stmt, part.params(part_rows))
+
+
+def bulk_writes(dialect: str, *parts: Bulk) -> BulkWrites:
+    """`BulkWrites` of `parts` (built with distinct prefixes)."""
+    check(len({p.prefix for p in parts}) == len(parts), "each part of a BulkWrites has its own parameter prefix")
+    if dialect != "postgresql":
+        return BulkWrites(parts, None)
+    *first, last = parts
+    together = last.stmt.add_cte(*(p.stmt.cte(f"w{i}") for i, p in enumerate(first)))
+    return BulkWrites(parts, together)
+
+
+def _rows_source(dialect: str, types: dict[str, Any], prefix: str = "b_") -> tuple[Any | None, dict[str, Any]]:
     """Each row's value by name: a column of unnest(one array per name) on PostgreSQL, else a bind parameter."""
     if dialect == "postgresql":
         rows = (
-            func.unnest(*(bindparam(f"b_{n}", type_=ARRAY(t)) for n, t in types.items()))
+            func.unnest(*(bindparam(f"{prefix}{n}", type_=ARRAY(t)) for n, t in types.items()))
             .table_valued(*(column(n, t) for n, t in types.items()))
             .render_derived()
         )
         return rows, {n: rows.c[n] for n in types}
-    return None, {n: bindparam(f"b_{n}", type_=t) for n, t in types.items()}
+    return None, {n: bindparam(f"{prefix}{n}", type_=t) for n, t in types.items()}
 
 
 def dialect_insert(dialect: str, table: Table) -> Any:
@@ -74,14 +115,18 @@ def dialect_insert(dialect: str, table: Table) -> Any:
 
 
 def bulk_insert(
-    dialect: str, table: Table, names: Iterable[str], on_conflict: Callable[[Any], Any] | None = None
+    dialect: str,
+    table: Table,
+    names: Iterable[str],
+    on_conflict: Callable[[Any], Any] | None = None,
+    prefix: str = "b_",
 ) -> Bulk:
     """INSERT of many rows into `names` of `table`; `on_conflict` adds an ON CONFLICT clause."""
     cols = list(names)
-    rows, src = _rows_source(dialect, {n: table.c[n].type for n in cols})
+    rows, src = _rows_source(dialect, {n: table.c[n].type for n in cols}, prefix)
     stmt = dialect_insert(dialect, table)
     stmt = stmt.from_select(cols, select(*src.values())) if rows is not None else stmt.values(src)
-    return Bulk(on_conflict(stmt) if on_conflict else stmt, tuple(cols), rows is not None)
+    return Bulk(on_conflict(stmt) if on_conflict else stmt, tuple(cols), rows is not None, prefix)
 
 
 def bulk_update(
@@ -90,12 +135,13 @@ def bulk_update(
     types: dict[str, Any],
     where: Callable[[dict[str, Any]], list[Any]],
     values: Callable[[dict[str, Any]], dict[str, Any]],
+    prefix: str = "b_",
 ) -> Bulk:
     """UPDATE of many rows, each matched and set from its own values (`types` names them).
 
     `where` and `values` receive each row's values by name (unnest columns or bind parameters).
     On PostgreSQL this is `UPDATE ... FROM unnest(...)`: the keys of one batch must be distinct.
     """
-    rows, src = _rows_source(dialect, types)
+    rows, src = _rows_source(dialect, types, prefix)
     stmt = update(table).where(*where(src)).values(values(src))
-    return Bulk(stmt, tuple(types), rows is not None)
+    return Bulk(stmt, tuple(types), rows is not None, prefix)

@@ -13,8 +13,8 @@ of statements, whatever its size:
 4. decide each item in request order against running counters and balances, in the order a
    single spend always checked: restrictions of sender and recipient, spending limits, the
    account, enough coins;
-5. write the outcome: balances and counters (one executemany each), journal entries and
-   postings (multi-row inserts), the claims' answers; refused claims are dropped or, with
+5. write the outcome: balances, counters, journal entries and postings (one statement on
+   PostgreSQL, `BulkWrites`; one each on SQLite), the claims' answers; refused claims are dropped or, with
    `settle_refusals`, recorded CANCELLED (the key may never spend, as CancelSpend would say).
 
 Nothing is shared between items but the transaction: an item that fails fails alone.
@@ -49,7 +49,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.outbox import new_event_id
-from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
+from services.common.sql import Bulk, BulkWrites, bulk_insert, bulk_update, bulk_writes, one_of, one_of_param
 from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
@@ -154,10 +154,7 @@ class _Statements:
     limits: Any
     lock_counters: Any
     claim: Bulk
-    set_balance: Bulk
-    set_counter: Bulk
-    entries: Bulk
-    postings: Bulk
+    writes: BulkWrites  # balances, counters, journal entries, postings: one statement on PostgreSQL
 
     @classmethod
     def build(cls, dialect: str) -> _Statements:
@@ -189,23 +186,33 @@ class _Statements:
                 ],
                 on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(spends.c.idempotency_key),
             ),
-            set_balance=bulk_update(
+            writes=bulk_writes(
                 dialect,
-                accounts,
-                {"acc": a.account_id.type, "bal": a.balance.type, "ts": a.updated_at_us.type},
-                lambda row: [a.account_id == row["acc"]],
-                lambda row: {"balance": row["bal"], "updated_at_us": row["ts"]},
-            ),
-            set_counter=bulk_update(
-                dialect,
-                spend_counters,
-                {"u": c.user_id.type, "p": c.period.type, "k": c.period_key.type, "v": c.spent_coins.type},
-                lambda row: [c.user_id == row["u"], c.period == row["p"], c.period_key == row["k"]],
-                lambda row: {"spent_coins": row["v"]},
-            ),
-            entries=bulk_insert(dialect, journal_entries, ["entry_id", "kind", "reference_id", "created_at_us"]),
-            postings=bulk_insert(
-                dialect, postings, ["entry_id", "account_id", "amount", "balance_after", "created_at_us"]
+                bulk_update(
+                    dialect,
+                    accounts,
+                    {"acc": a.account_id.type, "bal": a.balance.type, "ts": a.updated_at_us.type},
+                    lambda row: [a.account_id == row["acc"]],
+                    lambda row: {"balance": row["bal"], "updated_at_us": row["ts"]},
+                    prefix="a_",
+                ),
+                bulk_update(
+                    dialect,
+                    spend_counters,
+                    {"u": c.user_id.type, "p": c.period.type, "k": c.period_key.type, "v": c.spent_coins.type},
+                    lambda row: [c.user_id == row["u"], c.period == row["p"], c.period_key == row["k"]],
+                    lambda row: {"spent_coins": row["v"]},
+                    prefix="c_",
+                ),
+                bulk_insert(
+                    dialect, journal_entries, ["entry_id", "kind", "reference_id", "created_at_us"], prefix="e_"
+                ),
+                bulk_insert(
+                    dialect,
+                    postings,
+                    ["entry_id", "account_id", "amount", "balance_after", "created_at_us"],
+                    prefix="p_",
+                ),
             ),
         )
 
@@ -455,19 +462,12 @@ class SpendBatch:
     ) -> None:
         conn = uow.conn
         users_done = sorted({it.req.user_id for it, _ in done})
-        set_balance, set_counter = self._stmts.set_balance, self._stmts.set_counter
-        await conn.execute(
-            set_balance.stmt,
-            set_balance.params(
-                [{"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done]
-            ),
-        )
-        await conn.execute(
-            set_counter.stmt,
-            set_counter.params(
-                [{"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in PERIODS]
-            ),
-        )
+        balance_rows = [
+            {"acc": domain.user_account(u), "bal": balances[domain.user_account(u)], "ts": ts} for u in users_done
+        ]
+        counter_rows = [
+            {"u": u, "p": p.value, "k": periods[p], "v": counters[(u, p)]} for u in users_done for p in PERIODS
+        ]
         entries, legs = [], []
         for it, after in done:
             postings_ = domain.spend_postings(it.req.user_id, it.req.amount, it.reason)
@@ -491,6 +491,5 @@ class SpendBatch:
                         "created_at_us": ts,
                     }
                 )
-        await conn.execute(self._stmts.entries.stmt, self._stmts.entries.params(entries))
-        await conn.execute(self._stmts.postings.stmt, self._stmts.postings.params(legs))
+        await self._stmts.writes.execute(conn, [balance_rows, counter_rows, entries, legs])
         # The claimed spends rows are not rewritten: their balance is the user posting's (recorded_spends).
