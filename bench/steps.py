@@ -62,22 +62,29 @@ async def _timed(batches: list[Any], run: Callable[[Any], Awaitable[Any]]) -> tu
     return 1000 * (time.process_time() - c0) / n, 1000 * (postgres_cpu_seconds() - p0) / n
 
 
+async def _seeded(url: str, service: str, table: Any, rows: list[dict[str, Any]]) -> Database:
+    """The service's database at `url`, migrated, with `rows` in `table`."""
+    await upgrade_head(ROOT / "services" / service / "migrations", url)
+    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="bench-steps")
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(insert(table), rows)
+            await uow.commit()
+    except BaseException:
+        await db.engine.dispose()
+        raise
+    return db
+
+
 async def _spend(url: str, batch: int, batches: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     from services.wallet.spending import SpendBatch
     from services.wallet.storage import accounts
 
-    await upgrade_head(ROOT / "services" / "wallet" / "migrations", url)
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="bench-steps")
+    funded = [
+        {"account_id": f"user:v{i}", "user_id": f"v{i}", "balance": 10**9, "updated_at_us": 0} for i in range(VIEWERS)
+    ]
+    db = await _seeded(url, "wallet", accounts, funded)
     try:
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(accounts),
-                [
-                    {"account_id": f"user:v{i}", "user_id": f"v{i}", "balance": 10**9, "updated_at_us": 0}
-                    for i in range(VIEWERS)
-                ],
-            )
-            await uow.commit()
         spending = SpendBatch(db, 10**6, 18, {}, lambda: int(time.time() * 1_000_000))
         rnd = random.Random(8)
 
@@ -109,18 +116,12 @@ async def _gift(url: str, batch: int, batches: int, rounds: int) -> dict[str, li
     from services.gifting.storage import common, streams
     from services.gifting.usecases import Gifting
 
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", url)
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="bench-steps")
+    live = [
+        {"stream_id": f"s{i}", "creator_id": f"c{i}", "title": "t", "status": "LIVE", "started_at_us": 0}
+        for i in range(STREAMS)
+    ]
+    db = await _seeded(url, "gifting", streams, live)
     try:
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(streams),
-                [
-                    {"stream_id": f"s{i}", "creator_id": f"c{i}", "title": "t", "status": "LIVE", "started_at_us": 0}
-                    for i in range(STREAMS)
-                ],
-            )
-            await uow.commit()
         settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
         gifting = Gifting(db, Outbox(common.outbox), _Eligible(), settings)
         rnd = random.Random(8)
