@@ -14,7 +14,7 @@ of statements, whatever its size:
    single spend always checked: restrictions of sender and recipient, spending limits, the
    account, enough coins;
 5. write the outcome: balances, counters, journal entries and postings (one statement on
-   PostgreSQL, `BulkWrites`; one each on SQLite), the claims' answers; refused claims are dropped or, with
+   PostgreSQL, `BulkWrites`; one each on SQLite); refused claims are dropped or, with
    `settle_refusals`, recorded CANCELLED (the key may never spend, as CancelSpend would say).
 
 Nothing is shared between items but the transaction: an item that fails fails alone.

@@ -3,8 +3,9 @@
 ix_gift_events_status_updated (status, updated_at_us) held two entries for every gift ever sent
 (its PENDING and its SENT row version) to find the few still pending. The partial index holds
 the pending ones: it stays as small as the gifts in flight, and marking a gift SENT or
-CANCELLED adds no entry to it. The previous release's sweeper query (status = :param) can use
-it on PostgreSQL (each statement is planned for its parameters); on SQLite it scans.
+CANCELLED adds no entry to it. The sweeper's query, this release's and the previous one's
+(status = :param AND updated_at_us < :cutoff), is planned on it on both backends
+(tests/integration/test_migrations.py checks the plan).
 
 Revision ID: 0006
 Revises: 0005
