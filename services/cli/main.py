@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -54,17 +53,66 @@ def _fail(exc: grpc.RpcError) -> None:
     raise typer.Exit(1)
 
 
+PortOffset = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        max=10_000,
+        envvar="LIVEGIFTS_RUN_PORT_OFFSET",
+        help="added to every port `run` listens on (NATS 4223, gRPC 50051-50053, metrics 9101-9103)",
+    ),
+]
+
+
+class _StopRequested:
+    """A signal handler that only sets a flag: a handler runs between two bytecodes of the main
+    thread, so one that took a lock (threading.Event.set) could wait forever for a lock the main
+    thread holds at that moment (Event.wait holds it on its way in and out)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
 @app.command()
-def run(var: VarDir = Path("var")) -> None:
-    """Start nats-server and the three services on SQLite under var/ until Ctrl-C."""
+def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
+    """Start nats-server and the three services on SQLite under var/ until Ctrl-C or SIGTERM."""
+    defaults = SuiteConfig(var_dir=var)
     config = SuiteConfig(
         var_dir=var.resolve(),
+        nats_port=defaults.nats_port + port_offset,
+        grpc_ports={svc: port + port_offset for svc, port in defaults.grpc_ports.items()},
+        metrics_ports={svc: port + port_offset for svc, port in defaults.metrics_ports.items()},
         webhook_secret=_dev_secret(var),
         operator_token=_dev_secret(var, "dev-operator-token"),
     )
     suite = Suite(config)
-    console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
-    suite.start()
+    # Handlers first: a SIGTERM during the start is honoured once everything has started, rather
+    # than killing this process and leaving the services (in their own sessions) running.
+    stop = _StopRequested()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
+        suite.start()
+        if not stop.requested:
+            _print_running(suite)
+        while not stop.requested:
+            time.sleep(0.5)  # a signal's handler sets the flag; the loop sees it within 0.5 s
+            for name, proc in suite.procs.items():
+                if proc.poll() is not None and not stop.requested:
+                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping[/red]")
+                    stop.requested = True
+    finally:
+        console.print("stopping ...")
+        suite.stop()
+        console.print("stopped; nothing left running.")
+
+
+def _print_running(suite: Suite) -> None:
+    config = suite.config
     table = Table(title="livegifts is running (Ctrl-C stops everything)")
     for col in ("process", "address", "metrics", "log"):
         table.add_column(col)
@@ -77,20 +125,7 @@ def run(var: VarDir = Path("var")) -> None:
             str(suite.log_dir / f"{svc}.log"),
         )
     console.print(table)
-    console.print("try: [bold]livegifts demo[/bold]   or   grpcurl -plaintext 127.0.0.1:50052 list")
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            for name, proc in suite.procs.items():
-                if proc.poll() is not None:
-                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping[/red]")
-                    stop.set()
-    finally:
-        console.print("stopping ...")
-        suite.stop()
-        console.print("stopped; nothing left running.")
+    console.print(f"try: [bold]livegifts demo[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list")
 
 
 def _buy(wallet: wallet_pb2_grpc.WalletServiceStub, secret: str, user: str, package_id: str) -> wallet_pb2.Purchase:

@@ -1,0 +1,106 @@
+"""`livegifts run` (what `make run` starts): up on its ports, and gone after SIGTERM, however many arrive.
+
+A supervisor (systemd, a container runtime, `timeout`) stops a program with SIGTERM, sometimes
+more than once. The command's signal handler once called `threading.Event.set()`, which waits
+for a lock the main thread holds now and then: a SIGTERM landing at such a moment left the
+command, nats-server and the three services running for good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cli.suite import SuiteConfig
+
+START_S = 90
+STOP_S = 30
+
+
+def _ports(offset: int) -> list[int]:
+    d = SuiteConfig(var_dir=Path("var"))
+    return [
+        d.nats_port + offset,
+        *(p + offset for p in d.grpc_ports.values()),
+        *(p + offset for p in d.metrics_ports.values()),
+    ]
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        # SO_REUSEADDR: a closed server's connections in TIME_WAIT do not hold its port; a
+        # listening socket still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_offset() -> int:
+    for _ in range(50):
+        offset = random.randrange(1_000, 9_000)
+        if all(_free(p) for p in _ports(offset)):
+            return offset
+    raise RuntimeError("no free set of ports for `livegifts run`")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the suite's processes run in sessions of their own)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp_path: Path) -> None:
+    offset = _free_offset()
+    grpc_ports = [p + offset for p in SuiteConfig(var_dir=tmp_path).grpc_ports.values()]
+    cmd = [str(Path(sys.executable).parent / "livegifts"), "run", "--var", str(tmp_path), "--port-offset", str(offset)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + START_S
+        while not all(_serving(p) for p in grpc_ports):
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the suite did not come up"
+            time.sleep(0.5)
+        children = _children(proc.pid)
+        assert len(children) == 4, children  # nats-server and three services
+        for _ in range(500):  # a supervisor that insists: signals land while the last one is handled
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=STOP_S)
+    finally:
+        for pid in [proc.pid, *children]:  # whatever a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, out.decode()
+    assert "nothing left running" in out.decode()
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
