@@ -37,7 +37,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
-from services.common.sql import bulk_insert, one_of_param
+from services.common.sql import bulk_insert
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
 from services.common.timeutil import now_us
@@ -76,11 +76,15 @@ class Consumer(Generic[E]):
         self.max_deliver = settings.consumer_max_deliver
         self.linger_s = settings.consumer_linger_s
         inbox = tables.inbox
-        # Built once (one cache key), one statement text for any count (= ANY on PostgreSQL).
-        self._seen = select(inbox.c.event_id).where(
-            inbox.c.consumer == sub.durable, one_of_param(db.dialect, inbox.c.event_id, "ids")
+        # Built once (one cache key), one statement text for any count. An event already in the
+        # inbox is skipped, not an error; the ids it returns are the batch's new events (a
+        # concurrent consumer's insert of the same id is waited for, then skipped).
+        self._record = bulk_insert(
+            db.dialect,
+            inbox,
+            ["consumer", "event_id", "received_at_us"],
+            on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(inbox.c.event_id),
         )
-        self._record = bulk_insert(db.dialect, inbox, ["consumer", "event_id", "received_at_us"])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
@@ -176,25 +180,16 @@ class Consumer(Generic[E]):
             for msg, _ in (items if recording() else items[:1])
         ]
         try:
-            ids = list(dict.fromkeys(e.event_id for _, e in items))  # type: ignore[attr-defined]
+            unique: dict[str, E] = {}
+            for _, e in items:
+                unique.setdefault(e.event_id, e)  # type: ignore[attr-defined]
             async with self.db.unit_of_work() as uow:
-                seen = set((await uow.conn.execute(self._seen, {"ids": ids})).scalars())
-                fresh: dict[str, E] = {}
-                for _, e in items:
-                    eid = e.event_id  # type: ignore[attr-defined]
-                    if eid not in seen and eid not in fresh:
-                        fresh[eid] = e
+                # One statement records the new events and names them: no read of the inbox first.
+                received = now_us()
+                rows = [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in unique]
+                recorded = set((await uow.conn.execute(self._record.stmt, self._record.params(rows))).scalars())
+                fresh = {eid: e for eid, e in unique.items() if eid in recorded}
                 if fresh:
-                    received = now_us()
-                    await uow.conn.execute(
-                        self._record.stmt,
-                        self._record.params(
-                            [
-                                {"consumer": self.sub.durable, "event_id": eid, "received_at_us": received}
-                                for eid in fresh
-                            ]
-                        ),
-                    )
                     with trace.use_span(spans[0]):
                         await self.sub.handle(uow, list(fresh.values()))
                 await uow.commit()
