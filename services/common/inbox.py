@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import nats.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -109,7 +108,10 @@ class Consumer(Generic[E]):
                     )
                 try:
                     msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
+                    # Nothing came: nats.errors.TimeoutError, or the bare asyncio one nats-py raises
+                    # when the deadline passes before its second pull request (seen on a busy
+                    # machine). Neither is a failure: no warning, no backoff.
                     continue
                 if not msgs:
                     continue  # nats-py may answer an empty fetch with [] rather than a timeout
