@@ -67,7 +67,8 @@ PortOffset = Annotated[
 class _StopRequested:
     """A signal handler that only sets a flag: a handler runs between two bytecodes of the main
     thread, so one that took a lock (threading.Event.set) could wait forever for a lock the main
-    thread holds at that moment (Event.wait holds it on its way in and out)."""
+    thread holds at that moment: Event.wait holds it on its way in and out, and so does an
+    earlier handler's Event.set when a second signal interrupts it."""
 
     def __init__(self) -> None:
         self.requested = False
