@@ -31,9 +31,10 @@ def request_hash(request: Message, key_field: str = "idempotency_key") -> str:
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _reused(scope: str) -> AlreadyExists:
+def key_reused(**metadata: object) -> AlreadyExists:
+    """The answer to a key that was used before with a different request (every service's wording)."""
     return AlreadyExists(
-        "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED", scope=scope
+        "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED", **metadata
     )
 
 
@@ -47,7 +48,7 @@ async def lookup(uow: UnitOfWork, table: Table, scope: str, key: str, digest: st
     if row is None:
         return None
     if row.request_hash != digest:
-        raise _reused(scope)
+        raise key_reused(scope=scope)
     return response_type.FromString(row.response)
 
 

@@ -36,10 +36,10 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
-from services.common.sql import bulk_insert
+from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
-from services.common.timeutil import now_us
+from services.common.timeutil import US_PER_DAY, now_us
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -48,7 +48,6 @@ E = TypeVar("E", bound=Message)
 
 INBOX_PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
 INBOX_PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long pruning round
-US_PER_DAY = 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,9 @@ class Consumer(Generic[E]):
         self.max_deliver = settings.consumer_max_deliver
         self.linger_s = settings.consumer_linger_s
         inbox = tables.inbox
-        # Built once (one cache key), one statement text for any count. An event already in the
-        # inbox is skipped, not an error; the ids it returns are the batch's new events (a
-        # concurrent consumer's insert of the same id is waited for, then skipped).
-        self._record = bulk_insert(
-            db.dialect,
-            inbox,
-            ["consumer", "event_id", "received_at_us"],
-            on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(inbox.c.event_id),
-        )
+        # Built once (one cache key), one statement text for any count; the ids it returns are
+        # the batch's new events.
+        self._record = bulk_insert_new(db.dialect, inbox, ["consumer", "event_id", "received_at_us"], inbox.c.event_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""

@@ -129,6 +129,18 @@ def bulk_insert(
     return Bulk(on_conflict(stmt) if on_conflict else stmt, tuple(cols), rows is not None, prefix)
 
 
+def bulk_insert_new(dialect: str, table: Table, names: Iterable[str], returning: Any) -> Bulk:
+    """INSERT of many rows that skips each row a unique key already holds, RETURNING `returning` of
+    the rows it inserted: which of a batch's keys are new, in the statement that records them.
+
+    A row a concurrent transaction is inserting is waited for, then skipped (or inserted, if that
+    transaction rolled back): no unique violation, no read before the insert.
+    """
+    return bulk_insert(
+        dialect, table, names, on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(returning)
+    )
+
+
 def bulk_update(
     dialect: str,
     table: Table,

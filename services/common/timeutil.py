@@ -4,6 +4,9 @@ import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+US_PER_HOUR = 3_600_000_000
+US_PER_DAY = 24 * US_PER_HOUR
+
 
 def now_us() -> int:
     """Wall-clock now in microseconds since the epoch."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from services.common.errors import FailedPrecondition, InvalidArgument, check
+from services.common.timeutil import US_PER_DAY, US_PER_HOUR
 
 
 class GiftStatus(StrEnum):
@@ -58,8 +59,6 @@ LEADERBOARD_WINDOW_DAYS = 7
 STATS_WINDOW_DAYS_DEFAULT = 7
 STATS_WINDOW_DAYS_MAX = 92  # a quarter of hourly rows at most per query
 STATS_ROWS_MAX = 1_000  # rows per section of GetCreatorStats
-US_PER_HOUR = 3_600_000_000
-US_PER_DAY = 24 * US_PER_HOUR
 
 
 class Scope(StrEnum):

@@ -46,10 +46,10 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.idempotency import run_idempotent
+from services.common.idempotency import key_reused, run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
-from services.common.sql import bulk_insert, one_of, one_of_param
+from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -155,14 +155,9 @@ class Gifting:
         self._by_keys = select(gift_events).where(one_of_param(d, gift_events.c.idempotency_key, "ids"))
         self._streams_of = select(streams).where(one_of_param(d, streams.c.stream_id, "ids"))
         self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
-        # A key already recorded (a retry, or a concurrent call's) is skipped, not an error: the
-        # rows it returns are the ones this batch recorded.
-        self._insert_gifts = bulk_insert(
-            d,
-            gift_events,
-            [c.name for c in gift_events.c],
-            on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(gift_events.c.event_id),
-        )
+        # A key already recorded (a retry, or a concurrent call's) is skipped: the ids it returns
+        # are the gifts this batch recorded.
+        self._insert_gifts = bulk_insert_new(d, gift_events, [c.name for c in gift_events.c], gift_events.c.event_id)
         self._contents_of = select(contents).where(one_of_param(d, contents.c.content_id, "ids"))
         u = content_unlocks.c
         self._claims_of = select(u.content_id, u.user_id, u.event_id).where(
@@ -584,11 +579,7 @@ class Gifting:
                 try:
                     row = existing.get(it.idempotency_key)
                     if row is not None:
-                        if row["request_hash"] != digests[i]:
-                            raise AlreadyExists(
-                                "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED"
-                            )
-                        plans[i] = _Plan(row, existing=True)
+                        plans[i] = _Plan(_recorded_gift(row, digests[i]), existing=True)
                     elif isinstance(it, gifting_pb2.UnlockContentRequest):
                         plans[i] = self._plan_unlock(
                             it,
@@ -648,14 +639,10 @@ class Gifting:
                         for i in again:
                             row = earlier.get(items[i].idempotency_key)
                             if row is not None:
-                                out[i] = (
-                                    row
-                                    if row["request_hash"] == digests[i]
-                                    else AlreadyExists(
-                                        "idempotency key was already used with a different request",
-                                        "IDEMPOTENCY_KEY_REUSED",
-                                    )
-                                )
+                                try:
+                                    out[i] = _recorded_gift(row, digests[i])
+                                except AlreadyExists as exc:
+                                    out[i] = exc
                             elif i in new_rows:  # skipped, yet not there: cannot happen (rows are never deleted)
                                 out[i] = Aborted("the gift is being recorded concurrently, retry", "CONFLICT")
                             new_rows.pop(i, None)
@@ -933,11 +920,7 @@ class Gifting:
 
     async def _by_key(self, uow: UnitOfWork, key: str, digest: str) -> dict[str, Any] | None:
         row = (await uow.conn.execute(select(gift_events).where(gift_events.c.idempotency_key == key))).first()
-        if row is None:
-            return None
-        if row.request_hash != digest:
-            raise AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
-        return row._asdict()
+        return None if row is None else _recorded_gift(row._asdict(), digest)
 
     async def _settle(self, gift: dict[str, Any]) -> dict[str, Any]:
         """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks)."""
@@ -1155,6 +1138,13 @@ class Gifting:
             coins_pending=int(coins_pending),
             leaderboard_coins=int(leaderboard_coins),
         )
+
+
+def _recorded_gift(row: dict[str, Any], digest: str) -> dict[str, Any]:
+    """The gift recorded under a key, if `digest` is the request it was recorded for; else IDEMPOTENCY_KEY_REUSED."""
+    if row["request_hash"] != digest:
+        raise key_reused()
+    return row
 
 
 def _gift_digest(req: gifting_pb2.SendGiftRequest) -> str:

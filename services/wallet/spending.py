@@ -37,7 +37,6 @@ from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     Aborted,
-    AlreadyExists,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -48,8 +47,18 @@ from services.common.errors import (
     require_key,
     require_positive,
 )
+from services.common.idempotency import key_reused
 from services.common.outbox import new_event_id
-from services.common.sql import Bulk, BulkWrites, bulk_insert, bulk_update, bulk_writes, one_of, one_of_param
+from services.common.sql import (
+    Bulk,
+    BulkWrites,
+    bulk_insert,
+    bulk_insert_new,
+    bulk_update,
+    bulk_writes,
+    one_of,
+    one_of_param,
+)
 from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
@@ -114,7 +123,7 @@ def answer_of(row: Any, digest: str) -> Outcome:
     if row.status == CANCELLED:
         return Aborted("this spend was cancelled and may never happen", "SPEND_CANCELLED", settled="true")
     if row.request_hash != digest:
-        return AlreadyExists("idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED")
+        return key_reused()
     return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
 
 
@@ -170,7 +179,7 @@ class _Statements:
             .where(one_of_param(dialect, c.user_id, "ids"), one_of_param(dialect, c.period_key, "keys"))
             .order_by(c.user_id, c.period)
             .with_for_update(),
-            claim=bulk_insert(
+            claim=bulk_insert_new(
                 dialect,
                 spends,
                 [
@@ -184,7 +193,7 @@ class _Statements:
                     "request_hash",
                     "created_at_us",
                 ],
-                on_conflict=lambda stmt: stmt.on_conflict_do_nothing().returning(spends.c.idempotency_key),
+                spends.c.idempotency_key,
             ),
             writes=bulk_writes(
                 dialect,
@@ -268,9 +277,7 @@ class SpendBatch:
             if digest == digests[reqs[j].idempotency_key]:
                 out[i] = out[j]
             else:
-                out[i] = AlreadyExists(
-                    "idempotency key was already used with a different request", "IDEMPOTENCY_KEY_REUSED"
-                )
+                out[i] = key_reused()
         check(all(o is not None for o in out), "every spend has an outcome")
         return out  # type: ignore[return-value]
 
