@@ -22,6 +22,7 @@ from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
+from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import ServiceRegistration, create_server
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.migrate import upgrade_head
@@ -74,6 +75,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     so the supervisor (Kubernetes, `livegifts run`) restarts it instead of it serving half-alive.
     """
     faults.arm(settings.faults)
+    observe_pauses()
     tracing = setup_tracing(spec.name, settings)
     metrics_port = start_metrics(settings)
     if settings.migrate_on_start:
@@ -110,6 +112,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
     for loop_fn in wiring.background:
         tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))
+
+    # Everything the process keeps is built: leave it out of every later full collection.
+    tune_gc(freeze=settings.gc_freeze, gen0_threshold=settings.gc_gen0_threshold)
 
     ready = {
         "service": spec.name,

@@ -68,6 +68,12 @@ class ServiceSettings(BaseSettings):
 
     outgoing_deadline_s: float = Field(default=5.0, gt=0, le=120)
 
+    # The garbage collector (services/common/gc_tuning.py): freeze what start-up built, so full
+    # collections walk only what came after; collect the young generation every this many new
+    # container objects (CPython's default is 700).
+    gc_freeze: bool = True
+    gc_gen0_threshold: int = Field(default=20_000, ge=100, le=1_000_000)
+
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""
 

@@ -26,3 +26,9 @@ BATCH_ITEMS = Histogram(
 )
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
+GC_PAUSE = Histogram(
+    "livegifts_gc_pause_seconds",
+    "Garbage collections by generation: each one stops the event loop this long",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
