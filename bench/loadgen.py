@@ -84,38 +84,63 @@ def postgres_cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-# The services' batch histograms: group-commit batches (by batcher) and consumer batches (by consumer).
-BATCH_METRICS = {"livegifts_batch_items": "batcher", "livegifts_consumer_batch_size": "consumer"}
+# The services' histograms read before and after each phase: group-commit batches (by batcher),
+# consumer batches (by consumer), garbage-collector pauses (by generation).
+HISTOGRAMS = {
+    "livegifts_batch_items": "batcher",
+    "livegifts_consumer_batch_size": "consumer",
+    "livegifts_gc_pause_seconds": "generation",
+}
+BATCH_HISTOGRAMS = ("livegifts_batch_items", "livegifts_consumer_batch_size")
 
 
-def batch_totals(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
-    """(batches, items) so far of every batch histogram the services export, by "service/name"."""
-    out: dict[str, tuple[float, float]] = {}
+def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """(count, sum) so far of each of HISTOGRAMS the services export: by metric, then "service/label"."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
     for svc, url in urls.items():
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
         for family in text_string_to_metric_families(text):
-            label = BATCH_METRICS.get(family.name)
+            label = HISTOGRAMS.get(family.name)
             if label is None:
                 continue
+            series = out.setdefault(family.name, {})
             for sample in family.samples:
                 key = f"{svc}/{sample.labels[label]}"
-                count, total = out.get(key, (0.0, 0.0))
+                count, total = series.get(key, (0.0, 0.0))
                 if sample.name.endswith("_count"):
-                    out[key] = (sample.value, total)
+                    series[key] = (sample.value, total)
                 elif sample.name.endswith("_sum"):
-                    out[key] = (count, sample.value)
+                    series[key] = (count, sample.value)
     return out
 
 
-def batch_sizes(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    """Batches in a phase and their mean size, by "service/name" (only those that ran)."""
-    out: dict[str, Any] = {}
+def histogram_deltas(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, tuple[int, float]]:
+    """(count, mean) of what a histogram observed between two readings, by "service/label" (those it observed)."""
+    out: dict[str, tuple[int, float]] = {}
     for key, (count, total) in sorted(after.items()):
         c0, t0 = before.get(key, (0.0, 0.0))
         if count > c0:
-            out[key] = {"batches": int(count - c0), "mean_items": round((total - t0) / (count - c0), 2)}
+            out[key] = (int(count - c0), (total - t0) / (count - c0))
     return out
+
+
+def phase_histograms(
+    before: dict[str, dict[str, tuple[float, float]]], after: dict[str, dict[str, tuple[float, float]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A phase's batches (count and mean size, by "service/name") and GC pauses (count, mean ms,
+    by "service/generation"), from two readings of `histogram_totals`."""
+    batches: dict[str, Any] = {}
+    for name in BATCH_HISTOGRAMS:
+        for key, (n, mean) in histogram_deltas(before.get(name, {}), after.get(name, {})).items():
+            batches[key] = {"batches": n, "mean_items": round(mean, 2)}
+    gc = before.get("livegifts_gc_pause_seconds", {}), after.get("livegifts_gc_pause_seconds", {})
+    gc_pauses = {
+        key: {"count": n, "mean_ms": round(mean * 1000, 2)} for key, (n, mean) in histogram_deltas(*gc).items()
+    }
+    return batches, gc_pauses
 
 
 def machine_busy() -> tuple[float, float]:
@@ -169,7 +194,8 @@ class PhaseResult:
     lag_missing: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process used in the phase
     machine_busy_fraction: float = 0.0  # of all CPUs, everyone's processes included
-    batches: dict[str, Any] = field(default_factory=dict)  # batch_sizes() of the phase
+    batches: dict[str, Any] = field(default_factory=dict)  # phase_histograms() of the phase
+    gc_pauses: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -192,6 +218,7 @@ class PhaseResult:
             else {},
             "machine_busy_fraction": round(self.machine_busy_fraction, 3),
             "batches": self.batches,
+            "gc_pauses": self.gc_pauses,
         }
 
 
@@ -402,7 +429,7 @@ class Load:
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         pg0 = postgres_cpu_seconds()
         metrics = self.plan.get("metrics", {})
-        batches0 = await asyncio.to_thread(batch_totals, metrics)
+        histograms0 = await asyncio.to_thread(histogram_totals, metrics)
         busy0, total0 = machine_busy()
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
@@ -412,7 +439,8 @@ class Load:
         if self.plan.get("backend") == "postgres":
             result.cpu_s["postgres"] = postgres_cpu_seconds() - pg0
         result.machine_busy_fraction = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-        result.batches = batch_sizes(batches0, await asyncio.to_thread(batch_totals, metrics))
+        histograms1 = await asyncio.to_thread(histogram_totals, metrics)
+        result.batches, result.gc_pauses = phase_histograms(histograms0, histograms1)
         for proc in profilers:
             proc.wait(timeout=120)
         return result

@@ -72,6 +72,7 @@ def derive(results: dict[str, Any]) -> None:
                     "errors": sum(p["errors"].values()),
                     "cpu_ms_per_gift": {s: cpu.get(s) for s in ("gifting", "wallet", "payout")},
                     "batch_items": {k: v["mean_items"] for k, v in p.get("batches", {}).items()},
+                    "gc_pauses": p.get("gc_pauses", {}),
                 }
             )
         r["figures"] = rows
@@ -211,12 +212,23 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
     """Mean calls per shared transaction (group commit) and events per consumer batch, per phase."""
     if not any(x.get("batch_items") for x in figures):
         return
-    t = Table(title=f"{backend}: mean items per batch (services' livegifts_batch_items / consumer batch histograms)")
+    t = Table(
+        title=f"{backend}: mean items per batch (services' livegifts_batch_items / consumer batch histograms), "
+        "and full garbage collections (livegifts_gc_pause_seconds, generation 2) in the phase"
+    )
     t.add_column("phase")
     for label in _BATCHES.values():
         t.add_column(label, justify="right")
+    t.add_column("full GCs g/w/p", justify="right")
+    t.add_column("mean full GC ms g/w/p", justify="right")
     for x in figures:
-        t.add_row(x["phase"], *(_fmt(x.get("batch_items", {}).get(k)) for k in _BATCHES))
+        full = [x.get("gc_pauses", {}).get(f"{svc}/2") for svc in ("gifting", "wallet", "payout")]
+        t.add_row(
+            x["phase"],
+            *(_fmt(x.get("batch_items", {}).get(k)) for k in _BATCHES),
+            "/".join(str(g["count"]) if g else "0" for g in full),
+            "/".join(_fmt(g["mean_ms"]) if g else "-" for g in full),
+        )
     console.print(t)
 
 
