@@ -44,6 +44,7 @@ from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common import signing
 from services.common.clients import error_reason
+from services.common.gc_tuning import GEN0_THRESHOLD, tune_gc
 from services.wallet.payments import dev_event_payload
 
 CALL_TIMEOUT_S = 10.0
@@ -431,6 +432,10 @@ class Load:
         metrics = self.plan.get("metrics", {})
         histograms0 = await asyncio.to_thread(histogram_totals, metrics)
         busy0, total0 = machine_busy()
+        # Like the services (services/common/gc_tuning.py): what earlier phases kept (the world,
+        # their latencies) is left out of collections, so no phase's calls wait for a full
+        # collection of the load generator's growing heap.
+        tune_gc(freeze=True, gen0_threshold=GEN0_THRESHOLD)
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
         result.duration_s = time.monotonic() - t0

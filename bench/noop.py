@@ -15,6 +15,8 @@ import sys
 import grpc
 import uvloop
 
+from services.common.gc_tuning import GEN0_THRESHOLD, tune_gc
+
 METHOD = "/livegifts.bench.v1.Noop/Ping"
 
 
@@ -31,6 +33,7 @@ async def serve(port: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    tune_gc(freeze=True, gen0_threshold=GEN0_THRESHOLD)  # as the services do: a ceiling as high as theirs
     print(f"READY {bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

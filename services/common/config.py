@@ -8,6 +8,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.gc_tuning import GEN0_THRESHOLD
+
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
 # reset to replay, can receive an event this long after it was published.
 STREAM_MAX_AGE_S = 30 * 24 * 3600
@@ -72,7 +74,7 @@ class ServiceSettings(BaseSettings):
     # collections walk only what came after; collect the young generation every this many new
     # container objects (CPython's default is 700).
     gc_freeze: bool = True
-    gc_gen0_threshold: int = Field(default=20_000, ge=100, le=1_000_000)
+    gc_gen0_threshold: int = Field(default=GEN0_THRESHOLD, ge=100, le=1_000_000)
 
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""

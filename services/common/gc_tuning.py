@@ -22,6 +22,8 @@ from typing import Any
 
 from services.common.metrics import GC_PAUSE
 
+GEN0_THRESHOLD = 20_000  # the default of every service's GC_GEN0_THRESHOLD (CPython's own: 700)
+
 _started: list[float] = []
 
 
