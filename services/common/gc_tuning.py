@@ -5,7 +5,7 @@ service under load made a full (generation 2) collection every ~2.5 s: the objec
 flight live through many young collections, get promoted, and count toward the next full one.
 Each full collection walked every object of the process, ~120,000 (modules, functions, types,
 compiled statements), and stopped gifting's event loop for 40-80 ms, which every call in flight
-waited out: that was most of SendGift's p99 at c64 (bench/README.md section 26).
+waited out: a sixth of SendGift's p99 at c64 went with them (bench/README.md section 26).
 
 `tune_gc` runs once, after start-up built everything the process keeps: it collects, then
 freezes the survivors (`gc.freeze()`: the collector ignores them from then on; they are still
