@@ -1,0 +1,98 @@
+"""The bench's own arithmetic: per-phase histogram deltas from /metrics, and the report's ratios and tables.
+
+`make bench` is not part of `make test`, so what a skeptic reads in bench/RESULTS.md is checked
+here on small made-up inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from rich.console import Console
+
+from bench.loadgen import histogram_totals, phase_histograms
+from bench.report import derive, table
+
+
+def _exposition(path: Path, batches: list[int], gc_pauses: dict[str, list[float]]) -> str:
+    """A service's /metrics text with the histograms the bench reads, as a file:// URL."""
+    reg = CollectorRegistry()
+    items = Histogram("livegifts_batch_items", "", ["batcher"], registry=reg)
+    pauses = Histogram("livegifts_gc_pause_seconds", "", ["generation"], registry=reg)
+    other = Histogram("livegifts_rpc_seconds", "", ["method", "code"], registry=reg)
+    for n in batches:
+        items.labels("gifting_begin").observe(n)
+    for gen, seconds in gc_pauses.items():
+        for s in seconds:
+            pauses.labels(gen).observe(s)
+    other.labels("SendGift", "OK").observe(0.01)  # not one the bench reads
+    path.write_bytes(generate_latest(reg))
+    return path.as_uri()
+
+
+def test_a_phase_gets_the_batches_and_gc_pauses_observed_between_two_readings(tmp_path: Path) -> None:
+    before = histogram_totals({"gifting": _exposition(tmp_path / "a", [1, 3], {"0": [0.001]})})
+    after = histogram_totals(
+        {"gifting": _exposition(tmp_path / "b", [1, 3, 8, 8, 14], {"0": [0.001, 0.003], "2": [0.040, 0.060]})}
+    )
+    batches, gc_pauses = phase_histograms(before, after)
+    assert batches == {"gifting/gifting_begin": {"batches": 3, "mean_items": 10.0}}
+    assert gc_pauses == {"gifting/0": {"count": 1, "mean_ms": 3.0}, "gifting/2": {"count": 2, "mean_ms": 50.0}}
+    assert phase_histograms(after, after) == ({}, {}), "nothing observed, nothing reported"
+
+
+def _phase(name: str, op: str, conc: int, per_s: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "op": op,
+        "concurrency": conc,
+        "calls_per_s": per_s,
+        "gifts_per_s": per_s if op != "noop" else 0.0,
+        "latency_ms": {"gift": {"p50": 60.0, "p99": 120.0, "p999": 150.0}},
+        "lag_ms": {"p50": 140.0, "p99": 260.0, "missing": 0},
+        "errors": {},
+        "cpu_ms_per_gift": {"gifting": 0.7, "wallet": 0.3, "payout": 0.1},
+        **extra,
+    }
+
+
+def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() -> None:
+    results: dict[str, Any] = {
+        "machine": {"nproc": 2, "cpu_model": "test", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
+        "backends": {
+            "postgres": {
+                "load": {
+                    "phases": [
+                        _phase("noop-c64", "noop", 64, 4000.0),
+                        _phase(
+                            "spread-c64",
+                            "gift",
+                            64,
+                            1000.0,
+                            batches={"gifting/gifting_begin": {"batches": 100, "mean_items": 8.0}},
+                            gc_pauses={
+                                "gifting/2": {"count": 2, "mean_ms": 55.0},
+                                "wallet/0": {"count": 5, "mean_ms": 1},
+                            },
+                        ),
+                        _phase("noop-c64-end", "noop", 64, 5000.0),
+                    ]
+                },
+                "db_ceiling_tx_per_s": {"64": 2500.0},
+                "audit": {"passed": True, "settle_s": 1.0, "checks": []},
+            }
+        },
+    }
+    derive(results)
+    r = results["backends"]["postgres"]
+    assert r["noop_measured"] == {"64": [4000.0, 5000.0]}
+    assert r["targets"]["c64_vs_noop"] == {"value": 0.2, "target": ">= 0.4", "met": False}
+    assert r["targets"]["c64_p99_ms"]["met"] is False
+    console = Console(record=True, width=300)
+    table(results, console)
+    out = console.export_text()
+    row = next(line for line in out.splitlines() if "spread-c64" in line and "8.0" in line)
+    assert "2/0/0" in row, "gifting's two full collections, none in wallet or payout"
+    assert "55.0/-/-" in row
