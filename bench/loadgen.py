@@ -87,12 +87,9 @@ def postgres_cpu_seconds() -> float:
 
 # The services' histograms read before and after each phase: group-commit batches (by batcher),
 # consumer batches (by consumer), garbage-collector pauses (by generation).
-HISTOGRAMS = {
-    "livegifts_batch_items": "batcher",
-    "livegifts_consumer_batch_size": "consumer",
-    "livegifts_gc_pause_seconds": "generation",
-}
-BATCH_HISTOGRAMS = ("livegifts_batch_items", "livegifts_consumer_batch_size")
+BATCH_HISTOGRAMS = {"livegifts_batch_items": "batcher", "livegifts_consumer_batch_size": "consumer"}
+GC_HISTOGRAM = "livegifts_gc_pause_seconds"
+HISTOGRAMS = {**BATCH_HISTOGRAMS, GC_HISTOGRAM: "generation"}
 
 
 def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -137,7 +134,7 @@ def phase_histograms(
     for name in BATCH_HISTOGRAMS:
         for key, (n, mean) in histogram_deltas(before.get(name, {}), after.get(name, {})).items():
             batches[key] = {"batches": n, "mean_items": round(mean, 2)}
-    gc = before.get("livegifts_gc_pause_seconds", {}), after.get("livegifts_gc_pause_seconds", {})
+    gc = before.get(GC_HISTOGRAM, {}), after.get(GC_HISTOGRAM, {})
     gc_pauses = {
         key: {"count": n, "mean_ms": round(mean * 1000, 2)} for key, (n, mean) in histogram_deltas(*gc).items()
     }
