@@ -60,6 +60,12 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         """Whether a user may buy and spend."""
         return await self.w.get_restrictions(request.user_id)
 
+    async def GetAccountRestrictionsMany(
+        self, request: wallet_pb2.GetAccountRestrictionsManyRequest, context: Any
+    ) -> Any:
+        """Whether each of many users may buy and spend (gifting's batched pre-check)."""
+        return await self.w.get_restrictions_many(request)
+
     async def GetAudit(self, request: wallet_pb2.GetAuditRequest, context: Any) -> Any:
         """Totals for reconciliation."""
         return await self.w.audit()

@@ -31,6 +31,7 @@ from services.common.errors import (
 )
 from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
+from services.common.sql import one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
@@ -57,6 +58,16 @@ log = logging.getLogger(__name__)
 PAGE_SIZE_DEFAULT = 50
 
 
+def _restrictions_of(row: Any) -> domain.Restrictions:
+    """A users row as the domain's restrictions."""
+    return domain.Restrictions(
+        birth_date=dt.date.fromisoformat(row.birth_date) if row.birth_date else None,
+        is_minor=row.is_minor,
+        blocked=row.blocked,
+        region=row.region,
+    )
+
+
 def _utc_today() -> dt.date:
     """Today in UTC (ages and periods must not depend on the pod's time zone)."""
     return dt.datetime.now(dt.UTC).date()
@@ -64,6 +75,7 @@ def _utc_today() -> dt.date:
 
 PAGE_SIZE_MAX = 500
 SPEND_MANY_ITEMS_MAX = 500  # items of one SpendMany call
+RESTRICTIONS_MANY_IDS_MAX = 500  # ids of one GetAccountRestrictionsMany call
 GROUP_COMMIT_SIZE_MAX = 200  # concurrent Spend calls one group-committed transaction takes at most
 PACKAGE_ID_MAX = 64
 PROMOTIONS_LIST_MAX = 500
@@ -104,6 +116,8 @@ class Wallet:
         self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
             lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX, "wallet_spend"
         )
+        # Built once: one cache key and one prepared statement for any number of ids.
+        self._users_of = select(users).where(one_of_param(self.db.dialect, users.c.user_id, "ids"))
 
     # ---- shared steps ------------------------------------------------------------------
 
@@ -163,14 +177,7 @@ class Wallet:
 
     async def _restrictions(self, uow: UnitOfWork, user_id: str) -> domain.Restrictions | None:
         row = (await uow.conn.execute(select(users).where(users.c.user_id == user_id))).first()
-        if row is None:
-            return None
-        return domain.Restrictions(
-            birth_date=dt.date.fromisoformat(row.birth_date) if row.birth_date else None,
-            is_minor=row.is_minor,
-            blocked=row.blocked,
-            region=row.region,
-        )
+        return None if row is None else _restrictions_of(row)
 
     async def _check_may_transact(self, uow: UnitOfWork, user_id: str) -> None:
         r = await self._restrictions(uow, user_id)
@@ -739,6 +746,28 @@ class Wallet:
         require_id(user_id, "user_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             r = await self._restrictions(uow, user_id)
+        return self._restrictions_pb(user_id, r, _utc_today())
+
+    async def get_restrictions_many(
+        self, req: wallet_pb2.GetAccountRestrictionsManyRequest
+    ) -> wallet_pb2.GetAccountRestrictionsManyResponse:
+        """Each listed user's restrictions, in request order, from one read (see wallet.proto)."""
+        if not 1 <= len(req.user_ids) <= RESTRICTIONS_MANY_IDS_MAX:
+            raise InvalidArgument(f"user_ids must hold 1..{RESTRICTIONS_MANY_IDS_MAX} ids", "INVALID_BATCH_SIZE")
+        for user_id in req.user_ids:
+            require_id(user_id, "user_ids")
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = await uow.conn.execute(self._users_of, {"ids": sorted(set(req.user_ids))})
+            found = {r.user_id: _restrictions_of(r) for r in rows}
+        today = _utc_today()
+        return wallet_pb2.GetAccountRestrictionsManyResponse(
+            restrictions=[self._restrictions_pb(u, found.get(u), today) for u in req.user_ids]
+        )
+
+    def _restrictions_pb(
+        self, user_id: str, r: domain.Restrictions | None, today: dt.date
+    ) -> wallet_pb2.AccountRestrictions:
+        """The answer for one user: a user the wallet has no row for may spend, in the default region."""
         out = wallet_pb2.AccountRestrictions(user_id=user_id, region=self.settings.default_region, may_spend=True)
         if r is not None:
             out.birth_date = r.birth_date.isoformat() if r.birth_date else ""
@@ -746,7 +775,7 @@ class Wallet:
             out.blocked = r.blocked
             out.region = r.region
             try:
-                domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, _utc_today())
+                domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, today)
             except FailedPrecondition:
                 out.may_spend = False
         return out

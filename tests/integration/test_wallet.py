@@ -555,6 +555,32 @@ async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, de
     assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
 
 
+async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+    minor, blocked, adult, unknown = uid("minor"), uid("blocked"), uid("adult"), uid("nobody")
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US"))
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked, blocked=True))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01", region="KR")
+    )
+    ids = [unknown, minor, adult, blocked, minor]  # request order kept, a repeated id answered twice
+    many = await w.GetAccountRestrictionsMany(wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=ids))
+    one_each = [await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=u)) for u in ids]
+    assert list(many.restrictions) == one_each
+    assert [r.may_spend for r in many.restrictions] == [True, False, True, False, False]
+    assert many.restrictions[2].region == "KR" and many.restrictions[2].birth_date == "1990-05-01"
+
+    ask = w.GetAccountRestrictionsMany
+    await expect_error(ask(wallet_pb2.GetAccountRestrictionsManyRequest()), OK.INVALID_ARGUMENT, "INVALID_BATCH_SIZE")
+    too_many = [uid("u") for _ in range(501)]
+    await expect_error(
+        ask(wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=too_many)), OK.INVALID_ARGUMENT, "INVALID_BATCH_SIZE"
+    )
+    await expect_error(
+        ask(wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=[adult, "a b"])), OK.INVALID_ARGUMENT, "INVALID_ID"
+    )
+
+
 async def test_concurrent_first_calls_for_a_new_user_all_succeed(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     user = uid("newcomer")
     answers = await asyncio.gather(
