@@ -49,8 +49,10 @@ STEPS = ("spend", "begin", "sent")
 class _Eligible:
     """Gifting's wallet client for this benchmark: every user may take part (cached after the first ask)."""
 
-    async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109
-        return wallet_pb2.AccountRestrictions(user_id=req.user_id, may_spend=True)
+    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        return wallet_pb2.GetAccountRestrictionsManyResponse(
+            restrictions=[wallet_pb2.AccountRestrictions(user_id=u, may_spend=True) for u in req.user_ids]
+        )
 
 
 async def _timed(batches: list[Any], run: Callable[[Any], Awaitable[Any]]) -> tuple[float, float]:

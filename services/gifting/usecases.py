@@ -76,6 +76,7 @@ FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this ofte
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
+RESTRICTIONS_MANY_IDS_MAX = 500  # users of one wallet.GetAccountRestrictionsMany call (the wallet's limit)
 WALLET_SPEND_MANY_MAX = 200  # spends of one wallet.SpendMany call (the wallet takes up to 500)
 STREAMS_CACHED_MAX = 100_000  # stream -> creator pairs gifting remembers (cleared when full)
 ELIGIBILITY_CACHE_ENTRIES_MAX = 100_000  # users whose restrictions gifting remembers (cleared when full)
@@ -699,6 +700,27 @@ class Gifting:
         return answers
 
     async def _ask_restrictions(self, user_ids: list[str]) -> list[Any]:
+        """Each user's answer (None where the wallet did not answer), in one call per chunk of users."""
+        chunks = [
+            user_ids[i : i + RESTRICTIONS_MANY_IDS_MAX] for i in range(0, len(user_ids), RESTRICTIONS_MANY_IDS_MAX)
+        ]
+        return [a for part in await asyncio.gather(*(self._ask_chunk(c) for c in chunks)) for a in part]
+
+    async def _ask_chunk(self, user_ids: list[str]) -> list[Any]:
+        try:
+            resp = await self.wallet.GetAccountRestrictionsMany(
+                wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=user_ids),
+                timeout=self.settings.outgoing_deadline_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return [None] * len(user_ids)
+            # A wallet older than the batched call (a rolling upgrade): ask user by user.
+            return await self._ask_each(user_ids)
+        check(len(resp.restrictions) == len(user_ids), "the wallet answers every user")
+        return list(resp.restrictions)
+
+    async def _ask_each(self, user_ids: list[str]) -> list[Any]:
         sem = asyncio.Semaphore(WALLET_CALLS_CONCURRENT_MAX)
 
         async def ask(user_id: str) -> Any:

@@ -33,9 +33,18 @@ class ScriptedWallet:
         self.settles = settles  # SpendMany reports its refusals as settled (settle_refusals)
         self.cancel_calls: list[str] = []
         self.spend_many_calls = 0
+        self.many_calls: list[list[str]] = []  # the ids of each GetAccountRestrictionsMany call
 
     async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         return wallet_pb2.AccountRestrictions(user_id=req.user_id, may_spend=True)
+
+    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        """As the wallet answers it: what GetAccountRestrictions says of each id, in order."""
+        self.many_calls.append(list(req.user_ids))
+        one = wallet_pb2.GetAccountRestrictionsRequest
+        return wallet_pb2.GetAccountRestrictionsManyResponse(
+            restrictions=[await self.GetAccountRestrictions(one(user_id=u)) for u in req.user_ids]
+        )
 
     async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         raise grpc.aio.AioRpcError(
@@ -167,5 +176,56 @@ async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the
         # The refresh said "blocked": nothing is remembered, so the next batch asks and is refused.
         answer = (await g._restrictions({"v1"}))["v1"]
         assert answer.blocked and wallet.asked == ["v1", "v1", "v1"]
+    finally:
+        await db.dispose()
+
+
+async def test_a_batch_asks_the_wallet_about_all_the_users_it_does_not_know_in_one_call(tmp_path: Path) -> None:
+    wallet = RestrictionsWallet()
+    wallet.blocked.add("v3")
+    g, db = await _gifting(tmp_path, wallet)
+    try:
+        answers = await g._restrictions({"v1", "v2", "v3"})
+        assert wallet.many_calls == [["v1", "v2", "v3"]]
+        assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": True, "v3": False}
+        # v1 and v2 are remembered; v3 (refused) is asked again, with the one new user, in one call.
+        await g._restrictions({"v1", "v2", "v3", "v4"})
+        assert wallet.many_calls == [["v1", "v2", "v3"], ["v3", "v4"]]
+        assert wallet.asked == ["v1", "v2", "v3", "v3", "v4"]
+    finally:
+        await db.dispose()
+
+
+class OlderWallet(RestrictionsWallet):
+    """A wallet from before GetAccountRestrictionsMany (a rolling upgrade), or one that cannot answer."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__()
+        self.code = code
+
+    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.many_calls.append(list(req.user_ids))
+        raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "no")
+
+
+async def test_a_wallet_without_the_batched_call_is_asked_user_by_user(tmp_path: Path) -> None:
+    wallet = OlderWallet(grpc.StatusCode.UNIMPLEMENTED)
+    wallet.blocked.add("v2")
+    g, db = await _gifting(tmp_path, wallet)
+    try:
+        answers = await g._restrictions({"v1", "v2"})
+        assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": False}
+        assert wallet.many_calls == [["v1", "v2"]] and sorted(wallet.asked) == ["v1", "v2"]
+    finally:
+        await db.dispose()
+
+
+async def test_a_wallet_that_does_not_answer_the_batched_call_leaves_its_users_unanswered(tmp_path: Path) -> None:
+    wallet = OlderWallet(grpc.StatusCode.UNAVAILABLE)
+    g, db = await _gifting(tmp_path, wallet)
+    try:
+        assert await g._restrictions({"v1", "v2"}) == {"v1": None, "v2": None}
+        assert wallet.asked == []  # not retried user by user: the wallet is down, not old
+        assert g._eligibility_cache == {}
     finally:
         await db.dispose()
