@@ -35,6 +35,7 @@ WATCH = (
     "Wallet.spend_many",
     "SpendBatch.run",
     "Wallet.get_restrictions",
+    "Wallet.get_restrictions_many",
     "Gifting._restrictions",
     "Database.unit_of_work",
     "_async_ping",
