@@ -166,6 +166,7 @@ class World:
     """Who takes part: funded viewers, live streams (one hot), content to unlock, the catalog."""
 
     viewers: list[str]
+    fresh: list[str]  # funded viewers who have sent nothing yet: each sends one gift (fresh phases)
     streams: list[tuple[str, str]]  # (stream_id, creator_id)
     hot: tuple[str, str]
     contents: list[str]
@@ -269,6 +270,7 @@ class Load:
         """Fund viewers through signed purchase callbacks, start streams, publish unlockable content."""
         p, rnd = self.plan, self.rnd
         viewers = [_uid("bv", rnd) for _ in range(p["viewers"])]
+        fresh = [_uid("fv", rnd) for _ in range(p.get("fresh_viewers", 0))]
         creators = [_uid("bc", rnd) for _ in range(p["creators"])]
         hot_creator = _uid("hot", rnd)
         sem = asyncio.Semaphore(SETUP_CONCURRENCY)
@@ -318,7 +320,7 @@ class Load:
                 )
                 return got.content_id
 
-        await asyncio.gather(*(fund(v) for v in viewers))
+        await asyncio.gather(*(fund(v) for v in viewers + fresh))
         streams = await asyncio.gather(*(stream(c) for c in [*creators, hot_creator]))
         contents = await asyncio.gather(*(content(rnd.choice(creators), rnd.randint(1, 50)) for _ in range(20)))
         catalog = (await self.gifting.ListGifts(gifting_pb2.ListGiftsRequest(), timeout=CALL_TIMEOUT_S)).gifts
@@ -326,6 +328,7 @@ class Load:
         # 1 / price (roses are common, universes rare), which puts the mean near 6 coins.
         return World(
             viewers=viewers,
+            fresh=fresh,
             streams=list(streams[:-1]),
             hot=streams[-1],
             contents=list(contents),
@@ -336,14 +339,15 @@ class Load:
 
     # ---- phases ------------------------------------------------------------------------------
 
-    def _gift_request(self, world: World, hot: bool) -> tuple[gifting_pb2.SendGiftRequest, str]:
+    def _gift_request(self, world: World, hot: bool, fresh: bool = False) -> tuple[gifting_pb2.SendGiftRequest, str]:
+        """A gift from a random viewer (with `fresh`, one who never sent anything: used up)."""
         rnd = self.rnd
         stream_id, creator = world.hot if hot else rnd.choice(world.streams)
         gift_id = rnd.choices(world.gift_ids, world.gift_weights)[0]
         quantity = 1 if rnd.random() < 0.8 else rnd.randint(2, 5)
         req = gifting_pb2.SendGiftRequest(
             stream_id=stream_id,
-            sender_id=rnd.choice(world.viewers),
+            sender_id=world.fresh.pop() if fresh else rnd.choice(world.viewers),
             gift_id=gift_id,
             quantity=quantity,
             idempotency_key=_uid("gift", rnd),
@@ -353,8 +357,9 @@ class Load:
     async def phase(self, world: World, spec: dict[str, Any]) -> PhaseResult:
         """Run one phase: `concurrency` workers calling until the duration or the count runs out."""
         op, hot, batch = spec["op"], spec.get("hot", False), spec.get("batch_size", 100)
+        fresh = spec.get("fresh", False)
         result = PhaseResult(spec["name"], op, spec["concurrency"])
-        calls_left = spec["count_max"]
+        calls_left = min(spec["count_max"], len(world.fresh)) if fresh else spec["count_max"]
         mix = spec.get("mix", {"gift": 1.0})
         kinds, weights = list(mix), list(mix.values())
         rnd = self.rnd
@@ -369,7 +374,7 @@ class Load:
                 if kind == "noop":
                     await self.noop(b"", timeout=CALL_TIMEOUT_S)
                 elif kind == "gift":
-                    req, creator = self._gift_request(world, hot)
+                    req, creator = self._gift_request(world, hot, fresh)
                     receipt = await self.gifting.SendGift(req, timeout=CALL_TIMEOUT_S)
                     result.answered.append((receipt.gift_event_id, creator, time.time_ns() // 1000))
                     result.gifts_ok += 1

@@ -77,6 +77,7 @@ def derive(results: dict[str, Any]) -> None:
             )
         r["figures"] = rows
         r["targets"] = _targets({x["phase"]: x for x in rows})
+        r["comparisons"] = _comparisons({x["phase"]: x for x in rows})
 
 
 def _targets(f: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -118,6 +119,20 @@ def _targets(f: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "met": (batch_vs_single or 0) >= TARGET_BATCH_VS_SINGLE,
         }
     return out
+
+
+def _comparisons(f: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Figures set beside spread-c64 that no target names (bench/README.md says why each is there)."""
+    spread, fresh = f.get("spread-c64"), f.get("fresh-c64")
+    if spread is None or fresh is None:
+        return {}
+    return {
+        "fresh_vs_spread": {
+            "value": _ratio(fresh["gifts_per_s"], spread["gifts_per_s"]),
+            "p99_ms": [spread["p99_ms"], fresh["p99_ms"]],
+            "what": "gifts/s when every gift comes from a viewer who never gifted before, / spread-c64",
+        }
+    }
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -192,6 +207,9 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
         console.print(tt)
         if not r["targets"]:
             console.print(f"{backend}: no target can be decided from the phases run")
+        for name, v in r.get("comparisons", {}).items():
+            p99 = ", ".join(_fmt(x) for x in v["p99_ms"])
+            console.print(f"{backend}: {name} {_fmt(v['value'], 3)} ({v['what']}; p99 ms {p99})")
         a = r["audit"]
         console.print(f"{backend} audit after the load: {'PASSED' if a['passed'] else 'FAILED'} ({a['settle_s']:.1f}s)")
         for c in a["checks"]:

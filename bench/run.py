@@ -29,6 +29,7 @@ from services.cli.suite import Suite, SuiteConfig, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCIES = (1, 16, 64)
+FRESH_GIFTS = 3_000  # gifts (and first-time viewers) of the fresh-c64 phase
 AUDIT_SETTLE_S = 120.0  # a gift left PENDING by a timeout waits the sweeper's 30 s before it is settled
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -42,6 +43,12 @@ def phases(quick: bool) -> list[dict[str, Any]]:
     for c in CONCURRENCIES:
         out.append({"name": f"spread-c{c}", "op": "gift", "concurrency": c, "duration_s": d, "count_max": 20_000})
     out.append({"name": "hot-c64", "op": "gift", "concurrency": 64, "duration_s": d, "count_max": 20_000, "hot": True})
+    # Every gift from a viewer who never gifted before: one funded viewer per call, so the phase
+    # is bounded by its count (the viewers are funded in setup, which this many purchases slows).
+    fresh = 1_000 if quick else FRESH_GIFTS
+    out.append(
+        {"name": "fresh-c64", "op": "gift", "concurrency": 64, "duration_s": d, "count_max": fresh, "fresh": True}
+    )
     out.append(
         {
             "name": "mix-c64",
@@ -116,6 +123,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         ready = noop.stdout.readline().split()
         if ready[:1] != ["READY"]:
             raise RuntimeError(f"noop server did not start: {ready}")
+        chosen = [p for p in phases(args.quick) if not args.phases or p["name"] in args.phases.split(",")]
         plan: dict[str, Any] = {
             "backend": backend,
             "seed": args.seed,
@@ -127,7 +135,9 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "secret": config.webhook_secret,
             "viewers": args.viewers,
             "creators": args.creators,
-            "phases": [p for p in phases(args.quick) if not args.phases or p["name"] in args.phases.split(",")],
+            "phases": chosen,
+            # One funded viewer per gift of the fresh phases, used once.
+            "fresh_viewers": sum(p["count_max"] for p in chosen if p.get("fresh")),
             "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
             "metrics": {s: f"http://127.0.0.1:{config.metrics_ports[s]}/metrics" for s in services},
         }

@@ -96,3 +96,29 @@ def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() ->
     row = next(line for line in out.splitlines() if "spread-c64" in line and "8.0" in line)
     assert "2/0/0" in row, "gifting's two full collections, none in wallet or payout"
     assert "55.0/-/-" in row
+
+
+def test_first_time_gifters_are_compared_with_the_spread_phase_when_both_ran() -> None:
+    def results(*names: str) -> dict[str, Any]:
+        phases = [_phase("noop-c64", "noop", 64, 4000.0), _phase("spread-c64", "gift", 64, 1000.0)]
+        phases += [_phase(n, "gift", 64, 800.0, latency_ms={"gift": {"p50": 70.0, "p99": 140.0}}) for n in names]
+        return {
+            "machine": {"nproc": 2, "cpu_model": "t", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
+            "backends": {
+                "postgres": {
+                    "load": {"phases": phases},
+                    "audit": {"passed": True, "settle_s": 1.0, "checks": []},
+                }
+            },
+        }
+
+    with_fresh = results("fresh-c64")
+    derive(with_fresh)
+    fresh = with_fresh["backends"]["postgres"]["comparisons"]["fresh_vs_spread"]
+    assert fresh["value"] == 0.8 and fresh["p99_ms"] == [120.0, 140.0]
+    console = Console(record=True, width=300)
+    table(with_fresh, console)
+    assert "postgres: fresh_vs_spread 0.800" in console.export_text()
+    without = results("hot-c64")
+    derive(without)
+    assert without["backends"]["postgres"]["comparisons"] == {}, "no fresh phase, no comparison"
