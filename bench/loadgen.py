@@ -37,6 +37,7 @@ import nats
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.diskprobe import FsyncProbe
 from bench.noop import METHOD as NOOP_METHOD
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import events_pb2 as payout_events_pb2
@@ -195,6 +196,7 @@ class PhaseResult:
     machine_busy_fraction: float = 0.0  # of all CPUs, everyone's processes included
     batches: dict[str, Any] = field(default_factory=dict)  # phase_histograms() of the phase
     gc_pauses: dict[str, Any] = field(default_factory=dict)
+    disk: dict[str, Any] = field(default_factory=dict)  # the fsync probe's figures in the phase (diskprobe.py)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -218,6 +220,7 @@ class PhaseResult:
             "machine_busy_fraction": round(self.machine_busy_fraction, 3),
             "batches": self.batches,
             "gc_pauses": self.gc_pauses,
+            "disk_fsync": self.disk,
         }
 
 
@@ -229,6 +232,8 @@ class Load:
         self.rnd = random.Random(plan["seed"])
         self.channels: list[grpc.aio.Channel] = []
         self.credited_at: dict[tuple[str, int], int] = {}  # (creator, occurred_at us) -> received wall us
+        probe_path = plan.get("disk_probe_path")
+        self.disk_probe = FsyncProbe(Path(probe_path)) if probe_path else None
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = grpc.aio.insecure_channel(addr)
@@ -248,6 +253,8 @@ class Load:
             t0 = time.monotonic()
             world = await self.setup()
             out: dict[str, Any] = {"setup_s": time.monotonic() - t0, "viewers": len(world.viewers), "phases": []}
+            if self.disk_probe is not None:
+                self.disk_probe.start()
             for phase in p["phases"]:
                 result = await self.phase(world, phase)
                 if result.answered:
@@ -256,6 +263,8 @@ class Load:
                 print(f"phase {result.name}: {json.dumps(result.summary()['latency_ms'])[:200]}", flush=True)
             return out
         finally:
+            if self.disk_probe is not None:
+                self.disk_probe.stop()
             await nc.close()
             await asyncio.gather(*(c.close() for c in self.channels))
 
@@ -441,6 +450,8 @@ class Load:
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
         result.duration_s = time.monotonic() - t0
+        if self.disk_probe is not None:
+            result.disk = self.disk_probe.window(t0, t0 + result.duration_s)
         busy1, total1 = machine_busy()
         result.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         if self.plan.get("backend") == "postgres":

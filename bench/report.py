@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.diskprobe import SLOW_MS
+
 # issue 8's targets, checked on PostgreSQL (the figures for SQLite are shown beside them).
 TARGET_C64_VS_NOOP = 0.4
 TARGET_P99_MS = 100.0
@@ -73,6 +75,7 @@ def derive(results: dict[str, Any]) -> None:
                     "cpu_ms_per_gift": {s: cpu.get(s) for s in ("gifting", "wallet", "payout")},
                     "batch_items": {k: v["mean_items"] for k, v in p.get("batches", {}).items()},
                     "gc_pauses": p.get("gc_pauses", {}),
+                    "disk_fsync": p.get("disk_fsync", {}),
                 }
             )
         r["figures"] = rows
@@ -232,13 +235,16 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
         return
     t = Table(
         title=f"{backend}: mean items per batch (services' livegifts_batch_items / consumer batch histograms), "
-        "and full garbage collections (livegifts_gc_pause_seconds, generation 2) in the phase"
+        "full garbage collections (livegifts_gc_pause_seconds, generation 2), and the disk's fsync times "
+        "(bench/diskprobe.py) in the phase"
     )
     t.add_column("phase")
     for label in _BATCHES.values():
         t.add_column(label, justify="right")
     t.add_column("full GCs g/w/p", justify="right")
     t.add_column("mean full GC ms g/w/p", justify="right")
+    t.add_column("fsync p50/p99/max ms", justify="right")
+    t.add_column(f"fsyncs > {SLOW_MS:.0f} ms", justify="right")
     for x in figures:
         full = [x.get("gc_pauses", {}).get(f"{svc}/2") for svc in ("gifting", "wallet", "payout")]
         t.add_row(
@@ -246,6 +252,10 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
             *(_fmt(x.get("batch_items", {}).get(k)) for k in _BATCHES),
             "/".join(str(g["count"]) if g else "0" for g in full),
             "/".join(_fmt(g["mean_ms"]) if g else "-" for g in full),
+            "/".join(_fmt(disk.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
+            if (disk := x.get("disk_fsync"))
+            else "-",
+            f"{disk['slow']} of {disk['n']}" if disk else "-",
         )
     console.print(t)
 

@@ -140,6 +140,8 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "fresh_viewers": sum(p["count_max"] for p in chosen if p.get("fresh")),
             "cpu_pids": {name: proc.pid for name, proc in suite.procs.items()} | {"noop": noop.pid},
             "metrics": {s: f"http://127.0.0.1:{config.metrics_ports[s]}/metrics" for s in services},
+            # On the disk the databases and JetStream write (bench/diskprobe.py).
+            "disk_probe_path": str(var_dir / "fsync-probe.bin"),
         }
         if args.profile:
             plan["profile"] = {

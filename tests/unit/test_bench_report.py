@@ -76,6 +76,7 @@ def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() ->
                                 "gifting/2": {"count": 2, "mean_ms": 55.0},
                                 "wallet/0": {"count": 5, "mean_ms": 1},
                             },
+                            disk_fsync={"n": 400, "p50_ms": 0.3, "p99_ms": 41.0, "max_ms": 90.5, "slow": 6},
                         ),
                         _phase("noop-c64-end", "noop", 64, 5000.0),
                     ]
@@ -96,6 +97,7 @@ def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() ->
     row = next(line for line in out.splitlines() if "spread-c64" in line and "8.0" in line)
     assert "2/0/0" in row, "gifting's two full collections, none in wallet or payout"
     assert "55.0/-/-" in row
+    assert "0.3/41.0/90.5" in row and "6 of 400" in row, "the disk's fsync times in the phase"
 
 
 def test_first_time_gifters_are_compared_with_the_spread_phase_when_both_ran() -> None:
