@@ -148,6 +148,22 @@ def recorded_spends(dialect: str) -> Any:
     ).where(one_of_param(dialect, s.idempotency_key, "keys"))
 
 
+@functools.cache
+def users_of(dialect: str) -> Any:
+    """The users rows of the ids passed as `{"ids": [...]}`, built once per dialect."""
+    return select(users).where(one_of_param(dialect, users.c.user_id, "ids"))
+
+
+def restrictions_of(row: Any) -> domain.Restrictions:
+    """A users row as the domain's restrictions."""
+    return domain.Restrictions(
+        birth_date=dt.date.fromisoformat(row.birth_date) if row.birth_date else None,
+        is_minor=row.is_minor,
+        blocked=row.blocked,
+        region=row.region,
+    )
+
+
 def _retryable(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
@@ -173,7 +189,7 @@ class _Statements:
             .where(one_of_param(dialect, a.account_id, "ids"))
             .order_by(a.account_id)
             .with_for_update(),
-            users=select(users).where(one_of_param(dialect, users.c.user_id, "ids")),
+            users=users_of(dialect),
             limits=select(spending_limits).where(one_of_param(dialect, spending_limits.c.user_id, "ids")),
             lock_counters=select(c.user_id, c.period, c.period_key, c.spent_coins)
             .where(one_of_param(dialect, c.user_id, "ids"), one_of_param(dialect, c.period_key, "keys"))
@@ -338,15 +354,7 @@ class SpendBatch:
         balances = {
             r.account_id: int(r.balance) for r in await conn.execute(self._stmts.lock_accounts, {"ids": acc_ids})
         }
-        restrictions = {
-            r.user_id: domain.Restrictions(
-                birth_date=dt.date.fromisoformat(r.birth_date) if r.birth_date else None,
-                is_minor=r.is_minor,
-                blocked=r.blocked,
-                region=r.region,
-            )
-            for r in await conn.execute(self._stmts.users, {"ids": parties})
-        }
+        restrictions = {r.user_id: restrictions_of(r) for r in await conn.execute(self._stmts.users, {"ids": parties})}
         states: dict[str, list[tuple[Period, LimitState]]] = {}
         for r in await conn.execute(self._stmts.limits, {"ids": senders}):
             states.setdefault(r.user_id, []).append(

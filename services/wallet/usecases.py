@@ -31,13 +31,12 @@ from services.common.errors import (
 )
 from services.common.idempotency import run_idempotent
 from services.common.outbox import Outbox, new_event_id
-from services.common.sql import one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
 from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus
 from services.wallet.payments import PaymentProvider, PaymentRouter
-from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends
+from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends, restrictions_of, users_of
 from services.wallet.storage import (
     accounts,
     coin_packages,
@@ -56,16 +55,6 @@ from services.wallet.storage import (
 log = logging.getLogger(__name__)
 
 PAGE_SIZE_DEFAULT = 50
-
-
-def _restrictions_of(row: Any) -> domain.Restrictions:
-    """A users row as the domain's restrictions."""
-    return domain.Restrictions(
-        birth_date=dt.date.fromisoformat(row.birth_date) if row.birth_date else None,
-        is_minor=row.is_minor,
-        blocked=row.blocked,
-        region=row.region,
-    )
 
 
 def _utc_today() -> dt.date:
@@ -116,8 +105,6 @@ class Wallet:
         self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
             lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX, "wallet_spend"
         )
-        # Built once: one cache key and one prepared statement for any number of ids.
-        self._users_of = select(users).where(one_of_param(self.db.dialect, users.c.user_id, "ids"))
 
     # ---- shared steps ------------------------------------------------------------------
 
@@ -177,7 +164,7 @@ class Wallet:
 
     async def _restrictions(self, uow: UnitOfWork, user_id: str) -> domain.Restrictions | None:
         row = (await uow.conn.execute(select(users).where(users.c.user_id == user_id))).first()
-        return None if row is None else _restrictions_of(row)
+        return None if row is None else restrictions_of(row)
 
     async def _check_may_transact(self, uow: UnitOfWork, user_id: str) -> None:
         r = await self._restrictions(uow, user_id)
@@ -757,8 +744,8 @@ class Wallet:
         for user_id in req.user_ids:
             require_id(user_id, "user_ids")
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = await uow.conn.execute(self._users_of, {"ids": sorted(set(req.user_ids))})
-            found = {r.user_id: _restrictions_of(r) for r in rows}
+            rows = await uow.conn.execute(users_of(self.db.dialect), {"ids": sorted(set(req.user_ids))})
+            found = {r.user_id: restrictions_of(r) for r in rows}
         today = _utc_today()
         return wallet_pb2.GetAccountRestrictionsManyResponse(
             restrictions=[self._restrictions_pb(u, found.get(u), today) for u in req.user_ids]
