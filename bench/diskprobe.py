@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.stats import percentiles
+
 INTERVAL_S = 0.025
 BLOCK = b"\0" * 8192
 SLOW_MS = 20.0  # an fsync above this is counted as a stall (a quiet disk here takes ~0.2-0.3 ms)
@@ -61,17 +63,10 @@ class FsyncProbe:
 
 def summarize(seconds: list[float]) -> dict[str, Any]:
     """Milliseconds: p50 / p99 / max (nearest rank) and how many took over SLOW_MS."""
-    if not seconds:
-        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None, "slow": 0}
-    ms = sorted(s * 1000 for s in seconds)
-
-    def rank(q: float) -> float:
-        return ms[min(len(ms) - 1, max(0, int(q * len(ms) + 0.5) - 1))]
-
-    return {
-        "n": len(ms),
-        "p50_ms": round(rank(0.5), 3),
-        "p99_ms": round(rank(0.99), 3),
-        "max_ms": round(ms[-1], 3),
-        "slow": sum(1 for x in ms if x > SLOW_MS),
-    }
+    ms = [s * 1000 for s in seconds]
+    p = percentiles(ms)
+    out: dict[str, Any] = {"n": len(ms)}
+    for name in ("p50", "p99", "max"):
+        out[f"{name}_ms"] = None if p[name] is None else round(p[name], 3)
+    out["slow"] = sum(1 for x in ms if x > SLOW_MS)
+    return out

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.diskprobe import FsyncProbe
 from bench.noop import METHOD as NOOP_METHOD
+from bench.stats import percentiles
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import events_pb2 as payout_events_pb2
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
@@ -148,18 +149,6 @@ def machine_busy() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     idle = parts[3] + parts[4]  # idle + iowait
     return (sum(parts) - idle) / tick, sum(parts) / tick
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float | None]:
-    """p50 / p99 / p999 / max of a list of milliseconds (nearest rank)."""
-    if not samples_ms:
-        return {"p50": None, "p99": None, "p999": None, "max": None}
-    s = sorted(samples_ms)
-
-    def rank(q: float) -> float:
-        return s[min(len(s) - 1, max(0, int(q * len(s) + 0.5) - 1))]
-
-    return {"p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999), "max": s[-1]}
 
 
 @dataclass
