@@ -37,6 +37,7 @@ import nats
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.callsplit import TraceContext
 from bench.diskprobe import FsyncProbe
 from bench.noop import METHOD as NOOP_METHOD
 from bench.stats import percentiles
@@ -186,6 +187,7 @@ class PhaseResult:
     batches: dict[str, Any] = field(default_factory=dict)  # phase_histograms() of the phase
     gc_pauses: dict[str, Any] = field(default_factory=dict)
     disk: dict[str, Any] = field(default_factory=dict)  # the fsync probe's figures in the phase (diskprobe.py)
+    traced: list[tuple[str, int, int]] = field(default_factory=list)  # (trace id, sent us, answered us): callsplit.py
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -210,6 +212,7 @@ class PhaseResult:
             "batches": self.batches,
             "gc_pauses": self.gc_pauses,
             "disk_fsync": self.disk,
+            "traced": self.traced,
         }
 
 
@@ -223,6 +226,7 @@ class Load:
         self.credited_at: dict[tuple[str, int], int] = {}  # (creator, occurred_at us) -> received wall us
         probe_path = plan.get("disk_probe_path")
         self.disk_probe = FsyncProbe(Path(probe_path)) if probe_path else None
+        self.tracing = TraceContext(plan["trace_every"]) if plan.get("trace_every") else None
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = grpc.aio.insecure_channel(addr)
@@ -367,19 +371,24 @@ class Load:
 
         async def one_call() -> None:
             kind = "noop" if op == "noop" else ("batch" if op == "batch" else rnd.choices(kinds, weights)[0])
+            md, trace_id = self.tracing.metadata(sample=kind == "gift") if self.tracing else (None, None)
             t0 = time.perf_counter()
             try:
                 if kind == "noop":
                     await self.noop(b"", timeout=CALL_TIMEOUT_S)
                 elif kind == "gift":
                     req, creator = self._gift_request(world, hot, fresh)
-                    receipt = await self.gifting.SendGift(req, timeout=CALL_TIMEOUT_S)
-                    result.answered.append((receipt.gift_event_id, creator, time.time_ns() // 1000))
+                    sent_us = time.time_ns() // 1000
+                    receipt = await self.gifting.SendGift(req, timeout=CALL_TIMEOUT_S, metadata=md)
+                    answered_us = time.time_ns() // 1000
+                    result.answered.append((receipt.gift_event_id, creator, answered_us))
+                    if trace_id is not None:
+                        result.traced.append((trace_id, sent_us, answered_us))
                     result.gifts_ok += 1
                 elif kind == "batch":
                     reqs = [self._gift_request(world, hot) for _ in range(batch)]
                     answer = await self.gifting.SendGifts(
-                        gifting_pb2.SendGiftsRequest(gifts=[r for r, _ in reqs]), timeout=CALL_TIMEOUT_S
+                        gifting_pb2.SendGiftsRequest(gifts=[r for r, _ in reqs]), timeout=CALL_TIMEOUT_S, metadata=md
                     )
                     now_us = time.time_ns() // 1000
                     for (_, creator), item in zip(reqs, answer.results, strict=True):
@@ -399,6 +408,7 @@ class Load:
                             idempotency_key=_uid("tip", rnd),
                         ),
                         timeout=CALL_TIMEOUT_S,
+                        metadata=md,
                     )
                 elif kind == "unlock":
                     await self.gifting.UnlockContent(
@@ -408,6 +418,7 @@ class Load:
                             idempotency_key=_uid("unlock", rnd),
                         ),
                         timeout=CALL_TIMEOUT_S,
+                        metadata=md,
                     )
                 else:
                     raise ValueError(f"unknown op {kind}")

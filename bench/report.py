@@ -194,6 +194,7 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
             )
         console.print(t)
         _batch_table(backend, r["figures"], console)
+        _split_table(backend, r["load"]["phases"], console)
         for c, v in r.get("noop_measured", {}).items():
             if len(v) > 1:
                 console.print(
@@ -256,6 +257,42 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
             if (disk := x.get("disk_fsync"))
             else "-",
             f"{disk['slow']} of {disk['n']}" if disk else "-",
+        )
+    console.print(t)
+
+
+_PART_LABELS = {
+    "before_handler": "before handler",
+    "step1": "step 1",
+    "step2": "step 2",
+    "step3": "step 3",
+    "after_handler": "after handler",
+}
+
+
+def _split_table(backend: str, phases: list[dict[str, Any]], console: Console) -> None:
+    """Where traced SendGift calls spent their time (`--trace-calls`, bench/callsplit.py), per phase."""
+    split = [(p["name"], p["call_split"]) for p in phases if p.get("call_split", {}).get("calls")]
+    if not split:
+        return
+    t = Table(
+        title=f"{backend}: where a traced SendGift's time went (bench/callsplit.py), p50 / p99 ms of each part, "
+        "and each part's mean over the slowest 1% of the traced calls"
+    )
+    t.add_column("phase")
+    t.add_column("traced", justify="right")
+    t.add_column("client p50 / p99", justify="right")
+    for label in _PART_LABELS.values():
+        t.add_column(label, justify="right")
+    t.add_column("slowest 1%: total = " + " + ".join(_PART_LABELS.values()), justify="right")
+    for name, c in split:
+        slow = c["slowest"]
+        t.add_row(
+            name,
+            str(c["calls"]),
+            f"{_fmt(c['total_ms']['p50'])} / {_fmt(c['total_ms']['p99'])}",
+            *(f"{_fmt(c['parts_ms'][k]['p50'])} / {_fmt(c['parts_ms'][k]['p99'])}" for k in _PART_LABELS),
+            f"{_fmt(slow['total_ms'])} = " + " + ".join(_fmt(slow["parts_ms"][k]) for k in _PART_LABELS),
         )
     console.print(t)
 

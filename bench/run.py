@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.callsplit import read_spans, send_gift_spans, split
 from services.cli.audit import OK, collect, wait_until_settled
 from services.cli.suite import Suite, SuiteConfig, free_port
 
@@ -101,6 +102,12 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         ceiling_url = urls.pop("ceiling")
     services = ("wallet", "gifting", "payout")
     extra = {s: {f"LIVEGIFTS_{s.upper()}_{k}": v for k, v in args.service_env.items()} for s in services}
+    if args.trace_calls:
+        for s in services:  # spans to a file per service (bench/callsplit.py reads gifting's)
+            extra[s] |= {
+                f"LIVEGIFTS_{s.upper()}_OTEL_EXPORTER": "file",
+                f"LIVEGIFTS_{s.upper()}_OTEL_FILE": str(var_dir / f"{s}.spans.jsonl"),
+            }
     config = SuiteConfig(
         var_dir=var_dir,
         nats_port=free_port(),
@@ -142,6 +149,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             "metrics": {s: f"http://127.0.0.1:{config.metrics_ports[s]}/metrics" for s in services},
             # On the disk the databases and JetStream write (bench/diskprobe.py).
             "disk_probe_path": str(var_dir / "fsync-probe.bin"),
+            "trace_every": args.trace_calls,
         }
         if args.profile:
             plan["profile"] = {
@@ -194,7 +202,13 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         if noop is not None and noop.poll() is None:
             noop.terminate()
             noop.wait(10)
-        suite.stop()
+        suite.stop()  # the services flush their spans as they stop
+        if "load" in out:
+            spans = send_gift_spans(read_spans(var_dir / "gifting.spans.jsonl")) if args.trace_calls else {}
+            for ph in out["load"]["phases"]:
+                traced = ph.pop("traced", [])  # raw samples stay out of results.json
+                if args.trace_calls:
+                    ph["call_split"] = split(traced, spans)
         for name in created:
             _pg_exec(args.postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -236,10 +250,19 @@ def main() -> None:
     )
     parser.add_argument("--profile-phase", default="spread-c64")
     parser.add_argument(
+        "--trace-calls",
+        type=int,
+        default=0,
+        metavar="N",
+        help="record spans and split one SendGift in N into its steps (bench/callsplit.py); 0: off",
+    )
+    parser.add_argument(
         "--service-env", default="", help="KEY=VALUE,... set on every service as LIVEGIFTS_<SVC>_KEY=VALUE"
     )
     args = parser.parse_args()
     args.service_env = dict(kv.split("=", 1) for kv in args.service_env.split(",") if kv)
+    if args.trace_calls < 0:
+        parser.error("--trace-calls must be 0 (off) or a positive N")
     work = ROOT / "var" / "bench"
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "seed": args.seed, "backends": {}}

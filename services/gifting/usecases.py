@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -945,13 +946,20 @@ class Gifting:
         return None if row is None else _recorded_gift(row._asdict(), digest)
 
     async def _settle(self, gift: dict[str, Any]) -> dict[str, Any]:
-        """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks)."""
+        """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks).
+
+        The call's span gets an event as each step ends ("gift recorded", "coins spent"), so a slow
+        call's trace shows which step it waited in (a no-op when spans are not recorded).
+        """
+        span = trace.get_current_span()
+        span.add_event("gift recorded")
         if gift["status"] == GiftStatus.SENT.value:
             return gift
         if self.settings.group_commit:
             balance = await self._spend_batcher.submit(gift)
         else:
             balance = (await self._spend(gift)).balance_after
+        span.add_event("coins spent")
         faults.point("gifting.after_spend_before_commit")
         if self.settings.group_commit:
             return await self._sent_batcher.submit((gift["event_id"], balance))

@@ -281,3 +281,8 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
     names = {svc: sorted({s["name"] for s in spans[svc] if s["context"]["trace_id"] == trace_id}) for svc in spans}
     assert any(n.endswith(SPEND_SPANS) for n in names["wallet"]), names
     assert any(n.startswith("consume gifting.gift.sent") for n in names["payout"]), names
+    # The SendGift server span marks when each step ended (bench/callsplit.py splits calls by them).
+    (server,) = [s for s in spans["gifting"] if s["context"]["trace_id"] == trace_id and s["name"].endswith("SendGift")]
+    events = [(e["name"], e["timestamp"]) for e in server["events"]]
+    assert [n for n, _ in events] == ["gift recorded", "coins spent"], events
+    assert server["start_time"] <= events[0][1] <= events[1][1] <= server["end_time"], (server, events)

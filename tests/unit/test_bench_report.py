@@ -124,3 +124,54 @@ def test_first_time_gifters_are_compared_with_the_spread_phase_when_both_ran() -
     without = results("hot-c64")
     derive(without)
     assert without["backends"]["postgres"]["comparisons"] == {}, "no fresh phase, no comparison"
+
+
+def test_a_traced_run_prints_where_the_calls_spent_their_time() -> None:
+    def part(p50: float, p99: float) -> dict[str, Any]:
+        return {"p50": p50, "p99": p99, "p999": p99, "max": p99}
+
+    split = {
+        "calls": 480,
+        "total_ms": part(63.3, 123.7),
+        "parts_ms": {
+            "before_handler": part(18.6, 78.6),
+            "step1": part(9.9, 31.7),
+            "step2": part(18.7, 37.7),
+            "step3": part(8.3, 23.1),
+            "after_handler": part(1.5, 15.5),
+        },
+        "slowest": {
+            "calls": 5,
+            "total_ms": 130.1,
+            "parts_ms": {"before_handler": 78.4, "step1": 16.1, "step2": 23.6, "step3": 8.3, "after_handler": 3.7},
+        },
+    }
+    results: dict[str, Any] = {
+        "machine": {"nproc": 2, "cpu_model": "t", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
+        "backends": {
+            "postgres": {
+                "load": {
+                    "phases": [
+                        _phase("noop-c64", "noop", 64, 4000.0, call_split={"calls": 0}),
+                        _phase("spread-c64", "gift", 64, 1000.0, call_split=split),
+                    ]
+                },
+                "audit": {"passed": True, "settle_s": 1.0, "checks": []},
+            }
+        },
+    }
+    derive(results)
+    console = Console(record=True, width=300)
+    table(results, console)
+    out = console.export_text()
+    assert "where a traced SendGift's time went" in out
+    row = next(line for line in out.splitlines() if "spread-c64" in line and "480" in line)
+    assert "63.3 / 123.7" in row and "18.6 / 78.6" in row and "1.5 / 15.5" in row
+    assert "130.1 = 78.4 + 16.1 + 23.6 + 8.3 + 3.7" in row
+    split_table = out.split("where a traced SendGift's time went")[1].split("issue 8 targets")[0]
+    assert "spread-c64" in split_table and "noop-c64" not in split_table, "a phase without traced calls has no row"
+    untraced = _phase("spread-c64", "gift", 64, 1000.0)
+    results["backends"]["postgres"]["load"]["phases"] = [untraced]
+    console = Console(record=True, width=300)
+    table(results, console)
+    assert "where a traced" not in console.export_text(), "no split table without --trace-calls"
