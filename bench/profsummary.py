@@ -8,7 +8,7 @@ samples of the frames that matter for the gift saga (matched by exact function n
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections import Counter
 from pathlib import Path
 
@@ -73,8 +73,10 @@ def summarize(path: Path) -> str:
 
 def main() -> None:
     """Print a summary of every file named on the command line."""
-    for arg in sys.argv[1:]:
-        print(summarize(Path(arg)))
+    parser = argparse.ArgumentParser(prog="python -m bench.profsummary", description=__doc__)
+    parser.add_argument("files", nargs="+", type=Path, help="py-spy raw profiles (bench/profiles/*.txt)")
+    for path in parser.parse_args().files:
+        print(summarize(path))
 
 
 if __name__ == "__main__":
