@@ -58,34 +58,40 @@ def _phase(name: str, op: str, conc: int, per_s: float, **extra: Any) -> dict[st
     }
 
 
-def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() -> None:
-    results: dict[str, Any] = {
+def _results(phases: list[dict[str, Any]], **backend: Any) -> dict[str, Any]:
+    """What bench/run.py hands to derive(): one PostgreSQL leg with these phases, audit passed."""
+    return {
         "machine": {"nproc": 2, "cpu_model": "test", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
         "backends": {
             "postgres": {
-                "load": {
-                    "phases": [
-                        _phase("noop-c64", "noop", 64, 4000.0),
-                        _phase(
-                            "spread-c64",
-                            "gift",
-                            64,
-                            1000.0,
-                            batches={"gifting/gifting_begin": {"batches": 100, "mean_items": 8.0}},
-                            gc_pauses={
-                                "gifting/2": {"count": 2, "mean_ms": 55.0},
-                                "wallet/0": {"count": 5, "mean_ms": 1},
-                            },
-                            disk_fsync={"n": 400, "p50_ms": 0.3, "p99_ms": 41.0, "max_ms": 90.5, "slow": 6},
-                        ),
-                        _phase("noop-c64-end", "noop", 64, 5000.0),
-                    ]
-                },
-                "db_ceiling_tx_per_s": {"64": 2500.0},
+                "load": {"phases": phases},
                 "audit": {"passed": True, "settle_s": 1.0, "checks": []},
+                **backend,
             }
         },
     }
+
+
+def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() -> None:
+    results = _results(
+        [
+            _phase("noop-c64", "noop", 64, 4000.0),
+            _phase(
+                "spread-c64",
+                "gift",
+                64,
+                1000.0,
+                batches={"gifting/gifting_begin": {"batches": 100, "mean_items": 8.0}},
+                gc_pauses={
+                    "gifting/2": {"count": 2, "mean_ms": 55.0},
+                    "wallet/0": {"count": 5, "mean_ms": 1},
+                },
+                disk_fsync={"n": 400, "p50_ms": 0.3, "p99_ms": 41.0, "max_ms": 90.5, "slow": 6},
+            ),
+            _phase("noop-c64-end", "noop", 64, 5000.0),
+        ],
+        db_ceiling_tx_per_s={"64": 2500.0},
+    )
     derive(results)
     r = results["backends"]["postgres"]
     assert r["noop_measured"] == {"64": [4000.0, 5000.0]}
@@ -104,15 +110,7 @@ def test_first_time_gifters_are_compared_with_the_spread_phase_when_both_ran() -
     def results(*names: str) -> dict[str, Any]:
         phases = [_phase("noop-c64", "noop", 64, 4000.0), _phase("spread-c64", "gift", 64, 1000.0)]
         phases += [_phase(n, "gift", 64, 800.0, latency_ms={"gift": {"p50": 70.0, "p99": 140.0}}) for n in names]
-        return {
-            "machine": {"nproc": 2, "cpu_model": "t", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
-            "backends": {
-                "postgres": {
-                    "load": {"phases": phases},
-                    "audit": {"passed": True, "settle_s": 1.0, "checks": []},
-                }
-            },
-        }
+        return _results(phases)
 
     with_fresh = results("fresh-c64")
     derive(with_fresh)
@@ -146,20 +144,12 @@ def test_a_traced_run_prints_where_the_calls_spent_their_time() -> None:
             "parts_ms": {"before_handler": 78.4, "step1": 16.1, "step2": 23.6, "step3": 8.3, "after_handler": 3.7},
         },
     }
-    results: dict[str, Any] = {
-        "machine": {"nproc": 2, "cpu_model": "t", "memory_gib": 1, "python": "3", "loadavg_at_start": [0, 0, 0]},
-        "backends": {
-            "postgres": {
-                "load": {
-                    "phases": [
-                        _phase("noop-c64", "noop", 64, 4000.0, call_split={"calls": 0}),
-                        _phase("spread-c64", "gift", 64, 1000.0, call_split=split),
-                    ]
-                },
-                "audit": {"passed": True, "settle_s": 1.0, "checks": []},
-            }
-        },
-    }
+    results = _results(
+        [
+            _phase("noop-c64", "noop", 64, 4000.0, call_split={"calls": 0}),
+            _phase("spread-c64", "gift", 64, 1000.0, call_split=split),
+        ]
+    )
     derive(results)
     console = Console(record=True, width=300)
     table(results, console)
