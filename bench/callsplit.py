@@ -67,10 +67,20 @@ def _us(iso: str) -> int:
 
 
 def read_spans(path: Path) -> list[dict[str, Any]]:
-    """The spans a service exported to its file, one JSON object a line (none if there is no file)."""
+    """The spans a service exported to its file, one JSON object a line (none if there is no file).
+
+    A line that is not whole JSON (the last one of a service killed while writing) is skipped:
+    the split then counts one call fewer.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    spans = []
+    for line in path.read_text().splitlines():
+        try:
+            spans.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return spans
 
 
 def send_gift_spans(spans: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -203,14 +203,21 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
             noop.terminate()
             noop.wait(10)
         suite.stop()  # the services flush their spans as they stop
-        if "load" in out:
-            spans = send_gift_spans(read_spans(var_dir / "gifting.spans.jsonl")) if args.trace_calls else {}
-            for ph in out["load"]["phases"]:
-                traced = ph.pop("traced", [])  # raw samples stay out of results.json
-                if args.trace_calls:
-                    ph["call_split"] = split(traced, spans)
         for name in created:
             _pg_exec(args.postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def split_calls(out: dict[str, Any], var_dir: Path, traced: bool) -> None:
+    """Replace each phase's sampled calls with their split (`--trace-calls`; bench/callsplit.py).
+
+    Run after the suite stopped, so gifting has flushed its spans; the raw samples stay out of
+    results.json either way.
+    """
+    spans = send_gift_spans(read_spans(var_dir / "gifting.spans.jsonl")) if traced else {}
+    for ph in out["load"]["phases"]:
+        samples = ph.pop("traced", [])
+        if traced:
+            ph["call_split"] = split(samples, spans)
 
 
 def machine() -> dict[str, Any]:
@@ -269,6 +276,7 @@ def main() -> None:
     for backend in args.backends.split(","):
         print(f"== {backend}", flush=True)
         results["backends"][backend] = run_backend(backend, args, work)
+        split_calls(results["backends"][backend], work / backend, bool(args.trace_calls))
     results["wall_s"] = time.time() - started
     from bench.report import chart, derive, table
 

@@ -59,6 +59,9 @@ def test_send_gift_spans_are_read_with_their_step_events(tmp_path: Path) -> None
     spans = send_gift_spans(read_spans(path))
     assert spans == {trace_id: marks}
     assert read_spans(tmp_path / "missing.jsonl") == []
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(path.read_text() + '{"name": "/livegifts.gifting.v1.GiftingService/Send')
+    assert send_gift_spans(read_spans(torn)) == spans, "a torn last line is skipped"
     assert json.loads(path.read_text().splitlines()[0])["kind"] == "SpanKind.SERVER"
 
 
