@@ -26,12 +26,20 @@ import json
 import random
 from collections.abc import Iterable
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from bench.stats import percentiles
 
-PARTS = ("before_handler", "step1", "step2", "step3", "after_handler")
+# The parts of a call, in order, and how the report heads them.
+PARTS = {
+    "before_handler": "before handler",
+    "step1": "step 1",
+    "step2": "step 2",
+    "step3": "step 3",
+    "after_handler": "after handler",
+}
 RECORDED, SPENT = "gift recorded", "coins spent"
 SLOWEST_FRACTION = 0.01
 
@@ -114,15 +122,14 @@ def split(traced: Iterable[tuple[str, int, int]], spans: dict[str, dict[str, int
         if s is None:
             continue
         marks = (sent_us, s["start"], s[RECORDED], s[SPENT], s["end"], answered_us)
-        rows.append(tuple((b - a) / 1000 for a, b in zip(marks, marks[1:], strict=False)))
+        rows.append(tuple((b - a) / 1000 for a, b in pairwise(marks)))
     if not rows:
         return {"calls": 0}
-    totals = [sum(r) for r in rows]
     slow_n = max(1, round(len(rows) * SLOWEST_FRACTION))
-    slowest = [r for _, r in sorted(zip(totals, rows, strict=True), key=lambda tr: tr[0], reverse=True)[:slow_n]]
+    slowest = sorted(rows, key=sum, reverse=True)[:slow_n]
     return {
         "calls": len(rows),
-        "total_ms": percentiles(totals),
+        "total_ms": percentiles([sum(r) for r in rows]),
         "parts_ms": {p: percentiles([r[i] for r in rows]) for i, p in enumerate(PARTS)},
         "slowest": {
             "calls": slow_n,

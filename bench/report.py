@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.callsplit import PARTS
 from bench.diskprobe import SLOW_MS
 
 # issue 8's targets, checked on PostgreSQL (the figures for SQLite are shown beside them).
@@ -261,15 +262,6 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
     console.print(t)
 
 
-_PART_LABELS = {
-    "before_handler": "before handler",
-    "step1": "step 1",
-    "step2": "step 2",
-    "step3": "step 3",
-    "after_handler": "after handler",
-}
-
-
 def _split_table(backend: str, phases: list[dict[str, Any]], console: Console) -> None:
     """Where traced SendGift calls spent their time (`--trace-calls`, bench/callsplit.py), per phase."""
     split = [(p["name"], p["call_split"]) for p in phases if p.get("call_split", {}).get("calls")]
@@ -282,17 +274,17 @@ def _split_table(backend: str, phases: list[dict[str, Any]], console: Console) -
     t.add_column("phase")
     t.add_column("traced", justify="right")
     t.add_column("client p50 / p99", justify="right")
-    for label in _PART_LABELS.values():
+    for label in PARTS.values():
         t.add_column(label, justify="right")
-    t.add_column("slowest 1%: total = " + " + ".join(_PART_LABELS.values()), justify="right")
+    t.add_column("slowest 1%: total = " + " + ".join(PARTS.values()), justify="right")
     for name, c in split:
         slow = c["slowest"]
         t.add_row(
             name,
             str(c["calls"]),
             f"{_fmt(c['total_ms']['p50'])} / {_fmt(c['total_ms']['p99'])}",
-            *(f"{_fmt(c['parts_ms'][k]['p50'])} / {_fmt(c['parts_ms'][k]['p99'])}" for k in _PART_LABELS),
-            f"{_fmt(slow['total_ms'])} = " + " + ".join(_fmt(slow["parts_ms"][k]) for k in _PART_LABELS),
+            *(f"{_fmt(c['parts_ms'][k]['p50'])} / {_fmt(c['parts_ms'][k]['p99'])}" for k in PARTS),
+            f"{_fmt(slow['total_ms'])} = " + " + ".join(_fmt(slow["parts_ms"][k]) for k in PARTS),
         )
     console.print(t)
 
