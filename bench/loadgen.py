@@ -89,14 +89,17 @@ def postgres_cpu_seconds() -> float:
 
 
 # The services' histograms read before and after each phase: group-commit batches (by batcher),
-# consumer batches (by consumer), garbage-collector pauses (by generation).
+# consumer batches (by consumer), garbage-collector pauses (by generation), the event loop's lag
+# (no label).
 BATCH_HISTOGRAMS = {"livegifts_batch_items": "batcher", "livegifts_consumer_batch_size": "consumer"}
 GC_HISTOGRAM = "livegifts_gc_pause_seconds"
-HISTOGRAMS = {**BATCH_HISTOGRAMS, GC_HISTOGRAM: "generation"}
+LOOP_LAG_HISTOGRAM = "livegifts_event_loop_lag_seconds"
+HISTOGRAMS = {**BATCH_HISTOGRAMS, GC_HISTOGRAM: "generation", LOOP_LAG_HISTOGRAM: ""}
 
 
 def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """(count, sum) so far of each of HISTOGRAMS the services export: by metric, then "service/label"."""
+    """(count, sum) so far of each of HISTOGRAMS the services export: by metric, then "service/label"
+    ("service/" for a histogram without a label)."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for svc, url in urls.items():
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -107,7 +110,7 @@ def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, f
                 continue
             series = out.setdefault(family.name, {})
             for sample in family.samples:
-                key = f"{svc}/{sample.labels[label]}"
+                key = f"{svc}/{sample.labels[label]}" if label else f"{svc}/"
                 count, total = series.get(key, (0.0, 0.0))
                 if sample.name.endswith("_count"):
                     series[key] = (sample.value, total)
@@ -130,18 +133,21 @@ def histogram_deltas(
 
 def phase_histograms(
     before: dict[str, dict[str, tuple[float, float]]], after: dict[str, dict[str, tuple[float, float]]]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A phase's batches (count and mean size, by "service/name") and GC pauses (count, mean ms,
-    by "service/generation"), from two readings of `histogram_totals`."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A phase's batches (count and mean size, by "service/name"), GC pauses (count, mean ms, by
+    "service/generation") and event-loop lag (wake-ups and their mean lateness in ms, by service),
+    from two readings of `histogram_totals`."""
     batches: dict[str, Any] = {}
     for name in BATCH_HISTOGRAMS:
         for key, (n, mean) in histogram_deltas(before.get(name, {}), after.get(name, {})).items():
             batches[key] = {"batches": n, "mean_items": round(mean, 2)}
-    gc = before.get(GC_HISTOGRAM, {}), after.get(GC_HISTOGRAM, {})
-    gc_pauses = {
-        key: {"count": n, "mean_ms": round(mean * 1000, 2)} for key, (n, mean) in histogram_deltas(*gc).items()
-    }
-    return batches, gc_pauses
+
+    def timed(name: str) -> dict[str, Any]:
+        deltas = histogram_deltas(before.get(name, {}), after.get(name, {}))
+        return {key: {"count": n, "mean_ms": round(mean * 1000, 2)} for key, (n, mean) in deltas.items()}
+
+    lag = {key.rstrip("/"): v for key, v in timed(LOOP_LAG_HISTOGRAM).items()}
+    return batches, timed(GC_HISTOGRAM), lag
 
 
 def machine_busy() -> tuple[float, float]:
@@ -186,6 +192,7 @@ class PhaseResult:
     machine_busy_fraction: float = 0.0  # of all CPUs, everyone's processes included
     batches: dict[str, Any] = field(default_factory=dict)  # phase_histograms() of the phase
     gc_pauses: dict[str, Any] = field(default_factory=dict)
+    loop_lag: dict[str, Any] = field(default_factory=dict)  # by service: wake-ups and mean lateness (looplag.py)
     disk: dict[str, Any] = field(default_factory=dict)  # the fsync probe's figures in the phase (diskprobe.py)
     traced: list[tuple[str, int, int]] = field(default_factory=list)  # (trace id, sent us, answered us): callsplit.py
 
@@ -211,6 +218,7 @@ class PhaseResult:
             "machine_busy_fraction": round(self.machine_busy_fraction, 3),
             "batches": self.batches,
             "gc_pauses": self.gc_pauses,
+            "loop_lag": self.loop_lag,
             "disk_fsync": self.disk,
             "traced": self.traced,
         }
@@ -458,7 +466,7 @@ class Load:
             result.cpu_s["postgres"] = postgres_cpu_seconds() - pg0
         result.machine_busy_fraction = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         histograms1 = await asyncio.to_thread(histogram_totals, metrics)
-        result.batches, result.gc_pauses = phase_histograms(histograms0, histograms1)
+        result.batches, result.gc_pauses, result.loop_lag = phase_histograms(histograms0, histograms1)
         for proc in profilers:
             proc.wait(timeout=120)
         return result

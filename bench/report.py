@@ -76,6 +76,7 @@ def derive(results: dict[str, Any]) -> None:
                     "cpu_ms_per_gift": {s: cpu.get(s) for s in ("gifting", "wallet", "payout")},
                     "batch_items": {k: v["mean_items"] for k, v in p.get("batches", {}).items()},
                     "gc_pauses": p.get("gc_pauses", {}),
+                    "loop_lag": p.get("loop_lag", {}),
                     "disk_fsync": p.get("disk_fsync", {}),
                 }
             )
@@ -222,6 +223,7 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
 
 
 # The batches shown (service/name of livegifts_batch_items and livegifts_consumer_batch_size), in order.
+_SERVICES = ("gifting", "wallet", "payout")
 _BATCHES = {
     "gifting/gifting_begin": "step 1 tx",
     "gifting/gifting_spend": "SpendMany",
@@ -237,23 +239,25 @@ def _batch_table(backend: str, figures: list[dict[str, Any]], console: Console) 
         return
     t = Table(
         title=f"{backend}: mean items per batch (services' livegifts_batch_items / consumer batch histograms), "
-        "full garbage collections (livegifts_gc_pause_seconds, generation 2), and the disk's fsync times "
-        "(bench/diskprobe.py) in the phase"
+        "full garbage collections (livegifts_gc_pause_seconds, generation 2), how late the event loops' timers "
+        "fired (livegifts_event_loop_lag_seconds), and the disk's fsync times (bench/diskprobe.py) in the phase"
     )
     t.add_column("phase")
     for label in _BATCHES.values():
         t.add_column(label, justify="right")
     t.add_column("full GCs g/w/p", justify="right")
     t.add_column("mean full GC ms g/w/p", justify="right")
+    t.add_column("mean loop lag ms g/w/p", justify="right")
     t.add_column("fsync p50/p99/max ms", justify="right")
     t.add_column(f"fsyncs > {SLOW_MS:.0f} ms", justify="right")
     for x in figures:
-        full = [x.get("gc_pauses", {}).get(f"{svc}/2") for svc in ("gifting", "wallet", "payout")]
+        full = [x.get("gc_pauses", {}).get(f"{svc}/2") for svc in _SERVICES]
         t.add_row(
             x["phase"],
             *(_fmt(x.get("batch_items", {}).get(k)) for k in _BATCHES),
             "/".join(str(g["count"]) if g else "0" for g in full),
             "/".join(_fmt(g["mean_ms"]) if g else "-" for g in full),
+            "/".join(_fmt(x.get("loop_lag", {}).get(svc, {}).get("mean_ms"), 2) for svc in _SERVICES),
             "/".join(_fmt(disk.get(k)) for k in ("p50_ms", "p99_ms", "max_ms"))
             if (disk := x.get("disk_fsync"))
             else "-",

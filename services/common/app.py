@@ -25,6 +25,7 @@ from services.common.db import Database
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import ServiceRegistration, create_server
 from services.common.inbox import Consumer, InboxPruner, Subscription
+from services.common.looplag import watch_loop_lag
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox, OutboxRelay
 from services.common.tables import CommonTables
@@ -110,6 +111,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         tasks.append(asyncio.create_task(Consumer(db, bus, spec.tables, sub, settings).run(stop), name=sub.durable))
     if wiring.subscriptions:
         tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
+    tasks.append(asyncio.create_task(watch_loop_lag(stop, settings.loop_lag_probe_s), name="loop-lag"))
     for loop_fn in wiring.background:
         tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))
 

@@ -76,6 +76,10 @@ class ServiceSettings(BaseSettings):
     gc_freeze: bool = True
     gc_gen0_threshold: int = Field(default=GEN0_THRESHOLD, ge=100, le=1_000_000)
 
+    # The event loop's lag (services/common/looplag.py, livegifts_event_loop_lag_seconds): a
+    # timer every this many seconds measures how late it fires. 0 turns it off.
+    loop_lag_probe_s: float = Field(default=0.1, ge=0, le=60)
+
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""
 

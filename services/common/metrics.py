@@ -32,3 +32,8 @@ GC_PAUSE = Histogram(
     ["generation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
+LOOP_LAG = Histogram(
+    "livegifts_event_loop_lag_seconds",
+    "How late a timer fired on the service's event loop: what ready work waits when the loop is busy",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)

@@ -16,11 +16,14 @@ from bench.loadgen import histogram_totals, phase_histograms
 from bench.report import derive, table
 
 
-def _exposition(path: Path, batches: list[int], gc_pauses: dict[str, list[float]]) -> str:
+def _exposition(path: Path, batches: list[int], gc_pauses: dict[str, list[float]], lags: tuple[float, ...] = ()) -> str:
     """A service's /metrics text with the histograms the bench reads, as a file:// URL."""
     reg = CollectorRegistry()
     items = Histogram("livegifts_batch_items", "", ["batcher"], registry=reg)
     pauses = Histogram("livegifts_gc_pause_seconds", "", ["generation"], registry=reg)
+    lag = Histogram("livegifts_event_loop_lag_seconds", "", registry=reg)
+    for s in lags:
+        lag.observe(s)
     other = Histogram("livegifts_rpc_seconds", "", ["method", "code"], registry=reg)
     for n in batches:
         items.labels("gifting_begin").observe(n)
@@ -32,15 +35,20 @@ def _exposition(path: Path, batches: list[int], gc_pauses: dict[str, list[float]
     return path.as_uri()
 
 
-def test_a_phase_gets_the_batches_and_gc_pauses_observed_between_two_readings(tmp_path: Path) -> None:
-    before = histogram_totals({"gifting": _exposition(tmp_path / "a", [1, 3], {"0": [0.001]})})
+def test_a_phase_gets_the_batches_gc_pauses_and_loop_lag_observed_between_two_readings(tmp_path: Path) -> None:
+    before = histogram_totals({"gifting": _exposition(tmp_path / "a", [1, 3], {"0": [0.001]}, (0.0001,))})
     after = histogram_totals(
-        {"gifting": _exposition(tmp_path / "b", [1, 3, 8, 8, 14], {"0": [0.001, 0.003], "2": [0.040, 0.060]})}
+        {
+            "gifting": _exposition(
+                tmp_path / "b", [1, 3, 8, 8, 14], {"0": [0.001, 0.003], "2": [0.040, 0.060]}, (0.0001, 0.002, 0.006)
+            )
+        }
     )
-    batches, gc_pauses = phase_histograms(before, after)
+    batches, gc_pauses, lag = phase_histograms(before, after)
     assert batches == {"gifting/gifting_begin": {"batches": 3, "mean_items": 10.0}}
     assert gc_pauses == {"gifting/0": {"count": 1, "mean_ms": 3.0}, "gifting/2": {"count": 2, "mean_ms": 50.0}}
-    assert phase_histograms(after, after) == ({}, {}), "nothing observed, nothing reported"
+    assert lag == {"gifting": {"count": 2, "mean_ms": 4.0}}
+    assert phase_histograms(after, after) == ({}, {}, {}), "nothing observed, nothing reported"
 
 
 def _phase(name: str, op: str, conc: int, per_s: float, **extra: Any) -> dict[str, Any]:
@@ -87,6 +95,7 @@ def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() ->
                     "wallet/0": {"count": 5, "mean_ms": 1},
                 },
                 disk_fsync={"n": 400, "p50_ms": 0.3, "p99_ms": 41.0, "max_ms": 90.5, "slow": 6},
+                loop_lag={"gifting": {"count": 200, "mean_ms": 2.25}, "wallet": {"count": 200, "mean_ms": 0.5}},
             ),
             _phase("noop-c64-end", "noop", 64, 5000.0),
         ],
@@ -104,6 +113,7 @@ def test_ratios_use_the_higher_ceiling_and_the_table_shows_full_collections() ->
     assert "2/0/0" in row, "gifting's two full collections, none in wallet or payout"
     assert "55.0/-/-" in row
     assert "0.3/41.0/90.5" in row and "6 of 400" in row, "the disk's fsync times in the phase"
+    assert "2.25/0.50/-" in row, "how late gifting's and the wallet's timers fired; payout's were not read"
 
 
 def test_first_time_gifters_are_compared_with_the_spread_phase_when_both_ran() -> None:
