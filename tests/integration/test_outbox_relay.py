@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import MetaData, func, insert, select
@@ -29,6 +31,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.inbox import Consumer, Subscription
 from services.common.outbox import Outbox, OutboxRelay, new_event_id
 from services.common.tables import CommonTables, add_common_tables
+from tests.integration import pg
 from tests.integration.helpers import eventually
 
 EVENTS = 120
@@ -67,31 +70,51 @@ class _Harness:
         assert self.bus.js is not None
         return (await self.bus.js.stream_info("GIFTING")).state.messages
 
+    async def stored_ids(self) -> list[str]:
+        """The event ids the stream holds, in its order."""
+        assert self.bus.js is not None
+        out = []
+        for seq in range(1, await self.stored() + 1):
+            msg = await self.bus.js.get_msg("GIFTING", seq)
+            out.append((msg.headers or {})["Nats-Msg-Id"])
+        return out
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
+
+@contextlib.asynccontextmanager
+async def _harnesses(tmp_path: Path, url: str, replicas: int, **settings: Any) -> AsyncIterator[list[_Harness]]:
+    """A nats-server of its own and `replicas` relays over one outbox table at `url`, each with its
+    own pool and NATS connection, as in replicas of one service."""
     suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
     suite.log_dir.mkdir(parents=True, exist_ok=True)
     suite.start_nats()
-    db = Database(
-        f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", pool_size=2, pool_timeout_s=5, application_name="test"
-    )
-    settings = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url)  # type: ignore[call-arg]
-    bus = Bus(settings, "relay-test")
     stop = asyncio.Event()
+    out: list[_Harness] = []
     try:
         metadata = MetaData()
         tables = add_common_tables(metadata)
-        async with db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
-        outbox = Outbox(tables.outbox)
-        yield _Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
+        for i in range(replicas):
+            db = Database(url, pool_size=2, pool_timeout_s=5, application_name=f"test-{i}")
+            if i == 0:
+                async with db.engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+            config = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url, **settings)  # type: ignore[call-arg]
+            bus = Bus(config, f"relay-test-{i}")
+            outbox = Outbox(tables.outbox)
+            out.append(_Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, config), config))
+            await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
+        yield out
     finally:
         stop.set()
-        await bus.close()
-        await db.dispose()
+        for h in out:
+            await h.bus.close()
+            await h.db.dispose()
         suite.stop()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
+    async with _harnesses(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", 1) as (one,):
+        yield one
 
 
 async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,3 +286,69 @@ async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> 
             await harness.add_events(1)
             assert await harness.relay.relay_once() == 1
             assert await eventually(_sizes(batches), lambda b, n=n: len(b) >= n, 5) == [1] * n
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[list[_Harness]]:
+    """Two relays over one PostgreSQL outbox (two replicas of a service), batches of at most 50."""
+    admin = pg.admin_url_or_skip()
+    name = f"lg_relay_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    try:
+        async with _harnesses(tmp_path, pg.database_url(admin, name), 2, relay_batch_size_max=50) as both:
+            yield both
+    finally:
+        pg.drop_database(admin, name)
+
+
+async def test_replicas_relays_take_turns_so_each_event_is_published_once_and_in_order(
+    replicas: list[_Harness], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = replicas
+    ids = await first.add_events(100)
+    published: dict[str, list[str]] = {"first": [], "second": []}
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    def recording(who: str, relay: OutboxRelay, hold: bool) -> None:
+        original = relay._publish_atomic
+
+        async def publish(stream: str, rows: list[Any]) -> bool:
+            published[who] += [r.event_id for r in rows]
+            if hold:
+                holding.set()
+                await release.wait()  # still publishing: its batch stays claimed
+            return await original(stream, rows)
+
+        monkeypatch.setattr(relay, "_publish_atomic", publish)
+
+    recording("first", first.relay, hold=True)
+    recording("second", second.relay, hold=False)
+    with caplog.at_level(logging.INFO, logger="services.common.outbox"):
+        slow = asyncio.create_task(first.relay.relay_once())
+        await asyncio.wait_for(holding.wait(), 10)
+        waiting = asyncio.create_task(second.relay.relay_once())
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "the other replica waits for the batch in flight instead of publishing it too"
+        release.set()
+        assert await asyncio.wait_for(slow, 10) == 50
+        assert await asyncio.wait_for(waiting, 10) == 50, "then it takes the next batch"
+    assert published == {"first": ids[:50], "second": ids[50:]}, "each event went out once"
+    assert not any("already stored" in r.message for r in caplog.records), "no batch was refused as a republish"
+    assert await first.stored_ids() == ids, "the stream holds them in the order they were written"
+    assert await first.unpublished() == 0
+
+
+async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(replicas: list[_Harness]) -> None:
+    first, second = replicas
+    await first.add_events(30)
+
+    async def lost(stream: str, rows: list[Any]) -> bool:
+        raise ConnectionError("the process died here")  # its transaction never commits
+
+    first.relay._publish_atomic = lost  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await first.relay.relay_once()
+    assert await second.relay.relay_once() == 30, "the claim went with the transaction: nothing is stuck"
+    assert await second.stored() == 30
+    assert await second.unpublished() == 0
