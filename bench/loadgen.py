@@ -99,7 +99,7 @@ HISTOGRAMS = {**BATCH_HISTOGRAMS, GC_HISTOGRAM: "generation", LOOP_LAG_HISTOGRAM
 
 def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
     """(count, sum) so far of each of HISTOGRAMS the services export: by metric, then "service/label"
-    ("service/" for a histogram without a label)."""
+    ("service" for a histogram without a label)."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for svc, url in urls.items():
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -110,7 +110,7 @@ def histogram_totals(urls: dict[str, str]) -> dict[str, dict[str, tuple[float, f
                 continue
             series = out.setdefault(family.name, {})
             for sample in family.samples:
-                key = f"{svc}/{sample.labels[label]}" if label else f"{svc}/"
+                key = f"{svc}/{sample.labels[label]}" if label else svc
                 count, total = series.get(key, (0.0, 0.0))
                 if sample.name.endswith("_count"):
                     series[key] = (sample.value, total)
@@ -146,8 +146,7 @@ def phase_histograms(
         deltas = histogram_deltas(before.get(name, {}), after.get(name, {}))
         return {key: {"count": n, "mean_ms": round(mean * 1000, 2)} for key, (n, mean) in deltas.items()}
 
-    lag = {key.rstrip("/"): v for key, v in timed(LOOP_LAG_HISTOGRAM).items()}
-    return batches, timed(GC_HISTOGRAM), lag
+    return batches, timed(GC_HISTOGRAM), timed(LOOP_LAG_HISTOGRAM)
 
 
 def machine_busy() -> tuple[float, float]:

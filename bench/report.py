@@ -222,8 +222,9 @@ def table(results: dict[str, Any], console: Console | None = None) -> None:
             console.print(f"  {c['status']:>9}  {c['name']}: {c['detail']}")
 
 
-# The batches shown (service/name of livegifts_batch_items and livegifts_consumer_batch_size), in order.
+# The services whose figures are shown as "g/w/p", in that order.
 _SERVICES = ("gifting", "wallet", "payout")
+# The batches shown (service/name of livegifts_batch_items and livegifts_consumer_batch_size), in order.
 _BATCHES = {
     "gifting/gifting_begin": "step 1 tx",
     "gifting/gifting_spend": "SpendMany",

@@ -6,8 +6,8 @@ for the callbacks ahead of it; under load that queueing, not the database, is mo
 tail (bench/README.md section 28: a third of a call at p50 and most of the slowest 1% at c64 was
 spent before gifting's handler ran). `watch_loop_lag` sleeps `interval_s` again and again and
 records by how much each wake-up came late in `livegifts_event_loop_lag_seconds`: near zero on a
-loop with time to spare, milliseconds when it is saturated (then more replicas help, a faster
-database does not).
+loop with time to spare, milliseconds when it is saturated (then replicas with CPU of their own
+help, a faster database does not).
 
 Choices: A) time every callback (needs a patched loop, costs every callback); B) a timer that
 measures its own lateness (this: one wake-up per interval, what any ready callback would wait

@@ -117,18 +117,17 @@ class OutboxRelay:
     Replicas (PostgreSQL): every replica runs a relay over the one outbox table. Choices: A) each
     reads every unsent row (measured with three replicas at 1,000 events/s: 1.9 publishes per
     event, and each overlap made the server refuse an atomic batch, so its rows went one publish
-    and one fsync each); B) `FOR UPDATE SKIP LOCKED`:
-    relays publish disjoint batches in parallel, but a later batch may be stored before an
-    earlier one still in flight, and the live feed promises a sender's gifts in the order they
-    were sent; C) the oldest batch claimed with `FOR UPDATE` in the transaction that deletes it,
-    held over the publish: a second relay waits for the first's batch to be stored and deleted,
-    then takes the rows after it. We take C: each event is published once and the stream keeps
-    the outbox's order; one relay publishes at a time, and one relay's atomic batches carry
-    thousands of events a second. A relay that dies mid-publish releases its claim with its
-    connection, and the next relay republishes those rows (harmless: Nats-Msg-Id and the
-    consumers' inbox). SQLite has one process per database file, and a write transaction held
-    over a publish would stop its every writer: there the relay reads, publishes, and deletes in
-    a second transaction.
+    and one fsync each); B) `FOR UPDATE SKIP LOCKED`: relays publish disjoint batches in parallel,
+    but a later batch may be stored before an earlier one still in flight, and the live feed
+    promises a sender's gifts in the order they were sent; C) the oldest batch claimed with
+    `FOR UPDATE` in the transaction that deletes it, held over the publish: a second relay waits for
+    the first's batch to be stored and deleted, then takes the rows after it. We take C: each
+    event is published once and the stream keeps the outbox's order; one relay publishes at a
+    time, and one relay's atomic batches carry thousands of events a second. A relay that dies
+    mid-publish releases its claim with its connection, and the next relay republishes those rows
+    (harmless: Nats-Msg-Id and the consumers' inbox). SQLite has one process per database file,
+    and a write transaction held over a publish would stop its every writer: there the relay
+    reads, publishes, and deletes in a second transaction.
     """
 
     def __init__(self, db: Database, bus: Bus, outbox: Outbox, settings: ServiceSettings) -> None:
