@@ -36,6 +36,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
+from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording
@@ -86,8 +87,10 @@ class Consumer(Generic[E]):
         while not stop.is_set():
             try:
                 if psub is None:
-                    check(self.bus.js is not None, "self.bus.js is not None")
-                    psub = await self.bus.js.pull_subscribe(
+                    check(self.bus.nc is not None and self.bus.js is not None, "the bus is connected")
+                    psub = await Puller.open(
+                        self.bus.nc,  # type: ignore[arg-type]
+                        self.bus.js,  # type: ignore[arg-type]
                         self.sub.subject,
                         durable=self.sub.durable,
                         stream=self.sub.stream,
@@ -102,12 +105,7 @@ class Consumer(Generic[E]):
                 try:
                     msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
                 except TimeoutError:
-                    # Nothing came: nats.errors.TimeoutError, or the bare asyncio one nats-py raises
-                    # when the deadline passes before its second pull request (seen on a busy
-                    # machine). Neither is a failure: no warning, no backoff.
-                    continue
-                if not msgs:
-                    continue  # nats-py may answer an empty fetch with [] rather than a timeout
+                    continue  # nothing came: not a failure, no warning, no backoff
                 await self.process(msgs)
                 backoff_s = 0.1
                 if 1 < len(msgs) < self.batch_size_max and self.linger_s:
@@ -121,12 +119,15 @@ class Consumer(Generic[E]):
                     "consumer loop failed, retrying",
                     extra={"consumer": self.sub.durable, "error": repr(exc), "retry_in_s": backoff_s},
                 )
+                if psub is not None:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()  # nak what it buffered: redelivered to the next one
                 psub = None
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
         if psub is not None:
-            # Left subscribed, a pull subscription whose last fetch timed out held the
-            # connection's drain at close for its whole 5 s timeout.
+            # Left subscribed, a pull subscription held the connection's drain at close for its
+            # whole 5 s timeout; what it had buffered is nak'ed for the next run.
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 

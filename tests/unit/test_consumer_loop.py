@@ -1,11 +1,11 @@
-"""The consumer loop treats every kind of "nothing came" from a fetch as that, not as a failure.
+"""The consumer loop treats a fetch that times out as "nothing came", not as a failure.
 
-nats-py's pull fetch raises nats.errors.TimeoutError when no message came, but a bare
-asyncio.TimeoutError when its deadline passes before it sends its second pull request, which
-happens on a busy machine. The loop took the latter for a failure: a warning each time and a
-doubling backoff (up to 5 s) before the next fetch, so an idle consumer answered late and a busy
-one lagged. The subscription here is a stand-in for the one nats-py returns (the loop's own
-control flow is under test; the integration tests run it against a real nats-server).
+With nats-py's fetch (before services/common/pull.py) a bare asyncio.TimeoutError, raised when
+its deadline passed before its second pull request, was taken for a failure: a warning each
+time and a doubling backoff (up to 5 s) before the next fetch, so an idle consumer answered late
+and a busy one lagged. Both kinds of timeout are still raised here. The puller is a stand-in (the
+loop's own control flow is under test; tests/integration/test_puller.py runs the real one
+against a real nats-server).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import pytest
 from livegifts.gifting.v1 import events_pb2
 from services.common.db import Database
 from services.common.inbox import Consumer, Subscription
+from services.common.pull import Puller
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common
 
 
 class _Timeouts:
-    """A pull subscription whose fetches time out, in both ways nats-py has; the last one stops the loop."""
+    """A puller whose fetches time out, as TimeoutError or a subclass; the last one stops the loop."""
 
     def __init__(self, stop: asyncio.Event, fetches: int) -> None:
         self.stop = stop
@@ -48,23 +49,22 @@ class _Timeouts:
 
 
 class _Bus:
-    def __init__(self, psub: _Timeouts) -> None:
+    def __init__(self) -> None:
         self.connected = asyncio.Event()
         self.connected.set()
-        psubs = [psub]
-
-        class _Js:
-            async def pull_subscribe(self, *args: Any, **kwargs: Any) -> _Timeouts:
-                return psubs[0]
-
-        self.js = _Js()
+        self.nc = self.js = object()
 
 
 async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
-    caplog: pytest.LogCaptureFixture, tmp_path: Path
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stop = asyncio.Event()
     psub = _Timeouts(stop, fetches=6)
+
+    async def open_puller(*args: Any, **kwargs: Any) -> _Timeouts:
+        return psub
+
+    monkeypatch.setattr(Puller, "open", open_puller)
 
     async def handle(uow: Any, events: list[Any]) -> None:
         raise AssertionError("no message was fetched")
@@ -73,7 +73,7 @@ async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
     settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
     db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
     sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(db, _Bus(psub), common, sub, settings)  # type: ignore[arg-type]
+    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
         await asyncio.wait_for(consumer.run(stop), timeout=10)

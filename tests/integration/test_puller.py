@@ -1,0 +1,171 @@
+"""The pull consumer's fetch (services/common/pull.py) against a real nats-server (JetStream,
+file store, sync_interval always).
+
+Every message comes once and in order, whether a fetch finds it buffered or waits for it; an
+idle fetch times out in its own time and one that waits answers as soon as a message lands;
+however many fetches time out, the server holds at most one of our pull requests; what is
+buffered at close is nak'ed and redelivered at once; a deleted consumer fails the fetch rather
+than leaving it to time out for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError
+
+from services.cli.suite import Suite, SuiteConfig, free_port
+from services.common.pull import Puller
+
+STREAM, SUBJECT = "PULLTEST", "pulltest.x"
+
+
+@pytest.fixture
+async def js(tmp_path: Path) -> AsyncIterator[tuple[Client, JetStreamContext]]:
+    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
+    suite.log_dir.mkdir(parents=True, exist_ok=True)
+    suite.start_nats()
+    nc = None
+    try:
+        nc = await nats.connect(suite.config.nats_url)
+        ctx = nc.jetstream(timeout=5)
+        await ctx.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECT], storage=StorageType.FILE))
+        yield nc, ctx
+    finally:
+        if nc is not None:
+            await nc.close()
+        suite.stop()
+
+
+def _config() -> ConsumerConfig:
+    return ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=10_000)
+
+
+@contextlib.asynccontextmanager
+async def _puller(js: tuple[Client, JetStreamContext], durable: str = "d") -> AsyncIterator[Puller]:
+    p = await Puller.open(js[0], js[1], SUBJECT, stream=STREAM, durable=durable, config=_config())
+    try:
+        yield p
+    finally:
+        await p.unsubscribe()
+
+
+async def _publish(ctx: JetStreamContext, first: int, n: int) -> None:
+    for i in range(first, first + n):
+        await ctx.publish(SUBJECT, str(i).encode())
+
+
+async def _drain(p: Puller, want: int, batch: int) -> list[int]:
+    got: list[int] = []
+    while len(got) < want:
+        msgs = await p.fetch(batch, timeout=2)
+        assert 1 <= len(msgs) <= batch
+        for m in msgs:
+            got.append(int(m.data))
+            await m.ack()
+    return got
+
+
+async def test_every_message_comes_once_and_in_order_whether_buffered_or_awaited(
+    js: tuple[Client, JetStreamContext],
+) -> None:
+    nc, ctx = js
+    await _publish(ctx, 0, 300)  # a backlog: the first request brings its batch at once
+    async with _puller(js) as p:
+        first = await _drain(p, 300, 100)  # three requests, each filled at once
+        assert p.buffered == 0
+        fetch = asyncio.create_task(p.fetch(100, timeout=5))  # a fourth, left open
+        await asyncio.sleep(0.2)
+        await _publish(ctx, 300, 50)  # delivered to it: the first to the fetch, the rest buffered
+        came = await fetch
+        second = [int(m.data) for m in came]
+        for m in came:
+            await m.ack()
+        await asyncio.sleep(0.2)
+        assert p.buffered == 50 - len(second)
+        second += await _drain(p, 50 - len(second), 100)
+        with pytest.raises(TimeoutError):
+            await p.fetch(100, timeout=0.3)
+    assert first + second == list(range(350))
+    info = await ctx.consumer_info(STREAM, "d")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_an_idle_fetch_times_out_on_time_and_a_waiting_one_answers_at_once(
+    js: tuple[Client, JetStreamContext],
+) -> None:
+    nc, ctx = js
+    async with _puller(js) as p:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await p.fetch(10, timeout=0.5)
+        idle_s = time.monotonic() - started
+        assert 0.45 <= idle_s < 1.5, idle_s
+
+        async def publish_later() -> None:
+            await asyncio.sleep(0.3)
+            await ctx.publish(SUBJECT, b"7")
+
+        task = asyncio.create_task(publish_later())
+        started = time.monotonic()
+        msgs = await p.fetch(10, timeout=10)
+        waited_s = time.monotonic() - started
+        await task
+        assert [int(m.data) for m in msgs] == [7]
+        assert waited_s < 2, f"the fetch waited {waited_s:.2f}s for a message published after 0.3s"
+        await msgs[0].ack()
+        assert msgs[0].metadata.num_delivered == 1 and msgs[0].metadata.sequence.stream == 1
+
+
+async def test_the_server_never_holds_more_than_one_of_its_pull_requests(
+    js: tuple[Client, JetStreamContext],
+) -> None:
+    nc, ctx = js
+    async with _puller(js) as p:
+        for _ in range(20):  # fetches that give up long before their request expires
+            with pytest.raises(TimeoutError):
+                await p.fetch(50, timeout=0.02)
+        with contextlib.suppress(TimeoutError):
+            await p.fetch(50, timeout=0.3)  # one that lets its own request open
+        info = await ctx.consumer_info(STREAM, "d")
+        assert info.num_waiting <= 1, info.num_waiting
+        await _publish(ctx, 0, 3)
+        assert await _drain(p, 3, 50) == [0, 1, 2]
+
+
+async def test_what_is_buffered_at_close_is_redelivered_at_once(js: tuple[Client, JetStreamContext]) -> None:
+    nc, ctx = js
+    async with _puller(js) as p:
+        fetch = asyncio.create_task(p.fetch(100, timeout=5))  # opens a request for 100
+        await asyncio.sleep(0.2)
+        await _publish(ctx, 0, 1)
+        msgs = await fetch
+        assert [int(m.data) for m in msgs] == [0]
+        await msgs[0].ack()
+        await _publish(ctx, 1, 19)
+        await asyncio.sleep(0.2)  # the same request delivers them into the buffer
+        assert p.buffered == 19
+    started = time.monotonic()
+    async with _puller(js) as again:
+        got = await _drain(again, 19, 100)
+    assert sorted(got) == list(range(1, 20))  # redeliveries come in no promised order
+    assert time.monotonic() - started < 5, "the buffered messages waited for ack_wait (30 s)"
+
+
+async def test_a_deleted_consumer_fails_the_fetch(js: tuple[Client, JetStreamContext]) -> None:
+    nc, ctx = js
+    async with _puller(js) as p:
+        fetch = asyncio.create_task(p.fetch(10, timeout=10))
+        await asyncio.sleep(0.3)  # its pull request is open on the server
+        await ctx.delete_consumer(STREAM, "d")
+        with pytest.raises(APIError):
+            await asyncio.wait_for(fetch, 5)
