@@ -3,6 +3,7 @@ file store, sync_interval always).
 
 Every message comes once and in order, whether a fetch finds it buffered or waits for it; an
 idle fetch times out in its own time and one that waits answers as soon as a message lands;
+while the caller applies a batch the next one is delivered into the buffer;
 however many fetches time out, the server holds at most one of our pull requests; what is
 buffered at close is nak'ed and redelivered at once; a deleted consumer fails the fetch rather
 than leaving it to time out for ever.
@@ -83,7 +84,7 @@ async def test_every_message_comes_once_and_in_order_whether_buffered_or_awaited
     async with _puller(js) as p:
         first = await _drain(p, 300, 100)  # three requests, each filled at once
         assert p.buffered == 0
-        fetch = asyncio.create_task(p.fetch(100, timeout=5))  # a fourth, left open
+        fetch = asyncio.create_task(p.fetch(100, timeout=5))  # the fourth, open since the last fetch
         await asyncio.sleep(0.2)
         await _publish(ctx, 300, 50)  # delivered to it: the first to the fetch, the rest buffered
         came = await fetch
@@ -140,6 +141,23 @@ async def test_the_server_never_holds_more_than_one_of_its_pull_requests(
         assert info.num_waiting <= 1, info.num_waiting
         await _publish(ctx, 0, 3)
         assert await _drain(p, 3, 50) == [0, 1, 2]
+
+
+async def test_a_request_is_open_while_the_caller_applies_what_a_fetch_returned(
+    js: tuple[Client, JetStreamContext],
+) -> None:
+    nc, ctx = js
+    await _publish(ctx, 0, 5)
+    async with _puller(js) as p:
+        msgs = await p.fetch(5, timeout=2)  # fills its request exactly: the next is sent before it returns
+        while len(msgs) < 5:
+            msgs += await p.fetch(5 - len(msgs), timeout=2)
+        for m in msgs:
+            await m.ack()
+        await _publish(ctx, 5, 3)  # while the caller is busy: delivered, not left on the server
+        await asyncio.sleep(0.3)
+        assert p.buffered == 3
+        assert [int(m.data) for m in await p.fetch(5, timeout=2)] == [5, 6, 7]
 
 
 async def test_what_is_buffered_at_close_is_redelivered_at_once(js: tuple[Client, JetStreamContext]) -> None:
