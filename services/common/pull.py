@@ -14,10 +14,12 @@ so a busy consumer finds its next batch there while it applies the last one; and
 ends (filled, or expired) is followed at once by the next unless a batch is already buffered,
 so a message does not wait on the server for want of a request while the consumer is busy or
 lingering (a first version asked only when a fetch found the buffer empty, and the diamonds
-lag's p99 at spread-c64 rose from ~225 to ~300 ms). At most one request is open at a time (each has its
-own reply subject, so its end status is told from others': 404 and 408 end it; any other status,
-409 Consumer Deleted among them, raises from the fetch, and the consumer loop binds again after
-its backoff). The server never holds more of our requests than that, whatever the rate.
+lag's p99 at spread-c64 rose from ~225 to ~300 ms).
+
+At most one request is open at a time. Each has its own reply subject, so its end status is
+told from others': 404 and 408 end it; any other status, 409 Consumer Deleted among them, raises
+from the fetch, and the consumer loop binds again after its backoff. The server never holds more
+of our requests than that, whatever the rate.
 
 Nothing in the buffer is acked here: the consumer acks after its commit as before, and what is
 still buffered when the puller closes is nak'ed so it is redelivered at once, not after ack_wait.
