@@ -111,7 +111,6 @@ async def measure(admin_url: str, replicas: int, rate: int, seconds: float) -> d
     logging.getLogger("services.common.outbox").setLevel(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="bench-relays-"))
     suite = Suite(SuiteConfig(var_dir=work, nats_port=free_port()))
-    suite.log_dir.mkdir(parents=True, exist_ok=True)
     suite.start_nats()
     name = f"lg_bench_relays_{uuid.uuid4().hex[:8]}"
     pg.create_database(admin_url, name)

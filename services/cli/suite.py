@@ -129,6 +129,7 @@ class Suite:
         """nats-server with JetStream on a file store under var/, fsync on every write."""
         store = self.config.var_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         conf = self.config.var_dir / "nats.conf"
         conf.write_text(
             "\n".join(

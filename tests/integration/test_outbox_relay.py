@@ -85,7 +85,6 @@ async def _harnesses(tmp_path: Path, url: str, replicas: int, **settings: Any) -
     """A nats-server of its own and `replicas` relays over one outbox table at `url`, each with its
     own pool and NATS connection, as in replicas of one service."""
     suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    suite.log_dir.mkdir(parents=True, exist_ok=True)
     suite.start_nats()
     stop = asyncio.Event()
     out: list[_Harness] = []

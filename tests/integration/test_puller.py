@@ -35,7 +35,6 @@ STREAM, SUBJECT = "PULLTEST", "pulltest.x"
 @pytest.fixture
 def suite(tmp_path: Path) -> Iterator[Suite]:
     s = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    s.log_dir.mkdir(parents=True, exist_ok=True)
     s.start_nats()
     try:
         yield s
