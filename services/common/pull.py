@@ -19,7 +19,10 @@ lag's p99 at spread-c64 rose from ~225 to ~300 ms).
 At most one request is open at a time. Each has its own reply subject, so its end status is
 told from others': 404 and 408 end it; any other status, 409 Consumer Deleted among them, raises
 from the fetch, and the consumer loop binds again after its backoff. The server never holds more
-of our requests than that, whatever the rate.
+of our requests than that, whatever the rate, with one exception: after a reconnect (or an end
+status that never came) the puller takes its request for lost and sends another, and if the
+server did keep the first, the two live side by side until it expires (`REQUEST_EXPIRES_S`);
+what either delivers lands in the same buffer.
 
 Nothing in the buffer is acked here: the consumer acks after its commit as before, and what is
 still buffered when the puller closes is nak'ed so it is redelivered at once, not after ack_wait.
