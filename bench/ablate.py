@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.run import DEFAULT_PG, ROOT
+
 PATCHES = ROOT / "bench" / "ablations"
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_PHASES = "noop-c64,spread-c64,batch100-c4,noop-c64-end"
 RUN_TIMEOUT_S = 600.0
 AUDIT_FAILED = 1  # bench.run's exit code when the audit fails (its JSON is written before)
@@ -243,7 +243,7 @@ def main() -> None:
                     s = r["phases"].get("spread-c64", {})
                     print(
                         f"[{done}/{total}] round {rnd + 1} level {lv}: spread-c64 "
-                        f"{s.get('gifts_per_s', 0):.0f} gifts/s, x no-op {s.get('vs_noop', 0):.3f}, "
+                        f"{s.get('gifts_per_s', 0):.0f} gifts/s, x this run's no-op {s.get('vs_noop', 0):.3f}, "
                         f"audit {'passed' if r['audit_passed'] else 'failed'} ({time.monotonic() - started:.0f} s)",
                         flush=True,
                     )

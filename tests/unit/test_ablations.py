@@ -10,7 +10,7 @@ import pytest
 
 from bench import ablate
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = ablate.ROOT
 
 
 def _touched(patch: Path) -> list[str]:
