@@ -17,7 +17,6 @@ for longer than the retention should be restarted with pruning off (0) until its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -120,16 +119,14 @@ class Consumer(Generic[E]):
                     extra={"consumer": self.sub.durable, "error": repr(exc), "retry_in_s": backoff_s},
                 )
                 if psub is not None:
-                    with contextlib.suppress(Exception):
-                        await psub.unsubscribe()  # nak what it buffered: redelivered to the next one
+                    await psub.unsubscribe()  # never raises; naks what it buffered for the next one
                 psub = None
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
         if psub is not None:
             # Left subscribed, a pull subscription held the connection's drain at close for its
             # whole 5 s timeout; what it had buffered is nak'ed for the next run.
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            await psub.unsubscribe()
 
     async def process(self, msgs: list[Msg]) -> None:
         """Apply a fetched batch; falls back to one message at a time when the batch fails."""

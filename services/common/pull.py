@@ -173,7 +173,10 @@ class Puller:
         await self._nc.publish(self._next_subject, json.dumps(body).encode(), reply)
 
     async def unsubscribe(self) -> None:
-        """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait."""
+        """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait.
+
+        Never raises (a lost connection fails both steps): callers close it on their error paths.
+        """
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):

@@ -5,7 +5,8 @@ its deadline passed before its second pull request, was taken for a failure: a w
 time and a doubling backoff (up to 5 s) before the next fetch, so an idle consumer answered late
 and a busy one lagged. Both kinds of timeout are still raised here. The puller is a stand-in (the
 loop's own control flow is under test; tests/integration/test_puller.py runs the real one
-against a real nats-server).
+against a real nats-server). Last, the puller's close never raises, which the loop relies on
+when it closes it on its error and stop paths.
 """
 
 from __future__ import annotations
@@ -81,3 +82,37 @@ async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     await db.engine.dispose()
     assert time.monotonic() - started < 0.5, "the loop backed off after a fetch that only timed out"
+
+
+class _Failing:
+    """A subscription and messages whose every call fails, as on a connection that is gone."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def unsubscribe(self) -> None:
+        self.calls += 1
+        raise nats.errors.ConnectionClosedError
+
+    async def nak(self) -> None:
+        self.calls += 1
+        raise nats.errors.ConnectionClosedError
+
+
+async def test_puller_unsubscribe_never_raises_and_tries_every_buffered_message() -> None:
+    class _Nc:
+        def new_inbox(self) -> str:
+            return "_INBOX.t"
+
+    class _Js:
+        _prefix = "$JS.API"
+
+    puller = Puller(_Nc(), _Js(), "S", "d")  # type: ignore[arg-type]
+    sub, msgs = _Failing(), [_Failing() for _ in range(3)]
+    puller._sub = sub  # type: ignore[assignment]
+    puller._buffer.extend(msgs)  # type: ignore[arg-type]
+    await puller.unsubscribe()  # the consumer loop calls it bare on its error and stop paths
+    assert sub.calls == 1 and [m.calls for m in msgs] == [1, 1, 1]
+    assert puller._sub is None and not puller._buffer
+    await puller.unsubscribe()  # a second close is a no-op
+    assert sub.calls == 1
