@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import DEFAULT_PG, ROOT
+from bench.run import DEFAULT_PG, EXIT_AUDIT_FAILED, ROOT
 
 PATCHES = ROOT / "bench" / "ablations"
 DEFAULT_PHASES = "noop-c64,spread-c64,batch100-c4,noop-c64-end"
 RUN_TIMEOUT_S = 600.0
-AUDIT_FAILED = 1  # bench.run's exit code when the audit fails (its JSON is written before)
 
 
 def patches() -> list[Path]:
@@ -103,7 +102,7 @@ def run_level(tree: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]
     log = out.with_suffix(".log")
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=tree, env=_env(tree), stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
-    if rc.returncode not in (0, AUDIT_FAILED) or not out.exists():
+    if rc.returncode not in (0, EXIT_AUDIT_FAILED) or not out.exists():
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"bench.run failed in {tree} (exit {rc.returncode}):\n{tail}")
     pg = json.loads(out.read_text())["backends"]["postgres"]

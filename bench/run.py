@@ -33,6 +33,7 @@ CONCURRENCIES = (1, 16, 64)
 FRESH_GIFTS = 3_000  # gifts (and first-time viewers) of the fresh-c64 phase
 AUDIT_SETTLE_S = 120.0  # a gift left PENDING by a timeout waits the sweeper's 30 s before it is settled
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+EXIT_AUDIT_FAILED = 1  # the exit code when an audit fails; results.json is written before
 
 
 def phases(quick: bool) -> list[dict[str, Any]]:
@@ -291,7 +292,7 @@ def main() -> None:
                 print(f"audit {b}: {c['status']} {c['name']}: {c['detail']}")
     if failed:
         print(f"AUDIT FAILED on {', '.join(failed)}: the benchmark fails", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_AUDIT_FAILED)
     print(f"audit passed on {', '.join(results['backends'])}; {results['wall_s']:.0f}s in all")
 
 
