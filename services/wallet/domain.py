@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, check
 
 ISSUED = "system:issued"  # coins created by purchases (goes negative as coins are issued)
 REVERSED = "system:reversed"  # coins taken back by refunds and chargebacks
@@ -308,7 +308,20 @@ def effective_limit(states: list[LimitState], now_us: int) -> int | None:
     return min(present) if present else None
 
 
-def reversal_split(balance_before: int, coins: int) -> tuple[int, int]:
-    """(coins taken from the balance, coins already spent) when a purchase of `coins` is reversed."""
-    from_balance = min(max(balance_before, 0), coins)
-    return from_balance, coins - from_balance
+def debt_repaid(balance_after_credit: int, coins: int) -> int:
+    """How many of a purchase's `coins` went to repay a debt (a negative balance) when credited."""
+    return min(coins, max(0, coins - balance_after_credit))
+
+
+def reversal_split(balance_before: int, coins: int, repaid: int = 0) -> tuple[int, int]:
+    """(coins taken from the balance, coins already spent) when a purchase of `coins` is reversed.
+
+    Of the purchase's coins, `repaid` went to an earlier debt when it was credited and reached
+    no creator; of the rest, what the balance still holds is counted as this purchase's first
+    (coins are fungible: the reading kindest to creators), and only the remainder was spent.
+    The reversal takes all `coins` from the balance either way, so a repaid debt is owed again.
+    """
+    check(0 <= repaid <= coins, "0 <= repaid <= coins")
+    own = coins - repaid
+    from_balance = min(max(balance_before, 0), own)
+    return from_balance, own - from_balance

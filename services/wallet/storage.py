@@ -81,6 +81,8 @@ purchases = Table(
     Column("bonus_coins", BigInteger, nullable=False, server_default="0"),  # part of `coins`
     Column("promotion_id", String(64), nullable=False, server_default=""),
     Column("region", String(8), nullable=False, server_default=""),
+    # Of `coins`, how many repaid a debt when credited (NULL: credited before migration 0006).
+    Column("debt_repaid_coins", BigInteger, nullable=True),
 )
 
 payment_events = Table(

@@ -346,7 +346,15 @@ class Wallet:
                 raise Aborted("the purchase changed concurrently, retry", "CONFLICT")
             if event.target is PurchaseStatus.SUCCEEDED:
                 await self._ensure_account(uow, row.user_id)
-                await self._post(uow, "PURCHASE", row.purchase_id, domain.purchase_postings(row.user_id, row.coins))
+                _entry, after = await self._post(
+                    uow, "PURCHASE", row.purchase_id, domain.purchase_postings(row.user_id, row.coins)
+                )
+                # Kept for a later reversal: coins that repaid a debt reached no creator.
+                await uow.conn.execute(
+                    update(purchases)
+                    .where(purchases.c.purchase_id == row.purchase_id)
+                    .values(debt_repaid_coins=domain.debt_repaid(after, row.coins))
+                )
                 eid = new_event_id()
                 await self.outbox.add(
                     uow,
@@ -368,7 +376,8 @@ class Wallet:
                     row.purchase_id,
                     domain.reversal_postings(row.user_id, row.coins),
                 )
-                _from_balance, already_spent = domain.reversal_split(after + row.coins, row.coins)
+                repaid = await self._debt_repaid(uow, row)
+                _from_balance, already_spent = domain.reversal_split(after + row.coins, row.coins, repaid)
                 eid = new_event_id()
                 await self.outbox.add(
                     uow,
@@ -391,6 +400,26 @@ class Wallet:
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
+
+    async def _debt_repaid(self, uow: UnitOfWork, row: Any) -> int:
+        """How many of a succeeded purchase's coins repaid a debt when it was credited."""
+        if row.debt_repaid_coins is not None:
+            return int(row.debt_repaid_coins)
+        # Credited before wallet migration 0006 (or by a pod of the previous release): the
+        # ledger's PURCHASE posting has the user's balance after the credit.
+        p, j = postings.c, journal_entries.c
+        after = (
+            await uow.conn.execute(
+                select(p.balance_after)
+                .join(journal_entries, j.entry_id == p.entry_id)
+                .where(
+                    p.account_id == domain.user_account(row.user_id),
+                    j.kind == "PURCHASE",
+                    j.reference_id == row.purchase_id,
+                )
+            )
+        ).scalar_one()
+        return domain.debt_repaid(int(after), row.coins)
 
     # ---- balances and spending ---------------------------------------------------------
 

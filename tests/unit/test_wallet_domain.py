@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, InvariantViolation
 from services.wallet import domain
 from services.wallet.domain import PurchaseStatus, Restrictions, SpendReason
 
@@ -165,6 +165,39 @@ def test_a_reversal_says_how_many_of_its_coins_were_already_spent() -> None:
     assert domain.reversal_split(200, 700) == (200, 500)
     assert domain.reversal_split(-50, 700) == (0, 700)
     assert domain.reversal_split(1000, 700) == (700, 0)
+
+
+def test_coins_that_repaid_a_debt_are_never_counted_as_spent_by_a_reversal() -> None:
+    # Credited onto a balance of -100: 100 of the 700 repaid the debt (balance after 600).
+    assert domain.debt_repaid(600, 700) == 100
+    assert domain.debt_repaid(-50, 700) == 700  # a debt of 750: all of it went to the debt
+    assert domain.debt_repaid(700, 700) == 0
+    assert domain.debt_repaid(900, 700) == 0
+    # Reversed later: only the 600 that reached the balance can have been spent.
+    assert domain.reversal_split(600, 700, repaid=100) == (600, 0)
+    assert domain.reversal_split(200, 700, repaid=100) == (200, 400)
+    assert domain.reversal_split(0, 700, repaid=700) == (0, 0)
+    assert domain.reversal_split(-50, 700, repaid=700) == (0, 0)
+
+
+def test_a_purchase_that_only_repaid_a_chargeback_debt_claws_nothing_back_when_refunded() -> None:
+    # P0 (100 coins) gifted to X, P1 (100) gifted to Y: the balance is 0. P1 is charged back:
+    # none of its coins are left, so all 100 were spent and payout claws back Y's gift.
+    balance = 0
+    assert domain.reversal_split(balance, 100) == (0, 100)
+    balance -= 100
+    # P2 (100) only repays that debt; refunding it owes the debt again and touches no creator,
+    # so X (paid for by P0, whose cash was kept) keeps the diamonds.
+    balance += 100
+    repaid = domain.debt_repaid(balance, 100)
+    balance -= 100
+    assert (repaid, balance) == (100, -100)
+    assert domain.reversal_split(balance + 100, 100, repaid) == (0, 0)
+
+
+def test_a_reversal_cannot_be_told_more_coins_repaid_a_debt_than_the_purchase_had() -> None:
+    with pytest.raises(InvariantViolation):
+        domain.reversal_split(0, 700, repaid=701)
 
 
 def test_payment_methods_are_routed_to_their_provider_and_unrouted_ones_are_refused() -> None:

@@ -1,0 +1,129 @@
+"""The wallet's reversals against a real SQLite file: how many coins a reversal says were spent.
+
+Coins that repaid an earlier reversal's debt reached no creator; `coins_already_spent` must not
+count them, whether the purchase recorded them itself (wallet migration 0006) or was credited
+before that revision, when they are read from the ledger.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from services.common import signing
+from services.common.db import Database
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.wallet.config import WalletSettings
+from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
+from services.wallet.storage import common, purchases
+from services.wallet.usecases import Wallet
+
+SECRET = b"reversal-test-secret"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
+
+
+@pytest.fixture
+async def wallet(tmp_path: Path) -> AsyncIterator[Wallet]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
+    await upgrade_head(MIGRATIONS, url)
+    cfg = WalletSettings(database_url=url, nats_url="nats://127.0.0.1:1", payment_webhook_secret=SECRET.decode())
+    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="reversals")
+    try:
+        yield Wallet(
+            db, Outbox(common.outbox), PaymentRouter([DevProvider(SECRET, 300)], parse_routes(cfg.payment_routes)), cfg
+        )
+    finally:
+        await db.dispose()
+
+
+async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:
+    payload = dev_event_payload(
+        uuid.uuid4().hex, event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
+    )
+    await w.handle_payment_event(
+        wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+
+
+async def buy(w: Wallet, user: str) -> wallet_pb2.Purchase:
+    p = await w.create_purchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user,
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_PAYPAL,
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    await callback(w, p, "payment.succeeded")
+    return p
+
+
+async def spend(w: Wallet, user: str, amount: int) -> None:
+    await w.spend(
+        wallet_pb2.SpendRequest(
+            user_id=user,
+            amount=amount,
+            reason=wallet_pb2.SPEND_REASON_GIFT,
+            reference_id="gift",
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+
+
+async def reversal_of(w: Wallet, purchase_id: str) -> events_pb2.PurchaseReversed:
+    o = common.outbox.c
+    async with w.db.unit_of_work(readonly=True) as uow:
+        payloads = (await uow.conn.execute(select(o.payload).where(o.subject == "wallet.purchase.reversed"))).scalars()
+        events = [events_pb2.PurchaseReversed.FromString(p) for p in payloads]
+    (event,) = [e for e in events if e.purchase_id == purchase_id]
+    return event
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-on-credit", "read-from-the-ledger"])
+async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(
+    wallet: Wallet, recorded: bool
+) -> None:
+    user = "viewer"
+    await buy(wallet, user)
+    await spend(wallet, user, 70)  # P0's coins gifted; P0 is never reversed
+    p1 = await buy(wallet, user)
+    await spend(wallet, user, 70)
+    await callback(wallet, p1, "charge.dispute.lost")
+    assert (await reversal_of(wallet, p1.purchase_id)).coins_already_spent == 70
+
+    p2 = await buy(wallet, user)  # repays P1's debt: the balance is back to 0
+    async with wallet.db.unit_of_work() as uow:
+        repaid = (
+            await uow.conn.execute(
+                select(purchases.c.debt_repaid_coins).where(purchases.c.purchase_id == p2.purchase_id)
+            )
+        ).scalar_one()
+        assert repaid == 70
+        if not recorded:  # as if credited before migration 0006, or by the previous release
+            await uow.conn.execute(
+                update(purchases).where(purchases.c.purchase_id == p2.purchase_id).values(debt_repaid_coins=None)
+            )
+        await uow.commit()
+    await callback(wallet, p2, "charge.refunded")
+    event = await reversal_of(wallet, p2.purchase_id)
+    assert (event.coins, event.coins_already_spent, event.balance_after) == (70, 0, -70)
+
+
+async def test_a_purchase_that_partly_repaid_a_debt_reports_only_the_rest_as_spent(wallet: Wallet) -> None:
+    user = "viewer"
+    p0 = await buy(wallet, user)
+    await spend(wallet, user, 50)
+    await callback(wallet, p0, "charge.refunded")  # 20 left in the balance, 50 spent: a debt of 50
+    assert (await reversal_of(wallet, p0.purchase_id)).coins_already_spent == 50
+    p1 = await buy(wallet, user)  # 50 repay the debt, 20 reach the balance
+    await spend(wallet, user, 15)
+    await callback(wallet, p1, "charge.refunded")
+    event = await reversal_of(wallet, p1.purchase_id)
+    assert (event.coins_already_spent, event.balance_after) == (15, -65)
