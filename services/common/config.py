@@ -13,6 +13,8 @@ from services.common.gc_tuning import GEN0_THRESHOLD
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
 # reset to replay, can receive an event this long after it was published.
 STREAM_MAX_AGE_S = 30 * 24 * 3600
+# Callback HMAC keys (wallet payments, payout provider): shorter ones are refused at start.
+WEBHOOK_SECRET_MIN = 16
 
 
 class ServiceSettings(BaseSettings):

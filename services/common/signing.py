@@ -38,8 +38,9 @@ def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: 
     now = time.time() if now_s is None else now_s
     if abs(now - ts) > tolerance_s:
         raise Unauthenticated("signature timestamp outside the tolerance window", "SIGNATURE_EXPIRED")
-    expected = hmac.new(secret, f"{ts}.".encode() + payload, hashlib.sha256).hexdigest()
-    # Any of the v1 values may match (a provider rotating its secret sends two).
-    if not any(hmac.compare_digest(expected, candidate) for candidate in parts.get("v1", [])):
+    expected = hmac.new(secret, f"{ts}.".encode() + payload, hashlib.sha256).hexdigest().encode()
+    # Any of the v1 values may match (a provider rotating its secret sends two). Compared as
+    # bytes: compare_digest refuses str with non-ASCII characters (TypeError, not a reason).
+    if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in parts.get("v1", [])):
         raise Unauthenticated("signature does not match", "SIGNATURE_INVALID")
     return ts

@@ -3,7 +3,7 @@
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import ServiceSettings
+from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings
 
 
 class PayoutSettings(ServiceSettings):
@@ -14,7 +14,9 @@ class PayoutSettings(ServiceSettings):
     grpc_port: int = Field(default=50053, ge=0, le=65535)
     # The wallet holds ages and blocks; RequestWithdrawal asks it (with the outgoing deadline).
     wallet_addr: str = Field(description="host:port of the wallet service (eligibility: age, blocked)")
-    payout_webhook_secret: SecretStr = Field(description="HMAC secret of payout-provider callbacks")
+    payout_webhook_secret: SecretStr = Field(
+        min_length=WEBHOOK_SECRET_MIN, description="HMAC secret of payout-provider callbacks"
+    )
     payout_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
     # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).

@@ -3,7 +3,7 @@
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import ServiceSettings
+from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings
 
 
 class WalletSettings(ServiceSettings):
@@ -12,8 +12,9 @@ class WalletSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_WALLET_", extra="ignore", frozen=True)
 
     grpc_port: int = Field(default=50051, ge=0, le=65535)
-    # Shared secret the payment provider signs its callbacks with (HMAC-SHA256). Required.
-    payment_webhook_secret: SecretStr
+    # Shared secret the payment provider signs its callbacks with (HMAC-SHA256). Required; a
+    # short (or empty) key would let anyone forge callbacks.
+    payment_webhook_secret: SecretStr = Field(min_length=WEBHOOK_SECRET_MIN)
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     payment_provider: str = "dev"
     # Which provider adapter takes each payment method; a method left out is not offered.
