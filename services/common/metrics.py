@@ -25,6 +25,13 @@ BATCH_ITEMS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
+# Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
+CLAWBACK_SHORTFALL_OPEN = Gauge(
+    "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"
+)
+CLAWBACK_SHORTFALL_SETTLED = Counter(
+    "livegifts_clawback_shortfall_settled_coins_total", "Coins of reversal shortfalls clawed back later"
+)
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
 GC_PAUSE = Histogram(
     "livegifts_gc_pause_seconds",

@@ -24,3 +24,5 @@ class PayoutSettings(ServiceSettings):
     dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
     dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)
     clawback_rows_max: int = Field(default=10_000, ge=1, le=1_000_000)  # earnings rows scanned per reversal
+    # How often open clawback shortfalls (a reversal consumed before its gifts' earnings) are settled.
+    clawback_settle_interval_s: float = Field(default=5.0, gt=0, le=3600)

@@ -123,7 +123,26 @@ payout_events = Table(
     Column("received_at_us", BigInteger, nullable=False),
 )
 
-# One entry per reversal per creator: the diamonds a wallet.purchase.reversed took back.
+# What a reversal could not claw back when it was consumed: its gifts' earnings had not arrived
+# yet (the gift consumer behind, a gift left PENDING until the sweeper, an event parked and
+# replayed) or lay beyond CLAWBACK_ROWS_MAX. The shortfall settler takes the open coins from
+# the sender's earnings that arrive later, among gifts sent before the reversal.
+clawback_shortfalls = Table(
+    "clawback_shortfalls",
+    metadata,
+    Column("reversal_event_id", String(64), primary_key=True),
+    Column("purchase_id", String(64), nullable=False),
+    Column("sender_id", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("coins_open", BigInteger, nullable=False),  # never negative; 0 once settled
+    Column("reversed_at_us", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+)
+
+# One entry per reversal per creator: the diamonds a wallet.purchase.reversed took back. A later
+# settlement of the reversal's shortfall is an entry of its own, keyed by a fresh id in
+# `reversal_event_id` (its purchase_id is the reversed purchase's).
 clawbacks = Table(
     "clawbacks",
     metadata,

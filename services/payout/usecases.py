@@ -39,6 +39,7 @@ from services.common.errors import (
 )
 from services.common.idempotency import run_idempotent
 from services.common.loops import run_every
+from services.common.metrics import CLAWBACK_SHORTFALL_OPEN, CLAWBACK_SHORTFALL_SETTLED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
@@ -47,6 +48,7 @@ from services.payout.config import PayoutSettings
 from services.payout.domain import BP_DENOMINATOR, OPEN_STATUSES, CurrencyTerms, Earning, WithdrawalStatus
 from services.payout.providers import PayoutEvent, PayoutProvider
 from services.payout.storage import (
+    clawback_shortfalls,
     clawbacks,
     common,
     creators,
@@ -66,6 +68,7 @@ _KIND = {
     gifting_events.GIFT_KIND_UNLOCK: "UNLOCK",
 }
 PAGE_SIZE_DEFAULT = 50
+SHORTFALL_BATCH = 100  # open clawback shortfalls looked at per settler round
 PAGE_SIZE_MAX = 500
 DIAMONDS_MAX = 10**12
 _METHOD_KIND = {payout_pb2.PAYOUT_METHOD_KIND_PAYPAL: "PAYPAL", payout_pb2.PAYOUT_METHOD_KIND_BANK: "BANK"}
@@ -81,6 +84,17 @@ _SUBJECT = {
     WithdrawalStatus.FAILED: "payout.withdrawal.failed",
     WithdrawalStatus.REJECTED: "payout.withdrawal.failed",
 }
+
+
+@dataclass(frozen=True)
+class _Reversal:
+    """A purchase reversal as the clawback needs it: whose, which purchase, and when."""
+
+    event_id: str
+    purchase_id: str
+    sender_id: str
+    kind: str
+    at_us: int
 
 
 @dataclass(frozen=True)
@@ -906,96 +920,181 @@ class Payout:
     async def claw_back(self, uow: UnitOfWork, events: list[wallet_events.PurchaseReversed]) -> None:
         """Consumer of wallet.purchase.reversed: take back the diamonds the reversed coins earned.
 
-        Attribution (domain.attribute_reversal): the sender's newest earnings first, up to the
-        coins the wallet reports as already spent (coins still in the balance it took back
-        itself), at the share each was credited at. The balance may go negative; one
-        clawback entry per reversal per creator records it.
+        Attribution (domain.attribute_reversal): the sender's newest earnings first, among gifts
+        sent before the reversal, up to the coins the wallet reports as already spent (coins
+        still in the balance it took back itself; coins that only repaid a debt reached no
+        creator), at the share each was credited at. The balance may go negative; one
+        clawback entry per reversal per creator records it. What cannot be taken yet (the
+        gifts' events not consumed so far, or beyond CLAWBACK_ROWS_MAX) is recorded as a
+        shortfall, which `settle_shortfalls_once` takes from those earnings once they arrive.
         """
         check(self.settings is not None, "self.settings is not None")
-        e = earnings.c
         for ev in events:
             check(ev.coins > 0 and bool(ev.user_id), f"reversal {ev.event_id} has coins and a user")
-            rows = (
-                await uow.conn.execute(
-                    select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp)
-                    .where(e.sender_id == ev.user_id, e.coins_clawed_back < e.coins)
-                    .order_by(e.occurred_at_us.desc(), e.event_id.desc())
-                    .limit(self.settings.clawback_rows_max)
-                )
-            ).all()
             # Only the coins the wallet could not take back from the balance had gone to creators.
-            if ev.coins_already_spent <= 0:
+            want = min(ev.coins_already_spent, ev.coins)
+            if want <= 0:
                 continue
-            takes = domain.attribute_reversal(
-                min(ev.coins_already_spent, ev.coins),
-                [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
+            reversal = _Reversal(
+                ev.event_id,
+                ev.purchase_id,
+                ev.user_id,
+                ev.kind or "REVERSED",
+                ev.occurred_at.ToMicroseconds() if ev.HasField("occurred_at") else now_us(),
             )
-            by_creator: dict[str, list[int]] = {}
-            for t in takes:
-                changed = await uow.conn.execute(
-                    update(earnings)
-                    .where(e.event_id == t.event_id, e.coins_clawed_back + t.coins <= e.coins)
-                    .values(coins_clawed_back=e.coins_clawed_back + t.coins)
-                )
-                if changed.rowcount != 1:
-                    raise Aborted("an earning was clawed back concurrently, retry", "CONFLICT")
-                acc = by_creator.setdefault(t.creator_id, [0, 0])
-                acc[0] += t.coins
-                acc[1] += t.units
-            ts = now_us()
-            out = []
-            c = creators.c
-            for creator_id, (coins, units) in sorted(by_creator.items()):
-                # Same exact arithmetic as credits: whole diamonds of the accumulated units, remainder kept.
-                whole_after = (c.clawed_units + units) // BP_DENOMINATOR
-                whole_before = c.clawed_units // BP_DENOMINATOR
-                row = (
-                    await uow.conn.execute(
-                        update(creators)
-                        .where(c.creator_id == creator_id)
-                        .values(
-                            clawed_units=c.clawed_units + units,
-                            diamonds_clawed_back=c.diamonds_clawed_back + (whole_after - whole_before),
-                            diamonds_available=c.diamonds_available - (whole_after - whole_before),
-                            updated_at_us=ts,
-                        )
-                        .returning(c.clawed_units)
-                    )
-                ).one()
-                diamonds = domain.credit_delta(row.clawed_units - units, units)
+            taken = await self._claw(uow, reversal, want, entry_id=ev.event_id)
+            if taken < want:
+                ts = now_us()
                 await uow.conn.execute(
-                    insert(clawbacks).values(
+                    insert(clawback_shortfalls).values(
                         reversal_event_id=ev.event_id,
-                        creator_id=creator_id,
                         purchase_id=ev.purchase_id,
                         sender_id=ev.user_id,
-                        kind=ev.kind or "REVERSED",
-                        coins=coins,
-                        units=units,
-                        diamonds=diamonds,
+                        kind=reversal.kind,
+                        coins_open=want - taken,
+                        reversed_at_us=reversal.at_us,
                         created_at_us=ts,
+                        updated_at_us=ts,
                     )
                 )
-                eid = new_event_id()
-                out.append(
-                    (
-                        "payout.diamonds.clawed_back",
-                        eid,
-                        events_pb2.DiamondsClawedBack(
-                            event_id=eid,
-                            creator_id=creator_id,
-                            purchase_id=ev.purchase_id,
-                            coins=coins,
-                            diamonds=diamonds,
-                            occurred_at=to_timestamp(ts),
-                        ),
-                    )
+                log.warning(
+                    "purchase reversal: coins not clawed back yet (shortfall)",
+                    extra={"purchase_id": ev.purchase_id, "coins_open": want - taken, "coins": want},
                 )
-            await self.outbox.add_many(uow, out)
-            log.info(
-                "purchase reversal clawed back",
-                extra={"purchase_id": ev.purchase_id, "creators": len(by_creator), "coins": ev.coins},
+
+    async def shortfall_settler(self, stop: Any) -> None:
+        """Background loop: claw back open shortfalls from earnings that arrived after their reversal."""
+        check(self.settings is not None, "the settler needs settings")
+        await run_every(
+            stop, self.settings.clawback_settle_interval_s, self.settle_shortfalls_once, "settled clawback shortfalls"
+        )
+
+    async def settle_shortfalls_once(self) -> int:
+        """Settle what it can of up to SHORTFALL_BATCH open shortfalls; returns the coins clawed back.
+
+        Each shortfall is settled in its own transaction, guarded by compare-and-set on its open
+        coins and on each earning's clawed coins, so replicas settling at once take nothing twice.
+        """
+        sf = clawback_shortfalls.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            open_rows = (
+                await uow.conn.execute(
+                    select(clawback_shortfalls)
+                    .where(sf.coins_open > 0)
+                    .order_by(sf.reversed_at_us, sf.reversal_event_id)
+                    .limit(SHORTFALL_BATCH)
+                )
+            ).all()
+        settled = 0
+        for row in open_rows:
+            reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
+            async with self.db.unit_of_work() as uow:
+                taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
+                if taken == 0:
+                    continue  # nothing arrived yet: the transaction wrote nothing
+                changed = await uow.conn.execute(
+                    update(clawback_shortfalls)
+                    .where(sf.reversal_event_id == row.reversal_event_id, sf.coins_open == row.coins_open)
+                    .values(coins_open=sf.coins_open - taken, updated_at_us=now_us())
+                )
+                if changed.rowcount != 1:
+                    raise Aborted("a shortfall was settled concurrently, retry", "CONFLICT")
+                await uow.commit()
+            CLAWBACK_SHORTFALL_SETTLED.inc(taken)
+            settled += taken
+        async with self.db.unit_of_work(readonly=True) as uow:
+            still_open = (
+                await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)).where(sf.coins_open > 0))
+            ).scalar_one()
+        CLAWBACK_SHORTFALL_OPEN.set(int(still_open))
+        return settled
+
+    async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, *, entry_id: str) -> int:
+        """Take up to `coins` from the sender's open earnings sent before the reversal; returns the coins taken."""
+        check(self.settings is not None, "self.settings is not None")
+        e = earnings.c
+        rows = (
+            await uow.conn.execute(
+                select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp)
+                .where(e.sender_id == rv.sender_id, e.coins_clawed_back < e.coins, e.occurred_at_us <= rv.at_us)
+                .order_by(e.occurred_at_us.desc(), e.event_id.desc())
+                .limit(self.settings.clawback_rows_max)
             )
+        ).all()
+        if not rows:
+            return 0
+        takes = domain.attribute_reversal(
+            coins,
+            [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
+        )
+        by_creator: dict[str, list[int]] = {}
+        for t in takes:
+            changed = await uow.conn.execute(
+                update(earnings)
+                .where(e.event_id == t.event_id, e.coins_clawed_back + t.coins <= e.coins)
+                .values(coins_clawed_back=e.coins_clawed_back + t.coins)
+            )
+            if changed.rowcount != 1:
+                raise Aborted("an earning was clawed back concurrently, retry", "CONFLICT")
+            acc = by_creator.setdefault(t.creator_id, [0, 0])
+            acc[0] += t.coins
+            acc[1] += t.units
+        ts = now_us()
+        out = []
+        c = creators.c
+        for creator_id, (creator_coins, units) in sorted(by_creator.items()):
+            # Same exact arithmetic as credits: whole diamonds of the accumulated units, remainder kept.
+            whole_after = (c.clawed_units + units) // BP_DENOMINATOR
+            whole_before = c.clawed_units // BP_DENOMINATOR
+            row = (
+                await uow.conn.execute(
+                    update(creators)
+                    .where(c.creator_id == creator_id)
+                    .values(
+                        clawed_units=c.clawed_units + units,
+                        diamonds_clawed_back=c.diamonds_clawed_back + (whole_after - whole_before),
+                        diamonds_available=c.diamonds_available - (whole_after - whole_before),
+                        updated_at_us=ts,
+                    )
+                    .returning(c.clawed_units)
+                )
+            ).one()
+            diamonds = domain.credit_delta(row.clawed_units - units, units)
+            await uow.conn.execute(
+                insert(clawbacks).values(
+                    reversal_event_id=entry_id,
+                    creator_id=creator_id,
+                    purchase_id=rv.purchase_id,
+                    sender_id=rv.sender_id,
+                    kind=rv.kind,
+                    coins=creator_coins,
+                    units=units,
+                    diamonds=diamonds,
+                    created_at_us=ts,
+                )
+            )
+            eid = new_event_id()
+            out.append(
+                (
+                    "payout.diamonds.clawed_back",
+                    eid,
+                    events_pb2.DiamondsClawedBack(
+                        event_id=eid,
+                        creator_id=creator_id,
+                        purchase_id=rv.purchase_id,
+                        coins=creator_coins,
+                        diamonds=diamonds,
+                        occurred_at=to_timestamp(ts),
+                    ),
+                )
+            )
+        await self.outbox.add_many(uow, out)
+        taken = sum(t.coins for t in takes)
+        log.info(
+            "purchase reversal clawed back",
+            extra={"purchase_id": rv.purchase_id, "creators": len(by_creator), "coins": taken},
+        )
+        return taken
 
     # ---- statement -----------------------------------------------------------------------
 
