@@ -28,6 +28,7 @@ from tests.integration.helpers import signed_callback, uid
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_BUDGET_S = 60.0  # one logical operation may take this long across retries
+UNLOCK_PRICE_COINS = 15  # every creator's one piece of content
 CHEAP_GIFTS = [("rose", 1), ("gg", 1), ("finger-heart", 5), ("panda", 5), ("hand-wave", 9), ("lollipop", 10)]
 
 
@@ -108,7 +109,9 @@ async def run_load(
             content = await with_retries(
                 report,
                 lambda _a, c=c, ckey=ckey: gifting.CreateContent(
-                    gifting_pb2.CreateContentRequest(creator_id=c, title="extra", price_coins=15, idempotency_key=ckey),
+                    gifting_pb2.CreateContentRequest(
+                        creator_id=c, title="extra", price_coins=UNLOCK_PRICE_COINS, idempotency_key=ckey
+                    ),
                     timeout=5,
                 ),
             )
@@ -125,7 +128,11 @@ async def run_load(
         half = len(plan) // 2
         second = [(p[0], viewer_ids[1] if p[1] == victim else p[1], *p[2:]) for p in plan[half:]]
         sem = asyncio.Semaphore(concurrency)
-        unlocked: set[tuple[str, str]] = set()
+        # Each definite unlock answer per (viewer, content): (charged, gift_event_id). Exactly one
+        # per pair may charge, the price; every other says already_unlocked, charges nothing and
+        # names that same unlock. Checked once all ops are done: two concurrent unlocks of a pair
+        # may answer in either order, so "the first answer charges" is not what a client can see.
+        unlock_answers: dict[tuple[str, str], list[tuple[int, str]]] = {}
 
         async def one_op(dice: float, viewer: str, creator: int, gift: tuple[str, int]) -> None:
             key = uid("op")
@@ -161,13 +168,12 @@ async def run_load(
                             timeout=deadline(a),
                         ),
                     )
-                    pair = (viewer, contents[creator])
                     charged = 0 if (r is None or r.already_unlocked) else r.coins
-                    if charged:
-                        if pair in unlocked:
-                            report.wrong_answers.append(f"unlock {pair} charged twice")
-                        unlocked.add(pair)
-                    expected, event_id = (charged if charged in (0, 15) else 15), (r.gift_event_id if r else "")
+                    # The price when this answer is the pair's unlock, nothing when it was already.
+                    expected = 0 if (r is None or r.already_unlocked) else UNLOCK_PRICE_COINS
+                    event_id = r.gift_event_id if r else ""
+                    if r is not None:
+                        unlock_answers.setdefault((viewer, contents[creator]), []).append((charged, event_id))
                 else:  # a gift
                     gift_id, price = gift
                     qty = 1 + int(dice * 10) % 3
@@ -199,6 +205,12 @@ async def run_load(
         await asyncio.gather(*(one_op(*p) for p in plan[:half]))
         await _chargeback(report, wallet, webhook_secret, victim)
         await asyncio.gather(*(one_op(*p) for p in second))
+        for pair, answers in unlock_answers.items():
+            charges = [c for c, _ in answers if c]
+            if charges != [UNLOCK_PRICE_COINS]:
+                report.wrong_answers.append(f"unlock {pair}: charged {charges}, expected once {UNLOCK_PRICE_COINS}")
+            if len({e for _, e in answers}) != 1:
+                report.wrong_answers.append(f"unlock {pair}: answers name different unlocks {answers}")
         for c in creator_ids:
             await _withdraw(report, payout, operator_md, c)
         return report

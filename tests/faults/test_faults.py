@@ -12,11 +12,11 @@ LIVEGIFTS_FAULT_GIFTS sets the gifts per scenario (default 120; `make faults` us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -55,13 +55,15 @@ class Scenario:
 
 
 async def _restart_when_dead(suite: Suite, svc: str, log: list[str], timeout_s: float = 60.0) -> None:
-    """Wait for an armed fault point to kill `svc`, then restart it disarmed."""
+    """Wait for an armed fault point to kill `svc`, then restart it disarmed; fail if it never fires.
+
+    A scenario whose fault never fired ran a plain load: its audit passing would prove nothing.
+    """
     proc = suite.procs[svc]
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None:
         if time.monotonic() > deadline:
-            log.append(f"{svc}: fault point never fired")
-            return
+            pytest.fail(f"{svc}: its armed fault point never fired within {timeout_s:.0f} s, so no fault was injected")
         await asyncio.sleep(0.05)
     log.append(f"{svc} died at its fault point (exit {proc.returncode})")
     suite.config.extra_env[svc].pop(f"LIVEGIFTS_{svc.upper()}_FAULTS", None)
@@ -89,10 +91,12 @@ def _dies_at(svc: str) -> Callable[[Suite, list[str]], Awaitable[None]]:
 
 
 async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
+    """Terminate every connection to the suite's databases, three times a second apart; fail if none were."""
     import asyncpg
 
     admin = pg.admin_url_or_skip()
     names = [u.rsplit("/", 1)[1] for u in suite.config.database_urls.values()]
+    terminated = 0
     for round_ in range(3):
         await asyncio.sleep(1.0)
         conn = await asyncpg.connect(pg.database_url(admin, "postgres").replace("+asyncpg", ""))
@@ -103,6 +107,10 @@ async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
         finally:
             await conn.close()
         log.append(f"round {round_ + 1}: terminated {n} PostgreSQL connections")
+        terminated += n
+    # The services were connected (they served the load's first calls): none terminated means the
+    # query missed their databases and the scenario ran without its fault.
+    assert terminated > 0, f"no PostgreSQL connection of {names} was terminated: no fault was injected"
 
 
 SCENARIOS = [
@@ -139,37 +147,42 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
 ) -> None:
     if scenario.postgres_only and backend != "postgres":
         pytest.skip("drops PostgreSQL connections; SQLite has none to drop")
-    urls: dict[str, str] = {}
-    created: list[str] = []
-    if backend == "postgres":
-        admin = pg.admin_url_or_skip()
-        for svc in ("wallet", "gifting", "payout"):
-            name = f"lgfault_{uuid.uuid4().hex[:10]}_{svc}"
-            pg.create_database(admin, name)
-            created.append(name)
-            urls[svc] = pg.database_url(admin, name)
     extra = {"gifting": dict(FAST_SWEEP)}
     for svc, spec in scenario.armed.items():
         extra.setdefault(svc, {})[f"LIVEGIFTS_{svc.upper()}_FAULTS"] = spec
-    suite = Suite(suite_config(tmp_path_factory.mktemp("faults"), urls, extra))
-    log: list[str] = []
     print(f"\n== scenario: {scenario.name} [{backend}] seed={SEED} gifts={GIFTS}")
-    try:
-        await asyncio.to_thread(suite.start)
-        load = asyncio.create_task(
-            run_load(
-                suite.addr("wallet"),
-                suite.addr("gifting"),
-                suite.addr("payout"),
-                WEBHOOK_SECRET,
-                OPERATOR_METADATA,
-                seed=SEED,
-                viewers=8,
-                creators=3,
-                gifts=GIFTS,
-                concurrency=8,
-            )
+    # Nested, so each is undone even when the step after it fails: the databases (dropped last),
+    # then the processes (stopped first), then the load (cancelled if the scenario failed mid-load).
+    databases: contextlib.AbstractContextManager[dict[str, str]] = (
+        pg.service_databases("lgfault") if backend == "postgres" else contextlib.nullcontext({})
+    )
+    with databases as urls:
+        suite = Suite(suite_config(tmp_path_factory.mktemp("faults"), urls, extra))
+        try:
+            await asyncio.to_thread(suite.start)
+            await _load_with_faults_then_audit(scenario, suite)
+        finally:
+            await asyncio.to_thread(suite.stop)
+
+
+async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None:
+    """Run the load with the scenario's faults, then require the audit and the clients' view to agree."""
+    log: list[str] = []
+    load = asyncio.create_task(
+        run_load(
+            suite.addr("wallet"),
+            suite.addr("gifting"),
+            suite.addr("payout"),
+            WEBHOOK_SECRET,
+            OPERATOR_METADATA,
+            seed=SEED,
+            viewers=8,
+            creators=3,
+            gifts=GIFTS,
+            concurrency=8,
         )
+    )
+    try:
         if scenario.action is not None:
             await scenario.action(suite, log)
         report = await asyncio.wait_for(load, LOAD_TIMEOUT_S)
@@ -213,6 +226,6 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
         seen = await balances(suite.addr("wallet"), list(report.coins_by_viewer))
         assert seen == report.coins_by_viewer, "a balance differs from what the clients saw happen"
     finally:
-        await asyncio.to_thread(suite.stop)
-        for name in created:
-            pg.drop_database(pg.admin_url_or_skip(), name)
+        if not load.done():  # the action failed (a fault that never fired): stop the clients' retries
+            load.cancel()
+            await asyncio.gather(load, return_exceptions=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import make_url
 
 ENV = "LIVEGIFTS_TEST_POSTGRES_URL"
+SERVICES = ("wallet", "gifting", "payout")
 _reachable: bool | None = None
 
 
@@ -63,6 +67,20 @@ def create_database(admin_url: str, name: str) -> None:
 def drop_database(admin_url: str, name: str) -> None:
     """DROP DATABASE name, disconnecting whoever is still connected."""
     _run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def service_databases(prefix: str) -> Iterator[dict[str, str]]:
+    """A new database per service (service -> URL), each dropped on exit, even when a later step failed."""
+    admin = admin_url_or_skip()
+    with contextlib.ExitStack() as created:
+        urls: dict[str, str] = {}
+        for svc in SERVICES:
+            name = f"{prefix}_{uuid.uuid4().hex[:10]}_{svc}"
+            create_database(admin, name)
+            created.callback(drop_database, admin, name)
+            urls[svc] = database_url(admin, name)
+        yield urls
 
 
 def database_url(admin_url: str, name: str) -> str:

@@ -360,22 +360,19 @@ async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_
     await asyncio.wait_for(call.initial_metadata(), 10)  # the feed is listening from here on
 
     sent: dict[str, list[str]] = {alice: [], bob: []}
-    sent_at: dict[str, float] = {}
-    loop = asyncio.get_running_loop()
 
     async def send(sender: str, gift_id: str, n: int) -> None:
         for _ in range(n):
             receipt = await clients.gifting.SendGift(gift(stream.stream_id, sender, gift_id))
             sent[sender].append(receipt.gift_event_id)
-            sent_at[receipt.gift_event_id] = loop.time()
 
-    received: list[tuple[gifting_pb2.StreamFeedItem, float]] = []
+    received_items: list[gifting_pb2.StreamFeedItem] = []
 
     async def read(n: int) -> None:
-        while len(received) < n:
+        while len(received_items) < n:
             item = await call.read()
             assert item is not grpc.aio.EOF
-            received.append((item, loop.time()))
+            received_items.append(item)
 
     reader = asyncio.create_task(read(17))
     await asyncio.gather(send(alice, "rose", 8), send(bob, "panda", 8))
@@ -385,12 +382,9 @@ async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_
         )
     )
     sent[bob].append(tip.gift_event_id)
-    sent_at[tip.gift_event_id] = loop.time()
+    # A liveness bound only (how fast the feed is, is bench/'s to measure): every gift, the last
+    # tip too, reaches the watcher without a later publish to push it out.
     await asyncio.wait_for(reader, 15)
-    # Each gift reached the watcher within a second of the sender's receipt.
-    delays = [at - sent_at[item.gift_event_id] for item, at in received]
-    assert max(delays) < 1.0, delays
-    received_items = [item for item, _ in received]
     for sender in (alice, bob):
         assert [i.gift_event_id for i in received_items if i.sender_id == sender] == sent[sender]
     alice_items = [i for i in received_items if i.sender_id == alice]

@@ -85,29 +85,32 @@ async def _harnesses(tmp_path: Path, url: str, replicas: int, **settings: Any) -
     """A nats-server of its own and `replicas` relays over one outbox table at `url`, each with its
     own pool and NATS connection, as in replicas of one service."""
     suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    suite.start_nats()
     stop = asyncio.Event()
     out: list[_Harness] = []
-    try:
-        metadata = MetaData()
-        tables = add_common_tables(metadata)
-        for i in range(replicas):
-            db = Database(url, pool_size=2, pool_timeout_s=5, application_name=f"test-{i}")
-            if i == 0:
-                async with db.engine.begin() as conn:
-                    await conn.run_sync(metadata.create_all)
-            config = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url, **settings)  # type: ignore[call-arg]
-            bus = Bus(config, f"relay-test-{i}")
-            outbox = Outbox(tables.outbox)
-            out.append(_Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, config), config))
-            await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
-        yield out
-    finally:
-        stop.set()
-        for h in out:
-            await h.bus.close()
-            await h.db.dispose()
-        suite.stop()
+    # Each resource is registered for its undoing as soon as it exists (not once its harness is
+    # whole), and undone in reverse even when an earlier undoing raises: `stop` set, buses closed,
+    # pools disposed, nats-server stopped last.
+    async with contextlib.AsyncExitStack() as undo:
+        undo.callback(suite.stop)
+        suite.start_nats()
+        try:
+            metadata = MetaData()
+            tables = add_common_tables(metadata)
+            for i in range(replicas):
+                db = Database(url, pool_size=2, pool_timeout_s=5, application_name=f"test-{i}")
+                undo.push_async_callback(db.dispose)
+                if i == 0:
+                    async with db.engine.begin() as conn:
+                        await conn.run_sync(metadata.create_all)
+                config = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url, **settings)  # type: ignore[call-arg]
+                bus = Bus(config, f"relay-test-{i}")
+                undo.push_async_callback(bus.close)
+                outbox = Outbox(tables.outbox)
+                out.append(_Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, config), config))
+                await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
+            yield out
+        finally:
+            stop.set()  # before the buses close
 
 
 @pytest.fixture

@@ -66,10 +66,11 @@ async def test_each_item_is_answered_as_its_own_spend_would_be(clients, deployme
     assert resp.results[1].spent.spend_id == first.spend_id
     assert await balance_of(w, rich) == 0
     assert await balance_of(w, poor) == 10
-    # Refusals were not settled: the same keys may spend once the coins are there.
+    # Refusals were not settled: the same keys may spend once the coins (or the account) are there.
     await buy_coins(w, deployment.webhook_secret, poor)
     assert (await w.Spend(items[2])).balance_after == 710 - 11
-    assert nobody
+    await buy_coins(w, deployment.webhook_secret, nobody)
+    assert (await w.Spend(items[7])).balance_after == 700 - 1
 
 
 async def test_settled_refusals_forbid_their_keys_and_a_batch_is_answered_again_the_same(clients, deployment) -> None:  # type: ignore[no-untyped-def]

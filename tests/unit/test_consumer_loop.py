@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +69,25 @@ async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
     async def handle(uow: Any, events: list[Any]) -> None:
         raise AssertionError("no message was fetched")
 
+    slept: list[float] = []
+
+    async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+        slept.append(seconds)  # the loop's backoff (and linger) waits: none may happen here
+
+    monkeypatch.setattr("services.common.inbox.sleep_unless_stopped", sleep_unless_stopped)
     url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to: nothing is fetched
     settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
     db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-    sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
-        await asyncio.wait_for(consumer.run(stop), timeout=10)
+    try:
+        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+            await asyncio.wait_for(consumer.run(stop), timeout=10)
+    finally:
+        await db.engine.dispose()
     assert psub.calls == 6
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
-    await db.engine.dispose()
-    assert time.monotonic() - started < 0.5, "the loop backed off after a fetch that only timed out"
+    assert slept == [], "the loop backed off after a fetch that only timed out"
 
 
 class _Failing:

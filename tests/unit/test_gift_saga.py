@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
+from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
@@ -23,6 +24,15 @@ from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+
+
+def _refusal(code: grpc.StatusCode, message: str, reason: str) -> grpc.aio.AioRpcError:
+    """A refused call as the client sees the real wallet's: the status its error interceptor builds,
+    google.rpc.ErrorInfo with the stable reason in the grpc-status-details-bin trailer."""
+    status = _rich_status(code, message, reason, "livegifts.wallet", {})
+    return grpc.aio.AioRpcError(
+        status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
+    )
 
 
 class ScriptedWallet:
@@ -47,9 +57,7 @@ class ScriptedWallet:
         )
 
     async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), "not enough coins"
-        )
+        raise _refusal(grpc.StatusCode.FAILED_PRECONDITION, "not enough coins", "INSUFFICIENT_COINS")
 
     async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         self.spend_many_calls += 1
@@ -128,8 +136,8 @@ async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
     try:
         with pytest.raises(Exception) as err:
             await (await _send(g))
-        # SpendMany carries the item's reason; the scripted Spend error has no ErrorInfo, only its code.
-        assert getattr(err.value, "reason", "") == ("INSUFFICIENT_COINS" if group_commit else "FAILED_PRECONDITION")
+        # SpendMany carries the item's reason, Spend its ErrorInfo: the same reason either way.
+        assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"
         assert await _count(db, common.outbox) == 0
         assert wallet.spend_many_calls == (1 if group_commit else 0)
         assert len(wallet.cancel_calls) == 1

@@ -47,7 +47,7 @@ EVENT_TYPES = {
     "charge.dispute.lost": PurchaseStatus.CHARGED_BACK,
 }
 REASONS = [wallet_pb2.SPEND_REASON_GIFT, wallet_pb2.SPEND_REASON_TIP, wallet_pb2.SPEND_REASON_UNLOCK]
-_template: dict[str, Path] = {}
+_template: dict[str, Path] = {}  # "dir": this run's pytest tmp dir; "db": the migrated template in it
 
 
 def _no_fsync(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -57,9 +57,9 @@ def _no_fsync(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def
 
 
 def template_db() -> Path:
-    """A migrated wallet database, made once per run and copied for every example."""
+    """A migrated wallet database, made once per run (in the test's tmp dir) and copied for every example."""
     if "db" not in _template:
-        path = Path(tempfile.mkdtemp(prefix="wallet-template-")) / "wallet.db"
+        path = _template["dir"] / "wallet-template.db"
         asyncio.run(upgrade_head(MIGRATIONS, f"sqlite+aiosqlite:///{path}"))
         _template["db"] = path
     return _template["db"]
@@ -71,7 +71,7 @@ class WalletMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.dir = Path(tempfile.mkdtemp(prefix="wallet-prop-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="wallet-prop-", dir=_template["dir"]))
         shutil.copy(template_db(), self.dir / "wallet.db")
         url = f"sqlite+aiosqlite:///{self.dir / 'wallet.db'}"
         cfg = WalletSettings(
@@ -317,13 +317,19 @@ class WalletMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.timeout(120)
-def test_random_wallet_histories_keep_the_books_balanced_and_match_the_model() -> None:
-    run_state_machine_as_test(
-        WalletMachine,
-        settings=settings(
-            max_examples=15,
-            stateful_step_count=25,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+def test_random_wallet_histories_keep_the_books_balanced_and_match_the_model(tmp_path: Path) -> None:
+    # Every file of the run (the template and each example's copy) lives under pytest's tmp_path,
+    # which pytest removes by its retention policy; the template is not reused after the test.
+    _template["dir"] = tmp_path
+    try:
+        run_state_machine_as_test(
+            WalletMachine,
+            settings=settings(
+                max_examples=15,
+                stateful_step_count=25,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            ),
+        )
+    finally:
+        _template.clear()
