@@ -65,6 +65,26 @@ async def record(uow: UnitOfWork, table: Table, scope: str, key: str, digest: st
     )
 
 
+async def stored_answer(
+    db: Database,
+    table: Table,
+    scope: str,
+    request: Message,
+    response_type: type[R],
+    *,
+    key_field: str = "idempotency_key",
+) -> R | None:
+    """The answer already recorded for this request's key, read before any check outside the database.
+
+    For commands that ask another service first (payout asks the wallet about eligibility): a
+    retry of a request that took effect answers as the first call did, even while that service
+    is down or its answer has changed since. `run_idempotent` still decides the first call.
+    """
+    key = require_key(getattr(request, key_field), key_field)
+    async with db.unit_of_work(readonly=True) as uow:
+        return await lookup(uow, table, scope, key, request_hash(request, key_field), response_type)
+
+
 async def run_idempotent(
     db: Database,
     table: Table,

@@ -37,7 +37,7 @@ from services.common.errors import (
     require_id,
     require_positive,
 )
-from services.common.idempotency import run_idempotent
+from services.common.idempotency import run_idempotent, stored_answer
 from services.common.loops import run_every
 from services.common.metrics import CLAWBACK_SHORTFALL_OPEN, CLAWBACK_SHORTFALL_SETTLED
 from services.common.outbox import Outbox, new_event_id
@@ -598,6 +598,9 @@ class Payout:
         require_id(req.creator_id, "creator_id")
         require_positive(req.diamonds, "diamonds", DIAMONDS_MAX)
         require_id(req.method_id, "method_id")
+        stored = await stored_answer(self.db, common.idempotency, "RequestWithdrawal", req, payout_pb2.Withdrawal)
+        if stored is not None:
+            return stored  # a retry: the wallet is not asked again (it may be down, or its answer changed)
         await self._check_eligible(req.creator_id)
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:

@@ -35,6 +35,7 @@ TEST_TARGET_ENV = (
     "LIVEGIFTS_TEST_TARGET_PAYOUT",
     "LIVEGIFTS_TEST_TARGET_NATS_URL",
     "LIVEGIFTS_TEST_WEBHOOK_SECRET",
+    "LIVEGIFTS_TEST_PAYOUT_WEBHOOK_SECRET",
     "LIVEGIFTS_TEST_OPERATOR_TOKEN",
 )
 HEALTH_TIMEOUT_S = 20
@@ -209,6 +210,7 @@ def test_the_tests_service_targets_the_composed_services(
     )
     assert target.nats_url == env["LIVEGIFTS_TEST_TARGET_NATS_URL"]
     assert target.webhook_secret == env["LIVEGIFTS_TEST_WEBHOOK_SECRET"]
+    assert target.payout_secret == env["LIVEGIFTS_TEST_PAYOUT_WEBHOOK_SECRET"]
     assert target.operator_token == env["LIVEGIFTS_TEST_OPERATOR_TOKEN"]
     for svc in SERVICES:
         s = load_settings_from(svc, environment(services[svc]), monkeypatch)
@@ -221,6 +223,8 @@ def test_the_tests_service_targets_the_composed_services(
         assert tests["depends_on"][svc] == {"condition": "service_healthy"}
     wallet_env = environment(services["wallet"])
     assert env["LIVEGIFTS_TEST_WEBHOOK_SECRET"] == wallet_env["LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET"]
+    payout_env = environment(services["payout"])
+    assert env["LIVEGIFTS_TEST_PAYOUT_WEBHOOK_SECRET"] == payout_env["LIVEGIFTS_PAYOUT_PAYOUT_WEBHOOK_SECRET"]
     assert env["LIVEGIFTS_TEST_TARGET_NATS_URL"] == wallet_env["LIVEGIFTS_WALLET_NATS_URL"]
 
 

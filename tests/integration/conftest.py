@@ -13,6 +13,7 @@ processes or read their files skip there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -44,8 +45,14 @@ class Deployment:
     nats_url: str | None
     suite: Suite | None  # None for an external deployment
     var_dir: Path | None
-    webhook_secret: str
+    webhook_secret: str  # the wallet's: signs payment-provider callbacks
     operator_token: str = OPERATOR_TOKEN
+    payout_webhook_secret: str = ""  # payout's, for payout-provider callbacks; "" = the same as the wallet's
+
+    @property
+    def payout_secret(self) -> str:
+        """The secret payout-provider callbacks are signed with."""
+        return self.payout_webhook_secret or self.webhook_secret
 
     @property
     def operator_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -67,6 +74,7 @@ def _external() -> Deployment | None:
         None,
         os.environ.get("LIVEGIFTS_TEST_WEBHOOK_SECRET", ""),
         os.environ.get("LIVEGIFTS_TEST_OPERATOR_TOKEN", ""),
+        os.environ.get("LIVEGIFTS_TEST_PAYOUT_WEBHOOK_SECRET", ""),
     )
 
 
@@ -106,33 +114,27 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield external
         return
     var_dir = tmp_path_factory.mktemp(f"suite-{request.param}")
-    urls: dict[str, str] = {}
-    created: list[str] = []
-    if request.param == "postgres":
-        admin_url = pg.admin_url_or_skip()
-        for svc in ("wallet", "gifting", "payout"):
-            name = f"lgtest_{uuid.uuid4().hex[:10]}_{svc}"
-            pg.create_database(admin_url, name)
-            created.append(name)
-            urls[svc] = pg.database_url(admin_url, name)
-    config = suite_config(var_dir, urls)
-    suite = Suite(config)
-    try:
-        suite.start()
-        yield Deployment(
-            request.param,
-            suite.addr("wallet"),
-            suite.addr("gifting"),
-            suite.addr("payout"),
-            config.nats_url,
-            suite,
-            var_dir,
-            WEBHOOK_SECRET,
-        )
-    finally:
-        suite.stop()
-        for name in created:
-            pg.drop_database(pg.admin_url_or_skip(), name)
+    # Nested, so the databases are dropped even when starting or stopping the suite fails.
+    databases: contextlib.AbstractContextManager[dict[str, str]] = (
+        pg.service_databases("lgtest") if request.param == "postgres" else contextlib.nullcontext({})
+    )
+    with databases as urls:
+        config = suite_config(var_dir, urls)
+        suite = Suite(config)
+        try:
+            suite.start()
+            yield Deployment(
+                request.param,
+                suite.addr("wallet"),
+                suite.addr("gifting"),
+                suite.addr("payout"),
+                config.nats_url,
+                suite,
+                var_dir,
+                WEBHOOK_SECRET,
+            )
+        finally:
+            suite.stop()
 
 
 @dataclass

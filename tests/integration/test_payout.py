@@ -126,12 +126,11 @@ async def test_ten_thousand_gift_events_with_duplicates_and_out_of_order_credit_
     rnd.shuffle(deliveries)
     before = await clients.payout.GetAudit(W.GetAuditRequest())
 
-    started = time.monotonic()
     await publish(deployment.nats_url, deliveries)
+    # A liveness bound, not a speed check (bench/ measures speed): the exact share is checked below.
     earned = await eventually(lambda: earnings(clients, creator), lambda e: e.coins_received >= total, 120)
     await asyncio.sleep(1.0)  # let any stray duplicate land: it must change nothing
     earned = await earnings(clients, creator)
-    assert time.monotonic() - started < 120
 
     assert earned.coins_received == total
     assert earned.diamonds_lifetime == total * share_bp // 10_000
@@ -378,7 +377,7 @@ async def test_payout_methods_are_validated_and_never_shown_in_full(clients, dep
 async def test_payout_callbacks_with_a_bad_signature_or_for_an_unknown_withdrawal_are_refused(  # type: ignore[no-untyped-def]
     clients, deployment
 ) -> None:
-    secret = deployment.webhook_secret.encode()
+    secret = deployment.payout_secret.encode()
     payload = dev_payout_payload(uid("evt"), "payout.paid", "wd_unknown", 100, "USD")
     await expect_error(
         clients.payout.HandlePayoutEvent(
@@ -442,10 +441,13 @@ async def test_set_policy_needs_an_operator_records_who_and_refuses_bad_values(c
     )
     assert (await clients.payout.GetPolicy(W.GetPolicyRequest())).version == current.version  # nothing written
 
-    # A real change, then back to the defaults the other tests expect: each is a recorded version.
-    changed = await clients.payout.SetPolicy(policy(fee_bp=250), metadata=op)
-    assert (changed.version, changed.fee_bp, changed.changed_by) == (current.version + 1, 250, "integration-test")
-    restored = await clients.payout.SetPolicy(policy(), metadata=op)
+    # A real change, then back to the defaults the other tests expect (restored even when the
+    # check of the change fails, or later tests would run on a 2.5% fee): each is a recorded version.
+    try:
+        changed = await clients.payout.SetPolicy(policy(fee_bp=250), metadata=op)
+        assert (changed.version, changed.fee_bp, changed.changed_by) == (current.version + 1, 250, "integration-test")
+    finally:
+        restored = await clients.payout.SetPolicy(policy(), metadata=op)
     assert restored.version == current.version + 2 and restored.fee_bp == current.fee_bp
 
 
@@ -484,6 +486,31 @@ async def test_a_chargeback_claws_back_the_diamonds_and_holds_withdrawals(client
     listed = await clients.payout.ListEarnings(W.ListEarningsRequest(creator_id=creator, page_size=10))
     assert sum(e.coins_clawed_back for e in listed.entries) == 700
     assert_books_balance(await clients.payout.GetAudit(W.GetAuditRequest()))
+
+
+async def test_a_retried_withdrawal_answers_as_the_first_even_when_the_wallet_now_says_no(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 60_000)
+    method_id = await verified_method(clients, deployment, creator)
+    req = withdraw(creator, 20_000, method_id)
+    first = await clients.payout.RequestWithdrawal(req)
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True),
+        metadata=deployment.operator_metadata,
+    )
+    # The retry is answered from the key's record: the wallet is not asked again (it could be down).
+    again = await clients.payout.RequestWithdrawal(req)
+    assert (again.withdrawal_id, again.diamonds) == (first.withdrawal_id, 20_000)
+    # A new request is asked about, and refused.
+    await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 20_000, method_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACCOUNT_BLOCKED",
+    )
+    e = await earnings(clients, creator)
+    assert e.diamonds_held + e.diamonds_withdrawn == 20_000  # held once, never twice
 
 
 @pytest.mark.parametrize(
