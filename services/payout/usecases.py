@@ -827,8 +827,20 @@ class Payout:
                     .limit(self.settings.dispatch_batch_size_max)
                 )
             ).all()
+        submitted = 0
         for row in rows:
+            # Read again just before the provider is asked: a clawback that committed since the
+            # round began (an earlier row's submission took time) holds this one like the rest.
+            async with self.db.unit_of_work(readonly=True) as uow:
+                available = (
+                    await uow.conn.execute(
+                        select(creators.c.diamonds_available).where(creators.c.creator_id == row.creator_id)
+                    )
+                ).scalar_one()
+            if available < 0:
+                continue
             sub = self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code)
+            submitted += 1
             async with self.db.unit_of_work() as uow:
                 # Only if still APPROVED: a callback may already have settled it.
                 await uow.conn.execute(
@@ -849,7 +861,7 @@ class Payout:
                     )
                 except DomainError as exc:
                     log.warning("dev payout callback refused", extra={"reason": exc.reason})
-        return len(rows)
+        return submitted
 
     async def handle_payout_event(self, req: payout_pb2.HandlePayoutEventRequest) -> Any:
         """Verify a payout callback and apply it once: PAID (diamonds gone) or FAILED (diamonds back)."""
