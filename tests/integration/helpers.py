@@ -93,3 +93,18 @@ async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool
             if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.1)
+
+
+async def gift_700_coins(gifting, viewer: str, creator: str) -> None:  # type: ignore[no-untyped-def]
+    """`viewer` gifts 700 coins (a concert, 500, and four sun-creams, 4 x 50) to `creator` on a new stream."""
+    stream = await live_stream(gifting, creator)
+    for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):
+        await gifting.SendGift(
+            gifting_pb2.SendGiftRequest(
+                stream_id=stream.stream_id,
+                sender_id=viewer,
+                gift_id=gift_id,
+                quantity=quantity,
+                idempotency_key=uid("g"),
+            )
+        )

@@ -13,12 +13,18 @@ import nats
 import pytest
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
-from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.payout.providers import dev_payout_payload
-from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, signed_callback, uid
+from tests.integration.helpers import (
+    buy_coins,
+    eventually,
+    expect_error,
+    gift_700_coins,
+    signed_callback,
+    uid,
+)
 
 W = payout_pb2
 
@@ -455,17 +461,7 @@ async def test_a_chargeback_claws_back_the_diamonds_and_holds_withdrawals(client
     viewer, creator = uid("viewer"), uid("creator")
     await fund(clients, deployment, creator, 40_000)  # 20,000 diamonds from someone else
     purchase = await buy_coins(clients.wallet, deployment.webhook_secret, viewer, "us-usd-700")
-    stream = await live_stream(clients.gifting, creator)
-    for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):  # 500 + 200 = all 700 coins
-        await clients.gifting.SendGift(
-            gifting_pb2.SendGiftRequest(
-                stream_id=stream.stream_id,
-                sender_id=viewer,
-                gift_id=gift_id,
-                quantity=quantity,
-                idempotency_key=uid("g"),
-            )
-        )
+    await gift_700_coins(clients.gifting, viewer, creator)  # all of the purchase's coins
     await eventually(lambda: earnings(clients, creator), lambda e: e.coins_received == 40_700)
     method_id = await verified_method(clients, deployment, creator)
     wd = await clients.payout.RequestWithdrawal(withdraw(creator, 20_200, method_id))  # $101, leaves 150

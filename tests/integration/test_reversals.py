@@ -10,26 +10,10 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
-from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
-from tests.integration.helpers import buy_coins, eventually, live_stream, signed_callback, uid
-
-
-async def gift_all(clients, viewer: str, creator: str) -> None:  # type: ignore[no-untyped-def]
-    """`viewer` gifts 700 coins (500 + 4 x 50) to `creator` on a new stream."""
-    stream = await live_stream(clients.gifting, creator)
-    for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):
-        await clients.gifting.SendGift(
-            gifting_pb2.SendGiftRequest(
-                stream_id=stream.stream_id,
-                sender_id=viewer,
-                gift_id=gift_id,
-                quantity=quantity,
-                idempotency_key=uid("g"),
-            )
-        )
+from tests.integration.helpers import buy_coins, eventually, gift_700_coins, signed_callback, uid
 
 
 async def earnings(clients, creator: str) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
@@ -43,9 +27,9 @@ async def test_refunding_a_purchase_that_only_repaid_a_chargeback_debt_claws_bac
     viewer, x, y = uid("viewer"), uid("creator-x"), uid("creator-y")
     secret = deployment.webhook_secret
     await buy_coins(clients.wallet, secret, viewer)  # P0: its cash is kept
-    await gift_all(clients, viewer, x)
+    await gift_700_coins(clients.gifting, viewer, x)
     p1 = await buy_coins(clients.wallet, secret, viewer)
-    await gift_all(clients, viewer, y)
+    await gift_700_coins(clients.gifting, viewer, y)
     await eventually(lambda: earnings(clients, y), lambda e: e.coins_received == 700)
     await eventually(lambda: earnings(clients, x), lambda e: e.coins_received == 700)
 
@@ -66,7 +50,7 @@ async def test_refunding_a_purchase_that_only_repaid_a_chargeback_debt_claws_bac
     # clawback shows, P2's refund has been handled too.
     other, z = uid("viewer"), uid("creator-z")
     p3 = await buy_coins(clients.wallet, secret, other)
-    await gift_all(clients, other, z)
+    await gift_700_coins(clients.gifting, other, z)
     await eventually(lambda: earnings(clients, z), lambda e: e.coins_received == 700)
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "charge.dispute.lost", p3))
     clawed_z = await eventually(lambda: earnings(clients, z), lambda e: e.diamonds_clawed_back > 0)
