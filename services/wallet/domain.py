@@ -313,15 +313,18 @@ def debt_repaid(balance_after_credit: int, coins: int) -> int:
     return min(coins, max(0, coins - balance_after_credit))
 
 
-def reversal_split(balance_before: int, coins: int, repaid: int = 0) -> tuple[int, int]:
-    """(coins taken from the balance, coins already spent) when a purchase of `coins` is reversed.
+def reversal_spent(coins: int, balance_after: int, claimed_before: int, repaid_by_kept: int) -> int:
+    """How many of a reversed purchase's `coins` had reached creators: what payout claws back.
 
-    Of the purchase's coins, `repaid` went to an earlier debt when it was credited and reached
-    no creator; of the rest, what the balance still holds is counted as this purchase's first
-    (coins are fungible: the reading kindest to creators), and only the remainder was spent.
-    The reversal takes all `coins` from the balance either way, so a repaid debt is owed again.
+    The user's debt after the reversal (a negative balance) is coins spent that no money the
+    platform keeps pays for. Part of it was clawed back already and is still owed: the coins
+    earlier reversals of this user claimed (`claimed_before`), less those that purchases the
+    platform keeps have repaid since (`repaid_by_kept`, each purchase's `debt_repaid` when it
+    was credited; the reversed purchase itself no longer counts, so the debt it repaid is owed
+    again and claimed by no one twice). Only the rest of the debt is new: coins of this
+    purchase that went to creators. Coins are fungible, so this is the reading kindest to
+    creators: what the balance still holds is taken back first, and no coin is claimed twice.
     """
-    check(0 <= repaid <= coins, "0 <= repaid <= coins")
-    own = coins - repaid
-    from_balance = min(max(balance_before, 0), own)
-    return from_balance, own - from_balance
+    check(coins > 0 and claimed_before >= 0 and repaid_by_kept >= 0, "reversal_spent: counts are not negative")
+    outstanding = claimed_before - repaid_by_kept
+    return min(coins, max(0, max(0, -balance_after) - outstanding))

@@ -83,6 +83,8 @@ purchases = Table(
     Column("region", String(8), nullable=False, server_default=""),
     # Of `coins`, how many repaid a debt when credited (NULL: credited before migration 0006).
     Column("debt_repaid_coins", BigInteger, nullable=True),
+    # Once reversed: the coins_already_spent its reversal reported (NULL: before migration 0007).
+    Column("coins_claimed", BigInteger, nullable=True),
 )
 
 payment_events = Table(

@@ -55,6 +55,12 @@ from services.wallet.storage import (
 log = logging.getLogger(__name__)
 
 PAGE_SIZE_DEFAULT = 50
+# Purchases whose coins were credited: kept (SUCCEEDED) or credited and then reversed.
+_CREDITED = (
+    PurchaseStatus.SUCCEEDED.value,
+    PurchaseStatus.REFUNDED.value,
+    PurchaseStatus.CHARGED_BACK.value,
+)
 
 
 def _utc_today() -> dt.date:
@@ -376,8 +382,13 @@ class Wallet:
                     row.purchase_id,
                     domain.reversal_postings(row.user_id, row.coins),
                 )
-                repaid = await self._debt_repaid(uow, row)
-                _from_balance, already_spent = domain.reversal_split(after + row.coins, row.coins, repaid)
+                claimed, repaid = await self._reversal_history(uow, row)
+                already_spent = domain.reversal_spent(row.coins, after, claimed, repaid)
+                await uow.conn.execute(
+                    update(purchases)
+                    .where(purchases.c.purchase_id == row.purchase_id)
+                    .values(coins_claimed=already_spent)
+                )
                 eid = new_event_id()
                 await self.outbox.add(
                     uow,
@@ -401,12 +412,40 @@ class Wallet:
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
 
-    async def _debt_repaid(self, uow: UnitOfWork, row: Any) -> int:
-        """How many of a succeeded purchase's coins repaid a debt when it was credited."""
-        if row.debt_repaid_coins is not None:
-            return int(row.debt_repaid_coins)
-        # Credited before wallet migration 0006 (or by a pod of the previous release): the
-        # ledger's PURCHASE posting has the user's balance after the credit.
+    async def _reversal_history(self, uow: UnitOfWork, reversed_row: Any) -> tuple[int, int]:
+        """(coins the user's earlier reversals claimed, coins of debt the purchases kept have repaid).
+
+        Read after the reversal's own posting, which locks the user's account row: a concurrent
+        credit or reversal of this user has committed by then, or waits for this one.
+        """
+        p = purchases.c
+        rows = (
+            await uow.conn.execute(
+                select(p.purchase_id, p.user_id, p.status, p.coins, p.debt_repaid_coins, p.coins_claimed).where(
+                    p.user_id == reversed_row.user_id,
+                    p.purchase_id != reversed_row.purchase_id,
+                    p.status.in_(_CREDITED),
+                )
+            )
+        ).all()
+        claimed = repaid = 0
+        for r in rows:
+            if r.status == PurchaseStatus.SUCCEEDED.value:
+                if r.debt_repaid_coins is not None:
+                    repaid += int(r.debt_repaid_coins)
+                else:
+                    repaid += domain.debt_repaid(await self._balance_after(uow, r, "PURCHASE"), r.coins)
+            elif r.coins_claimed is not None:
+                claimed += int(r.coins_claimed)
+            else:
+                # Reversed before wallet migration 0007: what the event said then (the balance it
+                # left, less what that balance could still take back).
+                after = await self._balance_after(uow, r, f"REVERSAL_{r.status}")
+                claimed += r.coins - min(max(after + r.coins, 0), r.coins)
+        return claimed, repaid
+
+    async def _balance_after(self, uow: UnitOfWork, row: Any, kind: str) -> int:
+        """The user's balance after the purchase's ledger entry of `kind` (rows older than migrations 0006/0007)."""
         p, j = postings.c, journal_entries.c
         after = (
             await uow.conn.execute(
@@ -414,12 +453,12 @@ class Wallet:
                 .join(journal_entries, j.entry_id == p.entry_id)
                 .where(
                     p.account_id == domain.user_account(row.user_id),
-                    j.kind == "PURCHASE",
+                    j.kind == kind,
                     j.reference_id == row.purchase_id,
                 )
             )
         ).scalar_one()
-        return domain.debt_repaid(int(after), row.coins)
+        return int(after)
 
     # ---- balances and spending ---------------------------------------------------------
 

@@ -160,44 +160,49 @@ def test_the_tightest_of_the_user_and_operator_caps_binds() -> None:
         domain.change_limit(domain.LimitState(None), domain.SPENDING_LIMIT_MAX + 1, 0, 0)
 
 
-def test_a_reversal_says_how_many_of_its_coins_were_already_spent() -> None:
-    assert domain.reversal_split(700, 700) == (700, 0)
-    assert domain.reversal_split(200, 700) == (200, 500)
-    assert domain.reversal_split(-50, 700) == (0, 700)
-    assert domain.reversal_split(1000, 700) == (700, 0)
+def test_a_reversal_claims_the_new_part_of_the_users_debt() -> None:
+    # No earlier reversal: the coins the balance could not give back were spent.
+    assert domain.reversal_spent(700, balance_after=0, claimed_before=0, repaid_by_kept=0) == 0
+    assert domain.reversal_spent(700, balance_after=-500, claimed_before=0, repaid_by_kept=0) == 500
+    assert domain.reversal_spent(700, balance_after=-700, claimed_before=0, repaid_by_kept=0) == 700
+    assert domain.reversal_spent(700, balance_after=300, claimed_before=0, repaid_by_kept=0) == 0
+    # 50 of the debt were claimed before and are still owed: only the other 700 are new.
+    assert domain.reversal_spent(700, balance_after=-750, claimed_before=50, repaid_by_kept=0) == 700
+    # ... and once a purchase the platform keeps has repaid them, the whole debt is new.
+    assert domain.reversal_spent(700, balance_after=-300, claimed_before=50, repaid_by_kept=50) == 300
 
 
-def test_coins_that_repaid_a_debt_are_never_counted_as_spent_by_a_reversal() -> None:
+def test_coins_that_repaid_a_debt_when_credited() -> None:
     # Credited onto a balance of -100: 100 of the 700 repaid the debt (balance after 600).
     assert domain.debt_repaid(600, 700) == 100
     assert domain.debt_repaid(-50, 700) == 700  # a debt of 750: all of it went to the debt
     assert domain.debt_repaid(700, 700) == 0
     assert domain.debt_repaid(900, 700) == 0
-    # Reversed later: only the 600 that reached the balance can have been spent.
-    assert domain.reversal_split(600, 700, repaid=100) == (600, 0)
-    assert domain.reversal_split(200, 700, repaid=100) == (200, 400)
-    assert domain.reversal_split(0, 700, repaid=700) == (0, 0)
-    assert domain.reversal_split(-50, 700, repaid=700) == (0, 0)
 
 
 def test_a_purchase_that_only_repaid_a_chargeback_debt_claws_nothing_back_when_refunded() -> None:
     # P0 (100 coins) gifted to X, P1 (100) gifted to Y: the balance is 0. P1 is charged back:
-    # none of its coins are left, so all 100 were spent and payout claws back Y's gift.
-    balance = 0
-    assert domain.reversal_split(balance, 100) == (0, 100)
-    balance -= 100
-    # P2 (100) only repays that debt; refunding it owes the debt again and touches no creator,
-    # so X (paid for by P0, whose cash was kept) keeps the diamonds.
-    balance += 100
-    repaid = domain.debt_repaid(balance, 100)
-    balance -= 100
-    assert (repaid, balance) == (100, -100)
-    assert domain.reversal_split(balance + 100, 100, repaid) == (0, 0)
+    # all 100 were spent, payout claws back Y's gift.
+    assert domain.reversal_spent(100, balance_after=-100, claimed_before=0, repaid_by_kept=0) == 100
+    # P2 (100) repays that debt, then is refunded: the debt is owed again, but it was claimed
+    # (P1) and no purchase kept has repaid it, so X (paid for by P0, whose cash was kept) keeps it.
+    assert domain.debt_repaid(0, 100) == 100
+    assert domain.reversal_spent(100, balance_after=-100, claimed_before=100, repaid_by_kept=0) == 0
 
 
-def test_a_reversal_cannot_be_told_more_coins_repaid_a_debt_than_the_purchase_had() -> None:
+def test_a_debt_owed_again_and_paid_from_the_balance_is_not_claimed_twice() -> None:
+    # P1 (70) charged back after 35 were spent: 35 claimed. P2 (70) repays those 35; 18 more are
+    # spent; P3 (350) lands on a positive balance. Refunding P2 owes the 35 again, paid at once
+    # from P3's coins in the balance (297 left): nothing new. Refunding P3 then leaves a debt of
+    # 53, of which 35 were claimed already: 18 are new, the 18 spent since. 35 + 0 + 18 = 53 spent.
+    assert domain.reversal_spent(70, balance_after=-35, claimed_before=0, repaid_by_kept=0) == 35
+    assert domain.reversal_spent(70, balance_after=297, claimed_before=35, repaid_by_kept=0) == 0
+    assert domain.reversal_spent(350, balance_after=-53, claimed_before=35, repaid_by_kept=0) == 18
+
+
+def test_a_reversal_refuses_negative_counts() -> None:
     with pytest.raises(InvariantViolation):
-        domain.reversal_split(0, 700, repaid=701)
+        domain.reversal_spent(700, balance_after=0, claimed_before=-1, repaid_by_kept=0)
 
 
 def test_payment_methods_are_routed_to_their_provider_and_unrouted_ones_are_refused() -> None:

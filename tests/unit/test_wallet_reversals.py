@@ -86,10 +86,14 @@ async def reversal_of(w: Wallet, purchase_id: str) -> events_pb2.PurchaseReverse
     return event
 
 
-@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-on-credit", "read-from-the-ledger"])
-async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(
-    wallet: Wallet, recorded: bool
-) -> None:
+async def forget(w: Wallet, purchase_id: str, column: str) -> None:
+    """As if the purchase was credited (or reversed) before migrations 0006/0007, or by the previous release."""
+    async with w.db.unit_of_work() as uow:
+        await uow.conn.execute(update(purchases).where(purchases.c.purchase_id == purchase_id).values({column: None}))
+        await uow.commit()
+
+
+async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(wallet: Wallet) -> None:
     user = "viewer"
     await buy(wallet, user)
     await spend(wallet, user, 70)  # P0's coins gifted; P0 is never reversed
@@ -99,21 +103,40 @@ async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_sp
     assert (await reversal_of(wallet, p1.purchase_id)).coins_already_spent == 70
 
     p2 = await buy(wallet, user)  # repays P1's debt: the balance is back to 0
-    async with wallet.db.unit_of_work() as uow:
+    async with wallet.db.unit_of_work(readonly=True) as uow:
         repaid = (
             await uow.conn.execute(
                 select(purchases.c.debt_repaid_coins).where(purchases.c.purchase_id == p2.purchase_id)
             )
         ).scalar_one()
-        assert repaid == 70
-        if not recorded:  # as if credited before migration 0006, or by the previous release
-            await uow.conn.execute(
-                update(purchases).where(purchases.c.purchase_id == p2.purchase_id).values(debt_repaid_coins=None)
-            )
-        await uow.commit()
+    assert repaid == 70
     await callback(wallet, p2, "charge.refunded")
     event = await reversal_of(wallet, p2.purchase_id)
     assert (event.coins, event.coins_already_spent, event.balance_after) == (70, 0, -70)
+
+
+@pytest.mark.parametrize(
+    "forgotten",
+    [None, "debt_repaid_coins", "coins_claimed"],
+    ids=["recorded", "repaid-from-ledger", "claimed-from-ledger"],
+)
+async def test_a_debt_repaid_by_a_purchase_kept_leaves_new_spending_to_be_claimed(
+    wallet: Wallet, forgotten: str | None
+) -> None:
+    user = "viewer"
+    p0 = await buy(wallet, user)
+    await spend(wallet, user, 70)
+    await callback(wallet, p0, "charge.dispute.lost")  # 70 claimed, a debt of 70
+    p1 = await buy(wallet, user)  # repays it, and is kept
+    p2 = await buy(wallet, user)
+    await spend(wallet, user, 30)  # paid for by P2's coins: P1's went to the debt
+    if forgotten == "debt_repaid_coins":
+        await forget(wallet, p1.purchase_id, forgotten)
+    elif forgotten == "coins_claimed":
+        await forget(wallet, p0.purchase_id, forgotten)
+    await callback(wallet, p2, "charge.refunded")
+    event = await reversal_of(wallet, p2.purchase_id)
+    assert (event.coins_already_spent, event.balance_after) == (30, -30)
 
 
 async def test_a_purchase_that_partly_repaid_a_debt_reports_only_the_rest_as_spent(wallet: Wallet) -> None:
