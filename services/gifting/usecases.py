@@ -1242,6 +1242,7 @@ def _gift_sent_event(r: dict[str, Any]) -> events_pb2.GiftSent:
         coins=r["coins"],
         occurred_at=to_timestamp(r["updated_at_us"]),
         message=r.get("message") or "",
+        recorded_at=to_timestamp(r.get("created_at_us")),
     )
 
 

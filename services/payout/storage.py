@@ -1,6 +1,6 @@
 """Payout tables (SQLAlchemy Core)."""
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, text
 
 from services.common.tables import add_common_tables
 
@@ -54,6 +54,9 @@ earnings = Table(
     Column("share_bp", Integer, nullable=False),
     Column("units", BigInteger, nullable=False),
     Column("occurred_at_us", BigInteger, nullable=False),
+    # When gifting recorded the gift, before its coins were spent (NULL: events from before the
+    # field, or from an older gifting): what a purchase reversal's time is compared with.
+    Column("recorded_at_us", BigInteger, nullable=True),
     Column("credited_at_us", BigInteger, nullable=False),
     # Coins of this event already taken back by purchase reversals (never more than `coins`).
     Column("coins_clawed_back", BigInteger, nullable=False, server_default="0"),
@@ -126,7 +129,7 @@ payout_events = Table(
 # What a reversal could not claw back when it was consumed: its gifts' earnings had not arrived
 # yet (the gift consumer behind, a gift left PENDING until the sweeper, an event parked and
 # replayed) or lay beyond CLAWBACK_ROWS_MAX. The shortfall settler takes the open coins from
-# the sender's earnings that arrive later, among gifts sent before the reversal.
+# the sender's earnings that arrive later, among gifts recorded before the reversal.
 clawback_shortfalls = Table(
     "clawback_shortfalls",
     metadata,
@@ -138,6 +141,13 @@ clawback_shortfalls = Table(
     Column("reversed_at_us", BigInteger, nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    # The open ones only: settled rows stay as a record but are never read again.
+    Index(
+        "ix_clawback_shortfalls_open",
+        "reversal_event_id",
+        postgresql_where=text("coins_open > 0"),
+        sqlite_where=text("coins_open > 0"),
+    ),
 )
 
 # One entry per reversal per creator: the diamonds a wallet.purchase.reversed took back. A later

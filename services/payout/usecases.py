@@ -232,6 +232,7 @@ def _credit_statements(dialect: str) -> _CreditStatements:
                 "share_bp",
                 "units",
                 "occurred_at_us",
+                "recorded_at_us",
                 "credited_at_us",
             ],
         ),
@@ -278,6 +279,9 @@ class Payout:
     provider: PayoutProvider | None = None
     wallet: Any = None  # WalletServiceStub: eligibility (age, blocked) at RequestWithdrawal
     settings: PayoutSettings | None = None
+    # Where the shortfall settler's next round starts (by reversal id), so that shortfalls that
+    # cannot settle yet do not keep it from the others.
+    _shortfall_cursor: str = ""
 
     async def _policy(self, uow: UnitOfWork) -> Any:
         row = (await uow.conn.execute(select(policies).order_by(policies.c.version.desc()).limit(1))).first()
@@ -319,6 +323,7 @@ class Payout:
                     "share_bp": share_bp,
                     "units": units,
                     "occurred_at_us": e.occurred_at.ToMicroseconds() if e.HasField("occurred_at") else ts,
+                    "recorded_at_us": e.recorded_at.ToMicroseconds() if e.HasField("recorded_at") else None,
                     "credited_at_us": ts,
                 }
             )
@@ -936,7 +941,7 @@ class Payout:
         """Consumer of wallet.purchase.reversed: take back the diamonds the reversed coins earned.
 
         Attribution (domain.attribute_reversal): the sender's newest earnings first, among gifts
-        sent before the reversal, up to the coins the wallet reports as already spent (coins
+        recorded before the reversal, up to the coins the wallet reports as already spent (coins
         still in the balance it took back itself; coins that only repaid a debt reached no
         creator), at the share each was credited at. The balance may go negative; one
         clawback entry per reversal per creator records it. What cannot be taken yet (the
@@ -985,21 +990,24 @@ class Payout:
         )
 
     async def settle_shortfalls_once(self) -> int:
-        """Settle what it can of up to SHORTFALL_BATCH open shortfalls; returns the coins clawed back.
+        """Settle what it can of the next SHORTFALL_BATCH open shortfalls; returns the coins clawed back.
 
-        Each shortfall is settled in its own transaction, guarded by compare-and-set on its open
-        coins and on each earning's clawed coins, so replicas settling at once take nothing twice.
+        Rounds go through the open shortfalls in turn (by reversal id, from where the last round
+        stopped), so any number that cannot settle yet never keeps the others waiting. Each one is
+        settled in its own transaction, guarded by compare-and-set on its open coins and on each
+        earning's clawed coins, so replicas settling at once take nothing twice.
         """
         sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
             open_rows = (
                 await uow.conn.execute(
                     select(clawback_shortfalls)
-                    .where(sf.coins_open > 0)
-                    .order_by(sf.reversed_at_us, sf.reversal_event_id)
+                    .where(sf.coins_open > 0, sf.reversal_event_id > self._shortfall_cursor)
+                    .order_by(sf.reversal_event_id)
                     .limit(SHORTFALL_BATCH)
                 )
             ).all()
+        self._shortfall_cursor = open_rows[-1].reversal_event_id if len(open_rows) == SHORTFALL_BATCH else ""
         settled = 0
         for row in open_rows:
             reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
@@ -1025,13 +1033,19 @@ class Payout:
         return settled
 
     async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, *, entry_id: str) -> int:
-        """Take up to `coins` from the sender's open earnings sent before the reversal; returns the coins taken."""
+        """Take up to `coins` from the sender's open earnings of gifts recorded before the reversal; the coins taken."""
         check(self.settings is not None, "self.settings is not None")
         e = earnings.c
         rows = (
             await uow.conn.execute(
                 select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp)
-                .where(e.sender_id == rv.sender_id, e.coins_clawed_back < e.coins, e.occurred_at_us <= rv.at_us)
+                .where(
+                    e.sender_id == rv.sender_id,
+                    e.coins_clawed_back < e.coins,
+                    # Recorded before the reversal (so paid for before it): a gift the sweeper
+                    # settled after the reversal still counts; one sent after it was paid by other coins.
+                    func.coalesce(e.recorded_at_us, e.occurred_at_us) <= rv.at_us,
+                )
                 .order_by(e.occurred_at_us.desc(), e.event_id.desc())
                 .limit(self.settings.clawback_rows_max)
             )

@@ -433,15 +433,22 @@ class Wallet:
             if r.status == PurchaseStatus.SUCCEEDED.value:
                 if r.debt_repaid_coins is not None:
                     repaid += int(r.debt_repaid_coins)
-                else:
-                    repaid += domain.debt_repaid(await self._balance_after(uow, r, "PURCHASE"), r.coins)
+                    continue
+                value = domain.debt_repaid(await self._balance_after(uow, r, "PURCHASE"), r.coins)
+                repaid += value
+                column = "debt_repaid_coins"
             elif r.coins_claimed is not None:
                 claimed += int(r.coins_claimed)
+                continue
             else:
                 # Reversed before wallet migration 0007: what the event said then (the balance it
                 # left, less what that balance could still take back).
                 after = await self._balance_after(uow, r, f"REVERSAL_{r.status}")
-                claimed += r.coins - min(max(after + r.coins, 0), r.coins)
+                value = r.coins - min(max(after + r.coins, 0), r.coins)
+                claimed += value
+                column = "coins_claimed"
+            # Kept, so that the ledger is read for this purchase once only.
+            await uow.conn.execute(update(purchases).where(p.purchase_id == r.purchase_id).values({column: value}))
         return claimed, repaid
 
     async def _balance_after(self, uow: UnitOfWork, row: Any, kind: str) -> int:

@@ -68,8 +68,10 @@ def at(us: int) -> Timestamp:
     return out
 
 
-def gift_sent(sender: str, creator: str, coins: int, occurred_us: int) -> gifting_events.GiftSent:
-    """A gifting.gift.sent event as gifting publishes it."""
+def gift_sent(
+    sender: str, creator: str, coins: int, occurred_us: int, recorded_us: int | None = None
+) -> gifting_events.GiftSent:
+    """A gifting.gift.sent event as gifting publishes it: recorded PENDING at `recorded_us`, SENT at `occurred_us`."""
     return gifting_events.GiftSent(
         event_id=uuid.uuid4().hex,
         kind=gifting_events.GIFT_KIND_GIFT,
@@ -80,6 +82,7 @@ def gift_sent(sender: str, creator: str, coins: int, occurred_us: int) -> giftin
         quantity=coins,
         coins=coins,
         occurred_at=at(occurred_us),
+        recorded_at=at(occurred_us if recorded_us is None else recorded_us),
     )
 
 
@@ -120,9 +123,11 @@ async def test_a_reversal_consumed_before_its_gifts_claws_them_back_when_they_ar
         await publish("wallet.purchase.reversed", reversed_purchase(marker_viewer, 700, now))
         marker = await eventually(lambda: earnings(clients, marker_creator), lambda e: e.diamonds_clawed_back > 0)
         assert marker.diamonds_clawed_back == 350  # so the viewer's reversal, consumed before it, is handled
-        # Then the gift the reversed coins paid for (sent before the reversal), and one sent after
+        # Then the gifts the reversed coins paid for: recorded (and paid) before the reversal, one
+        # SENT at once, one settled by the sweeper only after the reversal. And one recorded after
         # it, paid for by other coins, which no reversal may touch.
-        await publish("gifting.gift.sent", gift_sent(viewer, creator, 700, now - 30_000_000))
+        await publish("gifting.gift.sent", gift_sent(viewer, creator, 500, now - 30_000_000))
+        await publish("gifting.gift.sent", gift_sent(viewer, creator, 200, now + 10_000_000, now - 20_000_000))
         await publish("gifting.gift.sent", gift_sent(viewer, creator, 100, now + 30_000_000))
     finally:
         await nc.close()
@@ -131,6 +136,6 @@ async def test_a_reversal_consumed_before_its_gifts_claws_them_back_when_they_ar
     assert (settled.coins_received, settled.diamonds_clawed_back, settled.diamonds_available) == (800, 350, 50)
     assert settled.withdrawals_held is False
     listed = await clients.payout.ListEarnings(payout_pb2.ListEarningsRequest(creator_id=creator, page_size=10))
-    assert sorted((e.coins, e.coins_clawed_back) for e in listed.entries) == [(100, 0), (700, 700)]
+    assert sorted((e.coins, e.coins_clawed_back) for e in listed.entries) == [(100, 0), (200, 200), (500, 500)]
     audit = await clients.payout.GetAudit(payout_pb2.GetAuditRequest())
     assert audit.diamonds_clawed_back == audit.diamonds_in_clawback_entries

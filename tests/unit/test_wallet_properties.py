@@ -494,13 +494,14 @@ class WalletMachine(RuleBasedStateMachine):
             assert 0 <= already_spent <= coins
         # Exact, per purchase (see _expect_callback).
         assert got == self.reversals
-        # And the bound that needs no rule: no coin is claimed twice, so a user's reversals never
-        # claim more coins than the user spent.
+        # And what needs no rule: no coin is claimed twice, so a user's reversals never claim more
+        # coins than the user spent; and once none of a user's purchases is kept, every coin the user
+        # spent was paid for by reversed money, so they claim exactly that (none too few either).
         for user in USERS:
-            claimed = sum(e[4] for e in got if e[1] == user)
-            assert claimed <= self.spent.get(user, 0), (
-                f"{user}: reversals claimed {claimed} of {self.spent.get(user, 0)} spent"
-            )
+            claimed, spent = sum(e[4] for e in got if e[1] == user), self.spent.get(user, 0)
+            assert claimed <= spent, f"{user}: reversals claimed {claimed} of {spent} spent"
+            if not any(m["p"].user_id == user and m["status"] is PurchaseStatus.SUCCEEDED for m in self.purchases):
+                assert claimed == spent, f"{user}: nothing kept, but reversals claimed {claimed} of {spent} spent"
 
 
 @pytest.mark.timeout(120)

@@ -137,6 +137,16 @@ async def test_a_debt_repaid_by_a_purchase_kept_leaves_new_spending_to_be_claime
     await callback(wallet, p2, "charge.refunded")
     event = await reversal_of(wallet, p2.purchase_id)
     assert (event.coins_already_spent, event.balance_after) == (30, -30)
+    # What was read from the ledger is kept: the next reversal of this user reads it from the row.
+    async with wallet.db.unit_of_work(readonly=True) as uow:
+        kept = (
+            await uow.conn.execute(
+                select(purchases.c.purchase_id, purchases.c.debt_repaid_coins, purchases.c.coins_claimed).where(
+                    purchases.c.purchase_id.in_([p0.purchase_id, p1.purchase_id])
+                )
+            )
+        ).all()
+    assert sorted((r.debt_repaid_coins, r.coins_claimed) for r in kept) == sorted([(0, 70), (70, None)])
 
 
 async def test_a_purchase_that_partly_repaid_a_debt_reports_only_the_rest_as_spent(wallet: Wallet) -> None:
