@@ -105,7 +105,10 @@ class ReadModels:
         if req.sender_id:
             require_id(req.sender_id, "sender_id")
         ranked = self._ranked(scope, scope_id, req.window)
-        async with self.db.unit_of_work(readonly=True) as uow:
+        # One snapshot for the page, the totals and the caller's rank: on PostgreSQL each statement
+        # of a READ COMMITTED transaction sees its own moment, and a batch of the consumer committing
+        # between them answered entries that did not add up to `coins_total`.
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             top = (
                 await uow.conn.execute(
                     select(ranked.c.sender_id, ranked.c.coins)
@@ -161,7 +164,7 @@ class ReadModels:
         end_hour = -(-end_us // domain.US_PER_HOUR)  # the hour holding `to`, included
         where = (h.creator_id == req.creator_id, h.hour >= first_hour, h.hour < end_hour)
         coins, events = func.sum(h.coins).label("coins"), func.sum(h.events).label("events")
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:  # the three sections agree
             by_gift = (
                 await uow.conn.execute(
                     select(h.kind, h.gift_id, coins, events)

@@ -1138,7 +1138,7 @@ class Payout:
         ]
         e, cb, w = earnings.c, clawbacks.c, withdrawals.c
         out = payout_pb2.Statement(creator_id=creator_id, year=year)
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:  # the sections agree
             conn = uow.conn
             cum = (
                 await conn.execute(
