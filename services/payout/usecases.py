@@ -941,9 +941,9 @@ class Payout:
         """Consumer of wallet.purchase.reversed: take back the diamonds the reversed coins earned.
 
         Attribution (domain.attribute_reversal): the sender's newest earnings first, among gifts
-        recorded before the reversal, up to the coins the wallet reports as already spent (coins
-        still in the balance it took back itself; coins that only repaid a debt reached no
-        creator), at the share each was credited at. The balance may go negative; one
+        recorded before the reversal, up to the coins the wallet reports as already spent (the
+        part of the purchase's coins that had reached creators, README "Reversals"), at the
+        share each was credited at. The balance may go negative; one
         clawback entry per reversal per creator records it. What cannot be taken yet (the
         gifts' events not consumed so far, or beyond CLAWBACK_ROWS_MAX) is recorded as a
         shortfall, which `settle_shortfalls_once` takes from those earnings once they arrive.
@@ -951,7 +951,7 @@ class Payout:
         check(self.settings is not None, "self.settings is not None")
         for ev in events:
             check(ev.coins > 0 and bool(ev.user_id), f"reversal {ev.event_id} has coins and a user")
-            # Only the coins the wallet could not take back from the balance had gone to creators.
+            # The wallet says how many of the coins had reached creators (README "Reversals").
             want = min(ev.coins_already_spent, ev.coins)
             if want <= 0:
                 continue
@@ -962,14 +962,14 @@ class Payout:
                 ev.kind or "REVERSED",
                 ev.occurred_at.ToMicroseconds() if ev.HasField("occurred_at") else now_us(),
             )
-            taken = await self._claw(uow, reversal, want, entry_id=ev.event_id)
+            taken = await self._claw(uow, reversal, want, entry_id=reversal.event_id)
             if taken < want:
                 ts = now_us()
                 await uow.conn.execute(
                     insert(clawback_shortfalls).values(
-                        reversal_event_id=ev.event_id,
-                        purchase_id=ev.purchase_id,
-                        sender_id=ev.user_id,
+                        reversal_event_id=reversal.event_id,
+                        purchase_id=reversal.purchase_id,
+                        sender_id=reversal.sender_id,
                         kind=reversal.kind,
                         coins_open=want - taken,
                         reversed_at_us=reversal.at_us,

@@ -63,24 +63,26 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Payout, RecordingProvider
         await db.dispose()
 
 
+def gift_event(creator: str, coins: int, at_s: int | None = None) -> gifting_events.GiftSent:
+    """A gift of `coins` from "viewer" to `creator`, recorded and sent at `at_s` (unset: when credited)."""
+    when = {} if at_s is None else {"occurred_at": {"seconds": at_s}, "recorded_at": {"seconds": at_s}}
+    return gifting_events.GiftSent(
+        event_id=uuid.uuid4().hex,
+        kind=gifting_events.GIFT_KIND_GIFT,
+        stream_id="s",
+        creator_id=creator,
+        sender_id="viewer",
+        gift_id="rose",
+        quantity=coins,
+        coins=coins,
+        **when,
+    )
+
+
 async def approved_withdrawal(payout: Payout, creator: str) -> str:
     """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
     async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(
-            uow,
-            [
-                gifting_events.GiftSent(
-                    event_id=uuid.uuid4().hex,
-                    kind=gifting_events.GIFT_KIND_GIFT,
-                    stream_id="s",
-                    creator_id=creator,
-                    sender_id="viewer",
-                    gift_id="rose",
-                    quantity=40_000,
-                    coins=40_000,
-                )
-            ],
-        )
+        await payout.credit_gifts(uow, [gift_event(creator, 40_000)])
         await uow.commit()
     method = await payout.add_payout_method(
         payout_pb2.AddPayoutMethodRequest(

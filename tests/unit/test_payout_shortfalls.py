@@ -7,11 +7,10 @@ import uuid
 
 from sqlalchemy import insert, select
 
-from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - the fixture
+from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 
@@ -37,23 +36,7 @@ async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -
         rows[-1]["purchase_id"] = "p-viewer"
         await uow.conn.execute(insert(clawback_shortfalls), rows)
         # The viewer's gift arrives: 40 coins recorded before the reversal, to creator-c.
-        await payout.credit_gifts(
-            uow,
-            [
-                gifting_events.GiftSent(
-                    event_id=uuid.uuid4().hex,
-                    kind=gifting_events.GIFT_KIND_GIFT,
-                    stream_id="s",
-                    creator_id="creator-c",
-                    sender_id="viewer",
-                    gift_id="rose",
-                    quantity=40,
-                    coins=40,
-                    occurred_at={"seconds": NOW_US // 1_000_000 - 60},
-                    recorded_at={"seconds": NOW_US // 1_000_000 - 60},
-                )
-            ],
-        )
+        await payout.credit_gifts(uow, [gift_event("creator-c", 40, at_s=NOW_US // 1_000_000 - 60)])
         await uow.commit()
 
     assert await payout.settle_shortfalls_once() == 0  # the first round: the stuck ones only
