@@ -607,6 +607,12 @@ class Payout:
         if stored is not None:
             return stored  # a retry: the wallet is not asked again (it may be down, or its answer changed)
         await self._check_eligible(req.creator_id)
+        # What the creator's diamonds owe to recorded reversals is clawed back and committed
+        # first, so it stands even when this request is refused; `work` settles again anything
+        # credited in between, so none of those diamonds is ever withdrawn (the chargeback fraud).
+        async with self.db.unit_of_work() as uow:
+            if await self._settle_shortfalls_of(uow, req.creator_id):
+                await uow.commit()
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
             policy = await self._policy_row(uow)
@@ -620,6 +626,7 @@ class Payout:
             terms = policy.terms_for(method.currency_code)
             amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
             domain.check_withdrawal_limits(amounts, terms)
+            await self._settle_shortfalls_of(uow, req.creator_id)  # credited since the first settling
             c = creators.c
             balance = (
                 await uow.conn.execute(select(c.diamonds_available).where(c.creator_id == req.creator_id))
@@ -994,8 +1001,9 @@ class Payout:
 
         Rounds go through the open shortfalls in turn (by reversal id, from where the last round
         stopped), so any number that cannot settle yet never keeps the others waiting. Each one is
-        settled in its own transaction, guarded by compare-and-set on its open coins and on each
-        earning's clawed coins, so replicas settling at once take nothing twice.
+        settled in its own transaction (`_settle_shortfall`: under its row lock, and with
+        compare-and-set on each earning's clawed coins), so replicas settling at once take nothing
+        twice.
         """
         sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
@@ -1010,20 +1018,11 @@ class Payout:
         self._shortfall_cursor = open_rows[-1].reversal_event_id if len(open_rows) == SHORTFALL_BATCH else ""
         settled = 0
         for row in open_rows:
-            reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
             async with self.db.unit_of_work() as uow:
-                taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
+                taken = await self._settle_shortfall(uow, row.reversal_event_id)
                 if taken == 0:
-                    continue  # nothing arrived yet: the transaction wrote nothing
-                changed = await uow.conn.execute(
-                    update(clawback_shortfalls)
-                    .where(sf.reversal_event_id == row.reversal_event_id, sf.coins_open == row.coins_open)
-                    .values(coins_open=sf.coins_open - taken, updated_at_us=now_us())
-                )
-                if changed.rowcount != 1:
-                    raise Aborted("a shortfall was settled concurrently, retry", "CONFLICT")
+                    continue  # nothing arrived yet (or another replica settled it): nothing written
                 await uow.commit()
-            CLAWBACK_SHORTFALL_SETTLED.inc(taken)
             settled += taken
         async with self.db.unit_of_work(readonly=True) as uow:
             still_open = (
@@ -1031,6 +1030,70 @@ class Payout:
             ).scalar_one()
         CLAWBACK_SHORTFALL_OPEN.set(int(still_open))
         return settled
+
+    async def _settle_shortfall(self, uow: UnitOfWork, reversal_event_id: str) -> int:
+        """Claw back what the sender's earnings now allow of one open shortfall, in `uow`; the coins taken.
+
+        The row is locked and read again first (PostgreSQL; SQLite serializes writers), so the
+        settler, its replicas and RequestWithdrawal settling one shortfall at once take nothing
+        twice: the second finds what the first left.
+        """
+        sf = clawback_shortfalls.c
+        row = (
+            await uow.conn.execute(
+                select(clawback_shortfalls)
+                .where(sf.reversal_event_id == reversal_event_id, sf.coins_open > 0)
+                .with_for_update()
+            )
+        ).first()
+        if row is None:
+            return 0
+        reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
+        taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
+        if taken:
+            await uow.conn.execute(
+                update(clawback_shortfalls)
+                .where(sf.reversal_event_id == reversal_event_id)
+                .values(coins_open=sf.coins_open - taken, updated_at_us=now_us())
+            )
+            uow.after_commit(lambda: CLAWBACK_SHORTFALL_SETTLED.inc(taken))
+        return taken
+
+    async def _settle_shortfalls_of(self, uow: UnitOfWork, creator_id: str) -> int:
+        """Settle, in `uow`, the open shortfalls that the creator's own open earnings would pay.
+
+        RequestWithdrawal calls it before it reads the balance: diamonds credited after a reversal
+        was recorded as a shortfall are clawed back before they can be withdrawn, not up to
+        CLAWBACK_SETTLE_INTERVAL_S later by the settler. Few shortfalls are ever open (the
+        partial index), and only those whose sender has such an earning with this creator are
+        touched. Its locks come in the settler's order (shortfall, earnings, creators); on
+        PostgreSQL a rare deadlock with a gift batch crediting the same creators is aborted by the
+        server and answered ABORTED (retry with the same key), never applied in part.
+        """
+        sf = clawback_shortfalls.c
+        e = earnings.c
+        ids = (
+            await uow.conn.execute(
+                select(sf.reversal_event_id)
+                .where(
+                    sf.coins_open > 0,
+                    select(e.event_id)
+                    .where(
+                        e.sender_id == sf.sender_id,
+                        e.creator_id == creator_id,
+                        e.coins_clawed_back < e.coins,
+                        func.coalesce(e.recorded_at_us, e.occurred_at_us) <= sf.reversed_at_us,
+                    )
+                    .exists(),
+                )
+                .order_by(sf.reversal_event_id)
+                .limit(SHORTFALL_BATCH)
+            )
+        ).scalars()
+        taken = 0
+        for reversal_event_id in list(ids):
+            taken += await self._settle_shortfall(uow, reversal_event_id)
+        return taken
 
     async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, *, entry_id: str) -> int:
         """Take up to `coins` from the sender's open earnings of gifts recorded before the reversal; the coins taken."""

@@ -7,6 +7,7 @@ while an earlier one is being submitted must hold the later ones too.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -43,10 +44,9 @@ class RecordingProvider(DevPayoutProvider):
         return super().submit(withdrawal_id, token, amount_minor, currency_code)
 
 
-@pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[Payout, RecordingProvider, Path]]:
-    path = tmp_path / "payout.db"
-    url = f"sqlite+aiosqlite:///{path}"
+@contextlib.asynccontextmanager
+async def payout_on(url: str, pool_size: int = 2) -> AsyncIterator[tuple[Payout, RecordingProvider]]:
+    """Payout's use cases over a migrated database at `url`: no wallet, no NATS, no background loops."""
     await upgrade_head(MIGRATIONS, url)
     settings = PayoutSettings(
         database_url=url,
@@ -55,12 +55,19 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Payout, RecordingProvider
         payout_webhook_secret=SECRET.decode(),
         dev_provider_auto_callback=False,
     )
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="dispatch")
+    db = Database(url, pool_size=pool_size, pool_timeout_s=5, application_name="payout-test")
     provider = RecordingProvider()
     try:
-        yield Payout(db, Outbox(common.outbox), provider, None, settings), provider, path
+        yield Payout(db, Outbox(common.outbox), provider, None, settings), provider
     finally:
         await db.dispose()
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[Payout, RecordingProvider, Path]]:
+    path = tmp_path / "payout.db"
+    async with payout_on(f"sqlite+aiosqlite:///{path}") as (payout, provider):
+        yield payout, provider, path
 
 
 def gift_event(creator: str, coins: int, at_s: int | None = None) -> gifting_events.GiftSent:
@@ -79,11 +86,8 @@ def gift_event(creator: str, coins: int, at_s: int | None = None) -> gifting_eve
     )
 
 
-async def approved_withdrawal(payout: Payout, creator: str) -> str:
-    """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event(creator, 40_000)])
-        await uow.commit()
+async def verified_method(payout: Payout, creator: str) -> str:
+    """Add a PayPal payout method for `creator` and verify it; its id."""
     method = await payout.add_payout_method(
         payout_pb2.AddPayoutMethodRequest(
             creator_id=creator,
@@ -98,9 +102,20 @@ async def approved_withdrawal(payout: Payout, creator: str) -> str:
         ),
         "test",
     )
+    return method.method_id
+
+
+async def approved_withdrawal(payout: Payout, creator: str) -> str:
+    """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event(creator, 40_000)])
+        await uow.commit()
     wd = await payout.request_withdrawal(
         payout_pb2.RequestWithdrawalRequest(
-            creator_id=creator, diamonds=20_000, method_id=method.method_id, idempotency_key=uuid.uuid4().hex
+            creator_id=creator,
+            diamonds=20_000,
+            method_id=await verified_method(payout, creator),
+            idempotency_key=uuid.uuid4().hex,
         )
     )
     assert wd.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED

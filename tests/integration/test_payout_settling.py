@@ -1,0 +1,124 @@
+"""Payout settles a clawback shortfall before a withdrawal can take its diamonds, on SQLite and PostgreSQL.
+
+A reversal consumed before its gifts' events is recorded as a shortfall; the gifts' diamonds
+are then credited, and the settler would take them back within CLAWBACK_SETTLE_INTERVAL_S. A
+withdrawal in that interval must not get them. Payout's use cases run here over a real database
+of their own (no settler loop, no wallet), so nothing but the withdrawal itself can settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select
+
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import events_pb2 as wallet_events
+from services.common.errors import FailedPrecondition
+from services.payout.storage import clawback_shortfalls
+from services.payout.usecases import Payout
+from tests.unit.test_payout_dispatch import gift_event, payout_on, verified_method
+
+NOW_S = 1_795_305_600
+
+
+@pytest.fixture
+async def payout(empty_database: str) -> AsyncIterator[Payout]:
+    async with payout_on(empty_database, pool_size=4) as (p, _provider):
+        yield p
+
+
+async def open_coins(payout: Payout) -> dict[str, int]:
+    sf = clawback_shortfalls.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return dict((await uow.conn.execute(select(sf.sender_id, sf.coins_open))).tuples().all())
+
+
+async def charged_back_then_gifted(payout: Payout, senders: tuple[str, ...] = ("viewer",)) -> None:
+    """Each sender's 40,000 coins are charged back before payout sees the gifts; then "viewer"'s
+    gifts arrive, recorded a minute before the chargeback: 20,000 diamonds to creator-c at 50%."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.claw_back(
+            uow,
+            [
+                wallet_events.PurchaseReversed(
+                    event_id=uuid.uuid4().hex,
+                    purchase_id=f"p-{sender}",
+                    user_id=sender,
+                    coins=40_000,
+                    coins_already_spent=40_000,
+                    kind="CHARGED_BACK",
+                    occurred_at={"seconds": NOW_S},
+                )
+                for sender in senders
+            ],
+        )
+        await uow.commit()
+    assert await open_coins(payout) == dict.fromkeys(senders, 40_000)
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-c", 40_000, at_s=NOW_S - 60)])
+        await uow.commit()
+    assert (await payout.get_earnings("creator-c")).diamonds_available == 20_000
+
+
+def withdraw(method_id: str) -> payout_pb2.RequestWithdrawalRequest:
+    return payout_pb2.RequestWithdrawalRequest(
+        creator_id="creator-c", diamonds=20_000, method_id=method_id, idempotency_key=uuid.uuid4().hex
+    )
+
+
+async def test_a_withdrawal_settles_the_shortfall_its_diamonds_owe_before_it_holds_them(payout: Payout) -> None:
+    await charged_back_then_gifted(payout, ("viewer", "someone-else"))
+    with pytest.raises(FailedPrecondition) as refused:
+        await payout.request_withdrawal(withdraw(await verified_method(payout, "creator-c")))
+    assert refused.value.reason == "INSUFFICIENT_DIAMONDS"
+    earned = await payout.get_earnings("creator-c")
+    assert (earned.diamonds_available, earned.diamonds_clawed_back, earned.diamonds_held) == (0, 20_000, 0)
+    # Settled and kept although the request was refused; the other sender's shortfall, owed by no
+    # earning of this creator, is left to the settler.
+    assert await open_coins(payout) == {"viewer": 0, "someone-else": 40_000}
+    assert await payout.settle_shortfalls_once() == 0  # nothing left to take twice
+
+
+async def test_diamonds_credited_after_the_first_settling_are_settled_in_the_withdrawal_itself(
+    payout: Payout,
+) -> None:
+    method_id = await verified_method(payout, "creator-c")
+    await charged_back_then_gifted(payout)
+    # The first settling finds nothing, as if the gift's credit committed just after it.
+    settle = payout._settle_shortfalls_of
+    calls: list[str] = []
+
+    async def late(uow, creator_id):  # type: ignore[no-untyped-def]
+        calls.append(creator_id)
+        return 0 if len(calls) == 1 else await settle(uow, creator_id)
+
+    payout._settle_shortfalls_of = late  # type: ignore[method-assign]
+    with pytest.raises(FailedPrecondition) as refused:
+        await payout.request_withdrawal(withdraw(method_id))
+    assert refused.value.reason == "INSUFFICIENT_DIAMONDS" and calls == ["creator-c", "creator-c"]
+    # Refused, so that transaction (and its settling) rolled back: still owed, for the settler.
+    assert await open_coins(payout) == {"viewer": 40_000}
+    assert await payout.settle_shortfalls_once() == 40_000
+    assert (await payout.get_earnings("creator-c")).diamonds_available == 0
+
+
+async def test_the_settler_and_a_withdrawal_settling_at_once_take_the_shortfall_once(payout: Payout) -> None:
+    method_id = await verified_method(payout, "creator-c")
+    await charged_back_then_gifted(payout)
+    for _ in range(3):  # each round races the two again; later rounds find nothing open
+        settled, refused = await asyncio.gather(
+            payout.settle_shortfalls_once(),
+            payout.request_withdrawal(withdraw(method_id)),
+            return_exceptions=True,
+        )
+        assert isinstance(refused, FailedPrecondition) and refused.reason == "INSUFFICIENT_DIAMONDS"
+        assert isinstance(settled, int)
+    earned = await payout.get_earnings("creator-c")
+    assert (earned.diamonds_available, earned.diamonds_clawed_back) == (0, 20_000)
+    assert await open_coins(payout) == {"viewer": 0}
+    listed = await payout.list_earnings(payout_pb2.ListEarningsRequest(creator_id="creator-c", page_size=10))
+    assert [(e.coins, e.coins_clawed_back) for e in listed.entries] == [(40_000, 40_000)]
