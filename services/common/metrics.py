@@ -32,6 +32,14 @@ CLAWBACK_SHORTFALL_OPEN = Gauge(
 CLAWBACK_SHORTFALL_SETTLED = Counter(
     "livegifts_clawback_shortfall_settled_coins_total", "Coins of reversal shortfalls clawed back later"
 )
+# Payout: withdrawals handed to the payout provider whose outcome callback has not come yet.
+WITHDRAWALS_PROCESSING = Gauge(
+    "livegifts_withdrawals_processing", "Withdrawals with the payout provider, awaiting its callback (payout)"
+)
+WITHDRAWALS_PROCESSING_OLDEST = Gauge(
+    "livegifts_withdrawal_processing_oldest_seconds",
+    "How long the oldest withdrawal has waited for the payout provider's callback (payout; 0 when none)",
+)
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
 GC_PAUSE = Histogram(
     "livegifts_gc_pause_seconds",

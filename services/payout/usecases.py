@@ -39,7 +39,12 @@ from services.common.errors import (
 )
 from services.common.idempotency import run_idempotent, stored_answer
 from services.common.loops import run_every
-from services.common.metrics import CLAWBACK_SHORTFALL_OPEN, CLAWBACK_SHORTFALL_SETTLED
+from services.common.metrics import (
+    CLAWBACK_SHORTFALL_OPEN,
+    CLAWBACK_SHORTFALL_SETTLED,
+    WITHDRAWALS_PROCESSING,
+    WITHDRAWALS_PROCESSING_OLDEST,
+)
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
@@ -839,6 +844,15 @@ class Payout:
                     .limit(self.settings.dispatch_batch_size_max)
                 )
             ).all()
+            # What is with the provider, and since when: a callback that never came leaves a
+            # withdrawal PROCESSING (docs/sre.md "A withdrawal stuck in PROCESSING").
+            waiting, since_us = (
+                await uow.conn.execute(
+                    select(func.count(), func.min(w.updated_at_us)).where(w.status == WithdrawalStatus.PROCESSING.value)
+                )
+            ).one()
+        WITHDRAWALS_PROCESSING.set(waiting)
+        WITHDRAWALS_PROCESSING_OLDEST.set(0 if since_us is None else max(0, now_us() - since_us) / 1e6)
         submitted = 0
         for row in rows:
             # Read again just before the provider is asked: a clawback that committed since the

@@ -14,14 +14,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
+from services.common import signing
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.payout.config import PayoutSettings
-from services.payout.providers import DevPayoutProvider, Submission
+from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import Payout
 
@@ -149,3 +151,30 @@ async def test_a_clawback_committed_during_a_round_holds_the_withdrawals_not_yet
     assert await payout.dispatch_once() == 1
     assert provider.submitted == [first, second]
     assert await status_of(payout, second) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+def gauge(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+async def test_withdrawals_waiting_for_the_providers_callback_are_counted_with_their_age(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    assert await payout.dispatch_once() == 1  # submitted; no callback comes (auto_callback off)
+    with sqlite3.connect(path) as conn:  # handed over an hour ago
+        conn.execute("UPDATE withdrawals SET updated_at_us = updated_at_us - 3600000000")
+    assert await payout.dispatch_once() == 0
+    assert gauge("livegifts_withdrawals_processing") == 1
+    assert 3600 <= gauge("livegifts_withdrawal_processing_oldest_seconds") < 3700
+
+    row = await payout.get_withdrawal(withdrawal_id)
+    payload = dev_payout_payload("evt-1", "payout.paid", withdrawal_id, row.net.amount_minor, row.net.currency_code)
+    await payout.handle_payout_event(
+        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+    assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PAID
+    await payout.dispatch_once()
+    assert gauge("livegifts_withdrawals_processing") == 0
+    assert gauge("livegifts_withdrawal_processing_oldest_seconds") == 0
