@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -75,12 +76,32 @@ def tip_coins(coins: int, tip_coins_max: int) -> int:
     return coins
 
 
+def is_text(value: str) -> bool:
+    """Text a screen can show and every database can store: no control character (NUL, newline,
+    bell: category Cc) and no lone surrogate. Format characters stay: the zero-width joiner of
+    emoji such as a family, variation selectors, right-to-left marks."""
+    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
+
+
+def title(text: str, chars_max: int, *, required: bool, too_long: str = "INVALID_TITLE") -> str:
+    """A stream's or content's title: at most chars_max characters of text (`is_text`, else
+    INVALID_TITLE: PostgreSQL cannot store a NUL, and no screen shows a bell)."""
+    if required and not text:
+        raise InvalidArgument(f"title is 1..{chars_max} characters", "INVALID_TITLE")
+    if len(text) > chars_max:
+        what = f"1..{chars_max}" if required else f"at most {chars_max}"
+        raise InvalidArgument(f"title is {what} characters", too_long)
+    if not is_text(text):
+        raise InvalidArgument("a title must be text without control characters", "INVALID_TITLE")
+    return text
+
+
 def tip_message(message: str, chars_max: int) -> str:
-    """A tip's message; MESSAGE_TOO_LONG above chars_max, INVALID_MESSAGE with control characters."""
+    """A tip's message; MESSAGE_TOO_LONG above chars_max, INVALID_MESSAGE with control characters (`is_text`)."""
     if len(message) > chars_max:
         raise InvalidArgument(f"a tip message is at most {chars_max} characters", "MESSAGE_TOO_LONG")
-    if not message.isprintable():
-        raise InvalidArgument("a tip message must be printable text", "INVALID_MESSAGE")
+    if not is_text(message):
+        raise InvalidArgument("a tip message must be text without control characters", "INVALID_MESSAGE")
     return message
 
 

@@ -1,11 +1,15 @@
-"""Gifting rules: tip limits, eligibility, leaderboard folding, combos, stats windows."""
+"""Gifting rules: tip and title text, key digests, eligibility, leaderboard folding, combos, stats windows."""
+
+import hashlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from livegifts.gifting.v1 import gifting_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.gifting import domain
+from services.gifting.usecases import _digest
 
 DAY = domain.US_PER_DAY
 
@@ -32,6 +36,29 @@ def test_a_tip_message_is_short_printable_text() -> None:
     with pytest.raises(InvalidArgument) as exc:
         domain.tip_message("a\nb", 5)
     assert exc.value.reason == "INVALID_MESSAGE"
+    # Emoji joined by zero-width joiners (a family, a rainbow flag) are text, as are bidi marks.
+    for text in ("👨\u200d👩\u200d👧", "🏳️\u200d🌈", "\u200fשלום"):
+        assert domain.tip_message(text, 10) == text
+    for text in ("a\x00b", "\x1b[31m", "\ud800"):
+        with pytest.raises(InvalidArgument) as exc:
+            domain.tip_message(text, 10)
+        assert exc.value.reason == "INVALID_MESSAGE"
+
+
+def test_a_title_is_text_of_a_bounded_length() -> None:
+    assert domain.title("", 5, required=False) == ""
+    assert domain.title("👨\u200d👩\u200d👧", 5, required=True) == "👨\u200d👩\u200d👧"
+    refused = [
+        ("", {"required": True}, "INVALID_TITLE"),
+        ("toolong", {"required": True}, "INVALID_TITLE"),
+        ("toolong", {"required": False, "too_long": "TITLE_TOO_LONG"}, "TITLE_TOO_LONG"),
+        ("a\x00b", {"required": False, "too_long": "TITLE_TOO_LONG"}, "INVALID_TITLE"),
+        ("a\tb", {"required": True}, "INVALID_TITLE"),
+    ]
+    for text, how, reason in refused:
+        with pytest.raises(InvalidArgument) as exc:
+            domain.title(text, 5, **how)  # type: ignore[arg-type]
+        assert exc.value.reason == reason, text
 
 
 def test_a_blocked_account_is_reported_before_its_age() -> None:
@@ -97,3 +124,18 @@ def test_a_stats_window_defaults_to_seven_days_and_is_at_most_a_quarter() -> Non
         with pytest.raises(InvalidArgument) as exc:
             domain.stats_window_us(start, end, 0)
         assert exc.value.reason == "INVALID_WINDOW"
+
+
+def test_no_two_requests_share_a_key_digest_and_older_digests_still_match() -> None:
+    def tip(sender: str, coins: int, message: str) -> str:
+        return _digest(gifting_pb2.SendTipRequest(stream_id="s", sender_id=sender, coins=coins, message=message))
+
+    def gift(sender: str, gift_id: str) -> str:
+        return _digest(gifting_pb2.SendGiftRequest(stream_id="s", sender_id=sender, gift_id=gift_id, quantity=1))
+
+    assert tip("a", 1, "5|x") != tip("a|1", 5, "x")  # the same text once joined with "|"
+    assert gift("a|b", "c") != gift("a", "b|c")
+    assert tip("a", 1, "x\\|y") != tip("a", 1, "x|y")
+    # Requests without "|" or "\" hash as they did when recorded (a retry across the upgrade matches).
+    assert gift("v1", "rose") == hashlib.sha256(b"s|v1|rose|1").hexdigest()
+    assert tip("v1", 5, "hi there") == hashlib.sha256(b"TIP|s|v1|5|hi there").hexdigest()
