@@ -638,6 +638,9 @@ class Gifting:
                         )
                     again = [i for i in todo if isinstance(out[i], DomainError)]
                     again += [i for i, r in new_rows.items() if r["event_id"] not in recorded]
+                    # An unlock answered by the user's earlier unlock: its key may be another
+                    # request's, which must answer IDEMPOTENCY_KEY_REUSED as on the other paths.
+                    again += [i for i, p in plans.items() if p.existing]
                     if again:
                         earlier = await by_keys(uow, again)
                         for i in again:

@@ -162,6 +162,36 @@ async def test_an_unlock_charges_once_and_a_second_unlock_returns_the_existing_a
     assert (earned.coins_received, earned.diamonds_lifetime) == (120, 60)
 
 
+async def test_a_key_used_for_a_gift_is_refused_for_an_unlock_the_user_already_has(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    content = await clients.gifting.CreateContent(
+        gifting_pb2.CreateContentRequest(creator_id=creator, title="vip", price_coins=50, idempotency_key=uid("c"))
+    )
+    unlock = gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=content.content_id)
+    first = await clients.gifting.UnlockContent(
+        gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))
+    )
+    stream = await live_stream(clients.gifting, creator)
+    key = uid("k")
+    await clients.gifting.SendGift(
+        gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=key
+        )
+    )
+    # The same key for the unlock the user already has (its content's creator now known to gifting).
+    await expect_error(
+        clients.gifting.UnlockContent(gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=key)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    again = await clients.gifting.UnlockContent(
+        gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))
+    )
+    assert again.already_unlocked and again.gift_event_id == first.gift_event_id
+    assert await coins_of(clients, viewer) == 700 - 50 - 1
+
+
 async def test_concurrent_unlocks_of_many_viewers_share_step_one_and_charge_each_viewer_once(
     clients, deployment
 ) -> None:  # type: ignore[no-untyped-def]
