@@ -95,21 +95,34 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     stop = _StopRequested()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    failed = ""
     try:
         console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
-        suite.start()
-        if not stop.requested:
+        try:
+            suite.start()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            # A service that exits while starting (a port taken, a bad setting), or no nats-server:
+            # one line and the logs, not a traceback.
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            failed = lines[0].rstrip(":")
+            console.print(f"[red]could not start: {failed}[/red] (logs in {suite.log_dir})")
+            if len(lines) > 1:
+                console.print(f"  last log line: {lines[-1].strip()}", markup=False, highlight=False)
+        if not stop.requested and not failed:
             _print_running(suite)
-        while not stop.requested:
+        while not stop.requested and not failed:
             time.sleep(0.5)  # a signal's handler sets the flag; the loop sees it within 0.5 s
             for name, proc in suite.procs.items():
                 if proc.poll() is not None and not stop.requested:
-                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping[/red]")
-                    stop.requested = True
+                    failed = f"{name} exited with code {proc.returncode}"
+                    console.print(f"[red]{failed}; stopping[/red] (its log: {suite.log_dir / (name + '.log')})")
+                    break
     finally:
         console.print("stopping ...")
         suite.stop()
         console.print("stopped; nothing left running.")
+    if failed:
+        raise typer.Exit(1)  # a script or supervisor can tell a crash from Ctrl-C
 
 
 def _print_running(suite: Suite) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
+from services.common import faults
+from services.common.db import normalize_url
 from services.common.gc_tuning import GEN0_THRESHOLD
 
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
@@ -30,7 +34,7 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the /metrics endpoint")
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
     otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
@@ -84,6 +88,35 @@ class ServiceSettings(BaseSettings):
 
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_we_drive(cls, url: str) -> str:
+        try:
+            driver = make_url(normalize_url(url)).drivername
+        except ArgumentError:
+            raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
+        if driver not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError(f"{driver!r} is not supported: sqlite:///path or postgresql://user@host/db")
+        return url
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
+    @field_validator("otel_file")
+    @classmethod
+    def _file_for_the_file_exporter(cls, path: str, info: ValidationInfo) -> str:
+        if info.data.get("otel_exporter") == "file" and not path:
+            raise ValueError("required when OTEL_EXPORTER is file")
+        return path
+
+    @field_validator("faults")
+    @classmethod
+    def _known_fault_points(cls, spec: str) -> str:
+        faults.parse(spec)  # ValueError names the bad point
+        return spec
 
     @field_validator("inbox_retention_days")
     @classmethod

@@ -24,14 +24,23 @@ KNOWN_POINTS = frozenset(
 _armed: dict[str, int] = {}
 
 
-def arm(spec: str) -> None:
-    """Arm the points named in `spec` (comma separated, each `name` or `name@N`)."""
-    _armed.clear()
+def parse(spec: str) -> dict[str, int]:
+    """`spec` (comma separated, each `name` or `name@N`, N >= 1) as {point: hit that fires it}."""
+    out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, nth = item.partition("@")
         if name not in KNOWN_POINTS:
             raise ValueError(f"unknown fault point {name!r}; known: {sorted(KNOWN_POINTS)}")
-        _armed[name] = int(nth or "1")
+        if not (nth or "1").isdigit() or int(nth or "1") < 1:
+            raise ValueError(f"{item!r}: the hit after '@' is a whole number from 1")
+        out[name] = int(nth or "1")
+    return out
+
+
+def arm(spec: str) -> None:
+    """Arm the points named in `spec` (see `parse`)."""
+    _armed.clear()
+    _armed.update(parse(spec))
 
 
 def point(name: str) -> None:

@@ -103,7 +103,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         log.exception("unexpected error")
         return _rich_status(
             grpc.StatusCode.INTERNAL,
-            f"internal error (trace {trace_id})",
+            f"internal error (trace {trace_id})" if trace_id else "internal error",
             "INTERNAL",
             self.domain,
             {"trace_id": trace_id},

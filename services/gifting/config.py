@@ -15,7 +15,9 @@ class GiftingSettings(ServiceSettings):
     wallet_addr: str = Field(description="host:port of the wallet service")
     quantity_max: int = Field(default=9_999, ge=1, le=1_000_000)
     # A gift still PENDING after this long is settled by the sweeper through wallet.CancelSpend.
-    # It must exceed the outgoing deadline, so a call still in flight is never swept.
+    # Keep it above the outgoing deadline: a gift swept while its spend is still in flight is
+    # cancelled (CancelSpend is the wallet's final word, so the late spend is refused and no coin
+    # is lost), but the caller who was about to succeed gets a cancelled gift instead.
     pending_timeout_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     sweep_batch_size_max: int = Field(default=100, ge=1, le=10_000)

@@ -19,15 +19,11 @@ from services.wallet.usecases import Wallet
 async def wire(rt: Runtime) -> Wiring:
     """Build the wallet's use cases and servicer."""
     settings: WalletSettings = rt.settings
-    if settings.payment_provider != "dev":
-        raise SystemExit(f"LIVEGIFTS_WALLET_PAYMENT_PROVIDER: unknown provider {settings.payment_provider!r}")
+    # PAYMENT_PROVIDER and PAYMENT_ROUTES were checked with the rest of the settings (config.py).
     provider = DevProvider(
         settings.payment_webhook_secret.get_secret_value().encode(), settings.payment_signature_tolerance_s
     )
-    try:
-        router = PaymentRouter([provider], parse_routes(settings.payment_routes))
-    except ValueError as exc:
-        raise SystemExit(f"LIVEGIFTS_WALLET_PAYMENT_ROUTES: {exc}") from None
+    router = PaymentRouter([provider], parse_routes(settings.payment_routes))
     wallet = Wallet(rt.db, rt.outbox, router, settings)
     name = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
     return Wiring(

@@ -1,9 +1,15 @@
 """Wallet settings, read once from LIVEGIFTS_WALLET_* variables."""
 
-from pydantic import Field, SecretStr
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings
+from services.wallet.domain import parse_region_ages
+from services.wallet.payments import parse_routes
+
+PROVIDERS = ("dev",)  # the payment-provider adapters this build has (services/wallet/payments.py)
 
 
 class WalletSettings(ServiceSettings):
@@ -16,7 +22,7 @@ class WalletSettings(ServiceSettings):
     # short (or empty) key would let anyone forge callbacks.
     payment_webhook_secret: SecretStr = Field(min_length=WEBHOOK_SECRET_MIN)
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
-    payment_provider: str = "dev"
+    payment_provider: Literal["dev"] = "dev"
     # Which provider adapter takes each payment method; a method left out is not offered.
     payment_routes: str = "CARD=dev,PAYPAL=dev,APPLE_PAY=dev,GOOGLE_PAY=dev"
     default_region: str = "US"
@@ -29,3 +35,17 @@ class WalletSettings(ServiceSettings):
     # Group commit: concurrent Spend calls share one transaction (each keeps its own key and
     # answer); SpendMany is the same path for callers that batch themselves (bench/README.md).
     group_commit: bool = True
+
+    @field_validator("payment_routes")
+    @classmethod
+    def _routes_to_known_providers(cls, spec: str) -> str:
+        unknown = sorted(set(parse_routes(spec).values()) - set(PROVIDERS))  # ValueError on a bad route
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}; known: {list(PROVIDERS)}")
+        return spec
+
+    @field_validator("adult_age_by_region")
+    @classmethod
+    def _region_ages(cls, spec: str) -> str:
+        parse_region_ages(spec)  # ValueError names the bad item
+        return spec

@@ -111,6 +111,8 @@ def parse_region_ages(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         region, _, age = item.partition("=")
+        if not region.strip() or not age.strip().isdigit() or not 0 <= int(age) <= 30:
+            raise ValueError(f"bad region age {item!r}: want REGION=years, years 0..30 (e.g. KR=19)")
         out[region.strip().upper()] = int(age)
     return out
 

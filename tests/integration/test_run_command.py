@@ -104,3 +104,52 @@ def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp
     assert "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+
+
+def _run(tmp_path: Path, offset: int) -> subprocess.Popen[bytes]:
+    cmd = [str(Path(sys.executable).parent / "livegifts"), "run", "--var", str(tmp_path), "--port-offset", str(offset)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path: Path) -> None:
+    offset = _free_offset()
+    with socket.socket() as held:  # another program on the wallet's metrics port
+        held.bind(("127.0.0.1", SuiteConfig(var_dir=tmp_path).metrics_ports["wallet"] + offset))
+        held.listen()
+        proc = _run(tmp_path, offset)
+        try:
+            out = proc.communicate(timeout=START_S)[0].decode()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "could not start: wallet exited with code" in out and "Traceback" not in out.split("last log line")[0]
+    assert "nothing left running" in out
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+
+
+def test_run_whose_service_crashes_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
+    offset = _free_offset()
+    grpc_ports = [p + offset for p in SuiteConfig(var_dir=tmp_path).grpc_ports.values()]
+    proc = _run(tmp_path, offset)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + START_S
+        while not all(_serving(p) for p in grpc_ports):
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the suite did not come up"
+            time.sleep(0.5)
+        children = _children(proc.pid)
+        payout = [pid for pid in children if b"services.payout" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(payout) == 1, children
+        os.kill(payout[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=STOP_S)
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 1, out.decode()  # a crash, not a Ctrl-C
+    assert "payout exited with code -9" in out.decode() and "nothing left running" in out.decode()
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"

@@ -40,12 +40,45 @@ def test_a_missing_required_setting_stops_start_up_naming_the_variable() -> None
     assert "LIVEGIFTS_WALLET_NATS_URL" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("LOG_LEVEL", "VERBOSE", "'DEBUG', 'INFO'"),
+        ("OTEL_EXPORTER", "file", "LIVEGIFTS_WALLET_OTEL_FILE: Value error, required when OTEL_EXPORTER is file"),
+        ("FAULTS", "nonsense", "unknown fault point 'nonsense'"),
+        ("FAULTS", "relay.after_puback_before_mark@0", "whole number from 1"),
+        ("DATABASE_URL", "notaurl", "not a database URL"),
+        ("DATABASE_URL", "mysql://db/wallet", "'mysql' is not supported"),
+        ("ADULT_AGE_BY_REGION", "KR", "bad region age 'KR'"),
+        ("PAYMENT_ROUTES", "CARD=stripe", "unknown providers ['stripe']"),
+        ("PAYMENT_PROVIDER", "stripe", "Input should be 'dev'"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(setting: str, value: str, says: str) -> None:
+    """Checked with the other settings before anything starts: exit 2 and no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEGIFTS_")}
+    env |= {
+        "LIVEGIFTS_WALLET_NATS_URL": "nats://127.0.0.1:1",
+        "LIVEGIFTS_WALLET_DATABASE_URL": "sqlite:////nonexistent/never-created.db",
+        "LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": "0123456789abcdef",
+        f"LIVEGIFTS_WALLET_{setting}": value,
+    }
+    out = subprocess.run([sys.executable, "-m", "services.wallet"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr
+    assert f"LIVEGIFTS_WALLET_{setting}" in out.stderr or setting == "OTEL_EXPORTER"  # that one names OTEL_FILE
+    assert "Traceback" not in out.stderr
+
+
 def test_every_service_command_has_help() -> None:
     for svc in ("wallet", "gifting", "payout"):
         out = subprocess.run(
             [sys.executable, "-m", f"services.{svc}", "--help"], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0 and "migrate" in out.stdout
+    # The `livegifts` command also runs as a module, for images or venvs without its script.
+    out = subprocess.run([sys.executable, "-m", "services.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "audit" in out.stdout and "run" in out.stdout
 
 
 def test_an_unknown_fault_point_is_an_error_not_a_silent_no_op() -> None:
