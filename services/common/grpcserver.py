@@ -54,8 +54,20 @@ def _is_unavailable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, _UNAVAILABLE_ERRORS):
         return True
-    # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover).
-    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover), or
+    # one PostgreSQL refused: the connection classes of SQLSTATE (08), a rotated or wrong role or
+    # password (28), too many connections (53), a server shutting down or starting (57P).
+    return bool(exc.connection_invalidated) or _sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES)
+
+
+_UNAVAILABLE_SQLSTATES = ("08", "28", "53", "57P")
+
+
+def _sqlstate(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
 
 
 def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: dict[str, str]) -> Any:
@@ -66,8 +78,7 @@ def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, 
 
 
 def _is_serialization_failure(exc: BaseException) -> bool:
-    code = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
-    return code in ("40001", "40P01")
+    return _sqlstate(exc) in ("40001", "40P01")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
