@@ -22,6 +22,9 @@ def sign(secret: bytes, payload: bytes, timestamp_s: int | None = None) -> str:
     return f"t={ts},v1={mac}"
 
 
+TIMESTAMP_DIGITS_MAX = 12  # Unix seconds until the year 33658
+
+
 def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: float | None = None) -> int:
     """Check a signature header; returns its timestamp or raises UNAUTHENTICATED with a reason."""
     if not header or len(header) > SIGNATURE_HEADER_MAX:
@@ -31,10 +34,12 @@ def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: 
         key, sep, value = item.strip().partition("=")
         if sep:
             parts.setdefault(key, []).append(value)
-    try:
-        ts = int(parts["t"][0])
-    except (KeyError, ValueError):
-        raise Unauthenticated("signature has no valid timestamp", "SIGNATURE_MALFORMED") from None
+    stamp = parts.get("t", [""])[0]
+    # Unix seconds, ASCII digits only: int() would also take "1_7…", "+1…", other scripts'
+    # digits, and hundreds of digits, which no clock comparison can handle.
+    if not (1 <= len(stamp) <= TIMESTAMP_DIGITS_MAX and stamp.isascii() and stamp.isdigit()):
+        raise Unauthenticated("signature has no valid timestamp", "SIGNATURE_MALFORMED")
+    ts = int(stamp)
     now = time.time() if now_s is None else now_s
     if abs(now - ts) > tolerance_s:
         raise Unauthenticated("signature timestamp outside the tolerance window", "SIGNATURE_EXPIRED")

@@ -782,23 +782,40 @@ class Wallet:
     # ---- restrictions ------------------------------------------------------------------
 
     async def set_restrictions(self, req: wallet_pb2.SetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
-        """Record age and block status (an operator's or the identity service's word)."""
+        """Record age and block status (an operator's or the identity service's word).
+
+        Only the fields the request sets change: blocking or unblocking a user never clears the
+        age that keeps a minor from spending, and recording an age never lifts a block.
+        """
         require_id(req.user_id, "user_id")
-        born = domain.parse_birth_date(req.birth_date)
-        region = (req.region or self.settings.default_region).upper()
-        if not (2 <= len(region) <= 8 and region.isalnum()):
-            raise InvalidArgument("region must be a 2..8 letter code", "INVALID_REGION")
-        values = {
-            "birth_date": born.isoformat() if born else None,
-            "is_minor": req.is_minor,
-            "blocked": req.blocked,
-            "region": region,
-            "updated_at_us": now_us(),
+        changes: dict[str, Any] = {}
+        if req.HasField("birth_date"):
+            born = domain.parse_birth_date(req.birth_date)
+            changes["birth_date"] = born.isoformat() if born else None
+        if req.HasField("is_minor"):
+            changes["is_minor"] = req.is_minor
+        if req.HasField("blocked"):
+            changes["blocked"] = req.blocked
+        if req.HasField("region"):
+            region = (req.region or self.settings.default_region).upper()
+            if not (2 <= len(region) <= 8 and region.isascii() and region.isalnum()):
+                raise InvalidArgument("region must be a 2..8 letter code", "INVALID_REGION")
+            changes["region"] = region
+        ts = now_us()
+        new_user = {
+            "birth_date": None,
+            "is_minor": False,
+            "blocked": False,
+            "region": self.settings.default_region.upper(),
+            **changes,
+            "updated_at_us": ts,
         }
         async with self.db.unit_of_work() as uow:
             # Insert-if-missing then update: two first calls for a new user cannot both insert.
-            await uow.conn.execute(insert_ignore(self.db.dialect, users).values(user_id=req.user_id, **values))
-            await uow.conn.execute(update(users).where(users.c.user_id == req.user_id).values(**values))
+            await uow.conn.execute(insert_ignore(self.db.dialect, users).values(user_id=req.user_id, **new_user))
+            await uow.conn.execute(
+                update(users).where(users.c.user_id == req.user_id).values(**changes, updated_at_us=ts)
+            )
             await self._ensure_account(uow, req.user_id)
             await uow.commit()
         return await self.get_restrictions(req.user_id)

@@ -555,6 +555,37 @@ async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, de
     assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
 
 
+async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_the_block(clients) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+
+    async def restrictions(user: str) -> wallet_pb2.AccountRestrictions:
+        return await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user))
+
+    kid, flagged = uid("kid"), uid("flagged")
+    born = f"{time.gmtime().tm_year - 12}-03-01"
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=kid, birth_date=born, region="KR"))
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=True))
+    for user in (kid, flagged):  # an operator blocks, then unblocks, naming only the block
+        await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True))
+        await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False))
+        assert not (await restrictions(user)).may_spend, user  # still a minor
+    kept = await restrictions(kid)
+    assert (kept.birth_date, kept.region, kept.blocked) == (born, "KR", False)
+    assert (await restrictions(flagged)).is_minor
+
+    adult = uid("adult")
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True))
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01"))
+    assert (await restrictions(adult)).blocked  # the identity service's age does not lift an operator's block
+    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=False))
+    assert (await restrictions(flagged)).may_spend  # set explicitly, the flag is cleared
+    await expect_error(
+        w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, region="ＫＲ")),
+        OK.INVALID_ARGUMENT,
+        "INVALID_REGION",
+    )
+
+
 async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients) -> None:  # type: ignore[no-untyped-def]
     w = clients.wallet
     minor, blocked, adult, unknown = uid("minor"), uid("blocked"), uid("adult"), uid("nobody")

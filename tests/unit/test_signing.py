@@ -27,6 +27,10 @@ def test_a_fresh_signature_verifies_and_returns_its_timestamp() -> None:
         ("t=1000000,v1=" + "0" * 64, PAYLOAD, SECRET, 1_000_000, "SIGNATURE_INVALID"),
         ("x" * 2000, PAYLOAD, SECRET, 1_000_000, "SIGNATURE_MISSING"),
         ("t=1000000,v1=" + "\u00e9" * 64, PAYLOAD, SECRET, 1_000_000, "SIGNATURE_INVALID"),  # not ASCII
+        ("t=1" + "0" * 400 + ",v1=00", PAYLOAD, SECRET, 1_000_000, "SIGNATURE_MALFORMED"),  # no float holds it
+        ("t=1_000_000,v1=00", PAYLOAD, SECRET, 1_000_000, "SIGNATURE_MALFORMED"),
+        ("t=+1000000,v1=00", PAYLOAD, SECRET, 1_000_000, "SIGNATURE_MALFORMED"),
+        ("t=\u0661\u0660\u0660\u0660\u0660\u0660\u0660,v1=00", PAYLOAD, SECRET, 1_000_000, "SIGNATURE_MALFORMED"),
     ],
 )
 def test_forged_stale_and_malformed_signatures_are_refused(header, payload, secret, now, reason) -> None:  # type: ignore[no-untyped-def]
