@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
+from typing import Any
 
 from services.common.errors import Unauthenticated
 
@@ -49,3 +51,34 @@ def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: 
     if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in parts.get("v1", [])):
         raise Unauthenticated("signature does not match", "SIGNATURE_INVALID")
     return ts
+
+
+class BodyError(ValueError):
+    """A verified callback body that is not the event it claims to be (MALFORMED_PAYLOAD)."""
+
+
+def json_body(payload: bytes) -> dict[str, Any]:
+    """A callback body as a JSON object; BodyError for anything else (nesting too deep included)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise BodyError("not JSON") from None
+    if not isinstance(body, dict):
+        raise BodyError("not a JSON object")
+    return body
+
+
+def text_field(body: dict[str, Any], name: str, chars_max: int = 128) -> str:
+    """A string field without control characters (a NUL cannot be stored by PostgreSQL)."""
+    value = body.get(name)
+    if not isinstance(value, str) or len(value) > chars_max or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise BodyError(f"{name} is not a string of at most {chars_max} printable characters")
+    return value
+
+
+def int_field(body: dict[str, Any], name: str) -> int:
+    """A JSON integer (not a float, a boolean or a numeric string)."""
+    value = body.get(name)
+    if type(value) is not int:
+        raise BodyError(f"{name} is not an integer")
+    return value

@@ -106,21 +106,30 @@ class DevPayoutProvider:
             raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
         signing.verify(self.secret, payload, signature, self.tolerance_s)
         try:
-            body = json.loads(payload)
+            body = signing.json_body(payload)
             event = PayoutEvent(
-                provider_event_id=str(body["id"]),
-                event_type=str(body["type"]),
+                provider_event_id=signing.text_field(body, "id"),
+                event_type=signing.text_field(body, "type"),
                 target=EVENT_TYPES[body["type"]],
-                withdrawal_id=str(body["withdrawal_id"]),
-                amount_minor=int(body["amount_minor"]),
-                currency_code=str(body["currency_code"]),
-                failure_reason=str(body.get("failure_reason", ""))[:200],
+                withdrawal_id=signing.text_field(body, "withdrawal_id"),
+                amount_minor=signing.int_field(body, "amount_minor"),
+                currency_code=signing.text_field(body, "currency_code"),
+                failure_reason=_reason_text(body.get("failure_reason", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise InvalidArgument("callback body is not a valid payout event", "MALFORMED_PAYLOAD") from None
         if not event.provider_event_id or len(event.provider_event_id) > 128:
             raise InvalidArgument("callback event id missing or too long", "MALFORMED_PAYLOAD")
         return event
+
+
+def _reason_text(reason: object) -> str:
+    """The provider's words on a failure, kept whatever they hold: control characters become
+    spaces (a NUL cannot be stored), at most 200 characters. Refusing them instead would leave
+    the withdrawal PROCESSING for good."""
+    if not isinstance(reason, str):
+        raise signing.BodyError("failure_reason is not a string")
+    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in reason[:200])
 
 
 def dev_payout_payload(

@@ -82,14 +82,14 @@ class DevProvider:
             raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
         signing.verify(self.secret, payload, signature, self.tolerance_s)
         try:
-            body = json.loads(payload)
+            body = signing.json_body(payload)
             event = ProviderEvent(
-                provider_event_id=str(body["id"]),
-                event_type=str(body["type"]),
+                provider_event_id=signing.text_field(body, "id"),
+                event_type=signing.text_field(body, "type"),
                 target=EVENT_TYPES[body["type"]],
-                purchase_id=str(body["purchase_id"]),
-                amount_minor=int(body["amount_minor"]),
-                currency_code=str(body["currency_code"]),
+                purchase_id=signing.text_field(body, "purchase_id"),
+                amount_minor=signing.int_field(body, "amount_minor"),
+                currency_code=signing.text_field(body, "currency_code"),
             )
         except (ValueError, KeyError, TypeError, OverflowError):
             raise InvalidArgument("callback body is not a valid payment event", "MALFORMED_PAYLOAD") from None

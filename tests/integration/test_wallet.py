@@ -101,6 +101,18 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
         provider="dev", payload=huge, signature=signing.sign(deployment.webhook_secret.encode(), huge)
     )
     await expect_error(clients.wallet.HandlePaymentEvent(overflow), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
+    pid = purchase.purchase_id.encode()
+    for odd in (
+        b"[" * 10_000 + b"]" * 10_000,  # deeper than the JSON parser recurses
+        b'{"id":"z","type":"payment.succeeded","purchase_id":"%s\u0000","amount_minor":999,"currency_code":"USD"}'
+        % pid,  # a NUL: PostgreSQL cannot store it
+        b'{"id":"w","type":"payment.succeeded","purchase_id":"%s","amount_minor":999.9,"currency_code":"USD"}' % pid,
+        b'{"id":"v","type":"payment.succeeded","purchase_id":"%s","amount_minor":"999","currency_code":"USD"}' % pid,
+    ):
+        signed = wallet_pb2.HandlePaymentEventRequest(
+            provider="dev", payload=odd, signature=signing.sign(deployment.webhook_secret.encode(), odd)
+        )
+        await expect_error(clients.wallet.HandlePaymentEvent(signed), OK.INVALID_ARGUMENT, "MALFORMED_PAYLOAD")
     other = wallet_pb2.HandlePaymentEventRequest()
     other.CopyFrom(signed_callback(deployment.webhook_secret, "payment.succeeded", purchase))
     other.provider = "stripe"

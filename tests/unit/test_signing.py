@@ -1,9 +1,10 @@
-"""Provider callback signatures: HMAC-SHA256 over timestamp + payload, with a tolerance window."""
+"""Provider callback signatures (HMAC-SHA256 over timestamp + payload, with a tolerance window) and bodies."""
 
 import pytest
 
 from services.common import signing
-from services.common.errors import Unauthenticated
+from services.common.errors import InvalidArgument, Unauthenticated
+from services.payout.providers import DevPayoutProvider, dev_payout_payload
 
 SECRET = b"s3cret"
 PAYLOAD = b'{"id":"evt_1"}'
@@ -59,3 +60,23 @@ def test_a_webhook_secret_shorter_than_16_characters_is_refused_at_start(secret:
     with pytest.raises(ValidationError, match="payout_webhook_secret"):
         PayoutSettings(**common, wallet_addr="127.0.0.1:1", payout_webhook_secret=secret)
     assert WalletSettings(**common, payment_webhook_secret="x" * 16).payment_webhook_secret.get_secret_value()
+
+
+def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failure_reason() -> None:
+    provider = DevPayoutProvider(SECRET, 300, auto_callback=False)
+
+    def parse(body: bytes):  # type: ignore[no-untyped-def]
+        return provider.parse_callback(body, signing.sign(SECRET, body))
+
+    good = dev_payout_payload("e1", "payout.failed", "wd_1", 9_500, "USD", "account\nclosed\x00")
+    assert parse(good).failure_reason == "account closed "  # the provider's words, storable
+    for odd in (
+        b"[" * 10_000 + b"]" * 10_000,
+        good.replace(b'"amount_minor":9500', b'"amount_minor":9500.5'),
+        good.replace(b'"amount_minor":9500', b'"amount_minor":true'),
+        good.replace(b'"withdrawal_id":"wd_1"', b'"withdrawal_id":"wd_1\\u0000"'),
+        b'"just a string"',
+    ):
+        with pytest.raises(InvalidArgument) as exc:
+            parse(odd)
+        assert exc.value.reason == "MALFORMED_PAYLOAD", odd[:60]
