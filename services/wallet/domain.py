@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from services.common.errors import FailedPrecondition, InvalidArgument, check
+from services.common.timeutil import US_PER_DAY
 
 ISSUED = "system:issued"  # coins created by purchases (goes negative as coins are issued)
 REVERSED = "system:reversed"  # coins taken back by refunds and chargebacks
@@ -258,6 +259,20 @@ def period_keys(at_us: int) -> dict[Period, str]:
         Period.WEEK: f"{iso.year}-W{iso.week:02d}",
         Period.MONTH: f"{day.year}-{day.month:02d}",
     }
+
+
+# The longest each period lasts: at_us less this is in the previous period or an earlier one.
+_PERIOD_SPAN_US = {Period.DAY: US_PER_DAY, Period.WEEK: 7 * US_PER_DAY, Period.MONTH: 31 * US_PER_DAY}
+
+
+def stale_period_keys(at_us: int) -> dict[Period, str]:
+    """Counter keys below which no spend can still count: those before the previous period.
+
+    The previous period's counter is kept: a replica whose clock runs a little behind (or a
+    batch that read the clock just before midnight) still spends in it, and finding it gone
+    would count that period again from zero.
+    """
+    return {p: period_keys(at_us - span)[p] for p, span in _PERIOD_SPAN_US.items()}
 
 
 @dataclass(frozen=True)

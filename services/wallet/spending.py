@@ -349,7 +349,7 @@ class SpendBatch:
         periods = domain.period_keys(now)
         senders = sorted({it.req.user_id for it in items})
         parties = sorted(set(senders) | {it.req.recipient_user_id for it in items if it.req.recipient_user_id})
-        counters = await self._lock_counters(uow, senders, periods)
+        counters = await self._lock_counters(uow, senders, periods, domain.stale_period_keys(now))
         acc_ids = [domain.user_account(u) for u in senders]
         balances = {
             r.account_id: int(r.balance) for r in await conn.execute(self._stmts.lock_accounts, {"ids": acc_ids})
@@ -435,7 +435,7 @@ class SpendBatch:
             raise FailedPrecondition(text, exc.reason, role="recipient") from None
 
     async def _lock_counters(
-        self, uow: UnitOfWork, senders: list[str], periods: dict[Period, str]
+        self, uow: UnitOfWork, senders: list[str], periods: dict[Period, str], stale: dict[Period, str]
     ) -> dict[tuple[str, Period], int]:
         """Each sender's counter of the current day, week and month, locked; created on first use."""
         c = spend_counters.c
@@ -450,12 +450,13 @@ class SpendBatch:
         counters = await read(senders)
         missing = [(u, p) for u in senders for p in PERIODS if (u, p) not in counters]
         if missing:
-            # First spend of a period: past periods' rows are never read again, so drop them (only
-            # older ones: a replica whose clock runs behind must not erase a newer one).
+            # First spend of a period: rows of periods before the previous one are never read
+            # again, so drop them. Not the previous one's: a replica whose clock runs a little
+            # behind still spends in it (domain.stale_period_keys), nor any newer one.
             await uow.conn.execute(
                 delete(spend_counters).where(
                     one_of(self.db.dialect, c.user_id, sorted({u for u, _ in missing})),
-                    or_(*(and_(c.period == p.value, c.period_key < periods[p]) for p in PERIODS)),
+                    or_(*(and_(c.period == p.value, c.period_key < stale[p]) for p in PERIODS)),
                 )
             )
             await uow.conn.execute(

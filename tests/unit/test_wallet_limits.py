@@ -1,0 +1,57 @@
+"""Spending limits at a period's boundary, against a real SQLite file.
+
+The first spend of a new day (week, month) drops old counters. It must keep the previous
+period's: a replica whose clock runs a little behind, or a batch that read the clock just
+before midnight, still spends in that period, and finding its counter gone would count the
+day again from zero, a second daily cap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from livegifts.wallet.v1 import wallet_pb2
+from services.common.errors import DomainError
+from services.wallet import domain
+from services.wallet.domain import Period
+from services.wallet.usecases import Wallet
+from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+
+MIDNIGHT_US = int(dt.datetime(2031, 3, 1, tzinfo=dt.UTC).timestamp() * 1_000_000)  # a new day and month
+
+
+def gift(user: str, coins: int) -> wallet_pb2.SpendRequest:
+    return wallet_pb2.SpendRequest(
+        user_id=user,
+        amount=coins,
+        reason=wallet_pb2.SPEND_REASON_GIFT,
+        reference_id="g",
+        idempotency_key=uuid.uuid4().hex,
+    )
+
+
+async def test_a_spend_just_behind_midnight_still_counts_against_that_days_cap(wallet: Wallet) -> None:  # noqa: F811
+    user = "viewer"
+    for _ in range(4):
+        await buy(wallet, user)  # 280 coins
+    await wallet.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
+    )
+    at = {"us": MIDNIGHT_US - 200_000}
+    wallet.spending.clock = lambda: at["us"]
+    assert not isinstance((await wallet.spending.run([gift(user, 50)], settle_refusals=False))[0], DomainError)
+    at["us"] = MIDNIGHT_US + 100_000  # one replica's first spend of the new day
+    assert not isinstance((await wallet.spending.run([gift(user, 50)], settle_refusals=False))[0], DomainError)
+    at["us"] = MIDNIGHT_US - 150_000  # another, 0.25 s behind it, still in the old day
+    late = (await wallet.spending.run([gift(user, 60)], settle_refusals=False))[0]
+    assert isinstance(late, DomainError) and late.reason == "SPENDING_LIMIT_EXCEEDED"  # 50 + 60 > 100 that day
+
+
+def test_stale_counter_keys_are_those_before_the_previous_period() -> None:
+    stale = domain.stale_period_keys(MIDNIGHT_US + 1)  # 2031-03-01, a Saturday
+    assert stale == {Period.DAY: "2031-02-28", Period.WEEK: "2031-W08", Period.MONTH: "2031-01"}
+    now = domain.period_keys(MIDNIGHT_US + 1)
+    previous = domain.period_keys(MIDNIGHT_US - 1)
+    for p in Period:  # the previous period's key is never below the stale bound: it is kept
+        assert stale[p] <= previous[p] < now[p] or previous[p] == now[p]
