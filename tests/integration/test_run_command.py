@@ -78,19 +78,28 @@ def _serving(port: int) -> bool:
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _run(tmp_path: Path, offset: int) -> subprocess.Popen[bytes]:
+    cmd = [str(Path(sys.executable).parent / "livegifts"), "run", "--var", str(tmp_path), "--port-offset", str(offset)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _up(proc: subprocess.Popen[bytes], var: Path, offset: int) -> list[int]:
+    """Wait until the three services answer health checks; the suite's processes (`run`'s children)."""
+    grpc_ports = [p + offset for p in SuiteConfig(var_dir=var).grpc_ports.values()]
+    deadline = time.monotonic() + START_S
+    while not all(_serving(p) for p in grpc_ports):
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        assert time.monotonic() < deadline, "the suite did not come up"
+        time.sleep(0.5)
+    return _children(proc.pid)
+
+
 def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp_path: Path) -> None:
     offset = _free_offset()
-    grpc_ports = [p + offset for p in SuiteConfig(var_dir=tmp_path).grpc_ports.values()]
-    cmd = [str(Path(sys.executable).parent / "livegifts"), "run", "--var", str(tmp_path), "--port-offset", str(offset)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _run(tmp_path, offset)
     children: list[int] = []
     try:
-        deadline = time.monotonic() + START_S
-        while not all(_serving(p) for p in grpc_ports):
-            assert proc.poll() is None, proc.communicate()[0].decode()
-            assert time.monotonic() < deadline, "the suite did not come up"
-            time.sleep(0.5)
-        children = _children(proc.pid)
+        children = _up(proc, tmp_path, offset)
         assert len(children) == 4, children  # nats-server and three services
         for _ in range(500):  # a supervisor that insists: signals land while the last one is handled
             proc.send_signal(signal.SIGTERM)
@@ -104,11 +113,6 @@ def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp
     assert "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
-
-
-def _run(tmp_path: Path, offset: int) -> subprocess.Popen[bytes]:
-    cmd = [str(Path(sys.executable).parent / "livegifts"), "run", "--var", str(tmp_path), "--port-offset", str(offset)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path: Path) -> None:
@@ -131,16 +135,10 @@ def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path
 
 def test_run_whose_service_crashes_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
     offset = _free_offset()
-    grpc_ports = [p + offset for p in SuiteConfig(var_dir=tmp_path).grpc_ports.values()]
     proc = _run(tmp_path, offset)
     children: list[int] = []
     try:
-        deadline = time.monotonic() + START_S
-        while not all(_serving(p) for p in grpc_ports):
-            assert proc.poll() is None, proc.communicate()[0].decode()
-            assert time.monotonic() < deadline, "the suite did not come up"
-            time.sleep(0.5)
-        children = _children(proc.pid)
+        children = _up(proc, tmp_path, offset)
         payout = [pid for pid in children if b"services.payout" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(payout) == 1, children
         os.kill(payout[0], signal.SIGKILL)
