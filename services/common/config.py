@@ -34,7 +34,7 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the /metrics endpoint")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
     otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
@@ -103,7 +103,10 @@ class ServiceSettings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_name(cls, level: object) -> object:
-        return level.upper() if isinstance(level, str) else level
+        if not isinstance(level, str):
+            return level
+        name = level.strip().upper()
+        return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)  # logging's own aliases
 
     @field_validator("otel_file")
     @classmethod

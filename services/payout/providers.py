@@ -124,11 +124,13 @@ class DevPayoutProvider:
 
 
 def _reason_text(reason: object) -> str:
-    """The provider's words on a failure, kept whatever they hold: control characters become
-    spaces (a NUL cannot be stored), at most 200 characters. Refusing them instead would leave
-    the withdrawal PROCESSING for good."""
+    """The provider's words on a failure, kept whatever they hold (null is none, a number its
+    text): control characters become spaces (a NUL cannot be stored), at most 200 characters.
+    Refusing them instead would leave the withdrawal PROCESSING for good."""
+    if reason is None:
+        return ""
     if not isinstance(reason, str):
-        raise signing.BodyError("failure_reason is not a string")
+        reason = json.dumps(reason)  # a numeric code, say: kept as the provider sent it
     return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in reason[:200])
 
 

@@ -615,9 +615,12 @@ class Payout:
         # What the creator's diamonds owe to recorded reversals is clawed back and committed
         # first, so it stands even when this request is refused; `work` settles again anything
         # credited in between, so none of those diamonds is ever withdrawn (the chargeback fraud).
-        async with self.db.unit_of_work() as uow:
-            if await self._settle_shortfalls_of(uow, req.creator_id):
-                await uow.commit()
+        async with self.db.unit_of_work(readonly=True) as uow:
+            owed = await self._shortfalls_owed_by(uow, req.creator_id)  # almost always none: no write
+        if owed:
+            async with self.db.unit_of_work() as uow:
+                if await self._settle_shortfalls_of(uow, req.creator_id):
+                    await uow.commit()
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
             policy = await self._policy_row(uow)
@@ -1073,6 +1076,29 @@ class Payout:
             uow.after_commit(lambda: CLAWBACK_SHORTFALL_SETTLED.inc(taken))
         return taken
 
+    async def _shortfalls_owed_by(self, uow: UnitOfWork, creator_id: str) -> list[str]:
+        """The open shortfalls (reversal ids, at most SHORTFALL_BATCH) that the creator's own open
+        earnings would pay: their sender gifted this creator before the reversal."""
+        sf = clawback_shortfalls.c
+        e = earnings.c
+        rows = await uow.conn.execute(
+            select(sf.reversal_event_id)
+            .where(
+                sf.coins_open > 0,
+                select(e.event_id)
+                .where(
+                    e.sender_id == sf.sender_id,
+                    e.creator_id == creator_id,
+                    e.coins_clawed_back < e.coins,
+                    func.coalesce(e.recorded_at_us, e.occurred_at_us) <= sf.reversed_at_us,
+                )
+                .exists(),
+            )
+            .order_by(sf.reversal_event_id)
+            .limit(SHORTFALL_BATCH)
+        )
+        return list(rows.scalars())
+
     async def _settle_shortfalls_of(self, uow: UnitOfWork, creator_id: str) -> int:
         """Settle, in `uow`, the open shortfalls that the creator's own open earnings would pay.
 
@@ -1080,32 +1106,18 @@ class Payout:
         was recorded as a shortfall are clawed back before they can be withdrawn, not up to
         CLAWBACK_SETTLE_INTERVAL_S later by the settler. Few shortfalls are ever open (the
         partial index), and only those whose sender has such an earning with this creator are
-        touched. Its locks come in the settler's order (shortfall, earnings, creators); on
-        PostgreSQL a rare deadlock with a gift batch crediting the same creators is aborted by the
-        server and answered ABORTED (retry with the same key), never applied in part.
+        touched (the first SHORTFALL_BATCH; the settler takes any beyond).
+
+        Limits, on PostgreSQL (SQLite serializes writers, so neither arises there): a gift credit
+        that commits between this settling and the balance read (READ COMMITTED, a window of
+        milliseconds) can still be held; the settler then claws it back and the dispatcher holds
+        the withdrawal while the balance is negative. And settling several shortfalls takes
+        their creators' rows in no global order, so a rare lock cycle with the settler, another
+        withdrawal or a gift batch is broken by the server: one side is aborted whole (ABORTED,
+        retry with the same key; a consumer batch is redelivered), never applied in part.
         """
-        sf = clawback_shortfalls.c
-        e = earnings.c
-        ids = (
-            await uow.conn.execute(
-                select(sf.reversal_event_id)
-                .where(
-                    sf.coins_open > 0,
-                    select(e.event_id)
-                    .where(
-                        e.sender_id == sf.sender_id,
-                        e.creator_id == creator_id,
-                        e.coins_clawed_back < e.coins,
-                        func.coalesce(e.recorded_at_us, e.occurred_at_us) <= sf.reversed_at_us,
-                    )
-                    .exists(),
-                )
-                .order_by(sf.reversal_event_id)
-                .limit(SHORTFALL_BATCH)
-            )
-        ).scalars()
         taken = 0
-        for reversal_event_id in list(ids):
+        for reversal_event_id in await self._shortfalls_owed_by(uow, creator_id):
             taken += await self._settle_shortfall(uow, reversal_event_id)
         return taken
 

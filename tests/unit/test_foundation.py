@@ -9,6 +9,7 @@ import pytest
 
 from services.common import errors, faults
 from services.gifting import domain as gifting
+from services.wallet.config import WalletSettings
 
 
 def test_every_domain_error_class_has_a_status_code() -> None:
@@ -68,6 +69,12 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(setting: s
     assert says in out.stderr
     assert f"LIVEGIFTS_WALLET_{setting}" in out.stderr or setting == "OTEL_EXPORTER"  # that one names OTEL_FILE
     assert "Traceback" not in out.stderr
+
+
+def test_log_levels_take_loggings_names_and_aliases_in_any_case() -> None:
+    base = {"database_url": "sqlite:///w.db", "nats_url": "nats://x", "payment_webhook_secret": "0123456789abcdef"}
+    for given, level in (("warn", "WARNING"), ("Fatal", "CRITICAL"), ("debug", "DEBUG"), ("NOTSET", "NOTSET")):
+        assert WalletSettings(**base, log_level=given).log_level == level  # type: ignore[arg-type]
 
 
 def test_every_service_command_has_help() -> None:

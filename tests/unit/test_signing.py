@@ -1,5 +1,7 @@
 """Provider callback signatures (HMAC-SHA256 over timestamp + payload, with a tolerance window) and bodies."""
 
+import json
+
 import pytest
 
 from services.common import signing
@@ -70,6 +72,9 @@ def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failur
 
     good = dev_payout_payload("e1", "payout.failed", "wd_1", 9_500, "USD", "account\nclosed\x00")
     assert parse(good).failure_reason == "account closed "  # the provider's words, storable
+    for reason, kept in ((None, ""), (4012, "4012")):  # an unset reason, a provider's numeric code
+        body = good.replace(b'"account\\nclosed\\u0000"', json.dumps(reason).encode())
+        assert parse(body).failure_reason == kept
     for odd in (
         b"[" * 10_000 + b"]" * 10_000,
         good.replace(b'"amount_minor":9500', b'"amount_minor":9500.5'),
