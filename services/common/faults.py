@@ -29,11 +29,12 @@ def parse(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, nth = item.partition("@")
+        hit = nth or "1"
         if name not in KNOWN_POINTS:
             raise ValueError(f"unknown fault point {name!r}; known: {sorted(KNOWN_POINTS)}")
-        if not (nth or "1").isdigit() or int(nth or "1") < 1:
+        if not hit.isdigit() or int(hit) < 1:
             raise ValueError(f"{item!r}: the hit after '@' is a whole number from 1")
-        out[name] = int(nth or "1")
+        out[name] = int(hit)
     return out
 
 
