@@ -6,6 +6,8 @@ the message is for humans and never holds SQL, stack traces or secrets.
 
 from __future__ import annotations
 
+import unicodedata
+
 import grpc
 
 
@@ -132,6 +134,14 @@ def require_id(value: str, field: str) -> str:
     if len(value) > ID_MAX or not value.isprintable() or " " in value:
         raise InvalidArgument(f"{field} must be 1..{ID_MAX} printable characters, no spaces", "INVALID_ID", field=field)
     return value
+
+
+def is_text(value: str) -> bool:
+    """Text a screen can show and every database can store: no control character (NUL, newline,
+    bell: category Cc) and no lone surrogate (Cs: not UTF-8, PostgreSQL refuses both). Format
+    characters stay: the zero-width joiner of emoji such as a family, variation selectors,
+    right-to-left marks."""
+    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
 
 def require_positive(value: int, field: str, maximum: int = INT64_MAX) -> int:

@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from services.common.errors import Unauthenticated
+from services.common.errors import Unauthenticated, is_text
 
 SIGNATURE_HEADER_MAX = 1024
 
@@ -69,9 +69,9 @@ def json_body(payload: bytes) -> dict[str, Any]:
 
 
 def text_field(body: dict[str, Any], name: str, chars_max: int = 128) -> str:
-    """A string field without control characters (a NUL cannot be stored by PostgreSQL)."""
+    """A string field of text (`errors.is_text`: a NUL or a lone surrogate cannot be stored)."""
     value = body.get(name)
-    if not isinstance(value, str) or len(value) > chars_max or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if not isinstance(value, str) or len(value) > chars_max or not is_text(value):
         raise BodyError(f"{name} is not a string of at most {chars_max} printable characters")
     return value
 

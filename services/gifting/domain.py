@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from services.common.errors import FailedPrecondition, InvalidArgument, check
+from services.common.errors import FailedPrecondition, InvalidArgument, check, is_text
 from services.common.timeutil import US_PER_DAY, US_PER_HOUR
 
 
@@ -74,13 +73,6 @@ def tip_coins(coins: int, tip_coins_max: int) -> int:
     if coins < 1 or coins > tip_coins_max:
         raise InvalidArgument(f"a tip is 1..{tip_coins_max} coins", "INVALID_TIP_AMOUNT", tip_coins_max=tip_coins_max)
     return coins
-
-
-def is_text(value: str) -> bool:
-    """Text a screen can show and every database can store: no control character (NUL, newline,
-    bell: category Cc) and no lone surrogate. Format characters stay: the zero-width joiner of
-    emoji such as a family, variation selectors, right-to-left marks."""
-    return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
 
 def title(text: str, chars_max: int, *, required: bool, too_long: str = "INVALID_TITLE") -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.common import signing
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, is_text
 from services.payout.domain import WithdrawalStatus
 
 PAYLOAD_BYTES_MAX = 64 * 1024
@@ -125,13 +125,13 @@ class DevPayoutProvider:
 
 def _reason_text(reason: object) -> str:
     """The provider's words on a failure, kept whatever they hold (null is none, a number its
-    text): control characters become spaces (a NUL cannot be stored), at most 200 characters.
+    text): what is not text (`errors.is_text`: a NUL, say) becomes a space, at most 200 characters.
     Refusing them instead would leave the withdrawal PROCESSING for good."""
     if reason is None:
         return ""
     if not isinstance(reason, str):
         reason = json.dumps(reason)  # a numeric code, say: kept as the provider sent it
-    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in reason[:200])
+    return "".join(ch if is_text(ch) else " " for ch in reason[:200])
 
 
 def dev_payout_payload(

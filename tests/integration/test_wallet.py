@@ -106,6 +106,8 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
         b"[" * 10_000 + b"]" * 10_000,  # deeper than the JSON parser recurses
         b'{"id":"z","type":"payment.succeeded","purchase_id":"%s\u0000","amount_minor":999,"currency_code":"USD"}'
         % pid,  # a NUL: PostgreSQL cannot store it
+        b'{"id":"u","type":"payment.succeeded","purchase_id":"%s\\ud800","amount_minor":999,"currency_code":"USD"}'
+        % pid,  # a lone surrogate: not UTF-8, PostgreSQL cannot store it either
         b'{"id":"w","type":"payment.succeeded","purchase_id":"%s","amount_minor":999.9,"currency_code":"USD"}' % pid,
         b'{"id":"v","type":"payment.succeeded","purchase_id":"%s","amount_minor":"999","currency_code":"USD"}' % pid,
     ):

@@ -72,7 +72,11 @@ def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failur
 
     good = dev_payout_payload("e1", "payout.failed", "wd_1", 9_500, "USD", "account\nclosed\x00")
     assert parse(good).failure_reason == "account closed "  # the provider's words, storable
-    for reason, kept in ((None, ""), (4012, "4012")):  # an unset reason, a provider's numeric code
+    for reason, kept in (
+        (None, ""),
+        (4012, "4012"),
+        ("bad\ud800card", "bad card"),
+    ):  # an unset reason, a provider's numeric code
         body = good.replace(b'"account\\nclosed\\u0000"', json.dumps(reason).encode())
         assert parse(body).failure_reason == kept
     for odd in (
@@ -80,6 +84,7 @@ def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failur
         good.replace(b'"amount_minor":9500', b'"amount_minor":9500.5'),
         good.replace(b'"amount_minor":9500', b'"amount_minor":true'),
         good.replace(b'"withdrawal_id":"wd_1"', b'"withdrawal_id":"wd_1\\u0000"'),
+        good.replace(b'"withdrawal_id":"wd_1"', b'"withdrawal_id":"wd_1\\ud800"'),
         b'"just a string"',
     ):
         with pytest.raises(InvalidArgument) as exc:
