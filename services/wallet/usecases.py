@@ -797,10 +797,7 @@ class Wallet:
         if req.HasField("blocked"):
             changes["blocked"] = req.blocked
         if req.HasField("region"):
-            region = (req.region or self.settings.default_region).upper()
-            if not (2 <= len(region) <= 8 and region.isascii() and region.isalnum()):
-                raise InvalidArgument("region must be a 2..8 letter code", "INVALID_REGION")
-            changes["region"] = region
+            changes["region"] = domain.check_region(req.region or self.settings.default_region)
         ts = now_us()
         new_user = {
             "birth_date": None,
