@@ -41,8 +41,9 @@ Index(
 )
 
 # Every gift, tip and unlock: PENDING until the wallet has spent, then SENT, or CANCELLED.
-# The client's idempotency key lives in idempotency_key while the gift is PENDING or SENT;
-# a cancelled gift keeps it in client_key only, so a retry with that key may start afresh.
+# The client's idempotency key lives in idempotency_key, and stays there when the gift is
+# CANCELLED: a retry of the same request moves it to a new gift, a different request is refused
+# (migration 0007). client_key keeps it for good, also on gifts a retry has moved it from.
 gift_events = Table(
     "gift_events",
     metadata,

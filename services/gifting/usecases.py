@@ -582,8 +582,8 @@ class Gifting:
                 it = items[i]
                 try:
                     row = existing.get(it.idempotency_key)
-                    if row is not None:
-                        plans[i] = _Plan(_recorded_gift(row, digests[i]), existing=True)
+                    if row is not None and not _restarts(row, digests[i]):
+                        plans[i] = _Plan(row, existing=True)
                     elif isinstance(it, gifting_pb2.UnlockContentRequest):
                         plans[i] = self._plan_unlock(
                             it,
@@ -598,6 +598,15 @@ class Gifting:
                 except DomainError as exc:
                     out[i] = exc
             return plans
+
+        async def alone(indexes: list[int]) -> None:
+            """Step 1 of these items one by one (`_begin`)."""
+            for i in indexes:
+                try:
+                    key = items[i].idempotency_key
+                    out[i] = (await self._begin(key, digests[i], self._planner(items[i], key, digests[i])))[0]
+                except DomainError as exc:
+                    out[i] = exc
 
         # No transaction is held across a wallet call: the eligibility answers are gathered first
         # (a stream's creator never changes, so known streams need no read for that), then one
@@ -641,13 +650,18 @@ class Gifting:
                     # An unlock answered by the user's earlier unlock: its key may be another
                     # request's, which must answer IDEMPOTENCY_KEY_REUSED as on the other paths.
                     again += [i for i, p in plans.items() if p.existing]
+                    restart: list[int] = []  # keys of cancelled gifts, retried: each starts a new gift below
                     if again:
                         earlier = await by_keys(uow, again)
                         for i in again:
                             row = earlier.get(items[i].idempotency_key)
                             if row is not None:
                                 try:
-                                    out[i] = _recorded_gift(row, digests[i])
+                                    if _restarts(row, digests[i]):
+                                        restart.append(i)
+                                        out[i] = None  # a check's refusal of the new gift is found again there
+                                    else:
+                                        out[i] = row
                                 except AlreadyExists as exc:
                                     out[i] = exc
                             elif i in new_rows:  # skipped, yet not there: cannot happen (rows are never deleted)
@@ -658,17 +672,12 @@ class Gifting:
                         # A concurrent unlock of the same content by the same user: IntegrityError below.
                         await uow.conn.execute(self._insert_unlocks.stmt, self._insert_unlocks.params(claims_new))
                     await uow.commit()
+                await alone(restart)  # rare: retries of cancelled gifts
                 for i, p in plans.items():
                     if out[i] is None:
                         out[i] = p.row
             except IntegrityError:
-                # A concurrent call inserted one of these keys first: resume item by item.
-                for i in todo:
-                    try:
-                        key = items[i].idempotency_key
-                        out[i] = (await self._begin(key, digests[i], self._planner(items[i], key, digests[i])))[0]
-                    except DomainError as exc:
-                        out[i] = exc
+                await alone(todo)  # a concurrent call inserted one of these keys first: resume item by item
         check(all(r is not None for r in out), "every item has a gift or an error")
         return out
 
@@ -921,8 +930,8 @@ class Gifting:
         that call), then the checks run again in the transaction that records the gift.
         """
         async with self.db.unit_of_work(readonly=True) as uow:
-            existing = await self._by_key(uow, key, digest)
-            if existing is not None:
+            existing = await self._by_key(uow, key)
+            if existing is not None and not _restarts(existing, digest):
                 return existing, True
             probe = await plan(uow)
         if probe.existing:
@@ -931,9 +940,17 @@ class Gifting:
         for _ in range(3):
             try:
                 async with self.db.unit_of_work() as uow:
-                    existing = await self._by_key(uow, key, digest)
+                    existing = await self._by_key(uow, key)
                     if existing is not None:
-                        return existing, True
+                        if not _restarts(existing, digest):
+                            return existing, True
+                        # This request's gift was cancelled: the key moves to the new gift. A
+                        # concurrent retry that moved it first makes the insert below conflict.
+                        await uow.conn.execute(
+                            update(gift_events)
+                            .where(gift_events.c.event_id == existing["event_id"], gift_events.c.idempotency_key == key)
+                            .values(idempotency_key=None)
+                        )
                     p = await plan(uow)
                     if p.existing:
                         return p.row, False
@@ -946,9 +963,10 @@ class Gifting:
                 continue  # a concurrent call with this key (or this unlock) inserted first: resume it
         raise Aborted("the gift is being created concurrently, retry", "CONFLICT")
 
-    async def _by_key(self, uow: UnitOfWork, key: str, digest: str) -> dict[str, Any] | None:
+    async def _by_key(self, uow: UnitOfWork, key: str) -> dict[str, Any] | None:
+        """The gift recorded under `key` (maybe cancelled); `_restarts` checks it against the request."""
         row = (await uow.conn.execute(select(gift_events).where(gift_events.c.idempotency_key == key))).first()
-        return None if row is None else _recorded_gift(row._asdict(), digest)
+        return None if row is None else row._asdict()
 
     async def _settle(self, gift: dict[str, Any]) -> dict[str, Any]:
         """Steps 2 and 3: spend the coins, then mark the gift sent with its event (gifts, tips, unlocks).
@@ -1036,7 +1054,8 @@ class Gifting:
         return row._asdict()
 
     async def _cancel(self, event_id: str, reason: str) -> None:
-        """PENDING -> CANCELLED; frees the client's key (and an unlock's claim) so a retry may start anew."""
+        """PENDING -> CANCELLED; frees an unlock's claim. The gift keeps its key: a retry of the same
+        request starts a new gift under it (`_restarts`), a different request is refused."""
         await self._cancel_many({event_id: reason})
 
     async def _cancel_many(self, reasons: dict[str, str]) -> None:
@@ -1051,7 +1070,6 @@ class Gifting:
                         .values(
                             status=GiftStatus.CANCELLED.value,
                             cancel_reason=case({k: v[:64] for k, v in reasons.items()}, value=g.event_id),
-                            idempotency_key=None,
                             updated_at_us=now_us(),
                         )
                         .returning(g.event_id)
@@ -1175,11 +1193,16 @@ class Gifting:
         )
 
 
-def _recorded_gift(row: dict[str, Any], digest: str) -> dict[str, Any]:
-    """The gift recorded under a key, if `digest` is the request it was recorded for; else IDEMPOTENCY_KEY_REUSED."""
+def _restarts(row: dict[str, Any], digest: str) -> bool:
+    """Whether a retry of the gift recorded under its key starts a new gift (the gift was cancelled),
+    or is answered by it; IDEMPOTENCY_KEY_REUSED if `digest` is not the request it was recorded for.
+
+    A cancelled gift keeps its key, so the key stays its request's: a different request under it
+    is refused, as under a gift pending or sent.
+    """
     if row["request_hash"] != digest:
         raise key_reused()
-    return row
+    return row["status"] == GiftStatus.CANCELLED.value
 
 
 def _fields_digest(*fields: object) -> str:

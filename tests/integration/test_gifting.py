@@ -511,3 +511,36 @@ async def test_leaderboard_and_stats_requests_are_bounded(clients, deployment) -
     await expect_error(clients.gifting.GetCreatorStats(wide), code, "INVALID_WINDOW")
     empty = await clients.gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(stream_id=uid("s"), sender_id="x"))
     assert (empty.coins_total, empty.senders, len(empty.entries), empty.HasField("own")) == (0, 0, 0, False)
+
+
+async def test_a_key_whose_gift_was_cancelled_stays_its_requests_and_its_retry_sends_it_once(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """A gift refused for coins is cancelled; its key may send that gift later, never another request."""
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)  # 700 coins
+    stream = await live_stream(clients.gifting, creator)
+    galaxy = gift(stream.stream_id, viewer, "galaxy")  # 1000 coins
+    await expect_error(clients.gifting.SendGift(galaxy), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    # Another request under the cancelled gift's key, one the coins would pay for: refused, not charged.
+    rose = gifting_pb2.SendGiftRequest()
+    rose.CopyFrom(galaxy)
+    rose.gift_id = "rose"
+    await expect_error(clients.gifting.SendGift(rose), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    batch = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=[rose]))
+    assert batch.results[0].error.reason == "IDEMPOTENCY_KEY_REUSED"
+    tip = gifting_pb2.SendTipRequest(
+        stream_id=stream.stream_id, sender_id=viewer, coins=5, idempotency_key=galaxy.idempotency_key
+    )
+    await expect_error(clients.gifting.SendTip(tip), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    assert await coins_of(clients, viewer) == 700
+    # The same request after a top-up: a new gift, sent once however often (and however) it is retried.
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    sent = await asyncio.gather(*(clients.gifting.SendGift(galaxy) for _ in range(3)))
+    assert {r.gift_event_id for r in sent} == {sent[0].gift_event_id}
+    assert sent[0].status == gifting_pb2.GIFT_STATUS_SENT and sent[0].sender_balance == 400
+    again = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=[galaxy]))
+    assert again.results[0].receipt.gift_event_id == sent[0].gift_event_id
+    await expect_error(clients.gifting.SendGift(rose), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    assert await coins_of(clients, viewer) == 400
+    assert (await received_by(clients, creator, 1000)).coins_received == 1000

@@ -91,3 +91,35 @@ async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_data
     finally:
         await engine.dispose()
     assert "ix_gift_events_pending" in " ".join(str(c) for row in plan for c in row), plan
+
+
+async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
+    empty_database: str,
+) -> None:
+    cfg = alembic_config(ROOT / "services" / "gifting" / "migrations", empty_database)
+    await asyncio.to_thread(command.upgrade, cfg, "0006")
+    insert = (
+        "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
+        "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
+        "updated_at_us) VALUES ('{}', {}, '{}', 'h', 'GIFT', 's', 'c', 'v', 'rose', 1, 1, 1, '{}', {}, {})"
+    )
+    rows = [
+        ("a-old", "NULL", "a", "CANCELLED", 1),  # cancelled twice: the latest gets the key
+        ("a-new", "NULL", "a", "CANCELLED", 2),
+        ("b-cancelled", "NULL", "b", "CANCELLED", 1),  # a retry's gift holds the key already
+        ("b-sent", "'b'", "b", "SENT", 2),
+        ("c-pending", "'c'", "c", "PENDING", 1),
+    ]
+    await _execute(empty_database, *(insert.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    keys = "SELECT event_id, idempotency_key FROM gift_events ORDER BY event_id"
+    assert await _execute(empty_database, keys) == [
+        ("a-new", "a"),
+        ("a-old", None),
+        ("b-cancelled", None),
+        ("b-sent", "b"),
+        ("c-pending", "c"),
+    ]
+    # And back: cancelled gifts hold no key, as the code before it expects.
+    await asyncio.to_thread(command.downgrade, cfg, "0006")
+    assert [k for _, k in await _execute(empty_database, keys)] == [None, None, None, "b", "c"]

@@ -26,7 +26,7 @@ from services.gifting.usecases import Gifting
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
 
-def _refusal(code: grpc.StatusCode, message: str, reason: str) -> grpc.aio.AioRpcError:
+def wallet_refusal(code: grpc.StatusCode, message: str, reason: str) -> grpc.aio.AioRpcError:
     """A refused call as the client sees the real wallet's: the status its error interceptor builds,
     google.rpc.ErrorInfo with the stable reason in the grpc-status-details-bin trailer."""
     status = _rich_status(code, message, reason, "livegifts.wallet", {})
@@ -57,7 +57,7 @@ class ScriptedWallet:
         )
 
     async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        raise _refusal(grpc.StatusCode.FAILED_PRECONDITION, "not enough coins", "INSUFFICIENT_COINS")
+        raise wallet_refusal(grpc.StatusCode.FAILED_PRECONDITION, "not enough coins", "INSUFFICIENT_COINS")
 
     async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         self.spend_many_calls += 1
