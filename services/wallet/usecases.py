@@ -229,9 +229,11 @@ class Wallet:
             raise InvalidArgument("currency_code is required", "MISSING_FIELD", field="currency_code")
         currency = domain.check_currency(req.currency_code)
         region = domain.check_region(req.region) if req.region else ""
-        provider = self.payments.for_method(method)
 
         async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
+            # Resolved here, after the stored answer: a retry of a purchase whose method has since
+            # lost its route (PAYMENT_ROUTES changed) still returns the purchase it created.
+            provider = self.payments.for_method(method)
             pkg = (
                 await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
             ).first()
