@@ -25,6 +25,10 @@ BATCH_ITEMS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
+# Wallet: purchases credited after a failure report (a later attempt took the money); reconcile these.
+PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
+    "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"
+)
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
 CLAWBACK_SHORTFALL_OPEN = Gauge(
     "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"

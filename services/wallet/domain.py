@@ -41,11 +41,14 @@ class PurchaseStatus(StrEnum):
     CHARGED_BACK = "CHARGED_BACK"
 
 
-# Allowed transitions; anything else is INVALID_TRANSITION.
+# Allowed transitions; anything else is INVALID_TRANSITION. A failed payment can still succeed:
+# providers report a declined attempt, then a later one (another card, a retried capture) that
+# took the money, for the same checkout. The money arrived, so the coins are credited then. A
+# success is never undone by a failure report: only a refund or chargeback reverses it.
 TRANSITIONS: dict[PurchaseStatus, set[PurchaseStatus]] = {
     PurchaseStatus.PENDING: {PurchaseStatus.SUCCEEDED, PurchaseStatus.FAILED},
     PurchaseStatus.SUCCEEDED: {PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK},
-    PurchaseStatus.FAILED: set(),
+    PurchaseStatus.FAILED: {PurchaseStatus.SUCCEEDED},
     PurchaseStatus.REFUNDED: set(),
     PurchaseStatus.CHARGED_BACK: set(),
 }

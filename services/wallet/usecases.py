@@ -30,6 +30,7 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import run_idempotent
+from services.common.metrics import PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
@@ -353,6 +354,12 @@ class Wallet:
             if changed.rowcount != 1:
                 raise Aborted("the purchase changed concurrently, retry", "CONFLICT")
             if event.target is PurchaseStatus.SUCCEEDED:
+                if current is PurchaseStatus.FAILED:
+                    log.warning(
+                        "purchase succeeded after it had failed; crediting it",
+                        extra={"purchase_id": row.purchase_id, "provider_event_id": event.provider_event_id},
+                    )
+                    uow.after_commit(PURCHASES_SUCCEEDED_AFTER_FAILURE.inc)
                 await self._ensure_account(uow, row.user_id)
                 _entry, after = await self._post(
                     uow, "PURCHASE", row.purchase_id, domain.purchase_postings(row.user_id, row.coins)

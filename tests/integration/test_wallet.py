@@ -139,15 +139,40 @@ async def test_transitions_a_purchase_cannot_make_are_refused(clients, deploymen
     secret = deployment.webhook_secret
     failed = await new_purchase(clients.wallet, uid("viewer"))
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", failed))
-    for late in ("charge.refunded", "payment.succeeded", "charge.dispute.lost"):
+    for late in ("charge.refunded", "charge.dispute.lost"):
         await expect_error(
             clients.wallet.HandlePaymentEvent(signed_callback(secret, late, failed)),
             OK.FAILED_PRECONDITION,
             "INVALID_TRANSITION",
         )
+    succeeded = await new_purchase(clients.wallet, uid("viewer"))
+    await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded))
+    await expect_error(
+        clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", succeeded)),
+        OK.FAILED_PRECONDITION,
+        "INVALID_TRANSITION",
+    )
     pending = await new_purchase(clients.wallet, uid("viewer"))
     early = signed_callback(secret, "charge.refunded", pending)
     await expect_error(clients.wallet.HandlePaymentEvent(early), OK.FAILED_PRECONDITION, "INVALID_TRANSITION")
+
+
+async def test_a_payment_that_failed_and_then_succeeded_credits_its_coins_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    """A declined attempt, then a later one that took the money, for the same checkout (a second card)."""
+    secret, user = deployment.webhook_secret, uid("viewer")
+    purchase = await new_purchase(clients.wallet, user)
+    failure = signed_callback(secret, "payment.failed", purchase)
+    await clients.wallet.HandlePaymentEvent(failure)
+    assert await balance_of(clients.wallet, user) == 0
+    success = signed_callback(secret, "payment.succeeded", purchase)
+    answer = await clients.wallet.HandlePaymentEvent(success)
+    assert (answer.purchase.status, answer.duplicate) == (wallet_pb2.PURCHASE_STATUS_SUCCEEDED, False)
+    assert (await clients.wallet.HandlePaymentEvent(success)).duplicate  # the provider re-sends it
+    assert await balance_of(clients.wallet, user) == 700
+    # The failure re-sent after the success is a duplicate: it changes nothing.
+    late = await clients.wallet.HandlePaymentEvent(failure)
+    assert late.duplicate and late.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    assert await balance_of(clients.wallet, user) == 700
 
 
 async def test_a_chargeback_after_the_coins_were_gifted_leaves_a_debt_that_a_later_purchase_repays(  # type: ignore[no-untyped-def]

@@ -24,6 +24,8 @@ def test_every_kind_of_entry_is_balanced() -> None:
         (PurchaseStatus.SUCCEEDED, PurchaseStatus.CHARGED_BACK, True),
         (PurchaseStatus.SUCCEEDED, PurchaseStatus.REFUNDED, True),
         (PurchaseStatus.FAILED, PurchaseStatus.REFUNDED, False),
+        (PurchaseStatus.FAILED, PurchaseStatus.SUCCEEDED, True),  # a later attempt took the money
+        (PurchaseStatus.SUCCEEDED, PurchaseStatus.FAILED, False),
         (PurchaseStatus.PENDING, PurchaseStatus.REFUNDED, False),
         (PurchaseStatus.REFUNDED, PurchaseStatus.SUCCEEDED, False),
         (PurchaseStatus.SUCCEEDED, PurchaseStatus.SUCCEEDED, False),

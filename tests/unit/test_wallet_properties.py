@@ -59,12 +59,13 @@ _template: dict[str, Path] = {}  # "dir": this run's pytest tmp dir; "db": the m
 
 # ---- the model's rules, from the specification ------------------------------------------------
 
-# A purchase is PENDING until the provider answers; only a SUCCEEDED one can be reversed; the rest is final.
+# A purchase is PENDING until the provider answers; a FAILED one may still succeed (a later attempt
+# took the money); only a SUCCEEDED one can be reversed; the rest is final.
 REVERSED = (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK)
 ALLOWED: dict[PurchaseStatus, set[PurchaseStatus]] = {
     PurchaseStatus.PENDING: {PurchaseStatus.SUCCEEDED, PurchaseStatus.FAILED},
     PurchaseStatus.SUCCEEDED: {PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK},
-    PurchaseStatus.FAILED: set(),
+    PurchaseStatus.FAILED: {PurchaseStatus.SUCCEEDED},
     PurchaseStatus.REFUNDED: set(),
     PurchaseStatus.CHARGED_BACK: set(),
 }
