@@ -13,17 +13,19 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.gc_tuning import observe_pauses, tune_gc
-from services.common.grpcserver import ServiceRegistration, create_server
+from services.common.grpcserver import ServiceRegistration, create_server, is_unavailable, sqlstate
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.looplag import watch_loop_lag
 from services.common.migrate import upgrade_head
@@ -32,6 +34,38 @@ from services.common.tables import CommonTables
 from services.common.telemetry import setup_logging, setup_tracing, start_metrics
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The service cannot start as configured (a port taken, the database unreachable): `main`
+    logs it as one line, without a traceback, and exits 1."""
+
+
+# SQLSTATE of a database that does not exist (a wrong name in DATABASE_URL).
+_NO_SUCH_DATABASE = "3D000"
+
+
+@contextlib.contextmanager
+def _starting(what: str, *, database: bool = False) -> Iterator[None]:
+    """Raise StartupError for a start step's failure that the environment explains: a port that
+    cannot be bound (OSError, gRPC's RuntimeError), and with `database` the database down,
+    refusing the service or missing. Anything else (a bug, a migration's own error) keeps its
+    traceback."""
+    try:
+        yield
+    except Exception as exc:
+        explained = isinstance(exc, OSError | RuntimeError)
+        if database:
+            explained = is_unavailable(exc) or sqlstate(exc) == _NO_SUCH_DATABASE
+        if not explained:
+            raise
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        raise StartupError(f"{what}: {detail[0]}") from exc
+
+
+def _database_name(url: str) -> str:
+    """The database URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @dataclass
@@ -78,9 +112,10 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     faults.arm(settings.faults)
     observe_pauses()
     tracing = setup_tracing(spec.name, settings)
-    metrics_port = start_metrics(settings)
+    with _starting(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}"):
+        metrics_port = start_metrics(settings)
     if settings.migrate_on_start:
-        await upgrade_head(spec.migrations_dir, settings.database_url)
+        await _migrate(spec, settings)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,13 +132,14 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     outbox = Outbox(spec.tables.outbox)
     runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
     wiring = await spec.wire(runtime)
-    running = await create_server(
-        wiring.registrations,
-        settings.grpc_host,
-        settings.grpc_port,
-        f"livegifts.{spec.name}",
-        trace_spans=tracing.recording,
-    )
+    with _starting(f"cannot serve gRPC on {settings.grpc_host}:{settings.grpc_port} (in use, or not this host's)"):
+        running = await create_server(
+            wiring.registrations,
+            settings.grpc_host,
+            settings.grpc_port,
+            f"livegifts.{spec.name}",
+            trace_spans=tracing.recording,
+        )
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
     tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
@@ -153,6 +189,11 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     return exit_code
 
 
+async def _migrate(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    with _starting(f"cannot migrate the database {_database_name(settings.database_url)}", database=True):
+        await upgrade_head(spec.migrations_dir, settings.database_url)
+
+
 async def _first_crash(tasks: list[asyncio.Task[Any]]) -> None:
     for fut in asyncio.as_completed(tasks):
         try:
@@ -175,16 +216,20 @@ def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = load_settings(spec.settings_cls)
     setup_logging(spec.name, settings.log_level, settings.log_format)
-    if args.command == "migrate":
-        asyncio.run(upgrade_head(spec.migrations_dir, settings.database_url))
-        return
     try:
-        import uvloop
+        if args.command == "migrate":
+            asyncio.run(_migrate(spec, settings))
+            return
+        try:
+            import uvloop
 
-        runner: Callable[..., Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        runner = asyncio.run
-    exit_code = 0
-    with contextlib.suppress(KeyboardInterrupt):
-        exit_code = runner(serve(spec, settings))
+            runner: Callable[..., Any] = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+            runner = asyncio.run
+        exit_code = 0
+        with contextlib.suppress(KeyboardInterrupt):
+            exit_code = runner(serve(spec, settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        exit_code = 1
     sys.exit(exit_code)

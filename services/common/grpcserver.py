@@ -49,7 +49,8 @@ _BUG_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _is_unavailable(exc: BaseException) -> bool:
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says a dependency (the database, the broker) is down or refuses the service."""
     if isinstance(exc, _BUG_ERRORS):
         return False
     if isinstance(exc, _UNAVAILABLE_ERRORS):
@@ -59,13 +60,13 @@ def _is_unavailable(exc: BaseException) -> bool:
     # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover), or
     # one PostgreSQL refused: the connection classes of SQLSTATE (08), a rotated or wrong role or
     # password (28), too many connections (53), a server shutting down or starting (57P).
-    return bool(exc.connection_invalidated) or _sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES)
+    return bool(exc.connection_invalidated) or sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES)
 
 
 _UNAVAILABLE_SQLSTATES = ("08", "28", "53", "57P")
 
 
-def _sqlstate(exc: BaseException) -> str:
+def sqlstate(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     return str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
 
@@ -78,7 +79,7 @@ def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, 
 
 
 def _is_serialization_failure(exc: BaseException) -> bool:
-    return _sqlstate(exc) in ("40001", "40P01")
+    return sqlstate(exc) in ("40001", "40P01")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -100,7 +101,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return _rich_status(
                 grpc.StatusCode.ABORTED, "conflict, retry with the same key", "CONFLICT", self.domain, {}
             )
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             log.warning("dependency unavailable", extra={"error": type(exc).__name__})
             return _rich_status(
                 grpc.StatusCode.UNAVAILABLE,
