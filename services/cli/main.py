@@ -336,6 +336,117 @@ def audit(
         raise typer.Exit(2)
 
 
+dead_letters = typer.Typer(
+    help="Events the services' consumers parked after repeated failures: list them, replay one once fixed.",
+    no_args_is_help=True,
+)
+app.add_typer(dead_letters, name="dead-letters")
+Service = Annotated[str, typer.Option(help="wallet, gifting or payout")]
+OperatorToken = Annotated[
+    str,
+    typer.Option(
+        envvar="LIVEGIFTS_OPERATOR_TOKEN",
+        help="operator token (default: the one `livegifts run` keeps in var/dev-operator-token)",
+    ),
+]
+SERVICES = ("wallet", "gifting", "payout")
+
+
+def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
+    who = os.environ.get("USER", "") or "cli"
+    return (("authorization", f"Bearer {token or _dev_secret(var, 'dev-operator-token')}"), ("x-operator", who))
+
+
+def _service_addr(service: str, addrs: dict[str, str]) -> str:
+    if service not in addrs:
+        console.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    return addrs[service]
+
+
+@dead_letters.command("list")
+def dead_letters_list(
+    service: Service = "",
+    consumer: Annotated[str, typer.Option(help="only this consumer's (e.g. payout-earnings)")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many per service")] = 1000,
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    gifting_addr: GiftingAddr = "127.0.0.1:50052",
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    operator_token: OperatorToken = "",
+    var: VarDir = Path("var"),
+) -> None:
+    """List parked events, oldest first (every service's, or --service's); exit 0 even when there are some."""
+    from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
+
+    addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
+    services = [service] if service else list(SERVICES)
+    metadata = _operator(operator_token, var)
+    table = Table(title="parked events")
+    for col in ("service", "id", "consumer", "subject", "event id", "parked at (UTC)", "error"):
+        table.add_column(col)
+    shown = more = 0
+    for svc in services:
+        with grpc.insecure_channel(_service_addr(svc, addrs)) as ch:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
+            after, count = 0, 0
+            while True:
+                try:
+                    page = stub.ListDeadLetters(
+                        dead_letters_pb2.ListDeadLettersRequest(consumer=consumer, after_id=after, page_size=500),
+                        metadata=metadata,
+                        timeout=DEADLINE_S,
+                    )
+                except grpc.RpcError as exc:
+                    _fail(exc)
+                for d in page.dead_letters:
+                    if count == limit:
+                        more += 1
+                        break
+                    count += 1
+                    when = d.parked_at.ToDatetime().isoformat(timespec="seconds")
+                    table.add_row(svc, str(d.id), d.consumer, d.subject, d.event_id or "(undecodable)", when, d.error)
+                if not page.next_after_id or count == limit:
+                    break
+                after = page.next_after_id
+            shown += count
+    if shown == 0:
+        console.print("no parked events")
+        return
+    console.print(table)
+    if more:
+        console.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")
+
+
+@dead_letters.command("replay")
+def dead_letters_replay(
+    dead_letter_id: Annotated[int, typer.Argument(metavar="ID", help="the id `dead-letters list` shows")],
+    service: Annotated[str, typer.Option(help="the service that parked it: wallet, gifting or payout")],
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    gifting_addr: GiftingAddr = "127.0.0.1:50052",
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    operator_token: OperatorToken = "",
+    var: VarDir = Path("var"),
+) -> None:
+    """Apply one parked event again through its consumer, once; exit 1 if it fails again (it stays parked)."""
+    from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
+
+    addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
+    with grpc.insecure_channel(_service_addr(service, addrs)) as ch:
+        try:
+            answer = dead_letters_pb2_grpc.DeadLetterServiceStub(ch).ReplayDeadLetter(
+                dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id),
+                metadata=_operator(operator_token, var),
+                timeout=DEADLINE_S,
+            )
+        except grpc.RpcError as exc:
+            _fail(exc)
+    d = answer.dead_letter
+    if answer.outcome == dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED:
+        console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}")
+    else:
+        console.print(f"replayed {d.id}: {d.consumer} had applied event {d.event_id} already; nothing changed")
+
+
 def main() -> None:
     """Entry point of the `livegifts` command."""
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")

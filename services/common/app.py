@@ -21,9 +21,11 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from services.common import faults
+from services.common.auth import OperatorAuth
 from services.common.bus import Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
+from services.common.deadletters import dead_letter_registration
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import ServiceRegistration, create_server, is_unavailable, sqlstate
 from services.common.inbox import Consumer, InboxPruner, Subscription
@@ -132,9 +134,11 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     outbox = Outbox(spec.tables.outbox)
     runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
     wiring = await spec.wire(runtime)
+    consumers = [Consumer(db, bus, spec.tables, sub, settings) for sub in wiring.subscriptions]
+    parked = dead_letter_registration(db, spec.tables, consumers, OperatorAuth(settings.operator_token))
     with _starting(f"cannot serve gRPC on {settings.grpc_host}:{settings.grpc_port} (in use, or not this host's)"):
         running = await create_server(
-            wiring.registrations,
+            [*wiring.registrations, parked],
             settings.grpc_host,
             settings.grpc_port,
             f"livegifts.{spec.name}",
@@ -143,9 +147,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
     tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
-    for sub in wiring.subscriptions:
-        tasks.append(asyncio.create_task(Consumer(db, bus, spec.tables, sub, settings).run(stop), name=sub.durable))
-    if wiring.subscriptions:
+    for consumer in consumers:
+        tasks.append(asyncio.create_task(consumer.run(stop), name=consumer.sub.durable))
+    if consumers:
         tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
     tasks.append(asyncio.create_task(watch_loop_lag(stop, settings.loop_lag_probe_s), name="loop-lag"))
     for loop_fn in wiring.background:

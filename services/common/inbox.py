@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
@@ -48,6 +48,15 @@ E = TypeVar("E", bound=Message)
 
 INBOX_PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
 INBOX_PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long pruning round
+
+
+class ReplayFailed(Exception):
+    """A parked event could not be applied again; it stays parked."""
+
+    def __init__(self, parked: dict[str, Any], error: str) -> None:
+        super().__init__(error)
+        self.parked = parked
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -177,14 +186,8 @@ class Consumer(Generic[E]):
             for _, e in items:
                 unique.setdefault(e.event_id, e)  # type: ignore[attr-defined]
             async with self.db.unit_of_work() as uow:
-                # One statement records the new events and names them: no read of the inbox first.
-                received = now_us()
-                rows = [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in unique]
-                recorded = set((await uow.conn.execute(self._record.stmt, self._record.params(rows))).scalars())
-                fresh = {eid: e for eid, e in unique.items() if eid in recorded}
-                if fresh:
-                    with trace.use_span(spans[0]):
-                        await self.sub.handle(uow, list(fresh.values()))
+                with trace.use_span(spans[0]):
+                    fresh = await self._record_and_handle(uow, unique)
                 await uow.commit()
             faults.point("consumer.after_commit_before_ack")
             for msg, _ in items:
@@ -194,6 +197,59 @@ class Consumer(Generic[E]):
         finally:
             for span in spans:
                 span.end()
+
+    async def _record_and_handle(self, uow: UnitOfWork, unique: dict[str, E]) -> dict[str, E]:
+        """Record the events in the inbox and apply the new ones; returns those (the rest are duplicates)."""
+        # One statement records the new events and names them: no read of the inbox first.
+        received = now_us()
+        rows = [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in unique]
+        recorded = set((await uow.conn.execute(self._record.stmt, self._record.params(rows))).scalars())
+        fresh = {eid: e for eid, e in unique.items() if eid in recorded}
+        if fresh:
+            await self.sub.handle(uow, list(fresh.values()))
+        return fresh
+
+    async def replay(self, dead_letter_id: int) -> tuple[dict[str, Any], bool] | None:
+        """Apply a parked event again (an operator's call, once its cause is fixed): its row as it
+        was, and whether it was applied now (False: the inbox held it, nothing changed); None if
+        no such row is parked for this consumer. The inbox record, the effect and the row's
+        removal commit together; a failure leaves the row as it was and raises ReplayFailed."""
+        d = self.tables.dead_letters.c
+        async with self.db.unit_of_work() as uow:
+            # Locked (PostgreSQL; SQLite serializes writers): a concurrent replay of the same row
+            # waits, then finds it gone.
+            row = (
+                await uow.conn.execute(
+                    select(self.tables.dead_letters)
+                    .where(d.id == dead_letter_id, d.consumer == self.sub.durable)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                return None
+            parked = row._asdict()
+            try:
+                event = self.sub.event_type.FromString(parked["payload"])
+            except DecodeError as exc:
+                raise ReplayFailed(
+                    parked, f"the payload cannot be decoded as {self.sub.event_type.__name__}: {exc}"
+                ) from exc
+            event_id = getattr(event, "event_id", "")
+            if not event_id:
+                raise ReplayFailed(parked, "the payload has no event_id")
+            with tracer.start_as_current_span(
+                f"replay {parked['subject']}",
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.system": "nats", "messaging.consumer": self.sub.durable},
+            ):
+                try:
+                    fresh = await self._record_and_handle(uow, {event_id: event})
+                except Exception as exc:  # noqa: BLE001 - the handler's failure is the answer
+                    raise ReplayFailed(parked, repr(exc)[:500]) from exc
+            await uow.conn.execute(delete(self.tables.dead_letters).where(d.id == dead_letter_id))
+            await uow.commit()
+        CONSUMED.labels(self.sub.durable, "replayed" if fresh else "duplicate").inc()
+        return parked, bool(fresh)
 
     async def _failed(self, item: tuple[Msg, E], exc: Exception) -> None:
         msg, event = item

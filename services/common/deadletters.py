@@ -1,0 +1,128 @@
+"""DeadLetterService: the events a service's consumers parked, and their replay (operator RPCs).
+
+A consumer parks an event that failed CONSUMER_MAX_DELIVER times, or could not be decoded, in
+its dead_letters table and terminates it in JetStream (services/common/inbox.py). Once the
+cause is fixed (a bug deployed, a missing row restored), an operator lists them and replays
+each through the consumer that parked it: inbox record, effect and removal of the row commit
+together, so a replay takes effect once, or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
+from services.common.auth import OperatorAuth
+from services.common.db import Database
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.grpcserver import ServiceRegistration
+from services.common.inbox import Consumer, ReplayFailed
+from services.common.tables import CommonTables
+from services.common.timeutil import to_timestamp
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 500
+_OUTCOME = dead_letters_pb2.ReplayDeadLetterResponse
+
+
+def _dead_letter_pb(r: dict[str, Any]) -> dead_letters_pb2.DeadLetter:
+    return dead_letters_pb2.DeadLetter(
+        id=r["id"],
+        consumer=r["consumer"],
+        subject=r["subject"],
+        event_id=r["event_id"] or "",
+        error=r["error"],
+        parked_at=to_timestamp(r["received_at_us"]),
+        payload_bytes=len(r["payload"]),
+    )
+
+
+class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
+    """Lists parked events and replays them through the consumer that parked them."""
+
+    def __init__(self, db: Database, tables: CommonTables, consumers: list[Consumer[Any]], auth: OperatorAuth) -> None:
+        self.db = db
+        self.tables = tables
+        self.consumers = {c.sub.durable: c for c in consumers}
+        self.auth = auth
+
+    async def ListDeadLetters(self, request: dead_letters_pb2.ListDeadLettersRequest, context: Any) -> Any:
+        """Operator: one page of parked events, oldest first."""
+        self.auth.require(context)
+        size = request.page_size or PAGE_SIZE_DEFAULT
+        if not 1 <= size <= PAGE_SIZE_MAX:
+            raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
+        d = self.tables.dead_letters.c
+        q = select(self.tables.dead_letters).where(d.id > request.after_id)
+        if request.consumer:
+            q = q.where(d.consumer == request.consumer)
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = [r._asdict() for r in await uow.conn.execute(q.order_by(d.id).limit(size))]
+        out = dead_letters_pb2.ListDeadLettersResponse(dead_letters=[_dead_letter_pb(r) for r in rows])
+        if len(rows) == size:
+            out.next_after_id = rows[-1]["id"]
+        return out
+
+    async def ReplayDeadLetter(self, request: dead_letters_pb2.ReplayDeadLetterRequest, context: Any) -> Any:
+        """Operator: apply one parked event again, once."""
+        operator = self.auth.require(context)
+        if request.id <= 0:
+            raise InvalidArgument("id is required", "MISSING_FIELD", field="id")
+        d = self.tables.dead_letters.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            consumer = (await uow.conn.execute(select(d.consumer).where(d.id == request.id))).scalar()
+        found = None
+        if consumer is not None:
+            c = self.consumers.get(consumer)
+            if c is None:
+                raise FailedPrecondition(
+                    f"consumer {consumer} no longer runs in this service", "UNKNOWN_CONSUMER", consumer=consumer
+                )
+            try:
+                found = await c.replay(request.id)
+            except ReplayFailed as exc:
+                log.warning(
+                    "dead letter replay failed; it stays parked",
+                    extra={
+                        "dead_letter_id": request.id,
+                        "consumer": consumer,
+                        "operator": operator,
+                        "error": exc.error,
+                    },
+                )
+                raise FailedPrecondition(
+                    f"the event could not be applied: {exc.error}", "REPLAY_FAILED", consumer=consumer
+                ) from None
+        if found is None:  # never parked, or replayed already (by this call's retry or another operator)
+            raise NotFound("no event is parked with this id (replayed already?)", "UNKNOWN_DEAD_LETTER")
+        parked, applied = found
+        log.info(
+            "dead letter replayed",
+            extra={
+                "dead_letter_id": request.id,
+                "consumer": consumer,
+                "event_id": parked["event_id"],
+                "applied": applied,
+                "operator": operator,
+            },
+        )
+        return _OUTCOME(
+            dead_letter=_dead_letter_pb(parked),
+            outcome=_OUTCOME.OUTCOME_APPLIED if applied else _OUTCOME.OUTCOME_DUPLICATE,
+        )
+
+
+def dead_letter_registration(
+    db: Database, tables: CommonTables, consumers: list[Consumer[Any]], auth: OperatorAuth
+) -> ServiceRegistration:
+    """The DeadLetterService registration every service adds beside its own."""
+    return ServiceRegistration(
+        dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server,
+        DeadLetterServicer(db, tables, consumers, auth),
+        dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
+    )

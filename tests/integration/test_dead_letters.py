@@ -1,0 +1,191 @@
+"""Parked events and their replay, against a real nats-server and a real database (both backends).
+
+A consumer parks an event that keeps failing (CONSUMER_MAX_DELIVER deliveries) and one it cannot
+decode, and goes on with the rest. Through DeadLetterService (a real gRPC server, operator
+token) an operator lists them and replays one once its cause is fixed: it is applied once, in
+one transaction with the inbox and the removal of its row; a replay that fails again, of an
+undecodable payload, or of an event the inbox already holds changes nothing it should not; a
+second replay, or two at once, apply nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import func, insert, select, text
+
+from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
+from livegifts.gifting.v1 import events_pb2
+from services.common.auth import OperatorAuth
+from services.common.db import UnitOfWork
+from services.common.deadletters import dead_letter_registration
+from services.common.grpcserver import create_server
+from services.common.inbox import Consumer, Subscription
+from services.common.outbox import new_event_id
+from services.common.timeutil import now_us
+from tests.integration.helpers import eventually, expect_error
+from tests.integration.test_outbox_relay import _Harness, _harnesses, _running
+
+TOKEN = "dead-letter-test-operator-token"
+OPERATOR = (("authorization", f"Bearer {TOKEN}"), ("x-operator", "test"))
+DURABLE = "dead-letter-test"
+Outcome = dead_letters_pb2.ReplayDeadLetterResponse
+
+
+class _Rig:
+    """A harness, a consumer of gifting.gift.sent that fails on `poison`, and a DeadLetterService stub."""
+
+    def __init__(self, harness: _Harness, consumer: Consumer[Any], stub: Any, poison: set[str], slow: set[str]) -> None:
+        self.h, self.consumer, self.stub, self.poison, self.slow = harness, consumer, stub, poison, slow
+
+    async def count(self, sql: str) -> int:
+        async with self.h.db.unit_of_work(readonly=True) as uow:
+            return int((await uow.conn.execute(text(sql))).scalar_one())
+
+    async def applied(self, event_id: str) -> int:
+        async with self.h.db.unit_of_work(readonly=True) as uow:
+            q = text("SELECT count(*) FROM applied WHERE event_id = :e")
+            return int((await uow.conn.execute(q, {"e": event_id})).scalar_one())
+
+    async def park(self, event: events_pb2.GiftSent) -> int:
+        """A row as the consumer parks one (for cases the broker cannot be made to produce on cue)."""
+        d = self.h.tables.dead_letters
+        async with self.h.db.unit_of_work() as uow:
+            await uow.conn.execute(
+                insert(d).values(
+                    consumer=DURABLE,
+                    subject="gifting.gift.sent",
+                    event_id=event.event_id,
+                    payload=event.SerializeToString(),
+                    error="failed 2 times: RuntimeError()",
+                    received_at_us=now_us(),
+                )
+            )
+            await uow.commit()
+        async with self.h.db.unit_of_work(readonly=True) as uow:
+            return int((await uow.conn.execute(select(func.max(d.c.id)))).scalar_one())
+
+    async def replay(self, dead_letter_id: int) -> Any:
+        return await self.stub.ReplayDeadLetter(
+            dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id), metadata=OPERATOR
+        )
+
+    async def parked(self, **request: Any) -> Any:
+        return await self.stub.ListDeadLetters(dead_letters_pb2.ListDeadLettersRequest(**request), metadata=OPERATOR)
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, url: str) -> AsyncIterator[_Rig]:
+    poison: set[str] = set()
+    slow: set[str] = set()  # events whose effect takes a while: concurrent replays overlap
+    async with _harnesses(tmp_path, url, 1, consumer_max_deliver=2) as (h,):
+        async with h.db.unit_of_work() as uow:
+            await uow.conn.execute(text("CREATE TABLE applied (event_id VARCHAR(64) PRIMARY KEY)"))
+            await uow.commit()
+
+        async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+            if poison & {e.event_id for e in events}:
+                raise RuntimeError("a row this event needs is missing")
+            if slow & {e.event_id for e in events}:
+                await asyncio.sleep(0.5)
+            for e in events:
+                await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES (:e)"), {"e": e.event_id})
+
+        sub = Subscription(DURABLE, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+        consumer = Consumer(h.db, h.bus, h.tables, sub, h.settings)
+        registration = dead_letter_registration(h.db, h.tables, [consumer], OperatorAuth(SecretStr(TOKEN)))
+        running = await create_server([registration], "127.0.0.1", 0, "livegifts.test")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        try:
+            yield _Rig(h, consumer, dead_letters_pb2_grpc.DeadLetterServiceStub(channel), poison, slow)
+        finally:
+            await channel.close()
+            await running.server.stop(None)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, empty_database: str) -> AsyncIterator[_Rig]:
+    async with _rig(tmp_path, empty_database) as r:
+        yield r
+
+
+async def test_a_failing_and_an_undecodable_event_are_parked_and_the_fixed_one_replays_once(rig: _Rig) -> None:
+    ids = await rig.h.add_events(3)
+    rig.poison.add(ids[1])
+    assert rig.h.bus.js is not None
+    await rig.h.bus.js.publish("gifting.gift.sent", b"\xff\xff not a GiftSent", headers={"Nats-Msg-Id": "junk"})
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 2, 20)
+        await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 5)
+    assert [await rig.applied(i) for i in ids] == [1, 0, 1]  # the rest went on
+
+    await expect_error(
+        rig.stub.ListDeadLetters(dead_letters_pb2.ListDeadLettersRequest()), grpc.StatusCode.UNAUTHENTICATED
+    )
+    parked = (await rig.parked()).dead_letters
+    failing = next(d for d in parked if d.event_id == ids[1])
+    junk = next(d for d in parked if not d.event_id)
+    assert failing.consumer == DURABLE and "failed 2 times" in failing.error and "undecodable" in junk.error
+    first = await rig.parked(page_size=1)
+    assert len(first.dead_letters) == 1 and first.next_after_id == first.dead_letters[0].id
+    assert [d.id for d in (await rig.parked(after_id=first.next_after_id)).dead_letters] == [parked[1].id]
+    assert (await rig.parked(consumer="another")).dead_letters == []
+
+    # Not fixed yet: the replay fails and the event stays parked, nothing applied.
+    await expect_error(rig.replay(failing.id), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
+    await expect_error(rig.replay(junk.id), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
+    assert len((await rig.parked()).dead_letters) == 2 and await rig.applied(ids[1]) == 0
+
+    rig.poison.clear()  # the cause is fixed
+    answer = await rig.replay(failing.id)
+    assert answer.outcome == Outcome.OUTCOME_APPLIED and answer.dead_letter.event_id == ids[1]
+    assert await rig.applied(ids[1]) == 1
+    await expect_error(rig.replay(failing.id), grpc.StatusCode.NOT_FOUND, "UNKNOWN_DEAD_LETTER")
+    assert await rig.applied(ids[1]) == 1
+    assert [d.id for d in (await rig.parked()).dead_letters] == [junk.id]
+    assert await rig.count(f"SELECT count(*) FROM inbox WHERE consumer = '{DURABLE}'") == 3
+
+
+async def test_a_replay_of_an_event_the_inbox_holds_changes_nothing_and_two_at_once_apply_once(rig: _Rig) -> None:
+    event = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
+    first = await rig.replay(await rig.park(event))
+    assert first.outcome == Outcome.OUTCOME_APPLIED
+    again = await rig.replay(await rig.park(event))  # parked twice (two redeliveries): the inbox holds it
+    assert again.outcome == Outcome.OUTCOME_DUPLICATE and await rig.applied(event.event_id) == 1
+
+    fresh = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
+    row = await rig.park(fresh)
+    rig.slow.add(fresh.event_id)  # the second replay comes while the first holds the row
+    answers = await asyncio.gather(rig.replay(row), rig.replay(row), return_exceptions=True)
+    outcomes = sorted(
+        a.code().name if isinstance(a, grpc.aio.AioRpcError) else Outcome.Outcome.Name(a.outcome) for a in answers
+    )
+    assert outcomes == ["NOT_FOUND", "OUTCOME_APPLIED"], answers
+    assert await rig.applied(fresh.event_id) == 1
+    assert (await rig.parked()).dead_letters == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "livegifts")
+    return subprocess.run([exe, "dead-letters", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_the_cli_lists_and_replays_parked_events_of_the_running_suite(deployment: Any) -> None:
+    addrs = [f"--{s}-addr={getattr(deployment, f'{s}_addr')}" for s in ("wallet", "gifting", "payout")]
+    token = f"--operator-token={deployment.operator_token}"
+    listed = _cli("list", *addrs, token)
+    assert listed.returncode == 0 and "no parked events" in listed.stdout, listed.stdout + listed.stderr
+    missing = _cli("replay", "424242", "--service", "payout", *addrs, token)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout, missing.stdout + missing.stderr
+    refused = _cli("list", "--service", "gifting", *addrs, "--operator-token=wrong")
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout, refused.stdout + refused.stderr
