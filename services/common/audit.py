@@ -1,7 +1,7 @@
 """AuditService: per-id records for cross-service reconciliation (`livegifts audit --detail`).
 
-Each service names its record kinds and gives a keyset-paged query for each; this servicer
-only validates and pages.
+Each service names its record kinds and gives a keyset-paged query for each, which also reads
+given ids; this servicer only validates and pages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from services.common.grpcserver import ServiceRegistration
 PAGE_SIZE_DEFAULT = 1000
 PAGE_SIZE_MAX = 5000
 
-Query = Callable[[str, int], Awaitable[list[audit_pb2.AuditRecord]]]
+IDS_MAX = 5000  # ids one request may ask for
+
+# (after, size, ids): a page of records with id > after, or, when ids is not empty, those records.
+Query = Callable[[str, int, list[str]], Awaitable[list[audit_pb2.AuditRecord]]]
 
 
 def table_query(
@@ -32,12 +35,15 @@ def table_query(
     status_col: str | None = None,
     status: str = "",
 ) -> Query:
-    """A keyset-paged query over one table: records with id > token, ordered by id."""
+    """A keyset-paged query over one table: records with id > token, ordered by id; or given ids."""
     t = table.c
 
-    async def query(after: str, size: int) -> list[audit_pb2.AuditRecord]:
+    async def query(after: str, size: int, ids: list[str]) -> list[audit_pb2.AuditRecord]:
         cols = [t[id_col], t[amount_col], t[party_col]] + ([t[status_col]] if status_col else [])
-        q = select(*cols).where(t[id_col] > after).order_by(t[id_col]).limit(size)
+        if ids:
+            q = select(*cols).where(t[id_col].in_(ids)).order_by(t[id_col])
+        else:
+            q = select(*cols).where(t[id_col] > after).order_by(t[id_col]).limit(size)
         async with db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(q)).all()
         return [
@@ -57,16 +63,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self.kinds = kinds
 
     async def ListAuditRecords(self, request: audit_pb2.ListAuditRecordsRequest, context: Any) -> Any:
-        """One page of records of a kind."""
+        """One page of records of a kind, or the records of the ids asked for."""
         query = self.kinds.get(request.kind)
         if query is None:
             raise InvalidArgument(f"kind must be one of {sorted(self.kinds)}", "UNKNOWN_RECORD_KIND")
         size = request.page_size or PAGE_SIZE_DEFAULT
         if not 1 <= size <= PAGE_SIZE_MAX:
             raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
-        records = await query(request.page_token, size)
+        if len(request.ids) > IDS_MAX:
+            raise InvalidArgument(f"at most {IDS_MAX} ids", "TOO_MANY_IDS")
+        records = await query(request.page_token, size, list(request.ids))
         out = audit_pb2.ListAuditRecordsResponse(records=records)
-        if len(records) == size:
+        if not request.ids and len(records) == size:
             out.next_page_token = records[-1].id
         return out
 

@@ -95,6 +95,17 @@ class Outbox:
         )
         uow.after_commit(self.wakeup.set)
 
+    async def marks(self, uow: UnitOfWork) -> tuple[int, int]:
+        """(lowest id of an unpublished row or 0, highest id written or 0): the audit's cut-off.
+
+        An audit that saw last id M is done waiting once the lowest unpublished id is past M, however
+        many events were written since.
+        """
+        t = self.table.c
+        first = (await uow.conn.execute(select(func.min(t.id)).where(t.published_at_us.is_(None)))).scalar_one()
+        last = (await uow.conn.execute(select(func.max(t.id)))).scalar_one()
+        return int(first or 0), int(last or 0)
+
     async def pending(self, uow: UnitOfWork) -> int:
         """How many events are written but not yet acked by JetStream."""
         return int(

@@ -1156,7 +1156,8 @@ class Gifting:
     # ---- audit -------------------------------------------------------------------------------
 
     async def audit(self) -> gifting_pb2.GiftingAudit:
-        """Gifts by status, sent coins and counts by kind, pending coins, what the leaderboards counted."""
+        """Gifts by status, sent coins and counts by kind, pending coins, what the leaderboards counted,
+        parked events and the outbox's cut-off marks."""
         g = gift_events.c
         lb = leaderboard_all_time.c
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
@@ -1180,6 +1181,8 @@ class Gifting:
                 )
             ).scalar_one()
             pending = await self.outbox.pending(uow)
+            first_pending, last = await self.outbox.marks(uow)
+            parked = (await uow.conn.execute(select(func.count()).select_from(common.dead_letters))).scalar_one()
         return gifting_pb2.GiftingAudit(
             gifts_sent=int(counts.get(GiftStatus.SENT.value, 0)),
             gifts_pending=int(counts.get(GiftStatus.PENDING.value, 0)),
@@ -1190,6 +1193,9 @@ class Gifting:
             sent_by_kind={k: n for k, (_, n) in by_kind.items()},
             coins_pending=int(coins_pending),
             leaderboard_coins=int(leaderboard_coins),
+            dead_letters=int(parked),
+            outbox_first_pending_id=first_pending,
+            outbox_last_id=last,
         )
 
 

@@ -1297,7 +1297,8 @@ class Payout:
     # ---- audit ---------------------------------------------------------------------------
 
     async def audit(self) -> payout_pb2.PayoutAudit:
-        """Totals for invariants 4 and 5, and the entries behind held, withdrawn and clawed-back diamonds."""
+        """Totals for invariants 4 and 5, the entries behind held, withdrawn and clawed-back diamonds,
+        earnings at a wrong share, parked events and the outbox's cut-off marks."""
         c = creators.c
         w = withdrawals.c
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
@@ -1342,7 +1343,18 @@ class Payout:
                 )
             ).scalar_one()
             clawed = (await uow.conn.execute(select(func.coalesce(func.sum(clawbacks.c.diamonds), 0)))).scalar_one()
+            e = earnings.c
+            units_mismatch = (
+                await uow.conn.execute(select(func.count()).where(e.units != e.coins * e.share_bp))
+            ).scalar_one()
+            unknown_share = (
+                await uow.conn.execute(
+                    select(func.count()).where(e.share_bp.not_in(select(policies.c.creator_share_bp)))
+                )
+            ).scalar_one()
+            parked = (await uow.conn.execute(select(func.count()).select_from(common.dead_letters))).scalar_one()
             pending = await self.outbox.pending(uow)
+            first_pending, last = await self.outbox.marks(uow)
         events, units_by_event, coins_by_event = ledger
         return payout_pb2.PayoutAudit(
             coins_received=int(totals[0]),
@@ -1363,6 +1375,11 @@ class Payout:
             diamonds_in_open_withdrawals=int(open_[1]),
             diamonds_in_paid_withdrawals=int(paid),
             diamonds_in_clawback_entries=int(clawed),
+            earnings_units_mismatch=int(units_mismatch),
+            earnings_unknown_share=int(unknown_share),
+            dead_letters=int(parked),
+            outbox_first_pending_id=first_pending,
+            outbox_last_id=last,
         )
 
 

@@ -868,7 +868,8 @@ class Wallet:
     # ---- audit -------------------------------------------------------------------------
 
     async def audit(self) -> wallet_pb2.WalletAudit:
-        """The totals the suite's invariants need, computed from the ledger itself."""
+        """The totals the suite's invariants need, computed from the ledger itself, and the
+        purchases' own coins to compare the ledger's issued and reversed coins with."""
         p = postings.c
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             c = uow.conn
@@ -914,7 +915,23 @@ class Wallet:
                     )
                 )
             ).one()
+            ever_credited = [
+                PurchaseStatus.SUCCEEDED.value,
+                PurchaseStatus.REFUNDED.value,
+                PurchaseStatus.CHARGED_BACK.value,
+            ]
+            credited, reversed_ = (
+                await c.execute(
+                    select(
+                        func.coalesce(func.sum(purchases.c.coins), 0),
+                        func.coalesce(
+                            func.sum(case((purchases.c.status.in_(ever_credited[1:]), purchases.c.coins), else_=0)), 0
+                        ),
+                    ).where(purchases.c.status.in_(ever_credited))
+                )
+            ).one()
             pending = await self.outbox.pending(uow)
+            first_pending, last = await self.outbox.marks(uow)
         spent_by_reason = {
             acc.removeprefix("system:spent:"): int(v)
             for acc, v in by_account.items()
@@ -933,6 +950,10 @@ class Wallet:
             postings_mismatch=int(mismatch),
             outbox_pending=pending,
             coins_spent_by_reason=spent_by_reason,
+            coins_of_credited_purchases=int(credited),
+            coins_of_reversed_purchases=int(reversed_),
+            outbox_first_pending_id=first_pending,
+            outbox_last_id=last,
         )
 
 

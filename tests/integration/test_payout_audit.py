@@ -1,0 +1,52 @@
+"""Payout's GetAudit reports what the reconciliation needs to catch a wrong share or a parked
+event: earnings whose units are not coins x share, earnings at a share no policy set, dead
+letters, and the outbox's cut-off marks (both backends, a real database)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import insert, update
+
+from services.common.timeutil import now_us
+from services.payout.storage import common, earnings
+from services.payout.usecases import Payout
+from tests.unit.test_payout_dispatch import gift_event, payout_on
+
+
+@pytest.fixture
+async def payout(empty_database: str) -> AsyncIterator[Payout]:
+    async with payout_on(empty_database) as (p, _provider):
+        yield p
+
+
+async def test_the_audit_counts_earnings_at_a_wrong_share_and_parked_events(payout: Payout) -> None:
+    events = [gift_event("creator-a", 7), gift_event("creator-a", 10), gift_event("creator-b", 3)]
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, events)
+        await uow.commit()
+    clean = await payout.audit()
+    assert (clean.earnings_units_mismatch, clean.earnings_unknown_share, clean.dead_letters) == (0, 0, 0)
+    assert clean.HasField("outbox_last_id") and clean.outbox_first_pending_id <= clean.outbox_last_id
+
+    e = earnings.c
+    async with payout.db.unit_of_work() as uow:
+        # One credited at units a share would not give, one at a share no policy version ever set.
+        await uow.conn.execute(update(earnings).where(e.event_id == events[0].event_id).values(units=e.units + 1))
+        await uow.conn.execute(
+            update(earnings).where(e.event_id == events[1].event_id).values(share_bp=7000, units=e.coins * 7000)
+        )
+        await uow.conn.execute(
+            insert(common.dead_letters).values(
+                consumer="payout-gift-sent",
+                subject="gifting.gift.sent",
+                event_id="x",
+                payload=b"",
+                error="test",
+                received_at_us=now_us(),
+            )
+        )
+        await uow.commit()
+    tampered = await payout.audit()
+    assert (tampered.earnings_units_mismatch, tampered.earnings_unknown_share, tampered.dead_letters) == (1, 1, 1)
