@@ -189,8 +189,8 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict[str,
         out["db_ceiling_tx_per_s"] = json.loads(ceiling.stdout)
         t0 = time.monotonic()
 
-        def fetch() -> Any:
-            return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 30, detail=True)
+        def fetch(ids: Any = None) -> Any:
+            return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 30, True, ids)
 
         report = wait_until_settled(fetch, AUDIT_SETTLE_S)
         out["audit"] = {

@@ -1,16 +1,32 @@
 """Cross-service reconciliation: read every service's audit, check ARCHITECTURE.md's invariants.
 
-Totals come from each service's GetAudit; with `detail`, the per-id records of the common
-AuditService are compared too (wallet spends vs gifting gifts vs payout earnings), naming the
-ids that disagree. Work still under way (unsent outbox rows, pending gifts, events not yet
-consumed) is reported as "in flight", not as a failure.
+The services are read in the order effects flow backwards: payout, gifting, the wallet, then
+gifting again. A spend commits before its gift is SENT, and a gift is SENT before payout credits
+it, so each read bounds the one before it, even while gifts keep coming:
+
+- what payout had credited, gifting had sent when read after it (coins and events);
+- what gifting had sent, the wallet had charged when read after it;
+- what the wallet had charged, gifting holds as sent or pending when read once more.
+
+Totals outside these bounds are FAILED at once: a gift sent without its coins, coins charged for
+no gift, diamonds for coins never sent. A difference inside them is work in flight. Checks
+within one service (a ledger that balances, diamonds that are the exact share of the coins
+received) hold in every snapshot and are FAILED whenever they do not.
+
+Totals alone settle only when traffic stops. With `detail`, the per-id records of each service's
+AuditService are compared too, and the audit settles id by id: the ids in flight at the first
+look (a gift pending, charged but not yet sent, sent but not yet credited) are read again, those
+ids alone, until each has settled or the wait runs out. Outbox rows settle the same way, by the
+highest id written at the first look. Gifts that began after the first look are the next audit's,
+so an audit with `detail` passes under steady traffic.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +43,11 @@ TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 OK, IN_FLIGHT, FAILED = "ok", "in flight", "FAILED"
 IDS_SHOWN_MAX = 10
+PAGE_SIZE = 5000  # records per ListAuditRecords page, and ids per by-id request (the servers' limits)
+RECHECK_S = 0.5  # pause between looks while waiting
+
+SENT, PENDING, CANCELLED, SPENT = "SENT", "PENDING", "CANCELLED", "SPENT"
+Records = dict[str, audit_pb2.AuditRecord]
 
 
 @dataclass(frozen=True)
@@ -40,23 +61,39 @@ class Check:
 
 @dataclass(frozen=True)
 class Totals:
-    """The three services' audit answers, and their per-id records when asked for."""
+    """The three services' audit answers, in the order they were read, and their per-id records
+    when asked for.
+
+    `gifting_after` is gifting's answer read after the wallet's (None: the same as `gifting`);
+    `gifts_after` holds, read after the spends, the gifts of every charged spend whose gift the
+    first read did not see as sent. `ids` is set on a re-check that read only those ids.
+    """
 
     wallet: Any
     gifting: Any
     payout: Any
-    spends: dict[str, audit_pb2.AuditRecord] | None = None
-    gifts: dict[str, audit_pb2.AuditRecord] | None = None
-    earnings: dict[str, audit_pb2.AuditRecord] | None = None
+    spends: Records | None = None
+    gifts: Records | None = None
+    earnings: Records | None = None
+    gifting_after: Any = None
+    gifts_after: Records | None = None
+    ids: frozenset[str] | None = None
 
 
-def _records(channel: grpc.Channel, kind: str, deadline_s: float) -> dict[str, audit_pb2.AuditRecord]:
+def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str] | None = None) -> Records:
+    """Every record of a kind, page by page; or, with ids, the records of those ids that exist."""
     stub = audit_pb2_grpc.AuditServiceStub(channel)
-    out: dict[str, audit_pb2.AuditRecord] = {}
+    out: Records = {}
+    if ids is not None:
+        wanted = sorted(set(ids))
+        for i in range(0, len(wanted), PAGE_SIZE):
+            req = audit_pb2.ListAuditRecordsRequest(kind=kind, ids=wanted[i : i + PAGE_SIZE])
+            out.update((r.id, r) for r in stub.ListAuditRecords(req, timeout=deadline_s).records)
+        return out
     token = ""
     while True:
         page = stub.ListAuditRecords(
-            audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=5000), timeout=deadline_s
+            audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE), timeout=deadline_s
         )
         out.update((r.id, r) for r in page.records)
         if not page.next_page_token:
@@ -64,25 +101,52 @@ def _records(channel: grpc.Channel, kind: str, deadline_s: float) -> dict[str, a
         token = page.next_page_token
 
 
-def collect(wallet_addr: str, gifting_addr: str, payout_addr: str, deadline_s: float, detail: bool = False) -> Totals:
-    """Call GetAudit on every service (and page through their records with `detail`)."""
+def collect(
+    wallet_addr: str,
+    gifting_addr: str,
+    payout_addr: str,
+    deadline_s: float,
+    detail: bool = False,
+    ids: Iterable[str] | None = None,
+) -> Totals:
+    """Call GetAudit on every service, downstream first (see the module's text); with `detail`
+    also read their per-id records, and with `ids` only those ids' records (implies detail)."""
+    only = None if ids is None else frozenset(ids)
+    detail = detail or only is not None
     with (
         grpc.insecure_channel(wallet_addr) as w,
         grpc.insecure_channel(gifting_addr) as g,
         grpc.insecure_channel(payout_addr) as p,
     ):
-        # Downstream first: whatever payout has counted, gifting and wallet have already counted.
+        gifting = gifting_pb2_grpc.GiftingServiceStub(g)
         pa = payout_pb2_grpc.PayoutServiceStub(p).GetAudit(payout_pb2.GetAuditRequest(), timeout=deadline_s)
-        earnings = _records(p, "earnings", deadline_s) if detail else None
-        ga = gifting_pb2_grpc.GiftingServiceStub(g).GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
-        gifts = _records(g, "gifts", deadline_s) if detail else None
+        earnings = _records(p, "earnings", deadline_s, only) if detail else None
+        ga = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
+        gifts = _records(g, "gifts", deadline_s, only) if detail else None
         wa = wallet_pb2_grpc.WalletServiceStub(w).GetAudit(wallet_pb2.GetAuditRequest(), timeout=deadline_s)
-        spends = _records(w, "spends", deadline_s) if detail else None
-        return Totals(wa, ga, pa, spends, gifts, earnings)
+        spends = _records(w, "spends", deadline_s, only) if detail else None
+        ga_after = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
+        gifts_after = None
+        if spends is not None and gifts is not None:
+            unsent = [k for k, r in spends.items() if r.status == SPENT and (k not in gifts or gifts[k].status != SENT)]
+            gifts_after = _records(g, "gifts", deadline_s, unsent)
+        return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
 
 
 def _verdict(name: str, holds: bool, in_flight: bool, detail: str) -> Check:
     return Check(name, OK if holds else (IN_FLIGHT if in_flight else FAILED), detail)
+
+
+def _bounded(name: str, exact: bool, within: bool, by_id: bool, detail: str) -> Check:
+    """A cross-service total: ok when equal; outside its bounds FAILED; inside them in flight, or
+    ok when the per-id checks (which settle by id) decide."""
+    if exact:
+        return Check(name, OK, detail)
+    if not within:
+        return Check(name, FAILED, f"{detail}; outside the bounds of work in flight")
+    if by_id:
+        return Check(name, OK, f"{detail}; within the bounds of work in flight, settled id by id below")
+    return Check(name, IN_FLIGHT, detail)
 
 
 def _ids(ids: list[str]) -> str:
@@ -92,11 +156,55 @@ def _ids(ids: list[str]) -> str:
     return f"{len(ids)}: {shown}{' ...' if len(ids) > IDS_SHOWN_MAX else ''}"
 
 
-def check_invariants(t: Totals) -> list[Check]:
+def _reported(msg: Any, field: str) -> int | None:
+    """An optional audit field, or None when the service (an older version) does not report it."""
+    return getattr(msg, field) if msg.HasField(field) else None
+
+
+Marks = dict[str, int]  # service -> the highest outbox id written when the audit first looked
+
+
+def outbox_marks(t: Totals) -> Marks:
+    """Each service's highest outbox id in these totals: the cut-off of later looks."""
+    out = {}
+    for name, msg in (("wallet", t.wallet), ("gifting", t.gifting), ("payout", t.payout)):
+        last = _reported(msg, "outbox_last_id")
+        if last is not None:
+            out[name] = last
+    return out
+
+
+def _outbox_check(t: Totals, marks: Marks | None) -> Check:
+    """Rows written up to the cut-off are published (without the marks: none is pending)."""
+    busy = []
+    for name, msg in (("wallet", t.wallet), ("gifting", t.gifting), ("payout", t.payout)):
+        first, mark = _reported(msg, "outbox_first_pending_id"), (marks or {}).get(name)
+        if first is not None and mark is not None:
+            if first and first <= mark:
+                busy.append(f"{name} {msg.outbox_pending} (rows up to id {mark} not all published)")
+        elif msg.outbox_pending:
+            busy.append(f"{name} {msg.outbox_pending}")
+    detail = (
+        "; ".join(busy)
+        if busy
+        else (
+            f"wallet {t.wallet.outbox_pending}, gifting {t.gifting.outbox_pending}, payout {t.payout.outbox_pending}"
+            + (" pending, all written after the first look" if marks else "")
+        )
+    )
+    return _verdict("in flight: outbox rows written before the audit are published", not busy, True, detail)
+
+
+def check_invariants(t: Totals, marks: Marks | None = None) -> list[Check]:
     """The invariants of ARCHITECTURE.md, from totals (and per id when records were collected)."""
+    return evaluate(t, marks)[0]
+
+
+def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozenset[str]]:
+    """The checks, and the ids still in flight (empty without records)."""
     w, g, p = t.wallet, t.gifting, t.payout
-    gifts_in_flight = g.gifts_pending > 0
-    events_in_flight = g.outbox_pending > 0 or p.coins_received < g.coins_sent
+    g2 = t.gifting_after if t.gifting_after is not None else g
+    by_id = t.spends is not None and t.gifts is not None and t.earnings is not None
     out = [
         _verdict(
             "1. wallet ledger balances",
@@ -105,119 +213,211 @@ def check_invariants(t: Totals) -> list[Check]:
             f"sum {w.ledger_sum}, unbalanced entries {w.unbalanced_entries},"
             f" balance/postings mismatches {w.postings_mismatch}",
         ),
-        _verdict(
-            "2. coins issued = balances + spent + reversed",
-            w.coins_issued == w.coins_in_user_balances + w.coins_spent + w.coins_reversed,
-            False,
-            f"{w.coins_issued} = {w.coins_in_user_balances} + {w.coins_spent} + {w.coins_reversed}",
-        ),
-        _verdict(
+        _purchases_check(w),
+        _bounded(
             "3. sent gifts = wallet spends",
-            g.coins_sent == w.coins_spent and g.gifts_sent == w.spends,
-            gifts_in_flight,
-            f"gifting {g.gifts_sent} sent / {g.coins_sent} coins, {g.gifts_pending} pending;"
-            f" wallet {w.spends} spends / {w.coins_spent} coins",
+            g.coins_sent == w.coins_spent == g2.coins_sent
+            and g.gifts_sent == w.spends == g2.gifts_sent
+            and g2.gifts_pending == 0,
+            # Sent before the wallet was read, so charged; charged before gifting was read again,
+            # so sent or pending then.
+            g.coins_sent <= w.coins_spent <= g2.coins_sent + g2.coins_pending
+            and g.gifts_sent <= w.spends <= g2.gifts_sent + g2.gifts_pending,
+            by_id,
+            f"gifting {g.gifts_sent} sent / {g.coins_sent} coins, then {g2.gifts_sent} / {g2.coins_sent}"
+            f" with {g2.gifts_pending} pending / {g2.coins_pending} coins; wallet {w.spends} spends /"
+            f" {w.coins_spent} coins",
         ),
-        _verdict(
-            "4. diamonds = exact share of coins received",
-            # Per creator: diamonds = floor(units / 10000) and the remainder is kept; summed over creators
-            # that is credited * 10000 + remainders = units, exactly.
-            p.coins_received == g.coins_sent
-            and p.diamonds_credited * 10_000 + p.remainder_units == p.earned_units
-            and p.ledger_sum == 0,
-            events_in_flight and p.coins_received <= g.coins_sent,
-            f"coins received {p.coins_received} of {g.coins_sent} sent; {p.diamonds_credited} diamonds"
-            f" + remainders {p.remainder_units}/10000 = {p.earned_units} units",
-        ),
-        _verdict(
-            "5. diamonds credited = available + held + withdrawn + clawed back",
-            p.diamonds_credited
-            == p.diamonds_available + p.diamonds_held + p.diamonds_withdrawn + p.diamonds_clawed_back,
-            False,
-            f"{p.diamonds_credited} = {p.diamonds_available} + {p.diamonds_held} + {p.diamonds_withdrawn}"
-            f" + {p.diamonds_clawed_back}",
-        ),
+        *_diamonds_checks(t, by_id),
+        _held_check(p),
         _verdict(
             "6. no negative balance without a reversal",
             w.negative_balances_without_reversal == 0,
             False,
             f"{w.negative_balances_without_reversal} accounts",
         ),
-        _verdict(
-            "in flight: outbox rows not yet published",
-            w.outbox_pending == 0 and g.outbox_pending == 0 and p.outbox_pending == 0,
-            True,
-            f"wallet {w.outbox_pending}, gifting {g.outbox_pending}, payout {p.outbox_pending}",
-        ),
+        _parked_check(g, p),
+        _outbox_check(t, marks),
     ]
-    if t.spends is not None and t.gifts is not None and t.earnings is not None:
-        out += _check_by_id(t.spends, t.gifts, t.earnings, events_in_flight)
-    return out
+    unsettled: frozenset[str] = frozenset()
+    if by_id:
+        checks, unsettled = _check_by_id(t)
+        out += checks
+    return out, unsettled
 
 
-def _check_by_id(
-    spends: dict[str, audit_pb2.AuditRecord],
-    gifts: dict[str, audit_pb2.AuditRecord],
-    earnings: dict[str, audit_pb2.AuditRecord],
-    events_in_flight: bool,
-) -> list[Check]:
-    sent = {k: r for k, r in gifts.items() if r.status == "SENT"}
-    pending = {k for k, r in gifts.items() if r.status == "PENDING"}
-    cancelled = {k for k, r in gifts.items() if r.status == "CANCELLED"}
-    spent = {k: r for k, r in spends.items() if r.status == "SPENT"}
-    no_spend = [k for k in sent if k not in spent]
-    spend_without_gift = [k for k in spent if k not in sent and k not in pending]
-    spend_pending = [k for k in spent if k in pending]
-    amount_differs = [k for k in sent if k in spent and spent[k].amount != sent[k].amount]
-    cancelled_but_spent = [k for k in cancelled if k in spent]
-    not_credited = [k for k in sent if k not in earnings]
-    credit_without_gift = [k for k in earnings if k not in sent]
-    credit_differs = [k for k in sent if k in earnings and earnings[k].amount != sent[k].amount]
+def _purchases_check(w: Any) -> Check:
+    credited = _reported(w, "coins_of_credited_purchases")
+    reversed_ = _reported(w, "coins_of_reversed_purchases")
+    holds = w.coins_issued == w.coins_in_user_balances + w.coins_spent + w.coins_reversed
+    detail = f"{w.coins_issued} = {w.coins_in_user_balances} + {w.coins_spent} + {w.coins_reversed}"
+    if credited is None or reversed_ is None:
+        detail += "; purchases not reported (an older wallet)"
+    else:
+        holds = holds and w.coins_issued == credited and w.coins_reversed == reversed_
+        detail += f"; purchases credited {credited}, reversed {reversed_}"
+    return _verdict("2. coins issued = balances + spent + reversed = the purchases' coins", holds, False, detail)
+
+
+def _diamonds_checks(t: Totals, by_id: bool) -> list[Check]:
+    g, p = t.gifting, t.payout
+    mismatch = _reported(p, "earnings_units_mismatch") or 0
+    unknown = _reported(p, "earnings_unknown_share") or 0
+    # Per creator diamonds = floor(units / 10000) and the remainder is kept; summed over creators
+    # that is credited * 10000 + remainders = units, exactly. Each event's units are its coins
+    # times a share some policy version set.
+    exact = (
+        p.diamonds_credited * 10_000 + p.remainder_units == p.earned_units
+        and p.ledger_sum == 0
+        and mismatch == 0
+        and unknown == 0
+    )
     return [
         _verdict(
-            "3a. every sent gift has one spend of its amount",
-            not no_spend and not amount_differs,
+            "4. diamonds = exact creator share of the coins received",
+            exact,
             False,
-            f"missing {_ids(no_spend)}; amount differs {_ids(amount_differs)}",
+            f"{p.diamonds_credited} diamonds + remainders {p.remainder_units}/10000 = {p.earned_units} units;"
+            f" creators vs earnings differ by {p.ledger_sum}; earnings with units != coins x share {mismatch},"
+            f" at a share no policy set {unknown}",
         ),
-        _verdict(
-            "3b. every spend has a sent gift; no cancelled gift was charged",
-            not spend_without_gift and not cancelled_but_spent and not spend_pending,
-            bool(spend_pending) and not spend_without_gift and not cancelled_but_spent,
-            f"orphan spends {_ids(spend_without_gift)}; cancelled but charged {_ids(cancelled_but_spent)};"
-            f" pending with a spend {_ids(spend_pending)}",
-        ),
-        _verdict(
-            "4a. every sent gift credited once with its coins, nothing else credited",
-            not not_credited and not credit_without_gift and not credit_differs,
-            events_in_flight and not credit_without_gift and not credit_differs,
-            f"not yet credited {_ids(not_credited)}; credited without a gift {_ids(credit_without_gift)};"
-            f" coins differ {_ids(credit_differs)}",
+        _bounded(
+            "4. coins received = coins of sent gifts",
+            p.coins_received == g.coins_sent and p.events_consumed == g.gifts_sent,
+            # Credited before gifting was read, so sent by then.
+            p.coins_received <= g.coins_sent and p.events_consumed <= g.gifts_sent,
+            by_id,
+            f"payout {p.events_consumed} events / {p.coins_received} coins of gifting's {g.gifts_sent} /"
+            f" {g.coins_sent}",
         ),
     ]
+
+
+def _held_check(p: Any) -> Check:
+    return _verdict(
+        "5. diamonds credited = available + held + withdrawn + clawed back",
+        p.diamonds_credited == p.diamonds_available + p.diamonds_held + p.diamonds_withdrawn + p.diamonds_clawed_back
+        and p.diamonds_held == p.diamonds_in_open_withdrawals
+        and p.diamonds_withdrawn == p.diamonds_in_paid_withdrawals
+        and p.diamonds_clawed_back == p.diamonds_in_clawback_entries,
+        False,
+        f"{p.diamonds_credited} = {p.diamonds_available} + {p.diamonds_held} + {p.diamonds_withdrawn}"
+        f" + {p.diamonds_clawed_back}; held in open withdrawals {p.diamonds_in_open_withdrawals},"
+        f" paid out {p.diamonds_in_paid_withdrawals}, in clawback entries {p.diamonds_in_clawback_entries}",
+    )
+
+
+def _parked_check(g: Any, p: Any) -> Check:
+    parked = {name: _reported(msg, "dead_letters") for name, msg in (("gifting", g), ("payout", p))}
+    return _verdict(
+        "no event parked in dead letters",
+        not any(parked.values()),
+        False,
+        ", ".join(f"{name} {'not reported' if n is None else n}" for name, n in parked.items())
+        + ("; see `livegifts dead-letters list`" if any(parked.values()) else ""),
+    )
+
+
+# The per-id checks, and what each id can be found to be.
+SPEND_LINE = "3a. every sent gift has one spend of its amount"
+CHARGE_LINE = "3b. every charged spend has its gift, sent; no cancelled gift was charged"
+PENDING_LINE = "3c. every pending gift settles, sent or cancelled"
+CREDIT_LINE = "4a. every sent gift credited once with its coins, nothing else credited"
+ID_LINES = (SPEND_LINE, CHARGE_LINE, PENDING_LINE, CREDIT_LINE)
+
+
+def judge(
+    earning: audit_pb2.AuditRecord | None,
+    gift: audit_pb2.AuditRecord | None,
+    spend: audit_pb2.AuditRecord | None,
+    gift_after: audit_pb2.AuditRecord | None,
+) -> tuple[str, str, str] | None:
+    """One id's (line, status, reason), or None when it is settled and consistent.
+
+    Read in this order: its payout earning, its gift, its wallet spend, its gift again (only read
+    when the spend is charged and the first read did not see the gift sent).
+    """
+    if earning is not None:
+        if gift is None or gift.status != SENT:
+            return CREDIT_LINE, FAILED, "credited without a sent gift"
+        if earning.amount != gift.amount:
+            return CREDIT_LINE, FAILED, "credited coins differ from the gift's"
+    charged = spend is not None and spend.status == SPENT
+    if gift is not None and gift.status == SENT:
+        if spend is None or not charged:
+            return SPEND_LINE, FAILED, "sent without a spend"
+        if spend.amount != gift.amount:
+            return SPEND_LINE, FAILED, "spend differs from the gift's coins"
+        return None if earning is not None else (CREDIT_LINE, IN_FLIGHT, "not yet credited")
+    if spend is not None and charged:
+        later = gift_after if gift_after is not None else gift
+        if later is None:
+            return CHARGE_LINE, FAILED, "charged without a gift"
+        if later.status == CANCELLED:
+            return CHARGE_LINE, FAILED, "cancelled but charged"
+        if later.amount != spend.amount:
+            return SPEND_LINE, FAILED, "spend differs from the gift's coins"
+        return CHARGE_LINE, IN_FLIGHT, "charged, gift not yet sent"
+    if gift is not None and gift.status == PENDING:
+        return PENDING_LINE, IN_FLIGHT, "pending"
+    return None
+
+
+def _check_by_id(t: Totals) -> tuple[list[Check], frozenset[str]]:
+    assert t.spends is not None and t.gifts is not None and t.earnings is not None
+    after = t.gifts_after or {}
+    ids = t.ids if t.ids is not None else t.earnings.keys() | t.gifts.keys() | t.spends.keys()
+    found: dict[str, dict[str, dict[str, list[str]]]] = {
+        line: defaultdict(lambda: defaultdict(list)) for line in ID_LINES
+    }
+    unsettled = set()
+    for k in ids:
+        verdict = judge(t.earnings.get(k), t.gifts.get(k), t.spends.get(k), after.get(k))
+        if verdict is None:
+            continue
+        line, status, reason = verdict
+        found[line][status][reason].append(k)
+        if status == IN_FLIGHT:
+            unsettled.add(k)
+    checks = []
+    for line in ID_LINES:
+        failed, flying = found[line][FAILED], found[line][IN_FLIGHT]
+        parts = [f"{reason} {_ids(v)}" for reason, v in sorted(failed.items())]
+        parts += [f"{reason} {_ids(v)}" for reason, v in sorted(flying.items())]
+        scope = "" if t.ids is None else f" (re-read {len(t.ids)} ids in flight before)"
+        checks.append(_verdict(line, not failed and not flying, not failed, ("; ".join(parts) or "none") + scope))
+    return checks, frozenset(unsettled)
 
 
 def wait_until_settled(
-    fetch: Callable[[], Totals], timeout_s: float, progress: Callable[[list[Check]], None] | None = None
+    fetch: Callable[..., Totals], timeout_s: float, progress: Callable[[list[Check]], None] | None = None
 ) -> list[Check]:
     """Re-check until nothing is in flight (or a failure, or the timeout); returns the last report.
 
-    With a timeout, work still "in flight" when it runs out is reported FAILED: an event a
-    consumer lost looks exactly like one not yet consumed, until it never arrives.
+    `fetch()` reads everything; when the first look has records, later looks call `fetch(ids)`
+    for the ids still in flight, and the outbox is judged by the first look's marks. With a
+    timeout, work still "in flight" when it runs out is reported FAILED: an event a consumer
+    lost looks exactly like one not yet consumed, until it never arrives.
     """
     deadline = time.monotonic() + timeout_s
+    marks: Marks | None = None
+    unsettled: frozenset[str] | None = None
     while True:
         try:
-            totals = fetch()
+            totals = fetch() if unsettled is None else fetch(unsettled)
         except grpc.RpcError as exc:
             # A service that lost its database connections answers UNAVAILABLE once per dead
             # pooled connection (they are not pinged before use): retry while there is time.
             if exc.code() not in TRANSIENT or time.monotonic() > deadline:
                 raise
             log.warning("audit call failed, retrying", extra={"code": exc.code().name})
-            time.sleep(0.5)
+            time.sleep(RECHECK_S)
             continue
-        report = check_invariants(totals)
+        if marks is None:
+            marks = outbox_marks(totals)
+        report, flying = evaluate(totals, marks)
+        if totals.spends is not None:
+            unsettled = flying
         if progress is not None:
             progress(report)
         if all(c.status == OK for c in report) or any(c.status == FAILED for c in report):
@@ -226,7 +426,7 @@ def wait_until_settled(
             if timeout_s <= 0:
                 return report
             return [
-                Check(c.name, FAILED, f"{c.detail} (not drained after {timeout_s:g}s)") if c.status == IN_FLIGHT else c
+                Check(c.name, FAILED, f"{c.detail} (not settled after {timeout_s:g}s)") if c.status == IN_FLIGHT else c
                 for c in report
             ]
-        time.sleep(0.5)
+        time.sleep(RECHECK_S)

@@ -25,6 +25,7 @@ from services.wallet.payments import dev_event_payload
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
 console = Console()
 DEADLINE_S = 10.0
+IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
 WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port")]
 GiftingAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_GIFTING_ADDR", help="gifting host:port")]
@@ -305,14 +306,15 @@ def audit(
     detail: Annotated[bool, typer.Option(help="also compare spends, gifts and credits id by id")] = False,
     wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for in-flight work to drain")] = 0.0,
 ) -> None:
-    """Check the suite's invariants across the three services; exit 1 if one fails (2 if still in flight).
+    """Check the suite's invariants across the three services; exit 1 if one fails (3 if still in flight).
 
-    With --wait, work still in flight when the wait runs out counts as failed.
+    With --wait, work still in flight when the wait runs out counts as failed. With --detail the
+    wait re-reads only the ids in flight at the first look, so it passes under steady traffic.
     """
     from services.cli.audit import FAILED, OK, collect, wait_until_settled
 
-    def fetch():  # type: ignore[no-untyped-def]
-        return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail)
+    def fetch(ids=None):  # type: ignore[no-untyped-def]
+        return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail, ids)
 
     def progress(report) -> None:  # type: ignore[no-untyped-def]
         busy = [c.name for c in report if c.status != OK]
@@ -333,7 +335,7 @@ def audit(
     if any(r.status == FAILED for r in report):
         raise typer.Exit(1)
     if any(r.status != OK for r in report):
-        raise typer.Exit(2)
+        raise typer.Exit(IN_FLIGHT_EXIT)
 
 
 dead_letters = typer.Typer(

@@ -196,8 +196,8 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         assert not report.wrong_answers, report.wrong_answers
         assert report.ops_done == GIFTS
 
-        def fetch():  # type: ignore[no-untyped-def]
-            return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 10.0, detail=True)
+        def fetch(ids=None):  # type: ignore[no-untyped-def]
+            return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 10.0, True, ids)
 
         audit = await asyncio.to_thread(wait_until_settled, fetch, DRAIN_TIMEOUT_S)
         for check in audit:

@@ -51,3 +51,22 @@ def test_without_time_left_a_transient_error_is_raised() -> None:
     with pytest.raises(grpc.RpcError):
         wait_until_settled(fetch, -1.0)  # type: ignore[arg-type]
     assert calls == [1]
+
+
+def test_the_cli_tells_in_flight_from_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 3: work still in flight (--wait 0); exit 2 stays click's usage error; exit 1 a failure."""
+    from typer.testing import CliRunner
+
+    from services.cli import audit
+    from services.cli.main import app
+
+    pending = Totals(
+        wallet_pb2.WalletAudit(), gifting_pb2.GiftingAudit(gifts_pending=1, coins_pending=5), payout_pb2.PayoutAudit()
+    )
+    monkeypatch.setattr(audit, "collect", lambda *a, **k: pending)
+    runner = CliRunner()
+    assert runner.invoke(app, ["audit"]).exit_code == 3
+    assert runner.invoke(app, ["audit", "--no-such-option"]).exit_code == 2
+    broken = Totals(wallet_pb2.WalletAudit(ledger_sum=1), gifting_pb2.GiftingAudit(), payout_pb2.PayoutAudit())
+    monkeypatch.setattr(audit, "collect", lambda *a, **k: broken)
+    assert runner.invoke(app, ["audit"]).exit_code == 1

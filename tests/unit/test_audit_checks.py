@@ -1,0 +1,396 @@
+"""The audit's checks on crafted snapshots: gifts in flight between the reads never FAIL it;
+a book tampered in any one way always does.
+
+A small model of the three services keeps gifts, spends and earnings as the suite does (a spend
+commits before its gift is SENT, payout credits a gift after it is SENT, a pending gift is
+either charged or cancelled, never both) and is read the way `collect` reads the real ones:
+payout, gifting, the wallet, gifting again, with gifts moving on between the reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from livegifts.common.v1.audit_pb2 import AuditRecord
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.cli import audit
+from services.cli.audit import FAILED, IN_FLIGHT, OK, Totals, evaluate, judge, wait_until_settled
+
+ISSUED = 1_000_000
+SHARE_BP = 5000
+
+
+@dataclass
+class World:
+    """Gift event id -> [status, coins] in gifting, [status, coins] in the wallet, coins in payout."""
+
+    gifts: dict[str, list] = field(default_factory=dict)  # type: ignore[type-arg]
+    spends: dict[str, list] = field(default_factory=dict)  # type: ignore[type-arg]
+    earnings: dict[str, int] = field(default_factory=dict)
+    parked: int = 0
+    wallet_outbox: tuple[int, int] = (0, 0)  # (first pending id, last id)
+
+    def advance(self, gid: str, coins: int, cancel: bool) -> None:
+        """One step of a gift's life: begin, then charge (or cancel), send, credit."""
+        gift, spend = self.gifts.get(gid), self.spends.get(gid)
+        if gift is None:
+            self.gifts[gid] = ["PENDING", coins]
+        elif gift[0] == "PENDING" and spend is None:
+            if cancel:  # the sweeper: wallet.CancelSpend forbids the spend, then the gift is cancelled
+                self.spends[gid] = ["CANCELLED", gift[1]]
+                gift[0] = "CANCELLED"
+            else:
+                self.spends[gid] = ["SPENT", gift[1]]
+        elif gift[0] == "PENDING":
+            gift[0] = "SENT"
+        elif gift[0] == "SENT" and gid not in self.earnings:
+            self.earnings[gid] = gift[1]
+
+    def settle(self) -> None:
+        for gid in list(self.gifts):
+            for _ in range(4):
+                self.advance(gid, 0, cancel=False)
+
+    # ---- what each service answers -----------------------------------------------------------
+
+    def payout(self) -> tuple[payout_pb2.PayoutAudit, dict[str, AuditRecord]]:
+        coins = sum(self.earnings.values())
+        units = coins * SHARE_BP
+        msg = payout_pb2.PayoutAudit(
+            coins_received=coins,
+            earned_units=units,
+            diamonds_credited=units // 10_000,
+            remainder_units=units % 10_000,
+            diamonds_available=units // 10_000,
+            events_consumed=len(self.earnings),
+            earnings_units_mismatch=0,
+            earnings_unknown_share=0,
+            dead_letters=self.parked,
+            outbox_first_pending_id=0,
+            outbox_last_id=0,
+        )
+        recs = {k: AuditRecord(id=k, amount=c, status="CREDITED", party="c") for k, c in self.earnings.items()}
+        return msg, recs
+
+    def gifting(self) -> tuple[gifting_pb2.GiftingAudit, dict[str, AuditRecord]]:
+        def of(status: str) -> list[int]:
+            return [c for s, c in self.gifts.values() if s == status]
+
+        msg = gifting_pb2.GiftingAudit(
+            gifts_sent=len(of("SENT")),
+            coins_sent=sum(of("SENT")),
+            gifts_pending=len(of("PENDING")),
+            coins_pending=sum(of("PENDING")),
+            gifts_cancelled=len(of("CANCELLED")),
+            dead_letters=0,
+            outbox_first_pending_id=0,
+            outbox_last_id=0,
+        )
+        recs = {k: AuditRecord(id=k, amount=c, status=s, party="c") for k, (s, c) in self.gifts.items()}
+        return msg, recs
+
+    def wallet(self) -> tuple[wallet_pb2.WalletAudit, dict[str, AuditRecord]]:
+        spent = [c for s, c in self.spends.values() if s == "SPENT"]
+        msg = wallet_pb2.WalletAudit(
+            coins_issued=ISSUED,
+            coins_in_user_balances=ISSUED - sum(spent),
+            coins_spent=sum(spent),
+            spends=len(spent),
+            coins_of_credited_purchases=ISSUED,
+            coins_of_reversed_purchases=0,
+            outbox_pending=1 if self.wallet_outbox[0] else 0,
+            outbox_first_pending_id=self.wallet_outbox[0],
+            outbox_last_id=self.wallet_outbox[1],
+        )
+        recs = {k: AuditRecord(id=k, amount=c, status=s, party="u") for k, (s, c) in self.spends.items()}
+        return msg, recs
+
+
+Step = tuple[int, bool]  # (which gift, cancel when it can)
+
+
+def apply(world: World, steps: list[Step]) -> None:
+    for i, cancel in steps:
+        world.advance(f"g{i:03d}", 10 + i, cancel)
+
+
+def read(world: World, between: list[list[Step]], detail: bool, ids: frozenset[str] | None = None) -> Totals:
+    """`collect` on the model: payout, gifting, wallet, gifting again, `between` applied in the gaps."""
+    apply(world, between[0])
+    pa, earnings = world.payout()
+    apply(world, between[1])
+    ga, gifts = world.gifting()
+    apply(world, between[2])
+    wa, spends = world.wallet()
+    apply(world, between[3])
+    ga2, gifts_now = world.gifting()
+    unsent = [k for k, r in spends.items() if r.status == "SPENT" and (k not in gifts or gifts[k].status != "SENT")]
+
+    def only(recs: dict[str, AuditRecord]) -> dict[str, AuditRecord]:
+        return recs if ids is None else {k: r for k, r in recs.items() if k in ids}
+
+    if not detail:
+        return Totals(wa, ga, pa, gifting_after=ga2)
+    return Totals(
+        wa,
+        ga,
+        pa,
+        only(spends),
+        only(gifts),
+        only(earnings),
+        ga2,
+        {k: gifts_now[k] for k in unsent if k in gifts_now},
+        ids,
+    )
+
+
+steps = st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=30)
+
+
+def statuses(report: list[audit.Check]) -> dict[str, str]:
+    return {c.name: c.status for c in report}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(steps, min_size=5, max_size=5), st.booleans())
+def test_gifts_moving_between_the_reads_never_fail_the_audit(between: list[list[Step]], detail: bool) -> None:
+    world = World()
+    apply(world, between[4])  # history before the audit
+    report, _ = evaluate(read(world, between, detail))
+    assert FAILED not in statuses(report).values(), [c for c in report if c.status == FAILED]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(steps, min_size=5, max_size=5))
+def test_once_every_gift_settled_every_check_is_ok(between: list[list[Step]]) -> None:
+    world = World()
+    apply(world, between[4])
+    world.settle()
+    for detail in (False, True):
+        report, unsettled = evaluate(read(world, [[], [], [], []], detail))
+        assert all(c.status == OK for c in report), [c for c in report if c.status != OK]
+        assert not unsettled
+
+
+def test_in_flight_work_is_in_flight_on_totals_and_settled_by_id_with_records() -> None:
+    world = World()
+    apply(world, [(0, False), (0, False), (0, False), (1, False), (2, False), (2, False)])
+    # g000 sent but not credited, g001 pending, g002 charged but not sent.
+    totals = statuses(evaluate(read(world, [[], [], [], []], detail=False))[0])
+    assert totals["3. sent gifts = wallet spends"] == IN_FLIGHT
+    assert totals["4. coins received = coins of sent gifts"] == IN_FLIGHT
+    report, unsettled = evaluate(read(world, [[], [], [], []], detail=True))
+    by_id = statuses(report)
+    assert by_id["3. sent gifts = wallet spends"] == OK  # within bounds: decided id by id
+    assert by_id[audit.CREDIT_LINE] == by_id[audit.CHARGE_LINE] == by_id[audit.PENDING_LINE] == IN_FLIGHT
+    assert unsettled == {"g000", "g001", "g002"}
+
+
+def settled_world() -> World:
+    world = World()
+    apply(world, [(i, i == 3) for i in range(6)] * 4)
+    world.settle()
+    assert [s for s, _ in world.gifts.values()].count("CANCELLED") == 1
+    return world
+
+
+def tamper_spend_missing(w: World) -> None:
+    del w.spends["g000"]
+
+
+def tamper_spend_without_gift(w: World) -> None:
+    w.spends["x"] = ["SPENT", 10]
+
+
+def tamper_spend_amount(w: World) -> None:
+    w.spends["g001"][1] += 1
+
+
+def tamper_cancelled_charged(w: World) -> None:
+    w.spends["g003"][0] = "SPENT"
+
+
+def tamper_credit_amount(w: World) -> None:
+    w.earnings["g002"] += 1
+
+
+def tamper_credit_without_gift(w: World) -> None:
+    w.earnings["x"] = 10
+
+
+def tamper_credit_missing(w: World) -> None:
+    # Lost by a consumer: only the wait tells it from lag (see the wait tests).
+    del w.earnings["g004"]
+
+
+TAMPERS = [
+    tamper_spend_missing,
+    tamper_spend_without_gift,
+    tamper_spend_amount,
+    tamper_cancelled_charged,
+    tamper_credit_amount,
+    tamper_credit_without_gift,
+]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_tampered_book_fails_with_or_without_records(tamper, detail: bool) -> None:  # type: ignore[no-untyped-def]
+    world = settled_world()
+    tamper(world)
+    report, _ = evaluate(read(world, [[], [], [], []], detail))
+    assert FAILED in statuses(report).values(), report
+
+
+@pytest.mark.parametrize("tamper", TAMPERS + [tamper_credit_missing])
+def test_with_records_the_failing_line_names_the_id(tamper) -> None:  # type: ignore[no-untyped-def]
+    world = settled_world()
+    tamper(world)
+    report, _ = evaluate(read(world, [[], [], [], []], detail=True))
+    named = [c for c in report if c.name in audit.ID_LINES and c.status != OK]
+    assert named and all(("g0" in c.detail or " x" in c.detail) for c in named), report
+
+
+def test_a_tampered_book_fails_while_gifts_are_in_flight() -> None:
+    """A spend for no gift among pending gifts: totals cannot tell it from one in flight beyond
+    their bounds, the per-id check can."""
+    world = settled_world()
+    apply(world, [(7, False), (8, False), (8, False)])  # one pending, one charged
+    world.spends["x"] = ["SPENT", 10]
+    report = statuses(evaluate(read(world, [[], [], [], []], detail=True))[0])
+    assert report[audit.CHARGE_LINE] == FAILED
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("earnings_units_mismatch", 1),
+        ("earnings_unknown_share", 2),
+        ("ledger_sum", 5000),
+        ("remainder_units", 1),
+        ("diamonds_held", 3),  # held, but no open withdrawal holds them
+        ("diamonds_in_paid_withdrawals", 3),  # paid out, but not withdrawn
+        ("diamonds_in_clawback_entries", 1),
+        ("dead_letters", 1),
+    ],
+)
+def test_payout_books_that_do_not_add_up_fail(field: str, value: int) -> None:
+    world = settled_world()
+    t = read(world, [[], [], [], []], detail=False)
+    setattr(t.payout, field, value)
+    assert FAILED in statuses(evaluate(t)[0]).values()
+
+
+@pytest.mark.parametrize(
+    ("field", "delta"),
+    [("coins_of_credited_purchases", 1), ("coins_of_reversed_purchases", 1), ("coins_issued", 1)],
+)
+def test_issued_coins_that_differ_from_the_purchases_fail(field: str, delta: int) -> None:
+    t = read(settled_world(), [[], [], [], []], detail=False)
+    setattr(t.wallet, field, getattr(t.wallet, field) + delta)
+    check = statuses(evaluate(t)[0])["2. coins issued = balances + spent + reversed = the purchases' coins"]
+    assert check == FAILED
+
+
+def test_an_older_wallet_without_purchase_totals_is_checked_on_its_ledger_alone() -> None:
+    t = read(settled_world(), [[], [], [], []], detail=False)
+    t.wallet.ClearField("coins_of_credited_purchases")
+    t.wallet.ClearField("coins_of_reversed_purchases")
+    (check,) = [c for c in evaluate(t)[0] if c.name.startswith("2.")]
+    assert check.status == OK and "older wallet" in check.detail
+
+
+def test_outbox_rows_written_after_the_first_look_do_not_hold_it_up() -> None:
+    world = settled_world()
+    world.wallet_outbox = (41, 50)
+    first = read(world, [[], [], [], []], detail=True)
+    marks = audit.outbox_marks(first)
+    assert statuses(evaluate(first, marks)[0])[audit._outbox_check(first, marks).name] == IN_FLIGHT
+    world.wallet_outbox = (51, 60)  # every row up to 50 published; newer ones pending
+    later = read(world, [[], [], [], []], detail=True, ids=frozenset())
+    assert all(c.status == OK for c in evaluate(later, marks)[0])
+
+
+def test_the_wait_re_reads_only_the_ids_in_flight_until_they_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady traffic: new gifts keep starting, yet the audit passes once the first look's have settled."""
+    monkeypatch.setattr(audit, "RECHECK_S", 0.0)
+    world = settled_world()
+    apply(world, [(7, False), (8, False), (8, False), (9, False), (9, False), (9, False)])
+    asked: list[frozenset[str] | None] = []
+    nxt = iter(range(20, 200))
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        asked.append(ids)
+        t = read(world, [[], [], [], []], detail=True, ids=ids)
+        for gid in ("g007", "g008", "g009"):  # the first look's gifts move on
+            world.advance(gid, 0, cancel=False)
+        n = next(nxt)
+        world.advance(f"g{n:03d}", 10, cancel=False)  # and new ones begin
+        return t
+
+    report = wait_until_settled(fetch, 10.0)
+    assert all(c.status == OK for c in report), report
+    assert asked[0] is None and asked[1] == {"g007", "g008", "g009"}
+    assert all(ids is not None and ids <= {"g007", "g008", "g009"} for ids in asked[1:])
+
+
+def test_an_id_that_never_settles_fails_when_the_wait_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "RECHECK_S", 0.01)
+    world = settled_world()
+    del world.earnings["g004"]  # a credit a consumer lost
+    report = wait_until_settled(lambda ids=None: read(world, [[], [], [], []], True, ids), 0.2)
+    (credit,) = [c for c in report if c.name == audit.CREDIT_LINE]
+    assert credit.status == FAILED and "g004" in credit.detail and "not settled after" in credit.detail
+
+
+def test_a_pending_gift_cancelled_after_it_was_charged_fails_on_the_re_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "RECHECK_S", 0.0)
+    world = settled_world()
+    apply(world, [(7, False), (7, False)])  # charged, not yet sent
+    looks = [0]
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        looks[0] += 1
+        if looks[0] == 2:
+            world.gifts["g007"][0] = "CANCELLED"  # a broken sweeper
+        return read(world, [[], [], [], []], True, ids)
+
+    report = wait_until_settled(fetch, 10.0)
+    assert statuses(report)[audit.CHARGE_LINE] == FAILED
+    assert looks[0] == 2
+
+
+def r(status: str, amount: int = 10) -> AuditRecord:
+    return AuditRecord(id="g", amount=amount, status=status)
+
+
+@pytest.mark.parametrize(
+    ("earning", "gift", "spend", "gift_after", "expected"),
+    [
+        (r("CREDITED"), r("SENT"), r("SPENT"), None, None),
+        (None, r("SENT"), r("SPENT"), None, (audit.CREDIT_LINE, IN_FLIGHT)),
+        (None, r("PENDING"), None, None, (audit.PENDING_LINE, IN_FLIGHT)),
+        (None, r("PENDING"), r("SPENT"), r("PENDING"), (audit.CHARGE_LINE, IN_FLIGHT)),
+        (None, None, r("SPENT"), r("SENT"), (audit.CHARGE_LINE, IN_FLIGHT)),
+        (None, r("CANCELLED"), r("CANCELLED"), None, None),
+        (None, None, r("CANCELLED"), None, None),
+        (None, None, r("SPENT"), None, (audit.CHARGE_LINE, FAILED)),
+        (None, r("PENDING"), r("SPENT"), r("CANCELLED"), (audit.CHARGE_LINE, FAILED)),
+        (None, r("SENT"), None, None, (audit.SPEND_LINE, FAILED)),
+        (None, r("SENT"), r("CANCELLED"), None, (audit.SPEND_LINE, FAILED)),
+        (None, r("SENT"), r("SPENT", 11), None, (audit.SPEND_LINE, FAILED)),
+        (None, r("PENDING"), r("SPENT", 11), r("PENDING"), (audit.SPEND_LINE, FAILED)),
+        (r("CREDITED"), r("PENDING"), r("SPENT"), r("SENT"), (audit.CREDIT_LINE, FAILED)),
+        (r("CREDITED"), None, None, None, (audit.CREDIT_LINE, FAILED)),
+        (r("CREDITED", 9), r("SENT"), r("SPENT"), None, (audit.CREDIT_LINE, FAILED)),
+    ],
+)
+def test_judge_one_id(earning, gift, spend, gift_after, expected) -> None:  # type: ignore[no-untyped-def]
+    got = judge(earning, gift, spend, gift_after)
+    assert (got[:2] if got else None) == expected
