@@ -42,6 +42,15 @@ def nats_server_binary() -> str:
     return found
 
 
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -144,6 +153,13 @@ class Suite:
                 ]
             )
         )
+        if _listening(self.config.nats_port):
+            # Ours would fail to bind and exit, while the wait below reached the other one: the
+            # suite would run on a server it did not start (another store, maybe no JetStream).
+            raise RuntimeError(
+                f"nats-server port 127.0.0.1:{self.config.nats_port} is taken by another program"
+                " (a suite still running?): stop it, or use another --port-offset"
+            )
         log = open(self.log_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs["nats"] = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],

@@ -115,10 +115,10 @@ def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
 
 
-def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path: Path) -> None:
-    offset = _free_offset()
-    with socket.socket() as held:  # another program on the wallet's metrics port
-        held.bind(("127.0.0.1", SuiteConfig(var_dir=tmp_path).metrics_ports["wallet"] + offset))
+def _run_beside(tmp_path: Path, offset: int, held_port: int) -> tuple[int, str]:
+    """`run` while another program listens on `held_port`: its exit code and output."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", held_port))
         held.listen()
         proc = _run(tmp_path, offset)
         try:
@@ -127,11 +127,30 @@ def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
-    assert proc.returncode == 1, out
+    return proc.returncode, out
+
+
+def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path: Path) -> None:
+    offset = _free_offset()
+    # Another program on the wallet's metrics port.
+    code, out = _run_beside(tmp_path, offset, SuiteConfig(var_dir=tmp_path).metrics_ports["wallet"] + offset)
+    assert code == 1, out
     assert "could not start: wallet exited with code" in out and "Traceback" not in out
     flat = " ".join(out.split())  # the console wraps long lines
     assert "last log line:" in flat and "cannot serve metrics on 127.0.0.1:" in flat, out  # the service's own words
     assert "nothing left running" in out
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+
+
+def test_run_refuses_a_nats_port_another_program_holds(tmp_path: Path) -> None:
+    """Not a suite on a server it did not start (another store, maybe no JetStream)."""
+    offset = _free_offset()
+    # Another program (say, an earlier run's nats-server) on the NATS port.
+    code, out = _run_beside(tmp_path, offset, SuiteConfig(var_dir=tmp_path).nats_port + offset)
+    flat = " ".join(out.split())
+    assert code == 1, out
+    assert "could not start: nats-server port 127.0.0.1:" in flat and "is taken by another program" in flat, out
+    assert "Traceback" not in out and "nothing left running" in out
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 
 
