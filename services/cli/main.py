@@ -25,6 +25,7 @@ from services.wallet.payments import dev_event_payload
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
 console = Console()
 DEADLINE_S = 10.0
+CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
 WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port")]
@@ -41,12 +42,28 @@ Secret = Annotated[
 
 
 def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
+    """`run`'s secret in var/, made on the first run (a suite needs one to start)."""
     path = var_dir / name
     if not path.exists():
         var_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _run_secret(var_dir: Path, name: str, option: str) -> str:
+    """A secret `run` keeps in var/, for a command that calls the suite; never made up here: a
+    new one would only be refused by a suite that started with another."""
+    path = var_dir / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        console.print(
+            f"[red]no secret to sign with[/red]: no {path} (`livegifts run` writes it there);"
+            f" give {option}, or --var with the folder of the running suite",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
 
 
 def _fail(exc: grpc.RpcError) -> None:
@@ -143,13 +160,31 @@ def _print_running(suite: Suite) -> None:
     console.print(f"try: [bold]livegifts demo[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list")
 
 
-def _buy(wallet: wallet_pb2_grpc.WalletServiceStub, secret: str, user: str, package_id: str) -> wallet_pb2.Purchase:
-    """CreatePurchase, then play the development payment provider: a signed success callback."""
-    pkgs = wallet.ListCoinPackages(wallet_pb2.ListCoinPackagesRequest(region="US"), timeout=DEADLINE_S).packages
+def _package(wallet: wallet_pb2_grpc.WalletServiceStub, package_id: str, region: str) -> wallet_pb2.CoinPackage:
+    """The active package of that id in a region (both channels), or exit naming the region's."""
+    pkgs = [
+        p
+        for channel in CHANNELS
+        for p in wallet.ListCoinPackages(
+            wallet_pb2.ListCoinPackagesRequest(region=region, channel=channel), timeout=DEADLINE_S
+        ).packages
+    ]
     pkg = next((p for p in pkgs if p.package_id == package_id), None)
     if pkg is None:
-        console.print(f"[red]unknown package {package_id}[/red]; packages: {', '.join(p.package_id for p in pkgs)}")
+        console.print(
+            f"[red]unknown package {package_id}[/red]; packages of region {region}:"
+            f" {', '.join(p.package_id for p in pkgs) or 'none'} (another region: --region)",
+            highlight=False,
+        )
         raise typer.Exit(1)
+    return pkg
+
+
+def _buy(
+    wallet: wallet_pb2_grpc.WalletServiceStub, secret: str, user: str, package_id: str, region: str = "US"
+) -> wallet_pb2.Purchase:
+    """CreatePurchase, then play the development payment provider: a signed success callback."""
+    pkg = _package(wallet, package_id, region)
     purchase = wallet.CreatePurchase(
         wallet_pb2.CreatePurchaseRequest(
             user_id=user,
@@ -179,17 +214,21 @@ def _buy(wallet: wallet_pb2_grpc.WalletServiceStub, secret: str, user: str, pack
 @app.command()
 def buy(
     user: str,
-    package_id: Annotated[str, typer.Argument(help="e.g. us-usd-700")] = "us-usd-700",
+    package_id: Annotated[str, typer.Argument(help="e.g. us-usd-700, gb-gbp-660, us-usd-web-700")] = "us-usd-700",
+    region: Annotated[
+        str, typer.Option(help="the package's region (default: its id's first part, as in gb-gbp-660)")
+    ] = "",
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
 ) -> None:
     """Buy a coin package for USER through the development payment provider."""
-    secret = webhook_secret or _dev_secret(var)
+    secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
+    region = (region or package_id.split("-", 1)[0]).upper()
     with grpc.insecure_channel(wallet_addr) as ch:
         wallet = wallet_pb2_grpc.WalletServiceStub(ch)
         try:
-            p = _buy(wallet, secret, user, package_id)
+            p = _buy(wallet, secret, user, package_id, region)
             bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
         except grpc.RpcError as exc:
             _fail(exc)
@@ -235,7 +274,7 @@ def demo(
     wait_s: Annotated[float, typer.Option(help="how long to wait for the diamonds")] = 30.0,
 ) -> None:
     """Buy coins, start a stream, send gifts, and show the creator's diamonds."""
-    secret = webhook_secret or _dev_secret(var)
+    secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
     run_id = uuid.uuid4().hex[:8]
     viewer, creator = f"viewer-{run_id}", f"creator-{run_id}"
     gifts = [("rose", 7), ("panda", 3), ("galaxy", 1), ("love-bang", 2)]
@@ -356,7 +395,8 @@ SERVICES = ("wallet", "gifting", "payout")
 
 def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
     who = os.environ.get("USER", "") or "cli"
-    return (("authorization", f"Bearer {token or _dev_secret(var, 'dev-operator-token')}"), ("x-operator", who))
+    token = token or _run_secret(var, "dev-operator-token", "--operator-token")
+    return (("authorization", f"Bearer {token}"), ("x-operator", who))
 
 
 def _service_addr(service: str, addrs: dict[str, str]) -> str:
