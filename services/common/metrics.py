@@ -44,6 +44,11 @@ WITHDRAWALS_PROCESSING_OLDEST = Gauge(
     "livegifts_withdrawal_processing_oldest_seconds",
     "How long the oldest withdrawal has waited for the payout provider's callback (payout; 0 when none)",
 )
+WITHDRAWALS_RECONCILED = Counter(
+    "livegifts_withdrawals_reconciled_total",
+    "Late withdrawals looked up at the payout provider, by what came of it (payout)",
+    ["outcome"],
+)
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
 GC_PAUSE = Histogram(
     "livegifts_gc_pause_seconds",

@@ -22,7 +22,7 @@ from services.payout.usecases import Payout
 
 
 async def wire(rt: Runtime) -> Wiring:
-    """Build the payout use cases, servicer, consumers (gifts, reversals), dispatcher and shortfall settler."""
+    """Build the payout use cases, servicer, consumers (gifts, reversals) and background loops."""
     settings: PayoutSettings = rt.settings
     provider = DevPayoutProvider(
         settings.payout_webhook_secret.get_secret_value().encode(),
@@ -55,7 +55,7 @@ async def wire(rt: Runtime) -> Wiring:
                 }
             ),
         ],
-        background=[payout.dispatcher, payout.shortfall_settler],
+        background=[payout.dispatcher, payout.reconciler, payout.shortfall_settler],
         close=close,
         subscriptions=[
             Subscription(

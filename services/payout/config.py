@@ -23,6 +23,11 @@ class PayoutSettings(ServiceSettings):
     dev_provider_auto_callback: bool = True
     dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
     dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)
+    # A withdrawal PROCESSING longer than this is looked up at the provider (its callback may be
+    # lost) and the answer applied as a callback; 0 turns the look-ups off.
+    reconcile_after_s: float = Field(default=900.0, ge=0, le=30 * 86_400)
+    reconcile_interval_s: float = Field(default=60.0, gt=0, le=3600)
+    reconcile_batch_size_max: int = Field(default=50, ge=1, le=1000)
     clawback_rows_max: int = Field(default=10_000, ge=1, le=1_000_000)  # earnings rows scanned per reversal
     # How often open clawback shortfalls (a reversal consumed before its gifts' earnings) are settled.
     clawback_settle_interval_s: float = Field(default=5.0, gt=0, le=3600)

@@ -4,7 +4,7 @@ Mirrors the wallet's payment provider. The development provider behaves like a r
 tokenizes an account (the full number never reaches our database), accepts a transfer keyed by
 the withdrawal id (so a repeated submission is harmless) and reports the outcome with a signed
 callback (PAID, or FAILED for accounts made to fail: an e-mail at `fail.invalid`, or a bank
-account ending in 0000).
+account ending in 0000), and a look-up of a transfer whose callback is late with the same event.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ class PayoutProvider(Protocol):
         """Start a transfer, idempotent by withdrawal id."""
         ...
 
+    def status(
+        self, provider_ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
+    ) -> tuple[bytes, str] | None:
+        """Look a transfer up when its callback is late: the outcome as the signed event a callback
+        carries (payload, signature), applied through the same checks; None while it is under way."""
+        ...
+
     def parse_callback(self, payload: bytes, signature: str) -> PayoutEvent:
         """Verify and parse a callback, or raise UNAUTHENTICATED / INVALID_ARGUMENT."""
         ...
@@ -89,6 +96,22 @@ class DevPayoutProvider:
         ref = f"po_dev_{withdrawal_id}"
         if not self.auto_callback:
             return Submission(ref, None)
+        return Submission(ref, self._outcome(ref, withdrawal_id, token, amount_minor, currency_code))
+
+    def status(
+        self, provider_ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
+    ) -> tuple[bytes, str] | None:
+        """A transfer this provider made settles at once, as its callback says (even when that
+        callback was never sent: auto_callback off); one it never made is unknown (None)."""
+        if provider_ref != f"po_dev_{withdrawal_id}":
+            return None
+        return self._outcome(provider_ref, withdrawal_id, token, amount_minor, currency_code)
+
+    def _outcome(
+        self, ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
+    ) -> tuple[bytes, str]:
+        """The signed event of a transfer's outcome; one event id per transfer, so the callback and
+        a later look-up are one event to payout."""
         fails = token.startswith("tok_dev_fail_")
         payload = dev_payout_payload(
             f"evt_{ref}",
@@ -98,7 +121,7 @@ class DevPayoutProvider:
             currency_code,
             "account closed" if fails else "",
         )
-        return Submission(ref, (payload, signing.sign(self.secret, payload)))
+        return payload, signing.sign(self.secret, payload)
 
     def parse_callback(self, payload: bytes, signature: str) -> PayoutEvent:
         """Verify the signature first, then the body's shape."""

@@ -22,6 +22,7 @@ from services.common import signing
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
+from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
 from services.payout.storage import common
@@ -88,13 +89,13 @@ def gift_event(creator: str, coins: int, at_s: int | None = None) -> gifting_eve
     )
 
 
-async def verified_method(payout: Payout, creator: str) -> str:
-    """Add a PayPal payout method for `creator` and verify it; its id."""
+async def verified_method(payout: Payout, creator: str, domain: str = "example.com") -> str:
+    """Add a PayPal payout method for `creator` (at `domain`: fail.invalid fails) and verify it; its id."""
     method = await payout.add_payout_method(
         payout_pb2.AddPayoutMethodRequest(
             creator_id=creator,
             kind=payout_pb2.PAYOUT_METHOD_KIND_PAYPAL,
-            paypal_email=f"{creator}@example.com",
+            paypal_email=f"{creator}@{domain}",
             idempotency_key=uuid.uuid4().hex,
         )
     )
@@ -107,7 +108,7 @@ async def verified_method(payout: Payout, creator: str) -> str:
     return method.method_id
 
 
-async def approved_withdrawal(payout: Payout, creator: str) -> str:
+async def approved_withdrawal(payout: Payout, creator: str, domain: str = "example.com") -> str:
     """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
     async with payout.db.unit_of_work() as uow:
         await payout.credit_gifts(uow, [gift_event(creator, 40_000)])
@@ -116,7 +117,7 @@ async def approved_withdrawal(payout: Payout, creator: str) -> str:
         payout_pb2.RequestWithdrawalRequest(
             creator_id=creator,
             diamonds=20_000,
-            method_id=await verified_method(payout, creator),
+            method_id=await verified_method(payout, creator, domain),
             idempotency_key=uuid.uuid4().hex,
         )
     )
@@ -178,3 +179,94 @@ async def test_withdrawals_waiting_for_the_providers_callback_are_counted_with_t
     await payout.dispatch_once()
     assert gauge("livegifts_withdrawals_processing") == 0
     assert gauge("livegifts_withdrawal_processing_oldest_seconds") == 0
+
+
+def reconciled(outcome: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_withdrawals_reconciled_total", {"outcome": outcome}) or 0.0
+
+
+async def test_a_withdrawal_whose_callback_is_late_is_settled_from_the_providers_record(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    paid = await approved_withdrawal(payout, "creator-a")
+    failed = await approved_withdrawal(payout, "creator-b", "fail.invalid")
+    assert await payout.dispatch_once() == 2  # handed over; no callback comes (auto_callback off)
+    after_s = payout.settings.reconcile_after_s
+
+    assert await payout.reconcile_once() == 0  # not late yet: nothing asked
+    assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    before = reconciled("paid"), reconciled("failed")
+
+    later = now_us() + int((after_s + 1) * 1_000_000)
+    assert await payout.reconcile_once(now=later) == 2
+    assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert await status_of(payout, failed) == payout_pb2.WITHDRAWAL_STATUS_FAILED
+    assert (reconciled("paid"), reconciled("failed")) == (before[0] + 1, before[1] + 1)
+    a, b = await payout.get_earnings("creator-a"), await payout.get_earnings("creator-b")
+    assert (a.diamonds_held, a.diamonds_withdrawn) == (0, 20_000)
+    assert (b.diamonds_held, b.diamonds_available, b.diamonds_withdrawn) == (0, 20_000, 0)  # released
+
+    # The callback, delivered after all, is the same event: nothing moves twice.
+    row = await payout.get_withdrawal(paid)
+    payload = dev_payout_payload(f"evt_{row.provider_ref}", "payout.paid", paid, row.net.amount_minor, "USD")
+    again = await payout.handle_payout_event(
+        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+    assert again.duplicate
+    assert (await payout.get_earnings("creator-a")).diamonds_withdrawn == 20_000
+    assert await payout.reconcile_once(now=later) == 0  # nothing PROCESSING is left to ask about
+
+
+class SlowProvider(RecordingProvider):
+    """Transfers still under way at the provider, but for `done`; answers `amount_minor` if set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done: set[str] = set()
+        self.asked: list[str] = []
+        self.amount_minor: int | None = None
+
+    def status(self, provider_ref, withdrawal_id, token, amount_minor, currency_code):  # type: ignore[no-untyped-def]
+        self.asked.append(withdrawal_id)
+        if withdrawal_id not in self.done:
+            return None
+        return super().status(provider_ref, withdrawal_id, token, self.amount_minor or amount_minor, currency_code)
+
+
+async def test_transfers_still_under_way_do_not_keep_the_reconciler_from_later_ones(tmp_path: Path) -> None:
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        provider = SlowProvider()
+        payout.provider = provider
+        payout.settings = payout.settings.model_copy(update={"reconcile_batch_size_max": 2})
+        ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(3)]
+        assert await payout.dispatch_once() == 3
+        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        provider.done.add(ids[2])  # only the newest has settled at the provider
+
+        still = reconciled("still_processing")
+        assert await payout.reconcile_once(now=later) == 0
+        assert sorted(provider.asked) == sorted(ids[:2])  # a full batch of the oldest, both under way
+        assert reconciled("still_processing") == still + 2
+        assert await payout.reconcile_once(now=later) == 1  # the next round goes on after them
+        assert await status_of(payout, ids[2]) == payout_pb2.WITHDRAWAL_STATUS_PAID
+        provider.asked.clear()
+        assert await payout.reconcile_once(now=later) == 0  # and then starts again from the oldest
+        assert sorted(provider.asked) == sorted(ids[:2])
+
+
+async def test_an_outcome_that_does_not_match_the_withdrawal_is_refused_and_asked_again(tmp_path: Path) -> None:
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        provider = SlowProvider()
+        payout.provider = provider
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        assert await payout.dispatch_once() == 1
+        provider.done.add(withdrawal_id)
+        provider.amount_minor = 1  # the provider reports a transfer of another amount
+        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        refused = reconciled("refused")
+        assert await payout.reconcile_once(now=later) == 0
+        assert reconciled("refused") == refused + 1
+        assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING  # held, not paid
+        assert (await payout.get_earnings("creator-a")).diamonds_held == 20_000
+        provider.asked.clear()
+        await payout.reconcile_once(now=later)
+        assert provider.asked == [withdrawal_id]  # asked again next round
