@@ -915,6 +915,26 @@ class Wallet:
                     )
                 )
             ).one()
+            # The spends' own rows against what their entries posted to system:spent: a spend
+            # posted twice, or for more than its row, leaves every entry balanced.
+            spent_posted = (
+                select(p.entry_id, func.sum(p.amount).label("coins"))
+                .where(p.account_id.like("system:spent:%"))
+                .group_by(p.entry_id)
+                .subquery()
+            )
+            spent_rows_coins, posting_mismatch = (
+                await c.execute(
+                    select(
+                        func.coalesce(func.sum(spends.c.amount), 0),
+                        func.coalesce(
+                            func.sum(case((func.coalesce(spent_posted.c.coins, 0) != spends.c.amount, 1), else_=0)), 0
+                        ),
+                    )
+                    .select_from(spends.outerjoin(spent_posted, spent_posted.c.entry_id == spends.c.entry_id))
+                    .where(spends.c.status == SPENT)
+                )
+            ).one()
             ever_credited = [
                 PurchaseStatus.SUCCEEDED.value,
                 PurchaseStatus.REFUNDED.value,
@@ -954,6 +974,8 @@ class Wallet:
             coins_of_reversed_purchases=int(reversed_),
             outbox_first_pending_id=first_pending,
             outbox_last_id=last,
+            coins_of_spent_rows=int(spent_rows_coins),
+            spends_posting_mismatch=int(posting_mismatch),
         )
 
 

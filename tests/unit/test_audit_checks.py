@@ -101,6 +101,8 @@ class World:
             coins_issued=ISSUED,
             coins_in_user_balances=ISSUED - sum(spent),
             coins_spent=sum(spent),
+            coins_of_spent_rows=sum(spent),
+            spends_posting_mismatch=0,
             spends=len(spent),
             coins_of_credited_purchases=ISSUED,
             coins_of_reversed_purchases=0,
@@ -389,8 +391,75 @@ def r(status: str, amount: int = 10) -> AuditRecord:
         (r("CREDITED"), r("PENDING"), r("SPENT"), r("SENT"), (audit.CREDIT_LINE, FAILED)),
         (r("CREDITED"), None, None, None, (audit.CREDIT_LINE, FAILED)),
         (r("CREDITED", 9), r("SENT"), r("SPENT"), None, (audit.CREDIT_LINE, FAILED)),
+        (
+            AuditRecord(id="g", amount=10, status="CREDITED", party="someone-else"),
+            r("SENT"),
+            r("SPENT"),
+            None,
+            (audit.CREDIT_LINE, FAILED),
+        ),
     ],
 )
 def test_judge_one_id(earning, gift, spend, gift_after, expected) -> None:  # type: ignore[no-untyped-def]
     got = judge(earning, gift, spend, gift_after)
     assert (got[:2] if got else None) == expected
+
+
+class DoubleDebitWorld(World):
+    """The wallet's ledger took 5 coins more than its spend rows say (a spend posted twice, or for
+    more than its row): every entry still balances, balances match postings, and issued = balances
+    + spent + reversed, so checks 1, 2 and 6 hold."""
+
+    def wallet(self):  # type: ignore[no-untyped-def]
+        msg, recs = super().wallet()
+        msg.coins_spent += 5
+        msg.coins_in_user_balances -= 5
+        return msg, recs
+
+
+def test_a_spend_posted_for_more_than_its_row_fails_even_while_a_gift_is_pending() -> None:
+    """Check 3's totals are waived while gifts are in flight (the ids settle them), so the wallet's
+    rows are tied to its postings within its own snapshot."""
+    world = DoubleDebitWorld()
+    apply(world, [(i, i == 3) for i in range(6)] * 4)
+    world.settle()
+    apply(world, [(7, False)])  # ordinary traffic: g007 pending, its 17 coins within the bounds
+    report, _ = evaluate(read(world, [[], [], [], []], detail=True))
+    assert statuses(report)["3. wallet spends = their postings"] == FAILED, report
+
+
+def test_a_spend_row_whose_postings_differ_fails() -> None:
+    t = read(settled_world(), [[], [], [], []], detail=True)
+    t.wallet.spends_posting_mismatch = 1
+    assert statuses(evaluate(t)[0])["3. wallet spends = their postings"] == FAILED
+
+
+def test_an_older_wallet_without_the_spend_rows_total_is_not_failed_for_it() -> None:
+    t = read(settled_world(), [[], [], [], []], detail=True)
+    t.wallet.ClearField("coins_of_spent_rows")
+    t.wallet.ClearField("spends_posting_mismatch")
+    check = next(c for c in evaluate(t)[0] if c.name == "3. wallet spends = their postings")
+    assert check.status == OK and "older wallet" in check.detail
+
+
+def test_the_wait_starts_after_a_first_look_that_took_longer_than_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first look reads every record, so its time grows with the books: the ids in flight at it
+    still get the whole wait, and settle on the next look."""
+    clock = [0.0]
+    monkeypatch.setattr(audit.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(audit.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    world = settled_world()
+    apply(world, [(7, False), (8, False), (8, False)])  # one gift pending, one charged
+    looks = []
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        looks.append(ids)
+        if ids is None:
+            clock[0] += 300.0  # a full listing of a large history, longer than the wait
+        t = read(world, [[], [], [], []], detail=True, ids=ids)
+        world.settle()
+        return t
+
+    report = wait_until_settled(fetch, 120.0)
+    assert len(looks) == 2 and looks[1] == {"g007", "g008"}, looks
+    assert all(c.status == OK for c in report), report

@@ -21,7 +21,7 @@ from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
-from services.wallet.storage import common, purchases
+from services.wallet.storage import common, purchases, spends
 from services.wallet.usecases import Wallet
 
 SECRET = b"reversal-test-secret"
@@ -160,3 +160,19 @@ async def test_a_purchase_that_partly_repaid_a_debt_reports_only_the_rest_as_spe
     await callback(wallet, p1, "charge.refunded")
     event = await reversal_of(wallet, p1.purchase_id)
     assert (event.coins_already_spent, event.balance_after) == (15, -65)
+
+
+async def test_the_audit_ties_each_spend_row_to_what_its_entry_posted_as_spent(wallet: Wallet) -> None:
+    """A spend posted for more than its row (or twice) leaves every entry balanced; the audit's
+    spend rows total and per-row comparison are what tell."""
+    await buy(wallet, "u")
+    await spend(wallet, "u", 7)
+    await spend(wallet, "u", 5)
+    audit = await wallet.audit()
+    assert (audit.coins_spent, audit.coins_of_spent_rows, audit.spends_posting_mismatch) == (12, 12, 0)
+
+    async with wallet.db.unit_of_work() as uow:  # one row now says less than its entry posted
+        await uow.conn.execute(update(spends).where(spends.c.amount == 5).values(amount=4))
+        await uow.commit()
+    audit = await wallet.audit()
+    assert (audit.coins_spent, audit.coins_of_spent_rows, audit.spends_posting_mismatch) == (12, 11, 1)
