@@ -27,7 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -78,27 +78,112 @@ class Totals:
     gifting_after: Any = None
     gifts_after: Records | None = None
     ids: frozenset[str] | None = None
+    findings: Findings | None = None  # the per-id verdicts of a full read, judged range by range
+
+    @property
+    def by_id(self) -> bool:
+        """Whether the per-id records were read (all of them, or the ids asked for)."""
+        return self.findings is not None or (
+            self.spends is not None and self.gifts is not None and self.earnings is not None
+        )
 
 
-def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str] | None = None) -> Records:
-    """Every record of a kind, page by page; or, with ids, the records of those ids that exist."""
+@dataclass
+class Findings:
+    """Per-id verdicts gathered range by range: for each line, status and reason how many ids
+    and the first few of them, and every id still in flight (the ids the wait re-reads)."""
+
+    counts: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    shown: dict[tuple[str, str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    unsettled: set[str] = field(default_factory=set)
+
+    def add(self, k: str, verdict: tuple[str, str, str] | None) -> None:
+        """Record one id's verdict (None: settled and consistent)."""
+        if verdict is None:
+            return
+        self.counts[verdict] += 1
+        if len(self.shown[verdict]) < IDS_SHOWN_MAX:
+            self.shown[verdict].append(k)
+        if verdict[1] == IN_FLIGHT:
+            self.unsettled.add(k)
+
+    def judge_all(
+        self, ids: Iterable[str], earnings: Records, gifts: Records, spends: Records, gifts_after: Records
+    ) -> None:
+        """Judge these ids from the records read for them (see `judge` for the order)."""
+        for k in ids:
+            self.add(k, judge(earnings.get(k), gifts.get(k), spends.get(k), gifts_after.get(k)))
+
+    def checks(self, scope: str) -> list[Check]:
+        """One check per per-id line."""
+        out = []
+        for line in ID_LINES:
+            parts = []
+            for status in (FAILED, IN_FLIGHT):
+                for key in sorted(k for k in self.counts if k[0] == line and k[1] == status):
+                    parts.append(f"{key[2]} {_ids(self.shown[key], self.counts[key])}")
+            failed = any(k[0] == line and k[1] == FAILED for k in self.counts)
+            flying = any(k[0] == line and k[1] == IN_FLIGHT for k in self.counts)
+            out.append(_verdict(line, not failed and not flying, not failed, ("; ".join(parts) or "none") + scope))
+        return out
+
+
+def _unsent(spends: Records, gifts: Records) -> list[str]:
+    """Charged spends whose gift the read before them did not see as sent: read their gift again."""
+    return [k for k, r in spends.items() if r.status == SPENT and (k not in gifts or gifts[k].status != SENT)]
+
+
+def _page(channel: grpc.Channel, kind: str, deadline_s: float, after: str, up_to: str | None) -> tuple[Records, bool]:
+    """One page of a kind's records with after < id (<= up_to; None: no bound), and whether more
+    of them lie past it within the bound."""
+    req = audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=after, page_size=PAGE_SIZE, up_to=up_to or "")
+    page = audit_pb2_grpc.AuditServiceStub(channel).ListAuditRecords(req, timeout=deadline_s)
+    # An older server ignores up_to: what lies past it is a later range's.
+    records = {r.id: r for r in page.records if up_to is None or r.id <= up_to}
+    more = bool(page.next_page_token) and (up_to is None or page.next_page_token < up_to)
+    return records, more
+
+
+def _judge_every_id(w: grpc.Channel, g: grpc.Channel, p: grpc.Channel, deadline_s: float) -> Findings:
+    """Every record of the three services, range of ids by range: a page of earnings, then the
+    gifts, the spends and the gifts of unsent charged spends again in that range (the order of the
+    module's text, per id), judged and let go, so memory holds a range, not the books.
+
+    A range ends where the first of its pages that had more to give ended; what was read past
+    that end is read again with the next range, in the order again.
+    """
+    findings = Findings()
+    after = ""
+    while True:
+        up_to: str | None = None
+        earnings, more = _page(p, "earnings", deadline_s, after, up_to)
+        if more:
+            up_to = max(earnings)
+        gifts, more = _page(g, "gifts", deadline_s, after, up_to)
+        if more:
+            up_to = max(gifts)
+        spends, more = _page(w, "spends", deadline_s, after, up_to)
+        if more:
+            up_to = max(spends)
+        if up_to is not None:
+            earnings = {k: r for k, r in earnings.items() if k <= up_to}
+            gifts = {k: r for k, r in gifts.items() if k <= up_to}
+        gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+        findings.judge_all(earnings.keys() | gifts.keys() | spends.keys(), earnings, gifts, spends, gifts_after)
+        if up_to is None:
+            return findings
+        after = up_to
+
+
+def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str]) -> Records:
+    """The records of those ids that exist."""
     stub = audit_pb2_grpc.AuditServiceStub(channel)
     out: Records = {}
-    if ids is not None:
-        wanted = sorted(set(ids))
-        for i in range(0, len(wanted), PAGE_SIZE):
-            req = audit_pb2.ListAuditRecordsRequest(kind=kind, ids=wanted[i : i + PAGE_SIZE])
-            out.update((r.id, r) for r in stub.ListAuditRecords(req, timeout=deadline_s).records)
-        return out
-    token = ""
-    while True:
-        page = stub.ListAuditRecords(
-            audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE), timeout=deadline_s
-        )
-        out.update((r.id, r) for r in page.records)
-        if not page.next_page_token:
-            return out
-        token = page.next_page_token
+    wanted = sorted(set(ids))
+    for i in range(0, len(wanted), PAGE_SIZE):
+        req = audit_pb2.ListAuditRecordsRequest(kind=kind, ids=wanted[i : i + PAGE_SIZE])
+        out.update((r.id, r) for r in stub.ListAuditRecords(req, timeout=deadline_s).records)
+    return out
 
 
 def collect(
@@ -110,9 +195,9 @@ def collect(
     ids: Iterable[str] | None = None,
 ) -> Totals:
     """Call GetAudit on every service, downstream first (see the module's text); with `detail`
-    also read their per-id records, and with `ids` only those ids' records (implies detail)."""
+    also judge every id from their per-id records (range by range), and with `ids` read only
+    those ids' records (implies detail)."""
     only = None if ids is None else frozenset(ids)
-    detail = detail or only is not None
     with (
         grpc.insecure_channel(wallet_addr) as w,
         grpc.insecure_channel(gifting_addr) as g,
@@ -120,17 +205,18 @@ def collect(
     ):
         gifting = gifting_pb2_grpc.GiftingServiceStub(g)
         pa = payout_pb2_grpc.PayoutServiceStub(p).GetAudit(payout_pb2.GetAuditRequest(), timeout=deadline_s)
-        earnings = _records(p, "earnings", deadline_s, only) if detail else None
+        earnings = _records(p, "earnings", deadline_s, only) if only is not None else None
         ga = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
-        gifts = _records(g, "gifts", deadline_s, only) if detail else None
+        gifts = _records(g, "gifts", deadline_s, only) if only is not None else None
         wa = wallet_pb2_grpc.WalletServiceStub(w).GetAudit(wallet_pb2.GetAuditRequest(), timeout=deadline_s)
-        spends = _records(w, "spends", deadline_s, only) if detail else None
+        spends = _records(w, "spends", deadline_s, only) if only is not None else None
         ga_after = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
-        gifts_after = None
         if spends is not None and gifts is not None:
-            unsent = [k for k, r in spends.items() if r.status == SPENT and (k not in gifts or gifts[k].status != SENT)]
-            gifts_after = _records(g, "gifts", deadline_s, unsent)
-        return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
+            gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+            return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
+        # Every id, after the totals: each id's records are still read payout, gifting, wallet, gifting.
+        findings = _judge_every_id(w, g, p, deadline_s) if detail else None
+        return Totals(wa, ga, pa, gifting_after=ga_after, findings=findings)
 
 
 def _verdict(name: str, holds: bool, in_flight: bool, detail: str) -> Check:
@@ -149,11 +235,9 @@ def _bounded(name: str, exact: bool, within: bool, by_id: bool, detail: str) -> 
     return Check(name, IN_FLIGHT, detail)
 
 
-def _ids(ids: list[str]) -> str:
-    if not ids:
-        return "none"
-    shown = ", ".join(sorted(ids)[:IDS_SHOWN_MAX])
-    return f"{len(ids)}: {shown}{' ...' if len(ids) > IDS_SHOWN_MAX else ''}"
+def _ids(shown: list[str], count: int) -> str:
+    """How many ids, and the first few of them."""
+    return f"{count}: {', '.join(sorted(shown))}{' ...' if count > len(shown) else ''}"
 
 
 def _reported(msg: Any, field: str) -> int | None:
@@ -204,7 +288,7 @@ def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozen
     """The checks, and the ids still in flight (empty without records)."""
     w, g, p = t.wallet, t.gifting, t.payout
     g2 = t.gifting_after if t.gifting_after is not None else g
-    by_id = t.spends is not None and t.gifts is not None and t.earnings is not None
+    by_id = t.by_id
     out = [
         _verdict(
             "1. wallet ledger balances",
@@ -382,29 +466,14 @@ def judge(
 
 
 def _check_by_id(t: Totals) -> tuple[list[Check], frozenset[str]]:
-    assert t.spends is not None and t.gifts is not None and t.earnings is not None
-    after = t.gifts_after or {}
-    ids = t.ids if t.ids is not None else t.earnings.keys() | t.gifts.keys() | t.spends.keys()
-    found: dict[str, dict[str, dict[str, list[str]]]] = {
-        line: defaultdict(lambda: defaultdict(list)) for line in ID_LINES
-    }
-    unsettled = set()
-    for k in ids:
-        verdict = judge(t.earnings.get(k), t.gifts.get(k), t.spends.get(k), after.get(k))
-        if verdict is None:
-            continue
-        line, status, reason = verdict
-        found[line][status][reason].append(k)
-        if status == IN_FLIGHT:
-            unsettled.add(k)
-    checks = []
-    for line in ID_LINES:
-        failed, flying = found[line][FAILED], found[line][IN_FLIGHT]
-        parts = [f"{reason} {_ids(v)}" for reason, v in sorted(failed.items())]
-        parts += [f"{reason} {_ids(v)}" for reason, v in sorted(flying.items())]
-        scope = "" if t.ids is None else f" (re-read {len(t.ids)} ids in flight before)"
-        checks.append(_verdict(line, not failed and not flying, not failed, ("; ".join(parts) or "none") + scope))
-    return checks, frozenset(unsettled)
+    findings = t.findings
+    if findings is None:
+        assert t.spends is not None and t.gifts is not None and t.earnings is not None
+        findings = Findings()
+        ids = t.ids if t.ids is not None else t.earnings.keys() | t.gifts.keys() | t.spends.keys()
+        findings.judge_all(ids, t.earnings, t.gifts, t.spends, t.gifts_after or {})
+    scope = "" if t.ids is None else f" (re-read {len(t.ids)} ids in flight before)"
+    return findings.checks(scope), frozenset(findings.unsettled)
 
 
 def wait_until_settled(
@@ -437,7 +506,7 @@ def wait_until_settled(
             marks = outbox_marks(totals)
             deadline = time.monotonic() + timeout_s
         report, flying = evaluate(totals, marks)
-        if totals.spends is not None:
+        if totals.by_id:
             unsettled = flying
         if progress is not None:
             progress(report)

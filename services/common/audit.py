@@ -21,8 +21,9 @@ PAGE_SIZE_MAX = 5000
 
 IDS_MAX = 5000  # ids one request may ask for
 
-# (after, size, ids): a page of records with id > after, or, when ids is not empty, those records.
-Query = Callable[[str, int, list[str]], Awaitable[list[audit_pb2.AuditRecord]]]
+# (after, size, ids, up_to): a page of records with after < id (<= up_to when set), or, when ids
+# is not empty, those records.
+Query = Callable[[str, int, list[str], str], Awaitable[list[audit_pb2.AuditRecord]]]
 
 
 def table_query(
@@ -35,15 +36,19 @@ def table_query(
     status_col: str | None = None,
     status: str = "",
 ) -> Query:
-    """A keyset-paged query over one table: records with id > token, ordered by id; or given ids."""
+    """A keyset-paged query over one table: records with id > token (and <= up_to), ordered by
+    id; or given ids."""
     t = table.c
 
-    async def query(after: str, size: int, ids: list[str]) -> list[audit_pb2.AuditRecord]:
+    async def query(after: str, size: int, ids: list[str], up_to: str = "") -> list[audit_pb2.AuditRecord]:
         cols = [t[id_col], t[amount_col], t[party_col]] + ([t[status_col]] if status_col else [])
         if ids:
             q = select(*cols).where(t[id_col].in_(ids)).order_by(t[id_col])
         else:
-            q = select(*cols).where(t[id_col] > after).order_by(t[id_col]).limit(size)
+            q = select(*cols).where(t[id_col] > after)
+            if up_to:
+                q = q.where(t[id_col] <= up_to)
+            q = q.order_by(t[id_col]).limit(size)
         async with db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(q)).all()
         return [
@@ -72,7 +77,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
         if len(request.ids) > IDS_MAX:
             raise InvalidArgument(f"at most {IDS_MAX} ids", "TOO_MANY_IDS")
-        records = await query(request.page_token, size, list(request.ids))
+        records = await query(request.page_token, size, list(request.ids), request.up_to)
         out = audit_pb2.ListAuditRecordsResponse(records=records)
         if not request.ids and len(records) == size:
             out.next_page_token = records[-1].id

@@ -159,3 +159,26 @@ async def test_audits_under_traffic_never_fail_and_the_cronjob_command_passes(su
     # Once the traffic stops, totals alone settle too.
     report = await asyncio.to_thread(wait_until_settled, _fetcher(suite, False), 60.0)
     assert all(c.status == OK for c in report), report
+
+
+def test_records_are_listed_within_a_range_of_ids(suite: Suite) -> None:
+    """`up_to` bounds a page: the audit reads the three services range by range of ids."""
+    from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
+
+    with grpc.insecure_channel(suite.addr("gifting")) as ch:
+        stub = audit_pb2_grpc.AuditServiceStub(ch)
+        every = [
+            r.id for r in stub.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(kind="gifts", page_size=5000)).records
+        ]
+        assert len(every) > 10, "no gifts to list (the traffic test runs first)"
+        after, up_to = every[2], every[9]
+        got, token = [], after
+        while True:
+            page = stub.ListAuditRecords(
+                audit_pb2.ListAuditRecordsRequest(kind="gifts", page_token=token, page_size=2, up_to=up_to)
+            )
+            got += [r.id for r in page.records]
+            if not page.next_page_token:
+                break
+            token = page.next_page_token
+    assert got == every[3:10]

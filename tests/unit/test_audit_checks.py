@@ -463,3 +463,49 @@ def test_the_wait_starts_after_a_first_look_that_took_longer_than_it(monkeypatch
     report = wait_until_settled(fetch, 120.0)
     assert len(looks) == 2 and looks[1] == {"g007", "g008"}, looks
     assert all(c.status == OK for c in report), report
+
+
+class FakeAuditStub:
+    """ListAuditRecords over a dict of records, paged as the servers page (by id, `up_to` honoured
+    unless `old`), counting the records it hands out per call."""
+
+    def __init__(self, records: dict[str, AuditRecord], old: bool, log: list[int]) -> None:
+        self.records, self.old, self.log = records, old, log
+
+    def ListAuditRecords(self, req, timeout):  # type: ignore[no-untyped-def]  # noqa: N802 - the gRPC name
+        from livegifts.common.v1 import audit_pb2
+
+        if req.ids:
+            out = [self.records[k] for k in sorted(req.ids) if k in self.records]
+            return audit_pb2.ListAuditRecordsResponse(records=out)
+        ids = sorted(k for k in self.records if k > req.page_token and (self.old or not req.up_to or k <= req.up_to))
+        page = [self.records[k] for k in ids[: req.page_size]]
+        self.log.append(len(page))
+        token = page[-1].id if len(page) == req.page_size else ""
+        return audit_pb2.ListAuditRecordsResponse(records=page, next_page_token=token)
+
+
+kinds = st.dictionaries(
+    st.text("0123456789abcdef", min_size=1, max_size=3),
+    st.tuples(st.sampled_from(["SENT", "PENDING", "CANCELLED", "SPENT", "CREDITED"]), st.integers(1, 3)),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kinds, kinds, kinds, st.booleans())
+def test_every_id_judged_range_by_range_as_if_all_were_read_at_once(earned, gifted, spent, old) -> None:  # type: ignore[no-untyped-def]
+    """The full read holds a range of ids at a time (pages of PAGE_SIZE), with servers that honour
+    `up_to` or ignore it, and judges each id exactly as reading everything would."""
+    as_records = lambda d: {k: AuditRecord(id=k, status=s, amount=a) for k, (s, a) in d.items()}  # noqa: E731
+    earnings, gifts, spends = as_records(earned), as_records(gifted), as_records(spent)
+    log: list[int] = []
+    stubs = {name: FakeAuditStub(recs, old, log) for name, recs in (("w", spends), ("g", gifts), ("p", earnings))}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "PAGE_SIZE", 4)
+        mp.setattr(audit.audit_pb2_grpc, "AuditServiceStub", lambda channel: stubs[channel])
+        got = audit._judge_every_id("w", "g", "p", 1.0)  # type: ignore[arg-type]
+    want = audit.Findings()
+    want.judge_all(earnings.keys() | gifts.keys() | spends.keys(), earnings, gifts, spends, gifts)
+    assert (dict(got.counts), got.unsettled) == (dict(want.counts), want.unsettled)
+    assert max(log, default=0) <= 4  # never more than a page at a time
