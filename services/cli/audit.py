@@ -299,6 +299,16 @@ def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozen
         ),
         _purchases_check(w),
         _spends_check(w),
+        _verdict(
+            "3. every cancelled gift's spend was settled cancelled",
+            # The wallet records a spend CANCELLED (CancelSpend, or a refusal SpendMany settles)
+            # before gifting cancels its gift, so gifts cancelled when gifting was read have
+            # their rows when the wallet is read after it. A charged gift that was cancelled
+            # would leave its row SPENT, and totals could otherwise cancel it out.
+            g.gifts_cancelled <= w.spends_cancelled,
+            False,
+            f"gifting {g.gifts_cancelled} cancelled gifts, wallet {w.spends_cancelled} cancelled spends",
+        ),
         _bounded(
             "3. sent gifts = wallet spends",
             g.coins_sent == w.coins_spent == g2.coins_sent

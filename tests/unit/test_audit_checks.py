@@ -104,6 +104,7 @@ class World:
             coins_of_spent_rows=sum(spent),
             spends_posting_mismatch=0,
             spends=len(spent),
+            spends_cancelled=sum(1 for s, _ in self.spends.values() if s == "CANCELLED"),
             coins_of_credited_purchases=ISSUED,
             coins_of_reversed_purchases=0,
             outbox_pending=1 if self.wallet_outbox[0] else 0,
@@ -509,3 +510,17 @@ def test_every_id_judged_range_by_range_as_if_all_were_read_at_once(earned, gift
     want.judge_all(earnings.keys() | gifts.keys() | spends.keys(), earnings, gifts, spends, gifts)
     assert (dict(got.counts), got.unsettled) == (dict(want.counts), want.unsettled)
     assert max(log, default=0) <= 4  # never more than a page at a time
+
+
+def test_totals_alone_fail_a_sent_gift_without_spend_beside_a_cancelled_gift_that_was_charged() -> None:
+    """Every sum and count agrees when the two faults carry the same coins; the cancelled gift's
+    spend row, SPENT instead of CANCELLED, is what tells without the per-id records."""
+    world = settled_world()
+    cancelled = next(k for k, (st_, _) in world.gifts.items() if st_ == "CANCELLED")
+    coins = world.gifts["g000"][1]
+    del world.spends["g000"]
+    world.spends[cancelled] = ["SPENT", coins]
+    world.gifts[cancelled][1] = coins
+    report, _ = evaluate(read(world, [[], [], [], []], detail=False))
+    assert statuses(report)["3. every cancelled gift's spend was settled cancelled"] == FAILED, report
+    assert [c.name for c in report if c.status == FAILED] == ["3. every cancelled gift's spend was settled cancelled"]
