@@ -21,6 +21,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.grpcserver import ServiceRegistration
 from services.common.inbox import Consumer, ReplayFailed
 from services.common.tables import CommonTables
+from services.common.telemetry import current_trace_id
 from services.common.timeutil import to_timestamp
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,25 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
             try:
                 found = await c.replay(request.id)
             except ReplayFailed as exc:
+                # The whole error (SQL, values, traceback) goes to the log, under this call's
+                # trace id; the answer names the trace so the operator finds it there.
                 log.warning(
                     "dead letter replay failed; it stays parked",
                     extra={
                         "dead_letter_id": request.id,
                         "consumer": consumer,
                         "operator": operator,
-                        "error": exc.error,
+                        "error": exc.detail,
                     },
+                    exc_info=exc,
                 )
+                trace_id = current_trace_id()
+                in_trace = f" (trace {trace_id})" if trace_id else ""
                 raise FailedPrecondition(
-                    f"the event could not be applied: {exc.error}", "REPLAY_FAILED", consumer=consumer
+                    f"the event could not be applied: {exc.message}; the service log has the error{in_trace}",
+                    "REPLAY_FAILED",
+                    consumer=consumer,
+                    trace_id=trace_id,
                 ) from None
         if found is None:  # never parked, or replayed already (by this call's retry or another operator)
             raise NotFound("no event is parked with this id (replayed already?)", "UNKNOWN_DEAD_LETTER")

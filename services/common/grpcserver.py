@@ -15,13 +15,18 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import exc as sa_exc
 
 from services.common.errors import DomainError, status_for
 from services.common.metrics import RPC_SECONDS
-from services.common.telemetry import TRACE_HEADERS, attach_remote_context, detach_context, recording
+from services.common.telemetry import (
+    TRACE_HEADERS,
+    attach_remote_context,
+    current_trace_id,
+    detach_context,
+    recording,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,12 @@ def _is_serialization_failure(exc: BaseException) -> bool:
     return sqlstate(exc) in ("40001", "40P01")
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """Whether the error mapping answers `exc` ABORTED (serialization failure, deadlock) or
+    UNAVAILABLE: the database failed, not the request, and the same call may succeed later."""
+    return (isinstance(exc, sa_exc.DBAPIError) and _is_serialization_failure(exc)) or is_unavailable(exc)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps typed domain errors to status codes with google.rpc.ErrorInfo; times every call.
 
@@ -110,8 +121,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self.domain,
                 {},
             )
-        ctx = trace.get_current_span().get_span_context()
-        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        trace_id = current_trace_id()
         log.exception("unexpected error")
         return _rich_status(
             grpc.StatusCode.INTERNAL,

@@ -9,9 +9,11 @@ parked in the dead_letters table for an operator and terminated, never silently 
 
 Inbox rows are kept `INBOX_RETENTION_DAYS` (45 by default), longer than JetStream keeps an
 event (30 days), so any redelivery or replay the streams can make still finds its row; the
-`InboxPruner` deletes older rows in short transactions. The outbox relay's republish after a
-crash (PubAck received, row not yet deleted) comes when the service restarts: a service down
-for longer than the retention should be restarted with pruning off (0) until its outbox is empty.
+`InboxPruner` deletes older rows in short transactions, except those of events still parked
+(applied meanwhile by a later redelivery: their replay must find the row, however late). The
+outbox relay's republish after a crash (PubAck received, row not yet deleted) comes when the
+service restarts: a service down for longer than the retention should be restarted with
+pruning off (0) until its outbox is empty.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
+from services.common.grpcserver import is_retryable
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
 from services.common.pull import Puller
@@ -51,12 +54,23 @@ INBOX_PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long 
 
 
 class ReplayFailed(Exception):
-    """A parked event could not be applied again; it stays parked."""
+    """A parked event could not be applied again; it stays parked.
 
-    def __init__(self, parked: dict[str, Any], error: str) -> None:
-        super().__init__(error)
+    `message` may go to the caller: it names no internals (no SQL, no values, no driver text).
+    `detail` is the whole error, for the log only.
+    """
+
+    def __init__(self, parked: dict[str, Any], message: str, detail: str) -> None:
+        super().__init__(message)
         self.parked = parked
-        self.error = error
+        self.message = message
+        self.detail = detail
+
+
+def _whole(exc: BaseException) -> str:
+    """An error as the log should have it: its class and its text (for SQLAlchemy's errors the
+    statement and its parameters, which repr() leaves out)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -213,7 +227,9 @@ class Consumer(Generic[E]):
         """Apply a parked event again (an operator's call, once its cause is fixed): its row as it
         was, and whether it was applied now (False: the inbox held it, nothing changed); None if
         no such row is parked for this consumer. The inbox record, the effect and the row's
-        removal commit together; a failure leaves the row as it was and raises ReplayFailed."""
+        removal commit together; a failure leaves the row as it was. A failure of the event (it
+        cannot be decoded, the handler raised) is ReplayFailed; a failure of the database (down,
+        deadlock, serialization) propagates as it is, for the service's error mapping."""
         d = self.tables.dead_letters.c
         async with self.db.unit_of_work() as uow:
             # Locked (PostgreSQL; SQLite serializes writers): a concurrent replay of the same row
@@ -231,12 +247,11 @@ class Consumer(Generic[E]):
             try:
                 event = self.sub.event_type.FromString(parked["payload"])
             except DecodeError as exc:
-                raise ReplayFailed(
-                    parked, f"the payload cannot be decoded as {self.sub.event_type.__name__}: {exc}"
-                ) from exc
+                name = self.sub.event_type.__name__
+                raise ReplayFailed(parked, f"the payload cannot be decoded as {name}", _whole(exc)) from exc
             event_id = getattr(event, "event_id", "")
             if not event_id:
-                raise ReplayFailed(parked, "the payload has no event_id")
+                raise ReplayFailed(parked, "the payload has no event_id", "the payload has no event_id")
             with tracer.start_as_current_span(
                 f"replay {parked['subject']}",
                 kind=trace.SpanKind.CONSUMER,
@@ -244,8 +259,15 @@ class Consumer(Generic[E]):
             ):
                 try:
                     fresh = await self._record_and_handle(uow, {event_id: event})
-                except Exception as exc:  # noqa: BLE001 - the handler's failure is the answer
-                    raise ReplayFailed(parked, repr(exc)[:500]) from exc
+                except Exception as exc:
+                    if is_retryable(exc):
+                        # The database failed, not the event: answered UNAVAILABLE / ABORTED like
+                        # any other RPC, so the operator retries instead of hunting a cause in the
+                        # event. The rollback keeps the row parked.
+                        raise
+                    # The class name only: the driver's text holds SQL, constraint names and
+                    # key values, which stay in the log (ReplayFailed.detail).
+                    raise ReplayFailed(parked, f"the consumer raised {type(exc).__name__}", _whole(exc)) from exc
             await uow.conn.execute(delete(self.tables.dead_letters).where(d.id == dead_letter_id))
             await uow.commit()
         CONSUMED.labels(self.sub.durable, "replayed" if fresh else "duplicate").inc()
@@ -286,16 +308,26 @@ class Consumer(Generic[E]):
 
 
 class InboxPruner:
-    """Deletes inbox rows older than the retention, a chunk per transaction, every interval."""
+    """Deletes inbox rows older than the retention, a chunk per transaction, every interval;
+    the rows of events still parked in dead_letters stay (their replay must find them)."""
 
     def __init__(self, db: Database, tables: CommonTables, settings: ServiceSettings) -> None:
         self.db = db
         self.retention_us = int(settings.inbox_retention_days * US_PER_DAY)
         self.interval_s = settings.inbox_prune_interval_s
         inbox = tables.inbox
+        parked = tables.dead_letters.c
+        # A parked row has no age limit, and the event may have been applied meanwhile (a later
+        # redelivery, parked row left behind): its inbox row is what makes the replay a no-op,
+        # so it stays while the event is parked, and goes in the first round after the replay.
+        # (Refusing old replays instead would leave an operator no way to apply an event parked
+        # longer than the retention.) dead_letters holds only what awaits an operator: no index needed.
+        still_parked = (
+            select(parked.id).where(parked.consumer == inbox.c.consumer, parked.event_id == inbox.c.event_id).exists()
+        )
         oldest = (
             select(inbox.c.consumer, inbox.c.event_id)
-            .where(inbox.c.received_at_us < bindparam("before", type_=BigInteger))
+            .where(inbox.c.received_at_us < bindparam("before", type_=BigInteger), ~still_parked)
             .limit(INBOX_PRUNE_CHUNK)
         )
         self._delete = delete(inbox).where(tuple_(inbox.c.consumer, inbox.c.event_id).in_(oldest))

@@ -134,6 +134,13 @@ def start_metrics(settings: ServiceSettings) -> int:
     return int(server.server_port)
 
 
+def current_trace_id() -> str:
+    """The current trace's id as the logs print it ("" outside a trace): an error message that
+    names it lets an operator find the log lines of the call without the message holding internals."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
 def inject_headers() -> dict[str, str]:
     """The current trace context as message headers (W3C traceparent)."""
     carrier: dict[str, str] = {}

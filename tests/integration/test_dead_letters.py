@@ -5,16 +5,19 @@ decode, and goes on with the rest. Through DeadLetterService (a real gRPC server
 token) an operator lists them and replays one once its cause is fixed: it is applied once, in
 one transaction with the inbox and the removal of its row; a replay that fails again, of an
 undecodable payload, or of an event the inbox already holds changes nothing it should not; a
-second replay, or two at once, apply nothing more.
+second replay, or two at once, apply nothing more. A replay the database fails (connection
+dropped, deadlock) answers UNAVAILABLE / ABORTED like any RPC, one the handler fails answers
+REPLAY_FAILED without the driver's text, and the inbox row of a parked event outlives the retention.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import grpc
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import OperationalError
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 from livegifts.gifting.v1 import events_pb2
@@ -29,9 +33,9 @@ from services.common.auth import OperatorAuth
 from services.common.db import UnitOfWork
 from services.common.deadletters import dead_letter_registration
 from services.common.grpcserver import create_server
-from services.common.inbox import Consumer, Subscription
+from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.outbox import new_event_id
-from services.common.timeutil import now_us
+from services.common.timeutil import US_PER_DAY, now_us
 from tests.integration.helpers import eventually, expect_error
 from tests.integration.test_outbox_relay import _Harness, _harnesses, _running
 
@@ -39,13 +43,24 @@ TOKEN = "dead-letter-test-operator-token"
 OPERATOR = (("authorization", f"Bearer {TOKEN}"), ("x-operator", "test"))
 DURABLE = "dead-letter-test"
 Outcome = dead_letters_pb2.ReplayDeadLetterResponse
+Effect = Callable[[UnitOfWork], Awaitable[None]]
 
 
 class _Rig:
-    """A harness, a consumer of gifting.gift.sent that fails on `poison`, and a DeadLetterService stub."""
+    """A harness, a consumer of gifting.gift.sent that fails on `poison` (and runs `effects` first),
+    and a DeadLetterService stub."""
 
-    def __init__(self, harness: _Harness, consumer: Consumer[Any], stub: Any, poison: set[str], slow: set[str]) -> None:
+    def __init__(
+        self,
+        harness: _Harness,
+        consumer: Consumer[Any],
+        stub: Any,
+        poison: set[str],
+        slow: set[str],
+        effects: dict[str, Effect],
+    ) -> None:
         self.h, self.consumer, self.stub, self.poison, self.slow = harness, consumer, stub, poison, slow
+        self.effects = effects
 
     async def count(self, sql: str) -> int:
         async with self.h.db.unit_of_work(readonly=True) as uow:
@@ -87,6 +102,7 @@ class _Rig:
 async def _rig(tmp_path: Path, url: str) -> AsyncIterator[_Rig]:
     poison: set[str] = set()
     slow: set[str] = set()  # events whose effect takes a while: concurrent replays overlap
+    effects: dict[str, Effect] = {}  # run in the handler's transaction before an event's effect
     async with _harnesses(tmp_path, url, 1, consumer_max_deliver=2) as (h,):
         async with h.db.unit_of_work() as uow:
             await uow.conn.execute(text("CREATE TABLE applied (event_id VARCHAR(64) PRIMARY KEY)"))
@@ -98,6 +114,8 @@ async def _rig(tmp_path: Path, url: str) -> AsyncIterator[_Rig]:
             if slow & {e.event_id for e in events}:
                 await asyncio.sleep(0.5)
             for e in events:
+                if e.event_id in effects:
+                    await effects[e.event_id](uow)
                 await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES (:e)"), {"e": e.event_id})
 
         sub = Subscription(DURABLE, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
@@ -106,7 +124,7 @@ async def _rig(tmp_path: Path, url: str) -> AsyncIterator[_Rig]:
         running = await create_server([registration], "127.0.0.1", 0, "livegifts.test")
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
-            yield _Rig(h, consumer, dead_letters_pb2_grpc.DeadLetterServiceStub(channel), poison, slow)
+            yield _Rig(h, consumer, dead_letters_pb2_grpc.DeadLetterServiceStub(channel), poison, slow, effects)
         finally:
             await channel.close()
             await running.server.stop(None)
@@ -173,6 +191,98 @@ async def test_a_replay_of_an_event_the_inbox_holds_changes_nothing_and_two_at_o
     assert outcomes == ["NOT_FOUND", "OUTCOME_APPLIED"], answers
     assert await rig.applied(fresh.event_id) == 1
     assert (await rig.parked()).dead_letters == []
+
+
+class _DriverError(Exception):
+    """What a PostgreSQL driver error carries that the error mapping reads: its SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"SQLSTATE {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+async def _drop_the_connection(uow: UnitOfWork) -> None:
+    if uow.conn.dialect.name == "postgresql":
+        await uow.conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        pytest.fail("the server kept the connection")
+    # SQLite has no server to lose: the error SQLAlchemy raises for a connection a server closed.
+    dropped = OperationalError(
+        "UPDATE creators SET diamonds = ...", {}, ConnectionError("server closed the connection")
+    )
+    dropped.connection_invalidated = True
+    raise dropped
+
+
+async def _deadlock(uow: UnitOfWork) -> None:
+    if uow.conn.dialect.name == "postgresql":
+        raise_it = "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected'; END $$"
+        await uow.conn.execute(text(raise_it))
+        pytest.fail("the server raised no deadlock")
+    raise OperationalError("UPDATE creators SET diamonds = ...", {}, _DriverError("40P01"))  # SQLite has no deadlocks
+
+
+@pytest.mark.parametrize(
+    ("effect", "code", "reason"),
+    [
+        (_drop_the_connection, grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"),
+        (_deadlock, grpc.StatusCode.ABORTED, "CONFLICT"),
+    ],
+)
+async def test_a_replay_the_database_fails_answers_like_any_rpc_and_a_retry_applies_it(
+    rig: _Rig, effect: Effect, code: grpc.StatusCode, reason: str
+) -> None:
+    event = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
+    row = await rig.park(event)
+    rig.effects[event.event_id] = effect
+    err = await expect_error(rig.replay(row), code, reason)
+    assert "UPDATE" not in (err.details() or "") and "SQLSTATE" not in (err.details() or ""), err.details()
+    assert [d.id for d in (await rig.parked()).dead_letters] == [row] and await rig.applied(event.event_id) == 0
+
+    rig.effects.clear()  # the database is back: the same call now applies it
+    assert (await rig.replay(row)).outcome == Outcome.OUTCOME_APPLIED
+    assert await rig.applied(event.event_id) == 1
+
+
+async def test_a_replay_the_handler_fails_names_no_sql_and_the_log_has_the_whole_error(
+    rig: _Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
+    row = await rig.park(event)
+
+    async def collide(uow: UnitOfWork) -> None:  # a handler bug: its insert breaks a unique key
+        await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES (:e)"), {"e": event.event_id})
+
+    rig.effects[event.event_id] = collide
+    with caplog.at_level(logging.WARNING, logger="services.common.deadletters"):
+        err = await expect_error(rig.replay(row), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
+    details = err.details() or ""
+    assert "IntegrityError" in details, details
+    leaks = ["INSERT", "constraint", "UNIQUE", "applied_pkey", "applied.event_id", event.event_id]
+    assert not [leak for leak in leaks if leak in details], details
+    logged = [r for r in caplog.records if r.getMessage() == "dead letter replay failed; it stays parked"]
+    assert len(logged) == 1 and "INSERT INTO applied" in logged[0].error, logged  # type: ignore[attr-defined]
+    assert [d.id for d in (await rig.parked()).dead_letters] == [row] and await rig.applied(event.event_id) == 0
+
+
+async def test_an_event_applied_while_parked_keeps_its_inbox_row_past_the_retention_so_its_replay_changes_nothing(
+    rig: _Rig,
+) -> None:
+    event = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
+    row = await rig.park(event)
+    # A later redelivery applied it long ago and left the parked row behind.
+    long_ago = now_us() - int((rig.h.settings.inbox_retention_days + 1) * US_PER_DAY)
+    async with rig.h.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(rig.h.tables.inbox).values(consumer=DURABLE, event_id=event.event_id, received_at_us=long_ago)
+        )
+        await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES (:e)"), {"e": event.event_id})
+        await uow.commit()
+    pruner = InboxPruner(rig.h.db, rig.h.tables, rig.h.settings)
+    assert await pruner.prune_once() == 0  # still parked: its replay needs the row
+
+    answer = await rig.replay(row)
+    assert answer.outcome == Outcome.OUTCOME_DUPLICATE and await rig.applied(event.event_id) == 1
+    assert await pruner.prune_once() == 1  # replayed: the row goes like any other
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
