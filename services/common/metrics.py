@@ -29,6 +29,13 @@ INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
     "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"
 )
+# Wallet: payment.failed callbacks for a purchase that already had an outcome, by that outcome;
+# recorded and answered OK, they change nothing (a declined attempt reported late).
+LATE_PAYMENT_FAILURES = Counter(
+    "livegifts_late_payment_failures_total",
+    "Failure callbacks accepted without effect: the purchase was no longer PENDING (wallet)",
+    ["status"],
+)
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
 CLAWBACK_SHORTFALL_OPEN = Gauge(
     "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"

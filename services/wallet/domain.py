@@ -54,6 +54,29 @@ TRANSITIONS: dict[PurchaseStatus, set[PurchaseStatus]] = {
 }
 
 
+# Failure reports that arrive once the purchase already has an outcome: recorded by their event
+# id (so a retry is a duplicate) and answered OK, changing nothing. Providers send the failure of
+# a declined attempt after, or beside, a later one's outcome (a second card that paid, then its
+# refund), and retry for days any callback that got an error; a failure has no effect on a
+# purchase that is not PENDING, whatever order it arrives in. Everything else outside
+# TRANSITIONS stays INVALID_TRANSITION: a refund or chargeback of a purchase never credited may
+# be early (its retry applies once the success lands) or wrong; a second success, or a second
+# reversal, under a new event id reports money moving twice, which an operator must see.
+NO_EFFECT: dict[PurchaseStatus, set[PurchaseStatus]] = {
+    PurchaseStatus.PENDING: set(),
+    PurchaseStatus.SUCCEEDED: {PurchaseStatus.FAILED},
+    PurchaseStatus.FAILED: {PurchaseStatus.FAILED},
+    PurchaseStatus.REFUNDED: {PurchaseStatus.FAILED},
+    PurchaseStatus.CHARGED_BACK: {PurchaseStatus.FAILED},
+}
+
+
+def has_no_effect(current: PurchaseStatus, target: PurchaseStatus) -> bool:
+    """True if a report of `target` is accepted but changes nothing on a `current` purchase."""
+    check(not (NO_EFFECT[current] & TRANSITIONS[current]), "a report either changes a purchase or changes nothing")
+    return target in NO_EFFECT[current]
+
+
 def check_transition(current: PurchaseStatus, target: PurchaseStatus) -> None:
     """Raise FAILED_PRECONDITION/INVALID_TRANSITION unless current -> target is allowed."""
     if target not in TRANSITIONS[current]:

@@ -30,13 +30,13 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import run_idempotent
-from services.common.metrics import PURCHASES_SUCCEEDED_AFTER_FAILURE
+from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
 from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, PurchaseStatus
-from services.wallet.payments import PaymentProvider, PaymentRouter
+from services.wallet.payments import PaymentProvider, PaymentRouter, ProviderEvent
 from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends, restrictions_of, users_of
 from services.wallet.storage import (
     accounts,
@@ -334,17 +334,11 @@ class Wallet:
             if event.amount_minor != row.amount_minor or event.currency_code != row.currency_code:
                 raise InvalidArgument("callback amount or currency differs from the purchase", "AMOUNT_MISMATCH")
             current = PurchaseStatus(row.status)
-            domain.check_transition(current, event.target)
             ts = now_us()
-            await uow.conn.execute(
-                insert(payment_events).values(
-                    provider=provider.name,
-                    provider_event_id=event.provider_event_id,
-                    purchase_id=row.purchase_id,
-                    event_type=event.event_type,
-                    received_at_us=ts,
-                )
-            )
+            if domain.has_no_effect(current, event.target):
+                return await self._record_without_effect(uow, provider, event, row, current, ts)
+            domain.check_transition(current, event.target)
+            await self._record_payment_event(uow, provider, event, row.purchase_id, ts)
             # Compare-and-set on the status: a concurrent callback for the same purchase loses.
             changed = await uow.conn.execute(
                 update(purchases)
@@ -420,6 +414,53 @@ class Wallet:
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
+
+    async def _record_payment_event(
+        self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent, purchase_id: str, ts: int
+    ) -> None:
+        """Record a provider event by its id; the unique key makes a concurrent second delivery fail."""
+        await uow.conn.execute(
+            insert(payment_events).values(
+                provider=provider.name,
+                provider_event_id=event.provider_event_id,
+                purchase_id=purchase_id,
+                event_type=event.event_type,
+                received_at_us=ts,
+            )
+        )
+
+    async def _record_without_effect(
+        self,
+        uow: UnitOfWork,
+        provider: PaymentProvider,
+        event: ProviderEvent,
+        row: Any,
+        current: PurchaseStatus,
+        ts: int,
+    ) -> wallet_pb2.HandlePaymentEventResponse:
+        """Accept a report that changes nothing (a failure after an outcome): record it, answer OK.
+
+        Choices for the answer: A) `duplicate=True`, as for a retry; B) `duplicate=False` and the
+        purchase as it stands. B: the proto says `duplicate` is an event applied before, and keeping
+        it for retries lets the provider's first delivery be told from its retries; the purchase's
+        status and its unchanged `updated_at` say that nothing changed.
+        No compare-and-set on the status: once a purchase is not PENDING a failure changes nothing
+        in any status it can move to, so a concurrent callback cannot make this answer wrong.
+        """
+        await self._record_payment_event(uow, provider, event, row.purchase_id, ts)
+        await uow.commit()
+        log.info(
+            "payment failure reported for a purchase that already had an outcome; recorded, nothing changed",
+            extra={
+                "purchase_id": row.purchase_id,
+                "provider_event_id": event.provider_event_id,
+                "status": current.value,
+            },
+        )
+        LATE_PAYMENT_FAILURES.labels(status=current.value).inc()
+        return wallet_pb2.HandlePaymentEventResponse(
+            provider_event_id=event.provider_event_id, purchase=_purchase_pb(row._asdict()), duplicate=False
+        )
 
     async def _reversal_history(self, uow: UnitOfWork, reversed_row: Any) -> tuple[int, int]:
         """(coins the user's earlier reversals claimed, coins of debt the purchases kept have repaid).

@@ -136,6 +136,7 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
 
 
 async def test_transitions_a_purchase_cannot_make_are_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    """A reversal of coins never credited, a second success and a second reversal stay errors."""
     secret = deployment.webhook_secret
     failed = await new_purchase(clients.wallet, uid("viewer"))
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", failed))
@@ -147,14 +148,65 @@ async def test_transitions_a_purchase_cannot_make_are_refused(clients, deploymen
         )
     succeeded = await new_purchase(clients.wallet, uid("viewer"))
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded))
+    # A second success under a new event id reports money taken twice: an operator must see it.
     await expect_error(
-        clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", succeeded)),
+        clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded)),
         OK.FAILED_PRECONDITION,
         "INVALID_TRANSITION",
     )
+    await clients.wallet.HandlePaymentEvent(signed_callback(secret, "charge.refunded", succeeded))
+    for again in ("payment.succeeded", "charge.refunded", "charge.dispute.lost"):
+        await expect_error(
+            clients.wallet.HandlePaymentEvent(signed_callback(secret, again, succeeded)),
+            OK.FAILED_PRECONDITION,
+            "INVALID_TRANSITION",
+        )
     pending = await new_purchase(clients.wallet, uid("viewer"))
     early = signed_callback(secret, "charge.refunded", pending)
     await expect_error(clients.wallet.HandlePaymentEvent(early), OK.FAILED_PRECONDITION, "INVALID_TRANSITION")
+
+
+async def test_a_failure_reported_after_the_success_is_answered_ok_recorded_once_and_changes_nothing(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """The provider's failure of a declined attempt arrives (or is retried) after the success was applied."""
+    secret, user = deployment.webhook_secret, uid("viewer")
+    purchase = await new_purchase(clients.wallet, user)
+    paid = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", purchase))
+    before = await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=user))
+    late = signed_callback(secret, "payment.failed", purchase)
+    answer = await clients.wallet.HandlePaymentEvent(late)
+    # Accepted, not a retry of an applied event, and the purchase as it was: nothing changed.
+    assert not answer.duplicate and answer.purchase == paid.purchase
+    retried = await clients.wallet.HandlePaymentEvent(late)
+    assert retried.duplicate and retried.purchase == paid.purchase
+    assert await clients.wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id)) == (
+        paid.purchase
+    )
+    assert await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=user)) == before
+    assert await balance_of(clients.wallet, user) == 700
+    # The success can still be reversed, and a failure reported after that changes nothing either.
+    refunded = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "charge.refunded", purchase))
+    assert refunded.purchase.status == wallet_pb2.PURCHASE_STATUS_REFUNDED
+    for _ in range(2):
+        after = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", purchase))
+        assert not after.duplicate and after.purchase == refunded.purchase
+    assert (await clients.wallet.HandlePaymentEvent(late)).duplicate
+    assert await balance_of(clients.wallet, user) == 0
+
+
+async def test_a_second_declined_attempt_is_answered_ok_and_a_later_success_still_credits(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    """Two cards declined, then a third that paid, for the same checkout."""
+    secret, user = deployment.webhook_secret, uid("viewer")
+    purchase = await new_purchase(clients.wallet, user)
+    first = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", purchase))
+    second = signed_callback(secret, "payment.failed", purchase)
+    answer = await clients.wallet.HandlePaymentEvent(second)
+    assert not answer.duplicate and answer.purchase == first.purchase  # FAILED, updated_at unchanged
+    assert (await clients.wallet.HandlePaymentEvent(second)).duplicate
+    paid = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", purchase))
+    assert (paid.purchase.status, paid.duplicate) == (wallet_pb2.PURCHASE_STATUS_SUCCEEDED, False)
+    assert await balance_of(clients.wallet, user) == 700
 
 
 async def test_a_payment_that_failed_and_then_succeeded_credits_its_coins_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]

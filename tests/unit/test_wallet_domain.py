@@ -40,6 +40,30 @@ def test_purchase_transitions(current, target, allowed) -> None:  # type: ignore
         assert err.value.reason == "INVALID_TRANSITION"
 
 
+@pytest.mark.parametrize(
+    ("current", "target", "no_effect"),
+    [
+        (PurchaseStatus.SUCCEEDED, PurchaseStatus.FAILED, True),  # a declined attempt reported late
+        (PurchaseStatus.REFUNDED, PurchaseStatus.FAILED, True),
+        (PurchaseStatus.CHARGED_BACK, PurchaseStatus.FAILED, True),
+        (PurchaseStatus.FAILED, PurchaseStatus.FAILED, True),  # a second card declined too
+        (PurchaseStatus.PENDING, PurchaseStatus.FAILED, False),  # a transition: the purchase fails
+        (PurchaseStatus.PENDING, PurchaseStatus.REFUNDED, False),  # early or wrong: stays an error
+        (PurchaseStatus.FAILED, PurchaseStatus.CHARGED_BACK, False),
+        (PurchaseStatus.SUCCEEDED, PurchaseStatus.SUCCEEDED, False),  # money taken twice?
+        (PurchaseStatus.REFUNDED, PurchaseStatus.SUCCEEDED, False),
+        (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK, False),  # reversed twice
+    ],
+)
+def test_only_a_failure_after_an_outcome_is_accepted_without_effect(current, target, no_effect) -> None:  # type: ignore[no-untyped-def]
+    assert domain.has_no_effect(current, target) is no_effect
+
+
+def test_no_report_both_changes_a_purchase_and_changes_nothing() -> None:
+    for current in PurchaseStatus:
+        assert not domain.NO_EFFECT[current] & domain.TRANSITIONS[current], current
+
+
 TODAY = dt.date(2026, 11, 22)
 
 

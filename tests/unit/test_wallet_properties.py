@@ -69,6 +69,10 @@ ALLOWED: dict[PurchaseStatus, set[PurchaseStatus]] = {
     PurchaseStatus.REFUNDED: set(),
     PurchaseStatus.CHARGED_BACK: set(),
 }
+# A failure reported once the purchase has an outcome (a declined attempt, late or beside another
+# card's) is accepted and recorded, and changes nothing; every other move outside ALLOWED is refused.
+NO_EFFECT = {status: {PurchaseStatus.FAILED} for status in PurchaseStatus if status is not PurchaseStatus.PENDING}
+_STATUS = {status: wallet_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{status.value}") for status in PurchaseStatus}
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -237,6 +241,11 @@ class WalletMachine(RuleBasedStateMachine):
         if event_id in self.applied_events:
             assert reason is None and answer.duplicate, "a replayed event must be a no-op"
             return
+        if target in NO_EFFECT.get(model["status"], set()):
+            assert reason is None and not answer.duplicate, reason
+            assert answer.purchase.status == _STATUS[model["status"]], "a late failure changes nothing"
+            self.applied_events.add(event_id)  # recorded: its retry is a duplicate
+            return
         if target not in ALLOWED[model["status"]]:
             assert reason == "INVALID_TRANSITION", reason
             return
@@ -283,7 +292,7 @@ class WalletMachine(RuleBasedStateMachine):
     )
     def callback(self, status: PurchaseStatus, pick: int, event_type: str) -> None:
         """A callback for a purchase in `status` (else in a status present), so every status is reached;
-        for a purchase in a final status, every kind of callback (all must be refused)."""
+        for a purchase in a final status, every kind of callback (all refused but a late failure)."""
         present = sorted({m["status"] for m in self.purchases})
         if present:
             status = status if status in present else present[pick % len(present)]
