@@ -2,7 +2,20 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, MetaData, Select, String, Table, bindparam, select, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    MetaData,
+    Select,
+    String,
+    Table,
+    TextClause,
+    bindparam,
+    select,
+    text,
+)
 
 from services.common.sql import Bulk, bulk_insert, bulk_update
 from services.common.tables import add_common_tables
@@ -43,7 +56,9 @@ Index(
 # Every gift, tip and unlock: PENDING until the wallet has spent, then SENT, or CANCELLED.
 # The client's idempotency key lives in idempotency_key, and stays there when the gift is
 # CANCELLED: a retry of the same request moves it to a new gift, a different request is refused
-# (migration 0007). client_key keeps it for good, also on gifts a retry has moved it from.
+# (migration 0007). client_key keeps it for good, also on gifts a retry has moved it from;
+# key_moved_at_us says when it moved (a cancelled gift without key and without it lost its key
+# to an older release's cancel: migration 0008, `Gifting.restore_keys_once`).
 gift_events = Table(
     "gift_events",
     metadata,
@@ -65,7 +80,11 @@ gift_events = Table(
     Column("message", String(500), nullable=True),  # a tip's message
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+    Column("key_moved_at_us", BigInteger, nullable=True),
 )
+# Every column but key_moved_at_us, which a new gift leaves NULL: what SendGift inserts, the
+# same statement as before that column existed.
+GIFT_INSERT_COLUMNS = tuple(c.name for c in gift_events.c if c.name != "key_moved_at_us")
 # The sweeper's look-up: only PENDING gifts are in this index, so it stays as small as the gifts
 # in flight, and a gift's SENT or CANCELLED row version adds no entry to it (migration 0006; it
 # was (status, updated_at_us) over every gift ever sent).
@@ -86,6 +105,30 @@ def stale_pending(cutoff_us: int, limit: int) -> Select[tuple[str]]:
         .order_by(g.updated_at_us)
         .limit(limit)
     )
+
+
+# Cancelled gifts that lost their key to an older release's cancel (it cleared the key; this
+# release keeps it): the key-restoring loop's look-up. Empty but during and right after a rollout
+# from a release before 0007, so the loop's probe costs next to nothing (migration 0008).
+KEY_LOST = "status = 'CANCELLED' AND idempotency_key IS NULL AND key_moved_at_us IS NULL"
+Index(
+    "ix_gift_events_key_lost",
+    gift_events.c.created_at_us,
+    sqlite_where=text(KEY_LOST),
+    postgresql_where=text(KEY_LOST),
+)
+
+
+def keys_lost(dialect: str, limit: int) -> TextClause:
+    """(event id, client key) of cancelled gifts without their key, newest first (so for each key its latest)."""
+    # The predicate as text, identical to the index's: PostgreSQL then plans on the partial index
+    # whatever it does with bound parameters. SQLite, without statistics, would rather search the
+    # unique key index for NULL (every moved key's gift, then a sort): INDEXED BY holds it to this one.
+    indexed = " INDEXED BY ix_gift_events_key_lost" if dialect == "sqlite" else ""
+    return text(
+        f"SELECT event_id, client_key FROM gift_events{indexed} WHERE {KEY_LOST}"
+        " ORDER BY created_at_us DESC, event_id DESC LIMIT :limit"
+    ).bindparams(limit=limit)
 
 
 # Exclusive content and paid features a creator sells for coins.

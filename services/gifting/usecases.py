@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from sqlalchemy import bindparam, case, delete, func, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
@@ -57,11 +57,14 @@ from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
 from services.gifting.feed import Ended, FeedHub, ShuttingDown
 from services.gifting.storage import (
+    GIFT_INSERT_COLUMNS,
+    KEY_LOST,
     common,
     content_unlocks,
     contents,
     gift_events,
     gifts,
+    keys_lost,
     leaderboard_all_time,
     sent_flip_statement,
     stale_pending,
@@ -75,6 +78,7 @@ GIFT_SENT_SUBJECT = "gifting.gift.sent"
 STREAM_ENDED_SUBJECT = "gifting.stream.ended"
 FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
+KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` looks at
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 RESTRICTIONS_MANY_IDS_MAX = 500  # users of one wallet.GetAccountRestrictionsMany call (the wallet's limit)
@@ -159,7 +163,7 @@ class Gifting:
         self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
         # A key already recorded (a retry, or a concurrent call's) is skipped: the ids it returns
         # are the gifts this batch recorded.
-        self._insert_gifts = bulk_insert_new(d, gift_events, [c.name for c in gift_events.c], gift_events.c.event_id)
+        self._insert_gifts = bulk_insert_new(d, gift_events, GIFT_INSERT_COLUMNS, gift_events.c.event_id)
         self._contents_of = select(contents).where(one_of_param(d, contents.c.content_id, "ids"))
         u = content_unlocks.c
         self._claims_of = select(u.content_id, u.user_id, u.event_id).where(
@@ -946,10 +950,11 @@ class Gifting:
                             return existing, True
                         # This request's gift was cancelled: the key moves to the new gift. A
                         # concurrent retry that moved it first makes the insert below conflict.
+                        # key_moved_at_us tells `restore_keys_once` the old gift gave its key away.
                         await uow.conn.execute(
                             update(gift_events)
                             .where(gift_events.c.event_id == existing["event_id"], gift_events.c.idempotency_key == key)
-                            .values(idempotency_key=None)
+                            .values(idempotency_key=None, key_moved_at_us=now_us())
                         )
                     p = await plan(uow)
                     if p.existing:
@@ -1101,9 +1106,80 @@ class Gifting:
         return settled
 
     async def sweeper(self, stop: asyncio.Event) -> None:
-        """Background loop around `sweep_once` (errors are logged and retried next round)."""
-        # Wallet or database down: the gifts stay PENDING until a later round.
-        await run_every(stop, self.settings.sweep_interval_s, self.sweep_once, "settled pending gifts")
+        """Background loops around `sweep_once` and `restore_keys_once` (errors are logged and retried next round)."""
+        # Wallet or database down: the gifts stay PENDING until a later round. Two loops, so a
+        # wallet outage does not hold up the key restorer, which needs the database only.
+        interval_s = self.settings.sweep_interval_s
+        await asyncio.gather(
+            run_every(stop, interval_s, self.sweep_once, "settled pending gifts"),
+            run_every(stop, interval_s, self.restore_keys_once, "restored cancelled gifts' keys"),
+        )
+
+    async def restore_keys_once(self) -> int:
+        """Give back their key to cancelled gifts an older release left without it; returns how many it settled.
+
+        A release before 4f92b45 cleared the key of every gift it cancelled. Migration 0007 gave
+        the keys back once, but during the rolling update the old pods keep cancelling that way,
+        and a key left NULL lets a different request under it be accepted and charged. So every
+        round does what 0007 did for the rows still in `ix_gift_events_key_lost` (empty once old
+        pods are gone): for each key, its latest such gift takes it back from client_key, unless
+        a gift holds it now; then the gift is marked as having moved its key, and leaves the index.
+
+        A request under one of these keys that arrives meanwhile races on the unique key: if it
+        is recorded first, the restore of that key fails and the gift is marked instead; if the
+        restore is first, the request finds the cancelled gift (its retry moves the key on, a
+        different request is refused). No check decides alone: the pre-check only spares the
+        common case a failed statement.
+        """
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(keys_lost(self.db.dialect, KEY_RESTORE_BATCH_MAX))).all()
+        if not rows:
+            return 0
+        latest: dict[str, str] = {}  # key -> its newest keyless gift of this round (rows come newest first)
+        older: list[str] = []  # the others: their key goes to (or is held by) a later gift
+        for event_id, key in rows:
+            if key in latest:
+                older.append(event_id)
+            else:
+                latest[key] = event_id
+        g = gift_events.c
+        try:
+            async with self.db.unit_of_work() as uow:
+                held = (
+                    await uow.conn.execute(
+                        select(g.idempotency_key).where(one_of(self.db.dialect, g.idempotency_key, list(latest)))
+                    )
+                ).scalars()
+                moved = older + [latest.pop(k) for k in set(held)]
+                await self._set_lost_keys(uow, moved, restore=False)
+                await self._set_lost_keys(uow, list(latest.values()), restore=True)
+                await uow.commit()
+        except IntegrityError:
+            # A request under one of these keys was recorded since the look-up: gift by gift.
+            async with self.db.unit_of_work() as uow:
+                await self._set_lost_keys(uow, older, restore=False)
+                await uow.commit()
+            for event_id in latest.values():
+                try:
+                    async with self.db.unit_of_work() as uow:
+                        await self._set_lost_keys(uow, [event_id], restore=True)
+                        await uow.commit()
+                except IntegrityError:
+                    async with self.db.unit_of_work() as uow:
+                        await self._set_lost_keys(uow, [event_id], restore=False)
+                        await uow.commit()
+        return len(rows)
+
+    async def _set_lost_keys(self, uow: UnitOfWork, event_ids: list[str], restore: bool) -> None:
+        """Keyless cancelled gifts take their key back (`restore`) or are marked as having moved it."""
+        if not event_ids:
+            return
+        g = gift_events.c
+        values = {"idempotency_key": g.client_key} if restore else {"key_moved_at_us": now_us()}
+        # Still keyless and unmarked: a retry may have moved a restored key on meanwhile.
+        await uow.conn.execute(
+            update(gift_events).where(one_of(self.db.dialect, g.event_id, event_ids), text(KEY_LOST)).values(**values)
+        )
 
     # ---- live feed ---------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import select
+from sqlalchemy import false, select, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
@@ -26,6 +27,8 @@ from services.common.db import Database
 from services.common.errors import DomainError
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
+from services.common.sql import one_of
+from services.gifting import usecases
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
@@ -170,7 +173,9 @@ async def test_a_retry_of_a_cancelled_gift_is_checked_anew_and_keeps_the_key_whe
     wallet.coins["v"] = 100
     items = gifting_pb2.SendGiftsRequest(
         gifts=[
-            gifting_pb2.SendGiftRequest(stream_id=stream.stream_id, sender_id="v", gift_id="rose", idempotency_key="k")
+            gifting_pb2.SendGiftRequest(
+                stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="k"
+            )
         ]
     )
     assert await _reason(gifting.send_tip(tip)) == "STREAM_NOT_LIVE"  # checked as a new tip would be
@@ -197,3 +202,111 @@ async def test_a_cancelled_unlocks_key_unlocks_only_its_own_content(gifting: Gif
     assert (await gifting.check_access("v", first)).has_access
     assert not (await gifting.check_access("v", second)).has_access
     assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
+
+
+async def _old_release_cancels(g: Gifting, key: str) -> None:
+    """What a pod of the release before 4f92b45 leaves when it cancels the gift under `key`: no key.
+
+    During a rolling update such pods keep serving after the init container ran migration 0007.
+    """
+    e = gift_events.c
+    async with g.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            update(gift_events).where(e.idempotency_key == key, e.status == "CANCELLED").values(idempotency_key=None)
+        )
+        await uow.commit()
+
+
+async def test_a_gift_an_old_release_cancels_during_the_rollout_gets_its_key_back(gifting: Gifting) -> None:
+    wallet: Ledger = gifting.wallet
+    wallet.coins["v"] = 10
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    panda3 = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id="v", gift_id="panda", quantity=3, idempotency_key="k"
+    )
+    assert await _reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"  # 15 coins
+    await _old_release_cancels(gifting, "k")
+    assert await _rows_of(gifting, "k") == [("CANCELLED", None)]
+
+    assert await gifting.restore_keys_once() == 1  # the background loop's round, after start and periodically
+    assert await _rows_of(gifting, "k") == [("CANCELLED", "k")]
+    tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="k")
+    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert wallet.coins["v"] == 10
+
+    # Its own retry still sends it, once; the cancelled gift then gave its key away for good.
+    wallet.coins["v"] = 100
+    assert (await gifting.send_gift(panda3)).sender_balance == 85
+    assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
+    assert await gifting.restore_keys_once() == 0  # nothing left to look at
+
+
+async def test_the_key_restorer_leaves_a_key_to_the_gift_that_holds_it_and_gives_it_to_the_latest(
+    gifting: Gifting,
+) -> None:
+    wallet: Ledger = gifting.wallet
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    rose = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="h"
+    )
+    tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="l")
+    # "h": cancelled by an old pod, then a retry sent before the restorer's round: the sent gift keeps it.
+    assert await _reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
+    await _old_release_cancels(gifting, "h")
+    wallet.coins["v"] = 100
+    await gifting.send_gift(rose)
+    # "l": cancelled twice by old pods (a different request the old release took under it): the latest gets it.
+    wallet.coins["v"] = 0
+    rose_l = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="l"
+    )
+    assert await _reason(gifting.send_gift(rose_l)) == "INSUFFICIENT_COINS"
+    await _old_release_cancels(gifting, "l")
+    assert await _reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"
+    await _old_release_cancels(gifting, "l")
+
+    assert await gifting.restore_keys_once() == 3
+    assert await _rows_of(gifting, "h") == [("CANCELLED", None), ("SENT", "h")]
+    assert await _rows_of(gifting, "l") == [("CANCELLED", None), ("CANCELLED", "l")]
+    assert await gifting.restore_keys_once() == 0  # every row settled leaves the index
+    wallet.coins["v"] = 100
+    assert (await gifting.send_tip(tip)).sender_balance == 95  # the latest request's retry sends it
+
+
+async def test_a_request_recorded_during_the_key_restorers_round_keeps_the_key(
+    gifting: Gifting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wallet: Ledger = gifting.wallet
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    rose = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="k"
+    )
+    assert await _reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
+    await _old_release_cancels(gifting, "k")
+
+    # The retry is recorded right after the restorer's look-up, and (as a commit on PostgreSQL
+    # between two statements can) after its pre-check too, which is blinded here: the unique key
+    # decides, the restore of that key fails and the cancelled gift is marked instead.
+    wallet.coins["v"] = 100
+    opened = gifting.db.unit_of_work
+    raced: list[Any] = []
+
+    @asynccontextmanager
+    async def unit_of_work(**kw: Any) -> AsyncIterator[Any]:
+        async with opened(**kw) as uow:
+            yield uow
+        if kw.get("readonly") and not raced:
+            raced.append(None)
+            raced[0] = await gifting.send_gift(rose)
+
+    def blind_pre_check(dialect: str, column: Any, values: Any) -> Any:
+        return false() if column is gift_events.c.idempotency_key else one_of(dialect, column, values)
+
+    monkeypatch.setattr(gifting.db, "unit_of_work", unit_of_work)
+    monkeypatch.setattr(usecases, "one_of", blind_pre_check)
+    assert await gifting.restore_keys_once() == 1
+    monkeypatch.undo()
+    assert raced and raced[0].status == gifting_pb2.GIFT_STATUS_SENT
+    assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
+    assert await gifting.restore_keys_once() == 0  # the cancelled gift is marked: its key moved on
+    assert wallet.coins["v"] == 99 and len(wallet.spent) == 1

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common.db import normalize_url
 from services.common.migrate import alembic_config, upgrade_head
+from services.gifting.storage import KEY_LOST
 
 SERVICES = ("wallet", "gifting", "payout")
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +124,53 @@ async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_late
     # And back: cancelled gifts hold no key, as the code before it expects.
     await asyncio.to_thread(command.downgrade, cfg, "0006")
     assert [k for _, k in await _execute(empty_database, keys)] == [None, None, None, "b", "c"]
+
+
+async def test_the_key_restorers_query_is_served_by_the_key_lost_index(empty_database: str) -> None:
+    from services.gifting.storage import keys_lost
+
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    engine = create_async_engine(normalize_url(empty_database))
+    try:
+        compiled = keys_lost(engine.dialect.name, 10).compile(engine)
+        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = (await conn.exec_driver_sql(f"EXPLAIN {compiled}", params)).all()
+            else:
+                plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)).all()
+    finally:
+        await engine.dispose()
+    assert "ix_gift_events_key_lost" in " ".join(str(c) for row in plan for c in row), plan
+
+
+async def test_migration_0008_marks_the_keys_retries_moved_and_leaves_the_lost_ones_to_the_restorer(
+    empty_database: str,
+) -> None:
+    cfg = alembic_config(ROOT / "services" / "gifting" / "migrations", empty_database)
+    await asyncio.to_thread(command.upgrade, cfg, "0007")
+    insert = (
+        "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
+        "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
+        "updated_at_us) VALUES ('{}', {}, '{}', 'h', 'GIFT', 's', 'c', 'v', 'rose', 1, 1, 1, '{}', {}, {})"
+    )
+    rows = [
+        ("a-cancelled", "NULL", "a", "CANCELLED", 1),  # a retry moved its key to a-sent
+        ("a-sent", "'a'", "a", "SENT", 2),
+        ("b-cancelled", "NULL", "b", "CANCELLED", 3),  # an old pod cancelled it after 0007: the key is lost
+        ("c-cancelled", "'c'", "c", "CANCELLED", 4),  # kept its key
+    ]
+    await _execute(empty_database, *(insert.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    moved = "SELECT event_id, key_moved_at_us FROM gift_events ORDER BY event_id"
+    assert await _execute(empty_database, moved) == [
+        ("a-cancelled", 1),
+        ("a-sent", None),
+        ("b-cancelled", None),
+        ("c-cancelled", None),
+    ]
+    lost = "SELECT event_id FROM gift_events WHERE " + KEY_LOST
+    assert await _execute(empty_database, lost) == [("b-cancelled",)]
+    await asyncio.to_thread(command.downgrade, cfg, "0007")
+    assert len(await _execute(empty_database, "SELECT event_id FROM gift_events")) == 4

@@ -1,0 +1,68 @@
+"""Find, cheaply, the cancelled gifts an older release left without their idempotency key.
+
+Migration 0007 gave the gifts cancelled before it their key back, once, in the init container.
+During the rolling update the previous release's pods keep serving and still cancel gifts the
+old way (idempotency_key = NULL), after 0007 ran: the new release repairs those rows itself
+(`Gifting.restore_keys_once`, a loop beside the sweeper). This revision gives it what it needs:
+
+- key_moved_at_us: when a cancelled gift's key moved to a later gift (a retry of its request).
+  A moved key leaves the row with idempotency_key NULL for good and on purpose; this column
+  tells such a row from one the old release cancelled. NULL on every other gift, so it costs
+  no storage and no statement on the hot path (SendGift does not write it).
+- ix_gift_events_key_lost: a partial index of the rows left to repair (CANCELLED, no key, not
+  moved). It is empty but for the gifts old pods cancel during a rollout (and the moves an older
+  release made, which the repair marks), so the repair's look-up is one probe of an empty index.
+
+The upgrade marks the moves made before it: every cancelled gift without a key whose key a later
+gift holds (retries under 4f92b45's code, and the gifts 0007 left keyless because a retry held
+their key). One scan of the cancelled gifts with a probe of the unique key index each, as 0007's
+scan; without it they would all start in the index and the repair would work through them first.
+
+Adding a nullable column without a default is a catalog change on PostgreSQL and SQLite (no
+table rewrite); the index is built over the rows matching its predicate only, during which old
+pods' writes to gift_events wait (all migrations run in one transaction; no CONCURRENTLY).
+Old pods insert and select by column name, so the new column is invisible to them.
+
+Revision ID: 0008
+Revises: 0007
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# The same text as storage.KEY_LOST: PostgreSQL uses a partial index only for a query whose
+# WHERE implies its predicate.
+_KEY_LOST = sa.text("status = 'CANCELLED' AND idempotency_key IS NULL AND key_moved_at_us IS NULL")
+
+
+def upgrade() -> None:
+    """Apply this revision."""
+    with op.batch_alter_table("gift_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("key_moved_at_us", sa.BigInteger(), nullable=True))
+    op.create_index(
+        "ix_gift_events_key_lost",
+        "gift_events",
+        ["created_at_us"],
+        unique=False,
+        sqlite_where=_KEY_LOST,
+        postgresql_where=_KEY_LOST,
+    )
+    op.execute(
+        "UPDATE gift_events SET key_moved_at_us = updated_at_us"
+        " WHERE status = 'CANCELLED' AND idempotency_key IS NULL"
+        " AND EXISTS (SELECT 1 FROM gift_events AS holder WHERE holder.idempotency_key = gift_events.client_key)"
+    )
+
+
+def downgrade() -> None:
+    """Revert this revision."""
+    op.drop_index("ix_gift_events_key_lost", table_name="gift_events")
+    with op.batch_alter_table("gift_events", schema=None) as batch_op:
+        batch_op.drop_column("key_moved_at_us")
