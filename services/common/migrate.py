@@ -6,7 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from alembic import command, context
+from alembic import command, context, op
 from alembic.config import Config
 from sqlalchemy import MetaData, pool, text
 from sqlalchemy.engine import Connection
@@ -61,3 +61,12 @@ async def _run_async(metadata: MetaData) -> None:
 def run_env(metadata: MetaData) -> None:
     """Body of every service's migrations/env.py (online mode only: we always have the database)."""
     asyncio.run(_run_async(metadata))
+
+
+def rebuild_sqlite_outbox(autoincrement: bool) -> None:
+    """In a migration: rebuild the outbox table on SQLite with (or without) AUTOINCREMENT, rows
+    and ids kept; on PostgreSQL nothing (an identity never reuses an id)."""
+    if op.get_bind().dialect.name != "sqlite":
+        return
+    with op.batch_alter_table("outbox", recreate="always", table_kwargs={"sqlite_autoincrement": autoincrement}):
+        pass

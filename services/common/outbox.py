@@ -96,7 +96,10 @@ class Outbox:
         uow.after_commit(self.wakeup.set)
 
     async def marks(self, uow: UnitOfWork) -> tuple[int, int]:
-        """(lowest id of an unpublished row or 0, highest id written or 0): the audit's cut-off.
+        """(lowest id of an unpublished row or 0, highest id present or 0): the audit's cut-off.
+
+        Ids are never reused (PostgreSQL's identity, SQLite's AUTOINCREMENT), so a row written
+        later has a higher id than any present now, even once the table has drained.
 
         An audit that saw last id M is done waiting once the lowest unpublished id is past M, however
         many events were written since.

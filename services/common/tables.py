@@ -46,6 +46,9 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("created_at_us", BigInteger, nullable=False),
         Column("published_at_us", BigInteger, nullable=True),
         Column("attempts", Integer, nullable=False, server_default="0"),
+        # Ids are never reused on SQLite either (the relay deletes published rows, and without
+        # AUTOINCREMENT a drained table starts again from 1): the audit's cut-off is an id.
+        sqlite_autoincrement=True,
     )
     inbox = Table(
         "inbox",

@@ -174,3 +174,21 @@ async def test_migration_0008_marks_the_keys_retries_moved_and_leaves_the_lost_o
     assert await _execute(empty_database, lost) == [("b-cancelled",)]
     await asyncio.to_thread(command.downgrade, cfg, "0007")
     assert len(await _execute(empty_database, "SELECT event_id FROM gift_events")) == 4
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_outbox_ids_are_not_reused_once_the_relay_has_drained_the_table(
+    empty_database: str, service: str
+) -> None:
+    """The audit's outbox cut-off is the highest id it saw: a row written later must have a higher one."""
+    await upgrade_head(ROOT / "services" / service / "migrations", empty_database)
+    insert = (
+        "INSERT INTO outbox (event_id, subject, payload, headers, created_at_us, attempts) "
+        "VALUES ('{}', 's.x.y', '', '{{}}', 1, 0)"
+    )
+    await _execute(empty_database, insert.format("a"), insert.format("b"))
+    (highest,) = (await _execute(empty_database, "SELECT max(id) FROM outbox"))[0]
+    await _execute(empty_database, "DELETE FROM outbox")  # the relay: published, deleted
+    await _execute(empty_database, insert.format("c"))
+    (later,) = (await _execute(empty_database, "SELECT id FROM outbox"))[0]
+    assert isinstance(highest, int) and isinstance(later, int) and later > highest
