@@ -220,7 +220,9 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
                 was, now = getattr(getattr(before, svc), f), getattr(getattr(totals, svc), f)
                 assert was == now, f"a replayed event took effect: {svc}.{f} {was} -> {now}"
 
-        sent_ids = {k for k, r in totals.gifts.items() if r.status == "SENT"}
+        clients_gifts = await asyncio.to_thread(fetch, report.gift_ids)  # those ids' records (a full read keeps none)
+        assert clients_gifts.gifts is not None
+        sent_ids = {k for k, r in clients_gifts.gifts.items() if r.status == "SENT"}
         assert report.gift_ids <= sent_ids, "a gift a client saw succeed is not SENT"
         assert totals.gifting.coins_sent == report.coins_gifted, "coins sent differ from what clients were charged"
         seen = await balances(suite.addr("wallet"), list(report.coins_by_viewer))
