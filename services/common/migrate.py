@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from alembic import command, context, op
@@ -15,6 +16,9 @@ from sqlalchemy.ext.asyncio import async_engine_from_config
 from services.common.db import ensure_sqlite_dir, normalize_url
 
 log = logging.getLogger(__name__)
+
+MIGRATION_LOCK_KEY = 7301163  # the PostgreSQL advisory lock migrations take, per database
+MIGRATION_LOCK_POLL_S = 0.5  # how often a replica tries again for it while another migrates
 
 
 def alembic_config(migrations_dir: Path, url: str) -> Config:
@@ -41,11 +45,25 @@ def _run_sync(connection: Connection, metadata: MetaData) -> None:
         render_as_batch=sqlite,  # SQLite can only ALTER through table copies
         compare_type=True,
     )
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        # Replicas starting together: one migrates, the others wait and then find nothing to do.
+        # A session lock, not a transaction's: a migration that must run outside the transaction
+        # (CREATE INDEX CONCURRENTLY, in an autocommit block) commits it, and the lock must stay.
+        # The others wait between short tries, in no transaction: a CONCURRENTLY build waits for
+        # every older snapshot to end, so one held while blocked on this lock would wait forever.
+        while True:
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            held = bool(got.scalar_one())
+            connection.commit()
+            if held:
+                break
+            time.sleep(MIGRATION_LOCK_POLL_S)
     with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            # Replicas starting together: one migrates, the others wait and then find nothing to do.
-            connection.execute(text("SELECT pg_advisory_xact_lock(7301163)"))
         context.run_migrations()
+    if postgresql:  # (a failure closes the connection, which ends the lock with the session)
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        connection.commit()
 
 
 async def _run_async(metadata: MetaData) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,26 @@ async def test_outbox_ids_are_not_reused_once_the_relay_has_drained_the_table(
     await _execute(empty_database, insert.format("c"))
     (later,) = (await _execute(empty_database, "SELECT id FROM outbox"))[0]
     assert isinstance(highest, int) and isinstance(later, int) and later > highest
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_replicas_migrating_together_take_turns_even_through_a_concurrent_index_build(
+    empty_database: str, service: str
+) -> None:
+    """Gifting's 0008 commits inside its migration (CREATE INDEX CONCURRENTLY); the advisory lock
+    the replicas queue on must outlast that commit, or the second would run 0008 beside the first."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite: one process migrates its own file")
+    # Processes, as replicas are (Alembic's context is one per process).
+    code = (
+        "import asyncio, sys; from pathlib import Path; from services.common.migrate import upgrade_head;"
+        " asyncio.run(upgrade_head(Path(sys.argv[1]), sys.argv[2]))"
+    )
+    argv = [sys.executable, "-c", code, str(ROOT / "services" / service / "migrations"), empty_database]
+    procs = [await asyncio.create_subprocess_exec(*argv, cwd=ROOT) for _ in range(3)]
+    codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 120)
+    assert codes == [0, 0, 0]
+    heads = await _execute(empty_database, "SELECT version_num FROM alembic_version")
+    assert len(heads) == 1, heads
+    invalid = "SELECT count(*) FROM pg_index WHERE NOT indisvalid"
+    assert await _execute(empty_database, invalid) == [(0,)]

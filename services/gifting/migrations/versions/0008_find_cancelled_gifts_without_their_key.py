@@ -18,10 +18,14 @@ gift holds (retries under 4f92b45's code, and the gifts 0007 left keyless becaus
 their key). One scan of the cancelled gifts with a probe of the unique key index each, as 0007's
 scan; without it they would all start in the index and the repair would work through them first.
 
-Adding a nullable column without a default is a catalog change on PostgreSQL and SQLite (no
-table rewrite); the index is built over the rows matching its predicate only, during which old
-pods' writes to gift_events wait (all migrations run in one transaction; no CONCURRENTLY).
-Old pods insert and select by column name, so the new column is invisible to them.
+On PostgreSQL the old pods keep reading and writing gift_events throughout: the column is added
+and committed at once (a nullable column without a default is a catalog change, no rewrite; its
+moment of ACCESS EXCLUSIVE lock waits at most LOCK_TIMEOUT for transactions in flight, else the
+migration fails and the init container retries), the index is built CONCURRENTLY (a scan of the
+table that holds no writes), and the marking UPDATE locks only the rows it marks. On SQLite the
+service is one process, stopped while it migrates. Old pods insert and select by column name,
+so the new column is invisible to them. An interrupted CONCURRENTLY build leaves an INVALID index
+behind: drop it (`DROP INDEX CONCURRENTLY ix_gift_events_key_lost`) before the retry.
 
 Revision ID: 0008
 Revises: 0007
@@ -42,18 +46,30 @@ depends_on: str | Sequence[str] | None = None
 _KEY_LOST = sa.text("status = 'CANCELLED' AND idempotency_key IS NULL AND key_moved_at_us IS NULL")
 
 
+LOCK_TIMEOUT = "10s"  # how long adding the column may wait for gift_events' lock
+
+
+def _add_column_and_index() -> None:
+    column = sa.Column("key_moved_at_us", sa.BigInteger(), nullable=True)
+    index = {"unique": False, "sqlite_where": _KEY_LOST, "postgresql_where": _KEY_LOST}
+    if op.get_bind().dialect.name != "postgresql":
+        with op.batch_alter_table("gift_events", schema=None) as batch_op:
+            batch_op.add_column(column)
+        op.create_index("ix_gift_events_key_lost", "gift_events", ["created_at_us"], **index)
+        return
+    # Outside the migrations' transaction, so that no lock on gift_events outlives its statement.
+    with op.get_context().autocommit_block():
+        op.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        op.add_column("gift_events", column)
+        op.execute("RESET lock_timeout")
+        op.create_index(
+            "ix_gift_events_key_lost", "gift_events", ["created_at_us"], postgresql_concurrently=True, **index
+        )
+
+
 def upgrade() -> None:
     """Apply this revision."""
-    with op.batch_alter_table("gift_events", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("key_moved_at_us", sa.BigInteger(), nullable=True))
-    op.create_index(
-        "ix_gift_events_key_lost",
-        "gift_events",
-        ["created_at_us"],
-        unique=False,
-        sqlite_where=_KEY_LOST,
-        postgresql_where=_KEY_LOST,
-    )
+    _add_column_and_index()
     op.execute(
         "UPDATE gift_events SET key_moved_at_us = updated_at_us"
         " WHERE status = 'CANCELLED' AND idempotency_key IS NULL"
