@@ -32,6 +32,7 @@ from livegifts.gifting.v1 import events_pb2
 from services.common.auth import OperatorAuth
 from services.common.db import UnitOfWork
 from services.common.deadletters import dead_letter_registration
+from services.common.errors import Aborted
 from services.common.grpcserver import create_server
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.outbox import new_event_id
@@ -221,11 +222,16 @@ async def _deadlock(uow: UnitOfWork) -> None:
     raise OperationalError("UPDATE creators SET diamonds = ...", {}, _DriverError("40P01"))  # SQLite has no deadlocks
 
 
+async def _a_conflict_to_retry(uow: UnitOfWork) -> None:
+    raise Aborted("a concurrent change won; retry", "CONFLICT")  # what a consumer says to retry
+
+
 @pytest.mark.parametrize(
     ("effect", "code", "reason"),
     [
         (_drop_the_connection, grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE"),
         (_deadlock, grpc.StatusCode.ABORTED, "CONFLICT"),
+        (_a_conflict_to_retry, grpc.StatusCode.ABORTED, "CONFLICT"),
     ],
 )
 async def test_a_replay_the_database_fails_answers_like_any_rpc_and_a_retry_applies_it(
