@@ -961,7 +961,13 @@ class Payout:
                     )
                 )
             except DomainError as exc:
-                # Not applied, and so still PROCESSING: the next round asks again, the gauge stays.
+                if (await self.get_withdrawal(row.withdrawal_id)).status != payout_pb2.WITHDRAWAL_STATUS_PROCESSING:
+                    # Its callback (under another event id) settled it meanwhile: the status's
+                    # compare-and-set refused the second outcome, as it should.
+                    WITHDRAWALS_RECONCILED.labels(outcome="settled_meanwhile").inc()
+                    continue
+                # Not applied (amount or currency differ, a bad signature, a transition the
+                # withdrawal cannot make): still PROCESSING, asked again next round, gauge stays.
                 log.warning(
                     "the provider's outcome of a late withdrawal was refused",
                     extra={"withdrawal_id": row.withdrawal_id, "reason": exc.reason},

@@ -270,3 +270,27 @@ async def test_an_outcome_that_does_not_match_the_withdrawal_is_refused_and_aske
         provider.asked.clear()
         await payout.reconcile_once(now=later)
         assert provider.asked == [withdrawal_id]  # asked again next round
+
+
+async def test_an_outcome_a_callback_overtook_is_counted_as_settled_meanwhile_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "payout.db"
+    async with payout_on(f"sqlite+aiosqlite:///{path}") as (payout, _):
+        provider = SlowProvider()
+        payout.provider = provider
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        assert await payout.dispatch_once() == 1
+        provider.done.add(withdrawal_id)  # the look-up will say PAID ...
+        real_status = provider.status
+
+        def overtaken(*args):  # type: ignore[no-untyped-def]
+            # ... but the provider's own callback, FAILED under another event id, commits first.
+            with sqlite3.connect(path) as conn:
+                conn.execute("UPDATE withdrawals SET status = 'FAILED' WHERE withdrawal_id = ?", (withdrawal_id,))
+            return real_status(*args)
+
+        provider.status = overtaken  # type: ignore[method-assign]
+        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        meanwhile, refused = reconciled("settled_meanwhile"), reconciled("refused")
+        assert await payout.reconcile_once(now=later) == 0
+        assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
+        assert (reconciled("settled_meanwhile"), reconciled("refused")) == (meanwhile + 1, refused)
