@@ -268,14 +268,13 @@ def _outbox_check(t: Totals, marks: Marks | None) -> Check:
                 busy.append(f"{name} {msg.outbox_pending} (rows up to id {mark} not all published)")
         elif msg.outbox_pending:
             busy.append(f"{name} {msg.outbox_pending}")
-    detail = (
-        "; ".join(busy)
-        if busy
-        else (
-            f"wallet {t.wallet.outbox_pending}, gifting {t.gifting.outbox_pending}, payout {t.payout.outbox_pending}"
-            + (" pending, all written after the first look" if marks else "")
-        )
-    )
+    pending = f"wallet {t.wallet.outbox_pending}, gifting {t.gifting.outbox_pending}, payout {t.payout.outbox_pending}"
+    if busy:
+        detail = "; ".join(busy)
+    elif t.wallet.outbox_pending or t.gifting.outbox_pending or t.payout.outbox_pending:
+        detail = f"{pending} pending, all written after the first look"
+    else:
+        detail = "none pending"
     return _verdict("in flight: outbox rows written before the audit are published", not busy, True, detail)
 
 
