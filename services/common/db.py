@@ -111,8 +111,9 @@ def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, applicatio
 class UnitOfWork:
     """One transaction. It rolls back unless the use case calls `commit()`."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: AsyncConnection, *, readonly: bool = False) -> None:
         self.conn = conn
+        self.readonly = readonly  # opened to read only (SQLite: no write lock; PostgreSQL: no row locks wanted)
         self.committed = False
         self._after_commit: list[Callable[[], None]] = []
 
@@ -159,7 +160,7 @@ class Database:
                 if snapshot and not self.sqlite:
                     await conn.execution_options(isolation_level="REPEATABLE READ")
                 await conn.begin()
-                uow = UnitOfWork(conn)
+                uow = UnitOfWork(conn, readonly=readonly)
                 try:
                     yield uow
                 finally:

@@ -160,6 +160,12 @@ class Gifting:
         d = self.db.dialect
         self._by_keys = select(gift_events).where(one_of_param(d, gift_events.c.idempotency_key, "ids"))
         self._streams_of = select(streams).where(one_of_param(d, streams.c.stream_id, "ids"))
+        # Step 1's write transaction holds its streams' rows (FOR SHARE on PostgreSQL; SQLite has
+        # one writer): EndStream's update waits for the gifts being recorded, and a gift recorded
+        # after it sees the stream ENDED. A plain read saw the last committed LIVE and recorded a
+        # gift on a stream whose end committed meanwhile. Shared locks do not wait for each other.
+        # In id order, so that two transactions holding several never wait for each other in a cycle.
+        self._streams_held = self._streams_of.order_by(streams.c.stream_id).with_for_update(read=True)
         self._gifts_of = select(gifts).where(one_of_param(d, gifts.c.gift_id, "ids"))
         # A key already recorded (a retry, or a concurrent call's) is skipped: the ids it returns
         # are the gifts this batch recorded.
@@ -392,7 +398,8 @@ class Gifting:
             return self._unlock_planner(req, key, digest)
 
         async def plan(uow: UnitOfWork) -> _Plan:
-            stream = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
+            streams_of = self._streams_of if uow.readonly else self._streams_held  # see __init__
+            stream = (await uow.conn.execute(streams_of, {"ids": [req.stream_id]})).first()
             g = None
             if isinstance(req, gifting_pb2.SendGiftRequest):
                 g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
@@ -549,10 +556,9 @@ class Gifting:
             stream_ids = list(
                 {it.stream_id for i in indexes if not isinstance(it := items[i], gifting_pb2.UnlockContentRequest)}
             )
+            streams_of = self._streams_of if uow.readonly else self._streams_held
             stream_rows = (
-                {r.stream_id: r for r in await uow.conn.execute(self._streams_of, {"ids": stream_ids})}
-                if stream_ids
-                else {}
+                {r.stream_id: r for r in await uow.conn.execute(streams_of, {"ids": stream_ids})} if stream_ids else {}
             )
             if len(self._stream_creators) + len(stream_rows) > STREAMS_CACHED_MAX:
                 self._stream_creators.clear()

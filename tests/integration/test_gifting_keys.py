@@ -30,7 +30,7 @@ from services.common.outbox import Outbox
 from services.common.sql import one_of
 from services.gifting import usecases
 from services.gifting.config import GiftingSettings
-from services.gifting.storage import common, gift_events
+from services.gifting.storage import common, gift_events, streams
 from services.gifting.usecases import Gifting
 from tests.unit.test_gift_saga import wallet_refusal
 
@@ -310,3 +310,33 @@ async def test_a_request_recorded_during_the_key_restorers_round_keeps_the_key(
     assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
     assert await gifting.restore_keys_once() == 0  # the cancelled gift is marked: its key moved on
     assert wallet.coins["v"] == 99 and len(wallet.spent) == 1
+
+
+async def test_no_gift_is_recorded_on_a_stream_whose_end_committed_while_it_was_being_recorded(
+    gifting: Gifting,
+) -> None:
+    """EndStream's update is under way (uncommitted) when a gift's step 1 reads the stream: on
+    PostgreSQL, a plain read sees it LIVE and records the gift, which becomes a gift on a stream
+    that had ended by then. Step 1 holds the stream's row, so it waits for the end and refuses."""
+    wallet: Ledger = gifting.wallet
+    wallet.coins["v"] = 10
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    # Known already (its creator and the sender's eligibility), so step 1 is one write transaction.
+    first = gifting_pb2.SendGiftRequest(stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1)
+    await gifting.send_gift(gifting_pb2.SendGiftRequest(idempotency_key="g0", **_fields(first)))
+
+    async with gifting.db.unit_of_work() as ending:  # EndStream, between its update and its commit
+        await ending.conn.execute(
+            update(streams).where(streams.c.stream_id == stream.stream_id).values(status="ENDED", ended_at_us=1)
+        )
+        late = asyncio.ensure_future(
+            _reason(gifting.send_gift(gifting_pb2.SendGiftRequest(idempotency_key="g1", **_fields(first))))
+        )
+        await asyncio.sleep(0.5)  # the gift's step 1 runs meanwhile (or waits for the stream's row)
+        await ending.commit()
+    assert await asyncio.wait_for(late, 10) == "STREAM_NOT_LIVE"
+    assert await _rows_of(gifting, "g1") == []
+
+
+def _fields(req: gifting_pb2.SendGiftRequest) -> dict[str, Any]:
+    return {f.name: v for f, v in req.ListFields()}
