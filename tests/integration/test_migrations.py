@@ -211,3 +211,24 @@ async def test_replicas_migrating_together_take_turns_even_through_a_concurrent_
     assert len(heads) == 1, heads
     invalid = "SELECT count(*) FROM pg_index WHERE NOT indisvalid"
     assert await _execute(empty_database, invalid) == [(0,)]
+
+
+async def test_gifting_0008_completes_on_a_retry_after_an_attempt_stopped_past_its_own_commits(
+    empty_database: str,
+) -> None:
+    """0008 commits its column and index outside the migrations' transaction on PostgreSQL: an
+    attempt stopped after them (a crash before the revision is stamped, a CONCURRENTLY build cut
+    short, leaving its index INVALID) must not keep every later start from migrating."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite: 0008 runs in the migrations' one transaction")
+    cfg = alembic_config(ROOT / "services" / "gifting" / "migrations", empty_database)
+    await asyncio.to_thread(command.upgrade, cfg, "0008")
+    await _execute(
+        empty_database,
+        "UPDATE alembic_version SET version_num = '0007'",  # the stamp never committed
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_gift_events_key_lost'::regclass",
+    )
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_gift_events_key_lost'::regclass"
+    assert await _execute(empty_database, valid) == [(True,)]
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [("0009",)]

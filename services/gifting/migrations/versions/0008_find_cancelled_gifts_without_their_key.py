@@ -24,8 +24,8 @@ moment of ACCESS EXCLUSIVE lock waits at most LOCK_TIMEOUT for transactions in f
 migration fails and the init container retries), the index is built CONCURRENTLY (a scan of the
 table that holds no writes), and the marking UPDATE locks only the rows it marks. On SQLite the
 service is one process, stopped while it migrates. Old pods insert and select by column name,
-so the new column is invisible to them. An interrupted CONCURRENTLY build leaves an INVALID index
-behind: drop it (`DROP INDEX CONCURRENTLY ix_gift_events_key_lost`) before the retry.
+so the new column is invisible to them. A retry after an interrupted attempt finds what that
+attempt committed and builds again an index it left INVALID.
 
 Revision ID: 0008
 Revises: 0007
@@ -50,20 +50,35 @@ LOCK_TIMEOUT = "10s"  # how long adding the column may wait for gift_events' loc
 
 
 def _add_column_and_index() -> None:
-    column = sa.Column("key_moved_at_us", sa.BigInteger(), nullable=True)
     index = {"unique": False, "sqlite_where": _KEY_LOST, "postgresql_where": _KEY_LOST}
     if op.get_bind().dialect.name != "postgresql":
         with op.batch_alter_table("gift_events", schema=None) as batch_op:
-            batch_op.add_column(column)
+            batch_op.add_column(sa.Column("key_moved_at_us", sa.BigInteger(), nullable=True))
         op.create_index("ix_gift_events_key_lost", "gift_events", ["created_at_us"], **index)
         return
     # Outside the migrations' transaction, so that no lock on gift_events outlives its statement.
+    # Each step commits by itself, so an attempt stopped after one of them (a crash, a lock
+    # timeout) leaves it done while the revision is not stamped: the retry skips what is there
+    # and builds again an index an interrupted CONCURRENTLY build left INVALID.
     with op.get_context().autocommit_block():
         op.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        op.add_column("gift_events", column)
+        op.execute("ALTER TABLE gift_events ADD COLUMN IF NOT EXISTS key_moved_at_us BIGINT")
         op.execute("RESET lock_timeout")
+        invalid = op.get_bind().execute(
+            sa.text(
+                "SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('ix_gift_events_key_lost')"
+                " AND NOT indisvalid"
+            )
+        )
+        if invalid.scalar_one():
+            op.execute("DROP INDEX CONCURRENTLY ix_gift_events_key_lost")
         op.create_index(
-            "ix_gift_events_key_lost", "gift_events", ["created_at_us"], postgresql_concurrently=True, **index
+            "ix_gift_events_key_lost",
+            "gift_events",
+            ["created_at_us"],
+            postgresql_concurrently=True,
+            if_not_exists=True,
+            **index,
         )
 
 
