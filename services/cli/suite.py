@@ -56,11 +56,9 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes], what:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if _listening(port):
+            return
+        time.sleep(0.05)
     raise TimeoutError(f"{what} did not listen on port {port} within {timeout_s}s")
 
 
