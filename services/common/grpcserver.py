@@ -87,9 +87,15 @@ def _is_serialization_failure(exc: BaseException) -> bool:
     return sqlstate(exc) in ("40001", "40P01")
 
 
+_RETRYABLE_CODES = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """Whether the error mapping answers `exc` ABORTED (serialization failure, deadlock) or
-    UNAVAILABLE: the database failed, not the request, and the same call may succeed later."""
+    """Whether the error mapping answers `exc` ABORTED or UNAVAILABLE: a conflict or a dependency
+    that was down (a serialization failure, a deadlock, a dropped connection, or a domain error of
+    those codes), not the request, so the same call may succeed later."""
+    if isinstance(exc, DomainError):
+        return status_for(exc) in _RETRYABLE_CODES
     return (isinstance(exc, sa_exc.DBAPIError) and _is_serialization_failure(exc)) or is_unavailable(exc)
 
 

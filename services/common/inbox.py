@@ -34,7 +34,7 @@ from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import Aborted, Unavailable, check
+from services.common.errors import check
 from services.common.grpcserver import is_retryable
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
@@ -260,7 +260,7 @@ class Consumer(Generic[E]):
                 try:
                     fresh = await self._record_and_handle(uow, {event_id: event})
                 except Exception as exc:
-                    if is_retryable(exc) or isinstance(exc, Aborted | Unavailable):
+                    if is_retryable(exc):
                         # The database failed, or the consumer met a conflict or a dependency it
                         # says to retry, not the event: answered UNAVAILABLE / ABORTED like any
                         # other RPC, so the operator retries instead of hunting a cause in the
