@@ -71,9 +71,14 @@ NO_EFFECT: dict[PurchaseStatus, set[PurchaseStatus]] = {
 }
 
 
+check(
+    all(not (NO_EFFECT[s] & TRANSITIONS[s]) for s in PurchaseStatus),
+    "a report either changes a purchase or changes nothing",
+)
+
+
 def has_no_effect(current: PurchaseStatus, target: PurchaseStatus) -> bool:
     """True if a report of `target` is accepted but changes nothing on a `current` purchase."""
-    check(not (NO_EFFECT[current] & TRANSITIONS[current]), "a report either changes a purchase or changes nothing")
     return target in NO_EFFECT[current]
 
 
