@@ -34,7 +34,7 @@ from services.common import faults
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import check
+from services.common.errors import DomainError, check
 from services.common.grpcserver import is_retryable
 from services.common.loops import run_every, sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
@@ -71,6 +71,15 @@ def _whole(exc: BaseException) -> str:
     """An error as the log should have it: its class and its text (for SQLAlchemy's errors the
     statement and its parameters, which repr() leaves out)."""
     return f"{type(exc).__name__}: {exc}"
+
+
+def _shown(exc: BaseException) -> str:
+    """An error as an operator's RPC may show it: a domain error's reason and message (written
+    for callers), otherwise the class name only; the driver's text (SQL, constraint names, key
+    values) stays in the log."""
+    if isinstance(exc, DomainError):
+        return f"{type(exc).__name__} {exc.reason}: {exc.message}"
+    return type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -278,7 +287,9 @@ class Consumer(Generic[E]):
         msg, event = item
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         if delivered >= self.max_deliver:
-            await self._park(msg, event.event_id, f"failed {delivered} times: {exc!r}")  # type: ignore[attr-defined]
+            event_id = event.event_id  # type: ignore[attr-defined]
+            shown = f"failed {delivered} times: {_shown(exc)}; the service log has the whole error"
+            await self._park(msg, event_id, shown, _whole(exc))
             return
         CONSUMED.labels(self.sub.durable, "retry").inc()
         log.warning(
@@ -287,7 +298,9 @@ class Consumer(Generic[E]):
         )
         await msg.nak(delay=min(0.1 * 2**delivered, 10.0))
 
-    async def _park(self, msg: Msg, event_id: str | None, error: str) -> None:
+    async def _park(self, msg: Msg, event_id: str | None, error: str, detail: str = "") -> None:
+        """Park an event: `error` is stored and shown by ListDeadLetters (no internals), `detail`
+        (the whole error, SQL included) goes to the log only."""
         async with self.db.unit_of_work() as uow:
             await uow.conn.execute(
                 insert(self.tables.dead_letters).values(
@@ -304,7 +317,7 @@ class Consumer(Generic[E]):
         DEAD_LETTERS.labels(self.sub.durable).inc()
         log.error(
             "event parked in dead_letters",
-            extra={"consumer": self.sub.durable, "event_id": event_id, "error": error},
+            extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
         )
 
 

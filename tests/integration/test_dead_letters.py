@@ -249,6 +249,31 @@ async def test_a_replay_the_database_fails_answers_like_any_rpc_and_a_retry_appl
     assert await rig.applied(event.event_id) == 1
 
 
+async def test_a_parked_event_shows_the_operator_no_sql_and_the_log_has_the_whole_error(
+    rig: _Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    collides, refused = await rig.h.add_events(2)
+
+    async def collide(uow: UnitOfWork) -> None:  # a handler bug: its insert breaks a unique key
+        await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES (:e)"), {"e": collides})
+
+    async def refuse(uow: UnitOfWork) -> None:  # a use case refusing the event on purpose
+        raise Aborted("the creator row is being moved", "CREATOR_MOVING")
+
+    rig.effects.update({collides: collide, refused: refuse})
+    with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
+        async with _running(rig.consumer.run):
+            await rig.h.relay.relay_once()
+            await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 2, 20)
+    shown = {d.event_id: d.error for d in (await rig.parked()).dead_letters}
+    assert shown[collides].startswith("failed 2 times: IntegrityError;"), shown
+    leaks = ["INSERT", "constraint", "UNIQUE", "applied_pkey", "applied.event_id", collides]
+    assert not [leak for leak in leaks if leak in shown[collides]], shown
+    assert "Aborted CREATOR_MOVING: the creator row is being moved" in shown[refused], shown
+    logged = {r.event_id: r.error for r in caplog.records if r.getMessage() == "event parked in dead_letters"}  # type: ignore[attr-defined]
+    assert "INSERT INTO applied" in logged[collides], logged
+
+
 async def test_a_replay_the_handler_fails_names_no_sql_and_the_log_has_the_whole_error(
     rig: _Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
