@@ -53,7 +53,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         return await self.w.cancel_spend(request)
 
     async def SetAccountRestrictions(self, request: wallet_pb2.SetAccountRestrictionsRequest, context: Any) -> Any:
-        """Age and block status of a user."""
+        """Age and block status of a user, once per idempotency key."""
         return await self.w.set_restrictions(request)
 
     async def GetAccountRestrictions(self, request: wallet_pb2.GetAccountRestrictionsRequest, context: Any) -> Any:

@@ -832,12 +832,15 @@ class Wallet:
     # ---- restrictions ------------------------------------------------------------------
 
     async def set_restrictions(self, req: wallet_pb2.SetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
-        """Record age and block status (an operator's or the identity service's word).
+        """Record age and block status (an operator's or the identity service's word), once per key.
 
         Only the fields the request sets change: blocking or unblocking a user never clears the
-        age that keeps a minor from spending, and recording an age never lifts a block.
+        age that keeps a minor from spending, and recording an age never lifts a block. A retry
+        with the same key answers as the first call did and changes nothing, so a late retry of
+        an older request cannot undo a newer one made under another key.
         """
         require_id(req.user_id, "user_id")
+        require_key(req.idempotency_key)
         changes: dict[str, Any] = {}
         if req.HasField("birth_date"):
             born = domain.parse_birth_date(req.birth_date)
@@ -848,24 +851,32 @@ class Wallet:
             changes["blocked"] = req.blocked
         if req.HasField("region"):
             changes["region"] = domain.check_region(req.region or self.settings.default_region)
-        ts = now_us()
-        new_user = {
-            "birth_date": None,
-            "is_minor": False,
-            "blocked": False,
-            "region": self.settings.default_region.upper(),
-            **changes,
-            "updated_at_us": ts,
-        }
-        async with self.db.unit_of_work() as uow:
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.AccountRestrictions:
+            ts = now_us()
+            new_user = {
+                "birth_date": None,
+                "is_minor": False,
+                "blocked": False,
+                "region": self.settings.default_region.upper(),
+                **changes,
+                "updated_at_us": ts,
+            }
             # Insert-if-missing then update: two first calls for a new user cannot both insert.
             await uow.conn.execute(insert_ignore(self.db.dialect, users).values(user_id=req.user_id, **new_user))
             await uow.conn.execute(
                 update(users).where(users.c.user_id == req.user_id).values(**changes, updated_at_us=ts)
             )
             await self._ensure_account(uow, req.user_id)
-            await uow.commit()
-        return await self.get_restrictions(req.user_id)
+            # The answer is read in this transaction, after its own update (which holds the row
+            # on PostgreSQL): the stored answer is what this call left, not a later call's state.
+            r = await self._restrictions(uow, req.user_id)
+            check(r is not None, "the users row exists after its insert-if-missing")
+            return self._restrictions_pb(req.user_id, r, _utc_today())
+
+        return await run_idempotent(
+            self.db, common.idempotency, "SetAccountRestrictions", req, wallet_pb2.AccountRestrictions, work
+        )
 
     async def get_restrictions(self, user_id: str) -> wallet_pb2.AccountRestrictions:
         """A user's restrictions and whether they may spend now."""

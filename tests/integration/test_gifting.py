@@ -318,7 +318,9 @@ async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves
         gifting_pb2.CreateContentRequest(creator_id=creator, title="x", price_coins=5, idempotency_key=uid("c"))
     )
     await clients.wallet.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, **restriction),
+        wallet_pb2.SetAccountRestrictionsRequest(
+            user_id=viewer if who == "sender" else creator, **restriction, idempotency_key=uid("r")
+        ),
         metadata=deployment.operator_metadata,
     )
     before = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
@@ -345,7 +347,9 @@ async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves
     if restriction == {"blocked": True}:
         # A refusal is not remembered by gifting's cache: lifted, the next gift goes through at once.
         await clients.wallet.SetAccountRestrictions(
-            wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=False),
+            wallet_pb2.SetAccountRestrictionsRequest(
+                user_id=viewer if who == "sender" else creator, blocked=False, idempotency_key=uid("r")
+            ),
             metadata=deployment.operator_metadata,
         )
         sent = await clients.gifting.SendGift(gift(stream.stream_id, viewer))
@@ -361,7 +365,9 @@ async def test_a_restriction_set_after_gifting_started_stops_the_coins_at_once(c
     first = await clients.gifting.SendGift(gift(stream.stream_id, viewer))  # both now cached as eligible
     assert first.status == gifting_pb2.GIFT_STATUS_SENT
     await clients.wallet.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=True),
+        wallet_pb2.SetAccountRestrictionsRequest(
+            user_id=viewer if who == "sender" else creator, blocked=True, idempotency_key=uid("r")
+        ),
         metadata=deployment.operator_metadata,
     )
     before = await coins_of(clients, viewer)
@@ -374,7 +380,9 @@ async def test_a_restriction_set_after_gifting_started_stops_the_coins_at_once(c
     assert error_info(err).metadata["role"] == who  # named as the pre-check names it
     # Unblocked: gifting does not remember a refusal, so the very next gift goes through.
     await clients.wallet.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=viewer if who == "sender" else creator, blocked=False),
+        wallet_pb2.SetAccountRestrictionsRequest(
+            user_id=viewer if who == "sender" else creator, blocked=False, idempotency_key=uid("r")
+        ),
         metadata=deployment.operator_metadata,
     )
     assert (await clients.gifting.SendGift(gift(stream.stream_id, viewer))).status == gifting_pb2.GIFT_STATUS_SENT

@@ -493,7 +493,7 @@ async def test_a_retried_withdrawal_answers_as_the_first_even_when_the_wallet_no
     req = withdraw(creator, 20_000, method_id)
     first = await clients.payout.RequestWithdrawal(req)
     await clients.wallet.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True),
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True, idempotency_key=uid("r")),
         metadata=deployment.operator_metadata,
     )
     # The retry is answered from the key's record: the wallet is not asked again (it could be down).
@@ -519,7 +519,7 @@ async def test_a_minor_or_blocked_creator_cannot_withdraw_in_the_wallets_word(  
     await fund(clients, deployment, creator, 60_000)
     method_id = await verified_method(clients, deployment, creator)
     await clients.wallet.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, **restriction),
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, **restriction, idempotency_key=uid("r")),
         metadata=deployment.operator_metadata,
     )
     await expect_error(

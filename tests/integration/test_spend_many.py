@@ -33,7 +33,7 @@ async def test_each_item_is_answered_as_its_own_spend_would_be(clients, deployme
     await buy_coins(w, deployment.webhook_secret, poor)
     await w.Spend(spend_req(poor, 690))
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked_creator, blocked=True),
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked_creator, blocked=True, idempotency_key=uid("r")),
         metadata=deployment.operator_metadata,
     )
     done = spend_req(rich, 100)
@@ -78,7 +78,7 @@ async def test_settled_refusals_forbid_their_keys_and_a_batch_is_answered_again_
     viewer, minor_creator = uid("viewer"), uid("creator")
     await buy_coins(w, deployment.webhook_secret, viewer)
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=minor_creator, is_minor=True),
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=minor_creator, is_minor=True, idempotency_key=uid("r")),
         metadata=deployment.operator_metadata,
     )
     underage = spend_req(viewer, 1)

@@ -630,19 +630,27 @@ async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, de
     w = clients.wallet
     adult, minor, korean = uid("adult"), uid("minor"), uid("kr")
     await buy_coins(w, deployment.webhook_secret, adult)
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US"))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US", idempotency_key=uid("r"))
+    )
     await expect_error(new_purchase(w, minor), OK.FAILED_PRECONDITION, "UNDERAGE")
     eighteen = f"{time.gmtime().tm_year - 18}-01-01"
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=korean, birth_date=eighteen, region="KR")
+        wallet_pb2.SetAccountRestrictionsRequest(
+            user_id=korean, birth_date=eighteen, region="KR", idempotency_key=uid("r")
+        )
     )
     assert not (await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=korean))).may_spend
     await expect_error(new_purchase(w, korean), OK.FAILED_PRECONDITION, "UNDERAGE")  # 19+ in South Korea
 
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r"))
+    )
     await expect_error(w.Spend(spend_req(adult, 1)), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     await expect_error(new_purchase(w, adult), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False, idempotency_key=uid("r"))
+    )
     assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
 
 
@@ -654,24 +662,40 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
 
     kid, flagged = uid("kid"), uid("flagged")
     born = f"{time.gmtime().tm_year - 12}-03-01"
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=kid, birth_date=born, region="KR"))
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=True))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=kid, birth_date=born, region="KR", idempotency_key=uid("r"))
+    )
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=True, idempotency_key=uid("r"))
+    )
     for user in (kid, flagged):  # an operator blocks, then unblocks, naming only the block
-        await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True))
-        await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False))
+        await w.SetAccountRestrictions(
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r"))
+        )
+        await w.SetAccountRestrictions(
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=uid("r"))
+        )
         assert not (await restrictions(user)).may_spend, user  # still a minor
     kept = await restrictions(kid)
     assert (kept.birth_date, kept.region, kept.blocked) == (born, "KR", False)
     assert (await restrictions(flagged)).is_minor
 
     adult = uid("adult")
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True))
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01"))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r"))
+    )
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01", idempotency_key=uid("r"))
+    )
     assert (await restrictions(adult)).blocked  # the identity service's age does not lift an operator's block
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=False))
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=flagged, is_minor=False, idempotency_key=uid("r"))
+    )
     assert (await restrictions(flagged)).may_spend  # set explicitly, the flag is cleared
     await expect_error(
-        w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, region="ＫＲ")),
+        w.SetAccountRestrictions(
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, region="ＫＲ", idempotency_key=uid("r"))
+        ),
         OK.INVALID_ARGUMENT,
         "INVALID_REGION",
     )
@@ -680,10 +704,16 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
 async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients) -> None:  # type: ignore[no-untyped-def]
     w = clients.wallet
     minor, blocked, adult, unknown = uid("minor"), uid("blocked"), uid("adult"), uid("nobody")
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US"))
-    await w.SetAccountRestrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked, blocked=True))
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01", region="KR")
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US", idempotency_key=uid("r"))
+    )
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked, blocked=True, idempotency_key=uid("r"))
+    )
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(
+            user_id=adult, birth_date="1990-05-01", region="KR", idempotency_key=uid("r")
+        )
     )
     ids = [unknown, minor, adult, blocked, minor]  # request order kept, a repeated id answered twice
     many = await w.GetAccountRestrictionsMany(wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=ids))
@@ -708,7 +738,9 @@ async def test_concurrent_first_calls_for_a_new_user_all_succeed(clients, deploy
     answers = await asyncio.gather(
         *(
             clients.wallet.SetAccountRestrictions(
-                wallet_pb2.SetAccountRestrictionsRequest(user_id=user, birth_date="1990-01-01", region="US")
+                wallet_pb2.SetAccountRestrictionsRequest(
+                    user_id=user, birth_date="1990-01-01", region="US", idempotency_key=uid("r")
+                )
             )
             for _ in range(10)
         )
