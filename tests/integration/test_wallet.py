@@ -589,6 +589,20 @@ async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operator
             "MISSING_IDEMPOTENCY_KEY",
         ),
         (
+            lambda w: w.SetAccountRestrictions(
+                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), blocked=True)
+            ),
+            OK.INVALID_ARGUMENT,
+            "MISSING_IDEMPOTENCY_KEY",
+        ),
+        (
+            lambda w: w.SetAccountRestrictions(
+                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), blocked=True, idempotency_key="k" * 129)
+            ),
+            OK.INVALID_ARGUMENT,
+            "INVALID_IDEMPOTENCY_KEY",
+        ),
+        (
             lambda w: w.CreatePurchase(
                 wallet_pb2.CreatePurchaseRequest(
                     user_id="u", package_id="us-usd-70", currency_code="USD", idempotency_key="k"
@@ -699,6 +713,37 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
         OK.INVALID_ARGUMENT,
         "INVALID_REGION",
     )
+
+
+async def test_a_retried_restriction_answers_as_its_first_call_and_never_undoes_a_later_one(clients) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+    user = uid("viewer")
+    block = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r"))
+    blocked = await w.SetAccountRestrictions(block)
+    assert blocked.blocked and not blocked.may_spend
+    unblock = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=uid("r"))
+    assert (await w.SetAccountRestrictions(unblock)).may_spend
+
+    # The block's answer was lost and its retry arrives after the unblock: the first answer, no change.
+    assert await w.SetAccountRestrictions(block) == blocked
+    now = await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user))
+    assert (now.blocked, now.may_spend) == (False, True)
+
+
+async def test_a_restriction_key_reused_for_another_request_is_refused_and_changes_nothing(clients) -> None:  # type: ignore[no-untyped-def]
+    w = clients.wallet
+    user = uid("viewer")
+    key = uid("r")
+    first = await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=key)
+    )
+    assert first.may_spend
+    for other in ({"blocked": True}, {"blocked": False, "is_minor": True}, {}):
+        reused = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, idempotency_key=key, **other)
+        await expect_error(w.SetAccountRestrictions(reused), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    another_user = wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("viewer"), blocked=False, idempotency_key=key)
+    await expect_error(w.SetAccountRestrictions(another_user), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    assert await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user)) == first
 
 
 async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients) -> None:  # type: ignore[no-untyped-def]
