@@ -409,7 +409,7 @@ def _service_addr(service: str, addrs: dict[str, str]) -> str:
 @dead_letters.command("list")
 def dead_letters_list(
     service: Service = "",
-    consumer: Annotated[str, typer.Option(help="only this consumer's (e.g. payout-earnings)")] = "",
+    consumer: Annotated[str, typer.Option(help="only this consumer's (e.g. payout-gift-sent)")] = "",
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many per service")] = 1000,
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
