@@ -1,7 +1,8 @@
 """Named fault points that kill the process on the spot; armed only by a test setting.
 
-`LIVEGIFTS_<SVC>_FAULTS="gifting.after_spend,relay.after_puback@3"` arms two points: the first
-fires the first time it is reached, the second on its third hit. Unarmed points cost a set lookup.
+`LIVEGIFTS_GIFTING_FAULTS="gifting.after_spend_before_commit,relay.after_puback_before_mark@3"` arms
+two points: the first fires the first time it is reached, the second on its third hit. Unarmed
+points cost a set lookup.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """services/common: error table, settings, fault points, gift rules."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,13 @@ def test_an_unknown_fault_point_is_an_error_not_a_silent_no_op() -> None:
     faults.point("relay.after_puback_before_mark")  # 1st and 2nd hits do nothing
     faults.point("relay.after_puback_before_mark")
     faults.arm("")
+
+
+def test_the_fault_spec_the_module_shows_is_one_it_accepts() -> None:
+    """README sends readers to faults.py for the points to arm: its example must start a service."""
+    shown = re.search(r'_FAULTS="([^"]+)"', faults.__doc__ or "")
+    assert shown, "faults.py no longer shows an example spec"
+    assert len(faults.parse(shown.group(1))) == 2
 
 
 def test_gift_cost_is_price_times_quantity_within_limits() -> None:
