@@ -1,0 +1,171 @@
+"""README.md and docs/sre.md against the code they describe: settings, metrics, error reasons, CLI.
+
+What an SRE or a calling team reads there (a setting's name and default, a metric and its labels
+for a dashboard, a reason to branch on, a command line to paste) must be what the code has; these
+checks fail when one side changes without the other.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import typer.main
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic_core import PydanticUndefined
+
+from services.cli.main import app
+from services.common import metrics
+from services.common.config import ServiceSettings
+from services.gifting.config import GiftingSettings
+from services.payout.config import PayoutSettings
+from services.wallet.config import WalletSettings
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+SRE = (REPO / "docs" / "sre.md").read_text()
+DOCS = {"README.md": README, "docs/sre.md": SRE}
+SETTINGS: dict[str, type[ServiceSettings]] = {
+    "wallet": WalletSettings,
+    "gifting": GiftingSettings,
+    "payout": PayoutSettings,
+}
+
+
+def _settings_table() -> list[tuple[str | None, list[str], str]]:
+    """README's configuration table as (service or None for every one, names, default cell)."""
+    section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) < 3 or cells[0].startswith("variable") or set(cells[0]) <= {"-"}:
+            continue
+        svc = cells[0].split()[0] if cells[0].split()[0] in SETTINGS else None
+        rows.append((svc, re.findall(r"`([A-Z0-9_]+)`", cells[0]), cells[1]))
+    assert rows, "README has no configuration table"
+    return rows
+
+
+def _documented_defaults() -> dict[tuple[str, str], str]:
+    """(service, NAME) -> the default README gives for it in that service."""
+    out: dict[tuple[str, str], str] = {}
+    for svc, names, cell in _settings_table():
+        # One value per name, separated like the names are: "a / b" or "a, b" (1,000 is one number).
+        parts = cell.split(" / ") if " / " in cell else re.split(r",\s+", cell)
+        if len(parts) != len(names):
+            parts = [cell] * len(names)
+        for name, part in zip(names, parts, strict=True):
+            per_service = re.split(r",\s+", part)
+            for i, service in enumerate(SETTINGS):
+                if svc not in (None, service):
+                    continue
+                # "50051, 50052, 50053": the wallet's, gifting's and payout's.
+                out[(service, name)] = per_service[i] if len(per_service) == len(SETTINGS) else part
+    return out
+
+
+def _same_default(doc: str, default: Any) -> bool:
+    text = re.sub(r"\s*\(.*\)$", "", doc).strip().strip("`")  # "0 (off)", "unset (operator RPCs refused)"
+    if default is PydanticUndefined:
+        return text == "required"
+    if default is None:
+        return text == "unset"
+    if default == "":
+        return text == "empty"
+    if isinstance(default, bool):
+        return text == str(default).lower()
+    if isinstance(default, int | float):
+        return re.fullmatch(r"[0-9][0-9,]*(\.[0-9]+)?", text) is not None and float(text.replace(",", "")) == default
+    return text == str(default)
+
+
+def test_every_setting_is_in_the_readme_table_with_its_default() -> None:
+    documented = _documented_defaults()
+    missing, wrong = [], []
+    for svc, cls in SETTINGS.items():
+        for field, info in cls.model_fields.items():
+            name = field.upper()
+            if (svc, name) not in documented:
+                missing.append(f"{svc} {name}")
+            elif not _same_default(documented[(svc, name)], info.default):
+                wrong.append(f"{svc} {name}: README {documented[(svc, name)]!r}, code {info.default!r}")
+    assert not missing, f"settings missing from README's configuration table: {missing}"
+    assert not wrong, f"README's configuration table gives other defaults: {wrong}"
+
+
+def test_every_name_in_the_readme_table_is_a_setting_of_its_services() -> None:
+    unknown = [
+        f"{svc or 'every service'} {name}"
+        for svc, names, _ in _settings_table()
+        for name in names
+        for cls in ([SETTINGS[svc]] if svc else SETTINGS.values())
+        if name.lower() not in cls.model_fields
+    ]
+    assert not unknown, f"README documents settings the code does not read: {unknown}"
+
+
+def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every name a query may use for the services' metrics -> (metric name, its label names)."""
+    out = {}
+    for m in vars(metrics).values():
+        if not isinstance(m, MetricWrapperBase):
+            continue
+        # The family's own name (as the docs name a histogram), and the samples a query reads.
+        suffixes = {"counter": ["", "_total"], "histogram": ["", "_bucket", "_sum", "_count"]}.get(m._type, [""])
+        for suffix in suffixes:
+            out[m._name + suffix] = (m._name, tuple(m._labelnames) + (("le",) if suffix == "_bucket" else ()))
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_metric_the_docs_name_is_exported_with_the_labels_they_use(doc: str) -> None:
+    exported = _metrics()
+    text = DOCS[doc]
+    unknown = sorted({n for n in re.findall(r"\blivegifts_[a-z0-9_]+", text) if n not in exported})
+    assert not unknown, f"{doc} names metrics the services do not export: {unknown}"
+    bad = []
+    for name, selector in re.findall(r"\b(livegifts_[a-z0-9_]+)\{([^}]*)\}", text):
+        # {status} lists a label; {method=~"...",code="..."} selects on them.
+        for label in re.findall(r"(?:^|,)\s*([a-zA-Z_]\w*)", re.sub(r'"[^"]*"', '""', selector)):
+            if label not in exported[name][1]:
+                bad.append(f"{name}{{{selector}}}: {label}")
+    assert not bad, f"{doc} uses labels these metrics do not have: {bad}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_status_and_reason_pair_the_docs_give_is_raised_by_a_service(doc: str) -> None:
+    source = "\n".join(p.read_text() for p in (REPO / "services").rglob("*.py"))
+    pairs = re.findall(r"`([A-Z_]+)` ?/ ?`([A-Z_]+)`", DOCS[doc])
+    codes = {c.name for c in grpc.StatusCode}
+    pairs = [(code, reason) for code, reason in pairs if code in codes]
+    assert pairs, f"{doc} gives no `STATUS` / `REASON` pair any more: drop it from this test"
+    missing = sorted({reason for _, reason in pairs if f'"{reason}"' not in source})
+    assert not missing, f"{doc} lists error reasons no service raises: {missing}"
+
+
+def _command_lines(text: str) -> list[str]:
+    """`livegifts ...` as the docs show it, in code blocks and inline, without comments."""
+    lines = re.findall(r"(?:^|`)(?:\.venv/bin/)?livegifts((?: [^`\n]*)?)", text, re.MULTILINE)
+    return [line.split("#", 1)[0].strip() for line in lines]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_cli_command_line_the_docs_show_exists(doc: str) -> None:
+    root = typer.main.get_command(app)
+    lines = _command_lines(DOCS[doc])
+    assert lines, f"{doc} shows no livegifts command line"
+    bad = []
+    for line in lines:
+        cmd, tokens = root, line.split()
+        while hasattr(cmd, "commands") and tokens and not tokens[0].startswith("-"):  # a group
+            sub = cmd.commands.get(tokens[0])
+            if sub is None:
+                bad.append(f"livegifts {line}: no command {tokens[0]!r}")
+                break
+            cmd, tokens = sub, tokens[1:]
+        options = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
+        bad += [f"livegifts {line}: no option {t}" for t in tokens if t.startswith("--") and t not in options]
+    assert not bad, f"{doc} shows command lines the CLI refuses: {bad}"
