@@ -107,6 +107,26 @@ def test_every_name_in_the_readme_table_is_a_setting_of_its_services() -> None:
     assert not unknown, f"README documents settings the code does not read: {unknown}"
 
 
+def test_every_name_in_the_sre_settings_table_is_a_setting() -> None:
+    """docs/sre.md's container settings: common names, or <SVC>_NAME for one service's own."""
+    section = SRE.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    names = [
+        n
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for n in re.findall(r"`([A-Z0-9_]+)`", line.split("|")[1])
+    ]
+    assert names, "docs/sre.md has no settings table"
+    unknown = []
+    for name in names:
+        svc, _, rest = name.partition("_")
+        if svc.lower() in SETTINGS and rest.lower() in SETTINGS[svc.lower()].model_fields:
+            continue
+        if name.lower() not in ServiceSettings.model_fields:
+            unknown.append(name)
+    assert not unknown, f"docs/sre.md's settings table names settings no service reads: {unknown}"
+
+
 def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Every name a query may use for the services' metrics -> (metric name, its label names)."""
     out = {}
