@@ -11,6 +11,10 @@ RPC_SECONDS = Histogram(
 OUTBOX_PUBLISHED = Counter("livegifts_outbox_published_total", "Outbox events published and acked", ["subject"])
 OUTBOX_PUBLISH_ERRORS = Counter("livegifts_outbox_publish_errors_total", "Failed publish attempts")
 OUTBOX_PENDING = Gauge("livegifts_outbox_pending", "Outbox rows not yet acked by JetStream (last relay pass)")
+OUTBOX_OLDEST = Gauge(
+    "livegifts_outbox_oldest_seconds",
+    "Age of the oldest outbox row waiting to be published, at the relay's last pass (0: none left)",
+)
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
 CONSUMER_BATCH = Histogram(
     "livegifts_consumer_batch_size",

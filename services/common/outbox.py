@@ -32,7 +32,7 @@ from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
-from services.common.metrics import OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
+from services.common.metrics import OUTBOX_OLDEST, OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
 from services.common.sql import Bulk, bulk_insert, one_of_param
 from services.common.telemetry import inject_headers
 from services.common.timeutil import now_us
@@ -158,7 +158,7 @@ class OutboxRelay:
         # Built once: one cache key and one compiled form whatever the batch (`= ANY(:ids)` on
         # PostgreSQL; an expanding IN on SQLite).
         self._unsent = (
-            select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers)
+            select(t.c.id, t.c.event_id, t.c.subject, t.c.payload, t.c.headers, t.c.created_at_us)
             .where(t.c.published_at_us.is_(None))
             .order_by(t.c.id)
             .limit(self.batch_size_max)
@@ -204,6 +204,7 @@ class OutboxRelay:
         if self._claim is None:
             async with self.db.unit_of_work(readonly=True) as uow:
                 rows = (await uow.conn.execute(self._unsent)).all()
+            self._waited(rows)
             results, acked = await self._publish(rows)
             if acked:
                 async with self.db.unit_of_work() as uow:
@@ -211,6 +212,7 @@ class OutboxRelay:
         else:
             async with self.db.unit_of_work() as uow:
                 rows = (await uow.conn.execute(self._claim)).all()
+                self._waited(rows)
                 results, acked = await self._publish(rows)
                 if acked:
                     await self._delete(uow, acked)
@@ -218,10 +220,18 @@ class OutboxRelay:
             OUTBOX_PUBLISHED.labels(subject).inc(n)
         failed = len(rows) - len(acked)
         OUTBOX_PENDING.set(failed)
+        if not failed and len(rows) < self.batch_size_max:
+            OUTBOX_OLDEST.set(0)  # the read found every waiting row, and all of them went
         if failed:
             first = next(res for res in results if isinstance(res, BaseException))
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {first!r}")
         return len(acked)
+
+    @staticmethod
+    def _waited(rows: list[Any]) -> None:
+        """The backlog's age as this read found it: rows come oldest first, so while JetStream
+        refuses them (or the relay falls behind) the gauge keeps growing with the first one."""
+        OUTBOX_OLDEST.set(max(0, now_us() - rows[0].created_at_us) / 1e6 if rows else 0)
 
     async def _publish(self, rows: list[Any]) -> tuple[list[Any], set[int]]:
         """Publish `rows` in order: each one's outcome (an exception if it was not stored), and

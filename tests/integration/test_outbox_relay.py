@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, func, insert, select
+from prometheus_client import REGISTRY
+from sqlalchemy import MetaData, func, insert, select, update
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
@@ -152,6 +153,35 @@ async def test_a_republish_after_a_crash_stores_each_event_once(
     assert harness.bus.atomic_streams == {"GIFTING"}, "a republish does not turn atomic batches off"
     assert await harness.stored() == EVENTS + len(fresh)
     assert await harness.unpublished() == 0
+
+
+async def test_the_backlogs_age_grows_while_an_event_cannot_be_published_and_drops_once_it_goes(
+    harness: _Harness,
+) -> None:
+    def oldest_s() -> float:
+        value = REGISTRY.get_sample_value("livegifts_outbox_oldest_seconds")
+        assert value is not None
+        return value
+
+    ids = await harness.add_events(3)
+    t = harness.outbox.table
+    async with harness.db.unit_of_work() as uow:  # written 90 s ago, one of them to no stream
+        await uow.conn.execute(update(t).values(created_at_us=t.c.created_at_us - 90_000_000))
+        await uow.conn.execute(update(t).where(t.c.event_id == ids[1]).values(subject="unrouted.gift.sent"))
+        await uow.commit()
+    for _ in range(2):  # JetStream refuses it on every pass: the age keeps the oldest row's
+        with pytest.raises(RuntimeError, match="1 of"):
+            await harness.relay.relay_once()
+        assert oldest_s() >= 90
+    assert await harness.unpublished() == 1
+
+    async with harness.db.unit_of_work() as uow:  # the stream is back for it
+        await uow.conn.execute(update(t).where(t.c.event_id == ids[1]).values(subject="gifting.gift.sent"))
+        await uow.commit()
+    assert await harness.relay.relay_once() == 1
+    assert oldest_s() == 0 and await harness.unpublished() == 0
+    await harness.add_events(1)
+    assert await harness.relay.relay_once() == 1 and oldest_s() == 0
 
 
 async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) -> None:
