@@ -60,6 +60,13 @@ WITHDRAWALS_RECONCILED = Counter(
     "Late withdrawals looked up at the payout provider, by what came of it (payout)",
     ["outcome"],
 )
+# Wallet and payout: calls to an external provider (services/common/provider_calls.py) that ended
+# without an answer: `timeout` (PROVIDER_TIMEOUT_S ran out) or `error` (the call raised).
+PROVIDER_CALL_FAILURES = Counter(
+    "livegifts_provider_call_failures_total",
+    "Calls to a payment or payout provider that timed out or raised, by provider, call and outcome",
+    ["provider", "call", "outcome"],
+)
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
 GC_PAUSE = Histogram(
     "livegifts_gc_pause_seconds",

@@ -1,0 +1,46 @@
+"""Calls to an external provider (payments, payouts): a deadline on each, one error class for failures.
+
+A real provider is an HTTP API. Its adapters are async, so a slow call waits without holding the
+event loop (every other RPC of the service goes on), and `call` bounds it with PROVIDER_TIMEOUT_S,
+so it waits no longer than that. Adapters translate their transport's errors (a refused
+connection, a 5xx answer) into ProviderError at the boundary; a deadline that runs out is a
+ProviderTimeout. The use cases decide what a failure means (UNAVAILABLE to the caller, or the
+item left for the next round of a background loop); every failure is counted here, in
+`livegifts_provider_call_failures_total{provider, call, outcome}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from services.common.metrics import PROVIDER_CALL_FAILURES
+
+T = TypeVar("T")
+
+
+class ProviderError(Exception):
+    """A provider call that brought no usable answer: unreachable, a 5xx, or no answer in time."""
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer within the deadline (PROVIDER_TIMEOUT_S)."""
+
+
+async def call(provider: str, name: str, request: Awaitable[T], timeout_s: float) -> T:
+    """Await one provider call (`request`, the adapter's coroutine) for at most `timeout_s`.
+
+    Raises ProviderTimeout when the deadline runs out (the call is cancelled) and lets any other
+    error through unchanged; both are counted, by `provider` (the adapter's name) and `name` (the
+    call: create_checkout, tokenize, submit, status).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request
+    except TimeoutError as exc:
+        PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="timeout").inc()
+        raise ProviderTimeout(f"{provider} {name}: no answer within {timeout_s:g} s") from exc
+    except Exception:
+        PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="error").inc()
+        raise
