@@ -21,6 +21,9 @@ class PayoutSettings(ServiceSettings):
     # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
     # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).
     dev_provider_auto_callback: bool = True
+    # Deadline of every call to the payout provider (tokenize, submit, status): AddPayoutMethod
+    # answers UNAVAILABLE past it; the dispatcher and reconciler leave the withdrawal for a later round.
+    provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
     dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
     dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)
     # A withdrawal PROCESSING longer than this is looked up at the provider (its callback may be

@@ -5,6 +5,10 @@ tokenizes an account (the full number never reaches our database), accepts a tra
 the withdrawal id (so a repeated submission is harmless) and reports the outcome with a signed
 callback (PAID, or FAILED for accounts made to fail: an e-mail at `fail.invalid`, or a bank
 account ending in 0000), and a look-up of a transfer whose callback is late with the same event.
+
+Tokenizing, submitting and looking up are network calls at a real provider, so they are async
+and payout gives each a deadline (PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside
+any transaction. Verifying a callback is local (an HMAC) and stays synchronous.
 """
 
 from __future__ import annotations
@@ -51,19 +55,24 @@ class PayoutEvent:
 
 
 class PayoutProvider(Protocol):
-    """What payout needs of a payout provider."""
+    """What payout needs of a payout provider.
+
+    tokenize, submit and status are network calls: they raise ProviderError
+    (services/common/provider_calls.py) when the provider cannot be reached or fails, and the
+    caller bounds each with its deadline.
+    """
 
     name: str
 
-    def tokenize(self, kind: str, account: str) -> str:
+    async def tokenize(self, kind: str, account: str) -> str:
         """Vault an account and return the token transfers are made to."""
         ...
 
-    def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
-        """Start a transfer, idempotent by withdrawal id."""
+    async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+        """Start a transfer, idempotent by withdrawal id (a submission that timed out is made again)."""
         ...
 
-    def status(
+    async def status(
         self, provider_ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
     ) -> tuple[bytes, str] | None:
         """Look a transfer up when its callback is late: the outcome as the signed event a callback
@@ -85,20 +94,20 @@ class DevPayoutProvider:
         self.tolerance_s = tolerance_s
         self.auto_callback = auto_callback
 
-    def tokenize(self, kind: str, account: str) -> str:
+    async def tokenize(self, kind: str, account: str) -> str:
         """A keyed digest stands in for the provider's vault; `_fail` marks accounts made to fail."""
         digest = hmac.new(self.secret, f"{kind}:{account}".encode(), hashlib.sha256).hexdigest()[:32]
         fails = account.endswith("@fail.invalid") or account.endswith("0000")
         return f"tok_dev_{'fail_' if fails else ''}{digest}"
 
-    def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+    async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
         """The transfer reference derives from the withdrawal, so a retried submission is the same one."""
         ref = f"po_dev_{withdrawal_id}"
         if not self.auto_callback:
             return Submission(ref, None)
         return Submission(ref, self._outcome(ref, withdrawal_id, token, amount_minor, currency_code))
 
-    def status(
+    async def status(
         self, provider_ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
     ) -> tuple[bytes, str] | None:
         """A transfer this provider made settles at once, as its callback says (even when that

@@ -24,6 +24,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import events_pb2, payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
+from services.common import provider_calls
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     Aborted,
@@ -47,6 +48,7 @@ from services.common.metrics import (
     WITHDRAWALS_RECONCILED,
 )
 from services.common.outbox import Outbox, new_event_id
+from services.common.provider_calls import ProviderError
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
@@ -517,7 +519,13 @@ class Payout:
     # ---- payout methods --------------------------------------------------------------------
 
     async def add_payout_method(self, req: payout_pb2.AddPayoutMethodRequest) -> payout_pb2.PayoutMethod:
-        """Validate a PayPal or bank account, vault it with the provider, keep only a mask (PENDING)."""
+        """Validate a PayPal or bank account, vault it with the provider, keep only a mask (PENDING).
+
+        The provider is asked outside any transaction, with PROVIDER_TIMEOUT_S; one that fails or
+        does not answer in time answers UNAVAILABLE / PAYOUT_PROVIDER_UNAVAILABLE with nothing
+        written (retry with the same key). A token vaulted for a call that then wrote nothing
+        (the database failed, a concurrent call with the key won) is never used for a transfer.
+        """
         require_id(req.creator_id, "creator_id")
         currency = domain.check_currency_code(req.currency_code or "USD")
         kind = _METHOD_KIND.get(req.kind)
@@ -531,7 +539,25 @@ class Payout:
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
         )
-        token = self.provider.tokenize(kind, account)
+        stored = await stored_answer(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod)
+        if stored is not None:
+            return stored  # a retry: the account is not vaulted again (the provider may be down)
+        try:
+            token = await provider_calls.call(
+                self.provider.name,
+                "tokenize",
+                self.provider.tokenize(kind, account),
+                self.settings.provider_timeout_s,
+            )
+        except ProviderError as exc:
+            log.warning(
+                "the payout provider did not vault an account; nothing was written",
+                extra={"provider": self.provider.name, "creator_id": req.creator_id, "error": str(exc)},
+            )
+            raise Unavailable(
+                "the payout provider cannot vault the account now, retry with the same key",
+                "PAYOUT_PROVIDER_UNAVAILABLE",
+            ) from None
         fingerprint = self._fingerprint(kind, account)
         # The request itself holds the full account: the idempotency record keeps only its hash
         # and the (masked) answer, never the request.
@@ -833,11 +859,21 @@ class Payout:
     async def dispatcher(self, stop: Any) -> None:
         """Background loop: hand APPROVED withdrawals to the provider, outside any transaction."""
         check(self.settings is not None, "the dispatcher needs settings")
-        # Submissions are idempotent by withdrawal id, so a failed round is simply retried.
+        # Submissions are idempotent by withdrawal id, so a failed round (or submission) is simply retried.
         await run_every(stop, self.settings.dispatch_interval_s, self.dispatch_once, "submitted withdrawals")
 
     async def dispatch_once(self) -> int:
-        """Submit up to a batch of APPROVED withdrawals; returns how many were submitted."""
+        """Submit up to a batch of APPROVED withdrawals, one by one; returns how many were submitted.
+
+        Each submission has PROVIDER_TIMEOUT_S. One that times out or raises leaves its
+        withdrawal APPROVED, is logged with its id and counted
+        (`livegifts_provider_call_failures_total{call="submit"}`), and the round goes on with the
+        next; the next round submits it again, which the provider takes as the same transfer (by
+        withdrawal id), so one that reached the provider before the deadline is not paid twice.
+        Its callback may then come while it is still APPROVED, and is applied as usual (APPROVED
+        may move to PAID or FAILED). A provider that does not answer at all makes a round last up
+        to DISPATCH_BATCH_SIZE_MAX x PROVIDER_TIMEOUT_S.
+        """
         check(
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
@@ -877,7 +913,19 @@ class Payout:
                 ).scalar_one()
             if available < 0:
                 continue
-            sub = self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code)
+            try:
+                sub = await provider_calls.call(
+                    self.provider.name,
+                    "submit",
+                    self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
+                    self.settings.provider_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - logged and counted; it stays APPROVED for the next round
+                log.warning(
+                    "the payout provider did not take a withdrawal; it stays APPROVED and is submitted next round",
+                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
+                )
+                continue
             submitted += 1
             async with self.db.unit_of_work() as uow:
                 # Only if still APPROVED: a callback may already have settled it.
@@ -918,6 +966,10 @@ class Payout:
         docs/sre.md said before); B) look the transfer up, as every provider's API allows. B,
         through the callback's own path, so a look-up cannot do what a callback could not, and a
         callback that arrives after it is a duplicate.
+
+        Each look-up has PROVIDER_TIMEOUT_S; one that times out or raises is logged with the
+        withdrawal id, counted (outcome `provider_error`), and asked again in a later round like
+        a transfer still under way; the rest of the round goes on.
         """
         check(
             self.provider is not None and self.settings is not None,
@@ -947,9 +999,22 @@ class Payout:
         self._reconcile_cursor = (rows[-1].updated_at_us, rows[-1].withdrawal_id) if len(rows) == batch else (-1, "")
         settled = 0
         for row in rows:
-            answer = self.provider.status(
-                row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
-            )
+            try:
+                answer = await provider_calls.call(
+                    self.provider.name,
+                    "status",
+                    self.provider.status(
+                        row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
+                    ),
+                    self.settings.provider_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - logged and counted; it stays PROCESSING and is asked again
+                log.warning(
+                    "the payout provider could not be asked about a late withdrawal; asked again next round",
+                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
+                )
+                WITHDRAWALS_RECONCILED.labels(outcome="provider_error").inc()
+                continue
             if answer is None:
                 WITHDRAWALS_RECONCILED.labels(outcome="still_processing").inc()
                 continue

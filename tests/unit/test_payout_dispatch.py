@@ -3,11 +3,17 @@
 Withdrawals are held while a creator's balance is negative after a clawback. The dispatcher
 reads a round of APPROVED withdrawals, then submits them one by one; a clawback that commits
 while an earlier one is being submitted must hold the later ones too.
+
+The provider is a network call with a deadline (PROVIDER_TIMEOUT_S): a submission, a look-up or
+a tokenization that hangs or fails leaves its work for later, and the rest of the service goes
+on while one is slow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -15,13 +21,16 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
 from services.common.db import Database
+from services.common.errors import Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
+from services.common.provider_calls import ProviderError
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
@@ -40,11 +49,11 @@ class RecordingProvider(DevPayoutProvider):
         self.submitted: list[str] = []
         self.on_submit: list[object] = []
 
-    def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+    async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
         self.submitted.append(withdrawal_id)
         for hook in self.on_submit:
             hook()  # type: ignore[operator]
-        return super().submit(withdrawal_id, token, amount_minor, currency_code)
+        return await super().submit(withdrawal_id, token, amount_minor, currency_code)
 
 
 @contextlib.asynccontextmanager
@@ -225,11 +234,13 @@ class SlowProvider(RecordingProvider):
         self.asked: list[str] = []
         self.amount_minor: int | None = None
 
-    def status(self, provider_ref, withdrawal_id, token, amount_minor, currency_code):  # type: ignore[no-untyped-def]
+    async def status(self, provider_ref, withdrawal_id, token, amount_minor, currency_code):  # type: ignore[no-untyped-def]
         self.asked.append(withdrawal_id)
         if withdrawal_id not in self.done:
             return None
-        return super().status(provider_ref, withdrawal_id, token, self.amount_minor or amount_minor, currency_code)
+        return await super().status(
+            provider_ref, withdrawal_id, token, self.amount_minor or amount_minor, currency_code
+        )
 
 
 async def test_transfers_still_under_way_do_not_keep_the_reconciler_from_later_ones(tmp_path: Path) -> None:
@@ -282,11 +293,11 @@ async def test_an_outcome_a_callback_overtook_is_counted_as_settled_meanwhile_no
         provider.done.add(withdrawal_id)  # the look-up will say PAID ...
         real_status = provider.status
 
-        def overtaken(*args):  # type: ignore[no-untyped-def]
+        async def overtaken(*args):  # type: ignore[no-untyped-def]
             # ... but the provider's own callback, FAILED under another event id, commits first.
             with sqlite3.connect(path) as conn:
                 conn.execute("UPDATE withdrawals SET status = 'FAILED' WHERE withdrawal_id = ?", (withdrawal_id,))
-            return real_status(*args)
+            return await real_status(*args)
 
         provider.status = overtaken  # type: ignore[method-assign]
         later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
@@ -294,3 +305,180 @@ async def test_an_outcome_a_callback_overtook_is_counted_as_settled_meanwhile_no
         assert await payout.reconcile_once(now=later) == 0
         assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
         assert (reconciled("settled_meanwhile"), reconciled("refused")) == (meanwhile + 1, refused)
+
+
+# ---- a provider that is slow, hangs or fails -----------------------------------------------
+
+DEADLINE_S = 0.2  # PROVIDER_TIMEOUT_S in these tests: a call that hangs ends this soon
+GUARD_S = 30.0  # only so that a deadlock fails the test instead of hanging it; never reached
+
+
+class StuckProvider(SlowProvider):
+    """Calls for the ids in `stuck` hang (`hang`) or raise (`fail`); the others answer at once.
+    `entered` is set when a stuck call starts, and `gate` lets a hanging call go on when set."""
+
+    def __init__(self, how: str = "hang") -> None:
+        super().__init__()
+        self.how = how
+        self.stuck: set[str] = set()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _stuck(self, key: str) -> None:
+        if key not in self.stuck:
+            return
+        self.entered.set()
+        if self.how == "fail":
+            raise ProviderError("503 from the provider")
+        await self.gate.wait()
+
+    async def submit(self, withdrawal_id, token, amount_minor, currency_code):  # type: ignore[no-untyped-def]
+        await self._stuck(withdrawal_id)
+        return await super().submit(withdrawal_id, token, amount_minor, currency_code)
+
+    async def status(self, provider_ref, withdrawal_id, token, amount_minor, currency_code):  # type: ignore[no-untyped-def]
+        await self._stuck(withdrawal_id)
+        return await super().status(provider_ref, withdrawal_id, token, amount_minor, currency_code)
+
+    async def tokenize(self, kind: str, account: str) -> str:
+        await self._stuck(account)
+        return await super().tokenize(kind, account)
+
+
+def failures(call: str, outcome: str) -> float:
+    labels = {"provider": "dev", "call": call, "outcome": outcome}
+    return REGISTRY.get_sample_value("livegifts_provider_call_failures_total", labels) or 0.0
+
+
+def with_deadline(payout: Payout, provider: StuckProvider) -> None:
+    """`provider` in use, with the short deadline."""
+    assert payout.settings is not None
+    payout.provider = provider
+    payout.settings = payout.settings.model_copy(update={"provider_timeout_s": DEADLINE_S})
+
+
+@pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
+async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_approved_and_the_round_goes_on(  # type: ignore[no-untyped-def]
+    setup, caplog, how: str, outcome: str
+) -> None:
+    payout, _provider, _path = setup
+    provider = StuckProvider(how)
+    with_deadline(payout, provider)
+    stuck = await approved_withdrawal(payout, "creator-a")
+    fine = await approved_withdrawal(payout, "creator-b")
+    provider.stuck.add(stuck)
+    counted = failures("submit", outcome)
+
+    with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+        assert await payout.dispatch_once() == 1  # the one the provider took; the round went on
+    assert await status_of(payout, stuck) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+    assert await status_of(payout, fine) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert failures("submit", outcome) == counted + 1
+    assert [r.withdrawal_id for r in caplog.records if hasattr(r, "withdrawal_id")] == [stuck]
+    assert (await payout.get_earnings("creator-a")).diamonds_held == 20_000  # still held for it
+
+    provider.stuck.clear()  # the provider answers again: the next round submits it
+    assert await payout.dispatch_once() == 1
+    row = await payout.get_withdrawal(stuck)
+    assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{stuck}")
+
+
+async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_path: Path) -> None:
+    # One pooled connection: a submission that held it (or SQLite's write lock) would stop the rest.
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}", pool_size=1) as (payout, _):
+        provider = StuckProvider()
+        payout.provider = provider  # the default deadline (10 s): the gate opens long before it
+        slow = await approved_withdrawal(payout, "creator-a")
+        provider.stuck.add(slow)
+        round_ = asyncio.create_task(payout.dispatch_once())
+        entered = asyncio.create_task(provider.entered.wait())
+        await asyncio.wait({round_, entered}, timeout=GUARD_S, return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
+        assert not round_.done(), "the round ended before the provider answered"
+
+        # While the provider has not answered: another creator is credited, adds and verifies a
+        # method and requests a withdrawal (writes), and reads earnings, on the same event loop.
+        async with asyncio.timeout(GUARD_S):
+            other = await approved_withdrawal(payout, "creator-b")
+            earnings = await payout.get_earnings("creator-b")
+        assert earnings.diamonds_held == 20_000
+        assert not round_.done()
+
+        provider.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 1
+        assert await status_of(payout, slow) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+        assert await payout.dispatch_once() == 1  # the one requested meanwhile: the next round's
+        assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+@pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
+async def test_a_look_up_that_hangs_or_fails_is_counted_and_asked_again_next_round(  # type: ignore[no-untyped-def]
+    setup, caplog, how: str, outcome: str
+) -> None:
+    payout, _provider, _path = setup
+    provider = StuckProvider(how)
+    with_deadline(payout, provider)
+    stuck = await approved_withdrawal(payout, "creator-a")
+    fine = await approved_withdrawal(payout, "creator-b")
+    assert await payout.dispatch_once() == 2  # handed over; no callback comes (auto_callback off)
+    provider.done.update({stuck, fine})  # both settled (PAID) at the provider ...
+    provider.stuck.add(stuck)  # ... but asking about one hangs or fails
+    later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+    counted, errors = reconciled("provider_error"), failures("status", outcome)
+
+    with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+        assert await payout.reconcile_once(now=later) == 1  # the other one is settled
+    assert await status_of(payout, stuck) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert await status_of(payout, fine) == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert (reconciled("provider_error"), failures("status", outcome)) == (counted + 1, errors + 1)
+    assert [r.withdrawal_id for r in caplog.records if hasattr(r, "withdrawal_id")] == [stuck]
+
+    provider.stuck.clear()
+    provider.asked.clear()
+    assert await payout.reconcile_once(now=later) == 1  # asked again, and settled this time
+    assert provider.asked == [stuck]
+    assert await status_of(payout, stuck) == payout_pb2.WITHDRAWAL_STATUS_PAID
+
+
+def method_request(creator: str, key: str) -> payout_pb2.AddPayoutMethodRequest:
+    return payout_pb2.AddPayoutMethodRequest(
+        creator_id=creator,
+        kind=payout_pb2.PAYOUT_METHOD_KIND_PAYPAL,
+        paypal_email=f"{creator}@example.com",
+        idempotency_key=key,
+    )
+
+
+@pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
+async def test_a_payout_method_the_provider_cannot_vault_is_unavailable_and_writes_nothing(  # type: ignore[no-untyped-def]
+    setup, how: str, outcome: str
+) -> None:
+    payout, _provider, _path = setup
+    provider = StuckProvider(how)
+    with_deadline(payout, provider)
+    provider.stuck.add("creator-a@example.com")
+    counted = failures("tokenize", outcome)
+
+    with pytest.raises(Unavailable) as refused:
+        await payout.add_payout_method(method_request("creator-a", "method-1"))
+    assert refused.value.reason == "PAYOUT_PROVIDER_UNAVAILABLE"
+    assert failures("tokenize", outcome) == counted + 1
+    assert not (await payout.list_payout_methods("creator-a")).methods
+    async with payout.db.unit_of_work(readonly=True) as uow:  # the key was not taken either
+        keys = (await uow.conn.execute(select(func.count()).select_from(common.idempotency))).scalar_one()
+    assert keys == 0
+
+    provider.stuck.clear()  # the retry, once the provider answers, adds it
+    added = await payout.add_payout_method(method_request("creator-a", "method-1"))
+    assert [m.method_id for m in (await payout.list_payout_methods("creator-a")).methods] == [added.method_id]
+
+
+async def test_a_retried_payout_method_is_answered_from_its_record_without_asking_the_provider(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    provider = StuckProvider("fail")
+    with_deadline(payout, provider)
+    added = await payout.add_payout_method(method_request("creator-a", "method-1"))
+    provider.stuck.add("creator-a@example.com")  # the provider is down now
+    assert await payout.add_payout_method(method_request("creator-a", "method-1")) == added
+    assert not provider.entered.is_set()
