@@ -23,6 +23,9 @@ class WalletSettings(ServiceSettings):
     payment_webhook_secret: SecretStr = Field(min_length=WEBHOOK_SECRET_MIN)
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     payment_provider: Literal["dev"] = "dev"
+    # Deadline of every call to a payment provider (CreatePurchase's checkout session): a provider
+    # that does not answer within it answers UNAVAILABLE / PAYMENT_PROVIDER_UNAVAILABLE.
+    provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # Which provider adapter takes each payment method; a method left out is not offered.
     payment_routes: str = "CARD=dev,PAYPAL=dev,APPLE_PAY=dev,GOOGLE_PAY=dev"
     default_region: str = "US"

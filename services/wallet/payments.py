@@ -4,6 +4,10 @@ The development provider behaves like a real one: CreatePurchase gets a checkout
 it, and the provider later calls HandlePaymentEvent with a signed JSON body. The CLI
 (`livegifts buy`) and the tests play that provider's part, signing with the shared webhook secret.
 Each payment method is routed to an adapter by PaymentRouter (LIVEGIFTS_WALLET_PAYMENT_ROUTES).
+
+Opening a checkout is a network call at a real provider, so it is async and the wallet gives it
+a deadline (PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside any transaction.
+Verifying a callback is local (an HMAC) and stays synchronous.
 """
 
 from __future__ import annotations
@@ -53,8 +57,13 @@ class PaymentProvider(Protocol):
 
     name: str
 
-    def create_checkout(self, purchase_id: str, amount_minor: int, currency_code: str, method: str) -> CheckoutSession:
-        """Open a checkout session for a purchase."""
+    async def create_checkout(
+        self, purchase_id: str, amount_minor: int, currency_code: str, method: str
+    ) -> CheckoutSession:
+        """Open a checkout session for a purchase (the purchase id is the provider's idempotency key).
+
+        A network call: raise ProviderError (services/common/provider_calls.py) when the provider
+        cannot be reached or fails; the caller bounds it with its deadline."""
         ...
 
     def parse_callback(self, payload: bytes, signature: str) -> ProviderEvent:
@@ -71,8 +80,10 @@ class DevProvider:
         self.secret = secret
         self.tolerance_s = tolerance_s
 
-    def create_checkout(self, purchase_id: str, amount_minor: int, currency_code: str, method: str) -> CheckoutSession:
-        """A session id derived from the purchase, so a retried CreatePurchase gets the same one."""
+    async def create_checkout(
+        self, purchase_id: str, amount_minor: int, currency_code: str, method: str
+    ) -> CheckoutSession:
+        """A session id derived from the purchase, so opening it again for the same purchase is the same one."""
         sid = f"cs_dev_{purchase_id}"
         return CheckoutSession(self.name, sid, f"https://checkout.dev.invalid/pay/{sid}?method={method}")
 

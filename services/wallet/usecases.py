@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from services.common import provider_calls
 from services.common.batching import MicroBatcher
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
@@ -23,15 +24,17 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
     check,
     require_id,
     require_key,
     require_positive,
     status_for,
 )
-from services.common.idempotency import run_idempotent
+from services.common.idempotency import run_idempotent, stored_answer
 from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
+from services.common.provider_calls import ProviderError
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
@@ -219,7 +222,20 @@ class Wallet:
         return out
 
     async def create_purchase(self, req: wallet_pb2.CreatePurchaseRequest) -> wallet_pb2.Purchase:
-        """A PENDING purchase with the price frozen now and a checkout session from the provider."""
+        """A PENDING purchase with the price frozen now and a checkout session the provider opened for it.
+
+        Choices: A) open the checkout inside the transaction that writes the purchase (as before):
+        a slow or hung provider then holds that transaction, a pooled connection and, on SQLite,
+        the write lock every spend waits for; B) price the purchase, open the checkout outside any
+        transaction (with PROVIDER_TIMEOUT_S), then write the purchase and its idempotency record
+        in one transaction. B. A purchase row never lacks its checkout, since it is written only
+        with the session in hand. What B adds is a session no purchase points to, when the write
+        does not follow (a concurrent first call with the same key committed first and its answer
+        is returned, the buyer was blocked meanwhile, the database failed): its redirect URL is
+        never returned to anyone, so it is never paid, and the provider expires it. A provider
+        that fails or does not answer in time answers UNAVAILABLE / PAYMENT_PROVIDER_UNAVAILABLE
+        with nothing written; retry with the same key.
+        """
         require_id(req.user_id, "user_id")
         require_id(req.package_id, "package_id")
         require_key(req.idempotency_key)
@@ -230,11 +246,14 @@ class Wallet:
             raise InvalidArgument("currency_code is required", "MISSING_FIELD", field="currency_code")
         currency = domain.check_currency(req.currency_code)
         region = domain.check_region(req.region) if req.region else ""
-
-        async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
-            # Resolved here, after the stored answer: a retry of a purchase whose method has since
-            # lost its route (PAYMENT_ROUTES changed) still returns the purchase it created.
-            provider = self.payments.for_method(method)
+        # A retry of a purchase that was created is answered from its record, before the
+        # provider is asked (it may be down) and before the route is resolved: a method that has
+        # since lost its route (PAYMENT_ROUTES changed) still returns the purchase it created.
+        stored = await stored_answer(self.db, common.idempotency, "CreatePurchase", req, wallet_pb2.Purchase)
+        if stored is not None:
+            return stored
+        provider = self.payments.for_method(method)
+        async with self.db.unit_of_work(readonly=True) as uow:
             pkg = (
                 await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
             ).first()
@@ -246,11 +265,33 @@ class Wallet:
                 raise InvalidArgument(f"package {pkg.package_id} is sold in {pkg.region}", "REGION_MISMATCH")
             await self._check_may_transact(uow, req.user_id)
             ts = self.clock()
-            # The price and coins are frozen here: a promotion ending later does not change them.
+            # The price and coins are frozen here, and the checkout is opened for that price: a
+            # promotion (or the package) ending later, even before the purchase is written,
+            # changes nothing for it.
             promos = await self._running_promotions(uow, [pkg.package_id], ts)
             deal = domain.offer(pkg.coins, pkg.price_minor, promos.get(pkg.package_id, []), ts)
-            purchase_id = uuid.uuid4().hex
-            session = provider.create_checkout(purchase_id, deal.price_minor, pkg.currency_code, method)
+        purchase_id = uuid.uuid4().hex
+        try:
+            session = await provider_calls.call(
+                provider.name,
+                "create_checkout",
+                provider.create_checkout(purchase_id, deal.price_minor, pkg.currency_code, method),
+                self.settings.provider_timeout_s,
+            )
+        except ProviderError as exc:
+            log.warning(
+                "the payment provider did not open a checkout; nothing was written",
+                extra={"provider": provider.name, "purchase_id": purchase_id, "error": str(exc)},
+            )
+            raise Unavailable(
+                "the payment provider cannot open a checkout now, retry with the same key",
+                "PAYMENT_PROVIDER_UNAVAILABLE",
+            ) from None
+
+        async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
+            # The buyer again, in the transaction that writes: a block or an age recorded while
+            # the provider was asked stops the purchase (its checkout is never handed out).
+            await self._check_may_transact(uow, req.user_id)
             row = {
                 "purchase_id": purchase_id,
                 "user_id": req.user_id,

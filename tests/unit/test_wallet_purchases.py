@@ -1,23 +1,32 @@
 """CreatePurchase answers a retry from its stored answer, even after the payment routes changed;
-a failure reported after the purchase's outcome is recorded once and changes nothing."""
+a failure reported after the purchase's outcome is recorded once and changes nothing.
+
+The checkout session is a network call with a deadline (PROVIDER_TIMEOUT_S), made outside the
+transaction that writes the purchase: a provider that hangs or fails answers UNAVAILABLE with
+nothing written, and the wallet's other work goes on while one is slow.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.metrics import LATE_PAYMENT_FAILURES
-from services.wallet.payments import dev_event_payload
-from services.wallet.storage import common, journal_entries, payment_events
+from services.common.provider_calls import ProviderError
+from services.wallet.payments import CheckoutSession, DevProvider, dev_event_payload
+from services.wallet.storage import common, journal_entries, payment_events, purchases
 from services.wallet.usecases import Wallet
 from tests.unit.test_wallet_reversals import (
     SECRET,
     buy,
+    spend,
     wallet,  # noqa: F401 - wallet is the fixture
 )
 
@@ -71,3 +80,161 @@ async def test_a_failure_reported_after_the_success_is_recorded_once_counted_onc
     assert await _counts(wallet) == (events + 1, entries, outbox)
     assert LATE_PAYMENT_FAILURES.labels(status="SUCCEEDED")._value.get() == counted + 1
     assert (await wallet.get_balance("u")).coins == 70
+
+
+# ---- a payment provider that is slow, hangs or fails -----------------------------------------
+
+DEADLINE_S = 0.2  # PROVIDER_TIMEOUT_S in these tests: a checkout that hangs ends this soon
+GUARD_S = 30.0  # only so that a deadlock fails the test instead of hanging it; never reached
+
+
+class StuckProvider(DevProvider):
+    """The development provider whose checkouts, while `stuck`, hang (`hang`: until `gate` is set)
+    or fail (`fail`); `opened` lists the sessions it opened, and `arrived` is set once `expected`
+    calls have started."""
+
+    def __init__(self, how: str = "hang", expected: int = 1) -> None:
+        super().__init__(SECRET, 300)
+        self.how = how
+        self.stuck = True
+        self.gate = asyncio.Event()
+        self.expected = expected
+        self.entered = 0
+        self.arrived = asyncio.Event()
+        self.opened: list[str] = []
+
+    async def create_checkout(
+        self, purchase_id: str, amount_minor: int, currency_code: str, method: str
+    ) -> CheckoutSession:
+        self.entered += 1
+        if self.entered >= self.expected:
+            self.arrived.set()
+        if self.stuck:
+            if self.how == "fail":
+                raise ProviderError("503 from the provider")
+            await self.gate.wait()
+        session = await super().create_checkout(purchase_id, amount_minor, currency_code, method)
+        self.opened.append(session.session_id)
+        return session
+
+
+def stuck_provider(w: Wallet, how: str = "hang", expected: int = 1) -> StuckProvider:
+    """Route every method of `w` to a StuckProvider, with the short deadline."""
+    provider = StuckProvider(how, expected)
+    w.payments.providers["dev"] = provider
+    w.settings = w.settings.model_copy(update={"provider_timeout_s": DEADLINE_S})
+    return provider
+
+
+def purchase_request(user: str, key: str) -> wallet_pb2.CreatePurchaseRequest:
+    return wallet_pb2.CreatePurchaseRequest(
+        user_id=user,
+        package_id="us-usd-70",
+        currency_code="USD",
+        payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+        idempotency_key=key,
+    )
+
+
+async def _rows(w: Wallet) -> tuple[int, int, int]:
+    """(purchases, idempotency records, outbox rows)."""
+    async with w.db.unit_of_work(readonly=True) as uow:
+        return tuple(  # type: ignore[return-value]
+            [
+                (await uow.conn.execute(select(func.count()).select_from(t))).scalar_one()
+                for t in (purchases, common.idempotency, common.outbox)
+            ]
+        )
+
+
+def checkout_failures(outcome: str) -> float:
+    labels = {"provider": "dev", "call": "create_checkout", "outcome": outcome}
+    return REGISTRY.get_sample_value("livegifts_provider_call_failures_total", labels) or 0.0
+
+
+async def until_arrived(provider: StuckProvider, *tasks: asyncio.Task[wallet_pb2.Purchase]) -> None:
+    """Wait until the checkouts the provider expects have started, or one of `tasks` ended first."""
+    arrived = asyncio.create_task(provider.arrived.wait())
+    try:
+        await asyncio.wait({arrived, *tasks}, timeout=GUARD_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        arrived.cancel()
+
+
+@pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
+async def test_a_checkout_that_hangs_or_fails_answers_unavailable_and_writes_nothing(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+    how: str,
+    outcome: str,
+) -> None:
+    provider = stuck_provider(wallet, how)
+    before, counted = await _rows(wallet), checkout_failures(outcome)
+
+    with pytest.raises(Unavailable) as refused:
+        await wallet.create_purchase(purchase_request("u", "buy-1"))
+    assert refused.value.reason == "PAYMENT_PROVIDER_UNAVAILABLE"
+    assert await _rows(wallet) == before  # no purchase, the key not taken, no event
+    assert checkout_failures(outcome) == counted + 1
+
+    provider.stuck = False  # the retry with the same key, once the provider answers
+    created = await wallet.create_purchase(purchase_request("u", "buy-1"))
+    assert created.status == wallet_pb2.PURCHASE_STATUS_PENDING
+    assert created.checkout.session_id == f"cs_dev_{created.purchase_id}" == provider.opened[-1]
+    assert await wallet.create_purchase(purchase_request("u", "buy-1")) == created
+
+
+async def test_spends_go_on_while_a_checkout_waits_for_the_provider(wallet: Wallet) -> None:  # noqa: F811
+    await buy(wallet, "viewer")  # 70 coins, bought while the provider answers
+    provider = stuck_provider(wallet)
+    wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
+    buying = asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1")))
+    await until_arrived(provider, buying)
+    assert not buying.done(), "CreatePurchase ended before the provider answered"
+
+    # The purchase waiting for the provider holds no pooled connection (so no transaction, and
+    # not SQLite's write lock): a spend, a write on the same event loop, commits meanwhile.
+    assert wallet.db.engine.pool.checkedout() == 0
+    async with asyncio.timeout(GUARD_S):
+        await spend(wallet, "viewer", 30)
+        assert (await wallet.get_balance("viewer")).coins == 40
+    assert not buying.done()
+
+    provider.gate.set()
+    async with asyncio.timeout(GUARD_S):
+        created = await buying
+    assert provider.opened == [created.checkout.session_id] == [f"cs_dev_{created.purchase_id}"]
+    async with wallet.db.unit_of_work(readonly=True) as uow:
+        row = (await uow.conn.execute(select(purchases).where(purchases.c.user_id == "buyer"))).one()
+    assert row.checkout_session_id == created.checkout.session_id  # written with its checkout
+
+
+async def test_two_first_calls_with_one_key_make_one_purchase_and_answer_it_to_both(wallet: Wallet) -> None:  # noqa: F811
+    provider = stuck_provider(wallet, expected=2)
+    wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
+    calls = [asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1"))) for _ in range(2)]
+    await until_arrived(provider, *calls)  # both asked the provider: neither had an answer to read
+    assert provider.entered == 2 and not any(c.done() for c in calls)
+    provider.gate.set()
+    async with asyncio.timeout(GUARD_S):
+        first, second = await asyncio.gather(*calls)
+
+    assert first == second
+    assert (await _rows(wallet))[:2] == (1, 1)  # one purchase, one idempotency record
+    assert len(provider.opened) == 2  # the loser's session points to no purchase and is never handed out
+    assert first.checkout.session_id in provider.opened
+
+
+async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wallet: Wallet) -> None:  # noqa: F811
+    provider = stuck_provider(wallet)
+    wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
+    buying = asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1")))
+    await until_arrived(provider, buying)
+    assert not buying.done(), "CreatePurchase ended before the provider answered"
+    await wallet.set_restrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id="buyer", blocked=True))
+    provider.gate.set()
+
+    with pytest.raises(FailedPrecondition) as refused:
+        async with asyncio.timeout(GUARD_S):
+            await buying
+    assert refused.value.reason == "ACCOUNT_BLOCKED"
+    assert (await _rows(wallet))[:2] == (0, 0)
