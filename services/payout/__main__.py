@@ -28,6 +28,7 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payout_webhook_secret.get_secret_value().encode(),
         settings.payout_signature_tolerance_s,
         settings.dev_provider_auto_callback,
+        settings.dev_provider_latency_s,
     )
     # Eligibility (18+, not blocked) asks the wallet, which holds ages, once per RequestWithdrawal
     # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.

@@ -21,6 +21,8 @@ class PayoutSettings(ServiceSettings):
     # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
     # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).
     dev_provider_auto_callback: bool = True
+    # How long the development provider takes to answer each call, to rehearse a slow provider.
+    dev_provider_latency_s: float = Field(default=0.0, ge=0, le=3600)
     # Deadline of every call to the payout provider (tokenize, submit, status): AddPayoutMethod
     # answers UNAVAILABLE past it; the dispatcher and reconciler leave the withdrawal for a later round.
     provider_timeout_s: float = Field(default=10.0, gt=0, le=120)

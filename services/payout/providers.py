@@ -13,6 +13,7 @@ any transaction. Verifying a callback is local (an HMAC) and stays synchronous.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -89,19 +90,27 @@ class DevPayoutProvider:
 
     name = "dev"
 
-    def __init__(self, secret: bytes, tolerance_s: int, auto_callback: bool) -> None:
+    def __init__(self, secret: bytes, tolerance_s: int, auto_callback: bool, latency_s: float = 0.0) -> None:
         self.secret = secret
         self.tolerance_s = tolerance_s
         self.auto_callback = auto_callback
+        self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each call takes to answer
+
+    async def _network(self) -> None:
+        """Where a real provider's round trip would be: DEV_PROVIDER_LATENCY_S, if set."""
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
 
     async def tokenize(self, kind: str, account: str) -> str:
         """A keyed digest stands in for the provider's vault; `_fail` marks accounts made to fail."""
+        await self._network()
         digest = hmac.new(self.secret, f"{kind}:{account}".encode(), hashlib.sha256).hexdigest()[:32]
         fails = account.endswith("@fail.invalid") or account.endswith("0000")
         return f"tok_dev_{'fail_' if fails else ''}{digest}"
 
     async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
         """The transfer reference derives from the withdrawal, so a retried submission is the same one."""
+        await self._network()
         ref = f"po_dev_{withdrawal_id}"
         if not self.auto_callback:
             return Submission(ref, None)
@@ -112,6 +121,7 @@ class DevPayoutProvider:
     ) -> tuple[bytes, str] | None:
         """A transfer this provider made settles at once, as its callback says (even when that
         callback was never sent: auto_callback off); one it never made is unknown (None)."""
+        await self._network()
         if provider_ref != f"po_dev_{withdrawal_id}":
             return None
         return self._outcome(provider_ref, withdrawal_id, token, amount_minor, currency_code)

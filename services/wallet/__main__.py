@@ -21,7 +21,9 @@ async def wire(rt: Runtime) -> Wiring:
     settings: WalletSettings = rt.settings
     # PAYMENT_PROVIDER and PAYMENT_ROUTES were checked with the rest of the settings (config.py).
     provider = DevProvider(
-        settings.payment_webhook_secret.get_secret_value().encode(), settings.payment_signature_tolerance_s
+        settings.payment_webhook_secret.get_secret_value().encode(),
+        settings.payment_signature_tolerance_s,
+        settings.dev_provider_latency_s,
     )
     router = PaymentRouter([provider], parse_routes(settings.payment_routes))
     wallet = Wallet(rt.db, rt.outbox, router, settings)

@@ -26,6 +26,8 @@ class WalletSettings(ServiceSettings):
     # Deadline of every call to a payment provider (CreatePurchase's checkout session): a provider
     # that does not answer within it answers UNAVAILABLE / PAYMENT_PROVIDER_UNAVAILABLE.
     provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # How long the development provider takes to answer, to rehearse a slow provider (0: at once).
+    dev_provider_latency_s: float = Field(default=0.0, ge=0, le=3600)
     # Which provider adapter takes each payment method; a method left out is not offered.
     payment_routes: str = "CARD=dev,PAYPAL=dev,APPLE_PAY=dev,GOOGLE_PAY=dev"
     default_region: str = "US"

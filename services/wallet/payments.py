@@ -12,6 +12,7 @@ Verifying a callback is local (an HMAC) and stays synchronous.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,14 +77,17 @@ class DevProvider:
 
     name = "dev"
 
-    def __init__(self, secret: bytes, tolerance_s: int) -> None:
+    def __init__(self, secret: bytes, tolerance_s: int, latency_s: float = 0.0) -> None:
         self.secret = secret
         self.tolerance_s = tolerance_s
+        self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each checkout takes to open
 
     async def create_checkout(
         self, purchase_id: str, amount_minor: int, currency_code: str, method: str
     ) -> CheckoutSession:
         """A session id derived from the purchase, so opening it again for the same purchase is the same one."""
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         sid = f"cs_dev_{purchase_id}"
         return CheckoutSession(self.name, sid, f"https://checkout.dev.invalid/pay/{sid}?method={method}")
 
