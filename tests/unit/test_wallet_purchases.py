@@ -137,12 +137,17 @@ def purchase_request(user: str, key: str) -> wallet_pb2.CreatePurchaseRequest:
 
 
 async def _rows(w: Wallet) -> tuple[int, int, int]:
-    """(purchases, idempotency records, outbox rows)."""
+    """(purchases, CreatePurchase's idempotency records, outbox rows)."""
+    keys = select(func.count()).select_from(common.idempotency).where(common.idempotency.c.scope == "CreatePurchase")
     async with w.db.unit_of_work(readonly=True) as uow:
         return tuple(  # type: ignore[return-value]
             [
-                (await uow.conn.execute(select(func.count()).select_from(t))).scalar_one()
-                for t in (purchases, common.idempotency, common.outbox)
+                (await uow.conn.execute(q)).scalar_one()
+                for q in (
+                    select(func.count()).select_from(purchases),
+                    keys,
+                    select(func.count()).select_from(common.outbox),
+                )
             ]
         )
 
@@ -230,7 +235,9 @@ async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wa
     buying = asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1")))
     await until_arrived(provider, buying)
     assert not buying.done(), "CreatePurchase ended before the provider answered"
-    await wallet.set_restrictions(wallet_pb2.SetAccountRestrictionsRequest(user_id="buyer", blocked=True))
+    await wallet.set_restrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id="buyer", blocked=True, idempotency_key="block-1")
+    )
     provider.gate.set()
 
     with pytest.raises(FailedPrecondition) as refused:
