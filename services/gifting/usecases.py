@@ -651,7 +651,11 @@ class Gifting:
                         new_rows[i] = p.row
                     recorded: set[str] = set()
                     if new_rows:
-                        rows = list(new_rows.values())
+                        # In key order: an insert waits for a key another transaction is recording,
+                        # so two batches holding the same keys in different orders (a call retried
+                        # on another replica) would each wait for the other's (a deadlock). In one
+                        # order, the second waits for the first and then skips the keys it recorded.
+                        rows = sorted(new_rows.values(), key=lambda r: r["idempotency_key"])
                         recorded = set(
                             (await uow.conn.execute(self._insert_gifts.stmt, self._insert_gifts.params(rows))).scalars()
                         )
@@ -677,7 +681,10 @@ class Gifting:
                             elif i in new_rows:  # skipped, yet not there: cannot happen (rows are never deleted)
                                 out[i] = Aborted("the gift is being recorded concurrently, retry", "CONFLICT")
                             new_rows.pop(i, None)
-                    claims_new = [_claim(r) for r in new_rows.values() if r["kind"] == GiftKind.UNLOCK.value]
+                    claims_new = sorted(  # in (content, user) order, for the same reason as the gifts
+                        (_claim(r) for r in new_rows.values() if r["kind"] == GiftKind.UNLOCK.value),
+                        key=lambda c: (c["content_id"], c["user_id"]),
+                    )
                     if claims_new:
                         # A concurrent unlock of the same content by the same user: IntegrityError below.
                         await uow.conn.execute(self._insert_unlocks.stmt, self._insert_unlocks.params(claims_new))

@@ -1,7 +1,8 @@
 """Gifting's stream and content use cases over a real database of their own, on SQLite and PostgreSQL.
 
-What only shows on a real server: two EndStream calls racing (PostgreSQL's row lock), and text
-PostgreSQL cannot store (a NUL), which must be refused as bad input, not fail as INTERNAL.
+What only shows on a real server: two EndStream calls racing (PostgreSQL's row lock), text
+PostgreSQL cannot store (a NUL), which must be refused as bad input, not fail as INTERNAL, and two
+batches of gifts waiting for each other's keys.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from livegifts.gifting.v1 import gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
 from services.common.errors import InvalidArgument
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
-from services.gifting.storage import common
+from services.gifting.storage import common, gift_events
 from services.gifting.usecases import STREAM_ENDED_SUBJECT, Gifting
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
@@ -64,3 +67,81 @@ async def test_a_title_that_is_not_printable_text_is_refused_as_invalid(gifting:
     text = "Живой эфир 👨\u200d👩\u200d👧"
     live = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title=text, idempotency_key="s2"))
     assert live.title == text and (await gifting.get_stream(live.stream_id)).title == text
+
+
+class SpendingWallet:
+    """Every user may take part and every spend succeeds (step 1 is what is under test)."""
+
+    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        return wallet_pb2.GetAccountRestrictionsManyResponse(
+            restrictions=[wallet_pb2.AccountRestrictions(user_id=u, may_spend=True) for u in req.user_ids]
+        )
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        return wallet_pb2.SpendManyResponse(
+            results=[
+                wallet_pb2.SpendManyResult(spent=wallet_pb2.SpendResponse(spend_id=s.idempotency_key, amount=s.amount))
+                for s in req.spends
+            ]
+        )
+
+
+async def test_two_batches_holding_the_same_keys_in_opposite_orders_both_record_them(gifting: Gifting) -> None:
+    if gifting.db.dialect != "postgresql":
+        pytest.skip("SQLite has one writer: batches never wait for each other's keys")
+    gifting.wallet = SpendingWallet()
+    other = Gifting(gifting.db, Outbox(common.outbox), SpendingWallet(), gifting.settings)  # a second replica
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+
+    def batch(*keys: str) -> gifting_pb2.SendGiftsRequest:
+        return gifting_pb2.SendGiftsRequest(
+            gifts=[
+                gifting_pb2.SendGiftRequest(
+                    stream_id=stream.stream_id, sender_id=f"v-{k}", gift_id="rose", quantity=1, idempotency_key=k
+                )
+                for k in keys
+            ]
+        )
+
+    # A third transaction is recording k3 and k4: each batch records its first key, then waits there.
+    # When it rolls back, each goes on to the key the other recorded meanwhile (an edge that retried
+    # its call on another replica, in another order, makes the same pair of batches).
+    g = gift_events.c
+    holder = Database(gifting.db.url, pool_size=1, pool_timeout_s=5, application_name="holder")
+    try:
+        async with holder.unit_of_work() as uow:
+            for k in ("k3", "k4"):
+                await uow.conn.execute(
+                    insert(gift_events).values(
+                        event_id=f"e-{k}",
+                        idempotency_key=k,
+                        client_key=k,
+                        request_hash="h",
+                        kind="GIFT",
+                        stream_id=stream.stream_id,
+                        creator_id="c",
+                        sender_id="x",
+                        gift_id="rose",
+                        quantity=1,
+                        unit_price_coins=1,
+                        coins=1,
+                        status="PENDING",
+                        created_at_us=0,
+                        updated_at_us=0,
+                    )
+                )
+            calls = asyncio.gather(
+                gifting.send_gifts(batch("k1", "k3", "k2")),
+                other.send_gifts(batch("k2", "k4", "k1")),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(1.0)  # both batches are waiting on k3 and k4 now
+        a, b = await calls  # the holder rolled back
+        assert not isinstance(a, BaseException) and not isinstance(b, BaseException), (a, b)
+        for resp in (a, b):
+            assert [r.WhichOneof("outcome") for r in resp.results] == ["receipt"] * 3
+        async with gifting.db.unit_of_work(readonly=True) as uow:
+            recorded = (await uow.conn.execute(select(g.idempotency_key).where(g.status == "SENT"))).scalars().all()
+        assert sorted(recorded) == ["k1", "k2", "k3", "k4"]
+    finally:
+        await holder.dispose()
