@@ -32,14 +32,27 @@ class GiftKind(StrEnum):
     UNLOCK = "UNLOCK"
 
 
+# The most coins one gift may cost: the wallet's SPEND_AMOUNT_MAX (its default), the cap of tips and
+# content prices too. A dearer combo (286 Universes) could never be spent: refused before it is
+# recorded, rather than recorded, refused by the wallet and cancelled on every retry.
+GIFT_COINS_MAX = 10_000_000
+
+
 def gift_cost(unit_price_coins: int, quantity: int, quantity_max: int) -> int:
-    """Coins for `quantity` of a gift; INVALID_ARGUMENT outside 1..quantity_max."""
+    """Coins for `quantity` of a gift; INVALID_QUANTITY outside 1..quantity_max or above GIFT_COINS_MAX coins."""
     if quantity < 1:
         raise InvalidArgument("quantity must be >= 1", "INVALID_QUANTITY")
     if quantity > quantity_max:
         raise InvalidArgument(f"quantity must be <= {quantity_max}", "INVALID_QUANTITY")
     check(unit_price_coins > 0, "catalog prices are positive")
-    return unit_price_coins * quantity
+    coins = unit_price_coins * quantity
+    if coins > GIFT_COINS_MAX:
+        raise InvalidArgument(
+            f"at most {GIFT_COINS_MAX // unit_price_coins} of this gift fit in one send ({GIFT_COINS_MAX} coins)",
+            "INVALID_QUANTITY",
+            coins_max=GIFT_COINS_MAX,
+        )
+    return coins
 
 
 def check_can_gift(stream_status: str, creator_id: str, sender_id: str) -> None:

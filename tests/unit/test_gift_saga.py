@@ -237,3 +237,31 @@ async def test_a_wallet_that_does_not_answer_the_batched_call_leaves_its_users_u
         assert g._eligibility_cache == {}
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_anything_is_recorded(
+    tmp_path: Path, group_commit: bool
+) -> None:
+    wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
+    try:
+        stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+        # 286 Universes (34,999 coins each) cost 10,009,714 coins: more than the wallet spends at once
+        # (SPEND_AMOUNT_MAX, 10,000,000), though well within QUANTITY_MAX.
+        combo = gifting_pb2.SendGiftRequest(
+            stream_id=stream.stream_id, sender_id="v1", gift_id="universe", quantity=286, idempotency_key="k1"
+        )
+        with pytest.raises(Exception) as err:
+            await g.send_gift(combo)
+        assert getattr(err.value, "reason", "") == "INVALID_QUANTITY"
+        assert await _count(db, gift_events) == 0  # nothing recorded, so nothing to cancel
+        assert wallet.spend_many_calls == 0 and wallet.cancel_calls == []
+        # One Universe fewer fits.
+        combo.quantity, combo.idempotency_key = 285, "k2"
+        with pytest.raises(Exception) as err:
+            await g.send_gift(combo)
+        assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"  # the scripted wallet's answer
+    finally:
+        await db.dispose()
