@@ -30,7 +30,7 @@ from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults
 from services.common.batching import MicroBatcher
-from services.common.clients import error_reason
+from services.common.clients import error_info
 from services.common.db import Database, UnitOfWork
 from services.common.errors import (
     Aborted,
@@ -834,7 +834,9 @@ class Gifting:
         async def arbitrate(i: int) -> int | None | DomainError:
             e = resp.results[i].error
             try:
-                return (await self._refused(chunk[i], _CODES.get(e.code), e.reason, e.message)).balance_after
+                return (
+                    await self._refused(chunk[i], _CODES.get(e.code), e.reason, e.message, dict(e.metadata))
+                ).balance_after
             except DomainError as exc:
                 return exc
 
@@ -1011,10 +1013,21 @@ class Gifting:
         try:
             return await self.wallet.Spend(_spend_request(gift), timeout=self.settings.outgoing_deadline_s)
         except grpc.aio.AioRpcError as exc:
-            return await self._refused(gift, exc.code(), error_reason(exc), exc.details() or "")
+            info = error_info(exc)
+            return await self._refused(gift, exc.code(), info.reason, exc.details() or "", dict(info.metadata))
 
-    async def _refused(self, gift: dict[str, Any], code: grpc.StatusCode | None, reason: str, message: str) -> Any:
-        """The wallet did not spend: settle through its arbiter, or leave the gift PENDING if unsure."""
+    async def _refused(
+        self,
+        gift: dict[str, Any],
+        code: grpc.StatusCode | None,
+        reason: str,
+        message: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Any:
+        """The wallet did not spend: settle through its arbiter, or leave the gift PENDING if unsure.
+
+        A definite refusal fails as `_refusal` names it (its metadata kept, a refused recipient
+        named the creator), whichever path, Spend or SpendMany, it came from."""
         definite = _DEFINITE.get(code) if code is not None else None
         if definite is not None or reason == "SPEND_CANCELLED":
             # The wallet refused this attempt, but a concurrent retry with the same key may have
@@ -1026,7 +1039,15 @@ class Gifting:
             await self._cancel(gift["event_id"], reason or (code.name if code else "REFUSED"))
             if definite is None:
                 raise Aborted("the gift was cancelled; retry to send it anew", "GIFT_CANCELLED")
-            raise definite(message or "wallet refused the spend", reason or (code.name if code else "REFUSED"))
+            check(code is not None, "a definite refusal has its status code")
+            raise _refusal(
+                wallet_pb2.SpendItemError(
+                    code=code.value[0],  # type: ignore[union-attr]
+                    reason=reason or code.name,  # type: ignore[union-attr]
+                    message=message,
+                    metadata=metadata or {},
+                )
+            )
         # UNAVAILABLE, DEADLINE_EXCEEDED, ...: the outcome is unknown; the gift stays PENDING.
         raise Unavailable(
             "the wallet did not answer; retry with the same key",

@@ -265,3 +265,49 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"  # the scripted wallet's answer
     finally:
         await db.dispose()
+
+
+class BlockingWallet(ScriptedWallet):
+    """The wallet's answer to a spend whose recipient it has blocked since gifting's pre-check cached them:
+    ACCOUNT_BLOCKED with role=recipient, settled in SpendMany, refused (and then cancelled) in Spend."""
+
+    def __init__(self) -> None:
+        super().__init__(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED, settles=True)
+
+    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        status = _rich_status(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the recipient's account is blocked",
+            "ACCOUNT_BLOCKED",
+            "livegifts.wallet",
+            {"role": "recipient"},
+        )
+        raise grpc.aio.AioRpcError(
+            status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
+        )
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        error = wallet_pb2.SpendItemError(
+            code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+            reason="ACCOUNT_BLOCKED",
+            message="the recipient's account is blocked",
+            settled=True,
+            metadata={"role": "recipient"},
+        )
+        return wallet_pb2.SpendManyResponse(results=[wallet_pb2.SpendManyResult(error=error) for _ in req.spends])
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_both_saga_paths_name_a_creator_the_wallet_refused_as_the_pre_check_does(
+    tmp_path: Path, group_commit: bool
+) -> None:
+    g, db = await _gifting(tmp_path, BlockingWallet())
+    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "ACCOUNT_BLOCKED"
+        assert getattr(err.value, "metadata", {}).get("role") == "creator"
+        assert err.value.message == "the creator's account is blocked"  # type: ignore[attr-defined]
+    finally:
+        await db.dispose()
