@@ -807,15 +807,7 @@ class Gifting:
                 timeout=self.settings.outgoing_deadline_s,
             )
         except grpc.aio.AioRpcError as exc:
-            return [
-                Unavailable(
-                    "the wallet did not answer; retry with the same key",
-                    "WALLET_UNAVAILABLE",
-                    gift_event_id=g["event_id"],
-                    wallet_code=exc.code().name,
-                )
-                for g in chunk
-            ]
+            return [_wallet_unavailable(g["event_id"], exc.code()) for g in chunk]
         check(len(resp.results) == len(chunk), "the wallet answers every item")
         out: list[int | None | DomainError] = [None] * len(chunk)
         cancel: dict[str, str] = {}
@@ -1014,6 +1006,14 @@ class Gifting:
             return await self.wallet.Spend(_spend_request(gift), timeout=self.settings.outgoing_deadline_s)
         except grpc.aio.AioRpcError as exc:
             info = error_info(exc)
+            if not info.reason:
+                # Not the wallet's answer to this spend: a status its handlers give always names a
+                # reason; this one came from gRPC or a proxy on the way (the wallet's concurrent-call
+                # limit answers RESOURCE_EXHAUSTED, a message too large INVALID_ARGUMENT) and says
+                # nothing of the spend. Its outcome is unknown, as on SpendMany's path: the gift
+                # stays PENDING for a retry under its key or the sweeper, no arbiter call is added
+                # to a wallet already refusing calls, and the caller is told to retry.
+                raise _wallet_unavailable(gift["event_id"], exc.code()) from None
             return await self._refused(gift, exc.code(), info.reason, exc.details() or "", dict(info.metadata))
 
     async def _refused(
@@ -1049,12 +1049,7 @@ class Gifting:
                 )
             )
         # UNAVAILABLE, DEADLINE_EXCEEDED, ...: the outcome is unknown; the gift stays PENDING.
-        raise Unavailable(
-            "the wallet did not answer; retry with the same key",
-            "WALLET_UNAVAILABLE",
-            gift_event_id=gift["event_id"],
-            wallet_code=code.name if code else "UNKNOWN",
-        )
+        raise _wallet_unavailable(gift["event_id"], code)
 
     async def _arbiter(self, event_id: str) -> wallet_pb2.CancelSpendResponse:
         """wallet.CancelSpend: whether the spend happened (it stands) or never may; UNAVAILABLE if no answer.
@@ -1450,6 +1445,16 @@ def _spend_request(gift: dict[str, Any]) -> wallet_pb2.SpendRequest:
         reference_id=gift["event_id"],
         idempotency_key=gift["event_id"],
         recipient_user_id=gift["creator_id"],
+    )
+
+
+def _wallet_unavailable(gift_event_id: str, code: grpc.StatusCode | None) -> Unavailable:
+    """A spend whose outcome is unknown: the gift stays PENDING; retry with the same key."""
+    return Unavailable(
+        "the wallet did not answer; retry with the same key",
+        "WALLET_UNAVAILABLE",
+        gift_event_id=gift_event_id,
+        wallet_code=code.name if code else "UNKNOWN",
     )
 
 

@@ -311,3 +311,41 @@ async def test_both_saga_paths_name_a_creator_the_wallet_refused_as_the_pre_chec
         assert err.value.message == "the creator's account is blocked"  # type: ignore[attr-defined]
     finally:
         await db.dispose()
+
+
+class OverloadedWallet(ScriptedWallet):
+    """A wallet at its concurrent-call limit: gRPC itself answers RESOURCE_EXHAUSTED, with no ErrorInfo."""
+
+    def __init__(self) -> None:
+        super().__init__(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+
+    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "Concurrent RPC limit exceeded!",
+        )
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.spend_many_calls += 1
+        await self.Spend(req)
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks_for_a_retry(
+    tmp_path: Path, group_commit: bool
+) -> None:
+    wallet = OverloadedWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+        assert getattr(err.value, "metadata", {}).get("wallet_code") == "RESOURCE_EXHAUSTED"
+        assert wallet.cancel_calls == []  # not settled on a status that says nothing of the spend
+        assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 1  # retry or sweeper
+        assert await _count(db, common.outbox) == 0
+    finally:
+        await db.dispose()
