@@ -1143,6 +1143,9 @@ class Payout:
                 ev.kind or "REVERSED",
                 ev.occurred_at.ToMicroseconds() if ev.HasField("occurred_at") else now_us(),
             )
+            # The sender's older shortfalls first: their gifts may have arrived, and this newer
+            # reversal must not take them (`_settle_sender`).
+            await self._settle_sender(uow, reversal.sender_id, (reversal.at_us, reversal.event_id))
             taken = await self._claw(uow, reversal, want, entry_id=reversal.event_id)
             if taken < want:
                 ts = now_us()
@@ -1175,9 +1178,9 @@ class Payout:
 
         Rounds go through the open shortfalls in turn (by reversal id, from where the last round
         stopped), so any number that cannot settle yet never keeps the others waiting. Each one is
-        settled in its own transaction (`_settle_shortfall`: under its row lock, and with
-        compare-and-set on each earning's clawed coins), so replicas settling at once take nothing
-        twice.
+        settled in its own transaction (`_settle_shortfall`: after its sender's older ones, under
+        their row locks, and with compare-and-set on each earning's clawed coins), so replicas
+        settling at once take nothing twice.
         """
         sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
@@ -1206,32 +1209,60 @@ class Payout:
         return settled
 
     async def _settle_shortfall(self, uow: UnitOfWork, reversal_event_id: str) -> int:
-        """Claw back what the sender's earnings now allow of one open shortfall, in `uow`; the coins taken.
-
-        The row is locked and read again first (PostgreSQL; SQLite serializes writers), so the
-        settler, its replicas and RequestWithdrawal settling one shortfall at once take nothing
-        twice: the second finds what the first left.
-        """
+        """Claw back what the sender's earnings now allow of one open shortfall, and of the
+        sender's older ones first (`_settle_sender`), in `uow`; the coins taken."""
         sf = clawback_shortfalls.c
         row = (
             await uow.conn.execute(
-                select(clawback_shortfalls)
-                .where(sf.reversal_event_id == reversal_event_id, sf.coins_open > 0)
-                .with_for_update()
+                select(sf.sender_id, sf.reversed_at_us).where(
+                    sf.reversal_event_id == reversal_event_id, sf.coins_open > 0
+                )
             )
         ).first()
         if row is None:
             return 0
-        reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
-        taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
-        if taken:
+        return await self._settle_sender(uow, row.sender_id, (row.reversed_at_us, reversal_event_id))
+
+    async def _settle_sender(self, uow: UnitOfWork, sender_id: str, upto: tuple[int, str]) -> int:
+        """Claw back what the sender's earnings now allow of each of their open shortfalls reversed
+        up to `upto` (reversed at, reversal id), oldest first, in `uow`; the coins taken.
+
+        Oldest first: a reversal takes only earnings of gifts recorded before it, so what an older
+        one may take a newer one may take too, not the other way round. Served first, a newer one
+        could take the only earnings the older one may have, and the gifts that arrive later for
+        the newer one are out of the older one's reach: it would stay open for good, those coins
+        never clawed back. The rows are locked in that order and read again (PostgreSQL; SQLite
+        serializes writers), so the settler, its replicas, RequestWithdrawal and the reversal
+        consumer settling at once take nothing twice: the second finds what the first left.
+        """
+        sf = clawback_shortfalls.c
+        at_us, event_id = upto
+        rows = (
             await uow.conn.execute(
-                update(clawback_shortfalls)
-                .where(sf.reversal_event_id == reversal_event_id)
-                .values(coins_open=sf.coins_open - taken, updated_at_us=now_us())
+                select(clawback_shortfalls)
+                .where(
+                    sf.sender_id == sender_id,
+                    sf.coins_open > 0,
+                    or_(sf.reversed_at_us < at_us, and_(sf.reversed_at_us == at_us, sf.reversal_event_id <= event_id)),
+                )
+                .order_by(sf.reversed_at_us, sf.reversal_event_id)
+                .with_for_update()
             )
-            uow.after_commit(lambda: CLAWBACK_SHORTFALL_SETTLED.inc(taken))
-        return taken
+        ).all()
+        settled = 0
+        for row in rows:
+            reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
+            taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
+            if taken:
+                await uow.conn.execute(
+                    update(clawback_shortfalls)
+                    .where(sf.reversal_event_id == row.reversal_event_id)
+                    .values(coins_open=sf.coins_open - taken, updated_at_us=now_us())
+                )
+                settled += taken
+        if settled:
+            uow.after_commit(lambda: CLAWBACK_SHORTFALL_SETTLED.inc(settled))
+        return settled
 
     async def _shortfalls_owed_by(self, uow: UnitOfWork, creator_id: str) -> list[str]:
         """The open shortfalls (reversal ids, at most SHORTFALL_BATCH) that the creator's own open

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
 from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
@@ -51,3 +52,65 @@ async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -
         ).scalars()
         assert sorted(still_open) == sorted(stuck)
     assert earned.coins_received == 40 and isinstance(earned, payout_pb2.Earnings)
+
+
+def reversal(event_id: str, at_s: int, coins: int) -> wallet_events.PurchaseReversed:
+    """A chargeback of "viewer"'s purchase at `at_s`, all of whose `coins` had reached creators."""
+    return wallet_events.PurchaseReversed(
+        event_id=event_id,
+        purchase_id=f"p-{event_id}",
+        user_id="viewer",
+        coins=coins,
+        coins_already_spent=coins,
+        kind="CHARGED_BACK",
+        occurred_at={"seconds": at_s},
+    )
+
+
+async def consume(payout, reversals=(), gifts=()) -> None:  # type: ignore[no-untyped-def]
+    async with payout.db.unit_of_work() as uow:
+        if reversals:
+            await payout.claw_back(uow, list(reversals))
+        if gifts:
+            await payout.credit_gifts(uow, list(gifts))
+        await uow.commit()
+
+
+async def open_coins_of(payout) -> int:  # type: ignore[no-untyped-def]
+    sf = clawback_shortfalls.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)))).scalar_one())
+
+
+async def test_an_older_shortfall_is_settled_before_a_newer_one_takes_the_only_gift_both_may(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    t = NOW_US // 1_000_000
+    # Two chargebacks of the viewer's purchases, consumed before their gifts: the first at t, the
+    # second at t + 200 (its id sorts first). Each purchase's 100 coins had gone to a gift: the
+    # first's recorded at t - 50, the second's at t + 100, between the two chargebacks.
+    await consume(payout, [reversal("b-older", t, 100), reversal("a-newer", t + 200, 100)])
+    await consume(payout, gifts=[gift_event("creator-a", 100, at_s=t - 50)])
+    await payout.settle_shortfalls_once()
+    await consume(payout, gifts=[gift_event("creator-b", 100, at_s=t + 100)])
+    await payout.settle_shortfalls_once()
+
+    # The older chargeback can only take the gift recorded before it; the newer one either.
+    assert await open_coins_of(payout) == 0
+    clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b")]
+    assert clawed == [50, 50]
+
+
+async def test_a_new_reversal_leaves_an_open_older_shortfall_the_gift_only_it_may_take(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    t = NOW_US // 1_000_000
+    await consume(payout, [reversal("older", t, 100)])  # its gift not consumed yet: a shortfall
+    await consume(payout, gifts=[gift_event("creator-a", 100, at_s=t - 50)])  # it arrives ...
+    # ... and, before the settler's round, a second chargeback whose gift (recorded after the
+    # first chargeback) is still on its way.
+    await consume(payout, [reversal("newer", t + 200, 100)])
+    await consume(payout, gifts=[gift_event("creator-b", 100, at_s=t + 100)])
+    await payout.settle_shortfalls_once()
+
+    assert await open_coins_of(payout) == 0
+    clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b")]
+    assert clawed == [50, 50]
