@@ -27,6 +27,20 @@ def units_for(coins: int, share_bp: int) -> int:
     return coins * share_bp
 
 
+def share_in_force(versions: list[tuple[int, int]], at_us: int) -> int:
+    """The creator share of the newest policy version changed at or before `at_us`.
+
+    `versions` are (changed_at_us, share_bp), oldest first; an instant before them all takes the oldest.
+    """
+    check(bool(versions), "at least one policy version")
+    share_bp = versions[0][1]
+    for changed_at_us, version_share_bp in versions:
+        if changed_at_us > at_us:
+            break
+        share_bp = version_share_bp
+    return share_bp
+
+
 def diamonds_from_units(units: int) -> tuple[int, int]:
     """(whole diamonds, remainder units) of an accumulated share."""
     return divmod(units, BP_DENOMINATOR)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -214,11 +214,14 @@ class _CreditStatements:
     creator_row: Bulk
     credit: Bulk
     credited: Any
+    shares: Any
 
 
 @functools.cache
 def _credit_statements(dialect: str) -> _CreditStatements:
     c = creators.c
+    p, older = policies.c, policies.alias("older").c
+    in_force_at_since = select(func.max(older.version)).where(older.changed_at_us <= bindparam("since"))
 
     def credit(row: dict[str, Any]) -> dict[str, Any]:
         whole_after = (c.earned_units + row["units"]) // BP_DENOMINATOR
@@ -280,6 +283,10 @@ def _credit_statements(dialect: str) -> _CreditStatements:
         credited=select(c.creator_id, c.earned_units, c.diamonds_credited).where(
             one_of_param(dialect, c.creator_id, "ids")
         ),
+        # The version in force at `since` and every later one, oldest first (few: policies change rarely).
+        shares=select(p.changed_at_us, p.creator_share_bp)
+        .where(p.version >= func.coalesce(in_force_at_since.scalar_subquery(), 0))
+        .order_by(p.version),
     )
 
 
@@ -312,20 +319,28 @@ class Payout:
     async def credit_gifts(self, uow: UnitOfWork, events: list[gifting_events.GiftSent]) -> None:
         """Consumer of gifting.gift.sent: credit each creator once per event, one write per creator.
 
-        A fixed number of statements per batch, whatever its size or number of creators: the
-        earnings rows, the missing creator rows and the per-creator updates each go as one bulk
+        A fixed number of statements per batch, whatever its size or number of creators: one read
+        of the policy versions the gifts were sent under; the earnings rows, the missing creator
+        rows and the per-creator updates each go as one bulk
         statement (`services.common.sql.Bulk`: one execution with arrays on PostgreSQL; one
         statement text, so one compiled form and one prepared statement), then one read of the
         updated creators.
         """
         stmts = _credit_statements(self.db.dialect)
-        policy = await self._policy(uow)
-        share_bp = int(policy.creator_share_bp)
         ts = now_us()
+        # Each gift earns the share in force when it was sent, not when its event is consumed: an
+        # event that waited (consumer behind, parked and replayed) must not earn a share the
+        # operator set after the gift.
+        sent_us = [e.occurred_at.ToMicroseconds() if e.HasField("occurred_at") else ts for e in events]
+        versions = [
+            (int(r.changed_at_us), int(r.creator_share_bp))
+            for r in await uow.conn.execute(stmts.shares, {"since": min(sent_us, default=ts)})
+        ]
         batch: list[Earning] = []
         rows = []
-        for e in events:
+        for e, e_sent_us in zip(events, sent_us, strict=True):
             check(e.coins > 0 and bool(e.creator_id), f"gift event {e.event_id} has coins and a creator")
+            share_bp = domain.share_in_force(versions, e_sent_us)
             units = domain.units_for(e.coins, share_bp)
             batch.append(Earning(e.creator_id, e.coins, units))
             rows.append(
@@ -338,7 +353,7 @@ class Payout:
                     "coins": e.coins,
                     "share_bp": share_bp,
                     "units": units,
-                    "occurred_at_us": e.occurred_at.ToMicroseconds() if e.HasField("occurred_at") else ts,
+                    "occurred_at_us": e_sent_us,
                     "recorded_at_us": e.recorded_at.ToMicroseconds() if e.HasField("recorded_at") else None,
                     "credited_at_us": ts,
                 }
