@@ -55,6 +55,11 @@ WITHDRAWALS_PROCESSING_OLDEST = Gauge(
     "livegifts_withdrawal_processing_oldest_seconds",
     "How long the oldest withdrawal has waited for the payout provider's callback (payout; 0 when none)",
 )
+WITHDRAWALS_HELD = Counter(
+    "livegifts_withdrawals_held_total",
+    "Approved withdrawals the dispatcher held because the wallet said their creator may not withdraw now",
+    ["reason"],
+)
 WITHDRAWALS_RECONCILED = Counter(
     "livegifts_withdrawals_reconciled_total",
     "Late withdrawals looked up at the payout provider, by what came of it (payout)",

@@ -28,6 +28,9 @@ class PayoutSettings(ServiceSettings):
     provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
     dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
     dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)
+    # A creator the wallet says may not withdraw (blocked, under age), or cannot answer for, has
+    # their approved withdrawals held; the dispatcher asks again after this long.
+    dispatch_hold_recheck_s: float = Field(default=60.0, gt=0, le=86_400)
     # A withdrawal PROCESSING longer than this is looked up at the provider (its callback may be
     # lost) and the answer applied as a callback; 0 turns the look-ups off.
     reconcile_after_s: float = Field(default=900.0, ge=0, le=30 * 86_400)

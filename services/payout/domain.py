@@ -196,7 +196,14 @@ class WithdrawalStatus(enum.StrEnum):
 OPEN_STATUSES = (WithdrawalStatus.PENDING_REVIEW, WithdrawalStatus.APPROVED, WithdrawalStatus.PROCESSING)
 _TRANSITIONS = {
     WithdrawalStatus.PENDING_REVIEW: {WithdrawalStatus.APPROVED, WithdrawalStatus.REJECTED},
-    WithdrawalStatus.APPROVED: {WithdrawalStatus.PROCESSING, WithdrawalStatus.PAID, WithdrawalStatus.FAILED},
+    # REJECTED from APPROVED: the dispatcher claims a withdrawal (-> PROCESSING) before it is
+    # submitted, so an APPROVED one has never reached the provider.
+    WithdrawalStatus.APPROVED: {
+        WithdrawalStatus.PROCESSING,
+        WithdrawalStatus.PAID,
+        WithdrawalStatus.FAILED,
+        WithdrawalStatus.REJECTED,
+    },
     WithdrawalStatus.PROCESSING: {WithdrawalStatus.PAID, WithdrawalStatus.FAILED},
 }
 

@@ -10,9 +10,10 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
@@ -43,6 +44,7 @@ from services.common.loops import run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OPEN,
     CLAWBACK_SHORTFALL_SETTLED,
+    WITHDRAWALS_HELD,
     WITHDRAWALS_PROCESSING,
     WITHDRAWALS_PROCESSING_OLDEST,
     WITHDRAWALS_RECONCILED,
@@ -305,6 +307,9 @@ class Payout:
     # Where the reconciler's next round starts (handed over at, withdrawal id): transfers still
     # under way at the provider do not keep it from the later ones.
     _reconcile_cursor: tuple[int, str] = (-1, "")
+    # Creators whose withdrawals the dispatcher holds (not eligible, or the wallet could not
+    # say), and until when (time.monotonic()) it does not ask the wallet about them again.
+    _held_until: dict[str, float] = field(default_factory=dict)
 
     async def _policy(self, uow: UnitOfWork) -> Any:
         row = (await uow.conn.execute(select(policies).order_by(policies.c.version.desc()).limit(1))).first()
@@ -832,7 +837,8 @@ class Payout:
         return await run_idempotent(self.db, common.idempotency, "ApproveWithdrawal", req, payout_pb2.Withdrawal, work)
 
     async def reject_withdrawal(self, req: payout_pb2.RejectWithdrawalRequest, operator: str) -> Any:
-        """An operator rejects a reviewed withdrawal: the diamonds are released."""
+        """An operator rejects a withdrawal under review, or one approved but not yet claimed by the
+        dispatcher (still APPROVED, so never submitted): the diamonds are released."""
         require_id(req.withdrawal_id, "withdrawal_id")
         if len(req.reason) > 200:
             raise InvalidArgument("reason must be at most 200 characters", "INVALID_REASON")
@@ -878,31 +884,47 @@ class Payout:
         await run_every(stop, self.settings.dispatch_interval_s, self.dispatch_once, "submitted withdrawals")
 
     async def dispatch_once(self) -> int:
-        """Submit up to a batch of APPROVED withdrawals, one by one; returns how many were submitted.
+        """Hand up to a batch of withdrawals to the provider, one by one; returns how many were submitted.
 
-        Each submission has PROVIDER_TIMEOUT_S. One that times out or raises leaves its
-        withdrawal APPROVED, is logged with its id and counted
-        (`livegifts_provider_call_failures_total{call="submit"}`), and the round goes on with the
-        next; the next round submits it again, which the provider takes as the same transfer (by
-        withdrawal id), so one that reached the provider before the deadline is not paid twice.
-        Its callback may then come while it is still APPROVED, and is applied as usual (APPROVED
-        may move to PAID or FAILED). A provider that does not answer at all makes a round last up
-        to DISPATCH_BATCH_SIZE_MAX x PROVIDER_TIMEOUT_S.
+        Choices: A) submit an APPROVED withdrawal, then mark it PROCESSING (as before): a clawback
+        committing between the last read of the balance and the submission paid out diamonds the
+        creator owed, and a submission whose answer was lost left a transfer the provider had made
+        under a withdrawal still APPROVED, which nothing looked up and an operator could not tell
+        from one never sent; B) claim it first: APPROVED -> PROCESSING in a transaction that holds
+        the creator's row and reads the balance again, then submit. B. Once the claim commits, the
+        withdrawal is on its way: a clawback after it finds the diamonds gone, as it would had the
+        transfer been made a moment earlier; an operator may reject an APPROVED withdrawal,
+        because none is ever submitted before it leaves APPROVED. A claimed withdrawal the provider
+        did not take (a timeout, an error, a crash in between: PROCESSING with no provider
+        reference) is submitted again in the next rounds, which the provider takes as the same
+        transfer (by withdrawal id), until it answers.
+
+        Before its claim, a withdrawal's creator must still be eligible in the wallet's word
+        (18+, not blocked): one who is not is held, APPROVED, asked about again after
+        `DISPATCH_HOLD_RECHECK_S`, and may be rejected by an operator meanwhile.
+
+        Each submission has PROVIDER_TIMEOUT_S; a failure is logged with the withdrawal id and
+        counted (`livegifts_provider_call_failures_total{call="submit"}`), and the round goes on.
+        A provider that does not answer at all makes a round last up to DISPATCH_BATCH_SIZE_MAX x
+        PROVIDER_TIMEOUT_S.
         """
         check(
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
         )
         w, m = withdrawals.c, payout_methods.c
+        approved = w.status == WithdrawalStatus.APPROVED.value
+        # Held while the creator owes diamonds after a clawback: an approved (or auto-approved)
+        # withdrawal waits here instead of paying out cash owed back.
+        claimable = and_(approved, creators.c.diamonds_available >= 0)
+        unsubmitted = and_(w.status == WithdrawalStatus.PROCESSING.value, w.provider_ref == "")
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (
                 await uow.conn.execute(
                     select(withdrawals, m.provider_token)
                     .join(payout_methods, m.method_id == w.method_id)
                     .join(creators, creators.c.creator_id == w.creator_id)
-                    # Held while the creator owes diamonds after a clawback: an approved (or
-                    # auto-approved) withdrawal waits here instead of paying out cash owed back.
-                    .where(w.status == WithdrawalStatus.APPROVED.value, creators.c.diamonds_available >= 0)
+                    .where(or_(unsubmitted, claimable))
                     .order_by(w.requested_at_us)
                     .limit(self.settings.dispatch_batch_size_max)
                 )
@@ -918,16 +940,11 @@ class Payout:
         WITHDRAWALS_PROCESSING_OLDEST.set(0 if since_us is None else max(0, now_us() - since_us) / 1e6)
         submitted = 0
         for row in rows:
-            # Read again just before the provider is asked: a clawback that committed since the
-            # round began (an earlier row's submission took time) holds this one like the rest.
-            async with self.db.unit_of_work(readonly=True) as uow:
-                available = (
-                    await uow.conn.execute(
-                        select(creators.c.diamonds_available).where(creators.c.creator_id == row.creator_id)
-                    )
-                ).scalar_one()
-            if available < 0:
-                continue
+            if row.status == WithdrawalStatus.APPROVED.value:
+                if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id):
+                    continue
+                if not await self._claim(row.withdrawal_id, row.creator_id):
+                    continue  # a clawback since the round began holds it, or it changed meanwhile
             try:
                 sub = await provider_calls.call(
                     self.provider.name,
@@ -935,21 +952,19 @@ class Payout:
                     self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
                     self.settings.provider_timeout_s,
                 )
-            except Exception as exc:  # noqa: BLE001 - logged and counted; it stays APPROVED for the next round
+            except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
                 log.warning(
-                    "the payout provider did not take a withdrawal; it stays APPROVED and is submitted next round",
+                    "the payout provider did not take a withdrawal; it is submitted again next round",
                     extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
                 )
                 continue
             submitted += 1
             async with self.db.unit_of_work() as uow:
-                # Only if still APPROVED: a callback may already have settled it.
+                # Only while it waits for its reference: a callback may already have settled it.
                 await uow.conn.execute(
                     update(withdrawals)
-                    .where(w.withdrawal_id == row.withdrawal_id, w.status == WithdrawalStatus.APPROVED.value)
-                    .values(
-                        status=WithdrawalStatus.PROCESSING.value, provider_ref=sub.provider_ref, updated_at_us=now_us()
-                    )
+                    .where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
+                    .values(provider_ref=sub.provider_ref, updated_at_us=now_us())
                 )
                 await uow.commit()
             if sub.callback is not None:
@@ -963,6 +978,53 @@ class Payout:
                 except DomainError as exc:
                     log.warning("dev payout callback refused", extra={"reason": exc.reason})
         return submitted
+
+    async def _claim(self, withdrawal_id: str, creator_id: str) -> bool:
+        """APPROVED -> PROCESSING (no provider reference yet) unless the creator's balance is now
+        negative; False if it was not claimed. The creator's row is held (PostgreSQL `FOR SHARE`;
+        SQLite serializes writers), so a clawback either committed before and is seen here, or
+        waits for this claim and finds the withdrawal on its way."""
+        w, c = withdrawals.c, creators.c
+        async with self.db.unit_of_work() as uow:
+            available = (
+                await uow.conn.execute(
+                    select(c.diamonds_available).where(c.creator_id == creator_id).with_for_update(read=True)
+                )
+            ).scalar_one()
+            if available < 0:
+                return False
+            claimed = await uow.conn.execute(
+                update(withdrawals)
+                .where(w.withdrawal_id == withdrawal_id, w.status == WithdrawalStatus.APPROVED.value)
+                .values(status=WithdrawalStatus.PROCESSING.value, provider_ref="", updated_at_us=now_us())
+            )
+            if claimed.rowcount != 1:
+                return False  # a callback, a rejection or another replica's claim came first
+            await uow.commit()
+        return True
+
+    async def _eligible_for_payout(self, creator_id: str, withdrawal_id: str) -> bool:
+        """Whether the wallet still says the creator may withdraw (18+, not blocked); a creator it
+        does not (or that it cannot answer for) is held and asked about again after
+        DISPATCH_HOLD_RECHECK_S, so a held withdrawal costs no wallet call per round."""
+        check(self.settings is not None, "self.settings is not None")
+        if self.wallet is None:
+            return True  # no wallet wired (use cases alone): RequestWithdrawal did not ask either
+        until = self._held_until.get(creator_id)
+        if until is not None and time.monotonic() < until:
+            return False
+        try:
+            await self._check_eligible(creator_id)
+        except (FailedPrecondition, Unavailable) as exc:
+            self._held_until[creator_id] = time.monotonic() + self.settings.dispatch_hold_recheck_s
+            WITHDRAWALS_HELD.labels(reason=exc.reason).inc()
+            log.warning(
+                "withdrawal held: the creator may not withdraw now",
+                extra={"withdrawal_id": withdrawal_id, "creator_id": creator_id, "reason": exc.reason},
+            )
+            return False
+        self._held_until.pop(creator_id, None)
+        return True
 
     async def reconciler(self, stop: Any) -> None:
         """Background loop: look up at the provider the withdrawals whose callback is late."""
@@ -1003,6 +1065,8 @@ class Payout:
                     .join(payout_methods, m.method_id == w.method_id)
                     .where(
                         w.status == WithdrawalStatus.PROCESSING.value,
+                        # Claimed but not taken by the provider yet: the dispatcher submits those.
+                        w.provider_ref != "",
                         w.updated_at_us <= cutoff,
                         or_(w.updated_at_us > after_us, and_(w.updated_at_us == after_us, w.withdrawal_id > after_id)),
                     )

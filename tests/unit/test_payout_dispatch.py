@@ -25,9 +25,10 @@ from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.provider_calls import ProviderError
@@ -161,6 +162,84 @@ async def test_a_clawback_committed_during_a_round_holds_the_withdrawals_not_yet
     assert await payout.dispatch_once() == 1
     assert provider.submitted == [first, second]
     assert await status_of(payout, second) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+async def test_a_withdrawal_is_claimed_before_the_provider_is_asked(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, provider, path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    seen: list[tuple[str, str]] = []
+
+    def look() -> None:  # what the books say while the provider is being asked
+        with sqlite3.connect(path) as conn:
+            q = "SELECT status, provider_ref FROM withdrawals WHERE withdrawal_id = ?"
+            seen.append(conn.execute(q, (withdrawal_id,)).fetchone())
+
+    provider.on_submit.append(look)
+    assert await payout.dispatch_once() == 1
+    assert seen == [("PROCESSING", "")]  # on its way before any transfer could be made
+    row = await payout.get_withdrawal(withdrawal_id)
+    assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{withdrawal_id}")
+    assert await payout.dispatch_once() == 0 and provider.submitted == [withdrawal_id]  # handed over once
+
+
+async def test_an_operator_may_reject_an_approved_withdrawal_until_the_dispatcher_claims_it(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, provider, _path = setup
+    rejected = await approved_withdrawal(payout, "creator-a")
+    claimed = await approved_withdrawal(payout, "creator-b")
+
+    def reject(withdrawal_id: str) -> payout_pb2.RejectWithdrawalRequest:
+        return payout_pb2.RejectWithdrawalRequest(
+            withdrawal_id=withdrawal_id, reason="fraud review", idempotency_key=uuid.uuid4().hex
+        )
+
+    out = await payout.reject_withdrawal(reject(rejected), "ops")
+    assert (out.status, out.failure_reason) == (payout_pb2.WITHDRAWAL_STATUS_REJECTED, "fraud review")
+    earnings = await payout.get_earnings("creator-a")
+    assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)  # released
+    assert await payout.dispatch_once() == 1 and provider.submitted == [claimed]  # never the rejected one
+    with pytest.raises(FailedPrecondition) as refused:  # claimed: on its way, too late to reject
+        await payout.reject_withdrawal(reject(claimed), "ops")
+    assert refused.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
+
+
+class EligibilityWallet:
+    """The wallet's GetAccountRestrictions, from a set of blocked users the test changes."""
+
+    def __init__(self) -> None:
+        self.blocked: set[str] = set()
+        self.asked: list[str] = []
+
+    async def GetAccountRestrictions(
+        self, req: wallet_pb2.GetAccountRestrictionsRequest
+    ) -> wallet_pb2.AccountRestrictions:
+        self.asked.append(req.user_id)
+        blocked = req.user_id in self.blocked
+        return wallet_pb2.AccountRestrictions(user_id=req.user_id, blocked=blocked, may_spend=not blocked)
+
+
+async def test_a_creator_blocked_after_approval_is_held_and_asked_about_again_later(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payout, provider, _path = setup
+    held = await approved_withdrawal(payout, "creator-a")
+    paid = await approved_withdrawal(payout, "creator-b")
+    wallet = EligibilityWallet()
+    wallet.blocked.add("creator-a")  # trust and safety blocks the creator after the approval
+    payout.wallet = wallet
+    clock = [1000.0]
+    monkeypatch.setattr("services.payout.usecases.time.monotonic", lambda: clock[0])
+    count = REGISTRY.get_sample_value("livegifts_withdrawals_held_total", {"reason": "ACCOUNT_BLOCKED"}) or 0.0
+
+    assert await payout.dispatch_once() == 1 and provider.submitted == [paid]
+    assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, diamonds still held
+    assert REGISTRY.get_sample_value("livegifts_withdrawals_held_total", {"reason": "ACCOUNT_BLOCKED"}) == count + 1
+    assert await payout.dispatch_once() == 0
+    assert wallet.asked == ["creator-a", "creator-b"]  # not asked again every round while held
+
+    wallet.blocked.clear()  # unblocked: the next look after the recheck time sends it
+    assert payout.settings is not None
+    clock[0] += payout.settings.dispatch_hold_recheck_s + 1
+    assert await payout.dispatch_once() == 1 and provider.submitted == [paid, held]
 
 
 def gauge(name: str) -> float:
@@ -358,7 +437,7 @@ def with_deadline(payout: Payout, provider: StuckProvider) -> None:
 
 
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
-async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_approved_and_the_round_goes_on(  # type: ignore[no-untyped-def]
+async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_claimed_and_the_round_goes_on(  # type: ignore[no-untyped-def]
     setup, caplog, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
@@ -371,11 +450,19 @@ async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_approved_a
 
     with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
         assert await payout.dispatch_once() == 1  # the one the provider took; the round went on
-    assert await status_of(payout, stuck) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+    # Claimed before it was submitted, so on its way whatever the provider did: PROCESSING with no
+    # provider reference yet, never rejected by an operator, never looked up by the reconciler.
+    row = await payout.get_withdrawal(stuck)
+    assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, "")
     assert await status_of(payout, fine) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
     assert failures("submit", outcome) == counted + 1
     assert [r.withdrawal_id for r in caplog.records if hasattr(r, "withdrawal_id")] == [stuck]
     assert (await payout.get_earnings("creator-a")).diamonds_held == 20_000  # still held for it
+    assert payout.settings is not None
+    later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+    asked = len(provider.asked)
+    await payout.reconcile_once(now=later)
+    assert stuck not in provider.asked[asked:]  # the dispatcher hands it over, not the reconciler
 
     provider.stuck.clear()  # the provider answers again: the next round submits it
     assert await payout.dispatch_once() == 1

@@ -1,0 +1,43 @@
+"""Payout's dispatcher claims a withdrawal before the provider is asked, holding the creator's row
+(PostgreSQL `FOR SHARE`): a clawback whose transaction is still open when the claim reads the
+balance is waited for, and holds the withdrawal, instead of being missed by a read that sees only
+what had committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sqlalchemy import text
+
+from livegifts.payout.v1 import payout_pb2
+from tests.unit.test_payout_dispatch import approved_withdrawal, payout_on, status_of
+
+GUARD_S = 20
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_clawback_still_committing_when_the_dispatcher_claims_holds_the_withdrawal(empty_database: str) -> None:
+    async with payout_on(empty_database, pool_size=3) as (payout, provider):
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        async with payout.db.engine.connect() as clawback:
+            # A reversal's clawback has taken the creator below zero and not committed yet.
+            await clawback.execute(text("UPDATE creators SET diamonds_available = -1 WHERE creator_id = 'creator-a'"))
+            round_ = asyncio.create_task(payout.dispatch_once())
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            deadline = time.monotonic() + GUARD_S
+            async with payout.db.engine.connect() as probe:
+                while not round_.done() and time.monotonic() < deadline:
+                    if (await probe.execute(waiting)).scalar_one():
+                        break  # the claim waits for the clawback's row
+                    await asyncio.sleep(0.02)
+            assert not round_.done(), "the round ended without waiting for the clawback in flight"
+            await clawback.commit()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 0
+        assert provider.submitted == []
+        assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, not lost
