@@ -47,6 +47,7 @@ NAMESPACES = {"dev": "livegifts-dev", "prod": "livegifts"}
 CONNECTIONS_PER_POD_EXTRA = 1
 CONNECTIONS_RESERVED = 10  # superuser_reserved_connections and the operator's own
 BATCH_KINDS = ("Job", "CronJob")
+CNPG_METRICS_PORT = 9187  # every CloudNativePG instance serves its Prometheus exporter there
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -419,7 +420,9 @@ def _pods(overlay: str) -> dict[str, Pod]:
         pods[w.name] = Pod(ns, ns_labels, w.labels, ports)
     for c in by_kind(objs, "Cluster"):
         labels = {**c["spec"]["inheritedMetadata"]["labels"], "cnpg.io/cluster": c["metadata"]["name"]}
-        pods[c["metadata"]["name"]] = Pod(ns, ns_labels, labels, {"postgresql": 5432, "status": 8000})
+        pods[c["metadata"]["name"]] = Pod(
+            ns, ns_labels, labels, {"postgresql": 5432, "status": 8000, "metrics": CNPG_METRICS_PORT}
+        )
     pods["prometheus"] = Pod("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, {"app": "prometheus"})
     pods["api-gateway"] = Pod("api", {"kubernetes.io/metadata.name": "api"}, {"livegifts.io/grpc-client": "true"})
     pods["unlabelled-client"] = Pod("api", {"kubernetes.io/metadata.name": "api"}, {"app": "other"})
@@ -464,6 +467,8 @@ def _allowed_flows(overlay: str) -> set[tuple[str, str, int]]:
     flows |= {("prometheus", "nats", 8222)}  # /healthz, /varz, /jsz
     if overlay == "prod":
         flows |= {("nats", "nats", 6222)}
+        # CloudNativePG's exporter: its alerts (replication lag, no synchronous standby) need it.
+        flows |= {("prometheus", _db(overlay, svc), CNPG_METRICS_PORT) for svc in SERVICES}
     return flows
 
 
@@ -479,7 +484,9 @@ def test_network_policies_block_every_other_call_between_our_pods(overlay: str) 
     pods = _pods(overlay)
     allowed = _allowed_flows(overlay)
     ours = [f"livegifts-{s}" for s in SERVICES]
-    ports = sorted({*GRPC_PORTS.values(), *METRICS_PORTS.values(), 4222, 6222, 8222, 5432, 8000, 443})
+    ports = sorted(
+        {*GRPC_PORTS.values(), *METRICS_PORTS.values(), 4222, 6222, 8222, 5432, 8000, CNPG_METRICS_PORT, 443}
+    )
     candidates = [
         *ours,
         "livegifts-audit",
