@@ -27,7 +27,13 @@ from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.deadletters import dead_letter_registration
 from services.common.gc_tuning import observe_pauses, tune_gc
-from services.common.grpcserver import ServiceRegistration, create_server, is_unavailable, sqlstate
+from services.common.grpcserver import (
+    CONCURRENT_RPCS_MAX,
+    ServiceRegistration,
+    create_server,
+    is_unavailable,
+    sqlstate,
+)
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.looplag import watch_loop_lag
 from services.common.migrate import upgrade_head
@@ -91,6 +97,17 @@ class Wiring:
     subscriptions: list[Subscription[Any]] = field(default_factory=list)
     background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
     close: Callable[[], Awaitable[None]] | None = None
+    # Long-lived streaming calls the service bounds itself (gifting's live feeds, WATCHERS_MAX):
+    # each holds a slot of the server's concurrent-call limit for as long as it streams.
+    streaming_rpcs_max: int = 0
+
+
+def rpc_limit(wiring: Wiring) -> int:
+    """How many calls the service's gRPC server takes at once; past it every call, health checks
+    included, is refused with RESOURCE_EXHAUSTED. The long-lived streams get slots of their own
+    on top of CONCURRENT_RPCS_MAX, so a replica full of them still answers its probes and takes
+    other calls; their own limit answers the stream past it."""
+    return CONCURRENT_RPCS_MAX + wiring.streaming_rpcs_max
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
             settings.grpc_port,
             f"livegifts.{spec.name}",
             trace_spans=tracing.recording,
+            concurrent_rpcs_max=rpc_limit(wiring),
         )
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]

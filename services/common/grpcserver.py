@@ -227,8 +227,13 @@ async def create_server(
     domain: str,
     *,
     trace_spans: bool | None = None,
+    concurrent_rpcs_max: int = CONCURRENT_RPCS_MAX,
 ) -> RunningServer:
     """Build and start a server on host:port (port 0 picks a free one); returns it with its port.
+
+    `concurrent_rpcs_max` bounds the calls in progress at once, every kind counted (a streaming
+    call for as long as it streams, and health checks): past it a call is refused with
+    RESOURCE_EXHAUSTED.
 
     `trace_spans` (default: whether telemetry records spans) puts the OpenTelemetry interceptor
     in front; without it ErrorInterceptor only carries an incoming trace context on.
@@ -245,7 +250,7 @@ async def create_server(
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
         ],
-        maximum_concurrent_rpcs=CONCURRENT_RPCS_MAX,
+        maximum_concurrent_rpcs=concurrent_rpcs_max,
     )
     for reg in registrations:
         reg.add_to_server(reg.servicer, server)

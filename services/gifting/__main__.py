@@ -50,6 +50,8 @@ async def wire(rt: Runtime) -> Wiring:
         ],
         subscriptions=[read_models.subscription()],
         background=[gifting.sweeper, feed.run],
+        # Each WatchStream holds a call open; FeedHub refuses feeds past WATCHERS_MAX.
+        streaming_rpcs_max=settings.watchers_max,
         close=close,
     )
 

@@ -6,6 +6,7 @@ object against the schemas of K8S_VERSION, and the rest is read from the rendere
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -538,3 +539,63 @@ def test_the_audit_cronjob_calls_every_service_where_it_listens(overlay: str) ->
         service = find(objs, "Service", host)
         assert service is not None and int(port) in {p["port"] for p in service["spec"]["ports"]}
     assert container["image"].rsplit(":", 1)[0].endswith("livegifts-wallet"), "an image that has the CLI"
+
+
+# --- capacity: what a pod admits at once ---------------------------------------------------
+
+
+def _gifting_wiring(settings: Any) -> Any:
+    """Gifting's wiring as `serve` builds it, offline: nothing here connects to anything."""
+    from services.common.app import Runtime
+    from services.common.bus import Bus
+    from services.common.db import Database
+    from services.common.outbox import Outbox
+    from services.gifting.__main__ import SPEC
+
+    async def build() -> Any:
+        db = Database(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            pool_timeout_s=settings.db_pool_timeout_s,
+            application_name="livegifts-gifting",
+        )
+        rt = Runtime(
+            "gifting",
+            settings,
+            db,
+            Bus(settings, "livegifts-gifting"),
+            SPEC.tables,
+            Outbox(SPEC.tables.outbox),
+            asyncio.Event(),
+        )
+        wiring = await SPEC.wire(rt)
+        if wiring.close is not None:
+            await wiring.close()
+        await db.dispose()
+        return wiring
+
+    return asyncio.run(build())
+
+
+def test_a_gifting_pod_with_every_live_feed_open_still_answers_its_probes(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WatchStream feed is one gRPC call for as long as it watches, and the server's limit on
+    calls in progress counts it like any other call, the kubelet's health checks included. Past
+    the limit a probe gets RESOURCE_EXHAUSTED: the pod leaves its Service and, a minute later,
+    liveness restarts it and its viewers pile onto the other replicas. With the WATCHERS_MAX
+    feeds a replica accepts all open, the other calls must keep their whole share."""
+    from services.common.app import rpc_limit
+    from services.common.grpcserver import CONCURRENT_RPCS_MAX
+
+    objs = objects(overlay)
+    (found,) = [(w, c) for w, c, svc, cmd in _service_containers(objs) if (svc, cmd) == ("gifting", "serve")]
+    env = resolve_env(found[1], objs)
+    settings = load_settings_from(
+        "gifting", {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}, monkeypatch
+    )
+    limit = rpc_limit(_gifting_wiring(settings))
+    assert limit - settings.watchers_max >= CONCURRENT_RPCS_MAX, (
+        f"{settings.watchers_max} live feeds leave {limit - settings.watchers_max} of {limit} calls "
+        "for everything else, health checks included"
+    )

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 
 import grpc
 import pytest
@@ -144,3 +145,43 @@ def test_operator_rpcs_need_the_configured_token() -> None:
     with pytest.raises(errors.PermissionDenied) as err:
         OperatorAuth(None).require(_Ctx((("authorization", "Bearer t0k"),)))
     assert err.value.reason == "OPERATOR_DISABLED"
+
+
+def test_open_streams_take_the_health_checks_slots_unless_the_limit_leaves_room() -> None:
+    """What the gRPC server's concurrent-call limit counts: a stream holds its slot while it
+    streams, and a health check past the limit is refused (so a probe fails). A gifting pod's
+    limit therefore leaves room beyond its live feeds (tests/deploy checks it as deployed)."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.grpcserver import ServiceRegistration, create_server
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        yield b"watching"  # like a WatchStream feed: one item, then the call stays open
+        await asyncio.Event().wait()
+
+    def add(servicer: object, server: grpc.aio.Server) -> None:
+        handler = grpc.unary_stream_rpc_method_handler(hold)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Feed", {"Watch": handler}),))
+
+    async def check_with_streams_open(limit: int, streams: int) -> grpc.StatusCode:
+        feed = ServiceRegistration(add, None, "test.Feed")
+        running = await create_server([feed], "127.0.0.1", 0, "livegifts.test", concurrent_rpcs_max=limit)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            watch = channel.unary_stream("/test.Feed/Watch")
+            calls = [watch(b"") for _ in range(streams)]
+            for call in calls:
+                assert await call.read() == b"watching"  # each stream is in progress, holding its slot
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            for call in calls:
+                call.cancel()
+        await running.server.stop(0)
+        return code
+
+    assert asyncio.run(check_with_streams_open(limit=3, streams=3)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert asyncio.run(check_with_streams_open(limit=4, streams=3)) == grpc.StatusCode.OK
