@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -187,8 +188,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     detach_context(token)
 
+            async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
+                # A handler that sends with context.write() and returns (grpc.health.v1 Watch).
+                token = attach_remote_context(remote) if remote else None
+                try:
+                    await inner_stream(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    status = self._status_of(exc)
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+                finally:
+                    detach_context(token)
+
             return grpc.unary_stream_rpc_method_handler(
-                stream,
+                stream if inspect.isasyncgenfunction(inner_stream) else writing,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

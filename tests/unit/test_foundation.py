@@ -185,3 +185,24 @@ def test_open_streams_take_the_health_checks_slots_unless_the_limit_leaves_room(
 
     assert asyncio.run(check_with_streams_open(limit=3, streams=3)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert asyncio.run(check_with_streams_open(limit=4, streams=3)) == grpc.StatusCode.OK
+
+
+def test_health_watch_streams_the_status_like_check_answers_it() -> None:
+    """grpc.health.v1 Watch (what client-side health checking and some meshes use) is a handler
+    that writes with context.write instead of yielding; the error interceptor must pass it on."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.grpcserver import create_server
+
+    async def first_watched_status() -> int:
+        running = await create_server([], "127.0.0.1", 0, "livegifts.test")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            status = (await call.read()).status
+            call.cancel()
+        await running.server.stop(0)
+        return int(status)
+
+    assert asyncio.run(first_watched_status()) == health_pb2.HealthCheckResponse.SERVING
