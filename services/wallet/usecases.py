@@ -373,6 +373,20 @@ class Wallet:
             if row.provider != provider.name:
                 raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
             if event.amount_minor != row.amount_minor or event.currency_code != row.currency_code:
+                # A partial refund, say, which is not modelled: refused on every retry, so money
+                # and coins disagree until an operator settles it with the provider.
+                log.warning(
+                    "payment callback refused: its amount or currency differs from the purchase",
+                    extra={
+                        "purchase_id": row.purchase_id,
+                        "provider_event_id": event.provider_event_id,
+                        "event_type": event.event_type,
+                        "amount_minor": event.amount_minor,
+                        "currency_code": event.currency_code,
+                        "purchase_amount_minor": row.amount_minor,
+                        "purchase_currency_code": row.currency_code,
+                    },
+                )
                 raise InvalidArgument("callback amount or currency differs from the purchase", "AMOUNT_MISMATCH")
             current = PurchaseStatus(row.status)
             ts = now_us()

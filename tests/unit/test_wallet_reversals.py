@@ -7,6 +7,7 @@ before that revision, when they are read from the ledger.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy import select, update
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common import signing
 from services.common.db import Database
+from services.common.errors import InvalidArgument
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.wallet.config import WalletSettings
@@ -176,3 +178,22 @@ async def test_the_audit_ties_each_spend_row_to_what_its_entry_posted_as_spent(w
         await uow.commit()
     audit = await wallet.audit()
     assert (audit.coins_spent, audit.coins_of_spent_rows, audit.spends_posting_mismatch) == (12, 11, 1)
+
+
+async def test_a_partial_refund_is_refused_changes_nothing_and_is_logged_for_an_operator(
+    wallet: Wallet, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = await buy(wallet, "u-partial")
+    half = dev_event_payload(uuid.uuid4().hex, "charge.refunded", p.purchase_id, p.price.amount_minor // 2, "USD")
+    request = wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=half, signature=signing.sign(SECRET, half))
+    with caplog.at_level(logging.WARNING, logger="services.wallet.usecases"), pytest.raises(InvalidArgument) as err:
+        await wallet.handle_payment_event(request)
+    assert err.value.reason == "AMOUNT_MISMATCH"
+    assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    assert (await wallet.get_balance("u-partial")).coins == p.coins
+    (logged,) = [r for r in caplog.records if r.getMessage().startswith("payment callback refused")]
+    assert (logged.purchase_id, logged.amount_minor, logged.purchase_amount_minor) == (  # type: ignore[attr-defined]
+        p.purchase_id,
+        p.price.amount_minor // 2,
+        p.price.amount_minor,
+    )
