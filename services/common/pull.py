@@ -48,6 +48,8 @@ from nats.js.errors import APIError, NotFoundError
 # inbox loses its interest (the puller closed, the connection lost).
 REQUEST_EXPIRES_S = 5.0
 _ENDING = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
+# The settings of a durable that `Puller.open` brings in step with the caller's (all editable).
+_KEPT_IN_STEP = ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending")
 
 
 class Puller:
@@ -72,14 +74,23 @@ class Puller:
     async def open(
         cls, nc: Client, js: JetStreamContext, subject: str, stream: str, durable: str, config: ConsumerConfig
     ) -> Puller:
-        """Bind to `durable` on `stream`, creating it from `config` (filtered to `subject`) if missing."""
+        """Bind to `durable` on `stream`, creating it from `config` (filtered to `subject`) if missing,
+        or updating it where an earlier release left other settings.
+
+        A durable outlives the release that made it: bound as it was, one made with a lower
+        max_deliver stopped delivering an event before the consumer parked it (neither applied
+        nor parked), and a change of ack_wait or max_ack_pending never took effect. Only the
+        fields we set are compared, so a bind does not rewrite an unchanged consumer.
+        """
+        config.filter_subject = subject
+        config.name = durable
+        config.durable_name = durable
         try:
-            await js.consumer_info(stream, durable)
+            had = (await js.consumer_info(stream, durable)).config
         except NotFoundError:
-            config.filter_subject = subject
-            config.name = durable
-            config.durable_name = durable
-            await js.add_consumer(stream, config=config)
+            had = None
+        if had is None or any(getattr(config, f) not in (None, getattr(had, f)) for f in _KEPT_IN_STEP):
+            await js.add_consumer(stream, config=config)  # creates, or updates the editable fields
         puller = cls(nc, js, stream, durable)
         puller._sub = await nc.subscribe(f"{puller._prefix}.*", cb=puller._on_msg)
         return puller

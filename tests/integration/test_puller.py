@@ -234,3 +234,32 @@ async def test_after_nats_server_is_killed_and_restarted_the_puller_fetches_on(
             got += await _drain(p, 1, 50)
         # 0-2 may come again: their acks can die with the server (the inbox makes that harmless).
         assert set(got) <= set(range(6)), got
+
+
+async def test_a_durable_made_by_an_earlier_release_takes_this_releases_settings(
+    js: tuple[Client, JetStreamContext],
+) -> None:
+    # The consumer parks an event itself after CONSUMER_MAX_DELIVER failures. A durable kept as
+    # an earlier release made it, with a lower max_deliver, would stop delivering an event before
+    # the consumer parks it: neither applied nor parked, for good.
+    nc, ctx = js
+    old = _config()
+    old.max_deliver, old.filter_subject, old.durable_name = 2, SUBJECT, "d"
+    await ctx.add_consumer(STREAM, config=old)
+    await _publish(ctx, 0, 1)
+    new = _config()
+    new.max_deliver = 5
+    p = await Puller.open(nc, ctx, SUBJECT, stream=STREAM, durable="d", config=new)
+    try:
+        for delivery in (1, 2, 3):
+            async with _within(20, f"delivery {delivery} never came: the durable kept its old max_deliver"):
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        msgs = await p.fetch(1, timeout=2)
+                        break
+            assert msgs[0].metadata.num_delivered == delivery
+            await msgs[0].nak()
+        info = await ctx.consumer_info(STREAM, "d")
+        assert info.config.max_deliver == 5
+    finally:
+        await p.unsubscribe()
