@@ -129,7 +129,10 @@ class Consumer(Generic[E]):
                             ack_policy=AckPolicy.EXPLICIT,
                             deliver_policy=DeliverPolicy.ALL,
                             ack_wait=30,
-                            max_deliver=self.max_deliver + 1,  # we park it ourselves at max_deliver
+                            # Unlimited: we park it ourselves at max_deliver. A limit of ours + 1 left
+                            # one more delivery to park on; when the database refused both (an
+                            # outage), the server stopped delivering: neither applied nor parked.
+                            max_deliver=-1,
                             max_ack_pending=self.batch_size_max * 8,
                         ),
                     )

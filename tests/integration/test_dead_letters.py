@@ -23,12 +23,14 @@ from typing import Any
 
 import grpc
 import pytest
+from nats.js.api import ConsumerConfig
 from pydantic import SecretStr
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import OperationalError
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 from livegifts.gifting.v1 import events_pb2
+from services.common import inbox as inbox_module
 from services.common.auth import OperatorAuth
 from services.common.db import UnitOfWork
 from services.common.deadletters import dead_letter_registration
@@ -192,6 +194,34 @@ async def test_a_replay_of_an_event_the_inbox_holds_changes_nothing_and_two_at_o
     assert outcomes == ["NOT_FOUND", "OUTCOME_APPLIED"], answers
     assert await rig.applied(fresh.event_id) == 1
     assert (await rig.parked()).dead_letters == []
+
+
+async def test_an_event_whose_parking_the_database_refused_is_parked_on_a_later_delivery(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database is down when the event reaches CONSUMER_MAX_DELIVER (2 here): its handler fails,
+    # and so does parking it, on that delivery and the next. The event must come again until
+    # it is parked: a server that stopped delivering it would leave it neither applied nor parked.
+    (event_id,) = await rig.h.add_events(1)
+    rig.poison.add(event_id)
+    park = Consumer._park
+    refusals = [2]
+
+    async def park_unless_down(self: Consumer[Any], *args: Any, **kwargs: Any) -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OperationalError("INSERT INTO dead_letters ...", {}, ConnectionRefusedError("database down"))
+        await park(self, *args, **kwargs)
+
+    monkeypatch.setattr(Consumer, "_park", park_unless_down)
+    # Unacked deliveries come again after ack_wait: 1 s instead of 30, so the test is short.
+    monkeypatch.setattr(inbox_module, "ConsumerConfig", lambda **kw: ConsumerConfig(**{**kw, "ack_wait": 1}))
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20)
+    assert refusals == [0]
+    assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
+    assert await rig.applied(event_id) == 0
 
 
 class _DriverError(Exception):
