@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 ATOMIC_BATCH_MAX = 1000  # nats-server's limit on the messages of one atomic batch
 ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains duplicate message id"
+# JetStream's refusals that every later batch would meet too: atomic publish disabled on the
+# stream (10174), a header it does not take in a batch (10177), a batch over its limit (10199).
+# Any other refusal is of this batch only: incomplete (10176: a message lost in a reconnect, or
+# the batch timed out on a stalled disk), a missing sequence (10175), a full stream.
+ERR_BATCH_NEVER = {10174, 10177, 10199}
 
 
 def new_event_id() -> str:
@@ -292,6 +297,13 @@ class OutboxRelay:
             error = answer.get("error") or {}
             if error.get("err_code") == ERR_BATCH_DUPLICATE_MSG_ID:
                 log.info("atomic batch holds events already stored; publishing one by one", extra={"stream": stream})
+            elif error and error.get("err_code") not in ERR_BATCH_NEVER:
+                # This batch only: turned off, every event after a NATS reconnect or a disk stall
+                # paid its own publish and fsync until the process restarted.
+                log.warning(
+                    "atomic batch refused; publishing it one by one",
+                    extra={"stream": stream, "error": json.dumps(answer)},
+                )
             else:
                 # Not a republish: the server will not take our batches (a setting, a limit). Stop
                 # trying them on this stream rather than paying for two publishes of every event.

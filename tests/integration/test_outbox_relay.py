@@ -204,6 +204,37 @@ async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(h
     assert harness.bus.atomic_streams == set(), "refused for another reason than a republish: no more tries"
 
 
+async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
+    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reconnect drops what the socket held (a stalled disk times the batch out alike): the server
+    # refuses that batch as incomplete. Its events go one by one; the next batch is atomic again.
+    nc = harness.bus.nc
+    assert nc is not None
+    publish = nc.publish
+    dropped: list[str] = []
+
+    async def lose_the_second(subject: str, payload: bytes = b"", reply: str = "", headers: Any = None) -> None:
+        if not dropped and (headers or {}).get("Nats-Batch-Sequence") == "2":
+            dropped.append(headers["Nats-Msg-Id"])
+            return
+        await publish(subject, payload, reply=reply, headers=headers)
+
+    monkeypatch.setattr(nc, "publish", lose_the_second)
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    assert dropped and await harness.stored() == EVENTS
+    assert harness.bus.atomic_streams == {"GIFTING"}, "a batch lost in transit turned atomic batches off"
+
+    async def no_single_publishes(rows: list[object]) -> list[object]:
+        raise AssertionError("the atomic batch was not taken")
+
+    monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
+    await harness.add_events(EVENTS)
+    assert await harness.relay.relay_once() == EVENTS
+    assert await harness.stored() == 2 * EVENTS and await harness.unpublished() == 0
+
+
 @contextlib.asynccontextmanager
 async def _running(loop: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
     """A background loop (the relay's, a consumer's) running until the block ends, then stopped."""
