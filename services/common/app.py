@@ -146,6 +146,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         pool_size=settings.db_pool_size,
         pool_timeout_s=settings.db_pool_timeout_s,
         application_name=f"livegifts-{spec.name}",
+        statement_timeout_s=settings.db_statement_timeout_s,
     )
     bus = Bus(settings, f"livegifts-{spec.name}")
     outbox = Outbox(spec.tables.outbox)

@@ -43,6 +43,10 @@ class ServiceSettings(BaseSettings):
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # PostgreSQL: a statement or commit unanswered this long fails (UNAVAILABLE) and its connection
+    # is replaced, so a primary lost without closing its connections cannot hang a batch for good.
+    # Above the longest statement we run (an audit's sums, a relay waiting its turn).
+    db_statement_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     migrate_on_start: bool = True
 
     # Graceful shutdown: how long health reports NOT_SERVING before the server stops taking calls,

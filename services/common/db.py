@@ -77,8 +77,18 @@ def _drop_closed_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -
         raise exc.DisconnectionError("connection was closed by the server while pooled")
 
 
-def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, application_name: str) -> AsyncEngine:
-    """An async engine for the service's own database, with durability settings applied."""
+def create_engine(
+    url: str, *, pool_size: int, pool_timeout_s: float, application_name: str, statement_timeout_s: float | None = None
+) -> AsyncEngine:
+    """An async engine for the service's own database, with durability settings applied.
+
+    `statement_timeout_s` (PostgreSQL): how long a statement or commit may go unanswered before
+    it fails with TimeoutError (UNAVAILABLE) and its connection is dropped. A primary lost with
+    its node or behind a partition sends no FIN and no RST: without a limit a statement waits
+    for ever, and a call's deadline rescues only that call, not a batch (MicroBatcher) every
+    later call queues behind, nor the relay or a consumer. Not PostgreSQL's statement_timeout,
+    which a server that is gone cannot apply.
+    """
     url = normalize_url(url)
     if is_sqlite(url):
         ensure_sqlite_dir(url)
@@ -102,6 +112,7 @@ def create_engine(url: str, *, pool_size: int, pool_timeout_s: float, applicatio
                 "plan_cache_mode": "force_custom_plan",
             },
             "timeout": 10,
+            "command_timeout": statement_timeout_s,
         },
     )
     event.listen(engine.sync_engine.pool, "checkout", _drop_closed_on_checkout)
@@ -132,11 +143,23 @@ class UnitOfWork:
 class Database:
     """A service's database: engine plus units of work."""
 
-    def __init__(self, url: str, *, pool_size: int, pool_timeout_s: float, application_name: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int,
+        pool_timeout_s: float,
+        application_name: str,
+        statement_timeout_s: float | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self.sqlite = is_sqlite(self.url)
         self.engine = create_engine(
-            self.url, pool_size=pool_size, pool_timeout_s=pool_timeout_s, application_name=application_name
+            self.url,
+            pool_size=pool_size,
+            pool_timeout_s=pool_timeout_s,
+            application_name=application_name,
+            statement_timeout_s=statement_timeout_s,
         )
         self._write_lock = asyncio.Lock() if self.sqlite else None
 

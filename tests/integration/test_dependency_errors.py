@@ -1,17 +1,23 @@
 """A database that refuses us answers UNAVAILABLE (retry), never INTERNAL (our bug).
 
 After a rotated password or a role removed by mistake, every call fails until it is fixed;
-callers and alerts must see a dependency outage, as for a server that is down.
+callers and alerts must see a dependency outage, as for a server that is down. A primary that
+goes silent (lost with its node: no FIN, no RST) fails what waits on it within
+DB_STATEMENT_TIMEOUT_S, and what comes next runs on a new connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from services.common.batching import MicroBatcher
 from services.common.db import Database
-from services.common.grpcserver import ErrorInterceptor
+from services.common.grpcserver import ErrorInterceptor, is_unavailable
 from tests.integration import pg
 
 
@@ -31,3 +37,76 @@ async def test_a_role_postgresql_refuses_is_a_dependency_outage_not_an_internal_
     status = ErrorInterceptor("livegifts.test")._status_of(refused)
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert "DEPENDENCY_UNAVAILABLE" in str(status.trailing_metadata)
+
+
+class _Blackhole:
+    """A TCP proxy to PostgreSQL. `cut()` makes every connection open now pass nothing and close
+    nothing, for good: a primary lost with its node (no FIN, no RST reaches us). Connections made
+    after it pass (the new primary behind the same address)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.cut_ones: list[asyncio.Event] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        for cut in self.cut_ones:
+            cut.set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+        cut = asyncio.Event()
+        self.cut_ones.append(cut)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if cut.is_set():
+                    return  # dropped: nothing passes, and nothing is closed
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_primary_lost_without_a_word_fails_the_batch_on_it_and_the_next_batch_runs() -> None:
+    # A batch whose connection went silent used to wait for ever, and every call queued behind it
+    # (the wallet's Spend, gifting's steps) with it: the service answered nothing until restarted.
+    admin = make_url(pg.admin_url_or_skip())
+    proxy = _Blackhole((admin.host or "127.0.0.1", admin.port or 5432))
+    url = admin.set(host="127.0.0.1", port=await proxy.start()).render_as_string(hide_password=False)
+    db = Database(url, pool_size=1, pool_timeout_s=5, application_name="blackholed", statement_timeout_s=2)
+
+    async def write(items: list[int]) -> list[int | BaseException]:
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(text("SELECT 1"))
+            await uow.commit()
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(write, 10, "test-blackhole")
+    try:
+        assert await batcher.submit(1) == 1  # the pool holds a connection now
+        proxy.cut()
+        lost = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.2)  # its batch is waiting on the lost connection
+        behind = asyncio.ensure_future(batcher.submit(3))
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(lost, behind, return_exceptions=True), 60)
+        except TimeoutError:
+            pytest.fail("the batch on the lost connection never ended, nor did the one queued behind it")
+        assert isinstance(outcomes[0], Exception) and is_unavailable(outcomes[0]), outcomes[0]
+        assert outcomes[1] == 3
+    finally:
+        await proxy.close()
+        await asyncio.wait_for(db.dispose(), 30)
