@@ -19,8 +19,9 @@ pruning off (0) until its outbox is empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,7 +42,7 @@ from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBO
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
-from services.common.telemetry import extract_context, recording
+from services.common.telemetry import attach_remote_context, detach_context, extract_context, recording
 from services.common.timeutil import US_PER_DAY, now_us
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,17 @@ def _shown(exc: BaseException) -> str:
     if isinstance(exc, DomainError):
         return f"{type(exc).__name__} {exc.reason}: {exc.message}"
     return type(exc).__name__
+
+
+@contextlib.contextmanager
+def _in_trace_of(msg: Msg) -> Iterator[None]:
+    """The trace the message came with, current for the lines logged about it (outside the
+    handler's span: without it they carried no trace id, and a gift's trace did not lead there)."""
+    token = attach_remote_context((msg.headers or {}).items())
+    try:
+        yield
+    finally:
+        detach_context(token)
 
 
 @dataclass(frozen=True)
@@ -295,10 +307,11 @@ class Consumer(Generic[E]):
             await self._park(msg, event_id, shown, _whole(exc))
             return
         CONSUMED.labels(self.sub.durable, "retry").inc()
-        log.warning(
-            "event failed, will be redelivered",
-            extra={"consumer": self.sub.durable, "event_id": event.event_id, "error": repr(exc)},  # type: ignore[attr-defined]
-        )
+        with _in_trace_of(msg):
+            log.warning(
+                "event failed, will be redelivered",
+                extra={"consumer": self.sub.durable, "event_id": event.event_id, "error": repr(exc)},  # type: ignore[attr-defined]
+            )
         await msg.nak(delay=min(0.1 * 2**delivered, 10.0))
 
     async def _park(self, msg: Msg, event_id: str | None, error: str, detail: str = "") -> None:
@@ -318,10 +331,11 @@ class Consumer(Generic[E]):
             await uow.commit()
         await msg.term()
         DEAD_LETTERS.labels(self.sub.durable).inc()
-        log.error(
-            "event parked in dead_letters",
-            extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
-        )
+        with _in_trace_of(msg):
+            log.error(
+                "event parked in dead_letters",
+                extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
+            )
 
 
 class InboxPruner:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from typing import Any
 import grpc
 import pytest
 from nats.js.api import ConsumerConfig
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from pydantic import SecretStr
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import OperationalError
@@ -38,6 +41,7 @@ from services.common.errors import Aborted
 from services.common.grpcserver import create_server
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.outbox import new_event_id
+from services.common.telemetry import JsonFormatter
 from services.common.timeutil import US_PER_DAY, now_us
 from tests.integration.helpers import eventually, expect_error
 from tests.integration.test_outbox_relay import _Harness, _harnesses, _running
@@ -222,6 +226,36 @@ async def test_an_event_whose_parking_the_database_refused_is_parked_on_a_later_
     assert refusals == [0]
     assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
     assert await rig.applied(event_id) == 0
+
+
+async def test_the_log_lines_of_a_failing_event_carry_the_trace_it_came_with(rig: _Rig) -> None:
+    # An operator follows a gift by its trace id (from the call's answer or log) to the consumer
+    # that failed on it: the consumer's lines about that event must carry it.
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    token = otel_context.attach(propagate.extract({"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}))
+    try:
+        (event_id,) = await rig.h.add_events(1)  # its outbox row keeps the trace headers
+    finally:
+        otel_context.detach(token)
+    rig.poison.add(event_id)
+    lines: list[dict[str, Any]] = []
+
+    class _Json(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # formatted as it is logged, in its context
+            lines.append(json.loads(JsonFormatter("test").format(record)))
+
+    handler = _Json()
+    inbox_log = logging.getLogger("services.common.inbox")
+    inbox_log.addHandler(handler)
+    try:
+        async with _running(rig.consumer.run):
+            await rig.h.relay.relay_once()
+            await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20)
+    finally:
+        inbox_log.removeHandler(handler)
+    about = [line for line in lines if line.get("event_id") == event_id]
+    assert {line["msg"] for line in about} >= {"event failed, will be redelivered", "event parked in dead_letters"}
+    assert {line.get("trace_id") for line in about} == {trace_id}, about
 
 
 class _DriverError(Exception):
