@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -28,6 +28,7 @@ from nats.js.errors import APIError
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common import pull
 from services.common.pull import Puller
+from tests.integration.helpers import eventually
 
 STREAM, SUBJECT = "PULLTEST", "pulltest.x"
 
@@ -163,6 +164,15 @@ async def test_the_server_never_holds_more_than_one_of_its_pull_requests(
         assert await _drain(p, 3, 50) == [0, 1, 2]
 
 
+def _buffered(p: Puller) -> Callable[[], Awaitable[int]]:
+    """A probe of how many messages `p` holds (for `eventually`: load may delay their arrival)."""
+
+    async def probe() -> int:
+        return p.buffered
+
+    return probe
+
+
 async def test_a_request_is_open_while_the_caller_applies_what_a_fetch_returned(
     js: tuple[Client, JetStreamContext],
 ) -> None:
@@ -175,8 +185,7 @@ async def test_a_request_is_open_while_the_caller_applies_what_a_fetch_returned(
         for m in msgs:
             await m.ack()
         await _publish(ctx, 5, 3)  # while the caller is busy: delivered, not left on the server
-        await asyncio.sleep(0.3)
-        assert p.buffered == 3
+        assert await eventually(_buffered(p), lambda n: n == 3, 5) == 3
         assert [int(m.data) for m in await p.fetch(5, timeout=2)] == [5, 6, 7]
 
 
@@ -189,9 +198,8 @@ async def test_what_is_buffered_at_close_is_redelivered_at_once(js: tuple[Client
         msgs = await fetch
         assert [int(m.data) for m in msgs] == [0]
         await msgs[0].ack()
-        await _publish(ctx, 1, 19)
-        await asyncio.sleep(0.2)  # the same request delivers them into the buffer
-        assert p.buffered == 19
+        await _publish(ctx, 1, 19)  # the same request delivers them into the buffer
+        assert await eventually(_buffered(p), lambda n: n == 19, 5) == 19
     # At once, not after ack_wait (30 s): each of _drain's fetches gives up after 2 s.
     async with _puller(js) as again:
         got = await _drain(again, 19, 100)
