@@ -917,6 +917,12 @@ class Payout:
         # Held while the creator owes diamonds after a clawback: an approved (or auto-approved)
         # withdrawal waits here instead of paying out cash owed back.
         claimable = and_(approved, creators.c.diamonds_available >= 0)
+        # Nor are the withdrawals of creators held by the wallet's word read again before their
+        # recheck: oldest first, they would fill every round and keep the later ones waiting.
+        now_mono = time.monotonic()
+        self._held_until = {k: until for k, until in self._held_until.items() if until > now_mono}
+        if self._held_until:
+            claimable = and_(claimable, w.creator_id.not_in(list(self._held_until)))
         unsubmitted = and_(w.status == WithdrawalStatus.PROCESSING.value, w.provider_ref == "")
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (

@@ -569,3 +569,24 @@ async def test_a_retried_payout_method_is_answered_from_its_record_without_askin
     provider.stuck.add("creator-a@example.com")  # the provider is down now
     assert await payout.add_payout_method(method_request("creator-a", "method-1")) == added
     assert not provider.entered.is_set()
+
+
+async def test_held_creators_do_not_keep_the_dispatcher_from_later_withdrawals(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    # A round reads at most DISPATCH_BATCH_SIZE_MAX withdrawals, oldest first: those of creators
+    # it holds (not asked again until DISPATCH_HOLD_RECHECK_S) must not fill every round, or the
+    # withdrawals requested after them would never be submitted.
+    payout, provider, _path = setup
+    assert payout.settings is not None
+    payout.settings = payout.settings.model_copy(update={"dispatch_batch_size_max": 1})
+    held = await approved_withdrawal(payout, "creator-a")
+    later = await approved_withdrawal(payout, "creator-b")
+    wallet = EligibilityWallet()
+    wallet.blocked.add("creator-a")
+    payout.wallet = wallet
+
+    for _ in range(3):
+        await payout.dispatch_once()
+    assert provider.submitted == [later]
+    assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
