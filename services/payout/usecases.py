@@ -989,16 +989,13 @@ class Payout:
         """APPROVED -> PROCESSING (no provider reference yet) unless the creator's balance is now
         negative; False if it was not claimed. The creator's row is held (PostgreSQL `FOR SHARE`;
         SQLite serializes writers), so a clawback either committed before and is seen here, or
-        waits for this claim and finds the withdrawal on its way."""
+        waits for this claim and finds the withdrawal on its way.
+
+        The withdrawal's row is taken before the creator's, as RejectWithdrawal and a callback
+        take them (the withdrawal, then the creator's diamonds): the other way round, a claim and
+        a rejection of the same withdrawal at once would each wait for the other (a deadlock)."""
         w, c = withdrawals.c, creators.c
         async with self.db.unit_of_work() as uow:
-            available = (
-                await uow.conn.execute(
-                    select(c.diamonds_available).where(c.creator_id == creator_id).with_for_update(read=True)
-                )
-            ).scalar_one()
-            if available < 0:
-                return False
             claimed = await uow.conn.execute(
                 update(withdrawals)
                 .where(w.withdrawal_id == withdrawal_id, w.status == WithdrawalStatus.APPROVED.value)
@@ -1006,6 +1003,13 @@ class Payout:
             )
             if claimed.rowcount != 1:
                 return False  # a callback, a rejection or another replica's claim came first
+            available = (
+                await uow.conn.execute(
+                    select(c.diamonds_available).where(c.creator_id == creator_id).with_for_update(read=True)
+                )
+            ).scalar_one()
+            if available < 0:
+                return False  # rolled back: still APPROVED, held while the balance is negative
             await uow.commit()
         return True
 

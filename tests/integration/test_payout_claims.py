@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from livegifts.payout.v1 import payout_pb2
+from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import approved_withdrawal, payout_on, status_of
 
 GUARD_S = 20
@@ -41,3 +42,49 @@ async def test_a_clawback_still_committing_when_the_dispatcher_claims_holds_the_
             assert await round_ == 0
         assert provider.submitted == []
         assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, not lost
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_rejection_and_a_claim_of_the_same_withdrawal_at_once_do_not_deadlock(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RejectWithdrawal takes the withdrawal's row, then the creator's (releasing the diamonds), as
+    # a callback does; a claim that took them the other way round would wait for each other, and
+    # PostgreSQL would abort one of them (deadlock detected).
+    async with payout_on(empty_database, pool_size=4) as (payout, provider):
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        moved, go = asyncio.Event(), asyncio.Event()
+        release = Payout._release
+
+        async def paused_release(self: Payout, uow, row) -> None:  # type: ignore[no-untyped-def]
+            moved.set()  # the withdrawal's row is taken (REJECTED, not committed)
+            await go.wait()
+            await release(self, uow, row)
+
+        monkeypatch.setattr(Payout, "_release", paused_release)
+        reject = asyncio.create_task(
+            payout.reject_withdrawal(
+                payout_pb2.RejectWithdrawalRequest(withdrawal_id=withdrawal_id, reason="fraud", idempotency_key="r-1"),
+                "ops",
+            )
+        )
+        async with asyncio.timeout(GUARD_S):
+            await moved.wait()
+        round_ = asyncio.create_task(payout.dispatch_once())
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + GUARD_S
+        async with payout.db.engine.connect() as probe:
+            while not round_.done() and time.monotonic() < deadline:
+                if (await probe.execute(waiting)).scalar_one():
+                    break  # the claim waits for the rejection
+                await asyncio.sleep(0.02)
+        go.set()
+        async with asyncio.timeout(GUARD_S):
+            rejected = await reject
+            assert await round_ == 0
+        assert rejected.status == payout_pb2.WITHDRAWAL_STATUS_REJECTED
+        assert provider.submitted == []
+        earnings = await payout.get_earnings("creator-a")
+        assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)
