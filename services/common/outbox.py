@@ -173,7 +173,19 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
-        await self.bus.connected.wait()
+        while not self.bus.connected.is_set():
+            # NATS not reached yet (at start, or down then): events wait in the outbox, and the
+            # backlog's age is still measured, so its alert fires as it would after a disconnect.
+            try:
+                await self._measure_backlog()
+            except Exception as exc:  # noqa: BLE001 - the database may be down too; measured again next poll
+                log.warning("outbox backlog not measured", extra={"error": repr(exc)})
+            waiters = [asyncio.ensure_future(self.bus.connected.wait()), asyncio.ensure_future(stop.wait())]
+            _done, rest = await asyncio.wait(waiters, timeout=self.poll_interval_s, return_when="FIRST_COMPLETED")
+            for w in rest:
+                w.cancel()
+            if stop.is_set():
+                return
         backoff_s = 0.05
         while not stop.is_set():
             try:
@@ -231,6 +243,12 @@ class OutboxRelay:
             first = next(res for res in results if isinstance(res, BaseException))
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {first!r}")
         return len(acked)
+
+    async def _measure_backlog(self) -> None:
+        """The backlog's age without publishing: the oldest unsent row's."""
+        async with self.db.unit_of_work(readonly=True) as uow:
+            oldest = (await uow.conn.execute(self._unsent.limit(1))).all()
+        self._waited(oldest)
 
     @staticmethod
     def _waited(rows: list[Any]) -> None:

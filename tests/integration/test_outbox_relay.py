@@ -155,6 +155,15 @@ async def test_a_republish_after_a_crash_stores_each_event_once(
     assert await harness.unpublished() == 0
 
 
+def _gauge(name: str) -> Callable[[], Awaitable[float]]:
+    """A probe of a gauge's value (for `eventually`)."""
+
+    async def probe() -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    return probe
+
+
 async def test_the_backlogs_age_grows_while_an_event_cannot_be_published_and_drops_once_it_goes(
     harness: _Harness,
 ) -> None:
@@ -182,6 +191,25 @@ async def test_the_backlogs_age_grows_while_an_event_cannot_be_published_and_dro
     assert oldest_s() == 0 and await harness.unpublished() == 0
     await harness.add_events(1)
     assert await harness.relay.relay_once() == 1 and oldest_s() == 0
+
+
+async def test_the_backlogs_age_is_measured_while_nats_has_not_been_reached(harness: _Harness) -> None:
+    t = harness.outbox.table
+    await harness.add_events(2)
+    async with harness.db.unit_of_work() as uow:  # written 90 s ago
+        await uow.conn.execute(update(t).values(created_at_us=t.c.created_at_us - 90_000_000))
+        await uow.commit()
+    unreached = Bus(harness.settings, "relay-test-unreached")  # never connected: NATS down at start
+    relay = OutboxRelay(harness.db, unreached, harness.outbox, harness.settings)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        got = await eventually(_gauge("livegifts_outbox_oldest_seconds"), lambda v: v >= 90, 10)
+        assert got >= 90 and await harness.unpublished() == 2
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await running
 
 
 async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) -> None:
