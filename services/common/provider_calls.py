@@ -24,6 +24,12 @@ class ProviderError(Exception):
     """A provider call that brought no usable answer: unreachable, a 5xx, or no answer in time."""
 
 
+class ProviderRefused(ProviderError):
+    """The provider answered and refused the request for good (a closed account, a token it no
+    longer knows: a 4xx, not a 5xx): the same request again cannot succeed, so the use case ends
+    the work instead of retrying it (a payout transfer refused this way was never made)."""
+
+
 class ProviderTimeout(ProviderError):
     """The provider did not answer within the deadline (PROVIDER_TIMEOUT_S)."""
 
@@ -41,6 +47,9 @@ async def call(provider: str, name: str, request: Awaitable[T], timeout_s: float
     except TimeoutError as exc:
         PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="timeout").inc()
         raise ProviderTimeout(f"{provider} {name}: no answer within {timeout_s:g} s") from exc
+    except ProviderRefused:
+        PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="refused").inc()
+        raise
     except Exception:
         PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="error").inc()
         raise

@@ -50,7 +50,7 @@ from services.common.metrics import (
     WITHDRAWALS_RECONCILED,
 )
 from services.common.outbox import Outbox, new_event_id
-from services.common.provider_calls import ProviderError
+from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
@@ -958,6 +958,9 @@ class Payout:
                     self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
                     self.settings.provider_timeout_s,
                 )
+            except ProviderRefused as exc:
+                await self._refused_by_provider(row.withdrawal_id, str(exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
                 log.warning(
                     "the payout provider did not take a withdrawal; it is submitted again next round",
@@ -984,6 +987,25 @@ class Payout:
                 except DomainError as exc:
                     log.warning("dev payout callback refused", extra={"reason": exc.reason})
         return submitted
+
+    async def _refused_by_provider(self, withdrawal_id: str, reason: str) -> None:
+        """A claimed withdrawal the provider refused for good (ProviderRefused: no transfer was
+        made): FAILED, its diamonds and the day's total released, as a FAILED callback does.
+        Retried, it would stay PROCESSING for ever, held, with no way out for an operator."""
+        async with self.db.unit_of_work() as uow:
+            row = await self._load_withdrawal(uow, withdrawal_id)
+            if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
+                return  # settled meanwhile, or another replica's submission was taken
+            moved = await self._move(
+                uow, row, WithdrawalStatus.FAILED, failure_reason=f"refused by the provider: {reason}"[:200]
+            )
+            await self._release(uow, moved)
+            await self._withdrawal_event(uow, _SUBJECT[WithdrawalStatus.FAILED], moved, moved.failure_reason)
+            await uow.commit()
+        log.warning(
+            "the payout provider refused a withdrawal for good; it failed and its diamonds are back",
+            extra={"withdrawal_id": withdrawal_id, "reason": reason},
+        )
 
     async def _claim(self, withdrawal_id: str, creator_id: str) -> bool:
         """APPROVED -> PROCESSING (no provider reference yet) unless the creator's balance is now

@@ -31,7 +31,7 @@ from services.common.db import Database
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
-from services.common.provider_calls import ProviderError
+from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
@@ -590,3 +590,41 @@ async def test_held_creators_do_not_keep_the_dispatcher_from_later_withdrawals( 
         await payout.dispatch_once()
     assert provider.submitted == [later]
     assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+
+
+class RefusingProvider(RecordingProvider):
+    """A provider that answers a submission for `refused` ids with a refusal for good (a 4xx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+        if withdrawal_id in self.refused:
+            self.submitted.append(withdrawal_id)
+            raise ProviderRefused("account closed")
+        return await super().submit(withdrawal_id, token, amount_minor, currency_code)
+
+
+async def test_a_withdrawal_the_provider_refuses_for_good_fails_and_its_diamonds_come_back(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    provider = RefusingProvider()
+    payout.provider = provider
+    refused = await approved_withdrawal(payout, "creator-a")
+    fine = await approved_withdrawal(payout, "creator-b")
+    provider.refused.add(refused)
+    counted = failures("submit", "refused")
+
+    assert await payout.dispatch_once() == 1  # the other one went
+    row = await payout.get_withdrawal(refused)
+    assert row.status == payout_pb2.WITHDRAWAL_STATUS_FAILED
+    assert row.failure_reason == "refused by the provider: account closed"
+    earnings = await payout.get_earnings("creator-a")
+    assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)  # released, as FAILED does
+    assert failures("submit", "refused") == counted + 1
+    o = common.outbox.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        subjects = list((await uow.conn.execute(select(o.subject).order_by(o.id))).scalars())
+    assert subjects.count("payout.withdrawal.failed") == 1
+    assert await payout.dispatch_once() == 0 and provider.submitted == [refused, fine]  # not asked again
+    assert await status_of(payout, fine) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
