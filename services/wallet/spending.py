@@ -277,10 +277,11 @@ class SpendBatch:
                 continue
             first_of[it.key] = i
             items.append((i, it))
+        recorded: dict[str, Any] = {}  # spends rows of keys recorded before this batch
         if items:
             for attempt in range(DEADLOCK_RETRIES):
                 try:
-                    decided = await self._transaction([it for _, it in items], settle_refusals)
+                    decided, recorded = await self._transaction([it for _, it in items], settle_refusals)
                     break
                 except DBAPIError as exc:
                     if not _retryable(exc) or attempt == DEADLOCK_RETRIES - 1:
@@ -289,16 +290,23 @@ class SpendBatch:
                 out[i] = outcome
         digests = {it.key: it.digest for _, it in items}
         for i, j, digest in repeats:
-            # The same key twice in one batch: the second is a retry of the first.
-            if digest == digests[reqs[j].idempotency_key]:
+            key = reqs[j].idempotency_key
+            if key in recorded:
+                # A key recorded before: each item is answered from its record, as a Spend with it
+                # would be, whichever request with that key came first in the batch.
+                out[i] = answer_of(recorded[key], digest)
+            elif digest == digests[key]:
+                # The same key twice in one batch: the second is a retry of the first.
                 out[i] = out[j]
             else:
                 out[i] = key_reused()
         check(all(o is not None for o in out), "every spend has an outcome")
         return out  # type: ignore[return-value]
 
-    async def _transaction(self, items: list[_Item], settle: bool) -> list[Outcome]:
+    async def _transaction(self, items: list[_Item], settle: bool) -> tuple[list[Outcome], dict[str, Any]]:
+        """Each item's outcome, and the spends rows of the keys recorded before (read back, not claimed)."""
         out: dict[str, Outcome] = {}
+        recorded: dict[str, Any] = {}
         async with self.db.unit_of_work() as uow:
             conn = uow.conn
             keys = sorted(it.key for it in items)
@@ -332,6 +340,7 @@ class SpendBatch:
             others = [k for k in keys if k not in claimed]
             if others:
                 for r in await conn.execute(recorded_spends(self.db.dialect), {"keys": others}):
+                    recorded[r.idempotency_key] = r
                     out[r.idempotency_key] = answer_of(r, by_key[r.idempotency_key].digest)
             for it in items:
                 if it.key not in claimed:
@@ -341,7 +350,7 @@ class SpendBatch:
             if mine:
                 out |= await self._decide_and_write(uow, mine, settle, ts)
             await uow.commit()
-        return [out[it.key] for it in items]
+        return [out[it.key] for it in items], recorded
 
     async def _decide_and_write(self, uow: UnitOfWork, items: list[_Item], settle: bool, ts: int) -> dict[str, Outcome]:
         conn = uow.conn

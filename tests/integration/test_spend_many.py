@@ -117,6 +117,35 @@ async def test_a_key_twice_in_one_batch_is_charged_once(clients, deployment) -> 
     await expect_error(w.SpendMany(wallet_pb2.SpendManyRequest()), OK.INVALID_ARGUMENT, "INVALID_BATCH_SIZE")
 
 
+async def test_a_retry_of_a_recorded_key_gets_its_stored_answer_wherever_it_stands_in_a_batch(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    w = clients.wallet
+    viewer = uid("viewer")
+    await buy_coins(w, deployment.webhook_secret, viewer)
+    done = spend_req(viewer, 30)
+    first = await w.Spend(done)
+    cancelled = spend_req(viewer, 5)
+    await w.CancelSpend(wallet_pb2.CancelSpendRequest(idempotency_key=cancelled.idempotency_key))
+    # A request reusing each key comes first in the batch; each retry after it is answered as a
+    # Spend with it would be: the stored spend, and the cancelled key's refusal, settled.
+    items = [
+        spend_req(viewer, 7, key=done.idempotency_key),
+        done,
+        spend_req(viewer, 6, key=cancelled.idempotency_key),
+        cancelled,
+    ]
+    resp = await w.SpendMany(wallet_pb2.SpendManyRequest(spends=items))
+    assert [outcome(r) for r in resp.results] == [
+        ("IDEMPOTENCY_KEY_REUSED", "open"),
+        ("spent", first.balance_after),
+        ("SPEND_CANCELLED", "settled"),
+        ("SPEND_CANCELLED", "settled"),
+    ]
+    assert resp.results[1].spent.spend_id == first.spend_id
+    assert await balance_of(w, viewer) == 700 - 30
+
+
 async def test_racing_batches_and_single_spends_never_overdraw_pass_a_limit_or_charge_a_key_twice(  # type: ignore[no-untyped-def]
     clients, deployment
 ) -> None:
