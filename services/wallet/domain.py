@@ -128,7 +128,7 @@ def parse_birth_date(value: str) -> dt.date | None:
         born = dt.date.fromisoformat(value)
     except ValueError:
         raise InvalidArgument("birth_date must be YYYY-MM-DD", "INVALID_BIRTH_DATE") from None
-    if born > dt.date.today():
+    if born > dt.datetime.now(dt.UTC).date():  # UTC, as every age and period here
         raise InvalidArgument("birth_date is in the future", "INVALID_BIRTH_DATE")
     return born
 

@@ -142,9 +142,10 @@ spending_limits = Table(
     Column("updated_at_us", BigInteger, nullable=False),
 )
 
-# Coins spent per user and period (UTC day, ISO week, month), written by every spend in its own
-# transaction with a conditional UPDATE (spent + amount <= cap): concurrent spends queue on the
-# row and cannot pass a cap together.
+# Coins spent per user and period (UTC day, ISO week, month), written by every spend batch in its
+# own transaction: the batch locks its senders' rows (FOR UPDATE on PostgreSQL, in sorted order;
+# SQLite serializes writers), adds each spend to the totals it read and checks the caps, so
+# concurrent spends queue on the rows and cannot pass a cap together (services/wallet/spending.py).
 spend_counters = Table(
     "spend_counters",
     metadata,
