@@ -1,6 +1,7 @@
 """Wallet rules: balanced entries, purchase transitions, age and block checks."""
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -246,3 +247,21 @@ def test_payment_methods_are_routed_to_their_provider_and_unrouted_ones_are_refu
         parse_routes("CASH=dev")
     with pytest.raises(ValueError):
         PaymentRouter([DevProvider(b"s", 300)], {"CARD": "stripe"})
+
+
+def test_a_birth_date_is_in_the_future_by_the_utc_date_whatever_the_servers_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At any hour one of these zones has another date than UTC: UTC+14 is a day ahead from 10:00
+    # UTC, UTC-12 a day behind until 12:00 UTC.
+    try:
+        for zone in ("Pacific/Kiritimati", "Etc/GMT+12"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            today_utc = dt.datetime.now(dt.UTC).date()
+            with pytest.raises(InvalidArgument):
+                domain.parse_birth_date((today_utc + dt.timedelta(days=1)).isoformat())
+            assert domain.parse_birth_date(today_utc.isoformat()) == today_utc
+    finally:
+        monkeypatch.delenv("TZ", raising=False)
+        time.tzset()
