@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             {"trace_id": trace_id},
         )
 
+    @contextlib.asynccontextmanager
+    async def _answering(self, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """A streaming call's handler runs in the caller's trace, and its error ends the call with
+        the status the mapping gives it."""
+        token = attach_remote_context(remote) if remote else None
+        try:
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
+            status = self._status_of(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            detach_context(token)
+
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         """Wrap unary-unary and unary-stream handlers."""
         handler = await continuation(details)
@@ -176,30 +192,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = attach_remote_context(remote) if remote else None
-                try:
+                async with self._answering(remote, context):
                     async for item in inner_stream(request, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    status = self._status_of(exc)
-                    await context.abort(status.code, status.details, status.trailing_metadata)
-                finally:
-                    detach_context(token)
 
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
                 # A handler that sends with context.write() and returns (grpc.health.v1 Watch).
-                token = attach_remote_context(remote) if remote else None
-                try:
+                async with self._answering(remote, context):
                     await inner_stream(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    status = self._status_of(exc)
-                    await context.abort(status.code, status.details, status.trailing_metadata)
-                finally:
-                    detach_context(token)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream if inspect.isasyncgenfunction(inner_stream) else writing,
