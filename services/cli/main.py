@@ -99,13 +99,19 @@ class _StopRequested:
 def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     """Start nats-server and the three services on SQLite under var/ until Ctrl-C or SIGTERM."""
     defaults = SuiteConfig(var_dir=var)
+    try:
+        webhook_secret, operator_token = _dev_secret(var), _dev_secret(var, "dev-operator-token")
+    except OSError as exc:
+        # A --var that is a file, or under one, or not writable: nothing started yet.
+        console.print(f"[red]could not start: cannot keep state in {var}[/red]: {exc}", highlight=False)
+        raise typer.Exit(1) from None
     config = SuiteConfig(
         var_dir=var.resolve(),
         nats_port=defaults.nats_port + port_offset,
         grpc_ports={svc: port + port_offset for svc, port in defaults.grpc_ports.items()},
         metrics_ports={svc: port + port_offset for svc, port in defaults.metrics_ports.items()},
-        webhook_secret=_dev_secret(var),
-        operator_token=_dev_secret(var, "dev-operator-token"),
+        webhook_secret=webhook_secret,
+        operator_token=operator_token,
     )
     suite = Suite(config)
     # Handlers first: a SIGTERM during the start is honoured once everything has started, rather
