@@ -57,9 +57,10 @@ def _run_secret(var_dir: Path, name: str, option: str) -> str:
     path = var_dir / name
     try:
         return path.read_text().strip()
-    except FileNotFoundError:
+    except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
+        why = f"no {path}" if isinstance(exc, FileNotFoundError) else f"cannot read {path} ({exc.strerror})"
         console.print(
-            f"[red]no secret to sign with[/red]: no {path} (`livegifts run` writes it there);"
+            f"[red]no secret to sign with[/red]: {why} (`livegifts run` writes it there);"
             f" give {option}, or --var with the folder of the running suite",
             highlight=False,
         )

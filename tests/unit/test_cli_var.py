@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from services.cli.main import app
@@ -15,4 +16,25 @@ def test_run_with_a_var_that_cannot_be_a_folder_says_so_and_exits_1(tmp_path: Pa
     result = CliRunner().invoke(app, ["run", "--var", str(a_file / "state"), "--port-offset", "7000"])
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Not a directory" in result.output and str(a_file / "state") in " ".join(result.output.split())
+    joined = "".join(result.output.split())  # the console wraps long lines, paths too
+    assert "Notadirectory" in joined and str(a_file / "state") in joined, result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["buy", "alice", "--wallet-addr", "127.0.0.1:1"],
+        ["demo", "--wallet-addr", "127.0.0.1:1"],
+        ["dead-letters", "list", "--wallet-addr", "127.0.0.1:1"],
+        ["dead-letters", "replay", "7", "--service", "payout", "--payout-addr", "127.0.0.1:1"],
+    ],
+)
+def test_a_var_that_is_a_file_is_named_not_a_traceback(tmp_path: Path, args: list[str]) -> None:
+    """`--var var/dev-webhook-secret` (the secret's file, not its folder) is an easy slip."""
+    secret = tmp_path / "dev-webhook-secret"
+    secret.write_text("s")
+    result = CliRunner().invoke(app, [*args, "--var", str(secret)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    joined = "".join(result.output.split())  # the console wraps long lines, paths too
+    assert "nosecrettosignwith" in joined and f"cannotread{secret}/" in joined, result.output
