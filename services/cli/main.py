@@ -98,7 +98,7 @@ class _StopRequested:
 
 @app.command()
 def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
-    """Start nats-server and the three services on SQLite under var/ until Ctrl-C or SIGTERM."""
+    """Start nats-server and the three services on SQLite under var/ until Ctrl-C, SIGTERM or SIGHUP."""
     defaults = SuiteConfig(var_dir=var)
     try:
         webhook_secret, operator_token = _dev_secret(var), _dev_secret(var, "dev-operator-token")
@@ -120,6 +120,9 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     stop = _StopRequested()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # A closed terminal or a dropped ssh session: SIGHUP reaches this process but not the services
+    # (in sessions of their own), and its default action would end this one and leave them running.
+    signal.signal(signal.SIGHUP, stop)
     failed = ""
     try:
         console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")

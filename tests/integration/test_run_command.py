@@ -115,6 +115,27 @@ def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
 
 
+def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, a dropped ssh session) reaches `run` alone: the suite's processes
+    live in sessions of their own, so `run` must stop them, not die and leave them serving."""
+    offset = _free_offset()
+    proc = _run(tmp_path, offset)
+    children: list[int] = []
+    try:
+        children = _up(proc, tmp_path, offset)
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=STOP_S)
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, out.decode()
+    assert "nothing left running" in out.decode()
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+
+
 def _run_beside(tmp_path: Path, offset: int, held_port: int) -> tuple[int, str]:
     """`run` while another program listens on `held_port`: its exit code and output."""
     with socket.socket() as held:
