@@ -440,7 +440,7 @@ def dead_letters_list(
     for svc in services:
         with grpc.insecure_channel(_service_addr(svc, addrs)) as ch:
             stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
-            after, count = 0, 0
+            after, count, cut = 0, 0, False
             while True:
                 try:
                     page = stub.ListDeadLetters(
@@ -452,15 +452,17 @@ def dead_letters_list(
                     _fail(exc)
                 for d in page.dead_letters:
                     if count == limit:
-                        more += 1
+                        cut = True
                         break
                     count += 1
                     when = d.parked_at.ToDatetime().isoformat(timespec="seconds")
                     table.add_row(svc, str(d.id), d.consumer, d.subject, d.event_id or "(undecodable)", when, d.error)
-                if not page.next_after_id or count == limit:
+                # At the limit on a page's last row, the next page says whether there is more.
+                if not page.next_after_id or cut:
                     break
                 after = page.next_after_id
             shown += count
+            more += cut
     if shown == 0:
         console.print("no parked events")
         return
