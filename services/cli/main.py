@@ -167,7 +167,15 @@ def _print_running(suite: Suite) -> None:
             str(suite.log_dir / f"{svc}.log"),
         )
     console.print(table)
-    console.print(f"try: [bold]livegifts demo[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list")
+    # As it works from here: a suite on another --var or --port-offset is not the commands' default.
+    demo = ["livegifts demo"]
+    if config.var_dir != Path("var").resolve():
+        demo.append(f"--var {config.var_dir}")
+    if config.grpc_ports != SuiteConfig(var_dir=config.var_dir).grpc_ports:
+        demo += [f"--{svc}-addr {suite.addr(svc)}" for svc in ("wallet", "gifting", "payout")]
+    console.print(
+        f"try: [bold]{' '.join(demo)}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list", highlight=False
+    )
 
 
 def _package(wallet: wallet_pb2_grpc.WalletServiceStub, package_id: str, region: str) -> wallet_pb2.CoinPackage:
