@@ -214,20 +214,24 @@ class Suite:
             self.start_service(name)
 
     def stop(self) -> None:
-        """SIGTERM every process (services first, NATS last); SIGKILL what outlives the grace."""
-        for name in [*reversed(SERVICES), "nats"]:
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name in [*reversed(SERVICES), "nats"]:
-            proc = self.procs.get(name)
-            if proc is None:
-                continue
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """SIGTERM every process (services first, NATS last); SIGKILL what outlives the grace.
+
+        NATS is signalled only once the services have exited: while they drain, their relays
+        publish and their consumers ack through it."""
+        for names in (list(reversed(SERVICES)), ["nats"]):
+            for name in names:
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name in names:
+                proc = self.procs.get(name)
+                if proc is None:
+                    continue
+                try:
+                    proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def __enter__(self) -> Suite:
         self.start()

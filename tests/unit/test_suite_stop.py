@@ -1,0 +1,39 @@
+"""`Suite.stop`: the services drain while NATS still serves them, then NATS stops."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from services.cli.suite import Suite, SuiteConfig
+
+
+class _Proc:
+    def __init__(self, name: str, events: list[tuple[str, str]]) -> None:
+        self.name, self.events, self.returncode = name, events, None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.events.append((self.name, signal.Signals(sig).name))
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.events.append((self.name, "exited"))
+        self.returncode = 0
+        return 0
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def test_nats_is_signalled_only_once_every_service_has_exited(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    suite = Suite(SuiteConfig(var_dir=tmp_path))
+    for name in ("nats", "wallet", "payout", "gifting"):
+        suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
+    suite.stop()
+    nats_term = events.index(("nats", "SIGTERM"))
+    for svc in ("wallet", "payout", "gifting"):
+        assert events.index((svc, "SIGTERM")) < events.index((svc, "exited")) < nats_term, events
+    assert events[-1] == ("nats", "exited"), events
