@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -146,11 +147,20 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
                     console.print(f"[red]{failed}; stopping[/red] (its log: {suite.log_dir / (name + '.log')})")
                     break
     finally:
-        console.print("stopping ...")
+        # With its terminal closed (SIGHUP, then EIO) or its pipe's reader gone, a print fails:
+        # the stop must not go with it, or the services and nats-server stay running.
+        _say("stopping ...")
         suite.stop()
-        console.print("stopped; nothing left running.")
+        _say("stopped; nothing left running.")
     if failed:
         raise typer.Exit(1)  # a script or supervisor can tell a crash from Ctrl-C
+
+
+def _say(text: str) -> None:
+    """console.print, or nothing where the output is gone: a closed terminal answers EIO, and rich
+    answers a broken pipe with SystemExit(1) (once it has pointed stdout at /dev/null)."""
+    with contextlib.suppress(OSError, SystemExit):
+        console.print(text)
 
 
 def _print_running(suite: Suite) -> None:

@@ -69,6 +69,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _serving(port: int) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         try:
@@ -134,6 +142,29 @@ def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None
     assert "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+
+
+def test_run_whose_output_is_gone_still_stops_everything(tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP, then EIO on every write) or a reader of its pipe that went away:
+    the first print of the stop fails, and the stop must not be skipped with it."""
+    offset = _free_offset()
+    proc = _run(tmp_path, offset)
+    children: list[int] = []
+    left: list[int] = []
+    try:
+        children = _up(proc, tmp_path, offset)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_S)
+        left = [pid for pid in children if _alive(pid)]
+    finally:
+        for pid in [proc.pid, *children]:  # the suite's processes are in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert not left, "a process of the suite outlived `run`"
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 
 
 def _run_beside(tmp_path: Path, offset: int, held_port: int) -> tuple[int, str]:
