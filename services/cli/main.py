@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import signal
@@ -103,9 +104,21 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     defaults = SuiteConfig(var_dir=var)
     try:
         webhook_secret, operator_token = _dev_secret(var), _dev_secret(var, "dev-operator-token")
+        # Held until this process ends (the services do not inherit it): one suite per var/.
+        lock = open(var / "run.lock", "a")  # noqa: SIM115
     except OSError as exc:
         # A --var that is a file, or under one, or not writable: nothing started yet.
         console.print(f"[red]could not start: cannot keep state in {var}[/red]: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # Two nats-servers on one JetStream store and two of each service on one database.
+        console.print(
+            f"[red]could not start: {var.resolve()} is the state of a suite still running[/red];"
+            " stop it, or give this one its own --var (and --port-offset)",
+            highlight=False,
+        )
         raise typer.Exit(1) from None
     config = SuiteConfig(
         var_dir=var.resolve(),

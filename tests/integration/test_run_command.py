@@ -167,6 +167,37 @@ def test_run_whose_output_is_gone_still_stops_everything(tmp_path: Path) -> None
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 
 
+def test_a_second_run_on_the_same_var_refuses_and_leaves_the_first_serving(tmp_path: Path) -> None:
+    """Two suites on one var/ would run two nats-servers on one JetStream store and two of each
+    service on one SQLite file, and the second would rewrite the first's nats.conf."""
+    offset = _free_offset()
+    first = _run(tmp_path, offset)
+    children: list[int] = []
+    try:
+        children = _up(first, tmp_path, offset)
+        other = _free_offset()
+        second = _run(tmp_path, other)
+        try:
+            out = second.communicate(timeout=30)[0].decode()  # a refusal comes at once
+        finally:
+            second.send_signal(signal.SIGTERM)  # if it started after all: it stops what it started
+            second.wait(STOP_S)
+        assert second.returncode == 1, out
+        flat = " ".join(out.split())
+        assert "could not start:" in flat and "a suite still running" in flat and "Traceback" not in out, out
+        assert all(_free(p) for p in _ports(other)), "the second run started something"
+        assert f"port: {SuiteConfig(var_dir=tmp_path).nats_port + offset}" in (tmp_path / "nats.conf").read_text()
+        assert first.poll() is None and all(Path(f"/proc/{pid}").exists() for pid in children)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=STOP_S)
+    finally:
+        for pid in [first.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.wait()
+    assert first.returncode == 0
+
+
 def _run_beside(tmp_path: Path, offset: int, held_port: int) -> tuple[int, str]:
     """`run` while another program listens on `held_port`: its exit code and output."""
     with socket.socket() as held:
