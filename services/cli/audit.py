@@ -508,7 +508,15 @@ def wait_until_settled(
             # pooled connection (they are not pinged before use): retry while there is time.
             if exc.code() not in TRANSIENT or time.monotonic() > deadline:
                 raise
-            log.warning("audit call failed, retrying", extra={"code": exc.code().name})
+            # In the message itself: the CLI prints a warning's message, not its fields. gRPC's
+            # details name the address that did not answer (which service) and why.
+            details = exc.details() if callable(getattr(exc, "details", None)) else ""
+            log.warning(
+                "audit call failed (%s: %s), retrying",
+                exc.code().name,
+                details or "no details",
+                extra={"code": exc.code().name},
+            )
             time.sleep(RECHECK_S)
             continue
         if marks is None:

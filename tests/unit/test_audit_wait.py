@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -17,6 +19,9 @@ class _Failed(grpc.RpcError):
 
     def code(self) -> grpc.StatusCode:
         return self._code
+
+    def details(self) -> str:
+        return "failed to connect to all addresses; last error: 127.0.0.1:50053: Connection refused"
 
 
 def _fetch(failures: list[grpc.StatusCode]) -> tuple[list[int], object]:
@@ -70,3 +75,11 @@ def test_the_cli_tells_in_flight_from_a_usage_error(monkeypatch: pytest.MonkeyPa
     broken = Totals(wallet_pb2.WalletAudit(ledger_sum=1), gifting_pb2.GiftingAudit(), payout_pb2.PayoutAudit())
     monkeypatch.setattr(audit, "collect", lambda *a, **k: broken)
     assert runner.invoke(app, ["audit"]).exit_code == 1
+
+
+def test_a_retried_call_says_which_address_failed_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    _calls, fetch = _fetch([grpc.StatusCode.UNAVAILABLE])
+    with caplog.at_level(logging.WARNING, logger="services.cli.audit"):
+        wait_until_settled(fetch, 10.0)  # type: ignore[arg-type]
+    (line,) = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert "UNAVAILABLE" in line and "127.0.0.1:50053: Connection refused" in line, line
