@@ -144,16 +144,24 @@ def _page(channel: grpc.Channel, kind: str, deadline_s: float, after: str, up_to
     return records, more
 
 
-def _judge_every_id(w: grpc.Channel, g: grpc.Channel, p: grpc.Channel, deadline_s: float) -> Findings:
+def _judge_every_id(
+    w: grpc.Channel,
+    g: grpc.Channel,
+    p: grpc.Channel,
+    deadline_s: float,
+    read: Callable[[int, int], None] | None = None,
+) -> Findings:
     """Every record of the three services, range of ids by range: a page of earnings, then the
     gifts, the spends and the gifts of unsent charged spends again in that range (the order of the
     module's text, per id), judged and let go, so memory holds a range, not the books.
 
     A range ends where the first of its pages that had more to give ended; what was read past
-    that end is read again with the next range, in the order again.
+    that end is read again with the next range, in the order again. `read(ranges, ids)` is told
+    after each range how far the read has come (the CLI's progress line on large books).
     """
     findings = Findings()
     after = ""
+    ranges = ids = 0
     while True:
         up_to: str | None = None
         earnings, more = _page(p, "earnings", deadline_s, after, up_to)
@@ -169,7 +177,11 @@ def _judge_every_id(w: grpc.Channel, g: grpc.Channel, p: grpc.Channel, deadline_
             earnings = {k: r for k, r in earnings.items() if k <= up_to}
             gifts = {k: r for k, r in gifts.items() if k <= up_to}
         gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
-        findings.judge_all(earnings.keys() | gifts.keys() | spends.keys(), earnings, gifts, spends, gifts_after)
+        judged = earnings.keys() | gifts.keys() | spends.keys()
+        findings.judge_all(judged, earnings, gifts, spends, gifts_after)
+        ranges, ids = ranges + 1, ids + len(judged)
+        if read is not None:
+            read(ranges, ids)
         if up_to is None:
             return findings
         after = up_to
@@ -193,6 +205,7 @@ def collect(
     deadline_s: float,
     detail: bool = False,
     ids: Iterable[str] | None = None,
+    read: Callable[[int, int], None] | None = None,
 ) -> Totals:
     """Call GetAudit on every service, downstream first (see the module's text); with `detail`
     also judge every id from their per-id records (range by range), and with `ids` read only
@@ -215,7 +228,7 @@ def collect(
             gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
             return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
         # Every id, after the totals: each id's records are still read payout, gifting, wallet, gifting.
-        findings = _judge_every_id(w, g, p, deadline_s) if detail else None
+        findings = _judge_every_id(w, g, p, deadline_s, read) if detail else None
         return Totals(wa, ga, pa, gifting_after=ga_after, findings=findings)
 
 

@@ -26,7 +26,9 @@ from services.wallet.payments import dev_event_payload
 
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
 DEADLINE_S = 10.0
+AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id says how far it has come
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
@@ -393,8 +395,17 @@ def audit(
     """
     from services.cli.audit import FAILED, OK, collect, wait_until_settled
 
+    shown = [time.monotonic()]
+
+    def read(ranges: int, ids: int) -> None:
+        # A read of every id takes time in proportion to the books: a line every few seconds
+        # says how far it has come (stderr, so the report on stdout stays as it was).
+        if time.monotonic() - shown[0] >= AUDIT_PROGRESS_EVERY_S:
+            shown[0] = time.monotonic()
+            err_console.print(f"reading every id: {ids:,} judged in {ranges:,} ranges so far")
+
     def fetch(ids=None):  # type: ignore[no-untyped-def]
-        return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail, ids)
+        return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail, ids, read)
 
     def progress(report) -> None:  # type: ignore[no-untyped-def]
         busy = [c.name for c in report if c.status != OK]

@@ -83,3 +83,22 @@ def test_a_retried_call_says_which_address_failed_and_why(caplog: pytest.LogCapt
         wait_until_settled(fetch, 10.0)  # type: ignore[arg-type]
     (line,) = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert "UNAVAILABLE" in line and "127.0.0.1:50053: Connection refused" in line, line
+
+
+def test_a_read_of_every_id_says_how_far_it_has_come_after_each_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livegifts.common.v1 import audit_pb2
+    from services.cli import audit
+
+    ids = [f"{i:02x}" for i in range(12)]
+    status = {"earnings": "CREDITED", "gifts": "SENT", "spends": "SPENT"}
+
+    def page(channel: object, kind: str, deadline_s: float, after: str, up_to: str | None) -> tuple[dict, bool]:
+        left = [i for i in ids if i > after and (up_to is None or i <= up_to)]
+        got = left[:5]
+        return {i: audit_pb2.AuditRecord(id=i, amount=1, status=status[kind], party="c") for i in got}, len(left) > 5
+
+    monkeypatch.setattr(audit, "_page", page)
+    monkeypatch.setattr(audit, "_records", lambda channel, kind, deadline_s, wanted: {})
+    seen: list[tuple[int, int]] = []
+    audit._judge_every_id(None, None, None, 1.0, lambda ranges, judged: seen.append((ranges, judged)))  # type: ignore[arg-type]
+    assert seen == [(1, 5), (2, 10), (3, 12)]
