@@ -816,6 +816,16 @@ class Payout:
             .values(gross_minor=d.gross_minor - row.gross_minor)
         )
 
+    async def _end_unpaid(
+        self, uow: UnitOfWork, row: Any, target: WithdrawalStatus, failure_reason: str, **values: Any
+    ) -> Any:
+        """FAILED or REJECTED: the status moved (compare-and-set), the diamonds and the day's total
+        released, and the withdrawal's event; the moved row."""
+        moved = await self._move(uow, row, target, failure_reason=failure_reason, **values)
+        await self._release(uow, moved)
+        await self._withdrawal_event(uow, _SUBJECT[target], moved, moved.failure_reason)
+        return moved
+
     async def approve_withdrawal(self, req: payout_pb2.ApproveWithdrawalRequest, operator: str) -> Any:
         """An operator approves a reviewed withdrawal; refused while the creator's balance is negative."""
         require_id(req.withdrawal_id, "withdrawal_id")
@@ -845,11 +855,9 @@ class Payout:
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
             row = await self._load_withdrawal(uow, req.withdrawal_id)
-            moved = await self._move(
-                uow, row, WithdrawalStatus.REJECTED, reviewed_by=operator, failure_reason=req.reason or "rejected"
+            moved = await self._end_unpaid(
+                uow, row, WithdrawalStatus.REJECTED, req.reason or "rejected", reviewed_by=operator
             )
-            await self._release(uow, moved)
-            await self._withdrawal_event(uow, _SUBJECT[WithdrawalStatus.REJECTED], moved, moved.failure_reason)
             return _withdrawal_pb(moved)
 
         return await run_idempotent(self.db, common.idempotency, "RejectWithdrawal", req, payout_pb2.Withdrawal, work)
@@ -996,11 +1004,7 @@ class Payout:
             row = await self._load_withdrawal(uow, withdrawal_id)
             if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
                 return  # settled meanwhile, or another replica's submission was taken
-            moved = await self._move(
-                uow, row, WithdrawalStatus.FAILED, failure_reason=f"refused by the provider: {reason}"[:200]
-            )
-            await self._release(uow, moved)
-            await self._withdrawal_event(uow, _SUBJECT[WithdrawalStatus.FAILED], moved, moved.failure_reason)
+            await self._end_unpaid(uow, row, WithdrawalStatus.FAILED, f"refused by the provider: {reason}"[:200])
             await uow.commit()
         log.warning(
             "the payout provider refused a withdrawal for good; it failed and its diamonds are back",
@@ -1216,12 +1220,11 @@ class Payout:
                         updated_at_us=ts,
                     )
                 )
+                await self._withdrawal_event(uow, _SUBJECT[WithdrawalStatus.PAID], moved, moved.failure_reason)
             else:
-                moved = await self._move(
-                    uow, row, WithdrawalStatus.FAILED, failure_reason=event.failure_reason or "payout failed"
+                moved = await self._end_unpaid(
+                    uow, row, WithdrawalStatus.FAILED, event.failure_reason or "payout failed"
                 )
-                await self._release(uow, moved)
-            await self._withdrawal_event(uow, _SUBJECT[event.target], moved, moved.failure_reason)
             await uow.commit()
         return payout_pb2.HandlePayoutEventResponse(
             provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(moved), duplicate=False
