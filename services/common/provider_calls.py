@@ -12,11 +12,14 @@ item left for the next round of a background loop); every failure is counted her
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from services.common.errors import Unavailable
 from services.common.metrics import PROVIDER_CALL_FAILURES
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -53,3 +56,19 @@ async def call(provider: str, name: str, request: Awaitable[T], timeout_s: float
     except Exception:
         PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome="error").inc()
         raise
+
+
+async def required(
+    provider: str, name: str, request: Awaitable[T], timeout_s: float, *, reason: str, message: str, **context: object
+) -> T:
+    """`call` for an RPC that cannot answer without the provider and has written nothing yet: a
+    failure (timeout, error, refusal) is logged with `context` and answered UNAVAILABLE with
+    `reason` and `message`, for the caller to retry with the same key."""
+    try:
+        return await call(provider, name, request, timeout_s)
+    except ProviderError as exc:
+        log.warning(
+            "the provider did not answer a call; nothing was written",
+            extra={"provider": provider, "call": name, "error": str(exc), **context},
+        )
+        raise Unavailable(message, reason) from None

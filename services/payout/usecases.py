@@ -50,7 +50,7 @@ from services.common.metrics import (
     WITHDRAWALS_RECONCILED,
 )
 from services.common.outbox import Outbox, new_event_id
-from services.common.provider_calls import ProviderError, ProviderRefused
+from services.common.provider_calls import ProviderRefused
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
@@ -562,22 +562,15 @@ class Payout:
         stored = await stored_answer(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod)
         if stored is not None:
             return stored  # a retry: the account is not vaulted again (the provider may be down)
-        try:
-            token = await provider_calls.call(
-                self.provider.name,
-                "tokenize",
-                self.provider.tokenize(kind, account),
-                self.settings.provider_timeout_s,
-            )
-        except ProviderError as exc:
-            log.warning(
-                "the payout provider did not vault an account; nothing was written",
-                extra={"provider": self.provider.name, "creator_id": req.creator_id, "error": str(exc)},
-            )
-            raise Unavailable(
-                "the payout provider cannot vault the account now, retry with the same key",
-                "PAYOUT_PROVIDER_UNAVAILABLE",
-            ) from None
+        token = await provider_calls.required(
+            self.provider.name,
+            "tokenize",
+            self.provider.tokenize(kind, account),
+            self.settings.provider_timeout_s,
+            reason="PAYOUT_PROVIDER_UNAVAILABLE",
+            message="the payout provider cannot vault the account now, retry with the same key",
+            creator_id=req.creator_id,
+        )
         fingerprint = self._fingerprint(kind, account)
         # The request itself holds the full account: the idempotency record keeps only its hash
         # and the (masked) answer, never the request.

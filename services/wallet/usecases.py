@@ -24,7 +24,6 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
     check,
     require_id,
     require_key,
@@ -34,7 +33,6 @@ from services.common.errors import (
 from services.common.idempotency import run_idempotent, stored_answer
 from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
-from services.common.provider_calls import ProviderError
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
@@ -271,22 +269,15 @@ class Wallet:
             promos = await self._running_promotions(uow, [pkg.package_id], ts)
             deal = domain.offer(pkg.coins, pkg.price_minor, promos.get(pkg.package_id, []), ts)
         purchase_id = uuid.uuid4().hex
-        try:
-            session = await provider_calls.call(
-                provider.name,
-                "create_checkout",
-                provider.create_checkout(purchase_id, deal.price_minor, pkg.currency_code, method),
-                self.settings.provider_timeout_s,
-            )
-        except ProviderError as exc:
-            log.warning(
-                "the payment provider did not open a checkout; nothing was written",
-                extra={"provider": provider.name, "purchase_id": purchase_id, "error": str(exc)},
-            )
-            raise Unavailable(
-                "the payment provider cannot open a checkout now, retry with the same key",
-                "PAYMENT_PROVIDER_UNAVAILABLE",
-            ) from None
+        session = await provider_calls.required(
+            provider.name,
+            "create_checkout",
+            provider.create_checkout(purchase_id, deal.price_minor, pkg.currency_code, method),
+            self.settings.provider_timeout_s,
+            reason="PAYMENT_PROVIDER_UNAVAILABLE",
+            message="the payment provider cannot open a checkout now, retry with the same key",
+            purchase_id=purchase_id,
+        )
 
         async def work(uow: UnitOfWork) -> wallet_pb2.Purchase:
             # The buyer again, in the transaction that writes: a block or an age recorded while
