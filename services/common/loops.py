@@ -17,6 +17,14 @@ async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
+async def wait_until_set(event: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
+    """Wait until `event` or `stop` is set, or `seconds` pass, whichever comes first."""
+    waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
+    _done, rest = await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
+    for w in rest:
+        w.cancel()
+
+
 async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], Awaitable[int]], what: str) -> None:
     """Call `once` every `interval_s` until `stop`; an error is logged and the next round retries.
 

@@ -31,7 +31,7 @@ from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
-from services.common.loops import sleep_unless_stopped
+from services.common.loops import sleep_unless_stopped, wait_until_set
 from services.common.metrics import OUTBOX_OLDEST, OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
 from services.common.sql import Bulk, bulk_insert, one_of_param
 from services.common.telemetry import inject_headers
@@ -180,10 +180,7 @@ class OutboxRelay:
                 await self._measure_backlog()
             except Exception as exc:  # noqa: BLE001 - the database may be down too; measured again next poll
                 log.warning("outbox backlog not measured", extra={"error": repr(exc)})
-            waiters = [asyncio.ensure_future(self.bus.connected.wait()), asyncio.ensure_future(stop.wait())]
-            _done, rest = await asyncio.wait(waiters, timeout=self.poll_interval_s, return_when="FIRST_COMPLETED")
-            for w in rest:
-                w.cancel()
+            await wait_until_set(self.bus.connected, stop, self.poll_interval_s)
             if stop.is_set():
                 return
         backoff_s = 0.05
@@ -201,13 +198,7 @@ class OutboxRelay:
                     # so the next batch carries them all. A lone event never waits.
                     await sleep_unless_stopped(stop, self.linger_s)
                     continue
-                waiters = [
-                    asyncio.ensure_future(self.outbox.wakeup.wait()),
-                    asyncio.ensure_future(stop.wait()),
-                ]
-                _done, rest = await asyncio.wait(waiters, timeout=self.poll_interval_s, return_when="FIRST_COMPLETED")
-                for w in rest:
-                    w.cancel()
+                await wait_until_set(self.outbox.wakeup, stop, self.poll_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the rows stay unsent; retry with backoff
