@@ -28,6 +28,7 @@ app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, 
 console = Console()
 err_console = Console(stderr=True)
 DEADLINE_S = 10.0
+DEMO_PROGRESS_EVERY_S = 5.0  # `demo`: how often its wait for the creator's diamonds says how far it has come
 AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id says how far it has come
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
@@ -355,7 +356,9 @@ def demo(
                 console.print(f"3. sent {qty} x {gift_id} = {r.coins} coins; {viewer} has {r.sender_balance} left")
             policy = payout.GetPolicy(payout_pb2.GetPolicyRequest(), timeout=DEADLINE_S)
             expected = total * policy.creator_share_bp // 10_000
-            deadline = time.monotonic() + wait_s
+            started = time.monotonic()
+            deadline = started + wait_s
+            shown = started
             got = None
             while time.monotonic() < deadline:
                 try:
@@ -365,6 +368,15 @@ def demo(
                 except grpc.RpcError as exc:
                     if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                         raise
+                if time.monotonic() - shown >= DEMO_PROGRESS_EVERY_S:
+                    # Diamonds arrive through payout's consumer: a stopped NATS or payout shows
+                    # here as a wait, so say what it waits for (stderr: stdout stays the story).
+                    shown = time.monotonic()
+                    err_console.print(
+                        f"waiting for payout to credit {creator}: "
+                        f"{got.diamonds_lifetime if got else 0} of {expected} diamonds after "
+                        f"{shown - started:.0f} s (gives up after {wait_s:g} s)"
+                    )
                 time.sleep(0.2)
         except grpc.RpcError as exc:
             _fail(exc)
