@@ -22,6 +22,9 @@ SERVICES = ("wallet", "payout", "gifting")  # start order: gifting calls the wal
 READY_PREFIX = "LIVEGIFTS_READY "
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
+# Callers stop before what they call: gifting (every spend) and payout (a creator's restrictions)
+# call the wallet; every service publishes and consumes through NATS.
+STOP_STAGES = (("gifting", "payout"), ("wallet",), ("nats",))
 
 
 def free_port() -> int:
@@ -214,11 +217,13 @@ class Suite:
             self.start_service(name)
 
     def stop(self) -> None:
-        """SIGTERM every process (services first, NATS last); SIGKILL what outlives the grace.
+        """SIGTERM every process (gifting and payout, then the wallet, NATS last); SIGKILL what outlives the grace.
 
-        NATS is signalled only once the services have exited: while they drain, their relays
-        publish and their consumers ack through it."""
-        for names in (list(reversed(SERVICES)), ["nats"]):
+        The wallet is signalled once its callers have exited: gifting's calls in flight finish
+        their spends while the wallet still serves them, where they would otherwise stay PENDING until the
+        sweeper settles them at the next start. NATS is signalled only once the services have
+        exited: while they drain, their relays publish and their consumers ack through it."""
+        for names in STOP_STAGES:
             for name in names:
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is None:

@@ -37,3 +37,15 @@ def test_nats_is_signalled_only_once_every_service_has_exited(tmp_path: Path) ->
     for svc in ("wallet", "payout", "gifting"):
         assert events.index((svc, "SIGTERM")) < events.index((svc, "exited")) < nats_term, events
     assert events[-1] == ("nats", "exited"), events
+
+
+def test_the_wallet_is_signalled_only_once_its_callers_have_exited(tmp_path: Path) -> None:
+    """A SendGift in flight at Ctrl-C finishes its spend; it is not left PENDING for the sweeper."""
+    events: list[tuple[str, str]] = []
+    suite = Suite(SuiteConfig(var_dir=tmp_path))
+    for name in ("nats", "wallet", "payout", "gifting"):
+        suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
+    suite.stop()
+    wallet_term = events.index(("wallet", "SIGTERM"))
+    for caller in ("gifting", "payout"):
+        assert events.index((caller, "exited")) < wallet_term, events
