@@ -229,9 +229,15 @@ class Gifting:
         return await run_idempotent(self.db, common.idempotency, "StartStream", req, gifting_pb2.Stream, work)
 
     async def end_stream(self, req: gifting_pb2.EndStreamRequest) -> gifting_pb2.Stream:
-        """End a live stream (ending an ended stream returns it unchanged)."""
+        """End a live stream once per key (ending an ended stream returns it unchanged).
+
+        The key is recorded with the end in one transaction, as for every mutating RPC: a retry
+        answers what the first call did, and the key sent again for another stream is refused
+        with IDEMPOTENCY_KEY_REUSED instead of ending that stream too.
+        """
         require_id(req.stream_id, "stream_id")
-        async with self.db.unit_of_work() as uow:
+
+        async def work(uow: UnitOfWork) -> gifting_pb2.Stream:
             row = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
             if row is None:
                 raise NotFound("unknown stream", "UNKNOWN_STREAM")
@@ -243,17 +249,20 @@ class Gifting:
                 .where(streams.c.stream_id == req.stream_id, streams.c.status == StreamStatus.LIVE.value)
                 .values(status=StreamStatus.ENDED.value, ended_at_us=ts)
             )
-            if ended_now.rowcount == 1:
-                event_id = new_event_id()
-                ended = events_pb2.StreamEnded(
-                    event_id=event_id, stream_id=row.stream_id, creator_id=row.creator_id, ended_at=to_timestamp(ts)
-                )
-                await self.outbox.add(uow, STREAM_ENDED_SUBJECT, event_id, ended)  # closes live feeds
-                await uow.commit()
-                return _stream_pb({**row._asdict(), "status": StreamStatus.ENDED.value, "ended_at_us": ts})
-        # A concurrent EndStream committed first (on PostgreSQL the update waited for it, then
-        # found the stream ended): answer as it did, with one stream.ended event in all.
-        return await self.get_stream(req.stream_id)
+            if ended_now.rowcount != 1:
+                # A concurrent EndStream committed first (on PostgreSQL the update waited for it,
+                # then found the stream ended; READ COMMITTED lets this read see its end): answer
+                # as it did, with one stream.ended event in all.
+                ended = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).one()
+                return _stream_pb(ended._asdict())
+            event_id = new_event_id()
+            event = events_pb2.StreamEnded(
+                event_id=event_id, stream_id=row.stream_id, creator_id=row.creator_id, ended_at=to_timestamp(ts)
+            )
+            await self.outbox.add(uow, STREAM_ENDED_SUBJECT, event_id, event)  # closes live feeds
+            return _stream_pb({**row._asdict(), "status": StreamStatus.ENDED.value, "ended_at_us": ts})
+
+        return await run_idempotent(self.db, common.idempotency, "EndStream", req, gifting_pb2.Stream, work)
 
     async def get_stream(self, stream_id: str) -> gifting_pb2.Stream:
         """One stream."""

@@ -137,7 +137,9 @@ async def test_a_gift_to_an_ended_stream_is_refused_but_a_retry_of_an_earlier_on
         stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=uid("g")
     )
     sent = await clients.gifting.SendGift(before)
-    ended = await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    ended = await clients.gifting.EndStream(
+        gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+    )
     assert ended.status == gifting_pb2.STREAM_STATUS_ENDED
     await expect_error(
         clients.gifting.SendGift(

@@ -430,7 +430,9 @@ async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_
     assert all((i.gift_id, i.quantity, i.coins) == ("rose", 1, 1) for i in alice_items)
     assert received_items[-1].kind == events_pb2.GIFT_KIND_TIP and received_items[-1].message == "hi"
 
-    await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    await clients.gifting.EndStream(
+        gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+    )
     async with asyncio.timeout(10):
         last = await call.read()
         assert last.stream_ended
@@ -442,7 +444,9 @@ async def test_watching_an_unknown_stream_fails_and_an_ended_one_ends_at_once(cl
     call = clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id="no-such-stream"))
     await expect_error(call.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_STREAM")
     stream = await live_stream(clients.gifting, uid("creator"))
-    await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id))
+    await clients.gifting.EndStream(
+        gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+    )
     items = [i async for i in clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id))]
     assert [i.stream_ended for i in items] == [True]
 

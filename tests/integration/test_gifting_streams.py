@@ -45,9 +45,11 @@ async def test_two_end_stream_calls_at_once_end_it_once_and_answer_alike(gifting
             gifting_pb2.StartStreamRequest(creator_id=f"c{i}", title="t", idempotency_key=f"s{i}")
         )
         end = gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=f"e{i}")
-        a, b = await asyncio.gather(gifting.end_stream(end), gifting.end_stream(end))
+        # A retry racing its first call, and another caller's end under its own key.
+        other = gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=f"other{i}")
+        a, b, c = await asyncio.gather(gifting.end_stream(end), gifting.end_stream(end), gifting.end_stream(other))
         stored = await gifting.get_stream(stream.stream_id)
-        assert a == b == stored and stored.status == gifting_pb2.STREAM_STATUS_ENDED
+        assert a == b == c == stored and stored.status == gifting_pb2.STREAM_STATUS_ENDED
     o = common.outbox.c
     async with gifting.db.unit_of_work(readonly=True) as uow:
         ended = (await uow.conn.execute(select(func.count()).where(o.subject == STREAM_ENDED_SUBJECT))).scalar_one()

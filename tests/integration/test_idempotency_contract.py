@@ -379,7 +379,6 @@ async def _reject(s: Suite) -> Case:
 
 # Gaps known and not yet closed: each case fails until its fix lands (strict, so a fix must drop it).
 KNOWN_GAPS = {
-    "EndStream": "EndStream ignores its idempotency key: none is required, and one reused for another stream ends it",
     "UnlockContent, unlocked before under another key": (
         "an unlock answered by the user's earlier unlock records nothing under its own key, so the key "
         "is free for any other request"
