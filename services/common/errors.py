@@ -10,6 +10,11 @@ import unicodedata
 
 import grpc
 
+# An ErrorInfo metadata value may echo a caller's input (a provider name, say): it travels in the
+# trailers, which a gRPC client refuses past 16 KiB (RESOURCE_EXHAUSTED, "received metadata size
+# exceeds hard limit"), losing the status and its reason. So each value is cut to this length.
+ERROR_METADATA_VALUE_CHARS_MAX = 256
+
 
 class DomainError(Exception):
     """Base of every error a use case may raise on purpose."""
@@ -20,7 +25,7 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.metadata = {k: str(v) for k, v in metadata.items()}
+        self.metadata = {k: str(v)[:ERROR_METADATA_VALUE_CHARS_MAX] for k, v in metadata.items()}
 
 
 class InvalidArgument(DomainError):

@@ -1161,7 +1161,7 @@ class Payout:
         """Verify a payout callback and apply it once: PAID (diamonds gone) or FAILED (diamonds back)."""
         check(self.provider is not None, "self.provider is not None")
         if req.provider != self.provider.name:
-            raise InvalidArgument("unknown payout provider", "UNKNOWN_PROVIDER", provider=req.provider)
+            raise InvalidArgument("unknown payout provider", "UNKNOWN_PROVIDER", provider=req.provider[:32])
         event = self.provider.parse_callback(req.payload, req.signature)
         try:
             return await self._apply_payout_event(event)

@@ -410,6 +410,23 @@ async def test_payout_callbacks_with_a_bad_signature_or_for_an_unknown_withdrawa
     )
 
 
+async def test_a_callback_from_an_unknown_provider_with_a_huge_name_keeps_its_stable_reason(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    # The name was echoed whole in the error's trailers: past 16 KiB the client refused them
+    # (RESOURCE_EXHAUSTED, "received metadata size exceeds hard limit") and lost the reason.
+    secret = deployment.payout_secret.encode()
+    payload = dev_payout_payload(uid("evt"), "payout.paid", "wd_unknown", 100, "USD")
+    err = await expect_error(
+        clients.payout.HandlePayoutEvent(
+            W.HandlePayoutEventRequest(provider="p" * 100_000, payload=payload, signature=signing.sign(secret, payload))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_PROVIDER",
+    )
+    assert len(str(err.trailing_metadata())) < 4_000
+
+
 async def test_set_policy_needs_an_operator_records_who_and_refuses_bad_values(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     current = await clients.payout.GetPolicy(W.GetPolicyRequest())
     assert current.creator_share_bp == 5_000

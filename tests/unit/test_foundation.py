@@ -25,6 +25,12 @@ def test_every_domain_error_class_has_a_status_code() -> None:
     )
 
 
+def test_an_errors_metadata_values_are_cut_so_the_trailers_stay_small() -> None:
+    # A value may echo a caller's input; whole, it could push the trailers past what a client takes.
+    err = errors.InvalidArgument("unknown provider", "UNKNOWN_PROVIDER", provider="p" * 100_000, n=7)
+    assert err.metadata == {"provider": "p" * errors.ERROR_METADATA_VALUE_CHARS_MAX, "n": "7"}
+
+
 def test_checks_survive_python_dash_O() -> None:
     code = (
         "from services.common.errors import check\ntry:\n    check(False, 'x')\nexcept AssertionError:\n    print('ok')"
