@@ -34,5 +34,15 @@ class OperatorAuth:
             raise PermissionDenied("operator RPCs are disabled: no operator token is configured", "OPERATOR_DISABLED")
         if not hmac.compare_digest(header[len("Bearer ") :].encode(), self._token):
             raise PermissionDenied("the operator token is not valid", "NOT_AN_OPERATOR")
-        who = md.get("x-operator", "operator")[:OPERATOR_NAME_MAX]
-        return who or "operator"
+        return operator_name(md.get("x-operator", ""))
+
+
+def operator_name(header: str) -> str:
+    """Who the x-operator header names, as the audit columns and logs keep it.
+
+    gRPC clients send only printable ASCII, but a raw HTTP/2 client may send any byte: a NUL
+    (PostgreSQL refuses it, so the operator's change failed INTERNAL), a newline or a terminal
+    escape (kept in the audit columns: updated_by, changed_by, reviewed_by). Each such character
+    becomes "?"; a name that is empty or blank is "operator"."""
+    who = "".join(ch if ch.isprintable() else "?" for ch in header[:OPERATOR_NAME_MAX]).strip()
+    return who or "operator"

@@ -153,6 +153,28 @@ def test_operator_rpcs_need_the_configured_token() -> None:
     assert err.value.reason == "OPERATOR_DISABLED"
 
 
+@pytest.mark.parametrize(
+    ("header", "recorded"),
+    [
+        ("alice", "alice"),
+        ("a\x00b", "a?b"),  # PostgreSQL cannot store a NUL: the change failed INTERNAL
+        ("eve\nlevel=ERROR forged line", "eve?level=ERROR forged line"),
+        ("\x1b[31mred", "?[31mred"),
+        ("   ", "operator"),
+        ("", "operator"),
+        ("x" * 1000, "x" * 128),
+    ],
+)
+def test_the_operator_name_is_recorded_as_printable_text_of_at_most_128_characters(header: str, recorded: str) -> None:
+    # A raw HTTP/2 client can send any byte in x-operator; grpc passes it through to the handler.
+    from pydantic import SecretStr
+
+    from services.common.auth import OperatorAuth
+
+    ctx = _Ctx((("authorization", "Bearer t0k"), ("x-operator", header)))
+    assert OperatorAuth(SecretStr("t0k")).require(ctx) == recorded
+
+
 def test_open_streams_take_the_health_checks_slots_unless_the_limit_leaves_room() -> None:
     """What the gRPC server's concurrent-call limit counts: a stream holds its slot while it
     streams, and a health check past the limit is refused (so a probe fails). A gifting pod's
