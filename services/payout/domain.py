@@ -223,8 +223,10 @@ _IBAN = re.compile(r"^[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}$")
 
 
 def mask(value: str, keep: int = 4) -> str:
-    """All but the last `keep` characters hidden."""
-    return "•" * min(max(len(value) - keep, 0), 8) + value[-keep:]
+    """All but the last `keep` characters hidden, and never less than half: a 4-digit account
+    number (the shortest taken) shows its last 2, not the whole number."""
+    keep = min(keep, len(value) // 2)
+    return "•" * min(len(value) - keep, 8) + (value[-keep:] if keep else "")
 
 
 def normalize_paypal(email: str) -> tuple[str, str]:
@@ -233,7 +235,9 @@ def normalize_paypal(email: str) -> tuple[str, str]:
     if not _EMAIL.match(email):
         raise InvalidArgument("paypal_email is not a valid e-mail address", "INVALID_PAYOUT_METHOD")
     local, _, host = email.partition("@")
-    return email.lower(), f"{local[0]}•••@{host.lower()}"
+    # The first character of the name, unless it is the whole name (a@example.com).
+    shown = local[0] if len(local) > 1 else ""
+    return email.lower(), f"{shown}•••@{host.lower()}"
 
 
 def iban_valid(iban: str) -> bool:

@@ -91,6 +91,25 @@ def test_masks_keep_only_the_last_four_characters() -> None:
     assert email == "jane.doe@example.com" and "Jane" not in masked_email and "ane.Doe" not in masked_email
 
 
+@pytest.mark.parametrize(
+    ("account", "masked"),
+    [
+        ("1234", "••34"),  # the shortest account taken: shown whole before
+        ("12345", "•••45"),
+        ("12345678", "••••5678"),
+        ("12345678901234567", "••••••••4567"),
+    ],
+)
+def test_a_short_account_number_is_never_shown_whole(account: str, masked: str) -> None:
+    _, shown = domain.normalize_bank("", account, "011000015", "A Creator")
+    assert shown == f"{masked} (routing 0015)"
+
+
+def test_a_one_letter_paypal_name_is_not_shown_whole() -> None:
+    assert domain.normalize_paypal("a@example.com")[1] == "•••@example.com"
+    assert domain.normalize_paypal("ab@example.com")[1] == "a•••@example.com"
+
+
 def test_a_reversal_takes_the_senders_newest_earnings_first_up_to_its_coins() -> None:
     rows = [
         domain.EarningRow("new", "a", 300, 5_000),
