@@ -8,6 +8,7 @@ fast path for retries; correctness comes from the constraint.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -22,13 +23,20 @@ from services.common.timeutil import now_us
 R = TypeVar("R", bound=Message)
 
 
-def request_hash(request: Message, key_field: str = "idempotency_key") -> str:
-    """A stable hash of the request without its idempotency key."""
+def request_hash(request: Message, key_field: str = "idempotency_key", secret: bytes | None = None) -> str:
+    """A stable hash of the request without its idempotency key; keyed (HMAC-SHA256) with `secret`.
+
+    A request that holds a secret of its caller (a full bank account, an e-mail address) is
+    hashed with a key: a plain hash, kept for good beside everything else the request held,
+    would let whoever reads the database try guesses of the missing part until one matches."""
     copy = type(request)()
     copy.CopyFrom(request)
     if key_field in copy.DESCRIPTOR.fields_by_name:
         copy.ClearField(key_field)  # type: ignore[arg-type]
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+    data = copy.SerializeToString(deterministic=True)
+    if secret is not None:
+        return hmac.new(secret, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def key_reused(**metadata: object) -> AlreadyExists:
@@ -73,6 +81,7 @@ async def stored_answer(
     response_type: type[R],
     *,
     key_field: str = "idempotency_key",
+    secret: bytes | None = None,
 ) -> R | None:
     """The answer already recorded for this request's key, read before any check outside the database.
 
@@ -82,7 +91,7 @@ async def stored_answer(
     """
     key = require_key(getattr(request, key_field), key_field)
     async with db.unit_of_work(readonly=True) as uow:
-        return await lookup(uow, table, scope, key, request_hash(request, key_field), response_type)
+        return await lookup(uow, table, scope, key, request_hash(request, key_field, secret), response_type)
 
 
 async def run_idempotent(
@@ -94,10 +103,11 @@ async def run_idempotent(
     work: Callable[[UnitOfWork], Awaitable[R]],
     *,
     key_field: str = "idempotency_key",
+    secret: bytes | None = None,
 ) -> R:
-    """Run `work` once per key in one transaction with its idempotency record."""
+    """Run `work` once per key in one transaction with its idempotency record (`secret`: see request_hash)."""
     key = require_key(getattr(request, key_field), key_field)
-    digest = request_hash(request, key_field)
+    digest = request_hash(request, key_field, secret)
     try:
         async with db.unit_of_work() as uow:
             stored = await lookup(uow, table, scope, key, digest, response_type)

@@ -559,7 +559,10 @@ class Payout:
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
         )
-        stored = await stored_answer(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod)
+        hash_key = self._request_hash_key()
+        stored = await stored_answer(
+            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
+        )
         if stored is not None:
             return stored  # a retry: the account is not vaulted again (the provider may be down)
         token = await provider_calls.required(
@@ -572,8 +575,8 @@ class Payout:
             creator_id=req.creator_id,
         )
         fingerprint = self._fingerprint(kind, account)
-        # The request itself holds the full account: the idempotency record keeps only its hash
-        # and the (masked) answer, never the request.
+        # The request itself holds the full account: the idempotency record keeps only its keyed
+        # hash and the (masked) answer, never the request.
 
         async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
             ts = now_us()
@@ -592,7 +595,16 @@ class Payout:
             await uow.conn.execute(insert(payout_methods).values(**values))
             return _method_pb(_Row(values))
 
-        return await run_idempotent(self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work)
+        return await run_idempotent(
+            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work, secret=hash_key
+        )
+
+    def _request_hash_key(self) -> bytes:
+        """The key of AddPayoutMethod's request hash (it covers the full account), from the same
+        secret as the fingerprint, kept apart from it by its own label."""
+        check(self.settings is not None, "self.settings is not None")
+        secret = self.settings.payout_webhook_secret.get_secret_value().encode()
+        return hmac.new(secret, b"idempotency:AddPayoutMethod", hashlib.sha256).digest()
 
     def _fingerprint(self, kind: str, account: str) -> str:
         check(self.settings is not None, "self.settings is not None")

@@ -28,7 +28,7 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.provider_calls import ProviderError, ProviderRefused
@@ -569,6 +569,25 @@ async def test_a_retried_payout_method_is_answered_from_its_record_without_askin
     provider.stuck.add("creator-a@example.com")  # the provider is down now
     assert await payout.add_payout_method(method_request("creator-a", "method-1")) == added
     assert not provider.entered.is_set()
+
+
+async def test_a_payout_methods_key_record_cannot_be_used_to_guess_the_account(setup) -> None:  # type: ignore[no-untyped-def]
+    # The record was a plain SHA-256 of the request: whoever reads the database knows all of it but
+    # the account (the creator, the currency, the mask), so trying e-mail names or account numbers
+    # until one hashes to the record recovered the full account the vault was there to keep out.
+    from services.common.idempotency import request_hash
+
+    payout, _provider, _path = setup
+    request = method_request("creator-a", "method-1")
+    added = await payout.add_payout_method(request)
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        stored = (await uow.conn.execute(select(common.idempotency.c.request_hash))).scalar_one()
+    assert stored != request_hash(request)  # a guess of the account cannot be checked against it
+    assert await payout.add_payout_method(request) == added  # a retry still gets its first answer
+    other = method_request("creator-a", "method-1")
+    other.paypal_email = "someone-else@example.com"
+    with pytest.raises(AlreadyExists):
+        await payout.add_payout_method(other)
 
 
 async def test_held_creators_do_not_keep_the_dispatcher_from_later_withdrawals(  # type: ignore[no-untyped-def]
