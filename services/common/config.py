@@ -19,6 +19,8 @@ from services.common.gc_tuning import GEN0_THRESHOLD
 STREAM_MAX_AGE_S = 30 * 24 * 3600
 # Callback HMAC keys (wallet payments, payout provider): shorter ones are refused at start.
 WEBHOOK_SECRET_MIN = 16
+# The operator token (services/common/auth.py): shorter ones are refused at start.
+OPERATOR_TOKEN_MIN = 16
 
 
 class ServiceSettings(BaseSettings):
@@ -118,6 +120,20 @@ class ServiceSettings(BaseSettings):
         if info.data.get("otel_exporter") == "file" and not path:
             raise ValueError("required when OTEL_EXPORTER is file")
         return path
+
+    @field_validator("operator_token")
+    @classmethod
+    def _a_token_an_operator_can_send(cls, token: SecretStr | None) -> SecretStr | None:
+        # A token read from a file often ends in a newline: no `authorization` header can carry
+        # it, so every operator call would be refused for good. A short one is a guessable lock.
+        value = token.get_secret_value() if token is not None else ""
+        if not value:
+            return token  # unset or empty: operator RPCs are refused
+        if value != value.strip():
+            raise ValueError("has leading or trailing whitespace (a file's newline?): no operator could send it")
+        if len(value) < OPERATOR_TOKEN_MIN:
+            raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters, or empty to refuse operator RPCs")
+        return token
 
     @field_validator("faults")
     @classmethod

@@ -90,3 +90,21 @@ def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failur
         with pytest.raises(InvalidArgument) as exc:
             parse(odd)
         assert exc.value.reason == "MALFORMED_PAYLOAD", odd[:60]
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [("short-token", "at least 16"), ("a-token-read-from-a-file\n", "whitespace"), ("   " * 8, "whitespace")],
+)
+def test_an_operator_token_no_operator_could_send_or_a_short_one_is_refused_at_start(token: str, why: str) -> None:
+    """A token with a file's trailing newline cannot travel in an `authorization` header: every
+    operator call would be refused, found only when an operator first needs one."""
+    from pydantic import ValidationError
+
+    from services.gifting.config import GiftingSettings
+
+    common = {"database_url": "sqlite+aiosqlite:///x.db", "nats_url": "nats://127.0.0.1:1", "wallet_addr": "x:1"}
+    with pytest.raises(ValidationError, match=f"operator_token(.|\n)*{why}"):
+        GiftingSettings(**common, operator_token=token)
+    assert GiftingSettings(**common, operator_token="").operator_token is not None  # empty: operator RPCs refused
+    assert GiftingSettings(**common, operator_token="t" * 16).operator_token.get_secret_value() == "t" * 16
