@@ -27,12 +27,18 @@ class _Proc:
         self.send_signal(signal.SIGKILL)
 
 
-def test_nats_is_signalled_only_once_every_service_has_exited(tmp_path: Path) -> None:
+def _stopped(tmp_path: Path) -> list[tuple[str, str]]:
+    """What Suite.stop did to a suite of four processes, in order."""
     events: list[tuple[str, str]] = []
     suite = Suite(SuiteConfig(var_dir=tmp_path))
     for name in ("nats", "wallet", "payout", "gifting"):
         suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
     suite.stop()
+    return events
+
+
+def test_nats_is_signalled_only_once_every_service_has_exited(tmp_path: Path) -> None:
+    events = _stopped(tmp_path)
     nats_term = events.index(("nats", "SIGTERM"))
     for svc in ("wallet", "payout", "gifting"):
         assert events.index((svc, "SIGTERM")) < events.index((svc, "exited")) < nats_term, events
@@ -41,11 +47,7 @@ def test_nats_is_signalled_only_once_every_service_has_exited(tmp_path: Path) ->
 
 def test_the_wallet_is_signalled_only_once_its_callers_have_exited(tmp_path: Path) -> None:
     """A SendGift in flight at Ctrl-C finishes its spend; it is not left PENDING for the sweeper."""
-    events: list[tuple[str, str]] = []
-    suite = Suite(SuiteConfig(var_dir=tmp_path))
-    for name in ("nats", "wallet", "payout", "gifting"):
-        suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
-    suite.stop()
+    events = _stopped(tmp_path)
     wallet_term = events.index(("wallet", "SIGTERM"))
     for caller in ("gifting", "payout"):
         assert events.index((caller, "exited")) < wallet_term, events
