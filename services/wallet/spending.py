@@ -8,8 +8,10 @@ of statements, whatever its size:
    order): the keys it returns are this batch's;
 2. read the others back (none, unless some are retries): a key recorded before or claimed first
    by a concurrent call gets its stored answer, once that call has finished;
-3. lock the spend counters, then the coin accounts, of every sender, in sorted order (the lock
-   order of every writer, so batches cannot deadlock; PostgreSQL; SQLite serializes writers);
+3. lock the coin accounts of every sender in sorted order, then the spend counters of those
+   with an account, creating the rows of a new period (PostgreSQL; SQLite serializes writers):
+   whoever holds a sender's account is the only one touching its counters, so batches cannot
+   deadlock on them;
 4. decide each item in request order against running counters and balances, in the order a
    single spend always checked: restrictions of sender and recipient, spending limits, the
    account, enough coins;
@@ -71,7 +73,7 @@ REFERENCE_ID_MAX = 128
 # batch does both per sender and per counter row.
 PERIODS = tuple(Period)
 PERIOD_OF = {p.value: p for p in Period}
-DEADLOCK_RETRIES = 3  # PostgreSQL aborts one side of a deadlock (first spend of a period); it is retried whole
+DEADLOCK_RETRIES = 3  # a safety net: the lock order leaves no known deadlock; PostgreSQL aborts one side of any other
 _RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
 _REASONS = {
     wallet_pb2.SPEND_REASON_GIFT: SpendReason.GIFT,
@@ -358,11 +360,21 @@ class SpendBatch:
         periods = domain.period_keys(now)
         senders = sorted({it.req.user_id for it in items})
         parties = sorted(set(senders) | {it.req.recipient_user_id for it in items if it.req.recipient_user_id})
-        counters = await self._lock_counters(uow, senders, periods, domain.stale_period_keys(now))
         acc_ids = [domain.user_account(u) for u in senders]
         balances = {
             r.account_id: int(r.balance) for r in await conn.execute(self._stmts.lock_accounts, {"ids": acc_ids})
         }
+        # The accounts first: a sender's counter rows are then only ever locked, created or dropped
+        # by the one batch that holds its account, so no batch can wait for another on them. Locked
+        # first, a sender's counters could not be: their rows of a new period do not exist yet, so
+        # the batch that locked the existing rows of some senders then had to create those of
+        # others (lower ids among them) and waited for a batch creating the same rows, which in
+        # turn waited for the rows it held: a deadlock on the first spends of a period.
+        # A sender without an account is refused (ACCOUNT_NOT_FOUND) and never counted a coin: its
+        # counters are 0, read from no row.
+        counted = [u for u in senders if domain.user_account(u) in balances]
+        counters = dict.fromkeys(((u, p) for u in senders for p in PERIODS), 0)
+        counters |= await self._lock_counters(uow, counted, periods, domain.stale_period_keys(now))
         restrictions = {r.user_id: restrictions_of(r) for r in await conn.execute(self._stmts.users, {"ids": parties})}
         states: dict[str, list[tuple[Period, LimitState]]] = {}
         for r in await conn.execute(self._stmts.limits, {"ids": senders}):
@@ -446,7 +458,10 @@ class SpendBatch:
     async def _lock_counters(
         self, uow: UnitOfWork, senders: list[str], periods: dict[Period, str], stale: dict[Period, str]
     ) -> dict[tuple[str, Period], int]:
-        """Each sender's counter of the current day, week and month, locked; created on first use."""
+        """Each sender's counter of the current day, week and month, locked; created on first use.
+
+        The caller holds the senders' accounts locked: no other batch creates or locks these rows meanwhile.
+        """
         c = spend_counters.c
         current = list(periods.values())
 
@@ -456,6 +471,8 @@ class SpendBatch:
                 (r.user_id, p): int(r.spent_coins) for r in rows if periods[p := PERIOD_OF[r.period]] == r.period_key
             }
 
+        if not senders:
+            return {}
         counters = await read(senders)
         missing = [(u, p) for u in senders for p in PERIODS if (u, p) not in counters]
         if missing:

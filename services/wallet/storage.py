@@ -143,9 +143,10 @@ spending_limits = Table(
 )
 
 # Coins spent per user and period (UTC day, ISO week, month), written by every spend batch in its
-# own transaction: the batch locks its senders' rows (FOR UPDATE on PostgreSQL, in sorted order;
-# SQLite serializes writers), adds each spend to the totals it read and checks the caps, so
-# concurrent spends queue on the rows and cannot pass a cap together (services/wallet/spending.py).
+# own transaction: the batch locks its senders' accounts, then their rows (FOR UPDATE on
+# PostgreSQL, in sorted order; SQLite serializes writers), adds each spend to the totals it read and
+# checks the caps, so concurrent spends queue on the rows and cannot pass a cap together
+# (services/wallet/spending.py).
 spend_counters = Table(
     "spend_counters",
     metadata,
