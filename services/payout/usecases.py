@@ -51,7 +51,7 @@ from services.common.metrics import (
 )
 from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
-from services.common.sql import Bulk, bulk_insert, bulk_update, one_of_param
+from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
@@ -105,6 +105,27 @@ class _Reversal:
     sender_id: str
     kind: str
     at_us: int
+
+
+@dataclass
+class _Claw:
+    """What one clawback entry took from a sender's earnings, per creator: [coins, units]. The
+    creators' rows are written once per transaction, by `Payout._apply_claws`."""
+
+    rv: _Reversal
+    entry_id: str
+    by_creator: dict[str, list[int]]
+
+
+# The first key of the PostgreSQL advisory locks that serialize the clawbacks of one sender (the
+# second is the sender's `_sender_lock_key`). Two int4 keys: a space apart from the migrations'
+# one-bigint lock.
+SENDER_LOCK_CLASS = 7301164
+
+
+def _sender_lock_key(sender_id: str) -> int:
+    """A sender's advisory lock key: int4, the same in every replica (not Python's salted hash)."""
+    return int.from_bytes(hashlib.sha256(sender_id.encode()).digest()[:4], "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -1251,8 +1272,11 @@ class Payout:
         check(self.settings is not None, "self.settings is not None")
         for ev in events:
             check(ev.coins > 0 and bool(ev.user_id), f"reversal {ev.event_id} has coins and a user")
-            # The wallet says how many of the coins had reached creators (README "Reversals").
-            want = min(ev.coins_already_spent, ev.coins)
+        # The wallet says how many of the coins had reached creators (README "Reversals").
+        wanted = [(ev, min(ev.coins_already_spent, ev.coins)) for ev in events]
+        await self._lock_senders(uow, [ev.user_id for ev, want in wanted if want > 0])
+        claws: list[_Claw] = []
+        for ev, want in wanted:
             if want <= 0:
                 continue
             reversal = _Reversal(
@@ -1264,8 +1288,8 @@ class Payout:
             )
             # The sender's older shortfalls first: their gifts may have arrived, and this newer
             # reversal must not take them (`_settle_sender`).
-            await self._settle_sender(uow, reversal.sender_id, (reversal.at_us, reversal.event_id))
-            taken = await self._claw(uow, reversal, want, entry_id=reversal.event_id)
+            await self._settle_sender(uow, reversal.sender_id, (reversal.at_us, reversal.event_id), claws)
+            taken = await self._claw(uow, reversal, want, claws, entry_id=reversal.event_id)
             if taken < want:
                 ts = now_us()
                 await uow.conn.execute(
@@ -1284,6 +1308,7 @@ class Payout:
                     "purchase reversal: coins not clawed back yet (shortfall)",
                     extra={"purchase_id": ev.purchase_id, "coins_open": want - taken, "coins": want},
                 )
+        await self._apply_claws(uow, claws)
 
     async def shortfall_settler(self, stop: Any) -> None:
         """Background loop: claw back open shortfalls from earnings that arrived after their reversal."""
@@ -1340,9 +1365,32 @@ class Payout:
         ).first()
         if row is None:
             return 0
-        return await self._settle_sender(uow, row.sender_id, (row.reversed_at_us, reversal_event_id))
+        await self._lock_senders(uow, [row.sender_id])
+        claws: list[_Claw] = []
+        taken = await self._settle_sender(uow, row.sender_id, (row.reversed_at_us, reversal_event_id), claws)
+        await self._apply_claws(uow, claws)
+        return taken
 
-    async def _settle_sender(self, uow: UnitOfWork, sender_id: str, upto: tuple[int, str]) -> int:
+    async def _lock_senders(self, uow: UnitOfWork, sender_ids: list[str]) -> None:
+        """Hold, until commit, the clawback lock of each sender (PostgreSQL; SQLite serializes writers).
+
+        Every clawback (the reversal consumer, the settler, RequestWithdrawal's settling) takes
+        the locks of the senders whose shortfalls and earnings it is about to touch, all at once
+        and in one order (by key), before any row; the creators' rows come last, in creator order
+        (`_apply_claws`). So the rows of one sender are clawed by one transaction at a time, and no
+        two transactions take the same rows in opposite orders: before, a batch that clawed back
+        for two senders, or a settling of several shortfalls, locked one sender's rows after
+        another's creators, and met a transaction doing it the other way round (a deadlock: one
+        side aborted, ABORTED to a RequestWithdrawal), or found an earning clawed meanwhile (CONFLICT).
+        """
+        if self.db.dialect != "postgresql":
+            return
+        for key in sorted({_sender_lock_key(s) for s in sender_ids}):
+            await uow.conn.execute(
+                text("SELECT pg_advisory_xact_lock(:cls, :key)"), {"cls": SENDER_LOCK_CLASS, "key": key}
+            )
+
+    async def _settle_sender(self, uow: UnitOfWork, sender_id: str, upto: tuple[int, str], claws: list[_Claw]) -> int:
         """Claw back what the sender's earnings now allow of each of their open shortfalls reversed
         up to `upto` (reversed at, reversal id), oldest first, in `uow`; the coins taken.
 
@@ -1371,7 +1419,7 @@ class Payout:
         settled = 0
         for row in rows:
             reversal = _Reversal(row.reversal_event_id, row.purchase_id, row.sender_id, row.kind, row.reversed_at_us)
-            taken = await self._claw(uow, reversal, row.coins_open, entry_id=new_event_id())
+            taken = await self._claw(uow, reversal, row.coins_open, claws, entry_id=new_event_id())
             if taken:
                 await uow.conn.execute(
                     update(clawback_shortfalls)
@@ -1418,18 +1466,40 @@ class Payout:
         Limits, on PostgreSQL (SQLite serializes writers, so neither arises there): a gift credit
         that commits between this settling and the balance read (READ COMMITTED, a window of
         milliseconds) can still be held; the settler then claws it back and the dispatcher holds
-        the withdrawal while the balance is negative. And settling several shortfalls takes
-        their creators' rows in no global order, so a rare lock cycle with the settler, another
-        withdrawal or a gift batch is broken by the server: one side is aborted whole (ABORTED,
-        retry with the same key; a consumer batch is redelivered), never applied in part.
+        the withdrawal while the balance is negative. The senders are locked first, all at once,
+        and the creators' rows last, this creator's among them (`_lock_senders`).
         """
+        owed = await self._shortfalls_owed_by(uow, creator_id)
+        if not owed:
+            return 0
+        sf = clawback_shortfalls.c
+        rows = (
+            await uow.conn.execute(
+                select(sf.sender_id, sf.reversed_at_us, sf.reversal_event_id).where(
+                    one_of(self.db.dialect, sf.reversal_event_id, owed), sf.coins_open > 0
+                )
+            )
+        ).all()
+        # Each sender's shortfalls up to its newest one owed here, oldest first (`_settle_sender`).
+        upto: dict[str, tuple[int, str]] = {}
+        for r in rows:
+            upto[r.sender_id] = max(
+                upto.get(r.sender_id, (r.reversed_at_us, r.reversal_event_id)), (r.reversed_at_us, r.reversal_event_id)
+            )
+        await self._lock_senders(uow, list(upto))
+        claws: list[_Claw] = []
         taken = 0
-        for reversal_event_id in await self._shortfalls_owed_by(uow, creator_id):
-            taken += await self._settle_shortfall(uow, reversal_event_id)
+        for sender_id, last in sorted(upto.items()):
+            taken += await self._settle_sender(uow, sender_id, last, claws)
+        await self._apply_claws(uow, claws, also_lock=(creator_id,))
         return taken
 
-    async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, *, entry_id: str) -> int:
-        """Take up to `coins` from the sender's open earnings of gifts recorded before the reversal; the coins taken."""
+    async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, claws: list[_Claw], *, entry_id: str) -> int:
+        """Take up to `coins` from the sender's open earnings of gifts recorded before the reversal; the coins taken.
+
+        The caller holds the sender's lock (`_lock_senders`); what each creator loses is added to
+        `claws`, for `_apply_claws` to write once the transaction has taken every sender's share.
+        """
         check(self.settings is not None, "self.settings is not None")
         e = earnings.c
         rows = (
@@ -1464,10 +1534,30 @@ class Payout:
             acc = by_creator.setdefault(t.creator_id, [0, 0])
             acc[0] += t.coins
             acc[1] += t.units
+        claws.append(_Claw(rv, entry_id, by_creator))
+        taken = sum(t.coins for t in takes)
+        log.info(
+            "purchase reversal clawed back",
+            extra={"purchase_id": rv.purchase_id, "creators": len(by_creator), "coins": taken},
+        )
+        return taken
+
+    async def _apply_claws(self, uow: UnitOfWork, claws: list[_Claw], also_lock: tuple[str, ...] = ()) -> None:
+        """Write what `claws` took to the creators' rows, each row once and in creator order (with
+        `also_lock`, rows the caller writes next, locked in the same order), then one clawbacks
+        row and one `payout.diamonds.clawed_back` event per entry and creator, in entry order."""
+        if not any(cl.by_creator for cl in claws):
+            return
         ts = now_us()
-        out = []
         c = creators.c
-        for creator_id, (creator_coins, units) in sorted(by_creator.items()):
+        units_before: dict[str, int] = {}
+        clawed = {cr for cl in claws for cr in cl.by_creator}
+        for creator_id in sorted(clawed | set(also_lock)):
+            if creator_id not in clawed:
+                # Not clawed here: only locked, in its place in the order, for the caller's write.
+                await uow.conn.execute(select(c.creator_id).where(c.creator_id == creator_id).with_for_update())
+                continue
+            units = sum(cl.by_creator[creator_id][1] for cl in claws if creator_id in cl.by_creator)
             # Same exact arithmetic as credits: whole diamonds of the accumulated units, remainder kept.
             whole_after = (c.clawed_units + units) // BP_DENOMINATOR
             whole_before = c.clawed_units // BP_DENOMINATOR
@@ -1484,42 +1574,43 @@ class Payout:
                     .returning(c.clawed_units)
                 )
             ).one()
-            diamonds = domain.credit_delta(row.clawed_units - units, units)
-            await uow.conn.execute(
-                insert(clawbacks).values(
-                    reversal_event_id=entry_id,
-                    creator_id=creator_id,
-                    purchase_id=rv.purchase_id,
-                    sender_id=rv.sender_id,
-                    kind=rv.kind,
-                    coins=creator_coins,
-                    units=units,
-                    diamonds=diamonds,
-                    created_at_us=ts,
+            units_before[creator_id] = row.clawed_units - units
+        rows, out = [], []
+        for cl in claws:
+            for creator_id, (creator_coins, units) in sorted(cl.by_creator.items()):
+                # Each entry's whole diamonds, as if its creators' rows had been written entry by entry.
+                diamonds = domain.credit_delta(units_before[creator_id], units)
+                units_before[creator_id] += units
+                rows.append(
+                    {
+                        "reversal_event_id": cl.entry_id,
+                        "creator_id": creator_id,
+                        "purchase_id": cl.rv.purchase_id,
+                        "sender_id": cl.rv.sender_id,
+                        "kind": cl.rv.kind,
+                        "coins": creator_coins,
+                        "units": units,
+                        "diamonds": diamonds,
+                        "created_at_us": ts,
+                    }
                 )
-            )
-            eid = new_event_id()
-            out.append(
-                (
-                    "payout.diamonds.clawed_back",
-                    eid,
-                    events_pb2.DiamondsClawedBack(
-                        event_id=eid,
-                        creator_id=creator_id,
-                        purchase_id=rv.purchase_id,
-                        coins=creator_coins,
-                        diamonds=diamonds,
-                        occurred_at=to_timestamp(ts),
-                    ),
+                eid = new_event_id()
+                out.append(
+                    (
+                        "payout.diamonds.clawed_back",
+                        eid,
+                        events_pb2.DiamondsClawedBack(
+                            event_id=eid,
+                            creator_id=creator_id,
+                            purchase_id=cl.rv.purchase_id,
+                            coins=creator_coins,
+                            diamonds=diamonds,
+                            occurred_at=to_timestamp(ts),
+                        ),
+                    )
                 )
-            )
+        await uow.conn.execute(insert(clawbacks), rows)
         await self.outbox.add_many(uow, out)
-        taken = sum(t.coins for t in takes)
-        log.info(
-            "purchase reversal clawed back",
-            extra={"purchase_id": rv.purchase_id, "creators": len(by_creator), "coins": taken},
-        )
-        return taken
 
     # ---- statement -----------------------------------------------------------------------
 

@@ -1,0 +1,176 @@
+"""Payout's clawbacks on a real PostgreSQL server: the order in which they take their locks.
+
+What only shows there: a reversal batch, the shortfall settling of a withdrawal and another
+reversal batch, touching the rows of the same senders and creators at once. A third transaction
+holds a creator's row so that each test meets the interleaving it is about, every time; then
+both sides must finish, with no deadlock for the server to break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy import select, text
+
+from livegifts.gifting.v1 import events_pb2 as gifting_events
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import events_pb2 as wallet_events
+from services.common.db import Database
+from services.payout.storage import clawback_shortfalls, creators
+from services.payout.usecases import Payout
+from tests.unit.test_payout_dispatch import payout_on, verified_method
+
+NOW_S = 1_795_305_600
+WAIT_S_MAX = 10.0
+
+
+@pytest.fixture
+async def payout(empty_database: str) -> AsyncIterator[Payout]:
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: clawbacks never wait for each other's rows")
+    async with payout_on(empty_database, pool_size=6) as (p, _provider):
+        yield p
+
+
+def count_deadlocks(db: Database) -> list[int]:
+    """A counter of the deadlocks PostgreSQL reports to this engine's statements."""
+    seen = [0]
+
+    def on_error(ctx: Any) -> None:
+        orig = getattr(ctx.original_exception, "orig", ctx.original_exception)
+        if getattr(orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(orig):
+            seen[0] += 1
+
+    sa_event.listen(db.engine.sync_engine, "handle_error", on_error)
+    return seen
+
+
+def gift(sender: str, creator: str, coins: int, at_s: int) -> gifting_events.GiftSent:
+    return gifting_events.GiftSent(
+        event_id=uuid.uuid4().hex,
+        kind=gifting_events.GIFT_KIND_GIFT,
+        stream_id="s",
+        creator_id=creator,
+        sender_id=sender,
+        gift_id="rose",
+        quantity=coins,
+        coins=coins,
+        occurred_at={"seconds": at_s},
+        recorded_at={"seconds": at_s},
+    )
+
+
+def reversal(event_id: str, sender: str, coins: int, at_s: int) -> wallet_events.PurchaseReversed:
+    """A chargeback of `sender`'s purchase at `at_s`, all of whose `coins` had reached creators."""
+    return wallet_events.PurchaseReversed(
+        event_id=event_id,
+        purchase_id=f"p-{event_id}",
+        user_id=sender,
+        coins=coins,
+        coins_already_spent=coins,
+        kind="CHARGED_BACK",
+        occurred_at={"seconds": at_s},
+    )
+
+
+async def consume(
+    payout: Payout,
+    reversals: Sequence[wallet_events.PurchaseReversed] = (),
+    gifts: Sequence[gifting_events.GiftSent] = (),
+) -> None:
+    """One consumer batch, as the inbox runs it: one transaction."""
+    async with payout.db.unit_of_work() as uow:
+        if reversals:
+            await payout.claw_back(uow, list(reversals))
+        if gifts:
+            await payout.credit_gifts(uow, list(gifts))
+        await uow.commit()
+
+
+async def wait_for_lock_waiters(db: Database, n: int) -> None:
+    """Until `n` sessions of this database wait for a lock (bounded)."""
+    deadline = time.monotonic() + WAIT_S_MAX
+    while True:
+        async with db.unit_of_work(readonly=True) as uow:
+            waiting = (
+                await uow.conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            ).scalar_one()
+        if waiting >= n:
+            return
+        assert time.monotonic() < deadline, f"{waiting} of {n} sessions wait for a lock after {WAIT_S_MAX} s"
+        await asyncio.sleep(0.05)
+
+
+async def while_creator_held(payout: Payout, creator_id: str, *calls: Any) -> list[Any]:
+    """Start each call in turn, each once the ones before wait for a lock, while a third transaction
+    holds `creator_id`'s row; then let it go. The calls' results (or exceptions)."""
+    holder = Database(payout.db.url, pool_size=1, pool_timeout_s=5, application_name="holder")
+    try:
+        async with holder.unit_of_work() as held:
+            c = creators.c
+            await held.conn.execute(select(c.creator_id).where(c.creator_id == creator_id).with_for_update())
+            tasks = []
+            for i, call in enumerate(calls):
+                tasks.append(asyncio.create_task(call))
+                await wait_for_lock_waiters(payout.db, i + 1)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT_S_MAX)
+    finally:
+        await holder.dispose()
+
+
+async def open_coins(payout: Payout) -> dict[str, int]:
+    sf = clawback_shortfalls.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return dict((await uow.conn.execute(select(sf.reversal_event_id, sf.coins_open))).tuples().all())
+
+
+async def test_two_reversal_batches_of_the_same_senders_in_opposite_orders_both_commit(payout: Payout) -> None:
+    deadlocks = count_deadlocks(payout.db)
+    await consume(payout, gifts=[gift(s, "creator-a", 10_000, NOW_S - 60) for s in ("s1", "s2")])
+    # Each batch claws back from s1's and s2's gifts to creator-a, in the order its events came.
+    first = [reversal("r1", "s1", 1_000, NOW_S), reversal("r2", "s2", 1_000, NOW_S)]
+    second = [reversal("r3", "s2", 1_000, NOW_S), reversal("r4", "s1", 1_000, NOW_S)]
+    results = await while_creator_held(payout, "creator-a", consume(payout, first), consume(payout, second))
+    assert results == [None, None]
+    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
+    earned = await payout.get_earnings("creator-a")
+    assert (earned.diamonds_lifetime, earned.diamonds_clawed_back, earned.diamonds_available) == (10_000, 2_000, 8_000)
+    assert await open_coins(payout) == {}
+
+
+async def test_a_withdrawal_settling_shortfalls_of_two_senders_and_a_reversal_batch_both_finish(payout: Payout) -> None:
+    deadlocks = count_deadlocks(payout.db)
+    method_id = await verified_method(payout, "creator-c")
+    # s1's and s2's chargebacks are consumed before their gifts: both are shortfalls. Then the
+    # gifts arrive (recorded before the chargebacks), and a gift of s0's that nobody charged back.
+    await consume(payout, [reversal("a-r1", "s1", 40_000, NOW_S), reversal("b-r2", "s2", 40_000, NOW_S)])
+    await consume(payout, gifts=[gift(s, "creator-c", 40_000, NOW_S - 60) for s in ("s0", "s1", "s2")])
+    assert (await payout.get_earnings("creator-c")).diamonds_available == 60_000
+    # The withdrawal settles both shortfalls (s1's, then s2's) while another chargeback of s2's
+    # comes in, whose batch settles s2's older shortfall first.
+    withdraw = payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id="creator-c", diamonds=20_000, method_id=method_id, idempotency_key=uuid.uuid4().hex
+        )
+    )
+    wd, batch = await while_creator_held(
+        payout, "creator-c", withdraw, consume(payout, [reversal("c-r3", "s2", 500, NOW_S + 100)])
+    )
+    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the withdrawal and the batch: {wd!r}, {batch!r}"
+    assert batch is None
+    assert isinstance(wd, payout_pb2.Withdrawal) and wd.diamonds == 20_000
+    earned = await payout.get_earnings("creator-c")
+    assert (earned.diamonds_clawed_back, earned.diamonds_held, earned.diamonds_available) == (40_000, 20_000, 0)
+    # Both chargebacks took s1's and s2's gifts whole; the new one finds nothing left of s2's.
+    assert await open_coins(payout) == {"a-r1": 0, "b-r2": 0, "c-r3": 500}
