@@ -235,6 +235,7 @@ class _CreditStatements:
 
     earnings: Bulk
     creator_row: Bulk
+    lock: Any  # the creators' rows, in creator order (PostgreSQL; None on SQLite, whose writers are serialized)
     credit: Bulk
     credited: Any
     shares: Any
@@ -291,6 +292,12 @@ def _credit_statements(dialect: str) -> _CreditStatements:
             ],
             on_conflict=lambda stmt: stmt.on_conflict_do_nothing(),
         ),
+        lock=select(c.creator_id)
+        .where(one_of_param(dialect, c.creator_id, "ids"))
+        .order_by(c.creator_id)
+        .with_for_update()
+        if dialect == "postgresql"
+        else None,
         credit=bulk_update(
             dialect,
             creators,
@@ -347,10 +354,10 @@ class Payout:
 
         A fixed number of statements per batch, whatever its size or number of creators: one read
         of the policy versions the gifts were sent under; the earnings rows, the missing creator
-        rows and the per-creator updates each go as one bulk
-        statement (`services.common.sql.Bulk`: one execution with arrays on PostgreSQL; one
-        statement text, so one compiled form and one prepared statement), then one read of the
-        updated creators.
+        rows and the per-creator updates each go as one bulk statement
+        (`services.common.sql.Bulk`: one execution with arrays on PostgreSQL; one statement text,
+        so one compiled form and one prepared statement), between the last two one lock of the
+        creators' rows in creator order (PostgreSQL), then one read of the updated creators.
         """
         stmts = _credit_statements(self.db.dialect)
         ts = now_us()
@@ -406,8 +413,14 @@ class Payout:
                 ]
             ),
         )
+        # The rows are locked in creator order first, as every writer of several creators' rows
+        # takes them (clawbacks too, `_apply_claws`): the UPDATE below locks them in the order of
+        # its plan, which, joined by hash to a scan of the table, is the rows' order on disk, and
+        # met a clawback locking the same rows the other way round (a deadlock).
+        if stmts.lock is not None:
+            await uow.conn.execute(stmts.lock, {"ids": [creator_id for creator_id, _ in totals]})
         # Each UPDATE is one atomic statement whose right-hand sides read the old row, so
-        # concurrent consumers (several replicas) cannot lose an update; it also locks the row
+        # concurrent consumers (several replicas) cannot lose an update; the rows stay locked
         # until commit, so the read below sees exactly this batch's result.
         await uow.conn.execute(
             stmts.credit.stmt,

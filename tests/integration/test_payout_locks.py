@@ -174,3 +174,21 @@ async def test_a_withdrawal_settling_shortfalls_of_two_senders_and_a_reversal_ba
     assert (earned.diamonds_clawed_back, earned.diamonds_held, earned.diamonds_available) == (40_000, 20_000, 0)
     # Both chargebacks took s1's and s2's gifts whole; the new one finds nothing left of s2's.
     assert await open_coins(payout) == {"a-r1": 0, "b-r2": 0, "c-r3": 500}
+
+
+async def test_a_gift_batch_and_a_reversal_batch_for_the_same_two_creators_both_commit(payout: Payout) -> None:
+    deadlocks = count_deadlocks(payout.db)
+    # creator-b's row is written before creator-a's: a plan that scans the table meets b first.
+    for creator in ("creator-b", "creator-a"):
+        await consume(payout, gifts=[gift("s1", creator, 10_000, NOW_S - 60)])
+    await consume(payout, gifts=[gift("s0", f"creator-{i}", 100, NOW_S - 60) for i in range(8)])
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(text("ANALYZE creators"))  # the statistics a busy table has
+    credit = consume(payout, gifts=[gift("s2", c, 1_000, NOW_S) for c in ("creator-a", "creator-b")])
+    clawback = consume(payout, [reversal("r1", "s1", 20_000, NOW_S)])  # takes from both creators
+    results = await while_creator_held(payout, "creator-b", credit, clawback)
+    assert results == [None, None]
+    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
+    for c in ("creator-a", "creator-b"):
+        earned = await payout.get_earnings(c)
+        assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
