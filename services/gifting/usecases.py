@@ -853,7 +853,10 @@ class Gifting:
         """
         if not balances:
             return {}
-        ids = list(balances)
+        # In id order: the UPDATE locks the rows in the order it is given them (it looks each id up
+        # in turn), and two batches with the same gifts (a SendGifts retried on another replica
+        # with its items in another order) each waited for a row the other held (a deadlock).
+        ids = sorted(balances)
         g = gift_events.c
         async with self.db.unit_of_work() as uow:
             ts = now_us()

@@ -2,7 +2,7 @@
 
 What only shows on a real server: two EndStream calls racing (PostgreSQL's row lock), text
 PostgreSQL cannot store (a NUL), which must be refused as bad input, not fail as INTERNAL, and two
-batches of gifts waiting for each other's keys.
+batches of gifts waiting for each other's keys, or for each other's rows when marking them sent.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
@@ -23,7 +23,7 @@ from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common, gift_events
-from services.gifting.usecases import STREAM_ENDED_SUBJECT, Gifting
+from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
@@ -147,3 +147,78 @@ async def test_two_batches_holding_the_same_keys_in_opposite_orders_both_record_
         assert sorted(recorded) == ["k1", "k2", "k3", "k4"]
     finally:
         await holder.dispose()
+
+
+async def test_two_batches_marking_the_same_gifts_sent_in_opposite_orders_both_finish(gifting: Gifting) -> None:
+    if gifting.db.dialect != "postgresql":
+        pytest.skip("SQLite has one writer: batches never wait for each other's rows")
+    other = Gifting(gifting.db, Outbox(common.outbox), None, gifting.settings)  # a second replica
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    g = gift_events.c
+
+    def pending(k: str) -> dict[str, Any]:
+        return {
+            "event_id": f"e-{k}",
+            "idempotency_key": k,
+            "client_key": k,
+            "request_hash": "h",
+            "kind": "GIFT",
+            "stream_id": stream.stream_id,
+            "creator_id": "c",
+            "sender_id": f"v-{k}",
+            "gift_id": "rose",
+            "quantity": 1,
+            "unit_price_coins": 1,
+            "coins": 1,
+            "status": "PENDING",
+            "created_at_us": 0,
+            "updated_at_us": 0,
+        }
+
+    # Two spent gifts, among the many rows a busy table holds (so each batch's UPDATE looks its
+    # gifts up by id, in the order it names them).
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(insert(gift_events), [pending(k) for k in ("k1", "k2")])
+        filler = [{**pending(f"f{i:04d}"), "status": "SENT"} for i in range(2000)]
+        await uow.conn.execute(insert(gift_events), filler)
+        await uow.commit()
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(text("ANALYZE gift_events"))
+    # A SendGifts retried on another replica with its items in another order: both reach step 3
+    # with the same two gifts. A third transaction holds e-k1, so each batch waits there.
+    holder = Database(gifting.db.url, pool_size=1, pool_timeout_s=5, application_name="holder")
+    try:
+        async with holder.unit_of_work() as uow:
+            await uow.conn.execute(select(g.event_id).where(g.event_id == "e-k1").with_for_update())
+            a = asyncio.create_task(gifting._mark_sent_many({"e-k1": 9, "e-k2": 9}))
+            await lock_waiters(gifting.db, 1)
+            b = asyncio.create_task(other._mark_sent_many({"e-k2": 9, "e-k1": 9}))
+            await lock_waiters(gifting.db, 2)
+        results = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 10)
+    finally:
+        await holder.dispose()
+    for r in results:
+        assert not isinstance(r, BaseException), r
+        assert {k: v["status"] for k, v in r.items()} == {"e-k1": "SENT", "e-k2": "SENT"}
+    o = common.outbox.c
+    async with gifting.db.unit_of_work(readonly=True) as uow:
+        sent = (await uow.conn.execute(select(func.count()).where(o.subject == GIFT_SENT_SUBJECT))).scalar_one()
+    assert sent == 2  # one event per gift, whichever batch flipped it
+
+
+async def lock_waiters(db: Database, n: int) -> None:
+    """Until `n` sessions of this database wait for a lock (at most 10 s)."""
+    for _ in range(200):
+        async with db.unit_of_work(readonly=True) as uow:
+            waiting = (
+                await uow.conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            ).scalar_one()
+        if waiting >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{waiting} of {n} sessions wait for a lock after 10 s")
