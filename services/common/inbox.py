@@ -240,7 +240,10 @@ class Consumer(Generic[E]):
         """Record the events in the inbox and apply the new ones; returns those (the rest are duplicates)."""
         # One statement records the new events and names them: no read of the inbox first.
         received = now_us()
-        rows = [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in unique]
+        # In event id order: an insert waits for an id another transaction is recording, so two
+        # replicas handed the same events in other orders (a redelivery) would each wait for one
+        # the other holds (a deadlock). The handler still gets them in the order they came.
+        rows = [{"consumer": self.sub.durable, "event_id": eid, "received_at_us": received} for eid in sorted(unique)]
         recorded = set((await uow.conn.execute(self._record.stmt, self._record.params(rows))).scalars())
         fresh = {eid: e for eid, e in unique.items() if eid in recorded}
         if fresh:
