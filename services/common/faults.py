@@ -19,6 +19,15 @@ KNOWN_POINTS = frozenset(
         "gifting.after_spend_before_commit",
         "relay.after_puback_before_mark",  # before the published rows are deleted (the name predates it)
         "consumer.after_commit_before_ack",
+        # Each step of a withdrawal's hand-over to the payout provider (Payout.dispatch_once).
+        "payout.after_claim_before_submit",  # PROCESSING, the provider not called yet
+        "payout.after_submit_before_commit",  # the provider took it; its reference not stored
+        "payout.after_commit_before_callback",  # reference stored; the dev provider's callback not applied
+        # A payment callback's effect committed, the provider not answered (it sends it again).
+        "wallet.after_purchase_commit_before_answer",  # coins credited
+        "wallet.after_reversal_commit_before_answer",  # a refund or chargeback taken back
+        # Spend and SpendMany: their transaction committed, the caller not answered.
+        "wallet.after_spend_commit_before_answer",
     }
 )
 

@@ -25,7 +25,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import events_pb2, payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
-from services.common import provider_calls
+from services.common import faults, provider_calls
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     Aborted,
@@ -998,6 +998,7 @@ class Payout:
                     continue
                 if not await self._claim(row.withdrawal_id, row.creator_id):
                     continue  # a clawback since the round began holds it, or it changed meanwhile
+            faults.point("payout.after_claim_before_submit")
             try:
                 sub = await provider_calls.call(
                     self.provider.name,
@@ -1015,6 +1016,7 @@ class Payout:
                 )
                 continue
             submitted += 1
+            faults.point("payout.after_submit_before_commit")
             async with self.db.unit_of_work() as uow:
                 # Only while it waits for its reference: a callback may already have settled it.
                 await uow.conn.execute(
@@ -1023,6 +1025,7 @@ class Payout:
                     .values(provider_ref=sub.provider_ref, updated_at_us=now_us())
                 )
                 await uow.commit()
+            faults.point("payout.after_commit_before_callback")
             if sub.callback is not None:
                 payload, signature = sub.callback
                 try:

@@ -36,6 +36,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from livegifts.wallet.v1 import wallet_pb2
+from services.common import faults
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     Aborted,
@@ -288,6 +289,7 @@ class SpendBatch:
                 except DBAPIError as exc:
                     if not _retryable(exc) or attempt == DEADLOCK_RETRIES - 1:
                         raise
+            faults.point("wallet.after_spend_commit_before_answer")
             for (i, _), outcome in zip(items, decided, strict=True):
                 out[i] = outcome
         digests = {it.key: it.digest for _, it in items}

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
-from services.common import provider_calls
+from services.common import faults, provider_calls
 from services.common.batching import MicroBatcher
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
@@ -324,7 +324,7 @@ class Wallet:
         provider = self.payments.by_name(req.provider)
         event = provider.parse_callback(req.payload, req.signature)
         try:
-            return await self._apply_payment_event(provider, event)
+            answer = await self._apply_payment_event(provider, event)
         except IntegrityError:
             # A concurrent delivery of the same provider event committed first.
             return wallet_pb2.HandlePaymentEventResponse(
@@ -332,6 +332,12 @@ class Wallet:
                 purchase=await self.get_purchase(event.purchase_id),
                 duplicate=True,
             )
+        if not answer.duplicate:  # committed; the provider has no answer yet and will send it again
+            if event.target is PurchaseStatus.SUCCEEDED:
+                faults.point("wallet.after_purchase_commit_before_answer")
+            elif event.target in (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK):
+                faults.point("wallet.after_reversal_commit_before_answer")
+        return answer
 
     async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:

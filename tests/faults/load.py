@@ -19,8 +19,10 @@ from typing import TypeVar
 
 import grpc
 import nats
+import nats.js.errors
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import events_pb2 as payout_events
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.integration.helpers import signed_callback, uid
@@ -48,6 +50,7 @@ class LoadReport:
     gift_ids: set[str] = field(default_factory=set)
     ops_done: int = 0
     withdrawals: int = 0
+    withdrawal_ids: list[str] = field(default_factory=list)
     purchases_by_viewer: dict[str, list[wallet_pb2.Purchase]] = field(default_factory=dict)
 
 
@@ -281,6 +284,7 @@ async def _withdraw(report: LoadReport, payout, operator_md, creator: str) -> No
     )
     if w is not None:
         report.withdrawals += 1
+        report.withdrawal_ids.append(w.withdrawal_id)
 
 
 async def _earnings_at_least(payout, creator: str, diamonds: int, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
@@ -365,5 +369,45 @@ async def replay_events(nats_url: str, stream: str, count_max: int) -> int:
             await js.publish(msg.subject, msg.data, headers={"Nats-Msg-Id": uuid.uuid4().hex})
             replayed += 1
         return replayed
+    finally:
+        await nc.close()
+
+
+async def withdrawal_statuses(payout_addr: str, ids: list[str], want: int, timeout_s: float) -> dict[str, int]:
+    """Each withdrawal's status once all are `want`, or as they stand when `timeout_s` runs out
+    (a read answered with a retryable code, a connection the fault dropped, is read again)."""
+    got: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(payout_addr) as ch:
+        stub = payout_pb2_grpc.PayoutServiceStub(ch)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i in ids:
+                try:
+                    got[i] = (
+                        await stub.GetWithdrawal(payout_pb2.GetWithdrawalRequest(withdrawal_id=i), timeout=5)
+                    ).status
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+                        raise
+            if (len(got) == len(ids) and all(s == want for s in got.values())) or time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.2)
+
+
+async def events_by_withdrawal(nats_url: str, subject: str, count_max: int = 10_000) -> Counter[str]:
+    """How many `subject` events (payout.withdrawal.*) the PAYOUT stream holds per withdrawal id."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        out: Counter[str] = Counter()
+        seq = 1
+        for _ in range(count_max):
+            try:
+                msg = await js.get_msg("PAYOUT", seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return out
+            out[payout_events.WithdrawalChanged.FromString(msg.data).withdrawal_id] += 1
+            seq = msg.seq + 1
+        raise AssertionError(f"more than {count_max} {subject} events: raise count_max")
     finally:
         await nc.close()

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from livegifts.payout.v1 import payout_pb2
 from services.cli.audit import OK, collect, wait_until_settled
 from services.cli.suite import Suite
-from tests.faults.load import balances, replay_events, run_load
+from tests.faults.load import balances, events_by_withdrawal, replay_events, run_load, withdrawal_statuses
 from tests.integration import pg
 from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
 
@@ -40,6 +41,17 @@ REPLAY_SENSITIVE = {
 }
 OPERATOR_METADATA = (("authorization", f"Bearer {OPERATOR_TOKEN}"), ("x-operator", "fault-suite"))
 FAST_SWEEP = {"LIVEGIFTS_GIFTING_PENDING_TIMEOUT_S": "3", "LIVEGIFTS_GIFTING_SWEEP_INTERVAL_S": "0.5"}
+# Within seconds, not minutes: a withdrawal whose dev-provider callback died with payout is looked
+# up at the provider (15 min by default), and one held because the wallet could not answer for
+# its creator (killed meanwhile) is asked about again (60 s by default).
+FAST_PAYOUT = {
+    "LIVEGIFTS_PAYOUT_RECONCILE_AFTER_S": "2",
+    "LIVEGIFTS_PAYOUT_RECONCILE_INTERVAL_S": "0.5",
+    "LIVEGIFTS_PAYOUT_DISPATCH_HOLD_RECHECK_S": "1",
+}
+WITHDRAWALS_PAID_TIMEOUT_S = 30.0
+# The withdrawals come last in the load, after every gift: a point on their path fires late.
+WITHDRAWAL_FAULT_WITHIN_S = 180.0
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -83,9 +95,9 @@ def _kill_and_restart(name: str, after_s: float, down_s: float) -> Callable[[Sui
     return action
 
 
-def _dies_at(svc: str) -> Callable[[Suite, list[str]], Awaitable[None]]:
+def _dies_at(svc: str, within_s: float = 60.0) -> Callable[[Suite, list[str]], Awaitable[None]]:
     async def action(suite: Suite, log: list[str]) -> None:
-        await _restart_when_dead(suite, svc, log)
+        await _restart_when_dead(suite, svc, log, within_s)
 
     return action
 
@@ -129,6 +141,36 @@ SCENARIOS = [
         {"payout": "consumer.after_commit_before_ack@4"},
         _dies_at("payout"),
     ),
+    Scenario(
+        "wallet dies after crediting a purchase, before answering the provider",
+        {"wallet": "wallet.after_purchase_commit_before_answer@5"},
+        _dies_at("wallet"),
+    ),
+    Scenario(
+        "wallet dies after a chargeback commits, before answering the provider",
+        {"wallet": "wallet.after_reversal_commit_before_answer"},
+        _dies_at("wallet"),
+    ),
+    Scenario(
+        "wallet dies after a spend batch commits, before answering",
+        {"wallet": "wallet.after_spend_commit_before_answer@10"},
+        _dies_at("wallet"),
+    ),
+    Scenario(
+        "payout dies after claiming a withdrawal, before the provider is called",
+        {"payout": "payout.after_claim_before_submit"},
+        _dies_at("payout", WITHDRAWAL_FAULT_WITHIN_S),
+    ),
+    Scenario(
+        "payout dies after the provider took a withdrawal, before storing its reference",
+        {"payout": "payout.after_submit_before_commit"},
+        _dies_at("payout", WITHDRAWAL_FAULT_WITHIN_S),
+    ),
+    Scenario(
+        "payout dies after storing a withdrawal's reference, before its callback is applied",
+        {"payout": "payout.after_commit_before_callback"},
+        _dies_at("payout", WITHDRAWAL_FAULT_WITHIN_S),
+    ),
     Scenario("wallet is SIGKILLed mid-load", {}, _kill_and_restart("wallet", after_s=1.5, down_s=1.0)),
     Scenario("nats-server is SIGKILLed mid-load", {}, _kill_and_restart("nats", after_s=1.5, down_s=2.0)),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
@@ -147,7 +189,7 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
 ) -> None:
     if scenario.postgres_only and backend != "postgres":
         pytest.skip("drops PostgreSQL connections; SQLite has none to drop")
-    extra = {"gifting": dict(FAST_SWEEP)}
+    extra = {"gifting": dict(FAST_SWEEP), "payout": dict(FAST_PAYOUT)}
     for svc, spec in scenario.armed.items():
         extra.setdefault(svc, {})[f"LIVEGIFTS_{svc.upper()}_FAULTS"] = spec
     print(f"\n== scenario: {scenario.name} [{backend}] seed={SEED} gifts={GIFTS}")
@@ -163,6 +205,26 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
             await _load_with_faults_then_audit(scenario, suite)
         finally:
             await asyncio.to_thread(suite.stop)
+
+
+async def _every_withdrawal_paid(suite: Suite, ids: list[str]) -> None:
+    """Each withdrawal the load made ends PAID: none is left PROCESSING by a crash on its way to the provider."""
+    assert ids, "the load made no withdrawal: the withdrawal path ran without its faults"
+    statuses = await withdrawal_statuses(
+        suite.addr("payout"), ids, payout_pb2.WITHDRAWAL_STATUS_PAID, WITHDRAWALS_PAID_TIMEOUT_S
+    )
+    paid_status = payout_pb2.WITHDRAWAL_STATUS_PAID
+    unpaid = {i: payout_pb2.WithdrawalStatus.Name(statuses.get(i, 0)) for i in ids if statuses.get(i) != paid_status}
+    assert not unpaid, f"withdrawals not PAID within {WITHDRAWALS_PAID_TIMEOUT_S:.0f} s: {unpaid}"
+
+
+async def _every_withdrawal_paid_once(suite: Suite, ids: list[str]) -> None:
+    """One `payout.withdrawal.paid` event and no `failed` one per withdrawal; called once the audit
+    found the outboxes drained, so every event the services committed is in the stream."""
+    paid = await events_by_withdrawal(suite.config.nats_url, "payout.withdrawal.paid")
+    failed = await events_by_withdrawal(suite.config.nats_url, "payout.withdrawal.failed")
+    assert {i: paid[i] for i in ids} == dict.fromkeys(ids, 1), f"paid events per withdrawal: {dict(paid)}"
+    assert not any(failed[i] for i in ids), f"failed events of paid withdrawals: {dict(failed)}"
 
 
 async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None:
@@ -195,6 +257,7 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         )
         assert not report.wrong_answers, report.wrong_answers
         assert report.ops_done == GIFTS
+        await _every_withdrawal_paid(suite, report.withdrawal_ids)
 
         def fetch(ids=None):  # type: ignore[no-untyped-def]
             return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 10.0, True, ids)
@@ -203,6 +266,7 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         for check in audit:
             print(f"   audit {check.status:>9}  {check.name}: {check.detail}")
         assert all(c.status == OK for c in audit), [c for c in audit if c.status != OK]
+        await _every_withdrawal_paid_once(suite, report.withdrawal_ids)
         before = await asyncio.to_thread(fetch)
 
         # Only after the books balanced on their own: the broker redelivers. Replay stored events
