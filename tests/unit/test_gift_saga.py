@@ -349,3 +349,35 @@ async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks
         assert await _count(db, common.outbox) == 0
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "events"),
+    [
+        (wallet_pb2.CancelSpendResponse.OUTCOME_SPENT, "SENT", 1),
+        (wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED, "CANCELLED", 0),
+    ],
+)
+async def test_the_sweeper_sends_a_stale_pending_gift_the_wallet_charged_and_cancels_one_it_did_not(
+    tmp_path: Path, outcome: int, status: str, events: int
+) -> None:
+    """A gift whose spend's answer was lost (here: a status the wallet did not give) stays PENDING;
+    the sweeper asks the arbiter and ends it as the wallet says: a charged spend must end SENT with
+    its gift.sent event (cancelling it would lose the coins), a forbidden one CANCELLED."""
+    wallet = OverloadedWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+        assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 1
+        wallet.arbiter_outcome = outcome
+        await asyncio.sleep(0.01)  # past the pending timeout
+        assert await g.sweep_once() == 1
+        assert len(wallet.cancel_calls) == 1
+        assert await _count(db, gift_events, gift_events.c.status == status) == 1
+        assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 0
+        assert await _count(db, common.outbox) == events
+    finally:
+        await db.dispose()
