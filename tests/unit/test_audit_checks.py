@@ -290,6 +290,29 @@ def test_payout_books_that_do_not_add_up_fail(field: str, value: int) -> None:
     assert FAILED in statuses(evaluate(t)[0]).values()
 
 
+def test_held_diamonds_that_no_open_withdrawal_holds_fail_even_when_the_sum_adds_up() -> None:
+    """Moved from available to held without a withdrawal: credited = available + held + ... still
+    holds, so only the tie of held diamonds to open withdrawals can tell."""
+    t = read(settled_world(), [[], [], [], []], detail=False)
+    t.payout.diamonds_available -= 3
+    t.payout.diamonds_held += 3
+    check = statuses(evaluate(t)[0])["5. diamonds credited = available + held + withdrawn + clawed back"]
+    assert check == FAILED
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["ledger_sum", "unbalanced_entries", "postings_mismatch", "negative_balances_without_reversal"],
+)
+def test_wallet_books_that_do_not_add_up_fail(field: str) -> None:
+    """Each of the wallet's ledger counts fails the audit on its own, the rest of the books intact."""
+    t = read(settled_world(), [[], [], [], []], detail=False)
+    assert all(c.status == OK for c in evaluate(t)[0])
+    setattr(t.wallet, field, 1)
+    failed = [c.name for c in evaluate(t)[0] if c.status == FAILED]
+    assert failed and all(n.startswith(("1.", "6.")) for n in failed), failed
+
+
 @pytest.mark.parametrize(
     ("field", "delta"),
     [("coins_of_credited_purchases", 1), ("coins_of_reversed_purchases", 1), ("coins_issued", 1)],
