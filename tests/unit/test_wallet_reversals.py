@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common import signing
@@ -23,7 +23,7 @@ from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
-from services.wallet.storage import common, purchases, spends
+from services.wallet.storage import accounts, common, postings, purchases, spends
 from services.wallet.usecases import Wallet
 
 SECRET = b"reversal-test-secret"
@@ -178,6 +178,33 @@ async def test_the_audit_ties_each_spend_row_to_what_its_entry_posted_as_spent(w
         await uow.commit()
     audit = await wallet.audit()
     assert (audit.coins_spent, audit.coins_of_spent_rows, audit.spends_posting_mismatch) == (12, 11, 1)
+
+
+async def test_the_audit_counts_an_unbalanced_entry_a_balance_its_postings_do_not_explain_and_an_unexplained_debt(
+    wallet: Wallet,
+) -> None:
+    """Checks 1 and 6 rest on these counts: a wallet whose audit reported 0 whatever its books
+    held would pass every audit. Each tampering shows in its own count."""
+    await buy(wallet, "u")
+    await spend(wallet, "u", 7)
+    clean = await wallet.audit()
+    assert (clean.ledger_sum, clean.unbalanced_entries, clean.postings_mismatch) == (0, 0, 0)
+    assert clean.negative_balances_without_reversal == 0
+
+    async with wallet.db.unit_of_work() as uow:  # one posting more in a spend's entry: coins from nowhere
+        entry_id = (await uow.conn.execute(select(spends.c.entry_id))).scalar_one()
+        await uow.conn.execute(
+            insert(postings).values(entry_id=entry_id, account_id="system:spent:GIFT", amount=3, created_at_us=1)
+        )
+        await uow.commit()
+    audit = await wallet.audit()
+    assert (audit.ledger_sum, audit.unbalanced_entries, audit.postings_mismatch) == (3, 1, 0)
+
+    async with wallet.db.unit_of_work() as uow:  # a balance no posting explains, below zero, with no reversal
+        await uow.conn.execute(update(accounts).where(accounts.c.user_id == "u").values(balance=-5))
+        await uow.commit()
+    audit = await wallet.audit()
+    assert (audit.unbalanced_entries, audit.postings_mismatch, audit.negative_balances_without_reversal) == (1, 1, 1)
 
 
 async def test_a_partial_refund_is_refused_changes_nothing_and_is_logged_for_an_operator(
