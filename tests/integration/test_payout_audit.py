@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert, update
 
 from services.common.timeutil import now_us
-from services.payout.storage import common, earnings
+from services.payout.storage import common, creators, earnings
 from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import gift_event, payout_on
 
@@ -50,3 +50,41 @@ async def test_the_audit_counts_earnings_at_a_wrong_share_and_parked_events(payo
         await uow.commit()
     tampered = await payout.audit()
     assert (tampered.earnings_units_mismatch, tampered.earnings_unknown_share, tampered.dead_letters) == (1, 1, 1)
+
+
+async def test_the_audit_reports_creator_rows_apart_from_the_entries_they_must_match(payout: Payout) -> None:
+    """Checks 4 and 5 compare the creators' columns with the records behind them (earnings,
+    open and paid withdrawals, clawback entries): each side must be read from its own table, or a
+    creator row changed with no record behind it passes every audit."""
+    events = [gift_event("creator-a", 400), gift_event("creator-b", 400)]
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, events)
+        await uow.commit()
+    clean = await payout.audit()
+    assert clean.ledger_sum == 0
+    assert (clean.diamonds_held, clean.diamonds_withdrawn, clean.diamonds_clawed_back) == (0, 0, 0)
+
+    c = creators.c
+    async with payout.db.unit_of_work() as uow:
+        # Coins received with no earning behind them; diamonds moved from available to held,
+        # withdrawn and clawed back with no withdrawal or clawback entry behind them.
+        await uow.conn.execute(update(creators).where(c.creator_id == "creator-a").values(coins_received=401))
+        await uow.conn.execute(
+            update(creators)
+            .where(c.creator_id == "creator-b")
+            .values(
+                diamonds_available=c.diamonds_available - 9,
+                diamonds_held=5,
+                diamonds_withdrawn=3,
+                diamonds_clawed_back=1,
+            )
+        )
+        await uow.commit()
+    tampered = await payout.audit()
+    assert tampered.ledger_sum == 1
+    assert (tampered.diamonds_held, tampered.diamonds_withdrawn, tampered.diamonds_clawed_back) == (5, 3, 1)
+    assert (
+        tampered.diamonds_in_open_withdrawals,
+        tampered.diamonds_in_paid_withdrawals,
+        tampered.diamonds_in_clawback_entries,
+    ) == (0, 0, 0)
