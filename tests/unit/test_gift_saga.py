@@ -381,3 +381,24 @@ async def test_the_sweeper_sends_a_stale_pending_gift_the_wallet_charged_and_can
         assert await _count(db, common.outbox) == events
     finally:
         await db.dispose()
+
+
+async def test_the_audit_counts_a_pending_gift_with_its_coins_and_then_as_cancelled(tmp_path: Path) -> None:
+    """Check 3 bounds the wallet's spends by gifting's pending coins and its cancelled gifts by the
+    wallet's cancelled spends: a GetAudit that reported neither would let charged-but-lost and
+    cancelled-but-charged gifts pass as work in flight."""
+    wallet = OverloadedWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+        audit = await g.audit()
+        assert (audit.gifts_pending, audit.coins_pending, audit.gifts_sent, audit.gifts_cancelled) == (1, 5, 0, 0)
+        await asyncio.sleep(0.01)
+        assert await g.sweep_once() == 1  # the arbiter says CANCELLED
+        audit = await g.audit()
+        assert (audit.gifts_pending, audit.coins_pending, audit.gifts_sent, audit.gifts_cancelled) == (0, 0, 0, 1)
+    finally:
+        await db.dispose()
