@@ -35,7 +35,7 @@ from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
-from services.payout.storage import common
+from services.payout.storage import common, daily_withdrawals
 from services.payout.usecases import Payout
 
 SECRET = b"dispatch-test-secret"
@@ -182,6 +182,13 @@ async def test_a_withdrawal_is_claimed_before_the_provider_is_asked(setup) -> No
     assert await payout.dispatch_once() == 0 and provider.submitted == [withdrawal_id]  # handed over once
 
 
+async def day_gross(payout: Payout, creator: str) -> list[int]:
+    """The gross cash `creator`'s withdrawals count against the daily maximum, per day."""
+    d = daily_withdrawals.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return list((await uow.conn.execute(select(d.gross_minor).where(d.creator_id == creator))).scalars())
+
+
 async def test_an_operator_may_reject_an_approved_withdrawal_until_the_dispatcher_claims_it(setup) -> None:  # type: ignore[no-untyped-def]
     payout, provider, _path = setup
     rejected = await approved_withdrawal(payout, "creator-a")
@@ -196,6 +203,8 @@ async def test_an_operator_may_reject_an_approved_withdrawal_until_the_dispatche
     assert (out.status, out.failure_reason) == (payout_pb2.WITHDRAWAL_STATUS_REJECTED, "fraud review")
     earnings = await payout.get_earnings("creator-a")
     assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)  # released
+    assert await day_gross(payout, "creator-a") == [0]  # and no longer counted against the day's maximum
+    assert await day_gross(payout, "creator-b") == [10_000]
     assert await payout.dispatch_once() == 1 and provider.submitted == [claimed]  # never the rejected one
     with pytest.raises(FailedPrecondition) as refused:  # claimed: on its way, too late to reject
         await payout.reject_withdrawal(reject(claimed), "ops")
@@ -640,6 +649,7 @@ async def test_a_withdrawal_the_provider_refuses_for_good_fails_and_its_diamonds
     assert row.failure_reason == "refused by the provider: account closed"
     earnings = await payout.get_earnings("creator-a")
     assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)  # released, as FAILED does
+    assert await day_gross(payout, "creator-a") == [0]  # the day's maximum too
     assert failures("submit", "refused") == counted + 1
     o = common.outbox.c
     async with payout.db.unit_of_work(readonly=True) as uow:
