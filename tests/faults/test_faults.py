@@ -273,6 +273,8 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         # past JetStream's de-duplication; the inboxes must make them no-ops (a replay first
         # would re-deliver events a broken consumer had lost and hide the loss).
         replayed = {stream: await replay_events(suite.config.nats_url, stream, 60) for stream in ("GIFTING", "WALLET")}
+        # Nothing replayed would leave the checks below comparing the books with themselves.
+        assert all(replayed.values()), f"no stored event was replayed: {replayed}"
         await asyncio.sleep(REPLAY_SETTLE_S)
         audit = await asyncio.to_thread(wait_until_settled, fetch, DRAIN_TIMEOUT_S)
         totals = await asyncio.to_thread(fetch)
