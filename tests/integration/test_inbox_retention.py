@@ -78,6 +78,31 @@ async def test_rows_past_the_retention_go_in_chunks_and_younger_ones_stay(
         assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
 
 
+async def test_the_row_of_an_event_still_parked_stays_however_old(db: Database) -> None:
+    """A parked event may have been applied by a later redelivery; its replay must find the inbox
+    row, or it is applied twice. A row whose event is parked for another consumer is not kept."""
+    await _received(db, {"parked": 0, "parked-elsewhere": 0, "done": 0})
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(common.dead_letters),
+            [
+                {
+                    "consumer": consumer,
+                    "subject": "s",
+                    "event_id": eid,
+                    "payload": b"",
+                    "error": "x",
+                    "received_at_us": 0,
+                }
+                for consumer, eid in (("c", "parked"), ("other", "parked-elsewhere"))
+            ],
+        )
+        await uow.commit()
+    pruner = InboxPruner(db, common, _settings(db.url))
+    assert await pruner.prune_once(now=NOW_US) == 2
+    assert await _ids(db) == ["parked"]
+
+
 async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
     db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
