@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 
 from livegifts.payout.v1 import payout_pb2
-from services.cli.audit import OK, collect, wait_until_settled
+from services.cli.audit import OK, Totals, collect, wait_until_settled
 from services.cli.suite import Suite
 from tests.faults.load import balances, events_by_withdrawal, replay_events, run_load, withdrawal_statuses
 from tests.integration import pg
@@ -37,7 +37,7 @@ REPLAY_SETTLE_S = 2.0
 REPLAY_SENSITIVE = {
     "payout": ("coins_received", "earned_units", "diamonds_credited", "events_consumed", "diamonds_clawed_back"),
     "wallet": ("coins_issued", "coins_spent", "coins_reversed", "coins_in_user_balances", "spends"),
-    "gifting": ("gifts_sent", "coins_sent"),
+    "gifting": ("gifts_sent", "coins_sent", "leaderboard_coins"),
 }
 OPERATOR_METADATA = (("authorization", f"Bearer {OPERATOR_TOKEN}"), ("x-operator", "fault-suite"))
 FAST_SWEEP = {"LIVEGIFTS_GIFTING_PENDING_TIMEOUT_S": "3", "LIVEGIFTS_GIFTING_SWEEP_INTERVAL_S": "0.5"}
@@ -227,6 +227,25 @@ async def _every_withdrawal_paid_once(suite: Suite, ids: list[str]) -> None:
     assert not any(failed[i] for i in ids), f"failed events of paid withdrawals: {dict(failed)}"
 
 
+def _leaderboards_caught_up(fetch: Callable[[], Totals]) -> Totals:
+    """Totals once the creator leaderboards count every sent coin, exactly once.
+
+    The leaderboards are gifting's own consumer of its gift.sent events, outside the audit's
+    invariants: without this, one that lost or double-counted an event (a broken inbox) passed.
+    """
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        totals = fetch()
+        counted, sent = totals.gifting.leaderboard_coins, totals.gifting.coins_sent
+        if counted > sent:
+            pytest.fail(f"the leaderboards counted {counted} coins of {sent} sent: an event counted twice")
+        if counted == sent:
+            return totals
+        if time.monotonic() > deadline:
+            pytest.fail(f"the leaderboards counted {counted} of {sent} sent coins after {DRAIN_TIMEOUT_S:g} s")
+        time.sleep(0.2)
+
+
 async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None:
     """Run the load with the scenario's faults, then require the audit and the clients' view to agree."""
     log: list[str] = []
@@ -267,7 +286,7 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
             print(f"   audit {check.status:>9}  {check.name}: {check.detail}")
         assert all(c.status == OK for c in audit), [c for c in audit if c.status != OK]
         await _every_withdrawal_paid_once(suite, report.withdrawal_ids)
-        before = await asyncio.to_thread(fetch)
+        before = await asyncio.to_thread(_leaderboards_caught_up, fetch)
 
         # Only after the books balanced on their own: the broker redelivers. Replay stored events
         # past JetStream's de-duplication; the inboxes must make them no-ops (a replay first
