@@ -191,18 +191,20 @@ async def test_a_withdrawal_is_paid_and_its_diamonds_leave_for_good(clients, dep
 
 async def test_a_failed_withdrawal_gives_the_diamonds_back(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     creator = uid("creator")
-    await fund(clients, deployment, creator, 60_000)
+    await fund(clients, deployment, creator, 600_000)  # 300,000 diamonds = $1,500
     # The development provider fails payouts to addresses at fail.invalid.
     method_id = await verified_method(clients, deployment, creator, f"{creator}@fail.invalid")
-    wd = await clients.payout.RequestWithdrawal(withdraw(creator, 20_000, method_id))
+    wd = await clients.payout.RequestWithdrawal(withdraw(creator, 80_000, method_id))  # $400, auto-approved
     failed = await settled(clients, wd.withdrawal_id)
     assert failed.status == W.WITHDRAWAL_STATUS_FAILED
     assert failed.failure_reason
     after = await earnings(clients, creator)
-    assert (after.diamonds_available, after.diamonds_held, after.diamonds_withdrawn) == (30_000, 0, 0)
-    # The failed amount no longer counts against the day: the same amount can be asked again.
-    again = await clients.payout.RequestWithdrawal(withdraw(creator, 20_000, method_id))
-    assert again.status == W.WITHDRAWAL_STATUS_APPROVED
+    assert (after.diamonds_available, after.diamonds_held, after.diamonds_withdrawn) == (300_000, 0, 0)
+    # The failed amount no longer counts against the day: two more $400 fit under the $1,000
+    # daily maximum only if the failed $400 was taken off the day's total.
+    for _ in range(2):
+        again = await clients.payout.RequestWithdrawal(withdraw(creator, 80_000, method_id))
+        assert again.status == W.WITHDRAWAL_STATUS_APPROVED
     assert_books_balance(await clients.payout.GetAudit(W.GetAuditRequest()))
 
 
