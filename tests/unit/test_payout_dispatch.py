@@ -211,6 +211,35 @@ async def test_an_operator_may_reject_an_approved_withdrawal_until_the_dispatche
     assert refused.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
 
 
+async def test_an_operator_cannot_approve_a_reviewed_withdrawal_while_a_clawback_holds_the_balance_negative(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    payout, _provider, path = setup
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
+        await uow.commit()
+    wd = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id="creator-a",
+            diamonds=120_000,
+            method_id=await verified_method(payout, "creator-a"),
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+
+    def approve() -> payout_pb2.ApproveWithdrawalRequest:
+        return payout_pb2.ApproveWithdrawalRequest(withdrawal_id=wd.withdrawal_id, idempotency_key=uuid.uuid4().hex)
+
+    set_available(path, "creator-a", -50)  # a clawback after the request took the balance below zero
+    with pytest.raises(FailedPrecondition) as held:
+        await payout.approve_withdrawal(approve(), "ops")
+    assert held.value.reason == "BALANCE_NEGATIVE"
+    assert await status_of(payout, wd.withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    set_available(path, "creator-a", 0)  # repaid
+    assert (await payout.approve_withdrawal(approve(), "ops")).status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+
+
 class EligibilityWallet:
     """The wallet's GetAccountRestrictions, from a set of blocked users the test changes."""
 
