@@ -292,9 +292,13 @@ def _credit_statements(dialect: str) -> _CreditStatements:
             ],
             on_conflict=lambda stmt: stmt.on_conflict_do_nothing(),
         ),
+        # Creator order is Python's sorted() order, by code point, as clawbacks and withdrawals
+        # take the rows (`Payout._apply_claws`): COLLATE "C" sorts UTF-8 text by code point. The
+        # database's own collation may not (en_US, as the postgres image has it, puts "alice"
+        # before "Bob"), and a gift batch and a clawback of those two creators deadlocked.
         lock=select(c.creator_id)
         .where(one_of_param(dialect, c.creator_id, "ids"))
-        .order_by(c.creator_id)
+        .order_by(c.creator_id.collate("C"))
         .with_for_update()
         if dialect == "postgresql"
         else None,
@@ -1561,7 +1565,10 @@ class Payout:
     async def _apply_claws(self, uow: UnitOfWork, claws: list[_Claw], also_lock: tuple[str, ...] = ()) -> None:
         """Write what `claws` took to the creators' rows, each row once and in creator order (with
         `also_lock`, rows the caller writes next, locked in the same order), then one clawbacks
-        row and one `payout.diamonds.clawed_back` event per entry and creator, in entry order."""
+        row and one `payout.diamonds.clawed_back` event per entry and creator, in entry order.
+
+        Creator order is sorted()'s, by code point, whatever the database's collation: a gift
+        batch locks the same rows in that order too (`_credit_statements`, COLLATE "C")."""
         if not any(cl.by_creator for cl in claws):
             return
         ts = now_us()

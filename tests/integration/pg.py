@@ -59,9 +59,9 @@ def admin_url_or_skip() -> str:
     return url
 
 
-def create_database(admin_url: str, name: str) -> None:
-    """CREATE DATABASE name."""
-    _run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
+def create_database(admin_url: str, name: str, options: str = "") -> None:
+    """CREATE DATABASE name, with `options` (e.g. its locale) if any."""
+    _run(_execute(admin_url, f'CREATE DATABASE "{name}" {options}'.rstrip()))
 
 
 def drop_database(admin_url: str, name: str) -> None:

@@ -24,6 +24,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.common.db import Database
 from services.payout.storage import clawback_shortfalls, creators
 from services.payout.usecases import Payout
+from tests.integration import pg
 from tests.unit.test_payout_dispatch import payout_on, verified_method
 
 NOW_S = 1_795_305_600
@@ -36,6 +37,23 @@ async def payout(empty_database: str) -> AsyncIterator[Payout]:
         pytest.skip("SQLite has one writer: clawbacks never wait for each other's rows")
     async with payout_on(empty_database, pool_size=6) as (p, _provider):
         yield p
+
+
+@pytest.fixture
+async def payout_en_us() -> AsyncIterator[Payout]:
+    """Payout over a PostgreSQL database whose text sorts as people read it ('alice' before 'Bob'),
+    as the postgres image under docker-compose sorts (en_US.utf8); ICU's en-US here."""
+    admin = pg.admin_url_or_skip()
+    name = f"lg_en_us_{uuid.uuid4().hex[:12]}"
+    try:
+        pg.create_database(admin, name, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    except Exception as exc:  # noqa: BLE001 - a server without ICU (or before PostgreSQL 15) cannot run this test
+        pytest.skip(f"no ICU collation on this server: {exc!r}")
+    try:
+        async with payout_on(pg.database_url(admin, name), pool_size=6) as (p, _provider):
+            yield p
+    finally:
+        pg.drop_database(admin, name)
 
 
 def count_deadlocks(db: Database) -> list[int]:
@@ -190,5 +208,25 @@ async def test_a_gift_batch_and_a_reversal_batch_for_the_same_two_creators_both_
     assert results == [None, None]
     assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
     for c in ("creator-a", "creator-b"):
+        earned = await payout.get_earnings(c)
+        assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
+
+
+async def test_a_gift_batch_and_a_reversal_batch_lock_creators_alike_whatever_the_collation(
+    payout_en_us: Payout,
+) -> None:
+    # The database sorts "alice" before "Bob", Python's sorted() the other way round (by code
+    # point): the gift batch locks its creators' rows in the database's order, the clawback in
+    # Python's, unless both orders are the same.
+    payout = payout_en_us
+    deadlocks = count_deadlocks(payout.db)
+    for creator in ("alice", "Bob"):
+        await consume(payout, gifts=[gift("s1", creator, 10_000, NOW_S - 60)])
+    credit = consume(payout, gifts=[gift("s2", c, 1_000, NOW_S) for c in ("alice", "Bob")])
+    clawback = consume(payout, [reversal("r1", "s1", 20_000, NOW_S)])  # takes from both creators
+    results = await while_creator_held(payout, "alice", credit, clawback)
+    assert results == [None, None]
+    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
+    for c in ("alice", "Bob"):
         earned = await payout.get_earnings(c)
         assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
