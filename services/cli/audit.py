@@ -341,7 +341,7 @@ def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozen
             "6. no negative balance without a reversal",
             w.negative_balances_without_reversal == 0,
             False,
-            f"{w.negative_balances_without_reversal} accounts",
+            f"{w.negative_balances_without_reversal} accounts below what their reversals explain",
         ),
         _parked_check(g, p),
         _outbox_check(t, marks),

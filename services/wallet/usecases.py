@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -1003,12 +1003,23 @@ class Wallet:
                     .where(accounts.c.balance != func.coalesce(sums.c.s, 0))
                 )
             ).scalar_one()
-            reversed_users = select(purchases.c.user_id).where(
-                purchases.c.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value])
+            # A balance goes below zero only by reversals (a spend never overdraws), and by at most
+            # the coins they took back: a debt deeper than every coin reversed from the user is
+            # one no reversal explains, even for a user with a reversal.
+            reversed_coins = (
+                select(purchases.c.user_id, func.sum(purchases.c.coins).label("coins"))
+                .where(purchases.c.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value]))
+                .group_by(purchases.c.user_id)
+                .subquery()
             )
             negative = (
                 await c.execute(
-                    select(func.count()).where(and_(accounts.c.balance < 0, accounts.c.user_id.not_in(reversed_users)))
+                    select(func.count())
+                    .select_from(accounts.outerjoin(reversed_coins, reversed_coins.c.user_id == accounts.c.user_id))
+                    .where(
+                        accounts.c.balance < 0,
+                        accounts.c.balance < -func.coalesce(reversed_coins.c.coins, 0),
+                    )
                 )
             ).scalar_one()
             spend_counts = (

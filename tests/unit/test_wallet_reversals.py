@@ -207,6 +207,27 @@ async def test_the_audit_counts_an_unbalanced_entry_a_balance_its_postings_do_no
     assert (audit.unbalanced_entries, audit.postings_mismatch, audit.negative_balances_without_reversal) == (1, 1, 1)
 
 
+async def test_a_debt_deeper_than_the_coins_reversed_fails_check_6_even_for_a_user_with_a_reversal(
+    wallet: Wallet,
+) -> None:
+    """A spend never overdraws: a balance goes below zero by reversals only, and by at most the
+    coins they took back. A user with any reversal once passed check 6 whatever their debt, so an
+    overdraw on the spend path, for that user, passed every audit."""
+    p = await buy(wallet, "u")  # 70 coins
+    await spend(wallet, "u", 50)
+    await callback(wallet, p, "charge.dispute.lost")  # 20 - 70: a debt of 50, explained
+    explained = await wallet.audit()
+    assert explained.negative_balances_without_reversal == 0
+    async with wallet.db.unit_of_work() as uow:
+        balance = (await uow.conn.execute(select(accounts.c.balance).where(accounts.c.user_id == "u"))).scalar_one()
+    assert balance == -50
+    for tampered, unexplained in ((-70, 0), (-71, 1)):  # at most the 70 coins reversed
+        async with wallet.db.unit_of_work() as uow:
+            await uow.conn.execute(update(accounts).where(accounts.c.user_id == "u").values(balance=tampered))
+            await uow.commit()
+        assert (await wallet.audit()).negative_balances_without_reversal == unexplained, tampered
+
+
 async def test_a_partial_refund_is_refused_changes_nothing_and_is_logged_for_an_operator(
     wallet: Wallet, caplog: pytest.LogCaptureFixture
 ) -> None:
