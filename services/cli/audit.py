@@ -11,14 +11,16 @@ it, so each read bounds the one before it, even while gifts keep coming:
 Totals outside these bounds are FAILED at once: a gift sent without its coins, coins charged for
 no gift, diamonds for coins never sent. A difference inside them is work in flight. Checks
 within one service (a ledger that balances, diamonds that are the exact share of the coins
-received) hold in every snapshot and are FAILED whenever they do not.
+received, leaderboards that never counted more coins than were sent) hold in every snapshot and
+are FAILED whenever they do not.
 
 Totals alone settle only when traffic stops. With `detail`, the per-id records of each service's
 AuditService are compared too, and the audit settles id by id: the ids in flight at the first
 look (a gift pending, charged but not yet sent, sent but not yet credited) are read again, those
 ids alone, until each has settled or the wait runs out. Outbox rows settle the same way, by the
-highest id written at the first look. Gifts that began after the first look are the next audit's,
-so an audit with `detail` passes under steady traffic.
+highest id written at the first look, and the leaderboards by the coins sent by then. Gifts that
+began after the first look are the next audit's, so an audit with `detail` passes under steady
+traffic.
 """
 
 from __future__ import annotations
@@ -258,7 +260,10 @@ def _reported(msg: Any, field: str) -> int | None:
     return getattr(msg, field) if msg.HasField(field) else None
 
 
-Marks = dict[str, int]  # service -> the highest outbox id written when the audit first looked
+# What the audit saw at its first look, the cut-offs of later looks: per service the highest
+# outbox id written, and under SENT_COINS_MARK the coins gifting had sent.
+Marks = dict[str, int]
+SENT_COINS_MARK = "gifting coins sent"
 
 
 def outbox_marks(t: Totals) -> Marks:
@@ -269,6 +274,12 @@ def outbox_marks(t: Totals) -> Marks:
         if last is not None:
             out[name] = last
     return out
+
+
+def first_look_marks(t: Totals) -> Marks:
+    """The outbox marks, and the coins gifting had sent by the end of these totals' reads."""
+    g2 = t.gifting_after if t.gifting_after is not None else t.gifting
+    return {**outbox_marks(t), SENT_COINS_MARK: g2.coins_sent}
 
 
 def _outbox_check(t: Totals, marks: Marks | None) -> Check:
@@ -343,6 +354,7 @@ def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozen
             False,
             f"{w.negative_balances_without_reversal} accounts below what their reversals explain",
         ),
+        _leaderboards_check(g, g2, marks),
         _parked_check(g, p),
         _outbox_check(t, marks),
     ]
@@ -427,6 +439,32 @@ def _held_check(p: Any) -> Check:
         f" + {p.diamonds_clawed_back}; held in open withdrawals {p.diamonds_in_open_withdrawals},"
         f" paid out {p.diamonds_in_paid_withdrawals}, in clawback entries {p.diamonds_in_clawback_entries}",
     )
+
+
+LEADERBOARDS_LINE = "6. the creator leaderboards count every sent coin once"
+
+
+def _leaderboards_check(g: Any, g2: Any, marks: Marks | None) -> Check:
+    """Gifting's creator leaderboards (all time) against its sent gifts, tips and unlocks.
+
+    The leaderboards are gifting's own consumer of its gift.sent events, one per SENT gift of
+    every kind, each adding its coins to its creator's board once (the stream boards leave out
+    unlocks, which have no stream). Within one snapshot they cannot have counted more than was
+    sent: more is an event counted twice, FAILED at once. Less is events not yet consumed, or
+    lost: in flight until they count every coin, or with the first look's marks (the wait) every
+    coin sent by the first look, so the wait passes under steady traffic. Only once the traffic
+    stops does the equality also rule out a lost event that later coins make up for.
+    """
+    over = [x for x in (g, g2) if x.leaderboard_coins > x.coins_sent]
+    counted, sent = g2.leaderboard_coins, g2.coins_sent
+    detail = f"counted {counted} of {sent} coins sent"
+    if over:
+        detail = "; ".join(f"counted {x.leaderboard_coins} of {x.coins_sent} coins sent" for x in over)
+        return Check(LEADERBOARDS_LINE, FAILED, f"{detail}: an event counted twice")
+    mark = (marks or {}).get(SENT_COINS_MARK)
+    if counted != sent and mark is not None:
+        detail += f"; {'every coin' if counted >= mark else 'not every coin'} sent by the first look ({mark}) counted"
+    return _verdict(LEADERBOARDS_LINE, counted == sent or (mark is not None and counted >= mark), True, detail)
 
 
 def _parked_check(g: Any, p: Any) -> Check:
@@ -533,7 +571,7 @@ def wait_until_settled(
             time.sleep(RECHECK_S)
             continue
         if marks is None:
-            marks = outbox_marks(totals)
+            marks = first_look_marks(totals)
             deadline = time.monotonic() + timeout_s
         report, flying = evaluate(totals, marks)
         if totals.by_id:

@@ -33,11 +33,13 @@ class World:
     gifts: dict[str, list] = field(default_factory=dict)  # type: ignore[type-arg]
     spends: dict[str, list] = field(default_factory=dict)  # type: ignore[type-arg]
     earnings: dict[str, int] = field(default_factory=dict)
+    leaderboard: dict[str, int] = field(default_factory=dict)  # coins gifting's leaderboards counted
     parked: int = 0
     wallet_outbox: tuple[int, int] = (0, 0)  # (first pending id, last id)
 
     def advance(self, gid: str, coins: int, cancel: bool) -> None:
-        """One step of a gift's life: begin, then charge (or cancel), send, credit."""
+        """One step of a gift's life: begin, then charge (or cancel), send, credit and count on
+        the leaderboards (both consumers of its gift.sent event)."""
         gift, spend = self.gifts.get(gid), self.spends.get(gid)
         if gift is None:
             self.gifts[gid] = ["PENDING", coins]
@@ -51,6 +53,7 @@ class World:
             gift[0] = "SENT"
         elif gift[0] == "SENT" and gid not in self.earnings:
             self.earnings[gid] = gift[1]
+            self.leaderboard[gid] = gift[1]
 
     def settle(self) -> None:
         for gid in list(self.gifts):
@@ -88,6 +91,7 @@ class World:
             gifts_pending=len(of("PENDING")),
             coins_pending=sum(of("PENDING")),
             gifts_cancelled=len(of("CANCELLED")),
+            leaderboard_coins=sum(self.leaderboard.values()),
             dead_letters=0,
             outbox_first_pending_id=0,
             outbox_last_id=0,
@@ -547,3 +551,45 @@ def test_totals_alone_fail_a_sent_gift_without_spend_beside_a_cancelled_gift_tha
     report, _ = evaluate(read(world, [[], [], [], []], detail=False))
     assert statuses(report)["3. every cancelled gift's spend was settled cancelled"] == FAILED, report
     assert [c.name for c in report if c.status == FAILED] == ["3. every cancelled gift's spend was settled cancelled"]
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_leaderboard_that_counted_an_event_twice_fails(detail: bool) -> None:
+    """Gifting's leaderboards are its own read model: every other check holds when they are wrong."""
+    world = settled_world()
+    world.leaderboard["g001x"] = world.leaderboard["g001"]  # its event applied twice
+    report = statuses(evaluate(read(world, [[], [], [], []], detail))[0])
+    assert report[audit.LEADERBOARDS_LINE] == FAILED
+    assert [n for n, s in report.items() if s != OK] == [audit.LEADERBOARDS_LINE]
+
+
+def test_a_leaderboard_that_lost_an_event_is_in_flight_until_the_wait_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "RECHECK_S", 0.01)
+    world = settled_world()
+    del world.leaderboard["g004"]  # its event never counted
+    assert statuses(evaluate(read(world, [[], [], [], []], True))[0])[audit.LEADERBOARDS_LINE] == IN_FLIGHT
+    report = wait_until_settled(lambda ids=None: read(world, [[], [], [], []], True, ids), 0.2)
+    (check,) = [c for c in report if c.name == audit.LEADERBOARDS_LINE]
+    assert check.status == FAILED and "not settled after" in check.detail
+
+
+def test_leaderboards_behind_on_gifts_sent_after_the_first_look_do_not_hold_up_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Steady traffic: at every look a gift has been sent the leaderboards have not counted yet,
+    so they never equal the coins sent; the wait passes once they count what the first look saw."""
+    monkeypatch.setattr(audit, "RECHECK_S", 0.0)
+    world = settled_world()
+    apply(world, [(7, False)] * 3)  # g007 sent, not yet counted
+    nxt = iter(range(20, 200))
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        t = read(world, [[], [], [], []], detail=True, ids=ids)
+        world.settle()  # everything seen so far is credited and counted
+        apply(world, [(next(nxt) - 10, False)] * 3)  # and a new gift is sent, not yet counted
+        return t
+
+    first = fetch()
+    assert statuses(evaluate(first)[0])[audit.LEADERBOARDS_LINE] == IN_FLIGHT
+    report = wait_until_settled(fetch, 10.0)
+    assert all(c.status == OK for c in report), report
