@@ -397,12 +397,22 @@ def _diamonds_checks(t: Totals, by_id: bool) -> list[Check]:
     g, p = t.gifting, t.payout
     mismatch = _reported(p, "earnings_units_mismatch") or 0
     unknown = _reported(p, "earnings_unknown_share") or 0
+    units_diff = _reported(p, "creator_units_minus_earnings")
+    coins_diff = _reported(p, "creator_coins_minus_earnings")
     # Per creator diamonds = floor(units / 10000) and the remainder is kept; summed over creators
     # that is credited * 10000 + remainders = units, exactly. Each event's units are its coins
-    # times a share some policy version set.
+    # times a share some policy version set. The creators' units and coins are each those of the
+    # earnings behind them; an older payout reports only their sum (ledger_sum), in which a unit
+    # too many and a coin too few cancel out.
+    rows_agree = p.ledger_sum == 0
+    if units_diff is None or coins_diff is None:
+        rows = f"creators vs earnings differ by {p.ledger_sum} (units + coins; an older payout)"
+    else:
+        rows_agree = rows_agree and units_diff == 0 and coins_diff == 0
+        rows = f"creators vs earnings differ by {units_diff} units, {coins_diff} coins"
     exact = (
         p.diamonds_credited * 10_000 + p.remainder_units == p.earned_units
-        and p.ledger_sum == 0
+        and rows_agree
         and mismatch == 0
         and unknown == 0
     )
@@ -412,7 +422,7 @@ def _diamonds_checks(t: Totals, by_id: bool) -> list[Check]:
             exact,
             False,
             f"{p.diamonds_credited} diamonds + remainders {p.remainder_units}/10000 = {p.earned_units} units;"
-            f" creators vs earnings differ by {p.ledger_sum}; earnings with units != coins x share {mismatch},"
+            f" {rows}; earnings with units != coins x share {mismatch},"
             f" at a share no policy set {unknown}",
         ),
         _bounded(

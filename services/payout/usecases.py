@@ -1777,6 +1777,10 @@ class Payout:
             pending = await self.outbox.pending(uow)
             first_pending, last = await self.outbox.marks(uow)
         events, units_by_event, coins_by_event = ledger
+        # Creator rows vs the per-event record, each 0 when they agree. Reported apart: in one sum
+        # (ledger_sum, kept for older CLIs) a unit too many and a coin too few cancel out.
+        units_diff = int(totals[1]) - int(units_by_event)
+        coins_diff = int(totals[0]) - int(coins_by_event)
         return payout_pb2.PayoutAudit(
             coins_received=int(totals[0]),
             earned_units=int(totals[1]),
@@ -1788,8 +1792,9 @@ class Payout:
             diamonds_clawed_back=int(totals[7]),
             events_consumed=int(events),
             outbox_pending=pending,
-            # Creator rows vs the per-event record: 0 when they agree on units and coins.
-            ledger_sum=int(totals[1]) - int(units_by_event) + int(totals[0]) - int(coins_by_event),
+            ledger_sum=units_diff + coins_diff,
+            creator_units_minus_earnings=units_diff,
+            creator_coins_minus_earnings=coins_diff,
             clawed_units=int(totals[8]),
             clawback_remainder_units=int(totals[9]),
             withdrawals_pending=int(open_[0]),

@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import insert, update
 
+from livegifts.gifting.v1 import gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.cli.audit import FAILED, Totals, check_invariants
 from services.common.timeutil import now_us
 from services.payout.storage import common, creators, earnings
 from services.payout.usecases import Payout
@@ -88,3 +91,34 @@ async def test_the_audit_reports_creator_rows_apart_from_the_entries_they_must_m
         tampered.diamonds_in_paid_withdrawals,
         tampered.diamonds_in_clawback_entries,
     ) == (0, 0, 0)
+
+
+async def test_creator_units_and_coins_off_in_opposite_directions_are_reported_apart(payout: Payout) -> None:
+    """A creator row one unit over its earnings and one coin under them: ledger_sum, their sum
+    (kept for older CLIs), is 0, and the row's diamonds and remainder still add up to its units,
+    so only the two differences reported apart tell, and the audit's check 4 must fail on them."""
+    events = [gift_event("creator-a", 400), gift_event("creator-b", 400)]
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, events)
+        await uow.commit()
+    clean = await payout.audit()
+    assert (clean.ledger_sum, clean.creator_units_minus_earnings, clean.creator_coins_minus_earnings) == (0, 0, 0)
+
+    c = creators.c
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            update(creators)
+            .where(c.creator_id == "creator-a")
+            .values(earned_units=c.earned_units + 1, coins_received=c.coins_received - 1)
+        )
+        await uow.commit()
+    tampered = await payout.audit()
+    assert tampered.ledger_sum == 0  # the old field keeps its meaning
+    assert (tampered.creator_units_minus_earnings, tampered.creator_coins_minus_earnings) == (1, -1)
+    assert tampered.diamonds_credited * 10_000 + tampered.remainder_units == tampered.earned_units
+
+    sent = gifting_pb2.GiftingAudit(gifts_sent=2, coins_sent=800)
+    for detail_records in (None, {}):  # totals alone, and with (empty) per-id records
+        t = Totals(wallet_pb2.WalletAudit(), sent, tampered, detail_records, detail_records, detail_records)
+        check = next(c for c in check_invariants(t) if c.name.startswith("4. diamonds"))
+        assert check.status == FAILED and "1 units, -1 coins" in check.detail, check

@@ -74,6 +74,8 @@ class World:
             events_consumed=len(self.earnings),
             earnings_units_mismatch=0,
             earnings_unknown_share=0,
+            creator_units_minus_earnings=0,
+            creator_coins_minus_earnings=0,
             dead_letters=self.parked,
             outbox_first_pending_id=0,
             outbox_last_id=0,
@@ -292,6 +294,29 @@ def test_payout_books_that_do_not_add_up_fail(field: str, value: int) -> None:
     t = read(world, [[], [], [], []], detail=False)
     setattr(t.payout, field, value)
     assert FAILED in statuses(evaluate(t)[0]).values()
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_creator_rows_off_by_opposite_units_and_coins_fail_though_their_sum_is_0(detail: bool) -> None:
+    """A unit too many and a coin too few: ledger_sum (their sum, for older CLIs) is 0, and the
+    coins short of gifting's are within the bounds of work in flight."""
+    t = read(settled_world(), [[], [], [], []], detail)
+    t.payout.earned_units += 1
+    t.payout.remainder_units += 1
+    t.payout.coins_received -= 1
+    t.payout.creator_units_minus_earnings, t.payout.creator_coins_minus_earnings = 1, -1
+    report = statuses(evaluate(t)[0])
+    assert report["4. diamonds = exact creator share of the coins received"] == FAILED, report
+
+
+def test_an_older_payout_without_the_differences_is_checked_on_their_sum() -> None:
+    t = read(settled_world(), [[], [], [], []], detail=False)
+    t.payout.ClearField("creator_units_minus_earnings")
+    t.payout.ClearField("creator_coins_minus_earnings")
+    check = next(c for c in evaluate(t)[0] if c.name == "4. diamonds = exact creator share of the coins received")
+    assert check.status == OK and "older payout" in check.detail
+    t.payout.ledger_sum = 1
+    assert statuses(evaluate(t)[0])[check.name] == FAILED
 
 
 def test_held_diamonds_that_no_open_withdrawal_holds_fail_even_when_the_sum_adds_up() -> None:
