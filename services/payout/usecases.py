@@ -28,6 +28,7 @@ from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults, provider_calls
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
+    INT64_MAX,
     Aborted,
     DomainError,
     FailedPrecondition,
@@ -36,6 +37,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
     check,
+    is_text,
     require_id,
     require_positive,
 )
@@ -158,11 +160,18 @@ def _encode_token(ts_us: int, key: str) -> str:
 
 
 def _decode_token(token: str) -> tuple[int, str]:
+    """The (instant, id) of a token `_encode_token` made; INVALID_PAGE_TOKEN for anything else.
+
+    A token is the caller's to send back, so it may be forged: an instant outside the bigint
+    column, or an id PostgreSQL cannot compare (a NUL), failed in the driver as INTERNAL."""
     try:
         ts, _, key = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        return int(ts), key
+        ts_us = int(ts)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
+    if not 0 <= ts_us <= INT64_MAX or not is_text(key):
+        raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
+    return ts_us, key
 
 
 async def _newest_first(

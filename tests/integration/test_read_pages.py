@@ -1,0 +1,49 @@
+"""Read side: paged lists refuse tokens they never gave with one stable reason, on every service."""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+import pytest
+
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from tests.integration.helpers import expect_error, uid
+
+
+def _token(text: str) -> str:
+    """A page token shaped like payout's (url-safe base64 of "<micros>:<id>") with any content."""
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+FORGED_TOKENS = [
+    pytest.param(_token(f"{2**63}:e"), id="instant past int64"),
+    pytest.param(_token(f"{-(2**63) - 1}:e"), id="instant below int64"),
+    pytest.param(_token("1:\x00"), id="nul in the id"),
+    pytest.param("not a token", id="not base64"),
+]
+
+
+@pytest.mark.parametrize("token", FORGED_TOKENS)
+async def test_payout_lists_refuse_a_forged_page_token_as_invalid_not_internal(clients, token: str) -> None:  # type: ignore[no-untyped-def]
+    creator = uid("creator")
+    await expect_error(
+        clients.payout.ListEarnings(payout_pb2.ListEarningsRequest(creator_id=creator, page_token=token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+    await expect_error(
+        clients.payout.ListWithdrawals(payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_token=token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+
+
+@pytest.mark.parametrize("token", ["-1", "0", str(2**63), "1\x00"])
+async def test_the_wallet_refuses_a_forged_page_token_as_invalid_not_internal(clients, token: str) -> None:  # type: ignore[no-untyped-def]
+    await expect_error(
+        clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=uid("u"), page_token=token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
