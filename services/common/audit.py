@@ -13,7 +13,7 @@ from sqlalchemy import Table, select
 
 from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from services.common.db import Database
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, is_text
 from services.common.grpcserver import ServiceRegistration
 
 PAGE_SIZE_DEFAULT = 1000
@@ -77,6 +77,14 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
         if len(request.ids) > IDS_MAX:
             raise InvalidArgument(f"at most {IDS_MAX} ids", "TOO_MANY_IDS")
+        # Ids are compared with stored ones: text PostgreSQL cannot hold (a NUL) failed in the
+        # driver, as INTERNAL, instead of naming the argument.
+        if not is_text(request.page_token):
+            raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
+        if not is_text(request.up_to):
+            raise InvalidArgument("up_to must be text without control characters", "INVALID_ID", field="up_to")
+        if not all(is_text(i) for i in request.ids):
+            raise InvalidArgument("ids must be text without control characters", "INVALID_ID", field="ids")
         records = await query(request.page_token, size, list(request.ids), request.up_to)
         out = audit_pb2.ListAuditRecordsResponse(records=records)
         if not request.ids and len(records) == size:

@@ -7,6 +7,7 @@ import base64
 import grpc
 import pytest
 
+from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from tests.integration.helpers import expect_error, uid
@@ -47,3 +48,21 @@ async def test_the_wallet_refuses_a_forged_page_token_as_invalid_not_internal(cl
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_PAGE_TOKEN",
     )
+
+
+@pytest.mark.parametrize(
+    ("service", "kind"), [("wallet", "spends"), ("gifting", "gifts"), ("payout", "earnings")], ids=str
+)
+async def test_audit_records_refuse_a_page_token_or_id_no_record_can_have(deployment, service: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(getattr(deployment, f"{service}_addr")) as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        await expect_error(
+            audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(kind=kind, page_token="a\x00")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        )
+        for bad in (
+            audit_pb2.ListAuditRecordsRequest(kind=kind, up_to="a\x00"),
+            audit_pb2.ListAuditRecordsRequest(kind=kind, ids=["ok", "a\x00"]),
+        ):
+            await expect_error(audit.ListAuditRecords(bad), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ID")
