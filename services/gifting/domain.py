@@ -139,6 +139,16 @@ def stats_window_us(from_us: int | None, to_us: int | None, now: int) -> tuple[i
     return start, to
 
 
+def stats_hours(start_us: int, end_us: int) -> tuple[int, int]:
+    """The hourly buckets [first, end) of the window [start, end): those whose hour starts in it.
+
+    Stats are kept per UTC hour, so a window off the hour (a creator at UTC+5:30 asking day by
+    day) cannot be cut exactly. Each hour goes to the window its start falls in: back-to-back
+    windows never count an hour twice or leave one out, and a window ending now includes the
+    hour under way."""
+    return -(-start_us // US_PER_HOUR), -(-end_us // US_PER_HOUR)
+
+
 @dataclass(frozen=True)
 class SentCoins:
     """What the read models need of one gifting.gift.sent event."""

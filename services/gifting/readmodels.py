@@ -152,7 +152,8 @@ class ReadModels:
         )
 
     async def creator_stats(self, req: gifting_pb2.GetCreatorStatsRequest) -> gifting_pb2.CreatorStats:
-        """Coins a creator received in [from, to), by gift, by stream and by hour (hour granularity)."""
+        """Coins a creator received in [from, to), by gift, by stream and by hour: the UTC hours
+        that start in the window (`domain.stats_hours`)."""
         require_id(req.creator_id, "creator_id")
         start_us, end_us = domain.stats_window_us(
             getattr(req, "from").ToMicroseconds() if req.HasField("from") else None,
@@ -160,8 +161,7 @@ class ReadModels:
             now_us(),
         )
         h = creator_stats_hourly.c
-        first_hour = start_us // domain.US_PER_HOUR
-        end_hour = -(-end_us // domain.US_PER_HOUR)  # the hour holding `to`, included
+        first_hour, end_hour = domain.stats_hours(start_us, end_us)
         where = (h.creator_id == req.creator_id, h.hour >= first_hour, h.hour < end_hour)
         coins, events = func.sum(h.coins).label("coins"), func.sum(h.events).label("events")
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:  # the three sections agree
