@@ -40,6 +40,12 @@ LATE_PAYMENT_FAILURES = Counter(
     "Failure callbacks accepted without effect: the purchase was no longer PENDING (wallet)",
     ["status"],
 )
+# Wallet and payout: signed provider callbacks refused because their event id was recorded
+# for another purchase or withdrawal (a provider bug; PROVIDER_EVENT_ID_REUSED).
+PROVIDER_EVENT_IDS_REUSED = Counter(
+    "livegifts_provider_event_ids_reused_total",
+    "Provider callbacks refused: their event id was first recorded for another purchase or withdrawal",
+)
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
 CLAWBACK_SHORTFALL_OPEN = Gauge(
     "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"

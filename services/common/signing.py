@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any
 
-from services.common.errors import Unauthenticated, is_text
+from services.common.errors import FailedPrecondition, Unauthenticated, is_text
+from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER_MAX = 1024
 
@@ -82,3 +86,34 @@ def int_field(body: dict[str, Any], name: str) -> int:
     if type(value) is not int:
         raise BodyError(f"{name} is not an integer")
     return value
+
+
+def event_id_reused(
+    provider: str, provider_event_id: str, noun: str, first_id: str, named_id: str
+) -> FailedPrecondition:
+    """The refusal of a signed callback whose event id was recorded for another `noun` (logged, counted).
+
+    A provider bug: its event ids key our de-duplication. Choices: A) answer OK as a duplicate,
+    with the record the id was first recorded for; B) refuse. B: an OK tells the provider this
+    event was applied, and it was not (the record it names never sees it: a payment taken and
+    never credited, a payout never settled); the refusal keeps the event on the provider's
+    failing-webhook list and in our log on each retry until someone settles it, as an amount
+    mismatch is. The id stays with the first record, whose retries are still duplicates.
+    """
+    log.warning(
+        "provider callback refused: its event id was recorded for another %s",
+        noun,
+        extra={
+            "provider": provider,
+            "provider_event_id": provider_event_id,
+            f"first_{noun}_id": first_id,
+            f"named_{noun}_id": named_id,
+        },
+    )
+    PROVIDER_EVENT_IDS_REUSED.inc()
+    return FailedPrecondition(
+        f"this provider event id was recorded for another {noun}",
+        "PROVIDER_EVENT_ID_REUSED",
+        provider_event_id=provider_event_id,
+        **{f"{noun}_id": first_id},
+    )

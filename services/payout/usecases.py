@@ -25,7 +25,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import events_pb2, payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
-from services.common import faults, provider_calls
+from services.common import faults, provider_calls, signing
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     INT64_MAX,
@@ -1228,7 +1228,12 @@ class Payout:
         try:
             return await self._apply_payout_event(event)
         except IntegrityError:
-            # A concurrent delivery of the same provider event committed first.
+            # A concurrent delivery of the same provider event id committed first: a duplicate,
+            # unless that delivery named another withdrawal.
+            async with self.db.unit_of_work(readonly=True) as uow:
+                first = await self._event_recorded_for(uow, event)
+            if first is not None and first != event.withdrawal_id:
+                raise self._event_id_reused(event, first) from None
             return payout_pb2.HandlePayoutEventResponse(
                 provider_event_id=event.provider_event_id,
                 withdrawal=await self.get_withdrawal(event.withdrawal_id),
@@ -1239,14 +1244,9 @@ class Payout:
         check(self.provider is not None, "self.provider is not None")
         async with self.db.unit_of_work() as uow:
             row = await self._load_withdrawal(uow, event.withdrawal_id)
-            pe = payout_events.c
-            seen = (
-                await uow.conn.execute(
-                    select(pe.withdrawal_id).where(
-                        pe.provider == self.provider.name, pe.provider_event_id == event.provider_event_id
-                    )
-                )
-            ).first()
+            seen = await self._event_recorded_for(uow, event)
+            if seen is not None and seen != row.withdrawal_id:
+                raise self._event_id_reused(event, seen)
             if seen is not None or row.status == event.target.value:
                 return payout_pb2.HandlePayoutEventResponse(
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
@@ -1283,6 +1283,25 @@ class Payout:
             await uow.commit()
         return payout_pb2.HandlePayoutEventResponse(
             provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(moved), duplicate=False
+        )
+
+    async def _event_recorded_for(self, uow: UnitOfWork, event: PayoutEvent) -> str | None:
+        """The withdrawal this provider event id was recorded for, or None if it is new."""
+        check(self.provider is not None, "self.provider is not None")
+        pe = payout_events.c
+        return (
+            await uow.conn.execute(
+                select(pe.withdrawal_id).where(
+                    pe.provider == self.provider.name, pe.provider_event_id == event.provider_event_id
+                )
+            )
+        ).scalar()
+
+    def _event_id_reused(self, event: PayoutEvent, first_withdrawal_id: str) -> FailedPrecondition:
+        """PROVIDER_EVENT_ID_REUSED for a callback naming another withdrawal than its event id's first one."""
+        check(self.provider is not None, "self.provider is not None")
+        return signing.event_id_reused(
+            self.provider.name, event.provider_event_id, "withdrawal", first_withdrawal_id, event.withdrawal_id
         )
 
     # ---- clawback ------------------------------------------------------------------------

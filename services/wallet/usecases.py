@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
-from services.common import faults, provider_calls
+from services.common import faults, provider_calls, signing
 from services.common.batching import MicroBatcher
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
@@ -326,7 +326,12 @@ class Wallet:
         try:
             answer = await self._apply_payment_event(provider, event)
         except IntegrityError:
-            # A concurrent delivery of the same provider event committed first.
+            # A concurrent delivery of the same provider event id committed first: a duplicate,
+            # unless that delivery named another purchase.
+            async with self.db.unit_of_work(readonly=True) as uow:
+                first = await self._event_recorded_for(uow, provider, event)
+            if first is not None and first != event.purchase_id:
+                raise _event_id_reused(provider, event, first) from None
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id,
                 purchase=await self.get_purchase(event.purchase_id),
@@ -347,16 +352,11 @@ class Wallet:
             row = (
                 await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
             ).first()
-            seen = (
-                await uow.conn.execute(
-                    select(payment_events.c.purchase_id).where(
-                        payment_events.c.provider == provider.name,
-                        payment_events.c.provider_event_id == event.provider_event_id,
-                    )
-                )
-            ).first()
+            seen = await self._event_recorded_for(uow, provider, event)
             if row is None:
                 raise NotFound("callback for an unknown purchase", "UNKNOWN_PURCHASE")
+            if seen is not None and seen != event.purchase_id:
+                raise _event_id_reused(provider, event, seen)
             if seen is not None:
                 # Read again: `row` may predate the delivery that recorded this event.
                 now_row = (
@@ -466,6 +466,15 @@ class Wallet:
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
+
+    async def _event_recorded_for(self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent) -> str | None:
+        """The purchase this provider event id was recorded for, or None if it is new."""
+        e = payment_events.c
+        return (
+            await uow.conn.execute(
+                select(e.purchase_id).where(e.provider == provider.name, e.provider_event_id == event.provider_event_id)
+            )
+        ).scalar()
 
     async def _record_payment_event(
         self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent, purchase_id: str, ts: int
@@ -1136,6 +1145,13 @@ def _promotion_pb(r) -> wallet_pb2.Promotion:  # type: ignore[no-untyped-def]
         starts_at=to_timestamp(r.starts_at_us),
         ends_at=to_timestamp(r.ends_at_us),
         active=r.active,
+    )
+
+
+def _event_id_reused(provider: PaymentProvider, event: ProviderEvent, first_purchase_id: str) -> FailedPrecondition:
+    """PROVIDER_EVENT_ID_REUSED for a callback naming another purchase than its event id's first one."""
+    return signing.event_id_reused(
+        provider.name, event.provider_event_id, "purchase", first_purchase_id, event.purchase_id
     )
 
 

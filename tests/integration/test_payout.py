@@ -412,6 +412,42 @@ async def test_payout_callbacks_with_a_bad_signature_or_for_an_unknown_withdrawa
     )
 
 
+async def test_an_event_id_reused_for_another_withdrawal_is_refused_and_the_first_withdrawal_keeps_it(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """A provider bug: an event id it sent for one withdrawal comes again naming another."""
+    secret = deployment.payout_secret.encode()
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 100_000)  # 50,000 diamonds
+    method_id = await verified_method(clients, deployment, creator)
+    first = await settled(
+        clients, (await clients.payout.RequestWithdrawal(withdraw(creator, 20_000, method_id))).withdrawal_id
+    )
+    other = await settled(
+        clients, (await clients.payout.RequestWithdrawal(withdraw(creator, 24_000, method_id))).withdrawal_id
+    )
+    assert (first.status, other.status) == (W.WITHDRAWAL_STATUS_PAID, W.WITHDRAWAL_STATUS_PAID)
+    event_id = f"evt_{first.provider_ref}"  # the id of the development provider's callback for `first`
+
+    def callback(w: payout_pb2.Withdrawal, event_type: str) -> payout_pb2.HandlePayoutEventRequest:
+        payload = dev_payout_payload(event_id, event_type, w.withdrawal_id, w.net.amount_minor, w.net.currency_code)
+        return W.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(secret, payload))
+
+    for event_type in ("payout.paid", "payout.failed"):
+        err = await expect_error(
+            clients.payout.HandlePayoutEvent(callback(other, event_type)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "PROVIDER_EVENT_ID_REUSED",
+        )
+        assert first.withdrawal_id in str(err.trailing_metadata()), err.trailing_metadata()
+    assert await clients.payout.GetWithdrawal(W.GetWithdrawalRequest(withdrawal_id=other.withdrawal_id)) == other
+    # The id still belongs to the first withdrawal: its retry is a duplicate.
+    again = await clients.payout.HandlePayoutEvent(callback(first, "payout.paid"))
+    assert again.duplicate and again.withdrawal == first
+    after = await earnings(clients, creator)
+    assert (after.diamonds_available, after.diamonds_held, after.diamonds_withdrawn) == (6_000, 0, 44_000)
+
+
 async def test_a_callback_from_an_unknown_provider_with_a_huge_name_keeps_its_stable_reason(  # type: ignore[no-untyped-def]
     clients, deployment
 ) -> None:

@@ -75,6 +75,44 @@ async def test_a_signed_success_callback_credits_the_coins_once_however_often_it
     ]
 
 
+async def test_an_event_id_reused_for_another_purchase_is_refused_and_the_first_purchase_keeps_it(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """A provider bug: an event id it sent for one purchase comes again naming another."""
+    secret, user = deployment.webhook_secret, uid("viewer")
+    first, other = await new_purchase(clients.wallet, user), await new_purchase(clients.wallet, user)
+    event_id = uid("evt")
+    paid = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", first, event_id))
+    reused = signed_callback(secret, "payment.succeeded", other, event_id)
+    for _ in range(2):  # the provider retries a refusal: each retry is refused alike
+        err = await expect_error(
+            clients.wallet.HandlePaymentEvent(reused), OK.FAILED_PRECONDITION, "PROVIDER_EVENT_ID_REUSED"
+        )
+        assert first.purchase_id in str(err.trailing_metadata()), err.trailing_metadata()
+    pending = await clients.wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=other.purchase_id))
+    assert pending.status == wallet_pb2.PURCHASE_STATUS_PENDING and await balance_of(clients.wallet, user) == 700
+    # The id still belongs to the first purchase: its retry is a duplicate.
+    again = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", first, event_id))
+    assert again.duplicate and again.purchase == paid.purchase
+    # Once the provider sends the other purchase's event under an id of its own, it applies.
+    fixed = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", other))
+    assert (fixed.purchase.status, fixed.duplicate) == (wallet_pb2.PURCHASE_STATUS_SUCCEEDED, False)
+    assert await balance_of(clients.wallet, user) == 1400
+
+    # Both at once: one is applied, the other refused, whichever records the id first.
+    a, b = await new_purchase(clients.wallet, user), await new_purchase(clients.wallet, user)
+    event_id = uid("evt")
+    answers = await asyncio.gather(
+        *(clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", p, event_id)) for p in (a, b)),
+        return_exceptions=True,
+    )
+    refused = [x for x in answers if isinstance(x, grpc.aio.AioRpcError)]
+    applied = [x for x in answers if not isinstance(x, BaseException)]
+    assert len(refused) == 1 and reason_of(refused[0]) == "PROVIDER_EVENT_ID_REUSED", answers
+    assert len(applied) == 1 and not applied[0].duplicate, answers
+    assert await balance_of(clients.wallet, user) == 2100
+
+
 async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothing(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     user = uid("viewer")
     purchase = await new_purchase(clients.wallet, user)
