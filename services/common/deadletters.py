@@ -13,12 +13,14 @@ import logging
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 from services.common.auth import OperatorAuth
-from services.common.db import Database
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.db import Database, UnitOfWork
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, require_key
 from services.common.grpcserver import ServiceRegistration
+from services.common.idempotency import lookup, record, request_hash
 from services.common.inbox import Consumer, ReplayFailed
 from services.common.tables import CommonTables
 from services.common.telemetry import current_trace_id
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 500
 _OUTCOME = dead_letters_pb2.ReplayDeadLetterResponse
+REPLAY_SCOPE = "ReplayDeadLetter"
 
 
 def _dead_letter_pb(r: dict[str, Any]) -> dead_letters_pb2.DeadLetter:
@@ -40,6 +43,13 @@ def _dead_letter_pb(r: dict[str, Any]) -> dead_letters_pb2.DeadLetter:
         error=r["error"],
         parked_at=to_timestamp(r["received_at_us"]),
         payload_bytes=len(r["payload"]),
+    )
+
+
+def _answer(parked: dict[str, Any], applied: bool) -> dead_letters_pb2.ReplayDeadLetterResponse:
+    return _OUTCOME(
+        dead_letter=_dead_letter_pb(parked),
+        outcome=_OUTCOME.OUTCOME_APPLIED if applied else _OUTCOME.OUTCOME_DUPLICATE,
     )
 
 
@@ -74,6 +84,20 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         operator = self.auth.require(context)
         if request.id <= 0:
             raise InvalidArgument("id is required", "MISSING_FIELD", field="id")
+        # The key is optional (callers from before it keep their answers). With one, a retry of a
+        # replay that went through answers as it did, not UNKNOWN_DEAD_LETTER; the answer is
+        # recorded in the replay's own transaction, so it exists exactly when the replay took effect.
+        key = require_key(request.idempotency_key) if request.idempotency_key else ""
+        digest = request_hash(request) if key else ""
+        if key:
+            stored = await self._stored_answer(key, digest)
+            if stored is not None:
+                return stored
+
+        async def on_replayed(uow: UnitOfWork, parked: dict[str, Any], applied: bool) -> None:
+            if key:
+                await record(uow, self.tables.idempotency, REPLAY_SCOPE, key, digest, _answer(parked, applied))
+
         d = self.tables.dead_letters.c
         async with self.db.unit_of_work(readonly=True) as uow:
             consumer = (await uow.conn.execute(select(d.consumer).where(d.id == request.id))).scalar()
@@ -85,7 +109,15 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                     f"consumer {consumer} no longer runs in this service", "UNKNOWN_CONSUMER", consumer=consumer
                 )
             try:
-                found = await c.replay(request.id)
+                found = await c.replay(request.id, on_replayed)
+            except IntegrityError:
+                if not key:
+                    raise
+                # A concurrent call with this key committed first (the replay rolled back).
+                stored = await self._stored_answer(key, digest)
+                if stored is None:
+                    raise Aborted("a concurrent replay conflicted, retry with the same key", "CONFLICT") from None
+                return stored
             except ReplayFailed as exc:
                 # The whole error (SQL, values, traceback) goes to the log, under this call's
                 # trace id; the answer names the trace so the operator finds it there.
@@ -108,6 +140,10 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                     trace_id=trace_id,
                 ) from None
         if found is None:  # never parked, or replayed already (by this call's retry or another operator)
+            # A concurrent call with this key may have replayed it since the look-up above.
+            stored = await self._stored_answer(key, digest) if key else None
+            if stored is not None:
+                return stored
             raise NotFound("no event is parked with this id (replayed already?)", "UNKNOWN_DEAD_LETTER")
         parked, applied = found
         log.info(
@@ -120,10 +156,12 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                 "operator": operator,
             },
         )
-        return _OUTCOME(
-            dead_letter=_dead_letter_pb(parked),
-            outcome=_OUTCOME.OUTCOME_APPLIED if applied else _OUTCOME.OUTCOME_DUPLICATE,
-        )
+        return _answer(parked, applied)
+
+    async def _stored_answer(self, key: str, digest: str) -> dead_letters_pb2.ReplayDeadLetterResponse | None:
+        """The answer a replay under `key` gave, or None; IDEMPOTENCY_KEY_REUSED for another dead letter."""
+        async with self.db.unit_of_work(readonly=True) as uow:
+            return await lookup(uow, self.tables.idempotency, REPLAY_SCOPE, key, digest, _OUTCOME)
 
 
 def dead_letter_registration(

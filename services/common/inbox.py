@@ -250,13 +250,18 @@ class Consumer(Generic[E]):
             await self.sub.handle(uow, list(fresh.values()))
         return fresh
 
-    async def replay(self, dead_letter_id: int) -> tuple[dict[str, Any], bool] | None:
+    async def replay(
+        self,
+        dead_letter_id: int,
+        on_replayed: Callable[[UnitOfWork, dict[str, Any], bool], Awaitable[None]] | None = None,
+    ) -> tuple[dict[str, Any], bool] | None:
         """Apply a parked event again (an operator's call, once its cause is fixed): its row as it
         was, and whether it was applied now (False: the inbox held it, nothing changed); None if
-        no such row is parked for this consumer. The inbox record, the effect and the row's
-        removal commit together; a failure leaves the row as it was. A failure of the event (it
-        cannot be decoded, the handler raised) is ReplayFailed; a failure of the database (down,
-        deadlock, serialization) propagates as it is, for the service's error mapping."""
+        no such row is parked for this consumer. The inbox record, the effect, the row's removal
+        and `on_replayed(uow, row, applied)` (the caller's idempotency record) commit together; a
+        failure leaves the row as it was. A failure of the event (it cannot be decoded, the
+        handler raised) is ReplayFailed; a failure of the database (down, deadlock,
+        serialization) or of `on_replayed` propagates as it is, for the service's error mapping."""
         d = self.tables.dead_letters.c
         async with self.db.unit_of_work() as uow:
             # Locked (PostgreSQL; SQLite serializes writers): a concurrent replay of the same row
@@ -297,6 +302,8 @@ class Consumer(Generic[E]):
                     # key values, which stay in the log (ReplayFailed.detail).
                     raise ReplayFailed(parked, f"the consumer raised {type(exc).__name__}", _whole(exc)) from exc
             await uow.conn.execute(delete(self.tables.dead_letters).where(d.id == dead_letter_id))
+            if on_replayed is not None:
+                await on_replayed(uow, parked, bool(fresh))
             await uow.commit()
         CONSUMED.labels(self.sub.durable, "replayed" if fresh else "duplicate").inc()
         return parked, bool(fresh)

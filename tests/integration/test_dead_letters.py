@@ -96,9 +96,9 @@ class _Rig:
         async with self.h.db.unit_of_work(readonly=True) as uow:
             return int((await uow.conn.execute(select(func.max(d.c.id)))).scalar_one())
 
-    async def replay(self, dead_letter_id: int) -> Any:
+    async def replay(self, dead_letter_id: int, key: str = "") -> Any:
         return await self.stub.ReplayDeadLetter(
-            dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id), metadata=OPERATOR
+            dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id, idempotency_key=key), metadata=OPERATOR
         )
 
     async def parked(self, **request: Any) -> Any:
@@ -288,6 +288,46 @@ async def _deadlock(uow: UnitOfWork) -> None:
 
 async def _a_conflict_to_retry(uow: UnitOfWork) -> None:
     raise Aborted("a concurrent change won; retry", "CONFLICT")  # what a consumer says to retry
+
+
+async def test_a_retried_replay_with_its_key_answers_as_the_first_and_the_key_for_another_is_refused(
+    rig: _Rig,
+) -> None:
+    event, other = (events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c") for _ in range(2))
+    row, other_row = await rig.park(event), await rig.park(other)
+    await expect_error(rig.replay(row, "k" * 129), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY")
+    rig.poison.add(event.event_id)  # a failed replay records no answer: the key's retry replays it
+    await expect_error(rig.replay(row, "replay-1"), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
+    rig.poison.clear()
+
+    first = await rig.replay(row, "replay-1")
+    assert first.outcome == Outcome.OUTCOME_APPLIED and first.dead_letter.event_id == event.event_id
+    # The answer to the first call was lost: its retry answers the same, and applies nothing more.
+    assert await rig.replay(row, "replay-1") == first
+    assert await rig.applied(event.event_id) == 1
+    await expect_error(rig.replay(other_row, "replay-1"), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    assert [d.id for d in (await rig.parked()).dead_letters] == [other_row] and await rig.applied(other.event_id) == 0
+    # Without a key, as before there was one: a second replay finds nothing parked.
+    await expect_error(rig.replay(row), grpc.StatusCode.NOT_FOUND, "UNKNOWN_DEAD_LETTER")
+    assert (await rig.replay(other_row, "replay-2")).outcome == Outcome.OUTCOME_APPLIED
+
+
+async def test_concurrent_replays_under_one_key_apply_once_and_answer_alike(rig: _Rig) -> None:
+    event, other = (events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c") for _ in range(2))
+    row, other_row = await rig.park(event), await rig.park(other)
+    rig.slow.update({event.event_id, other.event_id})  # the calls overlap while the first holds its row
+    same = await asyncio.gather(rig.replay(row, "replay-a"), rig.replay(row, "replay-a"))
+    assert same[0] == same[1] and same[0].outcome == Outcome.OUTCOME_APPLIED, same
+    assert await rig.applied(event.event_id) == 1
+
+    # One key for two dead letters at once: one replays, the other is refused and stays parked.
+    row = await rig.park(events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c"))
+    answers = await asyncio.gather(
+        rig.replay(row, "replay-b"), rig.replay(other_row, "replay-b"), return_exceptions=True
+    )
+    codes = sorted(a.code().name if isinstance(a, grpc.aio.AioRpcError) else "OK" for a in answers)
+    assert codes == ["ALREADY_EXISTS", "OK"], answers
+    assert len((await rig.parked()).dead_letters) == 1
 
 
 @pytest.mark.parametrize(

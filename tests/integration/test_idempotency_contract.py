@@ -11,7 +11,8 @@ request under the same key. Against the running suite, each case checks:
 
 Provider callbacks (HandlePaymentEvent, HandlePayoutEvent) are keyed by the provider's event id
 instead (test_wallet.py and test_payout.py cover their duplicates); the items of SendGifts and
-SpendMany answer one by one (test_send_gifts.py, test_spend_many.py).
+SpendMany answer one by one (test_send_gifts.py, test_spend_many.py); the operator's
+ReplayDeadLetter takes an optional key (test_dead_letters.py).
 """
 
 from __future__ import annotations
