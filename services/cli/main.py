@@ -28,6 +28,12 @@ app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, 
 console = Console()
 err_console = Console(stderr=True)
 DEADLINE_S = 10.0
+# `dead-letters replay`: calls of one run, all under its key, when the answer is lost or says to
+# retry (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED: the replay may have committed), and the pause
+# before the second and third.
+REPLAY_ATTEMPTS_MAX = 3
+REPLAY_RETRY_PAUSES_S = (0.5, 2.0)
+_REPLAY_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 DEMO_PROGRESS_EVERY_S = 5.0  # `demo`: how often its wait for the creator's diamonds says how far it has come
 AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id says how far it has come
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
@@ -534,20 +540,40 @@ def dead_letters_replay(
     payout_addr: PayoutAddr = "127.0.0.1:50053",
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
+    idempotency_key: Annotated[
+        str,
+        typer.Option(
+            help="the replay's key (default: a new one); give the one a failed run printed to retry it safely"
+        ),
+    ] = "",
 ) -> None:
     """Apply one parked event again through its consumer, once; exit 1 if it fails again (it stays parked)."""
     from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 
     addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
+    # One key for every call of this run (and for a later run given it): a retry of a replay that
+    # went through answers as it did instead of NOT_FOUND.
+    key = idempotency_key or f"cli-replay-{uuid.uuid4().hex}"
+    request = dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id, idempotency_key=key)
+    metadata = _operator(operator_token, var)
     with grpc.insecure_channel(_service_addr(service, addrs)) as ch:
-        try:
-            answer = dead_letters_pb2_grpc.DeadLetterServiceStub(ch).ReplayDeadLetter(
-                dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id),
-                metadata=_operator(operator_token, var),
-                timeout=DEADLINE_S,
-            )
-        except grpc.RpcError as exc:
-            _fail(exc)
+        stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
+        for attempt in range(REPLAY_ATTEMPTS_MAX):
+            try:
+                answer = stub.ReplayDeadLetter(request, metadata=metadata, timeout=DEADLINE_S)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() not in _REPLAY_RETRYABLE:  # type: ignore[attr-defined]
+                    _fail(exc)
+                if attempt + 1 == REPLAY_ATTEMPTS_MAX:
+                    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+                    console.print(
+                        f"to try again without replaying twice: --idempotency-key {key}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                    raise typer.Exit(1) from None
+                time.sleep(REPLAY_RETRY_PAUSES_S[attempt])
     d = answer.dead_letter
     if answer.outcome == dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED:
         console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}")

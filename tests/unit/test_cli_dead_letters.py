@@ -1,13 +1,15 @@
-"""`livegifts dead-letters list --limit`: a cut list always says so."""
+"""`livegifts dead-letters`: a list cut by --limit says so; a replay retries a lost answer under its key."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
+from services.cli import main
 from services.cli.main import app
 
 
@@ -43,3 +45,73 @@ def test_a_list_cut_by_limit_says_so_even_at_a_page_s_end(
     )
     assert result.exit_code == 0, result.output
     assert ("more parked events than --limit" in result.output) is cut, result.output
+
+
+class _Lost(grpc.RpcError):
+    """An answer that did not arrive (the replay may have committed)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "the answer was lost"
+
+
+def _replay_stub(failures: list[grpc.StatusCode], requests: list[Any]) -> type:
+    """A DeadLetterService whose ReplayDeadLetter fails with `failures` first, then replays."""
+
+    class Stub:
+        def __init__(self, channel: Any) -> None:
+            pass
+
+        def ReplayDeadLetter(self, request: Any, **kwargs: Any) -> dead_letters_pb2.ReplayDeadLetterResponse:
+            requests.append(request)
+            if failures:
+                raise _Lost(failures.pop(0))
+            return dead_letters_pb2.ReplayDeadLetterResponse(
+                dead_letter=dead_letters_pb2.DeadLetter(id=request.id, consumer="payout-gift-sent", event_id="e7"),
+                outcome=dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED,
+            )
+
+    return Stub
+
+
+def _replay(*extra: str) -> Any:
+    return CliRunner().invoke(
+        app, ["dead-letters", "replay", "7", "--service", "payout", "--operator-token", "t", *extra]
+    )
+
+
+def test_a_replay_whose_answer_was_lost_is_retried_under_the_same_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[Any] = []
+    lost = [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE]
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _replay_stub(lost, requests))
+    monkeypatch.setattr(main, "REPLAY_RETRY_PAUSES_S", (0.0, 0.0))
+    result = _replay()
+    assert result.exit_code == 0 and "event e7 applied" in result.output, result.output
+    keys = {r.idempotency_key for r in requests}
+    assert len(requests) == 3 and len(keys) == 1 and keys.pop(), requests
+
+
+def test_a_replay_that_keeps_failing_prints_its_key_and_a_given_key_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[Any] = []
+    lost = [grpc.StatusCode.UNAVAILABLE] * main.REPLAY_ATTEMPTS_MAX
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _replay_stub(lost, requests))
+    monkeypatch.setattr(main, "REPLAY_RETRY_PAUSES_S", (0.0, 0.0))
+    result = _replay()
+    key = requests[0].idempotency_key
+    assert result.exit_code == 1 and f"--idempotency-key {key}" in result.output, result.output
+
+    requests.clear()
+    result = _replay("--idempotency-key", key)  # the operator's retry: the service answers the first replay's answer
+    assert result.exit_code == 0 and [r.idempotency_key for r in requests] == [key], result.output
+
+    requests.clear()  # a refusal that is no outage is not retried
+    monkeypatch.setattr(
+        dead_letters_pb2_grpc, "DeadLetterServiceStub", _replay_stub([grpc.StatusCode.NOT_FOUND], requests)
+    )
+    result = _replay()
+    assert result.exit_code == 1 and "NOT_FOUND" in result.output and len(requests) == 1, result.output
