@@ -141,6 +141,23 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+_tracer = trace.get_tracer(__name__)
+
+
+def background_span(name: str, **attributes: str) -> Any:
+    """A context manager: a new trace for one item of a background loop's work (a swept gift, a
+    dispatched withdrawal), current while it runs.
+
+    Without it that work ran outside any trace: its wallet or provider calls were lone root
+    spans, the events it wrote carried no trace context (so their consumers' spans began new,
+    unrelated traces) and its log lines had no trace id. A root, not a child of the loop: a
+    loop that runs for days would make one endless trace. A no-op when spans are not recorded.
+    """
+    return _tracer.start_as_current_span(
+        name, context=otel_context.Context(), kind=trace.SpanKind.INTERNAL, attributes=attributes
+    )
+
+
 def inject_headers(context: Any = None) -> dict[str, str]:
     """The current trace context (or `context`) as message headers (W3C traceparent)."""
     carrier: dict[str, str] = {}

@@ -51,6 +51,7 @@ from services.common.idempotency import key_reused, run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
+from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -1138,11 +1139,13 @@ class Gifting:
             ids = (await uow.conn.execute(stale)).scalars().all()
         settled = 0
         for event_id in ids:
-            answer = await self._arbiter(event_id)
-            if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
-                await self._mark_sent(event_id, answer.spend.balance_after)
-            else:
-                await self._cancel(event_id, "SWEPT")
+            # A trace per gift: its CancelSpend, and the gift.sent event with payout's credit.
+            with background_span("sweep gift", **{"gift.event_id": event_id}):
+                answer = await self._arbiter(event_id)
+                if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+                    await self._mark_sent(event_id, answer.spend.balance_after)
+                else:
+                    await self._cancel(event_id, "SWEPT")
             settled += 1
         return settled
 

@@ -54,6 +54,7 @@ from services.common.metrics import (
 from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
 from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
+from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
@@ -1006,49 +1007,51 @@ class Payout:
         WITHDRAWALS_PROCESSING_OLDEST.set(0 if since_us is None else max(0, now_us() - since_us) / 1e6)
         submitted = 0
         for row in rows:
-            if row.status == WithdrawalStatus.APPROVED.value:
-                if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id):
-                    continue
-                if not await self._claim(row.withdrawal_id, row.creator_id):
-                    continue  # a clawback since the round began holds it, or it changed meanwhile
-            faults.point("payout.after_claim_before_submit")
-            try:
-                sub = await provider_calls.call(
-                    self.provider.name,
-                    "submit",
-                    self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
-                    self.settings.provider_timeout_s,
-                )
-            except ProviderRefused as exc:
-                await self._refused_by_provider(row.withdrawal_id, str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
-                log.warning(
-                    "the payout provider did not take a withdrawal; it is submitted again next round",
-                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
-                )
-                continue
-            submitted += 1
-            faults.point("payout.after_submit_before_commit")
-            async with self.db.unit_of_work() as uow:
-                # Only while it waits for its reference: a callback may already have settled it.
-                await uow.conn.execute(
-                    update(withdrawals)
-                    .where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
-                    .values(provider_ref=sub.provider_ref, updated_at_us=now_us())
-                )
-                await uow.commit()
-            faults.point("payout.after_commit_before_callback")
-            if sub.callback is not None:
-                payload, signature = sub.callback
+            # A trace per withdrawal: its eligibility call, claim, submission and events.
+            with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
+                if row.status == WithdrawalStatus.APPROVED.value:
+                    if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id):
+                        continue
+                    if not await self._claim(row.withdrawal_id, row.creator_id):
+                        continue  # a clawback since the round began holds it, or it changed meanwhile
+                faults.point("payout.after_claim_before_submit")
                 try:
-                    await self.handle_payout_event(
-                        payout_pb2.HandlePayoutEventRequest(
-                            provider=self.provider.name, payload=payload, signature=signature
-                        )
+                    sub = await provider_calls.call(
+                        self.provider.name,
+                        "submit",
+                        self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
+                        self.settings.provider_timeout_s,
                     )
-                except DomainError as exc:
-                    log.warning("dev payout callback refused", extra={"reason": exc.reason})
+                except ProviderRefused as exc:
+                    await self._refused_by_provider(row.withdrawal_id, str(exc))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
+                    log.warning(
+                        "the payout provider did not take a withdrawal; it is submitted again next round",
+                        extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
+                    )
+                    continue
+                submitted += 1
+                faults.point("payout.after_submit_before_commit")
+                async with self.db.unit_of_work() as uow:
+                    # Only while it waits for its reference: a callback may already have settled it.
+                    await uow.conn.execute(
+                        update(withdrawals)
+                        .where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
+                        .values(provider_ref=sub.provider_ref, updated_at_us=now_us())
+                    )
+                    await uow.commit()
+                faults.point("payout.after_commit_before_callback")
+                if sub.callback is not None:
+                    payload, signature = sub.callback
+                    try:
+                        await self.handle_payout_event(
+                            payout_pb2.HandlePayoutEventRequest(
+                                provider=self.provider.name, payload=payload, signature=signature
+                            )
+                        )
+                    except DomainError as exc:
+                        log.warning("dev payout callback refused", extra={"reason": exc.reason})
         return submitted
 
     async def _refused_by_provider(self, withdrawal_id: str, reason: str) -> None:
@@ -1169,54 +1172,56 @@ class Payout:
         self._reconcile_cursor = (rows[-1].updated_at_us, rows[-1].withdrawal_id) if len(rows) == batch else (-1, "")
         settled = 0
         for row in rows:
-            try:
-                answer = await provider_calls.call(
-                    self.provider.name,
-                    "status",
-                    self.provider.status(
-                        row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
-                    ),
-                    self.settings.provider_timeout_s,
-                )
-            except Exception as exc:  # noqa: BLE001 - logged and counted; it stays PROCESSING and is asked again
-                log.warning(
-                    "the payout provider could not be asked about a late withdrawal; asked again next round",
-                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
-                )
-                WITHDRAWALS_RECONCILED.labels(outcome="provider_error").inc()
-                continue
-            if answer is None:
-                WITHDRAWALS_RECONCILED.labels(outcome="still_processing").inc()
-                continue
-            payload, signature = answer
-            try:
-                done = await self.handle_payout_event(
-                    payout_pb2.HandlePayoutEventRequest(
-                        provider=self.provider.name, payload=payload, signature=signature
+            # A trace per withdrawal: its look-up at the provider, the outcome applied and its events.
+            with background_span("reconcile withdrawal", **{"withdrawal.id": row.withdrawal_id}):
+                try:
+                    answer = await provider_calls.call(
+                        self.provider.name,
+                        "status",
+                        self.provider.status(
+                            row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
+                        ),
+                        self.settings.provider_timeout_s,
                     )
-                )
-            except DomainError as exc:
-                if (await self.get_withdrawal(row.withdrawal_id)).status != payout_pb2.WITHDRAWAL_STATUS_PROCESSING:
-                    # Its callback (under another event id) settled it meanwhile: the status's
-                    # compare-and-set refused the second outcome, as it should.
-                    WITHDRAWALS_RECONCILED.labels(outcome="settled_meanwhile").inc()
+                except Exception as exc:  # noqa: BLE001 - logged and counted; it stays PROCESSING and is asked again
+                    log.warning(
+                        "the payout provider could not be asked about a late withdrawal; asked again next round",
+                        extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
+                    )
+                    WITHDRAWALS_RECONCILED.labels(outcome="provider_error").inc()
                     continue
-                # Not applied (amount or currency differ, a bad signature, a transition the
-                # withdrawal cannot make): still PROCESSING, asked again next round, gauge stays.
-                log.warning(
-                    "the provider's outcome of a late withdrawal was refused",
-                    extra={"withdrawal_id": row.withdrawal_id, "reason": exc.reason},
-                )
-                WITHDRAWALS_RECONCILED.labels(outcome="refused").inc()
-                continue
-            outcome = "duplicate" if done.duplicate else _status_label(done.withdrawal.status)
-            WITHDRAWALS_RECONCILED.labels(outcome=outcome).inc()
-            if not done.duplicate:
-                settled += 1
-                log.info(
-                    "late withdrawal settled from the provider's record",
-                    extra={"withdrawal_id": row.withdrawal_id, "outcome": outcome},
-                )
+                if answer is None:
+                    WITHDRAWALS_RECONCILED.labels(outcome="still_processing").inc()
+                    continue
+                payload, signature = answer
+                try:
+                    done = await self.handle_payout_event(
+                        payout_pb2.HandlePayoutEventRequest(
+                            provider=self.provider.name, payload=payload, signature=signature
+                        )
+                    )
+                except DomainError as exc:
+                    if (await self.get_withdrawal(row.withdrawal_id)).status != payout_pb2.WITHDRAWAL_STATUS_PROCESSING:
+                        # Its callback (under another event id) settled it meanwhile: the status's
+                        # compare-and-set refused the second outcome, as it should.
+                        WITHDRAWALS_RECONCILED.labels(outcome="settled_meanwhile").inc()
+                        continue
+                    # Not applied (amount or currency differ, a bad signature, a transition the
+                    # withdrawal cannot make): still PROCESSING, asked again next round, gauge stays.
+                    log.warning(
+                        "the provider's outcome of a late withdrawal was refused",
+                        extra={"withdrawal_id": row.withdrawal_id, "reason": exc.reason},
+                    )
+                    WITHDRAWALS_RECONCILED.labels(outcome="refused").inc()
+                    continue
+                outcome = "duplicate" if done.duplicate else _status_label(done.withdrawal.status)
+                WITHDRAWALS_RECONCILED.labels(outcome=outcome).inc()
+                if not done.duplicate:
+                    settled += 1
+                    log.info(
+                        "late withdrawal settled from the provider's record",
+                        extra={"withdrawal_id": row.withdrawal_id, "outcome": outcome},
+                    )
         return settled
 
     async def handle_payout_event(self, req: payout_pb2.HandlePayoutEventRequest) -> Any:
