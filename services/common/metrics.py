@@ -28,6 +28,13 @@ BATCH_ITEMS = Histogram(
     ["batcher"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+# Wallet: spend batches PostgreSQL aborted (a deadlock, a serialization failure) and that were run
+# again (spending.DEADLOCK_RETRIES): the lock order should leave none, so any is worth a look.
+TRANSACTION_RETRIES = Counter(
+    "livegifts_transaction_retries_total",
+    "Transactions aborted by the database and run again, by operation and reason (deadlock, serialization)",
+    ["operation", "reason"],
+)
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
 # Wallet: purchases credited after a failure report (a later attempt took the money); reconcile these.
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(

@@ -28,6 +28,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import key_reused
+from services.common.metrics import TRANSACTION_RETRIES
 from services.common.outbox import new_event_id
 from services.common.sql import (
     Bulk,
@@ -75,7 +77,9 @@ REFERENCE_ID_MAX = 128
 PERIODS = tuple(Period)
 PERIOD_OF = {p.value: p for p in Period}
 DEADLOCK_RETRIES = 3  # a safety net: the lock order leaves no known deadlock; PostgreSQL aborts one side of any other
-_RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
+_RETRYABLE_SQLSTATES = {"40P01": "deadlock", "40001": "serialization"}  # SQLSTATE -> retry reason
+
+log = logging.getLogger(__name__)
 _REASONS = {
     wallet_pb2.SPEND_REASON_GIFT: SpendReason.GIFT,
     wallet_pb2.SPEND_REASON_TIP: SpendReason.TIP,
@@ -167,10 +171,11 @@ def restrictions_of(row: Any) -> domain.Restrictions:
     )
 
 
-def _retryable(exc: DBAPIError) -> bool:
+def _retry_reason(exc: DBAPIError) -> str | None:
+    """ "deadlock" or "serialization" when the batch may be retried as it is; None otherwise."""
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return code in _RETRYABLE_SQLSTATES
+    return _RETRYABLE_SQLSTATES.get(code or "")
 
 
 @dataclass(frozen=True)
@@ -287,8 +292,16 @@ class SpendBatch:
                     decided, recorded = await self._transaction([it for _, it in items], settle_refusals)
                     break
                 except DBAPIError as exc:
-                    if not _retryable(exc) or attempt == DEADLOCK_RETRIES - 1:
+                    reason = _retry_reason(exc)
+                    if reason is None or attempt == DEADLOCK_RETRIES - 1:
                         raise
+                    # The lock order leaves no known deadlock: each retry means it has a hole (or a
+                    # new statement broke it), which callers never see unless the retries run out.
+                    TRANSACTION_RETRIES.labels("wallet_spend", reason).inc()
+                    log.warning(
+                        "spend batch retried",
+                        extra={"reason": reason, "attempt": attempt + 1, "items": len(items), "error": repr(exc)},
+                    )
             faults.point("wallet.after_spend_commit_before_answer")
             for (i, _), outcome in zip(items, decided, strict=True):
                 out[i] = outcome
