@@ -155,6 +155,44 @@ def test_every_metric_the_docs_name_is_exported_with_the_labels_they_use(doc: st
     assert not bad, f"{doc} uses labels these metrics do not have: {bad}"
 
 
+# Labels Prometheus adds to every series from the scrape target, not from the code.
+TARGET_LABELS = {"pod", "instance", "job", "namespace", "container", "service"}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_label_value_a_docs_query_selects_is_one_the_code_sets(doc: str) -> None:
+    # A panel or alert selecting `{outcome="provider_error"}` stays empty, silently, when the code
+    # calls that outcome something else: the value must be one the services set.
+    source = "\n".join(p.read_text() for p in (REPO / "services").rglob("*.py"))
+    codes = {c.name for c in grpc.StatusCode} | {"ABORTED_BY_HANDLER"}  # ErrorInterceptor's `code` values
+    bad = []
+    for name, selector in re.findall(r"\b(livegifts_[a-z0-9_]+)\{([^}]*)\}", DOCS[doc]):
+        for label, value in re.findall(r'([a-zA-Z_]\w*)\s*=\s*"([^"]*)"', selector):
+            if label == "code" and value in codes:
+                continue
+            if label == "generation" and value in {"0", "1", "2"}:  # the garbage collector's
+                continue
+            if f'"{value}"' not in source:
+                bad.append(f'{name}{{{label}="{value}"}}')
+    assert not bad, f"{doc} selects label values no service sets: {bad}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_label_a_docs_query_groups_by_is_one_its_metrics_have(doc: str) -> None:
+    # `sum by (provider, call, outcome) (rate(livegifts_...[5m]))`: a label the metric lacks
+    # folds every series into one, and the panel shows a total where it promised a breakdown.
+    exported = _metrics()
+    bad = []
+    for labels, rest in re.findall(r"\bby \(([^)]*)\)\s*(\(.*?)(?:`|$)", DOCS[doc], flags=re.M):
+        names = re.findall(r"\b(livegifts_[a-z0-9_]+)", rest)
+        assert names, f"{doc}: `by ({labels})` groups no livegifts_ metric: {rest!r}"
+        have = set().union(*(exported[n][1] for n in names)) | TARGET_LABELS
+        bad += [
+            f"by ({labels}) {names}: {label}" for label in re.split(r"\s*,\s*", labels.strip()) if label not in have
+        ]
+    assert not bad, f"{doc} groups by labels these metrics do not have: {bad}"
+
+
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_status_and_reason_pair_the_docs_give_is_raised_by_a_service(doc: str) -> None:
     source = "\n".join(p.read_text() for p in (REPO / "services").rglob("*.py"))
