@@ -121,6 +121,10 @@ class Consumer(Generic[E]):
         # Built once (one cache key), one statement text for any count; the ids it returns are
         # the batch's new events.
         self._record = bulk_insert_new(db.dialect, inbox, ["consumer", "event_id", "received_at_us"], inbox.c.event_id)
+        # Exported at 0 from the start: Prometheus sees no increase from a series that first
+        # appears at 1, so the first event parked in a pod's life never raised the dead-letter
+        # alert (`increase(livegifts_dead_letters_total[1h]) > 0`).
+        DEAD_LETTERS.labels(sub.durable)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""

@@ -263,6 +263,9 @@ class SpendBatch:
 
     def __post_init__(self) -> None:
         self._stmts = _Statements.build(self.db.dialect)
+        for reason in _RETRYABLE_SQLSTATES.values():
+            # At 0 from the start: a series that first appears at 1 shows no increase.
+            TRANSACTION_RETRIES.labels("wallet_spend", reason)
 
     async def run(self, reqs: list[wallet_pb2.SpendRequest], *, settle_refusals: bool) -> list[Outcome]:
         """One outcome per request, in order: the spend, or the error this item fails with.

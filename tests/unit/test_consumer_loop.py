@@ -122,3 +122,22 @@ async def test_puller_unsubscribe_never_raises_and_tries_every_buffered_message(
     assert puller._sub is None and not puller._buffer
     await puller.unsubscribe()  # a second close is a no-op
     assert sub.calls == 1
+
+
+def test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_parked_event(tmp_path: Path) -> None:
+    # Prometheus's increase() sees nothing when a series first appears at 1: without a 0 sample
+    # first, the first event parked in a pod's life never raised the dead-letter alert.
+    from prometheus_client import REGISTRY
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        return None
+
+    durable = "zero-before-first-park"
+    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) is None
+    Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) == 0.0

@@ -7,7 +7,11 @@ fire: `livegifts_transaction_retries_total{operation="wallet_spend",reason}` and
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from livegifts.wallet.v1 import wallet_pb2
 from services.wallet.usecases import Wallet
 from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _PgError(Exception):
@@ -66,3 +72,21 @@ async def test_a_spend_batch_the_database_aborted_once_is_retried_counted_and_lo
     assert spent.amount == 5 and calls == 2
     assert _retries(reason) == before + 1
     assert [r.__dict__.get("reason") for r in caplog.records if r.getMessage() == "spend batch retried"] == [reason]
+
+
+def test_spend_retries_are_exported_at_zero_from_the_start(tmp_path: Path) -> None:
+    # A series that first appears at 1 shows no increase() in Prometheus, so the first retry in a
+    # pod's life would be missed. A fresh process: in this one other tests have made the series.
+    code = f"""
+from prometheus_client import REGISTRY
+from services.common.db import Database
+from services.wallet.spending import SpendBatch
+db = Database("sqlite+aiosqlite:///{tmp_path / "w.db"}", pool_size=1, pool_timeout_s=1, application_name="t")
+SpendBatch(db, 100, 18, {{}}, lambda: 0)
+for reason in ("deadlock", "serialization"):
+    labels = {{"operation": "wallet_spend", "reason": reason}}
+    assert REGISTRY.get_sample_value("livegifts_transaction_retries_total", labels) == 0.0, reason
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "gen")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
