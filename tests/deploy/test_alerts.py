@@ -1,0 +1,206 @@
+"""The alerts prod ships (overlays/prod/prometheus-rules.yaml) against the code and docs/sre.md.
+
+An alert on a metric the code does not export, on a label it lacks or a label value it never
+sets, evaluates to nothing: it stays silent forever and nobody notices. So every expression is
+read here: its metrics must be exported with the labels it selects and groups by, the counters it
+takes `increase()` of must exist at 0 from the start, and docs/sre.md must list the same alerts.
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+from tests.deploy.manifests import REPO, Obj, by_kind, render
+from tests.unit.test_docs import TARGET_LABELS, _metrics
+
+RULE_FILE = "deploy/k8s/overlays/prod/prometheus-rules.yaml"
+SRE = (REPO / "docs" / "sre.md").read_text()
+SEVERITIES = {"critical", "warning"}
+# Metrics that other exporters serve, with the labels they carry.
+EXTERNAL_METRICS = {"kube_job_failed": ("namespace", "job_name", "condition", "reason")}  # kube-state-metrics
+# Labelled counters that an alert takes increase() of, and the test that shows each label set the
+# alert needs is exported at 0 before its first increment (increase() cannot see a series that
+# first appears at 1). An unlabelled counter is exported at 0 when it is created.
+COUNTERS_AT_ZERO_FROM_THE_START = {
+    "livegifts_dead_letters_total": (
+        "tests/unit/test_consumer_loop.py",
+        "test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_parked_event",
+    ),
+    "livegifts_transaction_retries_total": (
+        "tests/unit/test_wallet_spend_retries.py",
+        "test_spend_retries_are_exported_at_zero_from_the_start",
+    ),
+}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
+RULE_FIELDS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+
+
+def _rule_objects() -> list[Obj]:
+    return by_kind(render("prod"), "PrometheusRule")
+
+
+def _rules() -> list[Obj]:
+    return [r for obj in _rule_objects() for group in obj["spec"]["groups"] for r in group["rules"]]
+
+
+def _slug(heading: str) -> str:
+    """The anchor a Markdown renderer gives a heading (GitHub's rules)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _headings() -> dict[str, str]:
+    return {_slug(h): h for h in re.findall(r"^#{2,4} (.+)$", SRE, flags=re.M)}
+
+
+def _without_strings(expr: str) -> str:
+    return re.sub(r'"[^"]*"', '""', expr)
+
+
+def _metric_names(expr: str) -> list[str]:
+    """Every series name an expression reads: identifiers that are no function, keyword or label."""
+    text = _without_strings(expr)
+    text = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", " ", text)  # grouping label lists
+    text = re.sub(r"\{[^}]*\}", " ", text)  # selectors
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges
+    names = []
+    for m in re.finditer(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(\s*\()?", text):
+        if m.group(2) is None and m.group(1) not in PROMQL_WORDS:
+            names.append(m.group(1))
+    return names
+
+
+def _labels_of(name: str) -> tuple[str, ...]:
+    if name in EXTERNAL_METRICS:
+        return EXTERNAL_METRICS[name]
+    return _metrics()[name][1]
+
+
+def test_only_prod_ships_the_alerts_as_one_prometheus_rule() -> None:
+    # The PrometheusRule needs the prometheus-operator CRDs, as a Cluster needs CloudNativePG's:
+    # prod has both, dev (any cluster) neither.
+    assert not by_kind(render("dev"), "PrometheusRule")
+    (obj,) = _rule_objects()
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+    assert obj["metadata"]["namespace"] == "livegifts"
+    assert set(obj["spec"]) == {"groups"}
+    for group in obj["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules", "limit"}, sorted(group)
+        assert group["name"] and group["rules"]
+
+
+def test_every_alert_has_a_for_a_severity_and_a_runbook_section_of_docs_sre() -> None:
+    rules = _rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), names
+    headings = _headings()
+    problems = []
+    for r in rules:
+        name = r.get("alert")
+        if not name or not re.fullmatch(r"Livegifts[A-Z]\w+", name):
+            problems.append(f"{r}: a rule here is an alert named Livegifts...")
+            continue
+        unknown = set(r) - RULE_FIELDS
+        if unknown:
+            problems.append(f"{name}: unknown fields {sorted(unknown)}")
+        if not DURATION.fullmatch(str(r.get("for", ""))):
+            problems.append(f"{name}: `for` {r.get('for')!r} is not a duration")
+        if r.get("labels", {}).get("severity") not in SEVERITIES:
+            problems.append(f"{name}: severity {r.get('labels', {}).get('severity')!r} not in {SEVERITIES}")
+        notes = r.get("annotations", {})
+        if not notes.get("summary") or not notes.get("description"):
+            problems.append(f"{name}: no summary or description")
+            continue
+        runbook = notes.get("runbook", "")
+        anchor = runbook.removeprefix("docs/sre.md#")
+        if anchor == runbook or anchor not in headings:
+            problems.append(f"{name}: runbook {runbook!r} is no section of docs/sre.md")
+        elif f'"{headings[anchor]}"' not in " ".join(notes["description"].split()):
+            problems.append(f'{name}: the description does not name the section "{headings[anchor]}"')
+    assert not problems, "\n".join(problems)
+
+
+def test_every_metric_an_alert_reads_is_exported_with_the_labels_it_uses() -> None:
+    exported = _metrics()
+    problems = []
+    for r in _rules():
+        name, expr = r["alert"], r["expr"]
+        metrics = _metric_names(expr)
+        assert metrics, f"{name}: reads no metric"
+        unknown = [m for m in metrics if m not in exported and m not in EXTERNAL_METRICS]
+        if unknown:
+            problems.append(f"{name}: the services export no {unknown}")
+            continue
+        have = set().union(*(_labels_of(m) for m in metrics))
+        for metric, selector in re.findall(r"\b([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
+            for label in re.findall(r"(?:^|,)\s*([a-zA-Z_]\w*)", _without_strings(selector)):
+                if label not in _labels_of(metric):
+                    problems.append(f"{name}: {metric} has no label {label}")
+        for labels in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            for label in re.split(r"\s*,\s*", labels.strip()):
+                if label not in have | TARGET_LABELS:
+                    problems.append(f"{name}: groups by {label}, which {metrics} do not have")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_label_value_an_alert_selects_is_one_the_code_sets() -> None:
+    # `{operation="wallet_spend"}` or `{code=~"INTERNAL|UNAVAILABLE"}` matches nothing, silently,
+    # when the code calls it something else.
+    source = "\n".join(p.read_text() for p in (REPO / "services").rglob("*.py"))
+    codes = {c.name for c in grpc.StatusCode}
+    bad = []
+    for r in _rules():
+        for metric, selector in re.findall(r"\b(livegifts_[a-z0-9_]+)\{([^}]*)\}", r["expr"]):
+            for label, op, value in re.findall(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+                values = value.split("|") if "~" in op else [value]
+                for v in values:
+                    if not re.fullmatch(r"[\w.-]+", v):
+                        bad.append(f"{r['alert']}: {label}{op}{value!r}: only plain alternatives are checked")
+                    elif not (label == "code" and v in codes) and f'"{v}"' not in source:
+                        bad.append(f'{r["alert"]}: {metric}{{{label}="{v}"}}')
+    assert not bad, f"alerts select label values no service sets: {bad}"
+
+
+def test_every_counter_an_alert_takes_the_increase_of_is_exported_at_zero_from_the_start() -> None:
+    from prometheus_client import REGISTRY
+
+    exported = _metrics()
+    problems = []
+    for r in _rules():
+        for inner in re.findall(r"\bincrease\(([^\[]*)\[", r["expr"]):
+            (metric,) = _metric_names(inner)
+            family, labels = exported[metric]
+            if not labels:
+                # Created at import, so exported at 0 before anything increments it.
+                if REGISTRY.get_sample_value(f"{family}_total") is None:
+                    problems.append(f"{r['alert']}: {metric} is not exported from the start")
+                continue
+            shown = COUNTERS_AT_ZERO_FROM_THE_START.get(metric)
+            if shown is None:
+                problems.append(
+                    f"{r['alert']}: {metric} has labels {labels}: create the label sets the alert needs at "
+                    "start, test that, and name the test in COUNTERS_AT_ZERO_FROM_THE_START"
+                )
+                continue
+            path, test = shown
+            if f"def {test}(" not in (REPO / path).read_text():
+                problems.append(f"{r['alert']}: {path} has no {test}")
+    assert not problems, "\n".join(problems)
+
+
+def _alert_on_paragraph() -> str:
+    m = re.search(r"^Alert on.*?(?:\n\n|\Z)", SRE, flags=re.M | re.S)
+    assert m, 'docs/sre.md has no "Alert on" paragraph'
+    return m.group(0)
+
+
+def test_docs_sre_lists_exactly_the_alerts_the_rule_file_has() -> None:
+    paragraph = _alert_on_paragraph()
+    assert RULE_FILE in " ".join(paragraph.split()), f"the paragraph does not point at {RULE_FILE}"
+    listed = set(re.findall(r"`(Livegifts[A-Z]\w+)`", paragraph))
+    shipped = {r["alert"] for r in _rules()}
+    assert listed == shipped, (
+        f"in docs only: {sorted(listed - shipped)}; in the rule file only: {sorted(shipped - listed)}"
+    )
