@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 from services.common.auth import OperatorAuth
 from services.common.db import Database, UnitOfWork
-from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, require_key
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, is_text, require_key
 from services.common.grpcserver import ServiceRegistration
 from services.common.idempotency import lookup, record, request_hash
 from services.common.inbox import Consumer, ReplayFailed
@@ -71,6 +71,10 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         d = self.tables.dead_letters.c
         q = select(self.tables.dead_letters).where(d.id > request.after_id)
         if request.consumer:
+            # Compared with stored names: text PostgreSQL cannot hold (a NUL) failed in the driver
+            # as INTERNAL instead of naming the argument.
+            if not is_text(request.consumer):
+                raise InvalidArgument("consumer must be text without control characters", "INVALID_CONSUMER")
             q = q.where(d.consumer == request.consumer)
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = [r._asdict() for r in await uow.conn.execute(q.order_by(d.id).limit(size))]

@@ -181,6 +181,13 @@ async def test_a_failing_and_an_undecodable_event_are_parked_and_the_fixed_one_r
     assert await rig.count(f"SELECT count(*) FROM inbox WHERE consumer = '{DURABLE}'") == 3
 
 
+async def test_a_consumer_filter_no_consumer_can_have_is_invalid_not_internal(rig: _Rig) -> None:
+    """The filter is compared with stored names: a NUL (text PostgreSQL cannot hold) failed in the
+    driver, answered INTERNAL, instead of naming the argument."""
+    await expect_error(rig.parked(consumer="payout\x00credits"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CONSUMER")
+    assert list((await rig.parked(consumer="no-such-consumer")).dead_letters) == []
+
+
 async def test_a_replay_of_an_event_the_inbox_holds_changes_nothing_and_two_at_once_apply_once(rig: _Rig) -> None:
     event = events_pb2.GiftSent(event_id=new_event_id(), coins=1, creator_id="c")
     first = await rig.replay(await rig.park(event))
