@@ -145,7 +145,8 @@ def stats_hours(start_us: int, end_us: int) -> tuple[int, int]:
     Stats are kept per UTC hour, so a window off the hour (a creator at UTC+5:30 asking day by
     day) cannot be cut exactly. Each hour goes to the window its start falls in: back-to-back
     windows never count an hour twice or leave one out, and a window ending now includes the
-    hour under way."""
+    hour under way when it reaches back to that hour's start. A window in which no hour starts
+    (the last 30 minutes at 10:40) holds no bucket and answers nothing: stats are hourly."""
     return -(-start_us // US_PER_HOUR), -(-end_us // US_PER_HOUR)
 
 
