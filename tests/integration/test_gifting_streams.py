@@ -24,6 +24,7 @@ from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
+from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
@@ -191,10 +192,10 @@ async def test_two_batches_marking_the_same_gifts_sent_in_opposite_orders_both_f
         async with holder.unit_of_work() as uow:
             await uow.conn.execute(select(g.event_id).where(g.event_id == "e-k1").with_for_update())
             a = asyncio.create_task(gifting._mark_sent_many({"e-k1": 9, "e-k2": 9}))
-            await lock_waiters(gifting.db, 1)
+            await wait_for_lock_waiters(gifting.db, 1)
             b = asyncio.create_task(other._mark_sent_many({"e-k2": 9, "e-k1": 9}))
-            await lock_waiters(gifting.db, 2)
-        results = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 10)
+            await wait_for_lock_waiters(gifting.db, 2)
+        results = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), LOCK_WAIT_S_MAX)
     finally:
         await holder.dispose()
     for r in results:
@@ -204,21 +205,3 @@ async def test_two_batches_marking_the_same_gifts_sent_in_opposite_orders_both_f
     async with gifting.db.unit_of_work(readonly=True) as uow:
         sent = (await uow.conn.execute(select(func.count()).where(o.subject == GIFT_SENT_SUBJECT))).scalar_one()
     assert sent == 2  # one event per gift, whichever batch flipped it
-
-
-async def lock_waiters(db: Database, n: int) -> None:
-    """Until `n` sessions of this database wait for a lock (at most 10 s)."""
-    for _ in range(200):
-        async with db.unit_of_work(readonly=True) as uow:
-            waiting = (
-                await uow.conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            ).scalar_one()
-        if waiting >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{waiting} of {n} sessions wait for a lock after 10 s")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 
 from livegifts.gifting.v1 import events_pb2
 from services.common.config import ServiceSettings
@@ -21,6 +21,7 @@ from services.common.db import Database
 from services.common.inbox import Consumer, Subscription
 from services.common.migrate import upgrade_head
 from services.gifting.storage import common
+from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,24 +37,6 @@ async def db(empty_database: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
-
-
-async def lock_waiters(db: Database, n: int) -> None:
-    """Until `n` sessions of this database wait for a lock (at most 10 s)."""
-    for _ in range(200):
-        async with db.unit_of_work(readonly=True) as uow:
-            waiting = (
-                await uow.conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            ).scalar_one()
-        if waiting >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{waiting} of {n} sessions wait for a lock after 10 s")
 
 
 async def test_two_replicas_recording_the_same_events_in_opposite_orders_apply_each_once(db: Database) -> None:
@@ -78,10 +61,10 @@ async def test_two_replicas_recording_the_same_events_in_opposite_orders_apply_e
         async with holder.unit_of_work() as uow:
             await uow.conn.execute(insert(common.inbox).values(consumer="d", event_id="e3", received_at_us=0))
             a = asyncio.create_task(batch(replicas[0], ["e1", "e3", "e2"]))
-            await lock_waiters(db, 1)
+            await wait_for_lock_waiters(db, 1)
             b = asyncio.create_task(batch(replicas[1], ["e2", "e1"]))
-            await lock_waiters(db, 2)
-        results = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 10)
+            await wait_for_lock_waiters(db, 2)
+        results = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), LOCK_WAIT_S_MAX)
     finally:
         await holder.dispose()
     assert results == [None, None]

@@ -9,13 +9,11 @@ both sides must finish, with no deadlock for the server to break.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
@@ -25,10 +23,10 @@ from services.common.db import Database
 from services.payout.storage import clawback_shortfalls, creators
 from services.payout.usecases import Payout
 from tests.integration import pg
+from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
 from tests.unit.test_payout_dispatch import payout_on, verified_method
 
 NOW_S = 1_795_305_600
-WAIT_S_MAX = 10.0
 
 
 @pytest.fixture
@@ -54,19 +52,6 @@ async def payout_en_us() -> AsyncIterator[Payout]:
             yield p
     finally:
         pg.drop_database(admin, name)
-
-
-def count_deadlocks(db: Database) -> list[int]:
-    """A counter of the deadlocks PostgreSQL reports to this engine's statements."""
-    seen = [0]
-
-    def on_error(ctx: Any) -> None:
-        orig = getattr(ctx.original_exception, "orig", ctx.original_exception)
-        if getattr(orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(orig):
-            seen[0] += 1
-
-    sa_event.listen(db.engine.sync_engine, "handle_error", on_error)
-    return seen
 
 
 def gift(sender: str, creator: str, coins: int, at_s: int) -> gifting_events.GiftSent:
@@ -111,25 +96,6 @@ async def consume(
         await uow.commit()
 
 
-async def wait_for_lock_waiters(db: Database, n: int) -> None:
-    """Until `n` sessions of this database wait for a lock (bounded)."""
-    deadline = time.monotonic() + WAIT_S_MAX
-    while True:
-        async with db.unit_of_work(readonly=True) as uow:
-            waiting = (
-                await uow.conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            ).scalar_one()
-        if waiting >= n:
-            return
-        assert time.monotonic() < deadline, f"{waiting} of {n} sessions wait for a lock after {WAIT_S_MAX} s"
-        await asyncio.sleep(0.05)
-
-
 async def while_creator_held(payout: Payout, creator_id: str, *calls: Any) -> list[Any]:
     """Start each call in turn, each once the ones before wait for a lock, while a third transaction
     holds `creator_id`'s row; then let it go. The calls' results (or exceptions)."""
@@ -142,7 +108,7 @@ async def while_creator_held(payout: Payout, creator_id: str, *calls: Any) -> li
             for i, call in enumerate(calls):
                 tasks.append(asyncio.create_task(call))
                 await wait_for_lock_waiters(payout.db, i + 1)
-        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT_S_MAX)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), LOCK_WAIT_S_MAX)
     finally:
         await holder.dispose()
 

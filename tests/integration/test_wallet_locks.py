@@ -8,15 +8,12 @@ The spend is retried after a deadlock, so what is checked is that none happened.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
@@ -28,12 +25,12 @@ from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
 from services.wallet.storage import common, spend_counters
 from services.wallet.usecases import Wallet
+from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
 
 SECRET = b"wallet-locks-test-secret"
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
 DAY_US = 86_400_000_000
 START_US = 1_700_000_000_000_000
-WAIT_S_MAX = 10.0
 
 
 @pytest.fixture
@@ -53,19 +50,6 @@ async def wallet(empty_database: str) -> AsyncIterator[Wallet]:
         yield w
     finally:
         await db.dispose()
-
-
-def count_deadlocks(db: Database) -> list[int]:
-    """A counter of the deadlocks PostgreSQL reports to this engine's statements (retried or not)."""
-    seen = [0]
-
-    def on_error(ctx: Any) -> None:
-        orig = getattr(ctx.original_exception, "orig", ctx.original_exception)
-        if getattr(orig, "sqlstate", None) == "40P01" or "deadlock detected" in str(orig):
-            seen[0] += 1
-
-    sa_event.listen(db.engine.sync_engine, "handle_error", on_error)
-    return seen
 
 
 async def buy(w: Wallet, user: str) -> None:
@@ -97,25 +81,6 @@ def batch(*users: str) -> wallet_pb2.SpendManyRequest:
     )
 
 
-async def wait_for_lock_waiters(db: Database, n: int) -> None:
-    """Until `n` sessions of this database wait for a lock (bounded)."""
-    deadline = time.monotonic() + WAIT_S_MAX
-    while True:
-        async with db.unit_of_work(readonly=True) as uow:
-            waiting = (
-                await uow.conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            ).scalar_one()
-        if waiting >= n:
-            return
-        assert time.monotonic() < deadline, f"{waiting} of {n} sessions wait for a lock after {WAIT_S_MAX} s"
-        await asyncio.sleep(0.05)
-
-
 async def test_two_batches_spending_first_in_a_new_period_never_deadlock(wallet: Wallet) -> None:
     deadlocks = count_deadlocks(wallet.db)
     u1, u2 = "u1", "u2"
@@ -143,7 +108,7 @@ async def test_two_batches_spending_first_in_a_new_period_never_deadlock(wallet:
             c_task = asyncio.create_task(wallet.spend_many(batch(u1, u2)))
             await wait_for_lock_waiters(wallet.db, 2)
         # The holder rolled back: D creates u1's rows and locks u2's, C holds u2's and waits for u1's.
-        results = await asyncio.wait_for(asyncio.gather(d, c_task), WAIT_S_MAX)
+        results = await asyncio.wait_for(asyncio.gather(d, c_task), LOCK_WAIT_S_MAX)
     finally:
         await holder.dispose()
     for resp in results:
