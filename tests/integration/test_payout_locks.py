@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from services.payout.storage import clawback_shortfalls, creators
 from services.payout.usecases import Payout
 from tests.integration import pg
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
-from tests.unit.test_payout_dispatch import payout_on, verified_method
+from tests.unit.test_payout_dispatch import consume, payout_on, verified_method
 
 NOW_S = 1_795_305_600
 
@@ -80,20 +80,6 @@ def reversal(event_id: str, sender: str, coins: int, at_s: int) -> wallet_events
         kind="CHARGED_BACK",
         occurred_at={"seconds": at_s},
     )
-
-
-async def consume(
-    payout: Payout,
-    reversals: Sequence[wallet_events.PurchaseReversed] = (),
-    gifts: Sequence[gifting_events.GiftSent] = (),
-) -> None:
-    """One consumer batch, as the inbox runs it: one transaction."""
-    async with payout.db.unit_of_work() as uow:
-        if reversals:
-            await payout.claw_back(uow, list(reversals))
-        if gifts:
-            await payout.credit_gifts(uow, list(gifts))
-        await uow.commit()
 
 
 async def while_creator_held(payout: Payout, creator_id: str, *calls: Any) -> list[Any]:

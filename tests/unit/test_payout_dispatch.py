@@ -16,7 +16,7 @@ import contextlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
@@ -97,6 +98,20 @@ def gift_event(creator: str, coins: int, at_s: int | None = None) -> gifting_eve
         coins=coins,
         **when,
     )
+
+
+async def consume(
+    payout: Payout,
+    reversals: Sequence[wallet_events.PurchaseReversed] = (),
+    gifts: Sequence[gifting_events.GiftSent] = (),
+) -> None:
+    """One consumer batch, as the inbox runs it: one transaction."""
+    async with payout.db.unit_of_work() as uow:
+        if reversals:
+            await payout.claw_back(uow, list(reversals))
+        if gifts:
+            await payout.credit_gifts(uow, list(gifts))
+        await uow.commit()
 
 
 async def verified_method(payout: Payout, creator: str, domain: str = "example.com") -> str:

@@ -11,7 +11,7 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
-from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
+from tests.unit.test_payout_dispatch import consume, gift_event, setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 
@@ -65,15 +65,6 @@ def reversal(event_id: str, at_s: int, coins: int) -> wallet_events.PurchaseReve
         kind="CHARGED_BACK",
         occurred_at={"seconds": at_s},
     )
-
-
-async def consume(payout, reversals=(), gifts=()) -> None:  # type: ignore[no-untyped-def]
-    async with payout.db.unit_of_work() as uow:
-        if reversals:
-            await payout.claw_back(uow, list(reversals))
-        if gifts:
-            await payout.credit_gifts(uow, list(gifts))
-        await uow.commit()
 
 
 async def open_coins_of(payout) -> int:  # type: ignore[no-untyped-def]
