@@ -16,18 +16,17 @@ import pytest
 from sqlalchemy import insert, select
 
 from livegifts.wallet.v1 import wallet_pb2
-from services.common import signing
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.wallet import domain
 from services.wallet.config import WalletSettings
-from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
+from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
 from services.wallet.storage import common, spend_counters
 from services.wallet.usecases import Wallet
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
+from tests.unit.test_wallet_reversals import SECRET, buy
 
-SECRET = b"wallet-locks-test-secret"
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
 DAY_US = 86_400_000_000
 START_US = 1_700_000_000_000_000
@@ -50,24 +49,6 @@ async def wallet(empty_database: str) -> AsyncIterator[Wallet]:
         yield w
     finally:
         await db.dispose()
-
-
-async def buy(w: Wallet, user: str) -> None:
-    p = await w.create_purchase(
-        wallet_pb2.CreatePurchaseRequest(
-            user_id=user,
-            package_id="us-usd-70",
-            currency_code="USD",
-            payment_method=wallet_pb2.PAYMENT_METHOD_PAYPAL,
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
-    payload = dev_event_payload(
-        uuid.uuid4().hex, "payment.succeeded", p.purchase_id, p.price.amount_minor, p.price.currency_code
-    )
-    await w.handle_payment_event(
-        wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
-    )
 
 
 def batch(*users: str) -> wallet_pb2.SpendManyRequest:
