@@ -6,6 +6,8 @@ In-process: the gifting use cases on a migrated SQLite file, with a scripted wal
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +353,22 @@ async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks
         await db.dispose()
 
 
+@contextlib.asynccontextmanager
+async def _a_gift_left_pending(tmp_path: Path) -> AsyncIterator[tuple[OverloadedWallet, Gifting, Database]]:
+    """A gift whose spend's answer was lost (a status the wallet did not give), left PENDING, and a
+    sweeper that settles it at once (no group commit, a pending timeout of 1 ms)."""
+    wallet = OverloadedWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
+    try:
+        with pytest.raises(Exception) as err:
+            await (await _send(g))
+        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+        yield wallet, g, db
+    finally:
+        await db.dispose()
+
+
 @pytest.mark.parametrize(
     ("outcome", "status", "events"),
     [
@@ -364,13 +382,7 @@ async def test_the_sweeper_sends_a_stale_pending_gift_the_wallet_charged_and_can
     """A gift whose spend's answer was lost (here: a status the wallet did not give) stays PENDING;
     the sweeper asks the arbiter and ends it as the wallet says: a charged spend must end SENT with
     its gift.sent event (cancelling it would lose the coins), a forbidden one CANCELLED."""
-    wallet = OverloadedWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
-    try:
-        with pytest.raises(Exception) as err:
-            await (await _send(g))
-        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+    async with _a_gift_left_pending(tmp_path) as (wallet, g, db):
         assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 1
         wallet.arbiter_outcome = outcome
         await asyncio.sleep(0.01)  # past the pending timeout
@@ -379,26 +391,16 @@ async def test_the_sweeper_sends_a_stale_pending_gift_the_wallet_charged_and_can
         assert await _count(db, gift_events, gift_events.c.status == status) == 1
         assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 0
         assert await _count(db, common.outbox) == events
-    finally:
-        await db.dispose()
 
 
 async def test_the_audit_counts_a_pending_gift_with_its_coins_and_then_as_cancelled(tmp_path: Path) -> None:
     """Check 3 bounds the wallet's spends by gifting's pending coins and its cancelled gifts by the
     wallet's cancelled spends: a GetAudit that reported neither would let charged-but-lost and
     cancelled-but-charged gifts pass as work in flight."""
-    wallet = OverloadedWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
-    try:
-        with pytest.raises(Exception) as err:
-            await (await _send(g))
-        assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
+    async with _a_gift_left_pending(tmp_path) as (_wallet, g, _db):
         audit = await g.audit()
         assert (audit.gifts_pending, audit.coins_pending, audit.gifts_sent, audit.gifts_cancelled) == (1, 5, 0, 0)
         await asyncio.sleep(0.01)
         assert await g.sweep_once() == 1  # the arbiter says CANCELLED
         audit = await g.audit()
         assert (audit.gifts_pending, audit.coins_pending, audit.gifts_sent, audit.gifts_cancelled) == (0, 0, 0, 1)
-    finally:
-        await db.dispose()
