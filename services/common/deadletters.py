@@ -20,7 +20,7 @@ from services.common.auth import OperatorAuth
 from services.common.db import Database, UnitOfWork
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, is_text, require_key
 from services.common.grpcserver import ServiceRegistration
-from services.common.idempotency import lookup, record, request_hash
+from services.common.idempotency import record, request_hash, stored_answer
 from services.common.inbox import Consumer, ReplayFailed
 from services.common.tables import CommonTables
 from services.common.telemetry import current_trace_id
@@ -94,7 +94,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         key = require_key(request.idempotency_key) if request.idempotency_key else ""
         digest = request_hash(request) if key else ""
         if key:
-            stored = await self._stored_answer(key, digest)
+            stored = await self._stored_answer(request)
             if stored is not None:
                 return stored
 
@@ -118,7 +118,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                 if not key:
                     raise
                 # A concurrent call with this key committed first (the replay rolled back).
-                stored = await self._stored_answer(key, digest)
+                stored = await self._stored_answer(request)
                 if stored is None:
                     raise Aborted("a concurrent replay conflicted, retry with the same key", "CONFLICT") from None
                 return stored
@@ -145,7 +145,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                 ) from None
         if found is None:  # never parked, or replayed already (by this call's retry or another operator)
             # A concurrent call with this key may have replayed it since the look-up above.
-            stored = await self._stored_answer(key, digest) if key else None
+            stored = await self._stored_answer(request) if key else None
             if stored is not None:
                 return stored
             raise NotFound("no event is parked with this id (replayed already?)", "UNKNOWN_DEAD_LETTER")
@@ -162,10 +162,11 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         )
         return _answer(parked, applied)
 
-    async def _stored_answer(self, key: str, digest: str) -> dead_letters_pb2.ReplayDeadLetterResponse | None:
-        """The answer a replay under `key` gave, or None; IDEMPOTENCY_KEY_REUSED for another dead letter."""
-        async with self.db.unit_of_work(readonly=True) as uow:
-            return await lookup(uow, self.tables.idempotency, REPLAY_SCOPE, key, digest, _OUTCOME)
+    async def _stored_answer(
+        self, request: dead_letters_pb2.ReplayDeadLetterRequest
+    ) -> dead_letters_pb2.ReplayDeadLetterResponse | None:
+        """The answer a replay under the request's key gave, or None; IDEMPOTENCY_KEY_REUSED for another dead letter."""
+        return await stored_answer(self.db, self.tables.idempotency, REPLAY_SCOPE, request, _OUTCOME)
 
 
 def dead_letter_registration(
