@@ -28,6 +28,7 @@ from services.common.telemetry import (
     current_trace_id,
     detach_context,
     recording,
+    remote_context,
 )
 
 log = logging.getLogger(__name__)
@@ -143,16 +144,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def _answering(self, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """A streaming call's handler runs in the caller's trace, and its error ends the call with
         the status the mapping gives it."""
-        token = attach_remote_context(remote) if remote else None
-        try:
-            yield
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
-            status = self._status_of(exc)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-        finally:
-            detach_context(token)
+        with remote_context(remote):
+            try:
+                yield
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
+                status = self._status_of(exc)
+                await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         """Wrap unary-unary and unary-stream handlers."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -42,7 +42,7 @@ from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBO
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
-from services.common.telemetry import attach_remote_context, detach_context, extract_context, recording
+from services.common.telemetry import extract_context, recording, remote_context
 from services.common.timeutil import US_PER_DAY, now_us
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,10 @@ def _shown(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-@contextlib.contextmanager
-def _in_trace_of(msg: Msg) -> Iterator[None]:
+def _in_trace_of(msg: Msg) -> contextlib.AbstractContextManager[None]:
     """The trace the message came with, current for the lines logged about it (outside the
     handler's span: without it they carried no trace id, and a gift's trace did not lead there)."""
-    token = attach_remote_context((msg.headers or {}).items())
-    try:
-        yield
-    finally:
-        detach_context(token)
+    return remote_context((msg.headers or {}).items())
 
 
 @dataclass(frozen=True)

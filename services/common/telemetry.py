@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -189,3 +191,14 @@ def detach_context(token: object | None) -> None:
     """Undo attach_remote_context."""
     if token is not None:
         otel_context.detach(token)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def remote_context(metadata: Any) -> Iterator[None]:
+    """attach_remote_context for the block: the trace the metadata (or message headers) carry is
+    current inside it, as it was before after it."""
+    token = attach_remote_context(metadata)
+    try:
+        yield
+    finally:
+        detach_context(token)
