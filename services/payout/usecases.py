@@ -1418,10 +1418,19 @@ class Payout:
         ).first()
         if row is None:
             return 0
-        await self._lock_senders(uow, [row.sender_id])
+        return await self._settle_senders(uow, {row.sender_id: (row.reversed_at_us, reversal_event_id)})
+
+    async def _settle_senders(
+        self, uow: UnitOfWork, upto: dict[str, tuple[int, str]], also_lock: tuple[str, ...] = ()
+    ) -> int:
+        """Each sender's open shortfalls up to `upto[sender]` (`_settle_sender`), every sender locked
+        first and the creators' rows written last (`_apply_claws`, with `also_lock`); the coins taken."""
+        await self._lock_senders(uow, list(upto))
         claws: list[_Claw] = []
-        taken = await self._settle_sender(uow, row.sender_id, (row.reversed_at_us, reversal_event_id), claws)
-        await self._apply_claws(uow, claws)
+        taken = 0
+        for sender_id, last in sorted(upto.items()):
+            taken += await self._settle_sender(uow, sender_id, last, claws)
+        await self._apply_claws(uow, claws, also_lock=also_lock)
         return taken
 
     async def _lock_senders(self, uow: UnitOfWork, sender_ids: list[str]) -> None:
@@ -1536,16 +1545,9 @@ class Payout:
         # Each sender's shortfalls up to its newest one owed here, oldest first (`_settle_sender`).
         upto: dict[str, tuple[int, str]] = {}
         for r in rows:
-            upto[r.sender_id] = max(
-                upto.get(r.sender_id, (r.reversed_at_us, r.reversal_event_id)), (r.reversed_at_us, r.reversal_event_id)
-            )
-        await self._lock_senders(uow, list(upto))
-        claws: list[_Claw] = []
-        taken = 0
-        for sender_id, last in sorted(upto.items()):
-            taken += await self._settle_sender(uow, sender_id, last, claws)
-        await self._apply_claws(uow, claws, also_lock=(creator_id,))
-        return taken
+            at = (r.reversed_at_us, r.reversal_event_id)
+            upto[r.sender_id] = max(upto.get(r.sender_id, at), at)
+        return await self._settle_senders(uow, upto, also_lock=(creator_id,))
 
     async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, claws: list[_Claw], *, entry_id: str) -> int:
         """Take up to `coins` from the sender's open earnings of gifts recorded before the reversal; the coins taken.
