@@ -9,6 +9,7 @@ import secrets
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -176,6 +177,20 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         _say("stopped; nothing left running.")
     if failed:
         raise typer.Exit(1)  # a script or supervisor can tell a crash from Ctrl-C
+
+
+def _every(seconds: float) -> Callable[[], bool]:
+    """A progress line's clock: true once `seconds` have passed since it was made or last true."""
+    last = time.monotonic()
+
+    def due() -> bool:
+        nonlocal last
+        if time.monotonic() - last < seconds:
+            return False
+        last = time.monotonic()
+        return True
+
+    return due
 
 
 def _say(text: str) -> None:
@@ -364,7 +379,7 @@ def demo(
             expected = total * policy.creator_share_bp // 10_000
             started = time.monotonic()
             deadline = started + wait_s
-            shown = started
+            progress_due = _every(DEMO_PROGRESS_EVERY_S)
             got = None
             while time.monotonic() < deadline:
                 try:
@@ -374,14 +389,13 @@ def demo(
                 except grpc.RpcError as exc:
                     if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                         raise
-                if time.monotonic() - shown >= DEMO_PROGRESS_EVERY_S:
+                if progress_due():
                     # Diamonds arrive through payout's consumer: a stopped NATS or payout shows
                     # here as a wait, so say what it waits for (stderr: stdout stays the story).
-                    shown = time.monotonic()
                     err_console.print(
                         f"waiting for payout to credit {creator}: "
                         f"{got.diamonds_lifetime if got else 0} of {expected} diamonds after "
-                        f"{shown - started:.0f} s (gives up after {wait_s:g} s)"
+                        f"{time.monotonic() - started:.0f} s (gives up after {wait_s:g} s)"
                     )
                 time.sleep(0.2)
         except grpc.RpcError as exc:
@@ -413,13 +427,12 @@ def audit(
     """
     from services.cli.audit import FAILED, OK, collect, wait_until_settled
 
-    shown = [time.monotonic()]
+    progress_due = _every(AUDIT_PROGRESS_EVERY_S)
 
     def read(ranges: int, ids: int) -> None:
         # A read of every id takes time in proportion to the books: a line every few seconds
         # says how far it has come (stderr, so the report on stdout stays as it was).
-        if time.monotonic() - shown[0] >= AUDIT_PROGRESS_EVERY_S:
-            shown[0] = time.monotonic()
+        if progress_due():
             err_console.print(f"reading every id: {ids:,} judged in {ranges:,} ranges so far")
 
     def fetch(ids=None):  # type: ignore[no-untyped-def]
