@@ -237,9 +237,10 @@ class Gifting:
         with IDEMPOTENCY_KEY_REUSED instead of ending that stream too.
         """
         require_id(req.stream_id, "stream_id")
+        the_stream = select(streams).where(streams.c.stream_id == req.stream_id)
 
         async def work(uow: UnitOfWork) -> gifting_pb2.Stream:
-            row = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).first()
+            row = (await uow.conn.execute(the_stream)).first()
             if row is None:
                 raise NotFound("unknown stream", "UNKNOWN_STREAM")
             if row.status == StreamStatus.ENDED.value:
@@ -254,7 +255,7 @@ class Gifting:
                 # A concurrent EndStream committed first (on PostgreSQL the update waited for it,
                 # then found the stream ended; READ COMMITTED lets this read see its end): answer
                 # as it did, with one stream.ended event in all.
-                ended = (await uow.conn.execute(select(streams).where(streams.c.stream_id == req.stream_id))).one()
+                ended = (await uow.conn.execute(the_stream)).one()
                 return _stream_pb(ended._asdict())
             event_id = new_event_id()
             event = events_pb2.StreamEnded(
