@@ -30,6 +30,20 @@ _KIND = {
 }
 
 
+def _window_bound_us(req: gifting_pb2.GetCreatorStatsRequest, name: str) -> int | None:
+    """A stats window's `from` or `to` in microseconds (None when unset), or INVALID_ARGUMENT/INVALID_WINDOW.
+
+    Timestamp.ToMicroseconds() raises ValueError for a value no Timestamp may hold (seconds
+    outside the years 1..9999, nanos outside 0..999,999,999): the caller's mistake, not INTERNAL.
+    """
+    if not req.HasField(name):
+        return None
+    try:
+        return getattr(req, name).ToMicroseconds()
+    except ValueError:
+        raise InvalidArgument(f"{name} is not a valid timestamp", "INVALID_WINDOW", field=name) from None
+
+
 @dataclass
 class ReadModels:
     """Applies batches of sent gifts to the read models and answers leaderboard and stats queries."""
@@ -155,11 +169,7 @@ class ReadModels:
         """Coins a creator received in [from, to), by gift, by stream and by hour: the UTC hours
         that start in the window (`domain.stats_hours`)."""
         require_id(req.creator_id, "creator_id")
-        start_us, end_us = domain.stats_window_us(
-            getattr(req, "from").ToMicroseconds() if req.HasField("from") else None,
-            req.to.ToMicroseconds() if req.HasField("to") else None,
-            now_us(),
-        )
+        start_us, end_us = domain.stats_window_us(_window_bound_us(req, "from"), _window_bound_us(req, "to"), now_us())
         h = creator_stats_hourly.c
         first_hour, end_hour = domain.stats_hours(start_us, end_us)
         where = (h.creator_id == req.creator_id, h.hour >= first_hour, h.hour < end_hour)

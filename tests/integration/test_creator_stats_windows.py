@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from services.common.db import Database
+from services.common.errors import InvalidArgument
 from services.common.migrate import upgrade_head
 from services.gifting.readmodels import ReadModels
 
@@ -82,3 +83,23 @@ async def test_back_to_back_windows_off_the_hour_count_each_gift_once(read_model
     # An hour belongs to the window its start falls in: the first day starts at 18:30Z, so the
     # 18:00Z hour (whose gift was at 18:10Z, before the window) is not in it.
     assert min(hours[0]) == MIDNIGHT_US + DAY_US - IST_US + 30 * 60_000_000
+
+
+@pytest.mark.parametrize(
+    ("field", "stamp"),
+    [
+        ("from", Timestamp(seconds=2**40)),  # past the year 9999
+        ("to", Timestamp(seconds=-(2**40))),  # before the year 1
+        ("to", Timestamp(seconds=0, nanos=-1)),  # nanos outside 0..999,999,999
+    ],
+)
+async def test_a_window_bound_no_timestamp_can_hold_is_invalid_argument_not_internal(
+    read_models: ReadModels, field: str, stamp: Timestamp
+) -> None:
+    # Timestamp.ToMicroseconds() raises ValueError on these, which the server answered INTERNAL.
+    req = _stats_request(MIDNIGHT_US, MIDNIGHT_US + DAY_US)
+    getattr(req, field).CopyFrom(stamp)
+    with pytest.raises(InvalidArgument) as raised:
+        await read_models.creator_stats(req)
+    assert raised.value.reason == "INVALID_WINDOW"
+    assert raised.value.metadata["field"] == field
