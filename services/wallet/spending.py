@@ -64,7 +64,6 @@ from services.common.sql import (
     one_of,
     one_of_param,
 )
-from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.domain import LimitState, Period, SpendReason
 from services.wallet.storage import accounts, journal_entries, postings, spend_counters, spending_limits, spends, users
@@ -331,7 +330,9 @@ class SpendBatch:
             conn = uow.conn
             keys = sorted(it.key for it in items)
             by_key = {it.key: it for it in items}
-            ts = now_us()
+            # One reading of the clock per batch: the instant its spends are recorded at is the one
+            # whose day, week and month count them (two readings could straddle midnight).
+            ts = self.clock()
             # Every key is claimed (no read before: a retried key's claim is a no-op). A key is
             # ours when the insert returns it; otherwise it was recorded before, or a concurrent
             # call claimed it first and has finished by now (the insert waited for it): only
@@ -374,7 +375,7 @@ class SpendBatch:
 
     async def _decide_and_write(self, uow: UnitOfWork, items: list[_Item], settle: bool, ts: int) -> dict[str, Outcome]:
         conn = uow.conn
-        now = self.clock()
+        now = ts  # the batch's one instant (`_transaction`)
         periods = domain.period_keys(now)
         senders = sorted({it.req.user_id for it in items})
         parties = sorted(set(senders) | {it.req.recipient_user_id for it in items if it.req.recipient_user_id})

@@ -55,3 +55,17 @@ def test_stale_counter_keys_are_those_before_the_previous_period() -> None:
     previous = domain.period_keys(MIDNIGHT_US - 1)
     for p in Period:  # the previous period's key is never below the stale bound: it is kept
         assert stale[p] <= previous[p] < now[p] or previous[p] == now[p]
+
+
+async def test_a_spend_is_recorded_at_the_instant_whose_periods_counted_it(wallet: Wallet) -> None:  # noqa: F811
+    # The batch read the clock twice: once for the journal and the spend's row, once (later, after
+    # claiming the keys) for the periods it counts in. A spend straddling midnight was listed on
+    # one day and counted against the next day's cap.
+    user = "viewer"
+    await buy(wallet, user)
+    wallet.spending.clock = lambda: MIDNIGHT_US - 1  # the last microsecond of 2031-02-28
+    assert not isinstance((await wallet.spending.run([gift(user, 5)], settle_refusals=False))[0], DomainError)
+    listed = (await wallet.list_transactions(wallet_pb2.ListTransactionsRequest(user_id=user))).transactions[0]
+    assert listed.kind == "SPEND_GIFT"
+    assert listed.created_at.ToMicroseconds() == MIDNIGHT_US - 1
+    assert domain.period_keys(listed.created_at.ToMicroseconds())[Period.DAY] == "2031-02-28"
