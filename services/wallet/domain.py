@@ -281,9 +281,21 @@ class Period(StrEnum):
 SPENDING_LIMIT_MAX = 1_000_000_000_000  # coins; bounds `spent + amount` far below int64
 
 
+_EPOCH_DATE = dt.date(1970, 1, 1)
+
+
+def utc_date(at_us: int) -> dt.date:
+    """The UTC date an instant falls in: the one day every age and period of the wallet uses.
+
+    Integer days, not a float of seconds, so the last microsecond of a day is never rounded
+    into the next.
+    """
+    return _EPOCH_DATE + dt.timedelta(days=at_us // US_PER_DAY)
+
+
 def period_keys(at_us: int) -> dict[Period, str]:
     """The UTC day, ISO week and month an instant falls in, as counter keys."""
-    day = dt.datetime.fromtimestamp(at_us / 1_000_000, tz=dt.UTC).date()
+    day = utc_date(at_us)
     iso = day.isocalendar()
     return {
         Period.DAY: day.isoformat(),

@@ -404,7 +404,7 @@ class SpendBatch:
             u: {p: domain.effective_limit([st for q, st in states.get(u, []) if q is p], now) for p in PERIODS}
             for u in senders
         }
-        today = dt.datetime.fromtimestamp(now / 1_000_000, tz=dt.UTC).date()
+        today = domain.utc_date(now)
         out: dict[str, Outcome] = {}
         done: list[tuple[_Item, int]] = []
         for it in items:

@@ -65,11 +65,6 @@ _CREDITED = (
 )
 
 
-def _utc_today() -> dt.date:
-    """Today in UTC (ages and periods must not depend on the pod's time zone)."""
-    return dt.datetime.now(dt.UTC).date()
-
-
 PAGE_SIZE_MAX = 500
 SPEND_MANY_ITEMS_MAX = 500  # items of one SpendMany call
 RESTRICTIONS_MANY_IDS_MAX = 500  # ids of one GetAccountRestrictionsMany call
@@ -113,6 +108,10 @@ class Wallet:
         self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
             lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX, "wallet_spend"
         )
+
+    def _today(self) -> dt.date:
+        """Today in UTC by the wallet's clock, as the spend batch reads it (never the pod's time zone)."""
+        return domain.utc_date(self.clock())
 
     # ---- shared steps ------------------------------------------------------------------
 
@@ -176,7 +175,7 @@ class Wallet:
 
     async def _check_may_transact(self, uow: UnitOfWork, user_id: str) -> None:
         r = await self._restrictions(uow, user_id)
-        domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, _utc_today())
+        domain.check_may_transact(r, self.settings.adult_age_years, self.region_ages, self._today())
 
     # ---- packages and purchases --------------------------------------------------------
 
@@ -933,7 +932,7 @@ class Wallet:
             # on PostgreSQL): the stored answer is what this call left, not a later call's state.
             r = await self._restrictions(uow, req.user_id)
             check(r is not None, "the users row exists after its insert-if-missing")
-            return self._restrictions_pb(req.user_id, r, _utc_today())
+            return self._restrictions_pb(req.user_id, r, self._today())
 
         return await run_idempotent(
             self.db, common.idempotency, "SetAccountRestrictions", req, wallet_pb2.AccountRestrictions, work
@@ -944,7 +943,7 @@ class Wallet:
         require_id(user_id, "user_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             r = await self._restrictions(uow, user_id)
-        return self._restrictions_pb(user_id, r, _utc_today())
+        return self._restrictions_pb(user_id, r, self._today())
 
     async def get_restrictions_many(
         self, req: wallet_pb2.GetAccountRestrictionsManyRequest
@@ -957,7 +956,7 @@ class Wallet:
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = await uow.conn.execute(users_of(self.db.dialect), {"ids": sorted(set(req.user_ids))})
             found = {r.user_id: restrictions_of(r) for r in rows}
-        today = _utc_today()
+        today = self._today()
         return wallet_pb2.GetAccountRestrictionsManyResponse(
             restrictions=[self._restrictions_pb(u, found.get(u), today) for u in req.user_ids]
         )

@@ -4,8 +4,11 @@ import datetime as dt
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition, InvalidArgument, InvariantViolation
+from services.common.timeutil import US_PER_DAY
 from services.wallet import domain
 from services.wallet.domain import PurchaseStatus, Restrictions, SpendReason
 
@@ -145,6 +148,16 @@ def test_promotions_that_give_nothing_too_much_or_no_window_are_refused(bonus, b
     with pytest.raises(InvalidArgument) as err:
         domain.check_promotion(bonus, bps, start, end)
     assert err.value.reason == "INVALID_PROMOTION"
+
+
+@given(st.integers(1, domain.TIME_US_MAX // US_PER_DAY), st.integers(-1, 0))
+def test_every_instant_of_a_utc_day_and_only_those_belong_to_it(day: int, offset_us: int) -> None:
+    # The last microsecond of a day is in that day, midnight in the next: consecutive days
+    # partition time, so no spend is counted in, or aged by, a day it was not in.
+    at_us = day * US_PER_DAY + offset_us
+    expected = dt.date(1970, 1, 1) + dt.timedelta(days=day + offset_us)
+    assert domain.utc_date(at_us) == expected
+    assert domain.period_keys(at_us)[domain.Period.DAY] == expected.isoformat()
 
 
 def test_period_keys_follow_utc_days_iso_weeks_and_months() -> None:

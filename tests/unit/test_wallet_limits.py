@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+import pytest
+
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.errors import DomainError
 from services.wallet import domain
@@ -69,3 +71,24 @@ async def test_a_spend_is_recorded_at_the_instant_whose_periods_counted_it(walle
     assert listed.kind == "SPEND_GIFT"
     assert listed.created_at.ToMicroseconds() == MIDNIGHT_US - 1
     assert domain.period_keys(listed.created_at.ToMicroseconds())[Period.DAY] == "2031-02-28"
+
+
+async def test_buying_spending_and_may_spend_agree_on_the_day_a_user_comes_of_age(wallet: Wallet) -> None:  # noqa: F811
+    # Spends took the day from the wallet's clock, purchases and may_spend from the wall clock:
+    # with the clock at an 18th birthday, the spend passed and the purchase was refused.
+    user = "teen"
+    await wallet.set_restrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=user, birth_date="2013-03-01", idempotency_key="born")
+    )
+    at = {"us": MIDNIGHT_US - 1}  # 2031-02-28T23:59:59.999999Z: 17
+    wallet.clock = wallet.spending.clock = lambda: at["us"]
+    assert not (await wallet.get_restrictions(user)).may_spend
+    with pytest.raises(DomainError) as refused:
+        await buy(wallet, user)
+    assert refused.value.reason == "UNDERAGE"
+    at["us"] = MIDNIGHT_US  # 2031-03-01T00:00Z: 18 today
+    assert (await wallet.get_restrictions(user)).may_spend
+    many = await wallet.get_restrictions_many(wallet_pb2.GetAccountRestrictionsManyRequest(user_ids=[user]))
+    assert many.restrictions[0].may_spend
+    await buy(wallet, user)
+    assert not isinstance((await wallet.spending.run([gift(user, 5)], settle_refusals=False))[0], DomainError)
