@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from sqlalchemy import BigInteger, bindparam, delete, insert, select, tuple_
+from sqlalchemy import delete, insert, select
 
 from services.common import faults
 from services.common.bus import Bus
@@ -37,21 +37,19 @@ from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check
 from services.common.grpcserver import is_retryable
-from services.common.loops import run_every, sleep_unless_stopped
+from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
+from services.common.pruning import AgePruner
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context
-from services.common.timeutil import US_PER_DAY, now_us
+from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Message)
-
-INBOX_PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
-INBOX_PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long pruning round
 
 
 class ReplayFailed(Exception):
@@ -347,14 +345,11 @@ class Consumer(Generic[E]):
             )
 
 
-class InboxPruner:
+class InboxPruner(AgePruner):
     """Deletes inbox rows older than the retention, a chunk per transaction, every interval;
     the rows of events still parked in dead_letters stay (their replay must find them)."""
 
     def __init__(self, db: Database, tables: CommonTables, settings: ServiceSettings) -> None:
-        self.db = db
-        self.retention_us = int(settings.inbox_retention_days * US_PER_DAY)
-        self.interval_s = settings.inbox_prune_interval_s
         inbox = tables.inbox
         parked = tables.dead_letters.c
         # A parked row has no age limit, and the event may have been applied meanwhile (a later
@@ -365,33 +360,14 @@ class InboxPruner:
         still_parked = (
             select(parked.id).where(parked.consumer == inbox.c.consumer, parked.event_id == inbox.c.event_id).exists()
         )
-        oldest = (
-            select(inbox.c.consumer, inbox.c.event_id)
-            .where(inbox.c.received_at_us < bindparam("before", type_=BigInteger), ~still_parked)
-            .limit(INBOX_PRUNE_CHUNK)
+        super().__init__(
+            db,
+            inbox,
+            inbox.c.received_at_us,
+            retention_days=settings.inbox_retention_days,
+            interval_s=settings.inbox_prune_interval_s,
+            counter=INBOX_PRUNED,
+            done_line="inbox rows pruned",
+            progress_line="pruning the inbox",
+            keep=(still_parked,),
         )
-        self._delete = delete(inbox).where(tuple_(inbox.c.consumer, inbox.c.event_id).in_(oldest))
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Prune every interval until `stop` (0 days of retention: never)."""
-        if self.retention_us > 0:
-            await run_every(stop, self.interval_s, lambda: self.prune_once(stop=stop), "inbox rows pruned")
-
-    async def prune_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
-        """Delete every row received before now - retention; how many were deleted.
-
-        A large backlog (the first round on a database from before pruning) goes chunk after
-        chunk, with a progress line every INBOX_PRUNE_PROGRESS_EVERY rows, until done or stopped.
-        """
-        before = (now_us() if now is None else now) - self.retention_us
-        total = 0
-        while True:
-            async with self.db.unit_of_work() as uow:
-                deleted = (await uow.conn.execute(self._delete, {"before": before})).rowcount
-                await uow.commit()
-            total += deleted
-            INBOX_PRUNED.inc(deleted)
-            if deleted < INBOX_PRUNE_CHUNK or (stop is not None and stop.is_set()):
-                return total
-            if total % INBOX_PRUNE_PROGRESS_EVERY < INBOX_PRUNE_CHUNK:
-                log.info("pruning the inbox", extra={"rows_deleted": total})

@@ -27,6 +27,8 @@ from livegifts.gifting.v1 import gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.suite import Suite, SuiteConfig, free_port
+from services.common.db import Database
+from services.common.migrate import upgrade_head
 from tests.integration import pg
 
 WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
@@ -160,6 +162,21 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
         yield pg.database_url(admin, name)
     finally:
         pg.drop_database(admin, name)
+
+
+GIFTING_MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+
+
+@pytest.fixture
+async def gifting_db(empty_database: str) -> AsyncIterator[Database]:
+    """An empty database on each backend with a service's real common tables and indexes (gifting's
+    migrations), for tests of what every service keeps (inbox, idempotency records)."""
+    await upgrade_head(GIFTING_MIGRATIONS, empty_database)
+    database = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+    try:
+        yield database
+    finally:
+        await database.dispose()
 
 
 @pytest.fixture

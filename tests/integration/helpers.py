@@ -14,9 +14,15 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.clients import error_reason
+from services.common.config import ServiceSettings
 from services.wallet.payments import dev_event_payload
 
 T = TypeVar("T")
+
+
+def service_settings(url: str, **kw: object) -> ServiceSettings:
+    """The settings every service reads, on `url`, with `kw` set (no bus is reached)."""
+    return ServiceSettings(database_url=url, nats_url="nats://127.0.0.1:1", **kw)  # type: ignore[arg-type]
 
 
 def uid(prefix: str) -> str:

@@ -12,40 +12,21 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select
 
 from services.cli.suite import Suite
-from services.common import inbox as inbox_module
-from services.common.config import ServiceSettings
+from services.common import pruning
 from services.common.db import Database
 from services.common.inbox import InboxPruner
-from services.common.migrate import upgrade_head
 from services.gifting.storage import common
 from tests.integration.conftest import suite_config
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, service_settings
 
-ROOT = Path(__file__).resolve().parents[2]
 DAY_US = 86_400 * 1_000_000
 NOW_US = 1_800_000_000 * 1_000_000
-
-
-def _settings(url: str, **kw: object) -> ServiceSettings:
-    return ServiceSettings(database_url=url, nats_url="nats://127.0.0.1:1", **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def db(empty_database: str) -> AsyncIterator[Database]:
-    """An empty database with a service's real inbox table and index (gifting's migrations)."""
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
-    database = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 async def _received(db: Database, rows: dict[str, int]) -> None:
@@ -64,25 +45,25 @@ async def _ids(db: Database) -> list[str]:
 
 
 async def test_rows_past_the_retention_go_in_chunks_and_younger_ones_stay(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 3)
     ages_days = {f"old-{i}": 46 + i for i in range(7)} | {"edge": 45, "young": 44, "new": 0}
-    await _received(db, {eid: NOW_US - days * DAY_US for eid, days in ages_days.items()})
-    pruner = InboxPruner(db, common, _settings(db.url, inbox_retention_days=45))
+    await _received(gifting_db, {eid: NOW_US - days * DAY_US for eid, days in ages_days.items()})
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url, inbox_retention_days=45))
     # Seven rows past 45 days, three per transaction: 3 + 3 + 1. A row exactly 45 days old stays.
     assert await pruner.prune_once(now=NOW_US) == 7
-    assert await _ids(db) == ["edge", "new", "young"]
+    assert await _ids(gifting_db) == ["edge", "new", "young"]
     assert await pruner.prune_once(now=NOW_US) == 0
-    async with db.unit_of_work(readonly=True) as uow:
+    async with gifting_db.unit_of_work(readonly=True) as uow:
         assert (await uow.conn.execute(select(func.count()).select_from(common.inbox))).scalar_one() == 3
 
 
-async def test_the_row_of_an_event_still_parked_stays_however_old(db: Database) -> None:
+async def test_the_row_of_an_event_still_parked_stays_however_old(gifting_db: Database) -> None:
     """A parked event may have been applied by a later redelivery; its replay must find the inbox
     row, or it is applied twice. A row whose event is parked for another consumer is not kept."""
-    await _received(db, {"parked": 0, "parked-elsewhere": 0, "done": 0})
-    async with db.unit_of_work() as uow:
+    await _received(gifting_db, {"parked": 0, "parked-elsewhere": 0, "done": 0})
+    async with gifting_db.unit_of_work() as uow:
         await uow.conn.execute(
             insert(common.dead_letters),
             [
@@ -98,41 +79,41 @@ async def test_the_row_of_an_event_still_parked_stays_however_old(db: Database) 
             ],
         )
         await uow.commit()
-    pruner = InboxPruner(db, common, _settings(db.url))
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url))
     assert await pruner.prune_once(now=NOW_US) == 2
-    assert await _ids(db) == ["parked"]
+    assert await _ids(gifting_db) == ["parked"]
 
 
 async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
-    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_CHUNK", 3)
-    monkeypatch.setattr(inbox_module, "INBOX_PRUNE_PROGRESS_EVERY", 6)
-    await _received(db, {f"old-{i:02d}": i for i in range(20)})
-    pruner = InboxPruner(db, common, _settings(db.url))
-    with caplog.at_level(logging.INFO, logger="services.common.inbox"):
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 3)
+    monkeypatch.setattr(pruning, "PRUNE_PROGRESS_EVERY", 6)
+    await _received(gifting_db, {f"old-{i:02d}": i for i in range(20)})
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url))
+    with caplog.at_level(logging.INFO, logger="services.common.pruning"):
         assert await pruner.prune_once(now=NOW_US) == 20  # 3 + 3 + ... + 2
     progress = [r.rows_deleted for r in caplog.records if r.getMessage() == "pruning the inbox"]  # type: ignore[attr-defined]
     assert progress == [6, 12, 18]
-    await _received(db, {f"again-{i}": i for i in range(9)})
+    await _received(gifting_db, {f"again-{i}": i for i in range(9)})
     stopping = asyncio.Event()
     stopping.set()  # shutting down: the round ends after the chunk in hand
     assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
-    assert len(await _ids(db)) == 6
+    assert len(await _ids(gifting_db)) == 6
 
 
-async def test_a_retention_of_zero_keeps_every_row(db: Database) -> None:
-    await _received(db, {"ancient": 0})
-    pruner = InboxPruner(db, common, _settings(db.url, inbox_retention_days=0))
+async def test_a_retention_of_zero_keeps_every_row(gifting_db: Database) -> None:
+    await _received(gifting_db, {"ancient": 0})
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url, inbox_retention_days=0))
     stop = asyncio.Event()
     await asyncio.wait_for(pruner.run(stop), 5)  # returns at once: nothing to do, ever
-    assert await _ids(db) == ["ancient"]
+    assert await _ids(gifting_db) == ["ancient"]
 
 
 @pytest.mark.parametrize("days", [1, 30])
 def test_a_retention_no_longer_than_the_streams_keep_events_is_refused(days: int) -> None:
     with pytest.raises(ValueError, match="more than the 30 days the streams keep events"):
-        _settings("sqlite+aiosqlite:///x.db", inbox_retention_days=days)
+        service_settings("sqlite+aiosqlite:///x.db", inbox_retention_days=days)
 
 
 async def test_a_running_service_prunes_its_inbox_every_interval(tmp_path: Path) -> None:

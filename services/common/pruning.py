@@ -1,0 +1,85 @@
+"""Deleting rows past a retention: a chunk per short transaction, every interval, until stopped.
+
+The inbox (services/common/inbox.py InboxPruner) and the idempotency records
+(services/common/idempotency.py IdempotencyPruner) both grow by a row per event or command
+and are only needed for a while; each names its table, its age column and what it keeps, and
+this does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import Counter
+from sqlalchemy import BigInteger, ColumnElement, Table, bindparam, delete, select, tuple_
+
+from services.common.db import Database
+from services.common.loops import run_every
+from services.common.timeutil import US_PER_DAY, now_us
+
+log = logging.getLogger(__name__)
+
+PRUNE_CHUNK = 5_000  # rows per delete transaction: each holds its locks briefly
+PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long pruning round
+
+
+class AgePruner:
+    """Deletes the rows of `table` whose `age_column` (microseconds) is older than the retention,
+    a chunk per transaction, every interval; rows matching any of `keep` stay however old."""
+
+    def __init__(
+        self,
+        db: Database,
+        table: Table,
+        age_column: ColumnElement[int],
+        *,
+        retention_days: float,
+        interval_s: float,
+        counter: Counter,
+        done_line: str,
+        progress_line: str,
+        keep: tuple[ColumnElement[bool], ...] = (),
+    ) -> None:
+        self.db = db
+        self.retention_us = int(retention_days * US_PER_DAY)
+        self.interval_s = interval_s
+        self.counter = counter
+        self.done_line = done_line
+        self.progress_line = progress_line
+        # Read here, not at import: tests set smaller ones before they build a pruner.
+        self.chunk = PRUNE_CHUNK
+        self.progress_every = PRUNE_PROGRESS_EVERY
+        # By primary key, through a limited select: DELETE ... LIMIT is not portable, and the
+        # limit is what keeps each transaction short on a large backlog.
+        key = tuple_(*table.primary_key.columns)
+        oldest = (
+            select(*table.primary_key.columns)
+            .where(age_column < bindparam("before", type_=BigInteger), *(~k for k in keep))
+            .limit(self.chunk)
+        )
+        self._delete = delete(table).where(key.in_(oldest))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Prune every interval until `stop` (0 days of retention: never)."""
+        if self.retention_us > 0:
+            await run_every(stop, self.interval_s, lambda: self.prune_once(stop=stop), self.done_line)
+
+    async def prune_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
+        """Delete every row older than now - retention; how many were deleted.
+
+        A large backlog (the first round on a database from before pruning) goes chunk after
+        chunk, with a progress line every `progress_every` rows, until done or stopped.
+        """
+        before = (now_us() if now is None else now) - self.retention_us
+        total = 0
+        while True:
+            async with self.db.unit_of_work() as uow:
+                deleted = (await uow.conn.execute(self._delete, {"before": before})).rowcount
+                await uow.commit()
+            total += deleted
+            self.counter.inc(deleted)
+            if deleted < self.chunk or (stop is not None and stop.is_set()):
+                return total
+            if total % self.progress_every < self.chunk:
+                log.info(self.progress_line, extra={"rows_deleted": total})
