@@ -34,6 +34,7 @@ from services.common.grpcserver import (
     is_unavailable,
     sqlstate,
 )
+from services.common.idempotency import IdempotencyPruner
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.looplag import watch_loop_lag
 from services.common.migrate import upgrade_head
@@ -170,6 +171,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         tasks.append(asyncio.create_task(consumer.run(stop), name=consumer.sub.durable))
     if consumers:
         tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
+    # Every service records idempotent answers (its commands, dead-letter replays), consumers or not.
+    pruner = IdempotencyPruner(db, spec.tables, settings)
+    tasks.append(asyncio.create_task(pruner.run(stop), name="idempotency-pruner"))
     tasks.append(asyncio.create_task(watch_loop_lag(stop, settings.loop_lag_probe_s), name="loop-lag"))
     for loop_fn in wiring.background:
         tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))

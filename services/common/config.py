@@ -17,6 +17,8 @@ from services.common.gc_tuning import GEN0_THRESHOLD
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
 # reset to replay, can receive an event this long after it was published.
 STREAM_MAX_AGE_S = 30 * 24 * 3600
+# Idempotency records (services/common/idempotency.py) kept for less are refused at start.
+IDEMPOTENCY_RETENTION_DAYS_MIN = 1
 # Callback HMAC keys (wallet payments, payout provider): shorter ones are refused at start.
 WEBHOOK_SECRET_MIN = 16
 # The operator token (services/common/auth.py): shorter ones are refused at start.
@@ -75,6 +77,12 @@ class ServiceSettings(BaseSettings):
     # INBOX_PRUNE_INTERVAL_S in short transactions. 0 keeps every row forever.
     inbox_retention_days: float = Field(default=45.0, ge=0, le=3650)
     inbox_prune_interval_s: float = Field(default=600.0, gt=0, le=86_400)
+    # An idempotency record answers a retry under its key as the first call did; after this many
+    # days it is deleted (every IDEMPOTENCY_PRUNE_INTERVAL_S, in short transactions) and the key
+    # is free again. At least a day, what a client's retries after an outage may take. 0 keeps
+    # every record forever.
+    idempotency_retention_days: float = Field(default=30.0, ge=0, le=3650)
+    idempotency_prune_interval_s: float = Field(default=600.0, gt=0, le=86_400)
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
 
     # Bearer token for operator RPCs (services/common/auth.py); unset = operator RPCs refused.
@@ -148,6 +156,16 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"must be more than the {STREAM_MAX_AGE_S // 86_400} days the streams keep events "
                 "(a replayed event could be applied twice), or 0 to keep inbox rows forever"
+            )
+        return days
+
+    @field_validator("idempotency_retention_days")
+    @classmethod
+    def _keys_outlive_a_retry(cls, days: float) -> float:
+        if 0 < days < IDEMPOTENCY_RETENTION_DAYS_MIN:
+            raise ValueError(
+                f"must be at least {IDEMPOTENCY_RETENTION_DAYS_MIN} day (a client retrying after an outage "
+                "would do its command twice), or 0 to keep idempotency records forever"
             )
         return days
 

@@ -3,6 +3,12 @@
 The record is written in the command's own transaction and rests on the primary key
 (scope, key): two racing first calls cannot both commit. The look-up before the work is only a
 fast path for retries; correctness comes from the constraint.
+
+A record is kept `IDEMPOTENCY_RETENTION_DAYS` (30 by default): for that long at least, the key
+answers as its first call did; the `IdempotencyPruner` then deletes it, and the key is free
+again (a new call under it does the work anew, as Stripe's keys do after 24 hours). Nothing
+reads a record but a retry under its key. The keys of gifts, tips, unlocks and spends live in
+their own tables (gifting's gifts, wallet's spends), the ledger itself, and are never pruned.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from google.protobuf.message import Message
 from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import Aborted, AlreadyExists, require_key
+from services.common.metrics import IDEMPOTENCY_PRUNED
+from services.common.pruning import AgePruner
+from services.common.tables import CommonTables
 from services.common.timeutil import now_us
 
 R = TypeVar("R", bound=Message)
@@ -126,3 +136,20 @@ async def run_idempotent(
             # StartStream calls for one creator: a retry sees the winner and answers precisely.
             raise Aborted("a concurrent request conflicted, retry with the same key", "CONFLICT") from exc
         return stored
+
+
+class IdempotencyPruner(AgePruner):
+    """Deletes idempotency records older than the retention, a chunk per transaction, every interval."""
+
+    def __init__(self, db: Database, tables: CommonTables, settings: ServiceSettings) -> None:
+        records = tables.idempotency
+        super().__init__(
+            db,
+            records,
+            records.c.created_at_us,
+            retention_days=settings.idempotency_retention_days,
+            interval_s=settings.idempotency_prune_interval_s,
+            counter=IDEMPOTENCY_PRUNED,
+            done_line="idempotency records pruned",
+            progress_line="pruning the idempotency records",
+        )

@@ -36,6 +36,9 @@ TRANSACTION_RETRIES = Counter(
     ["operation", "reason"],
 )
 INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after the retention")
+IDEMPOTENCY_PRUNED = Counter(
+    "livegifts_idempotency_records_pruned_total", "Idempotency records deleted after the retention"
+)
 # Wallet: purchases credited after a failure report (a later attempt took the money); reconcile these.
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
     "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"

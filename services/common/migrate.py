@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context, op
 from alembic.config import Config
@@ -88,3 +89,25 @@ def rebuild_sqlite_outbox(autoincrement: bool) -> None:
         return
     with op.batch_alter_table("outbox", recreate="always", table_kwargs={"sqlite_autoincrement": autoincrement}):
         pass
+
+
+def create_index_beside_writers(name: str, table: str, columns: list[str], **kw: Any) -> None:
+    """In a migration: create an index without holding up the table's writers.
+
+    On PostgreSQL the previous release keeps writing the table while the new one migrates (a
+    rolling update), and a plain CREATE INDEX blocks every write for the whole scan: it is built
+    CONCURRENTLY, outside the migrations' transaction, and an attempt stopped part way (leaving
+    the index INVALID, the revision unstamped) is built again by the retry. On SQLite the service
+    is one process, stopped while it migrates.
+    """
+    if op.get_bind().dialect.name != "postgresql":
+        op.create_index(name, table, columns, **kw)
+        return
+    with op.get_context().autocommit_block():
+        invalid = op.get_bind().execute(
+            text("SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass(:name) AND NOT indisvalid"),
+            {"name": name},
+        )
+        if invalid.scalar_one():
+            op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
+        op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True, **kw)

@@ -35,6 +35,14 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("response", LargeBinary, nullable=False),
         Column("created_at_us", BigInteger, nullable=False),
     )
+    # For pruning by age (services/common/idempotency.py IdempotencyPruner), BRIN on PostgreSQL
+    # for the reason the inbox's is (below): records are written in created order.
+    Index(
+        "ix_idempotency_keys_created_at",
+        idempotency.c.created_at_us,
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    )
     outbox = Table(
         "outbox",
         metadata,

@@ -18,6 +18,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Executable, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -231,4 +232,32 @@ async def test_gifting_0008_completes_on_a_retry_after_an_attempt_stopped_past_i
     await asyncio.to_thread(command.upgrade, cfg, "head")
     valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_gift_events_key_lost'::regclass"
     assert await _execute(empty_database, valid) == [(True,)]
-    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [("0009",)]
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [(head,)]
+
+
+# Each service's revision that adds the idempotency records' age index (IdempotencyPruner).
+IDEMPOTENCY_INDEX_REVISION = {"wallet": "0009", "gifting": "0010", "payout": "0009"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_the_idempotency_index_is_built_again_by_a_retry_after_an_interrupted_build(
+    empty_database: str, service: str
+) -> None:
+    """The index is built CONCURRENTLY, outside the migrations' transaction, so that the previous
+    release's commands keep recording their answers: a build cut short leaves it INVALID and the
+    revision unstamped, and the retry must build it again, not take it as done."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite: the index is built in the migrations' one transaction")
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
+    revision = IDEMPOTENCY_INDEX_REVISION[service]
+    await asyncio.to_thread(command.upgrade, cfg, revision)
+    previous = ScriptDirectory.from_config(cfg).get_revision(revision).down_revision
+    await _execute(
+        empty_database,
+        f"UPDATE alembic_version SET version_num = '{previous}'",  # the stamp never committed
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_idempotency_keys_created_at'::regclass",
+    )
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_idempotency_keys_created_at'::regclass"
+    assert await _execute(empty_database, valid) == [(True,)]

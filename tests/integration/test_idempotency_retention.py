@@ -1,0 +1,144 @@
+"""Idempotency records are deleted after the retention, in chunks, and never before (SQLite and
+PostgreSQL); each running service prunes its own.
+
+The contract: a key answers as its first call did for at least IDEMPOTENCY_RETENTION_DAYS; after
+that it is free again. The keys of gifts and spends are in their own tables and never pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import insert, select, update
+
+from livegifts.gifting.v1 import gifting_pb2
+from services.cli.suite import Suite
+from services.common import pruning
+from services.common.db import Database, UnitOfWork
+from services.common.idempotency import IdempotencyPruner, run_idempotent
+from services.gifting.storage import common
+from tests.integration.conftest import suite_config
+from tests.integration.helpers import eventually, service_settings
+
+DAY_US = 86_400 * 1_000_000
+NOW_US = 1_800_000_000 * 1_000_000
+SERVICES = ("wallet", "gifting", "payout")
+
+
+async def _recorded(db: Database, rows: dict[str, int]) -> None:
+    """Idempotency records of one scope: key -> created_at_us."""
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(common.idempotency),
+            [
+                {"scope": "S", "key": key, "request_hash": "h", "response": b"", "created_at_us": at}
+                for key, at in rows.items()
+            ],
+        )
+        await uow.commit()
+
+
+async def _keys(db: Database) -> list[str]:
+    async with db.unit_of_work(readonly=True) as uow:
+        return sorted((await uow.conn.execute(select(common.idempotency.c.key))).scalars())
+
+
+def _pruned_total() -> float:
+    value = REGISTRY.get_sample_value("livegifts_idempotency_records_pruned_total")
+    assert value is not None, "exported at 0 from the start, so an alert's increase() sees the first round"
+    return value
+
+
+async def test_records_past_the_retention_go_in_chunks_and_younger_ones_stay(
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 3)
+    ages_days = {f"old-{i}": 31 + i for i in range(7)} | {"edge": 30, "young": 29, "new": 0}
+    await _recorded(gifting_db, {key: NOW_US - days * DAY_US for key, days in ages_days.items()})
+    pruner = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url))
+    before = _pruned_total()
+    stopping = asyncio.Event()
+    stopping.set()  # shutting down: the round ends after its first transaction, which took three
+    assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
+    # The four other records past 30 days, three per transaction: 3 + 1. One exactly 30 days old stays.
+    assert await pruner.prune_once(now=NOW_US) == 4
+    assert await _keys(gifting_db) == ["edge", "new", "young"]
+    assert _pruned_total() - before == 7
+    assert await pruner.prune_once(now=NOW_US) == 0
+
+
+async def test_a_key_answers_from_its_record_within_the_retention_and_is_free_after_it(gifting_db: Database) -> None:
+    request = gifting_pb2.StartStreamRequest(creator_id="c-1", title="t", idempotency_key="k-1")
+    runs: list[str] = []
+
+    async def work(uow: UnitOfWork) -> gifting_pb2.Stream:
+        runs.append("ran")
+        return gifting_pb2.Stream(stream_id=f"s-{len(runs)}")
+
+    async def call() -> gifting_pb2.Stream:
+        return await run_idempotent(gifting_db, common.idempotency, "StartStream", request, gifting_pb2.Stream, work)
+
+    assert (await call()).stream_id == "s-1"
+    async with gifting_db.unit_of_work() as uow:  # the first call was 29 days ago
+        await uow.conn.execute(update(common.idempotency).values(created_at_us=NOW_US - 29 * DAY_US))
+        await uow.commit()
+    pruner = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url))
+    assert await pruner.prune_once(now=NOW_US) == 0
+    assert (await call()).stream_id == "s-1"  # the retry is answered from the record
+    assert runs == ["ran"]
+    # Two days later the record is past the retention: it goes, and the key does its work anew.
+    assert await pruner.prune_once(now=NOW_US + 2 * DAY_US) == 1
+    assert (await call()).stream_id == "s-2"
+    assert runs == ["ran", "ran"]
+
+
+async def test_a_retention_of_zero_keeps_every_record(gifting_db: Database) -> None:
+    await _recorded(gifting_db, {"ancient": 0})
+    pruner = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url, idempotency_retention_days=0))
+    await asyncio.wait_for(pruner.run(asyncio.Event()), 5)  # returns at once: nothing to do, ever
+    assert await _keys(gifting_db) == ["ancient"]
+
+
+@pytest.mark.parametrize("days", [0.01, 0.5])
+def test_a_retention_shorter_than_a_day_is_refused(days: float) -> None:
+    with pytest.raises(ValueError, match="must be at least 1 day"):
+        service_settings("sqlite+aiosqlite:///x.db", idempotency_retention_days=days)
+
+
+async def test_every_running_service_prunes_its_idempotency_records_every_interval(tmp_path: Path) -> None:
+    """The wiring: each service runs the pruner; a record that turns old while it runs goes at the next round."""
+    extra = {s: {f"LIVEGIFTS_{s.upper()}_IDEMPOTENCY_PRUNE_INTERVAL_S": "0.2"} for s in SERVICES}
+    suite = Suite(suite_config(tmp_path, {}, extra))
+    try:
+        await asyncio.to_thread(suite.start)  # migrates each database, then the first pruning round runs
+        now = time.time_ns() // 1000
+        for service in SERVICES:
+            with contextlib.closing(sqlite3.connect(tmp_path / f"{service}.db", timeout=10)) as conn, conn:
+                conn.executemany(
+                    "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at_us) "
+                    "VALUES ('S', ?, 'h', x'', ?)",
+                    [("ancient", now - 31 * DAY_US), ("recent", now - DAY_US)],
+                )
+
+        async def kept() -> dict[str, list[str]]:
+            out = {}
+            for service in SERVICES:
+                with contextlib.closing(sqlite3.connect(tmp_path / f"{service}.db", timeout=10)) as conn:
+                    out[service] = sorted(r[0] for r in conn.execute("SELECT key FROM idempotency_keys"))
+            return out
+
+        def pruned(keys: dict[str, list[str]]) -> bool:
+            return all("ancient" not in k for k in keys.values())
+
+        assert await eventually(kept, pruned, 10) == {s: ["recent"] for s in SERVICES}
+        for service in SERVICES:
+            log = (suite.log_dir / f"{service}.log").read_text()
+            assert "idempotency records pruned" in log, service
+    finally:
+        await asyncio.to_thread(suite.stop)
