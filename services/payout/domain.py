@@ -242,7 +242,9 @@ def normalize_paypal(email: str) -> tuple[str, str]:
 
 def iban_valid(iban: str) -> bool:
     """ISO 13616 mod-97 check of an IBAN without spaces."""
-    if not _IBAN.match(iban):
+    # fullmatch: with match, "$" also matches before a final newline, which then reached int()
+    # below as a ValueError (INTERNAL) instead of an invalid IBAN.
+    if not _IBAN.fullmatch(iban):
         return False
     digits = "".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4])
     return int(digits) % 97 == 1
@@ -257,11 +259,17 @@ def normalize_bank(iban: str, account_number: str, routing_number: str, holder_n
         if not iban_valid(iban):
             raise InvalidArgument("iban is not a valid IBAN", "INVALID_PAYOUT_METHOD")
         return iban, f"{iban[:2]} {mask(iban)}"
-    if not (account_number.isdigit() and 4 <= len(account_number) <= 17):
+    if not (_ascii_digits(account_number) and 4 <= len(account_number) <= 17):
         raise InvalidArgument("account_number must be 4..17 digits", "INVALID_PAYOUT_METHOD")
-    if not (routing_number.isdigit() and len(routing_number) == 9 and _aba_valid(routing_number)):
+    if not (_ascii_digits(routing_number) and len(routing_number) == 9 and _aba_valid(routing_number)):
         raise InvalidArgument("routing_number must be a valid 9-digit ABA number", "INVALID_PAYOUT_METHOD")
     return f"{routing_number}:{account_number}", f"{mask(account_number)} (routing {routing_number[-4:]})"
+
+
+def _ascii_digits(value: str) -> bool:
+    """Only 0-9: str.isdigit() also takes other scripts' digits (vaulted as an account a bank
+    cannot read) and superscripts such as "²", which int() refuses (INTERNAL in _aba_valid)."""
+    return value.isascii() and value.isdigit()
 
 
 def _aba_valid(r: str) -> bool:

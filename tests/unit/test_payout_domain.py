@@ -123,3 +123,21 @@ def test_a_reversal_takes_the_senders_newest_earnings_first_up_to_its_coins() ->
 def test_a_reversal_larger_than_what_was_gifted_takes_only_what_was_gifted() -> None:
     takes = domain.attribute_reversal(700, [domain.EarningRow("only", "a", 100, 5_000)])
     assert sum(t.coins for t in takes) == 100
+
+
+@pytest.mark.parametrize(
+    ("iban", "account", "routing"),
+    [
+        ("DE89370400440532013000\n", "", ""),  # "$" of a match() also matches before a final newline
+        ("", "12345678", "²" * 9),  # str.isdigit() takes superscripts; int() does not
+        ("", "²²²²²", "011000015"),
+        ("", "١٢٣٤٥", "011000015"),  # Arabic-Indic digits: no bank reads them
+        ("", "12345678", "٠١١٠٠٠٠١٥"),
+    ],
+)
+def test_a_bank_account_in_anything_but_ascii_digits_is_an_invalid_payout_method(
+    iban: str, account: str, routing: str
+) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        domain.normalize_bank(iban, account, routing, "A Creator")
+    assert exc.value.reason == "INVALID_PAYOUT_METHOD"
