@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,7 +21,7 @@ from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import exc as sa_exc
 
-from services.common.errors import DomainError, status_for
+from services.common.errors import DomainError, InvalidArgument, status_for
 from services.common.metrics import RPC_SECONDS
 from services.common.telemetry import (
     TRACE_HEADERS,
@@ -102,6 +103,41 @@ def is_retryable(exc: BaseException) -> bool:
     return (isinstance(exc, sa_exc.DBAPIError) and _is_serialization_failure(exc)) or is_unavailable(exc)
 
 
+class _Undecodable:
+    """Stands for a request body that is not the method's message (see `_tolerant`)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's request deserializer, answering UNDECODABLE where it raises DecodeError.
+
+    A body that is not the message (invalid UTF-8 in a string field, which any non-Python
+    client or proxy may send; a truncated or garbled body) failed inside grpc, before any
+    handler: UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>", no reason, and
+    a traceback in the log. The handler wrapper refuses UNDECODABLE with a reason instead."""
+    if deserialize is None:
+        return None
+
+    def load(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return UNDECODABLE
+
+    return load
+
+
+def _require_decoded(request: Any) -> None:
+    """INVALID_ARGUMENT MALFORMED_REQUEST for a body `_tolerant` could not decode."""
+    if request is UNDECODABLE:
+        raise InvalidArgument(
+            "the request is not a valid message for this method (string fields must be UTF-8)",
+            "MALFORMED_REQUEST",
+        )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps typed domain errors to status codes with google.rpc.ErrorInfo; times every call.
 
@@ -170,6 +206,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 code = "OK"
                 token = attach_remote_context(remote) if remote else None
                 try:
+                    _require_decoded(request)
                     return await inner(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     code = "ABORTED_BY_HANDLER"
@@ -184,7 +221,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -192,17 +229,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._answering(remote, context):
+                    _require_decoded(request)
                     async for item in inner_stream(request, context):
                         yield item
 
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
                 # A handler that sends with context.write() and returns (grpc.health.v1 Watch).
                 async with self._answering(remote, context):
+                    _require_decoded(request)
                     await inner_stream(request, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream if inspect.isasyncgenfunction(inner_stream) else writing,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -234,3 +234,31 @@ def test_health_watch_streams_the_status_like_check_answers_it() -> None:
         return int(status)
 
     assert asyncio.run(first_watched_status()) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_request_body_that_is_not_the_message_is_refused_with_a_reason_not_unknown() -> None:
+    """Invalid UTF-8 in a string field (HealthCheckRequest.service here) cannot be decoded; grpc
+    answered UNKNOWN naming Python's DecodeError, with no ErrorInfo, before any handler ran."""
+    import asyncio
+
+    from services.common.clients import error_reason
+    from services.common.grpcserver import create_server
+
+    async def answers() -> list[tuple[grpc.StatusCode, str | None]]:
+        running = await create_server([], "127.0.0.1", 0, "livegifts.test")
+        got = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            for body in (b"\x0a\x02\xff\xfe", b"\x0a\x10truncated"):
+                for call in (
+                    channel.unary_unary("/grpc.health.v1.Health/Check")(body, timeout=5),
+                    channel.unary_stream("/grpc.health.v1.Health/Watch")(body, timeout=5).read(),
+                ):
+                    try:
+                        await call
+                        got.append((grpc.StatusCode.OK, None))
+                    except grpc.aio.AioRpcError as exc:
+                        got.append((exc.code(), error_reason(exc)))
+        await running.server.stop(0)
+        return got
+
+    assert asyncio.run(answers()) == [(grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")] * 4
