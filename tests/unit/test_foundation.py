@@ -215,9 +215,11 @@ def test_open_streams_take_the_health_checks_slots_unless_the_limit_leaves_room(
     assert asyncio.run(check_with_streams_open(limit=4, streams=3)) == grpc.StatusCode.OK
 
 
-def test_health_watch_streams_the_status_like_check_answers_it() -> None:
+@pytest.mark.parametrize("trace_spans", [False, True])
+def test_health_watch_streams_the_status_like_check_answers_it(trace_spans: bool) -> None:
     """grpc.health.v1 Watch (what client-side health checking and some meshes use) is a handler
-    that writes with context.write instead of yielding; the error interceptor must pass it on."""
+    that writes with context.write instead of yielding; the error interceptor must pass it on,
+    also to the OpenTelemetry interceptor in front when spans are recorded (which iterates it)."""
     import asyncio
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -225,7 +227,7 @@ def test_health_watch_streams_the_status_like_check_answers_it() -> None:
     from services.common.grpcserver import create_server
 
     async def first_watched_status() -> int:
-        running = await create_server([], "127.0.0.1", 0, "livegifts.test")
+        running = await create_server([], "127.0.0.1", 0, "livegifts.test", trace_spans=trace_spans)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
             status = (await call.read()).status
