@@ -903,8 +903,12 @@ class Payout:
         """An operator rejects a withdrawal under review, or one approved but not yet claimed by the
         dispatcher (still APPROVED, so never submitted): the diamonds are released."""
         require_id(req.withdrawal_id, "withdrawal_id")
-        if len(req.reason) > 200:
-            raise InvalidArgument("reason must be at most 200 characters", "INVALID_REASON")
+        # Text only (errors.is_text): the reason is kept as the withdrawal's failure_reason and
+        # shown to the creator; a NUL failed on PostgreSQL as INTERNAL and was kept on SQLite.
+        if len(req.reason) > 200 or not is_text(req.reason):
+            raise InvalidArgument(
+                "reason must be at most 200 characters of text without control characters", "INVALID_REASON"
+            )
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
             row = await self._load_withdrawal(uow, req.withdrawal_id)

@@ -238,6 +238,19 @@ async def test_an_operator_reviews_large_withdrawals_and_a_rejection_releases_th
     review = await clients.payout.RequestWithdrawal(withdraw(other, 100_000, other_method))
     assert review.status == W.WITHDRAWAL_STATUS_PENDING_REVIEW
     assert (await earnings(clients, other)).diamonds_held == 100_000
+    # The reason becomes the withdrawal's failure_reason: a NUL (INTERNAL on PostgreSQL, kept on
+    # SQLite) or a terminal escape is refused, and the withdrawal stays under review.
+    for reason in ("fraud\x00check", "\x1b[2Jfraud"):
+        await expect_error(
+            clients.payout.RejectWithdrawal(
+                W.RejectWithdrawalRequest(withdrawal_id=review.withdrawal_id, reason=reason, idempotency_key=uid("rj")),
+                metadata=deployment.operator_metadata,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REASON",
+        )
+    under_review = await clients.payout.GetWithdrawal(W.GetWithdrawalRequest(withdrawal_id=review.withdrawal_id))
+    assert under_review.status == W.WITHDRAWAL_STATUS_PENDING_REVIEW
     rejected = await clients.payout.RejectWithdrawal(
         W.RejectWithdrawalRequest(withdrawal_id=review.withdrawal_id, reason="fraud check", idempotency_key=uid("rj")),
         metadata=deployment.operator_metadata,
