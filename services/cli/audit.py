@@ -38,6 +38,7 @@ from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.cli.calls import channel, describe
 
 log = logging.getLogger(__name__)
 # Answers worth asking again while waiting for the books to settle.
@@ -214,9 +215,9 @@ def collect(
     those ids' records (implies detail)."""
     only = None if ids is None else frozenset(ids)
     with (
-        grpc.insecure_channel(wallet_addr) as w,
-        grpc.insecure_channel(gifting_addr) as g,
-        grpc.insecure_channel(payout_addr) as p,
+        channel("wallet", wallet_addr) as w,
+        channel("gifting", gifting_addr) as g,
+        channel("payout", payout_addr) as p,
     ):
         gifting = gifting_pb2_grpc.GiftingServiceStub(g)
         pa = payout_pb2_grpc.PayoutServiceStub(p).GetAudit(payout_pb2.GetAuditRequest(), timeout=deadline_s)
@@ -569,15 +570,9 @@ def wait_until_settled(
             # pooled connection (they are not pinged before use): retry while there is time.
             if exc.code() not in TRANSIENT or time.monotonic() > deadline:
                 raise
-            # In the message itself: the CLI prints a warning's message, not its fields. gRPC's
-            # details name the address that did not answer (which service) and why.
-            details = exc.details() if callable(getattr(exc, "details", None)) else ""
-            log.warning(
-                "audit call failed (%s: %s), retrying",
-                exc.code().name,
-                details or "no details",
-                extra={"code": exc.code().name},
-            )
+            # In the message itself: the CLI prints a warning's message, not its fields; it
+            # names the service and address that did not answer, and why.
+            log.warning("audit call failed (%s), retrying", describe(exc), extra={"code": exc.code().name})
             time.sleep(RECHECK_S)
             continue
         if marks is None:

@@ -16,11 +16,13 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.cli.calls import channel, describe
 from services.cli.suite import Suite, SuiteConfig
 from services.common import signing
 from services.wallet.payments import dev_event_payload
@@ -80,8 +82,13 @@ def _run_secret(var_dir: Path, name: str, option: str) -> str:
 
 
 def _fail(exc: grpc.RpcError) -> None:
-    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+    """Say in one line (unwrapped, for a log) which call to which service failed, and exit 1."""
+    _say_failed(exc)
     raise typer.Exit(1)
+
+
+def _say_failed(exc: grpc.RpcError) -> None:
+    console.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
 
 
 PortOffset = Annotated[
@@ -290,7 +297,7 @@ def buy(
     """Buy a coin package for USER through the development payment provider."""
     secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
     region = (region or package_id.split("-", 1)[0]).upper()
-    with grpc.insecure_channel(wallet_addr) as ch:
+    with channel("wallet", wallet_addr) as ch:
         wallet = wallet_pb2_grpc.WalletServiceStub(ch)
         try:
             p = _buy(wallet, secret, user, package_id, region)
@@ -303,7 +310,7 @@ def buy(
 @app.command()
 def balance(user: str, wallet_addr: WalletAddr = "127.0.0.1:50051") -> None:
     """Show a user's coin balance."""
-    with grpc.insecure_channel(wallet_addr) as ch:
+    with channel("wallet", wallet_addr) as ch:
         try:
             bal = wallet_pb2_grpc.WalletServiceStub(ch).GetBalance(
                 wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S
@@ -316,7 +323,7 @@ def balance(user: str, wallet_addr: WalletAddr = "127.0.0.1:50051") -> None:
 @app.command()
 def earnings(creator: str, payout_addr: PayoutAddr = "127.0.0.1:50053") -> None:
     """Show a creator's diamonds."""
-    with grpc.insecure_channel(payout_addr) as ch:
+    with channel("payout", payout_addr) as ch:
         try:
             e = payout_pb2_grpc.PayoutServiceStub(ch).GetEarnings(
                 payout_pb2.GetEarningsRequest(creator_id=creator), timeout=DEADLINE_S
@@ -344,9 +351,9 @@ def demo(
     viewer, creator = f"viewer-{run_id}", f"creator-{run_id}"
     gifts = [("rose", 7), ("panda", 3), ("galaxy", 1), ("love-bang", 2)]
     with (
-        grpc.insecure_channel(wallet_addr) as wch,
-        grpc.insecure_channel(gifting_addr) as gch,
-        grpc.insecure_channel(payout_addr) as pch,
+        channel("wallet", wallet_addr) as wch,
+        channel("gifting", gifting_addr) as gch,
+        channel("payout", payout_addr) as pch,
     ):
         wallet = wallet_pb2_grpc.WalletServiceStub(wch)
         gifting = gifting_pb2_grpc.GiftingServiceStub(gch)
@@ -511,7 +518,7 @@ def dead_letters_list(
         table.add_column(col)
     shown = more = 0
     for svc in services:
-        with grpc.insecure_channel(_service_addr(svc, addrs)) as ch:
+        with channel(svc, _service_addr(svc, addrs)) as ch:
             stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
             after, count, cut = 0, 0, False
             while True:
@@ -569,7 +576,7 @@ def dead_letters_replay(
     key = idempotency_key or f"cli-replay-{uuid.uuid4().hex}"
     request = dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id, idempotency_key=key)
     metadata = _operator(operator_token, var)
-    with grpc.insecure_channel(_service_addr(service, addrs)) as ch:
+    with channel(service, _service_addr(service, addrs)) as ch:
         stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
         for attempt in range(REPLAY_ATTEMPTS_MAX):
             try:
@@ -579,7 +586,7 @@ def dead_letters_replay(
                 if exc.code() not in _REPLAY_RETRYABLE:  # type: ignore[attr-defined]
                     _fail(exc)
                 if attempt + 1 == REPLAY_ATTEMPTS_MAX:
-                    console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+                    _say_failed(exc)
                     console.print(
                         f"to try again without replaying twice: --idempotency-key {key}",
                         highlight=False,

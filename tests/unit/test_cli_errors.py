@@ -1,0 +1,62 @@
+"""A call the CLI cannot complete ends in one line that names the service and address it went to.
+
+An SRE reading a CronJob's log or a terminal must tell which of three services did not answer:
+gRPC's own text for a deadline ("Deadline Exceeded") names none of them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from services.cli import main
+from services.cli.main import app
+from services.cli.suite import free_port
+
+
+@pytest.fixture
+def silent_addr() -> Iterator[str]:
+    """host:port of a socket that accepts connections and never answers (a hung service)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def test_a_service_nothing_listens_on_is_named_in_one_line_and_exit_1() -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["balance", "bob", "--wallet-addr", addr], env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.output)
+    assert len(lines) == 1, result.output  # not wrapped at the terminal's width
+    assert lines[0].startswith("UNAVAILABLE: ") and f"(wallet at {addr})" in lines[0], result.output
+
+
+def test_an_audit_whose_service_hangs_names_that_service_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, silent_addr: str
+) -> None:
+    monkeypatch.setattr(main, "DEADLINE_S", 0.5)
+    refused = f"127.0.0.1:{free_port()}"
+    args = ["audit", "--wallet-addr", refused, "--gifting-addr", refused, "--payout-addr", silent_addr]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("DEADLINE_EXCEEDED: ") and f"(payout at {silent_addr})" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_demo_names_the_service_whose_call_failed(monkeypatch: pytest.MonkeyPatch, silent_addr: str) -> None:
+    monkeypatch.setattr(main, "DEADLINE_S", 0.5)
+    args = ["demo", "--wallet-addr", silent_addr, "--webhook-secret", "s" * 32]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.output)
+    assert len(lines) == 1 and f"(wallet at {silent_addr})" in lines[0], result.output
