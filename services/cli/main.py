@@ -65,7 +65,7 @@ def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
     return path.read_text().strip()
 
 
-def _run_secret(var_dir: Path, name: str, option: str) -> str:
+def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret to sign with") -> str:
     """A secret `run` keeps in var/, for a command that calls the suite; never made up here: a
     new one would only be refused by a suite that started with another."""
     path = var_dir / name
@@ -74,7 +74,7 @@ def _run_secret(var_dir: Path, name: str, option: str) -> str:
     except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
         why = f"no {path}" if isinstance(exc, FileNotFoundError) else f"cannot read {path} ({exc.strerror})"
         console.print(
-            f"[red]no secret to sign with[/red]: {why} (`livegifts run` writes it there);"
+            f"[red]{missing}[/red]: {why} (`livegifts run` writes it there);"
             f" give {option}, or --var with the folder of the running suite",
             highlight=False,
         )
@@ -485,7 +485,7 @@ SERVICES = ("wallet", "gifting", "payout")
 
 def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
     who = os.environ.get("USER", "") or "cli"
-    token = token or _run_secret(var, "dev-operator-token", "--operator-token")
+    token = token or _run_secret(var, "dev-operator-token", "--operator-token", "no operator token")
     return (("authorization", f"Bearer {token}"), ("x-operator", who))
 
 
@@ -512,6 +512,8 @@ def dead_letters_list(
 
     addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
     services = [service] if service else list(SERVICES)
+    for svc in services:
+        _service_addr(svc, addrs)  # a typo is a usage error before any token is looked for
     metadata = _operator(operator_token, var)
     table = Table(title="parked events")
     for col in ("service", "id", "consumer", "subject", "event id", "parked at (UTC)", "error"):
@@ -575,8 +577,9 @@ def dead_letters_replay(
     # went through answers as it did instead of NOT_FOUND.
     key = idempotency_key or f"cli-replay-{uuid.uuid4().hex}"
     request = dead_letters_pb2.ReplayDeadLetterRequest(id=dead_letter_id, idempotency_key=key)
+    addr = _service_addr(service, addrs)  # a typo is a usage error before any token is looked for
     metadata = _operator(operator_token, var)
-    with channel(service, _service_addr(service, addrs)) as ch:
+    with channel(service, addr) as ch:
         stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
         for attempt in range(REPLAY_ATTEMPTS_MAX):
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -60,3 +61,17 @@ def test_a_demo_names_the_service_whose_call_failed(monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 1, result.output
     lines = _error_lines(result.output)
     assert len(lines) == 1 and f"(wallet at {silent_addr})" in lines[0], result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dead-letters", "list", "--service", "payuot"],
+        ["dead-letters", "replay", "7", "--service", "payuot"],
+    ],
+)
+def test_an_unknown_service_is_a_usage_error_before_any_token_is_looked_for(tmp_path: Path, args: list[str]) -> None:
+    # A folder without the token: the typo is what to fix first, not a token that is fine.
+    result = CliRunner().invoke(app, [*args, "--var", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 2, result.output
+    assert "unknown service 'payuot'" in result.output and "token" not in result.output, result.output

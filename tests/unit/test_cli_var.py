@@ -21,15 +21,16 @@ def test_run_with_a_var_that_cannot_be_a_folder_says_so_and_exits_1(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "missing"),
     [
-        ["buy", "alice", "--wallet-addr", "127.0.0.1:1"],
-        ["demo", "--wallet-addr", "127.0.0.1:1"],
-        ["dead-letters", "list", "--wallet-addr", "127.0.0.1:1"],
-        ["dead-letters", "replay", "7", "--service", "payout", "--payout-addr", "127.0.0.1:1"],
+        (["buy", "alice", "--wallet-addr", "127.0.0.1:1"], "nosecrettosignwith"),
+        (["demo", "--wallet-addr", "127.0.0.1:1"], "nosecrettosignwith"),
+        # An operator token authenticates; it signs nothing.
+        (["dead-letters", "list", "--wallet-addr", "127.0.0.1:1"], "nooperatortoken"),
+        (["dead-letters", "replay", "7", "--service", "payout", "--payout-addr", "127.0.0.1:1"], "nooperatortoken"),
     ],
 )
-def test_a_var_that_is_a_file_is_named_not_a_traceback(tmp_path: Path, args: list[str]) -> None:
+def test_a_var_that_is_a_file_is_named_not_a_traceback(tmp_path: Path, args: list[str], missing: str) -> None:
     """`--var var/dev-webhook-secret` (the secret's file, not its folder) is an easy slip."""
     secret = tmp_path / "dev-webhook-secret"
     secret.write_text("s")
@@ -37,4 +38,4 @@ def test_a_var_that_is_a_file_is_named_not_a_traceback(tmp_path: Path, args: lis
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     joined = "".join(result.output.split())  # the console wraps long lines, paths too
-    assert "nosecrettosignwith" in joined and f"cannotread{secret}/" in joined, result.output
+    assert missing in joined and f"cannotread{secret}/" in joined, result.output
