@@ -211,7 +211,8 @@ def _print_running(suite: Suite) -> None:
     config = suite.config
     table = Table(title="livegifts is running (Ctrl-C stops everything)")
     for col in ("process", "address", "metrics", "log"):
-        table.add_column(col)
+        # In a narrow terminal a cell wraps: an address or a log's path cut to "…" is of no use.
+        table.add_column(col, overflow="fold")
     table.add_row("nats-server", config.nats_url, "", str(suite.log_dir / "nats.log"))
     for svc in ("wallet", "gifting", "payout"):
         table.add_row(

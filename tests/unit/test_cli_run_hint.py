@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from services.cli import main
@@ -42,3 +45,27 @@ def test_the_default_suite_suggests_the_bare_demo(
     monkeypatch.chdir(tmp_path)
     hint = _hint(capsys, SuiteConfig(var_dir=Path("var").resolve()))
     assert "try: livegifts demo or grpcurl" in hint, hint
+
+
+def test_the_running_table_shows_every_address_and_log_whole_in_80_columns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An 80-column terminal, or `make run` under a supervisor writing to a file: where the logs
+    # are is what the table is for, so a cell wraps rather than ending in an ellipsis.
+    out = io.StringIO()
+    monkeypatch.setattr(main, "console", Console(file=out, width=80))
+    suite = Suite(SuiteConfig(var_dir=tmp_path / "a-folder-with-a-rather-long-name" / "var"))
+    main._print_running(suite)
+    table = out.getvalue().split("try:", 1)[0]
+    assert "…" not in table, table
+    columns: dict[int, str] = defaultdict(str)  # each column's text, its wrapped pieces joined
+    for line in table.splitlines():
+        cells = line.split("│")
+        if len(cells) == 6:
+            for i, cell in enumerate(cells[1:5]):
+                columns[i] += cell.strip()
+    assert suite.config.nats_url in columns[1], table
+    for svc in ("wallet", "gifting", "payout"):
+        assert suite.addr(svc) in columns[1], table
+        assert f"http://127.0.0.1:{suite.config.metrics_ports[svc]}/metrics" in columns[2], table
+        assert str(suite.log_dir / f"{svc}.log") in columns[3], table
