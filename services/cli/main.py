@@ -344,7 +344,7 @@ def demo(
     payout_addr: PayoutAddr = "127.0.0.1:50053",
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
-    wait_s: Annotated[float, typer.Option(help="how long to wait for the diamonds")] = 30.0,
+    wait_s: Annotated[float, typer.Option(min=0, help="how long to wait for the diamonds")] = 30.0,
 ) -> None:
     """Buy coins, start a stream, send gifts, and show the creator's diamonds."""
     secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
@@ -426,7 +426,7 @@ def audit(
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
     detail: Annotated[bool, typer.Option(help="also compare spends, gifts and credits id by id")] = False,
-    wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for in-flight work to drain")] = 0.0,
+    wait_s: Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for in-flight work to drain")] = 0.0,
 ) -> None:
     """Check the suite's invariants across the three services; exit 1 if one fails (3 if still in flight).
 

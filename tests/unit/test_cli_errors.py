@@ -75,3 +75,12 @@ def test_an_unknown_service_is_a_usage_error_before_any_token_is_looked_for(tmp_
     result = CliRunner().invoke(app, [*args, "--var", str(tmp_path)], env={"COLUMNS": "80"})
     assert result.exit_code == 2, result.output
     assert "unknown service 'payuot'" in result.output and "token" not in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [["audit", "--wait", "-5"], ["demo", "--wait-s", "-5", "--webhook-secret", "s"]])
+def test_a_negative_wait_is_a_usage_error_before_any_call(args: list[str]) -> None:
+    # Not taken for --wait 0, whose exit 3 (in flight) a script would read as a verdict.
+    refused = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, [*args, "--wallet-addr", refused], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--wait" in result.output, result.output
