@@ -7,6 +7,7 @@ checks fail when one side changes without the other.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,81 @@ def test_every_cli_command_line_the_docs_show_exists(doc: str) -> None:
         options = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
         bad += [f"livegifts {line}: no option {t}" for t in tokens if t.startswith("--") and t not in options]
     assert not bad, f"{doc} shows command lines the CLI refuses: {bad}"
+
+
+def _string_literals() -> set[str]:
+    """Every string literal in services/, implicit concatenations joined (as log messages are)."""
+    out = set()
+    for path in (REPO / "services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.add(node.value)
+    return out
+
+
+def test_every_log_line_the_docs_quote_is_one_a_service_logs() -> None:
+    # "search the log for ..." is how the runbook sends an SRE to the details: a reworded log call
+    # makes that search come back empty in the middle of an incident.
+    text = " ".join(" ".join(DOCS.values()).split())
+    quoted = re.findall(r'\blog(?:s|ged| line)?(?: [a-z]+){0,2} \(?"([^"]{6,})"', text)
+    assert quoted, "the docs quote no log line any more: drop this test"
+    literals = _string_literals()
+    # A %-format ("refused: its event id was recorded for another %s") matches what it formats.
+    formats = [
+        re.compile(".+".join(map(re.escape, parts)))
+        for s in literals
+        if len(parts := re.split(r"%[sdr]", s)) > 1 and len("".join(parts)) >= 10  # not a bare "%s: %s"
+    ]
+    missing = [q for q in quoted if not any(q in s for s in literals) and not any(f.fullmatch(q) for f in formats)]
+    assert not missing, f"the docs quote log lines no service logs: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_repository_path_the_docs_name_exists(doc: str) -> None:
+    names = set(re.findall(r"`((?:services|tests|protos|deploy|bench|docs|\.ci)/[\w./<>-]*)`", DOCS[doc]))
+    assert names, f"{doc} names no repository path any more: drop it from this test"
+    missing = []
+    for name in names - {f"deploy/livegifts-{svc}" for svc in SETTINGS}:  # kubectl's deploy/<name>
+        # `protos/livegifts/<svc>/v1/`, `deploy/k8s/base/config/<svc>.env`: every service's.
+        paths = [name.replace("<svc>", svc) for svc in SETTINGS] if "<svc>" in name else [name]
+        missing += [p for p in paths if not (REPO / p).exists()]
+    assert not missing, f"{doc} names paths the repository does not have: {missing}"
+
+
+# Capitalised words in backticks that are neither a setting, a status, an enum value nor a reason.
+NOT_REASONS = {"MAX_DELIVER", "CONCURRENTLY", "SELECT", "DB_HOST", "DB_PORT", "DB_NAME"}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_error_reason_the_docs_name_is_raised_by_a_service(doc: str) -> None:
+    # Reasons named alone (`SELF_GIFT`, `FEED_TOO_SLOW`), not only in `STATUS` / `REASON` pairs:
+    # a caller branches on them.
+    source = "\n".join(p.read_text() for p in (REPO / "services").rglob("*.py"))
+    everything = (
+        "\n".join(
+            p.read_text(errors="replace")
+            for top in ("services", "tests", "bench", "deploy", ".ci")
+            for p in (REPO / top).rglob("*")
+            if p.is_file() and p.suffix in {".py", ".yaml", ".yml", ".env", ""}
+        )
+        + (REPO / "docker-compose.yml").read_text()
+    )
+    protos = "\n".join(p.read_text() for p in (REPO / "protos").rglob("*.proto"))
+    codes = {c.name for c in grpc.StatusCode}
+    settings = {f.upper() for cls in SETTINGS.values() for f in cls.model_fields}
+    unknown = []
+    for word in sorted(set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", DOCS[doc]))):
+        svc, _, rest = word.partition("_")
+        if word in codes or word in settings or word in NOT_REASONS or re.search(rf"\b{word}\s*=", protos):
+            continue
+        if svc.lower() in SETTINGS and rest in settings:  # `GIFTING_WALLET_ADDR`: a service's own
+            continue
+        if word.startswith("LIVEGIFTS_"):  # an environment variable: something must read or set it
+            ok = word in everything or any(
+                word == f"LIVEGIFTS_{s.upper()}_{name}" for s in SETTINGS for name in settings
+            )
+        else:
+            ok = f'"{word}"' in source
+        if not ok:
+            unknown.append(word)
+    assert not unknown, f"{doc} names reasons or variables nothing raises or reads: {unknown}"
