@@ -446,9 +446,14 @@ def audit(
     def fetch(ids=None):  # type: ignore[no-untyped-def]
         return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail, ids, read)
 
+    waiting_due = _every(AUDIT_PROGRESS_EVERY_S)
+    said: list[str] = []
+
     def progress(report) -> None:  # type: ignore[no-untyped-def]
+        # It looks every 0.5 s: say what it waits for when that changes, else every few seconds.
         busy = [c.name for c in report if c.status != OK]
-        if busy and wait_s > 0:
+        if busy and wait_s > 0 and (busy != said or waiting_due()):
+            said[:] = busy
             console.print(f"[yellow]waiting:[/yellow] {'; '.join(busy)}")
 
     try:

@@ -7,7 +7,7 @@ gRPC's own text for a deadline ("Deadline Exceeded") names none of them.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +84,25 @@ def test_a_negative_wait_is_a_usage_error_before_any_call(args: list[str]) -> No
     result = CliRunner().invoke(app, [*args, "--wallet-addr", refused], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--wait" in result.output, result.output
+
+
+def test_an_audit_waiting_on_the_same_work_says_so_once_in_a_while_not_every_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CronJob's --wait 120 looks every 0.5 s: a line per look is 240 lines of the same words.
+    from services.cli import audit
+
+    busy = [audit.Check("3c. pending gifts", audit.IN_FLIGHT, "1 in flight")]
+    moved = [audit.Check("4a. credits", audit.IN_FLIGHT, "1 in flight")]
+
+    def wait(fetch: object, timeout_s: float, progress: Callable[[list[audit.Check]], None]) -> list[audit.Check]:
+        for report in [busy] * 50 + [moved] * 50:
+            progress(report)
+        return [audit.Check("4a. credits", audit.FAILED, "not settled")]
+
+    monkeypatch.setattr(audit, "wait_until_settled", wait)
+    result = CliRunner().invoke(app, ["audit", "--wait", "30"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    waits = [line for line in result.output.splitlines() if line.startswith("waiting:")]
+    # Once when it starts, once when what is in flight changes; the clock adds none in a blink.
+    assert waits == ["waiting: 3c. pending gifts", "waiting: 4a. credits"], result.output
