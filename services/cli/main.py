@@ -37,6 +37,8 @@ DEADLINE_S = 10.0
 REPLAY_ATTEMPTS_MAX = 3
 REPLAY_RETRY_PAUSES_S = (0.5, 2.0)
 _REPLAY_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# `dead-letters list`: a service that does not answer; the others' parked events are still shown.
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 DEMO_PROGRESS_EVERY_S = 5.0  # `demo`: how often its wait for the creator's diamonds says how far it has come
 AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id says how far it has come
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
@@ -513,7 +515,10 @@ def dead_letters_list(
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
 ) -> None:
-    """List parked events, oldest first (every service's, or --service's); exit 0 even when there are some."""
+    """List parked events, oldest first (every service's, or --service's); exit 0 even when there are some.
+
+    A service that does not answer is named after the others' events, and the exit is 1.
+    """
     from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
 
     addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
@@ -525,6 +530,7 @@ def dead_letters_list(
     for col in ("service", "id", "consumer", "subject", "event id", "parked at (UTC)", "error"):
         table.add_column(col)
     shown = more = 0
+    unreachable: list[grpc.RpcError] = []
     for svc in services:
         with channel(svc, _service_addr(svc, addrs)) as ch:
             stub = dead_letters_pb2_grpc.DeadLetterServiceStub(ch)
@@ -537,7 +543,12 @@ def dead_letters_list(
                         timeout=DEADLINE_S,
                     )
                 except grpc.RpcError as exc:
-                    _fail(exc)
+                    # A service down or hung: what the others parked is still shown (an incident
+                    # is when this is run). A refusal (the token, the consumer's name) stops here.
+                    if exc.code() not in _UNREACHABLE:  # type: ignore[attr-defined]
+                        _fail(exc)
+                    unreachable.append(exc)
+                    break
                 for d in page.dead_letters:
                     if count == limit:
                         cut = True
@@ -551,12 +562,16 @@ def dead_letters_list(
                 after = page.next_after_id
             shown += count
             more += cut
-    if shown == 0:
-        console.print("no parked events")
-        return
-    console.print(table)
+    if shown:
+        console.print(table)
+    else:
+        console.print("no parked events" + (" in the services that answered" if unreachable else ""))
     if more:
         console.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")
+    if unreachable:
+        for exc in unreachable:
+            _say_failed(exc)
+        raise typer.Exit(1)
 
 
 @dead_letters.command("replay")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import grpc
@@ -115,3 +116,43 @@ def test_a_replay_that_keeps_failing_prints_its_key_and_a_given_key_is_sent(monk
     )
     result = _replay()
     assert result.exit_code == 1 and "NOT_FOUND" in result.output and len(requests) == 1, result.output
+
+
+def _per_service_stub(answers: dict[str, grpc.StatusCode | None]) -> type:
+    """A DeadLetterService per service (the channel is the service's name): one parked event, or an error."""
+
+    class Stub:
+        def __init__(self, service: str) -> None:
+            self.service = service
+
+        def ListDeadLetters(self, request: Any, **kwargs: Any) -> dead_letters_pb2.ListDeadLettersResponse:
+            code = answers[self.service]
+            if code is not None:
+                raise _Lost(code)
+            return dead_letters_pb2.ListDeadLettersResponse(
+                dead_letters=[dead_letters_pb2.DeadLetter(id=1, consumer="c", event_id=f"event-of-{self.service}")]
+            )
+
+    return Stub
+
+
+def test_a_list_with_a_service_down_shows_the_others_and_names_it_then_exits_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # During an incident one service may be down: what the others have parked is still wanted.
+    down = {"wallet": None, "gifting": grpc.StatusCode.UNAVAILABLE, "payout": None}
+    monkeypatch.setattr(main, "channel", lambda service, addr: contextlib.nullcontext(service))
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _per_service_stub(down))
+    result = CliRunner().invoke(app, ["dead-letters", "list", "--operator-token", "t"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "event-of-wallet" in result.output and "event-of-payout" in result.output, result.output
+    assert "UNAVAILABLE: the answer was lost" in result.output, result.output
+
+
+def test_a_list_refused_for_its_token_stops_at_the_first_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = {svc: grpc.StatusCode.PERMISSION_DENIED for svc in ("wallet", "gifting", "payout")}
+    monkeypatch.setattr(main, "channel", lambda service, addr: contextlib.nullcontext(service))
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _per_service_stub(refused))
+    result = CliRunner().invoke(app, ["dead-letters", "list", "--operator-token", "t"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert result.output.count("PERMISSION_DENIED") == 1, result.output
