@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -166,9 +167,9 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
             # one line and the logs, not a traceback.
             lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             failed = lines[0].rstrip(":")
-            console.print(f"[red]could not start: {failed}[/red] (logs in {suite.log_dir})")
+            console.print(f"[red]could not start: {failed}[/red] ({_start_log(suite, failed)})")
             if len(lines) > 1:
-                console.print(f"  last log line: {lines[-1].strip()}", markup=False, highlight=False)
+                console.print(f"  last log line: {_log_message(lines[-1])}", markup=False, highlight=False)
         if not stop.requested and not failed:
             _print_running(suite)
         while not stop.requested and not failed:
@@ -186,6 +187,25 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         _say("stopped; nothing left running.")
     if failed:
         raise typer.Exit(1)  # a script or supervisor can tell a crash from Ctrl-C
+
+
+def _start_log(suite: Suite, failed: str) -> str:
+    """Where to read why the start failed: the log of the process it names, else the folder."""
+    name = failed.split(" ", 1)[0]
+    if name in SERVICES:
+        return f"its log: {suite.log_dir / (name + '.log')}"
+    if name == "nats-server" and " exited with code " in failed:
+        return f"its log: {suite.log_dir / 'nats.log'}"
+    return f"logs in {suite.log_dir}"
+
+
+def _log_message(line: str) -> str:
+    """A service's log line as its own words: the message of a JSON record, else the line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()
+    return str(record["msg"]) if isinstance(record, dict) and "msg" in record else line.strip()
 
 
 def _every(seconds: float) -> Callable[[], bool]:

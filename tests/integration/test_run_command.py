@@ -221,6 +221,9 @@ def test_run_that_cannot_start_a_service_says_why_in_a_line_and_exits_1(tmp_path
     assert "could not start: wallet exited with code" in out and "Traceback" not in out
     flat = " ".join(out.split())  # the console wraps long lines
     assert "last log line:" in flat and "cannot serve metrics on 127.0.0.1:" in flat, out  # the service's own words
+    assert '"level": "ERROR"' not in flat, out  # its words, not the JSON record around them
+    joined = "".join(out.split())  # paths too
+    assert f"itslog:{tmp_path / 'logs' / 'wallet.log'}" in joined, out  # the log to read, not only its folder
     assert "nothing left running" in out
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 
