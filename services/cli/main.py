@@ -308,7 +308,7 @@ def _buy(
 
 @app.command()
 def buy(
-    user: str,
+    user: Annotated[str, typer.Argument(help="the buyer's user id (any new id is a new user)")],
     package_id: Annotated[str, typer.Argument(help="e.g. us-usd-700, gb-gbp-660, us-usd-web-700")] = "us-usd-700",
     region: Annotated[
         str, typer.Option(help="the package's region (default: its id's first part, as in gb-gbp-660)")
@@ -331,7 +331,9 @@ def buy(
 
 
 @app.command()
-def balance(user: str, wallet_addr: WalletAddr = "127.0.0.1:50051") -> None:
+def balance(
+    user: Annotated[str, typer.Argument(help="the user's id")], wallet_addr: WalletAddr = "127.0.0.1:50051"
+) -> None:
     """Show a user's coin balance."""
     with channel("wallet", wallet_addr) as ch:
         try:
@@ -344,7 +346,9 @@ def balance(user: str, wallet_addr: WalletAddr = "127.0.0.1:50051") -> None:
 
 
 @app.command()
-def earnings(creator: str, payout_addr: PayoutAddr = "127.0.0.1:50053") -> None:
+def earnings(
+    creator: Annotated[str, typer.Argument(help="the creator's user id")], payout_addr: PayoutAddr = "127.0.0.1:50053"
+) -> None:
     """Show a creator's diamonds."""
     with channel("payout", payout_addr) as ch:
         try:

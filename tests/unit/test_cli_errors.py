@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -106,3 +107,22 @@ def test_an_audit_waiting_on_the_same_work_says_so_once_in_a_while_not_every_loo
     waits = [line for line in result.output.splitlines() if line.startswith("waiting:")]
     # Once when it starts, once when what is in flight changes; the clock adds none in a blink.
     assert waits == ["waiting: 3c. pending gifts", "waiting: 4a. credits"], result.output
+
+
+def test_every_argument_and_option_of_every_command_says_what_it_is() -> None:
+    # `livegifts buy --help` listing `user <str> [required]` leaves the reader to guess.
+    import typer.main
+
+    def commands(cmd: Any, path: str) -> Iterator[tuple[str, Any]]:
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+        if not hasattr(cmd, "commands"):
+            yield path, cmd
+
+    bare = [
+        f"{path} {p.name}"
+        for path, cmd in commands(typer.main.get_command(app), "livegifts")
+        for p in cmd.params
+        if not getattr(p, "help", None)
+    ]
+    assert not bare, f"parameters without a help text: {bare}"
