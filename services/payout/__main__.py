@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - the handler goes in before the slow imports below (services/common/early_signals.py)
+from services.common.early_signals import exit_on_sigterm
+
+exit_on_sigterm()
+
 from pathlib import Path
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events

@@ -7,22 +7,30 @@ A failure nothing in the environment explains (a bug, a migration's own SQL erro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from services.common.app import StartupError, _starting
+from services.common.early_signals import SIGTERM_EXIT_CODE
+from services.common.migrate import MIGRATION_LOCK_KEY
 from tests.integration import pg
 
 ROOT = Path(__file__).resolve().parents[2]
+START_WAIT_S = 30.0
+STOP_WAIT_S = 10.0
 
 
 @pytest.fixture
@@ -34,8 +42,8 @@ def held_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def _start(tmp_path: Path, *args: str, **env: str) -> tuple[int, str, list[dict[str, str]]]:
-    """Run the gifting service (`args`) until it exits: its code, its output, its error log records."""
+def _env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The gifting service's environment on SQLite under `tmp_path`, with `env` (settings) over it."""
     base = {
         "PYTHONPATH": f"{ROOT / 'gen'}{os.pathsep}{ROOT}",
         "PATH": os.environ.get("PATH", ""),
@@ -45,9 +53,17 @@ def _start(tmp_path: Path, *args: str, **env: str) -> tuple[int, str, list[dict[
         "LIVEGIFTS_GIFTING_GRPC_PORT": "0",
         "LIVEGIFTS_GIFTING_METRICS_PORT": "0",
     }
-    env = base | {f"LIVEGIFTS_GIFTING_{k.upper()}": v for k, v in env.items()}
+    return base | {f"LIVEGIFTS_GIFTING_{k.upper()}": v for k, v in env.items()}
+
+
+def _start(tmp_path: Path, *args: str, **env: str) -> tuple[int, str, list[dict[str, str]]]:
+    """Run the gifting service (`args`) until it exits: its code, its output, its error log records."""
     r = subprocess.run(
-        [sys.executable, "-m", "services.gifting", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "services.gifting", *args],
+        env=_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     out = r.stdout + r.stderr
     errors = []
@@ -107,3 +123,52 @@ def test_a_failure_the_environment_does_not_explain_keeps_its_traceback() -> Non
         raise ValueError("a bug")
     with pytest.raises(StartupError, match="cannot serve gRPC: Failed to bind"), _starting("cannot serve gRPC"):
         raise RuntimeError("Failed to bind to address 127.0.0.1:1; set GRPC_VERBOSITY=debug")
+
+
+async def _backends(conn: Any) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"))
+
+
+@pytest.mark.parametrize("command", [[], ["migrate"]], ids=["serve", "migrate"])
+async def test_a_sigterm_before_serving_ends_the_service_even_as_pid_1(command: list[str]) -> None:
+    """In its container the service is PID 1, which ignores a signal it has no handler for; a
+    parent that ignores SIGTERM hands its child the same disposition, so this runs anywhere. The
+    service waits for the migration lock another replica holds, as an init container does."""
+    import asyncpg
+
+    with pg.service_databases("lgterm") as urls:
+        url = urls["gifting"]
+        holder = await asyncpg.connect(url.replace("+asyncpg", ""))
+        proc = None
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            env = _env(Path(os.devnull), database_url=url)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "services.gifting",
+                *command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+            )
+            deadline = time.monotonic() + START_WAIT_S
+            while await _backends(holder) < 2:  # it is connected, trying for the lock
+                assert proc.returncode is None, "the service exited while starting"
+                assert time.monotonic() < deadline, "the service never asked for the migration lock"
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = await asyncio.wait_for(proc.wait(), STOP_WAIT_S)
+            except TimeoutError:
+                pytest.fail(f"SIGTERM was ignored: still running {STOP_WAIT_S} s later")
+            assert proc.stdout is not None
+            out = (await proc.stdout.read()).decode(errors="replace")
+            assert code == SIGTERM_EXIT_CODE, out
+            assert "LIVEGIFTS_READY" not in out and "Traceback" not in out, out
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await holder.close()
