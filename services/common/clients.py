@@ -1,6 +1,10 @@
-"""Outgoing gRPC channels: a deadline on every call, traces propagated, transparent retry of UNAVAILABLE.
+"""Outgoing gRPC channels: a deadline on every call, traces propagated, transparent retry of
+UNAVAILABLE and CANCELLED.
 
-Retrying is safe because every mutating RPC of the suite carries an idempotency key.
+Retrying is safe because every mutating RPC of the suite carries an idempotency key. A server
+answers CANCELLED when it stops: gRPC cancels the calls that had reached it but no handler yet
+(a graceful stop with calls pouring in, as in every rolling update), and a call still running
+when its grace ends. A call this side cancels (its deadline, its caller gone) is never retried.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _service_config(retry_attempts_max: int) -> str:
                         "initialBackoff": "0.05s",
                         "maxBackoff": "1s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                     },
                 }
             ]

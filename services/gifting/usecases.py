@@ -1,7 +1,7 @@
 """Gifting use cases. SendGift is a saga over two services:
 
 1. one transaction records the gift as PENDING (after every check that needs no coins);
-2. wallet.Spend with the gift's id as idempotency key (a deadline, retried on UNAVAILABLE);
+2. wallet.Spend with the gift's id as idempotency key (a deadline, retried on UNAVAILABLE and CANCELLED);
 3. one transaction flips the gift PENDING -> SENT and writes its `gifting.gift.sent` event.
 
 A crash or timeout between 1 and 3 leaves the gift PENDING: the caller's retry with the same key
