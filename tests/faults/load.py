@@ -1,7 +1,7 @@
 """A bounded, seeded, mixed load against a running suite, retrying like a well-behaved client.
 
 Every mutating call carries an idempotency key and is retried with the same key on the
-retryable codes (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED) until it gets a definite answer or
+retryable codes (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, CANCELLED) until it gets a definite answer or
 its time budget runs out. Any other error is recorded as a wrong answer: during a fault a
 client may see delays and retryable errors, never a wrong result.
 """
@@ -28,7 +28,13 @@ from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.integration.helpers import signed_callback, uid
 
 T = TypeVar("T")
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+# CANCELLED: a server that stops cancels the calls it had not handed to a handler yet (docs/sre.md).
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
 CALL_BUDGET_S = 60.0  # one logical operation may take this long across retries
 UNLOCK_PRICE_COINS = 15  # every creator's one piece of content
 CHEAP_GIFTS = [("rose", 1), ("gg", 1), ("finger-heart", 5), ("panda", 5), ("hand-wave", 9), ("lollipop", 10)]

@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ FAST_PAYOUT = {
 WITHDRAWALS_PAID_TIMEOUT_S = 30.0
 # The withdrawals come last in the load, after every gift: a point on their path fires late.
 WITHDRAWAL_FAULT_WITHIN_S = 180.0
+# A SIGTERMed service drains within its SHUTDOWN_GRACE_S (10 s by default), then closes NATS and its pool.
+STOP_WITHIN_S = 20.0
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -98,6 +101,33 @@ def _kill_and_restart(name: str, after_s: float, down_s: float) -> Callable[[Sui
 def _dies_at(svc: str, within_s: float = 60.0) -> Callable[[Suite, list[str]], Awaitable[None]]:
     async def action(suite: Suite, log: list[str]) -> None:
         await _restart_when_dead(suite, svc, log, within_s)
+
+    return action
+
+
+def _terminate_and_restart(name: str, after_s: float) -> Callable[[Suite, list[str]], Awaitable[None]]:
+    """SIGTERM `name` mid-load (a rolling update): it must drain and exit 0 within its grace, with
+    no error logged, and the clients' retries and the audit must not notice."""
+
+    async def action(suite: Suite, log: list[str]) -> None:
+        await asyncio.sleep(after_s)
+        proc = suite.procs[name]
+        logfile = suite.log_dir / f"{name}.log"
+        logged = logfile.stat().st_size
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(proc.wait, STOP_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not exit within {STOP_WITHIN_S:g} s of its SIGTERM")
+        log.append(f"{name} SIGTERMed, exited {code} after {time.monotonic() - started:.1f} s")
+        with logfile.open("rb") as f:
+            f.seek(logged)
+            stopping = f.read().decode(errors="replace").splitlines()
+        errors = [line for line in stopping if '"level": "ERROR"' in line or "Traceback" in line]
+        assert code == 0 and not errors, f"{name} exited {code} after SIGTERM, logging {errors}"
+        await asyncio.to_thread(suite.restart, name)
+        log.append(f"{name} restarted")
 
     return action
 
@@ -173,6 +203,9 @@ SCENARIOS = [
     ),
     Scenario("wallet is SIGKILLed mid-load", {}, _kill_and_restart("wallet", after_s=1.5, down_s=1.0)),
     Scenario("nats-server is SIGKILLed mid-load", {}, _kill_and_restart("nats", after_s=1.5, down_s=2.0)),
+    Scenario("wallet is SIGTERMed mid-load", {}, _terminate_and_restart("wallet", after_s=1.5)),
+    Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting", after_s=1.5)),
+    Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout", after_s=1.5)),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
 ]
 
