@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 CONCURRENT_RPCS_MAX = 2048
+# A client connection older than this is closed gracefully (GOAWAY: calls in flight finish, the
+# next ones go on a new connection). Behind a Kubernetes Service a channel's one connection stays
+# on the pod kube-proxy picked when it connected: without an end, gifting's calls would stay on
+# the wallet pods that were up then, however many the autoscaler adds. gRPC adds +-10% jitter.
+CONNECTION_AGE_MAX_S = 300.0
 
 # Errors from below the domain that mean "a dependency is down, retry": never a wrong answer.
 # Reporting them as UNAVAILABLE is safe because every command is idempotent by its key: if the
@@ -306,6 +311,7 @@ async def create_server(
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
+            ("grpc.max_connection_age_ms", int(CONNECTION_AGE_MAX_S * 1000)),
         ],
         maximum_concurrent_rpcs=concurrent_rpcs_max,
     )

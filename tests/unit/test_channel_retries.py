@@ -1,4 +1,5 @@
-"""A service's calls to another retry what a stopping callee refused: UNAVAILABLE and CANCELLED."""
+"""Calls between services across rollouts and scaling: what a stopping callee refused is retried
+(UNAVAILABLE and CANCELLED), and a client's connection does not stay on one replica for good."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import collections
 
 import grpc
+import pytest
 
+from services.common import grpcserver
 from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration, create_server
 
@@ -62,3 +65,39 @@ async def test_a_call_a_stopping_server_cancelled_before_running_it_is_retried_n
         await channel.close()
     assert codes["OK"] > CALLERS, codes  # the calls did run before the stop
     assert codes["CANCELLED"] == 0, codes
+
+
+def _peer_registration() -> ServiceRegistration:
+    """A service whose one method answers the caller's address as the server sees it."""
+
+    async def peer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return context.peer().encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "livegifts.test.v1.Peer", {"Call": grpc.unary_unary_rpc_method_handler(peer)}
+    )
+    return ServiceRegistration(
+        lambda _servicer, server: server.add_generic_rpc_handlers((handler,)), None, "livegifts.test.v1.Peer"
+    )
+
+
+async def test_a_client_connection_is_moved_on_once_it_is_old_so_new_replicas_get_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Behind a Kubernetes Service (one virtual IP) a channel makes one connection, to the pod
+    # kube-proxy picked when it connected, and keeps it: gifting's calls stay on the wallet pods
+    # that were up then, however many the autoscaler adds. An aged connection is closed
+    # gracefully (GOAWAY), the client connects again, and the Service picks a pod anew.
+    monkeypatch.setattr(grpcserver, "CONNECTION_AGE_MAX_S", 0.3)
+    running = await create_server([_peer_registration()], "127.0.0.1", 0, "livegifts.test")
+    channel = make_channel(f"127.0.0.1:{running.port}", 5.0)
+    peers = set()
+    try:
+        call = channel.unary_unary("/livegifts.test.v1.Peer/Call")
+        for _ in range(40):  # 2 s: several times the age, with the core's jitter
+            peers.add((await call(b"")).decode())
+            await asyncio.sleep(0.05)
+    finally:
+        await channel.close()
+        await running.server.stop(None)
+    assert len(peers) > 1, f"one connection for every call: {peers}"
