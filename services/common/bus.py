@@ -37,6 +37,7 @@ class Bus:
         self.connected = asyncio.Event()
         # Streams that take atomic batch publishes (nats-server >= 2.12, allow_atomic), by name.
         self.atomic_streams: set[str] = set()
+        self._closing = False  # close() called: the disconnect that follows is ours, not news
 
     async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
         """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
@@ -113,6 +114,7 @@ class Bus:
         """Flush and close the connection."""
         if self.nc is None or self.nc.is_closed:
             return
+        self._closing = True
         if not self.nc.is_connected:
             await self._close_quietly()  # nothing to drain through: the server is gone
             return
@@ -132,6 +134,9 @@ class Bus:
         log.warning("NATS error", extra={"error": repr(exc)})
 
     async def _on_disconnect(self) -> None:
+        if self._closing:
+            log.info("NATS connection closed")
+            return
         log.warning("NATS disconnected")
 
     async def _on_reconnect(self) -> None:

@@ -443,3 +443,14 @@ async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(re
     assert await second.relay.relay_once() == 30, "the claim went with the transaction: nothing is stuck"
     assert await second.stored() == 30
     assert await second.unpublished() == 0
+
+
+async def test_closing_the_bus_at_a_graceful_stop_logs_no_warning(
+    harness: _Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every pod of a rolling update closes its connection: a "NATS disconnected" warning there
+    # would be noise beside the ones that mean the broker went away.
+    with caplog.at_level(logging.INFO, logger="services.common.bus"):
+        await harness.bus.close()
+    assert harness.bus.nc is not None and harness.bus.nc.is_closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
