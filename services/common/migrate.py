@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 MIGRATION_LOCK_KEY = 7301163  # the PostgreSQL advisory lock migrations take, per database
 MIGRATION_LOCK_POLL_S = 0.5  # how often a replica tries again for it while another migrates
+# How often a replica waiting for it says so: an init container that waits shows only `Init:0/1`.
+MIGRATION_LOCK_LOG_EVERY_S = 30.0
 
 
 def alembic_config(migrations_dir: Path, url: str) -> Config:
@@ -53,12 +55,19 @@ def _run_sync(connection: Connection, metadata: MetaData) -> None:
         # (CREATE INDEX CONCURRENTLY, in an autocommit block) commits it, and the lock must stay.
         # The others wait between short tries, in no transaction: a CONCURRENTLY build waits for
         # every older snapshot to end, so one held while blocked on this lock would wait forever.
+        started = time.monotonic()
+        said = None
         while True:
             got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             held = bool(got.scalar_one())
             connection.commit()
             if held:
                 break
+            now = time.monotonic()
+            if said is None or now - said >= MIGRATION_LOCK_LOG_EVERY_S:
+                waited_s = round(now - started, 1)
+                log.info("waiting for the migration lock: another replica is migrating", extra={"waited_s": waited_s})
+                said = now
             time.sleep(MIGRATION_LOCK_POLL_S)
     with context.begin_transaction():
         context.run_migrations()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from sqlalchemy import Executable, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common.db import normalize_url
-from services.common.migrate import alembic_config, upgrade_head
+from services.common.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade_head
 from services.gifting.storage import KEY_LOST
 
 SERVICES = ("wallet", "gifting", "payout")
@@ -261,3 +262,28 @@ async def test_the_idempotency_index_is_built_again_by_a_retry_after_an_interrup
     await asyncio.to_thread(command.upgrade, cfg, "head")
     valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_idempotency_keys_created_at'::regclass"
     assert await _execute(empty_database, valid) == [(True,)]
+
+
+async def test_a_replica_waiting_for_another_ones_migration_says_so(
+    empty_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An init container that waits on the lock shows only `Init:0/1`: its log must say why."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite: no migration lock")
+    import asyncpg
+
+    holder = await asyncpg.connect(normalize_url(empty_database).replace("+asyncpg", ""))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        with caplog.at_level(logging.INFO, logger="services.common.migrate"):
+            migrating = asyncio.create_task(upgrade_head(ROOT / "services" / "wallet" / "migrations", empty_database))
+            for _ in range(200):  # 10 s
+                if "waiting for the migration lock" in caplog.text or migrating.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not migrating.done(), "it migrated while another replica held the lock"
+            assert "waiting for the migration lock" in caplog.text
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            await asyncio.wait_for(migrating, 60)
+    finally:
+        await holder.close()
