@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -528,6 +529,36 @@ def _is_database_internal(overlay: str, src: str, dst: str, port: int) -> bool:
     Its address depends on the cluster, so overlays/prod/network-policies.yaml cannot name it.
     """
     return overlay == "prod" and src.endswith("-db") and port == 443
+
+
+def test_the_network_policies_let_traces_reach_the_configured_otlp_endpoint(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans go to OTLP_ENDPOINT, a host outside the namespace: a policy that names another port
+    or namespace drops every span in silence (the exporter only logs that it could not send)."""
+    objs = objects(overlay)
+    policies = by_kind(objs, "NetworkPolicy")
+    pods = _pods(overlay)
+    exporting = 0
+    for w, c, svc, cmd in _service_containers(objs):
+        if cmd != "serve":
+            continue
+        env = resolve_env(c, objs)
+        s = load_settings_from(svc, {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}, monkeypatch)
+        if s.otel_exporter != "otlp":
+            continue
+        exporting += 1
+        endpoint = urlsplit(s.otlp_endpoint)
+        assert endpoint.hostname and endpoint.port, f"{w.name}: OTLP_ENDPOINT {s.otlp_endpoint} names no host:port"
+        # <service>.<namespace>[.svc...]: the collector's pods are in that namespace.
+        parts = endpoint.hostname.split(".")
+        assert len(parts) >= 2, f"{w.name}: OTLP_ENDPOINT {s.otlp_endpoint} is not <service>.<namespace>"
+        collector = Pod(parts[1], {"kubernetes.io/metadata.name": parts[1]}, {"app": parts[0]})
+        assert connection_allowed(policies, pods[w.name], collector, endpoint.port), (
+            f"{w.name} -> {endpoint.hostname}:{endpoint.port} (OTLP) is blocked"
+        )
+    if overlay == "prod":
+        assert exporting == len(SERVICES), "prod sends every service's traces to OTLP"
 
 
 def test_the_audit_cronjob_calls_every_service_where_it_listens(overlay: str) -> None:
