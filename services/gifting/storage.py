@@ -13,6 +13,7 @@ from sqlalchemy import (
     Table,
     TextClause,
     bindparam,
+    or_,
     select,
     text,
 )
@@ -103,6 +104,38 @@ def stale_pending(cutoff_us: int, limit: int) -> Select[tuple[str]]:
         select(g.event_id)
         .where(g.status == "PENDING", g.updated_at_us < cutoff_us)
         .order_by(g.updated_at_us)
+        .limit(limit)
+    )
+
+
+# A stream's SENT gifts in feed order, for a WatchStream that resumes after a cursor (migration
+# 0011). A SENT row's updated_at_us is when it was marked SENT (the GiftSent event's occurred_at)
+# and never changes after; event_id breaks ties. Partial: a gift enters the index once, when it is
+# marked SENT, and pending or cancelled gifts never do. The predicate is text, identical to the
+# index's, so PostgreSQL plans on the partial index whatever it does with bound parameters.
+SENT_ONLY = "status = 'SENT'"
+Index(
+    "ix_gift_events_stream_sent",
+    gift_events.c.stream_id,
+    gift_events.c.updated_at_us,
+    gift_events.c.event_id,
+    sqlite_where=text(SENT_ONLY),
+    postgresql_where=text(SENT_ONLY),
+)
+
+
+def sent_after(stream_id: str, after_us: int, after_event_id: str, limit: int) -> Select[Any]:
+    """A stream's SENT gifts after (`after_us`, `after_event_id`), in feed order: sent time, then event id."""
+    g = gift_events.c
+    return (
+        select(gift_events)
+        .where(
+            g.stream_id == stream_id,
+            text(SENT_ONLY),
+            g.updated_at_us >= after_us,  # the range the index seeks; the OR only filters the ties
+            or_(g.updated_at_us > after_us, g.event_id > after_event_id),
+        )
+        .order_by(g.updated_at_us, g.event_id)
         .limit(limit)
     )
 

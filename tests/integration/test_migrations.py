@@ -104,6 +104,13 @@ async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_data
     assert "ix_gift_events_pending" in plan, plan
 
 
+async def test_a_resumed_feeds_catch_up_read_is_served_by_the_stream_sent_index(empty_database: str) -> None:
+    from services.gifting.storage import sent_after
+
+    plan = await _gifting_plan(empty_database, lambda dialect: sent_after("s1", 1_000, "e1", 200))
+    assert "ix_gift_events_stream_sent" in plan, plan
+
+
 async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
     empty_database: str,
 ) -> None:
