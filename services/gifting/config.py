@@ -30,6 +30,11 @@ class GiftingSettings(ServiceSettings):
     watchers_max: int = Field(default=10_000, ge=1, le=1_000_000)
     watch_queue_size_max: int = Field(default=1_000, ge=1, le=100_000)
     combo_window_s: float = Field(default=10.0, gt=0, le=3600)
+    # A WatchStream that resumes after a cursor is sent what it missed only if the cursor's gift was
+    # sent within this window and at most this many gifts followed it (RESUME_TOO_OLD otherwise):
+    # a resume is a reconnect, not a history read, and its catch-up stays one bounded read.
+    watch_resume_window_s: float = Field(default=600.0, gt=0, le=86_400)
+    watch_resume_items_max: int = Field(default=1_000, ge=1, le=100_000)
     # Group commit: concurrent SendGift, SendTip and UnlockContent calls share the transaction that
     # records them PENDING, one wallet.SpendMany call, and the one that marks them SENT
     # (bench/README.md).

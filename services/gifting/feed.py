@@ -5,9 +5,19 @@ ephemeral JetStream consumer per watcher (every watcher reads every gift of ever
 since subjects do not carry the stream id); C) one core NATS subscription per replica on
 gifting.gift.sent and gifting.stream.ended, dispatched in memory to the watchers of each
 stream. We take C: any replica sees every replica's gifts, as soon as the relay publishes them.
-Core NATS is at most once, which suits a live overlay; the feed also re-reads the stream's
-status when idle, so a missed end event still ends it. A relay may publish an event twice, so
-the hub drops event ids it has just seen.
+Core NATS is at most once, and so is a feed by itself: a client that reconnects (a network blip,
+a replica stopping: SHUTTING_DOWN, a slow client ended: FEED_TOO_SLOW) would lose what was sent
+while it was away. So each item carries a cursor, and a watch with `resume_cursor` first reads
+from the database the stream's SENT gifts after it, in feed order (sent time, then event id),
+a page at a time and within a bounded window (`Gifting.watch_stream`): the watcher is registered
+before that read, so a gift committed during it comes live, and live items the read already sent
+are dropped by id. A watch without a cursor does no database read per item. A gift core NATS
+drops while the watcher stays connected is still lost to it, unless no later gift reached it
+before it reconnected. Live items come in publish order, which is feed order but for gifts whose
+SENT commits overtook each other (a transaction's length apart): a watcher that leaves in that
+moment may miss one or get one twice, so an overlay keys its items by gift_event_id. The feed also
+re-reads the stream's status when idle, so a missed end event still ends it. A relay may publish
+an event twice, so the hub drops event ids it has just seen.
 """
 
 from __future__ import annotations

@@ -74,12 +74,13 @@ class GiftingServicer(gifting_pb2_grpc.GiftingServiceServicer):
     async def WatchStream(
         self, request: gifting_pb2.WatchStreamRequest, context: Any
     ) -> AsyncIterator[gifting_pb2.StreamFeedItem]:
-        """The live feed of a stream; initial metadata is sent once the feed is listening."""
+        """The live feed of a stream (after what it missed, given a resume cursor); initial metadata is
+        sent once the feed is listening."""
 
         async def ready() -> None:
             await context.send_initial_metadata(())
 
-        async for item in self.g.watch_stream(request.stream_id, ready):
+        async for item in self.g.watch_stream(request.stream_id, ready, request.resume_cursor):
             yield item
 
     async def GetAudit(self, request: gifting_pb2.GetAuditRequest, context: Any) -> Any:

@@ -33,6 +33,7 @@ from services.common.batching import MicroBatcher
 from services.common.clients import error_info
 from services.common.db import Database, UnitOfWork
 from services.common.errors import (
+    ID_MAX,
     Aborted,
     AlreadyExists,
     DomainError,
@@ -67,6 +68,7 @@ from services.gifting.storage import (
     gifts,
     keys_lost,
     leaderboard_all_time,
+    sent_after,
     sent_flip_statement,
     stale_pending,
     streams,
@@ -78,6 +80,7 @@ TITLE_MAX = 200
 GIFT_SENT_SUBJECT = "gifting.gift.sent"
 STREAM_ENDED_SUBJECT = "gifting.stream.ended"
 FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
+FEED_RESUME_PAGE = 200  # gifts one read of a resumed feed's catch-up takes
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
 KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` looks at
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
@@ -1229,20 +1232,28 @@ class Gifting:
     # ---- live feed ---------------------------------------------------------------------------
 
     async def watch_stream(
-        self, stream_id: str, on_ready: Callable[[], Awaitable[None]]
+        self, stream_id: str, on_ready: Callable[[], Awaitable[None]], resume_cursor: str = ""
     ) -> AsyncIterator[gifting_pb2.StreamFeedItem]:
-        """Each gift and tip of a stream as it lands; a last item when the stream ends."""
+        """Each gift and tip of a stream as it lands, after the ones sent since `resume_cursor` if
+        given; a last item when the stream ends."""
         require_id(stream_id, "stream_id")
-        check(self.feed is not None, "the live feed is wired")
         check(self.feed is not None, "self.feed is not None")
         ended = gifting_pb2.StreamFeedItem(stream_ended=True)
-        with self.feed.watch(stream_id) as watcher:  # registered before the status read: no gap
+        # Registered before the status and catch-up reads: a gift committed after this point comes
+        # live, one committed before it is in those reads, so none falls in between.
+        with self.feed.watch(stream_id) as watcher:
             stream = await self.get_stream(stream_id)
+            after = await self._resume_point(stream_id, resume_cursor) if resume_cursor else None
             await on_ready()
+            combos = domain.ComboTracker(int(self.settings.combo_window_s * 1_000_000))
+            caught_up: set[str] = set()  # ids the catch-up sent, dropped when they also come live
+            if after is not None:
+                async for event in self._sent_after(stream_id, after):
+                    caught_up.add(event.event_id)
+                    yield _feed_item(event, combos)
             if stream.status == gifting_pb2.STREAM_STATUS_ENDED:
                 yield ended
                 return
-            combos = domain.ComboTracker(int(self.settings.combo_window_s * 1_000_000))
             while True:
                 item = await watcher.next(FEED_STATUS_CHECK_S)
                 if item is None:
@@ -1256,23 +1267,51 @@ class Gifting:
                 if item is ShuttingDown:
                     raise Unavailable("this replica is stopping; watch again", "SHUTTING_DOWN")
                 check(isinstance(item, events_pb2.GiftSent), "isinstance(item, events_pb2.GiftSent)")
-                at_us = item.occurred_at.ToMicroseconds()
-                combo = (
-                    combos.add(item.sender_id, item.gift_id, item.quantity, at_us)
-                    if item.kind == events_pb2.GIFT_KIND_GIFT
-                    else item.quantity
-                )
-                yield gifting_pb2.StreamFeedItem(
-                    gift_event_id=item.event_id,
-                    kind=item.kind,
-                    sender_id=item.sender_id,
-                    gift_id=item.gift_id,
-                    quantity=item.quantity,
-                    combo_count=combo,
-                    coins=item.coins,
-                    message=item.message,
-                    occurred_at=item.occurred_at,
-                )
+                if item.event_id in caught_up:
+                    continue
+                yield _feed_item(item, combos)
+
+    async def _resume_point(self, stream_id: str, cursor: str) -> tuple[int, str]:
+        """The feed position (sent at, event id) of a resume cursor, checked: an item of this stream,
+        within the resume window."""
+        unknown = InvalidArgument("resume_cursor is not an item of this stream's feed", "UNKNOWN_CURSOR")
+        if len(cursor) > ID_MAX or not cursor.isprintable():
+            raise unknown
+        g = gift_events.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            row = (
+                await uow.conn.execute(select(g.stream_id, g.status, g.updated_at_us).where(g.event_id == cursor))
+            ).one_or_none()
+            # Another stream's gift is unknown too: the answer tells nothing of other streams.
+            if row is None or row.stream_id != stream_id or row.status != GiftStatus.SENT.value:
+                raise unknown
+            too_old = FailedPrecondition(
+                "resume_cursor is beyond the resume window; watch again without it", "RESUME_TOO_OLD"
+            )
+            if now_us() - row.updated_at_us > self.settings.watch_resume_window_s * 1_000_000:
+                raise too_old
+            items_max = self.settings.watch_resume_items_max
+            missed = sent_after(stream_id, row.updated_at_us, cursor, items_max + 1).with_only_columns(g.event_id)
+            count = (await uow.conn.execute(select(func.count()).select_from(missed.subquery()))).scalar_one()
+            if count > items_max:
+                raise too_old
+        return row.updated_at_us, cursor
+
+    async def _sent_after(self, stream_id: str, after: tuple[int, str]) -> AsyncIterator[events_pb2.GiftSent]:
+        """The stream's SENT gifts after `after` in feed order, a page (one short read) at a time.
+
+        At most WATCH_RESUME_ITEMS_MAX: `_resume_point` counted at most that many after the watcher
+        was registered, and any gift committed since comes live."""
+        left = self.settings.watch_resume_items_max
+        while left > 0:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                page = (await uow.conn.execute(sent_after(stream_id, *after, min(left, FEED_RESUME_PAGE)))).all()
+            for row in page:
+                yield _gift_sent_event(row._asdict())
+            if len(page) < min(left, FEED_RESUME_PAGE):
+                return
+            left -= len(page)
+            after = (page[-1].updated_at_us, page[-1].event_id)
 
     # ---- audit -------------------------------------------------------------------------------
 
@@ -1389,6 +1428,27 @@ def _receipt(r: dict[str, Any]) -> gifting_pb2.GiftReceipt:
         coins=r["coins"],
         sender_balance=r["sender_balance_after"] or 0,
         status=_STATUS_PB[GiftStatus(r["status"])],
+    )
+
+
+def _feed_item(event: events_pb2.GiftSent, combos: domain.ComboTracker) -> gifting_pb2.StreamFeedItem:
+    """A gift as a WatchStream item; its cursor is its event id (the feed position is looked up by it)."""
+    combo = (
+        combos.add(event.sender_id, event.gift_id, event.quantity, event.occurred_at.ToMicroseconds())
+        if event.kind == events_pb2.GIFT_KIND_GIFT
+        else event.quantity
+    )
+    return gifting_pb2.StreamFeedItem(
+        gift_event_id=event.event_id,
+        kind=event.kind,
+        sender_id=event.sender_id,
+        gift_id=event.gift_id,
+        quantity=event.quantity,
+        combo_count=combo,
+        coins=event.coins,
+        message=event.message,
+        occurred_at=event.occurred_at,
+        cursor=event.event_id,
     )
 
 

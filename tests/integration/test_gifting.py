@@ -440,6 +440,57 @@ async def test_watch_stream_receives_gifts_from_two_concurrent_senders_in_order_
     assert await call.code() == grpc.StatusCode.OK
 
 
+async def test_an_overlay_that_reconnects_with_its_last_cursor_gets_the_gifts_it_missed_then_the_live_ones(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+
+    async def watch(cursor: str = ""):  # type: ignore[no-untyped-def]
+        call = clients.gifting.WatchStream(
+            gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id, resume_cursor=cursor)
+        )
+        await asyncio.wait_for(call.initial_metadata(), 10)  # the feed is listening from here on
+        return call
+
+    async def sent(n: int) -> list[str]:
+        return [(await clients.gifting.SendGift(gift(stream.stream_id, viewer))).gift_event_id for _ in range(n)]
+
+    async def items(call, n: int) -> list[gifting_pb2.StreamFeedItem]:  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(15):  # a liveness bound only
+            return [await call.read() for _ in range(n)]
+
+    first = await watch()
+    before = await sent(3)
+    seen = await items(first, 3)
+    assert [i.gift_event_id for i in seen] == [i.cursor for i in seen] == before
+    first.cancel()  # the overlay drops off; gifts go on
+    missed = await sent(5)
+
+    again = await watch(seen[-1].cursor)
+    caught_up = await items(again, 5)
+    assert [i.gift_event_id for i in caught_up] == missed  # exactly the missed ones, in order
+    assert [i.occurred_at.ToMicroseconds() for i in caught_up] == sorted(
+        i.occurred_at.ToMicroseconds() for i in caught_up
+    )
+    live = await sent(2)
+    assert [i.gift_event_id for i in await items(again, 2)] == live  # then the live ones, none twice
+    await clients.gifting.EndStream(
+        gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+    )
+    assert (await items(again, 1))[0].stream_ended  # nothing in between: no gift came twice
+    assert await again.code() == grpc.StatusCode.OK
+
+    # A cursor that is no item of this stream's feed: refused before the feed listens.
+    other = await live_stream(clients.gifting, uid("creator"))
+    for cursor in (uid("no-such-gift"), missed[0]):
+        call = clients.gifting.WatchStream(
+            gifting_pb2.WatchStreamRequest(stream_id=other.stream_id, resume_cursor=cursor)
+        )
+        await expect_error(call.read(), grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_CURSOR")
+
+
 async def test_watching_an_unknown_stream_fails_and_an_ended_one_ends_at_once(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     call = clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id="no-such-stream"))
     await expect_error(call.read(), grpc.StatusCode.NOT_FOUND, "UNKNOWN_STREAM")

@@ -1,0 +1,190 @@
+"""A WatchStream that resumes after a cursor, over a real database of its own, on SQLite and PostgreSQL.
+
+The gifts are rows written here with the sent times each test needs (ties, a gift committed late
+with an earlier time), and the live feed is a FeedHub without NATS that the test hands events to,
+as its subscription would: what is under test is the catch-up read and how it meets the live items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert
+
+from livegifts.gifting.v1 import gifting_pb2
+from services.common.db import Database
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.common.timeutil import now_us
+from services.gifting import usecases
+from services.gifting.config import GiftingSettings
+from services.gifting.feed import FeedHub
+from services.gifting.storage import common, gift_events
+from services.gifting.usecases import Gifting, _gift_sent_event
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+STEP_S = 5.0  # a bound on each item's wait: a feed that stalls fails the test, it does not hang it
+
+
+@dataclass
+class _Msg:
+    """What FeedHub reads of a NATS message."""
+
+    data: bytes
+    subject: str = "gifting.gift.sent"
+
+
+@pytest.fixture
+async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
+    await upgrade_head(MIGRATIONS, empty_database)
+    db = Database(empty_database, pool_size=4, pool_timeout_s=5, application_name="gifting-test")
+    settings = GiftingSettings(
+        database_url=empty_database,
+        nats_url="nats://127.0.0.1:1",
+        wallet_addr="127.0.0.1:1",
+        watch_resume_items_max=20,
+    )
+    hub = FeedHub(None, watchers_max=10, queue_size_max=100)  # type: ignore[arg-type] # no bus: the test publishes
+    hub.ready.set()
+    try:
+        yield Gifting(db, Outbox(common.outbox), None, settings, hub)
+    finally:
+        await db.dispose()
+
+
+async def _stream(gifting: Gifting, creator: str) -> str:
+    req = gifting_pb2.StartStreamRequest(creator_id=creator, title="t", idempotency_key=f"s-{creator}")
+    return (await gifting.start_stream(req)).stream_id
+
+
+async def _sent(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int, status: str = "SENT") -> None:
+    """A gift of `stream_id` recorded with `status` at `sent_at_us`, committed now."""
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(gift_events).values(
+                event_id=event_id,
+                idempotency_key=event_id,
+                client_key=event_id,
+                request_hash="h",
+                kind="GIFT",
+                stream_id=stream_id,
+                creator_id="c",
+                sender_id="viewer",
+                gift_id="rose",
+                quantity=1,
+                unit_price_coins=1,
+                coins=1,
+                status=status,
+                created_at_us=sent_at_us - 1_000,
+                updated_at_us=sent_at_us,
+            )
+        )
+        await uow.commit()
+
+
+async def _publish(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int) -> None:
+    """Hand the gift to the live feed, as the relay's publish reaches the hub's subscription."""
+    row = {"event_id": event_id, "kind": "GIFT", "stream_id": stream_id, "creator_id": "c", "sender_id": "viewer"}
+    row |= {"gift_id": "rose", "quantity": 1, "coins": 1, "updated_at_us": sent_at_us, "created_at_us": 0}
+    assert gifting.feed is not None
+    await gifting.feed._on_gift(_Msg(_gift_sent_event(row).SerializeToString()))  # type: ignore[arg-type]
+
+
+async def _no_op() -> None:
+    pass
+
+
+def _watch(gifting: Gifting, stream_id: str, cursor: str = "") -> AsyncIterator[gifting_pb2.StreamFeedItem]:
+    return gifting.watch_stream(stream_id, _no_op, cursor)
+
+
+async def _take(feed: AsyncIterator[gifting_pb2.StreamFeedItem], n: int) -> list[str]:
+    """The cursors of the next `n` items (each within STEP_S)."""
+    return [(await asyncio.wait_for(anext(feed), STEP_S)).cursor for _ in range(n)]
+
+
+async def test_a_resume_sends_the_gifts_after_the_cursor_in_feed_order_then_the_live_ones_each_once(
+    gifting: Gifting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(usecases, "FEED_RESUME_PAGE", 2)  # several pages, so gifts land between reads
+    stream = await _stream(gifting, "c1")
+    t = now_us() - 60_000_000
+    # Feed order is (sent time, event id): "e3a" and "e3b" were sent in the same microsecond.
+    for event_id, at in [("e1", t), ("e2", t + 1), ("e3b", t + 2), ("e3a", t + 2), ("e4", t + 3), ("e5", t + 4)]:
+        await _sent(gifting, stream, event_id, at)
+    feed = _watch(gifting, stream, "e2")  # the watcher received e1 and e2, then left
+    assert await _take(feed, 1) == ["e3a"]  # the first page is read: the watcher listens
+    # Committed during the catch-up: a gift after the pages read so far (read by a later page, and
+    # live), one sent before the cursor's position but committed only now (live only), and a
+    # second publish of one the catch-up already sent.
+    await _sent(gifting, stream, "e6", t + 5)
+    await _sent(gifting, stream, "d-late", t + 1)
+    for event_id, at in [("e6", t + 5), ("d-late", t + 1), ("e3a", t + 2)]:
+        await _publish(gifting, stream, event_id, at)
+    assert await _take(feed, 4) == ["e3b", "e4", "e5", "e6"]  # the rest of the catch-up, in order
+    await _publish(gifting, stream, "e7", t + 6)
+    assert await _take(feed, 2) == ["d-late", "e7"]  # then the live items, without those already sent
+    await feed.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_resume_of_a_stream_that_ended_meanwhile_sends_what_was_missed_then_the_end(gifting: Gifting) -> None:
+    stream = await _stream(gifting, "c2")
+    t = now_us() - 1_000_000
+    for i in range(3):
+        await _sent(gifting, stream, f"g{i}", t + i)
+    await gifting.end_stream(gifting_pb2.EndStreamRequest(stream_id=stream, idempotency_key="end"))
+    items = [i async for i in _watch(gifting, stream, "g0")]
+    assert [(i.cursor, i.stream_ended) for i in items] == [("g1", False), ("g2", False), ("", True)]
+    # Without a cursor, as before: the end at once.
+    assert [i.stream_ended for i in [i async for i in _watch(gifting, stream)]] == [True]
+
+
+@pytest.mark.parametrize("case", ["unknown", "another stream", "pending", "cancelled", "not printable", "too long"])
+async def test_a_cursor_that_is_not_a_gift_of_this_streams_feed_is_refused_as_unknown(
+    gifting: Gifting, case: str
+) -> None:
+    stream, other = await _stream(gifting, "c3"), await _stream(gifting, "c4")
+    t = now_us()
+    await _sent(gifting, other, "theirs", t)
+    await _sent(gifting, stream, "pending", t, status="PENDING")
+    await _sent(gifting, stream, "cancelled", t, status="CANCELLED")
+    cursor = {
+        "unknown": "no-such-gift",
+        "another stream": "theirs",
+        "pending": "pending",
+        "cancelled": "cancelled",
+        "not printable": "a\x00b",
+        "too long": "x" * 129,
+    }[case]
+    with pytest.raises(InvalidArgument) as refused:
+        await asyncio.wait_for(anext(_watch(gifting, stream, cursor)), STEP_S)
+    assert refused.value.reason == "UNKNOWN_CURSOR"
+
+
+async def test_a_resume_beyond_its_window_or_past_too_many_gifts_is_refused_as_too_old(gifting: Gifting) -> None:
+    window_us = int(gifting.settings.watch_resume_window_s * 1_000_000)
+    t = now_us()
+    quiet = await _stream(gifting, "c5")  # one gift after the cursor, but the cursor is too old
+    await _sent(gifting, quiet, "old", t - window_us - 5_000_000)
+    await _sent(gifting, quiet, "next", t)
+    with pytest.raises(FailedPrecondition) as too_old:
+        await asyncio.wait_for(anext(_watch(gifting, quiet, "old")), STEP_S)
+    assert too_old.value.reason == "RESUME_TOO_OLD"
+
+    busy = await _stream(gifting, "c6")  # a recent cursor, followed by exactly items_max gifts: resumable
+    await _sent(gifting, busy, "recent", t - window_us + 60_000_000)
+    items_max = gifting.settings.watch_resume_items_max
+    for i in range(items_max):
+        await _sent(gifting, busy, f"g{i:03d}", t + i)
+    feed = _watch(gifting, busy, "recent")
+    assert await _take(feed, items_max) == [f"g{i:03d}" for i in range(items_max)]
+    await feed.aclose()  # type: ignore[attr-defined]
+    await _sent(gifting, busy, "one-more", t + items_max)  # one more: the catch-up would be too long
+    with pytest.raises(FailedPrecondition) as too_many:
+        await asyncio.wait_for(anext(_watch(gifting, busy, "recent")), STEP_S)
+    assert too_many.value.reason == "RESUME_TOO_OLD"
