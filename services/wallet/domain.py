@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -120,15 +121,23 @@ def reversal_postings(user_id: str, coins: int) -> list[Posting]:
     return [Posting(user_account(user_id), -coins), Posting(REVERSED, coins)]
 
 
-def parse_birth_date(value: str) -> dt.date | None:
-    """An ISO date or None; INVALID_ARGUMENT if malformed or in the future."""
+_BIRTH_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_birth_date(value: str, today: dt.date) -> dt.date | None:
+    """A YYYY-MM-DD date or None; INVALID_ARGUMENT if malformed or after `today` (the UTC date of
+    the wallet's clock, `utc_date`, as every age and period here)."""
     if not value:
         return None
+    # The form the message names, and only it: Python 3.11's fromisoformat also takes "20000102"
+    # and ISO week dates ("2000-W01-1"), which a caller sending them did not mean as this.
+    if not _BIRTH_DATE.fullmatch(value):
+        raise InvalidArgument("birth_date must be YYYY-MM-DD", "INVALID_BIRTH_DATE")
     try:
         born = dt.date.fromisoformat(value)
     except ValueError:
         raise InvalidArgument("birth_date must be YYYY-MM-DD", "INVALID_BIRTH_DATE") from None
-    if born > dt.datetime.now(dt.UTC).date():  # UTC, as every age and period here
+    if born > today:
         raise InvalidArgument("birth_date is in the future", "INVALID_BIRTH_DATE")
     return born
 

@@ -903,7 +903,7 @@ class Wallet:
         require_key(req.idempotency_key)
         changes: dict[str, Any] = {}
         if req.HasField("birth_date"):
-            born = domain.parse_birth_date(req.birth_date)
+            born = domain.parse_birth_date(req.birth_date, self._today())
             changes["birth_date"] = born.isoformat() if born else None
         if req.HasField("is_minor"):
             changes["is_minor"] = req.is_minor

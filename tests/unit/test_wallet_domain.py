@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition, InvalidArgument, InvariantViolation
-from services.common.timeutil import US_PER_DAY
+from services.common.timeutil import US_PER_DAY, now_us
 from services.wallet import domain
 from services.wallet.domain import PurchaseStatus, Restrictions, SpendReason
 
@@ -100,10 +100,18 @@ def test_blocked_accounts_and_minor_flags_may_not_transact() -> None:
 
 
 def test_birth_dates_are_validated() -> None:
-    assert domain.parse_birth_date("") is None
-    for bad in ("22/11/2000", "2000-13-01", "2999-01-01"):
+    assert domain.parse_birth_date("", TODAY) is None
+    assert domain.parse_birth_date("2000-02-29", TODAY) == dt.date(2000, 2, 29)
+    # Python's fromisoformat takes the last four, which are not the YYYY-MM-DD the message names.
+    for bad in ("22/11/2000", "2000-13-01", "2999-01-01", "20000102", "2000-W01-1", "2000-001", "２０００-01-02"):
         with pytest.raises(InvalidArgument):
-            domain.parse_birth_date(bad)
+            domain.parse_birth_date(bad, TODAY)
+
+
+def test_a_birth_date_is_in_the_future_by_the_day_the_wallet_is_told_it_is() -> None:
+    assert domain.parse_birth_date(TODAY.isoformat(), TODAY) == TODAY
+    with pytest.raises(InvalidArgument):
+        domain.parse_birth_date((TODAY + dt.timedelta(days=1)).isoformat(), TODAY)
 
 
 # ---- currencies, promotions, limits, payment routing ---------------------------------------
@@ -266,15 +274,17 @@ def test_a_birth_date_is_in_the_future_by_the_utc_date_whatever_the_servers_zone
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # At any hour one of these zones has another date than UTC: UTC+14 is a day ahead from 10:00
-    # UTC, UTC-12 a day behind until 12:00 UTC.
+    # UTC, UTC-12 a day behind until 12:00 UTC. The wallet's today is utc_date of its clock.
     try:
         for zone in ("Pacific/Kiritimati", "Etc/GMT+12"):
             monkeypatch.setenv("TZ", zone)
             time.tzset()
+            today = domain.utc_date(now_us())
             today_utc = dt.datetime.now(dt.UTC).date()
+            assert today == today_utc
             with pytest.raises(InvalidArgument):
-                domain.parse_birth_date((today_utc + dt.timedelta(days=1)).isoformat())
-            assert domain.parse_birth_date(today_utc.isoformat()) == today_utc
+                domain.parse_birth_date((today_utc + dt.timedelta(days=1)).isoformat(), today)
+            assert domain.parse_birth_date(today_utc.isoformat(), today) == today_utc
     finally:
         monkeypatch.delenv("TZ", raising=False)
         time.tzset()
