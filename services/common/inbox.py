@@ -51,6 +51,10 @@ tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Message)
 
+# Links a batch's `process` span carries, one per message: a bound, so a batch of thousands
+# (CONSUMER_BATCH_SIZE_MAX allows 10,000) does not make a span of that size; the rest are counted.
+BATCH_LINKS_MAX = 128
+
 
 class ReplayFailed(Exception):
     """A parked event could not be applied again; it stays parked.
@@ -200,28 +204,13 @@ class Consumer(Generic[E]):
                     await self._failed(item, one_exc)
 
     async def _apply(self, items: list[tuple[Msg, E]]) -> None:
-        # A span per message when spans are recorded. Otherwise only the first message's trace
-        # context matters: the handler runs in it (as below), so its events carry that trace on;
-        # the no-op tracer hands back that context as a non-recording span.
-        spans = [
-            tracer.start_span(
-                f"consume {msg.subject}",
-                context=extract_context(dict(msg.headers or {})),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.consumer": self.sub.durable,
-                    "batch": len(items),
-                },
-            )
-            for msg, _ in (items if recording() else items[:1])
-        ]
+        span = self._batch_span(items)
         try:
             unique: dict[str, E] = {}
             for _, e in items:
                 unique.setdefault(e.event_id, e)  # type: ignore[attr-defined]
             async with self.db.unit_of_work() as uow:
-                with trace.use_span(spans[0]):
+                with trace.use_span(span):
                     fresh = await self._record_and_handle(uow, unique)
                 await uow.commit()
             faults.point("consumer.after_commit_before_ack")
@@ -230,8 +219,37 @@ class Consumer(Generic[E]):
             CONSUMED.labels(self.sub.durable, "applied").inc(len(fresh))
             CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
         finally:
-            for span in spans:
-                span.end()
+            span.end()
+
+    def _batch_span(self, items: list[tuple[Msg, E]]) -> trace.Span:
+        """The one `process <subject>` span the batch's handler runs in: a child of the first
+        message's trace (what its writes carry on), linked to every message's own trace.
+
+        A span per message (as before) ended each trace but the first at an empty span: the
+        handler's work for the others showed in no trace of theirs. The links (OpenTelemetry's
+        way for batches) lead from the work to each event's publish span, at most BATCH_LINKS_MAX;
+        the rest are counted. Without an exporter only the first message's context is read (the
+        no-op tracer hands it back as a non-recording span): no per-message cost on the hot path.
+        """
+        first = extract_context(dict(items[0][0].headers or {}))
+        if not recording():
+            return tracer.start_span(f"process {self.sub.subject}", context=first, kind=trace.SpanKind.CONSUMER)
+        contexts = [first] + [extract_context(dict(msg.headers or {})) for msg, _ in items[1:BATCH_LINKS_MAX]]
+        links = [trace.Link(trace.get_current_span(ctx).get_span_context()) for ctx in contexts]
+        return tracer.start_span(
+            f"process {self.sub.subject}",
+            context=first,
+            kind=trace.SpanKind.CONSUMER,
+            links=[link for link in links if link.context.is_valid],
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self.sub.subject,
+                "messaging.consumer": self.sub.durable,
+                "messaging.batch.message_count": len(items),
+                "messaging.batch.links_dropped": max(0, len(items) - BATCH_LINKS_MAX),
+            },
+        )
 
     async def _record_and_handle(self, uow: UnitOfWork, unique: dict[str, E]) -> dict[str, E]:
         """Record the events in the inbox and apply the new ones; returns those (the rest are duplicates)."""
@@ -281,10 +299,16 @@ class Consumer(Generic[E]):
             event_id = getattr(event, "event_id", "")
             if not event_id:
                 raise ReplayFailed(parked, "the payload has no event_id", "the payload has no event_id")
+            # Under the operator's call, with no link to the event's own trace: a parked row
+            # keeps no message headers (dead_letters has no column for them), only the event id.
             with tracer.start_as_current_span(
                 f"replay {parked['subject']}",
                 kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "nats", "messaging.consumer": self.sub.durable},
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.consumer": self.sub.durable,
+                    "messaging.message.id": event_id,
+                },
             ):
                 try:
                     fresh = await self._record_and_handle(uow, {event_id: event})

@@ -140,7 +140,7 @@ async def test_a_swept_gift_and_a_dispatched_and_reconciled_withdrawal_each_have
         [
             ("wallet", "WalletService/CancelSpend"),
             ("gifting", "publish gifting.gift.sent"),
-            ("payout", "consume gifting.gift.sent"),
+            ("payout", "process gifting.gift.sent"),
         ],
     )
 

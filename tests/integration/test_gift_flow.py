@@ -300,7 +300,7 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
             _has(sp["gifting"], "SendGift")
             and any(s["name"].endswith(SPEND_SPANS) for s in sp["wallet"])
             and _has(sp["gifting"], "publish gifting.gift.sent")
-            and _has(sp["payout"], "consume gifting.gift.sent")
+            and _has(sp["payout"], "process gifting.gift.sent")
         ),
     )
     # The SendGift server span marks when each step ended (bench/callsplit.py splits calls by them).
@@ -313,7 +313,7 @@ async def test_one_send_gift_is_traced_across_gifting_wallet_and_payout(clients,
     publish = _one(spans["gifting"], "publish gifting.gift.sent")
     assert publish["kind"] == "SpanKind.PRODUCER", publish
     assert publish["parent_id"] == server["context"]["span_id"], (publish, server)
-    consume = _one(spans["payout"], "consume gifting.gift.sent")
+    consume = _one(spans["payout"], "process gifting.gift.sent")
     assert consume["parent_id"] == publish["context"]["span_id"], (consume, publish)
 
 
@@ -347,9 +347,9 @@ async def test_a_purchase_and_its_reversal_are_traced_from_the_callback_to_payou
     await clients.wallet.HandlePaymentEvent(
         signed_callback(deployment.webhook_secret, "charge.refunded", purchase), metadata=reversed_
     )
-    spans = await _trace(deployment, reversed_trace, lambda sp: _has(sp["payout"], "consume wallet.purchase.reversed"))
+    spans = await _trace(deployment, reversed_trace, lambda sp: _has(sp["payout"], "process wallet.purchase.reversed"))
     callback = _one(spans["wallet"], "HandlePaymentEvent")
     publish = _one(spans["wallet"], "publish wallet.purchase.reversed")
     assert publish["parent_id"] == callback["context"]["span_id"], (publish, callback)
-    consume = _one(spans["payout"], "consume wallet.purchase.reversed")
+    consume = _one(spans["payout"], "process wallet.purchase.reversed")
     assert consume["parent_id"] == publish["context"]["span_id"], (consume, publish)

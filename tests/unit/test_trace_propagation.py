@@ -53,7 +53,7 @@ async def test_without_an_exporter_nothing_is_recorded_and_the_callers_trace_rea
 
 
 def test_without_an_exporter_a_consumed_events_trace_reaches_the_events_its_handler_writes() -> None:
-    # What Consumer._apply relies on: the no-op tracer hands back the message's context as a
+    # What Consumer._batch_span relies on: the no-op tracer hands back the message's context as a
     # non-recording span, and the handler runs with it current.
     tracer = trace.get_tracer(__name__)
     span = tracer.start_span("consume", context=propagate.extract({"traceparent": CALLER}))

@@ -1,0 +1,163 @@
+"""Work done for many traces at once can be found from each of them (spans recorded in memory).
+
+A consumer's batch runs its handler in one `process` span linked to every message's own trace
+(before, each message got a span of its own and the handler's work showed in the first one's
+trace only); a group commit's callers link to the caller whose trace holds the shared work; and
+payout's shortfall settler gives each round with work a trace, as the sweeper and the reconciler
+give each item theirs (tests/integration/test_background_traces.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import insert
+
+from livegifts.gifting.v1 import events_pb2
+from services.common import inbox, telemetry
+from services.common.inbox import Consumer, Subscription
+from services.common.telemetry import Tracing, inject_headers
+from services.payout.storage import common
+from tests.unit.test_consumer_loop import _Bus
+from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
+
+NOW_US = 1_795_305_600_000_000
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Spans recorded as with an exporter configured, into memory (the global provider untouched)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "_tracing", Tracing(provider))
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("telemetry"))
+    monkeypatch.setattr(inbox, "tracer", provider.get_tracer("inbox"))
+    yield exporter
+    provider.shutdown()
+
+
+def _traceparent(trace_id: int, span_id: int) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
+
+
+@dataclass
+class _Msg:
+    """A fetched message as the consumer reads it: its publisher's trace context in its headers."""
+
+    data: bytes
+    headers: dict[str, str]
+    subject: str = "s.x"
+    metadata: Any = None
+    acked: list[bool] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.acked.append(True)
+
+
+async def _process(payout: Any, count: int) -> tuple[list[_Msg], list[str]]:
+    """`count` messages from traces 1..count through a consumer as one batch; the messages and
+    the traceparent the handler would write into its own events."""
+    written: list[str] = []
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        written.append(inject_headers()["traceparent"])
+
+    sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    msgs = [
+        _Msg(
+            events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(),
+            {"traceparent": _traceparent(n, 100 + n)},
+        )
+        for n in range(1, count + 1)
+    ]
+    await consumer.process(msgs)  # type: ignore[arg-type]
+    assert all(m.acked for m in msgs)
+    return msgs, written
+
+
+def _only(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    found = [s for s in exporter.get_finished_spans() if s.name == name]
+    assert len(found) == 1, [s.name for s in exporter.get_finished_spans()]
+    return found[0]
+
+
+async def test_a_consumed_batch_is_one_process_span_linked_to_every_messages_trace(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    spans: InMemorySpanExporter,
+) -> None:
+    payout, _provider, _path = setup
+    _msgs, written = await _process(payout, 3)
+    process = _only(spans, "process s.x")
+    assert process.kind == trace.SpanKind.CONSUMER
+    # A child of the first message's publish span: its trace carries the handler's writes on.
+    assert process.parent is not None and (process.parent.trace_id, process.parent.span_id) == (1, 101)
+    assert process.context.trace_id == 1
+    assert written == [_traceparent(1, process.context.span_id)]
+    # And every message's trace is reachable from the work done for it.
+    assert [(link.context.trace_id, link.context.span_id) for link in process.links] == [(1, 101), (2, 102), (3, 103)]
+    assert process.attributes is not None
+    assert process.attributes["messaging.batch.message_count"] == 3
+    assert process.attributes["messaging.batch.links_dropped"] == 0
+    assert process.attributes["messaging.destination.name"] == "s.x"
+    assert process.attributes["messaging.consumer"] == "traced"
+
+
+async def test_without_an_exporter_a_batchs_handler_still_carries_the_first_messages_trace(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    assert not telemetry.recording()
+    _msgs, written = await _process(payout, 3)
+    assert written == [_traceparent(1, 101)], "the no-op tracer hands back the first message's context"
+
+
+async def test_a_batch_links_at_most_batch_links_max_messages_and_counts_the_rest(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payout, _provider, _path = setup
+    monkeypatch.setattr(inbox, "BATCH_LINKS_MAX", 2)
+    await _process(payout, 5)
+    process = _only(spans, "process s.x")
+    assert [link.context.trace_id for link in process.links] == [1, 2]
+    assert process.attributes is not None and process.attributes["messaging.batch.links_dropped"] == 3
+
+
+async def test_a_dead_letter_replay_names_its_event_and_cannot_link_to_its_trace(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    spans: InMemorySpanExporter,
+) -> None:
+    payout, _provider, _path = setup
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        return None
+
+    sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    event_id = uuid.uuid4().hex
+    async with payout.db.unit_of_work() as uow:
+        parked = await uow.conn.execute(
+            insert(common.dead_letters).values(
+                consumer="traced",
+                subject="s.x",
+                event_id=event_id,
+                payload=events_pb2.GiftSent(event_id=event_id).SerializeToString(),
+                error="failed",
+                received_at_us=NOW_US,
+            )
+        )
+        await uow.commit()
+    assert await consumer.replay(parked.inserted_primary_key[0]) is not None
+    replay = _only(spans, "replay s.x")
+    # A parked row keeps no headers: the event id is what leads to the event's own trace (logs).
+    assert replay.attributes is not None and replay.attributes["messaging.message.id"] == event_id
+    assert not replay.links
