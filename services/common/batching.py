@@ -5,7 +5,9 @@ a lone caller waits for nothing); callers that arrive while that batch is being 
 and go together in the next one, at most `size_max` per batch. Under load the batch grows to
 what arrived during one commit; without load it is one item. Each caller gets its own result or
 its own exception: batching shares the transaction, never the outcome. The shared work runs in
-the context (trace) of the batch's first caller.
+the context (trace) of the batch's first caller; when spans are recorded, every other caller's
+span gets a link to that caller's span (where the shared work shows), and the first caller's
+span an event with the batch's size (a batch of one caller: neither).
 
 Choices: A) a fixed delay to gather a batch (adds latency even when idle); B) one batch in flight,
 the next gathering meanwhile (this); C) several in flight (more concurrency on the database, but
@@ -19,8 +21,11 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from opentelemetry import trace
+
 from services.common.errors import check
 from services.common.metrics import BATCH_ITEMS
+from services.common.telemetry import recording
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,6 +38,7 @@ class MicroBatcher(Generic[T, R]):
         check(size_max >= 1, "a batch holds at least one item")
         self._run = run
         self.size_max = size_max
+        self.name = name
         self._items = BATCH_ITEMS.labels(name)  # metric livegifts_batch_items{batcher=name}
         self._queue: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
         self._task: asyncio.Task[None] | None = None
@@ -50,6 +56,8 @@ class MicroBatcher(Generic[T, R]):
             batch = self._queue[: self.size_max]
             del self._queue[: self.size_max]
             self._items.observe(len(batch))
+            if len(batch) > 1 and recording():  # a lone caller shares nothing
+                self._link_callers(batch)
             try:
                 # In the context of the batch's first caller: its trace carries the shared work.
                 results = await asyncio.create_task(self._run([item for item, _, _ in batch]), context=batch[0][2])
@@ -74,3 +82,18 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
+
+    def _link_callers(self, batch: list[tuple[T, asyncio.Future[R], contextvars.Context]]) -> None:
+        """Let each caller's trace find the batch: the shared work shows in the first caller's
+        trace only, and the others' spans ended at the wait with nothing to say where it went."""
+        spans = [ctx.run(trace.get_current_span) for _, _, ctx in batch]
+        attributes = {"livegifts.batcher": self.name, "livegifts.batch.size": len(batch)}
+        first = spans[0].get_span_context()
+        if spans[0].is_recording():
+            spans[0].add_event("batch run in this trace", attributes)
+        if not first.is_valid:
+            return  # the first caller had no trace: there is nothing to link to
+        for span in spans[1:]:
+            # Live and sampled (a caller gone at its deadline is not), and not the first's own.
+            if span.is_recording() and span.get_span_context() != first:
+                span.add_link(first, attributes)

@@ -9,6 +9,7 @@ give each item theirs (tests/integration/test_background_traces.py).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from sqlalchemy import insert
 
 from livegifts.gifting.v1 import events_pb2
 from services.common import inbox, telemetry
+from services.common.batching import MicroBatcher
 from services.common.inbox import Consumer, Subscription
 from services.common.telemetry import Tracing, inject_headers
 from services.payout.storage import common
@@ -161,3 +163,38 @@ async def test_a_dead_letter_replay_names_its_event_and_cannot_link_to_its_trace
     # A parked row keeps no headers: the event id is what leads to the event's own trace (logs).
     assert replay.attributes is not None and replay.attributes["messaging.message.id"] == event_id
     assert not replay.links
+
+
+async def test_a_group_commits_callers_link_to_the_caller_whose_trace_holds_the_shared_work(
+    spans: InMemorySpanExporter,
+) -> None:
+    tracer = telemetry._tracer
+    ran_in: list[trace.SpanContext] = []
+
+    async def run(items: list[int]) -> list[int | BaseException]:
+        ran_in.append(trace.get_current_span().get_span_context())
+        return [i * 2 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, 10, "traced")
+    callers = [tracer.start_span(f"caller {n}") for n in range(3)]
+
+    async def call(n: int) -> int:
+        with trace.use_span(callers[n], end_on_exit=True):
+            return await batcher.submit(n)
+
+    assert await asyncio.gather(*(call(n) for n in range(3))) == [0, 2, 4]
+    first = callers[0].get_span_context()
+    assert ran_in == [first], "one batch, in the first caller's trace"
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    for n in (1, 2):
+        (link,) = finished[f"caller {n}"].links
+        assert link.context == first
+        assert link.attributes == {"livegifts.batcher": "traced", "livegifts.batch.size": 3}
+    (event,) = finished["caller 0"].events
+    assert event.attributes == {"livegifts.batcher": "traced", "livegifts.batch.size": 3}
+    assert not finished["caller 0"].links
+    # A lone caller shares nothing: its span says nothing of a batch.
+    lone = tracer.start_span("lone caller")
+    with trace.use_span(lone, end_on_exit=True):
+        assert await batcher.submit(5) == 10
+    assert not _only(spans, "lone caller").events and not _only(spans, "lone caller").links
