@@ -1394,20 +1394,34 @@ class Payout:
                 )
             ).all()
         self._shortfall_cursor = open_rows[-1].reversal_event_id if len(open_rows) == SHORTFALL_BATCH else ""
-        settled = 0
-        for row in open_rows:
-            async with self.db.unit_of_work() as uow:
-                taken = await self._settle_shortfall(uow, row.reversal_event_id)
-                if taken == 0:
-                    continue  # nothing arrived yet (or another replica settled it): nothing written
-                await uow.commit()
-            settled += taken
+        if not open_rows:
+            await self._set_shortfall_open()  # some may lie before the cursor
+            return 0
+        # A trace per round with open shortfalls: its clawbacks and the clawed_back events they
+        # write (which carry it on); a round with none makes no trace. Its events name the
+        # shortfalls settled; one that cannot settle yet leaves a trace per round without one.
+        with background_span("settle shortfalls", **{"clawback.shortfalls_open": str(len(open_rows))}) as span:
+            settled = 0
+            for row in open_rows:
+                async with self.db.unit_of_work() as uow:
+                    taken = await self._settle_shortfall(uow, row.reversal_event_id)
+                    if taken == 0:
+                        continue  # nothing arrived yet (or another replica settled it): nothing written
+                    await uow.commit()
+                settled += taken
+                span.add_event("shortfall settled", {"reversal.event_id": row.reversal_event_id, "coins": taken})
+            span.set_attribute("clawback.coins_settled", settled)
+        await self._set_shortfall_open()
+        return settled
+
+    async def _set_shortfall_open(self) -> None:
+        """Export the coins open shortfalls still owe (the clawback shortfall gauge)."""
+        sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
             still_open = (
                 await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)).where(sf.coins_open > 0))
             ).scalar_one()
         CLAWBACK_SHORTFALL_OPEN.set(int(still_open))
-        return settled
 
     async def _settle_shortfall(self, uow: UnitOfWork, reversal_event_id: str) -> int:
         """Claw back what the sender's earnings now allow of one open shortfall, and of the

@@ -10,24 +10,25 @@ give each item theirs (tests/integration/test_background_traces.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from livegifts.gifting.v1 import events_pb2
 from services.common import inbox, telemetry
 from services.common.batching import MicroBatcher
 from services.common.inbox import Consumer, Subscription
 from services.common.telemetry import Tracing, inject_headers
-from services.payout.storage import common
+from services.payout.storage import clawback_shortfalls, common
 from tests.unit.test_consumer_loop import _Bus
 from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
 
@@ -198,3 +199,43 @@ async def test_a_group_commits_callers_link_to_the_caller_whose_trace_holds_the_
     with trace.use_span(lone, end_on_exit=True):
         assert await batcher.submit(5) == 10
     assert not _only(spans, "lone caller").events and not _only(spans, "lone caller").links
+
+
+async def test_a_shortfall_settler_round_with_work_has_a_trace_its_clawback_events_carry(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    spans: InMemorySpanExporter,
+) -> None:
+    payout, _provider, _path = setup
+    assert await payout.settle_shortfalls_once() == 0
+    assert not spans.get_finished_spans(), "a round with nothing open makes no trace"
+    reversal_id = uuid.uuid4().hex
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(clawback_shortfalls).values(
+                reversal_event_id=reversal_id,
+                purchase_id="p-viewer",
+                sender_id="viewer",
+                kind="CHARGED_BACK",
+                coins_open=10,
+                reversed_at_us=NOW_US,
+                created_at_us=NOW_US,
+                updated_at_us=NOW_US,
+            )
+        )
+        await payout.credit_gifts(uow, [gift_event("creator-c", 40, at_s=NOW_US // 1_000_000 - 60)])
+        await uow.commit()
+    assert await payout.settle_shortfalls_once() == 10
+    round_ = _only(spans, "settle shortfalls")
+    assert round_.parent is None, "a root: a trace of its own"
+    assert round_.attributes is not None and round_.attributes["clawback.coins_settled"] == 10
+    assert [(e.name, dict(e.attributes or {})) for e in round_.events] == [
+        ("shortfall settled", {"reversal.event_id": reversal_id, "coins": 10})
+    ]
+    # The clawback's events continue that trace (to the relay's publish and their consumers).
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        headers = (await uow.conn.execute(select(common.outbox.c.subject, common.outbox.c.headers))).all()
+    clawed = [json.loads(h) for subject, h in headers if subject.endswith("clawed_back")]
+    assert clawed, headers
+    for carrier in clawed:
+        ctx = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+        assert ctx.trace_id == round_.context.trace_id
