@@ -7,7 +7,10 @@ what arrived during one commit; without load it is one item. Each caller gets it
 its own exception: batching shares the transaction, never the outcome. The shared work runs in
 the context (trace) of the batch's first caller; when spans are recorded, every other caller's
 span gets a link to that caller's span (where the shared work shows), and the first caller's
-span an event with the batch's size (a batch of one caller: neither).
+span an event with the batch's size (a batch of one caller: neither). What the batch writes for
+one caller must carry that caller's trace, not the first's: a `run` that writes events gets each
+caller's trace context in its item (gifting's SENT flip: `otel_context.get_current()` at submit,
+one contextvar read) and hands it to `Outbox.add_many`, which stores each event's own headers.
 
 Choices: A) a fixed delay to gather a batch (adds latency even when idle); B) one batch in flight,
 the next gathering meanwhile (this); C) several in flight (more concurrency on the database, but

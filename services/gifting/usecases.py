@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from sqlalchemy import bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -156,7 +157,8 @@ class Gifting:
             WALLET_SPEND_MANY_MAX,  # type: ignore[arg-type]
             "gifting_spend",
         )
-        self._sent_batcher: MicroBatcher[tuple[str, int | None], dict[str, Any]] = MicroBatcher(
+        # Step 3's items carry their caller's trace context: its gift's event continues that trace.
+        self._sent_batcher: MicroBatcher[tuple[str, int | None, Any], dict[str, Any]] = MicroBatcher(
             self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX, "gifting_sent"
         )
         self._flip_sent = sent_flip_statement() if self.db.dialect == "postgresql" else None
@@ -393,17 +395,22 @@ class Gifting:
                 out[i] = exc
         return out
 
-    async def _mark_sent_batch(self, items: list[tuple[str, int | None]]) -> list[Any]:
-        """Step 3 of concurrent calls together: each gift's SENT row, or GIFT_CANCELLED for its caller."""
+    async def _mark_sent_batch(self, items: list[tuple[str, int | None, Any]]) -> list[Any]:
+        """Step 3 of concurrent calls together: each gift's SENT row, or GIFT_CANCELLED for its caller.
+
+        The batch runs in its first caller's trace; each gift's event carries its own caller's.
+        """
         balances: dict[str, int | None] = {}
-        for event_id, balance in items:
+        contexts: dict[str, Any] = {}
+        for event_id, balance, ctx in items:
             balances.setdefault(event_id, balance)
-        rows = await self._mark_sent_many(balances)
+            contexts.setdefault(event_id, ctx)
+        rows = await self._mark_sent_many(balances, contexts)
         return [
             rows[event_id]
             if rows[event_id]["status"] == GiftStatus.SENT.value
             else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
-            for event_id, _ in items
+            for event_id, _, _ in items
         ]
 
     def _planner(self, req: _Begin, key: str, digest: str) -> Plan:
@@ -850,11 +857,14 @@ class Gifting:
             out[i] = res
         return out
 
-    async def _mark_sent_many(self, balances: dict[str, int | None]) -> dict[str, dict[str, Any]]:
+    async def _mark_sent_many(
+        self, balances: dict[str, int | None], contexts: dict[str, Any] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Step 3 for many gifts: PENDING -> SENT and their events in one transaction and one UPDATE.
 
         UPDATE ... RETURNING names exactly the rows this transaction flipped, so each gets one
-        event even when a retry or the sweeper settles the same gift concurrently.
+        event even when a retry or the sweeper settles the same gift concurrently. Each event
+        carries the trace context `contexts` gives its gift (by event id), else the current one.
         """
         if not balances:
             return {}
@@ -892,7 +902,11 @@ class Gifting:
                         .values(sender_balance_after=bindparam("bal")),
                         known,
                     )
-            await self.outbox.add_many(uow, [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped])
+            await self.outbox.add_many(
+                uow,
+                [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped],
+                [contexts[r["event_id"]] for r in flipped] if contexts is not None else None,
+            )
             rows = {r["event_id"]: r for r in flipped}
             others = [i for i in ids if i not in rows]
             if others:
@@ -1014,7 +1028,8 @@ class Gifting:
         span.add_event("coins spent")
         faults.point("gifting.after_spend_before_commit")
         if self.settings.group_commit:
-            return await self._sent_batcher.submit((gift["event_id"], balance))
+            # This call's trace context (a contextvar read): the batch may run in another caller's.
+            return await self._sent_batcher.submit((gift["event_id"], balance, otel_context.get_current()))
         return await self._mark_sent(gift["event_id"], balance)
 
     async def _spend(self, gift: dict[str, Any]) -> Any:

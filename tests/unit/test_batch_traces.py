@@ -4,32 +4,40 @@ A consumer's batch runs its handler in one `process` span linked to every messag
 (before, each message got a span of its own and the handler's work showed in the first one's
 trace only); a group commit's callers link to the caller whose trace holds the shared work; and
 payout's shortfall settler gives each round with work a trace, as the sweeper and the reconciler
-give each item theirs (tests/integration/test_background_traces.py).
+give each item theirs (tests/integration/test_background_traces.py). The events a group
+commit writes for its callers carry each caller's own trace context, not the first caller's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import insert, select
 
-from livegifts.gifting.v1 import events_pb2
+from livegifts.gifting.v1 import events_pb2, gifting_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common import inbox, telemetry
 from services.common.batching import MicroBatcher
 from services.common.inbox import Consumer, Subscription
+from services.common.outbox import _stored_headers
 from services.common.telemetry import Tracing, inject_headers
+from services.gifting.storage import common as gifting_common
+from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
 from tests.unit.test_consumer_loop import _Bus
+from tests.unit.test_gift_saga import ScriptedWallet, _gifting
 from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
@@ -239,3 +247,121 @@ async def test_a_shortfall_settler_round_with_work_has_a_trace_its_clawback_even
     for carrier in clawed:
         ctx = trace.get_current_span(propagate.extract(carrier)).get_span_context()
         assert ctx.trace_id == round_.context.trace_id
+
+
+class SpendingWallet(ScriptedWallet):
+    """SpendMany spends every item (balance 90 after)."""
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.spend_many_calls += 1
+        return wallet_pb2.SpendManyResponse(
+            results=[
+                wallet_pb2.SpendManyResult(
+                    spent=wallet_pb2.SpendResponse(spend_id=s.idempotency_key, amount=s.amount, balance_after=90)
+                )
+                for s in req.spends
+            ]
+        )
+
+
+async def _gift_sent_traces(g: Gifting) -> dict[str, tuple[int, int]]:
+    """Each stored gift.sent event's trace context (trace id, parent span id: what its publish and
+    its consumers continue), by gift event id."""
+    o = gifting_common.outbox.c
+    async with g.db.unit_of_work(readonly=True) as uow:
+        rows = (await uow.conn.execute(select(o.event_id, o.headers).where(o.subject == "gifting.gift.sent"))).all()
+    out = {}
+    for event_id, headers in rows:
+        ctx = trace.get_current_span(propagate.extract(json.loads(headers))).get_span_context()
+        out[event_id] = (ctx.trace_id, ctx.span_id)
+    return out
+
+
+async def _concurrent_gifts(g: Gifting, callers: list[Callable[[], Any]]) -> list[str]:
+    """One SendGift per caller at once, each inside `caller()` (a context manager); their gift event ids."""
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+
+    async def call(n: int) -> str:
+        with callers[n]():
+            receipt = await g.send_gift(
+                gifting_pb2.SendGiftRequest(
+                    stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key=f"k{n}"
+                )
+            )
+        assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
+        return receipt.gift_event_id
+
+    sent = await asyncio.gather(*(call(n) for n in range(len(callers))))
+    assert g.wallet.spend_many_calls == 1, "the calls shared one batch"
+    return list(sent)
+
+
+def _incoming(trace_id: int, span_id: int) -> Callable[[], Any]:
+    """A caller's incoming traceparent made current, as the server's interceptor does without an exporter."""
+    return lambda: telemetry.remote_context([("traceparent", _traceparent(trace_id, span_id))])
+
+
+async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_callers_trace(tmp_path: Any) -> None:
+    assert not telemetry.recording()
+    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
+    try:
+        sent = await _concurrent_gifts(g, [_incoming(n, 100 + n) for n in (1, 2, 3)])
+        traces = await _gift_sent_traces(g)
+        assert [traces[e] for e in sent] == [(1, 101), (2, 102), (3, 103)]
+        # SendGifts is one call: every gift's event carries its one trace.
+        stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c2", title="t", idempotency_key="s2"))
+        item = gifting_pb2.SendGiftRequest
+        with _incoming(9, 109)():
+            resp = await g.send_gifts(
+                gifting_pb2.SendGiftsRequest(
+                    gifts=[
+                        item(stream_id=stream.stream_id, sender_id="v2", gift_id="panda", quantity=1, idempotency_key=k)
+                        for k in ("m1", "m2")
+                    ]
+                )
+            )
+        traces = await _gift_sent_traces(g)
+        assert [traces[r.receipt.gift_event_id] for r in resp.results] == [(9, 109), (9, 109)]
+    finally:
+        await db.dispose()
+
+
+async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_path: Any) -> None:
+    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
+    try:
+        await _concurrent_gifts(g, [contextlib.nullcontext, _incoming(4, 104), contextlib.nullcontext])
+        o = gifting_common.outbox.c
+        async with g.db.unit_of_work(readonly=True) as uow:
+            headers = (await uow.conn.execute(select(o.headers).order_by(o.id))).scalars().all()
+        stored = [json.loads(h) for h in headers]
+        assert [("traceparent" in h) for h in stored] == [False, True, False], stored
+    finally:
+        await db.dispose()
+
+
+async def test_with_spans_recorded_each_batched_gifts_event_continues_its_own_callers_span(
+    tmp_path: Any, spans: InMemorySpanExporter
+) -> None:
+    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
+    callers = [telemetry._tracer.start_span(f"caller {n}") for n in range(3)]
+    try:
+        sent = await _concurrent_gifts(g, [lambda s=s: trace.use_span(s, end_on_exit=True) for s in callers])
+        traces = await _gift_sent_traces(g)
+        expected = [(c.get_span_context().trace_id, c.get_span_context().span_id) for c in callers]
+        assert len({t for t, _ in expected}) == 3
+        assert [traces[e] for e in sent] == expected
+    finally:
+        await db.dispose()
+
+
+def test_stored_headers_are_each_contexts_json_built_once_per_distinct_context() -> None:
+    plain = propagate.extract({"traceparent": _traceparent(5, 105)})
+    rich = propagate.extract({"traceparent": _traceparent(6, 106), "tracestate": "k=v", "baggage": "user=u1"})
+    none = otel_context.Context()
+    contexts = [plain, rich, none, plain, none]
+    assert _stored_headers(contexts) == [json.dumps(inject_headers(c)) for c in contexts]
+    assert json.loads(_stored_headers([rich])[0]) == {
+        "traceparent": _traceparent(6, 106),
+        "tracestate": "k=v",
+        "baggage": "user=u1",
+    }
