@@ -17,6 +17,15 @@ class GiftStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
 
+# Not a gift: the status of a gift_events row that only holds an idempotency key, that of an
+# unlock answered by the user's earlier unlock of the content under another key (nothing charged,
+# nothing recorded but the key). Gifts, tips and unlocks share one key space (the unique key of
+# gift_events), so the row keeps any other request from that key. Every reader of gift_events
+# selects gifts by status (PENDING, SENT, CANCELLED), or by event id, which no caller is given
+# for such a row: none counts or acts on it.
+KEY_ONLY = "KEY_ONLY"
+
+
 class StreamStatus(StrEnum):
     """A stream is live until it ends."""
 

@@ -57,7 +57,7 @@ from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
-from services.gifting.domain import GiftKind, GiftStatus, StreamStatus
+from services.gifting.domain import KEY_ONLY, GiftKind, GiftStatus, StreamStatus
 from services.gifting.feed import Ended, FeedHub, ShuttingDown
 from services.gifting.storage import (
     GIFT_INSERT_COLUMNS,
@@ -127,10 +127,15 @@ class _Party:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A new gift row to record, or the gift an earlier unlock of the same content already holds."""
+    """A new gift row to record, or the gift an earlier unlock of the same content already holds.
+
+    `needs_key`: that earlier unlock is under another key, and this request's key is not known
+    to be recorded: step 1 records it (`_key_only`), so that it answers this unlock and no other request.
+    """
 
     row: dict[str, Any]
     existing: bool = False
+    needs_key: bool = False
 
 
 Plan = Callable[[UnitOfWork], Awaitable[_Plan]]
@@ -616,13 +621,16 @@ class Gifting:
                     if row is not None and not _restarts(row, digests[i]):
                         plans[i] = _Plan(row, existing=True)
                     elif isinstance(it, gifting_pb2.UnlockContentRequest):
-                        plans[i] = self._plan_unlock(
+                        p = self._plan_unlock(
                             it,
                             it.idempotency_key,
                             digests[i],
                             content_rows.get(it.content_id),
                             claimed.get((it.content_id, it.user_id)),
                         )
+                        # Found under its key (KEY_ONLY, or its own cancelled unlock): recorded already.
+                        needs_key = row is None and _answered_elsewhere(p, it.idempotency_key)
+                        plans[i] = _Plan(p.row, p.existing, needs_key)
                     else:
                         g = gift_rows.get(it.gift_id) if isinstance(it, gifting_pb2.SendGiftRequest) else None
                         plans[i] = self._plan(it, it.idempotency_key, digests[i], stream_rows.get(it.stream_id), g)
@@ -646,7 +654,7 @@ class Gifting:
         if any(self._creator_known(items[i]) is None for i in todo):
             async with self.db.unit_of_work(readonly=True) as uow:
                 for i, p in (await plan_all(uow, todo)).items():
-                    if p.existing:
+                    if p.existing and not p.needs_key:
                         out[i] = p.row
             todo = [i for i in todo if out[i] is None]
         if todo:
@@ -661,8 +669,13 @@ class Gifting:
                     # that is none: one statement fewer per batch.
                     plans = await plan_all(uow, todo, keys_first=False)
                     new_rows: dict[int, dict[str, Any]] = {}
+                    # Unlocks answered by the user's unlock under another key: their keys, recorded
+                    # in the same statement (a key someone holds is skipped and looked up below).
+                    key_only: dict[int, dict[str, Any]] = {}
                     for i, p in plans.items():
                         if p.existing:
+                            if p.needs_key:
+                                key_only[i] = _key_only(p.row, items[i].idempotency_key, digests[i])
                             continue
                         try:
                             _check_parties(p.row, answers)
@@ -671,21 +684,20 @@ class Gifting:
                             continue
                         new_rows[i] = p.row
                     recorded: set[str] = set()
-                    if new_rows:
+                    if new_rows or key_only:
                         # In key order: an insert waits for a key another transaction is recording,
                         # so two batches holding the same keys in different orders (a call retried
                         # on another replica) would each wait for the other's (a deadlock). In one
                         # order, the second waits for the first and then skips the keys it recorded.
-                        rows = sorted(new_rows.values(), key=lambda r: r["idempotency_key"])
+                        rows = sorted([*new_rows.values(), *key_only.values()], key=lambda r: r["idempotency_key"])
                         recorded = set(
                             (await uow.conn.execute(self._insert_gifts.stmt, self._insert_gifts.params(rows))).scalars()
                         )
                     again = [i for i in todo if isinstance(out[i], DomainError)]
-                    again += [i for i, r in new_rows.items() if r["event_id"] not in recorded]
-                    # An unlock answered by the user's earlier unlock: its key may be another
-                    # request's, which must answer IDEMPOTENCY_KEY_REUSED as on the other paths.
-                    again += [i for i, p in plans.items() if p.existing]
-                    restart: list[int] = []  # keys of cancelled gifts, retried: each starts a new gift below
+                    again += [i for i, r in [*new_rows.items(), *key_only.items()] if r["event_id"] not in recorded]
+                    restart: list[
+                        int
+                    ] = []  # keys of cancelled gifts (or KEY_ONLY), retried: each starts a new gift below
                     if again:
                         earlier = await by_keys(uow, again)
                         for i in again:
@@ -693,13 +705,16 @@ class Gifting:
                             if row is not None:
                                 try:
                                     if _restarts(row, digests[i]):
-                                        restart.append(i)
+                                        # Answered by the earlier unlock, as recorded under the key;
+                                        # or a new gift, which moves the key.
+                                        if i not in key_only:
+                                            restart.append(i)
                                         out[i] = None  # a check's refusal of the new gift is found again there
                                     else:
                                         out[i] = row
                                 except AlreadyExists as exc:
                                     out[i] = exc
-                            elif i in new_rows:  # skipped, yet not there: cannot happen (rows are never deleted)
+                            elif i in new_rows or i in key_only:  # skipped, yet not there: cannot happen
                                 out[i] = Aborted("the gift is being recorded concurrently, retry", "CONFLICT")
                             new_rows.pop(i, None)
                     claims_new = sorted(  # in (content, user) order, for the same reason as the gifts
@@ -976,9 +991,12 @@ class Gifting:
             if existing is not None and not _restarts(existing, digest):
                 return existing, True
             probe = await plan(uow)
-        if probe.existing:
+        # An unlock answered by the user's unlock under another key records this key first
+        # (below), unless it is recorded already (KEY_ONLY, or this key's cancelled unlock).
+        if probe.existing and (existing is not None or not _answered_elsewhere(probe, key)):
             return probe.row, False
-        await self._check_eligible(probe.row["sender_id"], probe.row["creator_id"])
+        if not probe.existing:
+            await self._check_eligible(probe.row["sender_id"], probe.row["creator_id"])
         for _ in range(3):
             try:
                 async with self.db.unit_of_work() as uow:
@@ -996,7 +1014,10 @@ class Gifting:
                         )
                     p = await plan(uow)
                     if p.existing:
-                        return p.row, False
+                        if existing is None and _answered_elsewhere(p, key):
+                            await uow.conn.execute(insert(gift_events).values(**_key_only(p.row, key, digest)))
+                            await uow.commit()
+                        return p.row, False  # else uncommitted: the key stays where it was
                     await uow.conn.execute(insert(gift_events).values(**p.row))
                     if p.row["kind"] == GiftKind.UNLOCK.value:
                         await uow.conn.execute(insert(content_unlocks).values(**_claim(p.row)))
@@ -1375,15 +1396,33 @@ class Gifting:
 
 
 def _restarts(row: dict[str, Any], digest: str) -> bool:
-    """Whether a retry of the gift recorded under its key starts a new gift (the gift was cancelled),
-    or is answered by it; IDEMPOTENCY_KEY_REUSED if `digest` is not the request it was recorded for.
+    """Whether a retry of the gift recorded under its key is planned anew (the gift was cancelled, or
+    the row is KEY_ONLY), or is answered by it; IDEMPOTENCY_KEY_REUSED if `digest` is not the request
+    it was recorded for.
 
     A cancelled gift keeps its key, so the key stays its request's: a different request under it
-    is refused, as under a gift pending or sent.
+    is refused, as under a gift pending or sent. So does a KEY_ONLY row: its unlock, planned anew,
+    is answered by the user's unlock of that content again, or (that one cancelled since) starts
+    a new unlock, which moves the key to it.
     """
     if row["request_hash"] != digest:
         raise key_reused()
-    return row["status"] == GiftStatus.CANCELLED.value
+    return row["status"] in (GiftStatus.CANCELLED.value, KEY_ONLY)
+
+
+def _answered_elsewhere(plan: _Plan, key: str) -> bool:
+    """Whether `plan` is an unlock answered by the user's unlock of the content under another key."""
+    return plan.existing and plan.row["idempotency_key"] != key
+
+
+def _key_only(answer: dict[str, Any], key: str, digest: str) -> dict[str, Any]:
+    """The KEY_ONLY row that records `key` for an unlock `answer`ed by the user's earlier unlock.
+
+    No coins, no stream: nothing reads it but a look-up by key (domain.KEY_ONLY).
+    """
+    to = _Party(stream_id="", creator_id=answer["creator_id"])
+    row = _new_gift(key, digest, GiftKind.UNLOCK, to, answer["sender_id"], answer["gift_id"], 0, 0, 0)
+    return row | {"status": KEY_ONLY}
 
 
 def _fields_digest(*fields: object) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import false, select, update
+from sqlalchemy import delete, false, select, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
@@ -30,7 +30,7 @@ from services.common.outbox import Outbox
 from services.common.sql import one_of
 from services.gifting import usecases
 from services.gifting.config import GiftingSettings
-from services.gifting.storage import common, gift_events, streams
+from services.gifting.storage import common, content_unlocks, gift_events, streams
 from services.gifting.usecases import Gifting
 from tests.unit.test_gift_saga import wallet_refusal
 
@@ -202,6 +202,54 @@ async def test_a_cancelled_unlocks_key_unlocks_only_its_own_content(gifting: Gif
     assert (await gifting.check_access("v", first)).has_access
     assert not (await gifting.check_access("v", second)).has_access
     assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
+
+
+async def test_an_unlock_answered_by_an_earlier_unlock_keeps_its_key_from_other_requests(gifting: Gifting) -> None:
+    wallet: Ledger = gifting.wallet
+    wallet.coins["v"] = 100
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    first, second = [
+        (
+            await gifting.create_content(
+                gifting_pb2.CreateContentRequest(creator_id="c", title="t", price_coins=30, idempotency_key=f"c{n}")
+            )
+        ).content_id
+        for n in (1, 2)
+    ]
+    await gifting.unlock_content(gifting_pb2.UnlockContentRequest(user_id="v", content_id=first, idempotency_key="k1"))
+    again = gifting_pb2.UnlockContentRequest(user_id="v", content_id=first, idempotency_key="k2")
+    receipt = await gifting.unlock_content(again)
+    assert (receipt.already_unlocked, receipt.sender_balance) == (True, 0)
+
+    # Gifts, tips and unlocks share one key space: "k2" answered that unlock, and nothing else.
+    rose = gifting_pb2.SendGiftRequest(stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1)
+    rose.idempotency_key = "k2"
+    tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="k2")
+    other = gifting_pb2.UnlockContentRequest(user_id="v", content_id=second, idempotency_key="k2")
+    assert await _reason(gifting.send_gift(rose)) == "IDEMPOTENCY_KEY_REUSED"
+    assert (await gifting.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[rose]))).results[
+        0
+    ].error.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await _reason(gifting.unlock_content(other)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await gifting.unlock_content(again) == receipt
+    assert wallet.coins["v"] == 70
+    assert not (await gifting.check_access("v", second)).has_access
+    audit = await gifting.audit()
+    assert (audit.gifts_sent, audit.gifts_pending, audit.gifts_cancelled, audit.coins_sent) == (1, 0, 0, 30)
+
+    # Were the earlier unlock cancelled after all (as `_cancel` leaves a gift the wallet never
+    # charged: CANCELLED, its claim gone), the retry unlocks anew, under its own key.
+    e = gift_events.c
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(update(gift_events).where(e.client_key == "k1").values(status="CANCELLED"))
+        await uow.conn.execute(delete(content_unlocks))
+        await uow.commit()
+    anew = await gifting.unlock_content(again)
+    assert (anew.already_unlocked, anew.sender_balance) == (False, 40)
+    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await gifting.unlock_content(again) == anew
+    assert [status for status, _ in await _rows_of(gifting, "k2")] == ["KEY_ONLY", "SENT"]
 
 
 async def _old_release_cancels(g: Gifting, key: str) -> None:

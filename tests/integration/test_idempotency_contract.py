@@ -260,14 +260,23 @@ async def _create_content(s: Suite) -> Case:
     return Case(first, copy_of(first, price_coins=31))
 
 
-async def _unlock_case(s: Suite, *, unlocked_before: bool) -> Case:
+async def _unlock_case(s: Suite, *, unlocked_before: bool, other: str = "unlock") -> Case:
+    """An unlock (of content the viewer unlocked before under another key, if `unlocked_before`);
+    `other` under its key: an unlock of other content, a "gift" or a "tip" (one key space)."""
     viewer, stream_id = await _viewer_on_a_stream(s)
     creator = uid("creator")
     a, b = [(await s.call(_content(creator))).content_id for _ in range(2)]
     if unlocked_before:
         await s.call(gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=a, idempotency_key=key()))
     first = gifting_pb2.UnlockContentRequest(user_id=viewer, content_id=a, idempotency_key=key())
-    return Case(first, copy_of(first, content_id=b), lambda _: s.call(_tip(stream_id, viewer, 3)))
+    others: dict[str, Message] = {
+        "unlock": copy_of(first, content_id=b),
+        "gift": gifting_pb2.SendGiftRequest(
+            stream_id=stream_id, sender_id=viewer, gift_id="rose", quantity=1, idempotency_key=first.idempotency_key
+        ),
+        "tip": copy_of(_tip(stream_id, viewer, 4), idempotency_key=first.idempotency_key),
+    }
+    return Case(first, others[other], lambda _: s.call(_tip(stream_id, viewer, 3)))
 
 
 @case("UnlockContent")
@@ -278,6 +287,16 @@ async def _unlock(s: Suite) -> Case:
 @case("UnlockContent, unlocked before under another key")
 async def _unlock_again(s: Suite) -> Case:
     return await _unlock_case(s, unlocked_before=True)
+
+
+@case("UnlockContent, unlocked before under another key; a SendGift under its key")
+async def _unlock_again_then_gift(s: Suite) -> Case:
+    return await _unlock_case(s, unlocked_before=True, other="gift")
+
+
+@case("UnlockContent, unlocked before under another key; a SendTip under its key")
+async def _unlock_again_then_tip(s: Suite) -> Case:
+    return await _unlock_case(s, unlocked_before=True, other="tip")
 
 
 @case("UpsertGift")
@@ -379,12 +398,7 @@ async def _reject(s: Suite) -> Case:
 
 
 # Gaps known and not yet closed: each case fails until its fix lands (strict, so a fix must drop it).
-KNOWN_GAPS = {
-    "UnlockContent, unlocked before under another key": (
-        "an unlock answered by the user's earlier unlock records nothing under its own key, so the key "
-        "is free for any other request"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
