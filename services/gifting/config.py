@@ -35,6 +35,10 @@ class GiftingSettings(ServiceSettings):
     # a resume is a reconnect, not a history read, and its catch-up stays one bounded read.
     watch_resume_window_s: float = Field(default=600.0, gt=0, le=86_400)
     watch_resume_items_max: int = Field(default=1_000, ge=1, le=100_000)
+    # Catch-up reads of resumed feeds a replica runs at once: when a replica drains, its overlays
+    # all resume on the others together, and unbounded their reads queued on the pool ahead of
+    # SendGift's transactions (seconds, near DB_POOL_TIMEOUT_S). Beyond it a read waits its turn.
+    watch_resume_reads_max: int = Field(default=2, ge=1, le=200)
     # Group commit: concurrent SendGift, SendTip and UnlockContent calls share the transaction that
     # records them PENDING, one wallet.SpendMany call, and the one that marks them SENT
     # (bench/README.md).

@@ -167,6 +167,8 @@ class Gifting:
             self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX, "gifting_sent"
         )
         self._flip_sent = sent_flip_statement() if self.db.dialect == "postgresql" else None
+        # Resumed feeds' catch-up reads hold at most this many pool connections (config.py).
+        self._resume_reads = asyncio.Semaphore(self.settings.watch_resume_reads_max)
         # Step 1's reads, built once (one cache key, one prepared statement for any batch size).
         d = self.db.dialect
         self._by_keys = select(gift_events).where(one_of_param(d, gift_events.c.idempotency_key, "ids"))
@@ -1314,7 +1316,7 @@ class Gifting:
         if len(cursor) > ID_MAX or not cursor.isprintable():
             raise unknown
         g = gift_events.c
-        async with self.db.unit_of_work(readonly=True) as uow:
+        async with self._resume_reads, self.db.unit_of_work(readonly=True) as uow:
             row = (
                 await uow.conn.execute(select(g.stream_id, g.status, g.updated_at_us).where(g.event_id == cursor))
             ).one_or_none()
@@ -1340,7 +1342,7 @@ class Gifting:
         was registered, and any gift committed since comes live."""
         left = self.settings.watch_resume_items_max
         while left > 0:
-            async with self.db.unit_of_work(readonly=True) as uow:
+            async with self._resume_reads, self.db.unit_of_work(readonly=True) as uow:
                 page = (await uow.conn.execute(sent_after(stream_id, *after, min(left, FEED_RESUME_PAGE)))).all()
             for row in page:
                 yield _gift_sent_event(row._asdict())

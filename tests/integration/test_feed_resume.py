@@ -8,6 +8,7 @@ as its subscription would: what is under test is the catch-up read and how it me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
         nats_url="nats://127.0.0.1:1",
         wallet_addr="127.0.0.1:1",
         watch_resume_items_max=20,
+        watch_resume_reads_max=2,  # under the pool's 4: what the bound leaves to other calls shows
     )
     hub = FeedHub(None, watchers_max=10, queue_size_max=100)  # type: ignore[arg-type] # no bus: the test publishes
     hub.ready.set()
@@ -188,3 +190,48 @@ async def test_a_resume_beyond_its_window_or_past_too_many_gifts_is_refused_as_t
     with pytest.raises(FailedPrecondition) as too_many:
         await asyncio.wait_for(anext(_watch(gifting, busy, "recent")), STEP_S)
     assert too_many.value.reason == "RESUME_TOO_OLD"
+
+
+async def test_resumes_all_at_once_read_on_at_most_watch_resume_reads_max_connections(
+    gifting: Gifting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replica drains and its overlays all resume here together: their catch-up reads must leave
+    # the rest of the pool to SendGift's transactions, not queue ahead of them.
+    monkeypatch.setattr(usecases, "FEED_RESUME_PAGE", 2)
+    stream = await _stream(gifting, "c7")
+    t = now_us() - 1_000_000
+    for i in range(9):
+        await _sent(gifting, stream, f"g{i}", t + i)
+    held, peak = 0, 0
+    unit_of_work = gifting.db.unit_of_work
+
+    @contextlib.asynccontextmanager
+    async def counted(*args: object, **kwargs: object) -> AsyncIterator[object]:
+        nonlocal held, peak
+        async with unit_of_work(*args, **kwargs) as uow:  # type: ignore[arg-type]
+            held += 1
+            peak = max(peak, held)
+            try:
+                await asyncio.sleep(0.05)  # long enough for the other resumes' reads to overlap it
+                yield uow
+            finally:
+                held -= 1
+
+    status = await gifting.get_stream(stream)
+
+    async def status_read(stream_id: str) -> object:  # the catch-up's reads are the ones counted
+        return status
+
+    monkeypatch.setattr(gifting, "get_stream", status_read)
+    monkeypatch.setattr(gifting.db, "unit_of_work", counted)
+
+    async def resume() -> list[str]:
+        feed = _watch(gifting, stream, "g0")
+        try:
+            return await _take(feed, 8)
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]
+
+    caught_up = await asyncio.wait_for(asyncio.gather(*(resume() for _ in range(8))), 8 * STEP_S)
+    assert caught_up == [[f"g{i}" for i in range(1, 9)]] * 8
+    assert peak == gifting.settings.watch_resume_reads_max, peak
