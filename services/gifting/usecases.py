@@ -919,6 +919,11 @@ class Gifting:
                         .values(sender_balance_after=bindparam("bal")),
                         known,
                     )
+            # Their events in feed order, (sent time, event id): they share `ts`, and the relay
+            # publishes in outbox order. RETURNING's order is the plan's (SQLite's was the rows'
+            # insertion order), and a feed resumed after one of them read the ones "after" it by id:
+            # it lost those published later with smaller ids and got those published earlier twice.
+            flipped.sort(key=lambda r: r["event_id"])
             await self.outbox.add_many(
                 uow,
                 [(GIFT_SENT_SUBJECT, r["event_id"], _gift_sent_event(r)) for r in flipped],

@@ -607,3 +607,34 @@ async def test_a_key_whose_gift_was_cancelled_stays_its_requests_and_its_retry_s
     await expect_error(clients.gifting.SendGift(rose), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     assert await coins_of(clients, viewer) == 400
     assert (await received_by(clients, creator, 1000)).coins_received == 1000
+
+
+async def test_a_resume_after_any_item_of_a_batch_of_gifts_sends_exactly_the_ones_after_it(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """One SendGifts marks its gifts SENT in one transaction, at one time: the feed must still send
+    them in the order a resume reads them, or a resume in the middle loses some and doubles others."""
+    viewer, creator = uid("viewer"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
+    stream = await live_stream(clients.gifting, creator)
+
+    async def feed(cursor: str = "") -> list[gifting_pb2.StreamFeedItem]:
+        call = clients.gifting.WatchStream(
+            gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id, resume_cursor=cursor)
+        )
+        return [item async for item in call]  # up to the end item (the stream ends first)
+
+    watch = clients.gifting.WatchStream(gifting_pb2.WatchStreamRequest(stream_id=stream.stream_id))
+    await asyncio.wait_for(watch.initial_metadata(), 10)  # the feed is listening from here on
+    batch = [gift(stream.stream_id, viewer) for _ in range(12)]
+    sent = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=batch))
+    assert all(r.HasField("receipt") for r in sent.results), sent
+    async with asyncio.timeout(15):  # a liveness bound only
+        live = [(await watch.read()).cursor for _ in batch]
+    watch.cancel()
+    await clients.gifting.EndStream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("e")))
+    async with asyncio.timeout(30):
+        for k, cursor in enumerate(live):  # the overlay dropped off right after item k
+            resumed = await feed(cursor)
+            assert [i.cursor for i in resumed[:-1]] == live[k + 1 :], k
+            assert resumed[-1].stream_ended
