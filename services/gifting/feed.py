@@ -14,7 +14,8 @@ before that read, so a gift committed during it comes live, and live items the r
 are dropped by id. A watch without a cursor does no database read per item. A gift core NATS
 drops while the watcher stays connected is still lost to it, unless no later gift reached it
 before it reconnected. Live items come in publish order, which is feed order but for gifts whose
-SENT commits overtook each other (a transaction's length apart): a watcher that leaves in that
+SENT commits overtook each other (a transaction's length apart, plus the clock difference of the
+replicas that marked them): a watcher that leaves in that
 moment may miss one or get one twice, so an overlay keys its items by gift_event_id. The feed also
 re-reads the stream's status when idle, so a missed end event still ends it. A relay may publish
 an event twice, so the hub drops event ids it has just seen.
