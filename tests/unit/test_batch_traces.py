@@ -329,12 +329,13 @@ async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_call
 async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_path: Any) -> None:
     g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
     try:
-        await _concurrent_gifts(g, [contextlib.nullcontext, _incoming(4, 104), contextlib.nullcontext])
+        sent = await _concurrent_gifts(g, [contextlib.nullcontext, _incoming(4, 104), contextlib.nullcontext])
         o = gifting_common.outbox.c
         async with g.db.unit_of_work(readonly=True) as uow:
-            headers = (await uow.conn.execute(select(o.headers).order_by(o.id))).scalars().all()
-        stored = [json.loads(h) for h in headers]
-        assert [("traceparent" in h) for h in stored] == [False, True, False], stored
+            rows = (await uow.conn.execute(select(o.event_id, o.headers))).all()
+        # By event id: the batch writes its events in feed order (event id), not its callers' order.
+        stored = {event_id: json.loads(h) for event_id, h in rows}
+        assert [("traceparent" in stored[e]) for e in sent] == [False, True, False], stored
     finally:
         await db.dispose()
 
