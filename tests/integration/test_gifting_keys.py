@@ -12,6 +12,7 @@ refused for good), so the test can refuse a spend and then allow it.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -250,6 +251,50 @@ async def test_an_unlock_answered_by_an_earlier_unlock_keeps_its_key_from_other_
     assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
     assert await gifting.unlock_content(again) == anew
     assert [status for status, _ in await _rows_of(gifting, "k2")] == ["KEY_ONLY", "SENT"]
+
+
+async def test_replicas_racing_unlocks_answered_elsewhere_and_tips_under_their_keys_give_each_key_one_request(
+    gifting: Gifting,
+) -> None:
+    # Two replicas (their own batchers) on one database; every request twice, in one shuffled burst.
+    other = Gifting(gifting.db, Outbox(common.outbox), gifting.wallet, gifting.settings)
+    wallet: Ledger = gifting.wallet
+    wallet.coins["v"] = 1000
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    content = await gifting.create_content(
+        gifting_pb2.CreateContentRequest(creator_id="c", title="t", price_coins=30, idempotency_key="c")
+    )
+    first = await gifting.unlock_content(
+        gifting_pb2.UnlockContentRequest(user_id="v", content_id=content.content_id, idempotency_key="k")
+    )
+    keys = [f"k{n}" for n in range(8)]
+    unlocks = [
+        gifting_pb2.UnlockContentRequest(user_id="v", content_id=content.content_id, idempotency_key=k) for k in keys
+    ]
+    tips = [
+        gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key=k) for k in keys
+    ]
+    burst = [*unlocks, *tips] * 2
+    random.Random(7).shuffle(burst)
+
+    async def call(n: int, req: Any) -> tuple[str, str]:
+        g = (gifting, other)[n % 2]
+        try:
+            if isinstance(req, gifting_pb2.UnlockContentRequest):
+                receipt = await g.unlock_content(req)
+                assert (receipt.already_unlocked, receipt.gift_event_id) == (True, first.gift_event_id)
+                return req.idempotency_key, "unlock"
+            await g.send_tip(req)
+            return req.idempotency_key, "tip"
+        except DomainError as exc:
+            assert exc.reason == "IDEMPOTENCY_KEY_REUSED"
+            return req.idempotency_key, ""
+
+    answered = await asyncio.wait_for(asyncio.gather(*(call(n, r) for n, r in enumerate(burst))), 60)
+    winners = {k: {what for key, what in answered if key == k and what} for k in keys}
+    assert all(len(w) == 1 for w in winners.values()), winners  # one request per key, whichever came first
+    tipped = sum(1 for w in winners.values() if w == {"tip"})
+    assert wallet.coins["v"] == 1000 - 30 - 5 * tipped
 
 
 async def _old_release_cancels(g: Gifting, key: str) -> None:
