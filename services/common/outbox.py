@@ -266,8 +266,10 @@ class OutboxRelay:
         the ids of those stored."""
         if not rows:
             return [], set()
-        spans = _publish_spans(rows) if recording() else None
-        headers = [_headers(r.headers, r.event_id, spans[i] if spans else None) for i, r in enumerate(rows)]
+        # Each row's stored trace headers, parsed once for its publish span and its message.
+        stored = [json.loads(r.headers) if r.headers != "{}" else {} for r in rows]
+        spans = _publish_spans(rows, stored) if recording() else None
+        headers = [_headers(stored[i], r.event_id, spans[i] if spans else None) for i, r in enumerate(rows)]
         results: list[Any] = []
         try:
             for start in range(0, len(rows), ATOMIC_BATCH_MAX):
@@ -367,20 +369,21 @@ def _stored_headers(contexts: list[Any]) -> list[str]:
     return out
 
 
-def _headers(stored: str, event_id: str, span: Span | None = None) -> dict[str, str]:
-    """The stored trace headers plus Nats-Msg-Id (JetStream de-duplicates republishes by it).
+def _headers(stored: dict[str, str], event_id: str, span: Span | None = None) -> dict[str, str]:
+    """The stored trace headers (parsed, completed in place) plus Nats-Msg-Id (JetStream
+    de-duplicates republishes by it).
 
     With `span` (the event's publish span), the trace context is that span's instead: the
     consumer's span then hangs under the publish, which hangs under the span that wrote the event.
     """
-    out: dict[str, str] = json.loads(stored) if stored != "{}" else {}
+    out = stored
     if span is not None:
         out.update(inject_headers(trace.set_span_in_context(span)))
     out["Nats-Msg-Id"] = event_id
     return out
 
 
-def _publish_spans(rows: list[Any]) -> list[Span]:
+def _publish_spans(rows: list[Any], stored: list[dict[str, str]]) -> list[Span]:
     """A PRODUCER span per row (spans recorded only), each in the trace its event was written in.
 
     Without it a trace went from the writer's span straight to the consumer's: the time an event
@@ -392,7 +395,7 @@ def _publish_spans(rows: list[Any]) -> list[Span]:
     return [
         tracer.start_span(
             f"publish {r.subject}",
-            context=extract_context(json.loads(r.headers)),
+            context=extract_context(headers),
             kind=trace.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "nats",
@@ -402,7 +405,7 @@ def _publish_spans(rows: list[Any]) -> list[Span]:
                 "outbox.waited_s": max(0, at - r.created_at_us) / 1e6,
             },
         )
-        for r in rows
+        for r, headers in zip(rows, stored, strict=True)
     ]
 
 
