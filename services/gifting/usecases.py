@@ -697,9 +697,8 @@ class Gifting:
                         )
                     again = [i for i in todo if isinstance(out[i], DomainError)]
                     again += [i for i, r in [*new_rows.items(), *key_only.items()] if r["event_id"] not in recorded]
-                    restart: list[
-                        int
-                    ] = []  # keys of cancelled gifts (or KEY_ONLY), retried: each starts a new gift below
+                    # Keys of cancelled gifts (or KEY_ONLY), retried: each starts a new gift below.
+                    restart: list[int] = []
                     if again:
                         earlier = await by_keys(uow, again)
                         for i in again:
