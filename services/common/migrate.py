@@ -120,3 +120,29 @@ def create_index_beside_writers(name: str, table: str, columns: list[str], **kw:
         if invalid.scalar_one():
             op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
         op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True, **kw)
+
+
+IDEMPOTENCY_AGE_INDEX = "ix_idempotency_keys_created_at"
+
+
+def create_idempotency_age_index() -> None:
+    """In a migration of each service: the index the IdempotencyPruner finds old records by.
+
+    BRIN on PostgreSQL, as the inbox's (0005): records are written in created order, so a few
+    summary pages find the old ones and a command's insert writes no index entry of its own.
+    SQLite has B-trees only. Built beside the writers (`create_index_beside_writers`): the table
+    has grown since the service began, and the previous release keeps recording its commands'
+    answers during the rollout.
+    """
+    create_index_beside_writers(
+        IDEMPOTENCY_AGE_INDEX,
+        "idempotency_keys",
+        ["created_at_us"],
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    )
+
+
+def drop_idempotency_age_index() -> None:
+    """Undo create_idempotency_age_index."""
+    op.drop_index(IDEMPOTENCY_AGE_INDEX, table_name="idempotency_keys")
