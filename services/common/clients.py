@@ -13,10 +13,9 @@ import json
 from typing import Any
 
 import grpc
-from opentelemetry import propagate
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from services.common.telemetry import recording
+from services.common.telemetry import inject_headers, recording
 
 
 class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
@@ -36,8 +35,7 @@ class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
         if client_call_details.timeout is None:
             client_call_details = client_call_details._replace(timeout=self.deadline_s)
         if self.propagate_trace:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)  # nothing when no trace context is current
+            carrier = inject_headers()  # nothing when no trace context is current
             if carrier:
                 metadata = grpc.aio.Metadata(*tuple(client_call_details.metadata or ()))
                 for key, value in carrier.items():

@@ -15,9 +15,18 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import start_http_server
 
 from services.common.config import ServiceSettings
+
+# What a call or an event carries on of its caller's trace: the W3C trace context (traceparent,
+# tracestate), nothing else. OpenTelemetry's default also carries W3C baggage, which no service
+# reads: whatever a caller (an app, the edge) put there, up to 8 KB of it, went on to every call
+# and event the call made, stored in each outbox row and kept in the streams for 30 days, personal
+# data included. setup_tracing installs it as the global propagator (the OpenTelemetry
+# interceptors use that one); the helpers below use it directly.
+PROPAGATOR = TraceContextTextMapPropagator()
 
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -112,6 +121,7 @@ def setup_tracing(service: str, settings: ServiceSettings) -> Tracing:
     instead of the OpenTelemetry ones. We take C; logs keep the caller's trace id.
     """
     global _tracing
+    propagate.set_global_textmap(PROPAGATOR)
     exporter = _exporter(settings)
     if exporter is None:
         _tracing = Tracing(None)
@@ -163,16 +173,16 @@ def background_span(name: str, **attributes: str) -> Any:
 def inject_headers(context: Any = None) -> dict[str, str]:
     """The current trace context (or `context`) as message headers (W3C traceparent)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=context)
+    PROPAGATOR.inject(carrier, context=context)
     return carrier
 
 
 def extract_context(headers: dict[str, str] | None) -> Any:
     """A trace context from message headers."""
-    return propagate.extract(headers or {})
+    return PROPAGATOR.extract(headers or {})
 
 
-TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
+TRACE_HEADERS = frozenset(PROPAGATOR.fields)  # traceparent, tracestate
 
 
 def attach_remote_context(metadata: Any) -> object | None:
@@ -184,7 +194,7 @@ def attach_remote_context(metadata: Any) -> object | None:
     carrier = {k: v for k, v in metadata or () if k in TRACE_HEADERS}
     if not carrier:
         return None
-    return otel_context.attach(propagate.extract(carrier))
+    return otel_context.attach(PROPAGATOR.extract(carrier))
 
 
 def detach_context(token: object | None) -> None:
