@@ -25,6 +25,21 @@ WEBHOOK_SECRET_MIN = 16
 OPERATOR_TOKEN_MIN = 16
 
 
+def webhook_secret(secret: SecretStr | None) -> SecretStr | None:
+    """A callback HMAC key as a provider signs with it (a field validator of the services that
+    take callbacks): an empty one is none (the previous secret, unset); one with leading or
+    trailing whitespace is refused, as a file's newline would make every callback's signature
+    differ, found only as UNAUTHENTICATED callbacks. The length is the field's (min_length)."""
+    value = secret.get_secret_value() if secret is not None else ""
+    if not value:
+        return secret
+    if value != value.strip():
+        raise ValueError("has leading or trailing whitespace (a file's newline?): no provider signs with it")
+    if len(value) < WEBHOOK_SECRET_MIN:
+        raise ValueError(f"must be at least {WEBHOOK_SECRET_MIN} characters")
+    return secret
+
+
 class ServiceSettings(BaseSettings):
     """What every service needs; each service subclasses it with its own env prefix."""
 

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from services.common.errors import FailedPrecondition, Unauthenticated, is_text
@@ -31,8 +32,13 @@ def sign(secret: bytes, payload: bytes, timestamp_s: int | None = None) -> str:
 TIMESTAMP_DIGITS_MAX = 12  # Unix seconds until the year 33658
 
 
-def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: float | None = None) -> int:
-    """Check a signature header; returns its timestamp or raises UNAUTHENTICATED with a reason."""
+def verify(
+    secret: bytes | Sequence[bytes], payload: bytes, header: str, tolerance_s: int, now_s: float | None = None
+) -> int:
+    """Check a signature header; returns its timestamp or raises UNAUTHENTICATED with a reason.
+
+    `secret` may be several: during a rotation on our side the current one and the previous one
+    (*_WEBHOOK_SECRET_PREVIOUS), so callbacks signed with either verify."""
     if not header or len(header) > SIGNATURE_HEADER_MAX:
         raise Unauthenticated("missing or oversized signature", "SIGNATURE_MISSING")
     parts: dict[str, list[str]] = {}
@@ -49,10 +55,14 @@ def verify(secret: bytes, payload: bytes, header: str, tolerance_s: int, now_s: 
     now = time.time() if now_s is None else now_s
     if abs(now - ts) > tolerance_s:
         raise Unauthenticated("signature timestamp outside the tolerance window", "SIGNATURE_EXPIRED")
-    expected = hmac.new(secret, f"{ts}.".encode() + payload, hashlib.sha256).hexdigest().encode()
-    # Any of the v1 values may match (a provider rotating its secret sends two). Compared as
-    # bytes: compare_digest refuses str with non-ASCII characters (TypeError, not a reason).
-    if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in parts.get("v1", [])):
+    secrets = (secret,) if isinstance(secret, bytes) else tuple(secret)
+    signed = f"{ts}.".encode() + payload
+    expected = [hmac.new(key, signed, hashlib.sha256).hexdigest().encode() for key in secrets]
+    # Any of the v1 values may match (a provider rotating its secret sends two), against any of
+    # our secrets. Compared as bytes: compare_digest refuses str with non-ASCII characters
+    # (TypeError, not a reason).
+    candidates = [candidate.encode() for candidate in parts.get("v1", [])]
+    if not any(hmac.compare_digest(e, c) for e in expected for c in candidates):
         raise Unauthenticated("signature does not match", "SIGNATURE_INVALID")
     return ts
 

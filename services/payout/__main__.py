@@ -34,6 +34,11 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payout_signature_tolerance_s,
         settings.dev_provider_auto_callback,
         settings.dev_provider_latency_s,
+        previous_secret=(
+            settings.payout_webhook_secret_previous.get_secret_value().encode()
+            if settings.payout_webhook_secret_previous is not None
+            else b""
+        ),
     )
     # Eligibility (18+, not blocked) asks the wallet, which holds ages, once per RequestWithdrawal
     # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.

@@ -1,9 +1,9 @@
 """Payout settings, read once from LIVEGIFTS_PAYOUT_* variables."""
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings
+from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
 
 
 class PayoutSettings(ServiceSettings):
@@ -17,6 +17,9 @@ class PayoutSettings(ServiceSettings):
     payout_webhook_secret: SecretStr = Field(
         min_length=WEBHOOK_SECRET_MIN, description="HMAC secret of payout-provider callbacks"
     )
+    # The secret before a rotation, accepted on callbacks beside the current one until it is
+    # removed (docs/sre.md "Rotating"); fingerprints and request hashes use the current one only.
+    payout_webhook_secret_previous: SecretStr | None = None
     payout_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
     # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).
@@ -39,3 +42,5 @@ class PayoutSettings(ServiceSettings):
     clawback_rows_max: int = Field(default=10_000, ge=1, le=1_000_000)  # earnings rows scanned per reversal
     # How often open clawback shortfalls (a reversal consumed before its gifts' earnings) are settled.
     clawback_settle_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+    _webhook_secrets = field_validator("payout_webhook_secret", "payout_webhook_secret_previous")(webhook_secret)

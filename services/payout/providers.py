@@ -90,8 +90,18 @@ class DevPayoutProvider:
 
     name = "dev"
 
-    def __init__(self, secret: bytes, tolerance_s: int, auto_callback: bool, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        tolerance_s: int,
+        auto_callback: bool,
+        latency_s: float = 0.0,
+        *,
+        previous_secret: bytes = b"",
+    ) -> None:
         self.secret = secret
+        # Callbacks verify with the current secret, or the previous one during a rotation.
+        self.secrets = (secret, previous_secret) if previous_secret else (secret,)
         self.tolerance_s = tolerance_s
         self.auto_callback = auto_callback
         self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each call takes to answer
@@ -146,7 +156,7 @@ class DevPayoutProvider:
         """Verify the signature first, then the body's shape."""
         if len(payload) > PAYLOAD_BYTES_MAX:
             raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
-        signing.verify(self.secret, payload, signature, self.tolerance_s)
+        signing.verify(self.secrets, payload, signature, self.tolerance_s)
         try:
             body = signing.json_body(payload)
             event = PayoutEvent(

@@ -29,6 +29,11 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payment_webhook_secret.get_secret_value().encode(),
         settings.payment_signature_tolerance_s,
         settings.dev_provider_latency_s,
+        previous_secret=(
+            settings.payment_webhook_secret_previous.get_secret_value().encode()
+            if settings.payment_webhook_secret_previous is not None
+            else b""
+        ),
     )
     router = PaymentRouter([provider], parse_routes(settings.payment_routes))
     wallet = Wallet(rt.db, rt.outbox, router, settings)

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings
+from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
 from services.wallet.domain import parse_region_ages
 from services.wallet.payments import parse_routes
 
@@ -21,6 +21,9 @@ class WalletSettings(ServiceSettings):
     # Shared secret the payment provider signs its callbacks with (HMAC-SHA256). Required; a
     # short (or empty) key would let anyone forge callbacks.
     payment_webhook_secret: SecretStr = Field(min_length=WEBHOOK_SECRET_MIN)
+    # The secret before a rotation, accepted on callbacks beside the current one until it is
+    # removed (docs/sre.md "Rotating"); unset or empty: only the current one.
+    payment_webhook_secret_previous: SecretStr | None = None
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     payment_provider: Literal["dev"] = "dev"
     # Deadline of every call to a payment provider (CreatePurchase's checkout session): a provider
@@ -40,6 +43,8 @@ class WalletSettings(ServiceSettings):
     # Group commit: concurrent Spend calls share one transaction (each keeps its own key and
     # answer); SpendMany is the same path for callers that batch themselves (bench/README.md).
     group_commit: bool = True
+
+    _webhook_secrets = field_validator("payment_webhook_secret", "payment_webhook_secret_previous")(webhook_secret)
 
     @field_validator("payment_routes")
     @classmethod

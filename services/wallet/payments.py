@@ -77,8 +77,12 @@ class DevProvider:
 
     name = "dev"
 
-    def __init__(self, secret: bytes, tolerance_s: int, latency_s: float = 0.0) -> None:
+    def __init__(
+        self, secret: bytes, tolerance_s: int, latency_s: float = 0.0, *, previous_secret: bytes = b""
+    ) -> None:
         self.secret = secret
+        # Callbacks verify with the current secret, or the previous one during a rotation.
+        self.secrets = (secret, previous_secret) if previous_secret else (secret,)
         self.tolerance_s = tolerance_s
         self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each checkout takes to open
 
@@ -95,7 +99,7 @@ class DevProvider:
         """Verify the signature first, then the body's shape."""
         if len(payload) > PAYLOAD_BYTES_MAX:
             raise InvalidArgument("payload too large", "MALFORMED_PAYLOAD")
-        signing.verify(self.secret, payload, signature, self.tolerance_s)
+        signing.verify(self.secrets, payload, signature, self.tolerance_s)
         try:
             body = signing.json_body(payload)
             event = ProviderEvent(

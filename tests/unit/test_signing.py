@@ -7,6 +7,7 @@ import pytest
 from services.common import signing
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.payout.providers import DevPayoutProvider, dev_payout_payload
+from services.wallet.payments import DevProvider, dev_event_payload
 
 SECRET = b"s3cret"
 PAYLOAD = b'{"id":"evt_1"}'
@@ -108,3 +109,83 @@ def test_an_operator_token_no_operator_could_send_or_a_short_one_is_refused_at_s
         GiftingSettings(**common, operator_token=token)
     assert GiftingSettings(**common, operator_token="").operator_token is not None  # empty: operator RPCs refused
     assert GiftingSettings(**common, operator_token="t" * 16).operator_token.get_secret_value() == "t" * 16
+
+
+OLD = b"the-secret-before-rotation"
+
+
+def test_during_a_rotation_on_our_side_callbacks_signed_with_the_previous_secret_verify() -> None:
+    """*_WEBHOOK_SECRET_PREVIOUS: the provider switches when it will; callbacks signed with the
+    old secret or the new one both verify until the previous one is removed, and no other."""
+    wallet = DevProvider(SECRET, 300, previous_secret=OLD)
+    payout = DevPayoutProvider(SECRET, 300, auto_callback=False, previous_secret=OLD)
+    paid = dev_event_payload("e1", "payment.succeeded", "pur_1", 700, "USD")
+    sent = dev_payout_payload("e2", "payout.paid", "wd_1", 9_500, "USD")
+    for key in (SECRET, OLD):
+        assert wallet.parse_callback(paid, signing.sign(key, paid)).purchase_id == "pur_1"
+        assert payout.parse_callback(sent, signing.sign(key, sent)).withdrawal_id == "wd_1"
+    for provider, body in ((wallet, paid), (payout, sent)):
+        with pytest.raises(Unauthenticated) as err:
+            provider.parse_callback(body, signing.sign(b"a-third-secret", body))  # type: ignore[attr-defined]
+        assert err.value.reason == "SIGNATURE_INVALID"
+    # Without a previous secret, the old one is refused.
+    with pytest.raises(Unauthenticated):
+        DevProvider(SECRET, 300).parse_callback(paid, signing.sign(OLD, paid))
+    # The signatures payout's provider makes itself are the current secret's.
+    body, signature = DevPayoutProvider(SECRET, 300, True, previous_secret=OLD)._outcome(
+        "po_dev_wd_1", "wd_1", "tok_dev_x", 9_500, "USD"
+    )
+    assert signing.verify(SECRET, body, signature, 300)
+    with pytest.raises(Unauthenticated):
+        signing.verify(OLD, body, signature, 300)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("webhook_secret", "a-secret-read-from-a-file\n", "whitespace"),
+        ("webhook_secret", " " * 20, "whitespace"),
+        ("webhook_secret_previous", "a-secret-read-from-a-file\n", "whitespace"),
+        ("webhook_secret_previous", "short-secret", "at least 16"),
+    ],
+)
+def test_a_webhook_secret_no_provider_signs_with_is_refused_at_start(
+    field: str, value: str, why: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret with a file's trailing newline made every callback UNAUTHENTICATED, found only
+    when purchases stayed PENDING. The refusal names the variable, never the secret."""
+    from pydantic import ValidationError
+
+    from services.common.config import load_settings
+    from services.payout.config import PayoutSettings
+    from services.wallet.config import WalletSettings
+
+    common = {"database_url": "sqlite+aiosqlite:///x.db", "nats_url": "nats://127.0.0.1:1"}
+    good = "g" * 16
+    wallet = {"payment_webhook_secret": good, f"payment_{field}": value}
+    payout = {"payout_webhook_secret": good, f"payout_{field}": value, "wallet_addr": "x:1"}
+    with pytest.raises(ValidationError, match=f"payment_{field}(.|\n)*{why}"):
+        WalletSettings(**common, **wallet)
+    with pytest.raises(ValidationError, match=f"payout_{field}(.|\n)*{why}"):
+        PayoutSettings(**common, **payout)
+    for name, val in {**common, **wallet}.items():
+        monkeypatch.setenv(f"LIVEGIFTS_WALLET_{name.upper()}", val)
+    with pytest.raises(SystemExit):
+        load_settings(WalletSettings)
+    err = capsys.readouterr().err
+    assert f"LIVEGIFTS_WALLET_PAYMENT_{field.upper()}" in err, err
+    assert not value.strip() or value.strip() not in err, err
+
+
+def test_an_empty_previous_webhook_secret_is_none_and_a_set_one_is_kept() -> None:
+    from services.payout.config import PayoutSettings
+    from services.wallet.config import WalletSettings
+
+    common = {"database_url": "sqlite+aiosqlite:///x.db", "nats_url": "nats://127.0.0.1:1"}
+    w = WalletSettings(**common, payment_webhook_secret="g" * 16, payment_webhook_secret_previous="")
+    assert not (w.payment_webhook_secret_previous and w.payment_webhook_secret_previous.get_secret_value())
+    p = PayoutSettings(
+        **common, wallet_addr="x:1", payout_webhook_secret="g" * 16, payout_webhook_secret_previous="o" * 16
+    )
+    assert p.payout_webhook_secret_previous is not None
+    assert p.payout_webhook_secret_previous.get_secret_value() == "o" * 16
