@@ -1261,6 +1261,20 @@ class Payout:
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
                 )
             if event.amount_minor != row.net_minor or event.currency_code != row.currency_code:
+                # The provider reports moving another amount than we sent: refused on every retry
+                # (the withdrawal stays PROCESSING) until an operator settles it with the provider.
+                log.warning(
+                    "payout callback refused: its amount or currency differs from the withdrawal",
+                    extra={
+                        "withdrawal_id": row.withdrawal_id,
+                        "provider_event_id": event.provider_event_id,
+                        "event_type": event.event_type,
+                        "amount_minor": event.amount_minor,
+                        "currency_code": event.currency_code,
+                        "withdrawal_net_minor": row.net_minor,
+                        "withdrawal_currency_code": row.currency_code,
+                    },
+                )
                 raise InvalidArgument("callback amount or currency differs from the withdrawal", "AMOUNT_MISMATCH")
             ts = now_us()
             await uow.conn.execute(

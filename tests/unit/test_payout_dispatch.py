@@ -29,7 +29,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
-from services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.provider_calls import ProviderError, ProviderRefused
@@ -701,3 +701,39 @@ async def test_a_withdrawal_the_provider_refuses_for_good_fails_and_its_diamonds
     assert subjects.count("payout.withdrawal.failed") == 1
     assert await payout.dispatch_once() == 0 and provider.submitted == [refused, fine]  # not asked again
     assert await status_of(payout, fine) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+async def test_a_callback_whose_amount_differs_from_the_withdrawal_is_refused_and_logged(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The provider says it moved another amount than we sent: nothing is applied, every retry is
+    refused, and the log says so at once (the reconciler would only after RECONCILE_AFTER_S, and
+    never with it 0), as the wallet's payment callbacks do."""
+    payout, _provider, _path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    assert await payout.dispatch_once() == 1
+    row = await payout.get_withdrawal(withdrawal_id)
+    before = await payout.get_earnings("creator-a")
+
+    def callback(amount: int, currency: str) -> payout_pb2.HandlePayoutEventRequest:
+        payload = dev_payout_payload("evt-odd", "payout.paid", withdrawal_id, amount, currency)
+        return payout_pb2.HandlePayoutEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+        )
+
+    for amount, currency in ((row.net.amount_minor + 1, "USD"), (row.net.amount_minor, "EUR")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+            with pytest.raises(InvalidArgument) as err:
+                await payout.handle_payout_event(callback(amount, currency))
+        assert err.value.reason == "AMOUNT_MISMATCH"
+        (record,) = [r for r in caplog.records if "amount or currency differs" in r.getMessage()]
+        assert record.withdrawal_id == withdrawal_id  # type: ignore[attr-defined]
+        assert record.provider_event_id == "evt-odd"  # type: ignore[attr-defined]
+        assert (record.amount_minor, record.currency_code) == (amount, currency)  # type: ignore[attr-defined]
+        assert record.withdrawal_net_minor == row.net.amount_minor  # type: ignore[attr-defined]
+    assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert await payout.get_earnings("creator-a") == before
+    # The event id was not recorded: the provider's corrected event under it applies.
+    done = await payout.handle_payout_event(callback(row.net.amount_minor, "USD"))
+    assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID and not done.duplicate
