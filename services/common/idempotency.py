@@ -149,6 +149,7 @@ class IdempotencyPruner(AgePruner):
             records.c.created_at_us,
             retention_days=settings.idempotency_retention_days,
             interval_s=settings.idempotency_prune_interval_s,
+            pause_s=settings.prune_pause_s,
             counter=IDEMPOTENCY_PRUNED,
             done_line="idempotency records pruned",
             progress_line="pruning the idempotency records",

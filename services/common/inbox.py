@@ -390,6 +390,7 @@ class InboxPruner(AgePruner):
             inbox.c.received_at_us,
             retention_days=settings.inbox_retention_days,
             interval_s=settings.inbox_prune_interval_s,
+            pause_s=settings.prune_pause_s,
             counter=INBOX_PRUNED,
             done_line="inbox rows pruned",
             progress_line="pruning the inbox",

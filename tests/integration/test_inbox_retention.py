@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, insert, select
 
 from services.cli.suite import Suite
@@ -100,6 +101,65 @@ async def test_a_long_round_reports_progress_and_ends_when_the_service_stops(
     stopping.set()  # shutting down: the round ends after the chunk in hand
     assert await pruner.prune_once(now=NOW_US, stop=stopping) == 3
     assert len(await _ids(gifting_db)) == 6
+
+
+def _pruned_total() -> float:
+    return REGISTRY.get_sample_value("livegifts_inbox_pruned_total") or 0.0
+
+
+async def test_a_backlog_of_several_chunks_goes_with_a_pause_after_each_full_chunk(
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first round on millions of old rows must not delete them back to back: between chunks it
+    pauses PRUNE_PAUSE_S, and each chunk is counted as it commits."""
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 3)
+    await _received(gifting_db, {f"old-{i:02d}": i for i in range(10)} | {"new": NOW_US})
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url, prune_pause_s=1.5))
+    pauses: list[tuple[float, int, float]] = []  # (seconds, rows left, rows counted) at each pause
+
+    async def observed(stop: asyncio.Event, seconds: float) -> None:
+        pauses.append((seconds, len(await _ids(gifting_db)), _pruned_total() - before))
+
+    pruner.sleep = observed
+    before = _pruned_total()
+    assert await pruner.prune_once(now=NOW_US) == 10  # 3, pause, 3, pause, 3, pause, 1
+    assert pauses == [(1.5, 8, 3), (1.5, 5, 6), (1.5, 2, 9)]
+    assert _pruned_total() - before == 10
+    assert await _ids(gifting_db) == ["new"]
+    assert await pruner.prune_once(now=NOW_US) == 0  # a partial chunk ends the round: no pause
+    assert len(pauses) == 3
+
+
+async def test_a_stop_during_a_pause_ends_the_round_at_once(
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 3)
+    await _received(gifting_db, {f"old-{i:02d}": i for i in range(10)})
+    pruner = InboxPruner(gifting_db, common, service_settings(gifting_db.url, prune_pause_s=10))
+    pausing = asyncio.Event()
+    real_sleep = pruner.sleep
+
+    async def pause(stop: asyncio.Event, seconds: float) -> None:
+        pausing.set()
+        await real_sleep(stop, seconds)  # the real wait, which a stop must cut short
+
+    pruner.sleep = pause
+    stop = asyncio.Event()
+    before = _pruned_total()
+    round_ = asyncio.create_task(pruner.prune_once(now=NOW_US, stop=stop))
+    await asyncio.wait_for(pausing.wait(), 10)  # the first chunk is in, the 10 s pause begun
+    started = time.monotonic()
+    stop.set()
+    assert await asyncio.wait_for(round_, 5) == 3  # not the other 7 rows, not the rest of the pause
+    assert time.monotonic() - started < 2
+    assert _pruned_total() - before == 3
+    assert len(await _ids(gifting_db)) == 7
+
+
+@pytest.mark.parametrize("seconds", [-0.1, 10.5])
+def test_a_pause_between_chunks_below_0_or_above_10_seconds_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="prune_pause_s"):
+        service_settings("sqlite+aiosqlite:///x.db", prune_pause_s=seconds)
 
 
 async def test_a_retention_of_zero_keeps_every_row(gifting_db: Database) -> None:
