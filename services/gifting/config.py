@@ -32,7 +32,8 @@ class GiftingSettings(ServiceSettings):
     combo_window_s: float = Field(default=10.0, gt=0, le=3600)
     # A WatchStream that resumes after a cursor is sent what it missed only if the cursor's gift was
     # sent within this window and at most this many gifts followed it (RESUME_TOO_OLD otherwise):
-    # a resume is a reconnect, not a history read, and its catch-up stays one bounded read.
+    # a resume is a reconnect, not a history read, and its catch-up stays one bounded read. The
+    # read back for the combo streaks open at the cursor takes at most as many gifts again.
     watch_resume_window_s: float = Field(default=600.0, gt=0, le=86_400)
     watch_resume_items_max: int = Field(default=1_000, ge=1, le=100_000)
     # Catch-up reads of resumed feeds a replica runs at once: when a replica drains, its overlays

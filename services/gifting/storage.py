@@ -140,6 +140,24 @@ def sent_after(stream_id: str, after_us: int, after_event_id: str, limit: int) -
     )
 
 
+def sent_before(stream_id: str, before_us: int, before_event_id: str, limit: int, *, inclusive: bool) -> Select[Any]:
+    """A stream's SENT gifts before (`before_us`, `before_event_id`), that one too if `inclusive`,
+    newest first: feed order backwards, on the same index read the other way."""
+    g = gift_events.c
+    tie = g.event_id <= before_event_id if inclusive else g.event_id < before_event_id
+    return (
+        select(g.event_id, g.kind, g.sender_id, g.gift_id, g.quantity, g.updated_at_us)
+        .where(
+            g.stream_id == stream_id,
+            text(SENT_ONLY),
+            g.updated_at_us <= before_us,  # the range the index seeks; the OR only filters the ties
+            or_(g.updated_at_us < before_us, tie),
+        )
+        .order_by(g.updated_at_us.desc(), g.event_id.desc())
+        .limit(limit)
+    )
+
+
 # Cancelled gifts that lost their key to an older release's cancel (it cleared the key; this
 # release keeps it): the key-restoring loop's look-up. Empty but during and right after a rollout
 # from a release before 0007, so the loop's probe costs next to nothing (migration 0008).

@@ -70,6 +70,7 @@ from services.gifting.storage import (
     keys_lost,
     leaderboard_all_time,
     sent_after,
+    sent_before,
     sent_flip_statement,
     stale_pending,
     streams,
@@ -1288,6 +1289,10 @@ class Gifting:
             after = await self._resume_point(stream_id, resume_cursor) if resume_cursor else None
             await on_ready()
             combos = domain.ComboTracker(int(self.settings.combo_window_s * 1_000_000))
+            # A resumed feed's streaks go on from where the watcher left them: ids of the gifts
+            # before the cursor counted into them (one that also comes live, committed late with
+            # an earlier sent time, is sent as a streak of its own, not counted twice).
+            counted = await self._seed_combos(combos, stream_id, after) if after is not None else set()
             caught_up: set[str] = set()  # ids the catch-up sent, dropped when they also come live
             if after is not None:
                 async for event in self._sent_after(stream_id, after):
@@ -1311,7 +1316,7 @@ class Gifting:
                 check(isinstance(item, events_pb2.GiftSent), "isinstance(item, events_pb2.GiftSent)")
                 if item.event_id in caught_up:
                     continue
-                yield _feed_item(item, combos)
+                yield _feed_item(item, None if item.event_id in counted else combos)
 
     async def _resume_point(self, stream_id: str, cursor: str) -> tuple[int, str]:
         """The feed position (sent at, event id) of a resume cursor, checked: an item of this stream,
@@ -1338,6 +1343,59 @@ class Gifting:
             if count > items_max:
                 raise too_old
         return row.updated_at_us, cursor
+
+    async def _seed_combos(self, combos: domain.ComboTracker, stream_id: str, cursor: tuple[int, str]) -> set[str]:
+        """Count into `combos` the streaks still open at `cursor`, as a watcher that saw the feed up
+        to it holds them; the ids of the gifts counted.
+
+        The stream's SENT gifts are read back from the cursor (that gift included), a page at a
+        time, until no earlier gift can count: past COMBO_WINDOW_S before the cursor (a sender
+        quiet that long starts a new streak) and before every streak still open there (each
+        gift of a streak is within the window of the next). Then they are counted in feed
+        order. At most WATCH_RESUME_ITEMS_MAX gifts, on the pages and permits of the catch-up:
+        a streak reaching back further counts only its part in them.
+        """
+        window_us = combos.window_us
+        horizon_us = cursor[0] - window_us  # a sender's last gift before this: no streak open
+        opened: dict[str, tuple[str, int]] = {}  # sender -> (gift, first sent at) of a streak open
+        closed: set[str] = set()  # senders none of whose earlier gifts counts at the cursor
+        earliest_us = cursor[0]  # at most the first gift of every streak open (closing one keeps it)
+        read: list[Any] = []  # newest first
+        before, inclusive, left = cursor, True, self.settings.watch_resume_items_max
+        while left > 0:
+            limit = min(left, FEED_RESUME_PAGE)
+            async with self._resume_reads, self.db.unit_of_work(readonly=True) as uow:
+                page = (await uow.conn.execute(sent_before(stream_id, *before, limit, inclusive=inclusive))).all()
+            for row in page:
+                at_us = row.updated_at_us
+                if earliest_us - at_us > window_us:  # so also before the horizon
+                    return self._count(combos, read)  # every streak open at the cursor began later
+                read.append(row)
+                sender = row.sender_id
+                if row.kind != GiftKind.GIFT.value or sender in closed:
+                    continue  # tips and unlocks are no part of a streak
+                streak = opened.get(sender)
+                if (streak is None and at_us >= horizon_us) or (
+                    streak is not None and streak[0] == row.gift_id and streak[1] - at_us <= window_us
+                ):
+                    opened[sender] = (row.gift_id, at_us)
+                    earliest_us = min(earliest_us, at_us)
+                else:
+                    opened.pop(sender, None)
+                    closed.add(sender)
+            if len(page) < limit:
+                break
+            left -= len(page)
+            before, inclusive = (page[-1].updated_at_us, page[-1].event_id), False
+        return self._count(combos, read)
+
+    @staticmethod
+    def _count(combos: domain.ComboTracker, read: list[Any]) -> set[str]:
+        """Count the gifts of `read` (newest first) into `combos` in feed order; their ids."""
+        for row in reversed(read):
+            if row.kind == GiftKind.GIFT.value:
+                combos.add(row.sender_id, row.gift_id, row.quantity, row.updated_at_us)
+        return {row.event_id for row in read}
 
     async def _sent_after(self, stream_id: str, after: tuple[int, str]) -> AsyncIterator[events_pb2.GiftSent]:
         """The stream's SENT gifts after `after` in feed order, a page (one short read) at a time.
@@ -1491,11 +1549,12 @@ def _receipt(r: dict[str, Any]) -> gifting_pb2.GiftReceipt:
     )
 
 
-def _feed_item(event: events_pb2.GiftSent, combos: domain.ComboTracker) -> gifting_pb2.StreamFeedItem:
-    """A gift as a WatchStream item; its cursor is its event id (the feed position is looked up by it)."""
+def _feed_item(event: events_pb2.GiftSent, combos: domain.ComboTracker | None) -> gifting_pb2.StreamFeedItem:
+    """A gift as a WatchStream item, counted into `combos` (None: a streak of its own); its cursor
+    is its event id (the feed position is looked up by it)."""
     combo = (
         combos.add(event.sender_id, event.gift_id, event.quantity, event.occurred_at.ToMicroseconds())
-        if event.kind == events_pb2.GIFT_KIND_GIFT
+        if event.kind == events_pb2.GIFT_KIND_GIFT and combos is not None
         else event.quantity
     )
     return gifting_pb2.StreamFeedItem(

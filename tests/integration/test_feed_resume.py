@@ -64,7 +64,17 @@ async def _stream(gifting: Gifting, creator: str) -> str:
     return (await gifting.start_stream(req)).stream_id
 
 
-async def _sent(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int, status: str = "SENT") -> None:
+async def _sent(
+    gifting: Gifting,
+    stream_id: str,
+    event_id: str,
+    sent_at_us: int,
+    status: str = "SENT",
+    *,
+    sender: str = "viewer",
+    gift: str = "rose",
+    kind: str = "GIFT",
+) -> None:
     """A gift of `stream_id` recorded with `status` at `sent_at_us`, committed now."""
     async with gifting.db.unit_of_work() as uow:
         await uow.conn.execute(
@@ -73,11 +83,11 @@ async def _sent(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int
                 idempotency_key=event_id,
                 client_key=event_id,
                 request_hash="h",
-                kind="GIFT",
+                kind=kind,
                 stream_id=stream_id,
                 creator_id="c",
-                sender_id="viewer",
-                gift_id="rose",
+                sender_id=sender,
+                gift_id=gift,
                 quantity=1,
                 unit_price_coins=1,
                 coins=1,
@@ -89,10 +99,19 @@ async def _sent(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int
         await uow.commit()
 
 
-async def _publish(gifting: Gifting, stream_id: str, event_id: str, sent_at_us: int) -> None:
+async def _publish(
+    gifting: Gifting,
+    stream_id: str,
+    event_id: str,
+    sent_at_us: int,
+    *,
+    sender: str = "viewer",
+    gift: str = "rose",
+    kind: str = "GIFT",
+) -> None:
     """Hand the gift to the live feed, as the relay's publish reaches the hub's subscription."""
-    row = {"event_id": event_id, "kind": "GIFT", "stream_id": stream_id, "creator_id": "c", "sender_id": "viewer"}
-    row |= {"gift_id": "rose", "quantity": 1, "coins": 1, "updated_at_us": sent_at_us, "created_at_us": 0}
+    row = {"event_id": event_id, "kind": kind, "stream_id": stream_id, "creator_id": "c", "sender_id": sender}
+    row |= {"gift_id": gift, "quantity": 1, "coins": 1, "updated_at_us": sent_at_us, "created_at_us": 0}
     assert gifting.feed is not None
     await gifting.feed._on_gift(_Msg(_gift_sent_event(row).SerializeToString()))  # type: ignore[arg-type]
 
@@ -235,3 +254,109 @@ async def test_resumes_all_at_once_read_on_at_most_watch_resume_reads_max_connec
     caught_up = await asyncio.wait_for(asyncio.gather(*(resume() for _ in range(8))), 8 * STEP_S)
     assert caught_up == [[f"g{i}" for i in range(1, 9)]] * 8
     assert peak == gifting.settings.watch_resume_reads_max, peak
+
+
+async def _combos(feed: AsyncIterator[gifting_pb2.StreamFeedItem], n: int) -> dict[str, int]:
+    """Cursor -> combo_count of the next `n` items (each within STEP_S)."""
+    items = [await asyncio.wait_for(anext(feed), STEP_S) for _ in range(n)]
+    return {i.cursor: i.combo_count for i in items}
+
+
+async def test_a_resumed_feed_counts_combos_on_as_a_watcher_that_never_left_does(gifting: Gifting) -> None:
+    """The streaks open at the cursor go on: a reconnect does not start an overlay's combo at 1."""
+    stream = await _stream(gifting, "c8")
+    s = 1_000_000
+    t = now_us() - 120 * s
+    # (event id, sender, gift, kind, sent at) in feed order; the combo window is 10 s.
+    gifts = [
+        ("c1", "carol", "rose", "GIFT", t - 30 * s),  # long before: carol's next gift starts anew
+        ("a1", "alice", "rose", "GIFT", t),  # alice's streak spans 15 s, longer than the window
+        ("d1", "dave", "lily", "GIFT", t + 2 * s),
+        ("a2", "alice", "rose", "GIFT", t + 4 * s),
+        ("b1", "bob", "panda", "GIFT", t + 5 * s),
+        ("bt", "bob", "", "TIP", t + 6 * s),  # a tip is no part of a streak, nor does it end one
+        ("a3", "alice", "rose", "GIFT", t + 8 * s),
+        ("d2", "dave", "rose", "GIFT", t + 9 * s),  # another gift: dave's streak starts again
+        ("b2", "bob", "panda", "GIFT", t + 12 * s),
+        ("a4", "alice", "rose", "GIFT", t + 15 * s),  # the cursor: the overlay saw up to here
+        ("a5", "alice", "rose", "GIFT", t + 20 * s),
+        ("b3", "bob", "panda", "GIFT", t + 21 * s),
+        ("c2", "carol", "rose", "GIFT", t + 22 * s),
+        ("d3", "dave", "rose", "GIFT", t + 18 * s),
+    ]
+    gifts.sort(key=lambda g: (g[4], g[0]))
+    ready = asyncio.Event()
+
+    async def listening() -> None:
+        ready.set()
+
+    never_left = gifting.watch_stream(stream, listening)
+    first = asyncio.ensure_future(anext(never_left))
+    await asyncio.wait_for(ready.wait(), STEP_S)
+    for event_id, sender, gift, kind, at in gifts:
+        await _sent(gifting, stream, event_id, at, sender=sender, gift=gift, kind=kind)
+        await _publish(gifting, stream, event_id, at, sender=sender, gift=gift, kind=kind)
+    item = await asyncio.wait_for(first, STEP_S)
+    seen = {item.cursor: item.combo_count} | await _combos(never_left, len(gifts) - 1)
+
+    resumed = _watch(gifting, stream, "a4")
+    after_cursor = await _combos(resumed, 4)  # the catch-up
+    await _sent(gifting, stream, "a6", t + 24 * s, sender="alice")
+    await _publish(gifting, stream, "a6", t + 24 * s, sender="alice")
+    after_cursor |= await _combos(resumed, 1)  # and a live one
+    seen |= await _combos(never_left, 1)
+    assert after_cursor == {"d3": 2, "a5": 5, "b3": 3, "c2": 1, "a6": 6}
+    assert after_cursor == {k: seen[k] for k in after_cursor}
+    await resumed.aclose()  # type: ignore[attr-defined]
+    await never_left.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_streak_longer_than_the_resume_limit_counts_on_from_its_last_items_max_gifts(gifting: Gifting) -> None:
+    """The read back is bounded like the catch-up: a streak reaching further back counts only the
+    WATCH_RESUME_ITEMS_MAX gifts up to the cursor, the cursor's included."""
+    stream = await _stream(gifting, "c9")
+    items_max = gifting.settings.watch_resume_items_max
+    t = now_us() - 300_000_000
+    for i in range(items_max + 10):  # one streak of roses, a second apart
+        await _sent(gifting, stream, f"g{i:03d}", t + i * 1_000_000)
+    cursor = f"g{items_max + 8:03d}"
+    assert await _combos(_watch(gifting, stream, cursor), 1) == {f"g{items_max + 9:03d}": items_max + 1}
+
+
+async def test_a_gift_counted_before_the_cursor_that_comes_live_after_the_resume_is_not_counted_twice(
+    gifting: Gifting,
+) -> None:
+    """A gift committed late with a sent time before the cursor is in the read back and, once, live."""
+    stream = await _stream(gifting, "c10")
+    t = now_us() - 60_000_000
+    ready = asyncio.Event()
+
+    async def listening() -> None:
+        ready.set()
+
+    never_left = gifting.watch_stream(stream, listening)
+    first = asyncio.ensure_future(anext(never_left))
+    await asyncio.wait_for(ready.wait(), STEP_S)
+    for event_id, at in [("e1", t), ("e2", t + 1)]:
+        await _sent(gifting, stream, event_id, at)
+        await _publish(gifting, stream, event_id, at)
+    seen = {(await asyncio.wait_for(first, STEP_S)).cursor: 1} | await _combos(never_left, 1)
+    await _sent(gifting, stream, "d-late", t + 1)  # committed as the overlay left after e2
+    resuming = asyncio.Event()
+
+    async def resumed_listening() -> None:
+        resuming.set()
+
+    resumed = gifting.watch_stream(stream, resumed_listening, "e2")
+    first = asyncio.ensure_future(anext(resumed))
+    await asyncio.wait_for(resuming.wait(), STEP_S)  # listening: the publishes below reach it live
+    await _publish(gifting, stream, "d-late", t + 1)
+    await _sent(gifting, stream, "e7", t + 2)
+    await _publish(gifting, stream, "e7", t + 2)
+    seen |= await _combos(never_left, 2)
+    item = await asyncio.wait_for(first, STEP_S)
+    after_cursor = {item.cursor: item.combo_count} | await _combos(resumed, 1)
+    assert seen == {"e1": 1, "e2": 2, "d-late": 3, "e7": 4}
+    assert after_cursor == {"d-late": 1, "e7": 4}  # a streak of its own, then the streak goes on
+    await resumed.aclose()  # type: ignore[attr-defined]
+    await never_left.aclose()  # type: ignore[attr-defined]

@@ -111,6 +111,16 @@ async def test_a_resumed_feeds_catch_up_read_is_served_by_the_stream_sent_index(
     assert "ix_gift_events_stream_sent" in plan, plan
 
 
+@pytest.mark.parametrize("inclusive", [True, False])
+async def test_a_resumed_feeds_read_back_for_open_combos_is_served_by_the_stream_sent_index(
+    empty_database: str, inclusive: bool
+) -> None:
+    from services.gifting.storage import sent_before
+
+    plan = await _gifting_plan(empty_database, lambda dialect: sent_before("s1", 1_000, "e1", 200, inclusive=inclusive))
+    assert "ix_gift_events_stream_sent" in plan, plan
+
+
 async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
     empty_database: str,
 ) -> None:
