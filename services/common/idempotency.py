@@ -8,7 +8,9 @@ A record is kept `IDEMPOTENCY_RETENTION_DAYS` (30 by default): for that long at 
 answers as its first call did; the `IdempotencyPruner` then deletes it, and the key is free
 again (a new call under it does the work anew, as Stripe's keys do after 24 hours). Nothing
 reads a record but a retry under its key. The keys of gifts, tips, unlocks and spends live in
-their own tables (gifting's gifts, wallet's spends), the ledger itself, and are never pruned.
+their own tables (gifting's gifts, wallet's spends), the ledger itself, and are never pruned;
+but the key rows of unlocks answered by an earlier unlock (gifting's KEY_ONLY rows, no part of
+the ledger) go after the same retention (services/gifting/keyrows.py).
 """
 
 from __future__ import annotations

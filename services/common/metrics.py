@@ -39,6 +39,11 @@ INBOX_PRUNED = Counter("livegifts_inbox_pruned_total", "Inbox rows deleted after
 IDEMPOTENCY_PRUNED = Counter(
     "livegifts_idempotency_records_pruned_total", "Idempotency records deleted after the retention"
 )
+# Gifting: the keys of unlocks answered by an earlier unlock (KEY_ONLY rows of gift_events),
+# deleted after IDEMPOTENCY_RETENTION_DAYS like the idempotency records (services/gifting/keyrows.py).
+KEY_ONLY_ROWS_PRUNED = Counter(
+    "livegifts_key_only_rows_pruned_total", "Answered unlocks' key rows (KEY_ONLY) deleted after the retention"
+)
 # Wallet: purchases credited after a failure report (a later attempt took the money); reconcile these.
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
     "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"

@@ -27,7 +27,8 @@ PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long prunin
 
 class AgePruner:
     """Deletes the rows of `table` whose `age_column` (microseconds) is older than the retention,
-    a chunk per transaction, every interval; rows matching any of `keep` stay however old."""
+    a chunk per transaction, every interval; only rows matching all of `only` go (the predicate
+    of the partial index that finds them), and rows matching any of `keep` stay however old."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class AgePruner:
         done_line: str,
         progress_line: str,
         keep: tuple[ColumnElement[bool], ...] = (),
+        only: tuple[ColumnElement[bool], ...] = (),
     ) -> None:
         self.db = db
         self.retention_us = int(retention_days * US_PER_DAY)
@@ -61,7 +63,7 @@ class AgePruner:
         key = tuple_(*table.primary_key.columns)
         oldest = (
             select(*table.primary_key.columns)
-            .where(age_column < bindparam("before", type_=BigInteger), *(~k for k in keep))
+            .where(age_column < bindparam("before", type_=BigInteger), *only, *(~k for k in keep))
             .limit(self.chunk)
         )
         self._delete = delete(table).where(key.in_(oldest))

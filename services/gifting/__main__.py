@@ -18,6 +18,7 @@ from services.common.clients import make_channel
 from services.common.grpcserver import ServiceRegistration
 from services.gifting.config import GiftingSettings
 from services.gifting.feed import FeedHub
+from services.gifting.keyrows import KeyOnlyPruner
 from services.gifting.readmodels import ReadModels
 from services.gifting.server import GiftingServicer
 from services.gifting.storage import common, gift_events
@@ -25,7 +26,8 @@ from services.gifting.usecases import Gifting
 
 
 async def wire(rt: Runtime) -> Wiring:
-    """Build the use cases, the wallet client, the sweeper, the read-model consumer and the live feed."""
+    """Build the use cases, the wallet client, the sweeper, the read-model consumer, the live feed and
+    the pruner of answered unlocks' key rows."""
     settings: GiftingSettings = rt.settings
     channel = make_channel(settings.wallet_addr, settings.outgoing_deadline_s)
     feed = FeedHub(rt.bus, settings.watchers_max, settings.watch_queue_size_max)
@@ -54,7 +56,7 @@ async def wire(rt: Runtime) -> Wiring:
             ),
         ],
         subscriptions=[read_models.subscription()],
-        background=[gifting.sweeper, feed.run],
+        background=[gifting.sweeper, feed.run, KeyOnlyPruner(rt.db, settings).run],
         # Each WatchStream holds a call open; FeedHub refuses feeds past WATCHERS_MAX.
         streaming_rpcs_max=settings.watchers_max,
         close=close,

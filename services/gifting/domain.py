@@ -22,7 +22,8 @@ class GiftStatus(StrEnum):
 # nothing recorded but the key). Gifts, tips and unlocks share one key space (the unique key of
 # gift_events), so the row keeps any other request from that key. Every reader of gift_events
 # selects gifts by status (PENDING, SENT, CANCELLED), or by event id, which no caller is given
-# for such a row: none counts or acts on it.
+# for such a row: none counts or acts on it. So the row is an idempotency record, deleted after
+# IDEMPOTENCY_RETENTION_DAYS (services/gifting/keyrows.py).
 KEY_ONLY = "KEY_ONLY"
 
 

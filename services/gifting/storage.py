@@ -124,6 +124,19 @@ Index(
 )
 
 
+# The key rows of unlocks answered by an earlier unlock (domain.KEY_ONLY), by age: the
+# KeyOnlyPruner (services/gifting/keyrows.py) deletes them after IDEMPOTENCY_RETENTION_DAYS
+# (migration 0012). Partial: a gift never enters it, so it is as small as those rows and costs
+# SendGift nothing. The predicate as text, identical to the index's (as SENT_ONLY above).
+KEY_ONLY_ROWS = "status = 'KEY_ONLY'"
+Index(
+    "ix_gift_events_key_only",
+    gift_events.c.created_at_us,
+    sqlite_where=text(KEY_ONLY_ROWS),
+    postgresql_where=text(KEY_ONLY_ROWS),
+)
+
+
 def sent_after(stream_id: str, after_us: int, after_event_id: str, limit: int) -> Select[Any]:
     """A stream's SENT gifts after (`after_us`, `after_event_id`), in feed order: sent time, then event id."""
     g = gift_events.c

@@ -716,7 +716,9 @@ class Gifting:
                                         out[i] = row
                                 except AlreadyExists as exc:
                                     out[i] = exc
-                            elif i in new_rows or i in key_only:  # skipped, yet not there: cannot happen
+                            elif i in new_rows or i in key_only:
+                                # Skipped, yet not there: the key was a KEY_ONLY row past the
+                                # retention, deleted meanwhile (keyrows.py); a retry goes through.
                                 out[i] = Aborted("the gift is being recorded concurrently, retry", "CONFLICT")
                             new_rows.pop(i, None)
                     claims_new = sorted(  # in (content, user) order, for the same reason as the gifts
@@ -1482,7 +1484,8 @@ def _answered_elsewhere(plan: _Plan, key: str) -> bool:
 def _key_only(answer: dict[str, Any], key: str, digest: str) -> dict[str, Any]:
     """The KEY_ONLY row that records `key` for an unlock `answer`ed by the user's earlier unlock.
 
-    No coins, no stream: nothing reads it but a look-up by key (domain.KEY_ONLY).
+    No coins, no stream: nothing reads it but a look-up by key (domain.KEY_ONLY), and it is
+    deleted after IDEMPOTENCY_RETENTION_DAYS (services/gifting/keyrows.py).
     """
     to = _Party(stream_id="", creator_id=answer["creator_id"])
     row = _new_gift(key, digest, GiftKind.UNLOCK, to, answer["sender_id"], answer["gift_id"], 0, 0, 0)

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import delete, false, select, update
 
 from livegifts.gifting.v1 import gifting_pb2
@@ -31,6 +32,7 @@ from services.common.outbox import Outbox
 from services.common.sql import one_of
 from services.gifting import usecases
 from services.gifting.config import GiftingSettings
+from services.gifting.keyrows import KeyOnlyPruner
 from services.gifting.storage import common, content_unlocks, gift_events, streams
 from services.gifting.usecases import Gifting
 from tests.unit.test_gift_saga import wallet_refusal
@@ -433,3 +435,57 @@ async def test_no_gift_is_recorded_on_a_stream_whose_end_committed_while_it_was_
 
 def _fields(req: gifting_pb2.SendGiftRequest) -> dict[str, Any]:
     return {f.name: v for f, v in req.ListFields()}
+
+
+async def test_an_answered_unlocks_key_row_goes_after_the_retention_and_a_retry_then_gets_the_same_answer(
+    gifting: Gifting,
+) -> None:
+    """KEY_ONLY rows are idempotency records: deleted after IDEMPOTENCY_RETENTION_DAYS, and only they
+    (the ledger stays however old); nothing but the key's look-up notices."""
+    wallet: Ledger = gifting.wallet
+    wallet.coins["v"] = 100
+    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
+    content = (
+        await gifting.create_content(
+            gifting_pb2.CreateContentRequest(creator_id="c", title="t", price_coins=30, idempotency_key="c")
+        )
+    ).content_id
+
+    def unlock(key: str) -> gifting_pb2.UnlockContentRequest:
+        return gifting_pb2.UnlockContentRequest(user_id="v", content_id=content, idempotency_key=key)
+
+    await gifting.unlock_content(unlock("k1"))  # charged: SENT
+    answered = await gifting.unlock_content(unlock("k2"))  # answered by k1's: KEY_ONLY
+    tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=500, idempotency_key="k3")
+    assert await _reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"  # CANCELLED
+    rose = gifting_pb2.SendGiftRequest(stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1)
+    rose.idempotency_key = "k4"
+    await gifting.send_gift(rose)  # SENT
+    # All of them past the retention; then one more answered unlock, within it.
+    retention_us = int(gifting.settings.idempotency_retention_days * 86_400 * 1_000_000)
+    e = gift_events.c
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(update(gift_events).values(created_at_us=e.created_at_us - retention_us - 1))
+        await uow.commit()
+    await gifting.unlock_content(unlock("k5"))
+    audit = await gifting.audit()
+
+    pruner = KeyOnlyPruner(gifting.db, gifting.settings)
+    before = REGISTRY.get_sample_value("livegifts_key_only_rows_pruned_total") or 0.0
+    assert await pruner.prune_once() == 1
+    assert REGISTRY.get_sample_value("livegifts_key_only_rows_pruned_total") == before + 1
+    assert {k: await _rows_of(gifting, k) for k in ("k1", "k2", "k3", "k4", "k5")} == {
+        "k1": [("SENT", "k1")],
+        "k2": [],
+        "k3": [("CANCELLED", "k3")],
+        "k4": [("SENT", "k4")],
+        "k5": [("KEY_ONLY", "k5")],
+    }
+    assert await gifting.audit() == audit
+    assert (await gifting.check_access("v", content)).has_access
+
+    # A retry after the retention is answered by the earlier unlock again, and records its key again.
+    assert await gifting.unlock_content(unlock("k2")) == answered
+    assert await _rows_of(gifting, "k2") == [("KEY_ONLY", "k2")]
+    assert wallet.coins["v"] == 69 and len(wallet.spent) == 2  # k1's 30 and k4's rose, nothing more
+    assert await pruner.prune_once() == 0

@@ -140,5 +140,31 @@ async def test_every_running_service_prunes_its_idempotency_records_every_interv
         for service in SERVICES:
             log = (suite.log_dir / f"{service}.log").read_text()
             assert "idempotency records pruned" in log, service
+
+        # Gifting's KEY_ONLY rows (answered unlocks' keys) go the same way; its gifts never do.
+        row = (
+            "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
+            "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
+            "updated_at_us) VALUES (?, ?, ?, 'h', 'UNLOCK', '', 'c', 'v', 'content', 0, 0, 0, ?, ?, ?)"
+        )
+        with contextlib.closing(sqlite3.connect(tmp_path / "gifting.db", timeout=10)) as conn, conn:
+            conn.executemany(
+                row,
+                [
+                    (name, name, name, status, at, at)
+                    for name, status, at in [
+                        ("ancient-key", "KEY_ONLY", now - 31 * DAY_US),
+                        ("recent-key", "KEY_ONLY", now - DAY_US),
+                        ("ancient-gift", "SENT", now - 31 * DAY_US),
+                    ]
+                ],
+            )
+
+        async def gift_rows() -> list[str]:
+            with contextlib.closing(sqlite3.connect(tmp_path / "gifting.db", timeout=10)) as conn:
+                return sorted(r[0] for r in conn.execute("SELECT event_id FROM gift_events"))
+
+        assert await eventually(gift_rows, lambda ids: "ancient-key" not in ids, 10) == ["ancient-gift", "recent-key"]
+        assert "answered unlocks' key rows pruned" in (suite.log_dir / "gifting.log").read_text()
     finally:
         await asyncio.to_thread(suite.stop)

@@ -76,15 +76,18 @@ async def test_migration_0004_deletes_the_outbox_rows_kept_after_publishing(empt
     assert await _execute(empty_database, "SELECT event_id FROM outbox") == [("waiting",)]
 
 
-async def _gifting_plan(url: str, statement: Callable[[str], Executable]) -> str:
+async def _gifting_plan(
+    url: str, statement: Callable[[str], Executable], values: dict[str, object] | None = None
+) -> str:
     """The plan of gifting's `statement(dialect)` as its code sends it, with bound parameters (the
     planner must still see that the WHERE implies a partial index's predicate), on a migrated
-    database."""
+    database. `values` binds the parameters the statement leaves unset."""
     await upgrade_head(ROOT / "services" / "gifting" / "migrations", url)
     engine = create_async_engine(normalize_url(url))
     try:
         compiled = statement(engine.dialect.name).compile(engine)
-        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+        bound = compiled.params | (values or {})
+        params = tuple(bound[name] for name in compiled.positiontup or ())
         async with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # An empty table is cheaper to scan: forbid that, so the plan says whether the index can serve.
@@ -119,6 +122,16 @@ async def test_a_resumed_feeds_read_back_for_open_combos_is_served_by_the_stream
 
     plan = await _gifting_plan(empty_database, lambda dialect: sent_before("s1", 1_000, "e1", 200, inclusive=inclusive))
     assert "ix_gift_events_stream_sent" in plan, plan
+
+
+async def test_the_key_only_pruners_delete_is_served_by_the_key_only_index(empty_database: str) -> None:
+    from services.gifting.keyrows import KeyOnlyPruner
+    from tests.integration.helpers import service_settings
+
+    settings = service_settings(empty_database)
+    pruner = KeyOnlyPruner(None, settings)  # type: ignore[arg-type] # only its statement is planned
+    plan = await _gifting_plan(empty_database, lambda dialect: pruner._delete, {"before": 1_000})
+    assert "ix_gift_events_key_only" in plan, plan
 
 
 async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
