@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import nats.errors
 from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -246,7 +247,7 @@ class OutboxRelay:
             OUTBOX_OLDEST.set(0)  # the read found every waiting row, and all of them went
         if failed:
             first = next(res for res in results if isinstance(res, BaseException))
-            raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {first!r}")
+            raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
         return len(acked)
 
     async def _measure_backlog(self) -> None:
@@ -346,6 +347,16 @@ class OutboxRelay:
                 )
             return False
         return True
+
+
+def _described(exc: BaseException) -> str:
+    """A publish's error as the log shows it. nats-py's repr() of JetStream's refusals is the class
+    alone (`ServiceUnavailableError()`), the same for a full stream, a full store and JetStream
+    off; their str() carries the server's err_code and description
+    (`... err_code=10077 description='maximum messages exceeded'`), which say which."""
+    if isinstance(exc, nats.errors.Error) and str(exc):
+        return str(exc)
+    return repr(exc)
 
 
 def _stored_headers(contexts: list[Any]) -> list[str]:

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.api import DiscardPolicy
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, func, insert, select, update
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common.bus import Bus
-from services.common.config import ServiceSettings
+from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.inbox import Consumer, Subscription
 from services.common.outbox import Outbox, OutboxRelay, new_event_id
@@ -454,3 +455,31 @@ async def test_closing_the_bus_at_a_graceful_stop_logs_no_warning(
         await harness.bus.close()
     assert harness.bus.nc is not None and harness.bus.nc.is_closed
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites_limits_come_back_at_connect(
+    harness: _Harness,
+) -> None:
+    """A stream that refuses new messages (a limit set by hand with the `new` discard policy; a
+    full JetStream store answers the same way, with an error on the PubAck): every event stays in
+    the outbox, and goes once when the stream takes events again."""
+    js = harness.bus.js
+    assert js is not None
+    info = await js.stream_info("GIFTING")
+    assert (info.config.max_msgs, info.config.max_bytes, info.config.discard) == (-1, -1, DiscardPolicy.OLD)
+    assert info.config.max_age == STREAM_MAX_AGE_S
+    first = await harness.add_events(2)
+    assert await harness.relay.relay_once() == 2
+    config = info.config
+    config.max_msgs, config.discard = 2, DiscardPolicy.NEW
+    await js.update_stream(config)  # full now
+    later = await harness.add_events(4)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="4 of 4 publishes failed.*maximum messages exceeded"):
+            await harness.relay.relay_once()
+    assert await harness.unpublished() == 4 and await harness.stored() == 2
+    await harness.bus.ensure_stream("GIFTING")  # what every (re)start does: the suite's limits again
+    assert (await js.stream_info("GIFTING")).config.max_msgs == -1
+    assert await harness.relay.relay_once() == 4
+    assert await harness.stored_ids() == first + later
+    assert await harness.unpublished() == 0
