@@ -9,11 +9,12 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped
+from services.common.metrics import STREAMS_RECREATED
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,23 @@ STREAMS: dict[str, list[str]] = {
     "PAYOUT": ["payout.>"],
 }
 # STREAM_MAX_AGE_S (config.py): a month of replay for consumers that were down.
+ERR_STREAM_NOT_FOUND = 10059  # JetStream's API error for a stream that does not exist
+
+
+def stream_of(subject: str) -> str | None:
+    """The suite's stream that holds `subject`, or None."""
+    for name, subjects in STREAMS.items():
+        if any(subject.startswith(f.removesuffix(">")) for f in subjects):
+            return name
+    return None
+
+
+def is_stream_missing(exc: BaseException) -> bool:
+    """Whether `exc` says a stream does not exist: a JetStream API call on it (10059), or a
+    publish no stream took (nats-py's NoStreamResponseError: no stream listens on the subject)."""
+    if isinstance(exc, NoStreamResponseError):
+        return True
+    return isinstance(exc, NotFoundError) and exc.err_code == ERR_STREAM_NOT_FOUND
 
 
 class Bus:
@@ -38,6 +56,7 @@ class Bus:
         # Streams that take atomic batch publishes (nats-server >= 2.12, allow_atomic), by name.
         self.atomic_streams: set[str] = set()
         self._closing = False  # close() called: the disconnect that follows is ours, not news
+        self._restoring = asyncio.Lock()  # one re-creation at a time (the relay and consumers may all see it)
 
     async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
         """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
@@ -94,6 +113,30 @@ class Bus:
             self.atomic_streams.add(name)
         else:
             self.atomic_streams.discard(name)
+
+    async def restore_stream(self, name: str) -> bool:
+        """Create `name` again after a publish or a consumer found it missing; True if this call did.
+
+        The streams are made at connect only: one deleted while the service ran (an operator's
+        mistake, `nats stream rm`) stayed gone until a restart, the relay refusing every event
+        (they waited in the outbox) and the consumers binding in vain. Its events that were stored
+        and not yet consumed went with it; what is still in the outboxes is published into the new
+        stream, and each consumer's durable is made again from the start of it (DeliverPolicy.ALL).
+        """
+        check(self.js is not None, "self.js is not None")
+        async with self._restoring:
+            try:
+                await self.js.stream_info(name)
+                return False  # another task (or replica) made it meanwhile
+            except NotFoundError:
+                pass
+            await self.ensure_stream(name)
+        STREAMS_RECREATED.inc()
+        log.error(
+            "stream was missing (deleted?); created it again: its events not yet consumed are lost, run the audit",
+            extra={"stream": name},
+        )
+        return True
 
     async def _create_or_update(self, config: StreamConfig) -> StreamInfo:
         check(self.js is not None, "self.js is not None")

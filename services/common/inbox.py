@@ -32,7 +32,7 @@ from opentelemetry import trace
 from sqlalchemy import delete, insert, select
 
 from services.common import faults
-from services.common.bus import Bus
+from services.common.bus import Bus, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check
@@ -169,6 +169,16 @@ class Consumer(Generic[E]):
                 if psub is not None:
                     await psub.unsubscribe()  # never raises; naks what it buffered for the next one
                 psub = None
+                if is_stream_missing(exc):
+                    # Deleted while we ran: made again here (its producer may be idle), so this
+                    # consumer binds at its next try instead of failing every backoff until a restart.
+                    try:
+                        await self.bus.restore_stream(self.sub.stream)
+                    except Exception as restore_exc:  # noqa: BLE001 - tried again at the next failure
+                        log.warning(
+                            "stream not created again",
+                            extra={"stream": self.sub.stream, "error": repr(restore_exc)},
+                        )
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
         if psub is not None:

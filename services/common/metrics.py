@@ -15,6 +15,10 @@ OUTBOX_OLDEST = Gauge(
     "livegifts_outbox_oldest_seconds",
     "Age of the oldest outbox row waiting to be published, at the relay's last pass (0: none left)",
 )
+STREAMS_RECREATED = Counter(
+    "livegifts_streams_recreated_total",
+    "JetStream streams found missing (deleted) while the service ran, and created again",
+)
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
 CONSUMER_BATCH = Histogram(
     "livegifts_consumer_batch_size",

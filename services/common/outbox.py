@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from sqlalchemy import Table, delete, func, select
 
 from services.common import faults
-from services.common.bus import Bus
+from services.common.bus import Bus, is_stream_missing, stream_of
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
@@ -247,8 +247,17 @@ class OutboxRelay:
             OUTBOX_OLDEST.set(0)  # the read found every waiting row, and all of them went
         if failed:
             first = next(res for res in results if isinstance(res, BaseException))
+            await self._restore_missing_streams(rows, results)
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
         return len(acked)
+
+    async def _restore_missing_streams(self, rows: list[Any], results: list[Any]) -> None:
+        """Create again the streams the publishes found missing (deleted while we ran): without
+        it, every event waited in the outbox until the service restarted. The rows go at the
+        next pass, after the usual backoff."""
+        missing = {stream_of(r.subject) for r, res in zip(rows, results, strict=True) if is_stream_missing(res)}
+        for stream in sorted(s for s in missing if s is not None):
+            await self.bus.restore_stream(stream)
 
     async def _measure_backlog(self) -> None:
         """The backlog's age without publishing: the oldest unsent row's."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from nats.js.api import DiscardPolicy
+from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, func, insert, select, update
 
@@ -455,6 +456,69 @@ async def test_closing_the_bus_at_a_graceful_stop_logs_no_warning(
         await harness.bus.close()
     assert harness.bus.nc is not None and harness.bus.nc.is_closed
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def _recreated() -> float:
+    return REGISTRY.get_sample_value("livegifts_streams_recreated_total") or 0.0
+
+
+async def _stream_exists(harness: _Harness) -> bool:
+    assert harness.bus.js is not None
+    try:
+        await harness.bus.js.stream_info("GIFTING")
+    except NotFoundError:
+        return False
+    return True
+
+
+async def test_a_stream_deleted_while_the_relay_runs_is_created_again_and_its_events_go_once(
+    harness: _Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert harness.bus.js is not None
+    await harness.add_events(3)
+    assert await harness.relay.relay_once() == 3
+    await harness.bus.js.delete_stream("GIFTING")  # an operator's mistake
+    before = _recreated()
+    ids = await harness.add_events(5)
+    with caplog.at_level(logging.ERROR, logger="services.common.bus"):
+        with pytest.raises(RuntimeError, match="5 of 5"):  # no stream took them: the rows stay
+            await harness.relay.relay_once()
+    assert await harness.unpublished() == 5
+    # The next pass (after the relay's backoff) stores each event once, in order, atomically again.
+    assert await harness.relay.relay_once() == 5
+    assert await harness.stored_ids() == ids
+    assert await harness.unpublished() == 0
+    assert harness.bus.atomic_streams == {"GIFTING"}
+    assert _recreated() == before + 1  # once, and what the operator sees:
+    assert any("created it again" in r.message and r.stream == "GIFTING" for r in caplog.records)
+
+
+async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_what_comes_next(
+    harness: _Harness,
+) -> None:
+    applied: list[str] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        applied.extend(e.event_id for e in events)
+
+    async def seen() -> list[str]:
+        return list(applied)
+
+    assert harness.bus.js is not None
+    sub = Subscription("deleted-stream-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, harness.settings).run):
+        first = await harness.add_events(2)
+        assert await harness.relay.relay_once() == 2
+        assert await eventually(seen, lambda a: len(a) >= 2, 10) == first
+        before = _recreated()
+        await harness.bus.js.delete_stream("GIFTING")
+        # Nothing is published meanwhile (an idle producer): the consumer itself makes it again.
+        assert await eventually(lambda: _stream_exists(harness), bool, 20), "the stream stayed deleted"
+        assert _recreated() == before + 1
+        later = await harness.add_events(3)
+        assert await harness.relay.relay_once() == 3  # no refusal: the stream was there
+        assert await eventually(seen, lambda a: len(a) >= 5, 20) == first + later
+    assert applied == first + later, "each event applied once"
 
 
 async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites_limits_come_back_at_connect(
