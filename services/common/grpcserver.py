@@ -85,6 +85,34 @@ def sqlstate(exc: BaseException) -> str:
     return str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
 
 
+def _sqlite_error(exc: BaseException) -> str:
+    """SQLite's name for the error (`SQLITE_FULL`, `SQLITE_READONLY_DBMOVED`...), or ""."""
+    return str(getattr(getattr(exc, "orig", None), "sqlite_errorname", None) or "")
+
+
+# The database's own storage refusing writes, told apart from a database that is down: the
+# caller's answer (still UNAVAILABLE: the same call succeeds once an operator makes room) and the
+# log name it, since a full disk needs someone to act and an outage of a moment does not.
+STORAGE_FULL = "STORAGE_FULL"  # SQLite's SQLITE_FULL (disk or file size limit), PostgreSQL's 53100 disk_full
+STORAGE_READ_ONLY = "STORAGE_READ_ONLY"  # SQLite's SQLITE_READONLY*: the file or its folder is read-only
+
+
+def storage_refusal(exc: BaseException) -> str | None:
+    """STORAGE_FULL or STORAGE_READ_ONLY when `exc` is the database's storage refusing a write, else None."""
+    name = _sqlite_error(exc)
+    if name == "SQLITE_FULL" or sqlstate(exc) == "53100":
+        return STORAGE_FULL
+    if name.startswith("SQLITE_READONLY"):
+        return STORAGE_READ_ONLY
+    return None
+
+
+def _cause(exc: BaseException) -> str:
+    """An error's class, with the database's own code when it has one (for the log)."""
+    code = _sqlite_error(exc) or sqlstate(exc)
+    return f"{type(exc).__name__} ({code})" if code else type(exc).__name__
+
+
 def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: dict[str, str]) -> Any:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)
     detail = any_pb2.Any()
@@ -163,7 +191,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.ABORTED, "conflict, retry with the same key", "CONFLICT", self.domain, {}
             )
         if is_unavailable(exc):
-            log.warning("dependency unavailable", extra={"error": type(exc).__name__})
+            refusal = storage_refusal(exc)
+            log.warning(
+                "dependency unavailable", extra={"error": _cause(exc), "reason": refusal or "DEPENDENCY_UNAVAILABLE"}
+            )
+            if refusal is not None:
+                return _rich_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the service's storage refuses writes (full or read-only), retry with the same key later",
+                    refusal,
+                    self.domain,
+                    {},
+                )
             return _rich_status(
                 grpc.StatusCode.UNAVAILABLE,
                 "a dependency is unavailable, retry with the same key",

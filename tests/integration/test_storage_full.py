@@ -1,0 +1,183 @@
+"""The wallet when its SQLite file cannot grow (a full disk) or cannot be written (read-only).
+
+A real wallet (its wiring, gRPC server and error mapping) on a real SQLite file. A full disk is
+SQLite's `max_page_count` set to the file's size on every connection of the pool (the pool is
+emptied so each new connection takes it): writes that need a new page fail with SQLITE_FULL, as
+on a disk with no space left, without root. A read-only file is `PRAGMA query_only` (the tests
+run as root, which a chmod does not stop). The caller gets UNAVAILABLE with a stable reason,
+never UNKNOWN or INTERNAL; the call wrote nothing, and its retry under the same key once space
+is back takes effect once: no coin lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import event
+
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.common.app import Runtime
+from services.common.bus import Bus
+from services.common.db import Database
+from services.common.grpcserver import create_server
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.wallet.__main__ import SPEC
+from services.wallet.config import WalletSettings
+from tests.integration.helpers import buy_coins, expect_error, signed_callback, uid
+
+SECRET = "storage-full-test-webhook-secret"
+SPENDS_MAX = 400  # a full file refuses a spend long before this many
+
+
+class _Wallet:
+    def __init__(self, db: Database, stub: Any) -> None:
+        self.db, self.stub = db, stub
+        self._limit: Callable[..., None] | None = None
+
+    async def _reconnect_with(self, limit: Callable[..., None] | None) -> None:
+        """Every connection from now on runs `limit` (None: none); the pooled ones are closed."""
+        if self._limit is not None:
+            event.remove(self.db.engine.sync_engine, "connect", self._limit)
+        self._limit = limit
+        if limit is not None:
+            event.listen(self.db.engine.sync_engine, "connect", limit)
+        await self.db.engine.dispose()
+
+    async def disk_full(self) -> None:
+        def cap(dbapi: Any, _record: Any) -> None:
+            cursor = dbapi.cursor()
+            cursor.execute("PRAGMA page_count")
+            pages = cursor.fetchone()[0]
+            cursor.execute(f"PRAGMA max_page_count={pages}")
+            cursor.close()
+
+        await self._reconnect_with(cap)
+
+    async def read_only(self) -> None:
+        def query_only(dbapi: Any, _record: Any) -> None:
+            cursor = dbapi.cursor()
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+
+        await self._reconnect_with(query_only)
+
+    async def space_back(self) -> None:
+        await self._reconnect_with(None)
+
+    def spend(self, user: str, key: str) -> Any:
+        return self.stub.Spend(
+            wallet_pb2.SpendRequest(
+                user_id=user, amount=1, reason=wallet_pb2.SPEND_REASON_GIFT, reference_id=key, idempotency_key=key
+            )
+        )
+
+    async def coins(self, user: str) -> int:
+        return int((await self.stub.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins)
+
+    async def audit(self) -> Any:
+        return await self.stub.GetAudit(wallet_pb2.GetAuditRequest())
+
+
+@contextlib.asynccontextmanager
+async def _wallet(tmp_path: Path) -> AsyncIterator[_Wallet]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
+    await upgrade_head(SPEC.migrations_dir, url)
+    settings = WalletSettings(
+        database_url=url,
+        nats_url="nats://127.0.0.1:1",  # never connected: the events stay in the outbox, as tested
+        payment_webhook_secret=SecretStr(SECRET),
+    )  # type: ignore[call-arg]
+    db = Database(url, pool_size=4, pool_timeout_s=5, application_name="storage-full-test")
+    runtime = Runtime(
+        "wallet", settings, db, Bus(settings, "storage-full-test"), SPEC.tables, Outbox(SPEC.tables.outbox), None
+    )  # type: ignore[arg-type]
+    wiring = await SPEC.wire(runtime)
+    running = await create_server(wiring.registrations, "127.0.0.1", 0, "livegifts.wallet")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield _Wallet(db, wallet_pb2_grpc.WalletServiceStub(channel))
+    finally:
+        await channel.close()
+        await running.server.stop(None)
+        if wiring.close is not None:
+            await wiring.close()
+        await db.dispose()
+
+
+@pytest.fixture
+async def wallet(tmp_path: Path) -> AsyncIterator[_Wallet]:
+    async with _wallet(tmp_path) as w:
+        yield w
+
+
+async def test_a_full_disk_answers_unavailable_and_a_retry_once_space_is_back_takes_effect_once(
+    wallet: _Wallet, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = uid("user")
+    await buy_coins(wallet.stub, SECRET, user)  # 700 coins
+    await wallet.disk_full()
+    spent: list[str] = []
+    refused: str | None = None
+    with caplog.at_level(logging.WARNING, logger="services.common.grpcserver"):
+        for _ in range(SPENDS_MAX):  # a few fit in pages that have room left; then the file must grow
+            key = uid("spend")
+            try:
+                await wallet.spend(user, key)
+            except grpc.aio.AioRpcError:
+                refused = key
+                break
+            spent.append(key)
+        assert refused is not None, f"{SPENDS_MAX} spends fit in a file that cannot grow"
+        await expect_error(wallet.spend(user, refused), grpc.StatusCode.UNAVAILABLE, "STORAGE_FULL")
+    line = next(r for r in caplog.records if r.message == "dependency unavailable")
+    assert "SQLITE_FULL" in line.error, "the log says what failed: the disk, not the database being down"
+    assert await wallet.coins(user) == 700 - len(spent), "the refused spend took nothing"
+
+    await wallet.space_back()
+    await wallet.spend(user, refused)  # the same key: takes effect now, once
+    await wallet.spend(user, refused)  # and its retry is the stored answer
+    assert await wallet.coins(user) == 700 - len(spent) - 1
+    audit = await wallet.audit()
+    assert audit.coins_issued == 700
+    assert audit.coins_spent == len(spent) + 1
+    assert audit.spends == len(spent) + 1
+    assert audit.ledger_sum == 0 and audit.unbalanced_entries == 0 and audit.postings_mismatch == 0
+
+
+async def test_a_read_only_database_answers_unavailable_and_writes_resume_when_it_is_writable(
+    wallet: _Wallet,
+) -> None:
+    user = uid("user")
+    await buy_coins(wallet.stub, SECRET, user)
+    purchase = await wallet.stub.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user,
+            package_id="us-usd-700",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uid("buy"),
+        )
+    )
+    callback = signed_callback(SECRET, "payment.succeeded", purchase)
+    await wallet.read_only()
+    key = uid("spend")
+    await expect_error(wallet.spend(user, key), grpc.StatusCode.UNAVAILABLE, "STORAGE_READ_ONLY")
+    await expect_error(wallet.stub.HandlePaymentEvent(callback), grpc.StatusCode.UNAVAILABLE, "STORAGE_READ_ONLY")
+    assert await wallet.coins(user) == 700, "reads go on"
+    await wallet.space_back()
+    await wallet.stub.HandlePaymentEvent(callback)  # the provider's retry: credited once
+    await wallet.stub.HandlePaymentEvent(callback)
+    await wallet.spend(user, key)
+    await wallet.spend(user, key)
+    assert await wallet.coins(user) == 1400 - 1
+    audit = await wallet.audit()
+    assert (audit.coins_issued, audit.coins_spent, audit.spends) == (1400, 1, 1)
+    assert audit.ledger_sum == 0 and audit.unbalanced_entries == 0 and audit.postings_mismatch == 0
