@@ -1,0 +1,145 @@
+"""The outbox relay against a nats-server whose JetStream store is full (`max_file_store`), and
+with an event larger than the server takes (`max_payload`).
+
+A full store refuses every publish (`insufficient resources`): the relay keeps every event in
+the outbox, retries with a growing backoff (no busy loop), logs what the server said, and once
+space is freed stores each event once, in order. An event over max_payload never leaves the
+outbox (the client refuses it before sending): it is kept, named in the log, and does not stop
+the events behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import ServiceUnavailableError
+from prometheus_client import REGISTRY
+from sqlalchemy import MetaData, insert
+
+from services.cli.suite import free_port, nats_server_binary
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
+from services.common.db import Database
+from services.common.outbox import Outbox, OutboxRelay
+from services.common.tables import add_common_tables
+from tests.integration.helpers import eventually
+from tests.integration.test_outbox_relay import _Harness, _running
+
+STORE_BYTES = 1024 * 1024  # the server's whole JetStream file store
+PAYLOAD_BYTES_MAX = 64 * 1024
+
+
+def _start_server(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """nats-server on a free port (its last argument) with a 1 MiB store and 64 KiB max_payload."""
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    store = tmp_path / "js"
+    conf.write_text(
+        f"host: 127.0.0.1\nmax_payload: {PAYLOAD_BYTES_MAX}\n"
+        f'jetstream {{\n  store_dir: "{store}"\n  max_file_store: {STORE_BYTES}\n  sync_interval: always\n}}\n'
+    )
+    with open(tmp_path / "nats.log", "ab") as log:
+        return subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+@contextlib.asynccontextmanager
+async def _small_server(tmp_path: Path) -> AsyncIterator[_Harness]:
+    """A nats-server of its own with a 1 MiB store and 64 KiB max_payload, and one relay on SQLite."""
+    server = _start_server(tmp_path)
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as undo:
+
+        def stop_server() -> None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+        undo.callback(stop_server)
+        url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+        metadata = MetaData()
+        tables = add_common_tables(metadata)
+        db = Database(url, pool_size=2, pool_timeout_s=5, application_name="store-full-test")
+        undo.push_async_callback(db.dispose)
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        settings = ServiceSettings(database_url=url, nats_url=f"nats://127.0.0.1:{server.args[-1]}")  # type: ignore[call-arg]
+        bus = Bus(settings, "store-full-test")
+        undo.push_async_callback(bus.close)
+        undo.callback(stop.set)  # before the bus closes
+        await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
+        outbox = Outbox(tables.outbox)
+        yield _Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
+
+
+def _publish_errors() -> float:
+    return REGISTRY.get_sample_value("livegifts_outbox_publish_errors_total") or 0.0
+
+
+async def test_a_full_jetstream_store_keeps_events_in_the_outbox_without_a_busy_loop_and_they_go_once_when_freed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _small_server(tmp_path) as h:
+        js = h.bus.js
+        assert js is not None
+        first = await h.add_events(3)
+        assert await h.relay.relay_once() == 3
+        # Another stream takes the rest of the store (what a full PVC does to every stream).
+        await js.add_stream(StreamConfig(name="FILLER", subjects=["filler.>"], storage=StorageType.FILE))
+        with contextlib.suppress(ServiceUnavailableError):  # until the store refuses
+            for _ in range(STORE_BYTES // 60_000 + 2):
+                await js.publish("filler.x", b"x" * 60_000)
+        later = await h.add_events(20)
+        with pytest.raises(RuntimeError, match="20 of 20 publishes failed.*insufficient resources"):
+            await h.relay.relay_once()
+        # The relay's own loop: for 2 s it retries after 0.05, 0.1, 0.2, 0.4, 0.8 s... not at once.
+        errors = _publish_errors()
+        with caplog.at_level(logging.WARNING, logger="services.common.outbox"):
+            async with _running(h.relay.run):
+                await asyncio.sleep(2.0)
+        tries = _publish_errors() - errors
+        assert 3 <= tries <= 7, f"{tries} failed passes in 2 s"
+        lines = [r for r in caplog.records if r.message == "outbox relay failed, retrying"]
+        assert len(lines) == tries and all("insufficient resources" in r.error for r in lines)
+        assert await h.unpublished() == 20 and await h.stored() == 3
+        await js.delete_stream("FILLER")  # space is back
+        async with _running(h.relay.run):
+            await eventually(h.unpublished, lambda n: n == 0, 10)
+        assert await h.stored_ids() == first + later, "each event once, in order"
+
+
+async def test_an_event_larger_than_max_payload_stays_in_the_outbox_and_the_others_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _small_server(tmp_path) as h:
+        before = await h.add_events(2)
+        async with h.db.unit_of_work() as uow:  # a producer bug: an event over max_payload
+            await uow.conn.execute(
+                insert(h.outbox.table).values(
+                    event_id="oversized",
+                    subject="gifting.gift.sent",
+                    payload=b"x" * (PAYLOAD_BYTES_MAX + 1),
+                    headers="{}",
+                    created_at_us=0,
+                )
+            )
+            await uow.commit()
+        after = await h.add_events(2)
+        with pytest.raises(RuntimeError, match="1 of 5 publishes failed: nats: maximum payload exceeded"):
+            await h.relay.relay_once()
+        assert await h.unpublished() == 1, "kept, not lost"
+        more = await h.add_events(3)
+        with pytest.raises(RuntimeError, match="1 of 4"):
+            await h.relay.relay_once()
+        assert await h.stored_ids() == before + after + more
