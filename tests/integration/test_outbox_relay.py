@@ -547,3 +547,33 @@ async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites
     assert await harness.relay.relay_once() == 4
     assert await harness.stored_ids() == first + later
     assert await harness.unpublished() == 0
+
+
+async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_applies_each_event_once(
+    harness: _Harness,
+) -> None:
+    applied: list[str] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        applied.extend(e.event_id for e in events)
+
+    async def seen() -> list[str]:
+        return list(applied)
+
+    js = harness.bus.js
+    assert js is not None
+    sub = Subscription("deleted-durable-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, harness.settings).run):
+        first = await harness.add_events(2)
+        assert await harness.relay.relay_once() == 2
+        assert await eventually(seen, lambda a: len(a) >= 2, 10) == first
+        await js.delete_consumer("GIFTING", "deleted-durable-test")  # `nats consumer rm` by mistake
+        later = await harness.add_events(3)
+        assert await harness.relay.relay_once() == 3
+        # Made again from the stream's start: the first two come again and the inbox drops them.
+        assert await eventually(seen, lambda a: len(a) >= 5, 20) == first + later
+        duplicates = REGISTRY.get_sample_value(
+            "livegifts_events_consumed_total", {"consumer": "deleted-durable-test", "result": "duplicate"}
+        )
+        assert duplicates == 2, "the new durable delivered the first two again; the inbox made them no-ops"
+    assert applied == first + later, "each event applied once"
