@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import random
 import signal
@@ -21,11 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import nats
 import pytest
+from nats.js.api import DiscardPolicy
 
 from livegifts.payout.v1 import payout_pb2
 from services.cli.audit import OK, Totals, collect, wait_until_settled
 from services.cli.suite import Suite
+from services.common.bus import STREAMS
 from tests.faults.load import balances, events_by_withdrawal, replay_events, run_load, withdrawal_statuses
 from tests.integration import pg
 from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
@@ -155,6 +159,58 @@ async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
     assert terminated > 0, f"no PostgreSQL connection of {names} was terminated: no fault was injected"
 
 
+STREAMS_FULL_S = 3.0
+
+
+async def _streams_full(suite: Suite, log: list[str]) -> None:
+    """Every stream refuses new events for STREAMS_FULL_S mid-load (a limit with the `new` discard
+    policy, as a full JetStream store refuses them), then takes them again: the outboxes keep what
+    was refused. Fails unless a relay met the refusal (else no fault was injected)."""
+    await asyncio.sleep(1.5)
+    nc = await nats.connect(suite.config.nats_url)
+    try:
+        js = nc.jetstream()
+        kept = {}
+        for name in STREAMS:
+            info = await js.stream_info(name)
+            kept[name] = copy.deepcopy(info.config)
+            # A few above what it holds, so nothing stored is discarded by the new limit.
+            info.config.max_msgs, info.config.discard = info.state.messages + 5, DiscardPolicy.NEW
+            await js.update_stream(info.config)
+        log.append(f"streams full for {STREAMS_FULL_S:g} s")
+        await asyncio.sleep(STREAMS_FULL_S)
+        for config in kept.values():
+            await js.update_stream(config)
+        log.append("streams take events again")
+    finally:
+        await nc.close()
+    refused = [svc for svc in ("wallet", "gifting") if "maximum messages exceeded" in _log_of(suite, svc)]
+    assert refused, "no relay met a full stream: no fault was injected"
+    log.append(f"relays refused: {refused}")
+
+
+async def _payout_stream_deleted(suite: Suite, log: list[str]) -> None:
+    """The PAYOUT stream (no consumer in the suite reads it) is deleted mid-load, by mistake:
+    payout's relay creates it again at its next publish, and no event it still had is lost."""
+    await asyncio.sleep(1.5)
+    nc = await nats.connect(suite.config.nats_url)
+    try:
+        await nc.jetstream().delete_stream("PAYOUT")
+        log.append("PAYOUT stream deleted")
+        deadline = time.monotonic() + WITHDRAWAL_FAULT_WITHIN_S
+        while "created it again" not in _log_of(suite, "payout"):
+            assert time.monotonic() < deadline, "payout never created its deleted stream again"
+            await asyncio.sleep(0.2)
+        info = await nc.jetstream().stream_info("PAYOUT")
+        log.append(f"PAYOUT created again by payout ({info.state.messages} events since)")
+    finally:
+        await nc.close()
+
+
+def _log_of(suite: Suite, svc: str) -> str:
+    return (suite.log_dir / f"{svc}.log").read_text(errors="replace")
+
+
 SCENARIOS = [
     Scenario(
         "gifting dies between the spend and its commit",
@@ -207,6 +263,8 @@ SCENARIOS = [
     Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting", after_s=1.5)),
     Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout", after_s=1.5)),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
+    Scenario("the streams refuse events mid-load (full)", {}, _streams_full),
+    Scenario("the PAYOUT stream is deleted mid-load", {}, _payout_stream_deleted),
 ]
 
 
