@@ -218,6 +218,21 @@ def check_transition(current: WithdrawalStatus, target: WithdrawalStatus) -> Non
 
 # ---- payout methods -----------------------------------------------------------------------
 
+# A method counts against a creator's METHODS_PER_CREATOR_MAX until its verification FAILED: there
+# is no removing one, so counting failed ones would lock a creator out for good.
+ACTIVE_VERIFICATIONS = ("PENDING", "VERIFIED")
+
+
+def check_method_count(active: int, limit: int) -> None:
+    """RESOURCE_EXHAUSTED once a creator has `limit` active payout methods."""
+    if active >= limit:
+        raise ResourceExhausted(
+            f"a creator may have at most {limit} payout methods that did not fail verification",
+            "PAYOUT_METHOD_LIMIT",
+            limit=limit,
+        )
+
+
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,185}\.[A-Za-z]{2,24}$")
 _IBAN = re.compile(r"^[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}$")
 

@@ -37,8 +37,8 @@ class PayoutServicer(payout_pb2_grpc.PayoutServiceServicer):
         return await self.p.add_payout_method(request)
 
     async def ListPayoutMethods(self, request: payout_pb2.ListPayoutMethodsRequest, context: Any) -> Any:
-        """A creator's payout methods."""
-        return await self.p.list_payout_methods(request.creator_id)
+        """A creator's payout methods, a page at a time."""
+        return await self.p.list_payout_methods(request)
 
     async def VerifyPayoutMethod(self, request: payout_pb2.VerifyPayoutMethodRequest, context: Any) -> Any:
         """Record a method's verification outcome (operator)."""

@@ -83,6 +83,7 @@ _KIND = {
 PAGE_SIZE_DEFAULT = 50
 SHORTFALL_BATCH = 100  # open clawback shortfalls looked at per settler round
 PAGE_SIZE_MAX = 500
+METHODS_PAGE_SIZE_DEFAULT = 100  # ListPayoutMethods: the 100 methods its one answer held before pages
 DIAMONDS_MAX = 10**12
 _METHOD_KIND = {payout_pb2.PAYOUT_METHOD_KIND_PAYPAL: "PAYPAL", payout_pb2.PAYOUT_METHOD_KIND_BANK: "BANK"}
 _METHOD_KIND_PB = {v: k for k, v in _METHOD_KIND.items()}
@@ -127,8 +128,14 @@ SENDER_LOCK_CLASS = 7301164
 
 
 def _sender_lock_key(sender_id: str) -> int:
-    """A sender's advisory lock key: int4, the same in every replica (not Python's salted hash)."""
+    """A sender's advisory lock key: int4, the same in every replica (not Python's salted hash);
+    also a creator's, under METHODS_LOCK_CLASS."""
     return int.from_bytes(hashlib.sha256(sender_id.encode()).digest()[:4], "big", signed=True)
+
+
+# The first key of the advisory lock that serializes one creator's AddPayoutMethod calls (the
+# second is `_sender_lock_key` of the creator): a class of its own, apart from the senders'.
+METHODS_LOCK_CLASS = 7301165
 
 
 @dataclass(frozen=True)
@@ -175,16 +182,30 @@ def _decode_token(token: str) -> tuple[int, str]:
     return ts_us, key
 
 
-async def _newest_first(
-    db: Database, table: Any, owner: Any, ts_col: Any, id_col: Any, page_token: str, page_size: int
+async def _keyset_page(
+    db: Database,
+    table: Any,
+    owner: Any,
+    ts_col: Any,
+    id_col: Any,
+    page_token: str,
+    page_size: int,
+    *,
+    oldest_first: bool = False,
+    default_size: int = PAGE_SIZE_DEFAULT,
 ) -> tuple[list[Any], str]:
-    """One keyset page of `table` rows where owner matches, newest first; returns (rows, next token)."""
-    size = _page_size(page_size)
+    """One keyset page of `table` rows where owner matches, newest first (or oldest first); returns
+    (rows, next token). `default_size` is the page of a request without page_size."""
+    size = _page_size(page_size) if page_size else default_size
     q = select(table).where(owner)
     if page_token:
         ts, key = _decode_token(page_token)
-        q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
-    q = q.order_by(ts_col.desc(), id_col.desc()).limit(size + 1)
+        if oldest_first:
+            q = q.where(or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
+        else:
+            q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
+    order = (ts_col, id_col) if oldest_first else (ts_col.desc(), id_col.desc())
+    q = q.order_by(*order).limit(size + 1)
     async with db.unit_of_work(readonly=True) as uow:
         rows = (await uow.conn.execute(q)).all()
     token = (
@@ -501,7 +522,7 @@ class Payout:
         """A creator's credited events, newest first, keyset-paginated."""
         require_id(req.creator_id, "creator_id")
         e = earnings.c
-        rows, token = await _newest_first(
+        rows, token = await _keyset_page(
             self.db,
             earnings,
             e.creator_id == req.creator_id,
@@ -593,6 +614,10 @@ class Payout:
         does not answer in time answers UNAVAILABLE / PAYOUT_PROVIDER_UNAVAILABLE with nothing
         written (retry with the same key). A token vaulted for a call that then wrote nothing
         (the database failed, a concurrent call with the key won) is never used for a transfer.
+
+        A creator has at most METHODS_PER_CREATOR_MAX methods that did not fail verification:
+        one more answers RESOURCE_EXHAUSTED / PAYOUT_METHOD_LIMIT before the vault is asked, and
+        nothing is written; a retry under a key that took effect still gets its recorded answer.
         """
         require_id(req.creator_id, "creator_id")
         currency = domain.check_currency_code(req.currency_code or "USD")
@@ -607,12 +632,19 @@ class Payout:
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
         )
+        limit = self.settings.methods_per_creator_max
         hash_key = self._request_hash_key()
         stored = await stored_answer(
             self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
         )
         if stored is not None:
-            return stored  # a retry: the account is not vaulted again (the provider may be down)
+            return stored  # a retry: the account is not vaulted again (the provider may be down), nor counted
+        try:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                # Before the vault is asked: an account is not sent to the provider for a refused call.
+                domain.check_method_count(await self._active_methods(uow, req.creator_id), limit)
+        except ResourceExhausted as exc:
+            return await self._method_added_meanwhile(req, hash_key, exc)
         token = await provider_calls.required(
             self.provider.name,
             "tokenize",
@@ -627,6 +659,9 @@ class Payout:
         # hash and the (masked) answer, never the request.
 
         async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
+            # Counted again under the creator's lock: two adds at once cannot both take the last place.
+            await self._lock_creator_methods(uow, req.creator_id)
+            domain.check_method_count(await self._active_methods(uow, req.creator_id), limit)
             ts = now_us()
             values = {
                 "method_id": "pm_" + uuid.uuid4().hex,
@@ -643,8 +678,40 @@ class Payout:
             await uow.conn.execute(insert(payout_methods).values(**values))
             return _method_pb(_Row(values))
 
-        return await run_idempotent(
-            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work, secret=hash_key
+        try:
+            return await run_idempotent(
+                self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work, secret=hash_key
+            )
+        except ResourceExhausted as exc:
+            return await self._method_added_meanwhile(req, hash_key, exc)
+
+    async def _method_added_meanwhile(
+        self, req: payout_pb2.AddPayoutMethodRequest, hash_key: bytes, refusal: ResourceExhausted
+    ) -> payout_pb2.PayoutMethod:
+        """The answer of a call under this key whose method took the last place while this one ran
+        (a retry sent before the first call answered), else `refusal` (PAYOUT_METHOD_LIMIT)."""
+        stored = await stored_answer(
+            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
+        )
+        if stored is not None:
+            return stored
+        raise refusal
+
+    @staticmethod
+    async def _active_methods(uow: UnitOfWork, creator_id: str) -> int:
+        """How many of the creator's payout methods count against METHODS_PER_CREATOR_MAX."""
+        m = payout_methods.c
+        q = select(func.count()).where(m.creator_id == creator_id, m.verification.in_(domain.ACTIVE_VERIFICATIONS))
+        return int((await uow.conn.execute(q)).scalar_one())
+
+    async def _lock_creator_methods(self, uow: UnitOfWork, creator_id: str) -> None:
+        """Hold, until commit, the lock of the creator's payout methods (PostgreSQL; SQLite
+        serializes writers): AddPayoutMethod's count and insert are one step for each creator."""
+        if self.db.dialect != "postgresql":
+            return
+        await uow.conn.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, :key)"),
+            {"cls": METHODS_LOCK_CLASS, "key": _sender_lock_key(creator_id)},
         )
 
     def _request_hash_key(self) -> bytes:
@@ -659,17 +726,29 @@ class Payout:
         key = self.settings.payout_webhook_secret.get_secret_value().encode()
         return hmac.new(key, f"fp:{kind}:{account}".encode(), hashlib.sha256).hexdigest()
 
-    async def list_payout_methods(self, creator_id: str) -> payout_pb2.ListPayoutMethodsResponse:
-        """A creator's payout methods (masked)."""
-        require_id(creator_id, "creator_id")
+    async def list_payout_methods(
+        self, req: payout_pb2.ListPayoutMethodsRequest
+    ) -> payout_pb2.ListPayoutMethodsResponse:
+        """A creator's payout methods (masked), oldest first, keyset-paginated.
+
+        Oldest first, and 100 to a page unless page_size says otherwise, as the one answer it gave
+        before it had pages (which silently left out every method after the 100th): a caller that
+        reads no token still gets what it got before, and one that follows next_page_token gets all.
+        """
+        require_id(req.creator_id, "creator_id")
         m = payout_methods.c
-        async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (
-                await uow.conn.execute(
-                    select(payout_methods).where(m.creator_id == creator_id).order_by(m.created_at_us).limit(100)
-                )
-            ).all()
-        return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows])
+        rows, token = await _keyset_page(
+            self.db,
+            payout_methods,
+            m.creator_id == req.creator_id,
+            m.created_at_us,
+            m.method_id,
+            req.page_token,
+            req.page_size,
+            oldest_first=True,
+            default_size=METHODS_PAGE_SIZE_DEFAULT,
+        )
+        return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows], next_page_token=token)
 
     async def verify_payout_method(self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str) -> Any:
         """Record the outcome of a method's verification (operator / KYC)."""
@@ -929,7 +1008,7 @@ class Payout:
         """A creator's withdrawals, newest first, keyset-paginated."""
         require_id(req.creator_id, "creator_id")
         w = withdrawals.c
-        rows, token = await _newest_first(
+        rows, token = await _keyset_page(
             self.db,
             withdrawals,
             w.creator_id == req.creator_id,

@@ -39,6 +39,11 @@ async def test_payout_lists_refuse_a_forged_page_token_as_invalid_not_internal(c
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_PAGE_TOKEN",
     )
+    await expect_error(
+        clients.payout.ListPayoutMethods(payout_pb2.ListPayoutMethodsRequest(creator_id=creator, page_token=token)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
 
 
 @pytest.mark.parametrize("token", ["-1", "0", str(2**63), "1\x00"])

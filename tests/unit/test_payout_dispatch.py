@@ -604,14 +604,17 @@ async def test_a_payout_method_the_provider_cannot_vault_is_unavailable_and_writ
         await payout.add_payout_method(method_request("creator-a", "method-1"))
     assert refused.value.reason == "PAYOUT_PROVIDER_UNAVAILABLE"
     assert failures("tokenize", outcome) == counted + 1
-    assert not (await payout.list_payout_methods("creator-a")).methods
+    assert not (await payout.list_payout_methods(payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a"))).methods
     async with payout.db.unit_of_work(readonly=True) as uow:  # the key was not taken either
         keys = (await uow.conn.execute(select(func.count()).select_from(common.idempotency))).scalar_one()
     assert keys == 0
 
     provider.stuck.clear()  # the retry, once the provider answers, adds it
     added = await payout.add_payout_method(method_request("creator-a", "method-1"))
-    assert [m.method_id for m in (await payout.list_payout_methods("creator-a")).methods] == [added.method_id]
+    assert [
+        m.method_id
+        for m in (await payout.list_payout_methods(payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a"))).methods
+    ] == [added.method_id]
 
 
 async def test_a_retried_payout_method_is_answered_from_its_record_without_asking_the_provider(setup) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,198 @@
+"""A creator's payout methods, on each backend: ListPayoutMethods pages through all of them, and
+AddPayoutMethod stops at METHODS_PER_CREATOR_MAX methods that did not fail verification.
+
+ListPayoutMethods answered the 100 oldest and nothing else, with no way to ask for the rest, so a
+creator's newer methods were invisible to them; and nothing bounded how many a creator could add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from livegifts.payout.v1 import payout_pb2
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.payout import usecases
+from services.payout.storage import common, payout_methods
+from services.payout.usecases import Payout
+from tests.unit.test_payout_dispatch import method_request, payout_on
+
+LIMIT = 3
+
+
+@pytest.fixture
+async def payout(empty_database: str) -> AsyncIterator[Payout]:
+    async with payout_on(empty_database, pool_size=4) as (payout, _provider):
+        assert payout.settings is not None
+        payout.settings = payout.settings.model_copy(update={"methods_per_creator_max": LIMIT})
+        yield payout
+
+
+async def insert_methods(payout: Payout, creator: str, n: int, at_us: int = 1_000_000) -> list[str]:
+    """`n` methods written as a payout from before the limit could have (three to each instant,
+    so pages must also order ties); their ids, oldest first."""
+    rows = [
+        {
+            "method_id": f"pm_{i:04d}_{uuid.uuid4().hex[:6]}",
+            "creator_id": creator,
+            "kind": "PAYPAL",
+            "masked": "a•••@example.com",
+            "fingerprint": "f" * 64,
+            "provider_token": f"tok_{i}",
+            "currency_code": "USD",
+            "verification": "PENDING",
+            "created_at_us": at_us + i // 3,
+            "updated_at_us": at_us + i // 3,
+        }
+        for i in range(n)
+    ]
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(insert(payout_methods), rows)
+        await uow.commit()
+    return [r["method_id"] for r in rows]
+
+
+async def all_pages(payout: Payout, creator: str, page_size: int) -> tuple[list[str], int]:
+    """Every method id ListPayoutMethods gives, following its tokens; and how many pages it took."""
+    ids: list[str] = []
+    token, pages = "", 0
+    while True:
+        page = await payout.list_payout_methods(
+            payout_pb2.ListPayoutMethodsRequest(creator_id=creator, page_token=token, page_size=page_size)
+        )
+        pages += 1
+        ids += [m.method_id for m in page.methods]
+        token = page.next_page_token
+        if not token:
+            return ids, pages
+        assert pages < 1000, "the pages never end"
+
+
+async def test_every_method_of_a_creator_with_more_than_a_page_is_listed_once_oldest_first(payout: Payout) -> None:
+    expected = await insert_methods(payout, "creator-a", 205)
+    await insert_methods(payout, "creator-b", 2)  # another creator's are never listed
+
+    first = await payout.list_payout_methods(payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a"))
+    # A caller that sends no page_size gets the 100 oldest, as before pages, and now a token for the rest.
+    assert [m.method_id for m in first.methods] == expected[:100]
+    assert first.next_page_token
+    assert await all_pages(payout, "creator-a", 0) == (expected, 3)
+    assert await all_pages(payout, "creator-a", 7) == (expected, 30)  # ties at one instant split across pages
+    assert await all_pages(payout, "creator-a", 205) == (expected, 1)  # an exact fit gives no empty last page
+
+
+async def test_a_page_size_or_token_it_never_gave_is_refused(payout: Payout) -> None:
+    for bad in (
+        payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a", page_size=501),
+        payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a", page_size=-1),
+        payout_pb2.ListPayoutMethodsRequest(creator_id="creator-a", page_token="not a token"),
+    ):
+        with pytest.raises(InvalidArgument) as err:
+            await payout.list_payout_methods(bad)
+        assert err.value.reason in ("INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN")
+
+
+async def method_count(payout: Payout, creator: str) -> int:
+    m = payout_methods.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.count()).where(m.creator_id == creator))).scalar_one())
+
+
+async def test_a_creator_at_the_limit_is_refused_a_new_method_but_a_retry_gets_its_answer(
+    payout: Payout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert payout.provider is not None
+    added = [await payout.add_payout_method(method_request("creator-a", f"key-{i}")) for i in range(LIMIT)]
+    vaulted: list[str] = []
+    tokenize = payout.provider.tokenize
+
+    async def counting_tokenize(kind: str, account: str) -> str:
+        vaulted.append(account)
+        return await tokenize(kind, account)
+
+    monkeypatch.setattr(payout.provider, "tokenize", counting_tokenize)
+
+    with pytest.raises(ResourceExhausted) as err:
+        await payout.add_payout_method(method_request("creator-a", "key-over"))
+    assert err.value.reason == "PAYOUT_METHOD_LIMIT"
+    assert err.value.metadata == {"limit": str(LIMIT)}
+    assert vaulted == []  # the account never went to the provider
+    assert await method_count(payout, "creator-a") == LIMIT
+    async with payout.db.unit_of_work(readonly=True) as uow:  # nor was the key taken
+        k = common.idempotency.c
+        assert (await uow.conn.execute(select(func.count()).where(k.key == "key-over"))).scalar_one() == 0
+
+    # Retries of calls that took effect answer as they did, limit or not.
+    for i in range(LIMIT):
+        assert await payout.add_payout_method(method_request("creator-a", f"key-{i}")) == added[i]
+    assert await method_count(payout, "creator-a") == LIMIT
+    # Another creator is not counted against this one.
+    await payout.add_payout_method(method_request("creator-b", "key-b"))
+
+    # A method whose verification failed no longer counts: there is no removing one.
+    await payout.verify_payout_method(
+        payout_pb2.VerifyPayoutMethodRequest(method_id=added[0].method_id, verified=False, idempotency_key="v-0"),
+        "ops",
+    )
+    again = await payout.add_payout_method(method_request("creator-a", "key-over"))
+    assert again.verification == payout_pb2.VERIFICATION_STATUS_PENDING
+    assert await method_count(payout, "creator-a") == LIMIT + 1
+    with pytest.raises(ResourceExhausted):
+        await payout.add_payout_method(method_request("creator-a", "key-over-2"))
+
+
+async def test_concurrent_adds_cannot_together_pass_the_limit(payout: Payout) -> None:
+    await payout.add_payout_method(method_request("creator-a", "key-0"))
+    outcomes = await asyncio.gather(
+        *(payout.add_payout_method(method_request("creator-a", f"key-racing-{i}")) for i in range(6)),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert all(isinstance(o, ResourceExhausted) and o.reason == "PAYOUT_METHOD_LIMIT" for o in refused), refused
+    assert len(refused) == 6 - (LIMIT - 1)
+    assert await method_count(payout, "creator-a") == LIMIT
+
+
+@pytest.mark.parametrize("where", ["before the vault", "in its transaction"])
+async def test_a_retry_that_finds_the_last_place_taken_by_its_first_call_gets_that_calls_answer(
+    payout: Payout, empty_database: str, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The same call twice at once (a client's retry after its deadline): the retry looked its key
+    up before the first call committed, and counts the methods after, the first one's included.
+    It must answer with the first call's method, not PAYOUT_METHOD_LIMIT."""
+    for i in range(LIMIT - 1):
+        await payout.add_payout_method(method_request("creator-a", f"key-{i}"))
+    first: list[payout_pb2.PayoutMethod] = []
+    started: list[bool] = []
+
+    async def first_call_commits() -> None:
+        if not started:  # once, from the retry (the first call passes through)
+            started.append(True)
+            first.append(await payout.add_payout_method(method_request("creator-a", "key-last")))
+
+    if where == "before the vault":
+        looked_up = usecases.stored_answer
+
+        async def look_up_then_the_first_call_commits(*args, **kwargs):  # type: ignore[no-untyped-def]
+            answer = await looked_up(*args, **kwargs)
+            await first_call_commits()
+            return answer
+
+        monkeypatch.setattr(usecases, "stored_answer", look_up_then_the_first_call_commits)
+    else:
+        if empty_database.startswith("sqlite"):
+            pytest.skip("SQLite serializes writers: the first call cannot commit inside the retry's transaction")
+        lock = Payout._lock_creator_methods
+
+        async def the_first_call_commits_then_lock(self: Payout, uow, creator_id: str) -> None:  # type: ignore[no-untyped-def]
+            await first_call_commits()  # after the retry's own look-up of its key, in its transaction
+            await lock(self, uow, creator_id)
+
+        monkeypatch.setattr(Payout, "_lock_creator_methods", the_first_call_commits_then_lock)
+    retry = await payout.add_payout_method(method_request("creator-a", "key-last"))
+    assert first and retry == first[0]
+    assert await method_count(payout, "creator-a") == LIMIT
