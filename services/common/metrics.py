@@ -66,6 +66,13 @@ PROVIDER_EVENT_IDS_REUSED = Counter(
     "Provider callbacks refused: their event id was first recorded for another purchase or withdrawal",
 )
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
+# Payout: signed payout outcomes refused for the withdrawal's status (never submitted, or another
+# outcome already), by reason; payout creates both reasons' series at 0 when it starts.
+PAYOUT_CALLBACKS_REFUSED = Counter(
+    "livegifts_payout_callbacks_refused_total",
+    "Signed payout callbacks (or looked-up outcomes) refused for their withdrawal's status, by reason (payout)",
+    ["reason"],
+)
 CLAWBACK_SHORTFALL_OPEN = Gauge(
     "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"
 )

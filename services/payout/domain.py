@@ -194,18 +194,20 @@ class WithdrawalStatus(enum.StrEnum):
 
 
 OPEN_STATUSES = (WithdrawalStatus.PENDING_REVIEW, WithdrawalStatus.APPROVED, WithdrawalStatus.PROCESSING)
+# Never handed to the provider: the dispatcher claims a withdrawal (APPROVED -> PROCESSING, committed)
+# before it submits it, so the provider can know only withdrawals that left these.
+NOT_SUBMITTED = (WithdrawalStatus.PENDING_REVIEW, WithdrawalStatus.APPROVED)
 _TRANSITIONS = {
     WithdrawalStatus.PENDING_REVIEW: {WithdrawalStatus.APPROVED, WithdrawalStatus.REJECTED},
-    # REJECTED from APPROVED: the dispatcher claims a withdrawal (-> PROCESSING) before it is
-    # submitted, so an APPROVED one has never reached the provider.
-    WithdrawalStatus.APPROVED: {
-        WithdrawalStatus.PROCESSING,
-        WithdrawalStatus.PAID,
-        WithdrawalStatus.FAILED,
-        WithdrawalStatus.REJECTED,
-    },
+    # REJECTED from APPROVED, and no PAID or FAILED: an APPROVED withdrawal has never reached the
+    # provider (see NOT_SUBMITTED), so no outcome of it can be true. A submission whose answer is
+    # lost (payout dies after the provider took it, before storing its reference) leaves it
+    # PROCESSING with no provider_ref, and its callback applies from there.
+    WithdrawalStatus.APPROVED: {WithdrawalStatus.PROCESSING, WithdrawalStatus.REJECTED},
     WithdrawalStatus.PROCESSING: {WithdrawalStatus.PAID, WithdrawalStatus.FAILED},
 }
+# Why a signed provider outcome (callback or look-up) is refused for the withdrawal's status.
+CALLBACK_REFUSALS = ("WITHDRAWAL_NOT_SUBMITTED", "INVALID_WITHDRAWAL_TRANSITION")
 
 
 def check_transition(current: WithdrawalStatus, target: WithdrawalStatus) -> None:
@@ -214,6 +216,18 @@ def check_transition(current: WithdrawalStatus, target: WithdrawalStatus) -> Non
         raise FailedPrecondition(
             f"a {current.value} withdrawal cannot become {target.value}", "INVALID_WITHDRAWAL_TRANSITION"
         )
+
+
+def check_provider_outcome(current: WithdrawalStatus, target: WithdrawalStatus) -> None:
+    """Refuse a provider's outcome (PAID, FAILED) that the withdrawal cannot take: one never
+    submitted (WITHDRAWAL_NOT_SUBMITTED), or one that already has another outcome
+    (INVALID_WITHDRAWAL_TRANSITION: a FAILED after PAID, a payout returned by the bank, is not
+    modelled)."""
+    if current in NOT_SUBMITTED:
+        raise FailedPrecondition(
+            f"a {current.value} withdrawal was never submitted to the payout provider", "WITHDRAWAL_NOT_SUBMITTED"
+        )
+    check_transition(current, target)
 
 
 # ---- payout methods -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from services.common.loops import run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OPEN,
     CLAWBACK_SHORTFALL_SETTLED,
+    PAYOUT_CALLBACKS_REFUSED,
     WITHDRAWALS_HELD,
     WITHDRAWALS_PROCESSING,
     WITHDRAWALS_PROCESSING_OLDEST,
@@ -74,6 +75,14 @@ from services.payout.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+# Exported at 0 from the start, so that increase() sees the first refusal in a pod's life.
+for _reason in domain.CALLBACK_REFUSALS:
+    PAYOUT_CALLBACKS_REFUSED.labels(reason=_reason)
+_REFUSED_LINE = {
+    "WITHDRAWAL_NOT_SUBMITTED": "payout callback refused: the withdrawal was never submitted to the provider",
+    "INVALID_WITHDRAWAL_TRANSITION": "payout callback refused: the withdrawal already has another outcome",
+}
 
 _KIND = {
     gifting_events.GIFT_KIND_GIFT: "GIFT",
@@ -1355,6 +1364,25 @@ class Payout:
                     },
                 )
                 raise InvalidArgument("callback amount or currency differs from the withdrawal", "AMOUNT_MISMATCH")
+            try:
+                domain.check_provider_outcome(WithdrawalStatus(row.status), event.target)
+            except FailedPrecondition as exc:
+                # Refused on every retry, nothing recorded (a retry after the dispatcher submits a
+                # withdrawal not yet submitted applies). docs/sre.md "A payout callback refused
+                # for its withdrawal's status" says what the operator does.
+                PAYOUT_CALLBACKS_REFUSED.labels(reason=exc.reason).inc()
+                log.warning(
+                    _REFUSED_LINE[exc.reason],
+                    extra={
+                        "withdrawal_id": row.withdrawal_id,
+                        "provider_event_id": event.provider_event_id,
+                        "event_type": event.event_type,
+                        "status": row.status,
+                        "provider_ref": row.provider_ref,
+                        "reason": exc.reason,
+                    },
+                )
+                raise
             ts = now_us()
             await uow.conn.execute(
                 insert(payout_events).values(

@@ -28,6 +28,10 @@ COUNTERS_AT_ZERO_FROM_THE_START = {
         "tests/unit/test_consumer_loop.py",
         "test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_parked_event",
     ),
+    "livegifts_payout_callbacks_refused_total": (
+        "tests/unit/test_payout_callbacks.py",
+        "test_refused_payout_callbacks_are_exported_at_zero_from_the_start",
+    ),
     "livegifts_transaction_retries_total": (
         "tests/unit/test_wallet_spend_retries.py",
         "test_spend_retries_are_exported_at_zero_from_the_start",

@@ -1,0 +1,151 @@
+"""Signed payout callbacks a withdrawal's status cannot take: refused, nothing recorded, and said.
+
+An APPROVED withdrawal has never reached the provider (the dispatcher claims it, APPROVED ->
+PROCESSING, before it submits it), so a PAID or FAILED callback for it is not true of any transfer
+of ours: it is refused WITHDRAWAL_NOT_SUBMITTED. A submission whose answer was lost (payout died
+after the provider took it, before storing its reference) leaves the withdrawal PROCESSING, and its
+callback applies from there. A FAILED callback after PAID (a payout the bank returned) is not
+modelled: refused INVALID_WITHDRAWAL_TRANSITION, as before, but now with a warning and a count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from livegifts.payout.v1 import payout_pb2
+from services.common import signing
+from services.common.errors import FailedPrecondition
+from services.payout.providers import dev_payout_payload
+from services.payout.usecases import Payout
+from tests.unit.test_payout_dispatch import SECRET, approved_withdrawal, setup, status_of
+
+__all__ = ["setup"]  # the fixture, imported for the tests here
+
+REPO = Path(__file__).resolve().parents[2]
+LOGGER = "services.payout.usecases"
+
+
+def refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_payout_callbacks_refused_total", {"reason": reason}) or 0.0
+
+
+async def callback(
+    payout: Payout, withdrawal_id: str, event_id: str, event_type: str
+) -> payout_pb2.HandlePayoutEventResponse:
+    """Deliver a signed callback of the development provider for the withdrawal's own amount."""
+    row = await payout.get_withdrawal(withdrawal_id)
+    payload = dev_payout_payload(event_id, event_type, withdrawal_id, row.net.amount_minor, row.net.currency_code)
+    return await payout.handle_payout_event(
+        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+
+
+def refusal_line(caplog: pytest.LogCaptureFixture, text: str) -> logging.LogRecord:
+    (record,) = [r for r in caplog.records if text in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    return record
+
+
+@pytest.mark.parametrize("event_type", ["payout.paid", "payout.failed"])
+async def test_a_callback_for_a_withdrawal_never_submitted_is_refused_until_it_is(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture, event_type: str
+) -> None:
+    payout, provider, _path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    before = await payout.get_earnings("creator-a")
+    counted = refused("WITHDRAWAL_NOT_SUBMITTED")
+
+    for attempt in range(2):  # the provider's retries: each refused, each said
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            with pytest.raises(FailedPrecondition) as err:
+                await callback(payout, withdrawal_id, "evt-early", event_type)
+        assert err.value.reason == "WITHDRAWAL_NOT_SUBMITTED"
+        record = refusal_line(caplog, "never submitted to the provider")
+        assert (record.withdrawal_id, record.provider_event_id) == (withdrawal_id, "evt-early")  # type: ignore[attr-defined]
+        assert record.status == "APPROVED"  # type: ignore[attr-defined]
+        assert refused("WITHDRAWAL_NOT_SUBMITTED") == counted + attempt + 1
+    assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+    assert await payout.get_earnings("creator-a") == before  # no diamond moved
+
+    # Nothing was recorded under the event id: once the dispatcher has submitted the withdrawal,
+    # the provider's next retry of the same event applies.
+    assert await payout.dispatch_once() == 1 and provider.submitted == [withdrawal_id]
+    done = await callback(payout, withdrawal_id, "evt-early", event_type)
+    assert not done.duplicate
+    target = payout_pb2.WITHDRAWAL_STATUS_PAID if event_type == "payout.paid" else payout_pb2.WITHDRAWAL_STATUS_FAILED
+    assert done.withdrawal.status == target
+
+
+async def test_a_callback_for_a_withdrawal_whose_reference_was_never_stored_applies(setup) -> None:  # type: ignore[no-untyped-def]
+    """The fault "payout dies after the provider took a withdrawal, before storing its reference":
+    the provider has the transfer and may call back before any resubmission, while the withdrawal
+    is PROCESSING with no provider_ref. That ordering is why PROCESSING (not APPROVED) takes it."""
+    payout, provider, _path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+
+    def answer_lost() -> None:  # the provider takes the transfer; its answer never comes back
+        raise ConnectionResetError("connection lost after the provider took the transfer")
+
+    provider.on_submit.append(answer_lost)
+    assert await payout.dispatch_once() == 0
+    row = await payout.get_withdrawal(withdrawal_id)
+    assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, "")
+    done = await callback(payout, withdrawal_id, "evt-taken", "payout.paid")
+    assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID and not done.duplicate
+    assert (await payout.get_earnings("creator-a")).diamonds_withdrawn == 20_000
+
+
+async def test_a_failure_reported_after_a_withdrawal_was_paid_is_refused_logged_and_counted(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    payout, _provider, _path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    assert await payout.dispatch_once() == 1
+    paid = await callback(payout, withdrawal_id, "evt-paid", "payout.paid")
+    assert paid.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    before = await payout.get_earnings("creator-a")
+    counted = refused("INVALID_WITHDRAWAL_TRANSITION")
+
+    for attempt in range(2):  # the bank returned the payout: the provider retries its FAILED event
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            with pytest.raises(FailedPrecondition) as err:
+                await callback(payout, withdrawal_id, "evt-returned", "payout.failed")
+        assert err.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
+        record = refusal_line(caplog, "already has another outcome")
+        assert (record.withdrawal_id, record.provider_event_id) == (withdrawal_id, "evt-returned")  # type: ignore[attr-defined]
+        assert (record.status, record.event_type) == ("PAID", "payout.failed")  # type: ignore[attr-defined]
+        assert record.provider_ref == paid.withdrawal.provider_ref  # type: ignore[attr-defined]
+        assert refused("INVALID_WITHDRAWAL_TRANSITION") == counted + attempt + 1
+    # Returned payouts are not modelled: the withdrawal stays PAID, its diamonds withdrawn.
+    assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert await payout.get_earnings("creator-a") == before
+    # The PAID event again is still a duplicate, neither logged nor counted as refused.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert (await callback(payout, withdrawal_id, "evt-paid", "payout.paid")).duplicate
+    assert not [r for r in caplog.records if "payout callback refused" in r.getMessage()]
+    assert refused("INVALID_WITHDRAWAL_TRANSITION") == counted + 2
+
+
+def test_refused_payout_callbacks_are_exported_at_zero_from_the_start() -> None:
+    # A series that first appears at 1 shows no increase() in Prometheus, so the alert would miss
+    # the first refusal in a pod's life. A fresh process: in this one other tests have made them.
+    code = """
+from prometheus_client import REGISTRY
+import services.payout.usecases
+for reason in ("WITHDRAWAL_NOT_SUBMITTED", "INVALID_WITHDRAWAL_TRANSITION"):
+    value = REGISTRY.get_sample_value("livegifts_payout_callbacks_refused_total", {"reason": reason})
+    assert value == 0.0, (reason, value)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "gen")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
