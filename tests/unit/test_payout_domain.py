@@ -141,3 +141,20 @@ def test_a_bank_account_in_anything_but_ascii_digits_is_an_invalid_payout_method
     with pytest.raises(InvalidArgument) as exc:
         domain.normalize_bank(iban, account, routing, "A Creator")
     assert exc.value.reason == "INVALID_PAYOUT_METHOD"
+
+
+@pytest.mark.parametrize("target", [domain.WithdrawalStatus.PAID, domain.WithdrawalStatus.FAILED])
+def test_only_a_claimed_withdrawal_takes_a_providers_outcome(target: domain.WithdrawalStatus) -> None:
+    S = domain.WithdrawalStatus
+    for never_submitted in (S.PENDING_REVIEW, S.APPROVED):
+        with pytest.raises(FailedPrecondition) as err:
+            domain.check_provider_outcome(never_submitted, target)
+        assert err.value.reason == "WITHDRAWAL_NOT_SUBMITTED"
+        with pytest.raises(FailedPrecondition):  # nor may anything else move it there
+            domain.check_transition(never_submitted, target)
+    domain.check_provider_outcome(S.PROCESSING, target)  # claimed, with or without its provider_ref
+    for settled in (S.PAID, S.FAILED, S.REJECTED):
+        if settled is not target:
+            with pytest.raises(FailedPrecondition) as err:
+                domain.check_provider_outcome(settled, target)
+            assert err.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
