@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -204,21 +205,42 @@ def fold(events: list[SentCoins]) -> BatchTotals:
 
 
 class ComboTracker:
-    """Counts a sender's streak of one gift: the streak ends after a gap or another gift."""
+    """Counts a sender's streak of one gift: the streak ends after a gap or another gift.
 
-    STREAKS_MAX = 10_000  # bounded memory per feed
+    One per feed, for as long as the feed lasts (an overlay watches a stream for its whole
+    length, days for a 24/7 stream). It keeps only the streaks that can still go on: a sender's
+    entry is dropped once their last gift is more than the window old, so it holds the senders
+    of the last `window_us`, at most STREAKS_MAX. It kept every sender it had seen up to
+    STREAKS_MAX (~2 MB), a feed's memory growing with its age to that much, times every feed
+    of the replica (WATCHERS_MAX).
+    """
+
+    STREAKS_MAX = 10_000  # senders one feed tracks at once; beyond it the least recent streak is dropped
 
     def __init__(self, window_us: int) -> None:
         self.window_us = window_us
-        self._last: dict[str, tuple[str, int, int]] = {}  # sender -> (gift_id, last_at_us, count)
+        # sender -> (gift_id, last_at_us, count), least recent gift first (moved to the end on each)
+        self._last: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Streaks tracked now."""
+        return len(self._last)
 
     def add(self, sender_id: str, gift_id: str, quantity: int, at_us: int) -> int:
         """Record a gift and return the streak's quantity so far, this gift included."""
-        prev = self._last.get(sender_id)
+        last = self._last
+        prev = last.get(sender_id)
         count = quantity
         if prev is not None and prev[0] == gift_id and 0 <= at_us - prev[1] <= self.window_us:
             count += prev[2]
-        if sender_id not in self._last and len(self._last) >= self.STREAKS_MAX:
-            self._last.pop(next(iter(self._last)))
-        self._last[sender_id] = (gift_id, at_us, count)
+        last[sender_id] = (gift_id, at_us, count)
+        last.move_to_end(sender_id)
+        # Streaks whose last gift is older than the window cannot go on. Feed order is sent order,
+        # near enough time order that the front holds them; one out of order waits for the next.
+        horizon = at_us - self.window_us
+        while len(last) > 1:
+            oldest = next(iter(last))
+            if last[oldest][1] >= horizon and len(last) <= self.STREAKS_MAX:
+                break
+            del last[oldest]
         return count

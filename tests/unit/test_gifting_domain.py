@@ -117,6 +117,46 @@ def test_a_combo_streak_counts_one_senders_same_gift_until_a_gap_or_another_gift
     assert combos.add("a", "panda", 1, 101) == 1  # another gift too
 
 
+def test_a_feeds_combo_tracker_holds_the_senders_of_the_last_window_not_every_sender_it_saw() -> None:
+    # A feed lasts as long as its stream (days, for an overlay): each new sender used to stay
+    # until STREAKS_MAX of them, whatever their streak's age.
+    combos = domain.ComboTracker(window_us=10)
+    largest = 0
+    for i in range(3 * domain.ComboTracker.STREAKS_MAX):  # a new sender every 3 µs
+        assert combos.add(f"viewer-{i}", "rose", 1, 3 * i) == 1
+        largest = max(largest, len(combos))
+    assert largest <= 10 // 3 + 1  # those whose last gift is within the window, this one included
+    combos.add("a", "rose", 1, 100_000)
+    combos.add("b", "rose", 1, 100_005)
+    assert combos.add("a", "rose", 1, 100_010) == 2  # a live streak survives the others' pruning
+
+
+def test_a_combo_tracker_drops_the_least_recent_streak_beyond_its_maximum() -> None:
+    combos = domain.ComboTracker(window_us=1_000_000)
+    n = domain.ComboTracker.STREAKS_MAX
+    combos.add("first", "rose", 1, 0)
+    combos.add("second", "rose", 1, 0)
+    combos.add("first", "rose", 1, 1)  # now more recent than "second"
+    for i in range(n - 1):
+        combos.add(f"viewer-{i}", "rose", 1, 2)
+    assert len(combos) == n
+    assert combos.add("first", "rose", 1, 3) == 3  # kept: "second" went first
+    assert combos.add("second", "rose", 1, 3) == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["rose", "panda"]), st.integers(1, 5)), max_size=60))
+def test_pruning_streaks_changes_no_combo_count(gifts: list[tuple[str, str, int]]) -> None:
+    window = 10
+    combos = domain.ComboTracker(window_us=window)
+    kept: dict[str, tuple[str, int, int]] = {}  # every sender's last gift, never pruned
+    for i, (sender, gift, quantity) in enumerate(gifts):
+        at = 4 * i
+        prev = kept.get(sender)
+        want = quantity + (prev[2] if prev and prev[0] == gift and at - prev[1] <= window else 0)
+        kept[sender] = (gift, at, want)
+        assert combos.add(sender, gift, quantity, at) == want
+
+
 def test_a_stats_window_defaults_to_seven_days_and_is_at_most_a_quarter() -> None:
     assert domain.stats_window_us(None, None, 100 * DAY) == (93 * DAY, 100 * DAY)
     assert domain.stats_window_us(5, 10, 0) == (5, 10)
