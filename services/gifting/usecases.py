@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 RESTRICTIONS_MANY_IDS_MAX = 500  # users of one wallet.GetAccountRestrictionsMany call (the wallet's limit)
 WALLET_SPEND_MANY_MAX = 200  # spends of one wallet.SpendMany call (the wallet takes up to 500)
 STREAMS_CACHED_MAX = 100_000  # stream -> creator pairs gifting remembers (cleared when full)
-ELIGIBILITY_CACHE_ENTRIES_MAX = 100_000  # users whose restrictions gifting remembers (cleared when full)
+ELIGIBILITY_CACHE_ENTRIES_MAX = 100_000  # users whose restrictions gifting remembers at once (least recent dropped)
 ELIGIBILITY_REFRESH_AT = 0.75  # a cached answer is asked again in the background after this share of its life
 _KIND_PB = {
     GiftKind.GIFT: events_pb2.GIFT_KIND_GIFT,
@@ -191,8 +192,8 @@ class Gifting:
         )
         self._gifts_by_id = select(gift_events).where(one_of_param(d, gift_events.c.event_id, "ids"))
         self._insert_unlocks = bulk_insert(d, content_unlocks, ["content_id", "user_id", "event_id", "created_at_us"])
-        # user id -> (expires at, refresh from, answer), monotonic seconds
-        self._eligibility_cache: dict[str, tuple[float, float, Any]] = {}
+        # user id -> (expires at, refresh from, answer), monotonic seconds; the oldest answer first
+        self._eligibility_cache: OrderedDict[str, tuple[float, float, Any]] = OrderedDict()
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
@@ -823,10 +824,19 @@ class Gifting:
         if answer is None or ttl <= 0 or not answer.may_spend or answer.blocked:
             self._eligibility_cache.pop(user_id, None)
             return
-        if len(self._eligibility_cache) >= ELIGIBILITY_CACHE_ENTRIES_MAX:
-            self._eligibility_cache.clear()
+        cache = self._eligibility_cache
         now = time.monotonic()
-        self._eligibility_cache[user_id] = (now + ttl, now + ttl * ELIGIBILITY_REFRESH_AT, answer)
+        cache[user_id] = (now + ttl, now + ttl * ELIGIBILITY_REFRESH_AT, answer)
+        cache.move_to_end(user_id)
+        # Expired answers are never used again. All live as long and the newest is at the end, so
+        # they are at the front: dropped here, the cache holds the users of the last ttl. It kept
+        # them until ELIGIBILITY_CACHE_ENTRIES_MAX users had come, then forgot everyone at once,
+        # and every user still gifting was asked again in the same moment.
+        while len(cache) > 1:
+            oldest = next(iter(cache))
+            if cache[oldest][0] > now and len(cache) <= ELIGIBILITY_CACHE_ENTRIES_MAX:
+                break
+            del cache[oldest]
 
     async def _spend_many(self, gifts_: list[dict[str, Any]]) -> list[int | None | DomainError]:
         """Step 2 for many gifts: wallet.SpendMany, each keyed by its gift id; a balance or the item's error.

@@ -190,6 +190,45 @@ async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the
         await db.dispose()
 
 
+async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_user_since_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pod runs for weeks and meets millions of users: the answers that expired used to stay
+    # until ELIGIBILITY_CACHE_ENTRIES_MAX users had come, and then every answer went at once.
+    wallet = RestrictionsWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    clock = [1000.0]
+    monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+    ttl = g.settings.eligibility_cache_s
+    try:
+        for batch in range(50):
+            users = {f"v{batch}-{i}" for i in range(100)}
+            assert all(a.may_spend for a in (await g._restrictions(users)).values())
+            assert len(g._eligibility_cache) <= len(users)  # this batch's; the earlier ones expired
+            clock[0] += ttl / 4
+            assert set(await g._restrictions(users)) == users  # still remembered: no call
+            assert len(wallet.many_calls) == batch + 1
+            clock[0] += ttl  # every answer so far expired
+    finally:
+        await db.dispose()
+
+
+async def test_a_full_eligibility_cache_forgets_its_oldest_answer_not_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wallet = RestrictionsWallet()
+    g, db = await _gifting(tmp_path, wallet)
+    monkeypatch.setattr("services.gifting.usecases.ELIGIBILITY_CACHE_ENTRIES_MAX", 50)
+    try:
+        for i in range(120):
+            await g._restrictions({f"v{i}"})
+        assert list(g._eligibility_cache) == [f"v{i}" for i in range(70, 120)]
+        await g._restrictions({f"v{i}" for i in range(70, 120)})
+        assert len(wallet.many_calls) == 120  # the 50 most recent answered from the cache
+    finally:
+        await db.dispose()
+
+
 async def test_a_batch_asks_the_wallet_about_all_the_users_it_does_not_know_in_one_call(tmp_path: Path) -> None:
     wallet = RestrictionsWallet()
     wallet.blocked.add("v3")
