@@ -77,6 +77,26 @@ def _drop_closed_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -
         raise exc.DisconnectionError("connection was closed by the server while pooled")
 
 
+READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a write on a standby or a read-only database
+
+
+def _drop_read_only(ctx: Any) -> None:
+    """Treat a write PostgreSQL refused as read-only (25006) as a disconnect.
+
+    After a failover the pool still holds connections to the old primary, now a standby: each
+    of them refuses every write for as long as it lives, and nothing else ever closes it (it
+    answers reads, and asyncpg sees no EOF). Marked a disconnect, the connection that said it is
+    invalidated, and with it the pool's other connections of that time (recycled at their next
+    checkout): the caller's retry connects again, to the new primary (or the same database,
+    once it is writable), with no restart. A database still read-only refuses the new
+    connection's write too, and its connections are replaced again: one connect per refused
+    call, not a spin (every refusal is an answer, UNAVAILABLE STORAGE_READ_ONLY).
+    """
+    orig = ctx.original_exception
+    if str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "") == READ_ONLY_SQLSTATE:
+        ctx.is_disconnect = True
+
+
 def create_engine(
     url: str, *, pool_size: int, pool_timeout_s: float, application_name: str, statement_timeout_s: float | None = None
 ) -> AsyncEngine:
@@ -116,6 +136,7 @@ def create_engine(
         },
     )
     event.listen(engine.sync_engine.pool, "checkout", _drop_closed_on_checkout)
+    event.listen(engine.sync_engine, "handle_error", _drop_read_only)
     return engine
 
 

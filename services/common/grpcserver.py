@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import exc as sa_exc
 
+from services.common.db import READ_ONLY_SQLSTATE
 from services.common.errors import DomainError, InvalidArgument, status_for
 from services.common.metrics import RPC_SECONDS
 from services.common.telemetry import (
@@ -73,11 +74,13 @@ def is_unavailable(exc: BaseException) -> bool:
         return False
     # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover), or
     # one PostgreSQL refused: the connection classes of SQLSTATE (08), a rotated or wrong role or
-    # password (28), too many connections (53), a server shutting down or starting (57P).
+    # password (28), too many connections (53), a server shutting down or starting (57P), a
+    # write on a read-only server (25006: after a failover, a pooled connection to the old
+    # primary, now a standby; db.py drops that connection, so the retry goes to the new one).
     return bool(exc.connection_invalidated) or sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES)
 
 
-_UNAVAILABLE_SQLSTATES = ("08", "28", "53", "57P")
+_UNAVAILABLE_SQLSTATES = ("08", "28", "53", "57P", READ_ONLY_SQLSTATE)
 
 
 def sqlstate(exc: BaseException) -> str:
@@ -94,7 +97,9 @@ def _sqlite_error(exc: BaseException) -> str:
 # caller's answer (still UNAVAILABLE: the same call succeeds once an operator makes room) and the
 # log name it, since a full disk needs someone to act and an outage of a moment does not.
 STORAGE_FULL = "STORAGE_FULL"  # SQLite's SQLITE_FULL (disk or file size limit), PostgreSQL's 53100 disk_full
-STORAGE_READ_ONLY = "STORAGE_READ_ONLY"  # SQLite's SQLITE_READONLY*: the file or its folder is read-only
+# SQLite's SQLITE_READONLY* (the file or its folder is read-only), PostgreSQL's 25006 (a standby:
+# the connection reached the old primary after a failover, or the database was made read-only)
+STORAGE_READ_ONLY = "STORAGE_READ_ONLY"
 
 
 def storage_refusal(exc: BaseException) -> str | None:
@@ -102,7 +107,7 @@ def storage_refusal(exc: BaseException) -> str | None:
     name = _sqlite_error(exc)
     if name == "SQLITE_FULL" or sqlstate(exc) == "53100":
         return STORAGE_FULL
-    if name.startswith("SQLITE_READONLY"):
+    if name.startswith("SQLITE_READONLY") or sqlstate(exc) == READ_ONLY_SQLSTATE:
         return STORAGE_READ_ONLY
     return None
 

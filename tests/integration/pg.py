@@ -59,6 +59,11 @@ def admin_url_or_skip() -> str:
     return url
 
 
+def run_sql(admin_url: str, sql: str) -> None:
+    """Run one statement as the admin (e.g. ALTER DATABASE)."""
+    _run(_execute(admin_url, sql))
+
+
 def create_database(admin_url: str, name: str, options: str = "") -> None:
     """CREATE DATABASE name, with `options` (e.g. its locale) if any."""
     _run(_execute(admin_url, f'CREATE DATABASE "{name}" {options}'.rstrip()))

@@ -7,13 +7,18 @@ on a disk with no space left, without root. A read-only file is `PRAGMA query_on
 run as root, which a chmod does not stop). The caller gets UNAVAILABLE with a stable reason,
 never UNKNOWN or INTERNAL; the call wrote nothing, and its retry under the same key once space
 is back takes effect once: no coin lost or counted twice.
+
+On PostgreSQL, a failover: pooled connections to the old primary (now a standby) refuse writes
+with 25006; the caller gets UNAVAILABLE STORAGE_READ_ONLY, those connections are dropped, and the
+retry (on the new primary) takes effect once, without a restart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.wallet.__main__ import SPEC
 from services.wallet.config import WalletSettings
+from tests.integration import pg
 from tests.integration.helpers import buy_coins, expect_error, signed_callback, uid
 
 SECRET = "storage-full-test-webhook-secret"
@@ -87,8 +93,8 @@ class _Wallet:
 
 
 @contextlib.asynccontextmanager
-async def _wallet(tmp_path: Path) -> AsyncIterator[_Wallet]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
+async def _wallet(tmp_path: Path, url: str | None = None) -> AsyncIterator[_Wallet]:
+    url = url or f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
     await upgrade_head(SPEC.migrations_dir, url)
     settings = WalletSettings(
         database_url=url,
@@ -181,3 +187,52 @@ async def test_a_read_only_database_answers_unavailable_and_writes_resume_when_i
     audit = await wallet.audit()
     assert (audit.coins_issued, audit.coins_spent, audit.spends) == (1400, 1, 1)
     assert audit.ledger_sum == 0 and audit.unbalanced_entries == 0 and audit.postings_mismatch == 0
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[tuple[str, str]]:
+    """A database of its own on the test PostgreSQL: (admin URL, its name); dropped after."""
+    admin = pg.admin_url_or_skip()
+    name = f"lg_readonly_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    try:
+        yield admin, name
+    finally:
+        pg.drop_database(admin, name)
+
+
+async def test_after_a_failover_a_write_on_the_old_primary_answers_unavailable_and_the_retry_succeeds_once(
+    tmp_path: Path, postgres_database: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failover, made with one server: `default_transaction_read_only` on the database makes
+    # every connection opened meanwhile a "connection to a standby" (it refuses writes with
+    # 25006 for as long as it lives, whatever the database says later), and turning it off
+    # makes the database the "new primary" for connections opened after.
+    admin, name = postgres_database
+
+    def read_only(on: bool) -> None:
+        pg.run_sql(admin, f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
+
+    async with _wallet(tmp_path, pg.database_url(admin, name)) as wallet:
+        user = uid("user")
+        await buy_coins(wallet.stub, SECRET, user)  # 700 coins
+        read_only(True)
+        await wallet.db.engine.dispose()  # the pool's connections from now on reach the "standby"
+        key = uid("spend")
+        with caplog.at_level(logging.WARNING, logger="services.common.grpcserver"):
+            await expect_error(wallet.spend(user, key), grpc.StatusCode.UNAVAILABLE, "STORAGE_READ_ONLY")
+        line = next(r for r in caplog.records if r.message == "dependency unavailable")
+        assert "25006" in line.error and line.reason == "STORAGE_READ_ONLY", "the log names the SQLSTATE"
+        assert await wallet.coins(user) == 700, "reads go on, and the refused spend took nothing"
+
+        # The pool holds connections to the "old primary" (the read above opened one) when the
+        # "new primary" takes writes: the first write on such a connection is refused, and that
+        # connection is dropped with the others of its time, so the retry succeeds, no restart.
+        read_only(False)
+        await expect_error(wallet.spend(user, key), grpc.StatusCode.UNAVAILABLE, "STORAGE_READ_ONLY")
+        await wallet.spend(user, key)  # the same key: takes effect now, once
+        await wallet.spend(user, key)  # and its retry is the stored answer
+        assert await wallet.coins(user) == 699
+        audit = await wallet.audit()
+        assert (audit.coins_issued, audit.coins_spent, audit.spends) == (700, 1, 1)
+        assert audit.ledger_sum == 0 and audit.unbalanced_entries == 0 and audit.postings_mismatch == 0
