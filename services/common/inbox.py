@@ -6,6 +6,9 @@ only after the commit are the messages acked. A crash before the ack redelivers 
 and the inbox makes it a no-op. A batch that fails is retried one message at a time so one
 bad event cannot hold up the rest; an event that keeps failing or cannot be decoded is
 parked in the dead_letters table for an operator and terminated, never silently dropped.
+A failure that is not the event's (the database down or refusing writes, a conflict to retry)
+never counts towards parking: the event is nak'ed with the capped backoff for as long as that
+lasts, and applied once the database is back, with no operator's replay.
 
 Inbox rows are kept `INBOX_RETENTION_DAYS` (45 by default), longer than JetStream keeps an
 event (30 days), so any redelivery or replay the streams can make still finds its row; the
@@ -21,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -36,7 +41,7 @@ from services.common.bus import Bus, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check
-from services.common.grpcserver import is_retryable
+from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
 from services.common.pruning import AgePruner
@@ -54,6 +59,21 @@ E = TypeVar("E", bound=Message)
 # Links a batch's `process` span carries, one per message: a bound, so a batch of thousands
 # (CONSUMER_BATCH_SIZE_MAX allows 10,000) does not make a span of that size; the rest are counted.
 BATCH_LINKS_MAX = 128
+
+# At most one "event not applied, the database is unavailable" line per consumer this often: an
+# outage fails every pending event (up to max_ack_pending) every backoff, which logged a line
+# per event per retry. The line counts the retries it stands for.
+OUTAGE_LOG_INTERVAL_S = 30.0
+
+
+def _not_the_events_fault(exc: BaseException) -> bool:
+    """Whether a failure says nothing about the event: the database (or another dependency) is
+    down or refuses writes (is_unavailable: refused connections, 08/53/57P, a full or read-only
+    store), or a conflict to retry (serialization failure, deadlock). Such a failure does not
+    count towards CONSUMER_MAX_DELIVER: parking on it put healthy events in dead_letters during
+    an outage of a few minutes. A domain error (whatever its code), a constraint violation or a
+    bug counts."""
+    return not isinstance(exc, DomainError) and is_retryable(exc)
 
 
 class ReplayFailed(Exception):
@@ -114,6 +134,16 @@ class Consumer(Generic[E]):
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
         self.linger_s = settings.consumer_linger_s
+        # Stream sequence -> deliveries of that event that failed for no fault of its own (see
+        # `_not_the_events_fault`): JetStream's num_delivered counts every delivery, so the
+        # event's own failures are num_delivered less these. Entries go when the event is acked
+        # or parked; bounded (oldest dropped first), and kept per process: a replica that did not
+        # see an event's outage deliveries counts them as failures, so it parks earlier, never
+        # on an outage failure itself.
+        self._not_counted: OrderedDict[int, int] = OrderedDict()
+        self._not_counted_max = self.batch_size_max * 16
+        self._outage_logged_at = float("-inf")
+        self._outage_retries = 0
         inbox = tables.inbox
         # Built once (one cache key), one statement text for any count; the ids it returns are
         # the batch's new events.
@@ -206,12 +236,21 @@ class Consumer(Generic[E]):
             if len(decoded) == 1:
                 await self._failed(decoded[0], exc)
                 return
-            log.warning("batch failed, retrying one by one", extra={"consumer": self.sub.durable, "error": repr(exc)})
-            for item in decoded:
+            if not is_unavailable(exc):
+                log.warning(
+                    "batch failed, retrying one by one", extra={"consumer": self.sub.durable, "error": repr(exc)}
+                )
+            for i, item in enumerate(decoded):
                 try:
                     await self._apply([item])
                 except Exception as one_exc:  # noqa: BLE001
                     await self._failed(item, one_exc)
+                    if is_unavailable(one_exc):
+                        # The database is down or refuses writes: the rest would fail alike (each
+                        # after its own connect timeout, when the primary is gone without a word).
+                        for rest in decoded[i + 1 :]:
+                            await self._failed(rest, one_exc)
+                        return
 
     async def _apply(self, items: list[tuple[Msg, E]]) -> None:
         span = self._batch_span(items)
@@ -226,6 +265,9 @@ class Consumer(Generic[E]):
             faults.point("consumer.after_commit_before_ack")
             for msg, _ in items:
                 await msg.ack()
+            if self._not_counted:
+                for msg, _ in items:
+                    self._forget(msg)
             CONSUMED.labels(self.sub.durable, "applied").inc(len(fresh))
             CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
         finally:
@@ -339,21 +381,76 @@ class Consumer(Generic[E]):
         CONSUMED.labels(self.sub.durable, "replayed" if fresh else "duplicate").inc()
         return parked, bool(fresh)
 
+    @staticmethod
+    def _sequence(msg: Msg) -> int | None:
+        return msg.metadata.sequence.stream if msg.metadata else None
+
+    def _forget(self, msg: Msg) -> None:
+        seq = self._sequence(msg)
+        if seq is not None:
+            self._not_counted.pop(seq, None)
+
+    def _not_its_fault(self, msg: Msg) -> None:
+        """Count a delivery that failed for no fault of the event's."""
+        seq = self._sequence(msg)
+        if seq is None:
+            return
+        self._not_counted[seq] = self._not_counted.get(seq, 0) + 1
+        self._not_counted.move_to_end(seq)
+        while len(self._not_counted) > self._not_counted_max:
+            self._not_counted.popitem(last=False)
+
+    def _log_outage(self, msg: Msg, event: E, exc: Exception, delay_s: float) -> None:
+        """One line per OUTAGE_LOG_INTERVAL_S for the events nak'ed because the database failed."""
+        self._outage_retries += 1
+        now = time.monotonic()
+        if now - self._outage_logged_at < OUTAGE_LOG_INTERVAL_S:
+            return
+        with _in_trace_of(msg):
+            log.warning(
+                "event not applied, the database is unavailable; will be redelivered, not parked",
+                extra={
+                    "consumer": self.sub.durable,
+                    "event_id": event.event_id,  # type: ignore[attr-defined]
+                    "error": repr(exc),
+                    "retries": self._outage_retries,  # since the previous such line
+                    "retry_in_s": delay_s,
+                },
+            )
+        self._outage_logged_at = now
+        self._outage_retries = 0
+
     async def _failed(self, item: tuple[Msg, E], exc: Exception) -> None:
         msg, event = item
         delivered = msg.metadata.num_delivered if msg.metadata else 1
-        if delivered >= self.max_deliver:
+        delay_s = min(0.1 * 2**delivered, 10.0)
+        if _not_the_events_fault(exc):
+            self._not_its_fault(msg)
+            CONSUMED.labels(self.sub.durable, "retry").inc()
+            if is_unavailable(exc):
+                self._log_outage(msg, event, exc, delay_s)
+            else:  # a conflict (deadlock, serialization failure): rare, each one logged
+                self._log_retry(msg, event, exc)
+            await msg.nak(delay=delay_s)
+            return
+        seq = self._sequence(msg)
+        failures = delivered - (self._not_counted.get(seq, 0) if seq is not None else 0)
+        if failures >= self.max_deliver:
             event_id = event.event_id  # type: ignore[attr-defined]
-            shown = f"failed {delivered} times: {_shown(exc)}; the service log has the whole error"
+            shown = f"failed {failures} times: {_shown(exc)}; the service log has the whole error"
             await self._park(msg, event_id, shown, _whole(exc))
+            self._forget(msg)
             return
         CONSUMED.labels(self.sub.durable, "retry").inc()
+        self._log_retry(msg, event, exc)
+        await msg.nak(delay=delay_s)
+
+    def _log_retry(self, msg: Msg, event: E, exc: Exception) -> None:
         with _in_trace_of(msg):
             log.warning(
                 "event failed, will be redelivered",
                 extra={"consumer": self.sub.durable, "event_id": event.event_id, "error": repr(exc)},  # type: ignore[attr-defined]
             )
-        await msg.nak(delay=min(0.1 * 2**delivered, 10.0))
 
     async def _park(self, msg: Msg, event_id: str | None, error: str, detail: str = "") -> None:
         """Park an event: `error` is stored and shown by ListDeadLetters (no internals), `detail`

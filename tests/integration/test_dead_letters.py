@@ -441,3 +441,65 @@ def test_the_cli_lists_and_replays_parked_events_of_the_running_suite(deployment
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout, missing.stdout + missing.stderr
     refused = _cli("list", "--service", "gifting", *addrs, "--operator-token=wrong")
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout, refused.stdout + refused.stderr
+
+
+async def test_events_the_database_refuses_for_longer_than_max_deliver_are_not_parked_and_apply_once_after(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database refuses the handler's writes (read-only: SQLite's SQLITE_READONLY from
+    # query_only, PostgreSQL's 25006) for many more deliveries than CONSUMER_MAX_DELIVER (2 here),
+    # while the small dead-letter insert would fit (as on a disk with a little room left, or a
+    # database back between the failure and the park). An outage is not a poison message: nothing
+    # may be parked, and every event applies once when the database takes writes again. A real
+    # failure after the outage still parks, after max_deliver failures of its own.
+    down = [True]
+
+    async def refuse(uow: UnitOfWork) -> None:
+        if not down[0]:
+            return
+        if uow.conn.dialect.name == "postgresql":
+            refused = "DO $$ BEGIN RAISE EXCEPTION 'read-only' USING ERRCODE = 'read_only_sql_transaction'; END $$"
+            await uow.conn.execute(text(refused))
+        else:
+            await uow.conn.exec_driver_sql("PRAGMA query_only=ON")
+            try:
+                await uow.conn.execute(text("INSERT INTO applied (event_id) VALUES ('refused')"))
+            finally:
+                await uow.conn.exec_driver_sql("PRAGMA query_only=OFF")
+        pytest.fail("the database took the write")
+
+    deliveries: dict[str, int] = {}
+    failed = Consumer._failed
+
+    async def counting(self: Consumer[Any], item: Any, exc: Exception) -> None:
+        msg, event = item
+        deliveries[event.event_id] = max(deliveries.get(event.event_id, 0), msg.metadata.num_delivered)
+        await failed(self, item, exc)
+
+    monkeypatch.setattr(Consumer, "_failed", counting)
+    *ids, bad = await rig.h.add_events(4)
+    for event_id in (*ids, bad):
+        rig.effects[event_id] = refuse
+    with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+        async with _running(rig.consumer.run):
+            await rig.h.relay.relay_once()
+            over = 2 * 2 + 1  # well past max_deliver
+            await eventually(
+                lambda: asyncio.sleep(0, len(deliveries) == 4 and min(deliveries.values()) >= over), bool, 30
+            )
+            assert await rig.count("SELECT count(*) FROM dead_letters") == 0, "an outage parked events"
+            assert min(deliveries.values()) >= over, deliveries
+            assert await rig.count("SELECT count(*) FROM applied") == 0
+            lines = [r.message for r in caplog.records]
+            assert lines.count("event failed, will be redelivered") == 0, "a line per event per retry"
+            outage = [r for r in caplog.records if r.message.startswith("event not applied, the database")]
+            assert 1 <= len(outage) <= 2, f"{len(outage)} outage lines: at most one per 30 s"
+
+            rig.poison.add(bad)  # a real failure now: parks after max_deliver failures of its own
+            down[0] = False
+            await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 3, 30)
+            await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 30)
+    assert [await rig.applied(i) for i in ids] == [1, 1, 1]
+    (parked,) = (await rig.parked()).dead_letters
+    assert parked.event_id == bad and "failed 2 times" in parked.error, parked.error
+    assert await rig.count(f"SELECT count(*) FROM inbox WHERE consumer = '{DURABLE}'") == 3
