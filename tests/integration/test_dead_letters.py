@@ -18,6 +18,7 @@ import json
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.outbox import new_event_id
 from services.common.telemetry import JsonFormatter
 from services.common.timeutil import US_PER_DAY, now_us
+from tests.integration import pg
 from tests.integration.helpers import eventually, expect_error
 from tests.integration.test_outbox_relay import _Harness, _harnesses, _running
 
@@ -503,3 +505,50 @@ async def test_events_the_database_refuses_for_longer_than_max_deliver_are_not_p
     (parked,) = (await rig.parked()).dead_letters
     assert parked.event_id == bad and "failed 2 times" in parked.error, parked.error
     assert await rig.count(f"SELECT count(*) FROM inbox WHERE consumer = '{DURABLE}'") == 3
+
+
+async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary_and_apply_each_event_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL only, with its real read-only switch: connections opened while the database is
+    # `default_transaction_read_only` stand for connections to a standby (each refuses writes
+    # with 25006 for as long as it lives); turned off, the database is the new primary for
+    # connections opened after. The relay and the consumer, whose pool holds only "standby"
+    # connections, must drop them and go on without a restart.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_failover_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+
+    def read_only(on: bool) -> None:
+        pg.run_sql(admin, f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
+
+    deliveries: dict[str, int] = {}
+    failed = Consumer._failed
+
+    async def counting(self: Consumer[Any], item: Any, exc: Exception) -> None:
+        msg, event = item
+        deliveries[event.event_id] = max(deliveries.get(event.event_id, 0), msg.metadata.num_delivered)
+        await failed(self, item, exc)
+
+    monkeypatch.setattr(Consumer, "_failed", counting)
+    try:
+        async with _rig(tmp_path, pg.database_url(admin, name)) as rig:
+            published = await rig.h.add_events(3)
+            assert await rig.h.relay.relay_once() == 3
+            waiting = await rig.h.add_events(2)  # still in the outbox at the failover
+            read_only(True)
+            await rig.h.db.engine.dispose()  # from now on the pool's connections reach the "standby"
+            async with _running(rig.consumer.run), _running(rig.h.relay.run):
+                await eventually(
+                    lambda: asyncio.sleep(0, len(deliveries) == 3 and min(deliveries.values()) >= 3), bool, 30
+                )
+                assert len(deliveries) == 3 and min(deliveries.values()) >= 3, deliveries  # past max_deliver (2)
+                assert await rig.h.unpublished() == 2 and await rig.h.stored() == 3, "the relay could not claim"
+                read_only(False)  # the "new primary"; the pool still holds "standby" connections
+                await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 5, 30)
+                await eventually(rig.h.unpublished, lambda n: n == 0, 30)
+            assert [await rig.applied(i) for i in published + waiting] == [1] * 5
+            assert await rig.count("SELECT count(*) FROM dead_letters") == 0
+            assert await rig.h.stored() == 5
+    finally:
+        pg.drop_database(admin, name)
