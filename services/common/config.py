@@ -98,12 +98,13 @@ class ServiceSettings(BaseSettings):
     # every record forever.
     idempotency_retention_days: float = Field(default=30.0, ge=0, le=3650)
     idempotency_prune_interval_s: float = Field(default=600.0, gt=0, le=86_400)
-    # Both pruners pause this long after each full chunk (5,000 rows) before the next, so a large
-    # backlog (the first round after a retention is introduced: millions of rows) is deleted at a
-    # pace beside live traffic instead of in one burst of WAL and lock traffic. A chunk takes tens
-    # of milliseconds (22 ms on an idle PostgreSQL), so 0.25 s keeps the pruner to about a tenth
-    # of one connection's time, and a million rows still go in about a minute. 0 turns it off (a catch-up
-    # in a quiet window); at most 10 s, so a backlog still ends within hours.
+    # The pruners (inbox, idempotency records, gifting's KEY_ONLY rows) pause this long after each
+    # full chunk (5,000 rows) before the next, so a large backlog (the first round after a
+    # retention is introduced: millions of rows) is deleted at a pace beside live traffic instead
+    # of in one burst of WAL and lock traffic. A chunk takes tens of milliseconds (22 ms on an idle
+    # PostgreSQL), so 0.25 s keeps the pruner to about a tenth of one connection's time, and a
+    # million rows still go in about a minute. 0 turns it off (a catch-up in a quiet window); at
+    # most 10 s, so a backlog still ends within hours.
     prune_pause_s: float = Field(default=0.25, ge=0, le=10)
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
 
