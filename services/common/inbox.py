@@ -66,6 +66,19 @@ BATCH_LINKS_MAX = 128
 OUTAGE_LOG_INTERVAL_S = 30.0
 
 
+REDELIVERY_DELAY_S_MAX = 10.0
+
+
+def redelivery_delay_s(delivered: int) -> float:
+    """How long a failed event waits before its next delivery: 0.2 s doubling to 10 s.
+
+    The exponent is capped first: an outage now never parks an event, so `delivered` keeps
+    growing for as long as it lasts (about 360 an hour at the cap), and `0.1 * 2**delivered`
+    raised OverflowError once it passed 1023, ending the consumer's handling of that batch.
+    """
+    return min(0.1 * 2 ** min(delivered, 8), REDELIVERY_DELAY_S_MAX)
+
+
 def _not_the_events_fault(exc: BaseException) -> bool:
     """Whether a failure says nothing about the event: the database (or another dependency) is
     down or refuses writes (is_unavailable: refused connections, 08/53/57P, a full or read-only
@@ -423,7 +436,7 @@ class Consumer(Generic[E]):
     async def _failed(self, item: tuple[Msg, E], exc: Exception) -> None:
         msg, event = item
         delivered = msg.metadata.num_delivered if msg.metadata else 1
-        delay_s = min(0.1 * 2**delivered, 10.0)
+        delay_s = redelivery_delay_s(delivered)
         if _not_the_events_fault(exc):
             self._not_its_fault(msg)
             CONSUMED.labels(self.sub.durable, "retry").inc()

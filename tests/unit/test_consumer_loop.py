@@ -141,3 +141,43 @@ def test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_park
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) is None
     Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) == 0.0
+
+
+class _Delivered:
+    """A message delivered `n` times (JetStream's count), that records its nak."""
+
+    class _Seq:
+        stream = 7
+
+    def __init__(self, n: int) -> None:
+        self.metadata = type("Meta", (), {"num_delivered": n, "sequence": self._Seq()})()
+        self.headers: dict[str, str] = {}
+        self.naks: list[float] = []
+
+    async def nak(self, delay: float) -> None:
+        self.naks.append(delay)
+
+
+@pytest.mark.parametrize("delivered", [1, 5, 20, 1100])
+async def test_an_event_the_database_keeps_failing_is_naked_with_a_capped_delay_however_often_it_came(
+    tmp_path: Path, delivered: int
+) -> None:
+    # An outage never parks an event, so its delivery count keeps growing while the outage lasts
+    # (about 360 an hour at the 10 s cap); the delay was 0.1 * 2**delivered, which raised
+    # OverflowError past 1023 deliveries (a database down ~3 hours) instead of nak-ing.
+    from sqlalchemy import exc as sa_exc
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        return None
+
+    sub = Subscription(durable="capped-delay", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    msg = _Delivered(delivered)
+    outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+    await consumer._failed((msg, events_pb2.GiftSent(event_id="e1")), outage)  # type: ignore[arg-type]
+    assert msg.naks == [min(0.1 * 2 ** min(delivered, 8), 10.0)]
+    assert 0.2 <= msg.naks[0] <= 10.0
