@@ -115,7 +115,8 @@ class Bus:
             self.atomic_streams.discard(name)
 
     async def restore_stream(self, name: str) -> bool:
-        """Create `name` again after a publish or a consumer found it missing; True if this call did.
+        """Create `name` again after a publish or a consumer found it missing, or set its subjects
+        back when they no longer take the suite's; True if this call did either.
 
         The streams are made at connect only: one deleted while the service ran (an operator's
         mistake, `nats stream rm`) stayed gone until a restart, the relay refusing every event
@@ -126,10 +127,21 @@ class Bus:
         check(self.js is not None, "self.js is not None")
         async with self._restoring:
             try:
-                await self.js.stream_info(name)
-                return False  # another task (or replica) made it meanwhile
+                info = await self.js.stream_info(name)
             except NotFoundError:
-                pass
+                info = None
+            if info is not None:
+                if set(STREAMS[name]) <= set(info.config.subjects or ()):
+                    return False  # another task (or replica) made it meanwhile
+                # There, but its subjects were edited (`nats stream edit`) so that it no longer
+                # takes ours: the same "no response from stream" as a deleted one, until a restart.
+                await self.ensure_stream(name)
+                STREAMS_RECREATED.inc()
+                log.error(
+                    "stream no longer took the suite's subjects (edited?); set them back",
+                    extra={"stream": name, "subjects": list(info.config.subjects or ())},
+                )
+                return True
             await self.ensure_stream(name)
         STREAMS_RECREATED.inc()
         log.error(

@@ -17,7 +17,7 @@ OUTBOX_OLDEST = Gauge(
 )
 STREAMS_RECREATED = Counter(
     "livegifts_streams_recreated_total",
-    "JetStream streams found missing (deleted) while the service ran, and created again",
+    "JetStream streams found deleted, or not taking the suite's subjects, while the service ran; set up again",
 )
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
 CONSUMER_BATCH = Histogram(
