@@ -116,3 +116,7 @@ LOOP_LAG = Histogram(
     "How late a timer fired on the service's event loop: what ready work waits when the loop is busy",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+# Gifting: WatchStream feeds this replica holds (services/gifting/feed.py), each until its client
+# leaves, its stream ends, or the server's keepalive finds its connection dead (GRPC_KEEPALIVE_*):
+# near WATCHERS_MAX, new overlays are refused TOO_MANY_WATCHERS.
+FEED_WATCHERS = Gauge("livegifts_feed_watchers", "WatchStream feeds this replica serves (at most WATCHERS_MAX)")

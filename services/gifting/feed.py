@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from livegifts.gifting.v1 import events_pb2
 from services.common.bus import Bus
 from services.common.errors import ResourceExhausted, Unavailable, check
+from services.common.metrics import FEED_WATCHERS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ class FeedHub:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
 
+    @property
+    def watchers(self) -> int:
+        """How many feeds are registered (at most `watchers_max`)."""
+        return self._count
+
     async def run(self, stop: asyncio.Event) -> None:
         """Subscribe once NATS is up (the client re-subscribes after reconnects), until `stop`."""
         connected = asyncio.ensure_future(self.bus.connected.wait())
@@ -136,10 +142,12 @@ class FeedHub:
         w = Watcher(stream_id, self.queue_size_max)
         self._by_stream.setdefault(stream_id, set()).add(w)
         self._count += 1
+        FEED_WATCHERS.inc()
         try:
             yield w
         finally:
             self._count -= 1
+            FEED_WATCHERS.dec()
             watchers = self._by_stream.get(stream_id)
             if watchers is not None:
                 watchers.discard(w)
