@@ -163,6 +163,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
             f"livegifts.{spec.name}",
             trace_spans=tracing.recording,
             concurrent_rpcs_max=rpc_limit(wiring),
+            keepalive_time_s=settings.grpc_keepalive_time_s,
+            keepalive_timeout_s=settings.grpc_keepalive_timeout_s,
         )
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]

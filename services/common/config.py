@@ -23,6 +23,10 @@ IDEMPOTENCY_RETENTION_DAYS_MIN = 1
 WEBHOOK_SECRET_MIN = 16
 # The operator token (services/common/auth.py): shorter ones are refused at start.
 OPERATOR_TOKEN_MIN = 16
+# The gRPC server's keepalive defaults (GRPC_KEEPALIVE_TIME_S, _TIMEOUT_S below): a client gone
+# without a word is let go within about 80 s, for a ping a minute on a quiet connection.
+GRPC_KEEPALIVE_TIME_S = 60.0
+GRPC_KEEPALIVE_TIMEOUT_S = 20.0
 
 
 def webhook_secret(secret: SecretStr | None) -> SecretStr | None:
@@ -112,6 +116,16 @@ class ServiceSettings(BaseSettings):
     operator_token: SecretStr | None = None
 
     outgoing_deadline_s: float = Field(default=5.0, gt=0, le=120)
+
+    # The gRPC server pings each client connection that has a call open every this many seconds
+    # it hears nothing on it, and closes the connection when a ping is not answered within the
+    # timeout: a client whose network vanished without a FIN or RST (a phone off the network, a
+    # NAT that dropped its state: a half-open connection) has its calls cancelled then, and a
+    # WatchStream its feed slot (WATCHERS_MAX) freed, instead of after gRPC's default of 2 hours.
+    # The pings (a few dozen bytes) also keep quiet feeds alive through NATs and load balancers
+    # that drop a connection after minutes of silence (AWS NLB 350 s, GCP 600 s).
+    grpc_keepalive_time_s: float = Field(default=GRPC_KEEPALIVE_TIME_S, ge=1, le=7200)
+    grpc_keepalive_timeout_s: float = Field(default=GRPC_KEEPALIVE_TIMEOUT_S, ge=1, le=600)
 
     # The garbage collector (services/common/gc_tuning.py): freeze what start-up built, so full
     # collections walk only what came after; collect the young generation every this many new

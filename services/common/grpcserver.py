@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import exc as sa_exc
 
+from services.common.config import GRPC_KEEPALIVE_TIME_S, GRPC_KEEPALIVE_TIMEOUT_S
 from services.common.db import READ_ONLY_SQLSTATE
 from services.common.errors import DomainError, InvalidArgument, status_for
 from services.common.metrics import RPC_SECONDS
@@ -42,6 +43,27 @@ CONCURRENT_RPCS_MAX = 2048
 # on the pod kube-proxy picked when it connected: without an end, gifting's calls would stay on
 # the wallet pods that were up then, however many the autoscaler adds. gRPC adds +-10% jitter.
 CONNECTION_AGE_MAX_S = 300.0
+# That GOAWAY does not end calls in flight (the age grace is unlimited: overlays stay connected),
+# so a client whose network vanished without a FIN or RST keeps its calls, a WatchStream its
+# feed slot, until the server's keepalive ping goes unanswered (GRPC_KEEPALIVE_TIME_S and
+# _TIMEOUT_S, settings). gRPC core's ping policy beside it (doc/keepalive.md), chosen so that
+# the server's pings always go out and well-behaved clients' pings are never refused:
+# - a quiet feed sends no data for minutes; gRPC's documented default stops a sender's pings
+#   after 2 without data, and a client that died after them would hold its slot for good: no
+#   limit. (grpcio 1.85's server already pings on whatever this says, measured; this keeps it so.)
+KEEPALIVE_PINGS_WITHOUT_DATA_MAX = 0
+# - a client may ping with no call open (an overlay between two watches, grpc-java's
+#   keepAliveWithoutCalls): accepted at the interval below, not counted as abuse against a
+#   2-hour interval; the server pings such connections too (they end at CONNECTION_AGE_MAX_S
+#   anyway, so this only costs a ping a minute).
+KEEPALIVE_PERMIT_WITHOUT_CALLS = 1
+# - a client pinging more often than this while the server sends nothing earns a strike, and
+#   past KEEPALIVE_PING_STRIKES_MAX strikes the connection is closed (GOAWAY "too_many_pings",
+#   every call on it UNAVAILABLE). 10 s is the shortest keepalive grpc-java and grpc-go clients
+#   can set, and below the services' own clients' 30 s (services/common/clients.py); gRPC's
+#   default of 5 minutes would cut a quiet feed of any client pinging every 30 s or minute.
+KEEPALIVE_CLIENT_PING_INTERVAL_MIN_S = 10.0
+KEEPALIVE_PING_STRIKES_MAX = 2  # gRPC's default; 0 would let a client ping without bound
 
 # Errors from below the domain that mean "a dependency is down, retry": never a wrong answer.
 # Reporting them as UNAVAILABLE is safe because every command is idempotent by its key: if the
@@ -334,12 +356,18 @@ async def create_server(
     *,
     trace_spans: bool | None = None,
     concurrent_rpcs_max: int = CONCURRENT_RPCS_MAX,
+    keepalive_time_s: float = GRPC_KEEPALIVE_TIME_S,
+    keepalive_timeout_s: float = GRPC_KEEPALIVE_TIMEOUT_S,
 ) -> RunningServer:
     """Build and start a server on host:port (port 0 picks a free one); returns it with its port.
 
     `concurrent_rpcs_max` bounds the calls in progress at once, every kind counted (a streaming
     call for as long as it streams, and health checks): past it a call is refused with
     RESOURCE_EXHAUSTED.
+
+    `keepalive_time_s` and `keepalive_timeout_s` (GRPC_KEEPALIVE_TIME_S, _TIMEOUT_S): a connection
+    with a call open that sends nothing for the first is pinged, and closed (its calls cancelled)
+    when the ping is not answered within the second.
 
     `trace_spans` (default: whether telemetry records spans) puts the OpenTelemetry interceptor
     in front; without it ErrorInterceptor only carries an incoming trace context on.
@@ -356,6 +384,16 @@ async def create_server(
             ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
             ("grpc.max_connection_age_ms", int(CONNECTION_AGE_MAX_S * 1000)),
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            # How long gRPC core waits for a ping's answer in fact: with grpcio 1.85 a frozen
+            # client's connection was closed after this key's default of 60 s, not after the
+            # keepalive timeout of 1 s (tests/integration/test_dead_watchers.py), so both are set.
+            ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.http2.max_pings_without_data", KEEPALIVE_PINGS_WITHOUT_DATA_MAX),
+            ("grpc.keepalive_permit_without_calls", KEEPALIVE_PERMIT_WITHOUT_CALLS),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_CLIENT_PING_INTERVAL_MIN_S * 1000)),
+            ("grpc.http2.max_ping_strikes", KEEPALIVE_PING_STRIKES_MAX),
         ],
         maximum_concurrent_rpcs=concurrent_rpcs_max,
     )
