@@ -37,7 +37,7 @@ from services.common.grpcserver import (
 from services.common.idempotency import IdempotencyPruner
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.looplag import watch_loop_lag
-from services.common.migrate import upgrade_head
+from services.common.migrate import MigrationBlockedError, upgrade_head
 from services.common.outbox import Outbox, OutboxRelay
 from services.common.tables import CommonTables
 from services.common.telemetry import setup_logging, setup_tracing, start_metrics
@@ -219,8 +219,17 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
 
 
 async def _migrate(spec: ServiceSpec, settings: ServiceSettings) -> None:
-    with _starting(f"cannot migrate the database {_database_name(settings.database_url)}", database=True):
-        await upgrade_head(spec.migrations_dir, settings.database_url)
+    what = f"cannot migrate the database {_database_name(settings.database_url)}"
+    with _starting(what, database=True):
+        try:
+            await upgrade_head(
+                spec.migrations_dir,
+                settings.database_url,
+                lock_timeout_s=settings.migration_lock_timeout_s,
+                give_up_s=settings.migration_lock_give_up_s,
+            )
+        except MigrationBlockedError as exc:  # explained: one line, exit 1, the init container restarts
+            raise StartupError(f"{what}: {exc}") from exc
 
 
 async def _first_crash(tasks: list[asyncio.Task[Any]]) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import ArgumentError
 from services.common import faults
 from services.common.db import normalize_url
 from services.common.gc_tuning import GEN0_THRESHOLD
+from services.common.migrate import MIGRATION_LOCK_GIVE_UP_S, MIGRATION_LOCK_TIMEOUT_S
 
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
 # reset to replay, can receive an event this long after it was published.
@@ -71,6 +72,12 @@ class ServiceSettings(BaseSettings):
     # Above the longest statement we run (an audit's sums, a relay waiting its turn).
     db_statement_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     migrate_on_start: bool = True
+    # PostgreSQL migrations (services/common/migrate.py): one statement waits at most this long
+    # for a table lock, as every later query of that table queues behind it (live traffic stops);
+    # past it the step is rolled back and tried again, with a backoff, for at most
+    # MIGRATION_LOCK_GIVE_UP_S, then the migration exits non-zero naming who held the lock.
+    migration_lock_timeout_s: float = Field(default=MIGRATION_LOCK_TIMEOUT_S, gt=0, le=60)
+    migration_lock_give_up_s: float = Field(default=MIGRATION_LOCK_GIVE_UP_S, ge=0, le=3600)
 
     # Graceful shutdown: how long health reports NOT_SERVING before the server stops taking calls,
     # then how long in-flight calls may finish. Their sum must stay below the pod's grace period.

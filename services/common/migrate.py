@@ -11,8 +11,9 @@ from typing import Any
 from alembic import command, context, op
 from alembic.config import Config
 from sqlalchemy import MetaData, pool, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import async_engine_from_config
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
 
 from services.common.db import ensure_sqlite_dir, normalize_url
 
@@ -23,6 +24,29 @@ MIGRATION_LOCK_POLL_S = 0.5  # how often a replica tries again for it while anot
 # How often a replica waiting for it says so: an init container that waits shows only `Init:0/1`.
 MIGRATION_LOCK_LOG_EVERY_S = 30.0
 
+# PostgreSQL: how long one migration statement may wait for a table lock (lock_timeout of the
+# migration's connection; MIGRATION_LOCK_TIMEOUT_S). An ALTER TABLE, a DROP or a plain CREATE
+# INDEX queued behind a long transaction (a slow report, pg_dump, an open psql session) makes
+# every later statement on that table queue behind it: the live release's traffic on it stops
+# for as long as the migration waits. Bounded, that stall lasts at most this long per attempt.
+MIGRATION_LOCK_TIMEOUT_S = 3.0
+# How long the attempts may go on before the migration gives up (MIGRATION_LOCK_GIVE_UP_S): it
+# then exits non-zero, and Kubernetes restarts the init container with its own back-off.
+MIGRATION_LOCK_GIVE_UP_S = 120.0
+# Between attempts, with the lock wait's transaction rolled back (live traffic flows again):
+# 1 s, doubling, at most 15 s, so the stalls stay a small share of the time.
+MIGRATION_RETRY_FIRST_S = 1.0
+MIGRATION_RETRY_MAX_S = 15.0
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a statement cancelled by lock_timeout
+BLOCKERS_SHOWN_MAX = 5  # sessions named in the log line of a lock wait that timed out
+_QUERY_SHOWN_MAX = 120  # characters of each one's query
+_LOCK_TIMEOUT_ATTR = "livegifts_lock_timeout_s"
+_GIVE_UP_ATTR = "livegifts_lock_give_up_s"
+
+
+class MigrationBlockedError(Exception):
+    """A migration step kept waiting for a table lock past its lock timeout until the give-up time."""
+
 
 def alembic_config(migrations_dir: Path, url: str) -> Config:
     """An Alembic config for one service's migrations folder and database."""
@@ -32,15 +56,51 @@ def alembic_config(migrations_dir: Path, url: str) -> Config:
     return cfg
 
 
-async def upgrade_head(migrations_dir: Path, url: str) -> None:
-    """Bring the database to the newest revision (Alembic runs its own loop in a thread)."""
+async def upgrade_head(
+    migrations_dir: Path,
+    url: str,
+    *,
+    lock_timeout_s: float = MIGRATION_LOCK_TIMEOUT_S,
+    give_up_s: float = MIGRATION_LOCK_GIVE_UP_S,
+) -> None:
+    """Bring the database to the newest revision (Alembic runs its own loop in a thread).
+
+    PostgreSQL: a statement waits at most `lock_timeout_s` for a table lock; a step that times
+    out is rolled back and tried again until `give_up_s`, then MigrationBlockedError."""
     ensure_sqlite_dir(url)
     cfg = alembic_config(migrations_dir, url)
+    cfg.attributes[_LOCK_TIMEOUT_ATTR] = lock_timeout_s
+    cfg.attributes[_GIVE_UP_ATTR] = give_up_s
     await asyncio.to_thread(command.upgrade, cfg, "head")
     log.info("migrations applied", extra={"migrations": str(migrations_dir)})
 
 
+def _take_migration_lock(connection: Connection) -> None:
+    # Replicas starting together: one migrates, the others wait and then find nothing to do.
+    # A session lock, not a transaction's: a migration that must run outside the transaction
+    # (CREATE INDEX CONCURRENTLY, in an autocommit block) commits it, and the lock must stay.
+    # The others wait between short tries, in no transaction: a CONCURRENTLY build waits for
+    # every older snapshot to end, so one held while blocked on this lock would wait forever.
+    # Held through the retries of a lock wait that timed out, so that the replicas do not each
+    # take their turn at stalling the table.
+    started = time.monotonic()
+    said = None
+    while True:
+        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        held = bool(got.scalar_one())
+        connection.commit()
+        if held:
+            return
+        now = time.monotonic()
+        if said is None or now - said >= MIGRATION_LOCK_LOG_EVERY_S:
+            waited_s = round(now - started, 1)
+            log.info("waiting for the migration lock: another replica is migrating", extra={"waited_s": waited_s})
+            said = now
+        time.sleep(MIGRATION_LOCK_POLL_S)
+
+
 def _run_sync(connection: Connection, metadata: MetaData) -> None:
+    # A new migration context per attempt: nothing of an attempt rolled back carries over.
     sqlite = connection.dialect.name == "sqlite"
     context.configure(
         connection=connection,
@@ -48,42 +108,118 @@ def _run_sync(connection: Connection, metadata: MetaData) -> None:
         render_as_batch=sqlite,  # SQLite can only ALTER through table copies
         compare_type=True,
     )
-    postgresql = connection.dialect.name == "postgresql"
-    if postgresql:
-        # Replicas starting together: one migrates, the others wait and then find nothing to do.
-        # A session lock, not a transaction's: a migration that must run outside the transaction
-        # (CREATE INDEX CONCURRENTLY, in an autocommit block) commits it, and the lock must stay.
-        # The others wait between short tries, in no transaction: a CONCURRENTLY build waits for
-        # every older snapshot to end, so one held while blocked on this lock would wait forever.
-        started = time.monotonic()
-        said = None
-        while True:
-            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            held = bool(got.scalar_one())
-            connection.commit()
-            if held:
-                break
-            now = time.monotonic()
-            if said is None or now - said >= MIGRATION_LOCK_LOG_EVERY_S:
-                waited_s = round(now - started, 1)
-                log.info("waiting for the migration lock: another replica is migrating", extra={"waited_s": waited_s})
-                said = now
-            time.sleep(MIGRATION_LOCK_POLL_S)
     with context.begin_transaction():
         context.run_migrations()
-    if postgresql:  # (a failure closes the connection, which ends the lock with the session)
-        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
-        connection.commit()
+
+
+# The sessions that may hold the lock a migration statement waited for: those of this database
+# whose transaction began before the wait did and that hold a lock on one of its tables, oldest
+# first. (The wait is over when we ask, so pg_blocking_pids cannot tell any more.)
+_BLOCKERS = text(
+    "SELECT a.pid, coalesce(a.application_name, '') AS application_name, coalesce(a.state, '') AS state,"
+    " round(extract(epoch FROM now() - a.xact_start)) AS xact_age_s,"
+    " round(extract(epoch FROM now() - a.query_start)) AS query_age_s,"
+    " left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), :query_max) AS query,"
+    " (array_agg(DISTINCT c.relname ORDER BY c.relname))[1:5] AS tables"
+    " FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid JOIN pg_class AS c ON c.oid = l.relation"
+    " WHERE l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pg_catalog'::regnamespace"
+    " AND a.pid <> pg_backend_pid() AND a.xact_start <= now() - make_interval(secs => :waited_s)"
+    " GROUP BY a.pid, a.application_name, a.state, a.xact_start, a.query_start, a.query"
+    " ORDER BY a.xact_start LIMIT :shown"
+)
+
+
+def _blockers(connection: Connection, waited_s: float) -> str:
+    """The likely blockers of a lock wait that timed out, as one line (at most BLOCKERS_SHOWN_MAX)."""
+    rows = connection.execute(
+        _BLOCKERS, {"waited_s": waited_s, "query_max": _QUERY_SHOWN_MAX, "shown": BLOCKERS_SHOWN_MAX}
+    ).all()
+    connection.rollback()
+    if not rows:
+        return "no session holds a table lock since before the wait (it has ended)"
+    return "; ".join(
+        f"pid {r.pid} ({r.application_name or 'no application_name'}, {r.state}, transaction open {r.xact_age_s:.0f} s,"
+        f" last query started {r.query_age_s:.0f} s ago: {r.query!r}) holding {', '.join(r.tables)}"
+        for r in rows
+    )
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")  # asyncpg's, through SQLAlchemy's adapter
+
+
+def _statement(exc: DBAPIError) -> str:
+    return " ".join(str(exc.statement or "").split())[:_QUERY_SHOWN_MAX]
+
+
+async def _migrate_retrying(conn: AsyncConnection, metadata: MetaData, lock_timeout_s: float, give_up_s: float) -> None:
+    """Run the migrations; on PostgreSQL, roll back and try again a step that timed out waiting
+    for a lock (bounded backoff), until `give_up_s`: then MigrationBlockedError."""
+    postgresql = conn.dialect.name == "postgresql"
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await conn.run_sync(_run_sync, metadata)
+            return
+        except DBAPIError as exc:
+            if not postgresql or _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                raise
+            await conn.rollback()
+            # A step stopped inside an autocommit block may leave its own session setting (a
+            # CONCURRENTLY build's lock_timeout 0): back to the connection's.
+            await conn.execute(text("RESET lock_timeout"))
+            await conn.commit()
+            blockers = await conn.run_sync(_blockers, lock_timeout_s)
+            waited_s = time.monotonic() - started
+            facts = {
+                "lock_timeout_s": lock_timeout_s,
+                "attempt": attempt,
+                "waited_s": round(waited_s, 1),
+                "statement": _statement(exc),
+                "blockers": blockers,
+            }
+            if waited_s >= give_up_s:
+                log.error("migration gave up: a table lock stayed taken", extra=facts)
+                raise MigrationBlockedError(
+                    f"gave up after {waited_s:.0f} s ({attempt} attempts, MIGRATION_LOCK_GIVE_UP_S={give_up_s:g}):"
+                    f" each waited MIGRATION_LOCK_TIMEOUT_S={lock_timeout_s:g} s for a table lock other"
+                    f" sessions held, and was rolled back; waiting: {facts['statement']!r}; held since before"
+                    f" the wait by: {blockers}. End that transaction (or wait for it) and migrate again"
+                ) from exc
+            retry_in_s = min(MIGRATION_RETRY_FIRST_S * 2 ** (attempt - 1), MIGRATION_RETRY_MAX_S, give_up_s - waited_s)
+            log.warning(
+                "migration step waited too long for a table lock: rolled back, will try again",
+                extra={**facts, "retry_in_s": round(retry_in_s, 1)},
+            )
+            await asyncio.sleep(retry_in_s)
 
 
 async def _run_async(metadata: MetaData) -> None:
     cfg = context.config
-    engine = async_engine_from_config(
-        cfg.get_section(cfg.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
-    )
-    async with engine.connect() as conn:
-        await conn.run_sync(_run_sync, metadata)
-    await engine.dispose()
+    section = cfg.get_section(cfg.config_ini_section, {})
+    lock_timeout_s = float(cfg.attributes.get(_LOCK_TIMEOUT_ATTR, MIGRATION_LOCK_TIMEOUT_S))
+    give_up_s = float(cfg.attributes.get(_GIVE_UP_ATTR, MIGRATION_LOCK_GIVE_UP_S))
+    postgresql = make_url(section["sqlalchemy.url"]).get_backend_name() == "postgresql"
+    kw: dict[str, Any] = {}
+    if postgresql:
+        # In the start-up packet, so it is the session's default: RESET (after a CONCURRENTLY
+        # build, or a revision's own SET) comes back to it.
+        lock_timeout = f"{max(1, round(lock_timeout_s * 1000))}ms"
+        kw["connect_args"] = {"server_settings": {"lock_timeout": lock_timeout}}
+    engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool, **kw)
+    try:
+        async with engine.connect() as conn:
+            if postgresql:
+                await conn.run_sync(_take_migration_lock)
+            await _migrate_retrying(conn, metadata, lock_timeout_s, give_up_s)
+            if postgresql:  # (a failure closes the connection, which ends the lock with the session)
+                await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                await conn.commit()
+    finally:
+        await engine.dispose()
 
 
 def run_env(metadata: MetaData) -> None:
@@ -108,11 +244,16 @@ def create_index_beside_writers(name: str, table: str, columns: list[str], **kw:
     CONCURRENTLY, outside the migrations' transaction, and an attempt stopped part way (leaving
     the index INVALID, the revision unstamped) is built again by the retry. On SQLite the service
     is one process, stopped while it migrates.
+
+    With no lock timeout: the build waits, by design, for every transaction older than it (a
+    report's snapshot, pg_dump) and PostgreSQL counts that wait against lock_timeout, which
+    would cancel it and leave the index INVALID; its own lock blocks no reads nor writes.
     """
     if op.get_bind().dialect.name != "postgresql":
         op.create_index(name, table, columns, **kw)
         return
     with op.get_context().autocommit_block():
+        op.execute("SET lock_timeout = 0")
         invalid = op.get_bind().execute(
             text("SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass(:name) AND NOT indisvalid"),
             {"name": name},
@@ -120,6 +261,7 @@ def create_index_beside_writers(name: str, table: str, columns: list[str], **kw:
         if invalid.scalar_one():
             op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
         op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True, **kw)
+        op.execute("RESET lock_timeout")  # the migration connection's MIGRATION_LOCK_TIMEOUT_S
 
 
 IDEMPOTENCY_AGE_INDEX = "ix_idempotency_keys_created_at"

@@ -20,12 +20,14 @@ scan; without it they would all start in the index and the repair would work thr
 
 On PostgreSQL the old pods keep reading and writing gift_events throughout: the column is added
 and committed at once (a nullable column without a default is a catalog change, no rewrite; its
-moment of ACCESS EXCLUSIVE lock waits at most LOCK_TIMEOUT for transactions in flight, else the
-migration fails and the init container retries), the index is built CONCURRENTLY (a scan of the
-table that holds no writes), and the marking UPDATE locks only the rows it marks. On SQLite the
-service is one process, stopped while it migrates. Old pods insert and select by column name,
-so the new column is invisible to them. A retry after an interrupted attempt finds what that
-attempt committed and builds again an index it left INVALID.
+moment of ACCESS EXCLUSIVE lock waits at most the migration connection's lock_timeout,
+MIGRATION_LOCK_TIMEOUT_S, for transactions in flight, else the step is rolled back and tried
+again, see services/common/migrate.py), the index is built CONCURRENTLY (a scan of the table that
+holds no writes, with no lock timeout: it waits for older transactions by design), and the
+marking UPDATE locks only the rows it marks. On SQLite the service is one process, stopped while
+it migrates. Old pods insert and select by column name, so the new column is invisible to them.
+A retry after an interrupted attempt finds what that attempt committed and builds again an index
+it left INVALID.
 
 Revision ID: 0008
 Revises: 0007
@@ -36,6 +38,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from services.common.migrate import create_index_beside_writers
+
 revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -44,9 +48,6 @@ depends_on: str | Sequence[str] | None = None
 # The same text as storage.KEY_LOST: PostgreSQL uses a partial index only for a query whose
 # WHERE implies its predicate.
 _KEY_LOST = sa.text("status = 'CANCELLED' AND idempotency_key IS NULL AND key_moved_at_us IS NULL")
-
-
-LOCK_TIMEOUT = "10s"  # how long adding the column may wait for gift_events' lock
 
 
 def _add_column_and_index() -> None:
@@ -59,27 +60,13 @@ def _add_column_and_index() -> None:
     # Outside the migrations' transaction, so that no lock on gift_events outlives its statement.
     # Each step commits by itself, so an attempt stopped after one of them (a crash, a lock
     # timeout) leaves it done while the revision is not stamped: the retry skips what is there
-    # and builds again an index an interrupted CONCURRENTLY build left INVALID.
+    # and builds again an index an interrupted CONCURRENTLY build left INVALID. (This revision
+    # once set its own lock_timeout of 10 s for the ALTER and RESET it before the build; the
+    # migration connection's MIGRATION_LOCK_TIMEOUT_S now bounds every migration's lock waits,
+    # and create_index_beside_writers lifts it for the build.)
     with op.get_context().autocommit_block():
-        op.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         op.execute("ALTER TABLE gift_events ADD COLUMN IF NOT EXISTS key_moved_at_us BIGINT")
-        op.execute("RESET lock_timeout")
-        invalid = op.get_bind().execute(
-            sa.text(
-                "SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('ix_gift_events_key_lost')"
-                " AND NOT indisvalid"
-            )
-        )
-        if invalid.scalar_one():
-            op.execute("DROP INDEX CONCURRENTLY ix_gift_events_key_lost")
-        op.create_index(
-            "ix_gift_events_key_lost",
-            "gift_events",
-            ["created_at_us"],
-            postgresql_concurrently=True,
-            if_not_exists=True,
-            **index,
-        )
+    create_index_beside_writers("ix_gift_events_key_lost", "gift_events", ["created_at_us"], **index)
 
 
 def upgrade() -> None:
