@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from services.common import faults
 from services.common.auth import OperatorAuth
-from services.common.bus import Bus
+from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.deadletters import dead_letter_registration
@@ -38,7 +39,7 @@ from services.common.idempotency import IdempotencyPruner
 from services.common.inbox import Consumer, InboxPruner, Subscription
 from services.common.looplag import watch_loop_lag
 from services.common.migrate import MigrationBlockedError, upgrade_head
-from services.common.outbox import Outbox, OutboxRelay
+from services.common.outbox import ATOMIC_BATCH_MAX, Outbox, OutboxRelay
 from services.common.tables import CommonTables
 from services.common.telemetry import setup_logging, setup_tracing, start_metrics
 
@@ -70,6 +71,22 @@ def _starting(what: str, *, database: bool = False) -> Iterator[None]:
             raise
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
         raise StartupError(f"{what}: {detail[0]}") from exc
+
+
+def idle_in_transaction_timeout_s(settings: ServiceSettings) -> float:
+    """How long PostgreSQL lets a session of ours sit inside a transaction without a statement
+    before it ends the session (see db.create_engine): twice the longest gap we make ourselves.
+
+    That gap is either a statement (at most DB_STATEMENT_TIMEOUT_S; between statements there
+    is only Python work) or the outbox relay's claimed batch waiting for JetStream: per 1,000
+    events an atomic batch (OUTGOING_DEADLINE_S), then one by one (JetStream's timeout). Twice
+    that, for an event loop that is slow for a moment. 120 s with the defaults. A leaked or
+    orphaned transaction then holds its locks for minutes, not until TCP keepalive notices.
+    """
+    relay_s = math.ceil(settings.relay_batch_size_max / ATOMIC_BATCH_MAX) * (
+        settings.outgoing_deadline_s + JETSTREAM_TIMEOUT_S
+    )
+    return 2 * max(settings.db_statement_timeout_s, relay_s)
 
 
 def _database_name(url: str) -> str:
@@ -148,6 +165,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         pool_timeout_s=settings.db_pool_timeout_s,
         application_name=f"livegifts-{spec.name}",
         statement_timeout_s=settings.db_statement_timeout_s,
+        idle_in_transaction_timeout_s=idle_in_transaction_timeout_s(settings),
     )
     bus = Bus(settings, f"livegifts-{spec.name}")
     outbox = Outbox(spec.tables.outbox)

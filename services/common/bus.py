@@ -25,6 +25,7 @@ STREAMS: dict[str, list[str]] = {
     "PAYOUT": ["payout.>"],
 }
 # STREAM_MAX_AGE_S (config.py): a month of replay for consumers that were down.
+JETSTREAM_TIMEOUT_S = 5.0  # how long a JetStream API call or publish waits for its answer
 ERR_STREAM_NOT_FOUND = 10059  # JetStream's API error for a stream that does not exist
 
 
@@ -73,7 +74,7 @@ class Bus:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                 )
-                self.js = self.nc.jetstream(timeout=5)
+                self.js = self.nc.jetstream(timeout=JETSTREAM_TIMEOUT_S)
                 for stream in streams:
                     await self.ensure_stream(stream)
                 self.connected.set()

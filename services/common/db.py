@@ -98,7 +98,13 @@ def _drop_read_only(ctx: Any) -> None:
 
 
 def create_engine(
-    url: str, *, pool_size: int, pool_timeout_s: float, application_name: str, statement_timeout_s: float | None = None
+    url: str,
+    *,
+    pool_size: int,
+    pool_timeout_s: float,
+    application_name: str,
+    statement_timeout_s: float | None = None,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> AsyncEngine:
     """An async engine for the service's own database, with durability settings applied.
 
@@ -108,6 +114,14 @@ def create_engine(
     for ever, and a call's deadline rescues only that call, not a batch (MicroBatcher) every
     later call queues behind, nor the relay or a consumer. Not PostgreSQL's statement_timeout,
     which a server that is gone cannot apply.
+
+    `idle_in_transaction_timeout_s` (PostgreSQL's idle_in_transaction_session_timeout): the
+    server ends a session that stays this long inside a transaction without a statement. Ours
+    never do (a unit of work runs its statements back to back; the outbox relay's claim waits
+    for JetStream acks, bounded), but a client that vanished mid-transaction (its node lost, a
+    partition, a frozen process) leaves its session holding its locks and the vacuum horizon
+    until TCP keepalive notices, hours by default; a migration's ALTER then waits for it. The
+    session ended, its next statement finds the connection closed and the pool replaces it.
     """
     url = normalize_url(url)
     if is_sqlite(url):
@@ -130,6 +144,11 @@ def create_engine(
                 # sequential scan it would then keep as the table grows, until autovacuum's next
                 # ANALYZE. Our statements are short key look-ups: planning each run costs less.
                 "plan_cache_mode": "force_custom_plan",
+                **(
+                    {"idle_in_transaction_session_timeout": f"{max(1, round(idle_in_transaction_timeout_s * 1000))}ms"}
+                    if idle_in_transaction_timeout_s
+                    else {}
+                ),
             },
             "timeout": 10,
             "command_timeout": statement_timeout_s,
@@ -172,6 +191,7 @@ class Database:
         pool_timeout_s: float,
         application_name: str,
         statement_timeout_s: float | None = None,
+        idle_in_transaction_timeout_s: float | None = None,
     ) -> None:
         self.url = normalize_url(url)
         self.sqlite = is_sqlite(self.url)
@@ -181,6 +201,7 @@ class Database:
             pool_timeout_s=pool_timeout_s,
             application_name=application_name,
             statement_timeout_s=statement_timeout_s,
+            idle_in_transaction_timeout_s=idle_in_transaction_timeout_s,
         )
         self._write_lock = asyncio.Lock() if self.sqlite else None
 

@@ -21,8 +21,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 from alembic import command
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from services.common.db import normalize_url
+from services.common.app import idle_in_transaction_timeout_s
+from services.common.config import ServiceSettings
+from services.common.db import Database, normalize_url
 from services.common.migrate import alembic_config, upgrade_head
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,3 +184,35 @@ async def test_a_concurrent_index_build_waits_for_older_transactions_past_the_lo
             await asyncio.gather(migrating, return_exceptions=True)
         await blocker.close()
         await watcher.close()
+
+
+async def test_a_services_transaction_left_open_is_ended_by_the_server_and_frees_its_locks(postgres: str) -> None:
+    """A unit of work whose client went quiet (a vanished node, a frozen process; here: a leak)
+    must not hold its table locks until TCP keepalive notices, hours later."""
+    await _upgrade_to(WALLET, postgres, "0006")
+    idle_s = 1.0
+    db = Database(
+        postgres, pool_size=1, pool_timeout_s=5, application_name="wallet", idle_in_transaction_timeout_s=idle_s
+    )
+    migration = await asyncpg.connect(_plain(postgres), server_settings={"lock_timeout": "1000ms"})
+    try:
+        with pytest.raises(DBAPIError):  # its next statement finds the session ended
+            async with db.unit_of_work(readonly=True) as leaked:
+                await leaked.conn.execute(text("SELECT count(*) FROM purchases"))  # ACCESS SHARE, held
+                await asyncio.sleep(idle_s + 1.5)
+                await migration.execute("ALTER TABLE purchases ADD COLUMN coins_claimed BIGINT")  # not blocked
+                await leaked.conn.execute(text("SELECT 1"))
+        assert "coins_claimed" in await _columns(migration, "purchases")
+        async with db.unit_of_work(readonly=True) as uow:  # the pool replaced the ended connection
+            assert (await uow.conn.execute(text("SELECT count(*) FROM purchases"))).scalar_one() == 0
+    finally:
+        await migration.close()
+        await db.dispose()
+
+
+def test_the_idle_in_transaction_timeout_outlasts_every_gap_a_service_makes_itself() -> None:
+    defaults = ServiceSettings(database_url="sqlite:///x.db", nats_url="nats://127.0.0.1:1")
+    assert idle_in_transaction_timeout_s(defaults) == 2 * defaults.db_statement_timeout_s == 120
+    # The relay's claimed batch waits for JetStream up to OUTGOING_DEADLINE_S + 5 s per 1,000 events.
+    slow = defaults.model_copy(update={"outgoing_deadline_s": 120.0, "relay_batch_size_max": 10_000})
+    assert idle_in_transaction_timeout_s(slow) == 2 * 10 * (120 + 5)
