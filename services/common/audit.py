@@ -1,7 +1,8 @@
 """AuditService: per-id records for cross-service reconciliation (`livegifts audit --detail`).
 
 Each service names its record kinds and gives a keyset-paged query for each, which also reads
-given ids; this servicer only validates and pages.
+given ids, or the records of a recent window by their own time column; this servicer only
+validates and pages.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import ColumnElement, Select, Table, select, tuple_
 
 from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from services.common.db import Database
@@ -21,9 +22,42 @@ PAGE_SIZE_MAX = 5000
 
 IDS_MAX = 5000  # ids one request may ask for
 
-# (after, size, ids, up_to): a page of records with after < id (<= up_to when set), or, when ids
-# is not empty, those records.
-Query = Callable[[str, int, list[str], str], Awaitable[list[audit_pb2.AuditRecord]]]
+# (after, size, ids, up_to, since_us): a page of records with after < id (<= up_to when set);
+# when ids is not empty, those records; when since_us > 0, a page of the records whose time is
+# at or after it, in (time, id) order after the key `after` (see `window_key`). With each page
+# the key of its last record: the next page starts after it.
+Page = tuple[list[audit_pb2.AuditRecord], str]
+Query = Callable[[str, int, list[str], str, int], Awaitable[Page]]
+
+
+def window_key(time_us: int, record_id: str) -> str:
+    """A window page's key: where the next page starts, (time, id) of the last record read."""
+    return f"{time_us}/{record_id}"
+
+
+def parse_window_key(key: str) -> tuple[int, str] | None:
+    """(time, id) of a window page's key; None for a key `window_key` did not make."""
+    time_part, sep, record_id = key.partition("/")
+    if not sep or not time_part.isdigit() or len(time_part) > 18:
+        return None
+    return int(time_part), record_id
+
+
+def window_select(
+    cols: list[ColumnElement[Any]],
+    time_col: ColumnElement[Any],
+    id_col: ColumnElement[Any],
+    since_us: int,
+    after: str,
+    size: int,
+) -> Select[Any]:
+    """A page of a window: rows with time_col >= since_us after the key `after` (none: from the
+    start), in (time_col, id_col) order, which an index on (time_col, id_col) reads as one range."""
+    q = select(*cols).where(time_col >= since_us)
+    start = parse_window_key(after) if after else None
+    if start is not None:
+        q = q.where(tuple_(time_col, id_col) > tuple_(*start))
+    return q.order_by(time_col, id_col).limit(size)
 
 
 def table_query(
@@ -33,17 +67,21 @@ def table_query(
     id_col: str,
     amount_col: str,
     party_col: str,
+    time_col: str,
     status_col: str | None = None,
     status: str = "",
 ) -> Query:
     """A keyset-paged query over one table: records with id > token (and <= up_to), ordered by
-    id; or given ids."""
+    id; or given ids; or the records with time_col >= since, ordered by (time_col, id), which the
+    table's index on (time_col, id_col) reads a page at a time."""
     t = table.c
 
-    async def query(after: str, size: int, ids: list[str], up_to: str = "") -> list[audit_pb2.AuditRecord]:
-        cols = [t[id_col], t[amount_col], t[party_col]] + ([t[status_col]] if status_col else [])
+    async def query(after: str, size: int, ids: list[str], up_to: str = "", since_us: int = 0) -> Page:
+        cols = [t[id_col], t[amount_col], t[party_col], t[time_col]] + ([t[status_col]] if status_col else [])
         if ids:
             q = select(*cols).where(t[id_col].in_(ids)).order_by(t[id_col])
+        elif since_us > 0:
+            q = window_select(cols, t[time_col], t[id_col], since_us, after, size)
         else:
             q = select(*cols).where(t[id_col] > after)
             if up_to:
@@ -51,12 +89,14 @@ def table_query(
             q = q.order_by(t[id_col]).limit(size)
         async with db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(q)).all()
-        return [
+        records = [
             audit_pb2.AuditRecord(
-                id=r[0], amount=int(r[1] or 0), party=r[2] or "", status=(r[3] if status_col else status) or ""
+                id=r[0], amount=int(r[1] or 0), party=r[2] or "", status=(r[4] if status_col else status) or ""
             )
             for r in rows
         ]
+        last = "" if not rows else window_key(int(rows[-1][3]), rows[-1][0]) if since_us > 0 else rows[-1][0]
+        return records, last
 
     return query
 
@@ -85,10 +125,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("up_to must be text without control characters", "INVALID_ID", field="up_to")
         if not all(is_text(i) for i in request.ids):
             raise InvalidArgument("ids must be text without control characters", "INVALID_ID", field="ids")
-        records = await query(request.page_token, size, list(request.ids), request.up_to)
-        out = audit_pb2.ListAuditRecordsResponse(records=records)
+        since = request.since_us > 0 and not request.ids
+        if request.since_us < 0:
+            raise InvalidArgument("since_us must not be negative", "INVALID_SINCE", field="since_us")
+        if since and request.page_token and parse_window_key(request.page_token) is None:
+            raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
+        records, last = await query(
+            request.page_token, size, list(request.ids), request.up_to, request.since_us if since else 0
+        )
+        out = audit_pb2.ListAuditRecordsResponse(records=records, since_applied=since)
         if not request.ids and len(records) == size:
-            out.next_page_token = records[-1].id
+            out.next_page_token = last
         return out
 
 

@@ -49,6 +49,7 @@ async def wire(rt: Runtime) -> Wiring:
                         gift_events,
                         id_col="event_id",
                         amount_col="coins",
+                        time_col="created_at_us",
                         party_col="creator_id",
                         status_col="status",
                     )

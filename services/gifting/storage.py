@@ -122,6 +122,9 @@ Index(
     sqlite_where=text(SENT_ONLY),
     postgresql_where=text(SENT_ONLY),
 )
+# The audit's recent window (`livegifts audit --detail-since`) in creation order (migration 0013):
+# created_at_us never changes, and event_id breaks ties.
+Index("ix_gift_events_created", gift_events.c.created_at_us, gift_events.c.event_id)
 
 
 # The key rows of unlocks answered by an earlier unlock (domain.KEY_ONLY), by age: the

@@ -60,6 +60,7 @@ async def wire(rt: Runtime) -> Wiring:
                         earnings,
                         id_col="event_id",
                         amount_col="coins",
+                        time_col="credited_at_us",
                         party_col="creator_id",
                         status="CREDITED",
                     )

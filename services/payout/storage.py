@@ -62,6 +62,8 @@ earnings = Table(
     Column("coins_clawed_back", BigInteger, nullable=False, server_default="0"),
     Index("ix_earnings_sender_newest", "sender_id", "occurred_at_us"),
     Index("ix_earnings_creator_credited", "creator_id", "credited_at_us"),
+    # The audit's recent window (`livegifts audit --detail-since`) in credit order (migration 0010).
+    Index("ix_earnings_credited", "credited_at_us", "event_id"),
 )
 
 # Payout methods: only a mask for display, a keyed fingerprint and the provider's token are

@@ -52,6 +52,7 @@ async def wire(rt: Runtime) -> Wiring:
                         spends,
                         id_col="idempotency_key",
                         amount_col="amount",
+                        time_col="created_at_us",
                         party_col="user_id",
                         status_col="status",
                     )

@@ -112,6 +112,8 @@ spends = Table(
     Column("balance_after", BigInteger, nullable=True),
     Column("created_at_us", BigInteger, nullable=False),
 )
+# The audit's recent window (`livegifts audit --detail-since`) in creation order (migration 0010).
+Index("ix_spends_created", spends.c.created_at_us, spends.c.idempotency_key)
 
 # A promotion changes what a package gives (bonus coins) or costs (discount) inside a window.
 promotions = Table(

@@ -82,7 +82,14 @@ async def _gifting_plan(
     """The plan of gifting's `statement(dialect)` as its code sends it, with bound parameters (the
     planner must still see that the WHERE implies a partial index's predicate), on a migrated
     database. `values` binds the parameters the statement leaves unset."""
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", url)
+    return await _plan(url, "gifting", statement, values)
+
+
+async def _plan(
+    url: str, service: str, statement: Callable[[str], Executable], values: dict[str, object] | None = None
+) -> str:
+    """`_gifting_plan` on any service's migrated database."""
+    await upgrade_head(ROOT / "services" / service / "migrations", url)
     engine = create_async_engine(normalize_url(url))
     try:
         compiled = statement(engine.dialect.name).compile(engine)
@@ -98,6 +105,33 @@ async def _gifting_plan(
     finally:
         await engine.dispose()
     return " ".join(str(c) for row in plan for c in row)
+
+
+WINDOWS = {  # service: (table, id column, time column, the index the window is read by)
+    "wallet": ("spends", "idempotency_key", "created_at_us", "ix_spends_created"),
+    "gifting": ("gift_events", "event_id", "created_at_us", "ix_gift_events_created"),
+    "payout": ("earnings", "event_id", "credited_at_us", "ix_earnings_credited"),
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("after", ["", "1500/e1"])
+async def test_the_audit_windows_pages_are_served_by_the_time_index(
+    empty_database: str, service: str, after: str
+) -> None:
+    """`livegifts audit --detail-since` reads a window a page at a time: each page is a range of
+    the (time, id) index, not a scan of the books."""
+    from services.common.audit import window_select
+
+    storage = importlib.import_module(f"services.{service}.storage")
+    name, id_col, time_col, index = WINDOWS[service]
+    t = storage.metadata.tables[name].c
+    plan = await _plan(
+        empty_database,
+        service,
+        lambda dialect: window_select([t[id_col], t[time_col]], t[time_col], t[id_col], 1_000, after, 5000),
+    )
+    assert index in plan, plan
 
 
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:

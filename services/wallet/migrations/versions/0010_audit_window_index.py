@@ -1,0 +1,31 @@
+"""An index of the spends in creation order, for the audit's recent window.
+
+`livegifts audit --detail-since` reads the ids of a recent window a page at a time, in
+(created_at_us, idempotency_key) order (ListAuditRecords with since_us): without this index each page
+scanned the whole table. Built CONCURRENTLY on PostgreSQL (spends is among the largest
+tables, and the previous release keeps writing it during the rollout).
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from services.common.migrate import create_index_beside_writers
+
+revision: str = "0010"
+down_revision: str | None = "0009"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    """Apply this revision."""
+    create_index_beside_writers("ix_spends_created", "spends", ["created_at_us", "idempotency_key"])
+
+
+def downgrade() -> None:
+    """Revert this revision."""
+    op.drop_index("ix_spends_created", table_name="spends")
