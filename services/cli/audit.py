@@ -21,6 +21,15 @@ ids alone, until each has settled or the wait runs out. Outbox rows settle the s
 highest id written at the first look, and the leaderboards by the coins sent by then. Gifts that
 began after the first look are the next audit's, so an audit with `detail` passes under steady
 traffic.
+
+With `since_us` (`--detail-since`), the totals are read and judged the same, over all time, but
+the per-id comparison covers only the ids of a recent window: any id one of the services wrote a
+record for at or after `since_us` (a spend charged, a gift begun, an earning credited), found
+through each service's index on its record time, then read from all three by id. Its cost is the
+window's traffic, not the books'. What it cannot see is an id none of whose records is in the
+window: a gift lost or left in flight before it, which the run whose window covered it failed
+on (its wait ran out), and which the full `detail` read still finds; an old record altered by
+hand changes the totals, which are complete, unless the change keeps every sum.
 """
 
 from __future__ import annotations
@@ -82,6 +91,7 @@ class Totals:
     gifts_after: Records | None = None
     ids: frozenset[str] | None = None
     findings: Findings | None = None  # the per-id verdicts of a full read, judged range by range
+    scope: str = ""  # what the per-id verdicts of `findings` covered, when not every id
 
     @property
     def by_id(self) -> bool:
@@ -190,6 +200,53 @@ def _judge_every_id(
         after = up_to
 
 
+def _window_ids(channel: grpc.Channel, kind: str, deadline_s: float, since_us: int, out: set[str]) -> bool:
+    """Add to `out` the ids of a kind's records whose time is at or after since_us, a page at a
+    time; False when the server predates the window (it answered with every record)."""
+    stub = audit_pb2_grpc.AuditServiceStub(channel)
+    token = ""
+    while True:
+        req = audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE, since_us=since_us)
+        page = stub.ListAuditRecords(req, timeout=deadline_s)
+        if not page.since_applied:
+            return False
+        out.update(r.id for r in page.records)
+        if not page.next_page_token:
+            return True
+        token = page.next_page_token
+
+
+def _judge_window(
+    w: grpc.Channel,
+    g: grpc.Channel,
+    p: grpc.Channel,
+    deadline_s: float,
+    since_us: int,
+    read: Callable[[int, int], None] | None = None,
+) -> tuple[Findings, int] | None:
+    """The ids any service wrote a record for since `since_us`, judged from all three services'
+    records of them, read by id a chunk at a time in the order of the module's text; and how many
+    ids that was. None when a service predates the window (the caller reads every id instead)."""
+    window: set[str] = set()  # the one copy of the window's ids (about 100 bytes each)
+    for chan, kind in ((p, "earnings"), (g, "gifts"), (w, "spends")):
+        if not _window_ids(chan, kind, deadline_s, since_us, window):
+            log.warning("a service ignores the audit window (an older version): reading every id", extra={"kind": kind})
+            return None
+    findings = Findings()
+    wanted = sorted(window)
+    del window
+    for n, i in enumerate(range(0, len(wanted), PAGE_SIZE), start=1):
+        chunk = wanted[i : i + PAGE_SIZE]
+        earnings = _records(p, "earnings", deadline_s, chunk)
+        gifts = _records(g, "gifts", deadline_s, chunk)
+        spends = _records(w, "spends", deadline_s, chunk)
+        gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+        findings.judge_all(chunk, earnings, gifts, spends, gifts_after)
+        if read is not None:
+            read(n, i + len(chunk))
+    return findings, len(wanted)
+
+
 def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str]) -> Records:
     """The records of those ids that exist."""
     stub = audit_pb2_grpc.AuditServiceStub(channel)
@@ -209,10 +266,12 @@ def collect(
     detail: bool = False,
     ids: Iterable[str] | None = None,
     read: Callable[[int, int], None] | None = None,
+    since_us: int | None = None,
 ) -> Totals:
     """Call GetAudit on every service, downstream first (see the module's text); with `detail`
-    also judge every id from their per-id records (range by range), and with `ids` read only
-    those ids' records (implies detail)."""
+    also judge every id from their per-id records (range by range), or with `since_us` only the
+    ids of records written since then (the window); with `ids` read only those ids' records
+    (implies detail)."""
     only = None if ids is None else frozenset(ids)
     with (
         channel("wallet", wallet_addr) as w,
@@ -230,9 +289,23 @@ def collect(
         if spends is not None and gifts is not None:
             gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
             return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
-        # Every id, after the totals: each id's records are still read payout, gifting, wallet, gifting.
-        findings = _judge_every_id(w, g, p, deadline_s, read) if detail else None
-        return Totals(wa, ga, pa, gifting_after=ga_after, findings=findings)
+        # Every id (or the window's), after the totals: each id's records are still read payout,
+        # gifting, wallet, gifting.
+        scope = ""
+        findings = None
+        if detail and since_us is not None:
+            judged = _judge_window(w, g, p, deadline_s, since_us, read)
+            if judged is not None:
+                findings, count = judged
+                scope = f" (window: the {count} ids with a record since {_when(since_us)})"
+        if detail and findings is None:
+            findings = _judge_every_id(w, g, p, deadline_s, read)
+        return Totals(wa, ga, pa, gifting_after=ga_after, findings=findings, scope=scope)
+
+
+def _when(time_us: int) -> str:
+    """A unix time in microseconds as UTC text, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_us / 1_000_000))
 
 
 def _verdict(name: str, holds: bool, in_flight: bool, detail: str) -> Check:
@@ -543,7 +616,7 @@ def _check_by_id(t: Totals) -> tuple[list[Check], frozenset[str]]:
         findings = Findings()
         ids = t.ids if t.ids is not None else t.earnings.keys() | t.gifts.keys() | t.spends.keys()
         findings.judge_all(ids, t.earnings, t.gifts, t.spends, t.gifts_after or {})
-    scope = "" if t.ids is None else f" (re-read {len(t.ids)} ids in flight before)"
+    scope = t.scope if t.ids is None else f" (re-read {len(t.ids)} ids in flight before)"
     return findings.checks(scope), frozenset(findings.unsettled)
 
 

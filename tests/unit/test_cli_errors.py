@@ -126,3 +126,17 @@ def test_every_argument_and_option_of_every_command_says_what_it_is() -> None:
         if not getattr(p, "help", None)
     ]
     assert not bare, f"parameters without a help text: {bare}"
+
+
+@pytest.mark.parametrize("since", ["2x", "h", "0h", "-1h", "nanh", "infm"])
+def test_an_audit_window_that_is_no_positive_duration_is_a_usage_error(since: str) -> None:
+    result = CliRunner().invoke(app, ["audit", "--detail-since", since], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "--detail-since" in result.output
+
+
+@pytest.mark.parametrize(("since", "seconds"), [("2h", 7200.0), ("90m", 5400.0), ("3600s", 3600.0), ("1d", 86400.0)])
+def test_an_audit_window_is_read_in_seconds(since: str, seconds: float) -> None:
+    from services.cli.main import _window_s
+
+    assert _window_s(since) == seconds

@@ -1,0 +1,253 @@
+"""The routine audit's recent window (`livegifts audit --detail-since`), on the real suite.
+
+Its totals cover all time; its per-id comparison covers the ids any service wrote a record for
+in the window. A suite of its own per backend: a few gifts sent now, most of them then moved
+back in time by hand (their spend's and gift's creation, their earning's credit three hours ago),
+so the books hold an old part and a recent part. Books are broken by hand, as the other audit
+tests break them, and mended after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from sqlalchemy import Table, select, update
+
+from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
+from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2_grpc
+from services.cli.audit import OK, collect, wait_until_settled
+from services.cli.suite import Suite
+from services.common.db import Database
+from services.gifting.storage import gift_events
+from services.payout.storage import earnings
+from services.wallet.storage import spends
+from tests.integration import pg
+from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, suite_config
+from tests.integration.helpers import buy_coins, live_stream, uid
+
+HOUR_US = 3600 * 1_000_000
+GIFTS_PER_CREATOR = 8
+RECENT_PER_CREATOR = 2  # the last gifts of each creator stay in the window; the others are moved out
+# Each service's table and the column the window reads.
+TIMES: dict[str, tuple[Table, str, str]] = {
+    "wallet": (spends, "idempotency_key", "created_at_us"),
+    "gifting": (gift_events, "event_id", "created_at_us"),
+    "payout": (earnings, "event_id", "credited_at_us"),
+}
+KINDS = {"wallet": "spends", "gifting": "gifts", "payout": "earnings"}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
+        pytest.skip("edits its books by hand: not run against an external deployment")
+    var_dir = tmp_path_factory.mktemp(f"audit-window-{request.param}")
+    databases: contextlib.AbstractContextManager[dict[str, str]] = (
+        pg.service_databases("lgwindow") if request.param == "postgres" else contextlib.nullcontext({})
+    )
+    with databases as urls:
+        s = Suite(suite_config(var_dir, urls))
+        try:
+            s.start()
+            yield s
+        finally:
+            s.stop()
+
+
+@contextlib.asynccontextmanager
+async def database(suite: Suite, svc: str) -> AsyncIterator[Database]:
+    db = Database(suite.config.database_url(svc), pool_size=1, pool_timeout_s=10, application_name="window-test")
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+async def execute(suite: Suite, svc: str, *statements) -> None:  # type: ignore[no-untyped-def]
+    async with database(suite, svc) as db, db.unit_of_work() as uow:
+        for s in statements:
+            await uow.conn.execute(s)
+        await uow.commit()
+
+
+@pytest.fixture(scope="module")
+def books(suite: Suite) -> dict[str, list[str]]:
+    """Roses from one viewer to two creators, settled; all but the last RECENT_PER_CREATOR of each
+    creator's gifts moved three hours back. Returns each creator's gift ids, oldest first."""
+
+    async def make() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        async with (
+            grpc.aio.insecure_channel(suite.addr("wallet")) as wc,
+            grpc.aio.insecure_channel(suite.addr("gifting")) as gc,
+        ):
+            wallet, gifting = wallet_pb2_grpc.WalletServiceStub(wc), gifting_pb2_grpc.GiftingServiceStub(gc)
+            viewer = uid("viewer")
+            await buy_coins(wallet, WEBHOOK_SECRET, viewer)
+            for creator in (uid("alice"), uid("bob")):
+                stream = await live_stream(gifting, creator)
+                answer = await gifting.SendGifts(
+                    gifting_pb2.SendGiftsRequest(
+                        gifts=[
+                            gifting_pb2.SendGiftRequest(
+                                stream_id=stream.stream_id,
+                                sender_id=viewer,
+                                gift_id="rose",
+                                quantity=1,
+                                idempotency_key=uid("rose"),
+                            )
+                            for _ in range(GIFTS_PER_CREATOR)
+                        ]
+                    )
+                )
+                out[creator] = [r.receipt.gift_event_id for r in answer.results]
+                assert all(r.WhichOneof("outcome") == "receipt" for r in answer.results), answer
+        return out
+
+    out = asyncio.run(make())
+    report = wait_until_settled(lambda ids=None: collect(*addrs(suite), 30.0, True, ids), 60.0)
+    assert all(c.status == OK for c in report), report
+    old = [k for ids in out.values() for k in ids[:-RECENT_PER_CREATOR]]
+    moved = int(time.time() * 1_000_000) - 3 * HOUR_US
+
+    async def age() -> None:
+        for svc, (table, id_col, time_col) in TIMES.items():
+            await execute(suite, svc, update(table).where(table.c[id_col].in_(old)).values({time_col: moved}))
+
+    asyncio.run(age())
+    return out
+
+
+def addrs(suite: Suite) -> tuple[str, str, str]:
+    return suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout")
+
+
+def cli(suite: Suite, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "audit", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "LIVEGIFTS_WALLET_ADDR": suite.addr("wallet"),
+            "LIVEGIFTS_GIFTING_ADDR": suite.addr("gifting"),
+            "LIVEGIFTS_PAYOUT_ADDR": suite.addr("payout"),
+            "COLUMNS": "300",
+        },
+    )
+
+
+@contextlib.contextmanager
+def swapped_creators(suite: Suite, a: str, b: str) -> Iterator[None]:
+    """Gifts a and b (a rose each, to different creators) swap creators in gifting's books: every
+    total holds (same coins, same counts), but each is now credited to another creator."""
+
+    async def swap() -> None:
+        async with database(suite, "gifting") as db, db.unit_of_work(readonly=True) as uow:
+            rows = dict(
+                (
+                    await uow.conn.execute(
+                        select(gift_events.c.event_id, gift_events.c.creator_id).where(
+                            gift_events.c.event_id.in_([a, b])
+                        )
+                    )
+                ).all()
+            )
+        g = gift_events.c
+        await execute(
+            suite,
+            "gifting",
+            update(gift_events).where(g.event_id == a).values(creator_id=rows[b]),
+            update(gift_events).where(g.event_id == b).values(creator_id=rows[a]),
+        )
+
+    asyncio.run(swap())
+    try:
+        yield
+    finally:
+        asyncio.run(swap())
+
+
+def test_the_window_lists_only_its_records_a_page_at_a_time(suite: Suite, books: dict[str, list[str]]) -> None:
+    """ListAuditRecords with since_us pages through the records written since then, in (time, id)
+    order, and through nothing older: the read is the window's, whatever the books hold."""
+    recent = {k for ids in books.values() for k in ids[-RECENT_PER_CREATOR:]}
+    since = int(time.time() * 1_000_000) - 2 * HOUR_US
+    for svc, kind in KINDS.items():
+        with grpc.insecure_channel(suite.addr(svc)) as ch:
+            stub = audit_pb2_grpc.AuditServiceStub(ch)
+            got, token, pages = [], "", 0
+            while True:
+                page = stub.ListAuditRecords(
+                    audit_pb2.ListAuditRecordsRequest(kind=kind, since_us=since, page_size=1, page_token=token)
+                )
+                assert page.since_applied
+                got += [r.id for r in page.records]
+                pages += 1
+                if not page.next_page_token:
+                    break
+                token = page.next_page_token
+            every = stub.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(kind=kind, page_size=5000)).records
+        assert sorted(got) == sorted(recent), svc  # each once, none of the older ones
+        assert pages <= len(recent) + 1, svc
+        assert len(every) == GIFTS_PER_CREATOR * len(books), svc  # the older ones are in the books
+
+
+def test_the_windowed_audit_passes_and_judges_only_the_windows_ids(suite: Suite, books: dict[str, list[str]]) -> None:
+    out = cli(suite, "--detail-since", "2h", "--wait", "30")
+    assert out.returncode == 0, out.stdout + out.stderr
+    recent = RECENT_PER_CREATOR * len(books)
+    assert f"window: the {recent} ids with a record since" in out.stdout, out.stdout
+    full = cli(suite, "--detail", "--wait", "30")
+    assert full.returncode == 0 and "window:" not in full.stdout, full.stdout + full.stderr
+
+
+def test_a_broken_book_in_the_window_fails_the_windowed_audit(suite: Suite, books: dict[str, list[str]]) -> None:
+    """Two recent gifts credited to each other's creator: the totals hold, the window's per-id
+    comparison does not."""
+    a, b = (ids[-1] for ids in books.values())
+    with swapped_creators(suite, a, b):
+        totals = cli(suite, "--wait", "10")
+        assert totals.returncode == 0, totals.stdout  # no total tells
+        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "credited to another creator than the gift's" in out.stdout, out.stdout
+
+
+def test_the_same_break_before_the_window_is_left_to_the_full_detail(suite: Suite, books: dict[str, list[str]]) -> None:
+    """The stated limit: a break that keeps every total, in ids none of whose records is in the
+    window, is not seen by the windowed run (the run whose window covered it saw it), and the full
+    `--detail` still finds it."""
+    a, b = (ids[0] for ids in books.values())
+    with swapped_creators(suite, a, b):
+        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        assert out.returncode == 0, out.stdout + out.stderr
+        full = cli(suite, "--detail", "--wait", "10")
+        assert full.returncode == 1 and "credited to another creator than the gift's" in full.stdout, full.stdout
+
+
+def test_an_old_record_altered_by_hand_fails_the_windowed_audit_by_its_totals(
+    suite: Suite, books: dict[str, list[str]]
+) -> None:
+    """An earning from before the window credited one coin more: the all-time totals catch it."""
+    old = next(iter(books.values()))[0]
+    e = earnings.c
+    asyncio.run(execute(suite, "payout", update(earnings).where(e.event_id == old).values(coins=e.coins + 1)))
+    try:
+        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        assert out.returncode == 1, out.stdout + out.stderr
+        failed = [line for line in out.stdout.splitlines() if "FAILED" in line]
+        assert any("4. diamonds = exact creator share" in line for line in failed), out.stdout
+        assert "credited coins differ" not in out.stdout  # not seen id by id: outside the window
+    finally:
+        asyncio.run(execute(suite, "payout", update(earnings).where(e.event_id == old).values(coins=e.coins - 1)))
