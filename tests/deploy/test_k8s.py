@@ -561,21 +561,61 @@ def test_the_network_policies_let_traces_reach_the_configured_otlp_endpoint(
         assert exporting == len(SERVICES), "prod sends every service's traces to OTLP"
 
 
-def test_the_audit_cronjob_calls_every_service_where_it_listens(overlay: str) -> None:
+AUDIT_CRONJOBS = ("livegifts-audit", "livegifts-audit-full")
+
+
+@pytest.mark.parametrize("name", AUDIT_CRONJOBS)
+def test_the_audit_cronjob_calls_every_service_where_it_listens(overlay: str, name: str) -> None:
     objs = objects(overlay)
-    cron = find(objs, "CronJob", "livegifts-audit")
+    cron = find(objs, "CronJob", name)
     assert cron is not None
     (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert container["command"][:2] == ["livegifts", "audit"]
     cli = (REPO / "services" / "cli" / "main.py").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     for svc in SERVICES:
-        name = f"LIVEGIFTS_{svc.upper()}_ADDR"
-        assert f'envvar="{name}"' in cli, f"the CLI no longer reads {name}"
-        host, port = env[name].rsplit(":", 1)
+        var = f"LIVEGIFTS_{svc.upper()}_ADDR"
+        assert f'envvar="{var}"' in cli, f"the CLI no longer reads {var}"
+        host, port = env[var].rsplit(":", 1)
         service = find(objs, "Service", host)
         assert service is not None and int(port) in {p["port"] for p in service["spec"]["ports"]}
     assert container["image"].rsplit(":", 1)[0].endswith("livegifts-wallet"), "an image that has the CLI"
+    # The services' network policies admit the audit's pods by this label.
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "livegifts-audit"
+
+
+def _every_s(schedule: str) -> int:
+    """The interval of a cron schedule this test understands: hourly (M * * * *) or daily (M H * * *)."""
+    minute, hour, *rest = schedule.split()
+    assert minute.isdigit() and rest == ["*", "*", "*"], schedule
+    return 3600 if hour == "*" else 86400
+
+
+def test_the_hourly_audit_reads_a_window_that_overlaps_its_runs_and_a_daily_one_reads_every_id(overlay: str) -> None:
+    """The routine audit's per-id read is bounded by its window (`--detail-since`), which covers
+    at least two of its intervals, so every id is judged by a run when at least an interval old
+    and a missed run leaves another; every id is read by the full audit at least daily, with a
+    deadline for books that grow."""
+    from services.cli.main import _window_s
+
+    objs = objects(overlay)
+    crons = {n: find(objs, "CronJob", n) for n in AUDIT_CRONJOBS}
+    assert all(crons.values()), crons
+    commands = {
+        n: c["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"] for n, c in crons.items()
+    }
+    hourly, full = commands["livegifts-audit"], commands["livegifts-audit-full"]
+    assert "--detail-since" in hourly and "--wait" in hourly, hourly
+    window = _window_s(hourly[hourly.index("--detail-since") + 1])
+    interval = _every_s(crons["livegifts-audit"]["spec"]["schedule"])
+    assert window >= 2 * interval, (window, interval)
+    assert "--detail" in full and "--detail-since" not in full, full
+    assert _every_s(crons["livegifts-audit-full"]["spec"]["schedule"]) <= 86400
+    deadline = {n: c["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] for n, c in crons.items()}
+    assert deadline["livegifts-audit-full"] > deadline["livegifts-audit"], deadline
+    for c in crons.values():
+        assert c["spec"]["concurrencyPolicy"] == "Forbid"
 
 
 # --- capacity: what a pod admits at once ---------------------------------------------------
