@@ -38,7 +38,8 @@ def window_key(time_us: int, record_id: str) -> str:
 def parse_window_key(key: str) -> tuple[int, str] | None:
     """(time, id) of a window page's key; None for a key `window_key` did not make."""
     time_part, sep, record_id = key.partition("/")
-    if not sep or not time_part.isdigit() or len(time_part) > 18:
+    # ASCII only: str.isdigit() also takes other scripts' digits, some of which int() refuses.
+    if not sep or not (time_part.isascii() and time_part.isdigit()) or len(time_part) > 18:
         return None
     return int(time_part), record_id
 
