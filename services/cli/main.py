@@ -501,7 +501,8 @@ def audit(
 
     def fetch(ids=None):  # type: ignore[no-untyped-def]
         # The window ends at each first look (a retried first look moves it on with the clock).
-        since_us = None if window_s is None else int((time.time() - window_s) * 1_000_000)
+        # At least 1: the servers refuse a negative since_us and read 0 as no window at all.
+        since_us = None if window_s is None else max(1, int((time.time() - window_s) * 1_000_000))
         return collect(wallet_addr, gifting_addr, payout_addr, DEADLINE_S, detail, ids, read, since_us)
 
     waiting_due = _every(AUDIT_PROGRESS_EVERY_S)

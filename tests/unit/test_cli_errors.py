@@ -140,3 +140,24 @@ def test_an_audit_window_is_read_in_seconds(since: str, seconds: float) -> None:
     from services.cli.main import _window_s
 
     assert _window_s(since) == seconds
+
+
+@pytest.mark.parametrize("since", ["2h", "100000d"])
+def test_an_audit_window_reaching_before_1970_asks_for_every_record_not_a_negative_time(
+    since: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The servers refuse a negative since_us (INVALID_SINCE) and take 0 as no window at all: a
+    # window longer than the clock's count (an operator's "everything") is the earliest time.
+    from services.cli import audit
+
+    asked: list[int | None] = []
+
+    def collect(*args: Any) -> Any:
+        asked.append(args[-1])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(audit, "collect", collect)
+    result = CliRunner().invoke(app, ["audit", "--detail-since", since])
+    assert result.exit_code == 0, result.output
+    (since_us,) = asked
+    assert since_us is not None and since_us >= 1
