@@ -117,8 +117,8 @@ def _run_sync(connection: Connection, metadata: MetaData) -> None:
 # first. (The wait is over when we ask, so pg_blocking_pids cannot tell any more.)
 _BLOCKERS = text(
     "SELECT a.pid, coalesce(a.application_name, '') AS application_name, coalesce(a.state, '') AS state,"
-    " round(extract(epoch FROM now() - a.xact_start)) AS xact_age_s,"
-    " round(extract(epoch FROM now() - a.query_start)) AS query_age_s,"
+    " coalesce(round(extract(epoch FROM now() - a.xact_start)), 0) AS xact_age_s,"
+    " coalesce(round(extract(epoch FROM now() - a.query_start)), 0) AS query_age_s,"
     " left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), :query_max) AS query,"
     " (array_agg(DISTINCT c.relname ORDER BY c.relname))[1:5] AS tables"
     " FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid JOIN pg_class AS c ON c.oid = l.relation"
