@@ -64,6 +64,8 @@ BATCH_LINKS_MAX = 128
 # outage fails every pending event (up to max_ack_pending) every backoff, which logged a line
 # per event per retry. The line counts the retries it stands for.
 OUTAGE_LOG_INTERVAL_S = 30.0
+# The `result` label of livegifts_events_consumed_total, each exported at 0 from the start.
+CONSUMED_RESULTS = ("applied", "duplicate", "replayed", "retry")
 
 
 REDELIVERY_DELAY_S_MAX = 10.0
@@ -165,6 +167,11 @@ class Consumer(Generic[E]):
         # appears at 1, so the first event parked in a pod's life never raised the dead-letter
         # alert (`increase(livegifts_dead_letters_total[1h]) > 0`).
         DEAD_LETTERS.labels(sub.durable)
+        # So are its applied, duplicate and retry counts: LivegiftsConsumerStuck compares the
+        # retries with what was applied, and an applied series that never appeared would make
+        # "nothing applied" invisible to increase().
+        for result in CONSUMED_RESULTS:
+            CONSUMED.labels(sub.durable, result)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""

@@ -26,7 +26,11 @@ EXTERNAL_METRICS = {"kube_job_failed": ("namespace", "job_name", "condition", "r
 COUNTERS_AT_ZERO_FROM_THE_START = {
     "livegifts_dead_letters_total": (
         "tests/unit/test_consumer_loop.py",
-        "test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_parked_event",
+        "test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_its_start",
+    ),
+    "livegifts_events_consumed_total": (
+        "tests/unit/test_consumer_loop.py",
+        "test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_its_start",
     ),
     "livegifts_payout_callbacks_refused_total": (
         "tests/unit/test_payout_callbacks.py",

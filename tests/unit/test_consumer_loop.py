@@ -124,7 +124,7 @@ async def test_puller_unsubscribe_never_raises_and_tries_every_buffered_message(
     assert sub.calls == 1
 
 
-def test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_parked_event(tmp_path: Path) -> None:
+def test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_its_start(tmp_path: Path) -> None:
     # Prometheus's increase() sees nothing when a series first appears at 1: without a 0 sample
     # first, the first event parked in a pod's life never raised the dead-letter alert.
     from prometheus_client import REGISTRY
@@ -141,6 +141,10 @@ def test_a_consumers_dead_letter_count_is_exported_at_zero_before_its_first_park
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) is None
     Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) == 0.0
+    # And its consumed counts, which LivegiftsConsumerStuck compares: retries with none applied.
+    for result in ("applied", "duplicate", "replayed", "retry"):
+        labels = {"consumer": durable, "result": result}
+        assert REGISTRY.get_sample_value("livegifts_events_consumed_total", labels) == 0.0, result
 
 
 class _Delivered:
