@@ -1086,6 +1086,10 @@ def _audit(suite: Suite) -> list[Any]:
 
 def test_the_money_rules_hold_against_a_model(money_suite: Suite) -> None:
     loop = asyncio.new_event_loop()
+    # The current loop too: a stub call built outside a coroutine (`self.run(answer(stub(req)))`)
+    # binds to asyncio's current loop, and pytest-asyncio leaves none set after its own tests:
+    # "There is no current event loop" in whichever rule first built one there (CI, racing_unlocks).
+    asyncio.set_event_loop(loop)
     try:
 
         async def connect() -> Stubs:
@@ -1140,4 +1144,5 @@ def test_the_money_rules_hold_against_a_model(money_suite: Suite) -> None:
             loop.run_until_complete(close())
             print("money model exercised:", dict(sorted(Machine.seen.items())))
     finally:
+        asyncio.set_event_loop(None)
         loop.close()
