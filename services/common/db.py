@@ -77,6 +77,11 @@ def _drop_closed_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -
         raise exc.DisconnectionError("connection was closed by the server while pooled")
 
 
+def driver_sqlstate(orig: Any) -> str:
+    """The SQLSTATE a driver's error carries (asyncpg's `sqlstate`, psycopg's `pgcode`), or ""."""
+    return str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+
+
 READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a write on a standby or a read-only database
 
 
@@ -92,8 +97,7 @@ def _drop_read_only(ctx: Any) -> None:
     connection's write too, and its connections are replaced again: one connect per refused
     call, not a spin (every refusal is an answer, UNAVAILABLE STORAGE_READ_ONLY).
     """
-    orig = ctx.original_exception
-    if str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "") == READ_ONLY_SQLSTATE:
+    if driver_sqlstate(ctx.original_exception) == READ_ONLY_SQLSTATE:
         ctx.is_disconnect = True
 
 

@@ -22,7 +22,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import exc as sa_exc
 
 from services.common.config import GRPC_KEEPALIVE_TIME_S, GRPC_KEEPALIVE_TIMEOUT_S
-from services.common.db import READ_ONLY_SQLSTATE
+from services.common.db import READ_ONLY_SQLSTATE, driver_sqlstate
 from services.common.errors import DomainError, InvalidArgument, status_for
 from services.common.metrics import RPC_SECONDS
 from services.common.telemetry import (
@@ -106,8 +106,7 @@ _UNAVAILABLE_SQLSTATES = ("08", "28", "53", "57P", READ_ONLY_SQLSTATE)
 
 
 def sqlstate(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    return str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    return driver_sqlstate(getattr(exc, "orig", None))
 
 
 def _sqlite_error(exc: BaseException) -> str:

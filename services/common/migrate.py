@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
 
-from services.common.db import ensure_sqlite_dir, normalize_url
+from services.common.db import driver_sqlstate, ensure_sqlite_dir, normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,6 @@ def _blockers(connection: Connection, waited_s: float) -> str:
     )
 
 
-def _sqlstate(exc: DBAPIError) -> str:
-    return str(getattr(exc.orig, "sqlstate", None) or "")  # asyncpg's, through SQLAlchemy's adapter
-
-
 def _statement(exc: DBAPIError) -> str:
     return " ".join(str(exc.statement or "").split())[:_QUERY_SHOWN_MAX]
 
@@ -165,7 +161,7 @@ async def _migrate_retrying(conn: AsyncConnection, metadata: MetaData, lock_time
             await conn.run_sync(_run_sync, metadata)
             return
         except DBAPIError as exc:
-            if not postgresql or _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            if not postgresql or driver_sqlstate(exc.orig) != LOCK_NOT_AVAILABLE:
                 raise
             await conn.rollback()
             # A step stopped inside an autocommit block may leave its own session setting (a

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults
-from services.common.db import Database, UnitOfWork, insert_ignore
+from services.common.db import Database, UnitOfWork, driver_sqlstate, insert_ignore
 from services.common.errors import (
     Aborted,
     DomainError,
@@ -172,9 +172,7 @@ def restrictions_of(row: Any) -> domain.Restrictions:
 
 def _retry_reason(exc: DBAPIError) -> str | None:
     """ "deadlock" or "serialization" when the batch may be retried as it is; None otherwise."""
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return _RETRYABLE_SQLSTATES.get(code or "")
+    return _RETRYABLE_SQLSTATES.get(driver_sqlstate(exc.orig))
 
 
 @dataclass(frozen=True)
