@@ -128,27 +128,25 @@ class Bus:
         check(self.js is not None, "self.js is not None")
         async with self._restoring:
             try:
-                info = await self.js.stream_info(name)
+                subjects: list[str] | None = list((await self.js.stream_info(name)).config.subjects or ())
             except NotFoundError:
-                info = None
-            if info is not None:
-                if set(STREAMS[name]) <= set(info.config.subjects or ()):
-                    return False  # another task (or replica) made it meanwhile
-                # There, but its subjects were edited (`nats stream edit`) so that it no longer
-                # takes ours: the same "no response from stream" as a deleted one, until a restart.
-                await self.ensure_stream(name)
-                STREAMS_RECREATED.inc()
-                log.error(
-                    "stream no longer took the suite's subjects (edited?); set them back",
-                    extra={"stream": name, "subjects": list(info.config.subjects or ())},
-                )
-                return True
+                subjects = None
+            if subjects is not None and set(STREAMS[name]) <= set(subjects):
+                return False  # another task (or replica) made it meanwhile
+            # Missing, or there with its subjects edited (`nats stream edit`) so that it no longer
+            # takes ours: the same "no response from stream", until a restart.
             await self.ensure_stream(name)
         STREAMS_RECREATED.inc()
-        log.error(
-            "stream was missing (deleted?); created it again: its events not yet consumed are lost, run the audit",
-            extra={"stream": name},
-        )
+        if subjects is None:
+            log.error(
+                "stream was missing (deleted?); created it again: its events not yet consumed are lost, run the audit",
+                extra={"stream": name},
+            )
+        else:
+            log.error(
+                "stream no longer took the suite's subjects (edited?); set them back",
+                extra={"stream": name, "subjects": subjects},
+            )
         return True
 
     async def _create_or_update(self, config: StreamConfig) -> StreamInfo:

@@ -30,6 +30,11 @@ GRPC_KEEPALIVE_TIME_S = 60.0
 GRPC_KEEPALIVE_TIMEOUT_S = 20.0
 
 
+def secret_bytes(secret: SecretStr | None) -> bytes:
+    """A secret setting as the HMAC key the code uses; b"" when it is unset (an optional one)."""
+    return secret.get_secret_value().encode() if secret is not None else b""
+
+
 def webhook_secret(secret: SecretStr | None) -> SecretStr | None:
     """A callback HMAC key as a provider signs with it (a field validator of the services that
     take callbacks): an empty one is none (the previous secret, unset); one with leading or

@@ -17,6 +17,7 @@ from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.audit import audit_registration, table_query
 from services.common.auth import OperatorAuth
 from services.common.clients import make_channel
+from services.common.config import secret_bytes
 from services.common.grpcserver import ServiceRegistration
 from services.common.inbox import Subscription
 from services.payout.config import PayoutSettings
@@ -34,11 +35,7 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payout_signature_tolerance_s,
         settings.dev_provider_auto_callback,
         settings.dev_provider_latency_s,
-        previous_secret=(
-            settings.payout_webhook_secret_previous.get_secret_value().encode()
-            if settings.payout_webhook_secret_previous is not None
-            else b""
-        ),
+        previous_secret=secret_bytes(settings.payout_webhook_secret_previous),
     )
     # Eligibility (18+, not blocked) asks the wallet, which holds ages, once per RequestWithdrawal
     # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.

@@ -13,6 +13,7 @@ from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common.app import Runtime, ServiceSpec, Wiring, main
 from services.common.audit import audit_registration, table_query
 from services.common.auth import OperatorAuth
+from services.common.config import secret_bytes
 from services.common.grpcserver import ServiceRegistration
 from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
@@ -29,11 +30,7 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payment_webhook_secret.get_secret_value().encode(),
         settings.payment_signature_tolerance_s,
         settings.dev_provider_latency_s,
-        previous_secret=(
-            settings.payment_webhook_secret_previous.get_secret_value().encode()
-            if settings.payment_webhook_secret_previous is not None
-            else b""
-        ),
+        previous_secret=secret_bytes(settings.payment_webhook_secret_previous),
     )
     router = PaymentRouter([provider], parse_routes(settings.payment_routes))
     wallet = Wallet(rt.db, rt.outbox, router, settings)
