@@ -30,7 +30,8 @@ class PayoutSettings(ServiceSettings):
     # answers UNAVAILABLE past it; the dispatcher and reconciler leave the withdrawal for a later round.
     provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # Payout methods a creator may have that are not FAILED verification (PENDING or VERIFIED);
-    # AddPayoutMethod answers RESOURCE_EXHAUSTED / PAYOUT_METHOD_LIMIT past it.
+    # AddPayoutMethod, and VerifyPayoutMethod of a FAILED method, answer RESOURCE_EXHAUSTED /
+    # PAYOUT_METHOD_LIMIT past it.
     methods_per_creator_max: int = Field(default=10, ge=1, le=1000)
     dispatch_interval_s: float = Field(default=0.2, gt=0, le=60)
     dispatch_batch_size_max: int = Field(default=50, ge=1, le=1000)

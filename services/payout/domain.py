@@ -234,6 +234,7 @@ def check_provider_outcome(current: WithdrawalStatus, target: WithdrawalStatus) 
 
 # A method counts against a creator's METHODS_PER_CREATOR_MAX until its verification FAILED: there
 # is no removing one, so counting failed ones would lock a creator out for good.
+# VerifyPayoutMethod(verified=true) of a FAILED one makes it count again, within the limit.
 ACTIVE_VERIFICATIONS = ("PENDING", "VERIFIED")
 
 

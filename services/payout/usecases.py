@@ -715,7 +715,8 @@ class Payout:
 
     async def _lock_creator_methods(self, uow: UnitOfWork, creator_id: str) -> None:
         """Hold, until commit, the lock of the creator's payout methods (PostgreSQL; SQLite
-        serializes writers): AddPayoutMethod's count and insert are one step for each creator."""
+        serializes writers): AddPayoutMethod's count and insert, and VerifyPayoutMethod's count
+        and update, are one step for each creator."""
         if self.db.dialect != "postgresql":
             return
         await uow.conn.execute(
@@ -760,14 +761,33 @@ class Payout:
         return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows], next_page_token=token)
 
     async def verify_payout_method(self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str) -> Any:
-        """Record the outcome of a method's verification (operator / KYC)."""
+        """Record the outcome of a method's verification (operator / KYC).
+
+        A FAILED method marked verified counts against METHODS_PER_CREATOR_MAX again: with the
+        creator already at the limit it answers RESOURCE_EXHAUSTED / PAYOUT_METHOD_LIMIT and
+        nothing is written, counted under AddPayoutMethod's per-creator lock. A method that
+        already counts (PENDING, VERIFIED) is never refused, and a retry under a key that took
+        effect gets its recorded answer (run_idempotent looks the key up before `work`).
+        """
         require_id(req.method_id, "method_id")
+        check(self.settings is not None, "self.settings is not None")
+        limit = self.settings.methods_per_creator_max
 
         async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
             m = payout_methods.c
-            row = (await uow.conn.execute(select(payout_methods).where(m.method_id == req.method_id))).first()
+            by_id = select(payout_methods).where(m.method_id == req.method_id)
+            row = (await uow.conn.execute(by_id)).first()
             if row is None:
                 raise NotFound("unknown payout method", "UNKNOWN_PAYOUT_METHOD")
+            if req.verified:
+                # Under the lock even for a method that counts: read PENDING without it, it could be
+                # failed and its place taken before this update made it count again. Read again
+                # under it: a call that made it count meanwhile (this key's first call, still
+                # running when its retry came) has committed, and the method is not counted twice.
+                await self._lock_creator_methods(uow, row.creator_id)
+                row = (await uow.conn.execute(by_id)).one()
+                if row.verification not in domain.ACTIVE_VERIFICATIONS:
+                    domain.check_method_count(await self._active_methods(uow, row.creator_id), limit)
             status = "VERIFIED" if req.verified else "FAILED"
             ts = now_us()
             await uow.conn.execute(

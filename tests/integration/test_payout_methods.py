@@ -1,5 +1,6 @@
 """A creator's payout methods, on each backend: ListPayoutMethods pages through all of them, and
-AddPayoutMethod stops at METHODS_PER_CREATOR_MAX methods that did not fail verification.
+AddPayoutMethod, and VerifyPayoutMethod of a FAILED method, stop at METHODS_PER_CREATOR_MAX methods
+that did not fail verification.
 
 ListPayoutMethods answered the 100 oldest and nothing else, with no way to ask for the rest, so a
 creator's newer methods were invisible to them; and nothing bounded how many a creator could add.
@@ -16,7 +17,7 @@ from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.payout import usecases
+from services.payout import domain, usecases
 from services.payout.storage import common, payout_methods
 from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import method_request, payout_on
@@ -196,3 +197,104 @@ async def test_a_retry_that_finds_the_last_place_taken_by_its_first_call_gets_th
     retry = await payout.add_payout_method(method_request("creator-a", "key-last"))
     assert first and retry == first[0]
     assert await method_count(payout, "creator-a") == LIMIT
+
+
+def verify(method_id: str, verified: bool, key: str) -> payout_pb2.VerifyPayoutMethodRequest:
+    return payout_pb2.VerifyPayoutMethodRequest(method_id=method_id, verified=verified, idempotency_key=key)
+
+
+async def verifications(payout: Payout, creator: str) -> dict[str, tuple[str, int]]:
+    """Each of the creator's methods: (verification, updated_at_us)."""
+    m = payout_methods.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        rows = await uow.conn.execute(
+            select(m.method_id, m.verification, m.updated_at_us).where(m.creator_id == creator)
+        )
+        return {r.method_id: (r.verification, r.updated_at_us) for r in rows}
+
+
+async def key_taken(payout: Payout, key: str) -> bool:
+    k = common.idempotency.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return bool((await uow.conn.execute(select(func.count()).where(k.key == key))).scalar_one())
+
+
+async def test_a_failed_method_verified_at_the_limit_is_refused_but_one_that_counts_never_is(payout: Payout) -> None:
+    """VerifyPayoutMethod(verified=true) makes a FAILED method count again: it verified one with the
+    creator already at the limit, so an operator could take a creator past METHODS_PER_CREATOR_MAX."""
+    failed = await payout.add_payout_method(method_request("creator-a", "key-failed"))
+    await payout.verify_payout_method(verify(failed.method_id, False, "v-fail"), "ops")
+    added = [await payout.add_payout_method(method_request("creator-a", f"key-{i}")) for i in range(LIMIT)]
+    before = await verifications(payout, "creator-a")
+
+    with pytest.raises(ResourceExhausted) as err:
+        await payout.verify_payout_method(verify(failed.method_id, True, "v-again"), "ops")
+    assert err.value.reason == "PAYOUT_METHOD_LIMIT"
+    assert err.value.metadata == {"limit": str(LIMIT)}
+    assert await verifications(payout, "creator-a") == before  # nothing written
+    assert not await key_taken(payout, "v-again")
+
+    # Methods that already count are verified at the limit, and again (VERIFIED -> VERIFIED).
+    for i, method in enumerate(added):
+        ok = await payout.verify_payout_method(verify(method.method_id, True, f"v-{i}"), "ops")
+        assert ok.verification == payout_pb2.VERIFICATION_STATUS_VERIFIED
+    again = await payout.verify_payout_method(verify(added[0].method_id, True, "v-0-again"), "ops")
+    assert again.verification == payout_pb2.VERIFICATION_STATUS_VERIFIED
+
+    # Once a place is free, the failed one takes it; a retry of that call gets its answer even
+    # after the creator is at the limit again without it.
+    await payout.verify_payout_method(verify(added[0].method_id, False, "v-free"), "ops")
+    taken = await payout.verify_payout_method(verify(failed.method_id, True, "v-again"), "ops")
+    assert taken.verification == payout_pb2.VERIFICATION_STATUS_VERIFIED
+    with pytest.raises(ResourceExhausted):
+        await payout.add_payout_method(method_request("creator-a", "key-over"))
+    await payout.verify_payout_method(verify(failed.method_id, False, "v-fail-again"), "ops")
+    await payout.add_payout_method(method_request("creator-a", "key-over"))
+    after = await verifications(payout, "creator-a")
+    assert await payout.verify_payout_method(verify(failed.method_id, True, "v-again"), "ops") == taken
+    assert await verifications(payout, "creator-a") == after
+    assert sum(v in domain.ACTIVE_VERIFICATIONS for v, _ in after.values()) == LIMIT
+
+
+async def test_concurrent_verifications_of_failed_methods_cannot_together_pass_the_limit(payout: Payout) -> None:
+    failed = []
+    for i in range(4):  # each failed before the next is added: more than the limit did not fail
+        failed.append(await payout.add_payout_method(method_request("creator-a", f"key-f{i}")))
+        await payout.verify_payout_method(verify(failed[-1].method_id, False, f"v-fail-{i}"), "ops")
+    for i in range(LIMIT - 1):
+        await payout.add_payout_method(method_request("creator-a", f"key-{i}"))
+    outcomes = await asyncio.gather(
+        *(payout.verify_payout_method(verify(m.method_id, True, f"v-{i}"), "ops") for i, m in enumerate(failed)),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert all(isinstance(o, ResourceExhausted) and o.reason == "PAYOUT_METHOD_LIMIT" for o in refused), refused
+    assert len(refused) == len(failed) - 1
+    states = await verifications(payout, "creator-a")
+    assert sum(v in domain.ACTIVE_VERIFICATIONS for v, _ in states.values()) == LIMIT
+
+
+async def test_a_verification_retry_that_finds_the_last_place_taken_by_its_first_call_gets_that_calls_answer(
+    payout: Payout, empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry that read the method FAILED before its first call committed, and counts after it,
+    the method included: it must answer as the first call did, not PAYOUT_METHOD_LIMIT."""
+    if empty_database.startswith("sqlite"):
+        pytest.skip("SQLite serializes writers: the first call cannot commit inside the retry's transaction")
+    failed = await payout.add_payout_method(method_request("creator-a", "key-failed"))
+    await payout.verify_payout_method(verify(failed.method_id, False, "v-fail"), "ops")
+    for i in range(LIMIT - 1):
+        await payout.add_payout_method(method_request("creator-a", f"key-{i}"))
+    first: list[payout_pb2.PayoutMethod] = []
+    lock = Payout._lock_creator_methods
+
+    async def the_first_call_commits_then_lock(self: Payout, uow, creator_id: str) -> None:  # type: ignore[no-untyped-def]
+        if not first:  # once, from the retry (the first call passes through)
+            first.append(payout_pb2.PayoutMethod())
+            first[0] = await payout.verify_payout_method(verify(failed.method_id, True, "v-last"), "ops")
+        await lock(self, uow, creator_id)
+
+    monkeypatch.setattr(Payout, "_lock_creator_methods", the_first_call_commits_then_lock)
+    retry = await payout.verify_payout_method(verify(failed.method_id, True, "v-last"), "ops")
+    assert retry == first[0]
+    assert retry.verification == payout_pb2.VERIFICATION_STATUS_VERIFIED
