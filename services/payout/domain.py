@@ -74,6 +74,9 @@ def per_creator(items: Iterable[Earning]) -> dict[str, tuple[int, int]]:
 FEE_BP_MAX = 5_000  # a fee above half of the gross is certainly a typo
 CURRENCIES_MAX = 32
 AMOUNT_MINOR_MAX = 10**12
+# A withdrawal's failure_reason (an operator's rejection, the provider's words): shown to the
+# creator, carried by its payout.withdrawal.* event (bus.EVENT_BYTES_MAX), a String(200) column.
+REASON_CHARS_MAX = 200
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from services.common import signing
 from services.common.errors import InvalidArgument, is_text
-from services.payout.domain import WithdrawalStatus
+from services.payout.domain import REASON_CHARS_MAX, WithdrawalStatus
 
 PAYLOAD_BYTES_MAX = 64 * 1024
 
@@ -177,13 +177,13 @@ class DevPayoutProvider:
 
 def _reason_text(reason: object) -> str:
     """The provider's words on a failure, kept whatever they hold (null is none, a number its
-    text): what is not text (`errors.is_text`: a NUL, say) becomes a space, at most 200 characters.
+    text): what is not text (`errors.is_text`: a NUL, say) becomes a space, at most REASON_CHARS_MAX characters.
     Refusing them instead would leave the withdrawal PROCESSING for good."""
     if reason is None:
         return ""
     if not isinstance(reason, str):
         reason = json.dumps(reason)  # a numeric code, say: kept as the provider sent it
-    return "".join(ch if is_text(ch) else " " for ch in reason[:200])
+    return "".join(ch if is_text(ch) else " " for ch in reason[:REASON_CHARS_MAX])
 
 
 def dev_payout_payload(

@@ -1013,9 +1013,10 @@ class Payout:
         require_id(req.withdrawal_id, "withdrawal_id")
         # Text only (errors.is_text): the reason is kept as the withdrawal's failure_reason and
         # shown to the creator; a NUL failed on PostgreSQL as INTERNAL and was kept on SQLite.
-        if len(req.reason) > 200 or not is_text(req.reason):
+        if len(req.reason) > domain.REASON_CHARS_MAX or not is_text(req.reason):
             raise InvalidArgument(
-                "reason must be at most 200 characters of text without control characters", "INVALID_REASON"
+                f"reason must be at most {domain.REASON_CHARS_MAX} characters of text without control characters",
+                "INVALID_REASON",
             )
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
@@ -1174,7 +1175,9 @@ class Payout:
             row = await self._load_withdrawal(uow, withdrawal_id)
             if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
                 return  # settled meanwhile, or another replica's submission was taken
-            await self._end_unpaid(uow, row, WithdrawalStatus.FAILED, f"refused by the provider: {reason}"[:200])
+            await self._end_unpaid(
+                uow, row, WithdrawalStatus.FAILED, f"refused by the provider: {reason}"[: domain.REASON_CHARS_MAX]
+            )
             await uow.commit()
         log.warning(
             "the payout provider refused a withdrawal for good; it failed and its diamonds are back",
