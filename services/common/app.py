@@ -27,6 +27,7 @@ from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
 from services.common.config import ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.deadletters import dead_letter_registration
+from services.common.errors import StartupError
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import (
     CONCURRENT_RPCS_MAX,
@@ -44,11 +45,6 @@ from services.common.tables import CommonTables
 from services.common.telemetry import setup_logging, setup_tracing, start_metrics
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(Exception):
-    """The service cannot start as configured (a port taken, the database unreachable): `main`
-    logs it as one line, without a traceback, and exits 1."""
 
 
 # SQLSTATE of a database that does not exist (a wrong name in DATABASE_URL).
@@ -215,7 +211,11 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     await asyncio.wait([stop_wait, crashed], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if crashed.done() and not crashed.cancelled() and crashed.exception() is not None:
-        log.error("background task crashed; stopping", exc_info=crashed.exception())
+        exc = crashed.exception()
+        if isinstance(exc, StartupError):  # found once running (NATS reached late): one line, as in `main`
+            log.error("%s", exc)
+        else:
+            log.error("background task crashed; stopping", exc_info=exc)
         exit_code = 1
     stop.set()
 

@@ -12,7 +12,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
-from services.common.errors import check
+from services.common.errors import StartupError, check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import STREAMS_RECREATED
 
@@ -27,6 +27,15 @@ STREAMS: dict[str, list[str]] = {
 # STREAM_MAX_AGE_S (config.py): a month of replay for consumers that were down.
 JETSTREAM_TIMEOUT_S = 5.0  # how long a JetStream API call or publish waits for its answer
 ERR_STREAM_NOT_FOUND = 10059  # JetStream's API error for a stream that does not exist
+# The most bytes one event may count against the NATS servers' max_payload (payload and headers:
+# `message_bytes`), which a service checks when it connects. The largest the fields' limits allow,
+# as the relay sends it, is 12.7 KB (tests/unit/test_event_size.py builds each kind):
+# headers 8.4 KB: tracestate up to 8,192 characters (OpenTelemetry drops a caller's longer one; no
+# baggage, telemetry.PROPAGATOR), traceparent, Nats-Msg-Id and the atomic batch's three; payload at
+# most 4.3 KB, a tip's GiftSent: a 500-character message (TIP_MESSAGE_CHARS_MAX's ceiling) and four
+# ids of ID_MAX (128) characters, 4 UTF-8 bytes each at worst. 16 KiB leaves room for a new field;
+# nats-server's default max_payload is 1 MiB.
+EVENT_BYTES_MAX = 16 * 1024
 
 
 def stream_of(subject: str) -> str | None:
@@ -35,6 +44,16 @@ def stream_of(subject: str) -> str | None:
         if any(subject.startswith(f.removesuffix(">")) for f in subjects):
             return name
     return None
+
+
+def message_bytes(payload: bytes, headers: dict[str, str] | None) -> int:
+    """What a publish of `payload` with `headers` counts against the server's max_payload: the
+    payload and the header block as nats-py writes it ("NATS/1.0\r\n", "Key: Value\r\n" each,
+    "\r\n"). nats-py itself checks the payload alone; a message over the limit with its headers
+    made the server close the connection (every publish in flight on it failed)."""
+    if not headers:
+        return len(payload)
+    return len(payload) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def is_stream_missing(exc: BaseException) -> bool:
@@ -74,18 +93,34 @@ class Bus:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                 )
+                self._check_max_payload()
                 self.js = self.nc.jetstream(timeout=JETSTREAM_TIMEOUT_S)
                 for stream in streams:
                     await self.ensure_stream(stream)
                 self.connected.set()
                 log.info("connected to NATS", extra={"streams": ",".join(streams)})
                 return
+            except StartupError:
+                await self._close_quietly()
+                raise
             except Exception as exc:  # noqa: BLE001 - keep trying; the outbox holds events meanwhile
                 log.warning("NATS not reachable, retrying", extra={"error": repr(exc), "retry_in_s": delay})
                 if self.nc is not None:
                     await self._close_quietly()
                 await sleep_unless_stopped(stop, delay)
                 delay = min(delay * 2, 5.0)
+
+    def _check_max_payload(self) -> None:
+        """Refuse a server that takes smaller messages than our events (its INFO's max_payload):
+        each event over it would wait in the outbox for good (OutboxRelay holds it)."""
+        check(self.nc is not None, "self.nc is not None")
+        if self.nc.max_payload < EVENT_BYTES_MAX:
+            server = self.nc.connected_url.netloc if self.nc.connected_url else self.settings.nats_url
+            raise StartupError(
+                f"NATS at {server} takes messages of at most {self.nc.max_payload} bytes (its max_payload), "
+                f"fewer than the {EVENT_BYTES_MAX} bytes an event of the suite may take: raise max_payload in "
+                "the nats-server configuration (1 MiB by default)"
+            )
 
     async def ensure_stream(self, name: str) -> None:
         """Create the stream, or update it to this configuration (idempotent).

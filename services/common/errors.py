@@ -108,6 +108,12 @@ class InvariantViolation(AssertionError):
     """A check that must never fail did; unlike `assert`, `python -O` cannot strip it."""
 
 
+class StartupError(Exception):
+    """The service cannot start as configured (a port taken, the database unreachable, a NATS
+    server that takes smaller messages than our events): `app.main` logs it as one line, without a
+    traceback, and exits 1."""
+
+
 def check(condition: object, message: str) -> None:
     """Assert an invariant in a way `python -O` keeps."""
     if not condition:

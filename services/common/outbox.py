@@ -50,6 +50,8 @@ ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains 
 # Any other refusal is of this batch only: incomplete (10176: a message lost in a reconnect, or
 # the batch timed out on a stalled disk), a missing sequence (10175), a full stream.
 ERR_BATCH_NEVER = {10174, 10177, 10199}
+# The headers an atomic batch adds to each event, at their longest (`_publish_atomic`).
+BATCH_HEADERS_MAX = {"Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": str(ATOMIC_BATCH_MAX), "Nats-Batch-Commit": "1"}
 
 
 def new_event_id() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,58 +22,33 @@ from nats.js.errors import ServiceUnavailableError
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, insert
 
-from services.cli.suite import free_port, nats_server_binary
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.outbox import Outbox, OutboxRelay
 from services.common.tables import add_common_tables
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, nats_server
 from tests.integration.test_outbox_relay import _Harness, _running
 
 STORE_BYTES = 1024 * 1024  # the server's whole JetStream file store
 PAYLOAD_BYTES_MAX = 64 * 1024
 
 
-def _start_server(tmp_path: Path) -> subprocess.Popen[bytes]:
-    """nats-server on a free port (its last argument) with a 1 MiB store and 64 KiB max_payload."""
-    port = free_port()
-    conf = tmp_path / "nats.conf"
-    store = tmp_path / "js"
-    conf.write_text(
-        f"host: 127.0.0.1\nmax_payload: {PAYLOAD_BYTES_MAX}\n"
-        f'jetstream {{\n  store_dir: "{store}"\n  max_file_store: {STORE_BYTES}\n  sync_interval: always\n}}\n'
-    )
-    with open(tmp_path / "nats.log", "ab") as log:
-        return subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-
-
 @contextlib.asynccontextmanager
-async def _small_server(tmp_path: Path) -> AsyncIterator[_Harness]:
-    """A nats-server of its own with a 1 MiB store and 64 KiB max_payload, and one relay on SQLite."""
-    server = _start_server(tmp_path)
+async def _small_server(tmp_path: Path, url: str | None = None) -> AsyncIterator[_Harness]:
+    """A nats-server of its own with a 1 MiB store and 64 KiB max_payload, and one relay on SQLite
+    (or on the database at `url`)."""
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as undo:
-
-        def stop_server() -> None:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-        undo.callback(stop_server)
-        url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+        nats_url = undo.enter_context(nats_server(tmp_path, max_payload=PAYLOAD_BYTES_MAX, store_bytes=STORE_BYTES))
+        url = url or f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
         metadata = MetaData()
         tables = add_common_tables(metadata)
         db = Database(url, pool_size=2, pool_timeout_s=5, application_name="store-full-test")
         undo.push_async_callback(db.dispose)
         async with db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
-        settings = ServiceSettings(database_url=url, nats_url=f"nats://127.0.0.1:{server.args[-1]}")  # type: ignore[call-arg]
+        settings = ServiceSettings(database_url=url, nats_url=nats_url)  # type: ignore[call-arg]
         bus = Bus(settings, "store-full-test")
         undo.push_async_callback(bus.close)
         undo.callback(stop.set)  # before the bus closes

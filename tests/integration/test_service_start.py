@@ -24,9 +24,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from services.common.app import StartupError, _starting
+from services.common.bus import EVENT_BYTES_MAX
 from services.common.early_signals import SIGTERM_EXIT_CODE
 from services.common.migrate import MIGRATION_LOCK_KEY
 from tests.integration import pg
+from tests.integration.helpers import nats_server
 
 ROOT = Path(__file__).resolve().parents[2]
 START_WAIT_S = 30.0
@@ -112,6 +114,19 @@ def test_a_database_that_is_down_is_one_line_without_its_password(
 def test_a_database_that_refuses_the_service_is_one_line(tmp_path: Path, change: dict[str, str], says: str) -> None:
     url = make_url(pg.admin_url_or_skip()).set(**change).render_as_string(hide_password=False)
     _says(_start(tmp_path, database_url=url), "cannot migrate the database", says)
+
+
+def test_a_nats_server_that_takes_smaller_messages_than_our_events_is_one_line(tmp_path: Path) -> None:
+    small = EVENT_BYTES_MAX - 1
+    with nats_server(tmp_path, max_payload=small) as url:
+        result = _start(tmp_path, nats_url=url)
+    _says(
+        result,
+        f"at most {small} bytes",
+        f"the {EVENT_BYTES_MAX} bytes",
+        "raise max_payload",
+        url.removeprefix("nats://"),
+    )
 
 
 def test_a_failure_the_environment_does_not_explain_keeps_its_traceback() -> None:
