@@ -27,15 +27,21 @@ import nats.errors
 from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import Table, delete, func, not_, select
 
 from services.common import faults
-from services.common.bus import Bus, is_stream_missing, stream_of
+from services.common.bus import Bus, is_stream_missing, message_bytes, stream_of
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped, wait_until_set
-from services.common.metrics import OUTBOX_OLDEST, OUTBOX_PENDING, OUTBOX_PUBLISH_ERRORS, OUTBOX_PUBLISHED
+from services.common.metrics import (
+    OUTBOX_OLDEST,
+    OUTBOX_OVERSIZED,
+    OUTBOX_PENDING,
+    OUTBOX_PUBLISH_ERRORS,
+    OUTBOX_PUBLISHED,
+)
 from services.common.sql import Bulk, bulk_insert, one_of_param
 from services.common.telemetry import extract_context, inject_headers, recording
 from services.common.timeutil import now_us
@@ -50,8 +56,27 @@ ERR_BATCH_DUPLICATE_MSG_ID = 10201  # JetStream: "atomic publish batch contains 
 # Any other refusal is of this batch only: incomplete (10176: a message lost in a reconnect, or
 # the batch timed out on a stalled disk), a missing sequence (10175), a full stream.
 ERR_BATCH_NEVER = {10174, 10177, 10199}
-# The headers an atomic batch adds to each event, at their longest (`_publish_atomic`).
+# The headers an atomic batch adds to each event, at their longest (`_publish_atomic`): a row is
+# sized with them, whichever way it goes.
 BATCH_HEADERS_MAX = {"Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": str(ATOMIC_BATCH_MAX), "Nats-Batch-Commit": "1"}
+_ID_ONLY = {"Nats-Msg-Id": ""}
+BATCH_HEADERS_BYTES = message_bytes(b"", _ID_ONLY | BATCH_HEADERS_MAX) - message_bytes(b"", _ID_ONLY)  # 98
+
+
+class OversizedEventError(nats.errors.MaxPayloadError):
+    """A row the server would refuse: its event and headers exceed the server's max_payload."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__()
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"nats: maximum payload exceeded ({self.size} bytes, max_payload {self.limit})"
+
+
+# A row's outcome until its publish answers: what an exception midway leaves for the rows after.
+_NOT_PUBLISHED = object()
 
 
 def new_event_id() -> str:
@@ -186,7 +211,12 @@ class OutboxRelay:
             .limit(self.batch_size_max)
         )
         self._claim = None if db.sqlite else self._unsent.with_for_update()
+        # The same reads past the rows held for their size (`_hold`), used while there are any.
+        self._unsent_past_held = self._unsent.where(not_(one_of_param(db.dialect, t.c.id, "held")))
+        self._claim_past_held = None if db.sqlite else self._unsent_past_held.with_for_update()
         self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
+        # Rows whose event is larger than the server takes (a producer bug), by id: their size.
+        self._held: dict[int, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
@@ -228,7 +258,7 @@ class OutboxRelay:
         """Publish one batch of unsent rows; returns how many were acked (and deleted)."""
         if self._claim is None:
             async with self.db.unit_of_work(readonly=True) as uow:
-                rows = (await uow.conn.execute(self._unsent)).all()
+                rows = await self._read(uow, claim=False)
             self._waited(rows)
             results, acked = await self._publish(rows)
             if acked:
@@ -236,19 +266,22 @@ class OutboxRelay:
                     await self._delete(uow, acked)
         else:
             async with self.db.unit_of_work() as uow:
-                rows = (await uow.conn.execute(self._claim)).all()
+                rows = await self._read(uow, claim=True)
                 self._waited(rows)
                 results, acked = await self._publish(rows)
                 if acked:
                     await self._delete(uow, acked)
         for subject, n in Counter(r.subject for r in rows if r.id in acked).items():
             OUTBOX_PUBLISHED.labels(subject).inc(n)
-        failed = len(rows) - len(acked)
+        held = self._hold(rows, results, acked)
+        failed = len(rows) - len(acked) - held
         OUTBOX_PENDING.set(failed)
         if not failed and len(rows) < self.batch_size_max:
-            OUTBOX_OLDEST.set(0)  # the read found every waiting row, and all of them went
+            OUTBOX_OLDEST.set(0)  # the read found every waiting row (but those held), and all of them went
         if failed:
-            first = next(res for res in results if isinstance(res, BaseException))
+            first = next(
+                res for res in results if isinstance(res, BaseException) and not isinstance(res, OversizedEventError)
+            )
             await self._restore_missing_streams(rows, results)
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
         return len(acked)
@@ -260,6 +293,45 @@ class OutboxRelay:
         missing = {stream_of(r.subject) for r, res in zip(rows, results, strict=True) if is_stream_missing(res)}
         for stream in sorted(s for s in missing if s is not None):
             await self.bus.restore_stream(stream)
+
+    async def _read(self, uow: UnitOfWork, *, claim: bool) -> list[Any]:
+        """The next batch of unsent rows (claimed with `claim`), past those held for their size
+        while the server's max_payload is still below it."""
+        check(self.bus.nc is not None, "self.bus.nc is not None")
+        limit = self.bus.nc.max_payload
+        held = [row_id for row_id, size in self._held.items() if size > limit]
+        if not held:
+            return list((await uow.conn.execute(self._claim if claim else self._unsent)).all())
+        stmt = self._claim_past_held if claim else self._unsent_past_held
+        return list((await uow.conn.execute(stmt, {"held": held})).all())
+
+    def _hold(self, rows: list[Any], results: list[Any], acked: set[int]) -> int:
+        """Keep the rows whose event is larger than the server takes out of the next reads; each
+        logged and counted once. Returns how many of `rows` are held.
+
+        They stay unsent in the table, where the audit sees them in flight: a producer bug to fix
+        (the suite's events fit EVENT_BYTES_MAX, which a service checks at connect), or a server
+        whose max_payload went down since. Choices: A) fail the pass, as any refusal (every pass
+        then failed and backed off, so the events behind such a row went at most a batch per
+        RELAY_BACKOFF_MAX_S); B) delete or park the row (its state change is committed, and the
+        event would be gone for good); C) hold it and publish the rest. We take C. A held row goes
+        once a connection's max_payload takes it (a restart, or a reconnect to a larger server).
+        """
+        if self._held:  # those a larger server took since
+            self._held = {i: n for i, n in self._held.items() if i not in acked}
+        held = 0
+        for r, res in zip(rows, results, strict=True):
+            if not isinstance(res, OversizedEventError):
+                continue
+            held += 1
+            if r.id not in self._held:
+                OUTBOX_OVERSIZED.inc()
+                log.error(
+                    "outbox event larger than NATS takes; kept in the outbox, the others go on",
+                    extra={"event_id": r.event_id, "subject": r.subject, "bytes": res.size, "max_payload": res.limit},
+                )
+            self._held[r.id] = res.size
+        return held
 
     async def _measure_backlog(self) -> None:
         """The backlog's age without publishing: the oldest unsent row's."""
@@ -282,21 +354,41 @@ class OutboxRelay:
         stored = [json.loads(r.headers) if r.headers != "{}" else {} for r in rows]
         spans = _publish_spans(rows, stored) if recording() else None
         headers = [_headers(stored[i], r.event_id, spans[i] if spans else None) for i, r in enumerate(rows)]
-        results: list[Any] = []
+        results: list[Any] = [_NOT_PUBLISHED] * len(rows)
+        # Rows the server would refuse are not sent: nats-py refuses a payload over max_payload
+        # (after an atomic batch's first events went out), and the server closed the connection on
+        # one under it whose headers took it over.
+        check(self.bus.nc is not None, "self.bus.nc is not None")
+        limit = self.bus.nc.max_payload
+        sendable = []
+        for i, (r, h) in enumerate(zip(rows, headers, strict=True)):
+            size = message_bytes(r.payload, h) + BATCH_HEADERS_BYTES
+            if size > limit:
+                results[i] = OversizedEventError(size, limit)
+            else:
+                sendable.append(i)
         try:
-            for start in range(0, len(rows), ATOMIC_BATCH_MAX):
-                chunk = rows[start : start + ATOMIC_BATCH_MAX]
-                chunk_headers = headers[start : start + ATOMIC_BATCH_MAX]
+            for start in range(0, len(sendable), ATOMIC_BATCH_MAX):
+                at = sendable[start : start + ATOMIC_BATCH_MAX]
+                chunk = [rows[i] for i in at]
+                chunk_headers = [headers[i] for i in at]
                 stream = self.bus.atomic_stream_of({r.subject for r in chunk}) if len(chunk) > 1 else None
                 if stream is not None and await self._publish_atomic(stream, chunk, chunk_headers):
-                    results += [None] * len(chunk)
+                    outcomes: list[Any] = [None] * len(chunk)
                 else:
-                    results += await self._publish_each(chunk, chunk_headers)
+                    outcomes = await self._publish_each(chunk, chunk_headers)
+                for i, res in zip(at, outcomes, strict=True):
+                    results[i] = res
         finally:
             if spans:
                 _end_publish_spans(spans, results)
         faults.point("relay.after_puback_before_mark")
-        return results, {r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)}
+        acked = {
+            r.id
+            for r, res in zip(rows, results, strict=True)
+            if res is not _NOT_PUBLISHED and not isinstance(res, BaseException)
+        }
+        return results, acked
 
     async def _delete(self, uow: UnitOfWork, ids: set[int]) -> None:
         """Delete the rows whose events are stored, and commit."""
@@ -433,8 +525,9 @@ def _publish_spans(rows: list[Any], stored: list[dict[str, str]]) -> list[Span]:
 
 def _end_publish_spans(spans: list[Span], results: list[Any]) -> None:
     """End each publish span, marked an error when its event was not stored (or never sent)."""
-    for i, span in enumerate(spans):
-        res = results[i] if i < len(results) else None
-        if i >= len(results) or isinstance(res, BaseException):
-            span.set_status(Status(StatusCode.ERROR, repr(res) if res is not None else "not published"))
+    for span, res in zip(spans, results, strict=True):
+        if res is _NOT_PUBLISHED:
+            span.set_status(Status(StatusCode.ERROR, "not published"))
+        elif isinstance(res, BaseException):
+            span.set_status(Status(StatusCode.ERROR, repr(res)))
         span.end()

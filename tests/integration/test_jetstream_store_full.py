@@ -3,16 +3,18 @@ with an event larger than the server takes (`max_payload`).
 
 A full store refuses every publish (`insufficient resources`): the relay keeps every event in
 the outbox, retries with a growing backoff (no busy loop), logs what the server said, and once
-space is freed stores each event once, in order. An event over max_payload never leaves the
-outbox (the client refuses it before sending): it is kept, named in the log, and does not stop
-the events behind it.
+space is freed stores each event once, in order. An event over max_payload with its headers (a
+producer bug) is not sent: it is held in the outbox, named in the log and counted once, and the
+events behind it go at once, every pass succeeding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.outbox import Outbox, OutboxRelay
 from services.common.tables import add_common_tables
+from tests.integration import pg
 from tests.integration.helpers import eventually, nats_server
 from tests.integration.test_outbox_relay import _Harness, _running
 
@@ -93,27 +96,66 @@ async def test_a_full_jetstream_store_keeps_events_in_the_outbox_without_a_busy_
         assert await h.stored_ids() == first + later, "each event once, in order"
 
 
-async def test_an_event_larger_than_max_payload_stays_in_the_outbox_and_the_others_go(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with _small_server(tmp_path) as h:
-        before = await h.add_events(2)
-        async with h.db.unit_of_work() as uow:  # a producer bug: an event over max_payload
-            await uow.conn.execute(
-                insert(h.outbox.table).values(
-                    event_id="oversized",
-                    subject="gifting.gift.sent",
-                    payload=b"x" * (PAYLOAD_BYTES_MAX + 1),
-                    headers="{}",
-                    created_at_us=0,
-                )
+@pytest.fixture(params=["sqlite", "postgres"])
+async def small(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Harness]:
+    """`_small_server` on SQLite, and on a PostgreSQL database of its own (skipped without one)."""
+    if request.param == "sqlite":
+        async with _small_server(tmp_path) as h:
+            yield h
+        return
+    admin = pg.admin_url_or_skip()
+    name = f"lg_payload_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    try:
+        async with _small_server(tmp_path, pg.database_url(admin, name)) as h:
+            yield h
+    finally:
+        pg.drop_database(admin, name)
+
+
+async def _add_raw(h: _Harness, event_id: str, payload: bytes, headers: str = "{}") -> None:
+    """A row as a producer bug might write it."""
+    async with h.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(h.outbox.table).values(
+                event_id=event_id, subject="gifting.gift.sent", payload=payload, headers=headers, created_at_us=0
             )
-            await uow.commit()
-        after = await h.add_events(2)
-        with pytest.raises(RuntimeError, match="1 of 5 publishes failed: nats: maximum payload exceeded"):
-            await h.relay.relay_once()
-        assert await h.unpublished() == 1, "kept, not lost"
+        )
+        await uow.commit()
+
+
+def _oversized() -> float:
+    return REGISTRY.get_sample_value("livegifts_outbox_oversized_total") or 0.0
+
+
+async def test_an_event_larger_than_max_payload_is_held_in_the_outbox_and_the_others_go_at_once(
+    small: _Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = small
+    before = await h.add_events(2)
+    await _add_raw(h, "oversized", b"x" * (PAYLOAD_BYTES_MAX + 1))
+    # Under max_payload by itself, over it with its headers: the server closed the connection on it.
+    tracestate = json.dumps({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01", "tracestate": "k=" + "v" * 200})
+    await _add_raw(h, "over-with-headers", b"x" * (PAYLOAD_BYTES_MAX - 100), tracestate)
+    after = await h.add_events(2)
+    counted, errors = _oversized(), _publish_errors()
+    with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
+        assert await h.relay.relay_once() == 4, "the pass succeeds: the others go"
         more = await h.add_events(3)
-        with pytest.raises(RuntimeError, match="1 of 4"):
-            await h.relay.relay_once()
-        assert await h.stored_ids() == before + after + more
+        assert await h.relay.relay_once() == 3, "the held rows are read no more"
+    assert await h.stored_ids() == before + after + more
+    assert await h.unpublished() == 2, "held, not lost: the audit sees them in flight"
+    async with h.db.unit_of_work(readonly=True) as uow:
+        first, _last = await h.outbox.marks(uow)
+        assert first > 0
+    assert _oversized() - counted == 2, "each held row counted once"
+    held = [r for r in caplog.records if r.message.startswith("outbox event larger than NATS takes")]
+    assert sorted(r.event_id for r in held) == ["over-with-headers", "oversized"]
+    assert all(r.max_payload == PAYLOAD_BYTES_MAX and r.bytes > PAYLOAD_BYTES_MAX for r in held)
+    # The relay's own loop: no failed pass, no backoff, the next events go at once.
+    async with _running(h.relay.run):
+        later = await h.add_events(5)
+        await eventually(h.unpublished, lambda n: n == 2, 5)
+    assert _publish_errors() == errors
+    assert (await h.stored_ids())[-5:] == later
+    assert h.bus.nc is not None and h.bus.nc.stats["reconnects"] == 0, "the server never closed the connection"
