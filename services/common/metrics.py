@@ -15,9 +15,9 @@ OUTBOX_OLDEST = Gauge(
     "livegifts_outbox_oldest_seconds",
     "Age of the oldest outbox row waiting to be published, at the relay's last pass (0: none left)",
 )
-OUTBOX_OVERSIZED = Counter(
-    "livegifts_outbox_oversized_total",
-    "Outbox rows found larger than the NATS servers' max_payload (a producer bug), each counted once; kept unsent",
+OUTBOX_HELD = Gauge(
+    "livegifts_outbox_held_events",
+    "Outbox rows this relay holds unsent because they are larger than the NATS servers' max_payload (a producer bug)",
 )
 STREAMS_RECREATED = Counter(
     "livegifts_streams_recreated_total",

@@ -36,8 +36,8 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import check
 from services.common.loops import sleep_unless_stopped, wait_until_set
 from services.common.metrics import (
+    OUTBOX_HELD,
     OUTBOX_OLDEST,
-    OUTBOX_OVERSIZED,
     OUTBOX_PENDING,
     OUTBOX_PUBLISH_ERRORS,
     OUTBOX_PUBLISHED,
@@ -325,12 +325,12 @@ class OutboxRelay:
                 continue
             held += 1
             if r.id not in self._held:
-                OUTBOX_OVERSIZED.inc()
                 log.error(
                     "outbox event larger than NATS takes; kept in the outbox, the others go on",
                     extra={"event_id": r.event_id, "subject": r.subject, "bytes": res.size, "max_payload": res.limit},
                 )
             self._held[r.id] = res.size
+        OUTBOX_HELD.set(len(self._held))
         return held
 
     async def _measure_backlog(self) -> None:
