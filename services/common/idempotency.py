@@ -15,10 +15,11 @@ the ledger) go after the same retention (services/gifting/keyrows.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Table, insert, select
@@ -26,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import Aborted, AlreadyExists, require_key
+from services.common.errors import Aborted, AlreadyExists, InvalidArgument, require_key
 from services.common.metrics import IDEMPOTENCY_PRUNED
 from services.common.pruning import AgePruner
 from services.common.tables import CommonTables
@@ -104,6 +105,49 @@ async def stored_answer(
     key = require_key(getattr(request, key_field), key_field)
     async with db.unit_of_work(readonly=True) as uow:
         return await lookup(uow, table, scope, key, request_hash(request, key_field, secret), response_type)
+
+
+def answers_retry(
+    table: Table,
+    scope: str,
+    response_type: type[R],
+    *,
+    key_field: str = "idempotency_key",
+    secret: Callable[[Any], bytes | None] | None = None,
+) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+    """Decorates a use case `method(self, req, ...)` that runs `run_idempotent(..., scope, ...)`:
+    a request it refuses with InvalidArgument gets the answer stored for it, else the refusal.
+
+    A retry of a request that took effect (an older release, or a looser limit, accepted it)
+    answers as its first call did. The key must be well formed and the request the one stored
+    under it (the digest `run_idempotent` takes, with the same `key_field` and `secret(self)`,
+    the key of a keyed hash): a different request under the key, or one under a malformed key,
+    gets the refusal as before. Only a refusal reads (`self.db`): an accepted request pays
+    nothing. A refusal from anywhere in the method: one from inside the transaction rolled it
+    back, so the look-up finds nothing or a concurrent first call's committed answer (the right
+    one for a retry).
+    """
+
+    def decorate(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+        @functools.wraps(method)
+        async def answered(self: Any, req: Message, *args: Any, **kwargs: Any) -> R:
+            try:
+                return await method(self, req, *args, **kwargs)
+            except InvalidArgument as refusal:
+                hash_key = secret(self) if secret is not None else None
+                try:
+                    stored = await stored_answer(
+                        self.db, table, scope, req, response_type, key_field=key_field, secret=hash_key
+                    )
+                except (InvalidArgument, AlreadyExists):  # a malformed key, or a different request under it
+                    stored = None
+                if stored is None:
+                    raise refusal
+                return stored
+
+        return answered
+
+    return decorate
 
 
 async def run_idempotent(

@@ -50,7 +50,7 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.idempotency import key_reused, run_idempotent
+from services.common.idempotency import answers_retry, key_reused, run_idempotent
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
@@ -215,6 +215,7 @@ class Gifting:
             ]
         )
 
+    @answers_retry(common.idempotency, "StartStream", gifting_pb2.Stream)
     async def start_stream(self, req: gifting_pb2.StartStreamRequest) -> gifting_pb2.Stream:
         """Go live; one live stream per creator."""
         require_id(req.creator_id, "creator_id")
@@ -243,6 +244,7 @@ class Gifting:
 
         return await run_idempotent(self.db, common.idempotency, "StartStream", req, gifting_pb2.Stream, work)
 
+    @answers_retry(common.idempotency, "EndStream", gifting_pb2.Stream)
     async def end_stream(self, req: gifting_pb2.EndStreamRequest) -> gifting_pb2.Stream:
         """End a live stream once per key (ending an ended stream returns it unchanged).
 
@@ -289,6 +291,7 @@ class Gifting:
             raise NotFound("unknown stream", "UNKNOWN_STREAM")
         return _stream_pb(row._asdict())
 
+    @answers_retry(common.idempotency, "UpsertGift", gifting_pb2.Gift)
     async def upsert_gift(self, req: gifting_pb2.UpsertGiftRequest, operator: str) -> gifting_pb2.Gift:
         """Add a gift, reprice it or retire it; gifts already sent keep the price they were sent at."""
         require_id(req.gift_id, "gift_id")
@@ -320,6 +323,7 @@ class Gifting:
 
     # ---- exclusive content ---------------------------------------------------------------
 
+    @answers_retry(common.idempotency, "CreateContent", gifting_pb2.Content)
     async def create_content(self, req: gifting_pb2.CreateContentRequest) -> gifting_pb2.Content:
         """Publish content (or a paid feature) that users unlock for coins."""
         require_id(req.creator_id, "creator_id")

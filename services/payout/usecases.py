@@ -41,7 +41,7 @@ from services.common.errors import (
     require_id,
     require_positive,
 )
-from services.common.idempotency import run_idempotent, stored_answer
+from services.common.idempotency import answers_retry, run_idempotent, stored_answer
 from services.common.loops import run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OPEN,
@@ -578,6 +578,7 @@ class Payout:
         async with self.db.unit_of_work(readonly=True) as uow:
             return self._policy_pb(await self._policy_row(uow))
 
+    @answers_retry(common.idempotency, "SetPolicy", payout_pb2.Policy)
     async def set_policy(self, req: payout_pb2.SetPolicyRequest, operator: str) -> payout_pb2.Policy:
         """A new policy version (operator); the old versions stay as the record of who changed what."""
         terms = [
@@ -616,6 +617,9 @@ class Payout:
 
     # ---- payout methods --------------------------------------------------------------------
 
+    @answers_retry(
+        common.idempotency, "AddPayoutMethod", payout_pb2.PayoutMethod, secret=lambda p: p._request_hash_key()
+    )
     async def add_payout_method(self, req: payout_pb2.AddPayoutMethodRequest) -> payout_pb2.PayoutMethod:
         """Validate a PayPal or bank account, vault it with the provider, keep only a mask (PENDING).
 
@@ -760,6 +764,7 @@ class Payout:
         )
         return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows], next_page_token=token)
 
+    @answers_retry(common.idempotency, "VerifyPayoutMethod", payout_pb2.PayoutMethod)
     async def verify_payout_method(self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str) -> Any:
         """Record the outcome of a method's verification (operator / KYC).
 
@@ -818,6 +823,7 @@ class Payout:
         if r.is_minor or not r.may_spend:
             raise FailedPrecondition("withdrawals need an adult account", "UNDERAGE")
 
+    @answers_retry(common.idempotency, "RequestWithdrawal", payout_pb2.Withdrawal)
     async def request_withdrawal(self, req: payout_pb2.RequestWithdrawalRequest) -> payout_pb2.Withdrawal:
         """Hold diamonds for a payout: one transaction of conditional UPDATEs, so concurrent requests
         can never together exceed the balance or the daily maximum."""
@@ -987,6 +993,7 @@ class Payout:
         await self._withdrawal_event(uow, _SUBJECT[target], moved, moved.failure_reason)
         return moved
 
+    @answers_retry(common.idempotency, "ApproveWithdrawal", payout_pb2.Withdrawal)
     async def approve_withdrawal(self, req: payout_pb2.ApproveWithdrawalRequest, operator: str) -> Any:
         """An operator approves a reviewed withdrawal; refused while the creator's balance is negative."""
         require_id(req.withdrawal_id, "withdrawal_id")
@@ -1007,6 +1014,7 @@ class Payout:
 
         return await run_idempotent(self.db, common.idempotency, "ApproveWithdrawal", req, payout_pb2.Withdrawal, work)
 
+    @answers_retry(common.idempotency, "RejectWithdrawal", payout_pb2.Withdrawal)
     async def reject_withdrawal(self, req: payout_pb2.RejectWithdrawalRequest, operator: str) -> Any:
         """An operator rejects a withdrawal under review, or one approved but not yet claimed by the
         dispatcher (still APPROVED, so never submitted): the diamonds are released."""

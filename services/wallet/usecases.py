@@ -30,7 +30,7 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.idempotency import run_idempotent, stored_answer
+from services.common.idempotency import answers_retry, run_idempotent, stored_answer
 from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
@@ -218,6 +218,7 @@ class Wallet:
             out.setdefault(r.package_id, []).append(_terms(r))
         return out
 
+    @answers_retry(common.idempotency, "CreatePurchase", wallet_pb2.Purchase)
     async def create_purchase(self, req: wallet_pb2.CreatePurchaseRequest) -> wallet_pb2.Purchase:
         """A PENDING purchase with the price frozen now and a checkout session the provider opened for it.
 
@@ -703,6 +704,7 @@ class Wallet:
             for r in rows
         }
 
+    @answers_retry(common.idempotency, "SetSpendingLimits", wallet_pb2.SpendingLimits)
     async def set_spending_limits(self, req: wallet_pb2.SetSpendingLimitsRequest) -> wallet_pb2.SpendingLimits:
         """Change a user's or an operator's caps: lower at once, higher after the cooling-off period."""
         require_id(req.user_id, "user_id")
@@ -797,6 +799,7 @@ class Wallet:
 
     # ---- operator: packages and promotions ---------------------------------------------
 
+    @answers_retry(common.idempotency, "UpsertCoinPackage", wallet_pb2.CoinPackage)
     async def upsert_package(self, req: wallet_pb2.UpsertCoinPackageRequest, operator: str) -> wallet_pb2.CoinPackage:
         """Create or change a coin package (operator); purchases already made keep their frozen price."""
         _require_short_id(req.package_id, "package_id")
@@ -832,6 +835,7 @@ class Wallet:
 
         return await run_idempotent(self.db, common.idempotency, "UpsertCoinPackage", req, wallet_pb2.CoinPackage, work)
 
+    @answers_retry(common.idempotency, "UpsertPromotion", wallet_pb2.Promotion)
     async def upsert_promotion(self, req: wallet_pb2.UpsertPromotionRequest, operator: str) -> wallet_pb2.Promotion:
         """Create or change a promotion of one package (operator)."""
         p = req.promotion
@@ -891,6 +895,7 @@ class Wallet:
 
     # ---- restrictions ------------------------------------------------------------------
 
+    @answers_retry(common.idempotency, "SetAccountRestrictions", wallet_pb2.AccountRestrictions)
     async def set_restrictions(self, req: wallet_pb2.SetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
         """Record age and block status (an operator's or the identity service's word), once per key.
 
