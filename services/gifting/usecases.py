@@ -13,6 +13,7 @@ cancelled with nothing debited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -371,15 +372,16 @@ class Gifting:
 
     async def send_gift(self, req: gifting_pb2.SendGiftRequest) -> gifting_pb2.GiftReceipt:
         """Send `quantity` of a gift to a live stream, once per idempotency key."""
-        require_id(req.stream_id, "stream_id")
-        require_id(req.sender_id, "sender_id")
-        require_id(req.gift_id, "gift_id")
-        key = require_key(req.idempotency_key)
-        if self.settings.group_commit:
-            gift = await self._begin_batcher.submit(req)  # the batch computes each digest once
+        try:
+            key = _checked_gift_key(req)
+        except InvalidArgument as refusal:
+            gift = await self._recorded_or_refused(refusal, req)
         else:
-            digest = _gift_digest(req)
-            gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
+            if self.settings.group_commit:
+                gift = await self._begin_batcher.submit(req)  # the batch computes each digest once
+            else:
+                digest = _gift_digest(req)
+                gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
         return _receipt(await self._settle(gift))
 
     async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
@@ -521,19 +523,25 @@ class Gifting:
             raise InvalidArgument(f"gifts must hold 1..{SEND_GIFTS_ITEMS_MAX} items", "INVALID_BATCH_SIZE")
         out: list[dict[str, Any] | DomainError | None] = [None] * len(items)
         keys: dict[str, int] = {}  # key -> index of the item that owns it in this call
+        refused: dict[str, int] = {}  # key -> first item under it a check refused (maybe a retry)
         digests: list[str] = [""] * len(items)
         for i, it in enumerate(items):
             try:
-                require_id(it.stream_id, "stream_id")
-                require_id(it.sender_id, "sender_id")
-                require_id(it.gift_id, "gift_id")
-                key = require_key(it.idempotency_key)
+                key = _checked_gift_key(it)
                 if key in keys:
                     raise InvalidArgument("idempotency_key is repeated within the batch", "DUPLICATE_KEY_IN_BATCH")
                 keys[key] = i
                 digests[i] = _gift_digest(it)
             except DomainError as exc:
                 out[i] = exc
+                if isinstance(exc, InvalidArgument) and exc.reason != "DUPLICATE_KEY_IN_BATCH":
+                    refused.setdefault(it.idempotency_key, i)
+        if refused:
+            # An item today's checks refuse, a retry of one that took effect: its gift, as SendGift.
+            again = [i for key, i in refused.items() if key not in keys]
+            for i, row in zip(again, await self._answered_by_key([items[i] for i in again]), strict=True):
+                if row is not None:
+                    out[i] = row
         todo = [i for i in range(len(items)) if out[i] is None]
         if todo:
             begun = await self._begin_many([items[i] for i in todo], [digests[i] for i in todo])
@@ -959,29 +967,38 @@ class Gifting:
 
     async def send_tip(self, req: gifting_pb2.SendTipRequest) -> gifting_pb2.GiftReceipt:
         """Tip a live stream a free amount of coins with an optional short message, once per key."""
-        require_id(req.stream_id, "stream_id")
-        require_id(req.sender_id, "sender_id")
-        key = require_key(req.idempotency_key)
-        # Checked here so a bad tip fails before it joins a batch (and again when planned).
-        domain.tip_coins(req.coins, self.settings.tip_coins_max)
-        domain.tip_message(req.message, self.settings.tip_message_chars_max)
-        if self.settings.group_commit:
-            gift = await self._begin_batcher.submit(req)
+        try:
+            require_id(req.stream_id, "stream_id")
+            require_id(req.sender_id, "sender_id")
+            key = require_key(req.idempotency_key)
+            # Checked here so a bad tip fails before it joins a batch (and again when planned).
+            domain.tip_coins(req.coins, self.settings.tip_coins_max)
+            domain.tip_message(req.message, self.settings.tip_message_chars_max)
+        except InvalidArgument as refusal:
+            gift = await self._recorded_or_refused(refusal, req)
         else:
-            digest = _digest(req)
-            gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
+            if self.settings.group_commit:
+                gift = await self._begin_batcher.submit(req)
+            else:
+                digest = _digest(req)
+                gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
         return _receipt(await self._settle(gift))
 
     async def unlock_content(self, req: gifting_pb2.UnlockContentRequest) -> gifting_pb2.UnlockReceipt:
         """Unlock content for coins; charged once per user, a second unlock returns the existing access."""
-        require_id(req.user_id, "user_id")
-        require_id(req.content_id, "content_id")
-        key = require_key(req.idempotency_key)
-        if self.settings.group_commit:
-            gift = await self._begin_batcher.submit(req)
+        try:
+            require_id(req.user_id, "user_id")
+            require_id(req.content_id, "content_id")
+            key = require_key(req.idempotency_key)
+        except InvalidArgument as refusal:
+            gift = await self._recorded_or_refused(refusal, req)
+            key = req.idempotency_key
         else:
-            digest = _digest(req)
-            gift, _own = await self._begin(key, digest, self._unlock_planner(req, key, digest))
+            if self.settings.group_commit:
+                gift = await self._begin_batcher.submit(req)
+            else:
+                digest = _digest(req)
+                gift, _own = await self._begin(key, digest, self._unlock_planner(req, key, digest))
         # This call's own unlock (new, or a retry of its key), or the user's earlier unlock of this
         # content under another key (not charged again).
         own = gift["idempotency_key"] == key
@@ -1049,6 +1066,35 @@ class Gifting:
             except IntegrityError:
                 continue  # a concurrent call with this key (or this unlock) inserted first: resume it
         raise Aborted("the gift is being created concurrently, retry", "CONFLICT")
+
+    async def _recorded_or_refused(self, refusal: InvalidArgument, req: _Begin) -> dict[str, Any]:
+        """The gift a refused request's key recorded (`_answered_by_key`), else `refusal`."""
+        row = (await self._answered_by_key([req]))[0]
+        if row is None:
+            raise refusal
+        return row
+
+    async def _answered_by_key(self, reqs: list[_Begin]) -> list[dict[str, Any] | None]:
+        """For gifts, tips and unlocks today's checks refuse (distinct keys): the gift each one's key
+        recorded when the request is a retry a retry answers from it (an older release, or a looser
+        limit, accepted it), else None. Read only on the refusal path, with the digest the request
+        was recorded with; a malformed key, a different request under the key, a cancelled gift or
+        a KEY_ONLY row (a retry of those is checked anew) leave the refusal standing."""
+        keys = []
+        for r in reqs:
+            with contextlib.suppress(InvalidArgument):
+                keys.append(require_key(r.idempotency_key))
+        rows: dict[str, dict[str, Any]] = {}
+        if keys:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                rows = {r.idempotency_key: r._asdict() for r in await uow.conn.execute(self._by_keys, {"ids": keys})}
+        out: list[dict[str, Any] | None] = []
+        for r in reqs:
+            row, digest = rows.get(r.idempotency_key), _digest(r)
+            out.append(
+                row if row is not None and row["request_hash"] == digest and not _restarts(row, digest) else None
+            )
+        return out
 
     async def _by_key(self, uow: UnitOfWork, key: str) -> dict[str, Any] | None:
         """The gift recorded under `key` (maybe cancelled); `_restarts` checks it against the request."""
@@ -1512,6 +1558,14 @@ def _fields_digest(*fields: object) -> str:
     as it did before the escaping, so the digests recorded then still match their retries."""
     text = "|".join(str(f).replace("\\", "\\\\").replace("|", "\\|") for f in fields)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checked_gift_key(req: gifting_pb2.SendGiftRequest) -> str:
+    """The key of a gift whose fields pass the checks made before any read (SendGift, SendGifts items)."""
+    require_id(req.stream_id, "stream_id")
+    require_id(req.sender_id, "sender_id")
+    require_id(req.gift_id, "gift_id")
+    return require_key(req.idempotency_key)
 
 
 def _gift_digest(req: gifting_pb2.SendGiftRequest) -> str:

@@ -129,6 +129,75 @@ async def test_a_refusal_raised_inside_the_command_answers_a_first_call_committe
     assert await late.start_stream(req, meanwhile=True) == late.first
 
 
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_a_gift_retried_after_validation_was_tightened_gets_its_receipt(
+    gift: Gift, monkeypatch: pytest.MonkeyPatch, group_commit: bool
+) -> None:
+    g = await gift.restart(group_commit=group_commit)
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+    req = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=LONG_ID, gift_id="panda", quantity=2, idempotency_key="k1"
+    )
+    first = await g.send_gift(req)
+    assert first.status == gifting_pb2.GIFT_STATUS_SENT
+    monkeypatch.setattr(errors, "ID_MAX", 32)  # the newer release's id rule
+    assert await g.send_gift(req) == first
+    assert gift.wallet.spends == 1  # charged once
+    await _refused(g.send_gift(copy_of(req, idempotency_key="k2")), "INVALID_ID")
+    await _refused(g.send_gift(copy_of(req, quantity=3)), "INVALID_ID")  # another request under k1
+    assert gift.wallet.spends == 1
+
+
+async def test_a_tip_retried_after_a_restart_with_a_lower_maximum_gets_its_receipt(gift: Gift) -> None:
+    g = await gift.restart()
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+    req = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v1", coins=500, idempotency_key="t1")
+    first = await g.send_tip(req)
+    g = await gift.restart(tip_coins_max=100)  # LIVEGIFTS_GIFTING_TIP_COINS_MAX lowered
+    assert await g.send_tip(req) == first
+    await _refused(g.send_tip(copy_of(req, idempotency_key="t2")), "INVALID_TIP_AMOUNT")
+    await _refused(g.send_tip(copy_of(req, coins=400)), "INVALID_TIP_AMOUNT")
+    assert gift.wallet.spends == 1
+
+
+async def test_an_unlock_retried_after_validation_was_tightened_gets_its_receipt(
+    gift: Gift, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = await gift.restart()
+    content = await g.create_content(
+        gifting_pb2.CreateContentRequest(creator_id="c1", title="t", price_coins=30, idempotency_key="c")
+    )
+    req = gifting_pb2.UnlockContentRequest(content_id=content.content_id, user_id=LONG_ID, idempotency_key="u1")
+    first = await g.unlock_content(req)
+    assert not first.already_unlocked
+    monkeypatch.setattr(errors, "ID_MAX", 32)
+    assert await g.unlock_content(req) == first
+    await _refused(g.unlock_content(copy_of(req, idempotency_key="u2")), "INVALID_ID")
+    assert gift.wallet.spends == 1
+
+
+async def test_a_send_gifts_item_retried_after_validation_was_tightened_gets_its_receipt(
+    gift: Gift, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = await gift.restart()
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+    item = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=LONG_ID, gift_id="panda", quantity=1, idempotency_key="b1"
+    )
+    first = (await g.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[item]))).results[0]
+    assert first.receipt.status == gifting_pb2.GIFT_STATUS_SENT
+    monkeypatch.setattr(errors, "ID_MAX", 32)
+    new = copy_of(item, idempotency_key="b2")  # never recorded: refused
+    other = copy_of(item, idempotency_key="b3", sender_id="v2")  # accepted today
+    results = (await g.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[item, new, other]))).results
+    assert results[0] == first
+    assert results[1].error.reason == "INVALID_ID"
+    assert results[2].receipt.status == gifting_pb2.GIFT_STATUS_SENT
+    assert gift.wallet.spends == 2
+    # The item as a SendGift retry too (the same key space and digest).
+    assert await g.send_gift(item) == first.receipt
+
+
 async def test_a_purchase_retried_after_validation_was_tightened_gets_its_first_answer(
     wallet: Wallet,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
