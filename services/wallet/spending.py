@@ -24,6 +24,7 @@ Nothing is shared between items but the transaction: an item that fails fails al
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -274,11 +275,14 @@ class SpendBatch:
         items: list[tuple[int, _Item]] = []
         first_of: dict[str, int] = {}
         repeats: list[tuple[int, int, str]] = []  # (index, index of the key's first item, digest)
+        refused: dict[str, int] = {}  # key -> first item under it a check refused (maybe a retry)
         for i, req in enumerate(reqs):
             try:
                 it = validate(req, self.amount_max)
             except DomainError as exc:
                 out[i] = exc
+                if isinstance(exc, InvalidArgument):
+                    refused.setdefault(req.idempotency_key, i)
                 continue
             if it.key in first_of:
                 repeats.append((i, first_of[it.key], it.digest))
@@ -317,8 +321,33 @@ class SpendBatch:
                 out[i] = out[j]
             else:
                 out[i] = key_reused()
+        if refused:
+            await self._answer_retries(reqs, [i for key, i in refused.items() if key not in first_of], out)
         check(all(o is not None for o in out), "every spend has an outcome")
         return out  # type: ignore[return-value]
+
+    async def _answer_retries(self, reqs: list[wallet_pb2.SpendRequest], indexes: list[int], out: list[Any]) -> None:
+        """Spends today's checks refuse that retry one that took effect (an older release, or a higher
+        SPEND_AMOUNT_MAX, accepted it): each answered from its record, as a Spend retry is.
+
+        Read only on the refusal path, with the digest the spend was recorded with; a malformed
+        key or reason, no record, another request under the key or a cancelled key keep the refusal.
+        """
+        digests: dict[str, tuple[int, str]] = {}
+        for i in indexes:
+            reason = _REASONS.get(reqs[i].reason)
+            with contextlib.suppress(InvalidArgument):
+                if reason is not None:
+                    digests[require_key(reqs[i].idempotency_key)] = (i, spend_digest(reqs[i], reason))
+        if not digests:
+            return
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(recorded_spends(self.db.dialect), {"keys": list(digests)})).all()
+        for row in rows:
+            i, digest = digests[row.idempotency_key]
+            answer = answer_of(row, digest)
+            if isinstance(answer, wallet_pb2.SpendResponse):
+                out[i] = answer
 
     async def _transaction(self, items: list[_Item], settle: bool) -> tuple[list[Outcome], dict[str, Any]]:
         """Each item's outcome, and the spends rows of the keys recorded before (read back, not claimed)."""

@@ -32,7 +32,7 @@ from services.payout import usecases as payout_usecases
 from services.wallet.usecases import Wallet
 from tests.integration.test_idempotency_contract import copy_of
 from tests.unit.test_payout_dispatch import gift_event, setup, verified_method  # noqa: F401 - setup is the fixture
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
+from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 LONG_ID = "sender-" + "x" * 33  # 40 characters: accepted, then refused once ID_MAX is 32 (ids are 32)
@@ -258,3 +258,23 @@ async def test_a_payout_method_retried_after_validation_was_tightened_gets_its_f
     assert await payout.add_payout_method(req) == first
     await _refused(payout.add_payout_method(copy_of(req, idempotency_key="pm-2")), "INVALID_PAYOUT_METHOD")
     await _refused(payout.add_payout_method(copy_of(req, paypal_email="x@example.com")), "INVALID_PAYOUT_METHOD")
+
+
+async def test_a_spend_retried_after_its_maximum_was_lowered_gets_its_first_answer(
+    wallet: Wallet,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spend and SpendMany items alike; the lower maximum as after a restart with SPEND_AMOUNT_MAX lowered."""
+    await buy(wallet, "u")
+    req = wallet_pb2.SpendRequest(
+        user_id="u", amount=50, reason=wallet_pb2.SPEND_REASON_GIFT, reference_id="g", idempotency_key="sp-1"
+    )
+    first = await wallet.spend(req)
+    monkeypatch.setattr(wallet.spending, "amount_max", 10)
+    assert await wallet.spend(req) == first
+    await _refused(wallet.spend(copy_of(req, idempotency_key="sp-2")), "AMOUNT_TOO_LARGE")
+    await _refused(wallet.spend(copy_of(req, amount=40)), "AMOUNT_TOO_LARGE")
+    many = await wallet.spend_many(wallet_pb2.SpendManyRequest(spends=[req, copy_of(req, idempotency_key="sp-3")]))
+    assert many.results[0].spent == first
+    assert many.results[1].error.reason == "AMOUNT_TOO_LARGE"
+    assert (await wallet.get_balance("u")).coins == first.balance_after
