@@ -421,6 +421,8 @@ def demo(
                     if got.diamonds_lifetime >= expected:
                         break
                 except grpc.RpcError as exc:
+                    # A payout from before GetEarnings answered zeros for a creator it never
+                    # credited answers NOT_FOUND until the first credit.
                     if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                         raise
                 if progress_due():

@@ -504,13 +504,17 @@ class Payout:
     # ---- earnings ------------------------------------------------------------------------
 
     async def get_earnings(self, creator_id: str) -> payout_pb2.Earnings:
-        """A creator's diamonds, with their cash value in each payout currency."""
+        """A creator's diamonds, with their cash value in each payout currency.
+
+        A creator payout has never credited has every amount 0, as GetStatement and the lists
+        answer for them (and gifting's GetCreatorStats): not NOT_FOUND, which a dashboard would
+        have to tell apart from a real error."""
         require_id(creator_id, "creator_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             row = (await uow.conn.execute(select(creators).where(creators.c.creator_id == creator_id))).first()
             policy = await self._policy_row(uow)
         if row is None:
-            raise NotFound("the creator has no earnings yet", "CREATOR_NOT_FOUND")
+            row = _Row({col.key: 0 for col in creators.c})
         return payout_pb2.Earnings(
             creator_id=creator_id,
             diamonds_available=row.diamonds_available,

@@ -355,11 +355,10 @@ class MoneyModel(RuleBasedStateMachine):
             assert not unknown, f"credited but not listed: {sorted(unknown)}"
 
     async def _earnings(self, creator: str) -> dict[str, int]:
-        """The creator's earnings as the model keeps them (all 0 before the first credit)."""
+        """The creator's earnings as the model keeps them: all 0 before the first credit, and
+        answered then too (README "Earnings": a creator is never NOT_FOUND)."""
         got = await answer(self.stubs.payout.GetEarnings(P.GetEarningsRequest(creator_id=creator)))
-        if isinstance(got, tuple):
-            assert got[0] == grpc.StatusCode.NOT_FOUND, got
-            return self.earnings_view(P.Earnings())
+        assert not isinstance(got, tuple), (creator, got)
         return self.earnings_view(got)
 
     def earnings_view(self, e: payout_pb2.Earnings) -> dict[str, int]:

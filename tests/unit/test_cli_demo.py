@@ -38,7 +38,8 @@ class _Gifting:
 
 
 class _Payout:
-    """A payout whose consumer never credits: NOT_FOUND first, then an account with nothing."""
+    """A payout whose consumer never credits: NOT_FOUND first (as a payout from before GetEarnings
+    answered zeros for a creator never credited did), then an account with nothing."""
 
     calls = 0
 
