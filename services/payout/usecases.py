@@ -635,6 +635,10 @@ class Payout:
         A creator has at most METHODS_PER_CREATOR_MAX methods that did not fail verification:
         one more answers RESOURCE_EXHAUSTED / PAYOUT_METHOD_LIMIT before the vault is asked, and
         nothing is written; a retry under a key that took effect still gets its recorded answer.
+
+        A currency the policy in force does not pay out in answers FAILED_PRECONDITION /
+        CURRENCY_NOT_SUPPORTED, as RequestWithdrawal to such a method would, before the vault is
+        asked and with nothing written (a retry under a key that took effect still gets its answer).
         """
         require_id(req.creator_id, "creator_id")
         currency = domain.check_currency_code(req.currency_code or "USD")
@@ -659,8 +663,9 @@ class Payout:
         try:
             async with self.db.unit_of_work(readonly=True) as uow:
                 # Before the vault is asked: an account is not sent to the provider for a refused call.
+                (await self._policy_row(uow)).terms_for(currency)
                 domain.check_method_count(await self._active_methods(uow, req.creator_id), limit)
-        except ResourceExhausted as exc:
+        except (FailedPrecondition, ResourceExhausted) as exc:
             return await self._method_added_meanwhile(req, hash_key, exc)
         token = await provider_calls.required(
             self.provider.name,
@@ -676,6 +681,8 @@ class Payout:
         # hash and the (masked) answer, never the request.
 
         async def work(uow: UnitOfWork) -> payout_pb2.PayoutMethod:
+            # The currency again: a policy that dropped it while the vault was asked refuses it.
+            (await self._policy_row(uow)).terms_for(currency)
             # Counted again under the creator's lock: two adds at once cannot both take the last place.
             await self._lock_creator_methods(uow, req.creator_id)
             domain.check_method_count(await self._active_methods(uow, req.creator_id), limit)
@@ -699,14 +706,15 @@ class Payout:
             return await run_idempotent(
                 self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work, secret=hash_key
             )
-        except ResourceExhausted as exc:
+        except (FailedPrecondition, ResourceExhausted) as exc:
             return await self._method_added_meanwhile(req, hash_key, exc)
 
     async def _method_added_meanwhile(
-        self, req: payout_pb2.AddPayoutMethodRequest, hash_key: bytes, refusal: ResourceExhausted
+        self, req: payout_pb2.AddPayoutMethodRequest, hash_key: bytes, refusal: DomainError
     ) -> payout_pb2.PayoutMethod:
-        """The answer of a call under this key whose method took the last place while this one ran
-        (a retry sent before the first call answered), else `refusal` (PAYOUT_METHOD_LIMIT)."""
+        """The answer of a call under this key whose method was added while this one ran (a retry
+        sent before the first call answered: it took the last place, or the policy dropped its
+        currency since), else `refusal` (PAYOUT_METHOD_LIMIT, CURRENCY_NOT_SUPPORTED)."""
         stored = await stored_answer(
             self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
         )

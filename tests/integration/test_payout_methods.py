@@ -1,9 +1,11 @@
 """A creator's payout methods, on each backend: ListPayoutMethods pages through all of them, and
 AddPayoutMethod, and VerifyPayoutMethod of a FAILED method, stop at METHODS_PER_CREATOR_MAX methods
-that did not fail verification.
+that did not fail verification; AddPayoutMethod refuses a currency the policy does not pay out in.
 
 ListPayoutMethods answered the 100 oldest and nothing else, with no way to ask for the rest, so a
 creator's newer methods were invisible to them; and nothing bounded how many a creator could add.
+AddPayoutMethod took any currency_code (XXX, or EUR with a USD-only policy): once verified, every
+RequestWithdrawal to the method failed CURRENCY_NOT_SUPPORTED.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.payout import domain, usecases
 from services.payout.storage import common, payout_methods
 from services.payout.usecases import Payout
@@ -103,11 +105,9 @@ async def method_count(payout: Payout, creator: str) -> int:
         return int((await uow.conn.execute(select(func.count()).where(m.creator_id == creator))).scalar_one())
 
 
-async def test_a_creator_at_the_limit_is_refused_a_new_method_but_a_retry_gets_its_answer(
-    payout: Payout, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def vault_calls(payout: Payout, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The accounts the provider is asked to vault from now on, in order."""
     assert payout.provider is not None
-    added = [await payout.add_payout_method(method_request("creator-a", f"key-{i}")) for i in range(LIMIT)]
     vaulted: list[str] = []
     tokenize = payout.provider.tokenize
 
@@ -116,6 +116,14 @@ async def test_a_creator_at_the_limit_is_refused_a_new_method_but_a_retry_gets_i
         return await tokenize(kind, account)
 
     monkeypatch.setattr(payout.provider, "tokenize", counting_tokenize)
+    return vaulted
+
+
+async def test_a_creator_at_the_limit_is_refused_a_new_method_but_a_retry_gets_its_answer(
+    payout: Payout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    added = [await payout.add_payout_method(method_request("creator-a", f"key-{i}")) for i in range(LIMIT)]
+    vaulted = vault_calls(payout, monkeypatch)
 
     with pytest.raises(ResourceExhausted) as err:
         await payout.add_payout_method(method_request("creator-a", "key-over"))
@@ -298,3 +306,103 @@ async def test_a_verification_retry_that_finds_the_last_place_taken_by_its_first
     retry = await payout.verify_payout_method(verify(failed.method_id, True, "v-last"), "ops")
     assert retry == first[0]
     assert retry.verification == payout_pb2.VERIFICATION_STATUS_VERIFIED
+
+
+def in_currency(creator: str, key: str, currency: str) -> payout_pb2.AddPayoutMethodRequest:
+    req = method_request(creator, key)
+    req.currency_code = currency
+    return req
+
+
+async def pay_out_in(payout: Payout, key: str, *currencies: str) -> None:
+    """A new policy version: the current one's terms (USD's), in each of `currencies`."""
+    current = await payout.get_policy()
+    terms = []
+    for code in currencies:
+        terms.append(payout_pb2.CurrencyTerms())
+        terms[-1].CopyFrom(current.currencies[0])
+        terms[-1].currency_code = code
+    await payout.set_policy(
+        payout_pb2.SetPolicyRequest(
+            creator_share_bp=current.creator_share_bp, fee_bp=current.fee_bp, currencies=terms, idempotency_key=key
+        ),
+        "ops",
+    )
+
+
+async def test_a_currency_the_policy_does_not_pay_out_in_is_refused_before_the_vault(
+    payout: Payout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vaulted = vault_calls(payout, monkeypatch)
+    assert [t.currency_code for t in (await payout.get_policy()).currencies] == ["USD"]
+    for code in ("XXX", "EUR"):
+        with pytest.raises(FailedPrecondition) as err:
+            await payout.add_payout_method(in_currency("creator-a", f"key-{code}", code))
+        assert err.value.reason == "CURRENCY_NOT_SUPPORTED", err.value
+    assert vaulted == []  # the account never went to the provider
+    assert await method_count(payout, "creator-a") == 0
+    assert not await key_taken(payout, "key-EUR")
+
+    # Once the policy pays out in EUR the same call adds it; a retry of that key still gets its
+    # answer after the policy drops EUR again, and RequestWithdrawal to it is refused then too.
+    await pay_out_in(payout, "p-eur", "USD", "EUR")
+    added = await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR"))
+    assert added.currency_code == "EUR"
+    await payout.verify_payout_method(verify(added.method_id, True, "v-eur"), "ops")
+    await pay_out_in(payout, "p-usd", "USD")
+    assert await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR")) == added
+    with pytest.raises(FailedPrecondition) as err:
+        await payout.add_payout_method(in_currency("creator-a", "key-EUR-2", "EUR"))
+    assert err.value.reason == "CURRENCY_NOT_SUPPORTED"
+    with pytest.raises(FailedPrecondition) as err:
+        await payout.request_withdrawal(
+            payout_pb2.RequestWithdrawalRequest(
+                creator_id="creator-a", diamonds=20_000, method_id=added.method_id, idempotency_key="w-eur"
+            )
+        )
+    assert err.value.reason == "CURRENCY_NOT_SUPPORTED"
+    assert await method_count(payout, "creator-a") == 1
+    assert vaulted == ["creator-a@example.com"]  # the one call that took effect, never its retry
+
+
+async def test_a_currency_the_policy_drops_while_the_vault_is_asked_is_refused_with_nothing_written(
+    payout: Payout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await pay_out_in(payout, "p-eur", "USD", "EUR")
+    assert payout.provider is not None
+    tokenize = payout.provider.tokenize
+
+    async def policy_changes_meanwhile(kind: str, account: str) -> str:
+        await pay_out_in(payout, "p-usd", "USD")
+        return await tokenize(kind, account)
+
+    monkeypatch.setattr(payout.provider, "tokenize", policy_changes_meanwhile)
+    with pytest.raises(FailedPrecondition) as err:
+        await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR"))
+    assert err.value.reason == "CURRENCY_NOT_SUPPORTED"
+    assert await method_count(payout, "creator-a") == 0
+    assert not await key_taken(payout, "key-EUR")
+
+
+async def test_a_retry_refused_a_currency_dropped_after_its_first_call_took_effect_gets_that_calls_answer(
+    payout: Payout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same call twice at once: the retry looked its key up before the first call committed,
+    and the policy dropped EUR before the retry read it. It must answer with the first call's
+    method, not CURRENCY_NOT_SUPPORTED."""
+    await pay_out_in(payout, "p-eur", "USD", "EUR")
+    first: list[payout_pb2.PayoutMethod] = []
+    looked_up = usecases.stored_answer
+
+    async def look_up_then_the_first_call_commits(*args, **kwargs):  # type: ignore[no-untyped-def]
+        answer = await looked_up(*args, **kwargs)
+        if not first:  # once, from the retry (the first call passes through)
+            first.append(payout_pb2.PayoutMethod())
+            first[0] = await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR"))
+            await pay_out_in(payout, "p-usd", "USD")
+        return answer
+
+    monkeypatch.setattr(usecases, "stored_answer", look_up_then_the_first_call_commits)
+    retry = await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR"))
+    assert retry == first[0] and retry.currency_code == "EUR"
+    assert await method_count(payout, "creator-a") == 1
