@@ -166,10 +166,13 @@ class PolicyRow:
         raise FailedPrecondition(f"payouts in {currency_code} are not offered", "CURRENCY_NOT_SUPPORTED")
 
 
-def _page_size(size: int) -> int:
-    if size < 0 or size > PAGE_SIZE_MAX:
-        raise InvalidArgument(f"page_size must be 0..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
-    return size or PAGE_SIZE_DEFAULT
+def _page_size(size: int, default: int) -> int:
+    """The rows of a page: 1..PAGE_SIZE_MAX, or `default` for 0 (page_size unset), as the wallet's
+    ListTransactions; anything else is INVALID_PAGE_SIZE."""
+    size = size or default
+    if not 1 <= size <= PAGE_SIZE_MAX:
+        raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
+    return size
 
 
 def _encode_token(ts_us: int, key: str) -> str:
@@ -205,7 +208,7 @@ async def _keyset_page(
 ) -> tuple[list[Any], str]:
     """One keyset page of `table` rows where owner matches, newest first (or oldest first); returns
     (rows, next token). `default_size` is the page of a request without page_size."""
-    size = _page_size(page_size) if page_size else default_size
+    size = _page_size(page_size, default_size)
     q = select(table).where(owner)
     if page_token:
         ts, key = _decode_token(page_token)

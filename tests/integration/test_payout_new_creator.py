@@ -14,9 +14,9 @@ import pytest
 
 from livegifts.common.v1 import common_pb2
 from livegifts.payout.v1 import payout_pb2
-from services.common.errors import NotFound
-from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import payout_on
+from services.common.errors import InvalidArgument, NotFound
+from services.payout.usecases import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Payout
+from tests.unit.test_payout_dispatch import gift_event, payout_on
 
 NEW = "creator-never-credited"
 
@@ -62,3 +62,19 @@ async def test_an_id_that_names_nothing_is_still_not_found(payout: Payout) -> No
             payout_pb2.RequestWithdrawalRequest(creator_id=NEW, diamonds=200, method_id="pm_none", idempotency_key="w")
         )
     assert err.value.reason == "UNKNOWN_PAYOUT_METHOD"
+
+
+async def test_list_earnings_takes_a_page_size_of_1_to_the_maximum_and_0_for_the_default(payout: Payout) -> None:
+    """page_size 0 (unset) is the default, 50; 1..PAGE_SIZE_MAX as asked; anything else is refused,
+    and its message says the range payout.proto documents."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 2) for _ in range(PAGE_SIZE_DEFAULT + 1)])
+        await uow.commit()
+    for size, rows in ((0, PAGE_SIZE_DEFAULT), (1, 1), (PAGE_SIZE_MAX, PAGE_SIZE_DEFAULT + 1)):
+        page = await payout.list_earnings(payout_pb2.ListEarningsRequest(creator_id="creator-a", page_size=size))
+        assert (len(page.entries), bool(page.next_page_token)) == (rows, rows <= PAGE_SIZE_DEFAULT), size
+    for size in (-1, PAGE_SIZE_MAX + 1):
+        with pytest.raises(InvalidArgument) as err:
+            await payout.list_earnings(payout_pb2.ListEarningsRequest(creator_id=NEW, page_size=size))
+        assert err.value.reason == "INVALID_PAGE_SIZE"
+        assert err.value.message == f"page_size must be 1..{PAGE_SIZE_MAX}"
