@@ -26,10 +26,12 @@ With `since_us` (`--detail-since`), the totals are read and judged the same, ove
 the per-id comparison covers only the ids of a recent window: any id one of the services wrote a
 record for at or after `since_us` (a spend charged, a gift begun, an earning credited), found
 through each service's index on its record time, then read from all three by id. Its cost is the
-window's traffic, not the books'. What it cannot see is an id none of whose records is in the
-window: a gift lost or left in flight before it, which the run whose window covered it failed
-on (its wait ran out), and which the full `detail` read still finds; an old record altered by
-hand changes the totals, which are complete, unless the change keeps every sum.
+window's traffic, not the books'; its memory is a bounded chunk of the window's ids, whatever the
+window holds (a larger window is read once per chunk, see `_judge_window`). What it cannot see
+is an id none of whose records is in the window: a gift lost or left in flight before it, which
+the run whose window covered it failed on (its wait ran out), and which the full `detail` read
+still finds; an old record altered by hand changes the totals, which are complete, unless the
+change keeps every sum.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 OK, IN_FLIGHT, FAILED = "ok", "in flight", "FAILED"
 IDS_SHOWN_MAX = 10
 PAGE_SIZE = 5000  # records per ListAuditRecords page, and ids per by-id request (the servers' limits)
+# Window ids (`since_us`) held at a time, about 120 bytes each: 60 MB of the Job's 256 Mi. A
+# larger window is read again for each further chunk of ids (see `_judge_window`).
+WINDOW_IDS_MAX = 500_000
 RECHECK_S = 0.5  # pause between looks while waiting
 
 SENT, PENDING, CANCELLED, SPENT = "SENT", "PENDING", "CANCELLED", "SPENT"
@@ -200,20 +205,66 @@ def _judge_every_id(
         after = up_to
 
 
-def _window_ids(channel: grpc.Channel, kind: str, deadline_s: float, since_us: int, out: set[str]) -> bool:
-    """Add to `out` the ids of a kind's records whose time is at or after since_us, a page at a
-    time; False when the server predates the window (it answered with every record)."""
-    stub = audit_pb2_grpc.AuditServiceStub(channel)
-    token = ""
-    while True:
-        req = audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE, since_us=since_us)
-        page = stub.ListAuditRecords(req, timeout=deadline_s)
-        if not page.since_applied:
-            return False
-        out.update(r.id for r in page.records)
-        if not page.next_page_token:
-            return True
-        token = page.next_page_token
+class _Lowest:
+    """The lowest ids above `after` of those offered, at most `limit` (2 or more) held at a time.
+
+    Once `limit` are held, the highest quarter of them is let go and `high` becomes the highest
+    kept: an id above it is refused from then on. So at the end `ids` holds every id offered in
+    (after, high] (all above `after` when `high` is None), however many were offered, and what
+    was let go is above `high`, for a later pass to take. `peak` is the most ever held.
+    """
+
+    def __init__(self, after: str, limit: int) -> None:
+        self.after, self.limit = after, limit
+        self.high: str | None = None
+        self.ids: set[str] = set()
+        self.peak = 0
+
+    def offer(self, ids: Iterable[str]) -> None:
+        """Hold those of `ids` within the bounds, letting the highest go when full."""
+        after, high = self.after, self.high
+        fresh = [k for k in ids if after < k] if high is None else [k for k in ids if after < k <= high]
+        held = self.ids
+        if len(held) + len(fresh) <= self.limit:  # room for all of them (the usual case)
+            held.update(fresh)
+        else:
+            for k in fresh:
+                if (high is not None and k > high) or k in held:
+                    continue
+                if len(held) >= self.limit:
+                    self.peak = max(self.peak, len(held))
+                    kept = sorted(held)[: max(1, self.limit * 3 // 4)]
+                    held = self.ids = set(kept)
+                    high = self.high = kept[-1]
+                    if k > high:
+                        continue
+                held.add(k)
+        self.peak = max(self.peak, len(held))
+
+
+def _window_pass(
+    streams: tuple[tuple[grpc.Channel, str], ...], deadline_s: float, since_us: int, after: str, limit: int
+) -> _Lowest | None:
+    """One read of the window from every stream (kind), keeping the lowest of its ids above
+    `after` (see `_Lowest`), a page at a time; None when a server predates the window (it answered
+    with every record)."""
+    chunk = _Lowest(after, limit)
+    for chan, kind in streams:
+        stub = audit_pb2_grpc.AuditServiceStub(chan)
+        token = ""
+        while True:
+            req = audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE, since_us=since_us)
+            page = stub.ListAuditRecords(req, timeout=deadline_s)
+            if not page.since_applied:
+                log.warning(
+                    "a service ignores the audit window (an older version): reading every id", extra={"kind": kind}
+                )
+                return None
+            chunk.offer(r.id for r in page.records)
+            if not page.next_page_token:
+                break
+            token = page.next_page_token
+    return chunk
 
 
 def _judge_window(
@@ -225,26 +276,36 @@ def _judge_window(
     read: Callable[[int, int], None] | None = None,
 ) -> tuple[Findings, int] | None:
     """The ids any service wrote a record for since `since_us`, judged from all three services'
-    records of them, read by id a chunk at a time in the order of the module's text; and how many
-    ids that was. None when a service predates the window (the caller reads every id instead)."""
-    window: set[str] = set()  # the one copy of the window's ids (about 100 bytes each)
-    for chan, kind in ((p, "earnings"), (g, "gifts"), (w, "spends")):
-        if not _window_ids(chan, kind, deadline_s, since_us, window):
-            log.warning("a service ignores the audit window (an older version): reading every id", extra={"kind": kind})
-            return None
+    records of them, read by id PAGE_SIZE at a time in the order of the module's text; and how
+    many ids that was. None when a service predates the window (the caller reads every id instead).
+
+    At most WINDOW_IDS_MAX ids are held, whatever the window holds: each pass reads the window
+    from the three services and keeps the lowest ids above the last pass's (`_Lowest`), which are
+    then judged in id order and let go. A window within the bound takes one pass; a larger one
+    takes a pass per chunk, its ids judged in the same order, each once.
+    """
+    streams = ((p, "earnings"), (g, "gifts"), (w, "spends"))
     findings = Findings()
-    wanted = sorted(window)
-    del window
-    for n, i in enumerate(range(0, len(wanted), PAGE_SIZE), start=1):
-        chunk = wanted[i : i + PAGE_SIZE]
-        earnings = _records(p, "earnings", deadline_s, chunk)
-        gifts = _records(g, "gifts", deadline_s, chunk)
-        spends = _records(w, "spends", deadline_s, chunk)
-        gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
-        findings.judge_all(chunk, earnings, gifts, spends, gifts_after)
-        if read is not None:
-            read(n, i + len(chunk))
-    return findings, len(wanted)
+    after, count, n = "", 0, 0
+    while True:
+        chunk = _window_pass(streams, deadline_s, since_us, after, WINDOW_IDS_MAX)
+        if chunk is None:
+            return None
+        wanted, high = sorted(chunk.ids), chunk.high
+        del chunk  # the chunk's ids once, as the sorted list
+        for i in range(0, len(wanted), PAGE_SIZE):
+            ids = wanted[i : i + PAGE_SIZE]
+            earnings = _records(p, "earnings", deadline_s, ids)
+            gifts = _records(g, "gifts", deadline_s, ids)
+            spends = _records(w, "spends", deadline_s, ids)
+            gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+            findings.judge_all(ids, earnings, gifts, spends, gifts_after)
+            n, count = n + 1, count + len(ids)
+            if read is not None:
+                read(n, count)
+        if high is None:
+            return findings, count
+        after = high
 
 
 def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str]) -> Records:

@@ -714,3 +714,55 @@ def test_a_broken_id_in_the_window_fails_and_one_before_it_is_left_to_the_totals
             got = audit._judge_window("w", "g", "p", 1.0, 5)  # type: ignore[arg-type]
         assert got is not None
         assert dict(got[0].counts) == expect
+
+
+def held_chunks(mp: pytest.MonkeyPatch, limit: int) -> list[audit._Lowest]:
+    """Bound the window's ids held at a time to `limit`; the list gathers each pass's chunk."""
+    chunks: list[audit._Lowest] = []
+
+    class Spy(audit._Lowest):
+        def __init__(self, after: str, limit: int) -> None:
+            super().__init__(after, limit)
+            chunks.append(self)
+
+    mp.setattr(audit, "WINDOW_IDS_MAX", limit)
+    mp.setattr(audit, "_Lowest", Spy)
+    return chunks
+
+
+@pytest.mark.parametrize("limit", [2, 3, 5])
+def test_a_window_larger_than_the_ids_held_is_judged_chunk_by_chunk_as_if_held_at_once(limit: int) -> None:
+    """The window test above, its windows (of up to 40 ids, in any time order against their ids)
+    larger than WINDOW_IDS_MAX: each id is judged once as when the whole window was held, no id
+    outside it read, and never more than WINDOW_IDS_MAX ids held."""
+    with pytest.MonkeyPatch.context() as mp:
+        chunks = held_chunks(mp, limit)
+        test_the_window_judges_every_id_with_a_record_in_it_and_reads_no_other()
+    assert max(c.peak for c in chunks) <= limit
+    assert any(c.high is not None for c in chunks)  # some windows took more than one pass
+
+
+def test_breaks_across_the_chunks_of_a_large_window_fail_in_id_order_the_last_one_too() -> None:
+    """A window of 41 gifts, 14 of them credited to another creator, one in every chunk, the last
+    the highest id with the oldest records: with 5 ids held at a time the window takes several
+    passes, every break FAILS, and the ids shown are the first 10 in id order, as from one read."""
+    ids = [f"g{i:02d}" for i in range(41)]
+    gifts = {k: AuditRecord(id=k, status="SENT", amount=5, party="alice") for k in ids}
+    spends = {k: AuditRecord(id=k, status="SPENT", amount=5, party="viewer") for k in ids}
+    earnings = {k: AuditRecord(id=k, status="CREDITED", amount=5, party="alice") for k in ids}
+    broken = ids[1::3]  # g01, g04, ... g40
+    for k in broken:
+        earnings[k] = AuditRecord(id=k, status="CREDITED", amount=5, party="bob")
+    times = {k: 100 - i for i, k in enumerate(ids)}  # the highest id first in (time, id) order
+    stubs = {n: FakeWindowStub(recs, times, False, []) for n, recs in (("w", spends), ("g", gifts), ("p", earnings))}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "PAGE_SIZE", 4)
+        mp.setattr(audit.audit_pb2_grpc, "AuditServiceStub", stubs.__getitem__)
+        chunks = held_chunks(mp, 5)
+        got = audit._judge_window("w", "g", "p", 1.0, 1)  # type: ignore[arg-type]
+    assert got is not None
+    findings, count = got
+    assert count == 41
+    failed = (audit.CREDIT_LINE, FAILED, "credited to another creator than the gift's")
+    assert dict(findings.counts) == {failed: len(broken)} and findings.shown[failed] == broken[: audit.IDS_SHOWN_MAX]
+    assert len(chunks) > 5 and max(c.peak for c in chunks) <= 5
