@@ -24,7 +24,8 @@ from sqlalchemy import Table, select, update
 from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
-from services.cli.audit import OK, collect, wait_until_settled
+from services.cli import audit
+from services.cli.audit import FAILED, OK, check_invariants, collect, wait_until_settled
 from services.cli.suite import Suite
 from services.common.db import Database
 from services.gifting.storage import gift_events
@@ -251,3 +252,35 @@ def test_an_old_record_altered_by_hand_fails_the_windowed_audit_by_its_totals(
         assert "credited coins differ" not in out.stdout  # not seen id by id: outside the window
     finally:
         asyncio.run(execute(suite, "payout", update(earnings).where(e.event_id == old).values(coins=e.coins - 1)))
+
+
+def test_a_window_larger_than_the_ids_held_is_judged_chunk_by_chunk(
+    suite: Suite, books: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 3 of the window's ids held at a time, its 4 ids take more than one read of the window:
+    each is judged once, and a break that keeps every total, in the highest ids, is still found."""
+    chunks: list[audit._Lowest] = []
+
+    class Spy(audit._Lowest):
+        def __init__(self, after: str, limit: int) -> None:
+            super().__init__(after, limit)
+            chunks.append(self)
+
+    monkeypatch.setattr(audit, "WINDOW_IDS_MAX", 3)
+    monkeypatch.setattr(audit, "_Lowest", Spy)
+    since = int(time.time() * 1_000_000) - 2 * HOUR_US
+    recent = sorted(k for ids in books.values() for k in ids[-RECENT_PER_CREATOR:])
+    report = check_invariants(collect(*addrs(suite), 30.0, True, since_us=since))
+    assert all(c.status == OK for c in report), report
+    credit = next(c for c in report if c.name == audit.CREDIT_LINE)
+    assert f"window: the {len(recent)} ids with a record since" in credit.detail, credit
+    assert len(chunks) > 1 and max(c.peak for c in chunks) <= 3
+    # The highest id of the window (the last chunk's) and the other creator's highest, swapped.
+    creator = {k: c for c, ids in books.items() for k in ids}
+    a = recent[-1]
+    b = max(k for k in recent if creator[k] != creator[a])
+    with swapped_creators(suite, a, b):
+        report = check_invariants(collect(*addrs(suite), 30.0, True, since_us=since))
+    credit = next(c for c in report if c.name == audit.CREDIT_LINE)
+    assert credit.status == FAILED and "credited to another creator than the gift's 2:" in credit.detail, credit
+    assert a in credit.detail and b in credit.detail, credit
