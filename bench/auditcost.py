@@ -8,7 +8,9 @@ checkpoint. At each checkpoint, once payout has credited every gift, it times:
 - totals: the four GetAudit calls (`collect` without detail), the sums the databases compute;
 - detail: `collect(detail=True)`, the totals and every id's records compared range by range;
 - window: `collect(detail=True, since=...)` of the last `--window-s` seconds (when the CLI
-  supports it), with `--window-gifts` sent just before it.
+  supports it), with `--window-gifts` sent just before it; with `--window-ids-max` at most that
+  many of the window's ids held at a time (the audit's WINDOW_IDS_MAX), so a window larger than
+  it is read once per chunk and the cost of those reads shows.
 
 Bounded: at most `--gifts` gifts and `--time-s` seconds of load; stops what it started and drops
 the databases it created. Usage:
@@ -35,6 +37,7 @@ import grpc
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.cli import audit
 from services.cli.audit import CREDIT_LINE, OK, check_invariants, collect
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common import signing
@@ -216,7 +219,10 @@ def main() -> None:
     parser.add_argument("--time-s", type=float, default=300.0, help="bound on the load's time")
     parser.add_argument("--window-s", type=float, default=0.0, help="also time a windowed audit of this many s")
     parser.add_argument("--window-gifts", type=int, default=2000, help="gifts sent just before the windowed audit")
+    parser.add_argument("--window-ids-max", type=int, default=0, help="window ids held at a time (0: the audit's own)")
     args = parser.parse_args()
+    if args.window_ids_max:
+        audit.WINDOW_IDS_MAX = args.window_ids_max
     # `timeout` (or kill) stops it with SIGTERM: unwind, so the suite stops and the databases drop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     measure(args.backend, args)
