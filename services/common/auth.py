@@ -27,12 +27,13 @@ class OperatorAuth:
     def require(self, context: Any) -> str:
         """Return who the operator is, or raise UNAUTHENTICATED / PERMISSION_DENIED."""
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        header = md.get("authorization", "")
-        if not header.startswith("Bearer "):
+        # The scheme is case-insensitive (RFC 7235 section 2.1): "bearer <token>" is as good.
+        scheme, space, token = md.get("authorization", "").partition(" ")
+        if not space or scheme.lower() != "bearer":
             raise Unauthenticated("operator RPCs need 'authorization: Bearer <token>'", "OPERATOR_TOKEN_MISSING")
         if self._token is None:
             raise PermissionDenied("operator RPCs are disabled: no operator token is configured", "OPERATOR_DISABLED")
-        if not hmac.compare_digest(header[len("Bearer ") :].encode(), self._token):
+        if not hmac.compare_digest(token.encode(), self._token):
             raise PermissionDenied("the operator token is not valid", "NOT_AN_OPERATOR")
         return operator_name(md.get("x-operator", ""))
 

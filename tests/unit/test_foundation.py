@@ -153,6 +153,25 @@ def test_operator_rpcs_need_the_configured_token() -> None:
     assert err.value.reason == "OPERATOR_DISABLED"
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_operator_tokens_scheme_is_case_insensitive(scheme: str) -> None:
+    # RFC 7235 section 2.1: an auth scheme is case-insensitive; "bearer <token>" answered
+    # OPERATOR_TOKEN_MISSING, as if no token had been sent.
+    from pydantic import SecretStr
+
+    from services.common.auth import OperatorAuth
+
+    auth = OperatorAuth(SecretStr("t0k"))
+    assert auth.require(_Ctx((("authorization", f"{scheme} t0k"), ("x-operator", "alice")))) == "alice"
+    with pytest.raises(errors.PermissionDenied) as err:
+        auth.require(_Ctx((("authorization", f"{scheme} nope"),)))
+    assert err.value.reason == "NOT_AN_OPERATOR"
+    for header in ("Basic t0k", "Bearert0k", "t0k", scheme):
+        with pytest.raises(errors.Unauthenticated) as missing:
+            auth.require(_Ctx((("authorization", header),)))
+        assert missing.value.reason == "OPERATOR_TOKEN_MISSING"
+
+
 @pytest.mark.parametrize(
     ("header", "recorded"),
     [
