@@ -239,7 +239,12 @@ class Wallet:
         require_key(req.idempotency_key)
         method = _METHODS.get(req.payment_method)
         if method is None:
-            raise InvalidArgument("payment_method is required", "INVALID_PAYMENT_METHOD")
+            raise InvalidArgument(
+                f"payment_method {req.payment_method} is unknown: one of {', '.join(_METHODS.values())}"
+                if req.payment_method
+                else "payment_method is required",
+                "INVALID_PAYMENT_METHOD",
+            )
         if not req.currency_code:
             raise InvalidArgument("currency_code is required", "MISSING_FIELD", field="currency_code")
         currency = domain.check_currency(req.currency_code)

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.metrics import LATE_PAYMENT_FAILURES
 from services.common.provider_calls import ProviderError
 from services.wallet.payments import CheckoutSession, DevProvider, dev_event_payload
@@ -48,6 +48,27 @@ async def test_a_retried_purchase_is_answered_after_its_payment_method_lost_its_
     with pytest.raises(FailedPrecondition) as refused:
         await wallet.create_purchase(other)
     assert refused.value.reason == "PAYMENT_METHOD_UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        (0, "payment_method is required"),
+        (99, "payment_method 99 is unknown: one of CARD, PAYPAL, APPLE_PAY, GOOGLE_PAY"),
+    ],
+)
+async def test_a_purchase_without_a_known_payment_method_says_which_it_lacks(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+    method: int,
+    message: str,
+) -> None:
+    # payment_method=99 (a newer client's method) was answered "payment_method is required".
+    req = wallet_pb2.CreatePurchaseRequest(
+        user_id="u", package_id="us-usd-70", currency_code="USD", payment_method=method, idempotency_key="buy-1"
+    )
+    with pytest.raises(InvalidArgument) as refused:
+        await wallet.create_purchase(req)
+    assert (refused.value.reason, refused.value.message) == ("INVALID_PAYMENT_METHOD", message)
 
 
 async def _counts(w: Wallet) -> tuple[int, int, int]:
