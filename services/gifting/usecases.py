@@ -86,6 +86,9 @@ STREAM_ENDED_SUBJECT = "gifting.stream.ended"
 FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
 FEED_RESUME_PAGE = 200  # gifts one read of a resumed feed's catch-up takes
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
+# The `scope` of IDEMPOTENCY_KEY_REUSED for the one key space (gift_events) that SendGift, SendTip,
+# UnlockContent and SendGifts items share, as the other RPCs name theirs (idempotency.lookup).
+GIFT_KEY_SCOPE = "SendGift"
 KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` looks at
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
@@ -569,7 +572,9 @@ class Gifting:
             if isinstance(r, DomainError):
                 results.append(
                     gifting_pb2.SendGiftResult(
-                        error=gifting_pb2.ItemError(code=status_for(r).value[0], reason=r.reason, message=r.message)
+                        error=gifting_pb2.ItemError(
+                            code=status_for(r).value[0], reason=r.reason, message=r.message, metadata=r.metadata
+                        )
                     )
                 )
             else:
@@ -1532,7 +1537,7 @@ def _restarts(row: dict[str, Any], digest: str) -> bool:
     a new unlock, which moves the key to it.
     """
     if row["request_hash"] != digest:
-        raise key_reused()
+        raise key_reused(scope=GIFT_KEY_SCOPE)
     return row["status"] in (GiftStatus.CANCELLED.value, KEY_ONLY)
 
 

@@ -72,6 +72,7 @@ from services.wallet.storage import accounts, journal_entries, postings, spend_c
 SPENT = "SPENT"
 CANCELLED = "CANCELLED"
 REFERENCE_ID_MAX = 128
+SPEND_KEY_SCOPE = "Spend"  # the `scope` of IDEMPOTENCY_KEY_REUSED: the key space Spend and SpendMany share
 # Iterating an Enum and calling it on a value are slow next to a tuple and a dict look-up, and the
 # batch does both per sender and per counter row.
 PERIODS = tuple(Period)
@@ -130,7 +131,7 @@ def answer_of(row: Any, digest: str) -> Outcome:
     if row.status == CANCELLED:
         return Aborted("this spend was cancelled and may never happen", "SPEND_CANCELLED", settled="true")
     if row.request_hash != digest:
-        return key_reused()
+        return key_reused(scope=SPEND_KEY_SCOPE)
     return wallet_pb2.SpendResponse(spend_id=row.entry_id, amount=row.amount, balance_after=row.balance_after)
 
 
@@ -320,7 +321,7 @@ class SpendBatch:
                 # The same key twice in one batch: the second is a retry of the first.
                 out[i] = out[j]
             else:
-                out[i] = key_reused()
+                out[i] = key_reused(scope=SPEND_KEY_SCOPE)
         if refused:
             await self._answer_retries(reqs, [i for key, i in refused.items() if key not in first_of], out)
         check(all(o is not None for o in out), "every spend has an outcome")

@@ -7,6 +7,7 @@ import grpc
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
+from services.common.clients import error_info
 from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
 
 
@@ -53,6 +54,8 @@ async def test_a_batch_sends_every_gift_once_and_bad_items_fail_alone(clients, d
         grpc.StatusCode.FAILED_PRECONDITION.value[0],
         "INSUFFICIENT_COINS",
     )
+    # The metadata SendGift's ErrorInfo carries comes along (a client shows what is missing).
+    assert dict(r[2].error.metadata) == {"balance": "70", "required": "1000"}
     assert r[3].error.reason == "SELF_GIFT"
     assert r[4].error.reason == "UNKNOWN_STREAM"
     assert (r[5].error.code, r[5].error.reason) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "INVALID_QUANTITY")
@@ -102,10 +105,44 @@ async def test_a_reused_key_fails_only_its_own_item(clients, deployment) -> None
     )
     r = answer.results
     assert (r[0].error.code, r[0].error.reason) == (grpc.StatusCode.ALREADY_EXISTS.value[0], "IDEMPOTENCY_KEY_REUSED")
+    assert dict(r[0].error.metadata) == {"scope": "SendGift"}  # the key space gifts, tips and unlocks share
     assert r[1].error.reason == "DUPLICATE_KEY_IN_BATCH"
     assert r[2].receipt.coins == 4
     assert first.coins == 1
     assert await balance(clients, viewer) == 700 - 1 - 4
+
+
+async def test_an_items_error_carries_the_metadata_sendgift_would(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    minor, viewer, capped, creator = uid("minor"), uid("viewer"), uid("capped"), uid("creator")
+    for v in (minor, viewer, capped):
+        await buy_coins(clients.wallet, deployment.webhook_secret, v, "us-usd-70")
+    await clients.wallet.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, idempotency_key=uid("r")),
+        metadata=deployment.operator_metadata,
+    )
+    await clients.wallet.SetSpendingLimits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=capped, daily=5, idempotency_key=uid("l"))
+    )
+    s = (await live_stream(clients.gifting, creator)).stream_id
+    items = [gift(s, minor, "rose", 1), gift(s, capped, "panda", 2), gift(s, viewer, "rose", 1)]
+    answer = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=items))
+    r = answer.results
+    assert (r[0].error.reason, dict(r[0].error.metadata)) == ("UNDERAGE", {"role": "sender"})
+    assert (r[1].error.reason, dict(r[1].error.metadata)) == (
+        "SPENDING_LIMIT_EXCEEDED",
+        {"period": "DAY", "limit_coins": "5"},
+    )
+    assert r[2].receipt.coins == 1
+    # SendGift answers the same items with the same metadata in its ErrorInfo.
+    for item, result in zip(items[:2], r[:2], strict=True):
+        err = await expect_error(clients.gifting.SendGift(item), _CODES[result.error.code])
+        assert (error_info(err).reason, dict(error_info(err).metadata)) == (
+            result.error.reason,
+            dict(result.error.metadata),
+        )
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 async def test_a_batch_of_a_hundred_lands_every_gift(clients, deployment) -> None:  # type: ignore[no-untyped-def]
