@@ -306,3 +306,99 @@ def test_every_error_reason_the_docs_name_is_raised_by_a_service(doc: str) -> No
         if not ok:
             unknown.append(word)
     assert not unknown, f"{doc} names reasons or variables nothing raises or reads: {unknown}"
+
+
+# Functions whose return value is an error reason the error mapping answers with (a variable there).
+REASON_RETURNING = {"storage_refusal"}
+REASON = re.compile(r"[A-Z][A-Z0-9_]+")
+
+
+def _raised_reasons() -> dict[str, set[str]]:
+    """Every reason a service can answer with, read from services/ -> the status codes known for it.
+
+    A reason is the second argument (or `reason=`) of a domain error (services/common/errors.py),
+    the reason of `_rich_status` (the error mapping's own: CONFLICT, INTERNAL...), a `reason=` or
+    `too_long=` handed to a helper that raises it (provider calls, gifting's title check), or
+    what a function of REASON_RETURNING returns; a string or a module constant holding one.
+    """
+    from services.common import errors
+
+    classes = {
+        name: cls
+        for name, cls in vars(errors).items()
+        if isinstance(cls, type) and issubclass(cls, errors.DomainError) and cls in errors.STATUS_BY_ERROR
+    }
+    out: dict[str, set[str]] = {}
+    for path in (REPO / "services").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign | ast.AnnAssign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name)
+        }
+
+        def add(node: ast.AST | None, code: str | None, constants: dict[str, str] = constants) -> None:
+            value = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(node, ast.Name):
+                value = constants.get(node.id)
+            if isinstance(value, str) and REASON.fullmatch(value):
+                out.setdefault(value, set()).update([code] if code else [])
+
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in REASON_RETURNING:
+                for ret in ast.walk(node):
+                    if isinstance(ret, ast.Return):
+                        add(ret.value, None)
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            given = {k.arg: k.value for k in node.keywords}
+            if name in classes:
+                code = errors.STATUS_BY_ERROR[classes[name]].name
+                add(node.args[1] if len(node.args) > 1 else given.get("reason"), code)
+                if len(node.args) < 2 and "reason" not in given:
+                    out.setdefault(classes[name].default_reason, set()).add(code)
+            elif name == "_rich_status" and len(node.args) > 2:
+                code_arg = node.args[0]
+                add(node.args[2], code_arg.attr if isinstance(code_arg, ast.Attribute) else None)
+            else:
+                add(given.get("reason"), None)
+                add(given.get("too_long"), None)
+    return out
+
+
+def _reasons_table() -> dict[str, str]:
+    """README's "Error reasons" table: reason -> its status cell."""
+    section = README.split("\n## Error reasons\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) < 5:
+            continue
+        for reason in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]):
+            assert reason not in rows, f"README's error reasons table lists {reason} twice"
+            rows[reason] = cells[1]
+    assert rows, "README has no error reasons table"
+    return rows
+
+
+def test_every_reason_a_service_raises_is_in_the_readme_table_and_only_those() -> None:
+    # A calling team branches on reasons: one raised but missing from the table is a reason it
+    # cannot know of; one in the table that nothing raises is a branch that never runs.
+    raised, documented = _raised_reasons(), _reasons_table()
+    assert {"UNKNOWN_STREAM", "TITLE_TOO_LONG", "STORAGE_FULL", "PAYMENT_PROVIDER_UNAVAILABLE"} <= set(raised)
+    missing = sorted(set(raised) - set(documented))
+    assert not missing, f'reasons the services raise that README\'s "Error reasons" table lacks: {missing}'
+    unknown = sorted(set(documented) - set(raised))
+    assert not unknown, f'README\'s "Error reasons" table lists reasons no service raises: {unknown}'
+    wrong = sorted(
+        f"{reason}: README {documented[reason]!r}, code {sorted(codes)}"
+        for reason, codes in raised.items()
+        if not all(code in re.split(r",\s*", documented[reason]) for code in codes)
+    )
+    assert not wrong, f'README\'s "Error reasons" table gives other status codes: {wrong}'
