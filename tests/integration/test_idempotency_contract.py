@@ -430,3 +430,42 @@ async def test_a_mutating_rpc_answers_a_key_once_and_refuses_it_for_another_requ
         expected = "SendGift" if method in GIFT_KEY_SPACE else method
         assert error_info(refused).metadata.get("scope") == expected, error_info(refused)
         assert await s.call(c.first) == first
+
+
+async def test_a_refusal_before_anything_is_recorded_leaves_the_key_free_and_a_wallet_refusal_binds_it(
+    clients: Clients, deployment: Deployment
+) -> None:
+    """README "Which refusals use up a key": a gift refused by gifting's own checks records
+    nothing, so a changed request under its key is a first call; one the wallet refused is
+    recorded and cancelled, so its key stays that request's (a retry of it is checked anew)."""
+    s = Suite(clients, deployment)
+    poor, creator = uid("poor"), uid("creator")
+    await buy_coins(clients.wallet, deployment.webhook_secret, poor, "us-usd-70")
+    stream_id = (await live_stream(clients.gifting, creator)).stream_id
+
+    def gift(sender: str, gift_id: str, k: str) -> gifting_pb2.SendGiftRequest:
+        return gifting_pb2.SendGiftRequest(
+            stream_id=stream_id, sender_id=sender, gift_id=gift_id, quantity=1, idempotency_key=k
+        )
+
+    for refused, reason in (
+        (gift(poor, "no-such-gift", key()), "UNKNOWN_GIFT"),
+        (gift(creator, "rose", key()), "SELF_GIFT"),
+    ):
+        await expect_error(
+            s.call(refused), OK.NOT_FOUND if reason == "UNKNOWN_GIFT" else OK.FAILED_PRECONDITION, reason
+        )
+        assert (await s.call(gift(poor, "rose", refused.idempotency_key))).coins == 1
+    unknown = wallet_pb2.CreatePurchaseRequest(
+        user_id=poor, package_id="no-such-package", currency_code="USD", payment_method=1, idempotency_key=key()
+    )
+    await expect_error(s.call(unknown), OK.NOT_FOUND, "UNKNOWN_PACKAGE")
+    assert (await s.call(copy_of(unknown, package_id="us-usd-70"))).package_id == "us-usd-70"
+
+    galaxy = gift(poor, "galaxy", key())  # 1000 coins: the wallet refuses, the gift is recorded and cancelled
+    await expect_error(s.call(galaxy), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
+    refused = await expect_error(
+        s.call(gift(poor, "rose", galaxy.idempotency_key)), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED"
+    )
+    assert error_info(refused).metadata["scope"] == "SendGift"
+    await expect_error(s.call(galaxy), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")  # its own retry: checked anew
