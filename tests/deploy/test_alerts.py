@@ -12,14 +12,17 @@ import re
 
 import grpc
 
-from tests.deploy.manifests import REPO, Obj, by_kind, render
+from tests.deploy.manifests import REPO, Obj, by_kind, render, selects
 from tests.unit.test_docs import TARGET_LABELS, _metrics
 
 RULE_FILE = "deploy/k8s/overlays/prod/prometheus-rules.yaml"
 SRE = (REPO / "docs" / "sre.md").read_text()
 SEVERITIES = {"critical", "warning"}
 # Metrics that other exporters serve, with the labels they carry.
-EXTERNAL_METRICS = {"kube_job_failed": ("namespace", "job_name", "condition", "reason")}  # kube-state-metrics
+EXTERNAL_METRICS = {
+    "kube_job_failed": ("namespace", "job_name", "condition", "reason"),  # kube-state-metrics
+    "up": ("job", "instance"),  # Prometheus itself, per scrape target (and the target labels)
+}
 # Labelled counters that an alert takes increase() of, and the test that shows each label set the
 # alert needs is exported at 0 before its first increment (increase() cannot see a series that
 # first appears at 1). An unlabelled counter is exported at 0 when it is created.
@@ -212,3 +215,30 @@ def test_docs_sre_lists_exactly_the_alerts_the_rule_file_has() -> None:
     assert listed == shipped, (
         f"in docs only: {sorted(listed - shipped)}; in the rule file only: {sorted(shipped - listed)}"
     )
+
+
+def _scraped_jobs() -> set[str]:
+    """The `job` of each target the prod ServiceMonitor makes: the name of each Service it selects
+    (the operator's default, as it sets no jobLabel); tests/deploy/test_k8s.py checks the rest of it."""
+    objs = render("prod")
+    (monitor,) = by_kind(objs, "ServiceMonitor")
+    assert "jobLabel" not in monitor["spec"], "the job names below assume the Service's name"
+    return {
+        s["metadata"]["name"]
+        for s in by_kind(objs, "Service")
+        if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    }
+
+
+def test_the_scrape_alerts_watch_exactly_the_jobs_the_service_monitor_makes() -> None:
+    # `up{job="wallet"}` when the job is livegifts-wallet: the target-down alert never fires and
+    # the absent() one fires for ever. Each alert must name every job, and no other.
+    jobs = _scraped_jobs()
+    assert jobs == {f"livegifts-{svc}" for svc in ("wallet", "gifting", "payout")}, jobs
+    by_name = {r["alert"]: " ".join(r["expr"].split()) for r in _rules()}
+    down = re.fullmatch(
+        r'max by \(namespace, job, pod\) \(up\{job=~"([\w|-]+)"\}\) == 0', by_name["LivegiftsMetricsTargetDown"]
+    )
+    assert down and set(down.group(1).split("|")) == jobs, by_name["LivegiftsMetricsTargetDown"]
+    missing = by_name["LivegiftsMetricsTargetsMissing"].split(" or ")
+    assert sorted(missing) == sorted(f'absent(up{{job="{job}"}})' for job in jobs), missing

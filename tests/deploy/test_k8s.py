@@ -40,9 +40,14 @@ K8S_VERSION = "1.33"
 
 # Custom resources: kubernetes-validate has no schema for them, so they are skipped there on
 # purpose (and only these) and checked structurally: CloudNativePG's Cluster in
-# test_prod_has_a_cloudnativepg_cluster_per_service, prometheus-operator's PrometheusRule in
-# tests/deploy/test_alerts.py. Both need their operator's CRDs, so only prod has them.
-CRD_KINDS = {("postgresql.cnpg.io/v1", "Cluster"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+# test_prod_has_a_cloudnativepg_cluster_per_service, prometheus-operator's ServiceMonitor in
+# test_prod_scrapes_the_metrics_port_of_every_service_s_pods and its PrometheusRule in
+# tests/deploy/test_alerts.py. They need their operator's CRDs, so only prod has them.
+CRD_KINDS = {
+    ("postgresql.cnpg.io/v1", "Cluster"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
 
 GRPC_PORTS = {"wallet": 50051, "gifting": 50052, "payout": 50053}
 METRICS_PORTS = {"wallet": 9101, "gifting": 9102, "payout": 9103}
@@ -97,7 +102,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> 
     assert validated > 0
     if overlay == "prod":
         assert sorted(skipped) == sorted(
-            [f"Cluster/livegifts-{s}-db" for s in SERVICES] + ["PrometheusRule/livegifts-alerts"]
+            [f"Cluster/livegifts-{s}-db" for s in SERVICES]
+            + ["PrometheusRule/livegifts-alerts", "ServiceMonitor/livegifts-services"]
         ), skipped
     else:
         assert not skipped, f"{overlay} needs no operator's CRDs: {skipped}"
@@ -413,6 +419,53 @@ def test_prod_has_a_cloudnativepg_cluster_per_service(monkeypatch: pytest.Monkey
         pool = load_settings_from(svc, ours, monkeypatch).db_pool_size
         needed = hpa["spec"]["maxReplicas"] * (pool + CONNECTIONS_PER_POD_EXTRA) + CONNECTIONS_RESERVED
         assert int(spec["postgresql"]["parameters"]["max_connections"]) >= needed
+
+
+# The ServiceMonitor fields used here (prometheus-operator's monitoring.coreos.com/v1 schema).
+SERVICE_MONITOR_SPEC_FIELDS = {
+    "selector",
+    "endpoints",
+    "namespaceSelector",
+    "jobLabel",
+    "targetLabels",
+    "podTargetLabels",
+}
+SERVICE_MONITOR_ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+
+
+def test_prod_scrapes_the_metrics_port_of_every_service_s_pods() -> None:
+    """Structural check of the ServiceMonitor: the prometheus-operator ignores `prometheus.io/scrape`
+    annotations, so without it the alerts have no data. Dev (any cluster) has no operator's CRDs."""
+    assert not by_kind(objects("dev"), "ServiceMonitor")
+    objs = objects("prod")
+    (monitor,) = by_kind(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACES["prod"]
+    spec = monitor["spec"]
+    assert set(spec) <= SERVICE_MONITOR_SPEC_FIELDS, sorted(spec)
+    assert "namespaceSelector" not in spec, "it scrapes the Services of its own namespace"
+    selected = [s for s in by_kind(objs, "Service") if selects(spec["selector"], s["metadata"].get("labels", {}))]
+    assert sorted(s["metadata"]["name"] for s in selected) == sorted(f"livegifts-{svc}" for svc in SERVICES)
+    (endpoint,) = spec["endpoints"]
+    assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT_FIELDS, sorted(endpoint)
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    assert endpoint.get("scheme", "http") == "http"
+    policies = by_kind(objs, "NetworkPolicy")
+    pods = _pods("prod")
+    for service in selected:
+        name = service["metadata"]["name"]
+        svc = name.removeprefix("livegifts-")
+        # `port` is a Service port's name; Prometheus scrapes each pod behind it at its targetPort.
+        (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+        (dep,) = [w for w in workloads(objs) if w.kind == "Deployment" and w.name == name]
+        assert selects({"matchLabels": service["spec"]["selector"]}, dep.labels)
+        cports = {p["name"]: p["containerPort"] for c, init in dep.containers() if not init for p in c.get("ports", [])}
+        target = port.get("targetPort", port["port"])
+        number = cports.get(target) if isinstance(target, str) else target
+        assert number == METRICS_PORTS[svc], f"{name}: the scraped port {target} is not the metrics port"
+        env = resolve_env(dep.pod["containers"][0], objs).values
+        assert env[f"LIVEGIFTS_{svc.upper()}_METRICS_PORT"] == str(number), f"{name} serves /metrics elsewhere"
+        assert connection_allowed(policies, pods["prometheus"], pods[name], number), f"{name}: the scrape is blocked"
 
 
 # --- network policies: only the calls the architecture has ----------------------------------
