@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
@@ -27,6 +28,9 @@ from services.cli.calls import channel, describe
 from services.cli.suite import Suite, SuiteConfig
 from services.common import signing
 from services.wallet.payments import dev_event_payload
+
+if TYPE_CHECKING:
+    from livegifts.common.v1 import dead_letters_pb2
 
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
 console = Console()
@@ -43,6 +47,7 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 DEMO_PROGRESS_EVERY_S = 5.0  # `demo`: how often its wait for the creator's diamonds says how far it has come
 AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id says how far it has come
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
+TABLE_WIDTH_MAX = 100_000  # a table printed to no terminal: its own width, up to this
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
 WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port")]
@@ -84,14 +89,14 @@ def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret
         raise typer.Exit(1) from None
 
 
-def _fail(exc: grpc.RpcError) -> None:
+def _fail(exc: grpc.RpcError, to: Console = console) -> None:
     """Say in one line (unwrapped, for a log) which call to which service failed, and exit 1."""
-    _say_failed(exc)
+    _say_failed(exc, to)
     raise typer.Exit(1)
 
 
-def _say_failed(exc: grpc.RpcError) -> None:
-    console.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
+def _say_failed(exc: grpc.RpcError, to: Console = console) -> None:
+    to.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
 
 
 PortOffset = Annotated[
@@ -229,12 +234,27 @@ def _say(text: str) -> None:
         console.print(text)
 
 
+def _table(title: str, *columns: str) -> Table:
+    """A table whose cells wrap in a narrow terminal (an id or a path cut to "…" is of no use)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal, at its width; elsewhere (`| cat`, `kubectl exec` without -t, a Job's log),
+    rich would assume 80 columns: print it at its own full width, a row per line, nothing cut."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    full = Measurement.get(console, console.options.update_width(TABLE_WIDTH_MAX), table).maximum
+    Console(file=console.file, width=max(full, console.width)).print(table)
+
+
 def _print_running(suite: Suite) -> None:
     config = suite.config
-    table = Table(title="livegifts is running (Ctrl-C stops everything)")
-    for col in ("process", "address", "metrics", "log"):
-        # In a narrow terminal a cell wraps: an address or a log's path cut to "…" is of no use.
-        table.add_column(col, overflow="fold")
+    table = _table("livegifts is running (Ctrl-C stops everything)", "process", "address", "metrics", "log")
     table.add_row("nats-server", config.nats_url, "", str(suite.log_dir / "nats.log"))
     for svc in ("wallet", "gifting", "payout"):
         table.add_row(
@@ -243,7 +263,7 @@ def _print_running(suite: Suite) -> None:
             f"http://127.0.0.1:{config.metrics_ports[svc]}/metrics",
             str(suite.log_dir / f"{svc}.log"),
         )
-    console.print(table)
+    _print_table(table)
     # As it works from here: a suite on another --var or --port-offset is not the commands' default.
     demo = ["livegifts demo"]
     if config.var_dir != Path("var").resolve():
@@ -251,7 +271,9 @@ def _print_running(suite: Suite) -> None:
     if config.grpc_ports != SuiteConfig(var_dir=config.var_dir).grpc_ports:
         demo += [f"--{svc}-addr {suite.addr(svc)}" for svc in ("wallet", "gifting", "payout")]
     console.print(
-        f"try: [bold]{' '.join(demo)}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list", highlight=False
+        f"try: [bold]{' '.join(demo)}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list"
+        "   (grpcurl is a separate tool: not installed with livegifts)",
+        highlight=False,
     )
 
 
@@ -521,13 +543,11 @@ def audit(
         report = wait_until_settled(fetch, wait_s, progress)
     except grpc.RpcError as exc:
         _fail(exc)
-    table = Table(title="livegifts audit")
-    for col in ("invariant", "status", "detail"):
-        table.add_column(col)
+    table = _table("livegifts audit", "invariant", "status", "detail")
     for row in report:
         colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
         table.add_row(row.name, f"[{colour}]{row.status}[/{colour}]", row.detail)
-    console.print(table)
+    _print_table(table)
     if any(r.status == FAILED for r in report):
         raise typer.Exit(1)
     if any(r.status != OK for r in report):
@@ -573,6 +593,13 @@ def dead_letters_list(
     payout_addr: PayoutAddr = "127.0.0.1:50053",
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object per parked event and line, every field (notes and errors go to stderr)",
+        ),
+    ] = False,
 ) -> None:
     """List parked events, oldest first (every service's, or --service's); exit 0 even when there are some.
 
@@ -585,9 +612,10 @@ def dead_letters_list(
     for svc in services:
         _service_addr(svc, addrs)  # a typo is a usage error before any token is looked for
     metadata = _operator(operator_token, var)
-    table = Table(title="parked events")
-    for col in ("service", "id", "consumer", "subject", "event id", "parked at (UTC)", "error"):
-        table.add_column(col)
+    table = _table(
+        "parked events", "service", "id", "consumer", "subject", "event id", "parked at (UTC)", "payload bytes", "error"
+    )
+    notes = err_console if as_json else console  # --json: stdout holds the events only
     shown = more = 0
     unreachable: list[grpc.RpcError] = []
     for svc in services:
@@ -605,7 +633,7 @@ def dead_letters_list(
                     # A service down or hung: what the others parked is still shown (an incident
                     # is when this is run). A refusal (the token, the consumer's name) stops here.
                     if exc.code() not in _UNREACHABLE:  # type: ignore[attr-defined]
-                        _fail(exc)
+                        _fail(exc, notes)
                     unreachable.append(exc)
                     break
                 for d in page.dead_letters:
@@ -613,24 +641,50 @@ def dead_letters_list(
                         cut = True
                         break
                     count += 1
+                    if as_json:
+                        typer.echo(json.dumps(_dead_letter_fields(svc, d)))
+                        continue
                     when = d.parked_at.ToDatetime().isoformat(timespec="seconds")
-                    table.add_row(svc, str(d.id), d.consumer, d.subject, d.event_id or "(undecodable)", when, d.error)
+                    table.add_row(
+                        svc,
+                        str(d.id),
+                        escape(d.consumer),
+                        escape(d.subject),
+                        escape(d.event_id) or "(undecodable)",
+                        when,
+                        str(d.payload_bytes),
+                        escape(d.error),
+                    )
                 # At the limit on a page's last row, the next page says whether there is more.
                 if not page.next_after_id or cut:
                     break
                 after = page.next_after_id
             shown += count
             more += cut
-    if shown:
-        console.print(table)
-    else:
-        console.print("no parked events" + (" in the services that answered" if unreachable else ""))
+    if shown and not as_json:
+        _print_table(table)
+    elif not shown:
+        notes.print("no parked events" + (" in the services that answered" if unreachable else ""))
     if more:
-        console.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")
+        notes.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")
     if unreachable:
         for exc in unreachable:
-            _say_failed(exc)
+            _say_failed(exc, notes)
         raise typer.Exit(1)
+
+
+def _dead_letter_fields(service: str, d: dead_letters_pb2.DeadLetter) -> dict[str, object]:
+    """Every field of a parked event and the service that holds it, for `dead-letters list --json`."""
+    return {
+        "service": service,
+        "id": d.id,
+        "consumer": d.consumer,
+        "subject": d.subject,
+        "event_id": d.event_id,  # "" when the payload could not be decoded
+        "parked_at": d.parked_at.ToJsonString(),  # RFC 3339, UTC
+        "payload_bytes": d.payload_bytes,
+        "error": d.error,
+    }
 
 
 @dead_letters.command("replay")

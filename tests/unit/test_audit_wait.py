@@ -102,3 +102,24 @@ def test_a_read_of_every_id_says_how_far_it_has_come_after_each_range(monkeypatc
     seen: list[tuple[int, int]] = []
     audit._judge_every_id(None, None, None, 1.0, lambda ranges, judged: seen.append((ranges, judged)))  # type: ignore[arg-type]
     assert seen == [(1, 5), (2, 10), (3, 12)]
+
+
+def test_the_audit_table_in_a_job_s_log_keeps_each_row_on_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Job's log is no terminal: rich would fit the table to 80 columns and wrap names and ids."""
+    from typer.testing import CliRunner
+
+    from services.cli import audit
+    from services.cli.main import app
+
+    pending = Totals(
+        wallet_pb2.WalletAudit(outbox_pending=3), gifting_pb2.GiftingAudit(), payout_pb2.PayoutAudit(outbox_pending=2)
+    )
+    monkeypatch.setattr(audit, "collect", lambda *a, **k: pending)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(app, ["audit"], env={"COLUMNS": None})
+    assert result.exit_code == 3, result.output
+    (line,) = [row for row in result.stdout.splitlines() if "in flight: outbox rows" in row]
+    assert "in flight: outbox rows written before the audit are published" in line, result.stdout
+    assert "wallet 3; payout 2" in line, result.stdout
+    (line,) = [row for row in result.stdout.splitlines() if "4. diamonds = exact creator share" in row]
+    assert line.rstrip(" │").endswith("at a share no policy set 0"), result.stdout  # a long detail, whole

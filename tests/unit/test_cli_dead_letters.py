@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 import grpc
@@ -156,3 +157,78 @@ def test_a_list_refused_for_its_token_stops_at_the_first_refusal(monkeypatch: py
     result = CliRunner().invoke(app, ["dead-letters", "list", "--operator-token", "t"], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
     assert result.output.count("PERMISSION_DENIED") == 1, result.output
+
+
+# Ids and subjects as long as the services' (a UUID; the longest subject and consumer names).
+_LONG = dead_letters_pb2.DeadLetter(
+    id=123456,
+    consumer="payout-purchase-reversed",
+    subject="livegifts.wallet.purchase.reversed",
+    event_id="0f9d3c1e-7b2a-4c55-9a10-2b3c4d5e6f70",
+    error="failed 20 times: IntegrityError; [the use case's] message, long enough to need more than eighty columns",
+    payload_bytes=4321,
+)
+_UNDECODABLE = dead_letters_pb2.DeadLetter(id=7, consumer="gifting-leaderboards", subject="livegifts.gifting.gift.sent")
+
+
+def _listing(*extra: str) -> Any:
+    """`dead-letters list` of payout's two parked events, stdout no terminal and COLUMNS unset (a pipe, a Job's log)."""
+
+    class Stub:
+        def __init__(self, channel: Any) -> None:
+            pass
+
+        def ListDeadLetters(self, request: Any, **kwargs: Any) -> dead_letters_pb2.ListDeadLettersResponse:
+            return dead_letters_pb2.ListDeadLettersResponse(dead_letters=[_LONG, _UNDECODABLE])
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", Stub)
+        m.delenv("COLUMNS", raising=False)
+        return CliRunner().invoke(
+            app, ["dead-letters", "list", "--service", "payout", "--operator-token", "t", *extra], env={"COLUMNS": None}
+        )
+
+
+def test_a_list_to_no_terminal_prints_each_event_whole_on_one_line_with_its_payload_bytes() -> None:
+    # The runbook searches the log by the event id it lists: an id cut to "0f9d3c1e-…" or wrapped
+    # over two lines finds nothing. Without a terminal rich assumes 80 columns.
+    result = _listing()
+    assert result.exit_code == 0, result.output
+    assert "payload bytes" in result.output, result.output
+    (line,) = [row for row in result.output.splitlines() if _LONG.event_id in row]
+    for value in (_LONG.consumer, _LONG.subject, _LONG.error, str(_LONG.payload_bytes), str(_LONG.id)):
+        assert value in line, line
+    (line,) = [row for row in result.output.splitlines() if "(undecodable)" in row]
+    assert _UNDECODABLE.subject in line and "│ 0 " in line, line
+
+
+def test_a_list_with_json_prints_one_object_per_event_with_every_field() -> None:
+    result = _listing("--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [
+        {
+            "service": "payout",
+            "id": d.id,
+            "consumer": d.consumer,
+            "subject": d.subject,
+            "event_id": d.event_id,
+            "parked_at": "1970-01-01T00:00:00Z",
+            "payload_bytes": d.payload_bytes,
+            "error": d.error,
+        }
+        for d in (_LONG, _UNDECODABLE)
+    ], result.stdout
+
+
+def test_a_json_list_keeps_notes_and_failures_off_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    down = {"wallet": None, "gifting": grpc.StatusCode.UNAVAILABLE, "payout": None}
+    monkeypatch.setattr(main, "channel", lambda service, addr: contextlib.nullcontext(service))
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _per_service_stub(down))
+    result = CliRunner().invoke(app, ["dead-letters", "list", "--operator-token", "t", "--json"])
+    assert result.exit_code == 1, result.output
+    assert [json.loads(line)["event_id"] for line in result.stdout.splitlines()] == [
+        "event-of-wallet",
+        "event-of-payout",
+    ]
+    assert "UNAVAILABLE: the answer was lost" in result.stderr, result.stderr
