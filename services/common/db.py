@@ -2,13 +2,15 @@
 
 SQLite (embedded default) runs in WAL mode with synchronous=FULL; write transactions begin
 IMMEDIATE and are serialized in-process by an asyncio lock, so writers queue fairly instead of
-spinning in SQLite's busy handler. PostgreSQL runs with synchronous_commit=on.
+spinning in SQLite's busy handler; a connection closed inside a transaction (a call cancelled
+mid-statement) rolls it back first. PostgreSQL runs with synchronous_commit=on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """A sqlite3 connection that rolls back its open transaction before it closes.
+
+    grpc.aio cancels a handler at its deadline, and the cancel can land inside a statement of a
+    write transaction. SQLAlchemy takes the CancelledError for an exit: it invalidates the
+    connection without a ROLLBACK and without closing the statement's cursor, and closes the
+    connection. sqlite3 closes with sqlite3_close_v2, which, while a statement is unfinished
+    (an executemany, or a RETURNING statement whose rows were not fetched), does not close but
+    leaves a zombie: its transaction not rolled back, the write lock of BEGIN IMMEDIATE held
+    until that cursor is freed, which the cancelled call's traceback (a reference cycle) delays
+    to the garbage collector's next full pass (minutes). Every later writer of the service
+    waited busy_timeout and failed SQLITE_BUSY. Rolled back here, in aiosqlite's thread after
+    the cancelled statement, on every path that closes a connection (invalidation, a failed
+    reset, dispose, garbage collection), the lock ends with the transaction. A committed
+    transaction is not in one any more: nothing it wrote is undone.
+    """
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # closed already, or the rollback failed: close anyway
+            if self.in_transaction:
+                self.rollback()
+        super().close()
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -130,7 +156,13 @@ def create_engine(
     url = normalize_url(url)
     if is_sqlite(url):
         ensure_sqlite_dir(url)
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s)
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=pool_timeout_s,
+            connect_args={"factory": _SQLiteConnection},
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
