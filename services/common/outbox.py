@@ -214,6 +214,7 @@ class OutboxRelay:
         # The same reads past the rows held for their size (`_hold`), used while there are any.
         self._unsent_past_held = self._unsent.where(not_(one_of_param(db.dialect, t.c.id, "held")))
         self._claim_past_held = None if db.sqlite else self._unsent_past_held.with_for_update()
+        self._held_left = select(t.c.id).where(t.c.published_at_us.is_(None), one_of_param(db.dialect, t.c.id, "held"))
         self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
         # Rows whose event is larger than the server takes (a producer bug), by id: their size.
         self._held: dict[int, int] = {}
@@ -299,6 +300,11 @@ class OutboxRelay:
         while the server's max_payload is still below it."""
         check(self.bus.nc is not None, "self.bus.nc is not None")
         limit = self.bus.nc.max_payload
+        if self._held:
+            # Several pods' relays share the outbox: a row another one sent since is held no more
+            # (else this relay's gauge, and its alert, stayed up until it restarted).
+            left = (await uow.conn.execute(self._held_left, {"held": list(self._held)})).scalars()
+            self._held = {row_id: self._held[row_id] for row_id in left}
         held = [row_id for row_id, size in self._held.items() if size > limit]
         if not held:
             return list((await uow.conn.execute(self._claim if claim else self._unsent)).all())

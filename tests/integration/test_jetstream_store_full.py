@@ -159,3 +159,26 @@ async def test_an_event_larger_than_max_payload_is_held_in_the_outbox_and_the_ot
     assert _publish_errors() == errors
     assert (await h.stored_ids())[-5:] == later
     assert h.bus.nc is not None and h.bus.nc.stats["reconnects"] == 0, "the server never closed the connection"
+
+
+async def test_a_held_event_another_relay_published_is_held_no_more(small: _Harness) -> None:
+    """Relays of several pods share the outbox: a row one relay held and another published
+    (after `max_payload` was raised and that pod restarted, as the runbook says) leaves the
+    first relay's count, so its gauge and LivegiftsOutboxEventOversized end."""
+    h = small
+    nc = h.bus.nc
+    assert nc is not None
+    other = OutboxRelay(h.db, h.bus, h.outbox, h.settings)  # another pod's relay
+    limit = nc._max_payload
+    nc._max_payload = PAYLOAD_BYTES_MAX // 2  # a server whose max_payload was lowered since
+    try:
+        await _add_raw(h, "oversized", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+        assert await h.relay.relay_once() == 0
+        assert await other.relay_once() == 0
+        assert _held() == 1
+    finally:
+        nc._max_payload = limit  # raised again
+    assert await h.relay.relay_once() == 1, "the restarted pod's relay sends it"
+    assert await h.unpublished() == 0
+    assert await other.relay_once() == 0
+    assert _held() == 0, "the other relay holds a row that is gone"
