@@ -115,7 +115,9 @@ class Bus:
         each event over it would wait in the outbox for good (OutboxRelay holds it)."""
         check(self.nc is not None, "self.nc is not None")
         if self.nc.max_payload < EVENT_BYTES_MAX:
-            server = self.nc.connected_url.netloc if self.nc.connected_url else self.settings.nats_url
+            # Host and port only: a URL's user and password stay out of the message.
+            url = self.nc.connected_url
+            server = f"{url.hostname}:{url.port}" if url is not None else "the NATS server"
             raise StartupError(
                 f"NATS at {server} takes messages of at most {self.nc.max_payload} bytes (its max_payload), "
                 f"fewer than the {EVENT_BYTES_MAX} bytes an event of the suite may take: raise max_payload in "

@@ -1081,7 +1081,7 @@ class Gifting:
 
     async def _answered_by_key(self, reqs: list[_Begin]) -> list[dict[str, Any] | None]:
         """For gifts, tips and unlocks today's checks refuse (distinct keys): the gift each one's key
-        recorded when the request is a retry a retry answers from it (an older release, or a looser
+        recorded when the request is a retry of the one recorded (an older release, or a looser
         limit, accepted it), else None. Read only on the refusal path, with the digest the request
         was recorded with; a malformed key, a different request under the key, a cancelled gift or
         a KEY_ONLY row (a retry of those is checked anew) leave the refusal standing."""
