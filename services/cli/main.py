@@ -73,7 +73,9 @@ def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
     return path.read_text().strip()
 
 
-def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret to sign with") -> str:
+def _run_secret(
+    var_dir: Path, name: str, option: str, missing: str = "no secret to sign with", to: Console = console
+) -> str:
     """A secret `run` keeps in var/, for a command that calls the suite; never made up here: a
     new one would only be refused by a suite that started with another."""
     path = var_dir / name
@@ -81,7 +83,7 @@ def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret
         return path.read_text().strip()
     except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
         why = f"no {path}" if isinstance(exc, FileNotFoundError) else f"cannot read {path} ({exc.strerror})"
-        console.print(
+        to.print(
             f"[red]{missing}[/red]: {why} (`livegifts run` writes it there);"
             f" give {option}, or --var with the folder of the running suite",
             highlight=False,
@@ -570,15 +572,15 @@ OperatorToken = Annotated[
 SERVICES = ("wallet", "gifting", "payout")
 
 
-def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
+def _operator(token: str, var: Path, to: Console = console) -> tuple[tuple[str, str], ...]:
     who = os.environ.get("USER", "") or "cli"
-    token = token or _run_secret(var, "dev-operator-token", "--operator-token", "no operator token")
+    token = token or _run_secret(var, "dev-operator-token", "--operator-token", "no operator token", to)
     return (("authorization", f"Bearer {token}"), ("x-operator", who))
 
 
-def _service_addr(service: str, addrs: dict[str, str]) -> str:
+def _service_addr(service: str, addrs: dict[str, str], to: Console = console) -> str:
     if service not in addrs:
-        console.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
+        to.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
         raise typer.Exit(2)
     return addrs[service]
 
@@ -609,13 +611,13 @@ def dead_letters_list(
 
     addrs = {"wallet": wallet_addr, "gifting": gifting_addr, "payout": payout_addr}
     services = [service] if service else list(SERVICES)
+    notes = err_console if as_json else console  # --json: stdout holds the events only
     for svc in services:
-        _service_addr(svc, addrs)  # a typo is a usage error before any token is looked for
-    metadata = _operator(operator_token, var)
+        _service_addr(svc, addrs, notes)  # a typo is a usage error before any token is looked for
+    metadata = _operator(operator_token, var, notes)
     table = _table(
         "parked events", "service", "id", "consumer", "subject", "event id", "parked at (UTC)", "payload bytes", "error"
     )
-    notes = err_console if as_json else console  # --json: stdout holds the events only
     shown = more = 0
     unreachable: list[grpc.RpcError] = []
     for svc in services:

@@ -232,3 +232,15 @@ def test_a_json_list_keeps_notes_and_failures_off_stdout(monkeypatch: pytest.Mon
         "event-of-payout",
     ]
     assert "UNAVAILABLE: the answer was lost" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--service", "nope", "--operator-token", "t"], ["--var", "/nonexistent-livegifts-var"]], ids=str
+)
+def test_a_json_list_refused_before_any_call_says_why_on_stderr(args: list[str]) -> None:
+    # --json promises stdout holds the events only: a usage error (an unknown service, no token)
+    # went to stdout, where a consumer of the JSON lines reads it as a malformed event.
+    result = CliRunner().invoke(app, ["dead-letters", "list", "--json", *args])
+    assert result.exit_code in (1, 2), result.output
+    assert result.stdout == "", result.stdout
+    assert "unknown service" in result.stderr or "no operator token" in result.stderr, result.stderr
