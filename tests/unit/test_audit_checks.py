@@ -766,3 +766,28 @@ def test_breaks_across_the_chunks_of_a_large_window_fail_in_id_order_the_last_on
     failed = (audit.CREDIT_LINE, FAILED, "credited to another creator than the gift's")
     assert dict(findings.counts) == {failed: len(broken)} and findings.shown[failed] == broken[: audit.IDS_SHOWN_MAX]
     assert len(chunks) > 5 and max(c.peak for c in chunks) <= 5
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(st.text(alphabet="ab\x00é0", max_size=4), max_size=30), max_size=8),
+    st.integers(2, 9),
+    st.text(alphabet="ab\x00é0", max_size=4),
+)
+def test_lowest_holds_exactly_the_ids_offered_in_after_high_never_more_than_its_limit(
+    batches: list[list[str]], limit: int, after: str
+) -> None:
+    """Whatever is offered, in any batches, duplicates and prefixes of each other included: at most
+    `limit` held, and at the end every id offered in (after, high] (above `after` when `high` is
+    None) and no other, `high` itself held: what a pass judges, and what the next starts above."""
+    chunk = audit._Lowest(after, limit)
+    for batch in batches:
+        chunk.offer(iter(batch))
+        assert len(chunk.ids) <= limit
+    above = {k for batch in batches for k in batch if k > after}
+    if chunk.high is None:
+        assert chunk.ids == above
+    else:
+        assert chunk.high > after and chunk.high in chunk.ids
+        assert chunk.ids == {k for k in above if k <= chunk.high}
+    assert chunk.peak <= limit
