@@ -539,7 +539,7 @@ def audit(
         busy = [c.name for c in report if c.status != OK]
         if busy and wait_s > 0 and (busy != said or waiting_due()):
             said[:] = busy
-            console.print(f"[yellow]waiting:[/yellow] {'; '.join(busy)}")
+            console.print(f"[yellow]waiting:[/yellow] {escape('; '.join(busy))}")
 
     try:
         report = wait_until_settled(fetch, wait_s, progress)
@@ -548,7 +548,7 @@ def audit(
     table = _table("livegifts audit", "invariant", "status", "detail")
     for row in report:
         colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
-        table.add_row(row.name, f"[{colour}]{row.status}[/{colour}]", row.detail)
+        table.add_row(escape(row.name), f"[{colour}]{row.status}[/{colour}]", escape(row.detail))
     _print_table(table)
     if any(r.status == FAILED for r in report):
         raise typer.Exit(1)

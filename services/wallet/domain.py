@@ -364,10 +364,11 @@ def change_limit(state: LimitState, requested: int | None, now_us: int, cooloff_
     return LimitState(requested)
 
 
-def check_limit_value(value: int) -> None:
-    """INVALID_ARGUMENT unless 1..SPENDING_LIMIT_MAX."""
+def check_limit_value(value: int, field: str = "") -> None:
+    """INVALID_ARGUMENT unless 1..SPENDING_LIMIT_MAX; its metadata names `field` when given."""
     if not 1 <= value <= SPENDING_LIMIT_MAX:
-        raise InvalidArgument(f"a limit must be 0 (none) or 1..{SPENDING_LIMIT_MAX}", "INVALID_LIMIT")
+        where = {"field": field} if field else {}
+        raise InvalidArgument(f"a limit must be 0 (none) or 1..{SPENDING_LIMIT_MAX}", "INVALID_LIMIT", **where)
 
 
 def effective_limit(states: list[LimitState], now_us: int) -> int | None:

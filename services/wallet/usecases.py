@@ -723,7 +723,7 @@ class Wallet:
                 if value < 0:
                     raise InvalidArgument(f"{name} must be 0 (no limit) or more", "INVALID_LIMIT", field=name)
                 if value > 0:
-                    domain.check_limit_value(value)
+                    domain.check_limit_value(value, name)
                 requested[period] = value or None
         if not requested:
             raise InvalidArgument("set at least one of daily, weekly, monthly", "MISSING_FIELD", field="daily")

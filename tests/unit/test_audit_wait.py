@@ -123,3 +123,20 @@ def test_the_audit_table_in_a_job_s_log_keeps_each_row_on_one_line(monkeypatch: 
     assert "wallet 3; payout 2" in line, result.stdout
     (line,) = [row for row in result.stdout.splitlines() if "4. diamonds = exact creator share" in row]
     assert line.rstrip(" │").endswith("at a share no policy set 0"), result.stdout  # a long detail, whole
+
+
+def test_an_id_that_looks_like_markup_is_printed_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are the clients' own strings: one holding "[/x]" made rich raise MarkupError."""
+    from typer.testing import CliRunner
+
+    from services.cli import audit
+    from services.cli.main import app
+
+    odd = "key[/x][bold]"
+    report = [audit.Check(f"3a. spends of {odd}", audit.FAILED, f"first ids: {odd}")]
+    monkeypatch.setattr(audit, "collect", lambda *a, **k: None)
+    monkeypatch.setattr(audit, "wait_until_settled", lambda *a, **k: report)
+    result = CliRunner().invoke(app, ["audit"], env={"COLUMNS": None})
+    assert result.exit_code == 1, result.output
+    assert f"first ids: {odd}" in result.stdout, result.stdout
+    assert f"3a. spends of {odd}" in result.stdout, result.stdout

@@ -92,3 +92,12 @@ async def test_buying_spending_and_may_spend_agree_on_the_day_a_user_comes_of_ag
     assert many.restrictions[0].may_spend
     await buy(wallet, user)
     assert not isinstance((await wallet.spending.run([gift(user, 5)], settle_refusals=False))[0], DomainError)
+
+
+@pytest.mark.parametrize("value", [-1, domain.SPENDING_LIMIT_MAX + 1])
+async def test_a_limit_out_of_range_names_its_field(wallet: Wallet, value: int) -> None:  # noqa: F811
+    """README's reasons table: INVALID_LIMIT at SetSpendingLimits carries `field`, too big or negative."""
+    req = wallet_pb2.SetSpendingLimitsRequest(user_id="u1", weekly=value, idempotency_key=uuid.uuid4().hex)
+    with pytest.raises(DomainError) as err:
+        await wallet.set_spending_limits(req)
+    assert (err.value.reason, err.value.metadata) == ("INVALID_LIMIT", {"field": "weekly"})
