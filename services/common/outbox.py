@@ -288,12 +288,32 @@ class OutboxRelay:
         return len(acked)
 
     async def _restore_missing_streams(self, rows: list[Any], results: list[Any]) -> None:
-        """Create again the streams the publishes found missing (deleted while we ran): without
-        it, every event waited in the outbox until the service restarted. The rows go at the
-        next pass, after the usual backoff."""
-        missing = {stream_of(r.subject) for r, res in zip(rows, results, strict=True) if is_stream_missing(res)}
+        """Create again the streams the publishes found missing (deleted while we ran), or set back
+        their subjects (edited): without it, every event waited in the outbox until the service
+        restarted. The rows go at the next pass, after the usual backoff.
+
+        A publish to a subject no stream takes answers "no response from stream" only when nothing
+        else listens on it. Gifting's live feed has a core NATS subscription on gifting.gift.sent,
+        which takes the message and never replies: the publish times out instead, as it does when
+        the cluster has no quorum. So for a stream whose publishes timed out, the stream is looked
+        at (one stream info, once per failed pass, so once per backoff) and mended if it no longer
+        takes the suite's subjects; a look that fails too (JetStream unreachable) is left to the
+        next pass, and the pass's own error is what the relay logs.
+        """
+        missing: set[str | None] = set()
+        timed_out: set[str | None] = set()
+        for r, res in zip(rows, results, strict=True):
+            if is_stream_missing(res):
+                missing.add(stream_of(r.subject))
+            elif isinstance(res, nats.errors.TimeoutError):
+                timed_out.add(stream_of(r.subject))
         for stream in sorted(s for s in missing if s is not None):
             await self.bus.restore_stream(stream)
+        for stream in sorted(s for s in timed_out - missing if s is not None):
+            try:
+                await self.bus.restore_stream(stream)
+            except Exception as exc:  # noqa: BLE001 - JetStream not answering: the publishes' timeout says it
+                log.info("stream not checked after a publish timeout", extra={"stream": stream, "error": repr(exc)})
 
     async def _read(self, uow: UnitOfWork, *, claim: bool) -> list[Any]:
         """The next batch of unsent rows (claimed with `claim`), past those held for their size

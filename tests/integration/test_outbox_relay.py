@@ -493,27 +493,40 @@ async def test_a_stream_deleted_while_the_relay_runs_is_created_again_and_its_ev
     assert any("created it again" in r.message and r.stream == "GIFTING" for r in caplog.records)
 
 
+@pytest.mark.parametrize("feed", [False, True], ids=["no-listener", "core-subscriber"])
 async def test_a_stream_whose_subjects_were_edited_away_takes_them_back_and_its_events_go_once(
-    harness: _Harness, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, feed: bool
 ) -> None:
     # `nats stream edit` leaving out the suite's subjects answers a publish as a deleted stream
     # does (no stream responds); the stream is there, so it must not be taken for created
     # meanwhile: its subjects are set back, or the relay refused every event until a restart.
-    js = harness.bus.js
-    assert js is not None
-    config = (await js.stream_info("GIFTING")).config
-    config.subjects = ["elsewhere.>"]
-    await js.update_stream(config)
-    before = _recreated()
-    ids = await harness.add_events(4)
-    with caplog.at_level(logging.ERROR, logger="services.common.bus"):
-        with pytest.raises(RuntimeError, match="4 of 4"):
-            await harness.relay.relay_once()
-    assert (await js.stream_info("GIFTING")).config.subjects == ["gifting.>"]
-    assert await harness.relay.relay_once() == 4
-    assert await harness.stored_ids() == ids
-    assert _recreated() == before + 1
-    assert any("set them back" in r.message and r.stream == "GIFTING" for r in caplog.records)
+    # With `feed`, a core NATS subscriber on the subject, as gifting's live feed
+    # (services/gifting/feed.py) has: the publish reaches it, it never answers, and the publish
+    # times out instead of saying "no response from stream"; the relay must still look.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    async with _harnesses(tmp_path, url, 1, outgoing_deadline_s=0.5) as (harness,):
+        nc, js = harness.bus.nc, harness.bus.js
+        assert nc is not None and js is not None
+        if feed:
+            await nc.subscribe("gifting.gift.sent", cb=_ignore)
+        config = (await js.stream_info("GIFTING")).config
+        config.subjects = ["other.>"]
+        await js.update_stream(config)
+        before = _recreated()
+        ids = await harness.add_events(3)
+        refusal = "nats: timeout" if feed else "nats: no response from stream"
+        with caplog.at_level(logging.ERROR, logger="services.common.bus"):
+            with pytest.raises(RuntimeError, match=f"3 of 3 publishes failed: {refusal}"):
+                await asyncio.wait_for(harness.relay.relay_once(), 30)
+        assert (await js.stream_info("GIFTING")).config.subjects == ["gifting.>"], "the subjects stayed edited"
+        assert await harness.relay.relay_once() == 3
+        assert await harness.stored_ids() == ids
+        assert _recreated() == before + 1
+        assert any("set them back" in r.message and r.stream == "GIFTING" for r in caplog.records)
+
+
+async def _ignore(msg: Any) -> None:
+    """A core subscriber that never replies (as gifting's live feed)."""
 
 
 async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_what_comes_next(
