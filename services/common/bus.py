@@ -15,6 +15,7 @@ from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.errors import StartupError, check
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import STREAMS_RECREATED
+from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ ERR_STREAM_NOT_FOUND = 10059  # JetStream's API error for a stream that does not
 # ids of ID_MAX (128) characters, 4 UTF-8 bytes each at worst. 16 KiB leaves room for a new field;
 # nats-server's default max_payload is 1 MiB.
 EVENT_BYTES_MAX = 16 * 1024
+# At most one "NATS error" line this often: while NATS is down, the client calls its error
+# callback at every reconnect attempt (each 0.5 s), which logged two lines a second per service.
+# The first error of an outage is logged at once; the next line counts those not logged.
+NATS_ERROR_LOG_INTERVAL_S = 5.0
 
 
 def stream_of(subject: str) -> str | None:
@@ -77,6 +82,7 @@ class Bus:
         self.atomic_streams: set[str] = set()
         self._closing = False  # close() called: the disconnect that follows is ours, not news
         self._restoring = asyncio.Lock()  # one re-creation at a time (the relay and consumers may all see it)
+        self._error_log = LogThrottle(NATS_ERROR_LOG_INTERVAL_S)
 
     async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
         """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
@@ -222,7 +228,9 @@ class Bus:
             pass
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error", extra={"error": repr(exc)})
+        errors = self._error_log.occurred()  # since the previous such line, this one included
+        if errors:
+            log.warning("NATS error", extra={"error": repr(exc), "errors_not_logged": errors - 1})
 
     async def _on_disconnect(self) -> None:
         if self._closing:
@@ -231,4 +239,5 @@ class Bus:
         log.warning("NATS disconnected")
 
     async def _on_reconnect(self) -> None:
-        log.info("NATS reconnected")
+        # The next outage's first error is logged at once; this one's last errors are counted here.
+        log.info("NATS reconnected", extra={"errors_not_logged": self._error_log.reset()})

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context
+from services.common.throttle import LogThrottle
 from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ class Consumer(Generic[E]):
         # on an outage failure itself.
         self._not_counted: OrderedDict[int, int] = OrderedDict()
         self._not_counted_max = self.batch_size_max * 16
-        self._outage_logged_at = float("-inf")
-        self._outage_retries = 0
+        self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
         # Built once (one cache key), one statement text for any count; the ids it returns are
         # the batch's new events.
@@ -422,9 +421,8 @@ class Consumer(Generic[E]):
 
     def _log_outage(self, msg: Msg, event: E, exc: Exception, delay_s: float) -> None:
         """One line per OUTAGE_LOG_INTERVAL_S for the events nak'ed because the database failed."""
-        self._outage_retries += 1
-        now = time.monotonic()
-        if now - self._outage_logged_at < OUTAGE_LOG_INTERVAL_S:
+        retries = self._outage_log.occurred()
+        if not retries:
             return
         with _in_trace_of(msg):
             log.warning(
@@ -433,12 +431,10 @@ class Consumer(Generic[E]):
                     "consumer": self.sub.durable,
                     "event_id": event.event_id,  # type: ignore[attr-defined]
                     "error": repr(exc),
-                    "retries": self._outage_retries,  # since the previous such line
+                    "retries": retries,  # since the previous such line
                     "retry_in_s": delay_s,
                 },
             )
-        self._outage_logged_at = now
-        self._outage_retries = 0
 
     async def _failed(self, item: tuple[Msg, E], exc: Exception) -> None:
         msg, event = item

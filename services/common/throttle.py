@@ -1,0 +1,38 @@
+"""At most one log line per interval for a failure that repeats (an outage), counting the rest."""
+
+from __future__ import annotations
+
+import time
+
+
+class LogThrottle:
+    """Lets one occurrence in `interval_s` be logged; counts the others.
+
+    The first occurrence is logged at once; each later one within `interval_s` of the last line is
+    only counted, and the next line says how many it stands for (`occurred`). Used where an outage
+    repeats a failure many times a second (a consumer's events nak'ed while the database is down,
+    the NATS client's error callback on every reconnect attempt while NATS is down).
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._logged_at = float("-inf")
+        self._count = 0  # occurrences since the previous line, this one included
+
+    def occurred(self) -> int:
+        """Count one occurrence. Returns 0 if no line is due now, else how many occurrences the
+        line due now stands for: this one and those not logged since the previous line."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.interval_s:
+            return 0
+        self._logged_at = now
+        count, self._count = self._count, 0
+        return count
+
+    def reset(self) -> int:
+        """Start afresh (the outage is over: the next occurrence is logged at once). Returns how
+        many occurrences were counted and not logged."""
+        count, self._count = self._count, 0
+        self._logged_at = float("-inf")
+        return count
