@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from services.common import faults
 from services.common.auth import OperatorAuth
 from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
-from services.common.config import ServiceSettings, load_settings
+from services.common.config import MigrationSettings, ServiceSettings, load_settings
 from services.common.db import Database
 from services.common.deadletters import dead_letter_registration
 from services.common.errors import StartupError
@@ -236,7 +236,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     return exit_code
 
 
-async def _migrate(spec: ServiceSpec, settings: ServiceSettings) -> None:
+async def _migrate(spec: ServiceSpec, settings: MigrationSettings) -> None:
     what = f"cannot migrate the database {_database_name(settings.database_url)}"
     with _starting(what, database=True):
         try:
@@ -263,29 +263,51 @@ async def _first_crash(tasks: list[asyncio.Task[Any]]) -> None:
 
 def main(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     """Command line of a service: `serve` (default) or `migrate`."""
+    prefix = spec.settings_cls.model_config.get("env_prefix", "")
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{spec.name}",
-        description=f"livegifts {spec.name} service. Configuration comes from LIVEGIFTS_{spec.name.upper()}_* "
-        "environment variables (see README.md).",
+        description=f"livegifts {spec.name} service. Configuration comes from {prefix}* environment variables "
+        "(see README.md).",
+        epilog=f"serve: migrate the database to the latest schema (unless {prefix}MIGRATE_ON_START=false), then "
+        "serve gRPC, /metrics, the outbox relay and the event consumers until SIGTERM. migrate: bring the "
+        f"database to the latest schema and exit, as a migration Job or init container does; it reads only "
+        f"{prefix}DATABASE_URL, {prefix}MIGRATION_LOCK_TIMEOUT_S, {prefix}MIGRATION_LOCK_GIVE_UP_S and "
+        f"{prefix}LOG_LEVEL / {prefix}LOG_FORMAT.",
     )
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"], help="default: serve")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "migrate"],
+        help="serve the service (default), or migrate its database and exit",
+    )
     args = parser.parse_args(argv)
+    if args.command == "migrate":
+        # It reads only what it uses: a migration Job needs no NATS URL, secret or peer address.
+        migration = load_settings(MigrationSettings, prefix)
+        setup_logging(spec.name, migration.log_level, migration.log_format)
+        sys.exit(_exit_code(lambda: asyncio.run(_migrate(spec, migration))))
     settings = load_settings(spec.settings_cls)
     setup_logging(spec.name, settings.log_level, settings.log_format)
     try:
-        if args.command == "migrate":
-            asyncio.run(_migrate(spec, settings))
-            return
-        try:
-            import uvloop
+        import uvloop
 
-            runner: Callable[..., Any] = uvloop.run
-        except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-            runner = asyncio.run
-        exit_code = 0
-        with contextlib.suppress(KeyboardInterrupt):
-            exit_code = runner(serve(spec, settings))
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        runner = asyncio.run
+
+    def run() -> int:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the signal handlers are in
+            return int(runner(serve(spec, settings)))
+        return 0
+
+    sys.exit(_exit_code(run))
+
+
+def _exit_code(run: Callable[[], int | None]) -> int:
+    """Run a command: its exit code (0 for none), or 1 for a start it cannot make (one log line)."""
+    try:
+        return run() or 0
     except StartupError as exc:
         log.error("%s", exc)
-        exit_code = 1
-    sys.exit(exit_code)
+        return 1

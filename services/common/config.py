@@ -50,21 +50,58 @@ def webhook_secret(secret: SecretStr | None) -> SecretStr | None:
     return secret
 
 
-class ServiceSettings(BaseSettings):
-    """What every service needs; each service subclasses it with its own env prefix."""
+class MigrationSettings(BaseSettings):
+    """What `python -m services.<svc> migrate` reads: the database, the migration lock and the log.
+
+    A migration Job is given these alone: it connects to nothing else, so it needs no NATS URL,
+    secret or address of another service. Each service reads them with its own env prefix.
+    """
 
     model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_", extra="ignore", frozen=True)
 
     # Required: no default, so a missing value stops start-up with its name.
     database_url: str = Field(description="SQLAlchemy URL: sqlite+aiosqlite:///path or postgresql+asyncpg://")
+    log_level: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # PostgreSQL migrations (services/common/migrate.py): one statement waits at most this long
+    # for a table lock, as every later query of that table queues behind it (live traffic stops);
+    # past it the step is rolled back and tried again, with a backoff, for at most
+    # MIGRATION_LOCK_GIVE_UP_S, then the migration exits non-zero naming who held the lock.
+    migration_lock_timeout_s: float = Field(default=MIGRATION_LOCK_TIMEOUT_S, gt=0, le=60)
+    migration_lock_give_up_s: float = Field(default=MIGRATION_LOCK_GIVE_UP_S, ge=0, le=3600)
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_we_drive(cls, url: str) -> str:
+        try:
+            driver = make_url(normalize_url(url)).drivername
+        except ArgumentError:
+            raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
+        if driver not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError(f"{driver!r} is not supported: sqlite:///path or postgresql://user@host/db")
+        return url
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, level: object) -> object:
+        if not isinstance(level, str):
+            return level
+        name = level.strip().upper()
+        return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)  # logging's own aliases
+
+
+class ServiceSettings(MigrationSettings):
+    """What every service needs to serve; each service subclasses it with its own env prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_", extra="ignore", frozen=True)
+
+    # Required: no default, so a missing value stops start-up with its name.
     nats_url: str = Field(description="NATS server URL(s), comma separated")
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the /metrics endpoint")
-    log_level: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
 
     otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
     otel_file: str = ""  # for otel_exporter=file: JSON lines, one span a line
@@ -77,13 +114,6 @@ class ServiceSettings(BaseSettings):
     # Above the longest statement we run (an audit's sums, a relay waiting its turn).
     db_statement_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     migrate_on_start: bool = True
-    # PostgreSQL migrations (services/common/migrate.py): one statement waits at most this long
-    # for a table lock, as every later query of that table queues behind it (live traffic stops);
-    # past it the step is rolled back and tried again, with a backoff, for at most
-    # MIGRATION_LOCK_GIVE_UP_S, then the migration exits non-zero naming who held the lock.
-    migration_lock_timeout_s: float = Field(default=MIGRATION_LOCK_TIMEOUT_S, gt=0, le=60)
-    migration_lock_give_up_s: float = Field(default=MIGRATION_LOCK_GIVE_UP_S, ge=0, le=3600)
-
     # Graceful shutdown: how long health reports NOT_SERVING before the server stops taking calls,
     # then how long in-flight calls may finish. Their sum must stay below the pod's grace period.
     drain_delay_s: float = Field(default=0.0, ge=0, le=60)
@@ -152,25 +182,6 @@ class ServiceSettings(BaseSettings):
     # Named fault points to arm (comma separated); only for fault tests. See services/common/faults.py.
     faults: str = ""
 
-    @field_validator("database_url")
-    @classmethod
-    def _a_database_we_drive(cls, url: str) -> str:
-        try:
-            driver = make_url(normalize_url(url)).drivername
-        except ArgumentError:
-            raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
-        if driver not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
-            raise ValueError(f"{driver!r} is not supported: sqlite:///path or postgresql://user@host/db")
-        return url
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _level_name(cls, level: object) -> object:
-        if not isinstance(level, str):
-            return level
-        name = level.strip().upper()
-        return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)  # logging's own aliases
-
     @field_validator("otel_file")
     @classmethod
     def _file_for_the_file_exporter(cls, path: str, info: ValidationInfo) -> str:
@@ -219,15 +230,16 @@ class ServiceSettings(BaseSettings):
         return days
 
 
-T = TypeVar("T", bound=ServiceSettings)
+T = TypeVar("T", bound=MigrationSettings)
 
 
-def load_settings(cls: type[T]) -> T:
-    """Read settings once; on a missing or bad value print which variable and exit(2)."""
+def load_settings(cls: type[T], env_prefix: str | None = None) -> T:
+    """Read settings once (with `env_prefix`, another than the class's: a service's for
+    MigrationSettings); on a missing or bad value print which variable and exit(2)."""
+    prefix = env_prefix if env_prefix is not None else cls.model_config.get("env_prefix", "")
     try:
-        return cls()  # type: ignore[call-arg]
+        return cls(_env_prefix=prefix)  # type: ignore[call-arg]
     except ValidationError as exc:
-        prefix = cls.model_config.get("env_prefix", "")
         lines = []
         for err in exc.errors():
             name = (prefix + str(err["loc"][0])).upper() if err["loc"] else prefix

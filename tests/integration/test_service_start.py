@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,6 +128,24 @@ def test_a_nats_server_that_takes_smaller_messages_than_our_events_is_one_line(t
         "raise max_payload",
         url.removeprefix("nats://"),
     )
+
+
+@pytest.mark.parametrize("svc", ["wallet", "gifting", "payout"])
+def test_migrate_needs_only_the_database_url(tmp_path: Path, svc: str) -> None:
+    """A migration Job is given the database and nothing else: no NATS URL, no webhook secret, no
+    wallet address (none of which a migration uses)."""
+    db = tmp_path / f"{svc}.db"
+    env = {
+        "PYTHONPATH": f"{ROOT / 'gen'}{os.pathsep}{ROOT}",
+        "PATH": os.environ.get("PATH", ""),
+        f"LIVEGIFTS_{svc.upper()}_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", f"services.{svc}", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone(), "no migration ran"
 
 
 def test_a_failure_the_environment_does_not_explain_keeps_its_traceback() -> None:

@@ -91,6 +91,11 @@ def test_every_service_command_has_help() -> None:
             [sys.executable, "-m", f"services.{svc}", "--help"], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0 and "migrate" in out.stdout
+        # Each command says what it does, and migrate what it reads.
+        help_text = " ".join(out.stdout.split())
+        assert "serve: migrate the database to the latest schema" in help_text, help_text
+        assert "migrate: bring the database to the latest schema and exit" in help_text, help_text
+        assert f"it reads only LIVEGIFTS_{svc.upper()}_DATABASE_URL" in help_text, help_text
     # The `livegifts` command also runs as a module, for images or venvs without its script.
     out = subprocess.run([sys.executable, "-m", "services.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "audit" in out.stdout and "run" in out.stdout
