@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 from services.common.errors import Unavailable
@@ -21,6 +21,8 @@ from services.common.metrics import PROVIDER_CALL_FAILURES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The `outcome` label of livegifts_provider_call_failures_total (`call`).
+FAILURE_OUTCOMES = ("timeout", "refused", "error")
 
 
 class ProviderError(Exception):
@@ -35,6 +37,15 @@ class ProviderRefused(ProviderError):
 
 class ProviderTimeout(ProviderError):
     """The provider did not answer within the deadline (PROVIDER_TIMEOUT_S)."""
+
+
+def export_failures_at_zero(provider: str, calls: Iterable[str]) -> None:
+    """Export the failure counts of `provider`'s `calls` at 0 (a service's use cases do, as they
+    start): the alert takes their rate(), which needs a sample before the first failure, so the
+    first burst of failures in a pod's life was missed while the series first appeared with it."""
+    for name in calls:
+        for outcome in FAILURE_OUTCOMES:
+            PROVIDER_CALL_FAILURES.labels(provider=provider, call=name, outcome=outcome)
 
 
 async def call(provider: str, name: str, request: Awaitable[T], timeout_s: float) -> T:

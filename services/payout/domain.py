@@ -211,6 +211,9 @@ _TRANSITIONS = {
 }
 # Why a signed provider outcome (callback or look-up) is refused for the withdrawal's status.
 CALLBACK_REFUSALS = ("WITHDRAWAL_NOT_SUBMITTED", "INVALID_WITHDRAWAL_TRANSITION")
+# Why the dispatcher holds an approved withdrawal: the wallet says its creator may not withdraw
+# (blocked, under age), or cannot say (Payout._check_eligible's reasons).
+HOLD_REASONS = ("ACCOUNT_BLOCKED", "UNDERAGE", "WALLET_UNAVAILABLE")
 
 
 def check_transition(current: WithdrawalStatus, target: WithdrawalStatus) -> None:

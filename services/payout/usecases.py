@@ -76,9 +76,28 @@ from services.payout.storage import (
 
 log = logging.getLogger(__name__)
 
-# Exported at 0 from the start, so that increase() sees the first refusal in a pod's life.
+# The calls payout makes to the payout provider (provider_calls), each one's failures counted.
+PROVIDER_CALLS = ("tokenize", "submit", "status")
+# What came of a late withdrawal's look-up at the provider (`reconcile_once`): its outcome
+# applied (paid, failed), or not.
+RECONCILE_OUTCOMES = (
+    "paid",
+    "failed",
+    "duplicate",
+    "settled_meanwhile",
+    "still_processing",
+    "provider_error",
+    "refused",
+)
+
+# Exported at 0 from the start, so that increase() sees the first refusal, hold or look-up in a
+# pod's life.
 for _reason in domain.CALLBACK_REFUSALS:
     PAYOUT_CALLBACKS_REFUSED.labels(reason=_reason)
+for _reason in domain.HOLD_REASONS:
+    WITHDRAWALS_HELD.labels(reason=_reason)
+for _outcome in RECONCILE_OUTCOMES:
+    WITHDRAWALS_RECONCILED.labels(outcome=_outcome)
 _REFUSED_LINE = {
     "WITHDRAWAL_NOT_SUBMITTED": "payout callback refused: the withdrawal was never submitted to the provider",
     "INVALID_WITHDRAWAL_TRANSITION": "payout callback refused: the withdrawal already has another outcome",
@@ -385,6 +404,10 @@ class Payout:
     # Creators whose withdrawals the dispatcher holds (not eligible, or the wallet could not
     # say), and until when (time.monotonic()) it does not ask the wallet about them again.
     _held_until: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.provider is not None:
+            provider_calls.export_failures_at_zero(self.provider.name, PROVIDER_CALLS)
 
     async def _policy(self, uow: UnitOfWork) -> Any:
         row = (await uow.conn.execute(select(policies).order_by(policies.c.version.desc()).limit(1))).first()

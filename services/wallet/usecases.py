@@ -87,6 +87,14 @@ _METHODS = {
 }
 _METHOD_ENUM = {v: k for k, v in _METHODS.items()}
 _STATUS_ENUM = {s: getattr(wallet_pb2, f"PURCHASE_STATUS_{s.value}") for s in PurchaseStatus}
+# The calls the wallet makes to a payment provider (provider_calls), each one's failures counted.
+PROVIDER_CALLS = ("create_checkout",)
+
+# Exported at 0 from the start, so that increase() sees the first late failure in a pod's life:
+# one per status a purchase can have when a failure report comes after its outcome.
+for _status in PurchaseStatus:
+    if _status is not PurchaseStatus.PENDING:
+        LATE_PAYMENT_FAILURES.labels(status=_status.value)
 
 
 @dataclass
@@ -108,6 +116,8 @@ class Wallet:
         self._spend_batcher: MicroBatcher[wallet_pb2.SpendRequest, Any] = MicroBatcher(
             lambda reqs: self.spending.run(reqs, settle_refusals=False), GROUP_COMMIT_SIZE_MAX, "wallet_spend"
         )
+        for name in self.payments.providers:
+            provider_calls.export_failures_at_zero(name, PROVIDER_CALLS)
 
     def _today(self) -> dt.date:
         """Today in UTC by the wallet's clock, as the spend batch reads it (never the pod's time zone)."""
