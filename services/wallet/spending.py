@@ -45,7 +45,6 @@ from services.common.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     check,
     require_id,
@@ -417,8 +416,8 @@ class SpendBatch:
         # the batch that locked the existing rows of some senders then had to create those of
         # others (lower ids among them) and waited for a batch creating the same rows, which in
         # turn waited for the rows it held: a deadlock on the first spends of a period.
-        # A sender without an account is refused (ACCOUNT_NOT_FOUND) and never counted a coin: its
-        # counters are 0, read from no row.
+        # A sender without an account (never credited) has 0 coins: refused INSUFFICIENT_COINS,
+        # never counted a coin; its counters are 0, read from no row.
         counted = [u for u in senders if domain.user_account(u) in balances]
         counters = dict.fromkeys(((u, p) for u in senders for p in PERIODS), 0)
         counters |= await self._lock_counters(uow, counted, periods, domain.stale_period_keys(now))
@@ -451,12 +450,10 @@ class SpendBatch:
                             period=period.value,
                             limit_coins=cap,
                         )
-                if acc not in balances:
-                    raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
-                if balances[acc] < amount:
-                    raise FailedPrecondition(
-                        "not enough coins", "INSUFFICIENT_COINS", balance=balances[acc], required=amount
-                    )
+                # A user never credited has no account row: 0 coins, refused as any user short of coins.
+                balance = balances.get(acc, 0)
+                if balance < amount:
+                    raise FailedPrecondition("not enough coins", "INSUFFICIENT_COINS", balance=balance, required=amount)
             except DomainError as exc:
                 out[it.key] = exc
                 continue

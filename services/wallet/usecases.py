@@ -596,14 +596,14 @@ class Wallet:
     # ---- balances and spending ---------------------------------------------------------
 
     async def get_balance(self, user_id: str) -> wallet_pb2.Balance:
-        """O(1): one row."""
+        """O(1): one row; a user never credited (no account row yet) has 0 coins."""
         require_id(user_id, "user_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             bal = (
                 await uow.conn.execute(select(accounts.c.balance).where(accounts.c.user_id == user_id))
             ).scalar_one_or_none()
         if bal is None:
-            raise NotFound("the user has no coin account", "ACCOUNT_NOT_FOUND")
+            bal = 0
         return wallet_pb2.Balance(user_id=user_id, coins=int(bal), debt_coins=max(0, -int(bal)))
 
     async def list_transactions(self, req: wallet_pb2.ListTransactionsRequest) -> wallet_pb2.ListTransactionsResponse:

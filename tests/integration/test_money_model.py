@@ -11,7 +11,7 @@ The model's rules are written from the contract (../shared/ARCHITECTURE.md, READ
   blocks spending), and reports as already spent the part of the new debt no earlier reversal
   claimed (README "Reversals"), also when the reversed purchase had only repaid a debt;
 - a gift, tip or unlock charges its coins once per key, or is refused and changes nothing
-  (STREAM_NOT_LIVE, INSUFFICIENT_COINS, ACCOUNT_NOT_FOUND for a user who never bought); a retry
+  (STREAM_NOT_LIVE, INSUFFICIENT_COINS, also for a user who never bought); a retry
   of the same request answers the first receipt (a refused one is checked again); another request
   under a recorded key is IDEMPOTENCY_KEY_REUSED; a second unlock of the same content charges
   nothing; a SendGifts batch answers item by item, in request order, each as SendGift would;
@@ -211,7 +211,6 @@ def item_outcome(result: Any) -> Any:
 
 INSUFFICIENT = (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_COINS")
 NOT_LIVE = (grpc.StatusCode.FAILED_PRECONDITION, "STREAM_NOT_LIVE")
-NO_ACCOUNT = (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")  # a user never credited has no account yet
 REUSED = (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
 
 
@@ -311,8 +310,8 @@ class MoneyModel(RuleBasedStateMachine):
         self.saw(f"{kind} charged")
 
     def short(self, user: str) -> tuple[grpc.StatusCode, str]:
-        """How a spend beyond the user's coins is refused."""
-        return INSUFFICIENT if user in self.accounts else NO_ACCOUNT
+        """How a spend beyond the user's coins is refused (a user never credited has 0 coins)."""
+        return INSUFFICIENT
 
     async def _settle_earnings(self) -> None:
         """Wait for every creator's earnings to reach the model, then note when each gift occurred.
@@ -1028,9 +1027,7 @@ class MoneyModel(RuleBasedStateMachine):
             for user in self.users:
                 b = await answer(self.stubs.wallet.GetBalance(W.GetBalanceRequest(user_id=user)))
                 want = self.coins[user]
-                if isinstance(b, tuple):  # no account yet: only before the user's first credit
-                    assert b[0] == grpc.StatusCode.NOT_FOUND and user not in self.accounts, (user, b, want)
-                    continue
+                assert not isinstance(b, tuple), (user, b, want)  # a user never credited has 0 coins
                 assert (b.coins, b.debt_coins) == (want, max(0, -want)), (user, b, want)
 
         self.run(go())

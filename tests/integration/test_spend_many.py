@@ -60,7 +60,7 @@ async def test_each_item_is_answered_as_its_own_spend_would_be(clients, deployme
         ("IDEMPOTENCY_KEY_REUSED", "open"),
         ("AMOUNT_NOT_POSITIVE", "open"),
         ("spent", 0),
-        ("ACCOUNT_NOT_FOUND", "open"),
+        ("INSUFFICIENT_COINS", "open"),
     ]
     assert resp.results[3].error.code == OK.FAILED_PRECONDITION.value[0]
     assert resp.results[1].spent.spend_id == first.spend_id

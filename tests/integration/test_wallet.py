@@ -579,7 +579,7 @@ async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operator
             "INVALID_REASON",
         ),
         (lambda w: w.Spend(spend_req("u", 1, "")), OK.INVALID_ARGUMENT, "MISSING_IDEMPOTENCY_KEY"),
-        (lambda w: w.Spend(spend_req("no-such-user-xyz", 1)), OK.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+        (lambda w: w.Spend(spend_req("no-such-user-xyz", 1)), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS"),
         (lambda w: w.GetBalance(wallet_pb2.GetBalanceRequest(user_id="")), OK.INVALID_ARGUMENT, "MISSING_FIELD"),
         (lambda w: w.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id="nope")), OK.NOT_FOUND, "UNKNOWN_PURCHASE"),
         (

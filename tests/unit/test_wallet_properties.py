@@ -364,10 +364,7 @@ class WalletMachine(RuleBasedStateMachine):
         if over:
             assert reason == "SPENDING_LIMIT_EXCEEDED", reason
             return None
-        if user not in self.balance:
-            assert reason == "ACCOUNT_NOT_FOUND", reason
-            return None
-        if self.balance[user] < amount:
+        if self.balance.get(user, 0) < amount:  # a user never credited has 0 coins
             assert reason == "INSUFFICIENT_COINS", reason
             return None
         assert reason is None, reason
