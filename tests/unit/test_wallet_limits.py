@@ -101,3 +101,12 @@ async def test_a_limit_out_of_range_names_its_field(wallet: Wallet, value: int) 
     with pytest.raises(DomainError) as err:
         await wallet.set_spending_limits(req)
     assert (err.value.reason, err.value.metadata) == ("INVALID_LIMIT", {"field": "weekly"})
+
+
+async def test_a_user_who_never_bought_has_0_coins_and_is_refused_as_short_of_them(wallet: Wallet) -> None:  # noqa: F811
+    """Not NOT_FOUND, which a client takes for a bad id: 0 coins, and INSUFFICIENT_COINS to spend."""
+    balance = await wallet.get_balance("newcomer")
+    assert (balance.coins, balance.debt_coins) == (0, 0)
+    (refused,) = await wallet.spending.run([gift("newcomer", 5)], settle_refusals=False)
+    assert isinstance(refused, DomainError)
+    assert (refused.reason, refused.metadata) == ("INSUFFICIENT_COINS", {"balance": "0", "required": "5"})
