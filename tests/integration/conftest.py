@@ -106,6 +106,25 @@ def suite_config(
     )
 
 
+@contextlib.contextmanager
+def running_suite(
+    backend: str, var_dir: Path, db_prefix: str, extra: dict[str, dict[str, str]] | None = None
+) -> Iterator[Suite]:
+    """A suite of test processes on `backend` ("sqlite": files in var_dir; "postgres": a new
+    database per service named from db_prefix, or the leg skipped saying why), stopped on exit."""
+    # Nested, so the databases are dropped even when starting or stopping the suite fails.
+    databases: contextlib.AbstractContextManager[dict[str, str]] = (
+        pg.service_databases(db_prefix) if backend == "postgres" else contextlib.nullcontext({})
+    )
+    with databases as urls:
+        suite = Suite(suite_config(var_dir, urls, extra))
+        try:
+            suite.start()
+            yield suite
+        finally:
+            suite.stop()
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """The suite under test: started once per backend for the whole session."""
@@ -116,27 +135,17 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield external
         return
     var_dir = tmp_path_factory.mktemp(f"suite-{request.param}")
-    # Nested, so the databases are dropped even when starting or stopping the suite fails.
-    databases: contextlib.AbstractContextManager[dict[str, str]] = (
-        pg.service_databases("lgtest") if request.param == "postgres" else contextlib.nullcontext({})
-    )
-    with databases as urls:
-        config = suite_config(var_dir, urls)
-        suite = Suite(config)
-        try:
-            suite.start()
-            yield Deployment(
-                request.param,
-                suite.addr("wallet"),
-                suite.addr("gifting"),
-                suite.addr("payout"),
-                config.nats_url,
-                suite,
-                var_dir,
-                WEBHOOK_SECRET,
-            )
-        finally:
-            suite.stop()
+    with running_suite(request.param, var_dir, "lgtest") as suite:
+        yield Deployment(
+            request.param,
+            suite.addr("wallet"),
+            suite.addr("gifting"),
+            suite.addr("payout"),
+            suite.config.nats_url,
+            suite,
+            var_dir,
+            WEBHOOK_SECRET,
+        )
 
 
 @dataclass

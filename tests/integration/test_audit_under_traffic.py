@@ -26,8 +26,7 @@ from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.audit import FAILED, OK, check_invariants, collect, wait_until_settled
 from services.cli.suite import Suite
-from tests.integration import pg
-from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, suite_config
+from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import buy_coins, live_stream, uid
 
 CONCURRENCY = 8
@@ -42,16 +41,8 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
         pytest.skip("needs books of its own: not run against an external deployment")
     var_dir = tmp_path_factory.mktemp(f"audit-traffic-{request.param}")
-    databases: contextlib.AbstractContextManager[dict[str, str]] = (
-        pg.service_databases("lgaudit") if request.param == "postgres" else contextlib.nullcontext({})
-    )
-    with databases as urls:
-        s = Suite(suite_config(var_dir, urls))
-        try:
-            s.start()
-            yield s
-        finally:
-            s.stop()
+    with running_suite(request.param, var_dir, "lgaudit") as s:
+        yield s
 
 
 @dataclass

@@ -31,8 +31,7 @@ from services.common.db import Database
 from services.gifting.storage import gift_events
 from services.payout.storage import earnings
 from services.wallet.storage import spends
-from tests.integration import pg
-from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, suite_config
+from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import buy_coins, live_stream, uid
 
 HOUR_US = 3600 * 1_000_000
@@ -52,16 +51,8 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
         pytest.skip("edits its books by hand: not run against an external deployment")
     var_dir = tmp_path_factory.mktemp(f"audit-window-{request.param}")
-    databases: contextlib.AbstractContextManager[dict[str, str]] = (
-        pg.service_databases("lgwindow") if request.param == "postgres" else contextlib.nullcontext({})
-    )
-    with databases as urls:
-        s = Suite(suite_config(var_dir, urls))
-        try:
-            s.start()
-            yield s
-        finally:
-            s.stop()
+    with running_suite(request.param, var_dir, "lgwindow") as s:
+        yield s
 
 
 @contextlib.asynccontextmanager

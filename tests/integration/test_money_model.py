@@ -1,7 +1,7 @@
 """A model of the suite's money rules, driven against a real running suite (nats-server + the
-three services on SQLite): random sequences of purchases, gifts, tips, unlocks, batches, retries,
-races, reversals, stream ends, withdrawals and provider callbacks, checked against what each
-user's coins and each creator's diamonds must be.
+three services), once on SQLite and once on PostgreSQL: random sequences of purchases, gifts,
+tips, unlocks, batches, retries, races, reversals, stream ends, withdrawals and provider
+callbacks, checked against what each user's coins and each creator's diamonds must be.
 
 The model's rules are written from the contract (../shared/ARCHITECTURE.md, README "Gifting",
 "The wallet", "Payout"), not from the services' code:
@@ -39,17 +39,23 @@ model's within a bounded wait (the gift and reversal events flow through NATS); 
 every example the cross-service audit (`livegifts audit --detail --wait`, the same functions in
 process) passes.
 
-One suite per test function; examples are kept apart by fresh user, creator and stream ids, not
-by restarting processes. The payout provider's automatic callback is off, so the test sends the
-PAID / FAILED callbacks itself. The policy is set once: 50% share, 200 diamonds = $1, minimum 10
-cents, no fee, review from 50 cents.
+One suite per backend; examples are kept apart by fresh user, creator and stream ids, not by
+restarting processes. The PostgreSQL leg (conftest: LIVEGIFTS_TEST_POSTGRES_URL, its own databases
+created and dropped, the leg skipped saying why when unset or unreachable) is where the racing
+rules race for real: row locks and concurrent transactions, where SQLite has one writer. The
+payout provider's automatic callback is off, so the test sends the PAID / FAILED callbacks itself.
+The policy is set once: 50% share, 200 diamonds = $1, minimum 10 cents, no fee, review from 50
+cents.
 
 Bounded for CI: derandomized (the same examples every run), LIVEGIFTS_MONEY_MODEL_EXAMPLES
-examples (default 10) of at most LIVEGIFTS_MONEY_MODEL_STEPS steps (default 30), about 20 s.
-To hunt longer locally (pytest-timeout stops a test at 300 s: raise it with -o timeout=N), e.g.:
+examples of at most LIVEGIFTS_MONEY_MODEL_STEPS steps (default 30); without the former, 10 on
+SQLite and 6 on PostgreSQL (DEFAULT_EXAMPLES), about 20 s and 30 s. To hunt longer locally
+(pytest-timeout stops a test at 300 s: raise it with -o timeout=N; -k postgres or -k sqlite for
+one leg), e.g.:
 
     LIVEGIFTS_MONEY_MODEL_EXAMPLES=100 LIVEGIFTS_MONEY_MODEL_STEPS=50 LIVEGIFTS_MONEY_MODEL_SEED=7 \\
-        .venv/bin/pytest -q -s -o timeout=900 tests/integration/test_money_model.py
+        LIVEGIFTS_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
+        .venv/bin/pytest -q -s -o timeout=900 tests/integration/test_money_model.py -k postgres
 
 LIVEGIFTS_MONEY_MODEL_SEED set: random examples from that seed instead of the derandomized ones.
 Shrinking replays sequences against the real suite and takes minutes, so it is off unless
@@ -93,11 +99,14 @@ from services.cli.audit import OK, collect, wait_until_settled
 from services.cli.suite import Suite
 from services.common import signing
 from services.payout.providers import dev_payout_payload
-from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
+from tests.integration.conftest import BACKENDS, OPERATOR_TOKEN, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import reason_of, signed_callback, uid
 
 T = TypeVar("T")
-EXAMPLES = int(os.environ.get("LIVEGIFTS_MONEY_MODEL_EXAMPLES", "10"))
+# Examples per run by default, per backend: each costs about 2 s on SQLite and more on
+# PostgreSQL (its calls are slower), so each leg stays within CI's budget (about 20 s and 30 s).
+DEFAULT_EXAMPLES = {"sqlite": 10, "postgres": 6}
+EXAMPLES = os.environ.get("LIVEGIFTS_MONEY_MODEL_EXAMPLES")
 STEPS = int(os.environ.get("LIVEGIFTS_MONEY_MODEL_STEPS", "30"))
 SEED = os.environ.get("LIVEGIFTS_MONEY_MODEL_SEED")
 SHRINK = os.environ.get("LIVEGIFTS_MONEY_MODEL_SHRINK", "") == "1"
@@ -163,9 +172,15 @@ class KeyRecord:
     receipt: Any | None  # None: refused (or cancelled) the last time it was tried
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def money_suite(tmp_path: Path) -> Iterator[Suite]:
-    """A suite of this test's own (it sets the payout policy), with the payout provider's callbacks left to the test."""
+def money_suite(backend: str, tmp_path: Path) -> Iterator[Suite]:
+    """A suite of this test's own on each backend (it sets the payout policy), with the payout
+    provider's callbacks left to the test."""
     if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
         pytest.skip("sets the payout policy and sends the payout callbacks: needs a suite of its own")
     extra = {
@@ -175,12 +190,8 @@ def money_suite(tmp_path: Path) -> Iterator[Suite]:
             "LIVEGIFTS_PAYOUT_CLAWBACK_SETTLE_INTERVAL_S": "0.5",
         }
     }
-    suite = Suite(suite_config(tmp_path / "suite", {}, extra))
-    try:
-        suite.start()
+    with running_suite(backend, tmp_path / "suite", "lgmodel", extra) as suite:
         yield suite
-    finally:
-        suite.stop()
 
 
 class Stubs:
@@ -1080,7 +1091,7 @@ def _audit(suite: Suite) -> list[Any]:
     return wait_until_settled(fetch, 30.0)
 
 
-def test_the_money_rules_hold_against_a_model(money_suite: Suite) -> None:
+def test_the_money_rules_hold_against_a_model(backend: str, money_suite: Suite) -> None:
     loop = asyncio.new_event_loop()
     # The current loop too: a stub call built outside a coroutine (`self.run(answer(stub(req)))`)
     # binds to asyncio's current loop, and pytest-asyncio leaves none set after its own tests:
@@ -1118,7 +1129,7 @@ def test_the_money_rules_hold_against_a_model(money_suite: Suite) -> None:
 
         Machine.loop, Machine.stubs, Machine.suite, Machine.seen = loop, stubs, money_suite, Counter()
         config = settings(
-            max_examples=EXAMPLES,
+            max_examples=int(EXAMPLES) if EXAMPLES else DEFAULT_EXAMPLES[backend],
             stateful_step_count=STEPS,
             deadline=None,
             derandomize=SEED is None,

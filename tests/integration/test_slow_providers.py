@@ -9,7 +9,6 @@ provider that hangs, seen from outside, over gRPC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,7 @@ import pytest
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite
-from tests.integration import pg
-from tests.integration.conftest import BACKENDS, suite_config
+from tests.integration.conftest import BACKENDS, running_suite
 from tests.integration.helpers import expect_error, uid
 
 PROVIDER_TIMEOUT_S = 3.0  # long beside a local call, so the calls made meanwhile finish well inside it
@@ -34,9 +32,6 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
         pytest.skip("needs providers that hang: not run against an external deployment")
     var_dir = tmp_path_factory.mktemp(f"slow-providers-{request.param}")
-    databases: contextlib.AbstractContextManager[dict[str, str]] = (
-        pg.service_databases("lgslow") if request.param == "postgres" else contextlib.nullcontext({})
-    )
     slow = {
         svc: {
             f"LIVEGIFTS_{svc.upper()}_PROVIDER_TIMEOUT_S": str(PROVIDER_TIMEOUT_S),
@@ -44,13 +39,8 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         }
         for svc in ("wallet", "payout")
     }
-    with databases as urls:
-        s = Suite(suite_config(var_dir, urls, slow))
-        try:
-            s.start()
-            yield s
-        finally:
-            s.stop()
+    with running_suite(request.param, var_dir, "lgslow", slow) as s:
+        yield s
 
 
 @dataclass
