@@ -454,6 +454,12 @@ class Wallet:
                 )
                 claimed, repaid = await self._reversal_history(uow, row)
                 already_spent = domain.reversal_spent(row.coins, after, claimed, repaid)
+                # The reversal's time, read once the posting holds the user's account row: a spend
+                # in `after` committed before it (its gift recorded before that), and one not in
+                # it waits for this commit. Payout claws back only gifts recorded before this time;
+                # `ts`, read before this transaction waited for its rows (PostgreSQL), could come
+                # before spends it counts as already spent, whose coins then stayed out of reach.
+                reversed_at = now_us()
                 await uow.conn.execute(
                     update(purchases)
                     .where(purchases.c.purchase_id == row.purchase_id)
@@ -470,7 +476,7 @@ class Wallet:
                         user_id=row.user_id,
                         coins=row.coins,
                         kind=event.target.value,
-                        occurred_at=to_timestamp(ts),
+                        occurred_at=to_timestamp(reversed_at),
                         price=common_pb2.Money(currency_code=row.currency_code, amount_minor=row.amount_minor),
                         coins_already_spent=already_spent,
                         balance_after=after,

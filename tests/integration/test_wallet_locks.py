@@ -19,13 +19,14 @@ from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
+from services.common.timeutil import now_us
 from services.wallet import domain
 from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
-from services.wallet.storage import common, spend_counters
+from services.wallet.storage import common, purchases, spend_counters
 from services.wallet.usecases import Wallet
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
-from tests.unit.test_wallet_reversals import SECRET, buy
+from tests.unit.test_wallet_reversals import SECRET, buy, callback, reversal_of, spend
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
 DAY_US = 86_400_000_000
@@ -125,3 +126,29 @@ async def test_racing_batches_over_new_periods_count_every_coin_once_without_a_d
     assert sorted(rows) == [(u, 6) for u in users for _ in periods]  # each user is in 6 of the batches
     for u in users:
         assert (await wallet.get_balance(u)).coins == 70 - 6 * rounds
+
+
+async def test_a_reversal_is_timed_after_the_spends_it_counts_as_already_spent(wallet: Wallet) -> None:
+    """A spend that commits while a chargeback waits for a row is in the balance the chargeback
+    leaves, so in its coins_already_spent: the reversal's time (its event's occurred_at) must not
+    come before that spend. Payout claws back only gifts recorded before the reversal, so a
+    gift counted as spent but recorded after that time could never be clawed back (a shortfall
+    open for good, the creator keeping diamonds no money pays for)."""
+    user = "spends-while-charged-back"
+    p = await buy(wallet, user)  # 70 coins
+    holder = Database(wallet.db.url, pool_size=1, pool_timeout_s=5, application_name="holder")
+    try:
+        async with holder.unit_of_work() as held:
+            # The chargeback stops at its purchase row (as behind a concurrent callback's).
+            pc = purchases.c
+            await held.conn.execute(select(pc.purchase_id).where(pc.purchase_id == p.purchase_id).with_for_update())
+            chargeback = asyncio.create_task(callback(wallet, p, "charge.dispute.lost"))
+            await wait_for_lock_waiters(wallet.db, 1)
+            gift_recorded_at = now_us()  # gifting records the gift, then spends its coins
+            await spend(wallet, user, 70)
+        await asyncio.wait_for(chargeback, LOCK_WAIT_S_MAX)
+    finally:
+        await holder.dispose()
+    event = await reversal_of(wallet, p.purchase_id)
+    assert (event.coins_already_spent, event.balance_after) == (70, -70)
+    assert event.occurred_at.ToMicroseconds() > gift_recorded_at, "the reversal is timed before a spend it counts"
