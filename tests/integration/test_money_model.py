@@ -73,7 +73,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1081,7 +1081,13 @@ def _logged(cls: type[MoneyModel]) -> type[MoneyModel]:
                 print(traceback.format_exc(), file=sys.stderr)
                 raise
 
-        setattr(cls, name, functools.wraps(fn)(wrapper))
+        logged = functools.wraps(fn)(wrapper)
+        # Hypothesis calls the function its rule (or initialize) marker holds, not the class
+        # attribute: the marker must name the wrapper too, or no rule is ever logged.
+        for marker in (RULE_MARKER, INITIALIZE_RULE_MARKER):
+            if hasattr(fn, marker):
+                setattr(logged, marker, replace(getattr(fn, marker), function=logged))
+        setattr(cls, name, logged)
     return cls
 
 
