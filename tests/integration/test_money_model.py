@@ -49,7 +49,7 @@ cents.
 
 Bounded for CI: derandomized (the same examples every run), LIVEGIFTS_MONEY_MODEL_EXAMPLES
 examples of at most LIVEGIFTS_MONEY_MODEL_STEPS steps (default 30); without the former, 10 on
-SQLite and 6 on PostgreSQL (DEFAULT_EXAMPLES), about 20 s and 30 s. To hunt longer locally
+SQLite and 8 on PostgreSQL (DEFAULT_EXAMPLES), about 20 s and 25 s. To hunt longer locally
 (pytest-timeout stops a test at 300 s: raise it with -o timeout=N; -k postgres or -k sqlite for
 one leg), e.g.:
 
@@ -103,9 +103,9 @@ from tests.integration.conftest import BACKENDS, OPERATOR_TOKEN, WEBHOOK_SECRET,
 from tests.integration.helpers import reason_of, signed_callback, uid
 
 T = TypeVar("T")
-# Examples per run by default, per backend: each costs about 2 s on SQLite and more on
-# PostgreSQL (its calls are slower), so each leg stays within CI's budget (about 20 s and 30 s).
-DEFAULT_EXAMPLES = {"sqlite": 10, "postgres": 6}
+# Examples per run by default, per backend: each costs 1 to 2 s, and the PostgreSQL leg also
+# creates its databases and migrates them, so each leg stays within CI's budget (20 s, 25 s).
+DEFAULT_EXAMPLES = {"sqlite": 10, "postgres": 8}
 EXAMPLES = os.environ.get("LIVEGIFTS_MONEY_MODEL_EXAMPLES")
 STEPS = int(os.environ.get("LIVEGIFTS_MONEY_MODEL_STEPS", "30"))
 SEED = os.environ.get("LIVEGIFTS_MONEY_MODEL_SEED")
