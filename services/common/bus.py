@@ -104,7 +104,12 @@ class Bus:
                 for stream in streams:
                     await self.ensure_stream(stream)
                 self.connected.set()
-                log.info("connected to NATS", extra={"streams": ",".join(streams)})
+                # As at a reconnect (the client calls no reconnect callback for its first
+                # connect): the start's errors counted here, the next outage's first logged at once.
+                log.info(
+                    "connected to NATS",
+                    extra={"streams": ",".join(streams), "errors_not_logged": self._error_log.reset()},
+                )
                 return
             except StartupError:
                 await self._close_quietly()
