@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from services.common.config import MigrationSettings
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
@@ -156,22 +158,28 @@ def known_env_names(svc: str) -> set[str]:
     return {prefix + name.upper() for name in settings_class(svc).model_fields}
 
 
-def required_env_names(svc: str) -> set[str]:
-    """The variables without a default: start-up stops without them."""
+def command_settings_class(svc: str, command: str) -> Any:
+    """The settings `python -m services.<svc> <command>` reads: `migrate` only MigrationSettings."""
+    return MigrationSettings if command == "migrate" else settings_class(svc)
+
+
+def required_env_names(svc: str, command: str = "serve") -> set[str]:
+    """The variables without a default: `command` stops without them."""
     prefix = env_prefix(svc)
-    return {prefix + name.upper() for name, f in settings_class(svc).model_fields.items() if f.is_required()}
+    fields = command_settings_class(svc, command).model_fields
+    return {prefix + name.upper() for name, f in fields.items() if f.is_required()}
 
 
-def load_settings_from(svc: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Build the settings exactly as the service does: from the process environment."""
-    cls = settings_class(svc)
+def load_settings_from(svc: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, command: str = "serve") -> Any:
+    """Build the settings exactly as `command` does: from the process environment, with the service's prefix."""
+    cls = command_settings_class(svc, command)
     with monkeypatch.context() as m:
         for name in list(os.environ):
             if name.startswith("LIVEGIFTS_"):
                 m.delenv(name)
         for name, value in env.items():
             m.setenv(name, value)
-        return cls()
+        return cls(_env_prefix=env_prefix(svc))
 
 
 # --- env resolution like the kubelet -------------------------------------------------------

@@ -222,19 +222,30 @@ def test_every_setting_a_service_requires_is_set_and_every_name_is_one_it_reads(
     objs = objects(overlay)
     found = _service_containers(objs)
     assert {(svc, cmd) for _, _, svc, cmd in found} == {(s, c) for s in SERVICES for c in ("serve", "migrate")}
-    for w, c, svc, _ in found:
+    for w, c, svc, cmd in found:
         env = resolve_env(c, objs)
         where = f"{w.name}/{c['name']}"
         assert not env.missing_config, f"{where}: {env.missing_config}"
         ours = {k for k in env.values if k.startswith("LIVEGIFTS_")}
         unknown = ours - known_env_names(svc)
         assert not unknown, f"{where}: the service does not read {sorted(unknown)} (typo?)"
-        missing = required_env_names(svc) - ours
+        missing = required_env_names(svc, cmd) - ours
         assert not missing, f"{where}: required settings not set: {sorted(missing)}"
         unexpanded = {k: v for k, v in env.values.items() if "$(" in v}
         assert not unexpanded, f"{where}: unresolved $(VAR) references: {unexpanded}"
         # The service's own validation accepts the values (types, ranges, choices).
-        load_settings_from(svc, {k: env.values[k] for k in ours}, monkeypatch)
+        load_settings_from(svc, {k: env.values[k] for k in ours}, monkeypatch, cmd)
+
+
+def test_the_migrate_init_container_is_given_no_secret_but_its_database_s(overlay: str) -> None:
+    """`migrate` reads only MigrationSettings (the database URL, the lock settings, the log): a
+    webhook secret given to it is read by nothing and only widens who holds it."""
+    objs = objects(overlay)
+    for w, c, svc, cmd in _service_containers(objs):
+        if cmd != "migrate":
+            continue
+        unread = {name for name, _ in resolve_env(c, objs).secret_refs} - {f"livegifts-{svc}-db"}
+        assert not unread, f"{w.name}/{c['name']}: given secrets it does not read: {sorted(unread)}"
 
 
 def test_the_settings_match_the_ports_probes_peers_and_grace_period(
@@ -246,12 +257,15 @@ def test_the_settings_match_the_ports_probes_peers_and_grace_period(
     nats_replicas = nats["spec"]["replicas"]
     for w, c, svc, cmd in _service_containers(objs):
         env = resolve_env(c, objs)
-        s = load_settings_from(svc, {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}, monkeypatch)
+        ours = {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}
+        s = load_settings_from(svc, ours, monkeypatch, cmd)
         where = f"{w.name}/{c['name']}"
-        assert s.migrate_on_start is False, f"{where}: migrations run in the init container, not at start"
         url = make_url(s.database_url)
         assert url.drivername == "postgresql+asyncpg", where
         _assert_database_exists(objs, overlay, svc, url.host, url.port, url.database)
+        if cmd != "serve":
+            continue  # `migrate` reads only the database, migration lock and log settings
+        assert s.migrate_on_start is False, f"{where}: migrations run in the init container, not at start"
         for nats_url in s.nats_url.split(","):
             host_port = nats_url.removeprefix("nats://")
             host, port = host_port.rsplit(":", 1)
@@ -266,8 +280,6 @@ def test_the_settings_match_the_ports_probes_peers_and_grace_period(
             wallet_service = find(objs, "Service", host)
             assert wallet_service is not None, f"{where}: no Service {host}"
             assert int(port) in {p["port"] for p in wallet_service["spec"]["ports"]}
-        if cmd != "serve":
-            continue
         assert s.grpc_host == "0.0.0.0" and s.metrics_host == "0.0.0.0", f"{where}: must listen on all interfaces"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": s.grpc_port, "metrics": s.metrics_port}, where
