@@ -160,16 +160,24 @@ async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
 
 
 STREAMS_FULL_S = 3.0
+GIFTS_FLOWING = 10  # gift events stored before the streams are made full: the load is under way
+GIFTS_FLOWING_WITHIN_S = 30.0
 
 
 async def _streams_full(suite: Suite, log: list[str]) -> None:
     """Every stream refuses new events for STREAMS_FULL_S mid-load (a limit with the `new` discard
     policy, as a full JetStream store refuses them), then takes them again: the outboxes keep what
-    was refused. Fails unless a relay met the refusal (else no fault was injected)."""
-    await asyncio.sleep(1.5)
+    was refused. Fails unless a relay met the refusal (else no fault was injected).
+
+    Mid-load means once gift events flow: after a fixed 1.5 s, a fast run's load had already
+    ended (the gifts took about a second in CI), so no relay met the full streams."""
     nc = await nats.connect(suite.config.nats_url)
     try:
         js = nc.jetstream()
+        deadline = time.monotonic() + GIFTS_FLOWING_WITHIN_S
+        while (await js.stream_info("GIFTING")).state.messages < GIFTS_FLOWING:
+            assert time.monotonic() < deadline, f"fewer than {GIFTS_FLOWING} gift events in {GIFTS_FLOWING_WITHIN_S} s"
+            await asyncio.sleep(0.02)
         kept = {}
         for name in STREAMS:
             info = await js.stream_info(name)
