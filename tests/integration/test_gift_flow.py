@@ -337,7 +337,10 @@ async def test_a_purchase_and_its_reversal_are_traced_from_the_callback_to_payou
     await clients.wallet.HandlePaymentEvent(
         signed_callback(deployment.webhook_secret, "payment.succeeded", purchase), metadata=bought
     )
-    spans = await _trace(deployment, bought_trace, lambda sp: _has(sp["wallet"], "publish wallet.purchase.completed"))
+    # Every span read below: each service exports on its own timer, so one's spans can be in its
+    # file before another's (CI once read the wallet's file before its reversal spans were in it).
+    bought_spans = ("HandlePaymentEvent", "publish wallet.purchase.completed")
+    spans = await _trace(deployment, bought_trace, lambda sp: all(_has(sp["wallet"], n) for n in bought_spans))
     callback = _one(spans["wallet"], "HandlePaymentEvent")
     publish = _one(spans["wallet"], "publish wallet.purchase.completed")
     assert publish["parent_id"] == callback["context"]["span_id"], (publish, callback)
@@ -347,7 +350,15 @@ async def test_a_purchase_and_its_reversal_are_traced_from_the_callback_to_payou
     await clients.wallet.HandlePaymentEvent(
         signed_callback(deployment.webhook_secret, "charge.refunded", purchase), metadata=reversed_
     )
-    spans = await _trace(deployment, reversed_trace, lambda sp: _has(sp["payout"], "process wallet.purchase.reversed"))
+    reversal_spans = ("HandlePaymentEvent", "publish wallet.purchase.reversed")
+    spans = await _trace(
+        deployment,
+        reversed_trace,
+        lambda sp: (
+            _has(sp["payout"], "process wallet.purchase.reversed")
+            and all(_has(sp["wallet"], n) for n in reversal_spans)
+        ),
+    )
     callback = _one(spans["wallet"], "HandlePaymentEvent")
     publish = _one(spans["wallet"], "publish wallet.purchase.reversed")
     assert publish["parent_id"] == callback["context"]["span_id"], (publish, callback)
