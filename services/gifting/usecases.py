@@ -375,17 +375,21 @@ class Gifting:
 
     async def send_gift(self, req: gifting_pb2.SendGiftRequest) -> gifting_pb2.GiftReceipt:
         """Send `quantity` of a gift to a live stream, once per idempotency key."""
+        return _receipt(await self._settle(await self._begin_one(req, lambda: _checked_gift_key(req))))
+
+    async def _begin_one(self, req: _Begin, checks: Callable[[], str]) -> dict[str, Any]:
+        """Step 1 of one gift, tip or unlock, after `checks` (those made before any read), which
+        return its key; a request they refuse gets the gift its key recorded, if it is a retry
+        of that request (`_recorded_or_refused`), else their refusal."""
         try:
-            key = _checked_gift_key(req)
+            key = checks()
         except InvalidArgument as refusal:
-            gift = await self._recorded_or_refused(refusal, req)
-        else:
-            if self.settings.group_commit:
-                gift = await self._begin_batcher.submit(req)  # the batch computes each digest once
-            else:
-                digest = _gift_digest(req)
-                gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
-        return _receipt(await self._settle(gift))
+            return await self._recorded_or_refused(refusal, req)
+        if self.settings.group_commit:
+            return await self._begin_batcher.submit(req)  # the batch computes each digest once
+        digest = _digest(req)
+        gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
+        return gift
 
     async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
         """Step 1 of concurrent SendGift, SendTip and UnlockContent calls together (repeats go alone after)."""
@@ -972,41 +976,30 @@ class Gifting:
 
     async def send_tip(self, req: gifting_pb2.SendTipRequest) -> gifting_pb2.GiftReceipt:
         """Tip a live stream a free amount of coins with an optional short message, once per key."""
-        try:
+
+        def checks() -> str:
             require_id(req.stream_id, "stream_id")
             require_id(req.sender_id, "sender_id")
             key = require_key(req.idempotency_key)
             # Checked here so a bad tip fails before it joins a batch (and again when planned).
             domain.tip_coins(req.coins, self.settings.tip_coins_max)
             domain.tip_message(req.message, self.settings.tip_message_chars_max)
-        except InvalidArgument as refusal:
-            gift = await self._recorded_or_refused(refusal, req)
-        else:
-            if self.settings.group_commit:
-                gift = await self._begin_batcher.submit(req)
-            else:
-                digest = _digest(req)
-                gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
-        return _receipt(await self._settle(gift))
+            return key
+
+        return _receipt(await self._settle(await self._begin_one(req, checks)))
 
     async def unlock_content(self, req: gifting_pb2.UnlockContentRequest) -> gifting_pb2.UnlockReceipt:
         """Unlock content for coins; charged once per user, a second unlock returns the existing access."""
-        try:
+
+        def checks() -> str:
             require_id(req.user_id, "user_id")
             require_id(req.content_id, "content_id")
-            key = require_key(req.idempotency_key)
-        except InvalidArgument as refusal:
-            gift = await self._recorded_or_refused(refusal, req)
-            key = req.idempotency_key
-        else:
-            if self.settings.group_commit:
-                gift = await self._begin_batcher.submit(req)
-            else:
-                digest = _digest(req)
-                gift, _own = await self._begin(key, digest, self._unlock_planner(req, key, digest))
+            return require_key(req.idempotency_key)
+
+        gift = await self._begin_one(req, checks)
         # This call's own unlock (new, or a retry of its key), or the user's earlier unlock of this
         # content under another key (not charged again).
-        own = gift["idempotency_key"] == key
+        own = gift["idempotency_key"] == req.idempotency_key
         settled = await self._settle(gift)
         return gifting_pb2.UnlockReceipt(
             content_id=req.content_id,
