@@ -93,8 +93,6 @@ class MigrationSettings(BaseSettings):
 class ServiceSettings(MigrationSettings):
     """What every service needs to serve; each service subclasses it with its own env prefix."""
 
-    model_config = SettingsConfigDict(env_prefix="LIVEGIFTS_", extra="ignore", frozen=True)
-
     # Required: no default, so a missing value stops start-up with its name.
     nats_url: str = Field(description="NATS server URL(s), comma separated")
 
