@@ -1033,7 +1033,8 @@ class Payout:
 
     @answers_retry(common.idempotency, "ApproveWithdrawal", payout_pb2.Withdrawal)
     async def approve_withdrawal(self, req: payout_pb2.ApproveWithdrawalRequest, operator: str) -> Any:
-        """An operator approves a reviewed withdrawal; refused while the creator's balance is negative."""
+        """An operator approves a reviewed withdrawal; refused while the creator's balance is negative
+        or its payout method is not VERIFIED (it failed verification after the request)."""
         require_id(req.withdrawal_id, "withdrawal_id")
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
@@ -1047,6 +1048,14 @@ class Payout:
                 raise FailedPrecondition(
                     "withdrawals are held while the balance is negative (clawback)", "BALANCE_NEGATIVE"
                 )
+            # The method may have failed verification since the request (the dispatcher would hold
+            # the withdrawal anyway): the operator learns it now, and may reject it instead.
+            m = payout_methods.c
+            verification = (
+                await uow.conn.execute(select(m.verification).where(m.method_id == row.method_id))
+            ).scalar_one()
+            if verification != "VERIFIED":
+                raise FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
             moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
             return _withdrawal_pb(moved)
 
@@ -1135,8 +1144,10 @@ class Payout:
         w, m = withdrawals.c, payout_methods.c
         approved = w.status == WithdrawalStatus.APPROVED.value
         # Held while the creator owes diamonds after a clawback: an approved (or auto-approved)
-        # withdrawal waits here instead of paying out cash owed back.
-        claimable = and_(approved, creators.c.diamonds_available >= 0)
+        # withdrawal waits here instead of paying out cash owed back. Held too while its method is
+        # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
+        # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
+        claimable = and_(approved, creators.c.diamonds_available >= 0, m.verification == "VERIFIED")
         # Nor are the withdrawals of creators held by the wallet's word read again before their
         # recheck: oldest first, they would fill every round and keep the later ones waiting.
         now_mono = time.monotonic()
@@ -1171,8 +1182,8 @@ class Payout:
                 if row.status == WithdrawalStatus.APPROVED.value:
                     if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id):
                         continue
-                    if not await self._claim(row.withdrawal_id, row.creator_id):
-                        continue  # a clawback since the round began holds it, or it changed meanwhile
+                    if not await self._claim(row.withdrawal_id, row.creator_id, row.method_id):
+                        continue  # a clawback or a failed verification since the round began holds it, or it changed
                 faults.point("payout.after_claim_before_submit")
                 try:
                     sub = await provider_calls.call(
@@ -1230,11 +1241,12 @@ class Payout:
             extra={"withdrawal_id": withdrawal_id, "reason": reason},
         )
 
-    async def _claim(self, withdrawal_id: str, creator_id: str) -> bool:
+    async def _claim(self, withdrawal_id: str, creator_id: str, method_id: str) -> bool:
         """APPROVED -> PROCESSING (no provider reference yet) unless the creator's balance is now
-        negative; False if it was not claimed. The creator's row is held (PostgreSQL `FOR SHARE`;
-        SQLite serializes writers), so a clawback either committed before and is seen here, or
-        waits for this claim and finds the withdrawal on its way.
+        negative or the payout method is no longer VERIFIED; False if it was not claimed. The
+        creator's and the method's rows are held (PostgreSQL `FOR SHARE`; SQLite serializes
+        writers), so a clawback or a failed verification either committed before and is seen
+        here, or waits for this claim and finds the withdrawal on its way.
 
         The withdrawal's row is taken before the creator's, as RejectWithdrawal and a callback
         take them (the withdrawal, then the creator's diamonds): the other way round, a claim and
@@ -1255,6 +1267,14 @@ class Payout:
             ).scalar_one()
             if available < 0:
                 return False  # rolled back: still APPROVED, held while the balance is negative
+            m = payout_methods.c
+            verification = (
+                await uow.conn.execute(
+                    select(m.verification).where(m.method_id == method_id).with_for_update(read=True)
+                )
+            ).scalar_one()
+            if verification != "VERIFIED":
+                return False  # rolled back: still APPROVED, held until the method is verified again
             await uow.commit()
         return True
 

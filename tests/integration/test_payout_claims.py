@@ -45,6 +45,36 @@ async def test_a_clawback_still_committing_when_the_dispatcher_claims_holds_the_
 
 
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_failed_verification_still_committing_when_the_dispatcher_claims_holds_the_withdrawal(
+    empty_database: str,
+) -> None:
+    async with payout_on(empty_database, pool_size=3) as (payout, provider):
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        method_id = (await payout.get_withdrawal(withdrawal_id)).method_id
+        async with payout.db.engine.connect() as kyc:
+            # An operator marks the method FAILED (KYC) and has not committed yet.
+            await kyc.execute(
+                text("UPDATE payout_methods SET verification = 'FAILED' WHERE method_id = :m"), {"m": method_id}
+            )
+            round_ = asyncio.create_task(payout.dispatch_once())
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            deadline = time.monotonic() + GUARD_S
+            async with payout.db.engine.connect() as probe:
+                while not round_.done() and time.monotonic() < deadline:
+                    if (await probe.execute(waiting)).scalar_one():
+                        break  # the claim waits for the method's row
+                    await asyncio.sleep(0.02)
+            assert not round_.done(), "the round ended without waiting for the verification in flight"
+            await kyc.commit()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 0
+        assert provider.submitted == []
+        assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, not paid
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_a_rejection_and_a_claim_of_the_same_withdrawal_at_once_do_not_deadlock(
     empty_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

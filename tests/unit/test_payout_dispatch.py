@@ -255,6 +255,81 @@ async def test_an_operator_cannot_approve_a_reviewed_withdrawal_while_a_clawback
     assert (await payout.approve_withdrawal(approve(), "ops")).status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
 
 
+async def fail_verification(payout: Payout, withdrawal_id: str) -> None:
+    """An operator marks the withdrawal's payout method FAILED (KYC: not the creator's account)."""
+    method_id = (await payout.get_withdrawal(withdrawal_id)).method_id
+    await payout.verify_payout_method(
+        payout_pb2.VerifyPayoutMethodRequest(method_id=method_id, verified=False, idempotency_key=uuid.uuid4().hex),
+        "kyc",
+    )
+
+
+async def test_a_withdrawal_whose_method_failed_verification_after_the_request_is_held_not_paid(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, provider, _path = setup
+    held = await approved_withdrawal(payout, "creator-a")
+    await fail_verification(payout, held)
+
+    assert await payout.dispatch_once() == 0 and provider.submitted == []  # no cash to that account
+    assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # diamonds still held
+
+    method_id = (await payout.get_withdrawal(held)).method_id
+    await payout.verify_payout_method(  # verified again: the held withdrawal goes in the next round
+        payout_pb2.VerifyPayoutMethodRequest(method_id=method_id, verified=True, idempotency_key=uuid.uuid4().hex),
+        "kyc",
+    )
+    assert await payout.dispatch_once() == 1 and provider.submitted == [held]
+
+
+async def test_a_method_failed_during_a_round_holds_its_withdrawal_not_yet_claimed(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, provider, path = setup
+    first = await approved_withdrawal(payout, "creator-a")
+    second = await approved_withdrawal(payout, "creator-b")
+    method_id = (await payout.get_withdrawal(second)).method_id
+
+    def fail_second() -> None:  # KYC fails creator-b's method while the first is with the provider
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE payout_methods SET verification = 'FAILED' WHERE method_id = ?", (method_id,))
+
+    provider.on_submit.append(fail_second)
+    assert await payout.dispatch_once() == 1 and provider.submitted == [first]
+    assert await status_of(payout, second) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+
+
+async def test_an_operator_cannot_approve_a_withdrawal_whose_method_failed_verification_but_may_reject_it(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    payout, _provider, _path = setup
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
+        await uow.commit()
+    wd = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id="creator-a",
+            diamonds=120_000,
+            method_id=await verified_method(payout, "creator-a"),
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    await fail_verification(payout, wd.withdrawal_id)
+
+    with pytest.raises(FailedPrecondition) as refused:
+        await payout.approve_withdrawal(
+            payout_pb2.ApproveWithdrawalRequest(withdrawal_id=wd.withdrawal_id, idempotency_key=uuid.uuid4().hex),
+            "ops",
+        )
+    assert refused.value.reason == "PAYOUT_METHOD_NOT_VERIFIED"
+    assert await status_of(payout, wd.withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    out = await payout.reject_withdrawal(
+        payout_pb2.RejectWithdrawalRequest(
+            withdrawal_id=wd.withdrawal_id, reason="method failed verification", idempotency_key=uuid.uuid4().hex
+        ),
+        "ops",
+    )
+    assert out.status == payout_pb2.WITHDRAWAL_STATUS_REJECTED
+    assert (await payout.get_earnings("creator-a")).diamonds_available == 120_000  # released
+
+
 class EligibilityWallet:
     """The wallet's GetAccountRestrictions, from a set of blocked users the test changes."""
 
