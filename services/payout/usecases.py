@@ -1433,10 +1433,12 @@ class Payout:
             seen = await self._event_recorded_for(uow, event)
             if seen is not None and seen != row.withdrawal_id:
                 raise self._event_id_reused(event, seen)
-            if seen is not None or row.status == event.target.value:
+            if seen is not None:
                 return payout_pb2.HandlePayoutEventResponse(
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
                 )
+            # Checked before an outcome the withdrawal already has is answered as a duplicate: the
+            # provider reporting another amount under a new event id is no repeat of what we know.
             if event.amount_minor != row.net_minor or event.currency_code != row.currency_code:
                 # The provider reports moving another amount than we sent: refused on every retry
                 # (the withdrawal stays PROCESSING) until an operator settles it with the provider.
@@ -1453,6 +1455,10 @@ class Payout:
                     },
                 )
                 raise InvalidArgument("callback amount or currency differs from the withdrawal", "AMOUNT_MISMATCH")
+            if row.status == event.target.value:  # the same outcome under another event id
+                return payout_pb2.HandlePayoutEventResponse(
+                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
+                )
             try:
                 domain.check_provider_outcome(WithdrawalStatus(row.status), event.target)
             except FailedPrecondition as exc:

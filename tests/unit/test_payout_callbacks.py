@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.payout.providers import dev_payout_payload
 from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import SECRET, approved_withdrawal, setup, status_of
@@ -134,6 +134,34 @@ async def test_a_failure_reported_after_a_withdrawal_was_paid_is_refused_logged_
         assert (await callback(payout, withdrawal_id, "evt-paid", "payout.paid")).duplicate
     assert not [r for r in caplog.records if "payout callback refused" in r.getMessage()]
     assert refused("INVALID_WITHDRAWAL_TRANSITION") == counted + 2
+
+
+@pytest.mark.parametrize("event_type", ["payout.paid", "payout.failed"])
+async def test_the_outcome_a_withdrawal_has_reported_again_for_another_amount_is_refused_not_a_duplicate(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture, event_type: str
+) -> None:
+    payout, _provider, _path = setup
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    assert await payout.dispatch_once() == 1
+    await callback(payout, withdrawal_id, "evt-first", event_type)
+    row = await payout.get_withdrawal(withdrawal_id)
+
+    for amount, currency in ((row.net.amount_minor * 10, row.net.currency_code), (row.net.amount_minor, "EUR")):
+        # Under a new event id the provider says it moved another amount: not what we know, said.
+        payload = dev_payout_payload("evt-other", event_type, withdrawal_id, amount, currency)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            with pytest.raises(InvalidArgument) as err:
+                await payout.handle_payout_event(
+                    payout_pb2.HandlePayoutEventRequest(
+                        provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+                    )
+                )
+        assert err.value.reason == "AMOUNT_MISMATCH"
+        refusal_line(caplog, "amount or currency differs")
+    assert await payout.get_withdrawal(withdrawal_id) == row  # nothing changed
+    # The same outcome for the same amount under another event id is still a duplicate.
+    assert (await callback(payout, withdrawal_id, "evt-again", event_type)).duplicate
 
 
 def test_refused_payout_callbacks_are_exported_at_zero_from_the_start() -> None:
