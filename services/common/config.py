@@ -197,6 +197,10 @@ class ServiceSettings(MigrationSettings):
             return token  # unset or empty: operator RPCs are refused
         if value != value.strip():
             raise ValueError("has leading or trailing whitespace (a file's newline?): no operator could send it")
+        # gRPC metadata values are printable ASCII: a client refuses to send any other character
+        # ("Invalid metadata"), so a token with an accent or a control character opens nothing.
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("must be printable ASCII (gRPC metadata carries nothing else): no operator could send it")
         if len(value) < OPERATOR_TOKEN_MIN:
             raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters, or empty to refuse operator RPCs")
         return token

@@ -95,7 +95,13 @@ def test_a_payout_callback_body_must_be_the_event_it_claims_yet_keeps_any_failur
 
 @pytest.mark.parametrize(
     ("token", "why"),
-    [("short-token", "at least 16"), ("a-token-read-from-a-file\n", "whitespace"), ("   " * 8, "whitespace")],
+    [
+        ("short-token", "at least 16"),
+        ("a-token-read-from-a-file\n", "whitespace"),
+        ("   " * 8, "whitespace"),
+        ("a-token-with-an-accent-\u00e9-inside", "printable ASCII"),
+        ("a-token-with-a-tab\tinside-it", "printable ASCII"),
+    ],
 )
 def test_an_operator_token_no_operator_could_send_or_a_short_one_is_refused_at_start(token: str, why: str) -> None:
     """A token with a file's trailing newline cannot travel in an `authorization` header: every
