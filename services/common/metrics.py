@@ -91,6 +91,19 @@ WITHDRAWALS_PROCESSING_OLDEST = Gauge(
     "livegifts_withdrawal_processing_oldest_seconds",
     "How long the oldest withdrawal has waited for the payout provider's callback (payout; 0 when none)",
 )
+# Payout: withdrawals not yet handed to the provider, by status: PENDING_REVIEW waits for an
+# operator, APPROVED for the dispatcher (seconds) or for what holds it (a wallet hold, a negative
+# balance, a method that failed verification), so an old one is a withdrawal nobody moves.
+WITHDRAWALS_WAITING = Gauge(
+    "livegifts_withdrawals_waiting",
+    "Withdrawals not yet handed to the payout provider, by status: PENDING_REVIEW or APPROVED (payout)",
+    ["status"],
+)
+WITHDRAWALS_WAITING_OLDEST = Gauge(
+    "livegifts_withdrawal_waiting_oldest_seconds",
+    "How long the oldest withdrawal of each status has been in it (payout; 0 when none)",
+    ["status"],
+)
 WITHDRAWALS_HELD = Counter(
     "livegifts_withdrawals_held_total",
     "Approved withdrawals the dispatcher held because the wallet said their creator may not withdraw now",

@@ -51,6 +51,8 @@ from services.common.metrics import (
     WITHDRAWALS_PROCESSING,
     WITHDRAWALS_PROCESSING_OLDEST,
     WITHDRAWALS_RECONCILED,
+    WITHDRAWALS_WAITING,
+    WITHDRAWALS_WAITING_OLDEST,
 )
 from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
@@ -121,6 +123,8 @@ _VERIFICATION_PB = {
     "FAILED": payout_pb2.VERIFICATION_STATUS_FAILED,
 }
 _STATUS_PB = {s: payout_pb2.WithdrawalStatus.Value(f"WITHDRAWAL_STATUS_{s.value}") for s in WithdrawalStatus}
+# Not yet with the provider (livegifts_withdrawals_waiting); PROCESSING has gauges of its own.
+_WAITING_STATUSES = (WithdrawalStatus.PENDING_REVIEW.value, WithdrawalStatus.APPROVED.value)
 _SUBJECT = {
     WithdrawalStatus.PAID: "payout.withdrawal.paid",
     WithdrawalStatus.FAILED: "payout.withdrawal.failed",
@@ -1173,8 +1177,24 @@ class Payout:
                     select(func.count(), func.min(w.updated_at_us)).where(w.status == WithdrawalStatus.PROCESSING.value)
                 )
             ).one()
+            # And what has not reached the provider: a review nobody does, or a hold nobody lifts,
+            # keeps the diamonds held as long (docs/sre.md "A withdrawal waiting for review or held").
+            before = (
+                await uow.conn.execute(
+                    select(w.status, func.count(), func.min(w.updated_at_us))
+                    .where(w.status.in_(_WAITING_STATUSES))
+                    .group_by(w.status)
+                )
+            ).all()
         WITHDRAWALS_PROCESSING.set(waiting)
         WITHDRAWALS_PROCESSING_OLDEST.set(0 if since_us is None else max(0, now_us() - since_us) / 1e6)
+        counts = {status: (n, oldest_us) for status, n, oldest_us in before}
+        for status in _WAITING_STATUSES:
+            n, oldest_us = counts.get(status, (0, None))
+            WITHDRAWALS_WAITING.labels(status=status).set(n)
+            WITHDRAWALS_WAITING_OLDEST.labels(status=status).set(
+                0 if oldest_us is None else max(0, now_us() - oldest_us) / 1e6
+            )
         submitted = 0
         for row in rows:
             # A trace per withdrawal: its eligibility call, claim, submission and events.

@@ -397,6 +397,46 @@ async def test_withdrawals_waiting_for_the_providers_callback_are_counted_with_t
     assert gauge("livegifts_withdrawal_processing_oldest_seconds") == 0
 
 
+def waiting(metric: str, status: str) -> float:
+    value = REGISTRY.get_sample_value(metric, {"status": status})
+    assert value is not None, (metric, status)
+    return value
+
+
+async def test_withdrawals_waiting_for_review_or_held_approved_are_counted_with_their_age(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, path = setup
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
+        await uow.commit()
+    review = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id="creator-a",
+            diamonds=120_000,
+            method_id=await verified_method(payout, "creator-a"),
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    held = await approved_withdrawal(payout, "creator-b")
+    set_available(path, "creator-b", -1)  # a clawback holds it, APPROVED, its diamonds held
+    with sqlite3.connect(path) as conn:  # requested (and approved) two days ago
+        conn.execute("UPDATE withdrawals SET updated_at_us = updated_at_us - 172800000000")
+    assert await payout.dispatch_once() == 0
+    for status in ("PENDING_REVIEW", "APPROVED"):
+        assert waiting("livegifts_withdrawals_waiting", status) == 1
+        assert 172_800 <= waiting("livegifts_withdrawal_waiting_oldest_seconds", status) < 172_900
+
+    await payout.reject_withdrawal(
+        payout_pb2.RejectWithdrawalRequest(withdrawal_id=review.withdrawal_id, idempotency_key=uuid.uuid4().hex), "ops"
+    )
+    set_available(path, "creator-b", 0)  # repaid: the held one goes
+    assert await payout.dispatch_once() == 1
+    assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    await payout.dispatch_once()  # the gauges are read as each round begins
+    for status in ("PENDING_REVIEW", "APPROVED"):
+        assert waiting("livegifts_withdrawals_waiting", status) == 0
+        assert waiting("livegifts_withdrawal_waiting_oldest_seconds", status) == 0
+
+
 def reconciled(outcome: str) -> float:
     return REGISTRY.get_sample_value("livegifts_withdrawals_reconciled_total", {"outcome": outcome}) or 0.0
 
