@@ -385,6 +385,15 @@ def earnings(
         f"{creator}: {e.diamonds_available} diamonds available, {e.diamonds_lifetime} lifetime, "
         f"from {e.coins_received} coins (+{e.remainder_units}/10000 of a diamond kept)"
     )
+    # Where the rest went: without it a negative balance after a clawback, or diamonds held by
+    # open withdrawals, cannot be told from lost ones (lifetime = available + held + withdrawn +
+    # clawed back).
+    console.print(
+        f"  held in open withdrawals {e.diamonds_held}, withdrawn {e.diamonds_withdrawn}, "
+        f"clawed back {e.diamonds_clawed_back}"
+    )
+    if e.withdrawals_held:
+        console.print("  withdrawals held: a clawback left the balance negative; later earnings repay it")
 
 
 @app.command()
