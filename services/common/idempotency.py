@@ -19,7 +19,8 @@ import functools
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Table, insert, select
@@ -107,6 +108,45 @@ async def stored_answer(
         return await lookup(uow, table, scope, key, request_hash(request, key_field, secret), response_type)
 
 
+@dataclass(frozen=True)
+class IdempotentCall(Generic[R]):
+    """One call of a command decorated with `answers_retry`: its table, scope, request, answer
+    type and hash key, bound once, so its look-ups and its run cannot name another scope."""
+
+    db: Database
+    table: Table
+    scope: str
+    request: Message
+    response_type: type[R]
+    key_field: str
+    secret: bytes | None
+
+    async def run(self, work: Callable[[UnitOfWork], Awaitable[R]]) -> R:
+        """`run_idempotent` for this call."""
+        return await run_idempotent(
+            self.db,
+            self.table,
+            self.scope,
+            self.request,
+            self.response_type,
+            work,
+            key_field=self.key_field,
+            secret=self.secret,
+        )
+
+    async def stored(self) -> R | None:
+        """`stored_answer` for this call."""
+        return await stored_answer(
+            self.db,
+            self.table,
+            self.scope,
+            self.request,
+            self.response_type,
+            key_field=self.key_field,
+            secret=self.secret,
+        )
+
+
 def answers_retry(
     table: Table,
     scope: str,
@@ -115,30 +155,32 @@ def answers_retry(
     key_field: str = "idempotency_key",
     secret: Callable[[Any], bytes | None] | None = None,
 ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
-    """Decorates a use case `method(self, req, ...)` that runs `run_idempotent(..., scope, ...)`:
+    """Decorates a use case `method(self, req, ..., *, idem)` that runs `await idem.run(work)`:
     a request it refuses with InvalidArgument gets the answer stored for it, else the refusal.
+
+    The decorator passes `idem`, an IdempotentCall bound to this `table`, `scope`, request,
+    `key_field` and `secret(self)` (the key of a keyed hash): the scope is named once, here, so
+    the refusal's look-up reads the record the method's run writes (a second scope string inside
+    the method, if it differed, would silently turn this answer off).
 
     A retry of a request that took effect (an older release, or a looser limit, accepted it)
     answers as its first call did. The key must be well formed and the request the one stored
-    under it (the digest `run_idempotent` takes, with the same `key_field` and `secret(self)`,
-    the key of a keyed hash): a different request under the key, or one under a malformed key,
-    gets the refusal as before. Only a refusal reads (`self.db`): an accepted request pays
-    nothing. A refusal from anywhere in the method: one from inside the transaction rolled it
-    back, so the look-up finds nothing or a concurrent first call's committed answer (the right
-    one for a retry).
+    under it: a different request under the key, or one under a malformed key, gets the refusal
+    as before. Only a refusal reads (`self.db`): an accepted request pays nothing. A refusal from
+    anywhere in the method: one from inside the transaction rolled it back, so the look-up finds
+    nothing or a concurrent first call's committed answer (the right one for a retry).
     """
 
     def decorate(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(method)
         async def answered(self: Any, req: Message, *args: Any, **kwargs: Any) -> R:
+            hash_key = secret(self) if secret is not None else None
+            idem = IdempotentCall(self.db, table, scope, req, response_type, key_field, hash_key)
             try:
-                return await method(self, req, *args, **kwargs)
+                return await method(self, req, *args, idem=idem, **kwargs)
             except InvalidArgument as refusal:
-                hash_key = secret(self) if secret is not None else None
                 try:
-                    stored = await stored_answer(
-                        self.db, table, scope, req, response_type, key_field=key_field, secret=hash_key
-                    )
+                    stored = await idem.stored()
                 except (InvalidArgument, AlreadyExists):  # a malformed key, or a different request under it
                     stored = None
                 if stored is None:

@@ -51,7 +51,7 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.idempotency import answers_retry, key_reused, run_idempotent
+from services.common.idempotency import IdempotentCall, answers_retry, key_reused
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
@@ -220,7 +220,9 @@ class Gifting:
         )
 
     @answers_retry(common.idempotency, "StartStream", gifting_pb2.Stream)
-    async def start_stream(self, req: gifting_pb2.StartStreamRequest) -> gifting_pb2.Stream:
+    async def start_stream(
+        self, req: gifting_pb2.StartStreamRequest, *, idem: IdempotentCall[gifting_pb2.Stream]
+    ) -> gifting_pb2.Stream:
         """Go live; one live stream per creator."""
         require_id(req.creator_id, "creator_id")
         domain.title(req.title, TITLE_MAX, required=False, too_long="TITLE_TOO_LONG")
@@ -246,10 +248,12 @@ class Gifting:
             await uow.conn.execute(insert(streams).values(**row))
             return _stream_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "StartStream", req, gifting_pb2.Stream, work)
+        return await idem.run(work)
 
     @answers_retry(common.idempotency, "EndStream", gifting_pb2.Stream)
-    async def end_stream(self, req: gifting_pb2.EndStreamRequest) -> gifting_pb2.Stream:
+    async def end_stream(
+        self, req: gifting_pb2.EndStreamRequest, *, idem: IdempotentCall[gifting_pb2.Stream]
+    ) -> gifting_pb2.Stream:
         """End a live stream once per key (ending an ended stream returns it unchanged).
 
         The key is recorded with the end in one transaction, as for every mutating RPC: a retry
@@ -284,7 +288,7 @@ class Gifting:
             await self.outbox.add(uow, STREAM_ENDED_SUBJECT, event_id, event)  # closes live feeds
             return _stream_pb({**row._asdict(), "status": StreamStatus.ENDED.value, "ended_at_us": ts})
 
-        return await run_idempotent(self.db, common.idempotency, "EndStream", req, gifting_pb2.Stream, work)
+        return await idem.run(work)
 
     async def get_stream(self, stream_id: str) -> gifting_pb2.Stream:
         """One stream."""
@@ -296,7 +300,9 @@ class Gifting:
         return _stream_pb(row._asdict())
 
     @answers_retry(common.idempotency, "UpsertGift", gifting_pb2.Gift)
-    async def upsert_gift(self, req: gifting_pb2.UpsertGiftRequest, operator: str) -> gifting_pb2.Gift:
+    async def upsert_gift(
+        self, req: gifting_pb2.UpsertGiftRequest, operator: str, *, idem: IdempotentCall[gifting_pb2.Gift]
+    ) -> gifting_pb2.Gift:
         """Add a gift, reprice it or retire it; gifts already sent keep the price they were sent at."""
         require_id(req.gift_id, "gift_id")
         if len(req.gift_id) > domain.GIFT_ID_MAX:
@@ -323,12 +329,14 @@ class Gifting:
             log.info("gift catalog changed", extra={"gift_id": g.gift_id, "operator": operator})
             return gifting_pb2.Gift(gift_id=g.gift_id, name=g.name, price_coins=g.price_coins, active=g.active)
 
-        return await run_idempotent(self.db, common.idempotency, "UpsertGift", req, gifting_pb2.Gift, work)
+        return await idem.run(work)
 
     # ---- exclusive content ---------------------------------------------------------------
 
     @answers_retry(common.idempotency, "CreateContent", gifting_pb2.Content)
-    async def create_content(self, req: gifting_pb2.CreateContentRequest) -> gifting_pb2.Content:
+    async def create_content(
+        self, req: gifting_pb2.CreateContentRequest, *, idem: IdempotentCall[gifting_pb2.Content]
+    ) -> gifting_pb2.Content:
         """Publish content (or a paid feature) that users unlock for coins."""
         require_id(req.creator_id, "creator_id")
         domain.title(req.title, TITLE_MAX, required=True)
@@ -345,7 +353,7 @@ class Gifting:
             await uow.conn.execute(insert(contents).values(**row))
             return _content_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "CreateContent", req, gifting_pb2.Content, work)
+        return await idem.run(work)
 
     async def check_access(self, user_id: str, content_id: str) -> gifting_pb2.Access:
         """Whether the user has unlocked the content (an unlock still in flight does not count)."""

@@ -41,7 +41,7 @@ from services.common.errors import (
     require_id,
     require_positive,
 )
-from services.common.idempotency import answers_retry, run_idempotent, stored_answer
+from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.loops import run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OPEN,
@@ -613,7 +613,9 @@ class Payout:
             return self._policy_pb(await self._policy_row(uow))
 
     @answers_retry(common.idempotency, "SetPolicy", payout_pb2.Policy)
-    async def set_policy(self, req: payout_pb2.SetPolicyRequest, operator: str) -> payout_pb2.Policy:
+    async def set_policy(
+        self, req: payout_pb2.SetPolicyRequest, operator: str, *, idem: IdempotentCall[payout_pb2.Policy]
+    ) -> payout_pb2.Policy:
         """A new policy version (operator); the old versions stay as the record of who changed what."""
         terms = [
             CurrencyTerms(
@@ -647,14 +649,16 @@ class Payout:
             log.info("policy changed", extra={"version": row.version, "operator": operator})
             return self._policy_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "SetPolicy", req, payout_pb2.Policy, work)
+        return await idem.run(work)
 
     # ---- payout methods --------------------------------------------------------------------
 
     @answers_retry(
         common.idempotency, "AddPayoutMethod", payout_pb2.PayoutMethod, secret=lambda p: p._request_hash_key()
     )
-    async def add_payout_method(self, req: payout_pb2.AddPayoutMethodRequest) -> payout_pb2.PayoutMethod:
+    async def add_payout_method(
+        self, req: payout_pb2.AddPayoutMethodRequest, *, idem: IdempotentCall[payout_pb2.PayoutMethod]
+    ) -> payout_pb2.PayoutMethod:
         """Validate a PayPal or bank account, vault it with the provider, keep only a mask (PENDING).
 
         The provider is asked outside any transaction, with PROVIDER_TIMEOUT_S; one that fails or
@@ -684,10 +688,7 @@ class Payout:
             "self.provider is not None and self.settings is not None",
         )
         limit = self.settings.methods_per_creator_max
-        hash_key = self._request_hash_key()
-        stored = await stored_answer(
-            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
-        )
+        stored = await idem.stored()
         if stored is not None:
             return stored  # a retry: the account is not vaulted again (the provider may be down), nor counted
         try:
@@ -696,7 +697,7 @@ class Payout:
                 (await self._policy_row(uow)).terms_for(currency)
                 domain.check_method_count(await self._active_methods(uow, req.creator_id), limit)
         except (FailedPrecondition, ResourceExhausted) as exc:
-            return await self._method_added_meanwhile(req, hash_key, exc)
+            return await self._method_added_meanwhile(idem, exc)
         token = await provider_calls.required(
             self.provider.name,
             "tokenize",
@@ -733,21 +734,17 @@ class Payout:
             return _method_pb(_Row(values))
 
         try:
-            return await run_idempotent(
-                self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, work, secret=hash_key
-            )
+            return await idem.run(work)
         except (FailedPrecondition, ResourceExhausted) as exc:
-            return await self._method_added_meanwhile(req, hash_key, exc)
+            return await self._method_added_meanwhile(idem, exc)
 
     async def _method_added_meanwhile(
-        self, req: payout_pb2.AddPayoutMethodRequest, hash_key: bytes, refusal: DomainError
+        self, idem: IdempotentCall[payout_pb2.PayoutMethod], refusal: DomainError
     ) -> payout_pb2.PayoutMethod:
         """The answer of a call under this key whose method was added while this one ran (a retry
         sent before the first call answered: it took the last place, or the policy dropped its
         currency since), else `refusal` (PAYOUT_METHOD_LIMIT, CURRENCY_NOT_SUPPORTED)."""
-        stored = await stored_answer(
-            self.db, common.idempotency, "AddPayoutMethod", req, payout_pb2.PayoutMethod, secret=hash_key
-        )
+        stored = await idem.stored()
         if stored is not None:
             return stored
         raise refusal
@@ -807,7 +804,9 @@ class Payout:
         return payout_pb2.ListPayoutMethodsResponse(methods=[_method_pb(r) for r in rows], next_page_token=token)
 
     @answers_retry(common.idempotency, "VerifyPayoutMethod", payout_pb2.PayoutMethod)
-    async def verify_payout_method(self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str) -> Any:
+    async def verify_payout_method(
+        self, req: payout_pb2.VerifyPayoutMethodRequest, operator: str, *, idem: IdempotentCall[payout_pb2.PayoutMethod]
+    ) -> Any:
         """Record the outcome of a method's verification (operator / KYC).
 
         A FAILED method marked verified counts against METHODS_PER_CREATOR_MAX again: with the
@@ -845,9 +844,7 @@ class Payout:
             )
             return _method_pb(_Row({**row._asdict(), "verification": status}))
 
-        return await run_idempotent(
-            self.db, common.idempotency, "VerifyPayoutMethod", req, payout_pb2.PayoutMethod, work
-        )
+        return await idem.run(work)
 
     # ---- withdrawals -----------------------------------------------------------------------
 
@@ -866,13 +863,15 @@ class Payout:
             raise FailedPrecondition("withdrawals need an adult account", "UNDERAGE")
 
     @answers_retry(common.idempotency, "RequestWithdrawal", payout_pb2.Withdrawal)
-    async def request_withdrawal(self, req: payout_pb2.RequestWithdrawalRequest) -> payout_pb2.Withdrawal:
+    async def request_withdrawal(
+        self, req: payout_pb2.RequestWithdrawalRequest, *, idem: IdempotentCall[payout_pb2.Withdrawal]
+    ) -> payout_pb2.Withdrawal:
         """Hold diamonds for a payout: one transaction of conditional UPDATEs, so concurrent requests
         can never together exceed the balance or the daily maximum."""
         require_id(req.creator_id, "creator_id")
         require_positive(req.diamonds, "diamonds", DIAMONDS_MAX)
         require_id(req.method_id, "method_id")
-        stored = await stored_answer(self.db, common.idempotency, "RequestWithdrawal", req, payout_pb2.Withdrawal)
+        stored = await idem.stored()
         if stored is not None:
             return stored  # a retry: the wallet is not asked again (it may be down, or its answer changed)
         await self._check_eligible(req.creator_id)
@@ -964,7 +963,7 @@ class Payout:
             await self._withdrawal_event(uow, "payout.withdrawal.requested", row, "")
             return _withdrawal_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "RequestWithdrawal", req, payout_pb2.Withdrawal, work)
+        return await idem.run(work)
 
     async def _withdrawal_event(self, uow: UnitOfWork, subject: str, r: Any, reason: str) -> None:
         eid = new_event_id()
@@ -1036,7 +1035,9 @@ class Payout:
         return moved
 
     @answers_retry(common.idempotency, "ApproveWithdrawal", payout_pb2.Withdrawal)
-    async def approve_withdrawal(self, req: payout_pb2.ApproveWithdrawalRequest, operator: str) -> Any:
+    async def approve_withdrawal(
+        self, req: payout_pb2.ApproveWithdrawalRequest, operator: str, *, idem: IdempotentCall[payout_pb2.Withdrawal]
+    ) -> Any:
         """An operator approves a reviewed withdrawal; refused while the creator's balance is negative
         or its payout method is not VERIFIED (it failed verification after the request)."""
         require_id(req.withdrawal_id, "withdrawal_id")
@@ -1063,10 +1064,12 @@ class Payout:
             moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
             return _withdrawal_pb(moved)
 
-        return await run_idempotent(self.db, common.idempotency, "ApproveWithdrawal", req, payout_pb2.Withdrawal, work)
+        return await idem.run(work)
 
     @answers_retry(common.idempotency, "RejectWithdrawal", payout_pb2.Withdrawal)
-    async def reject_withdrawal(self, req: payout_pb2.RejectWithdrawalRequest, operator: str) -> Any:
+    async def reject_withdrawal(
+        self, req: payout_pb2.RejectWithdrawalRequest, operator: str, *, idem: IdempotentCall[payout_pb2.Withdrawal]
+    ) -> Any:
         """An operator rejects a withdrawal under review, or one approved but not yet claimed by the
         dispatcher (still APPROVED, so never submitted): the diamonds are released."""
         require_id(req.withdrawal_id, "withdrawal_id")
@@ -1085,7 +1088,7 @@ class Payout:
             )
             return _withdrawal_pb(moved)
 
-        return await run_idempotent(self.db, common.idempotency, "RejectWithdrawal", req, payout_pb2.Withdrawal, work)
+        return await idem.run(work)
 
     async def get_withdrawal(self, withdrawal_id: str) -> payout_pb2.Withdrawal:
         """One withdrawal."""

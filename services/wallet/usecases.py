@@ -30,7 +30,7 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.idempotency import answers_retry, run_idempotent, stored_answer
+from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
@@ -229,7 +229,9 @@ class Wallet:
         return out
 
     @answers_retry(common.idempotency, "CreatePurchase", wallet_pb2.Purchase)
-    async def create_purchase(self, req: wallet_pb2.CreatePurchaseRequest) -> wallet_pb2.Purchase:
+    async def create_purchase(
+        self, req: wallet_pb2.CreatePurchaseRequest, *, idem: IdempotentCall[wallet_pb2.Purchase]
+    ) -> wallet_pb2.Purchase:
         """A PENDING purchase with the price frozen now and a checkout session the provider opened for it.
 
         Choices: A) open the checkout inside the transaction that writes the purchase (as before):
@@ -262,7 +264,7 @@ class Wallet:
         # A retry of a purchase that was created is answered from its record, before the
         # provider is asked (it may be down) and before the route is resolved: a method that has
         # since lost its route (PAYMENT_ROUTES changed) still returns the purchase it created.
-        stored = await stored_answer(self.db, common.idempotency, "CreatePurchase", req, wallet_pb2.Purchase)
+        stored = await idem.stored()
         if stored is not None:
             return stored
         provider = self.payments.for_method(method)
@@ -321,7 +323,7 @@ class Wallet:
             out.checkout.redirect_url = session.redirect_url
             return out
 
-        return await run_idempotent(self.db, common.idempotency, "CreatePurchase", req, wallet_pb2.Purchase, work)
+        return await idem.run(work)
 
     async def get_purchase(self, purchase_id: str) -> wallet_pb2.Purchase:
         """One purchase by id."""
@@ -726,7 +728,9 @@ class Wallet:
         }
 
     @answers_retry(common.idempotency, "SetSpendingLimits", wallet_pb2.SpendingLimits)
-    async def set_spending_limits(self, req: wallet_pb2.SetSpendingLimitsRequest) -> wallet_pb2.SpendingLimits:
+    async def set_spending_limits(
+        self, req: wallet_pb2.SetSpendingLimitsRequest, *, idem: IdempotentCall[wallet_pb2.SpendingLimits]
+    ) -> wallet_pb2.SpendingLimits:
         """Change a user's or an operator's caps: lower at once, higher after the cooling-off period."""
         require_id(req.user_id, "user_id")
         setter = _SETTERS.get(req.set_by)
@@ -774,9 +778,7 @@ class Wallet:
                 )
             return await self._limits_pb(uow, req.user_id, now)
 
-        return await run_idempotent(
-            self.db, common.idempotency, "SetSpendingLimits", req, wallet_pb2.SpendingLimits, work
-        )
+        return await idem.run(work)
 
     async def get_spending_limits(self, user_id: str) -> wallet_pb2.SpendingLimits:
         """A user's caps in force, pending raises and what was spent in each current period."""
@@ -821,7 +823,9 @@ class Wallet:
     # ---- operator: packages and promotions ---------------------------------------------
 
     @answers_retry(common.idempotency, "UpsertCoinPackage", wallet_pb2.CoinPackage)
-    async def upsert_package(self, req: wallet_pb2.UpsertCoinPackageRequest, operator: str) -> wallet_pb2.CoinPackage:
+    async def upsert_package(
+        self, req: wallet_pb2.UpsertCoinPackageRequest, operator: str, *, idem: IdempotentCall[wallet_pb2.CoinPackage]
+    ) -> wallet_pb2.CoinPackage:
         """Create or change a coin package (operator); purchases already made keep their frozen price."""
         _require_short_id(req.package_id, "package_id")
         region = domain.check_region(req.region)
@@ -854,10 +858,12 @@ class Wallet:
             )
             return _package_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "UpsertCoinPackage", req, wallet_pb2.CoinPackage, work)
+        return await idem.run(work)
 
     @answers_retry(common.idempotency, "UpsertPromotion", wallet_pb2.Promotion)
-    async def upsert_promotion(self, req: wallet_pb2.UpsertPromotionRequest, operator: str) -> wallet_pb2.Promotion:
+    async def upsert_promotion(
+        self, req: wallet_pb2.UpsertPromotionRequest, operator: str, *, idem: IdempotentCall[wallet_pb2.Promotion]
+    ) -> wallet_pb2.Promotion:
         """Create or change a promotion of one package (operator)."""
         p = req.promotion
         _require_short_id(p.promotion_id, "promotion.promotion_id")
@@ -902,7 +908,7 @@ class Wallet:
             )
             return _promotion_pb(row)
 
-        return await run_idempotent(self.db, common.idempotency, "UpsertPromotion", req, wallet_pb2.Promotion, work)
+        return await idem.run(work)
 
     async def list_promotions(self, req: wallet_pb2.ListPromotionsRequest) -> wallet_pb2.ListPromotionsResponse:
         """Promotions (of one package, or all), newest start first, at most PROMOTIONS_LIST_MAX."""
@@ -917,7 +923,9 @@ class Wallet:
     # ---- restrictions ------------------------------------------------------------------
 
     @answers_retry(common.idempotency, "SetAccountRestrictions", wallet_pb2.AccountRestrictions)
-    async def set_restrictions(self, req: wallet_pb2.SetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
+    async def set_restrictions(
+        self, req: wallet_pb2.SetAccountRestrictionsRequest, *, idem: IdempotentCall[wallet_pb2.AccountRestrictions]
+    ) -> wallet_pb2.AccountRestrictions:
         """Record age and block status (an operator's or the identity service's word), once per key.
 
         Only the fields the request sets change: blocking or unblocking a user never clears the
@@ -960,9 +968,7 @@ class Wallet:
             check(r is not None, "the users row exists after its insert-if-missing")
             return self._restrictions_pb(req.user_id, r, self._today())
 
-        return await run_idempotent(
-            self.db, common.idempotency, "SetAccountRestrictions", req, wallet_pb2.AccountRestrictions, work
-        )
+        return await idem.run(work)
 
     async def get_restrictions(self, user_id: str) -> wallet_pb2.AccountRestrictions:
         """A user's restrictions and whether they may spend now."""

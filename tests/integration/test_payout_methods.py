@@ -19,7 +19,8 @@ from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.payout import domain, usecases
+from services.common.idempotency import IdempotentCall
+from services.payout import domain
 from services.payout.storage import common, payout_methods
 from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import method_request, payout_on
@@ -184,14 +185,14 @@ async def test_a_retry_that_finds_the_last_place_taken_by_its_first_call_gets_th
             first.append(await payout.add_payout_method(method_request("creator-a", "key-last")))
 
     if where == "before the vault":
-        looked_up = usecases.stored_answer
+        looked_up = IdempotentCall.stored
 
         async def look_up_then_the_first_call_commits(*args, **kwargs):  # type: ignore[no-untyped-def]
             answer = await looked_up(*args, **kwargs)
             await first_call_commits()
             return answer
 
-        monkeypatch.setattr(usecases, "stored_answer", look_up_then_the_first_call_commits)
+        monkeypatch.setattr(IdempotentCall, "stored", look_up_then_the_first_call_commits)
     else:
         if empty_database.startswith("sqlite"):
             pytest.skip("SQLite serializes writers: the first call cannot commit inside the retry's transaction")
@@ -392,7 +393,7 @@ async def test_a_retry_refused_a_currency_dropped_after_its_first_call_took_effe
     method, not CURRENCY_NOT_SUPPORTED."""
     await pay_out_in(payout, "p-eur", "USD", "EUR")
     first: list[payout_pb2.PayoutMethod] = []
-    looked_up = usecases.stored_answer
+    looked_up = IdempotentCall.stored
 
     async def look_up_then_the_first_call_commits(*args, **kwargs):  # type: ignore[no-untyped-def]
         answer = await looked_up(*args, **kwargs)
@@ -402,7 +403,7 @@ async def test_a_retry_refused_a_currency_dropped_after_its_first_call_took_effe
             await pay_out_in(payout, "p-usd", "USD")
         return answer
 
-    monkeypatch.setattr(usecases, "stored_answer", look_up_then_the_first_call_commits)
+    monkeypatch.setattr(IdempotentCall, "stored", look_up_then_the_first_call_commits)
     retry = await payout.add_payout_method(in_currency("creator-a", "key-EUR", "EUR"))
     assert retry == first[0] and retry.currency_code == "EUR"
     assert await method_count(payout, "creator-a") == 1

@@ -20,7 +20,7 @@ from livegifts.wallet.v1 import wallet_pb2
 from services.common import errors
 from services.common.db import Database
 from services.common.errors import InvalidArgument
-from services.common.idempotency import answers_retry
+from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting import usecases as gifting_usecases
@@ -119,7 +119,9 @@ async def test_a_refusal_raised_inside_the_command_answers_a_first_call_committe
         db = gift.db
 
         @answers_retry(common.idempotency, "StartStream", gifting_pb2.Stream)
-        async def start_stream(self, r: gifting_pb2.StartStreamRequest, meanwhile: bool) -> gifting_pb2.Stream:
+        async def start_stream(
+            self, r: gifting_pb2.StartStreamRequest, meanwhile: bool, *, idem: IdempotentCall[gifting_pb2.Stream]
+        ) -> gifting_pb2.Stream:
             if meanwhile:
                 self.first = await g.start_stream(r)
             raise InvalidArgument("refused after the look-up", "TITLE_TOO_LONG")
