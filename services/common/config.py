@@ -126,6 +126,9 @@ class ServiceSettings(MigrationSettings):
     # fetches per event) at the cost of at most this much more lag on the asynchronous path.
     # A batch of one (a quiet system) never waits. 0 turns it off.
     relay_linger_s: float = Field(default=0.05, ge=0, le=1)
+    # Rows a relay holds unsent because their event is larger than NATS takes (a producer bug):
+    # each held id is read again at every pass. Beyond this, such a row fails the relay's pass.
+    relay_held_max: int = Field(default=10_000, ge=1, le=100_000)
     consumer_batch_size_max: int = Field(default=256, ge=1, le=10_000)
     consumer_fetch_timeout_s: float = Field(default=0.5, gt=0, le=60)
     consumer_max_deliver: int = Field(default=20, ge=1, le=1000)

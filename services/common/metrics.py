@@ -17,7 +17,8 @@ OUTBOX_OLDEST = Gauge(
 )
 OUTBOX_HELD = Gauge(
     "livegifts_outbox_held_events",
-    "Outbox rows this relay holds unsent because they are larger than the NATS servers' max_payload (a producer bug)",
+    "Outbox rows this relay holds unsent because they are larger than the NATS servers' max_payload (a producer bug);"
+    " at most RELAY_HELD_MAX",
 )
 STREAMS_RECREATED = Counter(
     "livegifts_streams_recreated_total",

@@ -42,7 +42,7 @@ from services.common.metrics import (
     OUTBOX_PUBLISH_ERRORS,
     OUTBOX_PUBLISHED,
 )
-from services.common.sql import Bulk, bulk_insert, one_of_param
+from services.common.sql import Bulk, bulk_insert, one_of_array, one_of_param
 from services.common.telemetry import extract_context, inject_headers, recording
 from services.common.timeutil import now_us
 
@@ -201,6 +201,7 @@ class OutboxRelay:
         self.poll_interval_s = settings.relay_poll_interval_s
         self.backoff_max_s = settings.relay_backoff_max_s
         self.linger_s = settings.relay_linger_s
+        self.held_max = settings.relay_held_max
         t = self.table
         # Built once: one cache key and one compiled form whatever the batch (`= ANY(:ids)` on
         # PostgreSQL; an expanding IN on SQLite).
@@ -212,11 +213,14 @@ class OutboxRelay:
         )
         self._claim = None if db.sqlite else self._unsent.with_for_update()
         # The same reads past the rows held for their size (`_hold`), used while there are any.
-        self._unsent_past_held = self._unsent.where(not_(one_of_param(db.dialect, t.c.id, "held")))
+        # The held ids go as one parameter (an array; JSON on SQLite): bound one each, more than
+        # 32,766 of them failed every read on SQLite, so the relay stopped.
+        self._unsent_past_held = self._unsent.where(not_(one_of_array(db.dialect, t.c.id, "held")))
         self._claim_past_held = None if db.sqlite else self._unsent_past_held.with_for_update()
-        self._held_left = select(t.c.id).where(t.c.published_at_us.is_(None), one_of_param(db.dialect, t.c.id, "held"))
+        self._held_left = select(t.c.id).where(t.c.published_at_us.is_(None), one_of_array(db.dialect, t.c.id, "held"))
         self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
         # Rows whose event is larger than the server takes (a producer bug), by id: their size.
+        # At most RELAY_HELD_MAX (`_hold`).
         self._held: dict[int, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -281,7 +285,9 @@ class OutboxRelay:
             OUTBOX_OLDEST.set(0)  # the read found every waiting row (but those held), and all of them went
         if failed:
             first = next(
-                res for res in results if isinstance(res, BaseException) and not isinstance(res, OversizedEventError)
+                res
+                for r, res in zip(rows, results, strict=True)
+                if isinstance(res, BaseException) and not (isinstance(res, OversizedEventError) and r.id in self._held)
             )
             await self._restore_missing_streams(rows, results)
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
@@ -321,8 +327,9 @@ class OutboxRelay:
         check(self.bus.nc is not None, "self.bus.nc is not None")
         limit = self.bus.nc.max_payload
         if self._held:
-            # Several pods' relays share the outbox: a row another one sent since is held no more
-            # (else this relay's gauge, and its alert, stayed up until it restarted).
+            # The one place held rows are let go: those sent since, by this relay (a larger
+            # max_payload took them) or by another pod's, sharing the outbox (else this relay's
+            # gauge, and its alert, stayed up until it restarted).
             left = (await uow.conn.execute(self._held_left, {"held": list(self._held)})).scalars()
             self._held = {row_id: self._held[row_id] for row_id in left}
         held = [row_id for row_id, size in self._held.items() if size > limit]
@@ -332,8 +339,8 @@ class OutboxRelay:
         return list((await uow.conn.execute(stmt, {"held": held})).all())
 
     def _hold(self, rows: list[Any], results: list[Any], acked: set[int]) -> int:
-        """Keep the rows whose event is larger than the server takes out of the next reads; each
-        logged and counted once. Returns how many of `rows` are held.
+        """Keep the rows whose event is larger than the server takes out of the next reads, at most
+        RELAY_HELD_MAX of them; each logged and counted once. Returns how many of `rows` are held.
 
         They stay unsent in the table, where the audit sees them in flight: a producer bug to fix
         (the suite's events fit EVENT_BYTES_MAX, which a service checks at connect), or a server
@@ -342,21 +349,33 @@ class OutboxRelay:
         RELAY_BACKOFF_MAX_S); B) delete or park the row (its state change is committed, and the
         event would be gone for good); C) hold it and publish the rest. We take C. A held row goes
         once a connection's max_payload takes it (a restart, or a reconnect to a larger server).
+
+        Each held id is read again at every pass (`_read`), so they are bounded: beyond
+        RELAY_HELD_MAX an oversized row is not held but fails the pass, as in A: the relay goes
+        on, a batch per backoff, with one ERROR line per pass naming the limit.
         """
-        if self._held:  # those a larger server took since
-            self._held = {i: n for i, n in self._held.items() if i not in acked}
         held = 0
+        refused = []
         for r, res in zip(rows, results, strict=True):
             if not isinstance(res, OversizedEventError):
                 continue
-            held += 1
             if r.id not in self._held:
+                if len(self._held) >= self.held_max:
+                    refused.append(r)
+                    continue
                 log.error(
                     "outbox event larger than NATS takes; kept in the outbox, the others go on",
                     extra={"event_id": r.event_id, "subject": r.subject, "bytes": res.size, "max_payload": res.limit},
                 )
             self._held[r.id] = res.size
-        OUTBOX_HELD.set(len(self._held))
+            held += 1
+        if refused:
+            log.error(
+                "outbox relay holds RELAY_HELD_MAX events larger than NATS takes; more fail its passes",
+                extra={"held_max": self.held_max, "not_held": len(refused), "event_id": refused[0].event_id},
+            )
+        # Held rows acked in this pass (a larger max_payload took them) are let go at the next read.
+        OUTBOX_HELD.set(len(self._held) - sum(1 for row_id in acked if row_id in self._held))
         return held
 
     async def _measure_backlog(self) -> None:

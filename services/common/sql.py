@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, any_, bindparam, column, func, literal, select, update
+from sqlalchemy import JSON, Table, any_, bindparam, column, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
@@ -33,6 +33,16 @@ def one_of_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     if dialect == "postgresql":
         return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
     return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
+
+
+def one_of_array(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
+    """`one_of_param` with the values as one bound parameter on SQLite too (a JSON array read by
+    `json_each`): any number of them, where the expanding IN binds one parameter per value and
+    SQLite takes at most 32,766 in a statement."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
+    values = func.json_each(bindparam(name, type_=JSON)).table_valued("value")
+    return column.in_(select(values.c.value))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import ServiceUnavailableError
 from prometheus_client import REGISTRY
-from sqlalchemy import MetaData, insert
+from sqlalchemy import MetaData, event, insert
+from sqlalchemy.util import await_
 
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
@@ -38,9 +42,12 @@ PAYLOAD_BYTES_MAX = 64 * 1024
 
 
 @contextlib.asynccontextmanager
-async def _small_server(tmp_path: Path, url: str | None = None) -> AsyncIterator[_Harness]:
+async def _small_server(
+    tmp_path: Path, url: str | None = None, *, sqlite_variables_max: int | None = None, **overrides: Any
+) -> AsyncIterator[_Harness]:
     """A nats-server of its own with a 1 MiB store and 64 KiB max_payload, and one relay on SQLite
-    (or on the database at `url`)."""
+    (or on the database at `url`), with settings `overrides`; `sqlite_variables_max`: the bound
+    parameters SQLite takes in a statement (32,766 in most builds, 999 before 3.32)."""
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as undo:
         nats_url = undo.enter_context(nats_server(tmp_path, max_payload=PAYLOAD_BYTES_MAX, store_bytes=STORE_BYTES))
@@ -49,15 +56,23 @@ async def _small_server(tmp_path: Path, url: str | None = None) -> AsyncIterator
         tables = add_common_tables(metadata)
         db = Database(url, pool_size=2, pool_timeout_s=5, application_name="store-full-test")
         undo.push_async_callback(db.dispose)
+        if sqlite_variables_max is not None:
+            event.listen(db.engine.sync_engine, "connect", functools.partial(_variables_max, sqlite_variables_max))
         async with db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
-        settings = ServiceSettings(database_url=url, nats_url=nats_url)  # type: ignore[call-arg]
+        settings = ServiceSettings(database_url=url, nats_url=nats_url, **overrides)  # type: ignore[call-arg]
         bus = Bus(settings, "store-full-test")
         undo.push_async_callback(bus.close)
         undo.callback(stop.set)  # before the bus closes
         await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
         outbox = Outbox(tables.outbox)
         yield _Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
+
+
+def _variables_max(limit: int, dbapi_connection: Any, _record: Any) -> None:
+    """Lower SQLite's limit on a statement's bound parameters, on aiosqlite's thread."""
+    conn = dbapi_connection.driver_connection
+    await_(conn._execute(conn._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit))
 
 
 def _publish_errors() -> float:
@@ -182,3 +197,71 @@ async def test_a_held_event_another_relay_published_is_held_no_more(small: _Harn
     assert await h.unpublished() == 0
     assert await other.relay_once() == 0
     assert _held() == 0, "the other relay holds a row that is gone"
+
+
+async def _add_raw_many(h: _Harness, n: int, payload: bytes) -> None:
+    """`n` rows as a producer bug might write them, in one statement."""
+    rows = [
+        {
+            "event_id": f"big-{i}",
+            "subject": "gifting.gift.sent",
+            "payload": payload,
+            "headers": "{}",
+            "created_at_us": 0,
+        }
+        for i in range(n)
+    ]
+    async with h.db.unit_of_work() as uow:
+        await uow.conn.execute(insert(h.outbox.table), rows)
+        await uow.commit()
+
+
+async def test_more_held_events_than_sqlite_binds_parameters_are_held_and_the_others_go(tmp_path: Path) -> None:
+    """Each pass reads past every held row: with their ids bound one parameter each, holding more
+    rows than SQLite binds in a statement (32,766; 999 here, as before SQLite 3.32, to stay fast)
+    failed every later read, and the relay sent nothing more."""
+    async with _small_server(tmp_path, sqlite_variables_max=999, relay_batch_size_max=500) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        nc._max_payload = 1000  # a server whose max_payload was lowered since
+        await _add_raw_many(h, 1200, b"x" * 1000)
+        errors = _publish_errors()
+        for _ in range(3):  # 500 rows a pass
+            assert await h.relay.relay_once() == 0
+        assert _held() == 1200
+        later = await h.add_events(3)
+        assert await h.relay.relay_once() == 3, "read past 1,200 held rows"
+        assert _publish_errors() == errors
+        assert await h.stored_ids() == later
+        assert await h.unpublished() == 1200
+
+
+async def test_beyond_relay_held_max_an_oversized_event_fails_the_pass_and_the_others_still_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RELAY_HELD_MAX bounds the held ids each pass reads past: one more oversized row is not
+    held but fails the pass (backoff, LivegiftsOutboxNotPublishing), and the events beside it go."""
+    async with _small_server(tmp_path, relay_held_max=3) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        limit = nc._max_payload
+        nc._max_payload = PAYLOAD_BYTES_MAX // 2  # a server whose max_payload was lowered since
+        before = await h.add_events(2)
+        for i in range(5):
+            await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+        after = await h.add_events(2)
+        with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
+            with pytest.raises(RuntimeError, match="2 of 9 publishes failed: nats: maximum payload exceeded"):
+                await h.relay.relay_once()
+            assert _held() == 3, "the gauge counts the held rows, at most RELAY_HELD_MAX"
+            assert await h.stored_ids() == before + after
+            with pytest.raises(RuntimeError, match="2 of 2 publishes failed"):
+                await h.relay.relay_once()  # the held rows are read no more; the two others fail again
+        full = [r for r in caplog.records if r.message.startswith("outbox relay holds RELAY_HELD_MAX")]
+        assert [(r.held_max, r.not_held, r.event_id) for r in full] == [(3, 2, "oversized-3"), (3, 2, "oversized-3")]
+        held = [r for r in caplog.records if r.message.startswith("outbox event larger than NATS takes")]
+        assert [r.event_id for r in held] == ["oversized-0", "oversized-1", "oversized-2"], "each logged once"
+        nc._max_payload = limit  # raised again: the connection takes them all
+        assert await h.relay.relay_once() == 5
+        assert _held() == 0
+        assert await h.unpublished() == 0
