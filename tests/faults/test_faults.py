@@ -197,19 +197,35 @@ async def _streams_full(suite: Suite, log: list[str]) -> None:
     log.append(f"relays refused: {refused}")
 
 
+PAYOUT_FLOWING = 10  # payout events stored before the PAYOUT stream is deleted: payout is publishing
+
+
 async def _payout_stream_deleted(suite: Suite, log: list[str]) -> None:
     """The PAYOUT stream (no consumer in the suite reads it) is deleted mid-load, by mistake:
-    payout's relay creates it again at its next publish, and no event it still had is lost."""
-    await asyncio.sleep(1.5)
+    payout's relay creates it again at its next publish, and no event it still had is lost.
+
+    Mid-load means once payout's credit events flow (gifts are being credited), before the
+    withdrawals: they come after every gift, and the checks after the load read their paid events
+    from this stream. After a fixed 1.5 s, a fast run could be past them (the streams-full
+    scenario's gifts took about a second in CI): its paid events were deleted with the stream, or
+    nothing was published after and the stream never created again."""
     nc = await nats.connect(suite.config.nats_url)
     try:
-        await nc.jetstream().delete_stream("PAYOUT")
-        log.append("PAYOUT stream deleted")
+        js = nc.jetstream()
+        started = time.monotonic()
+        deadline = started + GIFTS_FLOWING_WITHIN_S
+        while (await js.stream_info("PAYOUT")).state.messages < PAYOUT_FLOWING:
+            assert time.monotonic() < deadline, (
+                f"fewer than {PAYOUT_FLOWING} payout events in {GIFTS_FLOWING_WITHIN_S} s"
+            )
+            await asyncio.sleep(0.02)
+        await js.delete_stream("PAYOUT")
+        log.append(f"PAYOUT stream deleted after {time.monotonic() - started:.1f} s")
         deadline = time.monotonic() + WITHDRAWAL_FAULT_WITHIN_S
         while "created it again" not in _log_of(suite, "payout"):
             assert time.monotonic() < deadline, "payout never created its deleted stream again"
             await asyncio.sleep(0.2)
-        info = await nc.jetstream().stream_info("PAYOUT")
+        info = await js.stream_info("PAYOUT")
         log.append(f"PAYOUT created again by payout ({info.state.messages} events since)")
     finally:
         await nc.close()
