@@ -159,6 +159,11 @@ class Consumer(Generic[E]):
         self._not_counted_max = self.batch_size_max * 16
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
+        # The longest event id the inbox (and dead_letters) holds: a longer one, from a foreign or
+        # broken producer, is parked as undecodable. PostgreSQL recorded it cut to this length (the
+        # insert's array cast truncates): the event was taken for a duplicate, acked and never
+        # applied, and another id with the same first 64 characters would have been too.
+        self._event_id_max: int = inbox.c.event_id.type.length
         # Built once (one cache key), one statement text for any count; the ids it returns are
         # the batch's new events.
         self._record = bulk_insert_new(db.dialect, inbox, ["consumer", "event_id", "received_at_us"], inbox.c.event_id)
@@ -242,8 +247,11 @@ class Consumer(Generic[E]):
         for msg in msgs:
             try:
                 event = self.sub.event_type.FromString(msg.data)
-                if not getattr(event, "event_id", ""):
+                event_id = getattr(event, "event_id", "")
+                if not event_id:
                     raise DecodeError("event has no event_id")
+                if len(event_id) > self._event_id_max:
+                    raise DecodeError(f"event_id is longer than {self._event_id_max} characters")
                 decoded.append((msg, event))
             except DecodeError as exc:
                 await self._park(msg, None, f"undecodable: {exc}")

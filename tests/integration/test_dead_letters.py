@@ -552,3 +552,23 @@ async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary
             assert await rig.h.stored() == 5
     finally:
         pg.drop_database(admin, name)
+
+
+async def test_an_event_whose_id_is_longer_than_the_inbox_takes_is_parked_and_the_rest_go_on(rig: _Rig) -> None:
+    """An event id the inbox cannot hold (over 64 characters, from a foreign or broken producer):
+    PostgreSQL recorded it cut to 64 (the insert's array cast truncates), so the consumer took it
+    for a duplicate and acked it, its effect never applied and nothing parked; SQLite applied it.
+    Parked as undecodable on both."""
+    long_id = "x" * 65
+    event = events_pb2.GiftSent(event_id=long_id, coins=1, creator_id="c")
+    assert rig.h.bus.js is not None
+    await rig.h.bus.js.publish("gifting.gift.sent", event.SerializeToString(), headers={"Nats-Msg-Id": "long"})
+    ids = await rig.h.add_events(2)
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        assert await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20) == 1
+        assert await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 5) == 2
+    assert [await rig.applied(i) for i in ids] == [1, 1]
+    (parked,) = (await rig.parked()).dead_letters
+    assert not parked.event_id and "undecodable: event_id is longer than 64 characters" in parked.error
+    assert await rig.applied(long_id) == 0
