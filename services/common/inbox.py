@@ -378,6 +378,10 @@ class Consumer(Generic[E]):
             event_id = getattr(event, "event_id", "")
             if not event_id:
                 raise ReplayFailed(parked, "the payload has no event_id", "the payload has no event_id")
+            if len(event_id) > self._event_id_max:
+                # As the consumer parked it: recorded cut to the column, it would pass for a duplicate.
+                longer = f"the event_id is longer than {self._event_id_max} characters"
+                raise ReplayFailed(parked, longer, longer)
             # Under the operator's call, with no link to the event's own trace: a parked row
             # keeps no message headers (dead_letters has no column for them), only the event id.
             with tracer.start_as_current_span(

@@ -571,4 +571,6 @@ async def test_an_event_whose_id_is_longer_than_the_inbox_takes_is_parked_and_th
     assert [await rig.applied(i) for i in ids] == [1, 1]
     (parked,) = (await rig.parked()).dead_letters
     assert not parked.event_id and "undecodable: event_id is longer than 64 characters" in parked.error
+    await expect_error(rig.replay(parked.id), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
+    assert [d.id for d in (await rig.parked()).dead_letters] == [parked.id], "still parked, not taken for a duplicate"
     assert await rig.applied(long_id) == 0
