@@ -39,7 +39,7 @@ from services.common import faults
 from services.common.bus import Bus, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import DomainError, check
+from services.common.errors import DomainError, check, is_text
 from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
@@ -159,10 +159,7 @@ class Consumer(Generic[E]):
         self._not_counted_max = self.batch_size_max * 16
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
-        # The longest event id the inbox (and dead_letters) holds: a longer one, from a foreign or
-        # broken producer, is parked as undecodable. PostgreSQL recorded it cut to this length (the
-        # insert's array cast truncates): the event was taken for a duplicate, acked and never
-        # applied, and another id with the same first 64 characters would have been too.
+        # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
         self._event_id_max: int = inbox.c.event_id.type.length
         # Built once (one cache key), one statement text for any count; the ids it returns are
         # the batch's new events.
@@ -250,8 +247,8 @@ class Consumer(Generic[E]):
                 event_id = getattr(event, "event_id", "")
                 if not event_id:
                     raise DecodeError("event has no event_id")
-                if len(event_id) > self._event_id_max:
-                    raise DecodeError(f"event_id is longer than {self._event_id_max} characters")
+                if problem := self._id_problem(event_id):
+                    raise DecodeError(problem)
                 decoded.append((msg, event))
             except DecodeError as exc:
                 await self._park(msg, None, f"undecodable: {exc}")
@@ -378,10 +375,8 @@ class Consumer(Generic[E]):
             event_id = getattr(event, "event_id", "")
             if not event_id:
                 raise ReplayFailed(parked, "the payload has no event_id", "the payload has no event_id")
-            if len(event_id) > self._event_id_max:
-                # As the consumer parked it: recorded cut to the column, it would pass for a duplicate.
-                longer = f"the event_id is longer than {self._event_id_max} characters"
-                raise ReplayFailed(parked, longer, longer)
+            if problem := self._id_problem(event_id):  # as the consumer parked it
+                raise ReplayFailed(parked, f"the {problem}", f"the {problem}")
             # Under the operator's call, with no link to the event's own trace: a parked row
             # keeps no message headers (dead_letters has no column for them), only the event id.
             with tracer.start_as_current_span(
@@ -411,6 +406,20 @@ class Consumer(Generic[E]):
             await uow.commit()
         CONSUMED.labels(self.sub.durable, "replayed" if fresh else "duplicate").inc()
         return parked, bool(fresh)
+
+    def _id_problem(self, event_id: str) -> str:
+        """Why the inbox cannot hold `event_id`, from a foreign or broken producer ("" if it can).
+
+        Such an event is parked as undecodable. A longer id than the column holds was recorded cut
+        on PostgreSQL (the insert's array cast truncates), so the event passed for a duplicate:
+        acked, never applied. A control character (NUL) PostgreSQL refuses, in the inbox and then
+        in dead_letters, so the event was never parked and came back every backoff. SQLite took both.
+        """
+        if len(event_id) > self._event_id_max:
+            return f"event_id is longer than {self._event_id_max} characters"
+        if not is_text(event_id):
+            return "event_id holds a control character"
+        return ""
 
     @staticmethod
     def _sequence(msg: Msg) -> int | None:

@@ -554,15 +554,22 @@ async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary
         pg.drop_database(admin, name)
 
 
-async def test_an_event_whose_id_is_longer_than_the_inbox_takes_is_parked_and_the_rest_go_on(rig: _Rig) -> None:
-    """An event id the inbox cannot hold (over 64 characters, from a foreign or broken producer):
-    PostgreSQL recorded it cut to 64 (the insert's array cast truncates), so the consumer took it
-    for a duplicate and acked it, its effect never applied and nothing parked; SQLite applied it.
-    Parked as undecodable on both."""
-    long_id = "x" * 65
-    event = events_pb2.GiftSent(event_id=long_id, coins=1, creator_id="c")
+@pytest.mark.parametrize(
+    ("event_id", "problem"),
+    [("x" * 65, "event_id is longer than 64 characters"), ("abc\x00def", "event_id holds a control character")],
+    ids=["too-long", "nul"],
+)
+async def test_an_event_whose_id_the_inbox_cannot_hold_is_parked_and_the_rest_go_on(
+    rig: _Rig, event_id: str, problem: str
+) -> None:
+    """An event id from a foreign or broken producer that the inbox cannot hold. PostgreSQL
+    recorded one over 64 characters cut to 64 (the insert's array cast truncates): taken for a
+    duplicate, acked, never applied, nothing parked. It refused a NUL in the inbox, then in
+    dead_letters: never parked, redelivered every backoff. SQLite applied both. Parked as
+    undecodable on both, and a replay of the row refuses it."""
+    event = events_pb2.GiftSent(event_id=event_id, coins=1, creator_id="c")
     assert rig.h.bus.js is not None
-    await rig.h.bus.js.publish("gifting.gift.sent", event.SerializeToString(), headers={"Nats-Msg-Id": "long"})
+    await rig.h.bus.js.publish("gifting.gift.sent", event.SerializeToString(), headers={"Nats-Msg-Id": "odd"})
     ids = await rig.h.add_events(2)
     async with _running(rig.consumer.run):
         await rig.h.relay.relay_once()
@@ -570,7 +577,7 @@ async def test_an_event_whose_id_is_longer_than_the_inbox_takes_is_parked_and_th
         assert await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 5) == 2
     assert [await rig.applied(i) for i in ids] == [1, 1]
     (parked,) = (await rig.parked()).dead_letters
-    assert not parked.event_id and "undecodable: event_id is longer than 64 characters" in parked.error
+    assert not parked.event_id and f"undecodable: {problem}" in parked.error
     await expect_error(rig.replay(parked.id), grpc.StatusCode.FAILED_PRECONDITION, "REPLAY_FAILED")
     assert [d.id for d in (await rig.parked()).dead_letters] == [parked.id], "still parked, not taken for a duplicate"
-    assert await rig.applied(long_id) == 0
+    assert await rig.count("SELECT count(*) FROM applied") == 2
