@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.errors import PermissionDenied, Unauthenticated, printable
 
 OPERATOR_NAME_MAX = 128
 
@@ -45,5 +45,5 @@ def operator_name(header: str) -> str:
     (PostgreSQL refuses it, so the operator's change failed INTERNAL), a newline or a terminal
     escape (kept in the audit columns: updated_by, changed_by, reviewed_by). Each such character
     becomes "?"; a name that is empty or blank is "operator"."""
-    who = "".join(ch if ch.isprintable() else "?" for ch in header[:OPERATOR_NAME_MAX]).strip()
+    who = printable(header[:OPERATOR_NAME_MAX]).strip()
     return who or "operator"

@@ -12,8 +12,15 @@ import grpc
 
 # An ErrorInfo metadata value may echo a caller's input (a provider name, say): it travels in the
 # trailers, which a gRPC client refuses past 16 KiB (RESOURCE_EXHAUSTED, "received metadata size
-# exceeds hard limit"), losing the status and its reason. So each value is cut to this length.
+# exceeds hard limit"), losing the status and its reason. So each value is cut to this length,
+# and shown printable: a client may log or display it, and a raw HTTP/2 caller may send any byte.
 ERROR_METADATA_VALUE_CHARS_MAX = 256
+
+
+def printable(text: str) -> str:
+    """`text` with each character that would not show as itself (a control or format character:
+    NUL, newline, a terminal escape, a right-to-left override) replaced by "?"."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 class DomainError(Exception):
@@ -25,7 +32,7 @@ class DomainError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.metadata = {k: str(v)[:ERROR_METADATA_VALUE_CHARS_MAX] for k, v in metadata.items()}
+        self.metadata = {k: printable(str(v)[:ERROR_METADATA_VALUE_CHARS_MAX]) for k, v in metadata.items()}
 
 
 class InvalidArgument(DomainError):

@@ -31,6 +31,13 @@ def test_an_errors_metadata_values_are_cut_so_the_trailers_stay_small() -> None:
     assert err.metadata == {"provider": "p" * errors.ERROR_METADATA_VALUE_CHARS_MAX, "n": "7"}
 
 
+def test_an_errors_metadata_values_echo_a_callers_input_as_printable_text() -> None:
+    # A raw HTTP/2 caller may send any byte; a client that logs or shows the ErrorInfo must not get
+    # a forged log line, a terminal escape or a right-to-left override from it.
+    err = errors.InvalidArgument("x", "UNKNOWN_PROVIDER", provider="a\x00b\nlevel=ERROR \x1b[2J\u202egpj.exe", n=7)
+    assert err.metadata == {"provider": "a?b?level=ERROR ?[2J?gpj.exe", "n": "7"}
+
+
 def test_checks_survive_python_dash_O() -> None:
     code = (
         "from services.common.errors import check\ntry:\n    check(False, 'x')\nexcept AssertionError:\n    print('ok')"

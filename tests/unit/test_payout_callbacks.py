@@ -177,3 +177,16 @@ for reason in ("WITHDRAWAL_NOT_SUBMITTED", "INVALID_WITHDRAWAL_TRANSITION"):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "gen")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+async def test_an_unknown_payout_provider_is_echoed_printable_and_cut_to_32_characters(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    payload = dev_payout_payload("evt-1", "payout.paid", "w-1", 100, "USD")
+    with pytest.raises(InvalidArgument) as err:
+        await payout.handle_payout_event(
+            payout_pb2.HandlePayoutEventRequest(
+                provider="\x1b[2J\r\nlevel=ERROR" + "x" * 100, payload=payload, signature=signing.sign(SECRET, payload)
+            )
+        )
+    assert err.value.reason == "UNKNOWN_PROVIDER"
+    assert err.value.metadata["provider"] == "?[2J??level=ERROR" + "x" * 15

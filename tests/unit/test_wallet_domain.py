@@ -270,6 +270,16 @@ def test_payment_methods_are_routed_to_their_provider_and_unrouted_ones_are_refu
         PaymentRouter([DevProvider(b"s", 300)], {"CARD": "stripe"})
 
 
+def test_an_unknown_payment_provider_is_echoed_printable_and_cut_to_32_characters() -> None:
+    from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
+
+    router = PaymentRouter([DevProvider(b"s", 300)], parse_routes("CARD=dev"))
+    with pytest.raises(InvalidArgument) as err:
+        router.by_name("\x1b]0;owned\x07\nstripe" + "x" * 100)
+    assert err.value.reason == "UNKNOWN_PROVIDER"
+    assert err.value.metadata["provider"] == "?]0;owned??stripe" + "x" * 15
+
+
 def test_a_birth_date_is_in_the_future_by_the_utc_date_whatever_the_servers_zone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
