@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from services.common import faults
 from services.common.auth import OperatorAuth
 from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
 from services.common.config import MigrationSettings, ServiceSettings, load_settings
-from services.common.db import Database
+from services.common.db import Database, url_for_messages
 from services.common.deadletters import dead_letter_registration
 from services.common.errors import StartupError
 from services.common.gc_tuning import observe_pauses, tune_gc
@@ -83,11 +81,6 @@ def idle_in_transaction_timeout_s(settings: ServiceSettings) -> float:
         settings.outgoing_deadline_s + JETSTREAM_TIMEOUT_S
     )
     return 2 * max(settings.db_statement_timeout_s, relay_s)
-
-
-def _database_name(url: str) -> str:
-    """The database URL without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @dataclass
@@ -237,7 +230,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
 
 
 async def _migrate(spec: ServiceSpec, settings: MigrationSettings) -> None:
-    what = f"cannot migrate the database {_database_name(settings.database_url)}"
+    what = f"cannot migrate the database {url_for_messages(settings.database_url)}"
     with _starting(what, database=True):
         try:
             await upgrade_head(

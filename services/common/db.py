@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
@@ -30,6 +31,24 @@ def normalize_url(url: str) -> str:
     elif u.drivername == "sqlite":
         u = u.set(drivername="sqlite+aiosqlite")
     return u.render_as_string(hide_password=False)
+
+
+# Query-string keys whose value is a secret: asyncpg and libpq take `password` there as well as
+# in the URL's user part, libpq `sslpassword` (a client key's passphrase).
+_SECRET_QUERY_WORDS = ("password", "secret", "token")
+
+
+def url_for_messages(url: str) -> str:
+    """The database URL as logs and start-up errors show it: its password hidden, also one in
+    the query string (SQLAlchemy's hide_password hides only the user part's)."""
+    u = make_url(url)
+    pairs = []
+    for key, value in u.query.items():
+        secret = any(word in key.lower() for word in _SECRET_QUERY_WORDS)
+        for one in (value,) if isinstance(value, str) else value:  # a key given twice: a tuple
+            pairs.append(f"{quote_plus(key)}={'***' if secret else quote_plus(one)}")
+    shown = u.set(query={}).render_as_string(hide_password=True)
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 def is_sqlite(url: str) -> bool:

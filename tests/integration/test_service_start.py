@@ -94,16 +94,26 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, held_port: int) -> No
 
 
 @pytest.mark.parametrize("command", [[], ["migrate"]], ids=["serve", "migrate"])
+@pytest.mark.parametrize(
+    ("user", "query", "shown"),
+    [
+        ("livegifts:hunter2", "", ""),
+        # asyncpg and libpq take the password in the query string too
+        ("livegifts", "?password=hunter2&ssl=disable", "?password=***&ssl=disable"),
+    ],
+    ids=["in-the-user-part", "in-the-query-string"],
+)
 def test_a_database_that_is_down_is_one_line_without_its_password(
-    tmp_path: Path, held_port: int, command: list[str]
+    tmp_path: Path, held_port: int, command: list[str], user: str, query: str, shown: str
 ) -> None:
     # Nothing PostgreSQL-speaking listens on a port that is closed again: the connection is refused.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    url = f"postgresql://livegifts:hunter2@127.0.0.1:{closed}/gifting"
+    url = f"postgresql://{user}@127.0.0.1:{closed}/gifting{query}"
     result = _start(tmp_path, *command, database_url=url)
-    _says(result, f"cannot migrate the database postgresql://livegifts:***@127.0.0.1:{closed}/gifting")
+    who = "livegifts:***" if ":" in user else user
+    _says(result, f"cannot migrate the database postgresql://{who}@127.0.0.1:{closed}/gifting{shown}")
     assert "hunter2" not in result[1]
 
 

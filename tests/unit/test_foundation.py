@@ -295,3 +295,21 @@ def test_a_request_body_that_is_not_the_message_is_refused_with_a_reason_not_unk
         return got
 
     assert asyncio.run(answers()) == [(grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")] * 4
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:pw@db:5432/wallet", "postgresql://app:***@db:5432/wallet"),
+        (
+            "postgresql+asyncpg://app@db/wallet?password=pw&sslmode=require&sslpassword=key-pw",
+            "postgresql+asyncpg://app@db/wallet?password=***&sslmode=require&sslpassword=***",
+        ),
+        ("postgresql://app@db/wallet?PASSWORD=pw&password=pw2", "postgresql://app@db/wallet?PASSWORD=***&password=***"),
+        ("sqlite+aiosqlite:///var/wallet.db", "sqlite+aiosqlite:///var/wallet.db"),
+    ],
+)
+def test_a_database_url_in_a_message_hides_every_password_also_in_its_query_string(url: str, shown: str) -> None:
+    from services.common.db import url_for_messages
+
+    assert url_for_messages(url) == shown
