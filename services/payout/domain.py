@@ -270,10 +270,17 @@ def normalize_paypal(email: str) -> tuple[str, str]:
     email = email.strip()
     if not _EMAIL.match(email):
         raise InvalidArgument("paypal_email is not a valid e-mail address", "INVALID_PAYOUT_METHOD")
-    local, _, host = email.partition("@")
-    # The first character of the name, unless it is the whole name (a@example.com).
-    shown = local[0] if len(local) > 1 else ""
-    return email.lower(), f"{shown}•••@{host.lower()}"
+    local, _, host = email.lower().partition("@")
+    # The first character of the name and of the domain, unless it is the whole of it
+    # (a@example.com), and the top-level domain: enough for a creator to tell their addresses
+    # apart. A whole domain could be the person (jane@janedoe.dev), nearly the address itself.
+    label, _, _ = host.partition(".")
+    return email.lower(), f"{_first_of(local)}•••@{_first_of(label)}•••.{host.rsplit('.', 1)[1]}"
+
+
+def _first_of(part: str) -> str:
+    """The first character of a part of an e-mail address, unless it is the whole part."""
+    return part[0] if len(part) > 1 else ""
 
 
 def iban_valid(iban: str) -> bool:

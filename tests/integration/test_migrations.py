@@ -351,3 +351,36 @@ async def test_a_replica_waiting_for_another_ones_migration_says_so(
             await asyncio.wait_for(migrating, 60)
     finally:
         await holder.close()
+
+
+async def test_payout_migration_0011_hides_the_domain_of_stored_paypal_masks_and_nothing_else(
+    empty_database: str,
+) -> None:
+    cfg = alembic_config(ROOT / "services" / "payout" / "migrations", empty_database)
+    await asyncio.to_thread(command.upgrade, cfg, "0010")
+    insert = (
+        "INSERT INTO payout_methods (method_id, creator_id, kind, masked, fingerprint, provider_token, "
+        "currency_code, verification, created_at_us, updated_at_us) "
+        "VALUES ('{}', 'c', '{}', '{}', 'f', 't', 'USD', 'VERIFIED', 1, 1)"
+    )
+    rows = [
+        ("pm_a", "PAYPAL", "j•••@janedoe.dev"),
+        ("pm_b", "PAYPAL", "•••@mail.corp.example.co.uk"),  # a one-letter name
+        ("pm_c", "PAYPAL", "j•••@x.io"),  # a one-letter domain is not shown whole either
+        ("pm_d", "BANK", "DE ••••••••3000"),
+        ("pm_e", "BANK", "••34 (routing 0015)"),
+    ]
+    await _execute(empty_database, *(insert.format(*row) for row in rows))
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    masks = "SELECT method_id, masked FROM payout_methods ORDER BY method_id"
+    after = [
+        ("pm_a", "j•••@j•••.dev"),
+        ("pm_b", "•••@m•••.uk"),
+        ("pm_c", "j•••@•••.io"),
+        ("pm_d", "DE ••••••••3000"),
+        ("pm_e", "••34 (routing 0015)"),
+    ]
+    assert await _execute(empty_database, masks) == after
+    # One-way: the downgrade leaves the hidden masks (the code before shows them as they are).
+    await asyncio.to_thread(command.downgrade, cfg, "0010")
+    assert await _execute(empty_database, masks) == after

@@ -374,7 +374,7 @@ async def test_payout_methods_are_validated_and_never_shown_in_full(clients, dep
     shown = str(listed)
     assert "DE89370400440532013000" not in shown and "0532013000" not in shown
     assert "someone.private" not in shown
-    assert bank.masked.endswith("3000") and paypal.masked.endswith("@example.com")
+    assert bank.masked.endswith("3000") and paypal.masked.endswith("@e•••.com")
     assert {m.verification for m in listed.methods} == {W.VERIFICATION_STATUS_PENDING}
     for bad in (
         W.AddPayoutMethodRequest(creator_id=creator, kind=W.PAYOUT_METHOD_KIND_PAYPAL, paypal_email="not-an-email"),

@@ -106,8 +106,20 @@ def test_a_short_account_number_is_never_shown_whole(account: str, masked: str) 
 
 
 def test_a_one_letter_paypal_name_is_not_shown_whole() -> None:
-    assert domain.normalize_paypal("a@example.com")[1] == "•••@example.com"
-    assert domain.normalize_paypal("ab@example.com")[1] == "a•••@example.com"
+    assert domain.normalize_paypal("a@example.com")[1] == "•••@e•••.com"
+    assert domain.normalize_paypal("ab@example.com")[1] == "a•••@e•••.com"
+
+
+@pytest.mark.parametrize(
+    ("email", "masked"),
+    [
+        ("Jane@JaneDoe.dev", "j•••@j•••.dev"),  # a domain of one's own is nearly the address
+        ("jane.doe@mail.corp.example.co.uk", "j•••@m•••.uk"),
+        ("jd@x.io", "j•••@•••.io"),  # a one-letter domain is not shown whole either
+    ],
+)
+def test_a_paypal_mask_shows_only_the_first_letter_of_the_domain_and_its_top_level(email: str, masked: str) -> None:
+    assert domain.normalize_paypal(email)[1] == masked
 
 
 def test_a_reversal_takes_the_senders_newest_earnings_first_up_to_its_coins() -> None:
