@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.common.currencies import ISO_4217_CURRENCIES
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, check
 
 BP_DENOMINATOR = 10_000  # basis points: 5000 = 50%
@@ -97,7 +98,7 @@ DEFAULT_TERMS = CurrencyTerms("USD", 200, 100, 10_000, 100_000, 0, 50_000)
 
 
 def check_currency_code(code: str) -> str:
-    """An ISO 4217 code: three capital letters."""
+    """A code of ISO 4217's shape, three capital letters (check_policy also looks it up)."""
     if len(code) != 3 or not code.isascii() or not code.isalpha() or not code.isupper():
         raise InvalidArgument("currency_code must be three capital letters (ISO 4217)", "INVALID_CURRENCY")
     return code
@@ -113,7 +114,8 @@ def check_policy(share_bp: int, fee_bp: int, terms: list[CurrencyTerms]) -> None
     if len({t.currency_code for t in terms}) != len(terms):
         raise InvalidArgument("a currency appears twice", "INVALID_CURRENCIES")
     for t in terms:
-        check_currency_code(t.currency_code)
+        if check_currency_code(t.currency_code) not in ISO_4217_CURRENCIES:
+            raise InvalidArgument(f"{t.currency_code} is not an ISO 4217 currency in use", "INVALID_CURRENCY")
         if not (0 < t.diamonds <= AMOUNT_MINOR_MAX and 0 < t.amount_minor <= AMOUNT_MINOR_MAX):
             raise InvalidArgument("diamond cash value needs diamonds > 0 and amount_minor > 0", "INVALID_CASH_VALUE")
         if t.fee_fixed_minor < 0:

@@ -1,5 +1,7 @@
 """Diamond arithmetic: exact, order-independent, nothing lost to rounding."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -81,6 +83,27 @@ def test_a_policy_outside_its_ranges_is_refused(share: int, fee: int, reason: st
     with pytest.raises(InvalidArgument) as exc:
         domain.check_policy(share, fee, [USD])
     assert exc.value.reason == reason
+
+
+@pytest.mark.parametrize("code", ["XYZ", "UDS", "XXX", "XTS", "XAU", "HRK", "usd", "US"])
+def test_a_policy_currency_that_is_no_iso_4217_currency_in_use_is_refused(code: str) -> None:
+    # Three capital letters were enough: a typo of a code became a currency no provider pays in.
+    eur = dataclasses.replace(USD, currency_code="EUR")
+    with pytest.raises(InvalidArgument) as exc:
+        domain.check_policy(5_000, 0, [eur, dataclasses.replace(USD, currency_code=code)])
+    assert exc.value.reason == "INVALID_CURRENCY"
+
+
+@pytest.mark.parametrize("code", ["USD", "EUR", "GBP", "JPY", "CHF", "XOF", "ZWG"])
+def test_a_policy_in_iso_4217_currencies_is_taken(code: str) -> None:
+    domain.check_policy(5_000, 0, [dataclasses.replace(USD, currency_code=code)])
+
+
+def test_every_currency_the_wallet_sells_in_is_an_iso_4217_currency() -> None:
+    from services.common.currencies import ISO_4217_CURRENCIES
+    from services.wallet.domain import CURRENCY_MINOR_UNITS
+
+    assert set(CURRENCY_MINOR_UNITS) <= ISO_4217_CURRENCIES
 
 
 def test_masks_keep_only_the_last_four_characters() -> None:
