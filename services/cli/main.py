@@ -684,6 +684,90 @@ def dead_letters_list(
         raise typer.Exit(1)
 
 
+WITHDRAWAL_STATUSES = ("PENDING_REVIEW", "APPROVED", "PROCESSING", "PAID", "FAILED", "REJECTED")
+WITHDRAWALS_PAGE_SIZE = 500  # `withdrawals`: rows per ListWithdrawals call (its maximum)
+
+
+@app.command()
+def withdrawals(
+    creator: Annotated[
+        str, typer.Argument(help="only this creator's, newest first (default: every creator's, oldest first)")
+    ] = "",
+    status: Annotated[
+        str,
+        typer.Option(
+            help=f"only this status: {', '.join(WITHDRAWAL_STATUSES)} (default: PENDING_REVIEW across"
+            " creators, every status for one creator)"
+        ),
+    ] = "",
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many")] = 1000,
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    operator_token: OperatorToken = "",
+    var: VarDir = Path("var"),
+) -> None:
+    """List withdrawals: every creator's waiting for review (operator token), or one creator's.
+
+    Across creators it is the review queue, oldest requested first. Exit 0 even when some are listed.
+    """
+    status = status.upper()
+    if status and status not in WITHDRAWAL_STATUSES:
+        console.print(f"[red]unknown status {status!r}[/red]: one of {', '.join(WITHDRAWAL_STATUSES)}")
+        raise typer.Exit(2)
+    if not creator:
+        status = status or "PENDING_REVIEW"
+    # Another creator's withdrawals need the operator token; one creator's are theirs to read.
+    metadata = () if creator else _operator(operator_token, var)
+    request = payout_pb2.ListWithdrawalsRequest(
+        creator_id=creator,
+        status=payout_pb2.WithdrawalStatus.Value(f"WITHDRAWAL_STATUS_{status}") if status else 0,
+        page_size=min(limit + 1, WITHDRAWALS_PAGE_SIZE),
+    )
+    title = f"{creator}'s withdrawals, newest first" if creator else "withdrawals of every creator, oldest first"
+    table = _table(
+        title + (f" ({status})" if status else ""),
+        "withdrawal id",
+        "creator",
+        "status",
+        "gross",
+        "requested at (UTC)",
+        "updated at (UTC)",
+        "reviewed by",
+        "failure reason",
+    )
+    shown, more = 0, False
+    with channel("payout", payout_addr) as ch:
+        stub = payout_pb2_grpc.PayoutServiceStub(ch)
+        while not more:
+            try:
+                page = stub.ListWithdrawals(request, metadata=metadata, timeout=DEADLINE_S)
+            except grpc.RpcError as exc:
+                _fail(exc)
+            for w in page.withdrawals:
+                if shown == limit:
+                    more = True
+                    break
+                shown += 1
+                table.add_row(
+                    escape(w.withdrawal_id),
+                    escape(w.creator_id),
+                    payout_pb2.WithdrawalStatus.Name(w.status).removeprefix("WITHDRAWAL_STATUS_"),
+                    f"{w.gross.amount_minor} {w.gross.currency_code} minor",
+                    w.requested_at.ToDatetime().isoformat(timespec="seconds"),
+                    w.updated_at.ToDatetime().isoformat(timespec="seconds"),
+                    escape(w.reviewed_by),
+                    escape(w.failure_reason),
+                )
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+    if shown:
+        _print_table(table)
+    else:
+        console.print("no withdrawals" + (f" {status}" if status else ""))
+    if more:
+        console.print(f"[yellow]more withdrawals than --limit {limit}: raise it to see them[/yellow]")
+
+
 def _dead_letter_fields(service: str, d: dead_letters_pb2.DeadLetter) -> dict[str, object]:
     """Every field of a parked event and the service that holds it, for `dead-letters list --json`."""
     return {

@@ -65,7 +65,9 @@ class PayoutServicer(payout_pb2_grpc.PayoutServiceServicer):
         return await self.p.get_withdrawal(request.withdrawal_id)
 
     async def ListWithdrawals(self, request: payout_pb2.ListWithdrawalsRequest, context: Any) -> Any:
-        """A creator's withdrawals, newest first."""
+        """A creator's withdrawals, newest first; every creator's (operator), oldest first."""
+        if not request.creator_id:  # the review queue: other creators' withdrawals
+            self.auth.require(context)
         return await self.p.list_withdrawals(request)
 
     async def GetStatement(self, request: payout_pb2.GetStatementRequest, context: Any) -> Any:

@@ -104,6 +104,8 @@ withdrawals = Table(
     Column("updated_at_us", BigInteger, nullable=False),
     Column("paid_at_us", BigInteger, nullable=True),
     Index("ix_withdrawals_creator_newest", "creator_id", "requested_at_us"),
+    # ListWithdrawals across creators (the review queue): one status, oldest requested first.
+    Index("ix_withdrawals_status_oldest", "status", "requested_at_us", "withdrawal_id"),
 )
 
 # Gross requested per creator per UTC day and currency: the daily maximum is enforced by one

@@ -123,6 +123,7 @@ _VERIFICATION_PB = {
     "FAILED": payout_pb2.VERIFICATION_STATUS_FAILED,
 }
 _STATUS_PB = {s: payout_pb2.WithdrawalStatus.Value(f"WITHDRAWAL_STATUS_{s.value}") for s in WithdrawalStatus}
+_STATUS_BY_PB = {v: k for k, v in _STATUS_PB.items()}
 # Not yet with the provider (livegifts_withdrawals_waiting); PROCESSING has gauges of its own.
 _WAITING_STATUSES = (WithdrawalStatus.PENDING_REVIEW.value, WithdrawalStatus.APPROVED.value)
 _SUBJECT = {
@@ -198,23 +199,66 @@ def _page_size(size: int, default: int) -> int:
     return size
 
 
-def _encode_token(ts_us: int, key: str) -> str:
-    return base64.urlsafe_b64encode(f"{ts_us}:{key}".encode()).decode()
+def _encode_token(ts_us: int, key: str, scope: str = "") -> str:
+    """A page token: "<micros>:<id>", after "<scope>/" for a list that has one."""
+    prefix = f"{scope}/" if scope else ""
+    return base64.urlsafe_b64encode(f"{prefix}{ts_us}:{key}".encode()).decode()
 
 
-def _decode_token(token: str) -> tuple[int, str]:
-    """The (instant, id) of a token `_encode_token` made; INVALID_PAGE_TOKEN for anything else.
+def _token_scope(*filters: object) -> str:
+    """What binds a page token to the filters of the list that made it: a short digest of them.
+
+    Not a secret: a caller who forges one only pages their own query from another place."""
+    return hashlib.sha256("\x00".join(map(str, filters)).encode()).hexdigest()[:16]
+
+
+def _decode_token(token: str, scope: str = "") -> tuple[int, str]:
+    """The (instant, id) of a token `_encode_token` made with this scope; INVALID_PAGE_TOKEN for
+    anything else, so a token of one list is never read as a place in another.
 
     A token is the caller's to send back, so it may be forged: an instant outside the bigint
-    column, or an id PostgreSQL cannot compare (a NUL), failed in the driver as INTERNAL."""
+    column, or an id PostgreSQL cannot compare (a NUL), failed in the driver as INTERNAL. A scoped
+    token has a "/" before its instant, so a list without a scope refuses it (int() fails) as
+    it did before scopes, and one with a scope refuses a token without its own."""
     try:
-        ts, _, key = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        body = base64.urlsafe_b64decode(token.encode()).decode()
+        if scope:
+            head, slash, body = body.partition("/")
+            if not slash or head != scope:
+                raise ValueError("another list's token")
+        ts, _, key = body.partition(":")
         ts_us = int(ts)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
     if not 0 <= ts_us <= INT64_MAX or not is_text(key):
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
     return ts_us, key
+
+
+def _keyset_select(
+    table: Any, owner: Any, ts_col: Any, id_col: Any, after: tuple[int, str] | None, limit: int, *, oldest_first: bool
+) -> Any:
+    """The rows of `table` where owner matches, after (instant, id) `after` in (ts_col, id_col)
+    order, newest first (or oldest first), at most `limit`."""
+    q = select(table).where(owner)
+    if after is not None:
+        ts, key = after
+        if oldest_first:
+            q = q.where(or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
+        else:
+            q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
+    order = (ts_col, id_col) if oldest_first else (ts_col.desc(), id_col.desc())
+    return q.order_by(*order).limit(limit)
+
+
+def _withdrawals_where(creator_id: str, status: WithdrawalStatus | None) -> Any:
+    """ListWithdrawals' filter: one creator's, or every creator's (then with a status)."""
+    w = withdrawals.c
+    where = [w.creator_id == creator_id] if creator_id else []
+    if status is not None:
+        where.append(w.status == status.value)
+    check(bool(where), "a creator or a status")
+    return and_(*where)
 
 
 async def _keyset_page(
@@ -228,23 +272,18 @@ async def _keyset_page(
     *,
     oldest_first: bool = False,
     default_size: int = PAGE_SIZE_DEFAULT,
+    scope: str = "",
 ) -> tuple[list[Any], str]:
     """One keyset page of `table` rows where owner matches, newest first (or oldest first); returns
-    (rows, next token). `default_size` is the page of a request without page_size."""
+    (rows, next token). `default_size` is the page of a request without page_size; `scope`
+    (`_token_scope`) binds the tokens to the list's filters."""
     size = _page_size(page_size, default_size)
-    q = select(table).where(owner)
-    if page_token:
-        ts, key = _decode_token(page_token)
-        if oldest_first:
-            q = q.where(or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
-        else:
-            q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
-    order = (ts_col, id_col) if oldest_first else (ts_col.desc(), id_col.desc())
-    q = q.order_by(*order).limit(size + 1)
+    after = _decode_token(page_token, scope) if page_token else None
+    q = _keyset_select(table, owner, ts_col, id_col, after, size + 1, oldest_first=oldest_first)
     async with db.unit_of_work(readonly=True) as uow:
         rows = (await uow.conn.execute(q)).all()
     token = (
-        _encode_token(getattr(rows[size - 1], ts_col.key), getattr(rows[size - 1], id_col.key))
+        _encode_token(getattr(rows[size - 1], ts_col.key), getattr(rows[size - 1], id_col.key), scope)
         if len(rows) > size
         else ""
     )
@@ -1097,17 +1136,38 @@ class Payout:
             return _withdrawal_pb(await self._load_withdrawal(uow, withdrawal_id))
 
     async def list_withdrawals(self, req: payout_pb2.ListWithdrawalsRequest) -> payout_pb2.ListWithdrawalsResponse:
-        """A creator's withdrawals, newest first, keyset-paginated."""
-        require_id(req.creator_id, "creator_id")
+        """A creator's withdrawals, newest first; or, without creator_id, every creator's in one
+        status, oldest requested first (an operator's review queue: the servicer checks the token).
+        Keyset-paginated.
+
+        Oldest first across creators: the withdrawal waiting longest is the one to review first,
+        and rows requested meanwhile join the end of the queue instead of shifting its pages. A
+        status is required there: every creator's whole history is an export, not a queue, and
+        (status, requested_at_us, withdrawal_id) is the index that answers it a page at a time.
+        A creator's own list stays newest first, as it always was. The tokens of a list with a
+        status, or across creators, are bound to its filters (`_token_scope`); those of a creator's
+        unfiltered list keep the form they had, so a page token a client holds across an upgrade
+        still works."""
+        status = _STATUS_BY_PB.get(req.status) if req.status else None
+        if req.status and status is None:
+            raise InvalidArgument("status is not a withdrawal status", "INVALID_STATUS", field="status")
+        if req.creator_id:
+            require_id(req.creator_id, "creator_id")
+        elif status is None:
+            raise InvalidArgument(
+                "status is required to list every creator's withdrawals", "MISSING_FIELD", field="status"
+            )
         w = withdrawals.c
         rows, token = await _keyset_page(
             self.db,
             withdrawals,
-            w.creator_id == req.creator_id,
+            _withdrawals_where(req.creator_id, status),
             w.requested_at_us,
             w.withdrawal_id,
             req.page_token,
             req.page_size,
+            oldest_first=not req.creator_id,
+            scope=_token_scope("withdrawals", req.creator_id, status.value) if status is not None else "",
         )
         return payout_pb2.ListWithdrawalsResponse(withdrawals=[_withdrawal_pb(r) for r in rows], next_page_token=token)
 

@@ -134,6 +134,28 @@ async def test_the_audit_windows_pages_are_served_by_the_time_index(
     assert index in plan, plan
 
 
+@pytest.mark.parametrize("after", [None, (1_500, "wd_1")])
+async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldest_index(
+    empty_database: str, after: tuple[int, str] | None
+) -> None:
+    """ListWithdrawals without creator_id: one status, oldest first, a page at a time: a range of
+    (status, requested_at_us, withdrawal_id), not every withdrawal of the status read and sorted."""
+    from services.payout.domain import WithdrawalStatus
+    from services.payout.storage import withdrawals
+    from services.payout.usecases import _keyset_select, _withdrawals_where
+
+    w = withdrawals.c
+    where = _withdrawals_where("", WithdrawalStatus.PENDING_REVIEW)
+    plan = await _plan(
+        empty_database,
+        "payout",
+        lambda dialect: _keyset_select(
+            withdrawals, where, w.requested_at_us, w.withdrawal_id, after, 51, oldest_first=True
+        ),
+    )
+    assert "ix_withdrawals_status_oldest" in plan, plan
+
+
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
     from services.gifting.storage import stale_pending
 

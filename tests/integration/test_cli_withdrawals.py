@@ -1,0 +1,55 @@
+"""`livegifts withdrawals` against the running suite: the review queue across creators (operator
+token), or one creator's withdrawals (no token).
+
+Operators had no command for it: docs/sre.md sent them to payout's database with SQL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.integration.conftest import Deployment
+from tests.integration.helpers import uid
+from tests.integration.test_payout import fund, verified_method, withdraw
+
+
+def _withdrawals(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "withdrawals", *args, "--payout-addr", deployment.payout_addr],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "300", "PATH": "", "LIVEGIFTS_VAR_DIR": "/nonexistent-livegifts-var"},
+    )
+
+
+async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_creators_own_without(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 240_000)  # 120,000 diamonds = $600: reviewed
+    method_id = await verified_method(clients, deployment, creator)
+    waiting = await clients.payout.RequestWithdrawal(withdraw(creator, 120_000, method_id))
+
+    queue = _withdrawals(deployment, f"--operator-token={deployment.operator_token}", "--limit=100000")
+    assert queue.returncode == 0, queue.stdout + queue.stderr
+    row = next(line for line in queue.stdout.splitlines() if waiting.withdrawal_id in line)
+    assert creator in row and "PENDING_REVIEW" in row and "60000 USD" in row, row
+    # Held APPROVED ones are another status: this one is not among them.
+    approved = _withdrawals(deployment, "--status=approved", f"--operator-token={deployment.operator_token}")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert waiting.withdrawal_id not in approved.stdout
+
+    no_token = _withdrawals(deployment)  # no --operator-token, and no var/ to read one from
+    assert no_token.returncode == 1 and "no operator token" in no_token.stdout, no_token.stdout
+    wrong = _withdrawals(deployment, "--operator-token=not-the-token")
+    assert wrong.returncode == 1 and "PERMISSION_DENIED" in wrong.stdout, wrong.stdout
+
+    own = _withdrawals(deployment, creator)
+    assert own.returncode == 0, own.stdout + own.stderr
+    assert waiting.withdrawal_id in own.stdout
+    none = _withdrawals(deployment, creator, "--status=PAID")
+    assert (none.returncode, none.stdout.strip()) == (0, "no withdrawals PAID")
+    typo = _withdrawals(deployment, "--status=WAITING")
+    assert typo.returncode == 2 and "unknown status 'WAITING'" in typo.stdout, typo.stdout
