@@ -174,17 +174,62 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+def diamonds_worth_at_least(amount_minor: int, terms: CurrencyTerms) -> int:
+    """The fewest diamonds a withdrawal may ask for (whole minor units) worth at least `amount_minor`."""
+    step_diamonds, step_minor = _whole_cash_step(terms)
+    return -(-max(amount_minor, 0) // step_minor) * step_diamonds
+
+
+def diamonds_worth_at_most(amount_minor: int, terms: CurrencyTerms) -> int:
+    """The most diamonds a withdrawal may ask for (whole minor units) worth at most `amount_minor`."""
+    step_diamonds, step_minor = _whole_cash_step(terms)
+    return max(amount_minor, 0) // step_minor * step_diamonds
+
+
+def _whole_cash_step(terms: CurrencyTerms) -> tuple[int, int]:
+    """(diamonds, minor units) of the smallest withdrawal worth whole minor units (2 and 1 at 200 = 100)."""
+    g = _gcd(terms.diamonds, terms.amount_minor)
+    return terms.diamonds // g, terms.amount_minor // g
+
+
 def check_withdrawal_limits(amounts: Amounts, terms: CurrencyTerms) -> None:
-    """Minimum and a positive net, before any state is read."""
-    if amounts.gross_minor < terms.withdrawal_min_minor:
-        raise FailedPrecondition(
-            f"the minimum withdrawal is {terms.withdrawal_min_minor} {terms.currency_code} minor units",
-            "BELOW_MINIMUM_WITHDRAWAL",
+    """Minimum and a positive net, before any state is read (the daily maximum: `above_daily_maximum`).
+
+    The refusal's metadata lets a client say what would pass: the minimum in the currency's minor
+    units and in diamonds (the fewest worth it), and the fee this request would have paid."""
+    if amounts.gross_minor < terms.withdrawal_min_minor or amounts.net_minor <= 0:
+        message = (
+            f"the minimum withdrawal is {terms.withdrawal_min_minor} {terms.currency_code} minor units"
+            if amounts.gross_minor < terms.withdrawal_min_minor
+            else "the fee would take the whole withdrawal"
         )
-    if amounts.net_minor <= 0:
-        raise FailedPrecondition("the fee would take the whole withdrawal", "BELOW_MINIMUM_WITHDRAWAL")
-    if amounts.gross_minor > terms.daily_max_minor:
-        raise ResourceExhausted("above the daily withdrawal maximum", "DAILY_WITHDRAWAL_LIMIT")
+        raise FailedPrecondition(
+            message,
+            "BELOW_MINIMUM_WITHDRAWAL",
+            currency_code=terms.currency_code,
+            withdrawal_min_minor=terms.withdrawal_min_minor,
+            withdrawal_min_diamonds=diamonds_worth_at_least(terms.withdrawal_min_minor, terms),
+            fee_minor=amounts.fee_minor,
+        )
+
+
+def above_daily_maximum(amounts: Amounts, terms: CurrencyTerms) -> bool:
+    """True for a gross that no day could take, whatever was requested before it."""
+    return amounts.gross_minor > terms.daily_max_minor
+
+
+def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int) -> ResourceExhausted:
+    """DAILY_WITHDRAWAL_LIMIT, with the maximum and what is left of it today, `day_gross_minor`
+    (not failed or rejected) already requested: in minor units and as the most diamonds that fit."""
+    left_minor = max(terms.daily_max_minor - day_gross_minor, 0)
+    return ResourceExhausted(
+        f"the daily withdrawal maximum leaves {left_minor} {terms.currency_code} minor units for today",
+        "DAILY_WITHDRAWAL_LIMIT",
+        currency_code=terms.currency_code,
+        daily_max_minor=terms.daily_max_minor,
+        daily_left_minor=left_minor,
+        daily_left_diamonds=diamonds_worth_at_most(left_minor, terms),
+    )
 
 
 class WithdrawalStatus(enum.StrEnum):

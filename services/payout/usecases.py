@@ -936,6 +936,8 @@ class Payout:
             terms = policy.terms_for(method.currency_code)
             amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
             domain.check_withdrawal_limits(amounts, terms)
+            if domain.above_daily_maximum(amounts, terms):  # refused before the balance, as always
+                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms))
             await self._settle_shortfalls_of(uow, req.creator_id)  # credited since the first settling
             c = creators.c
             balance = (
@@ -955,7 +957,16 @@ class Payout:
                 )
             )
             if held.rowcount != 1:
-                raise FailedPrecondition("not enough diamonds available", "INSUFFICIENT_DIAMONDS")
+                # Read again, not `balance`: a concurrent request may have taken them since.
+                available = (
+                    await uow.conn.execute(select(c.diamonds_available).where(c.creator_id == req.creator_id))
+                ).scalar_one_or_none()
+                raise FailedPrecondition(
+                    "not enough diamonds available",
+                    "INSUFFICIENT_DIAMONDS",
+                    available_diamonds=available or 0,
+                    required_diamonds=req.diamonds,
+                )
             ts = now_us()
             day = _utc_day(ts)
             d = daily_withdrawals.c
@@ -975,7 +986,7 @@ class Payout:
                 .values(gross_minor=d.gross_minor + amounts.gross_minor)
             )
             if counted.rowcount != 1:
-                raise ResourceExhausted("the daily withdrawal maximum is reached", "DAILY_WITHDRAWAL_LIMIT")
+                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms, day))
             auto = amounts.gross_minor < terms.auto_approve_below_minor
             status = WithdrawalStatus.APPROVED if auto else WithdrawalStatus.PENDING_REVIEW
             values = {
@@ -1003,6 +1014,19 @@ class Payout:
             return _withdrawal_pb(row)
 
         return await idem.run(work)
+
+    @staticmethod
+    async def _day_gross(uow: UnitOfWork, creator_id: str, terms: CurrencyTerms, day: str = "") -> int:
+        """Gross the creator requested on `day` (default today, UTC) in the terms' currency, not
+        failed or rejected: for a DAILY_WITHDRAWAL_LIMIT's metadata only, as the conditional
+        UPDATE alone decides."""
+        d = daily_withdrawals.c
+        gross = await uow.conn.execute(
+            select(d.gross_minor).where(
+                d.creator_id == creator_id, d.day == (day or _utc_day(now_us())), d.currency_code == terms.currency_code
+            )
+        )
+        return gross.scalar_one_or_none() or 0
 
     async def _withdrawal_event(self, uow: UnitOfWork, subject: str, r: Any, reason: str) -> None:
         eid = new_event_id()

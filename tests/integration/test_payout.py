@@ -16,6 +16,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
+from services.common.clients import error_info
 from services.payout.providers import dev_payout_payload
 from tests.integration.helpers import (
     buy_coins,
@@ -349,6 +350,58 @@ async def test_bad_withdrawals_are_refused_with_a_stable_reason_and_write_nothin
     assert (e.diamonds_available, e.diamonds_held) == (30_000, 0)
     listed = await clients.payout.ListWithdrawals(W.ListWithdrawalsRequest(creator_id=creator))
     assert list(listed.withdrawals) == []
+
+
+async def test_withdrawal_refusals_say_what_would_pass_in_their_metadata(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 600_000)  # 300,000 diamonds = $1,500
+    method_id = await verified_method(clients, deployment, creator)
+
+    low = await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 19_998, method_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "BELOW_MINIMUM_WITHDRAWAL",
+    )
+    assert dict(error_info(low).metadata) == {
+        "currency_code": "USD",
+        "withdrawal_min_minor": "10000",
+        "withdrawal_min_diamonds": "20000",
+        "fee_minor": "0",
+    }
+    # Nothing requested today yet: a gross no day takes is refused before the balance is read.
+    whole_day = await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 200_002, method_id)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "DAILY_WITHDRAWAL_LIMIT",
+    )
+    assert dict(error_info(whole_day).metadata) == {
+        "currency_code": "USD",
+        "daily_max_minor": "100000",
+        "daily_left_minor": "100000",
+        "daily_left_diamonds": "200000",
+    }
+    review = await clients.payout.RequestWithdrawal(withdraw(creator, 120_000, method_id))  # $600, held for review
+    assert review.status == W.WITHDRAWAL_STATUS_PENDING_REVIEW
+    short = await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 180_002, method_id)),  # $900.01: under the day's $1,000
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_DIAMONDS",
+    )
+    assert dict(error_info(short).metadata) == {"available_diamonds": "180000", "required_diamonds": "180002"}
+    # $600 of today's $1,000 requested: $400 (80,000 diamonds) left, so $400.02 is refused.
+    over = await expect_error(
+        clients.payout.RequestWithdrawal(withdraw(creator, 80_004, method_id)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "DAILY_WITHDRAWAL_LIMIT",
+    )
+    assert dict(error_info(over).metadata) == {
+        "currency_code": "USD",
+        "daily_max_minor": "100000",
+        "daily_left_minor": "40000",
+        "daily_left_diamonds": "80000",
+    }
+    fits = await clients.payout.RequestWithdrawal(withdraw(creator, 80_000, method_id))  # exactly what was left
+    assert fits.gross.amount_minor == 40_000
 
 
 async def test_payout_methods_are_validated_and_never_shown_in_full(clients, deployment) -> None:  # type: ignore[no-untyped-def]

@@ -1,6 +1,7 @@
 """Diamond arithmetic: exact, order-independent, nothing lost to rounding."""
 
 import dataclasses
+import math
 
 import pytest
 from hypothesis import given
@@ -71,9 +72,59 @@ def test_limits_name_their_reason() -> None:
     with pytest.raises(FailedPrecondition) as low:
         domain.check_withdrawal_limits(domain.withdrawal_amounts(19_998, USD, 0), USD)
     assert low.value.reason == "BELOW_MINIMUM_WITHDRAWAL"
-    with pytest.raises(ResourceExhausted) as high:
-        domain.check_withdrawal_limits(domain.withdrawal_amounts(200_002, USD, 0), USD)
-    assert high.value.reason == "DAILY_WITHDRAWAL_LIMIT"
+    high = domain.withdrawal_amounts(200_002, USD, 0)
+    domain.check_withdrawal_limits(high, USD)  # the daily maximum is the next check's
+    assert domain.above_daily_maximum(high, USD)
+    assert not domain.above_daily_maximum(domain.withdrawal_amounts(200_000, USD, 0), USD)
+    assert isinstance(domain.daily_limit_reached(USD, 0), ResourceExhausted)
+    assert domain.daily_limit_reached(USD, 0).reason == "DAILY_WITHDRAWAL_LIMIT"
+
+
+def test_a_withdrawal_below_the_minimum_says_the_minimum_in_cash_and_diamonds_and_its_fee() -> None:
+    with pytest.raises(FailedPrecondition) as low:
+        domain.check_withdrawal_limits(domain.withdrawal_amounts(19_998, USD, 0), USD)
+    assert low.value.metadata == {
+        "currency_code": "USD",
+        "withdrawal_min_minor": "10000",
+        "withdrawal_min_diamonds": "20000",
+        "fee_minor": "0",
+    }
+    # Above the minimum, but a fixed fee of $150 takes the whole $150 gross.
+    costly = domain.CurrencyTerms("USD", 200, 100, 10_000, 100_000, 15_000, 50_000)
+    with pytest.raises(FailedPrecondition) as eaten:
+        domain.check_withdrawal_limits(domain.withdrawal_amounts(30_000, costly, 0), costly)
+    assert eaten.value.reason == "BELOW_MINIMUM_WITHDRAWAL"
+    assert eaten.value.metadata["fee_minor"] == "15000"
+
+
+def test_the_daily_limit_says_what_is_left_today_in_cash_and_in_whole_cash_diamonds() -> None:
+    # $1,000 a day, $612.34 requested: $387.66 left, 77,532 diamonds at 200 = $1.
+    refused = domain.daily_limit_reached(USD, 61_234)
+    assert refused.metadata == {
+        "currency_code": "USD",
+        "daily_max_minor": "100000",
+        "daily_left_minor": "38766",
+        "daily_left_diamonds": "77532",
+    }
+    assert domain.daily_limit_reached(USD, 100_000).metadata["daily_left_minor"] == "0"
+    assert domain.daily_limit_reached(USD, 100_000).metadata["daily_left_diamonds"] == "0"
+
+
+@pytest.mark.parametrize(("diamonds", "amount_minor"), [(200, 100), (3, 7), (7, 3), (1, 1), (150, 100)])
+@given(amount_minor_wanted=st.integers(min_value=0, max_value=10**9))
+def test_diamonds_worth_a_cash_amount_are_whole_cash_and_the_closest_on_their_side(
+    diamonds: int, amount_minor: int, amount_minor_wanted: int
+) -> None:
+    terms = domain.CurrencyTerms("USD", diamonds, amount_minor, 1, 10**12, 0, 0)
+    at_least = domain.diamonds_worth_at_least(amount_minor_wanted, terms)
+    at_most = domain.diamonds_worth_at_most(amount_minor_wanted, terms)
+    for d in (at_least, at_most):
+        assert d * amount_minor % diamonds == 0  # a withdrawal of whole minor units
+    assert at_least * amount_minor // diamonds >= amount_minor_wanted
+    assert at_most * amount_minor // diamonds <= amount_minor_wanted
+    step = diamonds // math.gcd(diamonds, amount_minor)
+    assert at_least - step < 0 or (at_least - step) * amount_minor // diamonds < amount_minor_wanted
+    assert (at_most + step) * amount_minor // diamonds > amount_minor_wanted
 
 
 @pytest.mark.parametrize(
