@@ -7,8 +7,8 @@ paid) and sorted them. Built CONCURRENTLY on PostgreSQL: the previous release ke
 withdrawals during the rollout. ix_withdrawals_status stays: the previous release's queries use it
 while it runs, and a later revision may drop it as a prefix of this one.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 """
 
 from collections.abc import Sequence
@@ -17,8 +17,8 @@ from alembic import op
 
 from services.common.migrate import create_index_beside_writers
 
-revision: str = "0011"
-down_revision: str | None = "0010"
+revision: str = "0012"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
