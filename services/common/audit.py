@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Table, select, tuple_
+from sqlalchemy.sql.expression import UnaryExpression
+from sqlalchemy.sql.operators import custom_op
 
 from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from services.common.db import Database
@@ -22,12 +24,13 @@ PAGE_SIZE_MAX = 5000
 
 IDS_MAX = 5000  # ids one request may ask for
 
-# (after, size, ids, up_to, since_us): a page of records with after < id (<= up_to when set);
-# when ids is not empty, those records; when since_us > 0, a page of the records whose time is
-# at or after it, in (time, id) order after the key `after` (see `window_key`). With each page
-# the key of its last record: the next page starts after it.
+# (after, size, ids, up_to, since_us, after_id): a page of records with after < id (<= up_to when
+# set); when ids is not empty, those records; when since_us > 0, a page of the records whose time
+# is at or after it, in (time, id) order after the key `after` (see `window_key`), with
+# after_id < id <= up_to (each bound when set). With each page the key of its last record: the
+# next page starts after it.
 Page = tuple[list[audit_pb2.AuditRecord], str]
-Query = Callable[[str, int, list[str], str, int], Awaitable[Page]]
+Query = Callable[[str, int, list[str], str, int, str], Awaitable[Page]]
 
 
 def window_key(time_us: int, record_id: str) -> str:
@@ -51,13 +54,33 @@ def window_select(
     since_us: int,
     after: str,
     size: int,
+    ids: tuple[str, str] = ("", ""),
+    dialect: str = "sqlite",
 ) -> Select[Any]:
     """A page of a window: rows with time_col >= since_us after the key `after` (none: from the
-    start), in (time_col, id_col) order, which an index on (time_col, id_col) reads as one range."""
+    start), in (time_col, id_col) order, which an index on (time_col, id_col) reads as one range;
+    with `ids` (after_id, up_to), only rows with after_id < id <= up_to (each when set).
+
+    The id bounds compare by code point, as the CLI's chunks do: SQLite's BINARY does, PostgreSQL
+    takes COLLATE "C" (its database collation may sort "B" after "a"). Neither may use the id's own
+    index, which a planner without statistics takes for a two-sided id range (SQLite did): that
+    reads the range of the whole table and sorts it, for every page. COLLATE "C" is not that
+    index's collation; on SQLite a unary + keeps the term off every index. So the bounds filter
+    the window's range of the (time, id) index."""
     q = select(*cols).where(time_col >= since_us)
     start = parse_window_key(after) if after else None
     if start is not None:
         q = q.where(tuple_(time_col, id_col) > tuple_(*start))
+    by_code_point = (
+        id_col.collate("C")
+        if dialect == "postgresql"
+        else UnaryExpression(id_col, operator=custom_op("+"), type_=id_col.type)
+    )
+    after_id, up_to = ids
+    if after_id:
+        q = q.where(by_code_point > after_id)
+    if up_to:
+        q = q.where(by_code_point <= up_to)
     return q.order_by(time_col, id_col).limit(size)
 
 
@@ -73,16 +96,18 @@ def table_query(
     status: str = "",
 ) -> Query:
     """A keyset-paged query over one table: records with id > token (and <= up_to), ordered by
-    id; or given ids; or the records with time_col >= since, ordered by (time_col, id), which the
-    table's index on (time_col, id_col) reads a page at a time."""
+    id; or given ids; or the records with time_col >= since (and after_id < id <= up_to), ordered
+    by (time_col, id), which the table's index on (time_col, id_col) reads a page at a time."""
     t = table.c
 
-    async def query(after: str, size: int, ids: list[str], up_to: str = "", since_us: int = 0) -> Page:
+    async def query(
+        after: str, size: int, ids: list[str], up_to: str = "", since_us: int = 0, after_id: str = ""
+    ) -> Page:
         cols = [t[id_col], t[amount_col], t[party_col], t[time_col]] + ([t[status_col]] if status_col else [])
         if ids:
             q = select(*cols).where(t[id_col].in_(ids)).order_by(t[id_col])
         elif since_us > 0:
-            q = window_select(cols, t[time_col], t[id_col], since_us, after, size)
+            q = window_select(cols, t[time_col], t[id_col], since_us, after, size, (after_id, up_to), db.dialect)
         else:
             q = select(*cols).where(t[id_col] > after)
             if up_to:
@@ -124,6 +149,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
         if not is_text(request.up_to):
             raise InvalidArgument("up_to must be text without control characters", "INVALID_ID", field="up_to")
+        if not is_text(request.after_id):
+            raise InvalidArgument("after_id must be text without control characters", "INVALID_ID", field="after_id")
         if not all(is_text(i) for i in request.ids):
             raise InvalidArgument("ids must be text without control characters", "INVALID_ID", field="ids")
         since = request.since_us > 0 and not request.ids
@@ -131,8 +158,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument("since_us must not be negative", "INVALID_SINCE", field="since_us")
         if since and request.page_token and parse_window_key(request.page_token) is None:
             raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
+        # An empty range is a caller's bug (the CLI's chunks never are), named rather than answered
+        # with no records. Compared as the bounds are, by code point.
+        if since and request.after_id and request.up_to and request.after_id >= request.up_to:
+            raise InvalidArgument("after_id must be below up_to", "INVALID_ID_RANGE", field="after_id")
         records, last = await query(
-            request.page_token, size, list(request.ids), request.up_to, request.since_us if since else 0
+            request.page_token,
+            size,
+            list(request.ids),
+            request.up_to,
+            request.since_us if since else 0,
+            request.after_id if since else "",
         )
         out = audit_pb2.ListAuditRecordsResponse(records=records, since_applied=since)
         if not request.ids and len(records) == size:
