@@ -63,10 +63,10 @@ def window_select(
 
     The id bounds compare by code point, as the CLI's chunks do: SQLite's BINARY does, PostgreSQL
     takes COLLATE "C" (its database collation may sort "B" after "a"). Neither may use the id's own
-    index, which a planner without statistics takes for a two-sided id range (SQLite did): that
-    reads the range of the whole table and sorts it, for every page. COLLATE "C" is not that
-    index's collation; on SQLite a unary + keeps the term off every index. So the bounds filter
-    the window's range of the (time, id) index."""
+    index, which a planner can take for a two-sided id range (PostgreSQL did on an empty table,
+    SQLite with the bounds' values in the text): that reads the range of the whole table and
+    sorts it, for every page. COLLATE "C" is not that index's collation; on SQLite a unary + keeps
+    the term off every index. So the bounds filter the window's range of the (time, id) index."""
     q = select(*cols).where(time_col >= since_us)
     start = parse_window_key(after) if after else None
     if start is not None:
