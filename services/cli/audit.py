@@ -27,7 +27,8 @@ the per-id comparison covers only the ids of a recent window: any id one of the 
 record for at or after `since_us` (a spend charged, a gift begun, an earning credited), found
 through each service's index on its record time, then read from all three by id. Its cost is the
 window's traffic, not the books'; its memory is a bounded chunk of the window's ids, whatever the
-window holds (a larger window is read once per chunk, see `_judge_window`). What it cannot see
+window holds (a larger window is read a chunk of ids at a time, the servers bounding each read to
+the chunk's ids, see `_judge_window`). What it cannot see
 is an id none of whose records is in the window: a gift lost or left in flight before it, which
 the run whose window covered it failed on (its wait ran out), and which the full `detail` read
 still finds; an old record altered by hand changes the totals, which are complete, unless the
@@ -59,8 +60,8 @@ OK, IN_FLIGHT, FAILED = "ok", "in flight", "FAILED"
 IDS_SHOWN_MAX = 10
 PAGE_SIZE = 5000  # records per ListAuditRecords page, and ids per by-id request (the servers' limits)
 # Window ids (`since_us`) held at a time, about 120 bytes each: the CLI peaks near 140 MiB of the
-# Job's 256 Mi (measured; 1M ids reached 237). A larger window is read again for each further
-# chunk of ids (see `_judge_window`).
+# Job's 256 Mi (measured; 1M ids reached 237). A larger window is read a chunk of ids at a time,
+# each read bounded by id on the servers (see `_judge_window`).
 WINDOW_IDS_MAX = 500_000
 RECHECK_S = 0.5  # pause between looks while waiting
 
@@ -248,13 +249,25 @@ def _window_pass(
 ) -> _Lowest | None:
     """One read of the window from every stream (kind), keeping the lowest of its ids above
     `after` (see `_Lowest`), a page at a time; None when a server predates the window (it answered
-    with every record)."""
+    with every record).
+
+    Each page asks only for ids above `after` and, once the chunk is full, at or below its
+    highest kept id (`after_id`, `up_to`): ids the chunk would refuse are not sent, so the window's
+    ids of earlier chunks are not read again and those of later chunks mostly not yet. A server
+    that predates the bounds sends them anyway; the chunk drops them as before."""
     chunk = _Lowest(after, limit)
     for chan, kind in streams:
         stub = audit_pb2_grpc.AuditServiceStub(chan)
         token = ""
         while True:
-            req = audit_pb2.ListAuditRecordsRequest(kind=kind, page_token=token, page_size=PAGE_SIZE, since_us=since_us)
+            req = audit_pb2.ListAuditRecordsRequest(
+                kind=kind,
+                page_token=token,
+                page_size=PAGE_SIZE,
+                since_us=since_us,
+                after_id=after,
+                up_to=chunk.high or "",
+            )
             page = stub.ListAuditRecords(req, timeout=deadline_s)
             if not page.since_applied:
                 log.warning(
@@ -283,7 +296,9 @@ def _judge_window(
     At most WINDOW_IDS_MAX ids are held, whatever the window holds: each pass reads the window
     from the three services and keeps the lowest ids above the last pass's (`_Lowest`), which are
     then judged in id order and let go. A window within the bound takes one pass; a larger one
-    takes a pass per chunk, its ids judged in the same order, each once.
+    takes a pass per chunk, its ids judged in the same order, each once. The servers bound each
+    pass's read to the ids the chunk can still take (`_window_pass`), so a pass reads its chunk's
+    ids and those it lets go as it fills, not the whole window again.
     """
     streams = ((p, "earnings"), (g, "gifts"), (w, "spends"))
     findings = Findings()

@@ -275,3 +275,62 @@ def test_a_window_larger_than_the_ids_held_is_judged_chunk_by_chunk(
     credit = next(c for c in report if c.name == audit.CREDIT_LINE)
     assert credit.status == FAILED and "credited to another creator than the gift's 2:" in credit.detail, credit
     assert a in credit.detail and b in credit.detail, credit
+
+
+def test_a_window_of_several_chunks_is_read_about_once_with_the_verdicts_of_one_read(
+    suite: Suite, books: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All 16 gifts in the window (4 h), 4 of its ids held at a time: the report is the one of a
+    read of the whole window, broken books too, and the servers hand each window page only the
+    ids within the bounds it asked for (`after_id`, `up_to`), so the window's records are read
+    about once, not once per chunk."""
+    since = int(time.time() * 1_000_000) - 4 * HOUR_US
+    every = {k for ids in books.values() for k in ids}
+    pages: list[tuple[bool, str, str, list[str]]] = []  # (a pass's first page, after_id, up_to, ids)
+    stub = audit_pb2_grpc.AuditServiceStub
+
+    class Counting:
+        """The real stub, noting each window page's bounds and the ids it answered."""
+
+        def __init__(self, channel: grpc.Channel) -> None:
+            self.stub = stub(channel)
+
+        def ListAuditRecords(self, req, timeout):  # type: ignore[no-untyped-def]  # noqa: N802 - the gRPC name
+            out = self.stub.ListAuditRecords(req, timeout=timeout)
+            if req.since_us and not req.ids:
+                first = req.kind == "earnings" and not req.page_token
+                pages.append((first, req.after_id, req.up_to, [r.id for r in out.records]))
+            return out
+
+    def reports() -> tuple[list[audit.Check], list[audit.Check]]:
+        """The report with the whole window held, then with 4 of its ids held at a time (in pages
+        of 2, smaller than a chunk as the CLI's 5000 are than its 500,000)."""
+        whole = check_invariants(collect(*addrs(suite), 30.0, True, since_us=since))
+        with monkeypatch.context() as mp:
+            mp.setattr(audit, "WINDOW_IDS_MAX", 4)
+            mp.setattr(audit, "PAGE_SIZE", 2)
+            mp.setattr(audit.audit_pb2_grpc, "AuditServiceStub", Counting)
+            pages.clear()
+            return whole, check_invariants(collect(*addrs(suite), 30.0, True, since_us=since))
+
+    whole, chunked = reports()
+    assert all(c.status == OK for c in whole), whole
+    credit = next(c for c in chunked if c.name == audit.CREDIT_LINE)
+    assert f"window: the {len(every)} ids with a record since" in credit.detail, credit
+    assert chunked == whole
+    passes = sum(first for first, _, _, _ in pages)
+    assert passes > 3  # several chunks
+    for _, after, up_to, got in pages:
+        assert all(after < k and (not up_to or k <= up_to) for k in got), (after, up_to, got)
+    records = 3 * len(every)  # a spend, a gift and an earning each
+    read = sum(len(got) for _, _, _, got in pages)
+    assert read <= 1.6 * records, (read, records)  # read once per chunk: about 6 times
+    # A break that keeps every total, one in the first chunk and one in the last: the same report.
+    a, b = min(every), max(every)
+    if len({c for c, ids in books.items() if a in ids or b in ids}) == 1:
+        b = max(k for ids in books.values() if a not in ids for k in ids)
+    with swapped_creators(suite, a, b):
+        whole, chunked = reports()
+    assert chunked == whole
+    credit = next(c for c in chunked if c.name == audit.CREDIT_LINE)
+    assert credit.status == FAILED and "credited to another creator than the gift's 2:" in credit.detail, credit

@@ -9,6 +9,7 @@ payout, gifting, the wallet, gifting again, with gifts moving on between the rea
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import pytest
@@ -623,11 +624,22 @@ def test_leaderboards_behind_on_gifts_sent_after_the_first_look_do_not_hold_up_t
 class FakeWindowStub(FakeAuditStub):
     """FakeAuditStub with each record's time: a `since_us` read pages the records at or after it
     in (time, id) order, as the servers do (unless `old`: an older server ignores it, as the
-    paged read by id). Logs every id it hands out, by id or in a window page."""
+    paged read by id), within `after_id` and `up_to` (unless not `bounds`: a server that predates
+    them). Logs every id it hands out, by id or in a window page, and in `paged` those of window
+    pages alone."""
 
-    def __init__(self, records: dict[str, AuditRecord], times: dict[str, int], old: bool, read: list[str]) -> None:
+    def __init__(
+        self,
+        records: dict[str, AuditRecord],
+        times: dict[str, int],
+        old: bool,
+        read: list[str],
+        bounds: bool = True,
+        paged: list[str] | None = None,
+    ) -> None:
         super().__init__(records, old, [])
-        self.times, self.read = times, read
+        self.times, self.read, self.bounds = times, read, bounds
+        self.paged = [] if paged is None else paged
 
     def ListAuditRecords(self, req, timeout):  # type: ignore[no-untyped-def]  # noqa: N802 - the gRPC name
         from livegifts.common.v1 import audit_pb2
@@ -636,18 +648,27 @@ class FakeWindowStub(FakeAuditStub):
             out = super().ListAuditRecords(req, timeout)
             self.read.extend(r.id for r in out.records)
             return out
-        keys = sorted((self.times[k], k) for k in self.records if self.times[k] >= req.since_us)
+        # The servers refuse an empty range (INVALID_ID_RANGE): the CLI never asks for one.
+        assert not (req.after_id and req.up_to) or req.after_id < req.up_to, (req.after_id, req.up_to)
+        keys = sorted(
+            (self.times[k], k)
+            for k in self.records
+            if self.times[k] >= req.since_us
+            and (not self.bounds or ((not req.after_id or k > req.after_id) and (not req.up_to or k <= req.up_to)))
+        )
         if req.page_token:
             t, _, k = req.page_token.partition("/")
             keys = [x for x in keys if x > (int(t), k)]
         page = keys[: req.page_size]
         self.read.extend(k for _, k in page)
+        self.paged.extend(k for _, k in page)
         token = f"{page[-1][0]}/{page[-1][1]}" if len(page) == req.page_size else ""
         return audit_pb2.ListAuditRecordsResponse(
             records=[self.records[k] for _, k in page], next_page_token=token, since_applied=True
         )
 
 
+TimedKind = dict[str, tuple[str, int, int]]  # id -> (status, amount, time)
 timed_kinds = st.dictionaries(
     st.text("0123456789abcdef", min_size=1, max_size=3),
     st.tuples(
@@ -658,15 +679,18 @@ timed_kinds = st.dictionaries(
 
 
 @settings(max_examples=200, deadline=None)
-@given(timed_kinds, timed_kinds, timed_kinds, st.integers(1, 10))
-def test_the_window_judges_every_id_with_a_record_in_it_and_reads_no_other(earned, gifted, spent, since) -> None:  # type: ignore[no-untyped-def]
+@given(timed_kinds, timed_kinds, timed_kinds, st.integers(1, 10), st.booleans())
+def test_the_window_judges_every_id_with_a_record_in_it_and_reads_no_other(
+    earned: TimedKind, gifted: TimedKind, spent: TimedKind, since: int, bounds: bool
+) -> None:
     """`--detail-since`: the ids any service wrote a record for at or after `since` are judged from
-    all three services' records, exactly as the full read judges them; no other id is read."""
+    all three services' records, exactly as the full read judges them; no other id is read. With
+    servers that bound the window's ids (`after_id`, `up_to`) or predate that."""
     as_records = lambda d: {k: AuditRecord(id=k, status=s, amount=a) for k, (s, a, _) in d.items()}  # noqa: E731
     earnings, gifts, spends = as_records(earned), as_records(gifted), as_records(spent)
     read: list[str] = []
     stubs = {
-        name: FakeWindowStub(as_records(d), {k: t for k, (_, _, t) in d.items()}, False, read)
+        name: FakeWindowStub(as_records(d), {k: t for k, (_, _, t) in d.items()}, False, read, bounds)
         for name, d in (("w", spent), ("g", gifted), ("p", earned))
     }
     with pytest.MonkeyPatch.context() as mp:
@@ -766,6 +790,57 @@ def test_breaks_across_the_chunks_of_a_large_window_fail_in_id_order_the_last_on
     failed = (audit.CREDIT_LINE, FAILED, "credited to another creator than the gift's")
     assert dict(findings.counts) == {failed: len(broken)} and findings.shown[failed] == broken[: audit.IDS_SHOWN_MAX]
     assert len(chunks) > 5 and max(c.peak for c in chunks) <= 5
+
+
+def judged_window(ids_max: int, bounds: bool) -> tuple[audit.Findings, int, int, int]:
+    """A window of 3000 gifts, each with a spend, a gift and an earning at its own random time (as
+    event ids are random against time), some credited to another creator, some charged and not
+    yet sent; judged with `ids_max` ids held at a time, from servers that bound the window's ids
+    or predate that. Returns the findings, the ids judged, the records window pages handed out and
+    the most ids held."""
+    rnd = random.Random(7)
+    ids = [f"{rnd.getrandbits(128):032x}" for _ in range(3000)]
+    gifts = {k: AuditRecord(id=k, status="SENT", amount=5, party="alice") for k in ids}
+    spends = {k: AuditRecord(id=k, status="SPENT", amount=5, party="viewer") for k in ids}
+    earnings = {k: AuditRecord(id=k, status="CREDITED", amount=5, party="alice") for k in ids}
+    for k in ids[::97]:
+        earnings[k] = AuditRecord(id=k, status="CREDITED", amount=5, party="bob")
+    for k in ids[5::89]:
+        gifts[k] = AuditRecord(id=k, status="PENDING", amount=5, party="alice")
+        del earnings[k]
+    paged: list[str] = []
+    stubs = {
+        n: FakeWindowStub(recs, {k: rnd.randrange(1, 10**6) for k in recs}, False, [], bounds, paged)
+        for n, recs in (("w", spends), ("g", gifts), ("p", earnings))
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "PAGE_SIZE", 100)
+        mp.setattr(audit.audit_pb2_grpc, "AuditServiceStub", stubs.__getitem__)
+        chunks = held_chunks(mp, ids_max)
+        got = audit._judge_window("w", "g", "p", 1.0, 1)  # type: ignore[arg-type]
+    assert got is not None
+    return got[0], got[1], len(paged), max(c.peak for c in chunks)
+
+
+@pytest.mark.parametrize("bounds", [True, False], ids=["servers bound the ids", "servers predate the bounds"])
+def test_a_window_of_several_chunks_is_read_about_once_and_judged_as_from_one_read(bounds: bool) -> None:
+    """A window of 3000 ids, 1000 held at a time: the verdicts (counts, ids shown, ids in flight)
+    are those of one read of the whole window, and no more than 1000 ids are held. Servers that
+    bound each read to the ids the chunk can still take hand out each record about once (1.3
+    times at most here), not once per chunk (about 4 times); a server that predates the bounds
+    costs that again, with the same verdicts."""
+    want, count, once, _ = judged_window(3000, bounds)
+    pending = len(range(5, 3000, 89))  # gifts not yet sent, so without an earning
+    assert count == 3000 and once == 3 * 3000 - pending  # one pass: every record once
+    got, count, paged, peak = judged_window(1000, bounds)
+    assert count == 3000 and peak <= 1000
+    assert (dict(got.counts), dict(got.shown), got.unsettled) == (dict(want.counts), dict(want.shown), want.unsettled)
+    assert want.counts[(audit.CREDIT_LINE, FAILED, "credited to another creator than the gift's")] == 31
+    assert len(want.unsettled) == pending
+    if bounds:
+        assert paged <= 1.3 * once, paged / once
+    else:
+        assert paged >= 3 * once, paged / once
 
 
 @settings(max_examples=500, deadline=None)
