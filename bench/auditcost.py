@@ -10,7 +10,12 @@ checkpoint. At each checkpoint, once payout has credited every gift, it times:
 - window: `collect(detail=True, since=...)` of the last `--window-s` seconds (when the CLI
   supports it), with `--window-gifts` sent just before it; with `--window-ids-max` at most that
   many of the window's ids held at a time (the audit's WINDOW_IDS_MAX), so a window larger than
-  it is read once per chunk and the cost of those reads shows.
+  it is read a chunk of ids at a time and the cost of those reads shows (each read bounded by id
+  on servers that take `after_id`; the whole window per chunk on older ones). With
+  `--window-compare N`, the same window is then timed N times each of three ways in turn on the
+  same books (fresh suites differ by more than the change): `bounded` (as the CLI reads it),
+  `unbounded` (the id bounds stripped from the requests: each chunk reads the whole window, as
+  before the servers took them) and `whole` (every id held at once).
 
 Bounded: at most `--gifts` gifts and `--time-s` seconds of load; stops what it started and drops
 the databases it created. Usage:
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import shutil
 import signal
@@ -126,6 +132,39 @@ def _settled(suite: Suite, timeout_s: float = 300.0) -> None:
     raise RuntimeError("the books did not settle")
 
 
+class _Unbounded:
+    """The audit's stub without the window's id bounds: the chunked read as before them."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = _STUB(channel)
+
+    def ListAuditRecords(self, req: Any, timeout: float) -> Any:  # noqa: N802 - the gRPC name
+        """The call, with after_id and up_to cleared from a window read."""
+        if req.since_us and not req.ids:
+            req = copy.copy(req)
+            req.ClearField("after_id")
+            req.ClearField("up_to")
+        return self.stub.ListAuditRecords(req, timeout=timeout)
+
+
+_STUB = audit.audit_pb2_grpc.AuditServiceStub
+
+
+def _compare(suite: Suite, since_us: int, rounds: int, ids_max: int) -> None:
+    """Time the window `rounds` times each way in turn (see the module's text), one JSON line each."""
+    for n in range(rounds):
+        for way in ("bounded", "unbounded", "whole"):
+            audit.WINDOW_IDS_MAX = 500_000 if way == "whole" else ids_max
+            audit.audit_pb2_grpc.AuditServiceStub = _Unbounded if way == "unbounded" else _STUB
+            try:
+                took, checks = _timed(suite, detail=True, since_us=since_us)
+            finally:
+                audit.audit_pb2_grpc.AuditServiceStub, audit.WINDOW_IDS_MAX = _STUB, ids_max
+            if any(c.status != OK for c in checks):
+                raise RuntimeError(f"windowed audit not ok: {checks}")
+            print(json.dumps({"round": n, "way": way, "window_s": round(took, 2)}), flush=True)
+
+
 def _timed(suite: Suite, **kw: Any) -> tuple[float, list[Any]]:
     t0 = time.perf_counter()
     t = collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), DEADLINE_S, **kw)
@@ -203,6 +242,10 @@ def measure(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         row["window_s"] = round(took, 2)
                         scope = next(c.detail for c in checks if c.name == CREDIT_LINE)
                         row["window_ids"] = int(scope.split("window: the ")[1].split()[0])
+                        if args.window_compare:
+                            await asyncio.to_thread(
+                                _compare, suite, since_us, args.window_compare, audit.WINDOW_IDS_MAX
+                            )
                     row["per_id_s"] = round(row["detail_s"] - row["totals_s"], 2)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -220,6 +263,9 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=0.0, help="also time a windowed audit of this many s")
     parser.add_argument("--window-gifts", type=int, default=2000, help="gifts sent just before the windowed audit")
     parser.add_argument("--window-ids-max", type=int, default=0, help="window ids held at a time (0: the audit's own)")
+    parser.add_argument(
+        "--window-compare", type=int, default=0, help="then time the window this many rounds: bounded, unbounded, whole"
+    )
     args = parser.parse_args()
     if args.window_ids_max:
         audit.WINDOW_IDS_MAX = args.window_ids_max
