@@ -15,7 +15,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -27,10 +29,13 @@ from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli import audit
 from services.cli.audit import FAILED, OK, check_invariants, collect, wait_until_settled
 from services.cli.suite import Suite
+from services.common.audit import table_query
 from services.common.db import Database
+from services.common.migrate import upgrade_head
 from services.gifting.storage import gift_events
 from services.payout.storage import earnings
 from services.wallet.storage import spends
+from tests.integration import pg
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import buy_coins, live_stream, uid
 
@@ -44,6 +49,8 @@ TIMES: dict[str, tuple[Table, str, str]] = {
     "payout": (earnings, "event_id", "credited_at_us"),
 }
 KINDS = {"wallet": "spends", "gifting": "gifts", "payout": "earnings"}
+WALLET_MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
+KEYS = ["B1", "a1"]  # in code point order; a database collation may sort them the other way
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -334,3 +341,50 @@ def test_a_window_of_several_chunks_is_read_about_once_with_the_verdicts_of_one_
     assert chunked == whole
     credit = next(c for c in chunked if c.name == audit.CREDIT_LINE)
     assert credit.status == FAILED and "credited to another creator than the gift's 2:" in credit.detail, credit
+
+
+@pytest.fixture(params=["sqlite", "en-US"])
+async def spends_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """The wallet's migrated database: SQLite, or PostgreSQL sorting text as people read it
+    ('a1' before 'B1', as the postgres image under docker-compose does; ICU's en-US here)."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
+        await upgrade_head(WALLET_MIGRATIONS, url)
+        db = Database(url, pool_size=1, pool_timeout_s=10, application_name="window-test")
+        try:
+            yield db
+        finally:
+            await db.dispose()
+        return
+    admin = pg.admin_url_or_skip()
+    name = f"lg_en_us_{uuid.uuid4().hex[:12]}"
+    try:
+        pg.create_database(admin, name, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    except Exception as exc:  # noqa: BLE001 - a server without ICU (or before PostgreSQL 15) cannot run this test
+        pytest.skip(f"no ICU collation on this server: {exc!r}")
+    try:
+        url = pg.database_url(admin, name)
+        await upgrade_head(WALLET_MIGRATIONS, url)
+        db = Database(url, pool_size=1, pool_timeout_s=10, application_name="window-test")
+        try:
+            yield db
+        finally:
+            await db.dispose()
+    finally:
+        pg.drop_database(admin, name)
+
+
+async def test_a_windows_id_bounds_compare_by_code_point_whatever_the_collation(spends_db: Database) -> None:
+    """The CLI's chunks are ranges of ids in Python's order (by code point: "B" < "B1" < "a" <
+    "a1"); a database that sorts "a1" before "B1" must still answer the range the CLI asked for,
+    or an id of the window falls between two chunks and is never judged."""
+    rows = [{"idempotency_key": k, "status": "SPENT", "amount": 1, "user_id": "u", "created_at_us": 10} for k in KEYS]
+    async with spends_db.unit_of_work() as uow:
+        await uow.conn.execute(spends.insert(), rows)
+        await uow.commit()
+    query = table_query(
+        spends_db, spends, id_col="idempotency_key", amount_col="amount", party_col="user_id", time_col="created_at_us"
+    )
+    for after_id, up_to, want in (("B", "a", ["B1"]), ("", "a", ["B1"]), ("B1", "", ["a1"]), ("", "", KEYS)):
+        records, _ = await query("", 10, [], up_to, 5, after_id)
+        assert sorted(r.id for r in records) == want, (after_id, up_to)
