@@ -243,10 +243,13 @@ def _keyset_select(
     q = select(table).where(owner)
     if after is not None:
         ts, key = after
+        # The plain bound beside the OR is what the index range starts from: neither PostgreSQL
+        # nor SQLite derives it from the OR, so without it every page read the owner's (the
+        # status's, across creators: every PAID withdrawal) rows before the token, and dropped them.
         if oldest_first:
-            q = q.where(or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
+            q = q.where(ts_col >= ts, or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
         else:
-            q = q.where(or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
+            q = q.where(ts_col <= ts, or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
     order = (ts_col, id_col) if oldest_first else (ts_col.desc(), id_col.desc())
     return q.order_by(*order).limit(limit)
 

@@ -145,7 +145,8 @@ async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldes
     empty_database: str, after: tuple[int, str] | None
 ) -> None:
     """ListWithdrawals without creator_id: one status, oldest first, a page at a time: a range of
-    (status, requested_at_us, withdrawal_id), not every withdrawal of the status read and sorted."""
+    (status, requested_at_us, withdrawal_id), not every withdrawal of the status read and sorted,
+    and a later page starts where its token points, not at the status's oldest row."""
     from services.payout.domain import WithdrawalStatus
     from services.payout.storage import withdrawals
     from services.payout.usecases import _keyset_select, _withdrawals_where
@@ -160,6 +161,16 @@ async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldes
         ),
     )
     assert "ix_withdrawals_status_oldest" in plan, plan
+    if after is not None:
+        assert "requested_at_us" in _index_bound(plan), plan
+
+
+def _index_bound(plan: str) -> str:
+    """What a plan bounds its index range by: PostgreSQL's "Index Cond", SQLite's "(a=? AND b>?)"
+    after USING INDEX (a condition only filtered, row by row, is in neither)."""
+    if "Index Cond:" in plan:
+        return plan.split("Index Cond:", 1)[1].split("Filter:", 1)[0]
+    return plan.split("USING INDEX", 1)[1].split(")", 1)[0]
 
 
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
