@@ -1120,7 +1120,10 @@ class Payout:
                     "withdrawals are held while the balance is negative (clawback)", "BALANCE_NEGATIVE"
                 )
             # The method may have failed verification since the request (the dispatcher would hold
-            # the withdrawal anyway): the operator learns it now, and may reject it instead.
+            # the withdrawal anyway): the operator learns it now, and may reject it instead. Only
+            # for one approving can move: another (approved already, paid, rejected) still answers
+            # INVALID_WITHDRAWAL_TRANSITION, as before, not advice to reject what cannot be.
+            domain.check_transition(WithdrawalStatus(row.status), WithdrawalStatus.APPROVED)
             m = payout_methods.c
             verification = (
                 await uow.conn.execute(select(m.verification).where(m.method_id == row.method_id))

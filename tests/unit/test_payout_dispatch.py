@@ -330,6 +330,22 @@ async def test_an_operator_cannot_approve_a_withdrawal_whose_method_failed_verif
     assert (await payout.get_earnings("creator-a")).diamonds_available == 120_000  # released
 
 
+async def test_approving_a_withdrawal_past_review_whose_method_failed_is_still_an_invalid_transition(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    payout, _provider, _path = setup
+    auto = await approved_withdrawal(payout, "creator-a")  # approved at the request (below review)
+    await fail_verification(payout, auto)
+    # Approving it again (a second operator, a new key): the move it asks for cannot be made, and
+    # "the method is not verified" would send the operator to reject one that may already be paid.
+    with pytest.raises(FailedPrecondition) as refused:
+        await payout.approve_withdrawal(
+            payout_pb2.ApproveWithdrawalRequest(withdrawal_id=auto, idempotency_key=uuid.uuid4().hex), "ops"
+        )
+    assert refused.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
+    assert await status_of(payout, auto) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+
+
 class EligibilityWallet:
     """The wallet's GetAccountRestrictions, from a set of blocked users the test changes."""
 
