@@ -150,6 +150,23 @@ async def approved_withdrawal(payout: Payout, creator: str, domain: str = "examp
     return wd.withdrawal_id
 
 
+async def reviewed_withdrawal(payout: Payout, creator: str) -> payout_pb2.Withdrawal:
+    """Credit `creator` 120,000 diamonds and request a $600 withdrawal, above the $500 review threshold."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event(creator, 240_000)])
+        await uow.commit()
+    wd = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id=creator,
+            diamonds=120_000,
+            method_id=await verified_method(payout, creator),
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    return wd
+
+
 def set_available(path: Path, creator: str, diamonds: int) -> None:
     """Another transaction commits a balance (a clawback, or its repayment), outside the dispatcher's."""
     with sqlite3.connect(path) as conn:
@@ -230,18 +247,7 @@ async def test_an_operator_cannot_approve_a_reviewed_withdrawal_while_a_clawback
     setup,
 ) -> None:
     payout, _provider, path = setup
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
-        await uow.commit()
-    wd = await payout.request_withdrawal(
-        payout_pb2.RequestWithdrawalRequest(
-            creator_id="creator-a",
-            diamonds=120_000,
-            method_id=await verified_method(payout, "creator-a"),
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
-    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    wd = await reviewed_withdrawal(payout, "creator-a")  # 120,000 diamonds = $600
 
     def approve() -> payout_pb2.ApproveWithdrawalRequest:
         return payout_pb2.ApproveWithdrawalRequest(withdrawal_id=wd.withdrawal_id, idempotency_key=uuid.uuid4().hex)
@@ -299,18 +305,7 @@ async def test_an_operator_cannot_approve_a_withdrawal_whose_method_failed_verif
     setup,
 ) -> None:
     payout, _provider, _path = setup
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
-        await uow.commit()
-    wd = await payout.request_withdrawal(
-        payout_pb2.RequestWithdrawalRequest(
-            creator_id="creator-a",
-            diamonds=120_000,
-            method_id=await verified_method(payout, "creator-a"),
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
-    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
+    wd = await reviewed_withdrawal(payout, "creator-a")  # 120,000 diamonds = $600
     await fail_verification(payout, wd.withdrawal_id)
 
     with pytest.raises(FailedPrecondition) as refused:
@@ -421,17 +416,7 @@ def waiting(metric: str, status: str) -> float:
 
 async def test_withdrawals_waiting_for_review_or_held_approved_are_counted_with_their_age(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, path = setup
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event("creator-a", 240_000)])  # 120,000 diamonds = $600
-        await uow.commit()
-    review = await payout.request_withdrawal(
-        payout_pb2.RequestWithdrawalRequest(
-            creator_id="creator-a",
-            diamonds=120_000,
-            method_id=await verified_method(payout, "creator-a"),
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    review = await reviewed_withdrawal(payout, "creator-a")  # 120,000 diamonds = $600
     held = await approved_withdrawal(payout, "creator-b")
     set_available(path, "creator-b", -1)  # a clawback holds it, APPROVED, its diamonds held
     with sqlite3.connect(path) as conn:  # requested (and approved) two days ago
