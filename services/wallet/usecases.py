@@ -622,11 +622,14 @@ class Wallet:
             raise InvalidArgument(f"page_size must be 1..{PAGE_SIZE_MAX}", "INVALID_PAGE_SIZE")
         before = None
         if req.page_token:
-            try:
-                before = int(req.page_token)
-            except ValueError:
-                raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
-            if not 0 < before <= INT64_MAX:  # a bigint column: anything else is not a token we gave
+            # Only the form next_page_token has (a posting id in ASCII digits): int() alone also
+            # takes " 5", "+7", "5_0" and other scripts' digits, tokens we never gave that would
+            # still set where the page starts.
+            token = req.page_token
+            if not (token.isascii() and token.isdigit() and len(token) <= len(str(INT64_MAX))):
+                raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
+            before = int(token)
+            if not 0 < before <= INT64_MAX or token != str(before):  # a bigint column; "05" is no token we gave
                 raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
         p, j = postings.c, journal_entries.c
         q = (
