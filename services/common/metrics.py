@@ -64,6 +64,14 @@ LATE_PAYMENT_FAILURES = Counter(
     "Failure callbacks accepted without effect: the purchase was no longer PENDING (wallet)",
     ["status"],
 )
+# Wallet: purchases a success callback credited to a buyer who may not buy now (blocked, or under
+# age, since the purchase was created): the money was taken, so the coins are credited (they
+# cannot be spent), and trust and safety refunds the payment; by reason (ACCOUNT_BLOCKED, UNDERAGE).
+PURCHASES_CREDITED_RESTRICTED = Counter(
+    "livegifts_purchases_credited_restricted_total",
+    "Purchases credited to a buyer who may not buy now (blocked or under age), by reason (wallet)",
+    ["reason"],
+)
 # Wallet and payout: signed provider callbacks refused because their event id was recorded
 # for another purchase or withdrawal (a provider bug; PROVIDER_EVENT_ID_REUSED).
 PROVIDER_EVENT_IDS_REUSED = Counter(

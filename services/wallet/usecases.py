@@ -31,7 +31,11 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.metrics import LATE_PAYMENT_FAILURES, PURCHASES_SUCCEEDED_AFTER_FAILURE
+from services.common.metrics import (
+    LATE_PAYMENT_FAILURES,
+    PURCHASES_CREDITED_RESTRICTED,
+    PURCHASES_SUCCEEDED_AFTER_FAILURE,
+)
 from services.common.outbox import Outbox, new_event_id
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
@@ -95,6 +99,9 @@ PROVIDER_CALLS = ("create_checkout",)
 for _status in PurchaseStatus:
     if _status is not PurchaseStatus.PENDING:
         LATE_PAYMENT_FAILURES.labels(status=_status.value)
+RESTRICTION_REASONS = ("ACCOUNT_BLOCKED", "UNDERAGE")  # check_may_transact's reasons
+for _reason in RESTRICTION_REASONS:
+    PURCHASES_CREDITED_RESTRICTED.labels(reason=_reason)
 
 
 @dataclass
@@ -424,6 +431,7 @@ class Wallet:
                     )
                     uow.after_commit(PURCHASES_SUCCEEDED_AFTER_FAILURE.inc)
                 await self._ensure_account(uow, row.user_id)
+                await self._flag_restricted_buyer(uow, row, event)
                 _entry, after = await self._post(
                     uow, "PURCHASE", row.purchase_id, domain.purchase_postings(row.user_id, row.coins)
                 )
@@ -489,6 +497,35 @@ class Wallet:
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
+
+    async def _flag_restricted_buyer(self, uow: UnitOfWork, row: Any, event: ProviderEvent) -> None:
+        """Log and count a success credited to a buyer who may not buy now (blocked or under age).
+
+        Choices: A) refuse the callback: the provider retries it for days while the money is
+        taken and no coins show; B) credit it, as the money arrived, and tell trust and safety,
+        who refund it (the refund takes the coins back). B: the coins cannot be spent while the
+        restriction stands (every spend checks it), and without this nothing said that money was
+        taken from a minor or a blocked account since its purchase was created.
+        """
+        try:
+            await self._check_may_transact(uow, row.user_id)
+        except FailedPrecondition as exc:
+            reason = exc.reason
+            fields = {
+                "purchase_id": row.purchase_id,
+                "user_id": row.user_id,
+                "reason": reason,
+                "provider_event_id": event.provider_event_id,
+                "amount_minor": row.amount_minor,
+                "currency_code": row.currency_code,
+            }
+
+            def flag() -> None:
+                # Once committed: a retried or rolled-back callback is not flagged twice.
+                log.warning("purchase credited to a buyer who may not buy now; refund it", extra=fields)
+                PURCHASES_CREDITED_RESTRICTED.labels(reason=reason).inc()
+
+            uow.after_commit(flag)
 
     async def _event_recorded_for(self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent) -> str | None:
         """The purchase this provider event id was recorded for, or None if it is new."""

@@ -28,6 +28,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         "livegifts_late_payment_failures_total": [
             {"status": s} for s in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
         ],
+        "livegifts_purchases_credited_restricted_total": [{"reason": r} for r in wallet.RESTRICTION_REASONS],
     },
     "payout": {
         "livegifts_provider_call_failures_total": [

@@ -266,3 +266,54 @@ async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wa
             await buying
     assert refused.value.reason == "ACCOUNT_BLOCKED"
     assert (await _rows(wallet))[:2] == (0, 0)
+
+
+# ---- a success for a buyer restricted since the purchase was created -----------------------
+
+
+@pytest.mark.parametrize(
+    ("restriction", "reason"),
+    [({"blocked": True}, "ACCOUNT_BLOCKED"), ({"birth_date": "2015-01-01"}, "UNDERAGE")],
+)
+async def test_a_success_for_a_buyer_restricted_since_checkout_is_credited_logged_and_counted_for_a_refund(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    restriction: dict,  # type: ignore[type-arg]
+    reason: str,
+) -> None:
+    # The money was taken, so the coins are credited (they cannot be spent); nothing said so, and
+    # trust and safety never learned that a minor's or a blocked account's payment needs a refund.
+    purchase = await wallet.create_purchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id="u",
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    await wallet.set_restrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id="u", idempotency_key=uuid.uuid4().hex, **restriction)
+    )
+    counted = REGISTRY.get_sample_value("livegifts_purchases_credited_restricted_total", {"reason": reason}) or 0.0
+    payload = dev_event_payload(uuid.uuid4().hex, "payment.succeeded", purchase.purchase_id, 99, "USD")
+    request = wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+    )
+    with caplog.at_level("WARNING", logger="services.wallet.usecases"):
+        answer = await wallet.handle_payment_event(request)
+        await wallet.handle_payment_event(request)  # the provider's retry: a duplicate, not flagged again
+    assert answer.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    assert (await wallet.get_balance("u")).coins == 70
+    flagged = [r for r in caplog.records if "may not buy now" in r.getMessage()]
+    assert [(r.purchase_id, r.reason) for r in flagged] == [(purchase.purchase_id, reason)]  # type: ignore[attr-defined]
+    assert REGISTRY.get_sample_value("livegifts_purchases_credited_restricted_total", {"reason": reason}) == counted + 1
+
+
+async def test_a_success_for_a_buyer_who_may_buy_is_not_flagged(
+    wallet: Wallet,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="services.wallet.usecases"):
+        await buy(wallet, "u")
+    assert not [r for r in caplog.records if "may not buy now" in r.getMessage()]
