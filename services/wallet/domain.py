@@ -93,6 +93,18 @@ def check_transition(current: PurchaseStatus, target: PurchaseStatus) -> None:
         )
 
 
+# The kinds of journal entries, as ListTransactions shows them (wallet.proto, README "Balance and
+# history"): spelled out for the docs, and held here to the kinds the wallet writes.
+ENTRY_KINDS = ("PURCHASE", "SPEND_GIFT", "SPEND_TIP", "SPEND_UNLOCK", "REVERSAL_REFUNDED", "REVERSAL_CHARGED_BACK")
+check(
+    set(ENTRY_KINDS)
+    == {"PURCHASE"}
+    | {f"SPEND_{r.value}" for r in SpendReason}
+    | {f"REVERSAL_{s.value}" for s in TRANSITIONS[PurchaseStatus.SUCCEEDED]},
+    "ENTRY_KINDS lists every kind of entry the wallet writes",
+)
+
+
 @dataclass(frozen=True)
 class Posting:
     """One leg of a journal entry."""
