@@ -73,7 +73,7 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
     async def SetSpendingLimits(self, request: wallet_pb2.SetSpendingLimitsRequest, context: Any) -> Any:
         """A user's own caps, or (with the operator token) an operator's caps on a user."""
         if request.set_by == wallet_pb2.LIMIT_SETTER_OPERATOR:
-            self.auth.require(context)
+            return await self.w.set_spending_limits(request, self.auth.require(context))
         return await self.w.set_spending_limits(request)
 
     async def GetSpendingLimits(self, request: wallet_pb2.GetSpendingLimitsRequest, context: Any) -> Any:

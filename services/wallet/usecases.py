@@ -769,9 +769,17 @@ class Wallet:
 
     @answers_retry(common.idempotency, "SetSpendingLimits", wallet_pb2.SpendingLimits)
     async def set_spending_limits(
-        self, req: wallet_pb2.SetSpendingLimitsRequest, *, idem: IdempotentCall[wallet_pb2.SpendingLimits]
+        self,
+        req: wallet_pb2.SetSpendingLimitsRequest,
+        operator: str = "",
+        *,
+        idem: IdempotentCall[wallet_pb2.SpendingLimits],
     ) -> wallet_pb2.SpendingLimits:
-        """Change a user's or an operator's caps: lower at once, higher after the cooling-off period."""
+        """Change a user's or an operator's caps: lower at once, higher after the cooling-off period.
+
+        `operator` is who set an operator's caps (the token's x-operator), logged with the change:
+        a guardian's or support's cap on a user is a decision someone must be able to trace.
+        """
         require_id(req.user_id, "user_id")
         setter = _SETTERS.get(req.set_by)
         if setter is None:
@@ -814,6 +822,14 @@ class Wallet:
                         pending_limit_coins=new.pending_limit,
                         pending_at_us=new.pending_at_us,
                         updated_at_us=now,
+                    )
+                )
+            if setter == OPERATOR:
+                changed = {p.value: v or 0 for p, v in requested.items()}
+                uow.after_commit(
+                    lambda: log.info(
+                        "spending limits set by an operator",
+                        extra={"operator": operator, "user_id": req.user_id, "limits_coins": changed},
                     )
                 )
             return await self._limits_pb(uow, req.user_id, now)

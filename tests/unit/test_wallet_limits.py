@@ -110,3 +110,24 @@ async def test_a_user_who_never_bought_has_0_coins_and_is_refused_as_short_of_th
     (refused,) = await wallet.spending.run([gift("newcomer", 5)], settle_refusals=False)
     assert isinstance(refused, DomainError)
     assert (refused.reason, refused.metadata) == ("INSUFFICIENT_COINS", {"balance": "0", "required": "5"})
+
+
+async def test_an_operators_cap_on_a_user_is_logged_with_who_set_it_once(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # README says x-operator is recorded for operator-set limits; the wallet dropped it, so a
+    # guardian's or support's cap on a user could not be traced to anyone.
+    req = wallet_pb2.SetSpendingLimitsRequest(
+        user_id="viewer", weekly=500, set_by=wallet_pb2.LIMIT_SETTER_OPERATOR, idempotency_key=uuid.uuid4().hex
+    )
+    with caplog.at_level("INFO", logger="services.wallet.usecases"):
+        await wallet.set_spending_limits(req, "support-7")
+        await wallet.set_spending_limits(req, "support-7")  # a retry: answered from its record, not logged again
+        await wallet.set_spending_limits(
+            wallet_pb2.SetSpendingLimitsRequest(user_id="viewer", daily=50, idempotency_key=uuid.uuid4().hex)
+        )  # the user's own cap names no operator
+    logged = [r for r in caplog.records if r.getMessage() == "spending limits set by an operator"]
+    assert [(r.operator, r.user_id, r.limits_coins) for r in logged] == [  # type: ignore[attr-defined]
+        ("support-7", "viewer", {"WEEK": 500})
+    ]
