@@ -825,11 +825,12 @@ class Wallet:
                     )
                 )
             if setter == OPERATOR:
-                changed = {p.value: v or 0 for p, v in requested.items()}
+                # One field per period set (0: the cap removed), e.g. weekly_limit_coins=500.
+                changed = {f"{_PERIOD_FIELDS[p]}_limit_coins": v or 0 for p, v in requested.items()}
                 uow.after_commit(
                     lambda: log.info(
                         "spending limits set by an operator",
-                        extra={"operator": operator, "user_id": req.user_id, "limits_coins": changed},
+                        extra={"operator": operator, "user_id": req.user_id, **changed},
                     )
                 )
             return await self._limits_pb(uow, req.user_id, now)

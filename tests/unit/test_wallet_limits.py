@@ -128,6 +128,7 @@ async def test_an_operators_cap_on_a_user_is_logged_with_who_set_it_once(  # noq
             wallet_pb2.SetSpendingLimitsRequest(user_id="viewer", daily=50, idempotency_key=uuid.uuid4().hex)
         )  # the user's own cap names no operator
     logged = [r for r in caplog.records if r.getMessage() == "spending limits set by an operator"]
-    assert [(r.operator, r.user_id, r.limits_coins) for r in logged] == [  # type: ignore[attr-defined]
-        ("support-7", "viewer", {"WEEK": 500})
+    assert [(r.operator, r.user_id, r.weekly_limit_coins) for r in logged] == [  # type: ignore[attr-defined]
+        ("support-7", "viewer", 500)
     ]
+    assert not hasattr(logged[0], "daily_limit_coins")  # only the periods the request set
