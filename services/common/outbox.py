@@ -220,7 +220,7 @@ class OutboxRelay:
         self._held_left = select(t.c.id).where(t.c.published_at_us.is_(None), one_of_array(db.dialect, t.c.id, "held"))
         self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
         # Rows whose event is larger than the server takes (a producer bug), by id: their size.
-        # At most RELAY_HELD_MAX (`_hold`).
+        # At most RELAY_HELD_MAX (`_hold`), and those the last pass sent, until the next read.
         self._held: dict[int, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -356,11 +356,14 @@ class OutboxRelay:
         """
         held = 0
         refused = []
+        # Held rows acked in this pass (a larger max_payload took them) are let go at the next
+        # read; they hold no place now (else a row oversized in this pass was refused for them).
+        gone = sum(1 for row_id in acked if row_id in self._held)
         for r, res in zip(rows, results, strict=True):
             if not isinstance(res, OversizedEventError):
                 continue
             if r.id not in self._held:
-                if len(self._held) >= self.held_max:
+                if len(self._held) - gone >= self.held_max:
                     refused.append(r)
                     continue
                 log.error(
@@ -374,8 +377,7 @@ class OutboxRelay:
                 "outbox relay holds RELAY_HELD_MAX events larger than NATS takes; more fail its passes",
                 extra={"held_max": self.held_max, "not_held": len(refused), "event_id": refused[0].event_id},
             )
-        # Held rows acked in this pass (a larger max_payload took them) are let go at the next read.
-        OUTBOX_HELD.set(len(self._held) - sum(1 for row_id in acked if row_id in self._held))
+        OUTBOX_HELD.set(len(self._held) - gone)
         return held
 
     async def _measure_backlog(self) -> None:

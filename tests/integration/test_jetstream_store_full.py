@@ -292,3 +292,35 @@ async def test_the_relays_read_past_held_rows_looks_each_row_up_in_a_hash_of_the
         await raw.execute("DEALLOCATE past_held")
         await raw.execute("RESET plan_cache_mode")
     assert "hashed SubPlan" in plan and "<> ALL" not in plan, plan
+
+
+async def test_a_held_row_sent_in_a_pass_makes_room_for_an_oversized_row_of_that_same_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At RELAY_HELD_MAX, a pass whose larger max_payload takes a held row (acked, let go at the
+    next read) and meets a new oversized row: that row fitted under the limit, yet was refused,
+    and the pass failed (a backoff, an ERROR line, a publish error)."""
+    async with _small_server(tmp_path, relay_held_max=1) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        limit = nc._max_payload
+        try:
+            nc._max_payload = PAYLOAD_BYTES_MAX // 2  # lowered since
+            await _add_raw(h, "oversized-0", b"x" * (PAYLOAD_BYTES_MAX * 5 // 8))
+            assert await h.relay.relay_once() == 0
+            assert _held() == 1
+            nc._max_payload = PAYLOAD_BYTES_MAX * 3 // 4  # raised: oversized-0 fits, a larger one does not
+            await _add_raw(h, "oversized-1", b"x" * (PAYLOAD_BYTES_MAX * 7 // 8))
+            errors = _publish_errors()
+            with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
+                assert await h.relay.relay_once() == 1, "oversized-0 goes and the pass does not fail"
+            assert _publish_errors() == errors
+            assert not [r for r in caplog.records if r.message.startswith("outbox relay holds RELAY_HELD_MAX")]
+            assert _held() == 1, "oversized-1 is held in oversized-0's place"
+            later = await h.add_events(2)
+            assert await h.relay.relay_once() == 2
+            assert (await h.stored_ids())[-2:] == later
+        finally:
+            nc._max_payload = limit
+        assert await h.relay.relay_once() == 1
+        assert _held() == 0 and await h.unpublished() == 0
