@@ -17,8 +17,8 @@ OUTBOX_OLDEST = Gauge(
 )
 OUTBOX_HELD = Gauge(
     "livegifts_outbox_held_events",
-    "Outbox rows this relay holds unsent because they are larger than the NATS servers' max_payload (a producer bug);"
-    " at most RELAY_HELD_MAX",
+    "Outbox rows this relay holds unsent because they are larger than the NATS servers' max_payload (a producer bug):"
+    " by id up to RELAY_HELD_MAX, then also those whose payload alone is larger, counted",
 )
 STREAMS_RECREATED = Counter(
     "livegifts_streams_recreated_total",

@@ -27,7 +27,7 @@ import nats.errors
 from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
-from sqlalchemy import Table, delete, func, not_, select
+from sqlalchemy import Integer, Table, bindparam, delete, func, not_, select
 
 from services.common import faults
 from services.common.bus import Bus, is_stream_missing, message_bytes, stream_of
@@ -61,6 +61,14 @@ ERR_BATCH_NEVER = {10174, 10177, 10199}
 BATCH_HEADERS_MAX = {"Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": str(ATOMIC_BATCH_MAX), "Nats-Batch-Commit": "1"}
 _ID_ONLY = {"Nats-Msg-Id": ""}
 BATCH_HEADERS_BYTES = message_bytes(b"", _ID_ONLY | BATCH_HEADERS_MAX) - message_bytes(b"", _ID_ONLY)  # 98
+# What the relay's sizing (`_publish`) adds to any row's payload at the least: the header block
+# with Nats-Msg-Id (an empty id), and the batch headers. A row whose payload is over max_payload
+# less this is refused whatever its headers (`OutboxRelay._read` past RELAY_HELD_MAX): every
+# header a publish carries (stored, a publish span's trace context, the event id) only adds to
+# it. The stored headers are not counted: their JSON can be longer than their wire form
+# (`"k": "v", ` against `k: v\r\n`, escapes), so its length bounds nothing. A row its headers
+# take over is found at its publish, as before (`_hold`).
+WIRE_BYTES_MIN = message_bytes(b"", _ID_ONLY) + BATCH_HEADERS_BYTES  # 125
 
 
 class OversizedEventError(nats.errors.MaxPayloadError):
@@ -218,10 +226,23 @@ class OutboxRelay:
         self._unsent_past_held = self._unsent.where(not_(one_of_array(db.dialect, t.c.id, "held")))
         self._claim_past_held = None if db.sqlite else self._unsent_past_held.with_for_update()
         self._held_left = select(t.c.id).where(t.c.published_at_us.is_(None), one_of_array(db.dialect, t.c.id, "held"))
+        # Past RELAY_HELD_MAX (`_hold`), the reads also pass every row whose payload alone is too
+        # large. length() is in bytes on both sides for the payload's type (PostgreSQL's bytea, as
+        # octet_length, read from the value's header without detoasting it; SQLite's BLOB, without
+        # reading its pages): a check of each row the read passes, in id order, as the held ids.
+        too_large = func.length(t.c.payload) > bindparam("room", type_=Integer)
+        self._unsent_fitting = self._unsent_past_held.where(not_(too_large))
+        self._claim_fitting = None if db.sqlite else self._unsent_fitting.with_for_update()
+        self._too_large = select(func.count()).select_from(t).where(t.c.published_at_us.is_(None), too_large)
         self._delete_sent = delete(t).where(one_of_param(db.dialect, t.c.id, "ids"))
-        # Rows whose event is larger than the server takes (a producer bug), by id: their size.
-        # At most RELAY_HELD_MAX (`_hold`), and those the last pass sent, until the next read.
-        self._held: dict[int, int] = {}
+        # Rows whose event is larger than the server takes (a producer bug), by id: their size on
+        # the wire and their payload's. At most RELAY_HELD_MAX (`_hold`), and those the last pass
+        # sent, until the next read.
+        self._held: dict[int, tuple[int, int]] = {}
+        # Past RELAY_HELD_MAX: the reads pass the rows too large by their payload (`_hold`), and
+        # how many there were when last counted.
+        self._skipping = False
+        self._skipped = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
@@ -278,16 +299,19 @@ class OutboxRelay:
                     await self._delete(uow, acked)
         for subject, n in Counter(r.subject for r in rows if r.id in acked).items():
             OUTBOX_PUBLISHED.labels(subject).inc(n)
-        held = self._hold(rows, results, acked)
-        failed = len(rows) - len(acked) - held
+        skipping = self._skipping
+        kept = self._hold(rows, results, acked)
+        switched = self._skipping and not skipping
+        if switched or (self._skipping and len(rows) < self.batch_size_max):
+            await self._count_skipped(switched)
+        OUTBOX_HELD.set(len(self._held) - sum(1 for row_id in acked if row_id in self._held) + self._skipped)
+        failed = len(rows) - len(acked) - len(kept)
         OUTBOX_PENDING.set(failed)
         if not failed and len(rows) < self.batch_size_max:
             OUTBOX_OLDEST.set(0)  # the read found every waiting row (but those held), and all of them went
         if failed:
             first = next(
-                res
-                for r, res in zip(rows, results, strict=True)
-                if isinstance(res, BaseException) and not (isinstance(res, OversizedEventError) and r.id in self._held)
+                res for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException) and r.id not in kept
             )
             await self._restore_missing_streams(rows, results)
             raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
@@ -332,15 +356,40 @@ class OutboxRelay:
             # gauge, and its alert, stayed up until it restarted).
             left = (await uow.conn.execute(self._held_left, {"held": list(self._held)})).scalars()
             self._held = {row_id: self._held[row_id] for row_id in left}
-        held = [row_id for row_id, size in self._held.items() if size > limit]
+        held = [row_id for row_id, (size, _payload) in self._held.items() if size > limit]
+        if self._skipping:
+            # The held ids are those the size filter does not pass (a lower limit may have made one so).
+            room = limit - WIRE_BYTES_MIN
+            self._held = {row_id: sizes for row_id, sizes in self._held.items() if sizes[1] <= room}
+            held = [row_id for row_id, (size, _payload) in self._held.items() if size > limit]
+            stmt = self._claim_fitting if claim else self._unsent_fitting
+            return list((await uow.conn.execute(stmt, {"held": held, "room": room})).all())
         if not held:
             return list((await uow.conn.execute(self._claim if claim else self._unsent)).all())
         stmt = self._claim_past_held if claim else self._unsent_past_held
         return list((await uow.conn.execute(stmt, {"held": held})).all())
 
-    def _hold(self, rows: list[Any], results: list[Any], acked: set[int]) -> int:
-        """Keep the rows whose event is larger than the server takes out of the next reads, at most
-        RELAY_HELD_MAX of them; each logged and counted once. Returns how many of `rows` are held.
+    async def _count_skipped(self, switched: bool) -> None:
+        """Count the rows the reads pass for their payload's size (past RELAY_HELD_MAX): when the
+        relay starts passing them (logged), and after a read that found every waiting row, so the
+        count scans no more of the table than that read did (a full batch may have stopped short
+        of a large backlog). None left: the reads take them again."""
+        check(self.bus.nc is not None, "self.bus.nc is not None")
+        room = self.bus.nc.max_payload - WIRE_BYTES_MIN
+        async with self.db.unit_of_work(readonly=True) as uow:
+            self._skipped = int((await uow.conn.execute(self._too_large, {"room": room})).scalar_one())
+        if switched:
+            log.error(
+                "outbox relay holds RELAY_HELD_MAX events larger than NATS takes; now reads past each one"
+                " too large by its payload alone",
+                extra={"held_max": self.held_max, "skipped": self._skipped, "max_payload": room + WIRE_BYTES_MIN},
+            )
+        elif self._skipped == 0:
+            self._skipping = False
+
+    def _hold(self, rows: list[Any], results: list[Any], acked: set[int]) -> set[int]:
+        """Keep the rows whose event is larger than the server takes out of the next reads, each
+        logged and counted once. Returns the ids of `rows` so kept (their refusal fails no pass).
 
         They stay unsent in the table, where the audit sees them in flight: a producer bug to fix
         (the suite's events fit EVENT_BYTES_MAX, which a service checks at connect), or a server
@@ -350,17 +399,35 @@ class OutboxRelay:
         event would be gone for good); C) hold it and publish the rest. We take C. A held row goes
         once a connection's max_payload takes it (a restart, or a reconnect to a larger server).
 
-        Each held id is read again at every pass (`_read`), so they are bounded: beyond
-        RELAY_HELD_MAX an oversized row is not held but fails the pass, as in A: the relay goes
-        on, a batch per backoff, with one ERROR line per pass naming the limit.
+        Held ids are read past at every pass (`_read`), so at most RELAY_HELD_MAX are kept. Beyond
+        them, choices: A) fail the pass, as above (the oldest rows come first in every read: once a
+        batch of them waited, the relay sent nothing at all); B) a cursor past them (a row
+        committed late, with a lower id, would be skipped for good); C) no more ids: the reads also
+        pass every row whose payload alone is too large (`WIRE_BYTES_MIN`), a check of the row
+        each read already looks at, and the gauge counts them (`_count_skipped`). We take C. The
+        held ids are then those too large with their headers only (a payload within a few KB of
+        the limit); beyond RELAY_HELD_MAX of those, a row fails the pass as in A. The relay leaves
+        this mode once no row is too large by its payload.
         """
-        held = 0
+        kept: set[int] = set()
         refused = []
+        oversized = [(r, res) for r, res in zip(rows, results, strict=True) if isinstance(res, OversizedEventError)]
+        if not oversized:
+            return kept
+        room = oversized[0][1].limit - WIRE_BYTES_MIN
         # Held rows acked in this pass (a larger max_payload took them) are let go at the next
         # read; they hold no place now (else a row oversized in this pass was refused for them).
         gone = sum(1 for row_id in acked if row_id in self._held)
-        for r, res in zip(rows, results, strict=True):
-            if not isinstance(res, OversizedEventError):
+        if not self._skipping:
+            new = sum(1 for r, _res in oversized if r.id not in self._held)
+            if len(self._held) - gone + new > self.held_max and any(len(r.payload) > room for r, _res in oversized):
+                self._skipping = True
+                self._held = {i: sizes for i, sizes in self._held.items() if sizes[1] <= room}
+                gone = sum(1 for row_id in acked if row_id in self._held)
+        for r, res in oversized:
+            if self._skipping and len(r.payload) > room:
+                self._held.pop(r.id, None)  # the reads pass it by its size now
+                kept.add(r.id)
                 continue
             if r.id not in self._held:
                 if len(self._held) - gone >= self.held_max:
@@ -370,15 +437,14 @@ class OutboxRelay:
                     "outbox event larger than NATS takes; kept in the outbox, the others go on",
                     extra={"event_id": r.event_id, "subject": r.subject, "bytes": res.size, "max_payload": res.limit},
                 )
-            self._held[r.id] = res.size
-            held += 1
+            self._held[r.id] = (res.size, len(r.payload))
+            kept.add(r.id)
         if refused:
             log.error(
                 "outbox relay holds RELAY_HELD_MAX events larger than NATS takes; more fail its passes",
                 extra={"held_max": self.held_max, "not_held": len(refused), "event_id": refused[0].event_id},
             )
-        OUTBOX_HELD.set(len(self._held) - gone)
-        return held
+        return kept
 
     async def _measure_backlog(self) -> None:
         """The backlog's age without publishing: the oldest unsent row's."""

@@ -31,7 +31,7 @@ from sqlalchemy.util import await_
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database
-from services.common.outbox import Outbox, OutboxRelay
+from services.common.outbox import WIRE_BYTES_MIN, Outbox, OutboxRelay
 from services.common.tables import add_common_tables
 from tests.integration import pg
 from tests.integration.helpers import eventually, nats_server
@@ -111,21 +111,28 @@ async def test_a_full_jetstream_store_keeps_events_in_the_outbox_without_a_busy_
         assert await h.stored_ids() == first + later, "each event once, in order"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def small(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Harness]:
-    """`_small_server` on SQLite, and on a PostgreSQL database of its own (skipped without one)."""
-    if request.param == "sqlite":
-        async with _small_server(tmp_path) as h:
+@contextlib.asynccontextmanager
+async def _small_on(db: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[_Harness]:
+    """`_small_server` on SQLite or on a PostgreSQL database of its own (skipped without one)."""
+    if db == "sqlite":
+        async with _small_server(tmp_path, **overrides) as h:
             yield h
         return
     admin = pg.admin_url_or_skip()
     name = f"lg_payload_{uuid.uuid4().hex[:12]}"
     pg.create_database(admin, name)
     try:
-        async with _small_server(tmp_path, pg.database_url(admin, name)) as h:
+        async with _small_server(tmp_path, pg.database_url(admin, name), **overrides) as h:
             yield h
     finally:
         pg.drop_database(admin, name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def small(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Harness]:
+    """`_small_server` on SQLite, and on a PostgreSQL database of its own (skipped without one)."""
+    async with _small_on(request.param, tmp_path) as h:
+        yield h
 
 
 async def _add_raw(h: _Harness, event_id: str, payload: bytes, headers: str = "{}") -> None:
@@ -239,16 +246,18 @@ async def test_more_held_events_than_sqlite_binds_parameters_are_held_and_the_ot
 async def test_beyond_relay_held_max_an_oversized_event_fails_the_pass_and_the_others_still_go(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """RELAY_HELD_MAX bounds the held ids each pass reads past: one more oversized row is not
-    held but fails the pass (backoff, LivegiftsOutboxNotPublishing), and the events beside it go."""
+    """RELAY_HELD_MAX bounds the held ids each pass reads past: one more row too large with its
+    headers (its payload alone fits, so the reads do not pass it by size) is not held but fails
+    the pass (backoff, LivegiftsOutboxNotPublishing), and the events beside it go."""
     async with _small_server(tmp_path, relay_held_max=3) as h:
         nc = h.bus.nc
         assert nc is not None
         limit = nc._max_payload
         nc._max_payload = PAYLOAD_BYTES_MAX // 2  # a server whose max_payload was lowered since
         before = await h.add_events(2)
+        traced = json.dumps({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"})
         for i in range(5):
-            await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+            await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX // 2 - WIRE_BYTES_MIN), traced)
         after = await h.add_events(2)
         with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
             with pytest.raises(RuntimeError, match="2 of 9 publishes failed: nats: maximum payload exceeded"):
@@ -294,6 +303,39 @@ async def test_the_relays_read_past_held_rows_looks_each_row_up_in_a_hash_of_the
     assert "hashed SubPlan" in plan and "<> ALL" not in plan, plan
 
 
+async def test_past_relay_held_max_the_relays_read_walks_the_outbox_in_id_order_and_stops_at_its_batch(
+    small: _Harness,
+) -> None:
+    """Past RELAY_HELD_MAX each read also passes the rows too large by their payload: a filter on
+    each row of the walk in id order, as the held ids. A plan that sorted the outbox (or scanned
+    it whole) before its LIMIT would read a large backlog whole at every pass."""
+    h = small
+    if h.db.sqlite:
+        async with h.db.engine.connect() as conn:
+            stmt = h.relay._unsent_fitting.compile(dialect=conn.dialect)
+            values = {**stmt.params, "held": "[1, 2]", "room": 1000}
+            params = tuple(values[name] for name in stmt.positiontup or ())
+            plan = " / ".join(r[-1] for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {stmt}", params))
+        assert "SCAN outbox" in plan and "LIST SUBQUERY" in plan and "B-TREE" not in plan, plan
+        return
+    async with h.db.engine.connect() as conn:
+        stmt = h.relay._claim_fitting
+        assert stmt is not None
+        sql = str(stmt.compile(dialect=conn.dialect))
+        raw = (await conn.get_raw_connection()).driver_connection
+        await raw.execute(
+            "INSERT INTO outbox (event_id, subject, payload, headers, created_at_us)"
+            " SELECT g::text, 'gifting.gift.sent', '\\x00', '{}', 0 FROM generate_series(1, 50000) g"
+        )
+        await raw.execute("ANALYZE outbox")
+        await raw.execute("SET plan_cache_mode = force_generic_plan")
+        await raw.execute(f"PREPARE fitting AS {sql}")
+        plan = " / ".join(r[0] for r in await raw.fetch("EXPLAIN EXECUTE fitting('{1,2}', 1000, 256)"))
+        await raw.execute("DEALLOCATE fitting")
+        await raw.execute("RESET plan_cache_mode")
+    assert "Index Scan using outbox_pkey" in plan and "Sort" not in plan and "hashed SubPlan" in plan, plan
+
+
 async def test_a_held_row_sent_in_a_pass_makes_room_for_an_oversized_row_of_that_same_pass(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -324,3 +366,45 @@ async def test_a_held_row_sent_in_a_pass_makes_room_for_an_oversized_row_of_that
             nc._max_payload = limit
         assert await h.relay.relay_once() == 1
         assert _held() == 0 and await h.unpublished() == 0
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+async def test_more_oversized_events_than_relay_held_max_and_a_batch_leave_every_event_that_fits_going(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beyond RELAY_HELD_MAX the oversized rows were not held but failed the pass, and being the
+    oldest they came first in every read: once a batch of them waited, the relay sent nothing.
+    Past the cap it reads past every row whose payload alone is over the limit, and counts them."""
+    async with _small_on(db, tmp_path, relay_held_max=3, relay_batch_size_max=4) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        limit = nc._max_payload
+        nc._max_payload = PAYLOAD_BYTES_MAX // 2  # a server whose max_payload was lowered since
+        sent = await h.add_events(1)
+        for i in range(3 + 4 + 5):  # more than RELAY_HELD_MAX + RELAY_BATCH_SIZE_MAX
+            await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+            if i % 3 == 2:
+                sent += await h.add_events(1)
+        # Its payload fits, its headers take it over: not skipped by size, held by its id.
+        traced = json.dumps({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"})
+        await _add_raw(h, "over-with-headers", b"x" * (PAYLOAD_BYTES_MAX // 2 - WIRE_BYTES_MIN), traced)
+        sent += await h.add_events(2)
+        errors = _publish_errors()
+        with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
+            async with _running(h.relay.run):
+                assert await eventually(h.unpublished, lambda n: n == 13, 10) == 13
+                later = await h.add_events(5)
+                assert await eventually(h.unpublished, lambda n: n == 13, 10) == 13
+            assert await h.stored_ids() == sent + later, "every event that fits, once, in order"
+            assert _publish_errors() == errors, "no pass failed"
+            assert _held() == 13, "the gauge counts the rows read past by size and those held by id"
+            async with h.db.unit_of_work(readonly=True) as uow:
+                first, _last = await h.outbox.marks(uow)
+            assert first > 0, "the audit sees them in flight"
+        switched = [r for r in caplog.records if r.message.startswith("outbox relay holds RELAY_HELD_MAX")]
+        assert [(r.held_max, r.skipped) for r in switched] == [(3, 12)], "logged once, with the count"
+        nc._max_payload = limit  # raised again: the connection takes them all
+        async with _running(h.relay.run):
+            assert await eventually(h.unpublished, lambda n: n == 0, 10) == 0
+        assert await h.relay.relay_once() == 0
+        assert _held() == 0
