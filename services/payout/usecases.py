@@ -1567,7 +1567,13 @@ class Payout:
                         "withdrawal_currency_code": row.currency_code,
                     },
                 )
-                raise InvalidArgument("callback amount or currency differs from the withdrawal", "AMOUNT_MISMATCH")
+                # The same metadata as the wallet's AMOUNT_MISMATCH: what the callback must carry.
+                raise InvalidArgument(
+                    "callback amount or currency differs from the withdrawal",
+                    "AMOUNT_MISMATCH",
+                    expected_amount_minor=row.net_minor,
+                    expected_currency_code=row.currency_code,
+                )
             if row.status == event.target.value:  # the same outcome under another event id
                 return payout_pb2.HandlePayoutEventResponse(
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True

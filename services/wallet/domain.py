@@ -325,6 +325,19 @@ def period_keys(at_us: int) -> dict[Period, str]:
     }
 
 
+def period_resets_at_us(period: Period, at_us: int) -> int:
+    """The instant the period `at_us` falls in ends (UTC midnight: the next day, Monday, first of
+    the month), when its counter starts again from 0."""
+    day = utc_date(at_us)
+    if period is Period.DAY:
+        end = day + dt.timedelta(days=1)
+    elif period is Period.WEEK:
+        end = day + dt.timedelta(days=7 - day.weekday())  # ISO weeks start on Monday
+    else:
+        end = dt.date(day.year + day.month // 12, day.month % 12 + 1, 1)
+    return (end - _EPOCH_DATE).days * US_PER_DAY
+
+
 # The longest each period lasts: at_us less this is in the previous period or an earlier one.
 _PERIOD_SPAN_US = {Period.DAY: US_PER_DAY, Period.WEEK: 7 * US_PER_DAY, Period.MONTH: 31 * US_PER_DAY}
 

@@ -444,11 +444,15 @@ class SpendBatch:
                 for period in PERIODS:
                     cap = caps[user][period]
                     if cap is not None and counters[(user, period)] + amount > cap:
+                        # What a client needs to say "N more, or after <time>": the period's count
+                        # so far (this batch's earlier items in it) and when it starts again from 0.
                         raise ResourceExhausted(
                             f"this spend would pass the {period.value.lower()} spending limit of {cap} coins",
                             "SPENDING_LIMIT_EXCEEDED",
                             period=period.value,
                             limit_coins=cap,
+                            spent_coins=counters[(user, period)],
+                            resets_at_us=domain.period_resets_at_us(period, now),
                         )
                 # A user never credited has no account row: 0 coins, refused as any user short of coins.
                 balance = balances.get(acc, 0)

@@ -408,7 +408,14 @@ class Wallet:
                         "purchase_currency_code": row.currency_code,
                     },
                 )
-                raise InvalidArgument("callback amount or currency differs from the purchase", "AMOUNT_MISMATCH")
+                # The purchase's own price in the answer: the provider (or whoever reads its
+                # delivery log) sees what a callback must carry, without asking an operator.
+                raise InvalidArgument(
+                    "callback amount or currency differs from the purchase",
+                    "AMOUNT_MISMATCH",
+                    expected_amount_minor=row.amount_minor,
+                    expected_currency_code=row.currency_code,
+                )
             current = PurchaseStatus(row.status)
             ts = now_us()
             if domain.has_no_effect(current, event.target):

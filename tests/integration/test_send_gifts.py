@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from livegifts.gifting.v1 import gifting_pb2
@@ -124,13 +126,18 @@ async def test_an_items_error_carries_the_metadata_sendgift_would(clients, deplo
         wallet_pb2.SetSpendingLimitsRequest(user_id=capped, daily=5, idempotency_key=uid("l"))
     )
     s = (await live_stream(clients.gifting, creator)).stream_id
+    await clients.gifting.SendGift(gift(s, capped, "rose", 1))  # 1 of today's 5 spent
     items = [gift(s, minor, "rose", 1), gift(s, capped, "panda", 2), gift(s, viewer, "rose", 1)]
+    days = {_next_utc_midnight_us()}
     answer = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=items))
+    days.add(_next_utc_midnight_us())  # two only if the call straddled midnight
     r = answer.results
     assert (r[0].error.reason, dict(r[0].error.metadata)) == ("UNDERAGE", {"role": "sender"})
-    assert (r[1].error.reason, dict(r[1].error.metadata)) == (
+    meta = dict(r[1].error.metadata)
+    assert int(meta.pop("resets_at_us")) in days  # when today's count starts again from 0
+    assert (r[1].error.reason, meta) == (
         "SPENDING_LIMIT_EXCEEDED",
-        {"period": "DAY", "limit_coins": "5"},
+        {"period": "DAY", "limit_coins": "5", "spent_coins": "1"},
     )
     assert r[2].receipt.coins == 1
     # SendGift answers the same items with the same metadata in its ErrorInfo.
@@ -143,6 +150,11 @@ async def test_an_items_error_carries_the_metadata_sendgift_would(clients, deplo
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _next_utc_midnight_us() -> int:
+    """The instant today's (UTC) spending counters start again from 0, by this machine's clock."""
+    return (int(time.time()) // 86_400 + 1) * 86_400 * 1_000_000
 
 
 async def test_a_batch_of_a_hundred_lands_every_gift(clients, deployment) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common import signing
+from services.common.clients import error_info
 from tests.integration.helpers import buy_coins, expect_error, live_stream, reason_of, signed_callback, uid
 
 OK = grpc.StatusCode
@@ -166,7 +167,11 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
     cheap.CopyFrom(purchase)
     cheap.price.amount_minor = 1
     underpaid = signed_callback(deployment.webhook_secret, "payment.succeeded", cheap)
-    await expect_error(clients.wallet.HandlePaymentEvent(underpaid), OK.INVALID_ARGUMENT, "AMOUNT_MISMATCH")
+    mismatch = await expect_error(clients.wallet.HandlePaymentEvent(underpaid), OK.INVALID_ARGUMENT, "AMOUNT_MISMATCH")
+    assert dict(error_info(mismatch).metadata) == {  # what the callback must carry
+        "expected_amount_minor": str(purchase.price.amount_minor),
+        "expected_currency_code": purchase.price.currency_code,
+    }
 
     still = await clients.wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id))
     assert still.status == wallet_pb2.PURCHASE_STATUS_PENDING

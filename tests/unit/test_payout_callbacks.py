@@ -158,6 +158,11 @@ async def test_the_outcome_a_withdrawal_has_reported_again_for_another_amount_is
                     )
                 )
         assert err.value.reason == "AMOUNT_MISMATCH"
+        # The answer says what the callback must carry: the withdrawal's net and its currency.
+        assert err.value.metadata == {
+            "expected_amount_minor": str(row.net.amount_minor),
+            "expected_currency_code": row.net.currency_code,
+        }
         refusal_line(caplog, "amount or currency differs")
     assert await payout.get_withdrawal(withdrawal_id) == row  # nothing changed
     # The same outcome for the same amount under another event id is still a duplicate.

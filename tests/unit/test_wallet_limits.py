@@ -132,3 +132,67 @@ async def test_an_operators_cap_on_a_user_is_logged_with_who_set_it_once(  # noq
         ("support-7", "viewer", 500)
     ]
     assert not hasattr(logged[0], "daily_limit_coins")  # only the periods the request set
+
+
+WEDNESDAY_NOON_US = int(dt.datetime(2031, 3, 5, 12, tzinfo=dt.UTC).timestamp() * 1_000_000)
+
+
+def _at(y: int, m: int, d: int) -> int:
+    return int(dt.datetime(y, m, d, tzinfo=dt.UTC).timestamp() * 1_000_000)
+
+
+async def test_a_spend_over_the_daily_cap_says_what_was_spent_today_and_when_the_day_resets(wallet: Wallet) -> None:  # noqa: F811
+    # The refusal named the period and the cap only: an app could not say "40 more today" or "after midnight UTC".
+    user = "viewer"
+    for _ in range(2):
+        await buy(wallet, user)  # 140 coins
+    await wallet.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
+    )
+    wallet.spending.clock = lambda: WEDNESDAY_NOON_US
+    await wallet.spend(gift(user, 60))
+    with pytest.raises(DomainError) as refused:
+        await wallet.spend(gift(user, 50))
+    assert (refused.value.reason, refused.value.metadata) == (
+        "SPENDING_LIMIT_EXCEEDED",
+        {"period": "DAY", "limit_coins": "100", "spent_coins": "60", "resets_at_us": str(_at(2031, 3, 6))},
+    )
+
+
+async def test_a_spendmany_item_over_the_weekly_cap_counts_the_batchs_earlier_items_and_resets_on_monday(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    user = "viewer"
+    for _ in range(2):
+        await buy(wallet, user)
+    await wallet.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, weekly=100, idempotency_key=uuid.uuid4().hex)
+    )
+    wallet.spending.clock = lambda: WEDNESDAY_NOON_US
+    await wallet.spend(gift(user, 60))
+    answer = await wallet.spend_many(wallet_pb2.SpendManyRequest(spends=[gift(user, 30), gift(user, 20)]))
+    ok, over = answer.results
+    assert ok.spent.amount == 30
+    assert (over.error.reason, dict(over.error.metadata)) == (
+        "SPENDING_LIMIT_EXCEEDED",
+        {"period": "WEEK", "limit_coins": "100", "spent_coins": "90", "resets_at_us": str(_at(2031, 3, 10))},
+    )
+
+
+@pytest.mark.parametrize(
+    ("at_us", "resets"),
+    [
+        (MIDNIGHT_US - 1, {Period.DAY: (2031, 3, 1), Period.WEEK: (2031, 3, 3), Period.MONTH: (2031, 3, 1)}),
+        (MIDNIGHT_US, {Period.DAY: (2031, 3, 2), Period.WEEK: (2031, 3, 3), Period.MONTH: (2031, 4, 1)}),
+        (_at(2031, 3, 3), {Period.DAY: (2031, 3, 4), Period.WEEK: (2031, 3, 10), Period.MONTH: (2031, 4, 1)}),  # Monday
+        (_at(2031, 12, 31) + 5, {Period.DAY: (2032, 1, 1), Period.WEEK: (2032, 1, 5), Period.MONTH: (2032, 1, 1)}),
+    ],
+)
+def test_a_period_resets_at_the_utc_midnight_that_starts_the_next_one(at_us: int, resets: dict) -> None:  # type: ignore[type-arg]
+    for period, (y, m, d) in resets.items():
+        end = domain.period_resets_at_us(period, at_us)
+        assert end == _at(y, m, d), period
+        # The counter key changes exactly there: the instant before is still this period.
+        assert (
+            domain.period_keys(end - 1)[period] == domain.period_keys(at_us)[period] != domain.period_keys(end)[period]
+        )

@@ -237,6 +237,11 @@ async def test_a_partial_refund_is_refused_changes_nothing_and_is_logged_for_an_
     with caplog.at_level(logging.WARNING, logger="services.wallet.usecases"), pytest.raises(InvalidArgument) as err:
         await wallet.handle_payment_event(request)
     assert err.value.reason == "AMOUNT_MISMATCH"
+    # The answer says what the callback must carry: the purchase's whole price and its currency.
+    assert err.value.metadata == {
+        "expected_amount_minor": str(p.price.amount_minor),
+        "expected_currency_code": p.price.currency_code,
+    }
     assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
     assert (await wallet.get_balance("u-partial")).coins == p.coins
     (logged,) = [r for r in caplog.records if r.getMessage().startswith("payment callback refused")]
