@@ -57,6 +57,17 @@ KEY_ONLY_ROWS_PRUNED = Counter(
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
     "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"
 )
+# Wallet: purchases moved to an outcome by a provider callback, by that outcome and the purchase's
+# currency, counted once per change after its commit (a duplicate callback, or a failure reported
+# after an outcome, changes nothing and counts nothing). CHARGED_BACK over SUCCEEDED is the
+# chargeback rate card networks hold a merchant to (LivegiftsChargebackRateHigh). The wallet
+# creates every outcome and currency at 0 when it starts; its currencies are a fixed few.
+PURCHASE_OUTCOMES = Counter(
+    "livegifts_purchase_outcomes_total",
+    "Purchases a provider callback moved to an outcome (SUCCEEDED, FAILED, REFUNDED, CHARGED_BACK), by outcome"
+    " and currency_code (wallet)",
+    ["outcome", "currency_code"],
+)
 # Wallet: payment.failed callbacks for a purchase that already had an outcome, by that outcome;
 # recorded and answered OK, they change nothing (a declined attempt reported late).
 LATE_PAYMENT_FAILURES = Counter(

@@ -33,6 +33,7 @@ from services.common.errors import (
 from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.metrics import (
     LATE_PAYMENT_FAILURES,
+    PURCHASE_OUTCOMES,
     PURCHASES_CREDITED_RESTRICTED,
     PURCHASES_SUCCEEDED_AFTER_FAILURE,
 )
@@ -102,6 +103,16 @@ for _status in PurchaseStatus:
 RESTRICTION_REASONS = ("ACCOUNT_BLOCKED", "UNDERAGE")  # check_may_transact's reasons
 for _reason in RESTRICTION_REASONS:
     PURCHASES_CREDITED_RESTRICTED.labels(reason=_reason)
+# Every status a callback can move a purchase to, in every currency a package can be sold in
+# (check_currency): 16 series, so the chargeback-rate alert sees the first chargeback of a pod.
+PURCHASE_OUTCOME_LABELS = tuple(
+    (status.value, currency)
+    for status in PurchaseStatus
+    if status is not PurchaseStatus.PENDING
+    for currency in sorted(domain.CURRENCY_MINOR_UNITS)
+)
+for _outcome, _currency in PURCHASE_OUTCOME_LABELS:
+    PURCHASE_OUTCOMES.labels(outcome=_outcome, currency_code=_currency)
 
 
 @dataclass
@@ -430,6 +441,9 @@ class Wallet:
             )
             if changed.rowcount != 1:
                 raise Aborted("the purchase changed concurrently, retry", "CONFLICT")
+            # Once committed, and only here: the compare-and-set above lets one callback move the
+            # purchase, so a duplicate or a concurrent delivery never counts it twice.
+            uow.after_commit(PURCHASE_OUTCOMES.labels(outcome=event.target.value, currency_code=row.currency_code).inc)
             if event.target is PurchaseStatus.SUCCEEDED:
                 if current is PurchaseStatus.FAILED:
                     log.warning(

@@ -47,6 +47,10 @@ COUNTERS_AT_ZERO_FROM_THE_START = {
         "tests/unit/test_wallet_spend_retries.py",
         "test_spend_retries_are_exported_at_zero_from_the_start",
     ),
+    "livegifts_purchase_outcomes_total": (
+        "tests/integration/test_counters_at_zero.py",
+        "test_a_services_failure_counters_are_on_its_metrics_at_zero_from_its_start",
+    ),
 }
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
 RULE_FIELDS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
@@ -249,3 +253,23 @@ def test_the_scrape_alerts_watch_exactly_the_jobs_the_service_monitor_makes() ->
     assert down and set(down.group(1).split("|")) == jobs, by_name["LivegiftsMetricsTargetDown"]
     missing = by_name["LivegiftsMetricsTargetsMissing"].split(" or ")
     assert sorted(missing) == sorted(f'absent(up{{job="{job}"}})' for job in jobs), missing
+
+
+def test_the_chargeback_alert_is_chargebacks_over_successes_in_one_window_and_ignores_tiny_volumes() -> None:
+    # A ratio whose two sides read different windows compares nothing; one without a floor on the
+    # successes fires on the first dispute of a quiet day (1 of 20 is 5 %); a page for it wakes
+    # someone for what is a trust-and-safety ticket.
+    (rule,) = [r for r in _rules() if r["alert"] == "LivegiftsChargebackRateHigh"]
+    expr = " ".join(rule["expr"].split())
+    share = r'sum by \(namespace\) \(increase\(livegifts_purchase_outcomes_total\{outcome="(\w+)"\}\[(\w+)\]\)\)'
+    m = re.fullmatch(
+        rf"{share} / {share} > ([\d.]+) and on \(namespace\) {share} >= (\d+)",
+        expr,
+    )
+    assert m, expr
+    over, window, under, window_2, threshold, floor_of, window_3, floor = m.groups()
+    assert (over, under, floor_of) == ("CHARGED_BACK", "SUCCEEDED", "SUCCEEDED"), expr
+    assert window == window_2 == window_3 == "1d", expr
+    assert 0 < float(threshold) <= 0.015, threshold  # the card networks' programmes start near 1 %
+    assert int(floor) >= 100, floor  # at least a few chargebacks before the ratio can pass
+    assert rule["labels"]["severity"] == "warning"

@@ -29,6 +29,12 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
             {"status": s} for s in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
         ],
         "livegifts_purchases_credited_restricted_total": [{"reason": r} for r in wallet.RESTRICTION_REASONS],
+        # Every outcome a callback sets, in every currency a package can be sold in (the chargeback-rate alert).
+        "livegifts_purchase_outcomes_total": [
+            {"outcome": o, "currency_code": c}
+            for o in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
+            for c in ("EUR", "GBP", "JPY", "USD")
+        ],
     },
     "payout": {
         "livegifts_provider_call_failures_total": [

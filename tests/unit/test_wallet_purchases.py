@@ -317,3 +317,86 @@ async def test_a_success_for_a_buyer_who_may_buy_is_not_flagged(
     with caplog.at_level("WARNING", logger="services.wallet.usecases"):
         await buy(wallet, "u")
     assert not [r for r in caplog.records if "may not buy now" in r.getMessage()]
+
+
+# ---- purchases by outcome, for the chargeback rate -------------------------------------------
+
+
+def outcomes(currency: str = "USD") -> dict[str, float]:
+    """livegifts_purchase_outcomes_total of each outcome in `currency`, as this process has it now."""
+    return {
+        o: REGISTRY.get_sample_value("livegifts_purchase_outcomes_total", {"outcome": o, "currency_code": currency})
+        or 0.0
+        for o in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
+    }
+
+
+async def test_each_purchase_outcome_is_counted_once_per_change_never_per_duplicate_or_late_report(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    # Trust and safety had no count of purchases by outcome, so no chargeback rate.
+    async def deliver(purchase: wallet_pb2.Purchase, event_type: str) -> None:
+        payload = dev_event_payload(uuid.uuid4().hex, event_type, purchase.purchase_id, 99, "USD")
+        request = wallet_pb2.HandlePaymentEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+        )
+        await wallet.handle_payment_event(request)
+        assert (await wallet.handle_payment_event(request)).duplicate  # the provider's retry
+
+    def purchase_request() -> wallet_pb2.CreatePurchaseRequest:
+        return wallet_pb2.CreatePurchaseRequest(
+            user_id="u",
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uuid.uuid4().hex,
+        )
+
+    before = outcomes()
+    kept, disputed, declined_then_paid = [await wallet.create_purchase(purchase_request()) for _ in range(3)]
+    await deliver(kept, "payment.succeeded")
+    await deliver(kept, "payment.failed")  # a declined attempt reported late: changes nothing
+    await deliver(disputed, "payment.succeeded")
+    await deliver(disputed, "charge.dispute.lost")
+    await deliver(declined_then_paid, "payment.failed")
+    await deliver(declined_then_paid, "payment.succeeded")
+    await deliver(declined_then_paid, "charge.refunded")
+    after = outcomes()
+    assert {o: after[o] - before[o] for o in after} == {
+        "SUCCEEDED": 3,
+        "FAILED": 1,
+        "REFUNDED": 1,
+        "CHARGED_BACK": 1,
+    }
+
+
+async def test_a_purchase_outcome_whose_transaction_rolls_back_is_not_counted_until_its_retry_commits(  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    purchase = await wallet.create_purchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id="u",
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    payload = dev_event_payload(uuid.uuid4().hex, "payment.succeeded", purchase.purchase_id, 99, "USD")
+    request = wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+    )
+    before = outcomes()["SUCCEEDED"]
+    add = wallet.outbox.add
+
+    async def failing_add(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the outbox write failed after the status changed")
+
+    monkeypatch.setattr(wallet.outbox, "add", failing_add)
+    with pytest.raises(RuntimeError):
+        await wallet.handle_payment_event(request)
+    assert outcomes()["SUCCEEDED"] == before  # rolled back: the purchase is still PENDING
+    monkeypatch.setattr(wallet.outbox, "add", add)
+    assert not (await wallet.handle_payment_event(request)).duplicate  # the provider's retry applies it
+    assert outcomes()["SUCCEEDED"] == before + 1
