@@ -89,11 +89,14 @@ async def run_load(
     creators: int,
     gifts: int,
     concurrency: int,
+    report: LoadReport | None = None,
 ) -> LoadReport:
     """Purchases (with replayed callbacks), streams, gifts, tips and unlocks (some with deadlines too short),
-    one chargeback halfway, then a withdrawal per creator."""
+    one chargeback halfway, then a withdrawal per creator.
+
+    `report`, when given, is filled as the load goes: a fault injected meanwhile can read how far it got."""
     rnd = random.Random(seed)
-    report = LoadReport(seed=seed)
+    report = LoadReport(seed=seed) if report is None else report
     chans = [grpc.aio.insecure_channel(a) for a in (wallet_addr, gifting_addr, payout_addr)]
     wallet = wallet_pb2_grpc.WalletServiceStub(chans[0])
     gifting = gifting_pb2_grpc.GiftingServiceStub(chans[1])

@@ -30,7 +30,14 @@ from livegifts.payout.v1 import payout_pb2
 from services.cli.audit import OK, Totals, collect, wait_until_settled
 from services.cli.suite import Suite
 from services.common.bus import STREAMS
-from tests.faults.load import balances, events_by_withdrawal, replay_events, run_load, withdrawal_statuses
+from tests.faults.load import (
+    LoadReport,
+    balances,
+    events_by_withdrawal,
+    replay_events,
+    run_load,
+    withdrawal_statuses,
+)
 from tests.integration import pg
 from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
 
@@ -64,13 +71,87 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @dataclass
+class Flight:
+    """The load under way, as a fault sees it: what the clients have done so far, and whether it ended."""
+
+    report: LoadReport  # filled by the load as it goes
+    task: asyncio.Task[LoadReport]
+    started: float  # time.monotonic() when the load started
+    counter: str = ""  # the LoadReport count that must grow after the fault (set by fault_starts)
+    at_fault: int | None = None  # that count when the fault started
+
+    def fault_starts(self, log: list[str], what: str, counter: str = "ops_done") -> None:
+        """Note that the fault starts now; after the load, `counter` must have grown since (else it met no traffic)."""
+        self.counter, self.at_fault = counter, getattr(self.report, counter)
+        log.append(
+            f"{what} {time.monotonic() - self.started:.1f} s into the load"
+            f" ({self.report.ops_done} of {GIFTS} gifts/tips/unlocks done)"
+        )
+
+
+Action = Callable[[Suite, Flight, list[str]], Awaitable[None]]
+
+
+@dataclass
 class Scenario:
     """A named set of faults: fault points armed at start, and actions run during the load."""
 
     name: str
     armed: dict[str, str]  # service -> fault spec (LIVEGIFTS_<SVC>_FAULTS)
-    action: Callable[[Suite, list[str]], Awaitable[None]] | None = None
+    action: Action | None = None
     postgres_only: bool = False
+
+
+# A fault that is not an armed point starts once traffic flows through what it faults: N events
+# stored, N gifts charged. After a fixed delay (1.5 s), a fast run's load had already ended (CI's
+# gifts take about a second), and the scenario passed without its fault meeting any traffic.
+FLOWING = 10  # events stored (or gifts charged) before such a fault starts
+FLOWING_WITHIN_S = 30.0
+
+
+async def _until(flight: Flight, what: str, reached: Callable[[], Awaitable[bool]]) -> None:
+    """Return once `reached()`; fail if the load ended first or FLOWING_WITHIN_S passed: a fault
+    started then would meet no traffic."""
+    deadline = time.monotonic() + FLOWING_WITHIN_S
+    while not await reached():
+        if flight.task.done():
+            flight.task.result()  # the load's own failure, if it failed
+            pytest.fail(f"the load ended before {what}: a fault started now would meet no traffic")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {FLOWING_WITHIN_S:g} s: the fault was not injected")
+        await asyncio.sleep(0.02)
+
+
+async def _until_stored(suite: Suite, flight: Flight, stream: str, n: int = FLOWING) -> None:
+    """Return once `stream` holds `n` events (see `_until`)."""
+    nc = await nats.connect(suite.config.nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def reached() -> bool:
+            return bool((await js.stream_info(stream)).state.messages >= n)
+
+        await _until(flight, f"{n} events stored in {stream}", reached)
+    finally:
+        await nc.close()
+
+
+async def _until_charged(flight: Flight, n: int = FLOWING) -> None:
+    """Return once the clients saw `n` gifts charged, each a spend the wallet answered (see `_until`)."""
+
+    async def reached() -> bool:
+        return flight.report.gifts_sent >= n
+
+    await _until(flight, f"{n} gifts charged", reached)
+
+
+# What each kind of service fault waits for: traffic through that service.
+FLOWING_THROUGH: dict[str, Callable[[Suite, Flight], Awaitable[None]]] = {
+    "wallet": lambda suite, flight: _until_charged(flight),
+    "gifting": lambda suite, flight: _until_stored(suite, flight, "GIFTING"),  # gifts committed and relayed
+    "payout": lambda suite, flight: _until_stored(suite, flight, "PAYOUT"),  # gift events credited
+    "nats": lambda suite, flight: _until_stored(suite, flight, "GIFTING"),  # a relay publishing through it
+}
 
 
 async def _restart_when_dead(suite: Suite, svc: str, log: list[str], timeout_s: float = 60.0) -> None:
@@ -90,11 +171,13 @@ async def _restart_when_dead(suite: Suite, svc: str, log: list[str], timeout_s: 
     log.append(f"{svc} restarted")
 
 
-def _kill_and_restart(name: str, after_s: float, down_s: float) -> Callable[[Suite, list[str]], Awaitable[None]]:
-    async def action(suite: Suite, log: list[str]) -> None:
-        await asyncio.sleep(after_s)
+def _kill_and_restart(name: str, down_s: float) -> Action:
+    """SIGKILL `name` once traffic flows through it, and start it again `down_s` later."""
+
+    async def action(suite: Suite, flight: Flight, log: list[str]) -> None:
+        await FLOWING_THROUGH[name](suite, flight)
+        flight.fault_starts(log, f"{name} SIGKILLed")
         await asyncio.to_thread(suite.kill, name, signal.SIGKILL)
-        log.append(f"{name} SIGKILLed")
         await asyncio.sleep(down_s)
         await asyncio.to_thread(suite.restart, name)
         log.append(f"{name} restarted")
@@ -102,29 +185,32 @@ def _kill_and_restart(name: str, after_s: float, down_s: float) -> Callable[[Sui
     return action
 
 
-def _dies_at(svc: str, within_s: float = 60.0) -> Callable[[Suite, list[str]], Awaitable[None]]:
-    async def action(suite: Suite, log: list[str]) -> None:
+def _dies_at(svc: str, within_s: float = 60.0) -> Action:
+    """An armed fault point kills `svc`: a point fires on a hit, so only with traffic through it."""
+
+    async def action(suite: Suite, flight: Flight, log: list[str]) -> None:
         await _restart_when_dead(suite, svc, log, within_s)
 
     return action
 
 
-def _terminate_and_restart(name: str, after_s: float) -> Callable[[Suite, list[str]], Awaitable[None]]:
-    """SIGTERM `name` mid-load (a rolling update): it must drain and exit 0 within its grace, with
-    no error logged, and the clients' retries and the audit must not notice."""
+def _terminate_and_restart(name: str) -> Action:
+    """SIGTERM `name` mid-load, once traffic flows through it (a rolling update): it must drain and
+    exit 0 within its grace, with no error logged, and the clients' retries and the audit must not notice."""
 
-    async def action(suite: Suite, log: list[str]) -> None:
-        await asyncio.sleep(after_s)
+    async def action(suite: Suite, flight: Flight, log: list[str]) -> None:
+        await FLOWING_THROUGH[name](suite, flight)
         proc = suite.procs[name]
         logfile = suite.log_dir / f"{name}.log"
         logged = logfile.stat().st_size
         started = time.monotonic()
+        flight.fault_starts(log, f"{name} SIGTERMed")
         proc.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.to_thread(proc.wait, STOP_WITHIN_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name} did not exit within {STOP_WITHIN_S:g} s of its SIGTERM")
-        log.append(f"{name} SIGTERMed, exited {code} after {time.monotonic() - started:.1f} s")
+        log.append(f"{name} exited {code} {time.monotonic() - started:.1f} s after its SIGTERM")
         with logfile.open("rb") as f:
             f.seek(logged)
             stopping = f.read().decode(errors="replace").splitlines()
@@ -136,15 +222,19 @@ def _terminate_and_restart(name: str, after_s: float) -> Callable[[Suite, list[s
     return action
 
 
-async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
-    """Terminate every connection to the suite's databases, three times a second apart; fail if none were."""
+async def _drop_pg_connections(suite: Suite, flight: Flight, log: list[str]) -> None:
+    """Terminate every connection to the suite's databases, three times a second apart, once gift events
+    flow (each a spend in the wallet's database and a gift in gifting's); fail if none were terminated."""
     import asyncpg
 
     admin = pg.admin_url_or_skip()
     names = [u.rsplit("/", 1)[1] for u in suite.config.database_urls.values()]
+    await _until_stored(suite, flight, "GIFTING")
+    flight.fault_starts(log, "PostgreSQL connections dropped")
     terminated = 0
     for round_ in range(3):
-        await asyncio.sleep(1.0)
+        if round_:
+            await asyncio.sleep(1.0)
         conn = await asyncpg.connect(pg.database_url(admin, "postgres").replace("+asyncpg", ""))
         try:
             n = await conn.fetchval(
@@ -160,24 +250,19 @@ async def _drop_pg_connections(suite: Suite, log: list[str]) -> None:
 
 
 STREAMS_FULL_S = 3.0
-GIFTS_FLOWING = 10  # gift events stored before the streams are made full: the load is under way
-GIFTS_FLOWING_WITHIN_S = 30.0
 
 
-async def _streams_full(suite: Suite, log: list[str]) -> None:
+async def _streams_full(suite: Suite, flight: Flight, log: list[str]) -> None:
     """Every stream refuses new events for STREAMS_FULL_S mid-load (a limit with the `new` discard
     policy, as a full JetStream store refuses them), then takes them again: the outboxes keep what
     was refused. Fails unless a relay met the refusal (else no fault was injected).
 
     Mid-load means once gift events flow: after a fixed 1.5 s, a fast run's load had already
     ended (the gifts took about a second in CI), so no relay met the full streams."""
+    await _until_stored(suite, flight, "GIFTING")
     nc = await nats.connect(suite.config.nats_url)
     try:
         js = nc.jetstream()
-        deadline = time.monotonic() + GIFTS_FLOWING_WITHIN_S
-        while (await js.stream_info("GIFTING")).state.messages < GIFTS_FLOWING:
-            assert time.monotonic() < deadline, f"fewer than {GIFTS_FLOWING} gift events in {GIFTS_FLOWING_WITHIN_S} s"
-            await asyncio.sleep(0.02)
         kept = {}
         for name in STREAMS:
             info = await js.stream_info(name)
@@ -185,7 +270,7 @@ async def _streams_full(suite: Suite, log: list[str]) -> None:
             # A few above what it holds, so nothing stored is discarded by the new limit.
             info.config.max_msgs, info.config.discard = info.state.messages + 5, DiscardPolicy.NEW
             await js.update_stream(info.config)
-        log.append(f"streams full for {STREAMS_FULL_S:g} s")
+        flight.fault_starts(log, f"streams full for {STREAMS_FULL_S:g} s")
         await asyncio.sleep(STREAMS_FULL_S)
         for config in kept.values():
             await js.update_stream(config)
@@ -197,10 +282,7 @@ async def _streams_full(suite: Suite, log: list[str]) -> None:
     log.append(f"relays refused: {refused}")
 
 
-PAYOUT_FLOWING = 10  # payout events stored before the PAYOUT stream is deleted: payout is publishing
-
-
-async def _payout_stream_deleted(suite: Suite, log: list[str]) -> None:
+async def _payout_stream_deleted(suite: Suite, flight: Flight, log: list[str]) -> None:
     """The PAYOUT stream (no consumer in the suite reads it) is deleted mid-load, by mistake:
     payout's relay creates it again at its next publish, and no event it still had is lost.
 
@@ -209,18 +291,13 @@ async def _payout_stream_deleted(suite: Suite, log: list[str]) -> None:
     from this stream. After a fixed 1.5 s, a fast run could be past them (the streams-full
     scenario's gifts took about a second in CI): its paid events were deleted with the stream, or
     nothing was published after and the stream never created again."""
+    await _until_stored(suite, flight, "PAYOUT")
     nc = await nats.connect(suite.config.nats_url)
     try:
         js = nc.jetstream()
-        started = time.monotonic()
-        deadline = started + GIFTS_FLOWING_WITHIN_S
-        while (await js.stream_info("PAYOUT")).state.messages < PAYOUT_FLOWING:
-            assert time.monotonic() < deadline, (
-                f"fewer than {PAYOUT_FLOWING} payout events in {GIFTS_FLOWING_WITHIN_S} s"
-            )
-            await asyncio.sleep(0.02)
+        # The withdrawals, on the path this faults, must come after it: the gifts may all be done.
+        flight.fault_starts(log, "PAYOUT stream deleted", counter="withdrawals")
         await js.delete_stream("PAYOUT")
-        log.append(f"PAYOUT stream deleted after {time.monotonic() - started:.1f} s")
         deadline = time.monotonic() + WITHDRAWAL_FAULT_WITHIN_S
         while "created it again" not in _log_of(suite, "payout"):
             assert time.monotonic() < deadline, "payout never created its deleted stream again"
@@ -281,11 +358,11 @@ SCENARIOS = [
         {"payout": "payout.after_commit_before_callback"},
         _dies_at("payout", WITHDRAWAL_FAULT_WITHIN_S),
     ),
-    Scenario("wallet is SIGKILLed mid-load", {}, _kill_and_restart("wallet", after_s=1.5, down_s=1.0)),
-    Scenario("nats-server is SIGKILLed mid-load", {}, _kill_and_restart("nats", after_s=1.5, down_s=2.0)),
-    Scenario("wallet is SIGTERMed mid-load", {}, _terminate_and_restart("wallet", after_s=1.5)),
-    Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting", after_s=1.5)),
-    Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout", after_s=1.5)),
+    Scenario("wallet is SIGKILLed mid-load", {}, _kill_and_restart("wallet", down_s=1.0)),
+    Scenario("nats-server is SIGKILLed mid-load", {}, _kill_and_restart("nats", down_s=2.0)),
+    Scenario("wallet is SIGTERMed mid-load", {}, _terminate_and_restart("wallet")),
+    Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting")),
+    Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout")),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
     Scenario("the streams refuse events mid-load (full)", {}, _streams_full),
     Scenario("the PAYOUT stream is deleted mid-load", {}, _payout_stream_deleted),
@@ -364,6 +441,8 @@ def _leaderboards_caught_up(fetch: Callable[[], Totals]) -> Totals:
 async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None:
     """Run the load with the scenario's faults, then require the audit and the clients' view to agree."""
     log: list[str] = []
+    progress = LoadReport(seed=SEED)
+    started = time.monotonic()
     load = asyncio.create_task(
         run_load(
             suite.addr("wallet"),
@@ -376,13 +455,24 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
             creators=3,
             gifts=GIFTS,
             concurrency=8,
+            report=progress,
         )
     )
+    flight = Flight(progress, load, started)
     try:
         if scenario.action is not None:
-            await scenario.action(suite, log)
+            await scenario.action(suite, flight, log)
         report = await asyncio.wait_for(load, LOAD_TIMEOUT_S)
         print(f"   faults: {'; '.join(log) or 'none'}")
+        if scenario.action is not None and not scenario.armed:
+            # Else the fault met only a load that had ended: the scenario would pass without it.
+            # (An armed point fires on a hit, so never without traffic.)
+            assert flight.at_fault is not None, f"{scenario.name}: its action never said when its fault started"
+            done = getattr(report, flight.counter)
+            assert done > flight.at_fault, (
+                f"the load's {flight.counter} stood at {done} both when the fault started and at its end:"
+                " the fault met no load in flight"
+            )
         print(
             f"   load: {report.purchases} purchases ({report.callbacks_replayed} callbacks replayed),"
             f" {report.ops_done} gifts/tips/unlocks ({report.gifts_sent} charged, {report.coins_gifted} coins),"
