@@ -467,10 +467,11 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         if scenario.action is not None and not scenario.armed:
             # Else the fault met only a load that had ended: the scenario would pass without it.
             # (An armed point fires on a hit, so never without traffic.)
-            assert flight.at_fault is not None, f"{scenario.name}: its action never said when its fault started"
-            done = getattr(report, flight.counter)
-            assert done > flight.at_fault, (
-                f"the load's {flight.counter} stood at {done} both when the fault started and at its end:"
+            at_fault, counter = flight.at_fault, flight.counter
+            assert at_fault is not None, f"{scenario.name}: its action never said when its fault started"
+            done = getattr(report, counter)
+            assert done > at_fault, (
+                f"the load's {counter} stood at {done} both when the fault started and at its end:"
                 " the fault met no load in flight"
             )
         print(
