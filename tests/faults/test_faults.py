@@ -152,6 +152,10 @@ FLOWING_THROUGH: dict[str, Callable[[Suite, Flight], Awaitable[None]]] = {
     "payout": lambda suite, flight: _until_stored(suite, flight, "PAYOUT"),  # gift events credited
     "nats": lambda suite, flight: _until_stored(suite, flight, "GIFTING"),  # a relay publishing through it
 }
+# What must grow after a service's fault for it to have met traffic: the gifts, but payout's
+# withdrawals, which come after every gift. By the time payout has stored its events (credits
+# trail the gifts), a fast run's gifts may all be done, and payout still serves the withdrawals.
+IN_FLIGHT_COUNTER = {"payout": "withdrawals"}
 
 
 async def _restart_when_dead(suite: Suite, svc: str, log: list[str], timeout_s: float = 60.0) -> None:
@@ -176,7 +180,7 @@ def _kill_and_restart(name: str, down_s: float) -> Action:
 
     async def action(suite: Suite, flight: Flight, log: list[str]) -> None:
         await FLOWING_THROUGH[name](suite, flight)
-        flight.fault_starts(log, f"{name} SIGKILLed")
+        flight.fault_starts(log, f"{name} SIGKILLed", IN_FLIGHT_COUNTER.get(name, "ops_done"))
         await asyncio.to_thread(suite.kill, name, signal.SIGKILL)
         await asyncio.sleep(down_s)
         await asyncio.to_thread(suite.restart, name)
@@ -204,7 +208,7 @@ def _terminate_and_restart(name: str) -> Action:
         logfile = suite.log_dir / f"{name}.log"
         logged = logfile.stat().st_size
         started = time.monotonic()
-        flight.fault_starts(log, f"{name} SIGTERMed")
+        flight.fault_starts(log, f"{name} SIGTERMed", IN_FLIGHT_COUNTER.get(name, "ops_done"))
         proc.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.to_thread(proc.wait, STOP_WITHIN_S)
