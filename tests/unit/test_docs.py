@@ -230,6 +230,48 @@ def test_every_cli_command_line_the_docs_show_exists(doc: str) -> None:
     assert not bad, f"{doc} shows command lines the CLI refuses: {bad}"
 
 
+def _code_block_command_lines(text: str) -> list[str]:
+    """Whole `livegifts ...` lines of the docs' ```sh blocks: what a reader pastes as it stands."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, flags=re.M | re.S)
+    lines = re.findall(r"^(?:\.venv/bin/)?livegifts( [^\n]*)$", "\n".join(blocks), flags=re.M)
+    return [line.split("#", 1)[0].strip() for line in lines]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_cli_command_line_in_a_docs_code_block_parses(doc: str) -> None:
+    # An option's name may exist and the line still be refused: a missing argument or required
+    # option, a value of the wrong type. Placeholders (<creator_id>, "$TOKEN") stand for a value.
+    root = typer.main.get_command(app)
+    lines = _code_block_command_lines(DOCS[doc])
+    assert lines, f"{doc} shows no livegifts command line in a code block"
+    bad = []
+    for line in lines:
+        tokens = [re.sub(r"^(<[^>]*>|\"\$\w+\")", "x", t) for t in line.split()]
+        cmd, name = root, "livegifts"
+        while hasattr(cmd, "commands") and tokens and not tokens[0].startswith("-"):  # a group
+            name, cmd, tokens = tokens[0], cmd.commands[tokens[0]], tokens[1:]
+        if "--help" in tokens:
+            continue
+        try:
+            cmd.make_context(name, tokens)  # parses and converts, runs nothing
+        except Exception as e:  # typer's own click: its usage errors, a missing argument
+            bad.append(f"livegifts {line}: {getattr(e, 'format_message', e.__str__)()}")
+    assert not bad, f"{doc} shows command lines the CLI refuses: {bad}"
+
+
+def test_every_environment_variable_the_cli_reads_is_named_in_the_readme() -> None:
+    # `make run` takes no arguments: LIVEGIFTS_VAR_DIR and LIVEGIFTS_RUN_PORT_OFFSET are how a
+    # reader moves it off var/ and the default ports, so the README must name them.
+    def params(cmd: Any) -> list[Any]:
+        subs = cmd.commands.values() if hasattr(cmd, "commands") else []
+        return [*cmd.params, *(p for sub in subs for p in params(sub))]
+
+    read = {p.envvar for p in params(typer.main.get_command(app)) if isinstance(p.envvar, str)}
+    assert "LIVEGIFTS_RUN_PORT_OFFSET" in read
+    missing = sorted(name for name in read if f"`{name}`" not in README and f"{name}=" not in README)
+    assert not missing, f"README does not name the environment variables the livegifts CLI reads: {missing}"
+
+
 def _string_literals() -> set[str]:
     """Every string literal in services/, implicit concatenations joined (as log messages are)."""
     out = set()
