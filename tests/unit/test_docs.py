@@ -156,6 +156,14 @@ def test_every_metric_the_docs_name_is_exported_with_the_labels_they_use(doc: st
     assert not bad, f"{doc} uses labels these metrics do not have: {bad}"
 
 
+def test_every_metric_the_services_export_is_named_in_docs_sre() -> None:
+    # The runbook is where an SRE learns a metric exists and what to look for in it: one added to
+    # the code without a word there is a panel nobody builds.
+    named = {_metrics()[n][0] for n in re.findall(r"\blivegifts_[a-z0-9_]+", SRE) if n in _metrics()}
+    unnamed = sorted({name for name, _ in _metrics().values()} - named)
+    assert not unnamed, f"docs/sre.md does not name these metrics the services export: {unnamed}"
+
+
 # Labels Prometheus adds to every series from the scrape target, not from the code.
 TARGET_LABELS = {"pod", "instance", "job", "namespace", "container", "service"}
 
