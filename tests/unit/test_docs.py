@@ -16,6 +16,7 @@ import grpc
 import pytest
 import typer.main
 from prometheus_client.metrics import MetricWrapperBase
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from services.cli.main import app
@@ -38,6 +39,11 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
 
 def _settings_table() -> list[tuple[str | None, list[str], str]]:
     """README's configuration table as (service or None for every one, names, default cell)."""
+    return [(svc, names, default) for svc, names, default, _ in _settings_rows()]
+
+
+def _settings_rows() -> list[tuple[str | None, list[str], str, str]]:
+    """README's configuration table as (service or None for every one, names, default, range)."""
     section = README.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
@@ -45,7 +51,7 @@ def _settings_table() -> list[tuple[str | None, list[str], str]]:
         if not line.startswith("| ") or len(cells) < 3 or cells[0].startswith("variable") or set(cells[0]) <= {"-"}:
             continue
         svc = cells[0].split()[0] if cells[0].split()[0] in SETTINGS else None
-        rows.append((svc, re.findall(r"`([A-Z0-9_]+)`", cells[0]), cells[1]))
+        rows.append((svc, re.findall(r"`([A-Z0-9_]+)`", cells[0]), cells[1], cells[2]))
     assert rows, "README has no configuration table"
     return rows
 
@@ -95,6 +101,46 @@ def test_every_setting_is_in_the_readme_table_with_its_default() -> None:
                 wrong.append(f"{svc} {name}: README {documented[(svc, name)]!r}, code {info.default!r}")
     assert not missing, f"settings missing from README's configuration table: {missing}"
     assert not wrong, f"README's configuration table gives other defaults: {wrong}"
+
+
+def _number(value: float) -> str:
+    """10000 -> "10,000", 0.5 -> "0.5": as README writes numbers."""
+    return f"{int(value):,}" if float(value).is_integer() else str(value)
+
+
+def _range_text(info: FieldInfo) -> str:
+    """What a setting's field constraints accept, in the words of README's range column."""
+    bounds = {type(m).__name__: m for m in info.metadata}
+    low = (
+        f"above {_number(bounds['Gt'].gt)}"
+        if "Gt" in bounds
+        else f"{_number(bounds['Ge'].ge)}"
+        if "Ge" in bounds
+        else None
+    )
+    high = _number(bounds["Le"].le) if "Le" in bounds else None
+    if "MinLen" in bounds:
+        return f"at least {bounds['MinLen'].min_length} characters"
+    if low and high:
+        return f"{low} to {high}" if "Ge" in bounds else f"{low}, at most {high}"
+    if low:
+        return low if "Gt" in bounds else f"at least {low}"
+    return f"at most {high}" if high else "-"
+
+
+def test_every_setting_range_is_the_one_the_readme_table_gives() -> None:
+    # A value outside the range stops start-up: an SRE sizing a pool or a timeout from README
+    # must read the bounds the code enforces, and a bound changed in the code must change there.
+    wrong = []
+    for svc, names, _, cell in _settings_rows():
+        for service in [svc] if svc else list(SETTINGS):
+            fields = SETTINGS[service].model_fields
+            if not all(n.lower() in fields for n in names):
+                continue  # test_every_name_in_the_readme_table_is_a_setting_of_its_services says which
+            expected = "; ".join(_range_text(fields[n.lower()]) for n in names)
+            if cell != expected:
+                wrong.append(f"{service} {', '.join(names)}: README {cell!r}, code {expected!r}")
+    assert not wrong, "README's configuration table gives other ranges:\n" + "\n".join(wrong)
 
 
 def test_every_name_in_the_readme_table_is_a_setting_of_its_services() -> None:
