@@ -741,3 +741,71 @@ def test_a_gifting_pod_with_every_live_feed_open_still_answers_its_probes(
         f"{settings.watchers_max} live feeds leave {limit - settings.watchers_max} of {limit} calls "
         "for everything else, health checks included"
     )
+
+
+def _sre_container_values() -> list[tuple[str | None, str, str | None, str]]:
+    """docs/sre.md's container settings table as (service or None, SETTING, overlay or None, value).
+
+    A value cell is one value per name ("`otlp`, `http://…` (prod)", "k8s: 5 + 20; compose: …"),
+    or one name's value per overlay ("1 (dev), 3 (prod)"); "a / b / c" is the wallet's, gifting's
+    and payout's. Prose ("the three servers", "built in the Deployment …") is not checked here.
+    """
+    sre = (REPO / "docs" / "sre.md").read_text()
+    section = sre.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    out: list[tuple[str | None, str, str | None, str]] = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        setting_cell, cell = (c.strip() for c in line.strip().strip("|").split("|")[:2])
+        names = re.findall(r"`([A-Z0-9_]+)`", setting_cell)
+        cell = cell.split(";", 1)[0].removeprefix("k8s:").strip()  # compose: tests/deploy/test_compose.py
+        segments = [s for s in re.split(r",\s+|\s+\+\s+", cell) if s]
+        tagged = [
+            (m.group(1), m.group(2)) if (m := re.fullmatch(r"(.*?)\s*\((dev|prod)\)", s)) else (s, None)
+            for s in segments
+        ]
+        if len(names) == 1:
+            pairs = [(names[0], value, where) for value, where in tagged]
+        elif len(tagged) == 1:  # one value for every name
+            pairs = [(name, *tagged[0]) for name in names]
+        else:
+            assert len(tagged) == len(names), f"docs/sre.md: {line}"
+            pairs = [(name, value, tagged[-1][1]) for name, (value, _) in zip(names, tagged, strict=True)]
+        for name, value, where in pairs:
+            svc, _, rest = name.partition("_")
+            svc_name = (svc.lower(), rest) if svc.lower() in SERVICES else (None, name)
+            if re.fullmatch(r"`[^`]+`|[0-9.]+( / [0-9.]+)*", value):
+                out.append((svc_name[0], svc_name[1], where, value.strip("`")))
+    return out
+
+
+def _same_value(documented: str, actual: Any) -> bool:
+    if isinstance(actual, bool):
+        return documented == str(actual).lower()
+    if isinstance(actual, int | float):
+        return re.fullmatch(r"[0-9.]+", documented) is not None and float(documented) == actual
+    return documented == str(actual)
+
+
+def test_every_value_docs_sre_gives_a_container_setting_is_the_one_the_overlay_sets(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runbook's table is what an SRE compares a running pod against: a value changed in the
+    # manifests (a drain delay, a port, the stream replicas) must change there too.
+    documented = _sre_container_values()
+    assert len(documented) >= 10, documented
+    wrong = []
+    for w, c, svc, cmd in _service_containers(objects(overlay)):
+        if cmd != "serve":
+            continue
+        env = resolve_env(c, objects(overlay))
+        s = load_settings_from(svc, {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}, monkeypatch)
+        for only, name, where, value in documented:
+            if only not in (None, svc) or where not in (None, overlay):
+                continue
+            per_service = value.split(" / ")
+            expected = per_service[list(SERVICES).index(svc)] if len(per_service) == len(SERVICES) else value
+            actual = getattr(s, name.lower())
+            if not _same_value(expected, actual):
+                wrong.append(f"{w.name}: {name} is {actual!r}, docs/sre.md says {expected!r}")
+    assert not wrong, "\n".join(wrong)
