@@ -273,3 +273,49 @@ def test_the_chargeback_alert_is_chargebacks_over_successes_in_one_window_and_ig
     assert 0 < float(threshold) <= 0.015, threshold  # the card networks' programmes start near 1 %
     assert int(floor) >= 100, floor  # at least a few chargebacks before the ratio can pass
     assert rule["labels"]["severity"] == "warning"
+
+
+def _minutes(duration: str) -> int:
+    """A rule's `for` or range window ("10m", "1h") in minutes."""
+    value, unit = int(duration[:-1]), duration[-1]
+    return value * {"m": 1, "h": 60, "d": 1440}[unit]
+
+
+def _stated_terms_problems(name: str, text: str, rule: Obj) -> list[str]:
+    """What `text` (the docs' or the rule's own words about the alert) says against its rule."""
+    expr, problems = " ".join(rule["expr"].split()), []
+    # "for 10 min(utes)", "over 5 min": the rule's `for`, or `for` plus its expression's window
+    # when the words count from the first failure (a consumer retrying for 15m + 10m = 25 min).
+    windows = [_minutes(w) for w in re.findall(r"\[(\d+[mhd])\]", expr)]
+    allowed = {_minutes(rule["for"])} | {_minutes(rule["for"]) + w for w in windows}
+    for minutes in re.findall(r"(?i)\b(?:for|over) (\d+) min", text):
+        if int(minutes) not in allowed:
+            problems.append(f"{name}: says {minutes} min, the rule fires after {sorted(allowed)} min")
+    for seconds in re.findall(r"\babove (\d+) s\b", text):
+        if f"> {seconds}" not in expr:
+            problems.append(f"{name}: says above {seconds} s, the rule has {expr!r}")
+    if "more than a day" in text and "> 86400" not in expr:
+        problems.append(f"{name}: says more than a day, the rule has {expr!r}")
+    for percent in re.findall(r"> (\d+) ?%", text):
+        if f"> {int(percent) / 100}" not in expr:
+            problems.append(f"{name}: says > {percent} %, the rule has {expr!r}")
+    return problems
+
+
+def test_the_thresholds_and_durations_the_docs_and_descriptions_give_are_the_rules() -> None:
+    # "above 60 s for 5 min": an SRE reading docs/sre.md or a firing alert's description takes
+    # those numbers for the rule's; a rule retuned without them misleads in the middle of a page.
+    rules = {r["alert"]: r for r in _rules()}
+    # Each alert named in the paragraph, with the words since the previous one (or the clause).
+    parts = re.split(r"\(`(Livegifts[A-Z]\w+)`\)", " ".join(_alert_on_paragraph().split()))
+    problems = []
+    checked = 0
+    for text, name in zip(parts[0::2], parts[1::2], strict=False):
+        clause = re.split(r";|\): ", text)[-1]
+        problems += _stated_terms_problems(name, clause, rules[name])
+        checked += bool(re.search(r"\d+ min|above \d+ s|more than a day|> \d+ ?%", clause))
+    for name, rule in rules.items():
+        description = " ".join(rule["annotations"]["description"].split())
+        problems += _stated_terms_problems(name, description, rule)
+    assert checked >= 8, f"only {checked} alerts of the paragraph state a threshold or duration: fix the parsing"
+    assert not problems, "\n".join(problems)
