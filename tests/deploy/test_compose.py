@@ -267,3 +267,21 @@ def test_the_grpc_health_check_command_passes_when_serving_and_fails_otherwise(
     assert check() == 1
     for name in ("gifting", "payout"):
         assert compose["services"][name]["healthcheck"]["test"][:4] == test[:4], "one health check for all"
+
+
+def test_the_drain_grace_and_stop_period_docs_sre_gives_for_compose_are_the_files(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/sre.md's settings table gives compose's drain + grace and its stop_grace_period beside
+    # the Kubernetes ones (tests/deploy/test_k8s.py holds those): a retuned compose file must say so there.
+    sre = (REPO / "docs" / "sre.md").read_text()
+    row = next(line for line in sre.splitlines() if line.startswith("| `DRAIN_DELAY_S` + `SHUTDOWN_GRACE_S`"))
+    m = re.search(r"compose: ([0-9.]+) \+ ([0-9.]+) \|.*compose `stop_grace_period` \((\d+)s\)", row)
+    assert m, f"docs/sre.md's drain row no longer reads as this test expects: {row}"
+    drain, grace, stop = float(m.group(1)), float(m.group(2)), m.group(3)
+    for name, definition, svc, cmd in runs(compose):
+        if cmd != "serve":
+            continue
+        s = load_settings_from(svc, environment(definition), monkeypatch)
+        assert (s.drain_delay_s, s.shutdown_grace_s) == (drain, grace), f"{name}: docs/sre.md says {drain} + {grace}"
+        assert definition["stop_grace_period"] == f"{stop}s", f"{name}: docs/sre.md says stop_grace_period {stop}s"

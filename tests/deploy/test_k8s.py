@@ -808,4 +808,8 @@ def test_every_value_docs_sre_gives_a_container_setting_is_the_one_the_overlay_s
             actual = getattr(s, name.lower())
             if not _same_value(expected, actual):
                 wrong.append(f"{w.name}: {name} is {actual!r}, docs/sre.md says {expected!r}")
+        grace = re.search(r"k8s `terminationGracePeriodSeconds` \((\d+)\)", (REPO / "docs" / "sre.md").read_text())
+        assert grace, "docs/sre.md no longer gives the pods' terminationGracePeriodSeconds"
+        if (period := w.pod["terminationGracePeriodSeconds"]) != int(grace.group(1)):
+            wrong.append(f"{w.name}: terminationGracePeriodSeconds {period}, docs/sre.md says {grace.group(1)}")
     assert not wrong, "\n".join(wrong)
