@@ -326,6 +326,17 @@ def test_every_environment_variable_the_cli_reads_is_named_in_the_readme() -> No
     assert not missing, f"README does not name the environment variables the livegifts CLI reads: {missing}"
 
 
+def test_the_readme_names_exactly_the_make_targets_make_help_lists() -> None:
+    # "make help lists them (...)": a target added, renamed or dropped in the Makefile must be so
+    # in README, which is where a new engineer meets them.
+    makefile = (REPO / "Makefile").read_text()
+    listed = set(re.findall(r"^([a-z-]+):.*## ", makefile, flags=re.M)) - {"help"}
+    others = re.search(r"Other targets: `make help` lists them \(([^)]*)\)", " ".join(README.split()))
+    assert others, "README no longer lists the other make targets as this test expects"
+    named = set(re.findall(r"`([a-z-]+)`", others.group(1))) | set(re.findall(r"^make ([a-z-]+) ", README, flags=re.M))
+    assert named == listed, f"README only: {sorted(named - listed)}; Makefile only: {sorted(listed - named)}"
+
+
 def _string_literals() -> set[str]:
     """Every string literal in services/, implicit concatenations joined (as log messages are)."""
     out = set()
