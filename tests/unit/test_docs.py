@@ -337,6 +337,16 @@ def test_the_readme_names_exactly_the_make_targets_make_help_lists() -> None:
     assert named == listed, f"README only: {sorted(named - listed)}; Makefile only: {sorted(listed - named)}"
 
 
+def test_the_python_the_readme_asks_a_fresh_machine_for_is_the_one_the_project_requires() -> None:
+    # `make run` builds .venv with whatever `python3` is: an older one fails deep in pip.
+    required = re.search(r'requires-python = ">=(\d+\.\d+)"', (REPO / "pyproject.toml").read_text())
+    stated = re.search(r"Python (\d+\.\d+) or newer", " ".join(README.split("\n## Two commands\n", 1)[1].split()))
+    assert required and stated, 'pyproject.toml or README\'s "Two commands" no longer states the Python it needs'
+    assert stated.group(1) == required.group(1), (
+        f"README asks for Python {stated.group(1)}, pyproject for {required.group(1)}"
+    )
+
+
 def _string_literals() -> set[str]:
     """Every string literal in services/, implicit concatenations joined (as log messages are)."""
     out = set()
