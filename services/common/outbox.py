@@ -420,7 +420,13 @@ class OutboxRelay:
         gone = sum(1 for row_id in acked if row_id in self._held)
         if not self._skipping:
             new = sum(1 for r, _res in oversized if r.id not in self._held)
-            if len(self._held) - gone + new > self.held_max and any(len(r.payload) > room for r, _res in oversized):
+            # Rows too large by their payload, in this pass or among those held: passed by their
+            # size, they free the ids the others need (else one row over only with its headers,
+            # once the held ids were all such rows, failed every pass).
+            if len(self._held) - gone + new > self.held_max and (
+                any(len(r.payload) > room for r, _res in oversized)
+                or any(payload > room for _size, payload in self._held.values())
+            ):
                 self._skipping = True
                 self._held = {i: sizes for i, sizes in self._held.items() if sizes[1] <= room}
                 gone = sum(1 for row_id in acked if row_id in self._held)

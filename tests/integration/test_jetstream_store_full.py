@@ -408,3 +408,37 @@ async def test_more_oversized_events_than_relay_held_max_and_a_batch_leave_every
             assert await eventually(h.unpublished, lambda n: n == 0, 10) == 0
         assert await h.relay.relay_once() == 0
         assert _held() == 0
+
+
+async def test_held_ids_taken_by_rows_too_large_by_their_payload_leave_room_for_one_too_large_by_its_headers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RELAY_HELD_MAX held ids, all of rows whose payload alone is over the limit, then one row
+    over it only with its headers: the relay read past the held rows by their size, keeping an
+    id for that row. It switched only when a row of the pass itself was too large by its
+    payload, so that row was refused, and every pass failed (backoff) while it waited."""
+    async with _small_server(tmp_path, relay_held_max=2) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        limit = nc._max_payload
+        try:
+            nc._max_payload = PAYLOAD_BYTES_MAX // 2  # a server whose max_payload was lowered since
+            for i in range(2):
+                await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+            assert await h.relay.relay_once() == 0
+            assert _held() == 2
+            traced = json.dumps({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"})
+            await _add_raw(h, "over-with-headers", b"x" * (PAYLOAD_BYTES_MAX // 2 - WIRE_BYTES_MIN), traced)
+            later = await h.add_events(2)
+            errors = _publish_errors()
+            with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
+                assert await h.relay.relay_once() == 2, "the pass does not fail"
+                assert await h.relay.relay_once() == 0
+            assert _publish_errors() == errors
+            assert not [r for r in caplog.records if r.message.endswith("more fail its passes")]
+            assert await h.stored_ids() == later
+            assert _held() == 3, "two passed by their size, one held by its id"
+        finally:
+            nc._max_payload = limit
+        assert await h.relay.relay_once() == 3
+        assert _held() == 0 and await h.unpublished() == 0
