@@ -410,14 +410,15 @@ async def test_more_oversized_events_than_relay_held_max_and_a_batch_leave_every
         assert _held() == 0
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
 async def test_held_ids_taken_by_rows_too_large_by_their_payload_leave_room_for_one_too_large_by_its_headers(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """RELAY_HELD_MAX held ids, all of rows whose payload alone is over the limit, then one row
     over it only with its headers: the relay read past the held rows by their size, keeping an
     id for that row. It switched only when a row of the pass itself was too large by its
     payload, so that row was refused, and every pass failed (backoff) while it waited."""
-    async with _small_server(tmp_path, relay_held_max=2) as h:
+    async with _small_on(db, tmp_path, relay_held_max=2) as h:
         nc = h.bus.nc
         assert nc is not None
         limit = nc._max_payload
