@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -69,6 +70,10 @@ BATCH_HEADERS_BYTES = message_bytes(b"", _ID_ONLY | BATCH_HEADERS_MAX) - message
 # (`"k": "v", ` against `k: v\r\n`, escapes), so its length bounds nothing. A row its headers
 # take over is found at its publish, as before (`_hold`).
 WIRE_BYTES_MIN = message_bytes(b"", _ID_ONLY) + BATCH_HEADERS_BYTES  # 125
+# Past RELAY_HELD_MAX, the rows read past by size are counted again (a walk of the outbox) after a
+# pass that sent something, else at most this often: an idle relay polls every
+# RELAY_POLL_INTERVAL_S, and a count at each poll doubled its walks of a large outbox.
+SKIPPED_RECOUNT_INTERVAL_S = 10.0
 
 
 class OversizedEventError(nats.errors.MaxPayloadError):
@@ -243,6 +248,7 @@ class OutboxRelay:
         # how many there were when last counted.
         self._skipping = False
         self._skipped = 0
+        self._counted_at = 0.0  # time.monotonic() of the last count
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set."""
@@ -302,7 +308,13 @@ class OutboxRelay:
         skipping = self._skipping
         kept = self._hold(rows, results, acked)
         switched = self._skipping and not skipping
-        if switched or (self._skipping and len(rows) < self.batch_size_max):
+        if self._skipping and (
+            switched
+            or (
+                len(rows) < self.batch_size_max
+                and (acked or time.monotonic() - self._counted_at >= SKIPPED_RECOUNT_INTERVAL_S)
+            )
+        ):
             await self._count_skipped(switched)
         OUTBOX_HELD.set(len(self._held) - sum(1 for row_id in acked if row_id in self._held) + self._skipped)
         failed = len(rows) - len(acked) - len(kept)
@@ -373,11 +385,14 @@ class OutboxRelay:
         """Count the rows the reads pass for their payload's size (past RELAY_HELD_MAX): when the
         relay starts passing them (logged), and after a read that found every waiting row, so the
         count scans no more of the table than that read did (a full batch may have stopped short
-        of a large backlog). None left: the reads take them again."""
+        of a large backlog): one that sent something, else at most every
+        SKIPPED_RECOUNT_INTERVAL_S (another pod may have sent them). None left: the reads take
+        them again."""
         check(self.bus.nc is not None, "self.bus.nc is not None")
         room = self.bus.nc.max_payload - WIRE_BYTES_MIN
         async with self.db.unit_of_work(readonly=True) as uow:
             self._skipped = int((await uow.conn.execute(self._too_large, {"room": room})).scalar_one())
+        self._counted_at = time.monotonic()
         if switched:
             log.error(
                 "outbox relay holds RELAY_HELD_MAX events larger than NATS takes; now reads past each one"

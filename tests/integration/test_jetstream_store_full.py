@@ -443,3 +443,40 @@ async def test_held_ids_taken_by_rows_too_large_by_their_payload_leave_room_for_
             nc._max_payload = limit
         assert await h.relay.relay_once() == 3
         assert _held() == 0 and await h.unpublished() == 0
+
+
+async def test_past_relay_held_max_an_idle_relay_counts_the_rows_it_reads_past_at_most_every_interval(
+    tmp_path: Path,
+) -> None:
+    """The count of the rows read past by size walks the outbox: run after every short pass, an
+    idle relay (a read every RELAY_POLL_INTERVAL_S) walked a large outbox twice a poll. It runs
+    at the switch, after a pass that sent something, else at most every SKIPPED_RECOUNT_INTERVAL_S."""
+    async with _small_server(tmp_path, relay_held_max=1) as h:
+        nc = h.bus.nc
+        assert nc is not None
+        limit = nc._max_payload
+        counts = 0
+        count_skipped = h.relay._count_skipped
+
+        async def counted(switched: bool) -> None:
+            nonlocal counts
+            counts += 1
+            await count_skipped(switched)
+
+        h.relay._count_skipped = counted  # type: ignore[method-assign]
+        try:
+            nc._max_payload = PAYLOAD_BYTES_MAX // 2
+            for i in range(2):  # more than RELAY_HELD_MAX, too large by their payload
+                await _add_raw(h, f"oversized-{i}", b"x" * (PAYLOAD_BYTES_MAX * 3 // 4))
+            assert await h.relay.relay_once() == 0
+            assert (counts, _held()) == (1, 2), "counted at the switch"
+            for _ in range(5):  # idle polls
+                assert await h.relay.relay_once() == 0
+            assert counts == 1, "an idle poll does not walk the outbox again"
+            await h.add_events(1)
+            assert await h.relay.relay_once() == 1
+            assert (counts, _held()) == (2, 2), "a pass that sent something counts again"
+        finally:
+            nc._max_payload = limit
+        assert await h.relay.relay_once() == 2
+        assert _held() == 0 and await h.unpublished() == 0
