@@ -53,6 +53,10 @@ IDEMPOTENCY_PRUNED = Counter(
 KEY_ONLY_ROWS_PRUNED = Counter(
     "livegifts_key_only_rows_pruned_total", "Answered unlocks' key rows (KEY_ONLY) deleted after the retention"
 )
+# Gifting: daily leaderboard rows older than LEADERBOARD_DAILY_RETENTION_DAYS (services/gifting/readmodels.py).
+LEADERBOARD_DAILY_ROWS_PRUNED = Counter(
+    "livegifts_leaderboard_daily_rows_pruned_total", "Daily leaderboard rows deleted after the retention"
+)
 # Wallet: purchases credited after a failure report (a later attempt took the money); reconcile these.
 PURCHASES_SUCCEEDED_AFTER_FAILURE = Counter(
     "livegifts_purchases_succeeded_after_failure_total", "Purchases a success callback credited after they had FAILED"

@@ -26,9 +26,10 @@ PRUNE_PROGRESS_EVERY = 100_000  # rows between progress lines of one long prunin
 
 
 class AgePruner:
-    """Deletes the rows of `table` whose `age_column` (microseconds) is older than the retention,
-    a chunk per transaction, every interval; only rows matching all of `only` go (the predicate
-    of the partial index that finds them), and rows matching any of `keep` stay however old."""
+    """Deletes the rows of `table` whose `age_column` (microseconds, or units of `age_unit_us`) is
+    older than the retention, a chunk per transaction, every interval; only rows matching all of
+    `only` go (the predicate of the partial index that finds them), and rows matching any of `keep`
+    stay however old."""
 
     def __init__(
         self,
@@ -44,8 +45,12 @@ class AgePruner:
         progress_line: str,
         keep: tuple[ColumnElement[bool], ...] = (),
         only: tuple[ColumnElement[bool], ...] = (),
+        age_unit_us: int = 1,
     ) -> None:
         self.db = db
+        # A column counted in days (leaderboard_daily.day) is compared in days, so its index serves:
+        # a row goes once its whole unit is older than the retention.
+        self.age_unit_us = age_unit_us
         self.retention_us = int(retention_days * US_PER_DAY)
         self.interval_s = interval_s
         self.pause_s = pause_s
@@ -80,7 +85,7 @@ class AgePruner:
         is introduced or shortened) goes chunk after chunk, `pause_s` apart, with a progress line
         every `progress_every` rows, until done or stopped (also during a pause).
         """
-        before = (now_us() if now is None else now) - self.retention_us
+        before = ((now_us() if now is None else now) - self.retention_us) // self.age_unit_us
         stop = stop if stop is not None else asyncio.Event()
         total = 0
         while True:

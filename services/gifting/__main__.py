@@ -19,7 +19,7 @@ from services.common.grpcserver import ServiceRegistration
 from services.gifting.config import GiftingSettings
 from services.gifting.feed import FeedHub
 from services.gifting.keyrows import KeyOnlyPruner
-from services.gifting.readmodels import ReadModels
+from services.gifting.readmodels import LeaderboardDailyPruner, ReadModels
 from services.gifting.server import GiftingServicer
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
@@ -57,7 +57,12 @@ async def wire(rt: Runtime) -> Wiring:
             ),
         ],
         subscriptions=[read_models.subscription()],
-        background=[gifting.sweeper, feed.run, KeyOnlyPruner(rt.db, settings).run],
+        background=[
+            gifting.sweeper,
+            feed.run,
+            KeyOnlyPruner(rt.db, settings).run,
+            LeaderboardDailyPruner(rt.db, settings).run,
+        ],
         # Each WatchStream holds a call open; FeedHub refuses feeds past WATCHERS_MAX.
         streaming_rpcs_max=settings.watchers_max,
         close=close,

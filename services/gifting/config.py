@@ -4,6 +4,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
+from services.gifting.domain import LEADERBOARD_WINDOW_DAYS
 
 
 class GiftingSettings(ServiceSettings):
@@ -48,3 +49,9 @@ class GiftingSettings(ServiceSettings):
     # the wallet checks sender and creator again inside every spend, so this only decides whether
     # an ineligible gift is refused before it is recorded or cancelled right after. 0 = no cache.
     eligibility_cache_s: float = Field(default=60.0, ge=0, le=3600)
+    # Daily leaderboard rows (one per stream or creator, day and sender) are read only for the last
+    # LEADERBOARD_WINDOW_DAYS; older days are deleted (readmodels.LeaderboardDailyPruner). At least
+    # one day more than the window, for a replica whose clock runs a little ahead.
+    leaderboard_daily_retention_days: int = Field(
+        default=LEADERBOARD_WINDOW_DAYS + 1, ge=LEADERBOARD_WINDOW_DAYS + 1, le=3650
+    )

@@ -18,10 +18,17 @@ from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from services.common.db import Database, UnitOfWork
 from services.common.errors import InvalidArgument, require_id
 from services.common.inbox import Subscription
-from services.common.timeutil import now_us, to_timestamp
+from services.common.metrics import LEADERBOARD_DAILY_ROWS_PRUNED
+from services.common.pruning import AgePruner
+from services.common.timeutil import US_PER_DAY, now_us, to_timestamp
 from services.gifting import domain
+from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind, Scope
 from services.gifting.storage import creator_stats_hourly, leaderboard_all_time, leaderboard_daily, upsert_add
+
+# The leaderboards' old days go once an hour: a day's rows become prunable once a day, so a
+# shorter interval would only find nothing more often.
+LEADERBOARD_PRUNE_INTERVAL_S = 3600.0
 
 _KIND = {
     events_pb2.GIFT_KIND_GIFT: GiftKind.GIFT.value,
@@ -218,4 +225,28 @@ class ReadModels:
                 )
                 for r in by_hour
             ],
+        )
+
+
+class LeaderboardDailyPruner(AgePruner):
+    """Deletes daily leaderboard rows of days older than LEADERBOARD_DAILY_RETENTION_DAYS, a chunk
+    per transaction, every hour, on ix_leaderboard_daily_day.
+
+    Nothing reads a day before the last LEADERBOARD_WINDOW_DAYS (`_ranked`), and the all-time
+    boards and creator stats have their own tables; kept, these rows grew by about one per
+    stream and sender and one per creator and sender each day, for good.
+    """
+
+    def __init__(self, db: Database, settings: GiftingSettings) -> None:
+        super().__init__(
+            db,
+            leaderboard_daily,
+            leaderboard_daily.c.day,
+            retention_days=settings.leaderboard_daily_retention_days,
+            interval_s=LEADERBOARD_PRUNE_INTERVAL_S,
+            pause_s=settings.prune_pause_s,
+            counter=LEADERBOARD_DAILY_ROWS_PRUNED,
+            done_line="daily leaderboard rows pruned",
+            progress_line="pruning the daily leaderboard rows",
+            age_unit_us=US_PER_DAY,
         )

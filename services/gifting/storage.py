@@ -246,6 +246,15 @@ leaderboard_daily = Table(
     Column("sender_id", String(128), primary_key=True),
     Column("coins", BigInteger, nullable=False),
 )
+# For pruning by day (services/gifting/readmodels.py LeaderboardDailyPruner): the leaderboards
+# read only the last LEADERBOARD_WINDOW_DAYS. BRIN on PostgreSQL as the inbox's (tables.py): rows
+# are written in day order, and an old day's rows are never updated again.
+Index(
+    "ix_leaderboard_daily_day",
+    leaderboard_daily.c.day,
+    postgresql_using="brin",
+    postgresql_with={"autosummarize": "on"},
+)
 
 creator_stats_hourly = Table(
     "creator_stats_hourly",

@@ -207,6 +207,31 @@ async def test_the_key_only_pruners_delete_is_served_by_the_key_only_index(empty
     assert "ix_gift_events_key_only" in plan, plan
 
 
+async def test_the_daily_leaderboard_pruners_delete_is_served_by_the_day_index(empty_database: str) -> None:
+    from services.gifting.config import GiftingSettings
+    from services.gifting.readmodels import LeaderboardDailyPruner
+
+    # A BRIN index is costed by the table's pages, so the plan is judged on a table of some size:
+    # 60 days of 1,000 senders in the two scopes, analyzed. (Without ix_leaderboard_daily_day
+    # PostgreSQL scans the whole primary key: day is its third column.)
+    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
+    rows = ", ".join(
+        f"('{scope}', 's{i % 50}', {day}, 'v{i}', 1)"
+        for day in range(60)
+        for i in range(1_000)
+        for scope in ("STREAM", "CREATOR")
+    )
+    await _execute(
+        empty_database,
+        f"INSERT INTO leaderboard_daily (scope, scope_id, day, sender_id, coins) VALUES {rows}",
+        "ANALYZE leaderboard_daily",
+    )
+    settings = GiftingSettings(database_url=empty_database, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    pruner = LeaderboardDailyPruner(None, settings)  # type: ignore[arg-type] # only its statement is planned
+    plan = await _gifting_plan(empty_database, lambda dialect: pruner._delete, {"before": 10})
+    assert "ix_leaderboard_daily_day" in plan, plan
+
+
 async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
     empty_database: str,
 ) -> None:
