@@ -24,7 +24,7 @@ from services.common.auth import OperatorAuth
 from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
 from services.common.config import MigrationSettings, ServiceSettings, load_settings
 from services.common.db import Database, url_for_messages
-from services.common.deadletters import dead_letter_registration
+from services.common.deadletters import ParkedGauge, dead_letter_registration
 from services.common.errors import StartupError
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import (
@@ -180,6 +180,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         tasks.append(asyncio.create_task(consumer.run(stop), name=consumer.sub.durable))
     if consumers:
         tasks.append(asyncio.create_task(InboxPruner(db, spec.tables, settings).run(stop), name="inbox-pruner"))
+        gauge = ParkedGauge(db, spec.tables, [c.sub.durable for c in consumers])
+        tasks.append(asyncio.create_task(gauge.run(stop), name="dead-letters-gauge"))
     # Every service records idempotent answers (its commands, dead-letter replays), consumers or not.
     pruner = IdempotencyPruner(db, spec.tables, settings)
     tasks.append(asyncio.create_task(pruner.run(stop), name="idempotency-pruner"))

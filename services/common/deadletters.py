@@ -9,10 +9,11 @@ together, so a replay takes effect once, or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
@@ -22,6 +23,8 @@ from services.common.errors import Aborted, FailedPrecondition, InvalidArgument,
 from services.common.grpcserver import ServiceRegistration
 from services.common.idempotency import record, request_hash, stored_answer
 from services.common.inbox import Consumer, ReplayFailed
+from services.common.loops import run_every
+from services.common.metrics import DEAD_LETTERS_PARKED
 from services.common.tables import CommonTables
 from services.common.telemetry import current_trace_id
 from services.common.timeutil import to_timestamp
@@ -32,6 +35,9 @@ PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 500
 _OUTCOME = dead_letters_pb2.ReplayDeadLetterResponse
 REPLAY_SCOPE = "ReplayDeadLetter"
+# How often the parked rows are counted for livegifts_dead_letters_parked: one grouped count of a
+# table that holds only what awaits an operator.
+DEAD_LETTERS_COUNT_INTERVAL_S = 60.0
 
 
 def _dead_letter_pb(r: dict[str, Any]) -> dead_letters_pb2.DeadLetter:
@@ -178,3 +184,33 @@ def dead_letter_registration(
         DeadLetterServicer(db, tables, consumers, auth),
         dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
     )
+
+
+class ParkedGauge:
+    """Sets livegifts_dead_letters_parked{consumer} from the dead_letters table every interval.
+
+    dead_letters has no retention: a parked event waits for an operator's replay or delete,
+    however long. The counter of parked events and its alert say when one came; this says how
+    many still wait, so a pile-up (a consumer parking every event) shows as growth.
+    """
+
+    def __init__(self, db: Database, tables: CommonTables, consumers: list[str]) -> None:
+        self.db = db
+        self.tables = tables
+        # Every consumer of the service shows, at 0 when nothing of it is parked.
+        self.seen: set[str] = set(consumers)
+
+    async def count_once(self) -> int:
+        """Count the parked rows by consumer and set the gauge; 0, so `run_every` logs no line."""
+        d = self.tables.dead_letters.c
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (await uow.conn.execute(select(d.consumer, func.count()).group_by(d.consumer))).all()
+        counts = {str(consumer): int(n) for consumer, n in rows}
+        self.seen |= counts.keys()
+        for consumer in self.seen:
+            DEAD_LETTERS_PARKED.labels(consumer).set(counts.get(consumer, 0))
+        return 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Count every DEAD_LETTERS_COUNT_INTERVAL_S until `stop`."""
+        await run_every(stop, DEAD_LETTERS_COUNT_INTERVAL_S, self.count_once, "dead letters counted")

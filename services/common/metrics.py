@@ -146,6 +146,12 @@ PROVIDER_CALL_FAILURES = Counter(
     ["provider", "call", "outcome"],
 )
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
+# The rows in dead_letters, by consumer, recounted every DEAD_LETTERS_COUNT_INTERVAL_S
+# (services/common/deadletters.py): the counter above says when events were parked, and its alert
+# clears an hour later; this says how many still wait (replayed or deleted ones leave it).
+DEAD_LETTERS_PARKED = Gauge(
+    "livegifts_dead_letters_parked", "Events parked in dead_letters awaiting an operator (last count)", ["consumer"]
+)
 GC_PAUSE = Histogram(
     "livegifts_gc_pause_seconds",
     "Garbage collections by generation: each one stops the event loop this long",
