@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Table, any_, bindparam, column, func, literal, select, update
+from sqlalchemy import CHAR, JSON, Enum, String, Table, any_, bindparam, column, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
@@ -20,18 +20,34 @@ from sqlalchemy.sql.elements import ColumnElement
 from services.common.errors import check
 
 
+def _array_of(element: Any) -> ARRAY[Any]:
+    """An array of `element`'s values, of unbounded text if `element` is a `String(n)`.
+
+    The array's type is its parameter's cast (`$1::VARCHAR(64)[]`), and an explicit cast to
+    `varchar(n)` cuts a longer value to n characters (SQL standard) where an INSERT of it would
+    fail: a look-up for a 65-character id would answer for the stored one it starts with, and a
+    bulk INSERT would store it cut. Of unbounded text, the value stays whole: it matches nothing
+    (`varchar(n) = varchar` is the column's own operator, so its btree index still serves), and
+    an INSERT or UPDATE of it fails "value too long" on the column's assignment cast. CHAR and
+    Enum keep their type: a bare CHAR is char(1), an Enum has no length to cut.
+    """
+    if isinstance(element, String) and element.length is not None and not isinstance(element, (CHAR, Enum)):
+        return ARRAY(String())
+    return ARRAY(element)
+
+
 def one_of(dialect: str, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
     """`column` is one of `values`, as one statement text whatever their number."""
     vals = list(values)
     if dialect == "postgresql":
-        return column == any_(literal(vals, ARRAY(column.type)))  # type: ignore[no-any-return]
+        return column == any_(literal(vals, _array_of(column.type)))  # type: ignore[no-any-return]
     return column.in_(vals)  # type: ignore[no-any-return]
 
 
 def one_of_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     """`one_of` for a statement built once: the values are passed at execution as `{name: [...]}`."""
     if dialect == "postgresql":
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
+        return column == any_(bindparam(name, type_=_array_of(column.type)))  # type: ignore[no-any-return]
     return column.in_(bindparam(name, expanding=True))  # type: ignore[no-any-return]
 
 
@@ -45,7 +61,7 @@ def one_of_array(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     generic plan PostgreSQL's plan cache picks after five executions compares each row with
     each value (the relay's read past 10,000 held rows took 0.2-0.4 s, holding its claim)."""
     if dialect == "postgresql":
-        values = select(func.unnest(bindparam(name, type_=ARRAY(column.type))))
+        values = select(func.unnest(bindparam(name, type_=_array_of(column.type))))
         return column.in_(values)  # type: ignore[no-any-return]
     values = func.json_each(bindparam(name, type_=JSON)).table_valued("value")
     return column.in_(select(values.c.value))  # type: ignore[no-any-return]
@@ -115,7 +131,7 @@ def _rows_source(dialect: str, types: dict[str, Any], prefix: str = "b_") -> tup
     """Each row's value by name: a column of unnest(one array per name) on PostgreSQL, else a bind parameter."""
     if dialect == "postgresql":
         rows = (
-            func.unnest(*(bindparam(f"{prefix}{n}", type_=ARRAY(t)) for n, t in types.items()))
+            func.unnest(*(bindparam(f"{prefix}{n}", type_=_array_of(t)) for n, t in types.items()))
             .table_valued(*(column(n, t) for n, t in types.items()))
             .render_derived()
         )
