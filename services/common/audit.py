@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, Table, select, tuple_, type_coerce
+from sqlalchemy import ColumnElement, Select, Table, select, tuple_
 from sqlalchemy.sql.expression import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
 
@@ -102,9 +102,8 @@ def table_query(
     t = table.c
     # Up to IDS_MAX ids as one array parameter on PostgreSQL (`= ANY`), not an expanding IN that
     # binds and renders one parameter per id (bench/README.md, the windowed audit's by-id reads).
-    # The array is of unbounded text: cast to the column's VARCHAR(n)[] PostgreSQL would cut an id
-    # asked for to n characters, and answer for a different id that starts the same.
-    by_ids = one_of_param(db.dialect, type_coerce(t[id_col], String()), "ids")
+    # An id longer than the column is none of them: the array is of unbounded text (sql.py `_array_of`).
+    by_ids = one_of_param(db.dialect, t[id_col], "ids")
 
     async def query(
         after: str, size: int, ids: list[str], up_to: str = "", since_us: int = 0, after_id: str = ""
