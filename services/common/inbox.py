@@ -411,9 +411,12 @@ class Consumer(Generic[E]):
         """Why the inbox cannot hold `event_id`, from a foreign or broken producer ("" if it can).
 
         Such an event is parked as undecodable. A longer id than the column holds was recorded cut
-        on PostgreSQL (the insert's array cast truncates), so the event passed for a duplicate:
-        acked, never applied. A control character (NUL) PostgreSQL refuses, in the inbox and then
-        in dead_letters, so the event was never parked and came back every backoff. SQLite took both.
+        on PostgreSQL while the insert's array was of the column's VARCHAR(64) (the cast truncated),
+        so the event passed for a duplicate: acked, never applied; since its array is of unbounded
+        text (`sql._array_of`) the insert fails, and its batch with it, on each delivery until the
+        event is parked: it is parked at once. A control character (NUL) PostgreSQL refuses, in the
+        inbox and then in dead_letters, so the event was never parked and came back every backoff.
+        SQLite took both.
         """
         if len(event_id) > self._event_id_max:
             return f"event_id is longer than {self._event_id_max} characters"
