@@ -9,10 +9,10 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos run demo test unit integration faults bench lint fmt clean
+.PHONY: help venv protos proto-baseline run demo test unit integration faults bench lint fmt clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 	@touch $@
 
 protos: $(GEN_STAMP) ## generate Python code and .pyi stubs from protos/ into gen/
+
+# The released API that tests/unit/test_proto_compat.py holds protos/ to: refresh it only on purpose.
+proto-baseline: $(STAMP) ## record protos/ as the released API (tests/unit/proto_baseline.json; README, Calling it)
+	$(PY) -m tests.unit.proto_baseline
 
 run: $(GEN_STAMP) ## start nats-server and the three services on SQLite under var/ (Ctrl-C stops all)
 	$(BIN)/livegifts run
