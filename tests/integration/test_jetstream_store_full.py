@@ -31,7 +31,7 @@ from sqlalchemy.util import await_
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.db import Database
-from services.common.outbox import WIRE_BYTES_MIN, Outbox, OutboxRelay
+from services.common.outbox import SKIPPED_RECOUNT_INTERVAL_S, WIRE_BYTES_MIN, Outbox, OutboxRelay
 from services.common.tables import add_common_tables
 from tests.integration import pg
 from tests.integration.helpers import eventually, nats_server
@@ -473,9 +473,15 @@ async def test_past_relay_held_max_an_idle_relay_counts_the_rows_it_reads_past_a
             for _ in range(5):  # idle polls
                 assert await h.relay.relay_once() == 0
             assert counts == 1, "an idle poll does not walk the outbox again"
+            # Another pod may have sent them: once the interval has passed, an idle poll counts again.
+            h.relay._counted_at -= SKIPPED_RECOUNT_INTERVAL_S
+            assert await h.relay.relay_once() == 0
+            assert counts == 2, "an idle poll counts again after SKIPPED_RECOUNT_INTERVAL_S"
+            assert await h.relay.relay_once() == 0
+            assert counts == 2, "and then not again until the next interval"
             await h.add_events(1)
             assert await h.relay.relay_once() == 1
-            assert (counts, _held()) == (2, 2), "a pass that sent something counts again"
+            assert (counts, _held()) == (3, 2), "a pass that sent something counts again"
         finally:
             nc._max_payload = limit
         assert await h.relay.relay_once() == 2
