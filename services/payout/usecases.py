@@ -297,6 +297,22 @@ def _money(currency_code: str, amount_minor: int) -> common_pb2.Money:
     return common_pb2.Money(currency_code=currency_code, amount_minor=amount_minor)
 
 
+VERIFIED = "VERIFIED"  # the one verification a withdrawal may be paid to
+
+
+def _method_not_verified() -> FailedPrecondition:
+    return FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
+
+
+async def _method_verified(uow: UnitOfWork, method_id: str, *, lock: bool = False) -> bool:
+    """Whether the payout method is VERIFIED now; with `lock`, its row held until commit
+    (PostgreSQL `FOR SHARE`), so a verification failing it waits for this transaction."""
+    m = payout_methods.c
+    q = select(m.verification).where(m.method_id == method_id)
+    verification = (await uow.conn.execute(q.with_for_update(read=True) if lock else q)).scalar_one()
+    return bool(verification == VERIFIED)
+
+
 def _withdrawal_pb(r: Any) -> payout_pb2.Withdrawal:
     return payout_pb2.Withdrawal(
         withdrawal_id=r.withdrawal_id,
@@ -876,7 +892,7 @@ class Payout:
                 row = (await uow.conn.execute(by_id)).one()
                 if row.verification not in domain.ACTIVE_VERIFICATIONS:
                     domain.check_method_count(await self._active_methods(uow, row.creator_id), limit)
-            status = "VERIFIED" if req.verified else "FAILED"
+            status = VERIFIED if req.verified else "FAILED"
             ts = now_us()
             await uow.conn.execute(
                 update(payout_methods).where(m.method_id == req.method_id).values(verification=status, updated_at_us=ts)
@@ -934,8 +950,8 @@ class Payout:
             if method is None or method.creator_id != req.creator_id:
                 # Someone else's method answers like a missing one: no probing of other accounts.
                 raise NotFound("unknown payout method", "UNKNOWN_PAYOUT_METHOD")
-            if method.verification != "VERIFIED":
-                raise FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
+            if method.verification != VERIFIED:
+                raise _method_not_verified()
             terms = policy.terms_for(method.currency_code)
             amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
             domain.check_withdrawal_limits(amounts, terms)
@@ -1124,12 +1140,8 @@ class Payout:
             # for one approving can move: another (approved already, paid, rejected) still answers
             # INVALID_WITHDRAWAL_TRANSITION, as before, not advice to reject what cannot be.
             domain.check_transition(WithdrawalStatus(row.status), WithdrawalStatus.APPROVED)
-            m = payout_methods.c
-            verification = (
-                await uow.conn.execute(select(m.verification).where(m.method_id == row.method_id))
-            ).scalar_one()
-            if verification != "VERIFIED":
-                raise FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
+            if not await _method_verified(uow, row.method_id):
+                raise _method_not_verified()
             moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
             return _withdrawal_pb(moved)
 
@@ -1244,7 +1256,7 @@ class Payout:
         # withdrawal waits here instead of paying out cash owed back. Held too while its method is
         # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
         # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
-        claimable = and_(approved, creators.c.diamonds_available >= 0, m.verification == "VERIFIED")
+        claimable = and_(approved, creators.c.diamonds_available >= 0, m.verification == VERIFIED)
         # Nor are the withdrawals of creators held by the wallet's word read again before their
         # recheck: oldest first, they would fill every round and keep the later ones waiting.
         now_mono = time.monotonic()
@@ -1380,13 +1392,7 @@ class Payout:
             ).scalar_one()
             if available < 0:
                 return False  # rolled back: still APPROVED, held while the balance is negative
-            m = payout_methods.c
-            verification = (
-                await uow.conn.execute(
-                    select(m.verification).where(m.method_id == method_id).with_for_update(read=True)
-                )
-            ).scalar_one()
-            if verification != "VERIFIED":
+            if not await _method_verified(uow, method_id, lock=True):
                 return False  # rolled back: still APPROVED, held until the method is verified again
             await uow.commit()
         return True
