@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from services.common import faults
-from services.common.db import normalize_url
+from services.common.db import normalize_url, postgres_connect_args
 from services.common.gc_tuning import GEN0_THRESHOLD
 from services.common.migrate import MIGRATION_LOCK_GIVE_UP_S, MIGRATION_LOCK_TIMEOUT_S
 
@@ -79,6 +79,7 @@ class MigrationSettings(BaseSettings):
             raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
         if driver not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
             raise ValueError(f"{driver!r} is not supported: sqlite:///path or postgresql://user@host/db")
+        postgres_connect_args(url)  # a query parameter asyncpg cannot honour: refused here, by name
         return url
 
     @field_validator("log_level", mode="before")

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
@@ -36,6 +36,94 @@ def normalize_url(url: str) -> str:
 # Query-string keys whose value is a secret: asyncpg and libpq take `password` there as well as
 # in the URL's user part, libpq `sslpassword` (a client key's passphrase).
 _SECRET_QUERY_WORDS = ("password", "secret", "token")
+
+
+# libpq's sslmode values, which asyncpg honours too (its `ssl=` takes the same names).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# PostgreSQL URL query parameters, by how they reach asyncpg (SQLAlchemy's asyncpg dialect hands
+# the query string to asyncpg.connect() as keyword arguments, and asyncpg takes libpq's TLS
+# parameters only from a DSN: `?sslmode=require`, copied from a libpq URL, stopped start-up with
+# a TypeError traceback). Keyword arguments asyncpg takes as the strings a URL carries:
+_PG_KWARGS = frozenset(
+    {
+        "host",  # several `host=h:p`: SQLAlchemy's multi-host URL
+        "port",
+        "user",
+        "password",
+        "database",
+        "ssl",  # asyncpg's spelling of sslmode
+        "passfile",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "service",
+        "servicefile",
+        "prepared_statement_cache_size",  # SQLAlchemy's; it makes it an int
+    }
+)
+# libpq parameters asyncpg reads only from a DSN: handed over in one (connect_args["dsn"]) that
+# carries nothing else, host, user and database still coming from the URL.
+_PG_DSN_ONLY = frozenset(
+    {
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslcrl",
+        "sslpassword",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "sslnegotiation",
+        "dbname",
+    }
+)
+
+
+def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
+    """A PostgreSQL URL as the asyncpg dialect takes it: the URL without the libpq parameters
+    asyncpg cannot take as keyword arguments, and the connect_args that honour them.
+
+    libpq's TLS parameters (sslmode, sslrootcert, sslcert, sslkey, ...) and dbname go to asyncpg
+    in a DSN of their own, where it applies them as libpq does; `connect_timeout` (seconds)
+    becomes asyncpg's connect timeout. Any other parameter (application_name, options,
+    keepalives, ...) raises ValueError naming it, a start-up configuration error rather than a
+    TypeError at the first connect. A SQLite URL comes back as it is, with no arguments.
+    """
+    u = make_url(normalize_url(url))
+    if u.get_backend_name() != "postgresql":
+        return u.render_as_string(hide_password=False), {}
+    keep: dict[str, str | tuple[str, ...]] = {}
+    dsn: dict[str, str] = {}
+    args: dict[str, Any] = {}
+    for key, value in u.query.items():
+        if key == "host":  # more than once: SQLAlchemy's multi-host URL
+            keep[key] = value
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"query parameter {key!r} is given more than once")
+        if key in ("ssl", "sslmode") and value not in SSL_MODES:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(SSL_MODES)}")
+        if key == "connect_timeout":
+            try:
+                seconds = int(value)
+            except ValueError:
+                raise ValueError(f"connect_timeout={value!r} is not a whole number of seconds") from None
+            # libpq: 0 or less waits for ever, and less than 2 s is 2 s.
+            args["timeout"] = None if seconds <= 0 else max(2, seconds)
+        elif key in _PG_DSN_ONLY:
+            dsn[key] = value
+        elif key in _PG_KWARGS:
+            keep[key] = value
+        else:
+            raise ValueError(
+                f"query parameter {key!r} is not supported with asyncpg (supported: connect_timeout, "
+                f"{', '.join(sorted(_PG_DSN_ONLY | _PG_KWARGS))})"
+            )
+    if "ssl" in keep and "sslmode" in dsn and keep["ssl"] != dsn["sslmode"]:
+        raise ValueError(f"ssl={keep['ssl']!r} and sslmode={dsn['sslmode']!r} disagree: give one of them")
+    if dsn:
+        args["dsn"] = "postgresql://?" + urlencode(dsn)
+    return u.set(query=keep).render_as_string(hide_password=False), args
 
 
 def url_for_messages(url: str) -> str:
@@ -185,6 +273,7 @@ def create_engine(
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
+    url, libpq_args = postgres_connect_args(url)
     engine = create_async_engine(
         url,
         pool_size=pool_size,
@@ -207,6 +296,7 @@ def create_engine(
             },
             "timeout": 10,
             "command_timeout": statement_timeout_s,
+            **libpq_args,  # the URL's TLS parameters, and its connect_timeout over our 10 s
         },
     )
     event.listen(engine.sync_engine.pool, "checkout", _drop_closed_on_checkout)

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
 
-from services.common.db import driver_sqlstate, ensure_sqlite_dir, normalize_url
+from services.common.db import driver_sqlstate, ensure_sqlite_dir, normalize_url, postgres_connect_args
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ async def _run_async(metadata: MetaData) -> None:
         # In the start-up packet, so it is the session's default: RESET (after a CONCURRENTLY
         # build, or a revision's own SET) comes back to it.
         lock_timeout = f"{max(1, round(lock_timeout_s * 1000))}ms"
-        kw["connect_args"] = {"server_settings": {"lock_timeout": lock_timeout}}
+        section["sqlalchemy.url"], libpq_args = postgres_connect_args(section["sqlalchemy.url"])
+        kw["connect_args"] = {"server_settings": {"lock_timeout": lock_timeout}, **libpq_args}
     engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool, **kw)
     try:
         async with engine.connect() as conn:

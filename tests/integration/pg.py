@@ -20,6 +20,8 @@ _reachable: bool | None = None
 async def _execute(admin_url: str, sql: str) -> None:
     import asyncpg
 
+    from services.common.db import postgres_connect_args
+
     u = make_url(admin_url)
     conn = await asyncpg.connect(
         host=u.host or "127.0.0.1",
@@ -27,7 +29,7 @@ async def _execute(admin_url: str, sql: str) -> None:
         user=u.username or "postgres",
         password=u.password,
         database=u.database or "postgres",
-        timeout=5,
+        **{"timeout": 5, **postgres_connect_args(admin_url)[1]},  # its sslmode etc., as the services take them
     )
     try:
         await conn.execute(sql)

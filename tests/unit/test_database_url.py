@@ -1,0 +1,128 @@
+"""A PostgreSQL URL copied from a libpq secret (`?sslmode=require`, `sslrootcert=...`) is honoured.
+
+SQLAlchemy's asyncpg dialect hands the URL's query string to asyncpg.connect() as keyword
+arguments; asyncpg takes libpq's TLS parameters only in a DSN, so `sslmode` stopped start-up with
+a TypeError traceback. They reach asyncpg in a DSN of their own now; a parameter asyncpg cannot
+honour stops start-up with one configuration line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi, dialect
+from sqlalchemy.engine import make_url
+
+from services.common.db import SSL_MODES, postgres_connect_args
+
+BASE = "postgresql://app:pw@db.internal:5432/wallet"
+
+
+@pytest.mark.parametrize(
+    ("query", "url", "args"),
+    [
+        ("", BASE, {}),
+        ("?sslmode=require", BASE, {"dsn": "postgresql://?sslmode=require"}),
+        (
+            "?sslmode=verify-full&sslrootcert=/etc/ssl/rds-ca.pem&connect_timeout=5",
+            BASE,
+            {"dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fetc%2Fssl%2Frds-ca.pem", "timeout": 5},
+        ),
+        ("?connect_timeout=0", BASE, {"timeout": None}),  # libpq: wait for ever
+        ("?connect_timeout=1", BASE, {"timeout": 2}),  # libpq: at least 2 s
+        ("?ssl=verify-ca", BASE + "?ssl=verify-ca", {}),  # asyncpg's own spelling, as it was
+        ("?ssl=require&sslmode=require", BASE + "?ssl=require", {"dsn": "postgresql://?sslmode=require"}),
+        (
+            "?host=a:5432&host=b:5432&target_session_attrs=read-write&sslmode=prefer",
+            BASE + "?host=a%3A5432&host=b%3A5432&target_session_attrs=read-write",
+            {"dsn": "postgresql://?sslmode=prefer"},
+        ),
+    ],
+)
+def test_libpq_parameters_reach_asyncpg_as_it_takes_them(query: str, url: str, args: dict[str, Any]) -> None:
+    got_url, got_args = postgres_connect_args(BASE + query)
+    assert (got_url, got_args) == (url.replace("postgresql://", "postgresql+asyncpg://"), args)
+
+
+def test_a_sqlite_url_is_left_alone() -> None:
+    assert postgres_connect_args("sqlite:///var/w.db") == ("sqlite+aiosqlite:///var/w.db", {})
+
+
+@pytest.mark.parametrize("mode", SSL_MODES)
+def test_asyncpg_reads_every_sslmode_from_the_arguments_the_dialect_builds(mode: str) -> None:
+    """What asyncpg.connect() is called with (the dialect's keyword arguments plus ours) parses
+    in asyncpg as libpq would: the mode taken, the host and database the URL's."""
+    from asyncpg import connect_utils
+
+    ca = pytest.importorskip("certifi").where()  # some CA file for sslrootcert (verify-* needs one)
+    url, args = postgres_connect_args(f"{BASE}?sslmode={mode}&sslrootcert={ca}&connect_timeout=7")
+    _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(url))
+    kw |= args
+    assert kw.pop("timeout") == 7
+    addrs, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=kw.pop("dsn"),
+        host=kw.pop("host"),
+        port=kw.pop("port"),
+        user=kw.pop("user"),
+        password=kw.pop("password"),
+        passfile=None,
+        database=kw.pop("database"),
+        ssl=None,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+    assert kw == {}
+    assert addrs == [("db.internal", 5432)]
+    assert (params.user, params.database, params.password) == ("app", "wallet", "pw")
+    assert params.sslmode == connect_utils.SSLMode.parse(mode)
+    if mode == "disable":
+        assert params.ssl is False
+    else:  # sslrootcert taken: the server's certificate checked against it from require on
+        verified = params.ssl.verify_mode == ssl.CERT_REQUIRED
+        assert verified == (mode in ("require", "verify-ca", "verify-full"))
+        assert params.ssl.check_hostname == (mode == "verify-full")
+    assert params.server_settings is None  # nothing of ours sent to the server as a setting
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("?sslmode=required", "sslmode='required' is not one of disable, allow, prefer, require"),
+        ("?ssl=true", "ssl='true' is not one of"),
+        ("?ssl=disable&sslmode=require", "ssl='disable' and sslmode='require' disagree"),
+        ("?application_name=x", "query parameter 'application_name' is not supported with asyncpg"),
+        ("?keepalives=1", "query parameter 'keepalives' is not supported"),
+        ("?sslmode=require&sslmode=disable", "query parameter 'sslmode' is given more than once"),
+        ("?connect_timeout=5s", "connect_timeout='5s' is not a whole number of seconds"),
+    ],
+)
+def test_a_parameter_asyncpg_cannot_honour_is_refused_by_name(query: str, says: str) -> None:
+    with pytest.raises(ValueError, match="^" + says.replace("(", r"\(").replace("?", r"\?")):
+        postgres_connect_args(BASE + query)
+
+
+def test_an_unusable_database_url_stops_start_up_in_one_line_without_its_password() -> None:
+    """Also `migrate`: exit 2, the variable named, no traceback, the password not shown."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEGIFTS_")}
+    env |= {"LIVEGIFTS_WALLET_DATABASE_URL": "postgresql://app:hunter2@127.0.0.1:1/w?sslmode=required"}
+    out = subprocess.run(
+        [sys.executable, "-m", "services.wallet", "migrate"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    problem = [line for line in out.stderr.splitlines() if line.startswith("  ")]
+    assert problem == [
+        "  LIVEGIFTS_WALLET_DATABASE_URL: Value error, sslmode='required' is not one of disable, allow, prefer,"
+        " require, verify-ca, verify-full"
+    ]
+    assert "Traceback" not in out.stderr and "hunter2" not in out.stderr
