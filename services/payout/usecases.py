@@ -2032,7 +2032,8 @@ class Payout:
     # ---- statement -----------------------------------------------------------------------
 
     async def get_statement(self, creator_id: str, year: int) -> payout_pb2.Statement:
-        """Earnings, clawbacks and paid withdrawals by UTC month, for tax records."""
+        """Earnings, clawbacks and paid withdrawals by UTC month, for tax records, each month with the
+        balance it opened and closed with (whole diamonds not paid out or clawed back)."""
         require_id(creator_id, "creator_id")
         if not 2000 <= year <= 2200:
             raise InvalidArgument("year must be 2000..2200", "INVALID_YEAR")
@@ -2052,6 +2053,25 @@ class Payout:
                 )
             ).scalar_one()
             cum = int(cum)
+            # The balance at the year's start, from the same rows as the months: whole diamonds
+            # credited, less those clawed back and paid out before it.
+            clawed_before = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(cb.diamonds), 0)).where(
+                        cb.creator_id == creator_id, cb.created_at_us < bounds[0]
+                    )
+                )
+            ).scalar_one()
+            paid_before = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(w.diamonds), 0)).where(
+                        w.creator_id == creator_id,
+                        w.status == WithdrawalStatus.PAID.value,
+                        w.paid_at_us < bounds[0],
+                    )
+                )
+            ).scalar_one()
+            balance = cum // BP_DENOMINATOR - int(clawed_before) - int(paid_before)
             for month in range(12):
                 lo, hi = bounds[month], bounds[month + 1]
                 coins, units = (
@@ -2088,13 +2108,17 @@ class Payout:
                     )
                 ).all()
                 before, cum = cum, cum + int(units)
+                earned = cum // BP_DENOMINATOR - before // BP_DENOMINATOR
+                opening, balance = balance, balance + earned - int(clawed) - sum(int(p[1]) for p in paid)
                 out.months.append(
                     payout_pb2.StatementMonth(
                         month=month + 1,
                         coins_received=int(coins),
                         earned_units=int(units),
-                        diamonds_earned=cum // BP_DENOMINATOR - before // BP_DENOMINATOR,
+                        diamonds_earned=earned,
                         diamonds_clawed_back=int(clawed),
+                        opening_diamonds=opening,
+                        closing_diamonds=balance,
                         paid=[
                             payout_pb2.StatementPayout(
                                 currency_code=p[0],

@@ -185,6 +185,13 @@ async def test_a_withdrawal_is_paid_and_its_diamonds_leave_for_good(clients, dep
     assert len(statement.months) == 12
     assert sum(m.diamonds_earned for m in statement.months) == 30_000
     assert sum(p.net_minor for m in statement.months for p in m.paid) == 10_000
+    # The statement reconciles on its own: each month closes with what it opened with and moved,
+    # and the year closes (from the month of the payment on) with the creator's balance now.
+    for m in statement.months:
+        moved = m.diamonds_earned - m.diamonds_clawed_back - sum(p.diamonds for p in m.paid)
+        assert m.closing_diamonds == m.opening_diamonds + moved
+    assert [b.opening_diamonds for b in statement.months[1:]] == [a.closing_diamonds for a in statement.months[:-1]]
+    assert statement.months[-1].closing_diamonds == after.diamonds_available + after.diamonds_held == 10_000
     listed = await clients.payout.ListWithdrawals(W.ListWithdrawalsRequest(creator_id=creator))
     assert [w.withdrawal_id for w in listed.withdrawals] == [wd.withdrawal_id]
     assert_books_balance(await clients.payout.GetAudit(W.GetAuditRequest()))

@@ -1,0 +1,92 @@
+"""A creator's statement reconciles on its own: each month opens with the balance the last one
+closed with, and closing = opening + diamonds earned - clawed back - paid out, the balance
+GetEarnings shows (available + held) at the end.
+
+The statement's sections count by different times (credit, clawback, payment), and a withdrawal
+is on the books from its request to its payment: one requested in December and paid in January
+is part of December's closing balance and leaves in January. Payout's clock is moved by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from livegifts.payout.v1 import payout_pb2
+from services.payout import usecases
+from tests.unit.test_payout_callbacks import callback
+from tests.unit.test_payout_dispatch import consume, gift_event, setup, verified_method
+from tests.unit.test_payout_shortfalls import reversal
+
+__all__ = ["setup"]  # the fixture, imported for the tests here
+
+
+def at(year: int, month: int, day: int, hour: int = 12) -> int:
+    """Unix microseconds of that UTC instant."""
+    return int(dt.datetime(year, month, day, hour, tzinfo=dt.UTC).timestamp()) * 1_000_000
+
+
+class Clock:
+    """Payout's now_us: set by the test, a microsecond later at each reading, as a real clock."""
+
+    def __init__(self) -> None:
+        self.us = 0
+
+    def __call__(self) -> int:
+        self.us += 1
+        return self.us
+
+
+def month_moves(m: payout_pb2.StatementMonth) -> int:
+    return m.diamonds_earned - m.diamonds_clawed_back - sum(p.diamonds for p in m.paid)
+
+
+async def test_each_month_opens_with_the_last_ones_balance_and_closes_with_what_it_moved(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payout, _provider, _path = setup
+    clock = Clock()
+    monkeypatch.setattr(usecases, "now_us", clock)
+    creator = "creator-s"
+
+    clock.us = at(2025, 11, 15)  # 40,001 coins at 50%: 20,000.5 diamonds
+    await consume(payout, gifts=[gift_event(creator, 40_001, at_s=clock.us // 1_000_000)])
+    clock.us = at(2025, 12, 20)  # a coin more (the half becomes whole), then a withdrawal of 20,000
+    await consume(payout, gifts=[gift_event(creator, 1, at_s=clock.us // 1_000_000)])
+    method_id = await verified_method(payout, creator)
+    wd = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id=creator, diamonds=20_000, method_id=method_id, idempotency_key=uuid.uuid4().hex
+        )
+    )
+    assert await payout.dispatch_once() == 1  # with the provider over the new year
+    clock.us = at(2026, 1, 3)
+    await callback(payout, wd.withdrawal_id, "evt-paid", "payout.paid")
+    clock.us = at(2026, 2, 10)  # 3 coins (1.5 diamonds), then the chargeback of those 3 coins
+    await consume(payout, gifts=[gift_event(creator, 3, at_s=clock.us // 1_000_000)])
+    clock.us = at(2026, 2, 11)
+    await consume(payout, reversals=[reversal("rv-1", clock.us // 1_000_000, 3)])
+
+    last = payout_pb2.StatementMonth()  # before the first year: nothing
+    for year in (2025, 2026):
+        statement = await payout.get_statement(creator, year)
+        for m in statement.months:
+            assert m.opening_diamonds == last.closing_diamonds, (year, m.month)
+            assert m.closing_diamonds == m.opening_diamonds + month_moves(m), (year, m.month)
+            last = m
+    dec = (await payout.get_statement(creator, 2025)).months[11]
+    jan, feb = (await payout.get_statement(creator, 2026)).months[:2]
+    # December closes with the withdrawal still held: 20,001 on the books, 20,000 of them in it.
+    assert (dec.diamonds_earned, dec.paid, dec.closing_diamonds) == (1, [], 20_001)
+    assert (jan.opening_diamonds, sum(p.diamonds for p in jan.paid), jan.closing_diamonds) == (20_001, 20_000, 1)
+    assert (feb.diamonds_earned, feb.diamonds_clawed_back, feb.closing_diamonds) == (1, 1, 1)
+    earnings = await payout.get_earnings(creator)
+    assert last.closing_diamonds == earnings.diamonds_available + earnings.diamonds_held == 1
+
+
+async def test_a_statement_of_a_creator_never_credited_opens_and_closes_at_zero(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    statement = await payout.get_statement("nobody", 2026)
+    assert [(m.opening_diamonds, m.closing_diamonds) for m in statement.months] == [(0, 0)] * 12
