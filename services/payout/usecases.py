@@ -1076,7 +1076,9 @@ class Payout:
     async def _move(self, uow: UnitOfWork, row: Any, target: WithdrawalStatus, **values: Any) -> Any:
         """Compare-and-set the status; a concurrent change makes this one ABORTED (retryable)."""
         domain.check_transition(WithdrawalStatus(row.status), target)
-        ts = now_us()
+        # A PAID withdrawal's updated_at is the paid_at its statement month is counted by, to the
+        # microsecond: a client matching withdrawals to GetStatement's `paid` reads updated_at.
+        ts = values.get("paid_at_us") or now_us()
         w = withdrawals.c
         changed = await uow.conn.execute(
             update(withdrawals)

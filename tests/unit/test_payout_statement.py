@@ -13,9 +13,11 @@ import datetime as dt
 import uuid
 
 import pytest
+from sqlalchemy import select
 
 from livegifts.payout.v1 import payout_pb2
 from services.payout import usecases
+from services.payout.storage import withdrawals
 from tests.unit.test_payout_callbacks import callback
 from tests.unit.test_payout_dispatch import consume, gift_event, setup, verified_method
 from tests.unit.test_payout_shortfalls import reversal
@@ -84,6 +86,15 @@ async def test_each_month_opens_with_the_last_ones_balance_and_closes_with_what_
     assert (feb.diamonds_earned, feb.diamonds_clawed_back, feb.closing_diamonds) == (1, 1, 1)
     earnings = await payout.get_earnings(creator)
     assert last.closing_diamonds == earnings.diamonds_available + earnings.diamonds_held == 1
+    # The withdrawal's updated_at is the instant its statement month was chosen by (paid_at).
+    paid = await payout.get_withdrawal(wd.withdrawal_id)
+    assert paid.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        w = withdrawals.c
+        paid_at_us = (
+            await uow.conn.execute(select(w.paid_at_us).where(w.withdrawal_id == wd.withdrawal_id))
+        ).scalar_one()
+    assert paid.updated_at.ToMicroseconds() == paid_at_us
 
 
 async def test_a_statement_of_a_creator_never_credited_opens_and_closes_at_zero(setup) -> None:  # type: ignore[no-untyped-def]
