@@ -219,7 +219,10 @@ def _decode_token(token: str, scope: str = "") -> tuple[int, str]:
     A token is the caller's to send back, so it may be forged: an instant outside the bigint
     column, or an id PostgreSQL cannot compare (a NUL), failed in the driver as INTERNAL. A scoped
     token has a "/" before its instant, so a list without a scope refuses it (int() fails) as
-    it did before scopes, and one with a scope refuses a token without its own."""
+    it did before scopes, and one with a scope refuses a token without its own. Only the exact
+    text `_encode_token` gives: int() alone also takes " 5", "+5", "5_0", "05" and other
+    scripts' digits, and the base64 decoder skips characters not of its alphabet, tokens never
+    given (the wallet's ListTransactions and the audit's windows refuse theirs too)."""
     try:
         body = base64.urlsafe_b64decode(token.encode()).decode()
         if scope:
@@ -230,7 +233,7 @@ def _decode_token(token: str, scope: str = "") -> tuple[int, str]:
         ts_us = int(ts)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN") from None
-    if not 0 <= ts_us <= INT64_MAX or not is_text(key):
+    if not 0 <= ts_us <= INT64_MAX or not is_text(key) or _encode_token(ts_us, key, scope) != token:
         raise InvalidArgument("page_token is not valid", "INVALID_PAGE_TOKEN")
     return ts_us, key
 

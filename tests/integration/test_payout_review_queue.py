@@ -142,7 +142,11 @@ async def test_a_page_token_is_good_only_for_the_list_and_filters_that_made_it(p
     queue = await token(status=APPROVED)
     own = await token(creator_id="creator-a")
     own_approved = await token(creator_id="creator-a", status=APPROVED)
+    # The queue's own token with its instant written another way int() takes: never given.
+    scope, _, place = base64.urlsafe_b64decode(queue).decode().partition("/")
+    plus = base64.urlsafe_b64encode(f"{scope}/+{place}".encode()).decode()
     misuses = [
+        (plus, {"status": APPROVED}),
         (queue, {"status": REVIEW}),  # another status
         (queue, {"creator_id": "creator-a", "status": APPROVED}),  # the queue's, for a creator's list
         (queue, {"creator_id": "creator-a"}),
