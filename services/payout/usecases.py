@@ -1565,7 +1565,8 @@ class Payout:
             # provider reporting another amount under a new event id is no repeat of what we know.
             if event.amount_minor != row.net_minor or event.currency_code != row.currency_code:
                 # The provider reports moving another amount than we sent: refused on every retry
-                # (the withdrawal stays PROCESSING) until an operator settles it with the provider.
+                # (a PROCESSING withdrawal stays so; a PAID or FAILED one keeps its outcome) until
+                # an operator settles it with the provider (docs/sre.md, the payout callbacks row).
                 log.warning(
                     "payout callback refused: its amount or currency differs from the withdrawal",
                     extra={
