@@ -129,6 +129,32 @@ def check(condition: object, message: str) -> None:
 
 IDEMPOTENCY_KEY_MAX = 128
 ID_MAX = 128
+# The ids the services mint (32 hex digits) or an operator names (coin packages, promotions,
+# gifts) live in String(64) columns: longer, such an id could never be found, and is refused as
+# INVALID_ID like any other malformed id, the same on SQLite (which enforces no length) and on
+# PostgreSQL. Every other id (users, creators, senders: the callers' own) is 1..ID_MAX.
+# tests/unit/test_id_limits.py walks every RPC's request fields against each service's columns.
+SHORT_ID_MAX = 64
+ID_CHARS_MAX: dict[str, int] = dict.fromkeys(
+    (
+        "content_id",
+        "gift_id",
+        "method_id",
+        "package_id",
+        "promotion_id",
+        "purchase_id",
+        "stream_id",
+        "withdrawal_id",
+    ),
+    SHORT_ID_MAX,
+)
+
+
+def id_chars_max(field: str) -> int:
+    """The most characters an id field takes: the narrowest column it is kept in or compared with."""
+    return ID_CHARS_MAX.get(field.rsplit(".", 1)[-1], ID_MAX)  # "promotion.package_id" is a package id
+
+
 INT64_MAX = 2**63 - 1
 
 
@@ -146,11 +172,14 @@ def require_key(key: str, field: str = "idempotency_key") -> str:
 
 
 def require_id(value: str, field: str) -> str:
-    """Validate an identifier field: 1..128 printable characters without spaces."""
+    """Validate an identifier field: 1..`id_chars_max(field)` printable characters without spaces."""
     if not value:
         raise InvalidArgument(f"{field} is required", "MISSING_FIELD", field=field)
-    if len(value) > ID_MAX or not value.isprintable() or " " in value:
-        raise InvalidArgument(f"{field} must be 1..{ID_MAX} printable characters, no spaces", "INVALID_ID", field=field)
+    chars_max = id_chars_max(field)
+    if len(value) > chars_max or not value.isprintable() or " " in value:
+        raise InvalidArgument(
+            f"{field} must be 1..{chars_max} printable characters, no spaces", "INVALID_ID", field=field
+        )
     return value
 
 

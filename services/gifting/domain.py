@@ -6,7 +6,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from services.common.errors import FailedPrecondition, InvalidArgument, check, is_text
+from services.common.errors import FailedPrecondition, InvalidArgument, check, id_chars_max, is_text
 from services.common.timeutil import US_PER_DAY, US_PER_HOUR
 
 
@@ -74,7 +74,7 @@ def check_can_gift(stream_status: str, creator_id: str, sender_id: str) -> None:
         raise FailedPrecondition("creators cannot send gifts to themselves", "SELF_GIFT")
 
 
-GIFT_ID_MAX = 64
+GIFT_ID_MAX = id_chars_max("gift_id")  # errors.require_id holds a catalog gift to it
 GIFT_NAME_MAX = 100
 GIFT_PRICE_COINS_MAX = 1_000_000
 LEADERBOARD_LIMIT_DEFAULT = 10

@@ -305,8 +305,6 @@ class Gifting:
     ) -> gifting_pb2.Gift:
         """Add a gift, reprice it or retire it; gifts already sent keep the price they were sent at."""
         require_id(req.gift_id, "gift_id")
-        if len(req.gift_id) > domain.GIFT_ID_MAX:
-            raise InvalidArgument(f"gift_id is at most {domain.GIFT_ID_MAX} characters", "INVALID_ID", field="gift_id")
         if len(req.name) > domain.GIFT_NAME_MAX or not req.name.isprintable():
             raise InvalidArgument(f"name is 1..{domain.GIFT_NAME_MAX} printable characters", "INVALID_NAME")
         if req.price_coins != 0:

@@ -47,6 +47,7 @@ from services.common.errors import (
     InvalidArgument,
     ResourceExhausted,
     check,
+    id_chars_max,
     require_id,
     require_key,
     require_positive,
@@ -70,7 +71,7 @@ from services.wallet.storage import accounts, journal_entries, postings, spend_c
 
 SPENT = "SPENT"
 CANCELLED = "CANCELLED"
-REFERENCE_ID_MAX = 128
+REFERENCE_ID_MAX = id_chars_max("reference_id")
 SPEND_KEY_SCOPE = "Spend"  # the `scope` of IDEMPOTENCY_KEY_REUSED: the key space Spend and SpendMany share
 # Iterating an Enum and calling it on a value are slow next to a tuple and a dict look-up, and the
 # batch does both per sender and per counter row.

@@ -74,7 +74,6 @@ PAGE_SIZE_MAX = 500
 SPEND_MANY_ITEMS_MAX = 500  # items of one SpendMany call
 RESTRICTIONS_MANY_IDS_MAX = 500  # ids of one GetAccountRestrictionsMany call
 GROUP_COMMIT_SIZE_MAX = 200  # concurrent Spend calls one group-committed transaction takes at most
-PACKAGE_ID_MAX = 64
 PROMOTIONS_LIST_MAX = 500
 USER, OPERATOR = "USER", "OPERATOR"
 _SETTERS = {
@@ -905,7 +904,7 @@ class Wallet:
         self, req: wallet_pb2.UpsertCoinPackageRequest, operator: str, *, idem: IdempotentCall[wallet_pb2.CoinPackage]
     ) -> wallet_pb2.CoinPackage:
         """Create or change a coin package (operator); purchases already made keep their frozen price."""
-        _require_short_id(req.package_id, "package_id")
+        require_id(req.package_id, "package_id")
         region = domain.check_region(req.region)
         currency = domain.check_currency(req.currency_code)
         require_positive(req.coins, "coins", domain.PACKAGE_COINS_MAX)
@@ -944,8 +943,8 @@ class Wallet:
     ) -> wallet_pb2.Promotion:
         """Create or change a promotion of one package (operator)."""
         p = req.promotion
-        _require_short_id(p.promotion_id, "promotion.promotion_id")
-        _require_short_id(p.package_id, "promotion.package_id")
+        require_id(p.promotion_id, "promotion.promotion_id")
+        require_id(p.package_id, "promotion.package_id")
         if not (p.HasField("starts_at") and p.HasField("ends_at")):
             raise InvalidArgument("starts_at and ends_at are required", "MISSING_FIELD", field="promotion.ends_at")
         # Not Timestamp.ToMicroseconds(): it raises ValueError on out-of-range input; the domain
@@ -992,7 +991,7 @@ class Wallet:
         """Promotions (of one package, or all), newest start first, at most PROMOTIONS_LIST_MAX."""
         q = select(promotions)
         if req.package_id:
-            q = q.where(promotions.c.package_id == _require_short_id(req.package_id, "package_id"))
+            q = q.where(promotions.c.package_id == require_id(req.package_id, "package_id"))
         q = q.order_by(promotions.c.starts_at_us.desc(), promotions.c.promotion_id).limit(PROMOTIONS_LIST_MAX)
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(q)).all()
@@ -1210,14 +1209,6 @@ class Wallet:
             coins_of_spent_rows=int(spent_rows_coins),
             spends_posting_mismatch=int(posting_mismatch),
         )
-
-
-def _require_short_id(value: str, field: str) -> str:
-    """An id that fits the 64-character package and promotion columns."""
-    require_id(value, field)
-    if len(value) > PACKAGE_ID_MAX:
-        raise InvalidArgument(f"{field} is at most {PACKAGE_ID_MAX} characters", "INVALID_ID", field=field)
-    return value
 
 
 def _terms(r) -> PromotionTerms:  # type: ignore[no-untyped-def]

@@ -666,6 +666,120 @@ CASES: list[tuple[str, str, str, Any, bool, grpc.StatusCode, str]] = [
     ),
 ]
 
+
+def _past_its_column(n: int) -> list[tuple[str, str, Any, bool, str, str]]:
+    """(service, method, request, operator?, field, the reason of an unknown id) for each RPC taking
+    an id the services mint or an operator names, kept in String(64) columns, `n` characters long."""
+    i = "i" * n
+    return [
+        ("wallet", "GetPurchase", W.GetPurchaseRequest(purchase_id=i), False, "purchase_id", "UNKNOWN_PURCHASE"),
+        (
+            "wallet",
+            "CreatePurchase",
+            W.CreatePurchaseRequest(
+                user_id="u",
+                package_id=i,
+                currency_code="USD",
+                payment_method=W.PAYMENT_METHOD_CARD,
+                idempotency_key="k",
+            ),
+            False,
+            "package_id",
+            "UNKNOWN_PACKAGE",
+        ),
+        ("wallet", "ListPromotions", W.ListPromotionsRequest(package_id=i), True, "package_id", ""),
+        ("gifting", "GetStream", G.GetStreamRequest(stream_id=i), False, "stream_id", "UNKNOWN_STREAM"),
+        (
+            "gifting",
+            "EndStream",
+            G.EndStreamRequest(stream_id=i, idempotency_key="k"),
+            False,
+            "stream_id",
+            "UNKNOWN_STREAM",
+        ),
+        (
+            "gifting",
+            "SendGift",
+            G.SendGiftRequest(stream_id=i, sender_id="v", gift_id="rose", quantity=1, idempotency_key="k"),
+            False,
+            "stream_id",
+            "UNKNOWN_STREAM",
+        ),
+        (
+            "gifting",
+            "SendTip",
+            G.SendTipRequest(stream_id=i, sender_id="v", coins=1, idempotency_key="k"),
+            False,
+            "stream_id",
+            "UNKNOWN_STREAM",
+        ),
+        ("gifting", "GetLeaderboard", G.GetLeaderboardRequest(stream_id=i), False, "stream_id", ""),
+        (
+            "gifting",
+            "CheckAccess",
+            G.CheckAccessRequest(user_id="u", content_id=i),
+            False,
+            "content_id",
+            "UNKNOWN_CONTENT",
+        ),
+        (
+            "gifting",
+            "UnlockContent",
+            G.UnlockContentRequest(user_id="u", content_id=i, idempotency_key="k"),
+            False,
+            "content_id",
+            "UNKNOWN_CONTENT",
+        ),
+        (
+            "payout",
+            "GetWithdrawal",
+            P.GetWithdrawalRequest(withdrawal_id=i),
+            False,
+            "withdrawal_id",
+            "UNKNOWN_WITHDRAWAL",
+        ),
+        (
+            "payout",
+            "ApproveWithdrawal",
+            P.ApproveWithdrawalRequest(withdrawal_id=i, idempotency_key="k"),
+            True,
+            "withdrawal_id",
+            "UNKNOWN_WITHDRAWAL",
+        ),
+        (
+            "payout",
+            "RejectWithdrawal",
+            P.RejectWithdrawalRequest(withdrawal_id=i, reason="r", idempotency_key="k"),
+            True,
+            "withdrawal_id",
+            "UNKNOWN_WITHDRAWAL",
+        ),
+        (
+            "payout",
+            "VerifyPayoutMethod",
+            P.VerifyPayoutMethodRequest(method_id=i, idempotency_key="k"),
+            True,
+            "method_id",
+            "UNKNOWN_PAYOUT_METHOD",
+        ),
+        (
+            "payout",
+            "RequestWithdrawal",
+            P.RequestWithdrawalRequest(creator_id="c", method_id=i, diamonds=1, idempotency_key="k"),
+            False,
+            "method_id",
+            "UNKNOWN_PAYOUT_METHOD",
+        ),
+    ]
+
+
+# One character past the column: such an id could never be found. It was answered "not found"
+# (or, written, would pass on SQLite and fail on PostgreSQL); it is malformed, like any other.
+CASES += [
+    (f"{method} with a 65-character {field}", service, method, request, operator, INVALID, "INVALID_ID")
+    for service, method, request, operator, field, _ in _past_its_column(65)
+]
+
 SERVICES = {
     "wallet": "livegifts.wallet.v1.WalletService",
     "gifting": "livegifts.gifting.v1.GiftingService",
@@ -769,3 +883,18 @@ async def test_a_body_that_is_not_the_message_is_refused_on_every_rpc(clients) -
     wrong = {k: v for k, v in answers.items() if v != ("INVALID_ARGUMENT", "MALFORMED_REQUEST")}
     assert not wrong, wrong
     assert len(answers) > 40  # every RPC of the three services was tried
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "request_", "operator", "reason"),
+    [(s, m, r, o, reason) for s, m, r, o, _, reason in _past_its_column(64) if reason],
+    ids=[m for _, m, _, _, _, reason in _past_its_column(64) if reason],
+)
+async def test_an_id_that_fills_its_column_is_well_formed_and_unknown(  # type: ignore[no-untyped-def]
+    clients, deployment, service: str, method: str, request_: Any, operator: bool, reason: str
+) -> None:
+    """64 characters, the column's length, is a well-formed id: looked up (and not found), not refused."""
+    path = f"/{COMMON.get(method, SERVICES[service])}/{method}"
+    call = _channel(clients, service).unary_unary(path, request_serializer=type(request_).SerializeToString)
+    metadata = deployment.operator_metadata if operator else None
+    await expect_error(call(request_, metadata=metadata, timeout=10), grpc.StatusCode.NOT_FOUND, reason)
