@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, Table, func, select
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
@@ -186,6 +186,12 @@ def dead_letter_registration(
     )
 
 
+def parked_counts(dead_letters: Table) -> Select[tuple[str, int]]:
+    """The parked rows by consumer: read from ix_dead_letters_consumer_event, not the table."""
+    d = dead_letters.c
+    return select(d.consumer, func.count()).group_by(d.consumer)
+
+
 class ParkedGauge:
     """Sets livegifts_dead_letters_parked{consumer} from the dead_letters table every interval.
 
@@ -202,9 +208,8 @@ class ParkedGauge:
 
     async def count_once(self) -> int:
         """Count the parked rows by consumer and set the gauge; 0, so `run_every` logs no line."""
-        d = self.tables.dead_letters.c
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (await uow.conn.execute(select(d.consumer, func.count()).group_by(d.consumer))).all()
+            rows = (await uow.conn.execute(parked_counts(self.tables.dead_letters))).all()
         counts = {str(consumer): int(n) for consumer, n in rows}
         self.seen |= counts.keys()
         for consumer in self.seen:

@@ -527,7 +527,7 @@ class InboxPruner(AgePruner):
         # redelivery, parked row left behind): its inbox row is what makes the replay a no-op,
         # so it stays while the event is parked, and goes in the first round after the replay.
         # (Refusing old replays instead would leave an operator no way to apply an event parked
-        # longer than the retention.) dead_letters holds only what awaits an operator: no index needed.
+        # longer than the retention.) It reads ix_dead_letters_consumer_event, not the table.
         still_parked = (
             select(parked.id).where(parked.consumer == inbox.c.consumer, parked.event_id == inbox.c.event_id).exists()
         )

@@ -85,4 +85,9 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("error", Text, nullable=False),
         Column("received_at_us", BigInteger, nullable=False),
     )
+    # Every replica counts the parked rows by consumer every minute (deadletters.ParkedGauge):
+    # with the index the count reads this narrow index (an index-only scan), not every row's
+    # payload and error (still every entry: a count by consumer has no shortcut). The inbox
+    # pruner's "still parked?" anti-join, on both columns, reads the index too.
+    Index("ix_dead_letters_consumer_event", dead_letters.c.consumer, dead_letters.c.event_id)
     return CommonTables(idempotency, outbox, inbox, dead_letters)

@@ -173,6 +173,46 @@ def _index_bound(plan: str) -> str:
     return plan.split("USING INDEX", 1)[1].split(")", 1)[0]
 
 
+DEAD_LETTERS_INDEX_REVISION = {"wallet": "0011", "gifting": "0015", "payout": "0013"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_the_parked_gauges_count_is_served_by_the_consumer_index(empty_database: str, service: str) -> None:
+    """Every replica counts dead_letters by consumer every minute (ParkedGauge): from the
+    (consumer, event_id) index, not a read of every parked event's payload and error."""
+    from services.common.deadletters import parked_counts
+
+    storage = importlib.import_module(f"services.{service}.storage")
+    plan = await _plan(empty_database, service, lambda dialect: parked_counts(storage.common.dead_letters))
+    assert "ix_dead_letters_consumer_event" in plan, plan
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_the_dead_letters_consumer_index_goes_with_a_downgrade_and_comes_back(
+    empty_database: str, service: str
+) -> None:
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
+    revision = DEAD_LETTERS_INDEX_REVISION[service]
+    previous = ScriptDirectory.from_config(cfg).get_revision(revision).down_revision
+    exists = (
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_dead_letters_consumer_event'"
+        if empty_database.startswith("postgresql")
+        else "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'ix_dead_letters_consumer_event'"
+    )
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    await _execute(
+        empty_database,
+        "INSERT INTO dead_letters (consumer, subject, event_id, payload, error, received_at_us) "
+        "VALUES ('c1', 's.x.y', 'e1', '', 'boom', 1)",
+    )
+    assert await _execute(empty_database, exists) == [(1,)]
+    await asyncio.to_thread(command.downgrade, cfg, previous)
+    assert await _execute(empty_database, exists) == [(0,)]
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    assert await _execute(empty_database, exists) == [(1,)]
+    assert await _execute(empty_database, "SELECT consumer, event_id FROM dead_letters") == [("c1", "e1")]
+
+
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
     from services.gifting.storage import stale_pending
 
