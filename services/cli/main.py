@@ -784,7 +784,10 @@ def _dead_letter_fields(service: str, d: dead_letters_pb2.DeadLetter) -> dict[st
 
 @dead_letters.command("replay")
 def dead_letters_replay(
-    dead_letter_id: Annotated[int, typer.Argument(metavar="ID", help="the id `dead-letters list` shows")],
+    # An int64 in the request (dead_letters.proto), from 1: a row's id, never 0.
+    dead_letter_id: Annotated[
+        int, typer.Argument(metavar="ID", min=1, max=2**63 - 1, help="the id `dead-letters list` shows")
+    ],
     service: Annotated[str, typer.Option(help="the service that parked it: wallet, gifting or payout")],
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",

@@ -161,3 +161,13 @@ def test_an_audit_window_reaching_before_1970_asks_for_every_record_not_a_negati
     assert result.exit_code == 0, result.output
     (since_us,) = asked
     assert since_us is not None and since_us >= 1
+
+
+@pytest.mark.parametrize("dead_letter_id", ["99999999999999999999999", "0"])
+def test_a_dead_letter_id_no_row_can_have_is_a_usage_error_not_a_traceback(tmp_path: Path, dead_letter_id: str) -> None:
+    # The id is an int64 (dead_letters.proto): one past it failed building the request, with a
+    # ValueError traceback, after the operator token had been read.
+    args = ["dead-letters", "replay", "--service", "payout", "--var", str(tmp_path), "--", dead_letter_id]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for 'ID'" in result.output and "Traceback" not in result.output, result.output
