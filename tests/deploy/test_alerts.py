@@ -319,3 +319,21 @@ def test_the_thresholds_and_durations_the_docs_and_descriptions_give_are_the_rul
         problems += _stated_terms_problems(name, description, rule)
     assert checked >= 8, f"only {checked} alerts of the paragraph state a threshold or duration: fix the parsing"
     assert not problems, "\n".join(problems)
+
+
+def test_every_label_an_alerts_annotations_show_is_one_its_expression_keeps() -> None:
+    # "{{ $labels.job }}" renders empty when the expression aggregates `job` away (a `sum by
+    # (namespace)`): the page says "Events wait in the  outbox" and names nothing to look at.
+    problems = []
+    for r in _rules():
+        shown = set(re.findall(r"\$labels\.(\w+)", str(r["annotations"])))
+        expr = " ".join(r["expr"].split())
+        kept: set[str] | None = None
+        for labels in re.findall(r"\bby \(([^)]*)\)", expr):
+            grouped = set(re.split(r"\s*,\s*", labels.strip()))
+            kept = grouped if kept is None else kept & grouped
+        if kept is None:  # no aggregation: absent() keeps the labels its selector matches on
+            kept = set(re.findall(r'\b(\w+)="', expr)) if expr.startswith("absent(") else shown
+        if shown - kept:
+            problems.append(f"{r['alert']}: shows {sorted(shown - kept)}, which {expr!r} does not keep")
+    assert not problems, "\n".join(problems)
