@@ -74,9 +74,14 @@ class MigrationSettings(BaseSettings):
     @classmethod
     def _a_database_we_drive(cls, url: str) -> str:
         try:
-            driver = make_url(normalize_url(url)).drivername
+            parsed = make_url(normalize_url(url))
         except ArgumentError:
             raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
+        driver = parsed.drivername
+        if parsed.host and "@" in parsed.host:
+            # The URL is split at its first "@" (SQLAlchemy, as libpq): the password's rest would be
+            # the host, never reached, and shown in the error. The message names no part of it.
+            raise ValueError('its password holds an "@": write it percent-encoded, as %40')
         if driver not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
             raise ValueError(f"{driver!r} is not supported: sqlite:///path or postgresql://user@host/db")
         postgres_connect_args(url)  # a query parameter asyncpg cannot honour: refused here, by name

@@ -130,6 +130,10 @@ def url_for_messages(url: str) -> str:
     """The database URL as logs and start-up errors show it: its password hidden, also one in
     the query string (SQLAlchemy's hide_password hides only the user part's)."""
     u = make_url(url)
+    if u.host and "@" in u.host:
+        # A password holding an "@" not percent-encoded (%40): the URL is split at its first "@"
+        # (SQLAlchemy, as libpq), so the password's rest is in the host, up to its last "@".
+        u = u.set(host=u.host.rsplit("@", 1)[1], password="hidden")
     pairs = []
     for key, value in u.query.items():
         secret = any(word in key.lower() for word in _SECRET_QUERY_WORDS)

@@ -96,6 +96,7 @@ def test_a_missing_required_setting_stops_start_up_naming_the_variable() -> None
         ("FAULTS", "relay.after_puback_before_mark@0", "whole number from 1"),
         ("DATABASE_URL", "notaurl", "not a database URL"),
         ("DATABASE_URL", "mysql://db/wallet", "'mysql' is not supported"),
+        ("DATABASE_URL", "postgresql://app:s3cr@tPart@db/wallet", 'password holds an "@": write it percent-encoded'),
         ("ADULT_AGE_BY_REGION", "KR", "bad region age 'KR'"),
         ("PAYMENT_ROUTES", "CARD=stripe", "unknown providers ['stripe']"),
         ("PAYMENT_PROVIDER", "stripe", "Input should be 'dev'"),
@@ -115,6 +116,7 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(setting: s
     assert says in out.stderr
     assert f"LIVEGIFTS_WALLET_{setting}" in out.stderr or setting == "OTEL_EXPORTER"  # that one names OTEL_FILE
     assert "Traceback" not in out.stderr
+    assert "tPart" not in out.stderr, "no part of a password is shown"
 
 
 def test_log_levels_take_loggings_names_and_aliases_in_any_case() -> None:
@@ -338,6 +340,14 @@ def test_a_request_body_that_is_not_the_message_is_refused_with_a_reason_not_unk
         ),
         ("postgresql://app@db/wallet?PASSWORD=pw&password=pw2", "postgresql://app@db/wallet?PASSWORD=***&password=***"),
         ("sqlite+aiosqlite:///var/wallet.db", "sqlite+aiosqlite:///var/wallet.db"),
+        # A password with an "@" not percent-encoded: the URL is split at its first "@" (SQLAlchemy,
+        # as libpq), so the password's rest went to the host, and the start-up error showed it.
+        ("postgresql+asyncpg://app:s3cr@tPart@db:5432/wallet", "postgresql+asyncpg://app:***@db:5432/wallet"),
+        (
+            "postgresql+asyncpg://app:p@r@t@db/wallet?sslmode=require",
+            "postgresql+asyncpg://app:***@db/wallet?sslmode=require",
+        ),
+        ("postgresql+asyncpg://app:@tPart@db/wallet", "postgresql+asyncpg://app:***@db/wallet"),
     ],
 )
 def test_a_database_url_in_a_message_hides_every_password_also_in_its_query_string(url: str, shown: str) -> None:
