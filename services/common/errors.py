@@ -18,8 +18,10 @@ ERROR_METADATA_VALUE_CHARS_MAX = 256
 
 
 def printable(text: str) -> str:
-    """`text` with each character that would not show as itself (a control or format character:
-    NUL, newline, a terminal escape, a right-to-left override) replaced by "?"."""
+    """`text` with each character that would not show as itself replaced by "?": those
+    str.isprintable() refuses, a control or format character (NUL, newline, a terminal escape, a
+    right-to-left override), a space other than U+0020 (a no-break space), a line or paragraph
+    separator, a private-use or unassigned code point."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
