@@ -1,0 +1,107 @@
+"""README's "Events" section, the one page other teams consume the suite's events from, against
+the code: every subject a service publishes is in its table with its stream and payload message
+(the message events.proto names for it), and the headers, retention, duplicate window and durable
+names it gives are the ones the services use. A subject added without its row, or a row left for a
+subject gone, fails here."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from services.common import bus
+from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+SUBJECT = re.compile(r"(?:wallet|gifting|payout)\.[a-z_]+\.[a-z_]+")
+HEADING = "\n## Events, for the teams that consume them\n"
+
+
+def _section() -> str:
+    assert HEADING in README, "README has no section on the events for their consumers"
+    return README.split(HEADING, 1)[1].split("\n## ", 1)[0]
+
+
+def _table() -> list[tuple[str, str, str]]:
+    """The section's table as (stream, subject, payload message) rows."""
+    rows = []
+    for line in _section().splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3:
+            rows.append((cells[0], cells[1], cells[2]))
+    assert rows, "the events section has no table"
+    return rows
+
+
+def _published_subjects() -> set[str]:
+    """Every subject literal in the services' code (what their outboxes write and consumers bind to)."""
+    found = set()
+    for path in (REPO / "services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and SUBJECT.fullmatch(node.value):
+                found.add(node.value)
+    return found
+
+
+def _proto_subjects() -> dict[str, str]:
+    """subject -> the full name of the message events.proto's comment above it gives for it."""
+    out: dict[str, str] = {}
+    for path in sorted((REPO / "protos" / "livegifts").glob("*/v1/events.proto")):
+        text = path.read_text()
+        package = re.search(r"^package ([\w.]+);", text, re.M)
+        assert package is not None, path
+        comment: list[str] = []
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("//"):
+                comment.append(stripped)
+                continue
+            match = re.match(r"message (\w+) \{", stripped)
+            if match:
+                for subject in SUBJECT.findall(" ".join(comment)):
+                    out[subject] = f"{package.group(1)}.{match.group(1)}"
+            comment = []
+    return out
+
+
+def test_the_events_table_names_exactly_the_subjects_the_services_publish() -> None:
+    documented = [subject for _, subject, _ in _table()]
+    assert len(documented) == len(set(documented)), "a subject has two rows"
+    assert set(documented) == _published_subjects()
+
+
+def test_each_row_gives_the_stream_that_holds_its_subject_and_the_message_events_proto_names() -> None:
+    messages = _proto_subjects()
+    assert set(messages) == _published_subjects(), "events.proto's comments name another set of subjects"
+    for stream, subject, message in _table():
+        assert stream == bus.stream_of(subject), (subject, stream)
+        assert message == messages[subject], (subject, message)
+
+
+def test_every_message_of_events_proto_is_a_payload_of_the_table() -> None:
+    payloads = {message for _, _, message in _table()}
+    for path in sorted((REPO / "protos" / "livegifts").glob("*/v1/events.proto")):
+        text = path.read_text()
+        package = re.search(r"^package ([\w.]+);", text, re.M)
+        assert package is not None, path
+        for name in re.findall(r"^message (\w+) \{", text, re.M):
+            assert f"{package.group(1)}.{name}" in payloads, name
+
+
+def test_the_headers_retention_and_durables_it_gives_are_the_suites() -> None:
+    section = _section()
+    relay = (REPO / "services" / "common" / "outbox.py").read_text()
+    for header in set(re.findall(r"`(Nats-[A-Za-z-]+)`", section)):
+        assert f'"{header}"' in relay, f"the relay sets no {header} header"
+    assert f"{STREAM_MAX_AGE_S // 86400} days (`max_age`)" in section
+    window = ServiceSettings.model_fields["nats_duplicate_window_s"].default
+    assert f"`NATS_DUPLICATE_WINDOW_S` ({window:g} s)" in section
+    inbox_days = ServiceSettings.model_fields["inbox_retention_days"].default
+    assert f"`INBOX_RETENTION_DAYS`, {inbox_days:g} days" in section
+    durables = set()
+    for path in (REPO / "services").rglob("*.py"):
+        durables |= set(re.findall(r'durable="([a-z-]+)"', path.read_text()))
+    bullet = section.split("**Durables**", 1)[1].split("\n- ", 1)[0]
+    assert durables and durables == set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", bullet))
