@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -29,6 +30,8 @@ from opentelemetry import trace
 from services.common.errors import check
 from services.common.metrics import BATCH_ITEMS
 from services.common.telemetry import recording
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,9 +69,17 @@ class MicroBatcher(Generic[T, R]):
                 results = await asyncio.create_task(self._run([item for item, _, _ in batch]), context=batch[0][2])
                 check(len(results) == len(batch), "one result per item")
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                waiting = [fut for _, fut, _ in batch if not fut.done()]
+                for fut in waiting:
+                    fut.set_exception(exc)
+                if not waiting and not isinstance(exc, asyncio.CancelledError):
+                    # Every caller went away first (its deadline), so no call answers this error and
+                    # the error mapping never logs it: a database stall longer than the callers'
+                    # deadlines (a lock held, DB_STATEMENT_TIMEOUT_S expiring) said nothing at all.
+                    log.warning(
+                        "batch failed after its callers had gone (their deadlines); nothing was answered",
+                        extra={"batcher": self.name, "items": len(batch), "error": repr(exc)},
+                    )
                 if isinstance(exc, asyncio.CancelledError):
                     # Stopping: callers still queued get the same answer instead of waiting for
                     # their deadlines (their work never started).

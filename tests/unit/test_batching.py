@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from prometheus_client import REGISTRY
 
 from services.common.batching import MicroBatcher
@@ -58,3 +60,36 @@ async def test_a_failed_batch_fails_each_of_its_callers() -> None:
     batcher: MicroBatcher[int, int] = MicroBatcher(broken, size_max=10, name="test")
     results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert [str(r) for r in results] == ["database down"] * 3
+
+
+async def test_a_batch_that_fails_after_its_callers_went_away_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # A database stall longer than the callers' deadlines (a row lock, a statement timeout): each
+    # caller gave up, so no call answered the batch's error and the error mapping never logged it.
+    gate = asyncio.Event()
+
+    async def stalled(items: list[int]) -> list[int | BaseException]:
+        await gate.wait()
+        raise TimeoutError("statement unanswered")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(stalled, size_max=10, name="test-gone")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.submit(1), 0.01)  # the caller's deadline
+    with caplog.at_level(logging.WARNING, logger="services.common.batching"):
+        gate.set()
+        assert batcher._task is not None
+        await batcher._task
+    [record] = [r for r in caplog.records if r.name == "services.common.batching"]
+    assert record.levelname == "WARNING" and "callers had gone" in record.getMessage()
+    assert (record.batcher, record.items) == ("test-gone", 1)  # type: ignore[attr-defined]
+    assert "statement unanswered" in record.error  # type: ignore[attr-defined]
+
+
+async def test_a_failed_batch_answered_to_its_callers_is_not_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(items: list[int]) -> list[int | BaseException]:
+        raise RuntimeError("database down")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(broken, size_max=10, name="test-answered")
+    with caplog.at_level(logging.WARNING, logger="services.common.batching"):
+        with pytest.raises(RuntimeError):
+            await batcher.submit(1)
+    assert not [r for r in caplog.records if r.name == "services.common.batching"]
