@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats
 import pytest
@@ -100,6 +100,7 @@ class Scenario:
     armed: dict[str, str]  # service -> fault spec (LIVEGIFTS_<SVC>_FAULTS)
     action: Action | None = None
     postgres_only: bool = False
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)  # service -> LIVEGIFTS_<SVC>_* for this scenario
 
 
 # A fault that is not an armed point starts once traffic flows through what it faults: N events
@@ -253,6 +254,37 @@ async def _drop_pg_connections(suite: Suite, flight: Flight, log: list[str]) -> 
     assert terminated > 0, f"no PostgreSQL connection of {names} was terminated: no fault was injected"
 
 
+LOCKED_S = 6.0
+LOCKED_STATEMENT_TIMEOUT_S = 2.0  # the wallet's DB_STATEMENT_TIMEOUT_S in that scenario: below the lock
+
+
+async def _wallet_accounts_locked(suite: Suite, flight: Flight, log: list[str]) -> None:
+    """Another session holds every wallet account row (`FOR UPDATE`, an operator's transaction left
+    open) for LOCKED_S, past the wallet's DB_STATEMENT_TIMEOUT_S, once gifts are charged: the spends
+    wait on the lock, time out, and are retried with their keys. Fails unless a statement met the
+    timeout (else no fault was injected)."""
+    import asyncpg
+
+    pg.admin_url_or_skip()
+    logfile = suite.log_dir / "wallet.log"
+    await _until_charged(flight)
+    logged = logfile.stat().st_size
+    conn = await asyncpg.connect(suite.config.database_urls["wallet"].replace("+asyncpg", ""))
+    try:
+        async with conn.transaction():
+            locked = len(await conn.fetch("SELECT 1 FROM accounts FOR UPDATE"))
+            flight.fault_starts(log, f"{locked} wallet accounts locked for {LOCKED_S:g} s")
+            await asyncio.sleep(LOCKED_S)
+        log.append("wallet accounts unlocked")
+    finally:
+        await conn.close()
+    with logfile.open("rb") as f:
+        f.seek(logged)
+        timed_out = f.read().decode(errors="replace").count("TimeoutError")
+    assert timed_out, f"no wallet statement timed out on the locked accounts in {LOCKED_S:g} s: no fault was injected"
+    log.append(f"wallet log lines with a statement timed out: {timed_out}")
+
+
 STREAMS_FULL_S = 3.0
 
 
@@ -368,6 +400,13 @@ SCENARIOS = [
     Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting")),
     Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout")),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
+    Scenario(
+        "the wallet's accounts are locked past its statement timeout mid-load",
+        {},
+        _wallet_accounts_locked,
+        postgres_only=True,
+        settings={"wallet": {"LIVEGIFTS_WALLET_DB_STATEMENT_TIMEOUT_S": str(LOCKED_STATEMENT_TIMEOUT_S)}},
+    ),
     Scenario("the streams refuse events mid-load (full)", {}, _streams_full),
     Scenario("the PAYOUT stream is deleted mid-load", {}, _payout_stream_deleted),
 ]
@@ -384,8 +423,10 @@ async def test_every_coin_and_diamond_is_accounted_for_after_faults(
     scenario: Scenario, backend: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     if scenario.postgres_only and backend != "postgres":
-        pytest.skip("drops PostgreSQL connections; SQLite has none to drop")
+        pytest.skip("a PostgreSQL fault (connections dropped, rows locked); SQLite has neither")
     extra = {"gifting": dict(FAST_SWEEP), "payout": dict(FAST_PAYOUT)}
+    for svc, settings in scenario.settings.items():
+        extra.setdefault(svc, {}).update(settings)
     for svc, spec in scenario.armed.items():
         extra.setdefault(svc, {})[f"LIVEGIFTS_{svc.upper()}_FAULTS"] = spec
     print(f"\n== scenario: {scenario.name} [{backend}] seed={SEED} gifts={GIFTS}")
