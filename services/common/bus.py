@@ -61,6 +61,16 @@ def message_bytes(payload: bytes, headers: dict[str, str] | None) -> int:
     return len(payload) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
+def described(exc: BaseException) -> str:
+    """A NATS error as the logs show it. nats-py's repr() of JetStream's refusals is the class
+    alone (`ServiceUnavailableError()`, `APIError()`), the same for a full stream, a full store,
+    JetStream off or a server shutting down; their str() carries the server's code, err_code and
+    description (`... err_code=10077 description='maximum messages exceeded'`), which say which."""
+    if isinstance(exc, nats.errors.Error) and str(exc):
+        return str(exc)
+    return repr(exc)
+
+
 def is_stream_missing(exc: BaseException) -> bool:
     """Whether `exc` says a stream does not exist: a JetStream API call on it (10059), or a
     publish no stream took (nats-py's NoStreamResponseError: no stream listens on the subject)."""

@@ -36,7 +36,7 @@ from opentelemetry import trace
 from sqlalchemy import delete, insert, select
 
 from services.common import faults
-from services.common.bus import Bus, is_stream_missing
+from services.common.bus import Bus, described, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check, is_text
@@ -215,7 +215,7 @@ class Consumer(Generic[E]):
             except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered
                 log.warning(
                     "consumer loop failed, retrying",
-                    extra={"consumer": self.sub.durable, "error": repr(exc), "retry_in_s": backoff_s},
+                    extra={"consumer": self.sub.durable, "error": described(exc), "retry_in_s": backoff_s},
                 )
                 if psub is not None:
                     await psub.unsubscribe()  # never raises; naks what it buffered for the next one
@@ -228,7 +228,7 @@ class Consumer(Generic[E]):
                     except Exception as restore_exc:  # noqa: BLE001 - tried again at the next failure
                         log.warning(
                             "stream not created again",
-                            extra={"stream": self.sub.stream, "error": repr(restore_exc)},
+                            extra={"stream": self.sub.stream, "error": described(restore_exc)},
                         )
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)

@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from sqlalchemy import Integer, Table, bindparam, delete, func, not_, select
 
 from services.common import faults
-from services.common.bus import Bus, is_stream_missing, message_bytes, stream_of
+from services.common.bus import Bus, described, is_stream_missing, message_bytes, stream_of
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.errors import check
@@ -326,7 +326,7 @@ class OutboxRelay:
                 res for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException) and r.id not in kept
             )
             await self._restore_missing_streams(rows, results)
-            raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {_described(first)}")
+            raise RuntimeError(f"{failed} of {len(rows)} publishes failed: {described(first)}")
         return len(acked)
 
     async def _restore_missing_streams(self, rows: list[Any], results: list[Any]) -> None:
@@ -584,16 +584,6 @@ class OutboxRelay:
                 )
             return False
         return True
-
-
-def _described(exc: BaseException) -> str:
-    """A publish's error as the log shows it. nats-py's repr() of JetStream's refusals is the class
-    alone (`ServiceUnavailableError()`), the same for a full stream, a full store and JetStream
-    off; their str() carries the server's err_code and description
-    (`... err_code=10077 description='maximum messages exceeded'`), which say which."""
-    if isinstance(exc, nats.errors.Error) and str(exc):
-        return str(exc)
-    return repr(exc)
 
 
 def _stored_headers(contexts: list[Any]) -> list[str]:

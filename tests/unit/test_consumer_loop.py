@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import pytest
 
 from livegifts.gifting.v1 import events_pb2
@@ -185,3 +186,57 @@ async def test_an_event_the_database_keeps_failing_is_naked_with_a_capped_delay_
     await consumer._failed((msg, events_pb2.GiftSent(event_id="e1")), outage)  # type: ignore[arg-type]
     assert msg.naks == [min(0.1 * 2 ** min(delivered, 8), 10.0)]
     assert 0.2 <= msg.naks[0] <= 10.0
+
+
+class _Refusing:
+    """A puller whose fetch JetStream refuses (a server shutting down, JetStream off); the second stops the loop."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.calls = 0
+
+    async def fetch(self, batch: int, timeout: float) -> list[Any]:  # noqa: ASYNC109 - mirrors nats-py
+        self.calls += 1
+        if self.calls == 2:
+            self.stop.set()
+        raise nats.js.errors.ServiceUnavailableError(
+            code=503, err_code=10008, description="JetStream system temporarily unavailable"
+        )
+
+    async def unsubscribe(self) -> None:
+        return None
+
+
+async def test_a_fetch_jetstream_refuses_is_logged_with_the_servers_code_and_description(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A nats-server restarted during load: each consumer logged "consumer loop failed, retrying"
+    # with `error` "APIError()" (nats-py's repr is the class alone), which told the SRE nothing.
+    stop = asyncio.Event()
+    psub = _Refusing(stop)
+
+    async def open_puller(*args: Any, **kwargs: Any) -> _Refusing:
+        return psub
+
+    async def no_wait(stop: asyncio.Event, seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(Puller, "open", open_puller)
+    monkeypatch.setattr("services.common.inbox.sleep_unless_stopped", no_wait)
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        raise AssertionError("no message was fetched")
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to: nothing is fetched
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    try:
+        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+            await asyncio.wait_for(consumer.run(stop), timeout=10)
+    finally:
+        await db.engine.dispose()
+    errors = [r.error for r in caplog.records if r.getMessage() == "consumer loop failed, retrying"]  # type: ignore[attr-defined]
+    assert len(errors) == 2
+    assert all("err_code=10008" in e and "temporarily unavailable" in e for e in errors), errors
