@@ -134,7 +134,13 @@ def storage_refusal(exc: BaseException) -> str | None:
 
 
 def _cause(exc: BaseException) -> str:
-    """An error's class, with the database's own code when it has one (for the log)."""
+    """An error's class, with the database's own code when it has one (for the log).
+
+    SQLAlchemy's pool timeout is a class named TimeoutError too, like the statement timeout's
+    (DB_STATEMENT_TIMEOUT_S): the log says which, since they call for different looks (every
+    pooled connection busy for DB_POOL_TIMEOUT_S, or one statement unanswered)."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return "TimeoutError (connection pool)"
     code = _sqlite_error(exc) or sqlstate(exc)
     return f"{type(exc).__name__} ({code})" if code else type(exc).__name__
 
