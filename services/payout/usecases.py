@@ -332,6 +332,7 @@ def _withdrawal_pb(r: Any) -> payout_pb2.Withdrawal:
         provider_ref=r.provider_ref,
         requested_at=to_timestamp(r.requested_at_us),
         updated_at=to_timestamp(r.updated_at_us),
+        paid_at=to_timestamp(r.paid_at_us),  # None (unset) until PAID
     )
 
 
@@ -1080,7 +1081,8 @@ class Payout:
         """Compare-and-set the status; a concurrent change makes this one ABORTED (retryable)."""
         domain.check_transition(WithdrawalStatus(row.status), target)
         # A PAID withdrawal's updated_at is the paid_at its statement month is counted by, to the
-        # microsecond: a client matching withdrawals to GetStatement's `paid` reads updated_at.
+        # microsecond: a client matching withdrawals to GetStatement's `paid` reads paid_at (or,
+        # from a payout before that field, updated_at).
         ts = values.get("paid_at_us") or now_us()
         w = withdrawals.c
         changed = await uow.conn.execute(

@@ -19,7 +19,7 @@ from livegifts.payout.v1 import payout_pb2
 from services.payout import usecases
 from services.payout.storage import withdrawals
 from tests.unit.test_payout_callbacks import callback
-from tests.unit.test_payout_dispatch import consume, gift_event, setup, verified_method
+from tests.unit.test_payout_dispatch import approved_withdrawal, consume, gift_event, setup, verified_method
 from tests.unit.test_payout_shortfalls import reversal
 
 __all__ = ["setup"]  # the fixture, imported for the tests here
@@ -95,6 +95,34 @@ async def test_each_month_opens_with_the_last_ones_balance_and_closes_with_what_
             await uow.conn.execute(select(w.paid_at_us).where(w.withdrawal_id == wd.withdrawal_id))
         ).scalar_one()
     assert paid.updated_at.ToMicroseconds() == paid_at_us
+
+
+async def test_a_withdrawal_says_when_it_was_paid_the_instant_its_statement_month_counts_it_by(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payout, _provider, _path = setup
+    clock = Clock()
+    monkeypatch.setattr(usecases, "now_us", clock)
+    clock.us = at(2026, 3, 31, hour=20)
+    paid = await approved_withdrawal(payout, "creator-p")
+    failed = await approved_withdrawal(payout, "creator-f")
+    assert not (await payout.get_withdrawal(paid)).HasField("paid_at")  # APPROVED: not paid
+    assert await payout.dispatch_once() == 2
+    assert not (await payout.get_withdrawal(paid)).HasField("paid_at")  # PROCESSING: not yet
+    clock.us = at(2026, 4, 1, hour=0)  # paid after midnight: an April payment
+    await callback(payout, paid, "evt-paid", "payout.paid")
+    await callback(payout, failed, "evt-failed", "payout.failed")
+
+    wd = await payout.get_withdrawal(paid)
+    assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert at(2026, 4, 1, hour=0) < wd.paid_at.ToMicroseconds() <= clock.us
+    assert wd.paid_at == wd.updated_at
+    (listed,) = (await payout.list_withdrawals(payout_pb2.ListWithdrawalsRequest(creator_id="creator-p"))).withdrawals
+    assert listed.paid_at == wd.paid_at
+    months = (await payout.get_statement("creator-p", 2026)).months
+    assert (len(months[2].paid), [p.diamonds for p in months[3].paid]) == (0, [wd.diamonds])  # by paid_at
+    gone = await payout.get_withdrawal(failed)
+    assert gone.status == payout_pb2.WITHDRAWAL_STATUS_FAILED and not gone.HasField("paid_at")
 
 
 async def test_a_statement_of_a_creator_never_credited_opens_and_closes_at_zero(setup) -> None:  # type: ignore[no-untyped-def]
