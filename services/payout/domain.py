@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import re
 from collections import defaultdict
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 
 from services.common.currencies import ISO_4217_CURRENCIES
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, check
+from services.common.timeutil import US_PER_DAY
 
 BP_DENOMINATOR = 10_000  # basis points: 5000 = 50%
 DEFAULT_CREATOR_SHARE_BP = 5_000
+_EPOCH_DATE = dt.date(1970, 1, 1)
 
 
 def check_share(share_bp: int) -> int:
@@ -218,9 +221,17 @@ def above_daily_maximum(amounts: Amounts, terms: CurrencyTerms) -> bool:
     return amounts.gross_minor > terms.daily_max_minor
 
 
-def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int) -> ResourceExhausted:
-    """DAILY_WITHDRAWAL_LIMIT, with the maximum and what is left of it today, `day_gross_minor`
-    (not failed or rejected) already requested: in minor units and as the most diamonds that fit."""
+def day_resets_at_us(day: str) -> int:
+    """The UTC midnight that ends `day` (an ISO date, the UTC day a withdrawal's gross is counted
+    on): unix microseconds, when the next day's maximum starts again from 0."""
+    return (dt.date.fromisoformat(day) + dt.timedelta(days=1) - _EPOCH_DATE).days * US_PER_DAY
+
+
+def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int, day: str) -> ResourceExhausted:
+    """DAILY_WITHDRAWAL_LIMIT, with the maximum and what is left of it on `day` (UTC, today's),
+    `day_gross_minor` (not failed or rejected) already requested: in minor units and as the most
+    diamonds that fit; and when that day ends (`resets_at_us`), as the wallet's
+    SPENDING_LIMIT_EXCEEDED says when its period does."""
     left_minor = max(terms.daily_max_minor - day_gross_minor, 0)
     return ResourceExhausted(
         f"the daily withdrawal maximum leaves {left_minor} {terms.currency_code} minor units for today",
@@ -229,6 +240,7 @@ def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int) -> ResourceE
         daily_max_minor=terms.daily_max_minor,
         daily_left_minor=left_minor,
         daily_left_diamonds=diamonds_worth_at_most(left_minor, terms),
+        resets_at_us=day_resets_at_us(day),
     )
 
 

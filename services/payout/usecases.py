@@ -960,7 +960,8 @@ class Payout:
             amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
             domain.check_withdrawal_limits(amounts, terms)
             if domain.above_daily_maximum(amounts, terms):  # refused before the balance, as always
-                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms))
+                today = _utc_day(now_us())
+                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms, today), today)
             await self._settle_shortfalls_of(uow, req.creator_id)  # credited since the first settling
             c = creators.c
             balance = (
@@ -1009,7 +1010,7 @@ class Payout:
                 .values(gross_minor=d.gross_minor + amounts.gross_minor)
             )
             if counted.rowcount != 1:
-                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms, day))
+                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms, day), day)
             auto = amounts.gross_minor < terms.auto_approve_below_minor
             status = WithdrawalStatus.APPROVED if auto else WithdrawalStatus.PENDING_REVIEW
             values = {
@@ -1039,14 +1040,14 @@ class Payout:
         return await idem.run(work)
 
     @staticmethod
-    async def _day_gross(uow: UnitOfWork, creator_id: str, terms: CurrencyTerms, day: str = "") -> int:
-        """Gross the creator requested on `day` (default today, UTC) in the terms' currency, not
+    async def _day_gross(uow: UnitOfWork, creator_id: str, terms: CurrencyTerms, day: str) -> int:
+        """Gross the creator requested on `day` (UTC, `_utc_day`) in the terms' currency, not
         failed or rejected: for a DAILY_WITHDRAWAL_LIMIT's metadata only, as the conditional
         UPDATE alone decides."""
         d = daily_withdrawals.c
         gross = await uow.conn.execute(
             select(d.gross_minor).where(
-                d.creator_id == creator_id, d.day == (day or _utc_day(now_us())), d.currency_code == terms.currency_code
+                d.creator_id == creator_id, d.day == day, d.currency_code == terms.currency_code
             )
         )
         return gross.scalar_one_or_none() or 0

@@ -363,6 +363,8 @@ async def test_withdrawal_refusals_say_what_would_pass_in_their_metadata(clients
     creator = uid("creator")
     await fund(clients, deployment, creator, 600_000)  # 300,000 diamonds = $1,500
     method_id = await verified_method(clients, deployment, creator)
+    midnight = (int(time.time()) // 86_400 + 1) * 86_400 * 1_000_000  # today's end, UTC, by this clock
+    days = {midnight, midnight + 86_400 * 1_000_000}  # the next too, should the test straddle midnight
 
     low = await expect_error(
         clients.payout.RequestWithdrawal(withdraw(creator, 19_998, method_id)),
@@ -381,7 +383,9 @@ async def test_withdrawal_refusals_say_what_would_pass_in_their_metadata(clients
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "DAILY_WITHDRAWAL_LIMIT",
     )
-    assert dict(error_info(whole_day).metadata) == {
+    whole_day_meta = dict(error_info(whole_day).metadata)
+    assert int(whole_day_meta.pop("resets_at_us")) in days  # the UTC midnight that ends today
+    assert whole_day_meta == {
         "currency_code": "USD",
         "daily_max_minor": "100000",
         "daily_left_minor": "100000",
@@ -401,7 +405,9 @@ async def test_withdrawal_refusals_say_what_would_pass_in_their_metadata(clients
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "DAILY_WITHDRAWAL_LIMIT",
     )
-    assert dict(error_info(over).metadata) == {
+    over_meta = dict(error_info(over).metadata)
+    assert int(over_meta.pop("resets_at_us")) in days  # the UTC midnight that ends today
+    assert over_meta == {
         "currency_code": "USD",
         "daily_max_minor": "100000",
         "daily_left_minor": "40000",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import sqlite3
 import uuid
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
@@ -29,7 +30,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.provider_calls import ProviderError, ProviderRefused
@@ -259,6 +260,34 @@ async def test_an_operator_cannot_approve_a_reviewed_withdrawal_while_a_clawback
     assert await status_of(payout, wd.withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
     set_available(path, "creator-a", 0)  # repaid
     assert (await payout.approve_withdrawal(approve(), "ops")).status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+
+
+@pytest.mark.parametrize("over", ["above the whole day", "above what is left"])
+async def test_a_daily_limit_refusal_says_when_the_utc_day_it_counted_on_ends(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch, over: str
+) -> None:
+    payout, _provider, _path = setup
+    wd = await reviewed_withdrawal(payout, "creator-a")  # $600 of the day's $1,000
+    midnight = int(dt.datetime(2026, 4, 1, tzinfo=dt.UTC).timestamp()) * 1_000_000
+    monkeypatch.setattr("services.payout.usecases.now_us", lambda: midnight - 1)  # the day's last microsecond
+    async with payout.db.unit_of_work() as uow:  # the $600 counted on that day, as if requested then
+        await uow.conn.execute(update(daily_withdrawals).values(day="2026-03-31"))
+        await uow.commit()
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 400_000)])
+        await uow.commit()
+    with pytest.raises(ResourceExhausted) as refused:
+        await payout.request_withdrawal(
+            payout_pb2.RequestWithdrawalRequest(
+                creator_id="creator-a",
+                diamonds=200_002 if over == "above the whole day" else 80_004,  # $1,000.01, or $400.02
+                method_id=wd.method_id,
+                idempotency_key=uuid.uuid4().hex,
+            )
+        )
+    assert refused.value.reason == "DAILY_WITHDRAWAL_LIMIT"
+    assert refused.value.metadata["daily_left_minor"] == "40000"  # the day's $600 counted
+    assert refused.value.metadata["resets_at_us"] == str(midnight)  # 2026-04-01T00:00Z: a microsecond on
 
 
 async def fail_verification(payout: Payout, withdrawal_id: str) -> None:

@@ -1,6 +1,7 @@
 """Diamond arithmetic: exact, order-independent, nothing lost to rounding."""
 
 import dataclasses
+import datetime as dt
 import math
 
 import pytest
@@ -76,8 +77,8 @@ def test_limits_name_their_reason() -> None:
     domain.check_withdrawal_limits(high, USD)  # the daily maximum is the next check's
     assert domain.above_daily_maximum(high, USD)
     assert not domain.above_daily_maximum(domain.withdrawal_amounts(200_000, USD, 0), USD)
-    assert isinstance(domain.daily_limit_reached(USD, 0), ResourceExhausted)
-    assert domain.daily_limit_reached(USD, 0).reason == "DAILY_WITHDRAWAL_LIMIT"
+    assert isinstance(domain.daily_limit_reached(USD, 0, "2026-01-01"), ResourceExhausted)
+    assert domain.daily_limit_reached(USD, 0, "2026-01-01").reason == "DAILY_WITHDRAWAL_LIMIT"
 
 
 def test_a_withdrawal_below_the_minimum_says_the_minimum_in_cash_and_diamonds_and_its_fee() -> None:
@@ -99,15 +100,27 @@ def test_a_withdrawal_below_the_minimum_says_the_minimum_in_cash_and_diamonds_an
 
 def test_the_daily_limit_says_what_is_left_today_in_cash_and_in_whole_cash_diamonds() -> None:
     # $1,000 a day, $612.34 requested: $387.66 left, 77,532 diamonds at 200 = $1.
-    refused = domain.daily_limit_reached(USD, 61_234)
+    refused = domain.daily_limit_reached(USD, 61_234, "2028-02-28")
     assert refused.metadata == {
         "currency_code": "USD",
         "daily_max_minor": "100000",
         "daily_left_minor": "38766",
         "daily_left_diamonds": "77532",
+        "resets_at_us": str(_utc_midnight_us(2028, 2, 29)),  # the next UTC day (a leap day) starts again
     }
-    assert domain.daily_limit_reached(USD, 100_000).metadata["daily_left_minor"] == "0"
-    assert domain.daily_limit_reached(USD, 100_000).metadata["daily_left_diamonds"] == "0"
+    assert domain.daily_limit_reached(USD, 100_000, "2028-02-28").metadata["daily_left_minor"] == "0"
+    assert domain.daily_limit_reached(USD, 100_000, "2028-02-28").metadata["daily_left_diamonds"] == "0"
+
+
+def _utc_midnight_us(year: int, month: int, day: int) -> int:
+    return int(dt.datetime(year, month, day, tzinfo=dt.UTC).timestamp()) * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("day", "ends"), [("2026-12-31", (2027, 1, 1)), ("2027-02-28", (2027, 3, 1)), ("1970-01-01", (1970, 1, 2))]
+)
+def test_a_withdrawal_day_resets_at_the_utc_midnight_that_ends_it(day: str, ends: tuple[int, int, int]) -> None:
+    assert domain.day_resets_at_us(day) == _utc_midnight_us(*ends)
 
 
 @pytest.mark.parametrize(("diamonds", "amount_minor"), [(200, 100), (3, 7), (7, 3), (1, 1), (150, 100)])
