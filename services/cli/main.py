@@ -688,6 +688,16 @@ WITHDRAWAL_STATUSES = ("PENDING_REVIEW", "APPROVED", "PROCESSING", "PAID", "FAIL
 WITHDRAWALS_PAGE_SIZE = 500  # `withdrawals`: rows per ListWithdrawals call (its maximum)
 
 
+def _withdrawal_status(w: payout_pb2.Withdrawal) -> str:
+    """A withdrawal's status, and why it waits while APPROVED and held: "APPROVED, held: BALANCE_NEGATIVE"."""
+    status = payout_pb2.WithdrawalStatus.Name(w.status).removeprefix("WITHDRAWAL_STATUS_")
+    if not w.hold:
+        return status
+    # A reason this CLI's protos do not know (a newer payout) shows as its number.
+    hold = payout_pb2.WithdrawalHold.Name(w.hold) if w.hold in payout_pb2.WithdrawalHold.values() else str(w.hold)
+    return f"{status}, held: {hold.removeprefix('WITHDRAWAL_HOLD_')}"
+
+
 @app.command()
 def withdrawals(
     creator: Annotated[
@@ -707,7 +717,8 @@ def withdrawals(
 ) -> None:
     """List withdrawals: every creator's waiting for review (operator token), or one creator's.
 
-    Across creators it is the review queue, oldest requested first. Exit 0 even when some are listed.
+    Across creators it is the review queue, oldest requested first. An APPROVED withdrawal the
+    dispatcher holds shows why ("APPROVED, held: BALANCE_NEGATIVE"). Exit 0 even when some are listed.
     """
     status = status.upper()
     if status and status not in WITHDRAWAL_STATUSES:
@@ -750,7 +761,7 @@ def withdrawals(
                 table.add_row(
                     escape(w.withdrawal_id),
                     escape(w.creator_id),
-                    payout_pb2.WithdrawalStatus.Name(w.status).removeprefix("WITHDRAWAL_STATUS_"),
+                    _withdrawal_status(w),
                     f"{w.gross.amount_minor} {w.gross.currency_code} minor",
                     w.requested_at.ToDatetime().isoformat(timespec="seconds"),
                     w.updated_at.ToDatetime().isoformat(timespec="seconds"),

@@ -39,6 +39,10 @@ creators = Table(
     # Clawbacks accumulate like credits: clawed_units = sum of coins * share_bp taken back;
     # diamonds_clawed_back = clawed_units // 10000, the remainder kept for the next whole diamond.
     Column("clawed_units", BigInteger, nullable=False, server_default="0"),
+    # Why the wallet's word holds the creator's APPROVED withdrawals (ACCOUNT_BLOCKED, UNDERAGE,
+    # WALLET_UNAVAILABLE; '' none): the dispatcher's last answer from the wallet, written when it
+    # changes (migration 0014), read as Withdrawal.hold.
+    Column("wallet_hold", String(32), nullable=False, server_default=""),
 )
 
 # One row per consumed gift/tip/unlock event: the creator's earnings history.

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -239,11 +239,20 @@ def _decode_token(token: str, scope: str = "") -> tuple[int, str]:
 
 
 def _keyset_select(
-    table: Any, owner: Any, ts_col: Any, id_col: Any, after: tuple[int, str] | None, limit: int, *, oldest_first: bool
+    table: Any,
+    owner: Any,
+    ts_col: Any,
+    id_col: Any,
+    after: tuple[int, str] | None,
+    limit: int,
+    *,
+    oldest_first: bool,
+    joined: tuple[Any, tuple[Any, ...]] | None = None,
 ) -> Any:
     """The rows of `table` where owner matches, after (instant, id) `after` in (ts_col, id_col)
-    order, newest first (or oldest first), at most `limit`."""
-    q = select(table).where(owner)
+    order, newest first (or oldest first), at most `limit`; with `joined` (a join of `table`,
+    columns of it), each row with those columns too, in the same one query."""
+    q = select(table).where(owner) if joined is None else select(table, *joined[1]).select_from(joined[0]).where(owner)
     if after is not None:
         ts, key = after
         # The plain bound beside the OR is what the index range starts from: neither PostgreSQL
@@ -279,13 +288,14 @@ async def _keyset_page(
     oldest_first: bool = False,
     default_size: int = PAGE_SIZE_DEFAULT,
     scope: str = "",
+    joined: tuple[Any, tuple[Any, ...]] | None = None,
 ) -> tuple[list[Any], str]:
     """One keyset page of `table` rows where owner matches, newest first (or oldest first); returns
     (rows, next token). `default_size` is the page of a request without page_size; `scope`
-    (`_token_scope`) binds the tokens to the list's filters."""
+    (`_token_scope`) binds the tokens to the list's filters; `joined` as `_keyset_select`'s."""
     size = _page_size(page_size, default_size)
     after = _decode_token(page_token, scope) if page_token else None
-    q = _keyset_select(table, owner, ts_col, id_col, after, size + 1, oldest_first=oldest_first)
+    q = _keyset_select(table, owner, ts_col, id_col, after, size + 1, oldest_first=oldest_first, joined=joined)
     async with db.unit_of_work(readonly=True) as uow:
         rows = (await uow.conn.execute(q)).all()
     token = (
@@ -307,16 +317,43 @@ def _method_not_verified() -> FailedPrecondition:
     return FailedPrecondition("the payout method is not verified", "PAYOUT_METHOD_NOT_VERIFIED")
 
 
+# Why an APPROVED withdrawal waits instead of going to the provider: the facts the dispatcher
+# decides by, written once. It claims none whose creator's balance is negative (a clawback) or
+# whose payout method is not VERIFIED (`dispatch_once` selects by them, `_claim` reads them again
+# under lock), nor one of a creator the wallet's word holds (`_eligible_for_payout`, its reason
+# kept in creators.wallet_hold); `_HOLD` names the first that holds, in that order, for
+# Withdrawal.hold (GetWithdrawal, ListWithdrawals: `_WITH_HOLD`, one query with the withdrawals).
+_BALANCE_HOLDS = creators.c.diamonds_available < 0
+_METHOD_HOLDS = payout_methods.c.verification != VERIFIED
+_HOLD = case(
+    (_BALANCE_HOLDS, "BALANCE_NEGATIVE"),
+    (_METHOD_HOLDS, "PAYOUT_METHOD_NOT_VERIFIED"),
+    else_=func.coalesce(creators.c.wallet_hold, ""),
+).label("hold")
+# Outer joins: a withdrawal is listed whatever its creator's or method's row holds.
+_WITH_HOLD = (
+    withdrawals.outerjoin(creators, creators.c.creator_id == withdrawals.c.creator_id).outerjoin(
+        payout_methods, payout_methods.c.method_id == withdrawals.c.method_id
+    ),
+    (_HOLD,),
+)
+_HOLD_PB = {
+    reason: payout_pb2.WithdrawalHold.Value(f"WITHDRAWAL_HOLD_{reason}")
+    for reason in ("BALANCE_NEGATIVE", "PAYOUT_METHOD_NOT_VERIFIED", *domain.HOLD_REASONS)
+}
+
+
 async def _method_verified(uow: UnitOfWork, method_id: str, *, lock: bool = False) -> bool:
-    """Whether the payout method is VERIFIED now; with `lock`, its row held until commit
-    (PostgreSQL `FOR SHARE`), so a verification failing it waits for this transaction."""
-    m = payout_methods.c
-    q = select(m.verification).where(m.method_id == method_id)
-    verification = (await uow.conn.execute(q.with_for_update(read=True) if lock else q)).scalar_one()
-    return bool(verification == VERIFIED)
+    """Whether the payout method is VERIFIED now (not `_METHOD_HOLDS`); with `lock`, its row held
+    until commit (PostgreSQL `FOR SHARE`), so a verification failing it waits for this transaction."""
+    q = select(_METHOD_HOLDS).where(payout_methods.c.method_id == method_id)
+    holds = (await uow.conn.execute(q.with_for_update(read=True) if lock else q)).scalar_one()
+    return not holds
 
 
-def _withdrawal_pb(r: Any) -> payout_pb2.Withdrawal:
+def _withdrawal_pb(r: Any, hold: str = "") -> payout_pb2.Withdrawal:
+    """The withdrawal's message; `hold` (`_HOLD`: why it would wait) is shown only while it is APPROVED,
+    waiting for the dispatcher."""
     return payout_pb2.Withdrawal(
         withdrawal_id=r.withdrawal_id,
         creator_id=r.creator_id,
@@ -333,6 +370,9 @@ def _withdrawal_pb(r: Any) -> payout_pb2.Withdrawal:
         requested_at=to_timestamp(r.requested_at_us),
         updated_at=to_timestamp(r.updated_at_us),
         paid_at=to_timestamp(r.paid_at_us),  # None (unset) until PAID
+        hold=_HOLD_PB.get(hold, payout_pb2.WITHDRAWAL_HOLD_UNSPECIFIED)
+        if r.status == WithdrawalStatus.APPROVED.value
+        else payout_pb2.WITHDRAWAL_HOLD_UNSPECIFIED,
     )
 
 
@@ -937,6 +977,9 @@ class Payout:
         if stored is not None:
             return stored  # a retry: the wallet is not asked again (it may be down, or its answer changed)
         await self._check_eligible(req.creator_id)
+        asked_wallet = self.wallet is not None
+        if asked_wallet:
+            self._held_until.pop(req.creator_id, None)  # it just said yes: the dispatcher asks again
         # What the creator's diamonds owe to recorded reversals is clawed back and committed
         # first, so it stands even when this request is refused; `work` settles again anything
         # credited in between, so none of those diamonds is ever withdrawn (the chargeback fraud).
@@ -978,6 +1021,8 @@ class Payout:
                     diamonds_available=c.diamonds_available - req.diamonds,
                     diamonds_held=c.diamonds_held + req.diamonds,
                     updated_at_us=now_us(),
+                    # The wallet just said the creator may withdraw: no hold of its word stands.
+                    **({"wallet_hold": ""} if asked_wallet else {}),
                 )
             )
             if held.rowcount != 1:
@@ -1072,8 +1117,10 @@ class Payout:
             ),
         )
 
-    async def _load_withdrawal(self, uow: UnitOfWork, withdrawal_id: str) -> Any:
-        row = (await uow.conn.execute(select(withdrawals).where(withdrawals.c.withdrawal_id == withdrawal_id))).first()
+    async def _load_withdrawal(self, uow: UnitOfWork, withdrawal_id: str, *, with_hold: bool = False) -> Any:
+        """The withdrawal's row; `with_hold`, with its `hold` (`_HOLD`) too, in the same query."""
+        q = select(withdrawals) if not with_hold else select(withdrawals, *_WITH_HOLD[1]).select_from(_WITH_HOLD[0])
+        row = (await uow.conn.execute(q.where(withdrawals.c.withdrawal_id == withdrawal_id))).first()
         if row is None:
             raise NotFound("unknown withdrawal", "UNKNOWN_WITHDRAWAL")
         return row
@@ -1133,7 +1180,7 @@ class Payout:
         require_id(req.withdrawal_id, "withdrawal_id")
 
         async def work(uow: UnitOfWork) -> payout_pb2.Withdrawal:
-            row = await self._load_withdrawal(uow, req.withdrawal_id)
+            row = await self._load_withdrawal(uow, req.withdrawal_id, with_hold=True)
             balance = (
                 await uow.conn.execute(
                     select(creators.c.diamonds_available).where(creators.c.creator_id == row.creator_id)
@@ -1151,7 +1198,7 @@ class Payout:
             if not await _method_verified(uow, row.method_id):
                 raise _method_not_verified()
             moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
-            return _withdrawal_pb(moved)
+            return _withdrawal_pb(moved, row.hold)  # the wallet's word may hold it
 
         return await idem.run(work)
 
@@ -1183,7 +1230,8 @@ class Payout:
         """One withdrawal."""
         require_id(withdrawal_id, "withdrawal_id")
         async with self.db.unit_of_work(readonly=True) as uow:
-            return _withdrawal_pb(await self._load_withdrawal(uow, withdrawal_id))
+            row = await self._load_withdrawal(uow, withdrawal_id, with_hold=True)
+            return _withdrawal_pb(row, row.hold)
 
     async def list_withdrawals(self, req: payout_pb2.ListWithdrawalsRequest) -> payout_pb2.ListWithdrawalsResponse:
         """A creator's withdrawals, newest first; or, without creator_id, every creator's in one
@@ -1218,8 +1266,11 @@ class Payout:
             req.page_size,
             oldest_first=not req.creator_id,
             scope=_token_scope("withdrawals", req.creator_id, status.value) if status is not None else "",
+            joined=_WITH_HOLD,  # each row's hold in the page's one query, not a read per row
         )
-        return payout_pb2.ListWithdrawalsResponse(withdrawals=[_withdrawal_pb(r) for r in rows], next_page_token=token)
+        return payout_pb2.ListWithdrawalsResponse(
+            withdrawals=[_withdrawal_pb(r, r.hold) for r in rows], next_page_token=token
+        )
 
     # ---- payout provider -------------------------------------------------------------------
 
@@ -1264,7 +1315,7 @@ class Payout:
         # withdrawal waits here instead of paying out cash owed back. Held too while its method is
         # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
         # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
-        claimable = and_(approved, creators.c.diamonds_available >= 0, m.verification == VERIFIED)
+        claimable = and_(approved, ~_BALANCE_HOLDS, ~_METHOD_HOLDS)
         # Nor are the withdrawals of creators held by the wallet's word read again before their
         # recheck: oldest first, they would fill every round and keep the later ones waiting.
         now_mono = time.monotonic()
@@ -1275,7 +1326,7 @@ class Payout:
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (
                 await uow.conn.execute(
-                    select(withdrawals, m.provider_token)
+                    select(withdrawals, m.provider_token, creators.c.wallet_hold)
                     .join(payout_methods, m.method_id == w.method_id)
                     .join(creators, creators.c.creator_id == w.creator_id)
                     .where(or_(unsubmitted, claimable))
@@ -1313,7 +1364,7 @@ class Payout:
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
                 if row.status == WithdrawalStatus.APPROVED.value:
-                    if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id):
+                    if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id, row.wallet_hold):
                         continue
                     if not await self._claim(row.withdrawal_id, row.creator_id, row.method_id):
                         continue  # a clawback or a failed verification since the round began holds it, or it changed
@@ -1393,22 +1444,24 @@ class Payout:
             )
             if claimed.rowcount != 1:
                 return False  # a callback, a rejection or another replica's claim came first
-            available = (
+            balance_holds = (
                 await uow.conn.execute(
-                    select(c.diamonds_available).where(c.creator_id == creator_id).with_for_update(read=True)
+                    select(_BALANCE_HOLDS).where(c.creator_id == creator_id).with_for_update(read=True)
                 )
             ).scalar_one()
-            if available < 0:
+            if balance_holds:
                 return False  # rolled back: still APPROVED, held while the balance is negative
             if not await _method_verified(uow, method_id, lock=True):
                 return False  # rolled back: still APPROVED, held until the method is verified again
             await uow.commit()
         return True
 
-    async def _eligible_for_payout(self, creator_id: str, withdrawal_id: str) -> bool:
+    async def _eligible_for_payout(self, creator_id: str, withdrawal_id: str, recorded_hold: str = "") -> bool:
         """Whether the wallet still says the creator may withdraw (18+, not blocked); a creator it
         does not (or that it cannot answer for) is held and asked about again after
-        DISPATCH_HOLD_RECHECK_S, so a held withdrawal costs no wallet call per round."""
+        DISPATCH_HOLD_RECHECK_S, so a held withdrawal costs no wallet call per round. The answer's
+        reason is kept in creators.wallet_hold (Withdrawal.hold) when it differs from
+        `recorded_hold`, the one the round read: no write while it stays the same."""
         check(self.settings is not None, "self.settings is not None")
         if self.wallet is None:
             return True  # no wallet wired (use cases alone): RequestWithdrawal did not ask either
@@ -1420,13 +1473,26 @@ class Payout:
         except (FailedPrecondition, Unavailable) as exc:
             self._held_until[creator_id] = time.monotonic() + self.settings.dispatch_hold_recheck_s
             WITHDRAWALS_HELD.labels(reason=exc.reason).inc()
+            if exc.reason != recorded_hold:
+                await self._record_wallet_hold(creator_id, exc.reason)
             log.warning(
                 "withdrawal held: the creator may not withdraw now",
                 extra={"withdrawal_id": withdrawal_id, "creator_id": creator_id, "reason": exc.reason},
             )
             return False
         self._held_until.pop(creator_id, None)
+        if recorded_hold:
+            await self._record_wallet_hold(creator_id, "")
         return True
+
+    async def _record_wallet_hold(self, creator_id: str, reason: str) -> None:
+        """Keep why the wallet's word holds the creator's withdrawals ('' none), for Withdrawal.hold."""
+        c = creators.c
+        async with self.db.unit_of_work() as uow:
+            await uow.conn.execute(
+                update(creators).where(c.creator_id == creator_id, c.wallet_hold != reason).values(wallet_hold=reason)
+            )
+            await uow.commit()
 
     async def reconciler(self, stop: Any) -> None:
         """Background loop: look up at the provider the withdrawals whose callback is late."""

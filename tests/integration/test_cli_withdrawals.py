@@ -9,8 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from tests.integration.conftest import Deployment
-from tests.integration.helpers import uid
+from tests.integration.helpers import eventually, uid
 from tests.integration.test_payout import fund, verified_method, withdraw
 
 
@@ -53,3 +55,31 @@ async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_
     assert (none.returncode, none.stdout.strip()) == (0, "no withdrawals PAID")
     typo = _withdrawals(deployment, "--status=WAITING")
     assert typo.returncode == 2 and "unknown status 'WAITING'" in typo.stdout, typo.stdout
+
+
+async def test_withdrawals_shows_why_an_approved_withdrawal_is_held(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    creator = uid("creator")
+    await fund(clients, deployment, creator, 240_000)  # 120,000 diamonds = $600: reviewed
+    method_id = await verified_method(clients, deployment, creator)
+    waiting = await clients.payout.RequestWithdrawal(withdraw(creator, 120_000, method_id))
+    await clients.wallet.SetAccountRestrictions(  # trust and safety blocks the creator meanwhile
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True, idempotency_key=uid("r")),
+        metadata=deployment.operator_metadata,
+    )
+    await clients.payout.ApproveWithdrawal(
+        payout_pb2.ApproveWithdrawalRequest(withdrawal_id=waiting.withdrawal_id, idempotency_key=uid("ap")),
+        metadata=deployment.operator_metadata,
+    )
+    held = await eventually(  # the dispatcher asks the wallet, and holds it
+        lambda: clients.payout.GetWithdrawal(payout_pb2.GetWithdrawalRequest(withdrawal_id=waiting.withdrawal_id)),
+        lambda w: w.hold != payout_pb2.WITHDRAWAL_HOLD_UNSPECIFIED,
+    )
+    assert (held.status, held.hold) == (
+        payout_pb2.WITHDRAWAL_STATUS_APPROVED,
+        payout_pb2.WITHDRAWAL_HOLD_ACCOUNT_BLOCKED,
+    )
+
+    own = _withdrawals(deployment, creator)
+    assert own.returncode == 0, own.stdout + own.stderr
+    row = next(line for line in own.stdout.splitlines() if waiting.withdrawal_id in line)
+    assert "APPROVED, held: ACCOUNT_BLOCKED" in row, row

@@ -146,10 +146,11 @@ async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldes
 ) -> None:
     """ListWithdrawals without creator_id: one status, oldest first, a page at a time: a range of
     (status, requested_at_us, withdrawal_id), not every withdrawal of the status read and sorted,
-    and a later page starts where its token points, not at the status's oldest row."""
+    and a later page starts where its token points, not at the status's oldest row; with each
+    row's hold joined from its creator and method, as ListWithdrawals reads it."""
     from services.payout.domain import WithdrawalStatus
     from services.payout.storage import withdrawals
-    from services.payout.usecases import _keyset_select, _withdrawals_where
+    from services.payout.usecases import _WITH_HOLD, _keyset_select, _withdrawals_where
 
     w = withdrawals.c
     where = _withdrawals_where("", WithdrawalStatus.PENDING_REVIEW)
@@ -157,7 +158,7 @@ async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldes
         empty_database,
         "payout",
         lambda dialect: _keyset_select(
-            withdrawals, where, w.requested_at_us, w.withdrawal_id, after, 51, oldest_first=True
+            withdrawals, where, w.requested_at_us, w.withdrawal_id, after, 51, oldest_first=True, joined=_WITH_HOLD
         ),
     )
     assert "ix_withdrawals_status_oldest" in plan, plan

@@ -20,9 +20,10 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
@@ -37,7 +38,7 @@ from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
-from services.payout.storage import common, daily_withdrawals
+from services.payout.storage import common, creators, daily_withdrawals
 from services.payout.usecases import Payout
 
 SECRET = b"dispatch-test-secret"
@@ -408,6 +409,142 @@ async def test_a_creator_blocked_after_approval_is_held_and_asked_about_again_la
     assert payout.settings is not None
     clock[0] += payout.settings.dispatch_hold_recheck_s + 1
     assert await payout.dispatch_once() == 1 and provider.submitted == [paid, held]
+
+
+HOLD = payout_pb2.WithdrawalHold
+
+
+async def holds(payout: Payout, *withdrawal_ids: str) -> list[str]:
+    """Each withdrawal's hold as GetWithdrawal says it ("" for none), after checking the review
+    queue (every creator's APPROVED withdrawals) says the same."""
+    queue = await payout.list_withdrawals(
+        payout_pb2.ListWithdrawalsRequest(status=payout_pb2.WITHDRAWAL_STATUS_APPROVED, page_size=500)
+    )
+    listed = {w.withdrawal_id: w.hold for w in queue.withdrawals}
+    out = []
+    for wid in withdrawal_ids:
+        got = await payout.get_withdrawal(wid)
+        assert listed.get(wid, HOLD.Value("WITHDRAWAL_HOLD_UNSPECIFIED")) == got.hold, wid
+        out.append(HOLD.Name(got.hold).removeprefix("WITHDRAWAL_HOLD_").replace("UNSPECIFIED", ""))
+    return out
+
+
+async def test_an_approved_withdrawal_says_why_the_dispatcher_holds_it_by_its_balance_and_method(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, provider, path = setup
+    clawed = await approved_withdrawal(payout, "creator-a")
+    unverified = await approved_withdrawal(payout, "creator-b")
+    both = await approved_withdrawal(payout, "creator-c")
+    free = await approved_withdrawal(payout, "creator-d")
+    review = await reviewed_withdrawal(payout, "creator-e")
+    set_available(path, "creator-a", -5)  # a clawback after the approval
+    await fail_verification(payout, unverified)
+    set_available(path, "creator-c", -5)
+    await fail_verification(payout, both)
+    set_available(path, "creator-e", -5)  # under review: it waits for an operator, not a hold
+
+    assert await holds(payout, clawed, unverified, both, free, review.withdrawal_id) == [
+        "BALANCE_NEGATIVE",
+        "PAYOUT_METHOD_NOT_VERIFIED",
+        "BALANCE_NEGATIVE",  # the first that holds, in the proto's order
+        "",
+        "",
+    ]
+    (mine,) = (await payout.list_withdrawals(payout_pb2.ListWithdrawalsRequest(creator_id="creator-a"))).withdrawals
+    assert mine.hold == HOLD.Value("WITHDRAWAL_HOLD_BALANCE_NEGATIVE")  # the creator's own list too
+    # The dispatcher takes exactly the one said not to be held.
+    assert await payout.dispatch_once() == 1 and provider.submitted == [free]
+    assert await holds(payout, free) == [""]  # PROCESSING: on its way
+    set_available(path, "creator-a", 0)  # repaid
+    assert await holds(payout, clawed) == [""]
+    assert await payout.dispatch_once() == 1 and provider.submitted == [free, clawed]
+
+
+async def test_an_approved_withdrawal_says_the_wallet_holds_it_until_the_dispatcher_hears_otherwise(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payout, provider, _path = setup
+    held = await approved_withdrawal(payout, "creator-a")
+    review = await reviewed_withdrawal(payout, "creator-a")  # a second one, under review
+    wallet = EligibilityWallet()
+    wallet.blocked.add("creator-a")
+    payout.wallet = wallet
+    clock = [1000.0]
+    monkeypatch.setattr("services.payout.usecases.time.monotonic", lambda: clock[0])
+    assert payout.settings is not None
+    recheck = payout.settings.dispatch_hold_recheck_s + 1
+
+    assert await holds(payout, held) == [""]  # the dispatcher has not asked the wallet yet
+    assert await payout.dispatch_once() == 0
+    assert await holds(payout, held) == ["ACCOUNT_BLOCKED"]
+    approved = await payout.approve_withdrawal(
+        payout_pb2.ApproveWithdrawalRequest(withdrawal_id=review.withdrawal_id, idempotency_key=uuid.uuid4().hex),
+        "ops",
+    )
+    assert approved.hold == HOLD.Value("WITHDRAWAL_HOLD_ACCOUNT_BLOCKED")  # approved, and held at once
+
+    async def unavailable(req: wallet_pb2.GetAccountRestrictionsRequest) -> wallet_pb2.AccountRestrictions:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+    monkeypatch.setattr(wallet, "GetAccountRestrictions", unavailable)
+    clock[0] += recheck
+    assert await payout.dispatch_once() == 0
+    assert await holds(payout, held, review.withdrawal_id) == ["WALLET_UNAVAILABLE"] * 2
+
+    monkeypatch.undo()  # the wallet answers again, the creator unblocked: both go after the recheck
+    monkeypatch.setattr("services.payout.usecases.time.monotonic", lambda: clock[0])
+    wallet.blocked.clear()
+    clock[0] += recheck
+    assert await payout.dispatch_once() == 2 and provider.submitted == [held, review.withdrawal_id]
+    async with payout.db.unit_of_work(readonly=True) as uow:  # the hold it kept is gone with it
+        kept = await uow.conn.execute(select(creators.c.wallet_hold).where(creators.c.creator_id == "creator-a"))
+        assert kept.scalar_one() == ""
+
+
+async def test_a_withdrawal_request_the_wallet_allows_clears_its_earlier_hold(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payout, _provider, _path = setup
+    held = await approved_withdrawal(payout, "creator-a")
+    wallet = EligibilityWallet()
+    wallet.blocked.add("creator-a")
+    payout.wallet = wallet
+    assert await payout.dispatch_once() == 0
+    assert await holds(payout, held) == ["ACCOUNT_BLOCKED"]
+    wallet.blocked.clear()  # unblocked; the creator asks for more before the dispatcher rechecks
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 40_000)])
+        await uow.commit()
+    again = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id="creator-a",
+            diamonds=20_000,
+            method_id=(await payout.get_withdrawal(held)).method_id,
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    assert again.hold == HOLD.Value("WITHDRAWAL_HOLD_UNSPECIFIED")
+    assert await holds(payout, held, again.withdrawal_id) == ["", ""]  # the wallet just said yes
+
+
+async def test_a_page_of_withdrawals_reads_their_holds_in_its_one_query(setup) -> None:  # type: ignore[no-untyped-def]
+    payout, _provider, path = setup
+    for i in range(5):
+        await approved_withdrawal(payout, f"creator-{i}")
+        set_available(path, f"creator-{i}", -1)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(payout.db.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        page = await payout.list_withdrawals(
+            payout_pb2.ListWithdrawalsRequest(status=payout_pb2.WITHDRAWAL_STATUS_APPROVED)
+        )
+    finally:
+        event.remove(payout.db.engine.sync_engine, "before_cursor_execute", seen)
+    assert [w.hold for w in page.withdrawals] == [HOLD.Value("WITHDRAWAL_HOLD_BALANCE_NEGATIVE")] * 5
+    assert [s for s in statements if "FROM" in s.upper()] == [statements[-1]]  # one SELECT, however many rows
 
 
 def gauge(name: str) -> float:
