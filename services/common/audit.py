@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, select, tuple_
+from sqlalchemy import ColumnElement, Select, Table, literal_column, select, tuple_
 from sqlalchemy.sql.expression import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
 
@@ -18,7 +18,7 @@ from livegifts.common.v1 import audit_pb2, audit_pb2_grpc
 from services.common.db import Database
 from services.common.errors import InvalidArgument, is_text
 from services.common.grpcserver import ServiceRegistration
-from services.common.sql import one_of_param
+from services.common.sql import by_code_point, one_of_param
 
 PAGE_SIZE_DEFAULT = 1000
 PAGE_SIZE_MAX = 5000
@@ -63,17 +63,19 @@ def window_select(
     with `ids` (after_id, up_to), only rows with after_id < id <= up_to (each when set).
 
     The id bounds compare by code point, as the CLI's chunks do: SQLite's BINARY does, PostgreSQL
-    takes COLLATE "C" (its database collation may sort "B" after "a"). Neither may use the id's own
-    index, which a planner can take for a two-sided id range (PostgreSQL did on an empty table,
+    takes COLLATE "C" (its database collation may sort "B" after "a"). Neither may use an index of
+    the id, which a planner can take for a two-sided id range (PostgreSQL did on an empty table,
     SQLite with the bounds' values in the text): that reads the range of the whole table and
-    sorts it, for every page. COLLATE "C" is not that index's collation; on SQLite a unary + keeps
-    the term off every index. So the bounds filter the window's range of the (time, id) index."""
+    sorts it, for every page. On PostgreSQL `id || ''` is no index's expression (the primary
+    key's is in the database's collation, the full read's `code_point_index` is of the id itself);
+    on SQLite a unary + keeps the term off every index. So the bounds filter the window's range of
+    the (time, id) index."""
     q = select(*cols).where(time_col >= since_us)
     start = parse_window_key(after) if after else None
     if start is not None:
         q = q.where(tuple_(time_col, id_col) > tuple_(*start))
     by_code_point = (
-        id_col.collate("C")
+        id_col.concat(literal_column("''")).self_group().collate("C")
         if dialect == "postgresql"
         else UnaryExpression(id_col, operator=custom_op("+"), type_=id_col.type)
     )
@@ -83,6 +85,20 @@ def window_select(
     if up_to:
         q = q.where(by_code_point <= up_to)
     return q.order_by(time_col, id_col).limit(size)
+
+
+def full_select(
+    cols: list[ColumnElement[Any]], id_col: ColumnElement[Any], after: str, up_to: str, size: int, dialect: str
+) -> Select[Any]:
+    """A page of the full read: rows with after < id (<= up_to when set), in id order, by code
+    point whatever the database's collation (`sql.by_code_point`), as the CLI cuts its ranges:
+    in a collation that sorts "a1" before "B1", a range's bound let ids fall between two ranges,
+    never judged (or judged twice). On PostgreSQL the table's `sql.code_point_index` reads it."""
+    key = by_code_point(dialect, id_col)
+    q = select(*cols).where(key > after)
+    if up_to:
+        q = q.where(key <= up_to)
+    return q.order_by(key).limit(size)
 
 
 def table_query(
@@ -98,7 +114,8 @@ def table_query(
 ) -> Query:
     """A keyset-paged query over one table: records with id > token (and <= up_to), ordered by
     id; or given ids; or the records with time_col >= since (and after_id < id <= up_to), ordered
-    by (time_col, id), which the table's index on (time_col, id_col) reads a page at a time."""
+    by (time_col, id), which the table's index on (time_col, id_col) reads a page at a time.
+    Ids are ordered and bounded by code point (`full_select`, `window_select`), as the CLI's are."""
     t = table.c
     # Up to IDS_MAX ids as one array parameter on PostgreSQL (`= ANY`), not an expanding IN that
     # binds and renders one parameter per id (bench/README.md, the windowed audit's by-id reads).
@@ -111,15 +128,12 @@ def table_query(
         cols = [t[id_col], t[amount_col], t[party_col], t[time_col]] + ([t[status_col]] if status_col else [])
         params: dict[str, Any] = {}
         if ids:
-            q = select(*cols).where(by_ids).order_by(t[id_col])
+            q = select(*cols).where(by_ids).order_by(by_code_point(db.dialect, t[id_col]))
             params = {"ids": ids}
         elif since_us > 0:
             q = window_select(cols, t[time_col], t[id_col], since_us, after, size, (after_id, up_to), db.dialect)
         else:
-            q = select(*cols).where(t[id_col] > after)
-            if up_to:
-                q = q.where(t[id_col] <= up_to)
-            q = q.order_by(t[id_col]).limit(size)
+            q = full_select(cols, t[id_col], after, up_to, size, db.dialect)
         async with db.unit_of_work(readonly=True) as uow:
             rows = (await uow.conn.execute(q, params)).all()
         records = [

@@ -261,6 +261,19 @@ def create_index_beside_writers(name: str, table: str, columns: list[str], **kw:
         op.execute("RESET lock_timeout")  # the migration connection's MIGRATION_LOCK_TIMEOUT_S
 
 
+def create_code_point_index(name: str, table: str, column: str) -> None:
+    """In a migration: `sql.code_point_index` on PostgreSQL, built beside the writers; nothing on
+    SQLite (BINARY is code point order: the primary key's index serves)."""
+    if op.get_bind().dialect.name == "postgresql":
+        create_index_beside_writers(name, table, [text(f'{column} COLLATE "C"')])
+
+
+def drop_code_point_index(name: str, table: str) -> None:
+    """Undo create_code_point_index."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.drop_index(name, table_name=table)
+
+
 IDEMPOTENCY_AGE_INDEX = "ix_idempotency_keys_created_at"
 
 

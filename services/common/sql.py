@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CHAR, JSON, Enum, String, Table, any_, bindparam, column, func, literal, select, update
+from sqlalchemy import CHAR, JSON, Enum, Index, String, Table, any_, bindparam, column, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
@@ -34,6 +34,28 @@ def _array_of(element: Any) -> ARRAY[Any]:
     if isinstance(element, String) and element.length is not None and not isinstance(element, (CHAR, Enum)):
         return ARRAY(String())
     return ARRAY(element)
+
+
+def by_code_point(dialect: str, column: Any) -> Any:
+    """`column` compared and sorted by code point, as Python compares str, whatever the database's
+    collation: PostgreSQL's may be a language's (en_US, ICU 'und' put "a1" before "B1"), and then a
+    range of ids a client cut by code point is not the range the server reads. SQLite compares
+    text BINARY, the UTF-8 bytes, which is code point order: the column as it is (its own index
+    serves). On PostgreSQL `code_point_index` serves it: the column's own index, in the
+    database's collation, does not."""
+    return column.collate("C") if dialect == "postgresql" else column
+
+
+CODE_POINT_INDEXES: set[str] = set()  # the names `code_point_index` declared
+
+
+def code_point_index(name: str, column: Any) -> Index:
+    """The index `by_code_point(column)` ranges and sorts are read by on PostgreSQL (`COLLATE "C"`);
+    none on SQLite, whose primary key index already is one. Its migration:
+    `migrate.create_code_point_index`. Alembic's comparison cannot tell it: PostgreSQL reflects it
+    as an index of the column (the collation left out), SQLite has none."""
+    CODE_POINT_INDEXES.add(name)
+    return Index(name, column.collate("C")).ddl_if(dialect="postgresql")
 
 
 def one_of(dialect: str, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:

@@ -18,7 +18,7 @@ from sqlalchemy import (
     text,
 )
 
-from services.common.sql import Bulk, bulk_insert, bulk_update
+from services.common.sql import Bulk, bulk_insert, bulk_update, code_point_index
 from services.common.tables import add_common_tables
 
 metadata = MetaData()
@@ -125,6 +125,8 @@ Index(
 # The audit's recent window (`livegifts audit --detail-since`) in creation order (migration 0013):
 # created_at_us never changes, and event_id breaks ties.
 Index("ix_gift_events_created", gift_events.c.created_at_us, gift_events.c.event_id)
+# The audit's full read (`livegifts audit --detail`) in code point order, on PostgreSQL (migration 0016).
+code_point_index("ix_gift_events_id_code_point", gift_events.c.event_id)
 
 
 # The key rows of unlocks answered by an earlier unlock (domain.KEY_ONLY), by age: the

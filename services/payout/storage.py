@@ -2,6 +2,7 @@
 
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text, text
 
+from services.common.sql import code_point_index
 from services.common.tables import add_common_tables
 
 metadata = MetaData()
@@ -69,6 +70,8 @@ earnings = Table(
     # The audit's recent window (`livegifts audit --detail-since`) in credit order (migration 0010).
     Index("ix_earnings_credited", "credited_at_us", "event_id"),
 )
+# The audit's full read (`livegifts audit --detail`) in code point order, on PostgreSQL (migration 0014).
+code_point_index("ix_earnings_id_code_point", earnings.c.event_id)
 
 # Payout methods: only a mask for display, a keyed fingerprint and the provider's token are
 # stored; the full account number or e-mail is handed to the provider and never kept or logged.

@@ -2,6 +2,7 @@
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table
 
+from services.common.sql import code_point_index
 from services.common.tables import BigId, add_common_tables
 
 metadata = MetaData()
@@ -114,6 +115,8 @@ spends = Table(
 )
 # The audit's recent window (`livegifts audit --detail-since`) in creation order (migration 0010).
 Index("ix_spends_created", spends.c.created_at_us, spends.c.idempotency_key)
+# The audit's full read (`livegifts audit --detail`) in code point order, on PostgreSQL (migration 0012).
+code_point_index("ix_spends_key_code_point", spends.c.idempotency_key)
 
 # A promotion changes what a package gives (bonus coins) or costs (discount) inside a window.
 promotions = Table(
