@@ -9,16 +9,16 @@ without this one each page read and sorted the whole table. PostgreSQL only (SQL
 BINARY, which is code point order, on the primary key's index); built CONCURRENTLY, as the
 previous release keeps writing the table during the rollout.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0015
+Revises: 0014
 """
 
 from collections.abc import Sequence
 
 from services.common.migrate import create_code_point_index, drop_code_point_index
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
