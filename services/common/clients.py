@@ -15,7 +15,10 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from services.common.errors import error_info, error_reason
 from services.common.telemetry import inject_headers, recording
+
+__all__ = ["DefaultDeadline", "error_info", "error_reason", "make_channel"]
 
 
 class DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
@@ -82,23 +85,3 @@ def make_channel(target: str, deadline_s: float, retry_attempts_max: int = 3) ->
             ("grpc.keepalive_time_ms", 30_000),
         ],
     )
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> Any:
-    """The google.rpc.ErrorInfo of a failed call (an empty one when it carries none)."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    info = error_details_pb2.ErrorInfo()
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    detail.Unpack(info)
-                    return info
-    return info
-
-
-def error_reason(exc: grpc.aio.AioRpcError) -> str:
-    """The google.rpc.ErrorInfo reason of a failed call ('' when it carries none)."""
-    return str(error_info(exc).reason)

@@ -7,6 +7,7 @@ the message is for humans and never holds SQL, stack traces or secrets.
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 import grpc
 
@@ -111,6 +112,29 @@ def status_for(error: DomainError) -> grpc.StatusCode:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL
+
+
+def error_info(exc: grpc.RpcError) -> Any:
+    """The google.rpc.ErrorInfo of a failed call, sync or asyncio (an empty one when it carries none).
+
+    Here, beside the reasons, so a client without the services' channels (the CLI) reads them
+    with the same parser; services/common/clients.py re-exports it."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    info = error_details_pb2.ErrorInfo()
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    detail.Unpack(info)
+                    return info
+    return info
+
+
+def error_reason(exc: grpc.RpcError) -> str:
+    """The google.rpc.ErrorInfo reason of a failed call ('' when it carries none)."""
+    return str(error_info(exc).reason)
 
 
 class InvariantViolation(AssertionError):

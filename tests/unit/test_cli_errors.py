@@ -171,3 +171,68 @@ def test_a_dead_letter_id_no_row_can_have_is_a_usage_error_not_a_traceback(tmp_p
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert "Invalid value for 'ID'" in result.output and "Traceback" not in result.output, result.output
+
+
+def _refusing_dead_letter_service(reason: str, metadata: dict[str, str]) -> tuple[Any, str]:
+    """A DeadLetterService that refuses every replay as the services do: a status with a
+    google.rpc.ErrorInfo, built by the servers' own builder."""
+    from concurrent import futures
+
+    import grpc
+
+    from livegifts.common.v1 import dead_letters_pb2_grpc
+    from services.common.grpcserver import _rich_status
+
+    class Refusing(dead_letters_pb2_grpc.DeadLetterServiceServicer):  # type: ignore[misc]
+        def ReplayDeadLetter(self, request: Any, context: Any) -> Any:
+            message = "the event could not be applied: IntegrityError; the service log has the error"
+            status = _rich_status(grpc.StatusCode.FAILED_PRECONDITION, message, reason, "livegifts.payout", metadata)
+            context.abort_with_status(status)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(Refusing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "shown"),
+    [
+        ({"consumer": "payout-gift-sent", "trace_id": "4bf92f35"}, " [consumer=payout-gift-sent, trace_id=4bf92f35]"),
+        ({"consumer": "payout-gift-sent", "trace_id": ""}, " [consumer=payout-gift-sent]"),
+        ({}, ""),
+    ],
+)
+def test_a_refused_call_names_the_errorinfo_reason_and_its_short_metadata_in_its_one_line(
+    metadata: dict[str, str], shown: str
+) -> None:
+    # docs/sre.md's runbooks go by the reason (`REPLAY_FAILED`): the code alone leaves it unsaid.
+    server, addr = _refusing_dead_letter_service("REPLAY_FAILED", metadata)
+    try:
+        args = ["dead-letters", "replay", "7", "--service", "payout", "--payout-addr", addr, "--operator-token", "t"]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    finally:
+        server.stop(None)
+    assert result.exit_code == 1, result.output
+    lines = _error_lines(result.output)
+    assert lines == [
+        (
+            "FAILED_PRECONDITION REPLAY_FAILED: the event could not be applied: IntegrityError;"
+            f" the service log has the error{shown} (payout at {addr})"
+        )
+    ]
+
+
+def test_long_errorinfo_metadata_is_cut_and_shown_on_one_line() -> None:
+    from services.cli.calls import ERROR_METADATA_SHOWN_CHARS_MAX
+
+    server, addr = _refusing_dead_letter_service("REPLAY_FAILED", {"consumer": "x\ny" + "z" * 300})
+    try:
+        args = ["dead-letters", "replay", "7", "--service", "payout", "--payout-addr", addr, "--operator-token", "t"]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    finally:
+        server.stop(None)
+    (line,) = _error_lines(result.output)
+    shown = line.split(" [", 1)[1].split("] (", 1)[0]
+    assert shown.startswith("consumer=x?y") and shown.endswith("...") and len(shown) == ERROR_METADATA_SHOWN_CHARS_MAX
