@@ -27,6 +27,7 @@ from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.calls import channel, describe
 from services.cli.suite import Suite, SuiteConfig
 from services.common import signing
+from services.common.consumers import CONSUMERS
 from services.wallet.payments import dev_event_payload
 
 if TYPE_CHECKING:
@@ -594,10 +595,33 @@ def _service_addr(service: str, addrs: dict[str, str], to: Console = console) ->
     return addrs[service]
 
 
+def _all_consumers() -> list[str]:
+    return [name for names in CONSUMERS.values() for name in names]
+
+
+def _check_consumer(consumer: str, services: list[str], to: Console) -> None:
+    """A consumer name none of `services` runs is a usage error (the list would only say "no
+    parked events"), naming the ones they run, or the service that runs it."""
+    if any(consumer in CONSUMERS.get(svc, ()) for svc in services):
+        return
+    elsewhere = [svc for svc, names in CONSUMERS.items() if consumer in names]
+    if elsewhere:
+        what = f"consumer {consumer!r} is not {services[0]}'s"
+        why = f"it runs in {elsewhere[0]}: give --service {elsewhere[0]}"
+    else:
+        known = [f"{name} ({svc})" for svc in services for name in CONSUMERS.get(svc, ())]
+        what = f"unknown consumer {consumer!r}"
+        why = f"one of {', '.join(known)}" if known else f"{services[0]} runs no consumer"
+    to.print(f"[red]{escape(what)}[/red]: {why}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 @dead_letters.command("list")
 def dead_letters_list(
     service: Service = "",
-    consumer: Annotated[str, typer.Option(help="only this consumer's (e.g. payout-gift-sent)")] = "",
+    consumer: Annotated[
+        str, typer.Option(help=f"only this consumer's: one of {', '.join(sorted(_all_consumers()))}")
+    ] = "",
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many per service")] = 1000,
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
@@ -623,6 +647,8 @@ def dead_letters_list(
     notes = err_console if as_json else console  # --json: stdout holds the events only
     for svc in services:
         _service_addr(svc, addrs, notes)  # a typo is a usage error before any token is looked for
+    if consumer:
+        _check_consumer(consumer, services, notes)
     metadata = _operator(operator_token, var, notes)
     table = _table(
         "parked events", "service", "id", "consumer", "subject", "event id", "parked at (UTC)", "payload bytes", "error"

@@ -23,9 +23,10 @@ from services.common import faults
 from services.common.auth import OperatorAuth
 from services.common.bus import JETSTREAM_TIMEOUT_S, Bus
 from services.common.config import MigrationSettings, ServiceSettings, load_settings
+from services.common.consumers import unlisted
 from services.common.db import Database, url_for_messages
 from services.common.deadletters import ParkedGauge, dead_letter_registration
-from services.common.errors import StartupError
+from services.common.errors import StartupError, check
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import (
     CONCURRENT_RPCS_MAX,
@@ -160,6 +161,10 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     outbox = Outbox(spec.tables.outbox)
     runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
     wiring = await spec.wire(runtime)
+    # The CLI checks `--consumer` against services/common/consumers.py: a consumer not listed
+    # there could not be listed by name.
+    differs = unlisted(spec.name, [sub.durable for sub in wiring.subscriptions])
+    check(not differs, differs)
     consumers = [Consumer(db, bus, spec.tables, sub, settings) for sub in wiring.subscriptions]
     parked = dead_letter_registration(db, spec.tables, consumers, OperatorAuth(settings.operator_token))
     with _starting(f"cannot serve gRPC on {settings.grpc_host}:{settings.grpc_port} (in use, or not this host's)"):

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Select, desc, func, select
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
+from services.common.consumers import GIFTING_LEADERBOARDS
 from services.common.db import Database, UnitOfWork
 from services.common.errors import InvalidArgument, require_id
 from services.common.inbox import Subscription
@@ -75,7 +76,7 @@ class ReadModels:
     def subscription(self) -> Subscription[events_pb2.GiftSent]:
         """The durable consumer that keeps the read models up to date."""
         return Subscription(
-            durable="gifting-leaderboards",
+            durable=GIFTING_LEADERBOARDS,
             stream="GIFTING",
             subject="gifting.gift.sent",
             event_type=events_pb2.GiftSent,

@@ -18,6 +18,7 @@ from services.common.audit import audit_registration, table_query
 from services.common.auth import OperatorAuth
 from services.common.clients import make_channel
 from services.common.config import secret_bytes
+from services.common.consumers import PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
 from services.common.grpcserver import ServiceRegistration
 from services.common.inbox import Subscription
 from services.payout.config import PayoutSettings
@@ -68,14 +69,14 @@ async def wire(rt: Runtime) -> Wiring:
         close=close,
         subscriptions=[
             Subscription(
-                durable="payout-gift-sent",
+                durable=PAYOUT_GIFT_SENT,
                 stream="GIFTING",
                 subject="gifting.gift.sent",
                 event_type=gifting_events.GiftSent,
                 handle=payout.credit_gifts,
             ),
             Subscription(
-                durable="payout-purchase-reversed",
+                durable=PAYOUT_PURCHASE_REVERSED,
                 stream="WALLET",
                 subject="wallet.purchase.reversed",
                 event_type=wallet_events.PurchaseReversed,

@@ -236,3 +236,37 @@ def test_long_errorinfo_metadata_is_cut_and_shown_on_one_line() -> None:
     (line,) = _error_lines(result.output)
     shown = line.split(" [", 1)[1].split("] (", 1)[0]
     assert shown.startswith("consumer=x?y") and shown.endswith("...") and len(shown) == ERROR_METADATA_SHOWN_CHARS_MAX
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["--consumer", "payout-gift-snet"],
+            "unknown consumer 'payout-gift-snet': one of gifting-leaderboards (gifting),"
+            " payout-gift-sent (payout), payout-purchase-reversed (payout)",
+        ),
+        (["--consumer", "x", "--service", "wallet"], "unknown consumer 'x': wallet runs no consumer"),
+        (
+            ["--consumer", "payout-gift-sent", "--service", "gifting"],
+            "consumer 'payout-gift-sent' is not gifting's: it runs in payout: give --service payout",
+        ),
+    ],
+)
+def test_a_consumer_no_listed_service_runs_is_a_usage_error_naming_the_known_ones(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    # A typo listed nothing and exited 0: "no parked events" while the real consumer's pile up.
+    result = CliRunner().invoke(app, ["dead-letters", "list", *args, "--var", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 2, result.output
+    assert _error_lines(result.output) == [said], result.output
+
+
+def test_the_consumers_the_cli_knows_are_the_ones_the_services_subscribe() -> None:
+    # services/common/consumers.py is the list; each service's wiring refuses to start otherwise.
+    from services.common.consumers import CONSUMERS, unlisted
+
+    assert set(CONSUMERS) == set(main.SERVICES)
+    assert unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed"]) == ""
+    assert "payout-new" in unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed", "payout-new"])
+    assert "gifting-leaderboards" in unlisted("gifting", [])
