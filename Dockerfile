@@ -66,7 +66,7 @@ COPY services/ /app/services/
 # Byte-compile now: at run time the file system is read-only and PYTHONDONTWRITEBYTECODE is set.
 # `livegifts` is the operator CLI (audit, balance, earnings), as `pip install` would have made it.
 RUN python -m compileall -q /app /opt/venv \
- && printf '#!/opt/venv/bin/python\nfrom services.cli.main import main\nmain()\n' > /opt/venv/bin/livegifts \
+ && printf '#!/opt/venv/bin/python\nfrom services.cli import entry_point\nentry_point()\n' > /opt/venv/bin/livegifts \
  && chmod 0755 /opt/venv/bin/livegifts
 WORKDIR /app
 USER ${APP_UID}:${APP_UID}

@@ -1,5 +1,5 @@
 """`python -m services.cli`: the `livegifts` command without its console script."""
 
-from services.cli.main import main
+from services.cli import entry_point
 
-main()
+entry_point()

@@ -51,9 +51,19 @@ CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
 TABLE_WIDTH_MAX = 100_000  # a table printed to no terminal: its own width, up to this
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
-WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port")]
-GiftingAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_GIFTING_ADDR", help="gifting host:port")]
-PayoutAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_PAYOUT_ADDR", help="payout host:port")]
+
+def _address(param: typer.CallbackParam, value: str) -> str:
+    """An empty service address is a usage error, said in one line before any call (gRPC would
+    only say "the target uri is not valid: dns:///")."""
+    if not value.strip():
+        console.print(f"[red]{param.opts[0]} is empty[/red]: give the service's host:port", highlight=False)
+        raise typer.Exit(2)
+    return value
+
+
+WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port", callback=_address)]
+GiftingAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_GIFTING_ADDR", help="gifting host:port", callback=_address)]
+PayoutAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_PAYOUT_ADDR", help="payout host:port", callback=_address)]
 VarDir = Annotated[Path, typer.Option("--var", envvar="LIVEGIFTS_VAR_DIR", help="state folder of `run`")]
 Secret = Annotated[
     str,
@@ -874,6 +884,6 @@ def dead_letters_replay(
 
 
 def main() -> None:
-    """Entry point of the `livegifts` command."""
+    """The commands, once services.cli.main (services/cli/__init__.py) has set up the process."""
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     app()

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cli import CLI_ONLY_ENV
+
 SERVICES = ("wallet", "payout", "gifting")  # start order: gifting calls the wallet
 READY_PREFIX = "LIVEGIFTS_READY "
 START_TIMEOUT_S = 60.0
@@ -176,7 +178,8 @@ class Suite:
         out_path.write_bytes(b"")
         out = open(out_path, "ab")  # noqa: SIM115 - owned by the child
         err = open(self.log_dir / f"{svc}.log", "ab")  # noqa: SIM115
-        env = {**os.environ, **self.config.env_for(svc)}
+        # Without what the CLI set for itself only (a service keeps gRPC's own log).
+        env = {**{k: v for k, v in os.environ.items() if k not in CLI_ONLY_ENV}, **self.config.env_for(svc)}
         self.procs[svc] = subprocess.Popen(
             [sys.executable, "-m", f"services.{svc}"],
             stdout=out,

@@ -6,6 +6,7 @@ gRPC's own text for a deadline ("Deadline Exceeded") names none of them.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -270,3 +271,68 @@ def test_the_consumers_the_cli_knows_are_the_ones_the_services_subscribe() -> No
     assert unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed"]) == ""
     assert "payout-new" in unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed", "payout-new"])
     assert "gifting-leaderboards" in unlisted("gifting", [])
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    """The `livegifts` command in a process of its own: gRPC's C core writes to its file 2."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, env=environ, timeout=60
+    )
+
+
+def test_an_address_grpc_cannot_parse_fails_in_the_clis_one_line_without_grpcs_own_log() -> None:
+    # gRPC logged "E1207 ... dns_resolver.cc:554] no server name supplied in dns URI" and three
+    # more lines to stderr beside the CLI's one line.
+    result = _cli("balance", "bob", "--wallet-addr", "dns:///")
+    assert result.returncode == 1, result
+    assert _error_lines(result.stdout) == [
+        "UNKNOWN: Failed to create channel to 'dns:///':the target uri is not valid: dns:/// (wallet at dns:///)"
+    ], result
+    assert result.stderr == "", result.stderr
+
+
+def test_grpcs_own_log_stays_for_whoever_asks_for_it() -> None:
+    # GRPC_VERBOSITY=error (or debug, to troubleshoot a connection) is the user's to set.
+    result = _cli("balance", "bob", "--wallet-addr", "dns:///", env={"GRPC_VERBOSITY": "error"})
+    assert result.returncode == 1, result
+    assert "no server name supplied" in result.stderr, result
+
+
+def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GRPC_VERBOSITY=NONE is for the CLI process only: a service's log keeps gRPC's lines.
+    import services.cli
+    from services.cli import suite
+
+    monkeypatch.setenv("GRPC_VERBOSITY", "")  # so the test's end takes back what quiet_grpc sets
+    monkeypatch.delenv("GRPC_VERBOSITY")
+    monkeypatch.setattr(services.cli, "CLI_ONLY_ENV", set())
+    monkeypatch.setattr(suite, "CLI_ONLY_ENV", services.cli.CLI_ONLY_ENV)
+    services.cli.quiet_grpc()
+    assert os.environ["GRPC_VERBOSITY"] == "NONE"
+    started: list[dict[str, str]] = []
+
+    class Started(Exception):
+        pass
+
+    def popen(args: list[str], env: dict[str, str], **kwargs: Any) -> None:
+        started.append(env)
+        raise Started
+
+    monkeypatch.setattr(suite.subprocess, "Popen", popen)
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(Started):
+        suite.Suite(suite.SuiteConfig(tmp_path)).start_service("wallet")
+    assert "GRPC_VERBOSITY" not in started[0]
+
+
+@pytest.mark.parametrize("option", ["--wallet-addr", "--gifting-addr", "--payout-addr"])
+def test_an_empty_service_address_is_a_usage_error_in_one_line(option: str) -> None:
+    result = _cli("audit", option, "")
+    assert result.returncode == 2, result
+    assert _error_lines(result.stdout) == [f"{option} is empty: give the service's host:port"], result
+    assert result.stderr == "", result.stderr
