@@ -235,6 +235,7 @@ class IdempotencyPruner(AgePruner):
             db,
             records,
             records.c.created_at_us,
+            name="idempotency",
             retention_days=settings.idempotency_retention_days,
             interval_s=settings.idempotency_prune_interval_s,
             pause_s=settings.prune_pause_s,

@@ -535,6 +535,7 @@ class InboxPruner(AgePruner):
             db,
             inbox,
             inbox.c.received_at_us,
+            name="inbox",
             retention_days=settings.inbox_retention_days,
             interval_s=settings.inbox_prune_interval_s,
             pause_s=settings.prune_pause_s,

@@ -54,6 +54,15 @@ KEY_ONLY_ROWS_PRUNED = Counter(
     "livegifts_key_only_rows_pruned_total", "Answered unlocks' key rows (KEY_ONLY) deleted after the retention"
 )
 # Gifting: daily leaderboard rows older than LEADERBOARD_DAILY_RETENTION_DAYS (services/gifting/readmodels.py).
+# Every pruner (services/common/pruning.py), by `pruner`: inbox, idempotency, key_only_rows,
+# leaderboard_daily. Set when it starts and at each chunk it commits, a round's last included
+# (one of no rows when nothing is old enough), so it moves every interval on an idle suite too;
+# one that stops moving is a pruner whose rounds fail or whose loop is gone (LivegiftsPrunerStopped).
+PRUNER_LAST_SUCCESS = Gauge(
+    "livegifts_pruner_last_success_timestamp_seconds",
+    "Unix time a pruner last committed a chunk or finished a round (its start before its first), by pruner",
+    ["pruner"],
+)
 LEADERBOARD_DAILY_ROWS_PRUNED = Counter(
     "livegifts_leaderboard_daily_rows_pruned_total", "Daily leaderboard rows deleted after the retention"
 )

@@ -17,6 +17,7 @@ from sqlalchemy import BigInteger, ColumnElement, Table, bindparam, delete, sele
 
 from services.common.db import Database
 from services.common.loops import run_every, sleep_unless_stopped
+from services.common.metrics import PRUNER_LAST_SUCCESS
 from services.common.timeutil import US_PER_DAY, now_us
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class AgePruner:
         table: Table,
         age_column: ColumnElement[int],
         *,
+        name: str,
         retention_days: float,
         interval_s: float,
         pause_s: float,
@@ -48,6 +50,7 @@ class AgePruner:
         age_unit_us: int = 1,
     ) -> None:
         self.db = db
+        self.name = name  # the `pruner` label of livegifts_pruner_last_success_timestamp_seconds
         # A column counted in days (leaderboard_daily.day) is compared in days, so its index serves:
         # a row goes once its whole unit is older than the retention.
         self.age_unit_us = age_unit_us
@@ -76,6 +79,9 @@ class AgePruner:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune every interval until `stop` (0 days of retention: never)."""
         if self.retention_us > 0:
+            # Its start counts as a success: a pruner that never completes a round is then seen
+            # as stopped (LivegiftsPrunerStopped), not missing. 0 days exports nothing: no pruner.
+            PRUNER_LAST_SUCCESS.labels(pruner=self.name).set_to_current_time()
             await run_every(stop, self.interval_s, lambda: self.prune_once(stop=stop), self.done_line)
 
     async def prune_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
@@ -94,6 +100,9 @@ class AgePruner:
                 await uow.commit()
             total += deleted
             self.counter.inc(deleted)  # per committed chunk: right however the round ends
+            # Every committed chunk, the round's last (often of no rows: nothing to prune is a
+            # pruner at work) and each of a long backlog's, which may take hours.
+            PRUNER_LAST_SUCCESS.labels(pruner=self.name).set_to_current_time()
             if deleted < self.chunk or stop.is_set():
                 return total
             if total % self.progress_every < self.chunk:

@@ -37,6 +37,7 @@ class KeyOnlyPruner(AgePruner):
             db,
             gift_events,
             gift_events.c.created_at_us,
+            name="key_only_rows",
             retention_days=settings.idempotency_retention_days,
             interval_s=settings.idempotency_prune_interval_s,
             pause_s=settings.prune_pause_s,

@@ -243,6 +243,7 @@ class LeaderboardDailyPruner(AgePruner):
             db,
             leaderboard_daily,
             leaderboard_daily.c.day,
+            name="leaderboard_daily",
             retention_days=settings.leaderboard_daily_retention_days,
             interval_s=LEADERBOARD_PRUNE_INTERVAL_S,
             pause_s=settings.prune_pause_s,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from services.cli.suite import Suite
@@ -103,6 +103,39 @@ async def test_a_retention_of_zero_keeps_every_record(gifting_db: Database) -> N
     pruner = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url, idempotency_retention_days=0))
     await asyncio.wait_for(pruner.run(asyncio.Event()), 5)  # returns at once: nothing to do, ever
     assert await _keys(gifting_db) == ["ancient"]
+
+
+def _last_success() -> float | None:
+    return REGISTRY.get_sample_value("livegifts_pruner_last_success_timestamp_seconds", {"pruner": "idempotency"})
+
+
+async def test_a_pruner_with_nothing_to_prune_counts_as_running_and_one_whose_rounds_fail_does_not(
+    gifting_db: Database,
+) -> None:
+    # LivegiftsPrunerStopped reads this gauge: an idle suite (nothing old enough) must not page,
+    # a pruner whose every round fails (or whose loop is gone) must.
+    from services.common.metrics import PRUNER_LAST_SUCCESS
+
+    pruner = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url))
+    PRUNER_LAST_SUCCESS.labels(pruner="idempotency").set(0)
+    assert await pruner.prune_once(now=NOW_US) == 0
+    idle = _last_success()
+    assert idle is not None and idle > 0
+    PRUNER_LAST_SUCCESS.labels(pruner="idempotency").set(0)
+    pruner._delete = text("DELETE FROM no_such_table")  # type: ignore[assignment]
+    with pytest.raises(Exception, match="no_such_table"):
+        await pruner.prune_once(now=NOW_US)
+    assert _last_success() == 0
+    # Started, it counts from its start: one that never completes a round is seen as stopped.
+    stopping = asyncio.Event()
+    stopping.set()
+    await pruner.run(stopping)
+    assert (_last_success() or 0) > 0
+    # A retention of 0 is no pruner: it sets nothing, so no alert waits on it.
+    PRUNER_LAST_SUCCESS.labels(pruner="idempotency").set(0)
+    off = IdempotencyPruner(gifting_db, common, service_settings(gifting_db.url, idempotency_retention_days=0))
+    await off.run(asyncio.Event())
+    assert _last_success() == 0
 
 
 @pytest.mark.parametrize("days", [0.01, 0.5])
