@@ -113,6 +113,13 @@ PAYOUT_CALLBACKS_REFUSED = Counter(
 CLAWBACK_SHORTFALL_OPEN = Gauge(
     "livegifts_clawback_shortfall_open_coins", "Coins reversals have yet to claw back (payout, last settler round)"
 )
+# Payout: how long the oldest open shortfall has waited for its gifts' earnings (0 when none),
+# set with the coins each settler round. Settled within seconds while the gift events flow; an
+# old one is gift events that never came (LivegiftsClawbackShortfallOpen).
+CLAWBACK_SHORTFALL_OLDEST = Gauge(
+    "livegifts_clawback_shortfall_oldest_seconds",
+    "How long the oldest open clawback shortfall has been open (payout, last settler round; 0 when none)",
+)
 CLAWBACK_SHORTFALL_SETTLED = Counter(
     "livegifts_clawback_shortfall_settled_coins_total", "Coins of reversal shortfalls clawed back later"
 )

@@ -44,6 +44,7 @@ from services.common.errors import (
 from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.loops import run_every
 from services.common.metrics import (
+    CLAWBACK_SHORTFALL_OLDEST,
     CLAWBACK_SHORTFALL_OPEN,
     CLAWBACK_SHORTFALL_SETTLED,
     PAYOUT_CALLBACKS_REFUSED,
@@ -1831,13 +1832,19 @@ class Payout:
         return settled
 
     async def _set_shortfall_open(self) -> None:
-        """Export the coins open shortfalls still owe (the clawback shortfall gauge)."""
+        """Export the coins open shortfalls still owe and how long the oldest has been open (the
+        clawback shortfall gauges; LivegiftsClawbackShortfallOpen reads the age)."""
         sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
-            still_open = (
-                await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)).where(sf.coins_open > 0))
-            ).scalar_one()
+            still_open, oldest_us = (
+                await uow.conn.execute(
+                    select(func.coalesce(func.sum(sf.coins_open), 0), func.min(sf.created_at_us)).where(
+                        sf.coins_open > 0
+                    )
+                )
+            ).one()
         CLAWBACK_SHORTFALL_OPEN.set(int(still_open))
+        CLAWBACK_SHORTFALL_OLDEST.set(max(0, now_us() - oldest_us) / 1e6 if oldest_us is not None else 0)
 
     async def _settle_shortfall(self, uow: UnitOfWork, reversal_event_id: str) -> int:
         """Claw back what the sender's earnings now allow of one open shortfall, and of the

@@ -105,3 +105,44 @@ async def test_a_new_reversal_leaves_an_open_older_shortfall_the_gift_only_it_ma
     assert await open_coins_of(payout) == 0
     clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b")]
     assert clawed == [50, 50]
+
+
+async def test_the_age_of_the_oldest_open_shortfall_is_exported_and_0_once_none_is_open(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    # LivegiftsClawbackShortfallOpen reads it: coins a reversal still owes, for hours, are gift
+    # events that never came; an idle suite (none open) reads 0.
+    from prometheus_client import REGISTRY
+    from sqlalchemy import update
+
+    from services.common.timeutil import now_us
+
+    def oldest() -> float | None:
+        return REGISTRY.get_sample_value("livegifts_clawback_shortfall_oldest_seconds")
+
+    payout, _provider, _path = setup
+    opened = now_us() - 2 * 3600 * 1_000_000
+    row = {
+        "purchase_id": "p-1",
+        "sender_id": "nobody",  # whose gifts never arrive
+        "kind": "CHARGED_BACK",
+        "coins_open": 10,
+        "reversed_at_us": opened,
+        "updated_at_us": opened,
+    }
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(clawback_shortfalls),
+            [
+                {**row, "reversal_event_id": "r-old", "created_at_us": opened},
+                {**row, "reversal_event_id": "r-new", "created_at_us": opened + 3600 * 1_000_000},
+                {**row, "reversal_event_id": "r-settled", "created_at_us": opened - 3600 * 1_000_000, "coins_open": 0},
+            ],
+        )
+        await uow.commit()
+    assert await payout.settle_shortfalls_once() == 0
+    age = oldest()
+    assert age is not None and 2 * 3600 <= age < 3 * 3600, age  # r-old's: the settled one counts no more
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(update(clawback_shortfalls).values(coins_open=0))
+        await uow.commit()
+    await payout.settle_shortfalls_once()
+    assert oldest() == 0
