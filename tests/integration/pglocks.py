@@ -16,6 +16,9 @@ from sqlalchemy import text
 from services.common.db import Database
 
 LOCK_WAIT_S_MAX = 10.0
+LOCK_WAITERS = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
 
 
 async def wait_for_lock_waiters(db: Database, n: int) -> None:
@@ -23,18 +26,22 @@ async def wait_for_lock_waiters(db: Database, n: int) -> None:
     deadline = time.monotonic() + LOCK_WAIT_S_MAX
     while True:
         async with db.unit_of_work(readonly=True) as uow:
-            waiting = (
-                await uow.conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                )
-            ).scalar_one()
+            waiting = (await uow.conn.execute(LOCK_WAITERS)).scalar_one()
         if waiting >= n:
             return
         assert time.monotonic() < deadline, f"{waiting} of {n} sessions wait for a lock after {LOCK_WAIT_S_MAX} s"
         await asyncio.sleep(0.05)
+
+
+async def wait_for_a_lock_waiter_or_the_end(db: Database, task: asyncio.Task[Any], guard_s: float) -> None:
+    """Until a session of this database waits for a lock, or `task` has ended (at most `guard_s`).
+    The caller asserts which: a task that ended without waiting did not see the row in flight."""
+    deadline = time.monotonic() + guard_s
+    async with db.engine.connect() as probe:
+        while not task.done() and time.monotonic() < deadline:
+            if (await probe.execute(LOCK_WAITERS)).scalar_one():
+                return
+            await asyncio.sleep(0.02)
 
 
 def count_deadlocks(db: Database) -> list[int]:

@@ -7,39 +7,38 @@ what had committed.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 
 from livegifts.payout.v1 import payout_pb2
 from services.payout.usecases import Payout
+from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.unit.test_payout_dispatch import approved_withdrawal, payout_on, status_of
 
 GUARD_S = 20
+
+
+async def a_round_while_uncommitted(payout: Payout, write: TextClause, params: dict[str, str], what: str) -> None:
+    """A dispatcher round started while another transaction holds `write` uncommitted: the claim
+    must wait for it, not read past it; once it commits, the round ends having paid nothing."""
+    async with payout.db.engine.connect() as writer:
+        await writer.execute(write, params)
+        round_ = asyncio.create_task(payout.dispatch_once())
+        await wait_for_a_lock_waiter_or_the_end(payout.db, round_, GUARD_S)
+        assert not round_.done(), f"the round ended without waiting for {what} in flight"
+        await writer.commit()
+    async with asyncio.timeout(GUARD_S):
+        assert await round_ == 0
 
 
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_a_clawback_still_committing_when_the_dispatcher_claims_holds_the_withdrawal(empty_database: str) -> None:
     async with payout_on(empty_database, pool_size=3) as (payout, provider):
         withdrawal_id = await approved_withdrawal(payout, "creator-a")
-        async with payout.db.engine.connect() as clawback:
-            # A reversal's clawback has taken the creator below zero and not committed yet.
-            await clawback.execute(text("UPDATE creators SET diamonds_available = -1 WHERE creator_id = 'creator-a'"))
-            round_ = asyncio.create_task(payout.dispatch_once())
-            waiting = text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            deadline = time.monotonic() + GUARD_S
-            async with payout.db.engine.connect() as probe:
-                while not round_.done() and time.monotonic() < deadline:
-                    if (await probe.execute(waiting)).scalar_one():
-                        break  # the claim waits for the clawback's row
-                    await asyncio.sleep(0.02)
-            assert not round_.done(), "the round ended without waiting for the clawback in flight"
-            await clawback.commit()
-        async with asyncio.timeout(GUARD_S):
-            assert await round_ == 0
+        # A reversal's clawback has taken the creator below zero and not committed yet.
+        clawback = text("UPDATE creators SET diamonds_available = -1 WHERE creator_id = 'creator-a'")
+        await a_round_while_uncommitted(payout, clawback, {}, "the clawback")
         assert provider.submitted == []
         assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, not lost
 
@@ -51,25 +50,9 @@ async def test_a_failed_verification_still_committing_when_the_dispatcher_claims
     async with payout_on(empty_database, pool_size=3) as (payout, provider):
         withdrawal_id = await approved_withdrawal(payout, "creator-a")
         method_id = (await payout.get_withdrawal(withdrawal_id)).method_id
-        async with payout.db.engine.connect() as kyc:
-            # An operator marks the method FAILED (KYC) and has not committed yet.
-            await kyc.execute(
-                text("UPDATE payout_methods SET verification = 'FAILED' WHERE method_id = :m"), {"m": method_id}
-            )
-            round_ = asyncio.create_task(payout.dispatch_once())
-            waiting = text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            deadline = time.monotonic() + GUARD_S
-            async with payout.db.engine.connect() as probe:
-                while not round_.done() and time.monotonic() < deadline:
-                    if (await probe.execute(waiting)).scalar_one():
-                        break  # the claim waits for the method's row
-                    await asyncio.sleep(0.02)
-            assert not round_.done(), "the round ended without waiting for the verification in flight"
-            await kyc.commit()
-        async with asyncio.timeout(GUARD_S):
-            assert await round_ == 0
+        # An operator marks the method FAILED (KYC) and has not committed yet.
+        kyc = text("UPDATE payout_methods SET verification = 'FAILED' WHERE method_id = :m")
+        await a_round_while_uncommitted(payout, kyc, {"m": method_id}, "the verification")
         assert provider.submitted == []
         assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # held, not paid
 
@@ -101,15 +84,7 @@ async def test_a_rejection_and_a_claim_of_the_same_withdrawal_at_once_do_not_dea
         async with asyncio.timeout(GUARD_S):
             await moved.wait()
         round_ = asyncio.create_task(payout.dispatch_once())
-        waiting = text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        deadline = time.monotonic() + GUARD_S
-        async with payout.db.engine.connect() as probe:
-            while not round_.done() and time.monotonic() < deadline:
-                if (await probe.execute(waiting)).scalar_one():
-                    break  # the claim waits for the rejection
-                await asyncio.sleep(0.02)
+        await wait_for_a_lock_waiter_or_the_end(payout.db, round_, GUARD_S)  # the claim waits for the rejection
         go.set()
         async with asyncio.timeout(GUARD_S):
             rejected = await reject
