@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.audit import FAILED, OK, check_invariants, collect, wait_until_settled
 from services.cli.suite import Suite
+from tests.integration.auditing import addrs, audit_cli, audit_pages
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import buy_coins, live_stream, uid
 
@@ -110,7 +109,7 @@ async def traffic_on(suite: Suite) -> AsyncIterator[Traffic]:
 
 def _fetcher(suite: Suite, detail: bool):  # type: ignore[no-untyped-def]
     def fetch(ids=None):  # type: ignore[no-untyped-def]
-        return collect(suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout"), 30.0, detail, ids)
+        return collect(*addrs(suite), 30.0, detail, ids)
 
     return fetch
 
@@ -125,20 +124,7 @@ async def test_audits_under_traffic_never_fail_and_the_cronjob_command_passes(su
             assert not [c for c in report if c.status == FAILED], (i, traffic.sent, report)
         before = traffic.sent
         # The CronJob's command, while the gifts keep coming.
-        cli = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "services.cli", "audit", "--detail", "--wait", "60"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={
-                **os.environ,
-                "LIVEGIFTS_WALLET_ADDR": suite.addr("wallet"),
-                "LIVEGIFTS_GIFTING_ADDR": suite.addr("gifting"),
-                "LIVEGIFTS_PAYOUT_ADDR": suite.addr("payout"),
-                "COLUMNS": "200",
-            },
-        )
+        cli = await asyncio.to_thread(audit_cli, suite, "--detail", "--wait", "60")
         during = traffic.sent - before
     print(f"   traffic: {traffic.sent} gifts/tips, {traffic.bought} purchases, refused {traffic.refused}")
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -163,13 +149,8 @@ def test_records_are_listed_within_a_range_of_ids(suite: Suite) -> None:
         ]
         assert len(every) > 10, "no gifts to list (the traffic test runs first)"
         after, up_to = every[2], every[9]
-        got, token = [], after
-        while True:
-            page = stub.ListAuditRecords(
-                audit_pb2.ListAuditRecordsRequest(kind="gifts", page_token=token, page_size=2, up_to=up_to)
-            )
-            got += [r.id for r in page.records]
-            if not page.next_page_token:
-                break
-            token = page.next_page_token
+        pages = audit_pages(
+            stub, audit_pb2.ListAuditRecordsRequest(kind="gifts", page_token=after, page_size=2, up_to=up_to)
+        )
+        got = [r.id for page in pages for r in page.records]
     assert got == every[3:10]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +34,7 @@ from services.gifting.storage import gift_events
 from services.payout.storage import earnings
 from services.wallet.storage import spends
 from tests.integration import pg
+from tests.integration.auditing import addrs, audit_cli, audit_pages
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import buy_coins, live_stream, uid
 
@@ -126,26 +125,6 @@ def books(suite: Suite) -> dict[str, list[str]]:
     return out
 
 
-def addrs(suite: Suite) -> tuple[str, str, str]:
-    return suite.addr("wallet"), suite.addr("gifting"), suite.addr("payout")
-
-
-def cli(suite: Suite, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "audit", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            **os.environ,
-            "LIVEGIFTS_WALLET_ADDR": suite.addr("wallet"),
-            "LIVEGIFTS_GIFTING_ADDR": suite.addr("gifting"),
-            "LIVEGIFTS_PAYOUT_ADDR": suite.addr("payout"),
-            "COLUMNS": "300",
-        },
-    )
-
-
 @contextlib.contextmanager
 def swapped_creators(suite: Suite, a: str, b: str) -> Iterator[None]:
     """Gifts a and b (a rose each, to different creators) swap creators in gifting's books: every
@@ -185,29 +164,21 @@ def test_the_window_lists_only_its_records_a_page_at_a_time(suite: Suite, books:
     for svc, kind in KINDS.items():
         with grpc.insecure_channel(suite.addr(svc)) as ch:
             stub = audit_pb2_grpc.AuditServiceStub(ch)
-            got, token, pages = [], "", 0
-            while True:
-                page = stub.ListAuditRecords(
-                    audit_pb2.ListAuditRecordsRequest(kind=kind, since_us=since, page_size=1, page_token=token)
-                )
-                assert page.since_applied
-                got += [r.id for r in page.records]
-                pages += 1
-                if not page.next_page_token:
-                    break
-                token = page.next_page_token
+            pages = audit_pages(stub, audit_pb2.ListAuditRecordsRequest(kind=kind, since_us=since, page_size=1))
+            assert all(page.since_applied for page in pages)
+            got = [r.id for page in pages for r in page.records]
             every = stub.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(kind=kind, page_size=5000)).records
         assert sorted(got) == sorted(recent), svc  # each once, none of the older ones
-        assert pages <= len(recent) + 1, svc
+        assert len(pages) <= len(recent) + 1, svc
         assert len(every) == GIFTS_PER_CREATOR * len(books), svc  # the older ones are in the books
 
 
 def test_the_windowed_audit_passes_and_judges_only_the_windows_ids(suite: Suite, books: dict[str, list[str]]) -> None:
-    out = cli(suite, "--detail-since", "2h", "--wait", "30")
+    out = audit_cli(suite, "--detail-since", "2h", "--wait", "30")
     assert out.returncode == 0, out.stdout + out.stderr
     recent = RECENT_PER_CREATOR * len(books)
     assert f"window: the {recent} ids with a record since" in out.stdout, out.stdout
-    full = cli(suite, "--detail", "--wait", "30")
+    full = audit_cli(suite, "--detail", "--wait", "30")
     assert full.returncode == 0 and "window:" not in full.stdout, full.stdout + full.stderr
 
 
@@ -216,9 +187,9 @@ def test_a_broken_book_in_the_window_fails_the_windowed_audit(suite: Suite, book
     comparison does not."""
     a, b = (ids[-1] for ids in books.values())
     with swapped_creators(suite, a, b):
-        totals = cli(suite, "--wait", "10")
+        totals = audit_cli(suite, "--wait", "10")
         assert totals.returncode == 0, totals.stdout  # no total tells
-        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        out = audit_cli(suite, "--detail-since", "2h", "--wait", "10")
         assert out.returncode == 1, out.stdout + out.stderr
         assert "credited to another creator than the gift's" in out.stdout, out.stdout
 
@@ -229,9 +200,9 @@ def test_the_same_break_before_the_window_is_left_to_the_full_detail(suite: Suit
     `--detail` still finds it."""
     a, b = (ids[0] for ids in books.values())
     with swapped_creators(suite, a, b):
-        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        out = audit_cli(suite, "--detail-since", "2h", "--wait", "10")
         assert out.returncode == 0, out.stdout + out.stderr
-        full = cli(suite, "--detail", "--wait", "10")
+        full = audit_cli(suite, "--detail", "--wait", "10")
         assert full.returncode == 1 and "credited to another creator than the gift's" in full.stdout, full.stdout
 
 
@@ -243,7 +214,7 @@ def test_an_old_record_altered_by_hand_fails_the_windowed_audit_by_its_totals(
     e = earnings.c
     asyncio.run(execute(suite, "payout", update(earnings).where(e.event_id == old).values(coins=e.coins + 1)))
     try:
-        out = cli(suite, "--detail-since", "2h", "--wait", "10")
+        out = audit_cli(suite, "--detail-since", "2h", "--wait", "10")
         assert out.returncode == 1, out.stdout + out.stderr
         failed = [line for line in out.stdout.splitlines() if "FAILED" in line]
         assert any("4. diamonds = exact creator share" in line for line in failed), out.stdout
