@@ -90,6 +90,23 @@ def service_databases(prefix: str) -> Iterator[dict[str, str]]:
         yield urls
 
 
+@contextlib.contextmanager
+def en_us_database() -> Iterator[str]:
+    """A new database (its URL) whose text sorts as people read it ('a1' before 'B1', 'alice'
+    before 'Bob'), as the postgres image under docker-compose sorts (en_US.utf8); ICU's en-US
+    here. Skips on a server without ICU; dropped on exit."""
+    admin = admin_url_or_skip()
+    name = f"lg_en_us_{uuid.uuid4().hex[:12]}"
+    try:
+        create_database(admin, name, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    except Exception as exc:  # noqa: BLE001 - a server without ICU (or before PostgreSQL 15) cannot run this test
+        pytest.skip(f"no ICU collation on this server: {exc!r}")
+    try:
+        yield database_url(admin, name)
+    finally:
+        drop_database(admin, name)
+
+
 def database_url(admin_url: str, name: str) -> str:
     """The asyncpg URL of database `name` on the admin URL's server."""
     u = make_url(admin_url).set(drivername="postgresql+asyncpg", database=name)

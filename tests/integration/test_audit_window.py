@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli import audit
 from services.cli.audit import FAILED, OK, check_invariants, collect, wait_until_settled
 from services.cli.suite import Suite
-from services.common.audit import table_query
+from services.common.audit import Query, table_query
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.gifting.storage import gift_events
@@ -62,12 +61,35 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @contextlib.asynccontextmanager
-async def database(suite: Suite, svc: str) -> AsyncIterator[Database]:
-    db = Database(suite.config.database_url(svc), pool_size=1, pool_timeout_s=10, application_name="window-test")
+async def opened(url: str) -> AsyncIterator[Database]:
+    db = Database(url, pool_size=1, pool_timeout_s=10, application_name="window-test")
     try:
         yield db
     finally:
         await db.dispose()
+
+
+def database(suite: Suite, svc: str) -> contextlib.AbstractAsyncContextManager[Database]:
+    return opened(suite.config.database_url(svc))
+
+
+@contextlib.asynccontextmanager
+async def migrated_wallet(url: str) -> AsyncIterator[Database]:
+    """The wallet's database at `url`, migrated to head."""
+    await upgrade_head(WALLET_MIGRATIONS, url)
+    async with opened(url) as db:
+        yield db
+
+
+async def spends_read(db: Database, keys: list[str]) -> Query:
+    """The audit's read of the wallet's spends, over one stored spend (a coin, at time 10) per key."""
+    rows = [{"idempotency_key": k, "status": "SPENT", "amount": 1, "user_id": "u", "created_at_us": 10} for k in keys]
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(spends.insert(), rows)
+        await uow.commit()
+    return table_query(
+        db, spends, id_col="idempotency_key", amount_col="amount", party_col="user_id", time_col="created_at_us"
+    )
 
 
 async def execute(suite: Suite, svc: str, *statements) -> None:  # type: ignore[no-untyped-def]
@@ -319,43 +341,19 @@ async def spends_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     """The wallet's migrated database: SQLite, or PostgreSQL sorting text as people read it
     ('a1' before 'B1', as the postgres image under docker-compose does; ICU's en-US here)."""
     if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
-        await upgrade_head(WALLET_MIGRATIONS, url)
-        db = Database(url, pool_size=1, pool_timeout_s=10, application_name="window-test")
-        try:
+        async with migrated_wallet(f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}") as db:
             yield db
-        finally:
-            await db.dispose()
         return
-    admin = pg.admin_url_or_skip()
-    name = f"lg_en_us_{uuid.uuid4().hex[:12]}"
-    try:
-        pg.create_database(admin, name, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
-    except Exception as exc:  # noqa: BLE001 - a server without ICU (or before PostgreSQL 15) cannot run this test
-        pytest.skip(f"no ICU collation on this server: {exc!r}")
-    try:
-        url = pg.database_url(admin, name)
-        await upgrade_head(WALLET_MIGRATIONS, url)
-        db = Database(url, pool_size=1, pool_timeout_s=10, application_name="window-test")
-        try:
+    with pg.en_us_database() as url:
+        async with migrated_wallet(url) as db:
             yield db
-        finally:
-            await db.dispose()
-    finally:
-        pg.drop_database(admin, name)
 
 
 async def test_a_windows_id_bounds_compare_by_code_point_whatever_the_collation(spends_db: Database) -> None:
     """The CLI's chunks are ranges of ids in Python's order (by code point: "B" < "B1" < "a" <
     "a1"); a database that sorts "a1" before "B1" must still answer the range the CLI asked for,
     or an id of the window falls between two chunks and is never judged."""
-    rows = [{"idempotency_key": k, "status": "SPENT", "amount": 1, "user_id": "u", "created_at_us": 10} for k in KEYS]
-    async with spends_db.unit_of_work() as uow:
-        await uow.conn.execute(spends.insert(), rows)
-        await uow.commit()
-    query = table_query(
-        spends_db, spends, id_col="idempotency_key", amount_col="amount", party_col="user_id", time_col="created_at_us"
-    )
+    query = await spends_read(spends_db, KEYS)
     for after_id, up_to, want in (("B", "a", ["B1"]), ("", "a", ["B1"]), ("B1", "", ["a1"]), ("", "", KEYS)):
         records, _ = await query("", 10, [], up_to, 5, after_id)
         assert sorted(r.id for r in records) == want, (after_id, up_to)
@@ -364,12 +362,8 @@ async def test_a_windows_id_bounds_compare_by_code_point_whatever_the_collation(
 @pytest.fixture
 async def wallet_db(empty_database: str) -> AsyncIterator[Database]:
     """The wallet's migrated database, on each backend."""
-    await upgrade_head(WALLET_MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=1, pool_timeout_s=10, application_name="window-test")
-    try:
+    async with migrated_wallet(empty_database) as db:
         yield db
-    finally:
-        await db.dispose()
 
 
 async def test_the_read_by_ids_answers_the_ids_asked_for_in_one_statement_whatever_their_number(
@@ -383,13 +377,7 @@ async def test_the_read_by_ids_answers_the_ids_asked_for_in_one_statement_whatev
     the column's VARCHAR(128) would cut it to a stored one)."""
     stored_long = "L" * 128
     keys = [f"k{i:04d}" for i in range(0, 1400, 2)] + [stored_long]  # odd ones: asked for, not stored
-    rows = [{"idempotency_key": k, "status": "SPENT", "amount": 1, "user_id": "u", "created_at_us": 10} for k in keys]
-    async with wallet_db.unit_of_work() as uow:
-        await uow.conn.execute(spends.insert(), rows)
-        await uow.commit()
-    query = table_query(
-        wallet_db, spends, id_col="idempotency_key", amount_col="amount", party_col="user_id", time_col="created_at_us"
-    )
+    query = await spends_read(wallet_db, keys)
     statements: list[tuple[str, object]] = []
 
     def seen(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]

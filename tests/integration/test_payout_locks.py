@@ -41,17 +41,9 @@ async def payout(empty_database: str) -> AsyncIterator[Payout]:
 async def payout_en_us() -> AsyncIterator[Payout]:
     """Payout over a PostgreSQL database whose text sorts as people read it ('alice' before 'Bob'),
     as the postgres image under docker-compose sorts (en_US.utf8); ICU's en-US here."""
-    admin = pg.admin_url_or_skip()
-    name = f"lg_en_us_{uuid.uuid4().hex[:12]}"
-    try:
-        pg.create_database(admin, name, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
-    except Exception as exc:  # noqa: BLE001 - a server without ICU (or before PostgreSQL 15) cannot run this test
-        pytest.skip(f"no ICU collation on this server: {exc!r}")
-    try:
-        async with payout_on(pg.database_url(admin, name), pool_size=6) as (p, _provider):
+    with pg.en_us_database() as url:
+        async with payout_on(url, pool_size=6) as (p, _provider):
             yield p
-    finally:
-        pg.drop_database(admin, name)
 
 
 def gift(sender: str, creator: str, coins: int, at_s: int) -> gifting_events.GiftSent:
