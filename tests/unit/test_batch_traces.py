@@ -37,7 +37,7 @@ from services.gifting.storage import common as gifting_common
 from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
 from tests.unit.test_consumer_loop import _Bus
-from tests.unit.test_gift_saga import ScriptedWallet, _gifting
+from tests.unit.test_gift_saga import ScriptedWallet, _gifting_on
 from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
@@ -303,8 +303,7 @@ def _incoming(trace_id: int, span_id: int) -> Callable[[], Any]:
 
 async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_callers_trace(tmp_path: Any) -> None:
     assert not telemetry.recording()
-    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
-    try:
+    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
         sent = await _concurrent_gifts(g, [_incoming(n, 100 + n) for n in (1, 2, 3)])
         traces = await _gift_sent_traces(g)
         assert [traces[e] for e in sent] == [(1, 101), (2, 102), (3, 103)]
@@ -322,13 +321,10 @@ async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_call
             )
         traces = await _gift_sent_traces(g)
         assert [traces[r.receipt.gift_event_id] for r in resp.results] == [(9, 109), (9, 109)]
-    finally:
-        await db.dispose()
 
 
 async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_path: Any) -> None:
-    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
-    try:
+    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
         sent = await _concurrent_gifts(g, [contextlib.nullcontext, _incoming(4, 104), contextlib.nullcontext])
         o = gifting_common.outbox.c
         async with g.db.unit_of_work(readonly=True) as uow:
@@ -336,23 +332,18 @@ async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_p
         # By event id: the batch writes its events in feed order (event id), not its callers' order.
         stored = {event_id: json.loads(h) for event_id, h in rows}
         assert [("traceparent" in stored[e]) for e in sent] == [False, True, False], stored
-    finally:
-        await db.dispose()
 
 
 async def test_with_spans_recorded_each_batched_gifts_event_continues_its_own_callers_span(
     tmp_path: Any, spans: InMemorySpanExporter
 ) -> None:
-    g, db = await _gifting(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT))
-    callers = [telemetry._tracer.start_span(f"caller {n}") for n in range(3)]
-    try:
+    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
+        callers = [telemetry._tracer.start_span(f"caller {n}") for n in range(3)]
         sent = await _concurrent_gifts(g, [lambda s=s: trace.use_span(s, end_on_exit=True) for s in callers])
         traces = await _gift_sent_traces(g)
         expected = [(c.get_span_context().trace_id, c.get_span_context().span_id) for c in callers]
         assert len({t for t, _ in expected}) == 3
         assert [traces[e] for e in sent] == expected
-    finally:
-        await db.dispose()
 
 
 def test_stored_headers_are_each_contexts_json_built_once_per_distinct_context() -> None:

@@ -77,12 +77,21 @@ class ScriptedWallet:
         return wallet_pb2.CancelSpendResponse(outcome=self.arbiter_outcome, spend=spend)
 
 
-async def _gifting(tmp_path: Path, wallet: ScriptedWallet) -> tuple[Gifting, Database]:
+@contextlib.asynccontextmanager
+async def _gifting_on(
+    tmp_path: Path, wallet: ScriptedWallet, **settings: Any
+) -> AsyncIterator[tuple[Gifting, Database]]:
+    """Gifting over `wallet` and a migrated SQLite file, with `settings` changed if any; the database
+    is disposed after."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'gifting.db'}"
     await upgrade_head(MIGRATIONS, url)
     db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    return Gifting(db, Outbox(common.outbox), wallet, settings), db
+    base = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    g = Gifting(db, Outbox(common.outbox), wallet, base.model_copy(update=settings) if settings else base)
+    try:
+        yield g, db
+    finally:
+        await db.dispose()
 
 
 async def _send(g: Gifting) -> Any:
@@ -101,22 +110,18 @@ async def _count(db: Database, table: Any, *where: Any) -> int:
 
 async def test_a_refused_spend_that_a_concurrent_retry_completed_ends_sent_not_cancelled(tmp_path: Path) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)
-    g, db = await _gifting(tmp_path, wallet)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
         receipt = await (await _send(g))
         assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
         assert receipt.sender_balance == 95
         assert wallet.cancel_calls == [receipt.gift_event_id]
         assert await _count(db, common.outbox) == 1  # exactly one gift.sent event
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 0
-    finally:
-        await db.dispose()
 
 
 async def test_a_refusal_the_wallet_settled_cancels_the_gift_without_asking_the_arbiter(tmp_path: Path) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT, settles=True)
-    g, db = await _gifting(tmp_path, wallet)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"
@@ -124,8 +129,6 @@ async def test_a_refusal_the_wallet_settled_cancels_the_gift_without_asking_the_
         assert wallet.cancel_calls == []  # the refusal was final in the wallet's own transaction
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
         assert await _count(db, common.outbox) == 0
-    finally:
-        await db.dispose()
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
@@ -133,9 +136,7 @@ async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
-    try:
+    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         # SpendMany carries the item's reason, Spend its ErrorInfo: the same reason either way.
@@ -144,8 +145,6 @@ async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
         assert wallet.spend_many_calls == (1 if group_commit else 0)
         assert len(wallet.cancel_calls) == 1
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1
-    finally:
-        await db.dispose()
 
 
 class RestrictionsWallet(ScriptedWallet):
@@ -167,11 +166,10 @@ async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wallet = RestrictionsWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    clock = [1000.0]
-    monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
-    ttl = g.settings.eligibility_cache_s
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
+        clock = [1000.0]
+        monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+        ttl = g.settings.eligibility_cache_s
         assert (await g._restrictions({"v1"}))["v1"].may_spend
         assert wallet.asked == ["v1"]
         clock[0] += ttl * 0.5  # fresh: no call at all
@@ -186,8 +184,6 @@ async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the
         # The refresh said "blocked": nothing is remembered, so the next batch asks and is refused.
         answer = (await g._restrictions({"v1"}))["v1"]
         assert answer.blocked and wallet.asked == ["v1", "v1", "v1"]
-    finally:
-        await db.dispose()
 
 
 async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_user_since_start(
@@ -196,11 +192,10 @@ async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_u
     # A pod runs for weeks and meets millions of users: the answers that expired used to stay
     # until ELIGIBILITY_CACHE_ENTRIES_MAX users had come, and then every answer went at once.
     wallet = RestrictionsWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    clock = [1000.0]
-    monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
-    ttl = g.settings.eligibility_cache_s
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
+        clock = [1000.0]
+        monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+        ttl = g.settings.eligibility_cache_s
         for batch in range(50):
             users = {f"v{batch}-{i}" for i in range(100)}
             assert all(a.may_spend for a in (await g._restrictions(users)).values())
@@ -209,31 +204,25 @@ async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_u
             assert set(await g._restrictions(users)) == users  # still remembered: no call
             assert len(wallet.many_calls) == batch + 1
             clock[0] += ttl  # every answer so far expired
-    finally:
-        await db.dispose()
 
 
 async def test_a_full_eligibility_cache_forgets_its_oldest_answer_not_all_of_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wallet = RestrictionsWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    monkeypatch.setattr("services.gifting.usecases.ELIGIBILITY_CACHE_ENTRIES_MAX", 50)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
+        monkeypatch.setattr("services.gifting.usecases.ELIGIBILITY_CACHE_ENTRIES_MAX", 50)
         for i in range(120):
             await g._restrictions({f"v{i}"})
         assert list(g._eligibility_cache) == [f"v{i}" for i in range(70, 120)]
         await g._restrictions({f"v{i}" for i in range(70, 120)})
         assert len(wallet.many_calls) == 120  # the 50 most recent answered from the cache
-    finally:
-        await db.dispose()
 
 
 async def test_a_batch_asks_the_wallet_about_all_the_users_it_does_not_know_in_one_call(tmp_path: Path) -> None:
     wallet = RestrictionsWallet()
     wallet.blocked.add("v3")
-    g, db = await _gifting(tmp_path, wallet)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
         answers = await g._restrictions({"v1", "v2", "v3"})
         assert wallet.many_calls == [["v1", "v2", "v3"]]
         assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": True, "v3": False}
@@ -241,8 +230,6 @@ async def test_a_batch_asks_the_wallet_about_all_the_users_it_does_not_know_in_o
         await g._restrictions({"v1", "v2", "v3", "v4"})
         assert wallet.many_calls == [["v1", "v2", "v3"], ["v3", "v4"]]
         assert wallet.asked == ["v1", "v2", "v3", "v3", "v4"]
-    finally:
-        await db.dispose()
 
 
 class OlderWallet(RestrictionsWallet):
@@ -260,24 +247,18 @@ class OlderWallet(RestrictionsWallet):
 async def test_a_wallet_without_the_batched_call_is_asked_user_by_user(tmp_path: Path) -> None:
     wallet = OlderWallet(grpc.StatusCode.UNIMPLEMENTED)
     wallet.blocked.add("v2")
-    g, db = await _gifting(tmp_path, wallet)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
         answers = await g._restrictions({"v1", "v2"})
         assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": False}
         assert wallet.many_calls == [["v1", "v2"]] and sorted(wallet.asked) == ["v1", "v2"]
-    finally:
-        await db.dispose()
 
 
 async def test_a_wallet_that_does_not_answer_the_batched_call_leaves_its_users_unanswered(tmp_path: Path) -> None:
     wallet = OlderWallet(grpc.StatusCode.UNAVAILABLE)
-    g, db = await _gifting(tmp_path, wallet)
-    try:
+    async with _gifting_on(tmp_path, wallet) as (g, db):
         assert await g._restrictions({"v1", "v2"}) == {"v1": None, "v2": None}
         assert wallet.asked == []  # not retried user by user: the wallet is down, not old
         assert g._eligibility_cache == {}
-    finally:
-        await db.dispose()
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
@@ -285,9 +266,7 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
-    try:
+    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
         # 286 Universes (34,999 coins each) cost 10,009,714 coins: more than the wallet spends at once
         # (SPEND_AMOUNT_MAX, 10,000,000), though well within QUANTITY_MAX.
@@ -304,8 +283,6 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
         with pytest.raises(Exception) as err:
             await g.send_gift(combo)
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"  # the scripted wallet's answer
-    finally:
-        await db.dispose()
 
 
 class BlockingWallet(ScriptedWallet):
@@ -342,16 +319,12 @@ class BlockingWallet(ScriptedWallet):
 async def test_both_saga_paths_name_a_creator_the_wallet_refused_as_the_pre_check_does(
     tmp_path: Path, group_commit: bool
 ) -> None:
-    g, db = await _gifting(tmp_path, BlockingWallet())
-    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
-    try:
+    async with _gifting_on(tmp_path, BlockingWallet(), group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "ACCOUNT_BLOCKED"
         assert getattr(err.value, "metadata", {}).get("role") == "creator"
         assert err.value.message == "the creator's account is blocked"  # type: ignore[attr-defined]
-    finally:
-        await db.dispose()
 
 
 class OverloadedWallet(ScriptedWallet):
@@ -378,9 +351,7 @@ async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = OverloadedWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": group_commit})
-    try:
+    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
@@ -388,8 +359,6 @@ async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks
         assert wallet.cancel_calls == []  # not settled on a status that says nothing of the spend
         assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 1  # retry or sweeper
         assert await _count(db, common.outbox) == 0
-    finally:
-        await db.dispose()
 
 
 @contextlib.asynccontextmanager
@@ -397,15 +366,11 @@ async def _a_gift_left_pending(tmp_path: Path) -> AsyncIterator[tuple[Overloaded
     """A gift whose spend's answer was lost (a status the wallet did not give), left PENDING, and a
     sweeper that settles it at once (no group commit, a pending timeout of 1 ms)."""
     wallet = OverloadedWallet()
-    g, db = await _gifting(tmp_path, wallet)
-    g.settings = g.settings.model_copy(update={"group_commit": False, "pending_timeout_s": 0.001})
-    try:
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
         yield wallet, g, db
-    finally:
-        await db.dispose()
 
 
 @pytest.mark.parametrize(
