@@ -657,6 +657,12 @@ class SlowProvider(RecordingProvider):
         )
 
 
+def reconcile_due(payout: Payout) -> int:
+    """A time (microseconds) by which the reconciler looks up a withdrawal handed to the provider now."""
+    assert payout.settings is not None
+    return now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+
+
 async def test_transfers_still_under_way_do_not_keep_the_reconciler_from_later_ones(tmp_path: Path) -> None:
     async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
         provider = SlowProvider()
@@ -664,7 +670,7 @@ async def test_transfers_still_under_way_do_not_keep_the_reconciler_from_later_o
         payout.settings = payout.settings.model_copy(update={"reconcile_batch_size_max": 2})
         ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(3)]
         assert await payout.dispatch_once() == 3
-        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        later = reconcile_due(payout)
         provider.done.add(ids[2])  # only the newest has settled at the provider
 
         still = reconciled("still_processing")
@@ -686,7 +692,7 @@ async def test_an_outcome_that_does_not_match_the_withdrawal_is_refused_and_aske
         assert await payout.dispatch_once() == 1
         provider.done.add(withdrawal_id)
         provider.amount_minor = 1  # the provider reports a transfer of another amount
-        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        later = reconcile_due(payout)
         refused = reconciled("refused")
         assert await payout.reconcile_once(now=later) == 0
         assert reconciled("refused") == refused + 1
@@ -714,7 +720,7 @@ async def test_an_outcome_a_callback_overtook_is_counted_as_settled_meanwhile_no
             return await real_status(*args)
 
         provider.status = overtaken  # type: ignore[method-assign]
-        later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+        later = reconcile_due(payout)
         meanwhile, refused = reconciled("settled_meanwhile"), reconciled("refused")
         assert await payout.reconcile_once(now=later) == 0
         assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
@@ -764,11 +770,12 @@ def failures(call: str, outcome: str) -> float:
     return REGISTRY.get_sample_value("livegifts_provider_call_failures_total", labels) or 0.0
 
 
-def with_deadline(payout: Payout, provider: StuckProvider) -> None:
-    """`provider` in use, with the short deadline."""
+def stuck_provider(payout: Payout, how: str) -> StuckProvider:
+    """A StuckProvider whose stuck calls `how` (hang or fail) in use, with the short deadline."""
     assert payout.settings is not None
-    payout.provider = provider
+    payout.provider = provider = StuckProvider(how)
     payout.settings = payout.settings.model_copy(update={"provider_timeout_s": DEADLINE_S})
+    return provider
 
 
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
@@ -776,8 +783,7 @@ async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_claimed_an
     setup, caplog, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
-    provider = StuckProvider(how)
-    with_deadline(payout, provider)
+    provider = stuck_provider(payout, how)
     stuck = await approved_withdrawal(payout, "creator-a")
     fine = await approved_withdrawal(payout, "creator-b")
     provider.stuck.add(stuck)
@@ -793,8 +799,7 @@ async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_claimed_an
     assert failures("submit", outcome) == counted + 1
     assert [r.withdrawal_id for r in caplog.records if hasattr(r, "withdrawal_id")] == [stuck]
     assert (await payout.get_earnings("creator-a")).diamonds_held == 20_000  # still held for it
-    assert payout.settings is not None
-    later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+    later = reconcile_due(payout)
     asked = len(provider.asked)
     await payout.reconcile_once(now=later)
     assert stuck not in provider.asked[asked:]  # the dispatcher hands it over, not the reconciler
@@ -839,14 +844,13 @@ async def test_a_look_up_that_hangs_or_fails_is_counted_and_asked_again_next_rou
     setup, caplog, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
-    provider = StuckProvider(how)
-    with_deadline(payout, provider)
+    provider = stuck_provider(payout, how)
     stuck = await approved_withdrawal(payout, "creator-a")
     fine = await approved_withdrawal(payout, "creator-b")
     assert await payout.dispatch_once() == 2  # handed over; no callback comes (auto_callback off)
     provider.done.update({stuck, fine})  # both settled (PAID) at the provider ...
     provider.stuck.add(stuck)  # ... but asking about one hangs or fails
-    later = now_us() + int((payout.settings.reconcile_after_s + 1) * 1_000_000)
+    later = reconcile_due(payout)
     counted, errors = reconciled("provider_error"), failures("status", outcome)
 
     with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
@@ -877,8 +881,7 @@ async def test_a_payout_method_the_provider_cannot_vault_is_unavailable_and_writ
     setup, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
-    provider = StuckProvider(how)
-    with_deadline(payout, provider)
+    provider = stuck_provider(payout, how)
     provider.stuck.add("creator-a@example.com")
     counted = failures("tokenize", outcome)
 
@@ -901,8 +904,7 @@ async def test_a_payout_method_the_provider_cannot_vault_is_unavailable_and_writ
 
 async def test_a_retried_payout_method_is_answered_from_its_record_without_asking_the_provider(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
-    provider = StuckProvider("fail")
-    with_deadline(payout, provider)
+    provider = stuck_provider(payout, "fail")
     added = await payout.add_payout_method(method_request("creator-a", "method-1"))
     provider.stuck.add("creator-a@example.com")  # the provider is down now
     assert await payout.add_payout_method(method_request("creator-a", "method-1")) == added
