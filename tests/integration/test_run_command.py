@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -102,21 +103,30 @@ def _up(proc: subprocess.Popen[bytes], var: Path, offset: int) -> list[int]:
     return _children(proc.pid)
 
 
-def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _running(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+    """`livegifts run` on a free set of ports, up: the command, its port offset and the suite's
+    processes. On exit they are killed (whatever a failure left behind; the suite's processes are
+    in sessions of their own) and the command is reaped."""
     offset = _free_offset()
     proc = _run(tmp_path, offset)
     children: list[int] = []
     try:
         children = _up(proc, tmp_path, offset)
+        yield proc, offset, children
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp_path: Path) -> None:
+    with _running(tmp_path) as (proc, offset, children):
         assert len(children) == 4, children  # nats-server and three services
         for _ in range(500):  # a supervisor that insists: signals land while the last one is handled
             proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=STOP_S)
-    finally:
-        for pid in [proc.pid, *children]:  # whatever a failure left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     assert proc.returncode == 0, out.decode()
     assert "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
@@ -126,18 +136,9 @@ def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp
 def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None:
     """SIGHUP (a closed terminal, a dropped ssh session) reaches `run` alone: the suite's processes
     live in sessions of their own, so `run` must stop them, not die and leave them serving."""
-    offset = _free_offset()
-    proc = _run(tmp_path, offset)
-    children: list[int] = []
-    try:
-        children = _up(proc, tmp_path, offset)
+    with _running(tmp_path) as (proc, offset, children):
         proc.send_signal(signal.SIGHUP)
         out, _ = proc.communicate(timeout=STOP_S)
-    finally:
-        for pid in [proc.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     assert proc.returncode == 0, out.decode()
     assert "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
@@ -147,22 +148,13 @@ def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None
 def test_run_whose_output_is_gone_still_stops_everything(tmp_path: Path) -> None:
     """A closed terminal (SIGHUP, then EIO on every write) or a reader of its pipe that went away:
     the first print of the stop fails, and the stop must not be skipped with it."""
-    offset = _free_offset()
-    proc = _run(tmp_path, offset)
-    children: list[int] = []
     left: list[int] = []
-    try:
-        children = _up(proc, tmp_path, offset)
+    with _running(tmp_path) as (proc, offset, children):
         assert proc.stdout is not None
         proc.stdout.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=STOP_S)
         left = [pid for pid in children if _alive(pid)]
-    finally:
-        for pid in [proc.pid, *children]:  # the suite's processes are in sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     assert not left, "a process of the suite outlived `run`"
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 
@@ -170,11 +162,7 @@ def test_run_whose_output_is_gone_still_stops_everything(tmp_path: Path) -> None
 def test_a_second_run_on_the_same_var_refuses_and_leaves_the_first_serving(tmp_path: Path) -> None:
     """Two suites on one var/ would run two nats-servers on one JetStream store and two of each
     service on one SQLite file, and the second would rewrite the first's nats.conf."""
-    offset = _free_offset()
-    first = _run(tmp_path, offset)
-    children: list[int] = []
-    try:
-        children = _up(first, tmp_path, offset)
+    with _running(tmp_path) as (first, offset, children):
         other = _free_offset()
         second = _run(tmp_path, other)
         try:
@@ -190,11 +178,6 @@ def test_a_second_run_on_the_same_var_refuses_and_leaves_the_first_serving(tmp_p
         assert first.poll() is None and all(Path(f"/proc/{pid}").exists() for pid in children)
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=STOP_S)
-    finally:
-        for pid in [first.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        first.wait()
     assert first.returncode == 0
 
 
@@ -241,20 +224,11 @@ def test_run_refuses_a_nats_port_another_program_holds(tmp_path: Path) -> None:
 
 
 def test_run_whose_service_crashes_stops_the_rest_and_exits_1(tmp_path: Path) -> None:
-    offset = _free_offset()
-    proc = _run(tmp_path, offset)
-    children: list[int] = []
-    try:
-        children = _up(proc, tmp_path, offset)
+    with _running(tmp_path) as (proc, offset, children):
         payout = [pid for pid in children if b"services.payout" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(payout) == 1, children
         os.kill(payout[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=STOP_S)
-    finally:
-        for pid in [proc.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     assert proc.returncode == 1, out.decode()  # a crash, not a Ctrl-C
     assert "payout exited with code -9" in out.decode() and "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
