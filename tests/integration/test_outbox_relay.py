@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from nats.js.api import DiscardPolicy
@@ -36,6 +36,8 @@ from services.common.outbox import Outbox, OutboxRelay, new_event_id
 from services.common.tables import CommonTables, add_common_tables
 from tests.integration import pg
 from tests.integration.helpers import eventually
+
+T = TypeVar("T")
 
 EVENTS = 120
 
@@ -338,6 +340,18 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
     assert await harness.unpublished() == 0
 
 
+Handler = Callable[[UnitOfWork, list[events_pb2.GiftSent]], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _consumer(harness: _Harness, durable: str, handle: Handler, **settings: float) -> AsyncIterator[None]:
+    """A consumer of gifting.gift.sent, `durable` its name, running until the block ends."""
+    sub = Subscription(durable, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
+    changed = harness.settings.model_copy(update=settings)
+    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, changed).run):
+        yield
+
+
 @contextlib.asynccontextmanager
 async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncIterator[list[int]]:
     """A consumer of gifting.gift.sent with this linger, recording the size of each batch it applies."""
@@ -346,15 +360,27 @@ async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncI
     async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
         batches.append(len(events))
 
-    sub = Subscription(durable, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
-    settings = harness.settings.model_copy(update={"consumer_linger_s": linger_s})
-    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, settings).run):
+    async with _consumer(harness, durable, handle, consumer_linger_s=linger_s):
         yield batches
 
 
-def _sizes(batches: list[int]) -> Callable[[], Awaitable[list[int]]]:
-    async def probe() -> list[int]:
-        return list(batches)
+@contextlib.asynccontextmanager
+async def _applying(harness: _Harness, durable: str) -> AsyncIterator[list[str]]:
+    """A consumer of gifting.gift.sent recording the id of each event it applies, in order."""
+    applied: list[str] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        applied.extend(e.event_id for e in events)
+
+    async with _consumer(harness, durable, handle):
+        yield applied
+
+
+def _so_far(items: list[T]) -> Callable[[], Awaitable[list[T]]]:
+    """A probe for `eventually`: what `items` holds so far (batch sizes, or applied ids)."""
+
+    async def probe() -> list[T]:
+        return list(items)
 
     return probe
 
@@ -365,11 +391,11 @@ async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_
     async with _consuming(harness, "linger-test", 0.5) as batches:
         await harness.add_events(2)  # a batch of two: load
         await harness.relay.relay_once()
-        assert await eventually(_sizes(batches), lambda b: b == [2], 5) == [2]
+        assert await eventually(_so_far(batches), lambda b: b == [2], 5) == [2]
         for _ in range(3):  # three commits, each published at once, while the consumer lingers
             await harness.add_events(2)
             assert await harness.relay.relay_once() == 2
-        await eventually(_sizes(batches), lambda b: sum(b) >= 8, 5)
+        await eventually(_so_far(batches), lambda b: sum(b) >= 8, 5)
     assert batches == [2, 6], "the events published during the linger were applied in one transaction"
 
 
@@ -378,7 +404,7 @@ async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> 
         for n in (1, 2):
             await harness.add_events(1)
             assert await harness.relay.relay_once() == 1
-            assert await eventually(_sizes(batches), lambda b, n=n: len(b) >= n, 5) == [1] * n
+            assert await eventually(_so_far(batches), lambda b, n=n: len(b) >= n, 5) == [1] * n
 
 
 @pytest.fixture
@@ -532,20 +558,11 @@ async def _ignore(msg: Any) -> None:
 async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_what_comes_next(
     harness: _Harness,
 ) -> None:
-    applied: list[str] = []
-
-    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
-        applied.extend(e.event_id for e in events)
-
-    async def seen() -> list[str]:
-        return list(applied)
-
     assert harness.bus.js is not None
-    sub = Subscription("deleted-stream-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
-    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, harness.settings).run):
+    async with _applying(harness, "deleted-stream-test") as applied:
         first = await harness.add_events(2)
         assert await harness.relay.relay_once() == 2
-        assert await eventually(seen, lambda a: len(a) >= 2, 10) == first
+        assert await eventually(_so_far(applied), lambda a: len(a) >= 2, 10) == first
         before = _recreated()
         await harness.bus.js.delete_stream("GIFTING")
         # Nothing is published meanwhile (an idle producer): the consumer itself makes it again.
@@ -553,7 +570,7 @@ async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_
         assert _recreated() == before + 1
         later = await harness.add_events(3)
         assert await harness.relay.relay_once() == 3  # no refusal: the stream was there
-        assert await eventually(seen, lambda a: len(a) >= 5, 20) == first + later
+        assert await eventually(_so_far(applied), lambda a: len(a) >= 5, 20) == first + later
     assert applied == first + later, "each event applied once"
 
 
@@ -588,26 +605,17 @@ async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites
 async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_applies_each_event_once(
     harness: _Harness,
 ) -> None:
-    applied: list[str] = []
-
-    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
-        applied.extend(e.event_id for e in events)
-
-    async def seen() -> list[str]:
-        return list(applied)
-
     js = harness.bus.js
     assert js is not None
-    sub = Subscription("deleted-durable-test", "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
-    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, harness.settings).run):
+    async with _applying(harness, "deleted-durable-test") as applied:
         first = await harness.add_events(2)
         assert await harness.relay.relay_once() == 2
-        assert await eventually(seen, lambda a: len(a) >= 2, 10) == first
+        assert await eventually(_so_far(applied), lambda a: len(a) >= 2, 10) == first
         await js.delete_consumer("GIFTING", "deleted-durable-test")  # `nats consumer rm` by mistake
         later = await harness.add_events(3)
         assert await harness.relay.relay_once() == 3
         # Made again from the stream's start: the first two come again and the inbox drops them.
-        assert await eventually(seen, lambda a: len(a) >= 5, 20) == first + later
+        assert await eventually(_so_far(applied), lambda a: len(a) >= 5, 20) == first + later
 
         async def duplicates() -> float:
             labels = {"consumer": "deleted-durable-test", "result": "duplicate"}
