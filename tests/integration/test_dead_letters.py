@@ -445,6 +445,21 @@ def test_the_cli_lists_and_replays_parked_events_of_the_running_suite(deployment
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout, refused.stdout + refused.stderr
 
 
+def _failed_deliveries(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Event id -> the highest delivery of it (JetStream's count) a consumer failed to apply,
+    kept from now on by wrapping Consumer._failed."""
+    deliveries: dict[str, int] = {}
+    failed = Consumer._failed
+
+    async def counting(self: Consumer[Any], item: Any, exc: Exception) -> None:
+        msg, event = item
+        deliveries[event.event_id] = max(deliveries.get(event.event_id, 0), msg.metadata.num_delivered)
+        await failed(self, item, exc)
+
+    monkeypatch.setattr(Consumer, "_failed", counting)
+    return deliveries
+
+
 async def test_events_the_database_refuses_for_longer_than_max_deliver_are_not_parked_and_apply_once_after(
     rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -470,15 +485,7 @@ async def test_events_the_database_refuses_for_longer_than_max_deliver_are_not_p
                 await uow.conn.exec_driver_sql("PRAGMA query_only=OFF")
         pytest.fail("the database took the write")
 
-    deliveries: dict[str, int] = {}
-    failed = Consumer._failed
-
-    async def counting(self: Consumer[Any], item: Any, exc: Exception) -> None:
-        msg, event = item
-        deliveries[event.event_id] = max(deliveries.get(event.event_id, 0), msg.metadata.num_delivered)
-        await failed(self, item, exc)
-
-    monkeypatch.setattr(Consumer, "_failed", counting)
+    deliveries = _failed_deliveries(monkeypatch)
     *ids, bad = await rig.h.add_events(4)
     for event_id in (*ids, bad):
         rig.effects[event_id] = refuse
@@ -522,15 +529,7 @@ async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary
     def read_only(on: bool) -> None:
         pg.run_sql(admin, f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
 
-    deliveries: dict[str, int] = {}
-    failed = Consumer._failed
-
-    async def counting(self: Consumer[Any], item: Any, exc: Exception) -> None:
-        msg, event = item
-        deliveries[event.event_id] = max(deliveries.get(event.event_id, 0), msg.metadata.num_delivered)
-        await failed(self, item, exc)
-
-    monkeypatch.setattr(Consumer, "_failed", counting)
+    deliveries = _failed_deliveries(monkeypatch)
     try:
         async with _rig(tmp_path, pg.database_url(admin, name)) as rig:
             published = await rig.h.add_events(3)
