@@ -134,14 +134,22 @@ async def _rows_of(g: Gifting, key: str) -> list[tuple[str, str | None]]:
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-async def test_a_cancelled_gifts_key_refuses_other_requests_and_sends_its_own_once(gifting: Gifting) -> None:
+async def _three_pandas_refused(gifting: Gifting) -> tuple[gifting_pb2.Stream, gifting_pb2.SendGiftRequest]:
+    """A new stream, and three pandas (15 coins) to it from "v", who holds 10, under key "k":
+    refused, the gift recorded CANCELLED. The stream and the request, to retry."""
     wallet: Ledger = gifting.wallet
     wallet.coins["v"] = 10
     stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
     panda3 = gifting_pb2.SendGiftRequest(
         stream_id=stream.stream_id, sender_id="v", gift_id="panda", quantity=3, idempotency_key="k"
     )
-    assert await _reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"  # 15 coins
+    assert await _reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"
+    return stream, panda3
+
+
+async def test_a_cancelled_gifts_key_refuses_other_requests_and_sends_its_own_once(gifting: Gifting) -> None:
+    wallet: Ledger = gifting.wallet
+    stream, panda3 = await _three_pandas_refused(gifting)
     assert await _rows_of(gifting, "k") == [("CANCELLED", "k")]
 
     panda1 = gifting_pb2.SendGiftRequest()
@@ -314,12 +322,7 @@ async def _old_release_cancels(g: Gifting, key: str) -> None:
 
 async def test_a_gift_an_old_release_cancels_during_the_rollout_gets_its_key_back(gifting: Gifting) -> None:
     wallet: Ledger = gifting.wallet
-    wallet.coins["v"] = 10
-    stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
-    panda3 = gifting_pb2.SendGiftRequest(
-        stream_id=stream.stream_id, sender_id="v", gift_id="panda", quantity=3, idempotency_key="k"
-    )
-    assert await _reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"  # 15 coins
+    stream, panda3 = await _three_pandas_refused(gifting)
     await _old_release_cancels(gifting, "k")
     assert await _rows_of(gifting, "k") == [("CANCELLED", None)]
 
