@@ -138,6 +138,22 @@ async def test_a_withdrawal_settling_shortfalls_of_two_senders_and_a_reversal_ba
     assert await open_coins(payout) == {"a-r1": 0, "b-r2": 0, "c-r3": 500}
 
 
+async def credit_and_clawback_both_commit(
+    payout: Payout, deadlocks: list[int], creators: tuple[str, str], held: str
+) -> None:
+    """A gift batch crediting both creators (1,000 coins each) and a reversal batch clawing back
+    s1's gifts to both (10,000 coins each), started while `held`'s row is held: both commit, no
+    deadlock is reported, and each creator has 5,500 diamonds, 5,000 of them clawed back."""
+    credit = consume(payout, gifts=[gift("s2", c, 1_000, NOW_S) for c in creators])
+    clawback = consume(payout, [reversal("r1", "s1", 20_000, NOW_S)])  # takes from both creators
+    results = await while_creator_held(payout, held, credit, clawback)
+    assert results == [None, None]
+    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
+    for c in creators:
+        earned = await payout.get_earnings(c)
+        assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
+
+
 async def test_a_gift_batch_and_a_reversal_batch_for_the_same_two_creators_both_commit(payout: Payout) -> None:
     deadlocks = count_deadlocks(payout.db)
     # creator-b's row is written before creator-a's: a plan that scans the table meets b first.
@@ -146,14 +162,7 @@ async def test_a_gift_batch_and_a_reversal_batch_for_the_same_two_creators_both_
     await consume(payout, gifts=[gift("s0", f"creator-{i}", 100, NOW_S - 60) for i in range(8)])
     async with payout.db.unit_of_work() as uow:
         await uow.conn.execute(text("ANALYZE creators"))  # the statistics a busy table has
-    credit = consume(payout, gifts=[gift("s2", c, 1_000, NOW_S) for c in ("creator-a", "creator-b")])
-    clawback = consume(payout, [reversal("r1", "s1", 20_000, NOW_S)])  # takes from both creators
-    results = await while_creator_held(payout, "creator-b", credit, clawback)
-    assert results == [None, None]
-    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
-    for c in ("creator-a", "creator-b"):
-        earned = await payout.get_earnings(c)
-        assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
+    await credit_and_clawback_both_commit(payout, deadlocks, ("creator-a", "creator-b"), held="creator-b")
 
 
 async def test_a_gift_batch_and_a_reversal_batch_lock_creators_alike_whatever_the_collation(
@@ -166,11 +175,4 @@ async def test_a_gift_batch_and_a_reversal_batch_lock_creators_alike_whatever_th
     deadlocks = count_deadlocks(payout.db)
     for creator in ("alice", "Bob"):
         await consume(payout, gifts=[gift("s1", creator, 10_000, NOW_S - 60)])
-    credit = consume(payout, gifts=[gift("s2", c, 1_000, NOW_S) for c in ("alice", "Bob")])
-    clawback = consume(payout, [reversal("r1", "s1", 20_000, NOW_S)])  # takes from both creators
-    results = await while_creator_held(payout, "alice", credit, clawback)
-    assert results == [None, None]
-    assert deadlocks[0] == 0, f"{deadlocks[0]} deadlock(s) between the two batches"
-    for c in ("alice", "Bob"):
-        earned = await payout.get_earnings(c)
-        assert (earned.diamonds_lifetime, earned.diamonds_clawed_back) == (5_500, 5_000)
+    await credit_and_clawback_both_commit(payout, deadlocks, ("alice", "Bob"), held="alice")
