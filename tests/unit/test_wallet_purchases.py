@@ -148,6 +148,7 @@ def stuck_provider(w: Wallet, how: str = "hang", expected: int = 1) -> StuckProv
 
 
 def purchase_request(user: str, key: str) -> wallet_pb2.CreatePurchaseRequest:
+    """`user` buys the 70-coin US package by card, under `key`."""
     return wallet_pb2.CreatePurchaseRequest(
         user_id=user,
         package_id="us-usd-70",
@@ -283,15 +284,7 @@ async def test_a_success_for_a_buyer_restricted_since_checkout_is_credited_logge
 ) -> None:
     # The money was taken, so the coins are credited (they cannot be spent); nothing said so, and
     # trust and safety never learned that a minor's or a blocked account's payment needs a refund.
-    purchase = await wallet.create_purchase(
-        wallet_pb2.CreatePurchaseRequest(
-            user_id="u",
-            package_id="us-usd-70",
-            currency_code="USD",
-            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    purchase = await wallet.create_purchase(purchase_request("u", uuid.uuid4().hex))
     await wallet.set_restrictions(
         wallet_pb2.SetAccountRestrictionsRequest(user_id="u", idempotency_key=uuid.uuid4().hex, **restriction)
     )
@@ -343,17 +336,10 @@ async def test_each_purchase_outcome_is_counted_once_per_change_never_per_duplic
         await wallet.handle_payment_event(request)
         assert (await wallet.handle_payment_event(request)).duplicate  # the provider's retry
 
-    def purchase_request() -> wallet_pb2.CreatePurchaseRequest:
-        return wallet_pb2.CreatePurchaseRequest(
-            user_id="u",
-            package_id="us-usd-70",
-            currency_code="USD",
-            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-            idempotency_key=uuid.uuid4().hex,
-        )
-
     before = outcomes()
-    kept, disputed, declined_then_paid = [await wallet.create_purchase(purchase_request()) for _ in range(3)]
+    kept, disputed, declined_then_paid = [
+        await wallet.create_purchase(purchase_request("u", uuid.uuid4().hex)) for _ in range(3)
+    ]
     await deliver(kept, "payment.succeeded")
     await deliver(kept, "payment.failed")  # a declined attempt reported late: changes nothing
     await deliver(disputed, "payment.succeeded")
@@ -374,15 +360,7 @@ async def test_a_purchase_outcome_whose_transaction_rolls_back_is_not_counted_un
     wallet: Wallet,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    purchase = await wallet.create_purchase(
-        wallet_pb2.CreatePurchaseRequest(
-            user_id="u",
-            package_id="us-usd-70",
-            currency_code="USD",
-            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    purchase = await wallet.create_purchase(purchase_request("u", uuid.uuid4().hex))
     payload = dev_event_payload(uuid.uuid4().hex, "payment.succeeded", purchase.purchase_id, 99, "USD")
     request = wallet_pb2.HandlePaymentEventRequest(
         provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
