@@ -121,16 +121,21 @@ def _running(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, lis
         proc.wait()
 
 
+def _assert_stopped_cleanly(proc: subprocess.Popen[bytes], out: bytes, offset: int, children: list[int]) -> None:
+    """`run` exited 0 saying so, and nothing of the suite is left: no port held, no process."""
+    assert proc.returncode == 0, out.decode()
+    assert "nothing left running" in out.decode()
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+
+
 def test_run_serves_and_stops_everything_on_sigterm_even_when_signals_repeat(tmp_path: Path) -> None:
     with _running(tmp_path) as (proc, offset, children):
         assert len(children) == 4, children  # nats-server and three services
         for _ in range(500):  # a supervisor that insists: signals land while the last one is handled
             proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=STOP_S)
-    assert proc.returncode == 0, out.decode()
-    assert "nothing left running" in out.decode()
-    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+    _assert_stopped_cleanly(proc, out, offset, children)
 
 
 def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None:
@@ -139,10 +144,7 @@ def test_run_stops_everything_when_its_terminal_hangs_up(tmp_path: Path) -> None
     with _running(tmp_path) as (proc, offset, children):
         proc.send_signal(signal.SIGHUP)
         out, _ = proc.communicate(timeout=STOP_S)
-    assert proc.returncode == 0, out.decode()
-    assert "nothing left running" in out.decode()
-    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "a process of the suite is still there"
+    _assert_stopped_cleanly(proc, out, offset, children)
 
 
 def test_run_whose_output_is_gone_still_stops_everything(tmp_path: Path) -> None:
