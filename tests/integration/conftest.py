@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,6 +30,11 @@ from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common.db import Database
 from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.gifting.config import GiftingSettings
+from services.gifting.feed import FeedHub
+from services.gifting.storage import common
+from services.gifting.usecases import Gifting
 from tests.integration import pg
 
 WEBHOOK_SECRET = "test-webhook-secret-" + uuid.uuid4().hex
@@ -176,16 +182,39 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
 GIFTING_MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
 
-@pytest.fixture
-async def gifting_db(empty_database: str) -> AsyncIterator[Database]:
-    """An empty database on each backend with a service's real common tables and indexes (gifting's
-    migrations), for tests of what every service keeps (inbox, idempotency records)."""
-    await upgrade_head(GIFTING_MIGRATIONS, empty_database)
-    database = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="test")
+@contextlib.asynccontextmanager
+async def gifting_database(url: str, pool_size: int, application_name: str = "test") -> AsyncIterator[Database]:
+    """Gifting's database at `url`, migrated to head, open until the block ends."""
+    await upgrade_head(GIFTING_MIGRATIONS, url)
+    database = Database(url, pool_size=pool_size, pool_timeout_s=5, application_name=application_name)
     try:
         yield database
     finally:
         await database.dispose()
+
+
+@contextlib.asynccontextmanager
+async def gifting_on(
+    url: str,
+    pool_size: int,
+    application_name: str = "gifting-test",
+    wallet: Any = None,
+    hub: FeedHub | None = None,
+    **settings: Any,
+) -> AsyncIterator[Gifting]:
+    """Gifting's use cases over its migrated database at `url`, with `settings` and no bus; `wallet`
+    is the wallet client, if the test reaches it."""
+    async with gifting_database(url, pool_size, application_name) as db:
+        config = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", **settings)
+        yield Gifting(db, Outbox(common.outbox), wallet, config, hub)
+
+
+@pytest.fixture
+async def gifting_db(empty_database: str) -> AsyncIterator[Database]:
+    """An empty database on each backend with a service's real common tables and indexes (gifting's
+    migrations), for tests of what every service keeps (inbox, idempotency records)."""
+    async with gifting_database(empty_database, pool_size=2) as database:
+        yield database
 
 
 @pytest.fixture

@@ -9,18 +9,15 @@ to more than the week.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
-from services.common.db import Database
 from services.common.errors import InvalidArgument
-from services.common.migrate import upgrade_head
 from services.gifting.readmodels import ReadModels
+from tests.integration.conftest import gifting_database
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
 MIDNIGHT_US = 1_767_225_600_000_000  # 2026-01-01T00:00Z
@@ -29,12 +26,8 @@ IST_US = 5 * HOUR_US + 30 * 60_000_000  # UTC+5:30
 
 @pytest.fixture
 async def read_models(empty_database: str) -> AsyncIterator[ReadModels]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="stats-windows-test")
-    try:
+    async with gifting_database(empty_database, pool_size=2, application_name="stats-windows-test") as db:
         yield ReadModels(db)
-    finally:
-        await db.dispose()
 
 
 def _ts(us: int) -> Timestamp:

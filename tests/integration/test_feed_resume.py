@@ -11,24 +11,19 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
 
 from livegifts.gifting.v1 import gifting_pb2
-from services.common.db import Database
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
 from services.common.timeutil import now_us
 from services.gifting import usecases
-from services.gifting.config import GiftingSettings
 from services.gifting.feed import FeedHub
-from services.gifting.storage import common, gift_events
+from services.gifting.storage import gift_events
 from services.gifting.usecases import Gifting, _gift_sent_event
+from tests.integration.conftest import gifting_on
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 STEP_S = 5.0  # a bound on each item's wait: a feed that stalls fails the test, it does not hang it
 
 
@@ -42,21 +37,16 @@ class _Msg:
 
 @pytest.fixture
 async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=4, pool_timeout_s=5, application_name="gifting-test")
-    settings = GiftingSettings(
-        database_url=empty_database,
-        nats_url="nats://127.0.0.1:1",
-        wallet_addr="127.0.0.1:1",
-        watch_resume_items_max=20,
-        watch_resume_reads_max=2,  # under the pool's 4: what the bound leaves to other calls shows
-    )
     hub = FeedHub(None, watchers_max=10, queue_size_max=100)  # type: ignore[arg-type] # no bus: the test publishes
     hub.ready.set()
-    try:
-        yield Gifting(db, Outbox(common.outbox), None, settings, hub)
-    finally:
-        await db.dispose()
+    async with gifting_on(
+        empty_database,
+        pool_size=4,
+        hub=hub,
+        watch_resume_items_max=20,
+        watch_resume_reads_max=2,  # under the pool's 4: what the bound leaves to other calls shows
+    ) as gifting:
+        yield gifting
 
 
 async def _stream(gifting: Gifting, creator: str) -> str:

@@ -6,7 +6,6 @@ twice or lost."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,26 +16,16 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.cli import audit
 from services.cli.audit import FAILED, IN_FLIGHT, OK, Totals
-from services.common.db import Database
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
-from services.gifting.config import GiftingSettings
 from services.gifting.readmodels import ReadModels
-from services.gifting.storage import common, gift_events, leaderboard_all_time
+from services.gifting.storage import gift_events, leaderboard_all_time
 from services.gifting.usecases import Gifting, _gift_sent_event
-
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+from tests.integration.conftest import gifting_on
 
 
 @pytest.fixture
 async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=4, pool_timeout_s=5, application_name="gifting-audit-test")
-    settings = GiftingSettings(database_url=empty_database, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    try:
-        yield Gifting(db, Outbox(common.outbox), None, settings)
-    finally:
-        await db.dispose()
+    async with gifting_on(empty_database, pool_size=4, application_name="gifting-audit-test") as gifting:
+        yield gifting
 
 
 def _gift(n: int, kind: str, stream_id: str, coins: int, status: str = "SENT") -> dict[str, Any]:

@@ -15,7 +15,6 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,19 +24,16 @@ from sqlalchemy import delete, false, select, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
-from services.common.db import Database
 from services.common.errors import DomainError
-from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.sql import one_of
 from services.gifting import usecases
-from services.gifting.config import GiftingSettings
 from services.gifting.keyrows import KeyOnlyPruner
 from services.gifting.storage import common, content_unlocks, gift_events, streams
 from services.gifting.usecases import Gifting
+from tests.integration.conftest import gifting_on
 from tests.unit.test_gift_saga import wallet_refusal
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 OUTCOME = wallet_pb2.CancelSpendResponse
 
 
@@ -102,18 +98,8 @@ class Ledger:
 
 @pytest.fixture(params=[True, False], ids=["group-commit", "one-by-one"])
 async def gifting(empty_database: str, request: pytest.FixtureRequest) -> AsyncIterator[Gifting]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=8, pool_timeout_s=5, application_name="gifting-test")
-    settings = GiftingSettings(
-        database_url=empty_database,
-        nats_url="nats://127.0.0.1:1",
-        wallet_addr="127.0.0.1:1",
-        group_commit=request.param,
-    )
-    try:
-        yield Gifting(db, Outbox(common.outbox), Ledger(), settings)
-    finally:
-        await db.dispose()
+    async with gifting_on(empty_database, pool_size=8, wallet=Ledger(), group_commit=request.param) as gifting:
+        yield gifting
 
 
 async def _reason(call: Any) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,25 +18,17 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
 from services.common.errors import InvalidArgument
-from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
-from services.gifting.config import GiftingSettings
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
+from tests.integration.conftest import gifting_on
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
-
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
 
 @pytest.fixture
 async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    db = Database(empty_database, pool_size=4, pool_timeout_s=5, application_name="gifting-test")
-    settings = GiftingSettings(database_url=empty_database, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    try:
-        yield Gifting(db, Outbox(common.outbox), None, settings)
-    finally:
-        await db.dispose()
+    async with gifting_on(empty_database, pool_size=4) as gifting:
+        yield gifting
 
 
 async def test_two_end_stream_calls_at_once_end_it_once_and_answer_alike(gifting: Gifting) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +18,9 @@ from livegifts.gifting.v1 import events_pb2
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.inbox import Consumer, Subscription
-from services.common.migrate import upgrade_head
 from services.gifting.storage import common
+from tests.integration.conftest import gifting_database
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -31,12 +28,8 @@ async def db(empty_database: str) -> AsyncIterator[Database]:
     """An empty database with a service's real inbox table (gifting's migrations)."""
     if not empty_database.startswith("postgresql"):
         pytest.skip("SQLite has one writer: consumers never wait for each other's inbox rows")
-    await upgrade_head(ROOT / "services" / "gifting" / "migrations", empty_database)
-    database = Database(empty_database, pool_size=4, pool_timeout_s=5, application_name="test")
-    try:
+    async with gifting_database(empty_database, pool_size=4) as database:
         yield database
-    finally:
-        await database.dispose()
 
 
 async def test_two_replicas_recording_the_same_events_in_opposite_orders_apply_each_once(db: Database) -> None:

@@ -17,12 +17,10 @@ from sqlalchemy import insert, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from services.common.db import Database
-from services.common.migrate import upgrade_head
 from services.gifting.readmodels import ReadModels
 from services.gifting.storage import leaderboard_all_time
 from tests.integration import pg
-
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
+from tests.integration.conftest import gifting_database
 
 
 class _WriteAfterFirstStatement:
@@ -54,12 +52,8 @@ def _database_url(backend: str, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     with _database_url(request.param, tmp_path) as url:
-        await upgrade_head(MIGRATIONS, url)
-        database = Database(url, pool_size=2, pool_timeout_s=5, application_name="snapshots")
-        try:
+        async with gifting_database(url, pool_size=2, application_name="snapshots") as database:
             yield database
-        finally:
-            await database.dispose()
 
 
 async def test_a_leaderboard_page_adds_up_to_its_totals_while_a_batch_commits(db: Database) -> None:
