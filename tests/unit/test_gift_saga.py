@@ -162,13 +162,19 @@ class RestrictionsWallet(ScriptedWallet):
         )
 
 
+def _held_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.monotonic held at 1000 s from now on; it moves only when the test adds to clock[0]."""
+    clock = [1000.0]
+    monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+    return clock
+
+
 async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wallet = RestrictionsWallet()
     async with _gifting_on(tmp_path, wallet) as (g, db):
-        clock = [1000.0]
-        monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+        clock = _held_clock(monkeypatch)
         ttl = g.settings.eligibility_cache_s
         assert (await g._restrictions({"v1"}))["v1"].may_spend
         assert wallet.asked == ["v1"]
@@ -193,8 +199,7 @@ async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_u
     # until ELIGIBILITY_CACHE_ENTRIES_MAX users had come, and then every answer went at once.
     wallet = RestrictionsWallet()
     async with _gifting_on(tmp_path, wallet) as (g, db):
-        clock = [1000.0]
-        monkeypatch.setattr("services.gifting.usecases.time.monotonic", lambda: clock[0])
+        clock = _held_clock(monkeypatch)
         ttl = g.settings.eligibility_cache_s
         for batch in range(50):
             users = {f"v{batch}-{i}" for i in range(100)}
