@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from services.common import faults
-from services.common.db import normalize_url, postgres_connect_args
+from services.common.db import MULTI_HOST_FORM, normalize_url, postgres_connect_args
 from services.common.gc_tuning import GEN0_THRESHOLD
 from services.common.migrate import MIGRATION_LOCK_GIVE_UP_S, MIGRATION_LOCK_TIMEOUT_S
 
@@ -77,6 +77,10 @@ class MigrationSettings(BaseSettings):
             parsed = make_url(normalize_url(url))
         except ArgumentError:
             raise ValueError("not a database URL (sqlite:///path or postgresql://user@host/db)") from None
+        except ValueError:
+            # A port that is not a number, as in libpq's list of hosts (h1:5432,h2:5432): int()'s
+            # own message quoted a piece of the URL and said nothing of the form that works.
+            raise ValueError(f"its port is not a number ({MULTI_HOST_FORM})") from None
         driver = parsed.drivername
         if parsed.host and "@" in parsed.host:
             # The URL is split at its first "@" (SQLAlchemy, as libpq): the password's rest would be

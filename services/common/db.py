@@ -74,24 +74,29 @@ _PG_DSN_ONLY = frozenset(
         "ssl_min_protocol_version",
         "ssl_max_protocol_version",
         "sslnegotiation",
-        "dbname",
     }
 )
+# libpq's list of hosts in the URL's authority (`h1:5432,h2:5432`) is not SQLAlchemy's form, and
+# asyncpg took the whole "h1,h2" for one host name: refused at start-up, with the form that works.
+MULTI_HOST_FORM = "several hosts go in the query, ?host=h1:5432&host=h2:5432, not as libpq's h1:5432,h2:5432"
 
 
 def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
     """A PostgreSQL URL as the asyncpg dialect takes it: the URL without the libpq parameters
     asyncpg cannot take as keyword arguments, and the connect_args that honour them.
 
-    libpq's TLS parameters (sslmode, sslrootcert, sslcert, sslkey, ...) and dbname go to asyncpg
-    in a DSN of their own, where it applies them as libpq does; `connect_timeout` (seconds)
-    becomes asyncpg's connect timeout. Any other parameter (application_name, options,
-    keepalives, ...) raises ValueError naming it, a start-up configuration error rather than a
-    TypeError at the first connect. A SQLite URL comes back as it is, with no arguments.
+    libpq's TLS parameters (sslmode, sslrootcert, sslcert, sslkey, ...) go to asyncpg in a DSN of
+    their own, where it applies them as libpq does; `dbname` names the database, over the URL's
+    path, as in libpq; `connect_timeout` (seconds) becomes asyncpg's connect timeout. Any other
+    parameter (application_name, options, keepalives, ...), or libpq's comma-separated hosts,
+    raises ValueError naming it, a start-up configuration error rather than a TypeError (or a
+    host "h1,h2" not found) at the first connect. A SQLite URL comes back as it is, with no arguments.
     """
     u = make_url(normalize_url(url))
     if u.get_backend_name() != "postgresql":
         return u.render_as_string(hide_password=False), {}
+    if u.host and "," in u.host:
+        raise ValueError(MULTI_HOST_FORM)
     keep: dict[str, str | tuple[str, ...]] = {}
     dsn: dict[str, str] = {}
     args: dict[str, Any] = {}
@@ -110,6 +115,10 @@ def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"connect_timeout={value!r} is not a whole number of seconds") from None
             # libpq: 0 or less waits for ever, and less than 2 s is 2 s.
             args["timeout"] = None if seconds <= 0 else max(2, seconds)
+        elif key == "dbname":
+            # libpq: the query's dbname overrides the path's (asyncpg's `database` argument,
+            # which the dialect fills from the path, would win over one in the DSN).
+            u = u.set(database=value)
         elif key in _PG_DSN_ONLY:
             dsn[key] = value
         elif key in _PG_KWARGS:
@@ -117,7 +126,7 @@ def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
         else:
             raise ValueError(
                 f"query parameter {key!r} is not supported with asyncpg (supported: connect_timeout, "
-                f"{', '.join(sorted(_PG_DSN_ONLY | _PG_KWARGS))})"
+                f"{', '.join(sorted(_PG_DSN_ONLY | _PG_KWARGS | {'dbname'}))})"
             )
     if "ssl" in keep and "sslmode" in dsn and keep["ssl"] != dsn["sslmode"]:
         raise ValueError(f"ssl={keep['ssl']!r} and sslmode={dsn['sslmode']!r} disagree: give one of them")

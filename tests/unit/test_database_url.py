@@ -43,6 +43,9 @@ BASE = "postgresql://app:pw@db.internal:5432/wallet"
             BASE + "?host=a%3A5432&host=b%3A5432&target_session_attrs=read-write",
             {"dsn": "postgresql://?sslmode=prefer"},
         ),
+        # libpq: the query's dbname names the database over the path's (psql connects to "other");
+        # in a DSN, asyncpg's `database` argument (the path's, from the dialect) won over it.
+        ("?dbname=other&sslmode=require", BASE.replace("/wallet", "/other"), {"dsn": "postgresql://?sslmode=require"}),
     ],
 )
 def test_libpq_parameters_reach_asyncpg_as_it_takes_them(query: str, url: str, args: dict[str, Any]) -> None:
@@ -126,3 +129,25 @@ def test_an_unusable_database_url_stops_start_up_in_one_line_without_its_passwor
         " require, verify-ca, verify-full"
     ]
     assert "Traceback" not in out.stderr and "hunter2" not in out.stderr
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:pw@a,b/wallet", "postgresql://app:pw@a:5432,b:5433/wallet"])
+def test_libpq_s_list_of_hosts_is_refused_with_the_form_that_works(url: str) -> None:
+    """libpq's hosts in the authority: asyncpg took "a,b" for one host name (not found at the first
+    connect, after a start-up that passed), and with ports SQLAlchemy's int() quoted a piece of the
+    URL; both refused by the settings check, saying to write them as ?host=a:5432&host=b:5432."""
+    from pydantic import ValidationError
+
+    from services.common.config import MigrationSettings
+
+    with pytest.raises(ValidationError) as refused:
+        MigrationSettings(database_url=url)
+    assert "several hosts go in the query, ?host=h1:5432&host=h2:5432" in str(refused.value)
+    assert "invalid literal" not in str(refused.value)
+    if "5432," not in url:  # the same in the service's and the migration's engines
+        with pytest.raises(ValueError, match="several hosts go in the query"):
+            postgres_connect_args(url)
+    # The form it names works (asyncpg takes both hosts).
+    assert postgres_connect_args("postgresql://app:pw@/wallet?host=a:5432&host=b:5433")[0] == (
+        "postgresql+asyncpg://app:pw@/wallet?host=a%3A5432&host=b%3A5433"
+    )
