@@ -129,3 +129,55 @@ async def test_a_statement_of_a_creator_never_credited_opens_and_closes_at_zero(
     payout, _provider, _path = setup
     statement = await payout.get_statement("nobody", 2026)
     assert [(m.opening_diamonds, m.closing_diamonds) for m in statement.months] == [(0, 0)] * 12
+
+
+async def test_the_closing_balance_is_available_plus_held_after_a_failure_a_rejection_and_a_negative_balance(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A withdrawal FAILED after PROCESSING and one REJECTED while APPROVED give their diamonds back
+    and leave no trace in the balance; a clawback larger than what is left makes it negative, with
+    a remainder of units kept for the next whole diamond: each month still closes with what it
+    moved, and the last with GetEarnings' available + held (negative); the APPROVED withdrawal
+    waiting meanwhile says it is held by the balance."""
+    payout, _provider, _path = setup
+    clock = Clock()
+    monkeypatch.setattr(usecases, "now_us", clock)
+    creator = "creator-n"
+    clock.us = at(2026, 5, 2)
+    failed = await approved_withdrawal(payout, creator)  # 20,000 credited, all in this withdrawal
+    assert await payout.dispatch_once() == 1
+    clock.us = at(2026, 5, 3)
+    await callback(payout, failed, "evt-failed", "payout.failed")  # PROCESSING -> FAILED: released
+    method_id = (await payout.get_withdrawal(failed)).method_id
+    rejected = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id=creator, diamonds=20_000, method_id=method_id, idempotency_key=uuid.uuid4().hex
+        )
+    )
+    await payout.reject_withdrawal(
+        payout_pb2.RejectWithdrawalRequest(
+            withdrawal_id=rejected.withdrawal_id, reason="no", idempotency_key=uuid.uuid4().hex
+        ),
+        "operator",
+    )
+    clock.us = at(2026, 6, 1)  # 3 coins more: 20,001.5 diamonds credited in all
+    await consume(payout, gifts=[gift_event(creator, 3, at_s=clock.us // 1_000_000)])
+    waiting = await payout.request_withdrawal(
+        payout_pb2.RequestWithdrawalRequest(
+            creator_id=creator, diamonds=20_000, method_id=method_id, idempotency_key=uuid.uuid4().hex
+        )
+    )
+    assert waiting.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+    clock.us = at(2026, 6, 2)  # a chargeback of 40,001 coins: 20,000.5 diamonds, 1 of them left
+    await consume(payout, reversals=[reversal("rv-n", clock.us // 1_000_000, 40_001)])
+    earnings = await payout.get_earnings(creator)
+    assert (earnings.diamonds_available, earnings.clawback_remainder_units) == (1 - 20_000, 5_000)
+    statement = await payout.get_statement(creator, 2026)
+    last = payout_pb2.StatementMonth()
+    for m in statement.months:
+        assert m.opening_diamonds == last.closing_diamonds, m.month
+        assert m.closing_diamonds == m.opening_diamonds + month_moves(m), m.month
+        last = m
+    assert last.closing_diamonds == earnings.diamonds_available + earnings.diamonds_held
+    held = await payout.get_withdrawal(waiting.withdrawal_id)
+    assert held.hold == payout_pb2.WITHDRAWAL_HOLD_BALANCE_NEGATIVE
