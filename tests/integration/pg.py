@@ -22,14 +22,15 @@ async def _execute(admin_url: str, sql: str) -> None:
 
     from services.common.db import postgres_connect_args
 
-    u = make_url(admin_url)
+    url, libpq_args = postgres_connect_args(admin_url)
+    u = make_url(url)  # a ?dbname= names the database, as for the services
     conn = await asyncpg.connect(
         host=u.host or "127.0.0.1",
         port=u.port or 5432,
         user=u.username or "postgres",
         password=u.password,
         database=u.database or "postgres",
-        **{"timeout": 5, **postgres_connect_args(admin_url)[1]},  # its sslmode etc., as the services take them
+        **{"timeout": 5, **libpq_args},  # its sslmode etc., as the services take them
     )
     try:
         await conn.execute(sql)
@@ -109,5 +110,6 @@ def en_us_database() -> Iterator[str]:
 
 def database_url(admin_url: str, name: str) -> str:
     """The asyncpg URL of database `name` on the admin URL's server."""
-    u = make_url(admin_url).set(drivername="postgresql+asyncpg", database=name)
+    # Without a ?dbname=, which would name the admin's database over `name` (as in libpq).
+    u = make_url(admin_url).set(drivername="postgresql+asyncpg", database=name).difference_update_query(["dbname"])
     return u.render_as_string(hide_password=False)
