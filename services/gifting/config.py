@@ -1,6 +1,6 @@
 """Gifting settings, read once from LIVEGIFTS_GIFTING_* variables."""
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import ServiceSettings
@@ -27,9 +27,9 @@ class GiftingSettings(ServiceSettings):
     tip_message_chars_max: int = Field(default=150, ge=0, le=500)
     content_price_coins_max: int = Field(default=1_000_000, ge=1, le=10_000_000)
     # WatchStream: how many feeds one replica serves, how many items may wait for a slow client
-    # before its feed is ended (it re-watches), and the gap that ends a combo streak.
+    # before its feed is ended (it re-watches from its cursor), and the gap that ends a combo streak.
     watchers_max: int = Field(default=10_000, ge=1, le=1_000_000)
-    watch_queue_size_max: int = Field(default=1_000, ge=1, le=100_000)
+    watch_queue_size_max: int = Field(default=500, ge=1, le=100_000)
     combo_window_s: float = Field(default=10.0, gt=0, le=3600)
     # A WatchStream that resumes after a cursor is sent what it missed only if the cursor's gift was
     # sent within this window and at most this many gifts followed it (RESUME_TOO_OLD otherwise):
@@ -55,3 +55,17 @@ class GiftingSettings(ServiceSettings):
     leaderboard_daily_retention_days: int = Field(
         default=LEADERBOARD_WINDOW_DAYS + 1, ge=LEADERBOARD_WINDOW_DAYS + 1, le=3650
     )
+
+    @field_validator("watch_resume_items_max")
+    @classmethod
+    def _a_slow_feed_can_resume(cls, items_max: int, info: ValidationInfo) -> int:
+        # A feed ended FEED_TOO_SLOW left a full queue and one more gift unsent, so its overlay's
+        # cursor is followed by at least WATCH_QUEUE_SIZE_MAX + 1 gifts, then by those sent while
+        # it reconnects: the resume must take as many again, or it is RESUME_TOO_OLD every time.
+        queue_max = info.data.get("watch_queue_size_max")
+        if queue_max is not None and items_max < 2 * queue_max:
+            raise ValueError(
+                f"must be at least twice WATCH_QUEUE_SIZE_MAX ({queue_max}): a feed ended as too slow "
+                "is that many gifts behind and more come while it reconnects; its resume would be RESUME_TOO_OLD"
+            )
+        return items_max

@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import insert
 
 from livegifts.gifting.v1 import gifting_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.timeutil import now_us
 from services.gifting import usecases
+from services.gifting.config import GiftingSettings
 from services.gifting.feed import FeedHub
 from services.gifting.storage import gift_events
 from services.gifting.usecases import Gifting, _gift_sent_event
@@ -44,6 +45,7 @@ async def gifting(empty_database: str) -> AsyncIterator[Gifting]:
         pool_size=4,
         hub=hub,
         watch_resume_items_max=20,
+        watch_queue_size_max=10,  # at most half the resume limit (GiftingSettings)
         watch_resume_reads_max=2,  # under the pool's 4: what the bound leaves to other calls shows
     ) as gifting:
         yield gifting
@@ -350,3 +352,71 @@ async def test_a_gift_counted_before_the_cursor_that_comes_live_after_the_resume
     assert after_cursor == {"d-late": 1, "e7": 4}  # a streak of its own, then the streak goes on
     await resumed.aclose()  # type: ignore[attr-defined]
     await never_left.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_feed_ended_too_slow_resumes_from_its_last_item_under_the_default_settings(
+    empty_database: str,
+) -> None:
+    """FEED_TOO_SLOW tells the overlay to watch again with its cursor. The feed is ended when
+    WATCH_QUEUE_SIZE_MAX gifts wait for it and one more comes, so the overlay's last item is
+    followed by that many, and by those sent while it reconnects: the resume must take them all
+    (with a queue as long as the resume limit, 1,000 and 1,000, it never could: RESUME_TOO_OLD)."""
+    defaults = GiftingSettings(database_url=empty_database, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    hub = FeedHub(None, defaults.watchers_max, defaults.watch_queue_size_max)  # type: ignore[arg-type]
+    hub.ready.set()
+    async with gifting_on(empty_database, pool_size=4, hub=hub) as gifting:
+        stream = await _stream(gifting, "c-slow")
+        ready = asyncio.Event()
+
+        async def listening() -> None:
+            ready.set()
+
+        feed = gifting.watch_stream(stream, listening)
+        first = asyncio.ensure_future(anext(feed))
+        await asyncio.wait_for(ready.wait(), STEP_S)
+        t = now_us() - 1_000_000
+        await _sent(gifting, stream, "a-last-read", t)
+        await _publish(gifting, stream, "a-last-read", t)
+        assert (await asyncio.wait_for(first, STEP_S)).cursor == "a-last-read"
+        # The overlay reads nothing more: its queue fills, and the next gift ends the feed.
+        behind = [(f"b{i:06d}", t + 1 + i) for i in range(defaults.watch_queue_size_max + 1)]
+        await _sent_many(gifting, stream, behind)
+        for event_id, at in behind:
+            await _publish(gifting, stream, event_id, at)
+        with pytest.raises(ResourceExhausted) as slow:
+            await asyncio.wait_for(anext(feed), STEP_S)
+        assert slow.value.reason == "FEED_TOO_SLOW"
+        # The stream goes on while the overlay reconnects.
+        meanwhile = [(f"c{i:06d}", t + 10_000 + i) for i in range(100)]
+        await _sent_many(gifting, stream, meanwhile)
+        resumed = _watch(gifting, stream, "a-last-read")
+        expected = [event_id for event_id, _ in behind + meanwhile]
+        assert await _take(resumed, len(expected)) == expected
+        await resumed.aclose()  # type: ignore[attr-defined]
+
+
+async def _sent_many(gifting: Gifting, stream_id: str, gifts: list[tuple[str, int]]) -> None:
+    """Gifts of `stream_id` (event id, sent at) recorded SENT in one transaction."""
+    rows = [
+        {
+            "event_id": event_id,
+            "idempotency_key": event_id,
+            "client_key": event_id,
+            "request_hash": "h",
+            "kind": "GIFT",
+            "stream_id": stream_id,
+            "creator_id": "c",
+            "sender_id": "viewer",
+            "gift_id": "rose",
+            "quantity": 1,
+            "unit_price_coins": 1,
+            "coins": 1,
+            "status": "SENT",
+            "created_at_us": at - 1_000,
+            "updated_at_us": at,
+        }
+        for event_id, at in gifts
+    ]
+    async with gifting.db.unit_of_work() as uow:
+        await uow.conn.execute(insert(gift_events), rows)
+        await uow.commit()
