@@ -16,7 +16,9 @@ def test_the_defaults_let_a_feed_ended_too_slow_resume() -> None:
     assert settings.watch_resume_items_max >= 2 * settings.watch_queue_size_max
 
 
-@pytest.mark.parametrize(("queue_max", "items_max", "ok"), [(500, 1_000, True), (501, 1_000, False), (1_000, 1_000, False)])
+@pytest.mark.parametrize(
+    ("queue_max", "items_max", "ok"), [(500, 1_000, True), (501, 1_000, False), (1_000, 1_000, False)]
+)
 def test_a_resume_limit_under_twice_the_feed_queue_is_refused_naming_both(
     queue_max: int, items_max: int, ok: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
