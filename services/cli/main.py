@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
 console = Console()
+# Errors and usage errors, and notes beside a command's data: stdout holds only what a command
+# answers, for a pipe (`| jq`) or a file (`> report.txt`) to take without them.
 err_console = Console(stderr=True)
 DEADLINE_S = 10.0
 # `dead-letters replay`: calls of one run, all under its key, when the answer is lost or says to
@@ -56,7 +58,7 @@ def _address(param: typer.CallbackParam, value: str) -> str:
     """An empty service address is a usage error, said in one line before any call (gRPC would
     only say "the target uri is not valid: dns:///")."""
     if not value.strip():
-        console.print(f"[red]{param.opts[0]} is empty[/red]: give the service's host:port", highlight=False)
+        err_console.print(f"[red]{param.opts[0]} is empty[/red]: give the service's host:port", highlight=False)
         raise typer.Exit(2)
     return value
 
@@ -84,9 +86,7 @@ def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
     return path.read_text().strip()
 
 
-def _run_secret(
-    var_dir: Path, name: str, option: str, missing: str = "no secret to sign with", to: Console = console
-) -> str:
+def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret to sign with") -> str:
     """A secret `run` keeps in var/, for a command that calls the suite; never made up here: a
     new one would only be refused by a suite that started with another."""
     path = var_dir / name
@@ -94,7 +94,7 @@ def _run_secret(
         return path.read_text().strip()
     except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
         why = f"no {path}" if isinstance(exc, FileNotFoundError) else f"cannot read {path} ({exc.strerror})"
-        to.print(
+        err_console.print(
             f"[red]{missing}[/red]: {why} (`livegifts run` writes it there);"
             f" give {option}, or --var with the folder of the running suite",
             highlight=False,
@@ -102,14 +102,14 @@ def _run_secret(
         raise typer.Exit(1) from None
 
 
-def _fail(exc: grpc.RpcError, to: Console = console) -> None:
+def _fail(exc: grpc.RpcError) -> None:
     """Say in one line (unwrapped, for a log) which call to which service failed, and exit 1."""
-    _say_failed(exc, to)
+    _say_failed(exc)
     raise typer.Exit(1)
 
 
-def _say_failed(exc: grpc.RpcError, to: Console = console) -> None:
-    to.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
+def _say_failed(exc: grpc.RpcError) -> None:
+    err_console.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
 
 
 PortOffset = Annotated[
@@ -146,13 +146,13 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         lock = open(var / "run.lock", "a")  # noqa: SIM115
     except OSError as exc:
         # A --var that is a file, or under one, or not writable: nothing started yet.
-        console.print(f"[red]could not start: cannot keep state in {var}[/red]: {exc}", highlight=False)
+        err_console.print(f"[red]could not start: cannot keep state in {var}[/red]: {exc}", highlight=False)
         raise typer.Exit(1) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         # Two nats-servers on one JetStream store and two of each service on one database.
-        console.print(
+        err_console.print(
             f"[red]could not start: {var.resolve()} is the state of a suite still running[/red];"
             " stop it, or give this one its own --var (and --port-offset)",
             highlight=False,
@@ -185,9 +185,9 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
             # one line and the logs, not a traceback.
             lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             failed = lines[0].rstrip(":")
-            console.print(f"[red]could not start: {failed}[/red] ({_start_log(suite, failed)})")
+            err_console.print(f"[red]could not start: {failed}[/red] ({_start_log(suite, failed)})")
             if len(lines) > 1:
-                console.print(f"  last log line: {_log_message(lines[-1])}", markup=False, highlight=False)
+                err_console.print(f"  last log line: {_log_message(lines[-1])}", markup=False, highlight=False)
         if not stop.requested and not failed:
             _print_running(suite)
         while not stop.requested and not failed:
@@ -195,7 +195,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
             for name, proc in suite.procs.items():
                 if proc.poll() is not None and not stop.requested:
                     failed = f"{name} exited with code {proc.returncode}"
-                    console.print(f"[red]{failed}; stopping[/red] (its log: {suite.log_dir / (name + '.log')})")
+                    err_console.print(f"[red]{failed}; stopping[/red] (its log: {suite.log_dir / (name + '.log')})")
                     break
     finally:
         # With its terminal closed (SIGHUP, then EIO) or its pipe's reader gone, a print fails:
@@ -301,7 +301,7 @@ def _package(wallet: wallet_pb2_grpc.WalletServiceStub, package_id: str, region:
     ]
     pkg = next((p for p in pkgs if p.package_id == package_id), None)
     if pkg is None:
-        console.print(
+        err_console.print(
             f"[red]unknown package {package_id}[/red]; packages of region {region}:"
             f" {', '.join(p.package_id for p in pkgs) or 'none'} (another region: --region)",
             highlight=False,
@@ -592,15 +592,15 @@ OperatorToken = Annotated[
 SERVICES = ("wallet", "gifting", "payout")
 
 
-def _operator(token: str, var: Path, to: Console = console) -> tuple[tuple[str, str], ...]:
+def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
     who = os.environ.get("USER", "") or "cli"
-    token = token or _run_secret(var, "dev-operator-token", "--operator-token", "no operator token", to)
+    token = token or _run_secret(var, "dev-operator-token", "--operator-token", "no operator token")
     return (("authorization", f"Bearer {token}"), ("x-operator", who))
 
 
-def _service_addr(service: str, addrs: dict[str, str], to: Console = console) -> str:
+def _service_addr(service: str, addrs: dict[str, str]) -> str:
     if service not in addrs:
-        to.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
+        err_console.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
         raise typer.Exit(2)
     return addrs[service]
 
@@ -609,7 +609,7 @@ def _all_consumers() -> list[str]:
     return [name for names in CONSUMERS.values() for name in names]
 
 
-def _check_consumer(consumer: str, services: list[str], to: Console) -> None:
+def _check_consumer(consumer: str, services: list[str]) -> None:
     """A consumer name none of `services` runs is a usage error (the list would only say "no
     parked events"), naming the ones they run, or the service that runs it."""
     if any(consumer in CONSUMERS.get(svc, ()) for svc in services):
@@ -622,7 +622,7 @@ def _check_consumer(consumer: str, services: list[str], to: Console) -> None:
         known = [f"{name} ({svc})" for svc in services for name in CONSUMERS.get(svc, ())]
         what = f"unknown consumer {consumer!r}"
         why = f"one of {', '.join(known)}" if known else f"{services[0]} runs no consumer"
-    to.print(f"[red]{escape(what)}[/red]: {why}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]{escape(what)}[/red]: {why}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -642,7 +642,7 @@ def dead_letters_list(
         bool,
         typer.Option(
             "--json",
-            help="one JSON object per parked event and line, every field (notes and errors go to stderr)",
+            help="one JSON object per parked event and line, every field (notes go to stderr, as errors do)",
         ),
     ] = False,
 ) -> None:
@@ -656,10 +656,10 @@ def dead_letters_list(
     services = [service] if service else list(SERVICES)
     notes = err_console if as_json else console  # --json: stdout holds the events only
     for svc in services:
-        _service_addr(svc, addrs, notes)  # a typo is a usage error before any token is looked for
+        _service_addr(svc, addrs)  # a typo is a usage error before any token is looked for
     if consumer:
-        _check_consumer(consumer, services, notes)
-    metadata = _operator(operator_token, var, notes)
+        _check_consumer(consumer, services)
+    metadata = _operator(operator_token, var)
     table = _table(
         "parked events", "service", "id", "consumer", "subject", "event id", "parked at (UTC)", "payload bytes", "error"
     )
@@ -680,7 +680,7 @@ def dead_letters_list(
                     # A service down or hung: what the others parked is still shown (an incident
                     # is when this is run). A refusal (the token, the consumer's name) stops here.
                     if exc.code() not in _UNREACHABLE:  # type: ignore[attr-defined]
-                        _fail(exc, notes)
+                        _fail(exc)
                     unreachable.append(exc)
                     break
                 for d in page.dead_letters:
@@ -716,7 +716,7 @@ def dead_letters_list(
         notes.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")
     if unreachable:
         for exc in unreachable:
-            _say_failed(exc, notes)
+            _say_failed(exc)
         raise typer.Exit(1)
 
 
@@ -758,7 +758,7 @@ def withdrawals(
     """
     status = status.upper()
     if status and status not in WITHDRAWAL_STATUSES:
-        console.print(f"[red]unknown status {status!r}[/red]: one of {', '.join(WITHDRAWAL_STATUSES)}")
+        err_console.print(f"[red]unknown status {status!r}[/red]: one of {', '.join(WITHDRAWAL_STATUSES)}")
         raise typer.Exit(2)
     if not creator:
         status = status or "PENDING_REVIEW"
@@ -869,7 +869,7 @@ def dead_letters_replay(
                     _fail(exc)
                 if attempt + 1 == REPLAY_ATTEMPTS_MAX:
                     _say_failed(exc)
-                    console.print(
+                    err_console.print(
                         f"to try again without replaying twice: --idempotency-key {key}",
                         highlight=False,
                         soft_wrap=True,

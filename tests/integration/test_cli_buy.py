@@ -48,14 +48,14 @@ def test_buy_finds_a_package_of_any_region_and_channel(
 
 def test_buy_without_a_secret_says_where_it_looked_and_makes_none(deployment: Deployment, tmp_path: Path) -> None:
     out = _buy(deployment, tmp_path, uid("buyer"), "us-usd-700")
-    flat = " ".join(out.stdout.split())
-    assert out.returncode == 1, out.stdout + out.stderr
+    flat = " ".join(out.stderr.split())
+    assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
     assert f"no {tmp_path / 'dev-webhook-secret'}" in flat and "Traceback" not in out.stdout + out.stderr
     assert not (tmp_path / "dev-webhook-secret").exists()
 
 
 def test_buy_of_an_unknown_package_names_its_region_s_packages(deployment: Deployment, tmp_path: Path) -> None:
     out = _buy(deployment, tmp_path, uid("buyer"), "gb-gbp-1", "--webhook-secret", deployment.webhook_secret or "x")
-    flat = " ".join(out.stdout.split())
-    assert out.returncode == 1, out.stdout + out.stderr
+    flat = " ".join(out.stderr.split())
+    assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
     assert "unknown package gb-gbp-1" in flat and "packages of region GB:" in flat and "gb-gbp-660" in flat

@@ -44,9 +44,9 @@ async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_
     assert waiting.withdrawal_id not in approved.stdout
 
     no_token = _withdrawals(deployment)  # no --operator-token, and no var/ to read one from
-    assert no_token.returncode == 1 and "no operator token" in no_token.stdout, no_token.stdout
+    assert no_token.returncode == 1 and "no operator token" in no_token.stderr, no_token
     wrong = _withdrawals(deployment, "--operator-token=not-the-token")
-    assert wrong.returncode == 1 and "PERMISSION_DENIED" in wrong.stdout, wrong.stdout
+    assert wrong.returncode == 1 and "PERMISSION_DENIED" in wrong.stderr, wrong
 
     own = _withdrawals(deployment, creator)
     assert own.returncode == 0, own.stdout + own.stderr
@@ -54,7 +54,7 @@ async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_
     none = _withdrawals(deployment, creator, "--status=PAID")
     assert (none.returncode, none.stdout.strip()) == (0, "no withdrawals PAID")
     typo = _withdrawals(deployment, "--status=WAITING")
-    assert typo.returncode == 2 and "unknown status 'WAITING'" in typo.stdout, typo.stdout
+    assert typo.returncode == 2 and "unknown status 'WAITING'" in typo.stderr, typo
 
 
 async def test_withdrawals_shows_why_an_approved_withdrawal_is_held(clients, deployment) -> None:  # type: ignore[no-untyped-def]

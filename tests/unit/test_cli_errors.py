@@ -290,10 +290,30 @@ def test_an_address_grpc_cannot_parse_fails_in_the_clis_one_line_without_grpcs_o
     # more lines to stderr beside the CLI's one line.
     result = _cli("balance", "bob", "--wallet-addr", "dns:///")
     assert result.returncode == 1, result
-    assert _error_lines(result.stdout) == [
+    assert _error_lines(result.stderr) == [
         "UNKNOWN: Failed to create channel to 'dns:///':the target uri is not valid: dns:/// (wallet at dns:///)"
     ], result
-    assert result.stderr == "", result.stderr
+    assert result.stdout == "", result.stdout
+
+
+def test_errors_go_to_stderr_and_leave_stdout_to_the_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `livegifts withdrawals ... | jq`, `livegifts audit > report.txt`: an error in the data was
+    # read as data. A failed call, a missing token and a usage error, each in a real process.
+    monkeypatch.delenv("LIVEGIFTS_OPERATOR_TOKEN", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+    cases = [
+        (("balance", "bob", "--wallet-addr", closed), 1, "UNAVAILABLE: ", f"(wallet at {closed})"),
+        (("withdrawals", "--var", str(tmp_path)), 1, "no operator token: ", "--operator-token"),
+        (("withdrawals", "--status", "WAITING"), 2, "unknown status 'WAITING': ", "PENDING_REVIEW"),
+    ]
+    for args, code, starts, names in cases:
+        result = _cli(*args)
+        assert result.returncode == code, result
+        assert result.stdout == "", result
+        line = " ".join(result.stderr.split())
+        assert line.startswith(starts) and names in line, result
 
 
 def test_grpcs_own_log_stays_for_whoever_asks_for_it() -> None:
@@ -334,5 +354,5 @@ def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPa
 def test_an_empty_service_address_is_a_usage_error_in_one_line(option: str) -> None:
     result = _cli("audit", option, "")
     assert result.returncode == 2, result
-    assert _error_lines(result.stdout) == [f"{option} is empty: give the service's host:port"], result
-    assert result.stderr == "", result.stderr
+    assert _error_lines(result.stderr) == [f"{option} is empty: give the service's host:port"], result
+    assert result.stdout == "", result.stdout
