@@ -884,6 +884,9 @@ def dead_letters_replay(
 
 
 def main() -> None:
-    """The commands, once services.cli.main (services/cli/__init__.py) has set up the process."""
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    """The commands, once services.cli.main (services/cli/__init__.py) has set up the process.
+
+    No GRPC_ENABLE_FORK_SUPPORT: gRPC reads it when imported (too late here), and the CLI forks
+    only in `run`, to exec nats-server and the services, and `run` makes no gRPC call.
+    """
     app()

@@ -350,6 +350,42 @@ def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPa
     assert "GRPC_VERBOSITY" not in started[0]
 
 
+def test_the_services_run_starts_get_no_grpc_setting_the_user_did_not_give(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # main() set GRPC_ENABLE_FORK_SUPPORT=0 after gRPC was imported (no effect on the CLI), and
+    # `run` passed it on: its services ran with a gRPC setting they have nowhere else.
+    import sys
+
+    import services.cli
+    from services.cli import suite
+
+    for name in ("GRPC_VERBOSITY", "GRPC_ENABLE_FORK_SUPPORT"):
+        monkeypatch.setenv(name, "")  # so the test's end takes back what the CLI sets
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(services.cli, "CLI_ONLY_ENV", set())
+    monkeypatch.setattr(suite, "CLI_ONLY_ENV", services.cli.CLI_ONLY_ENV)
+    given = {k: v for k, v in os.environ.items() if k.startswith("GRPC_")}
+    monkeypatch.setattr(sys, "argv", ["livegifts", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        services.cli.entry_point()
+    assert exited.value.code == 0
+    started: list[dict[str, str]] = []
+
+    class Started(Exception):
+        pass
+
+    def popen(args: list[str], env: dict[str, str], **kwargs: Any) -> None:
+        started.append(env)
+        raise Started
+
+    monkeypatch.setattr(suite.subprocess, "Popen", popen)
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(Started):
+        suite.Suite(suite.SuiteConfig(tmp_path)).start_service("wallet")
+    assert {k: v for k, v in started[0].items() if k.startswith("GRPC_")} == given
+
+
 @pytest.mark.parametrize("option", ["--wallet-addr", "--gifting-addr", "--payout-addr"])
 def test_an_empty_service_address_is_a_usage_error_in_one_line(option: str) -> None:
     result = _cli("audit", option, "")
