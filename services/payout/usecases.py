@@ -4,6 +4,7 @@ withdrawals with provider callbacks, clawbacks of reversed purchases, statements
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -1817,17 +1818,26 @@ class Payout:
         # A trace per round with open shortfalls: its clawbacks and the clawed_back events they
         # write (which carry it on); a round with none makes no trace. Its events name the
         # shortfalls settled; one that cannot settle yet leaves a trace per round without one.
-        with background_span("settle shortfalls", **{"clawback.shortfalls_open": str(len(open_rows))}) as span:
-            settled = 0
-            for row in open_rows:
-                async with self.db.unit_of_work() as uow:
-                    taken = await self._settle_shortfall(uow, row.reversal_event_id)
-                    if taken == 0:
-                        continue  # nothing arrived yet (or another replica settled it): nothing written
-                    await uow.commit()
-                settled += taken
-                span.add_event("shortfall settled", {"reversal.event_id": row.reversal_event_id, "coins": taken})
-            span.set_attribute("clawback.coins_settled", settled)
+        try:
+            with background_span("settle shortfalls", **{"clawback.shortfalls_open": str(len(open_rows))}) as span:
+                settled = 0
+                for row in open_rows:
+                    async with self.db.unit_of_work() as uow:
+                        taken = await self._settle_shortfall(uow, row.reversal_event_id)
+                        if taken == 0:
+                            continue  # nothing arrived yet (or another replica settled it): nothing written
+                        await uow.commit()
+                    settled += taken
+                    span.add_event("shortfall settled", {"reversal.event_id": row.reversal_event_id, "coins": taken})
+                span.set_attribute("clawback.coins_settled", settled)
+        except Exception:
+            # A round that fails (one shortfall's settling raises every time, say) still exports
+            # the age: that shortfall stays open, and LivegiftsClawbackShortfallOpen must see it
+            # grow, not the value of the last round that went through (a new pod's 0). The
+            # round's own error is the one run_every logs, whatever the export meets.
+            with contextlib.suppress(Exception):
+                await self._set_shortfall_open()
+            raise
         await self._set_shortfall_open()
         return settled
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
@@ -146,3 +147,43 @@ async def test_the_age_of_the_oldest_open_shortfall_is_exported_and_0_once_none_
         await uow.commit()
     await payout.settle_shortfalls_once()
     assert oldest() == 0
+
+
+async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_gauge(setup, monkeypatch) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    # A shortfall the settler fails on (its round raises, run_every retries it) is one that stays
+    # open: LivegiftsClawbackShortfallOpen must see it age. The gauge was set only at the end of a
+    # round that went through, so it kept a new pod's 0 (or its last value) for good.
+    from prometheus_client import REGISTRY
+
+    from services.common.metrics import CLAWBACK_SHORTFALL_OLDEST, CLAWBACK_SHORTFALL_OPEN
+    from services.common.timeutil import now_us
+
+    payout, _provider, _path = setup
+    opened = now_us() - 2 * 3600 * 1_000_000
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(clawback_shortfalls),
+            {
+                "reversal_event_id": "r-poison",
+                "purchase_id": "p-poison",
+                "sender_id": "nobody",
+                "kind": "CHARGED_BACK",
+                "coins_open": 10,
+                "reversed_at_us": opened,
+                "created_at_us": opened,
+                "updated_at_us": opened,
+            },
+        )
+        await uow.commit()
+
+    async def fails(uow: object, reversal_event_id: str) -> int:
+        raise RuntimeError(f"cannot settle {reversal_event_id}")
+
+    monkeypatch.setattr(payout, "_settle_shortfall", fails)
+    CLAWBACK_SHORTFALL_OLDEST.set(0)  # a new pod's, before its first round
+    CLAWBACK_SHORTFALL_OPEN.set(0)
+    with pytest.raises(RuntimeError, match="cannot settle r-poison"):  # the round's own error, for its log line
+        await payout.settle_shortfalls_once()
+    age = REGISTRY.get_sample_value("livegifts_clawback_shortfall_oldest_seconds")
+    assert age is not None and 2 * 3600 <= age < 3 * 3600, age
+    assert REGISTRY.get_sample_value("livegifts_clawback_shortfall_open_coins") == 10
