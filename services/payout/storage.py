@@ -70,7 +70,7 @@ earnings = Table(
     # The audit's recent window (`livegifts audit --detail-since`) in credit order (migration 0010).
     Index("ix_earnings_credited", "credited_at_us", "event_id"),
 )
-# The audit's full read (`livegifts audit --detail`) in code point order, on PostgreSQL (migration 0014).
+# The audit's full read (`livegifts audit --detail`) in code point order, on PostgreSQL (migration 0015).
 code_point_index("ix_earnings_id_code_point", earnings.c.event_id)
 
 # Payout methods: only a mask for display, a keyed fingerprint and the provider's token are
