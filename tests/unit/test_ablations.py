@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,65 @@ def test_every_patch_applies_on_top_of_the_ones_before(tmp_path: Path) -> None:
     assert usecases.count("ABLATION") >= 4
     assert "return _no_db_receipt(req)" in usecases
     assert "ABLATION" not in (ROOT / "services/gifting/usecases.py").read_text()
+
+
+# Each service's wiring, built as app.serve builds it (no database or NATS is reached), held
+# against services/common/consumers.py: app.serve refuses to start a service whose subscriptions
+# differ from its entry there, and a patch that applies can still leave its level unable to start.
+_WIRING_CHECK = """
+import asyncio, importlib, os, sys, tempfile
+from pathlib import Path
+
+import services
+from services.cli.suite import SuiteConfig
+from services.common.app import Runtime
+from services.common.bus import Bus
+from services.common.config import load_settings
+from services.common.consumers import unlisted
+from services.common.db import Database
+from services.common.outbox import Outbox
+
+assert services.__file__.startswith(sys.argv[1]), services.__file__
+
+async def main() -> None:
+    config = SuiteConfig(var_dir=Path(tempfile.mkdtemp()))
+    for svc in ("wallet", "gifting", "payout"):
+        os.environ.update(config.env_for(svc))
+        spec = importlib.import_module(f"services.{svc}.__main__").SPEC
+        settings = load_settings(spec.settings_cls)
+        db = Database(settings.database_url, pool_size=1, pool_timeout_s=1.0, application_name=svc)
+        bus, outbox = Bus(settings, svc), Outbox(spec.tables.outbox)
+        runtime = Runtime(svc, settings, db, bus, spec.tables, outbox, asyncio.Event())
+        wiring = await spec.wire(runtime)
+        print(unlisted(svc, [sub.durable for sub in wiring.subscriptions]) or f"{svc} ok")
+        if wiring.close is not None:
+            await wiring.close()
+        await db.dispose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_every_level_wires_the_consumers_services_common_consumers_lists(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "services", tree / "services", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in sorted({f for p in ablate.patches() for f in _touched(p)}):  # bench/run.py
+        if not (tree / f).exists():  # services/ is there already
+            (tree / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, tree / f)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    for level, p in enumerate([None, *ablate.patches()]):
+        if p is not None:
+            done = subprocess.run(["git", "apply", str(p)], cwd=tree, capture_output=True, text=True)
+            assert done.returncode == 0, f"{p.name} no longer applies: {done.stderr}"
+        wired = subprocess.run(
+            [sys.executable, "-c", _WIRING_CHECK, str(tree)], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert wired.returncode == 0, f"level {level}: {wired.stderr[-3000:]}"
+        assert wired.stdout.split("\n")[:3] == ["wallet ok", "gifting ok", "payout ok"], (
+            f"level {level}: {wired.stdout}"
+        )
 
 
 def test_levels_are_named_by_their_patch() -> None:
