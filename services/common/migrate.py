@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command, context, op
 from alembic.config import Config
-from sqlalchemy import MetaData, pool, text
+from sqlalchemy import MetaData, inspect, pool, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
@@ -42,6 +42,7 @@ BLOCKERS_SHOWN_MAX = 5  # sessions named in the log line of a lock wait that tim
 _QUERY_SHOWN_MAX = 120  # characters of each one's query
 _LOCK_TIMEOUT_ATTR = "livegifts_lock_timeout_s"
 _GIVE_UP_ATTR = "livegifts_lock_give_up_s"
+_LATER_RELEASE_ATTR = "livegifts_later_release_revision"
 
 
 class MigrationBlockedError(Exception):
@@ -72,6 +73,8 @@ async def upgrade_head(
     cfg.attributes[_LOCK_TIMEOUT_ATTR] = lock_timeout_s
     cfg.attributes[_GIVE_UP_ATTR] = give_up_s
     await asyncio.to_thread(command.upgrade, cfg, "head")
+    if _LATER_RELEASE_ATTR in cfg.attributes:
+        return  # _run_sync said so
     log.info("migrations applied", extra={"migrations": str(migrations_dir)})
 
 
@@ -108,8 +111,41 @@ def _run_sync(connection: Connection, metadata: MetaData) -> None:
         render_as_batch=sqlite,  # SQLite can only ALTER through table copies
         compare_type=True,
     )
+    later = _later_release_revision(connection, metadata)
+    if later is not None:
+        head = context.script.get_current_head()
+        context.config.attributes[_LATER_RELEASE_ATTR] = later
+        log.warning(
+            "the database is at a later release's revision: left as it is, this release serves on it",
+            extra={"revision": later, "head": head},
+        )
+        return
     with context.begin_transaction():
         context.run_migrations()
+
+
+def _later_release_revision(connection: Connection, metadata: MetaData) -> str | None:
+    """The database's revision if a later release of this service migrated it past this one's newest
+    (a rollback: `kubectl rollout undo` starts this release's init container on it), else None.
+
+    Alembic refuses a revision its scripts do not know ("Can't locate revision"), which kept the
+    previous release's pods in Init:CrashLoopBackOff after a rollback, and an old pod restarted
+    during a rollout too. A later release's migrations only add to the schema (expand-only,
+    tests/unit/test_migrations_expand_only.py), so this release's code serves on it unchanged.
+    Only a numbered revision above this release's head, on a database holding every table this
+    release declares: an unknown revision of another kind, or another service's database
+    (its numbers run on, its tables differ), is still refused by Alembic."""
+    current = context.get_context().get_current_heads()
+    script = context.script
+    heads = script.get_heads()
+    if len(current) != 1 or len(heads) != 1 or not (current[0].isdigit() and heads[0].isdigit()):
+        return None
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current[0] in known or int(current[0]) <= int(heads[0]):
+        return None
+    if set(metadata.tables) - set(inspect(connection).get_table_names()):
+        return None
+    return current[0]
 
 
 # The sessions that may hold the lock a migration statement waited for: those of this database

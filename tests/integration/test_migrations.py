@@ -20,6 +20,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Executable, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -543,3 +544,49 @@ async def test_payout_migration_0011_hides_the_domain_of_stored_paypal_masks_and
     # One-way: the downgrade leaves the hidden masks (the code before shows them as they are).
     await asyncio.to_thread(command.downgrade, cfg, "0010")
     assert await _execute(empty_database, masks) == after
+
+
+def _head(service: str, url: str) -> str:
+    head = ScriptDirectory.from_config(
+        alembic_config(ROOT / "services" / service / "migrations", url)
+    ).get_current_head()
+    assert head is not None
+    return head
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_a_rollback_starts_on_a_database_a_later_release_migrated(
+    empty_database: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`kubectl rollout undo` runs this release's `migrate` init container on a database a later
+    release took past this release's head: left as it is (later migrations are expand-only), not
+    Alembic's "Can't locate revision" exit 1 that kept every pod of the rollback in Init."""
+    migrations = ROOT / "services" / service / "migrations"
+    await upgrade_head(migrations, empty_database)
+    later = f"{int(_head(service, empty_database)) + 1:04d}"
+    await _execute(empty_database, f"UPDATE alembic_version SET version_num = '{later}'")
+    with caplog.at_level(logging.INFO, logger="services.common.migrate"):
+        await upgrade_head(migrations, empty_database)
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [(later,)]
+    assert "at a later release's revision" in caplog.text
+    assert "migrations applied" not in caplog.text
+
+
+@pytest.mark.parametrize("revision", ["0000", "abc123"])
+async def test_a_revision_no_later_release_of_this_service_made_is_still_refused(
+    empty_database: str, revision: str
+) -> None:
+    migrations = ROOT / "services" / "wallet" / "migrations"
+    await upgrade_head(migrations, empty_database)
+    await _execute(empty_database, f"UPDATE alembic_version SET version_num = '{revision}'")
+    with pytest.raises(CommandError, match="Can't locate revision"):
+        await upgrade_head(migrations, empty_database)
+
+
+async def test_another_services_database_is_still_refused_though_its_revision_is_higher(empty_database: str) -> None:
+    """Payout's numbers run past the wallet's: the wallet pointed at payout's database finds its
+    own tables missing there, and does not take payout's head for a later wallet release."""
+    await upgrade_head(ROOT / "services" / "payout" / "migrations", empty_database)
+    assert int(_head("payout", empty_database)) > int(_head("wallet", empty_database))
+    with pytest.raises(CommandError, match="Can't locate revision"):
+        await upgrade_head(ROOT / "services" / "wallet" / "migrations", empty_database)
