@@ -590,3 +590,25 @@ async def test_another_services_database_is_still_refused_though_its_revision_is
     assert int(_head("payout", empty_database)) > int(_head("wallet", empty_database))
     with pytest.raises(CommandError, match="Can't locate revision"):
         await upgrade_head(ROOT / "services" / "wallet" / "migrations", empty_database)
+
+
+# The newest revision of each service in the release before the migrate runner left a later
+# release's revision alone (f72aee8): a rollback to it sets alembic_version back to these first.
+REVISIONS_OF_THE_RELEASE_BEFORE = {"wallet": "0010", "gifting": "0014", "payout": "0012"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_the_revisions_a_rollback_sets_back_run_again_on_the_schema_they_left(
+    empty_database: str, service: str
+) -> None:
+    """docs/sre.md "Rolling back": to roll back to f72aee8, alembic_version is set back to its newest
+    revision, the later revisions' schema left in place; the next upgrade runs them again on it."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("PostgreSQL: the rollback runbook is the Kubernetes one")
+    migrations = ROOT / "services" / service / "migrations"
+    await upgrade_head(migrations, empty_database)
+    back = REVISIONS_OF_THE_RELEASE_BEFORE[service]
+    await _execute(empty_database, f"UPDATE alembic_version SET version_num = '{back}'")
+    await upgrade_head(migrations, empty_database)
+    head = _head(service, empty_database)
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [(head,)]

@@ -24,7 +24,13 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     """Apply this revision."""
-    op.add_column("creators", sa.Column("wallet_hold", sa.String(32), nullable=False, server_default=""))
+    # IF NOT EXISTS on PostgreSQL: a rollback to a release before the migrate runner that leaves a
+    # later release's revision alone sets alembic_version back past this one (docs/sre.md "Rolling
+    # back"), and the next upgrade runs it again on the column it left.
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE creators ADD COLUMN IF NOT EXISTS wallet_hold VARCHAR(32) DEFAULT '' NOT NULL")
+    else:
+        op.add_column("creators", sa.Column("wallet_hold", sa.String(32), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
