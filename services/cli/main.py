@@ -559,7 +559,8 @@ def audit(
         busy = [c.name for c in report if c.status != OK]
         if busy and wait_s > 0 and (busy != said or waiting_due()):
             said[:] = busy
-            console.print(f"[yellow]waiting:[/yellow] {escape('; '.join(busy))}")
+            # Progress, not the report: stderr, so `audit --wait 120 > report.txt` holds only the table.
+            err_console.print(f"[yellow]waiting:[/yellow] {escape('; '.join(busy))}")
 
     try:
         report = wait_until_settled(fetch, wait_s, progress)

@@ -105,9 +105,10 @@ def test_an_audit_waiting_on_the_same_work_says_so_once_in_a_while_not_every_loo
     monkeypatch.setattr(audit, "wait_until_settled", wait)
     result = CliRunner().invoke(app, ["audit", "--wait", "30"], env={"COLUMNS": "200"})
     assert result.exit_code == 1, result.output
-    waits = [line for line in result.output.splitlines() if line.startswith("waiting:")]
+    waits = [line for line in result.stderr.splitlines() if line.startswith("waiting:")]
     # Once when it starts, once when what is in flight changes; the clock adds none in a blink.
     assert waits == ["waiting: 3c. pending gifts", "waiting: 4a. credits"], result.output
+    assert "waiting:" not in result.stdout  # progress on stderr: stdout is the report alone
 
 
 def test_every_argument_and_option_of_every_command_says_what_it_is() -> None:
