@@ -12,6 +12,7 @@ from pathlib import Path
 
 from services.common import bus
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
+from services.common.consumers import CONSUMERS
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
@@ -100,8 +101,10 @@ def test_the_headers_retention_and_durables_it_gives_are_the_suites() -> None:
     assert f"`NATS_DUPLICATE_WINDOW_S` ({window:g} s)" in section
     inbox_days = ServiceSettings.model_fields["inbox_retention_days"].default
     assert f"`INBOX_RETENTION_DAYS`, {inbox_days:g} days" in section
-    durables = set()
-    for path in (REPO / "services").rglob("*.py"):
-        durables |= set(re.findall(r'durable="([a-z-]+)"', path.read_text()))
+    # The one list of the durables the services subscribe under (app.serve refuses a service
+    # whose subscriptions differ from it), and the ack wait the inbox gives each.
+    durables = {name for names in CONSUMERS.values() for name in names}
     bullet = section.split("**Durables**", 1)[1].split("\n- ", 1)[0]
     assert durables and durables == set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", bullet))
+    ack_wait = re.search(r"ack_wait=(\d+)", (REPO / "services" / "common" / "inbox.py").read_text())
+    assert ack_wait and f"{ack_wait[1]} s ack wait" in bullet
