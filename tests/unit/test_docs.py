@@ -530,3 +530,27 @@ def test_every_reason_a_service_raises_is_in_the_readme_table_and_only_those() -
         if not all(code in re.split(r",\s*", documented[reason]) for code in codes)
     )
     assert not wrong, f'README\'s "Error reasons" table gives other status codes: {wrong}'
+
+
+def _pruners() -> dict[str, str]:
+    """Every AgePruner the services build: its `pruner` label and its round's log line."""
+    out = {}
+    for path in (REPO / "services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            if isinstance(kw.get("name"), ast.Constant) and isinstance(kw.get("done_line"), ast.Constant):
+                out[kw["name"].value] = kw["done_line"].value
+    return out
+
+
+def test_the_pruner_runbook_names_every_pruner_and_its_failure_line() -> None:
+    # LivegiftsPrunerStopped names a `pruner`; the runbook sends the SRE to the log line of that
+    # pruner's failed round ("<done line> failed, retrying next round", services/common/loops.py).
+    pruners = _pruners()
+    assert len(pruners) >= 4, f"found only the pruners {sorted(pruners)}: fix _pruners"
+    section = " ".join(SRE.split("\n### A pruner stopped\n", 1)[1].split("\n### ", 1)[0].split())
+    missing = [f"`{name}`" for name in pruners if f"`{name}`" not in section]
+    missing += [f"`{line} failed" for line in pruners.values() if f"`{line} failed" not in section]
+    assert not missing, f'docs/sre.md "A pruner stopped" does not name {missing}'
