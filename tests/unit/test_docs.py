@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from services.cli.main import app
-from services.common import metrics
+from services.common import db, metrics
 from services.common.config import ServiceSettings
 from services.gifting.config import GiftingSettings
 from services.payout.config import PayoutSettings
@@ -554,3 +554,12 @@ def test_the_pruner_runbook_names_every_pruner_and_its_failure_line() -> None:
     missing = [f"`{name}`" for name in pruners if f"`{name}`" not in section]
     missing += [f"`{line} failed" for line in pruners.values() if f"`{line} failed" not in section]
     assert not missing, f'docs/sre.md "A pruner stopped" does not name {missing}'
+
+
+def test_the_database_url_row_names_every_query_parameter_the_services_take() -> None:
+    # Operators paste a libpq URL from their provider: the row is where they look up whether a
+    # parameter passes start-up (services/common/db.py refuses every one it does not list).
+    row = next(line for line in README.splitlines() if line.startswith("| `DATABASE_URL` |"))
+    taken = db._PG_KWARGS | db._PG_DSN_ONLY | {"dbname", "connect_timeout"}
+    missing = sorted(p for p in taken if not re.search(rf"`(?:\?)?{re.escape(p)}(?:=[^`]*)?`", row))
+    assert not missing, f"README's DATABASE_URL row does not name the URL parameters {missing}"
