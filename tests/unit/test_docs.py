@@ -563,3 +563,12 @@ def test_the_database_url_row_names_every_query_parameter_the_services_take() ->
     taken = db._PG_KWARGS | db._PG_DSN_ONLY | {"dbname", "connect_timeout"}
     missing = sorted(p for p in taken if not re.search(rf"`(?:\?)?{re.escape(p)}(?:=[^`]*)?`", row))
     assert not missing, f"README's DATABASE_URL row does not name the URL parameters {missing}"
+
+
+def test_the_cut_of_the_cli_error_line_readme_gives_is_the_clis() -> None:
+    # "Error reasons" tells a script how much of the ErrorInfo metadata a failed call's line
+    # holds (tests/unit/test_cli_errors.py holds the line's form to a real server's answer).
+    from services.cli.calls import ERROR_METADATA_SHOWN_CHARS_MAX
+
+    text = " ".join(README.split())
+    assert f"cut to {ERROR_METADATA_SHOWN_CHARS_MAX} characters, the metadata" in text
