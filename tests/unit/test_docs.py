@@ -572,3 +572,23 @@ def test_the_cut_of_the_cli_error_line_readme_gives_is_the_clis() -> None:
 
     text = " ".join(README.split())
     assert f"cut to {ERROR_METADATA_SHOWN_CHARS_MAX} characters, the metadata" in text
+
+
+MIGRATION_NAMED = re.compile(r"\b(wallet|gifting|payout)(?:'s)?(?: migrations?)? (\d{4})(?: `(ix_\w+)`)?")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_migration_the_docs_number_is_that_services_and_builds_the_index_named(doc: str) -> None:
+    # Helpers working in parallel took one number twice and renumbered (payout 0014/0015): an
+    # upgrade note or an index's migration quoted under the wrong number sends an SRE astray.
+    text = " ".join(DOCS[doc].split())
+    named = MIGRATION_NAMED.findall(text)
+    assert named, f"{doc} numbers no migration any more: drop it from this test"
+    wrong = []
+    for svc, number, index in named:
+        files = list((REPO / "services" / svc / "migrations" / "versions").glob(f"{number}_*.py"))
+        if len(files) != 1:
+            wrong.append(f"{svc} {number}: no such migration")
+        elif index and index not in files[0].read_text():
+            wrong.append(f"{svc} {number} does not build {index}")
+    assert not wrong, f"{doc}: {wrong}"
