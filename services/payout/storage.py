@@ -176,5 +176,10 @@ clawbacks = Table(
     Column("units", BigInteger, nullable=False),
     Column("diamonds", BigInteger, nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
+    # When the reversal the entry is for happened (its occurred_at): what an older reversal
+    # applied after it may take in its place (`Payout._stand_in_takes`). NULL on entries written
+    # before migration 0016, which free nothing.
+    Column("reversed_at_us", BigInteger, nullable=True),
     Index("ix_clawbacks_creator", "creator_id", "created_at_us"),
+    Index("ix_clawbacks_sender_reversed", "sender_id", "reversed_at_us"),
 )
