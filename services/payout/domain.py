@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import enum
 import re
@@ -417,6 +418,57 @@ def attribute_reversal(coins_reversed: int, newest_first: Iterable[EarningRow]) 
             break
         take = min(left, row.coins_open)
         if take > 0:
+            out.append(Take(row.event_id, row.creator_id, take, take * row.share_bp))
+            left -= take
+    return out
+
+
+def stand_in_takes(
+    coins: int,
+    at_us: int,
+    newer_taken: Iterable[tuple[int, int]],
+    clawed_after: Iterable[tuple[int, int]],
+    newest_first: Iterable[tuple[int, EarningRow]],
+) -> list[Take]:
+    """What a reversal at `at_us` may take, up to `coins`, of earnings recorded after it, standing in
+    for the sender's newer reversals that took earnings it could have taken.
+
+    A reversal may take only earnings of gifts recorded before it. Applied after a newer reversal
+    (an event nak'ed, or parked and replayed), it can find those taken by the newer one, and the
+    gifts that arrive later for the newer one out of its own reach. It may then take a later
+    earning as long as some attribution still gives every clawed coin to a reversal recorded
+    after that coin's gift: for every time p from `at_us` on, the coins taken by reversals
+    newer than p (`newer_taken`: (reversed at, coins)) cover the coins clawed from earnings
+    recorded after p (`clawed_after`: (recorded at, coins clawed), those recorded after `at_us`).
+    Taking c coins of an earning recorded at e uses up c of that cover at every p in [at_us, e),
+    so the total clawed back never exceeds what the reversals claim, as if they had been applied
+    in order. `newest_first`: (recorded at, earning) of open earnings recorded after `at_us`.
+    """
+    check(coins > 0, "coins > 0")
+    change: dict[int, int] = {}
+    for at, n in newer_taken:
+        change[at] = change.get(at, 0) + n
+    for at, n in clawed_after:
+        change[at] = change.get(at, 0) - n
+    points = sorted({at_us, *(p for p in change if p > at_us)})
+    # cover[i]: coins taken by reversals newer than points[i] less coins clawed from earnings
+    # recorded after it; constant up to the next point.
+    cover = [0] * len(points)
+    run = 0
+    for i in range(len(points) - 1, -1, -1):
+        cover[i] = run
+        run += change.get(points[i], 0)
+    left = coins
+    out: list[Take] = []
+    for recorded_at, row in newest_first:
+        if left == 0:
+            break
+        check(recorded_at > at_us, "an earning recorded after the reversal")
+        upto = bisect.bisect_left(points, recorded_at)  # the points in [at_us, recorded_at)
+        take = min(left, row.coins_open, min(cover[:upto]))
+        if take > 0:
+            for i in range(upto):
+                cover[i] -= take
             out.append(Take(row.event_id, row.creator_id, take, take * row.share_bp))
             left -= take
     return out

@@ -1739,7 +1739,8 @@ class Payout:
         Attribution (domain.attribute_reversal): the sender's newest earnings first, among gifts
         recorded before the reversal, up to the coins the wallet reports as already spent (the
         part of the purchase's coins that had reached creators, README "Reversals"), at the
-        share each was credited at. The balance may go negative; one
+        share each was credited at; applied after newer reversals of the sender, it may then
+        stand in for them (`_stand_in_takes`). The balance may go negative; one
         clawback entry per reversal per creator records it. What cannot be taken yet (the
         gifts' events not consumed so far, or beyond CLAWBACK_ROWS_MAX) is recorded as a
         shortfall, which `settle_shortfalls_once` takes from those earnings once they arrive.
@@ -1910,8 +1911,9 @@ class Payout:
         Oldest first: a reversal takes only earnings of gifts recorded before it, so what an older
         one may take a newer one may take too, not the other way round. Served first, a newer one
         could take the only earnings the older one may have, and the gifts that arrive later for
-        the newer one are out of the older one's reach: it would stay open for good, those coins
-        never clawed back. The rows are locked in that order and read again (PostgreSQL; SQLite
+        the newer one are out of the older one's reach, and it could only stand in for the newer
+        one (`_stand_in_takes`, which the reversal consumer relies on when a newer reversal was
+        applied first). The rows are locked in that order and read again (PostgreSQL; SQLite
         serializes writers), so the settler, its replicas, RequestWithdrawal and the reversal
         consumer settling at once take nothing twice: the second finds what the first left.
         """
@@ -2022,12 +2024,19 @@ class Payout:
                 .limit(self.settings.clawback_rows_max)
             )
         ).all()
-        if not rows:
-            return 0
-        takes = domain.attribute_reversal(
-            coins,
-            [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
+        takes = (
+            domain.attribute_reversal(
+                coins,
+                [domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp) for r in rows],
+            )
+            if rows
+            else []
         )
+        left = coins - sum(t.coins for t in takes)
+        if left > 0:  # applied after newer reversals of the sender, it may stand in for them
+            takes += await self._stand_in_takes(uow, rv, left, claws)
+        if not takes:
+            return 0
         by_creator: dict[str, list[int]] = {}
         for t in takes:
             changed = await uow.conn.execute(
@@ -2047,6 +2056,66 @@ class Payout:
             extra={"purchase_id": rv.purchase_id, "creators": len(by_creator), "coins": taken},
         )
         return taken
+
+    async def _stand_in_takes(
+        self, uow: UnitOfWork, rv: _Reversal, coins: int, claws: list[_Claw]
+    ) -> list[domain.Take]:
+        """What the reversal may take, up to `coins`, of the sender's open earnings recorded after it,
+        in place of newer reversals of the sender that took earnings it could have taken
+        (domain.stand_in_takes: never more in all than the reversals claim).
+
+        A newer reversal applied first (an older one nak'ed and redelivered, or parked and
+        replayed) takes, newest first, earnings of gifts recorded before the older one; the gifts
+        between the two, which the newer one would have taken, come later and lay out of the
+        older one's reach, which left its shortfall open for good. Entries written before
+        migration 0016 have no reversal time and free nothing (`clawbacks.reversed_at_us`).
+        """
+        check(self.settings is not None, "self.settings is not None")
+        e, cb = earnings.c, clawbacks.c
+        recorded = func.coalesce(e.recorded_at_us, e.occurred_at_us)
+        newer = [
+            (int(at), int(n))
+            for at, n in (
+                await uow.conn.execute(
+                    select(cb.reversed_at_us, func.sum(cb.coins))
+                    .where(cb.sender_id == rv.sender_id, cb.reversed_at_us > rv.at_us)
+                    .group_by(cb.reversed_at_us)
+                )
+            ).all()
+        ]
+        # This transaction's entries, not written yet (`_apply_claws`).
+        newer += [
+            (cl.rv.at_us, sum(c for c, _ in cl.by_creator.values()))
+            for cl in claws
+            if cl.rv.sender_id == rv.sender_id and cl.rv.at_us > rv.at_us
+        ]
+        if not newer:
+            return []
+        # recorded <= occurred: occurred_at_us bounds the scans by ix_earnings_sender_newest.
+        after = and_(e.sender_id == rv.sender_id, e.occurred_at_us > rv.at_us, recorded > rv.at_us)
+        open_rows = (
+            await uow.conn.execute(
+                select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp, recorded.label("at"))
+                .where(after, e.coins_clawed_back < e.coins, recorded <= max(at for at, _ in newer))
+                .order_by(e.occurred_at_us.desc(), e.event_id.desc())
+                .limit(self.settings.clawback_rows_max)
+            )
+        ).all()
+        if not open_rows:
+            return []
+        clawed_after = (
+            await uow.conn.execute(select(recorded, e.coins_clawed_back).where(after, e.coins_clawed_back > 0))
+        ).all()
+        return domain.stand_in_takes(
+            coins,
+            rv.at_us,
+            newer,
+            [(int(at), int(n)) for at, n in clawed_after],
+            [
+                (int(r.at), domain.EarningRow(r.event_id, r.creator_id, r.coins - r.coins_clawed_back, r.share_bp))
+                for r in open_rows
+            ],
+        )
 
     async def _apply_claws(self, uow: UnitOfWork, claws: list[_Claw], also_lock: tuple[str, ...] = ()) -> None:
         """Write what `claws` took to the creators' rows, each row once and in creator order (with
@@ -2101,6 +2170,7 @@ class Payout:
                         "units": units,
                         "diamonds": diamonds,
                         "created_at_us": ts,
+                        "reversed_at_us": cl.rv.at_us,
                     }
                 )
                 eid = new_event_id()

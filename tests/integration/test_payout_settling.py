@@ -122,3 +122,48 @@ async def test_the_settler_and_a_withdrawal_settling_at_once_take_the_shortfall_
     assert await open_coins(payout) == {"viewer": 0}
     listed = await payout.list_earnings(payout_pb2.ListEarningsRequest(creator_id="creator-c", page_size=10))
     assert [(e.coins, e.coins_clawed_back) for e in listed.entries] == [(40_000, 40_000)]
+
+
+async def test_an_older_reversal_applied_after_a_newer_one_takes_the_gifts_between_them_in_its_place(
+    payout: Payout,
+) -> None:
+    # A gift of 40,000 at NOW_S - 50 paid by the first purchase, charged back at NOW_S; a gift of
+    # 40,000 at NOW_S + 100 paid by the second, charged back at NOW_S + 200. The newer chargeback
+    # is applied first (the older one nak'ed and redelivered), before the second gift arrives.
+    from services.payout.storage import clawbacks
+
+    def chargeback(purchase: str, at_s: int) -> wallet_events.PurchaseReversed:
+        return wallet_events.PurchaseReversed(
+            event_id=uuid.uuid4().hex,
+            purchase_id=purchase,
+            user_id="viewer",
+            coins=40_000,
+            coins_already_spent=40_000,
+            kind="CHARGED_BACK",
+            occurred_at={"seconds": at_s},
+        )
+
+    for gifts, reversals in (
+        ([gift_event("creator-a", 40_000, at_s=NOW_S - 50)], [chargeback("p-newer", NOW_S + 200)]),
+        ([], [chargeback("p-older", NOW_S)]),
+        ([gift_event("creator-b", 40_000, at_s=NOW_S + 100)], []),
+    ):
+        async with payout.db.unit_of_work() as uow:
+            if gifts:
+                await payout.credit_gifts(uow, gifts)
+            if reversals:
+                await payout.claw_back(uow, reversals)
+            await uow.commit()
+    assert await open_coins(payout) == {"viewer": 40_000}  # the older one: nothing before it left
+    assert await payout.settle_shortfalls_once() == 40_000  # creator-b's gift, in the newer one's place
+
+    assert await open_coins(payout) == {"viewer": 0}
+    for creator in ("creator-a", "creator-b"):
+        assert (await payout.get_earnings(creator)).diamonds_clawed_back == 20_000
+    cb = clawbacks.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        entries = (await uow.conn.execute(select(cb.purchase_id, cb.creator_id, cb.reversed_at_us))).tuples().all()
+    assert sorted(entries) == [
+        ("p-newer", "creator-a", (NOW_S + 200) * 1_000_000),
+        ("p-older", "creator-b", NOW_S * 1_000_000),
+    ]

@@ -5,7 +5,7 @@ import datetime as dt
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -257,3 +257,74 @@ def test_only_a_claimed_withdrawal_takes_a_providers_outcome(target: domain.With
             with pytest.raises(FailedPrecondition) as err:
                 domain.check_provider_outcome(settled, target)
             assert err.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
+
+
+def _max_clawable(reversals: list[tuple[int, int]], gifts: list[tuple[int, int]]) -> int:
+    """The most coins reversals (time, coins) can take from gifts (recorded at, coins), each only
+    of gifts recorded before it: applied in time order, each taking any it may (nested choices)."""
+    left = sorted(gifts)
+    total = 0
+    for t, want in sorted(reversals):
+        for i, (at, n) in enumerate(left):
+            if at <= t and want:
+                take = min(want, n)
+                left[i], want, total = (at, n - take), want - take, total + take
+    return total
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 20), st.integers(1, 50)), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(0, 20), st.integers(1, 50)), min_size=1, max_size=8),
+    st.randoms(),
+)
+@settings(max_examples=1000)
+def test_reversals_applied_in_any_order_claw_back_what_they_would_in_order(reversals, gifts, rnd) -> None:  # type: ignore[no-untyped-def]
+    # Payout's clawback with its reversals and gifts' earnings consumed in any order: each
+    # reversal takes what it may of gifts recorded before it (newest first), then stands in for
+    # newer ones (stand_in_takes); the settler retries the open ones, oldest first.
+    taken = [0] * len(reversals)
+    clawed = [0] * len(gifts)
+    arrived: set[int] = set()
+    applied: set[int] = set()
+
+    def claw(r: int) -> None:
+        t, want = reversals[r]
+        if want == taken[r]:
+            return
+        older = [(gifts[g][0], domain.EarningRow(str(g), "c", gifts[g][1] - clawed[g], 1)) for g in arrived]
+        rows = [row for at, row in sorted(older, key=lambda x: -x[0]) if at <= t and row.coins_open]
+        takes = domain.attribute_reversal(want - taken[r], rows) if rows else []
+        left = want - taken[r] - sum(x.coins for x in takes)
+        if left:
+            newer = [(reversals[o][0], taken[o]) for o in range(len(reversals)) if reversals[o][0] > t]
+            after = [(gifts[g][0], clawed[g]) for g in arrived if gifts[g][0] > t]
+            later = [(at, row) for at, row in sorted(older, key=lambda x: -x[0]) if at > t and row.coins_open]
+            takes += domain.stand_in_takes(left, t, newer, after, later)
+        for x in takes:
+            clawed[int(x.event_id)] += x.coins
+            taken[r] += x.coins
+
+    def settle() -> None:
+        for r in sorted(applied, key=lambda i: reversals[i][0]):
+            claw(r)
+
+    steps = [("r", i) for i in range(len(reversals))] + [("g", i) for i in range(len(gifts))]
+    rnd.shuffle(steps)
+    for kind, i in steps:
+        if kind == "g":
+            arrived.add(i)
+        else:
+            for r in sorted((o for o in applied if reversals[o][0] < reversals[i][0]), key=lambda o: reversals[o][0]):
+                claw(r)  # the sender's older shortfalls first
+            applied.add(i)
+            claw(i)
+        assert all(0 <= c <= n for c, (_, n) in zip(clawed, gifts, strict=True))
+        assert all(0 <= x <= w for x, (_, w) in zip(taken, reversals, strict=True))
+        assert sum(clawed) == sum(taken)
+        # Every clawed coin can still be given to a reversal at or after its gift.
+        for tau in range(-1, 21):
+            assert sum(c for c, (at, _) in zip(clawed, gifts, strict=True) if at > tau) <= sum(
+                x for x, (t, _) in zip(taken, reversals, strict=True) if t > tau
+            )
+    settle()
+    assert sum(clawed) == _max_clawable(reversals, gifts)

@@ -189,13 +189,6 @@ async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_ga
     assert REGISTRY.get_sample_value("livegifts_clawback_shortfall_open_coins") == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: an older reversal applied after a newer one of the same sender (nak'ed and "
-    "redelivered, or parked and replayed) can find the earnings it may take already taken by the newer "
-    "one, and no later gift is recorded before it; closing it needs a record of each reversal's time "
-    "(a migration) and an attribution that lets it stand in for the newer one",
-)
 async def test_an_older_reversal_applied_after_a_newer_one_still_settles(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     t = NOW_US // 1_000_000
@@ -208,6 +201,29 @@ async def test_an_older_reversal_applied_after_a_newer_one_still_settles(setup) 
     await consume(payout, gifts=[gift_event("creator-b", 100, at_s=t + 100)])
     await payout.settle_shortfalls_once()
 
-    assert await open_coins_of(payout) == 0  # today: 100 open for good, creator-b keeps 50 diamonds
+    # The older one stands in for the newer one: creator-b's gift, which the newer one would have
+    # taken, is taken in its place (before: 100 coins open for good, creator-b kept 50 diamonds).
+    assert await open_coins_of(payout) == 0
     clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b")]
     assert clawed == [50, 50]
+
+
+async def test_an_older_reversal_stands_in_only_for_what_newer_ones_took_before_it(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    payout, _provider, _path = setup
+    t = NOW_US // 1_000_000
+    # Gifts of 40 at t - 50 and 60 at t + 150; the newer chargeback (t + 200) applied first takes
+    # both, only 40 of them from before the older chargeback (t).
+    await consume(payout, gifts=[gift_event("creator-a", 40, at_s=t - 50), gift_event("creator-c", 60, at_s=t + 150)])
+    await consume(payout, [reversal("newer", t + 200, 100)])
+    await consume(payout, [reversal("older", t, 100)])
+    # Gifts between the two arrive late: the older one may take 40 of them in the newer one's
+    # place, no more (in order it would have taken the 40 before it, the newer one 100 after).
+    await consume(payout, gifts=[gift_event("creator-b", 100, at_s=t + 100)])
+    await payout.settle_shortfalls_once()
+    await consume(payout, gifts=[gift_event("creator-d", 100, at_s=t + 120)])
+    await payout.settle_shortfalls_once()
+
+    assert await open_coins_of(payout) == 60
+    clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b", "creator-c")]
+    assert clawed == [20, 20, 30]
+    assert (await payout.get_earnings("creator-d")).diamonds_clawed_back == 0
