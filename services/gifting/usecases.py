@@ -1266,11 +1266,14 @@ class Gifting:
         """Background loops around `sweep_once` and `restore_keys_once` (errors are logged and retried next round)."""
         # Wallet or database down: the gifts stay PENDING until a later round. Two loops, so a
         # wallet outage does not hold up the key restorer, which needs the database only.
+        # A TaskGroup, not gather: cancelled (the service's drain), it returns once both loops have
+        # ended. gather returned at the first, leaving the other to finish closing its database
+        # connection unawaited; the event loop's final cancellation then caught it mid-close, and
+        # aiosqlite's close waited forever for its stopped thread (the service never exited).
         interval_s = self.settings.sweep_interval_s
-        await asyncio.gather(
-            run_every(stop, interval_s, self.sweep_once, "settled pending gifts"),
-            run_every(stop, interval_s, self.restore_keys_once, "restored cancelled gifts' keys"),
-        )
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(run_every(stop, interval_s, self.sweep_once, "settled pending gifts"))
+            loops.create_task(run_every(stop, interval_s, self.restore_keys_once, "restored cancelled gifts' keys"))
 
     async def restore_keys_once(self) -> int:
         """Give back their key to cancelled gifts an older release left without it; returns how many it settled.

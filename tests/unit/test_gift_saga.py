@@ -413,3 +413,40 @@ async def test_the_audit_counts_a_pending_gift_with_its_coins_and_then_as_cancel
         assert await g.sweep_once() == 1  # the arbiter says CANCELLED
         audit = await g.audit()
         assert (audit.gifts_pending, audit.coins_pending, audit.gifts_sent, audit.gifts_cancelled) == (0, 0, 0, 1)
+
+
+async def test_a_cancelled_sweeper_ends_only_after_both_its_loops(tmp_path: Path) -> None:
+    """The service's drain cancels the sweeper and then closes the database. Its two loops ran in a
+    gather, which ended the sweeper as soon as one loop was cancelled and left the other running:
+    caught mid-statement, that one was still closing its connection (SQLAlchemy's shielded close)
+    when the event loop's final cancellation cancelled it again, and aiosqlite's close then waited
+    forever for a thread that had already stopped: the service logged "stopped" and never exited."""
+    sweeping, restoring = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []
+
+    async def ends_at_once() -> int:
+        sweeping.set()
+        await asyncio.Future()  # a round in progress
+        return 0
+
+    async def ends_after_a_while() -> int:
+        restoring.set()
+        try:
+            await asyncio.Future()
+        except asyncio.CancelledError:
+            for _ in range(50):  # a connection's close: some steps of the event loop
+                await asyncio.sleep(0)
+            ended.append("restore")
+            raise
+        return 0
+
+    async with _gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
+        g.sweep_once = ends_at_once  # type: ignore[method-assign]
+        g.restore_keys_once = ends_after_a_while  # type: ignore[method-assign]
+        sweeper = asyncio.create_task(g.sweeper(asyncio.Event()))
+        await sweeping.wait()
+        await restoring.wait()
+        sweeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sweeper
+        assert ended == ["restore"], "the sweeper ended while one of its loops was still ending"
