@@ -909,7 +909,15 @@ class Gifting:
             except DomainError as exc:
                 return exc
 
-        for i, res in zip(unsettled, await asyncio.gather(*(arbitrate(i) for i in unsettled)), strict=True):
+        # return_exceptions: cancelled (the client's deadline, the drain's grace), the call ends only
+        # once every arbitration has. Without it gather ended at the first and left the others running:
+        # one caught in `_cancel` was still closing its database connection after the handler had
+        # returned, as the sweeper's loop was (see `sweeper`). Not a TaskGroup: its ExceptionGroup
+        # would turn a database error (UNAVAILABLE, or ABORTED to retry) into INTERNAL.
+        results = await asyncio.gather(*(arbitrate(i) for i in unsettled), return_exceptions=True)
+        for i, res in zip(unsettled, results, strict=True):
+            if isinstance(res, BaseException) and not isinstance(res, DomainError):
+                raise res  # as gather did (the first in order here), now that every other has ended
             out[i] = res
         return out
 

@@ -22,6 +22,7 @@ from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
+from services.gifting.domain import GiftKind
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import Gifting
 
@@ -450,3 +451,38 @@ async def test_a_cancelled_sweeper_ends_only_after_both_its_loops(tmp_path: Path
         with pytest.raises(asyncio.CancelledError):
             await sweeper
         assert ended == ["restore"], "the sweeper ended while one of its loops was still ending"
+
+
+async def test_a_cancelled_batch_spend_ends_only_after_every_arbitration(tmp_path: Path) -> None:
+    """A SendGifts whose call is cancelled (the client's deadline, or the drain's grace running out)
+    mid-arbitration: its arbitrations ran in a gather, which ended the call as soon as the first one
+    was cancelled and left the others running. One caught writing its gift's cancellation was still
+    closing its connection after the handler had returned, as the sweeper's loop was (after which the
+    drain disposes of the pool and the event loop's final cancellation hangs in aiosqlite's close)."""
+    started: dict[str, asyncio.Event] = {"e1": asyncio.Event(), "e2": asyncio.Event()}
+    ended: list[str] = []
+
+    async def refused(gift: dict[str, Any], *_: Any) -> Any:
+        started[gift["event_id"]].set()
+        try:
+            await asyncio.Future()  # the arbiter's call, or the gift's cancellation
+        except asyncio.CancelledError:
+            if gift["event_id"] == "e2":
+                for _ in range(50):  # a connection's close: some steps of the event loop
+                    await asyncio.sleep(0)
+                ended.append("e2")
+            raise
+
+    gifts = [
+        {"event_id": e, "sender_id": "v1", "creator_id": "c1", "coins": 5, "kind": GiftKind.GIFT.value}
+        for e in ("e1", "e2")
+    ]
+    async with _gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
+        g._refused = refused  # type: ignore[method-assign]
+        call = asyncio.create_task(g._spend_chunk(gifts))
+        for ev in started.values():
+            await ev.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert ended == ["e2"], "the call ended while one of its arbitrations was still ending"
