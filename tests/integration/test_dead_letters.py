@@ -440,9 +440,14 @@ def test_the_cli_lists_and_replays_parked_events_of_the_running_suite(deployment
     listed = _cli("list", *addrs, token)
     assert listed.returncode == 0 and "no parked events" in listed.stdout, listed.stdout + listed.stderr
     missing = _cli("replay", "424242", "--service", "payout", *addrs, token)
-    assert missing.returncode == 1 and "NOT_FOUND" in missing.stdout, missing.stdout + missing.stderr
+    # Errors go to stderr, stdout is only the answer (README, the CLI).
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and not missing.stdout, (
+        missing.stdout + missing.stderr
+    )
     refused = _cli("list", "--service", "gifting", *addrs, "--operator-token=wrong")
-    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout, refused.stdout + refused.stderr
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr and not refused.stdout, (
+        refused.stdout + refused.stderr
+    )
 
 
 def _failed_deliveries(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
