@@ -324,17 +324,10 @@ def test_grpcs_own_log_stays_for_whoever_asks_for_it() -> None:
     assert "no server name supplied" in result.stderr, result
 
 
-def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # GRPC_VERBOSITY=NONE is for the CLI process only: a service's log keeps gRPC's lines.
-    import services.cli
+def _env_of_a_started_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """The environment `livegifts run` gives the wallet service it starts (Popen stopped there)."""
     from services.cli import suite
 
-    monkeypatch.setenv("GRPC_VERBOSITY", "")  # so the test's end takes back what quiet_grpc sets
-    monkeypatch.delenv("GRPC_VERBOSITY")
-    monkeypatch.setattr(services.cli, "CLI_ONLY_ENV", set())
-    monkeypatch.setattr(suite, "CLI_ONLY_ENV", services.cli.CLI_ONLY_ENV)
-    services.cli.quiet_grpc()
-    assert os.environ["GRPC_VERBOSITY"] == "NONE"
     started: list[dict[str, str]] = []
 
     class Started(Exception):
@@ -348,7 +341,21 @@ def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPa
     (tmp_path / "logs").mkdir()
     with pytest.raises(Started):
         suite.Suite(suite.SuiteConfig(tmp_path)).start_service("wallet")
-    assert "GRPC_VERBOSITY" not in started[0]
+    return started[0]
+
+
+def test_the_services_run_starts_keep_grpcs_own_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # GRPC_VERBOSITY=NONE is for the CLI process only: a service's log keeps gRPC's lines.
+    import services.cli
+    from services.cli import suite
+
+    monkeypatch.setenv("GRPC_VERBOSITY", "")  # so the test's end takes back what quiet_grpc sets
+    monkeypatch.delenv("GRPC_VERBOSITY")
+    monkeypatch.setattr(services.cli, "CLI_ONLY_ENV", set())
+    monkeypatch.setattr(suite, "CLI_ONLY_ENV", services.cli.CLI_ONLY_ENV)
+    services.cli.quiet_grpc()
+    assert os.environ["GRPC_VERBOSITY"] == "NONE"
+    assert "GRPC_VERBOSITY" not in _env_of_a_started_service(monkeypatch, tmp_path)
 
 
 def test_the_services_run_starts_get_no_grpc_setting_the_user_did_not_give(
@@ -371,20 +378,8 @@ def test_the_services_run_starts_get_no_grpc_setting_the_user_did_not_give(
     with pytest.raises(SystemExit) as exited:
         services.cli.entry_point()
     assert exited.value.code == 0
-    started: list[dict[str, str]] = []
-
-    class Started(Exception):
-        pass
-
-    def popen(args: list[str], env: dict[str, str], **kwargs: Any) -> None:
-        started.append(env)
-        raise Started
-
-    monkeypatch.setattr(suite.subprocess, "Popen", popen)
-    (tmp_path / "logs").mkdir()
-    with pytest.raises(Started):
-        suite.Suite(suite.SuiteConfig(tmp_path)).start_service("wallet")
-    assert {k: v for k, v in started[0].items() if k.startswith("GRPC_")} == given
+    env = _env_of_a_started_service(monkeypatch, tmp_path)
+    assert {k: v for k, v in env.items() if k.startswith("GRPC_")} == given
 
 
 @pytest.mark.parametrize("option", ["--wallet-addr", "--gifting-addr", "--payout-addr"])

@@ -56,6 +56,25 @@ class _Bus:
         self.nc = self.js = object()
 
 
+async def _run_fetching_nothing(tmp_path: Path, stop: asyncio.Event, caplog: pytest.LogCaptureFixture) -> None:
+    """Run a consumer over `Puller.open`'s stand-in until `stop`, its warnings in `caplog`: its
+    database is never reached, as no message is fetched."""
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        raise AssertionError("no message was fetched")
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    try:
+        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+            await asyncio.wait_for(consumer.run(stop), timeout=10)
+    finally:
+        await db.engine.dispose()
+
+
 async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,25 +86,13 @@ async def test_fetch_timeouts_of_either_kind_are_quiet_and_do_not_back_off(
 
     monkeypatch.setattr(Puller, "open", open_puller)
 
-    async def handle(uow: Any, events: list[Any]) -> None:
-        raise AssertionError("no message was fetched")
-
     slept: list[float] = []
 
     async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
         slept.append(seconds)  # the loop's backoff (and linger) waits: none may happen here
 
     monkeypatch.setattr("services.common.inbox.sleep_unless_stopped", sleep_unless_stopped)
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to: nothing is fetched
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-    try:
-        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
-        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
-            await asyncio.wait_for(consumer.run(stop), timeout=10)
-    finally:
-        await db.engine.dispose()
+    await _run_fetching_nothing(tmp_path, stop, caplog)
     assert psub.calls == 6
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     assert slept == [], "the loop backed off after a fetch that only timed out"
@@ -224,19 +231,7 @@ async def test_a_fetch_jetstream_refuses_is_logged_with_the_servers_code_and_des
     monkeypatch.setattr(Puller, "open", open_puller)
     monkeypatch.setattr("services.common.inbox.sleep_unless_stopped", no_wait)
 
-    async def handle(uow: Any, events: list[Any]) -> None:
-        raise AssertionError("no message was fetched")
-
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to: nothing is fetched
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-    try:
-        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
-        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
-            await asyncio.wait_for(consumer.run(stop), timeout=10)
-    finally:
-        await db.engine.dispose()
+    await _run_fetching_nothing(tmp_path, stop, caplog)
     errors = [r.error for r in caplog.records if r.getMessage() == "consumer loop failed, retrying"]  # type: ignore[attr-defined]
     assert len(errors) == 2
     assert all("err_code=10008" in e and "temporarily unavailable" in e for e in errors), errors
