@@ -99,9 +99,18 @@ def int_field(body: dict[str, Any], name: str) -> int:
 
 
 def event_id_reused(
-    provider: str, provider_event_id: str, noun: str, first_id: str, named_id: str
+    provider: str,
+    provider_event_id: str,
+    noun: str,
+    first_id: str,
+    named_id: str,
+    *,
+    first_event_type: str = "",
+    named_event_type: str = "",
 ) -> FailedPrecondition:
-    """The refusal of a signed callback whose event id was recorded for another `noun` (logged, counted).
+    """The refusal of a signed callback whose event id was recorded for another `noun` (logged, counted),
+    or, with `first_event_type`, for another event type of the same `noun` (a refund under the id
+    of the success: answered as a duplicate, the refund would never be applied).
 
     A provider bug: its event ids key our de-duplication. Choices: A) answer OK as a duplicate,
     with the record the id was first recorded for; B) refuse. B: an OK tells the provider this
@@ -110,20 +119,23 @@ def event_id_reused(
     failing-webhook list and in our log on each retry until someone settles it, as an amount
     mismatch is. The id stays with the first record, whose retries are still duplicates.
     """
-    log.warning(
-        "provider callback refused: its event id was recorded for another %s",
-        noun,
-        extra={
-            "provider": provider,
-            "provider_event_id": provider_event_id,
-            f"first_{noun}_id": first_id,
-            f"named_{noun}_id": named_id,
-        },
-    )
+    context: dict[str, str] = {
+        "provider": provider,
+        "provider_event_id": provider_event_id,
+        f"first_{noun}_id": first_id,
+        f"named_{noun}_id": named_id,
+    }
+    if first_event_type:
+        what = "event type"
+        context |= {"first_event_type": first_event_type, "named_event_type": named_event_type}
+    else:
+        what = noun
+    log.warning("provider callback refused: its event id was recorded for another %s", what, extra=context)
     PROVIDER_EVENT_IDS_REUSED.inc()
+    metadata = {f"{noun}_id": first_id} | ({"event_type": first_event_type} if first_event_type else {})
     return FailedPrecondition(
-        f"this provider event id was recorded for another {noun}",
+        f"this provider event id was recorded for another {what}",
         "PROVIDER_EVENT_ID_REUSED",
         provider_event_id=provider_event_id,
-        **{f"{noun}_id": first_id},
+        **metadata,
     )

@@ -364,8 +364,8 @@ class Wallet:
             # unless that delivery named another purchase.
             async with self.db.unit_of_work(readonly=True) as uow:
                 first = await self._event_recorded_for(uow, provider, event)
-            if first is not None and first != event.purchase_id:
-                raise _event_id_reused(provider, event, first) from None
+            if first is not None:
+                _refuse_another_event(provider, event, first)
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id,
                 purchase=await self.get_purchase(event.purchase_id),
@@ -389,20 +389,11 @@ class Wallet:
             seen = await self._event_recorded_for(uow, provider, event)
             if row is None:
                 raise NotFound("callback for an unknown purchase", "UNKNOWN_PURCHASE")
-            if seen is not None and seen != event.purchase_id:
-                raise _event_id_reused(provider, event, seen)
             if seen is not None:
-                # Read again: `row` may predate the delivery that recorded this event.
-                now_row = (
-                    await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
-                ).one()
-                return wallet_pb2.HandlePaymentEventResponse(
-                    provider_event_id=event.provider_event_id,
-                    purchase=_purchase_pb(now_row._asdict()),
-                    duplicate=True,
-                )
-            if row.provider != provider.name:
-                raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
+                _refuse_another_event(provider, event, seen)  # another purchase's, or another type's
+            # Checked before a duplicate is answered: every event recorded for this purchase
+            # carried its amount and currency, so a delivery of a recorded id with others is not
+            # the event that was applied, and an OK would acknowledge what nothing applied.
             if event.amount_minor != row.amount_minor or event.currency_code != row.currency_code:
                 # A partial refund, say, which is not modelled: refused on every retry, so money
                 # and coins disagree until an operator settles it with the provider.
@@ -426,6 +417,18 @@ class Wallet:
                     expected_amount_minor=row.amount_minor,
                     expected_currency_code=row.currency_code,
                 )
+            if seen is not None:
+                # Read again: `row` may predate the delivery that recorded this event.
+                now_row = (
+                    await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
+                ).one()
+                return wallet_pb2.HandlePaymentEventResponse(
+                    provider_event_id=event.provider_event_id,
+                    purchase=_purchase_pb(now_row._asdict()),
+                    duplicate=True,
+                )
+            if row.provider != provider.name:
+                raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
             current = PurchaseStatus(row.status)
             ts = now_us()
             if domain.has_no_effect(current, event.target):
@@ -547,14 +550,19 @@ class Wallet:
 
             uow.after_commit(flag)
 
-    async def _event_recorded_for(self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent) -> str | None:
-        """The purchase this provider event id was recorded for, or None if it is new."""
+    async def _event_recorded_for(
+        self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent
+    ) -> RecordedEvent | None:
+        """The purchase and event type this provider event id was recorded with, or None if it is new."""
         e = payment_events.c
-        return (
+        row = (
             await uow.conn.execute(
-                select(e.purchase_id).where(e.provider == provider.name, e.provider_event_id == event.provider_event_id)
+                select(e.purchase_id, e.event_type).where(
+                    e.provider == provider.name, e.provider_event_id == event.provider_event_id
+                )
             )
-        ).scalar()
+        ).first()
+        return None if row is None else RecordedEvent(row.purchase_id, row.event_type)
 
     async def _record_payment_event(
         self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent, purchase_id: str, ts: int
@@ -1248,11 +1256,35 @@ def _promotion_pb(r) -> wallet_pb2.Promotion:  # type: ignore[no-untyped-def]
     )
 
 
-def _event_id_reused(provider: PaymentProvider, event: ProviderEvent, first_purchase_id: str) -> FailedPrecondition:
-    """PROVIDER_EVENT_ID_REUSED for a callback naming another purchase than its event id's first one."""
-    return signing.event_id_reused(
-        provider.name, event.provider_event_id, "purchase", first_purchase_id, event.purchase_id
-    )
+@dataclass(frozen=True)
+class RecordedEvent:
+    """What a provider event id was first recorded with."""
+
+    purchase_id: str
+    event_type: str
+
+
+def _refuse_another_event(provider: PaymentProvider, event: ProviderEvent, first: RecordedEvent) -> None:
+    """PROVIDER_EVENT_ID_REUSED unless `event` is the one its id was recorded with (then a duplicate).
+
+    Another purchase, or the same purchase and another type (a refund under the id of its
+    success): answered OK as a duplicate, the provider would stop sending an event nothing
+    applied (a refund whose coins the buyer keeps), so it is refused, logged and counted alike.
+    """
+    if first.purchase_id != event.purchase_id:
+        raise signing.event_id_reused(
+            provider.name, event.provider_event_id, "purchase", first.purchase_id, event.purchase_id
+        )
+    if first.event_type != event.event_type:
+        raise signing.event_id_reused(
+            provider.name,
+            event.provider_event_id,
+            "purchase",
+            first.purchase_id,
+            event.purchase_id,
+            first_event_type=first.event_type,
+            named_event_type=event.event_type,
+        )
 
 
 def _purchase_pb(r: dict) -> wallet_pb2.Purchase:  # type: ignore[type-arg]

@@ -1,0 +1,116 @@
+"""A payment callback is answered OK only for what the wallet recorded: a delivery of a recorded
+event id is a duplicate only when it is that event (its purchase, type, amount and currency)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from livegifts.wallet.v1 import wallet_pb2
+from services.common import signing
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
+from services.wallet.payments import dev_event_payload
+from services.wallet.storage import payment_events
+from services.wallet.usecases import Wallet
+from tests.unit.test_wallet_reversals import (
+    SECRET,
+    wallet,  # noqa: F401 - wallet is the fixture
+)
+
+
+async def _purchase(w: Wallet, key: str) -> wallet_pb2.Purchase:
+    return await w.create_purchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id="u",
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=key,
+        )
+    )
+
+
+def _callback(
+    event_id: str, event_type: str, p: wallet_pb2.Purchase, amount: int | None = None, currency: str = "USD"
+) -> wallet_pb2.HandlePaymentEventRequest:
+    amount = p.price.amount_minor if amount is None else amount
+    payload = dev_event_payload(event_id, event_type, p.purchase_id, amount, currency)
+    return wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+    )
+
+
+async def _events(w: Wallet) -> int:
+    async with w.db.unit_of_work(readonly=True) as uow:
+        return (await uow.conn.execute(select(func.count()).select_from(payment_events))).scalar_one()
+
+
+async def test_a_refund_under_the_event_id_of_the_success_is_refused_not_answered_as_a_duplicate(
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    # Was: duplicate=true with the purchase SUCCEEDED, so the provider stopped sending a refund
+    # that was never applied (the money back with the buyer, the coins too).
+    p = await _purchase(wallet, "buy-1")
+    paid = await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
+    reused_before = PROVIDER_EVENT_IDS_REUSED._value.get()
+    for _ in range(2):  # refused on every retry
+        with pytest.raises(FailedPrecondition) as refused:
+            await wallet.handle_payment_event(_callback("evt_1", "charge.refunded", p))
+        assert refused.value.reason == "PROVIDER_EVENT_ID_REUSED"
+        assert refused.value.metadata == {
+            "provider_event_id": "evt_1",
+            "purchase_id": p.purchase_id,
+            "event_type": "payment.succeeded",
+        }
+    assert PROVIDER_EVENT_IDS_REUSED._value.get() == reused_before + 2
+    assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    assert (await wallet.get_balance("u")).coins == 70 and await _events(wallet) == 1
+    # The id stays the success's: its retry is a duplicate.
+    again = await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
+    assert again.duplicate and again.purchase == paid.purchase
+    # The refund under an id of its own applies.
+    refunded = await wallet.handle_payment_event(_callback("evt_2", "charge.refunded", p))
+    assert (refunded.duplicate, refunded.purchase.status) == (False, wallet_pb2.PURCHASE_STATUS_REFUNDED)
+    assert (await wallet.get_balance("u")).coins == 0
+
+
+@pytest.mark.parametrize(("amount", "currency"), [(1, "USD"), (99, "EUR")])
+async def test_a_recorded_event_id_sent_with_another_amount_or_currency_is_refused_not_a_duplicate(
+    wallet: Wallet,  # noqa: F811
+    amount: int,
+    currency: str,
+) -> None:
+    # Was: duplicate=true, an OK for an amount nothing applied; now refused as the first
+    # delivery would have been, with what the callback must carry.
+    p = await _purchase(wallet, "buy-1")
+    await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
+    with pytest.raises(InvalidArgument) as refused:
+        await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p, amount, currency))
+    assert refused.value.reason == "AMOUNT_MISMATCH"
+    assert refused.value.metadata == {"expected_amount_minor": "99", "expected_currency_code": "USD"}
+    assert (await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))).duplicate
+
+
+async def test_a_concurrent_delivery_of_the_id_as_another_type_is_refused_not_a_duplicate(
+    wallet: Wallet,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The race on PostgreSQL: the look-up saw no record, the insert hit the one a concurrent
+    # delivery committed meanwhile (IntegrityError). Was: answered a duplicate whatever its type.
+    p = await _purchase(wallet, "buy-1")
+    await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
+    recorded_for = Wallet._event_recorded_for
+    looks: list[int] = []
+
+    async def unseen_once(self: Wallet, *args: Any) -> Any:
+        looks.append(1)
+        return None if len(looks) == 1 else await recorded_for(self, *args)
+
+    monkeypatch.setattr(Wallet, "_event_recorded_for", unseen_once)
+    with pytest.raises(FailedPrecondition) as refused:
+        await wallet.handle_payment_event(_callback("evt_1", "charge.refunded", p))
+    assert refused.value.reason == "PROVIDER_EVENT_ID_REUSED" and len(looks) == 2
+    assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
