@@ -364,8 +364,11 @@ class Wallet:
             # unless that delivery named another purchase.
             async with self.db.unit_of_work(readonly=True) as uow:
                 first = await self._event_recorded_for(uow, provider, event)
-            if first is not None:
-                _refuse_another_event(provider, event, first)
+            if first is None:
+                # Not this event id's unique key: nothing was recorded, so an OK would tell the
+                # provider the event was applied and stop its retries. Let the error answer.
+                raise
+            _refuse_another_event(provider, event, first)
             return wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id,
                 purchase=await self.get_purchase(event.purchase_id),

@@ -1,5 +1,6 @@
 """A payment callback is answered OK only for what the wallet recorded: a delivery of a recorded
-event id is a duplicate only when it is that event (its purchase, type, amount and currency)."""
+event id is a duplicate only when it is that event (its purchase, type, amount and currency), and
+an error that recorded nothing is never answered as a duplicate."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
@@ -114,3 +116,26 @@ async def test_a_concurrent_delivery_of_the_id_as_another_type_is_refused_not_a_
         await wallet.handle_payment_event(_callback("evt_1", "charge.refunded", p))
     assert refused.value.reason == "PROVIDER_EVENT_ID_REUSED" and len(looks) == 2
     assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+
+
+async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(
+    wallet: Wallet,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was: any IntegrityError was taken for a concurrent delivery's event id and answered
+    # duplicate=true, although nothing was recorded: the provider stopped, the coins never came.
+    p = await _purchase(wallet, "buy-1")
+    add = wallet.outbox.add
+
+    async def failing_add(*args: Any, **kwargs: Any) -> None:
+        raise IntegrityError("INSERT INTO outbox", {}, Exception("UNIQUE constraint failed: outbox.event_id"))
+
+    monkeypatch.setattr(wallet.outbox, "add", failing_add)
+    with pytest.raises(IntegrityError):
+        await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
+    assert (await wallet.get_purchase(p.purchase_id)).status == wallet_pb2.PURCHASE_STATUS_PENDING
+    assert await _events(wallet) == 0
+    monkeypatch.setattr(wallet.outbox, "add", add)
+    retried = await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))  # the provider's retry
+    assert (retried.duplicate, retried.purchase.status) == (False, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
+    assert (await wallet.get_balance("u")).coins == 70
