@@ -813,3 +813,73 @@ def test_every_value_docs_sre_gives_a_container_setting_is_the_one_the_overlay_s
         if (period := w.pod["terminationGracePeriodSeconds"]) != int(grace.group(1)):
             wrong.append(f"{w.name}: terminationGracePeriodSeconds {period}, docs/sre.md says {grace.group(1)}")
     assert not wrong, "\n".join(wrong)
+
+
+# Go's and NATS's size suffixes, to bytes. Go (GOMEMLIMIT) takes B, KiB, MiB, GiB, TiB; the NATS
+# configuration takes both K/KB/M/MB/G/GB and the binary KiB/MiB/GiB: the decimal ones are read
+# as the binary here, the larger, so a check that something fits errs on the safe side.
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
+# Kubernetes quantities (binary suffixes only: what the manifests use).
+_QUANTITY_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def _size_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    assert m and m.group(2).lower() in _SIZE_UNITS, f"not a size: {text!r}"
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def _quantity_bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(text))
+    assert m, f"not a binary quantity: {text!r}"
+    return int(m.group(1)) * _QUANTITY_UNITS[m.group(2) or ""]
+
+
+def test_nats_knows_its_memory_limit_and_its_stores_fit_the_pod(overlay: str) -> None:
+    """nats-server is a Go program: without GOMEMLIMIT its collector lets the heap grow to twice
+    what is live before collecting, blind to the container's limit, and a JetStream burst (a
+    consumer catching up, a stream's catch-up after a restart) is OOM-killed instead of
+    collected: the server restarts and its streams lose a replica while it catches up. NATS's own
+    Kubernetes guidance sets it to 80-90 % of the memory limit. The memory store and the file
+    store must fit under that limit and on the PVC."""
+    objs = objects(overlay)
+    nats = find(objs, "StatefulSet", "nats")
+    assert nats is not None
+    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    limit = _quantity_bytes(container["resources"]["limits"]["memory"])
+    assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"] or (
+        overlay == "dev"
+    ), "prod: NATS's memory request is its limit (a JetStream server is not overcommitted)"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env.get("GOMEMLIMIT"), f"{overlay}: the NATS container sets no GOMEMLIMIT (limit {limit} bytes)"
+    soft = _size_bytes(env["GOMEMLIMIT"])
+    assert 0.7 * limit <= soft <= 0.9 * limit, (
+        f"{overlay}: GOMEMLIMIT {env['GOMEMLIMIT']} is not 70-90 % of the memory limit "
+        f"{container['resources']['limits']['memory']}"
+    )
+    conf = _nats_conf(objs)
+    memory_store = re.search(r"max_memory_store:\s*(\S+)", conf)
+    file_store = re.search(r"max_file_store:\s*(\S+)", conf)
+    assert memory_store and file_store, "nats.conf must bound both JetStream stores"
+    assert _size_bytes(memory_store.group(1)) <= soft // 2, "the memory store must leave room for the server itself"
+    (claim,) = [t for t in nats["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == "data"]
+    pvc = _quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    assert _size_bytes(file_store.group(1)) <= 0.9 * pvc, (
+        f"{overlay}: max_file_store {file_store.group(1)} does not leave 10 % of the "
+        f"{claim['spec']['resources']['requests']['storage']} volume free"
+    )
