@@ -883,3 +883,25 @@ def test_nats_knows_its_memory_limit_and_its_stores_fit_the_pod(overlay: str) ->
         f"{overlay}: max_file_store {file_store.group(1)} does not leave 10 % of the "
         f"{claim['spec']['resources']['requests']['storage']} volume free"
     )
+
+
+def test_the_dev_postgresql_stops_fast_not_after_every_client_leaves() -> None:
+    """Kubernetes stops a container with SIGTERM whatever the image's STOPSIGNAL (the postgres
+    image asks for SIGINT, which compose honours). To PostgreSQL SIGTERM is a *smart* shutdown: it
+    waits for every session to end, and the services' pools keep theirs open, so it waits out
+    terminationGracePeriodSeconds and is SIGKILLed: every restart of the dev database is then a
+    crash recovery. A preStop `pg_ctl stop -m fast` ends the sessions (rolling back what is in
+    flight) and checkpoints, within the grace period."""
+    objs = objects("dev")
+    pg = find(objs, "StatefulSet", "postgres")
+    assert pg is not None
+    pod = pg["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    assert command[:2] == ["pg_ctl", "stop"], f"the dev PostgreSQL has no preStop pg_ctl stop: {command}"
+    mode = command[command.index("-m") + 1] if "-m" in command else "smart"
+    assert mode == "fast", f"pg_ctl stop -m {mode}: smart waits for the pools, immediate skips the checkpoint"
+    wait_s = int(command[command.index("-t") + 1]) if "-t" in command else 60  # pg_ctl's default
+    assert wait_s < pod["terminationGracePeriodSeconds"], "pg_ctl must finish waiting before the SIGKILL"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env.get("PGDATA"), "pg_ctl finds the data directory through PGDATA"
