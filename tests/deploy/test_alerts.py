@@ -21,6 +21,7 @@ SEVERITIES = {"critical", "warning"}
 # Metrics that other exporters serve, with the labels they carry.
 EXTERNAL_METRICS = {
     "kube_job_failed": ("namespace", "job_name", "condition", "reason"),  # kube-state-metrics
+    "kube_cronjob_status_last_successful_time": ("namespace", "cronjob"),  # kube-state-metrics
     "up": ("job", "instance"),  # Prometheus itself, per scrape target (and the target labels)
 }
 # Labelled counters that an alert takes increase() or rate() of, and the test that shows each label set the
@@ -366,3 +367,38 @@ def test_the_review_alert_fires_after_a_long_weekend_and_well_before_the_promise
     days = int(m.group(1)) / 86400
     long_weekend_days, payment_days, margin_days = 4.5, 1, 7
     assert long_weekend_days < days <= _review_promise_days() - payment_days - margin_days, days
+
+
+def _schedule_period_s(schedule: str) -> int:
+    """The period of the audit CronJobs' kind of schedule: "M * * * *" hourly, "M H * * *" daily."""
+    minute, hour, *days = schedule.split()
+    assert minute.isdigit() and days == ["*", "*", "*"], f"not an hourly or daily schedule: {schedule!r}"
+    return 3600 if hour == "*" else 86400
+
+
+def test_an_audit_cronjob_that_stops_succeeding_is_alerted_even_when_no_job_fails() -> None:
+    """LivegiftsAuditFailed sees a Job that failed. An audit that no longer runs fails none: the
+    CronJob suspended or deleted, a controller that skipped its schedules, a Job whose pod is never
+    made (a quota). The books would go unchecked with every alert quiet. So each audit CronJob has
+    a threshold on the time since its last success: above one period and the Job's deadline (a
+    late run is no alarm), at most three periods and the deadline (a day's hourly audits missing
+    is)."""
+    objs = render("prod")
+    rules = [r for r in _rules() if "kube_cronjob_status_last_successful_time" in r["expr"]]
+    assert rules, "no alert watches the audit CronJobs' last success"
+    expr = " ".join(" ".join(r["expr"] for r in rules).split())
+    for cron in by_kind(objs, "CronJob"):
+        name = cron["metadata"]["name"]
+        if not name.startswith("livegifts-audit"):
+            continue
+        m = re.search(
+            rf'kube_cronjob_status_last_successful_time\{{cronjob="{re.escape(name)}"\}}\) > (\d+)',
+            expr,
+        )
+        assert m, f"no threshold on the last success of {name}: {expr}"
+        period = _schedule_period_s(cron["spec"]["schedule"])
+        deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+        threshold = int(m.group(1))
+        assert period + deadline <= threshold <= 3 * period + deadline, (
+            f"{name}: {threshold} s without a success, for a run every {period} s that may take {deadline} s"
+        )
