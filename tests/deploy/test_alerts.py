@@ -22,6 +22,9 @@ SEVERITIES = {"critical", "warning"}
 EXTERNAL_METRICS = {
     "kube_job_failed": ("namespace", "job_name", "condition", "reason"),  # kube-state-metrics
     "kube_cronjob_status_last_successful_time": ("namespace", "cronjob"),  # kube-state-metrics
+    # the kubelet, per PersistentVolumeClaim of a running pod
+    "kubelet_volume_stats_available_bytes": ("namespace", "persistentvolumeclaim"),
+    "kubelet_volume_stats_capacity_bytes": ("namespace", "persistentvolumeclaim"),
     "up": ("job", "instance"),  # Prometheus itself, per scrape target (and the target labels)
 }
 # Labelled counters that an alert takes increase() or rate() of, and the test that shows each label set the
@@ -402,3 +405,42 @@ def test_an_audit_cronjob_that_stops_succeeding_is_alerted_even_when_no_job_fail
         assert period + deadline <= threshold <= 3 * period + deadline, (
             f"{name}: {threshold} s without a success, for a run every {period} s that may take {deadline} s"
         )
+
+
+def _prod_volume_claims(objs: tuple[Obj, ...]) -> set[str]:
+    """The PersistentVolumeClaims prod makes: <template>-<statefulset>-<n> per StatefulSet pod, and
+    CloudNativePG's <cluster>-<n> (data) and <cluster>-<n>-wal per instance (numbered from 1)."""
+    claims = set()
+    for sts in by_kind(objs, "StatefulSet"):
+        for template in sts["spec"].get("volumeClaimTemplates", []):
+            for n in range(sts["spec"]["replicas"]):
+                claims.add(f"{template['metadata']['name']}-{sts['metadata']['name']}-{n}")
+    for cluster in by_kind(objs, "Cluster"):
+        for n in range(1, cluster["spec"]["instances"] + 1):
+            claims.add(f"{cluster['metadata']['name']}-{n}")
+            if "walStorage" in cluster["spec"]:
+                claims.add(f"{cluster['metadata']['name']}-{n}-wal")
+    return claims
+
+
+def test_every_volume_prod_makes_is_alerted_before_it_is_full() -> None:
+    """A database volume that fills refuses every write (STORAGE_FULL), and at the planning volume
+    prod's 20 Gi fill within weeks (docs/sre.md, "Capacity"); the services' own metrics show it
+    only once calls fail. So every PersistentVolumeClaim of the prod namespace (the CloudNativePG
+    data and WAL volumes, the NATS JetStream volumes) is watched, with room left to grow it."""
+    objs = render("prod")
+    claims = _prod_volume_claims(objs)
+    assert len(claims) == 3 * 3 * 2 + 3, sorted(claims)
+    rules = [r for r in _rules() if "kubelet_volume_stats_available_bytes" in r["expr"]]
+    assert rules, "no alert watches the volumes' free space"
+    (rule,) = rules
+    expr = " ".join(rule["expr"].split())
+    (namespace,) = {o["metadata"]["namespace"] for o in objs if o["kind"] != "Namespace"}
+    for metric in ("kubelet_volume_stats_available_bytes", "kubelet_volume_stats_capacity_bytes"):
+        m = re.search(rf"{metric}\{{([^}}]*)\}}", expr)
+        assert m, f"{metric} is not read with a selector: {expr}"
+        selector = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        assert selector == {"namespace": namespace}, f"{metric}: selects {selector}, not every claim of {namespace}"
+    threshold = re.search(r"\) > (0\.\d+)$", expr)
+    assert threshold and float(threshold.group(1)) <= 0.85, f"too late to grow a volume: {expr}"
+    assert "persistentvolumeclaim" in re.search(r"by \(([^)]*)\)", expr).group(1), "the page must name the volume"
