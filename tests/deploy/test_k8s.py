@@ -905,3 +905,29 @@ def test_the_dev_postgresql_stops_fast_not_after_every_client_leaves() -> None:
     assert wait_s < pod["terminationGracePeriodSeconds"], "pg_ctl must finish waiting before the SIGKILL"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env.get("PGDATA"), "pg_ctl finds the data directory through PGDATA"
+
+
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def test_docs_sre_prerequisites_name_the_zones_prod_needs() -> None:
+    """Each CloudNativePG cluster asks for its instances in distinct zones (required pod
+    anti-affinity on the zone): on a cluster with fewer zones the instances past them stay Pending
+    for good, and the database runs without the standby its synchronous commit counts on. An SRE
+    checks the cluster against the prerequisites before the first apply, so they must say it."""
+    objs = objects("prod")
+    needed = 0
+    for cluster in by_kind(objs, "Cluster"):
+        affinity = cluster["spec"]["affinity"]
+        if (
+            affinity.get("podAntiAffinityType") == "required"
+            and affinity.get("topologyKey") == "topology.kubernetes.io/zone"
+        ):
+            needed = max(needed, cluster["spec"]["instances"])
+    assert needed, "no CloudNativePG cluster requires its own zone per instance any more: update this test"
+    sre = (REPO / "docs" / "sre.md").read_text()
+    prerequisites = " ".join(sre.split("\n## Deploy\n", 1)[1].strip().split("\n\n", 1)[0].split())
+    assert prerequisites.startswith("Prerequisites:"), prerequisites[:80]
+    assert f"at least {_NUMBER_WORDS[needed]} zones" in prerequisites, (
+        f"docs/sre.md's prerequisites do not say prod needs at least {needed} zones: {prerequisites}"
+    )
