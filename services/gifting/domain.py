@@ -50,18 +50,25 @@ GIFT_COINS_MAX = 10_000_000
 
 
 def gift_cost(unit_price_coins: int, quantity: int, quantity_max: int) -> int:
-    """Coins for `quantity` of a gift; INVALID_QUANTITY outside 1..quantity_max or above GIFT_COINS_MAX coins."""
-    if quantity < 1:
-        raise InvalidArgument("quantity must be >= 1", "INVALID_QUANTITY")
-    if quantity > quantity_max:
-        raise InvalidArgument(f"quantity must be <= {quantity_max}", "INVALID_QUANTITY")
+    """Coins for `quantity` of a gift; INVALID_QUANTITY outside 1..quantity_max or above GIFT_COINS_MAX coins.
+
+    Every refusal names `quantity_max`, the most of this gift one send may carry (QUANTITY_MAX, or
+    fewer for a gift so dear that GIFT_COINS_MAX binds first): QUANTITY_MAX is a deployment's
+    setting, so an app's combo picker can only learn its bound from the answer.
+    """
     check(unit_price_coins > 0, "catalog prices are positive")
+    most = min(quantity_max, GIFT_COINS_MAX // unit_price_coins)
+    if quantity < 1:
+        raise InvalidArgument("quantity must be >= 1", "INVALID_QUANTITY", quantity_max=most)
+    if quantity > quantity_max:
+        raise InvalidArgument(f"quantity must be <= {quantity_max}", "INVALID_QUANTITY", quantity_max=most)
     coins = unit_price_coins * quantity
     if coins > GIFT_COINS_MAX:
         raise InvalidArgument(
             f"at most {GIFT_COINS_MAX // unit_price_coins} of this gift fit in one send ({GIFT_COINS_MAX} coins)",
             "INVALID_QUANTITY",
             coins_max=GIFT_COINS_MAX,
+            quantity_max=most,
         )
     return coins
 
@@ -115,7 +122,13 @@ def title(text: str, chars_max: int, *, required: bool, too_long: str = "INVALID
 def tip_message(message: str, chars_max: int) -> str:
     """A tip's message; MESSAGE_TOO_LONG above chars_max, INVALID_MESSAGE with control characters (`is_text`)."""
     if len(message) > chars_max:
-        raise InvalidArgument(f"a tip message is at most {chars_max} characters", "MESSAGE_TOO_LONG")
+        # The limit is a setting (TIP_MESSAGE_CHARS_MAX): named, as INVALID_TIP_AMOUNT names its own,
+        # so an app can say how long a message may be without a copy of the deployment's settings.
+        raise InvalidArgument(
+            f"a tip message is at most {chars_max} characters",
+            "MESSAGE_TOO_LONG",
+            tip_message_chars_max=chars_max,
+        )
     if not is_text(message):
         raise InvalidArgument("a tip message must be text without control characters", "INVALID_MESSAGE")
     return message

@@ -45,6 +45,37 @@ def test_a_tip_message_is_short_printable_text() -> None:
         assert exc.value.reason == "INVALID_MESSAGE"
 
 
+def test_a_too_long_tip_message_names_the_limit_an_app_must_show() -> None:
+    """TIP_MESSAGE_CHARS_MAX is a deployment's setting: the refusal carries it, as
+    INVALID_TIP_AMOUNT carries tip_coins_max, so an app need not hold a copy of the settings."""
+    with pytest.raises(InvalidArgument) as exc:
+        domain.tip_message("x" * 151, 150)
+    assert exc.value.reason == "MESSAGE_TOO_LONG"
+    assert exc.value.metadata == {"tip_message_chars_max": "150"}
+
+
+@pytest.mark.parametrize(
+    ("price", "quantity", "quantity_max", "most"),
+    [
+        (1, 0, 9_999, 9_999),  # too few: the bound is QUANTITY_MAX
+        (1, -5, 9_999, 9_999),
+        (1, 10_000, 9_999, 9_999),  # too many for QUANTITY_MAX
+        (34_999, 286, 9_999, 285),  # a Universe: GIFT_COINS_MAX binds first (285 x 34,999 fit)
+        (34_999, 0, 9_999, 285),
+    ],
+)
+def test_a_refused_quantity_names_the_most_of_this_gift_one_send_may_carry(
+    price: int, quantity: int, quantity_max: int, most: int
+) -> None:
+    """A combo picker needs the bound, which is a setting (QUANTITY_MAX) or the coins cap over
+    the gift's price: every INVALID_QUANTITY names it as `quantity_max`."""
+    with pytest.raises(InvalidArgument) as exc:
+        domain.gift_cost(price, quantity, quantity_max)
+    assert exc.value.reason == "INVALID_QUANTITY"
+    assert exc.value.metadata["quantity_max"] == str(most)
+    assert domain.gift_cost(price, most, quantity_max) == price * most  # the bound itself is sent
+
+
 def test_a_title_is_text_of_a_bounded_length() -> None:
     assert domain.title("", 5, required=False) == ""
     assert domain.title("👨\u200d👩\u200d👧", 5, required=True) == "👨\u200d👩\u200d👧"
