@@ -592,3 +592,18 @@ def test_every_migration_the_docs_number_is_that_services_and_builds_the_index_n
         elif index and index not in files[0].read_text():
             wrong.append(f"{svc} {number} does not build {index}")
     assert not wrong, f"{doc}: {wrong}"
+
+
+def test_the_readme_tells_a_client_what_an_answer_without_a_reason_is_and_the_limits_behind_it() -> None:
+    """gRPC itself refuses a call past the server's concurrent-call limit or a message past its
+    size limit with RESOURCE_EXHAUSTED and no ErrorInfo, the code SPENDING_LIMIT_EXCEEDED (show)
+    also has: a client must read the README's rule for such answers, with the limits as the code has them."""
+    from services.common.grpcserver import CONCURRENT_RPCS_MAX, CONNECTION_AGE_MAX_S, MESSAGE_BYTES_MAX
+
+    section = README.split("\n## Error reasons\n", 1)[1].split("\n| reason |", 1)[0].replace("\n  ", " ")
+    assert "Some answers carry no `ErrorInfo`" in section
+    assert f"`CONCURRENT_RPCS_MAX` ({CONCURRENT_RPCS_MAX:,}" in section
+    assert "`WATCHERS_MAX`" in section
+    assert MESSAGE_BYTES_MAX % (1024 * 1024) == 0
+    assert f"larger than {MESSAGE_BYTES_MAX // (1024 * 1024)} MiB" in section
+    assert f"`CONNECTION_AGE_MAX_S`, {int(CONNECTION_AGE_MAX_S) // 60} minutes" in section
