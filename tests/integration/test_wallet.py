@@ -76,6 +76,44 @@ async def test_a_signed_success_callback_credits_the_coins_once_however_often_it
     ]
 
 
+async def test_a_checkout_is_resumed_by_create_purchase_with_its_key_as_get_purchase_has_no_redirect_url(  # type: ignore[no-untyped-def]
+    clients,
+) -> None:
+    """What wallet.proto and the README say an app may count on: the redirect URL comes with
+    CreatePurchase's answer and its retries under the key, GetPurchase answers the checkout without it."""
+    request = wallet_pb2.CreatePurchaseRequest(
+        user_id=uid("viewer"),
+        package_id="us-usd-70",
+        currency_code="USD",
+        payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+        idempotency_key=uid("buy"),
+    )
+    first = await clients.wallet.CreatePurchase(request)
+    assert first.checkout.redirect_url
+    assert await clients.wallet.CreatePurchase(request) == first  # the app's way back to its checkout
+    read = await clients.wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=first.purchase_id))
+    assert (read.checkout.session_id, read.checkout.redirect_url) == (first.checkout.session_id, "")
+
+
+async def test_another_users_page_token_only_sets_where_the_page_starts_within_the_users_own_entries(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    """ListTransactions refuses a token not of its form only: a well-formed one, even another
+    user's, is a position, and shows nothing but the user's own entries before it."""
+    mine, theirs = uid("viewer"), uid("viewer")
+    for user in (mine, theirs, theirs, mine):
+        await buy_coins(clients.wallet, deployment.webhook_secret, user, "us-usd-70")
+    their_page = await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=theirs, page_size=1))
+    assert their_page.next_page_token
+    mine_all = await clients.wallet.ListTransactions(wallet_pb2.ListTransactionsRequest(user_id=mine))
+    assert len(mine_all.transactions) == 2
+    mine_before = await clients.wallet.ListTransactions(
+        wallet_pb2.ListTransactionsRequest(user_id=mine, page_token=their_page.next_page_token)
+    )
+    # My entries older than their newest one: my first purchase only, and none of theirs.
+    assert [t.entry_id for t in mine_before.transactions] == [mine_all.transactions[1].entry_id]
+
+
 async def test_an_event_id_reused_for_another_purchase_is_refused_and_the_first_purchase_keeps_it(  # type: ignore[no-untyped-def]
     clients, deployment
 ) -> None:
