@@ -127,6 +127,41 @@ async def test_bad_gifts_are_refused_with_a_stable_reason_and_charge_nothing(  #
     assert after.coins_sent == before.coins_sent or deployment.suite is None
 
 
+async def test_a_refused_combo_or_tip_message_names_the_bound_an_app_shows(clients, deployment) -> None:  # type: ignore[no-untyped-def]
+    """QUANTITY_MAX and TIP_MESSAGE_CHARS_MAX are settings: the wire errors (and SendGifts' item
+    errors) carry them, so an app needs no copy of a deployment's settings to say what would pass."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    def metadata(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+        for key, value in exc.trailing_metadata() or ():
+            if key == "grpc-status-details-bin":
+                info = error_details_pb2.ErrorInfo()
+                status_pb2.Status.FromString(value).details[0].Unpack(info)
+                return dict(info.metadata)
+        return {}
+
+    viewer, creator = uid("viewer"), uid("creator")
+    stream = await live_stream(clients.gifting, creator)
+    combo = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="rose", quantity=10_000, idempotency_key=uid("g")
+    )
+    exc = await expect_error(clients.gifting.SendGift(combo), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUANTITY")
+    assert metadata(exc)["quantity_max"] == "9999"
+    dear = gifting_pb2.SendGiftRequest(
+        stream_id=stream.stream_id, sender_id=viewer, gift_id="universe", quantity=286, idempotency_key=uid("g")
+    )
+    batch = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=[dear]))
+    assert (batch.results[0].error.reason, batch.results[0].error.metadata["quantity_max"]) == (
+        "INVALID_QUANTITY",
+        "285",
+    )
+    tip = gifting_pb2.SendTipRequest(
+        stream_id=stream.stream_id, sender_id=viewer, coins=1, message="x" * 151, idempotency_key=uid("t")
+    )
+    exc = await expect_error(clients.gifting.SendTip(tip), grpc.StatusCode.INVALID_ARGUMENT, "MESSAGE_TOO_LONG")
+    assert metadata(exc) == {"tip_message_chars_max": "150"}
+
+
 async def test_a_gift_to_an_ended_stream_is_refused_but_a_retry_of_an_earlier_one_is_answered(
     clients, deployment
 ) -> None:  # type: ignore[no-untyped-def]
