@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import FailedPrecondition, Unauthenticated, is_text
@@ -139,3 +140,36 @@ def event_id_reused(
         provider_event_id=provider_event_id,
         **metadata,
     )
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """What a provider event id was first recorded with: the purchase or withdrawal, and the event type."""
+
+    record_id: str
+    event_type: str
+
+
+def refuse_another_event(
+    provider: str, provider_event_id: str, noun: str, first: RecordedEvent, named_id: str, named_event_type: str
+) -> None:
+    """PROVIDER_EVENT_ID_REUSED unless the callback is the event its id was recorded as (then a duplicate).
+
+    Another `noun` (purchase, withdrawal), or the same one and another event type (a refund under
+    the id of the purchase's success, a PAID under the id of the withdrawal's FAILED): answered
+    OK as a duplicate, the provider would stop sending an event nothing applied (a refund whose
+    coins the buyer keeps, a payout whose diamonds the creator got back), so it is refused,
+    logged and counted alike (`event_id_reused`).
+    """
+    if first.record_id != named_id:
+        raise event_id_reused(provider, provider_event_id, noun, first.record_id, named_id)
+    if first.event_type != named_event_type:
+        raise event_id_reused(
+            provider,
+            provider_event_id,
+            noun,
+            first.record_id,
+            named_id,
+            first_event_type=first.event_type,
+            named_event_type=named_event_type,
+        )

@@ -555,7 +555,7 @@ class Wallet:
 
     async def _event_recorded_for(
         self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent
-    ) -> RecordedEvent | None:
+    ) -> signing.RecordedEvent | None:
         """The purchase and event type this provider event id was recorded with, or None if it is new."""
         e = payment_events.c
         row = (
@@ -565,7 +565,7 @@ class Wallet:
                 )
             )
         ).first()
-        return None if row is None else RecordedEvent(row.purchase_id, row.event_type)
+        return None if row is None else signing.RecordedEvent(row.purchase_id, row.event_type)
 
     async def _record_payment_event(
         self, uow: UnitOfWork, provider: PaymentProvider, event: ProviderEvent, purchase_id: str, ts: int
@@ -1259,35 +1259,11 @@ def _promotion_pb(r) -> wallet_pb2.Promotion:  # type: ignore[no-untyped-def]
     )
 
 
-@dataclass(frozen=True)
-class RecordedEvent:
-    """What a provider event id was first recorded with."""
-
-    purchase_id: str
-    event_type: str
-
-
-def _refuse_another_event(provider: PaymentProvider, event: ProviderEvent, first: RecordedEvent) -> None:
-    """PROVIDER_EVENT_ID_REUSED unless `event` is the one its id was recorded with (then a duplicate).
-
-    Another purchase, or the same purchase and another type (a refund under the id of its
-    success): answered OK as a duplicate, the provider would stop sending an event nothing
-    applied (a refund whose coins the buyer keeps), so it is refused, logged and counted alike.
-    """
-    if first.purchase_id != event.purchase_id:
-        raise signing.event_id_reused(
-            provider.name, event.provider_event_id, "purchase", first.purchase_id, event.purchase_id
-        )
-    if first.event_type != event.event_type:
-        raise signing.event_id_reused(
-            provider.name,
-            event.provider_event_id,
-            "purchase",
-            first.purchase_id,
-            event.purchase_id,
-            first_event_type=first.event_type,
-            named_event_type=event.event_type,
-        )
+def _refuse_another_event(provider: PaymentProvider, event: ProviderEvent, first: signing.RecordedEvent) -> None:
+    """PROVIDER_EVENT_ID_REUSED unless `event` is the one its id was recorded with (then a duplicate)."""
+    signing.refuse_another_event(
+        provider.name, event.provider_event_id, "purchase", first, event.purchase_id, event.event_type
+    )
 
 
 def _purchase_pb(r: dict) -> wallet_pb2.Purchase:  # type: ignore[type-arg]
