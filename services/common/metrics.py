@@ -97,7 +97,7 @@ PURCHASES_CREDITED_RESTRICTED = Counter(
     ["reason"],
 )
 # Wallet and payout: signed provider callbacks refused because their event id was recorded
-# for another purchase or withdrawal, or another event type of the same purchase (a provider
+# for another purchase or withdrawal, or another event type of the same one (a provider
 # bug; PROVIDER_EVENT_ID_REUSED).
 PROVIDER_EVENT_IDS_REUSED = Counter(
     "livegifts_provider_event_ids_reused_total",

@@ -1613,8 +1613,8 @@ class Payout:
             # unless that delivery named another withdrawal.
             async with self.db.unit_of_work(readonly=True) as uow:
                 first = await self._event_recorded_for(uow, event)
-            if first is not None and first != event.withdrawal_id:
-                raise self._event_id_reused(event, first) from None
+            if first is not None:
+                self._refuse_another_event(event, first)
             return payout_pb2.HandlePayoutEventResponse(
                 provider_event_id=event.provider_event_id,
                 withdrawal=await self.get_withdrawal(event.withdrawal_id),
@@ -1626,14 +1626,12 @@ class Payout:
         async with self.db.unit_of_work() as uow:
             row = await self._load_withdrawal(uow, event.withdrawal_id)
             seen = await self._event_recorded_for(uow, event)
-            if seen is not None and seen != row.withdrawal_id:
-                raise self._event_id_reused(event, seen)
             if seen is not None:
-                return payout_pb2.HandlePayoutEventResponse(
-                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
-                )
-            # Checked before an outcome the withdrawal already has is answered as a duplicate: the
-            # provider reporting another amount under a new event id is no repeat of what we know.
+                self._refuse_another_event(event, seen)  # another withdrawal's, or another type's
+            # Checked before any duplicate is answered: every event recorded for this withdrawal
+            # carried its net and currency, so one reporting another amount, under a recorded
+            # event id or a new one, is no repeat of what we know, and an OK would acknowledge
+            # a transfer nothing applied.
             if event.amount_minor != row.net_minor or event.currency_code != row.currency_code:
                 # The provider reports moving another amount than we sent: refused on every retry
                 # (a PROCESSING withdrawal stays so; a PAID or FAILED one keeps its outcome) until
@@ -1656,6 +1654,10 @@ class Payout:
                     "AMOUNT_MISMATCH",
                     expected_amount_minor=row.net_minor,
                     expected_currency_code=row.currency_code,
+                )
+            if seen is not None:
+                return payout_pb2.HandlePayoutEventResponse(
+                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
                 )
             if row.status == event.target.value:  # the same outcome under another event id
                 return payout_pb2.HandlePayoutEventResponse(
@@ -1712,23 +1714,28 @@ class Payout:
             provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(moved), duplicate=False
         )
 
-    async def _event_recorded_for(self, uow: UnitOfWork, event: PayoutEvent) -> str | None:
-        """The withdrawal this provider event id was recorded for, or None if it is new."""
+    async def _event_recorded_for(self, uow: UnitOfWork, event: PayoutEvent) -> signing.RecordedEvent | None:
+        """The withdrawal and event type this provider event id was recorded with, or None if it is new."""
         check(self.provider is not None, "self.provider is not None")
         pe = payout_events.c
-        return (
+        row = (
             await uow.conn.execute(
-                select(pe.withdrawal_id).where(
+                select(pe.withdrawal_id, pe.event_type).where(
                     pe.provider == self.provider.name, pe.provider_event_id == event.provider_event_id
                 )
             )
-        ).scalar()
+        ).first()
+        return None if row is None else signing.RecordedEvent(row.withdrawal_id, row.event_type)
 
-    def _event_id_reused(self, event: PayoutEvent, first_withdrawal_id: str) -> FailedPrecondition:
-        """PROVIDER_EVENT_ID_REUSED for a callback naming another withdrawal than its event id's first one."""
+    def _refuse_another_event(self, event: PayoutEvent, first: signing.RecordedEvent) -> None:
+        """PROVIDER_EVENT_ID_REUSED unless `event` is the one its id was recorded with (then a duplicate).
+
+        A PAID under the event id of the withdrawal's FAILED, answered as a duplicate, would stop
+        the provider's retries of a transfer that went out while the diamonds went back.
+        """
         check(self.provider is not None, "self.provider is not None")
-        return signing.event_id_reused(
-            self.provider.name, event.provider_event_id, "withdrawal", first_withdrawal_id, event.withdrawal_id
+        signing.refuse_another_event(
+            self.provider.name, event.provider_event_id, "withdrawal", first, event.withdrawal_id, event.event_type
         )
 
     # ---- clawback ------------------------------------------------------------------------

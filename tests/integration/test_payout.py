@@ -520,6 +520,28 @@ async def test_an_event_id_reused_for_another_withdrawal_is_refused_and_the_firs
         )
         assert first.withdrawal_id in str(err.trailing_metadata()), err.trailing_metadata()
     assert await clients.payout.GetWithdrawal(W.GetWithdrawalRequest(withdrawal_id=other.withdrawal_id)) == other
+    # The other outcome of the first withdrawal under its id is no duplicate either (was: OK,
+    # duplicate=true, a transfer the provider reports both ways acknowledged without a word),
+    # nor is its own outcome under its id for another amount.
+    err = await expect_error(
+        clients.payout.HandlePayoutEvent(callback(first, "payout.failed")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROVIDER_EVENT_ID_REUSED",
+    )
+    assert dict(error_info(err).metadata) == {
+        "provider_event_id": event_id,
+        "withdrawal_id": first.withdrawal_id,
+        "event_type": "payout.paid",
+    }
+    payload = dev_payout_payload(event_id, "payout.paid", first.withdrawal_id, 1, first.net.currency_code)
+    await expect_error(
+        clients.payout.HandlePayoutEvent(
+            W.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(secret, payload))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "AMOUNT_MISMATCH",
+    )
+    assert await clients.payout.GetWithdrawal(W.GetWithdrawalRequest(withdrawal_id=first.withdrawal_id)) == first
     # The id still belongs to the first withdrawal: its retry is a duplicate.
     again = await clients.payout.HandlePayoutEvent(callback(first, "payout.paid"))
     assert again.duplicate and again.withdrawal == first

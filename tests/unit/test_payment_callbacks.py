@@ -4,6 +4,7 @@ an error that recorded nothing is never answered as a duplicate."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -43,6 +44,17 @@ def _callback(
     return wallet_pb2.HandlePaymentEventRequest(
         provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
     )
+
+
+def unseen_at_first(recorded_for: Callable[..., Awaitable[Any]], looks: list[int]) -> Callable[..., Awaitable[Any]]:
+    """An `_event_recorded_for` that finds no record at its first look (appended to `looks`): a
+    concurrent delivery records the id after it, so the insert hits an IntegrityError."""
+
+    async def look(self: Any, *args: Any) -> Any:
+        looks.append(1)
+        return None if len(looks) == 1 else await recorded_for(self, *args)
+
+    return look
 
 
 async def _events(w: Wallet) -> int:
@@ -104,14 +116,8 @@ async def test_a_concurrent_delivery_of_the_id_as_another_type_is_refused_not_a_
     # delivery committed meanwhile (IntegrityError). Was: answered a duplicate whatever its type.
     p = await _purchase(wallet, "buy-1")
     await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))
-    recorded_for = Wallet._event_recorded_for
     looks: list[int] = []
-
-    async def unseen_once(self: Wallet, *args: Any) -> Any:
-        looks.append(1)
-        return None if len(looks) == 1 else await recorded_for(self, *args)
-
-    monkeypatch.setattr(Wallet, "_event_recorded_for", unseen_once)
+    monkeypatch.setattr(Wallet, "_event_recorded_for", unseen_at_first(Wallet._event_recorded_for, looks))
     with pytest.raises(FailedPrecondition) as refused:
         await wallet.handle_payment_event(_callback("evt_1", "charge.refunded", p))
     assert refused.value.reason == "PROVIDER_EVENT_ID_REUSED" and len(looks) == 2

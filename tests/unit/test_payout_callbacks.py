@@ -6,6 +6,8 @@ of ours: it is refused WITHDRAWAL_NOT_SUBMITTED. A submission whose answer was l
 after the provider took it, before storing its reference) leaves the withdrawal PROCESSING, and its
 callback applies from there. A FAILED callback after PAID (a payout the bank returned) is not
 modelled: refused INVALID_WITHDRAWAL_TRANSITION, as before, but now with a warning and a count.
+A delivery of a recorded event id is a duplicate only when it is that event (its withdrawal, type,
+amount and currency).
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import func, select
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.payout.providers import dev_payout_payload
+from services.payout.storage import payout_events
 from services.payout.usecases import Payout
+from tests.unit.test_payment_callbacks import unseen_at_first
 from tests.unit.test_payout_dispatch import SECRET, approved_withdrawal, setup, status_of
 
 __all__ = ["setup"]  # the fixture, imported for the tests here
@@ -45,6 +53,13 @@ async def callback(
     return await payout.handle_payout_event(
         payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
     )
+
+
+async def processing_withdrawal(payout: Payout) -> str:
+    """A withdrawal of creator-a the dispatcher has submitted to the provider (PROCESSING)."""
+    withdrawal_id = await approved_withdrawal(payout, "creator-a")
+    assert await payout.dispatch_once() == 1
+    return withdrawal_id
 
 
 def refusal_line(caplog: pytest.LogCaptureFixture, text: str) -> logging.LogRecord:
@@ -107,8 +122,7 @@ async def test_a_failure_reported_after_a_withdrawal_was_paid_is_refused_logged_
     setup, caplog: pytest.LogCaptureFixture
 ) -> None:
     payout, _provider, _path = setup
-    withdrawal_id = await approved_withdrawal(payout, "creator-a")
-    assert await payout.dispatch_once() == 1
+    withdrawal_id = await processing_withdrawal(payout)
     paid = await callback(payout, withdrawal_id, "evt-paid", "payout.paid")
     assert paid.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     before = await payout.get_earnings("creator-a")
@@ -141,8 +155,7 @@ async def test_the_outcome_a_withdrawal_has_reported_again_for_another_amount_is
     setup, caplog: pytest.LogCaptureFixture, event_type: str
 ) -> None:
     payout, _provider, _path = setup
-    withdrawal_id = await approved_withdrawal(payout, "creator-a")
-    assert await payout.dispatch_once() == 1
+    withdrawal_id = await processing_withdrawal(payout)
     await callback(payout, withdrawal_id, "evt-first", event_type)
     row = await payout.get_withdrawal(withdrawal_id)
 
@@ -195,3 +208,97 @@ async def test_an_unknown_payout_provider_is_echoed_printable_and_cut_to_32_char
         )
     assert err.value.reason == "UNKNOWN_PROVIDER"
     assert err.value.metadata["provider"] == "?[2J??level=ERROR" + "x" * 15
+
+
+async def signed(
+    payout: Payout, withdrawal_id: str, event_id: str, event_type: str, amount: int, currency: str
+) -> payout_pb2.HandlePayoutEventResponse:
+    """Deliver a signed callback of the development provider for `amount` in `currency`."""
+    payload = dev_payout_payload(event_id, event_type, withdrawal_id, amount, currency)
+    return await payout.handle_payout_event(
+        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+
+
+async def recorded_events(payout: Payout) -> int:
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return (await uow.conn.execute(select(func.count()).select_from(payout_events))).scalar_one()
+
+
+@pytest.mark.parametrize(("first", "then"), [("payout.failed", "payout.paid"), ("payout.paid", "payout.failed")])
+async def test_the_other_outcome_under_the_event_id_of_the_first_is_refused_not_answered_as_a_duplicate(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture, first: str, then: str
+) -> None:
+    # Was: duplicate=true whatever the type, so a PAID under the FAILED's event id was
+    # acknowledged silently: the money went out and the creator had the diamonds back.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    settled = await callback(payout, withdrawal_id, "evt-1", first)
+    earned = await payout.get_earnings("creator-a")
+    reused_before = PROVIDER_EVENT_IDS_REUSED._value.get()
+    for _ in range(2):  # refused on every retry
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="services.common.signing"):
+            with pytest.raises(FailedPrecondition) as err:
+                await callback(payout, withdrawal_id, "evt-1", then)
+        assert err.value.reason == "PROVIDER_EVENT_ID_REUSED"
+        assert err.value.metadata == {"provider_event_id": "evt-1", "withdrawal_id": withdrawal_id, "event_type": first}
+        record = refusal_line(caplog, "recorded for another event type")
+        assert (record.first_event_type, record.named_event_type) == (first, then)  # type: ignore[attr-defined]
+    assert PROVIDER_EVENT_IDS_REUSED._value.get() == reused_before + 2
+    assert await payout.get_withdrawal(withdrawal_id) == settled.withdrawal
+    assert await payout.get_earnings("creator-a") == earned and await recorded_events(payout) == 1
+    # The id stays the first outcome's: its retry is a duplicate.
+    again = await callback(payout, withdrawal_id, "evt-1", first)
+    assert again.duplicate and again.withdrawal == settled.withdrawal
+
+
+async def test_a_recorded_event_id_sent_with_another_amount_or_currency_is_refused_not_a_duplicate(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    # Was: duplicate=true, an OK for a transfer of an amount nothing applied; now refused as a
+    # new event id with that amount is, with what the callback must carry.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    paid = await callback(payout, withdrawal_id, "evt-1", "payout.paid")
+    net = paid.withdrawal.net
+    for amount, currency in ((net.amount_minor * 10, net.currency_code), (net.amount_minor, "EUR")):
+        with pytest.raises(InvalidArgument) as err:
+            await signed(payout, withdrawal_id, "evt-1", "payout.paid", amount, currency)
+        assert err.value.reason == "AMOUNT_MISMATCH"
+        assert err.value.metadata == {
+            "expected_amount_minor": str(net.amount_minor),
+            "expected_currency_code": net.currency_code,
+        }
+    assert (await callback(payout, withdrawal_id, "evt-1", "payout.paid")).duplicate
+
+
+async def test_a_concurrent_delivery_of_the_id_as_the_other_outcome_is_refused_not_a_duplicate(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race on PostgreSQL: the look-up saw no record, the insert hit the one a concurrent
+    # delivery committed meanwhile (IntegrityError). Was: answered a duplicate whatever its type.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    await callback(payout, withdrawal_id, "evt-1", "payout.failed")
+    failed = await payout.get_withdrawal(withdrawal_id)
+    looks: list[int] = []
+    monkeypatch.setattr(Payout, "_event_recorded_for", unseen_at_first(Payout._event_recorded_for, looks))
+    # And the withdrawal as that delivery read it, before the concurrent FAILED committed.
+    monkeypatch.setattr(Payout, "_load_withdrawal", _as_processing(Payout._load_withdrawal))
+    with pytest.raises(FailedPrecondition) as err:
+        await callback(payout, withdrawal_id, "evt-1", "payout.paid")
+    assert err.value.reason == "PROVIDER_EVENT_ID_REUSED" and len(looks) == 2
+    assert err.value.metadata["event_type"] == "payout.failed"
+    monkeypatch.undo()
+    assert await payout.get_withdrawal(withdrawal_id) == failed
+
+
+def _as_processing(load: Any) -> Any:
+    """`_load_withdrawal` answering the row as it was before its outcome (PROCESSING)."""
+
+    async def loaded(self: Payout, *args: Any, **kwargs: Any) -> Any:
+        row = await load(self, *args, **kwargs)
+        return SimpleNamespace(**{**row._asdict(), "status": "PROCESSING"})
+
+    return loaded
