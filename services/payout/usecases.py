@@ -1613,8 +1613,11 @@ class Payout:
             # unless that delivery named another withdrawal.
             async with self.db.unit_of_work(readonly=True) as uow:
                 first = await self._event_recorded_for(uow, event)
-            if first is not None:
-                self._refuse_another_event(event, first)
+            if first is None:
+                # Not this event id's unique key: nothing was recorded, so an OK would tell the
+                # provider the outcome was applied and stop its retries. Let the error answer.
+                raise
+            self._refuse_another_event(event, first)
             return payout_pb2.HandlePayoutEventResponse(
                 provider_event_id=event.provider_event_id,
                 withdrawal=await self.get_withdrawal(event.withdrawal_id),

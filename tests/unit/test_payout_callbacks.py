@@ -7,7 +7,7 @@ after the provider took it, before storing its reference) leaves the withdrawal 
 callback applies from there. A FAILED callback after PAID (a payout the bank returned) is not
 modelled: refused INVALID_WITHDRAWAL_TRANSITION, as before, but now with a warning and a count.
 A delivery of a recorded event id is a duplicate only when it is that event (its withdrawal, type,
-amount and currency).
+amount and currency), and an error that recorded nothing is never answered as a duplicate.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
@@ -302,3 +303,27 @@ def _as_processing(load: Any) -> Any:
         return SimpleNamespace(**{**row._asdict(), "status": "PROCESSING"})
 
     return loaded
+
+
+async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: any IntegrityError was taken for a concurrent delivery's event id and answered
+    # duplicate=true although nothing was recorded: the provider stopped, the withdrawal stayed
+    # PROCESSING (its diamonds held) for a transfer that went out.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    add = payout.outbox.add
+
+    async def failing_add(*args: Any, **kwargs: Any) -> None:
+        raise IntegrityError("INSERT INTO outbox", {}, Exception("UNIQUE constraint failed: outbox.event_id"))
+
+    monkeypatch.setattr(payout.outbox, "add", failing_add)
+    with pytest.raises(IntegrityError):
+        await callback(payout, withdrawal_id, "evt-1", "payout.paid")
+    assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert await recorded_events(payout) == 0
+    monkeypatch.setattr(payout.outbox, "add", add)
+    retried = await callback(payout, withdrawal_id, "evt-1", "payout.paid")  # the provider's retry
+    assert (retried.duplicate, retried.withdrawal.status) == (False, payout_pb2.WITHDRAWAL_STATUS_PAID)
+    assert (await payout.get_earnings("creator-a")).diamonds_withdrawn == 20_000
