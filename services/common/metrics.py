@@ -101,7 +101,8 @@ PURCHASES_CREDITED_RESTRICTED = Counter(
 # bug; PROVIDER_EVENT_ID_REUSED).
 PROVIDER_EVENT_IDS_REUSED = Counter(
     "livegifts_provider_event_ids_reused_total",
-    "Provider callbacks refused: their event id was first recorded for another purchase or withdrawal",
+    "Provider callbacks refused: their event id was first recorded for another purchase or withdrawal"
+    " or another event type",
 )
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
 # Payout: signed payout outcomes refused for the withdrawal's status (never submitted, or another
