@@ -2101,18 +2101,28 @@ class Payout:
         ]
         if not newer:
             return []
-        # recorded <= occurred: occurred_at_us bounds the scans by ix_earnings_sender_newest.
-        after = and_(e.sender_id == rv.sender_id, e.occurred_at_us > rv.at_us, recorded > rv.at_us)
+        after = and_(e.sender_id == rv.sender_id, recorded > rv.at_us)
         open_rows = (
             await uow.conn.execute(
                 select(e.event_id, e.creator_id, e.coins, e.coins_clawed_back, e.share_bp, recorded.label("at"))
-                .where(after, e.coins_clawed_back < e.coins, recorded <= max(at for at, _ in newer))
+                .where(
+                    after,
+                    # Most gifts are sent when recorded, so occurred_at_us bounds this scan by
+                    # ix_earnings_sender_newest; one sent by a clock behind the one that recorded
+                    # it (the sweeper on another pod) is left out, which only takes less.
+                    e.occurred_at_us > rv.at_us,
+                    e.coins_clawed_back < e.coins,
+                    recorded <= max(at for at, _ in newer),
+                )
                 .order_by(e.occurred_at_us.desc(), e.event_id.desc())
                 .limit(self.settings.clawback_rows_max)
             )
         ).all()
         if not open_rows:
             return []
+        # Every clawed earning recorded after the reversal, by the recording time alone: one sent
+        # (occurred_at_us) by a clock behind the one that recorded it, left out, was cover counted
+        # twice, and the reversal took a gift no reversal after it was left to pay for.
         clawed_after = (
             await uow.conn.execute(select(recorded, e.coins_clawed_back).where(after, e.coins_clawed_back > 0))
         ).all()

@@ -227,3 +227,29 @@ async def test_an_older_reversal_stands_in_only_for_what_newer_ones_took_before_
     clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b", "creator-c")]
     assert clawed == [20, 20, 30]
     assert (await payout.get_earnings("creator-d")).diamonds_clawed_back == 0
+
+
+async def test_a_gift_sent_by_a_clock_behind_its_recording_still_counts_as_clawed_after_a_reversal(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    # A gift's recorded_at is its row's creation (gifting's pod), its occurred_at the SENT flip,
+    # perhaps by the sweeper on a pod whose clock is behind: recorded can be after occurred. A
+    # reversal between the two must still see the gift's clawed coins as taken after it
+    # (`_stand_in_takes`), or an older reversal stands in with cover that is already used.
+    payout, _provider, _path = setup
+    t = NOW_US // 1_000_000
+    skewed = gift_event("creator-b", 100, at_s=t + 11)
+    skewed.occurred_at.FromSeconds(t + 10)  # flipped by a clock 1 s behind the one that recorded it
+    await consume(payout, gifts=[gift_event("creator-a", 100, at_s=t + 5)])
+    await consume(payout, [reversal("newest", t + 20, 100)])  # takes the gift at t + 5
+    await consume(payout, gifts=[skewed])
+    await consume(payout, [reversal("older", t + 9, 100)])  # stands in for "newest": takes the skewed gift
+    await consume(payout, gifts=[gift_event("creator-c", 100, at_s=t + 15)])
+    # Recorded after it, before t + 11: the only gift it may take (t + 5) is taken, and the
+    # newest reversal's 100 coins are all used as cover for the older one.
+    await consume(payout, [reversal("between", t + 10, 100)])
+    await payout.settle_shortfalls_once()
+
+    # In order: "older" takes the gift at t + 5, "between" finds nothing (100 open), "newest" takes
+    # one of the two later gifts. Out of order, each may take another's gift, never more in all.
+    clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b", "creator-c")]
+    assert sum(clawed) == 100, f"{clawed}: a gift clawed back for no reversal after it"
+    assert await open_coins_of(payout) == 100
