@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,31 @@ def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
             )
     if "ssl" in keep and "sslmode" in dsn and keep["ssl"] != dsn["sslmode"]:
         raise ValueError(f"ssl={keep['ssl']!r} and sslmode={dsn['sslmode']!r} disagree: give one of them")
+    if dsn.get("sslrootcert") == "system":
+        _system_root_cert(dsn, keep)
     if dsn:
         args["dsn"] = "postgresql://?" + urlencode(dsn)
     return u.set(query=keep).render_as_string(hide_password=False), args
+
+
+def _system_root_cert(dsn: dict[str, str], keep: dict[str, str | tuple[str, ...]]) -> None:
+    """libpq's `sslrootcert=system` (PostgreSQL 16): the system's trusted CAs, and `verify-full`
+    unless a mode is given, a weaker one being an error. asyncpg knows no such value: it left the
+    default mode `prefer` unverified (and falling back to plain text), and with `verify-full` it
+    opened a file named "system" at the first connect. Here the system's CA file (OpenSSL's, or
+    SSL_CERT_FILE) takes its place, in `verify-full`."""
+    mode = dsn.get("sslmode", keep.get("ssl", "verify-full"))
+    if mode != "verify-full":
+        raise ValueError(f"sslrootcert=system needs sslmode=verify-full, as libpq does (given {mode!r})")
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile is None:
+        raise ValueError(
+            "sslrootcert=system: this system has no CA file (SSL_CERT_FILE, or OpenSSL's cert.pem):"
+            " give the CA file's path in sslrootcert"
+        )
+    dsn["sslrootcert"] = cafile
+    if "ssl" not in keep:
+        dsn["sslmode"] = "verify-full"
 
 
 def url_for_messages(url: str) -> str:

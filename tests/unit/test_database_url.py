@@ -151,3 +151,45 @@ def test_libpq_s_list_of_hosts_is_refused_with_the_form_that_works(url: str) -> 
     assert postgres_connect_args("postgresql://app:pw@/wallet?host=a:5432&host=b:5433")[0] == (
         "postgresql+asyncpg://app:pw@/wallet?host=a%3A5432&host=b%3A5433"
     )
+
+
+@pytest.mark.parametrize(
+    "query", ["?sslrootcert=system", "?sslmode=verify-full&sslrootcert=system", "?ssl=verify-full&sslrootcert=system"]
+)
+def test_sslrootcert_system_verifies_the_server_against_the_system_s_cas(query: str) -> None:
+    """libpq 16's sslrootcert=system: the system's CAs, verify-full. asyncpg knows no such value:
+    alone, it connected in `prefer`, unverified (plain text if the server had no TLS); with
+    verify-full it opened a file named "system" at the first connect (FileNotFoundError)."""
+    from asyncpg import connect_utils
+
+    url, args = postgres_connect_args(BASE + query)
+    _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(url))
+    kw |= args
+    _addrs, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=kw.pop("dsn"),
+        host=kw.pop("host"),
+        port=kw.pop("port"),
+        user=kw.pop("user"),
+        password=kw.pop("password"),
+        passfile=None,
+        database=kw.pop("database"),
+        ssl=kw.pop("ssl", None),
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+    assert params.sslmode == connect_utils.SSLMode.verify_full
+    assert params.ssl.verify_mode == ssl.CERT_REQUIRED and params.ssl.check_hostname
+    assert params.ssl.cert_store_stats()["x509_ca"] > 0  # the system's CAs loaded
+
+
+@pytest.mark.parametrize("mode", [m for m in SSL_MODES if m != "verify-full"])
+def test_sslrootcert_system_with_a_weaker_sslmode_is_refused_as_libpq_does(mode: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"^sslrootcert=system needs sslmode=verify-full, as libpq does \\(given '{mode}'\\)"
+    ):
+        postgres_connect_args(f"{BASE}?sslmode={mode}&sslrootcert=system")
