@@ -15,7 +15,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, unquote, urlencode
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
@@ -98,6 +98,12 @@ def postgres_connect_args(url: str) -> tuple[str, dict[str, Any]]:
         return u.render_as_string(hide_password=False), {}
     if u.host and "," in u.host:
         raise ValueError(MULTI_HOST_FORM)
+    if u.host and unquote(u.host).startswith("/") and "host" not in u.query:
+        # libpq's Unix-socket directory, percent-encoded in the authority
+        # (postgresql://%2Fvar%2Frun%2Fpostgresql/db): SQLAlchemy keeps the host encoded, and
+        # asyncpg looked "%2Fvar%2F..." up as a host name at the first connect. Its form: ?host=/dir.
+        socket = {"host": unquote(u.host)} | ({"port": str(u.port)} if u.port is not None else {})
+        u = u._replace(host=None, port=None).update_query_dict(socket | dict(u.query))  # (set() keeps a None)
     keep: dict[str, str | tuple[str, ...]] = {}
     dsn: dict[str, str] = {}
     args: dict[str, Any] = {}

@@ -193,3 +193,39 @@ def test_sslrootcert_system_with_a_weaker_sslmode_is_refused_as_libpq_does(mode:
         ValueError, match=f"^sslrootcert=system needs sslmode=verify-full, as libpq does \\(given '{mode}'\\)"
     ):
         postgres_connect_args(f"{BASE}?sslmode={mode}&sslrootcert=system")
+
+
+@pytest.mark.parametrize(
+    ("url", "socket"),
+    [
+        ("postgresql://app:pw@%2Fvar%2Frun%2Fpostgresql/wallet", "/var/run/postgresql/.s.PGSQL.5432"),
+        ("postgresql://app:pw@%2Fcloudsql%2Fp%3Ar%3Ai:5433/wallet?sslmode=disable", "/cloudsql/p:r:i/.s.PGSQL.5433"),
+    ],
+)
+def test_libpq_s_percent_encoded_socket_directory_in_the_authority_is_a_unix_socket(url: str, socket: str) -> None:
+    """libpq reads postgresql://%2Fvar%2Frun%2Fpostgresql/db as the Unix socket in that directory;
+    SQLAlchemy kept the host encoded and asyncpg looked "%2Fvar%2Frun%2Fpostgresql" up as a host
+    name, at the first connect after a start-up that passed."""
+    from asyncpg import connect_utils
+
+    got, args = postgres_connect_args(url)
+    _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(got))
+    addrs, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=args.get("dsn"),
+        host=kw.pop("host"),
+        port=kw.pop("port", None),
+        user=kw.pop("user"),
+        password=kw.pop("password"),
+        passfile=None,
+        database=kw.pop("database"),
+        ssl=None,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+    assert addrs == [socket]
+    assert (params.user, params.database, params.password) == ("app", "wallet", "pw")
