@@ -132,9 +132,11 @@ def _later_release_revision(connection: Connection, metadata: MetaData) -> str |
     previous release's pods in Init:CrashLoopBackOff after a rollback, and an old pod restarted
     during a rollout too. A later release's migrations only add to the schema (expand-only,
     tests/unit/test_migrations_expand_only.py), so this release's code serves on it unchanged.
-    Only a numbered revision above this release's head, on a database holding every table this
-    release declares: an unknown revision of another kind, or another service's database
-    (its numbers run on, its tables differ), is still refused by Alembic."""
+    Only a numbered revision above this release's head, on a database holding every table and
+    column this release declares: an unknown revision of another kind, another service's
+    database (its numbers run on, its tables differ), or one whose schema a later release cannot
+    have left (a column missing, which expand-only never drops: a mistyped `UPDATE
+    alembic_version` of a rollback, a restored dump) is still refused by Alembic."""
     current = context.get_context().get_current_heads()
     script = context.script
     heads = script.get_heads()
@@ -143,7 +145,20 @@ def _later_release_revision(connection: Connection, metadata: MetaData) -> str |
     known = {rev.revision for rev in script.walk_revisions()}
     if current[0] in known or int(current[0]) <= int(heads[0]):
         return None
-    if set(metadata.tables) - set(inspect(connection).get_table_names()):
+    inspector = inspect(connection)
+    if set(metadata.tables) - set(inspector.get_table_names()):
+        return None
+    lacking = [
+        f"{table.name}.{column}"
+        for table in metadata.tables.values()
+        for column in sorted(set(table.columns.keys()) - {c["name"] for c in inspector.get_columns(table.name)})
+    ]
+    if lacking:
+        log.error(
+            "the database is at a revision above this release's but lacks columns it declares:"
+            " no later release left it so (they only add), refused",
+            extra={"revision": current[0], "head": heads[0], "columns": ", ".join(lacking[:10])},
+        )
         return None
     return current[0]
 

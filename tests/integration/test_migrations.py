@@ -592,6 +592,30 @@ async def test_another_services_database_is_still_refused_though_its_revision_is
         await upgrade_head(ROOT / "services" / "wallet" / "migrations", empty_database)
 
 
+async def test_a_later_revision_on_a_schema_lacking_a_column_of_this_release_is_refused(
+    empty_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A later release only adds (expand-only): a database at a higher revision that lacks one of
+    this release's columns is not one a later release left (a mistyped `UPDATE alembic_version`,
+    a restored dump), and serving on it would fail call by call; refused as Alembic refuses it."""
+    migrations = ROOT / "services" / "payout" / "migrations"
+    await upgrade_head(migrations, empty_database)
+    later = f"{int(_head('payout', empty_database)) + 1:04d}"
+    await _execute(
+        empty_database,
+        "DROP INDEX ix_clawbacks_sender_reversed",
+        "ALTER TABLE clawbacks DROP COLUMN reversed_at_us",
+        f"UPDATE alembic_version SET version_num = '{later}'",
+    )
+    with (
+        caplog.at_level(logging.INFO, logger="services.common.migrate"),
+        pytest.raises(CommandError, match="Can't locate revision"),
+    ):
+        await upgrade_head(migrations, empty_database)
+    said = [r for r in caplog.records if "lacks columns it declares" in r.getMessage()]
+    assert [getattr(r, "columns", None) for r in said] == ["clawbacks.reversed_at_us"]
+
+
 # The newest revision of each service in the release before the migrate runner left a later
 # release's revision alone (f72aee8): a rollback to it sets alembic_version back to these first.
 REVISIONS_OF_THE_RELEASE_BEFORE = {"wallet": "0010", "gifting": "0014", "payout": "0012"}
