@@ -167,3 +167,45 @@ async def test_an_older_reversal_applied_after_a_newer_one_takes_the_gifts_betwe
         ("p-newer", "creator-a", (NOW_S + 200) * 1_000_000),
         ("p-older", "creator-b", NOW_S * 1_000_000),
     ]
+
+
+async def test_reversals_of_one_sender_applied_in_parallel_claw_back_what_they_would_in_order(payout: Payout) -> None:
+    """Six chargebacks of one sender, each consumed in its own transaction at once (replicas of
+    the consumer, a parked one replayed), newest first in the start order: the sender's lock
+    serializes them, and each finds what the others committed (their entries' reversal times
+    included, for standing in), so none fails and, once settled, they took what they would in order."""
+    from services.payout.storage import earnings
+    from tests.unit.test_payout_domain import _max_clawable
+
+    times = [NOW_S + 10 * i for i in range(6)]
+    gifts = [(NOW_S - 5 + 10 * i, 30) for i in range(6)]  # one before each chargeback
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event(f"creator-{i % 2}", n, at_s=at) for i, (at, n) in enumerate(gifts)])
+        await uow.commit()
+
+    async def reverse(i: int) -> None:
+        async with payout.db.unit_of_work() as uow:
+            await payout.claw_back(
+                uow,
+                [
+                    wallet_events.PurchaseReversed(
+                        event_id=f"r{i}-{uuid.uuid4().hex[:8]}",
+                        purchase_id=f"p{i}",
+                        user_id="viewer",
+                        coins=50,
+                        coins_already_spent=50,
+                        kind="CHARGED_BACK",
+                        occurred_at={"seconds": times[i]},
+                    )
+                ],
+            )
+            await uow.commit()
+
+    await asyncio.gather(*(reverse(i) for i in reversed(range(6))))
+    await payout.settle_shortfalls_once()
+    e = earnings.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        clawed = (await uow.conn.execute(select(e.coins_clawed_back).where(e.sender_id == "viewer"))).scalars().all()
+        owed = (await uow.conn.execute(select(clawback_shortfalls.c.coins_open))).scalars().all()
+    assert sum(clawed) == _max_clawable([(t, 50) for t in times], gifts) == 180
+    assert sum(owed) == 6 * 50 - 180
