@@ -172,7 +172,7 @@ async def _run(payout: Payout, reversals: list[tuple[int, int]], gifts: list[tup
     ),
     st.data(),
 )
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_reversals_and_gifts_in_any_order_and_batches_claw_back_what_they_would_in_order(
     payout_loop: tuple[asyncio.Runner, Payout],
     reversals: list[tuple[int, int]],
