@@ -42,6 +42,7 @@ from services.common.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
+    InvariantViolation,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -55,7 +56,7 @@ from services.common.idempotency import IdempotentCall, answers_retry, key_reuse
 from services.common.loops import run_every
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
-from services.common.telemetry import background_span
+from services.common.telemetry import background_span, current_trace_id
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -424,7 +425,7 @@ class Gifting:
         return out
 
     async def _mark_sent_batch(self, items: list[tuple[str, int | None, Any]]) -> list[Any]:
-        """Step 3 of concurrent calls together: each gift's SENT row, or GIFT_CANCELLED for its caller.
+        """Step 3 of concurrent calls together: each gift's SENT row, or its caller's `_not_sent` INTERNAL.
 
         The batch runs in its first caller's trace; each gift's event carries its own caller's.
         """
@@ -434,12 +435,7 @@ class Gifting:
             balances.setdefault(event_id, balance)
             contexts.setdefault(event_id, ctx)
         rows = await self._mark_sent_many(balances, contexts)
-        return [
-            rows[event_id]
-            if rows[event_id]["status"] == GiftStatus.SENT.value
-            else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
-            for event_id, _, _ in items
-        ]
+        return [_not_sent(rows[event_id]) or rows[event_id] for event_id, _, _ in items]
 
     def _planner(self, req: _Begin, key: str, digest: str) -> Plan:
         """The plan of one gift, tip or unlock: read its rows, then `_plan` (`_plan_unlock`)."""
@@ -574,12 +570,26 @@ class Gifting:
             row = out[i]
             if isinstance(row, dict):
                 m = marked[row["event_id"]]
-                # Cancelled meanwhile (the sweeper settled it as never spent): this item fails alone.
-                ok = m["status"] == GiftStatus.SENT.value
-                out[i] = m if ok else FailedPrecondition("the gift was cancelled", "GIFT_CANCELLED")
+                # Not SENT: a broken invariant (`_not_sent`), INTERNAL as on SendGift; this item fails alone.
+                out[i] = _not_sent(m) or m
         results = []
         for r in out:
-            if isinstance(r, DomainError):
+            if isinstance(r, InvariantViolation):
+                # The INTERNAL the error interceptor answers SendGift with, for this item only (the
+                # others stand), and logged as it logs one.
+                trace_id = current_trace_id()
+                log.error("unexpected error in a SendGifts item", exc_info=r)
+                results.append(
+                    gifting_pb2.SendGiftResult(
+                        error=gifting_pb2.ItemError(
+                            code=grpc.StatusCode.INTERNAL.value[0],
+                            reason="INTERNAL",
+                            message=f"internal error (trace {trace_id})" if trace_id else "internal error",
+                            metadata={"trace_id": trace_id},
+                        )
+                    )
+                )
+            elif isinstance(r, DomainError):
                 results.append(
                     gifting_pb2.SendGiftResult(
                         error=gifting_pb2.ItemError(
@@ -1215,10 +1225,9 @@ class Gifting:
             if changed.rowcount == 1:
                 await self.outbox.add(uow, GIFT_SENT_SUBJECT, event_id, _gift_sent_event(row._asdict()))
                 await uow.commit()
-            else:
-                # Only a spend the wallet confirmed leads here, and a gift is cancelled only after the
-                # wallet forbade its spend: a cancelled gift with a spend means coins were lost.
-                check(row.status == GiftStatus.SENT.value, f"gift {event_id} was cancelled but its spend happened")
+        broken = _not_sent(row._asdict())
+        if broken is not None:
+            raise broken
         return row._asdict()
 
     async def _cancel(self, event_id: str, reason: str) -> None:
@@ -1737,6 +1746,20 @@ def _wallet_unavailable(gift_event_id: str, code: grpc.StatusCode | None) -> Una
         gift_event_id=gift_event_id,
         wallet_code=code.name if code else "UNKNOWN",
     )
+
+
+def _not_sent(row: dict[str, Any]) -> InvariantViolation | None:
+    """None if a gift whose spend the wallet confirmed is SENT, else the broken invariant it fails with.
+
+    Only a spend the wallet confirmed leads to marking a gift sent, and a gift is cancelled only
+    after the wallet forbade its spend: a cancelled gift with a spend means coins were taken for
+    nothing. Every path (SendGift alone or group-committed, a SendGifts item) fails it with this
+    one check, INTERNAL. Never GIFT_CANCELLED, which tells the client to retry: a retry restarts a
+    cancelled gift under its key and would charge the sender again.
+    """
+    if row["status"] == GiftStatus.SENT.value:
+        return None
+    return InvariantViolation(f"gift {row['event_id']} was cancelled but its spend happened")
 
 
 def _refusal(error: wallet_pb2.SpendItemError) -> DomainError:

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
+from services.common.errors import InvariantViolation
 from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
@@ -486,3 +487,62 @@ async def test_a_cancelled_batch_spend_ends_only_after_every_arbitration(tmp_pat
         with pytest.raises(asyncio.CancelledError):
             await call
         assert ended == ["e2"], "the call ended while one of its arbitrations was still ending"
+
+
+class CancellingWallet(ScriptedWallet):
+    """A broken invariant: Spend and SpendMany charge, but the gift was cancelled in gifting meanwhile
+    (as if an arbiter had answered "never spent" for a spend that then happened)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
+        self.db = db
+
+    async def _cancel_gifts(self, ids: list[str]) -> None:
+        async with self.db.unit_of_work() as uow:
+            await uow.conn.execute(
+                gift_events.update().where(gift_events.c.event_id.in_(ids)).values(status="CANCELLED")
+            )
+            await uow.commit()
+
+    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        await self._cancel_gifts([req.idempotency_key])
+        return wallet_pb2.SpendResponse(spend_id="s1", amount=req.amount, balance_after=95)
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        self.spend_many_calls += 1
+        await self._cancel_gifts([s.idempotency_key for s in req.spends])
+        spent = [wallet_pb2.SpendResponse(spend_id="s1", amount=s.amount, balance_after=95) for s in req.spends]
+        return wallet_pb2.SpendManyResponse(results=[wallet_pb2.SpendManyResult(spent=s) for s in spent])
+
+
+@pytest.mark.parametrize("path", ["SendGift", "SendGift group-committed", "SendGifts"])
+async def test_a_gift_charged_after_it_was_cancelled_fails_internal_on_every_path_never_gift_cancelled(
+    tmp_path: Path, path: str
+) -> None:
+    """GIFT_CANCELLED tells the client to retry, and a retry restarts a cancelled gift and charges
+    again: a gift found cancelled after the wallet confirmed its spend is the same INTERNAL
+    (a broken invariant) on SendGift alone, group-committed, and as a SendGifts item."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gifting.db'}"
+    await upgrade_head(MIGRATIONS, url)
+    probe = Database(url, pool_size=1, pool_timeout_s=5, application_name="test")
+    wallet = CancellingWallet(probe)
+    try:
+        async with _gifting_on(tmp_path, wallet, group_commit=path == "SendGift group-committed") as (g, db):
+            if path == "SendGifts":
+                stream = await g.start_stream(
+                    gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s")
+                )
+                item = gifting_pb2.SendGiftRequest(
+                    stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key="k1"
+                )
+                result = (await g.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[item]))).results[0]
+                assert result.WhichOneof("outcome") == "error", result
+                assert (result.error.code, result.error.reason) == (grpc.StatusCode.INTERNAL.value[0], "INTERNAL")
+                assert "trace_id" in result.error.metadata
+                assert "cancelled" not in result.error.message  # nothing internal leaks
+            else:
+                with pytest.raises(InvariantViolation, match="was cancelled but its spend happened"):
+                    await (await _send(g))
+            assert await _count(db, common.outbox) == 0
+    finally:
+        await probe.dispose()
