@@ -403,6 +403,16 @@ def effective_limit(states: list[LimitState], now_us: int) -> int | None:
     return min(present) if present else None
 
 
+def tightest_cap(caps: dict[Period, int | None]) -> tuple[Period, int] | None:
+    """The period with the lowest cap in force and that cap (the first in day, week, month order
+    on a tie), or None without any: no single spend above it can ever pass, whatever the counts."""
+    capped = [(cap, i, p) for i, (p, cap) in enumerate(caps.items()) if cap is not None]
+    if not capped:
+        return None
+    cap, _, period = min(capped)
+    return period, cap
+
+
 def debt_repaid(balance_after_credit: int, coins: int) -> int:
     """How many of a purchase's `coins` went to repay a debt (a negative balance) when credited."""
     return min(coins, max(0, coins - balance_after_credit))

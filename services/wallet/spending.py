@@ -442,6 +442,19 @@ class SpendBatch:
                 self._check_sender(restrictions.get(user), today, named=bool(it.req.recipient_user_id))
                 if it.req.recipient_user_id:
                     self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
+                tightest = domain.tightest_cap(caps[user])
+                if tightest is not None and amount > tightest[1]:
+                    # This spend alone passes a cap: it fits in no period, so no reset time is
+                    # named (waiting does not help; a smaller spend, or a higher limit, does).
+                    period, cap = tightest
+                    raise ResourceExhausted(
+                        f"this spend alone passes the {period.value.lower()} spending limit of {cap} coins",
+                        "SPENDING_LIMIT_EXCEEDED",
+                        period=period.value,
+                        limit_coins=cap,
+                        spent_coins=counters[(user, period)],
+                        amount_exceeds_limit="true",
+                    )
                 for period in PERIODS:
                     cap = caps[user][period]
                     if cap is not None and counters[(user, period)] + amount > cap:

@@ -127,7 +127,12 @@ async def test_an_items_error_carries_the_metadata_sendgift_would(clients, deplo
     )
     s = (await live_stream(clients.gifting, creator)).stream_id
     await clients.gifting.SendGift(gift(s, capped, "rose", 1))  # 1 of today's 5 spent
-    items = [gift(s, minor, "rose", 1), gift(s, capped, "panda", 2), gift(s, viewer, "rose", 1)]
+    items = [
+        gift(s, minor, "rose", 1),
+        gift(s, capped, "rose", 5),  # 1 + 5 > 5: fits tomorrow
+        gift(s, capped, "panda", 2),  # 10 coins > 5: fits on no day
+        gift(s, viewer, "rose", 1),
+    ]
     days = {_next_utc_midnight_us()}
     answer = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=items))
     days.add(_next_utc_midnight_us())  # two only if the call straddled midnight
@@ -139,9 +144,14 @@ async def test_an_items_error_carries_the_metadata_sendgift_would(clients, deplo
         "SPENDING_LIMIT_EXCEEDED",
         {"period": "DAY", "limit_coins": "5", "spent_coins": "1"},
     )
-    assert r[2].receipt.coins == 1
+    # No reset time that waiting would reach: the amount alone is above the limit.
+    assert (r[2].error.reason, dict(r[2].error.metadata)) == (
+        "SPENDING_LIMIT_EXCEEDED",
+        {"period": "DAY", "limit_coins": "5", "spent_coins": "1", "amount_exceeds_limit": "true"},
+    )
+    assert r[3].receipt.coins == 1
     # SendGift answers the same items with the same metadata in its ErrorInfo.
-    for item, result in zip(items[:2], r[:2], strict=True):
+    for item, result in zip(items[:3], r[:3], strict=True):
         err = await expect_error(clients.gifting.SendGift(item), _CODES[result.error.code])
         assert (error_info(err).reason, dict(error_info(err).metadata)) == (
             result.error.reason,

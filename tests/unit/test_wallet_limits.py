@@ -196,3 +196,49 @@ def test_a_period_resets_at_the_utc_midnight_that_starts_the_next_one(at_us: int
         assert (
             domain.period_keys(end - 1)[period] == domain.period_keys(at_us)[period] != domain.period_keys(end)[period]
         )
+
+
+async def test_a_spend_alone_over_a_cap_says_so_and_names_no_reset_that_waiting_would_reach(wallet: Wallet) -> None:  # noqa: F811
+    # It carried resets_at_us, telling an app to wait for the next day: a spend of 150 under a cap
+    # of 100 fits in no day, so the answer says the amount alone passes the limit, and names none.
+    user = "viewer"
+    for _ in range(3):
+        await buy(wallet, user)  # 210 coins
+    await wallet.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
+    )
+    wallet.spending.clock = lambda: WEDNESDAY_NOON_US
+    await wallet.spend(gift(user, 10))
+    alone = {"period": "DAY", "limit_coins": "100", "spent_coins": "10", "amount_exceeds_limit": "true"}
+    with pytest.raises(DomainError) as refused:
+        await wallet.spend(gift(user, 150))
+    assert (refused.value.reason, refused.value.metadata) == ("SPENDING_LIMIT_EXCEEDED", alone)
+    (item,) = (await wallet.spend_many(wallet_pb2.SpendManyRequest(spends=[gift(user, 150)]))).results
+    assert (item.error.reason, dict(item.error.metadata)) == ("SPENDING_LIMIT_EXCEEDED", alone)
+    await wallet.spend(gift(user, 90))  # the cap itself still fits, counted as before
+
+
+async def test_a_spend_alone_over_a_later_periods_lower_cap_names_that_cap_not_the_day(wallet: Wallet) -> None:  # noqa: F811
+    # Today's count passes the daily cap, which resets at midnight; but the weekly cap is below the
+    # amount, so waiting for midnight would not help: the answer names the cap the amount passes.
+    user = "viewer"
+    for _ in range(3):
+        await buy(wallet, user)
+    for limits in ({"daily": 100}, {"weekly": 50}):
+        await wallet.set_spending_limits(
+            wallet_pb2.SetSpendingLimitsRequest(user_id=user, idempotency_key=uuid.uuid4().hex, **limits)
+        )
+    wallet.spending.clock = lambda: WEDNESDAY_NOON_US
+    await wallet.spend(gift(user, 50))
+    with pytest.raises(DomainError) as refused:
+        await wallet.spend(gift(user, 60))
+    assert (refused.value.reason, refused.value.metadata) == (
+        "SPENDING_LIMIT_EXCEEDED",
+        {"period": "WEEK", "limit_coins": "50", "spent_coins": "50", "amount_exceeds_limit": "true"},
+    )
+
+
+def test_the_tightest_cap_is_the_lowest_in_force_the_earlier_period_on_a_tie() -> None:
+    assert domain.tightest_cap({Period.DAY: None, Period.WEEK: None, Period.MONTH: None}) is None
+    assert domain.tightest_cap({Period.DAY: 100, Period.WEEK: 50, Period.MONTH: None}) == (Period.WEEK, 50)
+    assert domain.tightest_cap({Period.DAY: 70, Period.WEEK: 70, Period.MONTH: 70}) == (Period.DAY, 70)
