@@ -228,12 +228,21 @@ def day_resets_at_us(day: str) -> int:
     return (dt.date.fromisoformat(day) + dt.timedelta(days=1) - _EPOCH_DATE).days * US_PER_DAY
 
 
-def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int, day: str) -> ResourceExhausted:
+def daily_limit_reached(
+    terms: CurrencyTerms, day_gross_minor: int, day: str, *, amount_exceeds_limit: bool = False
+) -> ResourceExhausted:
     """DAILY_WITHDRAWAL_LIMIT, with the maximum and what is left of it on `day` (UTC, today's),
     `day_gross_minor` (not failed or rejected) already requested: in minor units and as the most
     diamonds that fit; and when that day ends (`resets_at_us`), as the wallet's
-    SPENDING_LIMIT_EXCEEDED says when its period does."""
+    SPENDING_LIMIT_EXCEEDED says when its period does.
+
+    With `amount_exceeds_limit` (a gross above the whole daily maximum: `above_daily_maximum`) no
+    day could take it, so there is no reset time to wait for: `amount_exceeds_limit` "true"
+    instead, as the wallet's refusal of a spend alone above a cap."""
     left_minor = max(terms.daily_max_minor - day_gross_minor, 0)
+    when: dict[str, object] = (
+        {"amount_exceeds_limit": "true"} if amount_exceeds_limit else {"resets_at_us": day_resets_at_us(day)}
+    )
     return ResourceExhausted(
         f"the daily withdrawal maximum leaves {left_minor} {terms.currency_code} minor units for today",
         "DAILY_WITHDRAWAL_LIMIT",
@@ -241,7 +250,7 @@ def daily_limit_reached(terms: CurrencyTerms, day_gross_minor: int, day: str) ->
         daily_max_minor=terms.daily_max_minor,
         daily_left_minor=left_minor,
         daily_left_diamonds=diamonds_worth_at_most(left_minor, terms),
-        resets_at_us=day_resets_at_us(day),
+        **when,
     )
 
 

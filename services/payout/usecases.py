@@ -1006,7 +1006,8 @@ class Payout:
             domain.check_withdrawal_limits(amounts, terms)
             if domain.above_daily_maximum(amounts, terms):  # refused before the balance, as always
                 today = _utc_day(now_us())
-                raise domain.daily_limit_reached(terms, await self._day_gross(uow, req.creator_id, terms, today), today)
+                day_gross = await self._day_gross(uow, req.creator_id, terms, today)
+                raise domain.daily_limit_reached(terms, day_gross, today, amount_exceeds_limit=True)
             await self._settle_shortfalls_of(uow, req.creator_id)  # credited since the first settling
             c = creators.c
             balance = (

@@ -109,6 +109,10 @@ def test_the_daily_limit_says_what_is_left_today_in_cash_and_in_whole_cash_diamo
         "resets_at_us": str(_utc_midnight_us(2028, 2, 29)),  # the next UTC day (a leap day) starts again
     }
     assert domain.daily_limit_reached(USD, 100_000, "2028-02-28").metadata["daily_left_minor"] == "0"
+    # A gross above the whole day's maximum: no reset helps, so none is named.
+    whole = domain.daily_limit_reached(USD, 61_234, "2028-02-28", amount_exceeds_limit=True).metadata
+    assert whole["amount_exceeds_limit"] == "true" and "resets_at_us" not in whole
+    assert whole["daily_left_minor"] == "38766"
     assert domain.daily_limit_reached(USD, 100_000, "2028-02-28").metadata["daily_left_diamonds"] == "0"
 
 
