@@ -415,6 +415,7 @@ def _reported(msg: Any, field: str) -> int | None:
 # outbox id written, and under SENT_COINS_MARK the coins gifting had sent.
 Marks = dict[str, int]
 SENT_COINS_MARK = "gifting coins sent"
+CLAIMED_COINS_MARK = "wallet coins claimed by reversals"
 
 
 def outbox_marks(t: Totals) -> Marks:
@@ -430,7 +431,11 @@ def outbox_marks(t: Totals) -> Marks:
 def first_look_marks(t: Totals) -> Marks:
     """The outbox marks, and the coins gifting had sent by the end of these totals' reads."""
     g2 = t.gifting_after if t.gifting_after is not None else t.gifting
-    return {**outbox_marks(t), SENT_COINS_MARK: g2.coins_sent}
+    marks = {**outbox_marks(t), SENT_COINS_MARK: g2.coins_sent}
+    claimed = _reported(t.wallet, "coins_claimed_by_reversals")
+    if claimed is not None:
+        marks[CLAIMED_COINS_MARK] = claimed
+    return marks
 
 
 def _outbox_check(t: Totals, marks: Marks | None) -> Check:
@@ -499,6 +504,7 @@ def evaluate(t: Totals, marks: Marks | None = None) -> tuple[list[Check], frozen
         ),
         *_diamonds_checks(t, by_id),
         _held_check(p),
+        _reversals_check(w, p, marks),
         _verdict(
             "6. no negative balance without a reversal",
             w.negative_balances_without_reversal == 0,
@@ -589,17 +595,60 @@ def _diamonds_checks(t: Totals, by_id: bool) -> list[Check]:
 
 
 def _held_check(p: Any) -> Check:
-    return _verdict(
-        "5. diamonds credited = available + held + withdrawn + clawed back",
+    holds = (
         p.diamonds_credited == p.diamonds_available + p.diamonds_held + p.diamonds_withdrawn + p.diamonds_clawed_back
         and p.diamonds_held == p.diamonds_in_open_withdrawals
         and p.diamonds_withdrawn == p.diamonds_in_paid_withdrawals
-        and p.diamonds_clawed_back == p.diamonds_in_clawback_entries,
-        False,
+        and p.diamonds_clawed_back == p.diamonds_in_clawback_entries
+    )
+    detail = (
         f"{p.diamonds_credited} = {p.diamonds_available} + {p.diamonds_held} + {p.diamonds_withdrawn}"
         f" + {p.diamonds_clawed_back}; held in open withdrawals {p.diamonds_in_open_withdrawals},"
-        f" paid out {p.diamonds_in_paid_withdrawals}, in clawback entries {p.diamonds_in_clawback_entries}",
+        f" paid out {p.diamonds_in_paid_withdrawals}, in clawback entries {p.diamonds_in_clawback_entries}"
     )
+    # Within payout's snapshot: the clawed units on the creators' rows are the entries' units, and
+    # the coins the earnings lost are the entries' coins (a clawback written to one side only
+    # keeps every diamond total above when it takes less than a whole diamond).
+    entry_units, entry_coins = _reported(p, "units_in_clawback_entries"), _reported(p, "coins_in_clawback_entries")
+    earnings_coins = _reported(p, "earnings_coins_clawed_back")
+    if entry_units is not None and entry_coins is not None and earnings_coins is not None:
+        holds = holds and p.clawed_units == entry_units and earnings_coins == entry_coins
+        detail += (
+            f"; clawed units {p.clawed_units}, in clawback entries {entry_units};"
+            f" coins the earnings lost {earnings_coins}, in clawback entries {entry_coins}"
+        )
+    return _verdict("5. diamonds credited = available + held + withdrawn + clawed back", holds, False, detail)
+
+
+REVERSALS_LINE = "5. coins clawed back or owed = coins the wallet's reversals claimed"
+
+
+def _reversals_check(w: Any, p: Any, marks: Marks | None) -> Check:
+    """Payout's reversals (clawed back, and still owed by open shortfalls) against the wallet's claims.
+
+    Each refund or chargeback records in the wallet the coins it claims back from creators (its
+    event's `coins_already_spent`), in the transaction that writes its event; payout, read before
+    the wallet, records each event it consumes as clawback entries plus a shortfall for what it
+    cannot take yet. More in payout than the wallet claimed is a reversal applied twice or a
+    clawback beyond its claim: FAILED at once. Less is reversal events not yet consumed, or lost:
+    in flight until they are, or with the first look's marks (the wait) until payout has every
+    claim made by the first look. Without this, a lost reversal event left creators paid for
+    refunded coins while every other check passed.
+    """
+    claimed = _reported(w, "coins_claimed_by_reversals")
+    taken, owed = _reported(p, "coins_in_clawback_entries"), _reported(p, "coins_in_open_shortfalls")
+    if claimed is None or taken is None or owed is None:
+        return _verdict(REVERSALS_LINE, True, False, "not reported (an older wallet or payout)")
+    consumed = taken + owed
+    detail = f"payout {consumed} coins ({taken} clawed back, {owed} owed by open shortfalls); wallet claimed {claimed}"
+    if consumed > claimed:
+        return Check(REVERSALS_LINE, FAILED, f"{detail}: more than the reversals claimed")
+    mark = (marks or {}).get(CLAIMED_COINS_MARK)
+    if consumed != claimed and mark is not None:
+        detail += (
+            f"; {'every claim' if consumed >= mark else 'not every claim'} made by the first look ({mark}) consumed"
+        )
+    return _verdict(REVERSALS_LINE, consumed == claimed or (mark is not None and consumed >= mark), True, detail)
 
 
 LEADERBOARDS_LINE = "6. the creator leaderboards count every sent coin once"

@@ -2364,7 +2364,24 @@ class Payout:
                     select(func.coalesce(func.sum(w.diamonds), 0)).where(w.status == WithdrawalStatus.PAID.value)
                 )
             ).scalar_one()
-            clawed = (await uow.conn.execute(select(func.coalesce(func.sum(clawbacks.c.diamonds), 0)))).scalar_one()
+            cb = clawbacks.c
+            clawed, clawed_coins, clawed_entry_units = (
+                await uow.conn.execute(
+                    select(
+                        func.coalesce(func.sum(cb.diamonds), 0),
+                        func.coalesce(func.sum(cb.coins), 0),
+                        func.coalesce(func.sum(cb.units), 0),
+                    )
+                )
+            ).one()
+            # What reversals still owe, and what the earnings say was taken of them: with the
+            # entries, the reversals consumed in coins, to tie out with the wallet's claims.
+            owed = (
+                await uow.conn.execute(select(func.coalesce(func.sum(clawback_shortfalls.c.coins_open), 0)))
+            ).scalar_one()
+            earnings_clawed = (
+                await uow.conn.execute(select(func.coalesce(func.sum(earnings.c.coins_clawed_back), 0)))
+            ).scalar_one()
             e = earnings.c
             units_mismatch = (
                 await uow.conn.execute(select(func.count()).where(e.units != e.coins * e.share_bp))
@@ -2402,6 +2419,10 @@ class Payout:
             diamonds_in_open_withdrawals=int(open_[1]),
             diamonds_in_paid_withdrawals=int(paid),
             diamonds_in_clawback_entries=int(clawed),
+            coins_in_clawback_entries=int(clawed_coins),
+            coins_in_open_shortfalls=int(owed),
+            earnings_coins_clawed_back=int(earnings_clawed),
+            units_in_clawback_entries=int(clawed_entry_units),
             earnings_units_mismatch=int(units_mismatch),
             earnings_unknown_share=int(unknown_share),
             dead_letters=int(parked),

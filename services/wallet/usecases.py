@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -1193,6 +1193,7 @@ class Wallet:
                     ).where(purchases.c.status.in_(ever_credited))
                 )
             ).one()
+            claimed = await self._coins_claimed_by_reversals(uow)
             pending = await self.outbox.pending(uow)
             first_pending, last = await self.outbox.marks(uow)
         spent_by_reason = {
@@ -1219,7 +1220,43 @@ class Wallet:
             outbox_last_id=last,
             coins_of_spent_rows=int(spent_rows_coins),
             spends_posting_mismatch=int(posting_mismatch),
+            coins_claimed_by_reversals=claimed,
         )
+
+    @staticmethod
+    async def _coins_claimed_by_reversals(uow: UnitOfWork) -> int:
+        """What the reversals' events told payout to claw back (their `coins_already_spent`), summed.
+
+        Each reversal records it (`coins_claimed`, migration 0007); one reversed before that and not
+        read since (`_reversal_history` fills it in lazily) is computed as its event was then, from
+        the balance its ledger entry left: the coins it took that the balance could not cover.
+        """
+        p = purchases.c
+        reversed_ = p.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value])
+        recorded = (
+            await uow.conn.execute(
+                select(func.coalesce(func.sum(p.coins_claimed), 0)).where(reversed_, p.coins_claimed.is_not(None))
+            )
+        ).scalar_one()
+        j, po = journal_entries.c, postings.c
+        covered = po.balance_after + p.coins  # what the balance before the reversal held, clamped below
+        legacy = (
+            await uow.conn.execute(
+                select(
+                    func.coalesce(
+                        func.sum(p.coins - case((covered < 0, 0), (covered > p.coins, p.coins), else_=covered)), 0
+                    )
+                )
+                .select_from(purchases)
+                .join(journal_entries, and_(j.reference_id == p.purchase_id, j.kind == literal("REVERSAL_") + p.status))
+                .join(
+                    postings,
+                    and_(po.entry_id == j.entry_id, po.account_id == literal(domain.user_account("")) + p.user_id),
+                )
+                .where(reversed_, p.coins_claimed.is_(None))
+            )
+        ).scalar_one()
+        return int(recorded) + int(legacy)
 
 
 def _terms(r) -> PromotionTerms:  # type: ignore[no-untyped-def]

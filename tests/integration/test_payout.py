@@ -639,6 +639,15 @@ async def test_a_chargeback_claws_back_the_diamonds_and_holds_withdrawals(client
     assert sum(e.coins_clawed_back for e in listed.entries) == 700
     assert_books_balance(await clients.payout.GetAudit(W.GetAuditRequest()))
 
+    # Month end: the refunded money's coins are tied to the diamonds taken back, across services.
+    async def reversals() -> tuple[int, int]:
+        p = await clients.payout.GetAudit(W.GetAuditRequest())
+        w = await clients.wallet.GetAudit(wallet_pb2.GetAuditRequest())
+        return p.coins_in_clawback_entries + p.coins_in_open_shortfalls, w.coins_claimed_by_reversals
+
+    consumed, claimed = await eventually(reversals, lambda r: r[0] == r[1])
+    assert consumed == claimed >= 700
+
 
 async def test_a_retried_withdrawal_answers_as_the_first_even_when_the_wallet_now_says_no(  # type: ignore[no-untyped-def]
     clients, deployment

@@ -37,6 +37,9 @@ class World:
     leaderboard: dict[str, int] = field(default_factory=dict)  # coins gifting's leaderboards counted
     parked: int = 0
     wallet_outbox: tuple[int, int] = (0, 0)  # (first pending id, last id)
+    claimed: int = 0  # coins the wallet's reversals claimed back from creators
+    clawed: int = 0  # of them, coins payout clawed back (its clawback entries and the earnings' coins)
+    owed: int = 0  # of them, coins payout's open shortfalls still owe
 
     def advance(self, gid: str, coins: int, cancel: bool) -> None:
         """One step of a gift's life: begin, then charge (or cancel), send, credit and count on
@@ -80,6 +83,11 @@ class World:
             dead_letters=self.parked,
             outbox_first_pending_id=0,
             outbox_last_id=0,
+            clawed_units=self.clawed * SHARE_BP,
+            coins_in_clawback_entries=self.clawed,
+            coins_in_open_shortfalls=self.owed,
+            earnings_coins_clawed_back=self.clawed,
+            units_in_clawback_entries=self.clawed * SHARE_BP,
         )
         recs = {k: AuditRecord(id=k, amount=c, status="CREDITED", party="c") for k, c in self.earnings.items()}
         return msg, recs
@@ -117,6 +125,7 @@ class World:
             outbox_pending=1 if self.wallet_outbox[0] else 0,
             outbox_first_pending_id=self.wallet_outbox[0],
             outbox_last_id=self.wallet_outbox[1],
+            coins_claimed_by_reversals=self.claimed,
         )
         recs = {k: AuditRecord(id=k, amount=c, status=s, party="u") for k, (s, c) in self.spends.items()}
         return msg, recs
@@ -288,6 +297,9 @@ def test_a_tampered_book_fails_while_gifts_are_in_flight() -> None:
         ("diamonds_in_paid_withdrawals", 3),  # paid out, but not withdrawn
         ("diamonds_in_clawback_entries", 1),
         ("dead_letters", 1),
+        ("units_in_clawback_entries", 1),  # a clawback on the creators' rows without its entry
+        ("earnings_coins_clawed_back", 1),  # an earning marked clawed back without its entry
+        ("coins_in_clawback_entries", 1),  # more clawed back than the wallet's reversals claimed
     ],
 )
 def test_payout_books_that_do_not_add_up_fail(field: str, value: int) -> None:
@@ -866,3 +878,64 @@ def test_lowest_holds_exactly_the_ids_offered_in_after_high_never_more_than_its_
         assert chunk.high > after and chunk.high in chunk.ids
         assert chunk.ids == {k for k in above if k <= chunk.high}
     assert chunk.peak <= limit
+
+
+REVERSALS = "5. coins clawed back or owed = coins the wallet's reversals claimed"
+
+
+def test_reversals_the_wallet_claimed_tie_out_with_payouts_clawbacks_and_open_shortfalls() -> None:
+    world = settled_world()
+    world.claimed, world.clawed, world.owed = 700, 400, 300  # 300 wait for their gifts' earnings
+    report = statuses(evaluate(read(world, [[], [], [], []], detail=False))[0])
+    assert report[REVERSALS] == OK
+    assert all(s == OK for s in report.values()), report
+
+
+def test_payout_clawing_back_more_than_the_wallet_claimed_fails_at_once() -> None:
+    """Payout is read before the wallet, and consumes a reversal only after the wallet wrote its
+    claim: more in payout is a reversal applied twice, or a clawback beyond its claim."""
+    world = settled_world()
+    world.claimed, world.clawed, world.owed = 700, 700, 1
+    assert statuses(evaluate(read(world, [[], [], [], []], detail=True))[0])[REVERSALS] == FAILED
+
+
+def test_a_reversal_payout_never_consumed_is_in_flight_until_the_wait_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chargeback of coins already gifted (and the diamonds withdrawn): the wallet claims them
+    back, and its event never reaches payout's clawback. Every other total still ties out."""
+    monkeypatch.setattr(audit, "RECHECK_S", 0.01)
+    world = settled_world()
+    world.claimed = 700
+    report = statuses(evaluate(read(world, [[], [], [], []], detail=False))[0])
+    assert report[REVERSALS] == IN_FLIGHT
+    assert [n for n, s in report.items() if s != OK] == [REVERSALS]
+    waited = wait_until_settled(lambda ids=None: read(world, [[], [], [], []], True, ids), 0.2)
+    (check,) = [c for c in waited if c.name == REVERSALS]
+    assert check.status == FAILED and "not settled after" in check.detail
+
+
+def test_reversals_claimed_after_the_first_look_do_not_hold_up_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady chargebacks: payout is always behind the latest claim, but has every claim the
+    first look saw by the second."""
+    monkeypatch.setattr(audit, "RECHECK_S", 0.0)
+    world = settled_world()
+    world.claimed = 100
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        t = read(world, [[], [], [], []], detail=True, ids=ids)
+        world.clawed = world.claimed  # what was claimed so far is consumed
+        world.claimed += 50  # and a new reversal is claimed, not yet consumed
+        return t
+
+    report = wait_until_settled(fetch, 5.0)
+    assert statuses(report)[REVERSALS] == OK
+    assert all(c.status == OK for c in report), [c for c in report if c.status != OK]
+
+
+def test_an_older_wallet_or_payout_without_the_reversal_totals_is_not_failed_for_them() -> None:
+    for side, name in (("wallet", "coins_claimed_by_reversals"), ("payout", "coins_in_open_shortfalls")):
+        world = settled_world()
+        world.claimed = 700
+        t = read(world, [[], [], [], []], detail=False)
+        getattr(t, side).ClearField(name)
+        (check,) = [c for c in evaluate(t)[0] if c.name == REVERSALS]
+        assert check.status == OK and "not reported" in check.detail

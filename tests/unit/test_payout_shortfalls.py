@@ -253,3 +253,21 @@ async def test_a_gift_sent_by_a_clock_behind_its_recording_still_counts_as_clawe
     clawed = [(await payout.get_earnings(c)).diamonds_clawed_back for c in ("creator-a", "creator-b", "creator-c")]
     assert sum(clawed) == 100, f"{clawed}: a gift clawed back for no reversal after it"
     assert await open_coins_of(payout) == 100
+
+
+async def test_the_audit_reports_each_reversal_consumed_as_clawed_back_plus_owed(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    """What payout's audit holds against the wallet's claims (README "How the audit reads"): the
+    coins of the reversals it consumed, clawed back (entries, and the earnings they took from)
+    or still owed by an open shortfall, with the entries' units those of the creators' rows."""
+    payout, _provider, _path = setup
+    t = NOW_US // 1_000_000
+    await consume(payout, gifts=[gift_event("creator-a", 61, at_s=t - 50)])
+    await consume(payout, [reversal("rv-audit", t, 100)])  # 61 to take, 39 wait for their gift
+    a = await payout.audit()
+    assert (a.coins_in_clawback_entries, a.coins_in_open_shortfalls, a.earnings_coins_clawed_back) == (61, 39, 61)
+    assert a.units_in_clawback_entries == a.clawed_units == 61 * 5000
+    await consume(payout, gifts=[gift_event("creator-b", 39, at_s=t - 10)])
+    await payout.settle_shortfalls_once()
+    a = await payout.audit()
+    assert (a.coins_in_clawback_entries, a.coins_in_open_shortfalls, a.earnings_coins_clawed_back) == (100, 0, 100)
+    assert a.units_in_clawback_entries == a.clawed_units == 100 * 5000

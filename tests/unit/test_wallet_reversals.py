@@ -250,3 +250,33 @@ async def test_a_partial_refund_is_refused_changes_nothing_and_is_logged_for_an_
         p.price.amount_minor // 2,
         p.price.amount_minor,
     )
+
+
+async def test_the_audit_sums_what_every_reversal_claimed_those_reversed_before_0007_read_from_the_ledger(
+    wallet: Wallet,
+) -> None:
+    """`coins_claimed_by_reversals` is what the reversals' events told payout to claw back: the
+    audit ties payout's clawbacks to it, so it must be each event's `coins_already_spent`, also
+    for a purchase reversed before wallet migration 0007 recorded it."""
+    user = "viewer-claims"
+    p0 = await buy(wallet, user)  # 70 coins, 50 gifted: its refund claims 50
+    await spend(wallet, user, 50)
+    await callback(wallet, p0, "charge.refunded")
+    p1 = await buy(wallet, user)  # repays the 50 of debt; 20 left, 20 gifted: its chargeback claims 20
+    await spend(wallet, user, 20)
+    await callback(wallet, p1, "charge.dispute.lost")
+    p2 = await buy(wallet, user)  # 70 coins, none gifted (20 of debt repaid): claims nothing
+    await callback(wallet, p2, "charge.refunded")
+    events = [await reversal_of(wallet, p.purchase_id) for p in (p0, p1, p2)]
+    claims = [e.coins_already_spent for e in events]
+    assert claims == [50, 20, 0]
+    assert (await wallet.audit()).coins_claimed_by_reversals == sum(claims)
+
+    # As if reversed by the release before 0007, nothing recorded: its event claimed the debt the
+    # reversal left beyond what the balance held (the ledger's balance_after), all that payout
+    # clawed back for it. For P0 that is what today's event says too; for P1 it is the whole
+    # 70 of debt, the release before 0007 knowing nothing of P0's claim.
+    await forget(wallet, p0.purchase_id, "coins_claimed")
+    assert (await wallet.audit()).coins_claimed_by_reversals == 50 + 20 + 0
+    await forget(wallet, p1.purchase_id, "coins_claimed")
+    assert (await wallet.audit()).coins_claimed_by_reversals == 50 + 70 + 0
