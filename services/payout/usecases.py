@@ -2382,6 +2382,12 @@ class Payout:
             earnings_clawed = (
                 await uow.conn.execute(select(func.coalesce(func.sum(earnings.c.coins_clawed_back), 0)))
             ).scalar_one()
+            # A balance goes below zero by clawbacks only: a withdrawal holds only what is available.
+            overdrawn = (
+                await uow.conn.execute(
+                    select(func.count()).where(c.diamonds_held + c.diamonds_withdrawn > c.diamonds_credited)
+                )
+            ).scalar_one()
             e = earnings.c
             units_mismatch = (
                 await uow.conn.execute(select(func.count()).where(e.units != e.coins * e.share_bp))
@@ -2423,6 +2429,7 @@ class Payout:
             coins_in_open_shortfalls=int(owed),
             earnings_coins_clawed_back=int(earnings_clawed),
             units_in_clawback_entries=int(clawed_entry_units),
+            creators_overdrawn=int(overdrawn),
             earnings_units_mismatch=int(units_mismatch),
             earnings_unknown_share=int(unknown_share),
             dead_letters=int(parked),

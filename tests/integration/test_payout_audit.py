@@ -13,7 +13,7 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.cli.audit import FAILED, Totals, check_invariants
 from services.common.timeutil import now_us
-from services.payout.storage import common, creators, earnings
+from services.payout.storage import common, creators, earnings, withdrawals
 from services.payout.usecases import Payout
 from tests.unit.test_payout_dispatch import gift_event, payout_on
 
@@ -122,3 +122,48 @@ async def test_creator_units_and_coins_off_in_opposite_directions_are_reported_a
         t = Totals(wallet_pb2.WalletAudit(), sent, tampered, detail_records, detail_records, detail_records)
         check = next(c for c in check_invariants(t) if c.name.startswith("4. diamonds"))
         assert check.status == FAILED and "1 units, -1 coins" in check.detail, check
+
+
+async def test_a_withdrawal_holding_more_than_was_credited_fails_though_every_sum_adds_up(payout: Payout) -> None:
+    """A creator's balance goes below zero by clawbacks only. Diamonds held by a withdrawal that
+    overdrew (available -100, held 300 of 200 credited) keep invariant 5: credited = available +
+    held, and held = the open withdrawal's diamonds; only the creator row read against what was
+    ever credited to it tells."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 400)])  # 200 diamonds
+        await uow.commit()
+    assert (await payout.audit()).creators_overdrawn == 0
+    c = creators.c
+    async with payout.db.unit_of_work() as uow:
+        await uow.conn.execute(
+            insert(withdrawals).values(
+                withdrawal_id="wd_overdrawn",
+                creator_id="creator-a",
+                method_id="pm_x",
+                diamonds=300,
+                currency_code="USD",
+                gross_minor=150,
+                fee_minor=0,
+                net_minor=150,
+                status="PENDING_REVIEW",
+                policy_version=1,
+                day="2026-12-07",
+                requested_at_us=now_us(),
+                updated_at_us=now_us(),
+            )
+        )
+        await uow.conn.execute(
+            update(creators)
+            .where(c.creator_id == "creator-a")
+            .values(diamonds_available=c.diamonds_available - 300, diamonds_held=c.diamonds_held + 300)
+        )
+        await uow.commit()
+    tampered = await payout.audit()
+    assert tampered.creators_overdrawn == 1
+    assert tampered.diamonds_credited == tampered.diamonds_available + tampered.diamonds_held
+    assert tampered.diamonds_held == tampered.diamonds_in_open_withdrawals == 300
+
+    sent = gifting_pb2.GiftingAudit(gifts_sent=1, coins_sent=400, leaderboard_coins=400)
+    charged = wallet_pb2.WalletAudit(coins_issued=400, coins_spent=400, spends=1)
+    report = check_invariants(Totals(charged, sent, tampered))
+    assert [c.name for c in report if c.status == FAILED] == ["6. no negative balance without a reversal"], report

@@ -88,6 +88,7 @@ class World:
             coins_in_open_shortfalls=self.owed,
             earnings_coins_clawed_back=self.clawed,
             units_in_clawback_entries=self.clawed * SHARE_BP,
+            creators_overdrawn=0,
         )
         recs = {k: AuditRecord(id=k, amount=c, status="CREDITED", party="c") for k, c in self.earnings.items()}
         return msg, recs
@@ -300,6 +301,7 @@ def test_a_tampered_book_fails_while_gifts_are_in_flight() -> None:
         ("units_in_clawback_entries", 1),  # a clawback on the creators' rows without its entry
         ("earnings_coins_clawed_back", 1),  # an earning marked clawed back without its entry
         ("coins_in_clawback_entries", 1),  # more clawed back than the wallet's reversals claimed
+        ("creators_overdrawn", 1),  # a withdrawal held more than was credited: every sum still adds up
     ],
 )
 def test_payout_books_that_do_not_add_up_fail(field: str, value: int) -> None:
