@@ -181,3 +181,31 @@ async def test_the_closing_balance_is_available_plus_held_after_a_failure_a_reje
     assert last.closing_diamonds == earnings.diamonds_available + earnings.diamonds_held
     held = await payout.get_withdrawal(waiting.withdrawal_id)
     assert held.hold == payout_pb2.WITHDRAWAL_HOLD_BALANCE_NEGATIVE
+
+
+async def test_a_closed_month_answers_the_same_whatever_happens_after_it(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finance reruns a closed month's statement and gets the same numbers: what happens later to
+    its gifts, withdrawals and reversals (a gift sent in it credited late, its coins charged back,
+    a withdrawal requested in it paid) counts in the month it happens in, never in the closed one."""
+    payout, _provider, _path = setup
+    clock = Clock()
+    monkeypatch.setattr(usecases, "now_us", clock)
+    creator = "creator-closed"
+    clock.us = at(2026, 3, 10)
+    wd = await approved_withdrawal(payout, creator)  # 20,000 credited in March, all requested
+    assert await payout.dispatch_once() == 1
+    late_gift = gift_event(creator, 1_001, at_s=at(2026, 3, 31, hour=23) // 1_000_000)
+    clock.us = at(2026, 4, 1)
+    march = (await payout.get_statement(creator, 2026)).months[2]
+    assert (march.diamonds_earned, march.closing_diamonds) == (20_000, 20_000)
+
+    await consume(payout, gifts=[late_gift])  # sent in March, credited in April
+    await callback(payout, wd, "evt-paid-closed", "payout.paid")  # requested in March, paid in April
+    clock.us = at(2026, 5, 2)
+    await consume(payout, reversals=[reversal("rv-closed", clock.us // 1_000_000, 1_001)])  # March's gift
+    months = (await payout.get_statement(creator, 2026)).months
+    assert months[2] == march
+    assert (months[3].diamonds_earned, [p.diamonds for p in months[3].paid]) == (500, [20_000])
+    assert months[4].diamonds_clawed_back == 500
