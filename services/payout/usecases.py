@@ -2320,7 +2320,8 @@ class Payout:
 
     async def audit(self) -> payout_pb2.PayoutAudit:
         """Totals for invariants 4 and 5, the entries behind held, withdrawn and clawed-back diamonds,
-        earnings at a wrong share, parked events and the outbox's cut-off marks."""
+        the reversals consumed in coins (clawed back, still owed), creators overdrawn, earnings at
+        a wrong share, parked events and the outbox's cut-off marks."""
         c = creators.c
         w = withdrawals.c
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:

@@ -1100,8 +1100,9 @@ class Wallet:
     # ---- audit -------------------------------------------------------------------------
 
     async def audit(self) -> wallet_pb2.WalletAudit:
-        """The totals the suite's invariants need, computed from the ledger itself, and the
-        purchases' own coins to compare the ledger's issued and reversed coins with."""
+        """The totals the suite's invariants need, computed from the ledger itself, the
+        purchases' own coins to compare the ledger's issued and reversed coins with, and what the
+        reversals claimed back from creators, to compare payout's clawbacks with."""
         p = postings.c
         async with self.db.unit_of_work(readonly=True, snapshot=True) as uow:
             c = uow.conn
