@@ -1046,10 +1046,21 @@ class Wallet:
             }
             # Insert-if-missing then update: two first calls for a new user cannot both insert.
             await uow.conn.execute(insert_ignore(self.db.dialect, users).values(user_id=req.user_id, **new_user))
+            await self._ensure_account(uow, req.user_id)
+            # The user's coin account is held before the change, as every spend batch holds it
+            # from before its restrictions check to its commit (spending.py): a spend in flight
+            # lands before this call answers, and one after it reads the change. Without it, a
+            # block answered while a spend that had read "not blocked" still committed coins
+            # after (PostgreSQL; SQLite has one writer). A recipient's account is not held by a
+            # spend: a gift to a creator blocked meanwhile may still land (payout's withdrawal
+            # checks stop its diamonds).
+            ac = accounts.c
+            await uow.conn.execute(
+                select(ac.account_id).where(ac.account_id == domain.user_account(req.user_id)).with_for_update()
+            )
             await uow.conn.execute(
                 update(users).where(users.c.user_id == req.user_id).values(**changes, updated_at_us=ts)
             )
-            await self._ensure_account(uow, req.user_id)
             # The answer is read in this transaction, after its own update (which holds the row
             # on PostgreSQL): the stored answer is what this call left, not a later call's state.
             r = await self._restrictions(uow, req.user_id)

@@ -25,7 +25,12 @@ from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
 from services.wallet.storage import common, purchases, spend_counters
 from services.wallet.usecases import Wallet
-from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
+from tests.integration.pglocks import (
+    LOCK_WAIT_S_MAX,
+    count_deadlocks,
+    wait_for_a_lock_waiter_or_the_end,
+    wait_for_lock_waiters,
+)
 from tests.unit.test_wallet_reversals import SECRET, buy, callback, reversal_of, spend
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
@@ -152,3 +157,39 @@ async def test_a_reversal_is_timed_after_the_spends_it_counts_as_already_spent(w
     event = await reversal_of(wallet, p.purchase_id)
     assert (event.coins_already_spent, event.balance_after) == (70, -70)
     assert event.occurred_at.ToMicroseconds() > gift_recorded_at, "the reversal is timed before a spend it counts"
+
+
+async def test_a_block_answers_only_after_the_spends_in_flight_have_landed(wallet: Wallet, monkeypatch) -> None:
+    """A spend that read its sender's restrictions before a block committed must not commit after
+    the block answered: T&S blocks a card thief's account and reads "blocked", and no coin of it may
+    move after that answer (README "Restrictions": "a block stops coins at once"). The spend batch
+    holds the sender's account row locked from before its check to its commit, so the block waits
+    for that row and answers once the spend in flight has landed (or, started later, sees the block)."""
+    user = "blocked-while-spending"
+    await buy(wallet, user)  # 70 coins
+    spend_decided = asyncio.Event()
+    release = asyncio.Event()
+    write = wallet.spending._write
+
+    async def paused_write(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        spend_decided.set()  # the sender's restrictions are read and passed: the spend is in flight
+        await release.wait()
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(wallet.spending, "_write", paused_write)
+    in_flight = asyncio.create_task(spend(wallet, user, 70))
+    await asyncio.wait_for(spend_decided.wait(), LOCK_WAIT_S_MAX)
+    block = asyncio.create_task(
+        wallet.set_restrictions(
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uuid.uuid4().hex)
+        )
+    )
+    await wait_for_a_lock_waiter_or_the_end(wallet.db, block, guard_s=3.0)
+    answered_before_the_spend_landed = block.done()
+    release.set()
+    await asyncio.wait_for(in_flight, LOCK_WAIT_S_MAX)
+    answer = await asyncio.wait_for(block, LOCK_WAIT_S_MAX)
+    assert answer.blocked and not answer.may_spend
+    balance = await wallet.get_balance(user)
+    assert balance.coins == 0, balance  # the spend in flight landed, before the block
+    assert not answered_before_the_spend_landed, "the block answered while a spend it did not stop was still to commit"
