@@ -96,6 +96,16 @@ PURCHASES_CREDITED_RESTRICTED = Counter(
     "Purchases credited to a buyer who may not buy now (blocked or under age), by reason (wallet)",
     ["reason"],
 )
+# Wallet: spends its own checks refused, counted when the batch deciding them commits, by reason
+# (INSUFFICIENT_COINS, SPENDING_LIMIT_EXCEEDED, ACCOUNT_BLOCKED, UNDERAGE) and whose account the
+# check was about (sender, or recipient for a gift to a blocked or under-age creator). Gifting
+# sends gifts in SpendMany batches that answer OK, so a refused item shows in no status code:
+# this is where trust and safety sees bursts against the caps and blocked accounts still trying.
+SPENDS_REFUSED = Counter(
+    "livegifts_spends_refused_total",
+    "Spends the wallet refused: no coins, a spending cap, a blocked or under-age sender or recipient (wallet)",
+    ["reason", "role"],
+)
 # Wallet and payout: signed provider callbacks refused because their event id was recorded
 # for another purchase or withdrawal, or another event type of the same one (a provider
 # bug; PROVIDER_EVENT_ID_REUSED).

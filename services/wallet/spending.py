@@ -53,7 +53,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import key_reused
-from services.common.metrics import TRANSACTION_RETRIES
+from services.common.metrics import SPENDS_REFUSED, TRANSACTION_RETRIES
 from services.common.outbox import new_event_id
 from services.common.sql import (
     Bulk,
@@ -79,6 +79,13 @@ PERIODS = tuple(Period)
 PERIOD_OF = {p.value: p for p in Period}
 DEADLOCK_RETRIES = 3  # a safety net: the lock order leaves no known deadlock; PostgreSQL aborts one side of any other
 _RETRYABLE_SQLSTATES = {"40P01": "deadlock", "40001": "serialization"}  # SQLSTATE -> retry reason
+# The refusals a batch decides (livegifts_spends_refused_total) -> the roles each is counted under.
+REFUSALS = {
+    "INSUFFICIENT_COINS": ("sender",),
+    "SPENDING_LIMIT_EXCEEDED": ("sender",),
+    "ACCOUNT_BLOCKED": ("sender", "recipient"),
+    "UNDERAGE": ("sender", "recipient"),
+}
 
 log = logging.getLogger(__name__)
 _REASONS = {
@@ -265,6 +272,9 @@ class SpendBatch:
         for reason in _RETRYABLE_SQLSTATES.values():
             # At 0 from the start: a series that first appears at 1 shows no increase.
             TRANSACTION_RETRIES.labels("wallet_spend", reason)
+        for reason, roles in REFUSALS.items():
+            for role in roles:
+                SPENDS_REFUSED.labels(reason, role)
 
     async def run(self, reqs: list[wallet_pb2.SpendRequest], *, settle_refusals: bool) -> list[Outcome]:
         """One outcome per request, in order: the spend, or the error this item fails with.
@@ -310,6 +320,10 @@ class SpendBatch:
             faults.point("wallet.after_spend_commit_before_answer")
             for (i, _), outcome in zip(items, decided, strict=True):
                 out[i] = outcome
+                # Only this batch's own checks give these reasons (a recorded key answers SPEND_CANCELLED),
+                # each counted once, after its commit (a retried transaction decides again).
+                if isinstance(outcome, DomainError) and outcome.reason in REFUSALS:
+                    SPENDS_REFUSED.labels(outcome.reason, outcome.metadata.get("role", "sender")).inc()
         digests = {it.key: it.digest for _, it in items}
         for i, j, digest in repeats:
             key = reqs[j].idempotency_key

@@ -17,6 +17,7 @@ from services.common.provider_calls import FAILURE_OUTCOMES
 from services.payout import usecases as payout
 from services.payout.domain import HOLD_REASONS
 from services.wallet import usecases as wallet
+from services.wallet.spending import REFUSALS
 from tests.integration.conftest import suite_config
 
 # Service -> counter -> the label sets each must show at 0 once the service serves.
@@ -29,6 +30,9 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
             {"status": s} for s in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
         ],
         "livegifts_purchases_credited_restricted_total": [{"reason": r} for r in wallet.RESTRICTION_REASONS],
+        "livegifts_spends_refused_total": [
+            {"reason": reason, "role": role} for reason, roles in REFUSALS.items() for role in roles
+        ],
         # Every outcome a callback sets, in every currency a package can be sold in (the chargeback-rate alert).
         "livegifts_purchase_outcomes_total": [
             {"outcome": o, "currency_code": c}

@@ -242,3 +242,37 @@ def test_the_tightest_cap_is_the_lowest_in_force_the_earlier_period_on_a_tie() -
     assert domain.tightest_cap({Period.DAY: None, Period.WEEK: None, Period.MONTH: None}) is None
     assert domain.tightest_cap({Period.DAY: 100, Period.WEEK: 50, Period.MONTH: None}) == (Period.WEEK, 50)
     assert domain.tightest_cap({Period.DAY: 70, Period.WEEK: 70, Period.MONTH: 70}) == (Period.DAY, 70)
+
+
+async def test_every_refused_spend_is_counted_by_reason_and_role_for_trust_and_safety(wallet: Wallet) -> None:  # noqa: F811
+    """Gifting spends in SpendMany batches, which answer OK whatever their items' fate, so a burst
+    against a cap or a blocked creator still being gifted showed in no status code or metric."""
+    from prometheus_client import REGISTRY
+
+    def counted(reason: str, role: str) -> float:
+        return REGISTRY.get_sample_value("livegifts_spends_refused_total", {"reason": reason, "role": role}) or 0.0
+
+    user, broke, creator = "capped-viewer", "broke-viewer", "blocked-creator"
+    await buy(wallet, user)  # 70 coins
+    await wallet.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=30, idempotency_key=uuid.uuid4().hex)
+    )
+    await wallet.set_restrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True, idempotency_key=uuid.uuid4().hex)
+    )
+    labels = [
+        ("SPENDING_LIMIT_EXCEEDED", "sender"),
+        ("INSUFFICIENT_COINS", "sender"),
+        ("ACCOUNT_BLOCKED", "recipient"),
+    ]
+    before = {lr: counted(*lr) for lr in labels}
+    to_blocked = gift(user, 1)
+    to_blocked.recipient_user_id = creator
+    batch = [gift(user, 20), gift(user, 20), gift(broke, 5), to_blocked]
+    outcomes = await wallet.spending.run(batch, settle_refusals=True)
+    reasons = [getattr(o, "reason", None) for o in outcomes]
+    assert reasons == [None, "SPENDING_LIMIT_EXCEEDED", "INSUFFICIENT_COINS", "ACCOUNT_BLOCKED"], reasons
+    assert {lr: counted(*lr) - before[lr] for lr in labels} == dict.fromkeys(labels, 1.0)
+    # A retry of a refused (now cancelled) key is answered from its record: not counted again.
+    await wallet.spending.run([batch[1]], settle_refusals=True)
+    assert counted("SPENDING_LIMIT_EXCEEDED", "sender") - before[labels[0]] == 1.0
