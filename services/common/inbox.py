@@ -42,7 +42,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check, is_text
 from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
-from services.common.metrics import CONSUMED, CONSUMER_BATCH, DEAD_LETTERS, INBOX_PRUNED
+from services.common.metrics import CONSUMED, CONSUMER_BATCH, CONSUMER_LOOP_FAILURES, DEAD_LETTERS, INBOX_PRUNED
 from services.common.pruning import AgePruner
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new
@@ -173,6 +173,8 @@ class Consumer(Generic[E]):
         # "nothing applied" invisible to increase().
         for result in CONSUMED_RESULTS:
             CONSUMED.labels(sub.durable, result)
+        # And its failed tries to bind or pull, which LivegiftsConsumerNotPulling takes increase() of.
+        self._loop_failures = CONSUMER_LOOP_FAILURES.labels(sub.durable)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
@@ -213,6 +215,9 @@ class Consumer(Generic[E]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - unacked messages are redelivered
+                # Counted: a durable that refuses every pull (re-made as a push consumer by hand,
+                # a limit of the account) left only these lines, no metric and no alert.
+                self._loop_failures.inc()
                 log.warning(
                     "consumer loop failed, retrying",
                     extra={"consumer": self.sub.durable, "error": described(exc), "retry_in_s": backoff_s},

@@ -25,6 +25,13 @@ STREAMS_RECREATED = Counter(
     "JetStream streams found deleted, or not taking the suite's subjects, while the service ran; set up again",
 )
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
+# A consumer whose pull or bind fails applies nothing and retries no event, so neither the
+# dead-letter nor the stuck-consumer alert saw it: LivegiftsConsumerNotPulling watches this.
+CONSUMER_LOOP_FAILURES = Counter(
+    "livegifts_consumer_loop_failures_total",
+    "Tries of a consumer to bind to its durable or pull from it that failed (logged 'consumer loop failed, retrying')",
+    ["consumer"],
+)
 CONSUMER_BATCH = Histogram(
     "livegifts_consumer_batch_size",
     "Messages per consumer batch",

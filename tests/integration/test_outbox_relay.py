@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from nats.js.api import DiscardPolicy
+from nats.js.api import ConsumerConfig, DiscardPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, func, insert, select, update
@@ -629,3 +629,39 @@ async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_applies_ea
             "the new durable delivered the first two again; the inbox made them no-ops"
         )
     assert applied == first + later, "each event applied once"
+
+
+def _loop_failures(durable: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_consumer_loop_failures_total", {"consumer": durable}) or 0.0
+
+
+async def test_a_consumer_that_cannot_pull_counts_each_failed_try_so_it_is_seen_without_its_log(
+    harness: _Harness,
+) -> None:
+    """A durable an operator re-made as a push consumer (`nats consumer add` under the suite's
+    name, by mistake) refuses every pull: the consumer retries without end, applies nothing and
+    counts no event retry, so LivegiftsConsumerStuck stayed silent; only WARNING lines said so.
+    Each failed try is counted (exported at 0 from the start), which LivegiftsConsumerNotPulling
+    watches."""
+    js = harness.bus.js
+    assert js is not None
+    durable = "push-taken-test"
+    await js.add_consumer(
+        "GIFTING",
+        config=ConsumerConfig(
+            durable_name=durable, deliver_subject="operator.inbox", filter_subject="gifting.gift.sent"
+        ),
+    )
+
+    async def failures() -> float:
+        return _loop_failures(durable)
+
+    async with _applying(harness, durable) as applied:
+        labels = {"consumer": durable}
+        assert REGISTRY.get_sample_value("livegifts_consumer_loop_failures_total", labels) is not None, (
+            "exported at 0 from the start, so increase() sees the first failure"
+        )
+        await harness.add_events(2)
+        assert await harness.relay.relay_once() == 2
+        assert await eventually(failures, lambda n: n >= 3, 20) >= 3
+        assert applied == [], "a push consumer delivers nothing to pulls"

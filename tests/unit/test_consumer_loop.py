@@ -153,6 +153,8 @@ def test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_i
     for result in ("applied", "duplicate", "replayed", "retry"):
         labels = {"consumer": durable, "result": result}
         assert REGISTRY.get_sample_value("livegifts_events_consumed_total", labels) == 0.0, result
+    # And its failed tries to bind or pull, which LivegiftsConsumerNotPulling takes increase() of.
+    assert REGISTRY.get_sample_value("livegifts_consumer_loop_failures_total", {"consumer": durable}) == 0.0
 
 
 class _Delivered:
