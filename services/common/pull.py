@@ -41,13 +41,17 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, StatusCode
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 # How long a pull request lasts on the server. Not a fetch's timeout: the request outlives fetches
 # (a fetch that times out leaves it open for the next), and the server drops it sooner when our
 # inbox loses its interest (the puller closed, the connection lost).
 REQUEST_EXPIRES_S = 5.0
 _ENDING = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
+# What a 503 to a pull request means: no server answers for that durable.
+NO_RESPONDERS = (
+    "no responders: the server has no such durable (deleted, or its stream or store lost) or JetStream is down"
+)
 # The settings of a durable that `Puller.open` brings in step with the caller's (all editable).
 _KEPT_IN_STEP = ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending")
 
@@ -116,6 +120,11 @@ class Puller:
         self._open_reply = None
         if status in _ENDING:
             await self._renew()
+        elif status == StatusCode.SERVICE_UNAVAILABLE:
+            # No responders: nothing serves the durable's pull subject. nats-py raises this as a
+            # ServiceUnavailableError with neither code nor description, which the consumer's
+            # log showed as `code=None err_code=None description='None'`.
+            self._error = ServiceUnavailableError(code=503, description=NO_RESPONDERS)
         else:
             try:
                 APIError.from_msg(msg)  # raises the error the status stands for

@@ -27,6 +27,7 @@ from nats.js.errors import APIError
 
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common import pull
+from services.common.bus import described
 from services.common.pull import Puller
 from tests.integration.helpers import eventually
 
@@ -214,6 +215,20 @@ async def test_a_deleted_consumer_fails_the_fetch(js: tuple[Client, JetStreamCon
         await ctx.delete_consumer(STREAM, "d")
         with pytest.raises(APIError):
             await asyncio.wait_for(fetch, 5)
+
+
+async def test_a_pull_nothing_answers_fails_the_fetch_saying_so(js: tuple[Client, JetStreamContext]) -> None:
+    """A pull request on a durable the server does not have (its store lost, the durable deleted
+    between two requests) is answered 503, no responders. nats-py raised that as an APIError with
+    no code and no description, so the consumer logged `nats: ServiceUnavailableError: code=None
+    err_code=None description='None'`, which names nothing to look at."""
+    nc, ctx = js
+    async with _puller(js) as p:
+        await ctx.delete_consumer(STREAM, "d")  # before any request: the first one finds nothing
+        with pytest.raises(Exception) as raised:
+            await asyncio.wait_for(p.fetch(10, timeout=10), 5)
+    text = described(raised.value)
+    assert "code=503" in text and "description='no responders: the server has no such durable" in text, text
 
 
 async def test_after_nats_server_is_killed_and_restarted_the_puller_fetches_on(
