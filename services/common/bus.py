@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
@@ -14,7 +16,7 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.errors import StartupError, check
 from services.common.loops import sleep_unless_stopped
-from services.common.metrics import STREAMS_RECREATED
+from services.common.metrics import STREAM_PURGES, STREAMS_RECREATED
 from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ EVENT_BYTES_MAX = 16 * 1024
 # callback at every reconnect attempt (each 0.5 s), which logged two lines a second per service.
 # The first error of an outage is logged at once; the next line counts those not logged.
 NATS_ERROR_LOG_INTERVAL_S = 5.0
+# JetStream's audit advisory of each API call of the account (nats-server sends them to whoever
+# listens): how a purge (`nats stream purge`) or a message deleted by hand (`nats stream rmm`) is
+# seen. Either loses the events consumers had not applied yet, and left no trace in the services.
+API_AUDIT_SUBJECT = "$JS.EVENT.ADVISORY.API"
+REMOVAL_APIS = {"$JS.API.STREAM.PURGE.": "purged", "$JS.API.STREAM.MSG.DELETE.": "message deleted"}
 
 
 def stream_of(subject: str) -> str | None:
@@ -93,6 +100,7 @@ class Bus:
         self._closing = False  # close() called: the disconnect that follows is ours, not news
         self._restoring = asyncio.Lock()  # one re-creation at a time (the relay and consumers may all see it)
         self._error_log = LogThrottle(NATS_ERROR_LOG_INTERVAL_S)
+        self._watched: set[str] = set()  # the streams whose purges this service reports
 
     async def connect(self, stop: asyncio.Event, streams: list[str]) -> None:
         """Connect (retrying with backoff until `stop`), then ensure `streams` exist."""
@@ -113,6 +121,8 @@ class Bus:
                 self.js = self.nc.jetstream(timeout=JETSTREAM_TIMEOUT_S)
                 for stream in streams:
                     await self.ensure_stream(stream)
+                self._watched = set(streams)
+                await self.nc.subscribe(API_AUDIT_SUBJECT, cb=self._on_api_audit)
                 self.connected.set()
                 # As at a reconnect (the client calls no reconnect callback for its first
                 # connect): the start's errors counted here, the next outage's first logged at once.
@@ -206,6 +216,37 @@ class Bus:
                 extra={"stream": name, "subjects": subjects},
             )
         return True
+
+    async def _on_api_audit(self, msg: Msg) -> None:
+        """Report a purge of one of our streams, or a message deleted from one, that succeeded."""
+        try:
+            audit = json.loads(msg.data)
+            subject = str(audit.get("subject", ""))
+            what, stream = next(
+                ((w, subject[len(p) :]) for p, w in REMOVAL_APIS.items() if subject.startswith(p)), ("", "")
+            )
+            if stream not in self._watched:
+                return
+            response = json.loads(audit.get("response") or "{}")
+            if not response.get("success"):
+                return
+            client = audit.get("client") or {}
+        except (ValueError, TypeError, AttributeError):
+            return  # not an audit advisory as we know it: nothing to report
+        STREAM_PURGES.inc()
+        log.error(
+            "stream purged by hand: its events not yet consumed are lost, run the audit",
+            extra={
+                "stream": stream,
+                "removal": what,
+                "purged": response.get("purged", 1),
+                "request": str(audit.get("request", ""))[:200],
+                # Who asked, as the server knew the connection (an operator's `nats` CLI: its host and user).
+                "client_host": str(client.get("host", "")),
+                "client_user": str(client.get("user", "")),
+                "client_name": str(client.get("name", "")),
+            },
+        )
 
     async def _create_or_update(self, config: StreamConfig) -> StreamInfo:
         check(self.js is not None, "self.js is not None")

@@ -24,6 +24,11 @@ STREAMS_RECREATED = Counter(
     "livegifts_streams_recreated_total",
     "JetStream streams found deleted, or not taking the suite's subjects, while the service ran; set up again",
 )
+STREAM_PURGES = Counter(
+    "livegifts_stream_purges_total",
+    "Purges of a JetStream stream the service uses, or messages deleted from one, seen in JetStream's API audit"
+    " advisories (by hand: the services never do either)",
+)
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
 # A consumer whose pull or bind fails applies nothing and retries no event, so neither the
 # dead-letter nor the stuck-consumer alert saw it: LivegiftsConsumerNotPulling watches this.

@@ -665,3 +665,45 @@ async def test_a_consumer_that_cannot_pull_counts_each_failed_try_so_it_is_seen_
         assert await harness.relay.relay_once() == 2
         assert await eventually(failures, lambda n: n >= 3, 20) >= 3
         assert applied == [], "a push consumer delivers nothing to pulls"
+
+
+def _purges() -> float:
+    return REGISTRY.get_sample_value("livegifts_stream_purges_total") or 0.0
+
+
+async def _purges_now() -> float:
+    return _purges()
+
+
+async def test_a_purge_of_a_stream_by_hand_is_logged_with_who_asked_and_counted(
+    harness: _Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`nats stream purge GIFTING` (or `nats stream rmm`) while a consumer is behind loses the
+    events it had not applied, and the services saw nothing: no log, no metric, no alert (a drill
+    found 15 gifts' diamonds missing, only the audit said so). JetStream's API audit advisory
+    tells each service of a purge or a deletion on its streams; a purge of a stream it does not
+    use, or one the server refused, is not its news."""
+    js = harness.bus.js
+    assert js is not None
+    await harness.add_events(3)
+    assert await harness.relay.relay_once() == 3
+    await js.add_stream(name="OTHER", subjects=["other.>"])
+    before = _purges()
+    with caplog.at_level(logging.ERROR, logger="services.common.bus"):
+        await js.purge_stream("OTHER")  # not a stream this service uses
+        await js.purge_stream("GIFTING")  # an operator's mistake
+        assert await eventually(_purges_now, lambda n: n >= before + 1, 5) == before + 1
+        await harness.add_events(1)
+        assert await harness.relay.relay_once() == 1
+        await js.delete_msg("GIFTING", 4)  # `nats stream rmm GIFTING 4`
+        assert await eventually(_purges_now, lambda n: n >= before + 2, 5) == before + 2
+        with contextlib.suppress(Exception):
+            await js.delete_msg("GIFTING", 999)  # refused by the server: nothing removed
+        await asyncio.sleep(0.3)
+    assert _purges() == before + 2
+    lines = [r for r in caplog.records if r.getMessage().startswith("stream purged by hand")]
+    assert [(r.stream, r.removal, r.purged) for r in lines] == [  # type: ignore[attr-defined]
+        ("GIFTING", "purged", 3),
+        ("GIFTING", "message deleted", 1),
+    ]
+    assert lines[0].client_host == "127.0.0.1"  # type: ignore[attr-defined]
