@@ -1660,8 +1660,12 @@ class Payout:
                     expected_currency_code=row.currency_code,
                 )
             if seen is not None:
+                # Read again: `row` predates the look-up (PostgreSQL's READ COMMITTED takes a snapshot
+                # per statement), so it can miss the outcome the delivery that recorded this event
+                # applied, and the duplicate would show a settled withdrawal as still PROCESSING.
+                now_row = await self._load_withdrawal(uow, event.withdrawal_id)
                 return payout_pb2.HandlePayoutEventResponse(
-                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
+                    provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(now_row), duplicate=True
                 )
             if row.status == event.target.value:  # the same outcome under another event id
                 return payout_pb2.HandlePayoutEventResponse(

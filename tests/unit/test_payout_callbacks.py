@@ -327,3 +327,28 @@ async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(  # 
     retried = await callback(payout, withdrawal_id, "evt-1", "payout.paid")  # the provider's retry
     assert (retried.duplicate, retried.withdrawal.status) == (False, payout_pb2.WITHDRAWAL_STATUS_PAID)
     assert (await payout.get_earnings("creator-a")).diamonds_withdrawn == 20_000
+
+
+async def test_a_duplicate_read_before_the_outcome_committed_answers_the_withdrawal_as_it_now_stands(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race on PostgreSQL (READ COMMITTED, a snapshot per statement): the withdrawal was read
+    # before a concurrent delivery of the same event committed, its event row after. Was: the
+    # duplicate answered that stale row, a PAID withdrawal shown as still PROCESSING.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    paid = await callback(payout, withdrawal_id, "evt-1", "payout.paid")
+    stale = _as_processing(Payout._load_withdrawal)
+    loads: list[int] = []
+
+    async def stale_once(self: Payout, *args: Any, **kwargs: Any) -> Any:
+        loads.append(1)
+        return await (stale if len(loads) == 1 else load)(self, *args, **kwargs)
+
+    load = Payout._load_withdrawal
+    monkeypatch.setattr(Payout, "_load_withdrawal", stale_once)
+    net = paid.withdrawal.net
+    again = await signed(payout, withdrawal_id, "evt-1", "payout.paid", net.amount_minor, net.currency_code)
+    assert len(loads) >= 1
+    assert again.duplicate and again.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
+    assert again.withdrawal == paid.withdrawal
