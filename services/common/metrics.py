@@ -118,6 +118,17 @@ SPENDS_REFUSED = Counter(
     "Spends the wallet refused: no coins, a spending cap, a blocked or under-age sender or recipient (wallet)",
     ["reason", "role"],
 )
+# Gifting: gifts, tips and unlocks (SendGift, SendTip, UnlockContent, SendGifts items) its own
+# checks refused before any coin was asked of the wallet (step 1 of the saga), by reason
+# (services/gifting/usecases.py REFUSALS) and whose account the check was about (sender, or
+# creator for a blocked or under-age creator; sender for everything else). The wallet never sees
+# these (livegifts_spends_refused_total counts its own refusals, which gifting only passes on and
+# does not count again), and SendGifts answers them inside an OK.
+GIFTS_REFUSED = Counter(
+    "livegifts_gifts_refused_total",
+    "Gifts, tips and unlocks gifting's own checks refused before any spend, by reason and role (gifting)",
+    ["reason", "role"],
+)
 # Wallet and payout: signed provider callbacks refused because their event id was recorded
 # for another purchase or withdrawal, or another event type of the same one (a provider
 # bug; PROVIDER_EVENT_ID_REUSED).

@@ -54,6 +54,7 @@ from services.common.errors import (
 )
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
 from services.common.loops import run_every
+from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
 from services.common.telemetry import background_span, current_trace_id
@@ -87,6 +88,41 @@ STREAM_ENDED_SUBJECT = "gifting.stream.ended"
 FEED_STATUS_CHECK_S = 5.0  # an idle feed re-reads its stream's status this often
 FEED_RESUME_PAGE = 200  # gifts one read of a resumed feed's catch-up takes
 SEND_GIFTS_ITEMS_MAX = 100  # items of one SendGifts call
+# The refusals gifting itself decides for a gift, tip or unlock before any spend (step 1), counted
+# in livegifts_gifts_refused_total -> the roles each is counted under (whose account the check was
+# about: the eligibility pre-check's `role`, else the sender, whose request it is). A fixed set, so
+# the series are bounded and all at 0 from the start; any other error of step 1 (WALLET_UNAVAILABLE,
+# CONFLICT, a database error) is an answer to retry, not a refusal. The wallet's refusals, which
+# come in step 2, are counted by the wallet (livegifts_spends_refused_total), not here.
+REFUSALS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        (
+            # The request's own fields (before any read), and SendGifts' batch.
+            "MISSING_FIELD",
+            "INVALID_ID",
+            "MISSING_IDEMPOTENCY_KEY",
+            "INVALID_IDEMPOTENCY_KEY",
+            "INVALID_BATCH_SIZE",
+            "DUPLICATE_KEY_IN_BATCH",
+            "IDEMPOTENCY_KEY_REUSED",
+            # Against the stream, the catalog or the content.
+            "UNKNOWN_STREAM",
+            "STREAM_NOT_LIVE",
+            "SELF_GIFT",
+            "UNKNOWN_GIFT",
+            "GIFT_RETIRED",
+            "INVALID_QUANTITY",
+            "INVALID_TIP_AMOUNT",
+            "MESSAGE_TOO_LONG",
+            "INVALID_MESSAGE",
+            "UNKNOWN_CONTENT",
+        ),
+        ("sender",),
+    ),
+    # The eligibility pre-check (`_check_parties`), with the wallet's restrictions of both parties.
+    "ACCOUNT_BLOCKED": ("sender", "creator"),
+    "UNDERAGE": ("sender", "creator"),
+}
 # The `scope` of IDEMPOTENCY_KEY_REUSED for the one key space (gift_events) that SendGift, SendTip,
 # UnlockContent and SendGifts items share, as the other RPCs name theirs (idempotency.lookup).
 GIFT_KEY_SCOPE = "SendGift"
@@ -203,6 +239,9 @@ class Gifting:
         self._background: set[asyncio.Task[None]] = set()
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
         self._content_creators: dict[str, str] = {}  # content id -> creator id (never changes)
+        for reason, roles in REFUSALS.items():
+            for role in roles:
+                GIFTS_REFUSED.labels(reason, role)  # at 0 from the start: a series first seen at 1 shows no increase
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -387,16 +426,23 @@ class Gifting:
     async def _begin_one(self, req: _Begin, checks: Callable[[], str]) -> dict[str, Any]:
         """Step 1 of one gift, tip or unlock, after `checks` (those made before any read), which
         return its key; a request they refuse gets the gift its key recorded, if it is a retry
-        of that request (`_recorded_or_refused`), else their refusal."""
+        of that request (`_recorded_or_refused`), else their refusal.
+
+        Every refusal leaving here is gifting's own (the wallet is asked nothing before step 2):
+        each is counted once, as it is answered (`_count_refused`)."""
         try:
-            key = checks()
-        except InvalidArgument as refusal:
-            return await self._recorded_or_refused(refusal, req)
-        if self.settings.group_commit:
-            return await self._begin_batcher.submit(req)  # the batch computes each digest once
-        digest = _digest(req)
-        gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
-        return gift
+            try:
+                key = checks()
+            except InvalidArgument as refusal:
+                return await self._recorded_or_refused(refusal, req)
+            if self.settings.group_commit:
+                return await self._begin_batcher.submit(req)  # the batch computes each digest once
+            digest = _digest(req)
+            gift, _own = await self._begin(key, digest, self._planner(req, key, digest))
+            return gift
+        except DomainError as exc:
+            _count_refused(exc)
+            raise
 
     async def _begin_batch(self, reqs: list[_Begin]) -> list[Any]:
         """Step 1 of concurrent SendGift, SendTip and UnlockContent calls together (repeats go alone after)."""
@@ -529,7 +575,9 @@ class Gifting:
         """
         items = list(req.gifts)
         if not 1 <= len(items) <= SEND_GIFTS_ITEMS_MAX:
-            raise InvalidArgument(f"gifts must hold 1..{SEND_GIFTS_ITEMS_MAX} items", "INVALID_BATCH_SIZE")
+            refusal = InvalidArgument(f"gifts must hold 1..{SEND_GIFTS_ITEMS_MAX} items", "INVALID_BATCH_SIZE")
+            _count_refused(refusal)
+            raise refusal
         out: list[dict[str, Any] | DomainError | None] = [None] * len(items)
         keys: dict[str, int] = {}  # key -> index of the item that owns it in this call
         refused: dict[str, int] = {}  # key -> first item under it a check refused (maybe a retry)
@@ -556,8 +604,15 @@ class Gifting:
             begun = await self._begin_many([items[i] for i in todo], [digests[i] for i in todo])
             for i, r in zip(todo, begun, strict=True):
                 out[i] = r
+        # Step 1's refusals are final here (a retry answered from its key's gift is not one) and
+        # all gifting's own: counted once each. The wallet's, from step 2 on, it counts itself.
+        pending: list[int] = []
+        for i, r in enumerate(out):
+            if isinstance(r, DomainError):
+                _count_refused(r)
+            elif isinstance(r, dict) and r["status"] == GiftStatus.PENDING.value:
+                pending.append(i)
         # Steps 2 and 3 for the batch.
-        pending = [i for i, r in enumerate(out) if isinstance(r, dict) and r["status"] == GiftStatus.PENDING.value]
         spent = await self._spend_many([out[i] for i in pending])  # type: ignore[misc]
         to_mark: dict[str, int | None] = {}
         for i, outcome in zip(pending, spent, strict=True):
@@ -1760,6 +1815,14 @@ def _not_sent(row: dict[str, Any]) -> InvariantViolation | None:
     if row["status"] == GiftStatus.SENT.value:
         return None
     return InvariantViolation(f"gift {row['event_id']} was cancelled but its spend happened")
+
+
+def _count_refused(error: DomainError) -> None:
+    """Count one of gifting's own refusals of a gift, tip or unlock (REFUSALS); other errors are not refusals."""
+    roles = REFUSALS.get(error.reason)
+    if roles is not None:
+        role = error.metadata.get("role", roles[0])
+        GIFTS_REFUSED.labels(error.reason, role if role in roles else roles[0]).inc()
 
 
 def _refusal(error: wallet_pb2.SpendItemError) -> DomainError:

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.suite import READY_PREFIX, Suite, free_port
 from services.common.provider_calls import FAILURE_OUTCOMES
+from services.gifting import usecases as gifting
 from services.payout import usecases as payout
 from services.payout.domain import HOLD_REASONS
 from services.wallet import usecases as wallet
@@ -40,6 +41,11 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
             for c in ("EUR", "GBP", "JPY", "USD")
         ],
     },
+    "gifting": {
+        "livegifts_gifts_refused_total": [
+            {"reason": reason, "role": role} for reason, roles in gifting.REFUSALS.items() for role in roles
+        ],
+    },
     "payout": {
         "livegifts_provider_call_failures_total": [
             {"provider": "dev", "call": c, "outcome": o} for c in payout.PROVIDER_CALLS for o in FAILURE_OUTCOMES
@@ -52,7 +58,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    """nats-server, the wallet and payout (on SQLite), each serving /metrics on a free port."""
+    """nats-server, the wallet, gifting and payout (on SQLite), each serving /metrics on a free port."""
     config = suite_config(tmp_path_factory.mktemp("counters"), {})
     config.metrics_ports = {svc: free_port() for svc in config.metrics_ports}  # 0 would turn /metrics off
     suite = Suite(config)
