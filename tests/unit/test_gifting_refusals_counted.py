@@ -207,3 +207,35 @@ async def test_gifting_counts_each_refusal_it_decides_once_and_not_the_wallets(
             ("UNKNOWN_GIFT", "sender"): 1,
             ("INVALID_BATCH_SIZE", "sender"): 1,
         }
+
+
+def test_the_counted_reasons_are_every_refusal_step_one_can_give() -> None:
+    """A check added to step 1 without its reason in REFUSALS would go uncounted (and one left
+    there after its check went would export a series nothing sets): the reasons the step's checks
+    name in their source are exactly the counted ones, but for the answers to retry."""
+    import inspect
+    import re
+
+    from services.common import errors, idempotency
+    from services.gifting import domain, usecases
+
+    step_one = [
+        errors.require_id,
+        errors.require_key,
+        idempotency.key_reused,
+        domain.check_can_gift,
+        domain.gift_cost,
+        domain.tip_coins,
+        domain.tip_message,
+        domain.check_eligible,
+        usecases._check_parties,
+        Gifting.send_gifts,
+        Gifting._begin,
+        Gifting._begin_many,
+        Gifting._plan_tip,
+        Gifting._plan_gift,
+        Gifting._plan_unlock,
+    ]
+    named = {r for f in step_one for r in re.findall(r'"([A-Z][A-Z_]{3,})"', inspect.getsource(f))}
+    retry = {"WALLET_UNAVAILABLE", "CONFLICT", "INTERNAL"}  # not refusals: answers to retry, or our bug
+    assert named - retry == set(usecases.REFUSALS)
