@@ -1,6 +1,6 @@
 """Wallet tables (SQLAlchemy Core). The domain never sees these."""
 
-from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, text
 
 from services.common.sql import code_point_index
 from services.common.tables import BigId, add_common_tables
@@ -51,6 +51,19 @@ postings = Table(
     Column("created_at_us", BigInteger, nullable=False),
 )
 Index("ix_postings_account", postings.c.account_id, postings.c.id)
+# The reversals' entries by the purchase they reverse (migration 0013): the audit's total of what
+# reversals from before migration 0007 claimed reads each one's entry by its purchase. Partial: a
+# spend or a purchase never enters it, so it is as small as the reversals and costs a spend
+# nothing. The predicate as text, identical to the index's, so PostgreSQL plans on the partial
+# index whatever it does with bound parameters (and `kind` is journal_entries' own: no other
+# table the audit joins has one).
+REVERSAL_ENTRIES = "kind IN ('REVERSAL_REFUNDED', 'REVERSAL_CHARGED_BACK')"
+Index(
+    "ix_journal_entries_reversal",
+    journal_entries.c.reference_id,
+    sqlite_where=text(REVERSAL_ENTRIES),
+    postgresql_where=text(REVERSAL_ENTRIES),
+)
 
 coin_packages = Table(
     "coin_packages",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, literal, select, update
+from sqlalchemy import Select, and_, case, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -45,6 +45,7 @@ from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, 
 from services.wallet.payments import PaymentProvider, PaymentRouter, ProviderEvent
 from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends, restrictions_of, users_of
 from services.wallet.storage import (
+    REVERSAL_ENTRIES,
     accounts,
     coin_packages,
     common,
@@ -68,6 +69,7 @@ _CREDITED = (
     PurchaseStatus.REFUNDED.value,
     PurchaseStatus.CHARGED_BACK.value,
 )
+_REVERSED = (PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value)
 
 
 PAGE_SIZE_MAX = 500
@@ -1244,31 +1246,41 @@ class Wallet:
         the balance its ledger entry left: the coins it took that the balance could not cover.
         """
         p = purchases.c
-        reversed_ = p.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value])
         recorded = (
             await uow.conn.execute(
-                select(func.coalesce(func.sum(p.coins_claimed), 0)).where(reversed_, p.coins_claimed.is_not(None))
+                select(func.coalesce(func.sum(p.coins_claimed), 0)).where(
+                    p.status.in_(_REVERSED), p.coins_claimed.is_not(None)
+                )
             )
         ).scalar_one()
-        j, po = journal_entries.c, postings.c
-        covered = po.balance_after + p.coins  # what the balance before the reversal held, clamped below
-        legacy = (
-            await uow.conn.execute(
-                select(
-                    func.coalesce(
-                        func.sum(p.coins - case((covered < 0, 0), (covered > p.coins, p.coins), else_=covered)), 0
-                    )
-                )
-                .select_from(purchases)
-                .join(journal_entries, and_(j.reference_id == p.purchase_id, j.kind == literal("REVERSAL_") + p.status))
-                .join(
-                    postings,
-                    and_(po.entry_id == j.entry_id, po.account_id == literal(domain.user_account("")) + p.user_id),
-                )
-                .where(reversed_, p.coins_claimed.is_(None))
-            )
-        ).scalar_one()
+        legacy = (await uow.conn.execute(legacy_claims_select())).scalar_one()
         return int(recorded) + int(legacy)
+
+
+def legacy_claims_select() -> Select[tuple[int]]:
+    """What the reversals from before wallet migration 0007 (`coins_claimed` NULL) claimed, summed:
+    the coins each took that the balance before it could not cover, from the balance its ledger
+    entry left. Each entry is found by its purchase in the reversals' own index (migration 0013),
+    not in the whole journal (one entry per spend): the index's predicate, as text, stands in the
+    WHERE beside the join on the purchase's status, which it does not change.
+    """
+    p, j, po = purchases.c, journal_entries.c, postings.c
+    covered = po.balance_after + p.coins  # what the balance before the reversal held, clamped below
+    return (
+        select(
+            func.coalesce(func.sum(p.coins - case((covered < 0, 0), (covered > p.coins, p.coins), else_=covered)), 0)
+        )
+        .select_from(purchases)
+        .join(
+            journal_entries,
+            and_(j.reference_id == p.purchase_id, text(REVERSAL_ENTRIES), j.kind == literal("REVERSAL_") + p.status),
+        )
+        .join(
+            postings,
+            and_(po.entry_id == j.entry_id, po.account_id == literal(domain.user_account("")) + p.user_id),
+        )
+        .where(p.status.in_(_REVERSED), p.coins_claimed.is_(None))
+    )
 
 
 def _terms(r) -> PromotionTerms:  # type: ignore[no-untyped-def]

@@ -109,7 +109,8 @@ async def _plan(
     await upgrade_head(ROOT / "services" / service / "migrations", url)
     engine = create_async_engine(normalize_url(url))
     try:
-        compiled = statement(engine.dialect.name).compile(engine)
+        # An IN of a list is sent as one parameter per item, as the code's execution expands it.
+        compiled = statement(engine.dialect.name).compile(engine, compile_kwargs={"render_postcompile": True})
         bound = compiled.params | (values or {})
         params = tuple(bound[name] for name in compiled.positiontup or ())
         async with engine.begin() as conn:
@@ -267,6 +268,21 @@ async def test_the_dead_letters_consumer_index_goes_with_a_downgrade_and_comes_b
     await asyncio.to_thread(command.upgrade, cfg, "head")
     assert await _execute(empty_database, exists) == [(1,)]
     assert await _execute(empty_database, "SELECT consumer, event_id FROM dead_letters") == [("c1", "e1")]
+
+
+async def test_the_audits_legacy_reversal_claims_read_the_reversals_index_not_the_journal(empty_database: str) -> None:
+    """Every audit run sums what reversals from before wallet migration 0007 claimed, each read from
+    its ledger entry found by purchase: from the reversals' partial index (migration 0013), not a
+    scan of journal_entries (one entry per spend, the largest of the wallet's tables)."""
+    from services.wallet import domain
+    from services.wallet.storage import REVERSAL_ENTRIES
+    from services.wallet.usecases import legacy_claims_select
+
+    plan = await _plan(empty_database, "wallet", lambda dialect: legacy_claims_select())
+    assert "ix_journal_entries_reversal" in plan, plan
+    # The predicate names every reversal kind the wallet posts, and nothing else.
+    reversal_kinds = {k for k in domain.ENTRY_KINDS if k.startswith("REVERSAL_")}
+    assert {k for k in domain.ENTRY_KINDS if f"'{k}'" in REVERSAL_ENTRIES} == reversal_kinds
 
 
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
