@@ -141,6 +141,10 @@ payout_events = Table(
 # yet (the gift consumer behind, a gift left PENDING until the sweeper, an event parked and
 # replayed) or lay beyond CLAWBACK_ROWS_MAX. The shortfall settler takes the open coins from
 # the sender's earnings that arrive later, among gifts recorded before the reversal.
+#
+# The open ones' predicate (ix_clawback_shortfalls_open) as text, identical to the index's, so
+# PostgreSQL plans a read of them on the partial index whatever it does with bound parameters.
+OPEN_SHORTFALLS = "coins_open > 0"
 clawback_shortfalls = Table(
     "clawback_shortfalls",
     metadata,
@@ -156,8 +160,8 @@ clawback_shortfalls = Table(
     Index(
         "ix_clawback_shortfalls_open",
         "reversal_event_id",
-        postgresql_where=text("coins_open > 0"),
-        sqlite_where=text("coins_open > 0"),
+        postgresql_where=text(OPEN_SHORTFALLS),
+        sqlite_where=text(OPEN_SHORTFALLS),
     ),
 )
 

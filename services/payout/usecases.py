@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -66,6 +66,7 @@ from services.payout.config import PayoutSettings
 from services.payout.domain import BP_DENOMINATOR, OPEN_STATUSES, CurrencyTerms, Earning, WithdrawalStatus
 from services.payout.providers import PayoutEvent, PayoutProvider
 from services.payout.storage import (
+    OPEN_SHORTFALLS,
     clawback_shortfalls,
     clawbacks,
     common,
@@ -2381,9 +2382,7 @@ class Payout:
             ).one()
             # What reversals still owe, and what the earnings say was taken of them: with the
             # entries, the reversals consumed in coins, to tie out with the wallet's claims.
-            owed = (
-                await uow.conn.execute(select(func.coalesce(func.sum(clawback_shortfalls.c.coins_open), 0)))
-            ).scalar_one()
+            owed = (await uow.conn.execute(open_shortfalls_select())).scalar_one()
             earnings_clawed = (
                 await uow.conn.execute(select(func.coalesce(func.sum(earnings.c.coins_clawed_back), 0)))
             ).scalar_one()
@@ -2441,6 +2440,14 @@ class Payout:
             outbox_first_pending_id=first_pending,
             outbox_last_id=last,
         )
+
+
+def open_shortfalls_select() -> Select[tuple[int]]:
+    """The coins the reversals' shortfalls still owe, summed: the open ones only, read from their
+    partial index (ix_clawback_shortfalls_open), not the settled rows kept as a record. A settled
+    row holds 0 and none is ever negative, so the sum is that of every row."""
+    sf = clawback_shortfalls.c
+    return select(func.coalesce(func.sum(sf.coins_open), 0)).where(text(OPEN_SHORTFALLS))
 
 
 class _Row:

@@ -285,6 +285,15 @@ async def test_the_audits_legacy_reversal_claims_read_the_reversals_index_not_th
     assert {k for k in domain.ENTRY_KINDS if f"'{k}'" in REVERSAL_ENTRIES} == reversal_kinds
 
 
+async def test_the_audits_open_shortfall_total_reads_the_open_only_index(empty_database: str) -> None:
+    """Every audit run sums the coins open shortfalls still owe: from their partial index, not a
+    scan of every shortfall ever recorded (settled ones stay as a record)."""
+    from services.payout.usecases import open_shortfalls_select
+
+    plan = await _plan(empty_database, "payout", lambda dialect: open_shortfalls_select())
+    assert "ix_clawback_shortfalls_open" in plan, plan
+
+
 async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
     from services.gifting.storage import stale_pending
 
