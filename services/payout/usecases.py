@@ -2349,12 +2349,15 @@ class Payout:
                     )
                 )
             ).one()
+            # One read of earnings for the three totals and the coins clawed back of them (the
+            # reversals' side of the tie-out below): earnings is the largest table.
             ledger = (
                 await uow.conn.execute(
                     select(
                         func.count(),
                         func.coalesce(func.sum(earnings.c.units), 0),
                         func.coalesce(func.sum(earnings.c.coins), 0),
+                        func.coalesce(func.sum(earnings.c.coins_clawed_back), 0),
                     )
                 )
             ).one()
@@ -2380,12 +2383,9 @@ class Payout:
                     )
                 )
             ).one()
-            # What reversals still owe, and what the earnings say was taken of them: with the
-            # entries, the reversals consumed in coins, to tie out with the wallet's claims.
+            # What reversals still owe (with the entries and the earnings' coins clawed back, the
+            # reversals consumed in coins, to tie out with the wallet's claims).
             owed = (await uow.conn.execute(open_shortfalls_select())).scalar_one()
-            earnings_clawed = (
-                await uow.conn.execute(select(func.coalesce(func.sum(earnings.c.coins_clawed_back), 0)))
-            ).scalar_one()
             # A balance goes below zero by clawbacks only: a withdrawal holds only what is available.
             overdrawn = (
                 await uow.conn.execute(
@@ -2404,7 +2404,7 @@ class Payout:
             parked = (await uow.conn.execute(select(func.count()).select_from(common.dead_letters))).scalar_one()
             pending = await self.outbox.pending(uow)
             first_pending, last = await self.outbox.marks(uow)
-        events, units_by_event, coins_by_event = ledger
+        events, units_by_event, coins_by_event, earnings_clawed = ledger
         # Creator rows vs the per-event record, each 0 when they agree. Reported apart: in one sum
         # (ledger_sum, kept for older CLIs) a unit too many and a coin too few cancel out.
         units_diff = int(totals[1]) - int(units_by_event)

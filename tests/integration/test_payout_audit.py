@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import event, insert, update
 
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
@@ -167,3 +167,25 @@ async def test_a_withdrawal_holding_more_than_was_credited_fails_though_every_su
     charged = wallet_pb2.WalletAudit(coins_issued=400, coins_spent=400, spends=1)
     report = check_invariants(Totals(charged, sent, tampered))
     assert [c.name for c in report if c.status == FAILED] == ["6. no negative balance without a reversal"], report
+
+
+async def test_the_audit_reads_the_earnings_clawed_back_coins_with_their_totals(payout: Payout) -> None:
+    """earnings, one row per gift, is payout's largest table and the audit runs hourly: the coins
+    clawed back of it (the reversals' side of the tie-out) are summed by the read that counts and
+    sums the earnings, not by a read of the whole table of their own."""
+    async with payout.db.unit_of_work() as uow:
+        await payout.credit_gifts(uow, [gift_event("creator-a", 400)])
+        await uow.commit()
+    sent: list[str] = []
+
+    def record(_conn, _cursor, statement, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        sent.append(statement)
+
+    event.listen(payout.db.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        audit = await payout.audit()
+    finally:
+        event.remove(payout.db.engine.sync_engine, "before_cursor_execute", record)
+    assert (audit.events_consumed, audit.earnings_coins_clawed_back) == (1, 0)
+    reads = [s for s in sent if "earnings.coins_clawed_back" in s]
+    assert len(reads) == 1 and "count(*)" in reads[0] and "sum(earnings.units)" in reads[0], reads
