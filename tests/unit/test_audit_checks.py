@@ -933,6 +933,28 @@ def test_reversals_claimed_after_the_first_look_do_not_hold_up_the_wait(monkeypa
     assert all(c.status == OK for c in report), [c for c in report if c.status != OK]
 
 
+def test_a_lost_reversal_that_later_claims_make_up_for_passes_the_wait_only_while_traffic_continues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limit README's line 5 states (as the leaderboards' line does): the wait asks payout for
+    the coins the first look saw claimed, not for those claims, so a lost reversal's coins made up
+    by a reversal claimed and consumed after the first look pass it. Once traffic stops, totals
+    that differ are never settled."""
+    monkeypatch.setattr(audit, "RECHECK_S", 0.0)
+    world = settled_world()
+    world.claimed = 100  # a reversal whose event never reaches payout
+
+    def fetch(ids: frozenset[str] | None = None) -> Totals:
+        t = read(world, [[], [], [], []], detail=True, ids=ids)
+        if not world.clawed:  # after the first look: another reversal of 100 coins, consumed at once
+            world.claimed, world.clawed = 200, 100
+        return t
+
+    assert statuses(wait_until_settled(fetch, 5.0))[REVERSALS] == OK
+    quiet = statuses(evaluate(read(world, [[], [], [], []], detail=True))[0])
+    assert quiet[REVERSALS] == IN_FLIGHT  # and FAILED when a wait on unchanging totals runs out
+
+
 def test_an_older_wallet_or_payout_without_the_reversal_totals_is_not_failed_for_them() -> None:
     for side, name in (("wallet", "coins_claimed_by_reversals"), ("payout", "coins_in_open_shortfalls")):
         world = settled_world()
