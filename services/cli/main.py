@@ -165,6 +165,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         metrics_ports={svc: port + port_offset for svc, port in defaults.metrics_ports.items()},
         webhook_secret=webhook_secret,
         operator_token=operator_token,
+        die_with_parent=True,  # a `run` killed with SIGKILL takes its suite with it, lock and all
     )
     suite = Suite(config)
     # Handlers first: a SIGTERM during the start is honoured once everything has started, rather

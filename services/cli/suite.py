@@ -7,6 +7,8 @@ everything it started (SIGTERM, then SIGKILL after a grace period).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -27,6 +29,23 @@ STOP_GRACE_S = 15.0
 # Callers stop before what they call: gifting (every spend) and payout (a creator's restrictions)
 # call the wallet; every service publishes and consumes through NATS.
 STOP_STAGES = (("gifting", "payout"), ("wallet",), ("nats",))
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a child, between fork and exec: be sent SIGTERM when the process that started it dies.
+
+    `run` starts the suite in sessions of their own (a Ctrl-C reaches `run` alone, which stops
+    them in order), so a `run` killed with SIGKILL (an OOM kill, `kill -9`, a CI runner cancelling
+    the job) would leave nats-server and the services running on var/, their ports held, where
+    the next `run` on another --port-offset would start a second suite on the same store and
+    databases. Linux only (prctl); the signal is delivered when the parent's forking thread ends,
+    so only a suite started from the main thread asks for it (`SuiteConfig.die_with_parent`).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -80,6 +99,9 @@ class SuiteConfig:
     operator_token: str = "dev-operator-token"
     external_nats_url: str | None = None  # use a running NATS instead of starting one
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per service
+    # Each process gets SIGTERM when the one that started it dies (Linux; `_die_with`): `run`'s
+    # suite, started from its main thread. Not for tests, which start suites from other threads.
+    die_with_parent: bool = False
 
     def database_url(self, svc: str) -> str:
         """The service's database URL."""
@@ -119,6 +141,11 @@ class Suite:
         self.config = config
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = config.var_dir / "logs"
+
+    def _preexec(self) -> functools.partial[None] | None:
+        if not (self.config.die_with_parent and sys.platform == "linux"):
+            return None
+        return functools.partial(_die_with, os.getpid())
 
     def addr(self, svc: str) -> str:
         """host:port of a service's gRPC server."""
@@ -169,6 +196,7 @@ class Suite:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=self._preexec(),  # noqa: PLW1509 - before any thread of ours; _die_with
         )
         _wait_port(self.config.nats_port, 20, self.procs["nats"], "nats-server")
 
@@ -186,6 +214,7 @@ class Suite:
             stderr=err,
             env=env,
             start_new_session=True,
+            preexec_fn=self._preexec(),  # noqa: PLW1509 - before any thread of ours; _die_with
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -234,3 +234,22 @@ def test_run_whose_service_crashes_stops_the_rest_and_exits_1(tmp_path: Path) ->
     assert proc.returncode == 1, out.decode()  # a crash, not a Ctrl-C
     assert "payout exited with code -9" in out.decode() and "nothing left running" in out.decode()
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+
+
+def test_run_killed_with_sigkill_takes_its_suite_with_it(tmp_path: Path) -> None:
+    """`kill -9`, an OOM kill or a cancelled CI job: `run` gets no chance to stop the suite, whose
+    processes live in sessions of their own. They once kept running on var/ (their ports held,
+    the next `run` refused as "port taken"), and a `run` on the same var/ with another
+    --port-offset, the run.lock gone with the killed one, started a second nats-server on the same
+    JetStream store and a second service on each database."""
+    left: list[int] = []
+    with _running(tmp_path) as (proc, offset, children):
+        assert len(children) == 4, children
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + STOP_S
+        while [pid for pid in children if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in children if _alive(pid)]
+    assert not left, "a process of the suite outlived `run` killed with SIGKILL"
+    assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
