@@ -34,10 +34,24 @@ if TYPE_CHECKING:
     from livegifts.common.v1 import dead_letters_pb2
 
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
-console = Console()
+
+
+class _Console(Console):
+    """A console that leaves each line whole where no terminal shows it: rich wraps text at 80
+    columns when its file is not a terminal, so `livegifts balance bob | grep`, a Job's log or
+    `demo > out.txt` got "... (+0/10000 of a diamond kept)" and error lines broken in two.
+    A terminal still wraps at its width (tables print through _print_table)."""
+
+    def print(self, *objects: object, soft_wrap: bool | None = None, **kwargs: object) -> None:  # type: ignore[override]
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)  # type: ignore[arg-type]
+
+
+console = _Console()
 # Errors and usage errors, and notes beside a command's data: stdout holds only what a command
 # answers, for a pipe (`| jq`) or a file (`> report.txt`) to take without them.
-err_console = Console(stderr=True)
+err_console = _Console(stderr=True)
 DEADLINE_S = 10.0
 # `dead-letters replay`: calls of one run, all under its key, when the answer is lost or says to
 # retry (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED: the replay may have committed), and the pause

@@ -388,3 +388,35 @@ def test_an_empty_service_address_is_a_usage_error_in_one_line(option: str) -> N
     assert result.returncode == 2, result
     assert _error_lines(result.stderr) == [f"{option} is empty: give the service's host:port"], result
     assert result.stdout == "", result.stdout
+
+
+def test_lines_printed_to_no_terminal_stay_whole(tmp_path: Path) -> None:
+    """A pipe, a file or a Job's log: rich wrapped every line at 80 columns there, so a command's
+    answer (`balance`, `earnings`, `demo`'s steps) and its one-line errors came out broken in two,
+    and `| grep` or a log search for the whole line found nothing."""
+    from concurrent import futures
+
+    import grpc
+
+    from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+    class Wallet(wallet_pb2_grpc.WalletServiceServicer):  # type: ignore[misc]
+        def GetBalance(self, request: Any, context: Any) -> Any:
+            return wallet_pb2.Balance(user_id=request.user_id, coins=1_234_567)
+
+    user = "viewer-" + "x" * 90  # the answer is longer than 80 columns
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    wallet_pb2_grpc.add_WalletServiceServicer_to_server(Wallet(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = _cli("balance", user, "--wallet-addr", f"127.0.0.1:{port}", env={"COLUMNS": ""})
+    finally:
+        server.stop(None)
+    assert result.returncode == 0, result
+    assert result.stdout == f"{user}: 1234567 coins\n", result.stdout
+    # An error on stderr: one line too, however long the path it names.
+    var = tmp_path / ("state-" + "y" * 80)
+    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": ""})
+    assert result.returncode == 1, result
+    assert len(result.stderr.splitlines()) == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
