@@ -168,7 +168,8 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         # Two nats-servers on one JetStream store and two of each service on one database.
         err_console.print(
             f"[red]could not start: {var.resolve()} is the state of a suite still running[/red];"
-            " stop it, or give this one its own --var (and --port-offset)",
+            " stop it, or give this one its own --var and --port-offset"
+            " (with `make run`: LIVEGIFTS_VAR_DIR and LIVEGIFTS_RUN_PORT_OFFSET)",
             highlight=False,
         )
         raise typer.Exit(1) from None

@@ -189,6 +189,7 @@ class Suite:
             raise RuntimeError(
                 f"nats-server port 127.0.0.1:{self.config.nats_port} is taken by another program"
                 " (a suite still running?): stop it, or use another --port-offset"
+                " (with `make run`: LIVEGIFTS_RUN_PORT_OFFSET)"
             )
         log = open(self.log_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs["nats"] = subprocess.Popen(

@@ -221,6 +221,7 @@ def test_run_refuses_a_nats_port_another_program_holds(tmp_path: Path) -> None:
     flat = " ".join(out.split())
     assert code == 1, out
     assert "could not start: nats-server port 127.0.0.1:" in flat and "is taken by another program" in flat, out
+    assert "LIVEGIFTS_RUN_PORT_OFFSET" in flat, out  # what `make run`, which takes no options, reads
     assert "Traceback" not in out and "nothing left running" in out
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
 

@@ -39,3 +39,19 @@ def test_a_var_that_is_a_file_is_named_not_a_traceback(tmp_path: Path, args: lis
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     joined = "".join(result.output.split())  # the console wraps long lines, paths too
     assert missing in joined and f"cannotread{secret}/" in joined, result.output
+
+
+def test_a_var_a_running_suite_holds_is_refused_naming_what_make_run_takes(tmp_path: Path) -> None:
+    """`make run` passes no options: a newcomer whose second `make run` was told only "give this
+    one its own --var (and --port-offset)" had nothing to give them to. The refusal names the
+    variables `make run` reads too (README, "Two commands")."""
+    import fcntl
+
+    with open(tmp_path / "run.lock", "a") as held:  # what a running suite holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = CliRunner().invoke(app, ["run", "--var", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert "is the state of a suite still running" in flat, flat
+    assert "--var and --port-offset" in flat and "LIVEGIFTS_VAR_DIR and LIVEGIFTS_RUN_PORT_OFFSET" in flat, flat
+    assert not (tmp_path / "logs").exists()  # nothing started
