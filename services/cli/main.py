@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import secrets
+import shlex
 import signal
 import time
 import uuid
@@ -296,11 +297,11 @@ def _print_running(suite: Suite) -> None:
     # As it works from here: a suite on another --var or --port-offset is not the commands' default.
     demo = ["livegifts demo"]
     if config.var_dir != Path("var").resolve():
-        demo.append(f"--var {config.var_dir}")
+        demo.append(f"--var {shlex.quote(str(config.var_dir))}")  # a folder with a space, as typed
     if config.grpc_ports != SuiteConfig(var_dir=config.var_dir).grpc_ports:
         demo += [f"--{svc}-addr {suite.addr(svc)}" for svc in ("wallet", "gifting", "payout")]
     console.print(
-        f"try: [bold]{' '.join(demo)}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list"
+        f"try: [bold]{escape(' '.join(demo))}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list"
         "   (grpcurl is a separate tool: not installed with livegifts)",
         highlight=False,
     )

@@ -69,3 +69,19 @@ def test_the_running_table_shows_every_address_and_log_whole_in_80_columns(
         assert suite.addr(svc) in columns[1], table
         assert f"http://127.0.0.1:{suite.config.metrics_ports[svc]}/metrics" in columns[2], table
         assert str(suite.log_dir / f"{svc}.log") in columns[3], table
+
+
+@pytest.mark.parametrize("folder", ["my projects", "it's [here]"])
+def test_the_suggested_demo_quotes_a_var_as_a_shell_reads_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, folder: str
+) -> None:
+    """A checkout under "~/My Projects": the hint once printed `--var /home/me/My Projects/var`,
+    which a shell splits in two (and rich took `[here]` for markup and dropped it)."""
+    import shlex
+
+    var = tmp_path / folder / "var"
+    main._print_running(Suite(SuiteConfig(var_dir=var)))
+    out = capsys.readouterr().out
+    line = out[out.index("try:") :].split("   or   ", 1)[0]
+    words = shlex.split(line.removeprefix("try: "))
+    assert words[words.index("--var") + 1] == str(var), line
