@@ -110,7 +110,7 @@ def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret
     except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
         why = f"no {path}" if isinstance(exc, FileNotFoundError) else f"cannot read {path} ({exc.strerror})"
         err_console.print(
-            f"[red]{missing}[/red]: {why} (`livegifts run` writes it there);"
+            f"[red]{missing}[/red]: {escape(why)} (`livegifts run` writes it there);"
             f" give {option}, or --var with the folder of the running suite",
             highlight=False,
         )
@@ -161,14 +161,16 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         lock = open(var / "run.lock", "a")  # noqa: SIM115
     except OSError as exc:
         # A --var that is a file, or under one, or not writable: nothing started yet.
-        err_console.print(f"[red]could not start: cannot keep state in {var}[/red]: {exc}", highlight=False)
+        err_console.print(
+            f"[red]could not start: cannot keep state in {escape(str(var))}[/red]: {escape(str(exc))}", highlight=False
+        )
         raise typer.Exit(1) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         # Two nats-servers on one JetStream store and two of each service on one database.
         err_console.print(
-            f"[red]could not start: {var.resolve()} is the state of a suite still running[/red];"
+            f"[red]could not start: {escape(str(var.resolve()))} is the state of a suite still running[/red];"
             " stop it, or give this one its own --var and --port-offset"
             " (with `make run`: LIVEGIFTS_VAR_DIR and LIVEGIFTS_RUN_PORT_OFFSET)",
             highlight=False,
@@ -194,7 +196,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     signal.signal(signal.SIGHUP, stop)
     failed = ""
     try:
-        console.print(f"starting nats-server and the services (state in {config.var_dir}) ...")
+        console.print(f"starting nats-server and the services (state in {config.var_dir}) ...", markup=False)
         try:
             suite.start()
         except (RuntimeError, TimeoutError, OSError) as exc:
@@ -202,7 +204,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
             # one line and the logs, not a traceback.
             lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
             failed = lines[0].rstrip(":")
-            err_console.print(f"[red]could not start: {failed}[/red] ({_start_log(suite, failed)})")
+            err_console.print(f"[red]could not start: {escape(failed)}[/red] ({escape(_start_log(suite, failed))})")
             if len(lines) > 1:
                 err_console.print(f"  last log line: {_log_message(lines[-1])}", markup=False, highlight=False)
         if not stop.requested and not failed:
@@ -212,7 +214,8 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
             for name, proc in suite.procs.items():
                 if proc.poll() is not None and not stop.requested:
                     failed = f"{name} exited with code {proc.returncode}"
-                    err_console.print(f"[red]{failed}; stopping[/red] (its log: {suite.log_dir / (name + '.log')})")
+                    log = escape(str(suite.log_dir / (name + ".log")))
+                    err_console.print(f"[red]{failed}; stopping[/red] (its log: {log})")
                     break
     finally:
         # With its terminal closed (SIGHUP, then EIO) or its pipe's reader gone, a print fails:
@@ -319,7 +322,7 @@ def _package(wallet: wallet_pb2_grpc.WalletServiceStub, package_id: str, region:
     pkg = next((p for p in pkgs if p.package_id == package_id), None)
     if pkg is None:
         err_console.print(
-            f"[red]unknown package {package_id}[/red]; packages of region {region}:"
+            f"[red]unknown package {escape(package_id)}[/red]; packages of region {escape(region)}:"
             f" {', '.join(p.package_id for p in pkgs) or 'none'} (another region: --region)",
             highlight=False,
         )
@@ -379,7 +382,8 @@ def buy(
             bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
         except grpc.RpcError as exc:
             _fail(exc)
-    console.print(f"purchase {p.purchase_id}: {wallet_pb2.PurchaseStatus.Name(p.status)}; {user} has {bal.coins} coins")
+    status = wallet_pb2.PurchaseStatus.Name(p.status)
+    console.print(f"purchase {p.purchase_id}: {status}; {user} has {bal.coins} coins", markup=False)
 
 
 @app.command()
@@ -394,7 +398,7 @@ def balance(
             )
         except grpc.RpcError as exc:
             _fail(exc)
-    console.print(f"{user}: {bal.coins} coins")
+    console.print(f"{user}: {bal.coins} coins", markup=False)  # an id is text, not markup: "ann[bold]"
 
 
 @app.command()
@@ -411,7 +415,8 @@ def earnings(
             _fail(exc)
     console.print(
         f"{creator}: {e.diamonds_available} diamonds available, {e.diamonds_lifetime} lifetime, "
-        f"from {e.coins_received} coins (+{e.remainder_units}/10000 of a diamond kept)"
+        f"from {e.coins_received} coins (+{e.remainder_units}/10000 of a diamond kept)",
+        markup=False,
     )
     # Where the rest went: without it a negative balance after a clawback, or diamonds held by
     # open withdrawals, cannot be told from lost ones (lifetime = available + held + withdrawn +
@@ -618,7 +623,7 @@ def _operator(token: str, var: Path) -> tuple[tuple[str, str], ...]:
 
 def _service_addr(service: str, addrs: dict[str, str]) -> str:
     if service not in addrs:
-        err_console.print(f"[red]unknown service {service!r}[/red]: one of {', '.join(SERVICES)}")
+        err_console.print(f"[red]unknown service {escape(repr(service))}[/red]: one of {', '.join(SERVICES)}")
         raise typer.Exit(2)
     return addrs[service]
 
@@ -896,9 +901,11 @@ def dead_letters_replay(
                 time.sleep(REPLAY_RETRY_PAUSES_S[attempt])
     d = answer.dead_letter
     if answer.outcome == dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED:
-        console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}")
+        console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}", markup=False)
     else:
-        console.print(f"replayed {d.id}: {d.consumer} had applied event {d.event_id} already; nothing changed")
+        console.print(
+            f"replayed {d.id}: {d.consumer} had applied event {d.event_id} already; nothing changed", markup=False
+        )
 
 
 def main() -> None:

@@ -420,3 +420,33 @@ def test_lines_printed_to_no_terminal_stay_whole(tmp_path: Path) -> None:
     result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": ""})
     assert result.returncode == 1, result
     assert len(result.stderr.splitlines()) == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
+
+
+def test_ids_and_paths_are_printed_as_given_not_read_as_markup(tmp_path: Path) -> None:
+    """User ids and folders are text: rich read `[here]` in `--var "/x [here]"` or a user id
+    `ann[bold]` as a markup tag and dropped it, so the line named another user or a path that
+    does not exist."""
+    from concurrent import futures
+
+    import grpc
+
+    from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+    class Wallet(wallet_pb2_grpc.WalletServiceServicer):  # type: ignore[misc]
+        def GetBalance(self, request: Any, context: Any) -> Any:
+            return wallet_pb2.Balance(user_id=request.user_id, coins=7)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    wallet_pb2_grpc.add_WalletServiceServicer_to_server(Wallet(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = _cli("balance", "ann[bold]", "--wallet-addr", f"127.0.0.1:{port}")
+    finally:
+        server.stop(None)
+    assert result.stdout == "ann[bold]: 7 coins\n", result
+    var = tmp_path / "x [here]"
+    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": ""})
+    assert result.returncode == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
+    result = _cli("run", "--var", "/proc/x [here]")  # a folder that cannot be made
+    assert result.returncode == 1 and "cannot keep state in /proc/x [here]" in result.stderr, result.stderr
