@@ -8,7 +8,9 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -285,6 +287,20 @@ def _print_table(table: Table) -> None:
     Console(file=console.file, width=max(full, console.width)).print(table)
 
 
+def _program() -> str:
+    """The CLI as this shell reaches it: `livegifts` where PATH finds this one, else its path
+    (`.venv/bin/livegifts` from the checkout, as `make run` starts it without an activated venv,
+    where a bare `livegifts` is "command not found")."""
+    mine = Path(sys.executable).parent / "livegifts"
+    found = shutil.which("livegifts")
+    if not mine.exists() or (found is not None and Path(found).resolve() == mine.resolve()):
+        return "livegifts"
+    try:
+        return shlex.quote(str(mine.relative_to(Path.cwd())))
+    except ValueError:  # a venv outside the folder it runs in
+        return shlex.quote(str(mine))
+
+
 def _print_running(suite: Suite) -> None:
     config = suite.config
     table = _table("livegifts is running (Ctrl-C stops everything)", "process", "address", "metrics", "log")
@@ -298,7 +314,7 @@ def _print_running(suite: Suite) -> None:
         )
     _print_table(table)
     # As it works from here: a suite on another --var or --port-offset is not the commands' default.
-    demo = ["livegifts demo"]
+    demo = [f"{_program()} demo"]
     if config.var_dir != Path("var").resolve():
         demo.append(f"--var {shlex.quote(str(config.var_dir))}")  # a folder with a space, as typed
     if config.grpc_ports != SuiteConfig(var_dir=config.var_dir).grpc_ports:

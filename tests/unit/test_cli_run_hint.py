@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +14,12 @@ from typer.testing import CliRunner
 
 from services.cli import main
 from services.cli.suite import Suite, SuiteConfig
+
+
+@pytest.fixture(autouse=True)
+def _venv_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An activated venv (or `pip install`): PATH finds this `livegifts`."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def _hint(capsys: pytest.CaptureFixture[str], config: SuiteConfig) -> str:
@@ -85,3 +93,16 @@ def test_the_suggested_demo_quotes_a_var_as_a_shell_reads_it(
     line = out[out.index("try:") :].split("   or   ", 1)[0]
     words = shlex.split(line.removeprefix("try: "))
     assert words[words.index("--var") + 1] == str(var), line
+
+
+def test_without_an_activated_venv_the_suggested_demo_is_the_venvs_own(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` from a fresh checkout: no activated venv, so a bare `livegifts demo` was "command
+    not found"; the README's `.venv/bin/livegifts demo` is what works from the checkout."""
+    venv_bin = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(venv_bin.parent.parent)  # the checkout, as `make run` runs it
+    hint = _hint(capsys, SuiteConfig(var_dir=Path("var").resolve()))
+    program = str((venv_bin / "livegifts").relative_to(venv_bin.parent.parent))
+    assert f"try: {program} demo or grpcurl" in hint, hint
