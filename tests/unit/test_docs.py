@@ -607,3 +607,31 @@ def test_the_readme_tells_a_client_what_an_answer_without_a_reason_is_and_the_li
     assert MESSAGE_BYTES_MAX % (1024 * 1024) == 0
     assert f"larger than {MESSAGE_BYTES_MAX // (1024 * 1024)} MiB" in section
     assert f"`CONNECTION_AGE_MAX_S`, {int(CONNECTION_AGE_MAX_S) // 60} minutes" in section
+
+
+def test_the_readme_drives_the_compose_suite_with_the_secrets_and_ports_it_sets() -> None:
+    """A newcomer on docker-compose has no var/ for the CLI to read secrets from: the README gives
+    the ones docker-compose.yml defaults to, and the ports it publishes are the CLI's defaults."""
+    import yaml
+
+    from services.cli.suite import SuiteConfig
+
+    compose = (REPO / "docker-compose.yml").read_text()
+    services = yaml.safe_load(compose)["services"]
+
+    def default(var: str) -> str:
+        found = set(re.findall(r"\$\{" + var + r":-([^}]*)\}", compose))
+        assert len(found) == 1, (var, found)
+        return found.pop()
+
+    secret = default("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET")
+    token = default("LIVEGIFTS_OPERATOR_TOKEN")
+    assert f"livegifts demo --webhook-secret {secret}" in README
+    assert f"--operator-token {token}" in README
+    defaults = SuiteConfig(var_dir=Path("var"))
+    for svc, port in defaults.grpc_ports.items():
+        published = services[svc]["ports"]
+        assert f"127.0.0.1:{port}:{port}" in published, (svc, published)
+        assert f"127.0.0.1:{defaults.metrics_ports[svc]}:{defaults.metrics_ports[svc]}" in published, (svc, published)
+    assert "gRPC 50051-50053 and metrics 9101-9103" in README
+    assert '"docker-compose (integration tests)"' in README and "## docker-compose (integration tests)" in SRE
