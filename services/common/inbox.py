@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from sqlalchemy import delete, insert, select
 
@@ -45,7 +46,7 @@ from services.common.loops import sleep_unless_stopped
 from services.common.metrics import CONSUMED, CONSUMER_BATCH, CONSUMER_LOOP_FAILURES, DEAD_LETTERS, INBOX_PRUNED
 from services.common.pruning import AgePruner
 from services.common.pull import Puller
-from services.common.sql import bulk_insert_new
+from services.common.sql import bulk_insert_new, one_of
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context
 from services.common.throttle import LogThrottle
@@ -69,6 +70,10 @@ CONSUMED_RESULTS = ("applied", "duplicate", "replayed", "retry")
 
 
 REDELIVERY_DELAY_S_MAX = 10.0
+# How many stream sequences the position check (`Consumer.behind`) looks back from the durable's
+# ack floor for the last event of its subject: the floor may rest on another subject's message
+# (payout-gift-sent's stream also holds gifting.stream.ended).
+POSITION_SCAN_MAX = 256
 
 
 def redelivery_delay_s(delivered: int) -> float:
@@ -157,6 +162,7 @@ class Consumer(Generic[E]):
         # on an outage failure itself.
         self._not_counted: OrderedDict[int, int] = OrderedDict()
         self._not_counted_max = self.batch_size_max * 16
+        self._position_checked = False
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
         # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
@@ -202,6 +208,9 @@ class Consumer(Generic[E]):
                             max_ack_pending=self.batch_size_max * 8,
                         ),
                     )
+                    if not self._position_checked:
+                        self._position_checked = True
+                        await self._check_position()
                 try:
                     msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
                 except TimeoutError:
@@ -241,6 +250,110 @@ class Consumer(Generic[E]):
             # Left subscribed, a pull subscription held the connection's drain at close for its
             # whole 5 s timeout; what it had buffered is nak'ed for the next run.
             await psub.unsubscribe()
+
+    async def _check_position(self) -> None:
+        """Say so, once per process, when the database is behind this durable (`behind`).
+
+        Only said, never acted on: the events past the database's point are acked and will not
+        come again by themselves, and what to do depends on the service (docs/sre.md, "Restoring
+        one service's database"); the consumer goes on applying new events meanwhile. A check
+        that fails (NATS or the database busy at start) is logged and not retried.
+        """
+        try:
+            found = await self.behind()
+        except Exception as exc:  # noqa: BLE001 - a check only: consuming goes on without it
+            log.warning("consumer position not checked", extra={"consumer": self.sub.durable, "error": described(exc)})
+            return
+        if found is not None:
+            seq, event_id = found
+            log.error(
+                "the database is behind its consumer: an event it acked is not in its inbox",
+                extra={
+                    "consumer": self.sub.durable,
+                    "stream": self.sub.stream,
+                    "stream_seq": seq,
+                    "event_id": event_id,
+                },
+            )
+
+    async def behind(self) -> tuple[int, str] | None:
+        """(stream sequence, event id) of an event of this subject the durable has acked that the
+        database holds no record of (neither in its inbox nor parked); None when there is none.
+
+        Every event a durable acked was recorded in the same commit as its effect, and its inbox
+        row outlives the stream's copy (INBOX_RETENTION_DAYS > the stream's max age), so an acked
+        event still in the stream and unknown to the database means the database lost commits it
+        made: restored to an earlier point (a backup, PITR). Its effects, and those of every event
+        acked after that point, are gone, and JetStream will not deliver them again.
+
+        Which delivered events were acked is not told one by one: every event up to the ack floor
+        was, and of those delivered after it all but `num_ack_pending` (in flight in another
+        replica, or left unacked by a stop, until their ack_wait). So the check reads the last
+        POSITION_SCAN_MAX delivered stream sequences, and the last event of its subject at or below
+        the floor (the floor may rest on another subject's message: payout-gift-sent's stream also
+        holds gifting.stream.ended): an unknown one at or below the floor, or more unknown ones
+        above it than are pending, is an acked event the database lost.
+        """
+        js = self.bus.js
+        check(js is not None, "the bus is connected")
+        info = await js.consumer_info(self.sub.stream, self.sub.durable)  # type: ignore[union-attr]
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        top = max(floor, info.delivered.stream_seq if info.delivered else 0)
+        pending = info.num_ack_pending or 0
+        seen: list[tuple[int, str]] = []  # (stream sequence, event id), highest first
+        low = max(floor + 1, top - POSITION_SCAN_MAX + 1)
+        for seq in range(top, low - 1, -1):
+            if (found := await self._event_at(seq)) is not None:
+                seen.append((seq, found))
+        for seq in range(floor, max(0, floor - POSITION_SCAN_MAX), -1):
+            if (found := await self._event_at(seq)) is not None:
+                seen.append((seq, found))
+                break
+        if not seen:
+            return None
+        ids = {event_id for _, event_id in seen}
+        i, d = self.tables.inbox.c, self.tables.dead_letters.c
+        async with self.db.unit_of_work() as uow:
+            known = set(
+                (
+                    await uow.conn.execute(
+                        select(i.event_id).where(
+                            i.consumer == self.sub.durable, one_of(self.db.dialect, i.event_id, ids)
+                        )
+                    )
+                ).scalars()
+            ) | set(
+                (
+                    await uow.conn.execute(
+                        select(d.event_id).where(
+                            d.consumer == self.sub.durable, one_of(self.db.dialect, d.event_id, ids)
+                        )
+                    )
+                ).scalars()
+            )
+        unknown = [(seq, event_id) for seq, event_id in seen if event_id not in known]
+        acked = [u for u in unknown if u[0] <= floor]
+        if acked:
+            return acked[0]
+        above = [u for u in unknown if u[0] > floor]
+        return above[0] if len(above) > pending else None
+
+    async def _event_at(self, seq: int) -> str | None:
+        """The event id of the stream's message `seq` when it is one of this subject's with an id
+        the inbox can hold; None when it is not (gone, another subject's, undecodable)."""
+        try:
+            raw = await self.bus.js.get_msg(self.sub.stream, seq)  # type: ignore[union-attr]
+        except NotFoundError:
+            return None  # deleted, or aged out of the stream
+        if raw.subject != self.sub.subject:
+            return None
+        try:
+            event_id = getattr(self.sub.event_type.FromString(raw.data or b""), "event_id", "")
+        except DecodeError:
+            return None  # parked as undecodable: nothing to look it up by
+        if not event_id or self._id_problem(event_id):
+            return None
+        return str(event_id)
 
     async def process(self, msgs: list[Msg]) -> None:
         """Apply a fetched batch; falls back to one message at a time when the batch fails."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nats.errors
@@ -49,11 +50,19 @@ class _Timeouts:
         return None
 
 
+class _JetStream:
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        # A durable that has delivered nothing yet: the position check (`Consumer.behind`) has
+        # nothing to look up.
+        return SimpleNamespace(ack_floor=None, delivered=None, num_ack_pending=0)
+
+
 class _Bus:
     def __init__(self) -> None:
         self.connected = asyncio.Event()
         self.connected.set()
-        self.nc = self.js = object()
+        self.nc = object()
+        self.js = _JetStream()
 
 
 async def _run_fetching_nothing(tmp_path: Path, stop: asyncio.Event, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,224 @@
+"""One service's database restored to an earlier point while the others and JetStream ran on.
+
+Each service owns its database, so a restore (a backup, PITR after a bad migration or a mistaken
+DELETE) leaves it behind the others and behind its JetStream consumers: the events its durables
+acked after the restore point are not delivered again, and their effects are gone. These drills
+take a snapshot of payout's (or gifting's) database, put gifts through, put the snapshot back and
+start the service again: it must say that it is behind, and docs/sre.md's procedure ("Restoring
+one service's database") must put the books right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2_grpc
+from services.cli.suite import Suite
+from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
+from tests.integration import pg
+from tests.integration.auditing import audit_cli
+from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
+from tests.integration.helpers import buy_coins, eventually, live_stream, uid
+
+BEHIND = "the database is behind its consumer"
+
+
+@contextlib.contextmanager
+def snapshots(suite: Suite, svc: str) -> Iterator[tuple[object, object]]:
+    """(take, put_back) for `svc`'s database, each with the service stopped; the copy is dropped on exit.
+
+    SQLite: the file through sqlite3's online backup API (a copy of the file alone may miss what
+    its -wal holds), put back over the file with its -wal and -shm removed. PostgreSQL: a copy
+    made with CREATE DATABASE ... TEMPLATE, renamed over the service's database.
+    """
+    url = suite.config.database_url(svc)
+    if url.startswith("sqlite"):
+        path = Path(url.split("///", 1)[1])
+        copy = path.with_name(f"{path.name}.snapshot")
+
+        def take() -> None:
+            with contextlib.closing(sqlite3.connect(path)) as src, contextlib.closing(sqlite3.connect(copy)) as dst:
+                src.backup(dst)
+
+        def put_back() -> None:
+            for extra in ("-wal", "-shm"):
+                path.with_name(path.name + extra).unlink(missing_ok=True)
+            shutil.copyfile(copy, path)
+
+        yield take, put_back
+        return
+    admin = pg.admin_url_or_skip()
+    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    copy_name = f"{name}_snap"
+
+    def take_pg() -> None:
+        pg.create_database(admin, copy_name, f'TEMPLATE "{name}"')
+
+    def put_back_pg() -> None:
+        pg.drop_database(admin, name)
+        pg.run_sql(admin, f'ALTER DATABASE "{copy_name}" RENAME TO "{name}"')
+
+    try:
+        yield take_pg, put_back_pg
+    finally:
+        pg.drop_database(admin, copy_name)
+
+
+async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> None:
+    """`viewer` buys 700 coins and gifts them to each new creator in turn, on a stream that then
+    ends: GIFTING's last event is a `gifting.stream.ended`, which payout's durable does not take."""
+    channels = [grpc.aio.insecure_channel(suite.addr(s)) for s in ("wallet", "gifting")]
+    try:
+        wallet = wallet_pb2_grpc.WalletServiceStub(channels[0])
+        gifting = gifting_pb2_grpc.GiftingServiceStub(channels[1])
+        for creator in creators:
+            await buy_coins(wallet, WEBHOOK_SECRET, viewer)
+            stream = await live_stream(gifting, creator)
+            for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):  # 500 + 4 x 50 coins
+                await gifting.SendGift(
+                    gifting_pb2.SendGiftRequest(
+                        stream_id=stream.stream_id,
+                        sender_id=viewer,
+                        gift_id=gift_id,
+                        quantity=quantity,
+                        idempotency_key=uid("g"),
+                    )
+                )
+            await gifting.EndStream(
+                gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+            )
+    finally:
+        for c in channels:
+            await c.close()
+
+
+async def _earned(suite: Suite, creators: list[str], timeout_s: float = 20.0) -> list[int]:
+    """Each creator's lifetime diamonds, once they all have each gift's 350 or the wait runs out."""
+    async with grpc.aio.insecure_channel(suite.addr("payout")) as ch:
+        payout = payout_pb2_grpc.PayoutServiceStub(ch)
+
+        async def read() -> list[int]:
+            return [
+                (await payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=c))).diamonds_lifetime
+                for c in creators
+            ]
+
+        return await eventually(read, lambda d: all(x == 350 for x in d), timeout_s)
+
+
+async def _counted(suite: Suite, creator: str) -> int:
+    """The coins gifting's leaderboard counts for `creator`, once it counts all 700 or the wait runs out."""
+    async with grpc.aio.insecure_channel(suite.addr("gifting")) as ch:
+        gifting = gifting_pb2_grpc.GiftingServiceStub(ch)
+
+        async def read() -> int:
+            board = await gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(creator_id=creator))
+            return board.coins_total
+
+        return await eventually(read, lambda coins: coins == 700)
+
+
+async def _delete_durables(suite: Suite, stream: str, durables: list[str]) -> None:
+    """`nats consumer rm <stream> <durable>` for each, as the runbook has the operator do."""
+    nc = await nats.connect(suite.config.nats_url)
+    try:
+        js = nc.jetstream()
+        for durable in durables:
+            await js.delete_consumer(stream, durable)
+    finally:
+        await nc.drain()
+
+
+def _log_since(suite: Suite, svc: str, offset: int) -> str:
+    return (suite.log_dir / f"{svc}.log").read_text(errors="replace")[offset:]
+
+
+def _restart_and_wait_for_check(suite: Suite, svc: str, offset: int) -> str:
+    """Start `svc` and wait until each of its consumers has bound (its position checked)."""
+    suite.restart(svc)
+    # The check runs when a consumer first binds, just after READY; a short wait covers it.
+    deadline = time.monotonic() + 5
+    text = _log_since(suite, svc, offset)
+    while BEHIND not in text and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = _log_since(suite, svc, offset)
+    return text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_credits_what_it_lost(
+    backend: str, tmp_path: Path
+) -> None:
+    with running_suite(backend, tmp_path, "lgtest") as suite, snapshots(suite, "payout") as (take, put_back):
+        viewer, before, after = uid("viewer"), [uid("creator")], [uid("creator"), uid("creator")]
+        asyncio.run(_gifts(suite, viewer, before))
+        assert asyncio.run(_earned(suite, before)) == [350]
+
+        suite.kill("payout", signal.SIGTERM)
+        take()  # type: ignore[operator]
+        suite.restart("payout")
+        asyncio.run(_gifts(suite, viewer, after))
+        assert asyncio.run(_earned(suite, after)) == [350, 350]
+        # A restart on its own database (the snapshot was only taken) is not taken for a restore.
+        assert BEHIND not in _log_since(suite, "payout", 0)
+        suite.kill("payout", signal.SIGTERM)
+        put_back()  # type: ignore[operator]
+        offset = len(_log_since(suite, "payout", 0))
+        text = _restart_and_wait_for_check(suite, "payout", offset)
+
+        # It says so, naming the durable that acked what the database lost.
+        assert BEHIND in text, text[-3000:]
+        behind_line = next(line for line in text.splitlines() if BEHIND in line)
+        assert PAYOUT_GIFT_SENT in behind_line and '"GIFTING"' in behind_line
+        # What it lost: the credits of the gifts sent after the snapshot; nothing brings them back.
+        assert asyncio.run(_earned(suite, after, timeout_s=2)) == [0, 0]
+        failed = audit_cli(suite, "--detail", "--wait", "2")
+        assert failed.returncode == 1 and "not yet credited 4" in failed.stdout, failed.stdout
+
+        # The runbook: payout stopped, its durables removed, payout started: each is made again
+        # from the start of its stream, and the inbox makes what the restored database had a no-op.
+        suite.kill("payout", signal.SIGTERM)
+        asyncio.run(_delete_durables(suite, "GIFTING", [PAYOUT_GIFT_SENT]))
+        asyncio.run(_delete_durables(suite, "WALLET", [PAYOUT_PURCHASE_REVERSED]))
+        offset = len(_log_since(suite, "payout", 0))
+        suite.restart("payout")
+        assert asyncio.run(_earned(suite, before + after)) == [350, 350, 350]
+        ok = audit_cli(suite, "--detail", "--wait", "30")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert BEHIND not in _log_since(suite, "payout", offset)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gifting_restored_to_an_earlier_point_says_its_leaderboards_are_behind(backend: str, tmp_path: Path) -> None:
+    with running_suite(backend, tmp_path, "lgtest") as suite, snapshots(suite, "gifting") as (take, put_back):
+        viewer = uid("viewer")
+        asyncio.run(_gifts(suite, viewer, [uid("creator")]))
+        suite.kill("gifting", signal.SIGTERM)
+        take()  # type: ignore[operator]
+        suite.restart("gifting")
+        after = [uid("creator")]
+        asyncio.run(_gifts(suite, viewer, after))
+        assert asyncio.run(_earned(suite, after)) == [350]
+        assert asyncio.run(_counted(suite, after[0])) == 700  # gifting's own durable applied them too
+        suite.kill("gifting", signal.SIGTERM)
+        put_back()  # type: ignore[operator]
+        offset = len(_log_since(suite, "gifting", 0))
+        text = _restart_and_wait_for_check(suite, "gifting", offset)
+        assert BEHIND in text, text[-3000:]
+        assert GIFTING_LEADERBOARDS in next(line for line in text.splitlines() if BEHIND in line)
+        # The audit names the gifts gifting lost: charged and credited, no longer sent.
+        failed = audit_cli(suite, "--detail", "--wait", "2")
+        assert failed.returncode == 1 and "credited without a sent gift 2" in failed.stdout, failed.stdout
