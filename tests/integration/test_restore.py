@@ -25,13 +25,13 @@ import pytest
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
-from livegifts.wallet.v1 import wallet_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite
 from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
 from tests.integration import pg
 from tests.integration.auditing import audit_cli
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
-from tests.integration.helpers import buy_coins, eventually, live_stream, uid
+from tests.integration.helpers import buy_coins, eventually, live_stream, signed_callback, uid
 
 BEHIND = "the database is behind its consumer"
 
@@ -77,15 +77,16 @@ def snapshots(suite: Suite, svc: str) -> Iterator[tuple[object, object]]:
         pg.drop_database(admin, copy_name)
 
 
-async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> None:
+async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> list[wallet_pb2.Purchase]:
     """`viewer` buys 700 coins and gifts them to each new creator in turn, on a stream that then
     ends: GIFTING's last event is a `gifting.stream.ended`, which payout's durable does not take."""
     channels = [grpc.aio.insecure_channel(suite.addr(s)) for s in ("wallet", "gifting")]
     try:
         wallet = wallet_pb2_grpc.WalletServiceStub(channels[0])
         gifting = gifting_pb2_grpc.GiftingServiceStub(channels[1])
+        purchases = []
         for creator in creators:
-            await buy_coins(wallet, WEBHOOK_SECRET, viewer)
+            purchases.append(await buy_coins(wallet, WEBHOOK_SECRET, viewer))
             stream = await live_stream(gifting, creator)
             for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):  # 500 + 4 x 50 coins
                 await gifting.SendGift(
@@ -100,6 +101,7 @@ async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> None:
             await gifting.EndStream(
                 gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
             )
+        return purchases
     finally:
         for c in channels:
             await c.close()
@@ -129,6 +131,39 @@ async def _counted(suite: Suite, creator: str) -> int:
             return board.coins_total
 
         return await eventually(read, lambda coins: coins == 700)
+
+
+async def _charge_back(suite: Suite, purchase: wallet_pb2.Purchase) -> None:
+    async with grpc.aio.insecure_channel(suite.addr("wallet")) as ch:
+        wallet = wallet_pb2_grpc.WalletServiceStub(ch)
+        await wallet.HandlePaymentEvent(signed_callback(WEBHOOK_SECRET, "charge.dispute.lost", purchase))
+
+
+async def _clawed_back(suite: Suite, creator: str, timeout_s: float = 20.0) -> int:
+    """The diamonds clawed back from `creator`, once some are or the wait runs out."""
+    async with grpc.aio.insecure_channel(suite.addr("payout")) as ch:
+        payout = payout_pb2_grpc.PayoutServiceStub(ch)
+
+        async def read() -> int:
+            return (await payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=creator))).diamonds_clawed_back
+
+        return await eventually(read, lambda d: d > 0, timeout_s)
+
+
+async def _pending(suite: Suite, stream: str, durable: str) -> int:
+    """`nats consumer info <stream> <durable>`: its events not yet delivered or not yet acked,
+    once none are or the wait runs out."""
+    nc = await nats.connect(suite.config.nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def read() -> int:
+            info = await js.consumer_info(stream, durable)
+            return (info.num_pending or 0) + (info.num_ack_pending or 0)
+
+        return await eventually(read, lambda n: n == 0)
+    finally:
+        await nc.drain()
 
 
 async def _delete_durables(suite: Suite, stream: str, durables: list[str]) -> None:
@@ -170,8 +205,10 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         suite.kill("payout", signal.SIGTERM)
         take()  # type: ignore[operator]
         suite.restart("payout")
-        asyncio.run(_gifts(suite, viewer, after))
+        bought = asyncio.run(_gifts(suite, viewer, after))
         assert asyncio.run(_earned(suite, after)) == [350, 350]
+        asyncio.run(_charge_back(suite, bought[-1]))  # a reversal after T too: its clawback is lost
+        assert asyncio.run(_clawed_back(suite, after[-1])) == 350
         # A restart on its own database (the snapshot was only taken) is not taken for a restore.
         assert BEHIND not in _log_since(suite, "payout", 0)
         suite.kill("payout", signal.SIGTERM)
@@ -179,23 +216,33 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         offset = len(_log_since(suite, "payout", 0))
         text = _restart_and_wait_for_check(suite, "payout", offset)
 
-        # It says so, naming the durable that acked what the database lost.
+        # It says so, naming the durables that acked what the database lost: the gifts'
+        # (GIFTING) and the reversal's (WALLET).
         assert BEHIND in text, text[-3000:]
-        behind_line = next(line for line in text.splitlines() if BEHIND in line)
-        assert PAYOUT_GIFT_SENT in behind_line and '"GIFTING"' in behind_line
+        behind = [line for line in text.splitlines() if BEHIND in line]
+        assert any(PAYOUT_GIFT_SENT in line and '"GIFTING"' in line for line in behind), behind
+        assert any(PAYOUT_PURCHASE_REVERSED in line and '"WALLET"' in line for line in behind), behind
         # What it lost: the credits of the gifts sent after the snapshot; nothing brings them back.
         assert asyncio.run(_earned(suite, after, timeout_s=2)) == [0, 0]
+        assert asyncio.run(_clawed_back(suite, after[-1], timeout_s=1)) == 0
         failed = audit_cli(suite, "--detail", "--wait", "2")
         assert failed.returncode == 1 and "not yet credited 4" in failed.stdout, failed.stdout
 
-        # The runbook: payout stopped, its durables removed, payout started: each is made again
-        # from the start of its stream, and the inbox makes what the restored database had a no-op.
+        # The runbook: payout stopped, its gift durable removed, payout started: the durable is
+        # made again from the start of its stream, and the inbox makes what the restored database
+        # had a no-op. Its reversal durable only once the credits are all back: a reversal applied
+        # before them claws back the sender's older gifts, another creator's diamonds.
         suite.kill("payout", signal.SIGTERM)
         asyncio.run(_delete_durables(suite, "GIFTING", [PAYOUT_GIFT_SENT]))
+        suite.restart("payout")
+        assert asyncio.run(_earned(suite, before + after)) == [350, 350, 350]
+        assert asyncio.run(_pending(suite, "GIFTING", PAYOUT_GIFT_SENT)) == 0
+        suite.kill("payout", signal.SIGTERM)
         asyncio.run(_delete_durables(suite, "WALLET", [PAYOUT_PURCHASE_REVERSED]))
         offset = len(_log_since(suite, "payout", 0))
         suite.restart("payout")
-        assert asyncio.run(_earned(suite, before + after)) == [350, 350, 350]
+        assert asyncio.run(_clawed_back(suite, after[-1])) == 350
+        assert asyncio.run(_clawed_back(suite, before[0], timeout_s=1)) == 0  # not the older gift's creator
         ok = audit_cli(suite, "--detail", "--wait", "30")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert BEHIND not in _log_since(suite, "payout", offset)
