@@ -130,9 +130,10 @@ class Findings:
     def judge_all(
         self, ids: Iterable[str], earnings: Records, gifts: Records, spends: Records, gifts_after: Records
     ) -> None:
-        """Judge these ids from the records read for them (see `judge` for the order)."""
+        """Judge these ids from the records read for them (see `verdicts` for the order)."""
         for k in ids:
-            self.add(k, judge(earnings.get(k), gifts.get(k), spends.get(k), gifts_after.get(k)))
+            for verdict in verdicts(earnings.get(k), gifts.get(k), spends.get(k), gifts_after.get(k)):
+                self.add(k, verdict)
 
     def checks(self, scope: str) -> list[Check]:
         """One check per per-id line."""
@@ -715,18 +716,49 @@ def judge(
     spend: audit_pb2.AuditRecord | None,
     gift_after: audit_pb2.AuditRecord | None,
 ) -> tuple[str, str, str] | None:
-    """One id's (line, status, reason), or None when it is settled and consistent.
+    """One id's first (line, status, reason), or None when it is settled and consistent (`verdicts`)."""
+    found = verdicts(earning, gift, spend, gift_after)
+    return found[0] if found else None
+
+
+def verdicts(
+    earning: audit_pb2.AuditRecord | None,
+    gift: audit_pb2.AuditRecord | None,
+    spend: audit_pb2.AuditRecord | None,
+    gift_after: audit_pb2.AuditRecord | None,
+) -> list[tuple[str, str, str]]:
+    """One id's (line, status, reason)s, none when it is settled and consistent.
 
     Read in this order: its payout earning, its gift, its wallet spend, its gift again (only read
-    when the spend is charged and the first read did not see the gift sent).
+    when the spend is charged and the first read did not see the gift sent). A credit that fails
+    does not hide what the spend says: an id gifting lost (its database restored to an earlier
+    point) is credited without a gift and charged without one, and each line says so; with the
+    credit's verdict alone, `3b` read "none" while the totals of `3` failed.
     """
-    if earning is not None:
-        if gift is None or gift.status != SENT:
-            return CREDIT_LINE, FAILED, "credited without a sent gift"
-        if earning.amount != gift.amount:
-            return CREDIT_LINE, FAILED, "credited coins differ from the gift's"
-        if earning.party != gift.party:
-            return CREDIT_LINE, FAILED, "credited to another creator than the gift's"
+    credit = _credit_verdict(earning, gift) if earning is not None else None
+    rest = _gift_verdict(earning, gift, spend, gift_after)
+    if credit is None:
+        return [rest] if rest is not None else []
+    # Under a failed credit, only another failure is news: work in flight there is not.
+    return [credit, rest] if rest is not None and rest[1] == FAILED else [credit]
+
+
+def _credit_verdict(earning: audit_pb2.AuditRecord, gift: audit_pb2.AuditRecord | None) -> tuple[str, str, str] | None:
+    if gift is None or gift.status != SENT:
+        return CREDIT_LINE, FAILED, "credited without a sent gift"
+    if earning.amount != gift.amount:
+        return CREDIT_LINE, FAILED, "credited coins differ from the gift's"
+    if earning.party != gift.party:
+        return CREDIT_LINE, FAILED, "credited to another creator than the gift's"
+    return None
+
+
+def _gift_verdict(
+    earning: audit_pb2.AuditRecord | None,
+    gift: audit_pb2.AuditRecord | None,
+    spend: audit_pb2.AuditRecord | None,
+    gift_after: audit_pb2.AuditRecord | None,
+) -> tuple[str, str, str] | None:
     charged = spend is not None and spend.status == SPENT
     if gift is not None and gift.status == SENT:
         if spend is None or not charged:

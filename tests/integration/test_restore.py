@@ -270,3 +270,4 @@ def test_gifting_restored_to_an_earlier_point_says_its_leaderboards_are_behind(b
         # The audit names the gifts gifting lost: charged and credited, no longer sent.
         failed = audit_cli(suite, "--detail", "--wait", "2")
         assert failed.returncode == 1 and "credited without a sent gift 2" in failed.stdout, failed.stdout
+        assert "charged without a gift 2" in failed.stdout, failed.stdout

@@ -473,6 +473,23 @@ def test_judge_one_id(earning, gift, spend, gift_after, expected) -> None:  # ty
     assert (got[:2] if got else None) == expected
 
 
+def test_an_id_credited_and_charged_without_its_gift_fails_both_lines() -> None:
+    # Gifting's database restored to an earlier point: the gift is gone, its credit and its spend
+    # stay. Judged by its credit alone, 3b read "none" while 3's totals failed.
+    findings = audit.Findings()
+    findings.judge_all(["g"], {"g": r("CREDITED")}, {}, {"g": r("SPENT")}, {})
+    checks = {c.name: c for c in findings.checks("")}
+    assert checks[audit.CREDIT_LINE].status == FAILED
+    assert "credited without a sent gift 1: g" in checks[audit.CREDIT_LINE].detail
+    assert checks[audit.CHARGE_LINE].status == FAILED
+    assert "charged without a gift 1: g" in checks[audit.CHARGE_LINE].detail
+    # A failed credit over a gift still in flight stays one failure, not a wait for the gift.
+    findings = audit.Findings()
+    findings.judge_all(["g"], {"g": r("CREDITED")}, {"g": r("PENDING")}, {"g": r("SPENT")}, {"g": r("PENDING")})
+    assert not findings.unsettled
+    assert audit.verdicts(r("CREDITED"), r("PENDING"), r("SPENT"), r("PENDING"))[1:] == []
+
+
 class DoubleDebitWorld(World):
     """The wallet's ledger took 5 coins more than its spend rows say (a spend posted twice, or for
     more than its row): every entry still balances, balances match postings, and issued = balances
