@@ -132,8 +132,9 @@ async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool
         await asyncio.sleep(0.1)
 
 
-async def gift_700_coins(gifting, viewer: str, creator: str) -> None:  # type: ignore[no-untyped-def]
-    """`viewer` gifts 700 coins (a concert, 500, and four sun-creams, 4 x 50) to `creator` on a new stream."""
+async def gift_700_coins(gifting, viewer: str, creator: str) -> gifting_pb2.Stream:  # type: ignore[no-untyped-def]
+    """`viewer` gifts 700 coins (a concert, 500, and four sun-creams, 4 x 50) to `creator` on a new
+    stream, which it returns."""
     stream = await live_stream(gifting, creator)
     for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):
         await gifting.SendGift(
@@ -145,3 +146,4 @@ async def gift_700_coins(gifting, viewer: str, creator: str) -> None:  # type: i
                 idempotency_key=uid("g"),
             )
         )
+    return stream

@@ -31,7 +31,7 @@ from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PA
 from tests.integration import pg
 from tests.integration.auditing import audit_cli
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
-from tests.integration.helpers import buy_coins, eventually, live_stream, signed_callback, uid
+from tests.integration.helpers import buy_coins, eventually, gift_700_coins, signed_callback, uid
 
 BEHIND = "the database is behind its consumer"
 
@@ -87,17 +87,7 @@ async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> list[wallet_
         purchases = []
         for creator in creators:
             purchases.append(await buy_coins(wallet, WEBHOOK_SECRET, viewer))
-            stream = await live_stream(gifting, creator)
-            for gift_id, quantity in (("concert", 1), ("sun-cream", 4)):  # 500 + 4 x 50 coins
-                await gifting.SendGift(
-                    gifting_pb2.SendGiftRequest(
-                        stream_id=stream.stream_id,
-                        sender_id=viewer,
-                        gift_id=gift_id,
-                        quantity=quantity,
-                        idempotency_key=uid("g"),
-                    )
-                )
+            stream = await gift_700_coins(gifting, viewer, creator)
             await gifting.EndStream(
                 gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
             )
