@@ -26,7 +26,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import events_pb2, payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
-from services.common import faults, provider_calls, signing
+from services.common import faults, late_lookups, provider_calls, signing
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
     INT64_MAX,
@@ -509,7 +509,7 @@ class Payout:
     _shortfall_cursor: str = ""
     # Where the reconciler's next round starts (handed over at, withdrawal id): transfers still
     # under way at the provider do not keep it from the later ones.
-    _reconcile_cursor: tuple[int, str] = (-1, "")
+    _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
     # Creators whose withdrawals the dispatcher holds (not eligible, or the wallet could not
     # say), and until when (time.monotonic()) it does not ask the wallet about them again.
     _held_until: dict[str, float] = field(default_factory=dict)
@@ -1526,7 +1526,6 @@ class Payout:
         )
         w, m = withdrawals.c, payout_methods.c
         cutoff = (now_us() if now is None else now) - int(self.settings.reconcile_after_s * 1_000_000)
-        after_us, after_id = self._reconcile_cursor
         batch = self.settings.reconcile_batch_size_max
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (
@@ -1540,34 +1539,31 @@ class Payout:
                         # Claimed but not taken by the provider yet: the dispatcher submits those.
                         w.provider_ref != "",
                         w.updated_at_us <= cutoff,
-                        or_(w.updated_at_us > after_us, and_(w.updated_at_us == after_us, w.withdrawal_id > after_id)),
+                        self._reconcile_cursor.after(w.updated_at_us, w.withdrawal_id),
                     )
                     .order_by(w.updated_at_us, w.withdrawal_id)
                     .limit(batch)
                 )
             ).all()
         # A full batch: the next round goes on after it; a short one: the next starts again.
-        self._reconcile_cursor = (rows[-1].updated_at_us, rows[-1].withdrawal_id) if len(rows) == batch else (-1, "")
+        self._reconcile_cursor.advance([(r.updated_at_us, r.withdrawal_id) for r in rows], batch)
         settled = 0
         for row in rows:
             # A trace per withdrawal: its look-up at the provider, the outcome applied and its events.
             with background_span("reconcile withdrawal", **{"withdrawal.id": row.withdrawal_id}):
-                try:
-                    answer = await provider_calls.call(
-                        self.provider.name,
-                        "status",
-                        self.provider.status(
-                            row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
-                        ),
-                        self.settings.provider_timeout_s,
-                    )
-                except Exception as exc:  # noqa: BLE001 - logged and counted; it stays PROCESSING and is asked again
-                    log.warning(
-                        "the payout provider could not be asked about a late withdrawal; asked again next round",
-                        extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
-                    )
+                looked = await late_lookups.look_up(
+                    self.provider.name,
+                    self.provider.status(
+                        row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
+                    ),
+                    self.settings.provider_timeout_s,
+                    "the payout provider could not be asked about a late withdrawal; asked again next round",
+                    withdrawal_id=row.withdrawal_id,
+                )
+                if not looked.answered:  # it stays PROCESSING and is asked again
                     WITHDRAWALS_RECONCILED.labels(outcome="provider_error").inc()
                     continue
+                answer = looked.value
                 if answer is None:
                     WITHDRAWALS_RECONCILED.labels(outcome="still_processing").inc()
                     continue

@@ -1,0 +1,66 @@
+"""Late callbacks: what payout's and the wallet's reconcilers share.
+
+A provider reports an outcome (a withdrawal paid, a purchase paid) with a signed callback it
+retries for a while only; a reconciler looks up at the provider the items whose callback is late
+and applies each answer through the callback's own path. Both go through their items a batch a
+round, oldest first, from a cursor (`RoundCursor`), and ask the provider with its deadline
+(`look_up`): a look-up that fails leaves the item for a later round and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import and_, or_
+from sqlalchemy.sql.elements import ColumnElement
+
+from services.common import provider_calls
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_START = (-1, "")
+
+
+@dataclass
+class RoundCursor:
+    """Where a reconciler's next round starts, by (time, id): items the provider still calls
+    under way do not keep the round from the later ones, and after a short batch the next round
+    starts again from the oldest."""
+
+    at: tuple[int, str] = _START
+
+    def after(self, time_col: Any, id_col: Any) -> ColumnElement[bool]:
+        """The items after the cursor, in (time, id) order."""
+        at_us, at_id = self.at
+        return or_(time_col > at_us, and_(time_col == at_us, id_col > at_id))
+
+    def advance(self, keys: Sequence[tuple[int, str]], batch: int) -> None:
+        """After a round of `keys` ((time, id) in order): a full batch goes on after its last, a
+        short one starts again."""
+        self.at = keys[-1] if len(keys) == batch else _START
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """What a look-up brought: `answered` False when the provider could not be asked (logged and
+    counted in livegifts_provider_call_failures_total); `value` the provider's answer otherwise."""
+
+    answered: bool
+    value: T | None = None
+
+
+async def look_up(provider: str, request: Awaitable[T], timeout_s: float, message: str, **context: object) -> Answer[T]:
+    """Ask `provider` about one late item (its `status` call) within `timeout_s`; a timeout or an
+    error is logged as a warning (`message`, with `context`) and answered `Answer(False)`, for the
+    caller to count and leave for a later round."""
+    try:
+        return Answer(True, await provider_calls.call(provider, "status", request, timeout_s))
+    except Exception as exc:  # noqa: BLE001 - logged and counted; the item is asked about again
+        log.warning(
+            message,
+            extra={**context, "error": repr(exc)},
+        )
+        return Answer(False)
