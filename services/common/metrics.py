@@ -189,6 +189,11 @@ WITHDRAWALS_RECONCILED = Counter(
     "Late withdrawals looked up at the payout provider, by what came of it (payout)",
     ["outcome"],
 )
+PURCHASES_RECONCILED = Counter(
+    "livegifts_purchases_reconciled_total",
+    "Purchases PENDING past PURCHASE_RECONCILE_AFTER_S looked up at the payment provider, by what came of it (wallet)",
+    ["outcome"],
+)
 # Wallet and payout: calls to an external provider (services/common/provider_calls.py) that ended
 # without an answer: `timeout` (PROVIDER_TIMEOUT_S ran out) or `error` (the call raised).
 PROVIDER_CALL_FAILURES = Counter(

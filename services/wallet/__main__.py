@@ -55,7 +55,8 @@ async def wire(rt: Runtime) -> Wiring:
                     )
                 }
             ),
-        ]
+        ],
+        background=[wallet.reconciler],
     )
 
 

@@ -27,8 +27,15 @@ class WalletSettings(ServiceSettings):
     payment_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
     payment_provider: Literal["dev"] = "dev"
     # Deadline of every call to a payment provider (CreatePurchase's checkout session): a provider
-    # that does not answer within it answers UNAVAILABLE / PAYMENT_PROVIDER_UNAVAILABLE.
+    # that does not answer within it answers UNAVAILABLE / PAYMENT_PROVIDER_UNAVAILABLE; the
+    # reconciler's look-up of a late purchase is asked again in a later round.
     provider_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # A purchase PENDING longer than this is looked up at its payment provider (its callback may
+    # be lost: a provider retries for a limited time only) and the answer applied as its callback
+    # would be; 0 turns the look-ups off.
+    purchase_reconcile_after_s: float = Field(default=900.0, ge=0, le=30 * 86_400)
+    purchase_reconcile_interval_s: float = Field(default=60.0, gt=0, le=3600)
+    purchase_reconcile_batch_size_max: int = Field(default=50, ge=1, le=1000)
     # How long the development provider takes to answer, to rehearse a slow provider (0: at once).
     dev_provider_latency_s: float = Field(default=0.0, ge=0, le=3600)
     # Which provider adapter takes each payment method; a method left out is not offered.

@@ -5,9 +5,16 @@ it, and the provider later calls HandlePaymentEvent with a signed JSON body. The
 (`livegifts buy`) and the tests play that provider's part, signing with the shared webhook secret.
 Each payment method is routed to an adapter by PaymentRouter (LIVEGIFTS_WALLET_PAYMENT_ROUTES).
 
-Opening a checkout is a network call at a real provider, so it is async and the wallet gives it
-a deadline (PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside any transaction.
-Verifying a callback is local (an HMAC) and stays synchronous.
+Opening a checkout and looking a payment up (a purchase whose callback never came) are network
+calls at a real provider, so they are async and the wallet gives each a deadline
+(PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside any transaction. Verifying a
+callback is local (an HMAC) and stays synchronous.
+
+The development provider's look-up: a checkout it opened counts as paid, at the price it was
+opened for, under one event id per purchase (`dev_payment_event_id`), the id `livegifts buy`
+signs its callback with; so a purchase left PENDING (its callback never sent) is credited by the
+wallet's reconciler after PURCHASE_RECONCILE_AFTER_S, and the callback sent after that is a
+duplicate. A checkout it did not open (another session id) is unknown to it: None.
 """
 
 from __future__ import annotations
@@ -67,6 +74,15 @@ class PaymentProvider(Protocol):
         cannot be reached or fails; the caller bounds it with its deadline."""
         ...
 
+    async def status(
+        self, purchase_id: str, session_id: str, amount_minor: int, currency_code: str
+    ) -> ProviderEvent | None:
+        """Look a payment up when its callback is late: its outcome as the event a callback
+        carries (same event id, amount and currency as the provider's record), applied through
+        the callback's own path; None while the buyer has not paid (or the provider does not know
+        the checkout). A network call: raise ProviderError when the provider cannot answer."""
+        ...
+
     def parse_callback(self, payload: bytes, signature: str) -> ProviderEvent:
         """Verify and parse a callback, or raise UNAUTHENTICATED / INVALID_ARGUMENT."""
         ...
@@ -92,8 +108,26 @@ class DevProvider:
         """A session id derived from the purchase, so opening it again for the same purchase is the same one."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        sid = f"cs_dev_{purchase_id}"
+        sid = _dev_session_id(purchase_id)
         return CheckoutSession(self.name, sid, f"https://checkout.dev.invalid/pay/{sid}?method={method}")
+
+    async def status(
+        self, purchase_id: str, session_id: str, amount_minor: int, currency_code: str
+    ) -> ProviderEvent | None:
+        """A checkout this provider opened counts as paid, at the price it was opened for, under
+        the purchase's one event id (what `livegifts buy` sends too); one it never opened is None."""
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if session_id != _dev_session_id(purchase_id):
+            return None
+        return ProviderEvent(
+            provider_event_id=dev_payment_event_id(purchase_id),
+            event_type="payment.succeeded",
+            target=EVENT_TYPES["payment.succeeded"],
+            purchase_id=purchase_id,
+            amount_minor=amount_minor,
+            currency_code=currency_code,
+        )
 
     def parse_callback(self, payload: bytes, signature: str) -> ProviderEvent:
         """Verify the signature first, then the body's shape."""
@@ -155,6 +189,17 @@ class PaymentRouter:
         if provider is None:
             raise InvalidArgument("unknown payment provider", "UNKNOWN_PROVIDER", provider=name[:32])
         return provider
+
+
+def _dev_session_id(purchase_id: str) -> str:
+    """The development provider's checkout session of a purchase (one per purchase)."""
+    return f"cs_dev_{purchase_id}"
+
+
+def dev_payment_event_id(purchase_id: str) -> str:
+    """The development provider's event id of a purchase's payment: its callback (`livegifts buy`)
+    and its look-up (`DevProvider.status`) carry the same one, so the wallet applies it once."""
+    return f"evt_cs_dev_{purchase_id}"
 
 
 def dev_event_payload(event_id: str, event_type: str, purchase_id: str, amount_minor: int, currency_code: str) -> bytes:

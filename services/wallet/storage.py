@@ -101,6 +101,18 @@ purchases = Table(
     Column("coins_claimed", BigInteger, nullable=True),
 )
 
+# PENDING purchases by when they were created (migration 0014): the reconciler's read of those
+# whose callback is late. Partial: a purchase leaves it when its callback lands, so it holds only
+# the checkouts not yet paid. The predicate as text, identical to the index's (see REVERSAL_ENTRIES).
+PENDING_PURCHASES = "status = 'PENDING'"
+Index(
+    "ix_purchases_pending",
+    purchases.c.created_at_us,
+    purchases.c.purchase_id,
+    sqlite_where=text(PENDING_PURCHASES),
+    postgresql_where=text(PENDING_PURCHASES),
+)
+
 payment_events = Table(
     "payment_events",
     metadata,

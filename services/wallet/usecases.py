@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
-from services.common import faults, provider_calls, signing
+from services.common import faults, late_lookups, provider_calls, signing
 from services.common.batching import MicroBatcher
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.errors import (
@@ -31,13 +31,16 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
+from services.common.loops import run_every
 from services.common.metrics import (
     LATE_PAYMENT_FAILURES,
     PURCHASE_OUTCOMES,
     PURCHASES_CREDITED_RESTRICTED,
+    PURCHASES_RECONCILED,
     PURCHASES_SUCCEEDED_AFTER_FAILURE,
 )
 from services.common.outbox import Outbox, new_event_id
+from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
@@ -45,6 +48,7 @@ from services.wallet.domain import LimitState, Period, Posting, PromotionTerms, 
 from services.wallet.payments import PaymentProvider, PaymentRouter, ProviderEvent
 from services.wallet.spending import CANCELLED, SPENT, SpendBatch, recorded_spends, restrictions_of, users_of
 from services.wallet.storage import (
+    PENDING_PURCHASES,
     REVERSAL_ENTRIES,
     accounts,
     coin_packages,
@@ -94,7 +98,20 @@ _METHODS = {
 _METHOD_ENUM = {v: k for k, v in _METHODS.items()}
 _STATUS_ENUM = {s: getattr(wallet_pb2, f"PURCHASE_STATUS_{s.value}") for s in PurchaseStatus}
 # The calls the wallet makes to a payment provider (provider_calls), each one's failures counted.
-PROVIDER_CALLS = ("create_checkout",)
+PROVIDER_CALLS = ("create_checkout", "status")
+# What came of a late purchase's look-up at its provider (`reconcile_once`): its outcome applied
+# (succeeded, failed), or not. Exported at 0 from the start, so increase() sees the first one.
+RECONCILE_OUTCOMES = (
+    "succeeded",
+    "failed",
+    "duplicate",
+    "settled_meanwhile",
+    "still_pending",
+    "provider_error",
+    "refused",
+)
+for _outcome in RECONCILE_OUTCOMES:
+    PURCHASES_RECONCILED.labels(outcome=_outcome)
 
 # Exported at 0 from the start, so that increase() sees the first late failure in a pod's life:
 # one per status a purchase can have when a failure report comes after its outcome.
@@ -126,6 +143,9 @@ class Wallet:
     settings: WalletSettings
     # Microseconds since the epoch; tests inject a clock to cross days and cooling-off periods.
     clock: Callable[[], int] = field(default=now_us)
+    # Where the reconciler's next round starts (created at, purchase id): purchases the provider
+    # still calls unpaid do not keep it from the later ones.
+    _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
 
     def __post_init__(self) -> None:
         self.region_ages = domain.parse_region_ages(self.settings.adult_age_by_region)
@@ -359,8 +379,20 @@ class Wallet:
         """Verify a provider callback and apply it once: credit, fail, or reverse the purchase."""
         provider = self.payments.by_name(req.provider)
         event = provider.parse_callback(req.payload, req.signature)
+        answer = await self._apply_reported(provider, event)
+        if not answer.duplicate:  # committed; the provider has no answer yet and will send it again
+            if event.target is PurchaseStatus.SUCCEEDED:
+                faults.point("wallet.after_purchase_commit_before_answer")
+            elif event.target in (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK):
+                faults.point("wallet.after_reversal_commit_before_answer")
+        return answer
+
+    async def _apply_reported(
+        self, provider: PaymentProvider, event: ProviderEvent
+    ) -> wallet_pb2.HandlePaymentEventResponse:
+        """Apply what a provider reported (a verified callback, or a look-up's answer) once, by its event id."""
         try:
-            answer = await self._apply_payment_event(provider, event)
+            return await self._apply_payment_event(provider, event)
         except IntegrityError:
             # A concurrent delivery of the same provider event id committed first: a duplicate,
             # unless that delivery named another purchase.
@@ -376,12 +408,121 @@ class Wallet:
                 purchase=await self.get_purchase(event.purchase_id),
                 duplicate=True,
             )
-        if not answer.duplicate:  # committed; the provider has no answer yet and will send it again
-            if event.target is PurchaseStatus.SUCCEEDED:
-                faults.point("wallet.after_purchase_commit_before_answer")
-            elif event.target in (PurchaseStatus.REFUNDED, PurchaseStatus.CHARGED_BACK):
-                faults.point("wallet.after_reversal_commit_before_answer")
-        return answer
+
+    async def reconciler(self, stop: Any) -> None:
+        """Background loop: look up at the provider the purchases whose callback is late."""
+        if self.settings.purchase_reconcile_after_s <= 0:
+            await stop.wait()  # turned off
+            return
+        await run_every(
+            stop, self.settings.purchase_reconcile_interval_s, self.reconcile_once, "late purchases settled"
+        )
+
+    async def reconcile_once(self, now: int | None = None) -> int:
+        """Ask the provider about up to a batch of purchases PENDING for longer than
+        `purchase_reconcile_after_s` and apply each outcome it reports as its callback would be
+        applied (once by the provider's event id, the amount and currency checked, the status's
+        state machine); returns how many it settled.
+
+        Choices: A) wait for the callback only: a provider retries it for a limited time, and
+        when every delivery fails (the wallet down for hours, a bug fixed later, a misconfigured
+        endpoint) the buyer's money is taken and no coins are credited, silently; B) look the
+        payment up, as every provider's API allows (payout's reconciler does for withdrawals).
+        B, through the callback's own path, so a look-up cannot do what a callback could not, and
+        the callback arriving after it is a duplicate. The checkout the buyer never paid stays
+        PENDING and is asked about again each round (`still_pending`).
+
+        Each look-up has PROVIDER_TIMEOUT_S; one that times out or raises is logged with the
+        purchase id, counted (outcome `provider_error`) and asked again in a later round; the
+        rest of the round goes on.
+        """
+        p = purchases.c
+        cutoff = (self.clock() if now is None else now) - int(self.settings.purchase_reconcile_after_s * 1_000_000)
+        batch = self.settings.purchase_reconcile_batch_size_max
+        async with self.db.unit_of_work(readonly=True) as uow:
+            rows = (
+                await uow.conn.execute(
+                    select(
+                        p.purchase_id,
+                        p.provider,
+                        p.checkout_session_id,
+                        p.amount_minor,
+                        p.currency_code,
+                        p.created_at_us,
+                    )
+                    .where(
+                        # The predicate of ix_purchases_pending (migration 0014), as text so that
+                        # PostgreSQL plans on the partial index whatever it does with parameters.
+                        text(PENDING_PURCHASES),
+                        p.created_at_us <= cutoff,
+                        self._reconcile_cursor.after(p.created_at_us, p.purchase_id),
+                    )
+                    .order_by(p.created_at_us, p.purchase_id)
+                    .limit(batch)
+                )
+            ).all()
+        self._reconcile_cursor.advance([(r.created_at_us, r.purchase_id) for r in rows], batch)
+        settled = 0
+        for row in rows:
+            # A trace per purchase: its look-up at the provider, the outcome applied and its events.
+            with background_span("reconcile purchase", **{"purchase.id": row.purchase_id}):
+                outcome = await self._reconcile_purchase(row)
+            PURCHASES_RECONCILED.labels(outcome=outcome).inc()
+            if outcome in ("succeeded", "failed"):
+                settled += 1
+                log.info(
+                    "late purchase settled from the provider's record",
+                    extra={"purchase_id": row.purchase_id, "outcome": outcome},
+                )
+        return settled
+
+    async def _reconcile_purchase(self, row: Any) -> str:
+        """Look one late purchase up at its provider and apply the answer; the outcome's label."""
+        provider = self.payments.providers.get(row.provider)
+        if provider is None:  # an adapter this build no longer has: nothing can be asked
+            log.warning(
+                "a late purchase's provider is not configured; it cannot be looked up",
+                extra={"purchase_id": row.purchase_id, "provider": row.provider},
+            )
+            return "refused"
+        looked = await late_lookups.look_up(
+            provider.name,
+            provider.status(row.purchase_id, row.checkout_session_id, row.amount_minor, row.currency_code),
+            self.settings.provider_timeout_s,
+            "the payment provider could not be asked about a late purchase; asked again next round",
+            purchase_id=row.purchase_id,
+        )
+        if not looked.answered:
+            return "provider_error"
+        event = looked.value
+        if event is None:
+            return "still_pending"
+        if event.purchase_id != row.purchase_id:  # a provider bug: applying it would move another purchase
+            log.warning(
+                "the provider's outcome of a late purchase was refused: it names another purchase",
+                extra={"purchase_id": row.purchase_id, "named_purchase_id": event.purchase_id},
+            )
+            return "refused"
+        try:
+            done = await self._apply_reported(provider, event)
+        except DomainError as exc:
+            if (await self.get_purchase(row.purchase_id)).status != wallet_pb2.PURCHASE_STATUS_PENDING:
+                # A callback (under another event id) settled it meanwhile: the status's
+                # compare-and-set or the state machine refused the second outcome, as it should.
+                return "settled_meanwhile"
+            # Not applied (amount or currency differ, a refund of an unpaid purchase, an event id
+            # recorded for another purchase): still PENDING, asked again next round.
+            log.warning(
+                "the provider's outcome of a late purchase was refused",
+                extra={
+                    "purchase_id": row.purchase_id,
+                    "reason": exc.reason,
+                    "provider_event_id": event.provider_event_id,
+                    "event_type": event.event_type,
+                },
+            )
+            return "refused"
+        return "duplicate" if done.duplicate else event.target.value.lower()
 
     async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:

@@ -40,6 +40,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
             for o in ("SUCCEEDED", "FAILED", "REFUNDED", "CHARGED_BACK")
             for c in ("EUR", "GBP", "JPY", "USD")
         ],
+        "livegifts_purchases_reconciled_total": [{"outcome": o} for o in wallet.RECONCILE_OUTCOMES],
     },
     "gifting": {
         "livegifts_gifts_refused_total": [

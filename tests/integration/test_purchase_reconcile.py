@@ -1,0 +1,97 @@
+"""A purchase whose callback never came is credited by the running wallet's reconciler, once.
+
+The wallet (on each backend) looks its PENDING purchases up at the development provider after
+PURCHASE_RECONCILE_AFTER_S (1 s here); that provider reports a checkout it opened as paid under
+the event id `livegifts buy` signs its callback with, so the callback sent afterwards is a
+duplicate and the buyer has the package's coins once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.cli.suite import Suite
+from services.common import signing
+from services.wallet.payments import dev_event_payload, dev_payment_event_id
+from tests.integration import pg
+from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, suite_config
+from tests.integration.helpers import uid
+
+SETTLED_WITHIN_S = 30.0  # the reconciler looks every 0.2 s once a purchase is 1 s old
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def wallet_addr(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """nats-server and a wallet whose reconciler looks up purchases PENDING for over 1 s."""
+    if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
+        pytest.skip("needs the wallet's reconciler settings: not run against an external deployment")
+    databases: contextlib.AbstractContextManager[dict[str, str]] = (
+        pg.service_databases("lgrecon") if request.param == "postgres" else contextlib.nullcontext({})
+    )
+    with databases as urls:
+        fast = {
+            "wallet": {
+                "LIVEGIFTS_WALLET_PURCHASE_RECONCILE_AFTER_S": "1",
+                "LIVEGIFTS_WALLET_PURCHASE_RECONCILE_INTERVAL_S": "0.2",
+            }
+        }
+        suite = Suite(suite_config(tmp_path_factory.mktemp(f"reconcile-{request.param}"), urls, fast))
+        try:
+            suite.start_nats()
+            suite.start_service("wallet")
+            yield suite.addr("wallet")
+        finally:
+            suite.stop()
+
+
+async def test_a_purchase_whose_callback_never_came_is_credited_once_and_its_late_callback_is_a_duplicate(
+    wallet_addr: str,
+) -> None:
+    async with grpc.aio.insecure_channel(wallet_addr) as ch:
+        wallet = wallet_pb2_grpc.WalletServiceStub(ch)
+        buyer = uid("buyer")
+        purchase = await wallet.CreatePurchase(
+            wallet_pb2.CreatePurchaseRequest(
+                user_id=buyer,
+                package_id="us-usd-70",
+                currency_code="USD",
+                payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+                idempotency_key=uid("buy"),
+            ),
+            timeout=10,
+        )
+        assert purchase.status == wallet_pb2.PURCHASE_STATUS_PENDING
+        # No callback: the provider gave up on it. The wallet asks the provider itself.
+        deadline = time.monotonic() + SETTLED_WITHIN_S
+        got = purchase
+        while got.status == wallet_pb2.PURCHASE_STATUS_PENDING and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            got = await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id), timeout=10)
+        assert got.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+        coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
+        assert coins == purchase.coins > 0
+
+        # The provider's callback of that payment (as `livegifts buy` sends it) comes after all.
+        payload = dev_event_payload(
+            dev_payment_event_id(purchase.purchase_id),
+            "payment.succeeded",
+            purchase.purchase_id,
+            purchase.price.amount_minor,
+            purchase.price.currency_code,
+        )
+        answer = await wallet.HandlePaymentEvent(
+            wallet_pb2.HandlePaymentEventRequest(
+                provider="dev", payload=payload, signature=signing.sign(WEBHOOK_SECRET.encode(), payload)
+            ),
+            timeout=10,
+        )
+        assert answer.duplicate
+        assert (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins == coins
