@@ -75,6 +75,24 @@ REDELIVERY_DELAY_S_MAX = 10.0
 # (payout-gift-sent's stream also holds gifting.stream.ended).
 POSITION_SCAN_MAX = 256
 
+# The durable's ack_wait: how long JetStream waits for a delivery's ack before it delivers the
+# event again. It is also how soon the events of a consumer that died mid-batch come back, so it
+# stays short; a batch that legitimately takes longer (each statement may wait up to
+# DB_STATEMENT_TIMEOUT_S, 60 s by default, on a lock) is kept from being redelivered meanwhile by
+# in-progress acks (`_InProgress`), not by a longer wait. (Choices: A) ack_wait above the
+# statement timeout: still short of a batch of several statements, and 2x slower recovery from a
+# crash; B) in-progress acks while the batch is applied: chosen, and the durable's config, kept
+# in step by Puller.open, does not change, so old and new pods agree during a rolling upgrade.)
+ACK_WAIT_S = 30
+# How often, while a batch is applied, its messages and those buffered behind it are said to be
+# in progress: three times per ack_wait, so one lost or late +WPI costs nothing.
+IN_PROGRESS_PER_ACK_WAIT = 3
+# For how many statement timeouts at most a batch's messages are held that way (10 minutes with
+# the defaults). Each statement is bounded, so a batch held longer is stuck (a hung handler, a
+# one-by-one retry of thousands of events behind a lock): its events are let go to be redelivered,
+# to this replica or another, and the inbox makes a second application a no-op.
+IN_PROGRESS_STATEMENT_TIMEOUTS_MAX = 10
+
 
 def redelivery_delay_s(delivered: int) -> float:
     """How long a failed event waits before its next delivery: 0.2 s doubling to 10 s.
@@ -131,6 +149,51 @@ def _in_trace_of(msg: Msg) -> contextlib.AbstractContextManager[None]:
     return remote_context((msg.headers or {}).items())
 
 
+class _InProgress:
+    """While a batch is handled, tells JetStream every `interval_s` that its messages not yet
+    settled, and those the puller holds behind it, are still being worked on (+WPI), for at most
+    `hold_s_max`; nothing is sent for a batch done within `interval_s` (the usual case).
+
+    Without it a batch slower than ack_wait (a lock wait below DB_STATEMENT_TIMEOUT_S) had all its
+    events delivered again while it was still applying them, and the next batch's, buffered
+    meanwhile: duplicated work and load when the database was already struggling (a drill's 45 s
+    lock on payout's `earnings`: 62 duplicate deliveries of 76 events). Each redelivery also
+    raised the event's delivery count, which counts towards parking (`Consumer._failed`).
+    """
+
+    def __init__(self, msgs: list[Msg], puller: Puller | None, interval_s: float, hold_s_max: float) -> None:
+        self._msgs = msgs
+        self._puller = puller
+        self._interval_s = interval_s
+        loop = asyncio.get_running_loop()
+        self._until = loop.time() + hold_s_max
+        self._task: asyncio.Task[None] | None = None
+        # A timer, not a task: a batch done before it fires costs one timer handle.
+        self._timer = loop.call_later(interval_s, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < self._until:
+            for msg in self._msgs:
+                if not msg.is_acked:
+                    # Lost with the connection at worst: the delivery then comes again, as before.
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+            if self._puller is not None:
+                await self._puller.in_progress()
+            await asyncio.sleep(self._interval_s)
+
+    async def close(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 @dataclass(frozen=True)
 class Subscription(Generic[E]):
     """What a consumer reads and how it applies a batch of new events in one transaction."""
@@ -154,6 +217,10 @@ class Consumer(Generic[E]):
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
         self.linger_s = settings.consumer_linger_s
+        # Set when the durable is bound (ACK_WAIT_S is read then); see `_InProgress`.
+        self._ack_wait_s: float = ACK_WAIT_S
+        self._puller: Puller | None = None
+        self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * settings.db_statement_timeout_s
         # Stream sequence -> deliveries of that event that failed for no fault of its own (see
         # `_not_the_events_fault`): JetStream's num_delivered counts every delivery, so the
         # event's own failures are num_delivered less these. Entries go when the event is acked
@@ -191,7 +258,8 @@ class Consumer(Generic[E]):
             try:
                 if psub is None:
                     check(self.bus.nc is not None and self.bus.js is not None, "the bus is connected")
-                    psub = await Puller.open(
+                    self._ack_wait_s = ACK_WAIT_S
+                    psub = self._puller = await Puller.open(
                         self.bus.nc,  # type: ignore[arg-type]
                         self.bus.js,  # type: ignore[arg-type]
                         self.sub.subject,
@@ -200,7 +268,7 @@ class Consumer(Generic[E]):
                         config=ConsumerConfig(
                             ack_policy=AckPolicy.EXPLICIT,
                             deliver_policy=DeliverPolicy.ALL,
-                            ack_wait=30,
+                            ack_wait=self._ack_wait_s,
                             # Unlimited: we park it ourselves at max_deliver. A limit of ours + 1 left
                             # one more delivery to park on; when the database refused both (an
                             # outage), the server stopped delivering: neither applied nor parked.
@@ -233,7 +301,7 @@ class Consumer(Generic[E]):
                 )
                 if psub is not None:
                     await psub.unsubscribe()  # never raises; naks what it buffered for the next one
-                psub = None
+                psub = self._puller = None
                 if is_stream_missing(exc):
                     # Deleted while we ran: made again here (its producer may be idle), so this
                     # consumer binds at its next try instead of failing every backoff until a restart.
@@ -358,6 +426,13 @@ class Consumer(Generic[E]):
     async def process(self, msgs: list[Msg]) -> None:
         """Apply a fetched batch; falls back to one message at a time when the batch fails."""
         CONSUMER_BATCH.labels(self.sub.durable).observe(len(msgs))
+        in_progress = _InProgress(msgs, self._puller, self._ack_wait_s / IN_PROGRESS_PER_ACK_WAIT, self._hold_s_max)
+        try:
+            await self._process(msgs)
+        finally:
+            await in_progress.close()
+
+    async def _process(self, msgs: list[Msg]) -> None:
         decoded: list[tuple[Msg, E]] = []
         for msg in msgs:
             try:

@@ -192,6 +192,13 @@ class Puller:
         body = {"batch": batch, "expires": int(REQUEST_EXPIRES_S * 1_000_000_000)}
         await self._nc.publish(self._next_subject, json.dumps(body).encode(), reply)
 
+    async def in_progress(self) -> None:
+        """Tell the server the buffered messages are still wanted (+WPI): they wait behind a batch
+        the consumer is applying, and their ack_wait runs from their delivery. Never raises."""
+        for msg in list(self._buffer):
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
     async def unsubscribe(self) -> None:
         """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait.
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import grpc
 import pytest
-from nats.js.api import ConsumerConfig
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from pydantic import SecretStr
@@ -228,13 +227,80 @@ async def test_an_event_whose_parking_the_database_refused_is_parked_on_a_later_
 
     monkeypatch.setattr(Consumer, "_park", park_unless_down)
     # Unacked deliveries come again after ack_wait: 1 s instead of 30, so the test is short.
-    monkeypatch.setattr(inbox_module, "ConsumerConfig", lambda **kw: ConsumerConfig(**{**kw, "ack_wait": 1}))
+    monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
     async with _running(rig.consumer.run):
         await rig.h.relay.relay_once()
         await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20)
     assert refusals == [0]
     assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
     assert await rig.applied(event_id) == 0
+
+
+def _record_deliveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(stream sequence, delivery count) of every message the consumer is handed, in order."""
+    deliveries: list[tuple[int, int]] = []
+    process = Consumer.process
+
+    async def recording(self: Consumer[Any], msgs: list[Any]) -> None:
+        deliveries.extend((msg.metadata.sequence.stream, msg.metadata.num_delivered) for msg in msgs)
+        await process(self, msgs)
+
+    monkeypatch.setattr(Consumer, "process", recording)
+    return deliveries
+
+
+async def test_a_batch_slower_than_the_ack_wait_is_not_delivered_again_while_it_is_applied(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch waiting on a lock (below DB_STATEMENT_TIMEOUT_S) for longer than the durable's
+    # ack_wait had its events, and those buffered behind it, delivered again meanwhile (a drill:
+    # 62 duplicates of 76 events): the consumer says they are in progress while it applies them.
+    monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)  # the wait 30 s stands for, so the test is short
+    deliveries = _record_deliveries(monkeypatch)
+    (slow_id,) = await rig.h.add_events(1)
+    applying = asyncio.Event()
+
+    async def lock_wait(uow: UnitOfWork) -> None:
+        applying.set()
+        await asyncio.sleep(3.5)  # three and a half ack waits
+
+    rig.effects[slow_id] = lock_wait
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await asyncio.wait_for(applying.wait(), 10)
+        # Delivered while the first is applied, so buffered behind it; published straight to the
+        # stream, as SQLite's writer lock (held by the consumer) would hold up the outbox's insert.
+        behind_id = new_event_id()
+        behind = events_pb2.GiftSent(event_id=behind_id, coins=1, creator_id="c")
+        await rig.h.bus.js.publish("gifting.gift.sent", behind.SerializeToString())  # type: ignore[union-attr]
+        await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 20)
+        await asyncio.sleep(1.5)  # time for a redelivery to show
+    assert await rig.applied(slow_id) == 1 and await rig.applied(behind_id) == 1
+    assert sorted(deliveries) == [(1, 1), (2, 1)], deliveries
+
+
+async def test_a_slow_failing_event_is_parked_once_after_max_deliver_failures_of_its_own(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each redelivery JetStream made while a slow try was still running raised the event's
+    # delivery count, which counts towards parking: the event was parked before it had failed
+    # CONSUMER_MAX_DELIVER (2 here) times, and the copies buffered meanwhile were parked again.
+    monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
+    (event_id,) = await rig.h.add_events(1)
+    tries: list[float] = []
+
+    async def slow_then_fails(uow: UnitOfWork) -> None:
+        tries.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(2.5)  # a lock wait of two and a half ack waits
+        raise RuntimeError("a row this event needs is missing")
+
+    rig.effects[event_id] = slow_then_fails
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
+        await asyncio.sleep(4)  # time for a second parking to show
+    assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
+    assert len(tries) == 2, tries
 
 
 async def test_the_log_lines_of_a_failing_event_carry_the_trace_it_came_with(rig: _Rig) -> None:

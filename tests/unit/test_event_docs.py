@@ -106,5 +106,5 @@ def test_the_headers_retention_and_durables_it_gives_are_the_suites() -> None:
     durables = {name for names in CONSUMERS.values() for name in names}
     bullet = section.split("**Durables**", 1)[1].split("\n- ", 1)[0]
     assert durables and durables == set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", bullet))
-    ack_wait = re.search(r"ack_wait=(\d+)", (REPO / "services" / "common" / "inbox.py").read_text())
+    ack_wait = re.search(r"^ACK_WAIT_S = (\d+)$", (REPO / "services" / "common" / "inbox.py").read_text(), re.M)
     assert ack_wait and f"{ack_wait[1]} s ack wait" in bullet
