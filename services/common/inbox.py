@@ -220,7 +220,8 @@ class Consumer(Generic[E]):
         # Set when the durable is bound (ACK_WAIT_S is read then); see `_InProgress`.
         self._ack_wait_s: float = ACK_WAIT_S
         self._puller: Puller | None = None
-        self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * settings.db_statement_timeout_s
+        self._statement_timeout_s = settings.db_statement_timeout_s
+        self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s
         # Stream sequence -> deliveries of that event that failed for no fault of its own (see
         # `_not_the_events_fault`): JetStream's num_delivered counts every delivery, so the
         # event's own failures are num_delivered less these. Entries go when the event is acked
@@ -230,6 +231,10 @@ class Consumer(Generic[E]):
         self._not_counted: OrderedDict[int, int] = OrderedDict()
         self._not_counted_max = self.batch_size_max * 16
         self._position_checked = False
+        # Stream sequences of the events this process parked lately (bounded alike): a copy
+        # delivered before the park (JetStream redelivered it while a try was still running) is
+        # terminated, not tried and parked a second time.
+        self._parked: OrderedDict[int, None] = OrderedDict()
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
         # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
@@ -259,6 +264,7 @@ class Consumer(Generic[E]):
                 if psub is None:
                     check(self.bus.nc is not None and self.bus.js is not None, "the bus is connected")
                     self._ack_wait_s = ACK_WAIT_S
+                    self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s
                     psub = self._puller = await Puller.open(
                         self.bus.nc,  # type: ignore[arg-type]
                         self.bus.js,  # type: ignore[arg-type]
@@ -300,7 +306,10 @@ class Consumer(Generic[E]):
                     extra={"consumer": self.sub.durable, "error": described(exc), "retry_in_s": backoff_s},
                 )
                 if psub is not None:
-                    await psub.unsubscribe()  # never raises; naks what it buffered for the next one
+                    # Never raises; naks what it buffered for the next one. Those deliveries were
+                    # never tried: they are no failure of their events' (`_failed`).
+                    for unhandled in await psub.unsubscribe():
+                        self._not_its_fault(unhandled)
                 psub = self._puller = None
                 if is_stream_missing(exc):
                     # Deleted while we ran: made again here (its producer may be idle), so this
@@ -433,6 +442,8 @@ class Consumer(Generic[E]):
             await in_progress.close()
 
     async def _process(self, msgs: list[Msg]) -> None:
+        if len(msgs) > 1 or self._parked:
+            msgs = await self._newest(msgs)
         decoded: list[tuple[Msg, E]] = []
         for msg in msgs:
             try:
@@ -468,6 +479,32 @@ class Consumer(Generic[E]):
                         for rest in decoded[i + 1 :]:
                             await self._failed(rest, one_exc)
                         return
+
+    async def _newest(self, msgs: list[Msg]) -> list[Msg]:
+        """The batch less the copies JetStream delivered while this process still held an earlier
+        delivery of the same event (a batch held past `_InProgress`'s bound, a +WPI lost).
+
+        Of several deliveries of one event only the newest is tried (its ack or nak settles the
+        event); each older one is counted as no failure of the event's, since it was never tried
+        yet raised the delivery count. A copy of an event this process parked is terminated
+        again, not tried: such copies were each parked once more (seven rows for one event).
+        """
+        newest: dict[int, Msg] = {}
+        for i, msg in enumerate(msgs):
+            seq = self._sequence(msg)
+            if seq is not None and seq in self._parked:
+                with contextlib.suppress(Exception):  # already gone from the stream; best effort
+                    await msg.term()
+                continue
+            key = seq if seq is not None else -1 - i
+            had = newest.get(key)
+            if had is None:
+                newest[key] = msg
+                continue
+            older, newer = sorted((had, msg), key=lambda m: m.metadata.num_delivered)
+            newest[key] = newer
+            self._not_its_fault(older)
+        return list(newest.values())
 
     async def _apply(self, items: list[tuple[Msg, E]]) -> None:
         span = self._batch_span(items)
@@ -701,6 +738,10 @@ class Consumer(Generic[E]):
             )
             await uow.commit()
         await msg.term()
+        if (seq := self._sequence(msg)) is not None:
+            self._parked[seq] = None
+            while len(self._parked) > self._not_counted_max:
+                self._parked.popitem(last=False)
         DEAD_LETTERS.labels(self.sub.durable).inc()
         with _in_trace_of(msg):
             log.error(

@@ -199,8 +199,9 @@ class Puller:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def unsubscribe(self) -> None:
-        """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait.
+    async def unsubscribe(self) -> list[Msg]:
+        """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait,
+        and returned (delivered, never handed out: the consumer does not count them as tries).
 
         Never raises (a lost connection fails both steps): callers close it on their error paths.
         """
@@ -208,6 +209,8 @@ class Puller:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        unhandled = list(self._buffer)
         while self._buffer:
             with contextlib.suppress(Exception):
                 await self._buffer.popleft().nak()
+        return unhandled

@@ -303,6 +303,74 @@ async def test_a_slow_failing_event_is_parked_once_after_max_deliver_failures_of
     assert len(tries) == 2, tries
 
 
+async def test_copies_redelivered_past_the_in_progress_bound_are_neither_counted_nor_parked_again(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch held longer than the in-progress acks last (0 here: none are sent) has its events
+    # delivered again while it runs; the copies pile up behind it. Only the newest is tried, the
+    # rest count as no failure of the event's, and a copy of a parked event is not parked again.
+    monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
+    monkeypatch.setattr(inbox_module, "IN_PROGRESS_STATEMENT_TIMEOUTS_MAX", 0)
+    deliveries = _record_deliveries(monkeypatch)
+    (event_id,) = await rig.h.add_events(1)
+    tries: list[float] = []
+
+    async def slow_then_fails(uow: UnitOfWork) -> None:
+        tries.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(2.5)
+        raise RuntimeError("a row this event needs is missing")
+
+    rig.effects[event_id] = slow_then_fails
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
+        await asyncio.sleep(4)  # time for a second parking to show
+    assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
+    assert len(tries) == 2, tries  # CONSUMER_MAX_DELIVER, though JetStream delivered it more often
+    assert len(deliveries) > 2, deliveries
+
+
+async def test_an_event_buffered_when_the_consumer_binds_again_is_not_counted_as_failing_there(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the consumer's loop fails (a NATS error) it binds again and naks what its puller had
+    # buffered: those deliveries were never tried, yet counted as failures of their events, so
+    # one failing (CONSUMER_MAX_DELIVER 2 here) was parked after a single try.
+    monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
+    (first_id,) = await rig.h.add_events(1)
+    processing = asyncio.Event()
+    process = Consumer.process
+
+    async def fails_once_with_one_buffered(self: Consumer[Any], msgs: list[Any]) -> None:
+        if not processing.is_set():
+            processing.set()
+            await eventually(lambda: _buffered(self), lambda n: n >= 1, 10)
+            raise RuntimeError("the bus failed")
+        await process(self, msgs)
+
+    async def _buffered(consumer: Consumer[Any]) -> int:
+        return consumer._puller.buffered if consumer._puller is not None else 0
+
+    monkeypatch.setattr(Consumer, "process", fails_once_with_one_buffered)
+    behind_id = new_event_id()
+    tries: list[str] = []
+
+    async def fails(uow: UnitOfWork) -> None:
+        tries.append(behind_id)
+        raise RuntimeError("a row this event needs is missing")
+
+    rig.effects[behind_id] = fails
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await asyncio.wait_for(processing.wait(), 10)
+        behind = events_pb2.GiftSent(event_id=behind_id, coins=1, creator_id="c")
+        await rig.h.bus.js.publish("gifting.gift.sent", behind.SerializeToString())  # type: ignore[union-attr]
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
+        await eventually(lambda: rig.applied(first_id), lambda n: n == 1, 10)  # after its ack_wait
+    assert [d.event_id for d in (await rig.parked()).dead_letters] == [behind_id]
+    assert len(tries) == 2, tries
+
+
 async def test_the_log_lines_of_a_failing_event_carry_the_trace_it_came_with(rig: _Rig) -> None:
     # An operator follows a gift by its trace id (from the call's answer or log) to the consumer
     # that failed on it: the consumer's lines about that event must carry it.

@@ -46,8 +46,8 @@ class _Timeouts:
             raise TimeoutError  # what asyncio.wait_for and nats-py's second pull request raise
         raise nats.errors.TimeoutError
 
-    async def unsubscribe(self) -> None:
-        return None
+    async def unsubscribe(self) -> list[Any]:
+        return []  # nothing buffered
 
 
 class _JetStream:
@@ -134,7 +134,9 @@ async def test_puller_unsubscribe_never_raises_and_tries_every_buffered_message(
     sub, msgs = _Failing(), [_Failing() for _ in range(3)]
     puller._sub = sub  # type: ignore[assignment]
     puller._buffer.extend(msgs)  # type: ignore[arg-type]
-    await puller.unsubscribe()  # the consumer loop calls it bare on its error and stop paths
+    # The consumer loop calls it bare on its error and stop paths; what it gave back untried is
+    # not counted towards parking its events.
+    assert await puller.unsubscribe() == msgs
     assert sub.calls == 1 and [m.calls for m in msgs] == [1, 1, 1]
     assert puller._sub is None and not puller._buffer
     await puller.unsubscribe()  # a second close is a no-op
@@ -221,8 +223,8 @@ class _Refusing:
             code=503, err_code=10008, description="JetStream system temporarily unavailable"
         )
 
-    async def unsubscribe(self) -> None:
-        return None
+    async def unsubscribe(self) -> list[Any]:
+        return []  # nothing buffered
 
 
 async def test_a_fetch_jetstream_refuses_is_logged_with_the_servers_code_and_description(
