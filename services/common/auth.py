@@ -37,6 +37,14 @@ class OperatorAuth:
             raise PermissionDenied("the operator token is not valid", "NOT_AN_OPERATOR")
         return operator_name(md.get("x-operator", ""))
 
+    def identify(self, context: Any) -> str:
+        """Who the operator is when the call carries a token (checked as `require` does), else "".
+
+        For RPCs other internal callers may make without the token (the identity service's ages):
+        a token that is sent is never ignored, so a wrong one is refused, not logged as no one."""
+        md = dict(context.invocation_metadata() or ())
+        return self.require(context) if "authorization" in md else ""
+
 
 def operator_name(header: str) -> str:
     """Who the x-operator header names, as the audit columns and logs keep it.

@@ -1202,6 +1202,10 @@ class Payout:
             if not await _method_verified(uow, row.method_id):
                 raise _method_not_verified()
             moved = await self._move(uow, row, WithdrawalStatus.APPROVED, reviewed_by=operator)
+            # reviewed_by keeps who, but only on the row: finance's trail of money decisions
+            # (with the trace id) is the log, as for every other operator change.
+            fields = {"operator": operator, "withdrawal_id": row.withdrawal_id, "creator_id": row.creator_id}
+            uow.after_commit(lambda: log.info("withdrawal approved by an operator", extra=fields))
             return _withdrawal_pb(moved, row.hold)  # the wallet's word may hold it
 
         return await idem.run(work)
@@ -1226,6 +1230,8 @@ class Payout:
             moved = await self._end_unpaid(
                 uow, row, WithdrawalStatus.REJECTED, req.reason or "rejected", reviewed_by=operator
             )
+            fields = {"operator": operator, "withdrawal_id": row.withdrawal_id, "creator_id": row.creator_id}
+            uow.after_commit(lambda: log.info("withdrawal rejected by an operator", extra=fields))
             return _withdrawal_pb(moved)
 
         return await idem.run(work)

@@ -53,8 +53,15 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         return await self.w.cancel_spend(request)
 
     async def SetAccountRestrictions(self, request: wallet_pb2.SetAccountRestrictionsRequest, context: Any) -> Any:
-        """Age and block status of a user, once per idempotency key."""
-        return await self.w.set_restrictions(request)
+        """Age and block status of a user, once per idempotency key; blocking or unblocking is an operator's.
+
+        Blocking and unblocking are trust-and-safety decisions (README "Restrictions"): they need the
+        operator token, as operator-set spending limits do, so no internal caller can unblock anyone.
+        An age or region is the identity service's word and needs none; a token sent with one is
+        checked all the same, and the change is logged with who made it either way."""
+        if request.HasField("blocked"):
+            return await self.w.set_restrictions(request, self.auth.require(context))
+        return await self.w.set_restrictions(request, self.auth.identify(context))
 
     async def GetAccountRestrictions(self, request: wallet_pb2.GetAccountRestrictionsRequest, context: Any) -> Any:
         """Whether a user may buy and spend."""

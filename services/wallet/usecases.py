@@ -1155,9 +1155,18 @@ class Wallet:
 
     @answers_retry(common.idempotency, "SetAccountRestrictions", wallet_pb2.AccountRestrictions)
     async def set_restrictions(
-        self, req: wallet_pb2.SetAccountRestrictionsRequest, *, idem: IdempotentCall[wallet_pb2.AccountRestrictions]
+        self,
+        req: wallet_pb2.SetAccountRestrictionsRequest,
+        operator: str = "",
+        *,
+        idem: IdempotentCall[wallet_pb2.AccountRestrictions],
     ) -> wallet_pb2.AccountRestrictions:
         """Record age and block status (an operator's or the identity service's word), once per key.
+
+        `operator` is who made the change (the token's x-operator; "" for a caller without the
+        token, which may only record an age or region: the servicer checks), logged with what
+        changed, so T&S can trace every block, unblock and age to someone. The birth date itself
+        is not logged (personal data; the users row keeps it), only that it was set.
 
         Only the fields the request sets change: blocking or unblocking a user never clears the
         age that keeps a minor from spending, and recording an age never lifts a block. A retry
@@ -1176,6 +1185,13 @@ class Wallet:
             changes["blocked"] = req.blocked
         if req.HasField("region"):
             changes["region"] = domain.check_region(req.region or self.settings.default_region)
+
+        # What changed, for the log: blocked, is_minor and region with their values, the birth
+        # date only as set (True) or cleared (False).
+        logged: dict[str, Any] = {"operator": operator, "user_id": req.user_id}
+        logged |= {k: v for k, v in changes.items() if k != "birth_date"}
+        if "birth_date" in changes:
+            logged["birth_date_set"] = changes["birth_date"] is not None
 
         async def work(uow: UnitOfWork) -> wallet_pb2.AccountRestrictions:
             ts = now_us()
@@ -1208,6 +1224,7 @@ class Wallet:
             # on PostgreSQL): the stored answer is what this call left, not a later call's state.
             r = await self._restrictions(uow, req.user_id)
             check(r is not None, "the users row exists after its insert-if-missing")
+            uow.after_commit(lambda: log.info("account restrictions set", extra=logged))
             return self._restrictions_pb(req.user_id, r, self._today())
 
         return await idem.run(work)

@@ -671,14 +671,14 @@ async def test_a_lower_limit_applies_at_once_a_higher_one_waits_and_the_operator
         ),
         (
             lambda w: w.SetAccountRestrictions(
-                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), blocked=True)
+                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), is_minor=True)
             ),
             OK.INVALID_ARGUMENT,
             "MISSING_IDEMPOTENCY_KEY",
         ),
         (
             lambda w: w.SetAccountRestrictions(
-                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), blocked=True, idempotency_key="k" * 129)
+                wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("u"), is_minor=True, idempotency_key="k" * 129)
             ),
             OK.INVALID_ARGUMENT,
             "INVALID_IDEMPOTENCY_KEY",
@@ -723,6 +723,7 @@ async def test_bad_input_is_refused_with_a_stable_reason_and_never_internal(clie
 
 async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     w = clients.wallet
+    md = deployment.operator_metadata  # blocking and unblocking are an operator's
     adult, minor, korean = uid("adult"), uid("minor"), uid("kr")
     await buy_coins(w, deployment.webhook_secret, adult)
     await w.SetAccountRestrictions(
@@ -739,18 +740,21 @@ async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, de
     await expect_error(new_purchase(w, korean), OK.FAILED_PRECONDITION, "UNDERAGE")  # 19+ in South Korea
 
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r"))
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r")), metadata=md
     )
     await expect_error(w.Spend(spend_req(adult, 1)), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     await expect_error(new_purchase(w, adult), OK.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False, idempotency_key=uid("r"))
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=False, idempotency_key=uid("r")), metadata=md
     )
     assert (await w.Spend(spend_req(adult, 1))).balance_after == 699
 
 
-async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_the_block(clients) -> None:  # type: ignore[no-untyped-def]
+async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_the_block(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
     w = clients.wallet
+    md = deployment.operator_metadata  # blocking and unblocking are an operator's
 
     async def restrictions(user: str) -> wallet_pb2.AccountRestrictions:
         return await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user))
@@ -765,10 +769,10 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
     )
     for user in (kid, flagged):  # an operator blocks, then unblocks, naming only the block
         await w.SetAccountRestrictions(
-            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r"))
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r")), metadata=md
         )
         await w.SetAccountRestrictions(
-            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=uid("r"))
+            wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=uid("r")), metadata=md
         )
         assert not (await restrictions(user)).may_spend, user  # still a minor
     kept = await restrictions(kid)
@@ -777,7 +781,7 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
 
     adult = uid("adult")
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r"))
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, blocked=True, idempotency_key=uid("r")), metadata=md
     )
     await w.SetAccountRestrictions(
         wallet_pb2.SetAccountRestrictionsRequest(user_id=adult, birth_date="1990-05-01", idempotency_key=uid("r"))
@@ -796,45 +800,72 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
     )
 
 
-async def test_a_retried_restriction_answers_as_its_first_call_and_never_undoes_a_later_one(clients) -> None:  # type: ignore[no-untyped-def]
+async def test_blocking_or_unblocking_without_the_operator_token_is_refused_and_changes_nothing(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    # Any internal caller could unblock anyone: SetAccountRestrictions asked for no token, unlike
+    # operator-set spending limits. An age needs none (the identity service records it).
     w = clients.wallet
     user = uid("viewer")
+    await w.SetAccountRestrictions(
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r")),
+        metadata=deployment.operator_metadata,
+    )
+    for blocked in (False, True):
+        req = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=blocked, idempotency_key=uid("r"))
+        await expect_error(w.SetAccountRestrictions(req), OK.UNAUTHENTICATED, "OPERATOR_TOKEN_MISSING")
+        bad = (("authorization", "Bearer wrong"),)
+        await expect_error(w.SetAccountRestrictions(req, metadata=bad), OK.PERMISSION_DENIED, "NOT_AN_OPERATOR")
+    aged = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, birth_date="1990-05-01", idempotency_key=uid("r"))
+    assert (await w.SetAccountRestrictions(aged)).blocked  # still blocked; the age taken without a token
+
+
+async def test_a_retried_restriction_answers_as_its_first_call_and_never_undoes_a_later_one(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
+    w = clients.wallet
+    md = deployment.operator_metadata  # blocking and unblocking are an operator's
+    user = uid("viewer")
     block = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r"))
-    blocked = await w.SetAccountRestrictions(block)
+    blocked = await w.SetAccountRestrictions(block, metadata=md)
     assert blocked.blocked and not blocked.may_spend
     unblock = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=uid("r"))
-    assert (await w.SetAccountRestrictions(unblock)).may_spend
+    assert (await w.SetAccountRestrictions(unblock, metadata=md)).may_spend
 
     # The block's answer was lost and its retry arrives after the unblock: the first answer, no change.
-    assert await w.SetAccountRestrictions(block) == blocked
+    assert await w.SetAccountRestrictions(block, metadata=md) == blocked
     now = await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user))
     assert (now.blocked, now.may_spend) == (False, True)
 
 
-async def test_a_restriction_key_reused_for_another_request_is_refused_and_changes_nothing(clients) -> None:  # type: ignore[no-untyped-def]
+async def test_a_restriction_key_reused_for_another_request_is_refused_and_changes_nothing(  # type: ignore[no-untyped-def]
+    clients, deployment
+) -> None:
     w = clients.wallet
+    md = deployment.operator_metadata  # blocking and unblocking are an operator's
     user = uid("viewer")
     key = uid("r")
     first = await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=key)
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=False, idempotency_key=key), metadata=md
     )
     assert first.may_spend
     for other in ({"blocked": True}, {"blocked": False, "is_minor": True}, {}):
         reused = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, idempotency_key=key, **other)
-        await expect_error(w.SetAccountRestrictions(reused), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+        await expect_error(w.SetAccountRestrictions(reused, metadata=md), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     another_user = wallet_pb2.SetAccountRestrictionsRequest(user_id=uid("viewer"), blocked=False, idempotency_key=key)
-    await expect_error(w.SetAccountRestrictions(another_user), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
+    await expect_error(w.SetAccountRestrictions(another_user, metadata=md), OK.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     assert await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user)) == first
 
 
-async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients) -> None:  # type: ignore[no-untyped-def]
+async def test_many_users_restrictions_in_one_call_answer_as_one_call_each(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     w = clients.wallet
+    md = deployment.operator_metadata  # blocking is an operator's
     minor, blocked, adult, unknown = uid("minor"), uid("blocked"), uid("adult"), uid("nobody")
     await w.SetAccountRestrictions(
         wallet_pb2.SetAccountRestrictionsRequest(user_id=minor, is_minor=True, region="US", idempotency_key=uid("r"))
     )
     await w.SetAccountRestrictions(
-        wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked, blocked=True, idempotency_key=uid("r"))
+        wallet_pb2.SetAccountRestrictionsRequest(user_id=blocked, blocked=True, idempotency_key=uid("r")), metadata=md
     )
     await w.SetAccountRestrictions(
         wallet_pb2.SetAccountRestrictionsRequest(

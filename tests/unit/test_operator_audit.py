@@ -1,0 +1,109 @@
+"""Who may change a user's safety state or a withdrawal's fate, and the trail each change leaves.
+
+Trust and safety found that `SetAccountRestrictions` needed no operator token (unlike
+operator-set spending limits) and logged nothing: any internal caller could unblock anyone, and
+no one could tell who had blocked, unblocked or aged a user. Finance found that approving or
+rejecting a withdrawal left no log line with the operator and the trace id.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from pydantic import SecretStr
+
+from livegifts.payout.v1 import payout_pb2
+from livegifts.wallet.v1 import wallet_pb2
+from services.common import errors
+from services.common.auth import OperatorAuth
+from services.payout.usecases import Payout
+from services.wallet.server import WalletServicer
+from services.wallet.usecases import Wallet
+from tests.unit.test_payout_dispatch import reviewed_withdrawal, setup  # noqa: F401 - setup is the fixture
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
+
+TOKEN = "t0k-t0k-t0k-t0k-t0k"
+
+
+class Ctx:
+    def __init__(self, *md: tuple[str, str]) -> None:
+        self.md = md
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.md
+
+
+OPERATOR = Ctx(("authorization", f"Bearer {TOKEN}"), ("x-operator", "tns-alice"))
+
+
+def restrict(user: str, **fields: object) -> wallet_pb2.SetAccountRestrictionsRequest:
+    return wallet_pb2.SetAccountRestrictionsRequest(user_id=user, idempotency_key=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+async def test_blocking_or_unblocking_a_user_needs_the_operator_token(wallet: Wallet, blocked: bool) -> None:  # noqa: F811
+    servicer = WalletServicer(wallet, OperatorAuth(SecretStr(TOKEN)))
+    await servicer.SetAccountRestrictions(restrict("u1", blocked=not blocked), OPERATOR)
+    with pytest.raises(errors.Unauthenticated) as missing:
+        await servicer.SetAccountRestrictions(restrict("u1", blocked=blocked), Ctx())
+    assert missing.value.reason == "OPERATOR_TOKEN_MISSING"
+    with pytest.raises(errors.PermissionDenied) as wrong:
+        await servicer.SetAccountRestrictions(restrict("u1", blocked=blocked), Ctx(("authorization", "Bearer nope")))
+    assert wrong.value.reason == "NOT_AN_OPERATOR"
+    assert (await wallet.get_restrictions("u1")).blocked is (not blocked)  # neither call changed it
+
+
+async def test_the_identity_service_records_an_age_without_the_token_but_a_wrong_token_is_refused(
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    servicer = WalletServicer(wallet, OperatorAuth(SecretStr(TOKEN)))
+    assert (await servicer.SetAccountRestrictions(restrict("teen", is_minor=True), Ctx())).is_minor
+    with pytest.raises(errors.PermissionDenied):  # a token sent is checked, never ignored
+        await servicer.SetAccountRestrictions(restrict("teen", is_minor=False), Ctx(("authorization", "Bearer nope")))
+    assert (await wallet.get_restrictions("teen")).is_minor
+
+
+async def test_every_restriction_change_is_logged_once_with_who_made_it_and_no_birth_date(
+    wallet: Wallet,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    servicer = WalletServicer(wallet, OperatorAuth(SecretStr(TOKEN)))
+    block = restrict("u2", blocked=True)
+    with caplog.at_level("INFO", logger="services.wallet.usecases"):
+        await servicer.SetAccountRestrictions(block, OPERATOR)
+        await servicer.SetAccountRestrictions(block, OPERATOR)  # a retry: answered from its record, not logged
+        await servicer.SetAccountRestrictions(restrict("u2", blocked=False), OPERATOR)
+        await servicer.SetAccountRestrictions(restrict("u2", birth_date="2001-02-03"), Ctx())
+    logged = [r.__dict__ for r in caplog.records if r.getMessage() == "account restrictions set"]
+    assert [(r["operator"], r["user_id"], r.get("blocked"), r.get("birth_date_set")) for r in logged] == [
+        ("tns-alice", "u2", True, None),
+        ("tns-alice", "u2", False, None),
+        ("", "u2", None, True),  # the identity service: no operator
+    ]
+    assert "2001-02-03" not in caplog.text  # personal data stays in the users row
+
+
+async def test_approving_and_rejecting_a_withdrawal_are_logged_with_the_operator(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    payout: Payout = setup[0]
+    approved = await reviewed_withdrawal(payout, "creator-a")
+    rejected = await reviewed_withdrawal(payout, "creator-b")
+    with caplog.at_level("INFO", logger="services.payout.usecases"):
+        await payout.approve_withdrawal(
+            payout_pb2.ApproveWithdrawalRequest(withdrawal_id=approved.withdrawal_id, idempotency_key="a"), "fin-bob"
+        )
+        await payout.reject_withdrawal(
+            payout_pb2.RejectWithdrawalRequest(withdrawal_id=rejected.withdrawal_id, idempotency_key="r"), "fin-eve"
+        )
+    logged = [
+        (r.getMessage(), r.__dict__["operator"], r.__dict__["withdrawal_id"])
+        for r in caplog.records
+        if "by an operator" in r.getMessage()
+    ]
+    assert logged == [
+        ("withdrawal approved by an operator", "fin-bob", approved.withdrawal_id),
+        ("withdrawal rejected by an operator", "fin-eve", rejected.withdrawal_id),
+    ]
