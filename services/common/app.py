@@ -166,7 +166,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     differs = unlisted(spec.name, [sub.durable for sub in wiring.subscriptions])
     check(not differs, differs)
     consumers = [Consumer(db, bus, spec.tables, sub, settings) for sub in wiring.subscriptions]
-    parked = dead_letter_registration(db, spec.tables, consumers, OperatorAuth(settings.operator_token))
+    parked = dead_letter_registration(
+        db, spec.tables, consumers, OperatorAuth(settings.operator_token, settings.operator_token_previous)
+    )
     with _starting(f"cannot serve gRPC on {settings.grpc_host}:{settings.grpc_port} (in use, or not this host's)"):
         running = await create_server(
             [*wiring.registrations, parked],

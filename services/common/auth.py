@@ -2,13 +2,16 @@
 
 Callers send metadata `authorization: Bearer <token>` and `x-operator: <who>` (recorded where
 changes are audited). The token is LIVEGIFTS_<SVC>_OPERATOR_TOKEN; when it is unset, operator
-RPCs are refused, never open. In production the mesh authenticates the calling workload; this
+RPCs are refused, never open. During a rotation LIVEGIFTS_<SVC>_OPERATOR_TOKEN_PREVIOUS is
+accepted too (docs/sre.md "Rotating"), and each call made with it is logged, so the rotation's
+end can be seen: nobody uses the old one any more. In production the mesh authenticates the calling workload; this
 token is the second lock, not the only one.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 from pydantic import SecretStr
@@ -17,12 +20,17 @@ from services.common.errors import PermissionDenied, Unauthenticated, printable
 
 OPERATOR_NAME_MAX = 128
 
+log = logging.getLogger(__name__)
+
 
 class OperatorAuth:
     """Checks the operator token on a call's metadata."""
 
-    def __init__(self, token: SecretStr | None) -> None:
+    def __init__(self, token: SecretStr | None, previous: SecretStr | None = None) -> None:
         self._token = token.get_secret_value().encode() if token else None
+        # The previous token only with a current one: alone it would keep open what unsetting
+        # the token is documented to close.
+        self._previous = previous.get_secret_value().encode() if previous and token else None
 
     def require(self, context: Any) -> str:
         """Return who the operator is, or raise UNAUTHENTICATED / PERMISSION_DENIED."""
@@ -33,9 +41,19 @@ class OperatorAuth:
             raise Unauthenticated("operator RPCs need 'authorization: Bearer <token>'", "OPERATOR_TOKEN_MISSING")
         if self._token is None:
             raise PermissionDenied("operator RPCs are disabled: no operator token is configured", "OPERATOR_DISABLED")
-        if not hmac.compare_digest(token.encode(), self._token):
+        sent = token.encode()
+        # Both comparisons always run (constant time each, no early exit), so the timing tells
+        # nothing of which token matched or whether a previous one is configured.
+        current = hmac.compare_digest(sent, self._token)
+        previous = hmac.compare_digest(sent, self._previous or self._token) and self._previous is not None
+        if not (current or previous):
             raise PermissionDenied("the operator token is not valid", "NOT_AN_OPERATOR")
-        return operator_name(md.get("x-operator", ""))
+        who = operator_name(md.get("x-operator", ""))
+        if previous and not current:
+            log.warning(
+                "operator call with the previous operator token: switch to the new one", extra={"operator": who}
+            )
+        return who
 
     def identify(self, context: Any) -> str:
         """Who the operator is when the call carries a token (checked as `require` does), else "".

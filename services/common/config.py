@@ -167,6 +167,9 @@ class ServiceSettings(MigrationSettings):
 
     # Bearer token for operator RPCs (services/common/auth.py); unset = operator RPCs refused.
     operator_token: SecretStr | None = None
+    # During a rotation, the token before it, accepted too (never alone: without operator_token
+    # operator RPCs are refused), so operators' tooling keeps working while pods roll.
+    operator_token_previous: SecretStr | None = None
 
     outgoing_deadline_s: float = Field(default=5.0, gt=0, le=120)
 
@@ -200,7 +203,7 @@ class ServiceSettings(MigrationSettings):
             raise ValueError("required when OTEL_EXPORTER is file")
         return path
 
-    @field_validator("operator_token")
+    @field_validator("operator_token", "operator_token_previous")
     @classmethod
     def _a_token_an_operator_can_send(cls, token: SecretStr | None) -> SecretStr | None:
         # A token read from a file often ends in a newline: no `authorization` header can carry

@@ -33,7 +33,9 @@ async def wire(rt: Runtime) -> Wiring:
     feed = FeedHub(rt.bus, settings.watchers_max, settings.watch_queue_size_max)
     gifting = Gifting(rt.db, rt.outbox, wallet_pb2_grpc.WalletServiceStub(channel), settings, feed)
     read_models = ReadModels(rt.db)
-    servicer = GiftingServicer(gifting, read_models, OperatorAuth(settings.operator_token))
+    servicer = GiftingServicer(
+        gifting, read_models, OperatorAuth(settings.operator_token, settings.operator_token_previous)
+    )
     name = gifting_pb2.DESCRIPTOR.services_by_name["GiftingService"].full_name
 
     async def close() -> None:

@@ -42,7 +42,7 @@ async def wire(rt: Runtime) -> Wiring:
     # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.
     channel = make_channel(settings.wallet_addr, settings.outgoing_deadline_s)
     payout = Payout(rt.db, rt.outbox, provider, wallet_pb2_grpc.WalletServiceStub(channel), settings)
-    servicer = PayoutServicer(payout, OperatorAuth(settings.operator_token))
+    servicer = PayoutServicer(payout, OperatorAuth(settings.operator_token, settings.operator_token_previous))
     name = payout_pb2.DESCRIPTOR.services_by_name["PayoutService"].full_name
 
     async def close() -> None:

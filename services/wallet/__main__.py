@@ -39,7 +39,7 @@ async def wire(rt: Runtime) -> Wiring:
         [
             ServiceRegistration(
                 wallet_pb2_grpc.add_WalletServiceServicer_to_server,
-                WalletServicer(wallet, OperatorAuth(settings.operator_token)),
+                WalletServicer(wallet, OperatorAuth(settings.operator_token, settings.operator_token_previous)),
                 name,
             ),
             audit_registration(

@@ -107,3 +107,51 @@ async def test_approving_and_rejecting_a_withdrawal_are_logged_with_the_operator
         ("withdrawal approved by an operator", "fin-bob", approved.withdrawal_id),
         ("withdrawal rejected by an operator", "fin-eve", rejected.withdrawal_id),
     ]
+
+
+def test_during_a_rotation_the_previous_operator_token_is_accepted_and_its_use_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Rotating the token was "change the Secret, restart": while pods rolled, half of them refused
+    # the operators' new token (or old one), as the webhook secrets' _PREVIOUS had long avoided.
+    old, new = "old-token-old-token", "new-token-new-token"
+    auth = OperatorAuth(SecretStr(new), SecretStr(old))
+    with caplog.at_level("WARNING", logger="services.common.auth"):
+        assert auth.require(Ctx(("authorization", f"Bearer {new}"), ("x-operator", "alice"))) == "alice"
+        assert auth.require(Ctx(("authorization", f"Bearer {old}"), ("x-operator", "bob"))) == "bob"
+    assert [(r.getMessage(), r.__dict__["operator"]) for r in caplog.records] == [
+        ("operator call with the previous operator token: switch to the new one", "bob")
+    ]
+    assert old not in caplog.text and new not in caplog.text
+    with pytest.raises(errors.PermissionDenied) as wrong:
+        auth.require(Ctx(("authorization", "Bearer neither-token-at-all")))
+    assert wrong.value.reason == "NOT_AN_OPERATOR"
+
+
+def test_a_previous_operator_token_alone_opens_nothing() -> None:
+    # Unsetting the token is documented to refuse operator RPCs; a leftover previous must not keep them open.
+    with pytest.raises(errors.PermissionDenied) as refused:
+        OperatorAuth(None, SecretStr("old-token-old-token")).require(
+            Ctx(("authorization", "Bearer old-token-old-token"))
+        )
+    assert refused.value.reason == "OPERATOR_DISABLED"
+
+
+def test_the_previous_operator_token_is_read_and_checked_like_the_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.common.config import ServiceSettings, load_settings
+
+    monkeypatch.setenv("LIVEGIFTS_DATABASE_URL", "sqlite+aiosqlite:///x.db")
+    monkeypatch.setenv("LIVEGIFTS_NATS_URL", "nats://127.0.0.1:1")
+    monkeypatch.setenv("LIVEGIFTS_OPERATOR_TOKEN", "new-token-new-token")
+    monkeypatch.setenv("LIVEGIFTS_OPERATOR_TOKEN_PREVIOUS", "old-token-old-token\n")  # a file's newline
+    with pytest.raises(SystemExit):
+        load_settings(ServiceSettings)
+    err = capsys.readouterr().err
+    assert "LIVEGIFTS_OPERATOR_TOKEN_PREVIOUS: Value error, has leading or trailing whitespace" in err
+    assert "old-token" not in err  # the refusal names the setting, never its value
+    monkeypatch.setenv("LIVEGIFTS_OPERATOR_TOKEN_PREVIOUS", "old-token-old-token")
+    settings = load_settings(ServiceSettings)
+    assert settings.operator_token_previous is not None
+    assert settings.operator_token_previous.get_secret_value() == "old-token-old-token"
