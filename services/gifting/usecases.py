@@ -364,7 +364,11 @@ class Gifting:
             else:
                 await uow.conn.execute(update(gifts).where(gifts.c.gift_id == req.gift_id).values(**values))
             g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).one()
-            log.info("gift catalog changed", extra={"gift_id": g.gift_id, "operator": operator})
+            # After the commit: a change rolled back (a concurrent first call with this key won,
+            # PostgreSQL) must leave no trail line.
+            uow.after_commit(
+                lambda: log.info("gift catalog changed", extra={"gift_id": g.gift_id, "operator": operator})
+            )
             return gifting_pb2.Gift(gift_id=g.gift_id, name=g.name, price_coins=g.price_coins, active=g.active)
 
         return await idem.run(work)

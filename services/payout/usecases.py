@@ -751,7 +751,9 @@ class Payout:
                     changed_at_us=ts,
                 )
             )
-            log.info("policy changed", extra={"version": row.version, "operator": operator})
+            # After the commit: a change rolled back (a concurrent first call with this key won,
+            # PostgreSQL) left a trail line for a version that never was.
+            uow.after_commit(lambda: log.info("policy changed", extra={"version": row.version, "operator": operator}))
             return self._policy_pb(row)
 
         return await idem.run(work)
@@ -944,9 +946,8 @@ class Payout:
             await uow.conn.execute(
                 update(payout_methods).where(m.method_id == req.method_id).values(verification=status, updated_at_us=ts)
             )
-            log.info(
-                "payout method verified", extra={"method_id": req.method_id, "status": status, "operator": operator}
-            )
+            fields = {"method_id": req.method_id, "status": status, "operator": operator}
+            uow.after_commit(lambda: log.info("payout method verified", extra=fields))  # only what committed
             return _method_pb(_Row({**row._asdict(), "verification": status}))
 
         return await idem.run(work)

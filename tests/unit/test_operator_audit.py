@@ -9,6 +9,7 @@ rejecting a withdrawal left no log line with the operator and the trace id.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -155,3 +156,73 @@ def test_the_previous_operator_token_is_read_and_checked_like_the_token(
     settings = load_settings(ServiceSettings)
     assert settings.operator_token_previous is not None
     assert settings.operator_token_previous.get_secret_value() == "old-token-old-token"
+
+
+async def test_an_operator_change_rolled_back_leaves_no_trail_line(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two first calls with one key both run on PostgreSQL; the loser's transaction rolls back at
+    # its idempotency record. "payout method verified" and "policy changed" were logged inside
+    # the transaction: the trail named an operator's change that never took effect.
+    from sqlalchemy.exc import IntegrityError
+
+    from services.common import idempotency
+
+    payout: Payout = setup[0]
+    method = await payout.add_payout_method(
+        payout_pb2.AddPayoutMethodRequest(
+            creator_id="creator-c",
+            kind=payout_pb2.PAYOUT_METHOD_KIND_PAYPAL,
+            paypal_email="c@example.com",
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    policy = await payout.get_policy()
+
+    async def lost_the_race(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("insert", {}, Exception("UNIQUE constraint failed: idempotency_keys"))
+
+    monkeypatch.setattr(idempotency, "record", lost_the_race)
+    with caplog.at_level("INFO", logger="services.payout.usecases"):
+        with pytest.raises(errors.DomainError):
+            await payout.verify_payout_method(
+                payout_pb2.VerifyPayoutMethodRequest(method_id=method.method_id, verified=True, idempotency_key="v"),
+                "fin-bob",
+            )
+        with pytest.raises(errors.DomainError):
+            await payout.set_policy(
+                payout_pb2.SetPolicyRequest(
+                    creator_share_bp=policy.creator_share_bp,
+                    fee_bp=policy.fee_bp,
+                    currencies=policy.currencies,
+                    idempotency_key="p",
+                ),
+                "fin-bob",
+            )
+    assert [r.getMessage() for r in caplog.records if "operator" in r.__dict__] == []
+    monkeypatch.undo()
+    assert (await payout.get_policy()).version == policy.version  # nothing took effect
+
+
+async def test_a_gift_catalog_change_rolled_back_leaves_no_trail_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from livegifts.gifting.v1 import gifting_pb2
+    from services.common import idempotency
+    from tests.unit.test_gifting_refusals_counted import FakeWallet, _gifting
+
+    async def lost_the_race(*args: object, **kwargs: object) -> None:
+        raise IntegrityError("insert", {}, Exception("UNIQUE constraint failed: idempotency_keys"))
+
+    async with _gifting(tmp_path, FakeWallet(), group_commit=False) as gifting:
+        monkeypatch.setattr(idempotency, "record", lost_the_race)
+        req = gifting_pb2.UpsertGiftRequest(gift_id="comet", name="Comet", price_coins=9, idempotency_key="g")
+        with caplog.at_level("INFO", logger="services.gifting.usecases"), pytest.raises(errors.DomainError):
+            await gifting.upsert_gift(req, "cat-ops")
+        monkeypatch.undo()
+        assert "comet" not in {g.gift_id for g in (await gifting.list_gifts(True)).gifts}
+    assert [r.getMessage() for r in caplog.records if r.getMessage() == "gift catalog changed"] == []
