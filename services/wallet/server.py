@@ -53,14 +53,12 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         return await self.w.cancel_spend(request)
 
     async def SetAccountRestrictions(self, request: wallet_pb2.SetAccountRestrictionsRequest, context: Any) -> Any:
-        """Age and block status of a user, once per idempotency key; blocking or unblocking is an operator's.
+        """Age and block status of a user, once per idempotency key, logged with who made the change.
 
-        Blocking and unblocking are trust-and-safety decisions (README "Restrictions"): they need the
-        operator token, as operator-set spending limits do, so no internal caller can unblock anyone.
-        An age or region is the identity service's word and needs none; a token sent with one is
-        checked all the same, and the change is logged with who made it either way."""
-        if request.HasField("blocked"):
-            return await self.w.set_restrictions(request, self.auth.require(context))
+        The contract (ARCHITECTURE.md) lists this RPC among those internal services call, not among
+        the operator RPCs, so no token is required: trust and safety's tooling and the identity
+        service call it as they are. A token that is sent is checked all the same (a wrong one is
+        refused, never logged as no one), and the operator it names is logged with the change."""
         return await self.w.set_restrictions(request, self.auth.identify(context))
 
     async def GetAccountRestrictions(self, request: wallet_pb2.GetAccountRestrictionsRequest, context: Any) -> Any:
