@@ -43,7 +43,14 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import DomainError, check, is_text
 from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
-from services.common.metrics import CONSUMED, CONSUMER_BATCH, CONSUMER_LOOP_FAILURES, DEAD_LETTERS, INBOX_PRUNED
+from services.common.metrics import (
+    CONSUMED,
+    CONSUMER_BATCH,
+    CONSUMER_LOOP_FAILURES,
+    CONSUMER_POSITION_CHECK,
+    DEAD_LETTERS,
+    INBOX_PRUNED,
+)
 from services.common.pruning import AgePruner
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new, one_of
@@ -74,6 +81,9 @@ REDELIVERY_DELAY_S_MAX = 10.0
 # ack floor for the last event of its subject: the floor may rest on another subject's message
 # (payout-gift-sent's stream also holds gifting.stream.ended).
 POSITION_SCAN_MAX = 256
+# The `result` label of livegifts_consumer_position_check, each exported at 0 from the start.
+POSITION_OK, POSITION_BEHIND, POSITION_NOT_CHECKED = "ok", "behind", "not_checked"
+POSITION_RESULTS = (POSITION_OK, POSITION_BEHIND, POSITION_NOT_CHECKED)
 
 # The durable's ack_wait: how long JetStream waits for a delivery's ack before it delivers the
 # event again. It is also how soon the events of a consumer that died mid-batch come back, so it
@@ -253,6 +263,9 @@ class Consumer(Generic[E]):
             CONSUMED.labels(sub.durable, result)
         # And its failed tries to bind or pull, which LivegiftsConsumerNotPulling takes increase() of.
         self._loop_failures = CONSUMER_LOOP_FAILURES.labels(sub.durable)
+        # And the result of its position check (`_check_position`), all 0 until it runs.
+        for result in POSITION_RESULTS:
+            CONSUMER_POSITION_CHECK.labels(sub.durable, result).set(0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
@@ -334,13 +347,17 @@ class Consumer(Generic[E]):
         Only said, never acted on: the events past the database's point are acked and will not
         come again by themselves, and what to do depends on the service (docs/sre.md, "Restoring
         one service's database"); the consumer goes on applying new events meanwhile. A check
-        that fails (NATS or the database busy at start) is logged and not retried.
+        that fails (NATS or the database busy at start) is logged and not retried. Its result is
+        livegifts_consumer_position_check, which LivegiftsConsumerDatabaseBehind and
+        LivegiftsConsumerPositionNotChecked watch: an SRE who reads no logs learns of it too.
         """
         try:
             found = await self.behind()
         except Exception as exc:  # noqa: BLE001 - a check only: consuming goes on without it
+            self._position_result(POSITION_NOT_CHECKED)
             log.warning("consumer position not checked", extra={"consumer": self.sub.durable, "error": described(exc)})
             return
+        self._position_result(POSITION_OK if found is None else POSITION_BEHIND)
         if found is not None:
             seq, event_id = found
             log.error(
@@ -352,6 +369,10 @@ class Consumer(Generic[E]):
                     "event_id": event_id,
                 },
             )
+
+    def _position_result(self, result: str) -> None:
+        for each in POSITION_RESULTS:
+            CONSUMER_POSITION_CHECK.labels(self.sub.durable, each).set(int(each == result))
 
     async def behind(self) -> tuple[int, str] | None:
         """(stream sequence, event id) of an event of this subject the durable has acked that the

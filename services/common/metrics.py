@@ -37,6 +37,18 @@ CONSUMER_LOOP_FAILURES = Counter(
     "Tries of a consumer to bind to its durable or pull from it that failed (logged 'consumer loop failed, retrying')",
     ["consumer"],
 )
+# Set by each consumer's position check, once per process as it first binds (inbox.py,
+# `Consumer.behind`): 1 for what that check found, 0 for the other results, all 0 until it has
+# run. A gauge, not a counter: the check runs seconds after the pod starts, before Prometheus's
+# first scrape, so a count would first appear at 1 and increase() would never see it; the gauge
+# stays 1 for the pod's life, and so does LivegiftsConsumerDatabaseBehind.
+CONSUMER_POSITION_CHECK = Gauge(
+    "livegifts_consumer_position_check",
+    "The result of the consumer's check, as it bound in this process, that its database holds every event its durable"
+    " acked: ok, behind (an acked event unknown to the inbox: the database restored to an earlier point),"
+    " not_checked (NATS or the database did not answer); 1 for the result, 0 for the others",
+    ["consumer", "result"],
+)
 CONSUMER_BATCH = Histogram(
     "livegifts_consumer_batch_size",
     "Messages per consumer batch",

@@ -166,6 +166,10 @@ def test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_i
         assert REGISTRY.get_sample_value("livegifts_events_consumed_total", labels) == 0.0, result
     # And its failed tries to bind or pull, which LivegiftsConsumerNotPulling takes increase() of.
     assert REGISTRY.get_sample_value("livegifts_consumer_loop_failures_total", {"consumer": durable}) == 0.0
+    # And its position check's results, all 0 until the check runs as it binds.
+    for result in ("ok", "behind", "not_checked"):
+        labels = {"consumer": durable, "result": result}
+        assert REGISTRY.get_sample_value("livegifts_consumer_position_check", labels) == 0.0, result
 
 
 class _Delivered:
@@ -248,3 +252,66 @@ async def test_a_fetch_jetstream_refuses_is_logged_with_the_servers_code_and_des
     errors = [r.error for r in caplog.records if r.getMessage() == "consumer loop failed, retrying"]  # type: ignore[attr-defined]
     assert len(errors) == 2
     assert all("err_code=10008" in e and "temporarily unavailable" in e for e in errors), errors
+
+
+class _Stream:
+    """A durable that acked stream sequences 1 and 2, two events of its subject (`e1`, `e2`); or,
+    `unanswered`, a JetStream that does not answer the position check."""
+
+    def __init__(self, unanswered: bool = False) -> None:
+        self.unanswered = unanswered
+
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        if self.unanswered:
+            raise nats.errors.TimeoutError
+        floor = SimpleNamespace(stream_seq=2)
+        return SimpleNamespace(ack_floor=floor, delivered=floor, num_ack_pending=0)
+
+    async def get_msg(self, stream: str, seq: int) -> Any:
+        return SimpleNamespace(subject="s.x", data=events_pb2.GiftSent(event_id=f"e{seq}").SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("recorded", "unanswered", "result"),
+    [(["e1"], False, "behind"), (["e1", "e2"], False, "ok"), (["e1", "e2"], True, "not_checked")],
+)
+async def test_the_position_check_as_a_consumer_binds_sets_its_result_for_the_alerts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: list[str], unanswered: bool, result: str
+) -> None:
+    # The database behind its durable (restored to an earlier point: the inbox lacks `e2`, which
+    # the durable acked) was only an ERROR line: an SRE who does not read the logs never learned
+    # that credits were lost. LivegiftsConsumerDatabaseBehind reads this gauge, and
+    # LivegiftsConsumerPositionNotChecked its not_checked result.
+    from prometheus_client import REGISTRY
+
+    stop = asyncio.Event()
+
+    async def open_puller(*args: Any, **kwargs: Any) -> _Timeouts:
+        return _Timeouts(stop, fetches=1)
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        raise AssertionError("no message was fetched")
+
+    monkeypatch.setattr(Puller, "open", open_puller)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    durable = f"position-{result}"
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(common.inbox.metadata.create_all)
+            await conn.execute(
+                common.inbox.insert(), [{"consumer": durable, "event_id": e, "received_at_us": 1} for e in recorded]
+            )
+        bus = _Bus()
+        bus.js = _Stream(unanswered)  # type: ignore[assignment]
+        sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+        consumer = Consumer(db, bus, common, sub, settings)  # type: ignore[arg-type]
+        await asyncio.wait_for(consumer.run(stop), timeout=10)
+    finally:
+        await db.engine.dispose()
+    values = {
+        each: REGISTRY.get_sample_value("livegifts_consumer_position_check", {"consumer": durable, "result": each})
+        for each in ("ok", "behind", "not_checked")
+    }
+    assert values == {each: float(each == result) for each in values}, values
