@@ -16,17 +16,19 @@ import shutil
 import signal
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import nats
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from services.cli.suite import Suite
+from services.cli.suite import Suite, free_port
 from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
 from tests.integration import pg
 from tests.integration.auditing import audit_cli
@@ -167,6 +169,18 @@ async def _delete_durables(suite: Suite, stream: str, durables: list[str]) -> No
         await nc.drain()
 
 
+def _position_checks(port: int) -> dict[tuple[str, str], float]:
+    """(consumer, result) -> livegifts_consumer_position_check, from the /metrics on `port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.labels["consumer"], s.labels["result"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "livegifts_consumer_position_check"
+    }
+
+
 def _log_since(suite: Suite, svc: str, offset: int) -> str:
     return (suite.log_dir / f"{svc}.log").read_text(errors="replace")[offset:]
 
@@ -187,7 +201,12 @@ def _restart_and_wait_for_check(suite: Suite, svc: str, offset: int, lines: int 
 def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_credits_what_it_lost(
     backend: str, tmp_path: Path
 ) -> None:
-    with running_suite(backend, tmp_path, "lgtest") as suite, snapshots(suite, "payout") as (take, put_back):
+    metrics_port = free_port()  # payout's /metrics, where LivegiftsConsumerDatabaseBehind reads the check
+    extra = {"payout": {"LIVEGIFTS_PAYOUT_METRICS_PORT": str(metrics_port)}}
+    with (
+        running_suite(backend, tmp_path, "lgtest", extra) as suite,
+        snapshots(suite, "payout") as (take, put_back),
+    ):
         viewer, before, after = uid("viewer"), [uid("creator")], [uid("creator"), uid("creator")]
         asyncio.run(_gifts(suite, viewer, before))
         assert asyncio.run(_earned(suite, before)) == [350]
@@ -212,6 +231,11 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         behind = [line for line in text.splitlines() if BEHIND in line]
         assert any(PAYOUT_GIFT_SENT in line and '"GIFTING"' in line for line in behind), behind
         assert any(PAYOUT_PURCHASE_REVERSED in line and '"WALLET"' in line for line in behind), behind
+        # And so do its metrics, for the alert: an SRE who reads no logs is paged.
+        checks = _position_checks(metrics_port)
+        for durable in (PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED):
+            assert checks[(durable, "behind")] == 1.0, checks
+            assert checks[(durable, "ok")] == checks[(durable, "not_checked")] == 0.0, checks
         # What it lost: the credits of the gifts sent after the snapshot, and the clawback; JetStream
         # does not deliver their events again by itself.
         assert asyncio.run(_earned(suite, after, timeout_s=2)) == [0, 0]
@@ -237,6 +261,9 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         ok = audit_cli(suite, "--detail", "--wait", "30")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert BEHIND not in _log_since(suite, "payout", offset)
+        # The runbook done, the pod it started finds nothing behind: the alert resolves.
+        checks = _position_checks(metrics_port)
+        assert {checks[(d, "ok")] for d in (PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED)} == {1.0}, checks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
