@@ -203,7 +203,7 @@ def dev_payment_event_id(purchase_id: str) -> str:
 
 
 def dev_event_payload(event_id: str, event_type: str, purchase_id: str, amount_minor: int, currency_code: str) -> bytes:
-    """The body the development provider sends (used by `livegifts pay` and tests)."""
+    """The body the development provider sends (used by `livegifts buy` and tests)."""
     return json.dumps(
         {
             "id": event_id,
