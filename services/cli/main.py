@@ -400,7 +400,7 @@ def buy(
             bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
         except grpc.RpcError as exc:
             _fail(exc)
-    status = wallet_pb2.PurchaseStatus.Name(p.status)
+    status = wallet_pb2.PurchaseStatus.Name(p.status).removeprefix("PURCHASE_STATUS_")  # as `withdrawals` prints
     console.print(f"purchase {p.purchase_id}: {status}; {user} has {bal.coins} coins", markup=False)
 
 
