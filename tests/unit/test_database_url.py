@@ -53,6 +53,30 @@ def test_libpq_parameters_reach_asyncpg_as_it_takes_them(query: str, url: str, a
     assert (got_url, got_args) == (url.replace("postgresql://", "postgresql+asyncpg://"), args)
 
 
+def _asyncpg_parse(kw: dict[str, Any], dsn: str | None, ssl: Any = None) -> tuple[Any, Any]:
+    """asyncpg's own parse of what connect() gets: the addresses and the connection parameters,
+    the dialect's host, port, user, password and database taken out of `kw`."""
+    from asyncpg import connect_utils
+
+    return connect_utils._parse_connect_dsn_and_args(
+        dsn=dsn,
+        host=kw.pop("host"),
+        port=kw.pop("port", None),
+        user=kw.pop("user"),
+        password=kw.pop("password"),
+        passfile=None,
+        database=kw.pop("database"),
+        ssl=ssl,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+
+
 def test_a_sqlite_url_is_left_alone() -> None:
     assert postgres_connect_args("sqlite:///var/w.db") == ("sqlite+aiosqlite:///var/w.db", {})
 
@@ -68,23 +92,7 @@ def test_asyncpg_reads_every_sslmode_from_the_arguments_the_dialect_builds(mode:
     _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(url))
     kw |= args
     assert kw.pop("timeout") == 7
-    addrs, params = connect_utils._parse_connect_dsn_and_args(
-        dsn=kw.pop("dsn"),
-        host=kw.pop("host"),
-        port=kw.pop("port"),
-        user=kw.pop("user"),
-        password=kw.pop("password"),
-        passfile=None,
-        database=kw.pop("database"),
-        ssl=None,
-        service=None,
-        servicefile=None,
-        direct_tls=None,
-        server_settings=None,
-        target_session_attrs=None,
-        krbsrvname=None,
-        gsslib=None,
-    )
+    addrs, params = _asyncpg_parse(kw, kw.pop("dsn"))
     assert kw == {}
     assert addrs == [("db.internal", 5432)]
     assert (params.user, params.database, params.password) == ("app", "wallet", "pw")
@@ -165,23 +173,7 @@ def test_sslrootcert_system_verifies_the_server_against_the_system_s_cas(query: 
     url, args = postgres_connect_args(BASE + query)
     _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(url))
     kw |= args
-    _addrs, params = connect_utils._parse_connect_dsn_and_args(
-        dsn=kw.pop("dsn"),
-        host=kw.pop("host"),
-        port=kw.pop("port"),
-        user=kw.pop("user"),
-        password=kw.pop("password"),
-        passfile=None,
-        database=kw.pop("database"),
-        ssl=kw.pop("ssl", None),
-        service=None,
-        servicefile=None,
-        direct_tls=None,
-        server_settings=None,
-        target_session_attrs=None,
-        krbsrvname=None,
-        gsslib=None,
-    )
+    _addrs, params = _asyncpg_parse(kw, kw.pop("dsn"), ssl=kw.pop("ssl", None))
     assert params.sslmode == connect_utils.SSLMode.verify_full
     assert params.ssl.verify_mode == ssl.CERT_REQUIRED and params.ssl.check_hostname
     assert params.ssl.cert_store_stats()["x509_ca"] > 0  # the system's CAs loaded
@@ -206,26 +198,9 @@ def test_libpq_s_percent_encoded_socket_directory_in_the_authority_is_a_unix_soc
     """libpq reads postgresql://%2Fvar%2Frun%2Fpostgresql/db as the Unix socket in that directory;
     SQLAlchemy kept the host encoded and asyncpg looked "%2Fvar%2Frun%2Fpostgresql" up as a host
     name, at the first connect after a start-up that passed."""
-    from asyncpg import connect_utils
 
     got, args = postgres_connect_args(url)
     _, kw = dialect(dbapi=AsyncAdapt_asyncpg_dbapi(asyncpg)).create_connect_args(make_url(got))
-    addrs, params = connect_utils._parse_connect_dsn_and_args(
-        dsn=args.get("dsn"),
-        host=kw.pop("host"),
-        port=kw.pop("port", None),
-        user=kw.pop("user"),
-        password=kw.pop("password"),
-        passfile=None,
-        database=kw.pop("database"),
-        ssl=None,
-        service=None,
-        servicefile=None,
-        direct_tls=None,
-        server_settings=None,
-        target_session_attrs=None,
-        krbsrvname=None,
-        gsslib=None,
-    )
+    addrs, params = _asyncpg_parse(kw, args.get("dsn"))
     assert addrs == [socket]
     assert (params.user, params.database, params.password) == ("app", "wallet", "pw")
