@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ STOP_STAGES = (("gifting", "payout"), ("wallet",), ("nats",))
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _die_with(parent_pid: int) -> None:
+def _die_with(parent_pid: int, prctl: Callable[..., int]) -> None:
     """In a child, between fork and exec: be sent SIGTERM when the process that started it dies.
 
     `run` starts the suite in sessions of their own (a Ctrl-C reaches `run` alone, which stops
@@ -41,9 +42,14 @@ def _die_with(parent_pid: int) -> None:
     the next `run` on another --port-offset would start a second suite on the same store and
     databases. Linux only (prctl); the signal is delivered when the parent's forking thread ends,
     so only a suite started from the main thread asks for it (`SuiteConfig.die_with_parent`).
+
+    SIGTERM is first set back to its default action: until the exec the child keeps `run`'s
+    handler, which only sets a flag, so the SIGTERM sent below, or the death signal arriving before
+    the exec, was caught and the child went on to start a service nobody would stop. `prctl` is
+    resolved in the parent (`Suite._preexec`): nothing is loaded between fork and exec.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the prctl: nobody will signal us
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -145,7 +151,7 @@ class Suite:
     def _preexec(self) -> functools.partial[None] | None:
         if not (self.config.die_with_parent and sys.platform == "linux"):
             return None
-        return functools.partial(_die_with, os.getpid())
+        return functools.partial(_die_with, os.getpid(), ctypes.CDLL(None, use_errno=True).prctl)
 
     def addr(self, svc: str) -> str:
         """host:port of a service's gRPC server."""
