@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -245,6 +246,8 @@ class Consumer(Generic[E]):
         # delivered before the park (JetStream redelivered it while a try was still running) is
         # terminated, not tried and parked a second time.
         self._parked: OrderedDict[int, None] = OrderedDict()
+        # When the durable these sequences are of was made (`_bound_to`).
+        self._durable_created: datetime.datetime | None = None
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
         inbox = tables.inbox
         # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
@@ -295,6 +298,7 @@ class Consumer(Generic[E]):
                             max_ack_pending=self.batch_size_max * 8,
                         ),
                     )
+                    self._bound_to(psub.created)
                     if not self._position_checked:
                         self._position_checked = True
                         await self._check_position()
@@ -340,6 +344,17 @@ class Consumer(Generic[E]):
             # Left subscribed, a pull subscription held the connection's drain at close for its
             # whole 5 s timeout; what it had buffered is nak'ed for the next run.
             await psub.unsubscribe()
+
+    def _bound_to(self, created: datetime.datetime | None) -> None:
+        """Forget what is kept by stream sequence (`_not_counted`, `_parked`) when the durable bound
+        is another one than before (made again: its stream deleted, or NATS back without its
+        store): a stream made again numbers its events from 1 again, and a new event at the
+        sequence of one parked before was terminated as its copy, never applied nor parked."""
+        if created != self._durable_created:
+            if self._durable_created is not None:
+                self._not_counted.clear()
+                self._parked.clear()
+            self._durable_created = created
 
     async def _check_position(self) -> None:
         """Say so, once per process, when the database is behind this durable (`behind`).

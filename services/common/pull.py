@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 from collections import deque
@@ -73,6 +74,9 @@ class Puller:
         self._batch = 1  # the last fetch's batch: what a request asks for
         self._error: BaseException | None = None
         self._wake: asyncio.Future[None] | None = None
+        # When the durable was made (its ConsumerInfo): another time after a bind again means the
+        # durable, and maybe its stream, was made again, its stream sequences counted anew.
+        self.created: datetime.datetime | None = None
 
     @classmethod
     async def open(
@@ -90,12 +94,14 @@ class Puller:
         config.name = durable
         config.durable_name = durable
         try:
-            had = (await js.consumer_info(stream, durable)).config
+            info = await js.consumer_info(stream, durable)
         except NotFoundError:
-            had = None
+            info = None
+        had = info.config if info is not None else None
         if had is None or any(getattr(config, f) not in (None, getattr(had, f)) for f in _KEPT_IN_STEP):
-            await js.add_consumer(stream, config=config)  # creates, or updates the editable fields
+            info = await js.add_consumer(stream, config=config)  # creates, or updates the editable fields
         puller = cls(nc, js, stream, durable)
+        puller.created = info.created
         puller._sub = await nc.subscribe(f"{puller._prefix}.*", cb=puller._on_msg)
         return puller
 

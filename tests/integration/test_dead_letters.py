@@ -45,7 +45,7 @@ from services.common.telemetry import JsonFormatter
 from services.common.timeutil import US_PER_DAY, now_us
 from tests.integration import pg
 from tests.integration.helpers import eventually, expect_error
-from tests.integration.test_outbox_relay import _Harness, _harnesses, _running
+from tests.integration.test_outbox_relay import _Harness, _harnesses, _running, _stream_exists
 
 TOKEN = "dead-letter-test-operator-token"
 OPERATOR = (("authorization", f"Bearer {TOKEN}"), ("x-operator", "test"))
@@ -369,6 +369,30 @@ async def test_an_event_buffered_when_the_consumer_binds_again_is_not_counted_as
         await eventually(lambda: rig.applied(first_id), lambda n: n == 1, 10)  # after its ack_wait
     assert [d.event_id for d in (await rig.parked()).dead_letters] == [behind_id]
     assert len(tries) == 2, tries
+
+
+async def test_an_event_at_the_sequence_of_one_parked_before_its_stream_was_made_again_is_applied(
+    rig: _Rig,
+) -> None:
+    # A stream made again (deleted by hand, a NATS back without its store) numbers its events
+    # from 1 again. The consumer kept the stream sequences of the events it had parked, and
+    # terminated as "a copy of a parked event" the new event that came at one of them: never
+    # applied, never parked.
+    js = rig.h.bus.js
+    assert js is not None
+    (poisoned,) = await rig.h.add_events(1)
+    rig.poison.add(poisoned)
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        parked_at = (await js.stream_info("GIFTING")).state.last_seq
+        assert await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 30) == 1
+        await js.delete_stream("GIFTING")
+        assert await eventually(lambda: _stream_exists(rig.h), bool, 20), "the consumer did not make it again"
+        later = await rig.h.add_events(parked_at)  # the last one at the parked event's sequence
+        await rig.h.relay.relay_once()
+        assert (await js.stream_info("GIFTING")).state.last_seq == parked_at
+        assert await eventually(lambda: rig.applied(later[-1]), lambda n: n == 1, 20) == 1, "terminated unapplied"
+    assert [d.event_id for d in (await rig.parked()).dead_letters] == [poisoned]
 
 
 async def test_the_log_lines_of_a_failing_event_carry_the_trace_it_came_with(rig: _Rig) -> None:

@@ -32,6 +32,8 @@ from services.gifting.storage import common
 class _Timeouts:
     """A puller whose fetches time out, as TimeoutError or a subclass; the last one stops the loop."""
 
+    created = None  # when the durable was made (Puller.created): the same one throughout
+
     def __init__(self, stop: asyncio.Event, fetches: int) -> None:
         self.stop = stop
         self.left = fetches
@@ -214,6 +216,8 @@ async def test_an_event_the_database_keeps_failing_is_naked_with_a_capped_delay_
 
 class _Refusing:
     """A puller whose fetch JetStream refuses (a server shutting down, JetStream off); the second stops the loop."""
+
+    created = None  # when the durable was made (Puller.created): the same one throughout
 
     def __init__(self, stop: asyncio.Event) -> None:
         self.stop = stop
