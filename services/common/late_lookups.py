@@ -19,7 +19,6 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from services.common import provider_calls
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _START = (-1, "")
 
@@ -52,14 +51,22 @@ class Answer(Generic[T]):
     value: T | None = None
 
 
-async def look_up(provider: str, request: Awaitable[T], timeout_s: float, message: str, **context: object) -> Answer[T]:
+async def look_up(
+    provider: str,
+    request: Awaitable[T],
+    timeout_s: float,
+    logger: logging.Logger,
+    message: str,
+    **context: object,
+) -> Answer[T]:
     """Ask `provider` about one late item (its `status` call) within `timeout_s`; a timeout or an
-    error is logged as a warning (`message`, with `context`) and answered `Answer(False)`, for the
-    caller to count and leave for a later round."""
+    error is logged as a warning (`message`, with `context`) under the caller's `logger` (the
+    line's `logger` field stays the service's, as before this module) and answered
+    `Answer(False)`, for the caller to count and leave for a later round."""
     try:
         return Answer(True, await provider_calls.call(provider, "status", request, timeout_s))
     except Exception as exc:  # noqa: BLE001 - logged and counted; the item is asked about again
-        log.warning(
+        logger.warning(
             message,
             extra={**context, "error": repr(exc)},
         )

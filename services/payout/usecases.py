@@ -1564,6 +1564,7 @@ class Payout:
                         row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
                     ),
                     self.settings.provider_timeout_s,
+                    log,
                     "the payout provider could not be asked about a late withdrawal; asked again next round",
                     withdrawal_id=row.withdrawal_id,
                 )

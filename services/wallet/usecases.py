@@ -489,6 +489,7 @@ class Wallet:
             provider.name,
             provider.status(row.purchase_id, row.checkout_session_id, row.amount_minor, row.currency_code),
             self.settings.provider_timeout_s,
+            log,
             "the payment provider could not be asked about a late purchase; asked again next round",
             purchase_id=row.purchase_id,
         )
