@@ -131,6 +131,8 @@ class SuiteConfig:
         }
         if svc == "wallet":
             env[p + "PAYMENT_WEBHOOK_SECRET"] = self.webhook_secret
+            # A dev suite: a checkout left unpaid is paid by the reconciler's look-up (README).
+            env[p + "DEV_PROVIDER_SETTLES_CHECKOUTS"] = "true"
         if svc == "payout":
             env[p + "PAYOUT_WEBHOOK_SECRET"] = self.webhook_secret
             env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"

@@ -31,6 +31,7 @@ async def wire(rt: Runtime) -> Wiring:
         settings.payment_signature_tolerance_s,
         settings.dev_provider_latency_s,
         previous_secret=secret_bytes(settings.payment_webhook_secret_previous),
+        settles_checkouts=settings.dev_provider_settles_checkouts,
     )
     router = PaymentRouter([provider], parse_routes(settings.payment_routes))
     wallet = Wallet(rt.db, rt.outbox, router, settings)

@@ -38,6 +38,10 @@ class WalletSettings(ServiceSettings):
     purchase_reconcile_batch_size_max: int = Field(default=50, ge=1, le=1000)
     # How long the development provider takes to answer, to rehearse a slow provider (0: at once).
     dev_provider_latency_s: float = Field(default=0.0, ge=0, le=3600)
+    # Whether the development provider's look-up reports a checkout it opened as paid (a dev
+    # suite: `livegifts run` sets it). Off, a look-up knows nothing and only a signed callback
+    # credits a purchase; on with real buyers, every checkout left unpaid is credited.
+    dev_provider_settles_checkouts: bool = False
     # Which provider adapter takes each payment method; a method left out is not offered.
     payment_routes: str = "CARD=dev,PAYPAL=dev,APPLE_PAY=dev,GOOGLE_PAY=dev"
     default_region: str = "US"

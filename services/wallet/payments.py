@@ -10,11 +10,13 @@ calls at a real provider, so they are async and the wallet gives each a deadline
 (PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside any transaction. Verifying a
 callback is local (an HMAC) and stays synchronous.
 
-The development provider's look-up: a checkout it opened counts as paid, at the price it was
-opened for, under one event id per purchase (`dev_payment_event_id`), the id `livegifts buy`
-signs its callback with; so a purchase left PENDING (its callback never sent) is credited by the
-wallet's reconciler after PURCHASE_RECONCILE_AFTER_S, and the callback sent after that is a
-duplicate. A checkout it did not open (another session id) is unknown to it: None.
+The development provider's look-up, in a dev suite (DEV_PROVIDER_SETTLES_CHECKOUTS, which
+`livegifts run` turns on): a checkout it opened counts as paid, at the price it was opened for,
+under one event id per purchase (`dev_payment_event_id`), the id `livegifts buy` signs its
+callback with; so a purchase left PENDING (its callback never sent) is credited by the wallet's
+reconciler after PURCHASE_RECONCILE_AFTER_S, and the callback sent after that is a duplicate. A
+checkout it did not open (another session id) is unknown to it: None. Off (the default, and the
+deploy manifests'), every look-up is None: only a signed callback credits a purchase.
 """
 
 from __future__ import annotations
@@ -94,13 +96,24 @@ class DevProvider:
     name = "dev"
 
     def __init__(
-        self, secret: bytes, tolerance_s: int, latency_s: float = 0.0, *, previous_secret: bytes = b""
+        self,
+        secret: bytes,
+        tolerance_s: int,
+        latency_s: float = 0.0,
+        *,
+        previous_secret: bytes = b"",
+        settles_checkouts: bool = False,
     ) -> None:
         self.secret = secret
         # Callbacks verify with the current secret, or the previous one during a rotation.
         self.secrets = (secret, previous_secret) if previous_secret else (secret,)
         self.tolerance_s = tolerance_s
         self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each checkout takes to open
+        # DEV_PROVIDER_SETTLES_CHECKOUTS: whether a look-up reports a checkout it opened as paid
+        # (a dev suite). Off, only a signed callback says money arrived: the manifests deploy this
+        # adapter with a real webhook secret, where a look-up that made up a payment credited
+        # every checkout left unpaid (free coins after PURCHASE_RECONCILE_AFTER_S).
+        self.settles_checkouts = settles_checkouts
 
     async def create_checkout(
         self, purchase_id: str, amount_minor: int, currency_code: str, method: str
@@ -114,11 +127,13 @@ class DevProvider:
     async def status(
         self, purchase_id: str, session_id: str, amount_minor: int, currency_code: str
     ) -> ProviderEvent | None:
-        """A checkout this provider opened counts as paid, at the price it was opened for, under
-        the purchase's one event id (what `livegifts buy` sends too); one it never opened is None."""
+        """With `settles_checkouts` (a dev suite), a checkout this provider opened counts as paid, at
+        the price it was opened for, under the purchase's one event id (what `livegifts buy` sends
+        too); one it never opened is None. Without it every answer is None: this adapter keeps no
+        record of payments, and only a signed callback says the money arrived."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        if session_id != _dev_session_id(purchase_id):
+        if not self.settles_checkouts or session_id != _dev_session_id(purchase_id):
             return None
         return ProviderEvent(
             provider_event_id=dev_payment_event_id(purchase_id),

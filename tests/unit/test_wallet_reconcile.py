@@ -259,7 +259,7 @@ async def test_a_full_batch_of_unpaid_checkouts_does_not_keep_the_reconciler_fro
 
 
 async def test_the_development_provider_reports_a_checkout_it_opened_as_paid_under_the_clis_event_id() -> None:
-    dev = DevProvider(SECRET, 300)
+    dev = DevProvider(SECRET, 300, settles_checkouts=True)  # a dev suite's (`livegifts run`)
     event = await dev.status("p1", "cs_dev_p1", 700, "USD")
     assert event is not None
     assert (event.provider_event_id, event.event_type, event.amount_minor, event.currency_code) == (
@@ -269,6 +269,18 @@ async def test_the_development_provider_reports_a_checkout_it_opened_as_paid_und
         "USD",
     )
     assert await dev.status("p1", "cs_other_p1", 700, "USD") is None  # not a checkout it opened
+
+
+async def test_the_development_provider_as_deployed_makes_up_no_payment() -> None:
+    # The manifests deploy this adapter with a real webhook secret: only a signed callback says
+    # money arrived. A look-up that reported every checkout it opened as paid credited, after
+    # PURCHASE_RECONCILE_AFTER_S, each checkout a buyer opened and never paid: free coins.
+    settings = WalletSettings(
+        database_url="sqlite+aiosqlite://", nats_url="nats://127.0.0.1:1", payment_webhook_secret="s" * 32
+    )
+    dev = DevProvider(SECRET, 300, settles_checkouts=settings.dev_provider_settles_checkouts)
+    assert await dev.status("p1", "cs_dev_p1", 700, "USD") is None
+    assert await DevProvider(SECRET, 300).status("p1", "cs_dev_p1", 700, "USD") is None
 
 
 async def test_the_reconciler_is_off_at_zero(env: tuple[Wallet, StandIn]) -> None:
