@@ -136,6 +136,10 @@ class SuiteConfig:
         if svc == "payout":
             env[p + "PAYOUT_WEBHOOK_SECRET"] = self.webhook_secret
             env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"
+            # A dev suite: the development provider pays each transfer it takes, by its callback
+            # at once (a suite may turn that off and leave it to the reconciler's look-up; README).
+            env[p + "DEV_PROVIDER_SETTLES_PAYOUTS"] = "true"
+            env[p + "DEV_PROVIDER_AUTO_CALLBACK"] = "true"
         if svc == "gifting":
             env[p + "WALLET_ADDR"] = f"127.0.0.1:{self.grpc_ports['wallet']}"
         env.update(self.extra_env.get(svc, {}))

@@ -37,6 +37,7 @@ async def wire(rt: Runtime) -> Wiring:
         settings.dev_provider_auto_callback,
         settings.dev_provider_latency_s,
         previous_secret=secret_bytes(settings.payout_webhook_secret_previous),
+        settles_payouts=settings.dev_provider_settles_payouts,
     )
     # Eligibility (18+, not blocked) asks the wallet, which holds ages, once per RequestWithdrawal
     # with the outgoing deadline; a wallet outage refuses withdrawals (UNAVAILABLE), never credits.

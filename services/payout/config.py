@@ -1,6 +1,6 @@
 """Payout settings, read once from LIVEGIFTS_PAYOUT_* variables."""
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
@@ -21,9 +21,17 @@ class PayoutSettings(ServiceSettings):
     # removed (docs/sre.md "Rotating"); fingerprints and request hashes use the current one only.
     payout_webhook_secret_previous: SecretStr | None = None
     payout_signature_tolerance_s: int = Field(default=300, ge=1, le=3600)
-    # The development provider calls HandlePayoutEvent's use case back itself (PAID, or FAILED
-    # for accounts made to fail); off, callbacks come only from outside (tests, `grpcurl`).
-    dev_provider_auto_callback: bool = True
+    # Whether the development provider settles the transfers it made (a dev suite: `livegifts
+    # run`, docker compose, the integration tests' suites set it): its look-up reports each as
+    # PAID (FAILED for accounts made to fail), so the reconciler applies that after
+    # RECONCILE_AFTER_S. Off, it sends no callback and its look-up knows nothing (the withdrawal
+    # stays PROCESSING): the manifests deploy this adapter with a real webhook secret, where a
+    # transfer it made up consumed creators' diamonds and no cash was sent.
+    dev_provider_settles_payouts: bool = False
+    # With DEV_PROVIDER_SETTLES_PAYOUTS, the development provider also calls HandlePayoutEvent's
+    # use case back itself at once; off, callbacks come only from outside (tests, `grpcurl`) or the
+    # reconciler's look-up. On without it, start-up refuses it (it would settle nothing).
+    dev_provider_auto_callback: bool = False
     # How long the development provider takes to answer each call, to rehearse a slow provider.
     dev_provider_latency_s: float = Field(default=0.0, ge=0, le=3600)
     # Deadline of every call to the payout provider (tokenize, submit, status): AddPayoutMethod
@@ -48,3 +56,12 @@ class PayoutSettings(ServiceSettings):
     clawback_settle_interval_s: float = Field(default=5.0, gt=0, le=3600)
 
     _webhook_secrets = field_validator("payout_webhook_secret", "payout_webhook_secret_previous")(webhook_secret)
+
+    @field_validator("dev_provider_auto_callback")
+    @classmethod
+    def _callbacks_only_where_transfers_settle(cls, on: bool, info: ValidationInfo) -> bool:
+        if on and not info.data.get("dev_provider_settles_payouts"):
+            raise ValueError(
+                "needs DEV_PROVIDER_SETTLES_PAYOUTS (a dev suite): without it the development provider settles nothing"
+            )
+        return on

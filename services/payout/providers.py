@@ -2,9 +2,13 @@
 
 Mirrors the wallet's payment provider. The development provider behaves like a real one: it
 tokenizes an account (the full number never reaches our database), accepts a transfer keyed by
-the withdrawal id (so a repeated submission is harmless) and reports the outcome with a signed
-callback (PAID, or FAILED for accounts made to fail: an e-mail at `fail.invalid`, or a bank
-account ending in 0000), and a look-up of a transfer whose callback is late with the same event.
+the withdrawal id (so a repeated submission is harmless) and, in a dev suite
+(DEV_PROVIDER_SETTLES_PAYOUTS, which `livegifts run`, docker compose and the integration tests'
+suites turn on), reports the outcome (PAID, or FAILED for accounts made to fail: an e-mail at
+`fail.invalid`, or a bank account ending in 0000) to a look-up of a transfer whose callback is
+late, and with DEV_PROVIDER_AUTO_CALLBACK also at once as a signed callback, the same event. Off
+(the default, and the deploy manifests'), it settles nothing: no callback, and every look-up is
+None, so a withdrawal it took stays PROCESSING; it sends no money, so it must not say it did.
 
 Tokenizing, submitting and looking up are network calls at a real provider, so they are async
 and payout gives each a deadline (PROVIDER_TIMEOUT_S, services/common/provider_calls.py) outside
@@ -98,12 +102,18 @@ class DevPayoutProvider:
         latency_s: float = 0.0,
         *,
         previous_secret: bytes = b"",
+        settles_payouts: bool = False,
     ) -> None:
         self.secret = secret
         # Callbacks verify with the current secret, or the previous one during a rotation.
         self.secrets = (secret, previous_secret) if previous_secret else (secret,)
         self.tolerance_s = tolerance_s
-        self.auto_callback = auto_callback
+        # DEV_PROVIDER_SETTLES_PAYOUTS: whether it reports the transfers it made as settled (a dev
+        # suite). Off, it says nothing of them: the manifests deploy this adapter with a real
+        # webhook secret, where a made-up PAID consumed creators' diamonds with no cash sent.
+        self.settles_payouts = settles_payouts
+        # DEV_PROVIDER_AUTO_CALLBACK: it also calls back at once, only where transfers settle.
+        self.auto_callback = auto_callback and settles_payouts
         self.latency_s = latency_s  # DEV_PROVIDER_LATENCY_S: how long each call takes to answer
 
     async def _network(self) -> None:
@@ -129,10 +139,11 @@ class DevPayoutProvider:
     async def status(
         self, provider_ref: str, withdrawal_id: str, token: str, amount_minor: int, currency_code: str
     ) -> tuple[bytes, str] | None:
-        """A transfer this provider made settles at once, as its callback says (even when that
-        callback was never sent: auto_callback off); one it never made is unknown (None)."""
+        """With `settles_payouts` (a dev suite), a transfer this provider made settles at once, as
+        its callback says (even when that callback was never sent: auto_callback off); one it never
+        made is unknown (None). Without it every answer is None: it sent no money."""
         await self._network()
-        if provider_ref != f"po_dev_{withdrawal_id}":
+        if not self.settles_payouts or provider_ref != f"po_dev_{withdrawal_id}":
             return None
         return self._outcome(provider_ref, withdrawal_id, token, amount_minor, currency_code)
 

@@ -226,6 +226,10 @@ def test_the_tests_service_targets_the_composed_services(
     payout_env = environment(services["payout"])
     assert env["LIVEGIFTS_TEST_PAYOUT_WEBHOOK_SECRET"] == payout_env["LIVEGIFTS_PAYOUT_PAYOUT_WEBHOOK_SECRET"]
     assert env["LIVEGIFTS_TEST_TARGET_NATS_URL"] == wallet_env["LIVEGIFTS_WALLET_NATS_URL"]
+    # The suite's withdrawals end PAID or FAILED: compose is a dev suite, its development payout
+    # provider settles each transfer it takes (the default, and the manifests', settles none).
+    payout = load_settings_from("payout", payout_env, monkeypatch)
+    assert payout.dev_provider_settles_payouts and payout.dev_provider_auto_callback
 
 
 @pytest.fixture

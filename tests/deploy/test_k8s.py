@@ -237,6 +237,31 @@ def test_every_setting_a_service_requires_is_set_and_every_name_is_one_it_reads(
         load_settings_from(svc, {k: env.values[k] for k in ours}, monkeypatch, cmd)
 
 
+def test_prod_s_development_providers_make_up_no_money(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dev` is the only provider adapter, deployed with a real webhook secret: where it settled
+    transfers itself, payout marked every withdrawal PAID (diamonds consumed, no cash sent), by
+    its callback at once or the reconciler's look-up; where it settled checkouts, the wallet
+    credited every unpaid one. Only a dev suite (`livegifts run`, compose) turns those on."""
+    objs = objects("prod")
+    flags = {
+        "payout": ("DEV_PROVIDER_AUTO_CALLBACK", "DEV_PROVIDER_SETTLES_PAYOUTS"),
+        "wallet": ("DEV_PROVIDER_SETTLES_CHECKOUTS",),
+    }
+    seen = set()
+    for w, c, svc, cmd in _service_containers(objs):
+        if cmd != "serve" or svc not in flags:
+            continue
+        seen.add(svc)
+        env = resolve_env(c, objs)
+        ours = {k: v for k, v in env.values.items() if k.startswith("LIVEGIFTS_")}
+        named = sorted(set(ours) & {f"LIVEGIFTS_{svc.upper()}_{flag}" for flag in flags[svc]})
+        assert not named, f"{w.name}/{c['name']}: a dev suite's setting in prod: {named}"
+        settings = load_settings_from(svc, ours, monkeypatch, cmd)
+        for flag in flags[svc]:  # and none is on by default
+            assert not getattr(settings, flag.lower()), f"{w.name}: {flag} is on in prod"
+    assert seen == set(flags)
+
+
 def test_the_migrate_init_container_is_given_no_secret_but_its_database_s(overlay: str) -> None:
     """`migrate` reads only MigrationSettings (the database URL, the lock settings, the log): a
     webhook secret given to it is read by nothing and only widens who holds it."""

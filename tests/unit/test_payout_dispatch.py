@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 from sqlalchemy import event, func, select, update
 
 from livegifts.gifting.v1 import events_pb2 as gifting_events
@@ -46,10 +47,11 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "payout" / "migr
 
 
 class RecordingProvider(DevPayoutProvider):
-    """The development provider, no callbacks; runs `on_submit` before answering each submission."""
+    """The development provider as a dev suite has it (its look-up settles the transfers it made),
+    no callbacks; runs `on_submit` before answering each submission."""
 
     def __init__(self) -> None:
-        super().__init__(SECRET, 300, auto_callback=False)
+        super().__init__(SECRET, 300, auto_callback=False, settles_payouts=True)
         self.submitted: list[str] = []
         self.on_submit: list[object] = []
 
@@ -642,6 +644,53 @@ async def test_a_withdrawal_whose_callback_is_late_is_settled_from_the_providers
     assert again.duplicate
     assert (await payout.get_earnings("creator-a")).diamonds_withdrawn == 20_000
     assert await payout.reconcile_once(now=later) == 0  # nothing PROCESSING is left to ask about
+
+
+async def test_the_development_provider_as_deployed_pays_no_withdrawal(tmp_path: Path) -> None:
+    # The manifests deploy this adapter with a real webhook secret and send no money through it:
+    # a transfer it reported settled (its callback at once, or the reconciler's look-up after
+    # RECONCILE_AFTER_S) made the withdrawal PAID, the creator's diamonds consumed, no cash sent.
+    defaults = PayoutSettings(
+        database_url="sqlite+aiosqlite://",
+        nats_url="nats://127.0.0.1:1",
+        wallet_addr="127.0.0.1:1",
+        payout_webhook_secret=SECRET.decode(),
+    )
+    # As payout's wiring built it before DEV_PROVIDER_SETTLES_PAYOUTS: the callback setting alone.
+    token = await DevPayoutProvider(SECRET, 300, False).tokenize("BANK", "DE89370400440532013001")
+    old_wiring = DevPayoutProvider(SECRET, 300, defaults.dev_provider_auto_callback)
+    assert (await old_wiring.submit("wd_1", token, 9_500, "USD")).callback is None
+    assert await old_wiring.status("po_dev_wd_1", "wd_1", token, 9_500, "USD") is None
+    # As it builds it now.
+    assert not defaults.dev_provider_settles_payouts
+    deployed = DevPayoutProvider(
+        SECRET,
+        300,
+        defaults.dev_provider_auto_callback,
+        settles_payouts=defaults.dev_provider_settles_payouts,
+    )
+    submission = await deployed.submit("wd_1", token, 9_500, "USD")
+    assert (submission.provider_ref, submission.callback) == ("po_dev_wd_1", None)  # no callback
+    assert await deployed.status("po_dev_wd_1", "wd_1", token, 9_500, "USD") is None  # not known as paid
+    # Even asked to call back, it settles nothing unless a dev suite says it settles transfers.
+    assert (await DevPayoutProvider(SECRET, 300, True).submit("wd_1", token, 9_500, "USD")).callback is None
+    with pytest.raises(ValidationError, match="dev_provider_auto_callback(.|\n)*DEV_PROVIDER_SETTLES_PAYOUTS"):
+        PayoutSettings(
+            **defaults.model_dump(include={"database_url", "nats_url", "wallet_addr"}),
+            payout_webhook_secret=SECRET.decode(),
+            dev_provider_auto_callback=True,
+        )
+
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        payout.provider = deployed
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        assert await payout.dispatch_once() == 1
+        still = reconciled("still_processing")
+        assert await payout.reconcile_once(now=reconcile_due(payout)) == 0
+        assert reconciled("still_processing") == still + 1
+        assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING  # honestly unknown
+        earnings = await payout.get_earnings("creator-a")
+        assert (earnings.diamonds_held, earnings.diamonds_withdrawn) == (20_000, 0)
 
 
 class SlowProvider(RecordingProvider):
