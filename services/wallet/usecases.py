@@ -1164,9 +1164,9 @@ class Wallet:
     ) -> wallet_pb2.AccountRestrictions:
         """Record age and block status (an operator's or the identity service's word), once per key.
 
-        `operator` is who made the change (the token's x-operator; "" for a caller without the
-        token, which may only record an age or region: the servicer checks), logged with what
-        changed, so T&S can trace every block, unblock and age to someone. The birth date itself
+        `operator` is who made the change (the token's x-operator when the call sent the token,
+        which the servicer checks; "" for an internal caller without it), logged with what
+        changed, so T&S can trace every block, unblock and age sent with a token to someone. The birth date itself
         is not logged (personal data; the users row keeps it), only that it was set.
 
         Only the fields the request sets change: blocking or unblocking a user never clears the

@@ -723,7 +723,7 @@ async def test_bad_input_is_refused_with_a_stable_reason_and_never_internal(clie
 
 async def test_minors_and_blocked_accounts_may_neither_buy_nor_spend(clients, deployment) -> None:  # type: ignore[no-untyped-def]
     w = clients.wallet
-    md = deployment.operator_metadata  # blocking and unblocking are an operator's
+    md = deployment.operator_metadata  # an operator blocks and unblocks here, named in the log
     adult, minor, korean = uid("adult"), uid("minor"), uid("kr")
     await buy_coins(w, deployment.webhook_secret, adult)
     await w.SetAccountRestrictions(
@@ -754,7 +754,7 @@ async def test_blocking_and_unblocking_keeps_the_age_and_recording_an_age_keeps_
     clients, deployment
 ) -> None:
     w = clients.wallet
-    md = deployment.operator_metadata  # blocking and unblocking are an operator's
+    md = deployment.operator_metadata  # an operator blocks and unblocks here, named in the log
 
     async def restrictions(user: str) -> wallet_pb2.AccountRestrictions:
         return await w.GetAccountRestrictions(wallet_pb2.GetAccountRestrictionsRequest(user_id=user))
@@ -822,7 +822,7 @@ async def test_a_retried_restriction_answers_as_its_first_call_and_never_undoes_
     clients, deployment
 ) -> None:
     w = clients.wallet
-    md = deployment.operator_metadata  # blocking and unblocking are an operator's
+    md = deployment.operator_metadata  # an operator blocks and unblocks here, named in the log
     user = uid("viewer")
     block = wallet_pb2.SetAccountRestrictionsRequest(user_id=user, blocked=True, idempotency_key=uid("r"))
     blocked = await w.SetAccountRestrictions(block, metadata=md)
@@ -840,7 +840,7 @@ async def test_a_restriction_key_reused_for_another_request_is_refused_and_chang
     clients, deployment
 ) -> None:
     w = clients.wallet
-    md = deployment.operator_metadata  # blocking and unblocking are an operator's
+    md = deployment.operator_metadata  # an operator blocks and unblocks here, named in the log
     user = uid("viewer")
     key = uid("r")
     first = await w.SetAccountRestrictions(
