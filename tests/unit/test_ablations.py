@@ -43,7 +43,7 @@ def test_every_patch_applies_on_top_of_the_ones_before(tmp_path: Path) -> None:
 # against services/common/consumers.py: app.serve refuses to start a service whose subscriptions
 # differ from its entry there, and a patch that applies can still leave its level unable to start.
 _WIRING_CHECK = """
-import asyncio, importlib, os, sys, tempfile
+import asyncio, importlib, os, sys
 from pathlib import Path
 
 import services
@@ -58,7 +58,7 @@ from services.common.outbox import Outbox
 assert services.__file__.startswith(sys.argv[1]), services.__file__
 
 async def main() -> None:
-    config = SuiteConfig(var_dir=Path(tempfile.mkdtemp()))
+    config = SuiteConfig(var_dir=Path.cwd() / "var")  # the test's tmp_path: nothing left in /tmp
     for svc in ("wallet", "gifting", "payout"):
         os.environ.update(config.env_for(svc))
         spec = importlib.import_module(f"services.{svc}.__main__").SPEC
