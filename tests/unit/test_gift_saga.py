@@ -292,6 +292,31 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"  # the scripted wallet's answer
 
 
+def recipient_blocked() -> grpc.aio.AioRpcError:
+    """The wallet's refusal of a Spend whose recipient it has blocked: ACCOUNT_BLOCKED, role=recipient."""
+    status = _rich_status(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the recipient's account is blocked",
+        "ACCOUNT_BLOCKED",
+        "livegifts.wallet",
+        {"role": "recipient"},
+    )
+    return grpc.aio.AioRpcError(
+        status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
+    )
+
+
+def recipient_blocked_item() -> wallet_pb2.SpendItemError:
+    """The same refusal as a SpendMany item's error, settled."""
+    return wallet_pb2.SpendItemError(
+        code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        reason="ACCOUNT_BLOCKED",
+        message="the recipient's account is blocked",
+        settled=True,
+        metadata={"role": "recipient"},
+    )
+
+
 class BlockingWallet(ScriptedWallet):
     """The wallet's answer to a spend whose recipient it has blocked since gifting's pre-check cached them:
     ACCOUNT_BLOCKED with role=recipient, settled in SpendMany, refused (and then cancelled) in Spend."""
@@ -300,25 +325,10 @@ class BlockingWallet(ScriptedWallet):
         super().__init__(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED, settles=True)
 
     async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        status = _rich_status(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "the recipient's account is blocked",
-            "ACCOUNT_BLOCKED",
-            "livegifts.wallet",
-            {"role": "recipient"},
-        )
-        raise grpc.aio.AioRpcError(
-            status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
-        )
+        raise recipient_blocked()
 
     async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        error = wallet_pb2.SpendItemError(
-            code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-            reason="ACCOUNT_BLOCKED",
-            message="the recipient's account is blocked",
-            settled=True,
-            metadata={"role": "recipient"},
-        )
+        error = recipient_blocked_item()
         return wallet_pb2.SpendManyResponse(results=[wallet_pb2.SpendManyResult(error=error) for _ in req.spends])
 
 

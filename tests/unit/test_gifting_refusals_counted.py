@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -23,12 +22,12 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
 from services.common.errors import DomainError
-from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common
 from services.gifting.usecases import Gifting
+from tests.unit.test_gift_saga import recipient_blocked, recipient_blocked_item
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 METRIC = "livegifts_gifts_refused_total"
@@ -72,30 +71,14 @@ class FakeWallet:
 
     async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         if req.recipient_user_id in self.refuses_recipient:
-            status = _rich_status(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the recipient's account is blocked",
-                "ACCOUNT_BLOCKED",
-                "livegifts.wallet",
-                {"role": "recipient"},
-            )
-            raise grpc.aio.AioRpcError(
-                status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
-            )
+            raise recipient_blocked()
         return wallet_pb2.SpendResponse(spend_id=f"s-{req.idempotency_key}", amount=req.amount, balance_after=100)
 
     async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
         results = []
         for s in req.spends:
             if s.recipient_user_id in self.refuses_recipient:
-                error = wallet_pb2.SpendItemError(
-                    code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                    reason="ACCOUNT_BLOCKED",
-                    message="the recipient's account is blocked",
-                    settled=True,
-                    metadata={"role": "recipient"},
-                )
-                results.append(wallet_pb2.SpendManyResult(error=error))
+                results.append(wallet_pb2.SpendManyResult(error=recipient_blocked_item()))
             else:
                 results.append(wallet_pb2.SpendManyResult(spent=await self.Spend(s)))
         return wallet_pb2.SpendManyResponse(results=results)
