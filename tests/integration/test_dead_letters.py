@@ -279,6 +279,26 @@ async def test_a_batch_slower_than_the_ack_wait_is_not_delivered_again_while_it_
     assert sorted(deliveries) == [(1, 1), (2, 1)], deliveries
 
 
+async def _park_a_slow_failing_event(rig: _Rig) -> tuple[str, list[float]]:
+    """One event whose every try waits 2.5 s (two and a half ack waits of 1 s) and then fails,
+    consumed until it is parked and 4 s more (time for a second parking to show): its id and
+    when each try started."""
+    (event_id,) = await rig.h.add_events(1)
+    tries: list[float] = []
+
+    async def slow_then_fails(uow: UnitOfWork) -> None:
+        tries.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(2.5)
+        raise RuntimeError("a row this event needs is missing")
+
+    rig.effects[event_id] = slow_then_fails
+    async with _running(rig.consumer.run):
+        await rig.h.relay.relay_once()
+        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
+        await asyncio.sleep(4)
+    return event_id, tries
+
+
 async def test_a_slow_failing_event_is_parked_once_after_max_deliver_failures_of_its_own(
     rig: _Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -286,19 +306,7 @@ async def test_a_slow_failing_event_is_parked_once_after_max_deliver_failures_of
     # delivery count, which counts towards parking: the event was parked before it had failed
     # CONSUMER_MAX_DELIVER (2 here) times, and the copies buffered meanwhile were parked again.
     monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
-    (event_id,) = await rig.h.add_events(1)
-    tries: list[float] = []
-
-    async def slow_then_fails(uow: UnitOfWork) -> None:
-        tries.append(asyncio.get_running_loop().time())
-        await asyncio.sleep(2.5)  # a lock wait of two and a half ack waits
-        raise RuntimeError("a row this event needs is missing")
-
-    rig.effects[event_id] = slow_then_fails
-    async with _running(rig.consumer.run):
-        await rig.h.relay.relay_once()
-        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
-        await asyncio.sleep(4)  # time for a second parking to show
+    event_id, tries = await _park_a_slow_failing_event(rig)
     assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
     assert len(tries) == 2, tries
 
@@ -312,19 +320,7 @@ async def test_copies_redelivered_past_the_in_progress_bound_are_neither_counted
     monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
     monkeypatch.setattr(inbox_module, "IN_PROGRESS_STATEMENT_TIMEOUTS_MAX", 0)
     deliveries = _record_deliveries(monkeypatch)
-    (event_id,) = await rig.h.add_events(1)
-    tries: list[float] = []
-
-    async def slow_then_fails(uow: UnitOfWork) -> None:
-        tries.append(asyncio.get_running_loop().time())
-        await asyncio.sleep(2.5)
-        raise RuntimeError("a row this event needs is missing")
-
-    rig.effects[event_id] = slow_then_fails
-    async with _running(rig.consumer.run):
-        await rig.h.relay.relay_once()
-        await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
-        await asyncio.sleep(4)  # time for a second parking to show
+    event_id, tries = await _park_a_slow_failing_event(rig)
     assert [d.event_id for d in (await rig.parked()).dead_letters] == [event_id]
     assert len(tries) == 2, tries  # CONSUMER_MAX_DELIVER, though JetStream delivered it more often
     assert len(deliveries) > 2, deliveries
