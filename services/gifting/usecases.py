@@ -123,6 +123,9 @@ REFUSALS: dict[str, tuple[str, ...]] = {
     "ACCOUNT_BLOCKED": ("sender", "creator"),
     "UNDERAGE": ("sender", "creator"),
 }
+for _reason, _roles in REFUSALS.items():
+    for _role in _roles:
+        GIFTS_REFUSED.labels(_reason, _role)  # at 0 from the start: a series first seen at 1 shows no increase
 # The `scope` of IDEMPOTENCY_KEY_REUSED for the one key space (gift_events) that SendGift, SendTip,
 # UnlockContent and SendGifts items share, as the other RPCs name theirs (idempotency.lookup).
 GIFT_KEY_SCOPE = "SendGift"
@@ -239,9 +242,6 @@ class Gifting:
         self._background: set[asyncio.Task[None]] = set()
         self._stream_creators: dict[str, str] = {}  # stream id -> creator id (never changes)
         self._content_creators: dict[str, str] = {}  # content id -> creator id (never changes)
-        for reason, roles in REFUSALS.items():
-            for role in roles:
-                GIFTS_REFUSED.labels(reason, role)  # at 0 from the start: a series first seen at 1 shows no increase
 
     # ---- catalog and streams -------------------------------------------------------------
 
@@ -1280,14 +1280,16 @@ class Gifting:
                 .where(gift_events.c.event_id == event_id, gift_events.c.status == GiftStatus.PENDING.value)
                 .values(status=GiftStatus.SENT.value, sender_balance_after=balance_after, updated_at_us=ts)
             )
-            row = (await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == event_id))).one()
+            row = (
+                (await uow.conn.execute(select(gift_events).where(gift_events.c.event_id == event_id))).one()._asdict()
+            )
             if changed.rowcount == 1:
-                await self.outbox.add(uow, GIFT_SENT_SUBJECT, event_id, _gift_sent_event(row._asdict()))
+                await self.outbox.add(uow, GIFT_SENT_SUBJECT, event_id, _gift_sent_event(row))
                 await uow.commit()
-        broken = _not_sent(row._asdict())
+        broken = _not_sent(row)
         if broken is not None:
             raise broken
-        return row._asdict()
+        return row
 
     async def _cancel(self, event_id: str, reason: str) -> None:
         """PENDING -> CANCELLED; frees an unlock's claim. The gift keeps its key: a retry of the same
