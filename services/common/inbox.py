@@ -228,11 +228,8 @@ class Consumer(Generic[E]):
         self.fetch_timeout_s = settings.consumer_fetch_timeout_s
         self.max_deliver = settings.consumer_max_deliver
         self.linger_s = settings.consumer_linger_s
-        # Set when the durable is bound (ACK_WAIT_S is read then); see `_InProgress`.
-        self._ack_wait_s: float = ACK_WAIT_S
         self._puller: Puller | None = None
-        self._statement_timeout_s = settings.db_statement_timeout_s
-        self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s
+        self._statement_timeout_s = settings.db_statement_timeout_s  # bounds `_InProgress`
         # Stream sequence -> deliveries of that event that failed for no fault of its own (see
         # `_not_the_events_fault`): JetStream's num_delivered counts every delivery, so the
         # event's own failures are num_delivered less these. Entries go when the event is acked
@@ -279,8 +276,6 @@ class Consumer(Generic[E]):
             try:
                 if psub is None:
                     check(self.bus.nc is not None and self.bus.js is not None, "the bus is connected")
-                    self._ack_wait_s = ACK_WAIT_S
-                    self._hold_s_max = IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s
                     psub = self._puller = await Puller.open(
                         self.bus.nc,  # type: ignore[arg-type]
                         self.bus.js,  # type: ignore[arg-type]
@@ -290,7 +285,7 @@ class Consumer(Generic[E]):
                         config=ConsumerConfig(
                             ack_policy=AckPolicy.EXPLICIT,
                             deliver_policy=DeliverPolicy.ALL,
-                            ack_wait=self._ack_wait_s,
+                            ack_wait=ACK_WAIT_S,
                             # Unlimited: we park it ourselves at max_deliver. A limit of ours + 1 left
                             # one more delivery to park on; when the database refused both (an
                             # outage), the server stopped delivering: neither applied nor parked.
@@ -471,7 +466,12 @@ class Consumer(Generic[E]):
     async def process(self, msgs: list[Msg]) -> None:
         """Apply a fetched batch; falls back to one message at a time when the batch fails."""
         CONSUMER_BATCH.labels(self.sub.durable).observe(len(msgs))
-        in_progress = _InProgress(msgs, self._puller, self._ack_wait_s / IN_PROGRESS_PER_ACK_WAIT, self._hold_s_max)
+        in_progress = _InProgress(
+            msgs,
+            self._puller,
+            ACK_WAIT_S / IN_PROGRESS_PER_ACK_WAIT,
+            IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s,
+        )
         try:
             await self._process(msgs)
         finally:
