@@ -219,6 +219,8 @@ class Bus:
 
     async def _on_api_audit(self, msg: Msg) -> None:
         """Report a purge of one of our streams, or a message deleted from one, that succeeded."""
+        if not any(api.encode() in msg.data for api in REMOVAL_APIS):
+            return  # every other API call of the account (stream and consumer info, get_msg): not parsed
         try:
             audit = json.loads(msg.data)
             subject = str(audit.get("subject", ""))
