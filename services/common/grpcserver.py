@@ -152,6 +152,13 @@ def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, 
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
+def internal_error() -> tuple[str, dict[str, str]]:
+    """The message and ErrorInfo metadata of an INTERNAL answer: the trace id to quote, if any
+    (the error interceptor's, and a SendGifts item's that failed alone)."""
+    trace_id = current_trace_id()
+    return (f"internal error (trace {trace_id})" if trace_id else "internal error"), {"trace_id": trace_id}
+
+
 def _is_serialization_failure(exc: BaseException) -> bool:
     return sqlstate(exc) in ("40001", "40P01")
 
@@ -242,15 +249,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self.domain,
                 {},
             )
-        trace_id = current_trace_id()
         log.exception("unexpected error")
-        return _rich_status(
-            grpc.StatusCode.INTERNAL,
-            f"internal error (trace {trace_id})" if trace_id else "internal error",
-            "INTERNAL",
-            self.domain,
-            {"trace_id": trace_id},
-        )
+        message, metadata = internal_error()
+        return _rich_status(grpc.StatusCode.INTERNAL, message, "INTERNAL", self.domain, metadata)
 
     @contextlib.asynccontextmanager
     async def _answering(self, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

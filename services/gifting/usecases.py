@@ -52,12 +52,13 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
+from services.common.grpcserver import internal_error
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
 from services.common.loops import run_every
 from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
-from services.common.telemetry import background_span, current_trace_id
+from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -636,15 +637,15 @@ class Gifting:
             if isinstance(r, InvariantViolation):
                 # The INTERNAL the error interceptor answers SendGift with, for this item only (the
                 # others stand), and logged as it logs one.
-                trace_id = current_trace_id()
                 log.error("unexpected error in a SendGifts item", exc_info=r)
+                message, metadata = internal_error()
                 results.append(
                     gifting_pb2.SendGiftResult(
                         error=gifting_pb2.ItemError(
                             code=grpc.StatusCode.INTERNAL.value[0],
                             reason="INTERNAL",
-                            message=f"internal error (trace {trace_id})" if trace_id else "internal error",
-                            metadata={"trace_id": trace_id},
+                            message=message,
+                            metadata=metadata,
                         )
                     )
                 )
