@@ -446,6 +446,7 @@ class SpendBatch:
             u: {p: domain.effective_limit([st for q, st in states.get(u, []) if q is p], now) for p in PERIODS}
             for u in senders
         }
+        tightest_caps = {u: domain.tightest_cap(caps[u]) for u in senders}  # per sender, not per item
         today = domain.utc_date(now)
         out: dict[str, Outcome] = {}
         done: list[tuple[_Item, int]] = []
@@ -456,7 +457,7 @@ class SpendBatch:
                 self._check_sender(restrictions.get(user), today, named=bool(it.req.recipient_user_id))
                 if it.req.recipient_user_id:
                     self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
-                tightest = domain.tightest_cap(caps[user])
+                tightest = tightest_caps[user]
                 if tightest is not None and amount > tightest[1]:
                     # This spend alone passes a cap: it fits in no period, so no reset time is
                     # named (waiting does not help; a smaller spend, or a higher limit, does).
