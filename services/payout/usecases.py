@@ -2350,6 +2350,12 @@ class Payout:
                         func.coalesce(func.sum(c.diamonds_clawed_back), 0),
                         func.coalesce(func.sum(c.clawed_units), 0),
                         func.coalesce(func.sum(c.clawed_units % BP_DENOMINATOR), 0),
+                        # Creators overdrawn: a balance goes below zero by clawbacks only (a
+                        # withdrawal holds only what is available), never by held + withdrawn.
+                        func.coalesce(
+                            func.sum(case((c.diamonds_held + c.diamonds_withdrawn > c.diamonds_credited, 1), else_=0)),
+                            0,
+                        ),
                     )
                 )
             ).one()
@@ -2390,12 +2396,6 @@ class Payout:
             # What reversals still owe (with the entries and the earnings' coins clawed back, the
             # reversals consumed in coins, to tie out with the wallet's claims).
             owed = (await uow.conn.execute(open_shortfalls_select())).scalar_one()
-            # A balance goes below zero by clawbacks only: a withdrawal holds only what is available.
-            overdrawn = (
-                await uow.conn.execute(
-                    select(func.count()).where(c.diamonds_held + c.diamonds_withdrawn > c.diamonds_credited)
-                )
-            ).scalar_one()
             e = earnings.c
             units_mismatch = (
                 await uow.conn.execute(select(func.count()).where(e.units != e.coins * e.share_bp))
@@ -2437,7 +2437,7 @@ class Payout:
             coins_in_open_shortfalls=int(owed),
             earnings_coins_clawed_back=int(earnings_clawed),
             units_in_clawback_entries=int(clawed_entry_units),
-            creators_overdrawn=int(overdrawn),
+            creators_overdrawn=int(totals[10]),
             earnings_units_mismatch=int(units_mismatch),
             earnings_unknown_share=int(unknown_share),
             dead_letters=int(parked),
