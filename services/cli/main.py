@@ -803,8 +803,9 @@ def withdrawals(
         raise typer.Exit(2)
     if not creator:
         status = status or "PENDING_REVIEW"
-    # Another creator's withdrawals need the operator token; one creator's are theirs to read.
-    metadata = () if creator else _operator(operator_token, var)
+    # Another creator's withdrawals need the operator token; one creator's are theirs to read,
+    # with the reviewers' names when a token is given (without one each shows as "operator").
+    metadata = _operator(operator_token, var) if operator_token or not creator else ()
     request = payout_pb2.ListWithdrawalsRequest(
         creator_id=creator,
         status=payout_pb2.WithdrawalStatus.Value(f"WITHDRAWAL_STATUS_{status}") if status else 0,

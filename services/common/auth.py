@@ -63,6 +63,16 @@ class OperatorAuth:
         md = dict(context.invocation_metadata() or ())
         return self.require(context) if "authorization" in md else ""
 
+    def is_operator(self, context: Any) -> bool:
+        """Whether the call carries a valid operator token, for reads that show operators more than
+        others: never a refusal (a client's own bearer token, forwarded by a gateway, only means
+        "not an operator"), so a read every caller may make stays open to every caller."""
+        try:
+            self.require(context)
+        except (Unauthenticated, PermissionDenied):
+            return False
+        return True
+
 
 def operator_name(header: str) -> str:
     """Who the x-operator header names, as the audit columns and logs keep it.

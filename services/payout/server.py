@@ -25,8 +25,8 @@ class PayoutServicer(payout_pb2_grpc.PayoutServiceServicer):
         return await self.p.list_earnings(request)
 
     async def GetPolicy(self, request: payout_pb2.GetPolicyRequest, context: Any) -> Any:
-        """The policy in force."""
-        return await self.p.get_policy()
+        """The policy in force (who changed it by name only with the operator token)."""
+        return await self.p.get_policy(operator_view=self.auth.is_operator(context))
 
     async def SetPolicy(self, request: payout_pb2.SetPolicyRequest, context: Any) -> Any:
         """A new policy version (operator)."""
@@ -61,14 +61,15 @@ class PayoutServicer(payout_pb2_grpc.PayoutServiceServicer):
         return await self.p.handle_payout_event(request)
 
     async def GetWithdrawal(self, request: payout_pb2.GetWithdrawalRequest, context: Any) -> Any:
-        """One withdrawal."""
-        return await self.p.get_withdrawal(request.withdrawal_id)
+        """One withdrawal (its reviewer by name only with the operator token)."""
+        return await self.p.get_withdrawal(request.withdrawal_id, operator_view=self.auth.is_operator(context))
 
     async def ListWithdrawals(self, request: payout_pb2.ListWithdrawalsRequest, context: Any) -> Any:
         """A creator's withdrawals, newest first; every creator's (operator), oldest first."""
         if not request.creator_id:  # the review queue: other creators' withdrawals
             self.auth.require(context)
-        return await self.p.list_withdrawals(request)
+            return await self.p.list_withdrawals(request, operator_view=True)
+        return await self.p.list_withdrawals(request, operator_view=self.auth.is_operator(context))
 
     async def GetStatement(self, request: payout_pb2.GetStatementRequest, context: Any) -> Any:
         """Earnings and payouts by month."""

@@ -354,9 +354,26 @@ async def _method_verified(uow: UnitOfWork, method_id: str, *, lock: bool = Fals
     return not holds
 
 
-def _withdrawal_pb(r: Any, hold: str = "") -> payout_pb2.Withdrawal:
+# What reviewed_by and changed_by hold that names no person: an automatic approval, the policy
+# the first migration wrote, none yet. Any other value is an operator's x-operator header.
+_NOT_A_PERSON = frozenset({"", "auto", "migration"})
+# What a caller without the operator token reads in place of an operator's name.
+OPERATOR_SHOWN = "operator"
+
+
+def _reviewer(name: str, operator_view: bool) -> str:
+    """An operator's name as a caller may read it: the name for a call made with the operator
+    token, "operator" for anyone else (a creator reading their withdrawals, the payout provider's
+    callback answer, a client reading the policy). The name (often an e-mail or a person's
+    login) is staff's personal data; a creator learned who rejected their payout. The row and the
+    log keep it for the audit trail."""
+    return name if operator_view or name in _NOT_A_PERSON else OPERATOR_SHOWN
+
+
+def _withdrawal_pb(r: Any, hold: str = "", *, operator_view: bool = False) -> payout_pb2.Withdrawal:
     """The withdrawal's message; `hold` (`_HOLD`: why it would wait) is shown only while it is APPROVED,
-    waiting for the dispatcher."""
+    waiting for the dispatcher; the reviewer's name only to a call made with the operator token
+    (`_reviewer`)."""
     return payout_pb2.Withdrawal(
         withdrawal_id=r.withdrawal_id,
         creator_id=r.creator_id,
@@ -367,7 +384,7 @@ def _withdrawal_pb(r: Any, hold: str = "") -> payout_pb2.Withdrawal:
         net=_money(r.currency_code, r.net_minor),
         status=_STATUS_PB[WithdrawalStatus(r.status)],
         policy_version=r.policy_version,
-        reviewed_by=r.reviewed_by,
+        reviewed_by=_reviewer(r.reviewed_by, operator_view),
         failure_reason=r.failure_reason,
         provider_ref=r.provider_ref,
         requested_at=to_timestamp(r.requested_at_us),
@@ -702,20 +719,20 @@ class Payout:
     # ---- policy --------------------------------------------------------------------------
 
     @staticmethod
-    def _policy_pb(p: PolicyRow) -> payout_pb2.Policy:
+    def _policy_pb(p: PolicyRow, *, operator_view: bool = False) -> payout_pb2.Policy:
         return payout_pb2.Policy(
             version=p.version,
             creator_share_bp=p.creator_share_bp,
             fee_bp=p.fee_bp,
             currencies=[payout_pb2.CurrencyTerms(**asdict(t)) for t in p.terms],
-            changed_by=p.changed_by,
+            changed_by=_reviewer(p.changed_by, operator_view),
             changed_at=to_timestamp(p.changed_at_us),
         )
 
-    async def get_policy(self) -> payout_pb2.Policy:
-        """The policy in force."""
+    async def get_policy(self, *, operator_view: bool = False) -> payout_pb2.Policy:
+        """The policy in force; who changed it by name only for `operator_view` (`_reviewer`)."""
         async with self.db.unit_of_work(readonly=True) as uow:
-            return self._policy_pb(await self._policy_row(uow))
+            return self._policy_pb(await self._policy_row(uow), operator_view=operator_view)
 
     @answers_retry(common.idempotency, "SetPolicy", payout_pb2.Policy)
     async def set_policy(
@@ -754,7 +771,7 @@ class Payout:
             # After the commit: a change rolled back (a concurrent first call with this key won,
             # PostgreSQL) left a trail line for a version that never was.
             uow.after_commit(lambda: log.info("policy changed", extra={"version": row.version, "operator": operator}))
-            return self._policy_pb(row)
+            return self._policy_pb(row, operator_view=True)  # SetPolicy is an operator RPC
 
         return await idem.run(work)
 
@@ -1207,7 +1224,8 @@ class Payout:
             # (with the trace id) is the log, as for every other operator change.
             fields = {"operator": operator, "withdrawal_id": row.withdrawal_id, "creator_id": row.creator_id}
             uow.after_commit(lambda: log.info("withdrawal approved by an operator", extra=fields))
-            return _withdrawal_pb(moved, row.hold)  # the wallet's word may hold it
+            # The wallet's word may hold it; ApproveWithdrawal is an operator RPC.
+            return _withdrawal_pb(moved, row.hold, operator_view=True)
 
         return await idem.run(work)
 
@@ -1233,21 +1251,23 @@ class Payout:
             )
             fields = {"operator": operator, "withdrawal_id": row.withdrawal_id, "creator_id": row.creator_id}
             uow.after_commit(lambda: log.info("withdrawal rejected by an operator", extra=fields))
-            return _withdrawal_pb(moved)
+            return _withdrawal_pb(moved, operator_view=True)  # RejectWithdrawal is an operator RPC
 
         return await idem.run(work)
 
-    async def get_withdrawal(self, withdrawal_id: str) -> payout_pb2.Withdrawal:
-        """One withdrawal."""
+    async def get_withdrawal(self, withdrawal_id: str, *, operator_view: bool = False) -> payout_pb2.Withdrawal:
+        """One withdrawal; its reviewer by name only for `operator_view` (`_reviewer`)."""
         require_id(withdrawal_id, "withdrawal_id")
         async with self.db.unit_of_work(readonly=True) as uow:
             row = await self._load_withdrawal(uow, withdrawal_id, with_hold=True)
-            return _withdrawal_pb(row, row.hold)
+            return _withdrawal_pb(row, row.hold, operator_view=operator_view)
 
-    async def list_withdrawals(self, req: payout_pb2.ListWithdrawalsRequest) -> payout_pb2.ListWithdrawalsResponse:
+    async def list_withdrawals(
+        self, req: payout_pb2.ListWithdrawalsRequest, *, operator_view: bool = False
+    ) -> payout_pb2.ListWithdrawalsResponse:
         """A creator's withdrawals, newest first; or, without creator_id, every creator's in one
         status, oldest requested first (an operator's review queue: the servicer checks the token).
-        Keyset-paginated.
+        Keyset-paginated. Reviewers by name only for `operator_view` (`_reviewer`).
 
         Oldest first across creators: the withdrawal waiting longest is the one to review first,
         and rows requested meanwhile join the end of the queue instead of shifting its pages. A
@@ -1280,7 +1300,8 @@ class Payout:
             joined=_WITH_HOLD,  # each row's hold in the page's one query, not a read per row
         )
         return payout_pb2.ListWithdrawalsResponse(
-            withdrawals=[_withdrawal_pb(r, r.hold) for r in rows], next_page_token=token
+            withdrawals=[_withdrawal_pb(r, r.hold, operator_view=operator_view) for r in rows],
+            next_page_token=token,
         )
 
     # ---- payout provider -------------------------------------------------------------------

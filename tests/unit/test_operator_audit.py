@@ -18,6 +18,7 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import errors
 from services.common.auth import OperatorAuth
+from services.payout.server import PayoutServicer
 from services.payout.usecases import Payout
 from services.wallet.server import WalletServicer
 from services.wallet.usecases import Wallet
@@ -111,6 +112,43 @@ async def test_approving_and_rejecting_a_withdrawal_are_logged_with_the_operator
         ("withdrawal approved by an operator", "fin-bob", approved.withdrawal_id),
         ("withdrawal rejected by an operator", "fin-eve", rejected.withdrawal_id),
     ]
+
+
+async def test_an_operators_name_is_read_only_with_the_operator_token(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+) -> None:
+    # A withdrawal's reviewed_by and the policy's changed_by hold the x-operator header (a
+    # person's login or e-mail), and GetWithdrawal, a creator's ListWithdrawals and GetPolicy
+    # need no token: a creator learned by name who rejected their payout, and any client who
+    # last changed the policy. Operators still read the name; the row and the log keep it.
+    payout: Payout = setup[0]
+    servicer = PayoutServicer(payout, OperatorAuth(SecretStr(TOKEN)))
+    op = Ctx(("authorization", f"Bearer {TOKEN}"), ("x-operator", "fin-bob@corp.example"))
+    wd = await reviewed_withdrawal(payout, "creator-r")
+    reject = payout_pb2.RejectWithdrawalRequest(withdrawal_id=wd.withdrawal_id, reason="docs", idempotency_key="r")
+    assert (await servicer.RejectWithdrawal(reject, op)).reviewed_by == "fin-bob@corp.example"
+    get = payout_pb2.GetWithdrawalRequest(withdrawal_id=wd.withdrawal_id)
+    mine = payout_pb2.ListWithdrawalsRequest(creator_id="creator-r")
+    # A client's own bearer token (a gateway forwarding the user's) is no operator's, and no refusal.
+    for caller in (Ctx(), Ctx(("authorization", "Bearer the-creators-own-jwt"))):
+        assert (await servicer.GetWithdrawal(get, caller)).reviewed_by == "operator"
+        assert [w.reviewed_by for w in (await servicer.ListWithdrawals(mine, caller)).withdrawals] == ["operator"]
+    assert (await servicer.GetWithdrawal(get, op)).reviewed_by == "fin-bob@corp.example"
+    assert [w.reviewed_by for w in (await servicer.ListWithdrawals(mine, op)).withdrawals] == ["fin-bob@corp.example"]
+    queue = payout_pb2.ListWithdrawalsRequest(status=payout_pb2.WITHDRAWAL_STATUS_REJECTED)
+    assert [w.reviewed_by for w in (await servicer.ListWithdrawals(queue, op)).withdrawals] == ["fin-bob@corp.example"]
+
+    assert (await servicer.GetPolicy(payout_pb2.GetPolicyRequest(), Ctx())).changed_by == "migration"  # no person
+    policy = await payout.get_policy()
+    change = payout_pb2.SetPolicyRequest(
+        creator_share_bp=policy.creator_share_bp,
+        fee_bp=policy.fee_bp,
+        currencies=policy.currencies,
+        idempotency_key="p",
+    )
+    assert (await servicer.SetPolicy(change, op)).changed_by == "fin-bob@corp.example"
+    assert (await servicer.GetPolicy(payout_pb2.GetPolicyRequest(), Ctx())).changed_by == "operator"
+    assert (await servicer.GetPolicy(payout_pb2.GetPolicyRequest(), op)).changed_by == "fin-bob@corp.example"
 
 
 def test_during_a_rotation_the_previous_operator_token_is_accepted_and_its_use_logged(
