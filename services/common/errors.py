@@ -38,6 +38,15 @@ class DomainError(Exception):
         self.metadata = {k: printable(str(v)[:ERROR_METADATA_VALUE_CHARS_MAX]) for k, v in metadata.items()}
 
 
+def shown(exc: BaseException) -> str:
+    """An error as an operator's RPC, a dead letter or a span may show it: a domain error's reason
+    and message (written for callers), otherwise the class name only; the driver's text (SQL,
+    constraint names, bound values: tokens, birth dates, tips' messages) stays in the log."""
+    if isinstance(exc, DomainError):
+        return f"{type(exc).__name__} {exc.reason}: {exc.message}"
+    return type(exc).__name__
+
+
 class InvalidArgument(DomainError):
     """The request is malformed: a field is missing, out of range or of the wrong shape."""
 

@@ -41,7 +41,7 @@ from services.common import faults
 from services.common.bus import Bus, described, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import DomainError, check, is_text
+from services.common.errors import DomainError, check, is_text, shown
 from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import (
@@ -56,7 +56,7 @@ from services.common.pruning import AgePruner
 from services.common.pull import Puller
 from services.common.sql import bulk_insert_new, one_of
 from services.common.tables import CommonTables
-from services.common.telemetry import extract_context, recording, remote_context
+from services.common.telemetry import extract_context, recording, remote_context, spanning
 from services.common.throttle import LogThrottle
 from services.common.timeutil import now_us
 
@@ -143,15 +143,6 @@ def _whole(exc: BaseException) -> str:
     """An error as the log should have it: its class and its text (for SQLAlchemy's errors the
     statement and its parameters, which repr() leaves out)."""
     return f"{type(exc).__name__}: {exc}"
-
-
-def _shown(exc: BaseException) -> str:
-    """An error as an operator's RPC may show it: a domain error's reason and message (written
-    for callers), otherwise the class name only; the driver's text (SQL, constraint names, key
-    values) stays in the log."""
-    if isinstance(exc, DomainError):
-        return f"{type(exc).__name__} {exc.reason}: {exc.message}"
-    return type(exc).__name__
 
 
 def _in_trace_of(msg: Msg) -> contextlib.AbstractContextManager[None]:
@@ -549,7 +540,7 @@ class Consumer(Generic[E]):
             for _, e in items:
                 unique.setdefault(e.event_id, e)  # type: ignore[attr-defined]
             async with self.db.unit_of_work() as uow:
-                with trace.use_span(span):
+                with spanning(span):  # a failure marks it without the error's text (SQL values)
                     fresh = await self._record_and_handle(uow, unique)
                 await uow.commit()
             faults.point("consumer.after_commit_before_ack")
@@ -645,7 +636,7 @@ class Consumer(Generic[E]):
                 raise ReplayFailed(parked, f"the {problem}", f"the {problem}")
             # Under the operator's call, with no link to the event's own trace: a parked row
             # keeps no message headers (dead_letters has no column for them), only the event id.
-            with tracer.start_as_current_span(
+            replay_span = tracer.start_span(
                 f"replay {parked['subject']}",
                 kind=trace.SpanKind.CONSUMER,
                 attributes={
@@ -653,7 +644,8 @@ class Consumer(Generic[E]):
                     "messaging.consumer": self.sub.durable,
                     "messaging.message.id": event_id,
                 },
-            ):
+            )
+            with spanning(replay_span, end_on_exit=True):
                 try:
                     fresh = await self._record_and_handle(uow, {event_id: event})
                 except Exception as exc:
@@ -743,8 +735,8 @@ class Consumer(Generic[E]):
         failures = delivered - (self._not_counted.get(seq, 0) if seq is not None else 0)
         if failures >= self.max_deliver:
             event_id = event.event_id  # type: ignore[attr-defined]
-            shown = f"failed {failures} times: {_shown(exc)}; the service log has the whole error"
-            await self._park(msg, event_id, shown, _whole(exc))
+            error = f"failed {failures} times: {shown(exc)}; the service log has the whole error"
+            await self._park(msg, event_id, error, _whole(exc))
             self._forget(msg)
             return
         CONSUMED.labels(self.sub.durable, "retry").inc()

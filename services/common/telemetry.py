@@ -15,10 +15,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import start_http_server
 
 from services.common.config import ServiceSettings
+from services.common.errors import shown
 
 # What a call or an event carries on of its caller's trace: the W3C trace context (traceparent,
 # tracestate), nothing else. OpenTelemetry's default also carries W3C baggage, which no service
@@ -156,7 +158,37 @@ def current_trace_id() -> str:
 _tracer = trace.get_tracer(__name__)
 
 
-def background_span(name: str, **attributes: str) -> Any:
+def mark_failed(span: trace.Span, exc: BaseException) -> None:
+    """Mark `span` failed by `exc`, with what a caller may be shown of it (`errors.shown`: the
+    class, or a domain error's reason and message) and an `exception` event with its type.
+
+    OpenTelemetry's own recording (`record_exception`, `set_status_on_exception`, on by default)
+    puts str(exc) and the stack on the span: for a database error, the statement and its bound
+    values (a payout token, a birth date, a tip's message), kept by the trace store. The log
+    has the whole error, under the span's trace id."""
+    span.set_status(Status(StatusCode.ERROR, shown(exc)))
+    span.add_event("exception", {"exception.type": type(exc).__name__})
+
+
+@contextlib.contextmanager
+def spanning(span: trace.Span, *, end_on_exit: bool = False) -> Iterator[trace.Span]:
+    """`trace.use_span` that marks the span failed by an error with `mark_failed`, not with the
+    error's text."""
+    with trace.use_span(span, end_on_exit=end_on_exit, record_exception=False, set_status_on_exception=False):
+        try:
+            yield span
+        except Exception as exc:  # as use_span: a cancellation or an exit is no failure
+            mark_failed(span, exc)
+            raise
+
+
+def start_span(name: str, **kwargs: Any) -> contextlib.AbstractContextManager[trace.Span]:
+    """A new span of this module's tracer, current while the block runs and ended after it,
+    marked failed as `spanning` does."""
+    return spanning(_tracer.start_span(name, **kwargs), end_on_exit=True)
+
+
+def background_span(name: str, **attributes: str) -> contextlib.AbstractContextManager[trace.Span]:
     """A context manager: a new trace for one item of a background loop's work (a swept gift, a
     dispatched withdrawal), current while it runs.
 
@@ -164,10 +196,9 @@ def background_span(name: str, **attributes: str) -> Any:
     spans, the events it wrote carried no trace context (so their consumers' spans began new,
     unrelated traces) and its log lines had no trace id. A root, not a child of the loop: a
     loop that runs for days would make one endless trace. A no-op when spans are not recorded.
+    An error that ends the work marks the span failed without its text (`mark_failed`).
     """
-    return _tracer.start_as_current_span(
-        name, context=otel_context.Context(), kind=trace.SpanKind.INTERNAL, attributes=attributes
-    )
+    return start_span(name, context=otel_context.Context(), kind=trace.SpanKind.INTERNAL, attributes=attributes)
 
 
 def inject_headers(context: Any = None) -> dict[str, str]:

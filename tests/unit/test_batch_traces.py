@@ -354,3 +354,57 @@ def test_stored_headers_are_each_contexts_json_built_once_per_distinct_context()
     assert _stored_headers(contexts) == [json.dumps(inject_headers(c)) for c in contexts]
     # The trace context only: a caller's baggage is not stored (tests/unit/test_trace_propagation.py).
     assert json.loads(_stored_headers([rich])[0]) == {"traceparent": _traceparent(6, 106), "tracestate": "k=v"}
+
+
+@dataclass
+class _FailingMsg(_Msg):
+    """A message the consumer will nak (its handler fails), once per delivery."""
+
+    naked: list[float] = field(default_factory=list)
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.naked.append(delay or 0.0)
+
+
+async def test_a_failed_batchs_span_says_what_failed_but_not_the_statements_values(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    spans: InMemorySpanExporter,
+) -> None:
+    # A database error's text holds its statement and bound values (tokens, birth dates, tips'
+    # messages): OpenTelemetry's defaults put it on the span, as its status and an exception
+    # event with the stack, for the trace store to keep, while the consumer's log line (repr)
+    # and a dead letter's error (the class) had been kept free of them.
+    from sqlalchemy.exc import IntegrityError
+
+    payout, _provider, _path = setup
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        raise IntegrityError(
+            "INSERT INTO t (token, born) VALUES (?, ?)", ("tok_secret_42", "1990-01-02"), Exception("x")
+        )
+
+    sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    msg = _FailingMsg(events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(), {})
+    await consumer.process([msg])  # type: ignore[list-item]
+    assert msg.naked and not msg.acked  # failed, to be redelivered
+    process = _only(spans, "process s.x")
+    assert process.status.status_code is trace.StatusCode.ERROR
+    assert process.status.description == "IntegrityError"
+    recorded = json.dumps([(e.name, dict(e.attributes or {})) for e in process.events])
+    assert "IntegrityError" in recorded  # the class is still there to find
+    for value in ("tok_secret_42", "1990-01-02", "INSERT INTO"):
+        assert value not in recorded and value not in (process.status.description or "")
+
+
+def test_a_background_items_span_ended_by_an_error_keeps_none_of_its_values(spans: InMemorySpanExporter) -> None:
+    # The same for a swept gift, a dispatched withdrawal or a reconciled purchase (background_span).
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError), telemetry.background_span("sweep gift", **{"gift.event_id": "g1"}):
+        raise IntegrityError("UPDATE t SET message = ?", ("call me on 555-0100",), Exception("x"))
+    swept = _only(spans, "sweep gift")
+    assert swept.parent is None and swept.attributes is not None and swept.attributes["gift.event_id"] == "g1"
+    assert (swept.status.status_code, swept.status.description) == (trace.StatusCode.ERROR, "IntegrityError")
+    recorded = json.dumps([(e.name, dict(e.attributes or {})) for e in swept.events])
+    assert "555-0100" not in recorded and "UPDATE t" not in recorded and "IntegrityError" in recorded
