@@ -1309,7 +1309,7 @@ class Wallet:
             # one no reversal explains, even for a user with a reversal.
             reversed_coins = (
                 select(purchases.c.user_id, func.sum(purchases.c.coins).label("coins"))
-                .where(purchases.c.status.in_([PurchaseStatus.REFUNDED.value, PurchaseStatus.CHARGED_BACK.value]))
+                .where(purchases.c.status.in_(_REVERSED))
                 .group_by(purchases.c.user_id)
                 .subquery()
             )
@@ -1351,22 +1351,23 @@ class Wallet:
                     .where(spends.c.status == SPENT)
                 )
             ).one()
-            ever_credited = [
-                PurchaseStatus.SUCCEEDED.value,
-                PurchaseStatus.REFUNDED.value,
-                PurchaseStatus.CHARGED_BACK.value,
-            ]
-            credited, reversed_ = (
+            # The purchases' own coins, credited and reversed, and what the reversals' events told
+            # payout to claw back (their `coins_already_spent`), in one read of the purchases. Each
+            # reversal records it (`coins_claimed`, migration 0007; SUM skips a NULL); one reversed
+            # before that and not read since (`_reversal_history` fills it in lazily) is computed
+            # as its event was then, by legacy_claims_select().
+            pu = purchases.c
+            is_reversed = pu.status.in_(_REVERSED)
+            credited, reversed_, recorded_claims = (
                 await c.execute(
                     select(
-                        func.coalesce(func.sum(purchases.c.coins), 0),
-                        func.coalesce(
-                            func.sum(case((purchases.c.status.in_(ever_credited[1:]), purchases.c.coins), else_=0)), 0
-                        ),
-                    ).where(purchases.c.status.in_(ever_credited))
+                        func.coalesce(func.sum(pu.coins), 0),
+                        func.coalesce(func.sum(case((is_reversed, pu.coins), else_=0)), 0),
+                        func.coalesce(func.sum(case((is_reversed, pu.coins_claimed), else_=0)), 0),
+                    ).where(pu.status.in_(_CREDITED))
                 )
             ).one()
-            claimed = await self._coins_claimed_by_reversals(uow)
+            legacy_claims = (await c.execute(legacy_claims_select())).scalar_one()
             pending = await self.outbox.pending(uow)
             first_pending, last = await self.outbox.marks(uow)
         spent_by_reason = {
@@ -1393,27 +1394,8 @@ class Wallet:
             outbox_last_id=last,
             coins_of_spent_rows=int(spent_rows_coins),
             spends_posting_mismatch=int(posting_mismatch),
-            coins_claimed_by_reversals=claimed,
+            coins_claimed_by_reversals=int(recorded_claims) + int(legacy_claims),
         )
-
-    @staticmethod
-    async def _coins_claimed_by_reversals(uow: UnitOfWork) -> int:
-        """What the reversals' events told payout to claw back (their `coins_already_spent`), summed.
-
-        Each reversal records it (`coins_claimed`, migration 0007); one reversed before that and not
-        read since (`_reversal_history` fills it in lazily) is computed as its event was then, from
-        the balance its ledger entry left: the coins it took that the balance could not cover.
-        """
-        p = purchases.c
-        recorded = (
-            await uow.conn.execute(
-                select(func.coalesce(func.sum(p.coins_claimed), 0)).where(
-                    p.status.in_(_REVERSED), p.coins_claimed.is_not(None)
-                )
-            )
-        ).scalar_one()
-        legacy = (await uow.conn.execute(legacy_claims_select())).scalar_one()
-        return int(recorded) + int(legacy)
 
 
 def legacy_claims_select() -> Select[tuple[int]]:
