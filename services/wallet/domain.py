@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.common.errors import FailedPrecondition, InvalidArgument, check
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, check
 from services.common.timeutil import US_PER_DAY
 
 ISSUED = "system:issued"  # coins created by purchases (goes negative as coins are issued)
@@ -411,6 +411,22 @@ def tightest_cap(caps: dict[Period, int | None]) -> tuple[Period, int] | None:
         return None
     cap, _, period = min(capped)
     return period, cap
+
+
+def spending_limit_exceeded(period: Period, cap: int, spent_coins: int, resets_at_us: int | None) -> ResourceExhausted:
+    """The refusal of a spend that passes the period's cap, with what a client needs to say "N more,
+    or after <time>": the period's count so far and when it starts again from 0. Without
+    resets_at_us the spend alone passes the cap: it fits in no period, so no reset time is named
+    (waiting does not help; a smaller spend, or a higher limit, does)."""
+    what = f"the {period.value.lower()} spending limit of {cap} coins"
+    where = dict(period=period.value, limit_coins=cap, spent_coins=spent_coins)
+    if resets_at_us is None:
+        return ResourceExhausted(
+            f"this spend alone passes {what}", "SPENDING_LIMIT_EXCEEDED", **where, amount_exceeds_limit="true"
+        )
+    return ResourceExhausted(
+        f"this spend would pass {what}", "SPENDING_LIMIT_EXCEEDED", **where, resets_at_us=resets_at_us
+    )
 
 
 def debt_repaid(balance_after_credit: int, coins: int) -> int:

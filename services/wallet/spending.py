@@ -45,7 +45,6 @@ from services.common.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
-    ResourceExhausted,
     check,
     id_chars_max,
     require_id,
@@ -459,30 +458,14 @@ class SpendBatch:
                     self._check_recipient(restrictions.get(it.req.recipient_user_id), today)
                 tightest = tightest_caps[user]
                 if tightest is not None and amount > tightest[1]:
-                    # This spend alone passes a cap: it fits in no period, so no reset time is
-                    # named (waiting does not help; a smaller spend, or a higher limit, does).
-                    period, cap = tightest
-                    raise ResourceExhausted(
-                        f"this spend alone passes the {period.value.lower()} spending limit of {cap} coins",
-                        "SPENDING_LIMIT_EXCEEDED",
-                        period=period.value,
-                        limit_coins=cap,
-                        spent_coins=counters[(user, period)],
-                        amount_exceeds_limit="true",
-                    )
+                    period, cap = tightest  # this spend alone passes it: no reset time helps
+                    raise domain.spending_limit_exceeded(period, cap, counters[(user, period)], None)
                 for period in PERIODS:
                     cap = caps[user][period]
                     if cap is not None and counters[(user, period)] + amount > cap:
-                        # What a client needs to say "N more, or after <time>": the period's count
-                        # so far (this batch's earlier items in it) and when it starts again from 0.
-                        raise ResourceExhausted(
-                            f"this spend would pass the {period.value.lower()} spending limit of {cap} coins",
-                            "SPENDING_LIMIT_EXCEEDED",
-                            period=period.value,
-                            limit_coins=cap,
-                            spent_coins=counters[(user, period)],
-                            resets_at_us=domain.period_resets_at_us(period, now),
-                        )
+                        # The count so far includes this batch's earlier items in the period.
+                        resets_at_us = domain.period_resets_at_us(period, now)
+                        raise domain.spending_limit_exceeded(period, cap, counters[(user, period)], resets_at_us)
                 # A user never credited has no account row: 0 coins, refused as any user short of coins.
                 balance = balances.get(acc, 0)
                 if balance < amount:
