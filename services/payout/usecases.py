@@ -345,6 +345,10 @@ _HOLD_PB = {
     for reason in ("BALANCE_NEGATIVE", "PAYOUT_METHOD_NOT_VERIFIED", *domain.HOLD_REASONS)
 }
 
+# When gifting recorded an earning's gift, what a purchase reversal's time is compared with; an
+# event from before the field (recorded_at_us NULL) falls back to when the gift was sent.
+_EARNING_RECORDED_AT = func.coalesce(earnings.c.recorded_at_us, earnings.c.occurred_at_us)
+
 
 async def _method_verified(uow: UnitOfWork, method_id: str, *, lock: bool = False) -> bool:
     """Whether the payout method is VERIFIED now (not `_METHOD_HOLDS`); with `lock`, its row held
@@ -2001,7 +2005,7 @@ class Payout:
                     e.sender_id == sf.sender_id,
                     e.creator_id == creator_id,
                     e.coins_clawed_back < e.coins,
-                    func.coalesce(e.recorded_at_us, e.occurred_at_us) <= sf.reversed_at_us,
+                    _EARNING_RECORDED_AT <= sf.reversed_at_us,
                 )
                 .exists(),
             )
@@ -2059,7 +2063,7 @@ class Payout:
                     e.coins_clawed_back < e.coins,
                     # Recorded before the reversal (so paid for before it): a gift the sweeper
                     # settled after the reversal still counts; one sent after it was paid by other coins.
-                    func.coalesce(e.recorded_at_us, e.occurred_at_us) <= rv.at_us,
+                    _EARNING_RECORDED_AT <= rv.at_us,
                 )
                 .order_by(e.occurred_at_us.desc(), e.event_id.desc())
                 .limit(self.settings.clawback_rows_max)
@@ -2113,7 +2117,7 @@ class Payout:
         """
         check(self.settings is not None, "self.settings is not None")
         e, cb = earnings.c, clawbacks.c
-        recorded = func.coalesce(e.recorded_at_us, e.occurred_at_us)
+        recorded = _EARNING_RECORDED_AT
         newer = [
             (int(at), int(n))
             for at, n in (
