@@ -261,13 +261,13 @@ class Consumer(Generic[E]):
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
         await self.bus.connected.wait()
-        psub = None
+        self._puller = None
         backoff_s = 0.1
         while not stop.is_set():
             try:
-                if psub is None:
+                if self._puller is None:
                     check(self.bus.nc is not None and self.bus.js is not None, "the bus is connected")
-                    psub = self._puller = await Puller.open(
+                    self._puller = await Puller.open(
                         self.bus.nc,  # type: ignore[arg-type]
                         self.bus.js,  # type: ignore[arg-type]
                         self.sub.subject,
@@ -284,12 +284,12 @@ class Consumer(Generic[E]):
                             max_ack_pending=self.batch_size_max * 8,
                         ),
                     )
-                    self._bound_to(psub.created)
+                    self._bound_to(self._puller.created)
                     if not self._position_checked:
                         self._position_checked = True
                         await self._check_position()
                 try:
-                    msgs = await psub.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
+                    msgs = await self._puller.fetch(self.batch_size_max, timeout=self.fetch_timeout_s)
                 except TimeoutError:
                     continue  # nothing came: not a failure, no warning, no backoff
                 await self.process(msgs)
@@ -308,12 +308,12 @@ class Consumer(Generic[E]):
                     "consumer loop failed, retrying",
                     extra={"consumer": self.sub.durable, "error": described(exc), "retry_in_s": backoff_s},
                 )
-                if psub is not None:
+                if self._puller is not None:
                     # Never raises; naks what it buffered for the next one. Those deliveries were
                     # never tried: they are no failure of their events' (`_failed`).
-                    for unhandled in await psub.unsubscribe():
+                    for unhandled in await self._puller.unsubscribe():
                         self._not_its_fault(unhandled)
-                psub = self._puller = None
+                self._puller = None
                 if is_stream_missing(exc):
                     # Deleted while we ran: made again here (its producer may be idle), so this
                     # consumer binds at its next try instead of failing every backoff until a restart.
@@ -326,10 +326,10 @@ class Consumer(Generic[E]):
                         )
                 await sleep_unless_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
-        if psub is not None:
+        if self._puller is not None:
             # Left subscribed, a pull subscription held the connection's drain at close for its
             # whole 5 s timeout; what it had buffered is nak'ed for the next run.
-            await psub.unsubscribe()
+            await self._puller.unsubscribe()
 
     def _bound_to(self, created: datetime.datetime | None) -> None:
         """Forget what is kept by stream sequence (`_not_counted`, `_parked`) when the durable bound
