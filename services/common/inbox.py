@@ -145,6 +145,13 @@ def _whole(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _trim(remembered: OrderedDict[int, Any], size_max: int) -> None:
+    """Drop the oldest of what a consumer remembers by stream sequence (`_not_counted`,
+    `_parked`) past `size_max`."""
+    while len(remembered) > size_max:
+        remembered.popitem(last=False)
+
+
 def _in_trace_of(msg: Msg) -> contextlib.AbstractContextManager[None]:
     """The trace the message came with, current for the lines logged about it (outside the
     handler's span: without it they carried no trace id, and a gift's trace did not lead there)."""
@@ -698,8 +705,7 @@ class Consumer(Generic[E]):
             return
         self._not_counted[seq] = self._not_counted.get(seq, 0) + 1
         self._not_counted.move_to_end(seq)
-        while len(self._not_counted) > self._not_counted_max:
-            self._not_counted.popitem(last=False)
+        _trim(self._not_counted, self._not_counted_max)
 
     def _log_outage(self, msg: Msg, event: E, exc: Exception, delay_s: float) -> None:
         """One line per OUTAGE_LOG_INTERVAL_S for the events nak'ed because the database failed."""
@@ -768,8 +774,7 @@ class Consumer(Generic[E]):
         await msg.term()
         if (seq := self._sequence(msg)) is not None:
             self._parked[seq] = None
-            while len(self._parked) > self._not_counted_max:
-                self._parked.popitem(last=False)
+            _trim(self._parked, self._not_counted_max)
         DEAD_LETTERS.labels(self.sub.durable).inc()
         with _in_trace_of(msg):
             log.error(
