@@ -53,7 +53,7 @@ from services.common.metrics import (
     INBOX_PRUNED,
 )
 from services.common.pruning import AgePruner
-from services.common.pull import Puller
+from services.common.pull import Puller, say_in_progress
 from services.common.sql import bulk_insert_new, one_of
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context, spanning
@@ -186,11 +186,7 @@ class _InProgress:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while loop.time() < self._until:
-            for msg in self._msgs:
-                if not msg.is_acked:
-                    # Lost with the connection at worst: the delivery then comes again, as before.
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
+            await say_in_progress(msg for msg in self._msgs if not msg.is_acked)
             if self._puller is not None:
                 await self._puller.in_progress()
             await asyncio.sleep(self._interval_s)

@@ -36,6 +36,7 @@ import datetime
 import json
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -55,6 +56,14 @@ NO_RESPONDERS = (
 )
 # The settings of a durable that `Puller.open` brings in step with the caller's (all editable).
 _KEPT_IN_STEP = ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending")
+
+
+async def say_in_progress(msgs: Iterable[Msg]) -> None:
+    """Tell the server each message is still being worked on (+WPI), so its ack_wait starts again.
+    Never raises: one lost with the connection is delivered again, as it would be without it."""
+    for msg in msgs:
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
 
 
 class Puller:
@@ -201,9 +210,7 @@ class Puller:
     async def in_progress(self) -> None:
         """Tell the server the buffered messages are still wanted (+WPI): they wait behind a batch
         the consumer is applying, and their ack_wait runs from their delivery. Never raises."""
-        for msg in list(self._buffer):
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+        await say_in_progress(list(self._buffer))
 
     async def unsubscribe(self) -> list[Msg]:
         """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait,
