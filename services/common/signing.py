@@ -161,15 +161,12 @@ def refuse_another_event(
     coins the buyer keeps, a payout whose diamonds the creator got back), so it is refused,
     logged and counted alike (`event_id_reused`).
     """
-    if first.record_id != named_id:
-        raise event_id_reused(provider, provider_event_id, noun, first.record_id, named_id)
-    if first.event_type != named_event_type:
-        raise event_id_reused(
-            provider,
-            provider_event_id,
-            noun,
-            first.record_id,
-            named_id,
-            first_event_type=first.event_type,
-            named_event_type=named_event_type,
-        )
+    if first.record_id == named_id and first.event_type == named_event_type:
+        return  # the event again: a duplicate
+    # Another record's, or the same record's under another event type (then both types are named).
+    types = (
+        {"first_event_type": first.event_type, "named_event_type": named_event_type}
+        if first.record_id == named_id
+        else {}
+    )
+    raise event_id_reused(provider, provider_event_id, noun, first.record_id, named_id, **types)
