@@ -710,17 +710,6 @@ CREDIT_LINE = "4a. every sent gift credited once with its coins, nothing else cr
 ID_LINES = (SPEND_LINE, CHARGE_LINE, PENDING_LINE, CREDIT_LINE)
 
 
-def judge(
-    earning: audit_pb2.AuditRecord | None,
-    gift: audit_pb2.AuditRecord | None,
-    spend: audit_pb2.AuditRecord | None,
-    gift_after: audit_pb2.AuditRecord | None,
-) -> tuple[str, str, str] | None:
-    """One id's first (line, status, reason), or None when it is settled and consistent (`verdicts`)."""
-    found = verdicts(earning, gift, spend, gift_after)
-    return found[0] if found else None
-
-
 def verdicts(
     earning: audit_pb2.AuditRecord | None,
     gift: audit_pb2.AuditRecord | None,

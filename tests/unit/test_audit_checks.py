@@ -21,7 +21,7 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.cli import audit
-from services.cli.audit import FAILED, IN_FLIGHT, OK, Totals, evaluate, judge, wait_until_settled
+from services.cli.audit import FAILED, IN_FLIGHT, OK, Totals, evaluate, verdicts, wait_until_settled
 
 ISSUED = 1_000_000
 SHARE_BP = 5000
@@ -468,9 +468,10 @@ def r(status: str, amount: int = 10) -> AuditRecord:
         ),
     ],
 )
-def test_judge_one_id(earning, gift, spend, gift_after, expected) -> None:  # type: ignore[no-untyped-def]
-    got = judge(earning, gift, spend, gift_after)
-    assert (got[:2] if got else None) == expected
+def test_the_verdicts_of_one_id(earning, gift, spend, gift_after, expected) -> None:  # type: ignore[no-untyped-def]
+    # What Findings.judge_all records for the id: this one verdict and no other, or none.
+    got = verdicts(earning, gift, spend, gift_after)
+    assert [v[:2] for v in got] == ([expected] if expected else [])
 
 
 def test_an_id_credited_and_charged_without_its_gift_fails_both_lines() -> None:
