@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, union_all
 
 from services.common import faults
 from services.common.bus import Bus, described, is_stream_missing
@@ -414,25 +414,15 @@ class Consumer(Generic[E]):
         if not seen:
             return None
         ids = {event_id for _, event_id in seen}
-        i, d = self.tables.inbox.c, self.tables.dead_letters.c
-        async with self.db.unit_of_work() as uow:
-            known = set(
-                (
-                    await uow.conn.execute(
-                        select(i.event_id).where(
-                            i.consumer == self.sub.durable, one_of(self.db.dialect, i.event_id, ids)
-                        )
-                    )
-                ).scalars()
-            ) | set(
-                (
-                    await uow.conn.execute(
-                        select(d.event_id).where(
-                            d.consumer == self.sub.durable, one_of(self.db.dialect, d.event_id, ids)
-                        )
-                    )
-                ).scalars()
+        # Known: in the inbox or parked, one query over both tables.
+        known_select = union_all(
+            *(
+                select(t.c.event_id).where(t.c.consumer == self.sub.durable, one_of(self.db.dialect, t.c.event_id, ids))
+                for t in (self.tables.inbox, self.tables.dead_letters)
             )
+        )
+        async with self.db.unit_of_work() as uow:
+            known = set((await uow.conn.execute(known_select)).scalars())
         unknown = [(seq, event_id) for seq, event_id in seen if event_id not in known]
         acked = [u for u in unknown if u[0] <= floor]
         if acked:
