@@ -154,7 +154,10 @@ class Suite:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = config.var_dir / "logs"
 
+    @functools.cached_property
     def _preexec(self) -> functools.partial[None] | None:
+        """What each child runs between fork and exec (`_die_with`), built at the first start, for
+        every child of this suite; None unless the config asks for it on Linux."""
         if not (self.config.die_with_parent and sys.platform == "linux"):
             return None
         return functools.partial(_die_with, os.getpid(), ctypes.CDLL(None, use_errno=True).prctl)
@@ -209,7 +212,7 @@ class Suite:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=self._preexec(),  # noqa: PLW1509 - before any thread of ours; _die_with
+            preexec_fn=self._preexec,  # noqa: PLW1509 - before any thread of ours; _die_with
         )
         _wait_port(self.config.nats_port, 20, self.procs["nats"], "nats-server")
 
@@ -227,7 +230,7 @@ class Suite:
             stderr=err,
             env=env,
             start_new_session=True,
-            preexec_fn=self._preexec(),  # noqa: PLW1509 - before any thread of ours; _die_with
+            preexec_fn=self._preexec,  # noqa: PLW1509 - before any thread of ours; _die_with
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
