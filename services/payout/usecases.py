@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
 from services.payout.domain import BP_DENOMINATOR, OPEN_STATUSES, CurrencyTerms, Earning, WithdrawalStatus
-from services.payout.providers import PayoutEvent, PayoutProvider
+from services.payout.providers import PayoutEvent, PayoutProvider, Submission
 from services.payout.storage import (
     OPEN_SHORTFALLS,
     clawback_shortfalls,
@@ -172,6 +173,9 @@ def _sender_lock_key(sender_id: str) -> int:
 # The first key of the advisory lock that serializes one creator's AddPayoutMethod calls (the
 # second is `_sender_lock_key` of the creator): a class of its own, apart from the senders'.
 METHODS_LOCK_CLASS = 7301165
+# The first key of the advisory lock a dispatcher holds while it hands one withdrawal to the
+# provider (the second is `_sender_lock_key` of the withdrawal id): `Payout._submitting`.
+SUBMIT_LOCK_CLASS = 7301166
 
 
 @dataclass(frozen=True)
@@ -1399,38 +1403,10 @@ class Payout:
         for row in rows:
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
-                if row.status == WithdrawalStatus.APPROVED.value:
-                    if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id, row.wallet_hold):
-                        continue
-                    if not await self._claim(row.withdrawal_id, row.creator_id, row.method_id):
-                        continue  # a clawback or a failed verification since the round began holds it, or it changed
-                faults.point("payout.after_claim_before_submit")
-                try:
-                    sub = await provider_calls.call(
-                        self.provider.name,
-                        "submit",
-                        self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
-                        self.settings.provider_timeout_s,
-                    )
-                except ProviderRefused as exc:
-                    await self._refused_by_provider(row.withdrawal_id, str(exc))
-                    continue
-                except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
-                    log.warning(
-                        "the payout provider did not take a withdrawal; it is submitted again next round",
-                        extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
-                    )
+                sub = await self._hand_over(row, unsubmitted)
+                if sub is None:
                     continue
                 submitted += 1
-                faults.point("payout.after_submit_before_commit")
-                async with self.db.unit_of_work() as uow:
-                    # Only while it waits for its reference: a callback may already have settled it.
-                    await uow.conn.execute(
-                        update(withdrawals)
-                        .where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
-                        .values(provider_ref=sub.provider_ref, updated_at_us=now_us())
-                    )
-                    await uow.commit()
                 faults.point("payout.after_commit_before_callback")
                 if sub.callback is not None:
                     payload, signature = sub.callback
@@ -1443,6 +1419,98 @@ class Payout:
                     except DomainError as exc:
                         log.warning("dev payout callback refused", extra={"reason": exc.reason})
         return submitted
+
+    async def _hand_over(self, row: Any, unsubmitted: Any) -> Submission | None:
+        """Claim `row` (APPROVED), submit it unless another replica is (`_submitting`), and store
+        its provider reference; the provider's answer, or None if it was not submitted (held,
+        submitted or being submitted by another replica, or not taken by the provider: logged)."""
+        check(
+            self.provider is not None and self.settings is not None,
+            "self.provider is not None and self.settings is not None",
+        )
+        if row.status == WithdrawalStatus.APPROVED.value:
+            if not await self._eligible_for_payout(row.creator_id, row.withdrawal_id, row.wallet_hold):
+                return None
+            if not await self._claim(row.withdrawal_id, row.creator_id, row.method_id):
+                return None  # a clawback or a failed verification since the round began holds it, or it changed
+        w = withdrawals.c
+        store = update(withdrawals).where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
+        refused = ""
+        async with self._submitting(row.withdrawal_id) as (ours, held):
+            if not ours:
+                return None  # another replica is handing it to the provider now
+            still = select(w.withdrawal_id).where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
+            if await self._in(held, still) is None:
+                return None  # another replica's submission was taken since this round read it
+            faults.point("payout.after_claim_before_submit")
+            try:
+                sub: Submission = await provider_calls.call(
+                    self.provider.name,
+                    "submit",
+                    self.provider.submit(row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code),
+                    self.settings.provider_timeout_s,
+                )
+            except ProviderRefused as exc:
+                refused = str(exc)
+            except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
+                log.warning(
+                    "the payout provider did not take a withdrawal; it is submitted again next round",
+                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
+                )
+                return None
+            else:
+                faults.point("payout.after_submit_before_commit")
+                # Only while it waits for its reference: a callback may already have settled it.
+                await self._in(held, store.values(provider_ref=sub.provider_ref, updated_at_us=now_us()), write=True)
+        if refused:
+            await self._refused_by_provider(row.withdrawal_id, refused)
+            return None
+        return sub
+
+    @contextlib.asynccontextmanager
+    async def _submitting(self, withdrawal_id: str) -> AsyncIterator[tuple[bool, UnitOfWork | None]]:
+        """Whether this replica may hand `withdrawal_id` to the provider now, until the block ends,
+        and the transaction that holds it (None on SQLite).
+
+        Every replica's dispatcher reads the withdrawals claimed but not yet taken by the provider
+        (PROCESSING, no reference) to submit them again. Without this, one that a replica had just
+        claimed and was submitting was submitted by every other replica's round (0.2 s apart) until
+        its reference was stored: the provider took each as the same transfer (by withdrawal id),
+        but a real one answers a request under a key still in flight with an error (counted as a
+        failure) or a refusal, which failed a withdrawal the first replica was paying.
+
+        On PostgreSQL: a transaction-level advisory lock (SUBMIT_LOCK_CLASS), tried, not waited
+        for, in a transaction held open over the submission (as the outbox relay holds its claim
+        over a publish; a lock only, no row) that reads the withdrawal again and stores its
+        reference: its commit releases the lock once the reference is stored. One connection
+        at a time: the claim comes before, in its own transaction. A replica that dies or is cut
+        off mid-submission releases the lock with its session, and another's next round submits
+        the withdrawal. SQLite has one process per database file, and a write transaction held
+        over the submission would stop its every writer."""
+        if self.db.dialect != "postgresql":
+            yield True, None
+            return
+        async with self.db.unit_of_work() as uow:
+            got = await uow.conn.execute(
+                text("SELECT pg_try_advisory_xact_lock(:cls, :key)"),
+                {"cls": SUBMIT_LOCK_CLASS, "key": _sender_lock_key(withdrawal_id)},
+            )
+            yield bool(got.scalar_one()), uow
+
+    async def _in(self, held: UnitOfWork | None, stmt: Any, *, write: bool = False) -> Any:
+        """Run `stmt` in `held` (committed if `write`), or in a transaction of its own; a read's first row."""
+        if held is not None:
+            result = await held.conn.execute(stmt)
+            if write:
+                await held.commit()
+                return None
+            return result.first()
+        async with self.db.unit_of_work(readonly=not write) as uow:
+            result = await uow.conn.execute(stmt)
+            if write:
+                await uow.commit()
+                return None
+            return result.first()
 
     async def _refused_by_provider(self, withdrawal_id: str, reason: str) -> None:
         """A claimed withdrawal the provider refused for good (ProviderRefused: no transfer was

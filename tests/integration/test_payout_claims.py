@@ -2,6 +2,9 @@
 (PostgreSQL `FOR SHARE`): a clawback whose transaction is still open when the claim reads the
 balance is waited for, and holds the withdrawal, instead of being missed by a read that sees only
 what had committed.
+
+Every replica runs a dispatcher over the one database: a withdrawal one of them is handing to the
+provider is not handed over by another meanwhile, and one whose replica died on the way is.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from sqlalchemy import TextClause, text
 from livegifts.payout.v1 import payout_pb2
 from services.payout.usecases import Payout
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
-from tests.unit.test_payout_dispatch import approved_withdrawal, payout_on, status_of
+from tests.unit.test_payout_dispatch import StuckProvider, approved_withdrawal, payout_on, status_of
 
 GUARD_S = 20
 
@@ -93,3 +96,62 @@ async def test_a_rejection_and_a_claim_of_the_same_withdrawal_at_once_do_not_dea
         assert provider.submitted == []
         earnings = await payout.get_earnings("creator-a")
         assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)
+
+
+async def _submitting_on_the_first(first: Payout) -> tuple[str, StuckProvider, asyncio.Task[int]]:
+    """A withdrawal the first replica's round has claimed and is handing to a provider that has
+    not answered yet: its id, that provider (its `gate` lets it answer), and the round."""
+    withdrawal_id = await approved_withdrawal(first, "creator-a")
+    first.provider = slow = StuckProvider()
+    slow.stuck.add(withdrawal_id)
+    round_ = asyncio.create_task(first.dispatch_once())
+    entered = asyncio.create_task(slow.entered.wait())
+    await asyncio.wait({round_, entered}, timeout=GUARD_S, return_when=asyncio.FIRST_COMPLETED)
+    entered.cancel()
+    assert not round_.done(), "the first replica's round ended before the provider answered"
+    return withdrawal_id, slow, round_
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_withdrawal_one_replica_is_submitting_is_not_submitted_by_another(empty_database: str) -> None:
+    # Claimed (PROCESSING, no provider reference yet) while the first replica waits for the
+    # provider's answer: the second's round read it as a submission to make again, and made it.
+    # The provider took it as the same transfer (by withdrawal id), but a real one answers a
+    # second request under a key still in flight with an error (or a refusal, which failed the
+    # withdrawal the first was paying), and every replica's round (0.2 s) asked again.
+    async with (
+        payout_on(empty_database, pool_size=3) as (first, _),
+        payout_on(empty_database, pool_size=3) as (
+            second,
+            other,
+        ),
+    ):
+        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
+        async with asyncio.timeout(GUARD_S):
+            assert await second.dispatch_once() == 0
+        assert other.submitted == [], "the second replica submitted what the first was submitting"
+        slow.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 1
+            assert await second.dispatch_once() == 0  # with the provider now: nothing to submit
+        assert (slow.submitted, other.submitted) == ([withdrawal_id], [])
+        row = await second.get_withdrawal(withdrawal_id)
+        assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{withdrawal_id}")
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_withdrawal_whose_replica_died_while_submitting_it_is_submitted_by_another(empty_database: str) -> None:
+    async with (
+        payout_on(empty_database, pool_size=3) as (first, _),
+        payout_on(empty_database, pool_size=3) as (
+            second,
+            other,
+        ),
+    ):
+        withdrawal_id, _slow, round_ = await _submitting_on_the_first(first)
+        round_.cancel()  # the first replica is gone mid-submission (its connections with it)
+        await asyncio.gather(round_, return_exceptions=True)
+        async with asyncio.timeout(GUARD_S):
+            assert await second.dispatch_once() == 1
+        assert other.submitted == [withdrawal_id]
+        assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
