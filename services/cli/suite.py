@@ -153,6 +153,8 @@ class Suite:
         self.config = config
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = config.var_dir / "logs"
+        # Replicas started beside a service (`start_service(svc, name)`): name -> the service.
+        self.replica_of: dict[str, str] = {}
 
     @functools.cached_property
     def _preexec(self) -> functools.partial[None] | None:
@@ -163,8 +165,13 @@ class Suite:
         return functools.partial(_die_with, os.getpid(), ctypes.CDLL(None, use_errno=True).prctl)
 
     def addr(self, svc: str) -> str:
-        """host:port of a service's gRPC server."""
-        return f"127.0.0.1:{self.config.grpc_ports[svc]}"
+        """host:port of a service's gRPC server; with replicas (`start_service(svc, name)`), a
+        gRPC target listing each (`ipv4:host:port,host:port`: the first that answers, or each in
+        turn with the round_robin policy)."""
+        names = [svc, *(n for n, of in self.replica_of.items() if of == svc)]
+        if len(names) == 1:
+            return f"127.0.0.1:{self.config.grpc_ports[svc]}"
+        return "ipv4:" + ",".join(f"127.0.0.1:{self.config.grpc_ports[n]}" for n in names)
 
     def start(self) -> None:
         """Start nats-server (unless external) and every service; wait until each is ready."""
@@ -216,15 +223,25 @@ class Suite:
         )
         _wait_port(self.config.nats_port, 20, self.procs["nats"], "nats-server")
 
-    def start_service(self, svc: str) -> None:
-        """Start one service and wait for its READY line."""
-        out_path = self.log_dir / f"{svc}.out"
+    def start_service(self, svc: str, name: str = "") -> None:
+        """Start one service and wait for its READY line; under another `name` ("payout-2"), a
+        replica of it beside the first, as a Deployment runs several: the same database and NATS,
+        its own gRPC and metrics ports (free ones), log (`name`.log) and trace file."""
+        name = name or svc
+        service_env = self.config.env_for(svc)
+        if name != svc:
+            self.replica_of[name] = svc
+            p = f"LIVEGIFTS_{svc.upper()}_"
+            service_env.update({p + "GRPC_PORT": "0", p + "METRICS_PORT": "0"})
+            if p + "OTEL_FILE" in service_env:
+                service_env[p + "OTEL_FILE"] = str(Path(service_env[p + "OTEL_FILE"]).with_name(f"{name}.spans.jsonl"))
+        out_path = self.log_dir / f"{name}.out"
         out_path.write_bytes(b"")
         out = open(out_path, "ab")  # noqa: SIM115 - owned by the child
-        err = open(self.log_dir / f"{svc}.log", "ab")  # noqa: SIM115
+        err = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         # Without what the CLI set for itself only (a service keeps gRPC's own log).
-        env = {**{k: v for k, v in os.environ.items() if k not in CLI_ONLY_ENV}, **self.config.env_for(svc)}
-        self.procs[svc] = subprocess.Popen(
+        env = {**{k: v for k, v in os.environ.items() if k not in CLI_ONLY_ENV}, **service_env}
+        self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{svc}"],
             stdout=out,
             stderr=err,
@@ -234,16 +251,16 @@ class Suite:
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.procs[svc].poll() is not None:
-                tail = (self.log_dir / f"{svc}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{svc} exited with code {self.procs[svc].returncode} while starting:\n{tail}")
+            if self.procs[name].poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with code {self.procs[name].returncode} while starting:\n{tail}")
             for line in out_path.read_text(errors="replace").splitlines():
                 if line.startswith(READY_PREFIX):
                     ready = json.loads(line[len(READY_PREFIX) :])
-                    self.config.grpc_ports[svc] = int(ready["grpc"].rsplit(":", 1)[1])
+                    self.config.grpc_ports[name] = int(ready["grpc"].rsplit(":", 1)[1])
                     return
             time.sleep(0.05)
-        raise TimeoutError(f"{svc} was not ready within {START_TIMEOUT_S}s; see {self.log_dir / (svc + '.log')}")
+        raise TimeoutError(f"{name} was not ready within {START_TIMEOUT_S}s; see {self.log_dir / (name + '.log')}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to one process (SIGKILL by default) and reap it."""
@@ -262,7 +279,7 @@ class Suite:
         if name == "nats":
             self.start_nats()
         else:
-            self.start_service(name)
+            self.start_service(self.replica_of.get(name, name), name)
 
     def stop(self) -> None:
         """SIGTERM every process (gifting and payout, then the wallet, NATS last); SIGKILL what outlives the grace.
@@ -271,7 +288,8 @@ class Suite:
         their spends while the wallet still serves them, where they would otherwise stay PENDING until the
         sweeper settles them at the next start. NATS is signalled only once the services have
         exited: while they drain, their relays publish and their consumers ack through it."""
-        for names in STOP_STAGES:
+        for stage in STOP_STAGES:
+            names = [name for name in self.procs if self.replica_of.get(name, name) in stage]
             for name in names:
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is None:

@@ -97,7 +97,9 @@ async def run_load(
     `report`, when given, is filled as the load goes: a fault injected meanwhile can read how far it got."""
     rnd = random.Random(seed)
     report = LoadReport(seed=seed) if report is None else report
-    chans = [grpc.aio.insecure_channel(a) for a in (wallet_addr, gifting_addr, payout_addr)]
+    # Round robin: an address listing a service's replicas (Suite.addr) spreads the calls over them.
+    spread = [("grpc.lb_policy_name", "round_robin")]
+    chans = [grpc.aio.insecure_channel(a, options=spread) for a in (wallet_addr, gifting_addr, payout_addr)]
     wallet = wallet_pb2_grpc.WalletServiceStub(chans[0])
     gifting = gifting_pb2_grpc.GiftingServiceStub(chans[1])
     payout = payout_pb2_grpc.PayoutServiceStub(chans[2])

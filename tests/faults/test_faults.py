@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import random
 import signal
@@ -483,7 +484,7 @@ def _leaderboards_caught_up(fetch: Callable[[], Totals]) -> Totals:
         time.sleep(0.2)
 
 
-async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None:
+async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite, creators: int = 3, gifts: int = GIFTS) -> None:
     """Run the load with the scenario's faults, then require the audit and the clients' view to agree."""
     log: list[str] = []
     progress = LoadReport(seed=SEED)
@@ -497,8 +498,8 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
             OPERATOR_METADATA,
             seed=SEED,
             viewers=8,
-            creators=3,
-            gifts=GIFTS,
+            creators=creators,
+            gifts=gifts,
             concurrency=8,
             report=progress,
         )
@@ -526,7 +527,7 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
             f" retries {dict(report.retries)}"
         )
         assert not report.wrong_answers, report.wrong_answers
-        assert report.ops_done == GIFTS
+        assert report.ops_done == gifts
         await _every_withdrawal_paid(suite, report.withdrawal_ids)
 
         def fetch(ids=None):  # type: ignore[no-untyped-def]
@@ -567,3 +568,72 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite) -> None
         if not load.done():  # the action failed (a fault that never fired): stop the clients' retries
             load.cancel()
             await asyncio.gather(load, return_exceptions=True)
+
+
+# Two replicas of the wallet and of payout (processes of their own over one database each and one
+# NATS, as the Deployments run them), each taking the clients' calls in turn; one replica of each
+# is SIGKILLed mid-load and stays dead. Payout's provider takes 0.3 s a call, so a withdrawal is
+# with the provider for longer than a dispatcher round (0.2 s): the other replica's rounds read it
+# claimed and unsubmitted meanwhile. Enough creators for several withdrawals, the kill among them,
+# and enough gifts for each to earn the 100 diamonds it withdraws (about 10 coins a gift).
+REPLICATED = ("wallet", "payout")
+REPLICA_CREATORS = 8
+REPLICA_GIFTS = 320
+REPLICA_PROVIDER_LATENCY_S = "0.3"
+
+
+def _submissions_logged(suite: Suite, svc: str) -> int:
+    """The provider submissions the dispatchers of `svc`'s replicas logged as taken (their rounds'
+    "submitted withdrawals" lines); a replica killed mid-round never logged that round's."""
+    total = 0
+    for name in (svc, *(n for n, of in suite.replica_of.items() if of == svc)):
+        for line in _log_of(suite, name).splitlines():
+            if '"submitted withdrawals"' in line:
+                total += json.loads(line)["items"]
+    return total
+
+
+async def _kill_one_replica_of_each(suite: Suite, flight: Flight, log: list[str]) -> None:
+    """SIGKILL the second wallet once gifts are charged (its calls in flight are retried on the
+    first) and the first payout once withdrawals go (its dispatcher mid-way; the second's takes
+    over); neither is restarted."""
+    await _until_charged(flight)
+    await asyncio.to_thread(suite.kill, "wallet-2", signal.SIGKILL)
+    log.append("wallet-2 SIGKILLed")
+
+    deadline = time.monotonic() + WITHDRAWAL_FAULT_WITHIN_S  # the withdrawals come after every gift
+    while flight.report.withdrawals < 2:
+        if flight.task.done():
+            flight.task.result()
+            pytest.fail("the load ended before 2 withdrawals were made: payout's kill would meet none")
+        assert time.monotonic() < deadline, f"not 2 withdrawals made within {WITHDRAWAL_FAULT_WITHIN_S:g} s"
+        await asyncio.sleep(0.02)
+    flight.fault_starts(log, "payout SIGKILLed (payout-2 goes on)", "withdrawals")
+    await asyncio.to_thread(suite.kill, "payout", signal.SIGKILL)
+
+
+async def test_two_replicas_of_the_wallet_and_payout_one_of_each_killed_mid_load(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    pg.admin_url_or_skip()
+    extra = {
+        "gifting": dict(FAST_SWEEP),
+        "payout": {**FAST_PAYOUT, "LIVEGIFTS_PAYOUT_DEV_PROVIDER_LATENCY_S": REPLICA_PROVIDER_LATENCY_S},
+    }
+    scenario = Scenario("one replica of the wallet and of payout SIGKILLed mid-load", {}, _kill_one_replica_of_each)
+    print(f"\n== scenario: {scenario.name} [postgres] seed={SEED} gifts={REPLICA_GIFTS}")
+    with pg.service_databases("lgreplicas") as urls:
+        suite = Suite(suite_config(tmp_path_factory.mktemp("replicas"), urls, extra))
+        try:
+            await asyncio.to_thread(suite.start)
+            for svc in REPLICATED:
+                await asyncio.to_thread(suite.start_service, svc, f"{svc}-2")
+            await _load_with_faults_then_audit(scenario, suite, REPLICA_CREATORS, REPLICA_GIFTS)
+            withdrawals = len(await events_by_withdrawal(suite.config.nats_url, "payout.withdrawal.paid"))
+            submitted = _submissions_logged(suite, "payout")
+            print(f"   provider submissions logged by payout's replicas: {submitted} for {withdrawals} withdrawals")
+            # One a withdrawal, or fewer (a round the kill cut short logged none): never a withdrawal
+            # another replica was still submitting.
+            assert 0 < submitted <= withdrawals, f"{submitted} submissions for {withdrawals} withdrawals"
+        finally:
+            await asyncio.to_thread(suite.stop)

@@ -51,3 +51,18 @@ def test_the_wallet_is_signalled_only_once_its_callers_have_exited(tmp_path: Pat
     wallet_term = events.index(("wallet", "SIGTERM"))
     for caller in ("gifting", "payout"):
         assert events.index((caller, "exited")) < wallet_term, events
+
+
+def test_a_replica_stops_with_its_service(tmp_path: Path) -> None:
+    """A second payout (`start_service("payout", "payout-2")`) is signalled with the first, before
+    the wallet; a second wallet with the wallet, before NATS."""
+    events: list[tuple[str, str]] = []
+    suite = Suite(SuiteConfig(var_dir=tmp_path))
+    for name in ("nats", "wallet", "payout", "gifting", "payout-2", "wallet-2"):
+        suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
+    suite.replica_of.update({"payout-2": "payout", "wallet-2": "wallet"})
+    suite.stop()
+    exited = [name for name, what in events if what == "exited"]
+    assert exited.index("payout-2") < events.index(("wallet", "SIGTERM")), events
+    assert events.index(("wallet-2", "SIGTERM")) < events.index(("wallet", "exited")), events  # together
+    assert exited.index("wallet-2") < exited.index("nats"), events
