@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -95,3 +97,73 @@ async def test_a_purchase_whose_callback_never_came_is_credited_once_and_its_lat
         )
         assert answer.duplicate
         assert (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins == coins
+
+
+REPLICA_PURCHASES = 12
+
+
+async def test_two_replicas_looking_up_the_same_late_purchases_credit_each_once_even_with_one_killed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two wallets over one PostgreSQL database (replicas), both reconcilers asking about the same
+    late purchases at once (the provider takes 0.3 s a look-up, a round is 0.2 s), the second
+    SIGKILLed once the first purchase is credited: each buyer has the package's coins once, and
+    each purchase was settled by one look-up (the others are duplicates of its event id)."""
+    pg.admin_url_or_skip()
+    if os.environ.get("LIVEGIFTS_TEST_TARGET_WALLET"):
+        pytest.skip("needs the wallet's reconciler settings: not run against an external deployment")
+    fast = {
+        "wallet": {
+            "LIVEGIFTS_WALLET_PURCHASE_RECONCILE_AFTER_S": "1",
+            "LIVEGIFTS_WALLET_PURCHASE_RECONCILE_INTERVAL_S": "0.2",
+            "LIVEGIFTS_WALLET_DEV_PROVIDER_LATENCY_S": "0.3",
+        }
+    }
+    with pg.service_databases("lgrecon2") as urls:
+        suite = Suite(suite_config(tmp_path_factory.mktemp("reconcile-replicas"), urls, fast))
+        try:
+            suite.start_nats()
+            suite.start_service("wallet")
+            suite.start_service("wallet", "wallet-2")
+            async with grpc.aio.insecure_channel(suite.addr("wallet")) as ch:
+                wallet = wallet_pb2_grpc.WalletServiceStub(ch)
+                bought = {}
+                for _ in range(REPLICA_PURCHASES):
+                    buyer = uid("buyer")
+                    bought[buyer] = await wallet.CreatePurchase(
+                        wallet_pb2.CreatePurchaseRequest(
+                            user_id=buyer,
+                            package_id="us-usd-70",
+                            currency_code="USD",
+                            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+                            idempotency_key=uid("buy"),
+                        ),
+                        timeout=10,
+                    )
+                deadline = time.monotonic() + SETTLED_WITHIN_S
+                killed = False
+                while True:
+                    got = [
+                        await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=p.purchase_id), timeout=10)
+                        for p in bought.values()
+                    ]
+                    paid = sum(g.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED for g in got)
+                    if paid and not killed:
+                        suite.kill("wallet-2")  # mid-way: the first's reconciler settles the rest
+                        killed = True
+                    if paid == len(got):
+                        break
+                    assert time.monotonic() < deadline, f"{paid} of {len(got)} purchases credited"
+                    await asyncio.sleep(0.2)
+                for buyer, purchase in bought.items():
+                    coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
+                    assert coins == purchase.coins > 0, f"{buyer}: {coins} coins for one purchase of {purchase.coins}"
+            settled: Counter[str] = Counter()
+            for name in ("wallet", "wallet-2"):
+                for line in (suite.log_dir / f"{name}.log").read_text(errors="replace").splitlines():
+                    if '"late purchase settled from the provider\'s record"' in line:
+                        settled[json.loads(line)["purchase_id"]] += 1
+            # One settled each, or none logged (the killed replica's, if it died before its line).
+            assert max(settled.values()) == 1 and len(settled) >= REPLICA_PURCHASES - 1, settled
+        finally:
+            suite.stop()
