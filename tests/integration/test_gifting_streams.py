@@ -8,6 +8,7 @@ batches of gifts waiting for each other's keys, or for each other's rows when ma
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from services.gifting.storage import common, gift_events
 from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
 from tests.integration.conftest import gifting_on
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
+from tests.unit.test_gift_saga import OverloadedWallet
 
 
 @pytest.fixture
@@ -196,3 +198,52 @@ async def test_two_batches_marking_the_same_gifts_sent_in_opposite_orders_both_f
     async with gifting.db.unit_of_work(readonly=True) as uow:
         sent = (await uow.conn.execute(select(func.count()).where(o.subject == GIFT_SENT_SUBJECT))).scalar_one()
     assert sent == 2  # one event per gift, whichever batch flipped it
+
+
+class _SlowArbiter(OverloadedWallet):
+    """Every spend's answer is lost (gifts left PENDING); CancelSpend answers SPENT after a pause,
+    so two sweepers' calls for one gift overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arbiter_outcome = wallet_pb2.CancelSpendResponse.OUTCOME_SPENT
+
+    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        await asyncio.sleep(0.05)
+        return await super().CancelSpend(req, timeout)
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_two_replicas_sweeping_the_same_stale_gifts_at_once_send_each_once(empty_database: str) -> None:
+    # Each replica runs a sweeper over the one database; both read the same stale PENDING gifts,
+    # both ask the wallet, and both mark them: the status's compare-and-set lets one of them.
+    wallet = _SlowArbiter()
+    fast = {"group_commit": False, "pending_timeout_s": 0.001}
+    async with (
+        gifting_on(empty_database, pool_size=4, wallet=wallet, **fast) as first,
+        gifting_on(empty_database, pool_size=4, wallet=wallet, **fast) as second,
+    ):
+        stream = await first.start_stream(
+            gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s")
+        )
+        for i in range(5):
+            with pytest.raises(Exception) as lost:
+                await first.send_gift(
+                    gifting_pb2.SendGiftRequest(
+                        stream_id=stream.stream_id,
+                        sender_id=f"v{i}",
+                        gift_id="panda",
+                        quantity=1,
+                        idempotency_key=f"k{i}",
+                    )
+                )
+            assert getattr(lost.value, "reason", "") == "WALLET_UNAVAILABLE", lost.value
+        await asyncio.sleep(0.01)  # past the pending timeout
+        await asyncio.gather(first.sweep_once(), second.sweep_once())
+        asked = Counter(wallet.cancel_calls)
+        assert len(asked) == 5 and set(asked.values()) == {2}  # both read and asked about each
+        g, o = gift_events.c, common.outbox.c
+        async with first.db.unit_of_work(readonly=True) as uow:
+            statuses = (await uow.conn.execute(select(g.status, func.count()).group_by(g.status))).all()
+            sent = (await uow.conn.execute(select(func.count()).where(o.subject == GIFT_SENT_SUBJECT))).scalar_one()
+        assert statuses == [("SENT", 5)] and sent == 5  # one gift.sent event each
