@@ -1435,7 +1435,6 @@ class Payout:
                 return None  # a clawback or a failed verification since the round began holds it, or it changed
         w = withdrawals.c
         store = update(withdrawals).where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
-        refused = ""
         async with self._submitting(row.withdrawal_id) as (ours, held):
             if not ours:
                 return None  # another replica is handing it to the provider now
@@ -1451,7 +1450,9 @@ class Payout:
                     self.settings.provider_timeout_s,
                 )
             except ProviderRefused as exc:
-                refused = str(exc)
+                # Failed before the lock goes: until then another replica would submit it again.
+                await self._refused_by_provider(row.withdrawal_id, str(exc), held)
+                return None
             except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
                 log.warning(
                     "the payout provider did not take a withdrawal; it is submitted again next round",
@@ -1462,9 +1463,6 @@ class Payout:
                 faults.point("payout.after_submit_before_commit")
                 # Only while it waits for its reference: a callback may already have settled it.
                 await self._in(held, store.values(provider_ref=sub.provider_ref, updated_at_us=now_us()), write=True)
-        if refused:
-            await self._refused_by_provider(row.withdrawal_id, refused)
-            return None
         return sub
 
     @contextlib.asynccontextmanager
@@ -1512,11 +1510,12 @@ class Payout:
                 return None
             return result.first()
 
-    async def _refused_by_provider(self, withdrawal_id: str, reason: str) -> None:
+    async def _refused_by_provider(self, withdrawal_id: str, reason: str, held: UnitOfWork | None) -> None:
         """A claimed withdrawal the provider refused for good (ProviderRefused: no transfer was
         made): FAILED, its diamonds and the day's total released, as a FAILED callback does.
-        Retried, it would stay PROCESSING for ever, held, with no way out for an operator."""
-        async with self.db.unit_of_work() as uow:
+        Retried, it would stay PROCESSING for ever, held, with no way out for an operator. In
+        `held` (`_submitting`'s transaction, committed here) where there is one."""
+        async with contextlib.nullcontext(held) if held is not None else self.db.unit_of_work() as uow:
             row = await self._load_withdrawal(uow, withdrawal_id)
             if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
                 return  # settled meanwhile, or another replica's submission was taken

@@ -17,7 +17,13 @@ from sqlalchemy import TextClause, text
 from livegifts.payout.v1 import payout_pb2
 from services.payout.usecases import Payout
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
-from tests.unit.test_payout_dispatch import StuckProvider, approved_withdrawal, payout_on, status_of
+from tests.unit.test_payout_dispatch import (
+    RefusingProvider,
+    StuckProvider,
+    approved_withdrawal,
+    payout_on,
+    status_of,
+)
 
 GUARD_S = 20
 
@@ -155,3 +161,40 @@ async def test_a_withdrawal_whose_replica_died_while_submitting_it_is_submitted_
             assert await second.dispatch_once() == 1
         assert other.submitted == [withdrawal_id]
         assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_withdrawal_the_provider_refused_is_not_submitted_by_another_replica_while_it_fails(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refusal is for good: the first replica fails the withdrawal. Until that commits it is
+    # still PROCESSING with no reference, and a second replica's round must not submit it again.
+    async with (
+        payout_on(empty_database, pool_size=3) as (first, _),
+        payout_on(empty_database, pool_size=3) as (
+            second,
+            other,
+        ),
+    ):
+        withdrawal_id = await approved_withdrawal(first, "creator-a")
+        first.provider = refusing = RefusingProvider()
+        refusing.refused.add(withdrawal_id)
+        failing, go = asyncio.Event(), asyncio.Event()
+        refused_by_provider = Payout._refused_by_provider
+
+        async def paused(self: Payout, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            if self is first:
+                failing.set()  # refused, not yet FAILED
+                await go.wait()
+            await refused_by_provider(self, *args, **kwargs)
+
+        monkeypatch.setattr(Payout, "_refused_by_provider", paused)
+        round_ = asyncio.create_task(first.dispatch_once())
+        async with asyncio.timeout(GUARD_S):
+            await failing.wait()
+            assert await second.dispatch_once() == 0
+        go.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 0
+        assert (refusing.submitted, other.submitted) == ([withdrawal_id], [])
+        assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
