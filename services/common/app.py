@@ -73,15 +73,17 @@ def idle_in_transaction_timeout_s(settings: ServiceSettings) -> float:
     before it ends the session (see db.create_engine): twice the longest gap we make ourselves.
 
     That gap is either a statement (at most DB_STATEMENT_TIMEOUT_S; between statements there
-    is only Python work) or the outbox relay's claimed batch waiting for JetStream: per 1,000
-    events an atomic batch (OUTGOING_DEADLINE_S), then one by one (JetStream's timeout). Twice
-    that, for an event loop that is slow for a moment. 120 s with the defaults. A leaked or
-    orphaned transaction then holds its locks for minutes, not until TCP keepalive notices.
+    is only Python work), the outbox relay's claimed batch waiting for JetStream: per 1,000
+    events an atomic batch (OUTGOING_DEADLINE_S), then one by one (JetStream's timeout), or
+    a transaction a service holds over a call (`ServiceSettings.held_over_a_call_s`: payout's
+    dispatcher, a withdrawal's submission lock over the provider's answer). Twice that, for an
+    event loop that is slow for a moment. 120 s with the defaults. A leaked or orphaned
+    transaction then holds its locks for minutes, not until TCP keepalive notices.
     """
     relay_s = math.ceil(settings.relay_batch_size_max / ATOMIC_BATCH_MAX) * (
         settings.outgoing_deadline_s + JETSTREAM_TIMEOUT_S
     )
-    return 2 * max(settings.db_statement_timeout_s, relay_s)
+    return 2 * max(settings.db_statement_timeout_s, relay_s, settings.held_over_a_call_s())
 
 
 @dataclass

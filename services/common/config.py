@@ -247,6 +247,11 @@ class ServiceSettings(MigrationSettings):
             )
         return days
 
+    def held_over_a_call_s(self) -> float:
+        """How long a transaction of this service may wait, open, for a call outside the database
+        (besides the outbox relay's publish): none here; see `app.idle_in_transaction_timeout_s`."""
+        return 0.0
+
 
 T = TypeVar("T", bound=MigrationSettings)
 

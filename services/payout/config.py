@@ -65,3 +65,8 @@ class PayoutSettings(ServiceSettings):
                 "needs DEV_PROVIDER_SETTLES_PAYOUTS (a dev suite): without it the development provider settles nothing"
             )
         return on
+
+    def held_over_a_call_s(self) -> float:
+        """The dispatcher holds a withdrawal's submission lock (a transaction) over the provider's
+        answer (`Payout._submitting`), up to PROVIDER_TIMEOUT_S."""
+        return self.provider_timeout_s

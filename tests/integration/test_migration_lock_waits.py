@@ -29,6 +29,7 @@ from services.common.app import idle_in_transaction_timeout_s
 from services.common.config import ServiceSettings
 from services.common.db import Database, normalize_url
 from services.common.migrate import alembic_config, upgrade_head
+from services.payout.config import PayoutSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 WALLET = ROOT / "services" / "wallet" / "migrations"
@@ -222,3 +223,12 @@ def test_the_idle_in_transaction_timeout_outlasts_every_gap_a_service_makes_itse
     # The relay's claimed batch waits for JetStream up to OUTGOING_DEADLINE_S + 5 s per 1,000 events.
     slow = defaults.model_copy(update={"outgoing_deadline_s": 120.0, "relay_batch_size_max": 10_000})
     assert idle_in_transaction_timeout_s(slow) == 2 * 10 * (120 + 5)
+    # Payout's dispatcher holds a withdrawal's submission lock over the provider's answer.
+    payout = PayoutSettings(
+        database_url="sqlite:///x.db",
+        nats_url="nats://127.0.0.1:1",
+        wallet_addr="127.0.0.1:1",
+        payout_webhook_secret="a-webhook-secret-of-32-characters",
+        provider_timeout_s=100,
+    )
+    assert idle_in_transaction_timeout_s(payout) == 2 * 100
