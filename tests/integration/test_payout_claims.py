@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, func, select, text
 
 from livegifts.payout.v1 import payout_pb2
+from services.payout.storage import common
 from services.payout.usecases import Payout
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.unit.test_payout_dispatch import (
     RefusingProvider,
+    SlowProvider,
     StuckProvider,
     approved_withdrawal,
     payout_on,
+    reconcile_due,
     status_of,
 )
 
@@ -198,3 +201,38 @@ async def test_a_withdrawal_the_provider_refused_is_not_submitted_by_another_rep
             assert await round_ == 0
         assert (refusing.submitted, other.submitted) == ([withdrawal_id], [])
         assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_each_once(empty_database: str) -> None:
+    # Every replica runs a reconciler: both read the same late withdrawals, both ask the provider
+    # (0.05 s a look-up, so their rounds overlap) and both apply its outcome, under one event id.
+    async with (
+        payout_on(empty_database, pool_size=3) as (first, _),
+        payout_on(empty_database, pool_size=3) as (
+            second,
+            _other,
+        ),
+    ):
+        ids = [await approved_withdrawal(first, f"creator-{i}") for i in range(3)]
+        assert await first.dispatch_once() == 3  # with the provider; its callback never comes
+        for replica in (first, second):
+            replica.provider = provider = SlowProvider()
+            provider.latency_s = 0.05
+            provider.done.update(ids)  # paid at the provider
+        later = reconcile_due(first)
+        async with asyncio.timeout(GUARD_S):
+            settled = await asyncio.gather(first.reconcile_once(now=later), second.reconcile_once(now=later))
+        assert sum(settled) == 3  # one replica applied each, the other's look-up was a duplicate
+        for replica in (first, second):
+            assert replica.provider.asked == ids  # type: ignore[union-attr]
+        for i, withdrawal_id in enumerate(ids):
+            assert await status_of(first, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PAID
+            earnings = await first.get_earnings(f"creator-{i}")
+            assert (earnings.diamonds_held, earnings.diamonds_withdrawn) == (0, 20_000)
+        async with first.db.unit_of_work(readonly=True) as uow:
+            o = common.outbox.c
+            paid = (
+                await uow.conn.execute(select(func.count()).where(o.subject == "payout.withdrawal.paid"))
+            ).scalar_one()
+        assert paid == 3
