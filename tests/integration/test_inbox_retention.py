@@ -197,3 +197,24 @@ async def test_a_running_service_prunes_its_inbox_every_interval(tmp_path: Path)
         assert any("inbox rows pruned" in line for line in (suite.log_dir / "payout.log").read_text().splitlines())
     finally:
         await asyncio.to_thread(suite.stop)
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_two_replicas_pruning_at_once_delete_each_old_row_once_and_neither_fails(
+    gifting_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replica runs a pruner over the one inbox: their chunks pick the same oldest rows, the
+    later waits for the earlier's commit and passes the rows it deleted (no deadlock, no error)."""
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 500)
+    await _received(gifting_db, {f"old-{i}": NOW_US - 50 * DAY_US for i in range(3_000)} | {"young": NOW_US})
+    other = Database(gifting_db.url, pool_size=2, pool_timeout_s=5, application_name="second-replica")
+    try:
+        pruners = [
+            InboxPruner(db, common, service_settings(gifting_db.url, inbox_retention_days=45))
+            for db in (gifting_db, other)
+        ]
+        deleted = await asyncio.wait_for(asyncio.gather(*(p.prune_once(now=NOW_US) for p in pruners)), 30)
+    finally:
+        await other.dispose()
+    assert sum(deleted) == 3_000, deleted
+    assert await _ids(gifting_db) == ["young"]
