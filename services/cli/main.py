@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from livegifts.common.v1 import common_pb2
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -791,6 +792,13 @@ def withdrawals(
     payout_addr: PayoutAddr = "127.0.0.1:50053",
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object per withdrawal and line, every field (notes go to stderr, as errors do)",
+        ),
+    ] = False,
 ) -> None:
     """List withdrawals: every creator's waiting for review (operator token), or one creator's.
 
@@ -836,6 +844,9 @@ def withdrawals(
                     more = True
                     break
                 shown += 1
+                if as_json:
+                    typer.echo(json.dumps(_withdrawal_fields(w)))
+                    continue
                 table.add_row(
                     escape(w.withdrawal_id),
                     escape(w.creator_id),
@@ -849,12 +860,41 @@ def withdrawals(
             if not page.next_page_token:
                 break
             request.page_token = page.next_page_token
-    if shown:
+    notes = err_console if as_json else console  # --json: stdout holds the withdrawals only
+    if shown and not as_json:
         _print_table(table)
-    else:
-        console.print("no withdrawals" + (f" {status}" if status else ""))
+    elif not shown:
+        notes.print("no withdrawals" + (f" {status}" if status else ""))
     if more:
-        console.print(f"[yellow]more withdrawals than --limit {limit}: raise it to see them[/yellow]")
+        notes.print(f"[yellow]more withdrawals than --limit {limit}: raise it to see them[/yellow]")
+
+
+def _money_fields(m: common_pb2.Money) -> dict[str, object]:
+    return {"amount_minor": m.amount_minor, "currency_code": m.currency_code}
+
+
+def _withdrawal_fields(w: payout_pb2.Withdrawal) -> dict[str, object]:
+    """Every field of a withdrawal, for `withdrawals --json`: status and hold by the names the
+    table shows (APPROVED, BALANCE_NEGATIVE; "" when nothing holds it), times in RFC 3339 (UTC)."""
+    status, _, hold = _withdrawal_status(w).partition(", held: ")
+    return {
+        "withdrawal_id": w.withdrawal_id,
+        "creator_id": w.creator_id,
+        "method_id": w.method_id,
+        "diamonds": w.diamonds,
+        "gross": _money_fields(w.gross),
+        "fee": _money_fields(w.fee),
+        "net": _money_fields(w.net),
+        "status": status,
+        "hold": hold,
+        "policy_version": w.policy_version,
+        "reviewed_by": w.reviewed_by,
+        "failure_reason": w.failure_reason,
+        "provider_ref": w.provider_ref,
+        "requested_at": w.requested_at.ToJsonString(),
+        "updated_at": w.updated_at.ToJsonString(),
+        "paid_at": w.paid_at.ToJsonString() if w.HasField("paid_at") else None,  # null until PAID
+    }
 
 
 def _dead_letter_fields(service: str, d: dead_letters_pb2.DeadLetter) -> dict[str, object]:

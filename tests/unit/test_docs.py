@@ -296,10 +296,11 @@ def test_every_cli_command_line_the_docs_show_exists(doc: str) -> None:
 
 
 def _code_block_command_lines(text: str) -> list[str]:
-    """Whole `livegifts ...` lines of the docs' ```sh blocks: what a reader pastes as it stands."""
+    """Whole `livegifts ...` lines of the docs' ```sh blocks: what a reader pastes as it stands,
+    up to a pipe (`| jq ...` is another program's arguments)."""
     blocks = re.findall(r"^```sh\n(.*?)^```", text, flags=re.M | re.S)
     lines = re.findall(r"^(?:\.venv/bin/)?livegifts( [^\n]*)$", "\n".join(blocks), flags=re.M)
-    return [line.split("#", 1)[0].strip() for line in lines]
+    return [line.split("#", 1)[0].split(" | ", 1)[0].strip() for line in lines]
 
 
 @pytest.mark.parametrize("doc", DOCS)
