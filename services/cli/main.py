@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import click
 import grpc
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -56,6 +58,27 @@ console = _Console()
 # Errors and usage errors, and notes beside a command's data: stdout holds only what a command
 # answers, for a pipe (`| jq`) or a file (`> report.txt`) to take without them.
 err_console = _Console(stderr=True)
+
+
+def _plain_usage_errors_off_a_terminal() -> None:
+    """Usage errors (a bad value, a missing argument) in click's plain lines where stderr is no
+    terminal: typer draws them in a box wrapped at 80 columns, so a cron job's log got
+    "Invalid value for --detail-since: '5x' is not a duration such as 2h, 90m," and the rest on
+    the next line, between box glyphs, and a search for the message found neither half.
+    On a terminal they stay typer's. typer looks the function up in its module at each error."""
+    boxed = typer.rich_utils.rich_format_error
+
+    def format_error(exc: click.ClickException) -> None:
+        # No args at all: typer has printed the help already, and its own function prints nothing.
+        if err_console.is_terminal or type(exc).__name__ == "NoArgsIsHelpError":
+            boxed(exc)
+        else:
+            exc.show()
+
+    typer.rich_utils.rich_format_error = format_error
+
+
+_plain_usage_errors_off_a_terminal()
 DEADLINE_S = 10.0
 # `dead-letters replay`: calls of one run, all under its key, when the answer is lost or says to
 # retry (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED: the replay may have committed), and the pause

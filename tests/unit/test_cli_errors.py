@@ -450,3 +450,23 @@ def test_ids_and_paths_are_printed_as_given_not_read_as_markup(tmp_path: Path) -
     assert result.returncode == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
     result = _cli("run", "--var", "/proc/x [here]")  # a folder that cannot be made
     assert result.returncode == 1 and "cannot keep state in /proc/x [here]" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["audit", "--detail-since", "5x"], "'5x' is not a duration such as 2h, 90m, 3600s or 1d"),
+        (["balance"], "Missing argument 'user'."),
+        (["withdrawals", "--limit", "0"], "Invalid value for '--limit': Input should be greater than or equal to 1"),
+    ],
+    ids=["bad-value", "missing-argument", "out-of-range"],
+)
+def test_a_usage_error_off_a_terminal_is_one_plain_line_a_log_search_finds(args: list[str], message: str) -> None:
+    # typer boxed it and wrapped it at 80 columns: a cron job's log had the message in two halves
+    # between box glyphs. stderr is no terminal under CliRunner, as in a Job's log or `2> file`.
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 2, result.output
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("Error: ")]
+    assert message in line, result.stderr
+    assert not any(glyph in result.stderr for glyph in "╭│╰"), result.stderr
+    assert result.stdout == "", result.stdout
