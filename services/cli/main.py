@@ -996,4 +996,15 @@ def main() -> None:
     No GRPC_ENABLE_FORK_SUPPORT: gRPC reads it when imported (too late here), and the CLI forks
     only in `run`, to exec nats-server and the services, and `run` makes no gRPC call.
     """
-    app()
+    try:
+        app()
+    except OSError as exc:
+        # What a command could not write (`> report.txt` on a full disk, a closed terminal): one
+        # line and exit 1, not typer's page of rich's internals. A broken pipe (`| head`) click
+        # ends itself, quietly, with exit 1; the commands' own files say what went wrong already.
+        with contextlib.suppress(OSError, ValueError):
+            # Its unwritten rest goes nowhere: Python's flush at exit would fail again, and say so.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError):
+            err_console.print(f"[red]could not finish: {escape(str(exc))}[/red]", highlight=False)
+        raise SystemExit(1) from None

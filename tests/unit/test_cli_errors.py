@@ -470,3 +470,21 @@ def test_a_usage_error_off_a_terminal_is_one_plain_line_a_log_search_finds(args:
     assert message in line, result.stderr
     assert not any(glyph in result.stderr for glyph in "╭│╰"), result.stderr
     assert result.stdout == "", result.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full to write to")
+def test_output_it_cannot_write_ends_in_one_line_and_exit_1_not_a_traceback() -> None:
+    # `livegifts ... > report.txt` on a full disk: typer printed a page of rich's internals.
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", "withdrawals", "--help"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert _error_lines(result.stderr) == ["could not finish: [Errno 28] No space left on device"], result.stderr
