@@ -430,7 +430,11 @@ def buy(
 
 @app.command()
 def balance(
-    user: Annotated[str, typer.Argument(help="the user's id")], wallet_addr: WalletAddr = "127.0.0.1:50051"
+    user: Annotated[str, typer.Argument(help="the user's id")],
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object, every field: user_id, coins, debt_coins")
+    ] = False,
 ) -> None:
     """Show a user's coin balance."""
     with channel("wallet", wallet_addr) as ch:
@@ -440,12 +444,20 @@ def balance(
             )
         except grpc.RpcError as exc:
             _fail(exc)
+    if as_json:
+        typer.echo(json.dumps({"user_id": bal.user_id or user, "coins": bal.coins, "debt_coins": bal.debt_coins}))
+        return
     console.print(f"{user}: {bal.coins} coins", markup=False)  # an id is text, not markup: "ann[bold]"
 
 
 @app.command()
 def earnings(
-    creator: Annotated[str, typer.Argument(help="the creator's user id")], payout_addr: PayoutAddr = "127.0.0.1:50053"
+    creator: Annotated[str, typer.Argument(help="the creator's user id")],
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="one JSON object, every field of GetEarnings (cash_available: a list of amounts)"),
+    ] = False,
 ) -> None:
     """Show a creator's diamonds."""
     with channel("payout", payout_addr) as ch:
@@ -455,6 +467,9 @@ def earnings(
             )
         except grpc.RpcError as exc:
             _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(_earnings_fields(creator, e)))
+        return
     console.print(
         f"{creator}: {e.diamonds_available} diamonds available, {e.diamonds_lifetime} lifetime, "
         f"from {e.coins_received} coins (+{e.remainder_units}/10000 of a diamond kept)",
@@ -469,6 +484,23 @@ def earnings(
     )
     if e.withdrawals_held:
         console.print("  withdrawals held: a clawback left the balance negative; later earnings repay it")
+
+
+def _earnings_fields(creator: str, e: payout_pb2.Earnings) -> dict[str, object]:
+    """Every field of a creator's earnings, for `earnings --json`."""
+    return {
+        "creator_id": e.creator_id or creator,
+        "diamonds_available": e.diamonds_available,
+        "diamonds_held": e.diamonds_held,
+        "diamonds_withdrawn": e.diamonds_withdrawn,
+        "diamonds_clawed_back": e.diamonds_clawed_back,
+        "diamonds_lifetime": e.diamonds_lifetime,
+        "coins_received": e.coins_received,
+        "remainder_units": e.remainder_units,
+        "clawback_remainder_units": e.clawback_remainder_units,
+        "cash_available": [_money_fields(m) for m in e.cash_available],
+        "withdrawals_held": e.withdrawals_held,
+    }
 
 
 @app.command()

@@ -101,3 +101,9 @@ def test_withdrawals_without_json_is_the_table() -> None:
     assert result.exit_code == 0, result.output
     (row,) = [line for line in result.stdout.splitlines() if "w-held" in line]
     assert "APPROVED, held: BALANCE_NEGATIVE" in row and "60000 USD minor" in row, row
+
+
+def test_withdrawals_json_names_every_field_of_a_withdrawal() -> None:
+    # A field payout adds later is a field this answer shows: this fails until it is added.
+    (row,) = [json.loads(line) for line in _listing([_HELD], "--json").stdout.splitlines()]
+    assert set(row) == {f.name for f in payout_pb2.Withdrawal.DESCRIPTOR.fields}, row
