@@ -619,6 +619,14 @@ def audit(
             " implies --detail; the totals still cover all time)"
         ),
     ] = "",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='one JSON object per invariant and line: {"invariant", "status" (ok, in flight or FAILED),'
+            ' "detail"}; the same exit codes',
+        ),
+    ] = False,
 ) -> None:
     """Check the suite's invariants across the three services; exit 1 if one fails (3 if still in flight).
 
@@ -662,11 +670,15 @@ def audit(
         report = wait_until_settled(fetch, wait_s, progress)
     except grpc.RpcError as exc:
         _fail(exc)
-    table = _table("livegifts audit", "invariant", "status", "detail")
-    for row in report:
-        colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
-        table.add_row(escape(row.name), f"[{colour}]{row.status}[/{colour}]", escape(row.detail))
-    _print_table(table)
+    if as_json:
+        for row in report:
+            typer.echo(json.dumps({"invariant": row.name, "status": row.status, "detail": row.detail}))
+    else:
+        table = _table("livegifts audit", "invariant", "status", "detail")
+        for row in report:
+            colour = {"ok": "green", "in flight": "yellow", "FAILED": "red"}[row.status]
+            table.add_row(escape(row.name), f"[{colour}]{row.status}[/{colour}]", escape(row.detail))
+        _print_table(table)
     if any(r.status == FAILED for r in report):
         raise typer.Exit(1)
     if any(r.status != OK for r in report):

@@ -84,3 +84,20 @@ def test_without_json_they_print_their_lines(monkeypatch: pytest.MonkeyPatch) ->
     assert _invoke(monkeypatch, "balance", "bob").stdout == "bob: -40 coins\n"
     out = _invoke(monkeypatch, "earnings", "creator-1").stdout
     assert out.startswith("creator-1: -20 diamonds available, 500 lifetime"), out
+
+
+@pytest.mark.parametrize(("last", "code"), [("ok", 0), ("in flight", 3), ("FAILED", 1)])
+def test_audit_with_json_is_one_object_per_invariant_and_keeps_its_exit_codes(
+    monkeypatch: pytest.MonkeyPatch, last: str, code: int
+) -> None:
+    # A cron job that alerts with the failed invariants' names had the table's box glyphs to parse.
+    from services.cli import audit
+
+    report = [audit.Check("1. ledger", audit.OK, "sum 0"), audit.Check("4a. credits", last, "w-1 not yet credited")]
+    monkeypatch.setattr(audit, "wait_until_settled", lambda fetch, wait_s, progress: report)
+    result = CliRunner().invoke(app, ["audit", "--json"], env={"COLUMNS": None})
+    assert result.exit_code == code, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"invariant": "1. ledger", "status": "ok", "detail": "sum 0"},
+        {"invariant": "4a. credits", "status": last, "detail": "w-1 not yet credited"},
+    ], result.stdout
