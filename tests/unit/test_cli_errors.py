@@ -488,3 +488,41 @@ def test_output_it_cannot_write_ends_in_one_line_and_exit_1_not_a_traceback() ->
         )
     assert result.returncode == 1, result.stderr
     assert _error_lines(result.stderr) == ["could not finish: [Errno 28] No space left on device"], result.stderr
+
+
+def test_ctrl_c_during_a_hung_call_ends_at_once_with_exit_130_and_no_traceback() -> None:
+    # README promises it to a runbook: not the call's 10 s deadline, nor a page of traceback.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as hung:  # accepts the connection, never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        hung.settimeout(60)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "balance",
+                "bob",
+                "--wallet-addr",
+                f"127.0.0.1:{hung.getsockname()[1]}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # A shell's background job ignores SIGINT, and a child inherits that: not a terminal's Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        conn, _ = hung.accept()  # the call is under way (imports done, however loaded the machine)
+        with conn:
+            time.sleep(0.5)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert time.monotonic() - sent < main.DEADLINE_S / 2, "waited for the call's deadline"
+    assert "Traceback" not in err and out == "", (out, err)

@@ -575,6 +575,19 @@ def test_the_cut_of_the_cli_error_line_readme_gives_is_the_clis() -> None:
     assert f"cut to {ERROR_METADATA_SHOWN_CHARS_MAX} characters, the metadata" in text
 
 
+def test_the_cli_deadlines_readme_gives_are_the_clis() -> None:
+    # A runbook script bounds how long a command may hang by these numbers.
+    import math
+
+    from services.cli import main
+
+    text = " ".join(README.split())
+    assert f"Each call the CLI makes has a {main.DEADLINE_S:g} s deadline" in text
+    replay_s = main.REPLAY_ATTEMPTS_MAX * main.DEADLINE_S + sum(main.REPLAY_RETRY_PAUSES_S)
+    assert f"`balance` or `earnings` after {main.DEADLINE_S:g} s" in text
+    assert f"`dead-letters replay` after at most {math.ceil(replay_s)} s" in text
+
+
 MIGRATION_NAMED = re.compile(r"\b(wallet|gifting|payout)(?:'s)?(?: migrations?)? (\d{4})(?: `(ix_\w+)`)?")
 
 
