@@ -690,7 +690,7 @@ dead_letters = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dead_letters, name="dead-letters")
-Service = Annotated[str, typer.Option(help="wallet, gifting or payout")]
+Service = Annotated[str, typer.Option(help="wallet, gifting or payout (default: every service)")]
 OperatorToken = Annotated[
     str,
     typer.Option(
@@ -819,7 +819,7 @@ def dead_letters_list(
             more += cut
     if shown and not as_json:
         _print_table(table)
-    elif not shown:
+    elif not shown and len(unreachable) < len(services):  # none answered: no list to speak of
         notes.print("no parked events" + (" in the services that answered" if unreachable else ""))
     if more:
         notes.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")

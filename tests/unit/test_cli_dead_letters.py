@@ -244,3 +244,15 @@ def test_a_json_list_refused_before_any_call_says_why_on_stderr(args: list[str])
     assert result.exit_code in (1, 2), result.output
     assert result.stdout == "", result.stdout
     assert "unknown service" in result.stderr or "no operator token" in result.stderr, result.stderr
+
+
+def test_a_list_no_service_answered_says_no_parked_events_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "no parked events in the services that answered" on stdout when none answered: a script
+    # grepping the output for "no parked events" took an outage for an empty list.
+    down = {svc: grpc.StatusCode.UNAVAILABLE for svc in ("wallet", "gifting", "payout")}
+    monkeypatch.setattr(main, "channel", lambda service, addr: contextlib.nullcontext(service))
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _per_service_stub(down))
+    result = CliRunner().invoke(app, ["dead-letters", "list", "--operator-token", "t"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "no parked events" not in result.output, result.output
+    assert result.stderr.count("UNAVAILABLE") == 3, result.stderr
