@@ -6,6 +6,7 @@ Operators had no command for it: docs/sre.md sent them to payout's database with
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -38,6 +39,11 @@ async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_
     assert queue.returncode == 0, queue.stdout + queue.stderr
     row = next(line for line in queue.stdout.splitlines() if waiting.withdrawal_id in line)
     assert creator in row and "PENDING_REVIEW" in row and "60000 USD" in row, row
+    as_json = _withdrawals(deployment, f"--operator-token={deployment.operator_token}", "--limit=100000", "--json")
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    (obj,) = [o for o in map(json.loads, as_json.stdout.splitlines()) if o["withdrawal_id"] == waiting.withdrawal_id]
+    assert (obj["creator_id"], obj["status"], obj["hold"], obj["diamonds"]) == (creator, "PENDING_REVIEW", "", 120_000)
+    assert obj["gross"] == {"amount_minor": 60_000, "currency_code": "USD"} and obj["method_id"] == method_id, obj
     # Held APPROVED ones are another status: this one is not among them.
     approved = _withdrawals(deployment, "--status=approved", f"--operator-token={deployment.operator_token}")
     assert approved.returncode == 0, approved.stdout + approved.stderr
