@@ -578,7 +578,8 @@ def demo(
             _fail(exc)
     share = policy.creator_share_bp / 100
     if got is None or got.diamonds_lifetime != expected:
-        console.print(
+        # The failure, on stderr as every failure of the CLI is: stdout keeps the steps that went.
+        err_console.print(
             f"[red]4. {creator} has {got.diamonds_lifetime if got else 0} diamonds, expected {expected}[/red]"
         )
         raise typer.Exit(1)
