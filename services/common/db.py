@@ -276,6 +276,25 @@ def _drop_read_only(ctx: Any) -> None:
         ctx.is_disconnect = True
 
 
+# What PostgreSQL answers a new connection to a database it does not open now: 55000 (object not
+# in prerequisite state: `ALLOW_CONNECTIONS false`, set for maintenance or by a tool that needs
+# the database to itself) and 3D000 (no such database: dropped, or renamed for a restore).
+REFUSED_CONNECT_SQLSTATES = ("55000", "3D000")
+
+
+def _refused_connect(ctx: Any) -> None:
+    """Treat PostgreSQL refusing a new connection to the database (REFUSED_CONNECT_SQLSTATES) as
+    a disconnect, which grpcserver.is_unavailable reads as it reads PostgreSQL's other refusals
+    (08, 28, 53, 57P03): the database is unavailable to the service, the call answers
+    UNAVAILABLE / DEPENDENCY_UNAVAILABLE, a consumer does not count the delivery towards parking.
+    It used to be a bare DBAPIError: every call answered INTERNAL with a traceback in the log,
+    and consumers counted an outage as the event's failure. Only at connect (no connection yet):
+    55000 from a statement is another matter, a bug of ours (e.g. currval before nextval).
+    """
+    if ctx.connection is None and driver_sqlstate(ctx.original_exception) in REFUSED_CONNECT_SQLSTATES:
+        ctx.is_disconnect = True
+
+
 def create_engine(
     url: str,
     *,
@@ -343,6 +362,7 @@ def create_engine(
     )
     event.listen(engine.sync_engine.pool, "checkout", _drop_closed_on_checkout)
     event.listen(engine.sync_engine, "handle_error", _drop_read_only)
+    event.listen(engine.sync_engine, "handle_error", _refused_connect)
     return engine
 
 

@@ -94,7 +94,8 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
-    # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover), or
+    # A bare DBAPIError from a connection the server closed (pg_terminate_backend, failover) or
+    # would not open for the database's state (db.py marks those: 55000, 3D000), or
     # one PostgreSQL refused: the connection classes of SQLSTATE (08), a rotated or wrong role or
     # password (28), too many connections (53), a server shutting down or starting (57P), a
     # write on a read-only server (25006: after a failover, a pooled connection to the old

@@ -255,6 +255,35 @@ async def _drop_pg_connections(suite: Suite, flight: Flight, log: list[str]) -> 
     assert terminated > 0, f"no PostgreSQL connection of {names} was terminated: no fault was injected"
 
 
+REFUSED_S = 2.0  # how long each database refuses new connections
+
+
+async def _refuse_pg_connections(suite: Suite, flight: Flight, log: list[str]) -> None:
+    """Each service's database in turn refuses new connections (`ALLOW_CONNECTIONS false`, an
+    operator's maintenance switch: SQLSTATE 55000) for REFUSED_S, its sessions ended, once gift
+    events flow. Its calls must answer UNAVAILABLE (the load retries them), not INTERNAL."""
+    import asyncpg
+
+    admin = pg.admin_url_or_skip()
+    await _until_stored(suite, flight, "GIFTING")
+    flight.fault_starts(log, "databases refuse new connections in turn")
+    conn = await asyncpg.connect(pg.database_url(admin, "postgres").replace("+asyncpg", ""))
+    try:
+        for svc in ("wallet", "gifting", "payout"):
+            name = suite.config.database_urls[svc].rsplit("/", 1)[1]
+            await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            try:
+                n = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1", name
+                )
+                await asyncio.sleep(REFUSED_S)
+            finally:
+                await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            log.append(f"{svc}'s database refused connections for {REFUSED_S:g} s ({n} sessions ended)")
+    finally:
+        await conn.close()
+
+
 LOCKED_S = 6.0
 LOCKED_STATEMENT_TIMEOUT_S = 2.0  # the wallet's DB_STATEMENT_TIMEOUT_S in that scenario: below the lock
 
@@ -401,6 +430,7 @@ SCENARIOS = [
     Scenario("gifting is SIGTERMed mid-load", {}, _terminate_and_restart("gifting")),
     Scenario("payout is SIGTERMed mid-load", {}, _terminate_and_restart("payout")),
     Scenario("database connections are dropped mid-load", {}, _drop_pg_connections, postgres_only=True),
+    Scenario("each database refuses new connections in turn mid-load", {}, _refuse_pg_connections, postgres_only=True),
     Scenario(
         "the wallet's accounts are locked past its statement timeout mid-load",
         {},

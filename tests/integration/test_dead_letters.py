@@ -712,6 +712,51 @@ async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary
         pg.drop_database(admin, name)
 
 
+async def test_a_database_refusing_new_connections_parks_nothing_and_the_relay_and_the_consumer_go_on_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL only: `ALLOW_CONNECTIONS false` (an operator's maintenance switch) refuses every
+    # new connection with 55000, and the pool's connections are gone (terminated). That refusal
+    # was not an outage to the consumer: each delivery counted towards CONSUMER_MAX_DELIVER and
+    # logged "event failed, will be redelivered", a line per event per retry. It is the database
+    # unavailable: nothing counted or parked, one outage line, and once connections are allowed
+    # again the relay and the consumer connect anew and every event applies once, no restart.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+
+    def allow(on: bool) -> None:
+        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if on else "false"}')
+
+    deliveries = _failed_deliveries(monkeypatch)
+    try:
+        async with _rig(tmp_path, pg.database_url(admin, name)) as rig:
+            published = await rig.h.add_events(3)
+            assert await rig.h.relay.relay_once() == 3
+            waiting = await rig.h.add_events(2)  # still in the outbox when connections are refused
+            allow(False)
+            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+                async with _running(rig.consumer.run), _running(rig.h.relay.run):
+                    await eventually(
+                        lambda: asyncio.sleep(0, len(deliveries) == 3 and min(deliveries.values()) >= 3), bool, 30
+                    )
+                    assert len(deliveries) == 3 and min(deliveries.values()) >= 3, deliveries  # past max_deliver (2)
+                    lines = [r.message for r in caplog.records]
+                    assert lines.count("event failed, will be redelivered") == 0, "counted as the events' failures"
+                    outage = [m for m in lines if m.startswith("event not applied, the database is unavailable")]
+                    assert len(outage) == 1, f"{len(outage)} outage lines: one per 30 s"
+                    allow(True)
+                    await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 5, 30)
+                    await eventually(rig.h.unpublished, lambda n: n == 0, 30)
+            assert [await rig.applied(i) for i in published + waiting] == [1] * 5
+            assert await rig.count("SELECT count(*) FROM dead_letters") == 0
+            assert await rig.h.stored() == 5
+    finally:
+        allow(True)
+        pg.drop_database(admin, name)
+
+
 @pytest.mark.parametrize(
     ("event_id", "problem"),
     [("x" * 65, "event_id is longer than 64 characters"), ("abc\x00def", "event_id holds a control character")],

@@ -3,12 +3,15 @@
 After a rotated password or a role removed by mistake, every call fails until it is fixed;
 callers and alerts must see a dependency outage, as for a server that is down. A primary that
 goes silent (lost with its node: no FIN, no RST) fails what waits on it within
-DB_STATEMENT_TIMEOUT_S, and what comes next runs on a new connection.
+DB_STATEMENT_TIMEOUT_S, and what comes next runs on a new connection. A database that refuses
+new connections (not allowed, or renamed away) is an outage too, over once it takes them again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 
 import grpc
 import pytest
@@ -17,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from services.common.batching import MicroBatcher
 from services.common.db import Database
-from services.common.grpcserver import ErrorInterceptor, is_unavailable
+from services.common.grpcserver import ErrorInterceptor, is_retryable, is_unavailable
 from tests.integration import pg
 
 
@@ -110,3 +113,53 @@ async def test_a_primary_lost_without_a_word_fails_the_batch_on_it_and_the_next_
     finally:
         await proxy.close()
         await asyncio.wait_for(db.dispose(), 30)
+
+
+@pytest.mark.parametrize(
+    ("refuse", "allow"),
+    [
+        ('ALTER DATABASE "{name}" ALLOW_CONNECTIONS false', 'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'),
+        ('ALTER DATABASE "{name}" RENAME TO "{name}_away"', 'ALTER DATABASE "{name}_away" RENAME TO "{name}"'),
+    ],
+    ids=["connections-not-allowed", "renamed-away"],
+)
+async def test_a_database_that_refuses_new_connections_is_an_outage_and_the_pool_connects_once_it_allows_them(
+    refuse: str, allow: str
+) -> None:
+    # PostgreSQL refuses a new connection to a database that does not allow them (55000: an
+    # operator's `ALLOW_CONNECTIONS false` for maintenance) or is not there (3D000: renamed or
+    # dropped for a restore). Every call answered INTERNAL, logged "unexpected error" with a
+    # traceback, and consumers counted each delivery as the event's own failure, towards parking.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    db = Database(pg.database_url(admin, name), pool_size=2, pool_timeout_s=5, application_name="refusing")
+
+    async def select_one() -> int:
+        async with db.unit_of_work(readonly=True) as uow:
+            return int((await uow.conn.execute(text("SELECT 1"))).scalar_one())
+
+    try:
+        assert await select_one() == 1  # the pool holds a connection now
+        # Its sessions ended first: a database is renamed only once nobody is connected to it.
+        pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        pg.run_sql(admin, refuse.format(name=name))
+        refused: list[BaseException] = []
+        for _ in range(2):  # the pooled connection the server closed, then a new connect refused
+            try:
+                await select_one()
+            except Exception as exc:  # noqa: BLE001 - the error is what is tested
+                refused.append(exc)
+        assert len(refused) == 2, "a call went through while the database refused connections"
+        for exc in refused:
+            assert is_retryable(exc), f"not retryable: {exc!r}"
+            status = ErrorInterceptor("livegifts.test")._status_of(exc)
+            assert status.code == grpc.StatusCode.UNAVAILABLE, f"{status.code}: {exc!r}"
+            assert "DEPENDENCY_UNAVAILABLE" in str(status.trailing_metadata)
+        pg.run_sql(admin, allow.format(name=name))
+        assert await select_one() == 1, "the pool did not connect again once the database allowed it"
+    finally:
+        await db.dispose()
+        with contextlib.suppress(Exception):
+            pg.run_sql(admin, allow.format(name=name))
+        pg.drop_database(admin, name)
