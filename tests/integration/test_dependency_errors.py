@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 
 import grpc
@@ -21,7 +22,9 @@ from sqlalchemy.engine import make_url
 from services.common.batching import MicroBatcher
 from services.common.db import Database
 from services.common.grpcserver import ErrorInterceptor, is_retryable, is_unavailable
+from services.common.loops import run_every
 from tests.integration import pg
+from tests.integration.helpers import eventually
 
 
 async def test_a_role_postgresql_refuses_is_a_dependency_outage_not_an_internal_error() -> None:
@@ -162,4 +165,66 @@ async def test_a_database_that_refuses_new_connections_is_an_outage_and_the_pool
         await db.dispose()
         with contextlib.suppress(Exception):
             pg.run_sql(admin, allow.format(name=name))
+        pg.drop_database(admin, name)
+
+
+async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on_when_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A background loop (payout's dispatcher runs every 0.2 s) whose database refuses it logged
+    # "<what> failed, retrying next round" every round: 300 lines a minute per pod for as long
+    # as the outage lasted. One line per FAILURE_LOG_INTERVAL_S now, saying how many rounds it
+    # stands for; the loop handles items again once the database is back, without a restart, and
+    # the next outage is logged at once.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    db = Database(pg.database_url(admin, name), pool_size=1, pool_timeout_s=5, application_name="loop")
+    rounds = {"ok": 0, "failed": 0}
+
+    async def once() -> int:
+        try:
+            async with db.unit_of_work(readonly=True) as uow:
+                await uow.conn.execute(text("SELECT 1"))
+        except Exception:
+            rounds["failed"] += 1
+            raise
+        rounds["ok"] += 1
+        return 1
+
+    def refuse(on: bool) -> None:
+        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if on else "true"}')
+        if on:
+            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+
+    async def until(what: str, count: int) -> None:
+        target = rounds[what] + count
+        await eventually(lambda: asyncio.sleep(0, rounds[what] >= target), bool, 20)
+        assert rounds[what] >= target, f"the loop stopped: {rounds}"
+
+    def failure_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.message == "rounds failed, retrying next round"]
+
+    stop = asyncio.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.common.loops"):
+            loop = asyncio.create_task(run_every(stop, 0.02, once, "rounds"))
+            await until("ok", 3)
+            refuse(True)
+            await until("failed", 20)
+            assert len(failure_lines()) == 1, f"{len(failure_lines())} lines for {rounds['failed']} failed rounds"
+            refuse(False)
+            await until("ok", 3)
+            refuse(True)  # a new outage: said at once, not held back by the first one's line
+            await until("failed", 2)
+            assert len(failure_lines()) == 2, f"{len(failure_lines())} lines: the second outage not said at once"
+            refuse(False)
+            await until("ok", 1)
+            stop.set()
+            await asyncio.wait_for(loop, 10)
+        assert [r.retries for r in failure_lines()] == [1, 1]  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        await db.dispose()
+        refuse(False)
         pg.drop_database(admin, name)
