@@ -33,6 +33,7 @@ from services.common.telemetry import (
     recording,
     remote_context,
 )
+from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+# A call answered UNAVAILABLE for one reason and error logs one line per this many seconds.
+UNAVAILABLE_LOG_INTERVAL_S = 30.0
 # Errors that are our bugs, not outages: they stay INTERNAL.
 _BUG_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.IntegrityError,
@@ -222,6 +225,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, domain: str, *, propagate_trace: bool = False) -> None:
         self.domain = domain
         self.propagate_trace = propagate_trace
+        # "dependency unavailable", one line per UNAVAILABLE_LOG_INTERVAL_S for each reason and
+        # error (a few: classes and SQLSTATEs), keyed by both.
+        self._unavailable_log: dict[tuple[str, str], LogThrottle] = {}
 
     def _status_of(self, exc: BaseException) -> Any:
         if isinstance(exc, DomainError):
@@ -232,9 +238,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         if is_unavailable(exc):
             refusal = storage_refusal(exc)
-            log.warning(
-                "dependency unavailable", extra={"error": _cause(exc), "reason": refusal or "DEPENDENCY_UNAVAILABLE"}
-            )
+            self._log_unavailable(_cause(exc), refusal or "DEPENDENCY_UNAVAILABLE")
             if refusal is not None:
                 return _rich_status(
                     grpc.StatusCode.UNAVAILABLE,
@@ -253,6 +257,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         log.exception("unexpected error")
         message, metadata = internal_error()
         return _rich_status(grpc.StatusCode.INTERNAL, message, "INTERNAL", self.domain, metadata)
+
+    def _log_unavailable(self, error: str, reason: str) -> None:
+        """Log a call answered UNAVAILABLE at once the first time for its reason and error, then
+        at most once per UNAVAILABLE_LOG_INTERVAL_S (`calls`: the calls the line stands for, this
+        one included). Every call of an outage logged a line: hundreds a second on a busy pod, for
+        as long as it lasted; the calls themselves are counted in livegifts_rpc_seconds_count."""
+        throttle = self._unavailable_log.setdefault((reason, error), LogThrottle(UNAVAILABLE_LOG_INTERVAL_S))
+        if calls := throttle.occurred():
+            log.warning("dependency unavailable", extra={"error": error, "reason": reason, "calls": calls})
 
     @contextlib.asynccontextmanager
     async def _answering(self, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

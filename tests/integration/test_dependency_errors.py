@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,7 +25,8 @@ from services.common.db import Database
 from services.common.grpcserver import ErrorInterceptor, is_retryable, is_unavailable
 from services.common.loops import run_every
 from tests.integration import pg
-from tests.integration.helpers import eventually
+from tests.integration.helpers import buy_coins, eventually, expect_error, uid
+from tests.integration.test_storage_full import SECRET, _wallet
 
 
 async def test_a_role_postgresql_refuses_is_a_dependency_outage_not_an_internal_error() -> None:
@@ -227,4 +229,37 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
         stop.set()
         await db.dispose()
         refuse(False)
+        pg.drop_database(admin, name)
+
+
+async def test_an_outage_logs_a_line_per_error_not_one_per_call_and_the_retry_takes_effect_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every call a database outage failed logged "dependency unavailable": hundreds of lines a
+    # second on a busy pod, for as long as the outage lasted. One line per error and reason at
+    # once, then one per 30 s saying how many calls it stands for.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    try:
+        async with _wallet(tmp_path, pg.database_url(admin, name)) as wallet:
+            user = uid("user")
+            await buy_coins(wallet.stub, SECRET, user)  # 700 coins
+            pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            key = uid("spend")
+            with caplog.at_level(logging.WARNING, logger="services.common.grpcserver"):
+                for _ in range(12):
+                    await expect_error(wallet.spend(user, key), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+            lines = [r for r in caplog.records if r.message == "dependency unavailable"]
+            errors = [r.error for r in lines]  # type: ignore[attr-defined]
+            assert "DBAPIError (55000)" in errors, errors
+            assert len(errors) == len(set(errors)), f"{len(lines)} lines for 12 calls: {errors}"
+            assert all(r.calls == 1 for r in lines)  # type: ignore[attr-defined]
+            pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await wallet.spend(user, key)  # the retry, same key, once the database takes connections
+            await wallet.spend(user, key)
+            assert await wallet.coins(user) == 699, "the retried spend took effect once"
+    finally:
+        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         pg.drop_database(admin, name)
