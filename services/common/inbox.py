@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -152,6 +153,11 @@ def _trim(remembered: OrderedDict[int, Any], size_max: int) -> None:
         remembered.popitem(last=False)
 
 
+def _digest(msg: Msg) -> bytes:
+    """What tells a copy of a parked message from another message at its stream sequence."""
+    return hashlib.blake2b(msg.data or b"", digest_size=16).digest()
+
+
 def _in_trace_of(msg: Msg) -> contextlib.AbstractContextManager[None]:
     """The trace the message came with, current for the lines logged about it (outside the
     handler's span: without it they carried no trace id, and a gift's trace did not lead there)."""
@@ -233,10 +239,13 @@ class Consumer(Generic[E]):
         self._not_counted: OrderedDict[int, int] = OrderedDict()
         self._not_counted_max = self.batch_size_max * 16
         self._position_checked = False
-        # Stream sequences of the events this process parked lately (bounded alike): a copy
-        # delivered before the park (JetStream redelivered it while a try was still running) is
-        # terminated, not tried and parked a second time.
-        self._parked: OrderedDict[int, None] = OrderedDict()
+        # Stream sequences of the events this process parked lately (bounded alike), with a
+        # digest of each one's bytes: a copy delivered before the park (JetStream redelivered it
+        # while a try was still running), or after a term that was lost, is terminated, not tried
+        # and parked a second time. Only a copy: another event at that sequence (its stream made
+        # again while this process kept pulling, the durable made again by another replica, so
+        # no bind here forgot them) is tried as any event.
+        self._parked: OrderedDict[int, bytes] = OrderedDict()
         # When the durable these sequences are of was made (`_bound_to`).
         self._durable_created: datetime.datetime | None = None
         self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
@@ -512,7 +521,7 @@ class Consumer(Generic[E]):
         newest: dict[int, Msg] = {}
         for i, msg in enumerate(msgs):
             seq = self._sequence(msg)
-            if seq is not None and seq in self._parked:
+            if seq is not None and (parked := self._parked.get(seq)) is not None and parked == _digest(msg):
                 with contextlib.suppress(Exception):  # already gone from the stream; best effort
                     await msg.term()
                 continue
@@ -757,10 +766,12 @@ class Consumer(Generic[E]):
                 )
             )
             await uow.commit()
-        await msg.term()
+        # Kept before the term: a term lost with the connection leaves the event to come again,
+        # and its copy is then terminated, not parked a second time.
         if (seq := self._sequence(msg)) is not None:
-            self._parked[seq] = None
+            self._parked[seq] = _digest(msg)
             _trim(self._parked, self._not_counted_max)
+        await msg.term()
         DEAD_LETTERS.labels(self.sub.durable).inc()
         with _in_trace_of(msg):
             log.error(

@@ -20,6 +20,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
+from sqlalchemy import select
 
 from livegifts.gifting.v1 import events_pb2
 from services.common.db import Database
@@ -319,3 +320,108 @@ async def test_the_position_check_as_a_consumer_binds_sets_its_result_for_the_al
         for each in ("ok", "behind", "not_checked")
     }
     assert values == {each: float(each == result) for each in values}, values
+
+
+class _Msg:
+    """A delivery of `event_id` at stream sequence `seq`, `n` times delivered, that records how it
+    was settled; `term_fails` makes its first term() raise (the connection lost)."""
+
+    subject = "s.x"
+
+    def __init__(self, event_id: str, seq: int, n: int, term_fails: bool = False) -> None:
+        self.data = events_pb2.GiftSent(event_id=event_id).SerializeToString()
+        self.metadata = SimpleNamespace(num_delivered=n, sequence=SimpleNamespace(stream=seq))
+        self.headers: dict[str, str] = {}
+        self.settled: list[str] = []
+        self.term_fails = term_fails
+
+    @property
+    def is_acked(self) -> bool:
+        return bool(self.settled)
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nak(self, delay: float = 0) -> None:
+        self.settled.append("nak")
+
+    async def term(self) -> None:
+        if self.term_fails:
+            self.term_fails = False
+            raise nats.errors.ConnectionClosedError
+        self.settled.append("term")
+
+    async def in_progress(self) -> None:
+        return None
+
+
+async def _parking_consumer(
+    tmp_path: Path, durable: str, poisoned: str, applied: list[str]
+) -> tuple[Consumer, Database]:
+    """A consumer over SQLite that parks on the first failure (CONSUMER_MAX_DELIVER=1) and whose
+    handler fails on `poisoned` and records every other event it applies in `applied`."""
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        for e in events:
+            if e.event_id == poisoned:
+                raise ValueError("a bug in the handler")
+            applied.append(e.event_id)
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = GiftingSettings(
+        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=1
+    )
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(common.inbox.metadata.create_all)
+    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    return Consumer(db, _Bus(), common, sub, settings), db  # type: ignore[arg-type]
+
+
+async def _parked_ids(db: Database, durable: str) -> list[str]:
+    async with db.engine.begin() as conn:
+        d = common.dead_letters.c
+        return list((await conn.execute(select(d.event_id).where(d.consumer == durable))).scalars())
+
+
+async def test_a_new_event_at_the_sequence_of_one_parked_is_applied_when_this_process_did_not_bind_again(
+    tmp_path: Path,
+) -> None:
+    # Another replica made the stream and the durable again (NATS back without its store) before
+    # this one's next pull, which then went to the new durable with no error and no bind again:
+    # the parked stream sequences kept from the old stream are not forgotten (`_bound_to`), and
+    # the new event numbered as the parked one was terminated as its copy, neither applied nor
+    # parked. A copy is the same message; another event at that sequence is not one.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "stale-seq", "poisoned", applied)
+    try:
+        await consumer.process([_Msg("poisoned", seq=7, n=1)])  # type: ignore[list-item]
+        assert await _parked_ids(db, "stale-seq") == ["poisoned"]
+        copy = _Msg("poisoned", seq=7, n=2)
+        await consumer.process([copy])  # type: ignore[list-item]
+        assert copy.settled == ["term"], "a copy of the parked event is terminated, not tried again"
+        new = _Msg("new-event", seq=7, n=1)
+        await consumer.process([new])  # type: ignore[list-item]
+        assert applied == ["new-event"]
+        assert new.settled == ["ack"]
+        assert await _parked_ids(db, "stale-seq") == ["poisoned"]
+    finally:
+        await db.engine.dispose()
+
+
+async def test_an_event_parked_whose_term_was_lost_is_not_parked_again_on_its_redelivery(tmp_path: Path) -> None:
+    # The dead_letters row committed, then the term failed (the NATS connection lost): the loop's
+    # error path binds again, and JetStream redelivers the event after ack_wait. Its stream
+    # sequence was kept only after a term that succeeded, so the copy was tried and parked again:
+    # two rows for one event, and two replays for an operator to reason about.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "term-lost", "poisoned", applied)
+    try:
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
+        again = _Msg("poisoned", seq=3, n=2)
+        await consumer.process([again])  # type: ignore[list-item]
+        assert again.settled == ["term"]
+        assert await _parked_ids(db, "term-lost") == ["poisoned"]
+    finally:
+        await db.engine.dispose()
