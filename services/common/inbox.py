@@ -235,8 +235,10 @@ class Consumer(Generic[E]):
         # event's own failures are num_delivered less these. Entries go when the event is acked
         # or parked; bounded (oldest dropped first), and kept per process: a replica that did not
         # see an event's outage deliveries counts them as failures, so it parks earlier, never
-        # on an outage failure itself.
-        self._not_counted: OrderedDict[int, int] = OrderedDict()
+        # on an outage failure itself. Each count is kept with a digest of the message's bytes
+        # (`_digest`), as `_parked` is: another event at that sequence (its stream made again
+        # while this process kept pulling) starts from none.
+        self._not_counted: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._not_counted_max = self.batch_size_max * 16
         self._position_checked = False
         # Stream sequences of the events this process parked lately (bounded alike), with a
@@ -698,7 +700,9 @@ class Consumer(Generic[E]):
         seq = self._sequence(msg)
         if seq is None:
             return
-        self._not_counted[seq] = self._not_counted.get(seq, 0) + 1
+        digest = _digest(msg)
+        kept = self._not_counted.get(seq)
+        self._not_counted[seq] = (digest, kept[1] + 1 if kept is not None and kept[0] == digest else 1)
         self._not_counted.move_to_end(seq)
         _trim(self._not_counted, self._not_counted_max)
 
@@ -733,7 +737,8 @@ class Consumer(Generic[E]):
             await msg.nak(delay=delay_s)
             return
         seq = self._sequence(msg)
-        failures = delivered - (self._not_counted.get(seq, 0) if seq is not None else 0)
+        kept = self._not_counted.get(seq) if seq is not None else None
+        failures = delivered - (kept[1] if kept is not None and kept[0] == _digest(msg) else 0)
         if failures >= self.max_deliver:
             event_id = event.event_id  # type: ignore[attr-defined]
             error = f"failed {failures} times: {shown(exc)}; the service log has the whole error"

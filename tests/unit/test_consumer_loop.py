@@ -184,6 +184,7 @@ class _Delivered:
     def __init__(self, n: int) -> None:
         self.metadata = type("Meta", (), {"num_delivered": n, "sequence": self._Seq()})()
         self.headers: dict[str, str] = {}
+        self.data = b""
         self.naks: list[float] = []
 
     async def nak(self, delay: float) -> None:
@@ -423,5 +424,26 @@ async def test_an_event_parked_whose_term_was_lost_is_not_parked_again_on_its_re
         await consumer.process([again])  # type: ignore[list-item]
         assert again.settled == ["term"]
         assert await _parked_ids(db, "term-lost") == ["poisoned"]
+    finally:
+        await db.engine.dispose()
+
+
+async def test_deliveries_not_counted_for_one_event_do_not_spare_another_at_its_sequence(tmp_path: Path) -> None:
+    # This replica nak'ed an event through an outage (its deliveries not counted), and another
+    # replica applied it, so nothing here forgot them. Its stream and durable were made again by
+    # another replica (no bind here): a new event at that sequence had those deliveries taken off
+    # its own failures, and one that kept failing went on being tried instead of being parked.
+    from sqlalchemy import exc as sa_exc
+
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "stale-count", "poisoned", applied)
+    try:
+        outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        for n in (1, 2, 3):
+            await consumer._failed((_Msg("applied-elsewhere", seq=9, n=n), events_pb2.GiftSent()), outage)  # type: ignore[arg-type]
+        new = _Msg("poisoned", seq=9, n=1)
+        await consumer.process([new])  # type: ignore[list-item]
+        assert new.settled == ["term"], "failed once of its own with CONSUMER_MAX_DELIVER=1: parked"
+        assert await _parked_ids(db, "stale-count") == ["poisoned"]
     finally:
         await db.engine.dispose()
