@@ -1,0 +1,110 @@
+"""A consumer replica whose NATS came back without its store, and whose stream and durable another
+replica made again before its next pull, keeps pulling with no error and no bind again: what it
+keeps by stream sequence from the old stream must not decide the fate of the new stream's events.
+
+Before: the replica had parked an event at stream sequence 1 and kept that sequence, to terminate
+copies of it; the new stream's first event came at sequence 1 and was terminated as such a copy,
+never applied nor parked (its producer's outbox row deleted, so lost for good).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy import MetaData, func, select
+
+from livegifts.gifting.v1 import events_pb2
+from services.cli.suite import Suite, SuiteConfig, free_port
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
+from services.common.db import Database, UnitOfWork
+from services.common.inbox import ACK_WAIT_S, Consumer, Subscription
+from services.common.pull import Puller
+from services.common.tables import add_common_tables
+from tests.integration.helpers import eventually
+
+DURABLE = "made-again-test"
+SUBJECT = "gifting.gift.sent"
+
+
+async def _publish(bus: Bus, event_id: str) -> None:
+    assert bus.js is not None
+    data = events_pb2.GiftSent(event_id=event_id, coins=1, creator_id="c").SerializeToString()
+    await bus.js.publish(SUBJECT, data, headers={"Nats-Msg-Id": event_id})
+
+
+async def _count(db: Database, table: Any) -> int:
+    async with db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_at_a_parked_sequence(
+    tmp_path: Path,
+) -> None:
+    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
+    suite.start_nats()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = ServiceSettings(database_url=url, nats_url=suite.config.nats_url, consumer_max_deliver=1)  # type: ignore[call-arg]
+    metadata = MetaData()
+    tables = add_common_tables(metadata)
+    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
+    stop = asyncio.Event()
+    entered, release = asyncio.Event(), asyncio.Event()  # the replica held inside a batch, not pulling
+    applied: list[str] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        for e in events:
+            if e.event_id == "poisoned":
+                raise RuntimeError("a row this event needs is missing")
+            if e.event_id == "slow":
+                entered.set()
+                await release.wait()
+            applied.append(e.event_id)
+
+    a = Bus(settings, "replica-a")
+    b = Bus(settings, "replica-b")
+    running = None
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await asyncio.wait_for(a.connect(stop, ["GIFTING"]), 20)
+        consumer = Consumer(
+            db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
+        )
+        running = asyncio.create_task(consumer.run(stop))
+        await _publish(a, "poisoned")  # stream sequence 1
+        assert await eventually(lambda: _count(db, tables.dead_letters), lambda n: n == 1, 20) == 1
+        await _publish(a, "slow")  # the replica is inside this batch until `release`
+        await asyncio.wait_for(entered.wait(), 20)
+
+        # NATS back without its store; the other replica makes the stream and the durable again
+        # (its relay's publish and its consumer's bind) and the stream's first event is new.
+        suite.kill("nats")
+        shutil.rmtree(tmp_path / "nats")
+        suite.start_nats()
+        await asyncio.wait_for(b.connect(stop, ["GIFTING"]), 20)
+        assert b.nc is not None and b.js is not None
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
+        )
+        other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
+        await other.unsubscribe()
+        await _publish(b, "new-event")
+        assert (await b.js.stream_info("GIFTING")).state.last_seq == 1  # the parked event's sequence
+
+        release.set()
+        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 2, 20) == 2, "terminated unapplied"
+        assert applied == ["slow", "new-event"]
+    finally:
+        release.set()
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, 20)
+        await a.close()
+        await b.close()
+        await db.dispose()
+        suite.stop()
