@@ -222,6 +222,15 @@ def above_daily_maximum(amounts: Amounts, terms: CurrencyTerms) -> bool:
     return amounts.gross_minor > terms.daily_max_minor
 
 
+def utc_day(at_us: int) -> str:
+    """The UTC day an instant (unix microseconds) falls in, as an ISO date: the day a withdrawal's
+    gross is counted on (`daily_withdrawals.day`).
+
+    Integer days, as the wallet's `utc_date`, not a float of seconds: a float rounds the last
+    microsecond of a day into the next once the seconds need more bits than it has to spare."""
+    return (_EPOCH_DATE + dt.timedelta(days=at_us // US_PER_DAY)).isoformat()
+
+
 def day_resets_at_us(day: str) -> int:
     """The UTC midnight that ends `day` (an ISO date, the UTC day a withdrawal's gross is counted
     on): unix microseconds, when the next day's maximum starts again from 0."""

@@ -421,10 +421,6 @@ def _status_label(status: int) -> str:
     return payout_pb2.WithdrawalStatus.Name(status).removeprefix("WITHDRAWAL_STATUS_").lower()
 
 
-def _utc_day(ts_us: int) -> str:
-    return dt.datetime.fromtimestamp(ts_us / 1_000_000, dt.UTC).date().isoformat()
-
-
 @dataclass(frozen=True)
 class _CreditStatements:
     """The statements credit_gifts runs, built once per dialect (their cache keys computed once)."""
@@ -1032,7 +1028,7 @@ class Payout:
             amounts = domain.withdrawal_amounts(req.diamonds, terms, policy.fee_bp)
             domain.check_withdrawal_limits(amounts, terms)
             if domain.above_daily_maximum(amounts, terms):  # refused before the balance, as always
-                today = _utc_day(now_us())
+                today = domain.utc_day(now_us())
                 day_gross = await self._day_gross(uow, req.creator_id, terms, today)
                 raise domain.daily_limit_reached(terms, day_gross, today, amount_exceeds_limit=True)
             await self._settle_shortfalls_of(uow, req.creator_id)  # credited since the first settling
@@ -1067,7 +1063,7 @@ class Payout:
                     required_diamonds=req.diamonds,
                 )
             ts = now_us()
-            day = _utc_day(ts)
+            day = domain.utc_day(ts)
             d = daily_withdrawals.c
             await uow.conn.execute(
                 insert_ignore(self.db.dialect, daily_withdrawals).values(
@@ -1116,7 +1112,7 @@ class Payout:
 
     @staticmethod
     async def _day_gross(uow: UnitOfWork, creator_id: str, terms: CurrencyTerms, day: str) -> int:
-        """Gross the creator requested on `day` (UTC, `_utc_day`) in the terms' currency, not
+        """Gross the creator requested on `day` (UTC, `domain.utc_day`) in the terms' currency, not
         failed or rejected: for a DAILY_WITHDRAWAL_LIMIT's metadata only, as the conditional
         UPDATE alone decides."""
         d = daily_withdrawals.c

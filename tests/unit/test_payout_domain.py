@@ -127,6 +127,29 @@ def test_a_withdrawal_day_resets_at_the_utc_midnight_that_ends_it(day: str, ends
     assert domain.day_resets_at_us(day) == _utc_midnight_us(*ends)
 
 
+_DAYS_TO_9999 = (dt.date(9999, 12, 31) - dt.date(1970, 1, 1)).days
+_US_PER_DAY = 86_400_000_000
+
+
+@given(st.integers(1, _DAYS_TO_9999 - 1), st.integers(-1, 0))  # 9999-12-31 has no next midnight
+def test_a_withdrawal_counts_on_the_utc_day_its_instant_is_in_and_resets_at_the_next_midnight(
+    day: int, offset_us: int
+) -> None:
+    # The last microsecond of a day is in that day, midnight in the next: the daily maximum's
+    # days partition time, and the reset named is the first midnight after the request. Seconds
+    # as a float rounded 2514-05-30T23:59:59.999999 into the 31st.
+    at_us = day * _US_PER_DAY + offset_us
+    expected = dt.date(1970, 1, 1) + dt.timedelta(days=day + offset_us)
+    assert domain.utc_day(at_us) == expected.isoformat()
+    resets = domain.day_resets_at_us(domain.utc_day(at_us))
+    assert resets - _US_PER_DAY <= at_us < resets
+
+
+def test_the_withdrawal_day_of_the_last_microsecond_of_a_day_far_ahead_is_that_day() -> None:
+    last_us = (dt.date(2514, 5, 31) - dt.date(1970, 1, 1)).days * _US_PER_DAY - 1
+    assert domain.utc_day(last_us) == "2514-05-30"
+
+
 @pytest.mark.parametrize(("diamonds", "amount_minor"), [(200, 100), (3, 7), (7, 3), (1, 1), (150, 100)])
 @given(amount_minor_wanted=st.integers(min_value=0, max_value=10**9))
 def test_diamonds_worth_a_cash_amount_are_whole_cash_and_the_closest_on_their_side(
