@@ -183,6 +183,38 @@ def test_period_keys_follow_utc_days_iso_weeks_and_months() -> None:
     }
 
 
+# Leap days, ISO weeks that straddle a new year (week 53) and 31 December, drawn often: hypothesis
+# would seldom land on them among 3 million days.
+_BOUNDARY_DAYS = st.sampled_from(
+    [dt.date(2028, 2, 28), dt.date(2028, 2, 29), dt.date(2100, 2, 28), dt.date(2026, 12, 31), dt.date(2026, 12, 28)]
+)
+_ANY_DAY = st.dates(dt.date(1970, 1, 2), dt.date(9999, 11, 30))
+
+
+@given(st.one_of(_BOUNDARY_DAYS, _ANY_DAY), st.integers(0, US_PER_DAY - 1))
+def test_each_period_resets_at_the_first_utc_midnight_its_key_changes_and_keeps_the_previous_counter(
+    day: dt.date, into_day_us: int
+) -> None:
+    at_us = (day - dt.date(1970, 1, 1)).days * US_PER_DAY + into_day_us
+    keys, stale = domain.period_keys(at_us), domain.stale_period_keys(at_us)
+    for period in domain.Period:
+        resets = domain.period_resets_at_us(period, at_us)
+        # A UTC midnight after the instant, the first at which the period's key changes: the
+        # `resets_at_us` a refusal names is when its counter starts again from 0, not later.
+        assert resets % US_PER_DAY == 0 and at_us < resets
+        assert domain.period_keys(resets - 1)[period] == keys[period] != domain.period_keys(resets)[period]
+        starts = max(
+            m * US_PER_DAY
+            for m in range(at_us // US_PER_DAY - 31, at_us // US_PER_DAY + 1)
+            if domain.period_keys(m * US_PER_DAY)[period] == keys[period]
+            and domain.period_keys(m * US_PER_DAY - 1)[period] != keys[period]
+        )
+        # Counters below `stale` are dropped: never this period's, nor the previous one's (a
+        # replica a little behind still spends there); keys sort as their periods do.
+        previous = domain.period_keys(starts - 1)[period]
+        assert stale[period] <= previous < keys[period]
+
+
 def test_a_lower_limit_applies_at_once_and_a_higher_one_after_the_cooling_off_period() -> None:
     cool = 24 * H_US
     state = domain.change_limit(domain.LimitState(None), 500, 0, cool)
