@@ -13,6 +13,7 @@ from pathlib import Path
 from services.common import bus
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.consumers import CONSUMERS
+from services.common.outbox import new_event_id
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
@@ -108,3 +109,19 @@ def test_the_headers_retention_and_durables_it_gives_are_the_suites() -> None:
     assert durables and durables == set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", bullet))
     ack_wait = re.search(r"^ACK_WAIT_S = (\d+)$", (REPO / "services" / "common" / "inbox.py").read_text(), re.M)
     assert ack_wait and f"{ack_wait[1]} s ack wait" in bullet
+
+
+def test_the_units_paragraph_names_every_timestamp_field_of_the_payloads() -> None:
+    """A consumer learns a timestamp's meaning from the Units paragraph: one it does not name
+    (StreamEnded's `ended_at` was not) left them to guess when it was read."""
+    units = _section().split("\nUnits: ", 1)[1].split("\n\n", 1)[0]
+    fields = set()
+    for path in sorted((REPO / "protos" / "livegifts").glob("*/v1/events.proto")):
+        fields |= set(re.findall(r"google\.protobuf\.Timestamp (\w+) = \d+;", path.read_text()))
+    assert fields, "events.proto has no timestamps"
+    assert {f for f in fields if f"`{f}`" not in units} == set()
+
+
+def test_the_event_ids_are_the_32_hex_digits_it_says() -> None:
+    assert "(32 hex digits)" in _section()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", new_event_id()) for _ in range(100))
