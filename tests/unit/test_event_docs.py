@@ -125,3 +125,13 @@ def test_the_units_paragraph_names_every_timestamp_field_of_the_payloads() -> No
 def test_the_event_ids_are_the_32_hex_digits_it_says() -> None:
     assert "(32 hex digits)" in _section()
     assert all(re.fullmatch(r"[0-9a-f]{32}", new_event_id()) for _ in range(100))
+
+
+def test_the_totals_it_tells_a_consumer_to_rebuild_are_held_by_a_test() -> None:
+    bullet = _section().split("**Rebuilding the books**", 1)[1].split("\n- ", 1)[0]
+    held = re.search(r"`(tests/integration/\w+\.py)`", bullet)
+    assert held and (REPO / held[1]).is_file()
+    # Every payload field the bullet sums or joins on is one of events.proto's.
+    protos = " ".join(p.read_text() for p in (REPO / "protos" / "livegifts").glob("*/v1/events.proto"))
+    for message, name in re.findall(r"`(\w+)\.(\w+)`", bullet):
+        assert re.search(rf"message {message} \{{[^}}]*\b{name} = \d+;", protos), f"{message}.{name}"
