@@ -135,3 +135,12 @@ def test_the_totals_it_tells_a_consumer_to_rebuild_are_held_by_a_test() -> None:
     protos = " ".join(p.read_text() for p in (REPO / "protos" / "livegifts").glob("*/v1/events.proto"))
     for message, name in re.findall(r"`(\w+)\.(\w+)`", bullet):
         assert re.search(rf"message {message} \{{[^}}]*\b{name} = \d+;", protos), f"{message}.{name}"
+
+
+def test_the_sre_sections_it_sends_a_consumer_to_exist() -> None:
+    """A consumer follows these to what repeats or holds back events: a renamed heading left them
+    a dead reference."""
+    headings = set(re.findall(r"^#+ (.+)$", (REPO / "docs" / "sre.md").read_text(), re.M))
+    named = re.findall(r'docs/sre\.md(?:, | \(|, same section)?"([^"]+)"', _section())
+    assert {"Restoring one service's database", "When JetStream refuses events"} <= set(named)
+    assert set(named) <= headings
