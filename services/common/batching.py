@@ -12,6 +12,19 @@ one caller must carry that caller's trace, not the first's: a `run` that writes 
 caller's trace context in its item (gifting's SENT flip: `otel_context.get_current()` at submit,
 one contextvar read) and hands it to `Outbox.add_many`, which stores each event's own headers.
 
+A caller that goes away while its item waits for a batch (its deadline passed, its client
+cancelled) leaves its future done: with `skip_abandoned` (every batcher but gifting's SENT flip)
+its item is dropped when the next batch is taken, never run, and counted in
+livegifts_batch_items_skipped_total. Under a burst above what the database takes, every caller
+queued behind a slow batch has often given up by the time its turn comes; running their items
+anyway spent each later batch on answers nobody read, and the callers still waiting (and every
+retry under the same keys) queued behind that wasted work. Dropping is safe: the item never
+started, so it is not done at all, which its caller's DEADLINE_EXCEEDED already allows (a
+retry under the same key does it then). An item whose batch has started is done whole or not
+at all by `run`'s transaction, whatever its caller does meanwhile. The SENT flip keeps its
+abandoned items: their coins are already spent, and the flip finishes the gift now instead of
+leaving it to the sweeper (a CancelSpend call to the wallet per gift, minutes later).
+
 Choices: A) a fixed delay to gather a batch (adds latency even when idle); B) one batch in flight,
 the next gathering meanwhile (this); C) several in flight (more concurrency on the database, but
 on SQLite writers are serialized anyway and on PostgreSQL the wallet is the narrower step).
@@ -28,7 +41,7 @@ from typing import Generic, TypeVar
 from opentelemetry import trace
 
 from services.common.errors import check
-from services.common.metrics import BATCH_ITEMS
+from services.common.metrics import BATCH_ITEMS, BATCH_ITEMS_SKIPPED
 from services.common.telemetry import recording
 
 log = logging.getLogger(__name__)
@@ -40,12 +53,21 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     """Queue items; one task at a time hands them to `run` in batches and answers each caller."""
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], size_max: int, name: str) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[list[R | BaseException]]],
+        size_max: int,
+        name: str,
+        *,
+        skip_abandoned: bool = True,
+    ) -> None:
         check(size_max >= 1, "a batch holds at least one item")
         self._run = run
         self.size_max = size_max
         self.name = name
+        self.skip_abandoned = skip_abandoned
         self._items = BATCH_ITEMS.labels(name)  # metric livegifts_batch_items{batcher=name}
+        self._skipped = BATCH_ITEMS_SKIPPED.labels(name)
         self._queue: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -59,8 +81,9 @@ class MicroBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._queue:
-            batch = self._queue[: self.size_max]
-            del self._queue[: self.size_max]
+            batch = self._take()
+            if not batch:
+                continue  # every caller taken had gone: nothing to run
             self._items.observe(len(batch))
             if len(batch) > 1 and recording():  # a lone caller shares nothing
                 self._link_callers(batch)
@@ -96,6 +119,22 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R], contextvars.Context]]:
+        """The next batch off the queue: at most `size_max` items, without (`skip_abandoned`) those
+        whose callers have gone, which are dropped unrun."""
+        batch: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
+        taken = 0
+        for entry in self._queue:
+            if len(batch) == self.size_max:
+                break
+            taken += 1
+            if self.skip_abandoned and entry[1].done():
+                self._skipped.inc()
+                continue
+            batch.append(entry)
+        del self._queue[:taken]
+        return batch
 
     def _link_callers(self, batch: list[tuple[T, asyncio.Future[R], contextvars.Context]]) -> None:
         """Let each caller's trace find the batch: the shared work shows in the first caller's

@@ -61,6 +61,12 @@ BATCH_ITEMS = Histogram(
     ["batcher"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+# Items a batcher dropped unrun because their callers had gone (a deadline passed while they queued).
+BATCH_ITEMS_SKIPPED = Counter(
+    "livegifts_batch_items_skipped",
+    "Calls whose caller went away (its deadline) while waiting for a group-commit batch, dropped unrun",
+    ["batcher"],
+)
 # Wallet: spend batches PostgreSQL aborted (a deadlock, a serialization failure) and that were run
 # again (spending.DEADLOCK_RETRIES): the lock order should leave none, so any is worth a look.
 TRANSACTION_RETRIES = Counter(

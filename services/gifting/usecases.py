@@ -210,8 +210,10 @@ class Gifting:
             "gifting_spend",
         )
         # Step 3's items carry their caller's trace context: its gift's event continues that trace.
+        # A gift whose caller went away is still flipped: its coins are spent, and the flip now is
+        # one row of a shared transaction where the sweeper's would be a wallet call, minutes later.
         self._sent_batcher: MicroBatcher[tuple[str, int | None, Any], dict[str, Any]] = MicroBatcher(
-            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX, "gifting_sent"
+            self._mark_sent_batch, GROUP_COMMIT_SIZE_MAX, "gifting_sent", skip_abandoned=False
         )
         self._flip_sent = sent_flip_statement() if self.db.dialect == "postgresql" else None
         # Resumed feeds' catch-up reads hold at most this many pool connections (config.py).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -93,3 +94,66 @@ async def test_a_failed_batch_answered_to_its_callers_is_not_logged_again(caplog
         with pytest.raises(RuntimeError):
             await batcher.submit(1)
     assert not [r for r in caplog.records if r.name == "services.common.batching"]
+
+
+async def _queue_behind_a_held_batch(batcher: MicroBatcher[int, int], rec: _Recorder) -> tuple[Any, list[Any]]:
+    """Item 0 in a batch held at the gate; items 2, 4, 6 queued behind it; the caller of 4 gone."""
+    rec.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)
+    later = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 4, 6)]
+    await asyncio.sleep(0.01)
+    later[1].cancel()  # its deadline passed while it waited for the next batch
+    await asyncio.sleep(0)
+    rec.gate.set()
+    return first, later
+
+
+async def test_an_item_whose_caller_went_away_while_it_queued_is_never_run() -> None:
+    # A burst above what the database takes: callers behind a slow batch give up, and their items
+    # were run anyway, spending the next batches on answers nobody read.
+    rec = _Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10, name="test-abandoned")
+    first, later = await _queue_behind_a_held_batch(batcher, rec)
+    assert await first == 0
+    assert await later[0] == 20 and await later[2] == 60
+    assert later[1].cancelled()
+    assert rec.batches == [[0], [2, 6]]
+    assert REGISTRY.get_sample_value("livegifts_batch_items_skipped_total", {"batcher": "test-abandoned"}) == 1
+
+
+async def test_a_batch_whose_callers_all_went_away_is_not_run() -> None:
+    rec = _Recorder()
+    rec.gate.clear()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10, name="test-all-gone")
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)
+    gone = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 4)]
+    await asyncio.sleep(0.01)
+    for g in gone:
+        g.cancel()
+    await asyncio.sleep(0)
+    rec.gate.set()
+    assert await first == 0
+    assert batcher._task is not None
+    await batcher._task
+    assert rec.batches == [[0]]
+
+
+async def test_skipped_callers_do_not_count_against_the_batch_size() -> None:
+    rec = _Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=2, name="test-abandoned-size")
+    first, later = await _queue_behind_a_held_batch(batcher, rec)
+    await first
+    await asyncio.gather(later[0], later[2])
+    assert rec.batches == [[0], [2, 6]]  # 2 and 6 together: the gone 4 took no place
+
+
+async def test_a_batcher_told_to_keep_abandoned_items_runs_them() -> None:
+    # Gifting's SENT flip: the coins are spent, so the flip finishes the gift whoever still waits.
+    rec = _Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(rec.run, size_max=10, name="test-keep", skip_abandoned=False)
+    first, later = await _queue_behind_a_held_batch(batcher, rec)
+    await first
+    await asyncio.gather(later[0], later[2])
+    assert rec.batches == [[0], [2, 4, 6]]
