@@ -137,8 +137,9 @@ def storage_refusal(exc: BaseException) -> str | None:
     return None
 
 
-def _cause(exc: BaseException) -> str:
-    """An error's class, with the database's own code when it has one (for the log).
+def error_kind(exc: BaseException) -> str:
+    """An error's class, with the database's own code when it has one (for the log; what a
+    throttled failure line is keyed by: a few values, never the error's text).
 
     SQLAlchemy's pool timeout is a class named TimeoutError too, like the statement timeout's
     (DB_STATEMENT_TIMEOUT_S): the log says which, since they call for different looks (every
@@ -238,7 +239,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         if is_unavailable(exc):
             refusal = storage_refusal(exc)
-            self._log_unavailable(_cause(exc), refusal or "DEPENDENCY_UNAVAILABLE")
+            self._log_unavailable(error_kind(exc), refusal or "DEPENDENCY_UNAVAILABLE")
             if refusal is not None:
                 return _rich_status(
                     grpc.StatusCode.UNAVAILABLE,

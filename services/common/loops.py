@@ -6,13 +6,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from services.common.grpcserver import error_kind
 from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
 # A loop that fails round after round (its database down, refusing connections) logs one line
-# per this many seconds, saying how many rounds failed since the previous one: payout's
-# dispatcher, every 0.2 s, logged 300 lines a minute per pod for as long as an outage lasted.
+# per this many seconds for each kind of error (`error_kind`), saying how many rounds failed with
+# it since the previous one: payout's dispatcher, every 0.2 s, logged 300 lines a minute per pod
+# for as long as an outage lasted.
 FAILURE_LOG_INTERVAL_S = 30.0
 
 
@@ -38,19 +40,22 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
     Every error is caught (a database or wallet outage must not end the loop, which would stop
     the service); only cancellation ends it. `once` returns how many items it handled. Failed
     rounds log "<what> failed, retrying next round" at once, then at most once per
-    FAILURE_LOG_INTERVAL_S (`retries`: the failed rounds it stands for); a round that succeeds
-    ends the run of failures, and the next failure is logged at once again.
+    FAILURE_LOG_INTERVAL_S (`retries`: the failed rounds it stands for), for each kind of error
+    (`error_kind`: its class and database code): another error in the middle of an outage (a
+    bug, a constraint) is logged at once, not hidden behind the outage's line for 30 s. A round
+    that succeeds ends the run of failures, and the next failure is logged at once again.
     """
-    failures = LogThrottle(FAILURE_LOG_INTERVAL_S)
+    failures: dict[str, LogThrottle] = {}
     while not stop.is_set():
         try:
             handled = await once()
-            failures.reset()
+            failures.clear()
             if handled:
                 log.info(what, extra={"items": handled})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the work stays where it was; the next round retries
-            if retries := failures.occurred():
+            throttle = failures.setdefault(error_kind(exc), LogThrottle(FAILURE_LOG_INTERVAL_S))
+            if retries := throttle.occurred():
                 log.warning(f"{what} failed, retrying next round", extra={"error": repr(exc), "retries": retries})
         await sleep_unless_stopped(stop, interval_s)

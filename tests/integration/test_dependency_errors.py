@@ -175,8 +175,8 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
 ) -> None:
     # A background loop (payout's dispatcher runs every 0.2 s) whose database refuses it logged
     # "<what> failed, retrying next round" every round: 300 lines a minute per pod for as long
-    # as the outage lasted. One line per FAILURE_LOG_INTERVAL_S now, saying how many rounds it
-    # stands for; the loop handles items again once the database is back, without a restart, and
+    # as the outage lasted. One line per FAILURE_LOG_INTERVAL_S and kind of error now, saying how
+    # many rounds it stands for; the loop handles items again once the database is back, without a restart, and
     # the next outage is logged at once.
     admin = pg.admin_url_or_skip()
     name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
@@ -214,17 +214,20 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
             await until("ok", 3)
             refuse(True)
             await until("failed", 20)
-            assert len(failure_lines()) == 1, f"{len(failure_lines())} lines for {rounds['failed']} failed rounds"
+            # One line for each kind of error (the terminated connection's, then the refusal's),
+            # not one per round.
+            first = [r.error.split("(")[0] for r in failure_lines()]  # type: ignore[attr-defined]
+            assert len(first) == len(set(first)) and first[-1] == "DBAPIError", first
             refuse(False)
             await until("ok", 3)
             refuse(True)  # a new outage: said at once, not held back by the first one's line
             await until("failed", 2)
-            assert len(failure_lines()) == 2, f"{len(failure_lines())} lines: the second outage not said at once"
+            assert len(failure_lines()) > len(first), "the second outage not said at once"
             refuse(False)
             await until("ok", 1)
             stop.set()
             await asyncio.wait_for(loop, 10)
-        assert [r.retries for r in failure_lines()] == [1, 1]  # type: ignore[attr-defined]
+        assert {r.retries for r in failure_lines()} == {1}  # type: ignore[attr-defined]
     finally:
         stop.set()
         await db.dispose()
