@@ -15,10 +15,13 @@ import pytest
 from sqlalchemy import TextClause, func, select, text
 
 from livegifts.payout.v1 import payout_pb2
+from services.common import signing
+from services.payout.providers import dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import Payout
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.unit.test_payout_dispatch import (
+    SECRET,
     RefusingProvider,
     SlowProvider,
     StuckProvider,
@@ -236,3 +239,30 @@ async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_eac
                 await uow.conn.execute(select(func.count()).where(o.subject == "payout.withdrawal.paid"))
             ).scalar_one()
         assert paid == 3
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_callback_while_the_withdrawal_is_being_submitted_is_not_held_up_by_the_submission(
+    empty_database: str,
+) -> None:
+    # The dispatcher's transaction stays open over the provider's answer, holding the submission's
+    # advisory lock only: the provider's callback for that withdrawal (it may come before the
+    # answer) settles it at once, not after the submission, and the reference the late answer
+    # brings is not written over the settled withdrawal.
+    async with payout_on(empty_database, pool_size=3) as (first, _):
+        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
+        net = (await first.get_withdrawal(withdrawal_id)).net
+        payload = dev_payout_payload("evt-early", "payout.paid", withdrawal_id, net.amount_minor, net.currency_code)
+        request = payout_pb2.HandlePayoutEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+        )
+        async with asyncio.timeout(5):  # a row lock held over the call would keep it until the gate
+            done = await first.handle_payout_event(request)
+        assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID and not round_.done()
+        slow.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 1
+        row = await first.get_withdrawal(withdrawal_id)
+        assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PAID, "")
+        earnings = await first.get_earnings("creator-a")
+        assert (earnings.diamonds_held, earnings.diamonds_withdrawn) == (0, 20_000)
