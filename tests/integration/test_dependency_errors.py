@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from services.common.batching import MicroBatcher
-from services.common.db import Database
+from services.common.db import Database, driver_sqlstate
 from services.common.grpcserver import ErrorInterceptor, is_retryable, is_unavailable
 from services.common.loops import run_every
 from tests.integration import pg
@@ -167,6 +167,31 @@ async def test_a_database_that_refuses_new_connections_is_an_outage_and_the_pool
         await db.dispose()
         with contextlib.suppress(Exception):
             pg.run_sql(admin, allow.format(name=name))
+        pg.drop_database(admin, name)
+
+
+async def test_the_same_sqlstate_from_a_statement_is_our_bug_not_an_outage() -> None:
+    # 55000 at connect is the database refusing connections (above); from a statement it is a
+    # statement of ours PostgreSQL cannot run in this state (currval before nextval): INTERNAL,
+    # not UNAVAILABLE, or a caller would retry it for ever and a consumer would never park it.
+    admin = pg.admin_url_or_skip()
+    name = f"lg_statement_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    db = Database(pg.database_url(admin, name), pool_size=1, pool_timeout_s=5, application_name="statement")
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(text("CREATE SEQUENCE s"))
+            await uow.commit()
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - the error is what is tested
+            async with db.unit_of_work(readonly=True) as uow:
+                await uow.conn.execute(text("SELECT currval('s')"))
+        assert driver_sqlstate(getattr(caught.value, "orig", None)) == "55000", repr(caught.value)
+        assert not is_unavailable(caught.value) and not is_retryable(caught.value)
+        assert ErrorInterceptor("livegifts.test")._status_of(caught.value).code == grpc.StatusCode.INTERNAL
+        async with db.unit_of_work(readonly=True) as uow:  # its connection was kept: no outage
+            assert (await uow.conn.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await db.dispose()
         pg.drop_database(admin, name)
 
 
