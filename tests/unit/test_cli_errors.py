@@ -526,3 +526,18 @@ def test_ctrl_c_during_a_hung_call_ends_at_once_with_exit_130_and_no_traceback()
     assert proc.returncode == 130, (out, err)
     assert time.monotonic() - sent < main.DEADLINE_S / 2, "waited for the call's deadline"
     assert "Traceback" not in err and out == "", (out, err)
+
+
+def test_a_usage_error_on_a_terminal_stays_typers_box_and_no_arguments_print_only_the_help(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The plain line is for stderr off a terminal only; a person at one keeps typer's box. And
+    # no arguments at all is typer's help, not an error on top of it.
+    monkeypatch.setattr(main, "err_console", main._Console(stderr=True, force_terminal=True))
+    result = CliRunner().invoke(app, ["balance"], env={"COLUMNS": "120"})
+    assert result.exit_code == 2, result.output
+    assert "Missing argument 'user'." in result.stderr and "╭" in result.stderr, result.stderr
+    assert not any(line.startswith("Error: ") for line in result.stderr.splitlines()), result.stderr
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, [], env={"COLUMNS": "120"})
+    assert "Usage:" in result.stdout and result.stderr == "", (result.stdout, result.stderr)
