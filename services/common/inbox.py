@@ -775,6 +775,7 @@ class Consumer(Generic[E]):
         # and its copy is then terminated, not parked a second time.
         if (seq := self._sequence(msg)) is not None:
             self._parked[seq] = _digest(msg)
+            self._parked.move_to_end(seq)  # the newest, also over another event's park at seq
             _trim(self._parked, self._not_counted_max)
         await msg.term()
         DEAD_LETTERS.labels(self.sub.durable).inc()

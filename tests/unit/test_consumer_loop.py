@@ -447,3 +447,28 @@ async def test_deliveries_not_counted_for_one_event_do_not_spare_another_at_its_
         assert await _parked_ids(db, "stale-count") == ["poisoned"]
     finally:
         await db.engine.dispose()
+
+
+async def test_the_latest_park_at_a_sequence_is_the_last_forgotten_when_another_event_there_is_parked(
+    tmp_path: Path,
+) -> None:
+    # Another event at the sequence of one parked before (its stream made again, no bind here) is
+    # parked in its turn: it is the newest this process parked, and the bound (oldest first) must
+    # drop it last. It kept the old event's place, was dropped first, and its copy was parked again.
+    consumer, db = await _parking_consumer(tmp_path, "reparked", "poisoned", [])
+    consumer._not_counted_max = 2  # remember two parked sequences
+
+    def undecodable(mark: str, seq: int) -> _Msg:
+        msg = _Msg("unused", seq=seq, n=1)
+        msg.data = events_pb2.GiftSent(gift_id=mark).SerializeToString()  # no event_id: parked
+        return msg
+
+    try:
+        for mark, seq in (("a", 1), ("b", 2), ("c", 1), ("d", 3)):  # c: another event at 1
+            await consumer.process([undecodable(mark, seq)])  # type: ignore[list-item]
+        copy = undecodable("c", 1)
+        await consumer.process([copy])  # type: ignore[list-item]
+        assert copy.settled == ["term"]
+        assert len(await _parked_ids(db, "reparked")) == 4, "the copy of the latest park was parked again"
+    finally:
+        await db.engine.dispose()
