@@ -432,7 +432,7 @@ class Consumer(Generic[E]):
                 for t in (self.tables.inbox, self.tables.dead_letters)
             )
         )
-        async with self.db.unit_of_work() as uow:
+        async with self.db.unit_of_work(readonly=True) as uow:  # SQLite: no write lock for a read
             known = set((await uow.conn.execute(known_select)).scalars())
         unknown = [(seq, event_id) for seq, event_id in seen if event_id not in known]
         acked = [u for u in unknown if u[0] <= floor]
