@@ -206,10 +206,38 @@ async def test_a_withdrawal_the_provider_refused_is_not_submitted_by_another_rep
         assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
 
 
+class _BothAsking:
+    """Providers (`provider()`, one per replica) whose look-ups each wait until every one of them
+    has been asked once."""
+
+    def __init__(self) -> None:
+        self.providers: list[SlowProvider] = []
+        self.all_asking = asyncio.Event()
+
+    def provider(self) -> SlowProvider:
+        both = self
+
+        class Waiting(SlowProvider):
+            asking = False
+
+            async def status(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                self.asking = True
+                if all(p.asking for p in both.providers):  # type: ignore[attr-defined]
+                    both.all_asking.set()
+                await both.all_asking.wait()
+                return await super().status(*args, **kwargs)
+
+        self.providers.append(made := Waiting())
+        return made
+
+
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_each_once(empty_database: str) -> None:
     # Every replica runs a reconciler: both read the same late withdrawals, both ask the provider
-    # (0.05 s a look-up, so their rounds overlap) and both apply its outcome, under one event id.
+    # and both apply its outcome, under one event id. Each look-up waits until both replicas are
+    # asking (`_BothAsking`), so both rounds have read the withdrawals before either applies an
+    # outcome, however late the second starts (here 0.3 s, as on a loaded machine: with 0.05 s a
+    # look-up instead, the first had settled them all before the second read any).
     async with (
         payout_on(empty_database, pool_size=3) as (first, _),
         payout_on(empty_database, pool_size=3) as (
@@ -219,13 +247,18 @@ async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_eac
     ):
         ids = [await approved_withdrawal(first, f"creator-{i}") for i in range(3)]
         assert await first.dispatch_once() == 3  # with the provider; its callback never comes
+        both = _BothAsking()
         for replica in (first, second):
-            replica.provider = provider = SlowProvider()
-            provider.latency_s = 0.05
+            replica.provider = provider = both.provider()
             provider.done.update(ids)  # paid at the provider
         later = reconcile_due(first)
+
+        async def second_later() -> int:  # its round starts late, as on a loaded machine
+            await asyncio.sleep(0.3)
+            return await second.reconcile_once(now=later)
+
         async with asyncio.timeout(GUARD_S):
-            settled = await asyncio.gather(first.reconcile_once(now=later), second.reconcile_once(now=later))
+            settled = await asyncio.gather(first.reconcile_once(now=later), second_later())
         assert sum(settled) == 3  # one replica applied each, the other's look-up was a duplicate
         for replica in (first, second):
             assert replica.provider.asked == ids  # type: ignore[union-attr]
