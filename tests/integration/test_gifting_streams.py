@@ -201,15 +201,22 @@ async def test_two_batches_marking_the_same_gifts_sent_in_opposite_orders_both_f
 
 
 class _SlowArbiter(OverloadedWallet):
-    """Every spend's answer is lost (gifts left PENDING); CancelSpend answers SPENT after a pause,
-    so two sweepers' calls for one gift overlap."""
+    """Every spend's answer is lost (gifts left PENDING); CancelSpend answers SPENT once two calls
+    have come: a sweeper asks about one gift at a time, so the first call waits for the other
+    sweeper's first, and both have read the stale gifts before either settles one (however late
+    the second starts: with a 0.05 s pause instead, one 0.3 s late found them all settled)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.arbiter_outcome = wallet_pb2.CancelSpendResponse.OUTCOME_SPENT
+        self.asking = 0
+        self.both_asking = asyncio.Event()
 
     async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        await asyncio.sleep(0.05)
+        self.asking += 1
+        if self.asking >= 2:
+            self.both_asking.set()
+        await self.both_asking.wait()
         return await super().CancelSpend(req, timeout)
 
 
@@ -239,7 +246,13 @@ async def test_two_replicas_sweeping_the_same_stale_gifts_at_once_send_each_once
                 )
             assert getattr(lost.value, "reason", "") == "WALLET_UNAVAILABLE", lost.value
         await asyncio.sleep(0.01)  # past the pending timeout
-        await asyncio.gather(first.sweep_once(), second.sweep_once())
+
+        async def second_later() -> int:  # its round starts late, as on a loaded machine
+            await asyncio.sleep(0.3)
+            return await second.sweep_once()
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(first.sweep_once(), second_later())
         asked = Counter(wallet.cancel_calls)
         assert len(asked) == 5 and set(asked.values()) == {2}  # both read and asked about each
         g, o = gift_events.c, common.outbox.c
