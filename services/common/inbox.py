@@ -8,7 +8,9 @@ bad event cannot hold up the rest; an event that keeps failing or cannot be deco
 parked in the dead_letters table for an operator and terminated, never silently dropped.
 A failure that is not the event's (the database down or refusing writes, a conflict to retry)
 never counts towards parking: the event is nak'ed with the capped backoff for as long as that
-lasts, and applied once the database is back, with no operator's replay.
+lasts, and applied once the database is back, with no operator's replay. Nor does a delivery
+never tried: a batch whose handling ends in an error midway (a park or a nak failing as the
+database or NATS goes) nak's the events it had not tried yet, uncounted.
 
 Inbox rows are kept `INBOX_RETENTION_DAYS` (45 by default), longer than JetStream keeps an
 event (30 days), so any redelivery or replay the streams can make still finds its row; the
@@ -473,8 +475,36 @@ class Consumer(Generic[E]):
             await in_progress.close()
 
     async def _process(self, msgs: list[Msg]) -> None:
+        # The deliveries whose outcome is told (each tried alone, or settled): the rest, should
+        # this batch end in an error of its handling (the park's insert, a nak or a term failing
+        # because the database or NATS went), are let go uncounted (`_let_go`).
+        told: set[int] = set()
+        try:
+            await self._process_told(msgs, told)
+        except Exception:
+            await self._let_go(msgs, told)
+            raise
+
+    async def _let_go(self, msgs: list[Msg], told: set[int]) -> None:
+        """The deliveries of a batch whose handling ended in an error before they were tried alone
+        or settled: that is no failure of their events', so they are counted as none
+        (`_not_its_fault`) and nak'ed for their next delivery, where NATS still takes a nak.
+
+        Before, they were left as they were: JetStream delivered them again after ACK_WAIT_S, and
+        each such delivery counted towards parking an event never tried (a database gone while a
+        failed batch was tried one by one could park healthy events after CONSUMER_MAX_DELIVER
+        of them)."""
+        for msg in msgs:
+            if id(msg) in told or msg.is_acked:
+                continue
+            self._not_its_fault(msg)
+            delivered = msg.metadata.num_delivered if msg.metadata else 1
+            with contextlib.suppress(Exception):  # NATS gone: it comes back after ACK_WAIT_S, uncounted
+                await msg.nak(delay=redelivery_delay_s(delivered))
+
+    async def _process_told(self, msgs: list[Msg], told: set[int]) -> None:
         if len(msgs) > 1 or self._parked:
-            msgs = await self._newest(msgs)
+            msgs = await self._newest(msgs, told)
         decoded: list[tuple[Msg, E]] = []
         for msg in msgs:
             try:
@@ -486,6 +516,7 @@ class Consumer(Generic[E]):
                     raise DecodeError(problem)
                 decoded.append((msg, event))
             except DecodeError as exc:
+                told.add(id(msg))
                 await self._park(msg, None, f"undecodable: {exc}")
         if not decoded:
             return
@@ -493,6 +524,7 @@ class Consumer(Generic[E]):
             await self._apply(decoded)
         except Exception as exc:  # noqa: BLE001
             if len(decoded) == 1:
+                told.add(id(decoded[0][0]))
                 await self._failed(decoded[0], exc)
                 return
             if not is_unavailable(exc):
@@ -500,18 +532,22 @@ class Consumer(Generic[E]):
                     "batch failed, retrying one by one", extra={"consumer": self.sub.durable, "error": repr(exc)}
                 )
             for i, item in enumerate(decoded):
+                if item[0].is_acked:
+                    continue  # the batch committed and its ack failed after this one's: it is done
                 try:
                     await self._apply([item])
                 except Exception as one_exc:  # noqa: BLE001
+                    told.add(id(item[0]))
                     await self._failed(item, one_exc)
                     if is_unavailable(one_exc):
                         # The database is down or refuses writes: the rest would fail alike (each
                         # after its own connect timeout, when the primary is gone without a word).
                         for rest in decoded[i + 1 :]:
+                            told.add(id(rest[0]))
                             await self._failed(rest, one_exc)
                         return
 
-    async def _newest(self, msgs: list[Msg]) -> list[Msg]:
+    async def _newest(self, msgs: list[Msg], told: set[int]) -> list[Msg]:
         """The batch less the copies JetStream delivered while this process still held an earlier
         delivery of the same event (a batch held past `_InProgress`'s bound, a +WPI lost).
 
@@ -524,6 +560,7 @@ class Consumer(Generic[E]):
         for i, msg in enumerate(msgs):
             seq = self._sequence(msg)
             if seq is not None and (parked := self._parked.get(seq)) is not None and parked == _digest(msg):
+                told.add(id(msg))
                 with contextlib.suppress(Exception):  # already gone from the stream; best effort
                     await msg.term()
                 continue
@@ -534,6 +571,7 @@ class Consumer(Generic[E]):
                 continue
             older, newer = sorted((had, msg), key=lambda m: m.metadata.num_delivered)
             newest[key] = newer
+            told.add(id(older))
             self._not_its_fault(older)
         return list(newest.values())
 

@@ -20,6 +20,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from livegifts.gifting.v1 import events_pb2
@@ -325,52 +326,70 @@ async def test_the_position_check_as_a_consumer_binds_sets_its_result_for_the_al
 
 class _Msg:
     """A delivery of `event_id` at stream sequence `seq`, `n` times delivered, that records how it
-    was settled; `term_fails` makes its first term() raise (the connection lost)."""
+    was settled; `term_fails`, `nak_fails` and `ack_fails` make its first term(), nak() or ack()
+    raise (the connection lost). Settled once only, as nats-py's Msg (MsgAlreadyAckdError)."""
 
     subject = "s.x"
 
-    def __init__(self, event_id: str, seq: int, n: int, term_fails: bool = False) -> None:
+    def __init__(
+        self,
+        event_id: str,
+        seq: int,
+        n: int,
+        term_fails: bool = False,
+        nak_fails: bool = False,
+        ack_fails: bool = False,
+    ) -> None:
         self.data = events_pb2.GiftSent(event_id=event_id).SerializeToString()
         self.metadata = SimpleNamespace(num_delivered=n, sequence=SimpleNamespace(stream=seq))
         self.headers: dict[str, str] = {}
         self.settled: list[str] = []
         self.term_fails = term_fails
+        self.nak_fails = nak_fails
+        self.ack_fails = ack_fails
 
     @property
     def is_acked(self) -> bool:
         return bool(self.settled)
 
+    def _settle(self, how: str, fails: str) -> None:
+        if self.settled:
+            raise nats.errors.MsgAlreadyAckdError(self)
+        if getattr(self, fails):
+            setattr(self, fails, False)
+            raise nats.errors.ConnectionClosedError
+        self.settled.append(how)
+
     async def ack(self) -> None:
-        self.settled.append("ack")
+        self._settle("ack", "ack_fails")
 
     async def nak(self, delay: float = 0) -> None:
-        self.settled.append("nak")
+        self._settle("nak", "nak_fails")
 
     async def term(self) -> None:
-        if self.term_fails:
-            self.term_fails = False
-            raise nats.errors.ConnectionClosedError
-        self.settled.append("term")
+        self._settle("term", "term_fails")
 
     async def in_progress(self) -> None:
         return None
 
 
 async def _parking_consumer(
-    tmp_path: Path, durable: str, poisoned: str, applied: list[str]
+    tmp_path: Path, durable: str, poisoned: str | set[str], applied: list[str], max_deliver: int = 1
 ) -> tuple[Consumer, Database]:
-    """A consumer over SQLite that parks on the first failure (CONSUMER_MAX_DELIVER=1) and whose
-    handler fails on `poisoned` and records every other event it applies in `applied`."""
+    """A consumer over SQLite that parks on the `max_deliver`th failure (1: the first) and whose
+    handler fails on `poisoned` (an event id or a set of them) and records every other event it
+    applies in `applied`."""
+    failing = {poisoned} if isinstance(poisoned, str) else poisoned
 
     async def handle(uow: Any, events: list[Any]) -> None:
         for e in events:
-            if e.event_id == poisoned:
+            if e.event_id in failing:
                 raise ValueError("a bug in the handler")
             applied.append(e.event_id)
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
     settings = GiftingSettings(
-        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=1
+        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=max_deliver
     )
     db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
     async with db.engine.begin() as conn:
@@ -470,5 +489,57 @@ async def test_the_latest_park_at_a_sequence_is_the_last_forgotten_when_another_
         await consumer.process([copy])  # type: ignore[list-item]
         assert copy.settled == ["term"]
         assert len(await _parked_ids(db, "reparked")) == 4, "the copy of the latest park was parked again"
+    finally:
+        await db.engine.dispose()
+
+
+@pytest.mark.parametrize("fails", ["nak", "park"])
+async def test_a_batch_whose_one_by_one_retry_fails_midway_lets_the_untried_events_go_uncounted(
+    tmp_path: Path, fails: str
+) -> None:
+    # A failed batch is tried one event at a time; the first event's own failure is then nak'ed
+    # (NATS gone: the nak raises) or parked (the database gone: the dead_letters insert raises),
+    # and the error ends the batch. The event after it was never tried, yet it was left unsettled:
+    # JetStream delivered it again after ack_wait, and that delivery counted towards parking it.
+    # With CONSUMER_MAX_DELIVER=2 it was parked at its first try of its own.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, f"midway-{fails}", {"first", "untried"}, applied, max_deliver=2)
+    try:
+        if fails == "park":
+            first = _Msg("first", seq=1, n=2)  # its second failure of its own: parked
+            async with db.engine.begin() as conn:
+                await conn.run_sync(common.dead_letters.drop)  # the insert fails as on a database gone
+            raised: type[Exception] = sa_exc.OperationalError
+        else:
+            first = _Msg("first", seq=1, n=1, nak_fails=True)  # its first failure: nak'ed
+            raised = nats.errors.ConnectionClosedError
+        untried = _Msg("untried", seq=2, n=1)
+        with pytest.raises(raised):
+            await consumer.process([first, untried])  # type: ignore[list-item]
+        assert first.settled == [], "the one the error came from is as it failed"
+        assert untried.settled == ["nak"], "the untried one is nak'ed, not left to ack_wait"
+        if fails == "park":
+            async with db.engine.begin() as conn:
+                await conn.run_sync(common.dead_letters.create)
+        # Its next delivery fails of its own, its first such failure: nak'ed, not parked.
+        again = _Msg("untried", seq=2, n=2)
+        await consumer.process([again])  # type: ignore[list-item]
+        assert again.settled == ["nak"]
+        assert await _parked_ids(db, f"midway-{fails}") == []
+    finally:
+        await db.engine.dispose()
+
+
+async def test_a_batch_committed_whose_ack_failed_midway_is_not_acked_twice(tmp_path: Path) -> None:
+    # The batch committed and the second message's ack failed (the connection lost for a moment):
+    # the one-by-one retry acked the first again, which nats-py refuses (MsgAlreadyAckdError),
+    # and its nak was refused alike, ending the batch before the rest were acked.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "ack-midway", "none", applied)
+    try:
+        msgs = [_Msg("a", seq=1, n=1), _Msg("b", seq=2, n=1, ack_fails=True), _Msg("c", seq=3, n=1)]
+        await consumer.process(msgs)  # type: ignore[arg-type]
+        assert [m.settled for m in msgs] == [["ack"], ["ack"], ["ack"]]
+        assert applied == ["a", "b", "c"], "applied once: the retry found them in the inbox"
     finally:
         await db.engine.dispose()
