@@ -4,7 +4,10 @@ A provider reports an outcome (a withdrawal paid, a purchase paid) with a signed
 retries for a while only; a reconciler looks up at the provider the items whose callback is late
 and applies each answer through the callback's own path. Both go through their items a batch a
 round, oldest first, from a cursor (`RoundCursor`), and ask the provider with its deadline
-(`look_up`): a look-up that fails leaves the item for a later round and the round goes on.
+(`look_up`): a look-up that fails leaves the item for a later round and the round goes on. Any
+other error of one item (applying its answer met a bug or a constraint) is logged and counted
+(`RoundCursor.item_failed`), and the round goes on too; the database unavailable ends the round
+where it failed, and the next one starts from that item.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from sqlalchemy import and_, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.common import provider_calls
+from services.common.grpcserver import is_unavailable
 
 T = TypeVar("T")
 _START = (-1, "")
@@ -36,10 +40,37 @@ class RoundCursor:
         at_us, at_id = self.at
         return or_(time_col > at_us, and_(time_col == at_us, id_col > at_id))
 
-    def advance(self, keys: Sequence[tuple[int, str]], batch: int) -> None:
+    def advance(self, keys: Sequence[tuple[int, str]], batch: int) -> tuple[int, str]:
         """After a round of `keys` ((time, id) in order): a full batch goes on after its last, a
-        short one starts again."""
-        self.at = keys[-1] if len(keys) == batch else _START
+        short one starts again. Returns where this round started, for `item_failed`."""
+        started, self.at = self.at, keys[-1] if len(keys) == batch else _START
+        return started
+
+    def item_failed(
+        self,
+        exc: Exception,
+        started: tuple[int, str],
+        keys: Sequence[tuple[int, str]],
+        i: int,
+        logger: logging.Logger,
+        message: str,
+        **context: object,
+    ) -> None:
+        """The `i`th item (`keys[i]`) of the round that started at `started` (`advance`) raised
+        `exc`, which is not a look-up's failure (`look_up` answers those).
+
+        The database unavailable is raised again: every item would fail alike, each after its own
+        connect timeout, so the round ends there (logged by `run_every`) and the next one starts
+        from this item, not after the round's last. Any other error is the item's own (a bug, a
+        constraint its answer breaks): logged as a warning (`message`, with `context`), for the
+        caller to count and go on with the round. Before, either ended the round, and the rest of its batch
+        waited for the next pass over every late item; the same items came in the same batches
+        each pass, so one that always failed kept those after it in its batch from ever being
+        looked up."""
+        if is_unavailable(exc):
+            self.at = keys[i - 1] if i else started
+            raise exc
+        logger.warning(message, extra={**context, "error": repr(exc)})
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ RECONCILE_OUTCOMES = (
     "still_processing",
     "provider_error",
     "refused",
+    "error",
 )
 
 # Exported at 0 from the start, so that increase() sees the first refusal, hold or look-up in a
@@ -1613,7 +1614,9 @@ class Payout:
 
         Each look-up has PROVIDER_TIMEOUT_S; one that times out or raises is logged with the
         withdrawal id, counted (outcome `provider_error`), and asked again in a later round like
-        a transfer still under way; the rest of the round goes on.
+        a transfer still under way; the rest of the round goes on. So it does after any other
+        error of one withdrawal (outcome `error`), but the database unavailable, which ends the
+        round at that withdrawal (`RoundCursor.item_failed`).
         """
         check(
             self.provider is not None and self.settings is not None,
@@ -1641,58 +1644,76 @@ class Payout:
                 )
             ).all()
         # A full batch: the next round goes on after it; a short one: the next starts again.
-        self._reconcile_cursor.advance([(r.updated_at_us, r.withdrawal_id) for r in rows], batch)
+        keys = [(r.updated_at_us, r.withdrawal_id) for r in rows]
+        started = self._reconcile_cursor.advance(keys, batch)
         settled = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             # A trace per withdrawal: its look-up at the provider, the outcome applied and its events.
             with background_span("reconcile withdrawal", **{"withdrawal.id": row.withdrawal_id}):
-                looked = await late_lookups.look_up(
-                    self.provider.name,
-                    self.provider.status(
-                        row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
-                    ),
-                    self.settings.provider_timeout_s,
-                    log,
-                    "the payout provider could not be asked about a late withdrawal; asked again next round",
-                    withdrawal_id=row.withdrawal_id,
-                )
-                if not looked.answered:  # it stays PROCESSING and is asked again
-                    WITHDRAWALS_RECONCILED.labels(outcome="provider_error").inc()
-                    continue
-                answer = looked.value
-                if answer is None:
-                    WITHDRAWALS_RECONCILED.labels(outcome="still_processing").inc()
-                    continue
-                payload, signature = answer
                 try:
-                    done = await self.handle_payout_event(
-                        payout_pb2.HandlePayoutEventRequest(
-                            provider=self.provider.name, payload=payload, signature=signature
-                        )
+                    outcome, applied = await self._reconcile_withdrawal(row)
+                except Exception as exc:  # noqa: BLE001 - one withdrawal's error; the database's ends the round
+                    self._reconcile_cursor.item_failed(
+                        exc,
+                        started,
+                        keys,
+                        i,
+                        log,
+                        "a late withdrawal could not be reconciled; asked again next round",
+                        withdrawal_id=row.withdrawal_id,
                     )
-                except DomainError as exc:
-                    if (await self.get_withdrawal(row.withdrawal_id)).status != payout_pb2.WITHDRAWAL_STATUS_PROCESSING:
-                        # Its callback (under another event id) settled it meanwhile: the status's
-                        # compare-and-set refused the second outcome, as it should.
-                        WITHDRAWALS_RECONCILED.labels(outcome="settled_meanwhile").inc()
-                        continue
-                    # Not applied (amount or currency differ, a bad signature, a transition the
-                    # withdrawal cannot make): still PROCESSING, asked again next round, gauge stays.
-                    log.warning(
-                        "the provider's outcome of a late withdrawal was refused",
-                        extra={"withdrawal_id": row.withdrawal_id, "reason": exc.reason},
-                    )
-                    WITHDRAWALS_RECONCILED.labels(outcome="refused").inc()
-                    continue
-                outcome = "duplicate" if done.duplicate else _status_label(done.withdrawal.status)
+                    outcome, applied = "error", False
                 WITHDRAWALS_RECONCILED.labels(outcome=outcome).inc()
-                if not done.duplicate:
+                if applied:
                     settled += 1
                     log.info(
                         "late withdrawal settled from the provider's record",
                         extra={"withdrawal_id": row.withdrawal_id, "outcome": outcome},
                     )
         return settled
+
+    async def _reconcile_withdrawal(self, row: Any) -> tuple[str, bool]:
+        """Look one late withdrawal up at the provider and apply the answer: the outcome's label,
+        and whether it settled the withdrawal now."""
+        check(
+            self.provider is not None and self.settings is not None,
+            "self.provider is not None and self.settings is not None",
+        )
+        looked = await late_lookups.look_up(
+            self.provider.name,
+            self.provider.status(
+                row.provider_ref, row.withdrawal_id, row.provider_token, row.net_minor, row.currency_code
+            ),
+            self.settings.provider_timeout_s,
+            log,
+            "the payout provider could not be asked about a late withdrawal; asked again next round",
+            withdrawal_id=row.withdrawal_id,
+        )
+        if not looked.answered:  # it stays PROCESSING and is asked again
+            return "provider_error", False
+        answer = looked.value
+        if answer is None:
+            return "still_processing", False
+        payload, signature = answer
+        try:
+            done = await self.handle_payout_event(
+                payout_pb2.HandlePayoutEventRequest(provider=self.provider.name, payload=payload, signature=signature)
+            )
+        except DomainError as exc:
+            if (await self.get_withdrawal(row.withdrawal_id)).status != payout_pb2.WITHDRAWAL_STATUS_PROCESSING:
+                # Its callback (under another event id) settled it meanwhile: the status's
+                # compare-and-set refused the second outcome, as it should.
+                return "settled_meanwhile", False
+            # Not applied (amount or currency differ, a bad signature, a transition the
+            # withdrawal cannot make): still PROCESSING, asked again next round, gauge stays.
+            log.warning(
+                "the provider's outcome of a late withdrawal was refused",
+                extra={"withdrawal_id": row.withdrawal_id, "reason": exc.reason},
+            )
+            return "refused", False
+        if done.duplicate:
+            return "duplicate", False
+        return _status_label(done.withdrawal.status), True
 
     async def handle_payout_event(self, req: payout_pb2.HandlePayoutEventRequest) -> Any:
         """Verify a payout callback and apply it once: PAID (diamonds gone) or FAILED (diamonds back)."""

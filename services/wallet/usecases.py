@@ -109,6 +109,7 @@ RECONCILE_OUTCOMES = (
     "still_pending",
     "provider_error",
     "refused",
+    "error",
 )
 for _outcome in RECONCILE_OUTCOMES:
     PURCHASES_RECONCILED.labels(outcome=_outcome)
@@ -434,7 +435,9 @@ class Wallet:
 
         Each look-up has PROVIDER_TIMEOUT_S; one that times out or raises is logged with the
         purchase id, counted (outcome `provider_error`) and asked again in a later round; the
-        rest of the round goes on.
+        rest of the round goes on. So it does after any other error of one purchase (outcome
+        `error`), but the database unavailable, which ends the round at that purchase
+        (`RoundCursor.item_failed`).
         """
         p = purchases.c
         cutoff = (self.clock() if now is None else now) - int(self.settings.purchase_reconcile_after_s * 1_000_000)
@@ -461,12 +464,25 @@ class Wallet:
                     .limit(batch)
                 )
             ).all()
-        self._reconcile_cursor.advance([(r.created_at_us, r.purchase_id) for r in rows], batch)
+        keys = [(r.created_at_us, r.purchase_id) for r in rows]
+        started = self._reconcile_cursor.advance(keys, batch)
         settled = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             # A trace per purchase: its look-up at the provider, the outcome applied and its events.
             with background_span("reconcile purchase", **{"purchase.id": row.purchase_id}):
-                outcome = await self._reconcile_purchase(row)
+                try:
+                    outcome = await self._reconcile_purchase(row)
+                except Exception as exc:  # noqa: BLE001 - one purchase's error; the database's ends the round
+                    self._reconcile_cursor.item_failed(
+                        exc,
+                        started,
+                        keys,
+                        i,
+                        log,
+                        "a late purchase could not be reconciled; asked again next round",
+                        purchase_id=row.purchase_id,
+                    )
+                    outcome = "error"
             PURCHASES_RECONCILED.labels(outcome=outcome).inc()
             if outcome in ("succeeded", "failed"):
                 settled += 1

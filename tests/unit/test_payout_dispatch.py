@@ -39,7 +39,7 @@ from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
-from services.payout.storage import common, creators, daily_withdrawals
+from services.payout.storage import common, creators, daily_withdrawals, withdrawals
 from services.payout.usecases import Payout
 
 SECRET = b"dispatch-test-secret"
@@ -1082,3 +1082,79 @@ async def test_a_callback_whose_amount_differs_from_the_withdrawal_is_refused_an
     # The event id was not recorded: the provider's corrected event under it applies.
     done = await payout.handle_payout_event(callback(row.net.amount_minor, "USD"))
     assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID and not done.duplicate
+
+
+async def _handed_over_oldest_first(payout: Payout, n: int) -> list[str]:
+    """`n` withdrawals handed to a SlowProvider (in use) that calls them all settled, PROCESSING
+    since one after another, oldest first."""
+    ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(n)]
+    assert await payout.dispatch_once() == n
+    base = now_us()
+    async with payout.db.unit_of_work() as uow:
+        for i, withdrawal_id in enumerate(ids):
+            await uow.conn.execute(
+                update(withdrawals).where(withdrawals.c.withdrawal_id == withdrawal_id).values(updated_at_us=base + i)
+            )
+        await uow.commit()
+    payout.provider.done.update(ids)  # type: ignore[union-attr]
+    return ids
+
+
+async def test_a_withdrawal_whose_outcome_always_fails_to_apply_keeps_no_other_from_being_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Applying one withdrawal's outcome raised an error of its own (a bug, a constraint it
+    # breaks), not a domain error: the round ended there, after its cursor had moved past the
+    # batch, and the same withdrawals came in the same batches each pass: the one after it in its
+    # batch was never looked up again, PROCESSING with its diamonds held for ever.
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        payout.provider = SlowProvider()
+        payout.settings = payout.settings.model_copy(update={"reconcile_batch_size_max": 2})  # type: ignore[union-attr]
+        broken, paid, later = await _handed_over_oldest_first(payout, 3)
+        handle = payout.handle_payout_event
+
+        async def fails_for_one(req: payout_pb2.HandlePayoutEventRequest) -> object:
+            if broken.encode() in req.payload:
+                raise ValueError("a bug met by this withdrawal's outcome")
+            return await handle(req)
+
+        monkeypatch.setattr(payout, "handle_payout_event", fails_for_one)
+        errors = reconciled("error")
+        with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+            for _ in range(3):  # a pass of two rounds, and the first of the next
+                with contextlib.suppress(ValueError):  # as run_every goes on to the next round
+                    await payout.reconcile_once(now=reconcile_due(payout))
+        assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PAID
+        assert await status_of(payout, later) == payout_pb2.WITHDRAWAL_STATUS_PAID
+        assert await status_of(payout, broken) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+        assert reconciled("error") == errors + 2, "the broken one counted each time it was asked"
+        lines = [r for r in caplog.records if r.getMessage().startswith("a late withdrawal could not be reconciled")]
+        assert [r.withdrawal_id for r in lines] == [broken] * 2  # type: ignore[attr-defined]
+
+
+async def test_a_reconcile_round_the_database_fails_midway_starts_the_next_from_where_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database went while a round applied its batch's second outcome: the round ends (each
+    # withdrawal would fail alike), but its cursor had moved past the batch, so the next round
+    # began after it and the withdrawal it failed at waited for the next pass.
+    from sqlalchemy import exc as sa_exc
+
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        payout.provider = provider = SlowProvider()
+        payout.settings = payout.settings.model_copy(update={"reconcile_batch_size_max": 2})  # type: ignore[union-attr]
+        first, second, third = await _handed_over_oldest_first(payout, 3)
+        handle = payout.handle_payout_event
+        outage = [second]
+
+        async def database_gone_once(req: payout_pb2.HandlePayoutEventRequest) -> object:
+            if outage and outage[0].encode() in req.payload:
+                outage.clear()
+                raise sa_exc.OperationalError("UPDATE withdrawals", {}, Exception("could not connect to server"))
+            return await handle(req)
+
+        monkeypatch.setattr(payout, "handle_payout_event", database_gone_once)
+        with pytest.raises(sa_exc.OperationalError):
+            await payout.reconcile_once(now=reconcile_due(payout))
+        assert await payout.reconcile_once(now=reconcile_due(payout)) == 2  # where it failed, then the next
+        assert provider.asked == [first, second, second, third]

@@ -10,12 +10,15 @@ round when the provider cannot answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import update
 
 from livegifts.wallet.v1 import wallet_pb2
@@ -294,3 +297,76 @@ async def test_the_reconciler_is_off_at_zero(env: tuple[Wallet, StandIn]) -> Non
     stop.set()
     await asyncio.wait_for(running, 5)
     assert provider.asked == []
+
+
+async def _oldest_first(w: Wallet, users: list[str]) -> list[wallet_pb2.Purchase]:
+    """Unpaid purchases of `users`, created one after another, oldest first."""
+    made = [await unpaid(w, u) for u in users]
+    for i, p in enumerate(made):
+        async with w.db.unit_of_work() as uow:
+            await uow.conn.execute(
+                update(purchases).where(purchases.c.purchase_id == p.purchase_id).values(created_at_us=now_us() + i)
+            )
+            await uow.commit()
+    return made
+
+
+async def test_a_purchase_whose_outcome_always_fails_to_apply_keeps_no_other_from_being_settled(
+    env: tuple[Wallet, StandIn], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Applying one purchase's outcome raised an error of its own (a bug, a constraint it breaks),
+    # not a domain error: the round ended there, after the cursor had moved past its batch. The
+    # same purchases came in the same batches each pass, so the one after it in its batch was
+    # never looked up, however long it waited: a buyer who paid and never got the coins.
+    w, provider = env
+    w.settings = w.settings.model_copy(update={"purchase_reconcile_batch_size_max": 2})
+    broken, paid, later = await _oldest_first(w, ["hal", "ida", "jon"])
+    for p in (broken, paid, later):
+        provider.report[p.purchase_id] = "payment.succeeded"
+    apply = w._apply_reported
+
+    async def fails_for_one(prov: object, event: ProviderEvent) -> object:
+        if event.purchase_id == broken.purchase_id:
+            raise ValueError("a bug met by this purchase's outcome")
+        return await apply(prov, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(w, "_apply_reported", fails_for_one)
+    errors = reconciled("error")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # a pass of two rounds, and the first of the next
+            with contextlib.suppress(ValueError):  # as run_every goes on to the next round
+                await w.reconcile_once(now=late(w))
+    assert (await w.get_balance("ida")).coins == 70
+    assert (await w.get_balance("jon")).coins == 70
+    assert (await w.get_purchase(broken.purchase_id)).status == PENDING
+    assert reconciled("error") == errors + 2, "the broken one counted each time it was asked"
+    lines = [r for r in caplog.records if r.getMessage().startswith("a late purchase could not be reconciled")]
+    assert [r.purchase_id for r in lines] == [broken.purchase_id] * 2  # type: ignore[attr-defined]
+
+
+async def test_a_round_the_database_fails_midway_starts_the_next_from_the_purchase_it_failed_at(
+    env: tuple[Wallet, StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database went while a round applied its batch's second outcome: the round ends (every
+    # purchase would fail alike), but its cursor had moved past the batch, so the next round
+    # began after it and the purchase it failed at waited for the next pass over every late one.
+    w, provider = env
+    w.settings = w.settings.model_copy(update={"purchase_reconcile_batch_size_max": 2})
+    first, second, third = await _oldest_first(w, ["kim", "lou", "max"])
+    for p in (first, second, third):
+        provider.report[p.purchase_id] = "payment.succeeded"
+    apply = w._apply_reported
+    outage = [second.purchase_id]
+
+    async def database_gone_once(prov: object, event: ProviderEvent) -> object:
+        if event.purchase_id in outage:
+            outage.clear()
+            raise sa_exc.OperationalError("UPDATE purchases", {}, Exception("could not connect to server"))
+        return await apply(prov, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(w, "_apply_reported", database_gone_once)
+    with pytest.raises(sa_exc.OperationalError):
+        await w.reconcile_once(now=late(w))
+    assert await w.reconcile_once(now=late(w)) == 2  # the one it failed at, then the next
+    assert provider.asked == [first.purchase_id, second.purchase_id, second.purchase_id, third.purchase_id]
+    assert (await w.get_balance("lou")).coins == 70
