@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import and_, or_
 from sqlalchemy.sql.elements import ColumnElement
 
-from services.common import provider_calls
+from services.common import loops, provider_calls
 from services.common.grpcserver import is_unavailable
 
 T = TypeVar("T")
@@ -59,18 +59,15 @@ class RoundCursor:
         """The `i`th item (`keys[i]`) of the round that started at `started` (`advance`) raised
         `exc`, which is not a look-up's failure (`look_up` answers those).
 
-        The database unavailable is raised again: every item would fail alike, each after its own
-        connect timeout, so the round ends there (logged by `run_every`) and the next one starts
-        from this item, not after the round's last. Any other error is the item's own (a bug, a
-        constraint its answer breaks): logged as a warning (`message`, with `context`), for the
-        caller to count and go on with the round. Before, either ended the round, and the rest of its batch
-        waited for the next pass over every late item; the same items came in the same batches
-        each pass, so one that always failed kept those after it in its batch from ever being
-        looked up."""
+        As `loops.item_failed`: the database unavailable is raised again, and the next round
+        starts from this item, not after the round's last; any other error is logged as the
+        item's own, for the caller to count and go on with the round. Before, either ended the
+        round, and the rest of its batch waited for the next pass over every late item; the same
+        items came in the same batches each pass, so one that always failed kept those after it
+        in its batch from ever being looked up."""
         if is_unavailable(exc):
             self.at = keys[i - 1] if i else started
-            raise exc
-        logger.warning(message, extra={**context, "error": repr(exc)})
+        loops.item_failed(exc, logger, message, **context)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from services.common.grpcserver import error_kind
+from services.common.grpcserver import error_kind, is_unavailable
 from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -59,3 +59,19 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
             if retries := throttle.occurred():
                 log.warning(f"{what} failed, retrying next round", extra={"error": repr(exc), "retries": retries})
         await sleep_unless_stopped(stop, interval_s)
+
+
+def item_failed(exc: Exception, logger: logging.Logger, message: str, **context: object) -> None:
+    """One item of a background round (a gift the sweeper settles, a withdrawal the dispatcher
+    hands over, a late one a reconciler looks up) raised `exc`.
+
+    The database unavailable is raised again: every item would fail alike, each after its own
+    connect timeout, so the round ends there (`run_every` logs it, throttled). Any other error is
+    the item's own (a bug, a constraint it breaks, a dependency refusing that one item): logged
+    as a warning (`message`, with `context` naming the item) under the caller's `logger`, and the
+    caller goes on with the round. Before, it ended the round, and as each round starts from the
+    oldest items, one that always failed kept every item after it from ever being handled.
+    """
+    if is_unavailable(exc):
+        raise exc
+    logger.warning(message, extra={**context, "error": repr(exc)})

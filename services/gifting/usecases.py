@@ -54,7 +54,7 @@ from services.common.errors import (
 )
 from services.common.grpcserver import internal_error
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
-from services.common.loops import run_every
+from services.common.loops import item_failed, run_every
 from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
@@ -1326,7 +1326,12 @@ class Gifting:
             await uow.commit()
 
     async def sweep_once(self) -> int:
-        """Settle gifts left PENDING past the timeout; returns how many were settled."""
+        """Settle gifts left PENDING past the timeout; returns how many were settled.
+
+        Oldest first, so a gift that fails is the first of the next round too: its error (the
+        wallet refusing or timing out on that one spend, a broken invariant) is logged with its id
+        and the round goes on to the others (`item_failed`). The wallet or the database down ends
+        the round, as every gift would fail alike."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         async with self.db.unit_of_work(readonly=True) as uow:
             stale = stale_pending(cutoff, self.settings.sweep_batch_size_max)
@@ -1335,11 +1340,19 @@ class Gifting:
         for event_id in ids:
             # A trace per gift: its CancelSpend, and the gift.sent event with payout's credit.
             with background_span("sweep gift", **{"gift.event_id": event_id}):
-                answer = await self._arbiter(event_id)
-                if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
-                    await self._mark_sent(event_id, answer.spend.balance_after)
-                else:
-                    await self._cancel(event_id, "SWEPT")
+                try:
+                    answer = await self._arbiter(event_id)
+                    if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
+                        await self._mark_sent(event_id, answer.spend.balance_after)
+                    else:
+                        await self._cancel(event_id, "SWEPT")
+                except Exception as exc:  # noqa: BLE001 - this gift's error; the round goes on
+                    if isinstance(exc, Unavailable) and exc.metadata.get("wallet_code") == "UNAVAILABLE":
+                        raise  # the wallet is down or unreachable: every gift would fail alike
+                    item_failed(
+                        exc, log, "a pending gift was not settled; tried again next round", gift_event_id=event_id
+                    )
+                    continue
             settled += 1
         return settled
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sqlalchemy import func, select
 from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
-from services.common.errors import InvariantViolation
+from services.common.errors import InvariantViolation, Unavailable
 from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
@@ -556,3 +557,61 @@ async def test_a_gift_charged_after_it_was_cancelled_fails_internal_on_every_pat
             assert await _count(db, common.outbox) == 0
     finally:
         await probe.dispose()
+
+
+class OneSpendFailingWallet(OverloadedWallet):
+    """An overloaded wallet (every gift left PENDING) whose CancelSpend fails with `code` for the
+    keys in `failing` (INTERNAL: that one spend; UNAVAILABLE: the wallet gone) and cancels the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: dict[str, grpc.StatusCode] = {}
+
+    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        if (code := self.failing.get(req.idempotency_key)) is not None:
+            self.cancel_calls.append(req.idempotency_key)
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "it failed")
+        return await super().CancelSpend(req, timeout)
+
+
+async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_from_the_sweeper(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The wallet failed the CancelSpend of one gift (INTERNAL, every time): the sweeper's round
+    # ended at it, and as each round starts from the oldest gift, every gift left PENDING after it
+    # stayed PENDING for as long as that one did, its coins counted in flight.
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+        ids = []
+        for key in ("k1", "k2"):
+            with pytest.raises(Exception) as err:
+                await g.send_gift(
+                    gifting_pb2.SendGiftRequest(
+                        stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key=key
+                    )
+                )
+            ids.append(err.value.metadata["gift_event_id"])  # type: ignore[attr-defined]
+        stuck, other = ids
+        async with db.unit_of_work() as uow:  # oldest first: the one the wallet fails
+            for i, event_id in enumerate(ids):
+                await uow.conn.execute(
+                    gift_events.update().where(gift_events.c.event_id == event_id).values(updated_at_us=1 + i)
+                )
+            await uow.commit()
+        wallet.failing[stuck] = grpc.StatusCode.INTERNAL
+        with caplog.at_level(logging.WARNING, logger="services.gifting.usecases"):
+            for _ in range(2):
+                with contextlib.suppress(Unavailable):  # as run_every goes on to the next round
+                    await g.sweep_once()
+        assert await _count(db, gift_events, gift_events.c.event_id == other, gift_events.c.status == "CANCELLED") == 1
+        assert await _count(db, gift_events, gift_events.c.event_id == stuck, gift_events.c.status == "PENDING") == 1
+        lines = [r for r in caplog.records if r.getMessage().startswith("a pending gift was not settled")]
+        assert [r.gift_event_id for r in lines] == [stuck, stuck]  # type: ignore[attr-defined]
+
+        # The wallet gone: every gift would fail alike, so the round ends at the first.
+        wallet.failing = {stuck: grpc.StatusCode.UNAVAILABLE}
+        calls = len(wallet.cancel_calls)
+        with pytest.raises(Unavailable):
+            await g.sweep_once()
+        assert len(wallet.cancel_calls) == calls + 1
