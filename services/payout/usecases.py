@@ -44,7 +44,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.loops import run_every
+from services.common.loops import item_failed, run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OLDEST,
     CLAWBACK_SHORTFALL_OPEN,
@@ -1339,6 +1339,9 @@ class Payout:
 
         Each submission has PROVIDER_TIMEOUT_S; a failure is logged with the withdrawal id and
         counted (`livegifts_provider_call_failures_total{call="submit"}`), and the round goes on.
+        So it does after any other error of one withdrawal (its reference not stored, the wallet
+        refusing its check), logged with its id (`item_failed`); the database unavailable ends
+        the round.
         A provider that does not answer at all makes a round last up to DISPATCH_BATCH_SIZE_MAX x
         PROVIDER_TIMEOUT_S.
         """
@@ -1400,7 +1403,18 @@ class Payout:
         for row in rows:
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
-                sub = await self._hand_over(row, unsubmitted)
+                try:
+                    sub = await self._hand_over(row, unsubmitted)
+                except Exception as exc:  # noqa: BLE001 - this withdrawal's error; the database's ends the round
+                    # Oldest first, it comes first in the next round too: it ended every round
+                    # and kept each withdrawal after it from the provider for as long.
+                    item_failed(
+                        exc,
+                        log,
+                        "a withdrawal was not handed to the provider; tried again next round",
+                        withdrawal_id=row.withdrawal_id,
+                    )
+                    continue
                 if sub is None:
                     continue
                 submitted += 1
@@ -1415,6 +1429,8 @@ class Payout:
                         )
                     except DomainError as exc:
                         log.warning("dev payout callback refused", extra={"reason": exc.reason})
+                    except Exception as exc:  # noqa: BLE001 - the reconciler looks it up later
+                        item_failed(exc, log, "dev payout callback not applied", withdrawal_id=row.withdrawal_id)
         return submitted
 
     async def _hand_over(self, row: Any, unsubmitted: Any) -> Submission | None:

@@ -1158,3 +1158,29 @@ async def test_a_reconcile_round_the_database_fails_midway_starts_the_next_from_
             await payout.reconcile_once(now=reconcile_due(payout))
         assert await payout.reconcile_once(now=reconcile_due(payout)) == 2  # where it failed, then the next
         assert provider.asked == [first, second, second, third]
+
+
+async def test_a_withdrawal_whose_reference_cannot_be_stored_keeps_no_other_from_the_provider(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The oldest withdrawal's reference could not be stored, every round (the provider answers
+    # one its column does not hold: PostgreSQL's 22001, here a trigger's refusal): the round ended
+    # at it, and as each round starts from the oldest, no withdrawal after it reached the provider.
+    payout, provider, path = setup
+    stuck = await approved_withdrawal(payout, "creator-a")
+    other = await approved_withdrawal(payout, "creator-b")
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_ref BEFORE UPDATE OF provider_ref ON withdrawals "
+            f"WHEN NEW.provider_ref != '' AND NEW.withdrawal_id = '{stuck}' "
+            "BEGIN SELECT RAISE(ABORT, 'value too long for type character varying(128)'); END"
+        )
+    with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+        for _ in range(2):
+            with contextlib.suppress(Exception):  # as run_every goes on to the next round
+                await payout.dispatch_once()
+    assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert other in provider.submitted
+    assert provider.submitted.count(stuck) == 2, "claimed, it is submitted again each round"
+    lines = [r for r in caplog.records if r.getMessage().startswith("a withdrawal was not handed to the provider")]
+    assert [r.withdrawal_id for r in lines] == [stuck, stuck]  # type: ignore[attr-defined]
