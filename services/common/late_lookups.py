@@ -52,14 +52,13 @@ class RoundCursor:
         started: tuple[int, str],
         keys: Sequence[tuple[int, str]],
         i: int,
-        logger: logging.Logger,
-        message: str,
+        failures: loops.ItemFailures,
         **context: object,
     ) -> None:
         """The `i`th item (`keys[i]`) of the round that started at `started` (`advance`) raised
         `exc`, which is not a look-up's failure (`look_up` answers those).
 
-        As `loops.item_failed`: the database unavailable is raised again, and the next round
+        As `ItemFailures.failed`: the database unavailable is raised again, and the next round
         starts from this item, not after the round's last; any other error is logged as the
         item's own, for the caller to count and go on with the round. Before, either ended the
         round, and the rest of its batch waited for the next pass over every late item; the same
@@ -67,7 +66,7 @@ class RoundCursor:
         in its batch from ever being looked up."""
         if is_unavailable(exc):
             self.at = keys[i - 1] if i else started
-        loops.item_failed(exc, logger, message, **context)
+        failures.failed(exc, keys[i][1], **context)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from services.common.grpcserver import error_kind, is_unavailable
@@ -61,17 +62,34 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
         await sleep_unless_stopped(stop, interval_s)
 
 
-def item_failed(exc: Exception, logger: logging.Logger, message: str, **context: object) -> None:
-    """One item of a background round (a gift the sweeper settles, a withdrawal the dispatcher
-    hands over, a late one a reconciler looks up) raised `exc`.
+class ItemFailures:
+    """The failures of a background loop's items (a gift the sweeper settles, a withdrawal the
+    dispatcher hands over, a late one a reconciler looks up), for the loop to go on with its round.
 
-    The database unavailable is raised again: every item would fail alike, each after its own
-    connect timeout, so the round ends there (`run_every` logs it, throttled). Any other error is
-    the item's own (a bug, a constraint it breaks, a dependency refusing that one item): logged
-    as a warning (`message`, with `context` naming the item) under the caller's `logger`, and the
-    caller goes on with the round. Before, it ended the round, and as each round starts from the
-    oldest items, one that always failed kept every item after it from ever being handled.
+    `failed(exc, item, **context)`: the database unavailable is raised again: every item would
+    fail alike, each after its own connect timeout, so the round ends there (`run_every` logs it,
+    throttled). Any other error is the item's own (a bug, a constraint it breaks, a dependency
+    refusing that one item): logged as a warning (`message`, with `context` naming the item), the
+    first of an item at once, then at most once per FAILURE_LOG_INTERVAL_S per item (`retries`:
+    the failures the line stands for; payout's dispatcher tries every 0.2 s), and the caller goes
+    on with the round. Before, it ended the round, and as each round starts from the oldest items,
+    one that always failed kept every item after it from ever being handled. The items that
+    failed last are remembered, at most ITEMS_MAX.
     """
-    if is_unavailable(exc):
-        raise exc
-    logger.warning(message, extra={**context, "error": repr(exc)})
+
+    ITEMS_MAX = 1024
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self._logger = logger
+        self._message = message
+        self._lines: OrderedDict[str, LogThrottle] = OrderedDict()
+
+    def failed(self, exc: Exception, item: str, **context: object) -> None:
+        if is_unavailable(exc):
+            raise exc
+        throttle = self._lines.pop(item, None) or LogThrottle(FAILURE_LOG_INTERVAL_S)
+        self._lines[item] = throttle
+        while len(self._lines) > self.ITEMS_MAX:
+            self._lines.popitem(last=False)
+        if retries := throttle.occurred():
+            self._logger.warning(self._message, extra={**context, "error": repr(exc), "retries": retries})

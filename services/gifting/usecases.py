@@ -54,7 +54,7 @@ from services.common.errors import (
 )
 from services.common.grpcserver import internal_error
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
-from services.common.loops import item_failed, run_every
+from services.common.loops import ItemFailures, run_every
 from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
@@ -200,6 +200,7 @@ class Gifting:
     feed: FeedHub | None = None
 
     def __post_init__(self) -> None:
+        self._sweep_failures = ItemFailures(log, "a pending gift was not settled; tried again next round")
         # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
         self._begin_batcher: MicroBatcher[_Begin, dict[str, Any]] = MicroBatcher(
             self._begin_batch, GROUP_COMMIT_SIZE_MAX, "gifting_begin"
@@ -1330,7 +1331,7 @@ class Gifting:
 
         Oldest first, so a gift that fails is the first of the next round too: its error (the
         wallet refusing or timing out on that one spend, a broken invariant) is logged with its id
-        and the round goes on to the others (`item_failed`). The wallet or the database down ends
+        and the round goes on to the others (`ItemFailures`). The wallet or the database down ends
         the round, as every gift would fail alike."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         async with self.db.unit_of_work(readonly=True) as uow:
@@ -1349,9 +1350,7 @@ class Gifting:
                 except Exception as exc:  # noqa: BLE001 - this gift's error; the round goes on
                     if isinstance(exc, Unavailable) and exc.metadata.get("wallet_code") == "UNAVAILABLE":
                         raise  # the wallet is down or unreachable: every gift would fail alike
-                    item_failed(
-                        exc, log, "a pending gift was not settled; tried again next round", gift_event_id=event_id
-                    )
+                    self._sweep_failures.failed(exc, event_id, gift_event_id=event_id)
                     continue
             settled += 1
         return settled

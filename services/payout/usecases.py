@@ -44,7 +44,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.loops import item_failed, run_every
+from services.common.loops import ItemFailures, run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OLDEST,
     CLAWBACK_SHORTFALL_OPEN,
@@ -532,6 +532,15 @@ class Payout:
     # Where the reconciler's next round starts (handed over at, withdrawal id): transfers still
     # under way at the provider do not keep it from the later ones.
     _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
+    _reconcile_failures: ItemFailures = field(
+        default_factory=lambda: ItemFailures(log, "a late withdrawal could not be reconciled; asked again next round")
+    )
+    _dispatch_failures: ItemFailures = field(
+        default_factory=lambda: ItemFailures(log, "a withdrawal was not handed to the provider; tried again next round")
+    )
+    _dev_callback_failures: ItemFailures = field(
+        default_factory=lambda: ItemFailures(log, "dev payout callback not applied")
+    )
     # Creators whose withdrawals the dispatcher holds (not eligible, or the wallet could not
     # say), and until when (time.monotonic()) it does not ask the wallet about them again.
     _held_until: dict[str, float] = field(default_factory=dict)
@@ -1340,7 +1349,7 @@ class Payout:
         Each submission has PROVIDER_TIMEOUT_S; a failure is logged with the withdrawal id and
         counted (`livegifts_provider_call_failures_total{call="submit"}`), and the round goes on.
         So it does after any other error of one withdrawal (its reference not stored, the wallet
-        refusing its check), logged with its id (`item_failed`); the database unavailable ends
+        refusing its check), logged with its id (`ItemFailures`); the database unavailable ends
         the round.
         A provider that does not answer at all makes a round last up to DISPATCH_BATCH_SIZE_MAX x
         PROVIDER_TIMEOUT_S.
@@ -1408,12 +1417,7 @@ class Payout:
                 except Exception as exc:  # noqa: BLE001 - this withdrawal's error; the database's ends the round
                     # Oldest first, it comes first in the next round too: it ended every round
                     # and kept each withdrawal after it from the provider for as long.
-                    item_failed(
-                        exc,
-                        log,
-                        "a withdrawal was not handed to the provider; tried again next round",
-                        withdrawal_id=row.withdrawal_id,
-                    )
+                    self._dispatch_failures.failed(exc, row.withdrawal_id, withdrawal_id=row.withdrawal_id)
                     continue
                 if sub is None:
                     continue
@@ -1430,7 +1434,7 @@ class Payout:
                     except DomainError as exc:
                         log.warning("dev payout callback refused", extra={"reason": exc.reason})
                     except Exception as exc:  # noqa: BLE001 - the reconciler looks it up later
-                        item_failed(exc, log, "dev payout callback not applied", withdrawal_id=row.withdrawal_id)
+                        self._dev_callback_failures.failed(exc, row.withdrawal_id, withdrawal_id=row.withdrawal_id)
         return submitted
 
     async def _hand_over(self, row: Any, unsubmitted: Any) -> Submission | None:
@@ -1670,13 +1674,7 @@ class Payout:
                     outcome, applied = await self._reconcile_withdrawal(row)
                 except Exception as exc:  # noqa: BLE001 - one withdrawal's error; the database's ends the round
                     self._reconcile_cursor.item_failed(
-                        exc,
-                        started,
-                        keys,
-                        i,
-                        log,
-                        "a late withdrawal could not be reconciled; asked again next round",
-                        withdrawal_id=row.withdrawal_id,
+                        exc, started, keys, i, self._reconcile_failures, withdrawal_id=row.withdrawal_id
                     )
                     outcome, applied = "error", False
                 WITHDRAWALS_RECONCILED.labels(outcome=outcome).inc()

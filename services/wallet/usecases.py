@@ -31,7 +31,7 @@ from services.common.errors import (
     status_for,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.loops import run_every
+from services.common.loops import ItemFailures, run_every
 from services.common.metrics import (
     LATE_PAYMENT_FAILURES,
     PURCHASE_OUTCOMES,
@@ -147,6 +147,9 @@ class Wallet:
     # Where the reconciler's next round starts (created at, purchase id): purchases the provider
     # still calls unpaid do not keep it from the later ones.
     _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
+    _reconcile_failures: ItemFailures = field(
+        default_factory=lambda: ItemFailures(log, "a late purchase could not be reconciled; asked again next round")
+    )
 
     def __post_init__(self) -> None:
         self.region_ages = domain.parse_region_ages(self.settings.adult_age_by_region)
@@ -474,13 +477,7 @@ class Wallet:
                     outcome = await self._reconcile_purchase(row)
                 except Exception as exc:  # noqa: BLE001 - one purchase's error; the database's ends the round
                     self._reconcile_cursor.item_failed(
-                        exc,
-                        started,
-                        keys,
-                        i,
-                        log,
-                        "a late purchase could not be reconciled; asked again next round",
-                        purchase_id=row.purchase_id,
+                        exc, started, keys, i, self._reconcile_failures, purchase_id=row.purchase_id
                     )
                     outcome = "error"
             PURCHASES_RECONCILED.labels(outcome=outcome).inc()

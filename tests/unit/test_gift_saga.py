@@ -607,7 +607,8 @@ async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_f
         assert await _count(db, gift_events, gift_events.c.event_id == other, gift_events.c.status == "CANCELLED") == 1
         assert await _count(db, gift_events, gift_events.c.event_id == stuck, gift_events.c.status == "PENDING") == 1
         lines = [r for r in caplog.records if r.getMessage().startswith("a pending gift was not settled")]
-        assert [r.gift_event_id for r in lines] == [stuck, stuck]  # type: ignore[attr-defined]
+        # Once: the next failures of the same gift within 30 s are counted on its next line.
+        assert [r.gift_event_id for r in lines] == [stuck]  # type: ignore[attr-defined]
 
         # The wallet gone: every gift would fail alike, so the round ends at the first.
         wallet.failing = {stuck: grpc.StatusCode.UNAVAILABLE}

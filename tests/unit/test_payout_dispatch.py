@@ -1129,7 +1129,8 @@ async def test_a_withdrawal_whose_outcome_always_fails_to_apply_keeps_no_other_f
         assert await status_of(payout, broken) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
         assert reconciled("error") == errors + 2, "the broken one counted each time it was asked"
         lines = [r for r in caplog.records if r.getMessage().startswith("a late withdrawal could not be reconciled")]
-        assert [r.withdrawal_id for r in lines] == [broken] * 2  # type: ignore[attr-defined]
+        # Once: the next failures of the same withdrawal within 30 s are counted on its next line.
+        assert [r.withdrawal_id for r in lines] == [broken]  # type: ignore[attr-defined]
 
 
 async def test_a_reconcile_round_the_database_fails_midway_starts_the_next_from_where_it_failed(
@@ -1183,4 +1184,5 @@ async def test_a_withdrawal_whose_reference_cannot_be_stored_keeps_no_other_from
     assert other in provider.submitted
     assert provider.submitted.count(stuck) == 2, "claimed, it is submitted again each round"
     lines = [r for r in caplog.records if r.getMessage().startswith("a withdrawal was not handed to the provider")]
-    assert [r.withdrawal_id for r in lines] == [stuck, stuck]  # type: ignore[attr-defined]
+    # Once: the dispatcher tries every 0.2 s, and its next failures are counted on a line 30 s on.
+    assert [r.withdrawal_id for r in lines] == [stuck]  # type: ignore[attr-defined]

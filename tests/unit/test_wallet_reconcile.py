@@ -341,7 +341,8 @@ async def test_a_purchase_whose_outcome_always_fails_to_apply_keeps_no_other_fro
     assert (await w.get_purchase(broken.purchase_id)).status == PENDING
     assert reconciled("error") == errors + 2, "the broken one counted each time it was asked"
     lines = [r for r in caplog.records if r.getMessage().startswith("a late purchase could not be reconciled")]
-    assert [r.purchase_id for r in lines] == [broken.purchase_id] * 2  # type: ignore[attr-defined]
+    # Once: the next failures of the same purchase within 30 s are counted on its next line.
+    assert [r.purchase_id for r in lines] == [broken.purchase_id]  # type: ignore[attr-defined]
 
 
 async def test_a_round_the_database_fails_midway_starts_the_next_from_the_purchase_it_failed_at(

@@ -1,0 +1,35 @@
+"""A background loop's items that fail (services/common/loops.py `ItemFailures`): each is logged
+at once, then at most once per FAILURE_LOG_INTERVAL_S, and the database unavailable ends the round.
+
+The loops themselves (gifting's sweeper, payout's dispatcher, the reconcilers) are tested going on
+past a failing item in test_gift_saga.py, test_payout_dispatch.py and test_wallet_reconcile.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import exc as sa_exc
+
+from services.common import loops, throttle
+
+
+def test_an_items_failures_are_logged_at_once_then_once_per_interval_with_the_rest_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Payout's dispatcher tries every 0.2 s: a withdrawal that failed each round logged five lines
+    # a second. Another item's first failure is still logged at once; the database unavailable
+    # is no item's failure and ends the round.
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    failures = loops.ItemFailures(logging.getLogger("test.items"), "item failed")
+    with caplog.at_level(logging.WARNING, logger="test.items"):
+        for _ in range(3):
+            failures.failed(ValueError("bug"), "a", item_id="a")
+        failures.failed(ValueError("bug"), "b", item_id="b")
+        now[0] += loops.FAILURE_LOG_INTERVAL_S
+        failures.failed(ValueError("bug"), "a", item_id="a")
+    assert [(r.item_id, r.retries) for r in caplog.records] == [("a", 1), ("b", 1), ("a", 3)]  # type: ignore[attr-defined]
+    with pytest.raises(sa_exc.OperationalError):
+        failures.failed(sa_exc.OperationalError("SELECT 1", {}, Exception("connection refused")), "c")
