@@ -43,6 +43,7 @@ from services.common.errors import (
     require_id,
     require_positive,
 )
+from services.common.grpcserver import is_unavailable
 from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.loops import ItemFailures, run_every
 from services.common.metrics import (
@@ -537,6 +538,9 @@ class Payout:
     )
     _dispatch_failures: ItemFailures = field(
         default_factory=lambda: ItemFailures(log, "a withdrawal was not handed to the provider; tried again next round")
+    )
+    _shortfall_failures: ItemFailures = field(
+        default_factory=lambda: ItemFailures(log, "a clawback shortfall was not settled; tried again next round")
     )
     _dev_callback_failures: ItemFailures = field(
         default_factory=lambda: ItemFailures(log, "dev payout callback not applied")
@@ -1940,7 +1944,9 @@ class Payout:
         """Settle what it can of the next SHORTFALL_BATCH open shortfalls; returns the coins clawed back.
 
         Rounds go through the open shortfalls in turn (by reversal id, from where the last round
-        stopped), so any number that cannot settle yet never keeps the others waiting. Each one is
+        stopped), so any number that cannot settle yet never keeps the others waiting; nor does
+        one whose settling raises (logged with its reversal id, `ItemFailures`), but the database
+        unavailable, which ends the round at that shortfall. Each one is
         settled in its own transaction (`_settle_shortfall`: after its sender's older ones, under
         their row locks, and with compare-and-set on each earning's clawed coins), so replicas
         settling at once take nothing twice.
@@ -1955,6 +1961,7 @@ class Payout:
                     .limit(SHORTFALL_BATCH)
                 )
             ).all()
+        started = self._shortfall_cursor
         self._shortfall_cursor = open_rows[-1].reversal_event_id if len(open_rows) == SHORTFALL_BATCH else ""
         if not open_rows:
             await self._set_shortfall_open()  # some may lie before the cursor
@@ -1965,17 +1972,25 @@ class Payout:
         try:
             with background_span("settle shortfalls", **{"clawback.shortfalls_open": str(len(open_rows))}) as span:
                 settled = 0
-                for row in open_rows:
-                    async with self.db.unit_of_work() as uow:
-                        taken = await self._settle_shortfall(uow, row.reversal_event_id)
-                        if taken == 0:
-                            continue  # nothing arrived yet (or another replica settled it): nothing written
-                        await uow.commit()
+                for i, row in enumerate(open_rows):
+                    try:
+                        async with self.db.unit_of_work() as uow:
+                            taken = await self._settle_shortfall(uow, row.reversal_event_id)
+                            if taken == 0:
+                                continue  # nothing arrived yet (or another replica settled it): nothing written
+                            await uow.commit()
+                    except Exception as exc:  # noqa: BLE001 - this shortfall's error; the database's ends the round
+                        if is_unavailable(exc):  # the next round starts from this one, not after the batch
+                            self._shortfall_cursor = open_rows[i - 1].reversal_event_id if i else started
+                        self._shortfall_failures.failed(
+                            exc, row.reversal_event_id, reversal_event_id=row.reversal_event_id
+                        )
+                        continue
                     settled += taken
                     span.add_event("shortfall settled", {"reversal.event_id": row.reversal_event_id, "coins": taken})
                 span.set_attribute("clawback.coins_settled", settled)
         except Exception:
-            # A round that fails (one shortfall's settling raises every time, say) still exports
+            # A round that fails (the database gone midway, say) still exports
             # the age: that shortfall stays open, and LivegiftsClawbackShortfallOpen must see it
             # grow, not the value of the last round that went through (a new pod's 0). The
             # round's own error is the one run_every logs, whatever the export meets.

@@ -3,9 +3,11 @@ yet never keep the others waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
@@ -177,12 +179,15 @@ async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_ga
         await uow.commit()
 
     async def fails(uow: object, reversal_event_id: str) -> int:
-        raise RuntimeError(f"cannot settle {reversal_event_id}")
+        # The database gone as the settling runs (one shortfall's own error no longer ends the round).
+        raise sa_exc.OperationalError("SELECT", {}, Exception(f"cannot settle {reversal_event_id}"))
 
     monkeypatch.setattr(payout, "_settle_shortfall", fails)
     CLAWBACK_SHORTFALL_OLDEST.set(0)  # a new pod's, before its first round
     CLAWBACK_SHORTFALL_OPEN.set(0)
-    with pytest.raises(RuntimeError, match="cannot settle r-poison"):  # the round's own error, for its log line
+    with pytest.raises(
+        sa_exc.OperationalError, match="cannot settle r-poison"
+    ):  # the round's own error, for its log line
         await payout.settle_shortfalls_once()
     age = REGISTRY.get_sample_value("livegifts_clawback_shortfall_oldest_seconds")
     assert age is not None and 2 * 3600 <= age < 3 * 3600, age
@@ -271,3 +276,48 @@ async def test_the_audit_reports_each_reversal_consumed_as_clawed_back_plus_owed
     a = await payout.audit()
     assert (a.coins_in_clawback_entries, a.coins_in_open_shortfalls, a.earnings_coins_clawed_back) == (100, 0, 100)
     assert a.units_in_clawback_entries == a.clawed_units == 100 * 5000
+
+
+async def test_a_shortfall_whose_settling_always_raises_keeps_no_other_from_settling(  # type: ignore[no-untyped-def]
+    setup,  # noqa: F811
+    monkeypatch,
+    caplog,
+) -> None:
+    # One shortfall's settling raised every time (a bug, a constraint its rows break): the round
+    # ended at it, and as a short batch starts again from the first, the shortfall after it never
+    # settled, however much its sender's gifts allowed: its coins owed for ever.
+    import logging
+
+    payout, _provider, _path = setup
+    async with payout.db.unit_of_work() as uow:
+        base = {
+            "kind": "CHARGED_BACK",
+            "coins_open": 10,
+            "reversed_at_us": NOW_US,
+            "created_at_us": NOW_US,
+            "updated_at_us": NOW_US,
+        }
+        await uow.conn.execute(
+            insert(clawback_shortfalls),
+            [
+                {**base, "reversal_event_id": "a-poison", "purchase_id": "p-poison", "sender_id": "nobody"},
+                {**base, "reversal_event_id": "b-viewer", "purchase_id": "p-viewer", "sender_id": "viewer"},
+            ],
+        )
+        await payout.credit_gifts(uow, [gift_event("creator-c", 40, at_s=NOW_US // 1_000_000 - 60)])
+        await uow.commit()
+    settle = payout._settle_shortfall
+
+    async def fails_for_one(uow: object, reversal_event_id: str) -> int:
+        if reversal_event_id == "a-poison":
+            raise RuntimeError("a bug met by this shortfall")
+        return await settle(uow, reversal_event_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(payout, "_settle_shortfall", fails_for_one)
+    with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+        for _ in range(2):
+            with contextlib.suppress(RuntimeError):  # as run_every goes on to the next round
+                await payout.settle_shortfalls_once()
+    assert (await payout.get_earnings("creator-c")).diamonds_clawed_back == 5
+    lines = [r for r in caplog.records if r.getMessage().startswith("a clawback shortfall was not settled")]
+    assert [r.reversal_event_id for r in lines] == ["a-poison"]  # once: the next within 30 s are counted
