@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import nats.errors
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -118,14 +119,27 @@ def redelivery_delay_s(delivered: int) -> float:
     return min(0.1 * 2 ** min(delivered, 8), REDELIVERY_DELAY_S_MAX)
 
 
+# NATS refusing to send an ack (its connection closed, draining or reconnecting, its buffer full):
+# the effect committed, so a failure of the bus, never of the event.
+_BUS_GONE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+)
+
+
 def _not_the_events_fault(exc: BaseException) -> bool:
     """Whether a failure says nothing about the event: the database (or another dependency) is
     down or refuses writes (is_unavailable: refused connections, 08/53/57P, a full or read-only
-    store), or a conflict to retry (serialization failure, deadlock). Such a failure does not
-    count towards CONSUMER_MAX_DELIVER: parking on it put healthy events in dead_letters during
-    an outage of a few minutes. A domain error (whatever its code), a constraint violation or a
-    bug counts."""
-    return not isinstance(exc, DomainError) and is_retryable(exc)
+    store), or a conflict to retry (serialization failure, deadlock), or NATS would not take the
+    ack of an event applied (`_BUS_GONE`: counted, an event on its last allowed delivery was
+    parked although its effect had committed). Such a failure does not count towards
+    CONSUMER_MAX_DELIVER: parking on it put healthy events in dead_letters during an outage of a
+    few minutes. A domain error (whatever its code), a constraint violation or a bug counts."""
+    return isinstance(exc, _BUS_GONE) or (not isinstance(exc, DomainError) and is_retryable(exc))
 
 
 class ReplayFailed(Exception):

@@ -543,3 +543,19 @@ async def test_a_batch_committed_whose_ack_failed_midway_is_not_acked_twice(tmp_
         assert applied == ["a", "b", "c"], "applied once: the retry found them in the inbox"
     finally:
         await db.engine.dispose()
+
+
+async def test_an_event_applied_whose_ack_nats_refused_is_not_parked_on_its_last_delivery(tmp_path: Path) -> None:
+    # Its effect committed, then NATS refused the ack (the connection closed): the failure was
+    # counted as the event's own, and on its last allowed delivery (a redelivery after failures of
+    # its own) the event was parked, an applied event in dead_letters for an operator to replay.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "ack-refused", "none", applied, max_deliver=2)
+    try:
+        msg = _Msg("e1", seq=1, n=2, ack_fails=True)
+        await consumer.process([msg])  # type: ignore[list-item]
+        assert applied == ["e1"]
+        assert msg.settled == ["nak"], "nak'ed, uncounted: its redelivery is a duplicate, acked"
+        assert await _parked_ids(db, "ack-refused") == []
+    finally:
+        await db.engine.dispose()
