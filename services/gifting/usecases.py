@@ -1332,7 +1332,9 @@ class Gifting:
         Oldest first, so a gift that fails is the first of the next round too: its error (the
         wallet refusing or timing out on that one spend, a broken invariant) is logged with its id
         and the round goes on to the others (`ItemFailures`). The wallet or the database down ends
-        the round, as every gift would fail alike."""
+        the round, as every gift would fail alike; a wallet that does not answer at all
+        (DEADLINE_EXCEEDED, as one gift's spend may) makes a round last up to
+        SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s)."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         async with self.db.unit_of_work(readonly=True) as uow:
             stale = stale_pending(cutoff, self.settings.sweep_batch_size_max)
