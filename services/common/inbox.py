@@ -784,7 +784,7 @@ class Consumer(Generic[E]):
             CONSUMED.labels(self.sub.durable, "retry").inc()
             if is_unavailable(exc):
                 self._log_outage(msg, event, exc, delay_s)
-            else:  # a conflict (deadlock, serialization failure): rare, each one logged
+            else:  # a conflict (deadlock, serialization failure) or NATS refusing its ack: rare, each logged
                 self._log_retry(msg, event, exc)
             await msg.nak(delay=delay_s)
             return
