@@ -95,11 +95,24 @@ TABLE_WIDTH_MAX = 100_000  # a table printed to no terminal: its own width, up t
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
 
 
-def _address(param: typer.CallbackParam, value: str) -> str:
+def _address(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
     """An empty service address is a usage error, said in one line before any call (gRPC would
-    only say "the target uri is not valid: dns:///")."""
+    only say "the target uri is not valid: dns:///"), whether given as the option or as its
+    variable. click takes a variable set to "" as unset and the default 127.0.0.1 address in
+    its place, so `LIVEGIFTS_WALLET_ADDR=$UNSET_THING livegifts audit` talked to a local suite;
+    the variable is read here as the environment has it."""
+    source = ctx.get_parameter_source(param.name or "")
+    given = os.environ.get(param.envvar) if isinstance(param.envvar, str) else None
+    # By name: typer parses with its own copy of click (typer._click), whose ParameterSource is
+    # not click's.
+    if getattr(source, "name", None) == "COMMANDLINE":
+        name = param.opts[0]
+    elif given is not None:  # from the variable, or the default in place of an empty one
+        name, value = str(param.envvar), given
+    else:
+        return value
     if not value.strip():
-        err_console.print(f"[red]{param.opts[0]} is empty[/red]: give the service's host:port", highlight=False)
+        err_console.print(f"[red]{name} is empty[/red]: give the service's host:port", highlight=False)
         raise typer.Exit(2)
     return value
 

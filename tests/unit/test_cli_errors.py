@@ -390,6 +390,24 @@ def test_an_empty_service_address_is_a_usage_error_in_one_line(option: str) -> N
     assert result.stdout == "", result.stdout
 
 
+@pytest.mark.parametrize("value", ["", "  "], ids=["empty", "blank"])
+@pytest.mark.parametrize("variable", ["LIVEGIFTS_WALLET_ADDR", "LIVEGIFTS_GIFTING_ADDR", "LIVEGIFTS_PAYOUT_ADDR"])
+def test_an_empty_address_variable_is_a_usage_error_naming_it(variable: str, value: str) -> None:
+    # click takes a variable set to "" as unset: a script whose variable came out empty had its
+    # audit read the default 127.0.0.1 addresses (a local dev suite) and say nothing of it.
+    result = _cli("audit", env={variable: value})
+    assert result.returncode == 2, result
+    assert _error_lines(result.stderr) == [f"{variable} is empty: give the service's host:port"], result
+    assert result.stdout == "", result.stdout
+
+
+def test_an_address_option_wins_over_its_empty_variable() -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    result = _cli("balance", "bob", "--wallet-addr", addr, env={"LIVEGIFTS_WALLET_ADDR": ""})
+    assert result.returncode == 1, result  # the call went to the option's address, which is closed
+    assert f"(wallet at {addr})" in result.stderr, result.stderr
+
+
 def test_lines_printed_to_no_terminal_stay_whole(tmp_path: Path) -> None:
     """A pipe, a file or a Job's log: rich wrapped every line at 80 columns there, so a command's
     answer (`balance`, `earnings`, `demo`'s steps) and its one-line errors came out broken in two,
