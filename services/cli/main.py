@@ -37,6 +37,8 @@ from services.common.consumers import CONSUMERS
 from services.wallet.payments import dev_event_payload, dev_payment_event_id
 
 if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
     from livegifts.common.v1 import dead_letters_pb2
 
 app = typer.Typer(help="livegifts: a live-stream gift economy (wallet, gifting, payout).", no_args_is_help=True)
@@ -93,6 +95,14 @@ AUDIT_PROGRESS_EVERY_S = 5.0  # `audit --detail`: how often the read of every id
 CHANNELS = ("APP", "WEB")  # `buy` finds a package in either
 TABLE_WIDTH_MAX = 100_000  # a table printed to no terminal: its own width, up to this
 IN_FLIGHT_EXIT = 3  # `audit`: work still in flight with --wait 0 (2 is click's usage error)
+
+
+def _enum_name(enum: EnumTypeWrapper, number: int, prefix: str = "") -> str:
+    """An enum's name without its prefix ("APPROVED"), or "UNKNOWN(7)" for a number this CLI's
+    protos do not have: a newer server's status. protobuf's Name() raises on it, and
+    `withdrawals` ended in a traceback at the first such row."""
+    value = enum.DESCRIPTOR.values_by_number.get(number)
+    return value.name.removeprefix(prefix) if value is not None else f"UNKNOWN({number})"
 
 
 def _address(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
@@ -437,7 +447,7 @@ def buy(
             bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
         except grpc.RpcError as exc:
             _fail(exc)
-    status = wallet_pb2.PurchaseStatus.Name(p.status).removeprefix("PURCHASE_STATUS_")  # as `withdrawals` prints
+    status = _enum_name(wallet_pb2.PurchaseStatus, p.status, "PURCHASE_STATUS_")  # as `withdrawals` prints
     console.print(f"purchase {p.purchase_id}: {status}; {user} has {bal.coins} coins", markup=False)
 
 
@@ -849,12 +859,10 @@ WITHDRAWALS_PAGE_SIZE = 500  # `withdrawals`: rows per ListWithdrawals call (its
 
 def _withdrawal_status(w: payout_pb2.Withdrawal) -> str:
     """A withdrawal's status, and why it waits while APPROVED and held: "APPROVED, held: BALANCE_NEGATIVE"."""
-    status = payout_pb2.WithdrawalStatus.Name(w.status).removeprefix("WITHDRAWAL_STATUS_")
+    status = _enum_name(payout_pb2.WithdrawalStatus, w.status, "WITHDRAWAL_STATUS_")
     if not w.hold:
         return status
-    # A reason this CLI's protos do not know (a newer payout) shows as its number.
-    hold = payout_pb2.WithdrawalHold.Name(w.hold) if w.hold in payout_pb2.WithdrawalHold.values() else str(w.hold)
-    return f"{status}, held: {hold.removeprefix('WITHDRAWAL_HOLD_')}"
+    return f"{status}, held: {_enum_name(payout_pb2.WithdrawalHold, w.hold, 'WITHDRAWAL_HOLD_')}"
 
 
 @app.command()
@@ -1040,12 +1048,16 @@ def dead_letters_replay(
                     raise typer.Exit(1) from None
                 time.sleep(REPLAY_RETRY_PAUSES_S[attempt])
     d = answer.dead_letter
-    if answer.outcome == dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED:
+    replayed = dead_letters_pb2.ReplayDeadLetterResponse
+    if answer.outcome == replayed.OUTCOME_APPLIED:
         console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}", markup=False)
-    else:
+    elif answer.outcome == replayed.OUTCOME_DUPLICATE:
         console.print(
             f"replayed {d.id}: {d.consumer} had applied event {d.event_id} already; nothing changed", markup=False
         )
+    else:  # an outcome this CLI's protos do not know (a newer service) is no "applied already"
+        outcome = _enum_name(replayed.Outcome, answer.outcome, "OUTCOME_")
+        console.print(f"replayed {d.id}: event {d.event_id}, {d.consumer}: outcome {outcome}", markup=False)
 
 
 def main() -> None:

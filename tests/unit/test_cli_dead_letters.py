@@ -62,8 +62,9 @@ class _Lost(grpc.RpcError):
         return "the answer was lost"
 
 
-def _replay_stub(failures: list[grpc.StatusCode], requests: list[Any]) -> type:
-    """A DeadLetterService whose ReplayDeadLetter fails with `failures` first, then replays."""
+def _replay_stub(failures: list[grpc.StatusCode], requests: list[Any], outcome: int = 1) -> type:
+    """A DeadLetterService whose ReplayDeadLetter fails with `failures` first, then replays
+    (`outcome`: OUTCOME_APPLIED unless given)."""
 
     class Stub:
         def __init__(self, channel: Any) -> None:
@@ -75,7 +76,7 @@ def _replay_stub(failures: list[grpc.StatusCode], requests: list[Any]) -> type:
                 raise _Lost(failures.pop(0))
             return dead_letters_pb2.ReplayDeadLetterResponse(
                 dead_letter=dead_letters_pb2.DeadLetter(id=request.id, consumer="payout-gift-sent", event_id="e7"),
-                outcome=dead_letters_pb2.ReplayDeadLetterResponse.OUTCOME_APPLIED,
+                outcome=outcome,
             )
 
     return Stub
@@ -256,3 +257,12 @@ def test_a_list_no_service_answered_says_no_parked_events_nowhere(monkeypatch: p
     assert result.exit_code == 1, result.output
     assert "no parked events" not in result.output, result.output
     assert result.stderr.count("UNAVAILABLE") == 3, result.stderr
+
+
+def test_a_replay_outcome_this_cli_does_not_know_is_shown_as_its_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A newer service's outcome (proto3 enums are open) printed "had applied event e7 already;
+    # nothing changed", which the service never said.
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _replay_stub([], [], outcome=7))
+    result = _replay()
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "replayed 7: event e7, payout-gift-sent: outcome UNKNOWN(7)", result.stdout

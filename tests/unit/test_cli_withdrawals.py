@@ -107,3 +107,26 @@ def test_withdrawals_json_names_every_field_of_a_withdrawal() -> None:
     # A field payout adds later is a field this answer shows: this fails until it is added.
     (row,) = [json.loads(line) for line in _listing([_HELD], "--json").stdout.splitlines()]
     assert set(row) == {f.name for f in payout_pb2.Withdrawal.DESCRIPTOR.fields}, row
+
+
+# A newer payout's status and hold: numbers this CLI's protos lack (proto3 enums are open, so the
+# answer carries them). protobuf's Name() raised ValueError, and the listing ended in a traceback.
+_NEWER = payout_pb2.Withdrawal(withdrawal_id="w-newer", creator_id="creator-3", status=42, hold=9)
+
+
+def test_a_status_and_hold_this_cli_does_not_know_show_as_their_numbers_in_the_table() -> None:
+    result = _listing([_NEWER, _HELD])
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if "w-newer" in line]
+    assert "UNKNOWN(42), held: UNKNOWN(9)" in row, row
+    assert any("w-held" in line for line in result.stdout.splitlines()), result.stdout
+
+
+def test_a_status_and_hold_this_cli_does_not_know_show_as_their_numbers_in_json() -> None:
+    result = _listing([_NEWER, _HELD], "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["withdrawal_id"], r["status"], r["hold"]) for r in rows] == [
+        ("w-newer", "UNKNOWN(42)", "UNKNOWN(9)"),
+        ("w-held", "APPROVED", "BALANCE_NEGATIVE"),
+    ], rows
