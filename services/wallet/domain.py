@@ -60,9 +60,10 @@ TRANSITIONS: dict[PurchaseStatus, set[PurchaseStatus]] = {
 # a declined attempt after, or beside, a later one's outcome (a second card that paid, then its
 # refund), and retry for days any callback that got an error; a failure has no effect on a
 # purchase that is not PENDING, whatever order it arrives in. Everything else outside
-# TRANSITIONS stays INVALID_TRANSITION: a refund or chargeback of a purchase never credited may
-# be early (its retry applies once the success lands) or wrong; a second success, or a second
-# reversal, under a new event id reports money moving twice, which an operator must see.
+# TRANSITIONS stays INVALID_TRANSITION but a success after one was applied (SUCCESS_APPLIED, a
+# duplicate): a refund or chargeback of a purchase never credited may be early (its retry applies
+# once the success lands) or wrong; a second reversal under a new event id reports money moving
+# twice, which an operator must see.
 NO_EFFECT: dict[PurchaseStatus, set[PurchaseStatus]] = {
     PurchaseStatus.PENDING: set(),
     PurchaseStatus.SUCCEEDED: {PurchaseStatus.FAILED},
@@ -76,6 +77,33 @@ check(
     all(not (NO_EFFECT[s] & TRANSITIONS[s]) for s in PurchaseStatus),
     "a report either changes a purchase or changes nothing",
 )
+
+
+# The statuses a purchase has only once a success was applied: SUCCEEDED and what a success leads
+# to (its refund or chargeback), none of them reachable otherwise. A success reported for one of
+# them under a new event id, with the purchase's amount and currency, is that success again, as
+# the provider's own callback arriving after the reconciler's look-up applied it (a provider's
+# look-up does not give the id of the webhook event it will send): answered as a duplicate, as
+# payout answers a PAID withdrawal's PAID under another event id. A success after FAILED is not
+# among them: it is the move that credits the purchase.
+SUCCESS_APPLIED: frozenset[PurchaseStatus] = frozenset(
+    {PurchaseStatus.SUCCEEDED} | TRANSITIONS[PurchaseStatus.SUCCEEDED]
+)
+check(
+    all(
+        (target not in SUCCESS_APPLIED) or (source in SUCCESS_APPLIED or target is PurchaseStatus.SUCCEEDED)
+        for source, targets in TRANSITIONS.items()
+        for target in targets
+    )
+    and all(TRANSITIONS[s] <= SUCCESS_APPLIED for s in SUCCESS_APPLIED)
+    and all(PurchaseStatus.SUCCEEDED not in TRANSITIONS[s] | NO_EFFECT[s] for s in SUCCESS_APPLIED),
+    "SUCCESS_APPLIED holds the statuses reached only through a success, which a success no longer moves",
+)
+
+
+def repeats_the_success(current: PurchaseStatus, target: PurchaseStatus) -> bool:
+    """True if a report of `target` on a `current` purchase is its applied success reported again."""
+    return target is PurchaseStatus.SUCCEEDED and current in SUCCESS_APPLIED
 
 
 def has_no_effect(current: PurchaseStatus, target: PurchaseStatus) -> bool:

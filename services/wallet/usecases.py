@@ -522,7 +522,8 @@ class Wallet:
         except DomainError as exc:
             if (await self.get_purchase(row.purchase_id)).status != wallet_pb2.PURCHASE_STATUS_PENDING:
                 # A callback (under another event id) settled it meanwhile: the status's
-                # compare-and-set or the state machine refused the second outcome, as it should.
+                # compare-and-set refused the second outcome, or the answer was refused against
+                # the one applied (the same success is a duplicate, not this).
                 return "settled_meanwhile"
             # Not applied (amount or currency differ, a refund of an unpaid purchase, an event id
             # recorded for another purchase): still PENDING, asked again next round.
@@ -590,6 +591,13 @@ class Wallet:
             if row.provider != provider.name:
                 raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
             current = PurchaseStatus(row.status)
+            if domain.repeats_the_success(current, event.target):
+                # The success applied, reported again under another event id (the provider's own
+                # callback after the reconciler's look-up): a duplicate, nothing recorded or
+                # credited, as payout answers a PAID withdrawal's PAID; its amount was checked above.
+                return wallet_pb2.HandlePaymentEventResponse(
+                    provider_event_id=event.provider_event_id, purchase=_purchase_pb(row._asdict()), duplicate=True
+                )
             ts = now_us()
             if domain.has_no_effect(current, event.target):
                 return await self._record_without_effect(uow, provider, event, row, current, ts)

@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from services.common import signing
 from services.wallet.payments import dev_event_payload, dev_payment_event_id
 from tests.integration import pg
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, suite_config
-from tests.integration.helpers import uid
+from tests.integration.helpers import expect_error, uid
 
 SETTLED_WITHIN_S = 30.0  # the reconciler looks every 0.2 s once a purchase is 1 s old
 
@@ -167,3 +168,62 @@ async def test_two_replicas_looking_up_the_same_late_purchases_credit_each_once_
             assert max(settled.values()) == 1 and len(settled) >= REPLICA_PURCHASES - 1, settled
         finally:
             suite.stop()
+
+
+async def test_the_providers_own_late_success_under_another_event_id_is_a_duplicate_not_refused(
+    wallet_addr: str,
+) -> None:
+    """A real provider's look-up (a payment intent's status) does not give the id of the webhook
+    event it will send: once the reconciler credited the purchase, the provider's own
+    `payment.succeeded` arrives under an id of its own. Was: INVALID_TRANSITION on every retry
+    (the provider disabling the endpoint, the refused-callbacks alert firing); payout answers a
+    PAID withdrawal's PAID under another id as a duplicate. Another amount is still refused."""
+    async with grpc.aio.insecure_channel(wallet_addr) as ch:
+        wallet = wallet_pb2_grpc.WalletServiceStub(ch)
+        buyer = uid("buyer")
+        purchase = await wallet.CreatePurchase(
+            wallet_pb2.CreatePurchaseRequest(
+                user_id=buyer,
+                package_id="us-usd-70",
+                currency_code="USD",
+                payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+                idempotency_key=uid("buy"),
+            ),
+            timeout=10,
+        )
+        deadline = time.monotonic() + SETTLED_WITHIN_S
+        got = purchase
+        while got.status == wallet_pb2.PURCHASE_STATUS_PENDING and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            got = await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id), timeout=10)
+        assert got.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+        coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
+        assert coins == purchase.coins > 0
+
+        def callback(event_id: str, event_type: str, amount_minor: int, currency_code: str = "USD") -> Any:
+            payload = dev_event_payload(event_id, event_type, purchase.purchase_id, amount_minor, currency_code)
+            return wallet.HandlePaymentEvent(
+                wallet_pb2.HandlePaymentEventRequest(
+                    provider="dev", payload=payload, signature=signing.sign(WEBHOOK_SECRET.encode(), payload)
+                ),
+                timeout=10,
+            )
+
+        price = purchase.price.amount_minor
+        own_id = uid("evt_provider")
+        assert own_id != dev_payment_event_id(purchase.purchase_id)
+        for _ in range(2):  # and its retries
+            answer = await callback(own_id, "payment.succeeded", price)
+            assert answer.duplicate and answer.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+            assert (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins == coins
+        # Another amount or currency is no repeat of the success applied: still refused.
+        for amount, currency in ((price + 1, "USD"), (price, "EUR")):
+            other = callback(uid("evt_other"), "payment.succeeded", amount, currency)
+            await expect_error(other, grpc.StatusCode.INVALID_ARGUMENT, "AMOUNT_MISMATCH")
+
+        # Refunded, the success it undid comes late again under another id: a duplicate too.
+        refund = await callback(uid("evt_refund"), "charge.refunded", price)
+        assert refund.purchase.status == wallet_pb2.PURCHASE_STATUS_REFUNDED and not refund.duplicate
+        late = await callback(uid("evt_provider"), "payment.succeeded", price)
+        assert late.duplicate and late.purchase.status == wallet_pb2.PURCHASE_STATUS_REFUNDED
+        assert (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins == 0

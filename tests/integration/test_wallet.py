@@ -217,7 +217,8 @@ async def test_forged_stale_and_malformed_callbacks_are_refused_and_change_nothi
 
 
 async def test_transitions_a_purchase_cannot_make_are_refused(clients, deployment) -> None:  # type: ignore[no-untyped-def]
-    """A reversal of coins never credited, a second success and a second reversal stay errors."""
+    """A reversal of coins never credited and a second reversal stay errors; a success once one
+    was applied, under a new event id, is that success again: a duplicate for its own amount."""
     secret = deployment.webhook_secret
     failed = await new_purchase(clients.wallet, uid("viewer"))
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.failed", failed))
@@ -229,16 +230,15 @@ async def test_transitions_a_purchase_cannot_make_are_refused(clients, deploymen
         )
     succeeded = await new_purchase(clients.wallet, uid("viewer"))
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded))
-    # A second success under a new event id reports money taken twice: an operator must see it.
-    await expect_error(
-        clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded)),
-        OK.FAILED_PRECONDITION,
-        "INVALID_TRANSITION",
-    )
+    # The provider's own callback after a look-up applied the success (payout's PAID after PAID).
+    again = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded))
+    assert again.duplicate and again.purchase.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
     await clients.wallet.HandlePaymentEvent(signed_callback(secret, "charge.refunded", succeeded))
-    for again in ("payment.succeeded", "charge.refunded", "charge.dispute.lost"):
+    late = await clients.wallet.HandlePaymentEvent(signed_callback(secret, "payment.succeeded", succeeded))
+    assert late.duplicate and late.purchase.status == wallet_pb2.PURCHASE_STATUS_REFUNDED
+    for again_type in ("charge.refunded", "charge.dispute.lost"):
         await expect_error(
-            clients.wallet.HandlePaymentEvent(signed_callback(secret, again, succeeded)),
+            clients.wallet.HandlePaymentEvent(signed_callback(secret, again_type, succeeded)),
             OK.FAILED_PRECONDITION,
             "INVALID_TRANSITION",
         )

@@ -16,7 +16,7 @@ from services.common import signing
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.wallet.payments import dev_event_payload
-from services.wallet.storage import payment_events
+from services.wallet.storage import common, payment_events
 from services.wallet.usecases import Wallet
 from tests.unit.test_wallet_reversals import (
     SECRET,
@@ -60,6 +60,11 @@ def unseen_at_first(recorded_for: Callable[..., Awaitable[Any]], looks: list[int
 async def _events(w: Wallet) -> int:
     async with w.db.unit_of_work(readonly=True) as uow:
         return (await uow.conn.execute(select(func.count()).select_from(payment_events))).scalar_one()
+
+
+async def _outbox_rows(w: Wallet) -> int:
+    async with w.db.unit_of_work(readonly=True) as uow:
+        return (await uow.conn.execute(select(func.count()).select_from(common.outbox))).scalar_one()
 
 
 async def test_a_refund_under_the_event_id_of_the_success_is_refused_not_answered_as_a_duplicate(
@@ -145,3 +150,27 @@ async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(
     retried = await wallet.handle_payment_event(_callback("evt_1", "payment.succeeded", p))  # the provider's retry
     assert (retried.duplicate, retried.purchase.status) == (False, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
     assert (await wallet.get_balance("u")).coins == 70
+
+
+async def test_a_success_under_a_new_event_id_once_one_was_applied_is_a_duplicate_that_records_nothing(
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    # Was: INVALID_TRANSITION on every retry, though it is the provider's own callback of the
+    # success a look-up applied under another id (payout answers PAID after PAID as a duplicate).
+    p = await _purchase(wallet, "buy-1")
+    await wallet.handle_payment_event(_callback("evt_lookup", "payment.succeeded", p))
+    outbox_before = await _outbox_rows(wallet)
+    for _ in range(2):  # the callback and its retry
+        again = await wallet.handle_payment_event(_callback("evt_webhook", "payment.succeeded", p))
+        assert (again.duplicate, again.purchase.status) == (True, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
+    assert (await wallet.get_balance("u")).coins == 70
+    assert await _events(wallet) == 1 and await _outbox_rows(wallet) == outbox_before
+    with pytest.raises(InvalidArgument) as refused:  # another amount is no repeat of it
+        await wallet.handle_payment_event(_callback("evt_other", "payment.succeeded", p, 98))
+    assert refused.value.reason == "AMOUNT_MISMATCH"
+    # A failed purchase's success still credits it.
+    f = await _purchase(wallet, "buy-2")
+    await wallet.handle_payment_event(_callback("evt_declined", "payment.failed", f))
+    paid = await wallet.handle_payment_event(_callback("evt_paid", "payment.succeeded", f))
+    assert (paid.duplicate, paid.purchase.status) == (False, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
+    assert (await wallet.get_balance("u")).coins == 140

@@ -70,8 +70,11 @@ ALLOWED: dict[PurchaseStatus, set[PurchaseStatus]] = {
     PurchaseStatus.CHARGED_BACK: set(),
 }
 # A failure reported once the purchase has an outcome (a declined attempt, late or beside another
-# card's) is accepted and recorded, and changes nothing; every other move outside ALLOWED is refused.
+# card's) is accepted and recorded, and changes nothing; a success once one was applied (the
+# purchase SUCCEEDED, or reversed after it) is that success again, a duplicate that records
+# nothing; every other move outside ALLOWED is refused.
 NO_EFFECT = {status: {PurchaseStatus.FAILED} for status in PurchaseStatus if status is not PurchaseStatus.PENDING}
+SUCCESS_APPLIED = {PurchaseStatus.SUCCEEDED, *REVERSED}
 _STATUS = {status: wallet_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{status.value}") for status in PurchaseStatus}
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -241,6 +244,10 @@ class WalletMachine(RuleBasedStateMachine):
         if event_id in self.applied_events:
             assert reason is None and answer.duplicate, "a replayed event must be a no-op"
             return
+        if target is PurchaseStatus.SUCCEEDED and model["status"] in SUCCESS_APPLIED:
+            assert reason is None and answer.duplicate, reason
+            assert answer.purchase.status == _STATUS[model["status"]], "a repeated success changes nothing"
+            return  # not recorded: its retry is a duplicate the same way
         if target in NO_EFFECT.get(model["status"], set()):
             assert reason is None and not answer.duplicate, reason
             assert answer.purchase.status == _STATUS[model["status"]], "a late failure changes nothing"

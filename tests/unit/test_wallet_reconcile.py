@@ -220,9 +220,11 @@ async def test_an_answer_whose_amount_differs_is_refused_and_the_purchase_stays_
     assert reconciled("refused") == before + 1
 
 
-async def test_a_purchase_a_callback_settled_under_another_event_id_is_counted_settled_meanwhile(
+async def test_a_success_a_callback_applied_under_another_event_id_is_counted_a_duplicate(
     env: tuple[Wallet, StandIn],
 ) -> None:
+    # Was: INVALID_TRANSITION (SUCCEEDED -> SUCCEEDED), counted settled_meanwhile; the same
+    # success under another event id is a duplicate now, as payout counts a PAID after PAID.
     w, provider = env
     p = await unpaid(w, "gus")
     provider.report[p.purchase_id] = "payment.succeeded"
@@ -234,10 +236,30 @@ async def test_a_purchase_a_callback_settled_under_another_event_id_is_counted_s
         return await ask(*args)  # type: ignore[arg-type]
 
     provider.status = callback_first  # type: ignore[method-assign]
-    before = reconciled("settled_meanwhile")
+    before = reconciled("duplicate"), reconciled("settled_meanwhile")
     assert await w.reconcile_once(now=late(w)) == 0
     assert (await w.get_balance("gus")).coins == 70
-    assert reconciled("settled_meanwhile") == before + 1
+    assert (reconciled("duplicate"), reconciled("settled_meanwhile")) == (before[0] + 1, before[1])
+
+
+async def test_an_answer_refused_for_a_purchase_a_callback_settled_meanwhile_is_counted_settled_meanwhile(
+    env: tuple[Wallet, StandIn],
+) -> None:
+    w, provider = env
+    p = await unpaid(w, "gil")
+    provider.report[p.purchase_id] = "payment.succeeded"
+    provider.amount_minor_delta = 1  # refused AMOUNT_MISMATCH, but the purchase no longer waits for it
+    ask = provider.status
+
+    async def callback_first(*args: object) -> ProviderEvent | None:
+        await callback(w, p, "evt_callback", "payment.succeeded")
+        return await ask(*args)  # type: ignore[arg-type]
+
+    provider.status = callback_first  # type: ignore[method-assign]
+    before = reconciled("settled_meanwhile"), reconciled("refused")
+    assert await w.reconcile_once(now=late(w)) == 0
+    assert (await w.get_balance("gil")).coins == 70
+    assert (reconciled("settled_meanwhile"), reconciled("refused")) == (before[0] + 1, before[1])
 
 
 async def test_a_full_batch_of_unpaid_checkouts_does_not_keep_the_reconciler_from_later_ones(
