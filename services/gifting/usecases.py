@@ -131,6 +131,11 @@ for _reason, _roles in REFUSALS.items():
 # UnlockContent and SendGifts items share, as the other RPCs name theirs (idempotency.lookup).
 GIFT_KEY_SCOPE = "SendGift"
 KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` looks at
+# The sweeper ends its round at this many CancelSpends in a row that the wallet did not answer
+# within OUTGOING_DEADLINE_S (a hung wallet): each waits the whole deadline, so a round of
+# SWEEP_BATCH_SIZE_MAX gifts lasted 100 x 5 s, holding up newer stale gifts and the drain. One
+# gift's spend timing out among answered ones does not end it (an answer resets the count).
+SWEEP_WALLET_TIMEOUTS_MAX = 3
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 RESTRICTIONS_MANY_IDS_MAX = 500  # users of one wallet.GetAccountRestrictionsMany call (the wallet's limit)
@@ -1332,26 +1337,33 @@ class Gifting:
         Oldest first, so a gift that fails is the first of the next round too: its error (the
         wallet refusing or timing out on that one spend, a broken invariant) is logged with its id
         and the round goes on to the others (`ItemFailures`). The wallet or the database down ends
-        the round, as every gift would fail alike; a wallet that does not answer at all
-        (DEADLINE_EXCEEDED, as one gift's spend may) makes a round last up to
-        SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s)."""
+        the round, as every gift would fail alike, and so do SWEEP_WALLET_TIMEOUTS_MAX (3)
+        CancelSpends in a row that the wallet did not answer in time (DEADLINE_EXCEEDED): a hung
+        wallet made a round last SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s). One
+        gift's spend timing out is that gift's failure; the next answer resets the count."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         async with self.db.unit_of_work(readonly=True) as uow:
             stale = stale_pending(cutoff, self.settings.sweep_batch_size_max)
             ids = (await uow.conn.execute(stale)).scalars().all()
         settled = 0
+        timeouts = 0  # the wallet's CancelSpends in a row that timed out
         for event_id in ids:
             # A trace per gift: its CancelSpend, and the gift.sent event with payout's credit.
             with background_span("sweep gift", **{"gift.event_id": event_id}):
                 try:
                     answer = await self._arbiter(event_id)
+                    timeouts = 0
                     if answer.outcome == wallet_pb2.CancelSpendResponse.OUTCOME_SPENT:
                         await self._mark_sent(event_id, answer.spend.balance_after)
                     else:
                         await self._cancel(event_id, "SWEPT")
                 except Exception as exc:  # noqa: BLE001 - this gift's error; the round goes on
-                    if isinstance(exc, Unavailable) and exc.metadata.get("wallet_code") == "UNAVAILABLE":
+                    wallet_code = exc.metadata.get("wallet_code") if isinstance(exc, Unavailable) else None
+                    if wallet_code == "UNAVAILABLE":
                         raise  # the wallet is down or unreachable: every gift would fail alike
+                    timeouts = timeouts + 1 if wallet_code == "DEADLINE_EXCEEDED" else 0
+                    if timeouts >= SWEEP_WALLET_TIMEOUTS_MAX:
+                        raise  # the wallet hangs: each gift after would wait out the deadline too
                     self._sweep_failures.failed(exc, event_id, gift_event_id=event_id)
                     continue
             settled += 1

@@ -26,7 +26,7 @@ from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind
 from services.gifting.storage import common, gift_events
-from services.gifting.usecases import Gifting
+from services.gifting.usecases import SWEEP_WALLET_TIMEOUTS_MAX, Gifting
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
@@ -616,3 +616,59 @@ async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_f
         with pytest.raises(Unavailable):
             await g.sweep_once()
         assert len(wallet.cancel_calls) == calls + 1
+
+
+async def _pending_gifts(g: Gifting, db: Database, n: int) -> list[str]:
+    """`n` gifts left PENDING (their spends' answers lost), stale at once; their ids, oldest first."""
+    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
+    ids = []
+    for i in range(n):
+        with pytest.raises(Unavailable) as err:
+            await g.send_gift(
+                gifting_pb2.SendGiftRequest(
+                    stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key=f"k{i}"
+                )
+            )
+        ids.append(err.value.metadata["gift_event_id"])
+    async with db.unit_of_work() as uow:
+        for i, event_id in enumerate(ids):
+            await uow.conn.execute(
+                gift_events.update().where(gift_events.c.event_id == event_id).values(updated_at_us=1 + i)
+            )
+        await uow.commit()
+    return ids
+
+
+async def test_a_sweep_ends_at_the_wallets_third_timeout_in_a_row_not_at_one_among_answers(tmp_path: Path) -> None:
+    # A hung wallet times out every CancelSpend (OUTGOING_DEADLINE_S each): the round went on
+    # through all SWEEP_BATCH_SIZE_MAX gifts, 100 x 5 s, no newer stale gift settled meanwhile.
+    # Timeouts with an answer between them are each that gift's own, and the round goes on.
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await _pending_gifts(g, db, 8)
+        timing_out = [ids[i] for i in (0, 1, 3, 4, 5, 6)]  # ids[2] answered between two timeouts
+        wallet.failing = dict.fromkeys(timing_out, grpc.StatusCode.DEADLINE_EXCEEDED)
+        wallet.cancel_calls.clear()
+        assert SWEEP_WALLET_TIMEOUTS_MAX == 3
+        with pytest.raises(Unavailable) as err:
+            await g.sweep_once()
+        assert err.value.metadata["wallet_code"] == "DEADLINE_EXCEEDED"
+        assert wallet.cancel_calls == ids[:6]  # the third in a row (ids[5]) ended it: ids[6:] not asked
+        assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 1  # ids[2]
+        assert await _count(db, gift_events, gift_events.c.status == "PENDING") == 7
+
+
+async def test_a_sweep_passes_over_one_gift_whose_cancel_spend_times_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await _pending_gifts(g, db, 5)
+        slow = ids[1]
+        wallet.failing = {slow: grpc.StatusCode.DEADLINE_EXCEEDED}
+        with caplog.at_level(logging.WARNING, logger="services.gifting.usecases"):
+            assert await g.sweep_once() == 4
+        assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 4
+        assert await _count(db, gift_events, gift_events.c.event_id == slow, gift_events.c.status == "PENDING") == 1
+        lines = [r for r in caplog.records if r.getMessage().startswith("a pending gift was not settled")]
+        assert [r.gift_event_id for r in lines] == [slow]  # type: ignore[attr-defined]
