@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from services.common.grpcserver import error_kind, is_unavailable
+from services.common.metrics import BACKGROUND_ITEM_FAILURES
 from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,26 @@ class ItemFailures:
     on with the round. Before, it ended the round, and as each round starts from the oldest items,
     one that always failed kept every item after it from ever being handled. The items that
     failed last are remembered, at most ITEMS_MAX.
+
+    With a `loop` name, each such failure (every one, not only those logged) is counted in
+    livegifts_background_item_failures_total{loop}, whose series is exported at 0 from the
+    moment this is made (the service's start). The reconcilers count theirs in their own
+    counters (outcome "error") and give none.
     """
 
     ITEMS_MAX = 1024
 
-    def __init__(self, logger: logging.Logger, message: str) -> None:
+    def __init__(self, logger: logging.Logger, message: str, loop: str | None = None) -> None:
         self._logger = logger
         self._message = message
         self._lines: OrderedDict[str, LogThrottle] = OrderedDict()
+        self._counted = BACKGROUND_ITEM_FAILURES.labels(loop=loop) if loop is not None else None
 
     def failed(self, exc: Exception, item: str, **context: object) -> None:
         if is_unavailable(exc):
             raise exc
+        if self._counted is not None:
+            self._counted.inc()
         throttle = self._lines.pop(item, None) or LogThrottle(FAILURE_LOG_INTERVAL_S)
         self._lines[item] = throttle
         while len(self._lines) > self.ITEMS_MAX:

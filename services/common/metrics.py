@@ -212,6 +212,17 @@ PURCHASES_RECONCILED = Counter(
     "Purchases PENDING past PURCHASE_RECONCILE_AFTER_S looked up at the payment provider, by what came of it (wallet)",
     ["outcome"],
 )
+# Gifting's sweeper and payout's dispatcher and clawback settler: items of a round that failed on
+# their own (services/common/loops.py `ItemFailures`), each logged, the round going on; the
+# database unavailable, which ends the round, is not counted. By `loop`: sweeper, dispatcher,
+# clawback_settler, each at 0 from the service's start. The reconcilers count theirs as
+# outcome "error" of their own counters above.
+BACKGROUND_ITEM_FAILURES = Counter(
+    "livegifts_background_item_failures_total",
+    "Items of a background round that failed on their own and were passed over (a gift the sweeper did not settle,"
+    " a withdrawal the dispatcher did not hand over, a clawback shortfall not settled), by loop",
+    ["loop"],
+)
 # Wallet and payout: calls to an external provider (services/common/provider_calls.py) that ended
 # without an answer: `timeout` (PROVIDER_TIMEOUT_S ran out) or `error` (the call raised).
 PROVIDER_CALL_FAILURES = Counter(

@@ -136,6 +136,7 @@ KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` 
 # SWEEP_BATCH_SIZE_MAX gifts lasted 100 x 5 s, holding up newer stale gifts and the drain. One
 # gift's spend timing out among answered ones does not end it (an answer resets the count).
 SWEEP_WALLET_TIMEOUTS_MAX = 3
+SWEEP_LOOP = "sweeper"  # the sweeper's `loop` in livegifts_background_item_failures_total
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most
 WALLET_CALLS_CONCURRENT_MAX = 32  # wallet calls one batch has in flight at once
 RESTRICTIONS_MANY_IDS_MAX = 500  # users of one wallet.GetAccountRestrictionsMany call (the wallet's limit)
@@ -205,7 +206,7 @@ class Gifting:
     feed: FeedHub | None = None
 
     def __post_init__(self) -> None:
-        self._sweep_failures = ItemFailures(log, "a pending gift was not settled; tried again next round")
+        self._sweep_failures = ItemFailures(log, "a pending gift was not settled; tried again next round", SWEEP_LOOP)
         # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
         self._begin_batcher: MicroBatcher[_Begin, dict[str, Any]] = MicroBatcher(
             self._begin_batch, GROUP_COMMIT_SIZE_MAX, "gifting_begin"

@@ -118,6 +118,9 @@ _KIND = {
 }
 PAGE_SIZE_DEFAULT = 50
 SHORTFALL_BATCH = 100  # open clawback shortfalls looked at per settler round
+# The dispatcher's and the clawback settler's `loop` in livegifts_background_item_failures_total.
+DISPATCH_LOOP = "dispatcher"
+SETTLE_LOOP = "clawback_settler"
 PAGE_SIZE_MAX = 500
 METHODS_PAGE_SIZE_DEFAULT = 100  # ListPayoutMethods: the 100 methods its one answer held before pages
 DIAMONDS_MAX = 10**12
@@ -537,10 +540,14 @@ class Payout:
         default_factory=lambda: ItemFailures(log, "a late withdrawal could not be reconciled; asked again next round")
     )
     _dispatch_failures: ItemFailures = field(
-        default_factory=lambda: ItemFailures(log, "a withdrawal was not handed to the provider; tried again next round")
+        default_factory=lambda: ItemFailures(
+            log, "a withdrawal was not handed to the provider; tried again next round", DISPATCH_LOOP
+        )
     )
     _shortfall_failures: ItemFailures = field(
-        default_factory=lambda: ItemFailures(log, "a clawback shortfall was not settled; tried again next round")
+        default_factory=lambda: ItemFailures(
+            log, "a clawback shortfall was not settled; tried again next round", SETTLE_LOOP
+        )
     )
     _dev_callback_failures: ItemFailures = field(
         default_factory=lambda: ItemFailures(log, "dev payout callback not applied")

@@ -46,6 +46,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         "livegifts_gifts_refused_total": [
             {"reason": reason, "role": role} for reason, roles in gifting.REFUSALS.items() for role in roles
         ],
+        "livegifts_background_item_failures_total": [{"loop": gifting.SWEEP_LOOP}],
     },
     "payout": {
         "livegifts_provider_call_failures_total": [
@@ -53,6 +54,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         ],
         "livegifts_withdrawals_held_total": [{"reason": r} for r in HOLD_REASONS],
         "livegifts_withdrawals_reconciled_total": [{"outcome": o} for o in payout.RECONCILE_OUTCOMES],
+        "livegifts_background_item_failures_total": [{"loop": payout.DISPATCH_LOOP}, {"loop": payout.SETTLE_LOOP}],
     },
 }
 

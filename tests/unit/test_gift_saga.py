@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import gifting_pb2
@@ -26,7 +27,7 @@ from services.common.outbox import Outbox
 from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind
 from services.gifting.storage import common, gift_events
-from services.gifting.usecases import SWEEP_WALLET_TIMEOUTS_MAX, Gifting
+from services.gifting.usecases import SWEEP_LOOP, SWEEP_WALLET_TIMEOUTS_MAX, Gifting
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 
@@ -666,8 +667,13 @@ async def test_a_sweep_passes_over_one_gift_whose_cancel_spend_times_out(
         ids = await _pending_gifts(g, db, 5)
         slow = ids[1]
         wallet.failing = {slow: grpc.StatusCode.DEADLINE_EXCEEDED}
+        counted = REGISTRY.get_sample_value("livegifts_background_item_failures_total", {"loop": SWEEP_LOOP})
+        assert counted is not None  # the series is there once a Gifting is made (at 0 in a fresh process)
         with caplog.at_level(logging.WARNING, logger="services.gifting.usecases"):
             assert await g.sweep_once() == 4
+        assert (
+            REGISTRY.get_sample_value("livegifts_background_item_failures_total", {"loop": SWEEP_LOOP}) == counted + 1
+        )
         assert await _count(db, gift_events, gift_events.c.status == "CANCELLED") == 4
         assert await _count(db, gift_events, gift_events.c.event_id == slow, gift_events.c.status == "PENDING") == 1
         lines = [r for r in caplog.records if r.getMessage().startswith("a pending gift was not settled")]

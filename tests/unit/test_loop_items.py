@@ -8,8 +8,10 @@ past a failing item in test_gift_saga.py, test_payout_dispatch.py and test_walle
 from __future__ import annotations
 
 import logging
+import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import exc as sa_exc
 
 from services.common import loops, throttle
@@ -33,3 +35,25 @@ def test_an_items_failures_are_logged_at_once_then_once_per_interval_with_the_re
     assert [(r.item_id, r.retries) for r in caplog.records] == [("a", 1), ("b", 1), ("a", 3)]  # type: ignore[attr-defined]
     with pytest.raises(sa_exc.OperationalError):
         failures.failed(sa_exc.OperationalError("SELECT 1", {}, Exception("connection refused")), "c")
+
+
+def _counted(loop: str) -> float | None:
+    return REGISTRY.get_sample_value("livegifts_background_item_failures_total", {"loop": loop})
+
+
+def test_a_named_loops_item_failures_are_each_counted_from_zero_the_database_unavailable_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The sweeper's, dispatcher's and settler's failing items were only logged, one line per 30 s
+    # per item: nothing an alert or dashboard could count, as the reconcilers' outcome "error" is.
+    loop = f"test_{uuid.uuid4().hex}"  # a series of its own, however often this runs in one process
+    failures = loops.ItemFailures(logging.getLogger("test.items"), "item failed", loop)
+    assert _counted(loop) == 0  # exported at 0 as it is made, so increase() sees the first
+    with caplog.at_level(logging.WARNING, logger="test.items"):
+        for _ in range(3):  # logged once, counted three times
+            failures.failed(ValueError("bug"), "a", item_id="a")
+    with pytest.raises(sa_exc.OperationalError):
+        failures.failed(sa_exc.OperationalError("SELECT 1", {}, Exception("connection refused")), "b")
+    assert _counted(loop) == 3
+    loops.ItemFailures(logging.getLogger("test.items"), "item failed").failed(ValueError("bug"), "a")
+    assert _counted(loop) == 3  # one without a loop (the reconcilers') counts nowhere here
