@@ -595,6 +595,17 @@ class Wallet:
                 # The success applied, reported again under another event id (the provider's own
                 # callback after the reconciler's look-up): a duplicate, nothing recorded or
                 # credited, as payout answers a PAID withdrawal's PAID; its amount was checked above.
+                # Logged: were it a second charge at the provider for the one purchase (money
+                # taken twice), this line is what finance would find it by.
+                log.info(
+                    "a purchase's success reported again under another event id: answered as a duplicate",
+                    extra={
+                        "purchase_id": row.purchase_id,
+                        "provider": provider.name,
+                        "provider_event_id": event.provider_event_id,
+                        "status": current.value,
+                    },
+                )
                 return wallet_pb2.HandlePaymentEventResponse(
                     provider_event_id=event.provider_event_id, purchase=_purchase_pb(row._asdict()), duplicate=True
                 )

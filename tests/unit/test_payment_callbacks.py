@@ -4,6 +4,7 @@ an error that recorded nothing is never answered as a duplicate."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -154,9 +155,11 @@ async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(
 
 async def test_a_success_under_a_new_event_id_once_one_was_applied_is_a_duplicate_that_records_nothing(
     wallet: Wallet,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Was: INVALID_TRANSITION on every retry, though it is the provider's own callback of the
     # success a look-up applied under another id (payout answers PAID after PAID as a duplicate).
+    caplog.set_level(logging.INFO, logger="services.wallet.usecases")
     p = await _purchase(wallet, "buy-1")
     await wallet.handle_payment_event(_callback("evt_lookup", "payment.succeeded", p))
     outbox_before = await _outbox_rows(wallet)
@@ -165,6 +168,9 @@ async def test_a_success_under_a_new_event_id_once_one_was_applied_is_a_duplicat
         assert (again.duplicate, again.purchase.status) == (True, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
     assert (await wallet.get_balance("u")).coins == 70
     assert await _events(wallet) == 1 and await _outbox_rows(wallet) == outbox_before
+    # Nothing recorded, but not silent: a second charge at the provider would look just like it.
+    repeats = [r for r in caplog.records if "reported again under another event id" in r.getMessage()]
+    assert [(r.purchase_id, r.provider_event_id) for r in repeats] == [(p.purchase_id, "evt_webhook")] * 2
     with pytest.raises(InvalidArgument) as refused:  # another amount is no repeat of it
         await wallet.handle_payment_event(_callback("evt_other", "payment.succeeded", p, 98))
     assert refused.value.reason == "AMOUNT_MISMATCH"
