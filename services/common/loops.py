@@ -7,6 +7,9 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from opentelemetry import trace
+
+from services.common import telemetry
 from services.common.grpcserver import error_kind, is_unavailable
 from services.common.metrics import BACKGROUND_ITEM_FAILURES
 from services.common.throttle import LogThrottle
@@ -70,7 +73,9 @@ class ItemFailures:
     `failed(exc, item, **context)`: the database unavailable is raised again: every item would
     fail alike, each after its own connect timeout, so the round ends there (`run_every` logs it,
     throttled). Any other error is the item's own (a bug, a constraint it breaks, a dependency
-    refusing that one item): logged as a warning (`message`, with `context` naming the item), the
+    refusing that one item): marks the current span (the item's `background_span`) failed
+    (`telemetry.mark_failed`: caught here, the error would not reach the span, which would end
+    OK), is logged as a warning (`message`, with `context` naming the item), the
     first of an item at once, then at most once per FAILURE_LOG_INTERVAL_S per item (`retries`:
     the failures the line stands for; payout's dispatcher tries every 0.2 s), and the caller goes
     on with the round. Before, it ended the round, and as each round starts from the oldest items,
@@ -94,6 +99,8 @@ class ItemFailures:
     def failed(self, exc: Exception, item: str, **context: object) -> None:
         if is_unavailable(exc):
             raise exc
+        # Caught here, the error never reaches the item's `background_span`, which would end OK.
+        telemetry.mark_failed(trace.get_current_span(), exc)
         if self._counted is not None:
             self._counted.inc()
         throttle = self._lines.pop(item, None) or LogThrottle(FAILURE_LOG_INTERVAL_S)
