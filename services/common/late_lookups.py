@@ -5,9 +5,10 @@ retries for a while only; a reconciler looks up at the provider the items whose 
 and applies each answer through the callback's own path. Both go through their items a batch a
 round, oldest first, from a cursor (`RoundCursor`), and ask the provider with its deadline
 (`look_up`): a look-up that fails leaves the item for a later round and the round goes on. Any
-other error of one item (applying its answer met a bug or a constraint) is logged and counted
-(`RoundCursor.item_failed`), and the round goes on too; the database unavailable ends the round
-where it failed, and the next one starts from that item.
+other error of one item (applying its answer met a bug or a constraint) is logged
+(`RoundCursor.item_failed`) and counted by the caller (outcome "error"), and the round goes on
+too; the database unavailable ends the round where it failed, and the next one starts from that
+item.
 """
 
 from __future__ import annotations

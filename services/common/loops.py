@@ -97,6 +97,7 @@ class ItemFailures:
         self._counted = BACKGROUND_ITEM_FAILURES.labels(loop=loop) if loop is not None else None
 
     def failed(self, exc: Exception, item: str, **context: object) -> None:
+        """`item` raised `exc`: the database unavailable raised again, any other error the item's own."""
         if is_unavailable(exc):
             raise exc
         # Caught here, the error never reaches the item's `background_span`, which would end OK.
