@@ -14,7 +14,7 @@ item.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -25,49 +25,34 @@ from services.common import loops, provider_calls
 from services.common.grpcserver import is_unavailable
 
 T = TypeVar("T")
-_START = (-1, "")
 
 
-@dataclass
-class RoundCursor:
+class RoundCursor(loops.BatchCursor[tuple[int, str]]):
     """Where a reconciler's next round starts, by (time, id): items the provider still calls
     under way do not keep the round from the later ones, and after a short batch the next round
     starts again from the oldest."""
 
-    at: tuple[int, str] = _START
+    def __init__(self) -> None:
+        super().__init__((-1, ""))
 
     def after(self, time_col: Any, id_col: Any) -> ColumnElement[bool]:
         """The items after the cursor, in (time, id) order."""
         at_us, at_id = self.at
         return or_(time_col > at_us, and_(time_col == at_us, id_col > at_id))
 
-    def advance(self, keys: Sequence[tuple[int, str]], batch: int) -> tuple[int, str]:
-        """After a round of `keys` ((time, id) in order): a full batch goes on after its last, a
-        short one starts again. Returns where this round started, for `item_failed`."""
-        started, self.at = self.at, keys[-1] if len(keys) == batch else _START
-        return started
-
-    def item_failed(
-        self,
-        exc: Exception,
-        started: tuple[int, str],
-        keys: Sequence[tuple[int, str]],
-        i: int,
-        failures: loops.ItemFailures,
-        **context: object,
-    ) -> None:
-        """The `i`th item (`keys[i]`) of the round that started at `started` (`advance`) raised
-        `exc`, which is not a look-up's failure (`look_up` answers those).
+    def item_failed(self, exc: Exception, i: int, failures: loops.ItemFailures, **context: object) -> None:
+        """The round's `i`th item (`advance`) raised `exc`, which is not a look-up's failure
+        (`look_up` answers those).
 
         As `ItemFailures.failed`: the database unavailable is raised again, and the next round
-        starts from this item, not after the round's last; any other error is logged as the
-        item's own, for the caller to count and go on with the round. Before, either ended the
-        round, and the rest of its batch waited for the next pass over every late item; the same
-        items came in the same batches each pass, so one that always failed kept those after it
-        in its batch from ever being looked up."""
+        starts from this item (`rewind`); any other error is logged as the item's own, for the
+        caller to count and go on with the round. Before, either ended the round, and the rest
+        of its batch waited for the next pass over every late item; the same items came in the
+        same batches each pass, so one that always failed kept those after it in its batch from
+        ever being looked up."""
         if is_unavailable(exc):
-            self.at = keys[i - 1] if i else started
-        failures.failed(exc, keys[i][1], **context)
+            self.rewind(i)
+        failures.failed(exc, self.key(i)[1], **context)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
@@ -15,6 +16,8 @@ from services.common.metrics import BACKGROUND_ITEM_FAILURES
 from services.common.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 # A loop that fails round after round (its database down, refusing connections) logs one line
 # per this many seconds for each kind of error (`error_kind`), saying how many rounds failed with
@@ -64,6 +67,33 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
             if retries := throttle.occurred():
                 log.warning(f"{what} failed, retrying next round", extra={"error": repr(exc), "retries": retries})
         await sleep_unless_stopped(stop, interval_s)
+
+
+class BatchCursor(Generic[K]):
+    """Where a loop's next round starts in its items' key order (`at`, from `start`), a batch a
+    round: after a full batch, after its last; after a short one, from `start` again. An item
+    whose error ends the round (`rewind`) is where the next round starts."""
+
+    def __init__(self, start: K) -> None:
+        self.start = start
+        self.at = start
+        self._round: tuple[K, Sequence[K]] = (start, ())  # where the last round started, its keys
+
+    def advance(self, keys: Sequence[K], batch: int) -> None:
+        """A round of `keys` (in order) begins: a full batch goes on after its last, a short one
+        starts again."""
+        self._round = (self.at, keys)
+        self.at = keys[-1] if len(keys) == batch else self.start
+
+    def key(self, i: int) -> K:
+        """The key of the round's `i`th item."""
+        return self._round[1][i]
+
+    def rewind(self, i: int) -> None:
+        """The round's `i`th item ended it: the next round starts from that item, not after the
+        round's last."""
+        started, keys = self._round
+        self.at = keys[i - 1] if i else started
 
 
 class ItemFailures:

@@ -45,7 +45,7 @@ from services.common.errors import (
 )
 from services.common.grpcserver import is_unavailable
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.loops import ItemFailures, run_every
+from services.common.loops import BatchCursor, ItemFailures, run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OLDEST,
     CLAWBACK_SHORTFALL_OPEN,
@@ -532,7 +532,7 @@ class Payout:
     settings: PayoutSettings | None = None
     # Where the shortfall settler's next round starts (by reversal id), so that shortfalls that
     # cannot settle yet do not keep it from the others.
-    _shortfall_cursor: str = ""
+    _shortfall_cursor: BatchCursor[str] = field(default_factory=lambda: BatchCursor(""))
     # Where the reconciler's next round starts (handed over at, withdrawal id): transfers still
     # under way at the provider do not keep it from the later ones.
     _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
@@ -1676,7 +1676,7 @@ class Payout:
             ).all()
         # A full batch: the next round goes on after it; a short one: the next starts again.
         keys = [(r.updated_at_us, r.withdrawal_id) for r in rows]
-        started = self._reconcile_cursor.advance(keys, batch)
+        self._reconcile_cursor.advance(keys, batch)
         settled = 0
         for i, row in enumerate(rows):
             # A trace per withdrawal: its look-up at the provider, the outcome applied and its events.
@@ -1685,7 +1685,7 @@ class Payout:
                     outcome, applied = await self._reconcile_withdrawal(row)
                 except Exception as exc:  # noqa: BLE001 - one withdrawal's error; the database's ends the round
                     self._reconcile_cursor.item_failed(
-                        exc, started, keys, i, self._reconcile_failures, withdrawal_id=row.withdrawal_id
+                        exc, i, self._reconcile_failures, withdrawal_id=row.withdrawal_id
                     )
                     outcome, applied = "error", False
                 WITHDRAWALS_RECONCILED.labels(outcome=outcome).inc()
@@ -1963,13 +1963,12 @@ class Payout:
             open_rows = (
                 await uow.conn.execute(
                     select(clawback_shortfalls)
-                    .where(sf.coins_open > 0, sf.reversal_event_id > self._shortfall_cursor)
+                    .where(sf.coins_open > 0, sf.reversal_event_id > self._shortfall_cursor.at)
                     .order_by(sf.reversal_event_id)
                     .limit(SHORTFALL_BATCH)
                 )
             ).all()
-        started = self._shortfall_cursor
-        self._shortfall_cursor = open_rows[-1].reversal_event_id if len(open_rows) == SHORTFALL_BATCH else ""
+        self._shortfall_cursor.advance([r.reversal_event_id for r in open_rows], SHORTFALL_BATCH)
         if not open_rows:
             await self._set_shortfall_open()  # some may lie before the cursor
             return 0
@@ -1988,7 +1987,7 @@ class Payout:
                             await uow.commit()
                     except Exception as exc:  # noqa: BLE001 - this shortfall's error; the database's ends the round
                         if is_unavailable(exc):  # the next round starts from this one, not after the batch
-                            self._shortfall_cursor = open_rows[i - 1].reversal_event_id if i else started
+                            self._shortfall_cursor.rewind(i)
                         self._shortfall_failures.failed(
                             exc, row.reversal_event_id, reversal_event_id=row.reversal_event_id
                         )

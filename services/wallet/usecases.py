@@ -468,7 +468,7 @@ class Wallet:
                 )
             ).all()
         keys = [(r.created_at_us, r.purchase_id) for r in rows]
-        started = self._reconcile_cursor.advance(keys, batch)
+        self._reconcile_cursor.advance(keys, batch)
         settled = 0
         for i, row in enumerate(rows):
             # A trace per purchase: its look-up at the provider, the outcome applied and its events.
@@ -476,9 +476,7 @@ class Wallet:
                 try:
                     outcome = await self._reconcile_purchase(row)
                 except Exception as exc:  # noqa: BLE001 - one purchase's error; the database's ends the round
-                    self._reconcile_cursor.item_failed(
-                        exc, started, keys, i, self._reconcile_failures, purchase_id=row.purchase_id
-                    )
+                    self._reconcile_cursor.item_failed(exc, i, self._reconcile_failures, purchase_id=row.purchase_id)
                     outcome = "error"
             PURCHASES_RECONCILED.labels(outcome=outcome).inc()
             if outcome in ("succeeded", "failed"):
