@@ -164,22 +164,22 @@ class _Claw:
 
 
 # The first key of the PostgreSQL advisory locks that serialize the clawbacks of one sender (the
-# second is the sender's `_sender_lock_key`). Two int4 keys: a space apart from the migrations'
+# second is `_advisory_lock_key` of the sender). Two int4 keys: a space apart from the migrations'
 # one-bigint lock.
 SENDER_LOCK_CLASS = 7301164
 
 
-def _sender_lock_key(sender_id: str) -> int:
-    """A sender's advisory lock key: int4, the same in every replica (not Python's salted hash);
-    also a creator's, under METHODS_LOCK_CLASS."""
-    return int.from_bytes(hashlib.sha256(sender_id.encode()).digest()[:4], "big", signed=True)
+def _advisory_lock_key(id_: str) -> int:
+    """The second key of an advisory lock on `id_` (a sender's, a creator's, a withdrawal's; the
+    first is its class): int4, the same in every replica (not Python's salted hash)."""
+    return int.from_bytes(hashlib.sha256(id_.encode()).digest()[:4], "big", signed=True)
 
 
 # The first key of the advisory lock that serializes one creator's AddPayoutMethod calls (the
-# second is `_sender_lock_key` of the creator): a class of its own, apart from the senders'.
+# second is `_advisory_lock_key` of the creator): a class of its own, apart from the senders'.
 METHODS_LOCK_CLASS = 7301165
 # The first key of the advisory lock a dispatcher holds while it hands one withdrawal to the
-# provider (the second is `_sender_lock_key` of the withdrawal id): `Payout._submitting`.
+# provider (the second is `_advisory_lock_key` of the withdrawal id): `Payout._submitting`.
 SUBMIT_LOCK_CLASS = 7301166
 
 
@@ -913,7 +913,7 @@ class Payout:
             return
         await uow.conn.execute(
             text("SELECT pg_advisory_xact_lock(:cls, :key)"),
-            {"cls": METHODS_LOCK_CLASS, "key": _sender_lock_key(creator_id)},
+            {"cls": METHODS_LOCK_CLASS, "key": _advisory_lock_key(creator_id)},
         )
 
     def _request_hash_key(self) -> bytes:
@@ -1467,8 +1467,9 @@ class Payout:
             if not ours:
                 return None  # another replica is handing it to the provider now
             still = select(w.withdrawal_id).where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
-            if await self._in(held, still) is None:
-                return None  # another replica's submission was taken since this round read it
+            async with self._held_or_own_unit_of_work(held, readonly=True) as uow:
+                if (await uow.conn.execute(still)).first() is None:
+                    return None  # another replica's submission was taken since this round read it
             faults.point("payout.after_claim_before_submit")
             try:
                 sub: Submission = await provider_calls.call(
@@ -1490,7 +1491,9 @@ class Payout:
             else:
                 faults.point("payout.after_submit_before_commit")
                 # Only while it waits for its reference: a callback may already have settled it.
-                await self._in(held, store.values(provider_ref=sub.provider_ref, updated_at_us=now_us()), write=True)
+                async with self._held_or_own_unit_of_work(held) as uow:
+                    await uow.conn.execute(store.values(provider_ref=sub.provider_ref, updated_at_us=now_us()))
+                    await uow.commit()
         return sub
 
     @contextlib.asynccontextmanager
@@ -1519,31 +1522,27 @@ class Payout:
         async with self.db.unit_of_work() as uow:
             got = await uow.conn.execute(
                 text("SELECT pg_try_advisory_xact_lock(:cls, :key)"),
-                {"cls": SUBMIT_LOCK_CLASS, "key": _sender_lock_key(withdrawal_id)},
+                {"cls": SUBMIT_LOCK_CLASS, "key": _advisory_lock_key(withdrawal_id)},
             )
             yield bool(got.scalar_one()), uow
 
-    async def _in(self, held: UnitOfWork | None, stmt: Any, *, write: bool = False) -> Any:
-        """Run `stmt` in `held` (committed if `write`), or in a transaction of its own; a read's first row."""
+    @contextlib.asynccontextmanager
+    async def _held_or_own_unit_of_work(
+        self, held: UnitOfWork | None, *, readonly: bool = False
+    ) -> AsyncIterator[UnitOfWork]:
+        """`held` (`_submitting`'s transaction) where there is one, else a unit of work of its own."""
         if held is not None:
-            result = await held.conn.execute(stmt)
-            if write:
-                await held.commit()
-                return None
-            return result.first()
-        async with self.db.unit_of_work(readonly=not write) as uow:
-            result = await uow.conn.execute(stmt)
-            if write:
-                await uow.commit()
-                return None
-            return result.first()
+            yield held
+            return
+        async with self.db.unit_of_work(readonly=readonly) as uow:
+            yield uow
 
     async def _refused_by_provider(self, withdrawal_id: str, reason: str, held: UnitOfWork | None) -> None:
         """A claimed withdrawal the provider refused for good (ProviderRefused: no transfer was
         made): FAILED, its diamonds and the day's total released, as a FAILED callback does.
         Retried, it would stay PROCESSING for ever, held, with no way out for an operator. In
         `held` (`_submitting`'s transaction, committed here) where there is one."""
-        async with contextlib.nullcontext(held) if held is not None else self.db.unit_of_work() as uow:
+        async with self._held_or_own_unit_of_work(held) as uow:
             row = await self._load_withdrawal(uow, withdrawal_id)
             if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
                 return  # settled meanwhile, or another replica's submission was taken
@@ -2063,7 +2062,7 @@ class Payout:
         """
         if self.db.dialect != "postgresql":
             return
-        for key in sorted({_sender_lock_key(s) for s in sender_ids}):
+        for key in sorted({_advisory_lock_key(s) for s in sender_ids}):
             await uow.conn.execute(
                 text("SELECT pg_advisory_xact_lock(:cls, :key)"), {"cls": SENDER_LOCK_CLASS, "key": key}
             )
