@@ -33,7 +33,7 @@ from services.common.telemetry import (
     recording,
     remote_context,
 )
-from services.common.throttle import LogThrottle
+from services.common.throttle import KeyedLogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 # A call answered UNAVAILABLE for one reason and error logs one line per this many seconds.
 UNAVAILABLE_LOG_INTERVAL_S = 30.0
+# The (reason, error) pairs throttled apart: a few in practice (classes and SQLSTATEs), bounded
+# all the same, as the interceptor lives as long as the process.
+UNAVAILABLE_LOG_KEYS_MAX = 64
 # Errors that are our bugs, not outages: they stay INTERNAL.
 _BUG_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.IntegrityError,
@@ -228,7 +231,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.propagate_trace = propagate_trace
         # "dependency unavailable", one line per UNAVAILABLE_LOG_INTERVAL_S for each reason and
         # error (a few: classes and SQLSTATEs), keyed by both.
-        self._unavailable_log: dict[tuple[str, str], LogThrottle] = {}
+        self._unavailable_log: KeyedLogThrottle[tuple[str, str]] = KeyedLogThrottle(
+            UNAVAILABLE_LOG_INTERVAL_S, UNAVAILABLE_LOG_KEYS_MAX
+        )
 
     def _status_of(self, exc: BaseException) -> Any:
         if isinstance(exc, DomainError):
@@ -264,8 +269,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         at most once per UNAVAILABLE_LOG_INTERVAL_S (`calls`: the calls the line stands for, this
         one included). Every call of an outage logged a line: hundreds a second on a busy pod, for
         as long as it lasted; the calls themselves are counted in livegifts_rpc_seconds_count."""
-        throttle = self._unavailable_log.setdefault((reason, error), LogThrottle(UNAVAILABLE_LOG_INTERVAL_S))
-        if calls := throttle.occurred():
+        if calls := self._unavailable_log.occurred((reason, error)):
             log.warning("dependency unavailable", extra={"error": error, "reason": reason, "calls": calls})
 
     @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -13,7 +12,7 @@ from opentelemetry import trace
 from services.common import telemetry
 from services.common.grpcserver import error_kind, is_unavailable
 from services.common.metrics import BACKGROUND_ITEM_FAILURES
-from services.common.throttle import LogThrottle
+from services.common.throttle import KeyedLogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +23,9 @@ K = TypeVar("K")
 # it since the previous one: payout's dispatcher, every 0.2 s, logged 300 lines a minute per pod
 # for as long as an outage lasted.
 FAILURE_LOG_INTERVAL_S = 30.0
+# The kinds of error (`error_kind`: a class and a database code, a few) a loop's failed rounds
+# are throttled apart by.
+ERROR_KINDS_MAX = 64
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
@@ -53,7 +55,7 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
     bug, a constraint) is logged at once, not hidden behind the outage's line for 30 s. A round
     that succeeds ends the run of failures, and the next failure is logged at once again.
     """
-    failures: dict[str, LogThrottle] = {}
+    failures: KeyedLogThrottle[str] = KeyedLogThrottle(FAILURE_LOG_INTERVAL_S, ERROR_KINDS_MAX)
     while not stop.is_set():
         try:
             handled = await once()
@@ -63,8 +65,7 @@ async def run_every(stop: asyncio.Event, interval_s: float, once: Callable[[], A
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the work stays where it was; the next round retries
-            throttle = failures.setdefault(error_kind(exc), LogThrottle(FAILURE_LOG_INTERVAL_S))
-            if retries := throttle.occurred():
+            if retries := failures.occurred(error_kind(exc)):
                 log.warning(f"{what} failed, retrying next round", extra={"error": repr(exc), "retries": retries})
         await sleep_unless_stopped(stop, interval_s)
 
@@ -123,7 +124,7 @@ class ItemFailures:
     def __init__(self, logger: logging.Logger, message: str, loop: str | None = None) -> None:
         self._logger = logger
         self._message = message
-        self._lines: OrderedDict[str, LogThrottle] = OrderedDict()
+        self._lines: KeyedLogThrottle[str] = KeyedLogThrottle(FAILURE_LOG_INTERVAL_S, self.ITEMS_MAX)
         self._counted = BACKGROUND_ITEM_FAILURES.labels(loop=loop) if loop is not None else None
 
     def failed(self, exc: Exception, item: str, **context: object) -> None:
@@ -134,9 +135,5 @@ class ItemFailures:
         telemetry.mark_failed(trace.get_current_span(), exc)
         if self._counted is not None:
             self._counted.inc()
-        throttle = self._lines.pop(item, None) or LogThrottle(FAILURE_LOG_INTERVAL_S)
-        self._lines[item] = throttle
-        while len(self._lines) > self.ITEMS_MAX:
-            self._lines.popitem(last=False)
-        if retries := throttle.occurred():
+        if retries := self._lines.occurred(item):
             self._logger.warning(self._message, extra={**context, "error": repr(exc), "retries": retries})

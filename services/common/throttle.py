@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 class LogThrottle:
@@ -36,3 +41,26 @@ class LogThrottle:
         count, self._count = self._count, 0
         self._logged_at = float("-inf")
         return count
+
+
+class KeyedLogThrottle(Generic[K]):
+    """A `LogThrottle` of `interval_s` per key (a kind of error, a failing item), for at most
+    `keys_max` keys: past that the least recently seen is forgotten, and its next occurrence is
+    logged at once, as a first."""
+
+    def __init__(self, interval_s: float, keys_max: int) -> None:
+        self.interval_s = interval_s
+        self.keys_max = keys_max
+        self._throttles: OrderedDict[K, LogThrottle] = OrderedDict()
+
+    def occurred(self, key: K) -> int:
+        """`LogThrottle.occurred` for `key`."""
+        throttle = self._throttles.pop(key, None) or LogThrottle(self.interval_s)
+        self._throttles[key] = throttle
+        while len(self._throttles) > self.keys_max:
+            self._throttles.popitem(last=False)
+        return throttle.occurred()
+
+    def clear(self) -> None:
+        """Forget every key: the next occurrence of any is logged at once."""
+        self._throttles.clear()

@@ -57,3 +57,16 @@ def test_a_named_loops_item_failures_are_each_counted_from_zero_the_database_una
     assert _counted(loop) == 3
     loops.ItemFailures(logging.getLogger("test.items"), "item failed").failed(ValueError("bug"), "a")
     assert _counted(loop) == 3  # one without a loop (the reconcilers') counts nowhere here
+
+
+def test_a_keyed_throttle_keeps_its_most_recent_keys_only_and_a_forgotten_one_logs_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The interceptor's "dependency unavailable" throttles were a dict never trimmed.
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: 1000.0)
+    keyed: throttle.KeyedLogThrottle[str] = throttle.KeyedLogThrottle(30.0, keys_max=2)
+    assert [keyed.occurred(k) for k in ("a", "b", "a", "c")] == [1, 1, 0, 1]  # "c" pushes out "b"
+    assert keyed.occurred("a") == 0  # still throttled: seen more recently than "b"
+    assert keyed.occurred("b") == 1  # forgotten: a first again
+    keyed.clear()
+    assert keyed.occurred("a") == 1
