@@ -747,14 +747,19 @@ class Consumer(Generic[E]):
         if seq is not None:
             self._not_counted.pop(seq, None)
 
+    def _not_its_fault_count(self, seq: int | None, digest: bytes) -> int:
+        """The deliveries of the message at `seq` that failed for no fault of the event's, counted
+        while it held the body of `digest` (another body at that sequence counts from 0)."""
+        kept = self._not_counted.get(seq) if seq is not None else None
+        return kept[1] if kept is not None and kept[0] == digest else 0
+
     def _not_its_fault(self, msg: Msg) -> None:
         """Count a delivery that failed for no fault of the event's."""
         seq = self._sequence(msg)
         if seq is None:
             return
         digest = _digest(msg)
-        kept = self._not_counted.get(seq)
-        self._not_counted[seq] = (digest, kept[1] + 1 if kept is not None and kept[0] == digest else 1)
+        self._not_counted[seq] = (digest, self._not_its_fault_count(seq, digest) + 1)
         self._not_counted.move_to_end(seq)
         _trim(self._not_counted, self._not_counted_max)
 
@@ -788,9 +793,7 @@ class Consumer(Generic[E]):
                 self._log_retry(msg, event, exc)
             await msg.nak(delay=delay_s)
             return
-        seq = self._sequence(msg)
-        kept = self._not_counted.get(seq) if seq is not None else None
-        failures = delivered - (kept[1] if kept is not None and kept[0] == _digest(msg) else 0)
+        failures = delivered - self._not_its_fault_count(self._sequence(msg), _digest(msg))
         if failures >= self.max_deliver:
             event_id = event.event_id  # type: ignore[attr-defined]
             error = f"failed {failures} times: {shown(exc)}; the service log has the whole error"
