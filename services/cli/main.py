@@ -843,7 +843,7 @@ def dead_letters_list(
             more += cut
     if shown and not as_json:
         _print_table(table)
-    elif not shown and len(unreachable) < len(services):  # none answered: no list to speak of
+    elif not shown and len(unreachable) < len(services):  # some answered, none with any parked
         notes.print("no parked events" + (" in the services that answered" if unreachable else ""))
     if more:
         notes.print(f"[yellow]more parked events than --limit {limit}: raise it to see them[/yellow]")

@@ -267,8 +267,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _log_unavailable(self, error: str, reason: str) -> None:
         """Log a call answered UNAVAILABLE at once the first time for its reason and error, then
         at most once per UNAVAILABLE_LOG_INTERVAL_S (`calls`: the calls the line stands for, this
-        one included). Every call of an outage logged a line: hundreds a second on a busy pod, for
-        as long as it lasted; the calls themselves are counted in livegifts_rpc_seconds_count."""
+        one included); the calls themselves are counted in livegifts_rpc_seconds_count. Before,
+        every call of an outage logged a line: hundreds a second on a busy pod, for as long as it
+        lasted."""
         if calls := self._unavailable_log.occurred((reason, error)):
             log.warning("dependency unavailable", extra={"error": error, "reason": reason, "calls": calls})
 

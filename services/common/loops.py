@@ -20,8 +20,8 @@ K = TypeVar("K")
 
 # A loop that fails round after round (its database down, refusing connections) logs one line
 # per this many seconds for each kind of error (`error_kind`), saying how many rounds failed with
-# it since the previous one: payout's dispatcher, every 0.2 s, logged 300 lines a minute per pod
-# for as long as an outage lasted.
+# it since the previous one. Before, payout's dispatcher, every 0.2 s, logged 300 lines a minute
+# per pod for as long as an outage lasted.
 FAILURE_LOG_INTERVAL_S = 30.0
 # The kinds of error (`error_kind`: a class and a database code, a few) a loop's failed rounds
 # are throttled apart by.

@@ -132,9 +132,10 @@ for _reason, _roles in REFUSALS.items():
 GIFT_KEY_SCOPE = "SendGift"
 KEY_RESTORE_BATCH_MAX = 500  # cancelled gifts one round of `restore_keys_once` looks at
 # The sweeper ends its round at this many CancelSpends in a row that the wallet did not answer
-# within OUTGOING_DEADLINE_S (a hung wallet): each waits the whole deadline, so a round of
-# SWEEP_BATCH_SIZE_MAX gifts lasted 100 x 5 s, holding up newer stale gifts and the drain. One
-# gift's spend timing out among answered ones does not end it (an answer resets the count).
+# within OUTGOING_DEADLINE_S (a hung wallet): each waits the whole deadline, and without it a
+# round of SWEEP_BATCH_SIZE_MAX gifts would last 100 x 5 s, holding up newer stale gifts and the
+# drain. One gift's spend timing out among answered ones does not end it (an answer resets the
+# count).
 SWEEP_WALLET_TIMEOUTS_MAX = 3
 SWEEP_LOOP = "sweeper"  # the sweeper's `loop` in livegifts_background_item_failures_total
 GROUP_COMMIT_SIZE_MAX = 100  # concurrent calls one group-committed transaction takes at most

@@ -1426,8 +1426,8 @@ class Payout:
                 try:
                     sub = await self._hand_over(row, unsubmitted)
                 except Exception as exc:  # noqa: BLE001 - this withdrawal's error; the database's ends the round
-                    # Oldest first, it comes first in the next round too: it ended every round
-                    # and kept each withdrawal after it from the provider for as long.
+                    # Passed over: oldest first, it comes first in every round, and ending the
+                    # round there would keep each withdrawal after it from the provider.
                     self._dispatch_failures.failed(exc, row.withdrawal_id, withdrawal_id=row.withdrawal_id)
                     continue
                 if sub is None:
