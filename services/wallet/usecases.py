@@ -535,7 +535,13 @@ class Wallet:
                 },
             )
             return "refused"
-        return "duplicate" if done.duplicate else event.target.value.lower()
+        if done.duplicate:
+            return "duplicate"
+        if done.purchase.status != _STATUS_ENUM[event.target]:
+            # Accepted without effect (a failure reported after a callback credited it
+            # meanwhile): nothing of this answer was applied, so it settled nothing.
+            return "settled_meanwhile"
+        return event.target.value.lower()
 
     async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:

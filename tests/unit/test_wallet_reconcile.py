@@ -262,6 +262,28 @@ async def test_an_answer_refused_for_a_purchase_a_callback_settled_meanwhile_is_
     assert (reconciled("settled_meanwhile"), reconciled("refused")) == (before[0] + 1, before[1])
 
 
+async def test_a_failure_looked_up_for_a_purchase_a_callback_credited_meanwhile_is_counted_settled_meanwhile(
+    env: tuple[Wallet, StandIn],
+) -> None:
+    # Was: counted "failed" and logged "late purchase settled from the provider's record", though
+    # the failure changed nothing (accepted without effect: the purchase stays SUCCEEDED).
+    w, provider = env
+    p = await unpaid(w, "hal")
+    provider.report[p.purchase_id] = "payment.failed"  # a declined first card, looked up late
+    ask = provider.status
+
+    async def callback_first(*args: object) -> ProviderEvent | None:
+        await callback(w, p, "evt_callback", "payment.succeeded")  # the second card's success
+        return await ask(*args)  # type: ignore[arg-type]
+
+    provider.status = callback_first  # type: ignore[method-assign]
+    before = reconciled("settled_meanwhile"), reconciled("failed")
+    assert await w.reconcile_once(now=late(w)) == 0
+    assert (await w.get_purchase(p.purchase_id)).status == SUCCEEDED
+    assert (await w.get_balance("hal")).coins == 70
+    assert (reconciled("settled_meanwhile"), reconciled("failed")) == (before[0] + 1, before[1])
+
+
 async def test_a_full_batch_of_unpaid_checkouts_does_not_keep_the_reconciler_from_later_ones(
     env: tuple[Wallet, StandIn],
 ) -> None:
