@@ -62,7 +62,6 @@ def test_a_replica_stops_with_its_service(tmp_path: Path) -> None:
         suite.procs[name] = _Proc(name, events)  # type: ignore[assignment]
     suite.replica_of.update({"payout-2": "payout", "wallet-2": "wallet"})
     suite.stop()
-    exited = [name for name, what in events if what == "exited"]
-    assert exited.index("payout-2") < events.index(("wallet", "SIGTERM")), events
+    assert events.index(("payout-2", "exited")) < events.index(("wallet", "SIGTERM")), events
     assert events.index(("wallet-2", "SIGTERM")) < events.index(("wallet", "exited")), events  # together
-    assert exited.index("wallet-2") < exited.index("nats"), events
+    assert events.index(("wallet-2", "exited")) < events.index(("nats", "SIGTERM")), events
