@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from services.common.batching import MicroBatcher
 from services.common.db import Database, driver_sqlstate
-from services.common.grpcserver import ErrorInterceptor, is_retryable, is_unavailable
+from services.common.grpcserver import ErrorInterceptor, error_kind, is_retryable, is_unavailable
 from services.common.loops import run_every
 from tests.integration import pg
 from tests.integration.helpers import buy_coins, eventually, expect_error, uid
@@ -208,13 +208,15 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
     pg.create_database(admin, name)
     db = Database(pg.database_url(admin, name), pool_size=1, pool_timeout_s=5, application_name="loop")
     rounds = {"ok": 0, "failed": 0}
+    first_of_kind: dict[str, str] = {}  # each kind of error the rounds met: its first one's repr
 
     async def once() -> int:
         try:
             async with db.unit_of_work(readonly=True) as uow:
                 await uow.conn.execute(text("SELECT 1"))
-        except Exception:
+        except Exception as exc:
             rounds["failed"] += 1
+            first_of_kind.setdefault(error_kind(exc), repr(exc))
             raise
         rounds["ok"] += 1
         return 1
@@ -239,10 +241,11 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
             await until("ok", 3)
             refuse(True)
             await until("failed", 20)
-            # One line for each kind of error (the terminated connection's, then the refusal's),
-            # not one per round.
-            first = [r.error.split("(")[0] for r in failure_lines()]  # type: ignore[attr-defined]
-            assert len(first) == len(set(first)) and first[-1] == "DBAPIError", first
+            # One line for each kind of error, class and SQLSTATE (the terminated connection's,
+            # then the refusal's, 55000), the first of its kind, not one per round.
+            first = [r.error for r in failure_lines()]  # type: ignore[attr-defined]
+            assert first == list(first_of_kind.values()), (first, first_of_kind)
+            assert "DBAPIError (55000)" in first_of_kind, first_of_kind
             refuse(False)
             await until("ok", 3)
             refuse(True)  # a new outage: said at once, not held back by the first one's line
