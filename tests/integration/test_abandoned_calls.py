@@ -11,20 +11,36 @@ row (PostgreSQL) or the database's write lock (SQLite) from another session.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from livegifts.wallet.v1 import wallet_pb2
 from tests.integration.helpers import buy_coins, uid
+from tests.integration.pglocks import LOCK_WAIT_S_MAX, LOCK_WAITERS
 from tests.integration.test_wallet import spend_req
 
-# Long enough that the first call's batch is writing (and stalls on the lock) before the second call
-# comes; well within SQLite's busy wait (10 s), so the stalled batch is not failed by it.
+# SQLite: long enough that the first call's batch is writing (and stalls on the lock) before the
+# second call comes; well within SQLite's busy wait (10 s), so the stalled batch is not failed by it.
+# PostgreSQL shows the batch waiting for the lock (pglocks), and the test waits for that instead.
 BATCH_STARTED_S = 0.5
 GONE_DEADLINE_S = 0.5
+
+
+async def _until_a_session_waits_for_a_lock(engine: AsyncEngine) -> None:
+    """Until a session of the wallet's database waits for a lock: the first spend's batch, on the
+    account row the test holds (at most LOCK_WAIT_S_MAX)."""
+    deadline = time.monotonic() + LOCK_WAIT_S_MAX
+    async with engine.connect() as probe:
+        while not (await probe.execute(LOCK_WAITERS)).scalar_one():
+            assert time.monotonic() < deadline, (
+                f"the first spend's batch did not wait for the lock in {LOCK_WAIT_S_MAX} s"
+            )
+            await probe.rollback()  # a fresh snapshot of pg_stat_activity each time
+            await asyncio.sleep(0.02)
 
 
 async def test_a_spend_whose_deadline_passed_while_it_queued_behind_a_stalled_batch_never_happens(
@@ -44,7 +60,10 @@ async def test_a_spend_whose_deadline_passed_while_it_queued_behind_a_stalled_ba
                 text("UPDATE accounts SET balance = balance WHERE account_id = :a"), {"a": f"user:{viewer}"}
             )
             first = asyncio.ensure_future(clients.wallet.Spend(spend_req(viewer, 3, waited), timeout=30))
-            await asyncio.sleep(BATCH_STARTED_S)
+            if engine.dialect.name == "postgresql":
+                await _until_a_session_waits_for_a_lock(engine)
+            else:
+                await asyncio.sleep(BATCH_STARTED_S)
             assert not first.done(), "the first spend's batch did not stall on the lock"
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await clients.wallet.Spend(spend_req(viewer, 5, gone), timeout=GONE_DEADLINE_S)
