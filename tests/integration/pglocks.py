@@ -41,6 +41,9 @@ async def wait_for_a_lock_waiter_or_the_end(db: Database, task: asyncio.Task[Any
         while not task.done() and time.monotonic() < deadline:
             if (await probe.execute(LOCK_WAITERS)).scalar_one():
                 return
+            # pg_stat_activity is read once per transaction: without a new one, every read saw
+            # the sessions as they were at the first, and a waiter that came later never showed.
+            await probe.rollback()
             await asyncio.sleep(0.02)
 
 
