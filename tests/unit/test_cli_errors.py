@@ -535,12 +535,17 @@ def test_ctrl_c_during_a_hung_call_ends_at_once_with_exit_130_and_no_traceback()
             # A shell's background job ignores SIGINT, and a child inherits that: not a terminal's Ctrl-C.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        conn, _ = hung.accept()  # the call is under way (imports done, however loaded the machine)
-        with conn:
-            time.sleep(0.5)
-            sent = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+        try:
+            conn, _ = hung.accept()  # the call is under way (imports done, however loaded the machine)
+            with conn:
+                time.sleep(0.5)
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:  # it ignored the signal, or never called: not left running
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 130, (out, err)
     assert time.monotonic() - sent < main.DEADLINE_S / 2, "waited for the call's deadline"
     assert "Traceback" not in err and out == "", (out, err)
