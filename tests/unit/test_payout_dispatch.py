@@ -1121,9 +1121,9 @@ async def test_a_withdrawal_whose_outcome_always_fails_to_apply_keeps_no_other_f
         monkeypatch.setattr(payout, "handle_payout_event", fails_for_one)
         errors = reconciled("error")
         with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
-            for _ in range(3):  # a pass of two rounds, and the first of the next
-                with contextlib.suppress(ValueError):  # as run_every goes on to the next round
-                    await payout.reconcile_once(now=reconcile_due(payout))
+            # A pass of two rounds, and the first of the next; none raises for the broken one.
+            settled = [await payout.reconcile_once(now=reconcile_due(payout)) for _ in range(3)]
+        assert settled == [1, 1, 0], settled  # paid with the broken one, later, then the broken one alone
         assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PAID
         assert await status_of(payout, later) == payout_pb2.WITHDRAWAL_STATUS_PAID
         assert await status_of(payout, broken) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
@@ -1177,9 +1177,8 @@ async def test_a_withdrawal_whose_reference_cannot_be_stored_keeps_no_other_from
             "BEGIN SELECT RAISE(ABORT, 'value too long for type character varying(128)'); END"
         )
     with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
-        for _ in range(2):
-            with contextlib.suppress(Exception):  # as run_every goes on to the next round
-                await payout.dispatch_once()
+        submitted = [await payout.dispatch_once() for _ in range(2)]  # neither raises for the stuck one
+    assert submitted == [1, 0], submitted  # the other, then the stuck one alone again (not counted)
     assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
     assert other in provider.submitted
     assert provider.submitted.count(stuck) == 2, "claimed, it is submitted again each round"
