@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from bench.callsplit import read_spans
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite
 from services.common import signing
@@ -143,19 +144,31 @@ async def test_two_replicas_looking_up_the_same_late_purchases_credit_each_once_
                     )
                 deadline = time.monotonic() + SETTLED_WITHIN_S
                 killed = False
+                purchase_ids = {p.purchase_id for p in bought.values()}
+
+                def asked_by_the_second() -> set[str]:
+                    # Its traces: one `reconcile purchase` span per purchase it looked up (exported
+                    # within 0.2 s of the look-up's end), whatever the outcome.
+                    spans = read_spans(suite.config.var_dir / "wallet-2.spans.jsonl")
+                    return {
+                        s["attributes"]["purchase.id"] for s in spans if s["name"] == "reconcile purchase"
+                    } & purchase_ids
+
                 while True:
                     got = [
                         await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=p.purchase_id), timeout=10)
                         for p in bought.values()
                     ]
                     paid = sum(g.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED for g in got)
-                    if paid and not killed:
+                    if paid and not killed and asked_by_the_second():
                         suite.kill("wallet-2")  # mid-way: the first's reconciler settles the rest
                         killed = True
                     if paid == len(got):
                         break
                     assert time.monotonic() < deadline, f"{paid} of {len(got)} purchases credited"
                     await asyncio.sleep(0.2)
+                # Both replicas looked the purchases up: with the second asking none, one alone was tried.
+                assert killed, "wallet-2's reconciler looked up none of the late purchases"
                 for buyer, purchase in bought.items():
                     coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
                     assert coins == purchase.coins > 0, f"{buyer}: {coins} coins for one purchase of {purchase.coins}"
