@@ -78,6 +78,19 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 @contextlib.contextmanager
+def refusing_connections(admin_url: str, name: str) -> Iterator[None]:
+    """Database `name` refuses new connections (`ALLOW_CONNECTIONS false`, an operator's
+    maintenance switch: SQLSTATE 55000) and its sessions are ended, until the block ends; then it
+    allows them again, also when the block raised."""
+    run_sql(admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        run_sql(admin_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        yield
+    finally:
+        run_sql(admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+@contextlib.contextmanager
 def service_databases(prefix: str) -> Iterator[dict[str, str]]:
     """A new database per service (service -> URL), each dropped on exit, even when a later step failed."""
     admin = admin_url_or_skip()

@@ -725,18 +725,15 @@ async def test_a_database_refusing_new_connections_parks_nothing_and_the_relay_a
     name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
     pg.create_database(admin, name)
 
-    def allow(on: bool) -> None:
-        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if on else "false"}')
-
     deliveries = _failed_deliveries(monkeypatch)
     try:
         async with _rig(tmp_path, pg.database_url(admin, name)) as rig:
             published = await rig.h.add_events(3)
             assert await rig.h.relay.relay_once() == 3
             waiting = await rig.h.add_events(2)  # still in the outbox when connections are refused
-            allow(False)
-            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-            with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+            refusal = contextlib.ExitStack()
+            refusal.enter_context(pg.refusing_connections(admin, name))  # until refusal.close()
+            with refusal, caplog.at_level(logging.WARNING, logger="services.common.inbox"):
                 async with _running(rig.consumer.run), _running(rig.h.relay.run):
                     await eventually(
                         lambda: asyncio.sleep(0, len(deliveries) == 3 and min(deliveries.values()) >= 3), bool, 30
@@ -746,14 +743,13 @@ async def test_a_database_refusing_new_connections_parks_nothing_and_the_relay_a
                     assert lines.count("event failed, will be redelivered") == 0, "counted as the events' failures"
                     outage = [m for m in lines if m.startswith("event not applied, the database is unavailable")]
                     assert len(outage) == 1, f"{len(outage)} outage lines: one per 30 s"
-                    allow(True)
+                    refusal.close()  # connections allowed again
                     await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 5, 30)
                     await eventually(rig.h.unpublished, lambda n: n == 0, 30)
             assert [await rig.applied(i) for i in published + waiting] == [1] * 5
             assert await rig.count("SELECT count(*) FROM dead_letters") == 0
             assert await rig.h.stored() == 5
     finally:
-        allow(True)
         pg.drop_database(admin, name)
 
 

@@ -221,11 +221,6 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
         rounds["ok"] += 1
         return 1
 
-    def refuse(on: bool) -> None:
-        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if on else "true"}')
-        if on:
-            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-
     async def until(what: str, count: int) -> None:
         target = rounds[what] + count
         await eventually(lambda: asyncio.sleep(0, rounds[what] >= target), bool, 20)
@@ -239,19 +234,17 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
         with caplog.at_level(logging.WARNING, logger="services.common.loops"):
             loop = asyncio.create_task(run_every(stop, 0.02, once, "rounds"))
             await until("ok", 3)
-            refuse(True)
-            await until("failed", 20)
-            # One line for each kind of error, class and SQLSTATE (the terminated connection's,
-            # then the refusal's, 55000), the first of its kind, not one per round.
-            first = [r.error for r in failure_lines()]  # type: ignore[attr-defined]
-            assert first == list(first_of_kind.values()), (first, first_of_kind)
-            assert "DBAPIError (55000)" in first_of_kind, first_of_kind
-            refuse(False)
+            with pg.refusing_connections(admin, name):
+                await until("failed", 20)
+                # One line for each kind of error, class and SQLSTATE (the terminated connection's,
+                # then the refusal's, 55000), the first of its kind, not one per round.
+                first = [r.error for r in failure_lines()]  # type: ignore[attr-defined]
+                assert first == list(first_of_kind.values()), (first, first_of_kind)
+                assert "DBAPIError (55000)" in first_of_kind, first_of_kind
             await until("ok", 3)
-            refuse(True)  # a new outage: said at once, not held back by the first one's line
-            await until("failed", 2)
-            assert len(failure_lines()) > len(first), "the second outage not said at once"
-            refuse(False)
+            with pg.refusing_connections(admin, name):  # a new outage: said at once, not held back
+                await until("failed", 2)
+                assert len(failure_lines()) > len(first), "the second outage not said at once"
             await until("ok", 1)
             stop.set()
             await asyncio.wait_for(loop, 10)
@@ -259,7 +252,6 @@ async def test_a_loop_the_database_fails_round_after_round_logs_once_and_goes_on
     finally:
         stop.set()
         await db.dispose()
-        refuse(False)
         pg.drop_database(admin, name)
 
 
@@ -276,10 +268,11 @@ async def test_an_outage_logs_a_line_per_error_not_one_per_call_and_the_retry_ta
         async with _wallet(tmp_path, pg.database_url(admin, name)) as wallet:
             user = uid("user")
             await buy_coins(wallet.stub, SECRET, user)  # 700 coins
-            pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            pg.run_sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
             key = uid("spend")
-            with caplog.at_level(logging.WARNING, logger="services.common.grpcserver"):
+            with (
+                pg.refusing_connections(admin, name),
+                caplog.at_level(logging.WARNING, logger="services.common.grpcserver"),
+            ):
                 for _ in range(12):
                     await expect_error(wallet.spend(user, key), grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
             lines = [r for r in caplog.records if r.message == "dependency unavailable"]
@@ -287,10 +280,8 @@ async def test_an_outage_logs_a_line_per_error_not_one_per_call_and_the_retry_ta
             assert "DBAPIError (55000)" in errors, errors
             assert len(errors) == len(set(errors)), f"{len(lines)} lines for 12 calls: {errors}"
             assert all(r.calls == 1 for r in lines)  # type: ignore[attr-defined]
-            pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await wallet.spend(user, key)  # the retry, same key, once the database takes connections
             await wallet.spend(user, key)
             assert await wallet.coins(user) == 699, "the retried spend took effect once"
     finally:
-        pg.run_sql(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         pg.drop_database(admin, name)
