@@ -89,21 +89,34 @@ GIFT_INSERT_COLUMNS = tuple(c.name for c in gift_events.c if c.name != "key_move
 # The sweeper's look-up: only PENDING gifts are in this index, so it stays as small as the gifts
 # in flight, and a gift's SENT or CANCELLED row version adds no entry to it (migration 0006; it
 # was (status, updated_at_us) over every gift ever sent).
+PENDING_ONLY = "status = 'PENDING'"
 Index(
     "ix_gift_events_pending",
     gift_events.c.updated_at_us,
-    sqlite_where=text("status = 'PENDING'"),
-    postgresql_where=text("status = 'PENDING'"),
+    sqlite_where=text(PENDING_ONLY),
+    postgresql_where=text(PENDING_ONLY),
 )
+SWEEP_START = (-1, "")  # before every gift in the sweeper's (updated_at_us, event_id) order
 
 
-def stale_pending(cutoff_us: int, limit: int) -> Select[tuple[str]]:
-    """Ids of the gifts PENDING since before `cutoff_us`, oldest first (the sweeper's query)."""
+def stale_pending(cutoff_us: int, limit: int, after: tuple[int, str] = SWEEP_START) -> Select[tuple[int, str]]:
+    """The gifts PENDING since before `cutoff_us` and after `after` in (updated_at_us, event_id)
+    order, oldest first: their (updated_at_us, event_id) (the sweeper's query, from its cursor).
+
+    The index seeks the range of updated_at_us; event_id, not in it, orders and filters only the
+    gifts last written in the same microsecond. The predicate is text, identical to
+    the index's, so PostgreSQL plans on the partial index whatever it does with bound parameters."""
     g = gift_events.c
+    after_us, after_event_id = after
     return (
-        select(g.event_id)
-        .where(g.status == "PENDING", g.updated_at_us < cutoff_us)
-        .order_by(g.updated_at_us)
+        select(g.updated_at_us, g.event_id)
+        .where(
+            text(PENDING_ONLY),
+            g.updated_at_us < cutoff_us,
+            g.updated_at_us >= after_us,  # the range the index seeks; the OR only filters the ties
+            or_(g.updated_at_us > after_us, g.event_id > after_event_id),
+        )
+        .order_by(g.updated_at_us, g.event_id)
         .limit(limit)
     )
 

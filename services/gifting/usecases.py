@@ -52,9 +52,9 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.grpcserver import internal_error
+from services.common.grpcserver import internal_error, is_unavailable
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
-from services.common.loops import ItemFailures, run_every
+from services.common.loops import BatchCursor, ItemFailures, run_every
 from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
@@ -67,6 +67,7 @@ from services.gifting.feed import Ended, FeedHub, ShuttingDown
 from services.gifting.storage import (
     GIFT_INSERT_COLUMNS,
     KEY_LOST,
+    SWEEP_START,
     common,
     content_unlocks,
     contents,
@@ -208,6 +209,8 @@ class Gifting:
 
     def __post_init__(self) -> None:
         self._sweep_failures = ItemFailures(log, "a pending gift was not settled; tried again next round", SWEEP_LOOP)
+        # Where the sweeper's next round starts, by (updated_at_us, event_id) (`sweep_once`).
+        self._sweep_cursor: BatchCursor[tuple[int, str]] = BatchCursor(SWEEP_START)
         # Group commit of steps 1 and 3 across concurrent SendGift/SendTip/UnlockContent calls.
         self._begin_batcher: MicroBatcher[_Begin, dict[str, Any]] = MicroBatcher(
             self._begin_batch, GROUP_COMMIT_SIZE_MAX, "gifting_begin"
@@ -1336,20 +1339,27 @@ class Gifting:
     async def sweep_once(self) -> int:
         """Settle gifts left PENDING past the timeout; returns how many were settled.
 
-        Oldest first, so a gift that fails is the first of the next round too: its error (the
-        wallet refusing or timing out on that one spend, a broken invariant) is logged with its id
-        and the round goes on to the others (`ItemFailures`). The wallet or the database down ends
-        the round, as every gift would fail alike, and so do SWEEP_WALLET_TIMEOUTS_MAX (3)
-        CancelSpends in a row that the wallet did not answer in time (DEADLINE_EXCEEDED): a hung
-        wallet made a round last SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s). One
-        gift's spend timing out is that gift's failure; the next answer resets the count."""
+        Oldest first (by updated_at_us, then event_id), SWEEP_BATCH_SIZE_MAX a round, from where
+        the last round stopped (`BatchCursor`): after a full batch, after its last gift; after a
+        short one, from the oldest again. A gift's error (the wallet refusing or timing out on
+        that one spend, a broken invariant) is logged with its id and the round goes on to the
+        others (`ItemFailures`); it is tried again when the cursor comes back round to it, so gifts
+        that always fail, a batch of them or the three oldest timing out, keep no newer gift
+        from being settled. The wallet or the database down ends the round, as every gift would
+        fail alike, and so do SWEEP_WALLET_TIMEOUTS_MAX (3) CancelSpends in a row that the wallet
+        did not answer in time (DEADLINE_EXCEEDED): a hung wallet made a round last
+        SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s). A round that ends so is started
+        again by the next from the gift it ended at (`rewind`), not after it. One gift's spend
+        timing out is that gift's failure; the next answer resets the count."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
+        batch = self.settings.sweep_batch_size_max
         async with self.db.unit_of_work(readonly=True) as uow:
-            stale = stale_pending(cutoff, self.settings.sweep_batch_size_max)
-            ids = (await uow.conn.execute(stale)).scalars().all()
+            stale = stale_pending(cutoff, batch, self._sweep_cursor.at)
+            keys = [(r.updated_at_us, r.event_id) for r in await uow.conn.execute(stale)]
+        self._sweep_cursor.advance(keys, batch)
         settled = 0
         timeouts = 0  # the wallet's CancelSpends in a row that timed out
-        for event_id in ids:
+        for i, (_, event_id) in enumerate(keys):
             # A trace per gift: its CancelSpend, and the gift.sent event with payout's credit.
             with background_span("sweep gift", **{"gift.event_id": event_id}):
                 try:
@@ -1361,11 +1371,15 @@ class Gifting:
                         await self._cancel(event_id, "SWEPT")
                 except Exception as exc:  # noqa: BLE001 - this gift's error; the round goes on
                     wallet_code = exc.metadata.get("wallet_code") if isinstance(exc, Unavailable) else None
-                    if wallet_code == "UNAVAILABLE":
-                        raise  # the wallet is down or unreachable: every gift would fail alike
                     timeouts = timeouts + 1 if wallet_code == "DEADLINE_EXCEEDED" else 0
-                    if timeouts >= SWEEP_WALLET_TIMEOUTS_MAX:
-                        raise  # the wallet hangs: each gift after would wait out the deadline too
+                    # The wallet down (every gift would fail alike) or hung (each gift after would
+                    # wait out the deadline too) ends the round, as the database unavailable does
+                    # (`failed` raises it): the next round starts from this gift, not after it.
+                    ends_round = wallet_code == "UNAVAILABLE" or timeouts >= SWEEP_WALLET_TIMEOUTS_MAX
+                    if ends_round or is_unavailable(exc):
+                        self._sweep_cursor.rewind(i)
+                    if ends_round:
+                        raise
                     self._sweep_failures.failed(exc, event_id, gift_event_id=event_id)
                     continue
             settled += 1

@@ -294,10 +294,13 @@ async def test_the_audits_open_shortfall_total_reads_the_open_only_index(empty_d
     assert "ix_clawback_shortfalls_open" in plan, plan
 
 
-async def test_the_sweepers_query_is_served_by_the_pending_only_index(empty_database: str) -> None:
+@pytest.mark.parametrize("after", [(-1, ""), (500, "e1")], ids=["from the start", "from a cursor"])
+async def test_the_sweepers_query_is_served_by_the_pending_only_index(
+    empty_database: str, after: tuple[int, str]
+) -> None:
     from services.gifting.storage import stale_pending
 
-    plan = await _gifting_plan(empty_database, lambda dialect: stale_pending(1_000, 10))
+    plan = await _gifting_plan(empty_database, lambda dialect: stale_pending(1_000, 10, after))
     assert "ix_gift_events_pending" in plan, plan
 
 

@@ -677,3 +677,74 @@ async def test_a_sweep_passes_over_one_gift_whose_cancel_spend_times_out(
         assert await _count(db, gift_events, gift_events.c.event_id == slow, gift_events.c.status == "PENDING") == 1
         lines = [r for r in caplog.records if r.getMessage().startswith("a pending gift was not settled")]
         assert [r.gift_event_id for r in lines] == [slow]  # type: ignore[attr-defined]
+
+
+async def _status(db: Database, event_id: str) -> str:
+    async with db.unit_of_work(readonly=True) as uow:
+        return str(
+            (
+                await uow.conn.execute(select(gift_events.c.status).where(gift_events.c.event_id == event_id))
+            ).scalar_one()
+        )
+
+
+async def test_the_three_oldest_gifts_timing_out_keep_no_newer_one_from_the_sweeper(tmp_path: Path) -> None:
+    # Each round started from the oldest stale gift: three oldest whose CancelSpend always timed
+    # out (the wallet otherwise answering) ended every round at the third, and the gifts after
+    # them stayed PENDING for as long.
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await _pending_gifts(g, db, 5)
+        wallet.failing = dict.fromkeys(ids[:3], grpc.StatusCode.DEADLINE_EXCEEDED)
+        wallet.cancel_calls.clear()
+        with pytest.raises(Unavailable):
+            await g.sweep_once()  # ends at the third timeout in a row
+        assert wallet.cancel_calls == ids[:3]
+        wallet.cancel_calls.clear()
+        assert await g.sweep_once() == 2  # from the gift the last round ended at, then the newer ones
+        assert wallet.cancel_calls == ids[2:]
+        assert [await _status(db, i) for i in ids] == ["PENDING"] * 3 + ["CANCELLED"] * 2
+
+
+async def test_a_full_batch_of_gifts_that_fail_keeps_no_gift_after_it_from_the_sweeper(tmp_path: Path) -> None:
+    # A batch of SWEEP_BATCH_SIZE_MAX gifts each failing on its own (INTERNAL: that one spend)
+    # was read again every round, and no gift after it was ever reached.
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=3) as (
+        g,
+        db,
+    ):
+        ids = await _pending_gifts(g, db, 5)
+        wallet.failing = dict.fromkeys(ids[:3], grpc.StatusCode.INTERNAL)
+        wallet.cancel_calls.clear()
+        assert await g.sweep_once() == 0
+        assert await g.sweep_once() == 2
+        assert wallet.cancel_calls == ids
+        assert [await _status(db, i) for i in ids] == ["PENDING"] * 3 + ["CANCELLED"] * 2
+        # The second round's batch was short: the next starts from the oldest again.
+        wallet.cancel_calls.clear()
+        assert await g.sweep_once() == 0
+        assert wallet.cancel_calls == ids[:3]
+
+
+async def test_after_a_round_the_wallet_ended_the_next_starts_from_the_gift_it_ended_at(tmp_path: Path) -> None:
+    # The round read a full batch, so the cursor had moved past it: the wallet going down at a
+    # gift must not leave that gift for the next pass over every stale gift. Nor does the next
+    # round start from the oldest (ids[0], which fails on its own every time).
+    wallet = OneSpendFailingWallet()
+    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=2) as (
+        g,
+        db,
+    ):
+        ids = await _pending_gifts(g, db, 6)
+        wallet.failing = {ids[0]: grpc.StatusCode.INTERNAL, ids[3]: grpc.StatusCode.UNAVAILABLE}
+        wallet.cancel_calls.clear()
+        assert await g.sweep_once() == 1
+        with pytest.raises(Unavailable):
+            await g.sweep_once()
+        assert wallet.cancel_calls == ids[:4]
+        del wallet.failing[ids[3]]  # the wallet is back
+        wallet.cancel_calls.clear()
+        assert await g.sweep_once() == 2
+        assert wallet.cancel_calls == ids[3:5]
+        assert [await _status(db, i) for i in ids] == ["PENDING"] + ["CANCELLED"] * 4 + ["PENDING"]
