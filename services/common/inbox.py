@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -534,13 +535,65 @@ class Consumer(Generic[E]):
                 await self._park(msg, None, f"undecodable: {exc}")
         if not decoded:
             return
+        batch: list[tuple[Msg, E]] = []
+        unaccounted: list[tuple[Msg, E]] = []
+        for item in decoded:
+            (unaccounted if self._unaccounted_for(item[0]) else batch).append(item)
+        unavailable = await self._apply_or_fail(batch, told) if batch else None
+        # In no set order: the events fetched with one that kills the process were delivered as
+        # often, and those behind it in a fixed order would die with it after every restart.
+        random.shuffle(unaccounted)
+        for item in unaccounted:
+            told.add(id(item[0]))
+            if unavailable is not None:  # the rest would fail alike, each after its connect timeout
+                await self._failed(item, unavailable)
+                continue
+            self._log_tried_alone(item)
+            try:
+                await self._apply([item])
+            except Exception as exc:  # noqa: BLE001
+                await self._failed(item, exc)
+                if is_unavailable(exc):
+                    unavailable = exc
+
+    def _unaccounted_for(self, msg: Msg) -> bool:
+        """Whether more than CONSUMER_MAX_DELIVER of the message's deliveries are none this process
+        saw fail for a dependency (`_not_counted`). Past that many failures of its own it would
+        have been parked, so the deliveries it cannot account for are tries that ended with no
+        outcome (the process killed handling it: a segfault, an OOM kill, an os._exit), or
+        deliveries to another replica or an earlier process (an outage's naks, a batch held past
+        `_InProgress`'s bound). Such events are tried alone, after the rest of their batch and in
+        random order (`_process_told`): one that kills the process then takes neither its batch
+        nor, after a few restarts, the other events fetched with it, and the line logged before
+        its try names it. Never parked for it: nothing here tells those causes apart."""
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if delivered <= self.max_deliver:
+            return False
+        return delivered - self._not_its_fault_count(self._sequence(msg), _digest(msg)) > self.max_deliver
+
+    def _log_tried_alone(self, item: tuple[Msg, E]) -> None:
+        msg, event = item
+        with _in_trace_of(msg):
+            log.warning(
+                "event delivered more often than this process accounts for; tried alone, after its batch",
+                extra={
+                    "consumer": self.sub.durable,
+                    "event_id": event.event_id,  # type: ignore[attr-defined]
+                    "stream_seq": self._sequence(msg),
+                    "delivered": msg.metadata.num_delivered if msg.metadata else 1,
+                },
+            )
+
+    async def _apply_or_fail(self, decoded: list[tuple[Msg, E]], told: set[int]) -> Exception | None:
+        """Apply `decoded` as one batch, or one by one when the batch fails, each failure to
+        `_failed`; the error that said the database is unavailable, if one ended the round."""
         try:
             await self._apply(decoded)
         except Exception as exc:  # noqa: BLE001
             if len(decoded) == 1:
                 told.add(id(decoded[0][0]))
                 await self._failed(decoded[0], exc)
-                return
+                return exc if is_unavailable(exc) else None
             if not is_unavailable(exc):
                 log.warning(
                     "batch failed, retrying one by one", extra={"consumer": self.sub.durable, "error": repr(exc)}
@@ -559,7 +612,8 @@ class Consumer(Generic[E]):
                         for rest in decoded[i + 1 :]:
                             told.add(id(rest[0]))
                             await self._failed(rest, one_exc)
-                        return
+                        return one_exc
+        return None
 
     async def _newest(self, msgs: list[Msg], told: set[int]) -> list[Msg]:
         """The batch less the copies JetStream delivered while this process still held an earlier

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -557,5 +558,73 @@ async def test_an_event_applied_whose_ack_nats_refused_is_not_parked_on_its_last
         assert applied == ["e1"]
         assert msg.settled == ["nak"], "nak'ed, uncounted: its redelivery is a duplicate, acked"
         assert await _parked_ids(db, "ack-refused") == []
+    finally:
+        await db.engine.dispose()
+
+
+class _ProcessKilled(BaseException):
+    """Stands for a try that ends the process (a segfault, an OOM kill, os._exit): nothing of the
+    consumer's runs after it, no failure path, no nak."""
+
+
+async def _killing_consumer(
+    tmp_path: Path, durable: str, killer: str, calls: list[list[str]]
+) -> tuple[Consumer, Database]:
+    """A consumer over SQLite with the default CONSUMER_MAX_DELIVER (20) whose handler records the
+    event ids of each call in `calls` and ends the "process" when it is handed `killer`."""
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        calls.append([e.event_id for e in events])
+        if any(e.event_id == killer for e in events):
+            raise _ProcessKilled
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    assert settings.consumer_max_deliver == 20
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(common.inbox.metadata.create_all)
+    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    return Consumer(db, _Bus(), common, sub, settings), db  # type: ignore[arg-type]
+
+
+async def test_an_event_delivered_past_max_deliver_unaccounted_for_is_tried_alone_after_its_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An event whose try kills the process never reaches `_failed`: it is delivered again after
+    # every restart, and was tried in one transaction with the events fetched with it, so the
+    # process died each time with none of them acked and the consumer applied nothing at all.
+    # Past CONSUMER_MAX_DELIVER deliveries this process cannot account for, it is tried alone
+    # after the rest (in random order: here the reverse of the batch's), and the line logged
+    # before its try names it.
+    monkeypatch.setattr(random, "shuffle", lambda items: items.reverse())
+    calls: list[list[str]] = []
+    consumer, db = await _killing_consumer(tmp_path, "killed", "killer", calls)
+    try:
+        killer, a, b = _Msg("killer", seq=1, n=21), _Msg("a", seq=2, n=21), _Msg("b", seq=3, n=1)  # a: fetched with it
+        with caplog.at_level(logging.WARNING, logger="services.common.inbox"), pytest.raises(_ProcessKilled):
+            await consumer.process([killer, a, b])  # type: ignore[list-item]
+        assert calls == [["b"], ["a"], ["killer"]], "the usual batch first, then each unaccounted-for event alone"
+        assert (a.settled, b.settled, killer.settled) == (["ack"], ["ack"], [])
+        named = [r for r in caplog.records if "tried alone" in r.getMessage()]
+        assert [(r.event_id, r.stream_seq, r.delivered) for r in named] == [("a", 2, 21), ("killer", 1, 21)]  # type: ignore[attr-defined]
+        assert await _parked_ids(db, "killed") == [], "never parked untried: an outage raises the count alike"
+    finally:
+        await db.engine.dispose()
+
+
+async def test_deliveries_this_process_saw_fail_for_the_database_keep_an_event_in_its_batch(tmp_path: Path) -> None:
+    # The deliveries an outage nak'ed here are accounted for: an event back after 25 of them
+    # goes in its batch as before, not one transaction of its own.
+    calls: list[list[str]] = []
+    consumer, db = await _killing_consumer(tmp_path, "outage-seen", "none", calls)
+    try:
+        outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        for n in range(1, 26):
+            await consumer._failed((_Msg("waited", seq=4, n=n), events_pb2.GiftSent()), outage)  # type: ignore[arg-type]
+        waited, other = _Msg("waited", seq=4, n=26), _Msg("other", seq=5, n=1)
+        await consumer.process([waited, other])  # type: ignore[list-item]
+        assert calls == [["waited", "other"]]
+        assert (waited.settled, other.settled) == (["ack"], ["ack"])
     finally:
         await db.engine.dispose()
