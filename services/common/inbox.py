@@ -6,6 +6,9 @@ only after the commit are the messages acked. A crash before the ack redelivers 
 and the inbox makes it a no-op. A batch that fails is retried one message at a time so one
 bad event cannot hold up the rest; an event that keeps failing or cannot be decoded is
 parked in the dead_letters table for an operator and terminated, never silently dropped.
+One whose try ends the process fails no try and is never parked; past CONSUMER_MAX_DELIVER
+deliveries this process cannot account for it is tried alone, after the rest of its batch
+(`_unaccounted_for`), so it takes no other event down with it.
 A failure that is not the event's (the database down or refusing writes, a conflict to retry)
 never counts towards parking: the event is nak'ed with the capped backoff for as long as that
 lasts, and applied once the database is back, with no operator's replay. Nor does a delivery
