@@ -134,6 +134,18 @@ for _outcome, _currency in PURCHASE_OUTCOME_LABELS:
     PURCHASE_OUTCOMES.labels(outcome=_outcome, currency_code=_currency)
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """What applying a provider's report answered, and whether it moved the purchase's status.
+
+    `changed` is False for a duplicate and for a report accepted without effect (a failure after
+    an outcome, a failure after a failure): the reconciler counts those settled by another hand.
+    """
+
+    answer: wallet_pb2.HandlePaymentEventResponse
+    changed: bool
+
+
 @dataclass
 class Wallet:
     """The wallet's use cases over its database, outbox and payment providers."""
@@ -383,7 +395,7 @@ class Wallet:
         """Verify a provider callback and apply it once: credit, fail, or reverse the purchase."""
         provider = self.payments.by_name(req.provider)
         event = provider.parse_callback(req.payload, req.signature)
-        answer = await self._apply_reported(provider, event)
+        answer = (await self._apply_reported(provider, event)).answer
         if not answer.duplicate:  # committed; the provider has no answer yet and will send it again
             if event.target is PurchaseStatus.SUCCEEDED:
                 faults.point("wallet.after_purchase_commit_before_answer")
@@ -391,9 +403,7 @@ class Wallet:
                 faults.point("wallet.after_reversal_commit_before_answer")
         return answer
 
-    async def _apply_reported(
-        self, provider: PaymentProvider, event: ProviderEvent
-    ) -> wallet_pb2.HandlePaymentEventResponse:
+    async def _apply_reported(self, provider: PaymentProvider, event: ProviderEvent) -> _Applied:
         """Apply what a provider reported (a verified callback, or a look-up's answer) once, by its event id."""
         try:
             return await self._apply_payment_event(provider, event)
@@ -407,10 +417,13 @@ class Wallet:
                 # provider the event was applied and stop its retries. Let the error answer.
                 raise
             _refuse_another_event(provider, event, first)
-            return wallet_pb2.HandlePaymentEventResponse(
-                provider_event_id=event.provider_event_id,
-                purchase=await self.get_purchase(event.purchase_id),
-                duplicate=True,
+            return _Applied(
+                wallet_pb2.HandlePaymentEventResponse(
+                    provider_event_id=event.provider_event_id,
+                    purchase=await self.get_purchase(event.purchase_id),
+                    duplicate=True,
+                ),
+                changed=False,
             )
 
     async def reconciler(self, stop: Any) -> None:
@@ -535,15 +548,16 @@ class Wallet:
                 },
             )
             return "refused"
-        if done.duplicate:
+        if done.answer.duplicate:
             return "duplicate"
-        if done.purchase.status != _STATUS_ENUM[event.target]:
-            # Accepted without effect (a failure reported after a callback credited it
-            # meanwhile): nothing of this answer was applied, so it settled nothing.
+        if not done.changed:
+            # Accepted without effect (a failure reported after a callback credited or failed
+            # it meanwhile, the status then FAILED either way): nothing of this answer was
+            # applied, so it settled nothing.
             return "settled_meanwhile"
         return event.target.value.lower()
 
-    async def _apply_payment_event(self, provider: PaymentProvider, event) -> wallet_pb2.HandlePaymentEventResponse:  # type: ignore[no-untyped-def]
+    async def _apply_payment_event(self, provider: PaymentProvider, event) -> _Applied:  # type: ignore[no-untyped-def]
         async with self.db.unit_of_work() as uow:
             # The purchase is read before the event look-up: PostgreSQL (READ COMMITTED) takes a
             # snapshot per statement, and the other order could see a concurrent delivery's new
@@ -587,10 +601,13 @@ class Wallet:
                 now_row = (
                     await uow.conn.execute(select(purchases).where(purchases.c.purchase_id == event.purchase_id))
                 ).one()
-                return wallet_pb2.HandlePaymentEventResponse(
-                    provider_event_id=event.provider_event_id,
-                    purchase=_purchase_pb(now_row._asdict()),
-                    duplicate=True,
+                return _Applied(
+                    wallet_pb2.HandlePaymentEventResponse(
+                        provider_event_id=event.provider_event_id,
+                        purchase=_purchase_pb(now_row._asdict()),
+                        duplicate=True,
+                    ),
+                    changed=False,
                 )
             if row.provider != provider.name:
                 raise InvalidArgument("the purchase was paid through another provider", "PROVIDER_MISMATCH")
@@ -610,12 +627,14 @@ class Wallet:
                         "status": current.value,
                     },
                 )
-                return wallet_pb2.HandlePaymentEventResponse(
+                answer = wallet_pb2.HandlePaymentEventResponse(
                     provider_event_id=event.provider_event_id, purchase=_purchase_pb(row._asdict()), duplicate=True
                 )
+                return _Applied(answer, changed=False)
             ts = now_us()
             if domain.has_no_effect(current, event.target):
-                return await self._record_without_effect(uow, provider, event, row, current, ts)
+                answer = await self._record_without_effect(uow, provider, event, row, current, ts)
+                return _Applied(answer, changed=False)
             domain.check_transition(current, event.target)
             await self._record_payment_event(uow, provider, event, row.purchase_id, ts)
             # Compare-and-set on the status: a concurrent callback for the same purchase loses.
@@ -700,9 +719,10 @@ class Wallet:
                 )
             await uow.commit()
             out = {**row._asdict(), "status": event.target.value, "updated_at_us": ts}
-            return wallet_pb2.HandlePaymentEventResponse(
+            answer = wallet_pb2.HandlePaymentEventResponse(
                 provider_event_id=event.provider_event_id, purchase=_purchase_pb(out), duplicate=False
             )
+            return _Applied(answer, changed=True)
 
     async def _flag_restricted_buyer(self, uow: UnitOfWork, row: Any, event: ProviderEvent) -> None:
         """Log and count a success credited to a buyer who may not buy now (blocked or under age).

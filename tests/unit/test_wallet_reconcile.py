@@ -283,6 +283,28 @@ async def test_a_failure_looked_up_for_a_purchase_a_callback_credited_meanwhile_
     assert (reconciled("settled_meanwhile"), reconciled("failed")) == (before[0] + 1, before[1])
 
 
+async def test_a_failure_looked_up_for_a_purchase_a_callback_failed_meanwhile_is_counted_settled_meanwhile(
+    env: tuple[Wallet, StandIn],
+) -> None:
+    # Was: counted "failed" (the purchase's status, FAILED, is the answer's) and logged "late
+    # purchase settled from the provider's record", though the callback had failed it and the
+    # look-up's failure, under another event id, was accepted without effect.
+    w, provider = env
+    p = await unpaid(w, "hank")
+    provider.report[p.purchase_id] = "payment.failed"
+    ask = provider.status
+
+    async def callback_first(*args: object) -> ProviderEvent | None:
+        await callback(w, p, "evt_callback", "payment.failed")  # the provider's own callback
+        return await ask(*args)  # type: ignore[arg-type]
+
+    provider.status = callback_first  # type: ignore[method-assign]
+    before = reconciled("settled_meanwhile"), reconciled("failed")
+    assert await w.reconcile_once(now=late(w)) == 0
+    assert (await w.get_purchase(p.purchase_id)).status == FAILED
+    assert (reconciled("settled_meanwhile"), reconciled("failed")) == (before[0] + 1, before[1])
+
+
 async def test_a_full_batch_of_unpaid_checkouts_does_not_keep_the_reconciler_from_later_ones(
     env: tuple[Wallet, StandIn],
 ) -> None:
