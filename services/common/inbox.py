@@ -575,7 +575,14 @@ class Consumer(Generic[E]):
         return delivered - self._not_its_fault_count(self._sequence(msg), _digest(msg)) > self.max_deliver
 
     def _log_tried_alone(self, item: tuple[Msg, E]) -> None:
+        """Name the event before its try alone, unless this process saw it fail for a dependency:
+        during an outage each replica accounts only for its own naks, so past twice
+        CONSUMER_MAX_DELIVER of them every pending event is unaccounted for, and each fetch named
+        a healthy one as if it had killed the process. One that did has no such failure here (its
+        tries end the process, whose counts go with it), so it is still named after a restart."""
         msg, event = item
+        if self._not_its_fault_count(self._sequence(msg), _digest(msg)):
+            return
         with _in_trace_of(msg):
             log.warning(
                 "event delivered more often than this process accounts for; tried alone, after its batch",
@@ -853,7 +860,14 @@ class Consumer(Generic[E]):
         failures = delivered - self._not_its_fault_count(self._sequence(msg), _digest(msg))
         if failures >= self.max_deliver:
             event_id = event.event_id  # type: ignore[attr-defined]
-            error = f"failed {failures} times: {shown(exc)}; the service log has the whole error"
+            # Past CONSUMER_MAX_DELIVER unaccounted for, it is parked on its first failure here:
+            # the count is its deliveries, some tried elsewhere or never tried (`_unaccounted_for`).
+            times = (
+                f"{failures} times (deliveries, not all tried here)"
+                if self._unaccounted_for(msg)
+                else f"{failures} times"
+            )
+            error = f"failed {times}: {shown(exc)}; the service log has the whole error"
             await self._park(msg, event_id, error, _whole(exc))
             self._forget(msg)
             return

@@ -628,3 +628,42 @@ async def test_deliveries_this_process_saw_fail_for_the_database_keep_an_event_i
         assert (waited.settled, other.settled) == (["ack"], ["ack"])
     finally:
         await db.engine.dispose()
+
+
+async def test_an_event_this_process_saw_fail_for_the_database_is_tried_alone_without_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outage on two replicas: each nak'ed the event 25 times, so this one cannot account for
+    # 25 of its 50 deliveries and tries it alone. It was named as if it had killed the process,
+    # on every fetch and for every pending event alike, though this process saw it fail for the
+    # database. One it never saw fail (a process killer after a restart) is still named.
+    calls: list[list[str]] = []
+    consumer, db = await _killing_consumer(tmp_path, "two-replicas", "none", calls)
+    try:
+        outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        for n in range(1, 26):
+            await consumer._failed((_Msg("waited", seq=4, n=n), events_pb2.GiftSent()), outage)  # type: ignore[arg-type]
+        waited, fresh = _Msg("waited", seq=4, n=50), _Msg("fresh", seq=5, n=21)
+        with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+            await consumer.process([waited, fresh])  # type: ignore[list-item]
+        assert sorted(calls) == [["fresh"], ["waited"]], "both tried alone"
+        named = [r.event_id for r in caplog.records if "tried alone" in r.getMessage()]  # type: ignore[attr-defined]
+        assert named == ["fresh"]
+    finally:
+        await db.engine.dispose()
+
+
+async def test_an_event_parked_on_its_first_failure_here_says_its_count_is_of_deliveries(tmp_path: Path) -> None:
+    # Delivered 21 times, none seen here: tried alone, it fails on its own and is parked at once.
+    # "failed 21 times" read as 21 tries of the handler; most were deliveries tried elsewhere or
+    # ended with the process.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "unaccounted-park", "bad", applied, max_deliver=20)
+    try:
+        await consumer.process([_Msg("bad", seq=9, n=21)])  # type: ignore[list-item]
+        async with db.engine.begin() as conn:
+            d = common.dead_letters.c
+            errors = list((await conn.execute(select(d.error).where(d.consumer == "unaccounted-park"))).scalars())
+        assert len(errors) == 1 and errors[0].startswith("failed 21 times (deliveries, not all tried here): "), errors
+    finally:
+        await db.engine.dispose()
