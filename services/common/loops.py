@@ -104,7 +104,8 @@ class ItemFailures:
     `failed(exc, item, **context)`: the database unavailable is raised again: every item would
     fail alike, each after its own connect timeout, so the round ends there (`run_every` logs it,
     throttled). Any other error is the item's own (a bug, a constraint it breaks, a dependency
-    refusing that one item): marks the current span (the item's `background_span`) failed
+    refusing that one item): marks the current span failed (the item's `background_span`
+    where the loop opens one per item; for payout's shortfall settler, the whole round's)
     (`telemetry.mark_failed`: caught here, the error would not reach the span, which would end
     OK), is logged as a warning (`message`, with `context` naming the item), the
     first of an item at once, then at most once per FAILURE_LOG_INTERVAL_S per item (`retries`:
@@ -131,7 +132,7 @@ class ItemFailures:
         """`item` raised `exc`: the database unavailable raised again, any other error the item's own."""
         if is_unavailable(exc):
             raise exc
-        # Caught here, the error never reaches the item's `background_span`, which would end OK.
+        # Caught here, the error never reaches the current span, which would end OK.
         telemetry.mark_failed(trace.get_current_span(), exc)
         if self._counted is not None:
             self._counted.inc()
