@@ -121,6 +121,7 @@ SHORTFALL_BATCH = 100  # open clawback shortfalls looked at per settler round
 # The dispatcher's and the clawback settler's `loop` in livegifts_background_item_failures_total.
 DISPATCH_LOOP = "dispatcher"
 SETTLE_LOOP = "clawback_settler"
+DISPATCH_START = (-1, "")  # before every withdrawal in the dispatcher's (requested_at_us, withdrawal_id) order
 PAGE_SIZE_MAX = 500
 METHODS_PAGE_SIZE_DEFAULT = 100  # ListPayoutMethods: the 100 methods its one answer held before pages
 DIAMONDS_MAX = 10**12
@@ -536,6 +537,9 @@ class Payout:
     # Where the reconciler's next round starts (handed over at, withdrawal id): transfers still
     # under way at the provider do not keep it from the later ones.
     _reconcile_cursor: late_lookups.RoundCursor = field(default_factory=late_lookups.RoundCursor)
+    # Where the dispatcher's next round starts (requested at, withdrawal id): a batch of
+    # withdrawals that each fail on their own does not keep it from the later ones.
+    _dispatch_cursor: BatchCursor[tuple[int, str]] = field(default_factory=lambda: BatchCursor(DISPATCH_START))
     _reconcile_failures: ItemFailures = field(
         default_factory=lambda: ItemFailures(log, "a late withdrawal could not be reconciled; asked again next round")
     )
@@ -1364,6 +1368,13 @@ class Payout:
         the round.
         A provider that does not answer at all makes a round last up to DISPATCH_BATCH_SIZE_MAX x
         PROVIDER_TIMEOUT_S.
+
+        Oldest first (by requested_at_us, then withdrawal id), DISPATCH_BATCH_SIZE_MAX a round,
+        from where the last round stopped (`BatchCursor`): after a full batch, after its last
+        withdrawal; after a short one, from the oldest again. A full batch of withdrawals that
+        each fail on their own was read again every round, and no withdrawal after it reached the
+        provider; each is now tried again when the cursor comes back round to it. A round the
+        database ended is taken up by the next from the withdrawal it ended at (`rewind`).
         """
         check(
             self.provider is not None and self.settings is not None,
@@ -1383,15 +1394,24 @@ class Payout:
         if self._held_until:
             claimable = and_(claimable, w.creator_id.not_in(list(self._held_until)))
         unsubmitted = and_(w.status == WithdrawalStatus.PROCESSING.value, w.provider_ref == "")
+        batch = self.settings.dispatch_batch_size_max
+        after_us, after_id = self._dispatch_cursor.at
         async with self.db.unit_of_work(readonly=True) as uow:
             rows = (
                 await uow.conn.execute(
                     select(withdrawals, m.provider_token, creators.c.wallet_hold)
                     .join(payout_methods, m.method_id == w.method_id)
                     .join(creators, creators.c.creator_id == w.creator_id)
-                    .where(or_(unsubmitted, claimable))
-                    .order_by(w.requested_at_us)
-                    .limit(self.settings.dispatch_batch_size_max)
+                    .where(
+                        or_(unsubmitted, claimable),
+                        # ix_withdrawals_status_oldest (status, requested_at_us, withdrawal_id)
+                        # seeks the range of requested_at_us in each status; the OR only filters
+                        # the withdrawals requested in the cursor's microsecond.
+                        w.requested_at_us >= after_us,
+                        or_(w.requested_at_us > after_us, w.withdrawal_id > after_id),
+                    )
+                    .order_by(w.requested_at_us, w.withdrawal_id)
+                    .limit(batch)
                 )
             ).all()
             # What is with the provider, and since when: a callback that never came leaves a
@@ -1419,15 +1439,19 @@ class Payout:
             WITHDRAWALS_WAITING_OLDEST.labels(status=status).set(
                 0 if oldest_us is None else max(0, now_us() - oldest_us) / 1e6
             )
+        self._dispatch_cursor.advance([(r.requested_at_us, r.withdrawal_id) for r in rows], batch)
         submitted = 0
-        for row in rows:
+        for i, row in enumerate(rows):
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
                 try:
                     sub = await self._hand_over(row, unsubmitted)
                 except Exception as exc:  # noqa: BLE001 - this withdrawal's error; the database's ends the round
-                    # Passed over: oldest first, it comes first in every round, and ending the
-                    # round there would keep each withdrawal after it from the provider.
+                    # Passed over: ending the round there would keep each withdrawal after it in
+                    # the batch from the provider. The database unavailable ends it (`failed`
+                    # raises it): the next round starts from this withdrawal, not after the batch.
+                    if is_unavailable(exc):
+                        self._dispatch_cursor.rewind(i)
                     self._dispatch_failures.failed(exc, row.withdrawal_id, withdrawal_id=row.withdrawal_id)
                     continue
                 if sub is None:

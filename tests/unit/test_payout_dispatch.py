@@ -1185,3 +1185,68 @@ async def test_a_withdrawal_whose_reference_cannot_be_stored_keeps_no_other_from
     lines = [r for r in caplog.records if r.getMessage().startswith("a withdrawal was not handed to the provider")]
     # Once: the dispatcher tries every 0.2 s, and its next failures are counted on a line 30 s on.
     assert [r.withdrawal_id for r in lines] == [stuck]  # type: ignore[attr-defined]
+
+
+async def _requested_one_after_another(payout: Payout, ids: Sequence[str]) -> None:
+    """`ids` requested one microsecond after another, in that order."""
+    base = now_us()
+    async with payout.db.unit_of_work() as uow:
+        for i, withdrawal_id in enumerate(ids):
+            await uow.conn.execute(
+                update(withdrawals).where(withdrawals.c.withdrawal_id == withdrawal_id).values(requested_at_us=base + i)
+            )
+        await uow.commit()
+
+
+async def test_a_full_batch_of_withdrawals_that_fail_keeps_no_later_one_from_the_provider(  # type: ignore[no-untyped-def]
+    setup,
+) -> None:
+    # A round reads DISPATCH_BATCH_SIZE_MAX withdrawals, oldest first: a full batch of them each
+    # failing on its own (here a trigger refusing their references) was read again every round,
+    # and no withdrawal requested after them ever reached the provider.
+    payout, provider, path = setup
+    payout.settings = payout.settings.model_copy(update={"dispatch_batch_size_max": 2})
+    ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(3)]
+    await _requested_one_after_another(payout, ids)
+    stuck = "', '".join(ids[:2])
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_ref BEFORE UPDATE OF provider_ref ON withdrawals "
+            f"WHEN NEW.provider_ref != '' AND NEW.withdrawal_id IN ('{stuck}') "
+            "BEGIN SELECT RAISE(ABORT, 'value too long for type character varying(128)'); END"
+        )
+    assert await payout.dispatch_once() == 0  # the full batch, each failing
+    assert await payout.dispatch_once() == 1  # after it: the later one
+    assert await status_of(payout, ids[2]) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+    assert provider.submitted == ids
+    # That batch was short: the next round starts from the oldest again.
+    provider.submitted.clear()
+    assert await payout.dispatch_once() == 0
+    assert provider.submitted == ids[:2]
+
+
+async def test_a_dispatch_round_the_database_ends_is_taken_up_by_the_next_from_where_it_ended(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The round had read a full batch, so its cursor had moved past it: the database going at
+    # its second withdrawal must not leave that one for the next pass over every withdrawal.
+    from sqlalchemy import exc as sa_exc
+
+    payout, provider, _path = setup
+    payout.settings = payout.settings.model_copy(update={"dispatch_batch_size_max": 2})
+    ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(3)]
+    await _requested_one_after_another(payout, ids)
+    hand_over = payout._hand_over
+    outage = [ids[1]]
+
+    async def database_gone_once(row, unsubmitted):  # type: ignore[no-untyped-def]
+        if outage and row.withdrawal_id == outage[0]:
+            outage.clear()
+            raise sa_exc.OperationalError("UPDATE withdrawals", {}, Exception("could not connect to server"))
+        return await hand_over(row, unsubmitted)
+
+    monkeypatch.setattr(payout, "_hand_over", database_gone_once)
+    with pytest.raises(sa_exc.OperationalError):
+        await payout.dispatch_once()
+    assert await payout.dispatch_once() == 2  # where it ended, then the later one
+    assert provider.submitted == ids
