@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1380,40 +1380,16 @@ class Payout:
             self.provider is not None and self.settings is not None,
             "self.provider is not None and self.settings is not None",
         )
-        w, m = withdrawals.c, payout_methods.c
-        approved = w.status == WithdrawalStatus.APPROVED.value
-        # Held while the creator owes diamonds after a clawback: an approved (or auto-approved)
-        # withdrawal waits here instead of paying out cash owed back. Held too while its method is
-        # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
-        # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
-        claimable = and_(approved, ~_BALANCE_HOLDS, ~_METHOD_HOLDS)
+        w = withdrawals.c
         # Nor are the withdrawals of creators held by the wallet's word read again before their
         # recheck: oldest first, they would fill every round and keep the later ones waiting.
         now_mono = time.monotonic()
         self._held_until = {k: until for k, until in self._held_until.items() if until > now_mono}
-        if self._held_until:
-            claimable = and_(claimable, w.creator_id.not_in(list(self._held_until)))
-        unsubmitted = and_(w.status == WithdrawalStatus.PROCESSING.value, w.provider_ref == "")
+        unsubmitted = _UNSUBMITTED
         batch = self.settings.dispatch_batch_size_max
-        after_us, after_id = self._dispatch_cursor.at
+        to_dispatch = dispatch_select(self._dispatch_cursor.at, batch, list(self._held_until))
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (
-                await uow.conn.execute(
-                    select(withdrawals, m.provider_token, creators.c.wallet_hold)
-                    .join(payout_methods, m.method_id == w.method_id)
-                    .join(creators, creators.c.creator_id == w.creator_id)
-                    .where(
-                        or_(unsubmitted, claimable),
-                        # ix_withdrawals_status_oldest (status, requested_at_us, withdrawal_id)
-                        # seeks the range of requested_at_us in each status; the OR only filters
-                        # the withdrawals requested in the cursor's microsecond.
-                        w.requested_at_us >= after_us,
-                        or_(w.requested_at_us > after_us, w.withdrawal_id > after_id),
-                    )
-                    .order_by(w.requested_at_us, w.withdrawal_id)
-                    .limit(batch)
-                )
-            ).all()
+            rows = (await uow.conn.execute(to_dispatch)).all()
             # What is with the provider, and since when: a callback that never came leaves a
             # withdrawal PROCESSING (docs/sre.md "A withdrawal stuck in PROCESSING").
             waiting, since_us = (
@@ -2611,6 +2587,43 @@ class Payout:
             outbox_first_pending_id=first_pending,
             outbox_last_id=last,
         )
+
+
+_UNSUBMITTED = and_(
+    withdrawals.c.status == WithdrawalStatus.PROCESSING.value, withdrawals.c.provider_ref == ""
+)  # claimed by the dispatcher, not yet taken by the provider
+
+
+def dispatch_select(after: tuple[int, str], limit: int, held_creators: Sequence[str] = ()) -> Any:
+    """The dispatcher's read: the withdrawals to hand to the provider (claimed and not taken by it,
+    or APPROVED and not held), after `after` in (requested_at_us, withdrawal_id) order, oldest
+    first, at most `limit`, each with its method's provider token and its creator's wallet hold;
+    none of `held_creators` APPROVED.
+
+    Only the withdrawals in flight have these statuses, read by a status index: SQLite seeks a
+    range of ix_withdrawals_status_oldest (status, requested_at_us, withdrawal_id) from the
+    cursor in each; PostgreSQL may take both statuses from ix_withdrawals_status and sort them."""
+    w, m = withdrawals.c, payout_methods.c
+    # Held while the creator owes diamonds after a clawback: an approved (or auto-approved)
+    # withdrawal waits here instead of paying out cash owed back. Held too while its method is
+    # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
+    # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
+    claimable = and_(w.status == WithdrawalStatus.APPROVED.value, ~_BALANCE_HOLDS, ~_METHOD_HOLDS)
+    if held_creators:
+        claimable = and_(claimable, w.creator_id.not_in(list(held_creators)))
+    after_us, after_id = after
+    return (
+        select(withdrawals, m.provider_token, creators.c.wallet_hold)
+        .join(payout_methods, m.method_id == w.method_id)
+        .join(creators, creators.c.creator_id == w.creator_id)
+        .where(
+            or_(_UNSUBMITTED, claimable),
+            w.requested_at_us >= after_us,
+            or_(w.requested_at_us > after_us, w.withdrawal_id > after_id),
+        )
+        .order_by(w.requested_at_us, w.withdrawal_id)
+        .limit(limit)
+    )
 
 
 def open_shortfalls_select() -> Select[tuple[int]]:

@@ -222,6 +222,21 @@ async def test_the_withdrawal_review_queues_pages_are_served_by_the_status_oldes
         assert "requested_at_us" in _index_bound(plan), plan
 
 
+@pytest.mark.parametrize("after", [(-1, ""), (1_500, "wd_1")], ids=["from the start", "from a cursor"])
+async def test_the_dispatchers_read_is_served_by_a_status_index(empty_database: str, after: tuple[int, str]) -> None:
+    """The dispatcher's read, oldest first from its cursor, reads the withdrawals of its two
+    statuses by index, not every withdrawal ever made; on SQLite a range of
+    (status, requested_at_us) each. PostgreSQL, on empty tables, takes both statuses from
+    ix_withdrawals_status and sorts the few rows: APPROVED and unsubmitted PROCESSING ones are
+    those in flight only."""
+    from services.payout.usecases import dispatch_select
+
+    plan = await _plan(empty_database, "payout", lambda dialect: dispatch_select(after, 50, ["creator-held"]))
+    assert "ix_withdrawals_status" in plan, plan
+    if not empty_database.startswith("postgresql"):
+        assert "ix_withdrawals_status_oldest" in plan and "requested_at_us" in _index_bound(plan), plan
+
+
 def _index_bound(plan: str) -> str:
     """What a plan bounds its index range by: PostgreSQL's "Index Cond", SQLite's "(a=? AND b>?)"
     after USING INDEX (a condition only filtered, row by row, is in neither)."""
