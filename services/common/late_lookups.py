@@ -18,10 +18,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, or_
 from sqlalchemy.sql.elements import ColumnElement
 
-from services.common import loops, provider_calls
+from services.common import loops, provider_calls, sql
 from services.common.grpcserver import is_unavailable
 
 T = TypeVar("T")
@@ -37,8 +36,7 @@ class RoundCursor(loops.BatchCursor[tuple[int, str]]):
 
     def after(self, time_col: Any, id_col: Any) -> ColumnElement[bool]:
         """The items after the cursor, in (time, id) order."""
-        at_us, at_id = self.at
-        return or_(time_col > at_us, and_(time_col == at_us, id_col > at_id))
+        return sql.after_key(time_col, id_col, self.at)
 
     def item_failed(self, exc: Exception, i: int, failures: loops.ItemFailures, **context: object) -> None:
         """The round's `i`th item (`advance`) raised `exc`, which is not a look-up's failure

@@ -12,7 +12,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CHAR, JSON, Enum, Index, String, Table, any_, bindparam, column, func, literal, select, update
+from sqlalchemy import (
+    CHAR,
+    JSON,
+    Enum,
+    Index,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    column,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
@@ -56,6 +72,15 @@ def code_point_index(name: str, column: Any) -> Index:
     as an index of the column (the collation left out), SQLite has none."""
     CODE_POINT_INDEXES.add(name)
     return Index(name, column.collate("C")).ddl_if(dialect="postgresql")
+
+
+def after_key(time_col: Any, id_col: Any, after: tuple[Any, Any]) -> ColumnElement[bool]:
+    """The rows after `after` in (time_col, id_col) order: a keyset page's or a cursor's
+    predicate. The plain `time_col >= ` bound beside the OR is what an index on time_col (or on
+    columns equal-bound, then time_col) seeks its range from: neither PostgreSQL nor SQLite derives
+    it from the OR, which only filters the rows of `after`'s own time."""
+    at_time, at_id = after
+    return and_(time_col >= at_time, or_(time_col > at_time, id_col > at_id))
 
 
 def one_of(dialect: str, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:

@@ -18,7 +18,7 @@ from sqlalchemy import (
     text,
 )
 
-from services.common.sql import Bulk, bulk_insert, bulk_update, code_point_index
+from services.common.sql import Bulk, after_key, bulk_insert, bulk_update, code_point_index
 from services.common.tables import add_common_tables
 
 metadata = MetaData()
@@ -107,14 +107,12 @@ def stale_pending(cutoff_us: int, limit: int, after: tuple[int, str] = SWEEP_STA
     gifts last written in the same microsecond. The predicate is text, identical to
     the index's, so PostgreSQL plans on the partial index whatever it does with bound parameters."""
     g = gift_events.c
-    after_us, after_event_id = after
     return (
         select(g.updated_at_us, g.event_id)
         .where(
             text(PENDING_ONLY),
             g.updated_at_us < cutoff_us,
-            g.updated_at_us >= after_us,  # the range the index seeks; the OR only filters the ties
-            or_(g.updated_at_us > after_us, g.event_id > after_event_id),
+            after_key(g.updated_at_us, g.event_id, after),
         )
         .order_by(g.updated_at_us, g.event_id)
         .limit(limit)
@@ -163,8 +161,7 @@ def sent_after(stream_id: str, after_us: int, after_event_id: str, limit: int) -
         .where(
             g.stream_id == stream_id,
             text(SENT_ONLY),
-            g.updated_at_us >= after_us,  # the range the index seeks; the OR only filters the ties
-            or_(g.updated_at_us > after_us, g.event_id > after_event_id),
+            after_key(g.updated_at_us, g.event_id, (after_us, after_event_id)),
         )
         .order_by(g.updated_at_us, g.event_id)
         .limit(limit)

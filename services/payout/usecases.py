@@ -60,7 +60,7 @@ from services.common.metrics import (
 )
 from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
-from services.common.sql import Bulk, bulk_insert, bulk_update, one_of, one_of_param
+from services.common.sql import Bulk, after_key, bulk_insert, bulk_update, one_of, one_of_param
 from services.common.telemetry import background_span
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
@@ -272,7 +272,7 @@ def _keyset_select(
         # nor SQLite derives it from the OR, so without it every page read the owner's (the
         # status's, across creators: every PAID withdrawal) rows before the token, and dropped them.
         if oldest_first:
-            q = q.where(ts_col >= ts, or_(ts_col > ts, and_(ts_col == ts, id_col > key)))
+            q = q.where(after_key(ts_col, id_col, (ts, key)))
         else:
             q = q.where(ts_col <= ts, or_(ts_col < ts, and_(ts_col == ts, id_col < key)))
     order = (ts_col, id_col) if oldest_first else (ts_col.desc(), id_col.desc())
@@ -2611,15 +2611,13 @@ def dispatch_select(after: tuple[int, str], limit: int, held_creators: Sequence[
     claimable = and_(w.status == WithdrawalStatus.APPROVED.value, ~_BALANCE_HOLDS, ~_METHOD_HOLDS)
     if held_creators:
         claimable = and_(claimable, w.creator_id.not_in(list(held_creators)))
-    after_us, after_id = after
     return (
         select(withdrawals, m.provider_token, creators.c.wallet_hold)
         .join(payout_methods, m.method_id == w.method_id)
         .join(creators, creators.c.creator_id == w.creator_id)
         .where(
             or_(_UNSUBMITTED, claimable),
-            w.requested_at_us >= after_us,
-            or_(w.requested_at_us > after_us, w.withdrawal_id > after_id),
+            after_key(w.requested_at_us, w.withdrawal_id, after),
         )
         .order_by(w.requested_at_us, w.withdrawal_id)
         .limit(limit)
