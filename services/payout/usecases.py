@@ -1445,6 +1445,8 @@ class Payout:
                     except DomainError as exc:
                         log.warning("dev payout callback refused", extra={"reason": exc.reason})
                     except Exception as exc:  # noqa: BLE001 - the reconciler looks it up later
+                        if is_unavailable(exc):  # the round ends: the next starts after this one, submitted
+                            self._dispatch_cursor.rewind(i + 1)
                         self._dev_callback_failures.failed(exc, row.withdrawal_id, withdrawal_id=row.withdrawal_id)
         return submitted
 

@@ -1250,3 +1250,33 @@ async def test_a_dispatch_round_the_database_ends_is_taken_up_by_the_next_from_w
         await payout.dispatch_once()
     assert await payout.dispatch_once() == 2  # where it ended, then the later one
     assert provider.submitted == ids
+
+
+async def test_a_dispatch_round_the_database_ends_at_a_dev_callback_is_taken_up_after_that_withdrawal(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dev provider's callback (auto_callback) meets the database gone after the first
+    # withdrawal was submitted: the round ends, and the next starts after that one, not after
+    # the whole batch it had read (the second waited for the next pass over every withdrawal).
+    from sqlalchemy import exc as sa_exc
+
+    payout, provider, _path = setup
+    payout.settings = payout.settings.model_copy(update={"dispatch_batch_size_max": 2})
+    provider.auto_callback = True
+    ids = [await approved_withdrawal(payout, f"creator-{i}") for i in range(3)]
+    await _requested_one_after_another(payout, ids)
+    handle = payout.handle_payout_event
+    outage = [True]
+
+    async def database_gone_once(req):  # type: ignore[no-untyped-def]
+        if outage:
+            outage.clear()
+            raise sa_exc.OperationalError("UPDATE withdrawals", {}, Exception("could not connect to server"))
+        return await handle(req)
+
+    monkeypatch.setattr(payout, "handle_payout_event", database_gone_once)
+    with pytest.raises(sa_exc.OperationalError):
+        await payout.dispatch_once()
+    assert provider.submitted == ids[:1]
+    assert await payout.dispatch_once() == 2  # after the one submitted: the second, then the third
+    assert provider.submitted == ids
