@@ -578,8 +578,9 @@ class Consumer(Generic[E]):
         """Name the event before its try alone, unless this process saw it fail for a dependency:
         during an outage each replica accounts only for its own naks, so past twice
         CONSUMER_MAX_DELIVER of them every pending event is unaccounted for, and each fetch named
-        a healthy one as if it had killed the process. One that did has no such failure here (its
-        tries end the process, whose counts go with it), so it is still named after a restart."""
+        a healthy one as if it had killed the process. One that kills it with its first try after
+        such failures here goes unnamed in that crash; the next process, whose counts start
+        afresh, names it before its try."""
         msg, event = item
         if self._not_its_fault_count(self._sequence(msg), _digest(msg)):
             return
