@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -17,10 +21,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from services.common.config import ServiceSettings
 from services.common.errors import shown
+from services.common.throttle import LogThrottle
 
 # What a call or an event carries on of its caller's trace: the W3C trace context (traceparent,
 # tracestate), nothing else. OpenTelemetry's default also carries W3C baggage, which no service
@@ -140,12 +146,110 @@ def recording() -> bool:
     return _tracing.recording
 
 
+# The /metrics server (prometheus_client's, a thread per connection) with two bounds it lacks.
+# Without them any pod that reaches the port (deploy/k8s lets only `monitoring` in, the mesh may
+# not) held a thread for good with each connection it opened and left silent, thousands of them:
+# the service's memory and thread limit, so its gRPC too. A scrape's request line and headers
+# arrive in milliseconds, and Prometheus opens one connection at a time per target.
+# - a connection's request must arrive whole within this; a silent or trickling one is closed
+METRICS_REQUEST_TIMEOUT_S = 10.0
+# - at most this many connections are served at once; one past it is closed unanswered
+METRICS_CONNECTIONS_MAX = 16
+METRICS_REFUSED_LOG_INTERVAL_S = 60.0
+
+
+class _Deadline(io.RawIOBase):
+    """A connection's bytes, until a deadline: each receive waits at most what remains of it, so
+    a client sending a byte at a time is cut there too, not only one that goes silent."""
+
+    def __init__(self, connection: socket.socket, timeout_s: float) -> None:
+        super().__init__()
+        self._connection = connection
+        self._deadline = time.monotonic() + timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._connection.settimeout(remaining)
+        return self._connection.recv_into(buffer)
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    """prometheus_client's handler (logs no request), whose request must arrive within
+    METRICS_REQUEST_TIMEOUT_S; a connection that times out or breaks is closed without a trace
+    on stderr."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own reader, which waits without a deadline
+        self.rfile = io.BufferedReader(_Deadline(self.connection, METRICS_REQUEST_TIMEOUT_S))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        # The request is in: the answer's writes each get the whole timeout (a client that stops
+        # reading is let go after it).
+        self.connection.settimeout(METRICS_REQUEST_TIMEOUT_S)
+        return parsed
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # TimeoutError included: the client is gone or too slow
+            super().handle()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the signature overridden
+        """Log nothing (a scrape every few seconds)."""
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """A thread per connection, at most METRICS_CONNECTIONS_MAX at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS_MAX)
+        self._refused = LogThrottle(METRICS_REFUSED_LOG_INTERVAL_S)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            if refused := self._refused.occurred():
+                logging.getLogger(__name__).warning(
+                    "metrics connection refused: too many open",
+                    extra={"connections_max": METRICS_CONNECTIONS_MAX, "refused": refused},
+                )
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_metrics(host: str, port: int) -> ThreadingWSGIServer:
+    """Serve Prometheus metrics on host:port (0: a free one) from a daemon thread; returns the server."""
+    family, *_rest, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(_MetricsServer):
+        address_family = family  # an IPv6 host is served on IPv6, as prometheus_client does
+
+    server = make_server(str(address[0]), port, make_wsgi_app(), Server, handler_class=_MetricsHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 def start_metrics(settings: ServiceSettings) -> int:
     """Serve Prometheus /metrics; returns the bound port (0 when disabled)."""
     if settings.metrics_port == 0:
         return 0
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    return int(server.server_port)
+    return int(serve_metrics(settings.metrics_host, settings.metrics_port).server_port)
 
 
 def current_trace_id() -> str:
