@@ -26,14 +26,13 @@ from services.common.config import MigrationSettings, ServiceSettings, load_sett
 from services.common.consumers import unlisted
 from services.common.db import Database, url_for_messages
 from services.common.deadletters import ParkedGauge, dead_letter_registration
+from services.common.dependency_errors import is_unavailable, sqlstate
 from services.common.errors import StartupError, check
 from services.common.gc_tuning import observe_pauses, tune_gc
 from services.common.grpcserver import (
     CONCURRENT_RPCS_MAX,
     ServiceRegistration,
     create_server,
-    is_unavailable,
-    sqlstate,
 )
 from services.common.idempotency import IdempotencyPruner
 from services.common.inbox import Consumer, InboxPruner, Subscription

@@ -284,7 +284,7 @@ REFUSED_CONNECT_SQLSTATES = ("55000", "3D000")
 
 def _refused_connect(ctx: Any) -> None:
     """Treat PostgreSQL refusing a new connection to the database (REFUSED_CONNECT_SQLSTATES) as
-    a disconnect, which grpcserver.is_unavailable reads as it reads PostgreSQL's other refusals
+    a disconnect, which dependency_errors.is_unavailable reads as it reads PostgreSQL's other refusals
     (08, 28, 53, 57P03): the database is unavailable to the service, the call answers
     UNAVAILABLE / DEPENDENCY_UNAVAILABLE, a consumer does not count the delivery towards parking.
     It used to be a bare DBAPIError: every call answered INTERNAL with a traceback in the log,

@@ -49,8 +49,8 @@ from services.common import faults
 from services.common.bus import Bus, described, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
+from services.common.dependency_errors import is_retryable, is_unavailable
 from services.common.errors import DomainError, check, is_text, shown
-from services.common.grpcserver import is_retryable, is_unavailable
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import (
     CONSUMED,

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.common import loops, provider_calls, sql
-from services.common.grpcserver import is_unavailable
+from services.common.dependency_errors import is_unavailable
 
 T = TypeVar("T")
 

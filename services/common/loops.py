@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 from opentelemetry import trace
 
 from services.common import telemetry
-from services.common.grpcserver import error_kind, is_unavailable
+from services.common.dependency_errors import error_kind, is_unavailable
 from services.common.metrics import BACKGROUND_ITEM_FAILURES
 from services.common.throttle import KeyedLogThrottle
 

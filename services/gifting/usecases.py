@@ -35,6 +35,7 @@ from services.common import faults
 from services.common.batching import MicroBatcher
 from services.common.clients import error_info
 from services.common.db import Database, UnitOfWork
+from services.common.dependency_errors import is_unavailable
 from services.common.errors import (
     ID_MAX,
     Aborted,
@@ -52,7 +53,7 @@ from services.common.errors import (
     require_positive,
     status_for,
 )
-from services.common.grpcserver import internal_error, is_unavailable
+from services.common.grpcserver import internal_error
 from services.common.idempotency import IdempotentCall, answers_retry, key_reused
 from services.common.loops import BatchCursor, ItemFailures, run_every
 from services.common.metrics import GIFTS_REFUSED

@@ -29,6 +29,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import faults, late_lookups, provider_calls, signing
 from services.common.db import Database, UnitOfWork, insert_ignore
+from services.common.dependency_errors import is_unavailable
 from services.common.errors import (
     INT64_MAX,
     Aborted,
@@ -43,7 +44,6 @@ from services.common.errors import (
     require_id,
     require_positive,
 )
-from services.common.grpcserver import is_unavailable
 from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.loops import BatchCursor, ItemFailures, run_every
 from services.common.metrics import (

@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 
 from services.common.batching import MicroBatcher
 from services.common.db import Database, driver_sqlstate
-from services.common.grpcserver import ErrorInterceptor, error_kind, is_retryable, is_unavailable
+from services.common.dependency_errors import error_kind, is_retryable, is_unavailable
+from services.common.grpcserver import ErrorInterceptor
 from services.common.loops import run_every
 from tests.integration import pg
 from tests.integration.helpers import buy_coins, eventually, expect_error, uid
