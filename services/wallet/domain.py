@@ -441,19 +441,29 @@ def tightest_cap(caps: dict[Period, int | None]) -> tuple[Period, int] | None:
     return period, cap
 
 
-def spending_limit_exceeded(period: Period, cap: int, spent_coins: int, resets_at_us: int | None) -> ResourceExhausted:
-    """The refusal of a spend that passes the period's cap, with what a client needs to say "N more,
-    or after <time>": the period's count so far and when it starts again from 0. Without
-    resets_at_us the spend alone passes the cap: it fits in no period, so no reset time is named
-    (waiting does not help; a smaller spend, or a higher limit, does)."""
-    what = f"the {period.value.lower()} spending limit of {cap} coins"
-    where = dict(period=period.value, limit_coins=cap, spent_coins=spent_coins)
-    if resets_at_us is None:
-        return ResourceExhausted(
-            f"this spend alone passes {what}", "SPENDING_LIMIT_EXCEEDED", **where, amount_exceeds_limit="true"
-        )
+def _limit_refusal(period: Period, cap: int, spent_coins: int) -> tuple[str, dict[str, object]]:
+    """What both refusals of a spend past a period's cap name: the cap, and the period's count so far."""
+    where: dict[str, object] = {"period": period.value, "limit_coins": cap, "spent_coins": spent_coins}
+    return f"the {period.value.lower()} spending limit of {cap} coins", where
+
+
+def spending_limit_exceeded(period: Period, cap: int, spent_coins: int, resets_at_us: int) -> ResourceExhausted:
+    """The refusal of a spend that would take the period's count past its cap, with what a client
+    needs to say "N more, or after <time>": the period's count so far and when it starts again
+    from 0 (resets_at_us)."""
+    what, where = _limit_refusal(period, cap, spent_coins)
     return ResourceExhausted(
         f"this spend would pass {what}", "SPENDING_LIMIT_EXCEEDED", **where, resets_at_us=resets_at_us
+    )
+
+
+def spend_exceeds_limit(period: Period, cap: int, spent_coins: int) -> ResourceExhausted:
+    """The refusal of a spend that alone passes the period's cap: it fits in no period, so no reset
+    time is named (waiting does not help; a smaller spend, or a higher limit, does) and
+    amount_exceeds_limit says so."""
+    what, where = _limit_refusal(period, cap, spent_coins)
+    return ResourceExhausted(
+        f"this spend alone passes {what}", "SPENDING_LIMIT_EXCEEDED", **where, amount_exceeds_limit="true"
     )
 
 

@@ -459,7 +459,7 @@ class SpendBatch:
                 tightest = tightest_caps[user]
                 if tightest is not None and amount > tightest[1]:
                     period, cap = tightest  # this spend alone passes it: no reset time helps
-                    raise domain.spending_limit_exceeded(period, cap, counters[(user, period)], None)
+                    raise domain.spend_exceeds_limit(period, cap, counters[(user, period)])
                 for period in PERIODS:
                     cap = caps[user][period]
                     if cap is not None and counters[(user, period)] + amount > cap:
