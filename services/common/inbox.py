@@ -49,7 +49,7 @@ from services.common import faults
 from services.common.bus import Bus, described, is_stream_missing
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.dependency_errors import is_retryable, is_unavailable
+from services.common.dependency_errors import error_kind, is_retryable, is_unavailable
 from services.common.errors import DomainError, check, is_text, shown
 from services.common.loops import sleep_unless_stopped
 from services.common.metrics import (
@@ -65,7 +65,7 @@ from services.common.pull import Puller, say_in_progress
 from services.common.sql import bulk_insert_new, one_of
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context, spanning
-from services.common.throttle import LogThrottle
+from services.common.throttle import KeyedLogThrottle
 from services.common.timeutil import now_us
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,14 @@ E = TypeVar("E", bound=Message)
 # (CONSUMER_BATCH_SIZE_MAX allows 10,000) does not make a span of that size; the rest are counted.
 BATCH_LINKS_MAX = 128
 
-# At most one "event not applied, the database is unavailable" line per consumer this often: an
-# outage fails every pending event (up to max_ack_pending) every backoff, which logged a line
-# per event per retry. The line counts the retries it stands for.
+# At most one "event not applied, the database is unavailable" line per consumer and kind of
+# error (`error_kind`: its class and database code) this often: an outage fails every pending
+# event (up to max_ack_pending) every backoff, which logged a line per event per retry. The line
+# counts the retries it stands for. Per kind, so that one outage's lines (a connection refused)
+# do not hide the first line of another that starts meanwhile (a full disk, a read-only standby).
 OUTAGE_LOG_INTERVAL_S = 30.0
+# The kinds of error a consumer's outage lines are throttled apart by: a few in practice, bounded.
+OUTAGE_KINDS_MAX = 64
 # The `result` label of livegifts_events_consumed_total, each exported at 0 from the start.
 CONSUMED_RESULTS = ("applied", "duplicate", "replayed", "retry")
 
@@ -270,7 +274,7 @@ class Consumer(Generic[E]):
         self._parked: OrderedDict[int, bytes] = OrderedDict()
         # When the durable these sequences are of was made (`_bound_to`).
         self._durable_created: datetime.datetime | None = None
-        self._outage_log = LogThrottle(OUTAGE_LOG_INTERVAL_S)
+        self._outage_log: KeyedLogThrottle[str] = KeyedLogThrottle(OUTAGE_LOG_INTERVAL_S, OUTAGE_KINDS_MAX)
         inbox = tables.inbox
         # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
         self._event_id_max: int = inbox.c.event_id.type.length
@@ -829,8 +833,9 @@ class Consumer(Generic[E]):
         _trim(self._not_counted, self._not_counted_max)
 
     def _log_outage(self, msg: Msg, event: E, exc: Exception, delay_s: float) -> None:
-        """One line per OUTAGE_LOG_INTERVAL_S for the events nak'ed because the database failed."""
-        retries = self._outage_log.occurred()
+        """One line per OUTAGE_LOG_INTERVAL_S and kind of error for the events nak'ed because the
+        database failed."""
+        retries = self._outage_log.occurred(error_kind(exc))
         if not retries:
             return
         with _in_trace_of(msg):

@@ -667,3 +667,28 @@ async def test_an_event_parked_on_its_first_failure_here_says_its_count_is_of_de
         assert len(errors) == 1 and errors[0].startswith("failed 21 times (deliveries, not all tried here): "), errors
     finally:
         await db.engine.dispose()
+
+
+async def test_an_outage_of_another_kind_is_logged_at_once_while_the_first_ones_lines_are_throttled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The consumer's outage line was throttled as one for every kind of error: while one outage
+    # repeated (a connection refused), a second starting within the 30 s (a full disk) logged
+    # nothing until the next line was due, and that line named whichever came then.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
+    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+
+    async def handle(uow: Any, events: list[Any]) -> None:
+        return None
+
+    sub = Subscription(durable="outage-kinds", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    refused = ConnectionRefusedError(111, "Connection refused")
+    full = sa_exc.OperationalError("INSERT", {}, type("Full", (Exception,), {"sqlite_errorname": "SQLITE_FULL"})())
+    with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
+        for i, exc in enumerate([refused, refused, full, full, refused]):
+            await consumer._failed((_Delivered(1), events_pb2.GiftSent(event_id=f"e{i}")), exc)  # type: ignore[arg-type]
+    lines = [r for r in caplog.records if r.message.startswith("event not applied, the database")]
+    assert [(r.event_id, r.retries) for r in lines] == [("e0", 1), ("e2", 1)]  # type: ignore[attr-defined]
+    assert [r.error.split("(")[0] for r in lines] == ["ConnectionRefusedError", "OperationalError"]  # type: ignore[attr-defined]
