@@ -155,6 +155,20 @@ PROVIDER_EVENT_IDS_REUSED = Counter(
     "Provider callbacks refused: their event id was first recorded for another purchase or withdrawal"
     " or another event type",
 )
+# Wallet and payout: a provider outcome reported again under an event id of its own once that
+# outcome was applied, answered as a duplicate and changing nothing, by outcome: a purchase's
+# SUCCEEDED (wallet), a withdrawal's PAID or FAILED (payout). Normal when a reconciler's look-up
+# applied the outcome before the provider's own callback came (a look-up does not carry the
+# webhook's event id), or the provider re-sends an event from its dashboard; a SUCCEEDED or PAID
+# beyond those may be money moved twice at the provider (each is logged with its purchase or
+# withdrawal). A delivery of the event id that was applied is a duplicate counted nowhere. Each
+# service creates its outcomes at 0 when it starts.
+PROVIDER_OUTCOMES_REPEATED = Counter(
+    "livegifts_provider_outcomes_repeated_total",
+    "Provider outcomes reported again under another event id once applied, answered as duplicates, by outcome"
+    " (wallet SUCCEEDED, payout PAID and FAILED)",
+    ["outcome"],
+)
 # Payout: coins purchase reversals could not claw back yet (their gifts' earnings had not arrived).
 # Payout: signed payout outcomes refused for the withdrawal's status (never submitted, or another
 # outcome already), by reason; payout creates both reasons' series at 0 when it starts.

@@ -51,6 +51,7 @@ from services.common.metrics import (
     CLAWBACK_SHORTFALL_OPEN,
     CLAWBACK_SHORTFALL_SETTLED,
     PAYOUT_CALLBACKS_REFUSED,
+    PROVIDER_OUTCOMES_REPEATED,
     WITHDRAWALS_HELD,
     WITHDRAWALS_PROCESSING,
     WITHDRAWALS_PROCESSING_OLDEST,
@@ -106,6 +107,8 @@ for _reason in domain.HOLD_REASONS:
     WITHDRAWALS_HELD.labels(reason=_reason)
 for _outcome in RECONCILE_OUTCOMES:
     WITHDRAWALS_RECONCILED.labels(outcome=_outcome)
+for _status in (WithdrawalStatus.PAID, WithdrawalStatus.FAILED):  # the provider's outcomes
+    PROVIDER_OUTCOMES_REPEATED.labels(outcome=_status.value)
 _REFUSED_LINE = {
     "WITHDRAWAL_NOT_SUBMITTED": "payout callback refused: the withdrawal was never submitted to the provider",
     "INVALID_WITHDRAWAL_TRANSITION": "payout callback refused: the withdrawal already has another outcome",
@@ -1807,7 +1810,21 @@ class Payout:
                 return payout_pb2.HandlePayoutEventResponse(
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(now_row), duplicate=True
                 )
-            if row.status == event.target.value:  # the same outcome under another event id
+            if row.status == event.target.value:
+                # The same outcome under another event id (a reconciler look-up that came first,
+                # a resend from the provider's dashboard): a duplicate, nothing recorded; its
+                # amount was checked above. Logged and counted, as the wallet does a purchase's
+                # success reported again: a PAID may also be a second transfer at the provider.
+                PROVIDER_OUTCOMES_REPEATED.labels(outcome=row.status).inc()
+                log.info(
+                    "a withdrawal's outcome reported again under another event id: answered as a duplicate",
+                    extra={
+                        "withdrawal_id": row.withdrawal_id,
+                        "provider": self.provider.name,
+                        "provider_event_id": event.provider_event_id,
+                        "status": row.status,
+                    },
+                )
                 return payout_pb2.HandlePayoutEventResponse(
                     provider_event_id=event.provider_event_id, withdrawal=_withdrawal_pb(row), duplicate=True
                 )

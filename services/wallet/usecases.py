@@ -34,6 +34,7 @@ from services.common.idempotency import IdempotentCall, answers_retry
 from services.common.loops import ItemFailures, run_every
 from services.common.metrics import (
     LATE_PAYMENT_FAILURES,
+    PROVIDER_OUTCOMES_REPEATED,
     PURCHASE_OUTCOMES,
     PURCHASES_CREDITED_RESTRICTED,
     PURCHASES_RECONCILED,
@@ -132,6 +133,8 @@ PURCHASE_OUTCOME_LABELS = tuple(
 )
 for _outcome, _currency in PURCHASE_OUTCOME_LABELS:
     PURCHASE_OUTCOMES.labels(outcome=_outcome, currency_code=_currency)
+# The one outcome a provider reporting it again is counted for (`repeats_the_success`).
+PROVIDER_OUTCOMES_REPEATED.labels(outcome=PurchaseStatus.SUCCEEDED.value)
 
 
 @dataclass(frozen=True)
@@ -616,8 +619,10 @@ class Wallet:
                 # The success applied, reported again under another event id (the provider's own
                 # callback after the reconciler's look-up): a duplicate, nothing recorded or
                 # credited, as payout answers a PAID withdrawal's PAID; its amount was checked above.
-                # Logged: were it a second charge at the provider for the one purchase (money
-                # taken twice), this line is what finance would find it by.
+                # Logged and counted: were it a second charge at the provider for the one purchase
+                # (money taken twice), this line is what finance would find it by. Each delivery
+                # counts (nothing is recorded, so a retry of this report is not told apart).
+                PROVIDER_OUTCOMES_REPEATED.labels(outcome=event.target.value).inc()
                 log.info(
                     "a purchase's success reported again under another event id: answered as a duplicate",
                     extra={

@@ -41,6 +41,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
             for c in ("EUR", "GBP", "JPY", "USD")
         ],
         "livegifts_purchases_reconciled_total": [{"outcome": o} for o in wallet.RECONCILE_OUTCOMES],
+        "livegifts_provider_outcomes_repeated_total": [{"outcome": "SUCCEEDED"}],
     },
     "gifting": {
         "livegifts_gifts_refused_total": [
@@ -54,6 +55,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         ],
         "livegifts_withdrawals_held_total": [{"reason": r} for r in HOLD_REASONS],
         "livegifts_withdrawals_reconciled_total": [{"outcome": o} for o in payout.RECONCILE_OUTCOMES],
+        "livegifts_provider_outcomes_repeated_total": [{"outcome": "PAID"}, {"outcome": "FAILED"}],
         "livegifts_background_item_failures_total": [{"loop": payout.DISPATCH_LOOP}, {"loop": payout.SETTLE_LOOP}],
     },
 }

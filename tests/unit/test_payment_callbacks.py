@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -180,3 +181,24 @@ async def test_a_success_under_a_new_event_id_once_one_was_applied_is_a_duplicat
     paid = await wallet.handle_payment_event(_callback("evt_paid", "payment.succeeded", f))
     assert (paid.duplicate, paid.purchase.status) == (False, wallet_pb2.PURCHASE_STATUS_SUCCEEDED)
     assert (await wallet.get_balance("u")).coins == 140
+
+
+def _repeated(outcome: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_provider_outcomes_repeated_total", {"outcome": outcome}) or 0.0
+
+
+async def test_a_success_reported_again_under_another_event_id_is_counted_and_its_own_redelivery_is_not(
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    # Answered as a duplicate and only logged at INFO, a second charge at the provider for the one
+    # purchase looked like the look-up/webhook pair it usually is: nothing to graph or alert on.
+    before = _repeated("SUCCEEDED")
+    p = await _purchase(wallet, "buy-1")
+    await wallet.handle_payment_event(_callback("evt_lookup", "payment.succeeded", p))
+    assert (await wallet.handle_payment_event(_callback("evt_lookup", "payment.succeeded", p))).duplicate
+    assert _repeated("SUCCEEDED") == before, "the applied event delivered again is no repeated outcome"
+    assert (await wallet.handle_payment_event(_callback("evt_webhook", "payment.succeeded", p))).duplicate
+    assert _repeated("SUCCEEDED") == before + 1
+    # A failure reported after it changes nothing and is counted as a late failure, not here.
+    await wallet.handle_payment_event(_callback("evt_declined", "payment.failed", p))
+    assert _repeated("SUCCEEDED") == before + 1

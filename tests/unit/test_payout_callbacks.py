@@ -352,3 +352,26 @@ async def test_a_duplicate_read_before_the_outcome_committed_answers_the_withdra
     assert len(loads) >= 1
     assert again.duplicate and again.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
     assert again.withdrawal == paid.withdrawal
+
+
+def repeated(outcome: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_provider_outcomes_repeated_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.mark.parametrize(("event_type", "outcome"), [("payout.paid", "PAID"), ("payout.failed", "FAILED")])
+async def test_the_outcome_a_withdrawal_has_reported_again_under_another_event_id_is_counted_and_logged(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture, event_type: str, outcome: str
+) -> None:
+    # A PAID after PAID under a new event id was answered as a duplicate without a trace: a second
+    # transfer at the provider for the one withdrawal looked like a resend or a look-up's echo.
+    payout, _provider, _path = setup
+    withdrawal_id = await processing_withdrawal(payout)
+    before = repeated(outcome)
+    assert not (await callback(payout, withdrawal_id, "evt-first", event_type)).duplicate
+    assert (await callback(payout, withdrawal_id, "evt-first", event_type)).duplicate
+    assert repeated(outcome) == before, "the applied event delivered again is no repeated outcome"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert (await callback(payout, withdrawal_id, "evt-again", event_type)).duplicate
+    assert repeated(outcome) == before + 1
+    (line,) = [r for r in caplog.records if "reported again under another event id" in r.getMessage()]
+    assert (line.withdrawal_id, line.provider_event_id, line.status) == (withdrawal_id, "evt-again", outcome)  # type: ignore[attr-defined]
