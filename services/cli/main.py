@@ -15,10 +15,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import click
 import grpc
+import rich.console
 import typer
 import typer.rich_utils
 from rich.console import Console
@@ -54,6 +55,34 @@ class _Console(Console):
         if soft_wrap is None and not self.is_terminal:
             soft_wrap = True
         super().print(*objects, soft_wrap=soft_wrap, **kwargs)  # type: ignore[arg-type]
+
+
+# `livegifts audit | head -1`: the reader is gone, as `head` meant it to be. Unix tools die of
+# SIGPIPE there and the shell shows 128 + 13; so does the CLI, quietly: not 0, which under
+# `set -o pipefail` would read an audit cut short as passed, and not 1, a failed audit's code.
+STDOUT_CLOSED_EXIT = 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> NoReturn:
+    """End quietly where the reader of the output is gone (a closed pipe, EPIPE): whatever is
+    left to write, and Python's flush at exit, go to /dev/null instead of raising again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())  # `2>&1 | head`: the same pipe
+    raise SystemExit(STDOUT_CLOSED_EXIT)
+
+
+# Every rich console's, typer's own (help, usage errors) included: rich's default is exit 1.
+rich.console.Console.on_broken_pipe = lambda self: _stdout_closed()  # type: ignore[method-assign]
+
+
+def _echo(text: str) -> None:
+    """A line of data on stdout (a JSON document): click's echo ends a closed pipe with exit 1."""
+    try:
+        typer.echo(text)
+    except BrokenPipeError:
+        _stdout_closed()
 
 
 console = _Console()
@@ -310,8 +339,8 @@ def _every(seconds: float) -> Callable[[], bool]:
 
 
 def _say(text: str) -> None:
-    """console.print, or nothing where the output is gone: a closed terminal answers EIO, and rich
-    answers a broken pipe with SystemExit(1) (once it has pointed stdout at /dev/null)."""
+    """console.print, or nothing where the output is gone: a closed terminal answers EIO, and a
+    broken pipe ends in SystemExit(STDOUT_CLOSED_EXIT) (once stdout points at /dev/null)."""
     with contextlib.suppress(OSError, SystemExit):
         console.print(text)
 
@@ -468,7 +497,7 @@ def balance(
         except grpc.RpcError as exc:
             _fail(exc)
     if as_json:
-        typer.echo(json.dumps({"user_id": bal.user_id or user, "coins": bal.coins, "debt_coins": bal.debt_coins}))
+        _echo(json.dumps({"user_id": bal.user_id or user, "coins": bal.coins, "debt_coins": bal.debt_coins}))
         return
     console.print(f"{user}: {bal.coins} coins", markup=False)  # an id is text, not markup: "ann[bold]"
 
@@ -491,7 +520,7 @@ def earnings(
         except grpc.RpcError as exc:
             _fail(exc)
     if as_json:
-        typer.echo(json.dumps(_earnings_fields(creator, e)))
+        _echo(json.dumps(_earnings_fields(creator, e)))
         return
     console.print(
         f"{creator}: {e.diamonds_available} diamonds available, {e.diamonds_lifetime} lifetime, "
@@ -696,7 +725,7 @@ def audit(
         _fail(exc)
     if as_json:
         for row in report:
-            typer.echo(json.dumps({"invariant": row.name, "status": row.status, "detail": row.detail}))
+            _echo(json.dumps({"invariant": row.name, "status": row.status, "detail": row.detail}))
     else:
         table = _table("livegifts audit", "invariant", "status", "detail")
         for row in report:
@@ -822,7 +851,7 @@ def dead_letters_list(
                         break
                     count += 1
                     if as_json:
-                        typer.echo(json.dumps(_dead_letter_fields(svc, d)))
+                        _echo(json.dumps(_dead_letter_fields(svc, d)))
                         continue
                     when = d.parked_at.ToDatetime().isoformat(timespec="seconds")
                     table.add_row(
@@ -934,7 +963,7 @@ def withdrawals(
                     break
                 shown += 1
                 if as_json:
-                    typer.echo(json.dumps(_withdrawal_fields(w)))
+                    _echo(json.dumps(_withdrawal_fields(w)))
                     continue
                 table.add_row(
                     escape(w.withdrawal_id),
@@ -1070,8 +1099,8 @@ def main() -> None:
         app()
     except OSError as exc:
         # What a command could not write (`> report.txt` on a full disk, a closed terminal): one
-        # line and exit 1, not typer's page of rich's internals. A broken pipe (`| head`) click
-        # ends itself, quietly, with exit 1; the commands' own files say what went wrong already.
+        # line and exit 1, not typer's page of rich's internals. A closed pipe (`| head`) ends
+        # quietly with STDOUT_CLOSED_EXIT (141); the commands' own files say what went wrong already.
         with contextlib.suppress(OSError, ValueError):
             # Its unwritten rest goes nowhere: Python's flush at exit would fail again, and say so.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

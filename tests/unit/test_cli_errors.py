@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -274,15 +275,22 @@ def test_the_consumers_the_cli_knows_are_the_ones_the_services_subscribe() -> No
     assert "gifting-leaderboards" in unlisted("gifting", [])
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> Any:
-    """The `livegifts` command in a process of its own: gRPC's C core writes to its file 2."""
+def _cli(*args: str, env: dict[str, str | None] | None = None, **kwargs: Any) -> Any:
+    """The `livegifts` command in a process of its own: gRPC's C core writes to its file 2.
+    A variable `env` gives as None is left out of its environment."""
     import os
     import subprocess
     import sys
 
     environ = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"} | (env or {})
+    if "stdout" not in kwargs:
+        kwargs["capture_output"] = True
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, env=environ, timeout=60
+        [sys.executable, "-m", "services.cli", *args],
+        text=True,
+        env={k: v for k, v in environ.items() if v is not None},
+        timeout=60,
+        **kwargs,
     )
 
 
@@ -564,3 +572,49 @@ def test_a_usage_error_on_a_terminal_stays_typers_box_and_no_arguments_print_onl
     monkeypatch.undo()
     result = CliRunner().invoke(app, [], env={"COLUMNS": "120"})
     assert "Usage:" in result.stdout and result.stderr == "", (result.stdout, result.stderr)
+
+
+@pytest.fixture
+def wallet_addr() -> Iterator[str]:
+    """host:port of a wallet that answers GetBalance."""
+    from concurrent import futures
+
+    import grpc
+
+    from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+
+    class Wallet(wallet_pb2_grpc.WalletServiceServicer):  # type: ignore[misc]
+        def GetBalance(self, request: Any, context: Any) -> Any:
+            return wallet_pb2.Balance(user_id=request.user_id, coins=7)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    wallet_pb2_grpc.add_WalletServiceServicer_to_server(Wallet(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],  # typer's help, through rich
+        ["withdrawals", "--help"],
+        ["balance", "bob"],  # a command's line, through the CLI's console
+        ["balance", "bob", "--json"],  # a JSON document
+    ],
+    ids=" ".join,
+)
+def test_a_closed_pipe_ends_quietly_with_exit_141_as_unix_tools_do(wallet_addr: str, args: list[str]) -> None:
+    # `livegifts audit | head -1`: the reader is gone, as intended. It ended in exit 1, which
+    # under `set -o pipefail` reads as a failed audit; Unix tools die of SIGPIPE there (128 + 13).
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader left before the first write: every write is EPIPE
+    try:
+        result = _cli(*args, env={"LIVEGIFTS_WALLET_ADDR": wallet_addr}, stdout=writer, stderr=subprocess.PIPE)
+    finally:
+        os.close(writer)
+    assert result.returncode == main.STDOUT_CLOSED_EXIT == 141, result.stderr
+    assert result.stderr == "", result.stderr

@@ -575,6 +575,12 @@ def test_the_cut_of_the_cli_error_line_readme_gives_is_the_clis() -> None:
     assert f"cut to {ERROR_METADATA_SHOWN_CHARS_MAX} characters, the metadata" in text
 
 
+def test_the_exit_of_a_closed_pipe_readme_gives_is_the_clis() -> None:
+    from services.cli import main
+
+    assert f"ends quietly with exit {main.STDOUT_CLOSED_EXIT} (128 + SIGPIPE)" in " ".join(README.split())
+
+
 def test_the_cli_deadlines_readme_gives_are_the_clis() -> None:
     # A runbook script bounds how long a command may hang by these numbers.
     import math
