@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import os
 import secrets
@@ -110,6 +111,33 @@ def _plain_usage_errors_off_a_terminal() -> None:
 
 
 _plain_usage_errors_off_a_terminal()
+
+
+def _version(value: bool) -> None:
+    """`livegifts --version`: the installed package's version, for a script or a bug report."""
+    if not value:
+        return
+    try:
+        version = importlib.metadata.version("livegifts")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        err_console.print("[red]livegifts is not installed[/red]: no version to show (make venv installs it)")
+        raise typer.Exit(1) from None
+    _echo(f"livegifts {version}")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="print the installed livegifts version and exit"
+        ),
+    ] = False,
+) -> None:
+    """The options of `livegifts` itself, before a command."""
+
+
 DEADLINE_S = 10.0
 # `dead-letters replay`: calls of one run, all under its key, when the answer is lost or says to
 # retry (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED: the replay may have committed), and the pause

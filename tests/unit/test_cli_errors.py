@@ -574,6 +574,17 @@ def test_a_usage_error_on_a_terminal_stays_typers_box_and_no_arguments_print_onl
     assert "Usage:" in result.stdout and result.stderr == "", (result.stdout, result.stderr)
 
 
+def test_version_prints_the_installed_package_s_version_and_exits_0() -> None:
+    # An operator's script (or a bug report) had no way to say which CLI it ran.
+    import importlib.metadata
+
+    result = _cli("--version")
+    assert result.returncode == 0, result
+    assert result.stdout == f"livegifts {importlib.metadata.version('livegifts')}\n", result
+    assert result.stderr == "", result
+    assert "--version" in CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout
+
+
 @pytest.fixture
 def wallet_addr() -> Iterator[str]:
     """host:port of a wallet that answers GetBalance."""
@@ -602,6 +613,7 @@ def wallet_addr() -> Iterator[str]:
     [
         ["--help"],  # typer's help, through rich
         ["withdrawals", "--help"],
+        ["--version"],
         ["balance", "bob"],  # a command's line, through the CLI's console
         ["balance", "bob", "--json"],  # a JSON document
     ],
