@@ -162,37 +162,57 @@ def _enum_name(enum: EnumTypeWrapper, number: int, prefix: str = "") -> str:
     return value.name.removeprefix(prefix) if value is not None else f"UNKNOWN({number})"
 
 
-def _address(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
-    """An empty service address is a usage error, said in one line before any call (gRPC would
-    only say "the target uri is not valid: dns:///"), whether given as the option or as its
-    variable. click takes a variable set to "" as unset and the default 127.0.0.1 address in
-    its place, so `LIVEGIFTS_WALLET_ADDR=$UNSET_THING livegifts audit` talked to a local suite;
-    the variable is read here as the environment has it."""
-    source = ctx.get_parameter_source(param.name or "")
-    given = os.environ.get(param.envvar) if isinstance(param.envvar, str) else None
-    # By name: typer parses with its own copy of click (typer._click), whose ParameterSource is
-    # not click's.
-    if getattr(source, "name", None) == "COMMANDLINE":
-        name = param.opts[0]
-    elif given is not None:  # from the variable, or the default in place of an empty one
-        name, value = str(param.envvar), given
-    else:
+def _not_empty(hint: str) -> Callable[[typer.Context, typer.CallbackParam, object], object]:
+    """An option's check that refuses it empty, as the option or as its variable: a usage error
+    (exit 2) naming which, said in one line before any call or file read. click takes a variable
+    set to "" as unset and the default in its place, so `LIVEGIFTS_WALLET_ADDR=$UNSET_THING
+    livegifts audit` talked to a local suite, and an empty `LIVEGIFTS_OPERATOR_TOKEN` or
+    `LIVEGIFTS_VAR_DIR` (a Secret key that came out empty) read var/'s files without a word;
+    the variable is read here as the environment has it. `hint` says what to give instead."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: object) -> object:
+        source = ctx.get_parameter_source(param.name or "")
+        given = os.environ.get(param.envvar) if isinstance(param.envvar, str) else None
+        # By name: typer parses with its own copy of click (typer._click), whose ParameterSource
+        # is not click's.
+        if getattr(source, "name", None) == "COMMANDLINE":
+            # A string as typed; a path or a number is converted already ("" is no number, and
+            # a path "" is ".": not told from `--var .`).
+            name, text = param.opts[0], value if isinstance(value, str) else None
+        elif given is not None:  # from the variable, or the default in place of an empty one
+            name, text = str(param.envvar), given
+        else:
+            return value
+        if text is not None and not text.strip():
+            err_console.print(f"[red]{name} is empty[/red]: {hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
         return value
-    if not value.strip():
-        err_console.print(f"[red]{name} is empty[/red]: give the service's host:port", highlight=False)
-        raise typer.Exit(2)
-    return value
+
+    return check
+
+
+_address = _not_empty("give the service's host:port")
+_FROM_VAR = "or leave it out to read the one `livegifts run` keeps in var/"
 
 
 WalletAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_WALLET_ADDR", help="wallet host:port", callback=_address)]
 GiftingAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_GIFTING_ADDR", help="gifting host:port", callback=_address)]
 PayoutAddr = Annotated[str, typer.Option(envvar="LIVEGIFTS_PAYOUT_ADDR", help="payout host:port", callback=_address)]
-VarDir = Annotated[Path, typer.Option("--var", envvar="LIVEGIFTS_VAR_DIR", help="state folder of `run`")]
+VarDir = Annotated[
+    Path,
+    typer.Option(
+        "--var",
+        envvar="LIVEGIFTS_VAR_DIR",
+        help="state folder of `run`",
+        callback=_not_empty("give the folder of `livegifts run`'s state, or leave it out for var/"),
+    ),
+]
 Secret = Annotated[
     str,
     typer.Option(
         envvar="LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET",
         help="payment webhook secret (default: the one `livegifts run` keeps in var/dev-webhook-secret)",
+        callback=_not_empty(f"give the payment webhook secret, {_FROM_VAR}"),
     ),
 ]
 
@@ -240,6 +260,7 @@ PortOffset = Annotated[
         max=10_000,
         envvar="LIVEGIFTS_RUN_PORT_OFFSET",
         help="added to every port `run` listens on (NATS 4223, gRPC 50051-50053, metrics 9101-9103)",
+        callback=_not_empty("give a number, or leave it out for 0"),
     ),
 ]
 
@@ -777,6 +798,7 @@ OperatorToken = Annotated[
     typer.Option(
         envvar="LIVEGIFTS_OPERATOR_TOKEN",
         help="operator token (default: the one `livegifts run` keeps in var/dev-operator-token)",
+        callback=_not_empty(f"give the operator token, {_FROM_VAR}"),
     ),
 ]
 SERVICES = ("wallet", "gifting", "payout")

@@ -443,7 +443,7 @@ def test_lines_printed_to_no_terminal_stay_whole(tmp_path: Path) -> None:
     assert result.stdout == f"{user}: 1234567 coins\n", result.stdout
     # An error on stderr: one line too, however long the path it names.
     var = tmp_path / ("state-" + "y" * 80)
-    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": ""})
+    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": None})
     assert result.returncode == 1, result
     assert len(result.stderr.splitlines()) == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
 
@@ -472,7 +472,7 @@ def test_ids_and_paths_are_printed_as_given_not_read_as_markup(tmp_path: Path) -
         server.stop(None)
     assert result.stdout == "ann[bold]: 7 coins\n", result
     var = tmp_path / "x [here]"
-    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": ""})
+    result = _cli("buy", "bob", "--var", str(var), env={"LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": None})
     assert result.returncode == 1 and str(var / "dev-webhook-secret") in result.stderr, result.stderr
     result = _cli("run", "--var", "/proc/x [here]")  # a folder that cannot be made
     assert result.returncode == 1 and "cannot keep state in /proc/x [here]" in result.stderr, result.stderr
@@ -572,6 +572,76 @@ def test_a_usage_error_on_a_terminal_stays_typers_box_and_no_arguments_print_onl
     monkeypatch.undo()
     result = CliRunner().invoke(app, [], env={"COLUMNS": "120"})
     assert "Usage:" in result.stdout and result.stderr == "", (result.stdout, result.stderr)
+
+
+def _var_with_secrets(tmp_path: Path) -> Path:
+    """A folder as `livegifts run` leaves it: its webhook secret and operator token."""
+    (tmp_path / "dev-webhook-secret").write_text("s" * 32)
+    (tmp_path / "dev-operator-token").write_text("t" * 32)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("variable", "args"),
+    [
+        ("LIVEGIFTS_OPERATOR_TOKEN", ["withdrawals"]),
+        ("LIVEGIFTS_OPERATOR_TOKEN", ["dead-letters", "list"]),
+        ("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET", ["buy", "bob"]),
+        ("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET", ["demo"]),
+        ("LIVEGIFTS_VAR_DIR", ["withdrawals"]),
+        ("LIVEGIFTS_RUN_PORT_OFFSET", ["run"]),
+    ],
+)
+def test_an_empty_variable_is_a_usage_error_naming_it_not_var_s_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, args: list[str]
+) -> None:
+    # A Secret key or a script's variable that came out empty: click took "" as unset, and the
+    # command signed, authenticated or kept state with var/'s files without a word (an empty
+    # address variable was refused already).
+    class Suite:  # `run` without the check: no suite is started here
+        def __init__(self, config: Any) -> None:
+            raise RuntimeError("started a suite")
+
+    monkeypatch.setattr(main, "Suite", Suite)
+    closed = f"127.0.0.1:{free_port()}"
+    var = _var_with_secrets(tmp_path)
+    env = {"COLUMNS": "300", variable: ""}
+    for name in ("LIVEGIFTS_WALLET_ADDR", "LIVEGIFTS_GIFTING_ADDR", "LIVEGIFTS_PAYOUT_ADDR"):
+        env[name] = closed
+    if variable != "LIVEGIFTS_VAR_DIR":
+        env["LIVEGIFTS_VAR_DIR"] = str(var)
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, result.output
+    (line,) = _error_lines(result.stderr)
+    assert line.startswith(f"{variable} is empty: give "), result.stderr
+    assert result.stdout == "", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["withdrawals", "--operator-token", ""], "--operator-token"),
+        (["dead-letters", "replay", "7", "--service", "payout", "--operator-token", " "], "--operator-token"),
+        (["buy", "bob", "--webhook-secret", ""], "--webhook-secret"),
+    ],
+)
+def test_an_empty_secret_option_is_a_usage_error_naming_it(tmp_path: Path, args: list[str], option: str) -> None:
+    # `--operator-token "$TOKEN"` with TOKEN unset read var/'s token instead, as the variable did.
+    closed = f"127.0.0.1:{free_port()}"
+    env = {"LIVEGIFTS_VAR_DIR": str(_var_with_secrets(tmp_path)), "COLUMNS": "300"}
+    env |= {name: closed for name in ("LIVEGIFTS_WALLET_ADDR", "LIVEGIFTS_PAYOUT_ADDR")}
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, result.output
+    (line,) = _error_lines(result.stderr)
+    assert line.startswith(f"{option} is empty: give "), result.stderr
+
+
+def test_a_secret_option_wins_over_its_empty_variable(tmp_path: Path) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    env = {"LIVEGIFTS_OPERATOR_TOKEN": "", "LIVEGIFTS_VAR_DIR": str(tmp_path), "COLUMNS": "300"}
+    result = CliRunner().invoke(app, ["withdrawals", "--operator-token", "t", "--payout-addr", closed], env=env)
+    assert result.exit_code == 1, result.output  # the call went to the closed address, with the option's token
+    assert f"(payout at {closed})" in result.stderr, result.stderr
 
 
 def test_version_prints_the_installed_package_s_version_and_exits_0() -> None:
