@@ -514,6 +514,13 @@ def buy(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='one JSON object: {"purchase": every field of the purchase, "balance": as `balance --json`}',
+        ),
+    ] = False,
 ) -> None:
     """Buy a coin package for USER through the development payment provider."""
     secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
@@ -525,8 +532,41 @@ def buy(
             bal = wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user), timeout=DEADLINE_S)
         except grpc.RpcError as exc:
             _fail(exc)
+    if as_json:
+        _echo(json.dumps({"purchase": _purchase_fields(p), "balance": _balance_fields(user, bal)}))
+        return
     status = _enum_name(wallet_pb2.PurchaseStatus, p.status, "PURCHASE_STATUS_")  # as `withdrawals` prints
     console.print(f"purchase {p.purchase_id}: {status}; {user} has {bal.coins} coins", markup=False)
+
+
+def _balance_fields(user: str, bal: wallet_pb2.Balance) -> dict[str, object]:
+    """Every field of a balance, for `balance --json` and `buy --json`."""
+    return {"user_id": bal.user_id or user, "coins": bal.coins, "debt_coins": bal.debt_coins}
+
+
+def _purchase_fields(p: wallet_pb2.Purchase) -> dict[str, object]:
+    """Every field of a purchase, for `buy --json`: enums by the names the lines show (SUCCEEDED,
+    CARD), money as `withdrawals --json` has it, times in RFC 3339 (UTC)."""
+    return {
+        "purchase_id": p.purchase_id,
+        "user_id": p.user_id,
+        "package_id": p.package_id,
+        "region": p.region,
+        "coins": p.coins,
+        "bonus_coins": p.bonus_coins,
+        "promotion_id": p.promotion_id,
+        "price": _money_fields(p.price),
+        "payment_method": _enum_name(wallet_pb2.PaymentMethod, p.payment_method, "PAYMENT_METHOD_"),
+        "status": _enum_name(wallet_pb2.PurchaseStatus, p.status, "PURCHASE_STATUS_"),
+        # The checkout's URL only CreatePurchase answers: "" here (wallet.proto, CheckoutSession).
+        "checkout": {
+            "provider": p.checkout.provider,
+            "session_id": p.checkout.session_id,
+            "redirect_url": p.checkout.redirect_url,
+        },
+        "created_at": p.created_at.ToJsonString(),
+        "updated_at": p.updated_at.ToJsonString(),
+    }
 
 
 @app.command()
@@ -546,7 +586,7 @@ def balance(
         except grpc.RpcError as exc:
             _fail(exc)
     if as_json:
-        _echo(json.dumps({"user_id": bal.user_id or user, "coins": bal.coins, "debt_coins": bal.debt_coins}))
+        _echo(json.dumps(_balance_fields(user, bal)))
         return
     console.print(f"{user}: {bal.coins} coins", markup=False)  # an id is text, not markup: "ann[bold]"
 
@@ -612,9 +652,18 @@ def demo(
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
     wait_s: Annotated[float, typer.Option(min=0, help="how long to wait for the diamonds")] = 30.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object at the end: the ids, the purchase, the gifts, the expected diamonds and"
+            " the creator's earnings as `earnings --json` has them (the steps go to stderr)",
+        ),
+    ] = False,
 ) -> None:
     """Buy coins, start a stream, send gifts, and show the creator's diamonds."""
     secret = webhook_secret or _run_secret(var, "dev-webhook-secret", "--webhook-secret")
+    step = err_console if as_json else console  # --json: stdout holds the one document only
     run_id = uuid.uuid4().hex[:8]
     viewer, creator = f"viewer-{run_id}", f"creator-{run_id}"
     gifts = [("rose", 7), ("panda", 3), ("galaxy", 1), ("love-bang", 2)]
@@ -628,15 +677,16 @@ def demo(
         payout = payout_pb2_grpc.PayoutServiceStub(pch)
         try:
             purchase = _buy(wallet, secret, viewer, "us-usd-1400")
-            console.print(f"1. {viewer} bought {purchase.coins} coins for ${purchase.price.amount_minor / 100:.2f}")
+            step.print(f"1. {viewer} bought {purchase.coins} coins for ${purchase.price.amount_minor / 100:.2f}")
             stream = gifting.StartStream(
                 gifting_pb2.StartStreamRequest(
                     creator_id=creator, title="demo stream", idempotency_key=f"demo-{run_id}"
                 ),
                 timeout=DEADLINE_S,
             )
-            console.print(f"2. {creator} is live: stream {stream.stream_id}")
+            step.print(f"2. {creator} is live: stream {stream.stream_id}")
             total = 0
+            sent: list[dict[str, object]] = []
             for gift_id, qty in gifts:
                 r = gifting.SendGift(
                     gifting_pb2.SendGiftRequest(
@@ -649,7 +699,8 @@ def demo(
                     timeout=DEADLINE_S,
                 )
                 total += r.coins
-                console.print(f"3. sent {qty} x {gift_id} = {r.coins} coins; {viewer} has {r.sender_balance} left")
+                sent.append({"gift_id": gift_id, "quantity": qty, "coins": r.coins, "sender_balance": r.sender_balance})
+                step.print(f"3. sent {qty} x {gift_id} = {r.coins} coins; {viewer} has {r.sender_balance} left")
             policy = payout.GetPolicy(payout_pb2.GetPolicyRequest(), timeout=DEADLINE_S)
             expected = total * policy.creator_share_bp // 10_000
             started = time.monotonic()
@@ -684,6 +735,20 @@ def demo(
             f"[red]4. {creator} has {got.diamonds_lifetime if got else 0} diamonds, expected {expected}[/red]"
         )
         raise typer.Exit(1)
+    if as_json:
+        answer = {
+            "viewer_id": viewer,
+            "creator_id": creator,
+            "purchase": _purchase_fields(purchase),
+            "stream_id": stream.stream_id,
+            "gifts": sent,
+            "coins_sent": total,
+            "creator_share_bp": policy.creator_share_bp,
+            "diamonds_expected": expected,
+            "earnings": _earnings_fields(creator, got),
+        }
+        _echo(json.dumps(answer))
+        return
     console.print(
         f"4. {creator} earned {got.diamonds_lifetime} diamonds = {share:g}% of {total} coins "
         f"(remainder {got.remainder_units}/10000 kept)  [green]OK[/green]"
@@ -1097,6 +1162,14 @@ def dead_letters_replay(
             help="the replay's key (default: a new one); give the one a failed run printed to retry it safely"
         ),
     ] = "",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='one JSON object: {"outcome" (APPLIED or DUPLICATE), "idempotency_key", "dead_letter":'
+            " the replayed event as `dead-letters list --json` shows it}",
+        ),
+    ] = False,
 ) -> None:
     """Apply one parked event again through its consumer, once; exit 1 if it fails again (it stays parked)."""
     from livegifts.common.v1 import dead_letters_pb2, dead_letters_pb2_grpc
@@ -1128,6 +1201,11 @@ def dead_letters_replay(
                 time.sleep(REPLAY_RETRY_PAUSES_S[attempt])
     d = answer.dead_letter
     replayed = dead_letters_pb2.ReplayDeadLetterResponse
+    if as_json:
+        outcome = _enum_name(replayed.Outcome, answer.outcome, "OUTCOME_")
+        fields = {"outcome": outcome, "idempotency_key": key, "dead_letter": _dead_letter_fields(service, d)}
+        _echo(json.dumps(fields))
+        return
     if answer.outcome == replayed.OUTCOME_APPLIED:
         console.print(f"replayed {d.id}: event {d.event_id} applied by {d.consumer}", markup=False)
     elif answer.outcome == replayed.OUTCOME_DUPLICATE:

@@ -60,3 +60,21 @@ def test_buy_of_an_unknown_package_names_its_region_s_packages(deployment: Deplo
     flat = " ".join(out.stderr.split())
     assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
     assert "unknown package gb-gbp-1" in flat and "packages of region GB:" in flat and "gb-gbp-660" in flat
+
+
+def test_buy_with_json_prints_the_purchase_the_wallet_credited_and_the_balance(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    import json
+
+    if not deployment.webhook_secret:
+        pytest.skip("the deployment's webhook secret is not known")
+    user = uid("buyer")
+    out = _buy(deployment, tmp_path, user, "gb-gbp-660", "--webhook-secret", deployment.webhook_secret, "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    answer = json.loads(out.stdout)
+    purchase = answer["purchase"]
+    assert purchase["user_id"] == user and purchase["package_id"] == "gb-gbp-660", purchase
+    assert (purchase["status"], purchase["payment_method"], purchase["region"]) == ("SUCCEEDED", "CARD", "GB")
+    assert purchase["price"]["currency_code"] == "GBP" and purchase["created_at"].endswith("Z"), purchase
+    assert answer["balance"] == {"user_id": user, "coins": 660, "debt_coins": 0}, answer

@@ -77,3 +77,37 @@ def test_a_demo_whose_diamonds_do_not_come_says_what_it_waits_for(monkeypatch: p
     assert "5 of 20 diamonds" in waits[-1] and "gives up after 1.5 s" in waits[-1], result.output
     assert "has 5 diamonds, expected 20" in result.stderr, result.output
     assert "expected 20" not in result.stdout, result.stdout  # a failure, with the CLI's other failures
+
+
+class _CreditingPayout(_Payout):
+    """A payout whose consumer has credited the creator's share of the demo's gifts."""
+
+    def GetEarnings(self, req: payout_pb2.GetEarningsRequest, timeout: float) -> payout_pb2.Earnings:  # noqa: N802
+        return payout_pb2.Earnings(creator_id=req.creator_id, diamonds_lifetime=20, diamonds_available=20)
+
+
+def test_a_demo_with_json_prints_one_object_at_the_end_and_its_steps_on_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A smoke test scripting the demo had "4. creator-... earned 20 diamonds ... OK" to parse for its ids.
+    import json
+
+    monkeypatch.setattr(wallet_pb2_grpc, "WalletServiceStub", lambda _channel: object())
+    monkeypatch.setattr(gifting_pb2_grpc, "GiftingServiceStub", _Gifting)
+    monkeypatch.setattr(payout_pb2_grpc, "PayoutServiceStub", _CreditingPayout)
+    purchase = wallet_pb2.Purchase(
+        purchase_id="p-1", coins=1_400, price=common_pb2.Money(currency_code="USD", amount_minor=1999)
+    )
+    monkeypatch.setattr(main, "_buy", lambda *_a, **_k: purchase)
+    result = CliRunner().invoke(main.app, ["demo", "--webhook-secret", "s", "--json"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    answer = json.loads(line)
+    creator = answer["creator_id"]
+    assert creator.startswith("creator-") and answer["viewer_id"].startswith("viewer-"), answer
+    assert answer["purchase"]["purchase_id"] == "p-1" and answer["stream_id"] == "s-1", answer
+    assert [g["gift_id"] for g in answer["gifts"]] == ["rose", "panda", "galaxy", "love-bang"], answer
+    assert answer["gifts"][0] == {"gift_id": "rose", "quantity": 7, "coins": 10, "sender_balance": 1_000}, answer
+    assert (answer["coins_sent"], answer["creator_share_bp"], answer["diamonds_expected"]) == (40, 5_000, 20), answer
+    earnings = answer["earnings"]
+    assert earnings["creator_id"] == creator and earnings["diamonds_lifetime"] == 20, earnings
+    assert set(earnings) == {f.name for f in payout_pb2.Earnings.DESCRIPTOR.fields}  # as `earnings --json`
+    assert [ln[:2] for ln in result.stderr.splitlines()] == ["1.", "2.", "3.", "3.", "3.", "3."], result.stderr

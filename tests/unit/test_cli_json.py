@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
@@ -101,3 +102,144 @@ def test_audit_with_json_is_one_object_per_invariant_and_keeps_its_exit_codes(
         {"invariant": "1. ledger", "status": "ok", "detail": "sum 0"},
         {"invariant": "4a. credits", "status": last, "detail": "w-1 not yet credited"},
     ], result.stdout
+
+
+_PURCHASE = wallet_pb2.Purchase(
+    purchase_id="p-1",
+    user_id="bob",
+    package_id="us-usd-700",
+    coins=770,
+    bonus_coins=70,
+    promotion_id="promo-1",
+    price=common_pb2.Money(currency_code="USD", amount_minor=999),
+    payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+    status=wallet_pb2.PURCHASE_STATUS_SUCCEEDED,
+    checkout=wallet_pb2.CheckoutSession(provider="dev", session_id="cs-1"),
+    region="US",
+)
+
+
+def test_buy_with_json_is_one_object_with_every_field_of_the_purchase_and_the_balance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A script that buys for a test user had "purchase p-1: SUCCEEDED; bob has 700 coins" to parse.
+    from services.cli import main
+
+    purchase = wallet_pb2.Purchase()
+    purchase.CopyFrom(_PURCHASE)
+    purchase.created_at.FromSeconds(1_700_000_000)
+    purchase.updated_at.FromSeconds(1_700_000_001)
+    monkeypatch.setattr(main, "_buy", lambda *_a, **_k: purchase)
+    result = _invoke(monkeypatch, "buy", "bob", "--webhook-secret", "s", "--json")
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    answer = json.loads(line)
+    assert answer == {
+        "purchase": {
+            "purchase_id": "p-1",
+            "user_id": "bob",
+            "package_id": "us-usd-700",
+            "region": "US",
+            "coins": 770,
+            "bonus_coins": 70,
+            "promotion_id": "promo-1",
+            "price": {"amount_minor": 999, "currency_code": "USD"},
+            "payment_method": "CARD",
+            "status": "SUCCEEDED",
+            "checkout": {"provider": "dev", "session_id": "cs-1", "redirect_url": ""},
+            "created_at": "2023-11-14T22:13:20Z",
+            "updated_at": "2023-11-14T22:13:21Z",
+        },
+        "balance": {"user_id": "bob", "coins": -40, "debt_coins": 40},  # as `balance --json` has it
+    }, line
+    # A field the wallet adds later is a field this answer shows: this fails until it is added.
+    assert set(answer["purchase"]) == {f.name for f in wallet_pb2.Purchase.DESCRIPTOR.fields}
+    assert set(answer["purchase"]["checkout"]) == {f.name for f in wallet_pb2.CheckoutSession.DESCRIPTOR.fields}
+    assert answer["balance"] == json.loads(_invoke(monkeypatch, "balance", "bob", "--json").stdout)
+
+
+def test_buy_with_json_keeps_its_failures_on_stderr_and_its_exit_codes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # No secret to sign with: exit 1, stdout empty for `| jq` to read nothing rather than prose.
+    result = _invoke(monkeypatch, "buy", "bob", "--var", str(tmp_path), "--json")
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "no secret to sign with" in result.stderr, (result.stdout, result.stderr)
+
+
+def _replay_stub(outcome: int) -> type:
+    from livegifts.common.v1 import dead_letters_pb2
+
+    class Stub:
+        def __init__(self, channel: Any) -> None:
+            pass
+
+        def ReplayDeadLetter(self, request: Any, **kwargs: Any) -> Any:
+            d = dead_letters_pb2.DeadLetter(
+                id=request.id,
+                consumer="payout-gift-sent",
+                subject="gifting.gift.sent",
+                event_id="e7",
+                payload_bytes=120,
+                error="IntegrityError",
+            )
+            d.parked_at.FromSeconds(1_700_000_000)
+            return dead_letters_pb2.ReplayDeadLetterResponse(dead_letter=d, outcome=outcome)
+
+    return Stub
+
+
+@pytest.mark.parametrize(("outcome", "shown"), [(1, "APPLIED"), (2, "DUPLICATE"), (9, "UNKNOWN(9)")])
+def test_a_replay_with_json_is_one_object_with_its_outcome_key_and_the_event_as_the_list_shows_it(
+    monkeypatch: pytest.MonkeyPatch, outcome: int, shown: str
+) -> None:
+    # "replayed 7: event e7 applied by payout-gift-sent" was all a script had to tell applied from duplicate.
+    from livegifts.common.v1 import dead_letters_pb2_grpc
+
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", _replay_stub(outcome))
+    args = ["dead-letters", "replay", "7", "--service", "payout", "--operator-token", "t", "--idempotency-key", "k-1"]
+    result = CliRunner().invoke(app, [*args, "--json"], env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line) == {
+        "outcome": shown,
+        "idempotency_key": "k-1",
+        "dead_letter": {  # the fields and names of `dead-letters list --json`
+            "service": "payout",
+            "id": 7,
+            "consumer": "payout-gift-sent",
+            "subject": "gifting.gift.sent",
+            "event_id": "e7",
+            "parked_at": "2023-11-14T22:13:20Z",
+            "payload_bytes": 120,
+            "error": "IntegrityError",
+        },
+    }, line
+
+
+def test_a_replay_with_json_that_keeps_failing_prints_nothing_on_stdout_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from livegifts.common.v1 import dead_letters_pb2_grpc
+    from services.cli import main
+
+    class Lost(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "the answer was lost"
+
+    class Stub:
+        def __init__(self, channel: Any) -> None:
+            pass
+
+        def ReplayDeadLetter(self, request: Any, **kwargs: Any) -> Any:
+            raise Lost()
+
+    monkeypatch.setattr(dead_letters_pb2_grpc, "DeadLetterServiceStub", Stub)
+    monkeypatch.setattr(main, "REPLAY_RETRY_PAUSES_S", (0.0, 0.0))
+    args = ["dead-letters", "replay", "7", "--service", "payout", "--operator-token", "t", "--json"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": None})
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "--idempotency-key cli-replay-" in result.stderr, (result.stdout, result.stderr)
