@@ -149,7 +149,7 @@ class Findings:
         return out
 
 
-def _unsent(spends: Records, gifts: Records) -> list[str]:
+def unsent(spends: Records, gifts: Records) -> list[str]:
     """Charged spends whose gift the read before them did not see as sent: read their gift again."""
     return [k for k, r in spends.items() if r.status == SPENT and (k not in gifts or gifts[k].status != SENT)]
 
@@ -197,7 +197,7 @@ def _judge_every_id(
         if up_to is not None:
             earnings = {k: r for k, r in earnings.items() if k <= up_to}
             gifts = {k: r for k, r in gifts.items() if k <= up_to}
-        gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+        gifts_after = records_by_id(g, "gifts", deadline_s, unsent(spends, gifts))
         judged = earnings.keys() | gifts.keys() | spends.keys()
         findings.judge_all(judged, earnings, gifts, spends, gifts_after)
         ranges, ids = ranges + 1, ids + len(judged)
@@ -312,10 +312,10 @@ def _judge_window(
         del chunk  # the chunk's ids once, as the sorted list
         for i in range(0, len(wanted), PAGE_SIZE):
             ids = wanted[i : i + PAGE_SIZE]
-            earnings = _records(p, "earnings", deadline_s, ids)
-            gifts = _records(g, "gifts", deadline_s, ids)
-            spends = _records(w, "spends", deadline_s, ids)
-            gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+            earnings = records_by_id(p, "earnings", deadline_s, ids)
+            gifts = records_by_id(g, "gifts", deadline_s, ids)
+            spends = records_by_id(w, "spends", deadline_s, ids)
+            gifts_after = records_by_id(g, "gifts", deadline_s, unsent(spends, gifts))
             findings.judge_all(ids, earnings, gifts, spends, gifts_after)
             n, count = n + 1, count + len(ids)
             if read is not None:
@@ -325,8 +325,8 @@ def _judge_window(
         after = high
 
 
-def _records(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str]) -> Records:
-    """The records of those ids that exist."""
+def records_by_id(channel: grpc.Channel, kind: str, deadline_s: float, ids: Iterable[str]) -> Records:
+    """The records of those ids that exist (`livegifts gift` reads one gift's this way too)."""
     stub = audit_pb2_grpc.AuditServiceStub(channel)
     out: Records = {}
     wanted = sorted(set(ids))
@@ -358,14 +358,14 @@ def collect(
     ):
         gifting = gifting_pb2_grpc.GiftingServiceStub(g)
         pa = payout_pb2_grpc.PayoutServiceStub(p).GetAudit(payout_pb2.GetAuditRequest(), timeout=deadline_s)
-        earnings = _records(p, "earnings", deadline_s, only) if only is not None else None
+        earnings = records_by_id(p, "earnings", deadline_s, only) if only is not None else None
         ga = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
-        gifts = _records(g, "gifts", deadline_s, only) if only is not None else None
+        gifts = records_by_id(g, "gifts", deadline_s, only) if only is not None else None
         wa = wallet_pb2_grpc.WalletServiceStub(w).GetAudit(wallet_pb2.GetAuditRequest(), timeout=deadline_s)
-        spends = _records(w, "spends", deadline_s, only) if only is not None else None
+        spends = records_by_id(w, "spends", deadline_s, only) if only is not None else None
         ga_after = gifting.GetAudit(gifting_pb2.GetAuditRequest(), timeout=deadline_s)
         if spends is not None and gifts is not None:
-            gifts_after = _records(g, "gifts", deadline_s, _unsent(spends, gifts))
+            gifts_after = records_by_id(g, "gifts", deadline_s, unsent(spends, gifts))
             return Totals(wa, ga, pa, spends, gifts, earnings, ga_after, gifts_after, only)
         # Every id (or the window's), after the totals: each id's records are still read payout,
         # gifting, wallet, gifting.

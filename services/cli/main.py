@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from livegifts.common.v1 import common_pb2
+from livegifts.common.v1 import audit_pb2, common_pb2
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
@@ -753,6 +753,181 @@ def demo(
         f"4. {creator} earned {got.diamonds_lifetime} diamonds = {share:g}% of {total} coins "
         f"(remainder {got.remainder_units}/10000 kept)  [green]OK[/green]"
     )
+
+
+TRANSACTIONS_PAGE_SIZE = 500  # `transactions`: entries per ListTransactions call (its maximum)
+
+
+@app.command()
+def transactions(
+    user: Annotated[str, typer.Argument(help="the user's id")],
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many, newest first")] = 50,
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="one JSON object per entry and line, every field (notes go to stderr)"),
+    ] = False,
+) -> None:
+    """List a user's coin history (ListTransactions), newest first: purchases, spends, reversals.
+
+    A SPEND_GIFT, SPEND_TIP or SPEND_UNLOCK entry's reference is its gift event id: give it to
+    `livegifts gift` to see where that gift stands. Exit 0 even when none are listed.
+    """
+    request = wallet_pb2.ListTransactionsRequest(user_id=user, page_size=min(limit + 1, TRANSACTIONS_PAGE_SIZE))
+    table = _table(f"{user}'s coin history, newest first", "at (UTC)", "kind", "coins", "balance after", "reference")
+    shown, more = 0, False
+    with channel("wallet", wallet_addr) as ch:
+        stub = wallet_pb2_grpc.WalletServiceStub(ch)
+        while not more:
+            try:
+                page = stub.ListTransactions(request, timeout=DEADLINE_S)
+            except grpc.RpcError as exc:
+                _fail(exc)
+            for t in page.transactions:
+                if shown == limit:
+                    more = True
+                    break
+                shown += 1
+                if as_json:
+                    typer.echo(json.dumps(_transaction_fields(t)))
+                    continue
+                table.add_row(
+                    t.created_at.ToDatetime().isoformat(timespec="seconds"),
+                    escape(t.kind),
+                    f"{t.amount:+d}",
+                    str(t.balance_after),
+                    escape(t.reference_id),
+                )
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+    notes = err_console if as_json else console  # --json: stdout holds the entries only
+    if shown and not as_json:
+        _print_table(table)
+    elif not shown:
+        notes.print(f"no coin history for {escape(user)}")
+    if more:
+        notes.print(f"[yellow]more entries than --limit {limit}: raise it to see older ones[/yellow]")
+
+
+def _transaction_fields(t: wallet_pb2.Transaction) -> dict[str, object]:
+    """Every field of a history entry, for `transactions --json` (its time in RFC 3339, UTC)."""
+    return {
+        "entry_id": t.entry_id,
+        "kind": t.kind,
+        "amount": t.amount,
+        "balance_after": t.balance_after,
+        "reference_id": t.reference_id,
+        "created_at": t.created_at.ToJsonString(),
+    }
+
+
+@app.command()
+def gift(
+    gift_event_ids: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="GIFT_EVENT_ID...",
+            help="gift event ids (GiftReceipt.gift_event_id; the reference of a SPEND_* entry in `transactions`)",
+        ),
+    ],
+    wallet_addr: WalletAddr = "127.0.0.1:50051",
+    gifting_addr: GiftingAddr = "127.0.0.1:50052",
+    payout_addr: PayoutAddr = "127.0.0.1:50053",
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="one JSON object per id and line, every field"),
+    ] = False,
+) -> None:
+    """Where gifts, tips or unlocks stand: the wallet's spend, gifting's gift and payout's credit of each id.
+
+    Reads each service's audit records of those ids (ListAuditRecords, read-only, no token), in
+    the audit's order (payout, gifting, wallet, gifting again), and says what each id is waiting
+    for: a SENT gift not yet credited is payout behind, or its event parked (`livegifts
+    dead-letters list`). Exit 0 once every service answered, whatever the gifts' states.
+    """
+    from services.cli.audit import records_by_id, unsent, verdicts
+
+    ids = list(dict.fromkeys(gift_event_ids))
+    try:
+        with channel("payout", payout_addr) as ch:
+            earnings_ = records_by_id(ch, "earnings", DEADLINE_S, ids)
+        with channel("gifting", gifting_addr) as ch:
+            gifts = records_by_id(ch, "gifts", DEADLINE_S, ids)
+        with channel("wallet", wallet_addr) as ch:
+            spends = records_by_id(ch, "spends", DEADLINE_S, ids)
+        # A spend charged since the gift was read: read the gift again, as the audit does, so a
+        # gift SENT meanwhile is not taken for one charged without being sent.
+        again = unsent(spends, gifts)
+        gifts_after: dict[str, audit_pb2.AuditRecord] = {}
+        if again:
+            with channel("gifting", gifting_addr) as ch:
+                gifts_after = records_by_id(ch, "gifts", DEADLINE_S, again)
+    except grpc.RpcError as exc:
+        _fail(exc)
+    table = _table("gifts", "gift event id", "wallet spend", "gifting", "payout credit", "where it stands")
+    for i in ids:
+        earning, g, spend = earnings_.get(i), gifts_after.get(i) or gifts.get(i), spends.get(i)
+        stands = _gift_stands(verdicts(earning, gifts.get(i), spend, gifts_after.get(i)), earning, g, spend)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "gift_event_id": i,
+                        "spend": _record_fields(spend, "user_id"),
+                        "gift": _record_fields(g, "creator_id"),
+                        "credit": _record_fields(earning, "creator_id"),
+                        "stands": stands,
+                    }
+                )
+            )
+            continue
+        table.add_row(
+            escape(i),
+            _record_text(spend, "by"),
+            _record_text(g, "to"),
+            _record_text(earning, "to"),
+            escape(stands),
+        )
+    if not as_json:
+        _print_table(table)
+
+
+def _record_fields(r: audit_pb2.AuditRecord | None, party: str) -> dict[str, object] | None:
+    return None if r is None else {"status": r.status, "coins": r.amount, party: r.party}
+
+
+def _record_text(r: audit_pb2.AuditRecord | None, party: str) -> str:
+    return "none" if r is None else escape(f"{r.status} {r.amount} coins {party} {r.party}")
+
+
+def _gift_stands(
+    found: list[tuple[str, str, str]],
+    earning: audit_pb2.AuditRecord | None,
+    gift: audit_pb2.AuditRecord | None,
+    spend: audit_pb2.AuditRecord | None,
+) -> str:
+    """One id's state in words: the audit's verdict on it, or what a settled id is."""
+    from services.cli.audit import FAILED
+
+    if found:
+        said = "; ".join(f"{status}: {reason}" for _, status, reason in found)
+        if any(status == FAILED for _, status, _ in found):
+            return f'{said} (an invariant broken: docs/sre.md, "Run the audit")'
+        if any(reason == "not yet credited" for _, _, reason in found):
+            return f"{said}: payout behind, or its event parked (livegifts dead-letters list)"
+        if any(reason == "pending" for _, _, reason in found):
+            return f"{said}: gifting's sweeper settles it, sent or cancelled"
+        return said
+    if earning is not None:
+        return f"credited to {earning.party}"
+    if gift is not None and gift.status == "CANCELLED":
+        return "cancelled: its coins were not kept, nothing to credit"
+    if gift is not None and gift.status == "KEY_ONLY":
+        return "an unlock's key answered by an earlier unlock: no gift of its own"
+    if gift is None and spend is None:
+        return "unknown: no service has a record of this id"
+    return "settled"
 
 
 WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

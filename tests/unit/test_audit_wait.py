@@ -98,7 +98,7 @@ def test_a_read_of_every_id_says_how_far_it_has_come_after_each_range(monkeypatc
         return {i: audit_pb2.AuditRecord(id=i, amount=1, status=status[kind], party="c") for i in got}, len(left) > 5
 
     monkeypatch.setattr(audit, "_page", page)
-    monkeypatch.setattr(audit, "_records", lambda channel, kind, deadline_s, wanted: {})
+    monkeypatch.setattr(audit, "records_by_id", lambda channel, kind, deadline_s, wanted: {})
     seen: list[tuple[int, int]] = []
     audit._judge_every_id(None, None, None, 1.0, lambda ranges, judged: seen.append((ranges, judged)))  # type: ignore[arg-type]
     assert seen == [(1, 5), (2, 10), (3, 12)]
