@@ -110,7 +110,10 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
 
         d = self.tables.dead_letters.c
         async with self.db.unit_of_work(readonly=True) as uow:
-            consumer = (await uow.conn.execute(select(d.consumer).where(d.id == request.id))).scalar()
+            row = (await uow.conn.execute(select(d.consumer, d.event_id).where(d.id == request.id))).first()
+        # The event id too, for the log line of a failed replay: support searches the log by the
+        # gift's event id (docs/sre.md, "Support"), which the parked and replayed lines carry.
+        consumer, event_id = (row.consumer, row.event_id) if row is not None else (None, "")
         found = None
         if consumer is not None:
             c = self.consumers.get(consumer)
@@ -136,6 +139,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                     extra={
                         "dead_letter_id": request.id,
                         "consumer": consumer,
+                        "event_id": event_id,
                         "operator": operator,
                         "error": exc.detail,
                     },

@@ -559,6 +559,8 @@ async def test_a_replay_the_handler_fails_names_no_sql_and_the_log_has_the_whole
     assert not [leak for leak in leaks if leak in details], details
     logged = [r for r in caplog.records if r.getMessage() == "dead letter replay failed; it stays parked"]
     assert len(logged) == 1 and "INSERT INTO applied" in logged[0].error, logged  # type: ignore[attr-defined]
+    # Found by the event id support has, as the lines of its parking and of its replay are.
+    assert logged[0].event_id == event.event_id, logged  # type: ignore[attr-defined]
     assert [d.id for d in (await rig.parked()).dead_letters] == [row] and await rig.applied(event.event_id) == 0
 
 
