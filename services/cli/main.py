@@ -789,7 +789,7 @@ def transactions(
                     break
                 shown += 1
                 if as_json:
-                    typer.echo(json.dumps(_transaction_fields(t)))
+                    _echo(json.dumps(_transaction_fields(t)))
                     continue
                 table.add_row(
                     t.created_at.ToDatetime().isoformat(timespec="seconds"),
@@ -870,7 +870,7 @@ def gift(
         earning, g, spend = earnings_.get(i), gifts_after.get(i) or gifts.get(i), spends.get(i)
         stands = _gift_stands(verdicts(earning, gifts.get(i), spend, gifts_after.get(i)), earning, g, spend)
         if as_json:
-            typer.echo(
+            _echo(
                 json.dumps(
                     {
                         "gift_event_id": i,

@@ -657,7 +657,7 @@ def test_version_prints_the_installed_package_s_version_and_exits_0() -> None:
 
 @pytest.fixture
 def wallet_addr() -> Iterator[str]:
-    """host:port of a wallet that answers GetBalance."""
+    """host:port of a wallet that answers GetBalance and ListTransactions."""
     from concurrent import futures
 
     import grpc
@@ -667,6 +667,11 @@ def wallet_addr() -> Iterator[str]:
     class Wallet(wallet_pb2_grpc.WalletServiceServicer):  # type: ignore[misc]
         def GetBalance(self, request: Any, context: Any) -> Any:
             return wallet_pb2.Balance(user_id=request.user_id, coins=7)
+
+        def ListTransactions(self, request: Any, context: Any) -> Any:
+            return wallet_pb2.ListTransactionsResponse(
+                transactions=[wallet_pb2.Transaction(entry_id="1", kind="PURCHASE", amount=7, balance_after=7)]
+            )
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     wallet_pb2_grpc.add_WalletServiceServicer_to_server(Wallet(), server)
@@ -686,6 +691,7 @@ def wallet_addr() -> Iterator[str]:
         ["--version"],
         ["balance", "bob"],  # a command's line, through the CLI's console
         ["balance", "bob", "--json"],  # a JSON document
+        ["transactions", "bob", "--json"],  # JSON lines
     ],
     ids=" ".join,
 )
