@@ -1471,10 +1471,8 @@ class Payout:
         async with self._submitting(row.withdrawal_id) as (ours, held):
             if not ours:
                 return None  # another replica is handing it to the provider now
-            still = select(w.withdrawal_id).where(w.withdrawal_id == row.withdrawal_id, unsubmitted)
-            async with self._held_or_own_unit_of_work(held, readonly=True) as uow:
-                if (await uow.conn.execute(still)).first() is None:
-                    return None  # another replica's submission was taken since this round read it
+            if not await self._still_unsubmitted(row.withdrawal_id, unsubmitted, held):
+                return None  # another replica's submission was taken since this round read it
             faults.point("payout.after_claim_before_submit")
             try:
                 sub: Submission = await provider_calls.call(
@@ -1515,8 +1513,9 @@ class Payout:
 
         On PostgreSQL: a transaction-level advisory lock (SUBMIT_LOCK_CLASS), tried, not waited
         for, in a transaction held open over the submission (as the outbox relay holds its claim
-        over a publish; a lock only, no row) that reads the withdrawal again and stores its
-        reference: its commit releases the lock once the reference is stored. One connection
+        over a publish; a lock only: no row, nor the withdrawals table, `_still_unsubmitted`) that
+        reads the withdrawal again and stores its reference: its commit releases the lock once
+        the reference is stored. One connection
         at a time: the claim comes before, in its own transaction. A replica that dies or is cut
         off mid-submission releases the lock with its session, and another's next round submits
         the withdrawal. SQLite has one process per database file, and a write transaction held
@@ -1531,15 +1530,36 @@ class Payout:
             )
             yield bool(got.scalar_one()), uow
 
+    async def _still_unsubmitted(self, withdrawal_id: str, unsubmitted: Any, held: UnitOfWork | None) -> bool:
+        """Whether the withdrawal is still claimed and not taken by the provider, read in `held`
+        (`_submitting`'s transaction, after its lock) where there is one, else in a unit of work
+        of its own.
+
+        In `held`, inside a savepoint rolled back at once: PostgreSQL releases the locks taken
+        after a savepoint when it is rolled back to, so the read's ACCESS SHARE on withdrawals and
+        its indexes goes with it, and the transaction waits for the provider holding the
+        advisory lock only (taken before the savepoint). Kept until commit, it held a release's
+        ALTER TABLE withdrawals up for the provider's answer (past MIGRATION_LOCK_TIMEOUT_S
+        rolled back and retried, never through while the provider was that slow), and every
+        statement on withdrawals queued behind the waiting ALTER meanwhile."""
+        w = withdrawals.c
+        still = select(w.withdrawal_id).where(w.withdrawal_id == withdrawal_id, unsubmitted)
+        if held is None:
+            async with self.db.unit_of_work(readonly=True) as uow:
+                return (await uow.conn.execute(still)).first() is not None
+        savepoint = await held.conn.begin_nested()
+        try:
+            return (await held.conn.execute(still)).first() is not None
+        finally:
+            await savepoint.rollback()
+
     @contextlib.asynccontextmanager
-    async def _held_or_own_unit_of_work(
-        self, held: UnitOfWork | None, *, readonly: bool = False
-    ) -> AsyncIterator[UnitOfWork]:
+    async def _held_or_own_unit_of_work(self, held: UnitOfWork | None) -> AsyncIterator[UnitOfWork]:
         """`held` (`_submitting`'s transaction) where there is one, else a unit of work of its own."""
         if held is not None:
             yield held
             return
-        async with self.db.unit_of_work(readonly=readonly) as uow:
+        async with self.db.unit_of_work() as uow:
             yield uow
 
     async def _refused_by_provider(self, withdrawal_id: str, reason: str, held: UnitOfWork | None) -> None:

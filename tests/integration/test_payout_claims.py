@@ -299,3 +299,29 @@ async def test_a_callback_while_the_withdrawal_is_being_submitted_is_not_held_up
         assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PAID, "")
         earnings = await first.get_earnings("creator-a")
         assert (earnings.diamonds_held, earnings.diamonds_withdrawn) == (0, 20_000)
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_submission_waiting_for_the_provider_keeps_no_migration_from_the_withdrawals_table(
+    empty_database: str,
+) -> None:
+    # The transaction held over the provider's answer (the submission's advisory lock) had read the
+    # withdrawal again in it, and kept that read's ACCESS SHARE on withdrawals and its indexes
+    # until commit: a release's ALTER TABLE withdrawals waited for the answer (up to
+    # PROVIDER_TIMEOUT_S; past MIGRATION_LOCK_TIMEOUT_S it is rolled back and retried, and a
+    # provider slower than that kept it from ever running), and every statement on withdrawals
+    # queued behind the waiting ALTER meanwhile.
+    async with payout_on(empty_database, pool_size=3) as (first, _):
+        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
+        try:
+            async with first.db.engine.connect() as migration:
+                await migration.execute(text("SET LOCAL lock_timeout = '2s'"))
+                await migration.execute(text("ALTER TABLE withdrawals ADD COLUMN probe integer"))
+                await migration.rollback()
+            assert not round_.done(), "the provider has not answered yet"
+        finally:
+            slow.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 1
+        row = await first.get_withdrawal(withdrawal_id)
+        assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{withdrawal_id}")
