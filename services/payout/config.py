@@ -4,6 +4,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
+from services.common.db import is_sqlite
 
 
 class PayoutSettings(ServiceSettings):
@@ -65,6 +66,20 @@ class PayoutSettings(ServiceSettings):
                 "needs DEV_PROVIDER_SETTLES_PAYOUTS (a dev suite): without it the development provider settles nothing"
             )
         return on
+
+    @field_validator("db_pool_size")
+    @classmethod
+    def _a_connection_beside_the_submission(cls, size: int, info: ValidationInfo) -> int:
+        # On PostgreSQL the dispatcher holds one pooled connection over each submission (the
+        # transaction of its advisory lock, `Payout._submitting`): with no other, every call,
+        # consumer and loop waited for the provider's answer, and failed past DB_POOL_TIMEOUT_S.
+        url = info.data.get("database_url")
+        if size < 2 and url is not None and not is_sqlite(url):
+            raise ValueError(
+                "at least 2 on PostgreSQL: the dispatcher holds one connection over each submission to the"
+                " payout provider (up to PROVIDER_TIMEOUT_S), and the service's calls and loops need another"
+            )
+        return size
 
     def held_over_a_call_s(self) -> float:
         """The dispatcher holds a withdrawal's submission lock (a transaction) over the provider's

@@ -325,3 +325,26 @@ async def test_a_submission_waiting_for_the_provider_keeps_no_migration_from_the
             assert await round_ == 1
         row = await first.get_withdrawal(withdrawal_id)
         assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{withdrawal_id}")
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_while_a_submission_waits(
+    empty_database: str,
+) -> None:
+    # The submission holds one pooled connection over the provider's answer (its advisory lock's
+    # transaction); with one in all (DB_POOL_SIZE 1, now refused on PostgreSQL) every other use of
+    # the database waited for the answer and failed past DB_POOL_TIMEOUT_S.
+    async with payout_on(empty_database, pool_size=2) as (first, _):
+        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
+        try:
+            async with asyncio.timeout(GUARD_S):
+                other = await approved_withdrawal(first, "creator-b")
+                assert (await first.get_earnings("creator-b")).diamonds_held == 20_000
+            assert not round_.done(), "the provider has not answered yet"
+        finally:
+            slow.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 1
+            assert await first.dispatch_once() == 1  # the one requested meanwhile
+        assert await status_of(first, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+        assert await status_of(first, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING

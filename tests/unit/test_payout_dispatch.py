@@ -893,6 +893,26 @@ async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_
         assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
 
 
+def test_payout_on_postgresql_keeps_a_pooled_connection_beside_the_one_a_submission_holds() -> None:
+    # On PostgreSQL the dispatcher holds a pooled connection over each submission (the transaction
+    # of its advisory lock, up to PROVIDER_TIMEOUT_S): with DB_POOL_SIZE 1, every call, consumer
+    # and loop of the service waited for the provider's answer, and past DB_POOL_TIMEOUT_S failed
+    # UNAVAILABLE (the test above, run on PostgreSQL). SQLite holds none over the call.
+    def settings(url: str, pool: int) -> PayoutSettings:
+        return PayoutSettings(
+            database_url=url,
+            nats_url="nats://127.0.0.1:1",
+            wallet_addr="127.0.0.1:1",
+            payout_webhook_secret=SECRET.decode(),
+            db_pool_size=pool,
+        )
+
+    with pytest.raises(ValidationError, match="db_pool_size(.|\n)*at least 2 on PostgreSQL"):
+        settings("postgresql://payout@db/payout", 1)
+    assert settings("postgresql://payout@db/payout", 2).db_pool_size == 2
+    assert settings("sqlite+aiosqlite:///payout.db", 1).db_pool_size == 1
+
+
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
 async def test_a_look_up_that_hangs_or_fails_is_counted_and_asked_again_next_round(  # type: ignore[no-untyped-def]
     setup, caplog, how: str, outcome: str
