@@ -45,7 +45,7 @@ from services.common.errors import (
     require_positive,
 )
 from services.common.idempotency import IdempotentCall, answers_retry
-from services.common.loops import BatchCursor, ItemFailures, run_every
+from services.common.loops import FAILURE_LOG_INTERVAL_S, BatchCursor, ItemFailures, run_every
 from services.common.metrics import (
     CLAWBACK_SHORTFALL_OLDEST,
     CLAWBACK_SHORTFALL_OPEN,
@@ -63,6 +63,7 @@ from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
 from services.common.sql import Bulk, after_key, bulk_insert, bulk_update, one_of, one_of_param
 from services.common.telemetry import background_span
+from services.common.throttle import KeyedLogThrottle
 from services.common.timeutil import now_us, to_timestamp
 from services.payout import domain
 from services.payout.config import PayoutSettings
@@ -558,6 +559,11 @@ class Payout:
     )
     _dev_callback_failures: ItemFailures = field(
         default_factory=lambda: ItemFailures(log, "dev payout callback not applied")
+    )
+    # The withdrawals the provider did not take, whose line is throttled per withdrawal: each is
+    # submitted again every round (DISPATCH_INTERVAL_S), and an outage fails them all each time.
+    _not_taken_lines: KeyedLogThrottle[str] = field(
+        default_factory=lambda: KeyedLogThrottle(FAILURE_LOG_INTERVAL_S, ItemFailures.ITEMS_MAX)
     )
     # Creators whose withdrawals the dispatcher holds (not eligible, or the wallet could not
     # say), and until when (time.monotonic()) it does not ask the wallet about them again.
@@ -1486,10 +1492,13 @@ class Payout:
                 await self._refused_by_provider(row.withdrawal_id, str(exc), held)
                 return None
             except Exception as exc:  # noqa: BLE001 - logged and counted; claimed, it is submitted again next round
-                log.warning(
-                    "the payout provider did not take a withdrawal; it is submitted again next round",
-                    extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc)},
-                )
+                # At once, then once per FAILURE_LOG_INTERVAL_S per withdrawal (`retries`): every
+                # failure is counted in livegifts_provider_call_failures_total all the same.
+                if retries := self._not_taken_lines.occurred(row.withdrawal_id):
+                    log.warning(
+                        "the payout provider did not take a withdrawal; it is submitted again next round",
+                        extra={"withdrawal_id": row.withdrawal_id, "error": repr(exc), "retries": retries},
+                    )
                 return None
             else:
                 faults.point("payout.after_submit_before_commit")

@@ -864,6 +864,32 @@ async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_claimed_an
     assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{stuck}")
 
 
+async def test_a_withdrawal_the_provider_keeps_failing_is_logged_at_once_then_once_per_interval(  # type: ignore[no-untyped-def]
+    setup, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A round every 0.2 s, each submitting the claimed withdrawal again: while the provider failed
+    # it (an outage answering at once), each round logged a line for every such withdrawal, five a
+    # second for each; every failure is still counted in livegifts_provider_call_failures_total.
+    from services.common import loops, throttle
+
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    payout, _provider, _path = setup
+    provider = stuck_provider(payout, "fail")
+    stuck = await approved_withdrawal(payout, "creator-a")
+    provider.stuck.add(stuck)
+    counted = failures("submit", "error")
+    line = "the payout provider did not take a withdrawal"
+    with caplog.at_level(logging.WARNING, logger="services.payout.usecases"):
+        for _ in range(3):
+            assert await payout.dispatch_once() == 0
+        now[0] += loops.FAILURE_LOG_INTERVAL_S
+        assert await payout.dispatch_once() == 0
+    assert failures("submit", "error") == counted + 4
+    lines = [r for r in caplog.records if r.getMessage().startswith(line)]
+    assert [(r.withdrawal_id, r.retries) for r in lines] == [(stuck, 1), (stuck, 3)]  # type: ignore[attr-defined]
+
+
 async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_path: Path) -> None:
     # One pooled connection: a submission that held it (or SQLite's write lock) would stop the rest.
     async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}", pool_size=1) as (payout, _):
