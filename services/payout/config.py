@@ -72,7 +72,7 @@ class PayoutSettings(ServiceSettings):
     def _a_connection_beside_the_submission(cls, size: int, info: ValidationInfo) -> int:
         # On PostgreSQL the dispatcher holds one pooled connection over each submission (the
         # transaction of its advisory lock, `Payout._submitting`): with no other, every call,
-        # consumer and loop waited for the provider's answer, and failed past DB_POOL_TIMEOUT_S.
+        # consumer and loop would wait for the provider's answer, and fail past DB_POOL_TIMEOUT_S.
         url = info.data.get("database_url")
         if size < 2 and url is not None and not is_sqlite(url):
             raise ValueError(

@@ -1524,11 +1524,12 @@ class Payout:
         for, in a transaction held open over the submission (as the outbox relay holds its claim
         over a publish; a lock only: no row, nor the withdrawals table, `_still_unsubmitted`) that
         reads the withdrawal again and stores its reference: its commit releases the lock once
-        the reference is stored. One connection
-        at a time: the claim comes before, in its own transaction. A replica that dies or is cut
-        off mid-submission releases the lock with its session, and another's next round submits
-        the withdrawal. SQLite has one process per database file, and a write transaction held
-        over the submission would stop its every writer."""
+        the reference is stored. One connection at a time (DB_POOL_SIZE is at least 2 on
+        PostgreSQL, so the service's other work has one meanwhile): the claim comes before, in
+        its own transaction. A replica that dies or is cut off mid-submission releases the lock
+        with its session, and another's next round submits the withdrawal. SQLite has one
+        process per database file, and a write transaction held over the submission would stop
+        its every writer."""
         if self.db.dialect != "postgresql":
             yield True, None
             return
@@ -1547,10 +1548,10 @@ class Payout:
         In `held`, inside a savepoint rolled back at once: PostgreSQL releases the locks taken
         after a savepoint when it is rolled back to, so the read's ACCESS SHARE on withdrawals and
         its indexes goes with it, and the transaction waits for the provider holding the
-        advisory lock only (taken before the savepoint). Kept until commit, it held a release's
-        ALTER TABLE withdrawals up for the provider's answer (past MIGRATION_LOCK_TIMEOUT_S
-        rolled back and retried, never through while the provider was that slow), and every
-        statement on withdrawals queued behind the waiting ALTER meanwhile."""
+        advisory lock only (taken before the savepoint). Kept until commit, it would hold a
+        release's ALTER TABLE withdrawals up for the provider's answer (past
+        MIGRATION_LOCK_TIMEOUT_S rolled back and retried, never through while the provider is
+        that slow), and every statement on withdrawals would queue behind the waiting ALTER."""
         w = withdrawals.c
         still = select(w.withdrawal_id).where(w.withdrawal_id == withdrawal_id, unsubmitted)
         if held is None:
