@@ -903,19 +903,20 @@ class Consumer(Generic[E]):
                 )
             )
             await uow.commit()
-        # Kept before the term: a term lost with the connection leaves the event to come again,
-        # and its copy is then terminated, not parked a second time.
+        # Kept, counted and logged before the term: a term lost with the connection leaves the
+        # event to come again, and its copy is then terminated, not parked a second time (so it
+        # is counted and logged here or never: the alert watches the count).
         if (seq := self._sequence(msg)) is not None:
             self._parked[seq] = _digest(msg)
             self._parked.move_to_end(seq)  # the newest, also over another event's park at seq
             _trim(self._parked, self._not_counted_max)
-        await msg.term()
         DEAD_LETTERS.labels(self.sub.durable).inc()
         with _in_trace_of(msg):
             log.error(
                 "event parked in dead_letters",
                 extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
             )
+        await msg.term()
 
 
 class InboxPruner(AgePruner):

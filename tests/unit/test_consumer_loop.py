@@ -692,3 +692,31 @@ async def test_an_outage_of_another_kind_is_logged_at_once_while_the_first_ones_
     lines = [r for r in caplog.records if r.message.startswith("event not applied, the database")]
     assert [(r.event_id, r.retries) for r in lines] == [("e0", 1), ("e2", 1)]  # type: ignore[attr-defined]
     assert [r.error.split("(")[0] for r in lines] == ["ConnectionRefusedError", "OperationalError"]  # type: ignore[attr-defined]
+
+
+async def test_an_event_parked_whose_term_failed_is_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The dead_letters row committed and the term failed (the NATS connection lost): the count
+    # and the 'event parked' line came only after the term, so they were skipped, and the copy
+    # redelivered after it is terminated as a copy without either. An event waited for an
+    # operator with no alert (increase(livegifts_dead_letters_total)) and no line naming it.
+    from prometheus_client import REGISTRY
+
+    durable = "term-lost-counted"
+    consumer, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
+
+    def parked_count() -> float:
+        return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) or 0.0
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
+            await consumer.process([_Msg("poisoned", seq=3, n=2)])  # type: ignore[list-item]
+        assert await _parked_ids(db, durable) == ["poisoned"]
+        assert parked_count() == 1.0, "a parked event went uncounted: no dead-letter alert"
+        lines = [r for r in caplog.records if r.getMessage() == "event parked in dead_letters"]
+        assert [r.event_id for r in lines] == ["poisoned"]  # type: ignore[attr-defined]
+    finally:
+        await db.engine.dispose()
