@@ -639,7 +639,7 @@ class Consumer(Generic[E]):
         yet raised the delivery count. A copy of an event this process parked is terminated
         again, not tried: such copies were each parked once more (seven rows for one event).
         """
-        newest: dict[int, Msg] = {}
+        newest: dict[int | tuple[int, bytes], Msg] = {}
         for i, msg in enumerate(msgs):
             seq = self._sequence(msg)
             if seq is not None and (parked := self._parked.get(seq)) is not None and parked == _digest(msg):
@@ -647,8 +647,15 @@ class Consumer(Generic[E]):
                 with contextlib.suppress(Exception):  # already gone from the stream; best effort
                     await msg.term()
                 continue
-            key = seq if seq is not None else -1 - i
+            key: int | tuple[int, bytes] = seq if seq is not None else -1 - i
             had = newest.get(key)
+            if had is not None and seq is not None and _digest(had) != _digest(msg):
+                # Another event at that sequence, not a copy (its stream made again while the
+                # old one's deliveries were buffered here): tried too. Dropped as the older, it
+                # was left untried, and the other's ack (JetStream takes one by stream sequence)
+                # settled it unapplied.
+                key = (seq, _digest(msg))
+                had = newest.get(key)
             if had is None:
                 newest[key] = msg
                 continue

@@ -720,3 +720,26 @@ async def test_an_event_parked_whose_term_failed_is_counted_and_logged_once(
         assert [r.event_id for r in lines] == ["poisoned"]  # type: ignore[attr-defined]
     finally:
         await db.engine.dispose()
+
+
+async def test_two_events_at_one_sequence_in_a_batch_are_each_tried_not_taken_for_copies(tmp_path: Path) -> None:
+    # NATS came back without its store while this replica held the old stream's deliveries in its
+    # buffer, and another replica made the stream and the durable again: one batch holds an old
+    # event and the new stream's event at the same sequence. Taken for two deliveries of one
+    # event, only the one delivered more often (the old) was tried; the new one was left, and the
+    # old one's ack, which JetStream takes by stream sequence, settled it: never applied, never
+    # parked. Each is another event (its bytes differ): both are tried, as `_parked` and
+    # `_not_counted` tell them apart.
+    applied: list[str] = []
+    consumer, db = await _parking_consumer(tmp_path, "one-seq-two-events", "none", applied)
+    try:
+        old, new = _Msg("old-stream", seq=1, n=2), _Msg("new-stream", seq=1, n=1)
+        await consumer.process([old, new])  # type: ignore[list-item]
+        assert sorted(applied) == ["new-stream", "old-stream"]
+        assert (old.settled, new.settled) == (["ack"], ["ack"])
+        # Two deliveries of one event are still one try, of the newest.
+        first, again = _Msg("e", seq=2, n=1), _Msg("e", seq=2, n=2)
+        await consumer.process([first, again])  # type: ignore[list-item]
+        assert applied.count("e") == 1 and (first.settled, again.settled) == ([], ["ack"])
+    finally:
+        await db.engine.dispose()
