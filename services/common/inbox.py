@@ -675,14 +675,15 @@ class Consumer(Generic[E]):
                 with spanning(span):  # a failure marks it without the error's text (SQL values)
                     fresh = await self._record_and_handle(uow, unique)
                 await uow.commit()
+            # Counted as committed: an ack NATS refuses after it leaves them applied all the same.
+            CONSUMED.labels(self.sub.durable, "applied").inc(len(fresh))
+            CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
             faults.point("consumer.after_commit_before_ack")
             for msg, _ in items:
                 await msg.ack()
             if self._not_counted:
                 for msg, _ in items:
                     self._forget(msg)
-            CONSUMED.labels(self.sub.durable, "applied").inc(len(fresh))
-            CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
         finally:
             span.end()
 

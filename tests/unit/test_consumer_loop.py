@@ -743,3 +743,23 @@ async def test_two_events_at_one_sequence_in_a_batch_are_each_tried_not_taken_fo
         assert applied.count("e") == 1 and (first.settled, again.settled) == ([], ["ack"])
     finally:
         await db.engine.dispose()
+
+
+async def test_a_batch_committed_whose_ack_failed_counts_its_events_applied(tmp_path: Path) -> None:
+    # The counts came after the acks: a batch whose commit applied three events and whose second
+    # ack failed counted none applied, and the retry that found two of them in the inbox counted
+    # those duplicates, so the dashboard showed two duplicates and nothing applied.
+    from prometheus_client import REGISTRY
+
+    durable = "ack-failed-counted"
+    consumer, db = await _parking_consumer(tmp_path, durable, "none", [])
+
+    def consumed(result: str) -> float:
+        return REGISTRY.get_sample_value("livegifts_events_consumed_total", {"consumer": durable, "result": result})  # type: ignore[return-value]
+
+    try:
+        msgs = [_Msg("a", seq=1, n=1), _Msg("b", seq=2, n=1, ack_fails=True), _Msg("c", seq=3, n=1)]
+        await consumer.process(msgs)  # type: ignore[arg-type]
+        assert consumed("applied") == 3.0
+    finally:
+        await db.engine.dispose()
