@@ -898,18 +898,34 @@ class Consumer(Generic[E]):
 
     async def _park(self, msg: Msg, event_id: str | None, error: str, detail: str = "") -> None:
         """Park an event: `error` is stored and shown by ListDeadLetters (no internals), `detail`
-        (the whole error, SQL included) goes to the log only."""
+        (the whole error, SQL included) goes to the log only.
+
+        An event parked already (by another replica, or by this consumer before a restart, whose
+        term was lost) is only terminated: its copy was parked a second time, a second row, alert
+        and replay for one event. Two replicas parking one event at once may still both insert."""
+        d = self.tables.dead_letters.c
         async with self.db.unit_of_work() as uow:
-            await uow.conn.execute(
-                insert(self.tables.dead_letters).values(
-                    consumer=self.sub.durable,
-                    subject=msg.subject,
-                    event_id=event_id,
-                    payload=msg.data,
-                    error=error[:2000],
-                    received_at_us=now_us(),
-                )
+            # By ix_dead_letters_consumer_event; an undecodable event (no id) is parked each time.
+            already = (
+                event_id is not None
+                and (
+                    await uow.conn.execute(
+                        select(d.id).where(d.consumer == self.sub.durable, d.event_id == event_id).limit(1)
+                    )
+                ).first()
+                is not None
             )
+            if not already:
+                await uow.conn.execute(
+                    insert(self.tables.dead_letters).values(
+                        consumer=self.sub.durable,
+                        subject=msg.subject,
+                        event_id=event_id,
+                        payload=msg.data,
+                        error=error[:2000],
+                        received_at_us=now_us(),
+                    )
+                )
             await uow.commit()
         # Kept, counted and logged before the term: a term lost with the connection leaves the
         # event to come again, and its copy is then terminated, not parked a second time (so it
@@ -918,12 +934,18 @@ class Consumer(Generic[E]):
             self._parked[seq] = _digest(msg)
             self._parked.move_to_end(seq)  # the newest, also over another event's park at seq
             _trim(self._parked, self._not_counted_max)
-        DEAD_LETTERS.labels(self.sub.durable).inc()
         with _in_trace_of(msg):
-            log.error(
-                "event parked in dead_letters",
-                extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
-            )
+            if already:
+                log.info(
+                    "event parked already in dead_letters; its copy terminated",
+                    extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
+                )
+            else:
+                DEAD_LETTERS.labels(self.sub.durable).inc()
+                log.error(
+                    "event parked in dead_letters",
+                    extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
+                )
         await msg.term()
 
 

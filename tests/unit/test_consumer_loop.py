@@ -763,3 +763,44 @@ async def test_a_batch_committed_whose_ack_failed_counts_its_events_applied(tmp_
         assert consumed("applied") == 3.0
     finally:
         await db.engine.dispose()
+
+
+async def test_a_copy_of_an_event_another_process_parked_is_terminated_not_parked_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One process parked the event and its term was lost (the NATS connection gone, or the
+    # process killed after the commit): the copy JetStream delivers again went to another replica,
+    # or to the process started after it, which kept none of the first one's parks, tried it and
+    # parked it a second time: two rows for one event, two alerts, two replays to reason about.
+    from prometheus_client import REGISTRY
+
+    durable = "parked-elsewhere"
+    first, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
+    second = Consumer(db, _Bus(), common, first.sub, _settings_of(tmp_path))  # type: ignore[arg-type]
+
+    def parked_count() -> float:
+        return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) or 0.0
+
+    try:
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await first.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
+        copy = _Msg("poisoned", seq=3, n=2)
+        with caplog.at_level(logging.INFO, logger="services.common.inbox"):
+            await second.process([copy])  # type: ignore[list-item]
+        assert copy.settled == ["term"]
+        assert await _parked_ids(db, durable) == ["poisoned"], "parked a second time"
+        assert parked_count() == 1.0
+        assert [r for r in caplog.records if "parked already" in r.getMessage()]
+        # Its own copies after that are terminated without a look-up, as the first's are.
+        again = _Msg("poisoned", seq=3, n=3)
+        await second.process([again])  # type: ignore[list-item]
+        assert again.settled == ["term"] and await _parked_ids(db, durable) == ["poisoned"]
+    finally:
+        await db.engine.dispose()
+
+
+def _settings_of(tmp_path: Path) -> GiftingSettings:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    return GiftingSettings(
+        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=1
+    )
