@@ -651,9 +651,8 @@ class Consumer(Generic[E]):
             had = newest.get(key)
             if had is not None and seq is not None and _digest(had) != _digest(msg):
                 # Another event at that sequence, not a copy (its stream made again while the
-                # old one's deliveries were buffered here): tried too. Dropped as the older, it
-                # was left untried, and the other's ack (JetStream takes one by stream sequence)
-                # settled it unapplied.
+                # old one's deliveries were buffered here): tried too, since the other's ack
+                # (JetStream settles by stream sequence) would settle it untried if dropped.
                 key = (seq, _digest(msg))
                 had = newest.get(key)
             if had is None:
@@ -900,21 +899,11 @@ class Consumer(Generic[E]):
         """Park an event: `error` is stored and shown by ListDeadLetters (no internals), `detail`
         (the whole error, SQL included) goes to the log only.
 
-        An event parked already (by another replica, or by this consumer before a restart, whose
-        term was lost) is only terminated: its copy was parked a second time, a second row, alert
-        and replay for one event. Two replicas parking one event at once may still both insert."""
-        d = self.tables.dead_letters.c
+        An event parked already (by another replica, or by this consumer before a restart, its
+        term lost) is only terminated, not given a second row, alert and replay. Two replicas
+        parking one event at the same moment may still both insert."""
         async with self.db.unit_of_work() as uow:
-            # By ix_dead_letters_consumer_event; an undecodable event (no id) is parked each time.
-            already = (
-                event_id is not None
-                and (
-                    await uow.conn.execute(
-                        select(d.id).where(d.consumer == self.sub.durable, d.event_id == event_id).limit(1)
-                    )
-                ).first()
-                is not None
-            )
+            already = event_id is not None and await self._parked_already(uow, event_id)
             if not already:
                 await uow.conn.execute(
                     insert(self.tables.dead_letters).values(
@@ -947,6 +936,12 @@ class Consumer(Generic[E]):
                     extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
                 )
         await msg.term()
+
+    async def _parked_already(self, uow: UnitOfWork, event_id: str) -> bool:
+        """Whether dead_letters holds `event_id` for this consumer (ix_dead_letters_consumer_event)."""
+        d = self.tables.dead_letters.c
+        q = select(d.id).where(d.consumer == self.sub.durable, d.event_id == event_id).limit(1)
+        return (await uow.conn.execute(q)).first() is not None
 
 
 class InboxPruner(AgePruner):
