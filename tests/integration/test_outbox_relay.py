@@ -624,7 +624,7 @@ async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_applies_ea
             labels = {"consumer": "deleted-durable-test", "result": "duplicate"}
             return REGISTRY.get_sample_value("livegifts_events_consumed_total", labels) or 0.0
 
-        # Counted after the batch's commit and acks, so a moment after the handler saw the events.
+        # Counted at the batch's commit, so a moment after the handler saw the events.
         assert await eventually(duplicates, lambda n: n >= 2, 10) == 2, (
             "the new durable delivered the first two again; the inbox made them no-ops"
         )
