@@ -33,7 +33,7 @@ from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.calls import channel, describe
-from services.cli.suite import Suite, SuiteConfig
+from services.cli.suite import RUN_PROBE_PORTS, Suite, SuiteConfig
 from services.common import signing
 from services.common.consumers import CONSUMERS
 from services.wallet.payments import dev_event_payload, dev_payment_event_id
@@ -259,7 +259,8 @@ PortOffset = Annotated[
         min=0,
         max=10_000,
         envvar="LIVEGIFTS_RUN_PORT_OFFSET",
-        help="added to every port `run` listens on (NATS 4223, gRPC 50051-50053, metrics 9101-9103)",
+        help="added to every port `run` listens on (NATS 4223, gRPC 50051-50053, metrics 9101-9103,"
+        " probes 50061-50063)",
         callback=_not_empty("give a number, or leave it out for 0"),
     ),
 ]
@@ -308,6 +309,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
         nats_port=defaults.nats_port + port_offset,
         grpc_ports={svc: port + port_offset for svc, port in defaults.grpc_ports.items()},
         metrics_ports={svc: port + port_offset for svc, port in defaults.metrics_ports.items()},
+        probe_ports={svc: port + port_offset for svc, port in RUN_PROBE_PORTS.items()},
         webhook_secret=webhook_secret,
         operator_token=operator_token,
         die_with_parent=True,  # a `run` killed with SIGKILL takes its suite with it, lock and all

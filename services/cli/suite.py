@@ -27,6 +27,8 @@ SERVICES = ("wallet", "payout", "gifting")  # start order: gifting calls the wal
 READY_PREFIX = "LIVEGIFTS_READY "
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
+# `livegifts run`'s probe ports (each service's PROBE_PORT, plus --port-offset), as on Kubernetes.
+RUN_PROBE_PORTS = {"wallet": 50061, "gifting": 50062, "payout": 50063}
 # Callers stop before what they call: gifting (every spend) and payout (a creator's restrictions)
 # call the wallet; every service publishes and consumes through NATS.
 STOP_STAGES = (("gifting", "payout"), ("wallet",), ("nats",))
@@ -100,6 +102,9 @@ class SuiteConfig:
     nats_port: int = 4223
     grpc_ports: dict[str, int] = field(default_factory=lambda: {"wallet": 50051, "gifting": 50052, "payout": 50053})
     metrics_ports: dict[str, int] = field(default_factory=lambda: {"wallet": 9101, "gifting": 9102, "payout": 9103})
+    # The probe ports (PROBE_PORT: grpc.health.v1 beside the main server's limit); a service
+    # not named here serves none. `livegifts run` gives each RUN_PROBE_PORTS (plus its offset).
+    probe_ports: dict[str, int] = field(default_factory=dict)
     database_urls: dict[str, str] = field(default_factory=dict)  # default: SQLite files under var_dir
     webhook_secret: str = "dev-webhook-secret"
     operator_token: str = "dev-operator-token"
@@ -127,6 +132,8 @@ class SuiteConfig:
             p + "GRPC_HOST": "127.0.0.1",
             p + "GRPC_PORT": str(self.grpc_ports[svc]),
             p + "METRICS_PORT": str(self.metrics_ports[svc]),
+            p + "PROBE_HOST": "127.0.0.1",
+            p + "PROBE_PORT": str(self.probe_ports.get(svc, 0)),
             p + "OPERATOR_TOKEN": self.operator_token,
         }
         if svc == "wallet":
@@ -226,13 +233,14 @@ class Suite:
     def start_service(self, svc: str, name: str = "") -> None:
         """Start one service and wait for its READY line; under another `name` ("payout-2"), a
         replica of it beside the first, as a Deployment runs several: the same database and NATS,
-        its own gRPC and metrics ports (free ones), log (`name`.log) and trace file."""
+        its own gRPC and metrics ports (free ones), no probe port, its own log (`name`.log) and
+        trace file."""
         name = name or svc
         service_env = self.config.env_for(svc)
         if name != svc:
             self.replica_of[name] = svc
             p = f"LIVEGIFTS_{svc.upper()}_"
-            service_env.update({p + "GRPC_PORT": "0", p + "METRICS_PORT": "0"})
+            service_env.update({p + "GRPC_PORT": "0", p + "METRICS_PORT": "0", p + "PROBE_PORT": "0"})
             if p + "OTEL_FILE" in service_env:
                 service_env[p + "OTEL_FILE"] = str(Path(service_env[p + "OTEL_FILE"]).with_name(f"{name}.spans.jsonl"))
         out_path = self.log_dir / f"{name}.out"

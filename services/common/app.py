@@ -113,9 +113,10 @@ class Wiring:
 
 def rpc_limit(wiring: Wiring) -> int:
     """How many calls the service's gRPC server takes at once; past it every call, health checks
-    included, is refused with RESOURCE_EXHAUSTED. The long-lived streams get slots of their own
-    on top of CONCURRENT_RPCS_MAX, so a replica full of them still answers its probes and takes
-    other calls; their own limit answers the stream past it."""
+    on that port included, is refused with RESOURCE_EXHAUSTED (the kubelet's probes go to the
+    probe port, PROBE_PORT, which this limit does not reach). The long-lived streams get slots of
+    their own on top of CONCURRENT_RPCS_MAX, so a replica full of them still takes other calls
+    and answers health checks on its main port; their own limit answers the stream past it."""
     return CONCURRENT_RPCS_MAX + wiring.streaming_rpcs_max
 
 
@@ -181,6 +182,20 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
             keepalive_time_s=settings.grpc_keepalive_time_s,
             keepalive_timeout_s=settings.grpc_keepalive_timeout_s,
         )
+    probe_port = None
+    if settings.probe_port:
+        where = f"{settings.probe_host}:{settings.probe_port}"
+        with _starting(f"cannot serve the gRPC probe port on {where} (in use, or not this host's)"):
+            try:
+                probe_port = await running.serve_probes(
+                    settings.probe_host,
+                    settings.probe_port,
+                    keepalive_time_s=settings.grpc_keepalive_time_s,
+                    keepalive_timeout_s=settings.grpc_keepalive_timeout_s,
+                )
+            except BaseException:
+                await running.stop(0)  # a started server left to the collector logs a traceback
+                raise
 
     tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
     tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
@@ -204,6 +219,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
         "service": spec.name,
         "grpc": f"{settings.grpc_host}:{running.port}",
         "metrics_port": metrics_port,
+        "probe": f"{settings.probe_host}:{probe_port}" if probe_port else None,
     }
     log.info("serving", extra=ready)
     # One machine-readable line on stdout: launchers and tests learn the bound ports from it.
@@ -225,7 +241,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     log.info("draining", extra={"drain_delay_s": settings.drain_delay_s, "grace_s": settings.shutdown_grace_s})
     await running.set_serving(False)
     await asyncio.sleep(settings.drain_delay_s)
-    await running.server.stop(settings.shutdown_grace_s)
+    await running.stop(settings.shutdown_grace_s)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -110,6 +110,13 @@ class ServiceSettings(MigrationSettings):
     grpc_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the /metrics endpoint")
+    # grpc.health.v1 alone, on a server of its own, for the kubelet's liveness, readiness and
+    # startup probes: the main port's limit on calls in progress (CONCURRENT_RPCS_MAX) counts
+    # health checks too, so calls past it (overload, or calls whose body never comes) failed the
+    # probes and got loaded pods restarted. Its status is the main port's (NOT_SERVING while
+    # draining). 0 turns it off; the main port serves grpc.health.v1 either way.
+    probe_host: str = "127.0.0.1"
+    probe_port: int = Field(default=0, ge=0, le=65535, description="0 disables the probe port")
 
     otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
     otel_file: str = ""  # for otel_exporter=file: JSON lines, one span a line

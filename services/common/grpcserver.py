@@ -65,6 +65,11 @@ KEEPALIVE_PERMIT_WITHOUT_CALLS = 1
 #   default of 5 minutes would cut a quiet feed of any client pinging every 30 s or minute.
 KEEPALIVE_CLIENT_PING_INTERVAL_MIN_S = 10.0
 KEEPALIVE_PING_STRIKES_MAX = 2  # gRPC's default; 0 would let a client ping without bound
+# The probe server (RunningServer.serve_probes): calls in progress at once (the kubelet's three
+# probes, compose's check, an operator's grpc_health_probe, with room) and the largest request
+# it reads (a HealthCheckRequest is a service name).
+PROBE_CONCURRENT_RPCS_MAX = 32
+PROBE_MESSAGE_BYTES_MAX = 4096
 
 # A call answered UNAVAILABLE for one reason and error logs one line per this many seconds.
 UNAVAILABLE_LOG_INTERVAL_S = 30.0
@@ -264,18 +269,79 @@ class ServiceRegistration:
 
 @dataclass
 class RunningServer:
-    """A started server, the port it bound and its health servicer."""
+    """A started server, the port it bound and its health servicer; once `serve_probes` ran, the
+    probe server beside it, its port and its own health servicer."""
 
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
     service_names: list[str]
+    serving: bool = False
+    probe: grpc.aio.Server | None = None
+    probe_port: int | None = None
+    probe_health: health.aio.HealthServicer | None = None
 
     async def set_serving(self, serving: bool) -> None:
-        """Flip every service's health status."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        """Flip every service's health status, on the main port and the probe port alike."""
+        self.serving = serving
+        for servicer in (self.health, self.probe_health):
+            if servicer is not None:
+                await self._set(servicer)
+
+    async def _set(self, servicer: health.aio.HealthServicer) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            await servicer.set(name, status)
+
+    async def serve_probes(
+        self,
+        host: str,
+        port: int,
+        *,
+        keepalive_time_s: float = GRPC_KEEPALIVE_TIME_S,
+        keepalive_timeout_s: float = GRPC_KEEPALIVE_TIMEOUT_S,
+    ) -> int:
+        """Serve grpc.health.v1 alone on a second server of its own, on host:port (port 0 picks a
+        free one; PROBE_HOST / PROBE_PORT), with the main server's status from now on; returns
+        the bound port.
+
+        The main server's limit on calls in progress (`create_server`'s `concurrent_rpcs_max`)
+        counts a call from its headers on, one whose body never comes included, and health
+        checks with the rest: calls enough (a hostile client's, or honest overload past the
+        limit) refused every health check there, so the kubelet's liveness probe restarted pods
+        exactly when they were loaded. The main port keeps its own grpc.health.v1 and
+        reflection, as every service serves them there.
+
+        No interceptors (a probe is no call worth a span or a latency sample) and a limit of its
+        own (PROBE_CONCURRENT_RPCS_MAX): the kubelet runs a few probes at once, and the
+        NetworkPolicies let no pod reach this port, so the limit only bounds what a stray client
+        costs."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES_MAX),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ],
+            maximum_concurrent_rpcs=PROBE_CONCURRENT_RPCS_MAX,
+        )
+        servicer = health.aio.HealthServicer()
+        await self._set(servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the gRPC probe port to {host}:{port}")
+        await server.start()
+        self.probe, self.probe_port, self.probe_health = server, bound, servicer
+        return bound
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Stop taking calls and let those in flight finish for `grace_s`, then stop the probe
+        server: a probe during the grace still gets an answer (NOT_SERVING), not a refusal."""
+        await self.server.stop(grace_s)
+        if self.probe is not None:
+            await self.probe.stop(0)
 
 
 async def create_server(

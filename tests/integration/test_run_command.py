@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.suite import SuiteConfig
+from services.cli.suite import RUN_PROBE_PORTS, SuiteConfig
 
 START_S = 90
 STOP_S = 30
@@ -34,6 +34,7 @@ def _ports(offset: int) -> list[int]:
         d.nats_port + offset,
         *(p + offset for p in d.grpc_ports.values()),
         *(p + offset for p in d.metrics_ports.values()),
+        *(p + offset for p in RUN_PROBE_PORTS.values()),
     ]
 
 
@@ -93,8 +94,9 @@ def _run(tmp_path: Path, offset: int) -> subprocess.Popen[bytes]:
 
 
 def _up(proc: subprocess.Popen[bytes], var: Path, offset: int) -> list[int]:
-    """Wait until the three services answer health checks; the suite's processes (`run`'s children)."""
-    grpc_ports = [p + offset for p in SuiteConfig(var_dir=var).grpc_ports.values()]
+    """Wait until the three services answer health checks, on their gRPC ports and their probe
+    ports; the suite's processes (`run`'s children)."""
+    grpc_ports = [p + offset for p in [*SuiteConfig(var_dir=var).grpc_ports.values(), *RUN_PROBE_PORTS.values()]]
     deadline = time.monotonic() + START_S
     while not all(_serving(p) for p in grpc_ports):
         assert proc.poll() is None, proc.communicate()[0].decode()

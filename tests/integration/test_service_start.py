@@ -93,6 +93,58 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, held_port: int) -> No
     _says(_start(tmp_path, metrics_port=str(held_port)), f"cannot serve metrics on 127.0.0.1:{held_port}")
 
 
+def test_a_probe_port_in_use_is_one_line(tmp_path: Path, held_port: int) -> None:
+    _says(_start(tmp_path, probe_port=str(held_port)), f"cannot serve the gRPC probe port on 127.0.0.1:{held_port}")
+
+
+def _health(port: int) -> int | None:
+    """The status a grpc.health.v1 Check on 127.0.0.1:port answers, None for no answer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+        except grpc.RpcError:
+            return None
+
+
+def test_the_probe_port_serves_with_the_service_and_says_not_serving_from_sigterm_on(tmp_path: Path) -> None:
+    """PROBE_PORT: where the kubelet's probes go. SERVING once the service serves (its READY line
+    names it), NOT_SERVING through the drain as the main port, then closed."""
+    from grpc_health.v1 import health_pb2
+
+    from services.cli.suite import READY_PREFIX, free_port
+
+    probe_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gifting"],
+        env=_env(tmp_path, probe_port=str(probe_port), drain_delay_s="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(next(line for line in proc.stdout if line.startswith(READY_PREFIX))[len(READY_PREFIX) :])
+        assert ready["probe"] == f"127.0.0.1:{probe_port}", ready
+        main_port = int(ready["grpc"].rsplit(":", 1)[1])
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert _health(probe_port) == serving == _health(main_port)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while _health(probe_port) != not_serving:  # the drain (DRAIN_DELAY_S) has begun
+            assert time.monotonic() < deadline, "the probe port did not turn NOT_SERVING"
+            time.sleep(0.05)
+        assert _health(main_port) == not_serving
+        assert proc.wait(timeout=STOP_WAIT_S) == 0
+        assert _health(probe_port) is None, "the probe port outlived the service"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("command", [[], ["migrate"]], ids=["serve", "migrate"])
 @pytest.mark.parametrize(
     ("user", "query", "shown"),

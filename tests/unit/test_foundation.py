@@ -279,6 +279,58 @@ def test_open_streams_take_the_health_checks_slots_unless_the_limit_leaves_room(
     assert asyncio.run(check_with_streams_open(limit=4, streams=3)) == grpc.StatusCode.OK
 
 
+def test_the_probe_port_answers_while_calls_whose_body_never_comes_hold_every_slot_of_the_main_one() -> None:
+    """The main server's limit counts a call from its headers on, whether or not its body ever
+    comes: calls enough (a hostile client's, or honest overload) refused every health check
+    there, so the kubelet's liveness probe restarted pods exactly when they were loaded. The
+    probe port (PROBE_PORT) answers beside it, with the main port's status, draining included."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.grpcserver import create_server
+
+    async def check(channel: grpc.aio.Channel) -> grpc.StatusCode | int:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return int(answer.status)
+
+    async def answers() -> list[grpc.StatusCode | int]:
+        running = await create_server([], "127.0.0.1", 0, "livegifts.test", concurrent_rpcs_max=2)
+        probe_port = await running.serve_probes("127.0.0.1", 0)
+        got = []
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as main,
+            grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as probe,
+        ):
+            got.append(await check(probe))  # SERVING
+            # A unary method called as a client stream that writes nothing: its headers go, its
+            # body never does, and it has no deadline.
+            held = [main.stream_unary("/grpc.health.v1.Health/Check")() for _ in range(2)]
+            await asyncio.sleep(0.5)  # the server has both calls' headers
+            got.append(await check(main))  # RESOURCE_EXHAUSTED: both slots are held
+            got.append(await check(probe))  # SERVING all the same
+            await running.set_serving(False)  # a drain starts
+            got.append(await check(probe))  # NOT_SERVING, in step with the main port
+            for call in held:
+                call.cancel()
+            await asyncio.sleep(0.5)
+            got.append(await check(main))  # NOT_SERVING there too, once a slot is free
+        await running.stop(0)
+        return got
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert asyncio.run(answers()) == [
+        serving,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        serving,
+        not_serving,
+        not_serving,
+    ]
+
+
 @pytest.mark.parametrize("trace_spans", [False, True])
 def test_health_watch_streams_the_status_like_check_answers_it(trace_spans: bool) -> None:
     """grpc.health.v1 Watch (what client-side health checking and some meshes use) is a handler
