@@ -151,7 +151,9 @@ def test_the_settings_point_at_the_composed_peers(compose: dict[str, Any], monke
         assert depends[f"{svc}-migrate"] == {"condition": "service_completed_successfully"}
         assert depends["nats"] == {"condition": "service_healthy"}
         assert s.grpc_host == "0.0.0.0" and s.metrics_host == "0.0.0.0"
-        assert definition["healthcheck"]["test"][-1] == str(s.grpc_port), "the health check probes the gRPC port"
+        # The probe port, not the main one: there a check past the limit on calls in progress is refused.
+        assert s.probe_port and s.probe_port != s.grpc_port, f"{name}: no probe port of its own"
+        assert definition["healthcheck"]["test"][-1] == str(s.probe_port), "the health check probes the probe port"
         assert f"127.0.0.1:{s.grpc_port}:{s.grpc_port}" in definition["ports"]
         grace_s = int(definition["stop_grace_period"].removesuffix("s"))
         assert s.drain_delay_s + s.shutdown_grace_s < grace_s, f"{name}: stop_grace_period too short"

@@ -51,6 +51,9 @@ CRD_KINDS = {
 
 GRPC_PORTS = {"wallet": 50051, "gifting": 50052, "payout": 50053}
 METRICS_PORTS = {"wallet": 9101, "gifting": 9102, "payout": 9103}
+# grpc.health.v1 alone (PROBE_PORT), outside the main port's limit on calls in progress: the
+# kubelet's probes go there, and no pod may reach it.
+PROBE_PORTS = {"wallet": 50061, "gifting": 50062, "payout": 50063}
 NAMESPACES = {"dev": "livegifts-dev", "prod": "livegifts"}
 # Extra connections per pod beyond the pool: the migrate init container (Alembic, NullPool).
 CONNECTIONS_PER_POD_EXTRA = 1
@@ -180,9 +183,14 @@ def test_the_services_use_native_grpc_probes_and_an_empty_dir_tmp(overlay: str) 
             if is_init:
                 continue
             seen.add(ran[0])
-            grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            # On the probe port, not the main one: there a check past the limit on calls in
+            # progress is refused, and liveness would restart a pod for being loaded.
+            assert ports["probe"] != ports["grpc"], f"{w.name}: the probe port is the main one"
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert c[probe].get("grpc", {}).get("port") == grpc_port, f"{w.name}: {probe} is not a gRPC probe"
+                assert c[probe].get("grpc", {}).get("port") == ports["probe"], (
+                    f"{w.name}: {probe} is not a gRPC probe on the probe port"
+                )
     assert seen == set(SERVICES)
 
 
@@ -305,10 +313,11 @@ def test_the_settings_match_the_ports_probes_peers_and_grace_period(
             wallet_service = find(objs, "Service", host)
             assert wallet_service is not None, f"{where}: no Service {host}"
             assert int(port) in {p["port"] for p in wallet_service["spec"]["ports"]}
-        assert s.grpc_host == "0.0.0.0" and s.metrics_host == "0.0.0.0", f"{where}: must listen on all interfaces"
+        assert s.grpc_host == s.metrics_host == s.probe_host == "0.0.0.0", f"{where}: must listen on all interfaces"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": s.grpc_port, "metrics": s.metrics_port}, where
+        assert ports == {"grpc": s.grpc_port, "metrics": s.metrics_port, "probe": s.probe_port}, where
         assert s.grpc_port == GRPC_PORTS[svc] and s.metrics_port == METRICS_PORTS[svc]
+        assert s.probe_port == PROBE_PORTS[svc], where
         grace = w.pod["terminationGracePeriodSeconds"]
         assert s.drain_delay_s + s.shutdown_grace_s < grace, (
             f"{where}: drain {s.drain_delay_s}s + grace {s.shutdown_grace_s}s must stay below "
@@ -583,7 +592,12 @@ def test_network_policies_block_every_other_call_between_our_pods(overlay: str) 
     allowed = _allowed_flows(overlay)
     ours = [f"livegifts-{s}" for s in SERVICES]
     ports = sorted(
-        {*GRPC_PORTS.values(), *METRICS_PORTS.values(), 4222, 6222, 8222, 5432, 8000, CNPG_METRICS_PORT, 443}
+        {
+            *GRPC_PORTS.values(),
+            *METRICS_PORTS.values(),
+            *PROBE_PORTS.values(),  # the kubelet's alone (its probes pass no NetworkPolicy)
+            *(4222, 6222, 8222, 5432, 8000, CNPG_METRICS_PORT, 443),
+        }
     )
     candidates = [
         *ours,
@@ -744,13 +758,12 @@ def _gifting_wiring(settings: Any) -> Any:
     return asyncio.run(build())
 
 
-def test_a_gifting_pod_with_every_live_feed_open_still_answers_its_probes(
+def test_a_gifting_pod_with_every_live_feed_open_still_takes_other_calls(
     overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A WatchStream feed is one gRPC call for as long as it watches, and the server's limit on
-    calls in progress counts it like any other call, the kubelet's health checks included. Past
-    the limit a probe gets RESOURCE_EXHAUSTED: the pod leaves its Service and, a minute later,
-    liveness restarts it and its viewers pile onto the other replicas. With the WATCHERS_MAX
+    calls in progress counts it like any other call, health checks on the main port included
+    (the kubelet's go to the probe port, which the limit does not reach). With the WATCHERS_MAX
     feeds a replica accepts all open, the other calls must keep their whole share."""
     from services.common.app import rpc_limit
     from services.common.grpcserver import CONCURRENT_RPCS_MAX
