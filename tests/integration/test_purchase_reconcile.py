@@ -56,46 +56,72 @@ def wallet_addr(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             suite.stop()
 
 
+async def _card_checkout(wallet: wallet_pb2_grpc.WalletServiceStub, buyer: str) -> wallet_pb2.Purchase:
+    """A card checkout of the 70-coin US package whose callback is never sent: it stays PENDING."""
+    return await wallet.CreatePurchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=buyer,
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
+            idempotency_key=uid("buy"),
+        ),
+        timeout=10,
+    )
+
+
+async def _credited_by_the_reconciler(
+    wallet: wallet_pb2_grpc.WalletServiceStub, buyer: str, purchase: wallet_pb2.Purchase
+) -> int:
+    """Waits for the reconciler to settle `purchase` SUCCEEDED; the buyer's coins, the package's."""
+    deadline = time.monotonic() + SETTLED_WITHIN_S
+    got = purchase
+    while got.status == wallet_pb2.PURCHASE_STATUS_PENDING and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        got = await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id), timeout=10)
+    assert got.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
+    coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
+    assert coins == purchase.coins > 0
+    return coins
+
+
+def _dev_callback(
+    wallet: wallet_pb2_grpc.WalletServiceStub,
+    purchase_id: str,
+    event_id: str,
+    event_type: str,
+    amount_minor: int,
+    currency_code: str,
+) -> Any:
+    """The development provider's signed callback of `purchase_id` (the call, to await or expect_error)."""
+    payload = dev_event_payload(event_id, event_type, purchase_id, amount_minor, currency_code)
+    return wallet.HandlePaymentEvent(
+        wallet_pb2.HandlePaymentEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(WEBHOOK_SECRET.encode(), payload)
+        ),
+        timeout=10,
+    )
+
+
 async def test_a_purchase_whose_callback_never_came_is_credited_once_and_its_late_callback_is_a_duplicate(
     wallet_addr: str,
 ) -> None:
     async with grpc.aio.insecure_channel(wallet_addr) as ch:
         wallet = wallet_pb2_grpc.WalletServiceStub(ch)
         buyer = uid("buyer")
-        purchase = await wallet.CreatePurchase(
-            wallet_pb2.CreatePurchaseRequest(
-                user_id=buyer,
-                package_id="us-usd-70",
-                currency_code="USD",
-                payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-                idempotency_key=uid("buy"),
-            ),
-            timeout=10,
-        )
+        purchase = await _card_checkout(wallet, buyer)
         assert purchase.status == wallet_pb2.PURCHASE_STATUS_PENDING
         # No callback: the provider gave up on it. The wallet asks the provider itself.
-        deadline = time.monotonic() + SETTLED_WITHIN_S
-        got = purchase
-        while got.status == wallet_pb2.PURCHASE_STATUS_PENDING and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            got = await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id), timeout=10)
-        assert got.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
-        coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
-        assert coins == purchase.coins > 0
+        coins = await _credited_by_the_reconciler(wallet, buyer, purchase)
 
         # The provider's callback of that payment (as `livegifts buy` sends it) comes after all.
-        payload = dev_event_payload(
+        answer = await _dev_callback(
+            wallet,
+            purchase.purchase_id,
             dev_payment_event_id(purchase.purchase_id),
             "payment.succeeded",
-            purchase.purchase_id,
             purchase.price.amount_minor,
             purchase.price.currency_code,
-        )
-        answer = await wallet.HandlePaymentEvent(
-            wallet_pb2.HandlePaymentEventRequest(
-                provider="dev", payload=payload, signature=signing.sign(WEBHOOK_SECRET.encode(), payload)
-            ),
-            timeout=10,
         )
         assert answer.duplicate
         assert (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins == coins
@@ -132,16 +158,7 @@ async def test_two_replicas_looking_up_the_same_late_purchases_credit_each_once_
                 bought = {}
                 for _ in range(REPLICA_PURCHASES):
                     buyer = uid("buyer")
-                    bought[buyer] = await wallet.CreatePurchase(
-                        wallet_pb2.CreatePurchaseRequest(
-                            user_id=buyer,
-                            package_id="us-usd-70",
-                            currency_code="USD",
-                            payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-                            idempotency_key=uid("buy"),
-                        ),
-                        timeout=10,
-                    )
+                    bought[buyer] = await _card_checkout(wallet, buyer)
                 deadline = time.monotonic() + SETTLED_WITHIN_S
                 killed = False
                 purchase_ids = {p.purchase_id for p in bought.values()}
@@ -194,33 +211,11 @@ async def test_the_providers_own_late_success_under_another_event_id_is_a_duplic
     async with grpc.aio.insecure_channel(wallet_addr) as ch:
         wallet = wallet_pb2_grpc.WalletServiceStub(ch)
         buyer = uid("buyer")
-        purchase = await wallet.CreatePurchase(
-            wallet_pb2.CreatePurchaseRequest(
-                user_id=buyer,
-                package_id="us-usd-70",
-                currency_code="USD",
-                payment_method=wallet_pb2.PAYMENT_METHOD_CARD,
-                idempotency_key=uid("buy"),
-            ),
-            timeout=10,
-        )
-        deadline = time.monotonic() + SETTLED_WITHIN_S
-        got = purchase
-        while got.status == wallet_pb2.PURCHASE_STATUS_PENDING and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            got = await wallet.GetPurchase(wallet_pb2.GetPurchaseRequest(purchase_id=purchase.purchase_id), timeout=10)
-        assert got.status == wallet_pb2.PURCHASE_STATUS_SUCCEEDED
-        coins = (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=buyer), timeout=10)).coins
-        assert coins == purchase.coins > 0
+        purchase = await _card_checkout(wallet, buyer)
+        coins = await _credited_by_the_reconciler(wallet, buyer, purchase)
 
         def callback(event_id: str, event_type: str, amount_minor: int, currency_code: str = "USD") -> Any:
-            payload = dev_event_payload(event_id, event_type, purchase.purchase_id, amount_minor, currency_code)
-            return wallet.HandlePaymentEvent(
-                wallet_pb2.HandlePaymentEventRequest(
-                    provider="dev", payload=payload, signature=signing.sign(WEBHOOK_SECRET.encode(), payload)
-                ),
-                timeout=10,
-            )
+            return _dev_callback(wallet, purchase.purchase_id, event_id, event_type, amount_minor, currency_code)
 
         price = purchase.price.amount_minor
         own_id = uid("evt_provider")
