@@ -138,6 +138,18 @@ async def callback(
     )
 
 
+def callback_before_the_look_up(w: Wallet, provider: StandIn, p: wallet_pb2.Purchase, event_type: str) -> None:
+    """The purchase's callback (`event_type` under the event id `evt_callback`) lands between the
+    reconciler's read and its look-up at `provider`."""
+    ask = provider.status
+
+    async def callback_first(*args: object) -> ProviderEvent | None:
+        await callback(w, p, "evt_callback", event_type)
+        return await ask(*args)  # type: ignore[arg-type]
+
+    provider.status = callback_first  # type: ignore[method-assign]
+
+
 async def test_a_success_whose_callback_never_came_is_credited_once_and_its_late_callback_is_a_duplicate(
     env: tuple[Wallet, StandIn],
 ) -> None:
@@ -227,14 +239,7 @@ async def test_a_success_a_callback_applied_under_another_event_id_is_counted_a_
     w, provider = env
     p = await unpaid(w, "gus")
     provider.report[p.purchase_id] = "payment.succeeded"
-    ask = provider.status
-
-    async def callback_first(*args: object) -> ProviderEvent | None:
-        # The callback lands between the reconciler's read and its look-up.
-        await callback(w, p, "evt_callback", "payment.succeeded")
-        return await ask(*args)  # type: ignore[arg-type]
-
-    provider.status = callback_first  # type: ignore[method-assign]
+    callback_before_the_look_up(w, provider, p, "payment.succeeded")
     before = reconciled("duplicate"), reconciled("settled_meanwhile")
     assert await w.reconcile_once(now=late(w)) == 0
     assert (await w.get_balance("gus")).coins == 70
@@ -248,13 +253,7 @@ async def test_an_answer_refused_for_a_purchase_a_callback_settled_meanwhile_is_
     p = await unpaid(w, "gil")
     provider.report[p.purchase_id] = "payment.succeeded"
     provider.amount_minor_delta = 1  # refused AMOUNT_MISMATCH, but the purchase no longer waits for it
-    ask = provider.status
-
-    async def callback_first(*args: object) -> ProviderEvent | None:
-        await callback(w, p, "evt_callback", "payment.succeeded")
-        return await ask(*args)  # type: ignore[arg-type]
-
-    provider.status = callback_first  # type: ignore[method-assign]
+    callback_before_the_look_up(w, provider, p, "payment.succeeded")
     before = reconciled("settled_meanwhile"), reconciled("refused")
     assert await w.reconcile_once(now=late(w)) == 0
     assert (await w.get_balance("gil")).coins == 70
@@ -269,13 +268,7 @@ async def test_a_failure_looked_up_for_a_purchase_a_callback_credited_meanwhile_
     w, provider = env
     p = await unpaid(w, "hal")
     provider.report[p.purchase_id] = "payment.failed"  # a declined first card, looked up late
-    ask = provider.status
-
-    async def callback_first(*args: object) -> ProviderEvent | None:
-        await callback(w, p, "evt_callback", "payment.succeeded")  # the second card's success
-        return await ask(*args)  # type: ignore[arg-type]
-
-    provider.status = callback_first  # type: ignore[method-assign]
+    callback_before_the_look_up(w, provider, p, "payment.succeeded")  # the second card's success
     before = reconciled("settled_meanwhile"), reconciled("failed")
     assert await w.reconcile_once(now=late(w)) == 0
     assert (await w.get_purchase(p.purchase_id)).status == SUCCEEDED
@@ -292,13 +285,7 @@ async def test_a_failure_looked_up_for_a_purchase_a_callback_failed_meanwhile_is
     w, provider = env
     p = await unpaid(w, "hank")
     provider.report[p.purchase_id] = "payment.failed"
-    ask = provider.status
-
-    async def callback_first(*args: object) -> ProviderEvent | None:
-        await callback(w, p, "evt_callback", "payment.failed")  # the provider's own callback
-        return await ask(*args)  # type: ignore[arg-type]
-
-    provider.status = callback_first  # type: ignore[method-assign]
+    callback_before_the_look_up(w, provider, p, "payment.failed")  # the provider's own callback
     before = reconciled("settled_meanwhile"), reconciled("failed")
     assert await w.reconcile_once(now=late(w)) == 0
     assert (await w.get_purchase(p.purchase_id)).status == FAILED
