@@ -137,36 +137,32 @@ async def verified_method(payout: Payout, creator: str, domain: str = "example.c
     return method.method_id
 
 
-async def approved_withdrawal(payout: Payout, creator: str, domain: str = "example.com") -> str:
-    """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event(creator, 40_000)])
-        await uow.commit()
-    wd = await payout.request_withdrawal(
+async def requested_withdrawal(
+    payout: Payout, creator: str, coins: int, diamonds: int, method_id: str = "", domain: str = "example.com"
+) -> payout_pb2.Withdrawal:
+    """Credit `creator` a gift of `coins` (diamonds at 50%), then request `diamonds` to `method_id`
+    (unset: a PayPal method at `domain` added and verified after the credit)."""
+    await consume(payout, gifts=[gift_event(creator, coins)])
+    return await payout.request_withdrawal(
         payout_pb2.RequestWithdrawalRequest(
             creator_id=creator,
-            diamonds=20_000,
-            method_id=await verified_method(payout, creator, domain),
+            diamonds=diamonds,
+            method_id=method_id or await verified_method(payout, creator, domain),
             idempotency_key=uuid.uuid4().hex,
         )
     )
+
+
+async def approved_withdrawal(payout: Payout, creator: str, domain: str = "example.com") -> str:
+    """Credit `creator` 20,000 diamonds (40,000 coins at 50%) and request a $100 withdrawal (auto-approved)."""
+    wd = await requested_withdrawal(payout, creator, 40_000, 20_000, domain=domain)
     assert wd.status == payout_pb2.WITHDRAWAL_STATUS_APPROVED
     return wd.withdrawal_id
 
 
 async def reviewed_withdrawal(payout: Payout, creator: str) -> payout_pb2.Withdrawal:
     """Credit `creator` 120,000 diamonds and request a $600 withdrawal, above the $500 review threshold."""
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event(creator, 240_000)])
-        await uow.commit()
-    wd = await payout.request_withdrawal(
-        payout_pb2.RequestWithdrawalRequest(
-            creator_id=creator,
-            diamonds=120_000,
-            method_id=await verified_method(payout, creator),
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    wd = await requested_withdrawal(payout, creator, 240_000, 120_000)
     assert wd.status == payout_pb2.WITHDRAWAL_STATUS_PENDING_REVIEW
     return wd
 
@@ -276,9 +272,7 @@ async def test_a_daily_limit_refusal_says_when_the_utc_day_it_counted_on_ends(  
     async with payout.db.unit_of_work() as uow:  # the $600 counted on that day, as if requested then
         await uow.conn.execute(update(daily_withdrawals).values(day="2026-03-31"))
         await uow.commit()
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event("creator-a", 400_000)])
-        await uow.commit()
+    await consume(payout, gifts=[gift_event("creator-a", 400_000)])
     with pytest.raises(ResourceExhausted) as refused:
         await payout.request_withdrawal(
             payout_pb2.RequestWithdrawalRequest(
@@ -518,17 +512,8 @@ async def test_a_withdrawal_request_the_wallet_allows_clears_its_earlier_hold(  
     assert await payout.dispatch_once() == 0
     assert await holds(payout, held) == ["ACCOUNT_BLOCKED"]
     wallet.blocked.clear()  # unblocked; the creator asks for more before the dispatcher rechecks
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event("creator-a", 40_000)])
-        await uow.commit()
-    again = await payout.request_withdrawal(
-        payout_pb2.RequestWithdrawalRequest(
-            creator_id="creator-a",
-            diamonds=20_000,
-            method_id=(await payout.get_withdrawal(held)).method_id,
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    method_id = (await payout.get_withdrawal(held)).method_id
+    again = await requested_withdrawal(payout, "creator-a", 40_000, 20_000, method_id)
     assert again.hold == HOLD.Value("WITHDRAWAL_HOLD_UNSPECIFIED")
     assert await holds(payout, held, again.withdrawal_id) == ["", ""]  # the wallet just said yes
 
@@ -832,14 +817,19 @@ def stuck_provider(payout: Payout, how: str) -> StuckProvider:
     return provider
 
 
+async def stuck_and_fine(payout: Payout, how: str) -> tuple[StuckProvider, str, str]:
+    """A stuck_provider(payout, how), and creator-a's and creator-b's approved withdrawals (the
+    test says which of them the provider is stuck on, and when)."""
+    provider = stuck_provider(payout, how)
+    return provider, await approved_withdrawal(payout, "creator-a"), await approved_withdrawal(payout, "creator-b")
+
+
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
 async def test_a_submission_that_hangs_or_fails_leaves_its_withdrawal_claimed_and_the_round_goes_on(  # type: ignore[no-untyped-def]
     setup, caplog, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
-    provider = stuck_provider(payout, how)
-    stuck = await approved_withdrawal(payout, "creator-a")
-    fine = await approved_withdrawal(payout, "creator-b")
+    provider, stuck, fine = await stuck_and_fine(payout, how)
     provider.stuck.add(stuck)
     counted = failures("submit", outcome)
 
@@ -944,9 +934,7 @@ async def test_a_look_up_that_hangs_or_fails_is_counted_and_asked_again_next_rou
     setup, caplog, how: str, outcome: str
 ) -> None:
     payout, _provider, _path = setup
-    provider = stuck_provider(payout, how)
-    stuck = await approved_withdrawal(payout, "creator-a")
-    fine = await approved_withdrawal(payout, "creator-b")
+    provider, stuck, fine = await stuck_and_fine(payout, how)
     assert await payout.dispatch_once() == 2  # handed over; no callback comes (auto_callback off)
     provider.done.update({stuck, fine})  # both settled (PAID) at the provider ...
     provider.stuck.add(stuck)  # ... but asking about one hangs or fails
