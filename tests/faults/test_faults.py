@@ -262,26 +262,18 @@ async def _refuse_pg_connections(suite: Suite, flight: Flight, log: list[str]) -
     """Each service's database in turn refuses new connections (`ALLOW_CONNECTIONS false`, an
     operator's maintenance switch: SQLSTATE 55000) for REFUSED_S, its sessions ended, once gift
     events flow. Its calls must answer UNAVAILABLE (the load retries them), not INTERNAL."""
-    import asyncpg
-
     admin = pg.admin_url_or_skip()
     await _until_stored(suite, flight, "GIFTING")
     flight.fault_starts(log, "databases refuse new connections in turn")
-    conn = await asyncpg.connect(pg.database_url(admin, "postgres").replace("+asyncpg", ""))
-    try:
-        for svc in ("wallet", "gifting", "payout"):
-            name = suite.config.database_urls[svc].rsplit("/", 1)[1]
-            await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            try:
-                n = await conn.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1", name
-                )
-                await asyncio.sleep(REFUSED_S)
-            finally:
-                await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            log.append(f"{svc}'s database refused connections for {REFUSED_S:g} s ({n} sessions ended)")
-    finally:
-        await conn.close()
+
+    def refused_for_a_while(name: str) -> int:  # in a thread: the load goes on meanwhile
+        with pg.refusing_connections(admin, name) as ended:
+            time.sleep(REFUSED_S)
+        return ended
+
+    for svc in ("wallet", "gifting", "payout"):
+        n = await asyncio.to_thread(refused_for_a_while, suite.config.database_urls[svc].rsplit("/", 1)[1])
+        log.append(f"{svc}'s database refused connections for {REFUSED_S:g} s ({n} sessions ended)")
 
 
 LOCKED_S = 6.0

@@ -17,7 +17,8 @@ SERVICES = ("wallet", "gifting", "payout")
 _reachable: bool | None = None
 
 
-async def _execute(admin_url: str, sql: str) -> None:
+async def _execute(admin_url: str, sql: str, *, fetch: bool = False) -> object:
+    """Run `sql` as the admin; with `fetch`, one query whose first value it returns."""
     import asyncpg
 
     from services.common.db import postgres_connect_args
@@ -33,15 +34,15 @@ async def _execute(admin_url: str, sql: str) -> None:
         **{"timeout": 5, **libpq_args},  # its sslmode etc., as the services take them
     )
     try:
-        await conn.execute(sql)
+        return await (conn.fetchval(sql) if fetch else conn.execute(sql))
     finally:
         await conn.close()
 
 
-def _run(coro: object) -> None:
+def _run(coro: object) -> object:
     # A thread of its own: callers may be sync fixtures or async tests with a loop running.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
+        return pool.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
 
 
 def admin_url_or_skip() -> str:
@@ -78,14 +79,20 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def refusing_connections(admin_url: str, name: str) -> Iterator[None]:
+def refusing_connections(admin_url: str, name: str) -> Iterator[int]:
     """Database `name` refuses new connections (`ALLOW_CONNECTIONS false`, an operator's
-    maintenance switch: SQLSTATE 55000) and its sessions are ended, until the block ends; then it
-    allows them again, also when the block raised."""
+    maintenance switch: SQLSTATE 55000) and its sessions are ended (yields how many), until the
+    block ends; then it allows them again, also when the block raised."""
     run_sql(admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
     try:
-        run_sql(admin_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-        yield
+        ended = _run(
+            _execute(
+                admin_url,
+                f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{name}'",
+                fetch=True,
+            )
+        )
+        yield int(ended)  # type: ignore[call-overload]
     finally:
         run_sql(admin_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
