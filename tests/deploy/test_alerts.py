@@ -13,10 +13,9 @@ import re
 import grpc
 
 from tests.deploy.manifests import REPO, Obj, by_kind, render, selects
-from tests.unit.test_docs import TARGET_LABELS, _metrics
+from tests.support.docs import SRE, TARGET_LABELS, exported_metrics
 
 RULE_FILE = "deploy/k8s/overlays/prod/prometheus-rules.yaml"
-SRE = (REPO / "docs" / "sre.md").read_text()
 SEVERITIES = {"critical", "warning"}
 # Metrics that other exporters serve, with the labels they carry.
 EXTERNAL_METRICS = {
@@ -106,7 +105,7 @@ def _metric_names(expr: str) -> list[str]:
 def _labels_of(name: str) -> tuple[str, ...]:
     if name in EXTERNAL_METRICS:
         return EXTERNAL_METRICS[name]
-    return _metrics()[name][1]
+    return exported_metrics()[name][1]
 
 
 def test_only_prod_ships_the_alerts_as_one_prometheus_rule() -> None:
@@ -154,7 +153,7 @@ def test_every_alert_has_a_for_a_severity_and_a_runbook_section_of_docs_sre() ->
 
 
 def test_every_metric_an_alert_reads_is_exported_with_the_labels_it_uses() -> None:
-    exported = _metrics()
+    exported = exported_metrics()
     problems = []
     for r in _rules():
         name, expr = r["alert"], r["expr"]
@@ -197,7 +196,7 @@ def test_every_label_value_an_alert_selects_is_one_the_code_sets() -> None:
 def test_every_counter_an_alert_takes_the_increase_or_rate_of_is_exported_at_zero_from_the_start() -> None:
     from prometheus_client import REGISTRY
 
-    exported = _metrics()
+    exported = exported_metrics()
     problems = []
     for r in _rules():
         # rate() too: the first failures after a pod starts show no rate without a sample before them.

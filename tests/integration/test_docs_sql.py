@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from services.common.migrate import upgrade_head
 from tests.integration import pg
-from tests.unit.test_docs import REPO, SRE
+from tests.support.docs import REPO, SRE
 
 SERVICES = ("wallet", "gifting", "payout")
 

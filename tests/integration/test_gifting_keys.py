@@ -32,7 +32,7 @@ from services.gifting.keyrows import KeyOnlyPruner
 from services.gifting.storage import common, content_unlocks, gift_events, streams
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
-from tests.unit.test_gift_saga import wallet_refusal
+from tests.support.gifting import wallet_refusal
 
 OUTCOME = wallet_pb2.CancelSpendResponse
 

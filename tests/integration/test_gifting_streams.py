@@ -24,7 +24,7 @@ from services.gifting.storage import common, gift_events
 from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
 from tests.integration.conftest import gifting_on
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
-from tests.unit.test_gift_saga import OverloadedWallet
+from tests.support.gifting import OverloadedWallet
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from services.cli.audit import FAILED, Totals, check_invariants
 from services.common.timeutil import now_us
 from services.payout.storage import common, creators, earnings, withdrawals
 from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import gift_event, payout_on
+from tests.support.payout import gift_event, payout_on
 
 
 @pytest.fixture

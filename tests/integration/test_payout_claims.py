@@ -20,7 +20,7 @@ from services.payout.providers import dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import Payout
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
-from tests.unit.test_payout_dispatch import (
+from tests.support.payout import (
     SECRET,
     RefusingProvider,
     SlowProvider,

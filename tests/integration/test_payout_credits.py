@@ -11,7 +11,7 @@ import pytest
 from livegifts.payout.v1 import payout_pb2
 from services.common.timeutil import now_us
 from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import gift_event, payout_on
+from tests.support.payout import gift_event, payout_on
 
 
 @pytest.fixture

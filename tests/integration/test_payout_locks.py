@@ -24,7 +24,7 @@ from services.payout.storage import clawback_shortfalls, creators
 from services.payout.usecases import Payout
 from tests.integration import pg
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, count_deadlocks, wait_for_lock_waiters
-from tests.unit.test_payout_dispatch import consume, payout_on, verified_method
+from tests.support.payout import consume, payout_on, verified_method
 
 NOW_S = 1_795_305_600
 

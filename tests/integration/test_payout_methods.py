@@ -23,7 +23,7 @@ from services.common.idempotency import IdempotentCall
 from services.payout import domain
 from services.payout.storage import common, payout_methods
 from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import method_request, payout_on
+from tests.support.payout import method_request, payout_on
 
 LIMIT = 3
 

@@ -16,7 +16,7 @@ from livegifts.common.v1 import common_pb2
 from livegifts.payout.v1 import payout_pb2
 from services.common.errors import InvalidArgument, NotFound
 from services.payout.usecases import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Payout
-from tests.unit.test_payout_dispatch import gift_event, payout_on
+from tests.support.payout import gift_event, payout_on
 
 NEW = "creator-never-credited"
 

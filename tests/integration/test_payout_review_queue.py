@@ -8,7 +8,6 @@ and docs/sre.md sent them to SQL to find the ones waiting for review or held APP
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -23,7 +22,7 @@ from services.payout.usecases import Payout
 from tests.integration.helpers import expect_error, uid
 from tests.integration.test_payout import fund, withdraw
 from tests.integration.test_payout import verified_method as verified_method_of
-from tests.unit.test_payout_dispatch import approved_withdrawal, gift_event, payout_on, verified_method
+from tests.support.payout import approved_withdrawal, payout_on, requested_withdrawal
 
 W = payout_pb2
 REVIEW = W.WITHDRAWAL_STATUS_PENDING_REVIEW
@@ -38,17 +37,7 @@ async def payout(empty_database: str) -> AsyncIterator[Payout]:
 
 async def reviewed_withdrawal(payout: Payout, creator: str) -> str:
     """Credit `creator` 120,000 diamonds and request them all ($600: waits for review); its id."""
-    async with payout.db.unit_of_work() as uow:
-        await payout.credit_gifts(uow, [gift_event(creator, 240_000)])
-        await uow.commit()
-    wd = await payout.request_withdrawal(
-        W.RequestWithdrawalRequest(
-            creator_id=creator,
-            diamonds=120_000,
-            method_id=await verified_method(payout, creator),
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
+    wd = await requested_withdrawal(payout, creator, 240_000, 120_000)
     assert wd.status == REVIEW
     return wd.withdrawal_id
 

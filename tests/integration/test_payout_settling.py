@@ -20,7 +20,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.common.errors import FailedPrecondition
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import gift_event, payout_on, verified_method
+from tests.support.payout import gift_event, max_clawable, payout_on, verified_method
 
 NOW_S = 1_795_305_600
 
@@ -175,7 +175,6 @@ async def test_reversals_of_one_sender_applied_in_parallel_claw_back_what_they_w
     serializes them, and each finds what the others committed (their entries' reversal times
     included, for standing in), so none fails and, once settled, they took what they would in order."""
     from services.payout.storage import earnings
-    from tests.unit.test_payout_domain import _max_clawable
 
     times = [NOW_S + 10 * i for i in range(6)]
     gifts = [(NOW_S - 5 + 10 * i, 30) for i in range(6)]  # one before each chargeback
@@ -207,5 +206,5 @@ async def test_reversals_of_one_sender_applied_in_parallel_claw_back_what_they_w
     async with payout.db.unit_of_work(readonly=True) as uow:
         clawed = (await uow.conn.execute(select(e.coins_clawed_back).where(e.sender_id == "viewer"))).scalars().all()
         owed = (await uow.conn.execute(select(clawback_shortfalls.c.coins_open))).scalars().all()
-    assert sum(clawed) == _max_clawable([(t, 50) for t in times], gifts) == 180
+    assert sum(clawed) == max_clawable([(t, 50) for t in times], gifts) == 180
     assert sum(owed) == 6 * 50 - 180

@@ -16,7 +16,7 @@ from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
 from services.wallet.storage import common
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import MIGRATIONS, SECRET, buy, callback, forget, reversal_of, spend
+from tests.support.wallet import MIGRATIONS, SECRET, buy, callback, forget, reversal_of, spend
 
 
 @pytest.fixture

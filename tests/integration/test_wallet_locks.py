@@ -31,7 +31,7 @@ from tests.integration.pglocks import (
     wait_for_a_lock_waiter_or_the_end,
     wait_for_lock_waiters,
 )
-from tests.unit.test_wallet_reversals import SECRET, buy, callback, reversal_of, spend
+from tests.support.wallet import SECRET, buy, callback, reversal_of, spend
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
 DAY_US = 86_400_000_000

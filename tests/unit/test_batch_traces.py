@@ -36,9 +36,11 @@ from services.common.telemetry import Tracing, inject_headers
 from services.gifting.storage import common as gifting_common
 from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
+from tests.support.gifting import ScriptedWallet
+from tests.support.payout import gift_event
 from tests.unit.test_consumer_loop import _Bus
-from tests.unit.test_gift_saga import ScriptedWallet, _gifting_on
-from tests.unit.test_payout_dispatch import gift_event, setup  # noqa: F401 - setup is the fixture
+from tests.unit.test_gift_saga import _gifting_on
+from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 

@@ -15,20 +15,18 @@ from typing import Any
 import grpc
 import pytest
 import typer.main
-from prometheus_client.metrics import MetricWrapperBase
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from services.cli.main import app
-from services.common import db, metrics
+from services.common import db
 from services.common.config import ServiceSettings
 from services.gifting.config import GiftingSettings
 from services.payout.config import PayoutSettings
 from services.wallet.config import WalletSettings
+from tests.support.docs import REPO, SRE, TARGET_LABELS, exported_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
-SRE = (REPO / "docs" / "sre.md").read_text()
 DOCS = {"README.md": README, "docs/sre.md": SRE}
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "wallet": WalletSettings,
@@ -174,22 +172,9 @@ def test_every_name_in_the_sre_settings_table_is_a_setting() -> None:
     assert not unknown, f"docs/sre.md's settings table names settings no service reads: {unknown}"
 
 
-def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every name a query may use for the services' metrics -> (metric name, its label names)."""
-    out = {}
-    for m in vars(metrics).values():
-        if not isinstance(m, MetricWrapperBase):
-            continue
-        # The family's own name (as the docs name a histogram), and the samples a query reads.
-        suffixes = {"counter": ["", "_total"], "histogram": ["", "_bucket", "_sum", "_count"]}.get(m._type, [""])
-        for suffix in suffixes:
-            out[m._name + suffix] = (m._name, tuple(m._labelnames) + (("le",) if suffix == "_bucket" else ()))
-    return out
-
-
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_metric_the_docs_name_is_exported_with_the_labels_they_use(doc: str) -> None:
-    exported = _metrics()
+    exported = exported_metrics()
     text = DOCS[doc]
     unknown = sorted({n for n in re.findall(r"\blivegifts_[a-z0-9_]+", text) if n not in exported})
     assert not unknown, f"{doc} names metrics the services do not export: {unknown}"
@@ -205,13 +190,9 @@ def test_every_metric_the_docs_name_is_exported_with_the_labels_they_use(doc: st
 def test_every_metric_the_services_export_is_named_in_docs_sre() -> None:
     # The runbook is where an SRE learns a metric exists and what to look for in it: one added to
     # the code without a word there is a panel nobody builds.
-    named = {_metrics()[n][0] for n in re.findall(r"\blivegifts_[a-z0-9_]+", SRE) if n in _metrics()}
-    unnamed = sorted({name for name, _ in _metrics().values()} - named)
+    named = {exported_metrics()[n][0] for n in re.findall(r"\blivegifts_[a-z0-9_]+", SRE) if n in exported_metrics()}
+    unnamed = sorted({name for name, _ in exported_metrics().values()} - named)
     assert not unnamed, f"docs/sre.md does not name these metrics the services export: {unnamed}"
-
-
-# Labels Prometheus adds to every series from the scrape target, not from the code.
-TARGET_LABELS = {"pod", "instance", "job", "namespace", "container", "service"}
 
 
 def test_every_rpc_code_that_is_no_grpc_status_is_explained_in_docs_sre() -> None:
@@ -247,7 +228,7 @@ def test_every_label_value_a_docs_query_selects_is_one_the_code_sets(doc: str) -
 def test_every_label_a_docs_query_groups_by_is_one_its_metrics_have(doc: str) -> None:
     # `sum by (provider, call, outcome) (rate(livegifts_...[5m]))`: a label the metric lacks
     # folds every series into one, and the panel shows a total where it promised a breakdown.
-    exported = _metrics()
+    exported = exported_metrics()
     bad = []
     for labels, rest in re.findall(r"\bby \(([^)]*)\)\s*(\(.*?)(?:`|$)", DOCS[doc], flags=re.M):
         names = re.findall(r"\b(livegifts_[a-z0-9_]+)", rest)

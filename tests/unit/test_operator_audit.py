@@ -22,7 +22,8 @@ from services.payout.server import PayoutServicer
 from services.payout.usecases import Payout
 from services.wallet.server import WalletServicer
 from services.wallet.usecases import Wallet
-from tests.unit.test_payout_dispatch import reviewed_withdrawal, setup  # noqa: F401 - setup is the fixture
+from tests.support.payout import reviewed_withdrawal
+from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 TOKEN = "t0k-t0k-t0k-t0k-t0k"

@@ -20,10 +20,8 @@ from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.wallet.payments import dev_event_payload
 from services.wallet.storage import common, payment_events
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import (
-    SECRET,
-    wallet,  # noqa: F401 - wallet is the fixture
-)
+from tests.support.wallet import SECRET
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 async def _purchase(w: Wallet, key: str) -> wallet_pb2.Purchase:

@@ -32,8 +32,9 @@ from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.payout.providers import dev_payout_payload
 from services.payout.storage import payout_events
 from services.payout.usecases import Payout
+from tests.support.payout import SECRET, approved_withdrawal, status_of
 from tests.unit.test_payment_callbacks import unseen_at_first
-from tests.unit.test_payout_dispatch import SECRET, approved_withdrawal, setup, status_of
+from tests.unit.test_payout_dispatch import setup
 
 __all__ = ["setup"]  # the fixture, imported for the tests here
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.payout import domain
+from tests.support.payout import max_clawable
 
 coins = st.integers(min_value=1, max_value=35_000 * 9_999)
 shares = st.integers(min_value=0, max_value=10_000)
@@ -286,19 +287,6 @@ def test_only_a_claimed_withdrawal_takes_a_providers_outcome(target: domain.With
             assert err.value.reason == "INVALID_WITHDRAWAL_TRANSITION"
 
 
-def _max_clawable(reversals: list[tuple[int, int]], gifts: list[tuple[int, int]]) -> int:
-    """The most coins reversals (time, coins) can take from gifts (recorded at, coins), each only
-    of gifts recorded before it: applied in time order, each taking any it may (nested choices)."""
-    left = sorted(gifts)
-    total = 0
-    for t, want in sorted(reversals):
-        for i, (at, n) in enumerate(left):
-            if at <= t and want:
-                take = min(want, n)
-                left[i], want, total = (at, n - take), want - take, total + take
-    return total
-
-
 @given(
     st.lists(st.tuples(st.integers(0, 20), st.integers(1, 50)), min_size=1, max_size=6),
     st.lists(st.tuples(st.integers(0, 20), st.integers(1, 50)), min_size=1, max_size=8),
@@ -354,4 +342,4 @@ def test_reversals_applied_in_any_order_claw_back_what_they_would_in_order(rever
                 x for x, (t, _) in zip(taken, reversals, strict=True) if t > tau
             )
     settle()
-    assert sum(clawed) == _max_clawable(reversals, gifts)
+    assert sum(clawed) == max_clawable(reversals, gifts)

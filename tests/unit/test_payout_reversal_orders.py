@@ -23,8 +23,7 @@ from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.payout.storage import clawback_shortfalls, clawbacks, creators, earnings
 from services.payout.usecases import Payout
-from tests.unit.test_payout_dispatch import payout_on
-from tests.unit.test_payout_domain import _max_clawable
+from tests.support.payout import max_clawable, payout_on
 
 T0_US = 1_795_305_600_000_000  # times below are seconds after it
 STEP_US = 1_000_000
@@ -159,7 +158,7 @@ async def _run(payout: Payout, reversals: list[tuple[int, int]], gifts: list[tup
     for _ in range(len(reversals) + 1):
         await settle()
     taken, open_by = await check_state()
-    assert sum(taken.values()) == _max_clawable(reversals, [(at, n) for at, n, _ in gifts])
+    assert sum(taken.values()) == max_clawable(reversals, [(at, n) for at, n, _ in gifts])
     for i, (_, want) in enumerate(reversals):
         p = f"{tag}-p{i}"
         assert taken.get(p, 0) + open_by.get(p, 0) == want, f"reversal {i}: taken and open make its claim"

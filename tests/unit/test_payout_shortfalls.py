@@ -13,7 +13,8 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
-from tests.unit.test_payout_dispatch import consume, gift_event, setup  # noqa: F401 - setup is the fixture
+from tests.support.payout import consume, gift_event
+from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 

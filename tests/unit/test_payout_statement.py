@@ -18,8 +18,9 @@ from sqlalchemy import select
 from livegifts.payout.v1 import payout_pb2
 from services.payout import usecases
 from services.payout.storage import withdrawals
+from tests.support.payout import approved_withdrawal, consume, gift_event, verified_method
 from tests.unit.test_payout_callbacks import callback
-from tests.unit.test_payout_dispatch import approved_withdrawal, consume, gift_event, setup, verified_method
+from tests.unit.test_payout_dispatch import setup
 from tests.unit.test_payout_shortfalls import reversal
 
 __all__ = ["setup"]  # the fixture, imported for the tests here

@@ -31,8 +31,10 @@ from services.payout import domain as payout_domain
 from services.payout import usecases as payout_usecases
 from services.wallet.usecases import Wallet
 from tests.integration.test_idempotency_contract import copy_of
-from tests.unit.test_payout_dispatch import gift_event, setup, verified_method  # noqa: F401 - setup is the fixture
-from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+from tests.support.payout import gift_event, verified_method
+from tests.support.wallet import buy
+from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 LONG_ID = "sender-" + "x" * 33  # 40 characters: accepted, then refused once ID_MAX is 32 (ids are 32)

@@ -26,10 +26,12 @@ from services.common.grpcserver import _rich_status
 from services.gifting.storage import common as gifting_common
 from services.gifting.storage import gift_events
 from services.wallet.usecases import Wallet
+from tests.support.payout import consume
+from tests.support.wallet import buy, callback, reversal_of
 from tests.unit.test_gift_saga import _gifting_on
-from tests.unit.test_payout_dispatch import consume, setup  # noqa: F401 - setup is the fixture
+from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 from tests.unit.test_payout_shortfalls import open_coins_of
-from tests.unit.test_wallet_reversals import buy, callback, reversal_of, wallet  # noqa: F401 - wallet is the fixture
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 def _as_rpc_error(exc: DomainError) -> grpc.aio.AioRpcError:

@@ -7,7 +7,8 @@ import pytest
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.errors import InvalidArgument
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+from tests.support.wallet import buy
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 @pytest.mark.parametrize("token", [" 5", "5 ", "+7", "5_0", "05", "\u0663", "\u00b2", "1" * 30])

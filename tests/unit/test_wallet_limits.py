@@ -18,7 +18,8 @@ from services.common.errors import DomainError
 from services.wallet import domain
 from services.wallet.domain import Period
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+from tests.support.wallet import buy
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 MIDNIGHT_US = int(dt.datetime(2031, 3, 1, tzinfo=dt.UTC).timestamp() * 1_000_000)  # a new day and month
 

@@ -23,12 +23,8 @@ from services.common.provider_calls import ProviderError
 from services.wallet.payments import CheckoutSession, DevProvider, dev_event_payload
 from services.wallet.storage import common, journal_entries, payment_events, purchases
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import (
-    SECRET,
-    buy,
-    spend,
-    wallet,  # noqa: F401 - wallet is the fixture
-)
+from tests.support.wallet import SECRET, buy, spend
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 async def test_a_retried_purchase_is_answered_after_its_payment_method_lost_its_route(wallet: Wallet) -> None:  # noqa: F811

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select, update
 
-from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
 from services.common.db import Database
 from services.common.errors import InvalidArgument
@@ -25,9 +25,7 @@ from services.wallet.config import WalletSettings
 from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
 from services.wallet.storage import accounts, common, postings, purchases, spends
 from services.wallet.usecases import Wallet
-
-SECRET = b"reversal-test-secret"
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
+from tests.support.wallet import MIGRATIONS, SECRET, buy, callback, forget, reversal_of, spend
 
 
 @pytest.fixture
@@ -42,57 +40,6 @@ async def wallet(tmp_path: Path) -> AsyncIterator[Wallet]:
         )
     finally:
         await db.dispose()
-
-
-async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:
-    payload = dev_event_payload(
-        uuid.uuid4().hex, event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
-    )
-    await w.handle_payment_event(
-        wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
-    )
-
-
-async def buy(w: Wallet, user: str) -> wallet_pb2.Purchase:
-    p = await w.create_purchase(
-        wallet_pb2.CreatePurchaseRequest(
-            user_id=user,
-            package_id="us-usd-70",
-            currency_code="USD",
-            payment_method=wallet_pb2.PAYMENT_METHOD_PAYPAL,
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
-    await callback(w, p, "payment.succeeded")
-    return p
-
-
-async def spend(w: Wallet, user: str, amount: int) -> None:
-    await w.spend(
-        wallet_pb2.SpendRequest(
-            user_id=user,
-            amount=amount,
-            reason=wallet_pb2.SPEND_REASON_GIFT,
-            reference_id="gift",
-            idempotency_key=uuid.uuid4().hex,
-        )
-    )
-
-
-async def reversal_of(w: Wallet, purchase_id: str) -> events_pb2.PurchaseReversed:
-    o = common.outbox.c
-    async with w.db.unit_of_work(readonly=True) as uow:
-        payloads = (await uow.conn.execute(select(o.payload).where(o.subject == "wallet.purchase.reversed"))).scalars()
-        events = [events_pb2.PurchaseReversed.FromString(p) for p in payloads]
-    (event,) = [e for e in events if e.purchase_id == purchase_id]
-    return event
-
-
-async def forget(w: Wallet, purchase_id: str, column: str) -> None:
-    """As if the purchase was credited (or reversed) before migrations 0006/0007, or by the previous release."""
-    async with w.db.unit_of_work() as uow:
-        await uow.conn.execute(update(purchases).where(purchases.c.purchase_id == purchase_id).values({column: None}))
-        await uow.commit()
 
 
 async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(wallet: Wallet) -> None:

@@ -20,7 +20,8 @@ from sqlalchemy.exc import DBAPIError
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.wallet.usecases import Wallet
-from tests.unit.test_wallet_reversals import buy, wallet  # noqa: F401 - wallet is the fixture
+from tests.support.wallet import buy
+from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,69 @@
+"""The wallet's use cases as the wallet tests drive them: signed development-provider callbacks,
+purchases, spends and the reversal events they leave in the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from livegifts.wallet.v1 import events_pb2, wallet_pb2
+from services.common import signing
+from services.wallet.payments import dev_event_payload
+from services.wallet.storage import common, purchases
+from services.wallet.usecases import Wallet
+
+SECRET = b"reversal-test-secret"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
+
+
+async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:
+    payload = dev_event_payload(
+        uuid.uuid4().hex, event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
+    )
+    await w.handle_payment_event(
+        wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+
+
+async def buy(w: Wallet, user: str) -> wallet_pb2.Purchase:
+    p = await w.create_purchase(
+        wallet_pb2.CreatePurchaseRequest(
+            user_id=user,
+            package_id="us-usd-70",
+            currency_code="USD",
+            payment_method=wallet_pb2.PAYMENT_METHOD_PAYPAL,
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+    await callback(w, p, "payment.succeeded")
+    return p
+
+
+async def spend(w: Wallet, user: str, amount: int) -> None:
+    await w.spend(
+        wallet_pb2.SpendRequest(
+            user_id=user,
+            amount=amount,
+            reason=wallet_pb2.SPEND_REASON_GIFT,
+            reference_id="gift",
+            idempotency_key=uuid.uuid4().hex,
+        )
+    )
+
+
+async def reversal_of(w: Wallet, purchase_id: str) -> events_pb2.PurchaseReversed:
+    o = common.outbox.c
+    async with w.db.unit_of_work(readonly=True) as uow:
+        payloads = (await uow.conn.execute(select(o.payload).where(o.subject == "wallet.purchase.reversed"))).scalars()
+        events = [events_pb2.PurchaseReversed.FromString(p) for p in payloads]
+    (event,) = [e for e in events if e.purchase_id == purchase_id]
+    return event
+
+
+async def forget(w: Wallet, purchase_id: str, column: str) -> None:
+    """As if the purchase was credited (or reversed) before migrations 0006/0007, or by the previous release."""
+    async with w.db.unit_of_work() as uow:
+        await uow.conn.execute(update(purchases).where(purchases.c.purchase_id == purchase_id).values({column: None}))
+        await uow.commit()
