@@ -147,3 +147,21 @@ async def gift_700_coins(gifting, viewer: str, creator: str) -> gifting_pb2.Stre
             )
         )
     return stream
+
+
+class ReplicasAsking:
+    """A gate for stand-ins that two (or `callers`) replicas call at once: each call waits here
+    until calls from that many different callers have arrived, so that every replica has read its
+    work before any of them applies an answer, however late the second starts."""
+
+    def __init__(self, callers: int = 2) -> None:
+        self.callers = callers
+        self.seen: set[object] = set()
+        self.all_asking = asyncio.Event()
+
+    async def wait(self, caller: object) -> None:
+        """`caller` asks: wait until the gate's number of callers have."""
+        self.seen.add(caller)
+        if len(self.seen) >= self.callers:
+            self.all_asking.set()
+        await self.all_asking.wait()

@@ -23,6 +23,7 @@ from services.common.outbox import Outbox
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import GIFT_SENT_SUBJECT, STREAM_ENDED_SUBJECT, Gifting
 from tests.integration.conftest import gifting_on
+from tests.integration.helpers import ReplicasAsking
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, wait_for_lock_waiters
 from tests.support.gifting import OverloadedWallet
 
@@ -209,14 +210,12 @@ class _SlowArbiter(OverloadedWallet):
     def __init__(self) -> None:
         super().__init__()
         self.arbiter_outcome = wallet_pb2.CancelSpendResponse.OUTCOME_SPENT
-        self.asking = 0
-        self.both_asking = asyncio.Event()
+        self.both_asking = ReplicasAsking()
 
     async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        self.asking += 1
-        if self.asking >= 2:
-            self.both_asking.set()
-        await self.both_asking.wait()
+        # Every call a caller of its own: the replicas share this stub, and a sweeper asks about
+        # one gift at a time, so a second call while the first waits is the other sweeper's.
+        await self.both_asking.wait(object())
         return await super().CancelSpend(req, timeout)
 
 

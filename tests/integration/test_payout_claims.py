@@ -19,6 +19,7 @@ from services.common import signing
 from services.payout.providers import dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import Payout
+from tests.integration.helpers import ReplicasAsking
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.support.payout import (
     SECRET,
@@ -206,36 +207,23 @@ async def test_a_withdrawal_the_provider_refused_is_not_submitted_by_another_rep
         assert await status_of(second, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_FAILED
 
 
-class _BothAsking:
-    """Providers (`provider()`, one per replica) whose look-ups each wait until every one of them
-    has been asked once."""
+class _WaitingProvider(SlowProvider):
+    """A replica's provider whose look-ups wait at `gate` until every replica's has been asked once."""
 
-    def __init__(self) -> None:
-        self.providers: list[SlowProvider] = []
-        self.all_asking = asyncio.Event()
+    def __init__(self, gate: ReplicasAsking) -> None:
+        super().__init__()
+        self.gate = gate
 
-    def provider(self) -> SlowProvider:
-        both = self
-
-        class Waiting(SlowProvider):
-            asking = False
-
-            async def status(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-                self.asking = True
-                if all(p.asking for p in both.providers):  # type: ignore[attr-defined]
-                    both.all_asking.set()
-                await both.all_asking.wait()
-                return await super().status(*args, **kwargs)
-
-        self.providers.append(made := Waiting())
-        return made
+    async def status(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await self.gate.wait(self)
+        return await super().status(*args, **kwargs)
 
 
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_each_once(empty_database: str) -> None:
     # Every replica runs a reconciler: both read the same late withdrawals, both ask the provider
     # and both apply its outcome, under one event id. Each look-up waits until both replicas are
-    # asking (`_BothAsking`), so both rounds have read the withdrawals before either applies an
+    # asking (`_WaitingProvider`), so both rounds have read the withdrawals before either applies an
     # outcome, however late the second starts (here 0.3 s, as on a loaded machine: with 0.05 s a
     # look-up instead, the first had settled them all before the second read any).
     async with (
@@ -247,9 +235,9 @@ async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_eac
     ):
         ids = [await approved_withdrawal(first, f"creator-{i}") for i in range(3)]
         assert await first.dispatch_once() == 3  # with the provider; its callback never comes
-        both = _BothAsking()
+        both = ReplicasAsking()
         for replica in (first, second):
-            replica.provider = provider = both.provider()
+            replica.provider = provider = _WaitingProvider(both)
             provider.done.update(ids)  # paid at the provider
         later = reconcile_due(first)
 
