@@ -10,6 +10,8 @@ provider is not handed over by another meanwhile, and one whose replica died on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import TextClause, func, select, text
@@ -23,6 +25,7 @@ from tests.integration.helpers import ReplicasAsking
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.support.payout import (
     SECRET,
+    RecordingProvider,
     RefusingProvider,
     SlowProvider,
     StuckProvider,
@@ -33,6 +36,13 @@ from tests.support.payout import (
 )
 
 GUARD_S = 20
+
+
+@contextlib.asynccontextmanager
+async def _two_replicas(url: str) -> AsyncIterator[tuple[Payout, Payout, RecordingProvider]]:
+    """Two replicas of payout over the database at `url`: the first, the second and the second's provider."""
+    async with payout_on(url, pool_size=3) as (first, _), payout_on(url, pool_size=3) as (second, other):
+        yield first, second, other
 
 
 async def a_round_while_uncommitted(payout: Payout, write: TextClause, params: dict[str, str], what: str) -> None:
@@ -132,13 +142,7 @@ async def test_a_withdrawal_one_replica_is_submitting_is_not_submitted_by_anothe
     # The provider took it as the same transfer (by withdrawal id), but a real one answers a
     # second request under a key still in flight with an error (or a refusal, which failed the
     # withdrawal the first was paying), and every replica's round (0.2 s) asked again.
-    async with (
-        payout_on(empty_database, pool_size=3) as (first, _),
-        payout_on(empty_database, pool_size=3) as (
-            second,
-            other,
-        ),
-    ):
+    async with _two_replicas(empty_database) as (first, second, other):
         withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
         async with asyncio.timeout(GUARD_S):
             assert await second.dispatch_once() == 0
@@ -154,13 +158,7 @@ async def test_a_withdrawal_one_replica_is_submitting_is_not_submitted_by_anothe
 
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_a_withdrawal_whose_replica_died_while_submitting_it_is_submitted_by_another(empty_database: str) -> None:
-    async with (
-        payout_on(empty_database, pool_size=3) as (first, _),
-        payout_on(empty_database, pool_size=3) as (
-            second,
-            other,
-        ),
-    ):
+    async with _two_replicas(empty_database) as (first, second, other):
         withdrawal_id, _slow, round_ = await _submitting_on_the_first(first)
         round_.cancel()  # the first replica is gone mid-submission (its connections with it)
         await asyncio.gather(round_, return_exceptions=True)
@@ -176,13 +174,7 @@ async def test_a_withdrawal_the_provider_refused_is_not_submitted_by_another_rep
 ) -> None:
     # The refusal is for good: the first replica fails the withdrawal. Until that commits it is
     # still PROCESSING with no reference, and a second replica's round must not submit it again.
-    async with (
-        payout_on(empty_database, pool_size=3) as (first, _),
-        payout_on(empty_database, pool_size=3) as (
-            second,
-            other,
-        ),
-    ):
+    async with _two_replicas(empty_database) as (first, second, other):
         withdrawal_id = await approved_withdrawal(first, "creator-a")
         first.provider = refusing = RefusingProvider()
         refusing.refused.add(withdrawal_id)
@@ -226,13 +218,7 @@ async def test_two_replicas_looking_up_the_same_late_withdrawals_at_once_pay_eac
     # asking (`_WaitingProvider`), so both rounds have read the withdrawals before either applies an
     # outcome, however late the second starts (here 0.3 s, as on a loaded machine: with 0.05 s a
     # look-up instead, the first had settled them all before the second read any).
-    async with (
-        payout_on(empty_database, pool_size=3) as (first, _),
-        payout_on(empty_database, pool_size=3) as (
-            second,
-            _other,
-        ),
-    ):
+    async with _two_replicas(empty_database) as (first, second, _other):
         ids = [await approved_withdrawal(first, f"creator-{i}") for i in range(3)]
         assert await first.dispatch_once() == 3  # with the provider; its callback never comes
         both = ReplicasAsking()
