@@ -9,29 +9,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.common.db import Database
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
-from services.wallet.config import WalletSettings
-from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
-from services.wallet.storage import common
 from services.wallet.usecases import Wallet
-from tests.support.wallet import MIGRATIONS, SECRET, buy, callback, forget, reversal_of, spend
+from tests.support.wallet import buy, callback, forget, reversal_of, spend, wallet_on
 
 
 @pytest.fixture
 async def wallet(empty_database: str) -> AsyncIterator[Wallet]:
-    await upgrade_head(MIGRATIONS, empty_database)
-    cfg = WalletSettings(
-        database_url=empty_database, nats_url="nats://127.0.0.1:1", payment_webhook_secret=SECRET.decode()
-    )
-    db = Database(empty_database, pool_size=2, pool_timeout_s=5, application_name="reversal-claims")
-    try:
-        yield Wallet(
-            db, Outbox(common.outbox), PaymentRouter([DevProvider(SECRET, 300)], parse_routes(cfg.payment_routes)), cfg
-        )
-    finally:
-        await db.dispose()
+    async with wallet_on(empty_database, "reversal-claims") as w:
+        yield w
 
 
 async def test_the_audit_sums_every_reversals_claim_recorded_or_read_from_the_ledger(wallet: Wallet) -> None:

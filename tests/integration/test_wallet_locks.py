@@ -10,20 +10,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
 from services.common.timeutil import now_us
 from services.wallet import domain
-from services.wallet.config import WalletSettings
-from services.wallet.payments import DevProvider, PaymentRouter, parse_routes
-from services.wallet.storage import common, purchases, spend_counters
+from services.wallet.storage import purchases, spend_counters
 from services.wallet.usecases import Wallet
 from tests.integration.pglocks import (
     LOCK_WAIT_S_MAX,
@@ -31,9 +26,8 @@ from tests.integration.pglocks import (
     wait_for_a_lock_waiter_or_the_end,
     wait_for_lock_waiters,
 )
-from tests.support.wallet import SECRET, buy, callback, reversal_of, spend
+from tests.support.wallet import buy, callback, reversal_of, spend, wallet_on
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
 DAY_US = 86_400_000_000
 START_US = 1_700_000_000_000_000
 
@@ -42,19 +36,10 @@ START_US = 1_700_000_000_000_000
 async def wallet(empty_database: str) -> AsyncIterator[Wallet]:
     if not empty_database.startswith("postgresql"):
         pytest.skip("SQLite has one writer: spend batches never wait for each other's rows")
-    await upgrade_head(MIGRATIONS, empty_database)
-    cfg = WalletSettings(
-        database_url=empty_database, nats_url="nats://127.0.0.1:1", payment_webhook_secret=SECRET.decode()
-    )
-    db = Database(empty_database, pool_size=16, pool_timeout_s=10, application_name="wallet-locks")
     now = [START_US]
-    router = PaymentRouter([DevProvider(SECRET, 300)], parse_routes(cfg.payment_routes))
-    w = Wallet(db, Outbox(common.outbox), router, cfg, clock=lambda: now[0])
-    w.now = now  # type: ignore[attr-defined]  # the test moves the clock
-    try:
+    async with wallet_on(empty_database, "wallet-locks", pool_size=16, pool_timeout_s=10, clock=lambda: now[0]) as w:
+        w.now = now  # type: ignore[attr-defined]  # the test moves the clock
         yield w
-    finally:
-        await db.dispose()
 
 
 def batch(*users: str) -> wallet_pb2.SpendManyRequest:

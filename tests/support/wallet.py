@@ -3,19 +3,46 @@ purchases, spends and the reversal events they leave in the outbox."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
 
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common import signing
-from services.wallet.payments import dev_event_payload
+from services.common.db import Database
+from services.common.migrate import upgrade_head
+from services.common.outbox import Outbox
+from services.wallet.config import WalletSettings
+from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
 from services.wallet.storage import common, purchases
 from services.wallet.usecases import Wallet
 
 SECRET = b"reversal-test-secret"
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "wallet" / "migrations"
+
+
+@contextlib.asynccontextmanager
+async def wallet_on(
+    url: str,
+    application_name: str,
+    *,
+    pool_size: int = 2,
+    pool_timeout_s: float = 5,
+    clock: Callable[[], int] | None = None,
+) -> AsyncIterator[Wallet]:
+    """The wallet's use cases over a migrated database at `url`, its development provider signing
+    with SECRET (no NATS, no background loops), at `clock` if given; the database disposed after."""
+    await upgrade_head(MIGRATIONS, url)
+    cfg = WalletSettings(database_url=url, nats_url="nats://127.0.0.1:1", payment_webhook_secret=SECRET.decode())
+    db = Database(url, pool_size=pool_size, pool_timeout_s=pool_timeout_s, application_name=application_name)
+    router = PaymentRouter([DevProvider(SECRET, 300)], parse_routes(cfg.payment_routes))
+    try:
+        yield Wallet(db, Outbox(common.outbox), router, cfg, **({} if clock is None else {"clock": clock}))
+    finally:
+        await db.dispose()
 
 
 async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:

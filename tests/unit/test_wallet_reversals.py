@@ -17,29 +17,17 @@ from sqlalchemy import insert, select, update
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
-from services.common.db import Database
 from services.common.errors import InvalidArgument
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
-from services.wallet.config import WalletSettings
-from services.wallet.payments import DevProvider, PaymentRouter, dev_event_payload, parse_routes
-from services.wallet.storage import accounts, common, postings, purchases, spends
+from services.wallet.payments import dev_event_payload
+from services.wallet.storage import accounts, postings, purchases, spends
 from services.wallet.usecases import Wallet
-from tests.support.wallet import MIGRATIONS, SECRET, buy, callback, forget, reversal_of, spend
+from tests.support.wallet import SECRET, buy, callback, forget, reversal_of, spend, wallet_on
 
 
 @pytest.fixture
 async def wallet(tmp_path: Path) -> AsyncIterator[Wallet]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}"
-    await upgrade_head(MIGRATIONS, url)
-    cfg = WalletSettings(database_url=url, nats_url="nats://127.0.0.1:1", payment_webhook_secret=SECRET.decode())
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="reversals")
-    try:
-        yield Wallet(
-            db, Outbox(common.outbox), PaymentRouter([DevProvider(SECRET, 300)], parse_routes(cfg.payment_routes)), cfg
-        )
-    finally:
-        await db.dispose()
+    async with wallet_on(f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}", "reversals") as w:
+        yield w
 
 
 async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(wallet: Wallet) -> None:
