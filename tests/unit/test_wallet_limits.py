@@ -34,13 +34,18 @@ def gift(user: str, coins: int) -> wallet_pb2.SpendRequest:
     )
 
 
+async def _capped(w: Wallet, user: str, purchases: int, **limits: int) -> None:
+    """`user` buys `purchases` packages of 70 coins, then sets spending `limits` (daily, weekly, monthly)."""
+    for _ in range(purchases):
+        await buy(w, user)
+    await w.set_spending_limits(
+        wallet_pb2.SetSpendingLimitsRequest(user_id=user, idempotency_key=uuid.uuid4().hex, **limits)
+    )
+
+
 async def test_a_spend_just_behind_midnight_still_counts_against_that_days_cap(wallet: Wallet) -> None:  # noqa: F811
     user = "viewer"
-    for _ in range(4):
-        await buy(wallet, user)  # 280 coins
-    await wallet.set_spending_limits(
-        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
-    )
+    await _capped(wallet, user, 4, daily=100)  # 280 coins
     at = {"us": MIDNIGHT_US - 200_000}
     wallet.spending.clock = lambda: at["us"]
     assert not isinstance((await wallet.spending.run([gift(user, 50)], settle_refusals=False))[0], DomainError)
@@ -145,11 +150,7 @@ def _at(y: int, m: int, d: int) -> int:
 async def test_a_spend_over_the_daily_cap_says_what_was_spent_today_and_when_the_day_resets(wallet: Wallet) -> None:  # noqa: F811
     # The refusal named the period and the cap only: an app could not say "40 more today" or "after midnight UTC".
     user = "viewer"
-    for _ in range(2):
-        await buy(wallet, user)  # 140 coins
-    await wallet.set_spending_limits(
-        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
-    )
+    await _capped(wallet, user, 2, daily=100)  # 140 coins
     wallet.spending.clock = lambda: WEDNESDAY_NOON_US
     await wallet.spend(gift(user, 60))
     with pytest.raises(DomainError) as refused:
@@ -164,11 +165,7 @@ async def test_a_spendmany_item_over_the_weekly_cap_counts_the_batchs_earlier_it
     wallet: Wallet,  # noqa: F811
 ) -> None:
     user = "viewer"
-    for _ in range(2):
-        await buy(wallet, user)
-    await wallet.set_spending_limits(
-        wallet_pb2.SetSpendingLimitsRequest(user_id=user, weekly=100, idempotency_key=uuid.uuid4().hex)
-    )
+    await _capped(wallet, user, 2, weekly=100)
     wallet.spending.clock = lambda: WEDNESDAY_NOON_US
     await wallet.spend(gift(user, 60))
     answer = await wallet.spend_many(wallet_pb2.SpendManyRequest(spends=[gift(user, 30), gift(user, 20)]))
@@ -203,11 +200,7 @@ async def test_a_spend_alone_over_a_cap_says_so_and_names_no_reset_that_waiting_
     # It carried resets_at_us, telling an app to wait for the next day: a spend of 150 under a cap
     # of 100 fits in no day, so the answer says the amount alone passes the limit, and names none.
     user = "viewer"
-    for _ in range(3):
-        await buy(wallet, user)  # 210 coins
-    await wallet.set_spending_limits(
-        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=100, idempotency_key=uuid.uuid4().hex)
-    )
+    await _capped(wallet, user, 3, daily=100)  # 210 coins
     wallet.spending.clock = lambda: WEDNESDAY_NOON_US
     await wallet.spend(gift(user, 10))
     alone = {"period": "DAY", "limit_coins": "100", "spent_coins": "10", "amount_exceeds_limit": "true"}
@@ -254,10 +247,7 @@ async def test_every_refused_spend_is_counted_by_reason_and_role_for_trust_and_s
         return REGISTRY.get_sample_value("livegifts_spends_refused_total", {"reason": reason, "role": role}) or 0.0
 
     user, broke, creator = "capped-viewer", "broke-viewer", "blocked-creator"
-    await buy(wallet, user)  # 70 coins
-    await wallet.set_spending_limits(
-        wallet_pb2.SetSpendingLimitsRequest(user_id=user, daily=30, idempotency_key=uuid.uuid4().hex)
-    )
+    await _capped(wallet, user, 1, daily=30)  # 70 coins
     await wallet.set_restrictions(
         wallet_pb2.SetAccountRestrictionsRequest(user_id=creator, blocked=True, idempotency_key=uuid.uuid4().hex)
     )
