@@ -371,16 +371,20 @@ async def test_the_daily_leaderboard_pruners_delete_is_served_by_the_day_index(e
     assert "ix_leaderboard_daily_day" in plan, plan
 
 
+# A gift_events row as gifting's migrations 0006-0008 have it: event id, idempotency key (SQL: NULL
+# or quoted), client key, status, and its created/updated time.
+_GIFT_EVENT = (
+    "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
+    "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
+    "updated_at_us) VALUES ('{}', {}, '{}', 'h', 'GIFT', 's', 'c', 'v', 'rose', 1, 1, 1, '{}', {}, {})"
+)
+
+
 async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_later_gift_holds_it(
     empty_database: str,
 ) -> None:
     cfg = alembic_config(ROOT / "services" / "gifting" / "migrations", empty_database)
     await asyncio.to_thread(command.upgrade, cfg, "0006")
-    insert = (
-        "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
-        "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
-        "updated_at_us) VALUES ('{}', {}, '{}', 'h', 'GIFT', 's', 'c', 'v', 'rose', 1, 1, 1, '{}', {}, {})"
-    )
     rows = [
         ("a-old", "NULL", "a", "CANCELLED", 1),  # cancelled twice: the latest gets the key
         ("a-new", "NULL", "a", "CANCELLED", 2),
@@ -388,7 +392,7 @@ async def test_migration_0007_gives_cancelled_gifts_their_key_back_unless_a_late
         ("b-sent", "'b'", "b", "SENT", 2),
         ("c-pending", "'c'", "c", "PENDING", 1),
     ]
-    await _execute(empty_database, *(insert.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
+    await _execute(empty_database, *(_GIFT_EVENT.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
     await asyncio.to_thread(command.upgrade, cfg, "head")
     keys = "SELECT event_id, idempotency_key FROM gift_events ORDER BY event_id"
     assert await _execute(empty_database, keys) == [
@@ -415,18 +419,13 @@ async def test_migration_0008_marks_the_keys_retries_moved_and_leaves_the_lost_o
 ) -> None:
     cfg = alembic_config(ROOT / "services" / "gifting" / "migrations", empty_database)
     await asyncio.to_thread(command.upgrade, cfg, "0007")
-    insert = (
-        "INSERT INTO gift_events (event_id, idempotency_key, client_key, request_hash, kind, stream_id, "
-        "creator_id, sender_id, gift_id, quantity, unit_price_coins, coins, status, created_at_us, "
-        "updated_at_us) VALUES ('{}', {}, '{}', 'h', 'GIFT', 's', 'c', 'v', 'rose', 1, 1, 1, '{}', {}, {})"
-    )
     rows = [
         ("a-cancelled", "NULL", "a", "CANCELLED", 1),  # a retry moved its key to a-sent
         ("a-sent", "'a'", "a", "SENT", 2),
         ("b-cancelled", "NULL", "b", "CANCELLED", 3),  # an old pod cancelled it after 0007: the key is lost
         ("c-cancelled", "'c'", "c", "CANCELLED", 4),  # kept its key
     ]
-    await _execute(empty_database, *(insert.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
+    await _execute(empty_database, *(_GIFT_EVENT.format(e, k, ck, st, t, t) for e, k, ck, st, t in rows))
     await asyncio.to_thread(command.upgrade, cfg, "head")
     moved = "SELECT event_id, key_moved_at_us FROM gift_events ORDER BY event_id"
     assert await _execute(empty_database, moved) == [
