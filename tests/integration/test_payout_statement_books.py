@@ -20,10 +20,7 @@ from livegifts.payout.v1 import payout_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.payout import usecases
 from services.payout.usecases import Payout
-from tests.unit.test_payout_callbacks import callback
-from tests.unit.test_payout_dispatch import consume, gift_event, payout_on, verified_method
-from tests.unit.test_payout_shortfalls import reversal
-from tests.unit.test_payout_statement import Clock, month_moves
+from tests.support.payout import Clock, callback, consume, gift_event, month_moves, payout_on, reversal, verified_method
 
 CREATOR = "creator-books"
 

@@ -12,13 +12,14 @@ from pathlib import Path
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
+from services.common import signing
 from services.common.db import Database
 from services.common.migrate import upgrade_head
 from services.common.outbox import Outbox
 from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
-from services.payout.providers import DevPayoutProvider, Submission
+from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import Payout
 
@@ -234,3 +235,42 @@ def max_clawable(reversals: list[tuple[int, int]], gifts: list[tuple[int, int]])
                 take = min(want, n)
                 left[i], want, total = (at, n - take), want - take, total + take
     return total
+
+
+async def callback(
+    payout: Payout, withdrawal_id: str, event_id: str, event_type: str
+) -> payout_pb2.HandlePayoutEventResponse:
+    """Deliver a signed callback of the development provider for the withdrawal's own amount."""
+    row = await payout.get_withdrawal(withdrawal_id)
+    payload = dev_payout_payload(event_id, event_type, withdrawal_id, row.net.amount_minor, row.net.currency_code)
+    return await payout.handle_payout_event(
+        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    )
+
+
+def reversal(event_id: str, at_s: int, coins: int) -> wallet_events.PurchaseReversed:
+    """A chargeback of "viewer"'s purchase at `at_s`, all of whose `coins` had reached creators."""
+    return wallet_events.PurchaseReversed(
+        event_id=event_id,
+        purchase_id=f"p-{event_id}",
+        user_id="viewer",
+        coins=coins,
+        coins_already_spent=coins,
+        kind="CHARGED_BACK",
+        occurred_at={"seconds": at_s},
+    )
+
+
+class Clock:
+    """Payout's now_us: set by the test, a microsecond later at each reading, as a real clock."""
+
+    def __init__(self) -> None:
+        self.us = 0
+
+    def __call__(self) -> int:
+        self.us += 1
+        return self.us
+
+
+def month_moves(m: payout_pb2.StatementMonth) -> int:
+    return m.diamonds_earned - m.diamonds_clawed_back - sum(p.diamonds for p in m.paid)

@@ -32,7 +32,7 @@ from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.payout.providers import dev_payout_payload
 from services.payout.storage import payout_events
 from services.payout.usecases import Payout
-from tests.support.payout import SECRET, approved_withdrawal, status_of
+from tests.support.payout import SECRET, approved_withdrawal, callback, status_of
 from tests.unit.test_payment_callbacks import unseen_at_first
 from tests.unit.test_payout_dispatch import setup
 
@@ -44,17 +44,6 @@ LOGGER = "services.payout.usecases"
 
 def refused(reason: str) -> float:
     return REGISTRY.get_sample_value("livegifts_payout_callbacks_refused_total", {"reason": reason}) or 0.0
-
-
-async def callback(
-    payout: Payout, withdrawal_id: str, event_id: str, event_type: str
-) -> payout_pb2.HandlePayoutEventResponse:
-    """Deliver a signed callback of the development provider for the withdrawal's own amount."""
-    row = await payout.get_withdrawal(withdrawal_id)
-    payload = dev_payout_payload(event_id, event_type, withdrawal_id, row.net.amount_minor, row.net.currency_code)
-    return await payout.handle_payout_event(
-        payout_pb2.HandlePayoutEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
-    )
 
 
 async def processing_withdrawal(payout: Payout) -> str:

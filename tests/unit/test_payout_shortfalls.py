@@ -10,10 +10,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, select
 
 from livegifts.payout.v1 import payout_pb2
-from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
-from tests.support.payout import consume, gift_event
+from tests.support.payout import consume, gift_event, reversal
 from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
@@ -55,19 +54,6 @@ async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -
         ).scalars()
         assert sorted(still_open) == sorted(stuck)
     assert earned.coins_received == 40 and isinstance(earned, payout_pb2.Earnings)
-
-
-def reversal(event_id: str, at_s: int, coins: int) -> wallet_events.PurchaseReversed:
-    """A chargeback of "viewer"'s purchase at `at_s`, all of whose `coins` had reached creators."""
-    return wallet_events.PurchaseReversed(
-        event_id=event_id,
-        purchase_id=f"p-{event_id}",
-        user_id="viewer",
-        coins=coins,
-        coins_already_spent=coins,
-        kind="CHARGED_BACK",
-        occurred_at={"seconds": at_s},
-    )
 
 
 async def open_coins_of(payout) -> int:  # type: ignore[no-untyped-def]

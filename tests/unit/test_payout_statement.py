@@ -18,10 +18,17 @@ from sqlalchemy import select
 from livegifts.payout.v1 import payout_pb2
 from services.payout import usecases
 from services.payout.storage import withdrawals
-from tests.support.payout import approved_withdrawal, consume, gift_event, verified_method
-from tests.unit.test_payout_callbacks import callback
+from tests.support.payout import (
+    Clock,
+    approved_withdrawal,
+    callback,
+    consume,
+    gift_event,
+    month_moves,
+    reversal,
+    verified_method,
+)
 from tests.unit.test_payout_dispatch import setup
-from tests.unit.test_payout_shortfalls import reversal
 
 __all__ = ["setup"]  # the fixture, imported for the tests here
 
@@ -29,21 +36,6 @@ __all__ = ["setup"]  # the fixture, imported for the tests here
 def at(year: int, month: int, day: int, hour: int = 12) -> int:
     """Unix microseconds of that UTC instant."""
     return int(dt.datetime(year, month, day, hour, tzinfo=dt.UTC).timestamp()) * 1_000_000
-
-
-class Clock:
-    """Payout's now_us: set by the test, a microsecond later at each reading, as a real clock."""
-
-    def __init__(self) -> None:
-        self.us = 0
-
-    def __call__(self) -> int:
-        self.us += 1
-        return self.us
-
-
-def month_moves(m: payout_pb2.StatementMonth) -> int:
-    return m.diamonds_earned - m.diamonds_clawed_back - sum(p.diamonds for p in m.paid)
 
 
 async def test_each_month_opens_with_the_last_ones_balance_and_closes_with_what_it_moved(  # type: ignore[no-untyped-def]
