@@ -335,7 +335,7 @@ def create_idempotency_age_index() -> None:
     summary pages find the old ones and a command's insert writes no index entry of its own.
     SQLite has B-trees only. Built beside the writers (`create_index_beside_writers`): the table
     has grown since the service began, and the previous release keeps recording its commands'
-    answers during the rollout.
+    answers during the rollout. (A B-tree on PostgreSQL too since `replace_brin_with_btree`.)
     """
     create_index_beside_writers(
         IDEMPOTENCY_AGE_INDEX,
@@ -349,3 +349,57 @@ def create_idempotency_age_index() -> None:
 def drop_idempotency_age_index() -> None:
     """Undo create_idempotency_age_index."""
     op.drop_index(IDEMPOTENCY_AGE_INDEX, table_name="idempotency_keys")
+
+
+# The pruners' age indexes that were BRIN on PostgreSQL (inbox 0005, idempotency records, gifting's
+# daily leaderboard 0014) and are B-trees since (wallet 0015, gifting 0017, payout 0017): the
+# index, its table and column.
+PRUNER_AGE_INDEXES = {
+    "ix_inbox_received_at": ("inbox", "received_at_us"),
+    IDEMPOTENCY_AGE_INDEX: ("idempotency_keys", "created_at_us"),
+    "ix_leaderboard_daily_day": ("leaderboard_daily", "day"),
+}
+
+
+def _index_method(name: str) -> str | None:
+    """The access method (btree, brin) of the PostgreSQL index `name`; None if there is none."""
+    return (
+        op.get_bind()
+        .execute(
+            text("SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam WHERE c.oid = to_regclass(:name)"),
+            {"name": name},
+        )
+        .scalar_one_or_none()
+    )
+
+
+def replace_brin_with_btree(name: str) -> None:
+    """In a migration: make a pruner's BRIN age index (`PRUNER_AGE_INDEXES`) a B-tree of the same name.
+
+    A BRIN range's summary only ever widens: once the pruner has deleted a range's old rows,
+    vacuum hands their space to new rows, the range then spans the oldest and the newest, and
+    every range matches "older than the retention". The pruner's probe read the whole table
+    every round (on the inbox, 45 days of events every 10 minutes). A B-tree finds exactly the
+    rows due. On PostgreSQL the BRIN index is dropped CONCURRENTLY (a retry after an interrupted
+    attempt finds it gone, or the B-tree INVALID, which `create_index_beside_writers` builds
+    again) and the B-tree built beside the writers; until it is, a pruner scans the table. SQLite
+    has B-trees only: nothing to do.
+    """
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    table, column = PRUNER_AGE_INDEXES[name]
+    with op.get_context().autocommit_block():
+        if _index_method(name) == "brin":
+            op.execute("SET lock_timeout = 0")  # waits for older transactions, as a build does
+            op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
+            op.execute("RESET lock_timeout")
+    create_index_beside_writers(name, table, [column])
+
+
+def restore_brin(name: str) -> None:
+    """Undo replace_brin_with_btree: the BRIN index of the earlier releases."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    table, column = PRUNER_AGE_INDEXES[name]
+    op.drop_index(name, table_name=table)
+    op.create_index(name, table, [column], postgresql_using="brin", postgresql_with={"autosummarize": "on"})

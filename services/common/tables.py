@@ -35,14 +35,9 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("response", LargeBinary, nullable=False),
         Column("created_at_us", BigInteger, nullable=False),
     )
-    # For pruning by age (services/common/idempotency.py IdempotencyPruner), BRIN on PostgreSQL
-    # for the reason the inbox's is (below): records are written in created order.
-    Index(
-        "ix_idempotency_keys_created_at",
-        idempotency.c.created_at_us,
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
-    )
+    # For pruning by age (services/common/idempotency.py IdempotencyPruner): a B-tree, as the
+    # inbox's (below).
+    Index("ix_idempotency_keys_created_at", idempotency.c.created_at_us)
     outbox = Table(
         "outbox",
         metadata,
@@ -65,15 +60,11 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("event_id", String(64), primary_key=True),
         Column("received_at_us", BigInteger, nullable=False),
     )
-    # For pruning by age (services/common/inbox.py InboxPruner). Rows arrive in received order,
-    # so on PostgreSQL a BRIN index (a few pages, no entry per row) finds the old ones;
-    # autosummarize keeps it current between vacuums. SQLite has B-trees only.
-    Index(
-        "ix_inbox_received_at",
-        inbox.c.received_at_us,
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
-    )
+    # For pruning by age (services/common/inbox.py InboxPruner). A B-tree: it finds exactly the
+    # rows due. It was BRIN on PostgreSQL until migration 0015 (wallet) / 0017 (gifting, payout):
+    # once pruned pages took new rows every range summary spanned old and new, and each pruning
+    # round read the whole table (services.common.migrate.replace_brin_with_btree).
+    Index("ix_inbox_received_at", inbox.c.received_at_us)
     dead_letters = Table(
         "dead_letters",
         metadata,

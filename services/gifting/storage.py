@@ -259,14 +259,9 @@ leaderboard_daily = Table(
     Column("coins", BigInteger, nullable=False),
 )
 # For pruning by day (services/gifting/readmodels.py LeaderboardDailyPruner): the leaderboards
-# read only the last LEADERBOARD_WINDOW_DAYS. BRIN on PostgreSQL as the inbox's (tables.py): rows
-# are written in day order, and an old day's rows are never updated again.
-Index(
-    "ix_leaderboard_daily_day",
-    leaderboard_daily.c.day,
-    postgresql_using="brin",
-    postgresql_with={"autosummarize": "on"},
-)
+# read only the last LEADERBOARD_WINDOW_DAYS. A B-tree, as the inbox's (tables.py); BRIN on
+# PostgreSQL from migration 0014 to 0017.
+Index("ix_leaderboard_daily_day", leaderboard_daily.c.day)
 
 creator_stats_hourly = Table(
     "creator_stats_hourly",
