@@ -86,6 +86,33 @@ def is_stream_missing(exc: BaseException) -> bool:
     return isinstance(exc, NotFoundError) and exc.err_code == ERR_STREAM_NOT_FOUND
 
 
+class _Client(Client):
+    """nats-py's client, but a request whose publish fails leaves nothing behind.
+
+    `request` puts the future of its answer in `_resp_map`, under the reply subject's token,
+    before it publishes, and removes it only once the future is done (answered, or timed out).
+    A publish that raises (OutboundBufferLimitError while NATS is down and the reconnect buffer
+    is full, ConnectionClosedError, a cancellation) left the future there for as long as the
+    connection lives, which is the process's: the relay, which publishes each row of a batch
+    every backoff of an outage, left about one a row (256 every 5 s), and JetStream API calls
+    (a consumer binding again) one each. Measured: 50 refused publishes, 50 futures kept.
+    """
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        """`Client.publish`; if it raises, the request waiting on `reply` (if any) is forgotten."""
+        try:
+            await super().publish(subject, payload, reply, headers)
+        except BaseException:
+            prefix = self._resp_sub_prefix.decode() if self._resp_sub_prefix else ""
+            if prefix and reply.startswith(prefix):
+                waiting = self._resp_map.pop(reply[len(prefix) :], None)
+                if waiting is not None:
+                    waiting.cancel()  # nobody awaits it: the request raises this error
+            raise
+
+
 class Bus:
     """A NATS connection with JetStream; reconnects forever once connected."""
 
@@ -107,7 +134,8 @@ class Bus:
         delay = 0.2
         while not stop.is_set():
             try:
-                self.nc = await nats.connect(
+                nc = _Client()
+                await nc.connect(
                     servers=self.settings.nats_url.split(","),
                     name=self.name,
                     max_reconnect_attempts=-1,
@@ -117,6 +145,7 @@ class Bus:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                 )
+                self.nc = nc
                 self._check_max_payload()
                 self.js = self.nc.jetstream(timeout=JETSTREAM_TIMEOUT_S)
                 for stream in streams:
