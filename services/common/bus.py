@@ -95,7 +95,9 @@ class _Client(Client):
     is full, ConnectionClosedError, a cancellation) left the future there for as long as the
     connection lives, which is the process's: the relay, which publishes each row of a batch
     every backoff of an outage, left about one a row (256 every 5 s), and JetStream API calls
-    (a consumer binding again) one each. Measured: 50 refused publishes, 50 futures kept.
+    (a consumer binding again) one each. Measured on a gifting service taking tips through a
+    5.5-minute NATS outage: from about 3.5 minutes in (the 2 MB buffer full), 51 a second, and
+    8,483 still held after NATS was back and the outbox drained; with this, none.
     """
 
     async def publish(
@@ -105,9 +107,12 @@ class _Client(Client):
         try:
             await super().publish(subject, payload, reply, headers)
         except BaseException:
-            prefix = self._resp_sub_prefix.decode() if self._resp_sub_prefix else ""
+            # nats-py 2.16's internals, read with getattr: a release without them loses nothing
+            # here but this cleanup (tests/integration/test_bus_requests.py then says so).
+            prefix_bytes = getattr(self, "_resp_sub_prefix", None)
+            prefix = bytes(prefix_bytes).decode() if prefix_bytes else ""
             if prefix and reply.startswith(prefix):
-                waiting = self._resp_map.pop(reply[len(prefix) :], None)
+                waiting = getattr(self, "_resp_map", {}).pop(reply[len(prefix) :], None)
                 if waiting is not None:
                     waiting.cancel()  # nobody awaits it: the request raises this error
             raise
