@@ -14,12 +14,12 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from sqlalchemy import Select, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, func, insert, not_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from livegifts.common.v1 import common_pb2
@@ -61,7 +61,7 @@ from services.common.metrics import (
 )
 from services.common.outbox import Outbox, new_event_id
 from services.common.provider_calls import ProviderRefused
-from services.common.sql import Bulk, after_key, bulk_insert, bulk_update, one_of, one_of_param
+from services.common.sql import Bulk, after_key, bulk_insert, bulk_update, one_of, one_of_array, one_of_param
 from services.common.telemetry import background_span
 from services.common.throttle import KeyedLogThrottle
 from services.common.timeutil import now_us, to_timestamp
@@ -1396,9 +1396,10 @@ class Payout:
         self._held_until = {k: until for k, until in self._held_until.items() if until > now_mono}
         unsubmitted = _UNSUBMITTED
         batch = self.settings.dispatch_batch_size_max
-        to_dispatch = dispatch_select(self._dispatch_cursor.at, batch, list(self._held_until))
+        held = list(self._held_until)
+        to_dispatch = dispatch_select(self.db.dialect, self._dispatch_cursor.at, batch, bool(held))
         async with self.db.unit_of_work(readonly=True) as uow:
-            rows = (await uow.conn.execute(to_dispatch)).all()
+            rows = (await uow.conn.execute(to_dispatch, {"held": held} if held else {})).all()
             # What is with the provider, and since when: a callback that never came leaves a
             # withdrawal PROCESSING (docs/sre.md "A withdrawal stuck in PROCESSING").
             waiting, since_us = (
@@ -2650,11 +2651,15 @@ _UNSUBMITTED = and_(
 )  # claimed by the dispatcher, not yet taken by the provider
 
 
-def dispatch_select(after: tuple[int, str], limit: int, held_creators: Sequence[str] = ()) -> Any:
+def dispatch_select(dialect: str, after: tuple[int, str], limit: int, held: bool = False) -> Any:
     """The dispatcher's read: the withdrawals to hand to the provider (claimed and not taken by it,
     or APPROVED and not held), after `after` in (requested_at_us, withdrawal_id) order, oldest
     first, at most `limit`, each with its method's provider token and its creator's wallet hold;
-    none of `held_creators` APPROVED.
+    if `held`, none APPROVED of the creators passed at execution as `{"held": [...]}`.
+
+    The held creators go as one parameter (an array; JSON on SQLite, `one_of_array`): bound one
+    each, past 32,766 of them (the wallet down while that many creators wait) every read failed
+    on SQLite's and asyncpg's parameter limits, and nothing was paid until their holds expired.
 
     Only the withdrawals in flight have these statuses, read by a status index: SQLite seeks a
     range of ix_withdrawals_status_oldest (status, requested_at_us, withdrawal_id) from the
@@ -2665,8 +2670,8 @@ def dispatch_select(after: tuple[int, str], limit: int, held_creators: Sequence[
     # not VERIFIED: an operator who marks a method FAILED after the request (KYC found the
     # account is not the creator's) stops the cash going to it; reject it to release the diamonds.
     claimable = and_(w.status == WithdrawalStatus.APPROVED.value, ~_BALANCE_HOLDS, ~_METHOD_HOLDS)
-    if held_creators:
-        claimable = and_(claimable, w.creator_id.not_in(list(held_creators)))
+    if held:
+        claimable = and_(claimable, not_(one_of_array(dialect, w.creator_id, "held")))
     return (
         select(withdrawals, m.provider_token, creators.c.wallet_hold)
         .join(payout_methods, m.method_id == w.method_id)

@@ -232,7 +232,11 @@ async def test_the_dispatchers_read_is_served_by_a_status_index(empty_database: 
     those in flight only."""
     from services.payout.usecases import dispatch_select
 
-    plan = await _plan(empty_database, "payout", lambda dialect: dispatch_select(after, 50, ["creator-held"]))
+    # The held creators, one parameter: an array on PostgreSQL, JSON text on SQLite (sent as is).
+    held = ["creator-held"] if empty_database.startswith("postgresql") else '["creator-held"]'
+    plan = await _plan(
+        empty_database, "payout", lambda dialect: dispatch_select(dialect, after, 50, held=True), {"held": held}
+    )
     assert "ix_withdrawals_status" in plan, plan
     if not empty_database.startswith("postgresql"):
         assert "ix_withdrawals_status_oldest" in plan and "requested_at_us" in _index_bound(plan), plan

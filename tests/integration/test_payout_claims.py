@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from sqlalchemy import TextClause, func, select, text
+from sqlalchemy import TextClause, event, func, select, text
+from sqlalchemy.util import await_
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
@@ -36,6 +40,7 @@ from tests.support.payout import (
 )
 
 GUARD_S = 20
+SQLITE_VARIABLES_MAX = 32_766
 
 
 @contextlib.asynccontextmanager
@@ -322,3 +327,30 @@ async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_whi
             assert await first.dispatch_once() == 1  # the one requested meanwhile
         assert await status_of(first, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
         assert await status_of(first, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+def _sqlite_variables_max(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite's limit on a statement's bound parameters as most builds set it (32,766), on aiosqlite's thread."""
+    conn = dbapi_connection.driver_connection
+    await_(conn._execute(conn._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, SQLITE_VARIABLES_MAX))
+
+
+async def test_more_held_creators_than_a_statement_takes_parameters_keep_no_withdrawal_from_the_provider(
+    empty_database: str,
+) -> None:
+    # The wallet down while many creators wait: each is held (DISPATCH_HOLD_RECHECK_S) and left
+    # out of the dispatcher's read. Bound one parameter each, past 32,766 (SQLite) or 32,767
+    # (asyncpg) every read failed, and nothing was paid until the holds expired.
+    async with payout_on(empty_database) as (payout, provider):
+        if payout.db.sqlite:  # as most builds take (this one's may take more)
+            event.listen(payout.db.engine.sync_engine, "connect", _sqlite_variables_max)
+        held = await approved_withdrawal(payout, "creator-held")
+        paid = await approved_withdrawal(payout, "creator-paid")
+        until = time.monotonic() + 3600
+        payout._held_until = {f"creator-{i:05d}": until for i in range(40_000)}
+        payout._held_until["creator-held"] = until
+
+        assert await payout.dispatch_once() == 1
+        assert provider.submitted == [paid]
+        assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # still held
+        assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
