@@ -2203,16 +2203,19 @@ class Payout:
         sf = clawback_shortfalls.c
         rows = (
             await uow.conn.execute(
-                select(sf.sender_id, sf.reversed_at_us, sf.reversal_event_id).where(
-                    one_of(self.db.dialect, sf.reversal_event_id, owed), sf.coins_open > 0
-                )
+                select(sf.sender_id, sf.reversed_at_us, sf.reversal_event_id)
+                .where(one_of(self.db.dialect, sf.reversal_event_id, owed), sf.coins_open > 0)
+                .order_by(sf.reversed_at_us, sf.reversal_event_id)
             )
         ).all()
         # Each sender's shortfalls up to its newest one owed here, oldest first (`_settle_sender`).
+        # The newest is the last in the database's order, which `_settle_sender`'s `<=` compares
+        # in too: Python's max compared ids by code point, and under a language's collation
+        # (PostgreSQL's en_US: "a1" before "B1") the id it picked at a shared microsecond could
+        # be older there, leaving the other shortfall of that microsecond unsettled.
         upto: dict[str, tuple[int, str]] = {}
         for r in rows:
-            at = (r.reversed_at_us, r.reversal_event_id)
-            upto[r.sender_id] = max(upto.get(r.sender_id, at), at)
+            upto[r.sender_id] = (r.reversed_at_us, r.reversal_event_id)
         return await self._settle_senders(uow, upto, also_lock=(creator_id,))
 
     async def _claw(self, uow: UnitOfWork, rv: _Reversal, coins: int, claws: list[_Claw], *, entry_id: str) -> int:

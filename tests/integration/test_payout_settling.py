@@ -9,8 +9,10 @@ of their own (no settler loop, no wallet), so nothing but the withdrawal itself 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -20,6 +22,7 @@ from livegifts.wallet.v1 import events_pb2 as wallet_events
 from services.common.errors import FailedPrecondition
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import Payout
+from tests.integration import pg
 from tests.support.payout import gift_event, max_clawable, payout_on, verified_method
 
 NOW_S = 1_795_305_600
@@ -208,3 +211,55 @@ async def test_reversals_of_one_sender_applied_in_parallel_claw_back_what_they_w
         owed = (await uow.conn.execute(select(clawback_shortfalls.c.coins_open))).scalars().all()
     assert sum(clawed) == max_clawable([(t, 50) for t in times], gifts) == 180
     assert sum(owed) == 6 * 50 - 180
+
+
+@pytest.fixture(params=["sqlite", "postgres-en-us"])
+async def payout_by_collation(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Payout]:
+    """Payout on SQLite (ids compared by code point, as Python compares them) and on a PostgreSQL
+    database whose text sorts as people read it ("a1" before "B1"; ICU's en-US)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}"
+        else:
+            url = stack.enter_context(pg.en_us_database())
+        async with payout_on(url, pool_size=4) as (p, _provider):
+            yield p
+
+
+async def test_a_withdrawal_settles_every_shortfall_its_diamonds_owe_reversed_at_one_microsecond(
+    payout_by_collation: Payout,
+) -> None:
+    # Two chargebacks of the viewer's purchases at one microsecond, consumed before their gifts:
+    # "a1-..." sorts after "B1-..." by code point, before it in en-US. RequestWithdrawal settled
+    # the sender's shortfalls up to the newest one by code point, then read them up to it in the
+    # database's collation: on en-US "B1-..." was left open, its diamonds withdrawable.
+    payout = payout_by_collation
+    ids = ["a1-" + uuid.uuid4().hex, "B1-" + uuid.uuid4().hex]
+    async with payout.db.unit_of_work() as uow:
+        await payout.claw_back(
+            uow,
+            [
+                wallet_events.PurchaseReversed(
+                    event_id=rid,
+                    purchase_id=f"p-{rid}",
+                    user_id="viewer",
+                    coins=20_000,
+                    coins_already_spent=20_000,
+                    kind="CHARGED_BACK",
+                    occurred_at={"seconds": NOW_S},
+                )
+                for rid in ids
+            ],
+        )
+        await payout.credit_gifts(uow, [gift_event("creator-c", 40_000, at_s=NOW_S - 60)])
+        await uow.commit()
+
+    with pytest.raises(FailedPrecondition) as refused:
+        await payout.request_withdrawal(withdraw(await verified_method(payout, "creator-c")))
+    assert refused.value.reason == "INSUFFICIENT_DIAMONDS"
+    sf = clawback_shortfalls.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        still = dict((await uow.conn.execute(select(sf.reversal_event_id, sf.coins_open))).tuples().all())
+    assert still == dict.fromkeys(ids, 0)
+    earned = await payout.get_earnings("creator-c")
+    assert (earned.diamonds_available, earned.diamonds_clawed_back) == (0, 20_000)
