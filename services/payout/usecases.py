@@ -1177,10 +1177,14 @@ class Payout:
             ),
         )
 
-    async def _load_withdrawal(self, uow: UnitOfWork, withdrawal_id: str, *, with_hold: bool = False) -> Any:
-        """The withdrawal's row; `with_hold`, with its `hold` (`_HOLD`) too, in the same query."""
+    async def _load_withdrawal(
+        self, uow: UnitOfWork, withdrawal_id: str, *, with_hold: bool = False, lock: bool = False
+    ) -> Any:
+        """The withdrawal's row; `with_hold`, with its `hold` (`_HOLD`) too, in the same query;
+        `lock`, held until commit (PostgreSQL `FOR UPDATE`; SQLite serializes writers)."""
         q = select(withdrawals) if not with_hold else select(withdrawals, *_WITH_HOLD[1]).select_from(_WITH_HOLD[0])
-        row = (await uow.conn.execute(q.where(withdrawals.c.withdrawal_id == withdrawal_id))).first()
+        q = q.where(withdrawals.c.withdrawal_id == withdrawal_id)
+        row = (await uow.conn.execute(q.with_for_update() if lock else q)).first()
         if row is None:
             raise NotFound("unknown withdrawal", "UNKNOWN_WITHDRAWAL")
         return row
@@ -1577,10 +1581,20 @@ class Payout:
         """A claimed withdrawal the provider refused for good (ProviderRefused: no transfer was
         made): FAILED, its diamonds and the day's total released, as a FAILED callback does.
         Retried, it would stay PROCESSING for ever, held, with no way out for an operator. In
-        `held` (`_submitting`'s transaction, committed here) where there is one."""
+        `held` (`_submitting`'s transaction, committed here) where there is one.
+
+        The row is read locked: a callback settling the withdrawal at the same moment either
+        committed first, and the refusal finds it settled (nothing to do), or waits for this
+        one. Read unlocked, a callback committing between the read and the move failed the
+        move's compare-and-set (ABORTED), counted as the dispatcher's item failure for a
+        harmless race."""
         async with self._held_or_own_unit_of_work(held) as uow:
-            row = await self._load_withdrawal(uow, withdrawal_id)
+            row = await self._load_withdrawal(uow, withdrawal_id, lock=True)
             if row.status != WithdrawalStatus.PROCESSING.value or row.provider_ref:
+                log.info(
+                    "the payout provider refused a withdrawal settled or taken meanwhile; nothing to do",
+                    extra={"withdrawal_id": withdrawal_id, "status": row.status, "reason": reason},
+                )
                 return  # settled meanwhile, or another replica's submission was taken
             await self._end_unpaid(
                 uow, row, WithdrawalStatus.FAILED, f"refused by the provider: {reason}"[: domain.REASON_CHARS_MAX]

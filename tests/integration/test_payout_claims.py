@@ -17,14 +17,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import TextClause, event, func, select, text
 from sqlalchemy.util import await_
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
-from services.payout.providers import dev_payout_payload
+from services.payout.providers import Submission, dev_payout_payload
 from services.payout.storage import common
-from services.payout.usecases import Payout
+from services.payout.usecases import DISPATCH_LOOP, Payout
 from tests.integration.helpers import ReplicasAsking
 from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.support.payout import (
@@ -354,3 +355,69 @@ async def test_more_held_creators_than_a_statement_takes_parameters_keep_no_with
         assert provider.submitted == [paid]
         assert await status_of(payout, held) == payout_pb2.WITHDRAWAL_STATUS_APPROVED  # still held
         assert await status_of(payout, paid) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+
+
+@pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
+async def test_a_refused_withdrawal_a_callback_fails_at_the_same_moment_is_no_item_failure(
+    empty_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The provider refuses the submission while its FAILED callback for the same withdrawal is
+    # being applied (its row updated, not yet committed). The refusal read the row unlocked
+    # (PROCESSING), the callback committed, and the refusal's compare-and-set failed: ABORTED,
+    # counted as the dispatcher's item failure (LivegiftsBackgroundItemFailing) for a race
+    # whose outcome, FAILED with the diamonds back once, was right. SQLite serializes writers:
+    # there the refusal reads the row after the callback committed.
+    async with payout_on(empty_database, pool_size=4) as (payout, _):
+        withdrawal_id = await approved_withdrawal(payout, "creator-a")
+        net = (await payout.get_withdrawal(withdrawal_id)).net
+        payload = dev_payout_payload(
+            "evt-failed", "payout.failed", withdrawal_id, net.amount_minor, net.currency_code, "account closed"
+        )
+        callback = payout_pb2.HandlePayoutEventRequest(
+            provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+        )
+        applying, go = asyncio.Event(), asyncio.Event()
+        withdrawal_event = Payout._withdrawal_event
+
+        async def paused(self: Payout, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            if not applying.is_set():  # the callback's, its row updated and not committed
+                applying.set()
+                await go.wait()
+            await withdrawal_event(self, *args, **kwargs)
+
+        monkeypatch.setattr(Payout, "_withdrawal_event", paused)
+        callbacks: list[asyncio.Task[payout_pb2.HandlePayoutEventResponse]] = []
+
+        class RefusedWhileItsCallbackApplies(RefusingProvider):
+            async def submit(self, withdrawal_id: str, token: str, amount_minor: int, currency_code: str) -> Submission:
+                callbacks.append(asyncio.create_task(payout.handle_payout_event(callback)))
+                await applying.wait()
+                return await super().submit(withdrawal_id, token, amount_minor, currency_code)
+
+        payout.provider = provider = RefusedWhileItsCallbackApplies()
+        provider.refused.add(withdrawal_id)
+        counted = item_failures(DISPATCH_LOOP)
+        round_ = asyncio.create_task(payout.dispatch_once())
+        await wait_for_a_lock_waiter_or_the_end(payout.db, round_, GUARD_S)
+        assert not round_.done(), "the refusal did not meet the callback in flight"
+        go.set()
+        async with asyncio.timeout(GUARD_S):
+            assert await round_ == 0
+            applied = await callbacks[0]
+
+        assert item_failures(DISPATCH_LOOP) == counted  # no failure: the refusal found it settled
+        assert not applied.duplicate and provider.submitted == [withdrawal_id]
+        row = await payout.get_withdrawal(withdrawal_id)
+        assert (row.status, row.failure_reason) == (payout_pb2.WITHDRAWAL_STATUS_FAILED, "account closed")
+        earnings = await payout.get_earnings("creator-a")
+        assert (earnings.diamonds_available, earnings.diamonds_held) == (20_000, 0)  # released once
+        o = common.outbox.c
+        async with payout.db.unit_of_work(readonly=True) as uow:
+            failed = (
+                await uow.conn.execute(select(func.count()).where(o.subject == "payout.withdrawal.failed"))
+            ).scalar_one()
+        assert failed == 1
+
+
+def item_failures(loop: str) -> float:
+    return REGISTRY.get_sample_value("livegifts_background_item_failures_total", {"loop": loop}) or 0.0
