@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from tests.unit.test_payout_dispatch import payout_on
+from tests.support.payout import payout_on
 
 CREATOR = "creator-big"
 BEFORE = 20_000  # earnings credited in 2025, a diamond each at 50%
