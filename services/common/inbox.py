@@ -819,9 +819,12 @@ class Consumer(Generic[E]):
         return msg.metadata.sequence.stream if msg.metadata else None
 
     def _forget(self, msg: Msg) -> None:
+        """Drop the not-counted deliveries of `msg`'s event (acked or parked): only if they are
+        its own, as `_not_its_fault_count` reads them (another event at that sequence keeps its)."""
         seq = self._sequence(msg)
-        if seq is not None:
-            self._not_counted.pop(seq, None)
+        if seq is not None and (kept := self._not_counted.get(seq)) is not None and kept[0] == _digest(msg):
+            del self._not_counted[seq]
+
 
     def _not_its_fault_count(self, seq: int | None, digest: bytes) -> int:
         """The deliveries of the message at `seq` that failed for no fault of the event's, counted

@@ -469,6 +469,29 @@ async def test_deliveries_not_counted_for_one_event_do_not_spare_another_at_its_
         await db.engine.dispose()
 
 
+async def test_an_event_applied_at_a_sequence_leaves_another_events_uncounted_deliveries_there(tmp_path: Path) -> None:
+    # Two events at one sequence (the stream made again while this process kept pulling): the
+    # new one is applied, and `_forget` dropped the not-counted deliveries kept at its sequence
+    # without comparing their digest, so the old event's outage deliveries counted as its own
+    # failures when it came again, and it was parked on its first failure of its own.
+    from sqlalchemy import exc as sa_exc
+
+    consumer, db = await _parking_consumer(tmp_path, "forget-other", "poisoned", [], max_deliver=2)
+    try:
+        outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        for n in (1, 2, 3):
+            await consumer._failed((_Msg("poisoned", seq=9, n=n), events_pb2.GiftSent()), outage)  # type: ignore[arg-type]
+        other = _Msg("new-stream", seq=9, n=1)
+        await consumer.process([other])  # type: ignore[list-item]
+        assert other.settled == ["ack"]
+        again = _Msg("poisoned", seq=9, n=4)  # its first failure of its own, of 2 allowed
+        await consumer.process([again])  # type: ignore[list-item]
+        assert again.settled == ["nak"], "parked on one failure of its own: its outage deliveries were dropped"
+        assert await _parked_ids(db, "forget-other") == []
+    finally:
+        await db.engine.dispose()
+
+
 async def test_the_latest_park_at_a_sequence_is_the_last_forgotten_when_another_event_there_is_parked(
     tmp_path: Path,
 ) -> None:
