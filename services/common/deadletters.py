@@ -191,7 +191,7 @@ def dead_letter_registration(
 
 
 def parked_counts(dead_letters: Table) -> Select[tuple[str, int]]:
-    """The parked rows by consumer: read from ix_dead_letters_consumer_event, not the table."""
+    """The parked rows by consumer: read from ux_dead_letters_consumer_event, not the table."""
     d = dead_letters.c
     return select(d.consumer, func.count()).group_by(d.consumer)
 

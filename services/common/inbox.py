@@ -43,12 +43,12 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
-from sqlalchemy import delete, insert, select, union_all
+from sqlalchemy import delete, select, union_all
 
 from services.common import faults
 from services.common.bus import Bus, described, is_stream_missing
 from services.common.config import ServiceSettings
-from services.common.db import Database, UnitOfWork
+from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.dependency_errors import error_kind, is_retryable, is_unavailable
 from services.common.errors import DomainError, check, is_text, shown
 from services.common.loops import sleep_unless_stopped
@@ -825,7 +825,6 @@ class Consumer(Generic[E]):
         if seq is not None and (kept := self._not_counted.get(seq)) is not None and kept[0] == _digest(msg):
             del self._not_counted[seq]
 
-
     def _not_its_fault_count(self, seq: int | None, digest: bytes) -> int:
         """The deliveries of the message at `seq` that failed for no fault of the event's, counted
         while it held the body of `digest` (another body at that sequence counts from 0)."""
@@ -903,22 +902,27 @@ class Consumer(Generic[E]):
         (the whole error, SQL included) goes to the log only.
 
         An event parked already (by another replica, or by this consumer before a restart, its
-        term lost) is only terminated, not given a second row, alert and replay. Two replicas
-        parking one event at the same moment may still both insert."""
+        term lost) is only terminated, not given a second row, alert and replay: the insert skips
+        a (consumer, event_id) the unique index holds, and one another replica is inserting at
+        the same moment is waited for, then skipped (or inserted, if that transaction rolled
+        back). An undecodable event (no event id: NULL) always gets a row of its own."""
+        d = self.tables.dead_letters
         async with self.db.unit_of_work() as uow:
-            already = event_id is not None and await self._parked_already(uow, event_id)
-            if not already:
-                await uow.conn.execute(
-                    insert(self.tables.dead_letters).values(
-                        consumer=self.sub.durable,
-                        subject=msg.subject,
-                        event_id=event_id,
-                        payload=msg.data,
-                        error=error[:2000],
-                        received_at_us=now_us(),
-                    )
+            parked = await uow.conn.execute(
+                insert_ignore(self.db.dialect, d)
+                .values(
+                    consumer=self.sub.durable,
+                    subject=msg.subject,
+                    event_id=event_id,
+                    payload=msg.data,
+                    error=error[:2000],
+                    received_at_us=now_us(),
                 )
+                .returning(d.c.id)
+            )
+            dead_letter_id = parked.scalar_one_or_none()
             await uow.commit()
+        already = dead_letter_id is None
         # Kept, counted and logged before the term: a term lost with the connection leaves the
         # event to come again, and its copy is then terminated, not parked a second time (so it
         # is counted and logged here or never: the alert watches the count).
@@ -936,15 +940,14 @@ class Consumer(Generic[E]):
                 DEAD_LETTERS.labels(self.sub.durable).inc()
                 log.error(
                     "event parked in dead_letters",
-                    extra={"consumer": self.sub.durable, "event_id": event_id, "error": detail or error},
+                    extra={
+                        "consumer": self.sub.durable,
+                        "event_id": event_id,
+                        "dead_letter_id": dead_letter_id,  # what `dead-letters replay` takes
+                        "error": detail or error,
+                    },
                 )
         await msg.term()
-
-    async def _parked_already(self, uow: UnitOfWork, event_id: str) -> bool:
-        """Whether dead_letters holds `event_id` for this consumer (ix_dead_letters_consumer_event)."""
-        d = self.tables.dead_letters.c
-        q = select(d.id).where(d.consumer == self.sub.durable, d.event_id == event_id).limit(1)
-        return (await uow.conn.execute(q)).first() is not None
 
 
 class InboxPruner(AgePruner):
@@ -958,7 +961,7 @@ class InboxPruner(AgePruner):
         # redelivery, parked row left behind): its inbox row is what makes the replay a no-op,
         # so it stays while the event is parked, and goes in the first round after the replay.
         # (Refusing old replays instead would leave an operator no way to apply an event parked
-        # longer than the retention.) It reads ix_dead_letters_consumer_event, not the table.
+        # longer than the retention.) It reads ux_dead_letters_consumer_event, not the table.
         still_parked = (
             select(parked.id).where(parked.consumer == inbox.c.consumer, parked.event_id == inbox.c.event_id).exists()
         )

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
 
 from services.common.db import driver_sqlstate, ensure_sqlite_dir, normalize_url, postgres_connect_args
+from services.common.tables import DEAD_LETTERS_EVENT_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def rebuild_sqlite_outbox(autoincrement: bool) -> None:
         pass
 
 
-def create_index_beside_writers(name: str, table: str, columns: list[str], **kw: Any) -> None:
+def create_index_beside_writers(name: str, table: str, columns: list[str], *, before: str = "", **kw: Any) -> None:
     """In a migration: create an index without holding up the table's writers.
 
     On PostgreSQL the previous release keeps writing the table while the new one migrates (a
@@ -296,11 +297,19 @@ def create_index_beside_writers(name: str, table: str, columns: list[str], **kw:
     With no lock timeout: the build waits, by design, for every transaction older than it (a
     report's snapshot, pg_dump) and PostgreSQL counts that wait against lock_timeout, which
     would cancel it and leave the index INVALID; its own lock blocks no reads nor writes.
+
+    `before`: SQL run just before the build, by every attempt (on PostgreSQL committed at once,
+    under the migration's lock timeout): for a unique index, the deletion of the rows it would
+    refuse.
     """
     if op.get_bind().dialect.name != "postgresql":
+        if before:
+            op.execute(before)
         op.create_index(name, table, columns, **kw)
         return
     with op.get_context().autocommit_block():
+        if before:
+            op.execute(before)
         op.execute("SET lock_timeout = 0")
         invalid = op.get_bind().execute(
             text("SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass(:name) AND NOT indisvalid"),
@@ -403,3 +412,60 @@ def restore_brin(name: str) -> None:
     table, column = PRUNER_AGE_INDEXES[name]
     op.drop_index(name, table_name=table)
     op.create_index(name, table, [column], postgresql_using="brin", postgresql_with={"autosummarize": "on"})
+
+
+DEAD_LETTERS_NONUNIQUE_INDEX = "ix_dead_letters_consumer_event"  # wallet 0011, gifting 0015, payout 0013
+# The rows a unique (consumer, event_id) refuses: all but the oldest (lowest id) of each event
+# parked twice by one consumer (two replicas parking it at the same moment both inserted). The
+# newer copy's payload is the same event; its error, the other replica's words for the same
+# failure. Undecodable rows (no event id) are each their own.
+_DEAD_LETTERS_DUPLICATES = (
+    "DELETE FROM dead_letters WHERE event_id IS NOT NULL AND EXISTS (SELECT 1 FROM dead_letters AS older"
+    " WHERE older.consumer = dead_letters.consumer AND older.event_id = dead_letters.event_id"
+    " AND older.id < dead_letters.id)"
+)
+
+
+def make_dead_letters_unique() -> None:
+    """In a migration of each service: one dead letter per (consumer, event_id), and on SQLite
+    ids never reused (AUTOINCREMENT).
+
+    SQLite: the table is rebuilt with AUTOINCREMENT, rows and ids kept (a replay deleted a row
+    and the next park took its id again); PostgreSQL's identity never reuses an id. Then the
+    duplicates are deleted, the oldest of each kept, and the unique index built, CONCURRENTLY on
+    PostgreSQL beside the previous release, which keeps parking events (its look-up then insert
+    may still race: a park the new index refuses fails with an IntegrityError, the rest of its
+    batch is nak'ed uncounted, and the event's redelivery finds the row and terminates its copy). A duplicate it inserts
+    between the deletion and the end of the build fails the build (unique violation) and leaves
+    the index INVALID, the revision unstamped: the next attempt (the init container restarted)
+    drops it, deletes the duplicates again and builds again. The non-unique index it replaces
+    goes once the unique one is built (CONCURRENTLY too: it serves the previous release's
+    look-ups until then).
+    """
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        with op.batch_alter_table("dead_letters", recreate="always", table_kwargs={"sqlite_autoincrement": True}):
+            pass
+    create_index_beside_writers(
+        DEAD_LETTERS_EVENT_INDEX,
+        "dead_letters",
+        ["consumer", "event_id"],
+        before=_DEAD_LETTERS_DUPLICATES,
+        unique=True,
+    )
+    if sqlite:
+        op.drop_index(DEAD_LETTERS_NONUNIQUE_INDEX, table_name="dead_letters", if_exists=True)
+        return
+    with op.get_context().autocommit_block():
+        op.execute("SET lock_timeout = 0")  # waits for older transactions, as the build does
+        op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{DEAD_LETTERS_NONUNIQUE_INDEX}"')
+        op.execute("RESET lock_timeout")
+
+
+def unmake_dead_letters_unique() -> None:
+    """Undo make_dead_letters_unique (the duplicates it deleted stay deleted)."""
+    create_index_beside_writers(DEAD_LETTERS_NONUNIQUE_INDEX, "dead_letters", ["consumer", "event_id"])
+    op.drop_index(DEAD_LETTERS_EVENT_INDEX, table_name="dead_letters")
+    if op.get_bind().dialect.name == "sqlite":
+        with op.batch_alter_table("dead_letters", recreate="always", table_kwargs={"sqlite_autoincrement": False}):
+            pass

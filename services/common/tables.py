@@ -13,6 +13,9 @@ from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
+# The unique (consumer, event_id) index of dead_letters (its migrations: migrate.make_dead_letters_unique).
+DEAD_LETTERS_EVENT_INDEX = "ux_dead_letters_consumer_event"
+
 
 @dataclass(frozen=True)
 class CommonTables:
@@ -75,10 +78,18 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
         Column("payload", LargeBinary, nullable=False),
         Column("error", Text, nullable=False),
         Column("received_at_us", BigInteger, nullable=False),
+        # Ids are never reused on SQLite either (a replay deletes its row, and without
+        # AUTOINCREMENT the next park took the highest id left plus one): an id from an old log
+        # line or a `dead-letters replay <id>` in shell history would name another event.
+        sqlite_autoincrement=True,
     )
+    # One row per event and consumer: replicas parking one event at the same moment insert it
+    # once (the park is an insert-if-absent, inbox.Consumer._park; the loser terminates its
+    # copy). An undecodable event is parked without an event id (NULL), and NULLs are distinct
+    # in a unique index on both backends: each such delivery keeps its own row.
     # Every replica counts the parked rows by consumer every minute (deadletters.ParkedGauge):
     # with the index the count reads this narrow index (an index-only scan), not every row's
     # payload and error (still every entry: a count by consumer has no shortcut). The inbox
     # pruner's "still parked?" anti-join, on both columns, reads the index too.
-    Index("ix_dead_letters_consumer_event", dead_letters.c.consumer, dead_letters.c.event_id)
+    Index(DEAD_LETTERS_EVENT_INDEX, dead_letters.c.consumer, dead_letters.c.event_id, unique=True)
     return CommonTables(idempotency, outbox, inbox, dead_letters)

@@ -182,6 +182,69 @@ async def test_a_failing_and_an_undecodable_event_are_parked_and_the_fixed_one_r
     assert await rig.count(f"SELECT count(*) FROM inbox WHERE consumer = '{DURABLE}'") == 3
 
 
+class _Delivery:
+    """A delivery as the consumer parks it (subject, bytes, stream sequence), recording its settling."""
+
+    subject = "gifting.gift.sent"
+
+    def __init__(self, data: bytes, seq: int) -> None:
+        self.data = data
+        self.metadata = type("Meta", (), {"sequence": type("Seq", (), {"stream": seq})(), "num_delivered": 3})()
+        self.headers: dict[str, str] = {}
+        self.settled: list[str] = []
+
+    async def term(self) -> None:
+        self.settled.append("term")
+
+
+async def test_replicas_parking_one_event_at_once_park_it_once_and_each_undecodable_delivery_apart(
+    rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas parking one event at the same moment both found nothing parked and both
+    inserted (look-up, then insert): two rows, two alerts, two replays. The unique (consumer,
+    event_id) index and an insert-if-absent park it once, the other replica's copy terminated.
+    Parks that skip any look-up (as the losing replica's did) stand in for the race. Undecodable
+    deliveries have no event id: each keeps its own row."""
+    from prometheus_client import REGISTRY
+
+    async def nothing_parked(*args: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(Consumer, "_parked_already", nothing_parked, raising=False)  # a look-up both passed
+    replicas = [rig.consumer, Consumer(rig.h.db, rig.h.bus, rig.h.tables, rig.consumer.sub, rig.h.settings)]
+
+    def parked_total() -> float:
+        return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": DURABLE}) or 0.0
+
+    before = parked_total()
+    eid = new_event_id()
+    event = events_pb2.GiftSent(event_id=eid, coins=1, creator_id="c").SerializeToString()
+    copies = [_Delivery(event, seq=1), _Delivery(event, seq=1)]
+    with caplog.at_level(logging.INFO, logger="services.common.inbox"):
+        await asyncio.gather(
+            *(c._park(m, eid, "failed 2 times: RuntimeError") for c, m in zip(replicas, copies, strict=True))
+        )  # type: ignore[arg-type]
+        late = _Delivery(event, seq=1)  # a third copy, later, on a replica that did not park it
+        third = Consumer(rig.h.db, rig.h.bus, rig.h.tables, rig.consumer.sub, rig.h.settings)
+        await third._park(late, eid, "failed 2 times: RuntimeError")  # type: ignore[arg-type]
+    assert await rig.count(f"SELECT count(*) FROM dead_letters WHERE event_id = '{eid}'") == 1
+    assert [m.settled for m in [*copies, late]] == [["term"]] * 3
+    assert parked_total() - before == 1.0, "one alert for one event"
+    assert (
+        len(
+            [r for r in caplog.records if r.getMessage() == "event parked already in dead_letters; its copy terminated"]
+        )
+        == 2
+    )
+    (parked,) = [r for r in caplog.records if r.getMessage() == "event parked in dead_letters"]
+    (row_id,) = [d.id for d in (await rig.parked()).dead_letters if d.event_id == eid]
+    assert parked.dead_letter_id == row_id  # type: ignore[attr-defined]
+
+    junk = [_Delivery(b"\xff not a GiftSent", seq=2), _Delivery(b"\xff not a GiftSent", seq=2)]
+    await asyncio.gather(*(c._park(m, None, "undecodable: junk") for c, m in zip(replicas, junk, strict=True)))  # type: ignore[arg-type]
+    assert await rig.count("SELECT count(*) FROM dead_letters WHERE event_id IS NULL") == 2
+
+
 async def test_a_consumer_filter_no_consumer_can_have_is_invalid_not_internal(rig: _Rig) -> None:
     """The filter is compared with stored names: a NUL (text PostgreSQL cannot hold) failed in the
     driver, answered INTERNAL, instead of naming the argument."""

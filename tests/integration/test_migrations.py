@@ -28,6 +28,7 @@ from services.common.db import normalize_url
 from services.common.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade_head
 from services.common.pruning import AgePruner
 from services.common.sql import CODE_POINT_INDEXES
+from services.common.tables import DEAD_LETTERS_EVENT_INDEX
 from services.gifting.storage import KEY_LOST
 
 SERVICES = ("wallet", "gifting", "payout")
@@ -261,7 +262,7 @@ async def test_the_parked_gauges_count_is_served_by_the_consumer_index(empty_dat
 
     storage = importlib.import_module(f"services.{service}.storage")
     plan = await _plan(empty_database, service, lambda dialect: parked_counts(storage.common.dead_letters))
-    assert "ix_dead_letters_consumer_event" in plan, plan
+    assert DEAD_LETTERS_EVENT_INDEX in plan, plan
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -276,7 +277,7 @@ async def test_the_dead_letters_consumer_index_goes_with_a_downgrade_and_comes_b
         if empty_database.startswith("postgresql")
         else "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'ix_dead_letters_consumer_event'"
     )
-    await asyncio.to_thread(command.upgrade, cfg, "head")
+    await asyncio.to_thread(command.upgrade, cfg, revision)  # (the unique index replaces it later)
     await _execute(
         empty_database,
         "INSERT INTO dead_letters (consumer, subject, event_id, payload, error, received_at_us) "
@@ -285,9 +286,97 @@ async def test_the_dead_letters_consumer_index_goes_with_a_downgrade_and_comes_b
     assert await _execute(empty_database, exists) == [(1,)]
     await asyncio.to_thread(command.downgrade, cfg, previous)
     assert await _execute(empty_database, exists) == [(0,)]
-    await asyncio.to_thread(command.upgrade, cfg, "head")
+    await asyncio.to_thread(command.upgrade, cfg, revision)
     assert await _execute(empty_database, exists) == [(1,)]
     assert await _execute(empty_database, "SELECT consumer, event_id FROM dead_letters") == [("c1", "e1")]
+
+
+# Each service's revision that makes dead_letters one row per (consumer, event_id), AUTOINCREMENT on SQLite.
+DEAD_LETTERS_UNIQUE_REVISION = {"wallet": "0016", "gifting": "0018", "payout": "0018"}
+_PARK = (
+    "INSERT INTO dead_letters (consumer, subject, event_id, payload, error, received_at_us) "
+    "VALUES ('{}', 's.x.y', {}, '', '{}', 1)"
+)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_the_dead_letters_migration_keeps_the_oldest_of_each_event_parked_twice(
+    empty_database: str, service: str
+) -> None:
+    """Two replicas parking one event at the same moment both inserted it before the unique index:
+    the migration deletes the later rows (production may hold them), keeps undecodable rows (no
+    event id) each, and the index then refuses a second row; down and up again keeps the rest."""
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
+    revision = DEAD_LETTERS_UNIQUE_REVISION[service]
+    previous = ScriptDirectory.from_config(cfg).get_revision(revision).down_revision
+    await asyncio.to_thread(command.upgrade, cfg, previous)
+    parks = [
+        ("c1", "'e1'", "first"),
+        ("c1", "'e1'", "second"),  # the same event, parked again: deleted
+        ("c2", "'e1'", "other consumer"),
+        ("c1", "NULL", "undecodable a"),
+        ("c1", "NULL", "undecodable b"),
+        ("c1", "'e2'", "e2"),
+        ("c1", "'e1'", "third"),  # deleted
+        ("c1", "'e2'", "e2 again"),  # deleted
+    ]
+    await _execute(empty_database, *(_PARK.format(*p) for p in parks))
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    kept = [("first", 1), ("other consumer", 3), ("undecodable a", 4), ("undecodable b", 5), ("e2", 6)]
+    assert await _execute(empty_database, "SELECT error, id FROM dead_letters ORDER BY id") == kept
+    with pytest.raises(Exception, match="(?i)unique"):
+        await _execute(empty_database, _PARK.format("c1", "'e1'", "fourth"))
+    await _execute(empty_database, _PARK.format("c1", "NULL", "undecodable c"))  # each its own row
+    await asyncio.to_thread(command.downgrade, cfg, previous)
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    after = await _execute(empty_database, "SELECT error FROM dead_letters ORDER BY id")
+    assert [e for (e,) in after] == [e for e, _ in kept] + ["undecodable c"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_dead_letter_ids_are_not_reused_once_a_replay_deleted_the_row(empty_database: str, service: str) -> None:
+    """`dead-letters replay <id>` and the park's log line name a row by id: once its row is gone,
+    that id must never name another event (SQLite without AUTOINCREMENT gave it to the next park),
+    also on a table parked in before the migration (the rebuild keeps the rows and their ids)."""
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
+    revision = DEAD_LETTERS_UNIQUE_REVISION[service]
+    previous = ScriptDirectory.from_config(cfg).get_revision(revision).down_revision
+    await asyncio.to_thread(command.upgrade, cfg, previous)
+    await _execute(empty_database, _PARK.format("c", "'a'", "x"))
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    await _execute(empty_database, _PARK.format("c", "'b'", "x"))
+    assert await _execute(empty_database, "SELECT event_id, id FROM dead_letters ORDER BY id") == [("a", 1), ("b", 2)]
+    await _execute(empty_database, "DELETE FROM dead_letters WHERE id = 2")  # replayed
+    await _execute(empty_database, _PARK.format("c", "'c'", "x"))
+    (later,) = (await _execute(empty_database, "SELECT id FROM dead_letters WHERE event_id = 'c'"))[0]
+    assert isinstance(later, int) and later > 2, "a replayed dead letter's id was given to another event"
+
+
+async def test_the_dead_letters_unique_index_is_built_again_by_a_retry_after_a_failed_build(
+    empty_database: str,
+) -> None:
+    """A duplicate the previous release parks between the migration's de-duplication and the end of
+    its CONCURRENTLY build fails the build, leaving the index INVALID and the revision unstamped:
+    the retry must de-duplicate again and build it again, not take it as done."""
+    if not empty_database.startswith("postgresql"):
+        pytest.skip("SQLite: the index is built in the migrations' one transaction")
+    cfg = alembic_config(ROOT / "services" / "payout" / "migrations", empty_database)
+    revision = DEAD_LETTERS_UNIQUE_REVISION["payout"]
+    previous = ScriptDirectory.from_config(cfg).get_revision(revision).down_revision
+    await asyncio.to_thread(command.upgrade, cfg, previous)
+    await _execute(empty_database, _PARK.format("c", "'e'", "first"))
+    # The failed attempt: its index left INVALID (and not enforcing), a duplicate parked, no stamp.
+    await _execute(
+        empty_database,
+        f"CREATE INDEX {DEAD_LETTERS_EVENT_INDEX} ON dead_letters (consumer, event_id)",
+        "UPDATE pg_index SET indisvalid = false, indisready = false"
+        f" WHERE indexrelid = '{DEAD_LETTERS_EVENT_INDEX}'::regclass",
+        _PARK.format("c", "'e'", "second"),
+    )
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    valid = f"SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = '{DEAD_LETTERS_EVENT_INDEX}'::regclass"
+    assert await _execute(empty_database, valid) == [(True, True)]
+    assert await _execute(empty_database, "SELECT error FROM dead_letters") == [("first",)]
 
 
 async def test_the_audits_legacy_reversal_claims_read_the_reversals_index_not_the_journal(empty_database: str) -> None:
