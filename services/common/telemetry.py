@@ -156,6 +156,8 @@ METRICS_REQUEST_TIMEOUT_S = 10.0
 # - at most this many connections are served at once; one past it is closed unanswered
 METRICS_CONNECTIONS_MAX = 16
 METRICS_REFUSED_LOG_INTERVAL_S = 60.0
+# The one path answered (what the ServiceMonitor and the pods' annotations scrape)
+METRICS_PATH = "/metrics"
 
 
 class _Deadline(io.RawIOBase):
@@ -178,15 +180,75 @@ class _Deadline(io.RawIOBase):
         return self._connection.recv_into(buffer)
 
 
+class _Answer(io.BufferedIOBase):
+    """A connection's writer (socketserver's own, unbuffered) whose write that times out is the
+    client gone: ConnectionAbortedError.
+
+    wsgiref's ServerHandler.run takes ConnectionAbortedError, BrokenPipeError and
+    ConnectionResetError for a client that left and returns quietly; any other error while
+    writing went to its handle_error, whose log_exception printed a traceback to stderr: each
+    client that stopped reading an answer (METRICS_REQUEST_TIMEOUT_S per write) left one. Only a
+    write's timeout is turned; an error of the metrics app itself still prints its traceback."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        super().__init__()
+        self._connection = connection
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            self._connection.sendall(data)
+        except TimeoutError as exc:
+            raise ConnectionAbortedError("the client did not read the answer in time") from exc
+        with memoryview(data) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._connection.fileno()
+
+
+def _only_metrics(app: Any) -> Any:
+    """The metrics app behind a check of the path and method: GET or HEAD on METRICS_PATH only.
+
+    prometheus_client's app answers the metrics at any path (for backwards compatibility, it
+    says), and OPTIONS with 200: what scrapes the services asks for /metrics alone (the
+    ServiceMonitor, the pods' annotations, `livegifts run`), so any other path is 404 and any
+    other method 405. HEAD is answered as GET is, without the body (wsgiref sends what the app
+    returns, for HEAD too)."""
+
+    def metrics_only(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "")
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: metrics are at {METRICS_PATH}\n".encode()]
+        if method not in ("GET", "HEAD"):
+            start_response(
+                "405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain; charset=utf-8")]
+            )
+            return [b"method not allowed: use GET or HEAD\n"]
+        if method == "GET":
+            return list(app(environ, start_response))
+        answered: list[Any] = []
+        body = b"".join(app({**environ, "REQUEST_METHOD": "GET"}, lambda *args: answered.append(args)))
+        status, headers, *_exc_info = answered[0]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return []
+
+    return metrics_only
+
+
 class _MetricsHandler(WSGIRequestHandler):
     """prometheus_client's handler (logs no request), whose request must arrive within
     METRICS_REQUEST_TIMEOUT_S; a connection that times out or breaks is closed without a trace
-    on stderr."""
+    on stderr, one whose answer is not read in time too (`_Answer`)."""
 
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # the socket's own reader, which waits without a deadline
         self.rfile = io.BufferedReader(_Deadline(self.connection, METRICS_REQUEST_TIMEOUT_S))
+        self.wfile = _Answer(self.connection)
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
@@ -240,7 +302,8 @@ def serve_metrics(host: str, port: int) -> ThreadingWSGIServer:
     class Server(_MetricsServer):
         address_family = family  # an IPv6 host is served on IPv6, as prometheus_client does
 
-    server = make_server(str(address[0]), port, make_wsgi_app(), Server, handler_class=_MetricsHandler)
+    app = _only_metrics(make_wsgi_app())
+    server = make_server(str(address[0]), port, app, Server, handler_class=_MetricsHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

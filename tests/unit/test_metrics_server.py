@@ -6,6 +6,7 @@ left silent held their threads for good (thousands of them: the pod's memory and
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -13,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
 
 from services.common import telemetry
 
@@ -88,3 +91,99 @@ def test_connections_past_the_limit_are_closed_at_once_and_the_rest_served(metri
             sock.close()
     time.sleep(0.2)
     assert b"python_info" in _scrape(metrics)
+
+
+def _ask(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request(method, path)
+        answer = connection.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/favicon.ico", "/metrics/", "/metricsx", "/admin", "/../metrics"])
+def test_only_the_metrics_path_is_answered(metrics: int, path: str) -> None:
+    # prometheus_client answered the metrics at any path: whatever probed the port got them.
+    status, _headers, body = _ask(metrics, "GET", path)
+    assert status == 404
+    assert b"python_info" not in body
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
+def test_only_get_and_head_are_answered(metrics: int, method: str) -> None:
+    status, headers, body = _ask(metrics, method, "/metrics")
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+    assert b"python_info" not in body
+
+
+def test_a_head_is_answered_as_a_get_without_the_body(metrics: int) -> None:
+    # prometheus_client answered HEAD 405; a HEAD check of the endpoint is answered as GET is.
+    get_status, get_headers, body = _ask(metrics, "GET", "/metrics?name[]=python_info")
+    status, headers, head_body = _ask(metrics, "HEAD", "/metrics?name[]=python_info")
+    assert (get_status, status) == (200, 200)
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+    assert int(headers["Content-Length"]) == len(body) > 0
+    assert head_body == b""
+
+
+class _Large:
+    """A collector whose metrics are megabytes: an answer no socket buffer holds."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("test_large", "megabytes of samples", labels=["i"])
+        for i in range(100_000):
+            family.add_metric([str(i)], i)
+        yield family
+
+
+def test_an_answer_the_client_does_not_read_is_given_up_quietly(
+    metrics: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Each write of the answer may wait METRICS_REQUEST_TIMEOUT_S; one that timed out was no
+    # client gone for wsgiref (only a reset or broken pipe is), and its handle_error printed a
+    # traceback to stderr, one per client that stopped reading.
+    large = _Large()
+    REGISTRY.register(large)
+    try:
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", metrics))
+            reader.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            time.sleep(2.0)  # 4 timeouts: the server's write has given up
+            reader.settimeout(5)
+            received = b""
+            while chunk := reader.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.0 200 OK")
+        assert b'test_large{i="99999"}' not in received, "the answer was not cut: the test proves nothing"
+    finally:
+        REGISTRY.unregister(large)
+    time.sleep(0.1)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "TimeoutError" not in err, err
+    assert b"python_info" in _scrape(metrics)
+
+
+class _Failing:
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # registered without a collect()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        raise RuntimeError("a collector failed")
+
+
+def test_an_error_of_the_metrics_app_itself_is_still_answered_500_with_its_traceback(
+    metrics: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Only a write's timeout is quiet: a collector's bug stays visible.
+    failing = _Failing()
+    REGISTRY.register(failing)
+    try:
+        status, _headers, _body = _ask(metrics, "GET", "/metrics")
+    finally:
+        REGISTRY.unregister(failing)
+    assert status == 500
+    assert "RuntimeError: a collector failed" in capfd.readouterr().err
