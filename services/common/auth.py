@@ -6,6 +6,12 @@ RPCs are refused, never open. During a rotation LIVEGIFTS_<SVC>_OPERATOR_TOKEN_P
 accepted too (docs/sre.md "Rotating"), and each call made with it is logged, so the rotation's
 end can be seen: nobody uses the old one any more. In production the mesh authenticates the calling workload; this
 token is the second lock, not the only one.
+
+Every failed check is counted in livegifts_operator_auth_failures_total{reason} (`missing`, `wrong`)
+and logged "operator token refused" with the method, the caller's address and the reason (never
+the token), at most once per REFUSED_LOG_INTERVAL_S per caller address, the line saying how many
+attempts it stands for: a read that shows operators more (`is_operator`) and was sent a wrong
+token is counted and logged too, though it is answered as a non-operator's, not refused.
 """
 
 from __future__ import annotations
@@ -17,10 +23,22 @@ from typing import Any
 from pydantic import SecretStr
 
 from services.common.errors import PermissionDenied, Unauthenticated, printable
+from services.common.grpcserver import current_method
+from services.common.metrics import OPERATOR_AUTH_FAILURES
+from services.common.throttle import KeyedLogThrottle
 
 OPERATOR_NAME_MAX = 128
+# The `reason` label of livegifts_operator_auth_failures_total, each exported at 0 from the start.
+FAILURE_REASONS = ("missing", "wrong")
+_REASONS = {"OPERATOR_TOKEN_MISSING": "missing", "OPERATOR_DISABLED": "wrong", "NOT_AN_OPERATOR": "wrong"}
+# "operator token refused": one line per caller address per this many seconds, for at most this
+# many addresses at once (past it the least recent is forgotten; its next attempt logs at once).
+# Shared by every check of the process (the service's own RPCs and its dead-letter RPCs).
+REFUSED_LOG_INTERVAL_S = 60.0
+REFUSED_LOG_ADDRESSES_MAX = 1024
 
 log = logging.getLogger(__name__)
+_refused_log: KeyedLogThrottle[str] = KeyedLogThrottle(REFUSED_LOG_INTERVAL_S, REFUSED_LOG_ADDRESSES_MAX)
 
 
 class OperatorAuth:
@@ -31,9 +49,19 @@ class OperatorAuth:
         # The previous token only with a current one: alone it would keep open what unsetting
         # the token is documented to close.
         self._previous = previous.get_secret_value().encode() if previous and token else None
+        for reason in FAILURE_REASONS:
+            OPERATOR_AUTH_FAILURES.labels(reason)
 
     def require(self, context: Any) -> str:
-        """Return who the operator is, or raise UNAUTHENTICATED / PERMISSION_DENIED."""
+        """Return who the operator is, or raise UNAUTHENTICATED / PERMISSION_DENIED (counted and
+        logged, see the module's doc)."""
+        try:
+            return self._check(context)
+        except (Unauthenticated, PermissionDenied) as refused:
+            _refused(context, refused.reason, read=False)
+            raise
+
+    def _check(self, context: Any) -> str:
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         # The scheme is case-insensitive (RFC 7235 section 2.1): "bearer <token>" is as good.
         scheme, space, token = md.get("authorization", "").partition(" ")
@@ -68,10 +96,45 @@ class OperatorAuth:
         others: never a refusal (a client's own bearer token, forwarded by a gateway, only means
         "not an operator"), so a read every caller may make stays open to every caller."""
         try:
-            self.require(context)
-        except (Unauthenticated, PermissionDenied):
+            self._check(context)
+        except Unauthenticated:
+            return False  # no bearer token: a caller that claims nothing
+        except PermissionDenied as refused:
+            _refused(context, refused.reason, read=True)
             return False
         return True
+
+
+def _refused(context: Any, refusal: str, *, read: bool) -> None:
+    """Count a failed check and log it, throttled per caller address (never the token)."""
+    reason = _REASONS[refusal]
+    OPERATOR_AUTH_FAILURES.labels(reason).inc()
+    # Real calls always have a peer ("ipv4:10.1.2.3:51234"); the fakes of some tests do not.
+    peer = str(context.peer()) if hasattr(context, "peer") else ""
+    if attempts := _refused_log.occurred(peer_address(peer)):
+        log.warning(
+            "operator token refused",
+            extra={
+                "method": current_method(),
+                "peer": peer,
+                "reason": reason,
+                "refusal": refusal,
+                # a read is answered, as a non-operator's; an operator RPC is refused with `refusal`
+                "answered": "as a non-operator" if read else "refused",
+                "attempts": attempts,  # from this address, since its previous line, this one included
+            },
+        )
+
+
+def peer_address(peer: str) -> str:
+    """A gRPC peer's address without its port ("ipv4:10.1.2.3:51234" -> "ipv4:10.1.2.3",
+    "ipv6:[fd00::1]:51234" -> "ipv6:[fd00::1]"; any other kind as it is): the refusals' log is
+    throttled by it, so a caller that opens a connection per attempt is still one caller."""
+    kind, _, address = peer.partition(":")
+    host, colon, port = address.rpartition(":")
+    if kind in ("ipv4", "ipv6") and colon and port.isdigit():
+        return f"{kind}:{host}"
+    return peer
 
 
 def operator_name(header: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -76,6 +77,17 @@ UNAVAILABLE_LOG_INTERVAL_S = 30.0
 # The (reason, error) pairs throttled apart: a few in practice (classes and SQLSTATEs), bounded
 # all the same, as the interceptor lives as long as the process.
 UNAVAILABLE_LOG_KEYS_MAX = 64
+
+
+# The full name of the method the current call is to ("/livegifts.wallet.v1.WalletService/..."),
+# set by ErrorInterceptor for its handler: grpc.aio's ServicerContext does not say it, and the
+# operator-token refusals log it (services/common/auth.py). "" outside a call.
+_CALL_METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("livegifts_call_method", default="")
+
+
+def current_method() -> str:
+    """The method of the call being handled ("" outside one)."""
+    return _CALL_METHOD.get()
 
 
 def _rich_status(code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: dict[str, str]) -> Any:
@@ -183,17 +195,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             log.warning("dependency unavailable", extra={"error": error, "reason": reason, "calls": calls})
 
     @contextlib.asynccontextmanager
-    async def _answering(self, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """A streaming call's handler runs in the caller's trace, and its error ends the call with
-        the status the mapping gives it."""
-        with remote_context(remote):
-            try:
-                yield
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
-                status = self._status_of(exc)
-                await context.abort(status.code, status.details, status.trailing_metadata)
+    async def _answering(self, method: str, remote: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """A streaming call's handler runs in the caller's trace, with its method known
+        (`current_method`), and its error ends the call with the status the mapping gives it."""
+        named = _CALL_METHOD.set(method)
+        try:
+            with remote_context(remote):
+                try:
+                    yield
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status here, in one place
+                    status = self._status_of(exc)
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            # A generator closed from elsewhere (asyncio's finalizer, in a task of its own) is in
+            # another context, where the reset does not apply; the call's own task ends anyway.
+            with contextlib.suppress(ValueError):
+                _CALL_METHOD.reset(named)
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         """Wrap unary-unary and unary-stream handlers."""
@@ -211,6 +230,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 started = time.perf_counter()
                 code = "OK"
                 token = attach_remote_context(remote) if remote else None
+                named = _CALL_METHOD.set(method)
                 try:
                     _require_decoded(request)
                     return await inner(request, context)
@@ -223,6 +243,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(status.code, status.details, status.trailing_metadata)
                 finally:
                     RPC_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+                    _CALL_METHOD.reset(named)
                     detach_context(token)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -234,7 +255,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with self._answering(remote, context):
+                async with self._answering(method, remote, context):
                     _require_decoded(request)
                     async for item in inner_stream(request, context):
                         yield item
@@ -244,7 +265,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 # An async generator that yields nothing: the OpenTelemetry interceptor in front
                 # (when spans are recorded) iterates every unary-stream handler, and a plain
                 # coroutine failed there as UNKNOWN ("'async for' requires ... __aiter__").
-                async with self._answering(remote, context):
+                async with self._answering(method, remote, context):
                     _require_decoded(request)
                     await inner_stream(request, context)
                 return

@@ -244,6 +244,17 @@ PROVIDER_CALL_FAILURES = Counter(
     "Calls to a payment or payout provider that timed out or raised, by provider, call and outcome",
     ["provider", "call", "outcome"],
 )
+# Every service: operator-token checks that failed (services/common/auth.py), by reason: `missing`
+# (an operator RPC without `authorization: Bearer <token>`) or `wrong` (a token that is not the
+# operator token, or any token while none is configured), a read that shows operators more and
+# was sent a wrong token included (it is answered as a non-operator's). Each is logged too,
+# "operator token refused", throttled per caller address. Both reasons at 0 from the start.
+OPERATOR_AUTH_FAILURES = Counter(
+    "livegifts_operator_auth_failures_total",
+    "Operator-token checks that failed, by reason: missing (an operator RPC without a bearer token) or wrong"
+    " (a token that is not the operator token; reads answered as a non-operator's included)",
+    ["reason"],
+)
 DEAD_LETTERS = Counter("livegifts_dead_letters_total", "Events parked for an operator", ["consumer"])
 # The rows in dead_letters, by consumer, recounted every DEAD_LETTERS_COUNT_INTERVAL_S
 # (services/common/deadletters.py): the counter above says when events were parked, and its alert

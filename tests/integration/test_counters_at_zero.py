@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.suite import READY_PREFIX, Suite, free_port
+from services.common.auth import FAILURE_REASONS
 from services.common.provider_calls import FAILURE_OUTCOMES
 from services.gifting import usecases as gifting
 from services.payout import usecases as payout
@@ -42,12 +43,14 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         ],
         "livegifts_purchases_reconciled_total": [{"outcome": o} for o in wallet.RECONCILE_OUTCOMES],
         "livegifts_provider_outcomes_repeated_total": [{"outcome": "SUCCEEDED"}],
+        "livegifts_operator_auth_failures_total": [{"reason": r} for r in FAILURE_REASONS],
     },
     "gifting": {
         "livegifts_gifts_refused_total": [
             {"reason": reason, "role": role} for reason, roles in gifting.REFUSALS.items() for role in roles
         ],
         "livegifts_background_item_failures_total": [{"loop": gifting.SWEEP_LOOP}],
+        "livegifts_operator_auth_failures_total": [{"reason": r} for r in FAILURE_REASONS],
     },
     "payout": {
         "livegifts_provider_call_failures_total": [
@@ -57,6 +60,7 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
         "livegifts_withdrawals_reconciled_total": [{"outcome": o} for o in payout.RECONCILE_OUTCOMES],
         "livegifts_provider_outcomes_repeated_total": [{"outcome": "PAID"}, {"outcome": "FAILED"}],
         "livegifts_background_item_failures_total": [{"loop": payout.DISPATCH_LOOP}, {"loop": payout.SETTLE_LOOP}],
+        "livegifts_operator_auth_failures_total": [{"reason": r} for r in FAILURE_REASONS],
     },
 }
 
