@@ -139,6 +139,22 @@ class _Large:
         yield family
 
 
+def _handlers() -> set[threading.Thread]:
+    """The connections' threads running (each a `process_request_thread`)."""
+    return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+
+
+def _wait_for_a_new_handler_to_end(before: set[threading.Thread]) -> None:
+    """Until a connection's thread not in `before` has started, then ended."""
+    deadline = time.monotonic() + 20
+    while not (new := _handlers() - before):
+        assert time.monotonic() < deadline, "the connection was not taken"
+        time.sleep(0.01)
+    for thread in new:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        assert not thread.is_alive(), "the connection's thread is still running"
+
+
 def test_an_answer_the_client_does_not_read_is_given_up_quietly(
     metrics: int, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,11 +164,12 @@ def test_an_answer_the_client_does_not_read_is_given_up_quietly(
     large = _Large()
     REGISTRY.register(large)
     try:
+        before = _handlers()
         with socket.socket() as reader:
             reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             reader.connect(("127.0.0.1", metrics))
             reader.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            time.sleep(2.0)  # 4 timeouts: the server's write has given up
+            _wait_for_a_new_handler_to_end(before)  # its answer blocked, a write timed out: it gave up
             reader.settimeout(5)
             received = b""
             while chunk := reader.recv(65536):
