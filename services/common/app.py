@@ -197,7 +197,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
                 await running.stop(0)  # a started server left to the collector logs a traceback
                 raise
 
-    tasks = [asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")]
+    connecting = asyncio.create_task(bus.connect(stop, spec.streams), name="nats-connect")
+    tasks = [connecting]
     tasks.append(asyncio.create_task(OutboxRelay(db, bus, outbox, settings).run(stop), name="outbox-relay"))
     for consumer in consumers:
         tasks.append(asyncio.create_task(consumer.run(stop), name=consumer.sub.durable))
@@ -241,7 +242,16 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     log.info("draining", extra={"drain_delay_s": settings.drain_delay_s, "grace_s": settings.shutdown_grace_s})
     await running.set_serving(False)
     await asyncio.sleep(settings.drain_delay_s)
+    grace_ends = loop.time() + settings.shutdown_grace_s
     await running.stop(settings.shutdown_grace_s)
+    # Every loop saw `stop` and ends after the round it is in: a consumer's batch committed and
+    # acked, a relay's batch deleted, a dispatcher's submission stored. Cancelled at once (no call
+    # in flight, no drain delay), a consumer's batch was rolled back and its events, fetched and
+    # never acked, reached the next process only after the ack_wait (30 s). They get what is left
+    # of the grace, then are cancelled. A connection to NATS not made by now has no round to
+    # finish (the client's own attempt would hold the wait for the whole grace): cancelled first.
+    connecting.cancel()
+    await asyncio.wait(tasks, timeout=max(0.0, grace_ends - loop.time()))
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

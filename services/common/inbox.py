@@ -51,7 +51,7 @@ from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork, insert_ignore
 from services.common.dependency_errors import error_kind, is_retryable, is_unavailable
 from services.common.errors import DomainError, check, is_text, shown
-from services.common.loops import sleep_unless_stopped
+from services.common.loops import sleep_unless_stopped, wait_until_set
 from services.common.metrics import (
     CONSUMED,
     CONSUMER_BATCH,
@@ -107,6 +107,8 @@ POSITION_RESULTS = (POSITION_OK, POSITION_BEHIND, POSITION_NOT_CHECKED)
 # crash; B) in-progress acks while the batch is applied: chosen, and the durable's config, kept
 # in step by Puller.open, does not change, so old and new pods agree during a rolling upgrade.)
 ACK_WAIT_S = 30
+# How long a consumer waits for NATS at a time before it looks at `stop` again (it is woken by either).
+NATS_WAIT_S = 60.0
 # How often, while a batch is applied, its messages and those buffered behind it are said to be
 # in progress: three times per ack_wait, so one lost or late +WPI costs nothing.
 IN_PROGRESS_PER_ACK_WAIT = 3
@@ -298,7 +300,12 @@ class Consumer(Generic[E]):
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; survives NATS restarts."""
-        await self.bus.connected.wait()
+        # Until NATS is first reached, or `stop`: the service's stop lets its loops end on their
+        # own (app.serve), and one waiting here for a NATS never reached held it for its grace.
+        while not self.bus.connected.is_set():
+            if stop.is_set():
+                return
+            await wait_until_set(self.bus.connected, stop, NATS_WAIT_S)
         self._puller = None
         backoff_s = 0.1
         while not stop.is_set():
