@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+from unicodedata import normalize
 
 from services.common.errors import FailedPrecondition, InvalidArgument, check, id_chars_max, is_text
 from services.common.timeutil import US_PER_DAY, US_PER_HOUR
@@ -84,6 +85,28 @@ def check_can_gift(stream_status: str, creator_id: str, sender_id: str) -> None:
 GIFT_ID_MAX = id_chars_max("gift_id")  # errors.require_id holds a catalog gift to it
 GIFT_NAME_MAX = 100
 GIFT_PRICE_COINS_MAX = 1_000_000
+
+
+def folded_gift_id(gift_id: str) -> str:
+    """A gift id as an operator reads it: case-folded and NFKC-normalized, so "Rose", "ROSE", a
+    full-width "ｒｏｓｅ" and a decomposed "é" fold to the id they look like. Two gifts whose ids
+    fold alike would list as twins that a client or an operator cannot tell apart."""
+    return normalize("NFKC", normalize("NFKC", gift_id).casefold())
+
+
+def check_new_gift_id(gift_id: str, existing: list[str]) -> None:
+    """FAILED_PRECONDITION/GIFT_ID_TAKEN when a new gift's id folds (`folded_gift_id`) to an
+    existing gift's: the operator meant that gift (an UpsertGift under its exact id changes it)."""
+    folded = folded_gift_id(gift_id)
+    for other in existing:
+        if other != gift_id and folded_gift_id(other) == folded:
+            raise FailedPrecondition(
+                f"gift id {gift_id!r} differs from the existing {other!r} only by case or Unicode form",
+                "GIFT_ID_TAKEN",
+                gift_id=other,
+            )
+
+
 LEADERBOARD_LIMIT_DEFAULT = 10
 LEADERBOARD_LIMIT_MAX = 100
 LEADERBOARD_WINDOW_DAYS = 7

@@ -367,6 +367,17 @@ class Gifting:
 
         async def work(uow: UnitOfWork) -> gifting_pb2.Gift:
             row = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+            if row is None:
+                # A new id: none of the catalog's may fold to it (GIFT_ID_TAKEN). On PostgreSQL the
+                # table is locked against writers first (reads of the catalog go on), so two
+                # concurrent twins cannot both pass; SQLite serializes writers already.
+                if self.db.dialect == "postgresql":
+                    await uow.conn.execute(text("LOCK TABLE gifts IN SHARE ROW EXCLUSIVE MODE"))
+                    row = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+                if row is None:
+                    domain.check_new_gift_id(
+                        req.gift_id, list((await uow.conn.execute(select(gifts.c.gift_id))).scalars())
+                    )
             values = {"active": not req.retired, "updated_at_us": now_us(), "updated_by": operator}
             if req.name:
                 values["name"] = req.name
