@@ -1139,9 +1139,25 @@ class Wallet:
             await uow.conn.execute(
                 insert_ignore(self.db.dialect, coin_packages).values(package_id=req.package_id, **values)
             )
-            await uow.conn.execute(
-                update(coin_packages).where(coin_packages.c.package_id == req.package_id).values(**values)
+            # Only in the package's own currency: a price in minor units means another amount in
+            # another currency (199 cents are not 199 yen), and the id names its price list
+            # (`us-usd-70`). Checked by the update itself, so a racing upsert cannot slip past it.
+            changed = await uow.conn.execute(
+                update(coin_packages)
+                .where(coin_packages.c.package_id == req.package_id, coin_packages.c.currency_code == currency)
+                .values(**values)
             )
+            if changed.rowcount != 1:
+                held = (
+                    await uow.conn.execute(
+                        select(coin_packages.c.currency_code).where(coin_packages.c.package_id == req.package_id)
+                    )
+                ).scalar_one()
+                raise FailedPrecondition(
+                    f"package {req.package_id} is sold in {held}: its currency cannot change, add a new package",
+                    "PACKAGE_CURRENCY_FIXED",
+                    currency_code=held,
+                )
             row = (
                 await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
             ).one()
