@@ -67,6 +67,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def change_fields(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """The log fields of an operator's catalog or price change: every field as it is now, each one
+    that changed as it was (`previous_<field>`), `added` (a new row) and `changed` (the changed fields'
+    names, comma-separated), so the log says what an operator changed, not only that they did."""
+    changed = [k for k, v in after.items() if before is None or before.get(k) != v]
+    out: dict[str, Any] = {**after, "added": before is None, "changed": ",".join(changed)}
+    if before is not None:
+        out |= {f"previous_{k}": before.get(k) for k in changed}
+    return out
+
+
 def setup_logging(service: str, level: str, fmt: str) -> None:
     """Structured logs to stderr."""
     handler = logging.StreamHandler(sys.stderr)

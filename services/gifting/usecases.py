@@ -59,7 +59,7 @@ from services.common.loops import BatchCursor, ItemFailures, run_every
 from services.common.metrics import GIFTS_REFUSED
 from services.common.outbox import Outbox, new_event_id
 from services.common.sql import bulk_insert, bulk_insert_new, one_of, one_of_param
-from services.common.telemetry import background_span
+from services.common.telemetry import background_span, change_fields
 from services.common.timeutil import now_us, to_timestamp
 from services.gifting import domain
 from services.gifting.config import GiftingSettings
@@ -366,14 +366,16 @@ class Gifting:
             require_positive(req.price_coins, "price_coins", domain.GIFT_PRICE_COINS_MAX)
 
         async def work(uow: UnitOfWork) -> gifting_pb2.Gift:
-            row = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+            # Held (PostgreSQL) until the commit: the trail line's previous values are the ones replaced.
+            held = select(gifts).where(gifts.c.gift_id == req.gift_id).with_for_update()
+            row = (await uow.conn.execute(held)).first()
             if row is None:
                 # A new id: none of the catalog's may fold to it (GIFT_ID_TAKEN). On PostgreSQL the
                 # table is locked against writers first (reads of the catalog go on), so two
                 # concurrent twins cannot both pass; SQLite serializes writers already.
                 if self.db.dialect == "postgresql":
                     await uow.conn.execute(text("LOCK TABLE gifts IN SHARE ROW EXCLUSIVE MODE"))
-                    row = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).first()
+                    row = (await uow.conn.execute(held)).first()
                 if row is None:
                     domain.check_new_gift_id(
                         req.gift_id, list((await uow.conn.execute(select(gifts.c.gift_id))).scalars())
@@ -392,9 +394,11 @@ class Gifting:
             g = (await uow.conn.execute(select(gifts).where(gifts.c.gift_id == req.gift_id))).one()
             # After the commit: a change rolled back (a concurrent first call with this key won,
             # PostgreSQL) must leave no trail line.
-            uow.after_commit(
-                lambda: log.info("gift catalog changed", extra={"gift_id": g.gift_id, "operator": operator})
-            )
+            trail = change_fields(None if row is None else _catalog_fields(row), _catalog_fields(g)) | {
+                "gift_id": g.gift_id,
+                "operator": operator,
+            }
+            uow.after_commit(lambda: log.info("gift catalog changed", extra=trail))
             return gifting_pb2.Gift(gift_id=g.gift_id, name=g.name, price_coins=g.price_coins, active=g.active)
 
         return await idem.run(work)
@@ -1735,6 +1739,11 @@ def _claim(row: dict[str, Any]) -> dict[str, Any]:
         "event_id": row["event_id"],
         "created_at_us": row["created_at_us"],
     }
+
+
+def _catalog_fields(g: Any) -> dict[str, Any]:
+    """A gifts row as the catalog's trail line shows it (`name` is a LogRecord attribute)."""
+    return {"gift_name": g.name, "price_coins": g.price_coins, "active": g.active}
 
 
 def _stream_pb(r: dict[str, Any]) -> gifting_pb2.Stream:

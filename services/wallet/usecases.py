@@ -41,7 +41,7 @@ from services.common.metrics import (
     PURCHASES_SUCCEEDED_AFTER_FAILURE,
 )
 from services.common.outbox import Outbox, new_event_id
-from services.common.telemetry import background_span
+from services.common.telemetry import background_span, change_fields
 from services.common.timeutil import now_us, to_timestamp
 from services.wallet import domain
 from services.wallet.config import WalletSettings
@@ -1136,9 +1136,17 @@ class Wallet:
 
         async def work(uow: UnitOfWork) -> wallet_pb2.CoinPackage:
             # Insert-or-nothing, then update: two racing upserts of one package cannot collide.
-            await uow.conn.execute(
+            created = await uow.conn.execute(
                 insert_ignore(self.db.dialect, coin_packages).values(package_id=req.package_id, **values)
             )
+            before = None
+            if created.rowcount != 1:
+                # Held (PostgreSQL) until the commit: the trail line's previous values are the ones replaced.
+                before = (
+                    await uow.conn.execute(
+                        select(coin_packages).where(coin_packages.c.package_id == req.package_id).with_for_update()
+                    )
+                ).one()
             # Only in the package's own currency: a price in minor units means another amount in
             # another currency (199 cents are not 199 yen), and the id names its price list
             # (`us-usd-70`). Checked by the update itself, so a racing upsert cannot slip past it.
@@ -1161,10 +1169,10 @@ class Wallet:
             row = (
                 await uow.conn.execute(select(coin_packages).where(coin_packages.c.package_id == req.package_id))
             ).one()
-            # Who changed a price is part of the audit trail (the token's x-operator header).
-            uow.after_commit(
-                lambda: log.info("coin package upserted", extra={"operator": operator, "package_id": req.package_id})
-            )
+            # Who changed a price, and what it was, is part of the audit trail (the token's x-operator header).
+            trail = change_fields(None if before is None else _package_fields(before), _package_fields(row))
+            trail |= {"operator": operator, "package_id": req.package_id}
+            uow.after_commit(lambda: log.info("coin package upserted", extra=trail))
             return _package_pb(row)
 
         return await idem.run(work)
@@ -1203,18 +1211,25 @@ class Wallet:
             if pkg is None:
                 raise NotFound("unknown coin package", "UNKNOWN_PACKAGE", package_id=p.package_id)
             ts = now_us()
-            await uow.conn.execute(
+            created = await uow.conn.execute(
                 insert_ignore(self.db.dialect, promotions).values(
                     promotion_id=p.promotion_id, **values, updated_at_us=ts
                 )
             )
+            before = None
+            if created.rowcount != 1:
+                before = (
+                    await uow.conn.execute(
+                        select(promotions).where(promotions.c.promotion_id == p.promotion_id).with_for_update()
+                    )
+                ).one()
             await uow.conn.execute(
                 update(promotions).where(promotions.c.promotion_id == p.promotion_id).values(**values, updated_at_us=ts)
             )
             row = (await uow.conn.execute(select(promotions).where(promotions.c.promotion_id == p.promotion_id))).one()
-            uow.after_commit(
-                lambda: log.info("promotion upserted", extra={"operator": operator, "promotion_id": p.promotion_id})
-            )
+            trail = change_fields(None if before is None else _promotion_fields(before), _promotion_fields(row))
+            trail |= {"operator": operator, "promotion_id": p.promotion_id}
+            uow.after_commit(lambda: log.info("promotion upserted", extra=trail))
             return _promotion_pb(row)
 
         return await idem.run(work)
@@ -1499,6 +1514,18 @@ def legacy_claims_select() -> Select[tuple[int]]:
         )
         .where(p.status.in_(_REVERSED), p.coins_claimed.is_(None))
     )
+
+
+def _package_fields(r: Any) -> dict[str, Any]:
+    """A coin_packages row as its trail line shows it."""
+    keys = ("region", "currency_code", "channel", "coins", "price_minor", "active")
+    return {k: getattr(r, k) for k in keys}
+
+
+def _promotion_fields(r: Any) -> dict[str, Any]:
+    """A promotions row as its trail line shows it."""
+    keys = ("package_id", "bonus_coins", "discount_bps", "starts_at_us", "ends_at_us", "active")
+    return {k: getattr(r, k) for k in keys}
 
 
 def _terms(r) -> PromotionTerms:  # type: ignore[no-untyped-def]

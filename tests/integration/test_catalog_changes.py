@@ -197,3 +197,29 @@ async def test_two_concurrent_twins_create_one_gift(gifting: Gifting) -> None:
         assert [o.reason for o in refused] == ["GIFT_ID_TAKEN"] * 2, outcomes
         listed = await gifting.list_gifts(include_retired=True)
         assert len({g.gift_id for g in listed.gifts} & set(twins)) == 1
+
+
+async def test_each_catalog_change_logs_who_changed_what_from_what(
+    gifting: Gifting, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="services.gifting.usecases"):
+        await _upsert(gifting, "add", gift_id="comet", name="Comet", price_coins=7)
+        await _upsert(gifting, "reprice", gift_id="comet", price_coins=9)
+        await _upsert(gifting, "reprice", gift_id="comet", price_coins=9)  # a retry: no second line
+        await _upsert(gifting, "retire", gift_id="comet", retired=True)
+    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "gift catalog changed"]
+    fields = (
+        "operator",
+        "gift_id",
+        "added",
+        "changed",
+        "price_coins",
+        "previous_price_coins",
+        "active",
+        "previous_active",
+    )
+    assert [tuple(line.get(f) for f in fields) for line in lines] == [
+        ("ops-alice", "comet", True, "gift_name,price_coins,active", 7, None, True, None),
+        ("ops-alice", "comet", False, "price_coins", 9, 7, True, None),
+        ("ops-alice", "comet", False, "active", 9, None, False, True),
+    ]

@@ -173,3 +173,25 @@ async def test_a_packages_currency_cannot_change_under_its_id(wallet: Wallet) ->
 )
 async def test_a_packages_bad_amounts_are_refused(wallet: Wallet, coins: int, price: int, reason: str) -> None:
     assert await _reason(_package(wallet, coins=coins, price_minor=price)) == reason
+
+
+async def test_each_price_list_change_logs_who_changed_what_from_what(
+    wallet: Wallet, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="services.wallet.usecases"):
+        await _package(wallet, coins=100, price_minor=199)
+        await _package(wallet, coins=100, price_minor=249)
+        await _promotion(wallet, "p", T0, T0 + 10, bonus=5)
+        await _promotion(wallet, "p", T0, T0 + 20, bonus=5)
+    packages = [r.__dict__ for r in caplog.records if r.getMessage() == "coin package upserted"]
+    fields = ("operator", "package_id", "added", "changed", "price_minor", "previous_price_minor", "currency_code")
+    assert [tuple(line.get(f) for f in fields) for line in packages] == [
+        (OPERATOR, "pk", True, "region,currency_code,channel,coins,price_minor,active", 199, None, "USD"),
+        (OPERATOR, "pk", False, "price_minor", 249, 199, "USD"),
+    ]
+    promos = [r.__dict__ for r in caplog.records if r.getMessage() == "promotion upserted"]
+    fields = ("operator", "promotion_id", "added", "changed", "ends_at_us", "previous_ends_at_us", "bonus_coins")
+    assert [tuple(line.get(f) for f in fields) for line in promos] == [
+        (OPERATOR, "p", True, "package_id,bonus_coins,discount_bps,starts_at_us,ends_at_us,active", T0 + 10, None, 5),
+        (OPERATOR, "p", False, "ends_at_us", T0 + 20, T0 + 10, 5),
+    ]
