@@ -209,7 +209,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     # Every service records idempotent answers (its commands, dead-letter replays), consumers or not.
     pruner = IdempotencyPruner(db, spec.tables, settings)
     tasks.append(asyncio.create_task(pruner.run(stop), name="idempotency-pruner"))
-    tasks.append(asyncio.create_task(watch_loop_lag(stop, settings.loop_lag_probe_s), name="loop-lag"))
+    lag_probe = asyncio.create_task(watch_loop_lag(stop, settings.loop_lag_probe_s), name="loop-lag")
+    tasks.append(lag_probe)
     for loop_fn in wiring.background:
         tasks.append(asyncio.create_task(loop_fn(stop), name=getattr(loop_fn, "__qualname__", "background")))
 
@@ -249,8 +250,10 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     # in flight, no drain delay), a consumer's batch was rolled back and its events, fetched and
     # never acked, reached the next process only after the ack_wait (30 s). They get what is left
     # of the grace, then are cancelled. A connection to NATS not made by now has no round to
-    # finish (the client's own attempt would hold the wait for the whole grace): cancelled first.
+    # finish (the client's own attempt would hold the wait for the whole grace): cancelled first,
+    # as is the loop-lag probe, whose sleep (LOOP_LAG_PROBE_S, up to 60 s) has no round to end.
     connecting.cancel()
+    lag_probe.cancel()
     await asyncio.wait(tasks, timeout=max(0.0, grace_ends - loop.time()))
     for task in tasks:
         task.cancel()

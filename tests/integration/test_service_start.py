@@ -145,6 +145,29 @@ def test_the_probe_port_serves_with_the_service_and_says_not_serving_from_sigter
             proc.wait()
 
 
+def test_a_sigterm_does_not_wait_out_the_loop_lag_probes_interval(tmp_path: Path) -> None:
+    """Since a stop waits for the background loops to end their round (within the grace), the
+    loop-lag probe, asleep for LOOP_LAG_PROBE_S (up to 60 s), held every stop for the grace."""
+    from services.cli.suite import READY_PREFIX
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gifting"],
+        env=_env(tmp_path, loop_lag_probe_s="60", drain_delay_s="0", shutdown_grace_s="30"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        next(line for line in proc.stdout if line.startswith(READY_PREFIX))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_WAIT_S) == 0  # NATS never reached: closing it takes a moment
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("command", [[], ["migrate"]], ids=["serve", "migrate"])
 @pytest.mark.parametrize(
     ("user", "query", "shown"),
