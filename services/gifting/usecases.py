@@ -369,6 +369,9 @@ class Gifting:
             # Held (PostgreSQL) until the commit: the trail line's previous values are the ones replaced.
             held = select(gifts).where(gifts.c.gift_id == req.gift_id).with_for_update()
             row = (await uow.conn.execute(held)).first()
+            if row is None and (not req.name or not req.price_coins):
+                # Before the lock below: a malformed call holds no other catalog write up.
+                raise InvalidArgument("a new gift needs a name and a price", "MISSING_FIELD")
             if row is None:
                 # A new id: none of the catalog's may fold to it (GIFT_ID_TAKEN). On PostgreSQL the
                 # table is locked against writers first (reads of the catalog go on), so two
@@ -386,8 +389,6 @@ class Gifting:
             if req.price_coins:
                 values["price_coins"] = req.price_coins
             if row is None:
-                if not req.name or not req.price_coins:
-                    raise InvalidArgument("a new gift needs a name and a price", "MISSING_FIELD")
                 await uow.conn.execute(insert(gifts).values(gift_id=req.gift_id, **values))
             else:
                 await uow.conn.execute(update(gifts).where(gifts.c.gift_id == req.gift_id).values(**values))
