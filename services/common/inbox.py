@@ -61,7 +61,7 @@ from services.common.metrics import (
     INBOX_PRUNED,
 )
 from services.common.pruning import AgePruner
-from services.common.pull import Puller, say_in_progress
+from services.common.pull import Binding, Puller, say_in_progress
 from services.common.sql import bulk_insert_new, one_of
 from services.common.tables import CommonTables
 from services.common.telemetry import extract_context, recording, remote_context, spanning
@@ -202,13 +202,20 @@ class _InProgress:
     raised the event's delivery count, which counts towards parking (`Consumer._failed`).
     """
 
-    def __init__(self, msgs: list[Msg], puller: Puller | None, interval_s: float, hold_s_max: float) -> None:
+    def __init__(
+        self, msgs: list[Msg], puller: Puller | None, binding: Binding, interval_s: float, hold_s_max: float
+    ) -> None:
         self._msgs = msgs
+        self._binding = binding
         self._puller = puller
         self._interval_s = interval_s
         loop = asyncio.get_running_loop()
         self._until = loop.time() + hold_s_max
         self._task: asyncio.Task[None] | None = None
+        # Also told by a flag: a cancel can be lost (asyncio.wait_for in Python 3.11 returns the
+        # result of a request that came as it was cancelled, as `Binding.check`'s stream info may),
+        # and the loop then went on for `hold_s_max`, holding the consumer's `close` with it.
+        self._closed = False
         # A timer, not a task: a batch done before it fires costs one timer handle.
         self._timer = loop.call_later(interval_s, self._start)
 
@@ -217,13 +224,16 @@ class _InProgress:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while loop.time() < self._until:
-            await say_in_progress(msg for msg in self._msgs if not msg.is_acked)
+        while not self._closed and loop.time() < self._until:
+            await say_in_progress((msg for msg in self._msgs if not msg.is_acked), self._binding)
             if self._puller is not None:
                 await self._puller.in_progress()
+            if self._closed:
+                return
             await asyncio.sleep(self._interval_s)
 
     async def close(self) -> None:
+        self._closed = True
         self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
@@ -276,6 +286,9 @@ class Consumer(Generic[E]):
         self._parked: OrderedDict[int, bytes] = OrderedDict()
         # When the durable these sequences are of was made (`_bound_to`).
         self._durable_created: datetime.datetime | None = None
+        # The stream the deliveries replied to must come from (kept over binds again): a reply to
+        # one of a stream since made again would settle the new stream's event at its sequence.
+        self._binding = Binding(sub.stream, sub.durable)
         self._outage_log: KeyedLogThrottle[str] = KeyedLogThrottle(OUTAGE_LOG_INTERVAL_S, OUTAGE_KINDS_MAX)
         inbox = tables.inbox
         # The longest event id the inbox (and dead_letters) holds (see `_id_problem`).
@@ -328,6 +341,7 @@ class Consumer(Generic[E]):
                             max_deliver=-1,
                             max_ack_pending=self.batch_size_max * 8,
                         ),
+                        binding=self._binding,
                     )
                     self._bound_to(self._puller.created)
                     if not self._position_checked:
@@ -495,6 +509,7 @@ class Consumer(Generic[E]):
         in_progress = _InProgress(
             msgs,
             self._puller,
+            self._binding,
             ACK_WAIT_S / IN_PROGRESS_PER_ACK_WAIT,
             IN_PROGRESS_STATEMENT_TIMEOUTS_MAX * self._statement_timeout_s,
         )
@@ -529,7 +544,8 @@ class Consumer(Generic[E]):
             self._not_its_fault(msg)
             delivered = msg.metadata.num_delivered if msg.metadata else 1
             with contextlib.suppress(Exception):  # NATS gone: it comes back after ACK_WAIT_S, uncounted
-                await msg.nak(delay=redelivery_delay_s(delivered))
+                if await self._binding.settles(msg):
+                    await msg.nak(delay=redelivery_delay_s(delivered))
 
     async def _process_told(self, msgs: list[Msg], told: set[int]) -> None:
         if len(msgs) > 1 or self._parked:
@@ -652,7 +668,8 @@ class Consumer(Generic[E]):
             if seq is not None and (parked := self._parked.get(seq)) is not None and parked == _digest(msg):
                 told.add(id(msg))
                 with contextlib.suppress(Exception):  # already gone from the stream; best effort
-                    await msg.term()
+                    if await self._binding.settles(msg):
+                        await msg.term()
                 continue
             key: int | tuple[int, bytes] = seq if seq is not None else -1 - i
             had = newest.get(key)
@@ -686,7 +703,8 @@ class Consumer(Generic[E]):
             CONSUMED.labels(self.sub.durable, "duplicate").inc(len(items) - len(fresh))
             faults.point("consumer.after_commit_before_ack")
             for msg, _ in items:
-                await msg.ack()
+                if await self._binding.settles(msg):
+                    await msg.ack()
             if self._not_counted:
                 for msg, _ in items:
                     self._forget(msg)
@@ -877,7 +895,7 @@ class Consumer(Generic[E]):
                 self._log_outage(msg, event, exc, delay_s)
             else:  # a conflict (deadlock, serialization failure) or NATS refusing its ack: rare, each logged
                 self._log_retry(msg, event, exc)
-            await msg.nak(delay=delay_s)
+            await self._nak(msg, delay_s)
             return
         failures = delivered - self._not_its_fault_count(self._sequence(msg), _digest(msg))
         if failures >= self.max_deliver:
@@ -895,7 +913,11 @@ class Consumer(Generic[E]):
             return
         CONSUMED.labels(self.sub.durable, "retry").inc()
         self._log_retry(msg, event, exc)
-        await msg.nak(delay=delay_s)
+        await self._nak(msg, delay_s)
+
+    async def _nak(self, msg: Msg, delay_s: float) -> None:
+        if await self._binding.settles(msg):
+            await msg.nak(delay=delay_s)
 
     def _log_retry(self, msg: Msg, event: E, exc: Exception) -> None:
         with _in_trace_of(msg):
@@ -954,7 +976,8 @@ class Consumer(Generic[E]):
                         "error": detail or error,
                     },
                 )
-        await msg.term()
+        if await self._binding.settles(msg):
+            await msg.term()
 
 
 class InboxPruner(AgePruner):

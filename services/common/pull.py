@@ -26,6 +26,13 @@ what either delivers lands in the same buffer.
 
 Nothing in the buffer is acked here: the consumer acks after its commit as before, and what is
 still buffered when the puller closes is nak'ed so it is redelivered at once, not after ack_wait.
+
+A reply (ack, nak, term, +WPI) goes to the delivery's subject
+`$JS.ACK.<stream>.<durable>.<delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`, which
+JetStream settles by stream and durable name and stream sequence: one to a delivery of a stream
+since made again (NATS back without its store, the stream and durable made again by any replica)
+settles whatever the new stream has pending at that sequence. `Binding` tells such deliveries
+apart, and their replies are not sent.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -44,6 +52,8 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, StatusCode
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
 
 # How long a pull request lasts on the server. Not a fetch's timeout: the request outlives fetches
 # (a fetch that times out leaves it open for the next), and the server drops it sooner when our
@@ -58,19 +68,153 @@ NO_RESPONDERS = (
 _KEPT_IN_STEP = ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending")
 
 
-async def say_in_progress(msgs: Iterable[Msg]) -> None:
-    """Tell the server each message is still being worked on (+WPI), so its ack_wait starts again.
-    Never raises: one lost with the connection is delivered again, as it would be without it."""
+# The attribute a delivery is tagged with as it arrives: the `Binding.epoch` it came under.
+_EPOCH = "_livegifts_epoch"
+# How long a reply waits for a lost connection to come back before it is not sent (its event is
+# delivered again after ack_wait; the inbox makes that a no-op if it was applied). Once per outage:
+# the replies after the first that waited in vain are not sent without a wait.
+RECONNECT_WAIT_S = 5.0
+# What the creation time of a stream not known (its read failed) is taken as: later than any
+# delivery's, so no delivery from before is taken for one of it.
+_UNKNOWN = datetime.datetime.max.replace(tzinfo=datetime.UTC)
+
+
+class Binding:
+    """The stream a consumer's deliveries must come from for a reply to settle them.
+
+    JetStream settles a reply by the stream sequence its subject names, so a reply to a delivery
+    of a stream since made again settled the new stream's event at that sequence: an ack lost a
+    new event (acked, never applied), a term terminated it. A stream made again is told by its
+    creation time (`created`, read at each bind, and again before the next reply after a reconnect
+    or a pull that ended in an error): a delivery whose stream time (its subject's timestamp) is
+    older than the creation of the stream bound now is of an older stream, and gets no reply
+    (`settles`). Its event comes again from the new stream if it is there, and the inbox makes it
+    a no-op if it was applied. Deliveries that arrived after the bound stream's creation was read
+    (`tag`, `epoch`) are its own, whatever their timestamps say (a clock of a cluster's other server
+    behind the one that made the stream would otherwise hold back one of its events for ever).
+    Nor is a reply sent while the connection is down: nats-py keeps what is published then and
+    sends it to the server it reconnects to, which may have come back without its store. It waits
+    for the connection (`RECONNECT_WAIT_S`, once per outage) and the stream's creation time read
+    again, so the acks of a batch applied across a restart (the store kept) still reach the server.
+    """
+
+    def __init__(self, stream: str, durable: str) -> None:
+        self.stream = stream
+        self.durable = durable
+        self.created: datetime.datetime | None = None  # None: not bound yet, every reply is sent
+        self.epoch = 0  # one more each time `created` changes
+        self.suspect = False  # a pull ended in an error: read again before the next reply
+        self.dropped = 0  # replies not sent, since the process started
+        self._dropped_logged: tuple[int, int] | None = None  # (epoch, reconnects) of the last line
+        self._js: JetStreamContext | None = None
+        self._nc: Client | None = None
+        self._reconnects = 0  # the connection's reconnect count `created` was read at
+        self._gave_up: int | None = None  # the reconnect count a wait for the connection ran out at
+
+    async def bind(self, nc: Client, js: JetStreamContext) -> None:
+        """Read the stream's creation time (at a bind, once the durable is there)."""
+        self._nc, self._js = nc, js
+        self._reconnects = nc.stats["reconnects"]
+        self.suspect = False
+        self._set((await js.stream_info(self.stream)).created)
+
+    def _set(self, created: datetime.datetime | None) -> None:
+        if created != self.created:
+            self.created = created
+            self.epoch += 1
+
+    def tag(self, msg: Msg) -> None:
+        setattr(msg, _EPOCH, self.epoch)
+
+    async def check(self) -> bool:
+        """Whether the connection is up (waited for, `RECONNECT_WAIT_S`); and read the creation
+        time again if the connection was lost since (the server may have come back without its
+        store) or a pull ended in an error (the durable or stream deleted). A read that fails
+        leaves it unknown (no earlier delivery settles) until one succeeds. Never raises."""
+        nc, js = self._nc, self._js
+        if nc is None or js is None:
+            return True
+        if not await self._connected(nc):
+            return False
+        if not self.suspect and nc.stats["reconnects"] == self._reconnects:
+            return True
+        reconnects = nc.stats["reconnects"]
+        try:
+            info = await js.stream_info(self.stream)
+        except Exception:  # noqa: BLE001 - unknown until the next read
+            self._set(_UNKNOWN)
+            return nc.is_connected
+        self._reconnects, self.suspect = reconnects, False
+        self._set(info.created)
+        return nc.is_connected
+
+    async def _connected(self, nc: Client) -> bool:
+        if nc.is_connected:
+            return True
+        outage = nc.stats["reconnects"]
+        if self._gave_up == outage:
+            return False
+        deadline = time.monotonic() + RECONNECT_WAIT_S
+        # Polled: nats-py sets no event when it has reconnected.
+        while not nc.is_connected and not nc.is_closed and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if nc.is_connected:
+            return True
+        self._gave_up = outage
+        return False
+
+    def current(self, msg: Msg) -> bool:
+        """Whether `msg` is a delivery of the stream bound now (a cheap test, no call to NATS)."""
+        if getattr(msg, _EPOCH, self.epoch) >= self.epoch or self.created is None:
+            return True
+        try:
+            return msg.metadata.timestamp >= self.created
+        except Exception:  # noqa: BLE001 - not a JetStream delivery: nothing to settle wrongly
+            return True
+
+    async def settles(self, msg: Msg) -> bool:
+        """Whether a reply to `msg` may be sent; if not, it is counted (and logged once per binding
+        and connection)."""
+        connected = await self.check()
+        if connected and self.current(msg):
+            return True
+        self.dropped += 1
+        key = (self.epoch, self._nc.stats["reconnects"] if self._nc is not None else 0)
+        if self._dropped_logged != key:
+            self._dropped_logged = key
+            log.warning(
+                "no ack, nak or term sent for a delivery: "
+                + ("its stream was made again since" if connected else "NATS is still disconnected")
+                + " (its event comes again, or was applied); further ones not logged until the next bind",
+                extra={
+                    "consumer": self.durable,
+                    "stream": self.stream,
+                    "stream_seq": msg.metadata.sequence.stream,
+                    "stream_created": str(self.created),
+                    "replies_not_sent": self.dropped,
+                },
+            )
+        return False
+
+
+async def say_in_progress(msgs: Iterable[Msg], binding: Binding | None = None) -> None:
+    """Tell the server each message is still being worked on (+WPI), so its ack_wait starts again;
+    not those of a stream since made again (`Binding`). Never raises: one lost with the connection
+    is delivered again, as it would be without it."""
     for msg in msgs:
         with contextlib.suppress(Exception):
-            await msg.in_progress()
+            if binding is None or await binding.settles(msg):
+                await msg.in_progress()
 
 
 class Puller:
     """Fetches batches from one durable pull consumer (same `fetch`/`unsubscribe` as nats-py's)."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, stream: str, durable: str) -> None:
+    def __init__(
+        self, nc: Client, js: JetStreamContext, stream: str, durable: str, binding: Binding | None = None
+    ) -> None:
         self._nc = nc
+        self.binding = binding if binding is not None else Binding(stream, durable)
         self._next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._prefix = nc.new_inbox()
         self._sub: Subscription | None = None
@@ -89,7 +233,14 @@ class Puller:
 
     @classmethod
     async def open(
-        cls, nc: Client, js: JetStreamContext, subject: str, stream: str, durable: str, config: ConsumerConfig
+        cls,
+        nc: Client,
+        js: JetStreamContext,
+        subject: str,
+        stream: str,
+        durable: str,
+        config: ConsumerConfig,
+        binding: Binding | None = None,
     ) -> Puller:
         """Bind to `durable` on `stream`, creating it from `config` (filtered to `subject`) if missing,
         or updating it where an earlier release left other settings.
@@ -109,8 +260,9 @@ class Puller:
         had = info.config if info is not None else None
         if had is None or any(getattr(config, f) not in (None, getattr(had, f)) for f in _KEPT_IN_STEP):
             info = await js.add_consumer(stream, config=config)  # creates, or updates the editable fields
-        puller = cls(nc, js, stream, durable)
+        puller = cls(nc, js, stream, durable, binding)
         puller.created = info.created
+        await puller.binding.bind(nc, js)
         puller._sub = await nc.subscribe(f"{puller._prefix}.*", cb=puller._on_msg)
         return puller
 
@@ -122,6 +274,7 @@ class Puller:
     async def _on_msg(self, msg: Msg) -> None:
         status = JetStreamContext.is_status_msg(msg)
         if not status:
+            self.binding.tag(msg)
             self._buffer.append(msg)
             if self._open_reply is not None:
                 self._open_left -= 1
@@ -133,6 +286,8 @@ class Puller:
         if status == StatusCode.CONTROL_MESSAGE or msg.subject != self._open_reply:
             return  # a heartbeat, or the end of a request already given up on
         self._open_reply = None
+        if status not in _ENDING:
+            self.binding.suspect = True  # the durable or its stream may have been made again
         if status in _ENDING:
             await self._renew()
         elif status == StatusCode.SERVICE_UNAVAILABLE:
@@ -210,7 +365,7 @@ class Puller:
     async def in_progress(self) -> None:
         """Tell the server the buffered messages are still wanted (+WPI): they wait behind a batch
         the consumer is applying, and their ack_wait runs from their delivery. Never raises."""
-        await say_in_progress(list(self._buffer))
+        await say_in_progress(list(self._buffer), self.binding)
 
     async def unsubscribe(self) -> list[Msg]:
         """Stop receiving; what is buffered is nak'ed, to be redelivered now rather than after ack_wait,
@@ -224,6 +379,8 @@ class Puller:
                 await sub.unsubscribe()
         unhandled = list(self._buffer)
         while self._buffer:
+            msg = self._buffer.popleft()
             with contextlib.suppress(Exception):
-                await self._buffer.popleft().nak()
+                if await self.binding.settles(msg):
+                    await msg.nak()
         return unhandled

@@ -37,6 +37,10 @@ async def _publish(bus: Bus, event_id: str) -> None:
     await bus.js.publish(SUBJECT, data, headers={"Nats-Msg-Id": event_id})
 
 
+async def _reconnected(bus: Bus) -> bool:
+    return bus.nc is not None and bus.nc.is_connected and bus.nc.stats["reconnects"] >= 1
+
+
 async def _count(db: Database, table: Any) -> int:
     async with db.unit_of_work(readonly=True) as uow:
         return int((await uow.conn.execute(select(func.count()).select_from(table))).scalar_one())
@@ -102,6 +106,92 @@ async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_a
     finally:
         release.set()
         stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, 20)
+        await a.close()
+        await b.close()
+        await db.dispose()
+        suite.stop()
+
+
+async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_streams_event_at_its_sequence(
+    tmp_path: Path,
+) -> None:
+    """A replica applying a batch of the old stream acks it after the stream and durable were made
+    again: JetStream settles an ack by its subject's stream sequence, so the old delivery's ack
+    settled the new stream's event at that sequence, delivered meanwhile to another replica. When
+    that replica let it go (nak'ed, or died before its ack), the event was never delivered again:
+    lost, neither applied nor parked. Now the old delivery's ack is not sent."""
+    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
+    suite.start_nats()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    settings = ServiceSettings(database_url=url, nats_url=suite.config.nats_url)  # type: ignore[call-arg]
+    metadata = MetaData()
+    tables = add_common_tables(metadata)
+    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
+    stop = asyncio.Event()
+    entered, release = asyncio.Event(), asyncio.Event()  # the replica held inside a batch, not pulling
+    applied: list[str] = []
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        for e in events:
+            if e.event_id == "slow":
+                entered.set()
+                await release.wait()
+            applied.append(e.event_id)
+
+    a = Bus(settings, "replica-a")
+    b = Bus(settings, "replica-b")
+    running = None
+    other = None
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await asyncio.wait_for(a.connect(stop, ["GIFTING"]), 20)
+        consumer = Consumer(
+            db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
+        )
+        running = asyncio.create_task(consumer.run(stop))
+        await _publish(a, "slow")  # stream sequence 1; the replica is inside this batch until `release`
+        await asyncio.wait_for(entered.wait(), 20)
+
+        # NATS back without its store; the other replica makes the stream and the durable again,
+        # and pulls the new stream's first event (sequence 1, as the held one's).
+        suite.kill("nats")
+        shutil.rmtree(tmp_path / "nats")
+        suite.start_nats()
+        await asyncio.wait_for(b.connect(stop, ["GIFTING"]), 20)
+        assert b.nc is not None and b.js is not None
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
+        )
+        other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
+        await _publish(b, "new-event")
+        taken = await other.fetch(1, timeout=10)
+        assert [m.metadata.sequence.stream for m in taken] == [1]
+        assert (await b.js.consumer_info("GIFTING", DURABLE)).num_ack_pending == 1
+
+        # The held replica, connected again, commits "slow" and acks it (to the old stream's
+        # sequence 1). (Before it reconnects no reply is sent at all: nats-py would keep it for
+        # the server it reconnects to.)
+        assert await eventually(lambda: _reconnected(a), bool, 20)
+        release.set()
+        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 1, 20) == 1
+        await asyncio.sleep(1.0)
+        assert a.nc is not None
+        await a.nc.flush()
+        # The other replica lets the new event go (a nak, as its puller closing does): it must
+        # be delivered again, not taken for settled by the old delivery's ack.
+        other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
+        await other.unsubscribe()
+        other = None
+        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 2, 20) == 2, "new event lost"
+        assert applied == ["slow", "new-event"]
+    finally:
+        release.set()
+        stop.set()
+        if other is not None:
+            await other.unsubscribe()
         if running is not None:
             await asyncio.wait_for(running, 20)
         await a.close()

@@ -1,0 +1,109 @@
+"""`Binding`: which deliveries a consumer may still reply to (ack, nak, term, +WPI).
+
+JetStream settles a reply by the stream sequence its subject names, so a reply to a delivery of a
+stream since made again settles the new stream's event at that sequence (the real case, against a
+nats-server: tests/integration/test_consumer_stream_made_again.py). Here the rules around it: a
+delivery that arrived after the bound stream's creation was read is its own whatever its timestamp
+(a cluster server's clock behind another's must not hold an event back for ever), and no reply is
+sent while the connection is down (nats-py would send it to whatever server it reconnects to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+
+from services.common import pull
+from services.common.pull import Binding
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def _at(t: datetime.datetime, seq: int = 1) -> Any:
+    ns = int(t.timestamp() * 1_000_000_000)
+    return Msg(_client=None, subject="s.x", reply=f"$JS.ACK.S.d.1.{seq}.{seq}.{ns}.0")  # type: ignore[arg-type]
+
+
+class _Nc:
+    def __init__(self) -> None:
+        self.stats = {"reconnects": 0}
+        self.is_connected = True
+        self.is_closed = False
+
+
+class _Js:
+    def __init__(self, created: datetime.datetime) -> None:
+        self.created = created
+        self.calls = 0
+
+    async def stream_info(self, stream: str) -> Any:
+        self.calls += 1
+        return SimpleNamespace(created=self.created)
+
+
+async def test_a_delivery_of_the_old_stream_gets_no_reply_once_the_stream_is_made_again() -> None:
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    old = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(old)
+    assert await binding.settles(old)
+    assert js.calls == 1  # no read per reply while connected throughout
+
+    # NATS back without its store: the stream made again, a new event delivered before the read.
+    js.created = T0 + datetime.timedelta(minutes=1)
+    nc.stats["reconnects"] = 1
+    new = _at(T0 + datetime.timedelta(minutes=2))
+    binding.tag(new)
+    assert not await binding.settles(old)
+    assert await binding.settles(new)
+    assert js.calls == 2 and binding.dropped == 1
+    # One of the new stream delivered after the read, its timestamp behind the stream's creation
+    # (another server's clock): its own, replied to.
+    skewed = _at(T0 + datetime.timedelta(seconds=59))
+    binding.tag(skewed)
+    assert await binding.settles(skewed)
+
+
+async def test_no_reply_while_the_connection_is_down_and_a_short_wait_once_per_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pull, "RECONNECT_WAIT_S", 0.2)
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    msg = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(msg)
+    nc.is_connected = False
+    loop_time = asyncio.get_running_loop().time
+    started = loop_time()
+    assert not await binding.settles(msg)
+    assert loop_time() - started >= 0.2  # waited for the connection
+    started = loop_time()
+    assert not await binding.settles(msg)
+    assert loop_time() - started < 0.1  # not again in the same outage
+    # Back (the store kept): the stream read again, the same one, and the reply sent.
+    nc.is_connected = True
+    nc.stats["reconnects"] = 1
+    assert await binding.settles(msg)
+    assert js.calls == 2
+
+
+async def test_a_reply_is_held_back_while_the_stream_cannot_be_read_after_a_reconnect() -> None:
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    msg = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(msg)
+
+    async def fails(stream: str) -> Any:
+        raise TimeoutError
+
+    js.stream_info = fails  # type: ignore[method-assign]
+    nc.stats["reconnects"] = 1
+    assert not await binding.settles(msg)
