@@ -14,9 +14,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import click
 import grpc
@@ -757,6 +757,20 @@ def demo(
     )
 
 
+def _paged(call: Callable[[Any], Any], request: Any, field: str) -> Iterator[Any]:
+    """The items (`field`) of a paged List call, page after page as the caller takes them: the
+    next page is asked for only when the caller wants more than this one held. A failed call exits."""
+    while True:
+        try:
+            page = call(request)
+        except grpc.RpcError as exc:
+            _fail(exc)
+        yield from getattr(page, field)
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token
+
+
 TRANSACTIONS_PAGE_SIZE = 500  # `transactions`: entries per ListTransactions call (its maximum)
 
 
@@ -780,29 +794,22 @@ def transactions(
     shown, more = 0, False
     with channel("wallet", wallet_addr) as ch:
         stub = wallet_pb2_grpc.WalletServiceStub(ch)
-        while not more:
-            try:
-                page = stub.ListTransactions(request, timeout=DEADLINE_S)
-            except grpc.RpcError as exc:
-                _fail(exc)
-            for t in page.transactions:
-                if shown == limit:
-                    more = True
-                    break
-                shown += 1
-                if as_json:
-                    _echo(json.dumps(_transaction_fields(t)))
-                    continue
-                table.add_row(
-                    t.created_at.ToDatetime().isoformat(timespec="seconds"),
-                    escape(t.kind),
-                    f"{t.amount:+d}",
-                    str(t.balance_after),
-                    escape(t.reference_id),
-                )
-            if not page.next_page_token:
+        listed = _paged(lambda r: stub.ListTransactions(r, timeout=DEADLINE_S), request, "transactions")
+        for t in listed:
+            if shown == limit:
+                more = True
                 break
-            request.page_token = page.next_page_token
+            shown += 1
+            if as_json:
+                _echo(json.dumps(_transaction_fields(t)))
+                continue
+            table.add_row(
+                t.created_at.ToDatetime().isoformat(timespec="seconds"),
+                escape(t.kind),
+                f"{t.amount:+d}",
+                str(t.balance_after),
+                escape(t.reference_id),
+            )
     notes = err_console if as_json else console  # --json: stdout holds the entries only
     if shown and not as_json:
         _print_table(table)
@@ -1244,32 +1251,27 @@ def withdrawals(
     shown, more = 0, False
     with channel("payout", payout_addr) as ch:
         stub = payout_pb2_grpc.PayoutServiceStub(ch)
-        while not more:
-            try:
-                page = stub.ListWithdrawals(request, metadata=metadata, timeout=DEADLINE_S)
-            except grpc.RpcError as exc:
-                _fail(exc)
-            for w in page.withdrawals:
-                if shown == limit:
-                    more = True
-                    break
-                shown += 1
-                if as_json:
-                    _echo(json.dumps(_withdrawal_fields(w)))
-                    continue
-                table.add_row(
-                    escape(w.withdrawal_id),
-                    escape(w.creator_id),
-                    _withdrawal_status(w),
-                    f"{w.gross.amount_minor} {w.gross.currency_code} minor",
-                    w.requested_at.ToDatetime().isoformat(timespec="seconds"),
-                    w.updated_at.ToDatetime().isoformat(timespec="seconds"),
-                    escape(w.reviewed_by),
-                    escape(w.failure_reason),
-                )
-            if not page.next_page_token:
+        listed = _paged(
+            lambda r: stub.ListWithdrawals(r, metadata=metadata, timeout=DEADLINE_S), request, "withdrawals"
+        )
+        for w in listed:
+            if shown == limit:
+                more = True
                 break
-            request.page_token = page.next_page_token
+            shown += 1
+            if as_json:
+                _echo(json.dumps(_withdrawal_fields(w)))
+                continue
+            table.add_row(
+                escape(w.withdrawal_id),
+                escape(w.creator_id),
+                _withdrawal_status(w),
+                f"{w.gross.amount_minor} {w.gross.currency_code} minor",
+                w.requested_at.ToDatetime().isoformat(timespec="seconds"),
+                w.updated_at.ToDatetime().isoformat(timespec="seconds"),
+                escape(w.reviewed_by),
+                escape(w.failure_reason),
+            )
     notes = err_console if as_json else console  # --json: stdout holds the withdrawals only
     if shown and not as_json:
         _print_table(table)
