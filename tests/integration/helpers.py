@@ -9,16 +9,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from sqlalchemy import func, select
 
-from livegifts.gifting.v1 import gifting_pb2
+from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.cli.suite import free_port, nats_server_binary
 from services.common import signing
+from services.common.bus import Bus
 from services.common.clients import error_reason
 from services.common.config import ServiceSettings
+from services.common.db import Database
 from services.wallet.payments import dev_event_payload
 
 T = TypeVar("T")
@@ -130,6 +133,19 @@ async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool
             if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.1)
+
+
+async def publish_gift_sent(bus: Bus, subject: str, event_id: str) -> None:
+    """Publish a GiftSent of one coin to creator "c" on `subject`, its event id the message id."""
+    assert bus.js is not None
+    data = events_pb2.GiftSent(event_id=event_id, coins=1, creator_id="c").SerializeToString()
+    await bus.js.publish(subject, data, headers={"Nats-Msg-Id": event_id})
+
+
+async def count_rows(db: Database, table: Any) -> int:
+    """How many rows `table` holds now."""
+    async with db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
 async def gift_700_coins(gifting, viewer: str, creator: str) -> gifting_pb2.Stream:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import MetaData
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
@@ -23,21 +23,10 @@ from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
 from services.common.inbox import Consumer, Subscription
 from services.common.tables import add_common_tables
-from tests.integration.helpers import eventually
+from tests.integration.helpers import count_rows, eventually, publish_gift_sent
 
 DURABLE = "nats-restart-test"
 SUBJECT = "gifting.gift.sent"
-
-
-async def _publish(bus: Bus, event_id: str) -> None:
-    assert bus.js is not None
-    data = events_pb2.GiftSent(event_id=event_id, coins=1, creator_id="c").SerializeToString()
-    await bus.js.publish(SUBJECT, data, headers={"Nats-Msg-Id": event_id})
-
-
-async def _count(db: Database, table: Any) -> int:
-    async with db.unit_of_work(readonly=True) as uow:
-        return int((await uow.conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
 # "while_down": the batch commits, and its acks are sent, while NATS is down for 3 s, three times
@@ -88,10 +77,10 @@ async def test_nats_restarting_mid_batch_applies_each_event_once_and_parks_none(
             db, bus, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
         )
         running = asyncio.create_task(consumer.run(stop))
-        await _publish(bus, "slow")
+        await publish_gift_sent(bus, SUBJECT, "slow")
         await asyncio.wait_for(entered.wait(), 20)
         for event_id in ("flaky", "b", "c"):  # buffered behind the batch
-            await _publish(bus, event_id)
+            await publish_gift_sent(bus, SUBJECT, event_id)
         await asyncio.sleep(0.5)
 
         suite.kill("nats")
@@ -102,10 +91,10 @@ async def test_nats_restarting_mid_batch_applies_each_event_once_and_parks_none(
         assert bus.nc is not None
         await eventually(lambda: _connected(bus), bool, 20)
         release.set()
-        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 4, 30) == 4
+        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 4, 30) == 4
         await asyncio.sleep(2)
         assert sorted(applied) == ["b", "c", "flaky", "slow"], applied
-        assert await _count(db, tables.dead_letters) == 0
+        assert await count_rows(db, tables.dead_letters) == 0
         info = await bus.js.consumer_info("GIFTING", DURABLE)  # type: ignore[union-attr]
         assert info.num_ack_pending == 0 and info.num_pending == 0, info
     finally:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
-from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import MetaData
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
@@ -25,25 +24,14 @@ from services.common.db import Database, UnitOfWork
 from services.common.inbox import ACK_WAIT_S, Consumer, Subscription
 from services.common.pull import Puller
 from services.common.tables import add_common_tables
-from tests.integration.helpers import eventually
+from tests.integration.helpers import count_rows, eventually, publish_gift_sent
 
 DURABLE = "made-again-test"
 SUBJECT = "gifting.gift.sent"
 
 
-async def _publish(bus: Bus, event_id: str) -> None:
-    assert bus.js is not None
-    data = events_pb2.GiftSent(event_id=event_id, coins=1, creator_id="c").SerializeToString()
-    await bus.js.publish(SUBJECT, data, headers={"Nats-Msg-Id": event_id})
-
-
 async def _reconnected(bus: Bus) -> bool:
     return bus.nc is not None and bus.nc.is_connected and bus.nc.stats["reconnects"] >= 1
-
-
-async def _count(db: Database, table: Any) -> int:
-    async with db.unit_of_work(readonly=True) as uow:
-        return int((await uow.conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
 async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_at_a_parked_sequence(
@@ -80,9 +68,9 @@ async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_a
             db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
         )
         running = asyncio.create_task(consumer.run(stop))
-        await _publish(a, "poisoned")  # stream sequence 1
-        assert await eventually(lambda: _count(db, tables.dead_letters), lambda n: n == 1, 20) == 1
-        await _publish(a, "slow")  # the replica is inside this batch until `release`
+        await publish_gift_sent(a, SUBJECT, "poisoned")  # stream sequence 1
+        assert await eventually(lambda: count_rows(db, tables.dead_letters), lambda n: n == 1, 20) == 1
+        await publish_gift_sent(a, SUBJECT, "slow")  # the replica is inside this batch until `release`
         await asyncio.wait_for(entered.wait(), 20)
 
         # NATS back without its store; the other replica makes the stream and the durable again
@@ -97,11 +85,11 @@ async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_a
         )
         other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
         await other.unsubscribe()
-        await _publish(b, "new-event")
+        await publish_gift_sent(b, SUBJECT, "new-event")
         assert (await b.js.stream_info("GIFTING")).state.last_seq == 1  # the parked event's sequence
 
         release.set()
-        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 2, 20) == 2, "terminated unapplied"
+        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 2, 20) == 2, "terminated unapplied"
         assert applied == ["slow", "new-event"]
     finally:
         release.set()
@@ -152,7 +140,9 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
             db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
         )
         running = asyncio.create_task(consumer.run(stop))
-        await _publish(a, "slow")  # stream sequence 1; the replica is inside this batch until `release`
+        await publish_gift_sent(
+            a, SUBJECT, "slow"
+        )  # stream sequence 1; the replica is inside this batch until `release`
         await asyncio.wait_for(entered.wait(), 20)
 
         # NATS back without its store; the other replica makes the stream and the durable again,
@@ -166,7 +156,7 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
             ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
         )
         other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
-        await _publish(b, "new-event")
+        await publish_gift_sent(b, SUBJECT, "new-event")
         taken = await other.fetch(1, timeout=10)
         assert [m.metadata.sequence.stream for m in taken] == [1]
         assert (await b.js.consumer_info("GIFTING", DURABLE)).num_ack_pending == 1
@@ -176,7 +166,7 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
         # the server it reconnects to.)
         assert await eventually(lambda: _reconnected(a), bool, 20)
         release.set()
-        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 1, 20) == 1
+        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 1, 20) == 1
         await asyncio.sleep(1.0)
         assert a.nc is not None
         await a.nc.flush()
@@ -185,7 +175,7 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
         other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
         await other.unsubscribe()
         other = None
-        assert await eventually(lambda: _count(db, tables.inbox), lambda n: n == 2, 20) == 2, "new event lost"
+        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 2, 20) == 2, "new event lost"
         assert applied == ["slow", "new-event"]
     finally:
         release.set()
