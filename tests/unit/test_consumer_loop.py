@@ -70,6 +70,35 @@ class _Bus:
         self.js = _JetStream()
 
 
+def _settings_of(tmp_path: Path, **settings: Any) -> GiftingSettings:
+    """A consumer's settings, `settings` over the defaults, its database in `tmp_path`."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    return GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", **settings)
+
+
+def _settings_and_db(tmp_path: Path, **settings: Any) -> tuple[GiftingSettings, Database]:
+    """`_settings_of` and its SQLite database (connected to at its first use only)."""
+    got = _settings_of(tmp_path, **settings)
+    return got, Database(got.database_url, pool_size=1, pool_timeout_s=1, application_name="test")
+
+
+def _consumer(db: Database, settings: GiftingSettings, durable: str, handle: Any) -> Consumer:
+    """A consumer of `durable` over `_Bus`, GiftSent events handed to `handle`."""
+    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
+    return Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+
+
+async def _handle_nothing(uow: Any, events: list[Any]) -> None:
+    return None
+
+
+def _parked_count(durable: str) -> float:
+    """Events `durable` parked (livegifts_dead_letters_total)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) or 0.0
+
+
 async def _run_fetching_nothing(tmp_path: Path, stop: asyncio.Event, caplog: pytest.LogCaptureFixture) -> None:
     """Run a consumer over `Puller.open`'s stand-in until `stop`, its warnings in `caplog`: its
     database is never reached, as no message is fetched."""
@@ -77,12 +106,9 @@ async def _run_fetching_nothing(tmp_path: Path, stop: asyncio.Event, caplog: pyt
     async def handle(uow: Any, events: list[Any]) -> None:
         raise AssertionError("no message was fetched")
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    settings, db = _settings_and_db(tmp_path)
     try:
-        sub = Subscription(durable="d", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-        consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+        consumer = _consumer(db, settings, "d", handle)
         with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
             await asyncio.wait_for(consumer.run(stop), timeout=10)
     finally:
@@ -153,17 +179,10 @@ def test_a_consumers_dead_letter_and_consumed_counts_are_exported_at_zero_from_i
     # first, the first event parked in a pod's life never raised the dead-letter alert.
     from prometheus_client import REGISTRY
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-
-    async def handle(uow: Any, events: list[Any]) -> None:
-        return None
-
+    settings, db = _settings_and_db(tmp_path)  # never connected to
     durable = "zero-before-first-park"
-    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) is None
-    Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    _consumer(db, settings, durable, _handle_nothing)
     assert REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) == 0.0
     # And its consumed counts, which LivegiftsConsumerStuck compares: retries with none applied.
     for result in ("applied", "duplicate", "replayed", "retry"):
@@ -202,15 +221,8 @@ async def test_an_event_the_database_keeps_failing_is_naked_with_a_capped_delay_
     # OverflowError past 1023 deliveries (a database down ~3 hours) instead of nak-ing.
     from sqlalchemy import exc as sa_exc
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-
-    async def handle(uow: Any, events: list[Any]) -> None:
-        return None
-
-    sub = Subscription(durable="capped-delay", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    settings, db = _settings_and_db(tmp_path)  # never connected to
+    consumer = _consumer(db, settings, "capped-delay", _handle_nothing)
     msg = _Delivered(delivered)
     outage = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
     await consumer._failed((msg, events_pb2.GiftSent(event_id="e1")), outage)  # type: ignore[arg-type]
@@ -301,9 +313,7 @@ async def test_the_position_check_as_a_consumer_binds_sets_its_result_for_the_al
         raise AssertionError("no message was fetched")
 
     monkeypatch.setattr(Puller, "open", open_puller)
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    settings, db = _settings_and_db(tmp_path)
     durable = f"position-{result}"
     try:
         async with db.engine.begin() as conn:
@@ -388,15 +398,10 @@ async def _parking_consumer(
                 raise ValueError("a bug in the handler")
             applied.append(e.event_id)
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = GiftingSettings(
-        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=max_deliver
-    )
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
+    settings, db = _settings_and_db(tmp_path, consumer_max_deliver=max_deliver)
     async with db.engine.begin() as conn:
         await conn.run_sync(common.inbox.metadata.create_all)
-    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    return Consumer(db, _Bus(), common, sub, settings), db  # type: ignore[arg-type]
+    return _consumer(db, settings, durable, handle), db
 
 
 async def _parked_ids(db: Database, durable: str) -> list[str]:
@@ -601,14 +606,11 @@ async def _killing_consumer(
         if any(e.event_id == killer for e in events):
             raise _ProcessKilled
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
+    settings, db = _settings_and_db(tmp_path)
     assert settings.consumer_max_deliver == 20
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
     async with db.engine.begin() as conn:
         await conn.run_sync(common.inbox.metadata.create_all)
-    sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    return Consumer(db, _Bus(), common, sub, settings), db  # type: ignore[arg-type]
+    return _consumer(db, settings, durable, handle), db
 
 
 async def test_an_event_delivered_past_max_deliver_unaccounted_for_is_tried_alone_after_its_batch(
@@ -698,15 +700,8 @@ async def test_an_outage_of_another_kind_is_logged_at_once_while_the_first_ones_
     # The consumer's outage line was throttled as one for every kind of error: while one outage
     # repeated (a connection refused), a second starting within the 30 s (a full disk) logged
     # nothing until the next line was due, and that line named whichever came then.
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"  # never connected to
-    settings = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    db = Database(url, pool_size=1, pool_timeout_s=1, application_name="test")
-
-    async def handle(uow: Any, events: list[Any]) -> None:
-        return None
-
-    sub = Subscription(durable="outage-kinds", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    settings, db = _settings_and_db(tmp_path)  # never connected to
+    consumer = _consumer(db, settings, "outage-kinds", _handle_nothing)
     refused = ConnectionRefusedError(111, "Connection refused")
     full = sa_exc.OperationalError("INSERT", {}, type("Full", (Exception,), {"sqlite_errorname": "SQLITE_FULL"})())
     with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
@@ -724,21 +719,15 @@ async def test_an_event_parked_whose_term_failed_is_counted_and_logged_once(
     # and the 'event parked' line came only after the term, so they were skipped, and the copy
     # redelivered after it is terminated as a copy without either. An event waited for an
     # operator with no alert (increase(livegifts_dead_letters_total)) and no line naming it.
-    from prometheus_client import REGISTRY
-
     durable = "term-lost-counted"
     consumer, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
-
-    def parked_count() -> float:
-        return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) or 0.0
-
     try:
         with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
             with pytest.raises(nats.errors.ConnectionClosedError):
                 await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
             await consumer.process([_Msg("poisoned", seq=3, n=2)])  # type: ignore[list-item]
         assert await _parked_ids(db, durable) == ["poisoned"]
-        assert parked_count() == 1.0, "a parked event went uncounted: no dead-letter alert"
+        assert _parked_count(durable) == 1.0, "a parked event went uncounted: no dead-letter alert"
         lines = [r for r in caplog.records if r.getMessage() == "event parked in dead_letters"]
         assert [r.event_id for r in lines] == ["poisoned"]  # type: ignore[attr-defined]
     finally:
@@ -795,15 +784,9 @@ async def test_a_copy_of_an_event_another_process_parked_is_terminated_not_parke
     # process killed after the commit): the copy JetStream delivers again went to another replica,
     # or to the process started after it, which kept none of the first one's parks, tried it and
     # parked it a second time: two rows for one event, two alerts, two replays to reason about.
-    from prometheus_client import REGISTRY
-
     durable = "parked-elsewhere"
     first, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
-    second = Consumer(db, _Bus(), common, first.sub, _settings_of(tmp_path))  # type: ignore[arg-type]
-
-    def parked_count() -> float:
-        return REGISTRY.get_sample_value("livegifts_dead_letters_total", {"consumer": durable}) or 0.0
-
+    second = Consumer(db, _Bus(), common, first.sub, _settings_of(tmp_path, consumer_max_deliver=1))  # type: ignore[arg-type]
     try:
         with pytest.raises(nats.errors.ConnectionClosedError):
             await first.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
@@ -812,7 +795,7 @@ async def test_a_copy_of_an_event_another_process_parked_is_terminated_not_parke
             await second.process([copy])  # type: ignore[list-item]
         assert copy.settled == ["term"]
         assert await _parked_ids(db, durable) == ["poisoned"], "parked a second time"
-        assert parked_count() == 1.0
+        assert _parked_count(durable) == 1.0
         assert [r for r in caplog.records if "parked already" in r.getMessage()]
         # Its own copies after that are terminated without a look-up, as the first's are.
         again = _Msg("poisoned", seq=3, n=3)
@@ -820,10 +803,3 @@ async def test_a_copy_of_an_event_another_process_parked_is_terminated_not_parke
         assert again.settled == ["term"] and await _parked_ids(db, durable) == ["poisoned"]
     finally:
         await db.engine.dispose()
-
-
-def _settings_of(tmp_path: Path) -> GiftingSettings:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    return GiftingSettings(
-        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", consumer_max_deliver=1
-    )
