@@ -773,6 +773,9 @@ async def test_a_batch_committed_whose_ack_failed_counts_its_events_applied(tmp_
         msgs = [_Msg("a", seq=1, n=1), _Msg("b", seq=2, n=1, ack_fails=True), _Msg("c", seq=3, n=1)]
         await consumer.process(msgs)  # type: ignore[arg-type]
         assert consumed("applied") == 3.0
+        # The one-by-one retry tries b and c again (a's ack went through) and finds them in the
+        # inbox: each such try is a duplicate, as a redelivery would be; none is applied twice.
+        assert consumed("duplicate") == 2.0
     finally:
         await db.engine.dispose()
 
