@@ -141,6 +141,21 @@ async def _submitting_on_the_first(first: Payout) -> tuple[str, StuckProvider, a
     return withdrawal_id, slow, round_
 
 
+@contextlib.asynccontextmanager
+async def _while_submitting_on_the_first(first: Payout) -> AsyncIterator[str]:
+    """The id of a withdrawal `_submitting_on_the_first`, for the body to run while the provider
+    has not answered (the round still waiting at its end); then the provider answers and the
+    round submits that one withdrawal."""
+    withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
+    try:
+        yield withdrawal_id
+        assert not round_.done(), "the provider has not answered yet"
+    finally:
+        slow.gate.set()
+    async with asyncio.timeout(GUARD_S):
+        assert await round_ == 1
+
+
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
 async def test_a_withdrawal_one_replica_is_submitting_is_not_submitted_by_another(empty_database: str) -> None:
     # Claimed (PROCESSING, no provider reference yet) while the first replica waits for the
@@ -263,18 +278,15 @@ async def test_a_callback_while_the_withdrawal_is_being_submitted_is_not_held_up
     # answer) settles it at once, not after the submission, and the reference the late answer
     # brings is not written over the settled withdrawal.
     async with payout_on(empty_database, pool_size=3) as (first, _):
-        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
-        net = (await first.get_withdrawal(withdrawal_id)).net
-        payload = dev_payout_payload("evt-early", "payout.paid", withdrawal_id, net.amount_minor, net.currency_code)
-        request = payout_pb2.HandlePayoutEventRequest(
-            provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
-        )
-        async with asyncio.timeout(5):  # a row lock held over the call would keep it until the gate
-            done = await first.handle_payout_event(request)
-        assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID and not round_.done()
-        slow.gate.set()
-        async with asyncio.timeout(GUARD_S):
-            assert await round_ == 1
+        async with _while_submitting_on_the_first(first) as withdrawal_id:
+            net = (await first.get_withdrawal(withdrawal_id)).net
+            payload = dev_payout_payload("evt-early", "payout.paid", withdrawal_id, net.amount_minor, net.currency_code)
+            request = payout_pb2.HandlePayoutEventRequest(
+                provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
+            )
+            async with asyncio.timeout(5):  # a row lock held over the call would keep it until the gate
+                done = await first.handle_payout_event(request)
+            assert done.withdrawal.status == payout_pb2.WITHDRAWAL_STATUS_PAID
         row = await first.get_withdrawal(withdrawal_id)
         assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PAID, "")
         earnings = await first.get_earnings("creator-a")
@@ -292,17 +304,11 @@ async def test_a_submission_waiting_for_the_provider_keeps_no_migration_from_the
     # provider slower than that kept it from ever running), and every statement on withdrawals
     # queued behind the waiting ALTER meanwhile.
     async with payout_on(empty_database, pool_size=3) as (first, _):
-        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
-        try:
+        async with _while_submitting_on_the_first(first) as withdrawal_id:
             async with first.db.engine.connect() as migration:
                 await migration.execute(text("SET LOCAL lock_timeout = '2s'"))
                 await migration.execute(text("ALTER TABLE withdrawals ADD COLUMN probe integer"))
                 await migration.rollback()
-            assert not round_.done(), "the provider has not answered yet"
-        finally:
-            slow.gate.set()
-        async with asyncio.timeout(GUARD_S):
-            assert await round_ == 1
         row = await first.get_withdrawal(withdrawal_id)
         assert (row.status, row.provider_ref) == (payout_pb2.WITHDRAWAL_STATUS_PROCESSING, f"po_dev_{withdrawal_id}")
 
@@ -315,16 +321,11 @@ async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_whi
     # transaction); with one in all (DB_POOL_SIZE 1, now refused on PostgreSQL) every other use of
     # the database waited for the answer and failed past DB_POOL_TIMEOUT_S.
     async with payout_on(empty_database, pool_size=2) as (first, _):
-        withdrawal_id, slow, round_ = await _submitting_on_the_first(first)
-        try:
+        async with _while_submitting_on_the_first(first) as withdrawal_id:
             async with asyncio.timeout(GUARD_S):
                 other = await approved_withdrawal(first, "creator-b")
                 assert (await first.get_earnings("creator-b")).diamonds_held == 20_000
-            assert not round_.done(), "the provider has not answered yet"
-        finally:
-            slow.gate.set()
         async with asyncio.timeout(GUARD_S):
-            assert await round_ == 1
             assert await first.dispatch_once() == 1  # the one requested meanwhile
         assert await status_of(first, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
         assert await status_of(first, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
