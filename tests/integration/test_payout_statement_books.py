@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -61,28 +62,26 @@ def terms(code: str, amount_minor: int, fee_fixed_minor: int) -> payout_pb2.Curr
     )
 
 
-async def listed_earnings(payout: Payout, creator: str) -> list[payout_pb2.EarningEntry]:
-    out: list[payout_pb2.EarningEntry] = []
-    token = ""
+async def every_page(list_call: Callable[[Any], Awaitable[Any]], request: Any, field: str) -> list[Any]:
+    """The `field` items of every page `list_call` answers `request` with, two a page."""
+    out: list[Any] = []
+    request.page_size = 2
     while True:
-        page = await payout.list_earnings(
-            payout_pb2.ListEarningsRequest(creator_id=creator, page_token=token, page_size=2)
-        )
-        out += page.entries
+        page = await list_call(request)
+        out += getattr(page, field)
         if not (token := page.next_page_token):
             return out
+        request.page_token = token
+
+
+async def listed_earnings(payout: Payout, creator: str) -> list[payout_pb2.EarningEntry]:
+    return await every_page(payout.list_earnings, payout_pb2.ListEarningsRequest(creator_id=creator), "entries")
 
 
 async def listed_withdrawals(payout: Payout, creator: str) -> list[payout_pb2.Withdrawal]:
-    out: list[payout_pb2.Withdrawal] = []
-    token = ""
-    while True:
-        page = await payout.list_withdrawals(
-            payout_pb2.ListWithdrawalsRequest(creator_id=creator, page_token=token, page_size=2)
-        )
-        out += page.withdrawals
-        if not (token := page.next_page_token):
-            return out
+    return await every_page(
+        payout.list_withdrawals, payout_pb2.ListWithdrawalsRequest(creator_id=creator), "withdrawals"
+    )
 
 
 def month_of(ts: object) -> tuple[int, int]:
