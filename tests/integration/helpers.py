@@ -7,7 +7,7 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
-from services.cli.suite import free_port, nats_server_binary
+from services.cli.suite import Suite, SuiteConfig, free_port, nats_server_binary
 from services.common import signing
 from services.common.bus import Bus
 from services.common.clients import error_reason
@@ -57,6 +57,26 @@ def nats_server(tmp_path: Path, *, max_payload: int | None = None, store_bytes: 
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@contextlib.asynccontextmanager
+async def bus_on_own_nats(
+    tmp_path: Path, name: str, *, nats_started: bool = True
+) -> AsyncIterator[tuple[Suite, Bus, asyncio.Event]]:
+    """A suite whose nats-server is the test's own (started unless `nats_started` is False), and
+    a Bus named `name` meant for it, not yet connected, with the event that stops it; stops both."""
+    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
+    if nats_started:
+        suite.start_nats()
+    stop = asyncio.Event()
+    settings = ServiceSettings(database_url="sqlite+aiosqlite:///unused.db", nats_url=suite.config.nats_url)  # type: ignore[call-arg]
+    bus = Bus(settings, name)
+    try:
+        yield suite, bus, stop
+    finally:
+        stop.set()
+        await bus.close()
+        suite.stop()
 
 
 def uid(prefix: str) -> str:

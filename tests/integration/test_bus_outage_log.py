@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.suite import Suite, SuiteConfig, free_port
-from services.common.bus import NATS_ERROR_LOG_INTERVAL_S, Bus
-from services.common.config import ServiceSettings
+from services.common.bus import NATS_ERROR_LOG_INTERVAL_S
+from tests.integration.helpers import bus_on_own_nats
 
 DOWN_S = 3.0  # six reconnect attempts (each 0.5 s), within one interval
 
@@ -24,12 +23,7 @@ async def test_nats_down_logs_its_error_once_per_interval_and_counts_the_rest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert DOWN_S < NATS_ERROR_LOG_INTERVAL_S
-    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    suite.start_nats()
-    stop = asyncio.Event()
-    settings = ServiceSettings(database_url="sqlite+aiosqlite:///unused.db", nats_url=suite.config.nats_url)  # type: ignore[call-arg]
-    bus = Bus(settings, "outage-log-test")
-    try:
+    async with bus_on_own_nats(tmp_path, "outage-log-test") as (suite, bus, stop):
         await asyncio.wait_for(bus.connect(stop, []), 20)
         with caplog.at_level(logging.INFO, logger="services.common.bus"):
             suite.kill("nats")
@@ -43,10 +37,6 @@ async def test_nats_down_logs_its_error_once_per_interval_and_counts_the_rest(
             errors = _errors(caplog)
             assert len(errors) == 2 and errors[1].errors_not_logged >= 3, [r.errors_not_logged for r in errors]
             assert "ConnectionRefusedError" in errors[1].error
-    finally:
-        stop.set()
-        await bus.close()
-        suite.stop()
 
 
 async def test_an_outage_soon_after_a_start_without_nats_logs_its_first_error_at_once(
@@ -55,25 +45,19 @@ async def test_an_outage_soon_after_a_start_without_nats_logs_its_first_error_at
     """The errors of a start while NATS was down are not carried into the next outage: its first
     error is logged at once (the first connect does not call the reconnect callback that resets
     the throttle), counting none of the start's."""
-    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    stop = asyncio.Event()
-    settings = ServiceSettings(database_url="sqlite+aiosqlite:///unused.db", nats_url=suite.config.nats_url)  # type: ignore[call-arg]
-    bus = Bus(settings, "outage-log-test")
-    connecting = asyncio.create_task(bus.connect(stop, []))
-    try:
-        await asyncio.sleep(1.2)  # NATS not there yet: an attempt each 0.5 s, the first logged
-        suite.start_nats()
-        await asyncio.wait_for(connecting, 20)
-        assert len(_errors(caplog)) == 1  # the start's first error; the others only counted
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="services.common.bus"):
-            suite.kill("nats")
-            await asyncio.sleep(1.0)
-            errors = _errors(caplog)
-            assert len(errors) == 1, "the outage's first error was not logged at once"
-            assert errors[0].errors_not_logged == 0, errors[0].errors_not_logged
-    finally:
-        stop.set()
-        connecting.cancel()
-        await bus.close()
-        suite.stop()
+    async with bus_on_own_nats(tmp_path, "outage-log-test", nats_started=False) as (suite, bus, stop):
+        connecting = asyncio.create_task(bus.connect(stop, []))
+        try:
+            await asyncio.sleep(1.2)  # NATS not there yet: an attempt each 0.5 s, the first logged
+            suite.start_nats()
+            await asyncio.wait_for(connecting, 20)
+            assert len(_errors(caplog)) == 1  # the start's first error; the others only counted
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="services.common.bus"):
+                suite.kill("nats")
+                await asyncio.sleep(1.0)
+                errors = _errors(caplog)
+                assert len(errors) == 1, "the outage's first error was not logged at once"
+                assert errors[0].errors_not_logged == 0, errors[0].errors_not_logged
+        finally:
+            connecting.cancel()

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import nats.errors
 
-from services.cli.suite import Suite, SuiteConfig, free_port
-from services.common.bus import Bus
-from services.common.config import ServiceSettings
+from tests.integration.helpers import bus_on_own_nats
 
 PAYLOAD = b"x" * 100_000  # ~21 of them fill nats-py's reconnect buffer (2 MB)
 REFUSED = 50  # publishes refused with a full buffer
 
 
 async def test_a_request_refused_while_nats_is_down_is_forgotten(tmp_path: Path) -> None:
-    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    suite.start_nats()
-    stop = asyncio.Event()
-    settings = ServiceSettings(database_url="sqlite+aiosqlite:///unused.db", nats_url=suite.config.nats_url)  # type: ignore[call-arg]
-    bus = Bus(settings, "requests-test")
-    try:
+    async with bus_on_own_nats(tmp_path, "requests-test") as (suite, bus, stop):
         await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
         assert bus.js is not None and bus.nc is not None
         await bus.js.publish("gifting.gift.sent", b"before")
@@ -45,7 +38,3 @@ async def test_a_request_refused_while_nats_is_down_is_forgotten(tmp_path: Path)
         # nats-py's map of the requests waiting for an answer (reply token -> future): a refused
         # publish left its entry there for ever, never answered nor timed out.
         assert len(bus.nc._resp_map) == 0, f"{len(bus.nc._resp_map)} requests still waiting after {refused} refused"
-    finally:
-        stop.set()
-        await bus.close()
-        suite.stop()
