@@ -22,6 +22,7 @@ from services.common.bus import Bus
 from services.common.clients import error_reason
 from services.common.config import ServiceSettings
 from services.common.db import Database
+from services.common.errors import DomainError
 from services.wallet.payments import dev_event_payload
 
 T = TypeVar("T")
@@ -86,6 +87,15 @@ def uid(prefix: str) -> str:
 
 # The ErrorInfo reason of a failed call: the same parser the services use on each other.
 reason_of = error_reason
+
+
+async def domain_reason(call: Awaitable[object]) -> str:
+    """The reason of the DomainError `call` (a use case's, not a gRPC call's) is refused with."""
+    try:
+        await call
+    except DomainError as exc:
+        return exc.reason
+    raise AssertionError("the call succeeded")
 
 
 async def expect_error(

@@ -21,6 +21,7 @@ from services.common.errors import DomainError
 from services.gifting.storage import common
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
+from tests.integration.helpers import domain_reason
 from tests.integration.test_gifting_keys import Ledger
 
 
@@ -58,14 +59,6 @@ async def gifting(empty_database: str, request: pytest.FixtureRequest) -> AsyncI
 
 async def _upsert(g: Gifting, key: str, **fields: Any) -> gifting_pb2.Gift:
     return await g.upsert_gift(gifting_pb2.UpsertGiftRequest(idempotency_key=key, **fields), "ops-alice")
-
-
-async def _reason(call: Any) -> str:
-    try:
-        await call
-    except DomainError as exc:
-        return exc.reason
-    raise AssertionError("the call succeeded")
 
 
 async def _sent_events(g: Gifting) -> dict[str, events_pb2.GiftSent]:
@@ -156,7 +149,7 @@ async def test_a_batch_in_flight_when_its_gift_is_repriced_charges_each_item_its
 async def test_a_new_gifts_bad_price_is_refused_with_a_stable_reason(
     gifting: Gifting, fields: dict[str, Any], reason: str
 ) -> None:
-    assert await _reason(_upsert(gifting, "bad", gift_id="g1", **fields)) == reason
+    assert await domain_reason(_upsert(gifting, "bad", gift_id="g1", **fields)) == reason
     listed = await gifting.list_gifts(include_retired=True)
     assert "g1" not in {g.gift_id for g in listed.gifts}
 
@@ -170,7 +163,7 @@ async def test_the_dearest_gift_at_the_most_quantity_is_refused_not_overflowed(g
         stream_id=stream_id, sender_id="v", gift_id="max", quantity=gifting.settings.quantity_max, idempotency_key="k"
     )
     assert top.price_coins == 1_000_000
-    assert await _reason(gifting.send_gift(send)) == "INVALID_QUANTITY"
+    assert await domain_reason(gifting.send_gift(send)) == "INVALID_QUANTITY"
 
 
 @pytest.mark.parametrize(
@@ -180,7 +173,7 @@ async def test_the_dearest_gift_at_the_most_quantity_is_refused_not_overflowed(g
 async def test_a_new_gift_id_that_only_differs_by_case_or_normalization_is_refused(gifting: Gifting, twin: str) -> None:
     first = "comèt" if "è" in unicodedata.normalize("NFC", twin) else "comet"
     await _upsert(gifting, "add", gift_id=first, name="Comet", price_coins=7)
-    reason = await _reason(_upsert(gifting, "twin", gift_id=twin, name="Comet 2", price_coins=9))
+    reason = await domain_reason(_upsert(gifting, "twin", gift_id=twin, name="Comet 2", price_coins=9))
     assert reason == "GIFT_ID_TAKEN"
     listed = await gifting.list_gifts(include_retired=True)
     assert twin not in {g.gift_id for g in listed.gifts}

@@ -32,6 +32,7 @@ from services.gifting.keyrows import KeyOnlyPruner
 from services.gifting.storage import common, content_unlocks, gift_events, streams
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
+from tests.integration.helpers import domain_reason
 from tests.support.gifting import wallet_refusal
 
 OUTCOME = wallet_pb2.CancelSpendResponse
@@ -102,14 +103,6 @@ async def gifting(empty_database: str, request: pytest.FixtureRequest) -> AsyncI
         yield gifting
 
 
-async def _reason(call: Any) -> str:
-    try:
-        await call
-    except DomainError as exc:
-        return exc.reason
-    raise AssertionError("the call succeeded")
-
-
 async def _rows_of(g: Gifting, key: str) -> list[tuple[str, str | None]]:
     """(status, idempotency key) of every gift first recorded under `key`, oldest first."""
     e = gift_events.c
@@ -129,7 +122,7 @@ async def _three_pandas_refused(gifting: Gifting) -> tuple[gifting_pb2.Stream, g
     panda3 = gifting_pb2.SendGiftRequest(
         stream_id=stream.stream_id, sender_id="v", gift_id="panda", quantity=3, idempotency_key="k"
     )
-    assert await _reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_gift(panda3)) == "INSUFFICIENT_COINS"
     return stream, panda3
 
 
@@ -143,8 +136,8 @@ async def test_a_cancelled_gifts_key_refuses_other_requests_and_sends_its_own_on
     panda1.quantity = 1  # 5 coins: the ledger would pay for it
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="k")
     spends = len(wallet.attempts)
-    assert await _reason(gifting.send_gift(panda1)) == "IDEMPOTENCY_KEY_REUSED"
-    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_gift(panda1)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
     batch = await gifting.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[panda1]))
     assert batch.results[0].error.reason == "IDEMPOTENCY_KEY_REUSED"
     assert len(wallet.attempts) == spends and wallet.coins["v"] == 10  # nothing was even asked
@@ -156,7 +149,7 @@ async def test_a_cancelled_gifts_key_refuses_other_requests_and_sends_its_own_on
     assert sent[0].status == gifting_pb2.GIFT_STATUS_SENT and sent[0].sender_balance == 85
     again = await gifting.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[panda3]))
     assert again.results[0].receipt.gift_event_id == sent[0].gift_event_id
-    assert await _reason(gifting.send_gift(panda1)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_gift(panda1)) == "IDEMPOTENCY_KEY_REUSED"
     assert wallet.coins["v"] == 85 and len(wallet.spent) == 1
     assert await _rows_of(gifting, "k") == [("CANCELLED", None), ("SENT", "k")]
 
@@ -165,7 +158,7 @@ async def test_a_retry_of_a_cancelled_gift_is_checked_anew_and_keeps_the_key_whe
     wallet: Ledger = gifting.wallet
     stream = await gifting.start_stream(gifting_pb2.StartStreamRequest(creator_id="c", title="t", idempotency_key="s"))
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=7, idempotency_key="k")
-    assert await _reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"
     await gifting.end_stream(gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key="e"))
     wallet.coins["v"] = 100
     items = gifting_pb2.SendGiftsRequest(
@@ -175,7 +168,7 @@ async def test_a_retry_of_a_cancelled_gift_is_checked_anew_and_keeps_the_key_whe
             )
         ]
     )
-    assert await _reason(gifting.send_tip(tip)) == "STREAM_NOT_LIVE"  # checked as a new tip would be
+    assert await domain_reason(gifting.send_tip(tip)) == "STREAM_NOT_LIVE"  # checked as a new tip would be
     assert (await gifting.send_gifts(items)).results[0].error.reason == "IDEMPOTENCY_KEY_REUSED"
     assert await _rows_of(gifting, "k") == [("CANCELLED", "k")]
     assert wallet.coins["v"] == 100
@@ -190,10 +183,10 @@ async def test_a_cancelled_unlocks_key_unlocks_only_its_own_content(gifting: Gif
 
     first, second = await content(1), await content(2)
     unlock = gifting_pb2.UnlockContentRequest(user_id="v", content_id=first, idempotency_key="k")
-    assert await _reason(gifting.unlock_content(unlock)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.unlock_content(unlock)) == "INSUFFICIENT_COINS"
     wallet.coins["v"] = 100
     other = gifting_pb2.UnlockContentRequest(user_id="v", content_id=second, idempotency_key="k")
-    assert await _reason(gifting.unlock_content(other)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.unlock_content(other)) == "IDEMPOTENCY_KEY_REUSED"
     receipt = await gifting.unlock_content(unlock)
     assert (receipt.already_unlocked, receipt.sender_balance) == (False, 70)
     assert (await gifting.check_access("v", first)).has_access
@@ -223,12 +216,12 @@ async def test_an_unlock_answered_by_an_earlier_unlock_keeps_its_key_from_other_
     rose.idempotency_key = "k2"
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="k2")
     other = gifting_pb2.UnlockContentRequest(user_id="v", content_id=second, idempotency_key="k2")
-    assert await _reason(gifting.send_gift(rose)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_gift(rose)) == "IDEMPOTENCY_KEY_REUSED"
     assert (await gifting.send_gifts(gifting_pb2.SendGiftsRequest(gifts=[rose]))).results[
         0
     ].error.reason == "IDEMPOTENCY_KEY_REUSED"
-    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
-    assert await _reason(gifting.unlock_content(other)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.unlock_content(other)) == "IDEMPOTENCY_KEY_REUSED"
     assert await gifting.unlock_content(again) == receipt
     assert wallet.coins["v"] == 70
     assert not (await gifting.check_access("v", second)).has_access
@@ -244,7 +237,7 @@ async def test_an_unlock_answered_by_an_earlier_unlock_keeps_its_key_from_other_
         await uow.commit()
     anew = await gifting.unlock_content(again)
     assert (anew.already_unlocked, anew.sender_balance) == (False, 40)
-    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
     assert await gifting.unlock_content(again) == anew
     assert [status for status, _ in await _rows_of(gifting, "k2")] == ["KEY_ONLY", "SENT"]
 
@@ -315,7 +308,7 @@ async def test_a_gift_an_old_release_cancels_during_the_rollout_gets_its_key_bac
     assert await gifting.restore_keys_once() == 1  # the background loop's round, after start and periodically
     assert await _rows_of(gifting, "k") == [("CANCELLED", "k")]
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="k")
-    assert await _reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
+    assert await domain_reason(gifting.send_tip(tip)) == "IDEMPOTENCY_KEY_REUSED"
     assert wallet.coins["v"] == 10
 
     # Its own retry still sends it, once; the cancelled gift then gave its key away for good.
@@ -335,7 +328,7 @@ async def test_the_key_restorer_leaves_a_key_to_the_gift_that_holds_it_and_gives
     )
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=5, idempotency_key="l")
     # "h": cancelled by an old pod, then a retry sent before the restorer's round: the sent gift keeps it.
-    assert await _reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
     await _old_release_cancels(gifting, "h")
     wallet.coins["v"] = 100
     await gifting.send_gift(rose)
@@ -344,9 +337,9 @@ async def test_the_key_restorer_leaves_a_key_to_the_gift_that_holds_it_and_gives
     rose_l = gifting_pb2.SendGiftRequest(
         stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="l"
     )
-    assert await _reason(gifting.send_gift(rose_l)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_gift(rose_l)) == "INSUFFICIENT_COINS"
     await _old_release_cancels(gifting, "l")
-    assert await _reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"
     await _old_release_cancels(gifting, "l")
 
     assert await gifting.restore_keys_once() == 3
@@ -365,7 +358,7 @@ async def test_a_request_recorded_during_the_key_restorers_round_keeps_the_key(
     rose = gifting_pb2.SendGiftRequest(
         stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1, idempotency_key="k"
     )
-    assert await _reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
+    assert await domain_reason(gifting.send_gift(rose)) == "INSUFFICIENT_COINS"
     await _old_release_cancels(gifting, "k")
 
     # The retry is recorded right after the restorer's look-up, and (as a commit on PostgreSQL
@@ -414,7 +407,7 @@ async def test_no_gift_is_recorded_on_a_stream_whose_end_committed_while_it_was_
             update(streams).where(streams.c.stream_id == stream.stream_id).values(status="ENDED", ended_at_us=1)
         )
         late = asyncio.ensure_future(
-            _reason(gifting.send_gift(gifting_pb2.SendGiftRequest(idempotency_key="g1", **_fields(first))))
+            domain_reason(gifting.send_gift(gifting_pb2.SendGiftRequest(idempotency_key="g1", **_fields(first))))
         )
         await asyncio.sleep(0.5)  # the gift's step 1 runs meanwhile (or waits for the stream's row)
         await ending.commit()
@@ -446,7 +439,7 @@ async def test_an_answered_unlocks_key_row_goes_after_the_retention_and_a_retry_
     await gifting.unlock_content(unlock("k1"))  # charged: SENT
     answered = await gifting.unlock_content(unlock("k2"))  # answered by k1's: KEY_ONLY
     tip = gifting_pb2.SendTipRequest(stream_id=stream.stream_id, sender_id="v", coins=500, idempotency_key="k3")
-    assert await _reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"  # CANCELLED
+    assert await domain_reason(gifting.send_tip(tip)) == "INSUFFICIENT_COINS"  # CANCELLED
     rose = gifting_pb2.SendGiftRequest(stream_id=stream.stream_id, sender_id="v", gift_id="rose", quantity=1)
     rose.idempotency_key = "k4"
     await gifting.send_gift(rose)  # SENT

@@ -18,9 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
-from services.common.errors import DomainError
 from services.wallet.payments import dev_event_payload
 from services.wallet.usecases import Wallet
+from tests.integration.helpers import domain_reason
 from tests.support.wallet import SECRET, reversal_of, wallet_on
 
 T0 = 1_800_000_000_000_000  # 2027-01-15, microseconds
@@ -93,14 +93,6 @@ async def _pay(w: Wallet, purchase_id: str, amount_minor: int, event_type: str =
     )
 
 
-async def _reason(call: Any) -> str:
-    try:
-        await call
-    except DomainError as exc:
-        return exc.reason
-    raise AssertionError("the call succeeded")
-
-
 async def test_a_pending_purchase_keeps_the_price_and_coins_it_was_created_with(wallet: Wallet) -> None:
     clock: Clock = wallet.clock  # type: ignore[assignment]
     await _package(wallet, coins=100, price_minor=199)
@@ -113,7 +105,7 @@ async def test_a_pending_purchase_keeps_the_price_and_coins_it_was_created_with(
     await _promotion(wallet, "bonus", T0 - 10, T0 + 1, bonus=5)
     clock.now = T0 + 2_000_000
     # A callback at the package's new price is not this purchase's: refused, nothing credited.
-    assert await _reason(_pay(wallet, purchase.purchase_id, 999)) == "AMOUNT_MISMATCH"
+    assert await domain_reason(_pay(wallet, purchase.purchase_id, 999)) == "AMOUNT_MISMATCH"
     assert (await wallet.get_balance("v")).coins == 0
     done = await _pay(wallet, purchase.purchase_id, 199)
     assert done.purchase.coins == 120
@@ -153,7 +145,7 @@ async def test_of_overlapping_promotions_the_one_that_started_last_applies(walle
 
 async def test_a_packages_currency_cannot_change_under_its_id(wallet: Wallet) -> None:
     await _package(wallet, coins=100, price_minor=199)
-    assert await _reason(_package(wallet, coins=100, price_minor=199, currency="JPY")) == "PACKAGE_CURRENCY_FIXED"
+    assert await domain_reason(_package(wallet, coins=100, price_minor=199, currency="JPY")) == "PACKAGE_CURRENCY_FIXED"
     listed = await wallet.list_packages(wallet_pb2.ListCoinPackagesRequest(region="US", currency_code="USD"))
     assert "pk" in {p.package_id for p in listed.packages}
     # A reprice in its own currency goes through.
@@ -172,7 +164,7 @@ async def test_a_packages_currency_cannot_change_under_its_id(wallet: Wallet) ->
     ],
 )
 async def test_a_packages_bad_amounts_are_refused(wallet: Wallet, coins: int, price: int, reason: str) -> None:
-    assert await _reason(_package(wallet, coins=coins, price_minor=price)) == reason
+    assert await domain_reason(_package(wallet, coins=coins, price_minor=price)) == reason
 
 
 async def test_each_price_list_change_logs_who_changed_what_from_what(
