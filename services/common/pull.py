@@ -74,6 +74,9 @@ _EPOCH = "_livegifts_epoch"
 # delivered again after ack_wait; the inbox makes that a no-op if it was applied). Once per outage:
 # the replies after the first that waited in vain are not sent without a wait.
 RECONNECT_WAIT_S = 5.0
+# How long after a failed read of the stream's creation time no other is tried: the replies to
+# earlier deliveries meanwhile are not sent (their events come again).
+STREAM_READ_RETRY_S = 1.0
 # What the creation time of a stream not known (its read failed) is taken as: later than any
 # delivery's, so no delivery from before is taken for one of it.
 _UNKNOWN = datetime.datetime.max.replace(tzinfo=datetime.UTC)
@@ -110,6 +113,12 @@ class Binding:
         self._nc: Client | None = None
         self._reconnects = 0  # the connection's reconnect count `created` was read at
         self._gave_up: int | None = None  # the reconnect count a wait for the connection ran out at
+        # One read of the creation time at a time, and none again until a failed one's pause is
+        # over (`STREAM_READ_RETRY_S`): each reply waited for a read of its own, up to the
+        # JetStream timeout (5 s), one after another for a batch's acks, while the stream could
+        # not be read (a leader being elected, quorum lost).
+        self._reading = asyncio.Lock()
+        self._read_again_at = 0.0
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Read the stream's creation time (at a bind, once the durable is there)."""
@@ -138,14 +147,19 @@ class Binding:
             return False
         if not self.suspect and nc.stats["reconnects"] == self._reconnects:
             return True
-        reconnects = nc.stats["reconnects"]
-        try:
-            info = await js.stream_info(self.stream)
-        except Exception:  # noqa: BLE001 - unknown until the next read
-            self._set(_UNKNOWN)
-            return nc.is_connected
-        self._reconnects, self.suspect = reconnects, False
-        self._set(info.created)
+        async with self._reading:
+            if self.suspect or nc.stats["reconnects"] != self._reconnects:  # not read meanwhile
+                if time.monotonic() < self._read_again_at:
+                    return nc.is_connected  # a read failed just now: `created` stays unknown
+                reconnects = nc.stats["reconnects"]
+                try:
+                    info = await js.stream_info(self.stream)
+                except Exception:  # noqa: BLE001 - unknown until the next read
+                    self._set(_UNKNOWN)
+                    self._read_again_at = time.monotonic() + STREAM_READ_RETRY_S
+                    return nc.is_connected
+                self._reconnects, self.suspect = reconnects, False
+                self._set(info.created)
         return nc.is_connected
 
     async def _connected(self, nc: Client) -> bool:
@@ -189,12 +203,20 @@ class Binding:
                 extra={
                     "consumer": self.durable,
                     "stream": self.stream,
-                    "stream_seq": msg.metadata.sequence.stream,
+                    "stream_seq": _stream_seq(msg),
                     "stream_created": str(self.created),
                     "replies_not_sent": self.dropped,
                 },
             )
         return False
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """The delivery's stream sequence for a log line; None where its subject has none."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:  # noqa: BLE001 - not a JetStream delivery
+        return None
 
 
 async def say_in_progress(msgs: Iterable[Msg], binding: Binding | None = None) -> None:

@@ -107,3 +107,52 @@ async def test_a_reply_is_held_back_while_the_stream_cannot_be_read_after_a_reco
     js.stream_info = fails  # type: ignore[method-assign]
     nc.stats["reconnects"] = 1
     assert not await binding.settles(msg)
+
+
+class _FailingJs(_Js):
+    """A stream that cannot be read (a leader being elected, quorum lost) once bound."""
+
+    def __init__(self, created: datetime.datetime) -> None:
+        super().__init__(created)
+        self.failing = False
+
+    async def stream_info(self, stream: str) -> Any:
+        if self.failing:
+            self.calls += 1
+            await asyncio.sleep(0.05)  # the JetStream timeout, scaled down
+            raise TimeoutError
+        return await super().stream_info(stream)
+
+
+async def test_a_failed_read_of_the_stream_is_not_tried_again_for_each_reply() -> None:
+    # After a reconnect the stream could not be read: each reply read it again, up to the
+    # JetStream timeout (5 s) each, one after another for a batch's 256 acks.
+    nc, js = _Nc(), _FailingJs(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    olds = [_at(T0 + datetime.timedelta(seconds=1), seq) for seq in range(1, 11)]
+    for m in olds:
+        binding.tag(m)
+    js.failing, js.calls = True, 0
+    nc.stats["reconnects"] = 1
+    assert [await binding.settles(m) for m in olds] == [False] * 10  # unknown: none is settled
+    assert js.calls == 1, "a read per reply"
+    assert await asyncio.gather(*(binding.settles(m) for m in olds)) == [False] * 10
+    assert js.calls == 1
+    binding._read_again_at = 0.0  # the pause is over (pull.STREAM_READ_RETRY_S)
+    js.failing = False
+    assert await binding.settles(olds[0])  # read again: the same stream, its deliveries settle
+    assert pull.STREAM_READ_RETRY_S >= 0.5
+
+
+async def test_a_reply_not_sent_for_a_delivery_without_a_stream_sequence_is_logged_not_raised() -> None:
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    plain = Msg(_client=None, subject="s.x", reply="not-a-jetstream-reply")  # type: ignore[arg-type]
+    setattr(plain, "_livegifts_epoch", 0)  # noqa: B010 - tagged under an earlier binding
+    binding.epoch = 1
+    binding.created = T0
+    nc.is_connected = False
+    binding._gave_up = 0  # the wait for the connection already ran out in this outage
+    assert await binding.settles(plain) is False
