@@ -10,8 +10,12 @@ never applied nor parked (its producer's outbox row deleted, so lost for good).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import MetaData
@@ -34,72 +38,109 @@ async def _reconnected(bus: Bus) -> bool:
     return bus.nc is not None and bus.nc.is_connected and bus.nc.stats["reconnects"] >= 1
 
 
-async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_at_a_parked_sequence(
-    tmp_path: Path,
-) -> None:
+@dataclass
+class _Replicas:
+    """Replica a's consumer, held inside its batch of "slow" until `release`; replica b not yet connected."""
+
+    suite: Suite
+    db: Database
+    tables: Any
+    stop: asyncio.Event
+    entered: asyncio.Event
+    release: asyncio.Event
+    applied: list[str]
+    a: Bus
+    b: Bus
+
+
+@contextlib.asynccontextmanager
+async def _two_replicas(tmp_path: Path, **settings: Any) -> AsyncIterator[_Replicas]:
+    """A nats-server of the test's own, and replica a's consumer of DURABLE running on a SQLite
+    inbox: "poisoned" fails (parked at `consumer_max_deliver`), "slow" holds its batch until
+    `release`, every other event is applied. Stops everything it started."""
     suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
     suite.start_nats()
     url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = ServiceSettings(database_url=url, nats_url=suite.config.nats_url, consumer_max_deliver=1)  # type: ignore[call-arg]
+    config = ServiceSettings(database_url=url, nats_url=suite.config.nats_url, **settings)  # type: ignore[call-arg]
     metadata = MetaData()
     tables = add_common_tables(metadata)
     db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
-    stop = asyncio.Event()
-    entered, release = asyncio.Event(), asyncio.Event()  # the replica held inside a batch, not pulling
-    applied: list[str] = []
+    r = _Replicas(
+        suite,
+        db,
+        tables,
+        asyncio.Event(),
+        asyncio.Event(),
+        asyncio.Event(),
+        [],
+        Bus(config, "replica-a"),
+        Bus(config, "replica-b"),
+    )
 
     async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
         for e in events:
             if e.event_id == "poisoned":
                 raise RuntimeError("a row this event needs is missing")
             if e.event_id == "slow":
-                entered.set()
-                await release.wait()
-            applied.append(e.event_id)
+                r.entered.set()
+                await r.release.wait()
+            r.applied.append(e.event_id)
 
-    a = Bus(settings, "replica-a")
-    b = Bus(settings, "replica-b")
     running = None
     try:
         async with db.engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
-        await asyncio.wait_for(a.connect(stop, ["GIFTING"]), 20)
+        await asyncio.wait_for(r.a.connect(r.stop, ["GIFTING"]), 20)
         consumer = Consumer(
-            db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
+            db, r.a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), config
         )
-        running = asyncio.create_task(consumer.run(stop))
-        await publish_gift_sent(a, SUBJECT, "poisoned")  # stream sequence 1
-        assert await eventually(lambda: count_rows(db, tables.dead_letters), lambda n: n == 1, 20) == 1
-        await publish_gift_sent(a, SUBJECT, "slow")  # the replica is inside this batch until `release`
-        await asyncio.wait_for(entered.wait(), 20)
-
-        # NATS back without its store; the other replica makes the stream and the durable again
-        # (its relay's publish and its consumer's bind) and the stream's first event is new.
-        suite.kill("nats")
-        shutil.rmtree(tmp_path / "nats")
-        suite.start_nats()
-        await asyncio.wait_for(b.connect(stop, ["GIFTING"]), 20)
-        assert b.nc is not None and b.js is not None
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
-        )
-        other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
-        await other.unsubscribe()
-        await publish_gift_sent(b, SUBJECT, "new-event")
-        assert (await b.js.stream_info("GIFTING")).state.last_seq == 1  # the parked event's sequence
-
-        release.set()
-        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 2, 20) == 2, "terminated unapplied"
-        assert applied == ["slow", "new-event"]
+        running = asyncio.create_task(consumer.run(r.stop))
+        yield r
     finally:
-        release.set()
-        stop.set()
+        r.release.set()
+        r.stop.set()
         if running is not None:
             await asyncio.wait_for(running, 20)
-        await a.close()
-        await b.close()
+        await r.a.close()
+        await r.b.close()
         await db.dispose()
         suite.stop()
+
+
+async def _made_again(r: _Replicas, tmp_path: Path) -> Puller:
+    """NATS back without its store; replica b makes the stream and the durable again (its relay's
+    publish and its consumer's bind): its puller of the new durable."""
+    r.suite.kill("nats")
+    shutil.rmtree(tmp_path / "nats")
+    r.suite.start_nats()
+    await asyncio.wait_for(r.b.connect(r.stop, ["GIFTING"]), 20)
+    assert r.b.nc is not None and r.b.js is not None
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
+    )
+    return await Puller.open(r.b.nc, r.b.js, SUBJECT, "GIFTING", DURABLE, config)
+
+
+async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_at_a_parked_sequence(
+    tmp_path: Path,
+) -> None:
+    async with _two_replicas(tmp_path, consumer_max_deliver=1) as r:
+        await publish_gift_sent(r.a, SUBJECT, "poisoned")  # stream sequence 1
+        assert await eventually(lambda: count_rows(r.db, r.tables.dead_letters), lambda n: n == 1, 20) == 1
+        await publish_gift_sent(r.a, SUBJECT, "slow")  # the replica is inside this batch until `release`
+        await asyncio.wait_for(r.entered.wait(), 20)
+
+        other = await _made_again(r, tmp_path)
+        await other.unsubscribe()
+        await publish_gift_sent(r.b, SUBJECT, "new-event")
+        assert r.b.js is not None
+        assert (await r.b.js.stream_info("GIFTING")).state.last_seq == 1  # the parked event's sequence
+
+        r.release.set()
+        assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 2, 20) == 2, (
+            "terminated unapplied"
+        )
+        assert r.applied == ["slow", "new-event"]
 
 
 async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_streams_event_at_its_sequence(
@@ -110,81 +151,39 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
     settled the new stream's event at that sequence, delivered meanwhile to another replica. When
     that replica let it go (nak'ed, or died before its ack), the event was never delivered again:
     lost, neither applied nor parked. Now the old delivery's ack is not sent."""
-    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    suite.start_nats()
-    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    settings = ServiceSettings(database_url=url, nats_url=suite.config.nats_url)  # type: ignore[call-arg]
-    metadata = MetaData()
-    tables = add_common_tables(metadata)
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
-    stop = asyncio.Event()
-    entered, release = asyncio.Event(), asyncio.Event()  # the replica held inside a batch, not pulling
-    applied: list[str] = []
-
-    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
-        for e in events:
-            if e.event_id == "slow":
-                entered.set()
-                await release.wait()
-            applied.append(e.event_id)
-
-    a = Bus(settings, "replica-a")
-    b = Bus(settings, "replica-b")
-    running = None
     other = None
-    try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        await asyncio.wait_for(a.connect(stop, ["GIFTING"]), 20)
-        consumer = Consumer(
-            db, a, tables, Subscription(DURABLE, "GIFTING", SUBJECT, events_pb2.GiftSent, handle), settings
-        )
-        running = asyncio.create_task(consumer.run(stop))
-        await publish_gift_sent(
-            a, SUBJECT, "slow"
-        )  # stream sequence 1; the replica is inside this batch until `release`
-        await asyncio.wait_for(entered.wait(), 20)
+    async with _two_replicas(tmp_path) as r:
+        try:
+            await publish_gift_sent(r.a, SUBJECT, "slow")  # stream sequence 1; held in this batch until `release`
+            await asyncio.wait_for(r.entered.wait(), 20)
 
-        # NATS back without its store; the other replica makes the stream and the durable again,
-        # and pulls the new stream's first event (sequence 1, as the held one's).
-        suite.kill("nats")
-        shutil.rmtree(tmp_path / "nats")
-        suite.start_nats()
-        await asyncio.wait_for(b.connect(stop, ["GIFTING"]), 20)
-        assert b.nc is not None and b.js is not None
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
-        )
-        other = await Puller.open(b.nc, b.js, SUBJECT, "GIFTING", DURABLE, config)
-        await publish_gift_sent(b, SUBJECT, "new-event")
-        taken = await other.fetch(1, timeout=10)
-        assert [m.metadata.sequence.stream for m in taken] == [1]
-        assert (await b.js.consumer_info("GIFTING", DURABLE)).num_ack_pending == 1
+            # NATS back without its store; the other replica makes the stream and the durable again,
+            # and pulls the new stream's first event (sequence 1, as the held one's).
+            other = await _made_again(r, tmp_path)
+            await publish_gift_sent(r.b, SUBJECT, "new-event")
+            taken = await other.fetch(1, timeout=10)
+            assert [m.metadata.sequence.stream for m in taken] == [1]
+            assert r.b.js is not None
+            assert (await r.b.js.consumer_info("GIFTING", DURABLE)).num_ack_pending == 1
 
-        # The held replica, connected again, commits "slow" and acks it (to the old stream's
-        # sequence 1). (Before it reconnects no reply is sent at all: nats-py would keep it for
-        # the server it reconnects to.)
-        assert await eventually(lambda: _reconnected(a), bool, 20)
-        release.set()
-        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 1, 20) == 1
-        await asyncio.sleep(1.0)
-        assert a.nc is not None
-        await a.nc.flush()
-        # The other replica lets the new event go (a nak, as its puller closing does): it must
-        # be delivered again, not taken for settled by the old delivery's ack.
-        other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
-        await other.unsubscribe()
-        other = None
-        assert await eventually(lambda: count_rows(db, tables.inbox), lambda n: n == 2, 20) == 2, "new event lost"
-        assert applied == ["slow", "new-event"]
-    finally:
-        release.set()
-        stop.set()
-        if other is not None:
+            # The held replica, connected again, commits "slow" and acks it (to the old stream's
+            # sequence 1). (Before it reconnects no reply is sent at all: nats-py would keep it for
+            # the server it reconnects to.)
+            assert await eventually(lambda: _reconnected(r.a), bool, 20)
+            r.release.set()
+            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 1, 20) == 1
+            await asyncio.sleep(1.0)
+            assert r.a.nc is not None
+            await r.a.nc.flush()
+            # The other replica lets the new event go (a nak, as its puller closing does): it must
+            # be delivered again, not taken for settled by the old delivery's ack.
+            other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
             await other.unsubscribe()
-        if running is not None:
-            await asyncio.wait_for(running, 20)
-        await a.close()
-        await b.close()
-        await db.dispose()
-        suite.stop()
+            other = None
+            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 2, 20) == 2, (
+                "new event lost"
+            )
+            assert r.applied == ["slow", "new-event"]
+        finally:
+            if other is not None:
+                await other.unsubscribe()
