@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.config import ServiceSettings
 from services.common.db import Database, UnitOfWork
-from services.common.errors import Aborted, AlreadyExists, InvalidArgument, require_key
+from services.common.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, require_key
 from services.common.metrics import IDEMPOTENCY_PRUNED
 from services.common.pruning import AgePruner
 from services.common.tables import CommonTables
@@ -156,15 +156,18 @@ def answers_retry(
     secret: Callable[[Any], bytes | None] | None = None,
 ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """Decorates a use case `method(self, req, ..., *, idem)` that runs `await idem.run(work)`:
-    a request it refuses with InvalidArgument gets the answer stored for it, else the refusal.
+    a request it refuses (any DomainError) gets the answer stored for it, else the refusal.
 
     The decorator passes `idem`, an IdempotentCall bound to this `table`, `scope`, request,
     `key_field` and `secret(self)` (the key of a keyed hash): the scope is named once, here, so
     the refusal's look-up reads the record the method's run writes (a second scope string inside
     the method, if it differed, would silently turn this answer off).
 
-    A retry of a request that took effect (an older release, or a looser limit, accepted it)
-    answers as its first call did. The key must be well formed and the request the one stored
+    A retry of a request that took effect answers as its first call did: one an older release or
+    a looser limit accepted (refused InvalidArgument now), and one racing its first call, which
+    committed while it ran, so that the retry met that call's own effect (on PostgreSQL a racing
+    RequestWithdrawal of all the diamonds found them held: INSUFFICIENT_DIAMONDS; ApproveWithdrawal
+    found the withdrawal moved: ABORTED). The key must be well formed and the request the one stored
     under it: a different request under the key, or one under a malformed key, gets the refusal
     as before. Only a refusal reads (`self.db`): an accepted request pays nothing. A refusal from
     anywhere in the method: one from inside the transaction rolled it back, so the look-up finds
@@ -178,7 +181,7 @@ def answers_retry(
             idem = IdempotentCall(self.db, table, scope, req, response_type, key_field, hash_key)
             try:
                 return await method(self, req, *args, idem=idem, **kwargs)
-            except InvalidArgument as refusal:
+            except DomainError as refusal:
                 try:
                     stored = await idem.stored()
                 except (InvalidArgument, AlreadyExists):  # a malformed key, or a different request under it

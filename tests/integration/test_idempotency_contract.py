@@ -17,6 +17,7 @@ ReplayDeadLetter takes an optional key (test_dead_letters.py).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -469,3 +470,25 @@ async def test_a_refusal_before_anything_is_recorded_leaves_the_key_free_and_a_w
     )
     assert error_info(refused).metadata["scope"] == "SendGift"
     await expect_error(s.call(galaxy), OK.FAILED_PRECONDITION, "INSUFFICIENT_COINS")  # its own retry: checked anew
+
+
+TAPS = 3  # calls of one request under one key at once: a double tap and a retry in flight
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_calls_racing_under_one_key_all_answer_the_first_answer(
+    clients: Clients, deployment: Deployment, name: str
+) -> None:
+    """README "Idempotency keys": a call under a key whose first call is still running answers
+    that call's answer once it commits, never a refusal that call's own effect caused (the
+    diamonds it held, the stream it started). On PostgreSQL a racing RequestWithdrawal of all
+    the diamonds answered INSUFFICIENT_DIAMONDS `available_diamonds` 0 though its withdrawal was made."""
+    s = Suite(clients, deployment)
+    c = await CASES[name](s)
+    answers = await asyncio.gather(*(s.call(c.first) for _ in range(TAPS)), return_exceptions=True)
+    refused = [a for a in answers if isinstance(a, BaseException)]
+    assert not refused, [
+        (a.code(), error_info(a).reason) if isinstance(a, grpc.aio.AioRpcError) else a for a in refused
+    ]
+    assert all(a == answers[0] for a in answers), answers
+    assert await s.call(c.first) == answers[0]
