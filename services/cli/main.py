@@ -217,6 +217,17 @@ Secret = Annotated[
 ]
 
 
+def _state_folder(var_dir: Path) -> None:
+    """`run`'s state folder, made ignored by git when `run` makes it: the checkout's .gitignore
+    names var/ only, and README's second suite (`--var var2`) would offer its databases and dev
+    secrets to the next `git add -A`. A folder that exists is left as it is: it may be the user's."""
+    try:
+        var_dir.mkdir(parents=True)
+    except FileExistsError:
+        return
+    (var_dir / ".gitignore").write_text("# made by `livegifts run`: its state, never committed\n*\n")
+
+
 def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
     """`run`'s secret in var/, made on the first run (a suite needs one to start)."""
     path = var_dir / name
@@ -284,6 +295,7 @@ def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     """Start nats-server and the three services on SQLite under var/ until Ctrl-C, SIGTERM or SIGHUP."""
     defaults = SuiteConfig(var_dir=var)
     try:
+        _state_folder(var)
         webhook_secret, operator_token = _dev_secret(var), _dev_secret(var, "dev-operator-token")
         # Held until this process ends (the services do not inherit it): one suite per var/.
         lock = open(var / "run.lock", "a")  # noqa: SIM115
