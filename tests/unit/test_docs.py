@@ -306,6 +306,39 @@ def test_every_cli_command_line_in_a_docs_code_block_parses(doc: str) -> None:
     assert not bad, f"{doc} shows command lines the CLI refuses: {bad}"
 
 
+def _json_commands() -> dict[str, bool]:
+    """Every CLI command with `--json` ("dead-letters list"), and whether it prints one object
+    per line (its option's help says "one JSON object per ... and line") or one object."""
+    found: dict[str, bool] = {}
+
+    def walk(cmd: Any, name: str) -> None:
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}".strip())
+        for p in getattr(cmd, "params", []):
+            if "--json" in p.opts:
+                found[name] = re.search(r"one JSON object per .* and line", " ".join(p.help.split())) is not None
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def test_the_readme_says_how_every_command_with_json_prints_it() -> None:
+    # `transactions --json` and `gift --json` came after the paragraph, which a script writer
+    # reads to know whether to parse one document or a line at a time, and was not told.
+    text = " ".join(README.split())
+    said = re.search(
+        r"With `--json`, a command prints one JSON document on stdout,"
+        r" an object \(([^)]*)\) or one object per line \(([^)]*)\)",
+        text,
+    )
+    assert said, "README no longer says what --json prints as this test expects"
+    objects, lines = (set(re.findall(r"`([a-z -]+)`", group)) for group in said.groups())
+    commands = _json_commands()
+    assert commands, "no CLI command has --json any more: drop this test"
+    assert objects == {c for c, per_line in commands.items() if not per_line}, objects
+    assert lines == {c for c, per_line in commands.items() if per_line}, lines
+
+
 def test_every_environment_variable_the_cli_reads_is_named_in_the_readme() -> None:
     # `make run` takes no arguments: LIVEGIFTS_VAR_DIR and LIVEGIFTS_RUN_PORT_OFFSET are how a
     # reader moves it off var/ and the default ports, so the README must name them.
