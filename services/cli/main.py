@@ -670,8 +670,8 @@ def demo(
         bool,
         typer.Option(
             "--json",
-            help="one JSON object at the end: the ids, the purchase, the gifts, the expected diamonds and"
-            " the creator's earnings as `earnings --json` has them (the steps go to stderr)",
+            help="one JSON object at the end: the ids, the purchase, the gifts (each with its gift_event_id),"
+            " the expected diamonds and the creator's earnings as `earnings --json` has them (the steps go to stderr)",
         ),
     ] = False,
 ) -> None:
@@ -713,7 +713,15 @@ def demo(
                     timeout=DEADLINE_S,
                 )
                 total += r.coins
-                sent.append({"gift_id": gift_id, "quantity": qty, "coins": r.coins, "sender_balance": r.sender_balance})
+                sent.append(
+                    {
+                        "gift_event_id": r.gift_event_id,  # what `livegifts gift` takes
+                        "gift_id": gift_id,
+                        "quantity": qty,
+                        "coins": r.coins,
+                        "sender_balance": r.sender_balance,
+                    }
+                )
                 step.print(f"3. sent {qty} x {gift_id} = {r.coins} coins; {viewer} has {r.sender_balance} left")
             policy = payout.GetPolicy(payout_pb2.GetPolicyRequest(), timeout=DEADLINE_S)
             expected = total * policy.creator_share_bp // 10_000

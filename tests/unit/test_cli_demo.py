@@ -9,6 +9,7 @@ tests/integration/test_cli_demo.py).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -33,8 +34,8 @@ class _Gifting:
     def StartStream(self, req: object, timeout: float) -> SimpleNamespace:  # noqa: N802
         return SimpleNamespace(stream_id="s-1")
 
-    def SendGift(self, req: object, timeout: float) -> SimpleNamespace:  # noqa: N802
-        return SimpleNamespace(coins=10, sender_balance=1_000)
+    def SendGift(self, req: Any, timeout: float) -> SimpleNamespace:  # noqa: N802
+        return SimpleNamespace(gift_event_id=f"ge-{req.gift_id}", coins=10, sender_balance=1_000)
 
 
 class _Payout:
@@ -105,7 +106,14 @@ def test_a_demo_with_json_prints_one_object_at_the_end_and_its_steps_on_stderr(m
     assert creator.startswith("creator-") and answer["viewer_id"].startswith("viewer-"), answer
     assert answer["purchase"]["purchase_id"] == "p-1" and answer["stream_id"] == "s-1", answer
     assert [g["gift_id"] for g in answer["gifts"]] == ["rose", "panda", "galaxy", "love-bang"], answer
-    assert answer["gifts"][0] == {"gift_id": "rose", "quantity": 7, "coins": 10, "sender_balance": 1_000}, answer
+    # Each with its receipt's id, what `livegifts gift` takes to show where that gift stands.
+    assert answer["gifts"][0] == {
+        "gift_event_id": "ge-rose",
+        "gift_id": "rose",
+        "quantity": 7,
+        "coins": 10,
+        "sender_balance": 1_000,
+    }, answer
     assert (answer["coins_sent"], answer["creator_share_bp"], answer["diamonds_expected"]) == (40, 5_000, 20), answer
     earnings = answer["earnings"]
     assert earnings["creator_id"] == creator and earnings["diamonds_lifetime"] == 20, earnings
