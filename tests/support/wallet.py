@@ -45,25 +45,36 @@ async def wallet_on(
         await db.dispose()
 
 
-async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:
+def callback_request(purchase: wallet_pb2.Purchase, event_type: str) -> wallet_pb2.HandlePaymentEventRequest:
+    """The development provider's signed callback of `event_type` for `purchase`, under a new event id."""
     payload = dev_event_payload(
         uuid.uuid4().hex, event_type, purchase.purchase_id, purchase.price.amount_minor, purchase.price.currency_code
     )
-    await w.handle_payment_event(
-        wallet_pb2.HandlePaymentEventRequest(provider="dev", payload=payload, signature=signing.sign(SECRET, payload))
+    return wallet_pb2.HandlePaymentEventRequest(
+        provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
     )
 
 
-async def buy(w: Wallet, user: str) -> wallet_pb2.Purchase:
-    p = await w.create_purchase(
+async def callback(w: Wallet, purchase: wallet_pb2.Purchase, event_type: str) -> None:
+    await w.handle_payment_event(callback_request(purchase, event_type))
+
+
+async def pending_purchase(w: Wallet, user: str, package: str = "us-usd-70") -> wallet_pb2.Purchase:
+    """`user`'s purchase of `package`, PENDING (its checkout not paid yet)."""
+    return await w.create_purchase(
         wallet_pb2.CreatePurchaseRequest(
             user_id=user,
-            package_id="us-usd-70",
+            package_id=package,
             currency_code="USD",
             payment_method=wallet_pb2.PAYMENT_METHOD_PAYPAL,
             idempotency_key=uuid.uuid4().hex,
         )
     )
+
+
+async def buy(w: Wallet, user: str, package: str = "us-usd-70") -> wallet_pb2.Purchase:
+    """`user`'s purchase of `package`, its success called back."""
+    p = await pending_purchase(w, user, package)
     await callback(w, p, "payment.succeeded")
     return p
 
