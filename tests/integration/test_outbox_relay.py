@@ -7,7 +7,8 @@ the server and then goes one by one, where JetStream drops each duplicate: every
 stored once and every row ends deleted. A stream without atomic batches gets single publishes.
 After a partial batch of more than one event the relay and a consumer linger, so their next
 batch carries several commits; after a lone event they do not. A commit made while the relay
-reads wakes it at once.
+reads wakes it at once. A relay's delete, or a consumer's batch, whose COMMIT's answer is lost
+(committed or not, it cannot tell) leaves each event stored once and applied once.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ import pytest
 from nats.js.api import ConsumerConfig, DiscardPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
-from sqlalchemy import MetaData, func, insert, select, update
+from sqlalchemy import Column, MetaData, String, Table, func, insert, select, update
 
 from livegifts.gifting.v1 import events_pb2
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common.bus import Bus
 from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
 from services.common.db import Database, UnitOfWork
+from services.common.dependency_errors import is_unavailable
 from services.common.inbox import Consumer, Subscription
 from services.common.outbox import Outbox, OutboxRelay, new_event_id
 from services.common.tables import CommonTables, add_common_tables
 from tests.integration import pg
 from tests.integration.helpers import eventually
+from tests.support.pgproxy import CommitCutter
 
 T = TypeVar("T")
 
@@ -707,3 +710,83 @@ async def test_a_purge_of_a_stream_by_hand_is_logged_with_who_asked_and_counted(
         ("GIFTING", "message deleted", 1),
     ]
     assert lines[0].client_host == "127.0.0.1"  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def behind_a_commit_cutter(tmp_path: Path) -> AsyncIterator[tuple[_Harness, CommitCutter]]:
+    """One relay over a PostgreSQL outbox reached through a CommitCutter (tests/support/pgproxy.py)."""
+    admin = pg.admin_url_or_skip()
+    name = f"lg_relay_{uuid.uuid4().hex[:12]}"
+    pg.create_database(admin, name)
+    proxy = await CommitCutter(admin).start()
+    try:
+        async with _harnesses(tmp_path, proxy.through(pg.database_url(admin, name)), 1) as (one,):
+            yield one, proxy
+    finally:
+        await proxy.close()
+        pg.drop_database(admin, name)
+
+
+UNKNOWN_OUTCOMES = pytest.mark.parametrize("committed", [True, False], ids=["committed", "rolled-back"])
+
+
+@UNKNOWN_OUTCOMES
+async def test_a_relay_whose_delete_commit_is_lost_stores_each_event_once(
+    behind_a_commit_cutter: tuple[_Harness, CommitCutter], committed: bool
+) -> None:
+    # The relay's delete of the rows JetStream acked: committed, or rolled back and its rows
+    # published again. The relay cannot tell; either way the stream holds each event once.
+    harness, proxy = behind_a_commit_cutter
+    ids = await harness.add_events(20)
+    proxy.cut_next_commits(1, committed=committed)
+    with pytest.raises(Exception) as lost:  # noqa: PT011 - the error is what is tested
+        await harness.relay.relay_once()
+    assert proxy.cut == 1 and is_unavailable(lost.value), repr(lost.value)
+    assert await harness.unpublished() == (0 if committed else len(ids))
+    assert await harness.relay.relay_once() == (0 if committed else len(ids))
+    assert await harness.stored_ids() == ids, "an event stored twice, or lost"
+    assert await harness.unpublished() == 0
+
+
+@UNKNOWN_OUTCOMES
+async def test_a_consumer_whose_batch_commit_is_lost_applies_each_event_once(
+    behind_a_commit_cutter: tuple[_Harness, CommitCutter], committed: bool
+) -> None:
+    # A batch's effects and inbox rows in one transaction whose COMMIT's answer is lost: nothing
+    # is acked on it; the events come again (its one-by-one retry, or a redelivery), and the
+    # inbox makes each a no-op where the batch did commit, or applies it where it did not.
+    harness, proxy = behind_a_commit_cutter
+    effects = Table("effects", MetaData(), Column("event_id", String(64), nullable=False))
+    async with harness.db.engine.begin() as conn:
+        await conn.run_sync(effects.metadata.create_all)
+
+    async def handle(uow: UnitOfWork, events: list[events_pb2.GiftSent]) -> None:
+        await uow.conn.execute(insert(effects), [{"event_id": e.event_id} for e in events])
+
+    async def applied() -> list[str]:
+        async with harness.db.unit_of_work(readonly=True) as uow:
+            return sorted((await uow.conn.execute(select(effects.c.event_id))).scalars())
+
+    ids = await harness.add_events(20)
+    assert await harness.relay.relay_once() == len(ids)
+    durable = f"unknown-{uuid.uuid4().hex[:8]}"
+    duplicates = REGISTRY.get_sample_value(
+        "livegifts_events_consumed_total", {"consumer": durable, "result": "duplicate"}
+    )
+    proxy.cut_next_commits(1, committed=committed)
+    async with _consumer(harness, durable, handle):
+        assert await eventually(applied, lambda a: len(a) >= len(ids), 20) == sorted(ids), "applied other than once"
+        assert harness.bus.js is not None
+
+        async def unacked() -> int:
+            info = await harness.bus.js.consumer_info("GIFTING", durable)  # type: ignore[union-attr]
+            return info.num_ack_pending + info.num_pending
+
+        assert await eventually(unacked, lambda n: n == 0, 20) == 0, "an event was left unacked"
+    assert proxy.cut == 1
+    assert await applied() == sorted(ids)
+    came_again = (
+        REGISTRY.get_sample_value("livegifts_events_consumed_total", {"consumer": durable, "result": "duplicate"}) or 0
+    ) - (duplicates or 0)
+    # Where the batch committed, every event came again and was found in the inbox.
+    assert came_again == (len(ids) if committed else 0)
