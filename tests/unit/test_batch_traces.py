@@ -40,7 +40,6 @@ from tests.support.gifting import ScriptedWallet
 from tests.support.payout import gift_event
 from tests.unit.test_consumer_loop import _Bus
 from tests.unit.test_gift_saga import _gifting_on
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 
@@ -105,7 +104,7 @@ def _only(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
 
 
 async def test_a_consumed_batch_is_one_process_span_linked_to_every_messages_trace(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     spans: InMemorySpanExporter,
 ) -> None:
     payout, _provider, _path = setup
@@ -125,7 +124,7 @@ async def test_a_consumed_batch_is_one_process_span_linked_to_every_messages_tra
     assert process.attributes["messaging.consumer"] == "traced"
 
 
-async def test_without_an_exporter_a_batchs_handler_still_carries_the_first_messages_trace(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_without_an_exporter_a_batchs_handler_still_carries_the_first_messages_trace(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     assert not telemetry.recording()
     _msgs, written = await _process(payout, 3)
@@ -133,7 +132,7 @@ async def test_without_an_exporter_a_batchs_handler_still_carries_the_first_mess
 
 
 async def test_a_batch_links_at_most_batch_links_max_messages_and_counts_the_rest(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     spans: InMemorySpanExporter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -146,7 +145,7 @@ async def test_a_batch_links_at_most_batch_links_max_messages_and_counts_the_res
 
 
 async def test_a_dead_letter_replay_names_its_event_and_cannot_link_to_its_trace(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     spans: InMemorySpanExporter,
 ) -> None:
     payout, _provider, _path = setup
@@ -212,7 +211,7 @@ async def test_a_group_commits_callers_link_to_the_caller_whose_trace_holds_the_
 
 
 async def test_a_shortfall_settler_round_with_work_has_a_trace_its_clawback_events_carry(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     spans: InMemorySpanExporter,
 ) -> None:
     payout, _provider, _path = setup
@@ -369,7 +368,7 @@ class _FailingMsg(_Msg):
 
 
 async def test_a_failed_batchs_span_says_what_failed_but_not_the_statements_values(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     spans: InMemorySpanExporter,
 ) -> None:
     # A database error's text holds its statement and bound values (tokens, birth dates, tips'

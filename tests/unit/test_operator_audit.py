@@ -23,8 +23,6 @@ from services.payout.usecases import Payout
 from services.wallet.server import WalletServicer
 from services.wallet.usecases import Wallet
 from tests.support.payout import reviewed_withdrawal
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 TOKEN = "t0k-t0k-t0k-t0k-t0k"
 
@@ -45,8 +43,8 @@ def restrict(user: str, **fields: object) -> wallet_pb2.SetAccountRestrictionsRe
 
 
 @pytest.mark.parametrize("blocked", [True, False])
-async def test_a_block_or_unblock_with_a_wrong_token_is_refused_and_one_without_is_the_contracts(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_block_or_unblock_with_a_wrong_token_is_refused_and_one_without_is_the_contracts(
+    wallet: Wallet,
     blocked: bool,
 ) -> None:
     # SetAccountRestrictions is not an operator RPC in ARCHITECTURE.md: internal callers block
@@ -61,7 +59,7 @@ async def test_a_block_or_unblock_with_a_wrong_token_is_refused_and_one_without_
 
 
 async def test_the_identity_service_records_an_age_without_the_token_but_a_wrong_token_is_refused(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
 ) -> None:
     servicer = WalletServicer(wallet, OperatorAuth(SecretStr(TOKEN)))
     assert (await servicer.SetAccountRestrictions(restrict("teen", is_minor=True), Ctx())).is_minor
@@ -71,7 +69,7 @@ async def test_the_identity_service_records_an_age_without_the_token_but_a_wrong
 
 
 async def test_every_restriction_change_is_logged_once_with_who_made_it_and_no_birth_date(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     servicer = WalletServicer(wallet, OperatorAuth(SecretStr(TOKEN)))
@@ -91,7 +89,7 @@ async def test_every_restriction_change_is_logged_once_with_who_made_it_and_no_b
 
 
 async def test_approving_and_rejecting_a_withdrawal_are_logged_with_the_operator(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     payout: Payout = setup[0]
@@ -116,7 +114,7 @@ async def test_approving_and_rejecting_a_withdrawal_are_logged_with_the_operator
 
 
 async def test_an_operators_name_is_read_only_with_the_operator_token(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
 ) -> None:
     # A withdrawal's reviewed_by and the policy's changed_by hold the x-operator header (a
     # person's login or e-mail), and GetWithdrawal, a creator's ListWithdrawals and GetPolicy
@@ -201,7 +199,7 @@ def test_the_previous_operator_token_is_read_and_checked_like_the_token(
 
 
 async def test_an_operator_change_rolled_back_leaves_no_trail_line(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -21,7 +21,6 @@ from services.wallet.payments import dev_event_payload
 from services.wallet.storage import common, payment_events
 from services.wallet.usecases import Wallet
 from tests.support.wallet import SECRET
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 async def _purchase(w: Wallet, key: str) -> wallet_pb2.Purchase:
@@ -68,7 +67,7 @@ async def _outbox_rows(w: Wallet) -> int:
 
 
 async def test_a_refund_under_the_event_id_of_the_success_is_refused_not_answered_as_a_duplicate(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
 ) -> None:
     # Was: duplicate=true with the purchase SUCCEEDED, so the provider stopped sending a refund
     # that was never applied (the money back with the buyer, the coins too).
@@ -98,7 +97,7 @@ async def test_a_refund_under_the_event_id_of_the_success_is_refused_not_answere
 
 @pytest.mark.parametrize(("amount", "currency"), [(1, "USD"), (99, "EUR")])
 async def test_a_recorded_event_id_sent_with_another_amount_or_currency_is_refused_not_a_duplicate(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     amount: int,
     currency: str,
 ) -> None:
@@ -114,7 +113,7 @@ async def test_a_recorded_event_id_sent_with_another_amount_or_currency_is_refus
 
 
 async def test_a_concurrent_delivery_of_the_id_as_another_type_is_refused_not_a_duplicate(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The race on PostgreSQL: the look-up saw no record, the insert hit the one a concurrent
@@ -130,7 +129,7 @@ async def test_a_concurrent_delivery_of_the_id_as_another_type_is_refused_not_a_
 
 
 async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Was: any IntegrityError was taken for a concurrent delivery's event id and answered
@@ -153,7 +152,7 @@ async def test_an_integrity_error_that_recorded_no_event_is_not_answered_ok(
 
 
 async def test_a_success_under_a_new_event_id_once_one_was_applied_is_a_duplicate_that_records_nothing(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Was: INVALID_TRANSITION on every retry, though it is the provider's own callback of the
@@ -186,7 +185,7 @@ def _repeated(outcome: str) -> float:
 
 
 async def test_a_success_reported_again_under_another_event_id_is_counted_and_its_own_redelivery_is_not(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
 ) -> None:
     # Answered as a duplicate and only logged at INFO, a second charge at the provider for the one
     # purchase looked like the look-up/webhook pair it usually is: nothing to graph or alert on.

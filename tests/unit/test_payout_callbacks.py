@@ -34,9 +34,6 @@ from services.payout.storage import payout_events
 from services.payout.usecases import Payout
 from tests.support.payout import SECRET, approved_withdrawal, callback, status_of
 from tests.unit.test_payment_callbacks import unseen_at_first
-from tests.unit.test_payout_dispatch import setup
-
-__all__ = ["setup"]  # the fixture, imported for the tests here
 
 REPO = Path(__file__).resolve().parents[2]
 LOGGER = "services.payout.usecases"

@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,6 @@ from services.payout.storage import common, creators, daily_withdrawals, withdra
 from services.payout.usecases import Payout
 from tests.support.payout import (
     SECRET,
-    RecordingProvider,
     RefusingProvider,
     SlowProvider,
     StuckProvider,
@@ -50,13 +49,6 @@ from tests.support.payout import (
     reviewed_withdrawal,
     status_of,
 )
-
-
-@pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[Payout, RecordingProvider, Path]]:
-    path = tmp_path / "payout.db"
-    async with payout_on(f"sqlite+aiosqlite:///{path}") as (payout, provider):
-        yield payout, provider, path
 
 
 def set_available(path: Path, creator: str, diamonds: int) -> None:

@@ -13,12 +13,11 @@ from livegifts.payout.v1 import payout_pb2
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
 from tests.support.payout import consume, gift_event, reversal
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 
 NOW_US = 1_795_305_600_000_000
 
 
-async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     stuck = [f"{i:04d}" + uuid.uuid4().hex[:28] for i in range(SHORTFALL_BATCH)]  # ordered first
     async with payout.db.unit_of_work() as uow:
@@ -62,7 +61,7 @@ async def open_coins_of(payout) -> int:  # type: ignore[no-untyped-def]
         return int((await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)))).scalar_one())
 
 
-async def test_an_older_shortfall_is_settled_before_a_newer_one_takes_the_only_gift_both_may(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_an_older_shortfall_is_settled_before_a_newer_one_takes_the_only_gift_both_may(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     t = NOW_US // 1_000_000
     # Two chargebacks of the viewer's purchases, consumed before their gifts: the first at t, the
@@ -80,7 +79,7 @@ async def test_an_older_shortfall_is_settled_before_a_newer_one_takes_the_only_g
     assert clawed == [50, 50]
 
 
-async def test_a_new_reversal_leaves_an_open_older_shortfall_the_gift_only_it_may_take(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_a_new_reversal_leaves_an_open_older_shortfall_the_gift_only_it_may_take(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     t = NOW_US // 1_000_000
     await consume(payout, [reversal("older", t, 100)])  # its gift not consumed yet: a shortfall
@@ -96,7 +95,7 @@ async def test_a_new_reversal_leaves_an_open_older_shortfall_the_gift_only_it_ma
     assert clawed == [50, 50]
 
 
-async def test_the_age_of_the_oldest_open_shortfall_is_exported_and_0_once_none_is_open(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_the_age_of_the_oldest_open_shortfall_is_exported_and_0_once_none_is_open(setup) -> None:  # type: ignore[no-untyped-def]
     # LivegiftsClawbackShortfallOpen reads it: coins a reversal still owes, for hours, are gift
     # events that never came; an idle suite (none open) reads 0.
     from prometheus_client import REGISTRY
@@ -137,7 +136,7 @@ async def test_the_age_of_the_oldest_open_shortfall_is_exported_and_0_once_none_
     assert oldest() == 0
 
 
-async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_gauge(setup, monkeypatch) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_gauge(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # A shortfall the settler fails on (its round raises, run_every retries it) is one that stays
     # open: LivegiftsClawbackShortfallOpen must see it age. The gauge was set only at the end of a
     # round that went through, so it kept a new pod's 0 (or its last value) for good.
@@ -180,7 +179,7 @@ async def test_a_shortfall_whose_settling_fails_every_round_still_ages_in_the_ga
     assert REGISTRY.get_sample_value("livegifts_clawback_shortfall_open_coins") == 10
 
 
-async def test_an_older_reversal_applied_after_a_newer_one_still_settles(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_an_older_reversal_applied_after_a_newer_one_still_settles(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     t = NOW_US // 1_000_000
     # The wallet's view: a gift of 100 coins at t - 50 paid by the first purchase, charged back at
@@ -199,7 +198,7 @@ async def test_an_older_reversal_applied_after_a_newer_one_still_settles(setup) 
     assert clawed == [50, 50]
 
 
-async def test_an_older_reversal_stands_in_only_for_what_newer_ones_took_before_it(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_an_older_reversal_stands_in_only_for_what_newer_ones_took_before_it(setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     t = NOW_US // 1_000_000
     # Gifts of 40 at t - 50 and 60 at t + 150; the newer chargeback (t + 200) applied first takes
@@ -220,7 +219,7 @@ async def test_an_older_reversal_stands_in_only_for_what_newer_ones_took_before_
     assert (await payout.get_earnings("creator-d")).diamonds_clawed_back == 0
 
 
-async def test_a_gift_sent_by_a_clock_behind_its_recording_still_counts_as_clawed_after_a_reversal(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_a_gift_sent_by_a_clock_behind_its_recording_still_counts_as_clawed_after_a_reversal(setup) -> None:  # type: ignore[no-untyped-def]
     # A gift's recorded_at is its row's creation (gifting's pod), its occurred_at the SENT flip,
     # perhaps by the sweeper on a pod whose clock is behind: recorded can be after occurred. A
     # reversal between the two must still see the gift's clawed coins as taken after it
@@ -246,7 +245,7 @@ async def test_a_gift_sent_by_a_clock_behind_its_recording_still_counts_as_clawe
     assert await open_coins_of(payout) == 100
 
 
-async def test_the_audit_reports_each_reversal_consumed_as_clawed_back_plus_owed(setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_the_audit_reports_each_reversal_consumed_as_clawed_back_plus_owed(setup) -> None:  # type: ignore[no-untyped-def]
     """What payout's audit holds against the wallet's claims (README "How the audit reads"): the
     coins of the reversals it consumed, clawed back (entries, and the earnings they took from)
     or still owed by an open shortfall, with the entries' units those of the creators' rows."""
@@ -265,7 +264,7 @@ async def test_the_audit_reports_each_reversal_consumed_as_clawed_back_plus_owed
 
 
 async def test_a_shortfall_whose_settling_always_raises_keeps_no_other_from_settling(  # type: ignore[no-untyped-def]
-    setup,  # noqa: F811
+    setup,
     monkeypatch,
     caplog,
 ) -> None:

@@ -28,9 +28,6 @@ from tests.support.payout import (
     reversal,
     verified_method,
 )
-from tests.unit.test_payout_dispatch import setup
-
-__all__ = ["setup"]  # the fixture, imported for the tests here
 
 
 def at(year: int, month: int, day: int, hour: int = 12) -> int:

@@ -33,8 +33,6 @@ from services.wallet.usecases import Wallet
 from tests.integration.test_idempotency_contract import copy_of
 from tests.support.payout import gift_event, verified_method
 from tests.support.wallet import buy
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 LONG_ID = "sender-" + "x" * 33  # 40 characters: accepted, then refused once ID_MAX is 32 (ids are 32)
@@ -203,7 +201,7 @@ async def test_a_send_gifts_item_retried_after_validation_was_tightened_gets_its
 
 
 async def test_a_purchase_retried_after_validation_was_tightened_gets_its_first_answer(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     req = wallet_pb2.CreatePurchaseRequest(
@@ -221,7 +219,7 @@ async def test_a_purchase_retried_after_validation_was_tightened_gets_its_first_
 
 
 async def test_a_withdrawal_retried_after_its_maximum_was_lowered_gets_its_first_answer(
-    setup,  # noqa: F811  # type: ignore[no-untyped-def]
+    setup,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     payout, _provider, _path = setup
@@ -242,7 +240,7 @@ async def test_a_withdrawal_retried_after_its_maximum_was_lowered_gets_its_first
 
 
 async def test_a_payout_method_retried_after_validation_was_tightened_gets_its_first_answer(
-    setup,  # noqa: F811  # type: ignore[no-untyped-def]
+    setup,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """AddPayoutMethod's request hash is keyed: the refusal path keys it the same way."""
@@ -265,7 +263,7 @@ async def test_a_payout_method_retried_after_validation_was_tightened_gets_its_f
 
 
 async def test_a_spend_retried_after_its_maximum_was_lowered_gets_its_first_answer(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Spend and SpendMany items alike; the lower maximum as after a restart with SPEND_AMOUNT_MAX lowered."""

@@ -29,9 +29,7 @@ from services.wallet.usecases import Wallet
 from tests.support.payout import consume
 from tests.support.wallet import buy, callback, reversal_of
 from tests.unit.test_gift_saga import _gifting_on
-from tests.unit.test_payout_dispatch import setup  # noqa: F401 - setup is the fixture
 from tests.unit.test_payout_shortfalls import open_coins_of
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
 def _as_rpc_error(exc: DomainError) -> grpc.aio.AioRpcError:
@@ -74,7 +72,7 @@ class InProcessWallet:
         return await self.w.cancel_spend(req)
 
 
-async def test_gifts_that_fail_around_a_reversal_leave_no_shortfall_open(tmp_path: Path, wallet: Wallet, setup) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+async def test_gifts_that_fail_around_a_reversal_leave_no_shortfall_open(tmp_path: Path, wallet: Wallet, setup) -> None:  # type: ignore[no-untyped-def]
     payout, _provider, _path = setup
     stub = InProcessWallet(wallet)
     purchase = await buy(wallet, "viewer")  # 70 coins

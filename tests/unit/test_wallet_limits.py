@@ -19,7 +19,6 @@ from services.wallet import domain
 from services.wallet.domain import Period
 from services.wallet.usecases import Wallet
 from tests.support.wallet import buy
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 MIDNIGHT_US = int(dt.datetime(2031, 3, 1, tzinfo=dt.UTC).timestamp() * 1_000_000)  # a new day and month
 
@@ -43,7 +42,7 @@ async def _capped(w: Wallet, user: str, purchases: int, **limits: int) -> None:
     )
 
 
-async def test_a_spend_just_behind_midnight_still_counts_against_that_days_cap(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_spend_just_behind_midnight_still_counts_against_that_days_cap(wallet: Wallet) -> None:
     user = "viewer"
     await _capped(wallet, user, 4, daily=100)  # 280 coins
     at = {"us": MIDNIGHT_US - 200_000}
@@ -65,7 +64,7 @@ def test_stale_counter_keys_are_those_before_the_previous_period() -> None:
         assert stale[p] <= previous[p] < now[p] or previous[p] == now[p]
 
 
-async def test_a_spend_is_recorded_at_the_instant_whose_periods_counted_it(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_spend_is_recorded_at_the_instant_whose_periods_counted_it(wallet: Wallet) -> None:
     # The batch read the clock twice: once for the journal and the spend's row, once (later, after
     # claiming the keys) for the periods it counts in. A spend straddling midnight was listed on
     # one day and counted against the next day's cap.
@@ -79,7 +78,7 @@ async def test_a_spend_is_recorded_at_the_instant_whose_periods_counted_it(walle
     assert domain.period_keys(listed.created_at.ToMicroseconds())[Period.DAY] == "2031-02-28"
 
 
-async def test_buying_spending_and_may_spend_agree_on_the_day_a_user_comes_of_age(wallet: Wallet) -> None:  # noqa: F811
+async def test_buying_spending_and_may_spend_agree_on_the_day_a_user_comes_of_age(wallet: Wallet) -> None:
     # Spends took the day from the wallet's clock, purchases and may_spend from the wall clock:
     # with the clock at an 18th birthday, the spend passed and the purchase was refused.
     user = "teen"
@@ -101,7 +100,7 @@ async def test_buying_spending_and_may_spend_agree_on_the_day_a_user_comes_of_ag
 
 
 @pytest.mark.parametrize("value", [-1, domain.SPENDING_LIMIT_MAX + 1])
-async def test_a_limit_out_of_range_names_its_field(wallet: Wallet, value: int) -> None:  # noqa: F811
+async def test_a_limit_out_of_range_names_its_field(wallet: Wallet, value: int) -> None:
     """README's reasons table: INVALID_LIMIT at SetSpendingLimits carries `field`, too big or negative."""
     req = wallet_pb2.SetSpendingLimitsRequest(user_id="u1", weekly=value, idempotency_key=uuid.uuid4().hex)
     with pytest.raises(DomainError) as err:
@@ -109,7 +108,7 @@ async def test_a_limit_out_of_range_names_its_field(wallet: Wallet, value: int) 
     assert (err.value.reason, err.value.metadata) == ("INVALID_LIMIT", {"field": "weekly"})
 
 
-async def test_a_user_who_never_bought_has_0_coins_and_is_refused_as_short_of_them(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_user_who_never_bought_has_0_coins_and_is_refused_as_short_of_them(wallet: Wallet) -> None:
     """Not NOT_FOUND, which a client takes for a bad id: 0 coins, and INSUFFICIENT_COINS to spend."""
     balance = await wallet.get_balance("newcomer")
     assert (balance.coins, balance.debt_coins) == (0, 0)
@@ -118,8 +117,8 @@ async def test_a_user_who_never_bought_has_0_coins_and_is_refused_as_short_of_th
     assert (refused.reason, refused.metadata) == ("INSUFFICIENT_COINS", {"balance": "0", "required": "5"})
 
 
-async def test_an_operators_cap_on_a_user_is_logged_with_who_set_it_once(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_an_operators_cap_on_a_user_is_logged_with_who_set_it_once(
+    wallet: Wallet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # README says x-operator is recorded for operator-set limits; the wallet dropped it, so a
@@ -147,7 +146,7 @@ def _at(y: int, m: int, d: int) -> int:
     return int(dt.datetime(y, m, d, tzinfo=dt.UTC).timestamp() * 1_000_000)
 
 
-async def test_a_spend_over_the_daily_cap_says_what_was_spent_today_and_when_the_day_resets(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_spend_over_the_daily_cap_says_what_was_spent_today_and_when_the_day_resets(wallet: Wallet) -> None:
     # The refusal named the period and the cap only: an app could not say "40 more today" or "after midnight UTC".
     user = "viewer"
     await _capped(wallet, user, 2, daily=100)  # 140 coins
@@ -161,8 +160,8 @@ async def test_a_spend_over_the_daily_cap_says_what_was_spent_today_and_when_the
     )
 
 
-async def test_a_spendmany_item_over_the_weekly_cap_counts_the_batchs_earlier_items_and_resets_on_monday(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_spendmany_item_over_the_weekly_cap_counts_the_batchs_earlier_items_and_resets_on_monday(
+    wallet: Wallet,
 ) -> None:
     user = "viewer"
     await _capped(wallet, user, 2, weekly=100)
@@ -196,7 +195,7 @@ def test_a_period_resets_at_the_utc_midnight_that_starts_the_next_one(at_us: int
         )
 
 
-async def test_a_spend_alone_over_a_cap_says_so_and_names_no_reset_that_waiting_would_reach(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_spend_alone_over_a_cap_says_so_and_names_no_reset_that_waiting_would_reach(wallet: Wallet) -> None:
     # It carried resets_at_us, telling an app to wait for the next day: a spend of 150 under a cap
     # of 100 fits in no day, so the answer says the amount alone passes the limit, and names none.
     user = "viewer"
@@ -212,7 +211,7 @@ async def test_a_spend_alone_over_a_cap_says_so_and_names_no_reset_that_waiting_
     await wallet.spend(gift(user, 90))  # the cap itself still fits, counted as before
 
 
-async def test_a_spend_alone_over_a_later_periods_lower_cap_names_that_cap_not_the_day(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_spend_alone_over_a_later_periods_lower_cap_names_that_cap_not_the_day(wallet: Wallet) -> None:
     # Today's count passes the daily cap, which resets at midnight; but the weekly cap is below the
     # amount, so waiting for midnight would not help: the answer names the cap the amount passes.
     user = "viewer"
@@ -238,7 +237,7 @@ def test_the_tightest_cap_is_the_lowest_in_force_the_earlier_period_on_a_tie() -
     assert domain.tightest_cap({Period.DAY: 70, Period.WEEK: 70, Period.MONTH: 70}) == (Period.DAY, 70)
 
 
-async def test_every_refused_spend_is_counted_by_reason_and_role_for_trust_and_safety(wallet: Wallet) -> None:  # noqa: F811
+async def test_every_refused_spend_is_counted_by_reason_and_role_for_trust_and_safety(wallet: Wallet) -> None:
     """Gifting spends in SpendMany batches, which answer OK whatever their items' fate, so a burst
     against a cap or a blocked creator still being gifted showed in no status code or metric."""
     from prometheus_client import REGISTRY

@@ -24,10 +24,9 @@ from services.wallet.payments import CheckoutSession, DevProvider, dev_event_pay
 from services.wallet.storage import common, journal_entries, payment_events, purchases
 from services.wallet.usecases import Wallet
 from tests.support.wallet import SECRET, buy, spend
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 
-async def test_a_retried_purchase_is_answered_after_its_payment_method_lost_its_route(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_retried_purchase_is_answered_after_its_payment_method_lost_its_route(wallet: Wallet) -> None:
     req = wallet_pb2.CreatePurchaseRequest(
         user_id="u",
         package_id="us-usd-70",
@@ -53,8 +52,8 @@ async def test_a_retried_purchase_is_answered_after_its_payment_method_lost_its_
         (99, "payment_method 99 is unknown: one of CARD, PAYPAL, APPLE_PAY, GOOGLE_PAY"),
     ],
 )
-async def test_a_purchase_without_a_known_payment_method_says_which_it_lacks(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_purchase_without_a_known_payment_method_says_which_it_lacks(
+    wallet: Wallet,
     method: int,
     message: str,
 ) -> None:
@@ -78,8 +77,8 @@ async def _counts(w: Wallet) -> tuple[int, int, int]:
         )
 
 
-async def test_a_failure_reported_after_the_success_is_recorded_once_counted_once_and_posts_nothing(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_failure_reported_after_the_success_is_recorded_once_counted_once_and_posts_nothing(
+    wallet: Wallet,
 ) -> None:
     purchase = await buy(wallet, "u")
     payload = dev_event_payload(
@@ -185,8 +184,8 @@ async def until_arrived(provider: StuckProvider, *tasks: asyncio.Task[wallet_pb2
 
 
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
-async def test_a_checkout_that_hangs_or_fails_answers_unavailable_and_writes_nothing(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_checkout_that_hangs_or_fails_answers_unavailable_and_writes_nothing(
+    wallet: Wallet,
     how: str,
     outcome: str,
 ) -> None:
@@ -206,7 +205,7 @@ async def test_a_checkout_that_hangs_or_fails_answers_unavailable_and_writes_not
     assert await wallet.create_purchase(purchase_request("u", "buy-1")) == created
 
 
-async def test_spends_go_on_while_a_checkout_waits_for_the_provider(wallet: Wallet) -> None:  # noqa: F811
+async def test_spends_go_on_while_a_checkout_waits_for_the_provider(wallet: Wallet) -> None:
     await buy(wallet, "viewer")  # 70 coins, bought while the provider answers
     provider = stuck_provider(wallet)
     wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
@@ -231,7 +230,7 @@ async def test_spends_go_on_while_a_checkout_waits_for_the_provider(wallet: Wall
     assert row.checkout_session_id == created.checkout.session_id  # written with its checkout
 
 
-async def test_two_first_calls_with_one_key_make_one_purchase_and_answer_it_to_both(wallet: Wallet) -> None:  # noqa: F811
+async def test_two_first_calls_with_one_key_make_one_purchase_and_answer_it_to_both(wallet: Wallet) -> None:
     provider = stuck_provider(wallet, expected=2)
     wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
     calls = [asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1"))) for _ in range(2)]
@@ -247,7 +246,7 @@ async def test_two_first_calls_with_one_key_make_one_purchase_and_answer_it_to_b
     assert first.checkout.session_id in provider.opened
 
 
-async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wallet: Wallet) -> None:  # noqa: F811
+async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wallet: Wallet) -> None:
     provider = stuck_provider(wallet)
     wallet.settings = wallet.settings.model_copy(update={"provider_timeout_s": 60.0})  # the gate opens first
     buying = asyncio.create_task(wallet.create_purchase(purchase_request("buyer", "buy-1")))
@@ -272,8 +271,8 @@ async def test_a_buyer_blocked_while_the_checkout_was_opened_gets_no_purchase(wa
     ("restriction", "reason"),
     [({"blocked": True}, "ACCOUNT_BLOCKED"), ({"birth_date": "2015-01-01"}, "UNDERAGE")],
 )
-async def test_a_success_for_a_buyer_restricted_since_checkout_is_credited_logged_and_counted_for_a_refund(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_success_for_a_buyer_restricted_since_checkout_is_credited_logged_and_counted_for_a_refund(
+    wallet: Wallet,
     caplog: pytest.LogCaptureFixture,
     restriction: dict,  # type: ignore[type-arg]
     reason: str,
@@ -300,7 +299,7 @@ async def test_a_success_for_a_buyer_restricted_since_checkout_is_credited_logge
 
 
 async def test_a_success_for_a_buyer_who_may_buy_is_not_flagged(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level("WARNING", logger="services.wallet.usecases"):
@@ -320,8 +319,8 @@ def outcomes(currency: str = "USD") -> dict[str, float]:
     }
 
 
-async def test_each_purchase_outcome_is_counted_once_per_change_never_per_duplicate_or_late_report(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_each_purchase_outcome_is_counted_once_per_change_never_per_duplicate_or_late_report(
+    wallet: Wallet,
 ) -> None:
     # Trust and safety had no count of purchases by outcome, so no chargeback rate.
     async def deliver(purchase: wallet_pb2.Purchase, event_type: str) -> None:
@@ -352,8 +351,8 @@ async def test_each_purchase_outcome_is_counted_once_per_change_never_per_duplic
     }
 
 
-async def test_a_purchase_outcome_whose_transaction_rolls_back_is_not_counted_until_its_retry_commits(  # noqa: F811
-    wallet: Wallet,  # noqa: F811
+async def test_a_purchase_outcome_whose_transaction_rolls_back_is_not_counted_until_its_retry_commits(
+    wallet: Wallet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     purchase = await wallet.create_purchase(purchase_request("u", uuid.uuid4().hex))

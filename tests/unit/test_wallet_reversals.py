@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select, update
@@ -21,13 +19,7 @@ from services.common.errors import InvalidArgument
 from services.wallet.payments import dev_event_payload
 from services.wallet.storage import accounts, postings, purchases, spends
 from services.wallet.usecases import Wallet
-from tests.support.wallet import SECRET, buy, callback, forget, reversal_of, spend, wallet_on
-
-
-@pytest.fixture
-async def wallet(tmp_path: Path) -> AsyncIterator[Wallet]:
-    async with wallet_on(f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}", "reversals") as w:
-        yield w
+from tests.support.wallet import SECRET, buy, callback, forget, reversal_of, spend
 
 
 async def test_a_refund_of_coins_that_only_repaid_a_debt_reports_none_of_them_spent(wallet: Wallet) -> None:

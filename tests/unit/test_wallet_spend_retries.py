@@ -21,7 +21,6 @@ from sqlalchemy.exc import DBAPIError
 from livegifts.wallet.v1 import wallet_pb2
 from services.wallet.usecases import Wallet
 from tests.support.wallet import buy
-from tests.unit.test_wallet_reversals import wallet  # noqa: F401 - wallet is the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +40,7 @@ def _retries(reason: str) -> float:
 
 @pytest.mark.parametrize(("sqlstate", "reason"), [("40P01", "deadlock"), ("40001", "serialization")])
 async def test_a_spend_batch_the_database_aborted_once_is_retried_counted_and_logged(
-    wallet: Wallet,  # noqa: F811
+    wallet: Wallet,
     sqlstate: str,
     reason: str,
     caplog: pytest.LogCaptureFixture,
