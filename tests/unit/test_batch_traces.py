@@ -36,10 +36,9 @@ from services.common.telemetry import Tracing, inject_headers
 from services.gifting.storage import common as gifting_common
 from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
-from tests.support.gifting import ScriptedWallet
+from tests.support.gifting import OneSpendFailingWallet, ScriptedWallet, gifting_on, pending_gifts
 from tests.support.payout import gift_event
 from tests.unit.test_consumer_loop import _Bus
-from tests.unit.test_gift_saga import _gifting_on
 
 NOW_US = 1_795_305_600_000_000
 
@@ -304,7 +303,7 @@ def _incoming(trace_id: int, span_id: int) -> Callable[[], Any]:
 
 async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_callers_trace(tmp_path: Any) -> None:
     assert not telemetry.recording()
-    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
+    async with gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
         sent = await _concurrent_gifts(g, [_incoming(n, 100 + n) for n in (1, 2, 3)])
         traces = await _gift_sent_traces(g)
         assert [traces[e] for e in sent] == [(1, 101), (2, 102), (3, 103)]
@@ -325,7 +324,7 @@ async def test_without_an_exporter_each_batched_gifts_event_carries_its_own_call
 
 
 async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_path: Any) -> None:
-    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
+    async with gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
         sent = await _concurrent_gifts(g, [contextlib.nullcontext, _incoming(4, 104), contextlib.nullcontext])
         o = gifting_common.outbox.c
         async with g.db.unit_of_work(readonly=True) as uow:
@@ -338,7 +337,7 @@ async def test_without_a_trace_batched_gifts_events_carry_no_trace_context(tmp_p
 async def test_with_spans_recorded_each_batched_gifts_event_continues_its_own_callers_span(
     tmp_path: Any, spans: InMemorySpanExporter
 ) -> None:
-    async with _gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
+    async with gifting_on(tmp_path, SpendingWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)) as (g, db):
         callers = [telemetry._tracer.start_span(f"caller {n}") for n in range(3)]
         sent = await _concurrent_gifts(g, [lambda s=s: trace.use_span(s, end_on_exit=True) for s in callers])
         traces = await _gift_sent_traces(g)
@@ -418,11 +417,9 @@ async def test_a_swept_gift_the_round_passes_over_leaves_an_errored_trace(
     # errored `sweep gift` trace docs/sre.md sends one to was not there to find.
     import grpc
 
-    from tests.unit.test_gift_saga import OneSpendFailingWallet, _pending_gifts
-
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
-        ids = await _pending_gifts(g, db, 3)
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await pending_gifts(g, db, 3)
         wallet.failing = {ids[1]: grpc.StatusCode.DEADLINE_EXCEEDED}
         spans.clear()
         assert await g.sweep_once() == 2

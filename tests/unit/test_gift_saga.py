@@ -21,33 +21,20 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
 from services.common.errors import InvariantViolation, Unavailable
-from services.common.grpcserver import _rich_status
 from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
-from services.gifting.config import GiftingSettings
 from services.gifting.domain import GiftKind
 from services.gifting.storage import common, gift_events
 from services.gifting.usecases import SWEEP_LOOP, SWEEP_WALLET_TIMEOUTS_MAX, Gifting
-from tests.support.gifting import OverloadedWallet, ScriptedWallet
-
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
-
-
-@contextlib.asynccontextmanager
-async def _gifting_on(
-    tmp_path: Path, wallet: ScriptedWallet, **settings: Any
-) -> AsyncIterator[tuple[Gifting, Database]]:
-    """Gifting over `wallet` and a migrated SQLite file, with `settings` changed if any; the database
-    is disposed after."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gifting.db'}"
-    await upgrade_head(MIGRATIONS, url)
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
-    base = GiftingSettings(database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1")
-    g = Gifting(db, Outbox(common.outbox), wallet, base.model_copy(update=settings) if settings else base)
-    try:
-        yield g, db
-    finally:
-        await db.dispose()
+from tests.support.gifting import (
+    MIGRATIONS,
+    OneSpendFailingWallet,
+    OverloadedWallet,
+    ScriptedWallet,
+    gifting_on,
+    pending_gifts,
+    recipient_blocked,
+    recipient_blocked_item,
+)
 
 
 async def _send(g: Gifting) -> Any:
@@ -66,7 +53,7 @@ async def _count(db: Database, table: Any, *where: Any) -> int:
 
 async def test_a_refused_spend_that_a_concurrent_retry_completed_ends_sent_not_cancelled(tmp_path: Path) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT)
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         receipt = await (await _send(g))
         assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
         assert receipt.sender_balance == 95
@@ -77,7 +64,7 @@ async def test_a_refused_spend_that_a_concurrent_retry_completed_ends_sent_not_c
 
 async def test_a_refusal_the_wallet_settled_cancels_the_gift_without_asking_the_arbiter(tmp_path: Path) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_SPENT, settles=True)
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"
@@ -92,7 +79,7 @@ async def test_both_saga_paths_ask_the_arbiter_when_the_wallet_could_not_settle(
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
-    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
+    async with gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         # SpendMany carries the item's reason, Spend its ErrorInfo: the same reason either way.
@@ -129,7 +116,7 @@ async def test_an_eligibility_answer_near_its_end_is_used_and_asked_again_in_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wallet = RestrictionsWallet()
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         clock = _held_clock(monkeypatch)
         ttl = g.settings.eligibility_cache_s
         assert (await g._restrictions({"v1"}))["v1"].may_spend
@@ -154,7 +141,7 @@ async def test_the_eligibility_cache_holds_the_users_of_the_last_ttl_not_every_u
     # A pod runs for weeks and meets millions of users: the answers that expired used to stay
     # until ELIGIBILITY_CACHE_ENTRIES_MAX users had come, and then every answer went at once.
     wallet = RestrictionsWallet()
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         clock = _held_clock(monkeypatch)
         ttl = g.settings.eligibility_cache_s
         for batch in range(50):
@@ -171,7 +158,7 @@ async def test_a_full_eligibility_cache_forgets_its_oldest_answer_not_all_of_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wallet = RestrictionsWallet()
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         monkeypatch.setattr("services.gifting.usecases.ELIGIBILITY_CACHE_ENTRIES_MAX", 50)
         for i in range(120):
             await g._restrictions({f"v{i}"})
@@ -183,7 +170,7 @@ async def test_a_full_eligibility_cache_forgets_its_oldest_answer_not_all_of_the
 async def test_a_batch_asks_the_wallet_about_all_the_users_it_does_not_know_in_one_call(tmp_path: Path) -> None:
     wallet = RestrictionsWallet()
     wallet.blocked.add("v3")
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         answers = await g._restrictions({"v1", "v2", "v3"})
         assert wallet.many_calls == [["v1", "v2", "v3"]]
         assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": True, "v3": False}
@@ -208,7 +195,7 @@ class OlderWallet(RestrictionsWallet):
 async def test_a_wallet_without_the_batched_call_is_asked_user_by_user(tmp_path: Path) -> None:
     wallet = OlderWallet(grpc.StatusCode.UNIMPLEMENTED)
     wallet.blocked.add("v2")
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         answers = await g._restrictions({"v1", "v2"})
         assert {u: a.may_spend for u, a in answers.items()} == {"v1": True, "v2": False}
         assert wallet.many_calls == [["v1", "v2"]] and sorted(wallet.asked) == ["v1", "v2"]
@@ -216,7 +203,7 @@ async def test_a_wallet_without_the_batched_call_is_asked_user_by_user(tmp_path:
 
 async def test_a_wallet_that_does_not_answer_the_batched_call_leaves_its_users_unanswered(tmp_path: Path) -> None:
     wallet = OlderWallet(grpc.StatusCode.UNAVAILABLE)
-    async with _gifting_on(tmp_path, wallet) as (g, db):
+    async with gifting_on(tmp_path, wallet) as (g, db):
         assert await g._restrictions({"v1", "v2"}) == {"v1": None, "v2": None}
         assert wallet.asked == []  # not retried user by user: the wallet is down, not old
         assert g._eligibility_cache == {}
@@ -227,7 +214,7 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
-    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
+    async with gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
         # 286 Universes (34,999 coins each) cost 10,009,714 coins: more than the wallet spends at once
         # (SPEND_AMOUNT_MAX, 10,000,000), though well within QUANTITY_MAX.
@@ -244,31 +231,6 @@ async def test_a_combo_costing_more_than_one_spend_may_take_is_refused_before_an
         with pytest.raises(Exception) as err:
             await g.send_gift(combo)
         assert getattr(err.value, "reason", "") == "INSUFFICIENT_COINS"  # the scripted wallet's answer
-
-
-def recipient_blocked() -> grpc.aio.AioRpcError:
-    """The wallet's refusal of a Spend whose recipient it has blocked: ACCOUNT_BLOCKED, role=recipient."""
-    status = _rich_status(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "the recipient's account is blocked",
-        "ACCOUNT_BLOCKED",
-        "livegifts.wallet",
-        {"role": "recipient"},
-    )
-    return grpc.aio.AioRpcError(
-        status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
-    )
-
-
-def recipient_blocked_item() -> wallet_pb2.SpendItemError:
-    """The same refusal as a SpendMany item's error, settled."""
-    return wallet_pb2.SpendItemError(
-        code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-        reason="ACCOUNT_BLOCKED",
-        message="the recipient's account is blocked",
-        settled=True,
-        metadata={"role": "recipient"},
-    )
 
 
 class BlockingWallet(ScriptedWallet):
@@ -290,7 +252,7 @@ class BlockingWallet(ScriptedWallet):
 async def test_both_saga_paths_name_a_creator_the_wallet_refused_as_the_pre_check_does(
     tmp_path: Path, group_commit: bool
 ) -> None:
-    async with _gifting_on(tmp_path, BlockingWallet(), group_commit=group_commit) as (g, db):
+    async with gifting_on(tmp_path, BlockingWallet(), group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "ACCOUNT_BLOCKED"
@@ -303,7 +265,7 @@ async def test_a_status_the_wallet_did_not_give_leaves_the_gift_pending_and_asks
     tmp_path: Path, group_commit: bool
 ) -> None:
     wallet = OverloadedWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
+    async with gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
@@ -318,7 +280,7 @@ async def _a_gift_left_pending(tmp_path: Path) -> AsyncIterator[tuple[Overloaded
     """A gift whose spend's answer was lost (a status the wallet did not give), left PENDING, and a
     sweeper that settles it at once (no group commit, a pending timeout of 1 ms)."""
     wallet = OverloadedWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
         with pytest.raises(Exception) as err:
             await (await _send(g))
         assert getattr(err.value, "reason", "") == "WALLET_UNAVAILABLE", err.value
@@ -387,7 +349,7 @@ async def test_a_cancelled_sweeper_ends_only_after_both_its_loops(tmp_path: Path
             raise
         return 0
 
-    async with _gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
+    async with gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
         g.sweep_once = ends_at_once  # type: ignore[method-assign]
         g.restore_keys_once = ends_after_a_while  # type: ignore[method-assign]
         sweeper = asyncio.create_task(g.sweeper(asyncio.Event()))
@@ -423,7 +385,7 @@ async def test_a_cancelled_batch_spend_ends_only_after_every_arbitration(tmp_pat
         {"event_id": e, "sender_id": "v1", "creator_id": "c1", "coins": 5, "kind": GiftKind.GIFT.value}
         for e in ("e1", "e2")
     ]
-    async with _gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
+    async with gifting_on(tmp_path, ScriptedWallet(wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)) as (g, _db):
         g._refused = refused  # type: ignore[method-assign]
         call = asyncio.create_task(g._spend_chunk(gifts))
         for ev in started.values():
@@ -472,7 +434,7 @@ async def test_a_gift_charged_after_it_was_cancelled_fails_internal_on_every_pat
     probe = Database(url, pool_size=1, pool_timeout_s=5, application_name="test")
     wallet = CancellingWallet(probe)
     try:
-        async with _gifting_on(tmp_path, wallet, group_commit=path == "SendGift group-committed") as (g, db):
+        async with gifting_on(tmp_path, wallet, group_commit=path == "SendGift group-committed") as (g, db):
             if path == "SendGifts":
                 stream = await g.start_stream(
                     gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s")
@@ -493,21 +455,6 @@ async def test_a_gift_charged_after_it_was_cancelled_fails_internal_on_every_pat
         await probe.dispose()
 
 
-class OneSpendFailingWallet(OverloadedWallet):
-    """An overloaded wallet (every gift left PENDING) whose CancelSpend fails with `code` for the
-    keys in `failing` (INTERNAL: that one spend; UNAVAILABLE: the wallet gone) and cancels the others."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing: dict[str, grpc.StatusCode] = {}
-
-    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        if (code := self.failing.get(req.idempotency_key)) is not None:
-            self.cancel_calls.append(req.idempotency_key)
-            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "it failed")
-        return await super().CancelSpend(req, timeout)
-
-
 async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_from_the_sweeper(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -515,7 +462,7 @@ async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_f
     # ended at it, and as each round starts from the oldest gift, every gift left PENDING after it
     # stayed PENDING for as long as that one did, its coins counted in flight.
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
         stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
         ids = []
         for key in ("k1", "k2"):
@@ -551,34 +498,13 @@ async def test_a_pending_gift_the_wallet_always_fails_to_settle_keeps_no_other_f
         assert len(wallet.cancel_calls) == calls + 1
 
 
-async def _pending_gifts(g: Gifting, db: Database, n: int) -> list[str]:
-    """`n` gifts left PENDING (their spends' answers lost), stale at once; their ids, oldest first."""
-    stream = await g.start_stream(gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s"))
-    ids = []
-    for i in range(n):
-        with pytest.raises(Unavailable) as err:
-            await g.send_gift(
-                gifting_pb2.SendGiftRequest(
-                    stream_id=stream.stream_id, sender_id="v1", gift_id="panda", quantity=1, idempotency_key=f"k{i}"
-                )
-            )
-        ids.append(err.value.metadata["gift_event_id"])
-    async with db.unit_of_work() as uow:
-        for i, event_id in enumerate(ids):
-            await uow.conn.execute(
-                gift_events.update().where(gift_events.c.event_id == event_id).values(updated_at_us=1 + i)
-            )
-        await uow.commit()
-    return ids
-
-
 async def test_a_sweep_ends_at_the_wallets_third_timeout_in_a_row_not_at_one_among_answers(tmp_path: Path) -> None:
     # A hung wallet times out every CancelSpend (OUTGOING_DEADLINE_S each): the round went on
     # through all SWEEP_BATCH_SIZE_MAX gifts, 100 x 5 s, no newer stale gift settled meanwhile.
     # Timeouts with an answer between them are each that gift's own, and the round goes on.
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
-        ids = await _pending_gifts(g, db, 8)
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await pending_gifts(g, db, 8)
         timing_out = [ids[i] for i in (0, 1, 3, 4, 5, 6)]  # ids[2] answered between two timeouts
         wallet.failing = dict.fromkeys(timing_out, grpc.StatusCode.DEADLINE_EXCEEDED)
         wallet.cancel_calls.clear()
@@ -595,8 +521,8 @@ async def test_a_sweep_passes_over_one_gift_whose_cancel_spend_times_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
-        ids = await _pending_gifts(g, db, 5)
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await pending_gifts(g, db, 5)
         slow = ids[1]
         wallet.failing = {slow: grpc.StatusCode.DEADLINE_EXCEEDED}
         counted = REGISTRY.get_sample_value("livegifts_background_item_failures_total", {"loop": SWEEP_LOOP})
@@ -626,8 +552,8 @@ async def test_the_three_oldest_gifts_timing_out_keep_no_newer_one_from_the_swee
     # out (the wallet otherwise answering) ended every round at the third, and the gifts after
     # them stayed PENDING for as long.
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
-        ids = await _pending_gifts(g, db, 5)
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await pending_gifts(g, db, 5)
         wallet.failing = dict.fromkeys(ids[:3], grpc.StatusCode.DEADLINE_EXCEEDED)
         wallet.cancel_calls.clear()
         with pytest.raises(Unavailable):
@@ -643,11 +569,11 @@ async def test_a_full_batch_of_gifts_that_fail_keeps_no_gift_after_it_from_the_s
     # A batch of SWEEP_BATCH_SIZE_MAX gifts each failing on its own (INTERNAL: that one spend)
     # was read again every round, and no gift after it was ever reached.
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=3) as (
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=3) as (
         g,
         db,
     ):
-        ids = await _pending_gifts(g, db, 5)
+        ids = await pending_gifts(g, db, 5)
         wallet.failing = dict.fromkeys(ids[:3], grpc.StatusCode.INTERNAL)
         wallet.cancel_calls.clear()
         assert await g.sweep_once() == 0
@@ -665,11 +591,11 @@ async def test_after_a_round_the_wallet_ended_the_next_starts_from_the_gift_it_e
     # gift must not leave that gift for the next pass over every stale gift. Nor does the next
     # round start from the oldest (ids[0], which fails on its own every time).
     wallet = OneSpendFailingWallet()
-    async with _gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=2) as (
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001, sweep_batch_size_max=2) as (
         g,
         db,
     ):
-        ids = await _pending_gifts(g, db, 6)
+        ids = await pending_gifts(g, db, 6)
         wallet.failing = {ids[0]: grpc.StatusCode.INTERNAL, ids[3]: grpc.StatusCode.UNAVAILABLE}
         wallet.cancel_calls.clear()
         assert await g.sweep_once() == 1

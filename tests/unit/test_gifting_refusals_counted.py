@@ -10,8 +10,6 @@ In-process: the gifting use cases on a migrated SQLite file, with a fake wallet.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from livegifts.gifting.v1 import gifting_pb2
-from livegifts.wallet.v1 import wallet_pb2
-from services.common.db import Database
 from services.common.errors import DomainError
-from services.common.migrate import upgrade_head
-from services.common.outbox import Outbox
-from services.gifting.config import GiftingSettings
-from services.gifting.storage import common
 from services.gifting.usecases import Gifting
-from tests.unit.test_gift_saga import recipient_blocked, recipient_blocked_item
+from tests.support.gifting import RestrictingWallet, gifting_on
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "gifting" / "migrations"
 METRIC = "livegifts_gifts_refused_total"
 # Every series the test may move; the counter's own label set is held to the docs and
 # tests/integration/test_counters_at_zero.py.
@@ -45,60 +36,6 @@ SERIES = [
     ("INVALID_TIP_AMOUNT", "sender"),
     ("UNKNOWN_GIFT", "sender"),
 ]
-
-
-class FakeWallet:
-    """Restrictions from the sets a test fills; spends go through (balance 100), except to a
-    creator in `refuses_recipient`: the wallet's own ACCOUNT_BLOCKED (role recipient), as when a
-    creator is blocked within gifting's eligibility cache."""
-
-    def __init__(self) -> None:
-        self.blocked: set[str] = set()
-        self.underage: set[str] = set()
-        self.refuses_recipient: set[str] = set()
-
-    async def GetAccountRestrictions(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        u = req.user_id
-        return wallet_pb2.AccountRestrictions(
-            user_id=u, may_spend=u not in self.blocked | self.underage, blocked=u in self.blocked
-        )
-
-    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        one = wallet_pb2.GetAccountRestrictionsRequest
-        return wallet_pb2.GetAccountRestrictionsManyResponse(
-            restrictions=[await self.GetAccountRestrictions(one(user_id=u)) for u in req.user_ids]
-        )
-
-    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        if req.recipient_user_id in self.refuses_recipient:
-            raise recipient_blocked()
-        return wallet_pb2.SpendResponse(spend_id=f"s-{req.idempotency_key}", amount=req.amount, balance_after=100)
-
-    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        results = []
-        for s in req.spends:
-            if s.recipient_user_id in self.refuses_recipient:
-                results.append(wallet_pb2.SpendManyResult(error=recipient_blocked_item()))
-            else:
-                results.append(wallet_pb2.SpendManyResult(spent=await self.Spend(s)))
-        return wallet_pb2.SpendManyResponse(results=results)
-
-    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        return wallet_pb2.CancelSpendResponse(outcome=wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
-
-
-@contextlib.asynccontextmanager
-async def _gifting(tmp_path: Path, wallet: FakeWallet, group_commit: bool) -> AsyncIterator[Gifting]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gifting.db'}"
-    await upgrade_head(MIGRATIONS, url)
-    db = Database(url, pool_size=2, pool_timeout_s=5, application_name="test")
-    settings = GiftingSettings(
-        database_url=url, nats_url="nats://127.0.0.1:1", wallet_addr="127.0.0.1:1", group_commit=group_commit
-    )
-    try:
-        yield Gifting(db, Outbox(common.outbox), wallet, settings)
-    finally:
-        await db.dispose()
 
 
 def _counts() -> dict[tuple[str, str], float]:
@@ -125,11 +62,11 @@ def _gift(stream_id: str, sender: str, key: str, gift_id: str = "panda") -> gift
 async def test_gifting_counts_each_refusal_it_decides_once_and_not_the_wallets(
     tmp_path: Path, group_commit: bool
 ) -> None:
-    wallet = FakeWallet()
+    wallet = RestrictingWallet()
     wallet.blocked |= {"blocked-viewer", "blocked-creator"}
     wallet.underage.add("young-viewer")
     wallet.refuses_recipient.add("creator-blocked-since")
-    async with _gifting(tmp_path, wallet, group_commit) as g:
+    async with gifting_on(tmp_path, wallet, group_commit=group_commit) as (g, _db):
         start = gifting_pb2.StartStreamRequest
         live = (await g.start_stream(start(creator_id="c1", title="t", idempotency_key="s1"))).stream_id
         to_blocked = (await g.start_stream(start(creator_id="blocked-creator", idempotency_key="s2"))).stream_id

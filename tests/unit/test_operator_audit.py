@@ -253,12 +253,12 @@ async def test_a_gift_catalog_change_rolled_back_leaves_no_trail_line(
 
     from livegifts.gifting.v1 import gifting_pb2
     from services.common import idempotency
-    from tests.unit.test_gifting_refusals_counted import FakeWallet, _gifting
+    from tests.support.gifting import RestrictingWallet, gifting_on
 
     async def lost_the_race(*args: object, **kwargs: object) -> None:
         raise IntegrityError("insert", {}, Exception("UNIQUE constraint failed: idempotency_keys"))
 
-    async with _gifting(tmp_path, FakeWallet(), group_commit=False) as gifting:
+    async with gifting_on(tmp_path, RestrictingWallet(), group_commit=False) as (gifting, _db):
         monkeypatch.setattr(idempotency, "record", lost_the_race)
         req = gifting_pb2.UpsertGiftRequest(gift_id="comet", name="Comet", price_coins=9, idempotency_key="g")
         with caplog.at_level("INFO", logger="services.gifting.usecases"), pytest.raises(errors.DomainError):

@@ -26,9 +26,9 @@ from services.common.grpcserver import _rich_status
 from services.gifting.storage import common as gifting_common
 from services.gifting.storage import gift_events
 from services.wallet.usecases import Wallet
+from tests.support.gifting import gifting_on
 from tests.support.payout import consume
 from tests.support.wallet import buy, callback, reversal_of
-from tests.unit.test_gift_saga import _gifting_on
 from tests.unit.test_payout_shortfalls import open_coins_of
 
 
@@ -76,7 +76,7 @@ async def test_gifts_that_fail_around_a_reversal_leave_no_shortfall_open(tmp_pat
     payout, _provider, _path = setup
     stub = InProcessWallet(wallet)
     purchase = await buy(wallet, "viewer")  # 70 coins
-    async with _gifting_on(tmp_path, stub, group_commit=False, pending_timeout_s=0.001) as (g, gdb):
+    async with gifting_on(tmp_path, stub, group_commit=False, pending_timeout_s=0.001) as (g, gdb):
         stream = await g.start_stream(
             gifting_pb2.StartStreamRequest(creator_id="creator-c", title="t", idempotency_key="s")
         )
