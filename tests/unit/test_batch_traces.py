@@ -36,9 +36,9 @@ from services.common.telemetry import Tracing, inject_headers
 from services.gifting.storage import common as gifting_common
 from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
+from tests.support.consumers import ConnectedBus
 from tests.support.gifting import OneSpendFailingWallet, ScriptedWallet, gifting_on, pending_gifts
 from tests.support.payout import gift_event
-from tests.unit.test_consumer_loop import _Bus
 
 NOW_US = 1_795_305_600_000_000
 
@@ -83,7 +83,7 @@ async def _process(payout: Any, count: int) -> tuple[list[_Msg], list[str]]:
         written.append(inject_headers()["traceparent"])
 
     sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    consumer = Consumer(payout.db, ConnectedBus(), common, sub, payout.settings)  # type: ignore[arg-type]
     msgs = [
         _Msg(
             events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(),
@@ -153,7 +153,7 @@ async def test_a_dead_letter_replay_names_its_event_and_cannot_link_to_its_trace
         return None
 
     sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    consumer = Consumer(payout.db, ConnectedBus(), common, sub, payout.settings)  # type: ignore[arg-type]
     event_id = uuid.uuid4().hex
     async with payout.db.unit_of_work() as uow:
         parked = await uow.conn.execute(
@@ -384,7 +384,7 @@ async def test_a_failed_batchs_span_says_what_failed_but_not_the_statements_valu
         )
 
     sub = Subscription(durable="traced", stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    consumer = Consumer(payout.db, _Bus(), common, sub, payout.settings)  # type: ignore[arg-type]
+    consumer = Consumer(payout.db, ConnectedBus(), common, sub, payout.settings)  # type: ignore[arg-type]
     msg = _FailingMsg(events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(), {})
     await consumer.process([msg])  # type: ignore[list-item]
     assert msg.naked and not msg.acked  # failed, to be redelivered

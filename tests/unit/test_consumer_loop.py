@@ -30,6 +30,7 @@ from services.common.inbox import Consumer, Subscription
 from services.common.pull import Puller
 from services.gifting.config import GiftingSettings
 from services.gifting.storage import common
+from tests.support.consumers import ConnectedBus
 
 
 class _Timeouts:
@@ -55,21 +56,6 @@ class _Timeouts:
         return []  # nothing buffered
 
 
-class _JetStream:
-    async def consumer_info(self, stream: str, durable: str) -> Any:
-        # A durable that has delivered nothing yet: the position check (`Consumer.behind`) has
-        # nothing to look up.
-        return SimpleNamespace(ack_floor=None, delivered=None, num_ack_pending=0)
-
-
-class _Bus:
-    def __init__(self) -> None:
-        self.connected = asyncio.Event()
-        self.connected.set()
-        self.nc = object()
-        self.js = _JetStream()
-
-
 def _settings_of(tmp_path: Path, **settings: Any) -> GiftingSettings:
     """A consumer's settings, `settings` over the defaults, its database in `tmp_path`."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
@@ -83,9 +69,9 @@ def _settings_and_db(tmp_path: Path, **settings: Any) -> tuple[GiftingSettings, 
 
 
 def _consumer(db: Database, settings: GiftingSettings, durable: str, handle: Any) -> Consumer:
-    """A consumer of `durable` over `_Bus`, GiftSent events handed to `handle`."""
+    """A consumer of `durable` over `ConnectedBus`, GiftSent events handed to `handle`."""
     sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
-    return Consumer(db, _Bus(), common, sub, settings)  # type: ignore[arg-type]
+    return Consumer(db, ConnectedBus(), common, sub, settings)  # type: ignore[arg-type]
 
 
 async def _handle_nothing(uow: Any, events: list[Any]) -> None:
@@ -321,7 +307,7 @@ async def test_the_position_check_as_a_consumer_binds_sets_its_result_for_the_al
             await conn.execute(
                 common.inbox.insert(), [{"consumer": durable, "event_id": e, "received_at_us": 1} for e in recorded]
             )
-        bus = _Bus()
+        bus = ConnectedBus()
         bus.js = _Stream(unanswered)  # type: ignore[assignment]
         sub = Subscription(durable=durable, stream="S", subject="s.x", event_type=events_pb2.GiftSent, handle=handle)
         consumer = Consumer(db, bus, common, sub, settings)  # type: ignore[arg-type]
@@ -789,7 +775,7 @@ async def test_a_copy_of_an_event_another_process_parked_is_terminated_not_parke
     # parked it a second time: two rows for one event, two alerts, two replays to reason about.
     durable = "parked-elsewhere"
     first, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
-    second = Consumer(db, _Bus(), common, first.sub, _settings_of(tmp_path, consumer_max_deliver=1))  # type: ignore[arg-type]
+    second = Consumer(db, ConnectedBus(), common, first.sub, _settings_of(tmp_path, consumer_max_deliver=1))  # type: ignore[arg-type]
     try:
         with pytest.raises(nats.errors.ConnectionClosedError):
             await first.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
