@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import events_pb2 as wallet_events
@@ -20,7 +22,7 @@ from services.common.provider_calls import ProviderError, ProviderRefused
 from services.common.timeutil import now_us
 from services.payout.config import PayoutSettings
 from services.payout.providers import DevPayoutProvider, Submission, dev_payout_payload
-from services.payout.storage import common
+from services.payout.storage import clawback_shortfalls, common
 from services.payout.usecases import Payout
 
 SECRET = b"dispatch-test-secret"
@@ -143,6 +145,13 @@ async def reviewed_withdrawal(payout: Payout, creator: str) -> payout_pb2.Withdr
 
 async def status_of(payout: Payout, withdrawal_id: str) -> int:
     return (await payout.get_withdrawal(withdrawal_id)).status
+
+
+async def open_coins_of(payout: Payout) -> int:
+    """The coins clawback shortfalls still have open, all senders together."""
+    sf = clawback_shortfalls.c
+    async with payout.db.unit_of_work(readonly=True) as uow:
+        return int((await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)))).scalar_one())
 
 
 class SlowProvider(RecordingProvider):

@@ -5,7 +5,6 @@ an error that recorded nothing is never answered as a duplicate."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.wallet.payments import dev_event_payload
 from services.wallet.storage import common, payment_events
 from services.wallet.usecases import Wallet
+from tests.support.callbacks import unseen_at_first
 from tests.support.wallet import SECRET
 
 
@@ -43,17 +43,6 @@ def _callback(
     return wallet_pb2.HandlePaymentEventRequest(
         provider="dev", payload=payload, signature=signing.sign(SECRET, payload)
     )
-
-
-def unseen_at_first(recorded_for: Callable[..., Awaitable[Any]], looks: list[int]) -> Callable[..., Awaitable[Any]]:
-    """An `_event_recorded_for` that finds no record at its first look (appended to `looks`): a
-    concurrent delivery records the id after it, so the insert hits an IntegrityError."""
-
-    async def look(self: Any, *args: Any) -> Any:
-        looks.append(1)
-        return None if len(looks) == 1 else await recorded_for(self, *args)
-
-    return look
 
 
 async def _events(w: Wallet) -> int:

@@ -32,8 +32,8 @@ from services.common.metrics import PROVIDER_EVENT_IDS_REUSED
 from services.payout.providers import dev_payout_payload
 from services.payout.storage import payout_events
 from services.payout.usecases import Payout
+from tests.support.callbacks import unseen_at_first
 from tests.support.payout import SECRET, approved_withdrawal, callback, status_of
-from tests.unit.test_payment_callbacks import unseen_at_first
 
 REPO = Path(__file__).resolve().parents[2]
 LOGGER = "services.payout.usecases"

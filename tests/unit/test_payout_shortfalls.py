@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 
 from livegifts.payout.v1 import payout_pb2
 from services.payout.storage import clawback_shortfalls
 from services.payout.usecases import SHORTFALL_BATCH
-from tests.support.payout import consume, gift_event, reversal
+from tests.support.payout import consume, gift_event, open_coins_of, reversal
 
 NOW_US = 1_795_305_600_000_000
 
@@ -53,12 +53,6 @@ async def test_shortfalls_that_cannot_settle_do_not_starve_one_that_can(setup) -
         ).scalars()
         assert sorted(still_open) == sorted(stuck)
     assert earned.coins_received == 40 and isinstance(earned, payout_pb2.Earnings)
-
-
-async def open_coins_of(payout) -> int:  # type: ignore[no-untyped-def]
-    sf = clawback_shortfalls.c
-    async with payout.db.unit_of_work(readonly=True) as uow:
-        return int((await uow.conn.execute(select(func.coalesce(func.sum(sf.coins_open), 0)))).scalar_one())
 
 
 async def test_an_older_shortfall_is_settled_before_a_newer_one_takes_the_only_gift_both_may(setup) -> None:  # type: ignore[no-untyped-def]

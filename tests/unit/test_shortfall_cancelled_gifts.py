@@ -27,9 +27,8 @@ from services.gifting.storage import common as gifting_common
 from services.gifting.storage import gift_events
 from services.wallet.usecases import Wallet
 from tests.support.gifting import gifting_on
-from tests.support.payout import consume
+from tests.support.payout import consume, open_coins_of
 from tests.support.wallet import buy, callback, reversal_of
-from tests.unit.test_payout_shortfalls import open_coins_of
 
 
 def _as_rpc_error(exc: DomainError) -> grpc.aio.AioRpcError:
