@@ -35,6 +35,7 @@ from services.common.timeutil import to_timestamp
 from tests.integration.conftest import Clients, Deployment
 from tests.integration.helpers import buy_coins, expect_error, live_stream, signed_callback, uid
 from tests.integration.test_payout import fund, settled, verified_method
+from tests.support.messages import copy_of
 
 OK = grpc.StatusCode
 
@@ -78,15 +79,6 @@ def case(name: str) -> Callable[[Callable[[Suite], Awaitable[Case]]], Callable[[
 def key() -> str:
     """A fresh idempotency key."""
     return uid("idem")
-
-
-def copy_of(req: Message, **fields: object) -> Message:
-    """A copy of `req` with `fields` set (the same key unless `idempotency_key` is one of them)."""
-    copy = type(req)()
-    copy.CopyFrom(req)
-    for name, value in fields.items():
-        setattr(copy, name, value)
-    return copy
 
 
 # ---- wallet -------------------------------------------------------------------------------------

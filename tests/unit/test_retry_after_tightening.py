@@ -30,7 +30,7 @@ from services.gifting.usecases import Gifting
 from services.payout import domain as payout_domain
 from services.payout import usecases as payout_usecases
 from services.wallet.usecases import Wallet
-from tests.integration.test_idempotency_contract import copy_of
+from tests.support.messages import copy_of
 from tests.support.payout import gift_event, verified_method
 from tests.support.wallet import buy
 
