@@ -421,20 +421,29 @@ async def test_a_new_event_at_the_sequence_of_one_parked_is_applied_when_this_pr
         await db.engine.dispose()
 
 
-async def test_an_event_parked_whose_term_was_lost_is_not_parked_again_on_its_redelivery(tmp_path: Path) -> None:
+async def test_an_event_parked_whose_term_was_lost_is_parked_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # The dead_letters row committed, then the term failed (the NATS connection lost): the loop's
-    # error path binds again, and JetStream redelivers the event after ack_wait. Its stream
-    # sequence was kept only after a term that succeeded, so the copy was tried and parked again:
-    # two rows for one event, and two replays for an operator to reason about.
-    applied: list[str] = []
-    consumer, db = await _parking_consumer(tmp_path, "term-lost", "poisoned", applied)
+    # error path binds again, and JetStream redelivers the event after ack_wait.
+    # - Its stream sequence was kept only after a term that succeeded, so the copy was tried and
+    #   parked again: two rows for one event, and two replays for an operator to reason about.
+    # - The count and the 'event parked' line came only after the term, so they were skipped, and
+    #   the copy was terminated as a copy without either: an event waited for an operator with no
+    #   alert (increase(livegifts_dead_letters_total)) and no line naming it.
+    durable = "term-lost"
+    consumer, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
     try:
-        with pytest.raises(nats.errors.ConnectionClosedError):
-            await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
-        again = _Msg("poisoned", seq=3, n=2)
-        await consumer.process([again])  # type: ignore[list-item]
-        assert again.settled == ["term"]
-        assert await _parked_ids(db, "term-lost") == ["poisoned"]
+        with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
+            again = _Msg("poisoned", seq=3, n=2)
+            await consumer.process([again])  # type: ignore[list-item]
+        assert again.settled == ["term"], "the copy was tried again, not terminated"
+        assert await _parked_ids(db, durable) == ["poisoned"]
+        assert _parked_count(durable) == 1.0, "a parked event went uncounted: no dead-letter alert"
+        lines = [r for r in caplog.records if r.getMessage() == "event parked in dead_letters"]
+        assert [r.event_id for r in lines] == ["poisoned"]  # type: ignore[attr-defined]
     finally:
         await db.engine.dispose()
 
@@ -696,28 +705,6 @@ async def test_an_outage_of_another_kind_is_logged_at_once_while_the_first_ones_
     lines = [r for r in caplog.records if r.message.startswith("event not applied, the database")]
     assert [(r.event_id, r.retries) for r in lines] == [("e0", 1), ("e2", 1)]  # type: ignore[attr-defined]
     assert [r.error.split("(")[0] for r in lines] == ["ConnectionRefusedError", "OperationalError"]  # type: ignore[attr-defined]
-
-
-async def test_an_event_parked_whose_term_failed_is_counted_and_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The dead_letters row committed and the term failed (the NATS connection lost): the count
-    # and the 'event parked' line came only after the term, so they were skipped, and the copy
-    # redelivered after it is terminated as a copy without either. An event waited for an
-    # operator with no alert (increase(livegifts_dead_letters_total)) and no line naming it.
-    durable = "term-lost-counted"
-    consumer, db = await _parking_consumer(tmp_path, durable, "poisoned", [])
-    try:
-        with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
-            with pytest.raises(nats.errors.ConnectionClosedError):
-                await consumer.process([_Msg("poisoned", seq=3, n=1, term_fails=True)])  # type: ignore[list-item]
-            await consumer.process([_Msg("poisoned", seq=3, n=2)])  # type: ignore[list-item]
-        assert await _parked_ids(db, durable) == ["poisoned"]
-        assert _parked_count(durable) == 1.0, "a parked event went uncounted: no dead-letter alert"
-        lines = [r for r in caplog.records if r.getMessage() == "event parked in dead_letters"]
-        assert [r.event_id for r in lines] == ["poisoned"]  # type: ignore[attr-defined]
-    finally:
-        await db.engine.dispose()
 
 
 async def test_two_events_at_one_sequence_in_a_batch_are_each_tried_not_taken_for_copies(tmp_path: Path) -> None:
