@@ -32,7 +32,8 @@ A reply (ack, nak, term, +WPI) goes to the delivery's subject
 JetStream settles by stream and durable name and stream sequence: one to a delivery of a stream
 since made again (NATS back without its store, the stream and durable made again by any replica)
 settles whatever the new stream has pending at that sequence. `Binding` tells such deliveries
-apart, and their replies are not sent.
+apart (JetStream's advisories of the stream deleted or created tell it of one made again while
+connected), and their replies are not sent.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ RECONNECT_WAIT_S = 5.0
 # How long after a failed read of the stream's creation time no other is tried: the replies to
 # earlier deliveries meanwhile are not sent (their events come again).
 STREAM_READ_RETRY_S = 1.0
+# The JetStream advisories after which a binding reads its stream's creation time again before its
+# next reply (nats-server sends them to whoever listens, as nats-server 2.15 names them): its stream
+# deleted or created, its durable deleted (a stream's deletion sends its durables' first).
+ADVISORIES = (
+    "$JS.EVENT.ADVISORY.STREAM.DELETED.{stream}",
+    "$JS.EVENT.ADVISORY.STREAM.CREATED.{stream}",
+    "$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream}.{durable}",
+)
 # What the creation time of a stream not known (its read failed) is taken as: later than any
 # delivery's, so no delivery from before is taken for one of it.
 _UNKNOWN = datetime.datetime.max.replace(tzinfo=datetime.UTC)
@@ -88,8 +97,9 @@ class Binding:
     JetStream settles a reply by the stream sequence its subject names, so a reply to a delivery
     of a stream since made again settled the new stream's event at that sequence: an ack lost a
     new event (acked, never applied), a term terminated it. A stream made again is told by its
-    creation time (`created`, read at each bind, and again before the next reply after a reconnect
-    or a pull that ended in an error): a delivery whose stream time (its subject's timestamp) is
+    creation time (`created`, read at each bind, and again before the next reply after a reconnect,
+    a pull that ended in an error, or an advisory of the stream deleted or created or of the
+    durable deleted, `ADVISORIES`): a delivery whose stream time (its subject's timestamp) is
     older than the creation of the stream bound now is of an older stream, and gets no reply
     (`settles`). Its event comes again from the new stream if it is there, and the inbox makes it
     a no-op if it was applied. Deliveries that arrived after the bound stream's creation was read
@@ -99,6 +109,17 @@ class Binding:
     sends it to the server it reconnects to, which may have come back without its store. It waits
     for the connection (`RECONNECT_WAIT_S`, once per outage) and the stream's creation time read
     again, so the acks of a batch applied across a restart (the store kept) still reach the server.
+
+    The advisories are how a stream made again on a live server is seen (`nats stream rm`, then a
+    replica's restore_stream and bind) by a replica with no pull request open at the time (a busy
+    one: a batch buffered, none asked), which no pull status tells: its acks after the batch's
+    commit settled the new stream's events at those sequences. They are core NATS messages, read
+    in order with the rest of the connection, and the new stream's first event is delivered only
+    after the stream and the durable are made again (a few round trips after the deletion's
+    advisory), so a reply is still sent wrongly only if this process stalls for that long between
+    its check and the reply leaving it (or the advisory is lost: a subscription's pending limit
+    overrun, a cluster route down while the connection stays up). No read per batch closes that:
+    a stall between the read and the reply is the same window.
     """
 
     def __init__(self, stream: str, durable: str) -> None:
@@ -106,7 +127,12 @@ class Binding:
         self.durable = durable
         self.created: datetime.datetime | None = None  # None: not bound yet, every reply is sent
         self.epoch = 0  # one more each time `created` changes
-        self.suspect = False  # a pull ended in an error: read again before the next reply
+        # Times it was told the stream or durable may have been made again (a pull that ended in
+        # an error, an advisory, `doubt`), and how many of those the last read of `created`
+        # followed: a count, not a flag, so one told during a read is not cleared by its answer.
+        self._doubts = 0
+        self._doubts_read = 0
+        self._watching: Client | None = None  # the connection the advisories are subscribed on
         self.dropped = 0  # replies not sent, since the process started
         self._dropped_logged: tuple[int, int] | None = None  # (epoch, reconnects) of the last line
         self._js: JetStreamContext | None = None
@@ -123,9 +149,27 @@ class Binding:
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Read the stream's creation time (at a bind, once the durable is there)."""
         self._nc, self._js = nc, js
+        if self._watching is not nc:
+            # Before the read: a change made after it is told.
+            for subject in ADVISORIES:
+                await nc.subscribe(subject.format(stream=self.stream, durable=self.durable), cb=self._on_advisory)
+            self._watching = nc
         self._reconnects = nc.stats["reconnects"]
-        self.suspect = False
+        doubts = self._doubts
         self._set((await js.stream_info(self.stream)).created)
+        self._doubts_read = doubts
+
+    @property
+    def suspect(self) -> bool:
+        """Whether `created` must be read again before the next reply (`doubt`)."""
+        return self._doubts != self._doubts_read
+
+    def doubt(self) -> None:
+        """The stream or the durable may have been made again: read `created` before the next reply."""
+        self._doubts += 1
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        self.doubt()
 
     def _set(self, created: datetime.datetime | None) -> None:
         if created != self.created:
@@ -138,7 +182,8 @@ class Binding:
     async def check(self) -> bool:
         """Whether the connection is up (waited for, `RECONNECT_WAIT_S`); and read the creation
         time again if the connection was lost since (the server may have come back without its
-        store) or a pull ended in an error (the durable or stream deleted). A read that fails
+        store), a pull ended in an error or an advisory came (the durable or stream deleted or
+        made again). A read that fails
         leaves it unknown (no earlier delivery settles) until one succeeds. Never raises."""
         nc, js = self._nc, self._js
         if nc is None or js is None:
@@ -151,14 +196,14 @@ class Binding:
             if self.suspect or nc.stats["reconnects"] != self._reconnects:  # not read meanwhile
                 if time.monotonic() < self._read_again_at:
                     return nc.is_connected  # a read failed just now: `created` stays unknown
-                reconnects = nc.stats["reconnects"]
+                reconnects, doubts = nc.stats["reconnects"], self._doubts
                 try:
                     info = await js.stream_info(self.stream)
                 except Exception:  # noqa: BLE001 - unknown until the next read
                     self._set(_UNKNOWN)
                     self._read_again_at = time.monotonic() + STREAM_READ_RETRY_S
                     return nc.is_connected
-                self._reconnects, self.suspect = reconnects, False
+                self._reconnects, self._doubts_read = reconnects, doubts
                 self._set(info.created)
         return nc.is_connected
 
@@ -309,7 +354,7 @@ class Puller:
             return  # a heartbeat, or the end of a request already given up on
         self._open_reply = None
         if status not in _ENDING:
-            self.binding.suspect = True  # the durable or its stream may have been made again
+            self.binding.doubt()  # the durable or its stream may have been made again
         if status in _ENDING:
             await self._renew()
         elif status == StatusCode.SERVICE_UNAVAILABLE:

@@ -1,6 +1,7 @@
-"""A consumer replica whose NATS came back without its store, and whose stream and durable another
-replica made again before its next pull, keeps pulling with no error and no bind again: what it
-keeps by stream sequence from the old stream must not decide the fate of the new stream's events.
+"""A consumer replica whose stream and durable another replica made again before its next pull (NATS
+back without its store, or the stream deleted on a live server) keeps pulling with no error and no
+bind again: what it keeps by stream sequence from the old stream must not decide the fate of the
+new stream's events.
 
 Before: the replica had parked an event at stream sequence 1 and kept that sequence, to terminate
 copies of it; the new stream's first event came at sequence 1 and was terminated as such a copy,
@@ -114,6 +115,11 @@ async def _made_again(r: _Replicas, tmp_path: Path) -> Puller:
     shutil.rmtree(tmp_path / "nats")
     r.suite.start_nats()
     await asyncio.wait_for(r.b.connect(r.stop, ["GIFTING"]), 20)
+    return await _b_binds(r)
+
+
+async def _b_binds(r: _Replicas) -> Puller:
+    """Replica b's puller of DURABLE, made on the stream if missing (its consumer's bind)."""
     assert r.b.nc is not None and r.b.js is not None
     config = ConsumerConfig(
         ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ACK_WAIT_S, max_deliver=-1
@@ -187,3 +193,54 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
         finally:
             if other is not None:
                 await other.unsubscribe()
+
+
+async def test_an_ack_for_the_old_streams_delivery_is_not_sent_when_the_stream_is_made_again_on_a_live_server(
+    tmp_path: Path,
+) -> None:
+    """As above, but NATS stays up: an operator deletes the stream (`nats stream rm`) and the other
+    replica makes it and the durable again. The held replica then had no pull request open (its
+    batch of one filled it, and one more event waits in its buffer), so no pull status told it,
+    and no reconnect either: its ack of "slow" settled the new stream's event at sequence 1,
+    which was lost when the other replica let it go. Now JetStream's advisories of the stream
+    deleted and created have it read the stream's creation time again before that ack."""
+    other = None
+    async with _two_replicas(tmp_path, consumer_batch_size_max=1, consumer_linger_s=0) as r:
+        try:
+            await publish_gift_sent(r.a, SUBJECT, "slow")  # stream sequence 1; held until `release`
+            await asyncio.wait_for(r.entered.wait(), 20)
+            await publish_gift_sent(r.a, SUBJECT, "buffered")  # fills the open request: none open after
+            assert r.a.js is not None
+            assert await eventually(lambda: _delivered(r.a), lambda n: n == 2, 20) == 2
+
+            await asyncio.wait_for(r.b.connect(r.stop, ["GIFTING"]), 20)
+            assert r.b.js is not None and r.b.nc is not None
+            await r.b.js.delete_stream("GIFTING")
+            assert await r.b.restore_stream("GIFTING")
+            other = await _b_binds(r)
+            await publish_gift_sent(r.b, SUBJECT, "new-event")
+            taken = await other.fetch(1, timeout=10)
+            assert [m.metadata.sequence.stream for m in taken] == [1]
+            assert r.a.nc is not None and r.a.nc.stats["reconnects"] == 0
+
+            r.release.set()
+            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 2, 20) == 2
+            await asyncio.sleep(1.0)
+            await r.a.nc.flush()
+            other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
+            await other.unsubscribe()
+            other = None
+            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 3, 20) == 3, (
+                "new event lost"
+            )
+            assert r.applied == ["slow", "buffered", "new-event"]
+        finally:
+            if other is not None:
+                await other.unsubscribe()
+
+
+async def _delivered(bus: Bus) -> int:
+    """How many events DURABLE has delivered (to whichever replica)."""
+    assert bus.js is not None
+    info = await bus.js.consumer_info("GIFTING", DURABLE)
+    return info.delivered.stream_seq if info.delivered else 0

@@ -34,6 +34,14 @@ class _Nc:
         self.stats = {"reconnects": 0}
         self.is_connected = True
         self.is_closed = False
+        self.subscribed: dict[str, Any] = {}  # subject -> callback
+
+    async def subscribe(self, subject: str, cb: Any) -> None:
+        self.subscribed[subject] = cb
+
+    async def advisory(self, subject: str) -> None:
+        """The server sends the advisory `subject` (JetStream's, on a live connection)."""
+        await self.subscribed[subject](Msg(_client=None, subject=subject))  # type: ignore[arg-type]
 
 
 class _Js:
@@ -156,3 +164,53 @@ async def test_a_reply_not_sent_for_a_delivery_without_a_stream_sequence_is_logg
     nc.is_connected = False
     binding._gave_up = 0  # the wait for the connection already ran out in this outage
     assert await binding.settles(plain) is False
+
+
+@pytest.mark.parametrize(
+    "advisory",
+    [
+        "$JS.EVENT.ADVISORY.STREAM.DELETED.S",
+        "$JS.EVENT.ADVISORY.STREAM.CREATED.S",
+        "$JS.EVENT.ADVISORY.CONSUMER.DELETED.S.d",
+    ],
+)
+async def test_an_advisory_of_the_stream_or_durable_has_the_stream_read_again_before_the_next_reply(
+    advisory: str,
+) -> None:
+    # The stream deleted and made again on a live server, while this replica had no pull request
+    # open: no reconnect, no pull status, and its acks settled the new stream's events.
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    old = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(old)
+    js.created = T0 + datetime.timedelta(minutes=1)
+    await nc.advisory(advisory)
+    assert not await binding.settles(old)
+    assert js.calls == 2
+    assert await binding.settles(_at(T0 + datetime.timedelta(minutes=2)))
+    assert js.calls == 2  # one read per advisory, not one per reply
+
+
+async def test_a_doubt_told_while_the_stream_is_read_is_not_cleared_by_that_read() -> None:
+    # The read's answer may predate what the advisory tells (the stream deleted after the server
+    # answered): the next reply reads again.
+    nc, js = _Nc(), _Js(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    old = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(old)
+    answered = js.stream_info
+
+    async def made_again_meanwhile(stream: str) -> Any:
+        info = await answered(stream)
+        js.created = T0 + datetime.timedelta(minutes=1)
+        await nc.advisory("$JS.EVENT.ADVISORY.STREAM.CREATED.S")
+        return info
+
+    js.stream_info = made_again_meanwhile  # type: ignore[method-assign]
+    binding.doubt()
+    assert await binding.settles(old)  # read: the old stream still
+    js.stream_info = answered  # type: ignore[method-assign]
+    assert not await binding.settles(old)  # read again: made again
+    assert js.calls == 3
