@@ -451,3 +451,30 @@ def test_every_volume_prod_makes_is_alerted_before_it_is_full() -> None:
     threshold = re.search(r"\) > (0\.\d+)$", expr)
     assert threshold and float(threshold.group(1)) <= 0.85, f"too late to grow a volume: {expr}"
     assert "persistentvolumeclaim" in re.search(r"by \(([^)]*)\)", expr).group(1), "the page must name the volume"
+
+
+def test_events_parked_page_even_when_their_park_was_never_counted_and_not_twice_when_it_was() -> None:
+    """LivegiftsDeadLetters takes increase() of a counter only the process whose insert made the
+    row increments, after its commit (a copy of a parked event counts nothing): one killed between
+    the two or before its next scrape (a rollout, an OOM kill) left the park uncounted anywhere and
+    nothing paged. So an alert reads the rows' gauge too, per consumer; it is kept silent while a
+    counted park of the consumer is within a window the counter's alert has fired and cleared in,
+    so one park pages once."""
+    rules = {r["alert"]: r for r in _rules()}
+    counted = rules["LivegiftsDeadLetters"]
+    counted_window = re.search(r"increase\(livegifts_dead_letters_total\[(\w+)\]\)", counted["expr"])
+    assert counted_window, counted["expr"]
+    backstops = [r for r in rules.values() if "livegifts_dead_letters_parked" in r["expr"]]
+    assert backstops, "no alert reads livegifts_dead_letters_parked: an uncounted park pages nobody"
+    (rule,) = backstops
+    expr = " ".join(rule["expr"].split())
+    m = re.fullmatch(
+        r"max by \(namespace, consumer\) \(livegifts_dead_letters_parked\) > 0"
+        r" unless on \(namespace, consumer\)"
+        r" sum by \(namespace, consumer\) \(increase\(livegifts_dead_letters_total\[(\w+)\]\)\) > 0",
+        expr,
+    )
+    assert m, expr
+    assert _minutes(m.group(1)) >= _minutes(counted_window.group(1)) + _minutes(counted["for"]), expr
+    assert _minutes(rule["for"]) <= 30, "an uncounted park waits too long for its page"
+    assert rule["labels"]["severity"] == counted["labels"]["severity"]
