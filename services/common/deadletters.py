@@ -22,7 +22,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, is_text, require_key
 from services.common.grpcserver import ServiceRegistration
 from services.common.idempotency import record, request_hash, stored_answer
-from services.common.inbox import Consumer, ReplayFailed
+from services.common.inbox import Consumer, ReplayFailed, is_undecodable_id
 from services.common.loops import run_every
 from services.common.metrics import DEAD_LETTERS_PARKED
 from services.common.tables import CommonTables
@@ -45,7 +45,7 @@ def _dead_letter_pb(r: dict[str, Any]) -> dead_letters_pb2.DeadLetter:
         id=r["id"],
         consumer=r["consumer"],
         subject=r["subject"],
-        event_id=r["event_id"] or "",
+        event_id="" if is_undecodable_id(r["event_id"]) else (r["event_id"] or ""),
         error=r["error"],
         parked_at=to_timestamp(r["received_at_us"]),
         payload_bytes=len(r["payload"]),

@@ -85,8 +85,9 @@ def add_common_tables(metadata: MetaData) -> CommonTables:
     )
     # One row per event and consumer: replicas parking one event at the same moment insert it
     # once (the park is an insert-if-absent, inbox.Consumer._park; the loser terminates its
-    # copy). An undecodable event is parked without an event id (NULL), and NULLs are distinct
-    # in a unique index on both backends: each such delivery keeps its own row.
+    # copy). An undecodable event has no event id: it is parked under one derived from its bytes
+    # (inbox.undecodable_id), so its copies are skipped too. (Rows parked before that have NULL,
+    # and NULLs are distinct in a unique index on both backends: each kept its own row.)
     # Every replica counts the parked rows by consumer every minute (deadletters.ParkedGauge):
     # with the index the count reads this narrow index (an index-only scan), not every row's
     # payload and error (still every entry: a count by consumer has no shortcut). The inbox

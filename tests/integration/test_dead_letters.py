@@ -197,14 +197,16 @@ class _Delivery:
         self.settled.append("term")
 
 
-async def test_replicas_parking_one_event_at_once_park_it_once_and_each_undecodable_delivery_apart(
+async def test_replicas_parking_one_event_at_once_park_it_once_an_undecodable_one_too(
     rig: _Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two replicas parking one event at the same moment both found nothing parked and both
     inserted (look-up, then insert): two rows, two alerts, two replays. The unique (consumer,
     event_id) index and an insert-if-absent park it once, the other replica's copy terminated.
-    Parks made at once, each by another replica, are the race (a park no longer looks up first). Undecodable
-    deliveries have no event id: each keeps its own row."""
+    Parks made at once, each by another replica, are the race (a park no longer looks up first).
+    An undecodable event, which has no event id, was parked with NULL, distinct from every other
+    NULL in the index: each copy of it (its term lost, or withheld while NATS was down) had a row,
+    an alert and a failing replay of its own. It is kept under an id of its bytes."""
     from prometheus_client import REGISTRY
 
     replicas = [rig.consumer, Consumer(rig.h.db, rig.h.bus, rig.h.tables, rig.consumer.sub, rig.h.settings)]
@@ -236,9 +238,16 @@ async def test_replicas_parking_one_event_at_once_park_it_once_and_each_undecoda
     (row_id,) = [d.id for d in (await rig.parked()).dead_letters if d.event_id == eid]
     assert parked.dead_letter_id == row_id  # type: ignore[attr-defined]
 
+    before = parked_total()
     junk = [_Delivery(b"\xff not a GiftSent", seq=2), _Delivery(b"\xff not a GiftSent", seq=2)]
+    other = _Delivery(b"\xff another", seq=3)
     await asyncio.gather(*(c._park(m, None, "undecodable: junk") for c, m in zip(replicas, junk, strict=True)))  # type: ignore[arg-type]
-    assert await rig.count("SELECT count(*) FROM dead_letters WHERE event_id IS NULL") == 2
+    await third._park(other, None, "undecodable: junk")  # type: ignore[arg-type]
+    assert [m.settled for m in [*junk, other]] == [["term"]] * 3
+    assert parked_total() - before == 2.0, "one alert for each undecodable event"
+    listed = [d for d in (await rig.parked()).dead_letters if d.id != row_id]
+    assert sorted(d.payload_bytes for d in listed) == [len(b"\xff another"), len(b"\xff not a GiftSent")]
+    assert [d.event_id for d in listed] == ["", ""]  # no event id shown: the payload could not be decoded
 
 
 async def test_a_consumer_filter_no_consumer_can_have_is_invalid_not_internal(rig: _Rig) -> None:
