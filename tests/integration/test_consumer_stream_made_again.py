@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import MetaData
 
@@ -127,6 +128,22 @@ async def _b_binds(r: _Replicas) -> Puller:
     return await Puller.open(r.b.nc, r.b.js, SUBJECT, "GIFTING", DURABLE, config)
 
 
+async def _a_replies_then_b_lets_the_new_event_go(r: _Replicas, other: Puller, taken: list[Msg], applied: int) -> None:
+    """Replica a commits its held batch (`applied` events in its inbox then) and sends its replies;
+    then replica b lets the new event it took go (a nak, as its puller closing does): it must be
+    delivered again, not taken for settled by an ack of the old stream's delivery at its sequence."""
+    r.release.set()
+    assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == applied, 20) == applied
+    await asyncio.sleep(1.0)
+    assert r.a.nc is not None
+    await r.a.nc.flush()
+    other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
+    await other.unsubscribe()
+    assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == applied + 1, 20) == applied + 1, (
+        "new event lost"
+    )
+
+
 async def test_a_replica_that_did_not_bind_again_applies_the_new_streams_event_at_a_parked_sequence(
     tmp_path: Path,
 ) -> None:
@@ -176,19 +193,7 @@ async def test_an_ack_for_the_old_streams_delivery_does_not_settle_the_new_strea
             # sequence 1). (Before it reconnects no reply is sent at all: nats-py would keep it for
             # the server it reconnects to.)
             assert await eventually(lambda: _reconnected(r.a), bool, 20)
-            r.release.set()
-            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 1, 20) == 1
-            await asyncio.sleep(1.0)
-            assert r.a.nc is not None
-            await r.a.nc.flush()
-            # The other replica lets the new event go (a nak, as its puller closing does): it must
-            # be delivered again, not taken for settled by the old delivery's ack.
-            other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
-            await other.unsubscribe()
-            other = None
-            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 2, 20) == 2, (
-                "new event lost"
-            )
+            await _a_replies_then_b_lets_the_new_event_go(r, other, taken, applied=1)
             assert r.applied == ["slow", "new-event"]
         finally:
             if other is not None:
@@ -223,16 +228,7 @@ async def test_an_ack_for_the_old_streams_delivery_is_not_sent_when_the_stream_i
             assert [m.metadata.sequence.stream for m in taken] == [1]
             assert r.a.nc is not None and r.a.nc.stats["reconnects"] == 0
 
-            r.release.set()
-            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 2, 20) == 2
-            await asyncio.sleep(1.0)
-            await r.a.nc.flush()
-            other._buffer.extendleft(taken)  # back in its buffer, nak'ed by unsubscribe
-            await other.unsubscribe()
-            other = None
-            assert await eventually(lambda: count_rows(r.db, r.tables.inbox), lambda n: n == 3, 20) == 3, (
-                "new event lost"
-            )
+            await _a_replies_then_b_lets_the_new_event_go(r, other, taken, applied=2)
             assert r.applied == ["slow", "buffered", "new-event"]
         finally:
             if other is not None:

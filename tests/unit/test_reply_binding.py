@@ -54,10 +54,16 @@ class _Js:
         return SimpleNamespace(created=self.created)
 
 
-async def test_a_delivery_of_the_old_stream_gets_no_reply_once_the_stream_is_made_again() -> None:
+async def _bound() -> tuple[_Nc, _Js, Binding]:
+    """A binding of stream S (made at T0) and durable d, bound."""
     nc, js = _Nc(), _Js(T0)
     binding = Binding("S", "d")
     await binding.bind(nc, js)  # type: ignore[arg-type]
+    return nc, js, binding
+
+
+async def test_a_delivery_of_the_old_stream_gets_no_reply_once_the_stream_is_made_again() -> None:
+    nc, js, binding = await _bound()
     old = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(old)
     assert await binding.settles(old)
@@ -82,9 +88,7 @@ async def test_no_reply_while_the_connection_is_down_and_a_short_wait_once_per_o
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pull, "RECONNECT_WAIT_S", 0.2)
-    nc, js = _Nc(), _Js(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound()
     msg = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(msg)
     nc.is_connected = False
@@ -103,9 +107,7 @@ async def test_no_reply_while_the_connection_is_down_and_a_short_wait_once_per_o
 
 
 async def test_a_reply_is_held_back_while_the_stream_cannot_be_read_after_a_reconnect() -> None:
-    nc, js = _Nc(), _Js(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound()
     msg = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(msg)
 
@@ -154,9 +156,7 @@ async def test_a_failed_read_of_the_stream_is_not_tried_again_for_each_reply() -
 
 
 async def test_a_reply_not_sent_for_a_delivery_without_a_stream_sequence_is_logged_not_raised() -> None:
-    nc, js = _Nc(), _Js(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound()
     plain = Msg(_client=None, subject="s.x", reply="not-a-jetstream-reply")  # type: ignore[arg-type]
     setattr(plain, "_livegifts_epoch", 0)  # noqa: B010 - tagged under an earlier binding
     binding.epoch = 1
@@ -179,9 +179,7 @@ async def test_an_advisory_of_the_stream_or_durable_has_the_stream_read_again_be
 ) -> None:
     # The stream deleted and made again on a live server, while this replica had no pull request
     # open: no reconnect, no pull status, and its acks settled the new stream's events.
-    nc, js = _Nc(), _Js(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound()
     old = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(old)
     js.created = T0 + datetime.timedelta(minutes=1)
@@ -195,9 +193,7 @@ async def test_an_advisory_of_the_stream_or_durable_has_the_stream_read_again_be
 async def test_a_doubt_told_while_the_stream_is_read_is_not_cleared_by_that_read() -> None:
     # The read's answer may predate what the advisory tells (the stream deleted after the server
     # answered): the next reply reads again.
-    nc, js = _Nc(), _Js(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound()
     old = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(old)
     answered = js.stream_info
