@@ -191,7 +191,24 @@ def _not_empty(hint: str) -> Callable[[typer.Context, typer.CallbackParam, objec
     return check
 
 
-_address = _not_empty("give the service's host:port")
+_address_given = _not_empty("give the service's host:port")
+# Where an eager --port-offset leaves its value for the address options parsed after it.
+_PORT_OFFSET_META = "livegifts.port_offset"
+
+
+def _address(ctx: typer.Context, param: typer.CallbackParam, value: object) -> object:
+    """An address option's check; its default moved by the --port-offset (LIVEGIFTS_RUN_PORT_OFFSET)
+    of the suite to call, as `run` moves its ports: the two variables that started README's second
+    suite reach it, where `LIVEGIFTS_RUN_PORT_OFFSET=100 make demo` bought coins and sent gifts on
+    the first. An address given, as the option or its variable, is called as it is."""
+    value = _address_given(ctx, param, value)
+    offset = ctx.meta.get(_PORT_OFFSET_META, 0)
+    if not offset or getattr(ctx.get_parameter_source(param.name or ""), "name", None) != "DEFAULT":
+        return value
+    host, port = str(value).rsplit(":", 1)
+    return f"{host}:{int(port) + offset}"
+
+
 _FROM_VAR = "or leave it out to read the one `livegifts run` keeps in var/"
 
 
@@ -264,6 +281,7 @@ def _say_failed(exc: grpc.RpcError) -> None:
     err_console.print(f"[red]{escape(describe(exc))}[/red]", highlight=False, soft_wrap=True)
 
 
+_port_offset_given = _not_empty("give a number, or leave it out for 0")
 PortOffset = Annotated[
     int,
     typer.Option(
@@ -272,7 +290,29 @@ PortOffset = Annotated[
         envvar="LIVEGIFTS_RUN_PORT_OFFSET",
         help="added to every port `run` listens on (NATS 4223, gRPC 50051-50053, metrics 9101-9103,"
         " probes 50061-50063)",
-        callback=_not_empty("give a number, or leave it out for 0"),
+        callback=_port_offset_given,
+    ),
+]
+
+
+def _port_offset_to_call(ctx: typer.Context, param: typer.CallbackParam, value: object) -> object:
+    """A client command's --port-offset, checked as `run`'s and kept for its addresses (`_address`)."""
+    value = _port_offset_given(ctx, param, value)
+    ctx.meta[_PORT_OFFSET_META] = value
+    return value
+
+
+# A client command's: eager, so it is parsed before the address options that take it.
+CallPortOffset = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        max=10_000,
+        envvar="LIVEGIFTS_RUN_PORT_OFFSET",
+        is_eager=True,
+        help="the --port-offset of the `run` to call: added to the default addresses' ports"
+        " (an address given, as its option or variable, is called as it is)",
+        callback=_port_offset_to_call,
     ),
 ]
 
@@ -526,6 +566,7 @@ def buy(
         str, typer.Option(help="the package's region (default: its id's first part, as in gb-gbp-660)")
     ] = "",
     wallet_addr: WalletAddr = "127.0.0.1:50051",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
     as_json: Annotated[
@@ -587,6 +628,7 @@ def _purchase_fields(p: wallet_pb2.Purchase) -> dict[str, object]:
 def balance(
     user: Annotated[str, typer.Argument(help="the user's id")],
     wallet_addr: WalletAddr = "127.0.0.1:50051",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     as_json: Annotated[
         bool, typer.Option("--json", help="one JSON object, every field: user_id, coins, debt_coins")
     ] = False,
@@ -609,6 +651,7 @@ def balance(
 def earnings(
     creator: Annotated[str, typer.Argument(help="the creator's user id")],
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     as_json: Annotated[
         bool,
         typer.Option("--json", help="one JSON object, every field of GetEarnings (cash_available: a list of amounts)"),
@@ -663,6 +706,7 @@ def demo(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     webhook_secret: Secret = "",
     var: VarDir = Path("var"),
     wait_s: Annotated[float, typer.Option(min=0, help="how long to wait for the diamonds")] = 30.0,
@@ -799,6 +843,7 @@ def transactions(
     user: Annotated[str, typer.Argument(help="the user's id")],
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many, newest first")] = 50,
     wallet_addr: WalletAddr = "127.0.0.1:50051",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     as_json: Annotated[
         bool,
         typer.Option("--json", help="one JSON object per entry and line, every field (notes go to stderr)"),
@@ -863,6 +908,7 @@ def gift(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     as_json: Annotated[
         bool,
         typer.Option("--json", help="one JSON object per id and line, every field"),
@@ -981,6 +1027,7 @@ def audit(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     detail: Annotated[bool, typer.Option(help="also compare spends, gifts and credits id by id")] = False,
     wait_s: Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for in-flight work to drain")] = 0.0,
     detail_since: Annotated[
@@ -1117,6 +1164,7 @@ def dead_letters_list(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
     as_json: Annotated[
@@ -1227,6 +1275,7 @@ def withdrawals(
     ] = "",
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="show at most this many")] = 1000,
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
     as_json: Annotated[
@@ -1353,6 +1402,7 @@ def dead_letters_replay(
     wallet_addr: WalletAddr = "127.0.0.1:50051",
     gifting_addr: GiftingAddr = "127.0.0.1:50052",
     payout_addr: PayoutAddr = "127.0.0.1:50053",
+    port_offset: CallPortOffset = 0,  # moves the default addresses (`_address`)
     operator_token: OperatorToken = "",
     var: VarDir = Path("var"),
     idempotency_key: Annotated[

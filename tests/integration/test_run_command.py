@@ -9,6 +9,7 @@ command, nats-server and the three services running for good.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -256,3 +257,32 @@ def test_run_killed_with_sigkill_takes_its_suite_with_it(tmp_path: Path) -> None
         left = [pid for pid in children if _alive(pid)]
     assert not left, "a process of the suite outlived `run` killed with SIGKILL"
     assert all(_free(p) for p in _ports(offset)), "a process of the suite still holds its port"
+
+
+def test_the_client_commands_call_the_suite_the_two_variables_that_started_it(tmp_path: Path) -> None:
+    """README's second suite is `LIVEGIFTS_VAR_DIR=var2 LIVEGIFTS_RUN_PORT_OFFSET=100 make run`: the
+    demo run with the same two variables (`make demo`) called the default ports, the FIRST suite,
+    and bought coins and sent gifts there (or failed against nothing)."""
+    livegifts = str(Path(sys.executable).parent / "livegifts")
+    with _running(tmp_path) as (proc, offset, _):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEGIFTS_")}  # no address, no secret
+        env |= {"LIVEGIFTS_VAR_DIR": str(tmp_path), "LIVEGIFTS_RUN_PORT_OFFSET": str(offset)}
+        demo = subprocess.run(  # from a folder with no var/ of its own: the secret is var2's
+            [livegifts, "demo", "--json"], capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path / "logs"
+        )
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        answer = json.loads(demo.stdout)
+        # This suite's payout, at the address `run` gave it, has the demo creator's diamonds.
+        payout = f"127.0.0.1:{SuiteConfig(var_dir=tmp_path).grpc_ports['payout'] + offset}"
+        earned = subprocess.run(
+            [livegifts, "earnings", answer["creator_id"], "--json", "--payout-addr", payout],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+        assert earned.returncode == 0, earned.stdout + earned.stderr
+        assert json.loads(earned.stdout)["diamonds_lifetime"] == answer["diamonds_expected"] > 0, earned.stdout
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=STOP_S)
+    assert proc.returncode == 0
