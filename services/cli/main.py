@@ -801,6 +801,10 @@ def demo(
             f"[red]4. {creator} has {got.diamonds_lifetime if got else 0} diamonds, expected {expected}[/red]"
         )
         raise typer.Exit(1)
+    step.print(
+        f"4. {creator} earned {got.diamonds_lifetime} diamonds = {share:g}% of {total} coins "
+        f"(remainder {got.remainder_units}/10000 kept)  [green]OK[/green]"
+    )
     if as_json:
         answer = {
             "viewer_id": viewer,
@@ -814,11 +818,6 @@ def demo(
             "earnings": _earnings_fields(creator, got),
         }
         _echo(json.dumps(answer))
-        return
-    console.print(
-        f"4. {creator} earned {got.diamonds_lifetime} diamonds = {share:g}% of {total} coins "
-        f"(remainder {got.remainder_units}/10000 kept)  [green]OK[/green]"
-    )
 
 
 def _paged(call: Callable[[Any], Any], request: Any, field: str) -> Iterator[Any]:

@@ -118,4 +118,7 @@ def test_a_demo_with_json_prints_one_object_at_the_end_and_its_steps_on_stderr(m
     earnings = answer["earnings"]
     assert earnings["creator_id"] == creator and earnings["diamonds_lifetime"] == 20, earnings
     assert set(earnings) == {f.name for f in payout_pb2.Earnings.DESCRIPTOR.fields}  # as `earnings --json`
-    assert [ln[:2] for ln in result.stderr.splitlines()] == ["1.", "2.", "3.", "3.", "3.", "3."], result.stderr
+    # Every step, the last one too, as without --json.
+    steps = result.stderr.splitlines()
+    assert [ln[:2] for ln in steps] == ["1.", "2.", "3.", "3.", "3.", "3.", "4."], result.stderr
+    assert steps[-1].startswith(f"4. {creator} earned 20 diamonds = 50% of 40 coins") and "OK" in steps[-1], steps
