@@ -1344,7 +1344,10 @@ def withdrawals(
     if shown and not as_json:
         _print_table(table)
     elif not shown:
-        notes.print("no withdrawals" + (f" {status}" if status else ""))
+        # Whose, as `transactions` says it: across creators there is nobody to name.
+        notes.print(
+            "no withdrawals" + (f" {status}" if status else "") + (f" for {escape(creator)}" if creator else "")
+        )
     if more:
         notes.print(f"[yellow]more withdrawals than --limit {limit}: raise it to see them[/yellow]")
 

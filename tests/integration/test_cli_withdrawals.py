@@ -58,7 +58,7 @@ async def test_withdrawals_lists_the_review_queue_with_the_operator_token_and_a_
     assert own.returncode == 0, own.stdout + own.stderr
     assert waiting.withdrawal_id in own.stdout
     none = _withdrawals(deployment, creator, "--status=PAID")
-    assert (none.returncode, none.stdout.strip()) == (0, "no withdrawals PAID")
+    assert (none.returncode, none.stdout.strip()) == (0, f"no withdrawals PAID for {creator}")
     typo = _withdrawals(deployment, "--status=WAITING")
     assert typo.returncode == 2 and "unknown status 'WAITING'" in typo.stderr, typo
 

@@ -96,6 +96,21 @@ def test_withdrawals_with_json_keeps_its_notes_off_stdout(withdrawals: list[payo
     assert note in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "note"),
+    [
+        (["creator-1", "--status", "paid"], "no withdrawals PAID for creator-1"),
+        (["creator-1"], "no withdrawals for creator-1"),
+        (["--status", "approved"], "no withdrawals APPROVED"),  # across creators: none to name
+    ],
+)
+def test_an_empty_answer_names_whose_withdrawals_were_asked_for(args: list[str], note: str) -> None:
+    # As `transactions` says "no coin history for bob": "no withdrawals PAID" did not say whose.
+    result = _listing([], *args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == note, result.stdout
+
+
 def test_withdrawals_without_json_is_the_table() -> None:
     result = _listing([_HELD])
     assert result.exit_code == 0, result.output
