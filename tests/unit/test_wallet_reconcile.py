@@ -89,7 +89,9 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Wallet, StandIn]]:
         database_url=url,
         nats_url="nats://127.0.0.1:1",
         payment_webhook_secret=SECRET.decode(),
-        provider_timeout_s=0.2,
+        # Long enough for a whole fsync'd callback inside a look-up (callback_before_the_look_up) on
+        # a loaded machine: at 0.2 s it timed out now and then. A hanging provider waits it out once.
+        provider_timeout_s=2.0,
     )
     db = Database(url, pool_size=2, pool_timeout_s=5, application_name="reconcile")
     provider = StandIn()
