@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +15,7 @@ from sqlalchemy import func, select
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.wallet.v1 import wallet_pb2
-from services.cli.suite import Suite, SuiteConfig, free_port, nats_server_binary
+from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common import signing
 from services.common.bus import Bus
 from services.common.clients import error_reason
@@ -31,33 +30,6 @@ T = TypeVar("T")
 def service_settings(url: str, **kw: object) -> ServiceSettings:
     """The settings every service reads, on `url`, with `kw` set (no bus is reached)."""
     return ServiceSettings(database_url=url, nats_url="nats://127.0.0.1:1", **kw)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def nats_server(tmp_path: Path, *, max_payload: int | None = None, store_bytes: int | None = None) -> Iterator[str]:
-    """A nats-server of the test's own on a free port of 127.0.0.1, JetStream syncing every write,
-    with `max_payload` and a JetStream file store of `store_bytes` if given; yields its URL and
-    stops it. Clients reach it once it listens (Bus.connect retries until then)."""
-    port = free_port()
-    conf = tmp_path / "nats.conf"
-    limits = f"max_payload: {max_payload}\n" if max_payload is not None else ""
-    store = f"  max_file_store: {store_bytes}\n" if store_bytes is not None else ""
-    conf.write_text(
-        f'host: 127.0.0.1\n{limits}jetstream {{\n  store_dir: "{tmp_path / "js"}"\n{store}  sync_interval: always\n}}\n'
-    )
-    with open(tmp_path / "nats.log", "ab") as log:
-        server = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @contextlib.asynccontextmanager

@@ -34,8 +34,9 @@ from services.common.db import Database
 from services.common.outbox import SKIPPED_RECOUNT_INTERVAL_S, WIRE_BYTES_MIN, Outbox, OutboxRelay
 from services.common.tables import add_common_tables
 from tests.integration import pg
-from tests.integration.helpers import eventually, nats_server
+from tests.integration.helpers import eventually
 from tests.integration.test_outbox_relay import _Harness, _running
+from tests.support.nats import nats_server
 
 STORE_BYTES = 1024 * 1024  # the server's whole JetStream file store
 PAYLOAD_BYTES_MAX = 64 * 1024

@@ -29,7 +29,7 @@ from services.common.bus import EVENT_BYTES_MAX
 from services.common.early_signals import SIGTERM_EXIT_CODE
 from services.common.migrate import MIGRATION_LOCK_KEY
 from tests.integration import pg
-from tests.integration.helpers import nats_server
+from tests.support.nats import nats_server
 
 ROOT = Path(__file__).resolve().parents[2]
 START_WAIT_S = 30.0
