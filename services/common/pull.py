@@ -241,15 +241,24 @@ class Binding:
         key = (self.epoch, self._nc.stats["reconnects"] if self._nc is not None else 0)
         if self._dropped_logged != key:
             self._dropped_logged = key
+            unknown = self.created == _UNKNOWN
+            if not connected:
+                why = "NATS is still disconnected"
+            elif unknown:
+                # Most often a cluster electing a leader or without quorum (docs/sre.md, "NATS down
+                # or without quorum"): the line said "its stream was made again since", which sent
+                # an SRE after lost events when nothing was lost.
+                why = "its stream could not be read since the connection was lost or a pull failed"
+            else:
+                why = "its stream was made again since"
             log.warning(
-                "no ack, nak or term sent for a delivery: "
-                + ("its stream was made again since" if connected else "NATS is still disconnected")
-                + " (its event comes again, or was applied); further ones not logged until the next bind",
+                f"no ack, nak or term sent for a delivery: {why} (its event comes again, or was applied);"
+                " further ones not logged until the next bind",
                 extra={
                     "consumer": self.durable,
                     "stream": self.stream,
                     "stream_seq": _stream_seq(msg),
-                    "stream_created": str(self.created),
+                    "stream_created": "unknown" if unknown else str(self.created),
                     "replies_not_sent": self.dropped,
                 },
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -153,6 +154,25 @@ async def test_a_failed_read_of_the_stream_is_not_tried_again_for_each_reply() -
     js.failing = False
     assert await binding.settles(olds[0])  # read again: the same stream, its deliveries settle
     assert pull.STREAM_READ_RETRY_S >= 0.5
+
+
+async def test_a_reply_held_back_for_a_stream_not_read_does_not_say_it_was_made_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A cluster electing the stream's leader (or without quorum) answers no stream info for
+    # seconds: the line said "its stream was made again since", and an SRE went after lost events.
+    nc, js = _Nc(), _FailingJs(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    msg = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(msg)
+    js.failing = True
+    nc.stats["reconnects"] = 1
+    with caplog.at_level(logging.WARNING, logger=pull.__name__):
+        assert not await binding.settles(msg)
+    [line] = [r for r in caplog.records if r.name == pull.__name__]
+    assert "could not be read" in line.getMessage() and "made again" not in line.getMessage()
+    assert line.stream_created == "unknown"  # type: ignore[attr-defined]
 
 
 async def test_a_reply_not_sent_for_a_delivery_without_a_stream_sequence_is_logged_not_raised() -> None:
