@@ -90,11 +90,14 @@ async def run_load(
     gifts: int,
     concurrency: int,
     report: LoadReport | None = None,
+    pause_s: float = 0.0,
 ) -> LoadReport:
     """Purchases (with replayed callbacks), streams, gifts, tips and unlocks (some with deadlines too short),
     one chargeback halfway, then a withdrawal per creator.
 
-    `report`, when given, is filled as the load goes: a fault injected meanwhile can read how far it got."""
+    `report`, when given, is filled as the load goes: a fault injected meanwhile can read how far it got.
+    `pause_s` paces it: each client waits that long after each gift, tip or unlock, so that a load
+    lasts through faults that take a while (a cluster electing leaders)."""
     rnd = random.Random(seed)
     report = LoadReport(seed=seed) if report is None else report
     # Round robin: an address listing a service's replicas (Suite.addr) spreads the calls over them.
@@ -205,6 +208,7 @@ async def run_load(
                         ),
                     )
                     charged, expected, event_id = (r.coins, price * qty, r.gift_event_id) if r else (0, 0, "")
+                await asyncio.sleep(pause_s)
             if r is None:
                 return
             report.ops_done += 1
@@ -368,7 +372,7 @@ async def balances(wallet_addr: str, viewers: list[str]) -> dict[str, int]:
 
 async def replay_events(nats_url: str, stream: str, count_max: int) -> int:
     """Republish up to `count_max` stored events of `stream` with fresh Nats-Msg-Ids (past JetStream's dedup)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
@@ -380,6 +384,26 @@ async def replay_events(nats_url: str, stream: str, count_max: int) -> int:
             await js.publish(msg.subject, msg.data, headers={"Nats-Msg-Id": uuid.uuid4().hex})
             replayed += 1
         return replayed
+    finally:
+        await nc.close()
+
+
+async def msg_ids_stored_twice(nats_url: str, stream: str, count_max: int = 10_000) -> dict[str, int]:
+    """The Nats-Msg-Ids `stream` holds more than once, with how many copies: events its
+    de-duplication let through (`replay_events`' fresh ids are each stored once)."""
+    nc = await nats.connect(nats_url.split(","))
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        assert info.state.messages <= count_max, f"{stream} holds {info.state.messages} events: raise count_max"
+        ids: Counter[str] = Counter()
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            ids[(msg.headers or {}).get("Nats-Msg-Id", "")] += 1
+        return {i: n for i, n in ids.items() if n > 1}
     finally:
         await nc.close()
 
@@ -407,7 +431,7 @@ async def withdrawal_statuses(payout_addr: str, ids: list[str], want: int, timeo
 
 async def events_by_withdrawal(nats_url: str, subject: str, count_max: int = 10_000) -> Counter[str]:
     """How many `subject` events (payout.withdrawal.*) the PAYOUT stream holds per withdrawal id."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         out: Counter[str] = Counter()

@@ -22,9 +22,11 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
 
 from livegifts.payout.v1 import payout_pb2
@@ -35,12 +37,14 @@ from tests.faults.load import (
     LoadReport,
     balances,
     events_by_withdrawal,
+    msg_ids_stored_twice,
     replay_events,
     run_load,
     withdrawal_statuses,
 )
 from tests.integration import pg
 from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
+from tests.support.nats import NatsCluster
 
 SEED = int(os.environ.get("LIVEGIFTS_FAULT_SEED", str(random.SystemRandom().randint(1, 10**6))))
 GIFTS = int(os.environ.get("LIVEGIFTS_FAULT_GIFTS", "120"))
@@ -69,6 +73,7 @@ WITHDRAWAL_FAULT_WITHIN_S = 180.0
 STOP_WITHIN_S = 20.0
 
 pytestmark = pytest.mark.timeout(600)
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Flight:
     report: LoadReport  # filled by the load as it goes
     task: asyncio.Task[LoadReport]
     started: float  # time.monotonic() when the load started
+    gifts: int = GIFTS  # how many gifts, tips and unlocks the load makes
     counter: str = ""  # the LoadReport count that must grow after the fault (set by fault_starts)
     at_fault: int | None = None  # that count when the fault started
 
@@ -86,7 +92,7 @@ class Flight:
         self.counter, self.at_fault = counter, getattr(self.report, counter)
         log.append(
             f"{what} {time.monotonic() - self.started:.1f} s into the load"
-            f" ({self.report.ops_done} of {GIFTS} gifts/tips/unlocks done)"
+            f" ({self.report.ops_done} of {self.gifts} gifts/tips/unlocks done)"
         )
 
 
@@ -126,7 +132,7 @@ async def _until(flight: Flight, what: str, reached: Callable[[], Awaitable[bool
 
 async def _until_stored(suite: Suite, flight: Flight, stream: str, n: int = FLOWING) -> None:
     """Return once `stream` holds `n` events (see `_until`)."""
-    nc = await nats.connect(suite.config.nats_url)
+    nc = await nats.connect(suite.config.nats_url.split(","))
     try:
         js = nc.jetstream()
 
@@ -506,8 +512,11 @@ def _leaderboards_caught_up(fetch: Callable[[], Totals]) -> Totals:
         time.sleep(0.2)
 
 
-async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite, creators: int = 3, gifts: int = GIFTS) -> None:
-    """Run the load with the scenario's faults, then require the audit and the clients' view to agree."""
+async def _load_with_faults_then_audit(
+    scenario: Scenario, suite: Suite, creators: int = 3, gifts: int = GIFTS, concurrency: int = 8, pause_s: float = 0.0
+) -> None:
+    """Run the load with the scenario's faults, then require the audit and the clients' view to agree
+    (`concurrency` clients, each pausing `pause_s` after each op: `run_load`)."""
     log: list[str] = []
     progress = LoadReport(seed=SEED)
     started = time.monotonic()
@@ -522,11 +531,12 @@ async def _load_with_faults_then_audit(scenario: Scenario, suite: Suite, creator
             viewers=8,
             creators=creators,
             gifts=gifts,
-            concurrency=8,
+            concurrency=concurrency,
             report=progress,
+            pause_s=pause_s,
         )
     )
-    flight = Flight(progress, load, started)
+    flight = Flight(progress, load, started, gifts)
     try:
         if scenario.action is not None:
             await scenario.action(suite, flight, log)
@@ -659,3 +669,164 @@ async def test_two_replicas_of_the_wallet_and_payout_one_of_each_killed_mid_load
             assert 0 < submitted <= withdrawals, f"{submitted} submissions for {withdrawals} withdrawals"
         finally:
             await asyncio.to_thread(suite.stop)
+
+
+# Prod's NATS: three servers, every stream of three replicas (deploy/k8s/overlays/prod/nats.conf),
+# so a PubAck means two servers stored the event. The drill runs the suite on such a cluster of
+# its own (tests/support/nats.py) and, mid-load, moves the GIFTING stream's leader (a step-down,
+# then its server SIGKILLed and started again), kills the JetStream meta leader and starts it
+# again, and takes two of the three servers away for a while (no quorum). After each, the relays
+# must store events again and every durable of GIFTING be delivered them and ack past what was
+# stored before the fault, with no service restarted (`_resumed` prints how long each took); then
+# the audit, the clients' view and the replay checks of every scenario above, and no event stored
+# twice.
+CLUSTER_REPLICAS = "3"
+CLUSTER_GIFTS = 400
+# A paced load (about 10 gifts a second at most), still in flight through every phase.
+CLUSTER_CONCURRENCY = 2
+CLUSTER_PAUSE_S = 0.2
+CLUSTER_DOWN_S = 2.0  # how long a killed server (or two, without quorum) stays down
+CLUSTER_PHASE_TIMEOUT_S = 60.0  # each phase's resume, and each read of the cluster's state
+CLUSTER_DURABLES = ("payout-gift-sent", "gifting-leaderboards")  # GIFTING's durables
+RESTORED_LINES = ("created it again", "set them back")  # what Bus.restore_stream logs when it acts
+
+
+async def _cluster_read(what: str, read: Callable[[], Awaitable[T]]) -> T:
+    """`read()` retried (a cluster electing a leader answers nothing or 503) for CLUSTER_PHASE_TIMEOUT_S."""
+    deadline = time.monotonic() + CLUSTER_PHASE_TIMEOUT_S
+    while True:
+        try:
+            return await read()
+        except Exception as exc:  # noqa: BLE001 - an election or quorum lost: asked again
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not answered within {CLUSTER_PHASE_TIMEOUT_S:g} s ({exc!r})")
+            await asyncio.sleep(0.2)
+
+
+async def _resumed(js: JetStreamContext, flight: Flight, log: list[str], what: str, since: float) -> None:
+    """Wait until the relays store events again after `what` (GIFTING's last sequence moves past
+    `mark`, what it was once the stream answered again), every durable of GIFTING is delivered
+    events past `mark` (it pulls again, with no restart) and has its acks settled up to them (its
+    ack floor past `mark`: an ack the fault lost holds it until the event comes again, ack_wait
+    later, and the inbox makes that a no-op). Logs how long each took from `since` (when the fault
+    ended); fails after CLUSTER_PHASE_TIMEOUT_S."""
+    mark = (await _cluster_read("GIFTING's info", lambda: js.stream_info("GIFTING"))).state.last_seq
+    deadline = time.monotonic() + CLUSTER_PHASE_TIMEOUT_S
+    took: dict[str, float] = {}
+    while "acked" not in took:
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {what}, within {CLUSTER_PHASE_TIMEOUT_S:g} s only {took} past sequence {mark}")
+        if flight.task.done():
+            flight.task.result()
+            pytest.fail(f"the load ended before the suite was seen to resume after {what}: {took}")
+        last = (await _cluster_read("GIFTING's info", lambda: js.stream_info("GIFTING"))).state.last_seq
+        if "stored" not in took and last > mark:
+            took["stored"] = time.monotonic() - since
+        if "stored" in took:
+            durables = [await _cluster_read(d, lambda d=d: js.consumer_info("GIFTING", d)) for d in CLUSTER_DURABLES]
+            if "delivered" not in took and all(c.delivered.stream_seq > mark for c in durables):  # type: ignore[union-attr]
+                took["delivered"] = time.monotonic() - since
+            if "delivered" in took and all(c.ack_floor.stream_seq > mark for c in durables):  # type: ignore[union-attr]
+                took["acked"] = time.monotonic() - since
+        await asyncio.sleep(0.1)
+    log.append(
+        f"after {what}: events stored again {took['stored']:.1f} s, delivered to every durable"
+        f" {took['delivered']:.1f} s, acked {took['acked']:.1f} s"
+    )
+
+
+def _cluster_faults(cluster: NatsCluster) -> Action:
+    async def action(suite: Suite, flight: Flight, log: list[str]) -> None:
+        await _until_stored(suite, flight, "GIFTING")
+        nc = await nats.connect(cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        try:
+            js = nc.jetstream(timeout=2)
+
+            async def gifting_leader() -> str:
+                leader = (await js.stream_info("GIFTING")).cluster.leader  # type: ignore[union-attr]
+                assert leader, "no leader yet"
+                return str(leader)
+
+            leader = await _cluster_read("GIFTING's leader", gifting_leader)
+            flight.fault_starts(log, f"GIFTING's leader {leader} steps down")
+            await _cluster_read("the step-down", lambda: nc.request("$JS.API.STREAM.LEADER.STEPDOWN.GIFTING", b"", 2))
+            await _resumed(js, flight, log, "the step-down", time.monotonic())
+
+            leader = await _cluster_read("GIFTING's leader", gifting_leader)
+            flight.fault_starts(log, f"GIFTING's leader {leader} SIGKILLed")
+            await asyncio.to_thread(cluster.kill, leader)
+            await asyncio.sleep(CLUSTER_DOWN_S)
+            await asyncio.to_thread(cluster.start, leader)
+            await _resumed(js, flight, log, f"{leader} (GIFTING's leader) back", time.monotonic())
+
+            meta = await asyncio.to_thread(cluster.meta_leader)
+            assert meta, "the cluster has no meta leader"
+            flight.fault_starts(log, f"meta leader {meta} SIGKILLed")
+            await asyncio.to_thread(cluster.kill, meta)
+            await asyncio.sleep(CLUSTER_DOWN_S)
+            await asyncio.to_thread(cluster.start, meta)
+            await _resumed(js, flight, log, f"{meta} (meta leader) back", time.monotonic())
+
+            lost = cluster.running()[1:]
+            flight.fault_starts(log, f"{' and '.join(lost)} SIGKILLed (no quorum)")
+            for name in lost:
+                await asyncio.to_thread(cluster.kill, name)
+            await asyncio.sleep(CLUSTER_DOWN_S)
+            for name in lost:
+                await asyncio.to_thread(cluster.start, name)
+            await _resumed(js, flight, log, "the quorum back", time.monotonic())
+        finally:
+            await nc.close()
+
+    return action
+
+
+async def test_a_three_node_cluster_loses_leaders_and_quorum_mid_load(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("cluster")
+    replicas = {
+        s: {f"LIVEGIFTS_{s.upper()}_NATS_STREAM_REPLICAS": CLUSTER_REPLICAS} for s in ("wallet", "gifting", "payout")
+    }
+    extra = {
+        "wallet": replicas["wallet"],
+        "gifting": {**FAST_SWEEP, **replicas["gifting"]},
+        "payout": {**FAST_PAYOUT, **replicas["payout"]},
+    }
+    cluster = NatsCluster(base / "nats")
+    scenario = Scenario("a three-node NATS cluster loses leaders and quorum mid-load", {}, _cluster_faults(cluster))
+    print(f"\n== scenario: {scenario.name} [sqlite] seed={SEED} gifts={CLUSTER_GIFTS}")
+    config = suite_config(base / "suite", {}, extra)
+    config.external_nats_url = cluster.url
+    suite = Suite(config)
+    nc = None
+    try:
+        await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(suite.start)
+        nc = await nats.connect(cluster.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        for stream in STREAMS:  # made by the services once they reach NATS, maybe after their READY
+            info = await _cluster_read(stream, lambda stream=stream: js.stream_info(stream))
+            assert info.config.num_replicas == 3, f"{stream} has {info.config.num_replicas} replicas"
+        await _load_with_faults_then_audit(
+            scenario, suite, gifts=CLUSTER_GIFTS, concurrency=CLUSTER_CONCURRENCY, pause_s=CLUSTER_PAUSE_S
+        )
+        # The audit found no event parked. A relay's publish whose PubAck a leader change lost is
+        # sent again: the stream's new leader must drop it as a duplicate (its Nats-Msg-Id).
+        for stream in STREAMS:
+            twice = await msg_ids_stored_twice(cluster.url, stream)
+            assert not twice, f"{stream} stored events twice (their Nats-Msg-Id, copies): {twice}"
+        for durable in CLUSTER_DURABLES:  # kept on three servers as their stream, not on one
+            cluster_info = (await js.consumer_info("GIFTING", durable)).cluster
+            assert cluster_info is not None and len(cluster_info.replicas or []) == 2, (durable, cluster_info)
+        # An election is no stream deleted or edited (`Bus.restore_stream`'s ERROR lines).
+        restored = {
+            svc: [line for line in _log_of(suite, svc).splitlines() if any(w in line for w in RESTORED_LINES)]
+            for svc in ("wallet", "gifting", "payout")
+        }
+        assert not any(restored.values()), (
+            f"a service took a leader election for a stream deleted or edited: {restored}"
+        )
+    finally:
+        if nc is not None:
+            await nc.close()
+        await asyncio.to_thread(suite.stop)
+        await asyncio.to_thread(cluster.stop)

@@ -1,11 +1,16 @@
-"""nats-server processes of a test's own, on free ports of 127.0.0.1 with a store under the
+"""nats-server processes of a test's own: one server, or a JetStream cluster of three as prod runs
+(deploy/k8s/overlays/prod/nats.conf), each on free ports of 127.0.0.1 with a store under the
 test's directory, syncing every write (`sync_interval: always`)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cli.suite import free_port, nats_server_binary
@@ -81,3 +86,106 @@ def nats_server(tmp_path: Path, *, max_payload: int | None = None, store_bytes: 
         yield f"nats://127.0.0.1:{port}"
     finally:
         stop_nats(server)
+
+
+@dataclass
+class Node:
+    """One server of a `NatsCluster`."""
+
+    name: str
+    port: int
+    http_port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class NatsCluster:
+    """Three nats-servers routed to each other (a JetStream cluster, a quorum of two), each with a
+    store of its own under `base`; `kill` and `start` one by name, keeping its store."""
+
+    base: Path
+    size: int = 3
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        routes = [free_port() for _ in range(self.size)]
+        for i, route in enumerate(routes):
+            name = f"n{i + 1}"
+            node_dir = self.base / name
+            node_dir.mkdir(parents=True, exist_ok=True)
+            http = free_port()
+            conf = node_dir / "nats.conf"
+            conf.write_text(nats_conf(node_dir / "js", server_name=name, http_port=http, cluster=(route, routes)))
+            self.nodes[name] = Node(name, free_port(), http, conf, node_dir / "nats.log")
+
+    @property
+    def url(self) -> str:
+        """Every server's URL, comma separated (LIVEGIFTS_<SVC>_NATS_URL)."""
+        return ",".join(f"nats://127.0.0.1:{n.port}" for n in self.nodes.values())
+
+    def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
+        """Start one server (`name`) or all, and wait until each says JetStream is healthy; with
+        all, until the cluster has a meta leader."""
+        names = [name] if name else list(self.nodes)
+        for n in names:
+            node = self.nodes[n]
+            node.proc = start_nats(node.conf, node.port, node.log)
+        for n in names:
+            self.wait_until(lambda n=n: self._healthy(n), f"{n} healthy", timeout_s)
+        if name is None:  # else a client's first JetStream calls time out until one is elected
+            self.wait_until(lambda: self.meta_leader() != "", "a meta leader elected", timeout_s)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one server (its store stays, as a pod's PVC)."""
+        node = self.nodes[name]
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+        node.proc = None
+
+    def stop(self) -> None:
+        """Stop every server."""
+        for node in self.nodes.values():
+            if node.proc is not None:
+                stop_nats(node.proc)
+                node.proc = None
+
+    def running(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.proc is not None and node.proc.poll() is None]
+
+    def jsz(self, name: str) -> dict:  # type: ignore[type-arg]
+        """The server's /jsz (its JetStream view: meta leader, streams)."""
+        url = f"http://127.0.0.1:{self.nodes[name].http_port}/jsz"
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own server's monitor port
+            return dict(json.load(r))
+
+    def meta_leader(self) -> str:
+        """The JetStream meta leader's name as a running server sees it ("" if none)."""
+        for name in self.running():
+            with contextlib.suppress(OSError, ValueError):
+                leader = str(self.jsz(name).get("meta_cluster", {}).get("leader", ""))
+                if leader:
+                    return leader
+        return ""
+
+    def _healthy(self, name: str) -> bool:
+        node = self.nodes[name]
+        if node.proc is None or node.proc.poll() is not None:
+            raise RuntimeError(f"nats-server {name} exited (see {node.log})")
+        url = f"http://127.0.0.1:{node.http_port}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310
+                return r.status == 200
+        except OSError:
+            return False
+
+    @staticmethod
+    def wait_until(done, what: str, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+        """Poll `done()` every 0.1 s; TimeoutError naming `what` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not {what} within {timeout_s:g} s")
+            time.sleep(0.1)
