@@ -61,9 +61,11 @@ log = logging.getLogger(__name__)
 # inbox loses its interest (the puller closed, the connection lost).
 REQUEST_EXPIRES_S = 5.0
 _ENDING = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
-# What a 503 to a pull request means: no server answers for that durable.
+# What a 503 to a pull request means: no server answers for that durable. In a cluster also for
+# the seconds the durable's leader is elected (its server died or stepped down).
 NO_RESPONDERS = (
-    "no responders: the server has no such durable (deleted, or its stream or store lost) or JetStream is down"
+    "no responders: the server has no such durable (deleted, or its stream or store lost), its leader is being"
+    " elected (a cluster) or JetStream is down"
 )
 # The settings of a durable that `Puller.open` brings in step with the caller's (all editable).
 _KEPT_IN_STEP = ("filter_subject", "ack_wait", "max_deliver", "max_ack_pending")
