@@ -9,9 +9,10 @@ import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.cli.suite import free_port, nats_server_binary
 
@@ -102,8 +103,9 @@ class Node:
 
 @dataclass
 class NatsCluster:
-    """Three nats-servers routed to each other (a JetStream cluster, a quorum of two), each with a
-    store of its own under `base`; `kill` and `start` one by name, keeping its store."""
+    """`size` nats-servers (three, as prod: a quorum of two) routed to each other as one JetStream
+    cluster, each with a store of its own under `base`; `kill` and `start` one by name, keeping its
+    store."""
 
     base: Path
     size: int = 3
@@ -153,9 +155,10 @@ class NatsCluster:
                 node.proc = None
 
     def running(self) -> list[str]:
+        """The names of the servers started and not exited."""
         return [n for n, node in self.nodes.items() if node.proc is not None and node.proc.poll() is None]
 
-    def jsz(self, name: str) -> dict:  # type: ignore[type-arg]
+    def jsz(self, name: str) -> dict[str, Any]:
         """The server's /jsz (its JetStream view: meta leader, streams)."""
         url = f"http://127.0.0.1:{self.nodes[name].http_port}/jsz"
         with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own server's monitor port
@@ -182,7 +185,7 @@ class NatsCluster:
             return False
 
     @staticmethod
-    def wait_until(done, what: str, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    def wait_until(done: Callable[[], bool], what: str, timeout_s: float) -> None:
         """Poll `done()` every 0.1 s; TimeoutError naming `what` after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while not done():
