@@ -194,8 +194,6 @@ def ensure_sqlite_dir(url: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy's begin event emit BEGIN itself (IMMEDIATE for writers).
-    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # durable: fsync on every commit
@@ -228,9 +226,28 @@ class _SQLiteConnection(sqlite3.Connection):
         super().close()
 
 
+def _sqlite_no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # sqlite3's own BEGIN, before DML only, is off
+
+
 def _sqlite_begin(conn: Any) -> None:
-    readonly = conn.get_execution_options().get("livegifts_readonly", False)
-    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+    options = conn.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return  # an Alembic autocommit_block (VACUUM, or a PRAGMA a transaction would make a no-op)
+    conn.exec_driver_sql("BEGIN" if options.get("livegifts_readonly", False) else "BEGIN IMMEDIATE")
+
+
+def sqlite_transactions_by_sqlalchemy(engine: AsyncEngine) -> None:
+    """SQLite: each SQLAlchemy transaction is one of SQLite's, begun by SQLAlchemy's begin event
+    (BEGIN IMMEDIATE for writers, BEGIN for `livegifts_readonly`), DDL included.
+
+    sqlite3 (and aiosqlite over it) begins a transaction of its own only before an INSERT,
+    UPDATE, DELETE or REPLACE: a CREATE, DROP or ALTER ran each in its own autocommit, and a
+    rollback undid none of them. A migration stopped part way through an Alembic batch rebuild
+    left `_alembic_tmp_<table>` behind, and every retry failed "table ... already exists".
+    """
+    event.listen(engine.sync_engine, "connect", _sqlite_no_driver_transactions)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin)
 
 
 def _drop_closed_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -331,8 +348,8 @@ def create_engine(
             pool_timeout=pool_timeout_s,
             connect_args={"factory": _SQLiteConnection},
         )
+        sqlite_transactions_by_sqlalchemy(engine)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     url, libpq_args = postgres_connect_args(url)
     engine = create_async_engine(

@@ -15,7 +15,13 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_engine_from_config
 
-from services.common.db import driver_sqlstate, ensure_sqlite_dir, normalize_url, postgres_connect_args
+from services.common.db import (
+    driver_sqlstate,
+    ensure_sqlite_dir,
+    normalize_url,
+    postgres_connect_args,
+    sqlite_transactions_by_sqlalchemy,
+)
 from services.common.tables import DEAD_LETTERS_EVENT_INDEX
 
 log = logging.getLogger(__name__)
@@ -259,6 +265,11 @@ async def _run_async(metadata: MetaData) -> None:
         section["sqlalchemy.url"], libpq_args = postgres_connect_args(section["sqlalchemy.url"])
         kw["connect_args"] = {"server_settings": {"lock_timeout": lock_timeout}, **libpq_args}
     engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool, **kw)
+    if not postgresql:
+        # Each revision in one SQLite transaction, its DDL included (SQLite's DDL is
+        # transactional): a revision stopped part way (disk full, a kill, a statement failing) is
+        # rolled back whole, and the retry runs it again on the schema before it.
+        sqlite_transactions_by_sqlalchemy(engine)
     try:
         async with engine.connect() as conn:
             if postgresql:

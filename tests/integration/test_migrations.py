@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Executable, text
+from sqlalchemy import Engine, Executable, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
-from services.common.db import normalize_url
+from services.common.db import normalize_url, sqlite_transactions_by_sqlalchemy
 from services.common.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade_head
 from services.common.pruning import AgePruner
 from services.common.sql import CODE_POINT_INDEXES
@@ -377,6 +380,69 @@ async def test_the_dead_letters_unique_index_is_built_again_by_a_retry_after_a_f
     valid = f"SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = '{DEAD_LETTERS_EVENT_INDEX}'::regclass"
     assert await _execute(empty_database, valid) == [(True, True)]
     assert await _execute(empty_database, "SELECT error FROM dead_letters") == [("first",)]
+
+
+# Each service's revisions that rebuild a table on SQLite (an Alembic batch: a copy, then the swap).
+OUTBOX_AUTOINCREMENT_REVISION = {"wallet": "0008", "gifting": "0009", "payout": "0008"}
+_REBUILDS = {"outbox": OUTBOX_AUTOINCREMENT_REVISION, "dead_letters": DEAD_LETTERS_UNIQUE_REVISION}
+_ROWS = {
+    "outbox": "INSERT INTO outbox (event_id, subject, payload, headers, created_at_us, attempts)"
+    " VALUES ('e', 's.x.y', '', '{}', 1, 0)",
+    "dead_letters": _PARK.format("c", "'e'", "x"),
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("table", sorted(_REBUILDS))
+async def test_a_sqlite_table_rebuild_stopped_part_way_is_rolled_back_and_done_again_by_the_retry(
+    empty_database: str, service: str, table: str
+) -> None:
+    """A revision stopped between its rebuild's copy and the swap (disk full, a kill, a later
+    statement failing) must leave the schema as it was: its CREATE TABLE _alembic_tmp_<table> ran
+    in autocommit, outside any transaction, and every retry failed "already exists"."""
+    if not empty_database.startswith("sqlite"):
+        pytest.skip("PostgreSQL: the rebuild is SQLite's (an identity never reuses an id)")
+    cfg = alembic_config(ROOT / "services" / service / "migrations", empty_database)
+    previous = ScriptDirectory.from_config(cfg).get_revision(_REBUILDS[table][service]).down_revision
+    await asyncio.to_thread(command.upgrade, cfg, previous)
+    await _execute(empty_database, _ROWS[table])
+
+    def disk_full(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.split()[:3] == ["DROP", "TABLE", table]:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    event.listen(Engine, "before_cursor_execute", disk_full)
+    try:
+        with pytest.raises(OperationalError, match="disk is full"):
+            await asyncio.to_thread(command.upgrade, cfg, "head")
+    finally:
+        event.remove(Engine, "before_cursor_execute", disk_full)
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '_alembic_tmp%'"
+    assert await _execute(empty_database, tables) == []
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [(previous,)]
+    await asyncio.to_thread(command.upgrade, cfg, "head")
+    assert await _execute(empty_database, "SELECT version_num FROM alembic_version") == [
+        (_head(service, empty_database),)
+    ]
+    assert await _execute(empty_database, f"SELECT id, subject FROM {table}") == [(1, "s.x.y")]
+
+
+async def test_an_autocommit_block_runs_outside_a_transaction_on_sqlite_too(empty_database: str) -> None:
+    """A migration's autocommit_block (Alembic's AUTOCOMMIT isolation level) must not get the BEGIN
+    the migrations' SQLite transactions do: VACUUM refuses to run in a transaction, and a PRAGMA
+    such as foreign_keys does nothing in one."""
+    if not empty_database.startswith("sqlite"):
+        pytest.skip("PostgreSQL: its driver's autocommit, no begin event of ours")
+    engine = create_async_engine(normalize_url(empty_database), poolclass=NullPool)
+    sqlite_transactions_by_sqlalchemy(engine)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            await conn.commit()
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.exec_driver_sql("VACUUM")
+    finally:
+        await engine.dispose()
 
 
 async def test_the_audits_legacy_reversal_claims_read_the_reversals_index_not_the_journal(empty_database: str) -> None:
