@@ -71,6 +71,7 @@ KEEPALIVE_PING_STRIKES_MAX = 2  # gRPC's default; 0 would let a client ping with
 # it reads (a HealthCheckRequest is a service name).
 PROBE_CONCURRENT_RPCS_MAX = 32
 PROBE_MESSAGE_BYTES_MAX = 4096
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # grpc.health.v1.Health
 
 # A call answered UNAVAILABLE for one reason and error logs one line per this many seconds.
 UNAVAILABLE_LOG_INTERVAL_S = 30.0
@@ -322,7 +323,7 @@ class RunningServer:
         keepalive_time_s: float = GRPC_KEEPALIVE_TIME_S,
         keepalive_timeout_s: float = GRPC_KEEPALIVE_TIMEOUT_S,
     ) -> int:
-        """Serve grpc.health.v1 alone on a second server of its own, on host:port (port 0 picks a
+        """Serve grpc.health.v1 Check alone on a second server of its own, on host:port (port 0 picks a
         free one; PROBE_HOST / PROBE_PORT), with the main server's status from now on; returns
         the bound port.
 
@@ -349,7 +350,15 @@ class RunningServer:
         )
         servicer = health.aio.HealthServicer()
         await self._set(servicer)
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        # Check alone: Watch answers UNIMPLEMENTED. A Watch stream lasts as long as its client
+        # keeps it open, and PROBE_CONCURRENT_RPCS_MAX of them refused every Check here
+        # RESOURCE_EXHAUSTED, which restarted the pod. The kubelet and grpc_health_probe only check.
+        check = grpc.unary_unary_rpc_method_handler(
+            servicer.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_HEALTH_SERVICE, {"Check": check}),))
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind the gRPC probe port to {host}:{port}")

@@ -331,6 +331,43 @@ def test_the_probe_port_answers_while_calls_whose_body_never_comes_hold_every_sl
     ]
 
 
+def test_the_probe_port_answers_check_while_as_many_watch_streams_as_its_limit_were_asked_for() -> None:
+    """The probe port serves Check alone: a Watch stream there (the full health servicer's) never
+    ended, so PROBE_CONCURRENT_RPCS_MAX of them refused every Check RESOURCE_EXHAUSTED and the
+    kubelet's liveness probe restarted the pod, the failure the probe port is there to prevent."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.grpcserver import PROBE_CONCURRENT_RPCS_MAX, create_server
+
+    async def answers() -> tuple[set[grpc.StatusCode | int], int]:
+        running = await create_server([], "127.0.0.1", 0, "livegifts.test")
+        probe_port = await running.serve_probes("127.0.0.1", 0)
+        await running.set_serving(True)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as probe:
+            stub = health_pb2_grpc.HealthStub(probe)
+            watches = [
+                stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(PROBE_CONCURRENT_RPCS_MAX)
+            ]
+            watched: set[grpc.StatusCode | int] = set()
+            for watch in watches:
+                try:
+                    watched.add(int((await watch.read()).status))  # the stream is open, holding its slot
+                except grpc.aio.AioRpcError as exc:
+                    watched.add(exc.code())
+            try:
+                checked = int((await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
+            except grpc.aio.AioRpcError as exc:
+                checked = exc.code().value[0]
+            for watch in watches:
+                watch.cancel()
+        await running.stop(0)
+        return watched, checked
+
+    assert asyncio.run(answers()) == ({grpc.StatusCode.UNIMPLEMENTED}, health_pb2.HealthCheckResponse.SERVING)
+
+
 @pytest.mark.parametrize("trace_spans", [False, True])
 def test_health_watch_streams_the_status_like_check_answers_it(trace_spans: bool) -> None:
     """grpc.health.v1 Watch (what client-side health checking and some meshes use) is a handler
