@@ -6,6 +6,10 @@ from pydantic_settings import SettingsConfigDict
 from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
 from services.common.db import is_sqlite
 
+# DB_POOL_SIZE on PostgreSQL: a connection for the dispatcher's submission, one for the outbox
+# relay's publish, and one at least for everything else (`_connections_beside_the_submission_and_the_publish`).
+PAYOUT_POSTGRES_POOL_MIN = 3
+
 
 class PayoutSettings(ServiceSettings):
     """Configuration of the payout service."""
@@ -69,15 +73,18 @@ class PayoutSettings(ServiceSettings):
 
     @field_validator("db_pool_size")
     @classmethod
-    def _a_connection_beside_the_submission(cls, size: int, info: ValidationInfo) -> int:
+    def _connections_beside_the_submission_and_the_publish(cls, size: int, info: ValidationInfo) -> int:
         # On PostgreSQL the dispatcher holds one pooled connection over each submission (the
-        # transaction of its advisory lock, `Payout._submitting`): with no other, every call,
-        # consumer and loop would wait for the provider's answer, and fail past DB_POOL_TIMEOUT_S.
+        # transaction of its advisory lock, `Payout._submitting`), and the outbox relay another
+        # over each publish (its batch claimed FOR UPDATE until JetStream has stored it, up to
+        # OUTGOING_DEADLINE_S a try while NATS is down): with no third, every call, consumer and
+        # loop would wait for the provider's or JetStream's answer, and fail past DB_POOL_TIMEOUT_S.
         url = info.data.get("database_url")
-        if size < 2 and url is not None and not is_sqlite(url):
+        if size < PAYOUT_POSTGRES_POOL_MIN and url is not None and not is_sqlite(url):
             raise ValueError(
-                "at least 2 on PostgreSQL: the dispatcher holds one connection over each submission to the"
-                " payout provider (up to PROVIDER_TIMEOUT_S), and the service's calls and loops need another"
+                f"at least {PAYOUT_POSTGRES_POOL_MIN} on PostgreSQL: the dispatcher holds one connection over each"
+                " submission to the payout provider (up to PROVIDER_TIMEOUT_S), the outbox relay one over each"
+                " publish to JetStream (up to OUTGOING_DEADLINE_S), and the service's calls and loops need another"
             )
         return size
 

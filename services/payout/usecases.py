@@ -1529,12 +1529,12 @@ class Payout:
         for, in a transaction held open over the submission (as the outbox relay holds its claim
         over a publish; a lock only: no row, nor the withdrawals table, `_still_unsubmitted`) that
         reads the withdrawal again and stores its reference: its commit releases the lock once
-        the reference is stored. One connection at a time (DB_POOL_SIZE is at least 2 on
-        PostgreSQL, so the service's other work has one meanwhile): the claim comes before, in
-        its own transaction. A replica that dies or is cut off mid-submission releases the lock
-        with its session, and another's next round submits the withdrawal. SQLite has one
-        process per database file, and a write transaction held over the submission would stop
-        its every writer."""
+        the reference is stored. One connection at a time (DB_POOL_SIZE is at least 3 on
+        PostgreSQL, so the service's other work has one meanwhile, beside the outbox relay's
+        over a publish): the claim comes before, in its own transaction. A replica that dies or
+        is cut off mid-submission releases the lock with its session, and another's next round
+        submits the withdrawal. SQLite has one process per database file, and a write
+        transaction held over the submission would stop its every writer."""
         if self.db.dialect != "postgresql":
             yield True, None
             return

@@ -23,6 +23,7 @@ from sqlalchemy.util import await_
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
+from services.payout.config import PAYOUT_POSTGRES_POOL_MIN
 from services.payout.providers import Submission, dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import DISPATCH_LOOP, Payout
@@ -314,14 +315,16 @@ async def test_a_submission_waiting_for_the_provider_keeps_no_migration_from_the
 
 
 @pytest.mark.parametrize("empty_database", ["postgres"], indirect=True)
-async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_while_a_submission_waits(
+async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_while_a_submission_and_a_publish_wait(
     empty_database: str,
 ) -> None:
     # The submission holds one pooled connection over the provider's answer (its advisory lock's
-    # transaction); with one in all (DB_POOL_SIZE 1, now refused on PostgreSQL) every other use of
-    # the database waited for the answer and failed past DB_POOL_TIMEOUT_S.
-    async with payout_on(empty_database, pool_size=2) as (first, _):
-        async with _while_submitting_on_the_first(first) as withdrawal_id:
+    # transaction) and the outbox relay one over JetStream's (its claim of the batch); with two in
+    # all (DB_POOL_SIZE 2, now refused on PostgreSQL) every other use of the database waited for
+    # both and failed past DB_POOL_TIMEOUT_S. (With one, for the submission alone.)
+    async with payout_on(empty_database, pool_size=PAYOUT_POSTGRES_POOL_MIN) as (first, _):
+        async with _while_submitting_on_the_first(first) as withdrawal_id, first.db.unit_of_work() as relay:
+            await relay.conn.execute(select(common.outbox.c.id).with_for_update())  # its claim, over a publish
             async with asyncio.timeout(GUARD_S):
                 other = await approved_withdrawal(first, "creator-b")
                 assert (await first.get_earnings("creator-b")).diamonds_held == 20_000

@@ -733,11 +733,13 @@ async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_
         assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
 
 
-def test_payout_on_postgresql_keeps_a_pooled_connection_beside_the_one_a_submission_holds() -> None:
+def test_payout_on_postgresql_keeps_a_pooled_connection_beside_those_a_submission_and_a_publish_hold() -> None:
     # On PostgreSQL the dispatcher holds a pooled connection over each submission (the transaction
-    # of its advisory lock, up to PROVIDER_TIMEOUT_S): with DB_POOL_SIZE 1, every call, consumer
-    # and loop of the service waited for the provider's answer, and past DB_POOL_TIMEOUT_S failed
-    # UNAVAILABLE (the test above, run on PostgreSQL). SQLite holds none over the call.
+    # of its advisory lock, up to PROVIDER_TIMEOUT_S), and the outbox relay one over each publish
+    # (its claim, up to OUTGOING_DEADLINE_S a try while NATS is down): with DB_POOL_SIZE 2 both
+    # could be held at once, and every call, consumer and loop of the service waited for their
+    # answers and past DB_POOL_TIMEOUT_S failed UNAVAILABLE (the test above, run on PostgreSQL;
+    # tests/integration/test_payout_claims.py). SQLite holds none over either.
     def settings(url: str, pool: int) -> PayoutSettings:
         return PayoutSettings(
             database_url=url,
@@ -747,9 +749,10 @@ def test_payout_on_postgresql_keeps_a_pooled_connection_beside_the_one_a_submiss
             db_pool_size=pool,
         )
 
-    with pytest.raises(ValidationError, match="db_pool_size(.|\n)*at least 2 on PostgreSQL"):
-        settings("postgresql://payout@db/payout", 1)
-    assert settings("postgresql://payout@db/payout", 2).db_pool_size == 2
+    for refused in (1, 2):
+        with pytest.raises(ValidationError, match="db_pool_size(.|\n)*at least 3 on PostgreSQL"):
+            settings("postgresql://payout@db/payout", refused)
+    assert settings("postgresql://payout@db/payout", 3).db_pool_size == 3
     assert settings("sqlite+aiosqlite:///payout.db", 1).db_pool_size == 1
 
 
