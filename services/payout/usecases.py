@@ -3,6 +3,7 @@ withdrawals with provider callbacks, clawbacks of reversed purchases, statements
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -1352,10 +1353,17 @@ class Payout:
         """Background loop: hand APPROVED withdrawals to the provider, outside any transaction."""
         check(self.settings is not None, "the dispatcher needs settings")
         # Submissions are idempotent by withdrawal id, so a failed round (or submission) is simply retried.
-        await run_every(stop, self.settings.dispatch_interval_s, self.dispatch_once, "submitted withdrawals")
+        await run_every(
+            stop, self.settings.dispatch_interval_s, lambda: self.dispatch_once(stop), "submitted withdrawals"
+        )
 
-    async def dispatch_once(self) -> int:
+    async def dispatch_once(self, stop: asyncio.Event | None = None) -> int:
         """Hand up to a batch of withdrawals to the provider, one by one; returns how many were submitted.
+
+        Once `stop` is set (a SIGTERM) no further withdrawal of the round is started: the one in
+        hand finishes (its submission, its reference stored), and the next round, the next
+        process's, starts from the first one left. The round went on through the shutdown grace,
+        handing new withdrawals to the provider, and could be cancelled in the middle of one.
 
         Choices: A) submit an APPROVED withdrawal, then mark it PROCESSING (as before): a clawback
         committing between the last read of the balance and the submission paid out diamonds the
@@ -1432,6 +1440,9 @@ class Payout:
         self._dispatch_cursor.advance([(r.requested_at_us, r.withdrawal_id) for r in rows], batch)
         submitted = 0
         for i, row in enumerate(rows):
+            if stop is not None and stop.is_set():
+                self._dispatch_cursor.rewind(i)
+                break
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
                 try:

@@ -704,6 +704,25 @@ async def test_a_withdrawal_the_provider_keeps_failing_is_logged_at_once_then_on
     assert [(r.withdrawal_id, r.retries) for r in lines] == [(stuck, 1), (stuck, 3)]  # type: ignore[attr-defined]
 
 
+async def test_a_dispatcher_stopped_mid_round_hands_the_provider_no_withdrawal_after_the_one_in_hand(
+    tmp_path: Path,
+) -> None:
+    # A SIGTERM during a round: the loop finishes its round, and the round went on handing new
+    # withdrawals to the provider for the whole shutdown grace, and could be cancelled in the
+    # middle of one. The submission under way finishes; the rest wait for the next process.
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, provider):
+        first, *later = [await approved_withdrawal(payout, f"creator-{n}") for n in range(3)]
+        stop = asyncio.Event()
+        provider.on_submit.append(stop.set)  # the SIGTERM lands while the first is submitted
+        async with asyncio.timeout(GUARD_S):
+            await payout.dispatcher(stop)
+        assert provider.submitted == [first]
+        assert await status_of(payout, first) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+        for withdrawal_id in later:
+            assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_APPROVED
+        assert await payout.dispatch_once() == 2  # the next process's round: from the first left
+
+
 async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_path: Path) -> None:
     # One pooled connection: a submission that held it (or SQLite's write lock) would stop the rest.
     async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}", pool_size=1) as (payout, _):
