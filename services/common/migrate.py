@@ -346,6 +346,8 @@ def drop_code_point_index(name: str, table: str) -> None:
 
 
 IDEMPOTENCY_AGE_INDEX = "ix_idempotency_keys_created_at"
+# The pruners' age indexes as the earlier releases had them on PostgreSQL (`PRUNER_AGE_INDEXES`).
+_BRIN: dict[str, Any] = {"postgresql_using": "brin", "postgresql_with": {"autosummarize": "on"}}
 
 
 def create_idempotency_age_index() -> None:
@@ -361,8 +363,7 @@ def create_idempotency_age_index() -> None:
         IDEMPOTENCY_AGE_INDEX,
         "idempotency_keys",
         ["created_at_us"],
-        postgresql_using="brin",
-        postgresql_with={"autosummarize": "on"},
+        **_BRIN,
     )
 
 
@@ -405,24 +406,30 @@ def replace_brin_with_btree(name: str) -> None:
     again) and the B-tree built beside the writers; until it is, a pruner scans the table. SQLite
     has B-trees only: nothing to do.
     """
+    _rebuild_age_index(name, "brin")
+
+
+def restore_brin(name: str) -> None:
+    """Undo replace_brin_with_btree: the BRIN index of the earlier releases, the B-tree dropped
+    CONCURRENTLY and the BRIN index built beside the writers, as the upgrade does (a rollback's
+    downgrade runs beside the live release too: a plain DROP and CREATE INDEX stopped its writes
+    on the table for the build, and while queued behind an older transaction)."""
+    _rebuild_age_index(name, "btree", **_BRIN)
+
+
+def _rebuild_age_index(name: str, replaced: str, **kw: Any) -> None:
+    """On PostgreSQL: drop the age index `name` CONCURRENTLY if its access method is `replaced`,
+    then build it beside the writers with `kw` (a retry after an interrupted attempt finds it
+    dropped, or built INVALID, which `create_index_beside_writers` builds again)."""
     if op.get_bind().dialect.name != "postgresql":
         return
     table, column = PRUNER_AGE_INDEXES[name]
     with op.get_context().autocommit_block():
-        if _index_method(name) == "brin":
+        if _index_method(name) == replaced:
             op.execute("SET lock_timeout = 0")  # waits for older transactions, as a build does
             op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
             op.execute("RESET lock_timeout")
-    create_index_beside_writers(name, table, [column])
-
-
-def restore_brin(name: str) -> None:
-    """Undo replace_brin_with_btree: the BRIN index of the earlier releases."""
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    table, column = PRUNER_AGE_INDEXES[name]
-    op.drop_index(name, table_name=table)
-    op.create_index(name, table, [column], postgresql_using="brin", postgresql_with={"autosummarize": "on"})
+    create_index_beside_writers(name, table, [column], **kw)
 
 
 DEAD_LETTERS_NONUNIQUE_INDEX = "ix_dead_letters_consumer_event"  # wallet 0011, gifting 0015, payout 0013

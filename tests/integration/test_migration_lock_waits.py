@@ -25,6 +25,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from services.common import migrate
 from services.common.app import idle_in_transaction_timeout_s
 from services.common.config import ServiceSettings
 from services.common.db import Database, normalize_url
@@ -34,6 +35,7 @@ from services.payout.config import PayoutSettings
 ROOT = Path(__file__).resolve().parents[2]
 WALLET = ROOT / "services" / "wallet" / "migrations"
 GIFTING = ROOT / "services" / "gifting" / "migrations"
+PAYOUT = ROOT / "services" / "payout" / "migrations"
 LOCK_TIMEOUT_S = 1.0
 WAIT_S_MAX = 10.0  # for the migration to start waiting, or to end once the blocker has
 # A live write beside the blocked migration waits at most about the lock timeout; this leaves
@@ -191,6 +193,39 @@ async def test_a_concurrent_index_build_waits_for_older_transactions_past_the_lo
             await asyncio.gather(migrating, return_exceptions=True)
         await blocker.close()
         await watcher.close()
+
+
+async def test_the_downgrade_back_to_brin_keeps_live_writes_going_while_an_older_transaction_holds_the_table(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Undoing the BRIN -> B-tree revision (a rollback's `alembic downgrade`) rebuilds each index
+    beside the writers, as the upgrade does: a plain DROP INDEX queued behind a report's open
+    transaction (ACCESS EXCLUSIVE, then the BRIN build's SHARE lock) stopped every write on the
+    table for as long as it waited, up to the lock timeout each attempt."""
+    monkeypatch.setattr(migrate, "MIGRATION_LOCK_TIMEOUT_S", 60.0)  # a stall as long as the blocker
+    await _upgrade_to(PAYOUT, postgres, "0017")
+    blocker = await asyncpg.connect(_plain(postgres), server_settings={"application_name": BLOCKER})
+    live = await asyncpg.connect(_plain(postgres), server_settings={"application_name": "payout"})
+    downgrade = asyncio.to_thread(command.downgrade, alembic_config(PAYOUT, postgres), "0016")
+    migrating = asyncio.ensure_future(downgrade)
+    try:
+        await blocker.execute("BEGIN; SELECT count(*) FROM inbox")  # ACCESS SHARE, held
+        await _wait_for_lock_waiter(live)
+        await asyncio.wait_for(live.execute("INSERT INTO inbox VALUES ('c', 'live', 0)"), WAIT_S_MAX)
+        assert not migrating.done(), "it migrated while the blocker held its transaction open"
+        await blocker.execute("ROLLBACK")
+        await asyncio.wait_for(migrating, WAIT_S_MAX)
+        method = (
+            "SELECT am.amname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_am am ON am.oid = c.relam WHERE i.indexrelid = to_regclass($1)"
+        )
+        for index in ("ix_inbox_received_at", "ix_idempotency_keys_created_at"):
+            assert tuple(await live.fetchrow(method, index)) == ("brin", True), index
+    finally:
+        if not blocker.is_closed():
+            await blocker.close()  # ends its transaction: the downgrade goes on, and is waited for
+        await asyncio.gather(migrating, return_exceptions=True)
+        await live.close()
 
 
 async def test_a_services_transaction_left_open_is_ended_by_the_server_and_frees_its_locks(postgres: str) -> None:
