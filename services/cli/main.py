@@ -162,13 +162,17 @@ def _enum_name(enum: EnumTypeWrapper, number: int, prefix: str = "") -> str:
     return value.name.removeprefix(prefix) if value is not None else f"UNKNOWN({number})"
 
 
-def _not_empty(hint: str) -> Callable[[typer.Context, typer.CallbackParam, object], object]:
+def _not_empty(
+    hint: str, empty: Callable[[], object] | None = None
+) -> Callable[[typer.Context, typer.CallbackParam, object], object]:
     """An option's check that refuses it empty, as the option or as its variable: a usage error
     (exit 2) naming which, said in one line before any call or file read. click takes a variable
     set to "" as unset and the default in its place, so `LIVEGIFTS_WALLET_ADDR=$UNSET_THING
     livegifts audit` talked to a local suite, and an empty `LIVEGIFTS_OPERATOR_TOKEN` or
     `LIVEGIFTS_VAR_DIR` (a Secret key that came out empty) read var/'s files without a word;
-    the variable is read here as the environment has it. `hint` says what to give instead."""
+    the variable is read here as the environment has it. `hint` says what to give instead.
+    With `empty`, an empty one is not refused here: the option's value is `empty()`, for the
+    command to refuse where it would use it (`_var_dir`)."""
 
     def check(ctx: typer.Context, param: typer.CallbackParam, value: object) -> object:
         source = ctx.get_parameter_source(param.name or "")
@@ -184,11 +188,32 @@ def _not_empty(hint: str) -> Callable[[typer.Context, typer.CallbackParam, objec
         else:
             return value
         if text is not None and not text.strip():
-            err_console.print(f"[red]{name} is empty[/red]: {hint}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            if empty is not None:
+                return empty()
+            _usage_error(f"{name} is empty", hint)
         return value
 
     return check
+
+
+def _usage_error(what: str, hint: str) -> NoReturn:
+    err_console.print(f"[red]{what}[/red]: {hint}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class _EmptyVarDir(type(Path())):
+    """`LIVEGIFTS_VAR_DIR` set empty: refused by what reads var/ (`_var_dir`), not by a command
+    given every secret it would read there."""
+
+
+_VAR_HINT = "give the folder of `livegifts run`'s state, or leave it out for var/"
+
+
+def _var_dir(var: Path) -> Path:
+    """`var`, to read var/'s files in: an empty `LIVEGIFTS_VAR_DIR` is a usage error (exit 2)."""
+    if isinstance(var, _EmptyVarDir):
+        _usage_error("LIVEGIFTS_VAR_DIR is empty", _VAR_HINT)
+    return var
 
 
 _address_given = _not_empty("give the service's host:port")
@@ -221,7 +246,7 @@ VarDir = Annotated[
         "--var",
         envvar="LIVEGIFTS_VAR_DIR",
         help="state folder of `run`",
-        callback=_not_empty("give the folder of `livegifts run`'s state, or leave it out for var/"),
+        callback=_not_empty(_VAR_HINT, lambda: _EmptyVarDir("var")),
     ),
 ]
 Secret = Annotated[
@@ -258,7 +283,7 @@ def _dev_secret(var_dir: Path, name: str = "dev-webhook-secret") -> str:
 def _run_secret(var_dir: Path, name: str, option: str, missing: str = "no secret to sign with") -> str:
     """A secret `run` keeps in var/, for a command that calls the suite; never made up here: a
     new one would only be refused by a suite that started with another."""
-    path = var_dir / name
+    path = _var_dir(var_dir) / name
     try:
         return path.read_text().strip()
     except OSError as exc:  # missing, or --var is a file (say, the secret's own), or unreadable
@@ -333,6 +358,7 @@ class _StopRequested:
 @app.command()
 def run(var: VarDir = Path("var"), port_offset: PortOffset = 0) -> None:
     """Start nats-server and the three services on SQLite under var/ until Ctrl-C, SIGTERM or SIGHUP."""
+    var = _var_dir(var)
     defaults = SuiteConfig(var_dir=var)
     try:
         _state_folder(var)

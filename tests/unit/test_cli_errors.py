@@ -589,6 +589,8 @@ def _var_with_secrets(tmp_path: Path) -> Path:
         ("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET", ["buy", "bob"]),
         ("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET", ["demo"]),
         ("LIVEGIFTS_VAR_DIR", ["withdrawals"]),
+        ("LIVEGIFTS_VAR_DIR", ["buy", "bob"]),
+        ("LIVEGIFTS_VAR_DIR", ["run"]),
         ("LIVEGIFTS_RUN_PORT_OFFSET", ["run"]),
     ],
 )
@@ -642,6 +644,22 @@ def test_a_secret_option_wins_over_its_empty_variable(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["withdrawals", "--operator-token", "t", "--payout-addr", closed], env=env)
     assert result.exit_code == 1, result.output  # the call went to the closed address, with the option's token
     assert f"(payout at {closed})" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["buy", "bob", "--webhook-secret", "s" * 32], ["withdrawals", "--operator-token", "t"]],
+    ids=["buy", "withdrawals"],
+)
+def test_an_empty_var_dir_variable_is_no_error_for_a_command_given_what_it_would_read_there(args: list[str]) -> None:
+    # var/ is read for a secret or token not given: given, the command reads nothing there, and
+    # an empty LIVEGIFTS_VAR_DIR (a shared environment's) refused it all the same.
+    closed = f"127.0.0.1:{free_port()}"
+    env = {"LIVEGIFTS_VAR_DIR": "", "COLUMNS": "300"}
+    env |= {name: closed for name in ("LIVEGIFTS_WALLET_ADDR", "LIVEGIFTS_PAYOUT_ADDR")}
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 1, result.output  # the call went to the closed address
+    assert f"at {closed})" in result.stderr, result.stderr
 
 
 def test_version_prints_the_installed_package_s_version_and_exits_0() -> None:
