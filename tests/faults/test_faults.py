@@ -42,8 +42,9 @@ from tests.faults.load import (
     run_load,
     withdrawal_statuses,
 )
+from tests.faults.suite_env import FAST_PAYOUT, FAST_SWEEP, OPERATOR_METADATA
 from tests.integration import pg
-from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
+from tests.integration.conftest import WEBHOOK_SECRET, suite_config
 from tests.support.nats import NatsCluster
 
 SEED = int(os.environ.get("LIVEGIFTS_FAULT_SEED", str(random.SystemRandom().randint(1, 10**6))))
@@ -55,16 +56,6 @@ REPLAY_SENSITIVE = {
     "payout": ("coins_received", "earned_units", "diamonds_credited", "events_consumed", "diamonds_clawed_back"),
     "wallet": ("coins_issued", "coins_spent", "coins_reversed", "coins_in_user_balances", "spends"),
     "gifting": ("gifts_sent", "coins_sent", "leaderboard_coins"),
-}
-OPERATOR_METADATA = (("authorization", f"Bearer {OPERATOR_TOKEN}"), ("x-operator", "fault-suite"))
-FAST_SWEEP = {"LIVEGIFTS_GIFTING_PENDING_TIMEOUT_S": "3", "LIVEGIFTS_GIFTING_SWEEP_INTERVAL_S": "0.5"}
-# Within seconds, not minutes: a withdrawal whose dev-provider callback died with payout is looked
-# up at the provider (15 min by default), and one held because the wallet could not answer for
-# its creator (killed meanwhile) is asked about again (60 s by default).
-FAST_PAYOUT = {
-    "LIVEGIFTS_PAYOUT_RECONCILE_AFTER_S": "2",
-    "LIVEGIFTS_PAYOUT_RECONCILE_INTERVAL_S": "0.5",
-    "LIVEGIFTS_PAYOUT_DISPATCH_HOLD_RECHECK_S": "1",
 }
 WITHDRAWALS_PAID_TIMEOUT_S = 30.0
 # The withdrawals come last in the load, after every gift: a point on their path fires late.

@@ -50,7 +50,7 @@ from tests.faults.load import (
     events_by_withdrawal,
     withdrawal_statuses,
 )
-from tests.faults.test_faults import FAST_PAYOUT, FAST_SWEEP, OPERATOR_METADATA
+from tests.faults.suite_env import FAST_PAYOUT, FAST_SWEEP, OPERATOR_METADATA
 from tests.integration import pg
 from tests.integration.conftest import WEBHOOK_SECRET, suite_config
 from tests.integration.helpers import uid
