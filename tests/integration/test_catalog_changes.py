@@ -22,7 +22,7 @@ from services.gifting.storage import common
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
 from tests.integration.helpers import domain_reason
-from tests.integration.test_gifting_keys import Ledger
+from tests.support.gifting import Ledger
 
 
 class GatedLedger(Ledger):

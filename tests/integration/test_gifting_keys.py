@@ -17,13 +17,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import delete, false, select, update
 
 from livegifts.gifting.v1 import gifting_pb2
-from livegifts.wallet.v1 import wallet_pb2
 from services.common.errors import DomainError
 from services.common.outbox import Outbox
 from services.common.sql import one_of
@@ -33,68 +31,7 @@ from services.gifting.storage import common, content_unlocks, gift_events, strea
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
 from tests.integration.helpers import domain_reason
-from tests.support.gifting import wallet_refusal
-
-OUTCOME = wallet_pb2.CancelSpendResponse
-
-
-class Ledger:
-    """Coins per user; each spend key spends once, and a cancelled key never spends."""
-
-    def __init__(self) -> None:
-        self.coins: dict[str, int] = {}
-        self.spent: dict[str, wallet_pb2.SpendResponse] = {}
-        self.cancelled: set[str] = set()
-        self.attempts: list[str] = []  # every spend asked for, by key
-
-    def _spend(self, req: wallet_pb2.SpendRequest) -> tuple[wallet_pb2.SpendResponse | None, str]:
-        self.attempts.append(req.idempotency_key)
-        if req.idempotency_key in self.spent:
-            return self.spent[req.idempotency_key], ""
-        if req.idempotency_key in self.cancelled:
-            return None, "SPEND_CANCELLED"
-        if self.coins.get(req.user_id, 0) < req.amount:
-            return None, "INSUFFICIENT_COINS"
-        self.coins[req.user_id] -= req.amount
-        answer = wallet_pb2.SpendResponse(
-            spend_id=req.idempotency_key, amount=req.amount, balance_after=self.coins[req.user_id]
-        )
-        self.spent[req.idempotency_key] = answer
-        return answer, ""
-
-    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        return wallet_pb2.GetAccountRestrictionsManyResponse(
-            restrictions=[wallet_pb2.AccountRestrictions(user_id=u, may_spend=True) for u in req.user_ids]
-        )
-
-    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        answer, reason = self._spend(req)
-        if answer is None:
-            code = grpc.StatusCode.ABORTED if reason == "SPEND_CANCELLED" else grpc.StatusCode.FAILED_PRECONDITION
-            raise wallet_refusal(code, "refused", reason)
-        return answer
-
-    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        results = []
-        for s in req.spends:
-            answer, reason = self._spend(s)
-            if answer is not None:
-                results.append(wallet_pb2.SpendManyResult(spent=answer))
-                continue
-            if req.settle_refusals:
-                self.cancelled.add(s.idempotency_key)
-            code = grpc.StatusCode.ABORTED if reason == "SPEND_CANCELLED" else grpc.StatusCode.FAILED_PRECONDITION
-            error = wallet_pb2.SpendItemError(
-                code=code.value[0], reason=reason, message="refused", settled=req.settle_refusals
-            )
-            results.append(wallet_pb2.SpendManyResult(error=error))
-        return wallet_pb2.SpendManyResponse(results=results)
-
-    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
-        if req.idempotency_key in self.spent:
-            return OUTCOME(outcome=OUTCOME.OUTCOME_SPENT, spend=self.spent[req.idempotency_key])
-        self.cancelled.add(req.idempotency_key)
-        return OUTCOME(outcome=OUTCOME.OUTCOME_CANCELLED)
+from tests.support.gifting import Ledger
 
 
 @pytest.fixture(params=[True, False], ids=["group-commit", "one-by-one"])

@@ -1,6 +1,7 @@
 """Gifting's use cases over a migrated SQLite file, and stand-ins for the wallet as the gifting
 service calls it: refusals as the real wallet's interceptor builds them, a scripted wallet, one at
-its concurrent-call limit, one whose restrictions a test sets, and gifts left PENDING."""
+its concurrent-call limit, one whose restrictions a test sets, an in-memory ledger, and gifts left
+PENDING."""
 
 from __future__ import annotations
 
@@ -185,6 +186,68 @@ class OneSpendFailingWallet(OverloadedWallet):
             self.cancel_calls.append(req.idempotency_key)
             raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "it failed")
         return await super().CancelSpend(req, timeout)
+
+
+class Ledger:
+    """An in-memory wallet with the wallet's contract for gifting's calls: coins per user; each spend
+    key spends once, and a cancelled key never spends (a test refuses a spend, then allows it)."""
+
+    def __init__(self) -> None:
+        self.coins: dict[str, int] = {}
+        self.spent: dict[str, wallet_pb2.SpendResponse] = {}
+        self.cancelled: set[str] = set()
+        self.attempts: list[str] = []  # every spend asked for, by key
+
+    def _spend(self, req: wallet_pb2.SpendRequest) -> tuple[wallet_pb2.SpendResponse | None, str]:
+        self.attempts.append(req.idempotency_key)
+        if req.idempotency_key in self.spent:
+            return self.spent[req.idempotency_key], ""
+        if req.idempotency_key in self.cancelled:
+            return None, "SPEND_CANCELLED"
+        if self.coins.get(req.user_id, 0) < req.amount:
+            return None, "INSUFFICIENT_COINS"
+        self.coins[req.user_id] -= req.amount
+        answer = wallet_pb2.SpendResponse(
+            spend_id=req.idempotency_key, amount=req.amount, balance_after=self.coins[req.user_id]
+        )
+        self.spent[req.idempotency_key] = answer
+        return answer, ""
+
+    async def GetAccountRestrictionsMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        return wallet_pb2.GetAccountRestrictionsManyResponse(
+            restrictions=[wallet_pb2.AccountRestrictions(user_id=u, may_spend=True) for u in req.user_ids]
+        )
+
+    async def Spend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        answer, reason = self._spend(req)
+        if answer is None:
+            code = grpc.StatusCode.ABORTED if reason == "SPEND_CANCELLED" else grpc.StatusCode.FAILED_PRECONDITION
+            raise wallet_refusal(code, "refused", reason)
+        return answer
+
+    async def SpendMany(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        results = []
+        for s in req.spends:
+            answer, reason = self._spend(s)
+            if answer is not None:
+                results.append(wallet_pb2.SpendManyResult(spent=answer))
+                continue
+            if req.settle_refusals:
+                self.cancelled.add(s.idempotency_key)
+            code = grpc.StatusCode.ABORTED if reason == "SPEND_CANCELLED" else grpc.StatusCode.FAILED_PRECONDITION
+            error = wallet_pb2.SpendItemError(
+                code=code.value[0], reason=reason, message="refused", settled=req.settle_refusals
+            )
+            results.append(wallet_pb2.SpendManyResult(error=error))
+        return wallet_pb2.SpendManyResponse(results=results)
+
+    async def CancelSpend(self, req: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - mirrors the stub
+        if req.idempotency_key in self.spent:
+            return wallet_pb2.CancelSpendResponse(
+                outcome=wallet_pb2.CancelSpendResponse.OUTCOME_SPENT, spend=self.spent[req.idempotency_key]
+            )
+        self.cancelled.add(req.idempotency_key)
+        return wallet_pb2.CancelSpendResponse(outcome=wallet_pb2.CancelSpendResponse.OUTCOME_CANCELLED)
 
 
 async def pending_gifts(g: Gifting, db: Database, n: int) -> list[str]:
