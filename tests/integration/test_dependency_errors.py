@@ -27,7 +27,7 @@ from services.common.grpcserver import ErrorInterceptor
 from services.common.loops import run_every
 from tests.integration import pg
 from tests.integration.helpers import buy_coins, eventually, expect_error, uid
-from tests.integration.test_storage_full import SECRET, _wallet
+from tests.support.wallet_server import SECRET, wallet_server
 
 
 async def test_a_role_postgresql_refuses_is_a_dependency_outage_not_an_internal_error() -> None:
@@ -266,7 +266,7 @@ async def test_an_outage_logs_a_line_per_error_not_one_per_call_and_the_retry_ta
     name = f"lg_refusing_{uuid.uuid4().hex[:12]}"
     pg.create_database(admin, name)
     try:
-        async with _wallet(tmp_path, pg.database_url(admin, name)) as wallet:
+        async with wallet_server(tmp_path, pg.database_url(admin, name)) as wallet:
             user = uid("user")
             await buy_coins(wallet.stub, SECRET, user)  # 700 coins
             key = uid("spend")
