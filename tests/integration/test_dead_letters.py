@@ -45,7 +45,7 @@ from services.common.telemetry import JsonFormatter
 from services.common.timeutil import US_PER_DAY, now_us
 from tests.integration import pg
 from tests.integration.helpers import eventually, expect_error
-from tests.integration.test_outbox_relay import _Harness, _harnesses, _running, _stream_exists
+from tests.support.relays import Harness, background, harnesses, stream_exists
 
 TOKEN = "dead-letter-test-operator-token"
 OPERATOR = (("authorization", f"Bearer {TOKEN}"), ("x-operator", "test"))
@@ -60,7 +60,7 @@ class _Rig:
 
     def __init__(
         self,
-        harness: _Harness,
+        harness: Harness,
         consumer: Consumer[Any],
         stub: Any,
         poison: set[str],
@@ -111,7 +111,7 @@ async def _rig(tmp_path: Path, url: str) -> AsyncIterator[_Rig]:
     poison: set[str] = set()
     slow: set[str] = set()  # events whose effect takes a while: concurrent replays overlap
     effects: dict[str, Effect] = {}  # run in the handler's transaction before an event's effect
-    async with _harnesses(tmp_path, url, 1, consumer_max_deliver=2) as (h,):
+    async with harnesses(tmp_path, url, 1, consumer_max_deliver=2) as (h,):
         async with h.db.unit_of_work() as uow:
             await uow.conn.execute(text("CREATE TABLE applied (event_id VARCHAR(64) PRIMARY KEY)"))
             await uow.commit()
@@ -149,7 +149,7 @@ async def test_a_failing_and_an_undecodable_event_are_parked_and_the_fixed_one_r
     rig.poison.add(ids[1])
     assert rig.h.bus.js is not None
     await rig.h.bus.js.publish("gifting.gift.sent", b"\xff\xff not a GiftSent", headers={"Nats-Msg-Id": "junk"})
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 2, 20)
         await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 5)
@@ -296,7 +296,7 @@ async def test_an_event_whose_parking_the_database_refused_is_parked_on_a_later_
     monkeypatch.setattr(Consumer, "_park", park_unless_down)
     # Unacked deliveries come again after ack_wait: 1 s instead of 30, so the test is short.
     monkeypatch.setattr(inbox_module, "ACK_WAIT_S", 1)
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20)
     assert refusals == [0]
@@ -333,7 +333,7 @@ async def test_a_batch_slower_than_the_ack_wait_is_not_delivered_again_while_it_
         await asyncio.sleep(3.5)  # three and a half ack waits
 
     rig.effects[slow_id] = lock_wait
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         await asyncio.wait_for(applying.wait(), 10)
         # Delivered while the first is applied, so buffered behind it; published straight to the
@@ -360,7 +360,7 @@ async def _park_a_slow_failing_event(rig: _Rig) -> tuple[str, list[float]]:
         raise RuntimeError("a row this event needs is missing")
 
     rig.effects[event_id] = slow_then_fails
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n >= 1, 30)
         await asyncio.sleep(4)
@@ -424,7 +424,7 @@ async def test_an_event_buffered_when_the_consumer_binds_again_is_not_counted_as
         raise RuntimeError("a row this event needs is missing")
 
     rig.effects[behind_id] = fails
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         await asyncio.wait_for(processing.wait(), 10)
         behind = events_pb2.GiftSent(event_id=behind_id, coins=1, creator_id="c")
@@ -446,12 +446,12 @@ async def test_an_event_at_the_sequence_of_one_parked_before_its_stream_was_made
     assert js is not None
     (poisoned,) = await rig.h.add_events(1)
     rig.poison.add(poisoned)
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         parked_at = (await js.stream_info("GIFTING")).state.last_seq
         assert await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 30) == 1
         await js.delete_stream("GIFTING")
-        assert await eventually(lambda: _stream_exists(rig.h), bool, 20), "the consumer did not make it again"
+        assert await eventually(lambda: stream_exists(rig.h), bool, 20), "the consumer did not make it again"
         later = await rig.h.add_events(parked_at)  # the last one at the parked event's sequence
         await rig.h.relay.relay_once()
         assert (await js.stream_info("GIFTING")).state.last_seq == parked_at
@@ -479,7 +479,7 @@ async def test_the_log_lines_of_a_failing_event_carry_the_trace_it_came_with(rig
     inbox_log = logging.getLogger("services.common.inbox")
     inbox_log.addHandler(handler)
     try:
-        async with _running(rig.consumer.run):
+        async with background(rig.consumer.run):
             await rig.h.relay.relay_once()
             await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20)
     finally:
@@ -597,7 +597,7 @@ async def test_a_parked_event_shows_the_operator_no_sql_and_the_log_has_the_whol
 
     rig.effects.update({collides: collide, refused: refuse})
     with caplog.at_level(logging.ERROR, logger="services.common.inbox"):
-        async with _running(rig.consumer.run):
+        async with background(rig.consumer.run):
             await rig.h.relay.relay_once()
             await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 2, 20)
     shown = {d.event_id: d.error for d in (await rig.parked()).dead_letters}
@@ -719,7 +719,7 @@ async def test_events_the_database_refuses_for_longer_than_max_deliver_are_not_p
     for event_id in (*ids, bad):
         rig.effects[event_id] = refuse
     with caplog.at_level(logging.WARNING, logger="services.common.inbox"):
-        async with _running(rig.consumer.run):
+        async with background(rig.consumer.run):
             await rig.h.relay.relay_once()
             over = 2 * 2 + 1  # well past max_deliver
             await eventually(
@@ -766,7 +766,7 @@ async def test_after_a_failover_the_relay_and_the_consumer_leave_the_old_primary
             waiting = await rig.h.add_events(2)  # still in the outbox at the failover
             read_only(True)
             await rig.h.db.engine.dispose()  # from now on the pool's connections reach the "standby"
-            async with _running(rig.consumer.run), _running(rig.h.relay.run):
+            async with background(rig.consumer.run), background(rig.h.relay.run):
                 await eventually(
                     lambda: asyncio.sleep(0, len(deliveries) == 3 and min(deliveries.values()) >= 3), bool, 30
                 )
@@ -804,7 +804,7 @@ async def test_a_database_refusing_new_connections_parks_nothing_and_the_relay_a
             refusal = contextlib.ExitStack()
             refusal.enter_context(pg.refusing_connections(admin, name))  # until refusal.close()
             with refusal, caplog.at_level(logging.WARNING, logger="services.common.inbox"):
-                async with _running(rig.consumer.run), _running(rig.h.relay.run):
+                async with background(rig.consumer.run), background(rig.h.relay.run):
                     await eventually(
                         lambda: asyncio.sleep(0, len(deliveries) == 3 and min(deliveries.values()) >= 3), bool, 30
                     )
@@ -840,7 +840,7 @@ async def test_an_event_whose_id_the_inbox_cannot_hold_is_parked_and_the_rest_go
     assert rig.h.bus.js is not None
     await rig.h.bus.js.publish("gifting.gift.sent", event.SerializeToString(), headers={"Nats-Msg-Id": "odd"})
     ids = await rig.h.add_events(2)
-    async with _running(rig.consumer.run):
+    async with background(rig.consumer.run):
         await rig.h.relay.relay_once()
         assert await eventually(lambda: rig.count("SELECT count(*) FROM dead_letters"), lambda n: n == 1, 20) == 1
         assert await eventually(lambda: rig.count("SELECT count(*) FROM applied"), lambda n: n == 2, 5) == 2

