@@ -123,6 +123,40 @@ async def live_stream(gifting, creator_id: str) -> gifting_pb2.Stream:  # type: 
     )
 
 
+async def balance_of(wallet, user: str) -> int:  # type: ignore[no-untyped-def]
+    """A user's coins."""
+    return (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins
+
+
+async def balance(clients, user_id: str) -> int:  # type: ignore[no-untyped-def]
+    """The user's coins, asked through the clients' wallet stub."""
+    return await balance_of(clients.wallet, user_id)
+
+
+def spend_req(user: str, amount: int, key: str | None = None) -> wallet_pb2.SpendRequest:
+    """A GIFT spend."""
+    return wallet_pb2.SpendRequest(
+        user_id=user,
+        amount=amount,
+        reason=wallet_pb2.SPEND_REASON_GIFT,
+        reference_id="r",
+        idempotency_key=uid("k") if key is None else key,
+    )
+
+
+def gift(
+    stream_id: str, sender: str, gift_id: str, quantity: int, key: str | None = None
+) -> gifting_pb2.SendGiftRequest:
+    """One gift, as an item of a SendGifts batch or a SendGift call."""
+    return gifting_pb2.SendGiftRequest(
+        stream_id=stream_id,
+        sender_id=sender,
+        gift_id=gift_id,
+        quantity=quantity,
+        idempotency_key=uid("gift") if key is None else key,
+    )
+
+
 async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout_s: float = 20.0) -> T:
     """Poll `probe` until `done(result)` or the timeout; returns the last result."""
     deadline = time.monotonic() + timeout_s

@@ -19,9 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from livegifts.wallet.v1 import wallet_pb2
-from tests.integration.helpers import buy_coins, uid
+from tests.integration.helpers import buy_coins, spend_req, uid
 from tests.integration.pglocks import LOCK_WAIT_S_MAX, LOCK_WAITERS
-from tests.integration.test_wallet import spend_req
 
 # SQLite: long enough that the first call's batch is writing (and stalls on the lock) before the
 # second call comes; well within SQLite's busy wait (10 s), so the stalled batch is not failed by it.

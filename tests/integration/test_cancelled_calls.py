@@ -20,9 +20,7 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.db import Database
-from tests.integration.helpers import buy_coins, eventually, live_stream, uid
-from tests.integration.test_send_gifts import balance, gift
-from tests.integration.test_wallet import spend_req
+from tests.integration.helpers import balance, buy_coins, eventually, gift, live_stream, spend_req, uid
 
 # Counts to 300 000, long enough on both backends (about 0.1-0.3 s) that a cancel after 30 ms
 # lands inside it; RETURNING, like gifting's inserts and its SENT flip: a statement cancelled

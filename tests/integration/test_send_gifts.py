@@ -10,25 +10,7 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.clients import error_info
-from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
-
-
-def gift(
-    stream_id: str, sender: str, gift_id: str, quantity: int, key: str | None = None
-) -> gifting_pb2.SendGiftRequest:
-    """One item of a batch."""
-    return gifting_pb2.SendGiftRequest(
-        stream_id=stream_id,
-        sender_id=sender,
-        gift_id=gift_id,
-        quantity=quantity,
-        idempotency_key=uid("gift") if key is None else key,
-    )
-
-
-async def balance(clients, user_id: str) -> int:  # type: ignore[no-untyped-def]
-    """The user's coins."""
-    return (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user_id))).coins
+from tests.integration.helpers import balance, buy_coins, eventually, expect_error, gift, live_stream, uid
 
 
 async def test_a_batch_sends_every_gift_once_and_bad_items_fail_alone(clients, deployment) -> None:  # type: ignore[no-untyped-def]

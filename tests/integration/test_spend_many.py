@@ -13,8 +13,7 @@ import random
 import grpc
 
 from livegifts.wallet.v1 import wallet_pb2
-from tests.integration.helpers import buy_coins, expect_error, uid
-from tests.integration.test_wallet import balance_of, spend_req
+from tests.integration.helpers import balance_of, buy_coins, expect_error, spend_req, uid
 
 OK = grpc.StatusCode
 

@@ -15,7 +15,16 @@ from livegifts.gifting.v1 import gifting_pb2
 from livegifts.wallet.v1 import events_pb2, wallet_pb2
 from services.common import signing
 from services.common.clients import error_info
-from tests.integration.helpers import buy_coins, expect_error, live_stream, reason_of, signed_callback, uid
+from tests.integration.helpers import (
+    balance_of,
+    buy_coins,
+    expect_error,
+    live_stream,
+    reason_of,
+    signed_callback,
+    spend_req,
+    uid,
+)
 
 OK = grpc.StatusCode
 
@@ -30,22 +39,6 @@ async def new_purchase(wallet, user: str, package_id: str = "us-usd-700", curren
             payment_method=wallet_pb2.PAYMENT_METHOD_APPLE_PAY,
             idempotency_key=uid("buy"),
         )
-    )
-
-
-async def balance_of(wallet, user: str) -> int:  # type: ignore[no-untyped-def]
-    """A user's coins."""
-    return (await wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins
-
-
-def spend_req(user: str, amount: int, key: str | None = None) -> wallet_pb2.SpendRequest:
-    """A GIFT spend."""
-    return wallet_pb2.SpendRequest(
-        user_id=user,
-        amount=amount,
-        reason=wallet_pb2.SPEND_REASON_GIFT,
-        reference_id="r",
-        idempotency_key=uid("k") if key is None else key,
     )
 
 
