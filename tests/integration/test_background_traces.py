@@ -29,7 +29,7 @@ from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.suite import Suite
 from tests.integration.conftest import OPERATOR_TOKEN, WEBHOOK_SECRET, suite_config
 from tests.integration.helpers import buy_coins, eventually, live_stream, uid
-from tests.integration.test_payout import gift_event, publish
+from tests.integration.payout_calls import gift_event, publish
 
 OPERATOR = (("authorization", f"Bearer {OPERATOR_TOKEN}"), ("x-operator", "trace-test"))
 SERVICES = ("wallet", "gifting", "payout")

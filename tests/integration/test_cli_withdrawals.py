@@ -14,7 +14,7 @@ from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from tests.integration.conftest import Deployment
 from tests.integration.helpers import eventually, uid
-from tests.integration.test_payout import fund, verified_method, withdraw
+from tests.integration.payout_calls import fund, verified_method, withdraw
 
 
 def _withdrawals(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:

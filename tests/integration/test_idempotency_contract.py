@@ -34,7 +34,7 @@ from services.common.clients import error_info
 from services.common.timeutil import to_timestamp
 from tests.integration.conftest import Clients, Deployment
 from tests.integration.helpers import buy_coins, expect_error, live_stream, signed_callback, uid
-from tests.integration.test_payout import fund, settled, verified_method
+from tests.integration.payout_calls import fund, settled, verified_method
 from tests.support.messages import copy_of
 
 OK = grpc.StatusCode

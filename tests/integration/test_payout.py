@@ -6,13 +6,10 @@ import asyncio
 import datetime as dt
 import random
 import time
-import uuid
 
 import grpc
-import nats
 import pytest
 
-from livegifts.gifting.v1 import events_pb2 as gifting_events
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common import signing
@@ -26,85 +23,9 @@ from tests.integration.helpers import (
     signed_callback,
     uid,
 )
+from tests.integration.payout_calls import earnings, fund, gift_event, publish, settled, verified_method, withdraw
 
 W = payout_pb2
-
-
-def gift_event(creator: str, coins: int, sender: str | None = None) -> gifting_events.GiftSent:
-    """A gifting.gift.sent event as gifting publishes it."""
-    return gifting_events.GiftSent(
-        event_id=uuid.uuid4().hex,
-        kind=gifting_events.GIFT_KIND_GIFT,
-        stream_id="s-payout",
-        creator_id=creator,
-        sender_id=sender or uid("viewer"),
-        gift_id="rose",
-        quantity=coins,
-        coins=coins,
-    )
-
-
-async def publish(nats_url: str, events: list[gifting_events.GiftSent], concurrency: int = 256) -> None:
-    """Publish events straight to JetStream, each with a fresh Nats-Msg-Id (so only the inbox can dedupe)."""
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream(timeout=30)
-        for i in range(0, len(events), concurrency):
-            await asyncio.gather(
-                *(
-                    js.publish("gifting.gift.sent", e.SerializeToString(), headers={"Nats-Msg-Id": uuid.uuid4().hex})
-                    for e in events[i : i + concurrency]
-                )
-            )
-    finally:
-        await nc.close()
-
-
-async def earnings(clients, creator: str) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
-    """GetEarnings of one creator."""
-    return await clients.payout.GetEarnings(W.GetEarningsRequest(creator_id=creator))
-
-
-async def fund(clients, deployment, creator: str, coins: int) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
-    """Give the creator `coins` worth of diamonds through one gift event, and wait for the credit."""
-    if deployment.nats_url is None:
-        pytest.skip("needs the deployment's NATS URL (LIVEGIFTS_TEST_TARGET_NATS_URL)")
-    await publish(deployment.nats_url, [gift_event(creator, coins)])
-    return await eventually(lambda: earnings(clients, creator), lambda e: e.coins_received >= coins)
-
-
-async def verified_method(clients, deployment, creator: str, email: str = "") -> str:  # type: ignore[no-untyped-def]
-    """A verified PayPal method of the creator."""
-    method = await clients.payout.AddPayoutMethod(
-        W.AddPayoutMethodRequest(
-            creator_id=creator,
-            kind=W.PAYOUT_METHOD_KIND_PAYPAL,
-            paypal_email=email or f"{creator}@example.com",
-            idempotency_key=uid("pm"),
-        )
-    )
-    assert method.verification == W.VERIFICATION_STATUS_PENDING
-    verified = await clients.payout.VerifyPayoutMethod(
-        W.VerifyPayoutMethodRequest(method_id=method.method_id, verified=True, idempotency_key=uid("v")),
-        metadata=deployment.operator_metadata,
-    )
-    assert verified.verification == W.VERIFICATION_STATUS_VERIFIED
-    return method.method_id
-
-
-def withdraw(creator: str, diamonds: int, method_id: str) -> payout_pb2.RequestWithdrawalRequest:
-    """A withdrawal request with a fresh key."""
-    return W.RequestWithdrawalRequest(
-        creator_id=creator, diamonds=diamonds, method_id=method_id, idempotency_key=uid("wd")
-    )
-
-
-async def settled(clients, withdrawal_id: str) -> payout_pb2.Withdrawal:  # type: ignore[no-untyped-def]
-    """Wait until the provider has called back (PAID or FAILED)."""
-    return await eventually(
-        lambda: clients.payout.GetWithdrawal(W.GetWithdrawalRequest(withdrawal_id=withdrawal_id)),
-        lambda w: w.status in (W.WITHDRAWAL_STATUS_PAID, W.WITHDRAWAL_STATUS_FAILED),
-    )
 
 
 def assert_books_balance(a: payout_pb2.PayoutAudit) -> None:

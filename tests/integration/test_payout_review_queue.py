@@ -20,8 +20,8 @@ from services.common.errors import InvalidArgument
 from services.payout.storage import withdrawals
 from services.payout.usecases import Payout
 from tests.integration.helpers import expect_error, uid
-from tests.integration.test_payout import fund, withdraw
-from tests.integration.test_payout import verified_method as verified_method_of
+from tests.integration.payout_calls import fund, withdraw
+from tests.integration.payout_calls import verified_method as verified_method_of
 from tests.support.payout import approved_withdrawal, payout_on, requested_withdrawal
 
 W = payout_pb2
