@@ -1,6 +1,14 @@
 """The Prometheus metrics every service exports (one registry per process)."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# No `<name>_created` series beside each counter's and histogram's label set (prometheus_client's
+# default: the Unix time the label set was first used). Prometheus stores each as a series of its
+# own, a sixth to a quarter of a service's series (after a mixed load of gifts: wallet 275 to 207,
+# gifting 372 to 311, payout 219 to 162, per pod), and nothing reads them: every alert takes
+# increase() or rate(), and the counters they watch are exported at 0 from the pod's start
+# instead (docs/sre.md "Dashboards and alerts").
+disable_created_metrics()
 
 RPC_SECONDS = Histogram(
     "livegifts_rpc_seconds",
