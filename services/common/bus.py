@@ -285,10 +285,26 @@ class Bus:
         )
 
     async def _create_or_update(self, config: StreamConfig) -> StreamInfo:
+        """Create the stream, or update it to `config`; one an operator sealed is left as it is.
+
+        A sealed stream stores no new event (the relays keep them in their outbox) while its
+        durables still deliver and take acks: how the suite leaves a NATS deployment for another
+        without losing what the old one holds (docs/sre.md, "Moving the suite to another NATS").
+        JetStream refuses to unseal one, so its update failed every connect: a pod started
+        meanwhile (a crash, a scale-up) never connected, and its consumers did not drain it.
+        """
         check(self.js is not None, "self.js is not None")
         try:
             return await self.js.add_stream(config)
         except BadRequestError:
+            info = await self.js.stream_info(config.name)
+            if info.config.sealed:
+                log.warning(
+                    "stream is sealed (the suite moving to another NATS?): it takes no new events,"
+                    " which wait in the outbox; its consumers read what it holds",
+                    extra={"stream": config.name},
+                )
+                return info
             return await self.js.update_stream(config)
 
     def atomic_stream_of(self, subjects: set[str]) -> str | None:

@@ -1,0 +1,37 @@
+"""A service started while its streams are sealed (the suite leaving that NATS for another,
+docs/sre.md "Moving the suite to another NATS") connects, and its consumers read what they hold."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from nats.js.api import ConsumerConfig
+
+from tests.integration.helpers import bus_on_own_nats
+
+
+async def test_a_service_connects_to_a_sealed_stream_and_reads_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with bus_on_own_nats(tmp_path, "sealed-test") as (_suite, bus, stop):
+        await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 20)
+        assert bus.js is not None
+        await bus.js.publish("gifting.gift.sent", b"held", headers={"Nats-Msg-Id": "e1"})
+        config = (await bus.js.stream_info("GIFTING")).config
+        config.sealed = True
+        await bus.js.update_stream(config)
+        await bus.close()
+
+        # A pod started now: JetStream refuses to unseal, which failed every connect before.
+        caplog.set_level(logging.WARNING, logger="services.common.bus")
+        await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 10)
+        assert bus.connected.is_set()
+        assert any("stream is sealed" in r.getMessage() and r.stream == "GIFTING" for r in caplog.records)
+        sub = await bus.js.pull_subscribe(
+            "gifting.gift.sent", durable="sealed-reader", stream="GIFTING", config=ConsumerConfig()
+        )
+        (msg,) = await sub.fetch(1, timeout=5)
+        assert msg.data == b"held"
