@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy import func, select
 
-from livegifts.gifting.v1 import events_pb2, gifting_pb2
-from livegifts.wallet.v1 import wallet_pb2
+from livegifts.gifting.v1 import events_pb2, gifting_pb2, gifting_pb2_grpc
+from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
+from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite, SuiteConfig, free_port
 from services.common import signing
 from services.common.bus import Bus
@@ -23,8 +24,11 @@ from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.errors import DomainError
 from services.wallet.payments import dev_event_payload
+from tests.integration.conftest import WEBHOOK_SECRET
 
 T = TypeVar("T")
+# The ERROR a consumer's position check logs at bind when its database lost events its durable acked.
+BEHIND = "the database is behind its consumer"
 
 
 def service_settings(url: str, **kw: object) -> ServiceSettings:
@@ -199,6 +203,57 @@ async def gift_700_coins(gifting, viewer: str, creator: str) -> gifting_pb2.Stre
             )
         )
     return stream
+
+
+async def gifts_to(suite: Suite, viewer: str, creators: list[str]) -> list[wallet_pb2.Purchase]:
+    """`viewer` buys 700 coins and gifts them to each new creator in turn, on a stream that then
+    ends: GIFTING's last event is a `gifting.stream.ended`, which payout's durable does not take."""
+    channels = [grpc.aio.insecure_channel(suite.addr(s)) for s in ("wallet", "gifting")]
+    try:
+        wallet = wallet_pb2_grpc.WalletServiceStub(channels[0])
+        gifting = gifting_pb2_grpc.GiftingServiceStub(channels[1])
+        purchases = []
+        for creator in creators:
+            purchases.append(await buy_coins(wallet, WEBHOOK_SECRET, viewer))
+            stream = await gift_700_coins(gifting, viewer, creator)
+            await gifting.EndStream(
+                gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
+            )
+        return purchases
+    finally:
+        for c in channels:
+            await c.close()
+
+
+async def earned(suite: Suite, creators: list[str], timeout_s: float = 20.0) -> list[int]:
+    """Each creator's lifetime diamonds, once they all have each gift's 350 or the wait runs out."""
+    async with grpc.aio.insecure_channel(suite.addr("payout")) as ch:
+        payout = payout_pb2_grpc.PayoutServiceStub(ch)
+
+        async def read() -> list[int]:
+            return [
+                (await payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=c))).diamonds_lifetime
+                for c in creators
+            ]
+
+        return await eventually(read, lambda d: all(x == 350 for x in d), timeout_s)
+
+
+async def counted(suite: Suite, creator: str) -> int:
+    """The coins gifting's leaderboard counts for `creator`, once it counts all 700 or the wait runs out."""
+    async with grpc.aio.insecure_channel(suite.addr("gifting")) as ch:
+        gifting = gifting_pb2_grpc.GiftingServiceStub(ch)
+
+        async def read() -> int:
+            board = await gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(creator_id=creator))
+            return board.coins_total
+
+        return await eventually(read, lambda coins: coins == 700)
+
+
+def log_since(suite: Suite, svc: str, offset: int) -> str:
+    """What `svc` logged from `offset` (characters) on."""
+    return (suite.log_dir / f"{svc}.log").read_text(errors="replace")[offset:]
 
 
 class ReplicasAsking:

@@ -25,7 +25,6 @@ import nats
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.cli.suite import Suite, free_port
@@ -33,9 +32,7 @@ from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PA
 from tests.integration import pg
 from tests.integration.auditing import audit_cli
 from tests.integration.conftest import BACKENDS, WEBHOOK_SECRET, running_suite
-from tests.integration.helpers import buy_coins, eventually, gift_700_coins, signed_callback, uid
-
-BEHIND = "the database is behind its consumer"
+from tests.integration.helpers import BEHIND, counted, earned, eventually, gifts_to, log_since, signed_callback, uid
 
 
 @contextlib.contextmanager
@@ -77,52 +74,6 @@ def snapshots(suite: Suite, svc: str) -> Iterator[tuple[object, object]]:
         yield take_pg, put_back_pg
     finally:
         pg.drop_database(admin, copy_name)
-
-
-async def _gifts(suite: Suite, viewer: str, creators: list[str]) -> list[wallet_pb2.Purchase]:
-    """`viewer` buys 700 coins and gifts them to each new creator in turn, on a stream that then
-    ends: GIFTING's last event is a `gifting.stream.ended`, which payout's durable does not take."""
-    channels = [grpc.aio.insecure_channel(suite.addr(s)) for s in ("wallet", "gifting")]
-    try:
-        wallet = wallet_pb2_grpc.WalletServiceStub(channels[0])
-        gifting = gifting_pb2_grpc.GiftingServiceStub(channels[1])
-        purchases = []
-        for creator in creators:
-            purchases.append(await buy_coins(wallet, WEBHOOK_SECRET, viewer))
-            stream = await gift_700_coins(gifting, viewer, creator)
-            await gifting.EndStream(
-                gifting_pb2.EndStreamRequest(stream_id=stream.stream_id, idempotency_key=uid("end"))
-            )
-        return purchases
-    finally:
-        for c in channels:
-            await c.close()
-
-
-async def _earned(suite: Suite, creators: list[str], timeout_s: float = 20.0) -> list[int]:
-    """Each creator's lifetime diamonds, once they all have each gift's 350 or the wait runs out."""
-    async with grpc.aio.insecure_channel(suite.addr("payout")) as ch:
-        payout = payout_pb2_grpc.PayoutServiceStub(ch)
-
-        async def read() -> list[int]:
-            return [
-                (await payout.GetEarnings(payout_pb2.GetEarningsRequest(creator_id=c))).diamonds_lifetime
-                for c in creators
-            ]
-
-        return await eventually(read, lambda d: all(x == 350 for x in d), timeout_s)
-
-
-async def _counted(suite: Suite, creator: str) -> int:
-    """The coins gifting's leaderboard counts for `creator`, once it counts all 700 or the wait runs out."""
-    async with grpc.aio.insecure_channel(suite.addr("gifting")) as ch:
-        gifting = gifting_pb2_grpc.GiftingServiceStub(ch)
-
-        async def read() -> int:
-            board = await gifting.GetLeaderboard(gifting_pb2.GetLeaderboardRequest(creator_id=creator))
-            return board.coins_total
-
-        return await eventually(read, lambda coins: coins == 700)
 
 
 async def _charge_back(suite: Suite, purchase: wallet_pb2.Purchase) -> None:
@@ -181,19 +132,15 @@ def _position_checks(port: int) -> dict[tuple[str, str], float]:
     }
 
 
-def _log_since(suite: Suite, svc: str, offset: int) -> str:
-    return (suite.log_dir / f"{svc}.log").read_text(errors="replace")[offset:]
-
-
 def _restart_and_wait_for_check(suite: Suite, svc: str, offset: int, lines: int = 1) -> str:
     """Start `svc` and wait until its log says `lines` times that it is behind, or 5 s."""
     suite.restart(svc)
     # The check runs when a consumer first binds, just after READY; a short wait covers it.
     deadline = time.monotonic() + 5
-    text = _log_since(suite, svc, offset)
+    text = log_since(suite, svc, offset)
     while text.count(BEHIND) < lines and time.monotonic() < deadline:
         time.sleep(0.1)
-        text = _log_since(suite, svc, offset)
+        text = log_since(suite, svc, offset)
     return text
 
 
@@ -208,21 +155,21 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         snapshots(suite, "payout") as (take, put_back),
     ):
         viewer, before, after = uid("viewer"), [uid("creator")], [uid("creator"), uid("creator")]
-        asyncio.run(_gifts(suite, viewer, before))
-        assert asyncio.run(_earned(suite, before)) == [350]
+        asyncio.run(gifts_to(suite, viewer, before))
+        assert asyncio.run(earned(suite, before)) == [350]
 
         suite.kill("payout", signal.SIGTERM)
         take()  # type: ignore[operator]
         suite.restart("payout")
-        bought = asyncio.run(_gifts(suite, viewer, after))
-        assert asyncio.run(_earned(suite, after)) == [350, 350]
+        bought = asyncio.run(gifts_to(suite, viewer, after))
+        assert asyncio.run(earned(suite, after)) == [350, 350]
         asyncio.run(_charge_back(suite, bought[-1]))  # a reversal after T too: its clawback is lost
         assert asyncio.run(_clawed_back(suite, after[-1])) == 350
         # A restart on its own database (the snapshot was only taken) is not taken for a restore.
-        assert BEHIND not in _log_since(suite, "payout", 0)
+        assert BEHIND not in log_since(suite, "payout", 0)
         suite.kill("payout", signal.SIGTERM)
         put_back()  # type: ignore[operator]
-        offset = len(_log_since(suite, "payout", 0))
+        offset = len(log_since(suite, "payout", 0))
         text = _restart_and_wait_for_check(suite, "payout", offset, lines=2)
 
         # It says so, naming the durables that acked what the database lost: the gifts'
@@ -238,7 +185,7 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
             assert checks[(durable, "ok")] == checks[(durable, "not_checked")] == 0.0, checks
         # What it lost: the credits of the gifts sent after the snapshot, and the clawback; JetStream
         # does not deliver their events again by itself.
-        assert asyncio.run(_earned(suite, after, timeout_s=2)) == [0, 0]
+        assert asyncio.run(earned(suite, after, timeout_s=2)) == [0, 0]
         assert asyncio.run(_clawed_back(suite, after[-1], timeout_s=1)) == 0
         failed = audit_cli(suite, "--detail", "--wait", "2")
         assert failed.returncode == 1 and "not yet credited 4" in failed.stdout, failed.stdout
@@ -250,17 +197,17 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
         suite.kill("payout", signal.SIGTERM)
         asyncio.run(_delete_durables(suite, "GIFTING", [PAYOUT_GIFT_SENT]))
         suite.restart("payout")
-        assert asyncio.run(_earned(suite, before + after)) == [350, 350, 350]
+        assert asyncio.run(earned(suite, before + after)) == [350, 350, 350]
         assert asyncio.run(_pending(suite, "GIFTING", PAYOUT_GIFT_SENT)) == 0
         suite.kill("payout", signal.SIGTERM)
         asyncio.run(_delete_durables(suite, "WALLET", [PAYOUT_PURCHASE_REVERSED]))
-        offset = len(_log_since(suite, "payout", 0))
+        offset = len(log_since(suite, "payout", 0))
         suite.restart("payout")
         assert asyncio.run(_clawed_back(suite, after[-1])) == 350
         assert asyncio.run(_clawed_back(suite, before[0], timeout_s=1)) == 0  # not the older gift's creator
         ok = audit_cli(suite, "--detail", "--wait", "30")
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        assert BEHIND not in _log_since(suite, "payout", offset)
+        assert BEHIND not in log_since(suite, "payout", offset)
         # The runbook done, the pod it started finds nothing behind: the alert resolves.
         checks = _position_checks(metrics_port)
         assert {checks[(d, "ok")] for d in (PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED)} == {1.0}, checks
@@ -270,17 +217,17 @@ def test_payout_restored_to_an_earlier_point_says_so_and_the_runbooks_rewind_cre
 def test_gifting_restored_to_an_earlier_point_says_its_leaderboards_are_behind(backend: str, tmp_path: Path) -> None:
     with running_suite(backend, tmp_path, "lgtest") as suite, snapshots(suite, "gifting") as (take, put_back):
         viewer = uid("viewer")
-        asyncio.run(_gifts(suite, viewer, [uid("creator")]))
+        asyncio.run(gifts_to(suite, viewer, [uid("creator")]))
         suite.kill("gifting", signal.SIGTERM)
         take()  # type: ignore[operator]
         suite.restart("gifting")
         after = [uid("creator")]
-        asyncio.run(_gifts(suite, viewer, after))
-        assert asyncio.run(_earned(suite, after)) == [350]
-        assert asyncio.run(_counted(suite, after[0])) == 700  # gifting's own durable applied them too
+        asyncio.run(gifts_to(suite, viewer, after))
+        assert asyncio.run(earned(suite, after)) == [350]
+        assert asyncio.run(counted(suite, after[0])) == 700  # gifting's own durable applied them too
         suite.kill("gifting", signal.SIGTERM)
         put_back()  # type: ignore[operator]
-        offset = len(_log_since(suite, "gifting", 0))
+        offset = len(log_since(suite, "gifting", 0))
         text = _restart_and_wait_for_check(suite, "gifting", offset)
         assert BEHIND in text, text[-3000:]
         assert GIFTING_LEADERBOARDS in next(line for line in text.splitlines() if BEHIND in line)
