@@ -1494,6 +1494,43 @@ def dead_letters_replay(
         console.print(f"replayed {d.id}: event {d.event_id}, {d.consumer}: outcome {outcome}", markup=False)
 
 
+@app.command("nats-drained")
+def nats_drained(
+    nats_url: Annotated[str, typer.Argument(help="the NATS the suite leaves, as the services' NATS_URL names it")],
+) -> None:
+    """Whether the suite may leave this NATS for another: every suite stream there sealed, and every
+    durable on them with nothing pending; exit 0 if so, 1 if not or if it cannot be read.
+
+    See docs/sre.md, "Moving the suite to another NATS".
+    """
+    import asyncio
+
+    from services.cli.drained import problems, read_streams
+    from services.common.bus import described
+
+    try:
+        states = asyncio.run(read_streams(nats_url, DEADLINE_S))
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, not JetStream: said, exit 1
+        err_console.print(f"[red]could not read the streams: {escape(described(exc))}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    table = _table("the suite's streams", "stream", "sealed", "messages", "durable", "not delivered", "not acked")
+    for s in states:
+        if not s.present:
+            table.add_row(s.name, "-", "absent", "", "", "")
+        for i, d in enumerate(s.durables or ()):
+            head = (s.name, "yes" if s.sealed else "no", str(s.messages)) if i == 0 else ("", "", "")
+            table.add_row(*head, escape(d.name), str(d.not_delivered), str(d.not_acked))
+        if s.present and not s.durables:
+            table.add_row(s.name, "yes" if s.sealed else "no", str(s.messages), "(none)", "", "")
+    _print_table(table)
+    found = problems(states)
+    for problem in found:
+        console.print(f"[red]{escape(problem)}[/red]", highlight=False)
+    if found:
+        raise typer.Exit(1)
+    console.print("drained: nothing more is stored here and every durable applied what it holds", highlight=False)
+
+
 def main() -> None:
     """The commands, once services.cli.main (services/cli/__init__.py) has set up the process.
 
