@@ -169,7 +169,7 @@ class Bus:
                 await self._close_quietly()
                 raise
             except Exception as exc:  # noqa: BLE001 - keep trying; the outbox holds events meanwhile
-                log.warning("NATS not reachable, retrying", extra={"error": repr(exc), "retry_in_s": delay})
+                log.warning("NATS not reachable, retrying", extra={"error": described(exc), "retry_in_s": delay})
                 if self.nc is not None:
                     await self._close_quietly()
                 await sleep_unless_stopped(stop, delay)

@@ -1,14 +1,17 @@
 """A service started while its streams are sealed (the suite leaving that NATS for another,
-docs/sre.md "Moving the suite to another NATS") connects, and its consumers read what they hold."""
+docs/sre.md "Moving the suite to another NATS") connects, and its consumers read what they hold;
+one whose stream JetStream will not update says why in its retry line."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
+import nats
 import pytest
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from tests.integration.helpers import bus_on_own_nats
 
@@ -35,3 +38,21 @@ async def test_a_service_connects_to_a_sealed_stream_and_reads_it(
         )
         (msg,) = await sub.fetch(1, timeout=5)
         assert msg.data == b"held"
+
+
+async def test_a_stream_jetstream_will_not_update_is_named_in_the_connects_retry_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with bus_on_own_nats(tmp_path, "refused-test") as (suite, bus, stop):
+        nc = await nats.connect(suite.config.nats_url)
+        # Made by hand in memory: JetStream refuses to change a stream's storage.
+        await nc.jetstream().add_stream(
+            StreamConfig(name="GIFTING", subjects=["gifting.>"], storage=StorageType.MEMORY)
+        )
+        await nc.close()
+        caplog.set_level(logging.WARNING, logger="services.common.bus")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bus.connect(stop, ["GIFTING"]), 1)
+        errors = [r.error for r in caplog.records if r.getMessage() == "NATS not reachable, retrying"]
+        # The server's code and description, not nats-py's bare `ServerError()`.
+        assert errors and all("err_code=" in e for e in errors), errors
