@@ -27,7 +27,8 @@ from services.common.bus import STREAMS
 from services.common.consumers import PAYOUT_GIFT_SENT
 from tests.integration.auditing import audit_cli
 from tests.integration.conftest import running_suite
-from tests.integration.helpers import BEHIND, counted, earned, gifts_to, log_since, nats_server, uid
+from tests.integration.helpers import BEHIND, counted, earned, gifts_to, log_since, uid
+from tests.support.nats import nats_server
 
 
 def _folder(path: Path) -> Path:
