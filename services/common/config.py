@@ -121,6 +121,17 @@ class ServiceSettings(MigrationSettings):
     otel_exporter: Literal["none", "console", "file", "otlp"] = "none"
     otel_file: str = ""  # for otel_exporter=file: JSON lines, one span a line
     otlp_endpoint: str = "http://127.0.0.1:4317"
+    # Which traces are recorded (with an exporter): OpenTelemetry's own variables, unprefixed, as
+    # every SDK and collector reads them. Only the parent-based samplers: a call or event that
+    # comes with a trace context follows its sampled flag, so a trace is recorded whole across
+    # gRPC and NATS or not at all; a root (a call without traceparent, a background item) is
+    # sampled at the ratio. The SDK reads them too when given no sampler, but falls back to
+    # everything, with a warning, on a value it does not know: here a bad one stops start-up.
+    otel_traces_sampler: Literal["parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"] = Field(
+        default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER"
+    )
+    # The ratio of new traces parentbased_traceidratio records (1.0, all, when unset)
+    otel_traces_sampler_arg: float | None = Field(default=None, ge=0, le=1, validation_alias="OTEL_TRACES_SAMPLER_ARG")
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
@@ -210,6 +221,26 @@ class ServiceSettings(MigrationSettings):
             raise ValueError("required when OTEL_EXPORTER is file")
         return path
 
+    @field_validator("otel_traces_sampler", mode="before")
+    @classmethod
+    def _sampler_name(cls, name: object) -> object:
+        return name.strip().lower() if isinstance(name, str) else name  # the SDK's names are case-insensitive
+
+    @field_validator("otel_traces_sampler_arg", mode="before")
+    @classmethod
+    def _ratio_set(cls, ratio: object) -> object:
+        return None if isinstance(ratio, str) and not ratio.strip() else ratio  # empty: unset, as the SDK reads it
+
+    @field_validator("otel_traces_sampler_arg")
+    @classmethod
+    def _ratio_of_the_ratio_sampler(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        # Read by parentbased_traceidratio alone: a ratio set beside another sampler (or none)
+        # would be an operator's 1% that records every trace.
+        sampler = info.data.get("otel_traces_sampler")
+        if ratio is not None and sampler is not None and sampler != "parentbased_traceidratio":
+            raise ValueError(f"only read with OTEL_TRACES_SAMPLER=parentbased_traceidratio (it is {sampler})")
+        return ratio
+
     @field_validator("operator_token", "operator_token_previous")
     @classmethod
     def _a_token_an_operator_can_send(cls, token: SecretStr | None) -> SecretStr | None:
@@ -272,7 +303,9 @@ def load_settings(cls: type[T], env_prefix: str | None = None) -> T:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = (prefix + str(err["loc"][0])).upper() if err["loc"] else prefix
+            loc = str(err["loc"][0]) if err["loc"] else ""
+            # A field read under a variable of its own (OTEL_TRACES_SAMPLER) is named as it is
+            name = loc if loc and loc not in cls.model_fields else (prefix + loc).upper()
             lines.append(f"  {name}: {err['msg']}")
         sys.stderr.write(f"{cls.__name__}: invalid configuration\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None

@@ -19,6 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import make_wsgi_app
@@ -106,6 +107,28 @@ def _exporter(settings: ServiceSettings) -> SpanExporter | None:
     return None
 
 
+def sampler(settings: ServiceSettings) -> Sampler:
+    """Which traces are recorded (OTEL_TRACES_SAMPLER, _ARG, validated at start): always
+    parent-based, so a span whose parent came in a call's or an event's trace context follows the
+    parent's sampled flag (a trace is recorded whole or not at all, across services); a new trace
+    is recorded always, never, or at the ratio (by its trace id).
+
+    A span not sampled is not recorded, but it still has its trace and span ids, made current as
+    a recorded one is: log lines and error messages carry the trace id, and calls and events carry
+    it on (with the sampled flag off) - only the trace store has nothing under it."""
+    if settings.otel_traces_sampler == "parentbased_always_off":
+        return ParentBased(ALWAYS_OFF)
+    if settings.otel_traces_sampler == "parentbased_traceidratio":
+        ratio = settings.otel_traces_sampler_arg
+        return ParentBased(TraceIdRatioBased(1.0 if ratio is None else ratio))
+    return ParentBased(ALWAYS_ON)
+
+
+def tracer_provider(service: str, settings: ServiceSettings) -> TracerProvider:
+    """The SDK provider of a service's spans, sampled as configured (no processor yet)."""
+    return TracerProvider(sampler=sampler(settings), resource=Resource.create({"service.name": f"livegifts-{service}"}))
+
+
 class Tracing:
     """What setup_tracing installed: whether spans are recorded, and how to flush them at exit."""
 
@@ -138,6 +161,9 @@ def setup_tracing(service: str, settings: ServiceSettings) -> Tracing:
     outgoing calls and NATS headers, if the incoming context is attached - which the small
     propagation-only interceptors do (`grpcserver.ErrorInterceptor`, `clients.CallDefaults`)
     instead of the OpenTelemetry ones. We take C; logs keep the caller's trace id.
+
+    With an exporter, which traces are recorded is `sampler`'s (OTEL_TRACES_SAMPLER, validated
+    with the settings): the SDK's provider is given it, never left to read the variables itself.
     """
     global _tracing
     propagate.set_global_textmap(PROPAGATOR)
@@ -145,7 +171,7 @@ def setup_tracing(service: str, settings: ServiceSettings) -> Tracing:
     if exporter is None:
         _tracing = Tracing(None)
         return _tracing
-    provider = TracerProvider(resource=Resource.create({"service.name": f"livegifts-{service}"}))
+    provider = tracer_provider(service, settings)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
     trace.set_tracer_provider(provider)
     _tracing = Tracing(provider)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from sqlalchemy import insert, select
 
 from livegifts.gifting.v1 import events_pb2, gifting_pb2
@@ -32,7 +34,7 @@ from services.common import inbox, telemetry
 from services.common.batching import MicroBatcher
 from services.common.inbox import Consumer, Subscription
 from services.common.outbox import _stored_headers
-from services.common.telemetry import Tracing, inject_headers
+from services.common.telemetry import JsonFormatter, Tracing, inject_headers
 from services.gifting.storage import common as gifting_common
 from services.gifting.usecases import Gifting
 from services.payout.storage import clawback_shortfalls, common
@@ -43,21 +45,38 @@ from tests.support.payout import gift_event
 NOW_US = 1_795_305_600_000_000
 
 
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+@contextlib.contextmanager
+def _recorded(monkeypatch: pytest.MonkeyPatch, sampler: Sampler | None = None) -> Iterator[InMemorySpanExporter]:
     """Spans recorded as with an exporter configured, into memory (the global provider untouched)."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(telemetry, "_tracing", Tracing(provider))
     monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("telemetry"))
     monkeypatch.setattr(inbox, "tracer", provider.get_tracer("inbox"))
-    yield exporter
-    provider.shutdown()
+    try:
+        yield exporter
+    finally:
+        provider.shutdown()
 
 
-def _traceparent(trace_id: int, span_id: int) -> str:
-    return f"00-{trace_id:032x}-{span_id:016x}-01"
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    with _recorded(monkeypatch) as exporter:
+        yield exporter
+
+
+def _ratio(settings: Any, ratio: float) -> Sampler:
+    """The sampler the services build from OTEL_TRACES_SAMPLER=parentbased_traceidratio and `ratio`."""
+    return telemetry.sampler(
+        settings.model_copy(
+            update={"otel_traces_sampler": "parentbased_traceidratio", "otel_traces_sampler_arg": ratio}
+        )
+    )
+
+
+def _traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
 @dataclass
@@ -74,7 +93,7 @@ class _Msg:
         self.acked.append(True)
 
 
-async def _process(payout: Any, count: int) -> tuple[list[_Msg], list[str]]:
+async def _process(payout: Any, count: int, sampled: bool = True) -> tuple[list[_Msg], list[str]]:
     """`count` messages from traces 1..count through a consumer as one batch; the messages and
     the traceparent the handler would write into its own events."""
     written: list[str] = []
@@ -87,7 +106,7 @@ async def _process(payout: Any, count: int) -> tuple[list[_Msg], list[str]]:
     msgs = [
         _Msg(
             events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(),
-            {"traceparent": _traceparent(n, 100 + n)},
+            {"traceparent": _traceparent(n, 100 + n, sampled)},
         )
         for n in range(1, count + 1)
     ]
@@ -128,6 +147,59 @@ async def test_without_an_exporter_a_batchs_handler_still_carries_the_first_mess
     assert not telemetry.recording()
     _msgs, written = await _process(payout, 3)
     assert written == [_traceparent(1, 101)], "the no-op tracer hands back the first message's context"
+
+
+async def test_a_consumed_batch_is_recorded_as_its_producer_decided_whatever_the_ratio(  # type: ignore[no-untyped-def]
+    setup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the ratio decides new traces alone; an
+    event's consumer follows the sampled flag its producer's trace context carries, so a trace is
+    recorded whole (writer, publish, consumers) or not at all."""
+    payout, _provider, _path = setup
+    with _recorded(monkeypatch, _ratio(payout.settings, 0.0)) as exporter:
+        _msgs, written = await _process(payout, 2, sampled=True)
+        process = _only(exporter, "process s.x")
+        assert process.context.trace_id == 1 and process.context.trace_flags.sampled
+        assert written == [_traceparent(1, process.context.span_id)]
+    with _recorded(monkeypatch, _ratio(payout.settings, 1.0)) as exporter:
+        _msgs, written = await _process(payout, 2, sampled=False)
+        assert not exporter.get_finished_spans(), "the producer's trace is not sampled: neither is its consumer's span"
+        # Not recorded, still carried on: the handler's events continue trace 1, unsampled.
+        (carried,) = written
+        assert carried.split("-")[1] == f"{1:032x}" and not int(carried.split("-")[3], 16) & 1, carried
+
+
+def test_with_a_ratio_of_0_nothing_is_recorded_but_logs_and_events_still_carry_the_trace(  # type: ignore[no-untyped-def]
+    setup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payout, _provider, _path = setup
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter("test").format(record)))
+
+    log = logging.getLogger("test_sampling")
+    handler = Collect()
+    log.addHandler(handler)
+    try:
+        with _recorded(monkeypatch, _ratio(payout.settings, 0.0)) as exporter:
+            with telemetry.background_span("sweep gift", **{"gift.id": "g"}) as span:
+                log.warning("swept")
+                carried = inject_headers()["traceparent"]
+            ctx = span.get_span_context()
+            assert not ctx.trace_flags.sampled and not span.is_recording()
+            assert not exporter.get_finished_spans()
+    finally:
+        log.removeHandler(handler)
+    # The log line names the trace (what an error message tells the caller to look for), and the
+    # events written in it carry it on, marked unsampled so their consumers record nothing either.
+    assert lines[0]["trace_id"] == f"{ctx.trace_id:032x}" and lines[0]["span_id"] == f"{ctx.span_id:016x}"
+    _version, trace_id, span_id, flags = carried.split("-")
+    assert (trace_id, span_id) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+    assert not int(flags, 16) & 1, f"sampled flag set: {carried}"  # (02: the SDK's random trace id flag)
 
 
 async def test_a_batch_links_at_most_batch_links_max_messages_and_counts_the_rest(  # type: ignore[no-untyped-def]

@@ -9,8 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
-from services.common import errors, faults
+from services.common import errors, faults, telemetry
 from services.gifting import domain as gifting
 from services.wallet.config import WalletSettings
 
@@ -117,6 +118,62 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(setting: s
     assert f"LIVEGIFTS_WALLET_{setting}" in out.stderr or setting == "OTEL_EXPORTER"  # that one names OTEL_FILE
     assert "Traceback" not in out.stderr
     assert "tPart" not in out.stderr, "no part of a password is shown"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "ratio", "says"),
+    [
+        ("traceidratio", "", "OTEL_TRACES_SAMPLER: Input should be 'parentbased_always_on'"),
+        ("parentbased_traceidratio", "1%", "OTEL_TRACES_SAMPLER_ARG: Input should be a valid number"),
+        ("parentbased_traceidratio", "2", "OTEL_TRACES_SAMPLER_ARG: Input should be less than or equal to 1"),
+        (
+            "",
+            "0.01",
+            "OTEL_TRACES_SAMPLER_ARG: Value error, only read with OTEL_TRACES_SAMPLER=parentbased_traceidratio",
+        ),
+    ],
+)
+def test_a_bad_trace_sampler_stops_start_up_naming_opentelemetrys_variable(sampler: str, ratio: str, says: str) -> None:
+    """The SDK, left to read these, records every trace on a value it does not know (a warning
+    at most): an operator's 1% would be 100% at the trace store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEGIFTS_", "OTEL_"))}
+    env |= {
+        "LIVEGIFTS_WALLET_NATS_URL": "nats://127.0.0.1:1",
+        "LIVEGIFTS_WALLET_DATABASE_URL": "sqlite:////nonexistent/never-created.db",
+        "LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": "0123456789abcdef",
+        "OTEL_TRACES_SAMPLER_ARG": ratio,
+    }
+    if sampler:
+        env["OTEL_TRACES_SAMPLER"] = sampler
+    out = subprocess.run([sys.executable, "-m", "services.wallet"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"\n  {says}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_the_trace_sampler_is_read_from_opentelemetrys_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the services' spans are sampled by (the SDK's own reading of the variables, which
+    falls back to everything on a bad value, is not relied on): parent-based, everything unset."""
+    base = {"database_url": "sqlite:///w.db", "nats_url": "nats://x", "payment_webhook_secret": "0123456789abcdef"}
+
+    def sampled_by(**given: str) -> str:
+        provider = telemetry.tracer_provider("wallet", WalletSettings(**base, **given))
+        provider.shutdown()
+        return str(provider.sampler.get_description())
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    assert sampled_by() == ParentBased(ALWAYS_ON).get_description()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "ParentBased_TraceIdRatio")
+    assert sampled_by() == ParentBased(TraceIdRatioBased(1.0)).get_description()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    assert sampled_by() == ParentBased(TraceIdRatioBased(0.01)).get_description()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG")
+    assert sampled_by() == ParentBased(ALWAYS_OFF).get_description()
+    # The settings read at start decide, not what the SDK would read from the environment now.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    assert sampled_by(OTEL_TRACES_SAMPLER="parentbased_always_on") == ParentBased(ALWAYS_ON).get_description()
 
 
 def test_log_levels_take_loggings_names_and_aliases_in_any_case() -> None:
