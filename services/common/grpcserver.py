@@ -71,6 +71,15 @@ KEEPALIVE_PING_STRIKES_MAX = 2  # gRPC's default; 0 would let a client ping with
 # it reads (a HealthCheckRequest is a service name).
 PROBE_CONCURRENT_RPCS_MAX = 32
 PROBE_MESSAGE_BYTES_MAX = 4096
+# A probe connection older than this is sent GOAWAY, and closed (its calls cancelled) the grace
+# after: a call whose request never comes holds one of the probe server's slots until then, not
+# for good. Without it PROBE_CONCURRENT_RPCS_MAX such calls (a stray or stuck client in the pod)
+# refused every Check there RESOURCE_EXHAUSTED for as long as their connection stayed open, and
+# the liveness probe restarted the pod. The kubelet opens a connection per probe and a Check
+# takes milliseconds, so no probe comes near either; held slots are free within ~16 s (gRPC adds
+# +-10% to the age), well inside liveness' 60 s (6 failures 10 s apart).
+PROBE_CONNECTION_AGE_MAX_S = 10.0
+PROBE_CONNECTION_AGE_GRACE_S = 5.0
 _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # grpc.health.v1.Health
 
 # A call answered UNAVAILABLE for one reason and error logs one line per this many seconds.
@@ -337,11 +346,14 @@ class RunningServer:
         No interceptors (a probe is no call worth a span or a latency sample) and a limit of its
         own (PROBE_CONCURRENT_RPCS_MAX): the kubelet runs a few probes at once, and the
         NetworkPolicies let no pod reach this port, so the limit only bounds what a stray client
-        costs."""
+        costs; a connection lasts PROBE_CONNECTION_AGE_MAX_S plus _GRACE_S at most, so calls
+        whose request never comes give their slots back within that."""
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", PROBE_MESSAGE_BYTES_MAX),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_connection_age_ms", int(PROBE_CONNECTION_AGE_MAX_S * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(PROBE_CONNECTION_AGE_GRACE_S * 1000)),
                 ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
                 ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),

@@ -425,6 +425,62 @@ def test_the_probe_port_answers_check_while_as_many_watch_streams_as_its_limit_w
     assert asyncio.run(answers()) == ({grpc.StatusCode.UNIMPLEMENTED}, health_pb2.HealthCheckResponse.SERVING)
 
 
+def test_probe_port_slots_held_by_calls_whose_body_never_comes_are_freed_within_the_connection_age(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PROBE_CONCURRENT_RPCS_MAX calls whose request never comes held every slot of the probe
+    server for as long as their connection stayed open: every Check refused RESOURCE_EXHAUSTED,
+    and the liveness probe restarted the pod. The probe server's connections now end after
+    PROBE_CONNECTION_AGE_MAX_S plus _GRACE_S (shortened here), their calls with them."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common import grpcserver
+
+    monkeypatch.setattr(grpcserver, "PROBE_CONNECTION_AGE_MAX_S", 1.0)
+    monkeypatch.setattr(grpcserver, "PROBE_CONNECTION_AGE_GRACE_S", 0.5)
+    bound_s = 1.0 * 1.1 + 0.5 + 3.0  # the age with gRPC's jitter, the grace, and room
+
+    async def check(port: int) -> grpc.StatusCode | int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as probe:  # a connection a probe
+            try:
+                answer = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return int(answer.status)
+
+    async def answers() -> tuple[grpc.StatusCode | int, list[grpc.StatusCode | int], set[grpc.StatusCode | None]]:
+        running = await grpcserver.create_server([], "127.0.0.1", 0, "livegifts.test")
+        probe_port = await running.serve_probes("127.0.0.1", 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as stray:
+            # Check called as a client stream that writes nothing: its headers go, its body never does.
+            held = [
+                stray.stream_unary("/grpc.health.v1.Health/Check")()
+                for _ in range(grpcserver.PROBE_CONCURRENT_RPCS_MAX)
+            ]
+            await asyncio.sleep(0.3)  # the server has every call's headers
+            full = await check(probe_port)
+            later: list[grpc.StatusCode | int] = []
+            deadline = asyncio.get_running_loop().time() + bound_s
+            while asyncio.get_running_loop().time() < deadline:
+                later.append(await check(probe_port))
+                if later[-1] == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.2)
+            # What the held calls ended with (none, while their connection stays open)
+            ended = {await call.code() if call.done() else None for call in held}
+            for call in held:
+                call.cancel()
+        await running.stop(0)
+        return full, later, ended
+
+    full, later, ended = asyncio.run(answers())
+    assert full == grpc.StatusCode.RESOURCE_EXHAUSTED, "every slot is held"
+    assert later[-1] == health_pb2.HealthCheckResponse.SERVING, later
+    assert ended == {grpc.StatusCode.UNAVAILABLE}, "the held calls ended with their connection"
+
+
 @pytest.mark.parametrize("trace_spans", [False, True])
 def test_health_watch_streams_the_status_like_check_answers_it(trace_spans: bool) -> None:
     """grpc.health.v1 Watch (what client-side health checking and some meshes use) is a handler
