@@ -96,6 +96,17 @@ class BatchCursor(Generic[K]):
         started, keys = self._round
         self.at = keys[i - 1] if i else started
 
+    def stopped(self, stop: asyncio.Event | None, i: int) -> bool:
+        """Whether the round ends before its `i`th item, `stop` being set (a SIGTERM): no item is
+        started once it is (the one in hand has finished), and the next round, the next
+        process's, starts from this one (`rewind`). A service lets its loops finish their round
+        within SHUTDOWN_GRACE_S; a round whose items each call out (a provider, the wallet, up to
+        their deadline each) went on through the grace and was cancelled in the middle of one."""
+        if stop is None or not stop.is_set():
+            return False
+        self.rewind(i)
+        return True
+
 
 class ItemFailures:
     """The failures of a background loop's items (a gift the sweeper settles, a withdrawal the

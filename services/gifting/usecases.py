@@ -1353,7 +1353,7 @@ class Gifting:
                 )
             await uow.commit()
 
-    async def sweep_once(self) -> int:
+    async def sweep_once(self, stop: asyncio.Event | None = None) -> int:
         """Settle gifts left PENDING past the timeout; returns how many were settled.
 
         Oldest first (by updated_at_us, then event_id), SWEEP_BATCH_SIZE_MAX a round, from where
@@ -1367,7 +1367,9 @@ class Gifting:
         did not answer in time (DEADLINE_EXCEEDED): a hung wallet made a round last
         SWEEP_BATCH_SIZE_MAX x OUTGOING_DEADLINE_S (100 x 5 s). A round that ends so is started
         again by the next from the gift it ended at (`rewind`), not after it. One gift's spend
-        timing out is that gift's failure; the next answer resets the count."""
+        timing out is that gift's failure; the next answer resets the count. Once `stop` is set
+        (a SIGTERM) no further gift of the round is settled (`BatchCursor.stopped`): a wallet
+        answering just within OUTGOING_DEADLINE_S made a round outlast the shutdown grace."""
         cutoff = now_us() - int(self.settings.pending_timeout_s * 1_000_000)
         batch = self.settings.sweep_batch_size_max
         async with self.db.unit_of_work(readonly=True) as uow:
@@ -1377,6 +1379,8 @@ class Gifting:
         settled = 0
         timeouts = 0  # the wallet's CancelSpends in a row that timed out
         for i, (_, event_id) in enumerate(keys):
+            if self._sweep_cursor.stopped(stop, i):
+                break
             # A trace per gift: its CancelSpend, and the gift.sent event with payout's credit.
             with background_span("sweep gift", **{"gift.event_id": event_id}):
                 try:
@@ -1412,7 +1416,7 @@ class Gifting:
         # aiosqlite's close waited forever for its stopped thread (the service never exited).
         interval_s = self.settings.sweep_interval_s
         async with asyncio.TaskGroup() as loops:
-            loops.create_task(run_every(stop, interval_s, self.sweep_once, "settled pending gifts"))
+            loops.create_task(run_every(stop, interval_s, lambda: self.sweep_once(stop), "settled pending gifts"))
             loops.create_task(run_every(stop, interval_s, self.restore_keys_once, "restored cancelled gifts' keys"))
 
     async def restore_keys_once(self) -> int:

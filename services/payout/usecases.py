@@ -1440,8 +1440,7 @@ class Payout:
         self._dispatch_cursor.advance([(r.requested_at_us, r.withdrawal_id) for r in rows], batch)
         submitted = 0
         for i, row in enumerate(rows):
-            if stop is not None and stop.is_set():
-                self._dispatch_cursor.rewind(i)
+            if self._dispatch_cursor.stopped(stop, i):
                 break
             # A trace per withdrawal: its eligibility call, claim, submission and events.
             with background_span("dispatch withdrawal", **{"withdrawal.id": row.withdrawal_id}):
@@ -1691,9 +1690,14 @@ class Payout:
         if self.settings.reconcile_after_s <= 0:
             await stop.wait()  # turned off
             return
-        await run_every(stop, self.settings.reconcile_interval_s, self.reconcile_once, "late withdrawals settled")
+        await run_every(
+            stop,
+            self.settings.reconcile_interval_s,
+            lambda: self.reconcile_once(stop=stop),
+            "late withdrawals settled",
+        )
 
-    async def reconcile_once(self, now: int | None = None) -> int:
+    async def reconcile_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
         """Ask the provider about up to a batch of withdrawals PROCESSING for longer than
         `reconcile_after_s` and apply each outcome it reports as its callback would be applied
         (signature, amount, once by the provider's event id); returns how many it settled.
@@ -1707,7 +1711,10 @@ class Payout:
         withdrawal id, counted (outcome `provider_error`), and asked again in a later round like
         a transfer still under way; the rest of the round goes on. So it does after any other
         error of one withdrawal (outcome `error`), but the database unavailable, which ends the
-        round at that withdrawal (`RoundCursor.item_failed`).
+        round at that withdrawal (`RoundCursor.item_failed`). Once `stop` is set (a SIGTERM) no
+        further withdrawal of the round is looked up (`BatchCursor.stopped`): a round of
+        RECONCILE_BATCH_SIZE_MAX look-ups, up to PROVIDER_TIMEOUT_S each, outlasted the shutdown
+        grace against a slow provider.
         """
         check(
             self.provider is not None and self.settings is not None,
@@ -1739,6 +1746,8 @@ class Payout:
         self._reconcile_cursor.advance(keys, batch)
         settled = 0
         for i, row in enumerate(rows):
+            if self._reconcile_cursor.stopped(stop, i):
+                break
             # A trace per withdrawal: its look-up at the provider, the outcome applied and its events.
             with background_span("reconcile withdrawal", **{"withdrawal.id": row.withdrawal_id}):
                 try:
@@ -2018,10 +2027,13 @@ class Payout:
         """Background loop: claw back open shortfalls from earnings that arrived after their reversal."""
         check(self.settings is not None, "the settler needs settings")
         await run_every(
-            stop, self.settings.clawback_settle_interval_s, self.settle_shortfalls_once, "settled clawback shortfalls"
+            stop,
+            self.settings.clawback_settle_interval_s,
+            lambda: self.settle_shortfalls_once(stop),
+            "settled clawback shortfalls",
         )
 
-    async def settle_shortfalls_once(self) -> int:
+    async def settle_shortfalls_once(self, stop: asyncio.Event | None = None) -> int:
         """Settle what it can of the next SHORTFALL_BATCH open shortfalls; returns the coins clawed back.
 
         Rounds go through the open shortfalls in turn (by reversal id, from where the last round
@@ -2030,7 +2042,10 @@ class Payout:
         unavailable, which ends the round at that shortfall. Each one is
         settled in its own transaction (`_settle_shortfall`: after its sender's older ones, under
         their row locks, and with compare-and-set on each earning's clawed coins), so replicas
-        settling at once take nothing twice.
+        settling at once take nothing twice. Once `stop` is set (a SIGTERM) no further shortfall of
+        the round is started (`BatchCursor.stopped`): a round is SHORTFALL_BATCH transactions,
+        each up to DB_STATEMENT_TIMEOUT_S a statement against a slow database, far past the
+        shutdown grace.
         """
         sf = clawback_shortfalls.c
         async with self.db.unit_of_work(readonly=True) as uow:
@@ -2053,6 +2068,8 @@ class Payout:
             with background_span("settle shortfalls", **{"clawback.shortfalls_open": str(len(open_rows))}) as span:
                 settled = 0
                 for i, row in enumerate(open_rows):
+                    if self._shortfall_cursor.stopped(stop, i):
+                        break
                     try:
                         async with self.db.unit_of_work() as uow:
                             taken = await self._settle_shortfall(uow, row.reversal_event_id)

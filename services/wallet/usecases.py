@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -435,10 +436,13 @@ class Wallet:
             await stop.wait()  # turned off
             return
         await run_every(
-            stop, self.settings.purchase_reconcile_interval_s, self.reconcile_once, "late purchases settled"
+            stop,
+            self.settings.purchase_reconcile_interval_s,
+            lambda: self.reconcile_once(stop=stop),
+            "late purchases settled",
         )
 
-    async def reconcile_once(self, now: int | None = None) -> int:
+    async def reconcile_once(self, now: int | None = None, stop: asyncio.Event | None = None) -> int:
         """Ask the provider about up to a batch of purchases PENDING for longer than
         `purchase_reconcile_after_s` and apply each outcome it reports as its callback would be
         applied (once by the provider's event id, the amount and currency checked, the status's
@@ -456,7 +460,10 @@ class Wallet:
         purchase id, counted (outcome `provider_error`) and asked again in a later round; the
         rest of the round goes on. So it does after any other error of one purchase (outcome
         `error`), but the database unavailable, which ends the round at that purchase
-        (`RoundCursor.item_failed`).
+        (`RoundCursor.item_failed`). Once `stop` is set (a SIGTERM) no further purchase of the
+        round is looked up (`BatchCursor.stopped`): a round of PURCHASE_RECONCILE_BATCH_SIZE_MAX
+        look-ups, up to PROVIDER_TIMEOUT_S each, outlasted the shutdown grace against a slow
+        provider.
         """
         p = purchases.c
         cutoff = (self.clock() if now is None else now) - int(self.settings.purchase_reconcile_after_s * 1_000_000)
@@ -487,6 +494,8 @@ class Wallet:
         self._reconcile_cursor.advance(keys, batch)
         settled = 0
         for i, row in enumerate(rows):
+            if self._reconcile_cursor.stopped(stop, i):
+                break
             # A trace per purchase: its look-up at the provider, the outcome applied and its events.
             with background_span("reconcile purchase", **{"purchase.id": row.purchase_id}):
                 try:

@@ -333,7 +333,7 @@ async def test_a_cancelled_sweeper_ends_only_after_both_its_loops(tmp_path: Path
     sweeping, restoring = asyncio.Event(), asyncio.Event()
     ended: list[str] = []
 
-    async def ends_at_once() -> int:
+    async def ends_at_once(stop: asyncio.Event | None = None) -> int:
         sweeping.set()
         await asyncio.Future()  # a round in progress
         return 0
@@ -607,3 +607,27 @@ async def test_after_a_round_the_wallet_ended_the_next_starts_from_the_gift_it_e
         assert await g.sweep_once() == 2
         assert wallet.cancel_calls == ids[3:5]
         assert [await _status(db, i) for i in ids] == ["PENDING"] + ["CANCELLED"] * 4 + ["PENDING"]
+
+
+async def test_a_sweeper_stopped_mid_round_settles_no_gift_after_the_one_in_hand(tmp_path: Path) -> None:
+    # A SIGTERM during a round: the loop finishes its round within the shutdown grace, and the
+    # round went on through its SWEEP_BATCH_SIZE_MAX CancelSpends, each up to OUTGOING_DEADLINE_S
+    # against a slow wallet, and was cancelled in the middle of one. The gift under way is settled;
+    # the rest wait for the next round (the next process's), from the first left.
+    wallet = OneSpendFailingWallet()
+    async with gifting_on(tmp_path, wallet, group_commit=False, pending_timeout_s=0.001) as (g, db):
+        ids = await pending_gifts(g, db, 3)
+        wallet.cancel_calls.clear()
+        stop = asyncio.Event()
+        cancel_spend = wallet.CancelSpend
+
+        async def stopped_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            stop.set()  # the SIGTERM lands while the first is settled
+            return await cancel_spend(*args, **kwargs)
+
+        wallet.CancelSpend = stopped_meanwhile  # type: ignore[method-assign]
+        await asyncio.wait_for(g.sweeper(stop), 10)
+        assert wallet.cancel_calls == ids[:1]
+        assert [await _status(db, i) for i in ids] == ["CANCELLED", "PENDING", "PENDING"]
+        assert await g.sweep_once() == 2
+        assert wallet.cancel_calls == ids

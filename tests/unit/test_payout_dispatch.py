@@ -1018,6 +1018,36 @@ async def test_a_reconcile_round_the_database_fails_midway_starts_the_next_from_
         assert provider.asked == [first, second, second, third]
 
 
+async def test_a_reconciler_stopped_mid_round_asks_the_provider_about_no_withdrawal_after_the_one_in_hand(
+    tmp_path: Path,
+) -> None:
+    # A SIGTERM during a round: the loop finishes its round within the shutdown grace, and the
+    # round went on looking up each late withdrawal of its batch, up to PROVIDER_TIMEOUT_S each
+    # against a slow provider, and was cancelled in the middle of one. The look-up under way
+    # finishes; the rest wait for the next round (the next process's), from the first left.
+    async with payout_on(f"sqlite+aiosqlite:///{tmp_path / 'payout.db'}") as (payout, _):
+        payout.provider = provider = SlowProvider()
+        first, *rest = await _handed_over_oldest_first(payout, 3)
+        # Late at once (the loop asks by the time now): 0 would turn the look-ups off.
+        payout.settings = payout.settings.model_copy(update={"reconcile_after_s": 1e-6})  # type: ignore[union-attr]
+        stop = asyncio.Event()
+        ask = provider.status
+
+        async def stopped_meanwhile(*args: object) -> object:
+            stop.set()  # the SIGTERM lands while the first is looked up
+            return await ask(*args)
+
+        provider.status = stopped_meanwhile  # type: ignore[method-assign]
+        async with asyncio.timeout(GUARD_S):
+            await payout.reconciler(stop)
+        assert provider.asked == [first]
+        assert await status_of(payout, first) == payout_pb2.WITHDRAWAL_STATUS_PAID
+        for withdrawal_id in rest:
+            assert await status_of(payout, withdrawal_id) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
+        assert await payout.reconcile_once() == 2
+        assert provider.asked == [first, *rest]
+
+
 async def test_a_withdrawal_whose_reference_cannot_be_stored_keeps_no_other_from_the_provider(  # type: ignore[no-untyped-def]
     setup, caplog: pytest.LogCaptureFixture
 ) -> None:

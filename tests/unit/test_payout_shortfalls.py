@@ -299,3 +299,33 @@ async def test_a_shortfall_whose_settling_always_raises_keeps_no_other_from_sett
     assert (await payout.get_earnings("creator-c")).diamonds_clawed_back == 5
     lines = [r for r in caplog.records if r.getMessage().startswith("a clawback shortfall was not settled")]
     assert [r.reversal_event_id for r in lines] == ["a-poison"]  # once: the next within 30 s are counted
+
+
+async def test_a_settler_stopped_mid_round_starts_no_shortfall_after_the_one_in_hand(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A SIGTERM during a round: the loop finishes its round within the shutdown grace, and the
+    # round went on through its SHORTFALL_BATCH transactions, each up to DB_STATEMENT_TIMEOUT_S a
+    # statement against a slow database, and was cancelled in the middle of one. The shortfall
+    # under way finishes; the rest wait for the next round (the next process's), from the first left.
+    import asyncio
+
+    payout, _provider, _path = setup
+    ids = ["a-first", "b-second", "c-third"]
+    async with payout.db.unit_of_work() as uow:
+        base = {"kind": "CHARGED_BACK", "coins_open": 10, "reversed_at_us": NOW_US, "created_at_us": NOW_US}
+        rows = [{**base, "reversal_event_id": r, "purchase_id": f"p-{r}", "sender_id": f"nobody-{r}"} for r in ids]
+        await uow.conn.execute(insert(clawback_shortfalls), [{**r, "updated_at_us": NOW_US} for r in rows])
+        await uow.commit()
+    stop = asyncio.Event()
+    tried: list[str] = []
+    settle = payout._settle_shortfall
+
+    async def stopped_meanwhile(uow: object, reversal_event_id: str) -> int:
+        tried.append(reversal_event_id)
+        stop.set()  # the SIGTERM lands while the first is settled
+        return await settle(uow, reversal_event_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(payout, "_settle_shortfall", stopped_meanwhile)
+    await asyncio.wait_for(payout.shortfall_settler(stop), 10)
+    assert tried == ids[:1]
+    await payout.settle_shortfalls_once()
+    assert tried == ids

@@ -425,3 +425,32 @@ async def test_a_round_the_database_fails_midway_starts_the_next_from_the_purcha
     assert await w.reconcile_once(now=late(w)) == 2  # the one it failed at, then the next
     assert provider.asked == [first.purchase_id, second.purchase_id, second.purchase_id, third.purchase_id]
     assert (await w.get_balance("lou")).coins == 70
+
+
+async def test_a_reconciler_stopped_mid_round_asks_the_provider_about_no_purchase_after_the_one_in_hand(
+    env: tuple[Wallet, StandIn],
+) -> None:
+    # A SIGTERM during a round: the loop finishes its round within the shutdown grace, and the
+    # round went on looking up each late purchase of its batch, up to PROVIDER_TIMEOUT_S each
+    # against a slow provider, and was cancelled in the middle of one. The look-up under way
+    # finishes; the rest wait for the next round (the next process's), from the first left.
+    w, provider = env
+    first, *rest = await _oldest_first(w, ["ned", "oli", "pam"])
+    for p in (first, *rest):
+        provider.report[p.purchase_id] = "payment.succeeded"
+    stop = asyncio.Event()
+    ask = provider.status
+
+    async def stopped_meanwhile(*args: object) -> ProviderEvent | None:
+        stop.set()  # the SIGTERM lands while the first is looked up
+        return await ask(*args)  # type: ignore[arg-type]
+
+    provider.status = stopped_meanwhile  # type: ignore[method-assign]
+    at = late(w)
+    w.clock = lambda: at
+    await asyncio.wait_for(w.reconciler(stop), 10)
+    assert provider.asked == [first.purchase_id]
+    assert (await w.get_purchase(first.purchase_id)).status == SUCCEEDED
+    assert [(await w.get_purchase(p.purchase_id)).status for p in rest] == [PENDING, PENDING]
+    assert await w.reconcile_once(now=at) == 2
+    assert provider.asked == [p.purchase_id for p in (first, *rest)]
