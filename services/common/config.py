@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from services.common import faults
-from services.common.db import MULTI_HOST_FORM, normalize_url, postgres_connect_args
+from services.common.db import MULTI_HOST_FORM, is_sqlite, normalize_url, postgres_connect_args
 from services.common.gc_tuning import GEN0_THRESHOLD
 from services.common.migrate import MIGRATION_LOCK_GIVE_UP_S, MIGRATION_LOCK_TIMEOUT_S
 
@@ -135,6 +135,15 @@ class ServiceSettings(MigrationSettings):
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # What holds a pooled connection over a slow wait outside the database on PostgreSQL, one
+    # connection each, said as DB_POOL_SIZE's refusal says it: every service's outbox relay (its
+    # batch claimed FOR UPDATE until JetStream has stored it: the claim is what keeps each event
+    # published once and in order); payout adds its dispatcher. DB_POOL_SIZE is at least one more
+    # (`postgres_pool_min`), for the calls, consumers and other loops. SQLite holds none over either.
+    pool_held_over_waits: ClassVar[tuple[str, ...]] = (
+        "the outbox relay holds one connection over each publish to JetStream (up to OUTGOING_DEADLINE_S"
+        " a try while NATS is down)",
+    )
     # PostgreSQL: a statement or commit unanswered this long fails (UNAVAILABLE) and its connection
     # is replaced, so a primary lost without closing its connections cannot hang a batch for good.
     # Above the longest statement we run (an audit's sums, a relay waiting its turn).
@@ -258,6 +267,27 @@ class ServiceSettings(MigrationSettings):
         if len(value) < OPERATOR_TOKEN_MIN:
             raise ValueError(f"must be at least {OPERATOR_TOKEN_MIN} characters, or empty to refuse operator RPCs")
         return token
+
+    @classmethod
+    def postgres_pool_min(cls) -> int:
+        """The fewest pooled connections the service takes on PostgreSQL: one for each holder of
+        `pool_held_over_waits`, and one for everything else."""
+        return len(cls.pool_held_over_waits) + 1
+
+    @field_validator("db_pool_size")
+    @classmethod
+    def _a_connection_beside_those_held_over_waits(cls, size: int, info: ValidationInfo) -> int:
+        # With no connection beside those held over a slow wait (a NATS outage, a slow provider),
+        # every call, consumer and loop waited for one of them and failed UNAVAILABLE past
+        # DB_POOL_TIMEOUT_S.
+        url = info.data.get("database_url")
+        least = cls.postgres_pool_min()
+        if size < least and url is not None and not is_sqlite(url):
+            raise ValueError(
+                f"at least {least} on PostgreSQL: {', '.join(cls.pool_held_over_waits)}, and the service's"
+                " calls, consumers and loops need another"
+            )
+        return size
 
     @field_validator("faults")
     @classmethod

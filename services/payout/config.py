@@ -1,14 +1,11 @@
 """Payout settings, read once from LIVEGIFTS_PAYOUT_* variables."""
 
+from typing import ClassVar
+
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.config import WEBHOOK_SECRET_MIN, ServiceSettings, webhook_secret
-from services.common.db import is_sqlite
-
-# DB_POOL_SIZE on PostgreSQL: a connection for the dispatcher's submission, one for the outbox
-# relay's publish, and one at least for everything else (`_connections_beside_the_submission_and_the_publish`).
-PAYOUT_POSTGRES_POOL_MIN = 3
 
 
 class PayoutSettings(ServiceSettings):
@@ -60,6 +57,14 @@ class PayoutSettings(ServiceSettings):
     # How often open clawback shortfalls (a reversal consumed before its gifts' earnings) are settled.
     clawback_settle_interval_s: float = Field(default=5.0, gt=0, le=3600)
 
+    # On PostgreSQL the dispatcher holds one pooled connection over each submission (the
+    # transaction of its advisory lock, `Payout._submitting`), beside the outbox relay's over each
+    # publish: DB_POOL_SIZE is at least 3 (`ServiceSettings.postgres_pool_min`).
+    pool_held_over_waits: ClassVar[tuple[str, ...]] = (
+        "the dispatcher holds one connection over each submission to the payout provider (up to PROVIDER_TIMEOUT_S)",
+        *ServiceSettings.pool_held_over_waits,
+    )
+
     _webhook_secrets = field_validator("payout_webhook_secret", "payout_webhook_secret_previous")(webhook_secret)
 
     @field_validator("dev_provider_auto_callback")
@@ -70,23 +75,6 @@ class PayoutSettings(ServiceSettings):
                 "needs DEV_PROVIDER_SETTLES_PAYOUTS (a dev suite): without it the development provider settles nothing"
             )
         return on
-
-    @field_validator("db_pool_size")
-    @classmethod
-    def _connections_beside_the_submission_and_the_publish(cls, size: int, info: ValidationInfo) -> int:
-        # On PostgreSQL the dispatcher holds one pooled connection over each submission (the
-        # transaction of its advisory lock, `Payout._submitting`), and the outbox relay another
-        # over each publish (its batch claimed FOR UPDATE until JetStream has stored it, up to
-        # OUTGOING_DEADLINE_S a try while NATS is down): with no third, every call, consumer and
-        # loop would wait for the provider's or JetStream's answer, and fail past DB_POOL_TIMEOUT_S.
-        url = info.data.get("database_url")
-        if size < PAYOUT_POSTGRES_POOL_MIN and url is not None and not is_sqlite(url):
-            raise ValueError(
-                f"at least {PAYOUT_POSTGRES_POOL_MIN} on PostgreSQL: the dispatcher holds one connection over each"
-                " submission to the payout provider (up to PROVIDER_TIMEOUT_S), the outbox relay one over each"
-                " publish to JetStream (up to OUTGOING_DEADLINE_S), and the service's calls and loops need another"
-            )
-        return size
 
     def held_over_a_call_s(self) -> float:
         """The dispatcher holds a withdrawal's submission lock (a transaction) over the provider's

@@ -23,7 +23,7 @@ from sqlalchemy.util import await_
 
 from livegifts.payout.v1 import payout_pb2
 from services.common import signing
-from services.payout.config import PAYOUT_POSTGRES_POOL_MIN
+from services.payout.config import PayoutSettings
 from services.payout.providers import Submission, dev_payout_payload
 from services.payout.storage import common
 from services.payout.usecases import DISPATCH_LOOP, Payout
@@ -322,7 +322,7 @@ async def test_with_the_fewest_pooled_connections_allowed_other_work_goes_on_whi
     # transaction) and the outbox relay one over JetStream's (its claim of the batch); with two in
     # all (DB_POOL_SIZE 2, now refused on PostgreSQL) every other use of the database waited for
     # both and failed past DB_POOL_TIMEOUT_S. (With one, for the submission alone.)
-    async with payout_on(empty_database, pool_size=PAYOUT_POSTGRES_POOL_MIN) as (first, _):
+    async with payout_on(empty_database, pool_size=PayoutSettings.postgres_pool_min()) as (first, _):
         async with _while_submitting_on_the_first(first) as withdrawal_id, first.db.unit_of_work() as relay:
             await relay.conn.execute(select(common.outbox.c.id).with_for_update())  # its claim, over a publish
             async with asyncio.timeout(GUARD_S):

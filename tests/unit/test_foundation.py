@@ -10,9 +10,13 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+from pydantic import ValidationError
 
 from services.common import errors, faults, telemetry
+from services.common.config import ServiceSettings
 from services.gifting import domain as gifting
+from services.gifting.config import GiftingSettings
+from services.payout.config import PayoutSettings
 from services.wallet.config import WalletSettings
 
 
@@ -174,6 +178,34 @@ def test_the_trace_sampler_is_read_from_opentelemetrys_own_variables(monkeypatch
     # The settings read at start decide, not what the SDK would read from the environment now.
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     assert sampled_by(OTEL_TRACES_SAMPLER="parentbased_always_on") == ParentBased(ALWAYS_ON).get_description()
+
+
+@pytest.mark.parametrize(
+    ("service", "least", "required"),
+    [
+        (WalletSettings, 2, {"payment_webhook_secret": "0123456789abcdef"}),
+        (GiftingSettings, 2, {"wallet_addr": "127.0.0.1:1"}),
+        (PayoutSettings, 3, {"wallet_addr": "127.0.0.1:1", "payout_webhook_secret": "0123456789abcdef"}),
+    ],
+)
+def test_a_pool_on_postgresql_keeps_a_connection_beside_those_its_loops_hold_over_slow_waits(
+    service: type[ServiceSettings], least: int, required: dict[str, str]
+) -> None:
+    # Every service's outbox relay holds a pooled connection over each publish (its batch claimed
+    # FOR UPDATE, up to OUTGOING_DEADLINE_S a try while NATS is down), and payout's dispatcher
+    # another over each submission (its advisory lock, up to PROVIDER_TIMEOUT_S): with no
+    # connection beside them, every call, consumer and loop waited for NATS's or the provider's
+    # answer and failed UNAVAILABLE past DB_POOL_TIMEOUT_S (tests/integration/test_pool_minimum.py,
+    # test_payout_claims.py). SQLite holds none over either.
+    def settings(url: str, pool: int) -> ServiceSettings:
+        return service(database_url=url, nats_url="nats://127.0.0.1:1", db_pool_size=pool, **required)  # type: ignore[arg-type]
+
+    assert service.postgres_pool_min() == least
+    for refused in range(1, least):
+        with pytest.raises(ValidationError, match=f"db_pool_size(.|\n)*at least {least} on PostgreSQL: .*outbox relay"):
+            settings("postgresql://app@db/svc", refused)
+    assert settings("postgresql://app@db/svc", least).db_pool_size == least
+    assert settings("sqlite+aiosqlite:///svc.db", 1).db_pool_size == 1
 
 
 def test_log_levels_take_loggings_names_and_aliases_in_any_case() -> None:

@@ -752,29 +752,6 @@ async def test_other_work_goes_on_while_a_submission_waits_for_the_provider(tmp_
         assert await status_of(payout, other) == payout_pb2.WITHDRAWAL_STATUS_PROCESSING
 
 
-def test_payout_on_postgresql_keeps_a_pooled_connection_beside_those_a_submission_and_a_publish_hold() -> None:
-    # On PostgreSQL the dispatcher holds a pooled connection over each submission (the transaction
-    # of its advisory lock, up to PROVIDER_TIMEOUT_S), and the outbox relay one over each publish
-    # (its claim, up to OUTGOING_DEADLINE_S a try while NATS is down): with DB_POOL_SIZE 2 both
-    # could be held at once, and every call, consumer and loop of the service waited for their
-    # answers and past DB_POOL_TIMEOUT_S failed UNAVAILABLE (the test above, run on PostgreSQL;
-    # tests/integration/test_payout_claims.py). SQLite holds none over either.
-    def settings(url: str, pool: int) -> PayoutSettings:
-        return PayoutSettings(
-            database_url=url,
-            nats_url="nats://127.0.0.1:1",
-            wallet_addr="127.0.0.1:1",
-            payout_webhook_secret=SECRET.decode(),
-            db_pool_size=pool,
-        )
-
-    for refused in (1, 2):
-        with pytest.raises(ValidationError, match="db_pool_size(.|\n)*at least 3 on PostgreSQL"):
-            settings("postgresql://payout@db/payout", refused)
-    assert settings("postgresql://payout@db/payout", 3).db_pool_size == 3
-    assert settings("sqlite+aiosqlite:///payout.db", 1).db_pool_size == 1
-
-
 @pytest.mark.parametrize("how,outcome", [("hang", "timeout"), ("fail", "error")])
 async def test_a_look_up_that_hangs_or_fails_is_counted_and_asked_again_next_round(  # type: ignore[no-untyped-def]
     setup, caplog, how: str, outcome: str
