@@ -164,8 +164,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     runtime = Runtime(spec.name, settings, db, bus, spec.tables, outbox, stop)
     wiring = await spec.wire(runtime)
     # The CLI checks `--consumer` against services/common/consumers.py: a consumer not listed
-    # there could not be listed by name.
-    differs = unlisted(spec.name, [sub.durable for sub in wiring.subscriptions])
+    # there could not be listed by name, and `nats-drained` would not look for it on its stream.
+    differs = unlisted(spec.name, {sub.durable: sub.stream for sub in wiring.subscriptions})
     check(not differs, differs)
     consumers = [Consumer(db, bus, spec.tables, sub, settings) for sub in wiring.subscriptions]
     parked = dead_letter_registration(

@@ -67,7 +67,7 @@ async def main() -> None:
         bus, outbox = Bus(settings, svc), Outbox(spec.tables.outbox)
         runtime = Runtime(svc, settings, db, bus, spec.tables, outbox, asyncio.Event())
         wiring = await spec.wire(runtime)
-        print(unlisted(svc, [sub.durable for sub in wiring.subscriptions]) or f"{svc} ok")
+        print(unlisted(svc, {sub.durable: sub.stream for sub in wiring.subscriptions}) or f"{svc} ok")
         if wiring.close is not None:
             await wiring.close()
         await db.dispose()

@@ -270,9 +270,13 @@ def test_the_consumers_the_cli_knows_are_the_ones_the_services_subscribe() -> No
     from services.common.consumers import CONSUMERS, unlisted
 
     assert set(CONSUMERS) == set(main.SERVICES)
-    assert unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed"]) == ""
-    assert "payout-new" in unlisted("payout", ["payout-gift-sent", "payout-purchase-reversed", "payout-new"])
-    assert "gifting-leaderboards" in unlisted("gifting", [])
+    payout = {"payout-gift-sent": "GIFTING", "payout-purchase-reversed": "WALLET"}
+    assert unlisted("payout", payout) == ""
+    assert "payout-new" in unlisted("payout", {**payout, "payout-new": "PAYOUT"})
+    assert "gifting-leaderboards" in unlisted("gifting", {})
+    # `nats-drained` looks for each durable on the stream listed for it: one bound elsewhere
+    # would be looked for where it is not.
+    assert "payout-gift-sent on WALLET" in unlisted("payout", {**payout, "payout-gift-sent": "WALLET"})
 
 
 def _cli(*args: str, env: dict[str, str | None] | None = None, **kwargs: Any) -> Any:
