@@ -7,7 +7,10 @@ streams again: what the old durables still had pending (gifts' diamonds, clawbac
 counts) is lost, and the position check at bind sees nothing (the new durables delivered nothing).
 The old NATS may be left once nothing more is stored there (its suite streams sealed: the relays
 then keep new events in their outbox, for the next NATS) and every durable on those streams has
-applied and acked all it holds (docs/sre.md, "Moving the suite to another NATS").
+applied and acked all it holds, and each of the suite's own durables (services/common/consumers.py)
+is there on every stream of its that holds events: one missing (`nats consumer rm`, or its service
+never ran on that NATS) applied nothing there that JetStream can count (docs/sre.md, "Moving the
+suite to another NATS").
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from services.common.bus import STREAMS
+from services.common.consumers import reading
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,14 @@ async def _quiet(exc: Exception) -> None:
     return None
 
 
+def missing(state: StreamState) -> dict[str, str]:
+    """The suite's durables that read this stream and are not on it, each with its service."""
+    if not state.present:
+        return {}
+    held = {d.name for d in state.durables}
+    return {name: svc for name, svc in sorted(reading(state.name).items()) if name not in held}
+
+
 def problems(states: list[StreamState]) -> list[str]:
     """Why the suite may not leave that NATS yet; none when it may."""
     if not any(s.present for s in states):
@@ -87,4 +99,12 @@ def problems(states: list[StreamState]) -> list[str]:
                     f"durable {d.name} on {s.name} has {d.not_delivered} events not yet delivered"
                     f" and {d.not_acked} not yet acked"
                 )
+        if s.messages:  # a stream that holds no event has nothing left to apply
+            found += [
+                f"durable {name} is missing on {s.name}, which holds {s.messages} events: whether {svc}"
+                f" applied those it reads cannot be known; start {svc} on this NATS until its durable"
+                " has caught up (a new one delivers the stream from its start; the inbox skips what was"
+                " applied)"
+                for name, svc in missing(s).items()
+            ]
     return found

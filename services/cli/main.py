@@ -1498,14 +1498,15 @@ def dead_letters_replay(
 def nats_drained(
     nats_url: Annotated[str, typer.Argument(help="the NATS the suite leaves, as the services' NATS_URL names it")],
 ) -> None:
-    """Whether the suite may leave this NATS for another: every suite stream there sealed, and every
-    durable on them with nothing pending; exit 0 if so, 1 if not or if it cannot be read.
+    """Whether the suite may leave this NATS for another: every suite stream there sealed, every
+    durable on them with nothing pending, and the suite's own durables on each stream of theirs that
+    holds events; exit 0 if so, 1 if not or if it cannot be read.
 
     See docs/sre.md, "Moving the suite to another NATS".
     """
     import asyncio
 
-    from services.cli.drained import problems, read_streams
+    from services.cli.drained import missing, problems, read_streams
     from services.common.bus import described
 
     try:
@@ -1517,11 +1518,12 @@ def nats_drained(
     for s in states:
         if not s.present:
             table.add_row(s.name, "-", "absent", "", "", "")
-        for i, d in enumerate(s.durables or ()):
+            continue
+        rows = [(escape(d.name), str(d.not_delivered), str(d.not_acked)) for d in s.durables]
+        rows += [(f"{name} (missing)", "-", "-") for name in missing(s)]  # the suite's own, not there
+        for i, row in enumerate(rows or [("(none)", "", "")]):
             head = (s.name, "yes" if s.sealed else "no", str(s.messages)) if i == 0 else ("", "", "")
-            table.add_row(*head, escape(d.name), str(d.not_delivered), str(d.not_acked))
-        if s.present and not s.durables:
-            table.add_row(s.name, "yes" if s.sealed else "no", str(s.messages), "(none)", "", "")
+            table.add_row(*head, *row)
     _print_table(table)
     found = problems(states)
     for problem in found:

@@ -58,6 +58,15 @@ async def _seal(nats_url: str) -> None:
         await nc.drain()
 
 
+async def _remove_durable(nats_url: str, stream: str, durable: str) -> None:
+    """`nats consumer rm <stream> <durable>`."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().delete_consumer(stream, durable)
+    finally:
+        await nc.drain()
+
+
 def _drained(nats_url: str) -> subprocess.CompletedProcess[str]:
     """`livegifts nats-drained <nats_url>`, as a process of its own."""
     return subprocess.run(
@@ -131,8 +140,16 @@ def test_the_runbooks_move_to_another_nats_seals_drains_and_rolls_and_credits_ev
         assert check.returncode == 1, check.stdout + check.stderr
         assert f"durable {PAYOUT_GIFT_SENT} on GIFTING has 2 events not yet delivered" in check.stdout, check.stdout
         assert "is not sealed" not in check.stdout, check.stdout
+        # Its durable removed there (`nats consumer rm`) holds the move up as much: what it would
+        # have applied cannot be known to be applied.
+        asyncio.run(_remove_durable(old_url, "GIFTING", PAYOUT_GIFT_SENT))
+        check = _drained(old_url)
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert f"durable {PAYOUT_GIFT_SENT} is missing on GIFTING" in check.stdout, check.stdout
 
         # 2. The consumers, still on the old NATS, apply what it holds; the check then passes.
+        # Payout makes its durable again from the start of the stream; the inbox skips the gifts
+        # it credited already (each is credited once).
         suite.restart("payout")
         assert asyncio.run(earned(suite, before + pending)) == [350, 350]
         assert asyncio.run(counted(suite, pending[0])) == 700
