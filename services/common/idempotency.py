@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -35,6 +36,8 @@ from services.common.tables import CommonTables
 from services.common.timeutil import now_us
 
 R = TypeVar("R", bound=Message)
+
+log = logging.getLogger(__name__)
 
 
 def request_hash(request: Message, key_field: str = "idempotency_key", secret: bytes | None = None) -> str:
@@ -186,6 +189,11 @@ def answers_retry(
                     stored = await idem.stored()
                 except (InvalidArgument, AlreadyExists):  # a malformed key, or a different request under it
                     stored = None
+                except Exception as lookup:
+                    # The database failing the look-up (pool timeout, lost connection) must not
+                    # turn a clear refusal into UNAVAILABLE: the caller gets the refusal.
+                    log.debug("idempotency look-up after a refusal failed: %r", lookup)
+                    raise refusal from lookup
                 if stored is None:
                     raise refusal
                 return stored

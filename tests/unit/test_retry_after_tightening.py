@@ -9,6 +9,7 @@ or whose key recorded another request, still gets the validation error.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,32 @@ async def test_a_refusal_raised_inside_the_command_answers_a_first_call_committe
     late = Late()
     await _refused(late.start_stream(copy_of(req, idempotency_key="s0"), meanwhile=False), "TITLE_TOO_LONG")
     assert await late.start_stream(req, meanwhile=True) == late.first
+
+
+async def test_a_refusal_stays_the_refusal_when_the_look_up_after_it_fails() -> None:
+    """The database failing `answers_retry`'s look-up (a pool timeout, a lost connection) gives
+    the caller the refusal, not UNAVAILABLE some DB_POOL_TIMEOUT_S later."""
+
+    class Down:
+        @contextlib.asynccontextmanager
+        async def unit_of_work(self, readonly: bool = False) -> Any:
+            raise TimeoutError("QueuePool limit reached, connection timed out")
+            yield
+
+    class Refusing:
+        db = Down()
+
+        @answers_retry(common.idempotency, "StartStream", gifting_pb2.Stream)
+        async def start_stream(
+            self, r: gifting_pb2.StartStreamRequest, *, idem: IdempotentCall[gifting_pb2.Stream]
+        ) -> gifting_pb2.Stream:
+            raise InvalidArgument("refused", "TITLE_TOO_LONG")
+
+    req = gifting_pb2.StartStreamRequest(creator_id="c1", title="t", idempotency_key="s1")
+    with pytest.raises(InvalidArgument) as refused:
+        await Refusing().start_stream(req)
+    assert refused.value.reason == "TITLE_TOO_LONG"
+    assert isinstance(refused.value.__cause__, TimeoutError)
 
 
 @pytest.mark.parametrize("group_commit", [True, False])
