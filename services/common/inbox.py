@@ -734,7 +734,8 @@ class Consumer(Generic[E]):
 
     def _batch_span(self, items: list[tuple[Msg, E]]) -> trace.Span:
         """The one `process <subject>` span the batch's handler runs in: a child of the first
-        message's trace (what its writes carry on), linked to every message's own trace.
+        sampled message's trace (the first message's if none is; what its writes carry on),
+        linked to every message's own trace.
 
         A span per message (as before) ended each trace but the first at an empty span: the
         handler's work for the others showed in no trace of theirs. The links (OpenTelemetry's
@@ -746,10 +747,15 @@ class Consumer(Generic[E]):
         if not recording():
             return tracer.start_span(f"process {self.sub.subject}", context=first, kind=trace.SpanKind.CONSUMER)
         contexts = [first] + [extract_context(dict(msg.headers or {})) for msg, _ in items[1:BATCH_LINKS_MAX]]
-        links = [trace.Link(trace.get_current_span(ctx).get_span_context()) for ctx in contexts]
+        spans = [trace.get_current_span(ctx).get_span_context() for ctx in contexts]
+        # Under the first sampled message's trace: under an unsampled first one (ParentBased
+        # ratio sampling) the span was dropped, and a sampled gift later in the batch lost its
+        # consumer's span and its handler's events went on unsampled - a trace recorded in part.
+        parent = next((ctx for ctx, span in zip(contexts, spans, strict=True) if span.trace_flags.sampled), first)
+        links = [trace.Link(span) for span in spans]
         return tracer.start_span(
             f"process {self.sub.subject}",
-            context=first,
+            context=parent,
             kind=trace.SpanKind.CONSUMER,
             links=[link for link in links if link.context.is_valid],
             attributes={

@@ -93,9 +93,11 @@ class _Msg:
         self.acked.append(True)
 
 
-async def _process(payout: Any, count: int, sampled: bool = True) -> tuple[list[_Msg], list[str]]:
-    """`count` messages from traces 1..count through a consumer as one batch; the messages and
-    the traceparent the handler would write into its own events."""
+async def _process(payout: Any, count: int, sampled: bool | list[bool] = True) -> tuple[list[_Msg], list[str]]:
+    """`count` messages from traces 1..count through a consumer as one batch (each sampled as
+    `sampled` says, or its item for that message); the messages and the traceparent the handler
+    would write into its own events."""
+    flags = sampled if isinstance(sampled, list) else [sampled] * count
     written: list[str] = []
 
     async def handle(uow: Any, events: list[Any]) -> None:
@@ -106,7 +108,7 @@ async def _process(payout: Any, count: int, sampled: bool = True) -> tuple[list[
     msgs = [
         _Msg(
             events_pb2.GiftSent(event_id=uuid.uuid4().hex).SerializeToString(),
-            {"traceparent": _traceparent(n, 100 + n, sampled)},
+            {"traceparent": _traceparent(n, 100 + n, flags[n - 1])},
         )
         for n in range(1, count + 1)
     ]
@@ -168,6 +170,27 @@ async def test_a_consumed_batch_is_recorded_as_its_producer_decided_whatever_the
         # Not recorded, still carried on: the handler's events continue trace 1, unsampled.
         (carried,) = written
         assert carried.split("-")[1] == f"{1:032x}" and not int(carried.split("-")[3], 16) & 1, carried
+
+
+async def test_a_batch_whose_first_message_is_unsampled_is_recorded_in_its_first_sampled_ones_trace(  # type: ignore[no-untyped-def]
+    setup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the first message's trace, unsampled, the batch's span was dropped: the sampled gift
+    later in the batch lost its consumer's span, and the events written for it went on unsampled."""
+    payout, _provider, _path = setup
+    with _recorded(monkeypatch, _ratio(payout.settings, 0.0)) as exporter:
+        _msgs, written = await _process(payout, 3, sampled=[False, True, True])
+        process = _only(exporter, "process s.x")
+        assert process.parent is not None and (process.parent.trace_id, process.parent.span_id) == (2, 102)
+        assert process.context.trace_flags.sampled
+        assert written == [_traceparent(2, process.context.span_id)]
+        # Still linked to every message's trace, the unsampled first one's too.
+        assert [link.context.trace_id for link in process.links] == [1, 2, 3]
+    with _recorded(monkeypatch, _ratio(payout.settings, 1.0)) as exporter:
+        _msgs, written = await _process(payout, 2, sampled=[False, False])
+        assert not exporter.get_finished_spans(), "none sampled: under the first, dropped as before"
+        assert written[0].split("-")[1] == f"{1:032x}"
 
 
 def test_with_a_ratio_of_0_nothing_is_recorded_but_logs_and_events_still_carry_the_trace(  # type: ignore[no-untyped-def]
