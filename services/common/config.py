@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -14,6 +15,30 @@ from services.common import faults
 from services.common.db import MULTI_HOST_FORM, is_sqlite, normalize_url, postgres_connect_args
 from services.common.gc_tuning import GEN0_THRESHOLD
 from services.common.migrate import MIGRATION_LOCK_GIVE_UP_S, MIGRATION_LOCK_TIMEOUT_S
+
+SamplerName = Literal["parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio", "always_off"]
+# OpenTelemetry's sampler names (OTEL_TRACES_SAMPLER) the services take, and the sampler each
+# gets: the non-parent-based ones are taken as their parent-based ones (a warning at start), so a
+# trace is recorded whole across the services; always_off records nothing, whole too.
+TRACE_SAMPLERS: dict[str, SamplerName] = {
+    "parentbased_always_on": "parentbased_always_on",
+    "parentbased_always_off": "parentbased_always_off",
+    "parentbased_traceidratio": "parentbased_traceidratio",
+    "always_on": "parentbased_always_on",
+    "traceidratio": "parentbased_traceidratio",
+    "always_off": "always_off",
+}
+
+
+@dataclass(frozen=True)
+class TraceSampling:
+    """`ServiceSettings.trace_sampling`: the sampler, its ratio (parentbased_traceidratio's), and
+    what start-up logs a WARNING for."""
+
+    sampler: SamplerName
+    ratio: float
+    warnings: list[str]
+
 
 # How long JetStream keeps an event (services/common/bus.py): a consumer that was down, or one
 # reset to replay, can receive an event this long after it was published.
@@ -122,16 +147,18 @@ class ServiceSettings(MigrationSettings):
     otel_file: str = ""  # for otel_exporter=file: JSON lines, one span a line
     otlp_endpoint: str = "http://127.0.0.1:4317"
     # Which traces are recorded (with an exporter): OpenTelemetry's own variables, unprefixed, as
-    # every SDK and collector reads them. Only the parent-based samplers: a call or event that
-    # comes with a trace context follows its sampled flag, so a trace is recorded whole across
-    # gRPC and NATS or not at all; a root (a call without traceparent, a background item) is
-    # sampled at the ratio. The SDK reads them too when given no sampler, but falls back to
-    # everything, with a warning, on a value it does not know: here a bad one stops start-up.
-    otel_traces_sampler: Literal["parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"] = Field(
-        default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER"
-    )
+    # every SDK and collector reads them (`trace_sampling` reads them). Always parent-based: a call
+    # or event that comes with a trace context follows its sampled flag, so a trace is recorded
+    # whole across gRPC and NATS or not at all; a root (a call without traceparent, a background
+    # item) is sampled at the ratio. The SDK's other names (always_on, traceidratio) are taken
+    # as their parent-based ones, with a warning at start; always_off records nothing. The SDK
+    # reads them too when given no sampler, but falls back to everything, with a warning, on a
+    # value it does not know: here a bad one stops start-up (a warning with OTEL_EXPORTER=none,
+    # where it decides nothing).
+    otel_traces_sampler: str = Field(default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
     # The ratio of new traces parentbased_traceidratio records (1.0, all, when unset)
-    otel_traces_sampler_arg: float | None = Field(default=None, ge=0, le=1, validation_alias="OTEL_TRACES_SAMPLER_ARG")
+    # (0 to 1, checked with an exporter only: not a field bound)
+    otel_traces_sampler_arg: str | None = Field(default=None, validation_alias="OTEL_TRACES_SAMPLER_ARG")
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
@@ -230,25 +257,57 @@ class ServiceSettings(MigrationSettings):
             raise ValueError("required when OTEL_EXPORTER is file")
         return path
 
-    @field_validator("otel_traces_sampler", mode="before")
+    @field_validator("otel_traces_sampler", "otel_traces_sampler_arg", mode="before")
     @classmethod
-    def _sampler_name(cls, name: object) -> object:
-        return name.strip().lower() if isinstance(name, str) else name  # the SDK's names are case-insensitive
+    def _sampling_as_the_sdk_reads_it(cls, value: object, info: ValidationInfo) -> object:
+        # Names are case-insensitive; an empty variable is an unset one
+        if not isinstance(value, str) or value.strip():
+            return value.strip().lower() if isinstance(value, str) else value
+        return cls.model_fields[info.field_name or ""].default
 
-    @field_validator("otel_traces_sampler_arg", mode="before")
+    @field_validator("otel_traces_sampler")
     @classmethod
-    def _ratio_set(cls, ratio: object) -> object:
-        return None if isinstance(ratio, str) and not ratio.strip() else ratio  # empty: unset, as the SDK reads it
+    def _a_sampler_the_services_take(cls, name: str, info: ValidationInfo) -> str:
+        if name in TRACE_SAMPLERS or info.data.get("otel_exporter") == "none":
+            return name  # an unknown one with no exporter: a warning at start (trace_sampling)
+        raise ValueError(f"{name!r} is not one of {', '.join(TRACE_SAMPLERS)}")
 
     @field_validator("otel_traces_sampler_arg")
     @classmethod
-    def _ratio_of_the_ratio_sampler(cls, ratio: float | None, info: ValidationInfo) -> float | None:
-        # Read by parentbased_traceidratio alone: a ratio set beside another sampler (or none)
-        # would be an operator's 1% that records every trace.
-        sampler = info.data.get("otel_traces_sampler")
-        if ratio is not None and sampler is not None and sampler != "parentbased_traceidratio":
-            raise ValueError(f"only read with OTEL_TRACES_SAMPLER=parentbased_traceidratio (it is {sampler})")
-        return ratio
+    def _a_ratio(cls, arg: str | None, info: ValidationInfo) -> str | None:
+        if not arg or _ratio(arg) is not None or info.data.get("otel_exporter") == "none":
+            return arg
+        raise ValueError(f"{arg!r} is not a number from 0 to 1")
+
+    def trace_sampling(self) -> TraceSampling:
+        """The sampler the spans get (OTEL_TRACES_SAMPLER, _ARG as validated), and what start-up
+        warns of: a non-parent-based name taken as its parent-based one, a ratio no sampler reads,
+        or, with OTEL_EXPORTER=none, a value that would stop start-up with an exporter."""
+        given, arg = self.otel_traces_sampler, self.otel_traces_sampler_arg
+        ratio = _ratio(arg) if arg else None
+        if self.otel_exporter == "none":  # no span is recorded: the sampler decides nothing
+            bad = [f"OTEL_TRACES_SAMPLER={given!r}"] if given not in TRACE_SAMPLERS else []
+            bad += [f"OTEL_TRACES_SAMPLER_ARG={arg!r}"] if arg and ratio is None else []
+            said = f"{', '.join(bad)} ignored: OTEL_EXPORTER is none, so no trace is recorded; with an exporter it "
+            said += "would stop start-up (README, Configuration)"
+            return TraceSampling(
+                TRACE_SAMPLERS.get(given, "parentbased_always_on"),
+                1.0 if ratio is None else ratio,
+                [said] if bad else [],
+            )
+        name = TRACE_SAMPLERS[given]
+        warnings = []
+        if name != given:
+            warnings.append(
+                f"OTEL_TRACES_SAMPLER={given} taken as {name}: a call or event that comes with a trace context "
+                "follows its sampled flag, so a trace is recorded whole across the services or not at all"
+            )
+        if ratio is not None and name != "parentbased_traceidratio":
+            warnings.append(
+                f"OTEL_TRACES_SAMPLER_ARG={arg} ignored: only OTEL_TRACES_SAMPLER=parentbased_traceidratio "
+                f"reads it (the sampler is {name})"
+            )
+        return TraceSampling(name, 1.0 if ratio is None else ratio, warnings)
 
     @field_validator("operator_token", "operator_token_previous")
     @classmethod
@@ -319,6 +378,15 @@ class ServiceSettings(MigrationSettings):
         """How long a transaction of this service may wait, open, for a call outside the database
         (besides the outbox relay's publish): none here; see `app.idle_in_transaction_timeout_s`."""
         return 0.0
+
+
+def _ratio(arg: str) -> float | None:
+    """OTEL_TRACES_SAMPLER_ARG as a ratio, or None if it is not a number from 0 to 1."""
+    try:
+        ratio = float(arg)
+    except ValueError:
+        return None
+    return ratio if 0 <= ratio <= 1 else None  # (NaN is neither)
 
 
 T = TypeVar("T", bound=MigrationSettings)

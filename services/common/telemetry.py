@@ -109,19 +109,28 @@ def _exporter(settings: ServiceSettings) -> SpanExporter | None:
 
 def sampler(settings: ServiceSettings) -> Sampler:
     """Which traces are recorded (OTEL_TRACES_SAMPLER, _ARG, validated at start): always
-    parent-based, so a span whose parent came in a call's or an event's trace context follows the
-    parent's sampled flag (a trace is recorded whole or not at all, across services); a new trace
-    is recorded always, never, or at the ratio (by its trace id).
+    parent-based (but always_off, which records nothing), so a span whose parent came in a call's
+    or an event's trace context follows the parent's sampled flag (a trace is recorded whole or
+    not at all, across services); a new trace is recorded always, never, or at the ratio (by its trace id).
 
     A span not sampled is not recorded, but it still has its trace and span ids, made current as
     a recorded one is: log lines and error messages carry the trace id, and calls and events carry
     it on (with the sampled flag off) - only the trace store has nothing under it."""
-    if settings.otel_traces_sampler == "parentbased_always_off":
+    sampling = settings.trace_sampling()
+    if sampling.sampler == "always_off":
+        return ALWAYS_OFF
+    if sampling.sampler == "parentbased_always_off":
         return ParentBased(ALWAYS_OFF)
-    if settings.otel_traces_sampler == "parentbased_traceidratio":
-        ratio = settings.otel_traces_sampler_arg
-        return ParentBased(TraceIdRatioBased(1.0 if ratio is None else ratio))
+    if sampling.sampler == "parentbased_traceidratio":
+        return ParentBased(TraceIdRatioBased(sampling.ratio))
     return ParentBased(ALWAYS_ON)
+
+
+def warn_of_sampling(settings: ServiceSettings) -> None:
+    """Log, at start, a WARNING for each sampler setting taken otherwise than it says (see
+    `ServiceSettings.trace_sampling`)."""
+    for warning in settings.trace_sampling().warnings:
+        logging.getLogger(__name__).warning("%s", warning)
 
 
 def tracer_provider(service: str, settings: ServiceSettings) -> TracerProvider:
@@ -167,6 +176,7 @@ def setup_tracing(service: str, settings: ServiceSettings) -> Tracing:
     """
     global _tracing
     propagate.set_global_textmap(PROPAGATOR)
+    warn_of_sampling(settings)
     exporter = _exporter(settings)
     if exporter is None:
         _tracing = Tracing(None)

@@ -70,7 +70,7 @@ def _ratio(settings: Any, ratio: float) -> Sampler:
     """The sampler the services build from OTEL_TRACES_SAMPLER=parentbased_traceidratio and `ratio`."""
     return telemetry.sampler(
         settings.model_copy(
-            update={"otel_traces_sampler": "parentbased_traceidratio", "otel_traces_sampler_arg": ratio}
+            update={"otel_traces_sampler": "parentbased_traceidratio", "otel_traces_sampler_arg": str(ratio)}
         )
     )
 

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 from pydantic import ValidationError
 
 from services.common import errors, faults, telemetry
-from services.common.config import ServiceSettings
+from services.common.config import ServiceSettings, load_settings
 from services.gifting import domain as gifting
 from services.gifting.config import GiftingSettings
 from services.payout.config import PayoutSettings
@@ -127,32 +127,84 @@ def test_a_bad_setting_stops_start_up_in_one_line_naming_the_variable(setting: s
 @pytest.mark.parametrize(
     ("sampler", "ratio", "says"),
     [
-        ("traceidratio", "", "OTEL_TRACES_SAMPLER: Input should be 'parentbased_always_on'"),
-        ("parentbased_traceidratio", "1%", "OTEL_TRACES_SAMPLER_ARG: Input should be a valid number"),
-        ("parentbased_traceidratio", "2", "OTEL_TRACES_SAMPLER_ARG: Input should be less than or equal to 1"),
-        (
-            "",
-            "0.01",
-            "OTEL_TRACES_SAMPLER_ARG: Value error, only read with OTEL_TRACES_SAMPLER=parentbased_traceidratio",
-        ),
+        ("jaeger_remote", "", "OTEL_TRACES_SAMPLER: Value error, 'jaeger_remote' is not one of parentbased_always_on"),
+        ("parentbased_traceidratio", "1%", "OTEL_TRACES_SAMPLER_ARG: Value error, '1%' is not a number from 0 to 1"),
+        ("traceidratio", "2", "OTEL_TRACES_SAMPLER_ARG: Value error, '2' is not a number from 0 to 1"),
     ],
 )
 def test_a_bad_trace_sampler_stops_start_up_naming_opentelemetrys_variable(sampler: str, ratio: str, says: str) -> None:
     """The SDK, left to read these, records every trace on a value it does not know (a warning
-    at most): an operator's 1% would be 100% at the trace store."""
+    at most): an operator's 1% would be 100% at the trace store. Only with an exporter: with
+    none, the sampler decides nothing (test_a_sampler_value_of_no_use_is_a_warning_not_an_exit)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEGIFTS_", "OTEL_"))}
     env |= {
         "LIVEGIFTS_WALLET_NATS_URL": "nats://127.0.0.1:1",
         "LIVEGIFTS_WALLET_DATABASE_URL": "sqlite:////nonexistent/never-created.db",
         "LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET": "0123456789abcdef",
+        "LIVEGIFTS_WALLET_OTEL_EXPORTER": "console",
+        "OTEL_TRACES_SAMPLER": sampler,
         "OTEL_TRACES_SAMPLER_ARG": ratio,
     }
-    if sampler:
-        env["OTEL_TRACES_SAMPLER"] = sampler
     out = subprocess.run([sys.executable, "-m", "services.wallet"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2, out.stderr
     assert f"\n  {says}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("exporter", "given", "sampled_by", "warns"),
+    [
+        # OpenTelemetry's own names, as a platform's injected env or a developer's shell has them
+        ("console", {"OTEL_TRACES_SAMPLER": "always_on"}, ParentBased(ALWAYS_ON), ["always_on taken as parentbased_"]),
+        (
+            "otlp",
+            {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+            ParentBased(TraceIdRatioBased(0.1)),
+            ["traceidratio taken as parentbased_traceidratio"],
+        ),
+        ("console", {"OTEL_TRACES_SAMPLER": "always_off"}, ALWAYS_OFF, []),
+        ("console", {"OTEL_TRACES_SAMPLER": " ", "OTEL_TRACES_SAMPLER_ARG": ""}, ParentBased(ALWAYS_ON), []),  # unset
+        (
+            "console",
+            {"OTEL_TRACES_SAMPLER_ARG": "0.1"},
+            ParentBased(ALWAYS_ON),
+            ["OTEL_TRACES_SAMPLER_ARG=0.1 ignored: only OTEL_TRACES_SAMPLER=parentbased_traceidratio reads it"],
+        ),
+        # With no exporter nothing is recorded: a bad value is harmless, said, and not fatal.
+        (
+            "none",
+            {"OTEL_TRACES_SAMPLER": "jaeger_remote", "OTEL_TRACES_SAMPLER_ARG": "1%"},
+            ParentBased(ALWAYS_ON),
+            ["OTEL_TRACES_SAMPLER='jaeger_remote', OTEL_TRACES_SAMPLER_ARG='1%' ignored: OTEL_EXPORTER is none"],
+        ),
+        ("none", {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "0.1"}, ParentBased(ALWAYS_ON), []),
+    ],
+)
+def test_a_sampler_value_of_no_use_is_a_warning_not_an_exit(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    exporter: str,
+    given: dict[str, str],
+    sampled_by: Any,
+    warns: list[str],
+) -> None:
+    """OpenTelemetry's usual values exited 2, so an operator's or platform's OTel env took the
+    pods down (with OTEL_EXPORTER=none too, where no trace is recorded at all)."""
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LIVEGIFTS_WALLET_OTEL_EXPORTER", exporter)
+    monkeypatch.setenv("LIVEGIFTS_WALLET_DATABASE_URL", "sqlite:///w.db")
+    monkeypatch.setenv("LIVEGIFTS_WALLET_NATS_URL", "nats://x")
+    monkeypatch.setenv("LIVEGIFTS_WALLET_PAYMENT_WEBHOOK_SECRET", "0123456789abcdef")
+    settings = load_settings(WalletSettings)
+    assert telemetry.sampler(settings).get_description() == sampled_by.get_description()
+    with caplog.at_level("WARNING", logger="services.common.telemetry"):
+        telemetry.warn_of_sampling(settings)  # (setup_tracing's, which would install a global provider)
+    said = [r.getMessage() for r in caplog.records if r.name == "services.common.telemetry"]
+    assert len(said) == len(warns), said
+    assert all(part in line for part, line in zip(warns, said, strict=True)), said
 
 
 def test_the_trace_sampler_is_read_from_opentelemetrys_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
