@@ -147,6 +147,7 @@ class Binding:
         # not be read (a leader being elected, quorum lost).
         self._reading = asyncio.Lock()
         self._read_again_at = 0.0
+        self._gone = False  # the last read found no stream (deleted): `created` unknown
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Read the stream's creation time (at a bind, once the durable is there)."""
@@ -201,10 +202,12 @@ class Binding:
                 reconnects, doubts = nc.stats["reconnects"], self._doubts
                 try:
                     info = await js.stream_info(self.stream)
-                except Exception:  # noqa: BLE001 - unknown until the next read
+                except Exception as exc:  # noqa: BLE001 - unknown until the next read
+                    self._gone = isinstance(exc, NotFoundError)
                     self._set(_UNKNOWN)
                     self._read_again_at = time.monotonic() + STREAM_READ_RETRY_S
                     return nc.is_connected
+                self._gone = False
                 self._reconnects, self._doubts_read = reconnects, doubts
                 self._set(info.created)
         return nc.is_connected
@@ -246,6 +249,9 @@ class Binding:
             unknown = self.created == _UNKNOWN
             if not connected:
                 why = "NATS is still disconnected"
+            elif unknown and self._gone:
+                # After STREAM.DELETED: not a read that failed, a stream lost with its events
+                why = "its stream is gone (deleted: its events not yet consumed are lost, run the audit)"
             elif unknown:
                 # Most often a cluster electing a leader or without quorum (docs/sre.md, "NATS down
                 # or without quorum"): the line said "its stream was made again since", which sent
@@ -260,7 +266,7 @@ class Binding:
                     "consumer": self.durable,
                     "stream": self.stream,
                     "stream_seq": _stream_seq(msg),
-                    "stream_created": "unknown" if unknown else str(self.created),
+                    "stream_created": ("deleted" if self._gone else "unknown") if unknown else str(self.created),
                     "replies_not_sent": self.dropped,
                 },
             )

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from services.common import pull
 from services.common.pull import Binding
@@ -173,6 +174,28 @@ async def test_a_reply_held_back_for_a_stream_not_read_does_not_say_it_was_made_
     [line] = [r for r in caplog.records if r.name == pull.__name__]
     assert "could not be read" in line.getMessage() and "made again" not in line.getMessage()
     assert line.stream_created == "unknown"  # type: ignore[attr-defined]
+
+
+async def test_a_reply_held_back_for_a_deleted_stream_says_it_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    # After STREAM.DELETED the read finds no stream: the line said it "could not be read since the
+    # connection was lost or a pull failed", and the SRE was not told the stream's events were lost.
+    nc, js = _Nc(), _FailingJs(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    msg = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(msg)
+
+    async def deleted(stream: str) -> Any:
+        raise NotFoundError(code=404, err_code=10059, description="stream not found")
+
+    js.stream_info = deleted  # type: ignore[method-assign]
+    await nc.advisory(f"$JS.EVENT.ADVISORY.STREAM.DELETED.{binding.stream}")
+    with caplog.at_level(logging.WARNING, logger=pull.__name__):
+        assert not await binding.settles(msg)
+    [line] = [r for r in caplog.records if r.name == pull.__name__]
+    assert "its stream is gone (deleted" in line.getMessage() and "could not be read" not in line.getMessage()
+    assert line.stream_created == "deleted"  # type: ignore[attr-defined]
+    assert line.consumer == "d" and line.stream == "S" and line.replies_not_sent == 1  # type: ignore[attr-defined]
 
 
 async def test_a_reply_not_sent_for_a_delivery_without_a_stream_sequence_is_logged_not_raised() -> None:
