@@ -135,6 +135,7 @@ class Binding:
         self._doubts = 0
         self._doubts_read = 0
         self._watching: Client | None = None  # the connection the advisories are subscribed on
+        self._watched: set[str] = set()  # which of them so far (a bind cancelled midway: the rest)
         self.dropped = 0  # replies not sent, since the process started
         self._dropped_logged: tuple[int, int] | None = None  # (epoch, reconnects) of the last line
         self._js: JetStreamContext | None = None
@@ -153,10 +154,12 @@ class Binding:
         """Read the stream's creation time (at a bind, once the durable is there)."""
         self._nc, self._js = nc, js
         if self._watching is not nc:
-            # Before the read: a change made after it is told.
-            for subject in ADVISORIES:
+            self._watching, self._watched = nc, set()
+        # Before the read: a change made after it is told.
+        for subject in ADVISORIES:
+            if subject not in self._watched:
                 await nc.subscribe(subject.format(stream=self.stream, durable=self.durable), cb=self._on_advisory)
-            self._watching = nc
+                self._watched.add(subject)
         self._reconnects = nc.stats["reconnects"]
         doubts = self._doubts
         self._set((await js.stream_info(self.stream)).created)
