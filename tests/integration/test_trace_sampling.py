@@ -90,7 +90,7 @@ async def test_a_trace_is_recorded_whole_as_its_first_caller_decided(suite: Suit
             gifting_pb2.UpsertGiftRequest(gift_id="rose", name="Rose", price_coins=1),
             metadata=(("authorization", "Bearer not-the-operator-token"),),
         )
-    logged = await eventually(lambda: asyncio.to_thread(_logged_trace_ids, suite), bool, timeout_s=5)
+    logged = await eventually(lambda: asyncio.to_thread(_logged_trace_ids, suite), bool, timeout_s=30)
     assert all(len(trace_id) == 32 and int(trace_id, 16) for trace_id in logged), logged
     assert _spans(suite) == []
     # A caller whose trace is sampled: each service it reaches records its part of that trace.
@@ -101,7 +101,7 @@ async def test_a_trace_is_recorded_whole_as_its_first_caller_decided(suite: Suit
         ("gifting", "publish gifting.gift.sent"),
         ("payout", "process gifting.gift.sent"),
     }
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # each service exports its spans every 200 ms; a loaded machine takes longer
     while time.monotonic() < deadline:
         spans = _spans(suite)
         seen = {(s["svc"], name) for s in spans for name in {n for _, n in wanted} if s["name"].endswith(name)}
