@@ -764,8 +764,12 @@ def _cluster_faults(cluster: NatsCluster) -> Action:
             await asyncio.to_thread(cluster.start, leader)
             await _resumed(js, flight, log, f"{leader} (GIFTING's leader) back", time.monotonic())
 
-            meta = await asyncio.to_thread(cluster.meta_leader)
-            assert meta, "the cluster has no meta leader"
+            async def meta_leader() -> str:  # "" while electing, or while /jsz is slow to answer
+                meta = await asyncio.to_thread(cluster.meta_leader)
+                assert meta, "no meta leader yet"
+                return meta
+
+            meta = await _cluster_read("the meta leader", meta_leader)
             flight.fault_starts(log, f"meta leader {meta} SIGKILLed")
             await asyncio.to_thread(cluster.kill, meta)
             await asyncio.sleep(CLUSTER_DOWN_S)
