@@ -45,7 +45,7 @@ from tests.faults.load import (
 from tests.faults.suite_env import FAST_PAYOUT, FAST_SWEEP, OPERATOR_METADATA
 from tests.integration import pg
 from tests.integration.conftest import WEBHOOK_SECRET, suite_config
-from tests.support.nats import NatsCluster
+from tests.support.nats import NatsCluster, cluster_read
 
 SEED = int(os.environ.get("LIVEGIFTS_FAULT_SEED", str(random.SystemRandom().randint(1, 10**6))))
 GIFTS = int(os.environ.get("LIVEGIFTS_FAULT_GIFTS", "120"))
@@ -683,15 +683,8 @@ RESTORED_LINES = ("created it again", "set them back")  # what Bus.restore_strea
 
 
 async def _cluster_read(what: str, read: Callable[[], Awaitable[T]]) -> T:
-    """`read()` retried (a cluster electing a leader answers nothing or 503) for CLUSTER_PHASE_TIMEOUT_S."""
-    deadline = time.monotonic() + CLUSTER_PHASE_TIMEOUT_S
-    while True:
-        try:
-            return await read()
-        except Exception as exc:  # noqa: BLE001 - an election or quorum lost: asked again
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not answered within {CLUSTER_PHASE_TIMEOUT_S:g} s ({exc!r})")
-            await asyncio.sleep(0.2)
+    """`cluster_read` for CLUSTER_PHASE_TIMEOUT_S."""
+    return await cluster_read(what, read, CLUSTER_PHASE_TIMEOUT_S)
 
 
 async def _resumed(js: JetStreamContext, flight: Flight, log: list[str], what: str, since: float) -> int:
@@ -747,6 +740,14 @@ def _cluster_faults(cluster: NatsCluster) -> Action:
         try:
             js = nc.jetstream(timeout=2)
 
+            async def down_a_while(*names: str) -> None:
+                """SIGKILL `names`, and start them again CLUSTER_DOWN_S later."""
+                for name in names:
+                    await asyncio.to_thread(cluster.kill, name)
+                await asyncio.sleep(CLUSTER_DOWN_S)
+                for name in names:
+                    await asyncio.to_thread(cluster.start, name)
+
             async def gifting_leader() -> str:
                 leader = (await js.stream_info("GIFTING")).cluster.leader  # type: ignore[union-attr]
                 assert leader, "no leader yet"
@@ -759,9 +760,7 @@ def _cluster_faults(cluster: NatsCluster) -> Action:
 
             leader = await _cluster_read("GIFTING's leader", gifting_leader)
             flight.fault_starts(log, f"GIFTING's leader {leader} SIGKILLed")
-            await asyncio.to_thread(cluster.kill, leader)
-            await asyncio.sleep(CLUSTER_DOWN_S)
-            await asyncio.to_thread(cluster.start, leader)
+            await down_a_while(leader)
             await _resumed(js, flight, log, f"{leader} (GIFTING's leader) back", time.monotonic())
 
             async def meta_leader() -> str:  # "" while electing, or while /jsz is slow to answer
@@ -771,18 +770,12 @@ def _cluster_faults(cluster: NatsCluster) -> Action:
 
             meta = await _cluster_read("the meta leader", meta_leader)
             flight.fault_starts(log, f"meta leader {meta} SIGKILLed")
-            await asyncio.to_thread(cluster.kill, meta)
-            await asyncio.sleep(CLUSTER_DOWN_S)
-            await asyncio.to_thread(cluster.start, meta)
+            await down_a_while(meta)
             await _resumed(js, flight, log, f"{meta} (meta leader) back", time.monotonic())
 
             lost = cluster.running()[1:]
             flight.fault_starts(log, f"{' and '.join(lost)} SIGKILLed (no quorum)")
-            for name in lost:
-                await asyncio.to_thread(cluster.kill, name)
-            await asyncio.sleep(CLUSTER_DOWN_S)
-            for name in lost:
-                await asyncio.to_thread(cluster.start, name)
+            await down_a_while(*lost)
             back = time.monotonic()
             mark = await _resumed(js, flight, log, "the quorum back", back)
             await _acked_past(js, log, mark, back)

@@ -26,7 +26,7 @@ from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.pull import Puller
 from tests.integration.helpers import publish_gift_sent
-from tests.support.nats import NatsCluster
+from tests.support.nats import NatsCluster, cluster_read
 
 SUBJECT = "gifting.gift.sent"
 DURABLE = "cluster-test"
@@ -35,16 +35,14 @@ SETTLED_WITHIN_S = 60.0  # elections take seconds; JetStream's API timeout is 5 
 
 async def _leader(bus: Bus) -> str:
     assert bus.js is not None
-    deadline = time.monotonic() + SETTLED_WITHIN_S
-    while True:
-        try:
-            leader = (await bus.js.stream_info("GIFTING")).cluster.leader  # type: ignore[union-attr]
-            if leader:
-                return str(leader)
-        except Exception:  # noqa: BLE001 - electing
-            pass
-        assert time.monotonic() < deadline, "GIFTING elected no leader"
-        await asyncio.sleep(0.2)
+    js = bus.js
+
+    async def named() -> str:
+        leader = (await js.stream_info("GIFTING")).cluster.leader  # type: ignore[union-attr]
+        assert leader, "electing"
+        return str(leader)
+
+    return await cluster_read("GIFTING's leader", named, SETTLED_WITHIN_S)
 
 
 async def test_a_delivery_in_hand_is_settled_after_its_servers_death_moves_the_streams_leader(tmp_path: Path) -> None:
@@ -108,14 +106,8 @@ async def test_a_delivery_in_hand_is_settled_after_its_servers_death_moves_the_s
         assert binding.created == created, "another leader's stream taken for a stream made again"
 
         # Settled on the new leader: acknowledged by the server, nothing pending or delivered again.
-        deadline = time.monotonic() + SETTLED_WITHIN_S
-        while True:
-            try:
-                await msg.ack_sync(timeout=2)
-                break
-            except Exception:  # noqa: BLE001 - the durable electing its leader too: acked again
-                assert time.monotonic() < deadline, "the ack was never taken"
-                await asyncio.sleep(0.2)
+        # (The durable may be electing its leader too: acked again until it is taken.)
+        await cluster_read("the ack", lambda: msg.ack_sync(timeout=2), SETTLED_WITHIN_S)
         info = await bus.js.consumer_info("GIFTING", DURABLE)
         assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, 1)  # type: ignore[union-attr]
         await puller.unsubscribe()

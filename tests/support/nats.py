@@ -4,15 +4,18 @@ test's directory, syncing every write (`sync_interval: always`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import pytest
 
 from services.cli.suite import free_port, nats_server_binary
 
@@ -192,3 +195,19 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not {what} within {timeout_s:g} s")
             time.sleep(0.1)
+
+
+T = TypeVar("T")
+
+
+async def cluster_read(what: str, read: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """`read()` retried (a cluster electing a leader answers nothing or 503, and a read may assert
+    what it waits for) for `timeout_s`; the test fails naming `what` and the last error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await read()
+        except Exception as exc:  # noqa: BLE001 - an election or quorum lost: asked again
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not answered within {timeout_s:g} s ({exc!r})")
+            await asyncio.sleep(0.2)
