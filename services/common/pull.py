@@ -164,6 +164,8 @@ class Binding:
         doubts = self._doubts
         self._set((await js.stream_info(self.stream)).created)
         self._doubts_read = doubts
+        # Read: a failed read's pause is over, or the next doubt within it would go unread.
+        self._read_again_at, self._gone = 0.0, False
 
     @property
     def suspect(self) -> bool:

@@ -253,3 +253,24 @@ async def test_a_doubt_told_while_the_stream_is_read_is_not_cleared_by_that_read
     js.stream_info = answered  # type: ignore[method-assign]
     assert not await binding.settles(old)  # read again: made again
     assert js.calls == 3
+
+
+async def test_a_doubt_after_a_bind_that_followed_a_failed_read_reads_the_stream_again() -> None:
+    # A read failed (the stream deleted), the consumer bound again to the stream made again, and
+    # that one was made again within the failed read's pause: the doubt was not read, and the
+    # deliveries of the stream bound at the bind were acked against the newer one's events.
+    nc, js = _Nc(), _FailingJs(T0)
+    binding = Binding("S", "d")
+    await binding.bind(nc, js)  # type: ignore[arg-type]
+    old = _at(T0 + datetime.timedelta(seconds=1))
+    binding.tag(old)
+    js.failing = True
+    binding.doubt()
+    assert not await binding.settles(old)  # unknown, reads paused
+    js.failing, js.created = False, T0 + datetime.timedelta(minutes=1)
+    await binding.bind(nc, js)  # type: ignore[arg-type]  # the consumer's bind again
+    delivered = _at(T0 + datetime.timedelta(minutes=2))
+    binding.tag(delivered)
+    js.created = T0 + datetime.timedelta(minutes=3)  # made again once more, within the pause
+    await nc.advisory(next(iter(nc.subscribed)))
+    assert not await binding.settles(delivered)
