@@ -72,3 +72,11 @@ def test_the_command_shows_the_missing_durable_and_fails(monkeypatch: pytest.Mon
     assert result.exit_code == 1, result.output
     assert f"{PAYOUT_GIFT_SENT} (missing)" in result.output, result.output
     assert "drained:" not in result.output, result.output
+
+
+def test_a_nats_it_cannot_reach_is_said_with_why() -> None:
+    # nats-py's own error said only "no servers available for connection": refused, no such
+    # host or a firewall's timeout looked alike.
+    result = CliRunner().invoke(app, ["nats-drained", "nats://127.0.0.1:1"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1, result.output
+    assert "no servers available" in result.output and "ConnectionRefusedError" in result.output, result.output
