@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -58,12 +59,16 @@ def nats_conf(
     return "\n".join(lines) + "\n"
 
 
-def start_nats(conf: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start nats-server with `conf` on `port`, its output appended to `log_path`. Clients reach it
-    once it listens (Bus.connect retries until then)."""
+def start_nats(conf: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start nats-server with `conf` on `port`, its output appended to `log_path`, with `env` added
+    to its environment (what `$VAR`s of the configuration read). Clients reach it once it listens
+    (Bus.connect retries until then)."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf), "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+            [nats_server_binary(), "-c", str(conf), "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
         )
 
 
