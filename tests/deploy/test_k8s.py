@@ -30,6 +30,7 @@ from tests.deploy.manifests import (
     render,
     required_env_names,
     resolve_env,
+    secret_placeholder,
     selects,
     service_of,
     workloads,
@@ -300,7 +301,10 @@ def test_the_settings_match_the_ports_probes_peers_and_grace_period(
             continue  # `migrate` reads only the database, migration lock and log settings
         assert s.migrate_on_start is False, f"{where}: migrations run in the init container, not at start"
         for nats_url in s.nats_url.split(","):
-            host_port = nats_url.removeprefix("nats://")
+            # Each server named with the service's own NATS user and its Secret's password
+            # (deploy/k8s/nats/auth.conf): nats-py sends a URL's credentials to that server only.
+            creds, _, host_port = nats_url.removeprefix("nats://").rpartition("@")
+            assert creds == f"{svc}:{secret_placeholder(f'livegifts-{svc}-nats', 'password')}", where
             host, port = host_port.rsplit(":", 1)
             assert port == "4222", where
             m = re.fullmatch(r"nats-(\d+)\.nats-headless", host)
@@ -385,6 +389,28 @@ def _nats_conf(objs: tuple[Obj, ...]) -> str:
     cm = find(objs, "ConfigMap", cm_name)
     assert cm is not None
     return str(cm["data"]["nats.conf"])
+
+
+def test_nats_takes_only_the_users_of_auth_conf_with_their_passwords_from_secrets(overlay: str) -> None:
+    # The authorization tests/integration/test_nats_permissions.py runs the suite under is the
+    # one each overlay's NATS loads: included by its nats.conf, beside it in the ConfigMap, and
+    # each password it reads given to the server from a Secret (a missing one: no server starts).
+    objs = objects(overlay)
+    nats = find(objs, "StatefulSet", "nats")
+    assert nats is not None
+    cm_name = next(v["configMap"]["name"] for v in nats["spec"]["template"]["spec"]["volumes"] if "configMap" in v)
+    cm = find(objs, "ConfigMap", cm_name)
+    assert cm is not None
+    auth = (K8S / "nats" / "auth.conf").read_text()
+    assert cm["data"].get("auth.conf") == auth
+    assert re.search(r"^include \./auth\.conf$", _nats_conf(objs), re.M)
+    if overlay == "prod":  # the clients' URLs name the servers with credentials; no others advertised
+        assert re.search(r"cluster\s*\{[^}]*no_advertise:\s*true", _nats_conf(objs))
+    env = {e["name"]: e for e in nats["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for user, var in re.findall(r"\{user: (\w+), password: \$(\w+),", auth):
+        assert var in env, f"nats-server reads ${var} (user {user}) and its pod does not set it"
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": f"livegifts-{user}-nats", "key": "password"}
+    assert re.findall(r"\{user: (\w+),", auth) == ["wallet", "gifting", "payout", "operator"]
 
 
 def test_nats_is_jetstream_on_a_file_store_that_syncs_every_write(overlay: str) -> None:
