@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     """NATS under auth.conf and the suite (SQLite) on it, each service as its own user; a gift sent,
-    credited, counted and charged back."""
+    credited, counted and charged back, and another after gifting and payout restarted."""
     var_dir = tmp_path_factory.mktemp("nats-auth")
     conf_dir = var_dir / "nats-conf"
     conf_dir.mkdir()
@@ -108,6 +109,14 @@ async def _gift_credit_and_claw_back(suite: Suite, creator: str) -> None:
             lambda e: e.diamonds_clawed_back > 0,
         )
     assert earnings.diamonds_clawed_back == 350
+    # Bound again over what they acked: the consumers' position check reads the stream's events.
+    for svc in ("gifting", "payout"):
+        suite.kill(svc, signal.SIGTERM)
+        suite.restart(svc)
+    again = uid("creator")
+    await gifts_to(suite, uid("viewer"), [again])  # the first viewer owes the chargeback
+    assert await earned(suite, [again]) == [350]
+    assert await counted(suite, again) == 700
 
 
 def _drained(url: str) -> subprocess.CompletedProcess[str]:
