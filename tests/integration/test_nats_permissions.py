@@ -252,3 +252,19 @@ async def test_each_user_is_refused_what_it_must_not_do(secured: Secured, user: 
         await nc.close()
     # Nothing forged, purged or deleted got through.
     assert await _state(secured.nats.url("operator")) == before
+
+
+async def test_the_operator_may_do_the_runbooks_writes(secured: Secured) -> None:
+    # docs/sre.md's runbooks: `nats stream seal` (moving to another NATS), `nats consumer rm`
+    # (restoring a database), `nats stream rm` (an old NATS once drained). Last in this module:
+    # it leaves PAYOUT gone and a durable removed (payout makes both again as it needs them).
+    nc = await nats.connect(secured.nats.url("operator"))
+    try:
+        js = nc.jetstream(timeout=5)
+        config = (await js.stream_info("PAYOUT")).config
+        config.sealed = True
+        assert (await js.update_stream(config)).config.sealed
+        assert await js.delete_consumer("WALLET", PAYOUT_PURCHASE_REVERSED)
+        assert await js.delete_stream("PAYOUT")
+    finally:
+        await nc.close()
