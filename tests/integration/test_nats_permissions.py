@@ -13,6 +13,8 @@ a grant too wide fails here too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 import shutil
 import signal
@@ -31,6 +33,8 @@ from nats.aio.client import Client
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
 from services.cli.suite import Suite, _listening, free_port
+from services.common.bus import Bus
+from services.common.config import ServiceSettings
 from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
 from tests.integration.conftest import WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import counted, earned, eventually, gifts_to, signed_callback, uid
@@ -268,3 +272,26 @@ async def test_the_operator_may_do_the_runbooks_writes(secured: Secured) -> None
         assert await js.delete_stream("PAYOUT")
     finally:
         await nc.close()
+
+
+async def test_a_service_with_a_wrong_nats_password_says_so_without_the_password(
+    secured: Secured, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As after a rotation that reached NATS and not yet the service (docs/sre.md, "Rotating").
+    wrong = "not-" + secured.nats.passwords["wallet"]
+    settings = ServiceSettings(database_url="sqlite+aiosqlite:///unused.db", nats_url=secured.nats.url("wallet", wrong))  # type: ignore[call-arg]
+    bus = Bus(settings, "wallet")
+    caplog.set_level(logging.INFO, logger="services.common.bus")
+    connecting = asyncio.create_task(bus.connect(asyncio.Event(), ["WALLET"]))
+    try:
+        deadline = time.monotonic() + 10
+        while not any("authorization violation" in str(r.__dict__).lower() for r in caplog.records):
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+    finally:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        await bus.close()
+    assert not bus.connected.is_set()
+    assert not any(wrong in str(r.__dict__) for r in caplog.records)
