@@ -143,6 +143,10 @@ class Bus:
                 await nc.connect(
                     servers=self.settings.nats_url.split(","),
                     name=self.name,
+                    # Its own inboxes (API answers, PubAcks, pulled deliveries): NATS's users may
+                    # each subscribe to their service's alone (deploy/k8s/nats/auth.conf), not read
+                    # another's deliveries off `_INBOX.>`.
+                    inbox_prefix=f"_INBOX.{self.name}",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,

@@ -202,9 +202,14 @@ REFUSED: dict[str, tuple[str, ...]] = {
 }
 # What a user must not read: another's deliveries' subjects, or events it does not consume.
 NOT_SUBSCRIBED: dict[str, tuple[str, ...]] = {
-    "wallet": ("gifting.gift.sent", "$JS.EVENT.ADVISORY.CONSUMER.DELETED.GIFTING.payout-gift-sent"),
-    "gifting": ("wallet.>", "payout.>"),
-    "payout": ("gifting.gift.sent", ">"),
+    # Another service's inboxes: its pulled deliveries and its API answers.
+    "wallet": (
+        "gifting.gift.sent",
+        "$JS.EVENT.ADVISORY.CONSUMER.DELETED.GIFTING.payout-gift-sent",
+        "_INBOX.livegifts-payout.>",
+    ),
+    "gifting": ("wallet.>", "payout.>", "_INBOX.>"),
+    "payout": ("gifting.gift.sent", ">", "_INBOX.livegifts-gifting.>"),
     "operator": ("gifting.>",),
 }
 
