@@ -61,6 +61,7 @@ async def test_a_call_a_stopping_server_cancelled_before_running_it_is_retried_n
     channel = make_channel(f"127.0.0.1:{running.port}", 5.0)
     codes: collections.Counter[str] = collections.Counter()
     stopped = asyncio.Event()
+    ran = asyncio.Event()  # more calls answered than there are callers
 
     async def caller() -> None:
         call = channel.unary_unary(METHOD)
@@ -68,6 +69,8 @@ async def test_a_call_a_stopping_server_cancelled_before_running_it_is_retried_n
             try:
                 await call(b"")
                 codes["OK"] += 1
+                if codes["OK"] > CALLERS:
+                    ran.set()
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
                 await asyncio.sleep(0.05)
@@ -75,6 +78,9 @@ async def test_a_call_a_stopping_server_cancelled_before_running_it_is_retried_n
     callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
     try:
         await asyncio.sleep(BEFORE_STOP_S)
+        # and until the calls did run: a loaded machine answered fewer than CALLERS in BEFORE_STOP_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ran.wait(), 30)
         await running.server.stop(5.0)
         await asyncio.sleep(AFTER_STOP_S)
     finally:
