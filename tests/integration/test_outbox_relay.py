@@ -27,11 +27,14 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, String, Table, insert, select, update
 
 from livegifts.gifting.v1 import events_pb2
+from services.common import inbox as inbox_module
+from services.common import outbox as outbox_module
 from services.common.bus import Bus
 from services.common.config import STREAM_MAX_AGE_S
 from services.common.db import UnitOfWork
 from services.common.dependency_errors import is_unavailable
 from services.common.inbox import Consumer, Subscription
+from services.common.loops import wait_until_set
 from services.common.outbox import OutboxRelay
 from tests.integration import pg
 from tests.integration.helpers import eventually
@@ -195,6 +198,20 @@ async def test_a_batch_that_lost_a_message_on_the_way_leaves_atomic_batches_on(
     assert await harness.stored() == 2 * EVENTS and await harness.unpublished() == 0
 
 
+def _lingers_after(module: Any, committed: asyncio.Event, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linger of `module`'s loop (its sleep_unless_stopped) runs its time only from `committed`
+    on, so the test's commits made during it land within it however slowly a loaded machine makes
+    them (a commit of 0.2 s each outlasted a linger of 0.5 s). A loop that did not linger would not
+    wait here: the first of those commits would wake it and go out alone."""
+    real = module.sleep_unless_stopped
+
+    async def lingering(stop: asyncio.Event, seconds: float) -> None:
+        await wait_until_set(committed, stop, 30)  # a test that failed before its commits stops at once
+        await real(stop, seconds)
+
+    monkeypatch.setattr(module, "sleep_unless_stopped", lingering)
+
+
 async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_several_commits(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,12 +229,15 @@ async def test_after_a_partial_batch_the_relay_lingers_so_the_next_carries_sever
         return sent
 
     monkeypatch.setattr(relay, "relay_once", counted)
+    committed = asyncio.Event()
+    _lingers_after(outbox_module, committed, monkeypatch)
     async with background(relay.run):
         await harness.add_events(2)  # a batch of two: load
         await asyncio.wait_for(first_sent.wait(), 5)
         for _ in range(3):  # three commits while the relay lingers
             await harness.add_events(2)
-        assert await eventually(harness.unpublished, lambda n: n == 0, 5) == 0
+        committed.set()
+        assert await eventually(harness.unpublished, lambda n: n == 0, 20) == 0
     assert batches == [2, 6], "the three commits made during the linger went out as one batch"
     assert await harness.stored() == 8
 
@@ -301,16 +321,19 @@ def _so_far(items: list[T]) -> Callable[[], Awaitable[list[T]]]:
 
 
 async def test_after_a_partial_batch_a_consumer_lingers_so_its_next_transaction_carries_more(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    committed = asyncio.Event()
+    _lingers_after(inbox_module, committed, monkeypatch)
     async with _consuming(harness, "linger-test", 0.5) as batches:
         await harness.add_events(2)  # a batch of two: load
         await harness.relay.relay_once()
-        assert await eventually(_so_far(batches), lambda b: b == [2], 5) == [2]
+        assert await eventually(_so_far(batches), lambda b: b == [2], 20) == [2]
         for _ in range(3):  # three commits, each published at once, while the consumer lingers
             await harness.add_events(2)
             assert await harness.relay.relay_once() == 2
-        await eventually(_so_far(batches), lambda b: sum(b) >= 8, 5)
+        committed.set()
+        await eventually(_so_far(batches), lambda b: sum(b) >= 8, 20)
     assert batches == [2, 6], "the events published during the linger were applied in one transaction"
 
 
