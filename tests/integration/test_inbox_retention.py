@@ -193,8 +193,11 @@ async def test_a_running_service_prunes_its_inbox_every_interval(tmp_path: Path)
             with contextlib.closing(sqlite3.connect(db_file, timeout=10)) as conn:
                 return sorted(r[0] for r in conn.execute("SELECT event_id FROM inbox"))
 
+        async def logged() -> bool:  # written after the round's commit, which the read above may beat
+            return any("inbox rows pruned" in line for line in (suite.log_dir / "payout.log").read_text().splitlines())
+
         assert await eventually(kept, lambda ids: "ancient" not in ids, 10) == ["recent"]
-        assert any("inbox rows pruned" in line for line in (suite.log_dir / "payout.log").read_text().splitlines())
+        assert await eventually(logged, bool, 10), "no 'inbox rows pruned' line"
     finally:
         await asyncio.to_thread(suite.stop)
 
