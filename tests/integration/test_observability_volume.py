@@ -26,9 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from services.cli.suite import READY_PREFIX, Suite, free_port
+from services.cli.suite import READY_PREFIX, Suite
 from tests.integration import conftest, pg
 from tests.integration.helpers import buy_coins, eventually, live_stream, signed_callback, uid
+from tests.support.ports import free_ports
 
 SERVICES = ("wallet", "gifting", "payout")
 VIEWERS = 8
@@ -223,7 +224,9 @@ def observed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     seen = Observed()
     with databases as urls:
         config = conftest.suite_config(var_dir, urls)
-        config.metrics_ports = {svc: free_port() for svc in config.metrics_ports}  # 0 would turn /metrics off
+        # 0 would turn /metrics off; each apart from the others and from NATS's port.
+        *metrics, config.nats_port = free_ports(len(config.metrics_ports) + 1)
+        config.metrics_ports = dict(zip(config.metrics_ports, metrics, strict=True))
         suite = Suite(config)
         try:
             suite.start()

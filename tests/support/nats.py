@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from services.cli.suite import free_port, nats_server_binary
+from tests.support.ports import free_ports
 
 STOP_WAIT_S = 10.0
 
@@ -120,15 +121,16 @@ class NatsCluster:
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        routes = [free_port() for _ in range(self.size)]
+        # Each server's route, monitor and client port, all different (`free_ports`).
+        ports = free_ports(3 * self.size)
+        routes, https, clients = ports[: self.size], ports[self.size : 2 * self.size], ports[2 * self.size :]
         for i, route in enumerate(routes):
             name = f"n{i + 1}"
             node_dir = self.base / name
             node_dir.mkdir(parents=True, exist_ok=True)
-            http = free_port()
             conf = node_dir / "nats.conf"
-            conf.write_text(nats_conf(node_dir / "js", server_name=name, http_port=http, cluster=(route, routes)))
-            self.nodes[name] = Node(name, free_port(), http, conf, node_dir / "nats.log")
+            conf.write_text(nats_conf(node_dir / "js", server_name=name, http_port=https[i], cluster=(route, routes)))
+            self.nodes[name] = Node(name, clients[i], https[i], conf, node_dir / "nats.log")
 
     @property
     def url(self) -> str:
