@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from livegifts.gifting.v1 import gifting_pb2, gifting_pb2_grpc
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from services.cli.audit import OK, collect, wait_until_settled
-from services.cli.suite import Suite, free_port
+from services.cli.suite import Suite
 from services.common.clients import error_reason, make_channel
 from tests.faults.load import (
     CHEAP_GIFTS,
@@ -54,6 +54,7 @@ from tests.faults.suite_env import FAST_PAYOUT, FAST_SWEEP, OPERATOR_METADATA
 from tests.integration import pg
 from tests.integration.conftest import WEBHOOK_SECRET, suite_config
 from tests.integration.helpers import uid
+from tests.support.ports import free_ports
 
 T = TypeVar("T")
 
@@ -297,7 +298,7 @@ async def test_a_rolling_update_of_every_service_under_traffic_loses_and_changes
     )
     with databases as urls:
         config = suite_config(tmp_path, urls, extra)
-        config.probe_ports = {svc: free_port() for svc in ORDER}
+        config.probe_ports = dict(zip(ORDER, free_ports(len(ORDER)), strict=True))  # three different ones
         suite = Suite(config)
         try:
             await asyncio.to_thread(suite.start)

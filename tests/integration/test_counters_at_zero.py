@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli.suite import READY_PREFIX, Suite, free_port
+from services.cli.suite import READY_PREFIX, Suite
 from services.common.auth import FAILURE_REASONS
 from services.common.provider_calls import FAILURE_OUTCOMES
 from services.gifting import usecases as gifting
@@ -21,6 +21,7 @@ from services.payout.domain import HOLD_REASONS
 from services.wallet import usecases as wallet
 from services.wallet.spending import REFUSALS
 from tests.integration.conftest import suite_config
+from tests.support.ports import free_ports
 
 # Service -> counter -> the label sets each must show at 0 once the service serves.
 AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
@@ -69,7 +70,8 @@ AT_ZERO: dict[str, dict[str, list[dict[str, str]]]] = {
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     """nats-server, the wallet, gifting and payout (on SQLite), each serving /metrics on a free port."""
     config = suite_config(tmp_path_factory.mktemp("counters"), {})
-    config.metrics_ports = {svc: free_port() for svc in config.metrics_ports}  # 0 would turn /metrics off
+    # 0 would turn /metrics off; picked together, so no two are the same.
+    config.metrics_ports = dict(zip(config.metrics_ports, free_ports(len(config.metrics_ports)), strict=True))
     suite = Suite(config)
     try:
         suite.start_nats()
