@@ -132,7 +132,7 @@ async def test_two_batches_holding_the_same_keys_in_opposite_orders_both_record_
                 other.send_gifts(batch("k2", "k4", "k1")),
                 return_exceptions=True,
             )
-            await asyncio.sleep(1.0)  # both batches are waiting on k3 and k4 now
+            await wait_for_lock_waiters(gifting.db, 2)  # both batches are waiting on k3 and k4 now
         a, b = await calls  # the holder rolled back
         assert not isinstance(a, BaseException) and not isinstance(b, BaseException), (a, b)
         for resp in (a, b):
