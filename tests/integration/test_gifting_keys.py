@@ -31,6 +31,7 @@ from services.gifting.storage import common, content_unlocks, gift_events, strea
 from services.gifting.usecases import Gifting
 from tests.integration.conftest import gifting_on
 from tests.integration.helpers import domain_reason
+from tests.integration.pglocks import wait_for_a_lock_waiter_or_the_end
 from tests.support.gifting import Ledger
 
 
@@ -346,7 +347,12 @@ async def test_no_gift_is_recorded_on_a_stream_whose_end_committed_while_it_was_
         late = asyncio.ensure_future(
             domain_reason(gifting.send_gift(gifting_pb2.SendGiftRequest(idempotency_key="g1", **_fields(first))))
         )
-        await asyncio.sleep(0.5)  # the gift's step 1 runs meanwhile (or waits for the stream's row)
+        if gifting.db.dialect == "postgresql":
+            # Step 1 waits for the stream's row: seen, not assumed after a pause it may outlast.
+            await wait_for_a_lock_waiter_or_the_end(gifting.db, late, 10)
+            assert not late.done(), "the gift's step 1 did not wait for the stream's row"
+        else:
+            await asyncio.sleep(0.5)  # the gift's step 1 runs meanwhile (or waits for the write lock)
         await ending.commit()
     assert await asyncio.wait_for(late, 10) == "STREAM_NOT_LIVE"
     assert await _rows_of(gifting, "g1") == []
