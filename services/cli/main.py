@@ -522,7 +522,12 @@ def _print_running(suite: Suite) -> None:
     demo = [f"{_program()} demo"]
     if config.var_dir != Path("var").resolve():
         demo.append(f"--var {shlex.quote(str(config.var_dir))}")  # a folder with a space, as typed
-    if config.grpc_ports != SuiteConfig(var_dir=config.var_dir).grpc_ports:
+    defaults = SuiteConfig(var_dir=config.var_dir).grpc_ports
+    offsets = {port - defaults[svc] for svc, port in config.grpc_ports.items()}
+    if len(offsets) == 1 and offsets != {0}:
+        # `run --port-offset N` moved every port by N: the client commands take the same option.
+        demo.append(f"--port-offset {offsets.pop()}")
+    elif len(offsets) > 1:
         demo += [f"--{svc}-addr {suite.addr(svc)}" for svc in ("wallet", "gifting", "payout")]
     console.print(
         f"try: [bold]{escape(' '.join(demo))}[/bold]   or   grpcurl -plaintext {suite.addr('gifting')} list"

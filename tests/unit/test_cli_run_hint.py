@@ -39,12 +39,25 @@ def test_the_suggested_demo_names_the_var_and_addresses_of_a_second_suite(
     )
     hint = _hint(capsys, config)
     assert f"--var {tmp_path}" in hint, hint
-    for svc, port in (("wallet", 50551), ("gifting", 50552), ("payout", 50553)):
-        assert f"--{svc}-addr 127.0.0.1:{port}" in hint, hint
-    # It parses as written.
+    # `run --port-offset 500`'s suite: the demo takes the same option (not three addresses).
+    assert "--port-offset 500" in hint and "-addr" not in hint, hint
+    _parses(hint)
+
+
+def _parses(hint: str) -> None:
+    """The suggested demo parses as written."""
     demo = hint.split("try: ", 1)[1].split(" or ", 1)[0].split()
     assert demo[0] == "livegifts"
     assert "No such option" not in CliRunner().invoke(main.app, [*demo[1:], "--help"]).output
+
+
+def test_ports_moved_unevenly_are_named_one_by_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = SuiteConfig(var_dir=tmp_path, grpc_ports={"wallet": 6001, "gifting": 6002, "payout": 6010})
+    hint = _hint(capsys, config)
+    for svc, port in (("wallet", 6001), ("gifting", 6002), ("payout", 6010)):
+        assert f"--{svc}-addr 127.0.0.1:{port}" in hint, hint
+    assert "--port-offset" not in hint, hint
+    _parses(hint)
 
 
 def test_the_default_suite_suggests_the_bare_demo(
