@@ -12,12 +12,7 @@ from livegifts.gifting.v1 import events_pb2, gifting_pb2
 from livegifts.payout.v1 import payout_pb2
 from livegifts.wallet.v1 import wallet_pb2
 from services.common.clients import error_info
-from tests.integration.helpers import buy_coins, eventually, expect_error, live_stream, uid
-
-
-async def coins_of(clients, user: str) -> int:  # type: ignore[no-untyped-def]
-    """A user's coin balance."""
-    return (await clients.wallet.GetBalance(wallet_pb2.GetBalanceRequest(user_id=user))).coins
+from tests.integration.helpers import balance, buy_coins, eventually, expect_error, live_stream, uid
 
 
 async def received_by(clients, creator: str, coins: int) -> payout_pb2.Earnings:  # type: ignore[no-untyped-def]
@@ -47,7 +42,7 @@ async def test_a_tip_flows_to_the_creators_diamonds_and_carries_its_message(clie
     assert receipt.status == gifting_pb2.GIFT_STATUS_SENT
     assert (receipt.coins, receipt.sender_balance) == (42, 700 - 42)
     assert again.gift_event_id == receipt.gift_event_id  # same key: the same tip, charged once
-    assert await coins_of(clients, viewer) == 700 - 42
+    assert await balance(clients, viewer) == 700 - 42
 
     earned = await received_by(clients, creator, 42)
     assert (earned.coins_received, earned.diamonds_lifetime) == (42, 21)
@@ -93,7 +88,7 @@ async def test_tips_and_gifts_sent_together_each_charge_once_per_key(clients, de
     for i, v in enumerate(viewers):
         rose = 0 if (i == 0 and reused_spent) else 1
         spent = tip_coins_by_viewer[v] + rose + (reused_spent if i == 0 else 0)
-        assert await coins_of(clients, v) == 700 - spent, v
+        assert await balance(clients, v) == 700 - spent, v
     total = sum(tip_coins_by_viewer.values()) + len(viewers) - (1 if reused_spent else 0) + reused_spent
     earned = await received_by(clients, creator, total)
     assert earned.coins_received == total
@@ -122,7 +117,7 @@ async def test_bad_tips_are_refused_with_a_stable_reason_and_charge_nothing(  # 
     if fields["sender_id"] == "SELF":
         fields["sender_id"] = creator
     await expect_error(clients.gifting.SendTip(gifting_pb2.SendTipRequest(**fields)), code, reason)
-    assert await coins_of(clients, viewer) == 700
+    assert await balance(clients, viewer) == 700
 
 
 async def test_an_unlock_charges_once_and_a_second_unlock_returns_the_existing_access(clients, deployment) -> None:  # type: ignore[no-untyped-def]
@@ -152,7 +147,7 @@ async def test_an_unlock_charges_once_and_a_second_unlock_returns_the_existing_a
         gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))
     )
     assert later.already_unlocked and later.gift_event_id == first.gift_event_id
-    assert await coins_of(clients, viewer) == 700 - 120
+    assert await balance(clients, viewer) == 700 - 120
 
     access = await clients.gifting.CheckAccess(
         gifting_pb2.CheckAccessRequest(user_id=viewer, content_id=content.content_id)
@@ -189,7 +184,7 @@ async def test_a_key_used_for_a_gift_is_refused_for_an_unlock_the_user_already_h
         gifting_pb2.UnlockContentRequest(**_fields(unlock), idempotency_key=uid("u"))
     )
     assert again.already_unlocked and again.gift_event_id == first.gift_event_id
-    assert await coins_of(clients, viewer) == 700 - 50 - 1
+    assert await balance(clients, viewer) == 700 - 50 - 1
 
 
 async def test_concurrent_unlocks_of_many_viewers_share_step_one_and_charge_each_viewer_once(
@@ -217,7 +212,7 @@ async def test_concurrent_unlocks_of_many_viewers_share_step_one_and_charge_each
         assert len({r.gift_event_id for r in mine}) == 1, "one unlock per viewer, every answer names it"
         fresh = [r for r in mine if not r.already_unlocked]
         assert fresh and all(r.sender_balance == 650 for r in fresh)
-        assert await coins_of(clients, v) == 700 - 50
+        assert await balance(clients, v) == 700 - 50
     assert receipts[0].gift_event_id == receipts[-1].gift_event_id
     assert receipts[0].already_unlocked == receipts[-1].already_unlocked, "a retry answers as its key did"
     earned = await received_by(clients, creator, 50 * len(viewers))
@@ -289,7 +284,7 @@ async def test_operators_add_reprice_and_retire_gifts_and_the_price_charged_is_t
     )
     listed = await clients.gifting.ListGifts(gifting_pb2.ListGiftsRequest())
     assert gift_id not in {g.gift_id for g in listed.gifts}
-    assert await coins_of(clients, viewer) == 700 - 14 - 22
+    assert await balance(clients, viewer) == 700 - 14 - 22
     await expect_error(
         clients.gifting.UpsertGift(
             gifting_pb2.UpsertGiftRequest(gift_id=uid("new"), name="No price", idempotency_key=uid("op")), metadata=md
@@ -340,7 +335,7 @@ async def test_ineligible_senders_and_creators_are_refused_before_any_coin_moves
         code,
         reason,
     )
-    assert await coins_of(clients, viewer) == 700
+    assert await balance(clients, viewer) == 700
     after = await clients.gifting.GetAudit(gifting_pb2.GetAuditRequest())
     if deployment.suite is not None:  # nobody else uses this suite's gifting at the same time
         assert after.gifts_cancelled == before.gifts_cancelled  # refused before a gift was even recorded
@@ -370,13 +365,13 @@ async def test_a_restriction_set_after_gifting_started_stops_the_coins_at_once(c
         ),
         metadata=deployment.operator_metadata,
     )
-    before = await coins_of(clients, viewer)
+    before = await balance(clients, viewer)
     refused = gift(stream.stream_id, viewer)
     await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
-    assert await coins_of(clients, viewer) == before
+    assert await balance(clients, viewer) == before
     # The refusal was settled in the spend's transaction: the same key now starts a new gift.
     err = await expect_error(clients.gifting.SendGift(refused), grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_BLOCKED")
-    assert await coins_of(clients, viewer) == before
+    assert await balance(clients, viewer) == before
     assert error_info(err).metadata["role"] == who  # named as the pre-check names it
     # Unblocked: gifting does not remember a refusal, so the very next gift goes through.
     await clients.wallet.SetAccountRestrictions(
@@ -528,7 +523,7 @@ async def test_a_thousand_gifts_from_a_hundred_senders_add_up_on_the_leaderboard
         spent[sender] = spent.get(sender, 0) + r.coins
     total = sum(spent.values())
     for sender in senders[:5]:
-        assert await coins_of(clients, sender) == 700 - spent[sender]
+        assert await balance(clients, sender) == 700 - spent[sender]
 
     by_stream = gifting_pb2.GetLeaderboardRequest(stream_id=stream.stream_id, limit=100, sender_id=senders[7])
     board = await eventually(lambda: clients.gifting.GetLeaderboard(by_stream), lambda b: b.coins_total >= total, 60)
@@ -596,7 +591,7 @@ async def test_a_key_whose_gift_was_cancelled_stays_its_requests_and_its_retry_s
         stream_id=stream.stream_id, sender_id=viewer, coins=5, idempotency_key=galaxy.idempotency_key
     )
     await expect_error(clients.gifting.SendTip(tip), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
-    assert await coins_of(clients, viewer) == 700
+    assert await balance(clients, viewer) == 700
     # The same request after a top-up: a new gift, sent once however often (and however) it is retried.
     await buy_coins(clients.wallet, deployment.webhook_secret, viewer)
     sent = await asyncio.gather(*(clients.gifting.SendGift(galaxy) for _ in range(3)))
@@ -605,7 +600,7 @@ async def test_a_key_whose_gift_was_cancelled_stays_its_requests_and_its_retry_s
     again = await clients.gifting.SendGifts(gifting_pb2.SendGiftsRequest(gifts=[galaxy]))
     assert again.results[0].receipt.gift_event_id == sent[0].gift_event_id
     await expect_error(clients.gifting.SendGift(rose), grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
-    assert await coins_of(clients, viewer) == 400
+    assert await balance(clients, viewer) == 400
     assert (await received_by(clients, creator, 1000)).coins_received == 1000
 
 
