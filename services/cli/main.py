@@ -1501,7 +1501,15 @@ def dead_letters_replay(
 
 @app.command("nats-drained")
 def nats_drained(
-    nats_url: Annotated[str, typer.Argument(help="the NATS the suite leaves, as the services' NATS_URL names it")],
+    nats_url: Annotated[
+        str,
+        typer.Argument(
+            help="the NATS the suite leaves, as the services' NATS_URL names it; from $NATS_URL when left out"
+            " (as the nats CLI reads it: a URL with the operator's password stays out of the process list)",
+            envvar="NATS_URL",
+            show_envvar=False,
+        ),
+    ],
 ) -> None:
     """Whether the suite may leave this NATS for another: every suite stream there sealed, every
     durable on them with nothing pending, and the suite's own durables on each stream of theirs that

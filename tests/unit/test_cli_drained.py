@@ -80,3 +80,20 @@ def test_a_nats_it_cannot_reach_is_said_with_why() -> None:
     result = CliRunner().invoke(app, ["nats-drained", "nats://127.0.0.1:1"], env={"COLUMNS": "300"})
     assert result.exit_code == 1, result.output
     assert "no servers available" in result.output and "ConnectionRefusedError" in result.output, result.output
+
+
+def test_the_url_comes_from_nats_url_when_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the nats CLI reads it: the operator's password in the URL stays out of `ps`.
+    asked: list[str] = []
+
+    async def read(url: str, timeout_s: float) -> list[StreamState]:
+        asked.append(url)
+        return _sealed((_done(GIFTING_LEADERBOARDS), _done(PAYOUT_GIFT_SENT)))
+
+    monkeypatch.setattr(drained, "read_streams", read)
+    result = CliRunner().invoke(
+        app, ["nats-drained"], env={"NATS_URL": "nats://operator:pw@old:4222", "COLUMNS": "300"}
+    )
+    assert result.exit_code == 0, result.output
+    assert asked == ["nats://operator:pw@old:4222"]
+    assert "pw" not in result.output, result.output
