@@ -285,9 +285,12 @@ def _code_block_command_lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_every_cli_command_line_in_a_docs_code_block_parses(doc: str) -> None:
+def test_every_cli_command_line_in_a_docs_code_block_parses(doc: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # An option's name may exist and the line still be refused: a missing argument or required
     # option, a value of the wrong type. Placeholders (<creator_id>, "$TOKEN") stand for a value.
+    # A variable the doc exports (`export NATS_URL=...`) is set, as in the shell that runs them.
+    for exported in re.findall(r"^export (\w+)=", DOCS[doc], re.MULTILINE):
+        monkeypatch.setenv(exported, "x")
     root = typer.main.get_command(app)
     lines = _code_block_command_lines(DOCS[doc])
     assert lines, f"{doc} shows no livegifts command line in a code block"
