@@ -13,10 +13,7 @@ for `livegifts nats-drained`, then roll) credits every gift once and passes the 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import nats
@@ -28,7 +25,7 @@ from services.common.consumers import PAYOUT_GIFT_SENT
 from tests.integration.auditing import audit_cli
 from tests.integration.conftest import running_suite
 from tests.integration.helpers import BEHIND, counted, earned, gifts_to, log_since, uid
-from tests.support.nats import nats_server
+from tests.support.nats import nats_drained, nats_server
 
 
 def _folder(path: Path) -> Path:
@@ -67,17 +64,6 @@ async def _remove_durable(nats_url: str, stream: str, durable: str) -> None:
         await nc.drain()
 
 
-def _drained(nats_url: str) -> subprocess.CompletedProcess[str]:
-    """`livegifts nats-drained <nats_url>`, as a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "nats-drained", nats_url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "300"},
-    )
-
-
 def test_a_naive_roll_to_another_nats_loses_what_was_unread_only_the_audit_says_so_a_pod_on_the_sealed_old_drains_it(
     tmp_path: Path,
 ) -> None:
@@ -104,7 +90,7 @@ def test_a_naive_roll_to_another_nats_loses_what_was_unread_only_the_audit_says_
         assert failed.returncode == 1 and "not yet credited 2" in failed.stdout, failed.stdout
         # The check the runbook has the SRE run before a roll says the old NATS was not drained:
         # the old durable still holds them.
-        check = _drained(old_url)
+        check = nats_drained(old_url)
         assert check.returncode == 1, check.stdout + check.stderr
         assert f"durable {PAYOUT_GIFT_SENT} on GIFTING has 2 events not yet delivered" in check.stdout, check.stdout
         assert "stream GIFTING is not sealed" in check.stdout, check.stdout
@@ -116,7 +102,7 @@ def test_a_naive_roll_to_another_nats_loses_what_was_unread_only_the_audit_says_
         suite.start_service("payout", "payout-old")
         suite.config.external_nats_url = new_url
         assert asyncio.run(earned(suite, before + during)) == [350, 350]
-        check = _drained(old_url)
+        check = nats_drained(old_url)
         assert check.returncode == 0, check.stdout + check.stderr
         suite.kill("payout-old", signal.SIGTERM)
         ok = audit_cli(suite, "--detail", "--wait", "30")
@@ -136,14 +122,14 @@ def test_the_runbooks_move_to_another_nats_seals_drains_and_rolls_and_credits_ev
         # 1. Seal the suite's streams on the old NATS: calls go on, their events wait in the outboxes.
         asyncio.run(_seal(old_url))
         asyncio.run(gifts_to(suite, viewer, sealed))
-        check = _drained(old_url)
+        check = nats_drained(old_url)
         assert check.returncode == 1, check.stdout + check.stderr
         assert f"durable {PAYOUT_GIFT_SENT} on GIFTING has 2 events not yet delivered" in check.stdout, check.stdout
         assert "is not sealed" not in check.stdout, check.stdout
         # Its durable removed there (`nats consumer rm`) holds the move up as much: what it would
         # have applied cannot be known to be applied.
         asyncio.run(_remove_durable(old_url, "GIFTING", PAYOUT_GIFT_SENT))
-        check = _drained(old_url)
+        check = nats_drained(old_url)
         assert check.returncode == 1, check.stdout + check.stderr
         assert f"durable {PAYOUT_GIFT_SENT} is missing on GIFTING" in check.stdout, check.stdout
 
@@ -153,7 +139,7 @@ def test_the_runbooks_move_to_another_nats_seals_drains_and_rolls_and_credits_ev
         suite.restart("payout")
         assert asyncio.run(earned(suite, before + pending)) == [350, 350]
         assert asyncio.run(counted(suite, pending[0])) == 700
-        check = _drained(old_url)
+        check = nats_drained(old_url)
         assert check.returncode == 0, check.stdout + check.stderr
         assert asyncio.run(earned(suite, sealed, timeout_s=1)) == [0]  # still in gifting's outbox
 

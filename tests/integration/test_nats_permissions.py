@@ -18,8 +18,6 @@ import logging
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from services.common.config import ServiceSettings
 from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
 from tests.integration.conftest import WEBHOOK_SECRET, running_suite
 from tests.integration.helpers import counted, earned, eventually, gifts_to, signed_callback, uid
-from tests.support.nats import nats_conf, start_nats, stop_nats
+from tests.support.nats import nats_conf, nats_drained, start_nats, stop_nats
 
 AUTH_CONF = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "nats" / "auth.conf"
 USERS = ("wallet", "gifting", "payout", "operator")
@@ -123,30 +121,19 @@ async def _gift_credit_and_claw_back(suite: Suite, creator: str) -> None:
     assert await counted(suite, again) == 700
 
 
-def _drained(url: str) -> subprocess.CompletedProcess[str]:
-    """`livegifts nats-drained <url>`, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "nats-drained", url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_the_suite_and_the_operators_tool_work_as_the_manifests_users(secured: Secured) -> None:
     # The fixture's gift, credit, count and clawback went through; the services met no refusal.
     for log in sorted(secured.suite.log_dir.iterdir()):
         assert VIOLATION not in log.read_text(errors="replace").lower(), log
 
-    drained = _drained(secured.nats.url("operator"))
+    drained = nats_drained(secured.nats.url("operator"))
     assert drained.returncode == 1, drained  # the streams are not sealed: read, and said so
     assert "could not read" not in drained.stderr, drained.stderr
     assert "stream GIFTING is not sealed" in drained.stdout, drained.stdout
     for durable in (GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED):
         assert durable in drained.stdout and f"{durable} (missing)" not in drained.stdout, drained.stdout
 
-    wrong = _drained(secured.nats.url("operator", "not-" + secured.nats.passwords["operator"]))
+    wrong = nats_drained(secured.nats.url("operator", "not-" + secured.nats.passwords["operator"]))
     assert wrong.returncode == 1 and "could not read the streams" in wrong.stderr, wrong
     # Nobody logs a password: the services (their URLs carry theirs), NATS, the CLI's refusal.
     logs = [p.read_text(errors="replace") for p in sorted(secured.suite.log_dir.iterdir())]

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -218,3 +219,16 @@ async def cluster_read(what: str, read: Callable[[], Awaitable[T]], timeout_s: f
             if time.monotonic() > deadline:
                 pytest.fail(f"{what}: not answered within {timeout_s:g} s ({exc!r})")
             await asyncio.sleep(0.2)
+
+
+def nats_drained(nats_url: str) -> subprocess.CompletedProcess[str]:
+    """`livegifts nats-drained`, as an operator runs it: a process of its own, the URL (with the
+    operator's password, where NATS has users) in its NATS_URL as the runbooks export it."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "nats-drained"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NATS_URL": nats_url, "COLUMNS": "300"},
+        check=False,
+    )
