@@ -136,12 +136,18 @@ class _FailingJs(_Js):
         return await super().stream_info(stream)
 
 
-async def test_a_failed_read_of_the_stream_is_not_tried_again_for_each_reply() -> None:
-    # After a reconnect the stream could not be read: each reply read it again, up to the
-    # JetStream timeout (5 s) each, one after another for a batch's 256 acks.
+async def _bound_failing() -> tuple[_Nc, _FailingJs, Binding]:
+    """A binding of stream S (made at T0) and durable d, bound, on a stream that can be made unreadable."""
     nc, js = _Nc(), _FailingJs(T0)
     binding = Binding("S", "d")
     await binding.bind(nc, js)  # type: ignore[arg-type]
+    return nc, js, binding
+
+
+async def test_a_failed_read_of_the_stream_is_not_tried_again_for_each_reply() -> None:
+    # After a reconnect the stream could not be read: each reply read it again, up to the
+    # JetStream timeout (5 s) each, one after another for a batch's 256 acks.
+    nc, js, binding = await _bound_failing()
     olds = [_at(T0 + datetime.timedelta(seconds=1), seq) for seq in range(1, 11)]
     for m in olds:
         binding.tag(m)
@@ -162,9 +168,7 @@ async def test_a_reply_held_back_for_a_stream_not_read_does_not_say_it_was_made_
 ) -> None:
     # A cluster electing the stream's leader (or without quorum) answers no stream info for
     # seconds: the line said "its stream was made again since", and an SRE went after lost events.
-    nc, js = _Nc(), _FailingJs(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound_failing()
     msg = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(msg)
     js.failing = True
@@ -179,9 +183,7 @@ async def test_a_reply_held_back_for_a_stream_not_read_does_not_say_it_was_made_
 async def test_a_reply_held_back_for_a_deleted_stream_says_it_is_gone(caplog: pytest.LogCaptureFixture) -> None:
     # After STREAM.DELETED the read finds no stream: the line said it "could not be read since the
     # connection was lost or a pull failed", and the SRE was not told the stream's events were lost.
-    nc, js = _Nc(), _FailingJs(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound_failing()
     msg = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(msg)
 
@@ -259,9 +261,7 @@ async def test_a_doubt_after_a_bind_that_followed_a_failed_read_reads_the_stream
     # A read failed (the stream deleted), the consumer bound again to the stream made again, and
     # that one was made again within the failed read's pause: the doubt was not read, and the
     # deliveries of the stream bound at the bind were acked against the newer one's events.
-    nc, js = _Nc(), _FailingJs(T0)
-    binding = Binding("S", "d")
-    await binding.bind(nc, js)  # type: ignore[arg-type]
+    nc, js, binding = await _bound_failing()
     old = _at(T0 + datetime.timedelta(seconds=1))
     binding.tag(old)
     js.failing = True
