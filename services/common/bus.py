@@ -48,6 +48,15 @@ NATS_ERROR_LOG_INTERVAL_S = 5.0
 # seen. Either loses the events consumers had not applied yet, and left no trace in the services.
 API_AUDIT_SUBJECT = "$JS.EVENT.ADVISORY.API"
 REMOVAL_APIS = {"$JS.API.STREAM.PURGE.": "purged", "$JS.API.STREAM.MSG.DELETE.": "message deleted"}
+# A stream update (`nats stream edit`) that sets a limit below the suite's: the stream drops its
+# oldest events beyond it at once, consumed or not (discard `old`), as a purge does. NATS's users
+# may update their streams (each service re-applies its configuration at connect, operators seal
+# them), so no permission refuses it; the audit advisory shows it.
+UPDATE_API = "$JS.API.STREAM.UPDATE."
+# The limits a stream update can lower, as JetStream's API writes them (max_age in nanoseconds);
+# -1, 0 or none: unlimited.
+STREAM_LIMITS = ("max_msgs", "max_bytes", "max_age", "max_msgs_per_subject")
+AUDITED_APIS = [api.encode() for api in [*REMOVAL_APIS, UPDATE_API]]  # the fast path's bytes check
 
 
 def stream_of(subject: str) -> str | None:
@@ -56,6 +65,16 @@ def stream_of(subject: str) -> str | None:
         if any(subject.startswith(f.removesuffix(">")) for f in subjects):
             return name
     return None
+
+
+def lowered_limits(config: dict[str, object], ours: dict[str, object]) -> dict[str, int]:
+    """The limits of a stream's `config` tighter than `ours` (both as JetStream's API writes them)."""
+    lowered: dict[str, int] = {}
+    for key in STREAM_LIMITS:
+        theirs, mine = config.get(key), ours.get(key)
+        if isinstance(theirs, int) and theirs > 0 and not (isinstance(mine, int) and 0 < mine <= theirs):
+            lowered[key] = theirs
+    return lowered
 
 
 def message_bytes(payload: bytes, headers: dict[str, str] | None) -> int:
@@ -200,16 +219,7 @@ class Bus:
         request, `OutboxRelay`); a server that cannot (before 2.12) gets the stream without, and
         the relay publishes one event at a time there.
         """
-        config = StreamConfig(
-            name=name,
-            subjects=STREAMS[name],
-            storage=StorageType.FILE,
-            retention=RetentionPolicy.LIMITS,
-            duplicate_window=self.settings.nats_duplicate_window_s,
-            num_replicas=self.settings.nats_stream_replicas,
-            max_age=STREAM_MAX_AGE_S,
-            allow_atomic=True,
-        )
+        config = self.stream_config(name)
         try:
             info = await self._create_or_update(config)
         except APIError as exc:
@@ -220,6 +230,19 @@ class Bus:
             self.atomic_streams.add(name)
         else:
             self.atomic_streams.discard(name)
+
+    def stream_config(self, name: str) -> StreamConfig:
+        """The configuration the suite gives stream `name` (`ensure_stream`)."""
+        return StreamConfig(
+            name=name,
+            subjects=STREAMS[name],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=self.settings.nats_duplicate_window_s,
+            num_replicas=self.settings.nats_stream_replicas,
+            max_age=STREAM_MAX_AGE_S,
+            allow_atomic=True,
+        )
 
     async def restore_stream(self, name: str) -> bool:
         """Create `name` again after a publish or a consumer found it missing, or set its subjects
@@ -256,24 +279,55 @@ class Bus:
         return True
 
     async def _on_api_audit(self, msg: Msg) -> None:
-        """Report a purge of one of our streams, or a message deleted from one, that succeeded."""
-        if not any(api.encode() in msg.data for api in REMOVAL_APIS):
+        """Report what removed events from one of our streams and succeeded: a purge, a message
+        deleted, or an update that set a limit below the suite's."""
+        if not any(api in msg.data for api in AUDITED_APIS):
             return  # every other API call of the account (stream and consumer info, get_msg): not parsed
         try:
             audit = json.loads(msg.data)
             subject = str(audit.get("subject", ""))
-            what, stream = next(
-                ((w, subject[len(p) :]) for p, w in REMOVAL_APIS.items() if subject.startswith(p)), ("", "")
-            )
+            if subject.startswith(UPDATE_API):
+                what, stream = "limits lowered", subject[len(UPDATE_API) :]
+            else:
+                what, stream = next(
+                    ((w, subject[len(p) :]) for p, w in REMOVAL_APIS.items() if subject.startswith(p)), ("", "")
+                )
             if stream not in self._watched:
                 return
             response = json.loads(audit.get("response") or "{}")
-            if not response.get("success"):
+            lowered: dict[str, int] = {}
+            if what == "limits lowered":
+                # The answer holds the stream's configuration after the update (none if refused):
+                # the suite's own at connect, or an operator's seal, sets no limit below ours.
+                lowered = lowered_limits(response.get("config") or {}, self.stream_config(stream).as_dict())
+                if not lowered:
+                    return
+            elif not response.get("success"):
                 return
             client = audit.get("client") or {}
         except (ValueError, TypeError, AttributeError):
             return  # not an audit advisory as we know it: nothing to report
         STREAM_PURGES.inc()
+        # Who asked, as the server knew the connection (an operator's `nats` CLI: its host and user).
+        who = {
+            "client_host": str(client.get("host", "")),
+            "client_user": str(client.get("user", "")),
+            "client_name": str(client.get("name", "")),
+        }
+        if what == "limits lowered":
+            log.error(
+                "stream limits lowered by hand: its events beyond them are dropped, consumed or not, run the audit",
+                extra={
+                    "stream": stream,
+                    "removal": what,
+                    # max_age in seconds, as `nats stream edit` and the suite's configuration give it
+                    "limits": ", ".join(
+                        f"{k}={v / 1e9:.9g}s" if k == "max_age" else f"{k}={v}" for k, v in lowered.items()
+                    ),
+                    **who,
+                },
+            )
+            return
         log.error(
             "stream purged by hand: its events not yet consumed are lost, run the audit",
             extra={
@@ -281,10 +335,7 @@ class Bus:
                 "removal": what,
                 "purged": response.get("purged", 1),
                 "request": str(audit.get("request", ""))[:200],
-                # Who asked, as the server knew the connection (an operator's `nats` CLI: its host and user).
-                "client_host": str(client.get("host", "")),
-                "client_user": str(client.get("user", "")),
-                "client_name": str(client.get("name", "")),
+                **who,
             },
         )
 

@@ -34,8 +34,8 @@ STREAMS_RECREATED = Counter(
 )
 STREAM_PURGES = Counter(
     "livegifts_stream_purges_total",
-    "Purges of a JetStream stream the service uses, or messages deleted from one, seen in JetStream's API audit"
-    " advisories (by hand: the services never do either)",
+    "Purges of a JetStream stream the service uses, messages deleted from one, or its limits lowered below the"
+    " suite's, seen in JetStream's API audit advisories (by hand: the services never do any of them)",
 )
 CONSUMED = Counter("livegifts_events_consumed_total", "Events handled by consumers", ["consumer", "result"])
 # A consumer whose pull or bind fails applies nothing and retries no event, so neither the

@@ -651,6 +651,47 @@ async def test_a_purge_of_a_stream_by_hand_is_logged_with_who_asked_and_counted(
     assert lines[0].client_host == "127.0.0.1"  # type: ignore[attr-defined]
 
 
+async def test_a_stream_limit_lowered_by_hand_is_logged_and_counted_as_a_purge(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`nats stream edit GIFTING --max-msgs 1` drops every event but the last at once, consumed
+    or not, and no permission can refuse it (the services update their streams at connect, the
+    operators seal them): GIFTING went from 5 events to 1 and nothing said so. It is reported as a
+    purge; the suite's own update and an operator's seal, which lower nothing, are not."""
+    js = harness.bus.js
+    assert js is not None
+    await harness.add_events(3)
+    assert await harness.relay.relay_once() == 3
+
+    async def edit(**changes: Any) -> None:
+        config = (await js.stream_info("GIFTING")).config
+        for key, value in changes.items():
+            setattr(config, key, value)
+        await js.update_stream(config)
+
+    before = _purges()
+    with caplog.at_level(logging.ERROR, logger="services.common.bus"):
+        await harness.bus.ensure_stream("GIFTING")  # a replica connecting: the suite's own limits
+        await edit(max_age=STREAM_MAX_AGE_S + 3600)  # raised: drops nothing
+        await edit(max_msgs=1)
+        assert await eventually(_purges_now, lambda n: n >= before + 1, 20) == before + 1
+        assert (await js.stream_info("GIFTING")).state.messages == 1
+        await harness.bus.ensure_stream("GIFTING")
+        await edit(max_age=3600)  # seconds here, nanoseconds on the wire
+        assert await eventually(_purges_now, lambda n: n >= before + 2, 20) == before + 2
+        await harness.bus.ensure_stream("GIFTING")
+        await edit(sealed=True)  # `nats stream seal GIFTING`: moving to another NATS
+        await asyncio.sleep(0.3)
+    assert (await js.stream_info("GIFTING")).config.sealed
+    assert _purges() == before + 2
+    lines = [r for r in caplog.records if r.getMessage().startswith("stream limits lowered by hand")]
+    assert [(r.stream, r.limits) for r in lines] == [  # type: ignore[attr-defined]
+        ("GIFTING", "max_msgs=1"),
+        ("GIFTING", "max_age=3600s"),
+    ]
+    assert lines[0].client_host == "127.0.0.1"  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 async def behind_a_commit_cutter(tmp_path: Path) -> AsyncIterator[tuple[Harness, CommitCutter]]:
     """One relay over a PostgreSQL outbox reached through a CommitCutter (tests/support/pgproxy.py)."""
