@@ -47,16 +47,20 @@ NATS_ERROR_LOG_INTERVAL_S = 5.0
 # listens): how a purge (`nats stream purge`) or a message deleted by hand (`nats stream rmm`) is
 # seen. Either loses the events consumers had not applied yet, and left no trace in the services.
 API_AUDIT_SUBJECT = "$JS.EVENT.ADVISORY.API"
-REMOVAL_APIS = {"$JS.API.STREAM.PURGE.": "purged", "$JS.API.STREAM.MSG.DELETE.": "message deleted"}
 # A stream update (`nats stream edit`) that sets a limit below the suite's: the stream drops its
 # oldest events beyond it at once, consumed or not (discard `old`), as a purge does. NATS's users
 # may update their streams (each service re-applies its configuration at connect, operators seal
 # them), so no permission refuses it; the audit advisory shows it.
-UPDATE_API = "$JS.API.STREAM.UPDATE."
+LIMITS_LOWERED = "limits lowered"
+REMOVAL_APIS = {
+    "$JS.API.STREAM.PURGE.": "purged",
+    "$JS.API.STREAM.MSG.DELETE.": "message deleted",
+    "$JS.API.STREAM.UPDATE.": LIMITS_LOWERED,
+}
 # The limits a stream update can lower, as JetStream's API writes them (max_age in nanoseconds);
 # -1, 0 or none: unlimited.
 STREAM_LIMITS = ("max_msgs", "max_bytes", "max_age", "max_msgs_per_subject")
-AUDITED_APIS = [api.encode() for api in [*REMOVAL_APIS, UPDATE_API]]  # the fast path's bytes check
+AUDITED_APIS = [api.encode() for api in REMOVAL_APIS]  # the fast path's bytes check
 
 
 def stream_of(subject: str) -> str | None:
@@ -286,56 +290,43 @@ class Bus:
         try:
             audit = json.loads(msg.data)
             subject = str(audit.get("subject", ""))
-            if subject.startswith(UPDATE_API):
-                what, stream = "limits lowered", subject[len(UPDATE_API) :]
-            else:
-                what, stream = next(
-                    ((w, subject[len(p) :]) for p, w in REMOVAL_APIS.items() if subject.startswith(p)), ("", "")
-                )
+            what, stream = next(
+                ((w, subject[len(p) :]) for p, w in REMOVAL_APIS.items() if subject.startswith(p)), ("", "")
+            )
             if stream not in self._watched:
                 return
             response = json.loads(audit.get("response") or "{}")
-            lowered: dict[str, int] = {}
-            if what == "limits lowered":
+            if what == LIMITS_LOWERED:
                 # The answer holds the stream's configuration after the update (none if refused):
                 # the suite's own at connect, or an operator's seal, sets no limit below ours.
                 lowered = lowered_limits(response.get("config") or {}, self.stream_config(stream).as_dict())
                 if not lowered:
                     return
-            elif not response.get("success"):
+                line = (
+                    "stream limits lowered by hand: its events beyond them are dropped, consumed or not, run the audit"
+                )
+                # max_age in seconds, as `nats stream edit` and the suite's configuration give it
+                limits = (f"{k}={v / 1e9:.9g}s" if k == "max_age" else f"{k}={v}" for k, v in lowered.items())
+                detail: dict[str, object] = {"limits": ", ".join(limits)}
+            elif response.get("success"):
+                line = "stream purged by hand: its events not yet consumed are lost, run the audit"
+                detail = {"purged": response.get("purged", 1), "request": str(audit.get("request", ""))[:200]}
+            else:
                 return
             client = audit.get("client") or {}
         except (ValueError, TypeError, AttributeError):
             return  # not an audit advisory as we know it: nothing to report
         STREAM_PURGES.inc()
-        # Who asked, as the server knew the connection (an operator's `nats` CLI: its host and user).
-        who = {
-            "client_host": str(client.get("host", "")),
-            "client_user": str(client.get("user", "")),
-            "client_name": str(client.get("name", "")),
-        }
-        if what == "limits lowered":
-            log.error(
-                "stream limits lowered by hand: its events beyond them are dropped, consumed or not, run the audit",
-                extra={
-                    "stream": stream,
-                    "removal": what,
-                    # max_age in seconds, as `nats stream edit` and the suite's configuration give it
-                    "limits": ", ".join(
-                        f"{k}={v / 1e9:.9g}s" if k == "max_age" else f"{k}={v}" for k, v in lowered.items()
-                    ),
-                    **who,
-                },
-            )
-            return
         log.error(
-            "stream purged by hand: its events not yet consumed are lost, run the audit",
+            line,
             extra={
                 "stream": stream,
                 "removal": what,
-                "purged": response.get("purged", 1),
-                "request": str(audit.get("request", ""))[:200],
-                **who,
+                **detail,
+                # Who asked, as the server knew the connection (an operator's `nats` CLI: its host and user).
+                "client_host": str(client.get("host", "")),
+                "client_user": str(client.get("user", "")),
+                "client_name": str(client.get("name", "")),
             },
         )
 
