@@ -30,7 +30,7 @@ from nats.aio.client import Client
 
 from livegifts.payout.v1 import payout_pb2, payout_pb2_grpc
 from livegifts.wallet.v1 import wallet_pb2_grpc
-from services.cli.suite import Suite, _listening, free_port
+from services.cli.suite import Suite, _wait_port, free_port
 from services.common.bus import Bus
 from services.common.config import ServiceSettings
 from services.common.consumers import GIFTING_LEADERBOARDS, PAYOUT_GIFT_SENT, PAYOUT_PURCHASE_REVERSED
@@ -79,11 +79,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         conf_dir / "nats.conf", port, log, env={f"NATS_{u.upper()}_PASSWORD": pw for u, pw in passwords.items()}
     )
     try:
-        deadline = time.monotonic() + 20
-        while not _listening(port):
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "nats-server did not listen"
-            time.sleep(0.05)
+        _wait_port(port, 20, server, f"nats-server ({log})")
         secured_nats = SecuredNats(port, passwords, log)
         extra = {s: {f"LIVEGIFTS_{s.upper()}_NATS_URL": secured_nats.url(s)} for s in ("wallet", "gifting", "payout")}
         with running_suite("sqlite", var_dir / "suite", "lgnatsauth", extra) as suite:
