@@ -256,6 +256,16 @@ def log_since(suite: Suite, svc: str, offset: int) -> str:
     return (suite.log_dir / f"{svc}.log").read_text(errors="replace")[offset:]
 
 
+async def logged(suite: Suite, svc: str, text: str, timeout_s: float = 10.0) -> bool:
+    """Whether `svc` has logged `text`, waited for up to `timeout_s`: a background round logs its
+    line after its commit, so what it did can show before the line does."""
+
+    async def read() -> str:
+        return log_since(suite, svc, 0)
+
+    return text in await eventually(read, lambda out: text in out, timeout_s)
+
+
 class ReplicasAsking:
     """A gate for stand-ins that two (or `callers`) replicas call at once: each call waits here
     until calls from that many different callers have arrived, so that every replica has read its

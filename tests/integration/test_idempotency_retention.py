@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from services.common.db import Database, UnitOfWork
 from services.common.idempotency import IdempotencyPruner, run_idempotent
 from services.gifting.storage import common
 from tests.integration.conftest import suite_config
-from tests.integration.helpers import eventually, service_settings
+from tests.integration.helpers import eventually, logged, service_settings
 
 DAY_US = 86_400 * 1_000_000
 NOW_US = 1_800_000_000 * 1_000_000
@@ -149,15 +148,6 @@ PRUNED = "idempotency records pruned"
 KEY_ROWS_PRUNED = "answered unlocks' key rows pruned"
 
 
-def _logs(suite: Suite) -> Callable[[], Awaitable[dict[str, str]]]:
-    """A probe of what each service has logged so far."""
-
-    async def read() -> dict[str, str]:
-        return {s: (suite.log_dir / f"{s}.log").read_text() for s in SERVICES}
-
-    return read
-
-
 async def test_every_running_service_prunes_its_idempotency_records_every_interval(tmp_path: Path) -> None:
     """The wiring: each service runs the pruner; a record that turns old while it runs goes at the next round."""
     extra = {s: {f"LIVEGIFTS_{s.upper()}_IDEMPOTENCY_PRUNE_INTERVAL_S": "0.2"} for s in SERVICES}
@@ -186,9 +176,8 @@ async def test_every_running_service_prunes_its_idempotency_records_every_interv
         assert await eventually(kept, pruned, 10) == {s: ["recent"] for s in SERVICES}
         # The round logs once it has committed and given its connection back: the rows can be gone
         # a moment before the line is in the log (seen, polling the rows every 1 ms).
-        logs = await eventually(_logs(suite), lambda out: all(PRUNED in out[s] for s in SERVICES), 10)
         for service in SERVICES:
-            assert PRUNED in logs[service], service
+            assert await logged(suite, service, PRUNED), service
 
         # Gifting's KEY_ONLY rows (answered unlocks' keys) go the same way; its gifts never do.
         row = (
@@ -214,7 +203,6 @@ async def test_every_running_service_prunes_its_idempotency_records_every_interv
                 return sorted(r[0] for r in conn.execute("SELECT event_id FROM gift_events"))
 
         assert await eventually(gift_rows, lambda ids: "ancient-key" not in ids, 10) == ["ancient-gift", "recent-key"]
-        logs = await eventually(_logs(suite), lambda out: KEY_ROWS_PRUNED in out["gifting"], 10)
-        assert KEY_ROWS_PRUNED in logs["gifting"]
+        assert await logged(suite, "gifting", KEY_ROWS_PRUNED)
     finally:
         await asyncio.to_thread(suite.stop)

@@ -24,7 +24,7 @@ from services.common.db import Database
 from services.common.inbox import InboxPruner
 from services.gifting.storage import common
 from tests.integration.conftest import suite_config
-from tests.integration.helpers import eventually, service_settings
+from tests.integration.helpers import eventually, logged, service_settings
 
 DAY_US = 86_400 * 1_000_000
 NOW_US = 1_800_000_000 * 1_000_000
@@ -193,11 +193,8 @@ async def test_a_running_service_prunes_its_inbox_every_interval(tmp_path: Path)
             with contextlib.closing(sqlite3.connect(db_file, timeout=10)) as conn:
                 return sorted(r[0] for r in conn.execute("SELECT event_id FROM inbox"))
 
-        async def logged() -> bool:  # written after the round's commit, which the read above may beat
-            return any("inbox rows pruned" in line for line in (suite.log_dir / "payout.log").read_text().splitlines())
-
         assert await eventually(kept, lambda ids: "ancient" not in ids, 10) == ["recent"]
-        assert await eventually(logged, bool, 10), "no 'inbox rows pruned' line"
+        assert await logged(suite, "payout", "inbox rows pruned"), "no 'inbox rows pruned' line"
     finally:
         await asyncio.to_thread(suite.stop)
 
