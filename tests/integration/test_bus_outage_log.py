@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 import pytest
 
 from services.common.bus import NATS_ERROR_LOG_INTERVAL_S
-from tests.integration.helpers import bus_on_own_nats
+from tests.integration.helpers import bus_on_own_nats, eventually
 
 DOWN_S = 3.0  # six reconnect attempts (each 0.5 s), within one interval
 # The next reconnect attempt's error comes within 0.5 s; a loaded machine may take longer. Below the
@@ -21,14 +20,6 @@ NEXT_LINE_WITHIN_S = 4.0
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "services.common.bus" and r.getMessage() == "NATS error"]
-
-
-async def _lines(caplog: pytest.LogCaptureFixture, n: int, within_s: float) -> list[logging.LogRecord]:
-    """The error lines once there are `n` of them, or all there are after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while len(_errors(caplog)) < n and time.monotonic() < deadline:  # noqa: ASYNC110 - log records set no event
-        await asyncio.sleep(0.05)
-    return _errors(caplog)
 
 
 async def test_nats_down_logs_its_error_once_per_interval_and_counts_the_rest(
@@ -45,7 +36,9 @@ async def test_nats_down_logs_its_error_once_per_interval_and_counts_the_rest(
             assert errors[0].errors_not_logged == 0  # the first of the outage (the server's EOF)
             # An interval later (its line moved back by one), the next line counts the errors it stood for.
             bus._error_log._logged_at -= NATS_ERROR_LOG_INTERVAL_S
-            errors = await _lines(caplog, 2, NEXT_LINE_WITHIN_S)
+            errors = await eventually(
+                lambda: asyncio.sleep(0, _errors(caplog)), lambda e: len(e) >= 2, NEXT_LINE_WITHIN_S
+            )
             assert len(errors) == 2 and errors[1].errors_not_logged >= 3, [r.errors_not_logged for r in errors]
             assert "ConnectionRefusedError" in errors[1].error
 
